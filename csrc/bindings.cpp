@@ -1,0 +1,52 @@
+// The one binding file: Python passes data pointers, sizes and the stream as integers; the torch
+// side (vkern/ops) checks inputs and allocates outputs. No torch headers here.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "fp8_quant.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("vkern._C.") + what + ": " + cudaGetErrorString(err));
+}
+
+template <typename P>
+P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
+
+cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "vkern CUDA kernels (pointer-level API; use vkern.ops instead)";
+  m.attr("cuda_archs") = VKERN_CUDA_ARCHS;
+  m.attr("cuda_version") = CUDART_VERSION;
+
+  m.def("fp8_quantize_rowwise",
+        [](uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t q,
+           uintptr_t scale, uintptr_t stream) {
+          check(vkern::fp8_quantize_rowwise(ptr<const void>(x), static_cast<vkern::DType>(dtype), rows, cols,
+                                            row_stride, ptr<uint8_t>(q), ptr<float>(scale), stream_of(stream)),
+                "fp8_quantize_rowwise");
+        },
+        py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("q"),
+        py::arg("scale"), py::arg("stream"));
+
+  m.def("fp8_quantize_tensorwise",
+        [](uintptr_t x, int dtype, int64_t n, uintptr_t q, uintptr_t scale, uintptr_t amax_workspace,
+           uintptr_t stream) {
+          check(vkern::fp8_quantize_tensorwise(ptr<const void>(x), static_cast<vkern::DType>(dtype), n,
+                                               ptr<uint8_t>(q), ptr<float>(scale), ptr<unsigned>(amax_workspace),
+                                               stream_of(stream)),
+                "fp8_quantize_tensorwise");
+        },
+        py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("q"), py::arg("scale"), py::arg("amax_workspace"),
+        py::arg("stream"));
+}

@@ -1,0 +1,15 @@
+"""vkern: fused CUDA/Triton kernels for open video diffusion models, patched into diffusers.
+
+    import vkern
+    handle = vkern.patch(pipe)      # WanPipeline, WanTransformer3DModel or AutoencoderKLWan
+    ...
+    handle.undo()                   # the original modules, bit-identical outputs
+    vkern.info()                    # versions, build, GPU, the backend each op would use
+"""
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402
+from .info import info  # noqa: E402
+from .patch import PatchConfig, patch  # noqa: E402
+
+__all__ = ["ops", "info", "patch", "PatchConfig", "__version__"]

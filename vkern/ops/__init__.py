@@ -1,0 +1,6 @@
+"""vkern.ops: one file per capability; each public function checks its inputs, then calls a
+torch.library custom op (torch.ops.vkern.*) that picks its backend (see _backend.py)."""
+from .fused_attention import attention, qk_norm_rope
+from .fp8 import fp8_dequantize, fp8_linear, fp8_quantize
+
+__all__ = ["attention", "qk_norm_rope", "fp8_quantize", "fp8_dequantize", "fp8_linear"]

@@ -1,0 +1,24 @@
+"""Input checks shared by the ops: each error names the argument and what was expected."""
+import torch
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name, t, *, dtypes=None, ndim=None, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {[str(d).replace('torch.', '') for d in dtypes]}, "
+                        f"got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (like the other inputs), got {t.device}")
+
+
+def check_shape(name, t, expected):
+    """expected: tuple with None for any size."""
+    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
+    if not ok:
+        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")

@@ -1,0 +1,40 @@
+"""fp8 e4m3 quantization, the spec for csrc/fp8_quant.cu (bit for bit).
+
+    amax  = max |x| over the group (the whole tensor, or each row = last dimension); NaN propagates
+    scale = max(amax, 1e-12) / 448            fp32
+    q     = e4m3(clamp(x * (1 / scale), -448, 448))   round to nearest even, saturating
+"""
+import torch
+import torch.nn.functional as F
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+GRANULARITIES = ("tensor", "row")
+
+
+def fp8_scale(amax):
+    return amax.float().clamp(min=1e-12) / E4M3_MAX
+
+
+def fp8_quantize(x, granularity="tensor"):
+    """Returns (q, scale): q has x's shape in e4m3; scale is a 0-dim fp32 tensor ("tensor") or has
+    shape x.shape[:-1] + (1,) ("row": per output channel for weights, per token for activations)."""
+    xf = x.float()
+    if granularity == "tensor":
+        amax = xf.abs().amax()
+    elif granularity == "row":
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+    else:
+        raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
+    scale = fp8_scale(amax)
+    q = (xf * (1.0 / scale)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q, scale
+
+
+def fp8_dequantize(q, scale, dtype=torch.bfloat16):
+    return (q.float() * scale).to(dtype)
+
+
+def fp8_linear(x, q_weight, weight_scale, bias=None):
+    """y = x @ dequant(W)^T + b, in x's dtype (the storage mode's semantics)."""
+    return F.linear(x, fp8_dequantize(q_weight, weight_scale, x.dtype), bias)

@@ -1,0 +1,1 @@
+"""@triton.jit kernels, one file per capability. Import lazily: triton is optional."""
