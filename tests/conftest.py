@@ -1,0 +1,29 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run under the CPU interpreter; it must be on before triton.jit runs.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run `pytest -m gpu` on the GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # Fresh random data per test, but reproducible from the test's name when it fails.
+    torch.manual_seed(hash(request.node.nodeid) % 2**31)
+    yield
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
