@@ -1,6 +1,90 @@
-class PatchConfig:  # placeholder until the patch module lands (same session)
-    pass
+"""vkern.patch(obj, config=None): swap vkern's modules and processors into a diffusers pipeline or
+model; returns a PatchHandle whose undo() restores the originals exactly.
+
+One adapter per model family (patch/wan.py, ...). A pipeline is patched component by component.
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ..modules.wan_attention import ATTENTION_MODES
+from . import wan
+from .handle import PatchHandle, patched_handle
+
+ADAPTERS = {"wan": wan}
+
+
+@dataclass
+class PatchConfig:
+    """What vkern.patch changes.
+
+    attention           "auto" | "sdpa" | "reference" (see VkernWanAttnProcessor)
+    fused_qk_norm_rope  fuse the q/k RMSNorm + RoPE into one kernel pass
+    ffn_chunk_size      tokens per feed-forward chunk (None: no chunking)
+    vae                 cached causal convolutions in the VAE
+    filter_fn           (module, fully qualified name) -> bool; False leaves that module as it is
+    """
+    attention: str = "auto"
+    fused_qk_norm_rope: bool = True
+    ffn_chunk_size: Optional[int] = None
+    vae: bool = True
+    filter_fn: Optional[Callable] = None
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"PatchConfig.attention: expected one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.ffn_chunk_size is not None and (not isinstance(self.ffn_chunk_size, int) or self.ffn_chunk_size <= 0):
+            raise ValueError(f"PatchConfig.ffn_chunk_size: expected a positive int or None, got {self.ffn_chunk_size!r}")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError("PatchConfig.filter_fn: expected a callable (module, fqn) -> bool")
+
+    def accepts(self, module, fqn):
+        return self.filter_fn is None or bool(self.filter_fn(module, fqn))
 
 
 def patch(obj, config=None):
-    raise NotImplementedError
+    """Patch a diffusers pipeline (its supported components) or a supported model in place.
+    Works before or after .to(device). Raises for unsupported objects and for double patching."""
+    config = config or PatchConfig()
+    if not isinstance(config, PatchConfig):
+        raise TypeError(f"config: expected a vkern.PatchConfig, got {type(config).__name__}")
+    _require_diffusers()
+    handle = PatchHandle(obj, config)
+    adapter = _adapter_for(obj)
+    if adapter is not None:
+        handle.mark(obj)
+        adapter.apply(obj, config, handle)
+        return handle
+
+    components = getattr(obj, "components", None)
+    if not isinstance(components, dict):
+        raise TypeError(_unsupported(obj))
+    supported = {name: c for name, c in components.items() if c is not None and _adapter_for(c) is not None}
+    if not supported:
+        raise TypeError(_unsupported(obj) + f" (its components: {sorted(k for k, v in components.items() if v is not None)})")
+    handle.mark(obj)
+    try:
+        for name, component in supported.items():
+            handle.children.append(patch(component, config))
+    except Exception:
+        handle.undo()
+        raise
+    return handle
+
+
+def _adapter_for(obj):
+    return next((a for a in ADAPTERS.values() if a.supports(obj)), None)
+
+
+def _unsupported(obj):
+    return (f"vkern.patch: unsupported object {type(obj).__name__}; supported: WanPipeline (and other "
+            "pipelines with Wan components), WanTransformer3DModel, AutoencoderKLWan")
+
+
+def _require_diffusers():
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as err:
+        raise ImportError("vkern.patch needs diffusers: pip install 'vkern[diffusers]'") from err
+
+
+__all__ = ["patch", "PatchConfig", "PatchHandle", "patched_handle"]

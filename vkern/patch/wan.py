@@ -1,0 +1,53 @@
+"""The Wan family adapter: WanTransformer3DModel (attention processors, optional FFN chunking) and
+AutoencoderKLWan (cached causal convolutions)."""
+from ..modules.wan_attention import VkernWanAttnProcessor
+
+
+def _classes():
+    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan, WanCausalConv3d
+    from diffusers.models.transformers.transformer_wan import (WanAttention, WanTransformer3DModel,
+                                                               WanTransformerBlock)
+    return {"transformer": WanTransformer3DModel, "vae": AutoencoderKLWan, "attention": WanAttention,
+            "block": WanTransformerBlock, "causal_conv": WanCausalConv3d}
+
+
+def supports(obj):
+    classes = _classes()
+    return isinstance(obj, (classes["transformer"], classes["vae"]))
+
+
+def apply(obj, config, handle):
+    classes = _classes()
+    if isinstance(obj, classes["transformer"]):
+        _patch_transformer(obj, config, handle, classes)
+    else:
+        _patch_vae(obj, config, handle, classes)
+
+
+def _patch_transformer(model, config, handle, classes):
+    for fqn, module in model.named_modules():
+        if not config.accepts(module, fqn):
+            continue
+        if isinstance(module, classes["attention"]):
+            processor = VkernWanAttnProcessor(config.attention, config.fused_qk_norm_rope)
+            handle.set_processor(module, processor, "WanAttention processor")
+        elif isinstance(module, classes["block"]) and config.ffn_chunk_size is not None:
+            from ..modules.feed_forward import ChunkedFeedForward
+
+            chunked = ChunkedFeedForward.from_diffusers(module.ffn, chunk_size=config.ffn_chunk_size)
+            handle.swap_module(module, "ffn", chunked, "FeedForward -> ChunkedFeedForward")
+
+
+def _patch_vae(vae, config, handle, classes):
+    if not config.vae:
+        return
+    from ..modules.causal_conv import CachedCausalConv3d
+
+    # Collect first: swapping while iterating named_modules would visit the replacements.
+    targets = [(fqn, m) for fqn, m in vae.named_modules()
+               if isinstance(m, classes["causal_conv"]) and config.accepts(m, fqn)]
+    parents = dict(vae.named_modules())
+    for fqn, conv in targets:
+        parent_name, _, name = fqn.rpartition(".")
+        handle.swap_module(parents[parent_name], name, CachedCausalConv3d.from_wan(conv),
+                           "WanCausalConv3d -> CachedCausalConv3d")
