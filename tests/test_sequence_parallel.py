@@ -1,0 +1,340 @@
+"""Ulysses all-to-all (vkern.distributed) against the single-process reference.
+
+The multi-process tests start each world size ONCE (2 and 4 gloo processes on 127.0.0.1, set up
+from torchrun's environment variables through init_from_env); every rank runs all the cases and
+writes which ones failed, and each pytest test below reads its own case's verdict. Uninitialized
+memory is NaN in the workers (deterministic mode), so a padded head or token that the transform
+forgets to write cannot equal the reference's zeros.
+"""
+import json
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from tolerance import assert_within_torch_error
+from vkern.reference import sequence_parallel as ref
+from vkern.reference.attention import attention_math
+
+# (B, S, H, D) per world size: heads divisible by world or not (3 on 4 pads past the count,
+# 1 on 4 leaves three ranks only zero heads), S divisible or not (5 on 4 leaves rank 3 only padding).
+CASES = {
+    2: [(2, 13, 5, 8), (2, 1, 5, 8), (2, 8, 12, 4), (1, 6, 2, 16)],
+    4: [(2, 13, 12, 8), (2, 13, 3, 8), (2, 16, 12, 8), (2, 5, 1, 4)],
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LAYOUT_KINDS = ("seq_to_head", "qkv", "head_to_seq", "round_trip")
+ERROR_CASES = ("seq_len_mismatch", "dtype_mismatch", "op_mismatch", "bad_shape_one_rank",
+               "wrong_world", "works_after_errors")
+TIMEOUT = timedelta(seconds=30)  # a hang in a collective becomes an error within this
+
+
+def _case_id(B, S, H, D):
+    return f"B{B}-S{S}-H{H}-D{D}"
+
+
+def _layout_ids(world):
+    return [f"{kind}-{_case_id(*case)}-{dt}" for case in CASES[world] for dt in DTYPES for kind in LAYOUT_KINDS]
+
+
+def _attention_ids(world):
+    return [f"attention-{_case_id(*case)}" for case in CASES[world]]
+
+
+# ---------------------------------------------------------------- single process: the reference
+
+def test_shard_spec_pads_to_multiples_of_world():
+    spec = ref.ShardSpec.create(13, 3, 4)
+    assert (spec.padded_seq_len, spec.padded_heads, spec.local_seq_len, spec.local_heads) == (16, 4, 4, 1)
+    assert [spec.real_tokens(r) for r in range(4)] == [4, 4, 4, 1]
+    assert [ref.ShardSpec.create(5, 1, 4).real_tokens(r) for r in range(4)] == [2, 2, 1, 0]
+    with pytest.raises(ValueError, match="seq_len"):
+        ref.ShardSpec.create(0, 3, 4)
+    with pytest.raises(ValueError, match="padded_heads"):
+        ref.ShardSpec(13, 16, 3, 3, 4)
+
+
+def test_shard_sequence_round_trips_and_pads_with_zeros():
+    x = torch.randn(2, 13, 3, 4)
+    shards = [ref.shard_sequence(x, 4, r) for r in range(4)]
+    assert all(s.shape == (2, 4, 3, 4) for s in shards)
+    assert torch.equal(shards[3][:, 1:], torch.zeros(2, 3, 3, 4))
+    assert torch.equal(ref.unshard_sequence(shards, 13), x)
+    with pytest.raises(ValueError, match="rank"):
+        ref.shard_sequence(x, 4, 4)
+
+
+def test_pad_heads_and_key_padding_mask():
+    x = torch.randn(1, 2, 5, 3)
+    padded = ref.pad_heads(x, 4)
+    assert padded.shape == (1, 2, 8, 3) and torch.equal(padded[:, :, :5], x) and not padded[:, :, 5:].any()
+    assert ref.key_padding_mask(ref.ShardSpec.create(13, 5, 4)).tolist() == [True] * 13 + [False] * 3
+
+
+def test_references_are_inverse_layouts():
+    # Rank r's head shard, for every r, side by side along heads is the padded full tensor, and
+    # head_to_seq_reference of that gives back each rank's sequence shard.
+    x = torch.randn(2, 13, 5, 4)
+    world = 4
+    full = torch.cat([ref.seq_to_head_reference(x, world, r) for r in range(world)], 2)
+    assert full.shape == (2, 16, 8, 4) and torch.equal(full[:, :13, :5], x) and not full[:, 13:].any()
+    for r in range(world):
+        assert torch.equal(ref.head_to_seq_reference(full, world, r, 5), ref.shard_sequence(x, world, r))
+
+
+def test_init_from_env_names_missing_variables(monkeypatch):
+    from vkern.distributed import init_from_env
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.*torchrun"):
+        init_from_env()
+
+
+def test_ops_need_an_initialized_group():
+    from vkern.distributed import seq_to_head
+
+    with pytest.raises(RuntimeError, match="init_from_env"):
+        seq_to_head(torch.zeros(1, 1, 1, 1), ref.ShardSpec.create(1, 1, 1))
+
+
+# ---------------------------------------------------------------- the workers
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _random(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype)  # the same on every rank
+
+
+def _non_contiguous(t):
+    return t.transpose(1, 2).contiguous().transpose(1, 2)  # same values, sequence-major strides
+
+
+def _expect_equal(got, want, what):
+    got = got.cpu()
+    if got.shape != want.shape or not torch.equal(got, want):
+        diff = "shape" if got.shape != want.shape else f"{(got != want).sum().item()} elements"
+        raise AssertionError(f"{what}: got {tuple(got.shape)}, want {tuple(want.shape)}; differ in {diff}")
+
+
+class _CountAllToAll:
+    """Counts all_to_all_single calls, to check that q, k and v travel in one."""
+
+    def __enter__(self):
+        self.calls, self.original = 0, torch.distributed.all_to_all_single
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self.original(*args, **kwargs)
+        torch.distributed.all_to_all_single = counted
+        return self
+
+    def __exit__(self, *exc):
+        torch.distributed.all_to_all_single = self.original
+
+
+def _layout_case(kind, B, S, H, D, dtype, sp, seed, device):
+    from vkern.distributed import ShardSpec, head_to_seq, seq_to_head, seq_to_head_qkv
+
+    world, rank = sp.world, sp.rank
+    spec = ShardSpec.create(S, H, world)
+    if kind == "head_to_seq":
+        # Arbitrary values in the padded heads and tokens too: the padded heads must be dropped.
+        full_y = _random((B, spec.padded_seq_len, spec.padded_heads, D), dtype, seed)
+        mine = full_y[:, :, rank * spec.local_heads:(rank + 1) * spec.local_heads]
+        with _CountAllToAll() as count:
+            got = head_to_seq(mine.to(device), spec, sp)
+        _expect_equal(got, ref.head_to_seq_reference(full_y, world, rank, H), "head_to_seq")
+    elif kind == "qkv":
+        full = [_random((B, S, H, D), dtype, seed + i) for i in range(3)]
+        shards = [_non_contiguous(ref.shard_sequence(t, world, rank)).to(device) for t in full]
+        with _CountAllToAll() as count:
+            got = seq_to_head_qkv(*shards, spec, sp)
+        for name, g, t in zip("qkv", got, full):
+            _expect_equal(g, ref.seq_to_head_reference(t, world, rank), f"seq_to_head_qkv {name}")
+    else:
+        full = _random((B, S, H, D), dtype, seed)
+        x = ref.shard_sequence(full, world, rank).to(device)
+        with _CountAllToAll() as count:
+            got = seq_to_head(x, spec, sp)
+        _expect_equal(got, ref.seq_to_head_reference(full, world, rank), "seq_to_head")
+        if kind == "round_trip":
+            real = spec.real_tokens(rank)
+            back = head_to_seq(got, spec, sp, check=False)
+            _expect_equal(back[:, :real], x[:, :real].cpu(), "head_to_seq(seq_to_head(x)) on real tokens")
+            return
+    if count.calls != 1:
+        raise AssertionError(f"{kind}: {count.calls} all_to_all_single calls, expected 1")
+
+
+def _attention_case(B, S, H, D, sp, seed, device):
+    """Head-sharded SDPA with the key padding mask, gathered back, vs SDPA on the full sequence.
+    Both are fp32 SDPA over the same real keys (a masked key adds an exact zero to the softmax), so
+    they differ only in reduction order and blocking. The house rule (tests/tolerance.py): error
+    against a float64 oracle at most 2x that of single-process fp32 SDPA, plus a 1e-6 floor for a
+    lucky reference; fp32 rounding over S <= 16 keys and D <= 16 terms is ~1e-6 on unit data."""
+    from vkern.distributed import ShardSpec, head_to_seq, key_padding_mask, seq_to_head_qkv
+
+    world, rank = sp.world, sp.rank
+    spec = ShardSpec.create(S, H, world)
+    q, k, v = (_random((B, S, H, D), torch.float32, seed + i) for i in range(3))
+    shards = [ref.shard_sequence(t, world, rank).to(device) for t in (q, k, v)]
+    qh, kh, vh = (t.transpose(1, 2) for t in seq_to_head_qkv(*shards, spec, sp))  # [B, H_local, S_padded, D]
+    mask = key_padding_mask(spec, device=device).view(1, 1, 1, -1)
+    out = head_to_seq(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask).transpose(1, 2), spec, sp)
+    real = spec.real_tokens(rank)
+    single = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    oracle = attention_math(q, k, v)
+    mine = slice(rank * spec.local_seq_len, rank * spec.local_seq_len + real)
+    assert_within_torch_error(out[:, :real].cpu(), oracle[:, mine], single[:, mine], what="sharded attention")
+
+
+def _expect_error(fn, *fragments):
+    try:
+        fn()
+    except ValueError as error:
+        missing = [f for f in fragments if f not in str(error)]
+        if missing:
+            raise AssertionError(f"error message {str(error)!r} lacks {missing}") from None
+        return
+    raise AssertionError(f"no ValueError (expected one mentioning {fragments})")
+
+
+def _error_case(name, sp, device):
+    """Ranks that disagree must all raise, not hang. Only for world 2."""
+    from vkern.distributed import ShardSpec, head_to_seq, seq_to_head
+
+    rank = sp.rank
+    spec = ShardSpec.create(13, 5, 2)
+    x = torch.ones(2, spec.local_seq_len, 5, 8, device=device)
+    if name == "seq_len_mismatch":
+        mine = ShardSpec.create(13 - rank, 5, 2)  # 13 tokens on rank 0, 12 on rank 1
+        _expect_error(lambda: seq_to_head(x[:, :mine.local_seq_len], mine, sp), "disagree on seq_len",
+                      "rank 0: 13", "rank 1: 12")
+    elif name == "dtype_mismatch":
+        _expect_error(lambda: seq_to_head(x.to(torch.bfloat16) if rank else x, spec, sp),
+                      "disagree on dtype", "rank 0: float32", "rank 1: bfloat16")
+    elif name == "op_mismatch":
+        y = torch.ones(2, spec.padded_seq_len, spec.local_heads, 8, device=device)
+        _expect_error(lambda: head_to_seq(y, spec, sp) if rank else seq_to_head(x, spec, sp),
+                      "disagree on op", "rank 0: seq_to_head", "rank 1: head_to_seq")
+    elif name == "bad_shape_one_rank":
+        # Only rank 1's input is wrong; rank 0 must hear of it instead of waiting in the all-to-all.
+        expected = ("x: expected [B, S_local=7", "got (2, 6, 5, 8)") if rank else ("rank(s) [1] rejected",)
+        _expect_error(lambda: seq_to_head(x[:, :6] if rank else x, spec, sp), *expected)
+    elif name == "wrong_world":
+        _expect_error(lambda: seq_to_head(x, ShardSpec.create(13, 5, 3), sp), "spec: made for world=3")
+    elif name == "works_after_errors":
+        full = torch.arange(2 * 13 * 5 * 8, dtype=torch.float32).view(2, 13, 5, 8)
+        got = seq_to_head(ref.shard_sequence(full, 2, rank).to(device), spec, sp)
+        _expect_equal(got, ref.seq_to_head_reference(full, 2, rank), "seq_to_head after the errors")
+
+
+def _worker(rank, world, port, backend, seed, out_dir):
+    torch.set_num_threads(1)  # the workers share a few cores
+    # Uninitialized memory is NaN: an element the transform forgets to write cannot pass.
+    torch.use_deterministic_algorithms(True)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    results = {}
+    try:
+        from vkern.distributed import init_from_env
+
+        sp = init_from_env(backend=backend, timeout=TIMEOUT)
+        device = sp.device
+        for i, (B, S, H, D) in enumerate(CASES[world]):
+            for dt_name, dtype in DTYPES.items():
+                for kind in LAYOUT_KINDS:
+                    case = f"{kind}-{_case_id(B, S, H, D)}-{dt_name}"
+                    results[case] = _run(_layout_case, kind, B, S, H, D, dtype, sp, seed + 10 * i, device)
+            results[f"attention-{_case_id(B, S, H, D)}"] = _run(_attention_case, B, S, H, D, sp, seed + 10 * i, device)
+        if world == 2:
+            for name in ERROR_CASES:
+                results[f"error-{name}"] = _run(_error_case, name, sp, device)
+        torch.distributed.destroy_process_group()
+    except Exception:
+        results["__worker__"] = traceback.format_exc()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+def _run(fn, *args):
+    try:
+        fn(*args)
+        return None
+    except Exception:
+        return traceback.format_exc()
+
+
+def _spawn(world, backend, tmp_path_factory):
+    """Run _worker on `world` processes; returns {case: [failure or None per rank]}."""
+    out_dir = str(tmp_path_factory.mktemp(f"sp{world}{backend}"))
+    seed = torch.randint(0, 2**20, ()).item()  # fresh data each run, printed on failure
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, backend, seed, out_dir)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=TIMEOUT.total_seconds() * 2)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join()
+    assert not hung, f"ranks {hung} of {world} did not finish (seed {seed})"
+    per_rank = []
+    for r in range(world):
+        path = os.path.join(out_dir, f"rank{r}.json")
+        assert os.path.exists(path), f"rank {r} of {world} died without a report (exit code {procs[r].exitcode})"
+        with open(path) as f:
+            per_rank.append(json.load(f))
+    crashed = {r: res["__worker__"] for r, res in enumerate(per_rank) if "__worker__" in res}
+    assert not crashed, f"seed {seed}: " + "\n".join(f"rank {r}:\n{tb}" for r, tb in crashed.items())
+    return {case: [res.get(case, "not run") for res in per_rank] for case in per_rank[0]}, seed
+
+
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory):
+    cache = {}
+
+    def get(world):
+        if world not in cache:
+            cache[world] = _spawn(world, "gloo", tmp_path_factory)
+        return cache[world]
+    return get
+
+
+def _check(results, case):
+    verdicts, seed = results
+    assert case in verdicts, f"{case} was not run"
+    failures = [f"rank {r}:\n{v}" for r, v in enumerate(verdicts[case]) if v is not None]
+    assert not failures, f"{case} (seed {seed}) failed on:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("case", _layout_ids(2) + _attention_ids(2) + [f"error-{n}" for n in ERROR_CASES])
+def test_gloo_world2(gloo_results, case):
+    _check(gloo_results(2), case)
+
+
+@pytest.mark.parametrize("case", _layout_ids(4) + _attention_ids(4))
+def test_gloo_world4(gloo_results, case):
+    _check(gloo_results(4), case)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for NCCL")
+def test_nccl_world2(tmp_path_factory):
+    verdicts, seed = _spawn(2, "nccl", tmp_path_factory)
+    failures = {case: v for case, v in verdicts.items() if any(x is not None for x in v)}
+    assert not failures, f"seed {seed}: " + "\n".join(f"{c}: {v}" for c, v in failures.items())

@@ -1,0 +1,63 @@
+"""Named Wan configurations and random-weight builders (nothing is downloaded), shared by the demo,
+the tests and the benchmarks. Shapes follow ../shared/ANCHORS.md."""
+import torch
+
+WAN_TRANSFORMERS = {
+    # Small enough for CPU CI, with every code path of the real model (RoPE axes, cross-attention).
+    "tiny": dict(num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16, text_dim=64,
+                 freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=64),
+    "1.3b": dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+                 freq_dim=256, ffn_dim=8960, num_layers=30),
+    "14b": dict(num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+                freq_dim=256, ffn_dim=13824, num_layers=40),
+}
+WAN_VAES = {
+    "tiny": dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+    "default": dict(),
+}
+# (frames, height, width) of the video; the latent is (1 + (frames - 1) / 4, height / 8, width / 8).
+RESOLUTIONS = {"tiny": (9, 32, 32), "480p": (81, 480, 832), "720p": (81, 720, 1280)}
+TEXT_TOKENS = 512
+
+
+def latent_shape(res, channels=16):
+    frames, height, width = RESOLUTIONS[res]
+    return (1, channels, 1 + (frames - 1) // 4, height // 8, width // 8)
+
+
+def build_wan_transformer(size, dtype=torch.bfloat16, device="cpu"):
+    from diffusers import WanTransformer3DModel
+
+    with torch.device(device):
+        model = WanTransformer3DModel(**WAN_TRANSFORMERS[size])
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def build_wan_vae(size, dtype=torch.bfloat16, device="cpu"):
+    from diffusers import AutoencoderKLWan
+
+    with torch.device(device):
+        vae = AutoencoderKLWan(**WAN_VAES[size])
+    return vae.to(dtype).eval().requires_grad_(False)
+
+
+def build_wan_pipeline(size="tiny", vae_size=None, dtype=torch.bfloat16, device="cpu"):
+    """A WanPipeline with random weights and no text encoder (pass prompt_embeds)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    vae_size = vae_size or ("tiny" if size == "tiny" else "default")
+    return WanPipeline(tokenizer=None, text_encoder=None, scheduler=FlowMatchEulerDiscreteScheduler(),
+                       vae=build_wan_vae(vae_size, dtype, device),
+                       transformer=build_wan_transformer(size, dtype, device))
+
+
+def transformer_inputs(model, res, dtype, device, batch=1):
+    cfg = model.config
+    shape = latent_shape(res, cfg.in_channels)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return dict(
+        hidden_states=torch.randn((batch, *shape[1:]), generator=g).to(device, dtype),
+        timestep=torch.tensor([500] * batch, device=device),
+        encoder_hidden_states=torch.randn((batch, TEXT_TOKENS if res != "tiny" else 16, cfg.text_dim),
+                                          generator=g).to(device, dtype),
+    )

@@ -1,0 +1,1 @@
+"""Drop-in modules and processors built on vkern.ops."""
