@@ -2,6 +2,7 @@
 package (Triton and PyTorch backends) and say so. Switches:
   VKERN_SKIP_CUDA_BUILD=1   never build vkern._C
   VKERN_CUDA_ARCHS=90a;80   target architectures (default 90a: Hopper with wgmma/TMA)
+  VKERN_PTXAS_VERBOSE=1     print registers/spills per kernel
   CUDACXX / CUDA_HOME       where nvcc is
 """
 import os
@@ -50,6 +51,7 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DVKERN_CUDA_ARCHS={archs}",
             f"-DVKERN_OUTPUT_DIR={out_dir}",
+            f"-DVKERN_PTXAS_VERBOSE={'ON' if os.environ.get('VKERN_PTXAS_VERBOSE') == '1' else 'OFF'}",
         ]
         subprocess.run(configure, check=True)
         subprocess.run(["cmake", "--build", str(build_dir), "--parallel"], check=True)

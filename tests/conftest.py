@@ -24,6 +24,7 @@ def _fresh_seed(request):
     yield
 
 
-@pytest.fixture
-def device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """Runs a test on the CPU (CI) and, marked gpu, on the GPU (`pytest -m gpu`)."""
+    return torch.device(request.param)

@@ -25,12 +25,23 @@ def latent_shape(res, channels=16):
     return (1, channels, 1 + (frames - 1) // 4, height // 8, width // 8)
 
 
+def cast_like_from_pretrained(model, dtype):
+    """What from_pretrained(torch_dtype=dtype) leaves: parameters in dtype except those under the
+    model's _keep_in_fp32_modules (kept fp32), buffers (Wan's float64 RoPE tables) untouched.
+    A plain model.to(dtype) would also round the RoPE tables and the fp32 norms to bf16."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, param in model.named_parameters():
+        target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
+        param.data = param.data.to(target)
+    return model.eval().requires_grad_(False)
+
+
 def build_wan_transformer(size, dtype=torch.bfloat16, device="cpu"):
     from diffusers import WanTransformer3DModel
 
     with torch.device(device):
         model = WanTransformer3DModel(**WAN_TRANSFORMERS[size])
-    return model.to(dtype).eval().requires_grad_(False)
+    return cast_like_from_pretrained(model, dtype)
 
 
 def build_wan_vae(size, dtype=torch.bfloat16, device="cpu"):
@@ -38,7 +49,7 @@ def build_wan_vae(size, dtype=torch.bfloat16, device="cpu"):
 
     with torch.device(device):
         vae = AutoencoderKLWan(**WAN_VAES[size])
-    return vae.to(dtype).eval().requires_grad_(False)
+    return cast_like_from_pretrained(vae, dtype)
 
 
 def build_wan_pipeline(size="tiny", vae_size=None, dtype=torch.bfloat16, device="cpu"):

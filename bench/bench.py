@@ -1,0 +1,198 @@
+"""vkern benchmarks, side by side in one process, one JSON object per line.
+
+    python -m bench.bench --op attention --shape wan1.3b-480p,wan14b-720p --providers all --out rows.jsonl
+
+ops: attention | qk-norm-rope | fp8-quantize | step | vae-decode. Rows carry gpu, torch, commit and
+date; providers are anchors (cudnn, fa2, efficient, diffusers, diffusers-compile) and vkern.
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+
+import torch
+
+from . import shapes
+from .timing import peak_gib, rel_l2, time_cuda
+
+DT = torch.bfloat16
+
+
+def _attention(name, providers, args):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import vkern.ops
+
+    s = shapes.ATTENTION[name]
+    q, k, v = (torch.randn(1, s.tokens, s.heads, s.head_dim, device="cuda", dtype=DT) for _ in range(3))
+    sdpa = {"cudnn": SDPBackend.CUDNN_ATTENTION, "fa2": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+    def run_sdpa(backend):
+        with sdpa_kernel([backend]):
+            return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+
+    fns = {p: (lambda b=b: run_sdpa(b)) for p, b in sdpa.items()}
+    fns["vkern"] = lambda: vkern.ops.attention(q, k, v)
+    baseline = run_sdpa(SDPBackend.CUDNN_ATTENTION).transpose(1, 2)
+    for provider in providers or list(fns):
+        ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
+        out = fns[provider]()
+        out = out if provider == "vkern" else out.transpose(1, 2)
+        yield dict(op="attention", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
+                   tflops=s.flops() / ms / 1e9, rel_l2_vs_cudnn=rel_l2(out, baseline))
+
+
+def _wan_freqs(tokens, head_dim):
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    T = next(t for t in range(1, tokens + 1) if tokens % t == 0 and tokens // t <= 1024)
+    cos, sin = WanRotaryPosEmbed(head_dim, (1, 2, 2), 1024)(torch.empty(1, 1, T, 2 * (tokens // T), 2))
+    return cos.cuda(), sin.cuda()
+
+
+def _qk_norm_rope(name, providers, args):
+    import vkern.ops
+    from vkern.reference import attention as ref
+
+    s = shapes.ATTENTION[name]
+    row = s.heads * s.head_dim
+    x = torch.randn(1, s.tokens, 3 * row, device="cuda", dtype=DT)[..., :row]  # q slice of a fused QKV
+    w = (1 + 0.1 * torch.randn(row, device="cuda")).to(DT)
+    cos, sin = _wan_freqs(s.tokens, s.head_dim)
+    args_ = (x, w, 1e-6, s.heads, cos, sin)
+    compiled = torch.compile(ref.qk_norm_rope)
+    fns = {"diffusers": lambda: ref.qk_norm_rope(*args_), "diffusers-compile": lambda: compiled(*args_),
+           "vkern": lambda: vkern.ops.qk_norm_rope(*args_)}
+    oracle = ref.qk_norm_rope(x.double(), w.double(), 1e-6, s.heads, cos, sin)
+    min_bytes = 2 * s.tokens * row * 2  # read the bf16 row once, write it once
+    for provider in providers or list(fns):
+        ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
+        yield dict(op="qk-norm-rope", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
+                   gbps=min_bytes / ms / 1e6, rel_l2=rel_l2(fns[provider](), oracle))
+    del oracle
+
+
+FP8_SHAPES = {"wan14b-ffn-weight": ((13824, 5120), "row"), "wan14b-480p-tokens": ((32760, 5120), "row"),
+              "wan14b-ffn-weight-tensor": ((13824, 5120), "tensor")}
+
+
+def _fp8_quantize(name, providers, args):
+    import vkern.ops
+    from vkern.reference import fp8 as ref
+
+    shape, gran = FP8_SHAPES[name]
+    x = torch.randn(shape, device="cuda", dtype=DT)
+    compiled = torch.compile(ref.fp8_quantize)
+    fns = {"torch": lambda: ref.fp8_quantize(x, gran), "torch-compile": lambda: compiled(x, gran),
+           "vkern": lambda: vkern.ops.fp8_quantize(x, gran)}
+    expected = ref.fp8_quantize(x, gran)[0].view(torch.uint8)
+    min_bytes = x.numel() * 3  # bf16 in, e4m3 out
+    for provider in providers or list(fns):
+        ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
+        q = fns[provider]()[0]
+        yield dict(op="fp8-quantize", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
+                   gbps=min_bytes / ms / 1e6, bit_exact=bool(torch.equal(q.view(torch.uint8), expected)))
+
+
+def _step(name, providers, args):
+    import vkern
+    from vkern import models
+
+    size, res = shapes.STEPS[name]
+    model = models.build_wan_transformer(size, DT, "cuda")
+    weights = torch.cuda.memory_allocated() / 2**30
+    inputs = models.transformer_inputs(model, res, DT, "cuda")
+
+    def step():
+        with torch.inference_mode():
+            return model(**inputs).sample
+
+    reference = step()
+    for provider in providers or ["diffusers", "vkern"]:
+        handle = vkern.patch(model) if provider == "vkern" else None
+        ms, lo, hi = time_cuda(step, 1, args.step_repeats)
+        peak, _ = peak_gib(step)
+        out = step()
+        if handle:
+            handle.undo()
+        yield dict(op="step", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, peak_gib=peak,
+                   activation_gib=peak - weights, rel_l2_vs_diffusers=rel_l2(out, reference))
+    del model
+
+
+def _vae_decode(name, providers, args):
+    import vkern
+    from vkern import models
+
+    vae = models.build_wan_vae("default", DT, "cuda")
+    z = torch.randn(models.latent_shape(shapes.VAE[name]), device="cuda", dtype=DT)
+
+    def decode():
+        with torch.inference_mode():
+            return vae.decode(z).sample
+
+    reference = decode()
+    for provider in providers or ["diffusers", "vkern"]:
+        handle = vkern.patch(vae) if provider == "vkern" else None
+        ms, lo, hi = time_cuda(decode, 1, args.step_repeats)
+        peak, _ = peak_gib(decode)
+        out = decode()
+        if handle:
+            handle.undo()
+        yield dict(op="vae-decode", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, peak_gib=peak,
+                   rel_l2_vs_diffusers=rel_l2(out, reference))
+
+
+OPS = {"attention": (_attention, shapes.ATTENTION), "qk-norm-rope": (_qk_norm_rope, shapes.ATTENTION),
+       "fp8-quantize": (_fp8_quantize, FP8_SHAPES), "step": (_step, shapes.STEPS),
+       "vae-decode": (_vae_decode, shapes.VAE)}
+
+
+def _commit():
+    if os.environ.get("VKERN_COMMIT"):
+        return os.environ["VKERN_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--op", required=True, choices=list(OPS))
+    parser.add_argument("--shape", default="all", help="comma-separated names, or 'all'")
+    parser.add_argument("--providers", default="all", help="comma-separated, or 'all'")
+    parser.add_argument("--out", default=None, help="append JSON lines here")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--step-repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench needs a CUDA GPU")
+    fn, table = OPS[args.op]
+    names = list(table) if args.shape == "all" else args.shape.split(",")
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"--shape: unknown {unknown}; known for {args.op}: {list(table)}")
+    providers = None if args.providers == "all" else args.providers.split(",")
+    meta = dict(world=1, gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=_commit(),
+                date=datetime.date.today().isoformat())
+    rows = []
+    for name in names:
+        for row in fn(name, providers, args):
+            row = {**row, **meta}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__":
+    main()

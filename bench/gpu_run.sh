@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Everything the GPU machine proves, in one call (device time is scarce):
+#   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
+#   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
+# Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [quick|full]
+set -uo pipefail
+MODE=${1:-quick}
+OUT=${OUT:-/tmp/vkern-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+if [ -d .whl ]; then  # diffusers and what it needs beyond the image
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+
+echo "== build"
+VKERN_PTXAS_VERBOSE=1 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+  || { tail -40 "$OUT/build.log"; exit 1; }
+so=$(ls vkern/_C*.so)
+{ echo "== ptxas"; grep -E "Compiling entry|registers|spill" "$OUT/build.log";
+  echo "== SASS instruction counts per kernel (16-byte LDG.E.128 / STG.E.128 expected on the vector path)";
+  cuobjdump --dump-sass "$so" | awk '/Function :/{f=$3} /LDG|STG|F2FP/{split($2,a," "); c[f" "$2]++} END{for(k in c) print c[k], k}' | sort -k2; } > "$OUT/sass.txt"
+python3 -m vkern info | tee "$OUT/info.txt"
+
+echo "== pytest -m gpu"
+python3 -m pytest -m gpu -q -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1
+tests_rc=$?
+tail -5 "$OUT/pytest.log"
+
+echo "== demo"
+python3 -m vkern demo --size 1.3b --res 480p 2>&1 | tee "$OUT/demo.txt"
+
+echo "== bench"
+B="python3 -m bench.bench --out $OUT/results.jsonl --warmup 2 --repeats 5"
+$B --op fp8-quantize --repeats 20
+$B --op qk-norm-rope --shape wan1.3b-480p,wan14b-480p,wan14b-720p,cogvideox-5b
+$B --op attention --shape wan1.3b-480p,wan14b-720p,hunyuan-720p,cogvideox-5b,ltx-512p
+$B --op step --shape wan1.3b-480p
+$B --op vae-decode --shape wan-vae-480p
+if [ "$MODE" = full ]; then
+  $B --op step --shape wan14b-480p
+fi
+python3 -m bench.table "$OUT/results.jsonl"
+echo "pytest -m gpu exit code: $tests_rc"
+exit $tests_rc

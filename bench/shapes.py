@@ -1,0 +1,28 @@
+"""Named shapes from ../shared/ANCHORS.md (tokens after VAE and patchify)."""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    heads: int
+    head_dim: int
+    tokens: int
+    text_tokens: int  # cross-attention keys (Wan) or joint text tokens
+
+    def flops(self, batch=1, kv_tokens=None):
+        return 4 * batch * self.heads * self.tokens * (kv_tokens or self.tokens) * self.head_dim
+
+
+ATTENTION = {
+    "wan1.3b-480p": AttentionShape(12, 128, 32760, 512),
+    "wan14b-480p": AttentionShape(40, 128, 32760, 512),
+    "wan14b-720p": AttentionShape(40, 128, 75600, 512),
+    "hunyuan-720p": AttentionShape(24, 128, 118800, 256),
+    "cogvideox-5b": AttentionShape(48, 64, 17550, 226),
+    "mochi-480p": AttentionShape(24, 128, 44520, 256),
+    "ltx-512p": AttentionShape(32, 64, 7392, 128),
+}
+
+# Transformer steps: (vkern.models size, resolution)
+STEPS = {"wan1.3b-480p": ("1.3b", "480p"), "wan14b-480p": ("14b", "480p"), "wan14b-720p": ("14b", "720p")}
+VAE = {"wan-vae-480p": "480p", "wan-vae-720p": "720p"}

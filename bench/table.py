@@ -1,0 +1,30 @@
+"""Print benchmark rows (JSON lines) as a table: python -m bench.table rows.jsonl"""
+import json
+import sys
+
+METRICS = ("ms", "tflops", "gbps", "peak_gib", "activation_gib", "rel_l2", "rel_l2_vs_cudnn",
+           "rel_l2_vs_diffusers", "bit_exact")
+
+
+def fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.2f}"
+    return str(v)
+
+
+def main(paths):
+    rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
+    if not rows:
+        print("no rows")
+        return
+    print(f"{rows[0].get('gpu')}, torch {rows[0].get('torch')}, commit {rows[0].get('commit')}")
+    for op in dict.fromkeys(r["op"] for r in rows):
+        group = [r for r in rows if r["op"] == op]
+        cols = [m for m in METRICS if any(m in r for r in group)]
+        print(f"\n{op:<14} {'shape':<26} {'provider':<18} " + " ".join(f"{c:>12}" for c in cols))
+        for r in group:
+            print(f"{'':<14} {r['shape']:<26} {r['provider']:<18} " + " ".join(f"{fmt(r.get(c, '')):>12}" for c in cols))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
