@@ -2,7 +2,7 @@
 //
 // Numerics (shared with vkern/reference/fp8.py, bit for bit):
 //   amax  = max |x| over the group (a row, or the whole tensor); NaN propagates
-//   scale = max(amax, 1e-12) / 448              (fp32)
+//   scale = max(amax, 1e-12) * fp32(1 / 448)    (one multiply: identical on every device)
 //   q     = e4m3(saturate(x * (1 / scale)))      (round to nearest even)
 #pragma once
 #include <cstdint>

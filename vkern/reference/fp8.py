@@ -1,7 +1,7 @@
 """fp8 e4m3 quantization, the spec for csrc/fp8_quant.cu (bit for bit).
 
     amax  = max |x| over the group (the whole tensor, or each row = last dimension); NaN propagates
-    scale = max(amax, 1e-12) / 448            fp32
+    scale = max(amax, 1e-12) * fp32(1 / 448)  fp32, one correctly rounded multiply
     q     = e4m3(clamp(x * (1 / scale), -448, 448))   round to nearest even, saturating
 """
 import torch
@@ -9,11 +9,14 @@ import torch.nn.functional as F
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
+# The scale is a multiply by this fp32 constant, not a division by 448: torch's CUDA `t / 448.0`
+# multiplies by a reciprocal while its CPU path divides, so a division would not be one function.
+E4M3_INV = float(torch.tensor(1.0) / torch.tensor(E4M3_MAX))
 GRANULARITIES = ("tensor", "row")
 
 
 def fp8_scale(amax):
-    return amax.float().clamp(min=1e-12) / E4M3_MAX
+    return amax.float().clamp(min=1e-12) * E4M3_INV
 
 
 def fp8_quantize(x, granularity="tensor"):
