@@ -2,6 +2,8 @@
 import torch
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# Accepted by ops whose reference handles float64 (kernels fall back to it with a warning).
+FLOATS_OR_F64 = (*FLOATS, torch.float64)
 
 
 def check_tensor(name, t, *, dtypes=None, ndim=None, device=None):

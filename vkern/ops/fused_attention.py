@@ -9,32 +9,33 @@ import torch.nn.functional as F
 
 from ..reference import attention as ref
 from . import _backend
-from ._checks import FLOATS, check_shape, check_tensor
+from ._checks import FLOATS, FLOATS_OR_F64, check_shape, check_tensor
 
 
 @_backend.register("qk_norm_rope")
 def _norm_rope_candidates(device, dtype):
-    return {"triton": _backend.triton_usable(device), "reference": None}
+    kernel = _backend.triton_usable(device) or (None if dtype in FLOATS else f"no {dtype} kernel")
+    return {"triton": kernel, "reference": None}
 
 
 def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None):
     """RMSNorm over the last dimension of x [B, S, H*D] (Wan's norm across heads) with `weight`,
     then optional interleaved RoPE from diffusers' tables freqs_cos/freqs_sin [1|B, S, 1, D].
     Returns a contiguous [B, S, H, D] tensor in x's dtype."""
-    check_tensor("x", x, dtypes=FLOATS, ndim=3)
+    check_tensor("x", x, dtypes=FLOATS_OR_F64, ndim=3)
     B, S, row = x.shape
     if not isinstance(heads, int) or heads <= 0 or row % heads:
         raise ValueError(f"heads: expected a positive divisor of x's last dimension {row}, got {heads!r}")
     head_dim = row // heads
     if head_dim % 2:
         raise ValueError(f"x: head dimension {head_dim} (= {row} / heads) must be even for RoPE pairs")
-    check_tensor("weight", weight, dtypes=FLOATS, device=x.device)
+    check_tensor("weight", weight, dtypes=FLOATS_OR_F64, device=x.device)
     check_shape("weight", weight, (row,))
     if (freqs_cos is None) != (freqs_sin is None):
         raise ValueError("freqs_cos, freqs_sin: pass both or neither")
     if freqs_cos is not None:
         for name, f in (("freqs_cos", freqs_cos), ("freqs_sin", freqs_sin)):
-            check_tensor(name, f, dtypes=(torch.float32, torch.float64, *FLOATS), ndim=4, device=x.device)
+            check_tensor(name, f, dtypes=FLOATS_OR_F64, ndim=4, device=x.device)
             if f.shape[0] not in (1, B) or tuple(f.shape[1:]) != (S, 1, head_dim):
                 raise ValueError(f"{name}: expected shape (1 or {B}, {S}, 1, {head_dim}), got {tuple(f.shape)}")
         if freqs_cos.stride() != freqs_sin.stride():
@@ -62,7 +63,8 @@ def _(x, weight, eps, heads, freqs_cos, freqs_sin):
 
 @_backend.register("attention")
 def _attention_candidates(device, dtype):
-    return {"sdpa": None if device.type == "cuda" else f"needs a CUDA tensor (got {device.type})",
+    return {"sdpa": None if device.type == "cuda" and dtype in FLOATS else
+            f"needs a CUDA tensor (got {device.type})" if device.type != "cuda" else f"no {dtype} kernel",
             "reference": None}
 
 
@@ -70,7 +72,7 @@ def attention(q, k, v, attn_mask=None):
     """Non-causal softmax attention on [B, S, H, D] tensors (the layout diffusers' processors use).
     k and v may have another length than q (cross-attention). attn_mask: bool (True = attend) or
     additive, broadcastable to [B, H, Sq, Skv]. Returns [B, Sq, H, D]."""
-    check_tensor("q", q, dtypes=FLOATS, ndim=4)
+    check_tensor("q", q, dtypes=FLOATS_OR_F64, ndim=4)
     for name, t in (("k", k), ("v", v)):
         check_tensor(name, t, dtypes=(q.dtype,), ndim=4, device=q.device)
     B, Sq, H, D = q.shape

@@ -1,0 +1,48 @@
+"""python -m vkern info / demo, and vkern.info()."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vkern
+from vkern import demo
+
+
+def test_info_lists_versions_build_and_backends():
+    result = vkern.info(print_=False)
+    assert result["torch"] == torch.__version__
+    assert set(result["backends"]) >= {"attention", "qk_norm_rope", "fp8_quantize", "causal_conv3d"}
+    if not torch.cuda.is_available():
+        assert result["backends"]["attention"] == "reference"
+
+
+def test_info_command_runs():
+    out = subprocess.run([sys.executable, "-m", "vkern", "info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "backends on" in out.stdout and "vkern._C" in out.stdout
+
+
+def test_forced_backend_that_cannot_run_is_an_error(monkeypatch):
+    monkeypatch.setenv("VKERN_FP8_QUANTIZE_BACKEND", "cuda")
+    if torch.cuda.is_available():
+        pytest.skip("the cuda backend can run here")
+    with pytest.raises(RuntimeError, match="backend 'cuda' forced by the environment cannot run"):
+        vkern.ops.fp8_quantize(torch.randn(4, 4))
+    monkeypatch.setenv("VKERN_FP8_QUANTIZE_BACKEND", "tpu")
+    with pytest.raises(RuntimeError, match="expected one of"):
+        vkern.ops.fp8_quantize(torch.randn(4, 4))
+
+
+def test_demo_tiny_runs_and_matches_unpatched(capsys):
+    rows = demo.run("tiny", device="cpu", repeats=1)
+    assert [r[0] for r in rows] == ["transformer step", "vae decode"]
+    assert all(r[2] < 1e-5 for r in rows), rows  # fp32 on the CPU
+    assert "backends: qk_norm_rope=" in capsys.readouterr().out
+
+
+def test_demo_real_size_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        demo.run("1.3b", device="cpu")
