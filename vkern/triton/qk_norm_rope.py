@@ -1,6 +1,6 @@
 """Fused QK prologue: RMSNorm across heads + interleaved 3-axis RoPE + [B, S, H, D] layout, one pass.
 
-One program per token: the row of H*D elements is read once as (even, odd) pairs, its mean square
+One program per token: the row of H*D elements is read once as [pairs, 2] tiles, its mean square
 reduced in fp32, normalized and weighted in fp32 and rounded once to the input dtype (as torch's
 RMSNorm does), rotated in fp32 with the cos/sin read straight from diffusers' float64
 tables, and written once. No fp32 intermediate touches memory.
@@ -23,30 +23,28 @@ def _qk_norm_rope_kernel(
     row = tl.program_id(0)
     b = row // S
     s = row % S
-    i = tl.arange(0, BLOCK)  # pair index within the row: elements 2i and 2i+1
+    # [pairs, 2] tiles of consecutive elements: contiguous, so loads and stores vectorize; the
+    # (even, odd) halves are split apart in registers.
+    i = tl.arange(0, BLOCK)
     mask = i < HALF_ROW
-    x_row = x_ptr + b * stride_xb + s * stride_xs
-    x_even = tl.load(x_row + 2 * i, mask=mask, other=0.0)
-    x_odd = tl.load(x_row + 2 * i + 1, mask=mask, other=0.0)
-    dtype = x_even.dtype
-    xe = x_even.to(tl.float32)
-    xo = x_odd.to(tl.float32)
-    mean_sq = (tl.sum(xe * xe, axis=0) + tl.sum(xo * xo, axis=0)) / (2 * HALF_ROW)
+    offs = 2 * i[:, None] + tl.arange(0, 2)[None, :]
+    mask2 = offs < 2 * HALF_ROW
+    x = tl.load(x_ptr + b * stride_xb + s * stride_xs + offs, mask=mask2, other=0.0)
+    dtype = x.dtype
+    xf = x.to(tl.float32)
+    mean_sq = tl.sum(tl.sum(xf * xf, axis=1), axis=0) / (2 * HALF_ROW)
     r = 1.0 / tl.sqrt(mean_sq + eps)
-    w_even = tl.load(w_ptr + 2 * i, mask=mask, other=0.0).to(tl.float32)
-    w_odd = tl.load(w_ptr + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
     # Round where torch's RMSNorm rounds: once, after the weight (fp32 math throughout).
-    ye = round_to(xe * r * w_even, dtype, EMULATE_RNE).to(tl.float32)
-    yo = round_to(xo * r * w_odd, dtype, EMULATE_RNE).to(tl.float32)
+    y = round_to(xf * r * w, dtype, EMULATE_RNE).to(tl.float32)
     if HAS_ROPE:
         j = i % HALF_D  # pair index within the head
-        f_row = b * stride_fb + s * stride_fs
-        cos = tl.load(cos_ptr + f_row + (2 * j) * stride_fd, mask=mask, other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + f_row + (2 * j + 1) * stride_fd, mask=mask, other=0.0).to(tl.float32)
-        ye, yo = ye * cos - yo * sin, ye * sin + yo * cos
-    out_row = out_ptr + row * (2 * HALF_ROW)
-    tl.store(out_row + 2 * i, round_to(ye, dtype, EMULATE_RNE), mask=mask)
-    tl.store(out_row + 2 * i + 1, round_to(yo, dtype, EMULATE_RNE), mask=mask)
+        f_offs = b * stride_fb + s * stride_fs + (2 * j[:, None] + tl.arange(0, 2)[None, :]) * stride_fd
+        cos, _ = tl.split(tl.load(cos_ptr + f_offs, mask=mask2, other=1.0).to(tl.float32))
+        _, sin = tl.split(tl.load(sin_ptr + f_offs, mask=mask2, other=0.0).to(tl.float32))
+        ye, yo = tl.split(y)
+        y = tl.join(ye * cos - yo * sin, ye * sin + yo * cos)
+    tl.store(out_ptr + row * (2 * HALF_ROW) + offs, round_to(y, dtype, EMULATE_RNE), mask=mask2)
 
 
 def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out):
