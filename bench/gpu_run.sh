@@ -36,7 +36,7 @@ echo "== bench"
 B="python3 -m bench.bench --out $OUT/results.jsonl --warmup 2 --repeats 5"
 $B --op fp8-quantize --repeats 20
 $B --op qk-norm-rope --shape wan1.3b-480p,wan14b-480p,wan14b-720p,cogvideox-5b
-$B --op attention --shape wan1.3b-480p,wan14b-720p,hunyuan-720p,cogvideox-5b,ltx-512p
+$B --op attention --shape wan1.3b-480p,wan14b-720p,hunyuan-720p,cogvideox-5b,ltx-512p --repeats 3
 $B --op step --shape wan1.3b-480p
 $B --op vae-decode --shape wan-vae-480p
 if [ "$MODE" = full ]; then

@@ -67,8 +67,8 @@ __device__ unsigned block_max(unsigned v) {
   return result;
 }
 
-// One block per row. Pass 1 finds the row's amax, pass 2 re-reads the row (from L1/L2: rows
-// are at most tens of KB) and casts.
+// One block per row, for rows too long to hold in registers (or not 16-byte aligned). Pass 1 finds
+// the row's amax, pass 2 re-reads the row (from L1/L2) and casts.
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads) rowwise_kernel(const T* __restrict__ x, int64_t cols,
                                                            int64_t row_stride, uint8_t* __restrict__ q,
@@ -97,6 +97,51 @@ __global__ void __launch_bounds__(kThreads) rowwise_kernel(const T* __restrict__
     }
   } else {
     for (int64_t c = threadIdx.x; c < cols; c += kThreads) qr[c] = cast1(to_f32(xr[c]), inv);
+  }
+}
+
+// Rows up to kThreads * kElems * kVecs elements: each thread issues all its 16-byte loads up front,
+// keeps the raw vectors in registers across the block reduction, and casts them from there, so the
+// row is read from memory once.
+template <typename T, int kVecs>
+__global__ void __launch_bounds__(kThreads) rowwise_in_registers_kernel(const T* __restrict__ x, int64_t cols,
+                                                                        int64_t row_stride,
+                                                                        uint8_t* __restrict__ q,
+                                                                        float* __restrict__ scale) {
+  constexpr int kLoads = kElems * sizeof(T) / 16;  // 16-byte loads per vector of kElems
+  const T* xr = x + blockIdx.x * row_stride;
+  uint8_t* qr = q + blockIdx.x * cols;
+  uint4 raw[kVecs][kLoads];
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t c = ((int64_t)v * kThreads + threadIdx.x) * kElems;
+    if (c < cols) {
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) raw[v][i] = reinterpret_cast<const uint4*>(xr + c)[i];
+    }
+  }
+  unsigned m = 0;
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    if (((int64_t)v * kThreads + threadIdx.x) * kElems < cols) {
+      const T* e = reinterpret_cast<const T*>(raw[v]);
+#pragma unroll
+      for (int j = 0; j < kElems; ++j) m = max(m, abs_bits(to_f32(e[j])));
+    }
+  }
+  const float s = scale_from_amax(__uint_as_float(block_max(m)));
+  const float inv = 1.f / s;
+  if (threadIdx.x == 0) scale[blockIdx.x] = s;
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t c = ((int64_t)v * kThreads + threadIdx.x) * kElems;
+    if (c < cols) {
+      const T* e = reinterpret_cast<const T*>(raw[v]);
+      float f[kElems];
+#pragma unroll
+      for (int j = 0; j < kElems; ++j) f[j] = to_f32(e[j]);
+      store_vec(qr + c, f, inv);
+    }
   }
 }
 
@@ -153,7 +198,14 @@ cudaError_t rowwise(const void* xv, int64_t rows, int64_t cols, int64_t row_stri
                     float* scale, cudaStream_t stream) {
   const T* x = static_cast<const T*>(xv);
   const bool vec = cols % kElems == 0 && (row_stride * sizeof(T)) % 16 == 0 && aligned16(x) && aligned16(q);
-  if (vec)
+  const int64_t vecs_per_thread = (cols / kElems + kThreads - 1) / kThreads;
+  if (vec && vecs_per_thread <= 1)
+    rowwise_in_registers_kernel<T, 1><<<rows, kThreads, 0, stream>>>(x, cols, row_stride, q, scale);
+  else if (vec && vecs_per_thread <= 2)
+    rowwise_in_registers_kernel<T, 2><<<rows, kThreads, 0, stream>>>(x, cols, row_stride, q, scale);
+  else if (vec && vecs_per_thread <= 4)
+    rowwise_in_registers_kernel<T, 4><<<rows, kThreads, 0, stream>>>(x, cols, row_stride, q, scale);
+  else if (vec)  // longer rows: two passes, the second from L2
     rowwise_kernel<T, true><<<rows, kThreads, 0, stream>>>(x, cols, row_stride, q, scale);
   else
     rowwise_kernel<T, false><<<rows, kThreads, 0, stream>>>(x, cols, row_stride, q, scale);
