@@ -25,7 +25,7 @@ so=$(ls vkern/_C*.so)
 python3 -m vkern info | tee "$OUT/info.txt"
 
 echo "== pytest -m gpu"
-python3 -m pytest -m gpu -q -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1
+python3 -m pytest -m gpu -v -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1
 tests_rc=$?
 tail -5 "$OUT/pytest.log"
 

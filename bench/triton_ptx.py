@@ -1,0 +1,38 @@
+"""Compile vkern's Triton kernels for sm_90 on a machine without a GPU and count global loads and
+stores by width (free evidence, before any device time): python -m bench.triton_ptx"""
+import collections
+import re
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def memory_ops(fn, signature, constexprs, num_warps, divisible_by_16=()):
+    """divisible_by_16: argument names that a real launch would see as multiples of 16 (Triton
+    specializes on that at run time; an offline compile must be told)."""
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible_by_16}
+    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
+                    attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
+    return collections.Counter(re.findall(r"\b((?:ld|st)\.global(?:\.\w+)*)", ptx))
+
+
+def main():
+    from vkern.triton.qk_norm_rope import _qk_norm_rope_kernel
+
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16",
+           "S": "i32", "H": "i32", "stride_xb": "i64", "stride_xs": "i64", "stride_fb": "i32",
+           "stride_fs": "i32", "stride_fd": "i32", "eps": "fp32"}
+    for heads in (12, 40):
+        consts = {"HEAD_DIM": 128, "HAS_ROPE": True, "BLOCK_H": triton.next_power_of_2(heads), "BLOCK_D": 128,
+                  "EMULATE_RNE": False}
+        warps = max(1, min(8, consts["BLOCK_H"] * 128 // 512))
+        aligned = ("x_ptr", "w_ptr", "cos_ptr", "sin_ptr", "out_ptr", "stride_xb", "stride_xs", "stride_fs")
+        ops = memory_ops(_qk_norm_rope_kernel, sig, consts, warps, aligned)
+        print(f"qk_norm_rope heads={heads} D=128 warps={warps}:", dict(ops))
+
+
+if __name__ == "__main__":
+    main()
