@@ -2,7 +2,7 @@
 
     python -m bench.bench --op attention --shape wan1.3b-480p,wan14b-720p --providers all --out rows.jsonl
 
-ops: attention | qk-norm-rope | fp8-quantize | step | vae-decode. Rows carry gpu, torch, commit and
+ops: attention | qk-norm-rope | fp8-quantize | gemm | step | vae-decode. Rows carry gpu, torch, commit and
 date; providers are anchors (cudnn, fa2, efficient, diffusers, diffusers-compile) and vkern.
 """
 import argparse
@@ -96,30 +96,82 @@ def _fp8_quantize(name, providers, args):
                    gbps=min_bytes / ms / 1e6, bit_exact=bool(torch.equal(q.view(torch.uint8), expected)))
 
 
-def _step(name, providers, args):
+STEP_PROVIDERS = ("diffusers", "diffusers-fp8-layerwise", "vkern", "vkern-fp8-storage", "vkern-fp8-compute")
+
+
+def _build_step_model(size, provider):
+    """A fresh model (same seed, so the same weights) set up the way `provider` runs it."""
     import vkern
     from vkern import models
 
-    size, res = shapes.STEPS[name]
+    torch.manual_seed(0)
     model = models.build_wan_transformer(size, DT, "cuda")
-    weights = torch.cuda.memory_allocated() / 2**30
-    inputs = models.transformer_inputs(model, res, DT, "cuda")
+    if provider == "diffusers-fp8-layerwise":
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=DT)
+    elif provider.startswith("vkern"):
+        fp8 = provider.removeprefix("vkern-fp8-") if "fp8" in provider else None
+        vkern.patch(model, vkern.PatchConfig(fp8=fp8, fp8_keep_original="drop"))
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return model
 
-    def step():
-        with torch.inference_mode():
-            return model(**inputs).sample
 
-    reference = step()
-    for provider in providers or ["diffusers", "vkern"]:
-        handle = vkern.patch(model) if provider == "vkern" else None
+def _step(name, providers, args):
+    from vkern import models
+
+    size, res = shapes.STEPS[name]
+    reference = None
+    for provider in providers or STEP_PROVIDERS:
+        model = _build_step_model(size, provider)
+        weights = torch.cuda.memory_allocated() / 2**30
+        inputs = models.transformer_inputs(model, res, DT, "cuda")
+
+        def step():
+            with torch.inference_mode():
+                return model(**inputs).sample
+
         ms, lo, hi = time_cuda(step, 1, args.step_repeats)
         peak, _ = peak_gib(step)
         out = step()
-        if handle:
-            handle.undo()
-        yield dict(op="step", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, peak_gib=peak,
-                   activation_gib=peak - weights, rel_l2_vs_diffusers=rel_l2(out, reference))
-    del model
+        reference = out if reference is None else reference
+        yield dict(op="step", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, weights_gib=weights,
+                   peak_gib=peak, activation_gib=peak - weights, rel_l2_vs_first=rel_l2(out, reference),
+                   cos_vs_first=torch.nn.functional.cosine_similarity(out.double().flatten(),
+                                                                     reference.double().flatten(), dim=0).item())
+        del model, inputs, out
+        torch.cuda.empty_cache()
+
+
+# (tokens M, in K, out N): the Wan-14B 480p FFN up/down projections and one attention projection.
+GEMM_SHAPES = {"wan14b-ffn-up": (32760, 5120, 13824), "wan14b-ffn-down": (32760, 13824, 5120),
+               "wan14b-attn-proj": (32760, 5120, 5120)}
+
+
+def _gemm(name, providers, args):
+    import vkern.ops
+
+    m, k, n = GEMM_SHAPES[name]
+    x = torch.randn(m, k, device="cuda", dtype=DT)
+    w = (torch.randn(n, k, device="cuda") / k**0.5).to(DT)
+    bias = torch.randn(n, device="cuda", dtype=DT)
+    qw, sw = vkern.ops.fp8_quantize(w, "row")
+    w_e4m3 = w.to(torch.float8_e4m3fn)  # diffusers' layerwise casting stores a plain cast
+    xq, sx = vkern.ops.fp8_quantize(x, "row")
+    fns = {
+        "cublas": lambda: torch.nn.functional.linear(x, w, bias),
+        "diffusers-fp8-layerwise": lambda: torch.nn.functional.linear(x, w_e4m3.to(DT), bias),
+        "vkern-fp8-storage": lambda: vkern.ops.fp8_linear(x, qw, sw, bias),
+        "vkern-fp8-compute": lambda: vkern.ops.fp8_linear_compute(x, qw, sw, bias),
+        "scaled-mm-only": lambda: torch._scaled_mm(xq, qw.t(), scale_a=sx, scale_b=sw.reshape(1, -1), bias=bias,
+                                                   out_dtype=DT),
+    }
+    exact = torch.nn.functional.linear(x.float(), w.float(), bias.float())
+    for provider in providers or list(fns):
+        ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
+        out = fns[provider]()
+        err = (out.float() - exact).pow(2).sum()
+        yield dict(op="gemm", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
+                   tflops=2 * m * k * n / ms / 1e9, sqnr_db=(10 * torch.log10(exact.pow(2).sum() / err)).item())
 
 
 def _vae_decode(name, providers, args):
@@ -146,6 +198,7 @@ def _vae_decode(name, providers, args):
 
 
 OPS = {"attention": (_attention, shapes.ATTENTION), "qk-norm-rope": (_qk_norm_rope, shapes.ATTENTION),
+       "gemm": (_gemm, GEMM_SHAPES),
        "fp8-quantize": (_fp8_quantize, FP8_SHAPES), "step": (_step, shapes.STEPS),
        "vae-decode": (_vae_decode, shapes.VAE)}
 

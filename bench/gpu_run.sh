@@ -3,9 +3,11 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [quick|full]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [quick] [anchors] [big]
+#     quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step; anchors: attention backends and the VAE
+#     decode; big: Wan-14B 480p step (every provider builds its own 14B model)
 set -uo pipefail
-MODE=${1:-quick}
+MODES=" ${*:-quick} "
 OUT=${OUT:-/tmp/vkern-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -34,12 +36,17 @@ python3 -m vkern demo --size 1.3b --res 480p 2>&1 | tee "$OUT/demo.txt"
 
 echo "== bench"
 B="python3 -m bench.bench --out $OUT/results.jsonl --warmup 2 --repeats 5"
-$B --op fp8-quantize --repeats 20
-$B --op qk-norm-rope --shape wan1.3b-480p,wan14b-480p,wan14b-720p,cogvideox-5b
-$B --op attention --shape wan1.3b-480p,wan14b-720p,hunyuan-720p,cogvideox-5b,ltx-512p --repeats 3
-$B --op step --shape wan1.3b-480p
-$B --op vae-decode --shape wan-vae-480p
-if [ "$MODE" = full ]; then
+if [[ $MODES == *" quick "* ]]; then
+  $B --op fp8-quantize --repeats 20
+  $B --op qk-norm-rope --shape wan1.3b-480p,wan14b-480p,wan14b-720p,cogvideox-5b --repeats 20
+  $B --op gemm
+  $B --op step --shape wan1.3b-480p
+fi
+if [[ $MODES == *" anchors "* ]]; then
+  $B --op attention --shape wan1.3b-480p,wan14b-720p,hunyuan-720p,cogvideox-5b,ltx-512p --repeats 3
+  $B --op vae-decode --shape wan-vae-480p
+fi
+if [[ $MODES == *" big "* ]]; then
   $B --op step --shape wan14b-480p
 fi
 python3 -m bench.table "$OUT/results.jsonl"

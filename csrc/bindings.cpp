@@ -49,4 +49,14 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("q"), py::arg("scale"), py::arg("amax_workspace"),
         py::arg("stream"));
+
+  m.def("fp8_dequantize",
+        [](uintptr_t q, uintptr_t scale, bool per_tensor, int64_t rows, int64_t cols, uintptr_t out, int out_dtype,
+           uintptr_t stream) {
+          check(vkern::fp8_dequantize(ptr<const uint8_t>(q), ptr<const float>(scale), per_tensor, rows, cols,
+                                      ptr<void>(out), static_cast<vkern::DType>(out_dtype), stream_of(stream)),
+                "fp8_dequantize");
+        },
+        py::arg("q"), py::arg("scale"), py::arg("per_tensor"), py::arg("rows"), py::arg("cols"), py::arg("out"),
+        py::arg("out_dtype"), py::arg("stream"));
 }

@@ -17,6 +17,16 @@ __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Two e4m3 values to floats, exactly (e4m3 -> half is exact, half -> float is exact).
+__device__ __forceinline__ float2 fp8x2_to_float2(__nv_fp8x2_storage_t v) {
+  return __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(v, __NV_E4M3)));
+}
+
 // |v| as ordered bits: for non-negative floats unsigned order is float order, and NaN sorts
 // above +inf, so an integer max propagates NaN (fmaxf would drop it).
 __device__ __forceinline__ unsigned abs_bits(float v) { return __float_as_uint(fabsf(v)); }
@@ -185,6 +195,37 @@ __global__ void __launch_bounds__(kThreads) cast_kernel(const T* __restrict__ x,
   }
 }
 
+// Dequantize: each thread step reads 16 e4m3 bytes (one 16-byte load) and writes 16 outputs.
+template <typename T, bool kVector>
+__global__ void __launch_bounds__(kThreads) dequant_kernel(const uint8_t* __restrict__ q,
+                                                           const float* __restrict__ scale, bool per_tensor,
+                                                           int64_t n, int64_t cols, T* __restrict__ out) {
+  const int64_t stride = (int64_t)gridDim.x * kThreads;
+  const int64_t tid = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (kVector) {  // cols % 16 == 0: a vector never straddles two rows
+    for (int64_t i = tid; i < n / kElems; i += stride) {
+      const float s = scale[per_tensor ? 0 : i * kElems / cols];
+      const uint4 raw = reinterpret_cast<const uint4*>(q)[i];
+      const auto* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
+      T vals[kElems];
+#pragma unroll
+      for (int j = 0; j < kElems / 2; ++j) {
+        const float2 f = fp8x2_to_float2(pairs[j]);
+        vals[2 * j] = from_f32<T>(f.x * s);
+        vals[2 * j + 1] = from_f32<T>(f.y * s);
+      }
+#pragma unroll
+      for (int j = 0; j < kElems * (int)sizeof(T) / 16; ++j)
+        reinterpret_cast<uint4*>(out + i * kElems)[j] = reinterpret_cast<const uint4*>(vals)[j];
+    }
+  } else {
+    for (int64_t i = tid; i < n; i += stride) {
+      const float2 f = fp8x2_to_float2(q[i]);  // low byte is the value
+      out[i] = from_f32<T>(f.x * scale[per_tensor ? 0 : i / cols]);
+    }
+  }
+}
+
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 int grid_for(int64_t work_items) {
@@ -230,7 +271,32 @@ cudaError_t tensorwise(const void* xv, int64_t n, uint8_t* q, float* scale, unsi
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t dequantize(const uint8_t* q, const float* scale, bool per_tensor, int64_t rows, int64_t cols,
+                       void* outv, cudaStream_t stream) {
+  T* out = static_cast<T*>(outv);
+  const int64_t n = rows * cols;
+  const bool vec = cols % kElems == 0 && aligned16(q) && aligned16(out);
+  const int grid = grid_for(vec ? n / kElems : n);
+  if (vec)
+    dequant_kernel<T, true><<<grid, kThreads, 0, stream>>>(q, scale, per_tensor, n, cols, out);
+  else
+    dequant_kernel<T, false><<<grid, kThreads, 0, stream>>>(q, scale, per_tensor, n, cols, out);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t fp8_dequantize(const uint8_t* q, const float* scale, bool per_tensor, int64_t rows, int64_t cols,
+                           void* out, DType out_dtype, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  switch (out_dtype) {
+    case DType::kFloat32: return dequantize<float>(q, scale, per_tensor, rows, cols, out, stream);
+    case DType::kFloat16: return dequantize<__half>(q, scale, per_tensor, rows, cols, out, stream);
+    case DType::kBFloat16: return dequantize<__nv_bfloat16>(q, scale, per_tensor, rows, cols, out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
 
 cudaError_t fp8_quantize_rowwise(const void* x, DType dtype, int64_t rows, int64_t cols,
                                  int64_t row_stride, uint8_t* q, float* scale, cudaStream_t stream) {

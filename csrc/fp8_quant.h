@@ -21,4 +21,9 @@ cudaError_t fp8_quantize_rowwise(const void* x, DType dtype, int64_t rows, int64
 cudaError_t fp8_quantize_tensorwise(const void* x, DType dtype, int64_t n, uint8_t* q, float* scale,
                                     unsigned* amax_workspace, cudaStream_t stream);
 
+// out = round_to_out_dtype(float(q) * scale): q is rows x cols e4m3, contiguous; scale holds one fp32
+// per row, or one for the whole tensor when per_tensor; out is rows x cols in out_dtype, contiguous.
+cudaError_t fp8_dequantize(const uint8_t* q, const float* scale, bool per_tensor, int64_t rows, int64_t cols,
+                           void* out, DType out_dtype, cudaStream_t stream);
+
 }  // namespace vkern

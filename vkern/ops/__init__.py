@@ -1,8 +1,8 @@
 """vkern.ops: one file per capability; each public function checks its inputs, then calls a
 torch.library custom op (torch.ops.vkern.*) that picks its backend (see _backend.py)."""
 from .fused_attention import attention, qk_norm_rope
-from .fp8 import fp8_dequantize, fp8_linear, fp8_quantize
+from .fp8 import fp8_dequantize, fp8_linear, fp8_linear_compute, fp8_quantize
 from .causal_conv import causal_conv3d
 from .feed_forward import feed_forward
 
-__all__ = ["attention", "qk_norm_rope", "fp8_quantize", "fp8_dequantize", "fp8_linear", "causal_conv3d", "feed_forward"]
+__all__ = ["attention", "qk_norm_rope", "fp8_quantize", "fp8_dequantize", "fp8_linear", "fp8_linear_compute", "causal_conv3d", "feed_forward"]

@@ -61,17 +61,100 @@ def _quantize_cuda(x, granularity):
     return q, scale
 
 
+def _check_scale(name, scale, q):
+    check_tensor(name, scale, dtypes=(torch.float32,), device=q.device)
+    if scale.numel() != 1 and tuple(scale.shape) != (*q.shape[:-1], 1):
+        raise ValueError(f"{name}: expected one fp32 scale or shape {(*q.shape[:-1], 1)}, got {tuple(scale.shape)}")
+
+
+@_backend.register("fp8_dequantize")
+def _dequantize_candidates(device, dtype):
+    return {"cuda": _backend.cuda_ext_usable(device), "reference": None}
+
+
 def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+    """q.float() * scale rounded to `dtype` (scale: one value, or one per row of q)."""
     check_tensor("q", q, dtypes=(ref.E4M3,))
-    check_tensor("scale", scale, dtypes=(torch.float32,), device=q.device)
+    _check_scale("scale", scale, q)
+    if dtype not in FLOATS:
+        raise TypeError(f"dtype: expected one of {FLOATS}, got {dtype}")
+    return torch.ops.vkern.fp8_dequantize(q, scale, dtype)
+
+
+@torch.library.custom_op("vkern::fp8_dequantize", mutates_args=())
+def _fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    backend = _backend.choose("fp8_dequantize", _dequantize_candidates(q.device, dtype))
+    if backend == "cuda" and q.dim() >= 1:
+        from .._ext import cuda_ext
+
+        qc, sc = q.contiguous(), scale.contiguous()
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+        with torch.cuda.device(q.device):
+            cuda_ext().fp8_dequantize(qc.view(torch.uint8).data_ptr(), sc.data_ptr(), sc.numel() == 1,
+                                      qc.numel() // qc.shape[-1], qc.shape[-1], out.data_ptr(), _DTYPE_CODE[dtype],
+                                      torch.cuda.current_stream(q.device).cuda_stream)
+        return out
     return ref.fp8_dequantize(q, scale, dtype)
 
 
-def fp8_linear(x: torch.Tensor, q_weight: torch.Tensor, weight_scale: torch.Tensor, bias=None):
-    """Storage-mode linear: e4m3 weight with its scale, compute in x's dtype (reference path for now)."""
+@_fp8_dequantize.register_fake
+def _(q, scale, dtype):
+    return q.new_empty(q.shape, dtype=dtype)
+
+
+def _check_linear(x, q_weight, weight_scale, bias):
     check_tensor("x", x, dtypes=FLOATS)
     check_tensor("q_weight", q_weight, dtypes=(ref.E4M3,), ndim=2, device=x.device)
+    _check_scale("weight_scale", weight_scale, q_weight)
     if x.shape[-1] != q_weight.shape[1]:
         raise ValueError(f"x: expected last dimension {q_weight.shape[1]} (q_weight's in_features), "
                          f"got shape {tuple(x.shape)}")
-    return ref.fp8_linear(x, q_weight, weight_scale, bias)
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOATS, ndim=1, device=x.device)
+        if bias.shape[0] != q_weight.shape[0]:
+            raise ValueError(f"bias: expected shape ({q_weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def fp8_linear(x: torch.Tensor, q_weight: torch.Tensor, weight_scale: torch.Tensor, bias=None):
+    """Storage mode: e4m3 weight with its scale; the weight is dequantized to x's dtype into a
+    transient buffer (the caching allocator recycles it layer after layer) and multiplied by the
+    framework's GEMM (cuBLAS on CUDA)."""
+    _check_linear(x, q_weight, weight_scale, bias)
+    return torch.nn.functional.linear(x, fp8_dequantize(q_weight, weight_scale, x.dtype), bias)
+
+
+@_backend.register("fp8_linear_compute")
+def _compute_candidates(device, dtype):
+    if device.type != "cuda":
+        return {"scaled_mm": f"needs a CUDA tensor (got {device.type})", "reference": None}
+    ok = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 9)
+    return {"scaled_mm": None if ok else "needs bf16 activations on an fp8 GPU (sm_89+)", "reference": None}
+
+
+def fp8_linear_compute(x: torch.Tensor, q_weight: torch.Tensor, weight_scale: torch.Tensor, bias=None):
+    """Compute mode: x quantized per token to e4m3 (vkern's CUDA kernel), then an fp8 x fp8 GEMM on
+    the tensor cores (cuBLASLt through torch._scaled_mm) with both scales, the bias and a bf16
+    output. in_features and out_features must be multiples of 16 (the caller falls back otherwise)."""
+    _check_linear(x, q_weight, weight_scale, bias)
+    if q_weight.shape[0] % 16 or q_weight.shape[1] % 16:
+        raise ValueError(f"q_weight: fp8 compute needs both dimensions multiples of 16, got {tuple(q_weight.shape)}")
+    return torch.ops.vkern.fp8_linear_compute(x, q_weight, weight_scale, bias)
+
+
+@torch.library.custom_op("vkern::fp8_linear_compute", mutates_args=())
+def _fp8_linear_compute(x: torch.Tensor, q_weight: torch.Tensor, weight_scale: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    backend = _backend.choose("fp8_linear_compute", _compute_candidates(x.device, x.dtype))
+    if backend == "reference":
+        return ref.fp8_linear_compute(x, q_weight, weight_scale, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, x_scale = fp8_quantize(x2, "row")
+    w_scale = weight_scale.reshape(1, -1) if weight_scale.numel() > 1 else weight_scale.reshape(1, 1).expand(1, q_weight.shape[0])
+    out = torch._scaled_mm(xq, q_weight.t(), scale_a=x_scale, scale_b=w_scale.contiguous(),
+                           bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
+    return out.reshape(*x.shape[:-1], q_weight.shape[0])
+
+
+@_fp8_linear_compute.register_fake
+def _(x, q_weight, weight_scale, bias):
+    return x.new_empty((*x.shape[:-1], q_weight.shape[0]))

@@ -11,6 +11,7 @@ from . import wan
 from .handle import PatchHandle, patched_handle
 
 ADAPTERS = {"wan": wan}
+FP8_MODES = (None, "storage", "compute")
 
 
 @dataclass
@@ -22,14 +23,28 @@ class PatchConfig:
     ffn_chunk_size      tokens per feed-forward chunk (None: no chunking)
     vae                 cached causal convolutions in the VAE
     filter_fn           (module, fully qualified name) -> bool; False leaves that module as it is
+    fp8                 None | "storage" | "compute": nn.Linear -> Fp8Linear in the transformer
+    fp8_filter_fn       (module, fqn) -> bool choosing the Linears to quantize (default: diffusers'
+                        layerwise-casting skip list for the model class: embeddings, norms, proj_out, ...)
+    fp8_keep_original   "cpu": park the original bf16 weights on the CPU so undo() is exact;
+                        "drop": free them (undo() then raises)
     """
     attention: str = "auto"
     fused_qk_norm_rope: bool = True
     ffn_chunk_size: Optional[int] = None
     vae: bool = True
     filter_fn: Optional[Callable] = None
+    fp8: Optional[str] = None
+    fp8_filter_fn: Optional[Callable] = None
+    fp8_keep_original: str = "cpu"
 
     def __post_init__(self):
+        if self.fp8 not in FP8_MODES:
+            raise ValueError(f"PatchConfig.fp8: expected one of {FP8_MODES}, got {self.fp8!r}")
+        if self.fp8_keep_original not in ("cpu", "drop"):
+            raise ValueError(f"PatchConfig.fp8_keep_original: expected 'cpu' or 'drop', got {self.fp8_keep_original!r}")
+        if self.fp8_filter_fn is not None and not callable(self.fp8_filter_fn):
+            raise TypeError("PatchConfig.fp8_filter_fn: expected a callable (module, fqn) -> bool")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"PatchConfig.attention: expected one of {ATTENTION_MODES}, got {self.attention!r}")
         if self.ffn_chunk_size is not None and (not isinstance(self.ffn_chunk_size, int) or self.ffn_chunk_size <= 0):

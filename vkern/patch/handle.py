@@ -26,10 +26,17 @@ class PatchHandle:
         self._undo.append(lambda: attn.set_processor(original))
         self.summary[kind] += 1
 
-    def swap_module(self, parent, name, replacement, kind):
+    def swap_module(self, parent, name, replacement, kind, park=None):
+        """park: called on undo before the original goes back (e.g. to bring its weights back from
+        the CPU, where an fp8 patch parked them)."""
         original = getattr(parent, name)
         setattr(parent, name, replacement)
-        self._undo.append(lambda: setattr(parent, name, original))
+
+        def restore():
+            if park is not None:
+                park()
+            setattr(parent, name, original)
+        self._undo.append(restore)
         self.summary[kind] += 1
 
     def undo(self):

@@ -25,6 +25,10 @@ def apply(obj, config, handle):
 
 
 def _patch_transformer(model, config, handle, classes):
+    if config.fp8 is not None:
+        from .fp8 import quantize_linears
+
+        quantize_linears(model, config, handle)
     for fqn, module in model.named_modules():
         if not config.accepts(module, fqn):
             continue

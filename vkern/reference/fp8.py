@@ -39,5 +39,15 @@ def fp8_dequantize(q, scale, dtype=torch.bfloat16):
 
 
 def fp8_linear(x, q_weight, weight_scale, bias=None):
-    """y = x @ dequant(W)^T + b, in x's dtype (the storage mode's semantics)."""
+    """Storage mode: y = x @ dequant(W)^T + b, in x's dtype (W dequantized to x's dtype first)."""
     return F.linear(x, fp8_dequantize(q_weight, weight_scale, x.dtype), bias)
+
+
+def fp8_linear_compute(x, q_weight, weight_scale, bias=None):
+    """Compute mode: activations quantized per token, an e4m3 x e4m3 product accumulated in fp32,
+    both scales applied to the fp32 result, bias added, one rounding to x's dtype."""
+    xq, x_scale = fp8_quantize(x, "row")
+    acc = (xq.float() @ q_weight.float().T) * x_scale * weight_scale.reshape(1, -1)
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(x.dtype)

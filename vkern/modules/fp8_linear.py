@@ -1,0 +1,74 @@
+"""Fp8Linear: a drop-in for nn.Linear that stores its weight in fp8 e4m3 with per-output-channel fp32
+scales (half the bytes of bf16) and computes in one of two modes:
+
+    storage   dequantize to the activation dtype in a transient buffer, then the bf16 GEMM (cuBLAS)
+    compute   quantize activations per token, fp8 x fp8 GEMM on the tensor cores (sm_89+, bf16 only)
+
+State-dict keys are the Linear's (`weight` now e4m3) plus `weight_scale`, so a patched model's
+state dict is a pre-quantized checkpoint that loads into another patched model.
+"""
+import warnings
+
+import torch
+from torch import nn
+
+from .. import ops
+
+MODES = ("storage", "compute")
+_warned = set()
+
+
+class Fp8Linear(nn.Module):
+    def __init__(self, q_weight, weight_scale, bias=None, mode="storage"):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.out_features, self.in_features = q_weight.shape
+        self.register_buffer("weight", q_weight)
+        self.register_buffer("weight_scale", weight_scale)
+        self.bias = bias  # the original Linear's Parameter (shared, not copied)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear, mode="storage", name="linear"):
+        """Quantize linear's weight (vkern's CUDA kernel when it is on a GPU). NaN/Inf in the weight
+        is an error: it would poison every output of that layer."""
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"{name}: expected a torch.nn.Linear, got {type(linear).__name__}")
+        q, scale = ops.fp8_quantize(linear.weight, "row")
+        bad = ~torch.isfinite(scale.squeeze(1))
+        if bad.any():
+            rows = bad.nonzero().flatten()[:5].tolist()
+            raise ValueError(f"{name}: weight has NaN or Inf values (output channels {rows}...); refusing to quantize")
+        return cls(q, scale, linear.bias, mode)
+
+    def forward(self, x):
+        if self.mode == "compute":
+            if self.in_features % 16 == 0 and self.out_features % 16 == 0:
+                # torch._scaled_mm on an fp8 GPU with bf16 activations; otherwise the op's reference
+                # emulates the same numerics (slow, for CPU tests and odd dtypes).
+                return ops.fp8_linear_compute(x, self.weight, self.weight_scale, self.bias)
+            _note_fallback(self)
+        return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) must not re-type the e4m3 weight or its fp32 scales: only device moves
+        # apply to them (the bias follows the model like any parameter).
+        weight, scale = self.weight, self.weight_scale
+        super()._apply(fn, recurse)
+        device = fn(torch.empty(0, device=weight.device)).device
+        self.weight, self.weight_scale = weight.to(device), scale.to(device)
+        return self
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"mode={self.mode!r}, weight=float8_e4m3fn per-channel"
+
+
+def _note_fallback(layer):
+    key = (layer.in_features, layer.out_features)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"vkern Fp8Linear: fp8 compute needs in/out features that are multiples of 16 (got "
+                      f"{layer.in_features}x{layer.out_features}); these layers use the storage-mode path", stacklevel=3)

@@ -1,0 +1,54 @@
+"""FP8 layerwise casting for any diffusers model: nn.Linear -> Fp8Linear, with diffusers' own
+layerwise-casting skip list as the default filter."""
+import re
+
+import torch
+from torch import nn
+
+from ..modules.fp8_linear import Fp8Linear
+
+
+def default_skip_patterns(model):
+    """What diffusers' enable_layerwise_casting skips for this model class: its default patterns,
+    the class's _keep_in_fp32_modules and _skip_layerwise_casting_patterns (matched with re.search)."""
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    patterns = tuple(DEFAULT_SKIP_MODULES_PATTERN)
+    patterns += tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    patterns += tuple(getattr(model, "_skip_layerwise_casting_patterns", None) or ())
+    return tuple(sorted(set(patterns)))
+
+
+def quantize_linears(model, config, handle):
+    patterns = default_skip_patterns(model)
+
+    def wanted(module, fqn):
+        if config.fp8_filter_fn is not None:
+            return bool(config.fp8_filter_fn(module, fqn))
+        return not any(re.search(p, fqn) for p in patterns)
+
+    targets = [(fqn, m) for fqn, m in model.named_modules()
+               if type(m) is nn.Linear and config.accepts(m, fqn) and wanted(m, fqn)]
+    modules = dict(model.named_modules())
+    for fqn, linear in targets:
+        parent_name, _, name = fqn.rpartition(".")
+        fp8 = Fp8Linear.from_linear(linear, config.fp8, name=fqn)
+        handle.swap_module(modules[parent_name], name, fp8, f"Linear -> Fp8Linear ({config.fp8})",
+                           park=_park_original(linear, fp8, config.fp8_keep_original))
+
+
+def _park_original(linear, fp8, keep):
+    """Move the original bf16 weight off the GPU (the point of fp8 storage) and return the step that
+    brings it back on undo, to wherever the fp8 layer lives then."""
+    if keep == "drop":
+        linear.weight = None
+
+        def restore():
+            raise RuntimeError("vkern: this patch dropped the original weights (PatchConfig.fp8_keep_original="
+                               "'drop'); reload the model instead of undo()")
+        return restore
+    linear.weight.data = linear.weight.data.to("cpu")
+
+    def restore():
+        linear.weight.data = linear.weight.data.to(fp8.weight.device)
+    return restore
