@@ -7,6 +7,7 @@ date; providers are anchors (cudnn, fa2, efficient, diffusers, diffusers-compile
 """
 import argparse
 import datetime
+import gc
 import json
 import os
 import subprocess
@@ -138,7 +139,8 @@ def _step(name, providers, args):
                    peak_gib=peak, activation_gib=peak - weights, rel_l2_vs_first=rel_l2(out, reference),
                    cos_vs_first=torch.nn.functional.cosine_similarity(out.double().flatten(),
                                                                      reference.double().flatten(), dim=0).item())
-        del model, inputs, out
+        del model, inputs, out, step
+        gc.collect()  # the patch handle and the model refer to each other: free the cycle now
         torch.cuda.empty_cache()
 
 
@@ -162,12 +164,17 @@ def _gemm(name, providers, args):
         "diffusers-fp8-layerwise": lambda: torch.nn.functional.linear(x, w_e4m3.to(DT), bias),
         "vkern-fp8-storage": lambda: vkern.ops.fp8_linear(x, qw, sw, bias),
         "vkern-fp8-compute": lambda: vkern.ops.fp8_linear_compute(x, qw, sw, bias),
+        "vkern-dequant-only": lambda: vkern.ops.fp8_dequantize(qw, sw, DT),  # storage mode's overhead
         "scaled-mm-only": lambda: torch._scaled_mm(xq, qw.t(), scale_a=sx, scale_b=sw.reshape(1, -1), bias=bias,
                                                    out_dtype=DT),
     }
     exact = torch.nn.functional.linear(x.float(), w.float(), bias.float())
     for provider in providers or list(fns):
         ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
+        if provider == "vkern-dequant-only":
+            yield dict(op="gemm", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
+                       gbps=3 * n * k / ms / 1e6)  # e4m3 read + bf16 written
+            continue
         out = fns[provider]()
         err = (out.float() - exact).pow(2).sum()
         yield dict(op="gemm", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
