@@ -15,7 +15,7 @@ import subprocess
 import torch
 
 from . import shapes
-from .timing import peak_gib, rel_l2, time_cuda
+from .timing import peak_gib, rel_l2, time_cuda, time_micro
 
 DT = torch.bfloat16
 
@@ -69,8 +69,9 @@ def _qk_norm_rope(name, providers, args):
     oracle = ref.qk_norm_rope(x.double(), w.double(), 1e-6, s.heads, cos, sin)
     min_bytes = 2 * s.tokens * row * 2  # read the bf16 row once, write it once
     for provider in providers or list(fns):
-        ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
-        yield dict(op="qk-norm-rope", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
+        ms, lo, hi, eager_ms, how = time_micro(fns[provider], args.warmup, args.repeats)
+        yield dict(op="qk-norm-rope", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, eager_ms=eager_ms,
+                   timing=how,
                    gbps=min_bytes / ms / 1e6, rel_l2=rel_l2(fns[provider](), oracle))
     del oracle
 
@@ -91,9 +92,10 @@ def _fp8_quantize(name, providers, args):
     expected = ref.fp8_quantize(x, gran)[0].view(torch.uint8)
     min_bytes = x.numel() * 3  # bf16 in, e4m3 out
     for provider in providers or list(fns):
-        ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
+        ms, lo, hi, eager_ms, how = time_micro(fns[provider], args.warmup, args.repeats)
         q = fns[provider]()[0]
-        yield dict(op="fp8-quantize", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
+        yield dict(op="fp8-quantize", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, eager_ms=eager_ms,
+                   timing=how,
                    gbps=min_bytes / ms / 1e6, bit_exact=bool(torch.equal(q.view(torch.uint8), expected)))
 
 
@@ -170,11 +172,13 @@ def _gemm(name, providers, args):
     }
     exact = torch.nn.functional.linear(x.float(), w.float(), bias.float())
     for provider in providers or list(fns):
-        ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
         if provider == "vkern-dequant-only":
-            yield dict(op="gemm", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
+            ms, lo, hi, eager_ms, how = time_micro(fns[provider], args.warmup, args.repeats)
+            yield dict(op="gemm", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, eager_ms=eager_ms,
+                       timing=how,
                        gbps=3 * n * k / ms / 1e6)  # e4m3 read + bf16 written
             continue
+        ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
         out = fns[provider]()
         err = (out.float() - exact).pow(2).sum()
         yield dict(op="gemm", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,

@@ -2,8 +2,8 @@
 import json
 import sys
 
-METRICS = ("ms", "tflops", "gbps", "weights_gib", "peak_gib", "activation_gib", "sqnr_db", "rel_l2",
-           "rel_l2_vs_cudnn", "rel_l2_vs_diffusers", "rel_l2_vs_first", "cos_vs_first", "bit_exact")
+METRICS = ("ms", "eager_ms", "tflops", "gbps", "weights_gib", "peak_gib", "activation_gib", "sqnr_db", "rel_l2",
+           "rel_l2_vs_cudnn", "rel_l2_vs_diffusers", "rel_l2_vs_first", "cos_vs_first", "bit_exact", "timing")
 
 
 def fmt(v):
