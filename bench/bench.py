@@ -167,6 +167,9 @@ def _gemm(name, providers, args):
         "vkern-fp8-storage": lambda: vkern.ops.fp8_linear(x, qw, sw, bias),
         "vkern-fp8-compute": lambda: vkern.ops.fp8_linear_compute(x, qw, sw, bias),
         "vkern-dequant-only": lambda: vkern.ops.fp8_dequantize(qw, sw, DT),  # storage mode's overhead
+        # cuBLASLt's fast accumulation (fp8 products accumulated at lower precision between promotions)
+        "scaled-mm-fast-accum": lambda: torch._scaled_mm(xq, qw.t(), scale_a=sx, scale_b=sw.reshape(1, -1), bias=bias,
+                                                         out_dtype=DT, use_fast_accum=True),
         "scaled-mm-only": lambda: torch._scaled_mm(xq, qw.t(), scale_a=sx, scale_b=sw.reshape(1, -1), bias=bias,
                                                    out_dtype=DT),
     }

@@ -228,6 +228,42 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(const uint8_t* __rest
   }
 }
 
+// Rows up to kThreads * kElems * kVecs: one block per row, every thread issues all its 16-byte loads
+// before converting anything (the row-striding kernel above had one load in flight per thread and
+// measured 0.85-1.4 TB/s).
+template <typename T, int kVecs>
+__global__ void __launch_bounds__(kThreads) dequant_row_in_registers_kernel(const uint8_t* __restrict__ q,
+                                                                            const float* __restrict__ scale,
+                                                                            bool per_tensor, int64_t cols,
+                                                                            T* __restrict__ out) {
+  const float s = scale[per_tensor ? 0 : blockIdx.x];
+  const uint8_t* qr = q + blockIdx.x * cols;
+  T* outr = out + blockIdx.x * cols;
+  uint4 raw[kVecs];
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t c = ((int64_t)v * kThreads + threadIdx.x) * kElems;
+    if (c < cols) raw[v] = *reinterpret_cast<const uint4*>(qr + c);
+  }
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t c = ((int64_t)v * kThreads + threadIdx.x) * kElems;
+    if (c < cols) {
+      const auto* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw[v]);
+      T vals[kElems];
+#pragma unroll
+      for (int j = 0; j < kElems / 2; ++j) {
+        const float2 f = fp8x2_to_float2(pairs[j]);
+        vals[2 * j] = from_f32<T>(f.x * s);
+        vals[2 * j + 1] = from_f32<T>(f.y * s);
+      }
+#pragma unroll
+      for (int j = 0; j < kElems * (int)sizeof(T) / 16; ++j)
+        reinterpret_cast<uint4*>(outr + c)[j] = reinterpret_cast<const uint4*>(vals)[j];
+    }
+  }
+}
+
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 int grid_for(int64_t work_items) {
@@ -279,7 +315,12 @@ cudaError_t dequantize(const uint8_t* q, const float* scale, bool per_tensor, in
   T* out = static_cast<T*>(outv);
   const bool vec = cols % kElems == 0 && aligned16(q) && aligned16(out);
   const int grid = (int)(rows < 132 * 16 ? rows : 132 * 16);
-  if (vec)
+  const int64_t vecs_per_thread = (cols / kElems + kThreads - 1) / kThreads;
+  if (vec && vecs_per_thread <= 2)
+    dequant_row_in_registers_kernel<T, 2><<<rows, kThreads, 0, stream>>>(q, scale, per_tensor, cols, out);
+  else if (vec && vecs_per_thread <= 4)
+    dequant_row_in_registers_kernel<T, 4><<<rows, kThreads, 0, stream>>>(q, scale, per_tensor, cols, out);
+  else if (vec)
     dequant_kernel<T, true><<<grid, kThreads, 0, stream>>>(q, scale, per_tensor, rows, cols, out);
   else
     dequant_kernel<T, false><<<grid, kThreads, 0, stream>>>(q, scale, per_tensor, rows, cols, out);
