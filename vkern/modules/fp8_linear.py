@@ -19,11 +19,12 @@ _warned = set()
 
 
 class Fp8Linear(nn.Module):
-    def __init__(self, q_weight, weight_scale, bias=None, mode="storage"):
+    def __init__(self, q_weight, weight_scale, bias=None, mode="storage", fast_accum=True):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         self.mode = mode
+        self.fast_accum = fast_accum
         self.out_features, self.in_features = q_weight.shape
         self.register_buffer("weight", q_weight)
         self.register_buffer("weight_scale", weight_scale)
@@ -31,7 +32,7 @@ class Fp8Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear, mode="storage", name="linear"):
+    def from_linear(cls, linear, mode="storage", name="linear", fast_accum=True):
         """Quantize linear's weight (vkern's CUDA kernel when it is on a GPU). NaN/Inf in the weight
         is an error: it would poison every output of that layer."""
         if type(linear) is not nn.Linear:
@@ -41,14 +42,14 @@ class Fp8Linear(nn.Module):
         if bad.any():
             rows = bad.nonzero().flatten()[:5].tolist()
             raise ValueError(f"{name}: weight has NaN or Inf values (output channels {rows}...); refusing to quantize")
-        return cls(q, scale, linear.bias, mode)
+        return cls(q, scale, linear.bias, mode, fast_accum)
 
     def forward(self, x):
         if self.mode == "compute":
             if self.in_features % 16 == 0 and self.out_features % 16 == 0:
                 # torch._scaled_mm on an fp8 GPU with bf16 activations; otherwise the op's reference
                 # emulates the same numerics (slow, for CPU tests and odd dtypes).
-                return ops.fp8_linear_compute(x, self.weight, self.weight_scale, self.bias)
+                return ops.fp8_linear_compute(x, self.weight, self.weight_scale, self.bias, self.fast_accum)
             _note_fallback(self)
         return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias)
 

@@ -131,19 +131,22 @@ def _compute_candidates(device, dtype):
     return {"scaled_mm": None if ok else "needs bf16 activations on an fp8 GPU (sm_89+)", "reference": None}
 
 
-def fp8_linear_compute(x: torch.Tensor, q_weight: torch.Tensor, weight_scale: torch.Tensor, bias=None):
+def fp8_linear_compute(x: torch.Tensor, q_weight: torch.Tensor, weight_scale: torch.Tensor, bias=None,
+                       fast_accum: bool = True):
     """Compute mode: x quantized per token to e4m3 (vkern's CUDA kernel), then an fp8 x fp8 GEMM on
     the tensor cores (cuBLASLt through torch._scaled_mm) with both scales, the bias and a bf16
-    output. in_features and out_features must be multiples of 16 (the caller falls back otherwise)."""
+    output. in_features and out_features must be multiples of 16 (the caller falls back otherwise).
+    fast_accum: cuBLASLt's faster fp8 accumulation; on an H200 it ran 1.10-1.13x faster at Wan-14B
+    shapes with the same SQNR (31.5 dB at K = 5120 and 13824: the e4m3 rounding dominates)."""
     _check_linear(x, q_weight, weight_scale, bias)
     if q_weight.shape[0] % 16 or q_weight.shape[1] % 16:
         raise ValueError(f"q_weight: fp8 compute needs both dimensions multiples of 16, got {tuple(q_weight.shape)}")
-    return torch.ops.vkern.fp8_linear_compute(x, q_weight, weight_scale, bias)
+    return torch.ops.vkern.fp8_linear_compute(x, q_weight, weight_scale, bias, bool(fast_accum))
 
 
 @torch.library.custom_op("vkern::fp8_linear_compute", mutates_args=())
 def _fp8_linear_compute(x: torch.Tensor, q_weight: torch.Tensor, weight_scale: torch.Tensor,
-                        bias: torch.Tensor | None) -> torch.Tensor:
+                        bias: torch.Tensor | None, fast_accum: bool) -> torch.Tensor:
     backend = _backend.choose("fp8_linear_compute", _compute_candidates(x.device, x.dtype))
     if backend == "reference":
         return ref.fp8_linear_compute(x, q_weight, weight_scale, bias)
@@ -151,10 +154,11 @@ def _fp8_linear_compute(x: torch.Tensor, q_weight: torch.Tensor, weight_scale: t
     xq, x_scale = fp8_quantize(x2, "row")
     w_scale = weight_scale.reshape(1, -1) if weight_scale.numel() > 1 else weight_scale.reshape(1, 1).expand(1, q_weight.shape[0])
     out = torch._scaled_mm(xq, q_weight.t(), scale_a=x_scale, scale_b=w_scale.contiguous(),
-                           bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
+                           bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
+                           use_fast_accum=fast_accum)
     return out.reshape(*x.shape[:-1], q_weight.shape[0])
 
 
 @_fp8_linear_compute.register_fake
-def _(x, q_weight, weight_scale, bias):
+def _(x, q_weight, weight_scale, bias, fast_accum):
     return x.new_empty((*x.shape[:-1], q_weight.shape[0]))

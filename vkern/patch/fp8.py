@@ -32,7 +32,7 @@ def quantize_linears(model, config, handle):
     modules = dict(model.named_modules())
     for fqn, linear in targets:
         parent_name, _, name = fqn.rpartition(".")
-        fp8 = Fp8Linear.from_linear(linear, config.fp8, name=fqn)
+        fp8 = Fp8Linear.from_linear(linear, config.fp8, name=fqn, fast_accum=config.fp8_fast_accum)
         handle.swap_module(modules[parent_name], name, fp8, f"Linear -> Fp8Linear ({config.fp8})",
                            park=_park_original(linear, fp8, config.fp8_keep_original))
 

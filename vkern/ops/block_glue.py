@@ -1,0 +1,158 @@
+"""The DiT block's elementwise glue, fused: LayerNorm + adaLN modulate, and gate + residual.
+
+Backends: triton (vkern/triton/block_glue.py), reference (vkern/reference/block_glue.py, the spec:
+diffusers' WanTransformerBlock expressions). Inference only (no autograd formulas).
+
+gate_residual comes in two forms, like torch's add/add_: a functional op, and an in-place one
+declared as mutating x (the fused block updates its own hidden states chunk by chunk through it, so
+the FFN output is added without a second [tokens, dim] buffer; torch.compile functionalizes it).
+"""
+import torch
+
+from ..reference import block_glue as ref
+from . import _backend
+from ._checks import FLOATS, check_shape, check_tensor
+
+
+def _candidates(device, dtype):
+    return {"triton": _backend.triton_usable(device) or (None if dtype in FLOATS else f"no {dtype} kernel"),
+            "reference": None}
+
+
+_backend.register("layernorm_modulate")(_candidates)
+_backend.register("gate_residual")(_candidates)
+
+
+def _check_x(x):
+    check_tensor("x", x, dtypes=FLOATS, ndim=3)
+
+
+def _check_row(name, t, x):
+    """A [D] vector (LayerNorm weight/bias, a scale_shift_table row)."""
+    if t is not None:
+        check_tensor(name, t, dtypes=FLOATS, device=x.device)
+        check_shape(name, t, (x.shape[2],))
+
+
+def _check_modulation(name, t, x):
+    """A temb chunk [B|1, S|1, D], broadcast over x [B, S, D]."""
+    check_tensor(name, t, dtypes=FLOATS, ndim=3, device=x.device)
+    B, S, D = x.shape
+    if t.shape[0] not in (1, B) or t.shape[1] not in (1, S) or t.shape[2] != D:
+        raise ValueError(f"{name}: expected shape (1 or {B}, 1 or {S}, {D}) to broadcast over x {tuple(x.shape)}, "
+                         f"got {tuple(t.shape)}")
+
+
+def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table=None, scale_table=None):
+    """diffusers' (FP32LayerNorm(x.float()) * (1 + scale) + shift).type_as(x) on x [B, S, D].
+
+    shift, scale: temb chunks [B|1, S|1, D] (Wan 2.1: [B, 1, D]; Wan 2.2 per-token: [B, S, D]), any
+    float dtype, or both None for a plain LayerNorm (norm2). shift_table, scale_table: the matching
+    scale_shift_table rows [D], added in fp32 (diffusers' table + temb.float()), or None.
+    weight, bias: the LayerNorm's affine [D] or None. Returns a contiguous tensor in x's dtype."""
+    _check_x(x)
+    if (shift is None) != (scale is None):
+        raise ValueError("shift, scale: pass both or neither")
+    if (shift_table is None) != (scale_table is None):
+        raise ValueError("shift_table, scale_table: pass both or neither")
+    if shift is None and shift_table is not None:
+        raise ValueError("shift_table, scale_table: given without shift and scale")
+    if shift is not None:
+        _check_modulation("shift", shift, x)
+        _check_modulation("scale", scale, x)
+        if shift.shape != scale.shape:
+            raise ValueError(f"shift, scale: expected the same shape, got {tuple(shift.shape)} and {tuple(scale.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("shift_table", shift_table), ("scale_table", scale_table)):
+        _check_row(name, t, x)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    return torch.ops.vkern.layernorm_modulate(x, shift, scale, float(eps), weight, bias, shift_table, scale_table)
+
+
+def _check_gate_residual(x, y, gate, gate_table):
+    _check_x(x)
+    check_tensor("y", y, dtypes=FLOATS, device=x.device)
+    check_shape("y", y, tuple(x.shape))
+    _check_modulation("gate", gate, x)
+    _check_row("gate_table", gate_table, x)
+
+
+def gate_residual(x, y, gate, gate_table=None):
+    """diffusers' (x.float() + y.float() * gate).type_as(x) on x, y [B, S, D] with gate a temb chunk
+    [B|1, S|1, D] (+ its scale_shift_table row gate_table [D], added in fp32). Returns a new
+    contiguous tensor in x's dtype."""
+    _check_gate_residual(x, y, gate, gate_table)
+    return torch.ops.vkern.gate_residual(x, y, gate, gate_table)
+
+
+def gate_residual_(x, y, gate, gate_table=None):
+    """gate_residual written into x (any strides, e.g. a token slice of the hidden states); returns x."""
+    _check_gate_residual(x, y, gate, gate_table)
+    torch.ops.vkern.gate_residual_inplace(x, y, gate, gate_table)
+    return x
+
+
+# --- custom ops ------------------------------------------------------------------------------------
+
+def _unit_last(t):
+    # The kernels address rows with unit stride along D (16-byte vectors); anything else is copied once.
+    return t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+@torch.library.custom_op("vkern::layernorm_modulate", mutates_args=())
+def _layernorm_modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
+                        weight: torch.Tensor | None, bias: torch.Tensor | None, shift_table: torch.Tensor | None,
+                        scale_table: torch.Tensor | None) -> torch.Tensor:
+    backend = _backend.choose("layernorm_modulate", _candidates(x.device, x.dtype))
+    if backend == "reference" or x.numel() == 0:
+        return ref.layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_table).contiguous()
+    from ..triton.block_glue import layernorm_modulate as kernel
+
+    x, shift, scale = _unit_last(x), _unit_last(shift), _unit_last(scale)
+    if shift is not None and shift.stride() != scale.stride():  # the kernel indexes both with one stride pair
+        shift, scale = shift.contiguous(), scale.contiguous()
+    rows = [t if t is None else t.contiguous() for t in (weight, bias, shift_table, scale_table)]
+    return kernel(x, shift, scale, eps, *rows, torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+@_layernorm_modulate.register_fake
+def _(x, shift, scale, eps, weight, bias, shift_table, scale_table):
+    return x.new_empty(x.shape)
+
+
+def _gate_residual_into(x, y, gate, gate_table, out):
+    from ..triton.block_glue import gate_residual as kernel
+
+    gate_table = gate_table if gate_table is None else gate_table.contiguous()
+    return kernel(_unit_last(x), _unit_last(y), _unit_last(gate), gate_table, out)
+
+
+@torch.library.custom_op("vkern::gate_residual", mutates_args=())
+def _gate_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+                   gate_table: torch.Tensor | None) -> torch.Tensor:
+    backend = _backend.choose("gate_residual", _candidates(x.device, x.dtype))
+    if backend == "reference" or x.numel() == 0:
+        return ref.gate_residual(x, y, gate, gate_table).contiguous()
+    return _gate_residual_into(x, y, gate, gate_table, torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+@_gate_residual.register_fake
+def _(x, y, gate, gate_table):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("vkern::gate_residual_inplace", mutates_args=("x",))
+def _gate_residual_inplace(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+                           gate_table: torch.Tensor | None) -> None:
+    backend = _backend.choose("gate_residual", _candidates(x.device, x.dtype))
+    if backend == "reference" or x.numel() == 0:
+        x.copy_(ref.gate_residual(x, y, gate, gate_table))
+    elif x.stride(-1) != 1:  # rows the kernel cannot address: compute aside, then copy in
+        x.copy_(_gate_residual_into(x, y, gate, gate_table, torch.empty(x.shape, dtype=x.dtype, device=x.device)))
+    else:
+        _gate_residual_into(x, y, gate, gate_table, x)
+
+
+@_gate_residual_inplace.register_fake
+def _(x, y, gate, gate_table):
+    return None
