@@ -1,0 +1,273 @@
+"""Sequence parallelism (Ulysses) for diffusers' WanTransformer3DModel, installed by
+vkern.patch(model, PatchConfig(sp=SPConfig())) under torchrun.
+
+Every rank holds the whole model and the same inputs. Hooks shard the work:
+  model pre-hook     make the ranks agree on this step's inputs, fix the layout (ShardSpec) of the
+                     step, and shard a per-token timestep (Wan 2.2 TI2V) like the tokens
+  rope hook          the RoPE tables [1, S, 1, D] -> this rank's S/N positions (zero-padded)
+  blocks[0] pre-hook the patch-embedded tokens [B, S, C] -> this rank's S/N tokens (zero-padded)
+  attn1 processors   VkernWanSPAttnProcessor: one packed q/k/v all-to-all + one output all-to-all
+  proj_out hook      all_gather of the projected tokens, padding dropped -> [B, S, C_out]
+The text (encoder_hidden_states) stays replicated, so cross-attention runs locally.
+
+The gather sits after proj_out rather than before norm_out: proj_out maps inner_dim (5120 for
+Wan-14B) to out_channels * patch (64) values per token, so the gather moves 80x fewer bytes, and
+norm_out/proj_out work on S/N tokens per rank instead of S on every rank. Per-token shift/scale
+(TI2V) stay consistent because the timestep is sharded the same way.
+
+Inference only: the all-to-alls carry no autograd; a forward that would need gradients is refused.
+"""
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..reference.sequence_parallel import ShardSpec, key_padding_mask, shard_sequence
+from . import ulysses
+
+__all__ = ["SPConfig", "apply_sequence_parallel"]
+
+
+@dataclass
+class SPConfig:
+    """group         None (the default process group), a ProcessGroup, or an SPGroup (init_from_env)
+    check_inputs  before each forward, one small all_gather makes the ranks agree on the input
+                  shapes, dtypes and checksums, so a mismatch is the same clear error on every rank
+                  instead of a hang or a silently wrong video. Costs one host sync per step;
+                  False skips it (then every rank must be given identical inputs)."""
+    group: Any = None
+    check_inputs: bool = True
+
+    def __post_init__(self):
+        pg = getattr(self.group, "group", self.group)
+        if pg is not None and not isinstance(pg, dist.ProcessGroup):
+            raise TypeError(f"SPConfig.group: expected None, a torch.distributed ProcessGroup or an SPGroup, "
+                            f"got {type(self.group).__name__}")
+        if not isinstance(self.check_inputs, bool):
+            raise TypeError(f"SPConfig.check_inputs: expected a bool, got {self.check_inputs!r}")
+
+
+@dataclass(frozen=True)
+class SPLayout:
+    """One forward's layout: the ShardSpec and the key mask (None when nothing is padded, so the
+    attention backend can take its unmasked fast path)."""
+    spec: ShardSpec
+    group: dist.ProcessGroup
+    key_mask: Optional[torch.Tensor]
+
+
+class SPContext:
+    """What the hooks and processors of one patched model share."""
+
+    def __init__(self, group, world, rank, heads):
+        self.group, self.world, self.rank, self.heads = group, world, rank, heads
+        self.layout = None  # set by the model's pre-hook, cleared when its forward ends
+
+    def current(self):
+        if self.layout is None:
+            raise RuntimeError("vkern sequence parallelism: a sharded attention ran outside the patched "
+                               "WanTransformer3DModel's forward; call the model, not its blocks")
+        return self.layout
+
+
+def apply_sequence_parallel(model, sp_config, handle):
+    """Install sequence parallelism on a WanTransformer3DModel, recording every change in handle
+    (a vkern PatchHandle; handle.config is the PatchConfig) so undo() removes it. Collective: every
+    rank of the group must call it, and all of them raise if any rank's model or config differs."""
+    from ..modules.wan_sp_attention import VkernWanSPAttnProcessor
+
+    pg, world, rank = ulysses._group(sp_config.group)
+    config = handle.config
+    error = _local_error(lambda: _check_model(model))
+    signature = {} if error else _patch_signature(model, config, sp_config, world)
+    _agree(pg, "vkern.patch(sp=...)", signature, error,
+           "every rank must patch the same model (same weights) with the same PatchConfig")
+
+    context = SPContext(pg, world, rank, model.config.num_attention_heads)
+    hooks = [
+        model.register_forward_pre_hook(partial(_enter, context, sp_config.check_inputs), with_kwargs=True),
+        # always_call: a forward that raised must not leave a stale layout behind.
+        model.register_forward_hook(partial(_leave, context), always_call=True),
+        model.rope.register_forward_hook(partial(_shard_rope, context)),
+        model.blocks[0].register_forward_pre_hook(partial(_shard_tokens, context), with_kwargs=True),
+        model.proj_out.register_forward_hook(partial(_gather_tokens, context)),
+    ]
+    for hook in hooks:
+        handle._undo.append(hook.remove)
+    handle.summary["sequence-parallel hooks"] += len(hooks)
+    for i, block in enumerate(model.blocks):
+        # Every self-attention must be sharded for the model to be correct, so filter_fn cannot
+        # leave one alone; one it rejects gets diffusers' own math (the reference ops) instead.
+        accepted = config.accepts(block.attn1, f"blocks.{i}.attn1")
+        processor = VkernWanSPAttnProcessor(context, config.attention if accepted else "reference",
+                                            config.fused_qk_norm_rope and accepted)
+        handle.set_processor(block.attn1, processor, "WanAttention self-attention -> sequence-parallel")
+
+
+# ---------------------------------------------------------------- checks
+
+def _check_model(model):
+    if getattr(model, "_parallel_config", None) is not None:
+        raise ValueError("model: diffusers' enable_parallelism() is already applied; use one sequence "
+                         "parallelism, not both")
+    if len(model.blocks) == 0:
+        raise ValueError("model: WanTransformer3DModel with no blocks")
+
+
+def _patch_signature(model, config, sp_config, world):
+    sig = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items()
+           if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+    sig.update({"world": world, "device type": model.proj_out.weight.device.type,
+                "parameter dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+                "PatchConfig.attention": config.attention,
+                "PatchConfig.fused_qk_norm_rope": config.fused_qk_norm_rope,
+                "PatchConfig.ffn_chunk_size": config.ffn_chunk_size, "PatchConfig.fp8": config.fp8,
+                "SPConfig.check_inputs": sp_config.check_inputs,
+                # Random-weight models built without the same seed (or different checkpoints) would
+                # otherwise give a plausible-looking wrong video. State dict: fp8 weights are buffers.
+                "weights checksum": _checksum(*(t for t in model.state_dict().values() if t.is_floating_point()))})
+    return sig
+
+
+def _input_signature(hidden_states, timestep, text, image, grad):
+    sig = {"hidden_states shape": list(hidden_states.shape), "hidden_states dtype": str(hidden_states.dtype),
+           "timestep shape": list(timestep.shape), "encoder_hidden_states shape": list(text.shape),
+           "encoder_hidden_states_image shape": None if image is None else list(image.shape),
+           "gradients": grad,
+           # Different latents or prompts per rank (an unseeded generator) would mix two videos.
+           "hidden_states checksum": _checksum(hidden_states), "timestep checksum": _checksum(timestep),
+           "encoder_hidden_states checksum": _checksum(text)}
+    if image is not None:
+        sig["encoder_hidden_states_image checksum"] = _checksum(image)
+    return sig
+
+
+def _checksum(*tensors):
+    """(sum, sum of |x|) in float64: equal data on equal hardware gives equal sums."""
+    total = [0.0, 0.0]
+    for t in tensors:
+        if t.device.type == "meta":
+            continue
+        t = t.detach().to(torch.float64)
+        total[0] += t.sum().item()
+        total[1] += t.abs().sum().item()
+    return total
+
+
+def _same(a, b):
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+    return a == b
+
+
+def _local_error(checks):
+    try:
+        checks()
+    except (TypeError, ValueError) as error:
+        return error
+    return None
+
+
+def _agree(pg, what, signature, error, hint):
+    """Every rank raises the same ValueError when any rank failed its local checks (error) or the
+    ranks' signatures ({name: value}) differ; a rank that failed raises its own error. One
+    all_gather_object, so no rank is left waiting in a collective the others skipped."""
+    mine = {"error": None if error is None else f"{type(error).__name__}: {error}", "signature": signature}
+    rows = [None] * dist.get_world_size(pg)
+    dist.all_gather_object(rows, mine, group=pg)
+    if error is not None:
+        raise error
+    failed = {r: row["error"] for r, row in enumerate(rows) if row["error"] is not None}
+    if failed:
+        raise ValueError(f"{what}: rank(s) {sorted(failed)} failed ({'; '.join(failed.values())}); nothing was "
+                         f"exchanged")
+    for name in signature:
+        values = [row["signature"].get(name) for row in rows]
+        if not all(_same(values[0], v) for v in values[1:]):
+            shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+            raise ValueError(f"{what}: the ranks disagree on {name} ({shown}); {hint}")
+
+
+# ---------------------------------------------------------------- hooks
+
+def _arg(args, kwargs, index, name):
+    return args[index] if len(args) > index else kwargs.get(name)
+
+
+def _enter(context, check, model, args, kwargs):
+    hidden_states = _arg(args, kwargs, 0, "hidden_states")
+    timestep = _arg(args, kwargs, 1, "timestep")
+    text = _arg(args, kwargs, 2, "encoder_hidden_states")
+    image = _arg(args, kwargs, 3, "encoder_hidden_states_image")
+    p_t, p_h, p_w = model.config.patch_size
+    error = None
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
+        error = ValueError(f"hidden_states: expected a [B, C, F, H, W] tensor, got "
+                           f"{getattr(hidden_states, 'shape', type(hidden_states).__name__)}")
+    else:
+        _, _, F, H, W = hidden_states.shape
+        seq_len = (F // p_t) * (H // p_h) * (W // p_w)
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+        if grad:
+            error = RuntimeError("vkern sequence parallelism is inference-only (the all-to-alls carry no "
+                                 "gradients): run under torch.no_grad() or torch.inference_mode()")
+        elif timestep.dim() == 2 and timestep.shape[1] != seq_len:
+            error = ValueError(f"timestep: a per-token timestep must be [B, {seq_len}] (the patched tokens), "
+                               f"got {tuple(timestep.shape)}")
+    if check:
+        signature = {} if error else _input_signature(hidden_states, timestep, text, image, grad)
+        _agree(context.group, "WanTransformer3DModel forward (sequence parallel)", signature, error,
+               "every rank must run the same step on the same inputs (seed the latents and noise alike)")
+    elif error is not None:
+        raise error
+    spec = ShardSpec.create(seq_len, context.heads, context.world)
+    mask = None
+    if spec.padded_seq_len != seq_len:
+        mask = key_padding_mask(spec, device=hidden_states.device).view(1, 1, 1, -1)
+    context.layout = SPLayout(spec, context.group, mask)
+    if timestep.dim() == 2:  # Wan 2.2 TI2V: one timestep per token, sharded like the tokens
+        timestep = shard_sequence(timestep, context.world, context.rank).contiguous()
+        if len(args) > 1:
+            args = (*args[:1], timestep, *args[2:])
+        else:
+            kwargs = {**kwargs, "timestep": timestep}
+        return args, kwargs
+    return None
+
+
+def _leave(context, model, args, output):
+    context.layout = None
+
+
+def _shard_rope(context, rope, args, output):
+    if context.layout is None:
+        return None
+    return tuple(shard_sequence(f, context.world, context.rank).contiguous() for f in output)
+
+
+def _shard_tokens(context, block, args, kwargs):
+    if context.layout is None:
+        return None
+    if args:
+        return (shard_sequence(args[0], context.world, context.rank).contiguous(), *args[1:]), kwargs
+    hidden = shard_sequence(kwargs["hidden_states"], context.world, context.rank).contiguous()
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _gather_tokens(context, proj_out, args, output):
+    """[B, S_local, C] on each rank -> [B, S, C] on every rank (rank order is sequence order)."""
+    layout = context.layout
+    if layout is None:
+        return None
+    local = output.contiguous()
+    gathered = local.new_empty((context.world, *local.shape))
+    # As bytes, like the all-to-alls: gloo lacks some dtypes.
+    dist.all_gather_into_tensor(gathered.view(torch.uint8), local.view(torch.uint8), group=context.group)
+    B, _, C = local.shape
+    full = gathered.permute(1, 0, 2, 3).reshape(B, layout.spec.padded_seq_len, C)
+    return full[:, :layout.spec.seq_len]
