@@ -195,6 +195,22 @@ __global__ void __launch_bounds__(kThreads) cast_kernel(const T* __restrict__ x,
   }
 }
 
+// 16 e4m3 values (one 16-byte vector) times s, rounded to T, written with 16-byte stores.
+template <typename T>
+__device__ __forceinline__ void store_dequantized(const uint4& raw, float s, T* dst) {
+  const auto* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
+  T vals[kElems];
+#pragma unroll
+  for (int j = 0; j < kElems / 2; ++j) {
+    const float2 f = fp8x2_to_float2(pairs[j]);
+    vals[2 * j] = from_f32<T>(f.x * s);
+    vals[2 * j + 1] = from_f32<T>(f.y * s);
+  }
+#pragma unroll
+  for (int j = 0; j < kElems * (int)sizeof(T) / 16; ++j)
+    reinterpret_cast<uint4*>(dst)[j] = reinterpret_cast<const uint4*>(vals)[j];
+}
+
 // Dequantize: blocks stride over rows (one scale load per row, no index division: an int64 divide
 // per vector was a subroutine call in SASS and cost more than the memory traffic); threads stride
 // over the row, each step reading 16 e4m3 bytes with one 16-byte load and writing 16 outputs.
@@ -208,18 +224,7 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(const uint8_t* __rest
     T* outr = out + r * cols;
     if (kVector) {  // cols % 16 == 0 and 16-byte aligned rows
       for (int64_t c = threadIdx.x * kElems; c < cols; c += kThreads * kElems) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(qr + c);
-        const auto* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
-        T vals[kElems];
-#pragma unroll
-        for (int j = 0; j < kElems / 2; ++j) {
-          const float2 f = fp8x2_to_float2(pairs[j]);
-          vals[2 * j] = from_f32<T>(f.x * s);
-          vals[2 * j + 1] = from_f32<T>(f.y * s);
-        }
-#pragma unroll
-        for (int j = 0; j < kElems * (int)sizeof(T) / 16; ++j)
-          reinterpret_cast<uint4*>(outr + c)[j] = reinterpret_cast<const uint4*>(vals)[j];
+        store_dequantized(*reinterpret_cast<const uint4*>(qr + c), s, outr + c);
       }
     } else {
       for (int64_t c = threadIdx.x; c < cols; c += kThreads)
@@ -249,17 +254,7 @@ __global__ void __launch_bounds__(kThreads) dequant_row_in_registers_kernel(cons
   for (int v = 0; v < kVecs; ++v) {
     const int64_t c = ((int64_t)v * kThreads + threadIdx.x) * kElems;
     if (c < cols) {
-      const auto* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw[v]);
-      T vals[kElems];
-#pragma unroll
-      for (int j = 0; j < kElems / 2; ++j) {
-        const float2 f = fp8x2_to_float2(pairs[j]);
-        vals[2 * j] = from_f32<T>(f.x * s);
-        vals[2 * j + 1] = from_f32<T>(f.y * s);
-      }
-#pragma unroll
-      for (int j = 0; j < kElems * (int)sizeof(T) / 16; ++j)
-        reinterpret_cast<uint4*>(outr + c)[j] = reinterpret_cast<const uint4*>(vals)[j];
+      store_dequantized(raw[v], s, outr + c);
     }
   }
 }
