@@ -247,7 +247,23 @@ def _error_case(name, sp, device):
         _expect_equal(got, ref.seq_to_head_reference(full, 2, rank), "seq_to_head after the errors")
 
 
-def _worker(rank, world, port, backend, seed, out_dir):
+def _layout_cases(sp, seed, results):
+    """This module's cases, run by every rank; fills results {case: failure or None}."""
+    world, device = sp.world, sp.device
+    for i, (B, S, H, D) in enumerate(CASES[world]):
+        for dt_name, dtype in DTYPES.items():
+            for kind in LAYOUT_KINDS:
+                case = f"{kind}-{_case_id(B, S, H, D)}-{dt_name}"
+                results[case] = _run(_layout_case, kind, B, S, H, D, dtype, sp, seed + 10 * i, device)
+        results[f"attention-{_case_id(B, S, H, D)}"] = _run(_attention_case, B, S, H, D, sp, seed + 10 * i, device)
+    if world == 2:
+        for name in ERROR_CASES:
+            results[f"error-{name}"] = _run(_error_case, name, sp, device)
+
+
+def _worker(rank, world, port, backend, seed, out_dir, cases=_layout_cases):
+    """One rank: join the group as torchrun would, run cases(sp, seed, results), write the verdicts.
+    cases: a module-level function (other test modules pass theirs; see tests/test_sp_wan.py)."""
     torch.set_num_threads(1)  # the workers share a few cores
     # Uninitialized memory is NaN: an element the transform forgets to write cannot pass.
     # (warn_only: only the NaN fill is wanted here, not errors from nondeterministic CUDA ops.)
@@ -259,16 +275,7 @@ def _worker(rank, world, port, backend, seed, out_dir):
         from vkern.distributed import init_from_env
 
         sp = init_from_env(backend=backend, timeout=TIMEOUT)
-        device = sp.device
-        for i, (B, S, H, D) in enumerate(CASES[world]):
-            for dt_name, dtype in DTYPES.items():
-                for kind in LAYOUT_KINDS:
-                    case = f"{kind}-{_case_id(B, S, H, D)}-{dt_name}"
-                    results[case] = _run(_layout_case, kind, B, S, H, D, dtype, sp, seed + 10 * i, device)
-            results[f"attention-{_case_id(B, S, H, D)}"] = _run(_attention_case, B, S, H, D, sp, seed + 10 * i, device)
-        if world == 2:
-            for name in ERROR_CASES:
-                results[f"error-{name}"] = _run(_error_case, name, sp, device)
+        cases(sp, seed, results)
         torch.distributed.destroy_process_group()
     except Exception:
         results["__worker__"] = traceback.format_exc()
@@ -284,8 +291,10 @@ def _run(fn, *args):
         return traceback.format_exc()
 
 
-def _spawn(world, backend, tmp_path_factory):
-    """Run _worker on `world` processes; returns {case: [failure or None per rank]}."""
+def _spawn(world, backend, tmp_path_factory, cases=_layout_cases, preload=()):
+    """Run _worker on `world` processes; returns {case: [failure or None per rank]}.
+    preload: more modules for the fork server to import once (it starts with the first _spawn of
+    the pytest session, so a later caller's preload is ignored and its ranks import them instead)."""
     out_dir = str(tmp_path_factory.mktemp(f"sp{world}{backend}"))
     seed = torch.randint(0, 2**20, ()).item()  # fresh data each run, printed on failure
     # A fork server imports torch once and forks the ranks from that clean single-threaded process:
@@ -293,9 +302,9 @@ def _spawn(world, backend, tmp_path_factory):
     # (threads, OpenMP) is unsafe.
     ctx = mp.get_context("forkserver")
     # (torch._inductor.config: use_deterministic_algorithms imports it, which takes seconds.)
-    ctx.set_forkserver_preload(["torch", "torch._inductor.config", "vkern.distributed", __name__])
+    ctx.set_forkserver_preload(["torch", "torch._inductor.config", "vkern.distributed", __name__, *preload])
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, backend, seed, out_dir)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, backend, seed, out_dir, cases)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

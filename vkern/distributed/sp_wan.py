@@ -209,6 +209,8 @@ def _enter(context, check, model, args, kwargs):
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
         error = ValueError(f"hidden_states: expected a [B, C, F, H, W] tensor, got "
                            f"{getattr(hidden_states, 'shape', type(hidden_states).__name__)}")
+    elif not isinstance(timestep, torch.Tensor) or not isinstance(text, torch.Tensor):
+        error = TypeError("timestep, encoder_hidden_states: expected tensors")
     else:
         _, _, F, H, W = hidden_states.shape
         seq_len = (F // p_t) * (H // p_h) * (W // p_w)
@@ -265,9 +267,11 @@ def _gather_tokens(context, proj_out, args, output):
     if layout is None:
         return None
     local = output.contiguous()
-    gathered = local.new_empty((context.world, *local.shape))
-    # As bytes, like the all-to-alls: gloo lacks some dtypes.
-    dist.all_gather_into_tensor(gathered.view(torch.uint8), local.view(torch.uint8), group=context.group)
-    B, _, C = local.shape
-    full = gathered.permute(1, 0, 2, 3).reshape(B, layout.spec.padded_seq_len, C)
+    B, S_local, C = local.shape
+    # Concatenated along dim 0 (the form gloo accepts too); as bytes, like the all-to-alls, since
+    # gloo lacks some dtypes. (all_gather_into_tensor is the name before torch 2.13.)
+    gathered = local.new_empty((context.world * B, S_local, C))
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    all_gather(gathered.view(torch.uint8), local.view(torch.uint8), group=context.group)
+    full = gathered.unflatten(0, (context.world, B)).transpose(0, 1).reshape(B, layout.spec.padded_seq_len, C)
     return full[:, :layout.spec.seq_len]

@@ -6,6 +6,7 @@ One adapter per model family (patch/wan.py, ...). A pipeline is patched componen
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from ..distributed.sp_wan import SPConfig
 from ..modules.wan_attention import ATTENTION_MODES
 from . import wan
 from .handle import PatchHandle, patched_handle
@@ -30,6 +31,8 @@ class PatchConfig:
                         "drop": free them (undo() then raises)
     fp8_fast_accum      compute mode: cuBLASLt fast fp8 accumulation (1.1x faster GEMMs on an H200,
                         same SQNR at Wan shapes); False for full-precision accumulation
+    sp                  None | vkern.distributed.SPConfig: run the transformer sequence-parallel
+                        (Ulysses) over the SPConfig's process group (under torchrun, every rank patches)
     """
     attention: str = "auto"
     fused_qk_norm_rope: bool = True
@@ -40,6 +43,7 @@ class PatchConfig:
     fp8_filter_fn: Optional[Callable] = None
     fp8_keep_original: str = "cpu"
     fp8_fast_accum: bool = True
+    sp: Optional[SPConfig] = None
 
     def __post_init__(self):
         if self.fp8 not in FP8_MODES:
@@ -54,6 +58,8 @@ class PatchConfig:
             raise ValueError(f"PatchConfig.ffn_chunk_size: expected a positive int or None, got {self.ffn_chunk_size!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError("PatchConfig.filter_fn: expected a callable (module, fqn) -> bool")
+        if self.sp is not None and not isinstance(self.sp, SPConfig):
+            raise TypeError(f"PatchConfig.sp: expected None or a vkern.distributed.SPConfig, got {type(self.sp).__name__}")
 
     def accepts(self, module, fqn):
         return self.filter_fn is None or bool(self.filter_fn(module, fqn))
@@ -70,7 +76,11 @@ def patch(obj, config=None):
     adapter = _adapter_for(obj)
     if adapter is not None:
         handle.mark(obj)
-        adapter.apply(obj, config, handle)
+        try:
+            adapter.apply(obj, config, handle)
+        except Exception:
+            handle.undo()  # a failed patch (e.g. ranks that disagree under sp) leaves the model as it was
+            raise
         return handle
 
     components = getattr(obj, "components", None)
@@ -105,4 +115,4 @@ def _require_diffusers():
         raise ImportError("vkern.patch needs diffusers: pip install 'vkern[diffusers]'") from err
 
 
-__all__ = ["patch", "PatchConfig", "PatchHandle", "patched_handle"]
+__all__ = ["patch", "PatchConfig", "PatchHandle", "patched_handle", "SPConfig"]

@@ -40,6 +40,11 @@ def _patch_transformer(model, config, handle, classes):
 
             chunked = ChunkedFeedForward.from_diffusers(module.ffn, chunk_size=config.ffn_chunk_size)
             handle.swap_module(module, "ffn", chunked, "FeedForward -> ChunkedFeedForward")
+    if config.sp is not None:
+        # Last: it replaces the self-attention processors installed above with sharded ones.
+        from ..distributed.sp_wan import apply_sequence_parallel
+
+        apply_sequence_parallel(model, config.sp, handle)
 
 
 def _patch_vae(vae, config, handle, classes):

@@ -1,0 +1,281 @@
+"""vkern.patch(model, PatchConfig(sp=SPConfig(...))): the Wan transformer run sequence-parallel on 2
+and 4 gloo ranks against the same model unpatched in one process.
+
+The ranks come from tests/test_sequence_parallel.py's harness (one fork-server spawn per world
+size, every rank runs every case, each test reads its case's verdict). Models: "tiny" (2 heads,
+12 tokens: both divide 2 and 4) and "odd" (3 heads: head padding on 2 and 4 ranks; 45 tokens and
+then 3 tokens: sequence padding, and on 4 ranks a rank holding only padding).
+
+Tolerances. fp32: the sharded model does the same fp32 math on the same values, except that
+attention runs over a padded key set (masked keys add exact zeros) and GEMMs/SDPA see other row
+counts, so only summation order and blocking change: ~1e-7 relative per op, ~1e-6 after the
+layers; 1e-5 bounds that with room and would catch any wrong token, head or RoPE position (those
+are O(1) errors). bf16: 1e-2 relative to the unpatched bf16 model, and the house rule: error
+against an fp32 copy of the model at most 2x the unpatched bf16 model's own error.
+"""
+import copy
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from .test_sequence_parallel import _CountAllToAll, _check, _run, _spawn
+from .tolerance import rel_l2
+
+FAST_TIMEOUT = timedelta(seconds=5)  # the group of the rank-failure case: its hang ends this soon
+MODELS = {  # name: (heads, latent shapes [B, C, F, H, W] run one after the other on one patched model)
+    "tiny": (2, [(1, 16, 3, 4, 4)]),
+    "odd": (3, [(2, 16, 3, 6, 10), (1, 16, 1, 2, 6)]),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MATCH_CASES = [f"match-{m}-{d}" for m in MODELS for d in DTYPES] + ["ti2v-odd-fp32", "undo-tiny"]
+ERROR_CASES = ["config-mismatch", "model-mismatch", "weights-mismatch", "input-mismatch", "one-rank-bad-input",
+               "rank-raises"]  # rank-raises last: it leaves its own group broken
+
+
+def _build(name, dtype, device, seed=0):
+    from diffusers import WanTransformer3DModel
+
+    from vkern import models
+
+    torch.manual_seed(seed)  # the same weights on every rank
+    config = {**models.WAN_TRANSFORMERS["tiny"], "num_attention_heads": MODELS[name][0]}
+    with torch.device(device):
+        model = WanTransformer3DModel(**config)
+    return models.cast_like_from_pretrained(model, dtype)
+
+
+def _inputs(shape, dtype, device, seed=1, per_token_timestep=False):
+    g = torch.Generator().manual_seed(seed)
+    B, _, F, H, W = shape
+    tokens = F * (H // 2) * (W // 2)
+    timestep = torch.randint(0, 1000, (B, tokens) if per_token_timestep else (B,), generator=g)
+    return dict(hidden_states=torch.randn(shape, generator=g).to(device, dtype), timestep=timestep.to(device),
+                encoder_hidden_states=torch.randn(B, 16, 64, generator=g).to(device, dtype))
+
+
+def _forward(model, inputs):
+    with torch.inference_mode():
+        return model(**inputs).sample
+
+
+def _patch(model, sp, **config):
+    import vkern
+    from vkern.distributed import SPConfig
+
+    return vkern.patch(model, vkern.PatchConfig(sp=SPConfig(group=sp), **config))
+
+
+def _unpatched(model):
+    """True when nothing of vkern is left on model: original processors, no hooks, no mark."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from vkern.patch import patched_handle
+
+    hooks = [model._forward_pre_hooks, model._forward_hooks, model.rope._forward_hooks,
+             model.blocks[0]._forward_pre_hooks, model.proj_out._forward_hooks]
+    return (patched_handle(model) is None and not any(hooks)
+            and all(type(b.attn1.processor) is WanAttnProcessor for b in model.blocks))
+
+
+# ---------------------------------------------------------------- cases (run on every rank)
+
+def _match_case(name, dt, sp, per_token_timestep=False):
+    dtype, device = DTYPES[dt], sp.device
+    model = _build(name, dtype, device)
+    oracle_model = copy.deepcopy(model).float()  # the bf16 weights, computed in fp32
+    shapes = MODELS[name][1]
+    inputs = [_inputs(s, dtype, device, per_token_timestep=per_token_timestep) for s in shapes]
+    want = [_forward(model, i) for i in inputs]  # one process, the whole sequence
+    _patch(model, sp)
+    for shape, inp, w in zip(shapes, inputs, want):
+        with _CountAllToAll() as count:
+            got = _forward(model, inp)
+        if count.calls != 2 * model.config.num_layers:
+            raise AssertionError(f"{shape}: {count.calls} all-to-alls, expected 2 per self-attention "
+                                 f"({model.config.num_layers} layers)")
+        if got.shape != w.shape or not torch.isfinite(got).all():
+            raise AssertionError(f"{shape}: output {tuple(got.shape)} (want {tuple(w.shape)}) or non-finite")
+        err = rel_l2(got.cpu(), w.cpu())
+        if dtype == torch.float32:
+            if err > 1e-5:
+                raise AssertionError(f"{shape}: rel L2 {err:.3g} vs the unpatched model > 1e-5")
+            continue
+        oracle = _forward(oracle_model, {k: v.float() if v.is_floating_point() else v for k, v in inp.items()})
+        mine, torch_own = rel_l2(got.float().cpu(), oracle.cpu()), rel_l2(w.float().cpu(), oracle.cpu())
+        if err > 1e-2 or mine > 2 * torch_own:
+            raise AssertionError(f"{shape}: rel L2 {err:.3g} vs unpatched bf16 (bound 1e-2); vs fp32 {mine:.3g}, "
+                                 f"more than 2x the unpatched model's {torch_own:.3g}?")
+
+
+def _undo_case(sp):
+    model = _build("tiny", torch.float32, sp.device)
+    inputs = _inputs(MODELS["tiny"][1][0], torch.float32, sp.device)
+    want = _forward(model, inputs)
+    handle = _patch(model, sp)
+    _forward(model, inputs)
+    handle.undo()
+    with _CountAllToAll() as count:
+        again = _forward(model, inputs)
+    if not _unpatched(model) or count.calls or not torch.equal(again, want):
+        raise AssertionError(f"after undo: unpatched={_unpatched(model)}, {count.calls} all-to-alls, "
+                             f"bit-identical={torch.equal(again, want)}")
+
+
+def _expect(fn, exc_type, *fragments):
+    try:
+        fn()
+    except exc_type as error:
+        missing = [f for f in fragments if f not in str(error)]
+        if missing:
+            raise AssertionError(f"error message {str(error)!r} lacks {missing}") from None
+        return error
+    raise AssertionError(f"no {exc_type.__name__} (expected one mentioning {fragments})")
+
+
+def _error_case(name, sp, fast_group):
+    rank, device = sp.rank, sp.device
+    tiny = MODELS["tiny"][1][0]
+    if name in ("config-mismatch", "model-mismatch", "weights-mismatch"):
+        if name == "config-mismatch":
+            model = _build("tiny", torch.float32, device)
+            fn = lambda: _patch(model, sp, attention="reference" if rank else "auto")  # noqa: E731
+            fragments = ("disagree on PatchConfig.attention", "rank 0: 'auto'", "rank 1: 'reference'")
+        elif name == "model-mismatch":
+            model = _build("odd" if rank else "tiny", torch.float32, device)
+            fn = lambda: _patch(model, sp)  # noqa: E731
+            fragments = ("disagree on num_attention_heads", "rank 0: 2", "rank 1: 3")
+        else:
+            model = _build("tiny", torch.float32, device, seed=rank)  # an unseeded random model per rank
+            fn = lambda: _patch(model, sp)  # noqa: E731
+            fragments = ("disagree on weights checksum", "same weights")
+        _expect(fn, ValueError, "vkern.patch(sp=...)", *fragments)
+        if not _unpatched(model):
+            raise AssertionError("a patch that failed left vkern's changes on the model")
+    elif name == "input-mismatch":
+        model = _build("tiny", torch.float32, device)
+        _patch(model, sp)
+        other = (1, 16, 3, 4, 6) if rank else tiny
+        with _CountAllToAll() as count:
+            _expect(lambda: _forward(model, _inputs(other, torch.float32, device)), ValueError,
+                    "disagree on hidden_states shape", "rank 0: [1, 16, 3, 4, 4]", "rank 1: [1, 16, 3, 4, 6]")
+            _expect(lambda: _forward(model, _inputs(tiny, torch.float32, device, seed=1 + rank)), ValueError,
+                    "disagree on hidden_states checksum", "seed the latents")
+        if count.calls:
+            raise AssertionError(f"{count.calls} all-to-alls after a rejected input; expected none")
+        got = _forward(model, _inputs(tiny, torch.float32, device))  # the group still works
+        want = _forward(_build("tiny", torch.float32, device), _inputs(tiny, torch.float32, device))
+        if rel_l2(got.cpu(), want.cpu()) > 1e-5:
+            raise AssertionError("the forward after the rejected inputs is wrong")
+    elif name == "one-rank-bad-input":
+        model = _build("tiny", torch.float32, device)
+        _patch(model, sp)
+        inputs = _inputs(tiny, torch.float32, device)
+        if rank:
+            inputs["hidden_states"] = inputs["hidden_states"][0]
+        expected = ("hidden_states: expected a [B, C, F, H, W]",) if rank else ("rank(s) [1] failed", "[B, C, F, H, W]")
+        _expect(lambda: _forward(model, inputs), ValueError, *expected)
+        grad = _inputs(tiny, torch.float32, device)
+        model.requires_grad_(True)  # and gradients wanted on every rank: refused before any exchange
+        _expect(lambda: model(**grad), RuntimeError, "inference-only")
+    elif name == "rank-raises":
+        # Rank 1 fails between two collectives and stays alive (a process that exits closes its
+        # sockets, which gloo peers notice at once); rank 0, waiting in the next collective, must
+        # get an error from the group's timeout instead of hanging.
+        model = _build("tiny", torch.float32, device)
+        _patch(model, fast_group)
+
+        def boom(*args):
+            raise RuntimeError("injected failure")
+        if rank:
+            model.blocks[1].ffn.register_forward_pre_hook(boom)
+        start = time.monotonic()
+        error = _expect(lambda: _forward(model, _inputs(tiny, torch.float32, device)), RuntimeError,
+                        *(("injected failure",) if rank else ()))
+        waited = time.monotonic() - start
+        dist.barrier(group=sp.group)  # rank 1 waits here, alive, until rank 0 is out
+        if not rank and waited > FAST_TIMEOUT.total_seconds() + 20:
+            raise AssertionError(f"rank 0 waited {waited:.1f} s (timeout {FAST_TIMEOUT}): {error}")
+
+
+def _sp_cases(sp, seed, results):
+    """The cases of this module, for tests/test_sequence_parallel.py's _worker."""
+    for case in MATCH_CASES:
+        kind, name, *dt = case.split("-")
+        if kind == "match":
+            results[case] = _run(_match_case, name, dt[0], sp)
+        elif kind == "ti2v":
+            results[case] = _run(_match_case, name, dt[0], sp, True)
+        else:
+            results[case] = _run(_undo_case, sp)
+    if sp.world == 2:
+        # The NCCL watchdog aborts a process whose collective timed out (that ends the job instead of
+        # hanging it, but kills the worker before it can report): rank-raises runs on gloo only.
+        gloo = sp.backend == "gloo"
+        fast = dist.new_group(timeout=FAST_TIMEOUT) if gloo else None
+        for name in ERROR_CASES:
+            if name != "rank-raises" or gloo:
+                results[f"error-{name}"] = _run(_error_case, name, sp, fast)
+
+
+@pytest.fixture(scope="module")
+def sp_results(tmp_path_factory):
+    cache = {}
+
+    def get(world):
+        if world not in cache:
+            cache[world] = _spawn(world, "gloo", tmp_path_factory, cases=_sp_cases,
+                                  preload=["diffusers.models.transformers.transformer_wan", "vkern.patch", __name__])
+        return cache[world]
+    return get
+
+
+@pytest.mark.parametrize("case", MATCH_CASES + [f"error-{n}" for n in ERROR_CASES])
+def test_sp_gloo_world2(sp_results, case):
+    _check(sp_results(2), case)
+
+
+@pytest.mark.parametrize("case", MATCH_CASES)
+def test_sp_gloo_world4(sp_results, case):
+    _check(sp_results(4), case)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for NCCL")
+def test_sp_nccl_world2(tmp_path_factory):
+    verdicts, seed = _spawn(2, "nccl", tmp_path_factory, cases=_sp_cases)
+    failures = {case: v for case, v in verdicts.items() if any(x is not None for x in v)}
+    assert not failures, f"seed {seed}: " + "\n".join(f"{c}: {v}" for c, v in failures.items())
+
+
+# ---------------------------------------------------------------- one process
+
+def test_config_types_are_checked():
+    import vkern
+    from vkern.distributed import SPConfig
+
+    with pytest.raises(TypeError, match="PatchConfig.sp: expected None or a vkern.distributed.SPConfig"):
+        vkern.PatchConfig(sp={"group": None})
+    with pytest.raises(TypeError, match="SPConfig.group"):
+        SPConfig(group="world")
+    with pytest.raises(TypeError, match="SPConfig.check_inputs"):
+        SPConfig(check_inputs=1)
+
+
+def test_sp_without_a_process_group_fails_and_leaves_the_model_unpatched():
+    model = _build("tiny", torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="init_from_env"):
+        _patch(model, None)
+    assert _unpatched(model)
+
+
+def test_sharded_processor_outside_the_model_forward_says_so():
+    from vkern.distributed.sp_wan import SPContext
+    from vkern.modules.wan_sp_attention import VkernWanSPAttnProcessor
+
+    model = _build("tiny", torch.float32, "cpu")
+    model.blocks[0].attn1.set_processor(VkernWanSPAttnProcessor(SPContext(None, 2, 0, 2)))
+    with pytest.raises(RuntimeError, match="outside the patched WanTransformer3DModel's forward"):
+        model.blocks[0].attn1(torch.randn(1, 4, 64), None, None, None)
