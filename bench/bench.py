@@ -99,7 +99,9 @@ def _fp8_quantize(name, providers, args):
                    gbps=min_bytes / ms / 1e6, bit_exact=bool(torch.equal(q.view(torch.uint8), expected)))
 
 
-STEP_PROVIDERS = ("diffusers", "diffusers-fp8-layerwise", "vkern", "vkern-fp8-storage", "vkern-fp8-compute")
+STEP_PROVIDERS = ("diffusers", "diffusers-fp8-layerwise", "vkern", "vkern-chunked", "vkern-fp8-storage",
+                  "vkern-fp8-compute")
+CHUNK = 4096  # vkern-chunked: FFN token chunk
 
 
 def _build_step_model(size, provider):
@@ -113,7 +115,8 @@ def _build_step_model(size, provider):
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=DT)
     elif provider.startswith("vkern"):
         fp8 = provider.removeprefix("vkern-fp8-") if "fp8" in provider else None
-        vkern.patch(model, vkern.PatchConfig(fp8=fp8, fp8_keep_original="drop"))
+        chunk = CHUNK if provider == "vkern-chunked" else None
+        vkern.patch(model, vkern.PatchConfig(fp8=fp8, fp8_keep_original="drop", ffn_chunk_size=chunk))
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     return model

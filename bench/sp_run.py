@@ -116,7 +116,8 @@ def main(argv=None):
 
             def step():
                 with torch.inference_mode():
-                    return model(**inputs).sample
+                    # return_dict=False: diffusers' context parallel rejects its output dataclass (run 9d2d533)
+                    return model(**inputs, return_dict=False)[0]
 
             dist.barrier()
             ms, lo, hi, peak = _time(step, device, args.repeats)

@@ -38,7 +38,8 @@ def test_demo_tiny_runs_and_matches_unpatched(capsys):
     rows = demo.run("tiny", device="cpu", repeats=1)
     assert [r[0] for r in rows] == ["transformer step", "vae decode"]
     assert all(r[2] < 1e-5 for r in rows), rows  # fp32 on the CPU
-    assert "backends: qk_norm_rope=" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "backends: " in out and "qk_norm_rope=" in out and "layernorm_modulate=" in out
 
 
 def test_demo_real_size_needs_a_gpu():

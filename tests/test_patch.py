@@ -110,8 +110,12 @@ def test_filter_fn_and_config_options(transformer):
     assert all(isinstance(b.attn2.processor, WanAttnProcessor) for b in transformer.blocks)
     handle.undo()
     with vkern.patch(transformer, vkern.PatchConfig(ffn_chunk_size=7)) as handle:
+        # The fused block (default) chunks its own FFN: an instance forward, the class stays.
+        assert handle.summary["WanTransformerBlock.forward -> fused glue"] == transformer.config.num_layers
+        assert all("forward" in b.__dict__ and type(b).__name__ == "WanTransformerBlock" for b in transformer.blocks)
+    assert not handle.active and not any("forward" in b.__dict__ for b in transformer.blocks)
+    with vkern.patch(transformer, vkern.PatchConfig(ffn_chunk_size=7, fused_block=False)) as handle:
         assert handle.summary["FeedForward -> ChunkedFeedForward"] == transformer.config.num_layers
-    assert not handle.active
 
 
 @pytest.mark.parametrize("bad, match", [

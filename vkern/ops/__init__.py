@@ -4,5 +4,6 @@ from .fused_attention import attention, qk_norm_rope
 from .fp8 import fp8_dequantize, fp8_linear, fp8_linear_compute, fp8_quantize
 from .causal_conv import causal_conv3d
 from .feed_forward import feed_forward
+from .block_glue import gate_residual, gate_residual_, layernorm_modulate
 
-__all__ = ["attention", "qk_norm_rope", "fp8_quantize", "fp8_dequantize", "fp8_linear", "fp8_linear_compute", "causal_conv3d", "feed_forward"]
+__all__ = ["attention", "qk_norm_rope", "fp8_quantize", "fp8_dequantize", "fp8_linear", "fp8_linear_compute", "causal_conv3d", "feed_forward", "layernorm_modulate", "gate_residual", "gate_residual_"]

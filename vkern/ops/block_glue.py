@@ -11,7 +11,7 @@ import torch
 
 from ..reference import block_glue as ref
 from . import _backend
-from ._checks import FLOATS, check_shape, check_tensor
+from ._checks import FLOATS, FLOATS_OR_F64, check_shape, check_tensor
 
 
 def _candidates(device, dtype):
@@ -19,24 +19,31 @@ def _candidates(device, dtype):
             "reference": None}
 
 
+def _choose(op, x, *others):
+    # float64 anywhere (rare): the reference, which follows diffusers' type promotion exactly; the
+    # kernels compute in fp32.
+    f64 = any(t is not None and t.dtype == torch.float64 for t in (x, *others))
+    return _backend.choose(op, _candidates(x.device, torch.float64 if f64 else x.dtype))
+
+
 _backend.register("layernorm_modulate")(_candidates)
 _backend.register("gate_residual")(_candidates)
 
 
 def _check_x(x):
-    check_tensor("x", x, dtypes=FLOATS, ndim=3)
+    check_tensor("x", x, dtypes=FLOATS_OR_F64, ndim=3)
 
 
 def _check_row(name, t, x):
     """A [D] vector (LayerNorm weight/bias, a scale_shift_table row)."""
     if t is not None:
-        check_tensor(name, t, dtypes=FLOATS, device=x.device)
+        check_tensor(name, t, dtypes=FLOATS_OR_F64, device=x.device)
         check_shape(name, t, (x.shape[2],))
 
 
 def _check_modulation(name, t, x):
     """A temb chunk [B|1, S|1, D], broadcast over x [B, S, D]."""
-    check_tensor(name, t, dtypes=FLOATS, ndim=3, device=x.device)
+    check_tensor(name, t, dtypes=FLOATS_OR_F64, ndim=3, device=x.device)
     B, S, D = x.shape
     if t.shape[0] not in (1, B) or t.shape[1] not in (1, S) or t.shape[2] != D:
         raise ValueError(f"{name}: expected shape (1 or {B}, 1 or {S}, {D}) to broadcast over x {tuple(x.shape)}, "
@@ -61,7 +68,8 @@ def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table
         _check_modulation("shift", shift, x)
         _check_modulation("scale", scale, x)
         if shift.shape != scale.shape:
-            raise ValueError(f"shift, scale: expected the same shape, got {tuple(shift.shape)} and {tuple(scale.shape)}")
+            raise ValueError(f"shift, scale: expected the same shape, got {tuple(shift.shape)} and "
+                             f"{tuple(scale.shape)}")
     for name, t in (("weight", weight), ("bias", bias), ("shift_table", shift_table), ("scale_table", scale_table)):
         _check_row(name, t, x)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
@@ -71,7 +79,7 @@ def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table
 
 def _check_gate_residual(x, y, gate, gate_table):
     _check_x(x)
-    check_tensor("y", y, dtypes=FLOATS, device=x.device)
+    check_tensor("y", y, dtypes=FLOATS_OR_F64, device=x.device)
     check_shape("y", y, tuple(x.shape))
     _check_modulation("gate", gate, x)
     _check_row("gate_table", gate_table, x)
@@ -103,7 +111,7 @@ def _unit_last(t):
 def _layernorm_modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
                         weight: torch.Tensor | None, bias: torch.Tensor | None, shift_table: torch.Tensor | None,
                         scale_table: torch.Tensor | None) -> torch.Tensor:
-    backend = _backend.choose("layernorm_modulate", _candidates(x.device, x.dtype))
+    backend = _choose("layernorm_modulate", x, shift, scale, weight, bias, shift_table, scale_table)
     if backend == "reference" or x.numel() == 0:
         return ref.layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_table).contiguous()
     from ..triton.block_glue import layernorm_modulate as kernel
@@ -130,7 +138,7 @@ def _gate_residual_into(x, y, gate, gate_table, out):
 @torch.library.custom_op("vkern::gate_residual", mutates_args=())
 def _gate_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
                    gate_table: torch.Tensor | None) -> torch.Tensor:
-    backend = _backend.choose("gate_residual", _candidates(x.device, x.dtype))
+    backend = _choose("gate_residual", x, y, gate, gate_table)
     if backend == "reference" or x.numel() == 0:
         return ref.gate_residual(x, y, gate, gate_table).contiguous()
     return _gate_residual_into(x, y, gate, gate_table, torch.empty(x.shape, dtype=x.dtype, device=x.device))
@@ -144,7 +152,7 @@ def _(x, y, gate, gate_table):
 @torch.library.custom_op("vkern::gate_residual_inplace", mutates_args=("x",))
 def _gate_residual_inplace(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
                            gate_table: torch.Tensor | None) -> None:
-    backend = _backend.choose("gate_residual", _candidates(x.device, x.dtype))
+    backend = _choose("gate_residual", x, y, gate, gate_table)
     if backend == "reference" or x.numel() == 0:
         x.copy_(ref.gate_residual(x, y, gate, gate_table))
     elif x.stride(-1) != 1:  # rows the kernel cannot address: compute aside, then copy in

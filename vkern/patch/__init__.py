@@ -22,6 +22,8 @@ class PatchConfig:
     attention           "auto" | "sdpa" | "reference" (see VkernWanAttnProcessor)
     fused_qk_norm_rope  fuse the q/k RMSNorm + RoPE into one kernel pass
     ffn_chunk_size      tokens per feed-forward chunk (None: no chunking)
+    fused_block         Wan blocks run fused LayerNorm+modulate and gate+residual kernels (no fp32 copies
+                        of the hidden states) and chunk their FFN by ffn_chunk_size
     vae                 cached causal convolutions in the VAE
     filter_fn           (module, fully qualified name) -> bool; False leaves that module as it is
     fp8                 None | "storage" | "compute": nn.Linear -> Fp8Linear in the transformer
@@ -37,6 +39,7 @@ class PatchConfig:
     attention: str = "auto"
     fused_qk_norm_rope: bool = True
     ffn_chunk_size: Optional[int] = None
+    fused_block: bool = True
     vae: bool = True
     filter_fn: Optional[Callable] = None
     fp8: Optional[str] = None

@@ -26,6 +26,19 @@ class PatchHandle:
         self._undo.append(lambda: attn.set_processor(original))
         self.summary[kind] += 1
 
+    def override_forward(self, module, forward, kind):
+        """Give one module instance another forward (its class, hooks and parameters stay)."""
+        previous = module.__dict__.get("forward")
+        module.forward = forward
+
+        def restore():
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._undo.append(restore)
+        self.summary[kind] += 1
+
     def swap_module(self, parent, name, replacement, kind, park=None):
         """park: called on undo before the original goes back (e.g. to bring its weights back from
         the CPU, where an fp8 patch parked them)."""

@@ -1,6 +1,9 @@
 """The Wan family adapter: WanTransformer3DModel (attention processors, optional FFN chunking) and
 AutoencoderKLWan (cached causal convolutions)."""
+import functools
+
 from ..modules.wan_attention import VkernWanAttnProcessor
+from ..modules.wan_block import fused_block_forward
 
 
 def _classes():
@@ -35,6 +38,11 @@ def _patch_transformer(model, config, handle, classes):
         if isinstance(module, classes["attention"]):
             processor = VkernWanAttnProcessor(config.attention, config.fused_qk_norm_rope)
             handle.set_processor(module, processor, "WanAttention processor")
+        elif isinstance(module, classes["block"]) and config.fused_block:
+            # An instance forward, not a new class: diffusers' features that match the class name
+            # (compile_repeated_blocks, _no_split_modules) keep working. The block chunks its FFN.
+            forward = functools.partial(fused_block_forward, module, ffn_chunk_size=config.ffn_chunk_size)
+            handle.override_forward(module, forward, "WanTransformerBlock.forward -> fused glue")
         elif isinstance(module, classes["block"]) and config.ffn_chunk_size is not None:
             from ..modules.feed_forward import ChunkedFeedForward
 

@@ -42,10 +42,12 @@ def _layernorm_modulate_kernel(
     dtype = x.dtype
     xf = x.to(tl.float32)
     # Two passes over the registers (mean, then centered variance): biased variance as F.layer_norm.
-    mean = tl.sum(xf, axis=0) / D
+    # IEEE division and square root (Triton's `/` is an approximate division on the GPU), as torch's
+    # fp32 LayerNorm: only the summation order differs.
+    mean = tl.div_rn(tl.sum(xf, axis=0), D * 1.0)
     xc = tl.where(mask, xf - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / D
-    y = xc * tl.rsqrt(var + eps)
+    var = tl.div_rn(tl.sum(xc * xc, axis=0), D * 1.0)
+    y = xc * tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     if HAS_W:
         y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_B:

@@ -1,0 +1,138 @@
+"""diffusers' WanTransformerBlock.forward with vkern's fused glue and a token-chunked feed-forward.
+
+The same math in the same order (Wan 2.1 [B, 6, D] temb and Wan 2.2 per-token [B, S, 6, D] temb),
+with the block's own submodules called as diffusers calls them (attn1/attn2 with whatever processor
+they have, the FFN's Linear layers whatever they are: nn.Linear, Fp8Linear, LoRA), but:
+  - LayerNorm + modulate and gate + residual are single fused passes (vkern.ops.layernorm_modulate,
+    gate_residual), reading temb and scale_shift_table in place: no fp32 copy of the hidden states
+    and no fp32 copy of temb;
+  - the FFN runs over token chunks, each chunk's norm3 -> Linear -> in-place GELU -> Linear -> gate +
+    residual written straight into the hidden states, so the [tokens, ffn_dim] intermediate exists
+    only as one [chunk, ffn_dim] buffer.
+The caller's hidden_states is never written: the first residual makes the block's new tensor, the
+later ones update that tensor in place.
+"""
+import torch
+from torch import nn
+
+from .. import ops
+
+
+def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb, ffn_chunk_size=None):
+    """WanTransformerBlock.forward(hidden_states, encoder_hidden_states, temb, rotary_emb) on `block` (a
+    WanTransformerBlock or anything with its attributes). ffn_chunk_size: at most this many token rows
+    per FFN chunk (None: all rows at once). Inference only: with autograd recording, diffusers' own
+    forward runs instead (the fused ops have no backward)."""
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in block.parameters())):
+        from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+        return WanTransformerBlock.forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb)
+    if hidden_states.dim() != 3:
+        raise ValueError(f"hidden_states: expected shape (batch, tokens, dim), got {tuple(hidden_states.shape)}")
+    B, S, D = hidden_states.shape
+    (shift, scale, gate, c_shift, c_scale, c_gate) = _modulation(block.scale_shift_table, temb, B, S, D)
+
+    # 1. Self-attention. A new tensor from the first residual: the caller's hidden_states stays as it was.
+    norm = ops.layernorm_modulate(hidden_states, shift[0], scale[0], block.norm1.eps, *_affine(block.norm1),
+                                  shift[1], scale[1])
+    attn_output = block.attn1(norm, None, None, rotary_emb)
+    x = ops.gate_residual(hidden_states, attn_output, *gate)
+
+    # 2. Cross-attention. nn.Identity: diffusers' x.float().type_as(x) is x itself.
+    if not isinstance(block.norm2, nn.Identity):
+        norm = ops.layernorm_modulate(x, None, None, block.norm2.eps, *_affine(block.norm2))
+    else:
+        norm = x
+    attn_output = block.attn2(norm, encoder_hidden_states, None, None)
+    x.add_(attn_output)  # diffusers' x + attn_output in x's dtype: the same single rounding, in place
+    del norm, attn_output
+
+    # 3. Feed-forward, chunk by chunk, each chunk's result added into its rows of x.
+    for b, s in _spans(B, S, ffn_chunk_size):
+        rows = x[b, s]
+        norm = ops.layernorm_modulate(rows, _sub(c_shift[0], b, s), _sub(c_scale[0], b, s), block.norm3.eps,
+                                      *_affine(block.norm3), c_shift[1], c_scale[1])
+        ops.gate_residual_(rows, _feed_forward(block.ffn, norm), _sub(c_gate[0], b, s), c_gate[1])
+    return x
+
+
+class VkernWanBlock(nn.Module):
+    """A WanTransformerBlock running fused_block_forward. It holds the block's own submodules and
+    scale_shift_table (the same objects, so the same parameters and state_dict keys)."""
+
+    def __init__(self, block, ffn_chunk_size=None):
+        super().__init__()
+        for name in ("norm1", "attn1", "attn2", "norm2", "ffn", "norm3"):
+            setattr(self, name, getattr(block, name))
+        self.scale_shift_table = block.scale_shift_table
+        self.ffn_chunk_size = ffn_chunk_size
+
+    @classmethod
+    def from_diffusers(cls, block, ffn_chunk_size=None):
+        from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+        if not isinstance(block, WanTransformerBlock):
+            raise TypeError(f"block: expected a diffusers WanTransformerBlock, got {type(block).__name__}")
+        if block._forward_hooks or block._forward_pre_hooks or hasattr(block, "_diffusers_hook"):
+            raise ValueError("block: has forward hooks (diffusers offloading/caching or user hooks) that "
+                             "VkernWanBlock would drop")
+        if ffn_chunk_size is not None and (isinstance(ffn_chunk_size, bool) or not isinstance(ffn_chunk_size, int)
+                                           or ffn_chunk_size <= 0):
+            raise ValueError(f"ffn_chunk_size: expected a positive int or None, got {ffn_chunk_size!r}")
+        return cls(block, ffn_chunk_size)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        return fused_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb, self.ffn_chunk_size)
+
+    def extra_repr(self):
+        return f"ffn_chunk_size={self.ffn_chunk_size}"
+
+
+def _modulation(table, temb, B, S, D):
+    """diffusers' (scale_shift_table + temb.float()).chunk(6) as six (temb chunk, table row) pairs of
+    views, summed in fp32 inside the kernels: temb [B, 6, D] -> [B, 1, D] chunks; Wan 2.2's per-token
+    temb [B, S, 6, D] -> [B, S, D] chunks."""
+    if temb.dim() == 4 and temb.shape[0] in (1, B) and tuple(temb.shape[1:]) == (S, 6, D):
+        return [(temb[:, :, k], table[0, k]) for k in range(6)]
+    if temb.dim() == 3 and temb.shape[0] in (1, B) and tuple(temb.shape[1:]) == (6, D):
+        return [(temb[:, k:k + 1], table[0, k]) for k in range(6)]
+    raise ValueError(f"temb: expected shape ({B}, 6, {D}) or ({B}, {S}, 6, {D}) for hidden_states "
+                     f"({B}, {S}, {D}), got {tuple(temb.shape)}")
+
+
+def _affine(norm):
+    return getattr(norm, "weight", None), getattr(norm, "bias", None)
+
+
+def _spans(B, S, chunk):
+    """(batch, token) index pairs covering [B, S]: everything at once when it fits in one chunk, else
+    chunks of at most `chunk` tokens within each batch element (so a per-batch modulation stays a slice)."""
+    if chunk is None or chunk >= B * S:
+        return [(slice(None), slice(None))]
+    return [(slice(b, b + 1), slice(s, min(s + chunk, S))) for b in range(B) for s in range(0, S, chunk)]
+
+
+def _sub(t, b, s):
+    """The rows of a [B|1, S|1, D] modulation that go with hidden-state rows [b, s]."""
+    return t[b if t.shape[0] != 1 else slice(None), s if t.shape[1] != 1 else slice(None)]
+
+
+def _feed_forward(ff, x):
+    """diffusers' FeedForward (or vkern's ChunkedFeedForward, which shares its net) on one chunk, with
+    the GELU done in place on the first Linear's output: one [chunk, ffn_dim] buffer instead of two.
+    Anything else (other activations, hooks on the FeedForward itself) is called as it is."""
+    from diffusers.models.activations import GELU
+
+    net = getattr(ff, "net", None)
+    if (net is None or len(net) not in (3, 4) or type(net[0]) is not GELU or _hooked(ff) or _hooked(net[0])
+            or x.device.type == "mps"):  # diffusers' GELU upcasts fp16 on MPS
+        return ff(x)
+    h = net[0].proj(x)
+    torch.ops.aten.gelu_(h, approximate=net[0].approximate)  # same kernel as F.gelu, same bits
+    for module in list(net)[1:]:  # Dropout (identity in eval), Linear, [Dropout]
+        h = module(h)
+    return h
+
+
+def _hooked(m):
+    return bool(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_diffusers_hook"))
