@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
 from .info import info  # noqa: E402
-from .patch import PatchConfig, patch  # noqa: E402
+from .patch import PatchConfig, SPConfig, patch  # noqa: E402
 
-__all__ = ["ops", "info", "patch", "PatchConfig", "__version__"]
+__all__ = ["ops", "info", "patch", "PatchConfig", "SPConfig", "__version__"]
