@@ -81,7 +81,7 @@ def apply_sequence_parallel(model, sp_config, handle):
 
     pg, world, rank = ulysses._group(sp_config.group)
     config = handle.config
-    error = _local_error(lambda: _check_model(model))
+    error = ulysses._local_error(lambda: _check_model(model))
     signature = {} if error else _patch_signature(model, config, sp_config, world)
     _agree(pg, "vkern.patch(sp=...)", signature, error,
            "every rank must patch the same model (same weights) with the same PatchConfig")
@@ -163,14 +163,6 @@ def _same(a, b):
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
     return a == b
-
-
-def _local_error(checks):
-    try:
-        checks()
-    except (TypeError, ValueError) as error:
-        return error
-    return None
 
 
 def _agree(pg, what, signature, error, hint):
