@@ -45,14 +45,6 @@ def _attention(name, providers, args):
                    tflops=s.flops() / ms / 1e9, rel_l2_vs_cudnn=rel_l2(out, baseline))
 
 
-def _wan_freqs(tokens, head_dim):
-    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
-
-    T = next(t for t in range(1, tokens + 1) if tokens % t == 0 and tokens // t <= 1024)
-    cos, sin = WanRotaryPosEmbed(head_dim, (1, 2, 2), 1024)(torch.empty(1, 1, T, 2 * (tokens // T), 2))
-    return cos.cuda(), sin.cuda()
-
-
 def _qk_norm_rope(name, providers, args):
     import vkern.ops
     from vkern.reference import attention as ref
@@ -61,7 +53,9 @@ def _qk_norm_rope(name, providers, args):
     row = s.heads * s.head_dim
     x = torch.randn(1, s.tokens, 3 * row, device="cuda", dtype=DT)[..., :row]  # q slice of a fused QKV
     w = (1 + 0.1 * torch.randn(row, device="cuda")).to(DT)
-    cos, sin = _wan_freqs(s.tokens, s.head_dim)
+    from vkern.models import wan_rope_tables
+
+    cos, sin = (t.cuda() for t in wan_rope_tables(s.tokens, s.head_dim))
     args_ = (x, w, 1e-6, s.heads, cos, sin)
     compiled = torch.compile(ref.qk_norm_rope)
     fns = {"diffusers": lambda: ref.qk_norm_rope(*args_), "diffusers-compile": lambda: compiled(*args_),

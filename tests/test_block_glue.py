@@ -18,7 +18,7 @@ from vkern.modules.wan_block import VkernWanBlock, _modulation, fused_block_forw
 from vkern.ops import _backend
 from vkern.reference import block_glue as ref
 
-from .test_qk_norm_rope import wan_freqs
+from vkern.models import wan_rope_tables as wan_freqs
 from .tolerance import assert_within_torch_error
 
 LOW = (torch.bfloat16, torch.float16)

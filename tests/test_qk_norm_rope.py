@@ -4,18 +4,10 @@ import pytest
 import torch
 
 from vkern import ops
+from vkern.models import wan_rope_tables as wan_freqs
 from vkern.reference import attention as ref
 
 from .tolerance import assert_within_torch_error
-
-
-def wan_freqs(S, head_dim, B=1):
-    """Real Wan RoPE tables (diffusers WanRotaryPosEmbed) for a (T, H, 1) token grid with T*H = S."""
-    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
-
-    rope = WanRotaryPosEmbed(head_dim, (1, 2, 2), 1024)
-    T = next(t for t in range(1, S + 1) if S % t == 0 and S // t <= 1024)
-    return rope(torch.empty(B, 1, T, 2 * (S // T), 2))
 
 
 def prologue_inputs(B, S, H, D, dtype, device, fused_qkv=True):

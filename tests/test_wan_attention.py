@@ -9,7 +9,7 @@ import vkern.models
 from vkern.modules.wan_attention import VkernWanAttnProcessor
 from vkern.reference import attention as ref
 
-from .test_qk_norm_rope import wan_freqs
+from vkern.models import wan_rope_tables as wan_freqs
 from .tolerance import assert_within_torch_error
 
 DIM, HEADS = 128, 2

@@ -62,6 +62,15 @@ def build_wan_pipeline(size="tiny", vae_size=None, dtype=torch.bfloat16, device=
                        transformer=build_wan_transformer(size, dtype, device))
 
 
+def wan_rope_tables(tokens, head_dim, batch=1):
+    """Real Wan RoPE tables (diffusers WanRotaryPosEmbed; (cos, sin), each [1, tokens, 1, head_dim]) for
+    a (T, H, 1) token grid with T * H = tokens and both at most the embedding's 1024 positions."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    T = next(t for t in range(1, tokens + 1) if tokens % t == 0 and tokens // t <= 1024)
+    return WanRotaryPosEmbed(head_dim, (1, 2, 2), 1024)(torch.empty(batch, 1, T, 2 * (tokens // T), 2))
+
+
 def transformer_inputs(model, res, dtype, device, batch=1):
     cfg = model.config
     shape = latent_shape(res, cfg.in_channels)

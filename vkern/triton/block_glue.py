@@ -27,17 +27,21 @@ def _modulation(t_ptr, tab_ptr, offs, cols, mask, HAS_TABLE: tl.constexpr):
 
 
 @triton.jit
+def _row(S, D: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's token: batch b, position s (int64 for the strides), its columns and mask."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    return (row // S).to(tl.int64), (row % S).to(tl.int64), cols, cols < D
+
+
+@triton.jit
 def _layernorm_modulate_kernel(
     x_ptr, out_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, shift_tab_ptr, scale_tab_ptr,
     S, stride_xb, stride_xs, stride_mb, stride_ms, eps,
     D: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     MODULATE: tl.constexpr, HAS_TABLE: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    b = (row // S).to(tl.int64)
-    s = (row % S).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < D
+    b, s, cols, mask = _row(S, D, BLOCK)
     x = tl.load(x_ptr + b * stride_xb + s * stride_xs + cols, mask=mask, other=0.0)
     dtype = x.dtype
     xf = x.to(tl.float32)
@@ -58,7 +62,7 @@ def _layernorm_modulate_kernel(
         scale = _modulation(scale_ptr, scale_tab_ptr, m_offs, cols, mask, HAS_TABLE)
         shift = _modulation(shift_ptr, shift_tab_ptr, m_offs, cols, mask, HAS_TABLE)
         y = y * (1.0 + scale) + shift  # three fp32 roundings, as diffusers' three ops
-    tl.store(out_ptr + row.to(tl.int64) * D + cols, round_to(y, dtype, EMULATE_RNE), mask=mask)
+    tl.store(out_ptr + tl.program_id(0).to(tl.int64) * D + cols, round_to(y, dtype, EMULATE_RNE), mask=mask)
 
 
 @triton.jit
@@ -67,11 +71,7 @@ def _gate_residual_kernel(
     S, stride_xb, stride_xs, stride_yb, stride_ys, stride_gb, stride_gs, stride_ob, stride_os,
     D: tl.constexpr, BLOCK: tl.constexpr, HAS_TABLE: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    b = (row // S).to(tl.int64)
-    s = (row % S).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < D
+    b, s, cols, mask = _row(S, D, BLOCK)
     x = tl.load(x_ptr + b * stride_xb + s * stride_xs + cols, mask=mask, other=0.0)
     y = tl.load(y_ptr + b * stride_yb + s * stride_ys + cols, mask=mask, other=0.0).to(tl.float32)
     g = _modulation(g_ptr, g_tab_ptr, b * stride_gb + s * stride_gs + cols, cols, mask, HAS_TABLE)
