@@ -20,10 +20,18 @@ from .timing import peak_gib, rel_l2, time_cuda, time_micro
 DT = torch.bfloat16
 
 
+ATTENTION_8BIT = {"vkern-int8": ("int8", "bf16"), "vkern-int8-fp8pv": ("int8", "e4m3"),
+                  "vkern-fp8": ("e4m3", "e4m3"), "vkern-fp8-bf16pv": ("e4m3", "bf16")}
+
+
 def _attention(name, providers, args):
+    """SDPA backends, vkern's exact kernel (vkern-bf16) and its 8-bit schemes (quantization of bf16 q, k,
+    v included in the time), vkern's default choice (vkern); error vs a float32 SDPA-math oracle on a
+    sample of query rows, and the kernel's autotuned config."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import vkern.ops
+    from vkern.reference import attention as ref
 
     s = shapes.ATTENTION[name]
     q, k, v = (torch.randn(1, s.tokens, s.heads, s.head_dim, device="cuda", dtype=DT) for _ in range(3))
@@ -32,17 +40,35 @@ def _attention(name, providers, args):
 
     def run_sdpa(backend):
         with sdpa_kernel([backend]):
-            return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+            return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+    def run_kernel():
+        os.environ["VKERN_ATTENTION_BACKEND"] = "triton"
+        try:
+            return vkern.ops.attention(q, k, v)
+        finally:
+            del os.environ["VKERN_ATTENTION_BACKEND"]
 
     fns = {p: (lambda b=b: run_sdpa(b)) for p, b in sdpa.items()}
+    fns["vkern-bf16"] = run_kernel
+    for p, (qk, pv) in ATTENTION_8BIT.items():
+        fns[p] = lambda qk=qk, pv=pv: vkern.ops.attention_8bit(q, k, v, qk=qk, pv=pv)
     fns["vkern"] = lambda: vkern.ops.attention(q, k, v)
-    baseline = run_sdpa(SDPBackend.CUDNN_ATTENTION).transpose(1, 2)
+    rows = torch.randperm(s.tokens, device="cuda")[:256]  # oracle on sampled queries: O(256 * S) memory
+    oracle = ref.attention_lse(q[:, rows], k, v, dtype=torch.float32)[0]
     for provider in providers or list(fns):
+        if provider not in fns:
+            continue
         ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
-        out = fns[provider]()
-        out = out if provider == "vkern" else out.transpose(1, 2)
-        yield dict(op="attention", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
-                   tflops=s.flops() / ms / 1e9, rel_l2_vs_cudnn=rel_l2(out, baseline))
+        out = fns[provider]()[:, rows]
+        cos = torch.nn.functional.cosine_similarity(out.double().flatten(), oracle.double().flatten(), dim=0).item()
+        row = dict(op="attention", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
+                   tflops=s.flops() / ms / 1e9, rel_l2=rel_l2(out, oracle), cos=cos)
+        if provider.startswith("vkern-"):
+            from vkern.triton.attention import _attention_tuned
+
+            row["config"] = str(_attention_tuned.best_config)
+        yield row
 
 
 def _qk_norm_rope(name, providers, args):

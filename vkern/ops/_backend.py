@@ -60,22 +60,22 @@ def choose(op, candidates):
     skipped = []
     for name, reason in candidates.items():
         if reason is None:
-            if skipped and name == "reference":
-                _warn_once(op, skipped)
+            if skipped:
+                _warn_once(op, skipped, name)
             last_choice[op] = name
             return name
         skipped.append((name, reason))
     raise BackendError(f"vkern.ops.{op}: no backend can run this call: {dict(candidates)}")
 
 
-def _warn_once(op, skipped):
-    # Only warn when a fast backend was expected here (a CUDA tensor) but could not run.
+def _warn_once(op, skipped, chosen):
+    # Only warn when a preferred backend was expected to run here (a CUDA tensor) but could not.
     reasons = [r for _, r in skipped if not r.startswith("needs a CUDA tensor")]
-    key = (op, tuple(reasons))
+    key = (op, tuple(reasons), chosen)
     if reasons and key not in _warned:
         _warned.add(key)
-        warnings.warn(f"vkern.ops.{op}: falling back to the PyTorch reference ({'; '.join(reasons)})",
-                      stacklevel=4)
+        what = "the PyTorch reference" if chosen == "reference" else f"backend {chosen!r}"
+        warnings.warn(f"vkern.ops.{op}: falling back to {what} ({'; '.join(reasons)})", stacklevel=4)
 
 
 def triton_usable(device):

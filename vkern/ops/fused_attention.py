@@ -1,15 +1,26 @@
-"""Attention ops: the fused QK prologue (RMSNorm across heads + RoPE) and non-causal attention.
+"""Attention ops: the fused QK prologue (RMSNorm across heads + RoPE, optionally 8-bit out) and non-causal
+attention, exact (bf16/fp16) or 8-bit.
 
-qk_norm_rope backends: triton (vkern/triton/qk_norm_rope.py), reference.
-attention backends:    sdpa (torch SDPA, cuDNN preferred on CUDA), reference (SDPA as diffusers calls it).
-vkern's own flash-attention kernel joins as a backend with the fused-attention issue.
+qk_norm_rope backends:   triton (vkern/triton/qk_norm_rope.py), reference.
+attention backends:      triton (vkern's flash-attention, vkern/triton/attention.py), sdpa (torch SDPA, cuDNN
+                         first), reference. On CUDA the order comes from measurement (ATTENTION_PREFERENCE).
+attention_8bit backends: triton, reference (fp32 emulation of the same quantization).
 """
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from ..reference import attention as ref
 from . import _backend
 from ._checks import FLOATS, FLOATS_OR_F64, check_shape, check_tensor
+
+HEAD_DIMS = (64, 128)  # the Triton kernel's head dims; others fall back to SDPA / the reference
+QUANT_FORMATS = (None, "e4m3", "int8")
+_DTYPE_OF = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8}
+# Measured on an H200 (bench/results, bench/NOTES.md "attention"): which exact backend is faster for
+# bf16/fp16 at Wan/Hunyuan shapes. The kernel stays available (VKERN_ATTENTION_BACKEND=triton).
+ATTENTION_PREFERENCE = ("sdpa", "triton")
 
 
 @_backend.register("qk_norm_rope")
@@ -18,10 +29,13 @@ def _norm_rope_candidates(device, dtype):
     return {"triton": kernel, "reference": None}
 
 
-def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None):
-    """RMSNorm over the last dimension of x [B, S, H*D] (Wan's norm across heads) with `weight`,
-    then optional interleaved RoPE from diffusers' tables freqs_cos/freqs_sin [1|B, S, 1, D].
-    Returns a contiguous [B, S, H, D] tensor in x's dtype."""
+def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=None):
+    """RMSNorm over the last dimension of x [B, S, H*D] (Wan's norm across heads) with `weight` (None:
+    no norm), then optional interleaved RoPE from diffusers' tables freqs_cos/freqs_sin [1|B, S, 1, D].
+    Returns a contiguous [B, S, H, D] tensor in x's dtype; with quant="e4m3" or "int8" a pair
+    (8-bit [B, S, H, D], fp32 scales [B, H, S]), one scale per (token, head), for attention_8bit."""
+    if quant not in QUANT_FORMATS:
+        raise ValueError(f"quant: expected one of {QUANT_FORMATS}, got {quant!r}")
     check_tensor("x", x, dtypes=FLOATS_OR_F64, ndim=3)
     B, S, row = x.shape
     if not isinstance(heads, int) or heads <= 0 or row % heads:
@@ -29,8 +43,9 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None):
     head_dim = row // heads
     if head_dim % 2:
         raise ValueError(f"x: head dimension {head_dim} (= {row} / heads) must be even for RoPE pairs")
-    check_tensor("weight", weight, dtypes=FLOATS_OR_F64, device=x.device)
-    check_shape("weight", weight, (row,))
+    if weight is not None:
+        check_tensor("weight", weight, dtypes=FLOATS_OR_F64, device=x.device)
+        check_shape("weight", weight, (row,))
     if (freqs_cos is None) != (freqs_sin is None):
         raise ValueError("freqs_cos, freqs_sin: pass both or neither")
     if freqs_cos is not None:
@@ -40,11 +55,15 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None):
                 raise ValueError(f"{name}: expected shape (1 or {B}, {S}, 1, {head_dim}), got {tuple(f.shape)}")
         if freqs_cos.stride() != freqs_sin.stride():
             freqs_cos, freqs_sin = freqs_cos.contiguous(), freqs_sin.contiguous()
-    return torch.ops.vkern.qk_norm_rope(x, weight, float(eps), heads, freqs_cos, freqs_sin)
+    if quant is None:
+        return torch.ops.vkern.qk_norm_rope(x, weight, float(eps), heads, freqs_cos, freqs_sin)
+    if x.dtype == torch.float64:
+        raise TypeError("x: 8-bit output needs a bf16, fp16 or fp32 input, got float64")
+    return torch.ops.vkern.qk_norm_rope_quantized(x, weight, float(eps), heads, freqs_cos, freqs_sin, quant)
 
 
 @torch.library.custom_op("vkern::qk_norm_rope", mutates_args=())
-def _qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int,
+def _qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, heads: int,
                   freqs_cos: torch.Tensor | None, freqs_sin: torch.Tensor | None) -> torch.Tensor:
     backend = _backend.choose("qk_norm_rope", _norm_rope_candidates(x.device, x.dtype))
     if backend == "triton":
@@ -61,42 +80,244 @@ def _(x, weight, eps, heads, freqs_cos, freqs_sin):
     return x.new_empty((*x.shape[:2], heads, x.shape[2] // heads))
 
 
+@torch.library.custom_op("vkern::qk_norm_rope_quantized", mutates_args=())
+def _qk_norm_rope_quantized(x: torch.Tensor, weight: torch.Tensor | None, eps: float, heads: int,
+                            freqs_cos: torch.Tensor | None, freqs_sin: torch.Tensor | None,
+                            quant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = _backend.choose("qk_norm_rope", _norm_rope_candidates(x.device, x.dtype))
+    if backend == "triton":
+        from ..triton.qk_norm_rope import qk_norm_rope as kernel
+
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        B, S, row = x.shape
+        out = torch.empty((B, S, heads, row // heads), dtype=_DTYPE_OF[quant], device=x.device)
+        scale = torch.empty((B, heads, S), dtype=torch.float32, device=x.device)
+        kernel(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale)
+        return out, scale
+    x8, scale = ref.qk_norm_rope_quantized(x, weight, eps, heads, freqs_cos, freqs_sin, quant)
+    return x8.contiguous(), scale.contiguous()
+
+
+@_qk_norm_rope_quantized.register_fake
+def _(x, weight, eps, heads, freqs_cos, freqs_sin, quant):
+    shape = (*x.shape[:2], heads, x.shape[2] // heads)
+    return x.new_empty(shape, dtype=_DTYPE_OF[quant]), x.new_empty((shape[0], heads, shape[1]), dtype=torch.float32)
+
+
+def _kernel_reason(device, dtype, head_dim, v_head_dim):
+    """None if vkern's attention kernel can take the call, else why not."""
+    usable = _backend.triton_usable(device)
+    if usable:
+        return usable
+    if head_dim not in HEAD_DIMS:
+        return f"head dim {head_dim} (the kernel takes {HEAD_DIMS})"
+    if v_head_dim != head_dim:
+        return f"v's head dim {v_head_dim} differs from q's {head_dim}"
+    return None if dtype in FLOATS else f"no {dtype} kernel"
+
+
 @_backend.register("attention")
-def _attention_candidates(device, dtype):
-    return {"sdpa": None if device.type == "cuda" and dtype in FLOATS else
-            f"needs a CUDA tensor (got {device.type})" if device.type != "cuda" else f"no {dtype} kernel",
+def _attention_candidates(device, dtype, head_dim=128, v_head_dim=None, attn_mask=False, return_lse=False):
+    kernel = _kernel_reason(device, dtype, head_dim, head_dim if v_head_dim is None else v_head_dim)
+    if kernel is None and attn_mask:
+        kernel = "a general attn_mask (the kernel takes key_padding_mask)"
+    sdpa = (f"needs a CUDA tensor (got {device.type})" if device.type != "cuda" else
+            f"no {dtype} kernel" if dtype not in FLOATS else
+            "return_lse (SDPA does not return it)" if return_lse else None)
+    order = ATTENTION_PREFERENCE if device.type == "cuda" else ("reference", "triton", "sdpa")
+    return {**{name: {"triton": kernel, "sdpa": sdpa, "reference": None}[name] for name in order},
             "reference": None}
 
 
-def attention(q, k, v, attn_mask=None):
-    """Non-causal softmax attention on [B, S, H, D] tensors (the layout diffusers' processors use).
-    k and v may have another length than q (cross-attention). attn_mask: bool (True = attend) or
-    additive, broadcastable to [B, H, Sq, Skv]. Returns [B, Sq, H, D]."""
-    check_tensor("q", q, dtypes=FLOATS_OR_F64, ndim=4)
+def _check_attention_inputs(q, k, v, key_padding_mask, scale, dtypes):
+    check_tensor("q", q, dtypes=dtypes, ndim=4)
     for name, t in (("k", k), ("v", v)):
         check_tensor(name, t, dtypes=(q.dtype,), ndim=4, device=q.device)
     B, Sq, H, D = q.shape
     check_shape("k", k, (B, None, H, D))
     check_shape("v", v, (B, k.shape[1], H, None))
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=q.device)
+        check_shape("key_padding_mask", key_padding_mask, (B, k.shape[1]))
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+
+
+def attention(q, k, v, attn_mask=None, *, key_padding_mask=None, scale=None, return_lse=False):
+    """Non-causal softmax(scale * QK^T) V on [B, S, H, D] tensors (the layout diffusers' processors use;
+    any strides). k and v may have another length than q (cross-attention, joint attention).
+    attn_mask: bool (True = attend) or additive, broadcastable to [B, H, Sq, Skv] (SDPA semantics; vkern's
+    kernel does not take it). key_padding_mask: bool [B, Skv], True = attend. scale: default 1/sqrt(D).
+    Returns out [B, Sq, H, D] in q's dtype, or (out, lse) with return_lse: lse fp32 [B, H, Sq], the
+    natural-log log-sum-exp of the scaled scores. A query with no key to attend gets out 0 and lse -inf."""
+    _check_attention_inputs(q, k, v, key_padding_mask, scale, FLOATS_OR_F64)
     if attn_mask is not None:
         check_tensor("attn_mask", attn_mask, dtypes=(torch.bool, q.dtype), device=q.device)
-    return torch.ops.vkern.attention(q, k, v, attn_mask)
+        if key_padding_mask is not None:
+            raise ValueError("attn_mask, key_padding_mask: pass one or the other")
+    out, lse = torch.ops.vkern.attention(q, k, v, attn_mask, key_padding_mask,
+                                         None if scale is None else float(scale), bool(return_lse))
+    return (out, lse) if return_lse else out
 
 
 @torch.library.custom_op("vkern::attention", mutates_args=())
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    backend = _backend.choose("attention", _attention_candidates(q.device, q.dtype))
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+               key_padding_mask: torch.Tensor | None, scale: float | None,
+               return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    B, Sq, H, D = q.shape
+    backend = _backend.choose("attention", _attention_candidates(
+        q.device, q.dtype, D, v.shape[3], attn_mask is not None, return_lse))
+    no_lse = q.new_empty((0,), dtype=torch.float32)
+    if backend == "triton":
+        from ..triton.attention import attention as kernel
+
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        out = torch.empty((B, Sq, H, v.shape[3]), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device) if return_lse else None
+        kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
+        kernel(q, k, v, out, lse, kpm, scale)
+        return out, lse if return_lse else no_lse
     if backend == "sdpa":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        mask = attn_mask if key_padding_mask is None else key_padding_mask[:, None, None, :]
         order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                  SDPBackend.MATH]
         with sdpa_kernel(order, set_priority=True):
             qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-            return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask).transpose(1, 2).contiguous()
-    return ref.attention(q, k, v, attn_mask).contiguous()
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale).transpose(1, 2)
+        if key_padding_mask is not None:  # SDPA gives NaN where a query has no key; the convention is 0
+            out = out.masked_fill(~key_padding_mask.any(1)[:, None, None, None], 0)
+        return out.contiguous(), no_lse
+    if key_padding_mask is None and not return_lse and scale is None:
+        return ref.attention(q, k, v, attn_mask).contiguous(), no_lse  # exactly diffusers' ops
+    if attn_mask is not None:
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask, scale=scale).transpose(1, 2)
+        return out.contiguous(), no_lse
+    math = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out, lse = ref.attention_lse(q, k, v, key_padding_mask, scale, dtype=math)
+    return out.to(q.dtype).contiguous(), lse.float() if return_lse else no_lse
 
 
 @_attention.register_fake
-def _(q, k, v, attn_mask):
-    return q.new_empty((*q.shape[:3], v.shape[3]))
+def _(q, k, v, attn_mask, key_padding_mask, scale, return_lse):
+    B, Sq, H, _ = q.shape
+    return q.new_empty((B, Sq, H, v.shape[3])), q.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32)
+
+
+@_backend.register("attention_8bit")
+def _attention_8bit_candidates(device, dtype, head_dim=128):
+    return {"triton": _kernel_reason(device, dtype, head_dim, head_dim), "reference": None}
+
+
+def v_to_e4m3(v):
+    """V [B, S, H, D] -> (e4m3 V^T [B, H, D, S_pad] (keys contiguous, S_pad = S rounded up to 16),
+    fp32 scales [B, H, D]): one scale per (head, channel) = amax over the tokens * fp32(1/448)."""
+    check_tensor("v", v, dtypes=FLOATS, ndim=4)
+    return torch.ops.vkern.v_to_e4m3(v)
+
+
+@torch.library.custom_op("vkern::v_to_e4m3", mutates_args=())
+def _v_to_e4m3(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..reference.fp8 import fp8_scale
+
+    B, S, H, D = v.shape
+    scale = fp8_scale(v.abs().amax(dim=1)).contiguous()
+    s_pad = -(-S // 16) * 16
+    backend = _backend.choose("attention_8bit", _attention_8bit_candidates(v.device, v.dtype, D))
+    if backend == "triton":
+        from ..triton.attention import v_fp8_transposed
+
+        return v_fp8_transposed(v if v.stride(-1) == 1 else v.contiguous(), scale, s_pad), scale
+    v8, scale = ref.fp8_per_channel(v)
+    vt = torch.zeros((B, H, D, s_pad), dtype=v8.dtype, device=v.device)
+    vt[..., :S] = v8.permute(0, 2, 3, 1)
+    return vt, scale
+
+
+@_v_to_e4m3.register_fake
+def _(v):
+    B, S, H, D = v.shape
+    return v.new_empty((B, H, D, -(-S // 16) * 16), dtype=torch.float8_e4m3fn), v.new_empty((B, H, D), dtype=torch.float32)
+
+
+def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=False, qk="int8", pv="bf16"):
+    """8-bit attention (opt-in) on bf16/fp16 q, k, v [B, S, H, D]: Q and K quantized per (token, head) to
+    `qk` ("int8" or "e4m3"); pv="e4m3" also quantizes V per (head, channel) and P for the P @ V product,
+    pv="bf16" keeps both in V's dtype. fp32 accumulation and softmax. Accuracy per scheme: bench/NOTES.md.
+    Returns out in q's dtype (and lse as attention())."""
+    _check_attention_inputs(q, k, v, key_padding_mask, scale, (torch.bfloat16, torch.float16))
+    if qk not in ("int8", "e4m3") or pv not in ("bf16", "e4m3"):
+        raise ValueError(f"qk, pv: expected qk in ('int8', 'e4m3') and pv in ('bf16', 'e4m3'), got {qk!r}, {pv!r}")
+    H = q.shape[2]
+    q8, qs = qk_norm_rope(q.flatten(2) if q.stride(-1) == 1 and q.stride(2) == q.shape[3] else q.reshape(*q.shape[:2], -1),
+                          None, 0.0, H, quant=qk)
+    k8, ks = qk_norm_rope(k.flatten(2) if k.stride(-1) == 1 and k.stride(2) == k.shape[3] else k.reshape(*k.shape[:2], -1),
+                          None, 0.0, H, quant=qk)
+    vq, vs = v_to_e4m3(v) if pv == "e4m3" else (v, None)
+    return attention_prequantized(q8, qs, k8, ks, vq, vs, key_padding_mask=key_padding_mask, scale=scale,
+                                  return_lse=return_lse, out_dtype=q.dtype)
+
+
+def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_padding_mask=None, scale=None,
+                           return_lse=False, out_dtype=torch.bfloat16):
+    """attention_8bit on inputs already quantized (by qk_norm_rope(..., quant=...) and v_to_e4m3):
+    q8/k8 int8 or e4m3 [B, S, H, D] with scales fp32 [B, H, S]; v bf16/fp16 [B, Skv, H, D] (v_scale None)
+    or e4m3 V^T [B, H, D, S_pad] with v_scale fp32 [B, H, D]."""
+    check_tensor("q8", q8, dtypes=tuple(_DTYPE_OF.values()), ndim=4)
+    check_tensor("k8", k8, dtypes=(q8.dtype,), ndim=4, device=q8.device)
+    B, Sq, H, D = q8.shape
+    check_shape("k8", k8, (B, None, H, D))
+    Skv = k8.shape[1]
+    for name, t, S in (("q_scale", q_scale, Sq), ("k_scale", k_scale, Skv)):
+        check_tensor(name, t, dtypes=(torch.float32,), device=q8.device)
+        check_shape(name, t, (B, H, S))
+    if v_scale is None:
+        check_tensor("v", v, dtypes=(torch.bfloat16, torch.float16), device=q8.device)
+        check_shape("v", v, (B, Skv, H, D))
+    else:
+        check_tensor("v", v, dtypes=(torch.float8_e4m3fn,), device=q8.device)
+        check_shape("v", v, (B, H, D, None))
+        if v.shape[3] < Skv:
+            raise ValueError(f"v: e4m3 V^T needs at least {Skv} key columns, got {v.shape[3]}")
+        check_tensor("v_scale", v_scale, dtypes=(torch.float32,), device=q8.device)
+        check_shape("v_scale", v_scale, (B, H, D))
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=q8.device)
+        check_shape("key_padding_mask", key_padding_mask, (B, Skv))
+    out, lse = torch.ops.vkern.attention_prequantized(
+        q8, q_scale.contiguous(), k8, k_scale.contiguous(), v, None if v_scale is None else v_scale.contiguous(),
+        key_padding_mask, None if scale is None else float(scale), bool(return_lse), out_dtype)
+    return (out, lse) if return_lse else out
+
+
+@torch.library.custom_op("vkern::attention_prequantized", mutates_args=())
+def _attention_prequantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
+                            v: torch.Tensor, v_scale: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+                            scale: float | None, return_lse: bool,
+                            out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    B, Sq, H, D = q8.shape
+    backend = _backend.choose("attention_8bit", _attention_8bit_candidates(q8.device, out_dtype, D))
+    no_lse = q8.new_empty((0,), dtype=torch.float32)
+    if backend == "triton":
+        from ..triton.attention import attention as kernel
+
+        q8, k8 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q8, k8))
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
+        lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q8.device) if return_lse else None
+        kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
+        kernel(q8, k8, v, out, lse, kpm, scale, q_scale, k_scale, v_scale)
+        return out, lse if return_lse else no_lse
+    if v_scale is not None:
+        v = v[..., :k8.shape[1]].permute(0, 3, 1, 2)
+    out, lse = ref.attention_quantized(q8, q_scale, k8, k_scale, v, v_scale, key_padding_mask, scale, out_dtype)
+    return out.contiguous(), lse if return_lse else no_lse
+
+
+@_attention_prequantized.register_fake
+def _(q8, q_scale, k8, k_scale, v, v_scale, key_padding_mask, scale, return_lse, out_dtype):
+    B, Sq, H, D = q8.shape
+    return (q8.new_empty((B, Sq, H, D), dtype=out_dtype),
+            q8.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32))

@@ -46,6 +46,96 @@ def attention_math(q, k, v, attn_mask=None, dtype=torch.float64):
     return (s.softmax(-1) @ v).permute(0, 2, 1, 3)
 
 
+def attention_lse(q, k, v, key_padding_mask=None, scale=None, dtype=torch.float64):
+    """The oracle for vkern's flash-attention kernels: softmax(scale * QK^T)V on [B, S, H, D] in `dtype`,
+    with an optional key-padding mask [B, Skv] (bool, True = attend). Returns (out [B, Sq, H, D] in
+    `dtype`, lse [B, H, Sq] in `dtype`, natural log of the softmax denominator). A query with no key to
+    attend gets out = 0 and lse = -inf (flash-attention's convention; SDPA would give NaN)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = (t.permute(0, 2, 1, 3).to(dtype) for t in (q, k, v))
+    s = (q @ k.transpose(-1, -2)) * scale
+    if key_padding_mask is not None:
+        s = s.masked_fill(~key_padding_mask[:, None, None, :].to(s.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(dtype).min))
+    out = torch.nan_to_num(p @ v, nan=0.0)
+    return out.permute(0, 2, 1, 3), lse
+
+
+QK_FORMATS = ("int8", "e4m3")
+PV_FORMATS = ("bf16", "e4m3")  # "bf16": V and P in V's own dtype (bf16 or fp16)
+
+
+def quantize_per_head(x, fmt="e4m3"):
+    """[B, S, H, D] -> (int8 or e4m3 [B, S, H, D], fp32 scales [B, H, S]): one scale per (token, head),
+    scale = amax * fp32(1/448) (e4m3, saturating RNE) or amax * fp32(1/127) (int8, RNE)."""
+    from .fp8 import INT8_INV, INT8_MAX, fp8_quantize
+
+    if fmt == "e4m3":
+        x8, scale = fp8_quantize(x, "row")
+        return x8, scale.squeeze(-1).transpose(1, 2)
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) * INT8_INV
+    return (xf * (1.0 / scale)).clamp(-INT8_MAX, INT8_MAX).round().to(torch.int8), scale.squeeze(-1).transpose(1, 2)
+
+
+def fp8_per_channel(v):
+    """V [B, S, H, D] -> (e4m3 [B, S, H, D], fp32 scales [B, H, D]): one scale per (head, channel)."""
+    from .fp8 import E4M3, E4M3_MAX, fp8_scale
+
+    scale = fp8_scale(v.float().abs().amax(dim=1))
+    v8 = (v.float() * (1.0 / scale)[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return v8, scale
+
+
+def qk_norm_rope_quantized(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, fmt="e4m3"):
+    """The fused prologue's 8-bit output: RMSNorm (rounded to x's dtype, as torch's RMSNorm; skipped when
+    weight is None) and RoPE (float64 tables) as qk_norm_rope, then quantize_per_head of the unrounded values."""
+    x = (rms_norm(x, weight, eps) if weight is not None else x).unflatten(2, (heads, -1))
+    if freqs_cos is not None:
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+        x = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return quantize_per_head(x.float(), fmt)
+
+
+def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_mask=None, scale=None,
+                        out_dtype=torch.bfloat16):
+    """8-bit attention in fp32 math, the scheme vkern's kernel implements: S = (Q8 K8^T) * q_scale *
+    k_scale * scale; P = exp(S - rowmax), then P @ V with P rounded to V's format: e4m3 (V e4m3 with
+    v_scale [B, H, D]; P scaled to [0, 448] first) or V's float dtype (v_scale None). Row sums in fp32.
+    (The kernel takes the row max block by block, online, so its P rounding differs slightly; both are held
+    to the same accuracy bounds against the exact oracle.) Returns (out in out_dtype, lse fp32 [B, H, Sq])."""
+    from .fp8 import E4M3
+
+    D = q8.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    qf, kf, vf = (t.float().permute(0, 2, 1, 3) for t in (q8, k8, v))
+    s = (qf @ kf.transpose(-1, -2)) * q_scale[..., None] * k_scale[:, :, None, :]
+    s = s * scale
+    if key_padding_mask is not None:
+        s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p_scale = 448.0 if v_scale is not None else 1.0
+    p = torch.exp(s - m) * p_scale
+    l = p.sum(-1, keepdim=True)
+    p_lo = p.to(E4M3 if v_scale is not None else v.dtype).float()
+    out = (p_lo @ vf) / torch.where(l == 0, torch.ones_like(l), l)
+    if v_scale is not None:
+        out = out * v_scale[:, :, None, :]
+    lse = (m + torch.log(l / p_scale)).squeeze(-1)
+    return out.permute(0, 2, 1, 3).to(out_dtype), lse
+
+
+def attention_8bit(q, k, v, key_padding_mask=None, scale=None, qk="int8", pv="bf16"):
+    """8-bit attention on bf16/fp16 q, k, v [B, S, H, D]: quantize Q and K per (token, head) to `qk`, V per
+    (head, channel) to e4m3 when pv == "e4m3", then attention_quantized."""
+    v_in = fp8_per_channel(v) if pv == "e4m3" else (v, None)
+    return attention_quantized(*quantize_per_head(q, qk), *quantize_per_head(k, qk), *v_in,
+                               key_padding_mask=key_padding_mask, scale=scale, out_dtype=q.dtype)
+
+
 def _projections(attn, hidden_states, encoder_hidden_states):
     context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
     if getattr(attn, "fused_projections", False):

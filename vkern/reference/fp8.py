@@ -13,6 +13,8 @@ E4M3_MAX = 448.0
 # multiplies by a reciprocal while its CPU path divides, so a division would not be one function.
 E4M3_INV = float(torch.tensor(1.0) / torch.tensor(E4M3_MAX))
 GRANULARITIES = ("tensor", "row")
+INT8_MAX = 127.0
+INT8_INV = float(torch.tensor(1.0) / torch.tensor(INT8_MAX))  # int8 scales: amax * fp32(1/127)
 
 
 def fp8_scale(amax):
@@ -47,7 +49,14 @@ def fp8_linear_compute(x, q_weight, weight_scale, bias=None):
     """Compute mode: activations quantized per token, an e4m3 x e4m3 product accumulated in fp32,
     both scales applied to the fp32 result, bias added, one rounding to x's dtype."""
     xq, x_scale = fp8_quantize(x, "row")
+    return fp8_scaled_mm(xq, x_scale, q_weight, weight_scale, bias, x.dtype)
+
+
+def fp8_scaled_mm(xq, x_scale, q_weight, weight_scale, bias=None, out_dtype=torch.bfloat16):
+    """The GEMM of compute mode on an activation already quantized per token (xq e4m3 [..., K], x_scale
+    fp32 [..., 1], e.g. by a fused LayerNorm or GELU): (xq @ q_weight^T) accumulated in fp32, times both
+    scales, plus bias, one rounding to out_dtype."""
     acc = (xq.float() @ q_weight.float().T) * x_scale * weight_scale.reshape(1, -1)
     if bias is not None:
         acc = acc + bias.float()
-    return acc.to(x.dtype)
+    return acc.to(out_dtype)

@@ -1,25 +1,31 @@
-"""Fused QK prologue: RMSNorm across heads + interleaved 3-axis RoPE + [B, S, H, D] layout, one pass.
+"""Fused QK prologue: RMSNorm across heads + interleaved 3-axis RoPE + [B, S, H, D] layout, one pass,
+emitting bf16 (the input dtype) or, for 8-bit attention, e4m3 or int8 with one fp32 scale per (token, head).
 
 One program per token: the row of H*D elements is read once as a [heads, head_dim] tile, its mean square
 reduced in fp32, normalized and weighted in fp32 and rounded once to the input dtype (as torch's
 RMSNorm does), rotated in fp32 with the cos/sin read straight from diffusers' float64
-tables, and written once. No fp32 intermediate touches memory.
+tables, and written once. In 8-bit modes the rotated fp32 values are quantized directly (no bf16 rounding
+in between): scale = amax over the head's D values * fp32(1/448) (e4m3, as vkern/reference/fp8.py) or
+* fp32(1/127) (int8, round to nearest even).
+With NORM off the same kernel only (optionally rotates and) quantizes. No fp32 intermediate touches memory.
 """
+import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, round_to
+from ..reference.fp8 import E4M3_INV, INT8_INV  # fp32(1/448), fp32(1/127): exactly the reference's scales
+from ._common import interpreting, round_to, to_e4m3, to_int8
 
 
 @triton.jit
 def _qk_norm_rope_kernel(
-    x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr,
+    x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, scale_ptr,
     S, H,
     stride_xb, stride_xs,
     stride_fb, stride_fs, stride_fd,
-    eps,
-    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    EMULATE_RNE: tl.constexpr,
+    eps, q_inv,
+    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // S
@@ -34,12 +40,13 @@ def _qk_norm_rope_kernel(
     offs = h * HEAD_DIM + d
     x = tl.load(x_ptr + b * stride_xb + s * stride_xs + offs, mask=mask, other=0.0)
     dtype = x.dtype
-    xf = x.to(tl.float32)
-    mean_sq = tl.sum(tl.sum(xf * xf, axis=1), axis=0) / (H * HEAD_DIM)
-    r = 1.0 / tl.sqrt(mean_sq + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # Round where torch's RMSNorm rounds: once, after the weight (fp32 math throughout).
-    y = round_to(xf * r * w, dtype, EMULATE_RNE).to(tl.float32)
+    y = x.to(tl.float32)
+    if NORM:
+        mean_sq = tl.sum(tl.sum(y * y, axis=1), axis=0) / (H * HEAD_DIM)
+        r = 1.0 / tl.sqrt(mean_sq + eps)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        # Round where torch's RMSNorm rounds: once, after the weight (fp32 math throughout).
+        y = round_to(y * r * w, dtype, EMULATE_RNE).to(tl.float32)
     if HAS_ROPE:
         # One table row per token, shared by all heads; diffusers uses cos[0::2] and sin[1::2].
         f = tl.arange(0, BLOCK_D)
@@ -51,12 +58,20 @@ def _qk_norm_rope_kernel(
         ye, yo = tl.split(tl.reshape(y, (BLOCK_H, BLOCK_D // 2, 2)))
         y = tl.reshape(tl.join(ye * cos[None, :] - yo * sin[None, :], ye * sin[None, :] + yo * cos[None, :]),
                        (BLOCK_H, BLOCK_D))
-    tl.store(out_ptr + row * (H * HEAD_DIM) + offs, round_to(y, dtype, EMULATE_RNE), mask=mask)
+    if QUANT != 0:  # 1: e4m3, 2: int8
+        scale = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-12) * q_inv  # [BLOCK_H]
+        y = y * tl.math.div_rn(tl.full([BLOCK_H], 1.0, tl.float32), scale)[:, None]
+        y8 = to_e4m3(y, EMULATE_RNE) if QUANT == 1 else to_int8(y)
+        tl.store(out_ptr + row * (H * HEAD_DIM) + offs, y8, mask=mask)
+        # scales [B, H, S]: the attention kernel reads a block of consecutive tokens of one head
+        tl.store(scale_ptr + (b * H + tl.arange(0, BLOCK_H)) * S + s, scale, mask=tl.arange(0, BLOCK_H) < H)
+    else:
+        tl.store(out_ptr + row * (H * HEAD_DIM) + offs, round_to(y, dtype, EMULATE_RNE), mask=mask)
 
 
-def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out):
-    """x [B, S, H*D] (last dim contiguous), weight [H*D], freqs [1|B, S, 1, D] or None; out [B, S, H, D]
-    contiguous."""
+def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None):
+    """x [B, S, H*D] (last dim contiguous), weight [H*D] or None (no norm), freqs [1|B, S, 1, D] or None;
+    out [B, S, H, D] contiguous, in x's dtype, or e4m3/int8 with scale fp32 [B, H, S] contiguous."""
     B, S, row = x.shape
     head_dim = row // heads
     has_rope = freqs_cos is not None
@@ -68,13 +83,14 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out):
         freqs_cos = freqs_sin = x  # never read
         fb = fs = fd = 0
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
+    quant = 0 if scale is None else 1 if out.dtype == torch.float8_e4m3fn else 2
     _qk_norm_rope_kernel[(B * S,)](
-        x, weight, freqs_cos, freqs_sin, out,
+        x, x if weight is None else weight, freqs_cos, freqs_sin, out, out if scale is None else scale,
         S, heads,
         x.stride(0), x.stride(1),
         fb, fs, fd,
-        eps,
-        HEAD_DIM=head_dim, HAS_ROPE=has_rope, BLOCK_H=block_h, BLOCK_D=block_d,
+        eps, INT8_INV if quant == 2 else E4M3_INV,
+        HEAD_DIM=head_dim, HAS_ROPE=has_rope, NORM=weight is not None, QUANT=quant, BLOCK_H=block_h, BLOCK_D=block_d,
         EMULATE_RNE=interpreting(), num_warps=max(1, min(8, block_h * block_d // 512)),
     )
     return out

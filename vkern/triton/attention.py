@@ -1,0 +1,219 @@
+"""vkern's flash-attention forward: non-causal softmax(scale * QK^T) V, bf16/fp16 or fp8, fp32 accumulation.
+
+One program per (BLOCK_M queries, batch, head). Q stays in registers; K and V stream through shared memory
+BLOCK_N keys at a time (software-pipelined loads); the softmax is online, in the log2 domain (exp2, with
+scale * log2(e) folded into one multiply). Full key blocks run unmasked; only the last, partial block
+pays for bounds masks, so no length needs to be a multiple of a block. A key-padding mask [B, Skv]
+(True = attend) drops keys; a query with no key left gets out = 0 and lse = -inf.
+
+8-bit modes. QK8: Q and K are int8 or e4m3 with one fp32 scale per (token, head); the Q scale joins
+the softmax-scale multiply per row, the K scale multiplies each score column (int8 products sum exactly in
+int32, e4m3 in fp32). V8: V is e4m3 with one scale per (head, channel), stored transposed [B, H, D, S_pad]:
+Hopper's 8-bit tensor-core instructions need the reduction dimension contiguous in both operands, and for
+P @ V that dimension is the keys; P is scaled to [0, 448] (log2(448) folded into the exp2 argument) before
+its cast to e4m3, so small probabilities keep normal e4m3 numbers; the row sum uses the same scaled P in fp32.
+Which combinations meet which accuracy is measured, not assumed: see bench/NOTES.md (attention, 8-bit).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting, round_to, to_e4m3
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+P8_OFFSET = math.log2(448.0)
+
+
+@triton.jit
+def _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n0, Skv, H,
+                  stride_kn, stride_vn, stride_vd, offs_n, offs_d,
+                  QK8: tl.constexpr, V8: tl.constexpr, MASK_N: tl.constexpr, HAS_KPM: tl.constexpr,
+                  UPCAST: tl.constexpr, P_OFFSET: tl.constexpr):
+    n = n0 + offs_n
+    n_ok = n < Skv
+    k_ptrs = k_base + n[:, None] * stride_kn + offs_d[None, :]
+    if V8:  # V^T tile [D, BLOCK_N], keys contiguous
+        v_ptrs = v_base + offs_d[:, None] * stride_vd + n[None, :]
+    else:
+        v_ptrs = v_base + n[:, None] * stride_vn + offs_d[None, :]
+    if MASK_N:
+        k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[None, :] if V8 else n_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    if V8:
+        v = tl.trans(v)
+    p_dtype = v.dtype
+    if UPCAST:  # the interpreter's low-precision tl.dot is wrong: same products in fp32
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    qk = tl.dot(q, tl.trans(k))
+    if QK8:  # int8 products accumulate in int32, e4m3 in fp32; the scales apply to the sums
+        ks = tl.load(ks_base + n, mask=n_ok, other=0.0)
+        qk = qk.to(tl.float32) * ks[None, :] * row_scale[:, None]
+    else:
+        qk = qk * row_scale
+    if MASK_N or HAS_KPM:
+        valid = n_ok
+        if HAS_KPM:
+            valid = valid & (tl.load(kpm_base + n, mask=n_ok, other=0) != 0)
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_ref = m_new
+    if HAS_KPM:  # every key so far masked: keep exp2's argument finite (-inf - -inf is NaN)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(qk - (m_ref - P_OFFSET)[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if V8:
+        p_lo = to_e4m3(p, UPCAST)
+    else:
+        p_lo = round_to(p, p_dtype, UPCAST)
+    if UPCAST:
+        p_lo = p_lo.to(tl.float32)
+    acc = tl.dot(p_lo, v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qs_ptr, ks_ptr, vs_ptr, kpm_ptr,
+    Sq, Skv, H,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ob, stride_os, stride_oh,
+    scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    QK8: tl.constexpr, V8: tl.constexpr, HAS_KPM: tl.constexpr, WRITE_LSE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    P_OFFSET: tl.constexpr = 8.807354922057604 if V8 else 0.0  # log2(448)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < Sq
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0)
+    if QK8:  # per-(token, head) scales, [B, H, S] contiguous
+        row_scale = tl.load(qs_ptr + bh * Sq + offs_m, mask=m_ok, other=0.0) * scale_log2
+    else:
+        row_scale = scale_log2
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    ks_base = ks_ptr + bh * Skv
+    kpm_base = kpm_ptr + b * Skv
+    n_full = (Skv // BLOCK_N) * BLOCK_N
+    for n0 in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n0, Skv,
+                                      H, stride_ks, stride_vs, stride_vd, offs_n, offs_d,
+                                      QK8, V8, False, HAS_KPM, UPCAST, P_OFFSET)
+    if n_full < Skv:
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n_full, Skv,
+                                      H, stride_ks, stride_vs, stride_vd, offs_n, offs_d,
+                                      QK8, V8, True, HAS_KPM, UPCAST, P_OFFSET)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc * (1.0 / l_safe)[:, None]
+    if V8:
+        out = out * tl.load(vs_ptr + (b * H + h) * HEAD_DIM + offs_d)[None, :]
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+             round_to(out, o_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None])
+    if WRITE_LSE:  # natural log; -inf where no key was attended
+        tl.store(lse_ptr + bh * Sq + offs_m, (m_i + tl.log2(l_i) - P_OFFSET) * 0.6931471805599453, mask=m_ok)
+
+
+@triton.jit
+def _v_fp8_kernel(v_ptr, vs_ptr, vt_ptr, S, S_pad, H, stride_vb, stride_vs, stride_vh,
+                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, EMULATE: tl.constexpr):
+    """V [B, S, H, D] -> e4m3 V^T [B, H, D, S_pad] with scales [B, H, D] (given); pad columns get zeros."""
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_s[:, None] * stride_vs + offs_d[None, :],
+                mask=(offs_s < S)[:, None], other=0.0).to(tl.float32)
+    inv = tl.math.div_rn(tl.full([HEAD_DIM], 1.0, tl.float32), tl.load(vs_ptr + bh * HEAD_DIM + offs_d))
+    v8 = to_e4m3(v * inv[None, :], EMULATE)
+    tl.store(vt_ptr + bh * HEAD_DIM * S_pad + offs_d[:, None] * S_pad + offs_s[None, :], tl.trans(v8),
+             mask=(offs_s < S_pad)[None, :])
+
+
+def v_fp8_transposed(v, v_scale, s_pad):
+    """v [B, S, H, D] (last dim contiguous), v_scale fp32 [B, H, D] contiguous -> e4m3 [B, H, D, s_pad]."""
+    B, S, H, D = v.shape
+    vt = torch.empty((B, H, D, s_pad), dtype=torch.float8_e4m3fn, device=v.device)
+    block_s = 64
+    _v_fp8_kernel[(triton.cdiv(s_pad, block_s), B * H)](
+        v, v_scale, vt, S, s_pad, H, v.stride(0), v.stride(1), v.stride(2),
+        HEAD_DIM=D, BLOCK_S=block_s, EMULATE=interpreting(), num_warps=4)
+    return vt
+
+
+def _configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 4))]
+
+
+_attention_tuned = triton.autotune(configs=_configs(), key=["HEAD_DIM", "QK8", "V8", "HAS_KPM", "Sq", "Skv"])(
+    _attention_kernel)
+
+
+def attention(q, k, v, out, lse=None, key_padding_mask=None, scale=None,
+              q_scale=None, k_scale=None, v_scale=None):
+    """Launch. q [B, Sq, H, D], k [B, Skv, H, D], last dims contiguous: bf16/fp16/fp32, or 8-bit (e4m3 or
+    int8) with q_scale/k_scale fp32 [B, H, S] contiguous. v: like q's float dtype [B, Skv, H, D], or e4m3
+    transposed [B, H, D, S_pad] (keys contiguous, S_pad >= Skv) with v_scale fp32 [B, H, D] contiguous.
+    out [B, Sq, H, D] (last dim contiguous); lse fp32 [B, H, Sq] contiguous or None; key_padding_mask
+    bool/uint8 [B, Skv] contiguous or None."""
+    B, Sq, H, D = q.shape
+    Skv = k.shape[1]
+    qk8, v8 = q_scale is not None, v_scale is not None
+    scale = D ** -0.5 if scale is None else scale
+    if v8:
+        svb, svs, svh, svd = v.stride(0), 1, v.stride(1), v.stride(2)
+    else:
+        svb, svs, svh, svd = v.stride(0), v.stride(1), v.stride(2), 1
+    dummy = out  # pointer for absent optional tensors (never read: constexpr flags)
+    kpm = dummy
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
+
+    def grid(meta):
+        return (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)
+
+    _attention_tuned[grid](
+        q, k, v, out, lse if lse is not None else dummy,
+        q_scale if qk8 else dummy, k_scale if qk8 else dummy, v_scale if v8 else dummy, kpm,
+        Sq, Skv, H,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        svb, svs, svh, svd,
+        out.stride(0), out.stride(1), out.stride(2),
+        scale * LOG2E,
+        HEAD_DIM=D, QK8=qk8, V8=v8, HAS_KPM=key_padding_mask is not None, WRITE_LSE=lse is not None,
+        UPCAST=interpreting(),
+    )
+    return out
