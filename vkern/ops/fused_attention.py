@@ -18,9 +18,10 @@ from ._checks import FLOATS, FLOATS_OR_F64, check_shape, check_tensor
 HEAD_DIMS = (64, 128)  # the Triton kernel's head dims; others fall back to SDPA / the reference
 QUANT_FORMATS = (None, "e4m3", "int8")
 _DTYPE_OF = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8}
-# Measured on an H200 (bench/results, bench/NOTES.md "attention"): which exact backend is faster for
-# bf16/fp16 at Wan/Hunyuan shapes. The kernel stays available (VKERN_ATTENTION_BACKEND=triton).
-ATTENTION_PREFERENCE = ("sdpa", "triton")
+# Measured on an H200 (bench/results/attention-*.jsonl, bench/NOTES.md "Run 8"): the faster exact backend
+# per head dim. D=128: cuDNN 624 vs vkern 501 TFLOP/s (wan1.3b-480p), 562 vs 482 (wan14b-720p);
+# D=64: vkern 429 vs cuDNN 420 (cogvideox-5b). The other stays available (backend= or the env var).
+ATTENTION_PREFERENCE = {64: ("triton", "sdpa"), 128: ("sdpa", "triton")}
 
 
 @_backend.register("qk_norm_rope")
@@ -124,7 +125,8 @@ def _attention_candidates(device, dtype, head_dim=128, v_head_dim=None, attn_mas
     sdpa = (f"needs a CUDA tensor (got {device.type})" if device.type != "cuda" else
             f"no {dtype} kernel" if dtype not in FLOATS else
             "return_lse (SDPA does not return it)" if return_lse else None)
-    order = ATTENTION_PREFERENCE if device.type == "cuda" else ("reference", "triton", "sdpa")
+    order = (ATTENTION_PREFERENCE.get(head_dim, ("sdpa", "triton")) if device.type == "cuda" else
+             ("reference", "triton", "sdpa"))
     return {**{name: {"triton": kernel, "sdpa": sdpa, "reference": None}[name] for name in order},
             "reference": None}
 
@@ -143,30 +145,36 @@ def _check_attention_inputs(q, k, v, key_padding_mask, scale, dtypes):
         raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
 
 
-def attention(q, k, v, attn_mask=None, *, key_padding_mask=None, scale=None, return_lse=False):
+def attention(q, k, v, attn_mask=None, *, key_padding_mask=None, scale=None, return_lse=False, backend="auto"):
     """Non-causal softmax(scale * QK^T) V on [B, S, H, D] tensors (the layout diffusers' processors use;
     any strides). k and v may have another length than q (cross-attention, joint attention).
     attn_mask: bool (True = attend) or additive, broadcastable to [B, H, Sq, Skv] (SDPA semantics; vkern's
     kernel does not take it). key_padding_mask: bool [B, Skv], True = attend. scale: default 1/sqrt(D).
     Returns out [B, Sq, H, D] in q's dtype, or (out, lse) with return_lse: lse fp32 [B, H, Sq], the
-    natural-log log-sum-exp of the scaled scores. A query with no key to attend gets out 0 and lse -inf."""
+    natural-log log-sum-exp of the scaled scores. A query with no key to attend gets out 0 and lse -inf.
+    backend: "auto" (measured choice, or VKERN_ATTENTION_BACKEND), or "triton" | "sdpa" | "reference" to
+    prefer one: used when it can take the call, else the auto choice with a one-time warning."""
+    if backend not in ("auto", "triton", "sdpa", "reference"):
+        raise ValueError(f"backend: expected 'auto', 'triton', 'sdpa' or 'reference', got {backend!r}")
     _check_attention_inputs(q, k, v, key_padding_mask, scale, FLOATS_OR_F64)
     if attn_mask is not None:
         check_tensor("attn_mask", attn_mask, dtypes=(torch.bool, q.dtype), device=q.device)
         if key_padding_mask is not None:
             raise ValueError("attn_mask, key_padding_mask: pass one or the other")
     out, lse = torch.ops.vkern.attention(q, k, v, attn_mask, key_padding_mask,
-                                         None if scale is None else float(scale), bool(return_lse))
+                                         None if scale is None else float(scale), bool(return_lse), backend)
     return (out, lse) if return_lse else out
 
 
 @torch.library.custom_op("vkern::attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                key_padding_mask: torch.Tensor | None, scale: float | None,
-               return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               return_lse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     B, Sq, H, D = q.shape
-    backend = _backend.choose("attention", _attention_candidates(
-        q.device, q.dtype, D, v.shape[3], attn_mask is not None, return_lse))
+    candidates = _attention_candidates(q.device, q.dtype, D, v.shape[3], attn_mask is not None, return_lse)
+    if backend != "auto" and not _backend.forced_backend("attention"):  # the caller's preference first
+        candidates = {backend: candidates[backend], **candidates}
+    backend = _backend.choose("attention", candidates)
     no_lse = q.new_empty((0,), dtype=torch.float32)
     if backend == "triton":
         from ..triton.attention import attention as kernel
@@ -201,7 +209,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: tor
 
 
 @_attention.register_fake
-def _(q, k, v, attn_mask, key_padding_mask, scale, return_lse):
+def _(q, k, v, attn_mask, key_padding_mask, scale, return_lse, backend):
     B, Sq, H, _ = q.shape
     return q.new_empty((B, Sq, H, v.shape[3])), q.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32)
 

@@ -19,7 +19,9 @@ FP8_MODES = (None, "storage", "compute")
 class PatchConfig:
     """What vkern.patch changes.
 
-    attention           "auto" | "sdpa" | "reference" (see VkernWanAttnProcessor)
+    attention           "auto" (the faster exact backend, measured per head dim) | "bf16" (vkern's
+                        flash-attention kernel) | "sdpa" | "reference" | opt-in 8-bit: "fp8" (e4m3 Q/K
+                        and P/V) or "int8" (int8 Q/K, bf16 P/V); accuracy and speed in the README
     fused_qk_norm_rope  fuse the q/k RMSNorm + RoPE into one kernel pass
     ffn_chunk_size      tokens per feed-forward chunk (None: no chunking)
     fused_block         Wan blocks run fused LayerNorm+modulate and gate+residual kernels (no fp32 copies

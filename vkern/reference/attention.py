@@ -172,9 +172,11 @@ def wan_attention(attn, hidden_states, encoder_hidden_states=None, attention_mas
         key_img, value_img = _added_projections(attn, image_context)
         key_img = norm_rope(key_img, attn.norm_added_k.weight, attn.norm_added_k.eps, attn.heads)
         value_img = value_img.unflatten(2, (attn.heads, -1))
-        hidden_states_img = attend(query, key_img, value_img).flatten(2, 3).type_as(query)
+        hidden_states_img = attend(query, key_img, value_img).flatten(2, 3).type_as(value)
 
-    hidden_states = attend(query, key, value, attention_mask).flatten(2, 3).type_as(query)
+    # diffusers writes type_as(query); value is the same projection dtype, and stays a tensor when a
+    # vkern processor's norm_rope returns 8-bit (data, scale) pairs.
+    hidden_states = attend(query, key, value, attention_mask).flatten(2, 3).type_as(value)
     if hidden_states_img is not None:
         hidden_states = hidden_states + hidden_states_img
     hidden_states = attn.to_out[0](hidden_states)

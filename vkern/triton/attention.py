@@ -54,22 +54,24 @@ def _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base
 
     qk = tl.dot(q, tl.trans(k))
     if QK8:  # int8 products accumulate in int32, e4m3 in fp32; the scales apply to the sums
-        ks = tl.load(ks_base + n, mask=n_ok, other=0.0)
-        qk = qk.to(tl.float32) * ks[None, :] * row_scale[:, None]
-    else:
-        qk = qk * row_scale
+        qk = qk.to(tl.float32) * tl.load(ks_base + n, mask=n_ok, other=0.0)[None, :]
     if MASK_N or HAS_KPM:
         valid = n_ok
         if HAS_KPM:
             valid = valid & (tl.load(kpm_base + n, mask=n_ok, other=0) != 0)
         qk = tl.where(valid[None, :], qk, float("-inf"))
 
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # The row scale (> 0) commutes with the max, so it multiplies BLOCK_M maxima, and joins the
+    # subtraction below as one fused multiply-add per score.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * row_scale)
     m_ref = m_new
     if HAS_KPM:  # every key so far masked: keep exp2's argument finite (-inf - -inf is NaN)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(qk - (m_ref - P_OFFSET)[:, None])
+    if QK8:
+        p = tl.exp2(qk * row_scale[:, None] - (m_ref - P_OFFSET)[:, None])
+    else:
+        p = tl.exp2(qk * row_scale - (m_ref - P_OFFSET)[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if V8:
@@ -108,7 +110,7 @@ def _attention_kernel(
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=m_ok[:, None], other=0.0)
     if QK8:  # per-(token, head) scales, [B, H, S] contiguous
-        row_scale = tl.load(qs_ptr + bh * Sq + offs_m, mask=m_ok, other=0.0) * scale_log2
+        row_scale = tl.load(qs_ptr + bh * Sq + offs_m, mask=m_ok, other=1.0) * scale_log2
     else:
         row_scale = scale_log2
     if UPCAST:
@@ -174,7 +176,8 @@ def _configs():
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 4))]
+            for bm, bn, w, s in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 4),
+                                 (256, 64, 8, 2))]
 
 
 _attention_tuned = triton.autotune(configs=_configs(), key=["HEAD_DIM", "QK8", "V8", "HAS_KPM", "Sq", "Skv"])(
