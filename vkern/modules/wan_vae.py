@@ -1,0 +1,333 @@
+"""AutoencoderKLWan's chunked encode/decode on vkern's fast path.
+
+The same loop and cache rules as the spec (vkern/reference/wan_vae.py, which matches diffusers bit
+for bit), with the copies taken out:
+- activations stay channels-last-3d (cuDNN's native layout for bf16: no NCDHW<->NDHWC transposes);
+- a causal conv's input is one buffer [2 cached frames | chunk]: the fused RMS norm + SiLU kernel
+  writes the chunk straight into it (no torch.cat, no separate norm/SiLU/cat outputs), the conv does
+  the spatial zero padding itself (no F.pad), and the cache update copies only the 2 frames kept;
+- residual adds are in place; the nearest 2x upsample is one bf16 copy (diffusers makes it in fp32:
+  exact either way, nearest only copies values), fused with the time upsampling's frame interleave;
+- decoded frames go into a preallocated output (optionally on the CPU), clamped chunk by chunk,
+  instead of a torch.cat per chunk; intermediates are dropped as soon as the next op has read them.
+- after the last time upsampling, the decoder may run its remaining (largest) stages a few frames at
+  a time (`frames_per_step`): causal convs with a cache give the same frames for any chunking, and
+  the working set shrinks with the step (the 720p memory target).
+Rounding: the same eager ops in the same order as diffusers, except the conv algorithm cuDNN picks
+for channels-last and the norm's summation order.
+"""
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..reference import wan_vae as ref
+
+CL = torch.channels_last_3d
+CACHE_T = ref.CACHE_T
+# Decoder default: whole chunks (4 frames) unless a decoded frame has more pixels than this; above
+# it, 1 frame per step keeps the largest stages' working set ~4x smaller (720p: ~1 GB less).
+LARGE_FRAME_PIXELS = 512 * 1024
+
+
+def _cl(x):
+    return x.contiguous(memory_format=CL)
+
+
+class _Chunks:
+    """One video's feature cache: for each causal conv the last CACHE_T frames of its input
+    (zeros before the first chunk), and which time-upsampling convs have seen their first chunk."""
+
+    def __init__(self):
+        self.frames = {}
+        self.seen = set()
+
+    def buffer(self, conv, x_shape, dtype, device, keep=CACHE_T):
+        """A fresh input buffer [B, C, keep + T, H, W] for `conv` holding its cached frames; returns
+        (buffer, the chunk's slot in it)."""
+        B, C, T, H, W = x_shape
+        buf = torch.empty((B, C, keep + T, H, W), dtype=dtype, device=device, memory_format=CL)
+        prev = self.frames.get(conv)
+        if prev is None:
+            buf[:, :, :keep].zero_()
+        else:
+            buf[:, :, :keep].copy_(prev)
+        return buf, buf[:, :, keep:]
+
+    def conv(self, conv, buf, keep=CACHE_T):
+        """Run `conv` over its filled buffer; keep the buffer's last frames for the next chunk."""
+        weight, bias, stride, (_, h_pad, w_pad) = ref._conv_args(conv)
+        out = F.conv3d(buf, weight, bias, stride, (0, h_pad, w_pad))
+        prev = self.frames.get(conv)
+        if prev is None:
+            prev = self.frames[conv] = torch.empty_like(buf[:, :, :keep], memory_format=CL)
+        prev.copy_(buf[:, :, -keep:])
+        return out
+
+    def norm_into(self, norm, conv, x):
+        """`conv`'s input buffer with SiLU(norm(x)) written straight into its chunk slot."""
+        buf, slot = self.buffer(conv, x.shape, x.dtype, x.device)
+        ops.causal_conv.rms_norm_silu(x, norm.gamma, _norm_bias(norm), True, out=slot)
+        return buf
+
+    def norm_conv(self, norm, conv, x):
+        return self.conv(conv, self.norm_into(norm, conv, x))
+
+    def plain_conv(self, conv, x):
+        """A causal conv on x as it is (conv_in, the time-upsampling conv)."""
+        _, _, _, (t_pad, h_pad, w_pad) = ref._conv_args(conv)
+        if t_pad == 0:
+            weight, bias, stride, _ = ref._conv_args(conv)
+            return F.conv3d(x, weight, bias, stride, (0, h_pad, w_pad))
+        if t_pad != CACHE_T:
+            raise NotImplementedError(f"causal conv with {t_pad} padding frames (Wan's have {CACHE_T})")
+        buf, slot = self.buffer(conv, x.shape, x.dtype, x.device)
+        slot.copy_(x)
+        return self.conv(conv, buf)
+
+
+def _norm_bias(norm):
+    if isinstance(norm.bias, torch.Tensor):
+        return norm.bias
+    if norm.bias != 0:
+        raise ValueError(f"WanRMS_norm.bias: expected a tensor or 0.0, got {norm.bias!r}")
+    return None
+
+
+def _shortcut(block, x):
+    if isinstance(block.conv_shortcut, torch.nn.Identity):
+        return x
+    weight, bias, stride, _ = ref._conv_args(block.conv_shortcut)
+    return F.conv3d(x, weight, bias, stride)
+
+
+def residual_block(block, x, run):
+    if block.training and block.dropout.p > 0:
+        raise RuntimeError("vkern's Wan VAE path is for inference: put the VAE in eval mode")
+    y = run.norm_conv(block.norm1, block.conv1, x)
+    buf = run.norm_into(block.norm2, block.conv2, y)
+    del y  # conv1's output is read: free it before conv2 allocates its output
+    y = run.conv(block.conv2, buf)
+    del buf
+    return y.add_(_shortcut(block, x))  # diffusers' x + h: the same one rounding, in place
+
+
+def attention_block(block, x, run):
+    return _cl(block(x))  # per frame, at the lowest resolution: diffusers' module as it is
+
+
+def mid_block(block, x, run):
+    x = residual_block(block.resnets[0], x, run)
+    for attn, resnet in zip(block.attentions, block.resnets[1:]):
+        x = residual_block(resnet, attention_block(attn, x, run), run)
+    return x
+
+
+def _upsample_frames(src):
+    """Nearest 2x upsampling of frames given as a [B, T, I, H, W, C] view (frame t * I + i), into a
+    new channels-last [B * T * I, C, 2H, 2W] batch of frames: one copy."""
+    B, T, I, H, W, C = src.shape
+    out = torch.empty((B * T * I, C, 2 * H, 2 * W), dtype=src.dtype, device=src.device,
+                      memory_format=torch.channels_last)
+    dst = out.permute(0, 2, 3, 1).view(B, T, I, H, 2, W, 2, C)
+    dst.copy_(src[:, :, :, :, None, :, None, :].expand(B, T, I, H, 2, W, 2, C))
+    return out
+
+
+def upsample(block, x, run):
+    """WanResample upsample2d/upsample3d: [time conv to 2C channels, frames interleaved], nearest 2x in
+    space, 3x3 conv; the interleave and the upsampling in one copy."""
+    B, C, T, H, W = x.shape
+    src = x.permute(0, 2, 3, 4, 1).unsqueeze(2)  # [B, T, 1, H, W, C], a view of channels-last data
+    if block.mode == "upsample3d":
+        conv = block.time_conv
+        if conv not in run.seen:  # first chunk: no time upsampling ("Rep" in diffusers)
+            run.seen.add(conv)
+        else:  # later chunks; before the second the cache is zeros, as diffusers' "Rep" rule gives
+            y = run.plain_conv(conv, x)
+            # channel i * C + c of frame t becomes channel c of frame 2t + i
+            src = y.permute(0, 2, 3, 4, 1).unflatten(-1, (2, C)).permute(0, 1, 4, 2, 3, 5)
+            del y
+    T = src.shape[1] * src.shape[2]
+    up = _upsample_frames(src)
+    del src, x
+    conv2d = block.resample[1]
+    y = F.conv2d(up, conv2d.weight, conv2d.bias, conv2d.stride, conv2d.padding)
+    del up
+    # [B*T, C', 2H, 2W] channels-last is [B, C', T, 2H, 2W] channels-last-3d in memory
+    return y.unflatten(0, (B, T)).permute(0, 2, 1, 3, 4)
+
+
+def resample(block, x, run):
+    if block.mode in ("upsample2d", "upsample3d"):
+        return upsample(block, x, run)
+    x = _cl(ref._per_frame(block.resample, x))  # downsample: ZeroPad2d + strided conv (encoder)
+    if block.mode != "downsample3d":
+        return x
+    conv = block.time_conv
+    prev = run.frames.get(conv)
+    if prev is None:  # first chunk passes through; its last frame is the next chunk's context
+        run.frames[conv] = x[:, :, -1:].clone(memory_format=CL)
+        return x
+    buf, slot = run.buffer(conv, x.shape, x.dtype, x.device, keep=1)
+    slot.copy_(x)
+    del x, slot
+    return run.conv(conv, buf, keep=1)  # kernel 3, stride 2, no padding over [last frame | chunk]
+
+
+def residual_down_block(block, x, run):
+    shortcut = block.avg_shortcut(x)
+    for resnet in block.resnets:
+        x = residual_block(resnet, x, run)
+    if block.downsampler is not None:
+        x = resample(block.downsampler, x, run)
+    return x.add_(shortcut)
+
+
+def up_block(block, x, run, first_chunk):
+    for resnet in block.resnets:
+        x = residual_block(resnet, x, run)
+    if block.upsamplers is not None:
+        x = resample(block.upsamplers[0], x, run)
+    return x
+
+
+def residual_up_block(block, x, run, first_chunk):
+    shortcut = None if block.avg_shortcut is None else block.avg_shortcut(x, first_chunk=first_chunk)
+    for resnet in block.resnets:
+        x = residual_block(resnet, x, run)
+    if block.upsampler is not None:
+        x = resample(block.upsampler, x, run)
+    return x if shortcut is None else x.add_(shortcut)
+
+
+_DOWN = {"WanResidualBlock": residual_block, "WanAttentionBlock": attention_block, "WanResample": resample,
+         "WanResidualDownBlock": residual_down_block}
+_UP = {"WanUpBlock": up_block, "WanResidualUpBlock": residual_up_block}
+
+
+def _time_up_blocks(dec):
+    """Indices of the decoder's up blocks that upsample in time."""
+    def resampler(b):
+        r = getattr(b, "upsampler", None) or (b.upsamplers[0] if getattr(b, "upsamplers", None) else None)
+        return r
+    return [i for i, b in enumerate(dec.up_blocks) if resampler(b) is not None and resampler(b).mode == "upsample3d"]
+
+
+def decoder_chunk(dec, x, run, first_chunk, frames_per_step=None):
+    """Yield the decoded frames of one latent frame, `frames_per_step` at a time past the last time
+    upsampling (all at once when None)."""
+    x = run.plain_conv(dec.conv_in, x)
+    x = mid_block(dec.mid_block, x, run)
+    split = max(_time_up_blocks(dec), default=-1) + 1
+    for block in dec.up_blocks[:split]:
+        x = ref._block_fn(_UP, block)(block, x, run, first_chunk)
+    steps = [x] if frames_per_step is None else list(x.split(frames_per_step, dim=2))
+    del x
+    while steps:
+        y = steps.pop(0)
+        for block in dec.up_blocks[split:]:
+            y = ref._block_fn(_UP, block)(block, y, run, first_chunk)
+        yield run.norm_conv(dec.norm_out, dec.conv_out, y)
+        del y
+
+
+def encoder_chunk(enc, x, run):
+    x = run.plain_conv(enc.conv_in, x)
+    for block in enc.down_blocks:
+        x = ref._block_fn(_DOWN, block)(block, x, run)
+    x = mid_block(enc.mid_block, x, run)
+    return run.norm_conv(enc.norm_out, enc.conv_out, x)
+
+
+# --- entry points -------------------------------------------------------------------------------------
+
+def _vae_dtype(vae):
+    dtypes = {p.dtype for p in vae.parameters()}
+    if len(dtypes) != 1:
+        raise TypeError(f"vkern Wan VAE path: expected the VAE's parameters in one dtype, got {sorted(map(str, dtypes))}")
+    return dtypes.pop()
+
+
+def _check_input(name, t, vae, channels):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 5:
+        raise ValueError(f"{name}: expected 5 dimensions (batch, channels, frames, height, width), got shape "
+                         f"{tuple(t.shape)}")
+    if t.shape[1] != channels:
+        raise ValueError(f"{name}: expected {channels} channels, got shape {tuple(t.shape)}")
+    dtype = _vae_dtype(vae)
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {str(dtype).replace('torch.', '')} (the VAE's), got "
+                        f"{str(t.dtype).replace('torch.', '')}")
+    device = next(vae.parameters()).device
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the VAE's device), got {t.device}")
+
+
+def _auto_frames_per_step(H, W):
+    """VKERN_WAN_VAE_FRAMES_PER_STEP (an int, or "all") if set; else 1 for large frames, whole chunks
+    otherwise. Smaller steps trade memory for cache copies: each step copies 2 cached frames into
+    and out of every conv's buffer, so 1-frame steps copy 4x the frames of whole 4-frame chunks."""
+    import os
+
+    env = os.environ.get("VKERN_WAN_VAE_FRAMES_PER_STEP")
+    if env:
+        if env == "all":
+            return None
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"VKERN_WAN_VAE_FRAMES_PER_STEP: expected a positive int or 'all', got {env!r}")
+        return int(env)
+    return 1 if H * W > LARGE_FRAME_PIXELS else None
+
+
+def decode(vae, z, output_device=None, frames_per_step="auto"):
+    """vae.decode(z).sample for an AutoencoderKLWan in eval mode: [B, C, 1 + 4 * (T - 1), H, W] in
+    [-1, 1] from z [B, z_dim, T, h, w]. output_device: where the decoded video is allocated (e.g.
+    "cpu": then only a chunk's frames are ever on the GPU; default z's device). frames_per_step:
+    frames per step of the stages past the last time upsampling ("auto": see _auto_frames_per_step;
+    None: whole chunks)."""
+    _check_input("z", z, vae, vae.config.z_dim)
+    B, _, T, h, w = z.shape
+    p = vae.config.patch_size or 1
+    up = vae.spatial_compression_ratio // p  # the decoder's own spatial factor
+    H, W = h * up * p, w * up * p
+    if frames_per_step == "auto":
+        frames_per_step = _auto_frames_per_step(H, W)
+    out_channels = vae.decoder.conv_out.weight.shape[0] // (p * p)
+    device = torch.device(output_device) if output_device is not None else z.device
+    pin = device.type == "cpu" and z.device.type == "cuda"
+    out = torch.empty((B, out_channels, 1 + 4 * (T - 1), H, W), dtype=z.dtype, device=device, pin_memory=pin)
+    x = ref.run_conv(vae.post_quant_conv, z)  # 1x1x1 over the latents: tiny
+    run = _Chunks()
+    t = 0
+    for i in range(T):
+        for y in decoder_chunk(vae.decoder, _cl(x[:, :, i:i + 1]), run, i == 0, frames_per_step):
+            if p > 1:
+                y = ref.unpatchify(y, p)
+            n = y.shape[2]
+            out[:, :, t:t + n].copy_(y.clamp_(-1.0, 1.0), non_blocking=pin)
+            t += n
+            del y
+    if pin:
+        torch.cuda.current_stream(z.device).synchronize()  # the last copies are asynchronous
+    return out
+
+
+def encode(vae, x):
+    """vae._encode(x) (= vae.encode(x).latent_dist.parameters) for an AutoencoderKLWan in eval mode:
+    [B, 2 * z_dim, 1 + (T - 1) // 4, h, w] from x [B, C, T, H, W] with T = 4k + 1 frames (diffusers
+    silently drops the frames past the last full chunk; here that is an error)."""
+    p = vae.config.patch_size or 1
+    _check_input("x", x, vae, vae.config.in_channels // (p * p))
+    T = x.shape[2]
+    if (T - 1) % ref.ENCODE_CHUNK:
+        raise ValueError(f"x: expected 4k + 1 frames (1, 5, 9, ..., 81), got {T} (shape {tuple(x.shape)}); "
+                         f"diffusers would drop the last {(T - 1) % ref.ENCODE_CHUNK}")
+    if p > 1:
+        x = ref.patchify(x, p)
+    run = _Chunks()
+    starts = [0] + list(range(1, T, ref.ENCODE_CHUNK))
+    outs = [encoder_chunk(vae.encoder, _cl(x[:, :, s:s + (1 if s == 0 else ref.ENCODE_CHUNK)]), run) for s in starts]
+    out = torch.cat(outs, dim=2)  # latents: small
+    return ref.run_conv(vae.quant_conv, out).contiguous()
