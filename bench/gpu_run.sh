@@ -3,11 +3,12 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [quick] [anchors] [big]
-#     quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step; anchors: attention backends and the VAE
-#     decode; big: Wan-14B 480p step (every provider builds its own 14B model)
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big]
+#     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
+#     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
+#     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model)
 set -uo pipefail
-MODES=" ${*:-quick} "
+MODES=" ${*:-tests quick} "
 OUT=${OUT:-/tmp/vkern-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -26,13 +27,15 @@ so=$(ls vkern/_C*.so)
   cuobjdump --dump-sass "$so" | awk '/Function :/{f=$3} /LDG|STG|F2FP/{split($2,a," "); c[f" "$2]++} END{for(k in c) print c[k], k}' | sort -k2; } > "$OUT/sass.txt"
 python3 -m vkern info | tee "$OUT/info.txt"
 
-echo "== pytest -m gpu"
-python3 -m pytest -m gpu -v -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1
-tests_rc=$?
-tail -5 "$OUT/pytest.log"
-
-echo "== demo"
-python3 -m vkern demo --size 1.3b --res 480p 2>&1 | tee "$OUT/demo.txt"
+tests_rc=0
+if [[ $MODES == *" tests "* ]]; then
+  echo "== pytest -m gpu"
+  timeout ${VKERN_TEST_TIMEOUT:-300} python3 -m pytest -m gpu -v -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1
+  tests_rc=$?
+  grep -E "FAILED|ERROR" "$OUT/pytest.log" | head -20; tail -3 "$OUT/pytest.log"
+  echo "== demo"
+  python3 -m vkern demo --size 1.3b --res 480p 2>&1 | tee "$OUT/demo.txt"
+fi
 
 echo "== bench"
 B="python3 -m bench.bench --out $OUT/results.jsonl --warmup 2 --repeats 5"
@@ -42,12 +45,20 @@ if [[ $MODES == *" quick "* ]]; then
   $B --op gemm
   $B --op step --shape wan1.3b-480p
 fi
-if [[ $MODES == *" anchors "* ]]; then
-  $B --op attention --shape wan1.3b-480p,wan14b-720p,hunyuan-720p,cogvideox-5b,ltx-512p --repeats 3
-  $B --op vae-decode --shape wan-vae-480p
+if [[ $MODES == *" attention "* ]]; then
+  $B --op attention --shape wan1.3b-480p,wan14b-480p,wan14b-720p,hunyuan-720p,cogvideox-5b,ltx-512p --repeats 3
+fi
+if [[ $MODES == *" steps "* ]]; then
+  $B --op step --shape wan1.3b-480p --providers diffusers,vkern,vkern-attn-bf16,vkern-attn-int8,vkern-attn-fp8,vkern-fp8-compute,vkern-fp8-compute-attn-fp8
+fi
+if [[ $MODES == *" vae "* ]]; then
+  $B --op vae-conv --repeats 10
+  $B --op vae-decode --shape wan-vae-480p,wan-vae-720p
+  $B --op vae-encode --shape wan-vae-480p,wan-vae-720p
+  VKERN_WAN_VAE_FRAMES_PER_STEP=2 $B --op vae-decode --shape wan-vae-720p --providers vkern
 fi
 if [[ $MODES == *" big "* ]]; then
-  $B --op step --shape wan14b-480p
+  $B --op step --shape wan14b-480p --providers diffusers,vkern,vkern-attn-fp8,vkern-fp8-compute,vkern-fp8-compute-attn-fp8
 fi
 python3 -m bench.table "$OUT/results.jsonl"
 echo "pytest -m gpu exit code: $tests_rc"

@@ -161,6 +161,8 @@ def attention(q, k, v, attn_mask=None, *, key_padding_mask=None, scale=None, ret
         check_tensor("attn_mask", attn_mask, dtypes=(torch.bool, q.dtype), device=q.device)
         if key_padding_mask is not None:
             raise ValueError("attn_mask, key_padding_mask: pass one or the other")
+        if return_lse:
+            raise ValueError("attn_mask, return_lse: the log-sum-exp comes with key_padding_mask (or no mask) only")
     out, lse = torch.ops.vkern.attention(q, k, v, attn_mask, key_padding_mask,
                                          None if scale is None else float(scale), bool(return_lse), backend)
     return (out, lse) if return_lse else out
@@ -180,6 +182,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: tor
         from ..triton.attention import attention as kernel
 
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        if scale is not None and scale <= 0:  # the kernel folds a positive scale into the row max
+            q, scale = (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)
         out = torch.empty((B, Sq, H, v.shape[3]), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device) if return_lse else None
         kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
@@ -273,6 +277,8 @@ def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_pad
     """attention_8bit on inputs already quantized (by qk_norm_rope(..., quant=...) and v_to_e4m3):
     q8/k8 int8 or e4m3 [B, S, H, D] with scales fp32 [B, H, S]; v bf16/fp16 [B, Skv, H, D] (v_scale None)
     or e4m3 V^T [B, H, D, S_pad] with v_scale fp32 [B, H, D]."""
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale: the 8-bit kernel needs a positive softmax scale, got {scale}")
     check_tensor("q8", q8, dtypes=tuple(_DTYPE_OF.values()), ndim=4)
     check_tensor("k8", k8, dtypes=(q8.dtype,), ndim=4, device=q8.device)
     B, Sq, H, D = q8.shape

@@ -1,0 +1,552 @@
+"""vkern.ops.attention (issue #3): vkern's flash-attention forward against the float64 oracle
+(vkern.reference.attention.attention_lse).
+
+The rule (DESIGN.md, flash-attention's): in a low precision, the kernel's error against the float64
+oracle is at most 2x the error PyTorch itself makes doing the same op in the same dtype, where
+"PyTorch itself" is F.scaled_dot_product_attention as diffusers calls it (the CPU flash kernel on the
+CPU, cuDNN/flash/efficient on the GPU). The log-sum-exp (fp32) is held to 2x PyTorch's fp32
+logsumexp error plus a floor of 1e-5 (1 + |lse|) (about 80 fp32 ulps: exp2/log2 approximations and
+sums over thousands of keys; an lse that far off moves a merged partial output by 1e-5 relative,
+far below bf16's 4e-3).
+
+On the CPU the Triton kernel runs under the interpreter (conftest sets TRITON_INTERPRET=1), forced
+with VKERN_ATTENTION_BACKEND=triton; those tests are small (odd sizes, 1-2 heads). Tests marked gpu
+run the compiled kernel at odd and at real video-model shapes (`pytest -m gpu`).
+"""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vkern import ops
+from vkern.ops import _backend
+from vkern.reference import attention as ref
+
+from .tolerance import assert_within_torch_error, rel_l2
+
+ON_GPU = torch.cuda.is_available()
+cpu_interpreter = pytest.mark.skipif(ON_GPU, reason="Triton-interpreter test; the gpu tests run the compiled kernel")
+LSE_REL_FLOOR = 1e-5
+
+
+# ----------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def poisoned():
+    """Inside, torch.empty and friends return NaN-filled memory (ints: their max), so an output or
+    lse element the kernel never writes cannot pass the finiteness checks."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = was_fill
+
+
+@pytest.fixture
+def use_backend(monkeypatch):
+    def force(name):
+        monkeypatch.setenv("VKERN_ATTENTION_BACKEND", name)
+        return name
+    return force
+
+
+def make_qkv(B, Sq, Skv, H, D, dtype, device="cpu", layout="contiguous", sharpness=1.0):
+    """Random q [B, Sq, H, D], k, v [B, Skv, H, D] in `dtype`, laid out as a diffusers processor may
+    hand them over. sharpness multiplies q (score std ~ sharpness): > 1 gives peaked softmax rows.
+      contiguous   three separate contiguous tensors
+      fused        slices of one fused QKV projection [B, S, 3, H, D] (self-attention only)
+      kv_fused     q separate, k and v slices of a fused KV projection [B, Skv, 2, H, D]
+      heads_first  [B, H, S, D] storage seen through transpose(1, 2)
+      strided_d    every other element of [B, S, H, 2D] (last-dim stride 2)
+      batch_bcast  k and v expanded over the batch (batch stride 0)"""
+    def rand(*shape):
+        return torch.randn(*shape, device=device)
+
+    if layout == "fused":
+        assert Sq == Skv
+        qkv = rand(B, Sq, 3, H, D)
+        qkv[:, :, 0] *= sharpness
+        q, k, v = qkv.to(dtype).unbind(2)
+    elif layout == "kv_fused":
+        q = (rand(B, Sq, H, D) * sharpness).to(dtype)
+        k, v = rand(B, Skv, 2, H, D).to(dtype).unbind(2)
+    elif layout == "heads_first":
+        q = (rand(B, H, Sq, D) * sharpness).to(dtype).transpose(1, 2)
+        k, v = (rand(B, H, Skv, D).to(dtype).transpose(1, 2) for _ in range(2))
+    elif layout == "strided_d":
+        q = (rand(B, Sq, H, 2 * D) * sharpness).to(dtype)[..., ::2]
+        k, v = (rand(B, Skv, H, 2 * D).to(dtype)[..., 1::2] for _ in range(2))
+    elif layout == "batch_bcast":
+        q = (rand(B, Sq, H, D) * sharpness).to(dtype)
+        k, v = (rand(1, Skv, H, D).to(dtype).expand(B, -1, -1, -1) for _ in range(2))
+    else:
+        assert layout == "contiguous"
+        q = (rand(B, Sq, H, D) * sharpness).to(dtype)
+        k, v = (rand(B, Skv, H, D).to(dtype) for _ in range(2))
+    return q, k, v
+
+
+def make_padding(B, Skv, pattern, device="cpu"):
+    """Key-padding masks [B, Skv], True = attend."""
+    if pattern == "none":
+        return None
+    if pattern == "all_true":
+        return torch.ones(B, Skv, dtype=torch.bool, device=device)
+    if pattern == "random":  # ~30% of keys masked, scattered across blocks
+        return torch.rand(B, Skv, device=device) > 0.3
+    if pattern == "prefix":  # padded text: each batch row keeps a different number of leading tokens
+        lengths = torch.randint(1, Skv + 1, (B,), device=device)
+        lengths[0] = 1 if Skv > 1 else lengths[0]  # one row keeps a single key
+        return torch.arange(Skv, device=device)[None, :] < lengths[:, None]
+    if pattern == "dead_row":  # batch row 1 attends to nothing: its queries get out 0 and lse -inf
+        mask = torch.rand(B, Skv, device=device) > 0.5
+        mask[1] = False
+        return mask
+    raise ValueError(pattern)
+
+
+def torch_attention(q, k, v, key_padding_mask=None, scale=None):
+    """PyTorch doing the same op in the inputs' dtype: SDPA as diffusers calls it."""
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def run_op(q, k, v, **kwargs):
+    with poisoned():
+        return ops.attention(q, k, v, **kwargs)
+
+
+def assert_unbiased(out, oracle, torch_out, what="output"):
+    """No systematic scaling error: the error's component along the oracle, c = <err, o> / <o, o>, is at
+    most 2x PyTorch's plus 8 standard deviations of what PyTorch's own error puts there by chance. A
+    rounding that truncates instead of rounding to nearest (e.g. P or the output cast to bf16 by the
+    Triton interpreter) biases every element by ~2^-9 and fails this long before the 2x rule."""
+    o = oracle.double()
+    err, err_t = out.double() - o, torch_out.double() - o
+    norm = (o * o).sum().clamp_min(1e-300)
+    c, c_t = ((err * o).sum() / norm).item(), ((err_t * o).sum() / norm).item()
+    sd_t = ((err_t * o).pow(2).sum().sqrt() / norm).item()
+    assert abs(c) <= 2 * abs(c_t) + 8 * sd_t + 1e-12, \
+        f"{what}: biased by {c:.3g} relative (torch {c_t:.3g}, chance level {sd_t:.2g})"
+
+
+def check_lse(lse, lse_oracle, lse_torch32, what="lse"):
+    assert torch.isfinite(lse).all(), f"{what}: non-finite values where a key is attended"
+    err = (lse.double() - lse_oracle).abs().max().item()
+    torch_err = (lse_torch32.double() - lse_oracle).abs().max().item()
+    floor = LSE_REL_FLOOR * (1 + lse_oracle.abs().max().item())
+    assert err <= 2 * torch_err + floor, f"{what}: max error {err:.3g} > 2 x torch's fp32 {torch_err:.3g} + {floor:.2g}"
+
+
+def check_attention(q, k, v, backend, key_padding_mask=None, scale=None, rows=None):
+    """The op's (out, lse) on q, k, v against the float64 oracle, with the 2x-PyTorch rule. rows: a
+    LongTensor of query positions to check (the gpu tests sample them at real sizes; attention rows
+    are independent, so the oracle only needs those rows of q)."""
+    out, lse = run_op(q, k, v, key_padding_mask=key_padding_mask, scale=scale, return_lse=True)
+    assert _backend.last_choice["attention"] == backend, _backend.last_choice["attention"]
+    B, Sq, H, D = q.shape
+    assert out.shape == (B, Sq, H, D) and out.dtype == q.dtype and out.device == q.device
+    assert lse.shape == (B, H, Sq) and lse.dtype == torch.float32 and lse.device == q.device
+    torch_out = torch_attention(q, k, v, key_padding_mask, scale)
+    if rows is not None:
+        q, out, lse, torch_out = q[:, rows], out[:, rows], lse[:, :, rows], torch_out[:, rows]
+    oracle, lse_oracle = ref.attention_lse(q, k, v, key_padding_mask, scale, dtype=torch.float64)
+    lse_torch32 = ref.attention_lse(q, k, v, key_padding_mask, scale, dtype=torch.float32)[1]
+    live = torch.ones(B, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        live = key_padding_mask.any(1)
+        dead = ~live
+        # A query with no key to attend: out exactly 0, lse exactly -inf (SDPA itself would give NaN).
+        assert (out[dead] == 0).all(), "queries with every key masked must give 0"
+        assert (lse[dead] == float("-inf")).all(), "queries with every key masked must give lse = -inf"
+    if live.any():
+        assert_within_torch_error(out[live], oracle[live], torch_out[live])
+        assert_unbiased(out[live], oracle[live], torch_out[live])
+        check_lse(lse[live], lse_oracle[live], lse_torch32[live])
+    return out, lse
+
+
+# ------------------------------------------------------- the Triton kernel at odd sizes (CPU, interpreted)
+# (B, H, Sq, Skv, D, dtype, sharpness). Interpreted cost ~ Sq * Skv * B * H * D; the whole list runs in seconds.
+ODD_SIZES = [
+    (1, 2, 1, 1, 64, torch.float16, 1.0),  # one query, one key
+    (2, 1, 113, 113, 128, torch.float16, 1.0),
+    (1, 2, 257, 257, 64, torch.float32, 1.0),
+    (1, 1, 1000, 1000, 64, torch.float16, 4.0),  # peaked rows: the running max moves between key blocks
+    (1, 1, 1000, 1000, 128, torch.float32, 1.0),
+    (1, 2, 113, 512, 128, torch.float16, 1.0),  # Wan cross-attention: 512 text tokens
+    (2, 1, 257, 77, 64, torch.float32, 3.0),  # CLIP-length context, shorter than the queries
+    (1, 1, 1, 1000, 128, torch.float16, 1.0),  # one query, many keys
+    (1, 2, 257, 257, 128, torch.bfloat16, 1.0),  # bf16 (the kernel upcasts its tiles when interpreting)
+    (2, 1, 113, 77, 64, torch.bfloat16, 2.0),
+]
+
+
+def _size_id(p):
+    B, H, Sq, Skv, D, dtype, sharp = p
+    return f"B{B}H{H}-{Sq}x{Skv}-D{D}-{str(dtype)[6:]}" + (f"-sharp{sharp:g}" if sharp != 1 else "")
+
+
+@cpu_interpreter
+@pytest.mark.parametrize("B,H,Sq,Skv,D,dtype,sharpness", ODD_SIZES, ids=[_size_id(p) for p in ODD_SIZES])
+def test_triton_odd_sizes_within_twice_torch_error(use_backend, B, H, Sq, Skv, D, dtype, sharpness):
+    q, k, v = make_qkv(B, Sq, Skv, H, D, dtype, sharpness=sharpness)
+    check_attention(q, k, v, use_backend("triton"))
+
+
+@cpu_interpreter
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("pattern", ["random", "prefix", "dead_row", "all_true"])
+@pytest.mark.parametrize("Sq,Skv,D,dtype", [(113, 257, 64, torch.float16), (257, 77, 128, torch.float32)])
+def test_key_padding_mask(use_backend, backend, pattern, Sq, Skv, D, dtype):
+    q, k, v = make_qkv(2, Sq, Skv, 2, D, dtype)
+    check_attention(q, k, v, use_backend(backend), key_padding_mask=make_padding(2, Skv, pattern))
+
+
+@cpu_interpreter
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_masked_keys_have_no_influence(use_backend, backend):
+    """Whatever the masked keys hold (here huge but finite k, which would win any row max taken before
+    masking, and huge v), the output and lse are bit-identical: a masked key contributes exactly 0."""
+    use_backend(backend)
+    q, k, v = make_qkv(2, 113, 200, 2, 64, torch.float16)
+    mask = make_padding(2, 200, "random")
+    mask[0, 64:128] = False  # a whole key block masked
+    out, lse = run_op(q, k, v, key_padding_mask=mask, return_lse=True)
+    k2, v2 = k.clone(), v.clone()
+    k2[~mask] = 3e4 * torch.sign(torch.randn_like(k2[~mask].float())).to(k2.dtype)  # |q.k| ~ 1e6 >> fp16 range
+    v2[~mask] = -6e4
+    out2, lse2 = run_op(q, k2, v2, key_padding_mask=mask, return_lse=True)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    check_attention(q, k2, v2, backend, key_padding_mask=mask)
+
+
+@cpu_interpreter
+@pytest.mark.parametrize("layout,Sq,Skv", [("fused", 113, 113), ("kv_fused", 113, 77), ("heads_first", 257, 129),
+                                           ("strided_d", 65, 113), ("batch_bcast", 113, 200)])
+def test_non_contiguous_inputs(use_backend, layout, Sq, Skv):
+    q, k, v = make_qkv(2, Sq, Skv, 2, 64, torch.float16, layout=layout)
+    assert not all(t.is_contiguous() for t in (q, k, v))
+    out, _ = check_attention(q, k, v, use_backend("triton"))
+    # The same values laid out contiguously give the same answer bit for bit.
+    out_c = run_op(*(t.contiguous() for t in (q, k, v)))
+    assert torch.equal(out, out_c)
+
+
+@cpu_interpreter
+@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0])
+def test_softmax_scale(use_backend, scale):
+    """scale = 4 on unit-variance q, k with D = 64 gives scores of std ~32 (maxima ~100): a kernel
+    that exponentiates without subtracting the running max overflows even in fp32."""
+    q, k, v = make_qkv(1, 257, 129, 2, 64, torch.float32)
+    check_attention(q, k, v, use_backend("triton"), scale=scale)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=cpu_interpreter)])
+@pytest.mark.parametrize("scale", [0.0, -0.3])
+def test_scale_zero_or_negative(use_backend, backend, scale):
+    """scale = 0 (uniform weights) and scale < 0 are valid floats to SDPA: either the right answer or an
+    error naming scale, never NaN (a kernel that takes the row max of unscaled scores assumes scale > 0;
+    0 * -inf at padded key positions is NaN)."""
+    use_backend(backend)
+    q, k, v = make_qkv(1, 70, 77, 2, 64, torch.float16)
+    try:
+        out, lse = run_op(q, k, v, scale=scale, return_lse=True)
+    except ValueError as e:
+        assert "scale" in str(e), str(e)
+        return
+    oracle, lse_oracle = ref.attention_lse(q, k, v, scale=scale)
+    assert_within_torch_error(out, oracle, torch_attention(q, k, v, scale=scale))
+    check_lse(lse, lse_oracle, ref.attention_lse(q, k, v, scale=scale, dtype=torch.float32)[1])
+
+
+@cpu_interpreter
+def test_return_lse_false_and_determinism(use_backend):
+    use_backend("triton")
+    q, k, v = make_qkv(1, 113, 77, 2, 128, torch.float16)
+    out = run_op(q, k, v)
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape
+    out_lse, lse = run_op(q, k, v, return_lse=True)
+    again = run_op(q, k, v)
+    assert torch.equal(out, out_lse) and torch.equal(out, again)
+
+
+@pytest.mark.parametrize("D", [32, 80, 96])
+def test_unsupported_head_dim_is_never_a_wrong_answer(use_backend, monkeypatch, D):
+    """Head dims other than 64 and 128: forcing the kernel is an error that names the head dim; left to
+    choose, the op answers correctly with another backend (the GPU test checks the warning)."""
+    q, k, v = make_qkv(1, 37, 41, 2, D, torch.float16)
+    if not ON_GPU:
+        use_backend("triton")
+        with pytest.raises(_backend.BackendError, match=f"head dim {D}"):
+            ops.attention(q, k, v)
+    monkeypatch.delenv("VKERN_ATTENTION_BACKEND")
+    monkeypatch.delenv("VKERN_BACKEND", raising=False)
+    out, lse = ops.attention(q, k, v, return_lse=True)
+    assert _backend.last_choice["attention"] in ("sdpa", "reference")
+    oracle, lse_oracle = ref.attention_lse(q, k, v)
+    assert_within_torch_error(out, oracle, torch_attention(q, k, v))
+    check_lse(lse, lse_oracle, ref.attention_lse(q, k, v, dtype=torch.float32)[1])
+
+
+def general_mask(kind, B, Sq, Skv, dtype, device="cpu"):
+    if kind == "bool_4d":
+        mask = torch.rand(B, 1, Sq, Skv, device=device) > 0.4
+        mask[..., 0] = True  # every query keeps a key (SDPA's NaN rows are not the point here)
+        return mask
+    return (torch.randn(Sq, Skv, device=device) * 2).to(dtype)  # additive, broadcast over batch and heads
+
+
+@pytest.mark.parametrize("mask_kind", ["bool_4d", "additive_2d"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("sdpa", marks=pytest.mark.gpu)])
+def test_general_attn_mask(use_backend, backend, mask_kind):
+    """attn_mask (SDPA semantics) is answered by SDPA/the reference, within 2x PyTorch's error; the
+    kernel does not take it, so forcing the kernel with it is an error naming attn_mask."""
+    device = "cuda" if backend == "sdpa" else "cpu"
+    q, k, v = make_qkv(2, 113, 77, 2, 64, torch.float16, device)
+    mask = general_mask(mask_kind, 2, 113, 77, torch.float16, device)
+    oracle = ref.attention_math(q, k, v, mask, dtype=torch.float64)
+    torch_out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask).transpose(1, 2)
+    assert_within_torch_error(ops.attention(q, k, v, mask), oracle, torch_out)  # the op's own choice
+    use_backend(backend)
+    assert_within_torch_error(ops.attention(q, k, v, mask), oracle, torch_out)
+    assert _backend.last_choice["attention"] == backend
+    if not ON_GPU or device == "cuda":
+        use_backend("triton")
+        with pytest.raises(_backend.BackendError, match="attn_mask"):
+            ops.attention(q, k, v, mask)
+    with pytest.raises(ValueError, match="attn_mask, key_padding_mask"):
+        ops.attention(q, k, v, mask, key_padding_mask=torch.ones(2, 77, dtype=torch.bool, device=device))
+
+
+def test_general_attn_mask_with_return_lse(use_backend):
+    """attn_mask with return_lse: either a correct lse [B, H, Sq] or an error naming both arguments,
+    never a placeholder."""
+    use_backend("reference")
+    q, k, v = make_qkv(2, 113, 77, 2, 64, torch.float32)
+    mask = general_mask("bool_4d", 2, 113, 77, torch.float32)
+    try:
+        out, lse = ops.attention(q, k, v, mask, return_lse=True)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        assert "attn_mask" in str(e) and "return_lse" in str(e), str(e)
+        return
+    assert lse.shape == (2, 2, 113) and lse.dtype == torch.float32, f"lse: shape {tuple(lse.shape)}"
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / 8
+    lse_oracle = s.masked_fill(~mask, float("-inf")).logsumexp(-1)
+    check_lse(lse, lse_oracle, s.float().masked_fill(~mask, float("-inf")).logsumexp(-1))
+    assert_within_torch_error(out, ref.attention_math(q, k, v, mask), ref.attention(q, k, v, mask))
+
+
+# ------------------------------------------------------------------------- the reference backend, fp64
+def test_reference_backend_float64_is_the_oracle(use_backend):
+    use_backend("reference")
+    q, k, v = make_qkv(2, 113, 77, 3, 48, torch.float64)
+    mask = make_padding(2, 77, "dead_row")
+    out, lse = ops.attention(q, k, v, key_padding_mask=mask, scale=0.3, return_lse=True)
+    oracle, lse_oracle = ref.attention_lse(q, k, v, mask, 0.3)
+    assert out.dtype == torch.float64 and lse.shape == (2, 3, 113)
+    torch.testing.assert_close(out, oracle, rtol=1e-12, atol=1e-12)
+    live = mask.any(1)
+    # lse is documented as fp32; allow either fp32 or fp64 here and hold it to fp32 rounding.
+    torch.testing.assert_close(lse[live].double(), lse_oracle[live], rtol=2 * torch.finfo(torch.float32).eps, atol=1e-6)
+    assert (lse[~live] == float("-inf")).all() and (out[~live] == 0).all()
+
+
+# ------------------------------------------------------------------------------- compile, fake, modes
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=cpu_interpreter)])
+def test_compile_fullgraph(use_backend, backend):
+    """Through the custom op and its fake impl (aot_eager: fake-tensor tracing and functionalization),
+    with a mask and both outputs, at two sizes; results equal eager bit for bit."""
+    use_backend(backend)
+
+    def fn(q, k, v, mask):
+        out, lse = ops.attention(q, k, v, key_padding_mask=mask, return_lse=True)
+        return out * 2, lse + 1
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for Sq, Skv in ((65, 77), (113, 129)):
+        q, k, v = make_qkv(2, Sq, Skv, 2, 64, torch.float16)
+        mask = make_padding(2, Skv, "dead_row")
+        got, expected = compiled(q, k, v, mask), fn(q, k, v, mask)
+        assert _backend.last_choice["attention"] == backend
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_fake_tensor_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 113, 3, 128, dtype=torch.bfloat16)
+        k = torch.empty(2, 512, 3, 128, dtype=torch.bfloat16)
+        mask = torch.empty(2, 512, dtype=torch.bool)
+        out, lse = ops.attention(q, k, k, key_padding_mask=mask, return_lse=True)
+        out_only = ops.attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, k)
+    assert out.shape == (2, 113, 3, 128) and out.dtype == torch.bfloat16
+    assert lse.shape == (2, 3, 113) and lse.dtype == torch.float32
+    assert out_only.shape == (2, 113, 3, 128)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=cpu_interpreter)])
+def test_inference_mode_and_requires_grad_inputs(use_backend, backend):
+    use_backend(backend)
+    q, k, v = make_qkv(1, 33, 47, 2, 64, torch.float32)
+    expected = ops.attention(q, k, v)
+    with torch.inference_mode():
+        torch.testing.assert_close(ops.attention(q, k, v), expected, rtol=0, atol=0)
+    got = ops.attention(*(t.clone().requires_grad_() for t in (q, k, v)))  # forward works on leaf tensors
+    torch.testing.assert_close(got.detach(), expected, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+def test_bad_inputs_name_the_argument():
+    q, k, v = make_qkv(2, 13, 17, 2, 64, torch.float32)
+    mask = torch.ones(2, 17, dtype=torch.bool)
+    with pytest.raises(ValueError, match="q: expected 4 dimensions"):
+        ops.attention(q[0], k, v)
+    with pytest.raises(ValueError, match="k: expected 4 dimensions"):
+        ops.attention(q, k.flatten(2), v)
+    with pytest.raises(TypeError, match="q: expected dtype"):
+        ops.attention(q.int(), k.int(), v.int())
+    with pytest.raises(TypeError, match="k: expected dtype"):
+        ops.attention(q, k.half(), v)
+    with pytest.raises(TypeError, match="v: expected dtype"):
+        ops.attention(q, k, v.bfloat16())
+    with pytest.raises(ValueError, match="k: expected a tensor on cpu"):
+        ops.attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="k: expected shape"):  # head dim
+        ops.attention(q, k[..., :32], v)
+    with pytest.raises(ValueError, match="k: expected shape"):  # heads
+        ops.attention(q, k[:, :, :1], v)
+    with pytest.raises(ValueError, match="k: expected shape"):  # batch
+        ops.attention(q, k[:1], v)
+    with pytest.raises(ValueError, match="v: expected shape"):  # length differs from k's
+        ops.attention(q, k, v[:, :16])
+    with pytest.raises(ValueError, match="key_padding_mask: expected shape"):  # [B, Sq], not [B, Skv]
+        ops.attention(q, k, v, key_padding_mask=torch.ones(2, 13, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_padding_mask: expected shape"):
+        ops.attention(q, k, v, key_padding_mask=mask[0])
+    with pytest.raises(ValueError, match="key_padding_mask: expected shape"):
+        ops.attention(q, k, v, key_padding_mask=mask[:, None, None, :])  # that is an attn_mask
+    with pytest.raises(TypeError, match="key_padding_mask: expected dtype"):
+        ops.attention(q, k, v, key_padding_mask=mask.float())
+    with pytest.raises(ValueError, match="key_padding_mask: expected a tensor on cpu"):
+        ops.attention(q, k, v, key_padding_mask=mask.to("meta"))
+    with pytest.raises(TypeError, match="scale: expected a float"):
+        ops.attention(q, k, v, scale=torch.tensor(0.1))
+
+
+def test_unknown_forced_backend_is_an_error(use_backend):
+    use_backend("flash3")
+    q, k, v = make_qkv(1, 5, 5, 1, 64, torch.float32)
+    with pytest.raises(_backend.BackendError, match="VKERN_ATTENTION_BACKEND"):
+        ops.attention(q, k, v)
+
+
+# ------------------------------------------------------------------------------------------ GPU tests
+GPU_ODD = [(B, H, Sq, Skv, D, sharp) for (B, H, Sq, Skv, D, _, sharp) in ODD_SIZES] + [
+    (1, 3, 4097, 4097, 128, 1.0), (2, 4, 4097, 333, 64, 2.0), (1, 2, 8191, 512, 128, 1.0)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,Sq,Skv,D,sharpness", GPU_ODD, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}-D{p[4]}" for p in GPU_ODD])
+def test_gpu_triton_odd_sizes(use_backend, dtype, B, H, Sq, Skv, D, sharpness):
+    q, k, v = make_qkv(B, Sq, Skv, H, D, dtype, "cuda", sharpness=sharpness)
+    check_attention(q, k, v, use_backend("triton"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
+@pytest.mark.parametrize("pattern", ["random", "prefix", "dead_row"])
+def test_gpu_key_padding_mask(use_backend, backend, pattern):
+    """HunyuanVideo-like joint attention: video tokens + padded text tokens in the keys."""
+    q, k, v = make_qkv(2, 4096 + 256, 4096 + 256, 4, 128, torch.bfloat16, "cuda")
+    mask = make_padding(2, 4096 + 256, pattern, "cuda")
+    check_attention(q, k, v, use_backend(backend), key_padding_mask=mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["fused", "heads_first", "strided_d"])
+def test_gpu_non_contiguous(use_backend, layout):
+    q, k, v = make_qkv(1, 4097, 4097, 12, 128, torch.bfloat16, "cuda", layout=layout)
+    out, _ = check_attention(q, k, v, use_backend("triton"))
+    assert torch.equal(out, run_op(*(t.contiguous() for t in (q, k, v))))
+
+
+def sampled_rows(S, n=256, device="cuda"):
+    """n query positions: the first and last (edge tiles) and random ones between."""
+    return torch.cat([torch.tensor([0, S - 1]), torch.randperm(S - 2)[: n - 2] + 1]).sort().values.to(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,B,H,Sq,Skv,D", [
+    ("wan1.3b-480p self", 1, 12, 32760, 32760, 128),
+    ("wan1.3b-480p cross", 1, 12, 32760, 512, 128),
+    ("head dim 64", 1, 2, 17550, 17550, 64),
+    ("wan14b-480p self, 2 videos", 2, 40, 32760, 32760, 128),
+])
+def test_gpu_real_shapes(use_backend, name, B, H, Sq, Skv, D):
+    """Full-size run, sampled query rows against the float64 oracle (2x PyTorch's own bf16 error on
+    those rows), and the whole output against cuDNN: by the triangle inequality within 3x cuDNN's
+    own relative L2 error on the sample (plus its sampling noise)."""
+    q, k, v = make_qkv(B, Sq, Skv, H, D, torch.bfloat16, "cuda")
+    rows = sampled_rows(Sq)
+    out, lse = check_attention(q, k, v, use_backend("triton"), rows=rows)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        cudnn = torch_attention(q, k, v)
+    oracle_rows, _ = ref.attention_lse(q[:, rows], k, v)
+    cudnn_err = rel_l2(cudnn[:, rows], oracle_rows)
+    assert rel_l2(out, cudnn) <= 3.3 * cudnn_err, f"{name}: rel L2 vs cuDNN {rel_l2(out, cudnn):.3g}, cuDNN's own {cudnn_err:.3g}"
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph_inductor(use_backend):
+    use_backend("triton")
+    q, k, v = make_qkv(1, 1025, 512, 4, 128, torch.bfloat16, "cuda")
+    mask = make_padding(1, 512, "prefix", "cuda")
+
+    def fn(q, k, v):
+        out, lse = ops.attention(q, k, v, key_padding_mask=mask, return_lse=True)
+        return out.flatten(2) * 2, lse
+
+    got, expected = torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v)
+    assert _backend.last_choice["attention"] == "triton"
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.gpu
+def test_gpu_unsupported_head_dim_falls_back_with_one_warning(monkeypatch):
+    """D = 96 with return_lse: neither the kernel (head dim) nor SDPA (no lse) can take it; the reference
+    answers, with one warning naming the head dim."""
+    monkeypatch.delenv("VKERN_ATTENTION_BACKEND", raising=False)
+    monkeypatch.delenv("VKERN_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_warned", set())  # "once" is per process: start this test from zero
+    q, k, v = make_qkv(1, 1000, 1000, 4, 96, torch.bfloat16, "cuda")
+    with pytest.warns(UserWarning, match="head dim 96"):
+        out, lse = ops.attention(q, k, v, return_lse=True)
+    assert _backend.last_choice["attention"] == "reference"
+    assert_within_torch_error(out, ref.attention_lse(q, k, v)[0], torch_attention(q, k, v))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        ops.attention(q, k, v, return_lse=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,H,Sq,Skv,D", [(1, 2, 257, 257, 64), (1, 3, 1000, 512, 128)])
+def test_gpu_triton_float32_is_fp32_accurate(use_backend, B, H, Sq, Skv, D):
+    """The kernel accepts fp32: it must then be as accurate as PyTorch in fp32 (TF32 products, ~1e-3
+    relative, would be a silent 1000x loss), or decline fp32."""
+    q, k, v = make_qkv(B, Sq, Skv, H, D, torch.float32, "cuda")
+    check_attention(q, k, v, use_backend("triton"))
