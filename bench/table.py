@@ -2,7 +2,7 @@
 import json
 import sys
 
-METRICS = ("ms", "eager_ms", "tflops", "gbps", "weights_gib", "peak_gib", "activation_gib", "sqnr_db", "rel_l2",
+METRICS = ("ms", "attention_ms", "gemm_ms", "elementwise_ms", "other_ms", "psnr_db", "a2a_ms", "a2a_pct", "eager_ms", "tflops", "gbps", "weights_gib", "peak_gib", "activation_gib", "sqnr_db", "rel_l2",
            "rel_l2_vs_cudnn", "rel_l2_vs_diffusers", "rel_l2_vs_first", "cos_vs_first", "bit_exact", "timing")
 
 

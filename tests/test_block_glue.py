@@ -7,6 +7,8 @@ import copy
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -17,9 +19,10 @@ from vkern.modules.wan_attention import VkernWanAttnProcessor
 from vkern.modules.wan_block import VkernWanBlock, _modulation, fused_block_forward
 from vkern.ops import _backend
 from vkern.reference import block_glue as ref
+from vkern.triton.block_glue import _e4m3_emulated
 
 from vkern.models import wan_rope_tables as wan_freqs
-from .tolerance import assert_within_torch_error
+from .tolerance import assert_within_torch_error, poison
 
 LOW = (torch.bfloat16, torch.float16)
 EPS = 1e-6
@@ -227,6 +230,11 @@ M = torch.randn(2, 1, 64)
     (lambda: ops.gate_residual(X, X, M[0]), "^gate: expected 3 dimensions"),
     (lambda: ops.gate_residual_(X, X, M, torch.randn(1, 64)), "^gate_table: expected shape"),
     (lambda: ops.gate_residual(X, X, M, torch.randn(64).half().to(torch.float8_e4m3fn)), "^gate_table: expected dtype"),
+    (lambda: ops.layernorm_modulate(X.double(), M, M, EPS, fp8=True), "^x: fp8=True needs"),
+    (lambda: ops.layernorm_modulate(X, M[..., :63], M, EPS, fp8=True), "^shift: expected shape"),
+    (lambda: ops.block_glue.gelu_tanh_fp8(X.int()), "^h: expected dtype"),
+    (lambda: ops.block_glue.gelu_tanh_fp8(X.double()), "^h: expected dtype"),
+    (lambda: ops.block_glue.gelu_tanh_fp8(X[0, 0, 0]), "^h: expected shape"),
 ])
 def test_bad_inputs_name_the_argument(call, match):
     with pytest.raises((TypeError, ValueError), match=match):
@@ -468,3 +476,326 @@ def test_gpu_wan14b_block_within_twice_torch_error_and_smaller_peak():
     # at its FFN; the fused block holds neither. Its peak may be the attention's, so only "not more".
     print(f"peak activation memory: diffusers {peak_diffusers / 2**30:.2f} GiB, fused {peak_fused / 2**30:.2f} GiB")
     assert peak_fused <= peak_diffusers
+
+
+# --- fp8 outputs: LayerNorm + modulate and tanh GELU emitting e4m3 + per-token scales ---------------
+
+def sqnr_db(signal, noisy):
+    signal, noisy = signal.double(), noisy.double()
+    return (10 * torch.log10(signal.pow(2).sum() / (signal - noisy).pow(2).sum())).item()
+
+
+def dequant(q, s):
+    return q.double() * s.double()
+
+
+def bits(q):
+    return q.view(torch.uint8)
+
+
+# Per-token e4m3 of a LayerNorm-ish or GELU row keeps ~30 dB (3 mantissa bits: about 2**-4.5 relative
+# RMS error for the bulk of values); 25 dB is the floor stated for these paths (as for Fp8Linear compute).
+FP8_SQNR_FLOOR_DB = 25.0
+
+
+# Fewer rows than NORM_CASES: each row is one interpreted program on the CPU.
+FP8_NORM_CASES = [(1, 1, 64, "wan2.1"), (2, 37, 96, "wan2.2"), (1, 45, 64, "affine")]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("B,S,D,mode", FP8_NORM_CASES)
+def test_layernorm_modulate_fp8_is_its_own_output_quantized_bitwise(device, dtype, B, S, D, mode):
+    """fp8=True: the kernel's own rounded result quantized by vkern's per-token quantizer, bit for bit
+    (codes and scales), in one pass; within the fp8 SQNR floor of the float64 LayerNorm."""
+    x, temb, table, mods = glue_inputs(B, S, D, dtype, mode == "wan2.2", device)
+    if mode == "affine":
+        w, b = 1 + 0.5 * torch.randn(D, device=device), torch.randn(D, device=device)
+        args, oracle_args = (x, None, None, EPS, w, b), (None, None, w, b)
+    else:
+        args = (x, mods[0][0], mods[1][0], EPS, None, None, mods[0][1], mods[1][1])
+        oracle_args = (mods[0], mods[1])
+    q, s = ops.layernorm_modulate(*args, fp8=True)
+    assert _backend.last_choice["layernorm_modulate"] == "triton"
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and tuple(s.shape) == (B, S, 1)
+    want_q, want_s = ops.fp8_quantize(ops.layernorm_modulate(*args), "row")
+    assert torch.equal(bits(q), bits(want_q)) and torch.equal(s, want_s)
+    assert sqnr_db(oracle_layernorm_modulate(x, *oracle_args), dequant(q, s)) >= FP8_SQNR_FLOOR_DB
+    # vs the reference (PyTorch's LayerNorm, then the quantizer): the same up to the LayerNorm's own
+    # rare last-bit differences (test_layernorm_modulate_kernel)
+    ref_q, ref_s = ref.layernorm_modulate_fp8(*args)
+    assert_mostly_bitwise(bits(q), bits(ref_q), max_fraction=0.02)
+
+
+def test_layernorm_modulate_fp8_writes_every_element_and_propagates_nan():
+    from vkern.triton import block_glue as kernels
+
+    B, S, D = 2, 19, 96
+    x, temb, table, mods = glue_inputs(B, S, D, torch.bfloat16, False)
+    x[1, 3, 7] = float("nan")  # that token's row is NaN after the LayerNorm: NaN codes and a NaN scale
+    args = (x, mods[0][0], mods[1][0], EPS, None, None, mods[0][1], mods[1][1])
+    q = torch.full((B, S, D), float("nan")).to(torch.float8_e4m3fn)  # poisoned: 0x7f everywhere
+    s = poison(torch.empty(B, S, 1))
+    kernels.layernorm_modulate(*args, q, s)
+    want_q, want_s = ref.layernorm_modulate_fp8(*args)
+    assert torch.equal(bits(q), bits(want_q.contiguous())) or \
+        (bits(q) != bits(want_q)).double().mean().item() <= 0.01
+    assert torch.isnan(s[1, 3]).all() and torch.isnan(q[1, 3].float()).all()
+    good = torch.ones(B, S, dtype=torch.bool)
+    good[1, 3] = False
+    assert torch.isfinite(s[good]).all() and torch.isfinite(q[good].float()).all()
+    torch.testing.assert_close(s[good], want_s[good], rtol=2**-7, atol=0)
+
+
+GELU_CASES = [(1, 16), (37, 113), (8, 4097)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M,N", GELU_CASES)
+def test_gelu_tanh_fp8_kernel(device, dtype, M, N):
+    """GELU(tanh) + per-row quantization in one pass vs PyTorch's F.gelu then vkern's quantizer: equal up
+    to tanh's last ulp (rare single-code differences, a scale off by at most one ulp of x's dtype), and
+    within the fp8 SQNR floor of the float64 GELU."""
+    from vkern.ops.block_glue import gelu_tanh_fp8
+
+    h = (2.5 * torch.randn(M, N, device=device)).to(dtype)
+    h[0, :3] = torch.tensor([-12.0, 0.0, 12.0])  # saturating tanh both ways, and zero
+    q, s = gelu_tanh_fp8(h)
+    assert _backend.last_choice["gelu_tanh_fp8"] == "triton"
+    want_q, want_s = ref.gelu_tanh_fp8(h)
+    ulp = torch.finfo(dtype).eps  # relative spacing at the bottom of a binade is 2 eps
+    torch.testing.assert_close(s, want_s, rtol=2 * ulp, atol=0)
+    same_scale = (s == want_s).squeeze(-1)
+    assert same_scale.double().mean().item() >= 0.9
+    # where the scales agree, a differing code is one e4m3 step away (one tanh ulp moved a rounding)
+    dq, dw = dequant(q, s)[same_scale], dequant(want_q, want_s)[same_scale]
+    step = torch.maximum(dw.abs(), dq.abs()) * 2**-3 + 2**-9 * s.double().expand_as(q)[same_scale]
+    assert ((dq - dw).abs() <= step).all()
+    assert (bits(q) != bits(want_q)).double().mean().item() <= 0.01
+    oracle = torch.nn.functional.gelu(h.double(), approximate="tanh")
+    assert sqnr_db(oracle, dequant(q, s)) >= FP8_SQNR_FLOOR_DB
+    assert sqnr_db(oracle, dequant(q, s)) >= sqnr_db(oracle, dequant(want_q, want_s)) - 0.1
+
+
+def test_gelu_tanh_fp8_row_strided_input_and_nan():
+    from vkern.ops.block_glue import gelu_tanh_fp8
+
+    h = torch.randn(21, 2 * 64, dtype=torch.bfloat16)[:, :64]  # rows of a wider buffer
+    h[4, 5] = float("nan")
+    q, s = gelu_tanh_fp8(h)
+    want_q, want_s = ref.gelu_tanh_fp8(h)
+    assert torch.isnan(s[4]).all() and torch.isnan(q[4, 5].float())
+    keep = torch.arange(21) != 4
+    assert torch.equal(s[keep], want_s[keep]) or (s[keep] != want_s[keep]).double().mean() <= 0.1
+    assert tuple(q.shape) == (21, 64) and q.is_contiguous()
+
+
+@triton.jit
+def _e4m3_kernel(v_ptr, q_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(q_ptr + i, _e4m3_emulated(tl.load(v_ptr + i, mask=i < n)), mask=i < n)
+
+
+def test_e4m3_emulation_rounds_like_torch(device):
+    """The interpreter's stand-in for cvt.rn.satfinite (integer arithmetic, so it runs on the GPU too):
+    every e4m3 value, the midpoints between neighbours (ties to even), one fp32 ulp either side, signed
+    zeros and NaN, against torch's fp32 -> e4m3 cast."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    values = codes.view(torch.float8_e4m3fn).float()
+    values = values[torch.isfinite(values) & (values.abs() <= 448)].unique()
+    mids = (values[1:] + values[:-1]) / 2
+    v = torch.cat([values, mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1),
+                   torch.tensor([0.0, -0.0, float("nan"), 2.0**-10, -(2.0**-10), 3 * 2.0**-11, 1e-30])])
+    v = v.to(device)
+    q = torch.empty(v.shape, dtype=torch.float8_e4m3fn, device=device)
+    _e4m3_kernel[(triton.cdiv(v.numel(), 1024),)](v, q, v.numel(), BLOCK=1024)
+    want = v.to(torch.float8_e4m3fn)
+    nan = torch.isnan(v)
+    assert torch.equal(bits(q)[~nan], bits(want)[~nan])
+    assert torch.isnan(q[nan].float()).all()
+
+
+# --- the fused block in fp8 compute mode -----------------------------------------------------------
+
+def fp8_compute_block(block=None, fused_qkv=False):
+    """A block (make_block's by default) with vkern's processor and every attention/FFN Linear an fp8
+    compute-mode Fp8Linear, as vkern.patch(model, PatchConfig(fp8="compute")) leaves a Wan block."""
+    from vkern.modules.fp8_linear import Fp8Linear
+
+    block = make_block(torch.bfloat16) if block is None else block
+    for attn in (block.attn1, block.attn2):
+        attn.set_processor(VkernWanAttnProcessor())
+    if fused_qkv:
+        block.attn1.fuse_projections()
+    for parent in list(block.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, Fp8Linear.from_linear(child, "compute"))
+    return block
+
+
+class OpLog(TorchDispatchMode):
+    """Counts the vkern custom ops a forward runs (a dispatch mode sees each custom op as one call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name.startswith("vkern."):
+            self.calls[name[6:]] = self.calls.get(name[6:], 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def no_fusion(monkeypatch):
+    """Producers emit bf16 and every fp8 Linear quantizes its own input (the path before the fusion)."""
+    from vkern.modules.fp8_linear import Fp8Linear
+
+    monkeypatch.setattr(Fp8Linear, "accepts_fp8_input", property(lambda self: False))
+
+
+@pytest.mark.parametrize("fused_qkv,per_token,chunk", [(False, False, None), (True, True, 5)],
+                         ids=["q,k,v-wan2.1", "to_qkv-wan2.2-chunked"])
+def test_fused_block_fp8_compute_has_no_quantization_pass_and_equals_the_unfused_path(monkeypatch, fused_qkv,
+                                                                                   per_token, chunk):
+    """attn1's q/k/v (or to_qkv), attn2's q and the FFN's up projection read the LayerNorm kernel's e4m3
+    output, the FFN's down projection the GELU kernel's: no fp8_quantize anywhere except for the Linears
+    whose inputs vkern does not produce (attn2's k/v on the text, the to_out projections). With the
+    GELU on the reference (PyTorch's GELU then the quantizer), the output is bit-identical to the
+    unfused path; with the GELU kernel, equal up to tanh's last ulp."""
+    from vkern.ops import block_glue as glue_ops
+
+    block = fp8_compute_block(fused_qkv=fused_qkv)
+    S_ = 13
+    inputs = block_inputs(torch.bfloat16, per_token, S=S_)
+    with torch.no_grad():
+        log = OpLog()
+        with log:
+            fused = fused_block_forward(block, *inputs, ffn_chunk_size=chunk)
+        chunks = 1 if chunk is None else -(-S_ // chunk) * B
+        proj = 1 if fused_qkv else 3
+        assert log.calls.get("layernorm_modulate_fp8") == 2 + chunks  # norm1, norm2, norm3 per chunk
+        assert log.calls.get("gelu_tanh_fp8") == chunks
+        assert log.calls.get("fp8_linear_prequantized") == proj + 1 + 2 * chunks
+        # the rest quantize their own input: attn1/attn2 to_out, attn2 k and v (on the text)
+        assert log.calls.get("fp8_linear_compute") == 4
+        assert "fp8_quantize" not in log.calls and "layernorm_modulate" not in log.calls
+
+        monkeypatch.setattr(glue_ops, "gelu_tanh_fp8", ref.gelu_tanh_fp8)
+        exact = fused_block_forward(block, *inputs, ffn_chunk_size=chunk)
+        no_fusion(monkeypatch)
+        unfused = fused_block_forward(block, *inputs, ffn_chunk_size=chunk)
+    assert torch.equal(exact, unfused)
+    assert (fused != unfused).double().mean().item() <= 0.02
+    assert sqnr_db(unfused, fused) >= 40  # tanh ulps, far below the fp8 noise itself
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["wan2.1", "wan2.2"])
+def test_fused_block_fp8_compute_sqnr_floor_vs_fp32_diffusers(per_token):
+    """End to end against diffusers' block in fp32 (same weights, unquantized): the fp8 compute block
+    keeps the SQNR floor of one fp8 layer stack, and the fusion costs nothing measurable beside it."""
+    block = make_block(torch.bfloat16)
+    oracle_block = copy.deepcopy(block).float()
+    fp8_block = fp8_compute_block(copy.deepcopy(block))
+    inputs = block_inputs(torch.bfloat16, per_token, S=21)
+    with torch.no_grad():
+        oracle = oracle_block(*upcast(inputs))
+        got = fused_block_forward(fp8_block, *inputs, ffn_chunk_size=8)
+    # the residual stream carries x itself, so compare the block's update (output - input)
+    delta_oracle, delta = oracle.double() - inputs[0].double(), got.double() - inputs[0].double()
+    assert sqnr_db(delta_oracle, delta) >= 20.0
+
+
+def test_fp8_activation_only_where_every_consumer_takes_it():
+    """A hook on a projection, a storage-mode layer among q/k/v, or diffusers' own processor: the
+    LayerNorm emits bf16 for that attention, and the block still runs."""
+    from vkern.modules.wan_block import _attention_takes_fp8_input
+    from vkern.modules.feed_forward import ffn_takes_fp8_input
+
+    block = fp8_compute_block()
+    assert _attention_takes_fp8_input(block.attn1) and _attention_takes_fp8_input(block.attn2, cross=True)
+    assert ffn_takes_fp8_input(block.ffn)
+    handle = block.attn1.to_k.register_forward_pre_hook(lambda *a: None)
+    assert not _attention_takes_fp8_input(block.attn1)
+    handle.remove()
+    block.attn1.to_v.mode = "storage"
+    assert not _attention_takes_fp8_input(block.attn1)
+    block.attn1.to_v.mode = "compute"
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+    block.attn2.set_processor(WanAttnProcessor())
+    assert not _attention_takes_fp8_input(block.attn2, cross=True)
+
+    class ReadsHiddenStates(VkernWanAttnProcessor):
+        accepts_fp8_hidden_states = False  # a processor that needs the tensor itself opts out
+    block.attn1.set_processor(ReadsHiddenStates())
+    assert not _attention_takes_fp8_input(block.attn1)
+    block.ffn.net[0].register_forward_hook(lambda *a: None)
+    assert not ffn_takes_fp8_input(block.ffn)
+    inputs = block_inputs(torch.bfloat16, False, S=9)
+    with torch.no_grad():
+        log = OpLog()
+        with log:
+            fused_block_forward(block, *inputs)
+    assert log.calls.get("layernorm_modulate_fp8") is None and log.calls.get("layernorm_modulate") == 3
+
+
+def test_fused_block_fp8_compute_under_torch_compile_fullgraph():
+    block = fp8_compute_block()
+    inputs = block_inputs(torch.bfloat16, True, S=9)
+    compiled = torch.compile(fused_block_forward, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(block, *inputs, ffn_chunk_size=4), fused_block_forward(block, *inputs, 4))
+
+
+# --- GPU, fp8 outputs at Wan sizes ------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_token", [False, True], ids=["wan2.1", "wan2.2"])
+def test_gpu_wan14b_layernorm_fp8_bit_exact_with_the_cuda_quantizer(per_token):
+    """The Triton kernel's in-register quantization equals csrc/fp8_quant.cu on the kernel's bf16 output
+    bit for bit (cvt.rn.satfinite on both sides, scale = amax * fp32(1/448), IEEE 1/scale)."""
+    x, temb, table, mods = glue_inputs(1, 32760, 5120, torch.bfloat16, per_token, "cuda")
+    args = (x, mods[0][0], mods[1][0], EPS, None, None, mods[0][1], mods[1][1])
+    q, s = ops.layernorm_modulate(*args, fp8=True)
+    want_q, want_s = ops.fp8_quantize(ops.layernorm_modulate(*args), "row")
+    assert _backend.last_choice["fp8_quantize"] == "cuda"
+    assert torch.equal(bits(q), bits(want_q)) and torch.equal(s, want_s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N", [(4096, 13824), (4096, 8960), (113, 4097)])
+def test_gpu_gelu_tanh_fp8_vs_torch_gelu_then_cuda_quantizer(M, N):
+    """libdevice tanhf is the tanhf PyTorch's GELU kernel calls: expected bit-exact or nearly (FMA
+    contraction choices may differ between nvcc and Triton)."""
+    from vkern.ops.block_glue import gelu_tanh_fp8
+
+    h = (2.5 * torch.randn(M, N, device="cuda")).to(torch.bfloat16)
+    q, s = gelu_tanh_fp8(h)
+    want_q, want_s = ops.fp8_quantize(torch.nn.functional.gelu(h, approximate="tanh"), "row")
+    frac = (bits(q) != bits(want_q)).double().mean().item()
+    rows = (s != want_s).double().mean().item()
+    print(f"gelu_tanh_fp8 {M}x{N}: {frac:.2e} of codes and {rows:.2e} of scales differ from torch + CUDA quantizer")
+    assert frac <= 1e-3 and rows <= 1e-2
+    torch.testing.assert_close(s, want_s, rtol=2**-7, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused_qkv", [False, True], ids=["q,k,v", "to_qkv"])
+def test_gpu_wan14b_block_fp8_compute_fused_equals_unfused(monkeypatch, fused_qkv):
+    """Wan-14B block (dim 5120, 40 heads, ffn 13824) at 4096 tokens in fp8 compute mode on cuBLASLt:
+    the fused quantization changes the output only by tanh ulps in the FFN, and the fp8 block keeps
+    its SQNR floor against the fp32 block."""
+    dim, heads, ffn, S_ = 5120, 40, 13824, 4096
+    block = make_block(torch.bfloat16, True, dim, heads, ffn, device="cuda")
+    oracle_block = copy.deepcopy(block).float()
+    block = fp8_compute_block(block, fused_qkv)
+    inputs = block_inputs(torch.bfloat16, False, "cuda", B=1, S=S_, dim=dim, heads=heads, text=512)
+    with torch.no_grad():
+        fused = fused_block_forward(block, *inputs, ffn_chunk_size=2048)
+        assert _backend.last_choice["fp8_linear_compute"] == "scaled_mm"
+        oracle = oracle_block(*upcast(inputs))
+        no_fusion(monkeypatch)
+        unfused = fused_block_forward(block, *inputs, ffn_chunk_size=2048)
+    assert sqnr_db(unfused, fused) >= 40
+    x = inputs[0].double()
+    assert sqnr_db(oracle.double() - x, fused.double() - x) >= 20.0

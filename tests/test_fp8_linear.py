@@ -6,7 +6,7 @@ from torch import nn
 
 import vkern
 from vkern import models, ops
-from vkern.modules.fp8_linear import Fp8Linear
+from vkern.modules.fp8_linear import Fp8Activation, Fp8Linear, takes_fp8_input
 from vkern.reference import fp8 as ref
 
 
@@ -148,6 +148,72 @@ def test_op_input_errors():
         ops.fp8_dequantize(torch.randn(4, 4), torch.ones(()))
 
 
+# --- pre-quantized activations (Fp8Activation), as vkern's fused LayerNorm/GELU kernels make them ---
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prequantized_activation_is_bit_identical_to_the_tensor(dtype, device):
+    linear = nn.Linear(96, 48).to(device, dtype)
+    x = torch.randn(2, 37, 96, device=device, dtype=dtype)
+    act = Fp8Activation(*ops.fp8_quantize(x, "row"), dtype)
+    compute = Fp8Linear.from_linear(linear, "compute")
+    with torch.inference_mode():
+        assert torch.equal(compute(act), compute(x))
+        # storage mode (or dims the fp8 GEMM cannot take) dequantizes it: correct, the slow way round
+        storage = Fp8Linear.from_linear(linear, "storage")
+        assert torch.equal(storage(act), storage(act.dequantize()))
+    assert takes_fp8_input(compute) and not takes_fp8_input(storage) and not takes_fp8_input(linear)
+    odd = Fp8Linear.from_linear(nn.Linear(96, 40).to(device, dtype), "compute")
+    assert not odd.accepts_fp8_input
+    handle = compute.register_forward_pre_hook(lambda *a: None)
+    assert not takes_fp8_input(compute)  # a hook would see a tuple where it expects a tensor
+    handle.remove()
+    compute.accept_prequantized = False  # the A/B switch (bench.profile_step's -unfused provider)
+    assert not takes_fp8_input(compute)
+
+
+def test_prequantized_activation_fails_loudly_in_a_plain_linear():
+    act = Fp8Activation(*ops.fp8_quantize(torch.randn(5, 32), "row"), torch.float32)
+    with pytest.raises(TypeError):
+        nn.Linear(32, 16)(act)
+
+
+def test_prequantized_op_input_errors_and_compile():
+    xq, xs = ops.fp8_quantize(torch.randn(3, 5, 32), "row")
+    q, s = ops.fp8_quantize(torch.randn(48, 32), "row")
+    f = ops.fp8.fp8_linear_prequantized
+    with pytest.raises(TypeError, match="xq: expected dtype"):
+        f(torch.randn(3, 5, 32), xs, q, s)
+    with pytest.raises(ValueError, match=r"x_scale: expected shape \(3, 5, 1\)"):
+        f(xq, xs[:, :4], q, s)
+    with pytest.raises(ValueError, match="xq: expected last dimension 32"):
+        f(xq[..., :16], xs, q, s)
+    with pytest.raises(TypeError, match="out_dtype"):
+        f(xq, xs, q, s, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        f(xq, xs, *ops.fp8_quantize(torch.randn(40, 32), "row"))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(xq, xs, q, s, None, True, torch.float32), f(xq, xs, q, s, None, True, torch.float32))
+
+
+@pytest.mark.parametrize("mode", ["storage", "compute"])
+def test_fp8_with_unfused_block_and_chunked_ffn(mode):
+    """PatchConfig(fp8=..., fused_block=False, ffn_chunk_size=N): ChunkedFeedForward runs the Fp8Linear
+    layers (it used to refuse them); the output equals the unchunked fp8 model (compute mode: up to the
+    GELU kernel's tanh ulps)."""
+    model = models.build_wan_transformer("tiny", torch.bfloat16)
+    inputs = models.transformer_inputs(model, "tiny", torch.bfloat16, "cpu")
+    with torch.inference_mode():
+        with vkern.patch(model, vkern.PatchConfig(fp8=mode, fused_block=False)):
+            want = model(**inputs).sample
+        with vkern.patch(model, vkern.PatchConfig(fp8=mode, fused_block=False, ffn_chunk_size=100)) as handle:
+            got = model(**inputs).sample
+            assert handle.summary["FeedForward -> ChunkedFeedForward"] == model.config.num_layers
+    if mode == "storage":
+        assert torch.equal(got, want)
+    else:
+        assert sqnr_db(want, got) >= 35
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape, granularity", [((113, 113), "row"), ((13824, 5120), "row"), ((5120, 5120), "tensor"),
@@ -193,3 +259,17 @@ def test_gpu_weight_memory_and_tiny_wan_floors():
             handle.undo()
             assert cosine(before, after) >= floor, (mode, cosine(before, after))
             assert freed > 0.3 * linear_bytes  # bf16 weights left the GPU, e4m3 + scales stayed
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, k, n", [(4096, 5120, 13824), (113, 13824, 5120)])
+def test_gpu_prequantized_equals_compute_mode(m, k, n):
+    """The same cuBLASLt call on the same e4m3 activation: fp8_linear_compute(x) is
+    fp8_linear_prequantized(fp8_quantize(x)) bit for bit, fast accumulation or not."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    q, s = ops.fp8_quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5, "row")
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    for fast in (True, False):
+        y = ops.fp8.fp8_linear_prequantized(*ops.fp8_quantize(x, "row"), q, s, bias, fast)
+        assert ops._backend.last_choice["fp8_linear_compute"] == "scaled_mm"
+        assert torch.equal(y, ops.fp8_linear_compute(x, q, s, bias, fast))

@@ -9,6 +9,7 @@ forgets to write cannot equal the reference's zeros.
 import json
 import os
 import socket
+import time
 import traceback
 from datetime import timedelta
 
@@ -18,6 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from .tolerance import assert_within_torch_error
+from vkern.reference import fp8 as fp8_reference
 from vkern.reference import sequence_parallel as ref
 from vkern.reference.attention import attention_math
 
@@ -28,7 +30,15 @@ CASES = {
     4: [(2, 13, 12, 8), (2, 13, 3, 8), (2, 16, 12, 8), (2, 5, 1, 4)],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LAYOUT_KINDS = ("seq_to_head", "qkv", "head_to_seq", "round_trip")
+LAYOUT_KINDS = ("seq_to_head", "qkv", "qkv_fp8", "head_to_seq", "round_trip")
+CHUNKS = (1, 2, 3)  # ulysses_attention head groups (3 leaves groups of unequal size, or is clamped)
+# fp8 payload: the sharded attention must equal attention on the e4m3 round trip of q, k, v (per
+# token and head) within the house rule; and, as a sanity floor, its SQNR against the unquantized
+# float64 oracle must stay above this. e4m3 keeps 3 mantissa bits (31.5 dB for Gaussian data, ~2.7%
+# rms per tensor); the scores see both the q and the k errors, and with few keys (S = 6) softmax
+# can sharpen them: measured 25-35 dB on these shapes. A missing or swapped scale is an O(1) error
+# (< 10 dB), so 20 dB still catches a broken payload.
+FP8_ATTENTION_SQNR_DB = 20.0
 ERROR_CASES = ("seq_len_mismatch", "dtype_mismatch", "op_mismatch", "bad_shape_one_rank",
                "wrong_world", "works_after_errors")
 TIMEOUT = timedelta(seconds=30)  # a hang in a collective becomes an error within this
@@ -43,7 +53,10 @@ def _layout_ids(world):
 
 
 def _attention_ids(world):
-    return [f"attention-{_case_id(*case)}" for case in CASES[world]]
+    return ([f"attention-{_case_id(*case)}" for case in CASES[world]]
+            + [f"ulysses-c{c}-{_case_id(*case)}" for case in CASES[world] for c in CHUNKS]
+            + [f"ulysses-fp8-{_case_id(*case)}" for case in CASES[world]]
+            + [f"ring-{_case_id(*case)}" for case in CASES[world]] + ["comm-timer"])
 
 
 # ---------------------------------------------------------------- single process: the reference
@@ -156,12 +169,15 @@ def _layout_case(kind, B, S, H, D, dtype, sp, seed, device):
         with _CountAllToAll() as count:
             got = head_to_seq(mine.to(device), spec, sp)
         _expect_equal(got, ref.head_to_seq_reference(full_y, world, rank, H), "head_to_seq")
-    elif kind == "qkv":
+    elif kind in ("qkv", "qkv_fp8"):
+        fp8 = kind == "qkv_fp8"
         full = [_random((B, S, H, D), dtype, seed + i) for i in range(3)]
         shards = [_non_contiguous(ref.shard_sequence(t, world, rank)).to(device) for t in full]
         with _CountAllToAll() as count:
-            got = seq_to_head_qkv(*shards, spec, sp)
+            got = seq_to_head_qkv(*shards, spec, sp, fp8=fp8)
         for name, g, t in zip("qkv", got, full):
+            if fp8:  # per token and head, so exactly the full tensor's round trip, laid out
+                t = fp8_reference.fp8_dequantize(*fp8_reference.fp8_quantize(t, "row"), dtype)
             _expect_equal(g, ref.seq_to_head_reference(t, world, rank), f"seq_to_head_qkv {name}")
     else:
         full = _random((B, S, H, D), dtype, seed)
@@ -204,6 +220,100 @@ def _attention_case(B, S, H, D, sp, seed, device):
         return
     mine = slice(rank * spec.local_seq_len, rank * spec.local_seq_len + real)
     assert_within_torch_error(out[:, :real].cpu(), oracle[:, mine], single[:, mine].cpu(), what="sharded attention")
+
+
+def _sdpa(q, k, v):
+    """[B, S, h, D] attention through torch SDPA (the local attention the sharded paths call)."""
+    return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+
+def _sharded_inputs(B, S, H, D, sp, seed, device, dtype=torch.float32):
+    full = [_random((B, S, H, D), dtype, seed + i) for i in range(3)]
+    return full, [ref.shard_sequence(t, sp.world, sp.rank).to(device) for t in full]
+
+
+def _mine(spec, rank):
+    real = spec.real_tokens(rank)
+    return real, slice(rank * spec.local_seq_len, rank * spec.local_seq_len + real)
+
+
+def _ulysses_case(chunks, fp8, B, S, H, D, sp, seed, device):
+    """ulysses_attention (q/k/v exchange, attention per head group, output exchange; several groups
+    overlap) against the float64 oracle. fp32: within 2x single-process fp32 SDPA's error (heads
+    are independent, so grouping changes nothing but blocking). fp8 payload: bf16 inputs, SQNR
+    against the oracle above FP8_ATTENTION_SQNR_DB."""
+    from vkern.distributed import ShardSpec, head_chunks, ulysses_attention
+
+    spec = ShardSpec.create(S, H, sp.world)
+    dtype = torch.bfloat16 if fp8 else torch.float32
+    full, shards = _sharded_inputs(B, S, H, D, sp, seed, device, dtype)
+    seen = []
+
+    def attend(q, k, v):
+        seen.append((q.shape[2], k.shape[1]))
+        return _sdpa(q, k, v)
+    with _CountAllToAll() as count:
+        out = ulysses_attention(*shards, spec, attend, sp, chunks=chunks, fp8=fp8)
+    groups = len(head_chunks(spec.local_heads, chunks))
+    if count.calls != 2 * groups or [h for h, _ in seen] != [b - a for a, b in head_chunks(spec.local_heads, chunks)]:
+        raise AssertionError(f"{count.calls} all-to-alls and head groups {seen}; expected {2 * groups} and "
+                             f"{head_chunks(spec.local_heads, chunks)}")
+    if any(kv != S for _, kv in seen):
+        raise AssertionError(f"attend saw {seen} keys; expected the {S} real ones (padding sliced off)")
+    real, mine = _mine(spec, sp.rank)
+    if out.shape != (B, spec.local_seq_len, H, D) or not torch.isfinite(out).all():
+        raise AssertionError(f"output {tuple(out.shape)} or non-finite")
+    if real == 0:  # this rank holds only padding (its outputs were checked finite above)
+        return
+    oracle = attention_math(*full)[:, mine]
+    if not fp8:
+        single = _sdpa(*(t.to(device) for t in full))[:, mine].cpu()
+        assert_within_torch_error(out[:, :real].cpu(), oracle, single, what="ulysses_attention")
+        return
+    rounded = [fp8_reference.fp8_dequantize(*fp8_reference.fp8_quantize(t, "row"), dtype) for t in full]
+    single = _sdpa(*(t.to(device) for t in rounded))[:, mine].cpu()
+    assert_within_torch_error(out[:, :real].cpu(), attention_math(*rounded)[:, mine], single,
+                              what="ulysses_attention with the fp8 payload vs attention on the e4m3 round trip")
+    err = (out[:, :real].cpu().double() - oracle).norm() / oracle.norm()
+    sqnr = -20 * torch.log10(err).item()
+    if sqnr < FP8_ATTENTION_SQNR_DB:
+        raise AssertionError(f"fp8 payload: SQNR {sqnr:.1f} dB < {FP8_ATTENTION_SQNR_DB} dB")
+
+
+def _ring_case(B, S, H, D, sp, seed, device):
+    """ring_attention over the whole group (block i = rank i's tokens; padded keys counted out)
+    against the float64 oracle: within 2x single-process fp32 SDPA's error; the merge is exact math."""
+    from vkern.distributed import ShardSpec
+    from vkern.distributed.ring import ring_attention
+
+    spec = ShardSpec.create(S, H, sp.world)
+    full, shards = _sharded_inputs(B, S, H, D, sp, seed, device)
+    with _CountAllToAll() as count:
+        out = ring_attention(*shards, sp, [spec.real_tokens(r) for r in range(sp.world)])
+    real, mine = _mine(spec, sp.rank)
+    if count.calls or out.shape != shards[0].shape or not torch.isfinite(out).all():
+        raise AssertionError(f"{count.calls} all-to-alls (expected none), output {tuple(out.shape)} or non-finite")
+    if real == 0:
+        return
+    single = _sdpa(*(t.to(device) for t in full))[:, mine].cpu()
+    assert_within_torch_error(out[:, :real].cpu(), attention_math(*full)[:, mine], single, what="ring attention")
+
+
+def _timer_case(sp, seed, device):
+    """CommTimer counts each kind of span; nothing is recorded when no timer is active."""
+    from vkern.distributed import ShardSpec, ulysses_attention
+    from vkern.distributed.timing import CommTimer
+
+    spec = ShardSpec.create(13, 4, sp.world)
+    _, shards = _sharded_inputs(1, 13, 4, 8, sp, seed, device)
+    ulysses_attention(*shards, spec, _sdpa, sp)  # no timer: must not fail or record
+    with CommTimer() as timer:
+        ulysses_attention(*shards, spec, _sdpa, sp, chunks=2)
+    groups = min(2, spec.local_heads)
+    ms = timer.ms()
+    want = {"all_to_all": 2 * groups, "pack": 2 * groups, "unpack": 2 * groups}
+    if any(timer.counts[k] != n for k, n in want.items()) or any(v < 0 for v in ms.values()):
+        raise AssertionError(f"CommTimer counts {timer.counts}, ms {ms}; expected {want}")
 
 
 def _expect_error(fn, *fragments):
@@ -255,7 +365,13 @@ def _layout_cases(sp, seed, results):
             for kind in LAYOUT_KINDS:
                 case = f"{kind}-{_case_id(B, S, H, D)}-{dt_name}"
                 results[case] = _run(_layout_case, kind, B, S, H, D, dtype, sp, seed + 10 * i, device)
-        results[f"attention-{_case_id(B, S, H, D)}"] = _run(_attention_case, B, S, H, D, sp, seed + 10 * i, device)
+        cid = _case_id(B, S, H, D)
+        results[f"attention-{cid}"] = _run(_attention_case, B, S, H, D, sp, seed + 10 * i, device)
+        for c in CHUNKS:
+            results[f"ulysses-c{c}-{cid}"] = _run(_ulysses_case, c, False, B, S, H, D, sp, seed + 10 * i, device)
+        results[f"ulysses-fp8-{cid}"] = _run(_ulysses_case, 1, True, B, S, H, D, sp, seed + 10 * i, device)
+        results[f"ring-{cid}"] = _run(_ring_case, B, S, H, D, sp, seed + 10 * i, device)
+    results["comm-timer"] = _run(_timer_case, sp, seed, device)
     if world == 2:
         for name in ERROR_CASES:
             results[f"error-{name}"] = _run(_error_case, name, sp, device)
@@ -291,8 +407,10 @@ def _run(fn, *args):
         return traceback.format_exc()
 
 
-def _spawn(world, backend, tmp_path_factory, cases=_layout_cases, preload=()):
-    """Run _worker on `world` processes; returns {case: [failure or None per rank]}.
+def _spawn(world, backend, tmp_path_factory, cases=_layout_cases, preload=(), budget_s=None):
+    """Run _worker on `world` processes; returns {case: [failure or None per rank]}. budget_s: how
+    long all ranks together may take before they count as hung (default 2 x TIMEOUT; a hang inside
+    a collective already ends after TIMEOUT, this is the last resort; the CI machine is small and shared).
     preload: more modules for the fork server to import once (it starts with the first _spawn of
     the pytest session, so a later caller's preload is ignored and its ranks import them instead)."""
     out_dir = str(tmp_path_factory.mktemp(f"sp{world}{backend}"))
@@ -307,8 +425,9 @@ def _spawn(world, backend, tmp_path_factory, cases=_layout_cases, preload=()):
     procs = [ctx.Process(target=_worker, args=(r, world, port, backend, seed, out_dir, cases)) for r in range(world)]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + (budget_s or TIMEOUT.total_seconds() * 2)
     for p in procs:
-        p.join(timeout=TIMEOUT.total_seconds() * 2)
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
     hung = [r for r, p in enumerate(procs) if p.is_alive()]
     for r in hung:
         procs[r].kill()

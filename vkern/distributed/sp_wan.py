@@ -2,11 +2,15 @@
 vkern.patch(model, PatchConfig(sp=SPConfig())) under torchrun.
 
 Every rank holds the whole model and the same inputs. Hooks shard the work:
-  model pre-hook     make the ranks agree on this step's inputs, fix the layout (ShardSpec) of the
-                     step, and shard a per-token timestep (Wan 2.2 TI2V) like the tokens
+  model pre-hook     make the ranks agree on this step's inputs (SPConfig.check_inputs: by default
+                     once per input shape signature, so steady-state steps cost nothing), fix the
+                     layout (ShardSpec) of the step, and shard a per-token timestep (Wan 2.2 TI2V)
   rope hook          the RoPE tables [1, S, 1, D] -> this rank's S/N positions (zero-padded)
   blocks[0] pre-hook the patch-embedded tokens [B, S, C] -> this rank's S/N tokens (zero-padded)
   attn1 processors   VkernWanSPAttnProcessor: one packed q/k/v all-to-all + one output all-to-all
+                     (SPConfig.overlap_chunks > 1: per head group, overlapped with attention;
+                     SPConfig.ring_degree > 1: Ulysses inside groups of world / ring_degree ranks,
+                     ring attention across them)
   proj_out hook      all_gather of the projected tokens, padding dropped -> [B, S, C_out]
 The text (encoder_hidden_states) stays replicated, so cross-attention runs locally.
 
@@ -20,57 +24,134 @@ Inference only: the all-to-alls carry no autograd; a forward that would need gra
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..reference.sequence_parallel import ShardSpec, key_padding_mask, shard_sequence
-from . import ulysses
+from ..reference.sequence_parallel import ShardSpec, shard_sequence
+from . import timing, ulysses
 
 __all__ = ["SPConfig", "apply_sequence_parallel"]
 
 
+CHECK_MODES = ("per-shape", "every-step", "off")
+
+
 @dataclass
 class SPConfig:
-    """group         None (the default process group), a ProcessGroup, or an SPGroup (init_from_env)
-    check_inputs  before each forward, one small all_gather makes the ranks agree on the input
-                  shapes, dtypes and checksums, so a mismatch is the same clear error on every rank
-                  instead of a hang or a silently wrong video. Costs one host sync per step;
-                  False skips it (then every rank must be given identical inputs)."""
+    """group           None (the default process group), a ProcessGroup, or an SPGroup (init_from_env)
+    check_inputs    how often the ranks make sure they run the same step on the same inputs (shapes,
+                    dtypes and checksums of the latents, timestep and text), with one all_gather, so a
+                    mismatch is the same clear error on every rank instead of a hang or a mixed video:
+                    "per-shape" (default): the first forward of each input shape signature (a new
+                    resolution, batch or frame count; an unseeded generator differs at the first
+                    step); later steps of a known signature cost nothing. "every-step": every forward
+                    (one host sync and a few ms per step). "off" (or False): never. True means
+                    "every-step". A rank that meets a new shape while the others repeat a known one
+                    cannot be told apart from a slow rank: the group's timeout ends it.
+    fp8_payload     send q/k/v as e4m3 with one fp32 scale per token and head (D + 4 bytes instead
+                    of 2 D per token and head for bf16); lossy, off by default
+    overlap_chunks  split each self-attention's exchanges into this many head groups, so attention
+                    of one group overlaps the all-to-alls of the others (1: one q/k/v and one output
+                    all-to-all per layer)
+    ring_degree     1: pure Ulysses (heads padded up to a multiple of the world size). R > 1: world / R
+                    ranks per Ulysses group, R groups in a ring passing key/value blocks (for more
+                    ranks than heads; world must be a multiple of R; with 1 < R < world the SP group
+                    must span the whole default process group, since sub-groups are created)
+    timeout         a datetime.timedelta for the sub-groups ring_degree creates (None: torch's
+                    default for new groups)"""
     group: Any = None
-    check_inputs: bool = True
+    check_inputs: Any = "per-shape"
+    fp8_payload: bool = False
+    overlap_chunks: int = 1
+    ring_degree: int = 1
+    timeout: Any = None
 
     def __post_init__(self):
         pg = getattr(self.group, "group", self.group)
         if pg is not None and not isinstance(pg, dist.ProcessGroup):
             raise TypeError(f"SPConfig.group: expected None, a torch.distributed ProcessGroup or an SPGroup, "
                             f"got {type(self.group).__name__}")
-        if not isinstance(self.check_inputs, bool):
-            raise TypeError(f"SPConfig.check_inputs: expected a bool, got {self.check_inputs!r}")
+        if isinstance(self.check_inputs, bool):
+            self.check_inputs = "every-step" if self.check_inputs else "off"
+        elif not isinstance(self.check_inputs, str):
+            raise TypeError(f"SPConfig.check_inputs: expected a bool or one of {CHECK_MODES}, "
+                            f"got {self.check_inputs!r}")
+        if self.check_inputs not in CHECK_MODES:
+            raise ValueError(f"SPConfig.check_inputs: expected one of {CHECK_MODES}, got {self.check_inputs!r}")
+        if not isinstance(self.fp8_payload, bool):
+            raise TypeError(f"SPConfig.fp8_payload: expected a bool, got {self.fp8_payload!r}")
+        for name in ("overlap_chunks", "ring_degree"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SPConfig.{name}: expected a positive int, got {value!r}")
+        if self.ring_degree > 1 and self.overlap_chunks > 1:
+            raise ValueError("SPConfig: overlap_chunks > 1 needs ring_degree=1 (the ring overlaps its own "
+                             "transfers with attention)")
 
 
 @dataclass(frozen=True)
 class SPLayout:
-    """One forward's layout: the ShardSpec and the key mask (None when nothing is padded, so the
-    attention backend can take its unmasked fast path)."""
+    """One forward's layout. spec: the tokens over the whole SP group (sharding, RoPE, gather).
+    attn_spec: the Ulysses exchange inside this rank's Ulysses group (spec itself without a ring).
+    real_keys: per ring rank, how many keys of its sequence block are real (ring only)."""
     spec: ShardSpec
-    group: dist.ProcessGroup
-    key_mask: Optional[torch.Tensor]
+    attn_spec: ShardSpec
+    real_keys: tuple
 
 
 class SPContext:
     """What the hooks and processors of one patched model share."""
 
-    def __init__(self, group, world, rank, heads):
+    def __init__(self, group, world, rank, heads, config=None, ulysses_group=None, ring_group=None):
         self.group, self.world, self.rank, self.heads = group, world, rank, heads
+        self.config = config if config is not None else SPConfig()
+        self.ring_degree = self.config.ring_degree
+        self.ulysses_degree = world // self.ring_degree
+        # Sub-groups: the Ulysses exchange (None: nothing to exchange) and the ring (None: no ring).
+        self.ulysses_group = group if ulysses_group is None and self.ring_degree == 1 else ulysses_group
+        self.ring_group = ring_group
         self.layout = None  # set by the model's pre-hook, cleared when its forward ends
+        self.agreed = set()  # input signatures every rank has checked together (check_inputs="per-shape")
 
     def current(self):
         if self.layout is None:
             raise RuntimeError("vkern sequence parallelism: a sharded attention ran outside the patched "
                                "WanTransformer3DModel's forward; call the model, not its blocks")
         return self.layout
+
+    def make_layout(self, seq_len):
+        spec = ShardSpec.create(seq_len, self.heads, self.world)
+        if self.ring_degree == 1:
+            return SPLayout(spec, spec, ())
+        u, block = self.ulysses_degree, self.ulysses_degree * spec.local_seq_len
+        real = tuple(min(max(seq_len - g * block, 0), block) for g in range(self.ring_degree))
+        return SPLayout(spec, ShardSpec.create(block, self.heads, u), real)
+
+
+def _sub_groups(pg, world, rank, config):
+    """(ulysses_group, ring_group) for config.ring_degree R: rank g * U + i (U = world / R) is member
+    i of Ulysses group g (sequence block g) and member g of ring group i. Collective."""
+    R = config.ring_degree
+    U = world // R
+    if R == 1:
+        return pg, None
+    if U == 1:
+        return None, pg
+    ranks = [dist.get_global_rank(pg, r) for r in range(world)]
+    kwargs = {} if config.timeout is None else {"timeout": config.timeout}
+    mine = {}
+    # Every process of the default group creates every sub-group, in the same order.
+    for g in range(R):
+        group = dist.new_group([ranks[g * U + i] for i in range(U)], **kwargs)
+        if rank // U == g:
+            mine["ulysses"] = group
+    for i in range(U):
+        group = dist.new_group([ranks[g * U + i] for g in range(R)], **kwargs)
+        if rank % U == i:
+            mine["ring"] = group
+    return mine["ulysses"], mine["ring"]
 
 
 def apply_sequence_parallel(model, sp_config, handle):
@@ -81,12 +162,13 @@ def apply_sequence_parallel(model, sp_config, handle):
 
     pg, world, rank = ulysses._group(sp_config.group)
     config = handle.config
-    error = ulysses._local_error(lambda: _check_model(model))
+    error = ulysses._local_error(lambda: _check_model(model, sp_config, pg, world))
     signature = {} if error else _patch_signature(model, config, sp_config, world)
     _agree(pg, "vkern.patch(sp=...)", signature, error,
-           "every rank must patch the same model (same weights) with the same PatchConfig")
+           "every rank must patch the same model (same weights) with the same PatchConfig and SPConfig")
 
-    context = SPContext(pg, world, rank, model.config.num_attention_heads)
+    ulysses_group, ring_group = _sub_groups(pg, world, rank, sp_config)
+    context = SPContext(pg, world, rank, model.config.num_attention_heads, sp_config, ulysses_group, ring_group)
     hooks = [
         model.register_forward_pre_hook(partial(_enter, context, sp_config.check_inputs), with_kwargs=True),
         # always_call: a forward that raised must not leave a stale layout behind.
@@ -109,12 +191,19 @@ def apply_sequence_parallel(model, sp_config, handle):
 
 # ---------------------------------------------------------------- checks
 
-def _check_model(model):
+def _check_model(model, sp_config, pg, world):
     if getattr(model, "_parallel_config", None) is not None:
         raise ValueError("model: diffusers' enable_parallelism() is already applied; use one sequence "
                          "parallelism, not both")
     if len(model.blocks) == 0:
         raise ValueError("model: WanTransformer3DModel with no blocks")
+    R = sp_config.ring_degree
+    if world % R:
+        raise ValueError(f"SPConfig.ring_degree: expected a divisor of the world size {world}, got {R}")
+    if 1 < R < world and world != dist.get_world_size():
+        raise ValueError(f"SPConfig.ring_degree={R} with {world // R} ranks per Ulysses group creates sub-groups, "
+                         f"so the SP group must span the whole default group ({dist.get_world_size()} ranks), "
+                         f"not {world}")
 
 
 def _patch_signature(model, config, sp_config, world):
@@ -125,7 +214,8 @@ def _patch_signature(model, config, sp_config, world):
                 "PatchConfig.attention": config.attention,
                 "PatchConfig.fused_qk_norm_rope": config.fused_qk_norm_rope,
                 "PatchConfig.ffn_chunk_size": config.ffn_chunk_size, "PatchConfig.fp8": config.fp8,
-                "SPConfig.check_inputs": sp_config.check_inputs,
+                "SPConfig.check_inputs": sp_config.check_inputs, "SPConfig.fp8_payload": sp_config.fp8_payload,
+                "SPConfig.overlap_chunks": sp_config.overlap_chunks, "SPConfig.ring_degree": sp_config.ring_degree,
                 # Random-weight models built without the same seed (or different checkpoints) would
                 # otherwise give a plausible-looking wrong video. State dict: fp8 weights are buffers.
                 "weights checksum": _checksum(*(t for t in model.state_dict().values() if t.is_floating_point()))})
@@ -213,17 +303,19 @@ def _enter(context, check, model, args, kwargs):
         elif timestep.dim() == 2 and timestep.shape[1] != seq_len:
             error = ValueError(f"timestep: a per-token timestep must be [B, {seq_len}] (the patched tokens), "
                                f"got {tuple(timestep.shape)}")
-    if check:
+    key = None
+    if error is None:
+        key = tuple((tuple(t.shape), str(t.dtype), t.device.type) if isinstance(t, torch.Tensor) else None
+                    for t in (hidden_states, timestep, text, image)) + (grad,)
+    # A local error is raised through the agreement when checks run, so the other ranks hear of it.
+    if check == "every-step" or (check == "per-shape" and (error is not None or key not in context.agreed)):
         signature = {} if error else _input_signature(hidden_states, timestep, text, image, grad)
         _agree(context.group, "WanTransformer3DModel forward (sequence parallel)", signature, error,
                "every rank must run the same step on the same inputs (seed the latents and noise alike)")
+        context.agreed.add(key)
     elif error is not None:
         raise error
-    spec = ShardSpec.create(seq_len, context.heads, context.world)
-    mask = None
-    if spec.padded_seq_len != seq_len:
-        mask = key_padding_mask(spec, device=hidden_states.device).view(1, 1, 1, -1)
-    context.layout = SPLayout(spec, context.group, mask)
+    context.layout = context.make_layout(seq_len)
     if timestep.dim() == 2:  # Wan 2.2 TI2V: one timestep per token, sharded like the tokens
         timestep = shard_sequence(timestep, context.world, context.rank).contiguous()
         if len(args) > 1:
@@ -264,6 +356,8 @@ def _gather_tokens(context, proj_out, args, output):
     # gloo lacks some dtypes. (all_gather_into_tensor is the name before torch 2.13.)
     gathered = local.new_empty((context.world * B, S_local, C))
     all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    token = timing.begin(local.device)
     all_gather(gathered.view(torch.uint8), local.view(torch.uint8), group=context.group)
+    timing.end(token, "all_gather")
     full = gathered.unflatten(0, (context.world, B)).transpose(0, 1).reshape(B, layout.spec.padded_seq_len, C)
     return full[:, :layout.spec.seq_len]

@@ -5,36 +5,51 @@ is ONE torch.distributed.all_to_all_single: the send buffer is [world, ...] with
 for rank j, which is the order all_to_all_single splits its input in; the received chunk j came
 from rank j.
 
-Before exchanging, every rank shares a few ints (op, seq_len, heads, B, D, dtype, input ok) with
-one small all_gather, so ranks that disagree all raise the same clear error instead of some of them
-waiting in a mismatched all-to-all. On CUDA that costs a tiny collective and a host sync per call:
-pass check=False once the layout has been checked (e.g. after the first step).
+fp8 payload (fp8=True, q/k/v only): each tensor is quantized per token per head (vkern.ops.fp8_quantize,
+granularity "row" over the head dim: scale = amax * fp32(1/448), saturating e4m3) before packing; the
+send buffer carries the e4m3 bytes and the fp32 scales side by side in one byte buffer (D + 4 bytes
+per token and head instead of 2 D), and the receiver dequantizes to the input dtype.
+
+ulysses_attention does the whole sharded attention: q/k/v exchange, attention on this rank's heads,
+output exchange. With chunks > 1 the local heads are split into groups whose exchanges are issued
+asynchronously, so the attention of one group runs while the next group's q/k/v and the previous
+group's output are on the wire.
+
+Before exchanging, every rank shares a few ints (op, seq_len, heads, B, D, dtype, payload, input ok)
+with one small all_gather, so ranks that disagree all raise the same clear error instead of some of
+them waiting in a mismatched all-to-all. On CUDA that costs a tiny collective and a host sync per
+call: pass check=False once the layout has been checked (the Wan patch checks once per step shape).
 """
 import torch
 import torch.distributed as dist
 
 from ..ops._checks import check_tensor
 from ..reference.sequence_parallel import ShardSpec, key_padding_mask
+from . import timing
 
-__all__ = ["seq_to_head", "seq_to_head_qkv", "head_to_seq", "key_padding_mask", "ShardSpec"]
+__all__ = ["seq_to_head", "seq_to_head_qkv", "head_to_seq", "ulysses_attention", "key_padding_mask",
+           "ShardSpec", "head_chunks"]
 
-_OPS = ("seq_to_head", "seq_to_head_qkv", "head_to_seq")
+_OPS = ("seq_to_head", "seq_to_head_qkv", "head_to_seq", "ulysses_attention")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64,
            torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8, torch.int8, torch.int32, torch.int64)
-_FIELDS = ("op", "seq_len", "heads", "batch", "head_dim", "dtype")
+_FIELDS = ("op", "seq_len", "heads", "batch", "head_dim", "dtype", "payload")
+_E4M3 = torch.float8_e4m3fn
 
 
-def seq_to_head(x, spec, group=None, check=True):
+def seq_to_head(x, spec, group=None, check=True, fp8=False):
     """x [B, S_local, heads, D], this rank's sequence shard (padded as shard_sequence does) ->
     [B, S_padded, H_local, D]: the whole sequence for this rank's heads (zero heads past spec.heads).
-    group: a ProcessGroup, an SPGroup from init_from_env, or None for the default group."""
-    return _seq_to_head("seq_to_head", {"x": x}, spec, group, check)[0]
+    group: a ProcessGroup, an SPGroup from init_from_env, or None for the default group.
+    fp8: send e4m3 with per-token-per-head scales (lossy; see the module docstring)."""
+    return _seq_to_head("seq_to_head", {"x": x}, spec, group, check, fp8)[0]
 
 
-def seq_to_head_qkv(q, k, v, spec, group=None, check=True):
+def seq_to_head_qkv(q, k, v, spec, group=None, check=True, fp8=False):
     """seq_to_head of q, k and v (same shape and dtype) in one packed all-to-all. Returns (q, k, v),
-    each [B, S_padded, H_local, D]; mask padded keys with key_padding_mask(spec)."""
-    return _seq_to_head("seq_to_head_qkv", {"q": q, "k": k, "v": v}, spec, group, check)
+    each [B, S_padded, H_local, D]; keys at positions >= spec.seq_len are padding (slice them off,
+    or mask them with key_padding_mask(spec))."""
+    return _seq_to_head("seq_to_head_qkv", {"q": q, "k": k, "v": v}, spec, group, check, fp8)
 
 
 def head_to_seq(x, spec, group=None, check=True):
@@ -42,62 +57,184 @@ def head_to_seq(x, spec, group=None, check=True):
     rank's tokens for all real heads (padded heads are dropped; padded tokens are kept)."""
     pg, world, rank = _group(group)
     error = _local_error(lambda: _check_head_sharded(x, spec, world))
-    _agree("head_to_seq", pg, spec, x, error, check)
-    B, _, per_rank, D = x.shape
-    local = spec.local_seq_len
-    # Chunk j of the send buffer: rank j's tokens, for this rank's heads.
-    send = x.unflatten(1, (world, local)).permute(1, 0, 2, 3, 4).contiguous()
-    recv = _all_to_all(send, pg)  # recv[j]: this rank's tokens for rank j's heads
-    out = x.new_empty((B, local, spec.heads, D))
-    for chunks, heads in _same_heads(recv, out, spec.heads, per_rank):
-        heads.copy_(chunks)
+    _agree("head_to_seq", pg, spec, x, error, check, False)
+    out = x.new_empty((x.shape[0], spec.local_seq_len, spec.heads, x.shape[3]))
+    _finish_output(_start_output(x, spec, pg, world, 0), out, spec, 0, spec.local_heads)
     return out
 
 
-def _seq_to_head(op, tensors, spec, group, check):
+def ulysses_attention(q, k, v, spec, attend, group=None, chunks=1, fp8=False, check=True):
+    """Sequence-parallel attention: q, k, v [B, S_local, heads, D] (this rank's tokens, padded as
+    shard_sequence does) -> [B, S_local, heads, D]. attend(q, k, v) gets [B, S_padded, h, D] queries
+    and [B, seq_len, h, D] keys/values (padded keys sliced off, so no mask is needed) for a group of
+    h of this rank's heads, and returns [B, S_padded, h, D]. chunks: how many head groups to split
+    the exchanges into (1 = one q/k/v and one output all-to-all; more overlaps communication with
+    attention; clamped to the number of local heads)."""
+    pg, world, rank = _group(group)
+    tensors = {"q": q, "k": k, "v": v}
+    error = _local_error(lambda: _check_seq_sharded(tensors, spec, world))
+    if error is None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
+        error = ValueError(f"chunks: expected a positive int, got {chunks!r}")
+    _agree("ulysses_attention", pg, spec, q, error, check, fp8)
+    bounds = head_chunks(spec.local_heads, chunks)
+    packed = _quantize(tensors.values(), q.device) if fp8 else list(tensors.values())
+    # All q/k/v exchanges are issued first: they queue on the communication stream, each starting
+    # as soon as its buffer is packed, and run while the attention of earlier groups computes.
+    pending = [_start_qkv(packed, spec, pg, world, a, b, fp8) for a, b in bounds]
+    out = q.new_empty((q.shape[0], spec.local_seq_len, spec.heads, q.shape[3]))
+    outputs = []
+    for i, (a, b) in enumerate(bounds):
+        qh, kh, vh = _finish_qkv(pending[i], q.dtype)
+        pending[i] = None  # the received bytes are unpacked: free them before the next group
+        o = attend(qh, kh[:, :spec.seq_len], vh[:, :spec.seq_len])
+        del qh, kh, vh
+        outputs.append((a, b, _start_output(o, spec, pg, world, a)))
+    for a, b, exchange in outputs:
+        _finish_output(exchange, out, spec, a, b)
+    return out
+
+
+def head_chunks(local_heads, chunks):
+    """[(a, b)]: local heads split into min(chunks, local_heads) contiguous, nearly equal groups."""
+    n = max(1, min(chunks, local_heads))
+    edges = [round(i * local_heads / n) for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _seq_to_head(op, tensors, spec, group, check, fp8):
     pg, world, rank = _group(group)
     error = _local_error(lambda: _check_seq_sharded(tensors, spec, world))
     first = next(iter(tensors.values()))
-    _agree(op, pg, spec, first, error, check)
-    B, local, _, D = first.shape
-    per_rank = spec.local_heads
-    # Chunk j of the send buffer: this rank's tokens of rank j's heads, q/k/v side by side.
-    send = first.new_empty((world, len(tensors), B, local, per_rank, D))
-    for i, t in enumerate(tensors.values()):
-        _zero_padded_heads(send[:, i], spec.heads, per_rank)
-        for chunks, heads in _same_heads(send[:, i], t, spec.heads, per_rank):
-            chunks.copy_(heads)
-    recv = _all_to_all(send, pg)  # recv[j]: rank j's tokens of this rank's heads
-    # Source rank next to its tokens gives the sequence in order: [n, B, world * S_local, H_local, D].
-    out = recv.permute(1, 2, 0, 3, 4, 5).reshape(len(tensors), B, world * local, per_rank, D)
+    _agree(op, pg, spec, first, error, check, fp8)
+    packed = _quantize(tensors.values(), first.device) if fp8 else list(tensors.values())
+    return _finish_qkv(_start_qkv(packed, spec, pg, world, 0, spec.local_heads, fp8), first.dtype)
+
+
+# ---------------------------------------------------------------- packing and exchanging
+
+def _quantize(tensors, device):
+    """[(e4m3 [B, S, H, D], fp32 scales [B, S, H, 1])], one scale per token and head."""
+    from .. import ops
+
+    token = timing.begin(device)
+    out = [ops.fp8_quantize(t, "row") for t in tensors]
+    timing.end(token, "pack")
+    return out
+
+
+def _pack_heads(dst, src, heads, per_rank, a, b):
+    """dst [world, B, S, b - a, D] <- src [B, S, heads, D]: chunk j gets global heads
+    j * per_rank + [a, b); heads past `heads` (padding) are written as zeros."""
+    world, width = dst.shape[0], b - a
+    if heads == world * per_rank:
+        dst.copy_(src.unflatten(2, (world, per_rank))[:, :, :, a:b].permute(2, 0, 1, 3, 4))
+        return
+    for j in range(world):
+        lo = j * per_rank + a
+        n = min(max(heads - lo, 0), width)
+        if n:
+            dst[j, :, :, :n].copy_(src[:, :, lo:lo + n])
+        if n < width:
+            dst[j, :, :, n:].zero_()
+
+
+def _unpack_heads(dst, src, heads, per_rank, a, b):
+    """The inverse of _pack_heads: dst [B, S, heads, D] <- src [world, B, S, b - a, D] (padded
+    heads are dropped)."""
+    world, width = src.shape[0], b - a
+    if heads == world * per_rank:
+        dst.unflatten(2, (world, per_rank))[:, :, :, a:b].copy_(src.permute(1, 2, 0, 3, 4))
+        return
+    for j in range(world):
+        lo = j * per_rank + a
+        n = min(max(heads - lo, 0), width)
+        if n:
+            dst[:, :, lo:lo + n].copy_(src[j, :, :, :n])
+
+
+def _fp8_views(buf, n, B, S, width, D):
+    """Views into a byte buffer [world, per_rank_bytes]: fp32 scales [world, n, B, S, width, 1] first
+    (4-byte aligned), then the e4m3 values [world, n, B, S, width, D]."""
+    m = n * B * S * width
+    scales = buf[:, :4 * m].view(torch.float32).unflatten(1, (n, B, S, width, 1))
+    data = buf[:, 4 * m:4 * m + m * D].view(_E4M3).unflatten(1, (n, B, S, width, D))
+    return scales, data
+
+
+def _fp8_bytes(n, B, S, width, D):
+    m = n * B * S * width
+    return -(-(4 * m + m * D) // 16) * 16  # rows 16-byte aligned, so the next row's scales are too
+
+
+def _start_qkv(packed, spec, pg, world, a, b, fp8):
+    """Pack heads [a, b) of every rank's share of the tensors (or fp8 (values, scales) pairs) and
+    start the all-to-all. Returns the pending exchange for _finish_qkv."""
+    first = packed[0][0] if fp8 else packed[0]
+    token = timing.begin(first.device)
+    n, (B, local, _, D), width = len(packed), first.shape, b - a
+    if fp8:
+        send = torch.empty((world, _fp8_bytes(n, B, local, width, D)), dtype=torch.uint8, device=first.device)
+        scales, data = _fp8_views(send, n, B, local, width, D)
+        for i, (values, scale) in enumerate(packed):
+            _pack_heads(data[:, i], values, spec.heads, spec.local_heads, a, b)
+            _pack_heads(scales[:, i], scale, spec.heads, spec.local_heads, a, b)
+    else:
+        # Chunk j of the send buffer: this rank's tokens of rank j's heads, q/k/v side by side.
+        send = first.new_empty((world, n, B, local, width, D))
+        for i, t in enumerate(packed):
+            _pack_heads(send[:, i], t, spec.heads, spec.local_heads, a, b)
+    timing.end(token, "pack")
+    recv, work = _all_to_all_start(send, pg)
+    return recv, work, (n, B, local, width, D), fp8
+
+
+def _finish_qkv(exchange, dtype):
+    """Wait for a _start_qkv exchange; returns n tensors [B, world * S_local, width, D]."""
+    recv, work, (n, B, local, width, D), fp8 = exchange
+    _all_to_all_wait(work, recv.device)
+    token = timing.begin(recv.device)
+    world = recv.shape[0]
+    if fp8:
+        from .. import ops
+
+        scales, data = _fp8_views(recv, n, B, local, width, D)
+        recv = ops.fp8_dequantize(data, scales, dtype)
+    # recv[j]: rank j's tokens of this rank's heads. Source rank next to its tokens gives the
+    # sequence in order: [n, B, world * S_local, width, D].
+    out = recv.permute(1, 2, 0, 3, 4, 5).reshape(n, B, world * local, width, D)
+    timing.end(token, "unpack")
     return out.unbind(0)
 
 
-def _same_heads(chunked, flat, heads, per_rank):
-    """Pairs of views of chunked [world, B, S, H_local, D] and flat [B, S, heads, D] holding the
-    same real heads: global head h is local head h % H_local of chunk h // H_local."""
-    full, rest = divmod(heads, per_rank)
-    pairs = [(chunked[:full], flat[:, :, :full * per_rank].unflatten(2, (full, per_rank)).permute(2, 0, 1, 3, 4))]
-    if rest:
-        pairs.append((chunked[full, :, :, :rest], flat[:, :, full * per_rank:]))
-    return pairs
+def _start_output(x, spec, pg, world, a):
+    """x [B, S_padded, width, D], this rank's local heads [a, a + width) for the whole sequence:
+    start sending rank j its tokens. Returns the pending exchange for _finish_output."""
+    token = timing.begin(x.device)
+    # Chunk j of the send buffer: rank j's tokens, for these heads.
+    send = x.unflatten(1, (world, spec.local_seq_len)).permute(1, 0, 2, 3, 4).contiguous()
+    timing.end(token, "pack")
+    return _all_to_all_start(send, pg)
 
 
-def _zero_padded_heads(chunked, heads, per_rank):
-    """Zero the heads of chunked [world, B, S, H_local, D] past the real ones (a partial last chunk,
-    then whole chunks), so padded heads are exact zeros without padding the input first."""
-    full, rest = divmod(heads, per_rank)
-    if rest:
-        chunked[full, :, :, rest:].zero_()
-        full += 1
-    chunked[full:].zero_()
+def _finish_output(exchange, out, spec, a, b):
+    recv, work = exchange  # recv[j]: this rank's tokens for rank j's heads [a, b)
+    _all_to_all_wait(work, recv.device)
+    token = timing.begin(recv.device)
+    _unpack_heads(out, recv, spec.heads, spec.local_heads, a, b)
+    timing.end(token, "unpack")
 
 
-def _all_to_all(send, pg):
+def _all_to_all_start(send, pg):
     recv = torch.empty_like(send)
     # Sent as bytes: the exchange only moves data, and gloo rejects some dtypes (fp8).
-    dist.all_to_all_single(recv.view(torch.uint8), send.view(torch.uint8), group=pg)
-    return recv
+    work = dist.all_to_all_single(recv.view(torch.uint8), send.view(torch.uint8), group=pg, async_op=True)
+    return recv, work
+
+
+def _all_to_all_wait(work, device):
+    token = timing.begin(device)
+    work.wait()  # on CUDA: the current stream waits for the collective (no host sync)
+    timing.end(token, "all_to_all")
 
 
 def _group(group):
@@ -150,15 +287,17 @@ def _local_error(checks):
     return None
 
 
-def _agree(op, pg, spec, x, error, check):
+def _agree(op, pg, spec, x, error, check, fp8):
     """Raise on every rank if any rank's input is bad or the ranks disagree on the layout."""
+    if error is None and fp8 and x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        error = TypeError(f"fp8: the fp8 payload quantizes float32/bfloat16/float16 tensors, got {x.dtype}")
     if not check:
         if error is not None:
             raise error
         return
     if error is None:
         dtype = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else 100 + x.element_size()
-        mine = [_OPS.index(op), spec.seq_len, spec.heads, x.shape[0], x.shape[3], dtype, 1]
+        mine = [_OPS.index(op), spec.seq_len, spec.heads, x.shape[0], x.shape[3], dtype, int(bool(fp8)), 1]
     else:
         mine = [-1] * len(_FIELDS) + [0]
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(pg) == "nccl" else "cpu"
@@ -182,6 +321,8 @@ def _agree(op, pg, spec, x, error, check):
 def _show(field, value):
     if field == "op":
         return _OPS[value]
+    if field == "payload":
+        return "fp8" if value else "native"
     if field == "dtype":
         return str(_DTYPES[value]).replace("torch.", "") if value < len(_DTYPES) else f"{value - 100}-byte dtype"
     return value

@@ -6,8 +6,15 @@ scales (half the bytes of bf16) and computes in one of two modes:
 
 State-dict keys are the Linear's (`weight` now e4m3) plus `weight_scale`, so a patched model's
 state dict is a pre-quantized checkpoint that loads into another patched model.
+
+Pre-quantized input: in compute mode the layer also accepts an Fp8Activation (e4m3 data + per-token
+scales, made by a fused producer such as the Wan block's LayerNorm+modulate kernel) in place of the
+tensor and skips its own quantization pass; the result is bit-identical to passing the activation
+in its own dtype. The producer decides to emit one only when every consumer takes it
+(takes_fp8_input); any other module given one fails loudly (it is not a Tensor).
 """
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -18,6 +25,27 @@ MODES = ("storage", "compute")
 _warned = set()
 
 
+class Fp8Activation(NamedTuple):
+    """An activation quantized per token: data e4m3 [..., K], scale fp32 [..., 1] (data.float() * scale
+    ~= the activation), dtype: the activation's own dtype, which the consuming layer outputs. As
+    ops.fp8_quantize(x, "row") returns it, or a fused kernel (ops.layernorm_modulate(..., fp8=True),
+    ops.block_glue.gelu_tanh_fp8)."""
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def device(self):
+        return self.data.device
+
+    def dequantize(self):
+        return ops.fp8_dequantize(self.data, self.scale, self.dtype)
+
+
 class Fp8Linear(nn.Module):
     def __init__(self, q_weight, weight_scale, bias=None, mode="storage", fast_accum=True):
         super().__init__()
@@ -25,6 +53,9 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         self.mode = mode
         self.fast_accum = fast_accum
+        # False: fused producers keep handing this layer activations in their own dtype (for A/B
+        # measurements of the fused quantization; numerically the same either way).
+        self.accept_prequantized = True
         self.out_features, self.in_features = q_weight.shape
         self.register_buffer("weight", q_weight)
         self.register_buffer("weight_scale", weight_scale)
@@ -44,7 +75,19 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"{name}: weight has NaN or Inf values (output channels {rows}...); refusing to quantize")
         return cls(q, scale, linear.bias, mode, fast_accum)
 
+    @property
+    def accepts_fp8_input(self):
+        """True when forward takes an Fp8Activation without dequantizing it (compute mode, dimensions
+        that the fp8 GEMM supports)."""
+        return (self.accept_prequantized and self.mode == "compute" and self.in_features % 16 == 0
+                and self.out_features % 16 == 0)
+
     def forward(self, x):
+        if isinstance(x, Fp8Activation):
+            if self.accepts_fp8_input:
+                return ops.fp8.fp8_linear_prequantized(x.data, x.scale, self.weight, self.weight_scale, self.bias,
+                                                       self.fast_accum, x.dtype)
+            x = x.dequantize()  # correct, not fast: producers check accepts_fp8_input first
         if self.mode == "compute":
             if self.in_features % 16 == 0 and self.out_features % 16 == 0:
                 # torch._scaled_mm on an fp8 GPU with bf16 activations; otherwise the op's reference
@@ -73,3 +116,10 @@ def _note_fallback(layer):
         _warned.add(key)
         warnings.warn(f"vkern Fp8Linear: fp8 compute needs in/out features that are multiples of 16 (got "
                       f"{layer.in_features}x{layer.out_features}); these layers use the storage-mode path", stacklevel=3)
+
+
+def takes_fp8_input(module):
+    """True when `module` can be called with an Fp8Activation and uses it as is: an Fp8Linear in
+    compute mode with supported dimensions and no hooks that would see the activation."""
+    return (type(module) is Fp8Linear and module.accepts_fp8_input
+            and not (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_diffusers_hook")))

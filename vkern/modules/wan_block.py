@@ -8,7 +8,15 @@ they have, the FFN's Linear layers whatever they are: nn.Linear, Fp8Linear, LoRA
     and no fp32 copy of temb;
   - the FFN runs over token chunks, each chunk's norm3 -> Linear -> in-place GELU -> Linear -> gate +
     residual written straight into the hidden states, so the [tokens, ffn_dim] intermediate exists
-    only as one [chunk, ffn_dim] buffer.
+    only as one [chunk, ffn_dim] buffer (the FFN itself: vkern/modules/feed_forward.py, shared with
+    ChunkedFeedForward);
+  - fp8 compute mode: where every consumer of a LayerNorm's output is an fp8 compute-mode Linear (attn1's
+    q/k/v projections, or its fused to_qkv, under vkern's attention processor; attn2's q projection after
+    an affine norm2; the FFN's up projection),
+    the LayerNorm kernel emits e4m3 + per-token scales itself (an Fp8Activation) and those layers use it
+    as is: the per-token quantization pass of each consumer disappears (three for q/k/v), bit-identically.
+    Likewise the FFN's GELU and the down projection's quantization are one kernel (equal to the unfused
+    path up to the last ulp of tanh, see vkern/reference/block_glue.py).
 The caller's hidden_states is never written: the first residual makes the block's new tensor, the
 later ones update that tensor in place.
 """
@@ -16,6 +24,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from .feed_forward import feed_forward_rows, ffn_takes_fp8_input
+from .fp8_linear import Fp8Activation, takes_fp8_input
 
 
 def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb, ffn_chunk_size=None):
@@ -33,14 +43,20 @@ def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotar
     (shift, scale, gate, c_shift, c_scale, c_gate) = _modulation(block.scale_shift_table, temb, B, S, D)
 
     # 1. Self-attention. A new tensor from the first residual: the caller's hidden_states stays as it was.
+    fp8 = _attention_takes_fp8_input(block.attn1)
     norm = ops.layernorm_modulate(hidden_states, shift[0], scale[0], block.norm1.eps, *_affine(block.norm1),
-                                  shift[1], scale[1])
+                                  shift[1], scale[1], fp8=fp8)
+    if fp8:
+        norm = Fp8Activation(*norm, hidden_states.dtype)
     attn_output = block.attn1(norm, None, None, rotary_emb)
     x = ops.gate_residual(hidden_states, attn_output, *gate)
 
     # 2. Cross-attention. nn.Identity: diffusers' x.float().type_as(x) is x itself.
     if not isinstance(block.norm2, nn.Identity):
-        norm = ops.layernorm_modulate(x, None, None, block.norm2.eps, *_affine(block.norm2))
+        fp8 = _attention_takes_fp8_input(block.attn2, cross=True)
+        norm = ops.layernorm_modulate(x, None, None, block.norm2.eps, *_affine(block.norm2), fp8=fp8)
+        if fp8:
+            norm = Fp8Activation(*norm, x.dtype)
     else:
         norm = x
     attn_output = block.attn2(norm, encoder_hidden_states, None, None)
@@ -48,11 +64,14 @@ def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotar
     del norm, attn_output
 
     # 3. Feed-forward, chunk by chunk, each chunk's result added into its rows of x.
+    fp8 = ffn_takes_fp8_input(block.ffn)
     for b, s in _spans(B, S, ffn_chunk_size):
         rows = x[b, s]
         norm = ops.layernorm_modulate(rows, _sub(c_shift[0], b, s), _sub(c_scale[0], b, s), block.norm3.eps,
-                                      *_affine(block.norm3), c_shift[1], c_scale[1])
-        ops.gate_residual_(rows, _feed_forward(block.ffn, norm), _sub(c_gate[0], b, s), c_gate[1])
+                                      *_affine(block.norm3), c_shift[1], c_scale[1], fp8=fp8)
+        if fp8:
+            norm = Fp8Activation(*norm, x.dtype)
+        ops.gate_residual_(rows, feed_forward_rows(block.ffn, norm), _sub(c_gate[0], b, s), c_gate[1])
     return x
 
 
@@ -117,21 +136,23 @@ def _sub(t, b, s):
     return t[b if t.shape[0] != 1 else slice(None), s if t.shape[1] != 1 else slice(None)]
 
 
-def _feed_forward(ff, x):
-    """diffusers' FeedForward (or vkern's ChunkedFeedForward, which shares its net) on one chunk, with
-    the GELU done in place on the first Linear's output: one [chunk, ffn_dim] buffer instead of two.
-    Anything else (other activations, hooks on the FeedForward itself) is called as it is."""
-    from diffusers.models.activations import GELU
+def _attention_takes_fp8_input(attn, cross=False):
+    """True when every projection that attn's processor applies to hidden_states takes an Fp8Activation as
+    is. vkern's processors (reference.wan_attention) pass hidden_states only to the projections: q, k, v
+    (or the fused to_qkv) for self-attention; q alone for cross-attention (k, v read the text)."""
+    from .wan_attention import VkernWanAttnProcessor
 
-    net = getattr(ff, "net", None)
-    if (net is None or len(net) not in (3, 4) or type(net[0]) is not GELU or _hooked(ff) or _hooked(net[0])
-            or x.device.type == "mps"):  # diffusers' GELU upcasts fp16 on MPS
-        return ff(x)
-    h = net[0].proj(x)
-    torch.ops.aten.gelu_(h, approximate=net[0].approximate)  # same kernel as F.gelu, same bits
-    for module in list(net)[1:]:  # Dropout (identity in eval), Linear, [Dropout]
-        h = module(h)
-    return h
+    processor = getattr(attn, "processor", None)
+    # A processor may state it explicitly (accepts_fp8_hidden_states = True/False, e.g. a subclass that
+    # reads hidden_states itself opts out); otherwise vkern's processors are known to, others are not.
+    if not getattr(processor, "accepts_fp8_hidden_states", isinstance(processor, VkernWanAttnProcessor)) \
+            or _hooked(attn):
+        return False
+    if cross:
+        return takes_fp8_input(getattr(attn, "to_q", None))
+    if getattr(attn, "fused_projections", False):
+        return takes_fp8_input(attn.to_qkv)
+    return all(takes_fp8_input(getattr(attn, name, None)) for name in ("to_q", "to_k", "to_v"))
 
 
 def _hooked(m):

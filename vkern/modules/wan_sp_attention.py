@@ -1,16 +1,42 @@
-"""Sequence-parallel (Ulysses) processor for Wan self-attention (attn1), built on
-reference.wan_attention: projections, QK RMSNorm and RoPE run on this rank's tokens (the RoPE tables
-arrive sharded like the tokens), then one packed q/k/v all-to-all gives each rank the whole sequence
-for its heads, attention runs there with padded keys masked out, and one all-to-all brings the
-output back to this rank's tokens for all heads before to_out.
+"""Sequence-parallel processor for Wan self-attention (attn1), built on reference.wan_attention:
+projections, QK RMSNorm and RoPE run on this rank's tokens (the RoPE tables arrive sharded like the
+tokens), then the attention itself is sharded:
+  Ulysses (SPConfig.ring_degree=1): one packed q/k/v all-to-all gives each rank the whole sequence
+      for its heads, attention runs there (padded keys sliced off), one all-to-all brings the output
+      back to this rank's tokens for all heads before to_out. SPConfig.overlap_chunks > 1 splits the
+      exchanges by head groups so attention overlaps them; SPConfig.fp8_payload sends q/k/v in e4m3.
+  Ulysses x ring (ring_degree > 1): the Ulysses exchange inside groups of world / ring_degree
+      ranks, then ring attention (key/value blocks passed around, merged by log-sum-exp) across them.
 
 Cross-attention (attn2) needs no processor of its own: its queries are this rank's tokens and its
 keys the replicated text, so the ordinary processor is already correct.
 """
+import functools
+
+import torch
+
 from .. import ops
-from ..distributed import ulysses
+from ..distributed import ring, ulysses
 from ..reference import attention as ref
-from .wan_attention import VkernWanAttnProcessor
+from .wan_attention import _8BIT, _BACKEND, VkernWanAttnProcessor
+
+
+def _reference_lse(q, k, v):
+    return ref.attention_lse(q, k, v, dtype=torch.float32)
+
+
+def _attend_fns(mode):
+    """(attend(q, k, v) -> out, attend_lse(q, k, v) -> (out, lse)) on this rank's heads for an
+    attention mode. The 8-bit modes quantize Q/K/V after the exchange (attention_8bit), so the
+    all-to-alls carry q/k/v in the model's dtype (or SPConfig.fp8_payload's e4m3)."""
+    if mode == "reference":
+        return ref.attention, _reference_lse
+    if mode in _8BIT:
+        qk, pv = _8BIT[mode]
+        attend = functools.partial(ops.attention_8bit, qk=qk, pv=pv)
+        return attend, functools.partial(attend, return_lse=True)
+    return (functools.partial(ops.attention, backend=_BACKEND[mode]),
+            functools.partial(ring.attention_lse, backend=_BACKEND[mode]))
 
 
 class VkernWanSPAttnProcessor(VkernWanAttnProcessor):
@@ -28,20 +54,30 @@ class VkernWanSPAttnProcessor(VkernWanAttnProcessor):
         if attention_mask is not None:
             # Wan never passes one to attn1; a user mask over the full sequence would need sharding too.
             raise ValueError("VkernWanSPAttnProcessor: attention_mask is not supported under sequence parallelism")
-        layout = self.context.current()
-        local_attend = ref.attention if self.attention == "reference" else ops.attention
+        ctx = self.context
+        layout = ctx.current()
+        config = ctx.config
+        local_attend, local_attend_lse = _attend_fns(self.attention)
 
         def attend(q, k, v, attn_mask=None):
-            # q/k/v [B, S_local, heads, D] -> [B, S_padded, H_local, D]: one all-to-all for all three.
             # check=False: the model's pre-hook already made the ranks agree on this step's shapes.
-            q, k, v = ulysses.seq_to_head_qkv(q, k, v, layout.spec, layout.group, check=False)
-            out = local_attend(q, k, v, layout.key_mask)
-            return ulysses.head_to_seq(out, layout.spec, layout.group, check=False)
+            if ctx.ring_degree == 1:
+                return ulysses.ulysses_attention(q, k, v, layout.spec, local_attend, ctx.group,
+                                                 chunks=config.overlap_chunks, fp8=config.fp8_payload, check=False)
+            spec = layout.attn_spec
+            if ctx.ulysses_group is not None:
+                q, k, v = ulysses.seq_to_head_qkv(q, k, v, spec, ctx.ulysses_group, check=False, fp8=config.fp8_payload)
+            out = ring.ring_attention(q, k, v, ctx.ring_group, layout.real_keys, local_attend_lse)
+            if ctx.ulysses_group is not None:
+                out = ulysses.head_to_seq(out, spec, ctx.ulysses_group, check=False)
+            return out
 
-        return ref.wan_attention(attn, hidden_states, None, None, rotary_emb,
-                                 norm_rope=ops.qk_norm_rope if self.fused_qk_norm_rope else ref.qk_norm_rope,
-                                 attend=attend)
+        # The prologue never quantizes here (8-bit modes quantize after the exchange).
+        norm_rope = ops.qk_norm_rope if self.fused_qk_norm_rope else ref.qk_norm_rope
+        return ref.wan_attention(attn, hidden_states, None, None, rotary_emb, norm_rope=norm_rope, attend=attend)
 
     def __repr__(self):
-        return (f"VkernWanSPAttnProcessor(attention={self.attention!r}, "
-                f"fused_qk_norm_rope={self.fused_qk_norm_rope}, world={self.context.world})")
+        c = self.context
+        return (f"VkernWanSPAttnProcessor(attention={self.attention!r}, fused_qk_norm_rope={self.fused_qk_norm_rope}, "
+                f"world={c.world}, ring_degree={c.ring_degree}, overlap_chunks={c.config.overlap_chunks}, "
+                f"fp8_payload={c.config.fp8_payload})")

@@ -6,10 +6,15 @@ diffusers' WanTransformerBlock expressions). Inference only (no autograd formula
 gate_residual comes in two forms, like torch's add/add_: a functional op, and an in-place one
 declared as mutating x (the fused block updates its own hidden states chunk by chunk through it, so
 the FFN output is added without a second [tokens, dim] buffer; torch.compile functionalizes it).
+
+For fp8 compute mode, layernorm_modulate(..., fp8=True) and gelu_tanh_fp8 return (e4m3, per-token
+fp32 scale) instead of x's dtype: the per-token quantization of the following fp8 GEMMs done in the
+same pass (numerics: vkern/reference/block_glue.py).
 """
 import torch
 
 from ..reference import block_glue as ref
+from ..reference.fp8 import E4M3
 from . import _backend
 from ._checks import FLOATS, FLOATS_OR_F64, check_shape, check_tensor
 
@@ -28,6 +33,7 @@ def _choose(op, x, *others):
 
 _backend.register("layernorm_modulate")(_candidates)
 _backend.register("gate_residual")(_candidates)
+_backend.register("gelu_tanh_fp8")(_candidates)
 
 
 def _check_x(x):
@@ -50,13 +56,15 @@ def _check_modulation(name, t, x):
                          f"got {tuple(t.shape)}")
 
 
-def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table=None, scale_table=None):
+def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table=None, scale_table=None, fp8=False):
     """diffusers' (FP32LayerNorm(x.float()) * (1 + scale) + shift).type_as(x) on x [B, S, D].
 
     shift, scale: temb chunks [B|1, S|1, D] (Wan 2.1: [B, 1, D]; Wan 2.2 per-token: [B, S, D]), any
     float dtype, or both None for a plain LayerNorm (norm2). shift_table, scale_table: the matching
     scale_shift_table rows [D], added in fp32 (diffusers' table + temb.float()), or None.
-    weight, bias: the LayerNorm's affine [D] or None. Returns a contiguous tensor in x's dtype."""
+    weight, bias: the LayerNorm's affine [D] or None. Returns a contiguous tensor in x's dtype, or with
+    fp8=True that tensor quantized per token as vkern.ops.fp8_quantize(result, "row") would, in the same
+    pass: (e4m3 [B, S, D], fp32 scales [B, S, 1]), the input of fp8 compute-mode Linears."""
     _check_x(x)
     if (shift is None) != (scale is None):
         raise ValueError("shift, scale: pass both or neither")
@@ -74,7 +82,22 @@ def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table
         _check_row(name, t, x)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    if fp8:
+        if x.dtype == torch.float64:
+            raise TypeError("x: fp8=True needs a float32, float16 or bfloat16 x, got torch.float64")
+        return torch.ops.vkern.layernorm_modulate_fp8(x, shift, scale, float(eps), weight, bias, shift_table,
+                                                      scale_table)
     return torch.ops.vkern.layernorm_modulate(x, shift, scale, float(eps), weight, bias, shift_table, scale_table)
+
+
+def gelu_tanh_fp8(h):
+    """diffusers' tanh GELU (F.gelu(h, approximate="tanh"), in h's dtype) quantized per row in the same
+    pass: (e4m3 [..., N], fp32 scales [..., 1]) = vkern.ops.fp8_quantize(F.gelu(h, "tanh"), "row") up to
+    the last ulp of tanh. h: [..., N] float16/bfloat16/float32 (the FFN's up-projection output)."""
+    check_tensor("h", h, dtypes=FLOATS)
+    if h.dim() == 0:
+        raise ValueError("h: expected shape (..., features), got a 0-dim tensor")
+    return torch.ops.vkern.gelu_tanh_fp8(h)
 
 
 def _check_gate_residual(x, y, gate, gate_table):
@@ -164,3 +187,51 @@ def _gate_residual_inplace(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
 @_gate_residual_inplace.register_fake
 def _(x, y, gate, gate_table):
     return None
+
+
+def _fp8_outputs(x):
+    return (torch.empty(x.shape, dtype=E4M3, device=x.device),
+            torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device))
+
+
+@torch.library.custom_op("vkern::layernorm_modulate_fp8", mutates_args=())
+def _layernorm_modulate_fp8(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
+                            weight: torch.Tensor | None, bias: torch.Tensor | None, shift_table: torch.Tensor | None,
+                            scale_table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = _choose("layernorm_modulate", x, shift, scale, weight, bias, shift_table, scale_table)
+    if backend == "reference" or x.numel() == 0:
+        q, s = ref.layernorm_modulate_fp8(x, shift, scale, eps, weight, bias, shift_table, scale_table)
+        return q.contiguous(), s.contiguous()
+    from ..triton.block_glue import layernorm_modulate as kernel
+
+    x, shift, scale = _unit_last(x), _unit_last(shift), _unit_last(scale)
+    if shift is not None and shift.stride() != scale.stride():
+        shift, scale = shift.contiguous(), scale.contiguous()
+    rows = [t if t is None else t.contiguous() for t in (weight, bias, shift_table, scale_table)]
+    q, s = _fp8_outputs(x)
+    kernel(x, shift, scale, eps, *rows, q, s)
+    return q, s
+
+
+@_layernorm_modulate_fp8.register_fake
+def _(x, shift, scale, eps, weight, bias, shift_table, scale_table):
+    return x.new_empty(x.shape, dtype=E4M3), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("vkern::gelu_tanh_fp8", mutates_args=())
+def _gelu_tanh_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = _backend.choose("gelu_tanh_fp8", _candidates(h.device, h.dtype))
+    if backend == "reference" or h.numel() == 0:
+        q, s = ref.gelu_tanh_fp8(h)
+        return q.contiguous(), s.contiguous()
+    from ..triton.block_glue import gelu_tanh_fp8 as kernel
+
+    q, s = _fp8_outputs(h)
+    h2 = (h if h.stride(-1) == 1 else h.contiguous()).reshape(-1, h.shape[-1])  # a view for row-strided h
+    kernel(h2, q.view(-1, h.shape[-1]), s.view(-1, 1))
+    return q, s
+
+
+@_gelu_tanh_fp8.register_fake
+def _(h):
+    return h.new_empty(h.shape, dtype=E4M3), h.new_empty((*h.shape[:-1], 1), dtype=torch.float32)

@@ -1,7 +1,10 @@
 """Feed-forward as diffusers' FeedForward(activation_fn="gelu-approximate") computes it: linear,
 tanh-GELU, linear, optionally over token chunks so the [tokens, ffn_dim] intermediate never exists
-whole. Backends: reference (vkern/reference/feed_forward.py); the fused bias+GELU kernel joins as a
-backend with the feed-forward issue.
+whole, as a functional op on plain weights. Backends: reference (vkern/reference/feed_forward.py).
+
+vkern's modules do not call it: ChunkedFeedForward and the fused Wan block share one implementation,
+vkern/modules/feed_forward.py, which calls the FeedForward's own layers (nn.Linear, Fp8Linear, LoRA)
+and fuses the GELU with fp8 quantization where the down projection computes in fp8.
 """
 import torch
 

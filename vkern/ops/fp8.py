@@ -104,10 +104,15 @@ def _(q, scale, dtype):
 
 def _check_linear(x, q_weight, weight_scale, bias):
     check_tensor("x", x, dtypes=FLOATS)
+    _check_linear_weights(x, q_weight, weight_scale, bias)
+
+
+def _check_linear_weights(x, q_weight, weight_scale, bias):
     check_tensor("q_weight", q_weight, dtypes=(ref.E4M3,), ndim=2, device=x.device)
     _check_scale("weight_scale", weight_scale, q_weight)
     if x.shape[-1] != q_weight.shape[1]:
-        raise ValueError(f"x: expected last dimension {q_weight.shape[1]} (q_weight's in_features), "
+        raise ValueError(f"{'xq' if x.dtype == ref.E4M3 else 'x'}: expected last dimension {q_weight.shape[1]} "
+                         f"(q_weight's in_features), "
                          f"got shape {tuple(x.shape)}")
     if bias is not None:
         check_tensor("bias", bias, dtypes=FLOATS, ndim=1, device=x.device)
@@ -150,15 +155,60 @@ def _fp8_linear_compute(x: torch.Tensor, q_weight: torch.Tensor, weight_scale: t
     backend = _backend.choose("fp8_linear_compute", _compute_candidates(x.device, x.dtype))
     if backend == "reference":
         return ref.fp8_linear_compute(x, q_weight, weight_scale, bias)
-    x2 = x.reshape(-1, x.shape[-1])
-    xq, x_scale = fp8_quantize(x2, "row")
-    w_scale = weight_scale.reshape(1, -1) if weight_scale.numel() > 1 else weight_scale.reshape(1, 1).expand(1, q_weight.shape[0])
-    out = torch._scaled_mm(xq, q_weight.t(), scale_a=x_scale, scale_b=w_scale.contiguous(),
-                           bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
-                           use_fast_accum=fast_accum)
-    return out.reshape(*x.shape[:-1], q_weight.shape[0])
+    xq, x_scale = fp8_quantize(x.reshape(-1, x.shape[-1]), "row")
+    return _scaled_mm(xq, x_scale, q_weight, weight_scale, bias, fast_accum, x.dtype).reshape(
+        *x.shape[:-1], q_weight.shape[0])
 
 
 @_fp8_linear_compute.register_fake
 def _(x, q_weight, weight_scale, bias, fast_accum):
     return x.new_empty((*x.shape[:-1], q_weight.shape[0]))
+
+
+def _scaled_mm(xq, x_scale, q_weight, weight_scale, bias, fast_accum, out_dtype):
+    """torch._scaled_mm (cuBLASLt) on a 2-D per-token-quantized activation and the per-channel weight."""
+    w_scale = weight_scale.reshape(1, -1) if weight_scale.numel() > 1 else weight_scale.reshape(1, 1).expand(1, q_weight.shape[0])
+    return torch._scaled_mm(xq, q_weight.t(), scale_a=x_scale, scale_b=w_scale.contiguous(),
+                            bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
+
+
+def fp8_linear_prequantized(xq: torch.Tensor, x_scale: torch.Tensor, q_weight: torch.Tensor,
+                            weight_scale: torch.Tensor, bias=None, fast_accum: bool = True,
+                            out_dtype: torch.dtype = torch.bfloat16):
+    """Compute mode on an activation that is already e4m3 with per-token scales (xq [..., K], x_scale
+    fp32 [..., 1], as vkern's fused LayerNorm+modulate and GELU kernels emit it): the GEMM of
+    fp8_linear_compute without its quantization pass. fp8_linear_compute(x, ...) equals this on
+    fp8_quantize(x, "row") bit for bit. Returns [..., N] in out_dtype (the activation's own dtype)."""
+    check_tensor("xq", xq, dtypes=(ref.E4M3,))
+    if xq.dim() == 0:
+        raise ValueError("xq: expected shape (..., in_features), got a 0-dim tensor")
+    check_tensor("x_scale", x_scale, dtypes=(torch.float32,), device=xq.device)
+    if tuple(x_scale.shape) != (*xq.shape[:-1], 1):
+        raise ValueError(f"x_scale: expected shape {(*xq.shape[:-1], 1)} (one scale per token of xq), "
+                         f"got {tuple(x_scale.shape)}")
+    if out_dtype not in FLOATS:
+        raise TypeError(f"out_dtype: expected one of {FLOATS}, got {out_dtype}")
+    _check_linear_weights(xq, q_weight, weight_scale, bias)
+    if q_weight.shape[0] % 16 or q_weight.shape[1] % 16:
+        raise ValueError(f"q_weight: fp8 compute needs both dimensions multiples of 16, got {tuple(q_weight.shape)}")
+    return torch.ops.vkern.fp8_linear_prequantized(xq, x_scale, q_weight, weight_scale, bias, bool(fast_accum),
+                                                   out_dtype)
+
+
+@torch.library.custom_op("vkern::fp8_linear_prequantized", mutates_args=())
+def _fp8_linear_prequantized(xq: torch.Tensor, x_scale: torch.Tensor, q_weight: torch.Tensor,
+                             weight_scale: torch.Tensor, bias: torch.Tensor | None, fast_accum: bool,
+                             out_dtype: torch.dtype) -> torch.Tensor:
+    backend = _backend.choose("fp8_linear_compute", _compute_candidates(xq.device, out_dtype))
+    if backend == "reference":
+        return ref.fp8_scaled_mm(xq, x_scale, q_weight, weight_scale, bias, out_dtype)
+    K = xq.shape[-1]
+    out = _scaled_mm(xq.reshape(-1, K).contiguous(), x_scale.reshape(-1, 1).contiguous(), q_weight, weight_scale,
+                     bias, fast_accum, out_dtype)
+    return out.reshape(*xq.shape[:-1], q_weight.shape[0])
+
+
+@_fp8_linear_prequantized.register_fake
+def _(xq, x_scale, q_weight, weight_scale, bias, fast_accum, out_dtype):
+    return xq.new_empty((*xq.shape[:-1], q_weight.shape[0]), dtype=out_dtype)

@@ -110,6 +110,8 @@ def _kernel_reason(device, dtype, head_dim, v_head_dim):
     usable = _backend.triton_usable(device)
     if usable:
         return usable
+    if device.type == "cuda" and dtype == torch.float32:
+        return "float32 (its tensor-core products would be TF32; SDPA keeps fp32 accuracy)"
     if head_dim not in HEAD_DIMS:
         return f"head dim {head_dim} (the kernel takes {HEAD_DIMS})"
     if v_head_dim != head_dim:

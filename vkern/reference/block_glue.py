@@ -14,9 +14,20 @@ Here the modulation is taken apart: `shift`, `scale`, `gate` are the temb chunks
 [B|1, S|1, D]) and the optional `*_table` is the matching [D] row of scale_shift_table, added in fp32
 exactly as diffusers adds them. That lets the kernels read temb in place, so Wan 2.2's per-token
 [B, S, 6, D] temb is never copied to fp32 (diffusers makes two fp32 copies of it per block).
+
+fp8 outputs (for Linears in fp8 compute mode, vkern/modules/fp8_linear.py): the fused kernels may
+emit their result as e4m3 with one fp32 scale per token instead of x's dtype. The value quantized is
+the one the unfused path feeds the quantizer: the result rounded to x's dtype first, then vkern's
+per-token quantizer (vkern/reference/fp8.py). So the fused LayerNorm kernel equals, bit for bit, its own
+unfused bf16 output quantized by vkern's quantizer: turning the fusion on changes no bit of the model's
+output (the GELU kernel's tanh may differ from PyTorch's in the last ulp, so there rarely one bf16
+value, hence one e4m3 code or one row's scale, differs). Quantizing the fp32 value before the rounding
+would save one rounding, but then the fusion would change results and could not be tested exactly.
 """
 import torch
 import torch.nn.functional as F
+
+from . import fp8
 
 
 def modulation(t, table=None):
@@ -37,3 +48,14 @@ def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table
 def gate_residual(x, y, gate, gate_table=None):
     """x, y [B, S, D]; gate [B|1, S|1, D]. Returns (x.float() + y.float() * gate).type_as(x)."""
     return (x.float() + y.float() * modulation(gate, gate_table)).type_as(x)
+
+
+def layernorm_modulate_fp8(x, shift, scale, eps, weight=None, bias=None, shift_table=None, scale_table=None):
+    """layernorm_modulate's result (in x's dtype) quantized per token: (e4m3 [B, S, D], fp32 [B, S, 1])."""
+    return fp8.fp8_quantize(layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_table), "row")
+
+
+def gelu_tanh_fp8(h):
+    """diffusers' tanh GELU in h's dtype (F.gelu(h, approximate="tanh"): fp32 math, one rounding), quantized
+    per row: (e4m3 [..., N], fp32 [..., 1]). The input of the FFN's down projection in fp8 compute mode."""
+    return fp8.fp8_quantize(F.gelu(h, approximate="tanh"), "row")

@@ -10,11 +10,57 @@ fp32 copy of the hidden states or of a per-token temb ever reaches memory.
 Rounding follows diffusers' eager ops one by one (vkern/reference/block_glue.py): every fp32
 product and sum is rounded separately, so the launches pass enable_fp_fusion=False (no FMA
 contraction by LLVM or ptxas); the kernels are memory-bound, so FMAs would buy nothing.
+
+fp8 outputs (fp8 compute mode): LayerNorm + modulate, and the FFN's tanh GELU, can write their row as
+e4m3 with one fp32 scale per token instead of bf16: the row is rounded to the activation dtype as
+before, then quantized in registers exactly as csrc/fp8_quant.cu does (scale = max(amax, 1e-12) *
+fp32(1/448), q = satfinite RNE e4m3 of v * (1/scale), NaN propagating), so the consuming fp8 GEMMs
+need no quantization pass of their own.
 """
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
+from ..reference.fp8 import E4M3_INV, E4M3_MAX
 from ._common import interpreting, round_to
+
+_E4M3_INV = tl.constexpr(E4M3_INV)  # fp32(1/448): exact in fp32, so the constant folds to the same value
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
+# torch's tanh GELU constants (aten GeluKernel: kBeta = sqrt(2) * 2/sqrt(pi) * 0.5 and 0.044715, as fp32)
+_GELU_BETA = tl.constexpr(0.7978845608028654)
+_GELU_KAPPA = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _e4m3_emulated(v):
+    """v (fp32, |v| <= 448 or NaN) to e4m3 rounding to nearest, ties to even, by integer arithmetic.
+    Only for the CPU interpreter, whose fp32 -> fp8 cast truncates and drops the sign of zero (the GPU
+    uses cvt.rn.satfinite). Normals keep 3 mantissa bits (the bf16 rounding trick on 20 dropped bits);
+    below 2**-6 the e4m3 step is 2**-9, and adding and removing 2**14 rounds there in fp32."""
+    bits = v.to(tl.uint32, bitcast=True)
+    a = tl.abs(v)
+    normal = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0x7FF00000  # rounded |v|, as fp32 bits
+    code = ((normal >> 23).to(tl.int32) - 120) * 8 + ((normal >> 20) & 7).to(tl.int32)
+    sub = ((a + 16384.0) - 16384.0) * 512.0  # |v| / 2**-9 rounded: an integer 0..8
+    code = tl.where(a < 0.015625, sub.to(tl.int32), code)
+    code = tl.where(v != v, 0x7F, code) + ((bits >> 31).to(tl.int32) << 7)
+    return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _store_fp8_row(q_ptr, s_ptr, v, cols, mask, EMULATE_RNE: tl.constexpr):
+    """Quantize one row v (fp32 values of the activation dtype; lanes outside mask ignored) to e4m3 at
+    q_ptr + cols with its fp32 scale at s_ptr: vkern's per-token quantizer (vkern/reference/fp8.py)."""
+    # |v| as int32 bits: for non-negative floats integer order is float order and NaN sorts above inf,
+    # so one integer max finds amax and propagates NaN (a float max would drop it), as csrc/fp8_quant.cu.
+    amax = tl.max(tl.where(mask, tl.abs(v), 0.0).to(tl.int32, bitcast=True), axis=0).to(tl.float32, bitcast=True)
+    scale = tl.where(amax != amax, amax, tl.maximum(amax, 1e-12) * _E4M3_INV)
+    q = v * tl.div_rn(1.0, scale)
+    q = tl.where(q != q, q, tl.minimum(tl.maximum(q, -_E4M3_MAX), _E4M3_MAX))  # clamp, NaN kept
+    # Integer-arithmetic RNE on the GPU too: Triton's fp32 -> e4m3 cast did not match csrc/fp8_quant.cu's
+    # cvt.rn.satfinite bit for bit (GPU test, run 9); the pass is memory-bound, so the extra ops are free.
+    tl.store(q_ptr + cols, _e4m3_emulated(q), mask=mask)
+    tl.store(s_ptr, scale)
 
 
 @triton.jit
@@ -36,10 +82,10 @@ def _row(S, D: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _layernorm_modulate_kernel(
-    x_ptr, out_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, shift_tab_ptr, scale_tab_ptr,
+    x_ptr, out_ptr, q_scale_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, shift_tab_ptr, scale_tab_ptr,
     S, stride_xb, stride_xs, stride_mb, stride_ms, eps,
     D: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    MODULATE: tl.constexpr, HAS_TABLE: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    MODULATE: tl.constexpr, HAS_TABLE: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
     b, s, cols, mask = _row(S, D, BLOCK)
     x = tl.load(x_ptr + b * stride_xb + s * stride_xs + cols, mask=mask, other=0.0)
@@ -62,7 +108,36 @@ def _layernorm_modulate_kernel(
         scale = _modulation(scale_ptr, scale_tab_ptr, m_offs, cols, mask, HAS_TABLE)
         shift = _modulation(shift_ptr, shift_tab_ptr, m_offs, cols, mask, HAS_TABLE)
         y = y * (1.0 + scale) + shift  # three fp32 roundings, as diffusers' three ops
-    tl.store(out_ptr + tl.program_id(0).to(tl.int64) * D + cols, round_to(y, dtype, EMULATE_RNE), mask=mask)
+    row = tl.program_id(0).to(tl.int64)
+    y = round_to(y, dtype, EMULATE_RNE)
+    if FP8_OUT:  # out is e4m3: the rounded row quantized in registers, its scale to q_scale_ptr[row]
+        _store_fp8_row(out_ptr + row * D, q_scale_ptr + row, y.to(tl.float32), cols, mask, EMULATE_RNE)
+    else:
+        tl.store(out_ptr + row * D + cols, y, mask=mask)
+
+
+@triton.jit
+def _one_plus_tanh(z, INTERPRET: tl.constexpr):
+    if INTERPRET:  # the CPU interpreter has no libdevice: 1 + tanh(z) = 2 / (1 + e^-2z), accurate where it is small
+        return 2.0 / (1.0 + tl.exp(-2.0 * z))
+    else:
+        return 1.0 + libdevice.tanh(z)  # CUDA's tanhf, the function PyTorch's GELU kernel calls
+
+
+@triton.jit
+def _gelu_tanh_fp8_kernel(h_ptr, q_ptr, s_ptr, stride_h, N: tl.constexpr, BLOCK: tl.constexpr,
+                          EMULATE_RNE: tl.constexpr, INTERPRET: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    h = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0)
+    x = h.to(tl.float32)
+    # PyTorch's GeluKernel in fp32, in its order: x^3 = x * x * x, inner = kBeta * (x + kKappa * x^3),
+    # 0.5 * x * (1 + tanh(inner)); rounded to h's dtype, then quantized.
+    inner = _GELU_BETA * (x + _GELU_KAPPA * (x * x * x))
+    g = 0.5 * x * _one_plus_tanh(inner, INTERPRET)
+    g = round_to(g, h.dtype, EMULATE_RNE).to(tl.float32)
+    _store_fp8_row(q_ptr + row * N, s_ptr + row, g, cols, mask, EMULATE_RNE)
 
 
 @triton.jit
@@ -92,19 +167,22 @@ def _row_strides(t, B, S):
             t.stride(1) if t.shape[1] == S and S > 1 else 0)
 
 
-def layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_table, out):
+def layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_table, out, q_scale=None):
     """x [B, S, D] with unit last stride; shift/scale [B|1, S|1, D] with equal strides, or None;
-    weight/bias/tables [D] contiguous or None; out a contiguous [B, S, D] in x's dtype."""
+    weight/bias/tables [D] contiguous or None; out a contiguous [B, S, D] in x's dtype, or in e4m3 with
+    q_scale a contiguous fp32 [B, S, 1] for its per-token scales."""
     B, S, D = x.shape
     block, warps = _launch_config(D)
     mb, ms = _row_strides(scale, B, S) if scale is not None else (0, 0)
     _layernorm_modulate_kernel[(B * S,)](
-        x, out, weight if weight is not None else x, bias if bias is not None else x,
+        x, out, q_scale if q_scale is not None else out, weight if weight is not None else x,
+        bias if bias is not None else x,
         shift if shift is not None else x, scale if scale is not None else x,
         shift_table if shift_table is not None else x, scale_table if scale_table is not None else x,
         S, x.stride(0), x.stride(1), mb, ms, eps,
         D=D, BLOCK=block, HAS_W=weight is not None, HAS_B=bias is not None, MODULATE=scale is not None,
-        HAS_TABLE=scale_table is not None, EMULATE_RNE=interpreting(), num_warps=warps, enable_fp_fusion=False,
+        HAS_TABLE=scale_table is not None, FP8_OUT=q_scale is not None, EMULATE_RNE=interpreting(),
+        num_warps=warps, enable_fp_fusion=False,
     )
     return out
 
@@ -121,3 +199,13 @@ def gate_residual(x, y, gate, gate_table, out):
         num_warps=warps, enable_fp_fusion=False,
     )
     return out
+
+
+def gelu_tanh_fp8(h, q, scale):
+    """h [M, N] with unit last stride; q a contiguous e4m3 [M, N]; scale a contiguous fp32 [M, 1].
+    FMA contraction stays on here (Triton's default), as nvcc compiles PyTorch's GELU kernel."""
+    M, N = h.shape
+    block, warps = _launch_config(N)
+    _gelu_tanh_fp8_kernel[(M,)](h, q, scale, h.stride(0), N=N, BLOCK=block, EMULATE_RNE=interpreting(),
+                                INTERPRET=interpreting(), num_warps=max(warps, min(16, block // 1024)))
+    return q, scale

@@ -61,7 +61,9 @@ def _qk_norm_rope_kernel(
     if QUANT != 0:  # 1: e4m3, 2: int8
         scale = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-12) * q_inv  # [BLOCK_H]
         y = y * tl.math.div_rn(tl.full([BLOCK_H], 1.0, tl.float32), scale)[:, None]
-        y8 = to_e4m3(y, EMULATE_RNE) if QUANT == 1 else to_int8(y)
+        # e4m3 by integer arithmetic on the GPU too: exact RNE like csrc/fp8_quant.cu (Triton's own fp32 ->
+        # e4m3 cast may round twice); the pass is memory-bound, so the extra integer ops are free.
+        y8 = to_e4m3(y, True) if QUANT == 1 else to_int8(y)
         tl.store(out_ptr + row * (H * HEAD_DIM) + offs, y8, mask=mask)
         # scales [B, H, S]: the attention kernel reads a block of consecutive tokens of one head
         tl.store(scale_ptr + (b * H + tl.arange(0, BLOCK_H)) * S + s, scale, mask=tl.arange(0, BLOCK_H) < H)

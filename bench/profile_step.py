@@ -1,0 +1,187 @@
+"""Where one Wan transformer step's time goes: torch.profiler over one step per provider, kernel time by
+class (attention / GEMM / elementwise+norm+copy / other), JSON rows (op "profile") and a markdown table.
+
+    python -m bench.profile_step --size 14b --res 480p --out rows.jsonl
+    python -m bench.profile_step --size tiny --device cpu          # CI: CPU ops instead of CUDA kernels
+
+On a GPU the classes sum CUDA kernel (and memcpy/memset) time; on the CPU they sum the self CPU time
+of the profiled ops (vkern's Triton kernels run interpreted inside their custom ops there), so CPU
+numbers only show that the classification and the rows work. Models are built as bench.bench's step
+benchmark builds them (same seed, same PatchConfig per provider).
+"""
+import argparse
+import datetime
+import gc
+import json
+import re
+
+import torch
+
+CLASSES = ("attention", "gemm", "elementwise", "other")
+# First match wins. Names seen: cuDNN "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_...",
+# FA2 "flash_fwd_kernel<...>", mem-efficient "fmha_cutlassF_...", cuBLAS "nvjet_tst_...",
+# "sm90_xmma_gemm_...", cuBLASLt fp8 "sm90_xmma_gemm_e4m3...", "cutlass3x_sm90_..."; torch
+# "vectorized_elementwise_kernel<...>", "reduce_kernel", "Memcpy DtoD"; vkern's Triton kernels
+# ("_layernorm_modulate_kernel", "_qk_norm_rope_kernel", ...) and CUDA kernels ("fp8_quantize_rowwise...");
+# on the CPU, op names such as "aten::addmm", "vkern::attention", "vkern::layernorm_modulate".
+PATTERNS = (
+    ("attention", r"attention|sdpa|flash|fmha|attn_fwd"),
+    ("gemm", r"gemm|nvjet|cutlass|xmma|cublas|wgmma|scaled_mm|matmul|linear|convolution|conv\d|(^|::|_)(add|b)?mm($|_|\b)"),
+    ("elementwise", r"elementwise|vectorized|unrolled|reduce|norm|copy|memcpy|memset|cat|fill|gelu|silu|"
+                    r"add|mul|sub|div|quant|cast|rowwise|fp8|transpose|permute|rope|modulate|gate_residual|triton|where|index|clone|_to|"
+                    r"contiguous|convert|exp|pow|rsqrt|sqrt|cos|sin|neg|clamp|amax|abs|view_as|float"),
+)
+
+
+def classify(name):
+    lower = name.lower()
+    for cls, pattern in PATTERNS:
+        if re.search(pattern, lower):
+            return cls
+    return "other"
+
+
+def shape_name(size, res):
+    return "wan-tiny" if size == "tiny" else f"wan{size}-{res}"
+
+
+def build(size, provider, device, dtype):
+    """bench.bench's step models, on any device: a fresh seeded model, patched as `provider` says."""
+    import vkern
+    from vkern import models
+
+    from .bench import CHUNK
+
+    torch.manual_seed(0)
+    model = models.build_wan_transformer(size, dtype, device)
+    if provider == "diffusers-fp8-layerwise":
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    elif provider.startswith("vkern"):
+        # vkern-fp8-compute-unfused: fp8 compute with every Linear quantizing its own input, the path
+        # before the LayerNorm/GELU kernels emitted e4m3 (A/B of that fusion in one run)
+        unfused = provider.endswith("-unfused")
+        base = provider.removesuffix("-unfused")
+        fp8 = base.removeprefix("vkern-fp8-") if "fp8" in base else None
+        chunk = CHUNK if base == "vkern-chunked" else None
+        vkern.patch(model, vkern.PatchConfig(fp8=fp8, fp8_keep_original="drop", ffn_chunk_size=chunk))
+        if unfused:
+            from vkern.modules.fp8_linear import Fp8Linear
+
+            for m in model.modules():
+                if isinstance(m, Fp8Linear):
+                    m.accept_prequantized = False
+    elif provider != "diffusers":
+        raise SystemExit(f"--providers: unknown {provider!r}")
+    return model
+
+
+def profile_step(model, inputs, device):
+    """One warm step, then one profiled step: {class: ms}, total, and the biggest kernels/ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+
+    def step():
+        with torch.inference_mode():
+            model(**inputs)
+        if cuda:
+            torch.cuda.synchronize()
+
+    step()  # Triton compilation, cuBLAS heuristics, allocator warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+    per_class = dict.fromkeys(CLASSES, 0.0)
+    top = []
+    for evt in prof.key_averages():
+        on_device = evt.device_type == torch.autograd.DeviceType.CUDA
+        if cuda != on_device:
+            continue
+        us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
+        if us <= 0:
+            continue
+        cls = classify(evt.key)
+        per_class[cls] += us / 1e3
+        top.append((us / 1e3, cls, evt.key[:120]))
+    top.sort(reverse=True)
+    return per_class, [dict(ms=round(ms, 3), cls=c, name=n) for ms, c, n in top[:10]]
+
+
+def weights_gib(model):
+    """Bytes of the model's parameters and buffers (each storage once), in GiB. Unlike
+    memory_allocated() this excludes cuBLAS workspaces, which torch allocates from the caching
+    allocator at the first GEMM and keeps (~36 MiB on an H200): bench.bench's weights_gib of every
+    provider after the first includes them."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total / 2**30
+
+
+def run(size, res, providers, device, dtype=torch.bfloat16):
+    from vkern import models
+
+    rows = []
+    for provider in providers:
+        model = build(size, provider, device, dtype)
+        inputs = models.transformer_inputs(model, res if size != "tiny" else "tiny", dtype, device)
+        per_class, top = profile_step(model, inputs, device)
+        total = sum(per_class.values())
+        rows.append(dict(op="profile", shape=shape_name(size, res), provider=provider, world=1,
+                         **{f"{c}_ms": per_class[c] for c in CLASSES}, total_ms=total, weights_gib=weights_gib(model),
+                         timer="cuda-kernels" if device.type == "cuda" else "cpu-self", top=top))
+        del model, inputs
+        gc.collect()  # the patch handle and the model refer to each other
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows):
+    """Markdown: ms per class, and each provider's elementwise time against the first provider's."""
+    base = rows[0]["elementwise_ms"] if rows else 0.0
+    lines = [f"| {rows[0]['shape'] if rows else ''} | attention | GEMM | elementwise+norm+copy | other | total | "
+             f"elementwise vs {rows[0]['provider'] if rows else ''} | weights GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        cut = f"{r['elementwise_ms'] / base:.2f}x ({100 * (1 - r['elementwise_ms'] / base):.0f}% less)" if base > 0 else "-"
+        lines.append(f"| {r['provider']} | {r['attention_ms']:.1f} ms | {r['gemm_ms']:.1f} ms | "
+                     f"{r['elementwise_ms']:.1f} ms | {r['other_ms']:.1f} ms | {r['total_ms']:.1f} ms | {cut} | "
+                     f"{r['weights_gib']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="14b", choices=["tiny", "1.3b", "14b"])
+    parser.add_argument("--res", default="480p", choices=["480p", "720p"])
+    parser.add_argument("--providers", default="diffusers,vkern,vkern-fp8-compute-unfused,vkern-fp8-compute",
+                        help="comma-separated: diffusers, diffusers-fp8-layerwise, vkern, vkern-chunked, "
+                             "vkern-fp8-storage, vkern-fp8-compute, vkern-fp8-compute-unfused")
+    parser.add_argument("--device", default=None, help="cuda (default when available) or cpu (tiny only)")
+    parser.add_argument("--out", default=None, help="append JSON lines here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and args.size != "tiny":
+        raise SystemExit(f"--size {args.size} needs a CUDA GPU (on the CPU: --size tiny)")
+    from .bench import _commit
+
+    meta = dict(gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
+                commit=_commit(), date=datetime.date.today().isoformat())
+    rows = [{**r, **meta} for r in run(args.size, args.res, args.providers.split(","), device)]
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    for r in rows:
+        print(f"{r['provider']}: top kernels " + "; ".join(f"{t['ms']} ms {t['cls']} {t['name'][:60]}" for t in r["top"][:5]))
+    print(table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

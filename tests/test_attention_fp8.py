@@ -1,0 +1,458 @@
+"""vkern.ops.attention_8bit (issue #3): attention with Q and K quantized per (token, head) to e4m3 or
+int8, and optionally V per (head, channel) and P to e4m3 for the PV product (pv="e4m3"; pv="bf16" keeps
+V and P in V's dtype), fp32 accumulation. qk="e4m3", pv="e4m3" is the fp8 attention of the issue.
+Backends: triton (vkern/triton/attention.py, after the 8-bit QK prologue and v_to_e4m3) and reference
+(vkern.reference.attention.attention_8bit, the same quantization in fp32).
+
+Accuracy floors, from the quantization noise (the torchao rule: state an SQNR floor in dB). Rounding to
+e4m3 (3 mantissa bits) leaves at most 2^-4 relative error per element, ~2.6% RMS on Gaussian data; int8
+with a per-row amax/127 step ~0.7% of the row's std. Each rounded operand adds its share, so on
+unstructured data (i.i.d. Gaussian q, k, v, default scale) the reference measures rel L2 (cos):
+    e4m3/e4m3 0.051-0.052 (0.9987)   e4m3/bf16 0.037 (0.9993)   int8/e4m3 0.036-0.037 (0.9993)
+    int8/bf16 0.009 (0.99996)
+and on q/k/v of a randomly initialised diffusers WanAttention (head dim 128, norm + RoPE) 0.036-0.038,
+0.027-0.030, 0.024-0.025 and 0.008-0.009. The floors below sit ~1.35x above the worst of these (in
+rel L2; SQNR = -20 log10 rel L2), except int8/bf16, which is held to the issue's rel L2 <= 0.02 and
+cos >= 0.9995. (That target is out of reach of e4m3 QK or e4m3 PV on these inputs: the reference
+emulation itself misses it.) Sharper softmax rows (larger scale) raise the score noise, so there the
+kernel is only held to the reference.
+
+Against the reference backend: the kernel's relative L2 error vs the float64 oracle is at most 1.25x the
+reference's and its max error at most 2x (Q, K, V quantize identically; the kernel rounds P against a
+running row max, a different draw of the same noise: measured ratio 0.99-1.01). The lse obeys a rigorous
+bound: |lse - lse*| <= the largest change of an attended score, and each score change is bounded by the
+rounding of q and k.
+"""
+import pytest
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttention
+
+from vkern import ops
+from vkern.models import wan_rope_tables
+from vkern.ops import _backend
+from vkern.reference import attention as ref
+
+from .test_attention_kernel import make_padding, make_qkv, poisoned, sampled_rows, torch_attention
+from .tolerance import rel_l2
+
+ON_GPU = torch.cuda.is_available()
+cpu_interpreter = pytest.mark.skipif(ON_GPU, reason="Triton-interpreter test; the gpu tests run the compiled kernel")
+FP8 = ("e4m3", "e4m3")
+SCHEMES = [FP8, ("e4m3", "bf16"), ("int8", "e4m3"), ("int8", "bf16")]
+FLOORS = {  # (qk, pv): (SQNR floor in dB, cosine floor)
+    ("e4m3", "e4m3"): (23.0, 0.9975),  # rel L2 <= 0.071
+    ("e4m3", "bf16"): (26.0, 0.9987),  # rel L2 <= 0.050
+    ("int8", "e4m3"): (26.0, 0.9987),
+    ("int8", "bf16"): (34.0, 0.9995),  # rel L2 <= 0.020
+}
+REL_L2_VS_REFERENCE = 1.25
+MAX_ERR_VS_REFERENCE = 2.0
+
+
+def scheme_id(scheme):
+    return "/".join(scheme)
+
+
+@pytest.fixture
+def use_backend(monkeypatch):
+    """Force the 8-bit pipeline (V quantization, attention; on the GPU also the QK prologue) to one
+    backend. On the CPU the interpreted QK prologue is slow (~1.5 s a call) and bit-identical to the
+    reference quantizer (test_prequantized_path_is_the_same_op), so there it stays the reference."""
+    def force(name):
+        monkeypatch.setenv("VKERN_ATTENTION_8BIT_BACKEND", name)
+        monkeypatch.setenv("VKERN_QK_NORM_ROPE_BACKEND", name if ON_GPU else "reference")
+        return name
+    return force
+
+
+def attention_8bit(q, k, v, scheme=FP8, **kwargs):
+    return ops.attention_8bit(q, k, v, qk=scheme[0], pv=scheme[1], **kwargs)
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def sqnr_db(out, oracle):
+    return -20 * torch.log10(torch.tensor(rel_l2(out, oracle))).item()
+
+
+def assert_floors(out, oracle, scheme, what="output"):
+    floor_db, floor_cos = FLOORS[scheme]
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    sqnr, cos = sqnr_db(out, oracle), cosine(out, oracle)
+    assert sqnr >= floor_db, f"{what}: SQNR {sqnr:.1f} dB < {floor_db} dB (rel L2 {rel_l2(out, oracle):.4f})"
+    assert cos >= floor_cos, f"{what}: cosine {cos:.5f} < {floor_cos}"
+
+
+def assert_close_to_reference_error(out, oracle, ref_out, what="output"):
+    err_l2, ref_l2 = rel_l2(out, oracle), rel_l2(ref_out, oracle)
+    assert err_l2 <= REL_L2_VS_REFERENCE * ref_l2, \
+        f"{what}: rel L2 {err_l2:.4f} > {REL_L2_VS_REFERENCE} x the 8-bit reference's {ref_l2:.4f}"
+    err_max = (out.double() - oracle).abs().max().item()
+    ref_max = (ref_out.double() - oracle).abs().max().item()
+    assert err_max <= MAX_ERR_VS_REFERENCE * ref_max, \
+        f"{what}: max error {err_max:.4g} > {MAX_ERR_VS_REFERENCE} x the 8-bit reference's {ref_max:.4g}"
+
+
+def lse_error_bound(q, k, qk_format, scale=None, key_padding_mask=None):
+    """Per query [B, H, Sq]: an upper bound on |lse_8bit - lse_exact|. Log-sum-exp moves by at most the
+    largest change of an attended score. Per element |x8 * s - x| <= e(x): for e4m3 (s = amax/448, round
+    to nearest) 2^-4 |x| in the normal range plus at most 2^-10 s among subnormals (2x that here); for
+    int8 (s = amax/127, round to nearest) s/2 (1.02x here, for the fp32 scale). A score q.k then moves
+    by at most scale * (|q|.e(k) + e(q).|k| + e(q).e(k)). The caller adds 1e-4 (1 + |lse|) for fp32."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k = (t.double().permute(0, 2, 1, 3) for t in (q, k))  # [B, H, S, D]
+
+    def e(x):
+        amax = x.abs().amax(-1, keepdim=True)
+        if qk_format == "int8":
+            return (0.51 / 127) * amax.expand_as(x)
+        return 2.0**-4 * x.abs() + (2.0**-9 / 448) * amax
+
+    eq, ek = e(q), e(k)
+    bound = scale * (q.abs() @ ek.mT + eq @ k.abs().mT + eq @ ek.mT)
+    if key_padding_mask is not None:
+        bound = bound.masked_fill(~key_padding_mask[:, None, None, :], 0)
+    return bound.amax(-1)
+
+
+def run_8bit(q, k, v, scheme=FP8, **kwargs):
+    with poisoned():
+        return attention_8bit(q, k, v, scheme, **kwargs)
+
+
+def check_8bit(q, k, v, backend, scheme=FP8, key_padding_mask=None, scale=None, rows=None, floors=True):
+    """The op's (out, lse) against the float64 oracle: floors (when `floors`), the lse bound, exact 0 /
+    -inf for queries with nothing to attend, and, for the kernel, the 1.25x/2x rule against the
+    reference backend. rows: query positions to check (gpu tests at real sizes)."""
+    out, lse = run_8bit(q, k, v, scheme, key_padding_mask=key_padding_mask, scale=scale, return_lse=True)
+    assert _backend.last_choice["attention_8bit"] == backend, _backend.last_choice["attention_8bit"]
+    B, Sq, H, D = q.shape
+    assert out.shape == (B, Sq, H, D) and out.dtype == q.dtype and out.device == q.device
+    assert lse.shape == (B, H, Sq) and lse.dtype == torch.float32
+    qs = q if rows is None else q[:, rows]
+    if rows is not None:
+        out, lse = out[:, rows], lse[:, :, rows]
+    oracle, lse_oracle = ref.attention_lse(qs, k, v, key_padding_mask, scale)
+    live = torch.ones(B, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        live = key_padding_mask.any(1)
+        assert (out[~live] == 0).all(), "queries with every key masked must give 0"
+        assert (lse[~live] == float("-inf")).all(), "queries with every key masked must give lse = -inf"
+    if not live.any():
+        return out, lse
+    if floors:
+        assert_floors(out[live], oracle[live], scheme)
+    bound = lse_error_bound(qs, k, scheme[0], scale, key_padding_mask)
+    lse_err = (lse.double() - lse_oracle).abs()
+    slack = bound + 1e-4 * (1 + lse_oracle.abs())
+    assert torch.isfinite(lse[live]).all(), "lse: non-finite where a key is attended"
+    assert (lse_err[live] <= slack[live]).all(), f"lse: error {(lse_err - slack)[live].max().item():.3g} over the e4m3 bound"
+    if backend != "reference":
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("VKERN_ATTENTION_8BIT_BACKEND", "reference")
+            mp.setenv("VKERN_QK_NORM_ROPE_BACKEND", "reference")
+            ref_out, ref_lse = attention_8bit(qs, k, v, scheme, key_padding_mask=key_padding_mask, scale=scale,
+                                              return_lse=True)
+        assert_close_to_reference_error(out[live], oracle[live], ref_out[live])
+        ref_lse_err = (ref_lse.double() - lse_oracle).abs()[live].max().item()
+        assert lse_err[live].max().item() <= 2 * ref_lse_err + 1e-4 * (1 + lse_oracle[live].abs().max().item()), \
+            "lse: error over 2x the 8-bit reference's"
+    return out, lse
+
+
+def wan_qkv(B, Sq, dim, heads, dtype, device="cpu", kind="self", text=512):
+    """q, k, v as Wan computes them (vkern.reference.attention.wan_attention's steps): a diffusers
+    WanAttention with default init and non-trivial norm weights, random hidden states, RMSNorm across
+    heads, Wan's RoPE tables (self-attention); cross-attention keys come from `text` context tokens."""
+    kwargs = dict(dim=dim, heads=heads, dim_head=dim // heads, eps=1e-6)
+    if kind == "cross":
+        kwargs["cross_attention_dim_head"] = dim // heads
+    with torch.device(device):
+        attn = WanAttention(**kwargs).eval()
+        x = torch.randn(B, Sq, dim)
+        context = x if kind == "self" else torch.randn(B, text, dim)
+    with torch.no_grad():
+        attn.norm_q.weight.uniform_(0.5, 1.5)
+        attn.norm_k.weight.uniform_(0.5, 1.5)
+        rope = [t.to(device) for t in wan_rope_tables(Sq, dim // heads)] if kind == "self" else (None, None)
+        q = ref.qk_norm_rope(attn.to_q(x), attn.norm_q.weight, 1e-6, heads, *rope)
+        k = ref.qk_norm_rope(attn.to_k(context), attn.norm_k.weight, 1e-6, heads, *rope)
+        v = attn.to_v(context).unflatten(2, (heads, -1))
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+# ------------------------------------------------------------------- CPU: reference, and Triton interpreted
+BACKENDS = ["reference", pytest.param("triton", marks=cpu_interpreter)]
+ODD_SIZES = [  # (B, H, Sq, Skv, D, dtype); the interpreted 8-bit kernel costs ~10 ms per 32x32 tile
+    (1, 2, 1, 1, 64, torch.float16),
+    (2, 1, 113, 113, 128, torch.float16),
+    (1, 1, 257, 257, 64, torch.bfloat16),
+    (1, 1, 113, 512, 128, torch.bfloat16),  # Wan cross-attention
+    (2, 1, 257, 77, 64, torch.float16),
+    (1, 1, 1, 1000, 128, torch.float16),
+]
+REFERENCE_ONLY_SIZES = [(1, 2, 1000, 1000, 128, torch.bfloat16)]  # ~20 s interpreted
+
+
+def case(*values, backend, id):
+    """A parameter set ending in `backend`; triton cases are interpreter-only (the gpu tests run the kernel)."""
+    marks = [cpu_interpreter] if backend == "triton" else []
+    return pytest.param(*values, backend, marks=marks, id=f"{id}-{backend}")
+
+
+def size_id(p):
+    return f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}-D{p[4]}-{str(p[5])[6:]}"
+
+
+# The fp8 scheme at every size; the other three schemes at two.
+CASES = ([case(FP8, p, backend=b, id=f"{scheme_id(FP8)}-{size_id(p)}") for p in ODD_SIZES for b in ("reference", "triton")]
+         + [case(FP8, p, backend="reference", id=f"{scheme_id(FP8)}-{size_id(p)}") for p in REFERENCE_ONLY_SIZES]
+         + [case(s, p, backend=b, id=f"{scheme_id(s)}-{size_id(p)}") for s in SCHEMES[1:]
+            for p in (ODD_SIZES[2], ODD_SIZES[3]) for b in ("reference", "triton")])
+
+
+@pytest.mark.parametrize("scheme,size,backend", CASES)
+def test_random_inputs_meet_the_floors(use_backend, scheme, size, backend):
+    B, H, Sq, Skv, D, dtype = size
+    q, k, v = make_qkv(B, Sq, Skv, H, D, dtype)
+    check_8bit(q, k, v, use_backend(backend), scheme)
+
+
+WAN_CASES = [case(s, backend=b, id=scheme_id(s)) for s in SCHEMES
+             for b in (("reference", "triton") if s in (FP8, ("int8", "bf16")) else ("reference",))]
+
+
+@pytest.mark.parametrize("scheme,backend", WAN_CASES)
+@pytest.mark.parametrize("kind,S", [("self", 257), ("cross", 129)])
+def test_wan_inputs_meet_the_floors(use_backend, backend, scheme, kind, S):
+    q, k, v = wan_qkv(1, S, 256, 2, torch.bfloat16, kind=kind)
+    check_8bit(q, k, v, use_backend(backend), scheme)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ["random", "prefix", "dead_row"])
+def test_key_padding_mask(use_backend, backend, pattern):
+    q, k, v = make_qkv(2, 113, 257, 2, 128, torch.bfloat16)
+    check_8bit(q, k, v, use_backend(backend), key_padding_mask=make_padding(2, 257, pattern))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scheme", [FP8, ("int8", "bf16")], ids=scheme_id)
+def test_masked_keys_have_no_influence(use_backend, backend, scheme):
+    """Huge keys where the mask says no (they would win a row max taken before masking; their per-token
+    scales are their own): output and lse bit-identical. Huge masked values may coarsen V's per-channel
+    scales (pv="e4m3"), so with them only the floors are required."""
+    use_backend(backend)
+    q, k, v = make_qkv(2, 113, 200, 1, 64, torch.float16)
+    mask = make_padding(2, 200, "random")
+    mask[0, 64:128] = False
+    out, lse = run_8bit(q, k, v, scheme, key_padding_mask=mask, return_lse=True)
+    k2 = k.clone()
+    k2[~mask] = 3e4 * torch.sign(torch.randn_like(k2[~mask].float())).to(k2.dtype)
+    out2, lse2 = run_8bit(q, k2, v, scheme, key_padding_mask=mask, return_lse=True)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    v2 = v.clone()
+    v2[~mask] = 10 * v2[~mask]
+    check_8bit(q, k2, v2, backend, scheme, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_scale(use_backend, backend):
+    """A flatter scale meets the floors; a sharp one (scores of std ~2.4) is held to the reference, which
+    itself must honour the scale (a dropped scale is off by O(1), far beyond e4m3 noise)."""
+    q, k, v = make_qkv(1, 257, 129, 2, 64, torch.bfloat16)
+    check_8bit(q, k, v, use_backend(backend), scale=0.05)
+    check_8bit(q, k, v, backend, scale=0.3, floors=False)
+    if backend == "reference":
+        assert rel_l2(run_8bit(q, k, v, scale=0.3), ref.attention_lse(q, k, v, scale=0.3)[0]) < 0.15
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [0.0, -0.3])
+def test_scale_zero_or_negative(use_backend, backend, scale):
+    """Either an error naming scale or an answer within the floors; never NaN."""
+    use_backend(backend)
+    q, k, v = make_qkv(1, 70, 77, 2, 64, torch.bfloat16)
+    try:
+        out = run_8bit(q, k, v, scale=scale)
+    except ValueError as e:
+        assert "scale" in str(e), str(e)
+        return
+    assert_floors(out, ref.attention_lse(q, k, v, scale=scale)[0], FP8)
+
+
+@pytest.mark.parametrize("layout", ["fused", "heads_first", "strided_d"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(use_backend, backend, layout):
+    q, k, v = make_qkv(1, 113, 113, 2, 128, torch.bfloat16, layout=layout)
+    out, _ = check_8bit(q, k, v, use_backend(backend))
+    assert torch.equal(out, run_8bit(*(t.contiguous() for t in (q, k, v))))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scheme", [FP8, ("int8", "bf16")], ids=scheme_id)
+def test_prequantized_path_is_the_same_op(use_backend, monkeypatch, backend, scheme):
+    """attention_8bit == qk_norm_rope(weight None, quant) + v_to_e4m3 + attention_prequantized, bit for bit,
+    and the 8-bit operands (from the Triton prologue too) match the reference quantizers bit for bit."""
+    use_backend(backend)
+    monkeypatch.setenv("VKERN_QK_NORM_ROPE_BACKEND", backend)
+    qk, pv = scheme
+    q, k, v = make_qkv(2, 77, 113, 2, 64, torch.float16)
+    q8, qs = ops.qk_norm_rope(q.flatten(2), None, 0.0, 2, quant=qk)
+    k8, ks = ops.qk_norm_rope(k.flatten(2), None, 0.0, 2, quant=qk)
+    for x, x8, xs in ((q, q8, qs), (k, k8, ks)):
+        r8, rs = ref.quantize_per_head(x.float(), qk)
+        assert torch.equal(x8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(xs, rs)
+    vq, vs = ops.v_to_e4m3(v) if pv == "e4m3" else (v, None)
+    if pv == "e4m3":
+        r8, rs = ref.fp8_per_channel(v)
+        assert torch.equal(vs, rs) and torch.equal(vq[..., :113].view(torch.uint8), r8.permute(0, 2, 3, 1).view(torch.uint8))
+        assert (vq[..., 113:].float() == 0).all()  # padding columns
+    got = ops.attention_prequantized(q8, qs, k8, ks, vq, vs, out_dtype=q.dtype)
+    assert torch.equal(got, attention_8bit(q, k, v, scheme))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_lse_false_and_determinism(use_backend, backend):
+    use_backend(backend)
+    q, k, v = make_qkv(1, 77, 113, 2, 64, torch.float16)
+    out = run_8bit(q, k, v)
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape
+    out2, _ = run_8bit(q, k, v, return_lse=True)
+    assert torch.equal(out, out2) and torch.equal(out, run_8bit(q, k, v))
+
+
+@cpu_interpreter
+def test_unsupported_head_dim_is_never_a_wrong_answer(use_backend, monkeypatch):
+    """D = 96: forcing the kernel is an error naming the head dim; left to choose, the reference answers,
+    with one warning."""
+    q, k, v = make_qkv(1, 37, 41, 2, 96, torch.bfloat16)
+    use_backend("triton")
+    with pytest.raises(_backend.BackendError, match="head dim 96"):
+        attention_8bit(q, k, v)
+    for name in ("VKERN_ATTENTION_8BIT_BACKEND", "VKERN_QK_NORM_ROPE_BACKEND", "VKERN_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(UserWarning, match="head dim 96"):
+        out = attention_8bit(q, k, v)
+    assert _backend.last_choice["attention_8bit"] == "reference"
+    assert_floors(out, ref.attention_lse(q, k, v)[0], FP8)
+
+
+@pytest.mark.parametrize("scheme,backend", [case(FP8, backend="reference", id="e4m3/e4m3"),
+                                            case(("int8", "bf16"), backend="reference", id="int8/bf16"),
+                                            case(FP8, backend="triton", id="e4m3/e4m3")])
+def test_compile_fullgraph(use_backend, backend, scheme):
+    use_backend(backend)
+
+    def fn(q, k, v, mask):
+        out, lse = attention_8bit(q, k, v, scheme, key_padding_mask=mask, return_lse=True)
+        return out * 2, lse + 1
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for S in (65, 129):
+        q, k, v = make_qkv(2, S, S, 2, 64, torch.bfloat16)
+        mask = make_padding(2, S, "dead_row")
+        got, expected = compiled(q, k, v, mask), fn(q, k, v, mask)
+        assert _backend.last_choice["attention_8bit"] == backend
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_fake_tensor_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 113, 3, 128, dtype=torch.float16)
+        k = torch.empty(2, 77, 3, 128, dtype=torch.float16)
+        mask = torch.empty(2, 77, dtype=torch.bool)
+        out, lse = attention_8bit(q, k, k, key_padding_mask=mask, return_lse=True)
+    assert out.shape == (2, 113, 3, 128) and out.dtype == torch.float16
+    assert lse.shape == (2, 3, 113) and lse.dtype == torch.float32
+
+
+def test_bad_inputs_name_the_argument():
+    q, k, v = make_qkv(2, 13, 17, 2, 64, torch.bfloat16)
+    with pytest.raises(TypeError, match="q: expected dtype"):  # fp32 is not an 8-bit-attention input
+        attention_8bit(q.float(), k.float(), v.float())
+    with pytest.raises(TypeError, match="q: expected dtype"):
+        attention_8bit(q.double(), k.double(), v.double())
+    with pytest.raises(TypeError, match="q: expected dtype"):  # already-quantized input goes to attention_prequantized
+        attention_8bit(q.to(torch.float8_e4m3fn), k, v)
+    with pytest.raises(TypeError, match="k: expected dtype"):
+        attention_8bit(q, k.half(), v)
+    with pytest.raises(ValueError, match="q: expected 4 dimensions"):
+        attention_8bit(q.flatten(2), k, v)
+    with pytest.raises(ValueError, match="v: expected a tensor on cpu"):
+        attention_8bit(q, k, v.to("meta"))
+    with pytest.raises(ValueError, match="k: expected shape"):
+        attention_8bit(q, k[..., :32], v)
+    with pytest.raises(ValueError, match="v: expected shape"):
+        attention_8bit(q, k, v[:, :5])
+    with pytest.raises(ValueError, match="key_padding_mask: expected shape"):
+        attention_8bit(q, k, v, key_padding_mask=torch.ones(2, 13, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask: expected dtype"):
+        attention_8bit(q, k, v, key_padding_mask=torch.ones(2, 17))
+    with pytest.raises(ValueError, match="qk, pv: expected"):
+        attention_8bit(q, k, v, ("fp8", "e4m3"))
+    with pytest.raises(ValueError, match="qk, pv: expected"):
+        attention_8bit(q, k, v, ("int8", "int8"))
+
+
+# ------------------------------------------------------------------------------------------ GPU tests
+GPU_ODD = [p[:5] for p in ODD_SIZES] + [(1, 3, 4097, 4097, 128), (2, 4, 4097, 333, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES, ids=scheme_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,Sq,Skv,D", GPU_ODD, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}-D{p[4]}" for p in GPU_ODD])
+def test_gpu_odd_sizes(use_backend, scheme, dtype, B, H, Sq, Skv, D):
+    q, k, v = make_qkv(B, Sq, Skv, H, D, dtype, "cuda")
+    check_8bit(q, k, v, use_backend("triton"), scheme)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["random", "prefix", "dead_row"])
+def test_gpu_key_padding_mask(use_backend, pattern):
+    q, k, v = make_qkv(2, 4096 + 256, 4096 + 256, 4, 128, torch.bfloat16, "cuda")
+    check_8bit(q, k, v, use_backend("triton"), key_padding_mask=make_padding(2, 4096 + 256, pattern, "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES, ids=scheme_id)
+@pytest.mark.parametrize("name,inputs", [
+    ("wan1.3b-480p self, random", lambda: make_qkv(1, 32760, 32760, 12, 128, torch.bfloat16, "cuda")),
+    ("wan1.3b-480p self, WanAttention", lambda: wan_qkv(1, 32760, 1536, 12, torch.bfloat16, "cuda")),
+    ("wan1.3b-480p cross, WanAttention", lambda: wan_qkv(1, 32760, 1536, 12, torch.bfloat16, "cuda", "cross")),
+    ("head dim 64", lambda: make_qkv(1, 17550, 17550, 2, 64, torch.bfloat16, "cuda")),
+], ids=["wan-self-random", "wan-self", "wan-cross", "d64-17550"])
+def test_gpu_real_shapes(use_backend, scheme, name, inputs):
+    """Sampled query rows against the float64 oracle (floors, lse bound, 1.25x/2x the reference), and
+    the whole output against cuDNN bf16 (whose own error, ~0.2% rel L2, is far below the floors')."""
+    q, k, v = inputs()
+    rows = sampled_rows(q.shape[1])
+    check_8bit(q, k, v, use_backend("triton"), scheme, rows=rows)
+    out = run_8bit(q, k, v, scheme)
+    assert torch.isfinite(out).all()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        cudnn = torch_attention(q, k, v)
+    assert_floors(out, cudnn.double(), scheme, what=f"{name} vs cuDNN")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", [FP8, ("int8", "bf16")], ids=scheme_id)
+def test_gpu_compile_fullgraph_inductor(use_backend, scheme):
+    use_backend("triton")
+    q, k, v = make_qkv(1, 1025, 1025, 4, 128, torch.bfloat16, "cuda")
+
+    def fn(q, k, v):
+        out, lse = attention_8bit(q, k, v, scheme, return_lse=True)
+        return out.flatten(2) * 2, lse
+
+    got, expected = torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v)
+    assert _backend.last_choice["attention_8bit"] == "triton"
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
