@@ -191,7 +191,7 @@ ODD_SIZES = [  # (B, H, Sq, Skv, D, dtype); the interpreted 8-bit kernel costs ~
     (1, 1, 257, 257, 64, torch.bfloat16),
     (1, 1, 113, 512, 128, torch.bfloat16),  # Wan cross-attention
     (2, 1, 257, 77, 64, torch.float16),
-    (1, 1, 1, 1000, 128, torch.float16),
+    (2, 4, 1, 1000, 128, torch.float16),  # one query: 8 heads x batch for a stable rel L2 (1 x 128 spreads to 0.07)
 ]
 REFERENCE_ONLY_SIZES = [(1, 2, 1000, 1000, 128, torch.bfloat16)]  # ~20 s interpreted
 
