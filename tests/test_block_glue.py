@@ -19,7 +19,7 @@ from vkern.modules.wan_attention import VkernWanAttnProcessor
 from vkern.modules.wan_block import VkernWanBlock, _modulation, fused_block_forward
 from vkern.ops import _backend
 from vkern.reference import block_glue as ref
-from vkern.triton.block_glue import _e4m3_emulated
+from vkern.triton._common import to_e4m3
 
 from vkern.models import wan_rope_tables as wan_freqs
 from .tolerance import assert_within_torch_error, poison
@@ -592,7 +592,7 @@ def test_gelu_tanh_fp8_row_strided_input_and_nan():
 @triton.jit
 def _e4m3_kernel(v_ptr, q_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(q_ptr + i, _e4m3_emulated(tl.load(v_ptr + i, mask=i < n)), mask=i < n)
+    tl.store(q_ptr + i, to_e4m3(tl.load(v_ptr + i, mask=i < n), True), mask=i < n)
 
 
 def test_e4m3_emulation_rounds_like_torch(device):

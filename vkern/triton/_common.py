@@ -23,23 +23,22 @@ def round_to(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
 
 @triton.jit
 def to_e4m3(x, EMULATE: tl.constexpr):
-    """fp32 -> e4m3 (round to nearest even, saturating at +-448, as the GPU's cvt.rn.satfinite does).
-    The Triton 3.6 interpreter's conversion is wrong (ties, overflow, subnormals), so when EMULATE
-    the e4m3 bit pattern is built here and bitcast."""
-    x = tl.clamp(x, -448.0, 448.0)
+    """fp32 -> e4m3, round to nearest even, saturating at +-448, NaN kept (csrc/fp8_quant.cu's
+    cvt.rn.satfinite). With EMULATE the bit pattern is built by integer arithmetic and bitcast: exact on
+    the GPU and in the interpreter (whose own cast truncates and mishandles subnormals, and Triton's GPU
+    cast did not match the CUDA quantizer bit for bit: run 9). Without it, the hardware cast (for hot
+    loops where exactness does not matter, such as P in attention)."""
+    x = tl.where(x != x, x, tl.minimum(tl.maximum(x, -448.0), 448.0))
     if EMULATE:
+        bits = x.to(tl.uint32, bitcast=True)
         a = tl.abs(x)
-        bits = a.to(tl.uint32, bitcast=True)
-        # Normal numbers: keep 3 of fp32's 23 mantissa bits, ties to even.
-        rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
-        normal = (((rounded >> 23) & 0xFF) - 120) << 3 | ((rounded >> 20) & 7)
-        # Subnormals (below 2^-6): multiples of 2^-9; 8 * 2^-9 continues as the first normal code.
-        r = a * 512.0
-        f = tl.floor(r)
-        d = r - f
-        odd = (f.to(tl.int32) & 1) == 1
-        sub = (f + tl.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)).to(tl.uint32)
-        code = tl.where(a < 0.015625, sub, normal) | ((x.to(tl.uint32, bitcast=True) >> 24) & 0x80)
+        # Normals keep 3 of fp32's 23 mantissa bits (ties to even); below 2^-6 the step is 2^-9, and
+        # adding and removing 2^14 rounds there in fp32; 8 * 2^-9 continues as the first normal code.
+        normal = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0x7FF00000
+        code = ((normal >> 23).to(tl.int32) - 120) * 8 + ((normal >> 20) & 7).to(tl.int32)
+        sub = ((a + 16384.0) - 16384.0) * 512.0
+        code = tl.where(a < 0.015625, sub.to(tl.int32), code)
+        code = tl.where(x != x, 0x7F, code) + ((bits >> 31).to(tl.int32) << 7)
         return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
     return x.to(tl.float8e4nv)
 

@@ -21,30 +21,13 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..reference.fp8 import E4M3_INV, E4M3_MAX
-from ._common import interpreting, round_to
+from ..reference.fp8 import E4M3_INV
+from ._common import interpreting, round_to, to_e4m3
 
 _E4M3_INV = tl.constexpr(E4M3_INV)  # fp32(1/448): exact in fp32, so the constant folds to the same value
-_E4M3_MAX = tl.constexpr(E4M3_MAX)
 # torch's tanh GELU constants (aten GeluKernel: kBeta = sqrt(2) * 2/sqrt(pi) * 0.5 and 0.044715, as fp32)
 _GELU_BETA = tl.constexpr(0.7978845608028654)
 _GELU_KAPPA = tl.constexpr(0.044715)
-
-
-@triton.jit
-def _e4m3_emulated(v):
-    """v (fp32, |v| <= 448 or NaN) to e4m3 rounding to nearest, ties to even, by integer arithmetic.
-    Only for the CPU interpreter, whose fp32 -> fp8 cast truncates and drops the sign of zero (the GPU
-    uses cvt.rn.satfinite). Normals keep 3 mantissa bits (the bf16 rounding trick on 20 dropped bits);
-    below 2**-6 the e4m3 step is 2**-9, and adding and removing 2**14 rounds there in fp32."""
-    bits = v.to(tl.uint32, bitcast=True)
-    a = tl.abs(v)
-    normal = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0x7FF00000  # rounded |v|, as fp32 bits
-    code = ((normal >> 23).to(tl.int32) - 120) * 8 + ((normal >> 20) & 7).to(tl.int32)
-    sub = ((a + 16384.0) - 16384.0) * 512.0  # |v| / 2**-9 rounded: an integer 0..8
-    code = tl.where(a < 0.015625, sub.to(tl.int32), code)
-    code = tl.where(v != v, 0x7F, code) + ((bits >> 31).to(tl.int32) << 7)
-    return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit
@@ -56,10 +39,9 @@ def _store_fp8_row(q_ptr, s_ptr, v, cols, mask, EMULATE_RNE: tl.constexpr):
     amax = tl.max(tl.where(mask, tl.abs(v), 0.0).to(tl.int32, bitcast=True), axis=0).to(tl.float32, bitcast=True)
     scale = tl.where(amax != amax, amax, tl.maximum(amax, 1e-12) * _E4M3_INV)
     q = v * tl.div_rn(1.0, scale)
-    q = tl.where(q != q, q, tl.minimum(tl.maximum(q, -_E4M3_MAX), _E4M3_MAX))  # clamp, NaN kept
     # Integer-arithmetic RNE on the GPU too: Triton's fp32 -> e4m3 cast did not match csrc/fp8_quant.cu's
     # cvt.rn.satfinite bit for bit (GPU test, run 9); the pass is memory-bound, so the extra ops are free.
-    tl.store(q_ptr + cols, _e4m3_emulated(q), mask=mask)
+    tl.store(q_ptr + cols, to_e4m3(q, True), mask=mask)
     tl.store(s_ptr, scale)
 
 
