@@ -1,5 +1,8 @@
 """Drop-in attention processor for diffusers' WanAttention (self, cross and I2V added key/value)."""
 import functools
+from typing import NamedTuple
+
+import torch
 
 from .. import ops
 from ..reference import attention as ref
@@ -24,24 +27,92 @@ class VkernWanAttnProcessor:
         self.fused_qk_norm_rope = (fused_qk_norm_rope and attention != "reference") or attention in _8BIT
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if self.attention in _8BIT:
-            qk, pv = _8BIT[self.attention]
-            norm_rope = functools.partial(ops.qk_norm_rope, quant=qk)
-            attend = functools.partial(_attend_8bit, pv=pv)
-        else:
-            norm_rope = ops.qk_norm_rope if self.fused_qk_norm_rope else ref.qk_norm_rope
-            attend = (ref.attention if self.attention == "reference" else
-                      functools.partial(ops.attention, backend=_BACKEND[self.attention]))
+        norm_rope, attend = self._steps()
         return ref.wan_attention(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
                                  norm_rope=norm_rope, attend=attend)
+
+    # Query-chunked attention (vkern.modules.wan_block, PatchConfig.attention_chunk_size): the same steps
+    # as __call__, split so keys/values exist once for the whole sequence while queries go chunk by chunk.
+
+    def key_value(self, attn, context, rotary_emb=None):
+        """Attend-ready (kv, image_kv) of `context` (encoder_hidden_states for cross-attention)."""
+        kv, image_kv = ref.wan_key_value(attn, context, rotary_emb, norm_rope=self._steps()[0])
+        return self._finish_value(kv), image_kv
+
+    def chunked_key_value(self, attn, spans, rows, rotary_emb, batch, tokens):
+        """Self-attention keys/values of all `tokens`, computed span by span (spans: (batch, token) index
+        pairs covering [batch, tokens]; rows(b, s): the normed hidden states of a span, as attn's
+        projections take them) into one buffer each, so no projection of the whole sequence exists."""
+        buffers = quantized_key = None
+        for b, s in spans:
+            kv, _ = ref.wan_key_value(attn, rows(b, s), rope_rows(rotary_emb, b, s), norm_rope=self._steps()[0])
+            leaves = _leaves(kv)
+            if buffers is None:
+                quantized_key = isinstance(kv[0], tuple)
+                buffers = [t.new_empty(tuple(batch if i == 0 else tokens if i == dim else n
+                                             for i, n in enumerate(t.shape))) for t, dim in leaves]
+            for (t, dim), buffer in zip(leaves, buffers):
+                buffer[b].narrow(dim, s.start or 0, t.shape[dim]).copy_(t)
+        kv = ((buffers[0], buffers[1]), buffers[2]) if quantized_key else (buffers[0], buffers[1])
+        return self._finish_value(kv)
+
+    def attend_query(self, attn, hidden_states, kv, image_kv=None, rotary_emb=None):
+        """The output projection of hidden_states' queries (any token slice; rotary_emb: their tables)
+        against key_value's or chunked_key_value's kv / image_kv (same batch)."""
+        norm_rope, attend = self._steps()
+        return ref.wan_attend_query(attn, hidden_states, kv, image_kv, rotary_emb, norm_rope, attend)
+
+    def _steps(self):
+        if self.attention in _8BIT:
+            qk, pv = _8BIT[self.attention]
+            return functools.partial(ops.qk_norm_rope, quant=qk), functools.partial(_attend_8bit, pv=pv)
+        norm_rope = ops.qk_norm_rope if self.fused_qk_norm_rope else ref.qk_norm_rope
+        attend = (ref.attention if self.attention == "reference" else
+                  functools.partial(ops.attention, backend=_BACKEND[self.attention]))
+        return norm_rope, attend
+
+    def _finish_value(self, kv):
+        """fp8 mode: V quantized once for all the query chunks (its per-channel scales span every key)."""
+        key, value = kv
+        if self.attention in _8BIT and _8BIT[self.attention][1] == "e4m3":
+            value = QuantizedValue(*ops.v_to_e4m3(value), value.dtype)
+        return key, value
 
     def __repr__(self):
         return f"VkernWanAttnProcessor(attention={self.attention!r}, fused_qk_norm_rope={self.fused_qk_norm_rope})"
 
 
+class QuantizedValue(NamedTuple):
+    """V already in the kernel's e4m3 form (ops.v_to_e4m3) and the dtype of the attention output."""
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
 def _attend_8bit(query, key, value, attention_mask=None, pv="e4m3"):
-    """query, key: (8-bit [B, S, H, D], scales [B, H, S]) from the fused prologue; value [B, S, H, D]."""
+    """query, key: (8-bit [B, S, H, D], scales [B, H, S]) from the fused prologue; value [B, S, H, D] or a
+    QuantizedValue."""
     if attention_mask is not None:
         raise ValueError("VkernWanAttnProcessor: the 8-bit modes take no attention_mask (Wan passes none)")
-    v, v_scale = ops.v_to_e4m3(value) if pv == "e4m3" else (value, None)
-    return ops.attention_prequantized(*query, *key, v, v_scale, out_dtype=value.dtype)
+    if isinstance(value, QuantizedValue):
+        v, v_scale, dtype = value
+    else:
+        (v, v_scale), dtype = (ops.v_to_e4m3(value) if pv == "e4m3" else (value, None)), value.dtype
+    return ops.attention_prequantized(*query, *key, v, v_scale, out_dtype=dtype)
+
+
+def _leaves(kv):
+    """(tensor, token dim) of each tensor in a (key, value) pair: [B, S, H, D] data, [B, H, S] 8-bit key scales."""
+    key, value = kv
+    return [(key[0], 1), (key[1], 2), (value, 1)] if isinstance(key, tuple) else [(key, 1), (value, 1)]
+
+
+def token_rows(t, b, s):
+    """The rows of a [B|1, S|1, ...] tensor broadcast over hidden states [B, S, ...] (a temb chunk, a RoPE
+    table) that go with hidden-state rows [b, s]."""
+    return t[b if t.shape[0] != 1 else slice(None), s if t.shape[1] != 1 else slice(None)]
+
+
+def rope_rows(rotary_emb, b, s):
+    """diffusers' RoPE tables (cos, sin) [1|B, S, 1, D] of hidden-state rows [b, s] (None stays None)."""
+    return None if rotary_emb is None else tuple(token_rows(f, b, s) for f in rotary_emb)

@@ -26,13 +26,22 @@ from torch import nn
 from .. import ops
 from .feed_forward import feed_forward_rows, ffn_takes_fp8_input
 from .fp8_linear import Fp8Activation, takes_fp8_input
+from .wan_attention import VkernWanAttnProcessor, rope_rows, token_rows
 
 
-def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb, ffn_chunk_size=None):
+ALL = (slice(None), slice(None))  # every (batch, token) row
+
+
+def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb, ffn_chunk_size=None,
+                        attention_chunk_size=None):
     """WanTransformerBlock.forward(hidden_states, encoder_hidden_states, temb, rotary_emb) on `block` (a
     WanTransformerBlock or anything with its attributes). ffn_chunk_size: at most this many token rows
-    per FFN chunk (None: all rows at once). Inference only: with autograd recording, diffusers' own
-    forward runs instead (the fused ops have no backward)."""
+    per FFN chunk (None: all rows at once). attention_chunk_size: at most this many query tokens per self-
+    and cross-attention chunk (None: all at once): keys and values are computed for the whole sequence
+    (chunk by chunk, into one buffer each), then each query chunk's norm -> q -> attention -> output
+    projection -> gate + residual, so no full-sequence q, attention output or projection output exists
+    (attention whole where the processor cannot split: not vkern's, or a fused to_qkv). Inference only:
+    with autograd recording, diffusers' own forward runs instead (the fused ops have no backward)."""
     if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in block.parameters())):
         from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
@@ -44,34 +53,53 @@ def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotar
 
     # 1. Self-attention. A new tensor from the first residual: the caller's hidden_states stays as it was.
     fp8 = _attention_takes_fp8_input(block.attn1)
-    norm = ops.layernorm_modulate(hidden_states, shift[0], scale[0], block.norm1.eps, *_affine(block.norm1),
-                                  shift[1], scale[1], fp8=fp8)
-    if fp8:
-        norm = Fp8Activation(*norm, hidden_states.dtype)
-    attn_output = block.attn1(norm, None, None, rotary_emb)
-    x = ops.gate_residual(hidden_states, attn_output, *gate)
 
-    # 2. Cross-attention. nn.Identity: diffusers' x.float().type_as(x) is x itself.
+    def norm1(b, s):
+        norm = ops.layernorm_modulate(hidden_states[b, s], token_rows(shift[0], b, s), token_rows(scale[0], b, s),
+                                      block.norm1.eps, *_affine(block.norm1), shift[1], scale[1], fp8=fp8)
+        return Fp8Activation(*norm, hidden_states.dtype) if fp8 else norm
+
+    spans = _spans(B, S, attention_chunk_size)
+    processor = _chunkable_processor(block.attn1)
+    if len(spans) == 1 or processor is None:
+        x = ops.gate_residual(hidden_states, block.attn1(norm1(*ALL), None, None, rotary_emb), *gate)
+    else:  # keys/values of every token first, then queries chunk by chunk, each chunk's residual written in
+        kv = processor.chunked_key_value(block.attn1, spans, norm1, rotary_emb, B, S)
+        x = hidden_states.clone(memory_format=torch.contiguous_format)
+        for b, s in spans:
+            out = processor.attend_query(block.attn1, norm1(b, s), _batch(kv, b), None, rope_rows(rotary_emb, b, s))
+            ops.gate_residual_(x[b, s], out, token_rows(gate[0], b, s), gate[1])
+        del kv, out
+
+    # 2. Cross-attention. nn.Identity: diffusers' x.float().type_as(x) is x itself. x + attn_output in place:
+    # diffusers' x + attn_output in x's dtype, the same single rounding.
     if not isinstance(block.norm2, nn.Identity):
         fp8 = _attention_takes_fp8_input(block.attn2, cross=True)
-        norm = ops.layernorm_modulate(x, None, None, block.norm2.eps, *_affine(block.norm2), fp8=fp8)
-        if fp8:
-            norm = Fp8Activation(*norm, x.dtype)
+
+        def norm2(b, s):
+            norm = ops.layernorm_modulate(x[b, s], None, None, block.norm2.eps, *_affine(block.norm2), fp8=fp8)
+            return Fp8Activation(*norm, x.dtype) if fp8 else norm
     else:
-        norm = x
-    attn_output = block.attn2(norm, encoder_hidden_states, None, None)
-    x.add_(attn_output)  # diffusers' x + attn_output in x's dtype: the same single rounding, in place
-    del norm, attn_output
+        def norm2(b, s):
+            return x[b, s]
+    processor = _chunkable_processor(block.attn2)
+    if len(spans) == 1 or processor is None:
+        x.add_(block.attn2(norm2(*ALL), encoder_hidden_states, None, None))
+    else:  # the text keys/values once, then the queries chunk by chunk
+        kv, image_kv = processor.key_value(block.attn2, encoder_hidden_states)
+        for b, s in spans:
+            x[b, s].add_(processor.attend_query(block.attn2, norm2(b, s), _batch(kv, b), _batch(image_kv, b)))
+        del kv, image_kv
 
     # 3. Feed-forward, chunk by chunk, each chunk's result added into its rows of x.
     fp8 = ffn_takes_fp8_input(block.ffn)
     for b, s in _spans(B, S, ffn_chunk_size):
         rows = x[b, s]
-        norm = ops.layernorm_modulate(rows, _sub(c_shift[0], b, s), _sub(c_scale[0], b, s), block.norm3.eps,
+        norm = ops.layernorm_modulate(rows, token_rows(c_shift[0], b, s), token_rows(c_scale[0], b, s), block.norm3.eps,
                                       *_affine(block.norm3), c_shift[1], c_scale[1], fp8=fp8)
         if fp8:
             norm = Fp8Activation(*norm, x.dtype)
-        ops.gate_residual_(rows, feed_forward_rows(block.ffn, norm), _sub(c_gate[0], b, s), c_gate[1])
+        ops.gate_residual_(rows, feed_forward_rows(block.ffn, norm), token_rows(c_gate[0], b, s), c_gate[1])
     return x
 
 
@@ -79,15 +107,16 @@ class VkernWanBlock(nn.Module):
     """A WanTransformerBlock running fused_block_forward. It holds the block's own submodules and
     scale_shift_table (the same objects, so the same parameters and state_dict keys)."""
 
-    def __init__(self, block, ffn_chunk_size=None):
+    def __init__(self, block, ffn_chunk_size=None, attention_chunk_size=None):
         super().__init__()
         for name in ("norm1", "attn1", "attn2", "norm2", "ffn", "norm3"):
             setattr(self, name, getattr(block, name))
         self.scale_shift_table = block.scale_shift_table
         self.ffn_chunk_size = ffn_chunk_size
+        self.attention_chunk_size = attention_chunk_size
 
     @classmethod
-    def from_diffusers(cls, block, ffn_chunk_size=None):
+    def from_diffusers(cls, block, ffn_chunk_size=None, attention_chunk_size=None):
         from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
         if not isinstance(block, WanTransformerBlock):
@@ -95,16 +124,17 @@ class VkernWanBlock(nn.Module):
         if block._forward_hooks or block._forward_pre_hooks or hasattr(block, "_diffusers_hook"):
             raise ValueError("block: has forward hooks (diffusers offloading/caching or user hooks) that "
                              "VkernWanBlock would drop")
-        if ffn_chunk_size is not None and (isinstance(ffn_chunk_size, bool) or not isinstance(ffn_chunk_size, int)
-                                           or ffn_chunk_size <= 0):
-            raise ValueError(f"ffn_chunk_size: expected a positive int or None, got {ffn_chunk_size!r}")
-        return cls(block, ffn_chunk_size)
+        for name, value in (("ffn_chunk_size", ffn_chunk_size), ("attention_chunk_size", attention_chunk_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
+        return cls(block, ffn_chunk_size, attention_chunk_size)
 
     def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
-        return fused_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb, self.ffn_chunk_size)
+        return fused_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb, self.ffn_chunk_size,
+                                   self.attention_chunk_size)
 
     def extra_repr(self):
-        return f"ffn_chunk_size={self.ffn_chunk_size}"
+        return f"ffn_chunk_size={self.ffn_chunk_size}, attention_chunk_size={self.attention_chunk_size}"
 
 
 def _modulation(table, temb, B, S, D):
@@ -127,21 +157,34 @@ def _spans(B, S, chunk):
     """(batch, token) index pairs covering [B, S]: everything at once when it fits in one chunk, else
     chunks of at most `chunk` tokens within each batch element (so a per-batch modulation stays a slice)."""
     if chunk is None or chunk >= B * S:
-        return [(slice(None), slice(None))]
+        return [ALL]
     return [(slice(b, b + 1), slice(s, min(s + chunk, S))) for b in range(B) for s in range(0, S, chunk)]
 
 
-def _sub(t, b, s):
-    """The rows of a [B|1, S|1, D] modulation that go with hidden-state rows [b, s]."""
-    return t[b if t.shape[0] != 1 else slice(None), s if t.shape[1] != 1 else slice(None)]
+def _chunkable_processor(attn):
+    """attn's processor if it can run query chunks (vkern's own, not a subclass with its own __call__, no
+    fused to_qkv, no hooks on attn), else None."""
+    processor = getattr(attn, "processor", None)
+    if (not isinstance(processor, VkernWanAttnProcessor) or type(processor).__call__ is not VkernWanAttnProcessor.__call__
+            or (getattr(attn, "fused_projections", False) and not attn.is_cross_attention) or _hooked(attn)):
+        return None
+    return processor
+
+
+def _batch(kv, b):
+    """Batch rows b (a slice) of every tensor in a nested tuple of [B, ...] tensors (NamedTuples kept)."""
+    if torch.is_tensor(kv):
+        return kv[b]
+    if not isinstance(kv, tuple):
+        return kv  # None, a dtype
+    items = [_batch(t, b) for t in kv]
+    return type(kv)(*items) if hasattr(kv, "_fields") else tuple(items)
 
 
 def _attention_takes_fp8_input(attn, cross=False):
     """True when every projection that attn's processor applies to hidden_states takes an Fp8Activation as
     is. vkern's processors (reference.wan_attention) pass hidden_states only to the projections: q, k, v
     (or the fused to_qkv) for self-attention; q alone for cross-attention (k, v read the text)."""
-    from .wan_attention import VkernWanAttnProcessor
-
     processor = getattr(attn, "processor", None)
     # A processor may state it explicitly (accepts_fp8_hidden_states = True/False, e.g. a subclass that
     # reads hidden_states itself opts out); otherwise vkern's processors are known to, others are not.

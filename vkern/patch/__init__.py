@@ -24,6 +24,9 @@ class PatchConfig:
                         and P/V) or "int8" (int8 Q/K, bf16 P/V); accuracy and speed in the README
     fused_qk_norm_rope  fuse the q/k RMSNorm + RoPE into one kernel pass
     ffn_chunk_size      tokens per feed-forward chunk (None: no chunking)
+    attention_chunk_size  query tokens per attention chunk in the fused Wan blocks (None: no chunking):
+                        K/V for the whole sequence first, then each chunk's q -> attention -> output
+                        projection -> residual, so no full-sequence q/output tensors (activation memory)
     fused_block         Wan blocks run fused LayerNorm+modulate and gate+residual kernels (no fp32 copies
                         of the hidden states) and chunk their FFN by ffn_chunk_size
     vae                 cached causal convolutions in the VAE, and its fast chunked encode/decode loop on CUDA
@@ -43,6 +46,7 @@ class PatchConfig:
     attention: str = "auto"
     fused_qk_norm_rope: bool = True
     ffn_chunk_size: Optional[int] = None
+    attention_chunk_size: Optional[int] = None
     fused_block: bool = True
     vae: bool = True
     vae_output_device: Optional[str] = None
@@ -62,8 +66,13 @@ class PatchConfig:
             raise TypeError("PatchConfig.fp8_filter_fn: expected a callable (module, fqn) -> bool")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"PatchConfig.attention: expected one of {ATTENTION_MODES}, got {self.attention!r}")
-        if self.ffn_chunk_size is not None and (not isinstance(self.ffn_chunk_size, int) or self.ffn_chunk_size <= 0):
-            raise ValueError(f"PatchConfig.ffn_chunk_size: expected a positive int or None, got {self.ffn_chunk_size!r}")
+        for name in ("ffn_chunk_size", "attention_chunk_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"PatchConfig.{name}: expected a positive int or None, got {value!r}")
+        if self.attention_chunk_size is not None and not self.fused_block:
+            raise ValueError("PatchConfig.attention_chunk_size: the chunked attention runs in the fused Wan block "
+                             "(fused_block=True)")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError("PatchConfig.filter_fn: expected a callable (module, fqn) -> bool")
         if self.sp is not None and not isinstance(self.sp, SPConfig):

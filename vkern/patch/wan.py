@@ -41,7 +41,8 @@ def _patch_transformer(model, config, handle, classes):
         elif isinstance(module, classes["block"]) and config.fused_block:
             # An instance forward, not a new class: diffusers' features that match the class name
             # (compile_repeated_blocks, _no_split_modules) keep working. The block chunks its FFN.
-            forward = functools.partial(fused_block_forward, module, ffn_chunk_size=config.ffn_chunk_size)
+            forward = functools.partial(fused_block_forward, module, ffn_chunk_size=config.ffn_chunk_size,
+                                        attention_chunk_size=config.attention_chunk_size)
             handle.override_forward(module, forward, "WanTransformerBlock.forward -> fused glue")
         elif isinstance(module, classes["block"]) and config.ffn_chunk_size is not None:
             from ..modules.feed_forward import ChunkedFeedForward

@@ -155,28 +155,69 @@ def wan_attention(attn, hidden_states, encoder_hidden_states=None, attention_mas
                   norm_rope=qk_norm_rope, attend=attention):
     """WanAttnProcessor.__call__ with the norm+RoPE and attention steps as parameters, so a vkern
     processor is this function with kernels plugged in (and the reference is it with none)."""
-    image_context = None
-    if attn.add_k_proj is not None:
-        image_context_length = encoder_hidden_states.shape[1] - 512  # Wan's text length, as in diffusers
-        image_context = encoder_hidden_states[:, :image_context_length]
-        encoder_hidden_states = encoder_hidden_states[:, image_context_length:]
+    context, image_context = _split_image_context(attn, encoder_hidden_states)
+    query, key, value = _projections(attn, hidden_states, context)
+    kv = _key_value(attn, key, value, rotary_emb, norm_rope)
+    image_kv = None if image_context is None else _image_key_value(attn, image_context, norm_rope)
+    return _attend_query(attn, query, kv, image_kv, rotary_emb, attention_mask, norm_rope, attend)
 
-    query, key, value = _projections(attn, hidden_states, encoder_hidden_states)
+
+# Query-chunked attention (vkern.modules.wan_block with attention_chunk_size): the keys/values once, then
+# the queries of each token chunk against them. The same ops as wan_attention, split at the attention.
+
+def wan_key_value(attn, context, rotary_emb=None, norm_rope=qk_norm_rope):
+    """The key/value half of wan_attention: context [B, Skv, dim] is what is attended to (the normed hidden
+    states for self-attention, encoder_hidden_states for cross-attention). Returns (kv, image_kv):
+    attend-ready (key, value), and the I2V image context's (key, value) or None."""
+    if getattr(attn, "fused_projections", False) and not attn.is_cross_attention:
+        raise ValueError("wan_key_value: fused to_qkv computes q with k and v; run the whole attention instead")
+    context, image_context = _split_image_context(attn, context if attn.is_cross_attention else None, context)
+    if getattr(attn, "fused_projections", False):
+        key, value = attn.to_kv(context).chunk(2, dim=-1)
+    else:
+        key, value = attn.to_k(context), attn.to_v(context)
+    kv = _key_value(attn, key, value, rotary_emb, norm_rope)
+    return kv, None if image_context is None else _image_key_value(attn, image_context, norm_rope)
+
+
+def wan_attend_query(attn, hidden_states, kv, image_kv=None, rotary_emb=None, norm_rope=qk_norm_rope,
+                     attend=attention):
+    """The query half of wan_attention: hidden_states [B, Sq, dim] (any token slice) against wan_key_value's
+    kv / image_kv; rotary_emb: the tables of these query tokens. Returns the output projection."""
+    return _attend_query(attn, attn.to_q(hidden_states), kv, image_kv, rotary_emb, None, norm_rope, attend)
+
+
+def _split_image_context(attn, encoder_hidden_states, self_context=None):
+    """(text context, image context or None); for self-attention (encoder_hidden_states None) the
+    context is self_context."""
+    if encoder_hidden_states is None:
+        return self_context, None
+    if attn.add_k_proj is None:
+        return encoder_hidden_states, None
+    image_context_length = encoder_hidden_states.shape[1] - 512  # Wan's text length, as in diffusers
+    return encoder_hidden_states[:, image_context_length:], encoder_hidden_states[:, :image_context_length]
+
+
+def _key_value(attn, key, value, rotary_emb, norm_rope):
+    freqs = rotary_emb if rotary_emb is not None else (None, None)
+    key = norm_rope(key, attn.norm_k.weight, attn.norm_k.eps, attn.heads, *freqs)
+    return key, value.unflatten(2, (attn.heads, -1))
+
+
+def _image_key_value(attn, image_context, norm_rope):
+    key_img, value_img = _added_projections(attn, image_context)
+    key_img = norm_rope(key_img, attn.norm_added_k.weight, attn.norm_added_k.eps, attn.heads)
+    return key_img, value_img.unflatten(2, (attn.heads, -1))
+
+
+def _attend_query(attn, query, kv, image_kv, rotary_emb, attention_mask, norm_rope, attend):
+    dtype = query.dtype  # diffusers writes type_as(query): the projection dtype (value's, too)
     freqs = rotary_emb if rotary_emb is not None else (None, None)
     query = norm_rope(query, attn.norm_q.weight, attn.norm_q.eps, attn.heads, *freqs)
-    key = norm_rope(key, attn.norm_k.weight, attn.norm_k.eps, attn.heads, *freqs)
-    value = value.unflatten(2, (attn.heads, -1))
-
     hidden_states_img = None
-    if image_context is not None:
-        key_img, value_img = _added_projections(attn, image_context)
-        key_img = norm_rope(key_img, attn.norm_added_k.weight, attn.norm_added_k.eps, attn.heads)
-        value_img = value_img.unflatten(2, (attn.heads, -1))
-        hidden_states_img = attend(query, key_img, value_img).flatten(2, 3).type_as(value)
-
-    # diffusers writes type_as(query); value is the same projection dtype, and stays a tensor when a
-    # vkern processor's norm_rope returns 8-bit (data, scale) pairs.
-    hidden_states = attend(query, key, value, attention_mask).flatten(2, 3).type_as(value)
+    if image_kv is not None:
+        hidden_states_img = attend(query, *image_kv).flatten(2, 3).to(dtype)
+    hidden_states = attend(query, *kv, attention_mask).flatten(2, 3).to(dtype)
     if hidden_states_img is not None:
         hidden_states = hidden_states + hidden_states_img
     hidden_states = attn.to_out[0](hidden_states)

@@ -1,0 +1,191 @@
+"""Query-chunked attention in the fused Wan block (PatchConfig.attention_chunk_size): the same result as
+the unchunked block in every attention mode, I2V included, and no full-sequence tensor besides K, V and
+the block's new hidden states."""
+import copy
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import vkern
+from vkern.modules.wan_attention import ATTENTION_MODES, VkernWanAttnProcessor
+from vkern.modules.wan_block import VkernWanBlock, fused_block_forward
+
+from vkern.models import wan_rope_tables
+from .tolerance import assert_within_torch_error
+
+DIM, HEADS, FFN, TEXT = 128, 2, 96, 7  # head dim 64: vkern's attention kernel takes it
+B, S = 2, 37
+
+
+def make_block(dtype, cross_attn_norm=True, i2v=False, mode="auto"):
+    block = WanTransformerBlock(DIM, FFN, HEADS, cross_attn_norm=cross_attn_norm,
+                                added_kv_proj_dim=DIM if i2v else None)
+    with torch.no_grad():
+        for p in block.parameters():  # non-trivial affine norms, biases and table
+            p.add_(0.1 * torch.randn_like(p))
+    for name, p in block.named_parameters():
+        keep = name.split(".")[0] in ("scale_shift_table", "norm1", "norm2", "norm3")
+        p.data = p.data.to(torch.float32 if keep else dtype)
+    for attn in (block.attn1, block.attn2):
+        attn.set_processor(VkernWanAttnProcessor(mode))
+    return block.eval().requires_grad_(False)
+
+
+def block_inputs(dtype, per_token, i2v=False, B=B, S=S):
+    x = torch.randn(B, S, DIM).to(dtype)
+    # diffusers' I2V layout: image tokens first, then 512 text tokens
+    context = torch.randn(B, 5 + 512 if i2v else TEXT, DIM).to(dtype)
+    temb = torch.randn((B, S, 6, DIM) if per_token else (B, 6, DIM)).to(dtype)
+    return x, context, temb, wan_rope_tables(S, DIM // HEADS)
+
+
+def upcast(inputs):
+    x, context, temb, rope = inputs
+    return x.float(), context.float(), temb.float(), rope
+
+
+@pytest.mark.parametrize("chunk", [5, 36])
+@pytest.mark.parametrize("cross_attn_norm,per_token,i2v", [(True, False, False), (False, True, False),
+                                                           (True, True, True)])
+def test_fp32_chunked_equals_unchunked(chunk, cross_attn_norm, per_token, i2v):
+    block = make_block(torch.float32, cross_attn_norm, i2v, mode="reference")
+    inputs = block_inputs(torch.float32, per_token, i2v)
+    x0 = inputs[0].clone()
+    with torch.no_grad():
+        got = fused_block_forward(block, *inputs, attention_chunk_size=chunk)
+        want = fused_block_forward(block, *inputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # GEMMs over other row counts: fp32 rounding
+    assert torch.equal(inputs[0], x0)  # the caller's hidden states are not written
+
+
+@pytest.mark.parametrize("mode", [m for m in ATTENTION_MODES if m != "reference"])
+def test_bf16_chunked_within_twice_torch_error(mode):
+    block = make_block(torch.bfloat16, mode=mode)
+    inputs = block_inputs(torch.bfloat16, False, B=1, S=21)  # 3 chunks (interpreted kernels: small)
+    oracle_block = copy.deepcopy(block).float()
+    for attn in (oracle_block.attn1, oracle_block.attn2):
+        attn.set_processor(VkernWanAttnProcessor("reference"))
+    with torch.no_grad():
+        got = fused_block_forward(block, *inputs, attention_chunk_size=8, ffn_chunk_size=8)
+        unchunked = fused_block_forward(block, *inputs)
+        oracle = oracle_block(*upcast(inputs))
+    if mode in ("fp8", "int8"):  # the same quantization (per token Q/K; V per channel over all keys)
+        torch.testing.assert_close(got, unchunked, rtol=2e-2, atol=2e-2)
+    else:
+        assert_within_torch_error(got, oracle.double(), unchunked, what="chunked block output")
+
+
+class BigAllocations(TorchDispatchMode):
+    """Counts new tensors with at least `numel` elements (views allocate nothing)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.numel and t.untyped_storage().data_ptr() not in inputs:
+                self.seen.append((str(func), tuple(t.shape), t.dtype))
+        return out
+
+
+@pytest.mark.parametrize("mode,expected", [("auto", 3), ("fp8", 4)])
+def test_chunked_block_allocates_only_kv_and_the_new_hidden_states(mode, expected):
+    # Full-sequence tensors: K and V buffers and the block's output (fp8: V's e4m3 copy too). Unchunked,
+    # the block also holds the normed input, q, normed q/k, the attention output and its projection.
+    block = make_block(torch.bfloat16, mode=mode)
+    inputs = block_inputs(torch.bfloat16, False, B=1, S=21)
+    with torch.no_grad():
+        probe = BigAllocations(21 * DIM)
+        with probe:
+            fused_block_forward(block, *inputs, attention_chunk_size=8, ffn_chunk_size=8)
+        full = BigAllocations(21 * DIM)
+        with full:
+            fused_block_forward(block, *inputs, ffn_chunk_size=8)
+    assert len(probe.seen) == expected, probe.seen
+    assert len(full.seen) >= expected + 4, full.seen
+
+
+def test_processor_that_cannot_split_runs_whole():
+    # A subclass with its own __call__ (e.g. the sequence-parallel processor) and a fused to_qkv decline.
+    class Custom(VkernWanAttnProcessor):
+        def __call__(self, *args, **kwargs):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().__call__(*args, **kwargs)
+
+    block = make_block(torch.float32, mode="reference")
+    block.attn1.set_processor(Custom("reference"))
+    inputs = block_inputs(torch.float32, False)
+    with torch.no_grad():
+        got = fused_block_forward(block, *inputs, attention_chunk_size=8)
+        assert block.attn1.processor.calls == 1
+        block.attn1.fuse_projections()
+        fused = fused_block_forward(block, *inputs, attention_chunk_size=8)
+    torch.testing.assert_close(fused, got, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_config_and_module_wrapper():
+    with pytest.raises(ValueError, match="attention_chunk_size"):
+        vkern.PatchConfig(attention_chunk_size=0)
+    with pytest.raises(ValueError, match="attention_chunk_size"):
+        vkern.PatchConfig(attention_chunk_size=True)
+    with pytest.raises(ValueError, match="fused_block"):
+        vkern.PatchConfig(attention_chunk_size=64, fused_block=False)
+    block = make_block(torch.float32, mode="reference")
+    mod = VkernWanBlock.from_diffusers(block, attention_chunk_size=8)
+    assert "attention_chunk_size=8" in repr(mod)
+    inputs = block_inputs(torch.float32, False)
+    with torch.no_grad():
+        assert torch.equal(mod(*inputs), fused_block_forward(block, *inputs, attention_chunk_size=8))
+    with pytest.raises(ValueError, match="^attention_chunk_size:"):
+        VkernWanBlock.from_diffusers(block, attention_chunk_size=-1)
+
+
+def test_patched_tiny_wan_with_chunked_attention():
+    from vkern import models
+
+    torch.manual_seed(0)
+    model = models.build_wan_transformer("tiny", torch.float32, "cpu")
+    inputs = models.transformer_inputs(model, "tiny", torch.float32, "cpu")
+    chunked = copy.deepcopy(model)
+    vkern.patch(model, vkern.PatchConfig(attention="reference"))
+    vkern.patch(chunked, vkern.PatchConfig(attention="reference", attention_chunk_size=7, ffn_chunk_size=7))
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(**inputs).sample, model(**inputs).sample, rtol=1e-5, atol=1e-5)
+
+
+# --- GPU, Wan-14B 480p sizes -----------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["auto", "fp8"])
+def test_gpu_wan14b_block_chunked_attention_peak(mode):
+    from .test_block_glue import block_inputs as big_inputs, make_block as big_block
+
+    block = big_block(torch.bfloat16, True, 5120, 40, 13824, device="cuda")
+    for attn in (block.attn1, block.attn2):
+        attn.set_processor(VkernWanAttnProcessor(mode))
+    inputs = big_inputs(torch.bfloat16, False, "cuda", B=1, S=32760, dim=5120, heads=40, text=512)
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, (torch.cuda.max_memory_allocated() - base) / 2**30
+
+    with torch.no_grad():
+        want, peak_whole = peak(lambda: fused_block_forward(block, *inputs, ffn_chunk_size=4096))
+        got, peak_chunked = peak(lambda: fused_block_forward(block, *inputs, ffn_chunk_size=4096,
+                                                             attention_chunk_size=4096))
+    rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    print(f"{mode}: block peak over inputs {peak_whole:.2f} GiB whole, {peak_chunked:.2f} GiB chunked; rel L2 {rel:.2e}")
+    # Whole: normed x, q, k, v, normed q/k, attention output, projection, new x (~9 x 0.31 GiB); chunked:
+    # K, V and the new x (3 x 0.31 GiB) plus per-chunk temporaries.
+    assert peak_chunked < 0.6 * peak_whole
+    assert rel < (2e-2 if mode == "fp8" else 1e-2)
