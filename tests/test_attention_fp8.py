@@ -32,11 +32,10 @@ from vkern.models import wan_rope_tables
 from vkern.ops import _backend
 from vkern.reference import attention as ref
 
-from .test_attention_kernel import make_padding, make_qkv, poisoned, sampled_rows, torch_attention
+from .attention_helpers import (ON_GPU, assert_compiled_equals_eager, assert_fake_shapes, cpu_interpreter, make_padding,
+                                make_qkv, poisoned, sampled_rows, torch_attention)
 from .tolerance import rel_l2
 
-ON_GPU = torch.cuda.is_available()
-cpu_interpreter = pytest.mark.skipif(ON_GPU, reason="Triton-interpreter test; the gpu tests run the compiled kernel")
 FP8 = ("e4m3", "e4m3")
 SCHEMES = [FP8, ("e4m3", "bf16"), ("int8", "e4m3"), ("int8", "bf16")]
 FLOORS = {  # (qk, pv): (SQNR floor in dB, cosine floor)
@@ -392,25 +391,12 @@ def test_compile_fullgraph(use_backend, backend, scheme):
         out, lse = attention_8bit(q, k, v, scheme, key_padding_mask=mask, return_lse=True)
         return out * 2, lse + 1
 
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    for S in (65, 129):
-        q, k, v = make_qkv(2, S, S, 2, 64, torch.bfloat16)
-        mask = make_padding(2, S, "dead_row")
-        got, expected = compiled(q, k, v, mask), fn(q, k, v, mask)
-        assert _backend.last_choice["attention_8bit"] == backend
-        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    inputs = [(*make_qkv(2, S, S, 2, 64, torch.bfloat16), make_padding(2, S, "dead_row")) for S in (65, 129)]
+    assert_compiled_equals_eager(fn, inputs, "attention_8bit", backend)
 
 
 def test_fake_tensor_shapes_and_dtypes():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        q = torch.empty(2, 113, 3, 128, dtype=torch.float16)
-        k = torch.empty(2, 77, 3, 128, dtype=torch.float16)
-        mask = torch.empty(2, 77, dtype=torch.bool)
-        out, lse = attention_8bit(q, k, k, key_padding_mask=mask, return_lse=True)
-    assert out.shape == (2, 113, 3, 128) and out.dtype == torch.float16
-    assert lse.shape == (2, 3, 113) and lse.dtype == torch.float32
+    assert_fake_shapes(attention_8bit, torch.float16, 77)
 
 
 def test_bad_inputs_name_the_argument():
