@@ -97,7 +97,7 @@ def masked_token_amax(v, key_padding_mask=None):
     key_padding_mask [B, S] is True (0 where none is)."""
     a = v.abs()
     if key_padding_mask is not None:
-        a = a.masked_fill(~key_padding_mask[:, :, None, None].to(a.device), 0)
+        a.masked_fill_(~key_padding_mask[:, :, None, None].to(a.device), 0)  # a is abs()'s fresh tensor
     return a.amax(dim=1)
 
 
