@@ -15,7 +15,7 @@ import subprocess
 import torch
 
 from . import shapes
-from .timing import peak_gib, rel_l2, time_cuda, time_micro
+from .timing import param_bytes, peak_gib, rel_l2, time_cuda, time_micro
 
 DT = torch.bfloat16
 
@@ -152,7 +152,7 @@ def _step(name, providers, args):
     reference = None
     for provider in providers or STEP_PROVIDERS:
         model = _build_step_model(size, provider)
-        weights = torch.cuda.memory_allocated() / 2**30
+        allocated = torch.cuda.memory_allocated() / 2**30  # weights + whatever else is allocated (cuBLAS workspace)
         inputs = models.transformer_inputs(model, res, DT, "cuda")
 
         def step():
@@ -163,8 +163,11 @@ def _step(name, providers, args):
         peak, _ = peak_gib(step)
         out = step()
         reference = out if reference is None else reference
-        yield dict(op="step", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, weights_gib=weights,
-                   peak_gib=peak, activation_gib=peak - weights, rel_l2_vs_first=rel_l2(out, reference),
+        # param_gib: the model's parameter and buffer bytes exactly (the FP8 target "weight memory <= 52% of
+        # bf16" is a ratio of these); allocated_gib: torch.cuda.memory_allocated() after the build.
+        yield dict(op="step", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
+                   param_gib=param_bytes(model) / 2**30, allocated_gib=allocated,
+                   peak_gib=peak, activation_gib=peak - allocated, rel_l2_vs_first=rel_l2(out, reference),
                    cos_vs_first=torch.nn.functional.cosine_similarity(out.double().flatten(),
                                                                      reference.double().flatten(), dim=0).item())
         del model, inputs, out, step
@@ -230,7 +233,8 @@ def _vae_rows(op, name, providers, args, make_input, runners):
 
     torch.manual_seed(0)
     vae = models.build_wan_vae("default", DT, "cuda")
-    weights = torch.cuda.memory_allocated() / 2**30
+    allocated = torch.cuda.memory_allocated() / 2**30
+    params = param_bytes(vae) / 2**30
     inp = make_input()
     reference = None
     for provider in providers or VAE_PROVIDERS:
@@ -249,8 +253,9 @@ def _vae_rows(op, name, providers, args, make_input, runners):
         if handle:
             handle.undo()
         reference = out if reference is None else reference  # the first provider (diffusers by default)
-        row = dict(op=op, shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, weights_gib=weights,
-                   peak_gib=peak, activation_gib=peak - weights, rel_l2_vs_diffusers=rel_l2(out, reference))
+        row = dict(op=op, shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, param_gib=params,
+                   allocated_gib=allocated, peak_gib=peak, activation_gib=peak - allocated,
+                   rel_l2_vs_diffusers=rel_l2(out, reference))
         if provider.startswith("vkern") and os.environ.get("VKERN_WAN_VAE_FRAMES_PER_STEP"):
             row["frames_per_step"] = os.environ["VKERN_WAN_VAE_FRAMES_PER_STEP"]
         if op == "vae-decode":

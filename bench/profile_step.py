@@ -17,6 +17,8 @@ import re
 
 import torch
 
+from .timing import param_bytes
+
 CLASSES = ("attention", "gemm", "elementwise", "other")
 # First match wins. Names seen: cuDNN "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_...",
 # FA2 "flash_fwd_kernel<...>", mem-efficient "fmha_cutlassF_...", cuBLAS "nvjet_tst_...",
@@ -107,20 +109,6 @@ def profile_step(model, inputs, device):
     return per_class, [dict(ms=round(ms, 3), cls=c, name=n) for ms, c, n in top[:10]]
 
 
-def weights_gib(model):
-    """Bytes of the model's parameters and buffers (each storage once), in GiB. Unlike
-    memory_allocated() this excludes cuBLAS workspaces, which torch allocates from the caching
-    allocator at the first GEMM and keeps (~36 MiB on an H200): bench.bench's weights_gib of every
-    provider after the first includes them."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.device, t.untyped_storage().data_ptr())
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total / 2**30
-
-
 def run(size, res, providers, device, dtype=torch.bfloat16):
     from vkern import models
 
@@ -131,7 +119,8 @@ def run(size, res, providers, device, dtype=torch.bfloat16):
         per_class, top = profile_step(model, inputs, device)
         total = sum(per_class.values())
         rows.append(dict(op="profile", shape=shape_name(size, res), provider=provider, world=1,
-                         **{f"{c}_ms": per_class[c] for c in CLASSES}, total_ms=total, weights_gib=weights_gib(model),
+                         **{f"{c}_ms": per_class[c] for c in CLASSES}, total_ms=total,
+                         param_gib=param_bytes(model) / 2**30,
                          timer="cuda-kernels" if device.type == "cuda" else "cpu-self", top=top))
         del model, inputs
         gc.collect()  # the patch handle and the model refer to each other
@@ -144,13 +133,13 @@ def table(rows):
     """Markdown: ms per class, and each provider's elementwise time against the first provider's."""
     base = rows[0]["elementwise_ms"] if rows else 0.0
     lines = [f"| {rows[0]['shape'] if rows else ''} | attention | GEMM | elementwise+norm+copy | other | total | "
-             f"elementwise vs {rows[0]['provider'] if rows else ''} | weights GiB |",
+             f"elementwise vs {rows[0]['provider'] if rows else ''} | weights GiB (param_gib) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         cut = f"{r['elementwise_ms'] / base:.2f}x ({100 * (1 - r['elementwise_ms'] / base):.0f}% less)" if base > 0 else "-"
         lines.append(f"| {r['provider']} | {r['attention_ms']:.1f} ms | {r['gemm_ms']:.1f} ms | "
                      f"{r['elementwise_ms']:.1f} ms | {r['other_ms']:.1f} ms | {r['total_ms']:.1f} ms | {cut} | "
-                     f"{r['weights_gib']:.3f} |")
+                     f"{r['param_gib']:.3f} |")
     return "\n".join(lines)
 
 

@@ -1,8 +1,13 @@
-"""Print benchmark rows (JSON lines) as a table: python -m bench.table rows.jsonl"""
+"""Print benchmark rows (JSON lines) as a table: python -m bench.table rows.jsonl
+
+Weight memory: param_gib, the model's parameter and buffer bytes (bench.timing.param_bytes). Step and VAE
+rows also carry allocated_gib, torch.cuda.memory_allocated() after the build (not shown). weights_gib is
+in older rows only: torch.cuda.memory_allocated() in step/VAE rows (cuBLAS workspace included), the
+parameter bytes in profile rows; sp-step rows (bench/sp_run.py) still write it as the bf16 state_dict's bytes."""
 import json
 import sys
 
-METRICS = ("ms", "attention_ms", "gemm_ms", "elementwise_ms", "other_ms", "psnr_db", "a2a_ms", "a2a_pct", "eager_ms", "tflops", "gbps", "weights_gib", "peak_gib", "activation_gib", "sqnr_db", "rel_l2",
+METRICS = ("ms", "attention_ms", "gemm_ms", "elementwise_ms", "other_ms", "psnr_db", "a2a_ms", "a2a_pct", "eager_ms", "tflops", "gbps", "param_gib", "weights_gib", "peak_gib", "activation_gib", "sqnr_db", "rel_l2",
            "rel_l2_vs_cudnn", "rel_l2_vs_diffusers", "rel_l2_vs_first", "cos_vs_first", "bit_exact", "timing")
 
 

@@ -1,4 +1,6 @@
-"""Side-by-side timing: CUDA events, warm-up first, median of repeats; peak memory per provider."""
+"""Side-by-side timing: CUDA events, warm-up first, median of repeats; peak memory per provider; the
+bytes a model's own weights take."""
+import itertools
 import statistics
 import time
 
@@ -68,3 +70,23 @@ def peak_gib(fn):
 def rel_l2(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
+
+
+def param_bytes(module):
+    """Bytes of the storages behind `module`'s registered parameters and buffers (fp8 weights and their
+    scales, biases, non-persistent buffers such as RoPE tables), each storage counted once: a tied weight,
+    or tensors that view one storage, count its bytes once, and a storage counts whole even where its
+    tensors use part of it. Unlike torch.cuda.memory_allocated() after building the model, it excludes
+    the cuBLAS workspace (~36 MiB on an H200, taken from the caching allocator at the first GEMM and
+    kept), the allocator's rounding and anything else allocated. Tensors held in plain attributes are
+    not counted."""
+    seen, total = set(), 0
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.device.type == "meta":
+            raise ValueError(f"module: has a tensor on the meta device ({tuple(t.shape)}); it holds no bytes to count")
+        storage = t.untyped_storage()
+        key = (t.device, storage.data_ptr())
+        if storage.nbytes() and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total

@@ -32,11 +32,10 @@ from vkern.models import wan_rope_tables
 from vkern.ops import _backend
 from vkern.reference import attention as ref
 
-from .test_attention_kernel import make_padding, make_qkv, poisoned, sampled_rows, torch_attention
+from .attention_helpers import (ON_GPU, assert_compiled_equals_eager, assert_fake_shapes, cpu_interpreter, make_padding,
+                                make_qkv, poisoned, sampled_rows, torch_attention)
 from .tolerance import rel_l2
 
-ON_GPU = torch.cuda.is_available()
-cpu_interpreter = pytest.mark.skipif(ON_GPU, reason="Triton-interpreter test; the gpu tests run the compiled kernel")
 FP8 = ("e4m3", "e4m3")
 SCHEMES = [FP8, ("e4m3", "bf16"), ("int8", "e4m3"), ("int8", "bf16")]
 FLOORS = {  # (qk, pv): (SQNR floor in dB, cosine floor)
@@ -241,9 +240,9 @@ def test_key_padding_mask(use_backend, backend, pattern):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheme", [FP8, ("int8", "bf16")], ids=scheme_id)
 def test_masked_keys_have_no_influence(use_backend, backend, scheme):
-    """Huge keys where the mask says no (they would win a row max taken before masking; their per-token
-    scales are their own): output and lse bit-identical. Huge masked values may coarsen V's per-channel
-    scales (pv="e4m3"), so with them only the floors are required."""
+    """Huge keys and values where the mask says no (keys would win a row max taken before masking; their
+    per-token scales are their own; values do not enter V's per-channel scales): output and lse
+    bit-identical."""
     use_backend(backend)
     q, k, v = make_qkv(2, 113, 200, 1, 64, torch.float16)
     mask = make_padding(2, 200, "random")
@@ -254,8 +253,49 @@ def test_masked_keys_have_no_influence(use_backend, backend, scheme):
     out2, lse2 = run_8bit(q, k2, v, scheme, key_padding_mask=mask, return_lse=True)
     assert torch.equal(out, out2) and torch.equal(lse, lse2)
     v2 = v.clone()
-    v2[~mask] = 10 * v2[~mask]
+    v2[~mask] = -6e4
+    out3, lse3 = run_8bit(q, k2, v2, scheme, key_padding_mask=mask, return_lse=True)
+    assert torch.equal(out, out3) and torch.equal(lse, lse3)
     check_8bit(q, k2, v2, backend, scheme, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_padded_keys_do_not_enter_v_scales(use_backend, backend, dtype):
+    """pv="e4m3": V's per-(head, channel) scales come from the attended keys only. Padded keys holding a
+    huge V give the same scales, and the same e4m3 codes at the attended keys, as those keys holding 0
+    (v_to_e4m3 and the reference quantizer alike, bit for bit), and attention_8bit's out and lse are
+    bit-identical to the call with those V rows zeroed (the op and the module-level reference)."""
+    use_backend(backend)
+    B, Sq, Skv, H = 2, 65, 77, 2
+    q, k, v = make_qkv(B, Sq, Skv, H, 64, dtype)
+    mask = make_padding(B, Skv, "random")
+    mask[0, 5] = mask[1, -1] = False
+    huge = 1e30 if dtype == torch.bfloat16 else 6e4
+    v_zero = v.masked_fill(~mask[:, :, None, None], 0)
+    v_huge = v_zero.clone()
+    v_huge[~mask] = (huge * torch.sign(torch.randn_like(v_huge[~mask].float()))).to(dtype)
+    assert (ops.v_to_e4m3(v_huge)[1] > ops.v_to_e4m3(v_zero)[1]).all()  # unmasked, the garbage sets the scales
+    (vq0, vs0), (vq1, vs1) = ops.v_to_e4m3(v_zero, mask), ops.v_to_e4m3(v_huge, mask)
+    r8, rs = ref.fp8_per_channel(v_huge, mask)
+    assert torch.equal(vs0, vs1) and torch.equal(vs1, rs)
+    attended = mask[:, None, None, :].expand(B, H, 64, Skv)
+    codes = [t[..., :Skv].view(torch.uint8)[attended] for t in (vq0, vq1, r8.permute(0, 2, 3, 1))]
+    assert torch.equal(codes[0], codes[1]) and torch.equal(codes[1], codes[2])
+    for scheme in (FP8, ("int8", "e4m3")):
+        out0, lse0 = run_8bit(q, k, v_zero, scheme, key_padding_mask=mask, return_lse=True)
+        out1, lse1 = run_8bit(q, k, v_huge, scheme, key_padding_mask=mask, return_lse=True)
+        assert torch.isfinite(out1).all() and torch.equal(out0, out1) and torch.equal(lse0, lse1)
+        ref0, ref1 = (ref.attention_8bit(q, k, t, mask, qk=scheme[0], pv="e4m3")[0] for t in (v_zero, v_huge))
+        assert torch.equal(ref0, ref1)
+
+
+def test_v_to_e4m3_bad_key_padding_mask():
+    v = torch.randn(2, 17, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="key_padding_mask: expected shape"):
+        ops.v_to_e4m3(v, torch.ones(2, 13, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask: expected dtype"):
+        ops.v_to_e4m3(v, torch.ones(2, 17))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -351,25 +391,12 @@ def test_compile_fullgraph(use_backend, backend, scheme):
         out, lse = attention_8bit(q, k, v, scheme, key_padding_mask=mask, return_lse=True)
         return out * 2, lse + 1
 
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    for S in (65, 129):
-        q, k, v = make_qkv(2, S, S, 2, 64, torch.bfloat16)
-        mask = make_padding(2, S, "dead_row")
-        got, expected = compiled(q, k, v, mask), fn(q, k, v, mask)
-        assert _backend.last_choice["attention_8bit"] == backend
-        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    inputs = [(*make_qkv(2, S, S, 2, 64, torch.bfloat16), make_padding(2, S, "dead_row")) for S in (65, 129)]
+    assert_compiled_equals_eager(fn, inputs, "attention_8bit", backend)
 
 
 def test_fake_tensor_shapes_and_dtypes():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        q = torch.empty(2, 113, 3, 128, dtype=torch.float16)
-        k = torch.empty(2, 77, 3, 128, dtype=torch.float16)
-        mask = torch.empty(2, 77, dtype=torch.bool)
-        out, lse = attention_8bit(q, k, k, key_padding_mask=mask, return_lse=True)
-    assert out.shape == (2, 113, 3, 128) and out.dtype == torch.float16
-    assert lse.shape == (2, 3, 113) and lse.dtype == torch.float32
+    assert_fake_shapes(attention_8bit, torch.float16, 77)
 
 
 def test_bad_inputs_name_the_argument():

@@ -13,8 +13,6 @@ On the CPU the Triton kernel runs under the interpreter (conftest sets TRITON_IN
 with VKERN_ATTENTION_BACKEND=triton; those tests are small (odd sizes, 1-2 heads). Tests marked gpu
 run the compiled kernel at odd and at real video-model shapes (`pytest -m gpu`).
 """
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,100 +21,21 @@ from vkern import ops
 from vkern.ops import _backend
 from vkern.reference import attention as ref
 
+from .attention_helpers import (ON_GPU, assert_compiled_equals_eager, assert_fake_shapes, cpu_interpreter, make_padding,
+                                make_qkv, poisoned, sampled_rows, torch_attention)
 from .tolerance import assert_within_torch_error, rel_l2
 
-ON_GPU = torch.cuda.is_available()
-cpu_interpreter = pytest.mark.skipif(ON_GPU, reason="Triton-interpreter test; the gpu tests run the compiled kernel")
 LSE_REL_FLOOR = 1e-5
 EPS32 = torch.finfo(torch.float32).eps
 
 
 # ----------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def poisoned():
-    """Inside, torch.empty and friends return NaN-filled memory (ints: their max), so an output or
-    lse element the kernel never writes cannot pass the finiteness checks."""
-    was_on = torch.are_deterministic_algorithms_enabled()
-    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    was_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
-        torch.utils.deterministic.fill_uninitialized_memory = was_fill
-
-
 @pytest.fixture
 def use_backend(monkeypatch):
     def force(name):
         monkeypatch.setenv("VKERN_ATTENTION_BACKEND", name)
         return name
     return force
-
-
-def make_qkv(B, Sq, Skv, H, D, dtype, device="cpu", layout="contiguous", sharpness=1.0):
-    """Random q [B, Sq, H, D], k, v [B, Skv, H, D] in `dtype`, laid out as a diffusers processor may
-    hand them over. sharpness multiplies q (score std ~ sharpness): > 1 gives peaked softmax rows.
-      contiguous   three separate contiguous tensors
-      fused        slices of one fused QKV projection [B, S, 3, H, D] (self-attention only)
-      kv_fused     q separate, k and v slices of a fused KV projection [B, Skv, 2, H, D]
-      heads_first  [B, H, S, D] storage seen through transpose(1, 2)
-      strided_d    every other element of [B, S, H, 2D] (last-dim stride 2)
-      batch_bcast  k and v expanded over the batch (batch stride 0)"""
-    def rand(*shape):
-        return torch.randn(*shape, device=device)
-
-    if layout == "fused":
-        assert Sq == Skv
-        qkv = rand(B, Sq, 3, H, D)
-        qkv[:, :, 0] *= sharpness
-        q, k, v = qkv.to(dtype).unbind(2)
-    elif layout == "kv_fused":
-        q = (rand(B, Sq, H, D) * sharpness).to(dtype)
-        k, v = rand(B, Skv, 2, H, D).to(dtype).unbind(2)
-    elif layout == "heads_first":
-        q = (rand(B, H, Sq, D) * sharpness).to(dtype).transpose(1, 2)
-        k, v = (rand(B, H, Skv, D).to(dtype).transpose(1, 2) for _ in range(2))
-    elif layout == "strided_d":
-        q = (rand(B, Sq, H, 2 * D) * sharpness).to(dtype)[..., ::2]
-        k, v = (rand(B, Skv, H, 2 * D).to(dtype)[..., 1::2] for _ in range(2))
-    elif layout == "batch_bcast":
-        q = (rand(B, Sq, H, D) * sharpness).to(dtype)
-        k, v = (rand(1, Skv, H, D).to(dtype).expand(B, -1, -1, -1) for _ in range(2))
-    else:
-        assert layout == "contiguous"
-        q = (rand(B, Sq, H, D) * sharpness).to(dtype)
-        k, v = (rand(B, Skv, H, D).to(dtype) for _ in range(2))
-    return q, k, v
-
-
-def make_padding(B, Skv, pattern, device="cpu"):
-    """Key-padding masks [B, Skv], True = attend."""
-    if pattern == "none":
-        return None
-    if pattern == "all_true":
-        return torch.ones(B, Skv, dtype=torch.bool, device=device)
-    if pattern == "random":  # ~30% of keys masked, scattered across blocks
-        return torch.rand(B, Skv, device=device) > 0.3
-    if pattern == "prefix":  # padded text: each batch row keeps a different number of leading tokens
-        lengths = torch.randint(1, Skv + 1, (B,), device=device)
-        lengths[0] = 1 if Skv > 1 else lengths[0]  # one row keeps a single key
-        return torch.arange(Skv, device=device)[None, :] < lengths[:, None]
-    if pattern == "dead_row":  # batch row 1 attends to nothing: its queries get out 0 and lse -inf
-        mask = torch.rand(B, Skv, device=device) > 0.5
-        mask[1] = False
-        return mask
-    raise ValueError(pattern)
-
-
-def torch_attention(q, k, v, key_padding_mask=None, scale=None):
-    """PyTorch doing the same op in the inputs' dtype: SDPA as diffusers calls it."""
-    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, scale=scale)
-    return out.transpose(1, 2)
 
 
 def run_op(q, k, v, **kwargs):
@@ -382,26 +301,19 @@ def test_compile_fullgraph(use_backend, backend):
         out, lse = ops.attention(q, k, v, key_padding_mask=mask, return_lse=True)
         return out * 2, lse + 1
 
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    for Sq, Skv in ((65, 77), (113, 129)):
-        q, k, v = make_qkv(2, Sq, Skv, 2, 64, torch.float16)
-        mask = make_padding(2, Skv, "dead_row")
-        got, expected = compiled(q, k, v, mask), fn(q, k, v, mask)
-        assert _backend.last_choice["attention"] == backend
-        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    inputs = [(*make_qkv(2, Sq, Skv, 2, 64, torch.float16), make_padding(2, Skv, "dead_row"))
+              for Sq, Skv in ((65, 77), (113, 129))]
+    assert_compiled_equals_eager(fn, inputs, "attention", backend)
 
 
 def test_fake_tensor_shapes_and_dtypes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    assert_fake_shapes(ops.attention, torch.bfloat16, 512)
     with FakeTensorMode():
-        q = torch.empty(2, 113, 3, 128, dtype=torch.bfloat16)
+        q = torch.empty(2, 3, 113, 128, dtype=torch.bfloat16).transpose(1, 2)
         k = torch.empty(2, 512, 3, 128, dtype=torch.bfloat16)
-        mask = torch.empty(2, 512, dtype=torch.bool)
-        out, lse = ops.attention(q, k, k, key_padding_mask=mask, return_lse=True)
-        out_only = ops.attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, k)
-    assert out.shape == (2, 113, 3, 128) and out.dtype == torch.bfloat16
-    assert lse.shape == (2, 3, 113) and lse.dtype == torch.float32
+        out_only = ops.attention(q, k, k)
     assert out_only.shape == (2, 113, 3, 128)
 
 
@@ -490,11 +402,6 @@ def test_gpu_non_contiguous(use_backend, layout):
     q, k, v = make_qkv(1, 4097, 4097, 12, 128, torch.bfloat16, "cuda", layout=layout)
     out, _ = check_attention(q, k, v, use_backend("triton"))
     assert torch.equal(out, run_op(*(t.contiguous() for t in (q, k, v))))
-
-
-def sampled_rows(S, n=256, device="cuda"):
-    """n query positions: the first and last (edge tiles) and random ones between."""
-    return torch.cat([torch.tensor([0, S - 1]), torch.randperm(S - 2)[: n - 2] + 1]).sort().values.to(device)
 
 
 @pytest.mark.gpu

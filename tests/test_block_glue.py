@@ -426,12 +426,16 @@ def test_autograd_runs_diffusers_forward():
     assert got.grad_fn is not None and torch.equal(got, block(*inputs))
 
 
-def test_fused_block_under_torch_compile_fullgraph():
-    block = make_block(torch.bfloat16)
+def assert_compiled_block_equals_eager(block):
+    """fused_block_forward under torch.compile(fullgraph=True) equals eager bit for bit (Wan 2.2 temb)."""
     inputs = block_inputs(torch.bfloat16, True, S=9)
     compiled = torch.compile(fused_block_forward, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         assert torch.equal(compiled(block, *inputs, ffn_chunk_size=4), fused_block_forward(block, *inputs, 4))
+
+
+def test_fused_block_under_torch_compile_fullgraph():
+    assert_compiled_block_equals_eager(make_block(torch.bfloat16))
 
 
 # --- GPU, at Wan 14B sizes (480p: 32760 tokens, dim 5120, 40 heads, ffn 13824) ---------------------
@@ -740,11 +744,7 @@ def test_fp8_activation_only_where_every_consumer_takes_it():
 
 
 def test_fused_block_fp8_compute_under_torch_compile_fullgraph():
-    block = fp8_compute_block()
-    inputs = block_inputs(torch.bfloat16, True, S=9)
-    compiled = torch.compile(fused_block_forward, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        assert torch.equal(compiled(block, *inputs, ffn_chunk_size=4), fused_block_forward(block, *inputs, 4))
+    assert_compiled_block_equals_eager(fp8_compute_block())
 
 
 # --- GPU, fp8 outputs at Wan sizes ------------------------------------------------------------------

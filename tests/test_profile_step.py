@@ -51,8 +51,8 @@ def test_tiny_cpu_run_writes_rows_and_a_table(tmp_path, capsys):
         parts = [r[f"{c}_ms"] for c in profile_step.CLASSES]
         assert all(p >= 0 for p in parts) and abs(sum(parts) - r["total_ms"]) < 1e-6
         assert r["gemm_ms"] > 0 and r["attention_ms"] > 0 and r["elementwise_ms"] > 0, r
-    # fp8 weights (bench.bench's weights_gib counted cuBLAS workspaces too): e4m3 Linears, rest as before
-    assert rows[3]["weights_gib"] == rows[2]["weights_gib"] < rows[1]["weights_gib"] == rows[0]["weights_gib"]
+    # fp8 weights (parameter bytes, bench.timing.param_bytes): e4m3 Linears, rest as before
+    assert rows[3]["param_gib"] == rows[2]["param_gib"] < rows[1]["param_gib"] == rows[0]["param_gib"]
     table = capsys.readouterr().out
     assert "| wan-tiny | attention | GEMM | elementwise+norm+copy |" in table and "| vkern-fp8-compute |" in table
 

@@ -225,33 +225,39 @@ def _attention_8bit_candidates(device, dtype, head_dim=128):
     return {"triton": _kernel_reason(device, dtype, head_dim, head_dim), "reference": None}
 
 
-def v_to_e4m3(v):
+def v_to_e4m3(v, key_padding_mask=None):
     """V [B, S, H, D] -> (e4m3 V^T [B, H, D, S_pad] (keys contiguous, S_pad = S rounded up to 16),
-    fp32 scales [B, H, D]): one scale per (head, channel) = amax over the tokens * fp32(1/448)."""
+    fp32 scales [B, H, D]): one scale per (head, channel) = amax over the tokens * fp32(1/448).
+    key_padding_mask: bool [B, S], True = attend; when given, the amax runs over the attended tokens only
+    (a padded key's V, possibly huge garbage, cannot coarsen the scale; its own values saturate at +-448
+    and attention gives them weight 0). Pass the mask that attention_prequantized will get."""
     check_tensor("v", v, dtypes=FLOATS, ndim=4)
-    return torch.ops.vkern.v_to_e4m3(v)
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=v.device)
+        check_shape("key_padding_mask", key_padding_mask, (v.shape[0], v.shape[1]))
+    return torch.ops.vkern.v_to_e4m3(v, key_padding_mask)
 
 
 @torch.library.custom_op("vkern::v_to_e4m3", mutates_args=())
-def _v_to_e4m3(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _v_to_e4m3(v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     from ..reference.fp8 import fp8_scale
 
     B, S, H, D = v.shape
-    scale = fp8_scale(v.abs().amax(dim=1)).contiguous()
     s_pad = -(-S // 16) * 16
     backend = _backend.choose("attention_8bit", _attention_8bit_candidates(v.device, v.dtype, D))
     if backend == "triton":
         from ..triton.attention import v_fp8_transposed
 
+        scale = fp8_scale(ref.masked_token_amax(v, key_padding_mask)).contiguous()
         return v_fp8_transposed(v if v.stride(-1) == 1 else v.contiguous(), scale, s_pad), scale
-    v8, scale = ref.fp8_per_channel(v)
+    v8, scale = ref.fp8_per_channel(v, key_padding_mask)
     vt = torch.zeros((B, H, D, s_pad), dtype=v8.dtype, device=v.device)
     vt[..., :S] = v8.permute(0, 2, 3, 1)
     return vt, scale
 
 
 @_v_to_e4m3.register_fake
-def _(v):
+def _(v, key_padding_mask):
     B, S, H, D = v.shape
     return v.new_empty((B, H, D, -(-S // 16) * 16), dtype=torch.float8_e4m3fn), v.new_empty((B, H, D), dtype=torch.float32)
 
@@ -260,7 +266,8 @@ def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=Fal
     """8-bit attention (opt-in) on bf16/fp16 q, k, v [B, S, H, D]: Q and K quantized per (token, head) to
     `qk` ("int8" or "e4m3"); pv="e4m3" also quantizes V per (head, channel) and P for the P @ V product,
     pv="bf16" keeps both in V's dtype. fp32 accumulation and softmax. Accuracy per scheme: bench/NOTES.md.
-    Returns out in q's dtype (and lse as attention())."""
+    key_padding_mask: bool [B, Skv], True = attend; masked keys get weight 0 and (pv="e4m3") do not enter
+    V's scales. Returns out in q's dtype (and lse as attention())."""
     _check_attention_inputs(q, k, v, key_padding_mask, scale, (torch.bfloat16, torch.float16))
     if qk not in ("int8", "e4m3") or pv not in ("bf16", "e4m3"):
         raise ValueError(f"qk, pv: expected qk in ('int8', 'e4m3') and pv in ('bf16', 'e4m3'), got {qk!r}, {pv!r}")
@@ -269,14 +276,15 @@ def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=Fal
                           None, 0.0, H, quant=qk)
     k8, ks = qk_norm_rope(k.flatten(2) if k.stride(-1) == 1 and k.stride(2) == k.shape[3] else k.reshape(*k.shape[:2], -1),
                           None, 0.0, H, quant=qk)
-    vq, vs = v_to_e4m3(v) if pv == "e4m3" else (v, None)
+    vq, vs = v_to_e4m3(v, key_padding_mask) if pv == "e4m3" else (v, None)
     return attention_prequantized(q8, qs, k8, ks, vq, vs, key_padding_mask=key_padding_mask, scale=scale,
                                   return_lse=return_lse, out_dtype=q.dtype)
 
 
 def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_padding_mask=None, scale=None,
                            return_lse=False, out_dtype=torch.bfloat16):
-    """attention_8bit on inputs already quantized (by qk_norm_rope(..., quant=...) and v_to_e4m3):
+    """attention_8bit on inputs already quantized (by qk_norm_rope(..., quant=...) and v_to_e4m3, given the
+    same key_padding_mask as here, so padded keys do not enter V's scales):
     q8/k8 int8 or e4m3 [B, S, H, D] with scales fp32 [B, H, S]; v bf16/fp16 [B, Skv, H, D] (v_scale None)
     or e4m3 V^T [B, H, D, S_pad] with v_scale fp32 [B, H, D]."""
     if scale is not None and not scale > 0:

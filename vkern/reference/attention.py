@@ -79,13 +79,26 @@ def quantize_per_head(x, fmt="e4m3"):
     return (xf * (1.0 / scale)).clamp(-INT8_MAX, INT8_MAX).round().to(torch.int8), scale.squeeze(-1).transpose(1, 2)
 
 
-def fp8_per_channel(v):
-    """V [B, S, H, D] -> (e4m3 [B, S, H, D], fp32 scales [B, H, D]): one scale per (head, channel)."""
+def fp8_per_channel(v, key_padding_mask=None):
+    """V [B, S, H, D] -> (e4m3 [B, S, H, D], fp32 scales [B, H, D]): one scale per (head, channel) =
+    amax over the tokens * fp32(1/448), saturating RNE. With key_padding_mask (bool [B, S], True = attend)
+    the amax runs over the attended tokens only, so a padded key's V (garbage, possibly huge) cannot
+    coarsen the scale; its own values are quantized with that scale and saturate at +-448 (attention
+    gives them weight 0). A batch row with no attended token gets the floor scale 1e-12 * fp32(1/448)."""
     from .fp8 import E4M3, E4M3_MAX, fp8_scale
 
-    scale = fp8_scale(v.float().abs().amax(dim=1))
+    scale = fp8_scale(masked_token_amax(v.float(), key_padding_mask))
     v8 = (v.float() * (1.0 / scale)[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return v8, scale
+
+
+def masked_token_amax(v, key_padding_mask=None):
+    """max |v| over the tokens (dim 1) of [B, S, H, D] -> [B, H, D], counting only tokens where
+    key_padding_mask [B, S] is True (0 where none is)."""
+    a = v.abs()
+    if key_padding_mask is not None:
+        a.masked_fill_(~key_padding_mask[:, :, None, None].to(a.device), 0)  # a is abs()'s fresh tensor
+    return a.amax(dim=1)
 
 
 def qk_norm_rope_quantized(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, fmt="e4m3"):
@@ -130,8 +143,9 @@ def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_m
 
 def attention_8bit(q, k, v, key_padding_mask=None, scale=None, qk="int8", pv="bf16"):
     """8-bit attention on bf16/fp16 q, k, v [B, S, H, D]: quantize Q and K per (token, head) to `qk`, V per
-    (head, channel) to e4m3 when pv == "e4m3", then attention_quantized."""
-    v_in = fp8_per_channel(v) if pv == "e4m3" else (v, None)
+    (head, channel) to e4m3 when pv == "e4m3" (scales from the keys key_padding_mask keeps), then
+    attention_quantized."""
+    v_in = fp8_per_channel(v, key_padding_mask) if pv == "e4m3" else (v, None)
     return attention_quantized(*quantize_per_head(q, qk), *quantize_per_head(k, qk), *v_in,
                                key_padding_mask=key_padding_mask, scale=scale, out_dtype=q.dtype)
 
