@@ -49,10 +49,21 @@ def _attention(name, providers, args):
         finally:
             del os.environ["VKERN_ATTENTION_BACKEND"]
 
+    def with_variant(fn, variant):  # the kernel's main loop (vkern/triton/attention.py, VARIANTS)
+        def run():
+            os.environ["VKERN_ATTENTION_VARIANT"] = variant
+            try:
+                return fn()
+            finally:
+                del os.environ["VKERN_ATTENTION_VARIANT"]
+        return run
+
     fns = {p: (lambda b=b: run_sdpa(b)) for p, b in sdpa.items()}
     fns["vkern-bf16"] = run_kernel
     for p, (qk, pv) in ATTENTION_8BIT.items():
         fns[p] = lambda qk=qk, pv=pv: vkern.ops.attention_8bit(q, k, v, qk=qk, pv=pv)
+    fns["vkern-bf16-pipe"] = with_variant(run_kernel, "pipe")
+    fns["vkern-fp8-pipe"] = with_variant(fns["vkern-fp8"], "pipe")
     fns["vkern"] = lambda: vkern.ops.attention(q, k, v)
     rows = torch.randperm(s.tokens, device="cuda")[:256]  # oracle on sampled queries: O(256 * S) memory
     oracle = ref.attention_lse(q[:, rows], k, v, dtype=torch.float32)[0]

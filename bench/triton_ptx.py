@@ -8,14 +8,19 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 
-def memory_ops(fn, signature, constexprs, num_warps, divisible_by_16=()):
-    """divisible_by_16: argument names that a real launch would see as multiples of 16 (Triton
-    specializes on that at run time; an offline compile must be told)."""
+def compile_sm90(fn, signature, constexprs, num_warps, divisible_by_16=(), num_stages=3):
+    """triton.compile for sm_90 without a GPU. divisible_by_16: argument names that a real launch would see as
+    multiples of 16 (Triton specializes on that at run time; an offline compile must be told)."""
     names = list(signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible_by_16}
     src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
                     attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def memory_ops(fn, signature, constexprs, num_warps, divisible_by_16=()):
+    ptx = compile_sm90(fn, signature, constexprs, num_warps, divisible_by_16).asm["ptx"]
     return collections.Counter(re.findall(r"\b((?:ld|st)\.global(?:\.\w+)*)", ptx))
 
 

@@ -478,3 +478,86 @@ def test_gpu_triton_float32_is_fp32_accurate(use_backend, monkeypatch, B, H, Sq,
         check_attention(q, k, v, _backend.would_choose("attention", q.device, q.dtype)[0])
         return
     check_attention(q, k, v, "triton")
+
+
+# ------------------------------------------- main-loop variants (vkern/triton/attention.py, variant=)
+# The pipelined loop ("pipe": block j+1's QK^T issued before block j's softmax) computes the same sums in
+# the same order as the default loop; only the exp2 argument is rounded once more (scores scaled by a
+# separate multiply, not fused into the subtraction), so both agree to a few ulps of the output dtype
+# and both meet the 2x-PyTorch rule. Interpreted (BLOCK_N 32): Skv 1 and 17 are a lone partial block,
+# 32 one full block, 113 and 257 full blocks plus a partial one.
+VARIANT_SIZES = [(1, 2, 33, 1), (1, 1, 40, 17), (1, 1, 33, 32), (2, 2, 65, 113), (1, 2, 47, 257)]
+
+
+def _kernel_direct(q, k, v, variant, key_padding_mask=None, scale=None):
+    from vkern.triton.attention import attention as kernel
+
+    B, Sq, H, D = q.shape
+    with poisoned():
+        out = torch.empty_like(q)
+        lse = torch.empty((B, H, Sq), dtype=torch.float32)
+    kernel(q, k, v, out, lse, key_padding_mask, scale, variant=variant)
+    return out, lse
+
+
+@cpu_interpreter
+@pytest.mark.parametrize("pattern", ["none", "random", "dead_row"])
+@pytest.mark.parametrize("B,H,Sq,Skv", VARIANT_SIZES, ids=[f"B{b}H{h}-{sq}x{skv}" for b, h, sq, skv in VARIANT_SIZES])
+def test_pipelined_loop_matches_default_and_reference(B, H, Sq, Skv, pattern):
+    if pattern == "dead_row" and B < 2:
+        pytest.skip("dead_row needs two batch rows")
+    q, k, v = make_qkv(B, Sq, Skv, H, 64, torch.bfloat16, sharpness=2.0)
+    kpm = make_padding(B, Skv, pattern)
+    out_d, lse_d = _kernel_direct(q, k, v, "default", kpm)
+    out_p, lse_p = _kernel_direct(q, k, v, "pipe", kpm)
+    assert torch.isfinite(out_p).all() and not torch.isnan(lse_p).any()
+    oracle, lse_oracle = ref.attention_lse(q, k, v, kpm, dtype=torch.float64)
+    torch_out = torch_attention(q, k, v, kpm)
+    if kpm is not None:  # SDPA gives NaN for a query with no key; the convention is 0
+        torch_out = torch_out.masked_fill(~kpm.any(1)[:, None, None, None], 0)
+    assert_within_torch_error(out_p, oracle, torch_out)
+    torch.testing.assert_close(out_p, out_d, atol=2e-2, rtol=2e-2)  # bf16: a few ulps at |out| ~ 1
+    assert (out_p.float() - out_d.float()).abs().max() <= 4 * 2 ** -8 * out_d.float().abs().max().clamp(min=1)
+    finite = torch.isfinite(lse_d)
+    assert torch.equal(finite, torch.isfinite(lse_p)) and torch.equal(lse_d[~finite], lse_p[~finite])
+    torch.testing.assert_close(lse_p[finite], lse_d[finite], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse_p[finite].double(), lse_oracle[finite], atol=1e-4, rtol=1e-4)
+
+
+@cpu_interpreter
+def test_pipelined_loop_with_no_keys():
+    q, k, v = make_qkv(1, 5, 0, 2, 64, torch.bfloat16)
+    out_d, lse_d = _kernel_direct(q, k, v, "default")
+    out_p, lse_p = _kernel_direct(q, k, v, "pipe")
+    assert torch.equal(out_p, out_d) and (out_p == 0).all()
+    assert torch.equal(lse_p, lse_d) and (lse_p == float("-inf")).all()
+
+
+@cpu_interpreter
+@pytest.mark.parametrize("qk,pv", [("e4m3", "e4m3"), ("int8", "bf16")])
+@pytest.mark.parametrize("Skv", [1, 113])
+def test_pipelined_loop_8bit_matches_default(monkeypatch, qk, pv, Skv):
+    monkeypatch.setenv("VKERN_ATTENTION_BACKEND", "triton")
+    q, k, v = make_qkv(1, 40, Skv, 2, 64, torch.bfloat16)
+    kpm = make_padding(1, Skv, "random")
+    if kpm is not None:
+        kpm[:, 0] = True
+    outs = {}
+    for variant in ("default", "pipe"):
+        monkeypatch.setenv("VKERN_ATTENTION_VARIANT", variant)
+        outs[variant] = ops.attention_8bit(q, k, v, key_padding_mask=kpm, qk=qk, pv=pv, return_lse=True)
+    (out_d, lse_d), (out_p, lse_p) = outs["default"], outs["pipe"]
+    assert torch.isfinite(out_p).all()
+    assert rel_l2(out_p.float(), out_d.float()) < 1e-2  # e4m3 P: a rounding flip moves one p by 2^-4
+    torch.testing.assert_close(lse_p, lse_d, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_variant_is_an_error(monkeypatch):
+    from vkern.triton.attention import attention as kernel
+
+    q = torch.zeros(1, 4, 1, 64)
+    with pytest.raises(ValueError, match="variant"):
+        kernel(q, q, q, torch.empty_like(q), variant="ws")
+    monkeypatch.setenv("VKERN_ATTENTION_VARIANT", "nope")
+    with pytest.raises(ValueError, match="VKERN_ATTENTION_VARIANT"):
+        kernel(q, q, q, torch.empty_like(q))

@@ -15,10 +15,12 @@ its cast to e4m3, so small probabilities keep normal e4m3 numbers; the row sum u
 Which combinations meet which accuracy is measured, not assumed: see bench/NOTES.md (attention, 8-bit).
 """
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from ._common import interpreting, round_to, to_e4m3
 
@@ -28,47 +30,96 @@ P8_OFFSET = math.log2(448.0)
 
 
 @triton.jit
-def _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n0, Skv, H,
-                  stride_kn, stride_vn, stride_vd, offs_n, offs_d,
-                  QK8: tl.constexpr, V8: tl.constexpr, MASK_N: tl.constexpr, HAS_KPM: tl.constexpr,
-                  UPCAST: tl.constexpr, P_OFFSET: tl.constexpr):
-    n = n0 + offs_n
-    n_ok = n < Skv
-    k_ptrs = k_base + n[:, None] * stride_kn + offs_d[None, :]
-    if V8:  # V^T tile [D, BLOCK_N], keys contiguous
-        v_ptrs = v_base + offs_d[:, None] * stride_vd + n[None, :]
+def _load_kv(k_base, v_base, nk0, nv0, Skv, stride_kn, stride_vn, stride_vd, offs_n, offs_d,
+             V8: tl.constexpr, MASK_N: tl.constexpr):
+    """K[nk0 : nk0 + BLOCK_N] and V[nv0 : nv0 + BLOCK_N] as [BLOCK_N, D] tiles (V8: read from V^T
+    [D, S_pad], keys contiguous). The default loop loads one block (nk0 = nv0), the pipelined one K a
+    block ahead of V."""
+    nk = nk0 + offs_n
+    nv = nv0 + offs_n
+    nk_ok = nk < Skv
+    nv_ok = nv < Skv
+    k_ptrs = k_base + nk[:, None] * stride_kn + offs_d[None, :]
+    if V8:
+        v_ptrs = v_base + offs_d[:, None] * stride_vd + nv[None, :]
     else:
-        v_ptrs = v_base + n[:, None] * stride_vn + offs_d[None, :]
+        v_ptrs = v_base + nv[:, None] * stride_vn + offs_d[None, :]
     if MASK_N:
-        k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=n_ok[None, :] if V8 else n_ok[:, None], other=0.0)
+        k = tl.load(k_ptrs, mask=nk_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=nv_ok[None, :] if V8 else nv_ok[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     if V8:
         v = tl.trans(v)
-    p_dtype = v.dtype
+    return k, v
+
+
+@triton.jit
+def _block_scores(q, k, UPCAST: tl.constexpr):
+    """Raw scores q @ k^T (int32 for int8, else fp32). Nothing here uses the product, so an asynchronous
+    wgmma issued here can stay in flight until the softmax of its block."""
     if UPCAST:  # the interpreter's low-precision tl.dot is wrong: same products in fp32
         k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    return tl.dot(q, tl.trans(k))
 
-    qk = tl.dot(q, tl.trans(k))
-    if QK8:  # int8 products accumulate in int32, e4m3 in fp32; the scales apply to the sums
+
+@triton.jit
+def _scale_scores(qk, row_scale, ks_base, kpm_base, n0, Skv, offs_n,
+                  QK8: tl.constexpr, MASK_N: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr):
+    """Block n0's raw scores -> log2-domain scores (QK8's scales applied), -inf where a key is masked."""
+    n = n0 + offs_n
+    n_ok = n < Skv
+    if QK8:
         qk = qk.to(tl.float32) * tl.load(ks_base + n, mask=n_ok, other=0.0)[None, :]
+        row_scale = row_scale[:, None]
+    if UPCAST:
+        s = qk * row_scale
+    else:  # mul.rn: never contracted into the exp2 argument's subtraction, which would keep qk live
+        s = libdevice.mul_rn(qk, row_scale)
     if MASK_N or HAS_KPM:
         valid = n_ok
         if HAS_KPM:
             valid = valid & (tl.load(kpm_base + n, mask=n_ok, other=0) != 0)
-        qk = tl.where(valid[None, :], qk, float("-inf"))
+        s = tl.where(valid[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _softmax_pv(acc, l_i, m_i, qk, v, row_scale, ks_base, kpm_base, n0, Skv, offs_n,
+                QK8: tl.constexpr, V8: tl.constexpr, MASK_N: tl.constexpr, HAS_KPM: tl.constexpr,
+                UPCAST: tl.constexpr, P_OFFSET: tl.constexpr, MAY_BE_EMPTY: tl.constexpr,
+                SCALED: tl.constexpr):
+    """Online-softmax update with block n0's raw scores qk (SCALED: already through _scale_scores), then
+    acc += P @ v. MAY_BE_EMPTY: the block may hold no key at all (Skv = 0), so m is guarded as for a
+    fully masked row."""
+    n = n0 + offs_n
+    n_ok = n < Skv
+    p_dtype = v.dtype
+    if UPCAST:
+        v = v.to(tl.float32)
+    if not SCALED:
+        if QK8:  # int8 products accumulate in int32, e4m3 in fp32; the scales apply to the sums
+            qk = qk.to(tl.float32) * tl.load(ks_base + n, mask=n_ok, other=0.0)[None, :]
+        if MASK_N or HAS_KPM:
+            valid = n_ok
+            if HAS_KPM:
+                valid = valid & (tl.load(kpm_base + n, mask=n_ok, other=0) != 0)
+            qk = tl.where(valid[None, :], qk, float("-inf"))
 
     # The row scale (> 0) commutes with the max, so it multiplies BLOCK_M maxima, and joins the
     # subtraction below as one fused multiply-add per score.
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * row_scale)
+    if SCALED:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * row_scale)
     m_ref = m_new
-    if HAS_KPM:  # every key so far masked: keep exp2's argument finite (-inf - -inf is NaN)
+    if HAS_KPM or MAY_BE_EMPTY:  # every key so far masked: keep exp2's argument finite (-inf - -inf is NaN)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_ref)
-    if QK8:
+    if SCALED:
+        p = tl.exp2(qk - (m_ref - P_OFFSET)[:, None])
+    elif QK8:
         p = tl.exp2(qk * row_scale[:, None] - (m_ref - P_OFFSET)[:, None])
     else:
         p = tl.exp2(qk * row_scale - (m_ref - P_OFFSET)[:, None])
@@ -85,6 +136,27 @@ def _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base
 
 
 @triton.jit
+def _wgmma_wait_anchor(n0, BLOCK_M: tl.constexpr):
+    """A [BLOCK_M] vector of exact zeros from a tiny (BLOCK_M x 16 x 16) product whose result is used at once,
+    so Triton puts a warp_group_dot_wait {pendings=0} here (see the pipelined loop). Its A operand varies
+    with n0 (finite values, times B = 0), so it is not hoisted out of the loop."""
+    a = tl.full([BLOCK_M, 16], n0, tl.int32).to(tl.bfloat16)
+    return tl.max(tl.dot(a, tl.zeros([16, 16], tl.bfloat16)), 1)
+
+
+@triton.jit
+def _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n0, Skv,
+                  stride_kn, stride_vn, stride_vd, offs_n, offs_d,
+                  QK8: tl.constexpr, V8: tl.constexpr, MASK_N: tl.constexpr, HAS_KPM: tl.constexpr,
+                  UPCAST: tl.constexpr, P_OFFSET: tl.constexpr):
+    """One key block, back to back: scores, wait, softmax, P @ V (the default loop)."""
+    k, v = _load_kv(k_base, v_base, n0, n0, Skv, stride_kn, stride_vn, stride_vd, offs_n, offs_d, V8, MASK_N)
+    qk = _block_scores(q, k, UPCAST)
+    return _softmax_pv(acc, l_i, m_i, qk, v, row_scale, ks_base, kpm_base, n0, Skv, offs_n,
+                       QK8, V8, MASK_N, HAS_KPM, UPCAST, P_OFFSET, False, False)
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qs_ptr, ks_ptr, vs_ptr, kpm_ptr,
     Sq, Skv, H,
@@ -95,7 +167,7 @@ def _attention_kernel(
     scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     QK8: tl.constexpr, V8: tl.constexpr, HAS_KPM: tl.constexpr, WRITE_LSE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, PIPELINE: tl.constexpr = False, ANCHOR: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -124,14 +196,51 @@ def _attention_kernel(
     ks_base = ks_ptr + bh * Skv
     kpm_base = kpm_ptr + b * Skv
     n_full = (Skv // BLOCK_N) * BLOCK_N
-    for n0 in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n0, Skv,
-                                      H, stride_ks, stride_vs, stride_vd, offs_n, offs_d,
-                                      QK8, V8, False, HAS_KPM, UPCAST, P_OFFSET)
-    if n_full < Skv:
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n_full, Skv,
-                                      H, stride_ks, stride_vs, stride_vd, offs_n, offs_d,
-                                      QK8, V8, True, HAS_KPM, UPCAST, P_OFFSET)
+    if PIPELINE:
+        # Software-pipelined by one block (FlashAttention-3's intra-warpgroup overlap): iteration n0 turns
+        # block n0 - BLOCK_N's raw scores (loop state) into scaled scores, issues block n0's QK^T
+        # (asynchronous wgmma on Hopper), then runs block n0 - BLOCK_N's exp2/row sums and P @ V while that
+        # product is in flight. Block 0's scores (before the loop) and the last pipelined block's softmax
+        # (after it) take the bounds masks: with Skv < BLOCK_N they are the one partial block; otherwise the
+        # masks are all true, and the partial block, if any, follows unpipelined as in the default loop.
+        # Compiler constraints (Triton 3.6, sm_90; bench/attention_ptx.py shows the evidence):
+        # - Triton's wgmma pipeliner (WGMMAPipeline.cpp, dotCanBeProperlyAsync rule 3b) leaves a dot in
+        #   flight across the back edge only if every use of its loop-carried result follows a
+        #   warp_group_dot_wait {pendings=0} in the loop body; otherwise it waits right after the issue.
+        #   With ANCHOR, a 128x16x16 wgmma of exact zeros at the top of the body is that wait.
+        # - The raw scores of block n0 - BLOCK_N are consumed (scaled) before block n0's product is issued,
+        #   so both can share registers: were the old scores still live, the back edge would copy the
+        #   in-flight accumulator and ptxas would serialize every wgmma (C7514).
+        k, _ = _load_kv(k_base, v_base, 0, 0, Skv, stride_ks, stride_vs, stride_vd, offs_n, offs_d, V8, True)
+        qk = _block_scores(q, k, UPCAST)  # (an unused load is dead code: the compiler drops it)
+        for n0 in tl.range(BLOCK_N, n_full, BLOCK_N):
+            if ANCHOR:
+                m_i = m_i + _wgmma_wait_anchor(n0, BLOCK_M)
+            s = _scale_scores(qk, row_scale, ks_base, kpm_base, n0 - BLOCK_N, Skv, offs_n, QK8, False, HAS_KPM, UPCAST)
+            k, v = _load_kv(k_base, v_base, n0, n0 - BLOCK_N, Skv, stride_ks, stride_vs, stride_vd, offs_n, offs_d,
+                            V8, False)
+            qk = _block_scores(q, k, UPCAST)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, row_scale, ks_base, kpm_base, n0 - BLOCK_N, Skv, offs_n,
+                                        QK8, V8, False, HAS_KPM, UPCAST, P_OFFSET, False, True)
+        n_last = tl.maximum(n_full - BLOCK_N, 0)
+        s = _scale_scores(qk, row_scale, ks_base, kpm_base, n_last, Skv, offs_n, QK8, True, HAS_KPM, UPCAST)
+        _, v = _load_kv(k_base, v_base, n_last, n_last, Skv, stride_ks, stride_vs, stride_vd, offs_n, offs_d,
+                        V8, True)
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, row_scale, ks_base, kpm_base, n_last, Skv, offs_n,
+                                    QK8, V8, True, HAS_KPM, UPCAST, P_OFFSET, True, True)
+        if (n_full > 0) & (n_full < Skv):
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n_full,
+                                          Skv, stride_ks, stride_vs, stride_vd, offs_n, offs_d,
+                                          QK8, V8, True, HAS_KPM, UPCAST, P_OFFSET)
+    else:
+        for n0 in range(0, n_full, BLOCK_N):
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n0, Skv,
+                                          stride_ks, stride_vs, stride_vd, offs_n, offs_d,
+                                          QK8, V8, False, HAS_KPM, UPCAST, P_OFFSET)
+        if n_full < Skv:
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n_full,
+                                          Skv, stride_ks, stride_vs, stride_vd, offs_n, offs_d,
+                                          QK8, V8, True, HAS_KPM, UPCAST, P_OFFSET)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc * (1.0 / l_safe)[:, None]
@@ -180,17 +289,26 @@ def _configs():
                                  (256, 64, 8, 2))]
 
 
-_attention_tuned = triton.autotune(configs=_configs(), key=["HEAD_DIM", "QK8", "V8", "HAS_KPM", "Sq", "Skv"])(
+_attention_tuned = triton.autotune(configs=_configs(),
+                                   key=["HEAD_DIM", "QK8", "V8", "HAS_KPM", "Sq", "Skv", "PIPELINE"])(
     _attention_kernel)
 
 
+VARIANTS = ("default", "pipe")
+
+
 def attention(q, k, v, out, lse=None, key_padding_mask=None, scale=None,
-              q_scale=None, k_scale=None, v_scale=None):
+              q_scale=None, k_scale=None, v_scale=None, variant=None):
     """Launch. q [B, Sq, H, D], k [B, Skv, H, D], last dims contiguous: bf16/fp16/fp32, or 8-bit (e4m3 or
     int8) with q_scale/k_scale fp32 [B, H, S] contiguous. v: like q's float dtype [B, Skv, H, D], or e4m3
     transposed [B, H, D, S_pad] (keys contiguous, S_pad >= Skv) with v_scale fp32 [B, H, D] contiguous.
     out [B, Sq, H, D] (last dim contiguous); lse fp32 [B, H, Sq] contiguous or None; key_padding_mask
-    bool/uint8 [B, Skv] contiguous or None."""
+    bool/uint8 [B, Skv] contiguous or None. variant: the main loop, "default" (scores, softmax, P @ V back to
+    back) or "pipe" (the next block's QK^T issued before this block's softmax; opt-in until measured);
+    None reads VKERN_ATTENTION_VARIANT (default "default")."""
+    variant = os.environ.get("VKERN_ATTENTION_VARIANT", "default") if variant is None else variant
+    if variant not in VARIANTS:
+        raise ValueError(f"variant (or VKERN_ATTENTION_VARIANT): expected one of {VARIANTS}, got {variant!r}")
     B, Sq, H, D = q.shape
     Skv = k.shape[1]
     qk8, v8 = q_scale is not None, v_scale is not None
@@ -217,6 +335,6 @@ def attention(q, k, v, out, lse=None, key_padding_mask=None, scale=None,
         out.stride(0), out.stride(1), out.stride(2),
         scale * LOG2E,
         HEAD_DIM=D, QK8=qk8, V8=v8, HAS_KPM=key_padding_mask is not None, WRITE_LSE=lse is not None,
-        UPCAST=interpreting(),
+        UPCAST=interpreting(), PIPELINE=variant == "pipe",
     )
     return out
