@@ -132,7 +132,25 @@ def _fp8_quantize(name, providers, args):
 
 STEP_PROVIDERS = ("diffusers", "diffusers-fp8-layerwise", "vkern", "vkern-chunked", "vkern-fp8-storage",
                   "vkern-fp8-compute")
-CHUNK = 4096  # vkern-chunked: FFN token chunk
+CHUNK = 4096  # -chunked: FFN and attention token chunks
+
+
+def vkern_config(provider, allowed_suffixes=()):
+    """The PatchConfig of a step provider vkern[-fp8-storage|-fp8-compute][-chunked][suffix][-attn-<mode>]
+    (-chunked: FFN and attention queries in CHUNK-token chunks); returns (config, the suffixes present)."""
+    import vkern
+
+    rest, _, attention = provider.partition("-attn-")
+    fp8 = next((m for m in ("storage", "compute") if f"-fp8-{m}" in rest), None)
+    chunk = CHUNK if "-chunked" in rest else None
+    suffixes = [x for x in allowed_suffixes if x in rest]
+    base = rest.replace(f"-fp8-{fp8}", "").replace("-chunked", "")
+    for x in suffixes:
+        base = base.replace(x, "")
+    if base != "vkern":
+        raise SystemExit(f"--providers: unknown {provider!r}")
+    return vkern.PatchConfig(fp8=fp8, fp8_keep_original="drop", ffn_chunk_size=chunk, attention_chunk_size=chunk,
+                             attention=attention or "auto"), suffixes
 
 
 def _build_step_model(size, provider):
@@ -145,12 +163,7 @@ def _build_step_model(size, provider):
     if provider == "diffusers-fp8-layerwise":
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=DT)
     elif provider.startswith("vkern"):
-        # vkern[-fp8-storage|-fp8-compute|-chunked][-attn-<mode>]: weights/FFN variant, then attention mode
-        provider, _, attention = provider.partition("-attn-")
-        fp8 = provider.removeprefix("vkern-fp8-") if "fp8" in provider else None
-        chunk = CHUNK if provider == "vkern-chunked" else None
-        vkern.patch(model, vkern.PatchConfig(fp8=fp8, fp8_keep_original="drop", ffn_chunk_size=chunk,
-                                             attention=attention or "auto"))
+        vkern.patch(model, vkern_config(provider)[0])
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     return model

@@ -58,7 +58,7 @@ if [[ $MODES == *" vae "* ]]; then
   VKERN_WAN_VAE_FRAMES_PER_STEP=2 $B --op vae-decode --shape wan-vae-720p --providers vkern
 fi
 if [[ $MODES == *" big "* ]]; then
-  $B --op step --shape wan14b-480p --providers diffusers,vkern,vkern-attn-fp8,vkern-fp8-compute,vkern-fp8-compute-attn-fp8
+  $B --op step --shape wan14b-480p --providers diffusers,diffusers-fp8-layerwise,vkern,vkern-chunked,vkern-fp8-storage,vkern-fp8-compute,vkern-fp8-compute-attn-fp8,vkern-fp8-compute-chunked-attn-fp8
 fi
 python3 -m bench.table "$OUT/results.jsonl"
 echo "pytest -m gpu exit code: $tests_rc"

@@ -52,7 +52,7 @@ def build(size, provider, device, dtype):
     import vkern
     from vkern import models
 
-    from .bench import CHUNK
+    from .bench import vkern_config
 
     torch.manual_seed(0)
     model = models.build_wan_transformer(size, dtype, device)
@@ -61,12 +61,9 @@ def build(size, provider, device, dtype):
     elif provider.startswith("vkern"):
         # vkern-fp8-compute-unfused: fp8 compute with every Linear quantizing its own input, the path
         # before the LayerNorm/GELU kernels emitted e4m3 (A/B of that fusion in one run)
-        unfused = provider.endswith("-unfused")
-        base = provider.removesuffix("-unfused")
-        fp8 = base.removeprefix("vkern-fp8-") if "fp8" in base else None
-        chunk = CHUNK if base == "vkern-chunked" else None
-        vkern.patch(model, vkern.PatchConfig(fp8=fp8, fp8_keep_original="drop", ffn_chunk_size=chunk))
-        if unfused:
+        config, suffixes = vkern_config(provider, ("-unfused",))
+        vkern.patch(model, config)
+        if suffixes:
             from vkern.modules.fp8_linear import Fp8Linear
 
             for m in model.modules():
