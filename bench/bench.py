@@ -249,9 +249,49 @@ def _psnr(a, b):
     return (10 * torch.log10(4 / (a.double() - b.double()).pow(2).mean())).item()
 
 
+def _vae_fp32_reference(vae, inp, fn):
+    """fn run by an fp32 copy of the bf16 VAE (diffusers' loop, TF32 off) on the same input upcast:
+    the oracle both bf16 providers are measured against. Kept in CPU memory, so no provider's peak
+    sees it. VKERN_BENCH_VAE_FP32=0 skips it (returns None)."""
+    import copy
+
+    if os.environ.get("VKERN_BENCH_VAE_FP32", "1") == "0":
+        return None
+    vae32 = copy.deepcopy(vae).float()  # bf16 -> fp32 is exact: the same weights
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            out = fn(vae32, inp.float()).cpu()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+        del vae32
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
+def _errors_vs_fp32(out, oracle, frames=8):
+    """(rel L2, PSNR over [-1, 1] in dB) of out (GPU) against the CPU-resident fp32 oracle, in float64,
+    a few frames at a time on the GPU (the oracle never whole on the GPU)."""
+    import math
+
+    diff2 = ref2 = 0.0
+    for t in range(0, out.shape[2], frames):
+        o = out[:, :, t:t + frames].double()
+        r = oracle[:, :, t:t + frames].to(out.device, torch.float64)
+        diff2 += (o - r).pow(2).sum().item()
+        ref2 += r.pow(2).sum().item()
+        del o, r
+    mse = diff2 / out.numel()
+    return (diff2 / ref2) ** 0.5, (10 * math.log10(4 / mse) if mse > 0 else float("inf"))
+
+
 def _vae_rows(op, name, providers, args, make_input, runners):
     """Time and peak memory of each provider's run of the same random-weight VAE, output compared with
-    diffusers'. Peak = torch.cuda.max_memory_allocated during one call, weights included."""
+    diffusers' and, both carrying bf16 error, with an fp32 run of the same weights (rel_l2_vs_fp32,
+    psnr_db_vs_fp32 for decode; err_ratio_vs_diffusers: this provider's error vs fp32 over diffusers').
+    Peak = torch.cuda.max_memory_allocated during one call, weights included."""
     import vkern
     from vkern import models
 
@@ -260,7 +300,9 @@ def _vae_rows(op, name, providers, args, make_input, runners):
     allocated = torch.cuda.memory_allocated() / 2**30
     params = param_bytes(vae) / 2**30
     inp = make_input()
+    oracle = _vae_fp32_reference(vae, inp, runners["default"])
     reference = None
+    fp32_err = {}
     for provider in providers or VAE_PROVIDERS:
         handle = vkern.patch(vae) if provider == "vkern" else None
         fn = runners[provider] if provider in runners else runners["default"]
@@ -284,6 +326,14 @@ def _vae_rows(op, name, providers, args, make_input, runners):
             row["frames_per_step"] = os.environ["VKERN_WAN_VAE_FRAMES_PER_STEP"]
         if op == "vae-decode":
             row["psnr_db"] = _psnr(out, reference) if out is not reference else None
+        if oracle is not None:
+            err, psnr = _errors_vs_fp32(out, oracle)
+            fp32_err[provider] = err
+            row["rel_l2_vs_fp32"] = err
+            if op == "vae-decode":
+                row["psnr_db_vs_fp32"] = psnr
+            if "diffusers" in fp32_err:
+                row["err_ratio_vs_diffusers"] = err / fp32_err["diffusers"] if fp32_err["diffusers"] > 0 else None
         yield row
         del out
         gc.collect()

@@ -10,6 +10,7 @@ numbers only show that the classification and the rows work. Models are built as
 benchmark builds them (same seed, same PatchConfig per provider).
 """
 import argparse
+import collections
 import datetime
 import gc
 import json
@@ -74,6 +75,47 @@ def build(size, provider, device, dtype):
     return model
 
 
+def device_items(prof, cuda):
+    """What a profile spent, as (name, us, launcher) items. On a GPU: every kernel, memcpy and memset,
+    with the CPU op that launched it (the innermost profiled op; None when none was open, e.g. a Triton
+    kernel launched straight from Python); its `cpu_parent` chain holds the enclosing ops and
+    record_function ranges. On the CPU: every op's self CPU time, the op being its own launcher."""
+    events = list(prof.events())
+    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    if not cuda:
+        for e in cpu:
+            if e.self_cpu_time_total > 0:
+                yield e.key, e.self_cpu_time_total, e
+        return
+    # Kernels hang off their launching op (FunctionEvent.kernels); device events carry name and time.
+    # Pair them by (name, duration): a kernel no op claims keeps launcher None.
+    launchers = {}
+    for e in sorted(cpu, key=lambda e: e.time_range.start):  # both in launch order: pair first to first
+        for k in e.kernels:
+            launchers.setdefault((k.name, k.duration), collections.deque()).append(e)
+    device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    for e in sorted(device, key=lambda e: e.time_range.start):
+        us = e.time_range.elapsed_us()
+        if us <= 0:
+            continue
+        owners = launchers.get((e.key, us))
+        yield e.key, us, owners.popleft() if owners else None
+
+
+def summarize(items, classify_item, classes, top_n=10):
+    """({class: ms}, the top_n names by time as [{ms, count, cls, name}]) of device_items' items;
+    classify_item(name, launcher) -> one of classes."""
+    per_class = dict.fromkeys(classes, 0.0)
+    by_name = {}
+    for name, us, launcher in items:
+        cls = classify_item(name, launcher)
+        per_class[cls] += us / 1e3
+        ms, count, _ = by_name.get(name, (0.0, 0, cls))
+        by_name[name] = (ms + us / 1e3, count + 1, cls)
+    top = sorted(((ms, n, c, name) for name, (ms, n, c) in by_name.items()), reverse=True)[:top_n]
+    return per_class, [dict(ms=round(ms, 3), count=n, cls=c, name=name[:120]) for ms, n, c, name in top]
+
+
 def profile_step(model, inputs, device):
     """One warm step, then one profiled step: {class: ms}, total, and the biggest kernels/ops."""
     from torch.profiler import ProfilerActivity, profile
@@ -90,20 +132,7 @@ def profile_step(model, inputs, device):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         step()
-    per_class = dict.fromkeys(CLASSES, 0.0)
-    top = []
-    for evt in prof.key_averages():
-        on_device = evt.device_type == torch.autograd.DeviceType.CUDA
-        if cuda != on_device:
-            continue
-        us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
-        if us <= 0:
-            continue
-        cls = classify(evt.key)
-        per_class[cls] += us / 1e3
-        top.append((us / 1e3, cls, evt.key[:120]))
-    top.sort(reverse=True)
-    return per_class, [dict(ms=round(ms, 3), cls=c, name=n) for ms, c, n in top[:10]]
+    return summarize(device_items(prof, cuda), lambda name, _: classify(name), CLASSES)
 
 
 def run(size, res, providers, device, dtype=torch.bfloat16):
@@ -126,18 +155,23 @@ def run(size, res, providers, device, dtype=torch.bfloat16):
     return rows
 
 
+def markdown(header, lines):
+    """A markdown table from a header row and rows of cells."""
+    return "\n".join("| " + " | ".join(map(str, cells)) + " |"
+                     for cells in [header, ["---"] * len(header), *lines])
+
+
 def table(rows):
     """Markdown: ms per class, and each provider's elementwise time against the first provider's."""
     base = rows[0]["elementwise_ms"] if rows else 0.0
-    lines = [f"| {rows[0]['shape'] if rows else ''} | attention | GEMM | elementwise+norm+copy | other | total | "
-             f"elementwise vs {rows[0]['provider'] if rows else ''} | weights GiB (param_gib) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    header = [rows[0]["shape"] if rows else "", "attention", "GEMM", "elementwise+norm+copy", "other", "total",
+              f"elementwise vs {rows[0]['provider'] if rows else ''}", "weights GiB (param_gib)"]
+    lines = []
     for r in rows:
         cut = f"{r['elementwise_ms'] / base:.2f}x ({100 * (1 - r['elementwise_ms'] / base):.0f}% less)" if base > 0 else "-"
-        lines.append(f"| {r['provider']} | {r['attention_ms']:.1f} ms | {r['gemm_ms']:.1f} ms | "
-                     f"{r['elementwise_ms']:.1f} ms | {r['other_ms']:.1f} ms | {r['total_ms']:.1f} ms | {cut} | "
-                     f"{r['param_gib']:.3f} |")
-    return "\n".join(lines)
+        lines.append([r["provider"], *(f"{r[f'{c}_ms']:.1f} ms" for c in CLASSES), f"{r['total_ms']:.1f} ms", cut,
+                      f"{r['param_gib']:.3f}"])
+    return markdown(header, lines)
 
 
 def main(argv=None):

@@ -95,6 +95,22 @@ def test_conv3d_zeros_buffered_matches_reference():
             assert out.shape == expected.shape and rel_l2(out, expected) < 1e-6, (kind, frames)
 
 
+@pytest.mark.parametrize("C", [8, 12, 6, 3])  # 4 | C: the copy moves int64 words; else bf16 elements
+def test_upsample_copy_is_a_plain_nearest_upsample(C):
+    """_upsample_frames (one gather copy, through int64 views where the layout allows) gives exactly the
+    frames of a per-frame nearest 2x upsampling, for the plain and the time-interleaved source views."""
+    x = torch.randn(2, 2 * C, 3, 5, 7).bfloat16().contiguous(memory_format=CL)
+    src = x.permute(0, 2, 3, 4, 1).unflatten(-1, (2, C)).permute(0, 1, 4, 2, 3, 5)  # [B, T, 2, H, W, C]
+    assert (fast._words(src).dtype == torch.int64) == (C % 4 == 0)
+    frames = src.permute(0, 1, 2, 5, 3, 4).flatten(0, 2)  # frame t * 2 + i, [B * T * 2, C, H, W]
+    expected = torch.nn.functional.interpolate(frames.float(), scale_factor=2, mode="nearest").bfloat16()
+    out = fast._upsample_frames(src)
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, expected)
+    plain = x[:, :C].permute(0, 2, 3, 4, 1).unsqueeze(2)
+    assert torch.equal(fast._upsample_frames(plain), torch.nn.functional.interpolate(
+        plain.permute(0, 1, 2, 5, 3, 4).flatten(0, 2).float(), scale_factor=2, mode="nearest").bfloat16())
+
+
 # --- the chunk loop against diffusers (fp32, CPU) -------------------------------------------------------
 
 @pytest.mark.parametrize("wan22", [False, True], ids=["wan2.1", "wan2.2"])

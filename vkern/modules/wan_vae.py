@@ -129,8 +129,18 @@ def _upsample_frames(src):
     out = torch.empty((B * T * I, C, 2 * H, 2 * W), dtype=src.dtype, device=src.device,
                       memory_format=torch.channels_last)
     dst = out.permute(0, 2, 3, 1).view(B, T, I, H, 2, W, 2, C)
-    dst.copy_(src[:, :, :, :, None, :, None, :].expand(B, T, I, H, 2, W, 2, C))
+    dst, src = _words(dst, src)  # the same bits, 8 bytes an element where the layout allows
+    dst.copy_(src[:, :, :, :, None, :, None, :].expand(*dst.shape))
     return out
+
+
+def _words(*ts):
+    """ts viewed as int64 (4 bf16 channels an element) when every one allows it, else as they are. A
+    strided copy (the upsampling's 8-dim gather) costs index math per element: 4x fewer elements."""
+    ok = all(t.element_size() == 2 and t.stride(-1) == 1 and t.shape[-1] % 4 == 0 and t.storage_offset() % 4 == 0
+             and all(s % 4 == 0 for s in t.stride()[:-1]) for t in ts)
+    ts = tuple(t.view(torch.int64) for t in ts) if ok else ts
+    return ts if len(ts) > 1 else ts[0]
 
 
 def upsample(block, x, run):

@@ -1,0 +1,102 @@
+"""bench/profile_vae.py: the kernel classifier (GPU kernel names with the ops and module scopes that
+launched them), and the whole run on the CPU with the tiny Wan VAE."""
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from bench import profile_vae
+
+
+def launched_by(*names):
+    """A fake profiler CPU event chain, innermost first (as FunctionEvent.cpu_parent links them)."""
+    event = None
+    for name in reversed(names):
+        event = SimpleNamespace(name=name, cpu_parent=event)
+    return event
+
+
+# (kernel name as an H100/H200 profile shows it, launcher chain innermost first, class)
+KERNELS = [
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1",
+     ("aten::cudnn_convolution", "aten::_convolution", "aten::conv3d"), "conv"),
+    ("cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16_128x128_32x5_nhwc_align8>",
+     ("aten::cudnn_convolution",), "conv"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>",
+     ("aten::cudnn_convolution", "aten::conv3d"), "copy"),
+    ("void cudnn::engines_precompiled::nhwcToNchwKernel<__nv_bfloat16, __nv_bfloat16, float, true, false>",
+     ("aten::cudnn_convolution",), "copy"),
+    ("void cudnn::ops::computeOffsetsKernel<int>(...)", ("aten::cudnn_convolution",), "conv"),
+    # the weight's layout change inside a channels-last conv: a copy, not conv time
+    ("void at::native::elementwise_kernel<128, 4, ...direct_copy_kernel_cuda...>",
+     ("aten::copy_", "aten::clone", "aten::contiguous", "aten::cudnn_convolution"), "copy"),
+    ("_rms_norm_silu_kernel", ("vkern::rms_norm_silu_",), "norm_silu"),
+    ("_rms_norm_silu_kernel", (), "norm_silu"),  # a Triton launch no op claimed
+    # diffusers' WanRMS_norm + SiLU: every kernel under the module hooks' range
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormTwoOps<...>>>",
+     ("aten::linalg_vector_norm", "vae:norm", "aten::conv3d"), "norm_silu"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<float, float, float, "
+     "at::native::binary_internal::DivFunctor<float>>>", ("aten::div", "vae:norm"), "norm_silu"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::bfloat16_copy_kernel_cuda>",
+     ("aten::copy_", "aten::_to_copy", "aten::to", "vae:norm"), "norm_silu"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::silu_kernel...>",
+     ("aten::silu",), "norm_silu"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy_aligned16_contig<...>", ("aten::cat",), "copy"),
+    ("void at::native::elementwise_kernel<128, 2, ...constant_pad_nd...>", ("aten::fill_", "aten::constant_pad_nd"),
+     "copy"),
+    ("void at::native::(anonymous namespace)::upsample_nearest_exact2d_out_frame<c10::BFloat16, ...>",
+     ("aten::upsample_nearest_exact2d",), "copy"),
+    ("Memcpy DtoD (Device -> Device)", ("aten::copy_",), "copy"),
+    ("Memset (Device)", ("aten::zero_",), "copy"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
+     ("aten::add_",), "elementwise"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::clamp_scalar_kernel_impl...>",
+     ("aten::clamp_",), "elementwise"),
+    # the mid block's attention: its norm, 1x1 convs and SDPA are "other"
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_kernel0_0",
+     ("aten::_scaled_dot_product_cudnn_attention", "vae:attention"), "other"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16", ("aten::cudnn_convolution", "vae:attention"), "other"),
+    ("void at::native::reduce_kernel<...NormTwoOps...>", ("aten::linalg_vector_norm", "vae:norm", "vae:attention"),
+     "other"),
+    # CPU op names (the CI run): the op is its own launcher
+    ("aten::mkldnn_convolution", ("aten::mkldnn_convolution",), "conv"),
+    ("aten::cat", ("aten::cat",), "copy"), ("vkern::rms_norm_silu_", ("vkern::rms_norm_silu_",), "norm_silu"),
+    ("aten::add_", ("aten::add_",), "elementwise"), ("aten::empty_strided", ("aten::empty_strided",), "other"),
+]
+
+
+@pytest.mark.parametrize("name,chain,cls", KERNELS)
+def test_classifier(name, chain, cls):
+    assert profile_vae.classify(name, launched_by(*chain)) == cls
+
+
+def test_tiny_cpu_run_writes_rows_and_tables(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VKERN_RMS_NORM_SILU_BACKEND", "reference")  # the interpreted kernel takes minutes
+    out, md = tmp_path / "rows.jsonl", tmp_path / "profile.md"
+    rows = profile_vae.main(["--res", "tiny", "--device", "cpu", "--out", str(out), "--md", str(md)])
+    assert [(r["op"], r["provider"]) for r in rows] == [
+        ("profile-vae-decode", "diffusers"), ("profile-vae-decode", "vkern"),
+        ("profile-vae-encode", "diffusers"), ("profile-vae-encode", "vkern")]
+    assert [json.loads(line)["provider"] for line in out.read_text().splitlines()] == [r["provider"] for r in rows]
+    for r in rows:
+        assert r["shape"] == "wan-vae-tiny" and r["world"] == 1 and {"gpu", "torch", "commit", "date"} <= set(r)
+        parts = [r[f"{c}_ms"] for c in profile_vae.CLASSES]
+        assert all(p >= 0 for p in parts) and abs(sum(parts) - r["total_ms"]) < 1e-6
+        assert r["conv_ms"] > 0 and r["norm_silu_ms"] > 0 and r["copy_ms"] > 0, r
+        assert len(r["top"]) == profile_vae.TOP and r["wall_ms"] > 0
+    diffusers, vkern = rows[:2]
+    assert "aten::cat" in {t["name"] for t in diffusers["top"]}
+    assert "vkern::rms_norm_silu_" in {t["name"] for t in vkern["top"]}
+    assert not any(t["name"].startswith(profile_vae.SCOPE) for r in rows for t in r["top"])  # hook ranges: no time
+    text = capsys.readouterr().out
+    assert "| op | provider | conv | norm+silu | copy+cat+pad | other elementwise | other |" in text
+    assert "| decode tiny | vkern |" in text and "top 15: profile-vae-encode wan-vae-tiny vkern" in text
+    assert md.read_text().strip() == text.strip()
+
+
+def test_real_sizes_need_a_gpu():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        profile_vae.main(["--res", "480p", "--device", "cpu"])
