@@ -13,6 +13,8 @@ Rows (op "sp-step", JSON lines like bench/bench.py), in run order:
     vkern-sp-overlap       overlap_chunks=--chunks (exchanges split by heads, overlapped with attention)
     vkern-sp-fp8-overlap   both
     vkern-sp-ring          ring_degree=N (pure ring attention; for comparison, not the default)
+    vkern-sp-copy          zero_copy=False (q/k/v packed into the send buffer by copying: the A/B of
+                           the default's in-place prologue)
   diffusers-cp, world N    diffusers' enable_parallelism(ContextParallelConfig(ulysses_degree=N)), if
                            this diffusers has it (its hooks cannot be removed, so it runs last)
 The world-1 rows run on every rank at once, each on its own GPU with no communication (the same
@@ -24,7 +26,8 @@ vkern-sp rows, the communication breakdown from vkern.distributed.CommTimer (CUD
 waits, packing and unpacking; off during the timed steps):
   a2a_ms, a2a_pct        the compute stream's wait for all-to-alls in that step, and its share of
                          that step (inst_ms); includes waiting for the slowest rank to arrive
-  pack_ms, unpack_ms     building send buffers / scattering received data (+ fp8 quant/dequant)
+  pack_ms, unpack_ms     copies into send buffers / out of receive buffers (+ fp8 quant/dequant)
+  pack_mb, unpack_mb     the bytes those copies wrote in that step (CommTimer.bytes)
   all_gather_ms, ring_ms the final proj_out gather; the ring's exposed key/value transfers
   a2a_only_ms, a2a_only_pct   the same step's all-to-alls alone (the exact per-layer payloads, 2 per
                          layer, nothing else running), and their share of ms: the wire time
@@ -56,8 +59,9 @@ SP_VARIANTS = {  # label: SPConfig kwargs ("chunks" -> --chunks, "world" -> N)
     "vkern-sp-overlap": dict(overlap_chunks="chunks"),
     "vkern-sp-fp8-overlap": dict(fp8_payload=True, overlap_chunks="chunks"),
     "vkern-sp-ring": dict(ring_degree="world"),
+    "vkern-sp-copy": dict(zero_copy=False),
 }
-DEFAULT_PROVIDERS = "diffusers,vkern,vkern-sp,vkern-sp-nocheck,vkern-sp-fp8,vkern-sp-overlap,diffusers-cp"
+DEFAULT_PROVIDERS = "diffusers,vkern,vkern-sp,vkern-sp-copy,vkern-sp-nocheck,vkern-sp-fp8,vkern-sp-overlap,diffusers-cp"
 
 
 def _now(device):
@@ -98,7 +102,10 @@ def _measure(step, device, repeats, comm_timer):
         out = step()
         inst_ms = _since(start, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    return ms, lo, hi, out, peak, inst_ms, (timer.ms() if comm_timer is not None else None)
+    comm = None
+    if comm_timer is not None:
+        comm = {**timer.ms(), "pack_mb": timer.bytes["pack"] / 1e6, "unpack_mb": timer.bytes["unpack"] / 1e6}
+    return ms, lo, hi, out, peak, inst_ms, comm
 
 
 def _slowest(values, device):
@@ -227,7 +234,7 @@ def main(argv=None):
                 reference = out
             values = [ms, lo, hi, peak, inst_ms]
             if comm is not None:
-                values += [comm[k] for k in ("all_to_all", "pack", "unpack", "all_gather", "ring")]
+                values += [comm[k] for k in ("all_to_all", "pack", "unpack", "all_gather", "ring", "pack_mb", "unpack_mb")]
             values = _slowest(values, device)
             ms, lo, hi, peak, inst_ms = values[:5]
             row.update(ms=ms, ms_min=lo, ms_max=hi)
@@ -237,9 +244,10 @@ def main(argv=None):
                 if world > 1 and label1 in base:
                     row[key] = base[label1] / ms
             if comm is not None:
-                a2a, pack, unpack, gather, ring = values[5:]
+                a2a, pack, unpack, gather, ring, pack_mb, unpack_mb = values[5:]
                 row.update(inst_ms=inst_ms, a2a_ms=a2a, a2a_pct=100 * a2a / inst_ms, pack_ms=pack,
-                           unpack_ms=unpack, all_gather_ms=gather, ring_ms=ring)
+                           unpack_ms=unpack, all_gather_ms=gather, ring_ms=ring, pack_mb=pack_mb,
+                           unpack_mb=unpack_mb)
                 if row["sp_config"].get("ring_degree", 1) == 1:
                     only, mb = _a2a_only(model, tokens, sp, batch, row["sp_config"].get("fp8_payload", False),
                                          args.repeats + 1)

@@ -50,6 +50,49 @@ def test_compile_fullgraph():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("H,G,P", [(3, 1, 3), (5, 2, 3), (4, 2, 2), (1, 4, 1)])
+def test_out_writes_the_same_values_into_any_layout(monkeypatch, device, backend, H, G, P):
+    """out=: the values of the call without out, written into a strided [B, S, H, D] or into head groups
+    [B, S, G, P, D] (a head-sharded all-to-all send buffer; slots past H zero-filled), nothing else."""
+    monkeypatch.setenv("VKERN_QK_NORM_ROPE_BACKEND", backend)
+    B, S, D = 2, 13, 64
+    x, w = prologue_inputs(B, S, H, D, torch.bfloat16, device)
+    cos, sin = (f.to(device) for f in wan_freqs(S, D))
+    want = ops.qk_norm_rope(x, w, 1e-6, H, cos, sin)
+    buffer = torch.full((G, B, S, 3, P, D), float("nan"), dtype=torch.bfloat16, device=device)  # q/k/v side by side
+    slot = buffer[:, :, :, 1].permute(1, 2, 0, 3, 4)
+    assert ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, out=slot) is slot
+    assert ops._backend.last_choice["qk_norm_rope"] == backend
+    heads = slot.flatten(2, 3)
+    assert torch.equal(heads[:, :, :H], want) and torch.equal(heads[:, :, H:], torch.zeros_like(heads[:, :, H:]))
+    assert buffer[:, :, :, 0::2].isnan().all()
+    strided = torch.full((B, S, H, 2 * D), float("nan"), dtype=torch.bfloat16, device=device)[..., :D]
+    ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, out=strided)
+    assert torch.equal(strided, want)
+
+
+def test_out_under_compile_and_bad_out():
+    x, w = prologue_inputs(1, 17, 2, 64, torch.float32, "cpu")
+    cos, sin = wan_freqs(17, 64)
+    fn = torch.compile(lambda x, w, c, s, o: ops.qk_norm_rope(x, w, 1e-6, 2, c, s, out=o), fullgraph=True,
+                       backend="eager")
+    buffer = torch.zeros(2, 1, 17, 3, 1, 64)
+    slot = buffer[:, :, :, 0].permute(1, 2, 0, 3, 4)
+    fn(x, w, cos, sin, slot)
+    assert torch.equal(slot.flatten(2, 3), ops.qk_norm_rope(x, w, 1e-6, 2, cos, sin))
+    with pytest.raises(ValueError, match="out: only for the unquantized output"):
+        ops.qk_norm_rope(x.bfloat16(), w.bfloat16(), 1e-6, 2, quant="e4m3", out=slot)
+    with pytest.raises(TypeError, match="out: expected dtype"):
+        ops.qk_norm_rope(x, w, 1e-6, 2, out=slot.bfloat16())
+    with pytest.raises(ValueError, match=r"out: expected shape \(1, 17, 2, 64\)"):
+        ops.qk_norm_rope(x, w, 1e-6, 2, out=torch.empty(1, 17, 2, 32))
+    with pytest.raises(ValueError, match="G \\* P >= heads=2"):
+        ops.qk_norm_rope(x, w, 1e-6, 2, out=torch.empty(1, 17, 1, 1, 64))
+    with pytest.raises(ValueError, match="last .* dimension must be contiguous"):
+        ops.qk_norm_rope(x, w, 1e-6, 2, out=torch.empty(1, 17, 2, 128)[..., ::2])
+
+
 def test_bad_inputs_name_the_argument():
     x, w = prologue_inputs(1, 8, 2, 64, torch.float32, "cpu")
     cos, sin = wan_freqs(8, 64)

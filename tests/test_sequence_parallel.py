@@ -1,23 +1,15 @@
 """Ulysses all-to-all (vkern.distributed) against the single-process reference.
 
-The multi-process tests start each world size ONCE (2 and 4 gloo processes on 127.0.0.1, set up
-from torchrun's environment variables through init_from_env); every rank runs all the cases and
-writes which ones failed, and each pytest test below reads its own case's verdict. Uninitialized
-memory is NaN in the workers (deterministic mode), so a padded head or token that the transform
-forgets to write cannot equal the reference's zeros.
+The multi-process tests run on tests/sp_harness.py (2 and 4 gloo ranks, each world size started
+once; every rank runs all the cases and each pytest test reads its own case's verdict).
+Uninitialized memory is NaN in the workers (deterministic mode), so a padded head or token that the
+transform forgets to write cannot equal the reference's zeros.
 """
-import json
-import os
-import socket
-import time
-import traceback
-from datetime import timedelta
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from .sp_harness import CountCalls, check, check_all, expect_error, results_fixture, run, spawn
 from .tolerance import assert_within_torch_error
 from vkern.reference import fp8 as fp8_reference
 from vkern.reference import sequence_parallel as ref
@@ -25,9 +17,10 @@ from vkern.reference.attention import attention_math
 
 # (B, S, H, D) per world size: heads divisible by world or not (3 on 4 pads past the count,
 # 1 on 4 leaves three ranks only zero heads), S divisible or not (5 on 4 leaves rank 3 only padding).
+# B = 1 (received q/k/v used in place) and B = 2 (unpacked by copying) both with head padding.
 CASES = {
-    2: [(2, 13, 5, 8), (2, 1, 5, 8), (2, 8, 12, 4), (1, 6, 2, 16)],
-    4: [(2, 13, 12, 8), (2, 13, 3, 8), (2, 16, 12, 8), (2, 5, 1, 4)],
+    2: [(2, 13, 5, 8), (2, 1, 5, 8), (2, 8, 12, 4), (1, 6, 2, 16), (1, 13, 5, 8)],
+    4: [(2, 13, 12, 8), (2, 13, 3, 8), (2, 16, 12, 8), (2, 5, 1, 4), (1, 13, 3, 8)],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUT_KINDS = ("seq_to_head", "qkv", "qkv_fp8", "head_to_seq", "round_trip")
@@ -41,7 +34,6 @@ CHUNKS = (1, 2, 3)  # ulysses_attention head groups (3 leaves groups of unequal 
 FP8_ATTENTION_SQNR_DB = 20.0
 ERROR_CASES = ("seq_len_mismatch", "dtype_mismatch", "op_mismatch", "bad_shape_one_rank",
                "wrong_world", "works_after_errors")
-TIMEOUT = timedelta(seconds=30)  # a hang in a collective becomes an error within this
 
 
 def _case_id(B, S, H, D):
@@ -56,7 +48,9 @@ def _attention_ids(world):
     return ([f"attention-{_case_id(*case)}" for case in CASES[world]]
             + [f"ulysses-c{c}-{_case_id(*case)}" for case in CASES[world] for c in CHUNKS]
             + [f"ulysses-fp8-{_case_id(*case)}" for case in CASES[world]]
-            + [f"ring-{_case_id(*case)}" for case in CASES[world]] + ["comm-timer"])
+            + [f"ring-{_case_id(*case)}" for case in CASES[world]]
+            + [f"zero-copy-{_case_id(*case)}-{dt}" for case in CASES[world] for dt in DTYPES]
+            + ["comm-timer-b1", "comm-timer-b2"])
 
 
 # ---------------------------------------------------------------- single process: the reference
@@ -119,12 +113,6 @@ def test_ops_need_an_initialized_group():
 
 # ---------------------------------------------------------------- the workers
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _random(shape, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g).to(dtype)  # the same on every rank
@@ -141,22 +129,6 @@ def _expect_equal(got, want, what):
         raise AssertionError(f"{what}: got {tuple(got.shape)}, want {tuple(want.shape)}; differ in {diff}")
 
 
-class _CountAllToAll:
-    """Counts all_to_all_single calls, to check that q, k and v travel in one."""
-
-    def __enter__(self):
-        self.calls, self.original = 0, torch.distributed.all_to_all_single
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return self.original(*args, **kwargs)
-        torch.distributed.all_to_all_single = counted
-        return self
-
-    def __exit__(self, *exc):
-        torch.distributed.all_to_all_single = self.original
-
-
 def _layout_case(kind, B, S, H, D, dtype, sp, seed, device):
     from vkern.distributed import ShardSpec, head_to_seq, seq_to_head, seq_to_head_qkv
 
@@ -166,14 +138,14 @@ def _layout_case(kind, B, S, H, D, dtype, sp, seed, device):
         # Arbitrary values in the padded heads and tokens too: the padded heads must be dropped.
         full_y = _random((B, spec.padded_seq_len, spec.padded_heads, D), dtype, seed)
         mine = full_y[:, :, rank * spec.local_heads:(rank + 1) * spec.local_heads]
-        with _CountAllToAll() as count:
+        with CountCalls() as count:
             got = head_to_seq(mine.to(device), spec, sp)
         _expect_equal(got, ref.head_to_seq_reference(full_y, world, rank, H), "head_to_seq")
     elif kind in ("qkv", "qkv_fp8"):
         fp8 = kind == "qkv_fp8"
         full = [_random((B, S, H, D), dtype, seed + i) for i in range(3)]
         shards = [_non_contiguous(ref.shard_sequence(t, world, rank)).to(device) for t in full]
-        with _CountAllToAll() as count:
+        with CountCalls() as count:
             got = seq_to_head_qkv(*shards, spec, sp, fp8=fp8)
         for name, g, t in zip("qkv", got, full):
             if fp8:  # per token and head, so exactly the full tensor's round trip, laid out
@@ -182,7 +154,7 @@ def _layout_case(kind, B, S, H, D, dtype, sp, seed, device):
     else:
         full = _random((B, S, H, D), dtype, seed)
         x = ref.shard_sequence(full, world, rank).to(device)
-        with _CountAllToAll() as count:
+        with CountCalls() as count:
             got = seq_to_head(x, spec, sp)
         if kind == "round_trip":
             # Every collective before any comparison: a rank that failed early would leave the
@@ -252,7 +224,7 @@ def _ulysses_case(chunks, fp8, B, S, H, D, sp, seed, device):
     def attend(q, k, v):
         seen.append((q.shape[2], k.shape[1]))
         return _sdpa(q, k, v)
-    with _CountAllToAll() as count:
+    with CountCalls() as count:
         out = ulysses_attention(*shards, spec, attend, sp, chunks=chunks, fp8=fp8)
     groups = len(head_chunks(spec.local_heads, chunks))
     if count.calls != 2 * groups or [h for h, _ in seen] != [b - a for a, b in head_chunks(spec.local_heads, chunks)]:
@@ -288,7 +260,7 @@ def _ring_case(B, S, H, D, sp, seed, device):
 
     spec = ShardSpec.create(S, H, sp.world)
     full, shards = _sharded_inputs(B, S, H, D, sp, seed, device)
-    with _CountAllToAll() as count:
+    with CountCalls() as count:
         out = ring_attention(*shards, sp, [spec.real_tokens(r) for r in range(sp.world)])
     real, mine = _mine(spec, sp.rank)
     if count.calls or out.shape != shards[0].shape or not torch.isfinite(out).all():
@@ -299,32 +271,93 @@ def _ring_case(B, S, H, D, sp, seed, device):
     assert_within_torch_error(out[:, :real].cpu(), attention_math(*full)[:, mine], single, what="ring attention")
 
 
-def _timer_case(sp, seed, device):
-    """CommTimer counts each kind of span; nothing is recorded when no timer is active."""
-    from vkern.distributed import ShardSpec, ulysses_attention
+def _contiguous_attend(q, k, v):
+    """The local attention as the Wan processor runs it (vkern.ops.attention: a contiguous output)."""
+    from vkern import ops
+
+    return ops.attention(q, k, v)
+
+
+def _timer_case(B, sp, seed, device):
+    """CommTimer records a pack/unpack span (and its bytes) for each copy that runs, and only those:
+    ulysses_attention packs q/k/v by copying (one span per head group); the received q/k/v are views
+    at B = 1 and copies at B > 1; the attention's output is the send buffer at B = 1 and copied at
+    B > 1; the output is always unpacked by one copy. Nothing is recorded with no timer active."""
+    from vkern.distributed import ShardSpec, head_chunks, ulysses_attention
     from vkern.distributed.timing import CommTimer
 
-    spec = ShardSpec.create(13, 4, sp.world)
-    _, shards = _sharded_inputs(1, 13, 4, 8, sp, seed, device)
-    ulysses_attention(*shards, spec, _sdpa, sp)  # no timer: must not fail or record
+    S, H, D = 13, 5, 8
+    spec = ShardSpec.create(S, H, sp.world)
+    _, shards = _sharded_inputs(B, S, H, D, sp, seed, device)
+    ulysses_attention(*shards, spec, _contiguous_attend, sp)  # no timer: must not fail or record
     with CommTimer() as timer:
-        ulysses_attention(*shards, spec, _sdpa, sp, chunks=2)
-    groups = min(2, spec.local_heads)
+        ulysses_attention(*shards, spec, _contiguous_attend, sp, chunks=2)
+    groups = len(head_chunks(spec.local_heads, 2))
+    el = shards[0].element_size()
+    qkv_send = 3 * B * spec.local_seq_len * spec.padded_heads * D * el  # all groups together
+    copies_out = B > 1
+    want_counts = {"all_to_all": 2 * groups, "pack": groups * (1 + copies_out), "unpack": groups * (1 + (B > 1))}
+    want_bytes = {"pack": qkv_send + copies_out * B * spec.padded_seq_len * spec.local_heads * D * el,
+                  "unpack": B * spec.local_seq_len * H * D * el
+                  + (B > 1) * 3 * B * spec.padded_seq_len * spec.local_heads * D * el}
     ms = timer.ms()
-    want = {"all_to_all": 2 * groups, "pack": 2 * groups, "unpack": 2 * groups}
-    if any(timer.counts[k] != n for k, n in want.items()) or any(v < 0 for v in ms.values()):
-        raise AssertionError(f"CommTimer counts {timer.counts}, ms {ms}; expected {want}")
+    if (any(timer.counts[k] != n for k, n in want_counts.items()) or any(v < 0 for v in ms.values())
+            or any(timer.bytes[k] != n for k, n in want_bytes.items())):
+        raise AssertionError(f"CommTimer counts {timer.counts}, bytes {timer.bytes}, ms {ms}; expected "
+                             f"{want_counts}, {want_bytes}")
 
 
-def _expect_error(fn, *fragments):
-    try:
-        fn()
-    except ValueError as error:
-        missing = [f for f in fragments if f not in str(error)]
-        if missing:
-            raise AssertionError(f"error message {str(error)!r} lacks {missing}") from None
-        return
-    raise AssertionError(f"no ValueError (expected one mentioning {fragments})")
+def _rope_tables(S, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.rand((1, S, 1, D // 2), generator=g, dtype=torch.float64).repeat_interleave(2, -1) * 6.3
+    return theta.cos(), theta.sin()
+
+
+def _zero_copy_case(B, S, H, D, dtype, sp, seed, device):
+    """QKVSendBuffer + ulysses_attention_packed, q/k written in place by vkern.ops.qk_norm_rope(out=)
+    and v copied in, against ulysses_attention on the prologue's own outputs (the copying path): the
+    same bits. And the copies really are gone: at B = 1 the attention reads q/k/v inside the q/k/v
+    receive buffer and its output is the output send buffer; at B > 1 (the fallback) it reads copies."""
+    from vkern import ops
+    from vkern.distributed import QKVSendBuffer, ShardSpec, ulysses_attention
+    from vkern.distributed.ulysses import ulysses_attention_packed
+
+    spec = ShardSpec.create(S, H, sp.world)
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn((B, S, H * D), generator=g).to(dtype) for _ in range(3)]  # q/k/v projections
+    w = [(1 + 0.1 * torch.randn(H * D, generator=g)).to(dtype) for _ in range(2)]
+    cos, sin = (ref.shard_sequence(t, sp.world, sp.rank).contiguous().to(device) for t in _rope_tables(S, D, seed))
+    xq, xk, xv = (ref.shard_sequence(t, sp.world, sp.rank).to(device) for t in x)
+    wq, wk = (t.to(device) for t in w)
+    seen = []
+
+    def attend(q, k, v):
+        o = _contiguous_attend(q, k, v)
+        seen.append(((q.data_ptr(), k.data_ptr(), v.data_ptr()), o.data_ptr()))
+        return o
+    q = ops.qk_norm_rope(xq, wq, 1e-6, H, cos, sin)
+    k = ops.qk_norm_rope(xk, wk, 1e-6, H, cos, sin)
+    want = ulysses_attention(q, k, xv.unflatten(2, (H, D)), spec, attend, sp)
+    send = QKVSendBuffer(spec, B, D, dtype, device, sp)
+    send.buffer.fill_(float("nan"))  # every element must be written (padded heads with zeros)
+    with CountCalls() as count:
+        ops.qk_norm_rope(xq, wq, 1e-6, H, cos, sin, out=send.slot(0))
+        ops.qk_norm_rope(xk, wk, 1e-6, H, cos, sin, out=send.slot(1))
+        send.fill(2, xv.unflatten(2, (H, D)))
+        if send.buffer.isnan().any():
+            raise AssertionError("elements of the send buffer (padded heads?) were left unwritten")
+        got = ulysses_attention_packed(send, attend, check=True)
+    _expect_equal(got, want.cpu(), "zero-copy ulysses_attention_packed vs the copying ulysses_attention")
+    (recv, recv_bytes), (send_ptr, _) = count.buffers[0]
+    inputs, out_ptr = seen[-1]
+    inside = [recv <= p < recv + recv_bytes for p in inputs]
+    if send_ptr != send.buffer.data_ptr():
+        raise AssertionError("the q/k/v all-to-all did not send the QKVSendBuffer itself")
+    # (With one token per rank the received sequence is a view at any B.)
+    in_place, sent_as_is = B == 1 or spec.local_seq_len == 1, B == 1
+    if inside != [in_place] * 3 or (count.buffers[1][1][0] == out_ptr) != sent_as_is:
+        raise AssertionError(f"B={B}: q/k/v inside the receive buffer {inside} (expected {in_place}), output "
+                             f"sent as is {count.buffers[1][1][0] == out_ptr} (expected {sent_as_is})")
 
 
 def _error_case(name, sp, device):
@@ -336,21 +369,21 @@ def _error_case(name, sp, device):
     x = torch.ones(2, spec.local_seq_len, 5, 8, device=device)
     if name == "seq_len_mismatch":
         mine = ShardSpec.create(13 - rank, 5, 2)  # 13 tokens on rank 0, 12 on rank 1
-        _expect_error(lambda: seq_to_head(x[:, :mine.local_seq_len], mine, sp), "disagree on seq_len",
+        expect_error(lambda: seq_to_head(x[:, :mine.local_seq_len], mine, sp), ValueError, "disagree on seq_len",
                       "rank 0: 13", "rank 1: 12")
     elif name == "dtype_mismatch":
-        _expect_error(lambda: seq_to_head(x.to(torch.bfloat16) if rank else x, spec, sp),
+        expect_error(lambda: seq_to_head(x.to(torch.bfloat16) if rank else x, spec, sp), ValueError,
                       "disagree on dtype", "rank 0: float32", "rank 1: bfloat16")
     elif name == "op_mismatch":
         y = torch.ones(2, spec.padded_seq_len, spec.local_heads, 8, device=device)
-        _expect_error(lambda: head_to_seq(y, spec, sp) if rank else seq_to_head(x, spec, sp),
+        expect_error(lambda: head_to_seq(y, spec, sp) if rank else seq_to_head(x, spec, sp), ValueError,
                       "disagree on op", "rank 0: seq_to_head", "rank 1: head_to_seq")
     elif name == "bad_shape_one_rank":
         # Only rank 1's input is wrong; rank 0 must hear of it instead of waiting in the all-to-all.
         expected = ("x: expected [B, S_local=7", "got (2, 6, 5, 8)") if rank else ("rank(s) [1] rejected",)
-        _expect_error(lambda: seq_to_head(x[:, :6] if rank else x, spec, sp), *expected)
+        expect_error(lambda: seq_to_head(x[:, :6] if rank else x, spec, sp), ValueError, *expected)
     elif name == "wrong_world":
-        _expect_error(lambda: seq_to_head(x, ShardSpec.create(13, 5, 3), sp), "spec: made for world=3")
+        expect_error(lambda: seq_to_head(x, ShardSpec.create(13, 5, 3), sp), ValueError, "spec: made for world=3")
     elif name == "works_after_errors":
         full = torch.arange(2 * 13 * 5 * 8, dtype=torch.float32).view(2, 13, 5, 8)
         got = seq_to_head(ref.shard_sequence(full, 2, rank).to(device), spec, sp)
@@ -364,117 +397,36 @@ def _layout_cases(sp, seed, results):
         for dt_name, dtype in DTYPES.items():
             for kind in LAYOUT_KINDS:
                 case = f"{kind}-{_case_id(B, S, H, D)}-{dt_name}"
-                results[case] = _run(_layout_case, kind, B, S, H, D, dtype, sp, seed + 10 * i, device)
+                results[case] = run(_layout_case, kind, B, S, H, D, dtype, sp, seed + 10 * i, device)
         cid = _case_id(B, S, H, D)
-        results[f"attention-{cid}"] = _run(_attention_case, B, S, H, D, sp, seed + 10 * i, device)
+        results[f"attention-{cid}"] = run(_attention_case, B, S, H, D, sp, seed + 10 * i, device)
         for c in CHUNKS:
-            results[f"ulysses-c{c}-{cid}"] = _run(_ulysses_case, c, False, B, S, H, D, sp, seed + 10 * i, device)
-        results[f"ulysses-fp8-{cid}"] = _run(_ulysses_case, 1, True, B, S, H, D, sp, seed + 10 * i, device)
-        results[f"ring-{cid}"] = _run(_ring_case, B, S, H, D, sp, seed + 10 * i, device)
-    results["comm-timer"] = _run(_timer_case, sp, seed, device)
+            results[f"ulysses-c{c}-{cid}"] = run(_ulysses_case, c, False, B, S, H, D, sp, seed + 10 * i, device)
+        results[f"ulysses-fp8-{cid}"] = run(_ulysses_case, 1, True, B, S, H, D, sp, seed + 10 * i, device)
+        results[f"ring-{cid}"] = run(_ring_case, B, S, H, D, sp, seed + 10 * i, device)
+        for dt_name, dtype in DTYPES.items():
+            results[f"zero-copy-{cid}-{dt_name}"] = run(_zero_copy_case, B, S, H, D, dtype, sp, seed + 10 * i, device)
+    for B in (1, 2):
+        results[f"comm-timer-b{B}"] = run(_timer_case, B, sp, seed, device)
     if world == 2:
         for name in ERROR_CASES:
-            results[f"error-{name}"] = _run(_error_case, name, sp, device)
+            results[f"error-{name}"] = run(_error_case, name, sp, device)
 
 
-def _worker(rank, world, port, backend, seed, out_dir, cases=_layout_cases):
-    """One rank: join the group as torchrun would, run cases(sp, seed, results), write the verdicts.
-    cases: a module-level function (other test modules pass theirs; see tests/test_sp_wan.py)."""
-    torch.set_num_threads(1)  # the workers share a few cores
-    # Uninitialized memory is NaN: an element the transform forgets to write cannot pass.
-    # (warn_only: only the NaN fill is wanted here, not errors from nondeterministic CUDA ops.)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    results = {}
-    try:
-        from vkern.distributed import init_from_env
-
-        sp = init_from_env(backend=backend, timeout=TIMEOUT)
-        cases(sp, seed, results)
-        torch.distributed.destroy_process_group()
-    except Exception:
-        results["__worker__"] = traceback.format_exc()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-
-
-def _run(fn, *args):
-    try:
-        fn(*args)
-        return None
-    except Exception:
-        return traceback.format_exc()
-
-
-def _spawn(world, backend, tmp_path_factory, cases=_layout_cases, preload=(), budget_s=None):
-    """Run _worker on `world` processes; returns {case: [failure or None per rank]}. budget_s: how
-    long all ranks together may take before they count as hung (default 2 x TIMEOUT; a hang inside
-    a collective already ends after TIMEOUT, this is the last resort; the CI machine is small and shared).
-    preload: more modules for the fork server to import once (it starts with the first _spawn of
-    the pytest session, so a later caller's preload is ignored and its ranks import them instead)."""
-    out_dir = str(tmp_path_factory.mktemp(f"sp{world}{backend}"))
-    seed = torch.randint(0, 2**20, ()).item()  # fresh data each run, printed on failure
-    # A fork server imports torch once and forks the ranks from that clean single-threaded process:
-    # a fresh interpreter per rank costs seconds each on a small machine, and forking pytest itself
-    # (threads, OpenMP) is unsafe.
-    ctx = mp.get_context("forkserver")
-    # (torch._inductor.config: use_deterministic_algorithms imports it, which takes seconds.)
-    ctx.set_forkserver_preload(["torch", "torch._inductor.config", "vkern.distributed", __name__, *preload])
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, backend, seed, out_dir, cases)) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + (budget_s or TIMEOUT.total_seconds() * 2)
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join()
-    assert not hung, f"ranks {hung} of {world} did not finish (seed {seed})"
-    per_rank = []
-    for r in range(world):
-        path = os.path.join(out_dir, f"rank{r}.json")
-        assert os.path.exists(path), f"rank {r} of {world} died without a report (exit code {procs[r].exitcode})"
-        with open(path) as f:
-            per_rank.append(json.load(f))
-    crashed = {r: res["__worker__"] for r, res in enumerate(per_rank) if "__worker__" in res}
-    assert not crashed, f"seed {seed}: " + "\n".join(f"rank {r}:\n{tb}" for r, tb in crashed.items())
-    return {case: [res.get(case, "not run") for res in per_rank] for case in per_rank[0]}, seed
-
-
-@pytest.fixture(scope="module")
-def gloo_results(tmp_path_factory):
-    cache = {}
-
-    def get(world):
-        if world not in cache:
-            cache[world] = _spawn(world, "gloo", tmp_path_factory)
-        return cache[world]
-    return get
-
-
-def _check(results, case):
-    verdicts, seed = results
-    assert case in verdicts, f"{case} was not run"
-    failures = [f"rank {r}:\n{v}" for r, v in enumerate(verdicts[case]) if v is not None]
-    assert not failures, f"{case} (seed {seed}) failed on:\n" + "\n".join(failures)
+gloo_results = results_fixture(_layout_cases, preload=[__name__])
 
 
 @pytest.mark.parametrize("case", _layout_ids(2) + _attention_ids(2) + [f"error-{n}" for n in ERROR_CASES])
 def test_gloo_world2(gloo_results, case):
-    _check(gloo_results(2), case)
+    check(gloo_results(2), case)
 
 
 @pytest.mark.parametrize("case", _layout_ids(4) + _attention_ids(4))
 def test_gloo_world4(gloo_results, case):
-    _check(gloo_results(4), case)
+    check(gloo_results(4), case)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for NCCL")
 def test_nccl_world2(tmp_path_factory):
-    verdicts, seed = _spawn(2, "nccl", tmp_path_factory)
-    failures = {case: v for case, v in verdicts.items() if any(x is not None for x in v)}
-    assert not failures, f"seed {seed}: " + "\n".join(f"{c}: {v}" for c, v in failures.items())
+    check_all(spawn(2, "nccl", tmp_path_factory, _layout_cases, preload=[__name__]))

@@ -1,8 +1,8 @@
 """vkern.patch(model, PatchConfig(sp=SPConfig(...))): the Wan transformer run sequence-parallel on 2
 and 4 gloo ranks against the same model unpatched in one process.
 
-The ranks come from tests/test_sequence_parallel.py's harness (one fork-server spawn per world
-size, every rank runs every case, each test reads its case's verdict). Models: "tiny" (2 heads,
+The ranks come from tests/sp_harness.py (one fork-server spawn per world size, every rank runs
+every case, each test reads its case's verdict). Models: "tiny" (2 heads,
 12 tokens: both divide 2 and 4) and "odd" (3 heads: head padding on 2 and 4 ranks; 45 tokens and
 then 3 tokens: sequence padding, and on 4 ranks a rank holding only padding).
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from .test_sequence_parallel import _CountAllToAll, _check, _run, _spawn
+from .sp_harness import CountCalls, check, check_all, expect_error, results_fixture, run, spawn
 from .tolerance import rel_l2
 
 FAST_TIMEOUT = timedelta(seconds=5)  # the group of the rank-failure case: its hang ends this soon
@@ -50,6 +50,16 @@ VARIANTS = {
 # cosine >= 0.999 against the unpatched bf16 model (a wrong scale or head gives ~0.1-1 rel L2).
 FP8_MODEL_EXTRA = 0.03
 FP8_MODEL_COS = 0.999
+# SPConfig.zero_copy=True (q/k written into the send buffer by the prologue) against zero_copy=False
+# (packed by copying), bit for bit: name -> (model, dtype, fused prologue). "odd" runs B = 2 (received
+# q/k/v copied) and B = 1 (used in place), both with head padding and uneven token counts.
+# (bf16 with B = 1 and B = 2 and head padding: tests/test_sequence_parallel.py zero-copy-*; the
+# interpreted bf16 prologue is too slow on the CI CPU for the "odd" model twice.)
+ZERO_COPY_CASES = {
+    "zero-copy-odd-fp32": ("odd", "fp32", True),
+    "zero-copy-odd-fp32-lean": ("odd", "fp32", False),
+    "zero-copy-tiny-bf16": ("tiny", "bf16", True),
+}
 ERROR_CASES = ["config-mismatch", "sp-config-mismatch", "bad-ring-degree", "model-mismatch", "weights-mismatch",
                "input-mismatch", "one-rank-bad-input", "rank-raises"]  # rank-raises last: it breaks its own group
 
@@ -127,7 +137,7 @@ def _match_case(name, dt, sp, per_token_timestep=False, sp_kwargs=None):
     else:  # Ulysses inside groups of world / ring_degree ranks: none when that is 1
         expected_calls = 0 if ring_degree == sp.world else 2 * layers
     for shape, inp, w in zip(shapes, inputs, want):
-        with _CountAllToAll() as count:
+        with CountCalls() as count:
             got = _forward(model, inp)
         if count.calls != expected_calls:
             raise AssertionError(f"{shape}: {count.calls} all-to-alls, expected {expected_calls} "
@@ -152,6 +162,45 @@ def _match_case(name, dt, sp, per_token_timestep=False, sp_kwargs=None):
                                  f"more than 2x the unpatched model's {torch_own:.3g}?")
 
 
+def _zero_copy_case(name, dt, fused, sp):
+    """The zero-copy path gives the copying path's bits, and CommTimer's pack/unpack bytes are exactly
+    the copies each path runs per layer: pack, the q/k/v send buffer (3 tensors; only v on the zero-copy
+    path with the fused prologue) plus the attention output at B > 1; unpack, the output (to_out's input)
+    plus q/k/v at B > 1 (with more than one token per rank)."""
+    from vkern.distributed import CommTimer, ShardSpec
+
+    dtype, device = DTYPES[dt], sp.device
+    model = _build(name, dtype, device)
+    inputs = [_inputs(shape, dtype, device) for shape in MODELS[name][1]]
+    config = dict(fused_qk_norm_rope=fused, fused_block=False)
+    heads, layers = model.config.num_attention_heads, model.config.num_layers
+    D, el = model.config.attention_head_dim, dtype.itemsize
+    runs = {}
+    for zero_copy in (False, True):
+        handle = _patch(model, sp, sp_kwargs=dict(zero_copy=zero_copy), **config)
+        runs[zero_copy] = []
+        for inp in inputs:
+            with CommTimer() as timer:
+                out = _forward(model, inp)
+            runs[zero_copy].append((out, dict(timer.bytes)))
+        handle.undo()
+    for shape, (want, copy_bytes), (got, zero_bytes) in zip(MODELS[name][1], runs[False], runs[True]):
+        if not torch.equal(got, want):
+            raise AssertionError(f"{shape}: zero-copy output differs from the copying path's "
+                                 f"(rel L2 {rel_l2(got.float().cpu(), want.float().cpu()):.3g})")
+        B, _, F, H, W = shape
+        spec = ShardSpec.create(F * (H // 2) * (W // 2), heads, sp.world)
+        tensor = B * spec.local_seq_len * spec.padded_heads * D * el  # one of q/k/v in the send buffer
+        out_pack = (B > 1) * B * spec.padded_seq_len * spec.local_heads * D * el
+        unpack = B * spec.local_seq_len * heads * D * el
+        if B > 1 and spec.local_seq_len > 1:
+            unpack += 3 * B * spec.padded_seq_len * spec.local_heads * D * el
+        for label, got_bytes, packed in (("copying", copy_bytes, 3), ("zero-copy", zero_bytes, 1 if fused else 3)):
+            want_bytes = {"pack": layers * (packed * tensor + out_pack), "unpack": layers * unpack}
+            if {k: got_bytes[k] for k in want_bytes} != want_bytes:
+                raise AssertionError(f"{shape} {label}: CommTimer bytes {got_bytes}, expected {want_bytes}")
+
+
 def _check_modes_case(sp):
     """check_inputs: "per-shape" agrees on the first forward of each input signature only,
     "every-step" on every forward, "off" never (counted as all_gather_object calls)."""
@@ -162,26 +211,12 @@ def _check_modes_case(sp):
         _patch(model, sp, sp_kwargs=dict(check_inputs=mode), **LEAN)
         calls = []
         for shape in (small, small, other, small if mode != "per-shape" else other):
-            with _CountGathers() as count:
+            with CountCalls("all_gather_object") as count:
                 _forward(model, _inputs(shape, torch.float32, sp.device))
             calls.append(count.calls)
         if calls != expected:
             raise AssertionError(f"check_inputs={mode!r}: {calls} input agreements over 4 forwards, "
                                  f"expected {expected}")
-
-
-class _CountGathers:
-    def __enter__(self):
-        self.calls, self.original = 0, dist.all_gather_object
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return self.original(*args, **kwargs)
-        dist.all_gather_object = counted
-        return self
-
-    def __exit__(self, *exc):
-        dist.all_gather_object = self.original
 
 
 def _undo_case(sp):
@@ -191,22 +226,11 @@ def _undo_case(sp):
     handle = _patch(model, sp)
     _forward(model, inputs)
     handle.undo()
-    with _CountAllToAll() as count:
+    with CountCalls() as count:
         again = _forward(model, inputs)
     if not _unpatched(model) or count.calls or not torch.equal(again, want):
         raise AssertionError(f"after undo: unpatched={_unpatched(model)}, {count.calls} all-to-alls, "
                              f"bit-identical={torch.equal(again, want)}")
-
-
-def _expect(fn, exc_type, *fragments):
-    try:
-        fn()
-    except exc_type as error:
-        missing = [f for f in fragments if f not in str(error)]
-        if missing:
-            raise AssertionError(f"error message {str(error)!r} lacks {missing}") from None
-        return error
-    raise AssertionError(f"no {exc_type.__name__} (expected one mentioning {fragments})")
 
 
 def _error_case(name, sp, fast_group):
@@ -236,17 +260,17 @@ def _error_case(name, sp, fast_group):
             fragments = ("disagree on weights checksum", "same weights")
         if name != "bad-ring-degree":
             fragments = ("vkern.patch(sp=...)", *fragments)
-        _expect(fn, ValueError, *fragments)
+        expect_error(fn, ValueError, *fragments)
         if not _unpatched(model):
             raise AssertionError("a patch that failed left vkern's changes on the model")
     elif name == "input-mismatch":
         model = _build("tiny", torch.float32, device)
         _patch(model, sp)
         other = (1, 16, 3, 4, 6) if rank else tiny
-        with _CountAllToAll() as count:
-            _expect(lambda: _forward(model, _inputs(other, torch.float32, device)), ValueError,
+        with CountCalls() as count:
+            expect_error(lambda: _forward(model, _inputs(other, torch.float32, device)), ValueError,
                     "disagree on hidden_states shape", "rank 0: [1, 16, 3, 4, 4]", "rank 1: [1, 16, 3, 4, 6]")
-            _expect(lambda: _forward(model, _inputs(tiny, torch.float32, device, seed=1 + rank)), ValueError,
+            expect_error(lambda: _forward(model, _inputs(tiny, torch.float32, device, seed=1 + rank)), ValueError,
                     "disagree on hidden_states checksum", "seed the latents")
         if count.calls:
             raise AssertionError(f"{count.calls} all-to-alls after a rejected input; expected none")
@@ -261,10 +285,10 @@ def _error_case(name, sp, fast_group):
         if rank:
             inputs["hidden_states"] = inputs["hidden_states"][0]
         expected = ("hidden_states: expected a [B, C, F, H, W]",) if rank else ("rank(s) [1] failed", "[B, C, F, H, W]")
-        _expect(lambda: _forward(model, inputs), ValueError, *expected)
+        expect_error(lambda: _forward(model, inputs), ValueError, *expected)
         grad = _inputs(tiny, torch.float32, device)
         model.requires_grad_(True)  # and gradients wanted on every rank: refused before any exchange
-        _expect(lambda: model(**grad), RuntimeError, "inference-only")
+        expect_error(lambda: model(**grad), RuntimeError, "inference-only")
     elif name == "rank-raises":
         # Rank 1 fails between two collectives and stays alive (a process that exits closes its
         # sockets, which gloo peers notice at once); rank 0, waiting in the next collective, must
@@ -277,7 +301,7 @@ def _error_case(name, sp, fast_group):
         if rank:
             model.blocks[1].ffn.register_forward_pre_hook(boom)
         start = time.monotonic()
-        error = _expect(lambda: _forward(model, _inputs(tiny, torch.float32, device)), RuntimeError,
+        error = expect_error(lambda: _forward(model, _inputs(tiny, torch.float32, device)), RuntimeError,
                         *(("injected failure",) if rank else ()))
         waited = time.monotonic() - start
         dist.barrier(group=sp.group)  # rank 1 waits here, alive, until rank 0 is out
@@ -290,16 +314,18 @@ def _sp_cases(sp, seed, results):
     for case in MATCH_CASES:
         kind, name, *dt = case.split("-")
         if kind == "match":
-            results[case] = _run(_match_case, name, dt[0], sp)
+            results[case] = run(_match_case, name, dt[0], sp)
         elif kind == "ti2v":
-            results[case] = _run(_match_case, name, dt[0], sp, True)
+            results[case] = run(_match_case, name, dt[0], sp, True)
         else:
-            results[case] = _run(_undo_case, sp)
+            results[case] = run(_undo_case, sp)
     for case, (name, dt, kwargs) in VARIANTS.items():
         if case == "ring2-tiny-fp32" and sp.world == 2:
             continue  # the same as ring-tiny-fp32 on 2 ranks
-        results[case] = _run(_match_case, name, dt, sp, False, kwargs)
-    results["check-modes"] = _run(_check_modes_case, sp)
+        results[case] = run(_match_case, name, dt, sp, False, kwargs)
+    results["check-modes"] = run(_check_modes_case, sp)
+    for case, args in ZERO_COPY_CASES.items():
+        results[case] = run(_zero_copy_case, *args, sp)
     if sp.world == 2:
         # The NCCL watchdog aborts a process whose collective timed out (that ends the job instead of
         # hanging it, but kills the worker before it can report): rank-raises runs on gloo only.
@@ -307,48 +333,38 @@ def _sp_cases(sp, seed, results):
         fast = dist.new_group(timeout=FAST_TIMEOUT) if gloo else None
         for name in ERROR_CASES:
             if name != "rank-raises" or gloo:
-                results[f"error-{name}"] = _run(_error_case, name, sp, fast)
+                results[f"error-{name}"] = run(_error_case, name, sp, fast)
 
 
-@pytest.fixture(scope="module")
-def sp_results(tmp_path_factory):
-    cache = {}
-
-    def get(world):
-        if world not in cache:
-            cache[world] = _spawn(world, "gloo", tmp_path_factory, cases=_sp_cases, budget_s=400,
-                                  preload=["diffusers.models.transformers.transformer_wan", "vkern.patch", __name__])
-        return cache[world]
-    return get
+sp_results = results_fixture(_sp_cases, budget_s=400,
+                             preload=["diffusers.models.transformers.transformer_wan", "vkern.patch", __name__])
 
 
 @pytest.mark.parametrize("case", MATCH_CASES + [f"error-{n}" for n in ERROR_CASES])
 def test_sp_gloo_world2(sp_results, case):
-    _check(sp_results(2), case)
+    check(sp_results(2), case)
 
 
 # On 2 ranks ring_degree=2 is the pure ring, which ring-tiny-fp32 already runs.
-@pytest.mark.parametrize("case", [c for c in VARIANTS if c != "ring2-tiny-fp32"] + ["check-modes"])
+@pytest.mark.parametrize("case", [c for c in VARIANTS if c != "ring2-tiny-fp32"] + ["check-modes", *ZERO_COPY_CASES])
 def test_sp_variants_gloo_world2(sp_results, case):
-    _check(sp_results(2), case)
+    check(sp_results(2), case)
 
 
-@pytest.mark.parametrize("case", list(VARIANTS) + ["check-modes"])
+@pytest.mark.parametrize("case", list(VARIANTS) + ["check-modes", *ZERO_COPY_CASES])
 def test_sp_variants_gloo_world4(sp_results, case):
-    _check(sp_results(4), case)
+    check(sp_results(4), case)
 
 
 @pytest.mark.parametrize("case", MATCH_CASES)
 def test_sp_gloo_world4(sp_results, case):
-    _check(sp_results(4), case)
+    check(sp_results(4), case)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for NCCL")
 def test_sp_nccl_world2(tmp_path_factory):
-    verdicts, seed = _spawn(2, "nccl", tmp_path_factory, cases=_sp_cases, budget_s=400)
-    failures = {case: v for case, v in verdicts.items() if any(x is not None for x in v)}
-    assert not failures, f"seed {seed}: " + "\n".join(f"{c}: {v}" for c, v in failures.items())
+    check_all(spawn(2, "nccl", tmp_path_factory, _sp_cases, budget_s=400))
 
 
 # ---------------------------------------------------------------- one process
@@ -368,8 +384,9 @@ def test_config_types_are_checked():
     assert SPConfig(check_inputs=True).check_inputs == "every-step"
     assert SPConfig(check_inputs=False).check_inputs == "off"
     assert SPConfig().check_inputs == "per-shape"
-    with pytest.raises(TypeError, match="SPConfig.fp8_payload"):
-        SPConfig(fp8_payload="yes")
+    for name in ("fp8_payload", "zero_copy"):
+        with pytest.raises(TypeError, match=f"SPConfig.{name}"):
+            SPConfig(**{name: "yes"})
     for name in ("overlap_chunks", "ring_degree"):
         with pytest.raises(ValueError, match=f"SPConfig.{name}"):
             SPConfig(**{name: 0})

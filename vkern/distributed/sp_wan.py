@@ -8,6 +8,7 @@ Every rank holds the whole model and the same inputs. Hooks shard the work:
   rope hook          the RoPE tables [1, S, 1, D] -> this rank's S/N positions (zero-padded)
   blocks[0] pre-hook the patch-embedded tokens [B, S, C] -> this rank's S/N tokens (zero-padded)
   attn1 processors   VkernWanSPAttnProcessor: one packed q/k/v all-to-all + one output all-to-all
+                     (SPConfig.zero_copy: q/k written into the send buffer by the QK prologue)
                      (SPConfig.overlap_chunks > 1: per head group, overlapped with attention;
                      SPConfig.ring_degree > 1: Ulysses inside groups of world / ring_degree ranks,
                      ring attention across them)
@@ -60,13 +61,18 @@ class SPConfig:
                     ranks than heads; world must be a multiple of R; with 1 < R < world the SP group
                     must span the whole default process group, since sub-groups are created)
     timeout         a datetime.timedelta for the sub-groups ring_degree creates (None: torch's
-                    default for new groups)"""
+                    default for new groups)
+    zero_copy       True (default): with one exchange per layer and the native payload, the fused QK
+                    prologue writes q/k straight into the all-to-all send buffer (no pack copy of q/k);
+                    False: pack by copying, as before (the same bits; for A/B measurement). The other
+                    configurations always pack by copying. Received q/k/v are views at B = 1 either way."""
     group: Any = None
     check_inputs: Any = "per-shape"
     fp8_payload: bool = False
     overlap_chunks: int = 1
     ring_degree: int = 1
     timeout: Any = None
+    zero_copy: bool = True
 
     def __post_init__(self):
         pg = getattr(self.group, "group", self.group)
@@ -80,8 +86,9 @@ class SPConfig:
                             f"got {self.check_inputs!r}")
         if self.check_inputs not in CHECK_MODES:
             raise ValueError(f"SPConfig.check_inputs: expected one of {CHECK_MODES}, got {self.check_inputs!r}")
-        if not isinstance(self.fp8_payload, bool):
-            raise TypeError(f"SPConfig.fp8_payload: expected a bool, got {self.fp8_payload!r}")
+        for name in ("fp8_payload", "zero_copy"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SPConfig.{name}: expected a bool, got {getattr(self, name)!r}")
         for name in ("overlap_chunks", "ring_degree"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -216,6 +223,7 @@ def _patch_signature(model, config, sp_config, world):
                 "PatchConfig.ffn_chunk_size": config.ffn_chunk_size, "PatchConfig.fp8": config.fp8,
                 "SPConfig.check_inputs": sp_config.check_inputs, "SPConfig.fp8_payload": sp_config.fp8_payload,
                 "SPConfig.overlap_chunks": sp_config.overlap_chunks, "SPConfig.ring_degree": sp_config.ring_degree,
+                "SPConfig.zero_copy": sp_config.zero_copy,
                 # Random-weight models built without the same seed (or different checkpoints) would
                 # otherwise give a plausible-looking wrong video. State dict: fp8 weights are buffers.
                 "weights checksum": _checksum(*(t for t in model.state_dict().values() if t.is_floating_point()))})

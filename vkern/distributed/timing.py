@@ -4,14 +4,19 @@
     with CommTimer() as timer:
         model(**inputs)
     timer.ms()   # {"all_to_all": ..., "pack": ..., "unpack": ..., "all_gather": ..., "ring": ...}
+    timer.bytes  # {"pack": bytes the pack copies wrote, "unpack": ..., ...}; timer.counts: spans
 
 Categories:
   all_to_all  the time the compute stream waits for an all-to-all: from just before the wait to
               when the collective's data is there. With one exchange per transform (the default)
               that is the whole collective, including waiting for the slowest rank to arrive; with
               overlap (SPConfig.overlap_chunks > 1) only the part not hidden behind attention.
-  pack        building send buffers (head gather, zero heads, fp8 quantization)
-  unpack      scattering received data into place (and fp8 dequantization)
+  pack        copies into send buffers (head gather, zero heads, fp8 quantization). Work that writes
+              its own output straight into a send buffer (the fused QK prologue on the zero-copy
+              path, an attention output that already is the send buffer) is compute, not pack:
+              no span is recorded where no copy runs.
+  unpack      copies out of receive buffers (and fp8 dequantization); none where the received data
+              is used in place (q/k/v views at B = 1)
   all_gather  the gather of proj_out's tokens at the end of the forward
   ring        exposed wait for the ring's key/value blocks (SPConfig.ring_degree > 1)
 
@@ -35,6 +40,7 @@ class CommTimer:
     def __init__(self):
         self._spans = []  # (category, start, stop): CUDA events, or perf_counter seconds
         self.counts = dict.fromkeys(CATEGORIES, 0)
+        self.bytes = dict.fromkeys(CATEGORIES, 0)  # bytes written by the copies of each category
 
     def __enter__(self):
         global _active
@@ -54,12 +60,13 @@ class CommTimer:
             return event
         return time.perf_counter()
 
-    def _end(self, start, category):
+    def _end(self, start, category, nbytes=0):
         stop = start.__class__(enable_timing=True) if isinstance(start, torch.cuda.Event) else time.perf_counter()
         if isinstance(stop, torch.cuda.Event):
             stop.record()
         self._spans.append((category, start, stop))
         self.counts[category] += 1
+        self.bytes[category] += nbytes
 
     def ms(self):
         """Milliseconds per category, summed over the spans recorded (synchronizes on CUDA)."""
@@ -81,7 +88,8 @@ def begin(device):
     return timer, timer._begin(device)
 
 
-def end(token, category):
+def end(token, category, nbytes=0):
+    """End a span; nbytes: what it wrote (pack/unpack copies), summed in CommTimer.bytes."""
     if token is not None:
         timer, start = token
-        timer._end(start, category)
+        timer._end(start, category, nbytes)

@@ -15,6 +15,21 @@ output exchange. With chunks > 1 the local heads are split into groups whose exc
 asynchronously, so the attention of one group runs while the next group's q/k/v and the previous
 group's output are on the wire.
 
+Copies. The q/k/v send buffer is [world, B, S_local, n, width, D]: chunk j holds this rank's tokens of
+rank j's heads, and per token the n tensors (q, k, v) side by side. So the receive buffer, [world, B,
+S_local, n, width, D], is at B = 1 the same memory as [S_padded, n, width, D]: every received tensor
+is a strided [1, S_padded, width, D] view (sequence stride n * width * D), which the attention kernels
+read as is; no unpack copy. At B > 1 the batch index sits between the source rank and the token, so
+the tensors are unpacked by one copy each (the fallback; unless S_local = 1). On the send side, QKVSendBuffer lets a
+caller write q/k/v in place (the fused QK prologue writes its output straight into it, see
+vkern.ops.qk_norm_rope(out=)) and ulysses_attention_packed exchanges it: no pack copy for what is
+written in place (one exchange; the chunked and fp8 paths pack by copying). The output send buffer,
+[world, B, S_local, width, D], is at B = 1 the attention's own contiguous [1, S_padded, width, D]
+output, so it is sent as is; the output receive buffer [world, B, S_local, width, D] -> [B, S_local,
+heads, D] (to_out's input) is one copy: rank j's heads are a column block of every token's row, which
+no view can express, and to_out's GEMM needs rows. CommTimer's pack/unpack spans (and bytes) cover
+exactly the copies that run.
+
 Before exchanging, every rank shares a few ints (op, seq_len, heads, B, D, dtype, payload, input ok)
 with one small all_gather, so ranks that disagree all raise the same clear error instead of some of
 them waiting in a mismatched all-to-all. On CUDA that costs a tiny collective and a host sync per
@@ -27,8 +42,8 @@ from ..ops._checks import check_tensor
 from ..reference.sequence_parallel import ShardSpec, key_padding_mask
 from . import timing
 
-__all__ = ["seq_to_head", "seq_to_head_qkv", "head_to_seq", "ulysses_attention", "key_padding_mask",
-           "ShardSpec", "head_chunks"]
+__all__ = ["seq_to_head", "seq_to_head_qkv", "head_to_seq", "ulysses_attention", "ulysses_attention_packed",
+           "QKVSendBuffer", "key_padding_mask", "ShardSpec", "head_chunks"]
 
 _OPS = ("seq_to_head", "seq_to_head_qkv", "head_to_seq", "ulysses_attention")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64,
@@ -81,11 +96,68 @@ def ulysses_attention(q, k, v, spec, attend, group=None, chunks=1, fp8=False, ch
     # All q/k/v exchanges are issued first: they queue on the communication stream, each starting
     # as soon as its buffer is packed, and run while the attention of earlier groups computes.
     pending = [_start_qkv(packed, spec, pg, world, a, b, fp8) for a, b in bounds]
-    out = q.new_empty((q.shape[0], spec.local_seq_len, spec.heads, q.shape[3]))
-    outputs = []
+    return _attend_groups(pending, bounds, attend, spec, pg, world, q.dtype)
+
+
+class QKVSendBuffer:
+    """The send buffer of one q/k/v exchange of ulysses_attention_packed, for a caller that writes q,
+    k and v into it in place instead of handing over tensors that are then copied in:
+
+        send = QKVSendBuffer(spec, batch, head_dim, dtype, device, group)
+        vkern.ops.qk_norm_rope(query, w, eps, heads, cos, sin, out=send.slot(0))   # written in place
+        send.fill(2, value)                                                        # or copied in
+        out = ulysses_attention_packed(send, attend)
+
+    slot(i): tensor i (0 q, 1 k, 2 v) as head groups [B, S_local, world, H_local, D]: global head h is
+    slot[:, :, h // H_local, h % H_local]; heads >= spec.heads are head padding and must be zeros (the
+    out= of vkern.ops.qk_norm_rope writes them so). Every element of every slot must be written.
+    One exchange (chunks=1) of the model's dtype: the fp8 payload and head-chunked overlap pack by
+    copying (ulysses_attention)."""
+
+    def __init__(self, spec, batch, head_dim, dtype, device, group=None, n=3):
+        self.pg, self.world, _ = _group(group)
+        _check_spec(spec, self.world)
+        self.spec, self.dtype, self.n = spec, dtype, n
+        self.shape = (batch, spec.local_seq_len, spec.heads, head_dim)  # what one tensor is per rank
+        self.buffer = torch.empty((self.world, batch, spec.local_seq_len, n, spec.local_heads, head_dim),
+                                  dtype=dtype, device=device)
+
+    def slot(self, i):
+        return self.buffer[:, :, :, i].permute(1, 2, 0, 3, 4)
+
+    def fill(self, i, t):
+        """Copy t [B, S_local, heads, D] (this rank's tokens, all real heads) into slot i, zeros in the
+        padded heads: the pack copy, timed as such."""
+        if tuple(t.shape) != self.shape or t.dtype != self.dtype:
+            raise ValueError(f"t: expected {self.dtype} {list(self.shape)} ([B, S_local, heads, D]), "
+                             f"got {t.dtype} {list(t.shape)}")
+        token = timing.begin(t.device)
+        _pack_heads(self.buffer[:, :, :, i], t, self.spec.heads, self.spec.local_heads, 0, self.spec.local_heads)
+        timing.end(token, "pack", self.buffer[:, :, :, i].numel() * self.buffer.element_size())
+
+
+def ulysses_attention_packed(send, attend, check=True):
+    """ulysses_attention on a filled QKVSendBuffer (one exchange, no copy of what was written in place):
+    returns [B, S_local, heads, D] in send.dtype. attend as for ulysses_attention. Collective over the
+    buffer's group; check: as for ulysses_attention (every rank must fill its buffer the same way)."""
+    spec, pg, world = send.spec, send.pg, send.world
+    if send.n != 3:
+        raise ValueError(f"send: expected a q/k/v buffer (n=3), got n={send.n}")
+    _agree("ulysses_attention", pg, spec, send.slot(0), None, check, False)
+    B, local, _, D = send.shape
+    exchange = (*_all_to_all_start(send.buffer, pg), (3, B, local, spec.local_heads, D), False)
+    return _attend_groups([exchange], [(0, spec.local_heads)], attend, spec, pg, world, send.dtype)
+
+
+def _attend_groups(pending, bounds, attend, spec, pg, world, dtype):
+    """For each head group: wait for its q/k/v, attend, start its output exchange; then gather the
+    outputs into [B, S_local, heads, D]."""
+    out, outputs = None, []
     for i, (a, b) in enumerate(bounds):
-        qh, kh, vh = _finish_qkv(pending[i], q.dtype)
-        pending[i] = None  # the received bytes are unpacked: free them before the next group
+        qh, kh, vh = _finish_qkv(pending[i], dtype)
+        pending[i] = None  # drop this group's receive buffer once the views/copies are gone
+        if out is None:
+            out = qh.new_empty((qh.shape[0], spec.local_seq_len, spec.heads, qh.shape[3]))
         o = attend(qh, kh[:, :spec.seq_len], vh[:, :spec.seq_len])
         del qh, kh, vh
         outputs.append((a, b, _start_output(o, spec, pg, world, a)))
@@ -118,7 +190,7 @@ def _quantize(tensors, device):
 
     token = timing.begin(device)
     out = [ops.fp8_quantize(t, "row") for t in tensors]
-    timing.end(token, "pack")
+    timing.end(token, "pack", sum(v.numel() + 4 * s.numel() for v, s in out))
     return out
 
 
@@ -153,11 +225,12 @@ def _unpack_heads(dst, src, heads, per_rank, a, b):
 
 
 def _fp8_views(buf, n, B, S, width, D):
-    """Views into a byte buffer [world, per_rank_bytes]: fp32 scales [world, n, B, S, width, 1] first
-    (4-byte aligned), then the e4m3 values [world, n, B, S, width, D]."""
+    """Views into a byte buffer [world, per_rank_bytes]: fp32 scales [world, B, S, n, width, 1] first
+    (4-byte aligned), then the e4m3 values [world, B, S, n, width, D] (token-major like the native
+    payload, so the dequantized tensor is viewable at B = 1)."""
     m = n * B * S * width
-    scales = buf[:, :4 * m].view(torch.float32).unflatten(1, (n, B, S, width, 1))
-    data = buf[:, 4 * m:4 * m + m * D].view(_E4M3).unflatten(1, (n, B, S, width, D))
+    scales = buf[:, :4 * m].view(torch.float32).unflatten(1, (B, S, n, width, 1))
+    data = buf[:, 4 * m:4 * m + m * D].view(_E4M3).unflatten(1, (B, S, n, width, D))
     return scales, data
 
 
@@ -176,52 +249,66 @@ def _start_qkv(packed, spec, pg, world, a, b, fp8):
         send = torch.empty((world, _fp8_bytes(n, B, local, width, D)), dtype=torch.uint8, device=first.device)
         scales, data = _fp8_views(send, n, B, local, width, D)
         for i, (values, scale) in enumerate(packed):
-            _pack_heads(data[:, i], values, spec.heads, spec.local_heads, a, b)
-            _pack_heads(scales[:, i], scale, spec.heads, spec.local_heads, a, b)
+            _pack_heads(data[:, :, :, i], values, spec.heads, spec.local_heads, a, b)
+            _pack_heads(scales[:, :, :, i], scale, spec.heads, spec.local_heads, a, b)
     else:
-        # Chunk j of the send buffer: this rank's tokens of rank j's heads, q/k/v side by side.
-        send = first.new_empty((world, n, B, local, width, D))
+        # Chunk j of the send buffer: this rank's tokens of rank j's heads, per token q/k/v side by side.
+        send = first.new_empty((world, B, local, n, width, D))
         for i, t in enumerate(packed):
-            _pack_heads(send[:, i], t, spec.heads, spec.local_heads, a, b)
-    timing.end(token, "pack")
+            _pack_heads(send[:, :, :, i], t, spec.heads, spec.local_heads, a, b)
+    timing.end(token, "pack", send.numel() * send.element_size())
     recv, work = _all_to_all_start(send, pg)
     return recv, work, (n, B, local, width, D), fp8
 
 
 def _finish_qkv(exchange, dtype):
-    """Wait for a _start_qkv exchange; returns n tensors [B, world * S_local, width, D]."""
+    """Wait for a _start_qkv exchange; returns n tensors [B, world * S_local, width, D]: at B = 1 views
+    into the receive buffer (sequence stride n * width * D), else contiguous copies."""
     recv, work, (n, B, local, width, D), fp8 = exchange
     _all_to_all_wait(work, recv.device)
-    token = timing.begin(recv.device)
     world = recv.shape[0]
     if fp8:
         from .. import ops
 
+        token = timing.begin(recv.device)
         scales, data = _fp8_views(recv, n, B, local, width, D)
-        recv = ops.fp8_dequantize(data, scales, dtype)
+        recv = ops.fp8_dequantize(data, scales, dtype).contiguous()  # [world, B, S_local, n, width, D]
+        timing.end(token, "unpack", recv.numel() * recv.element_size())
     # recv[j]: rank j's tokens of this rank's heads. Source rank next to its tokens gives the
-    # sequence in order: [n, B, world * S_local, width, D].
-    out = recv.permute(1, 2, 0, 3, 4, 5).reshape(n, B, world * local, width, D)
-    timing.end(token, "unpack")
+    # sequence in order.
+    ordered = recv.permute(3, 1, 0, 2, 4, 5)  # [n, B, world, S_local, width, D]
+    if B == 1 or local == 1:  # (world, S_local) merge into one sequence stride: views, no copy
+        return ordered.view(n, B, world * local, width, D).unbind(0)
+    # Fallback: the batch index sits between the source rank and its tokens; one copy per tensor.
+    token = timing.begin(recv.device)
+    out = ordered.reshape(n, B, world * local, width, D)
+    timing.end(token, "unpack", out.numel() * out.element_size())
     return out.unbind(0)
 
 
 def _start_output(x, spec, pg, world, a):
     """x [B, S_padded, width, D], this rank's local heads [a, a + width) for the whole sequence:
     start sending rank j its tokens. Returns the pending exchange for _finish_output."""
-    token = timing.begin(x.device)
     # Chunk j of the send buffer: rank j's tokens, for these heads.
+    B, _, width, D = x.shape
+    if B == 1 and x.is_contiguous():
+        # The attention's own output is already the send buffer [world, 1, S_local, width, D].
+        return _all_to_all_start(x.view(world, 1, spec.local_seq_len, width, D), pg)
+    token = timing.begin(x.device)  # B > 1 (or a strided output): one copy
     send = x.unflatten(1, (world, spec.local_seq_len)).permute(1, 0, 2, 3, 4).contiguous()
-    timing.end(token, "pack")
+    timing.end(token, "pack", send.numel() * send.element_size())
     return _all_to_all_start(send, pg)
 
 
 def _finish_output(exchange, out, spec, a, b):
     recv, work = exchange  # recv[j]: this rank's tokens for rank j's heads [a, b)
     _all_to_all_wait(work, recv.device)
+    # The one copy left on the output side: rank j's heads are a column block of each token's row
+    # of to_out's input, which no view of the receive buffer can give.
     token = timing.begin(recv.device)
     _unpack_heads(out, recv, spec.heads, spec.local_heads, a, b)
-    timing.end(token, "unpack")
+    real = sum(min(max(spec.heads - (j * spec.local_heads + a), 0), b - a) for j in range(spec.world))
+    timing.end(token, "unpack", out[:, :, 0].numel() * real * out.element_size())
 
 
 def _all_to_all_start(send, pg):
@@ -297,7 +384,7 @@ def _agree(op, pg, spec, x, error, check, fp8):
         return
     if error is None:
         dtype = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else 100 + x.element_size()
-        mine = [_OPS.index(op), spec.seq_len, spec.heads, x.shape[0], x.shape[3], dtype, int(bool(fp8)), 1]
+        mine = [_OPS.index(op), spec.seq_len, spec.heads, x.shape[0], x.shape[-1], dtype, int(bool(fp8)), 1]
     else:
         mine = [-1] * len(_FIELDS) + [0]
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(pg) == "nccl" else "cpu"

@@ -8,6 +8,15 @@ tokens), then the attention itself is sharded:
   Ulysses x ring (ring_degree > 1): the Ulysses exchange inside groups of world / ring_degree
       ranks, then ring attention (key/value blocks passed around, merged by log-sum-exp) across them.
 
+Zero-copy Ulysses (SPConfig.zero_copy, the default, with one exchange and the native payload): the
+fused QK prologue writes q and k straight into the q/k/v send buffer (vkern.ops.qk_norm_rope(out=)),
+v is copied in (the one pack copy left: v is to_v's GEMM output), the attention reads the received
+q/k/v in place at B = 1, and its output is the output send buffer; the only unpack copy is the
+output's receive buffer -> [B, S_local, heads, D] for to_out (vkern/distributed/ulysses.py says why).
+Same ops on the same values as the copying path, so the same bits. Elsewhere (overlap_chunks > 1,
+fp8_payload, ring_degree > 1, zero_copy=False) the projections' tensors are packed by copying, as
+ulysses_attention does; the received q/k/v are still views at B = 1.
+
 Cross-attention (attn2) needs no processor of its own: its queries are this rank's tokens and its
 keys the replicated text, so the ordinary processor is already correct.
 """
@@ -58,6 +67,9 @@ class VkernWanSPAttnProcessor(VkernWanAttnProcessor):
         layout = ctx.current()
         config = ctx.config
         local_attend, local_attend_lse = _attend_fns(self.attention)
+        if (ctx.ring_degree == 1 and config.zero_copy and not config.fp8_payload
+                and len(ulysses.head_chunks(layout.spec.local_heads, config.overlap_chunks)) == 1):
+            return self._zero_copy_attention(attn, hidden_states, rotary_emb, layout.spec, local_attend)
 
         def attend(q, k, v, attn_mask=None):
             # check=False: the model's pre-hook already made the ranks agree on this step's shapes.
@@ -76,8 +88,27 @@ class VkernWanSPAttnProcessor(VkernWanAttnProcessor):
         norm_rope = ops.qk_norm_rope if self.fused_qk_norm_rope else ref.qk_norm_rope
         return ref.wan_attention(attn, hidden_states, None, None, rotary_emb, norm_rope=norm_rope, attend=attend)
 
+    def _zero_copy_attention(self, attn, hidden_states, rotary_emb, spec, local_attend):
+        """reference.wan_attention for self-attention, with q/k/v written into the send buffer."""
+        query, key, value = ref._projections(attn, hidden_states, None)
+        heads, dtype = attn.heads, value.dtype
+        send = ulysses.QKVSendBuffer(spec, query.shape[0], query.shape[2] // heads, query.dtype, query.device,
+                                     self.context.group)
+        freqs = rotary_emb if rotary_emb is not None else (None, None)
+        for i, (x, norm) in enumerate(((query, attn.norm_q), (key, attn.norm_k))):
+            if self.fused_qk_norm_rope:
+                ops.qk_norm_rope(x, norm.weight, norm.eps, heads, *freqs, out=send.slot(i))
+            else:  # the reference ops allocate their result: copied in (timed as pack)
+                send.fill(i, ref.qk_norm_rope(x, norm.weight, norm.eps, heads, *freqs))
+        send.fill(2, value.unflatten(2, (heads, -1)))
+        del query, key, value
+        # check=False: the model's pre-hook already made the ranks agree on this step's shapes.
+        hidden_states = ulysses.ulysses_attention_packed(send, local_attend, check=False)
+        hidden_states = attn.to_out[0](hidden_states.flatten(2, 3).type(dtype))
+        return attn.to_out[1](hidden_states)
+
     def __repr__(self):
         c = self.context
         return (f"VkernWanSPAttnProcessor(attention={self.attention!r}, fused_qk_norm_rope={self.fused_qk_norm_rope}, "
                 f"world={c.world}, ring_degree={c.ring_degree}, overlap_chunks={c.config.overlap_chunks}, "
-                f"fp8_payload={c.config.fp8_payload})")
+                f"fp8_payload={c.config.fp8_payload}, zero_copy={c.config.zero_copy})")

@@ -30,13 +30,21 @@ def _norm_rope_candidates(device, dtype):
     return {"triton": kernel, "reference": None}
 
 
-def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=None):
+def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=None, out=None):
     """RMSNorm over the last dimension of x [B, S, H*D] (Wan's norm across heads) with `weight` (None:
     no norm), then optional interleaved RoPE from diffusers' tables freqs_cos/freqs_sin [1|B, S, 1, D].
     Returns a contiguous [B, S, H, D] tensor in x's dtype; with quant="e4m3" or "int8" a pair
-    (8-bit [B, S, H, D], fp32 scales [B, H, S]), one scale per (token, head), for attention_8bit."""
+    (8-bit [B, S, H, D], fp32 scales [B, H, S]), one scale per (token, head), for attention_8bit.
+
+    out (quant=None only): write the result into this tensor instead, and return it. Either [B, S, H, D]
+    or head groups [B, S, G, P, D] with G * P >= H: head h goes to out[:, :, h // P, h % P] and the
+    slots past H are zero-filled (so a head-sharded, head-padded all-to-all send buffer is written in
+    one pass; see vkern.distributed.ulysses.QKVSendBuffer). Any strides with the last dim contiguous,
+    x's dtype and device; it must not overlap x. The values are exactly those of the call without out."""
     if quant not in QUANT_FORMATS:
         raise ValueError(f"quant: expected one of {QUANT_FORMATS}, got {quant!r}")
+    if out is not None and quant is not None:
+        raise ValueError("out: only for the unquantized output (quant=None); the 8-bit output allocates its own")
     check_tensor("x", x, dtypes=FLOATS_OR_F64, ndim=3)
     B, S, row = x.shape
     if not isinstance(heads, int) or heads <= 0 or row % heads:
@@ -56,6 +64,10 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
                 raise ValueError(f"{name}: expected shape (1 or {B}, {S}, 1, {head_dim}), got {tuple(f.shape)}")
         if freqs_cos.stride() != freqs_sin.stride():
             freqs_cos, freqs_sin = freqs_cos.contiguous(), freqs_sin.contiguous()
+    if out is not None:
+        _check_norm_rope_out(out, x, heads, head_dim)
+        torch.ops.vkern.qk_norm_rope_out(x, weight, float(eps), heads, freqs_cos, freqs_sin, out)
+        return out
     if quant is None:
         return torch.ops.vkern.qk_norm_rope(x, weight, float(eps), heads, freqs_cos, freqs_sin)
     if x.dtype == torch.float64:
@@ -79,6 +91,55 @@ def _qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, head
 @_qk_norm_rope.register_fake
 def _(x, weight, eps, heads, freqs_cos, freqs_sin):
     return x.new_empty((*x.shape[:2], heads, x.shape[2] // heads))
+
+
+def _check_norm_rope_out(out, x, heads, head_dim):
+    check_tensor("out", out, dtypes=(x.dtype,), ndim=(4, 5), device=x.device)
+    B, S = x.shape[:2]
+    if out.dim() == 4:
+        check_shape("out", out, (B, S, heads, head_dim))
+    else:
+        check_shape("out", out, (B, S, None, None, head_dim))
+        if out.shape[2] * out.shape[3] < heads:
+            raise ValueError(f"out: head groups [B, S, G, P, D] need G * P >= heads={heads}, got {tuple(out.shape)}")
+    if out.stride(-1) != 1:
+        raise ValueError(f"out: the last (head) dimension must be contiguous, got strides {out.stride()}")
+
+
+def _write_heads(out, y):
+    """out [B, S, H, D] or head groups [B, S, G, P, D] <- y [B, S, H, D]; group slots past H get zeros."""
+    if out.dim() == 4:
+        out.copy_(y)
+        return
+    P, H = out.shape[3], y.shape[2]
+    for g in range(out.shape[2]):
+        n = min(max(H - g * P, 0), P)
+        if n:
+            out[:, :, g, :n].copy_(y[:, :, g * P:g * P + n])
+        if n < P:
+            out[:, :, g, n:].zero_()
+
+
+@torch.library.custom_op("vkern::qk_norm_rope_out", mutates_args=("out",))
+def _qk_norm_rope_out(x: torch.Tensor, weight: torch.Tensor | None, eps: float, heads: int,
+                      freqs_cos: torch.Tensor | None, freqs_sin: torch.Tensor | None, out: torch.Tensor) -> None:
+    backend = _backend.choose("qk_norm_rope", _norm_rope_candidates(x.device, x.dtype))
+    if backend == "triton":
+        from ..triton.qk_norm_rope import qk_norm_rope as kernel
+
+        kernel(x if x.stride(-1) == 1 else x.contiguous(), weight, eps, heads, freqs_cos, freqs_sin, out)
+        if out.dim() == 5 and out.shape[2] * out.shape[3] > heads:  # the kernel writes real heads only
+            P = out.shape[3]
+            if heads % P:
+                out[:, :, heads // P, heads % P:].zero_()
+            out[:, :, -(-heads // P):].zero_()
+        return
+    _write_heads(out, ref.qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin))
+
+
+@_qk_norm_rope_out.register_fake
+def _(x, weight, eps, heads, freqs_cos, freqs_sin, out):
+    return None
 
 
 @torch.library.custom_op("vkern::qk_norm_rope_quantized", mutates_args=())

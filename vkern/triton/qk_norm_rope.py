@@ -23,6 +23,7 @@ def _qk_norm_rope_kernel(
     S, H,
     stride_xb, stride_xs,
     stride_fb, stride_fs, stride_fd,
+    stride_ob, stride_os, stride_og, stride_oh, heads_per_group,
     eps, q_inv,
     HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_RNE: tl.constexpr,
@@ -68,12 +69,18 @@ def _qk_norm_rope_kernel(
         # scales [B, H, S]: the attention kernel reads a block of consecutive tokens of one head
         tl.store(scale_ptr + (b * H + tl.arange(0, BLOCK_H)) * S + s, scale, mask=tl.arange(0, BLOCK_H) < H)
     else:
-        tl.store(out_ptr + row * (H * HEAD_DIM) + offs, round_to(y, dtype, EMULATE_RNE), mask=mask)
+        # Any output strides (last dim contiguous): head h goes to group h // heads_per_group, slot
+        # h % heads_per_group, so one pass can write straight into a head-sharded send buffer.
+        o_offs = (h // heads_per_group) * stride_og + (h % heads_per_group) * stride_oh + d
+        o_base = out_ptr + b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os
+        tl.store(o_base + o_offs, round_to(y, dtype, EMULATE_RNE), mask=mask)
 
 
 def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None):
     """x [B, S, H*D] (last dim contiguous), weight [H*D] or None (no norm), freqs [1|B, S, 1, D] or None;
-    out [B, S, H, D] contiguous, in x's dtype, or e4m3/int8 with scale fp32 [B, H, S] contiguous."""
+    out in x's dtype: [B, S, H, D], or [B, S, G, P, D] with G * P >= H (head h -> out[:, :, h // P, h % P];
+    slots past H are not written), any strides with the last dim contiguous; or out e4m3/int8
+    [B, S, H, D] contiguous with scale fp32 [B, H, S] contiguous."""
     B, S, row = x.shape
     head_dim = row // heads
     has_rope = freqs_cos is not None
@@ -86,11 +93,17 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None):
         fb = fs = fd = 0
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
     quant = 0 if scale is None else 1 if out.dtype == torch.float8_e4m3fn else 2
+    if out.dim() == 5:
+        sob, sos, sog, soh = out.stride()[:4]
+        per_group = out.shape[3]
+    else:
+        (sob, sos, soh), sog, per_group = out.stride()[:3], 0, heads
     _qk_norm_rope_kernel[(B * S,)](
         x, x if weight is None else weight, freqs_cos, freqs_sin, out, out if scale is None else scale,
         S, heads,
         x.stride(0), x.stride(1),
         fb, fs, fd,
+        sob, sos, sog, soh, per_group,
         eps, INT8_INV if quant == 2 else E4M3_INV,
         HEAD_DIM=head_dim, HAS_ROPE=has_rope, NORM=weight is not None, QUANT=quant, BLOCK_H=block_h, BLOCK_D=block_d,
         EMULATE_RNE=interpreting(), num_warps=max(1, min(8, block_h * block_d // 512)),
