@@ -130,6 +130,49 @@ def _fp8_quantize(name, providers, args):
                    gbps=min_bytes / ms / 1e6, bit_exact=bool(torch.equal(q.view(torch.uint8), expected)))
 
 
+def _wan_self_attention(name, providers, args):
+    """Wan self-attention as a module call (q/k/v projections, RMSNorm across heads, RoPE, attention, output
+    projection), hidden states [1, tokens, heads * head_dim]: diffusers' WanAttnProcessor with SDPA on
+    cuDNN ("diffusers-cudnn", the issue's baseline) and on PyTorch's own SDPA choice ("diffusers"), vs
+    VkernWanAttnProcessor per attention mode; rel_l2 against the diffusers-cudnn output."""
+    from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vkern.models import wan_rope_tables
+    from vkern.modules.wan_attention import VkernWanAttnProcessor
+
+    s = shapes.ATTENTION[name]
+    dim = s.heads * s.head_dim
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        attn = WanAttention(dim, heads=s.heads, dim_head=s.head_dim, eps=1e-6, processor=WanAttnProcessor())
+        attn = attn.to(DT).eval().requires_grad_(False)
+    x = torch.randn(1, s.tokens, dim, device="cuda", dtype=DT)
+    rope = tuple(t.cuda() for t in wan_rope_tables(s.tokens, s.head_dim))
+    processors = {"diffusers-cudnn": WanAttnProcessor(), "diffusers": WanAttnProcessor(),
+                  **{f"vkern-{m}": VkernWanAttnProcessor(m) for m in ("auto", "bf16", "fp8", "int8")}}
+    flops = s.flops() + 4 * 2 * s.tokens * dim * dim
+    reference = None
+    for provider in providers or list(processors):
+        if provider not in processors:
+            continue
+        attn.set_processor(processors[provider])
+
+        def run():
+            with torch.inference_mode():
+                if provider == "diffusers-cudnn":
+                    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                        return attn(x, rotary_emb=rope)
+                return attn(x, rotary_emb=rope)
+
+        ms, lo, hi = time_cuda(run, args.warmup, args.repeats)
+        out = run()
+        reference = out if reference is None else reference
+        yield dict(op="wan-self-attn", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
+                   tflops=flops / ms / 1e9, rel_l2_vs_first=rel_l2(out, reference))
+        del out
+
+
 STEP_PROVIDERS = ("diffusers", "diffusers-fp8-layerwise", "vkern", "vkern-chunked", "vkern-fp8-storage",
                   "vkern-fp8-compute")
 CHUNK = 4096  # -chunked: FFN and attention token chunks
@@ -409,7 +452,8 @@ def _vae_conv(name, providers, args):
                    rel_l2_vs_diffusers=rel_l2(fns[provider](), expected))
 
 
-OPS = {"attention": (_attention, shapes.ATTENTION), "qk-norm-rope": (_qk_norm_rope, shapes.ATTENTION),
+OPS = {"attention": (_attention, shapes.ATTENTION), "wan-self-attn": (_wan_self_attention, shapes.ATTENTION),
+       "qk-norm-rope": (_qk_norm_rope, shapes.ATTENTION),
        "gemm": (_gemm, GEMM_SHAPES),
        "fp8-quantize": (_fp8_quantize, FP8_SHAPES), "step": (_step, shapes.STEPS),
        "vae-decode": (_vae_decode, shapes.VAE), "vae-encode": (_vae_encode, shapes.VAE),

@@ -3,10 +3,12 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [profile] [vaeprof]
 #     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
 #     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
-#     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model)
+#     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model);
+#     selfattn: Wan self-attention module per processor; profile: 14B step GPU time by class;
+#     vaeprof: VAE decode/encode GPU time by class + decode rows. VKERN_TESTS: test paths (default tests)
 set -uo pipefail
 MODES=" ${*:-tests quick} "
 OUT=${OUT:-/tmp/vkern-out}
@@ -30,7 +32,9 @@ python3 -m vkern info | tee "$OUT/info.txt"
 tests_rc=0
 if [[ $MODES == *" tests "* ]]; then
   echo "== pytest -m gpu"
-  timeout ${VKERN_TEST_TIMEOUT:-300} python3 -m pytest -m gpu -v -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1
+  # SIGINT at the limit: pytest stops and still prints the failures' tracebacks and the durations.
+  timeout -s INT -k 30 ${VKERN_TEST_TIMEOUT:-300} python3 -m pytest -m gpu -v -p no:cacheprovider --tb=short \
+    --durations=25 ${VKERN_TESTS:-tests} > "$OUT/pytest.log" 2>&1
   tests_rc=$?
   grep -E "FAILED|ERROR" "$OUT/pytest.log" | head -20; tail -3 "$OUT/pytest.log"
   echo "== demo"
@@ -57,8 +61,19 @@ if [[ $MODES == *" vae "* ]]; then
   $B --op vae-encode --shape wan-vae-480p,wan-vae-720p
   VKERN_WAN_VAE_FRAMES_PER_STEP=2 $B --op vae-decode --shape wan-vae-720p --providers vkern
 fi
+if [[ $MODES == *" selfattn "* ]]; then
+  $B --op wan-self-attn --shape wan14b-480p,wan1.3b-480p
+fi
 if [[ $MODES == *" big "* ]]; then
   $B --op step --shape wan14b-480p --providers diffusers,diffusers-fp8-layerwise,vkern,vkern-chunked,vkern-fp8-storage,vkern-fp8-compute,vkern-fp8-compute-attn-fp8,vkern-fp8-compute-chunked-attn-fp8
+fi
+if [[ $MODES == *" profile "* ]]; then
+  python3 -m bench.profile_step --size 14b --res 480p --providers diffusers,vkern-chunked,vkern-fp8-compute-chunked \
+    --out "$OUT/results.jsonl" 2>&1 | tail -30
+fi
+if [[ $MODES == *" vaeprof "* ]]; then
+  python3 -m bench.profile_vae --res 480p --out "$OUT/results.jsonl" --md "$OUT/profile_vae.md" 2>&1 | tail -60
+  $B --op vae-decode --shape wan-vae-480p --providers diffusers,vkern
 fi
 python3 -m bench.table "$OUT/results.jsonl"
 echo "pytest -m gpu exit code: $tests_rc"
