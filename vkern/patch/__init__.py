@@ -28,7 +28,8 @@ class PatchConfig:
                         K/V for the whole sequence first, then each chunk's q -> attention -> output
                         projection -> residual, so no full-sequence q/output tensors (activation memory)
     fused_block         Wan blocks run fused LayerNorm+modulate and gate+residual kernels (no fp32 copies
-                        of the hidden states) and chunk their FFN by ffn_chunk_size
+                        of the hidden states) and chunk their FFN by ffn_chunk_size; the transformer's
+                        output norm + modulate is one such pass too
     vae                 cached causal convolutions in the VAE, and its fast chunked encode/decode loop on CUDA
     vae_output_device   None (decoded video on the latents' device) or e.g. "cpu": decoded frames are
                         written into pinned CPU memory as they come, capping the GPU peak

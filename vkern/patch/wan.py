@@ -49,6 +49,11 @@ def _patch_transformer(model, config, handle, classes):
 
             chunked = ChunkedFeedForward.from_diffusers(module.ffn, chunk_size=config.ffn_chunk_size)
             handle.swap_module(module, "ffn", chunked, "FeedForward -> ChunkedFeedForward")
+    if config.fused_block and config.accepts(model, ""):
+        from ..modules.wan_transformer import fused_transformer_forward
+
+        handle.override_forward(model, functools.partial(fused_transformer_forward, model),
+                                "WanTransformer3DModel.forward -> fused output norm")
     if config.sp is not None:
         # Last: it replaces the self-attention processors installed above with sharded ones.
         from ..distributed.sp_wan import apply_sequence_parallel

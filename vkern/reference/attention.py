@@ -171,9 +171,12 @@ def wan_attention(attn, hidden_states, encoder_hidden_states=None, attention_mas
     processor is this function with kernels plugged in (and the reference is it with none)."""
     context, image_context = _split_image_context(attn, encoder_hidden_states)
     query, key, value = _projections(attn, hidden_states, context)
+    # Rebinding frees each projection output once its normed form exists (as diffusers' processor does).
+    dtype, query = query.dtype, _norm_rope_query(attn, query, rotary_emb, norm_rope)
     kv = _key_value(attn, key, value, rotary_emb, norm_rope)
+    del key, value
     image_kv = None if image_context is None else _image_key_value(attn, image_context, norm_rope)
-    return _attend_query(attn, query, kv, image_kv, rotary_emb, attention_mask, norm_rope, attend)
+    return _attend(attn, query, kv, image_kv, attention_mask, attend, dtype)
 
 
 # Query-chunked attention (vkern.modules.wan_block with attention_chunk_size): the keys/values once, then
@@ -198,7 +201,9 @@ def wan_attend_query(attn, hidden_states, kv, image_kv=None, rotary_emb=None, no
                      attend=attention):
     """The query half of wan_attention: hidden_states [B, Sq, dim] (any token slice) against wan_key_value's
     kv / image_kv; rotary_emb: the tables of these query tokens. Returns the output projection."""
-    return _attend_query(attn, attn.to_q(hidden_states), kv, image_kv, rotary_emb, None, norm_rope, attend)
+    query = attn.to_q(hidden_states)
+    dtype, query = query.dtype, _norm_rope_query(attn, query, rotary_emb, norm_rope)
+    return _attend(attn, query, kv, image_kv, None, attend, dtype)
 
 
 def _split_image_context(attn, encoder_hidden_states, self_context=None):
@@ -224,10 +229,14 @@ def _image_key_value(attn, image_context, norm_rope):
     return key_img, value_img.unflatten(2, (attn.heads, -1))
 
 
-def _attend_query(attn, query, kv, image_kv, rotary_emb, attention_mask, norm_rope, attend):
-    dtype = query.dtype  # diffusers writes type_as(query): the projection dtype (value's, too)
+def _norm_rope_query(attn, query, rotary_emb, norm_rope):
     freqs = rotary_emb if rotary_emb is not None else (None, None)
-    query = norm_rope(query, attn.norm_q.weight, attn.norm_q.eps, attn.heads, *freqs)
+    return norm_rope(query, attn.norm_q.weight, attn.norm_q.eps, attn.heads, *freqs)
+
+
+def _attend(attn, query, kv, image_kv, attention_mask, attend, dtype):
+    """Attention of the normed query against kv (and image_kv), then the output projection; dtype: the
+    projections' (diffusers writes type_as(query) before the output projection)."""
     hidden_states_img = None
     if image_kv is not None:
         hidden_states_img = attend(query, *image_kv).flatten(2, 3).to(dtype)

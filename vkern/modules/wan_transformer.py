@@ -1,0 +1,55 @@
+"""diffusers' WanTransformer3DModel.forward (diffusers 0.42) with the output norm fused.
+
+diffusers ends the step with (norm_out(x.float()) * (1 + scale) + shift).type_as(x): three fp32 tensors of
+the whole sequence at once (1.5 GiB at Wan-14B 480p), which is the step's memory peak once the blocks
+chunk their attention and FFN. Here that is one vkern.ops.layernorm_modulate pass, bf16 in and out, with
+the same fp32 math. Everything else is diffusers' forward, calling the same submodules the same way (so
+hooks on rope, blocks and proj_out, e.g. vkern's sequence parallelism, see the same calls). With autograd
+recording, gradient checkpointing, or attention_kwargs (LoRA scale), diffusers' own forward runs.
+"""
+import torch
+
+from .. import ops
+
+
+def fused_transformer_forward(model, hidden_states, timestep, encoder_hidden_states,
+                              encoder_hidden_states_image=None, return_dict=True, attention_kwargs=None):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    if attention_kwargs or model.gradient_checkpointing or (
+            torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())):
+        return type(model).forward(model, hidden_states, timestep, encoder_hidden_states,
+                                   encoder_hidden_states_image, return_dict, attention_kwargs)
+    batch_size, _, num_frames, height, width = hidden_states.shape
+    p_t, p_h, p_w = model.config.patch_size
+    frames, rows, cols = num_frames // p_t, height // p_h, width // p_w
+
+    rotary_emb = model.rope(hidden_states)
+    hidden_states = model.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+
+    ts_seq_len = None
+    if timestep.ndim == 2:  # Wan 2.2 TI2V: per-token timesteps
+        ts_seq_len = timestep.shape[1]
+        timestep = timestep.flatten()
+    temb, timestep_proj, encoder_hidden_states, encoder_hidden_states_image = model.condition_embedder(
+        timestep, encoder_hidden_states, encoder_hidden_states_image, timestep_seq_len=ts_seq_len)
+    timestep_proj = timestep_proj.unflatten(2 if ts_seq_len is not None else 1, (6, -1))
+    if encoder_hidden_states_image is not None:
+        encoder_hidden_states = torch.concat([encoder_hidden_states_image, encoder_hidden_states], dim=1)
+
+    for block in model.blocks:
+        hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
+
+    # diffusers: shift, scale = (scale_shift_table + temb).chunk(2) in fp32, [B, 1|S, D] each; the kernel
+    # takes the temb chunk and the table row apart and adds them in fp32, the same sum.
+    table = model.scale_shift_table.to(hidden_states.device)
+    temb = temb.to(hidden_states.device)
+    temb = temb[:, None] if temb.ndim == 2 else temb  # [B, 1|S, D]
+    norm = model.norm_out
+    hidden_states = ops.layernorm_modulate(hidden_states, temb, temb, norm.eps, getattr(norm, "weight", None),
+                                           getattr(norm, "bias", None), table[0, 0], table[0, 1])
+    hidden_states = model.proj_out(hidden_states)
+
+    hidden_states = hidden_states.reshape(batch_size, frames, rows, cols, p_t, p_h, p_w, -1)
+    output = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+    return Transformer2DModelOutput(sample=output) if return_dict else (output,)
