@@ -185,7 +185,9 @@ def test_gpu_wan14b_block_chunked_attention_peak(mode):
                                                              attention_chunk_size=4096))
     rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
     print(f"{mode}: block peak over inputs {peak_whole:.2f} GiB whole, {peak_chunked:.2f} GiB chunked; rel L2 {rel:.2e}")
-    # Whole: normed x, q, k, v, normed q/k, attention output, projection, new x (~9 x 0.31 GiB); chunked:
-    # K, V and the new x (3 x 0.31 GiB) plus per-chunk temporaries.
-    assert peak_chunked < 0.6 * peak_whole
+    # Chunked, by design: K, V and the new x (3 full [tokens, dim] bf16 tensors; K/V 8-bit ones in fp8 mode)
+    # plus per-chunk temporaries (normed rows, q, attention output, projection: allow 8 chunk-sized ones).
+    full, chunk = 32760 * 5120 * 2 / 2**30, 4096 * 5120 * 2 / 2**30
+    assert peak_chunked <= 3 * full + 8 * chunk
+    assert peak_chunked < peak_whole
     assert rel < (2e-2 if mode == "fp8" else 1e-2)
