@@ -4,6 +4,7 @@ within each phase of the forward (input embedding, each block, output norm + pro
     python -m bench.memory_phases --size 14b --res 480p --providers diffusers,vkern-chunked
 """
 import argparse
+import gc
 
 import torch
 
@@ -47,7 +48,8 @@ def main(argv=None):
         inputs = models.transformer_inputs(model, args.res, torch.bfloat16, "cuda")
         print(provider, " | ".join(f"{name} {gib:.2f} GiB" for name, gib in phases(model, inputs)), flush=True)
         del model, inputs
-        torch.cuda.empty_cache()
+        gc.collect()  # the patch handle and the model refer to each other (run 13: a lingering model made
+        torch.cuda.empty_cache()  # the next provider's phases negative)
 
 
 if __name__ == "__main__":
