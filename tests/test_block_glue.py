@@ -457,23 +457,25 @@ def test_gpu_wan14b_glue_ops(per_token):
     assert torch.equal(ops.gate_residual_(x, y, *mods[2]), want)
 
 
+def cuda_peak(fn):
+    """(fn(), the peak bytes allocated during it over what was allocated before)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() - base
+
+
 @pytest.mark.gpu
 def test_gpu_wan14b_block_within_twice_torch_error_and_smaller_peak():
     dim, heads, ffn, S = 5120, 40, 13824, 32760
     block = make_block(torch.bfloat16, True, dim, heads, ffn, device="cuda")
     inputs = block_inputs(torch.bfloat16, False, "cuda", B=1, S=S, dim=dim, heads=heads, text=512)
 
-    def peak(fn):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = fn()
-        torch.cuda.synchronize()
-        return out, torch.cuda.max_memory_allocated() - base
-
     with torch.no_grad():
-        want, peak_diffusers = peak(lambda: block(*inputs))
-        got, peak_fused = peak(lambda: fused_block_forward(block, *inputs, ffn_chunk_size=4096))
+        want, peak_diffusers = cuda_peak(lambda: block(*inputs))
+        got, peak_fused = cuda_peak(lambda: fused_block_forward(block, *inputs, ffn_chunk_size=4096))
         oracle = copy.deepcopy(block).float()(*upcast(inputs))
     assert_within_torch_error(got, oracle.double(), want, what="block output")
     # diffusers holds fp32 copies of the hidden states and two [tokens, ffn] bf16 buffers (1.8 GB)

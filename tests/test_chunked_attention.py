@@ -164,20 +164,16 @@ def test_patched_tiny_wan_with_chunked_attention():
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["auto", "fp8"])
 def test_gpu_wan14b_block_chunked_attention_peak(mode):
-    from .test_block_glue import block_inputs as big_inputs, make_block as big_block
+    from .test_block_glue import block_inputs as big_inputs, cuda_peak, make_block as big_block
 
     block = big_block(torch.bfloat16, True, 5120, 40, 13824, device="cuda")
     for attn in (block.attn1, block.attn2):
         attn.set_processor(VkernWanAttnProcessor(mode))
     inputs = big_inputs(torch.bfloat16, False, "cuda", B=1, S=32760, dim=5120, heads=40, text=512)
 
-    def peak(fn):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = fn()
-        torch.cuda.synchronize()
-        return out, (torch.cuda.max_memory_allocated() - base) / 2**30
+    def peak(fn):  # in GiB
+        out, bytes_ = cuda_peak(fn)
+        return out, bytes_ / 2**30
 
     with torch.no_grad():
         want, peak_whole = peak(lambda: fused_block_forward(block, *inputs, ffn_chunk_size=4096))
