@@ -174,6 +174,20 @@ def table(rows):
     return markdown(header, lines)
 
 
+def save_rows(rows, device, out=None):
+    """rows with the run's GPU, torch version, commit and date added; appended to `out` as JSON lines."""
+    from .bench import _commit
+
+    meta = dict(gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
+                commit=_commit(), date=datetime.date.today().isoformat())
+    rows = [{**r, **meta} for r in rows]
+    if out:
+        with open(out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,15 +202,7 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and args.size != "tiny":
         raise SystemExit(f"--size {args.size} needs a CUDA GPU (on the CPU: --size tiny)")
-    from .bench import _commit
-
-    meta = dict(gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
-                commit=_commit(), date=datetime.date.today().isoformat())
-    rows = [{**r, **meta} for r in run(args.size, args.res, args.providers.split(","), device)]
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    rows = save_rows(run(args.size, args.res, args.providers.split(","), device), device, args.out)
     for r in rows:
         print(f"{r['provider']}: top kernels " + "; ".join(f"{t['ms']} ms {t['cls']} {t['name'][:60]}" for t in r["top"][:5]))
     print(table(rows))

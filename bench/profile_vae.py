@@ -19,16 +19,14 @@ of the profiled ops (vkern's Triton kernel runs interpreted inside its custom op
 shows that the classification and the rows work.
 """
 import argparse
-import datetime
 import gc
-import json
 import re
 import time
 
 import torch
 
 from . import profile_step
-from .profile_step import markdown, summarize
+from .profile_step import markdown, save_rows, summarize
 from .timing import param_bytes
 
 CLASSES = ("conv", "norm_silu", "copy", "elementwise", "other")
@@ -219,15 +217,7 @@ def main(argv=None):
     ops = args.ops.split(",")
     if set(ops) - {"decode", "encode"}:
         raise SystemExit(f"--ops: expected decode and/or encode, got {args.ops!r}")
-    from .bench import _commit
-
-    meta = dict(gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
-                commit=_commit(), date=datetime.date.today().isoformat())
-    rows = [{**r, **meta} for r in run(args.res, ops, args.providers.split(","), device)]
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    rows = save_rows(run(args.res, ops, args.providers.split(","), device), device, args.out)
     text = "\n\n".join([table(rows)] + [top_table(r) for r in rows])
     if args.md:
         with open(args.md, "w") as f:
