@@ -13,8 +13,10 @@ Rows (op "sp-step", JSON lines like bench/bench.py), in run order:
     vkern-sp-overlap       overlap_chunks=--chunks (exchanges split by heads, overlapped with attention)
     vkern-sp-fp8-overlap   both
     vkern-sp-ring          ring_degree=N (pure ring attention; for comparison, not the default)
-    vkern-sp-copy          zero_copy=False (q/k/v packed into the send buffer by copying: the A/B of
-                           the default's in-place prologue)
+    vkern-sp-copy          zero_copy=False (q/k/v packed into the send buffer by copying, the output
+                           unpacked by copying: the A/B of the default's zero-copy path)
+    vkern-sp-one-exchange  early_v=False (zero-copy, but q/k/v in one exchange after all three
+                           projections: the A/B of sending v early)
   diffusers-cp, world N    diffusers' enable_parallelism(ContextParallelConfig(ulysses_degree=N)), if
                            this diffusers has it (its hooks cannot be removed, so it runs last)
 The world-1 rows run on every rank at once, each on its own GPU with no communication (the same
@@ -29,8 +31,9 @@ waits, packing and unpacking; off during the timed steps):
   pack_ms, unpack_ms     copies into send buffers / out of receive buffers (+ fp8 quant/dequant)
   pack_mb, unpack_mb     the bytes those copies wrote in that step (CommTimer.bytes)
   all_gather_ms, ring_ms the final proj_out gather; the ring's exposed key/value transfers
-  a2a_only_ms, a2a_only_pct   the same step's all-to-alls alone (the exact per-layer payloads, 2 per
-                         layer, nothing else running), and their share of ms: the wire time
+  a2a_only_ms, a2a_only_pct   the same step's all-to-alls alone (the exact per-layer payloads as one
+                         q/k/v and one output exchange, nothing else running), and their share of
+                         ms: the wire time
   a2a_mb_per_layer       bytes each rank sends per layer (q/k/v + output, own chunk included)
 speedup_vs_vkern1 / speedup_vs_diffusers1: world-1 ms over this row's ms.
 --device cpu (gloo, tiny sizes, wall-clock timing) only smoke-tests the script.
@@ -60,6 +63,7 @@ SP_VARIANTS = {  # label: SPConfig kwargs ("chunks" -> --chunks, "world" -> N)
     "vkern-sp-fp8-overlap": dict(fp8_payload=True, overlap_chunks="chunks"),
     "vkern-sp-ring": dict(ring_degree="world"),
     "vkern-sp-copy": dict(zero_copy=False),
+    "vkern-sp-one-exchange": dict(early_v=False),
 }
 DEFAULT_PROVIDERS = "diffusers,vkern,vkern-sp,vkern-sp-copy,vkern-sp-nocheck,vkern-sp-fp8,vkern-sp-overlap,diffusers-cp"
 

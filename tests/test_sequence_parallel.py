@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .sp_harness import CountCalls, check, check_all, expect_error, results_fixture, run, spawn
-from .tolerance import assert_within_torch_error
+from .tolerance import assert_within_torch_error, rel_l2
 from vkern.reference import fp8 as fp8_reference
 from vkern.reference import sequence_parallel as ref
 from vkern.reference.attention import attention_math
@@ -358,6 +358,37 @@ def _zero_copy_case(B, S, H, D, dtype, sp, seed, device):
     if inside != [in_place] * 3 or (count.buffers[1][1][0] == out_ptr) != sent_as_is:
         raise AssertionError(f"B={B}: q/k/v inside the receive buffer {inside} (expected {in_place}), output "
                              f"sent as is {count.buffers[1][1][0] == out_ptr} (expected {sent_as_is})")
+
+    # Split exchanges (SPConfig.early_v): v written by QKVSendBuffer.linear into its own buffer and sent
+    # first, q/k in a second buffer; the output as HeadBlocks. Reassembled from local() + remote() it is
+    # the gathered output bit for bit (the same attention on the same q/k/v), and the remote blocks are
+    # read inside the output's receive buffer.
+    x_in = ref.shard_sequence(torch.randn((B, S, 3 * D), generator=g).to(dtype), sp.world, sp.rank).to(device)
+    w_v = (torch.randn((H * D, 3 * D), generator=g) / D).to(dtype).to(device)
+    b_v = torch.randn(H * D, generator=g).to(dtype).to(device)
+    v_send = QKVSendBuffer(spec, B, D, dtype, device, sp, n=1)
+    v_send.buffer.fill_(float("nan"))
+    v_send.linear(0, x_in, w_v, b_v)
+    v_written = v_send.slot(0).flatten(2, 3)[:, :, :H].clone()
+    v_err = rel_l2(v_written.float().cpu(), F.linear(x_in, w_v, b_v).unflatten(2, (H, D)).float().cpu())
+    if v_send.buffer.isnan().any() or v_err > (1e-6 if dtype == torch.float32 else 8e-3):
+        raise AssertionError(f"QKVSendBuffer.linear: unwritten elements or rel L2 {v_err:.3g} vs F.linear")
+    qk_send = QKVSendBuffer(spec, B, D, dtype, device, sp, n=2)
+    with CountCalls() as count:
+        v_exchange = v_send.start()
+        ops.qk_norm_rope(xq, wq, 1e-6, H, cos, sin, out=qk_send.slot(0))
+        ops.qk_norm_rope(xk, wk, 1e-6, H, cos, sin, out=qk_send.slot(1))
+        blocks = ulysses_attention_packed((qk_send, v_exchange), attend, check=True, head_blocks=True)
+        got = torch.full((B, spec.local_seq_len, H, D), float("nan"), dtype=dtype, device=device)
+        remote = blocks.remote()
+        for (lo, hi), rows in [blocks.local(), *remote]:
+            got[:, :, lo:hi] = rows.view(B, spec.local_seq_len, hi - lo, D)
+    want = ulysses_attention(q, k, v_written, spec, attend, sp)
+    _expect_equal(got, want.cpu(), "HeadBlocks local() + remote() vs ulysses_attention")
+    (recv, recv_bytes), _ = count.buffers[-1]
+    if count.calls != 3 or any(not recv <= r.data_ptr() < recv + recv_bytes for _, r in remote):
+        raise AssertionError(f"{count.calls} all-to-alls (expected 3: v, q/k, output), or a remote block "
+                             "outside the output's receive buffer")
 
 
 def _error_case(name, sp, device):

@@ -65,7 +65,12 @@ class SPConfig:
     zero_copy       True (default): with one exchange per layer and the native payload, the fused QK
                     prologue writes q/k straight into the all-to-all send buffer (no pack copy of q/k);
                     False: pack by copying, as before (the same bits; for A/B measurement). The other
-                    configurations always pack by copying. Received q/k/v are views at B = 1 either way."""
+                    configurations always pack by copying. Received q/k/v are views at B = 1 either way.
+                    The zero-copy path also writes to_v's GEMM into the send buffer and splits to_out
+                    by heads over the output's receive buffer (vkern/modules/wan_sp_attention.py).
+    early_v         zero-copy path only. True (default): v gets its own all-to-all, started as soon as
+                    to_v is done, so it overlaps the q/k projections and prologue (two q/k/v exchanges
+                    per layer); False: one packed q/k/v exchange after all three projections."""
     group: Any = None
     check_inputs: Any = "per-shape"
     fp8_payload: bool = False
@@ -73,6 +78,7 @@ class SPConfig:
     ring_degree: int = 1
     timeout: Any = None
     zero_copy: bool = True
+    early_v: bool = True
 
     def __post_init__(self):
         pg = getattr(self.group, "group", self.group)
@@ -86,7 +92,7 @@ class SPConfig:
                             f"got {self.check_inputs!r}")
         if self.check_inputs not in CHECK_MODES:
             raise ValueError(f"SPConfig.check_inputs: expected one of {CHECK_MODES}, got {self.check_inputs!r}")
-        for name in ("fp8_payload", "zero_copy"):
+        for name in ("fp8_payload", "zero_copy", "early_v"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SPConfig.{name}: expected a bool, got {getattr(self, name)!r}")
         for name in ("overlap_chunks", "ring_degree"):
@@ -224,6 +230,7 @@ def _patch_signature(model, config, sp_config, world):
                 "SPConfig.check_inputs": sp_config.check_inputs, "SPConfig.fp8_payload": sp_config.fp8_payload,
                 "SPConfig.overlap_chunks": sp_config.overlap_chunks, "SPConfig.ring_degree": sp_config.ring_degree,
                 "SPConfig.zero_copy": sp_config.zero_copy,
+                "SPConfig.early_v": sp_config.early_v,
                 # Random-weight models built without the same seed (or different checkpoints) would
                 # otherwise give a plausible-looking wrong video. State dict: fp8 weights are buffers.
                 "weights checksum": _checksum(*(t for t in model.state_dict().values() if t.is_floating_point()))})

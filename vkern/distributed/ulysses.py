@@ -22,13 +22,17 @@ is a strided [1, S_padded, width, D] view (sequence stride n * width * D), which
 read as is; no unpack copy. At B > 1 the batch index sits between the source rank and the token, so
 the tensors are unpacked by one copy each (the fallback; unless S_local = 1). On the send side, QKVSendBuffer lets a
 caller write q/k/v in place (the fused QK prologue writes its output straight into it, see
-vkern.ops.qk_norm_rope(out=)) and ulysses_attention_packed exchanges it: no pack copy for what is
-written in place (one exchange; the chunked and fp8 paths pack by copying). The output send buffer,
-[world, B, S_local, width, D], is at B = 1 the attention's own contiguous [1, S_padded, width, D]
-output, so it is sent as is; the output receive buffer [world, B, S_local, width, D] -> [B, S_local,
-heads, D] (to_out's input) is one copy: rank j's heads are a column block of every token's row, which
-no view can express, and to_out's GEMM needs rows. CommTimer's pack/unpack spans (and bytes) cover
-exactly the copies that run.
+vkern.ops.qk_norm_rope(out=); QKVSendBuffer.linear writes a projection's GEMM output into it) and
+ulysses_attention_packed exchanges it: no pack copy for what is written in place (the chunked and fp8
+paths pack by copying). The tensors may be split over buffers exchanged one after the other (v alone,
+started as soon as it is written, then q/k). The output send buffer, [world, B, S_local, width, D], is
+at B = 1 the attention's own contiguous [1, S_padded, width, D] output, so it is sent as is; the output
+receive buffer [world, B, S_local, width, D] -> [B, S_local, heads, D] (to_out's input) is one copy
+(rank j's heads are a column block of every token's row, which no view can express, and to_out's GEMM
+needs rows), unless the consumer takes the heads apart: HeadBlocks hands out rank j's block as the
+[B * S_local, width * D] matrix it already is in the receive buffer, and this rank's own block from the
+attention output before the exchange ends (an output projection split by input columns needs no copy).
+CommTimer's pack/unpack spans (and bytes) cover exactly the copies that run.
 
 Before exchanging, every rank shares a few ints (op, seq_len, heads, B, D, dtype, payload, input ok)
 with one small all_gather, so ranks that disagree all raise the same clear error instead of some of
@@ -43,7 +47,7 @@ from ..reference.sequence_parallel import ShardSpec, key_padding_mask
 from . import timing
 
 __all__ = ["seq_to_head", "seq_to_head_qkv", "head_to_seq", "ulysses_attention", "ulysses_attention_packed",
-           "QKVSendBuffer", "key_padding_mask", "ShardSpec", "head_chunks"]
+           "QKVSendBuffer", "HeadBlocks", "key_padding_mask", "ShardSpec", "head_chunks"]
 
 _OPS = ("seq_to_head", "seq_to_head_qkv", "head_to_seq", "ulysses_attention")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64,
@@ -100,18 +104,20 @@ def ulysses_attention(q, k, v, spec, attend, group=None, chunks=1, fp8=False, ch
 
 
 class QKVSendBuffer:
-    """The send buffer of one q/k/v exchange of ulysses_attention_packed, for a caller that writes q,
-    k and v into it in place instead of handing over tensors that are then copied in:
+    """The send buffer of one exchange of ulysses_attention_packed, for a caller that writes q, k and v
+    into it in place instead of handing over tensors that are then copied in:
 
         send = QKVSendBuffer(spec, batch, head_dim, dtype, device, group)
         vkern.ops.qk_norm_rope(query, w, eps, heads, cos, sin, out=send.slot(0))   # written in place
         send.fill(2, value)                                                        # or copied in
         out = ulysses_attention_packed(send, attend)
 
-    slot(i): tensor i (0 q, 1 k, 2 v) as head groups [B, S_local, world, H_local, D]: global head h is
+    n: how many tensors the buffer carries (3: q, k, v; or split over two buffers, e.g. v alone (n=1),
+    started early with start() so its exchange overlaps the q/k projections, and q/k (n=2)).
+    slot(i): tensor i as head groups [B, S_local, world, H_local, D]: global head h is
     slot[:, :, h // H_local, h % H_local]; heads >= spec.heads are head padding and must be zeros (the
-    out= of vkern.ops.qk_norm_rope writes them so). Every element of every slot must be written.
-    One exchange (chunks=1) of the model's dtype: the fp8 payload and head-chunked overlap pack by
+    out= of vkern.ops.qk_norm_rope writes them so; fill and linear write them). Every element of every
+    slot must be written. The model's dtype only: the fp8 payload and head-chunked overlap pack by
     copying (ulysses_attention)."""
 
     def __init__(self, spec, batch, head_dim, dtype, device, group=None, n=3):
@@ -135,18 +141,97 @@ class QKVSendBuffer:
         _pack_heads(self.buffer[:, :, :, i], t, self.spec.heads, self.spec.local_heads, 0, self.spec.local_heads)
         timing.end(token, "pack", self.buffer[:, :, :, i].numel() * self.buffer.element_size())
 
+    def linear(self, i, x, weight, bias=None):
+        """Slot i <- x @ weight.T + bias (x [B, S_local, K], weight [heads * D, K]): one GEMM per
+        destination rank writing its head columns straight into the buffer (at n = 1 each rank's chunk
+        is a contiguous [B * S_local, H_local * D] matrix), so a projection lands with no pack copy.
+        The same products as F.linear, in blocks of columns (GEMM blocking may differ, not the math)."""
+        B, local, heads, D = self.shape
+        if tuple(x.shape[:2]) != (B, local) or x.dim() != 3 or tuple(weight.shape) != (heads * D, x.shape[2]):
+            raise ValueError(f"x, weight: expected [{B}, {local}, K] and [{heads * D}, K], got "
+                             f"{list(x.shape)} and {list(weight.shape)}")
+        rows, per_rank = x.reshape(B * local, x.shape[2]), self.spec.local_heads
+        for j in range(self.world):
+            lo, n = j * per_rank, min(max(heads - j * per_rank, 0), per_rank)
+            dst = self.buffer[j, :, :, i].reshape(B * local, per_rank * D)  # a view (contiguous at n = 1)
+            cols = slice(lo * D, (lo + n) * D)
+            if n and bias is not None:
+                torch.addmm(bias[cols], rows, weight[cols].T, out=dst[:, :n * D])
+            elif n:
+                torch.mm(rows, weight[cols].T, out=dst[:, :n * D])
+            if n < per_rank:
+                dst[:, n * D:].zero_()
 
-def ulysses_attention_packed(send, attend, check=True):
-    """ulysses_attention on a filled QKVSendBuffer (one exchange, no copy of what was written in place):
-    returns [B, S_local, heads, D] in send.dtype. attend as for ulysses_attention. Collective over the
-    buffer's group; check: as for ulysses_attention (every rank must fill its buffer the same way)."""
-    spec, pg, world = send.spec, send.pg, send.world
-    if send.n != 3:
-        raise ValueError(f"send: expected a q/k/v buffer (n=3), got n={send.n}")
-    _agree("ulysses_attention", pg, spec, send.slot(0), None, check, False)
-    B, local, _, D = send.shape
-    exchange = (*_all_to_all_start(send.buffer, pg), (3, B, local, spec.local_heads, D), False)
-    return _attend_groups([exchange], [(0, spec.local_heads)], attend, spec, pg, world, send.dtype)
+    def start(self):
+        """Start this buffer's all-to-all now (the buffer must be complete and is not written after):
+        for ulysses_attention_packed's sends, so the exchange runs while the caller computes the rest."""
+        B, local, _, D = self.shape
+        return (*_all_to_all_start(self.buffer, self.pg), (self.n, B, local, self.spec.local_heads, D), False)
+
+
+def ulysses_attention_packed(sends, attend, check=True, head_blocks=False):
+    """ulysses_attention on filled QKVSendBuffers (no copy of what was written in place): sends is one
+    buffer of q, k, v (n=3), or a sequence of buffers (or their start() results) holding q, k, v in
+    that order, e.g. (qk, v.start()). Returns [B, S_local, heads, D] in the buffers' dtype, or with
+    head_blocks=True a HeadBlocks (the output exchange in flight, consumed by head block). attend as
+    for ulysses_attention. Collective over the buffers' group; check: as for ulysses_attention (every
+    rank must fill its buffers the same way)."""
+    sends = [sends] if isinstance(sends, QKVSendBuffer) else list(sends)
+    first = next(s for s in sends if isinstance(s, QKVSendBuffer))
+    spec, pg, world, dtype = first.spec, first.pg, first.world, first.dtype
+    if sum(s.n if isinstance(s, QKVSendBuffer) else s[2][0] for s in sends) != 3:
+        raise ValueError("sends: expected buffers holding q, k and v (3 tensors in all)")
+    _agree("ulysses_attention", pg, spec, first.slot(0), None, check, False)
+    exchanges = [s.start() if isinstance(s, QKVSendBuffer) else s for s in sends]
+    q, k, v = [t for exchange in exchanges for t in _finish_qkv(exchange, dtype)]
+    del exchanges  # the views keep the receive buffers alive as long as they are needed
+    o = attend(q, k[:, :spec.seq_len], v[:, :spec.seq_len])
+    del q, k, v
+    blocks = HeadBlocks(o, _start_output(o, spec, pg, world, 0), spec, dist.get_rank(pg))
+    return blocks if head_blocks else blocks.gather()
+
+
+class HeadBlocks:
+    """The attention output of ulysses_attention_packed(head_blocks=True), on its way back to the
+    ranks that own its tokens: this rank's tokens for every rank's heads, as one row block per rank,
+    [B * S_local, real_heads * D] (padded heads dropped). A consumer that takes the heads apart (an
+    output projection split by input columns, vkern/modules/wan_sp_attention.py) needs no unpack copy,
+    and can use this rank's own block, which never leaves the GPU, while the exchange is on the wire:
+        local()   (heads, rows) of this rank's own heads, available at once
+        remote()  [(heads, rows)] of the other ranks' heads (waits for the exchange; views into the
+                  receive buffer); heads is the (lo, hi) range of global heads
+        gather()  [B, S_local, heads, D], every head in order (the one unpack copy)."""
+
+    def __init__(self, o, exchange, spec, rank):
+        self.o, self.exchange, self.spec, self.rank = o, exchange, spec, rank
+        self.B, self.D = o.shape[0], o.shape[3]
+
+    def heads(self, j):
+        lo = j * self.spec.local_heads
+        return lo, min(max(self.spec.heads, lo), lo + self.spec.local_heads)
+
+    def local(self):
+        lo, hi = self.heads(self.rank)
+        local, width = self.spec.local_seq_len, self.spec.local_heads
+        rows = self.o[:, self.rank * local:(self.rank + 1) * local]
+        if self.B > 1:  # the batch index sits between this rank's token blocks: one (small) copy
+            token = timing.begin(rows.device)
+            rows = rows.contiguous()
+            timing.end(token, "unpack", rows[..., :hi - lo, :].numel() * rows.element_size())
+        return (lo, hi), rows.view(self.B * local, width * self.D)[:, :(hi - lo) * self.D]
+
+    def remote(self):
+        recv, work = self.exchange
+        _all_to_all_wait(work, recv.device)
+        flat = recv.view(self.spec.world, self.B * self.spec.local_seq_len, -1)
+        return [((lo, hi), flat[j, :, :(hi - lo) * self.D]) for j in range(self.spec.world)
+                if j != self.rank for lo, hi in [self.heads(j)] if hi > lo]
+
+    def gather(self):
+        out = self.o.new_empty((self.B, self.spec.local_seq_len, self.spec.heads, self.D))
+        _finish_output(self.exchange, out, self.spec, 0, self.spec.local_heads)
+        self.o = None
+        return out
 
 
 def _attend_groups(pending, bounds, attend, spec, pg, world, dtype):

@@ -8,14 +8,23 @@ tokens), then the attention itself is sharded:
   Ulysses x ring (ring_degree > 1): the Ulysses exchange inside groups of world / ring_degree
       ranks, then ring attention (key/value blocks passed around, merged by log-sum-exp) across them.
 
-Zero-copy Ulysses (SPConfig.zero_copy, the default, with one exchange and the native payload): the
-fused QK prologue writes q and k straight into the q/k/v send buffer (vkern.ops.qk_norm_rope(out=)),
-v is copied in (the one pack copy left: v is to_v's GEMM output), the attention reads the received
-q/k/v in place at B = 1, and its output is the output send buffer; the only unpack copy is the
-output's receive buffer -> [B, S_local, heads, D] for to_out (vkern/distributed/ulysses.py says why).
-Same ops on the same values as the copying path, so the same bits. Elsewhere (overlap_chunks > 1,
-fp8_payload, ring_degree > 1, zero_copy=False) the projections' tensors are packed by copying, as
-ulysses_attention does; the received q/k/v are still views at B = 1.
+Zero-copy Ulysses (SPConfig.zero_copy, the default, with one exchange per tensor group and the native
+payload): nothing is packed or unpacked by copying, and two of the three exchanges overlap compute.
+  - v first: to_v's GEMM writes straight into the send buffer (one GEMM per destination rank's head
+    columns, QKVSendBuffer.linear); with SPConfig.early_v (the default) v has a buffer and an exchange
+    of its own, started at once, so it is on the wire while q and k are projected and normed (two
+    q/k/v exchanges per layer; early_v=False: one packed q/k/v exchange);
+  - the fused QK prologue writes q and k straight into the q/k send buffer (vkern.ops.qk_norm_rope(out=));
+  - the attention reads the received q/k/v in place at B = 1, and its output is the output send buffer;
+  - to_out is split by input columns (heads): y = sum_j rows_j @ W[:, heads_j].T + bias over the rank
+    blocks of the output (ulysses.HeadBlocks), this rank's own heads first, while the other ranks'
+    blocks are on the wire; their blocks are read inside the receive buffer (no unpack copy).
+The same products as the copying path, grouped differently (column blocks of to_v, row blocks of
+to_out summed in the output dtype), so not the same bits: tests hold it to the SP tolerances.
+Where to_v or to_out is not a plain nn.Linear (Fp8Linear, LoRA, hooks) it is applied whole and copied
+in (v) or fed the gathered output (to_out); with a fused to_qkv, q/k/v share one buffer. Elsewhere
+(overlap_chunks > 1, fp8_payload, ring_degree > 1, zero_copy=False) the projections' tensors are packed
+by copying, as ulysses_attention does; the received q/k/v are still views at B = 1.
 
 Cross-attention (attn2) needs no processor of its own: its queries are this rank's tokens and its
 keys the replicated text, so the ordinary processor is already correct.
@@ -23,6 +32,7 @@ keys the replicated text, so the ordinary processor is already correct.
 import functools
 
 import torch
+from torch import nn
 
 from .. import ops
 from ..distributed import ring, ulysses
@@ -69,7 +79,7 @@ class VkernWanSPAttnProcessor(VkernWanAttnProcessor):
         local_attend, local_attend_lse = _attend_fns(self.attention)
         if (ctx.ring_degree == 1 and config.zero_copy and not config.fp8_payload
                 and len(ulysses.head_chunks(layout.spec.local_heads, config.overlap_chunks)) == 1):
-            return self._zero_copy_attention(attn, hidden_states, rotary_emb, layout.spec, local_attend)
+            return self._zero_copy_attention(attn, hidden_states, rotary_emb, layout.spec, local_attend, config.early_v)
 
         def attend(q, k, v, attn_mask=None):
             # check=False: the model's pre-hook already made the ranks agree on this step's shapes.
@@ -88,27 +98,87 @@ class VkernWanSPAttnProcessor(VkernWanAttnProcessor):
         norm_rope = ops.qk_norm_rope if self.fused_qk_norm_rope else ref.qk_norm_rope
         return ref.wan_attention(attn, hidden_states, None, None, rotary_emb, norm_rope=norm_rope, attend=attend)
 
-    def _zero_copy_attention(self, attn, hidden_states, rotary_emb, spec, local_attend):
-        """reference.wan_attention for self-attention, with q/k/v written into the send buffer."""
-        query, key, value = ref._projections(attn, hidden_states, None)
-        heads, dtype = attn.heads, value.dtype
-        send = ulysses.QKVSendBuffer(spec, query.shape[0], query.shape[2] // heads, query.dtype, query.device,
-                                     self.context.group)
-        freqs = rotary_emb if rotary_emb is not None else (None, None)
-        for i, (x, norm) in enumerate(((query, attn.norm_q), (key, attn.norm_k))):
-            if self.fused_qk_norm_rope:
-                ops.qk_norm_rope(x, norm.weight, norm.eps, heads, *freqs, out=send.slot(i))
-            else:  # the reference ops allocate their result: copied in (timed as pack)
-                send.fill(i, ref.qk_norm_rope(x, norm.weight, norm.eps, heads, *freqs))
-        send.fill(2, value.unflatten(2, (heads, -1)))
-        del query, key, value
+    def _zero_copy_attention(self, attn, hidden_states, rotary_emb, spec, local_attend, early_v):
+        """reference.wan_attention for self-attention, with q/k/v written into the send buffers and
+        to_out split by heads (see the module docstring)."""
+        if getattr(attn, "fused_projections", False):  # to_qkv: one GEMM, so one q/k/v buffer
+            query, key, value = ref._projections(attn, hidden_states, None)
+            send = self._send_buffer(attn, spec, value.shape[0], value.dtype, value.device, 3)
+            self._write_qk(attn, send, 0, query, rotary_emb)
+            self._write_qk(attn, send, 1, key, rotary_emb)
+            send.fill(2, value.unflatten(2, (attn.heads, -1)))
+            del query, key, value
+            sends = [send]
+        else:
+            # v first: with early_v its exchange is on the wire while q and k are projected and normed.
+            to_v, value = attn.to_v, None
+            if _plain_linear(to_v) and torch.is_tensor(hidden_states):
+                like = hidden_states
+            else:  # applied whole (Fp8Linear, LoRA, an fp8 activation), then copied in
+                like = value = to_v(hidden_states)
+            B, dtype, device = like.shape[0], like.dtype, like.device
+            send = self._send_buffer(attn, spec, B, dtype, device, 1 if early_v else 3)
+            v_slot = 0 if early_v else 2
+            if value is None:
+                send.linear(v_slot, hidden_states, to_v.weight, to_v.bias)
+            else:
+                send.fill(v_slot, value.unflatten(2, (attn.heads, -1)))
+            del like, value
+            sends = []
+            if early_v:
+                sends.append(send.start())
+                send = self._send_buffer(attn, spec, B, dtype, device, 2)
+            self._write_qk(attn, send, 0, attn.to_q(hidden_states), rotary_emb)
+            self._write_qk(attn, send, 1, attn.to_k(hidden_states), rotary_emb)
+            sends.insert(0, send)
+        del send
         # check=False: the model's pre-hook already made the ranks agree on this step's shapes.
-        hidden_states = ulysses.ulysses_attention_packed(send, local_attend, check=False)
-        hidden_states = attn.to_out[0](hidden_states.flatten(2, 3).type(dtype))
+        blocks = ulysses.ulysses_attention_packed(sends, local_attend, check=False, head_blocks=True)
+        del sends
+        to_out = attn.to_out[0]
+        if _plain_linear(to_out):
+            hidden_states = _head_split_linear(to_out, blocks)
+        else:
+            hidden_states = to_out(blocks.gather().flatten(2, 3))
         return attn.to_out[1](hidden_states)
+
+    def _send_buffer(self, attn, spec, batch, dtype, device, n):
+        return ulysses.QKVSendBuffer(spec, batch, attn.inner_dim // attn.heads, dtype, device, self.context.group, n=n)
+
+    def _write_qk(self, attn, send, i, x, rotary_emb):
+        """The QK prologue of x (i = 0: q, 1: k) into slot i of send."""
+        norm = (attn.norm_q, attn.norm_k)[i]
+        freqs = rotary_emb if rotary_emb is not None else (None, None)
+        if self.fused_qk_norm_rope:
+            ops.qk_norm_rope(x, norm.weight, norm.eps, attn.heads, *freqs, out=send.slot(i))
+        else:  # the reference ops allocate their result: copied in (timed as pack)
+            send.fill(i, ref.qk_norm_rope(x, norm.weight, norm.eps, attn.heads, *freqs))
 
     def __repr__(self):
         c = self.context
         return (f"VkernWanSPAttnProcessor(attention={self.attention!r}, fused_qk_norm_rope={self.fused_qk_norm_rope}, "
                 f"world={c.world}, ring_degree={c.ring_degree}, overlap_chunks={c.config.overlap_chunks}, "
-                f"fp8_payload={c.config.fp8_payload}, zero_copy={c.config.zero_copy})")
+                f"fp8_payload={c.config.fp8_payload}, zero_copy={c.config.zero_copy}, early_v={c.config.early_v})")
+
+
+def _plain_linear(m):
+    """An nn.Linear itself (not Fp8Linear, LoRA or a subclass with its own forward, no hooks): the
+    processor may apply its weight and bias in blocks."""
+    return type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_diffusers_hook"))
+
+
+def _head_split_linear(linear, blocks):
+    """linear (to_out) on the attention output arriving as HeadBlocks: y = sum over rank blocks of
+    rows_j @ W[:, heads_j].T (+ bias), this rank's own heads first, while the other ranks' blocks are
+    still on the wire. The same products as to_out on the gathered rows, summed per block (in the
+    output dtype between blocks), and no unpack copy."""
+    weight, D = linear.weight, blocks.D
+    (lo, hi), rows = blocks.local()
+    if linear.bias is not None:
+        y = torch.addmm(linear.bias, rows, weight[:, lo * D:hi * D].T)
+    else:
+        y = rows @ weight[:, lo * D:hi * D].T
+    del rows
+    for (lo, hi), rows in blocks.remote():
+        y.addmm_(rows, weight[:, lo * D:hi * D].T)
+    return y.view(blocks.B, -1, weight.shape[0])
