@@ -75,10 +75,14 @@ def _layernorm_modulate_kernel(
     xf = x.to(tl.float32)
     # Two passes over the registers (mean, then centered variance): biased variance as F.layer_norm.
     # IEEE division and square root (Triton's `/` is an approximate division on the GPU), as torch's
-    # fp32 LayerNorm: only the summation order differs.
-    mean = tl.div_rn(tl.sum(xf, axis=0), D * 1.0)
+    # fp32 LayerNorm: only the summation order differs. The sums accumulate in fp64 and round once to
+    # fp32: an fp32 tree sum's order follows the register layout Triton picks, which differed between
+    # the bf16 and e4m3 variants of this kernel (their stores vectorize differently), so their rows
+    # differed by an ulp in rare elements (run 12: 144 of 168M e4m3 codes); the fp64 sum of the same
+    # fp32 terms rounds to the same fp32 in any order (unless within 2^-29 of a tie).
+    mean = tl.div_rn(tl.sum(xf.to(tl.float64), axis=0).to(tl.float32), D * 1.0)
     xc = tl.where(mask, xf - mean, 0.0)
-    var = tl.div_rn(tl.sum(xc * xc, axis=0), D * 1.0)
+    var = tl.div_rn(tl.sum((xc * xc).to(tl.float64), axis=0).to(tl.float32), D * 1.0)
     y = xc * tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     if HAS_W:
         y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
