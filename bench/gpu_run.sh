@@ -3,12 +3,14 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [profile] [vaeprof]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [profile] [vaeprof] [fp8acc]
 #     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
 #     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
 #     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model);
 #     selfattn: Wan self-attention module per processor; profile: 14B step GPU time by class;
-#     vaeprof: VAE decode/encode GPU time by class + decode rows. VKERN_TESTS: test paths (default tests)
+#     vaeprof: VAE decode/encode GPU time by class + decode rows; fp8acc: fp8 storage/compute accuracy on
+#     Wan-1.3B and 14B 480p (per-layer SQNR, output cosine vs floors; table in $OUT/fp8_accuracy.md).
+#     VKERN_TESTS: test paths (default tests)
 set -uo pipefail
 MODES=" ${*:-tests quick} "
 OUT=${OUT:-/tmp/vkern-out}
@@ -74,6 +76,9 @@ fi
 if [[ $MODES == *" vaeprof "* ]]; then
   python3 -m bench.profile_vae --res 480p --out "$OUT/results.jsonl" --md "$OUT/profile_vae.md" 2>&1 | tail -60
   $B --op vae-decode --shape wan-vae-480p --providers diffusers,vkern
+fi
+if [[ $MODES == *" fp8acc "* ]]; then
+  python3 -m bench.fp8_accuracy --size 1.3b,14b --res 480p --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/fp8_accuracy.md"
 fi
 python3 -m bench.table "$OUT/results.jsonl"
 echo "pytest -m gpu exit code: $tests_rc"

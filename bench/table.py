@@ -7,11 +7,13 @@ parameter bytes in profile rows; sp-step rows (bench/sp_run.py) still write it a
 import json
 import sys
 
-METRICS = ("ms", "attention_ms", "gemm_ms", "elementwise_ms", "other_ms", "psnr_db", "a2a_ms", "a2a_pct", "eager_ms", "tflops", "gbps", "param_gib", "weights_gib", "peak_gib", "activation_gib", "sqnr_db", "rel_l2",
+METRICS = ("ms", "attention_ms", "gemm_ms", "elementwise_ms", "other_ms", "psnr_db", "a2a_ms", "a2a_pct", "eager_ms", "tflops", "gbps", "param_gib", "weights_gib", "peak_gib", "activation_gib", "sqnr_db", "sqnr_min_db", "sqnr_median_db", "rel_l2", "cos",
            "rel_l2_vs_cudnn", "rel_l2_vs_diffusers", "rel_l2_vs_first", "cos_vs_first", "bit_exact", "timing")
 
 
-def fmt(v):
+def fmt(v, metric=""):
+    if isinstance(v, float) and metric.startswith("cos"):
+        return f"{v:.6f}"  # cosines sit near 1: two decimals would show 1.00 for every provider
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.2f}"
     return str(v)
@@ -28,7 +30,7 @@ def main(paths):
         cols = [m for m in METRICS if any(m in r for r in group)]
         print(f"\n{op:<14} {'shape':<26} {'provider':<18} " + " ".join(f"{c:>12}" for c in cols))
         for r in group:
-            print(f"{'':<14} {r['shape']:<26} {r['provider']:<18} " + " ".join(f"{fmt(r.get(c, '')):>12}" for c in cols))
+            print(f"{'':<14} {r['shape']:<26} {r['provider']:<18} " + " ".join(f"{fmt(r.get(c, ''), c):>12}" for c in cols))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ def default_skip_patterns(model):
     return tuple(sorted(set(patterns)))
 
 
-def quantize_linears(model, config, handle):
+def fp8_targets(model, config):
+    """[(fqn, nn.Linear)] that patch(model, config) turns into Fp8Linear layers, in module order: plain
+    nn.Linear modules accepted by config.filter_fn and by config.fp8_filter_fn (default: not matching
+    default_skip_patterns). Also what bench.fp8_accuracy measures, so the two cannot drift apart."""
     patterns = default_skip_patterns(model)
 
     def wanted(module, fqn):
@@ -27,12 +30,21 @@ def quantize_linears(model, config, handle):
             return bool(config.fp8_filter_fn(module, fqn))
         return not any(re.search(p, fqn) for p in patterns)
 
-    targets = [(fqn, m) for fqn, m in model.named_modules()
-               if type(m) is nn.Linear and config.accepts(m, fqn) and wanted(m, fqn)]
+    return [(fqn, m) for fqn, m in model.named_modules()
+            if type(m) is nn.Linear and config.accepts(m, fqn) and wanted(m, fqn)]
+
+
+def to_fp8(linear, fqn, config):
+    """The Fp8Linear that patch(model, config) installs in place of `linear` (named fqn)."""
+    return Fp8Linear.from_linear(linear, config.fp8, name=fqn, fast_accum=config.fp8_fast_accum)
+
+
+def quantize_linears(model, config, handle):
+    targets = fp8_targets(model, config)  # collected first: swapping while iterating would visit the new layers
     modules = dict(model.named_modules())
     for fqn, linear in targets:
         parent_name, _, name = fqn.rpartition(".")
-        fp8 = Fp8Linear.from_linear(linear, config.fp8, name=fqn, fast_accum=config.fp8_fast_accum)
+        fp8 = to_fp8(linear, fqn, config)
         handle.swap_module(modules[parent_name], name, fp8, f"Linear -> Fp8Linear ({config.fp8})",
                            park=_park_original(linear, fp8, config.fp8_keep_original))
 
