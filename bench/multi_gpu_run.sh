@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One call on a 4-GPU machine (device time is scarce; multi-GPU kinds count in full):
-#   phase 1, all 4 GPUs: Wan-14B 720p step on 1 GPU (vkern) vs Ulysses over 4 (vkern-sp, vkern-sp-copy),
-#            and diffusers' context parallel;
-#   phase 2, at once: GPUs 0,1 the same over 2 then the NCCL tests; GPU 2 pytest -m gpu (single-GPU tests);
-#            GPU 3 the Wan-14B 480p step rows (diffusers, vkern, chunked).
+#   phase 1, all 4 GPUs: Wan-14B 720p step on 1 GPU (vkern) vs Ulysses over 4 (vkern-sp and its A/B
+#            variants), and diffusers' context parallel;
+#   phase 2, at once: GPUs 0,1 the same over 2, the NCCL tests, then (one GPU each) the fp8 accuracy
+#            report at 1.3B and the Wan-1.3B step rows; GPU 2 pytest -m gpu (single-GPU tests);
+#            GPU 3 the fp8 accuracy report at 14B, then the Wan-14B 480p step rows.
 # Usage on the GPU machine, from the repo root (carry .whl): VKERN_COMMIT=<sha> bash bench/multi_gpu_run.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/vkern-out}
@@ -14,22 +15,32 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 SP="-m bench.sp_run --size 14b --res 720p --repeats 2 --out $OUT/sp.jsonl"
-
+SP_VARIANTS=vkern-sp,vkern-sp-one-exchange,vkern-sp-copy
+B="python3 -m bench.bench --out $OUT/results.jsonl --warmup 2 --repeats 5"
+date +%T
 echo "== phase 1: 4 GPUs"
-torchrun --nproc-per-node 4 $SP --providers vkern,vkern-sp,vkern-sp-copy,diffusers-cp 2>&1 | tail -15
-
+torchrun --nproc-per-node 4 $SP --providers vkern,$SP_VARIANTS,diffusers-cp 2>&1 | tail -15
+date +%T
 echo "== phase 2"
-( CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc-per-node 2 --master-port 29511 $SP --providers vkern-sp,vkern-sp-copy \
+( CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc-per-node 2 --master-port 29511 $SP --providers $SP_VARIANTS \
     > "$OUT/sp2.log" 2>&1
   CUDA_VISIBLE_DEVICES=0,1 timeout -s INT -k 20 150 python3 -m pytest -m gpu -v -p no:cacheprovider --tb=short \
     -k "nccl or NCCL" tests/test_sequence_parallel.py tests/test_sp_wan.py tests/test_ring.py > "$OUT/pytest-nccl.log" 2>&1
+  ( CUDA_VISIBLE_DEVICES=0 python3 -m bench.fp8_accuracy --size 1.3b --res 480p --out "$OUT/results.jsonl" \
+      > "$OUT/fp8acc-1.3b.log" 2>&1 ) &
+  ( CUDA_VISIBLE_DEVICES=1 $B --op step --shape wan1.3b-480p \
+      --providers diffusers,diffusers-fp8-layerwise,vkern,vkern-fp8-storage,vkern-fp8-compute > "$OUT/steps-1.3b.log" 2>&1 ) &
+  wait
 ) &
 ( CUDA_VISIBLE_DEVICES=2 timeout -s INT -k 30 ${VKERN_TEST_TIMEOUT:-330} python3 -m pytest -m gpu -v -p no:cacheprovider \
     --tb=short --durations=25 ${VKERN_TESTS:-tests} > "$OUT/pytest.log" 2>&1 ) &
-( CUDA_VISIBLE_DEVICES=3 python3 -m bench.bench --op step --shape wan14b-480p --out "$OUT/results.jsonl" \
-    --providers diffusers,vkern,vkern-chunked,vkern-fp8-compute-chunked,vkern-fp8-compute-chunked-attn-fp8 \
-    > "$OUT/steps.log" 2>&1 ) &
+( CUDA_VISIBLE_DEVICES=3 python3 -m bench.fp8_accuracy --size 14b --res 480p --out "$OUT/results.jsonl" \
+    > "$OUT/fp8acc-14b.log" 2>&1
+  CUDA_VISIBLE_DEVICES=3 $B --op step --shape wan14b-480p --providers ${VKERN_STEP_PROVIDERS:-diffusers,vkern-chunked} \
+    > "$OUT/steps-14b.log" 2>&1 ) &
 wait
+date +%T
 tail -8 "$OUT/sp2.log"; grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest-nccl.log" | tail -5
 grep -E "FAILED|ERROR" "$OUT/pytest.log" | head -20; tail -3 "$OUT/pytest.log"
+tail -25 "$OUT/fp8acc-1.3b.log" "$OUT/fp8acc-14b.log"
 python3 -m bench.table "$OUT/sp.jsonl" "$OUT/results.jsonl"
