@@ -11,10 +11,15 @@ import torch
 
 def phases(model, inputs):
     """[(phase, peak GiB over the memory allocated before the step)] for one step of model."""
+    from vkern.modules.wan_block import ignores_block_inputs
+
     base = torch.cuda.memory_allocated()
     marks = []
 
     def mark(name):
+        # Marked: the probe touches no tensor, so the hooked blocks still overwrite their input in place as
+        # unhooked ones do (an unmarked hook turns that off, and the phases would show a block that is not run).
+        @ignores_block_inputs
         def hook(*_):
             torch.cuda.synchronize()
             marks.append((name, (torch.cuda.max_memory_allocated() - base) / 2**30))

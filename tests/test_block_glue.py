@@ -431,7 +431,12 @@ def assert_compiled_block_equals_eager(block):
     inputs = block_inputs(torch.bfloat16, True, S=9)
     compiled = torch.compile(fused_block_forward, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        assert torch.equal(compiled(block, *inputs, ffn_chunk_size=4), fused_block_forward(block, *inputs, 4))
+        want = fused_block_forward(block, *inputs, 4)
+        assert torch.equal(compiled(block, *inputs, ffn_chunk_size=4), want)
+        # overwrite_input: an input mutation, which the compiled graph writes back into the caller's tensor.
+        mine = inputs[0].clone()
+        assert torch.equal(compiled(block, mine, *inputs[1:], ffn_chunk_size=4, overwrite_input=True), want)
+        assert torch.equal(mine, want)
 
 
 def test_fused_block_under_torch_compile_fullgraph():

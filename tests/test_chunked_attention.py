@@ -159,6 +159,77 @@ def test_patched_tiny_wan_with_chunked_attention():
         torch.testing.assert_close(chunked(**inputs).sample, model(**inputs).sample, rtol=1e-5, atol=1e-5)
 
 
+# --- overwrite_input: the first residual written into the caller's tensor ---------------------------
+
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "reference"), (torch.bfloat16, "auto")])
+@pytest.mark.parametrize("chunk", [None, 8], ids=["whole", "chunked"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["wan2.1", "wan2.2"])
+def test_overwrite_input_is_bitwise_and_in_place(dtype, mode, chunk, per_token):
+    block = make_block(dtype, mode=mode)
+    inputs = block_inputs(dtype, per_token, B=1 if dtype == torch.bfloat16 else B, S=21)
+    x0 = inputs[0].clone()
+    with torch.no_grad():
+        want = fused_block_forward(block, *inputs, attention_chunk_size=chunk, ffn_chunk_size=8)
+        assert torch.equal(inputs[0], x0)  # default: the caller's tensor is not written
+        mine = inputs[0].clone()
+        got = fused_block_forward(block, mine, *inputs[1:], attention_chunk_size=chunk, ffn_chunk_size=8,
+                                  overwrite_input=True)
+    assert got.data_ptr() == mine.data_ptr()  # computed in the caller's tensor, not in a new one
+    assert torch.equal(got, want) and torch.equal(mine, want)
+    assert torch.equal(inputs[0], x0)
+
+
+def test_overwrite_input_falls_back_to_a_new_tensor_when_not_contiguous():
+    block = make_block(torch.float32, mode="reference")
+    x, *rest = block_inputs(torch.float32, False, B=1, S=21)
+    strided = torch.stack([x, x], dim=-1)[..., 0]  # x's values at stride 2 along dim
+    with torch.no_grad():
+        want = fused_block_forward(block, x, *rest, attention_chunk_size=8)
+        before = strided.clone()
+        got = fused_block_forward(block, strided, *rest, attention_chunk_size=8, overwrite_input=True)
+    assert torch.equal(got, want) and got.is_contiguous()
+    assert torch.equal(strided, before)
+
+
+def test_module_wrapper_leaves_its_input_alone_unless_told():
+    block = make_block(torch.float32, mode="reference")
+    mod = VkernWanBlock.from_diffusers(block, attention_chunk_size=8, ffn_chunk_size=8)
+    inputs = block_inputs(torch.float32, True)
+    x0 = inputs[0].clone()
+    with torch.no_grad():
+        want = mod(*inputs)
+        assert torch.equal(inputs[0], x0) and want.data_ptr() != inputs[0].data_ptr()
+        got = mod(*inputs, overwrite_input=True)
+    assert got.data_ptr() == inputs[0].data_ptr() and torch.equal(got, want)
+
+
+def test_may_overwrite_input_only_for_unhooked_fused_blocks():
+    from vkern.modules.wan_block import ignores_block_inputs, may_overwrite_input, output_is_private
+
+    block = make_block(torch.float32, mode="reference")
+    assert not may_overwrite_input(block)  # diffusers' own forward takes no overwrite_input
+    mod = VkernWanBlock.from_diffusers(block)
+    assert may_overwrite_input(mod) and output_is_private(mod)
+    probe = mod.register_forward_pre_hook(ignores_block_inputs(lambda *a: None))
+    assert may_overwrite_input(mod)  # a marked probe keeps it
+    for register, private in ((mod.register_forward_pre_hook, True), (mod.register_forward_hook, False)):
+        handle = register(lambda *a: None)
+        assert not may_overwrite_input(mod) and output_is_private(mod) == private
+        handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert not may_overwrite_input(mod) and not output_is_private(mod)
+    finally:
+        handle.remove()
+    probe.remove()
+
+    class Subclass(VkernWanBlock):
+        def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+            return super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
+
+    assert not may_overwrite_input(Subclass(block))
+
+
 # --- GPU, Wan-14B 480p sizes -----------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -187,3 +258,27 @@ def test_gpu_wan14b_block_chunked_attention_peak(mode):
     assert peak_chunked <= 3 * full + 8 * chunk
     assert peak_chunked < peak_whole
     assert rel < (2e-2 if mode == "fp8" else 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_wan14b_block_overwrite_input_peak():
+    """overwrite_input=True: the block's new hidden states are the input itself, so the chunked block's
+    peak over its input drops by one [tokens, dim] bf16 tensor (0.31 GiB), with the same bits."""
+    from .test_block_glue import block_inputs as big_inputs, cuda_peak, make_block as big_block
+
+    block = big_block(torch.bfloat16, True, 5120, 40, 13824, device="cuda")
+    for attn in (block.attn1, block.attn2):
+        attn.set_processor(VkernWanAttnProcessor("auto"))
+    inputs = big_inputs(torch.bfloat16, False, "cuda", B=1, S=32760, dim=5120, heads=40, text=512)
+    kwargs = dict(ffn_chunk_size=4096, attention_chunk_size=4096)
+    with torch.no_grad():
+        want, peak_copy = cuda_peak(lambda: fused_block_forward(block, *inputs, **kwargs))
+        del want
+        mine = inputs[0].clone()  # allocated before the measurement: part of the base, like the input
+        got, peak_in_place = cuda_peak(lambda: fused_block_forward(block, mine, *inputs[1:], overwrite_input=True,
+                                                                   **kwargs))
+        want = fused_block_forward(block, *inputs, **kwargs)
+    full = 32760 * 5120 * 2
+    print(f"block peak over inputs: {peak_copy / 2**30:.2f} GiB copying, {peak_in_place / 2**30:.2f} GiB in place")
+    assert got.data_ptr() == mine.data_ptr() and torch.equal(got, want)
+    assert peak_in_place <= peak_copy - 0.9 * full

@@ -90,3 +90,69 @@ def test_autograd_runs_diffusers_forward():
     out.sum().backward()  # the fused ops have no backward: diffusers' forward ran
     assert patched.proj_out.weight.grad is not None
     torch.testing.assert_close(out, model(**inputs).sample, rtol=1e-5, atol=1e-5)
+
+
+# --- the blocks overwrite the forward's own hidden states in place (overwrite_input) ------------------
+
+def _record_block_calls(model, marked=True):
+    """Hooks on every block recording, per call, the overwrite_input keyword it got and whether its output is
+    its input tensor. marked: probes that leave overwriting on (ignores_block_inputs); else plain hooks, which
+    turn it off. Returns (calls, remove)."""
+    from vkern.modules.wan_block import ignores_block_inputs
+
+    calls, handles = [], []
+    mark = ignores_block_inputs if marked else (lambda hook: hook)
+    for i, block in enumerate(model.blocks):
+        def pre(block, args, kwargs, i=i):
+            calls.append({"block": i, "overwrite_input": kwargs.get("overwrite_input"), "ptr": args[0].data_ptr()})
+
+        def post(block, args, output):
+            calls[-1]["in_place"] = output.data_ptr() == calls[-1]["ptr"]
+        handles += [block.register_forward_pre_hook(mark(pre), with_kwargs=True),
+                    block.register_forward_hook(mark(post))]
+    return calls, lambda: [h.remove() for h in handles]
+
+
+@pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunked"])
+@pytest.mark.parametrize("wan22", [False, True], ids=["wan2.1", "wan2.2"])
+def test_blocks_overwrite_their_input_bitwise(chunk, wan22):
+    model, inputs = tiny(torch.float32)
+    inputs = per_token(inputs, model) if wan22 else inputs
+    vkern.patch(model, vkern.PatchConfig(attention="reference", attention_chunk_size=chunk, ffn_chunk_size=chunk))
+    with torch.no_grad():
+        calls, remove = _record_block_calls(model)
+        got = model(**inputs).sample
+        remove()
+        assert [(c["overwrite_input"], c["in_place"]) for c in calls] == [(True, True)] * len(model.blocks)
+        calls, remove = _record_block_calls(model, marked=False)  # plain hooks: every block makes a new tensor
+        want = model(**inputs).sample
+        remove()
+        assert [(c["overwrite_input"], c["in_place"]) for c in calls] == [(None, False)] * len(model.blocks)
+    assert torch.equal(got, want)
+
+
+def test_an_output_a_hook_holds_is_not_overwritten():
+    # E.g. diffusers' FirstBlockCache keeps the first block's output to subtract it at the last block.
+    model, inputs = tiny(torch.float32)
+    vkern.patch(model, vkern.PatchConfig(attention="reference"))
+    kept = []
+    model.blocks[0].register_forward_hook(lambda block, args, output: kept.append((output, output.clone())))
+    with torch.no_grad():
+        calls, _ = _record_block_calls(model)
+        model(**inputs)
+    assert [c["overwrite_input"] for c in calls] == [None, None]  # hooked block 0; its output is not private
+    assert torch.equal(*kept[0])
+
+
+def test_unfused_blocks_get_diffusers_call(monkeypatch):
+    # A block filter_fn leaves to diffusers (its forward takes no overwrite_input) beside fused ones.
+    monkeypatch.setenv("VKERN_BACKEND", "reference")
+    model, inputs = tiny(torch.float32)
+    patched = copy.deepcopy(model)
+    vkern.patch(patched, vkern.PatchConfig(attention="reference", filter_fn=lambda m, fqn: fqn != "blocks.0"))
+    assert "forward" not in patched.blocks[0].__dict__
+    with torch.no_grad():
+        calls, _ = _record_block_calls(patched)
+        got = patched(**inputs).sample
+        assert torch.equal(got, model(**inputs).sample)
+    assert [(c["overwrite_input"], c["in_place"]) for c in calls] == [(None, False), (True, True)]

@@ -17,9 +17,15 @@ they have, the FFN's Linear layers whatever they are: nn.Linear, Fp8Linear, LoRA
     as is: the per-token quantization pass of each consumer disappears (three for q/k/v), bit-identically.
     Likewise the FFN's GELU and the down projection's quantization are one kernel (equal to the unfused
     path up to the last ulp of tanh, see vkern/reference/block_glue.py).
-The caller's hidden_states is never written: the first residual makes the block's new tensor, the
-later ones update that tensor in place.
+By default the caller's hidden_states is never written: the first residual makes the block's new tensor,
+the later ones update that tensor in place. A caller that owns its tensor and has no further use for it
+may pass overwrite_input=True: the first residual is then written into hidden_states itself and the block
+returns that tensor, one [tokens, dim] tensor less at the block's peak (the same bits either way). vkern's
+WanTransformer3DModel forward does so where no hook can see or keep the tensor (may_overwrite_input,
+output_is_private).
 """
+import functools
+
 import torch
 from torch import nn
 
@@ -33,15 +39,18 @@ ALL = (slice(None), slice(None))  # every (batch, token) row
 
 
 def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb, ffn_chunk_size=None,
-                        attention_chunk_size=None):
+                        attention_chunk_size=None, overwrite_input=False):
     """WanTransformerBlock.forward(hidden_states, encoder_hidden_states, temb, rotary_emb) on `block` (a
     WanTransformerBlock or anything with its attributes). ffn_chunk_size: at most this many token rows
     per FFN chunk (None: all rows at once). attention_chunk_size: at most this many query tokens per self-
     and cross-attention chunk (None: all at once): keys and values are computed for the whole sequence
     (chunk by chunk, into one buffer each), then each query chunk's norm -> q -> attention -> output
     projection -> gate + residual, so no full-sequence q, attention output or projection output exists
-    (attention whole where the processor cannot split: not vkern's, or a fused to_qkv). Inference only:
-    with autograd recording, diffusers' own forward runs instead (the fused ops have no backward)."""
+    (attention whole where the processor cannot split: not vkern's, or a fused to_qkv). overwrite_input:
+    False (default): hidden_states is left as it was and the result is a new tensor. True: the caller owns
+    hidden_states and will not read it again, so the block may compute in it and return it (bit for bit
+    the same values; done when hidden_states is contiguous, else a new tensor as with False). Inference
+    only: with autograd recording, diffusers' own forward runs instead (the fused ops have no backward)."""
     if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in block.parameters())):
         from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
@@ -51,7 +60,9 @@ def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotar
     B, S, D = hidden_states.shape
     (shift, scale, gate, c_shift, c_scale, c_gate) = _modulation(block.scale_shift_table, temb, B, S, D)
 
-    # 1. Self-attention. A new tensor from the first residual: the caller's hidden_states stays as it was.
+    # 1. Self-attention. The first residual makes x: a new tensor (the caller's hidden_states stays as it
+    # was), or with overwrite, hidden_states itself.
+    overwrite = overwrite_input and _writable(hidden_states)
     fp8 = _attention_takes_fp8_input(block.attn1)
 
     def norm1(b, s):
@@ -62,10 +73,16 @@ def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotar
     spans = _spans(B, S, attention_chunk_size)
     processor = _chunkable_processor(block.attn1)
     if len(spans) == 1 or processor is None:
-        x = ops.gate_residual(hidden_states, block.attn1(norm1(*ALL), None, None, rotary_emb), *gate)
+        # The whole attention output exists before the residual: norm1 has read every row by then.
+        out = block.attn1(norm1(*ALL), None, None, rotary_emb)
+        x = ops.gate_residual_(hidden_states, out, *gate) if overwrite else ops.gate_residual(hidden_states, out, *gate)
+        del out
     else:  # keys/values of every token first, then queries chunk by chunk, each chunk's residual written in
         kv = processor.chunked_key_value(block.attn1, spans, norm1, rotary_emb, B, S)
-        x = hidden_states.clone(memory_format=torch.contiguous_format)
+        # In place is safe: the pass above has read every token's norm1 (keys and values now live only in
+        # kv), and query chunk (b, s) reads only its own rows, norm1(b, s) and the residual's x[b, s],
+        # before its gate_residual_ writes them; the spans are disjoint, so no chunk reads a written row.
+        x = hidden_states if overwrite else hidden_states.clone(memory_format=torch.contiguous_format)
         for b, s in spans:
             out = processor.attend_query(block.attn1, norm1(b, s), _batch(kv, b), None, rope_rows(rotary_emb, b, s))
             ops.gate_residual_(x[b, s], out, token_rows(gate[0], b, s), gate[1])
@@ -129,12 +146,63 @@ class VkernWanBlock(nn.Module):
                 raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
         return cls(block, ffn_chunk_size, attention_chunk_size)
 
-    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb, overwrite_input=False):
+        """overwrite_input: see fused_block_forward (default False: hidden_states is not written)."""
         return fused_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb, self.ffn_chunk_size,
-                                   self.attention_chunk_size)
+                                   self.attention_chunk_size, overwrite_input=overwrite_input)
 
     def extra_repr(self):
         return f"ffn_chunk_size={self.ffn_chunk_size}, attention_chunk_size={self.attention_chunk_size}"
+
+
+def ignores_block_inputs(hook):
+    """Marks a forward (pre-)hook as one that neither keeps, reads nor replaces a block's tensors (a memory
+    or timing probe), so that a block carrying it may still overwrite its input. Returns the hook."""
+    hook.vkern_ignores_block_inputs = True
+    return hook
+
+
+def may_overwrite_input(block):
+    """True when block(hidden_states, encoder_hidden_states, temb, rotary_emb, overwrite_input=True) is
+    accepted and nothing but the caller can see hidden_states during the call: block runs
+    fused_block_forward (a VkernWanBlock, or a block whose forward vkern.patch replaced) and carries no hook
+    (bar those marked ignores_block_inputs) and no torch global module hook. Any other hook may keep,
+    read back or replace the input: a forward hook gets it after the forward; diffusers' block caches
+    read it back; vkern's sequence parallelism hands block 0 its shard of the whole patch-embedded tensor,
+    a view of it at batch 1, which overwriting would keep alive through every later block. (Whether the
+    caller's tensor is free of the module that made it: output_is_private.)"""
+    forward = block.__dict__.get("forward")
+    if forward is None:
+        fused = isinstance(block, VkernWanBlock) and type(block).forward is VkernWanBlock.forward
+    else:  # vkern.patch: functools.partial(fused_block_forward, block, ...); diffusers' hooks wrap it in another
+        fused = (isinstance(forward, functools.partial) and forward.func is fused_block_forward
+                 and forward.args[:1] != () and forward.args[0] is block and "overwrite_input" not in forward.keywords)
+    return fused and _unmarked_hooks(block, pre=True) == 0
+
+
+def output_is_private(module):
+    """True when no hook can hold module's output: no forward hook (its output argument) or diffusers hook
+    (e.g. FirstBlockCache keeps the first block's output to subtract it later) and no torch global forward
+    hook, bar those marked ignores_block_inputs. Then the caller of module is the output's only holder."""
+    return _unmarked_hooks(module, pre=False) == 0
+
+
+def _unmarked_hooks(module, pre):
+    """How many hooks on module (forward hooks; with pre, forward pre-hooks too), diffusers' hook registry
+    and torch's global module hooks included, are not marked ignores_block_inputs."""
+    from torch.nn.modules import module as torch_module
+
+    hooks = [*module._forward_hooks.values(), *getattr(torch_module, "_global_forward_hooks", {}).values()]
+    if pre:
+        hooks += [*module._forward_pre_hooks.values(), *getattr(torch_module, "_global_forward_pre_hooks", {}).values()]
+    return hasattr(module, "_diffusers_hook") + sum(not getattr(h, "vkern_ignores_block_inputs", False) for h in hooks)
+
+
+def _writable(t):
+    """t can take the block's results in place: contiguous (so no overlapping elements, and the block's
+    output is contiguous as without overwrite). (An inference tensor outside inference mode is torch's
+    clear error; tensor.is_inference() cannot be traced by torch.compile.)"""
+    return t.is_contiguous()
 
 
 def _modulation(table, temb, B, S, D):

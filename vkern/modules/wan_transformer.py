@@ -4,12 +4,18 @@ diffusers ends the step with (norm_out(x.float()) * (1 + scale) + shift).type_as
 the whole sequence at once (1.5 GiB at Wan-14B 480p), which is the step's memory peak once the blocks
 chunk their attention and FFN. Here that is one vkern.ops.layernorm_modulate pass, bf16 in and out, with
 the same fp32 math. Everything else is diffusers' forward, calling the same submodules the same way (so
-hooks on rope, blocks and proj_out, e.g. vkern's sequence parallelism, see the same calls). With autograd
-recording, gradient checkpointing, or attention_kwargs (LoRA scale), diffusers' own forward runs.
+hooks on rope, blocks and proj_out, e.g. vkern's sequence parallelism, see the same calls), but for one
+keyword: the hidden states handed to the blocks are this forward's own (the patch embedding's copy, then
+each block's output) and never read again once passed on, so a fused block gets overwrite_input=True and
+writes its first residual into them in place instead of into a new tensor (one [tokens, dim] tensor less at
+every block's peak) where no hook can see them: none on the block (wan_block.may_overwrite_input) and none
+holding the output of the module that made them (wan_block.output_is_private). With
+autograd recording, gradient checkpointing, or attention_kwargs (LoRA scale), diffusers' own forward runs.
 """
 import torch
 
 from .. import ops
+from .wan_block import may_overwrite_input, output_is_private
 
 
 def fused_transformer_forward(model, hidden_states, timestep, encoder_hidden_states,
@@ -25,7 +31,11 @@ def fused_transformer_forward(model, hidden_states, timestep, encoder_hidden_sta
     frames, rows, cols = num_frames // p_t, height // p_h, width // p_w
 
     rotary_emb = model.rope(hidden_states)
-    hidden_states = model.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+    embedded = model.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
+    hidden_states = embedded.contiguous()
+    # Ours to overwrite: a copy, or (one token: already contiguous) the conv's output that no hook holds.
+    private = hidden_states is not embedded or output_is_private(model.patch_embedding)
+    del embedded
 
     ts_seq_len = None
     if timestep.ndim == 2:  # Wan 2.2 TI2V: per-token timesteps
@@ -38,7 +48,12 @@ def fused_transformer_forward(model, hidden_states, timestep, encoder_hidden_sta
         encoder_hidden_states = torch.concat([encoder_hidden_states_image, encoder_hidden_states], dim=1)
 
     for block in model.blocks:
-        hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
+        # hidden_states is rebound to the block's result, so this forward never reads it again. Overwritten
+        # only when no one else holds it (private: no hook kept it from the module that made it) and none of
+        # the block's hooks can see it; other blocks (diffusers', hooked) get diffusers' call exactly.
+        overwrite = {"overwrite_input": True} if private and may_overwrite_input(block) else {}
+        hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, **overwrite)
+        private = output_is_private(block)
 
     # diffusers: shift, scale = (scale_shift_table + temb).chunk(2) in fp32, [B, 1|S, D] each; the kernel
     # takes the temb chunk and the table row apart and adds them in fp32, the same sum.
