@@ -20,7 +20,7 @@ Rows (op "sp-step", JSON lines like bench/bench.py), in run order:
   diffusers-cp, world N    diffusers' enable_parallelism(ContextParallelConfig(ulysses_degree=N)), if
                            this diffusers has it (its hooks cannot be removed, so it runs last)
 The world-1 rows run on every rank at once, each on its own GPU with no communication (the same
-clocks and power draw as the parallel rows); every metric is the slowest rank's.
+clocks and power draw as the parallel rows); every metric is the slowest rank's (a2a_min_ms excepted).
 
 Per row: ms (median of --repeats steps after one warm-up step), then one more step that gives the
 output (rel_l2/cos against the diffusers world-1 output, when it ran), the peak memory, and, for the
@@ -28,6 +28,8 @@ vkern-sp rows, the communication breakdown from vkern.distributed.CommTimer (CUD
 waits, packing and unpacking; off during the timed steps):
   a2a_ms, a2a_pct        the compute stream's wait for all-to-alls in that step, and its share of
                          that step (inst_ms); includes waiting for the slowest rank to arrive
+  a2a_min_ms, a2a_min_pct  the same for the rank that waits least (the one the others wait for): the
+                         exposed communication on the critical path, without the rank skew
   pack_ms, unpack_ms     copies into send buffers / out of receive buffers (+ fp8 quant/dequant)
   pack_mb, unpack_mb     the bytes those copies wrote in that step (CommTimer.bytes)
   all_gather_ms, ring_ms the final proj_out gather; the ring's exposed key/value transfers
@@ -239,6 +241,9 @@ def main(argv=None):
             values = [ms, lo, hi, peak, inst_ms]
             if comm is not None:
                 values += [comm[k] for k in ("all_to_all", "pack", "unpack", "all_gather", "ring", "pack_mb", "unpack_mb")]
+            # The all-to-all wait of the rank that waits least: a rank that arrives late waits least, so
+            # this is the exposed communication on the critical path (the max over ranks adds rank skew).
+            a2a_min = -_slowest([-comm["all_to_all"]], device)[0] if comm is not None else None
             values = _slowest(values, device)
             ms, lo, hi, peak, inst_ms = values[:5]
             row.update(ms=ms, ms_min=lo, ms_max=hi)
@@ -249,7 +254,8 @@ def main(argv=None):
                     row[key] = base[label1] / ms
             if comm is not None:
                 a2a, pack, unpack, gather, ring, pack_mb, unpack_mb = values[5:]
-                row.update(inst_ms=inst_ms, a2a_ms=a2a, a2a_pct=100 * a2a / inst_ms, pack_ms=pack,
+                row.update(inst_ms=inst_ms, a2a_ms=a2a, a2a_pct=100 * a2a / inst_ms, a2a_min_ms=a2a_min,
+                           a2a_min_pct=100 * a2a_min / inst_ms, pack_ms=pack,
                            unpack_ms=unpack, all_gather_ms=gather, ring_ms=ring, pack_mb=pack_mb,
                            unpack_mb=unpack_mb)
                 if row["sp_config"].get("ring_degree", 1) == 1:
@@ -289,7 +295,7 @@ def _table(path):
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     print(f"{'provider':22} {'world':>5} {'ms':>9} {'x vkern1':>8} {'a2a ms':>8} {'a2a %':>6} {'wire ms':>8} "
-          f"{'pack+unpack':>11} {'rel_l2':>8}")
+          f"{'pack+unpack':>11} {'a2a min %':>9} {'rel_l2':>8}")
     for r in rows[-12:]:
         if "error" in r:
             print(f"{r['provider']:22} {r['world']:>5} error: {r['error'][:80]}")
@@ -298,7 +304,7 @@ def _table(path):
         pu = format(r["pack_ms"] + r["unpack_ms"], ".1f") if "pack_ms" in r else "-"
         print(f"{r['provider']:22} {r['world']:>5} {f('ms', '.1f'):>9} {f('speedup_vs_vkern1', '.3f'):>8} "
               f"{f('a2a_ms', '.1f'):>8} {f('a2a_pct', '.2f'):>6} {f('a2a_only_ms', '.1f'):>8} {pu:>11} "
-              f"{f('rel_l2_vs_diffusers', '.4f'):>8}")
+              f"{f('a2a_min_pct', '.2f'):>9} {f('rel_l2_vs_diffusers', '.4f'):>8}")
 
 
 if __name__ == "__main__":
