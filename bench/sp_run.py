@@ -15,8 +15,9 @@ Rows (op "sp-step", JSON lines like bench/bench.py), in run order:
     vkern-sp-ring          ring_degree=N (pure ring attention; for comparison, not the default)
     vkern-sp-copy          zero_copy=False (q/k/v packed into the send buffer by copying, the output
                            unpacked by copying: the A/B of the default's zero-copy path)
-    vkern-sp-one-exchange  early_v=False (zero-copy, but q/k/v in one exchange after all three
-                           projections: the A/B of sending v early)
+    vkern-sp-v-first       qkv_exchange="v-first" (v sent alone first, then q and k)
+    vkern-sp-one-exchange  qkv_exchange="one" (zero-copy, but q/k/v in one exchange after all three
+                           projections: the A/B of the default's early k/v exchange)
   diffusers-cp, world N    diffusers' enable_parallelism(ContextParallelConfig(ulysses_degree=N)), if
                            this diffusers has it (its hooks cannot be removed, so it runs last)
 The world-1 rows run on every rank at once, each on its own GPU with no communication (the same
@@ -65,7 +66,8 @@ SP_VARIANTS = {  # label: SPConfig kwargs ("chunks" -> --chunks, "world" -> N)
     "vkern-sp-fp8-overlap": dict(fp8_payload=True, overlap_chunks="chunks"),
     "vkern-sp-ring": dict(ring_degree="world"),
     "vkern-sp-copy": dict(zero_copy=False),
-    "vkern-sp-one-exchange": dict(early_v=False),
+    "vkern-sp-v-first": dict(qkv_exchange="v-first"),
+    "vkern-sp-one-exchange": dict(qkv_exchange="one"),
 }
 DEFAULT_PROVIDERS = "diffusers,vkern,vkern-sp,vkern-sp-copy,vkern-sp-nocheck,vkern-sp-fp8,vkern-sp-overlap,diffusers-cp"
 

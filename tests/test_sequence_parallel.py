@@ -359,7 +359,7 @@ def _zero_copy_case(B, S, H, D, dtype, sp, seed, device):
         raise AssertionError(f"B={B}: q/k/v inside the receive buffer {inside} (expected {in_place}), output "
                              f"sent as is {count.buffers[1][1][0] == out_ptr} (expected {sent_as_is})")
 
-    # Split exchanges (SPConfig.early_v): v written by QKVSendBuffer.linear into its own buffer and sent
+    # Split exchanges (SPConfig.qkv_exchange="v-first"): v written by QKVSendBuffer.linear into its own buffer and sent
     # first, q/k in a second buffer; the output as HeadBlocks. Reassembled from local() + remote() it is
     # the gathered output bit for bit (the same attention on the same q/k/v), and the remote blocks are
     # read inside the output's receive buffer.

@@ -51,7 +51,7 @@ VARIANTS = {
 FP8_MODEL_EXTRA = 0.03
 FP8_MODEL_COS = 0.999
 # SPConfig.zero_copy=True (q/k written into the send buffer by the prologue, v by to_v's GEMM, to_out split
-# by heads over the receive buffer) with early_v on and off, against zero_copy=False (packed by copying):
+# by heads over the receive buffer) with each SPConfig.qkv_exchange, against zero_copy=False (packed by copying):
 # name -> (model, dtype, fused prologue, fp8 weights). "odd" runs B = 2 (received q/k/v copied) and B = 1
 # (used in place), both with head padding and uneven token counts. With plain nn.Linear to_v/to_out the
 # products are grouped by head blocks, so fp32 is held to 1e-5 and bf16 to the house rule; with Fp8Linear
@@ -138,8 +138,8 @@ def _match_case(name, dt, sp, per_token_timestep=False, sp_kwargs=None):
     if ring_degree == 1:
         groups = len(head_chunks(ShardSpec.create(1, heads, sp.world).local_heads, sp_kwargs.get("overlap_chunks", 1)))
         expected_calls = 2 * groups * layers
-        if groups == 1 and not fp8 and sp_kwargs.get("zero_copy", True) and sp_kwargs.get("early_v", True):
-            expected_calls += layers  # the zero-copy path's own exchange for v (SPConfig.early_v)
+        if groups == 1 and not fp8 and sp_kwargs.get("zero_copy", True) and sp_kwargs.get("qkv_exchange") != "one":
+            expected_calls += layers  # the zero-copy path's early exchange (SPConfig.qkv_exchange)
     else:  # Ulysses inside groups of world / ring_degree ranks: none when that is 1
         expected_calls = 0 if ring_degree == sp.world else 2 * layers
     for shape, inp, w in zip(shapes, inputs, want):
@@ -169,7 +169,7 @@ def _match_case(name, dt, sp, per_token_timestep=False, sp_kwargs=None):
 
 
 def _zero_copy_case(name, dt, fused, fp8, sp):
-    """The zero-copy path (early_v on and off) against the copying path: the same output within the SP
+    """The zero-copy path (each qkv_exchange) against the copying path: the same output within the SP
     tolerances (bit for bit where to_v/to_out are applied whole), the expected number of exchanges, and
     CommTimer's pack/unpack bytes are exactly the copies each path runs per layer. Copying path: pack,
     the q/k/v send buffer (3 tensors) plus the attention output at B > 1; unpack, the output (to_out's
@@ -187,7 +187,8 @@ def _zero_copy_case(name, dt, fused, fp8, sp):
     config = dict(fused_qk_norm_rope=fused, fused_block=False, fp8=fp8)
     heads, layers = model.config.num_attention_heads, model.config.num_layers
     D, el = model.config.attention_head_dim, dtype.itemsize
-    variants = {"copying": dict(zero_copy=False), "zero-copy": dict(), "zero-copy-one-exchange": dict(early_v=False)}
+    variants = {"copying": dict(zero_copy=False), "zero-copy": dict(), "zero-copy-v-first": dict(qkv_exchange="v-first"),
+                "zero-copy-one-exchange": dict(qkv_exchange="one")}
     runs = {}
     for label, kwargs in variants.items():
         handle = _patch(model, sp, sp_kwargs=kwargs, **config)
@@ -429,6 +430,9 @@ def test_config_types_are_checked():
             SPConfig(**{name: 0})
     with pytest.raises(ValueError, match="overlap_chunks > 1 needs ring_degree=1"):
         SPConfig(overlap_chunks=2, ring_degree=2)
+    with pytest.raises(ValueError, match="SPConfig.qkv_exchange: expected one of"):
+        SPConfig(qkv_exchange="two")
+    assert SPConfig().qkv_exchange == "kv-first"
 
 
 def test_sp_without_a_process_group_fails_and_leaves_the_model_unpatched():

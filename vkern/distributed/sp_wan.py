@@ -37,6 +37,7 @@ __all__ = ["SPConfig", "apply_sequence_parallel"]
 
 
 CHECK_MODES = ("per-shape", "every-step", "off")
+QKV_EXCHANGES = ("kv-first", "v-first", "one")
 
 
 @dataclass
@@ -68,9 +69,10 @@ class SPConfig:
                     configurations always pack by copying. Received q/k/v are views at B = 1 either way.
                     The zero-copy path also writes to_v's GEMM into the send buffer and splits to_out
                     by heads over the output's receive buffer (vkern/modules/wan_sp_attention.py).
-    early_v         zero-copy path only. True (default): v gets its own all-to-all, started as soon as
-                    to_v is done, so it overlaps the q/k projections and prologue (two q/k/v exchanges
-                    per layer); False: one packed q/k/v exchange after all three projections."""
+    qkv_exchange    zero-copy path only: how q/k/v travel. "kv-first" (default): k and v in one
+                    all-to-all started as soon as they are written, overlapping q's projection and
+                    prologue, then q's; "v-first": v alone first, then q and k; "one": one packed
+                    q/k/v all-to-all after all three projections."""
     group: Any = None
     check_inputs: Any = "per-shape"
     fp8_payload: bool = False
@@ -78,7 +80,7 @@ class SPConfig:
     ring_degree: int = 1
     timeout: Any = None
     zero_copy: bool = True
-    early_v: bool = True
+    qkv_exchange: str = "kv-first"
 
     def __post_init__(self):
         pg = getattr(self.group, "group", self.group)
@@ -92,7 +94,9 @@ class SPConfig:
                             f"got {self.check_inputs!r}")
         if self.check_inputs not in CHECK_MODES:
             raise ValueError(f"SPConfig.check_inputs: expected one of {CHECK_MODES}, got {self.check_inputs!r}")
-        for name in ("fp8_payload", "zero_copy", "early_v"):
+        if self.qkv_exchange not in QKV_EXCHANGES:
+            raise ValueError(f"SPConfig.qkv_exchange: expected one of {QKV_EXCHANGES}, got {self.qkv_exchange!r}")
+        for name in ("fp8_payload", "zero_copy"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SPConfig.{name}: expected a bool, got {getattr(self, name)!r}")
         for name in ("overlap_chunks", "ring_degree"):
@@ -230,7 +234,7 @@ def _patch_signature(model, config, sp_config, world):
                 "SPConfig.check_inputs": sp_config.check_inputs, "SPConfig.fp8_payload": sp_config.fp8_payload,
                 "SPConfig.overlap_chunks": sp_config.overlap_chunks, "SPConfig.ring_degree": sp_config.ring_degree,
                 "SPConfig.zero_copy": sp_config.zero_copy,
-                "SPConfig.early_v": sp_config.early_v,
+                "SPConfig.qkv_exchange": sp_config.qkv_exchange,
                 # Random-weight models built without the same seed (or different checkpoints) would
                 # otherwise give a plausible-looking wrong video. State dict: fp8 weights are buffers.
                 "weights checksum": _checksum(*(t for t in model.state_dict().values() if t.is_floating_point()))})

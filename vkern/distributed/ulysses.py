@@ -24,8 +24,8 @@ the tensors are unpacked by one copy each (the fallback; unless S_local = 1). On
 caller write q/k/v in place (the fused QK prologue writes its output straight into it, see
 vkern.ops.qk_norm_rope(out=); QKVSendBuffer.linear writes a projection's GEMM output into it) and
 ulysses_attention_packed exchanges it: no pack copy for what is written in place (the chunked and fp8
-paths pack by copying). The tensors may be split over buffers exchanged one after the other (v alone,
-started as soon as it is written, then q/k). The output send buffer, [world, B, S_local, width, D], is
+paths pack by copying). The tensors may be split over buffers exchanged one after the other (k and v,
+started as soon as they are written, then q). The output send buffer, [world, B, S_local, width, D], is
 at B = 1 the attention's own contiguous [1, S_padded, width, D] output, so it is sent as is; the output
 receive buffer [world, B, S_local, width, D] -> [B, S_local, heads, D] (to_out's input) is one copy
 (rank j's heads are a column block of every token's row, which no view can express, and to_out's GEMM

@@ -10,10 +10,11 @@ tokens), then the attention itself is sharded:
 
 Zero-copy Ulysses (SPConfig.zero_copy, the default, with one exchange per tensor group and the native
 payload): nothing is packed or unpacked by copying, and two of the three exchanges overlap compute.
-  - v first: to_v's GEMM writes straight into the send buffer (one GEMM per destination rank's head
-    columns, QKVSendBuffer.linear); with SPConfig.early_v (the default) v has a buffer and an exchange
-    of its own, started at once, so it is on the wire while q and k are projected and normed (two
-    q/k/v exchanges per layer; early_v=False: one packed q/k/v exchange);
+  - SPConfig.qkv_exchange="kv-first" (the default): k and v are projected first, into a send buffer of
+    their own whose exchange starts at once, so it is on the wire while q is projected and normed; then
+    q's exchange ("v-first": v alone first, then q and k; "one": one packed q/k/v exchange after all
+    three projections). to_v's GEMM writes straight into the send buffer (one GEMM per destination
+    rank's head columns, QKVSendBuffer.linear);
   - the fused QK prologue writes q and k straight into the q/k send buffer (vkern.ops.qk_norm_rope(out=));
   - the attention reads the received q/k/v in place at B = 1, and its output is the output send buffer;
   - to_out is split by input columns (heads): y = sum_j rows_j @ W[:, heads_j].T + bias over the rank
@@ -79,7 +80,7 @@ class VkernWanSPAttnProcessor(VkernWanAttnProcessor):
         local_attend, local_attend_lse = _attend_fns(self.attention)
         if (ctx.ring_degree == 1 and config.zero_copy and not config.fp8_payload
                 and len(ulysses.head_chunks(layout.spec.local_heads, config.overlap_chunks)) == 1):
-            return self._zero_copy_attention(attn, hidden_states, rotary_emb, layout.spec, local_attend, config.early_v)
+            return self._zero_copy_attention(attn, hidden_states, rotary_emb, layout.spec, local_attend, config.qkv_exchange)
 
         def attend(q, k, v, attn_mask=None):
             # check=False: the model's pre-hook already made the ranks agree on this step's shapes.
@@ -98,39 +99,32 @@ class VkernWanSPAttnProcessor(VkernWanAttnProcessor):
         norm_rope = ops.qk_norm_rope if self.fused_qk_norm_rope else ref.qk_norm_rope
         return ref.wan_attention(attn, hidden_states, None, None, rotary_emb, norm_rope=norm_rope, attend=attend)
 
-    def _zero_copy_attention(self, attn, hidden_states, rotary_emb, spec, local_attend, early_v):
+    def _zero_copy_attention(self, attn, hidden_states, rotary_emb, spec, local_attend, qkv_exchange):
         """reference.wan_attention for self-attention, with q/k/v written into the send buffers and
         to_out split by heads (see the module docstring)."""
         if getattr(attn, "fused_projections", False):  # to_qkv: one GEMM, so one q/k/v buffer
             query, key, value = ref._projections(attn, hidden_states, None)
             send = self._send_buffer(attn, spec, value.shape[0], value.dtype, value.device, 3)
-            self._write_qk(attn, send, 0, query, rotary_emb)
-            self._write_qk(attn, send, 1, key, rotary_emb)
-            send.fill(2, value.unflatten(2, (attn.heads, -1)))
+            self._write(attn, send, 0, "q", query, rotary_emb)
+            self._write(attn, send, 1, "k", key, rotary_emb)
+            self._write(attn, send, 2, "v", value, rotary_emb)
             del query, key, value
             sends = [send]
         else:
-            # v first: with early_v its exchange is on the wire while q and k are projected and normed.
-            to_v, value = attn.to_v, None
-            if _plain_linear(to_v) and torch.is_tensor(hidden_states):
-                like = hidden_states
-            else:  # applied whole (Fp8Linear, LoRA, an fp8 activation), then copied in
-                like = value = to_v(hidden_states)
-            B, dtype, device = like.shape[0], like.dtype, like.device
-            send = self._send_buffer(attn, spec, B, dtype, device, 1 if early_v else 3)
-            v_slot = 0 if early_v else 2
-            if value is None:
-                send.linear(v_slot, hidden_states, to_v.weight, to_v.bias)
-            else:
-                send.fill(v_slot, value.unflatten(2, (attn.heads, -1)))
-            del like, value
+            # Buffers in the order they are written; each but the last starts its exchange at once, so
+            # it is on the wire while the next one's projections and prologue run.
+            B, dtype, device = hidden_states.shape[0], hidden_states.dtype, hidden_states.device
             sends = []
-            if early_v:
-                sends.append(send.start())
-                send = self._send_buffer(attn, spec, B, dtype, device, 2)
-            self._write_qk(attn, send, 0, attn.to_q(hidden_states), rotary_emb)
-            self._write_qk(attn, send, 1, attn.to_k(hidden_states), rotary_emb)
-            sends.insert(0, send)
+            for names in _EXCHANGES[qkv_exchange]:
+                send = self._send_buffer(attn, spec, B, dtype, device, len(names))
+                for slot, name in enumerate(names):
+                    projection = getattr(attn, f"to_{name}")
+                    if name == "v" and _plain_linear(projection) and torch.is_tensor(hidden_states):
+                        send.linear(slot, hidden_states, projection.weight, projection.bias)  # no copy
+                    else:
+                        self._write(attn, send, slot, name, projection(hidden_states), rotary_emb)
+                sends.append((names, send if len(sends) == len(_EXCHANGES[qkv_exchange]) - 1 else send.start()))
+            sends = [send for _, send in sorted(sends, key=lambda item: "qkv".index(item[0][0]))]  # q, k, v order
         del send
         # check=False: the model's pre-hook already made the ranks agree on this step's shapes.
         blocks = ulysses.ulysses_attention_packed(sends, local_attend, check=False, head_blocks=True)
@@ -145,20 +139,31 @@ class VkernWanSPAttnProcessor(VkernWanAttnProcessor):
     def _send_buffer(self, attn, spec, batch, dtype, device, n):
         return ulysses.QKVSendBuffer(spec, batch, attn.inner_dim // attn.heads, dtype, device, self.context.group, n=n)
 
-    def _write_qk(self, attn, send, i, x, rotary_emb):
-        """The QK prologue of x (i = 0: q, 1: k) into slot i of send."""
-        norm = (attn.norm_q, attn.norm_k)[i]
+    def _write(self, attn, send, slot, name, x, rotary_emb):
+        """x, the output of to_q/to_k/to_v, into the slot: q and k through the QK prologue (written in
+        place by the fused one), v copied in (timed as pack)."""
+        if name == "v":
+            send.fill(slot, x.unflatten(2, (attn.heads, -1)))
+            return
+        norm = attn.norm_q if name == "q" else attn.norm_k
         freqs = rotary_emb if rotary_emb is not None else (None, None)
         if self.fused_qk_norm_rope:
-            ops.qk_norm_rope(x, norm.weight, norm.eps, attn.heads, *freqs, out=send.slot(i))
+            ops.qk_norm_rope(x, norm.weight, norm.eps, attn.heads, *freqs, out=send.slot(slot))
         else:  # the reference ops allocate their result: copied in (timed as pack)
-            send.fill(i, ref.qk_norm_rope(x, norm.weight, norm.eps, attn.heads, *freqs))
+            send.fill(slot, ref.qk_norm_rope(x, norm.weight, norm.eps, attn.heads, *freqs))
 
     def __repr__(self):
         c = self.context
         return (f"VkernWanSPAttnProcessor(attention={self.attention!r}, fused_qk_norm_rope={self.fused_qk_norm_rope}, "
                 f"world={c.world}, ring_degree={c.ring_degree}, overlap_chunks={c.config.overlap_chunks}, "
-                f"fp8_payload={c.config.fp8_payload}, zero_copy={c.config.zero_copy}, early_v={c.config.early_v})")
+                f"fp8_payload={c.config.fp8_payload}, zero_copy={c.config.zero_copy}, qkv_exchange={c.config.qkv_exchange!r})")
+
+
+_EXCHANGES = {  # SPConfig.qkv_exchange: the send buffers in the order they are written and sent, each
+    "kv-first": (("k", "v"), ("q",)),  # with its tensors in q, k, v slot order
+    "v-first": (("v",), ("q", "k")),
+    "one": (("q", "k", "v"),),
+}
 
 
 def _plain_linear(m):
