@@ -20,7 +20,8 @@ copy of an FFN output). Every layer sees the bf16 model's own activations, so pe
 include error carried in from earlier fp8 layers; that is what the model-level numbers show. Compute-mode
 layers quantize x per token themselves here; in the patched model the fused LayerNorm+modulate and GELU
 kernels hand the FFN/attention inputs over already in e4m3 (per-token scales, the same scheme, computed
-from their own LayerNorm/GELU output, bit-exact with the separate quantizer on that output):
+from their own LayerNorm/GELU output: bit-exact with the separate quantizer after LayerNorm, up to the
+last ulp of tanh after GELU):
 that difference, too, is in the model-level numbers only.
 Reported per layer class (fqn without "blocks.N.", e.g. attn1.to_q, attn2.to_out.0, ffn.net.0.proj):
 min / median / max over the blocks, and per mode the overall min, its layer, and the median.
