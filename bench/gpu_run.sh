@@ -14,13 +14,7 @@
 #     VKERN_TESTS: test paths (default tests)
 set -uo pipefail
 MODES=" ${*:-tests quick} "
-OUT=${OUT:-/tmp/vkern-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-if [ -d .whl ]; then  # diffusers and what it needs beyond the image
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
-fi
+. bench/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 
 echo "== build"

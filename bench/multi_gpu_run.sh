@@ -7,13 +7,9 @@
 #            GPU 3 the fp8 accuracy report at 14B, then the Wan-14B 480p step rows.
 # Usage on the GPU machine, from the repo root (carry .whl): VKERN_COMMIT=<sha> bash bench/multi_gpu_run.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/vkern-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
+. bench/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+build_vkern
 SP="-m bench.sp_run --size 14b --res 720p --repeats 2 --out $OUT/sp.jsonl"
 SP_VARIANTS=vkern-sp,vkern-sp-one-exchange,vkern-sp-copy
 B="python3 -m bench.bench --out $OUT/results.jsonl --warmup 2 --repeats 5"

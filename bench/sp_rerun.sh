@@ -4,12 +4,8 @@
 # (default: the NCCL tests).
 # Usage on a 4-GPU machine (carry .whl): VKERN_COMMIT=<sha> [VKERN_TESTS=...] bash bench/sp_rerun.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/vkern-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
-python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+. bench/device_env.sh
+build_vkern
 SP="-m bench.sp_run --size 14b --res 720p --repeats 3 --out $OUT/sp.jsonl"
 V=vkern-sp,vkern-sp-v-first,vkern-sp-one-exchange,vkern-sp-copy
 torchrun --nproc-per-node 4 $SP --providers vkern,$V 2>&1 | grep -v "^{" | tail -8
