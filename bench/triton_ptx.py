@@ -28,15 +28,29 @@ def main():
     from vkern.triton.qk_norm_rope import _qk_norm_rope_kernel
 
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16",
-           "S": "i32", "H": "i32", "stride_xb": "i64", "stride_xs": "i64", "stride_fb": "i32",
-           "stride_fs": "i32", "stride_fd": "i32", "eps": "fp32"}
+           "scale_ptr": "*fp32", "S": "i32", "H": "i32", "stride_xb": "i64", "stride_xs": "i64", "stride_fb": "i32",
+           "stride_fs": "i32", "stride_fd": "i32", "stride_ob": "i64", "stride_os": "i64", "stride_og": "i64",
+           "stride_oh": "i64", "heads_per_group": "i32", "eps": "fp32", "q_inv": "fp32"}
     for heads in (12, 40):
-        consts = {"HEAD_DIM": 128, "HAS_ROPE": True, "BLOCK_H": triton.next_power_of_2(heads), "BLOCK_D": 128,
-                  "EMULATE_RNE": False}
+        consts = {"HEAD_DIM": 128, "HAS_ROPE": True, "NORM": True, "QUANT": 0, "BLOCK_H": triton.next_power_of_2(heads),
+                  "BLOCK_D": 128, "EMULATE_RNE": False}
         warps = max(1, min(8, consts["BLOCK_H"] * 128 // 512))
-        aligned = ("x_ptr", "w_ptr", "cos_ptr", "sin_ptr", "out_ptr", "stride_xb", "stride_xs", "stride_fs")
+        aligned = ("x_ptr", "w_ptr", "cos_ptr", "sin_ptr", "out_ptr", "stride_xb", "stride_xs", "stride_fs",
+                   "stride_ob", "stride_os", "stride_og", "stride_oh")
         ops = memory_ops(_qk_norm_rope_kernel, sig, consts, warps, aligned)
         print(f"qk_norm_rope heads={heads} D=128 warps={warps}:", dict(ops))
+
+    from vkern.triton.vae_glue import _rms_norm_silu_kernel
+
+    sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "gamma_ptr": "*bf16", "bias_ptr": "*bf16", "P": "i32", "C": "i32",
+           "stride_xb": "i64", "stride_ob": "i64", "scale": "fp32", "eps": "fp32"}
+    for C in (96, 192, 384):  # the Wan VAE's channel counts (multiples of 16: Triton specializes C on that)
+        block_c = triton.next_power_of_2(C)
+        consts = {"BLOCK_P": max(1, min(64, 4096 // block_c)), "BLOCK_C": block_c, "HAS_BIAS": False, "SILU": True,
+                  "EMULATE_RNE": False}
+        ops = memory_ops(_rms_norm_silu_kernel, sig, consts, 4, ("x_ptr", "out_ptr", "gamma_ptr", "bias_ptr", "C",
+                                                                   "stride_xb", "stride_ob"))
+        print(f"rms_norm_silu C={C}:", dict(ops))
 
 
 if __name__ == "__main__":
