@@ -3,14 +3,15 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [profile] [vaeprof] [memory] [fp8acc]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [profile] [vaeprof] [memory] [vaenorm] [fp8acc]
 #     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
 #     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
 #     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model);
 #     selfattn: Wan self-attention module per processor; profile: 14B step GPU time by class;
 #     vaeprof: VAE decode/encode GPU time by class + decode rows; fp8acc: fp8 storage/compute accuracy on
 #     Wan-1.3B and 14B 480p (per-layer SQNR, output cosine vs floors; table in $OUT/fp8_accuracy.md);
-#     memory: 14B 480p activation peak per phase (chunked bf16 and fp8) and the 14B 720p step rows.
+#     memory: 14B 480p activation peak per phase (chunked bf16 and fp8) and the 14B 720p step rows;
+#     vaenorm: the VAE's RMS norm + SiLU kernel vs a copy, exact vs fast variant (bench/vae_norm_probe.py).
 #     VKERN_TESTS: test paths (default tests)
 set -uo pipefail
 MODES=" ${*:-tests quick} "
@@ -69,6 +70,9 @@ if [[ $MODES == *" memory "* ]]; then
     2>&1 | grep -v Warning | tee "$OUT/memory_phases.txt"
   python3 -m bench.bench --out $OUT/results.jsonl --warmup 1 --repeats 2 --op step --shape wan14b-720p \
     --providers diffusers,vkern-chunked,vkern-fp8-compute-chunked-attn-fp8
+fi
+if [[ $MODES == *" vaenorm "* ]]; then
+  python3 -m bench.vae_norm_probe --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/vae_norm_probe.md"
 fi
 if [[ $MODES == *" profile "* ]]; then
   python3 -m bench.profile_step --size 14b --res 480p --providers diffusers,vkern-chunked,vkern-fp8-compute-chunked \

@@ -26,7 +26,7 @@ def _step(y, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
 def _rms_norm_silu_kernel(
     x_ptr, out_ptr, gamma_ptr, bias_ptr, P, C, stride_xb, stride_ob, scale, eps,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    EMULATE_RNE: tl.constexpr,
+    EMULATE_RNE: tl.constexpr, VARIANT: tl.constexpr = "exact",
 ):
     b = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -39,19 +39,29 @@ def _rms_norm_silu_kernel(
     xf = x.to(tl.float32)
     # F.normalize(x.float(), dim=1): x / max(||x||, eps), IEEE sqrt and division as torch.
     norm = tl.maximum(tl.sqrt_rn(tl.sum(xf * xf, axis=1)), eps)
-    y = _step(tl.div_rn(xf, norm[:, None]), dtype, EMULATE_RNE)
-    y = _step(y * scale, dtype, EMULATE_RNE)
-    y = _step(y * tl.load(gamma_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :], dtype, EMULATE_RNE)
-    if HAS_BIAS:
-        y = _step(y + tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :], dtype, EMULATE_RNE)
-    if SILU:
-        y = tl.div_rn(y, 1.0 + tl.exp(-y))  # torch's silu: x / (1 + exp(-x)) in fp32
+    gamma = tl.load(gamma_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if VARIANT == "exact":
+        y = _step(tl.div_rn(xf, norm[:, None]), dtype, EMULATE_RNE)
+        y = _step(y * scale, dtype, EMULATE_RNE)
+        y = _step(y * gamma, dtype, EMULATE_RNE)
+        if HAS_BIAS:
+            y = _step(y + tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :], dtype, EMULATE_RNE)
+        if SILU:
+            y = tl.div_rn(y, 1.0 + tl.exp(-y))  # torch's silu: x / (1 + exp(-x)) in fp32
+    else:  # "fast", for bench/vae_norm_probe.py only: one reciprocal per pixel, no intermediate roundings,
+        # approximate division in the SiLU; what the exact path's divisions and roundings cost
+        y = xf * (scale / norm)[:, None] * gamma
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
     tl.store(out_ptr + b * stride_ob + offs, round_to(y, dtype, EMULATE_RNE), mask=mask)
 
 
-def rms_norm_silu(x, gamma, bias, scale, eps, silu, out):
+def rms_norm_silu(x, gamma, bias, scale, eps, silu, out, variant="exact"):
     """x, out [B, C, T, H, W] whose pixels are rows of C contiguous channels, uniformly C apart within
-    a batch (channels-last-3d, or a time slice of it); gamma, bias [C] contiguous (bias may be None)."""
+    a batch (channels-last-3d, or a time slice of it); gamma, bias [C] contiguous (bias may be None).
+    variant: "exact" (what vkern runs) or "fast" (a measurement variant, see the kernel)."""
     B, C = x.shape[:2]
     P = x[0, 0].numel()
     block_c = triton.next_power_of_2(C)
@@ -60,6 +70,6 @@ def rms_norm_silu(x, gamma, bias, scale, eps, silu, out):
     _rms_norm_silu_kernel[grid](
         x, out, gamma, bias if bias is not None else gamma, P, C, x.stride(0), out.stride(0), scale, eps,
         BLOCK_P=block_p, BLOCK_C=block_c, HAS_BIAS=bias is not None, SILU=silu, EMULATE_RNE=interpreting(),
-        num_warps=4, enable_fp_fusion=False,
+        VARIANT=variant, num_warps=4, enable_fp_fusion=False,
     )
     return out
