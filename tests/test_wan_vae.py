@@ -51,11 +51,13 @@ def test_rms_norm_silu_kernel(device, C, P, dtype, monkeypatch):
     expected = ref.rms_norm_silu(x, gamma, bias)  # diffusers' ops in x's dtype
     assert out.data_ptr() == buf[:, :, 2:].data_ptr() and (buf[:, :, :2] == 7).all()
     assert_within_torch_error(out, oracle, expected)
-    # The same eager roundings as diffusers: only the sum of squares' order (and exp's last ulp) differ.
+    # fp32 math with one rounding at the end (vkern/triton/vae_glue.py): in fp32 the eager ops' result up to
+    # a few ulps; in bf16/fp16 no further from float64 than diffusers' eager ops, which round four times
+    # (measured at the decoder's shapes on an H200: 1.7e-3 vs 3.9e-3, run 18).
     if dtype == torch.float32:
         assert rel_l2(out, expected) < 1e-6
     else:
-        assert (out != expected).float().mean() < 0.02
+        assert rel_l2(out.double(), oracle) <= rel_l2(expected.double(), oracle)
     # Other layouts: NCDHW x (copied once), NCDHW out (computed aside, copied in), no bias, no SiLU.
     y = cc.rms_norm_silu(x.contiguous(), gamma, None, silu=False, out=poison(torch.empty_like(x.contiguous())))
     assert_within_torch_error(y, ref.rms_norm_silu(x.double(), gamma.double(), None, silu=False),

@@ -14,7 +14,8 @@ for bit), with the copies taken out:
   a time (`frames_per_step`): causal convs with a cache give the same frames for any chunking, and
   the working set shrinks with the step (the 720p memory target).
 Rounding: the same eager ops in the same order as diffusers, except the conv algorithm cuDNN picks
-for channels-last and the norm's summation order.
+for channels-last and the fused RMS norm + SiLU, which rounds once instead of after each op (closer to
+float64 than diffusers' ops; vkern/triton/vae_glue.py).
 """
 import torch
 import torch.nn.functional as F

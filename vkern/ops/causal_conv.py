@@ -112,7 +112,8 @@ def pixel_rows(t):
 
 def rms_norm_silu(x, gamma, bias=None, silu=True, out=None):
     """diffusers' WanRMS_norm (channel_first) followed by SiLU (when silu) on x [B, C, T, H, W], in one
-    pass: fp32 math, each eager op's rounding to x's dtype kept (see vkern/triton/vae_glue.py).
+    pass: fp32 math rounded once to x's dtype (see vkern/triton/vae_glue.py; the reference backend is
+    diffusers' eager ops, rounding after each).
     gamma, bias: C values in x's dtype (a WanRMS_norm's gamma [C, 1, 1, 1] as it is). out: written in
     place when given (same shape and dtype as x; e.g. the chunk slot of a conv's input buffer), else
     a new channels-last tensor. Returns out."""
