@@ -30,7 +30,7 @@ def main(paths):
         cols = [m for m in METRICS if any(m in r for r in group)]
         print(f"\n{op:<14} {'shape':<26} {'provider':<18} " + " ".join(f"{c:>12}" for c in cols))
         for r in group:
-            print(f"{'':<14} {r['shape']:<26} {r['provider']:<18} " + " ".join(f"{fmt(r.get(c, ''), c):>12}" for c in cols))
+            print(f"{'':<14} {r['shape']:<26} {r.get('provider', '-'):<18} " + " ".join(f"{fmt(r.get(c, ''), c):>12}" for c in cols))
 
 
 if __name__ == "__main__":
