@@ -444,12 +444,22 @@ def _vae_conv(name, providers, args):
 
         fns = {"diffusers": diffusers,
                "vkern": lambda: conv3d_zeros_buffered(x_cl, weight, bias, (1, 1, 1), (tp, hp, wp), cache_cl)}
+    # Probes of the vkern conv: without its bias (what a bias fused into the next op leaves), and with
+    # cuDNN's autotuner (benchmark mode, trying 10 / all engines) instead of its heuristics' first pick.
+    vkern = fns["vkern"]
+    fns["vkern-no-bias"] = (lambda: F.conv2d(frames2d_cl, weight[:, :, 0], None, 1, (hp, wp))) if k[0] == 1 else \
+        (lambda: conv3d_zeros_buffered(x_cl, weight, None, (1, 1, 1), (tp, hp, wp), cache_cl))
+    for label, limit in (("vkern-cudnn-autotune", 10), ("vkern-cudnn-autotune-all", 0)):
+        def tuned(limit=limit):
+            with torch.backends.cudnn.flags(enabled=True, benchmark=True, benchmark_limit=limit):
+                return vkern()
+        fns[label] = tuned
     flops = 2 * cin * cout * k[0] * k[1] * k[2] * frames * h * w
     expected = fns["diffusers"]()
     for provider in providers or list(fns):
         ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
         yield dict(op="vae-conv", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, tflops=flops / ms / 1e9,
-                   rel_l2_vs_diffusers=rel_l2(fns[provider](), expected))
+                   rel_l2_vs_diffusers=None if provider == "vkern-no-bias" else rel_l2(fns[provider](), expected))
 
 
 OPS = {"attention": (_attention, shapes.ATTENTION), "wan-self-attn": (_wan_self_attention, shapes.ATTENTION),

@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import pytest
 import torch
@@ -19,8 +20,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # Fresh random data per test, but reproducible from the test's name when it fails.
-    torch.manual_seed(hash(request.node.nodeid) % 2**31)
+    # Different random data per test, the same in every run: the seed comes from the test's name
+    # through a stable hash (Python's hash() of a str changes per process). VKERN_TEST_SEED shifts
+    # every seed, to look for inputs the fixed seeds miss.
+    offset = int(os.environ.get("VKERN_TEST_SEED", "0"))
+    torch.manual_seed((zlib.crc32(request.node.nodeid.encode()) + offset) % 2**31)
     yield
 
 

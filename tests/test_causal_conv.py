@@ -90,7 +90,9 @@ def test_reference_decode_matches_diffusers(wan22, B, T):
     expected = vae.decode(z).sample
     out = wan_vae.decode(vae, z)
     assert out.shape == expected.shape == (B, 3, 1 + 4 * (T - 1), 16 * (1 + wan22), 16 * (1 + wan22))
-    assert (expected.abs() < 1).float().mean() > 0.9  # the clamp does not hide the comparison
+    # The clamp to [-1, 1] must not hide the comparison: most outputs are inside it (0.89-1.0 over
+    # 20 seeds per case; the bit-exact check below is what tests the reference).
+    assert (expected.abs() < 1).float().mean() > 0.75
     # The reference calls the same torch ops on the same shapes in the same order, so even on
     # another CPU both sides round alike: bit-exact, no tolerance needed. (A wrong cache rule gives
     # rel L2 ~0.01-0.4 here.)
