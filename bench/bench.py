@@ -285,7 +285,8 @@ def _gemm(name, providers, args):
 
 
 # --- Wan VAE (issue 6) ----------------------------------------------------------------------------
-VAE_PROVIDERS = ("diffusers", "vkern", "vkern-cpu-output")  # vkern-cpu-output: decoded frames go to pinned CPU memory
+# vkern-cpu-output: decoded frames go to pinned CPU memory; vkern-fused-bias: wan_vae's fuse_bias option
+VAE_PROVIDERS = ("diffusers", "vkern", "vkern-fused-bias", "vkern-cpu-output")
 
 
 def _psnr(a, b):
@@ -389,7 +390,8 @@ def _vae_decode(name, providers, args):
 
     shape = models.latent_shape(shapes.VAE[name])
     runners = {"default": lambda vae, z: vae.decode(z).sample,
-               "vkern-cpu-output": lambda vae, z: wan_vae.decode(vae, z, output_device="cpu")}
+               "vkern-cpu-output": lambda vae, z: wan_vae.decode(vae, z, output_device="cpu"),
+               "vkern-fused-bias": lambda vae, z: wan_vae.decode(vae, z, fuse_bias=True)}
     yield from _vae_rows("vae-decode", name, providers, args,
                          lambda: torch.randn(shape, device="cuda", dtype=DT), runners)
 
@@ -398,7 +400,10 @@ def _vae_encode(name, providers, args):
     from vkern import models
 
     frames, height, width = models.RESOLUTIONS[shapes.VAE[name]]
-    runners = {"default": lambda vae, x: vae.encode(x).latent_dist.parameters}
+    from vkern.modules import wan_vae
+
+    runners = {"default": lambda vae, x: vae.encode(x).latent_dist.parameters,
+               "vkern-fused-bias": lambda vae, x: wan_vae.encode(vae, x, fuse_bias=True)}
     providers = [p for p in (providers or VAE_PROVIDERS) if p != "vkern-cpu-output"]
     yield from _vae_rows("vae-encode", name, providers, args,
                          lambda: torch.rand(1, 3, frames, height, width, device="cuda", dtype=DT) * 2 - 1, runners)

@@ -32,6 +32,7 @@ KERNELS = [
      ("aten::copy_", "aten::clone", "aten::contiguous", "aten::cudnn_convolution"), "copy"),
     ("_rms_norm_silu_kernel", ("vkern::rms_norm_silu_",), "norm_silu"),
     ("_rms_norm_silu_kernel", (), "norm_silu"),  # a Triton launch no op claimed
+    ("_residual_add_kernel", ("vkern::residual_add_",), "elementwise"),  # fuse_bias: the biases live here
     # diffusers' WanRMS_norm + SiLU: every kernel under the module hooks' range
     ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormTwoOps<...>>>",
      ("aten::linalg_vector_norm", "vae:norm", "aten::conv3d"), "norm_silu"),

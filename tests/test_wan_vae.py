@@ -64,6 +64,57 @@ def test_rms_norm_silu_kernel(device, C, P, dtype, monkeypatch):
                               ref.rms_norm_silu(x, gamma, None, silu=False))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_silu_in_bias(device, dtype, monkeypatch):
+    """in_bias: the producing conv's bias, added in fp32 before the norm. The reference adds it the way
+    diffusers does (conv output + bias rounded to x's dtype); the kernel must be as close to float64."""
+    monkeypatch.setenv("VKERN_RMS_NORM_SILU_BACKEND", "triton")
+    C, B, T, P = 96, 2, 2, 37
+    x = (torch.randn(B, C, T, 1, P, device=device) * 3).to(dtype).contiguous(memory_format=CL)
+    gamma = torch.empty(C, 1, 1, 1, device=device).uniform_(0.5, 1.5).to(dtype)
+    in_bias = torch.randn(C, device=device).to(dtype)  # as large as x: a dropped bias cannot pass
+    out = cc.rms_norm_silu(x, gamma, in_bias=in_bias, out=poison(torch.empty_like(x)))
+    oracle = ref.rms_norm_silu(x.double() + in_bias.double().reshape(C, 1, 1, 1), gamma.double())
+    with monkeypatch.context() as m:
+        m.setenv("VKERN_RMS_NORM_SILU_BACKEND", "reference")
+        expected = cc.rms_norm_silu(x, gamma, in_bias=in_bias)
+    assert rel_l2(expected.double(), oracle) < 1e-2 and rel_l2(cc.rms_norm_silu(x, gamma).double(), oracle) > 0.1
+    assert_within_torch_error(out, oracle, expected)
+    if dtype == torch.float32:
+        assert rel_l2(out, expected) < 1e-6
+    else:
+        assert rel_l2(out.double(), oracle) <= rel_l2(expected.double(), oracle)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias_dtype", ["same", "fp32", None])
+def test_residual_add_kernel(device, dtype, bias_dtype, monkeypatch):
+    """y += shortcut + bias in fp32, rounded once: the same bits as the reference's arithmetic, for a
+    shortcut that is a time slice (another batch stride) and for an NCDHW one (copied once)."""
+    monkeypatch.setenv("VKERN_RESIDUAL_ADD__BACKEND", "triton")
+    C, B, T, P = 12, 2, 3, 41
+    y = torch.randn(B, C, T, 1, P, device=device).to(dtype).contiguous(memory_format=CL)
+    wide = torch.randn(B, C, T + 2, 1, P, device=device).to(dtype).contiguous(memory_format=CL)
+    bias = None if bias_dtype is None else torch.randn(C, device=device).to(torch.float32 if bias_dtype == "fp32" else dtype)
+    for shortcut in (wide[:, :, 2:], wide[:, :, 2:].contiguous()):
+        expected = ref.residual_add(y, shortcut, bias)
+        out = cc.residual_add_(y.clone(memory_format=CL), shortcut, bias)
+        assert torch.equal(out, expected)
+        assert bias is None or not torch.equal(out, y + shortcut)
+    oracle = y.double() + shortcut.double() + (0 if bias is None else bias.double().reshape(C, 1, 1, 1))
+    assert rel_l2(expected.double(), oracle) < (1e-6 if dtype == torch.float32 else 4e-3)
+
+
+def test_residual_add_bad_inputs():
+    y = torch.randn(1, 4, 2, 3, 3)
+    with pytest.raises(ValueError, match=r"shortcut: expected shape \(1, 4, 2, 3, 3\)"):
+        cc.residual_add_(y, torch.randn(1, 4, 1, 3, 3))
+    with pytest.raises(TypeError, match="shortcut: expected dtype"):
+        cc.residual_add_(y, y.bfloat16())
+    with pytest.raises(ValueError, match=r"bias: expected 4 values"):
+        cc.residual_add_(y, y, torch.ones(3))
+
+
 def test_rms_norm_silu_matches_diffusers_module():
     norm = WanRMS_norm(24, images=False)
     norm.gamma.data.uniform_(0.5, 1.5)
@@ -139,6 +190,36 @@ def test_encode_matches_diffusers(wan22, B, T, norm_reference):
     assert rel_l2(out, expected) < FP32_TOL
 
 
+@pytest.mark.parametrize("wan22", [False, True], ids=["wan2.1", "wan2.2"])
+@torch.no_grad()
+def test_fused_bias_decode_and_encode_match_diffusers(wan22, norm_reference, monkeypatch):
+    """fuse_bias: residual blocks' convs without their biases, the biases added by the norm and the
+    residual add. fp32: diffusers' result up to summation order; with the biases dropped instead of
+    moved the output is far off (so the comparison sees them)."""
+    monkeypatch.setenv("VKERN_RESIDUAL_ADD__BACKEND", "reference")
+    vae = small_vae(wan22)
+    for m in vae.modules():  # biases start at small values: make them matter
+        if isinstance(m, WanCausalConv3d) and m.bias is not None:
+            m.bias.data.normal_(0, 0.5)
+    z = torch.randn(1, 4, 3, 2, 2)
+    expected = vae.decode(z).sample
+    assert rel_l2(fast.decode(vae, z, fuse_bias=True), expected) < FP32_TOL
+    x = torch.randn(1, 3, 5, 32, 32) if wan22 else torch.randn(1, 3, 5, 16, 16)
+    assert rel_l2(fast.encode(vae, x, fuse_bias=True), vae.encode(x).latent_dist.parameters) < FP32_TOL
+    monkeypatch.setattr(fast, "_sum_bias", lambda *b: None)  # a residual add that forgets the biases
+    assert rel_l2(fast.decode(vae, z, fuse_bias=True), expected) > 100 * FP32_TOL
+
+
+def test_fuse_bias_default_from_the_environment(monkeypatch):
+    monkeypatch.delenv("VKERN_WAN_VAE_FUSE_BIAS", raising=False)
+    assert fast._fuse_bias_default() is False  # off until measured on a GPU (bench/NOTES.md)
+    monkeypatch.setenv("VKERN_WAN_VAE_FUSE_BIAS", "1")
+    assert fast._fuse_bias_default() is True
+    monkeypatch.setenv("VKERN_WAN_VAE_FUSE_BIAS", "yes")
+    with pytest.raises(ValueError, match="VKERN_WAN_VAE_FUSE_BIAS: expected 0 or 1"):
+        fast._fuse_bias_default()
+
+
 @torch.no_grad()
 def test_decode_with_the_interpreted_kernel(monkeypatch):
     """The Triton norm kernel inside the loop (its buffer slots, its layouts); slow when interpreted."""
@@ -147,8 +228,11 @@ def test_decode_with_the_interpreted_kernel(monkeypatch):
         pytest.fail("tests/conftest.py should have set TRITON_INTERPRET=1 on a machine without CUDA")
     vae = small_vae(False)
     z = torch.randn(1, 4, 2, 2, 2)
-    assert rel_l2(fast.decode(vae, z), vae.decode(z).sample) < FP32_TOL
+    expected = vae.decode(z).sample
+    assert rel_l2(fast.decode(vae, z), expected) < FP32_TOL
     assert vkern.ops._backend.last_choice["rms_norm_silu"] == "triton"
+    assert rel_l2(fast.decode(vae, z, fuse_bias=True), expected) < FP32_TOL  # both glue kernels
+    assert vkern.ops._backend.last_choice["residual_add_"] == "triton"
 
 
 @torch.no_grad()
@@ -160,9 +244,11 @@ def test_bf16_decode_and_encode_as_accurate_as_diffusers(norm_reference):
     vae32 = small_vae(False)
     vae32.load_state_dict({k: v.float() for k, v in vae.state_dict().items()})
     z = torch.randn(1, 4, 3, 2, 2).bfloat16()
-    oracle, theirs, ours = vae32.decode(z.float()).sample, vae.decode(z).sample, fast.decode(vae, z)
-    assert rel_l2(ours, oracle) <= 1.25 * rel_l2(theirs, oracle)
-    assert psnr(ours, theirs) >= 45
+    oracle, theirs = vae32.decode(z.float()).sample, vae.decode(z).sample
+    for fuse_bias in (False, True):
+        ours = fast.decode(vae, z, fuse_bias=fuse_bias)
+        assert rel_l2(ours, oracle) <= 1.25 * rel_l2(theirs, oracle), fuse_bias
+        assert psnr(ours, theirs) >= 45
     x = torch.randn(1, 3, 5, 16, 16).bfloat16()
     oracle, theirs, ours = (vae32.encode(x.float()).latent_dist.parameters, vae.encode(x).latent_dist.parameters,
                             fast.encode(vae, x))
@@ -268,6 +354,9 @@ def test_gpu_default_decode_matches_diffusers():
     assert err_ours <= 1.25 * err_theirs
     assert diff <= max(1e-2, 2 * err_theirs)
     assert peak_ours < peak_theirs
+    fused = fast.decode(vae, z, fuse_bias=True)  # the glue kernels with the conv biases, on the GPU
+    print(f"fused biases: psnr vs diffusers {psnr(fused, theirs):.1f} dB, vs fp32 {rel_l2(fused, oracle):.4f}")
+    assert psnr(fused, theirs) >= 45 and rel_l2(fused, oracle) <= 1.25 * err_theirs
     # frames written to the CPU (pinned) and a second call: the same frames
     assert torch.equal(fast.decode(vae, z, output_device="cpu"), ours.cpu())
 
@@ -285,6 +374,7 @@ def test_gpu_default_encode_matches_diffusers():
     print(f"encode: rel L2 vs diffusers {rel_l2(ours, theirs):.4f}, vs fp32 ours {rel_l2(ours, oracle):.4f} "
           f"diffusers {rel_l2(theirs, oracle):.4f}")
     assert rel_l2(ours, oracle) <= 1.25 * rel_l2(theirs, oracle)
+    assert rel_l2(fast.encode(vae, x, fuse_bias=True), oracle) <= 1.25 * rel_l2(theirs, oracle)
 
 
 @pytest.mark.gpu

@@ -13,6 +13,9 @@ for bit), with the copies taken out:
 - after the last time upsampling, the decoder may run its remaining (largest) stages a few frames at
   a time (`frames_per_step`): causal convs with a cache give the same frames for any chunking, and
   the working set shrinks with the step (the 720p memory target).
+- `fuse_bias` (off by default until measured on a GPU): a residual block's two convs run without
+  their biases (PyTorch adds a cuDNN conv's bias in a pass of its own); conv1's bias goes into the
+  next norm's input, conv2's (plus the shortcut conv's) into the residual add, both in fp32.
 Rounding: the same eager ops in the same order as diffusers, except the conv algorithm cuDNN picks
 for channels-last and the fused RMS norm + SiLU, which rounds once instead of after each op (closer to
 float64 than diffusers' ops; vkern/triton/vae_glue.py).
@@ -38,9 +41,10 @@ class _Chunks:
     """One video's feature cache: for each causal conv the last CACHE_T frames of its input
     (zeros before the first chunk), and which time-upsampling convs have seen their first chunk."""
 
-    def __init__(self):
+    def __init__(self, fuse_bias=False):
         self.frames = {}
         self.seen = set()
+        self.fuse_bias = fuse_bias
 
     def buffer(self, conv, x_shape, dtype, device, keep=CACHE_T):
         """A fresh input buffer [B, C, keep + T, H, W] for `conv` holding its cached frames; returns
@@ -54,24 +58,25 @@ class _Chunks:
             buf[:, :, :keep].copy_(prev)
         return buf, buf[:, :, keep:]
 
-    def conv(self, conv, buf, keep=CACHE_T):
-        """Run `conv` over its filled buffer; keep the buffer's last frames for the next chunk."""
-        weight, bias, stride, (_, h_pad, w_pad) = ref._conv_args(conv)
-        out = F.conv3d(buf, weight, bias, stride, (0, h_pad, w_pad))
+    def conv(self, conv, buf, keep=CACHE_T, bias=True):
+        """Run `conv` over its filled buffer (without its bias when not `bias`); keep the buffer's last
+        frames for the next chunk."""
+        weight, b, stride, (_, h_pad, w_pad) = ref._conv_args(conv)
+        out = F.conv3d(buf, weight, b if bias else None, stride, (0, h_pad, w_pad))
         prev = self.frames.get(conv)
         if prev is None:
             prev = self.frames[conv] = torch.empty_like(buf[:, :, :keep], memory_format=CL)
         prev.copy_(buf[:, :, -keep:])
         return out
 
-    def norm_into(self, norm, conv, x):
-        """`conv`'s input buffer with SiLU(norm(x)) written straight into its chunk slot."""
+    def norm_into(self, norm, conv, x, in_bias=None):
+        """`conv`'s input buffer with SiLU(norm(x + in_bias)) written straight into its chunk slot."""
         buf, slot = self.buffer(conv, x.shape, x.dtype, x.device)
-        ops.causal_conv.rms_norm_silu(x, norm.gamma, _norm_bias(norm), True, out=slot)
+        ops.causal_conv.rms_norm_silu(x, norm.gamma, _norm_bias(norm), True, out=slot, in_bias=in_bias)
         return buf
 
-    def norm_conv(self, norm, conv, x):
-        return self.conv(conv, self.norm_into(norm, conv, x))
+    def norm_conv(self, norm, conv, x, bias=True):
+        return self.conv(conv, self.norm_into(norm, conv, x), bias=bias)
 
     def plain_conv(self, conv, x):
         """A causal conv on x as it is (conv_in, the time-upsampling conv)."""
@@ -94,22 +99,33 @@ def _norm_bias(norm):
     return None
 
 
-def _shortcut(block, x):
+def _shortcut(block, x, bias=True):
     if isinstance(block.conv_shortcut, torch.nn.Identity):
         return x
-    weight, bias, stride, _ = ref._conv_args(block.conv_shortcut)
-    return F.conv3d(x, weight, bias, stride)
+    weight, b, stride, _ = ref._conv_args(block.conv_shortcut)
+    return F.conv3d(x, weight, b if bias else None, stride)
+
+
+def _sum_bias(*biases):
+    """The biases left out of the convs feeding a residual add, summed in fp32 (None if there are none)."""
+    biases = [b.float() for b in biases if b is not None]
+    return sum(biases[1:], biases[0]) if biases else None
 
 
 def residual_block(block, x, run):
     if block.training and block.dropout.p > 0:
         raise RuntimeError("vkern's Wan VAE path is for inference: put the VAE in eval mode")
-    y = run.norm_conv(block.norm1, block.conv1, x)
-    buf = run.norm_into(block.norm2, block.conv2, y)
+    fuse = run.fuse_bias
+    y = run.norm_conv(block.norm1, block.conv1, x, bias=not fuse)
+    buf = run.norm_into(block.norm2, block.conv2, y, in_bias=block.conv1.bias if fuse else None)
     del y  # conv1's output is read: free it before conv2 allocates its output
-    y = run.conv(block.conv2, buf)
+    y = run.conv(block.conv2, buf, bias=not fuse)
     del buf
-    return y.add_(_shortcut(block, x))  # diffusers' x + h: the same one rounding, in place
+    if not fuse:
+        return y.add_(_shortcut(block, x))  # diffusers' x + h: the same one rounding, in place
+    shortcut = _shortcut(block, x, bias=False)
+    conv_bias = getattr(block.conv_shortcut, "bias", None)  # None for Identity
+    return ops.causal_conv.residual_add_(y, shortcut, _sum_bias(block.conv2.bias, conv_bias))
 
 
 def attention_block(block, x, run):
@@ -292,12 +308,23 @@ def _auto_frames_per_step(H, W):
     return 1 if H * W > LARGE_FRAME_PIXELS else None
 
 
-def decode(vae, z, output_device=None, frames_per_step="auto"):
+def _fuse_bias_default():
+    """VKERN_WAN_VAE_FUSE_BIAS=1|0 (default 0: the fused biases are not yet measured on a GPU)."""
+    import os
+
+    env = os.environ.get("VKERN_WAN_VAE_FUSE_BIAS", "0")
+    if env not in ("0", "1"):
+        raise ValueError(f"VKERN_WAN_VAE_FUSE_BIAS: expected 0 or 1, got {env!r}")
+    return env == "1"
+
+
+def decode(vae, z, output_device=None, frames_per_step="auto", fuse_bias=None):
     """vae.decode(z).sample for an AutoencoderKLWan in eval mode: [B, C, 1 + 4 * (T - 1), H, W] in
     [-1, 1] from z [B, z_dim, T, h, w]. output_device: where the decoded video is allocated (e.g.
     "cpu": then only a chunk's frames are ever on the GPU; default z's device). frames_per_step:
     frames per step of the stages past the last time upsampling ("auto": see _auto_frames_per_step;
-    None: whole chunks)."""
+    None: whole chunks). fuse_bias: residual blocks' conv biases added by the passes after the convs
+    (None: VKERN_WAN_VAE_FUSE_BIAS, see _fuse_bias_default)."""
     _check_input("z", z, vae, vae.config.z_dim)
     B, _, T, h, w = z.shape
     p = vae.config.patch_size or 1
@@ -310,7 +337,7 @@ def decode(vae, z, output_device=None, frames_per_step="auto"):
     pin = device.type == "cpu" and z.device.type == "cuda"
     out = torch.empty((B, out_channels, 1 + 4 * (T - 1), H, W), dtype=z.dtype, device=device, pin_memory=pin)
     x = ref.run_conv(vae.post_quant_conv, z)  # 1x1x1 over the latents: tiny
-    run = _Chunks()
+    run = _Chunks(_fuse_bias_default() if fuse_bias is None else fuse_bias)
     t = 0
     for i in range(T):
         for y in decoder_chunk(vae.decoder, _cl(x[:, :, i:i + 1]), run, i == 0, frames_per_step):
@@ -325,10 +352,10 @@ def decode(vae, z, output_device=None, frames_per_step="auto"):
     return out
 
 
-def encode(vae, x):
+def encode(vae, x, fuse_bias=None):
     """vae._encode(x) (= vae.encode(x).latent_dist.parameters) for an AutoencoderKLWan in eval mode:
     [B, 2 * z_dim, 1 + (T - 1) // 4, h, w] from x [B, C, T, H, W] with T = 4k + 1 frames (diffusers
-    silently drops the frames past the last full chunk; here that is an error)."""
+    silently drops the frames past the last full chunk; here that is an error). fuse_bias: as for decode."""
     p = vae.config.patch_size or 1
     _check_input("x", x, vae, vae.config.in_channels // (p * p))
     T = x.shape[2]
@@ -337,7 +364,7 @@ def encode(vae, x):
                          f"diffusers would drop the last {(T - 1) % ref.ENCODE_CHUNK}")
     if p > 1:
         x = ref.patchify(x, p)
-    run = _Chunks()
+    run = _Chunks(_fuse_bias_default() if fuse_bias is None else fuse_bias)
     starts = [0] + list(range(1, T, ref.ENCODE_CHUNK))
     outs = [encoder_chunk(vae.encoder, _cl(x[:, :, s:s + (1 if s == 0 else ref.ENCODE_CHUNK)]), run) for s in starts]
     out = torch.cat(outs, dim=2)  # latents: small

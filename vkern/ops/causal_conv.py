@@ -4,7 +4,7 @@ HunyuanVideo, CogVideoX, Mochi, LTX), and the Wan VAE's fused RMS norm + SiLU.
 causal_conv3d backends: cudnn (CUDA, zeros padding: cache and chunk copied once into one
 channels-last buffer, spatial padding done by the conv, no F.pad), reference
 (vkern/reference/causal_conv.py; replicate/first padding and the CPU).
-rms_norm_silu backends: triton (vkern/triton/vae_glue.py), reference (vkern/reference/wan_vae.py).
+rms_norm_silu, residual_add_ backends: triton (vkern/triton/vae_glue.py), reference (vkern/reference/wan_vae.py).
 """
 import torch
 import torch.nn.functional as F
@@ -110,47 +110,92 @@ def pixel_rows(t):
     return all(t.size(d) == 1 or t.stride(d) == s for d, s in want.items())
 
 
-def rms_norm_silu(x, gamma, bias=None, silu=True, out=None):
+def _check_channel_vector(name, t, x, dtypes=None):
+    check_tensor(name, t, dtypes=dtypes or (x.dtype,), device=x.device)
+    if t.numel() != x.shape[1]:
+        raise ValueError(f"{name}: expected {x.shape[1]} values (x's channels), got shape {tuple(t.shape)}")
+
+
+def rms_norm_silu(x, gamma, bias=None, silu=True, out=None, in_bias=None):
     """diffusers' WanRMS_norm (channel_first) followed by SiLU (when silu) on x [B, C, T, H, W], in one
     pass: fp32 math rounded once to x's dtype (see vkern/triton/vae_glue.py; the reference backend is
     diffusers' eager ops, rounding after each).
-    gamma, bias: C values in x's dtype (a WanRMS_norm's gamma [C, 1, 1, 1] as it is). out: written in
-    place when given (same shape and dtype as x; e.g. the chunk slot of a conv's input buffer), else
-    a new channels-last tensor. Returns out."""
+    gamma, bias: C values in x's dtype (a WanRMS_norm's gamma [C, 1, 1, 1] as it is). in_bias: C values
+    added to x first (the bias of the conv that produced x, run without it; in fp32 before the norm,
+    where diffusers rounds conv + bias to x's dtype). out: written in place when given (same shape and
+    dtype as x; e.g. the chunk slot of a conv's input buffer), else a new channels-last tensor. Returns out."""
     check_tensor("x", x, dtypes=FLOATS, ndim=5)
     C = x.shape[1]
-    for name, t in (("gamma", gamma), ("bias", bias)):
-        if t is None and name == "bias":
-            continue
-        check_tensor(name, t, dtypes=(x.dtype,), device=x.device)
-        if t.numel() != C:
-            raise ValueError(f"{name}: expected {C} values (x's channels), got shape {tuple(t.shape)}")
+    _check_channel_vector("gamma", gamma, x)
+    for name, t in (("bias", bias), ("in_bias", in_bias)):
+        if t is not None:
+            _check_channel_vector(name, t, x)
     if out is None:
         out = torch.empty_like(x, memory_format=CL)
     else:
         check_tensor("out", out, dtypes=(x.dtype,), ndim=5, device=x.device)
         check_shape("out", out, tuple(x.shape))
-    torch.ops.vkern.rms_norm_silu_(x, gamma.reshape(C), None if bias is None else bias.reshape(C), bool(silu), out)
+    vec = (lambda t: None if t is None else t.reshape(C))
+    torch.ops.vkern.rms_norm_silu_(x, vec(gamma), vec(bias), bool(silu), out, vec(in_bias))
     return out
 
 
 @torch.library.custom_op("vkern::rms_norm_silu_", mutates_args=("out",))
 def _rms_norm_silu_(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, silu: bool,
-                    out: torch.Tensor) -> None:
+                    out: torch.Tensor, in_bias: torch.Tensor | None) -> None:
     backend = _backend.choose("rms_norm_silu", _norm_candidates(x.device, x.dtype))
     if backend == "reference" or x.numel() == 0:
+        if in_bias is not None:  # diffusers' order: the conv's output + bias, rounded to x's dtype
+            x = x + in_bias.reshape(-1, 1, 1, 1)
         out.copy_(ref_vae.rms_norm_silu(x, gamma, bias, silu))
         return
     from ..triton.vae_glue import rms_norm_silu as kernel
 
     x = x if pixel_rows(x) else x.contiguous(memory_format=CL)  # one copy for other layouts
-    args = (gamma.contiguous(), None if bias is None else bias.contiguous(), x.shape[1] ** 0.5, 1e-12, silu)
+    contig = (lambda t: None if t is None else t.contiguous())
+    args = (gamma.contiguous(), contig(bias), x.shape[1] ** 0.5, 1e-12, silu)
     if pixel_rows(out):
-        kernel(x, *args, out)
+        kernel(x, *args, out, contig(in_bias))
     else:
-        out.copy_(kernel(x, *args, torch.empty_like(x, memory_format=CL)))
+        out.copy_(kernel(x, *args, torch.empty_like(x, memory_format=CL), contig(in_bias)))
 
 
 @_rms_norm_silu_.register_fake
-def _(x, gamma, bias, silu, out):
+def _(x, gamma, bias, silu, out, in_bias):
+    return None
+
+
+@_backend.register("residual_add_")
+def _add_candidates(device, dtype):
+    return _norm_candidates(device, dtype)
+
+
+def residual_add_(y, shortcut, bias=None):
+    """y += shortcut + bias, in place, for y and shortcut [B, C, T, H, W] (a VAE residual block's conv
+    output and its shortcut) and bias C values (the conv's bias, or the sum of its and the shortcut
+    conv's, which were run without them; fp32 allowed so that sum is not rounded). fp32 math, one
+    rounding to y's dtype, where diffusers rounds conv + bias, then + shortcut. Returns y."""
+    check_tensor("y", y, dtypes=FLOATS, ndim=5)
+    check_tensor("shortcut", shortcut, dtypes=(y.dtype,), ndim=5, device=y.device)
+    check_shape("shortcut", shortcut, tuple(y.shape))
+    if bias is not None:
+        _check_channel_vector("bias", bias, y, dtypes=(y.dtype, torch.float32))
+    torch.ops.vkern.residual_add_(y, shortcut, None if bias is None else bias.reshape(y.shape[1]))
+    return y
+
+
+@torch.library.custom_op("vkern::residual_add_", mutates_args=("y",))
+def _residual_add_(y: torch.Tensor, shortcut: torch.Tensor, bias: torch.Tensor | None) -> None:
+    backend = _backend.choose("residual_add_", _add_candidates(y.device, y.dtype))
+    if backend == "reference" or y.numel() == 0 or not pixel_rows(y):
+        y.copy_(ref_vae.residual_add(y, shortcut, bias))
+        return
+    from ..triton.vae_glue import residual_add_ as kernel
+
+    shortcut = shortcut if pixel_rows(shortcut) else shortcut.contiguous(memory_format=CL)
+    kernel(y, shortcut, None if bias is None else bias.contiguous())
+
+
+@_residual_add_.register_fake
+def _(y, shortcut, bias):
     return None

@@ -74,6 +74,15 @@ def rms_norm_silu(x, gamma, bias=None, silu=True, eps=1e-12):
     return F.silu(y) if silu else y
 
 
+def residual_add(y, shortcut, bias=None):
+    """y + shortcut (+ bias [C]) in fp32, rounded once to y's dtype: the arithmetic of vkern's fused
+    residual add (diffusers rounds the conv's output + bias first, then the sum)."""
+    z = y.float() + shortcut.float()
+    if bias is not None:
+        z = z + bias.float().reshape(-1, 1, 1, 1)
+    return z.to(y.dtype)
+
+
 def residual_block(block, x, cache):
     shortcut = x if isinstance(block.conv_shortcut, torch.nn.Identity) else run_conv(block.conv_shortcut, x)
     x = cached_conv(block.conv1, block.nonlinearity(block.norm1(x)), cache)
