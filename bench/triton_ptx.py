@@ -40,17 +40,23 @@ def main():
         ops = memory_ops(_qk_norm_rope_kernel, sig, consts, warps, aligned)
         print(f"qk_norm_rope heads={heads} D=128 warps={warps}:", dict(ops))
 
-    from vkern.triton.vae_glue import _rms_norm_silu_kernel
+    from vkern.triton.vae_glue import _residual_add_kernel, _rms_norm_silu_kernel
 
-    sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "gamma_ptr": "*bf16", "bias_ptr": "*bf16", "P": "i32", "C": "i32",
-           "stride_xb": "i64", "stride_ob": "i64", "scale": "fp32", "eps": "fp32"}
+    sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "gamma_ptr": "*bf16", "bias_ptr": "*bf16", "in_bias_ptr": "*bf16",
+           "P": "i32", "C": "i32", "stride_xb": "i64", "stride_ob": "i64", "scale": "fp32", "eps": "fp32"}
+    add_sig = {"y_ptr": "*bf16", "s_ptr": "*bf16", "bias_ptr": "*fp32", "P": "i32", "C": "i32", "stride_yb": "i64",
+               "stride_sb": "i64"}
     for C in (96, 192, 384):  # the Wan VAE's channel counts (multiples of 16: Triton specializes C on that)
         block_c = triton.next_power_of_2(C)
-        consts = {"BLOCK_P": max(1, min(64, 4096 // block_c)), "BLOCK_C": block_c, "HAS_BIAS": False, "SILU": True,
-                  "EMULATE_RNE": False}
-        ops = memory_ops(_rms_norm_silu_kernel, sig, consts, 4, ("x_ptr", "out_ptr", "gamma_ptr", "bias_ptr", "C",
-                                                                   "stride_xb", "stride_ob"))
-        print(f"rms_norm_silu C={C}:", dict(ops))
+        tile = {"BLOCK_P": max(1, min(64, 4096 // block_c)), "BLOCK_C": block_c, "EMULATE_RNE": False}
+        for in_bias in (False, True):
+            consts = {**tile, "HAS_BIAS": False, "HAS_IN_BIAS": in_bias, "SILU": True}
+            ops = memory_ops(_rms_norm_silu_kernel, sig, consts, 4, ("x_ptr", "out_ptr", "gamma_ptr", "bias_ptr",
+                                                                       "in_bias_ptr", "C", "stride_xb", "stride_ob"))
+            print(f"rms_norm_silu C={C} in_bias={in_bias}:", dict(ops))
+        ops = memory_ops(_residual_add_kernel, add_sig, {**tile, "HAS_BIAS": True}, 4,
+                         ("y_ptr", "s_ptr", "bias_ptr", "C", "stride_yb", "stride_sb"))
+        print(f"residual_add C={C}:", dict(ops))
 
 
 if __name__ == "__main__":
