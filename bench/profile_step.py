@@ -188,6 +188,15 @@ def save_rows(rows, device, out=None):
     return rows
 
 
+def cli_device(requested, option, value):
+    """The device a profiling CLI runs on: --device, else CUDA when there is one; the CPU only for the
+    tiny config (`option` names the CLI's size option, `value` its value)."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and value != "tiny":
+        raise SystemExit(f"{option} {value} needs a CUDA GPU (on the CPU: {option} tiny)")
+    return device
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -199,9 +208,7 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu (tiny only)")
     parser.add_argument("--out", default=None, help="append JSON lines here")
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" and args.size != "tiny":
-        raise SystemExit(f"--size {args.size} needs a CUDA GPU (on the CPU: --size tiny)")
+    device = cli_device(args.device, "--size", args.size)
     rows = save_rows(run(args.size, args.res, args.providers.split(","), device), device, args.out)
     for r in rows:
         print(f"{r['provider']}: top kernels " + "; ".join(f"{t['ms']} ms {t['cls']} {t['name'][:60]}" for t in r["top"][:5]))

@@ -26,7 +26,7 @@ import time
 import torch
 
 from . import profile_step
-from .profile_step import markdown, save_rows, summarize
+from .profile_step import cli_device, markdown, save_rows, summarize
 from .timing import param_bytes
 
 CLASSES = ("conv", "norm_silu", "copy", "elementwise", "other")
@@ -212,9 +212,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--md", default=None, help="write the markdown tables here too")
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" and args.res != "tiny":
-        raise SystemExit(f"--res {args.res} needs a CUDA GPU (on the CPU: --res tiny)")
+    device = cli_device(args.device, "--res", args.res)
     ops = args.ops.split(",")
     if set(ops) - {"decode", "encode"}:
         raise SystemExit(f"--ops: expected decode and/or encode, got {args.ops!r}")
