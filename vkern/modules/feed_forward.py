@@ -18,6 +18,7 @@ from torch import nn
 
 from ..ops import block_glue
 from ..reference.feed_forward import chunk_for_budget
+from ._hooks import hooked
 from .fp8_linear import Fp8Activation
 from .fp8_linear import takes_fp8_input as _layer_takes_fp8
 
@@ -110,7 +111,7 @@ def _net_rows(net, x):
 
 def _fast_net(ff):
     net = getattr(ff, "net", None)
-    if net is None or _hooked(ff) or not _fast(net):
+    if net is None or hooked(ff) or not _fast(net):
         return None
     return net
 
@@ -123,12 +124,8 @@ def _fast(net):
     if not isinstance(net, nn.ModuleList) or len(net) not in (3, 4) or type(net[0]) is not GELU:
         return False
     drops = [net[1]] + ([net[3]] if len(net) == 4 else [])
-    return (not _hooked(net[0]) and not _hooked(net)
-            and all(type(d) is nn.Dropout and (d.p == 0 or not d.training) and not _hooked(d) for d in drops))
-
-
-def _hooked(m):
-    return bool(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_diffusers_hook"))
+    return (not hooked(net[0]) and not hooked(net)
+            and all(type(d) is nn.Dropout and (d.p == 0 or not d.training) and not hooked(d) for d in drops))
 
 
 def _check_supported(ff):
@@ -150,6 +147,6 @@ def _check_supported(ff):
         raise ValueError(f"ff.net: expected [GELU, Dropout, Linear(, Dropout)], got "
                          f"{[type(m).__name__ for m in net]}")
     for name, m in (("", ff), (".net", net), (".net[0]", act)):
-        if _hooked(m):
+        if hooked(m):
             raise ValueError(f"ff{name}: has forward hooks (diffusers offloading or user hooks) that "
                              f"ChunkedFeedForward would bypass")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ._hooks import hooked
 
 MODES = ("storage", "compute")
 _warned = set()
@@ -122,4 +123,4 @@ def takes_fp8_input(module):
     """True when `module` can be called with an Fp8Activation and uses it as is: an Fp8Linear in
     compute mode with supported dimensions and no hooks that would see the activation."""
     return (type(module) is Fp8Linear and module.accepts_fp8_input
-            and not (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_diffusers_hook")))
+            and not hooked(module))

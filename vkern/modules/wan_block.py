@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ._hooks import hooked
 from .feed_forward import feed_forward_rows, ffn_takes_fp8_input
 from .fp8_linear import Fp8Activation, takes_fp8_input
 from .wan_attention import VkernWanAttnProcessor, rope_rows, token_rows
@@ -138,7 +139,7 @@ class VkernWanBlock(nn.Module):
 
         if not isinstance(block, WanTransformerBlock):
             raise TypeError(f"block: expected a diffusers WanTransformerBlock, got {type(block).__name__}")
-        if block._forward_hooks or block._forward_pre_hooks or hasattr(block, "_diffusers_hook"):
+        if hooked(block):
             raise ValueError("block: has forward hooks (diffusers offloading/caching or user hooks) that "
                              "VkernWanBlock would drop")
         for name, value in (("ffn_chunk_size", ffn_chunk_size), ("attention_chunk_size", attention_chunk_size)):
@@ -234,7 +235,7 @@ def _chunkable_processor(attn):
     fused to_qkv, no hooks on attn), else None."""
     processor = getattr(attn, "processor", None)
     if (not isinstance(processor, VkernWanAttnProcessor) or type(processor).__call__ is not VkernWanAttnProcessor.__call__
-            or (getattr(attn, "fused_projections", False) and not attn.is_cross_attention) or _hooked(attn)):
+            or (getattr(attn, "fused_projections", False) and not attn.is_cross_attention) or hooked(attn)):
         return None
     return processor
 
@@ -257,7 +258,7 @@ def _attention_takes_fp8_input(attn, cross=False):
     # A processor may state it explicitly (accepts_fp8_hidden_states = True/False, e.g. a subclass that
     # reads hidden_states itself opts out); otherwise vkern's processors are known to, others are not.
     if not getattr(processor, "accepts_fp8_hidden_states", isinstance(processor, VkernWanAttnProcessor)) \
-            or _hooked(attn):
+            or hooked(attn):
         return False
     if cross:
         return takes_fp8_input(getattr(attn, "to_q", None))
@@ -266,5 +267,3 @@ def _attention_takes_fp8_input(attn, cross=False):
     return all(takes_fp8_input(getattr(attn, name, None)) for name in ("to_q", "to_k", "to_v"))
 
 
-def _hooked(m):
-    return bool(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_diffusers_hook"))

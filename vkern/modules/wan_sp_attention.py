@@ -38,6 +38,7 @@ from torch import nn
 from .. import ops
 from ..distributed import ring, ulysses
 from ..reference import attention as ref
+from ._hooks import hooked
 from .wan_attention import _8BIT, _BACKEND, VkernWanAttnProcessor
 
 
@@ -169,7 +170,7 @@ _EXCHANGES = {  # SPConfig.qkv_exchange: the send buffers in the order they are 
 def _plain_linear(m):
     """An nn.Linear itself (not Fp8Linear, LoRA or a subclass with its own forward, no hooks): the
     processor may apply its weight and bias in blocks."""
-    return type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_diffusers_hook"))
+    return type(m) is nn.Linear and not hooked(m)
 
 
 def _head_split_linear(linear, blocks):
