@@ -285,8 +285,9 @@ def _gemm(name, providers, args):
 
 
 # --- Wan VAE (issue 6) ----------------------------------------------------------------------------
-# vkern-cpu-output: decoded frames go to pinned CPU memory; vkern-fused-bias: wan_vae's fuse_bias option
-VAE_PROVIDERS = ("diffusers", "vkern", "vkern-fused-bias", "vkern-cpu-output")
+# vkern-cpu-output: decoded frames go to pinned CPU memory; vkern-fused-bias, vkern-2-latents: wan_vae's
+# fuse_bias and latents_per_call=2 options (decode only for the latter)
+VAE_PROVIDERS = ("diffusers", "vkern", "vkern-fused-bias", "vkern-2-latents", "vkern-cpu-output")
 
 
 def _psnr(a, b):
@@ -391,7 +392,8 @@ def _vae_decode(name, providers, args):
     shape = models.latent_shape(shapes.VAE[name])
     runners = {"default": lambda vae, z: vae.decode(z).sample,
                "vkern-cpu-output": lambda vae, z: wan_vae.decode(vae, z, output_device="cpu"),
-               "vkern-fused-bias": lambda vae, z: wan_vae.decode(vae, z, fuse_bias=True)}
+               "vkern-fused-bias": lambda vae, z: wan_vae.decode(vae, z, fuse_bias=True),
+               "vkern-2-latents": lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2)}
     yield from _vae_rows("vae-decode", name, providers, args,
                          lambda: torch.randn(shape, device="cuda", dtype=DT), runners)
 
@@ -404,7 +406,7 @@ def _vae_encode(name, providers, args):
 
     runners = {"default": lambda vae, x: vae.encode(x).latent_dist.parameters,
                "vkern-fused-bias": lambda vae, x: wan_vae.encode(vae, x, fuse_bias=True)}
-    providers = [p for p in (providers or VAE_PROVIDERS) if p != "vkern-cpu-output"]
+    providers = [p for p in (providers or VAE_PROVIDERS) if p not in ("vkern-cpu-output", "vkern-2-latents")]
     yield from _vae_rows("vae-encode", name, providers, args,
                          lambda: torch.rand(1, 3, frames, height, width, device="cuda", dtype=DT) * 2 - 1, runners)
 

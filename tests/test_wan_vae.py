@@ -191,6 +191,31 @@ def test_encode_matches_diffusers(wan22, B, T, norm_reference):
 
 
 @pytest.mark.parametrize("wan22", [False, True], ids=["wan2.1", "wan2.2"])
+@pytest.mark.parametrize("latents_per_call,T,frames_per_step", [(2, 5, None), (3, 5, None), (4, 3, 2)])
+@torch.no_grad()
+def test_several_latents_per_call_match_diffusers(wan22, latents_per_call, T, frames_per_step, norm_reference):
+    """Latent frames after the first decoded several at a time (a last group may be shorter) give
+    diffusers' frames: causal convs with a cache do not depend on the chunking."""
+    vae = small_vae(wan22)
+    z = torch.randn(1, 4, T, 2, 2)
+    expected = vae.decode(z).sample
+    out = fast.decode(vae, z, frames_per_step=frames_per_step, latents_per_call=latents_per_call)
+    assert out.shape == expected.shape and rel_l2(out, expected) < FP32_TOL
+
+
+def test_latents_per_call_checked(monkeypatch):
+    vae, z = small_vae(False), torch.randn(1, 4, 2, 2, 2)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="latents_per_call: expected a positive int"):
+            fast.decode(vae, z, latents_per_call=bad)
+    monkeypatch.setenv("VKERN_WAN_VAE_LATENTS_PER_CALL", "two")
+    with pytest.raises(ValueError, match="VKERN_WAN_VAE_LATENTS_PER_CALL: expected a positive int"):
+        fast.decode(vae, z)
+    monkeypatch.setenv("VKERN_WAN_VAE_LATENTS_PER_CALL", "2")
+    assert fast._latents_per_call_default() == 2
+
+
+@pytest.mark.parametrize("wan22", [False, True], ids=["wan2.1", "wan2.2"])
 @torch.no_grad()
 def test_fused_bias_decode_and_encode_match_diffusers(wan22, norm_reference, monkeypatch):
     """fuse_bias: residual blocks' convs without their biases, the biases added by the norm and the

@@ -13,6 +13,10 @@ for bit), with the copies taken out:
 - after the last time upsampling, the decoder may run its remaining (largest) stages a few frames at
   a time (`frames_per_step`): causal convs with a cache give the same frames for any chunking, and
   the working set shrinks with the step (the 720p memory target).
+- `latents_per_call` (1 by default, as diffusers): after the first latent frame (which decodes alone:
+  the first-chunk rules), several latent frames go through the decoder at once: the same frames
+  (chunk-invariant causal convs; per-frame attention, upsampling and DupUp3D), larger convs and fewer
+  launches, a larger working set (frames_per_step still bounds the largest stages).
 - `fuse_bias` (off by default until measured on a GPU): a residual block's two convs run without
   their biases (PyTorch adds a cuDNN conv's bias in a pass of its own); conv1's bias goes into the
   next norm's input, conv2's (plus the shortcut conv's) into the residual add, both in fp32.
@@ -318,14 +322,30 @@ def _fuse_bias_default():
     return env == "1"
 
 
-def decode(vae, z, output_device=None, frames_per_step="auto", fuse_bias=None):
+def _latents_per_call_default():
+    """VKERN_WAN_VAE_LATENTS_PER_CALL (a positive int; default 1: diffusers' chunking, until a GPU
+    measurement says more is faster)."""
+    import os
+
+    env = os.environ.get("VKERN_WAN_VAE_LATENTS_PER_CALL", "1")
+    if not env.isdigit() or int(env) < 1:
+        raise ValueError(f"VKERN_WAN_VAE_LATENTS_PER_CALL: expected a positive int, got {env!r}")
+    return int(env)
+
+
+def decode(vae, z, output_device=None, frames_per_step="auto", fuse_bias=None, latents_per_call=None):
     """vae.decode(z).sample for an AutoencoderKLWan in eval mode: [B, C, 1 + 4 * (T - 1), H, W] in
     [-1, 1] from z [B, z_dim, T, h, w]. output_device: where the decoded video is allocated (e.g.
     "cpu": then only a chunk's frames are ever on the GPU; default z's device). frames_per_step:
     frames per step of the stages past the last time upsampling ("auto": see _auto_frames_per_step;
     None: whole chunks). fuse_bias: residual blocks' conv biases added by the passes after the convs
-    (None: VKERN_WAN_VAE_FUSE_BIAS, see _fuse_bias_default)."""
+    (None: VKERN_WAN_VAE_FUSE_BIAS, see _fuse_bias_default). latents_per_call: latent frames decoded
+    together after the first (None: VKERN_WAN_VAE_LATENTS_PER_CALL, default 1)."""
     _check_input("z", z, vae, vae.config.z_dim)
+    if latents_per_call is None:
+        latents_per_call = _latents_per_call_default()
+    if isinstance(latents_per_call, bool) or not isinstance(latents_per_call, int) or latents_per_call < 1:
+        raise ValueError(f"latents_per_call: expected a positive int, got {latents_per_call!r}")
     B, _, T, h, w = z.shape
     p = vae.config.patch_size or 1
     up = vae.spatial_compression_ratio // p  # the decoder's own spatial factor
@@ -339,8 +359,9 @@ def decode(vae, z, output_device=None, frames_per_step="auto", fuse_bias=None):
     x = ref.run_conv(vae.post_quant_conv, z)  # 1x1x1 over the latents: tiny
     run = _Chunks(_fuse_bias_default() if fuse_bias is None else fuse_bias)
     t = 0
-    for i in range(T):
-        for y in decoder_chunk(vae.decoder, _cl(x[:, :, i:i + 1]), run, i == 0, frames_per_step):
+    for i in [0, *range(1, T, latents_per_call)]:  # the first latent frame alone (first-chunk rules)
+        n = 1 if i == 0 else latents_per_call
+        for y in decoder_chunk(vae.decoder, _cl(x[:, :, i:i + n]), run, i == 0, frames_per_step):
             if p > 1:
                 y = ref.unpatchify(y, p)
             n = y.shape[2]
