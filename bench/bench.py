@@ -285,9 +285,11 @@ def _gemm(name, providers, args):
 
 
 # --- Wan VAE (issue 6) ----------------------------------------------------------------------------
-# vkern-cpu-output: decoded frames go to pinned CPU memory; vkern-fused-bias, vkern-2-latents: wan_vae's
-# fuse_bias and latents_per_call=2 options (decode only for the latter)
-VAE_PROVIDERS = ("diffusers", "vkern", "vkern-fused-bias", "vkern-2-latents", "vkern-cpu-output")
+# vkern-cpu-output: decoded frames go to pinned CPU memory; vkern-fused-bias, vkern-padded, vkern-2-latents:
+# wan_vae's fuse_bias, pad_channels and latents_per_call=2 options (decode only for the last);
+# vkern-all-options: fuse_bias and pad_channels together (with 2 latents per call for decode)
+VAE_PROVIDERS = ("diffusers", "vkern", "vkern-fused-bias", "vkern-padded", "vkern-2-latents", "vkern-all-options",
+                 "vkern-cpu-output")
 
 
 def _psnr(a, b):
@@ -393,7 +395,10 @@ def _vae_decode(name, providers, args):
     runners = {"default": lambda vae, z: vae.decode(z).sample,
                "vkern-cpu-output": lambda vae, z: wan_vae.decode(vae, z, output_device="cpu"),
                "vkern-fused-bias": lambda vae, z: wan_vae.decode(vae, z, fuse_bias=True),
-               "vkern-2-latents": lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2)}
+               "vkern-padded": lambda vae, z: wan_vae.decode(vae, z, pad_channels=True),
+               "vkern-2-latents": lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2),
+               "vkern-all-options": lambda vae, z: wan_vae.decode(vae, z, fuse_bias=True, pad_channels=True,
+                                                                  latents_per_call=2)}
     yield from _vae_rows("vae-decode", name, providers, args,
                          lambda: torch.randn(shape, device="cuda", dtype=DT), runners)
 
@@ -405,7 +410,9 @@ def _vae_encode(name, providers, args):
     from vkern.modules import wan_vae
 
     runners = {"default": lambda vae, x: vae.encode(x).latent_dist.parameters,
-               "vkern-fused-bias": lambda vae, x: wan_vae.encode(vae, x, fuse_bias=True)}
+               "vkern-fused-bias": lambda vae, x: wan_vae.encode(vae, x, fuse_bias=True),
+               "vkern-padded": lambda vae, x: wan_vae.encode(vae, x, pad_channels=True),
+               "vkern-all-options": lambda vae, x: wan_vae.encode(vae, x, fuse_bias=True, pad_channels=True)}
     providers = [p for p in (providers or VAE_PROVIDERS) if p not in ("vkern-cpu-output", "vkern-2-latents")]
     yield from _vae_rows("vae-encode", name, providers, args,
                          lambda: torch.rand(1, 3, frames, height, width, device="cuda", dtype=DT) * 2 - 1, runners)

@@ -79,9 +79,9 @@ if [[ $MODES == *" profile "* ]]; then
     --out "$OUT/results.jsonl" 2>&1 | tail -30
 fi
 if [[ $MODES == *" vaeprof "* ]]; then
-  python3 -m bench.profile_vae --res 480p --providers diffusers,vkern,vkern-fused-bias --out "$OUT/results.jsonl" \
+  python3 -m bench.profile_vae --res 480p --providers diffusers,vkern,vkern-all-options --out "$OUT/results.jsonl" \
     --md "$OUT/profile_vae.md" 2>&1 | tail -60
-  $B --op vae-decode --shape wan-vae-480p --providers diffusers,vkern,vkern-fused-bias
+  $B --op vae-decode --shape wan-vae-480p --providers diffusers,vkern,vkern-all-options
 fi
 if [[ $MODES == *" fp8acc "* ]]; then
   python3 -m bench.fp8_accuracy --size 1.3b,14b --res 480p --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/fp8_accuracy.md"

@@ -111,10 +111,10 @@ def _runner(op, provider, vae, inp):
 
     if provider == "diffusers":
         return (lambda: vae.decode(inp).sample) if op == "decode" else (lambda: vae.encode(inp).latent_dist.parameters)
-    if provider in ("vkern", "vkern-fused-bias"):  # what vkern.patch(vae) runs on CUDA, called directly
-        kw = dict(fuse_bias=provider == "vkern-fused-bias")
+    if provider in ("vkern", "vkern-all-options"):  # what vkern.patch(vae) runs on CUDA, called directly
+        kw = dict(fuse_bias=True, pad_channels=True) if provider == "vkern-all-options" else {}
         return (lambda: wan_vae.decode(vae, inp, **kw)) if op == "decode" else (lambda: wan_vae.encode(vae, inp, **kw))
-    raise SystemExit(f"--providers: unknown {provider!r} (diffusers, vkern, vkern-fused-bias)")
+    raise SystemExit(f"--providers: unknown {provider!r} (diffusers, vkern, vkern-all-options)")
 
 
 def _inputs(op, res, device, dtype):
@@ -207,7 +207,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--res", default="480p", choices=["tiny", "480p", "720p"])
     parser.add_argument("--ops", default="decode,encode", help="comma-separated: decode, encode")
-    parser.add_argument("--providers", default="diffusers,vkern", help="comma-separated: diffusers, vkern, vkern-fused-bias")
+    parser.add_argument("--providers", default="diffusers,vkern", help="comma-separated: diffusers, vkern, vkern-all-options (fuse_bias, pad_channels)")
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu (tiny only)")
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--md", default=None, help="write the markdown tables here too")

@@ -235,14 +235,38 @@ def test_fused_bias_decode_and_encode_match_diffusers(wan22, norm_reference, mon
     assert rel_l2(fast.decode(vae, z, fuse_bias=True), expected) > 100 * FP32_TOL
 
 
-def test_fuse_bias_default_from_the_environment(monkeypatch):
-    monkeypatch.delenv("VKERN_WAN_VAE_FUSE_BIAS", raising=False)
-    assert fast._fuse_bias_default() is False  # off until measured on a GPU (bench/NOTES.md)
-    monkeypatch.setenv("VKERN_WAN_VAE_FUSE_BIAS", "1")
-    assert fast._fuse_bias_default() is True
-    monkeypatch.setenv("VKERN_WAN_VAE_FUSE_BIAS", "yes")
-    with pytest.raises(ValueError, match="VKERN_WAN_VAE_FUSE_BIAS: expected 0 or 1"):
-        fast._fuse_bias_default()
+@pytest.mark.parametrize("option", ["fuse_bias", "pad_channels"])
+def test_unmeasured_options_default_off_and_read_the_environment(option, monkeypatch):
+    name = f"VKERN_WAN_VAE_{option.upper()}"
+    monkeypatch.delenv(name, raising=False)
+    assert fast._env_switch(option, None) is False  # off until measured on a GPU (bench/NOTES.md)
+    assert fast._env_switch(option, True) is True
+    monkeypatch.setenv(name, "1")
+    assert fast._env_switch(option, None) is True and fast._env_switch(option, False) is False
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=f"{name}: expected 0 or 1"):
+        fast.decode(small_vae(False), torch.randn(1, 4, 1, 2, 2))
+
+
+@pytest.mark.parametrize("wan22", [False, True], ids=["wan2.1", "wan2.2"])
+@torch.no_grad()
+def test_padded_channels_decode_and_encode_match_diffusers(wan22, norm_reference):
+    """pad_channels: the encoder's 3 (12) input and the decoder's 3 (12) output channels padded with zero
+    channels and zero filters to 8 (16): diffusers' result up to summation order."""
+    vae = small_vae(wan22)
+    z = torch.randn(1, 4, 3, 2, 2)
+    out = fast.decode(vae, z, pad_channels=True)
+    assert rel_l2(out, vae.decode(z).sample) < FP32_TOL
+    x = torch.randn(1, 3, 5, 32, 32) if wan22 else torch.randn(1, 3, 5, 16, 16)
+    run = fast._Chunks(pad_channels=True)
+    assert run._channels(3) == 8 and run._channels(12) == 16 and run._channels(96) == 96
+    xp = ref.patchify(x, 2) if wan22 else x
+    fast.encoder_chunk(vae.encoder, fast._cl(xp[:, :, :1]), run)
+    assert run.padded[vae.encoder.conv_in][0].shape[1] == (16 if wan22 else 8)  # zero input channels
+    list(fast.decoder_chunk(vae.decoder, fast._cl(torch.randn(1, 4, 1, 2, 2)), run, True))
+    assert run.padded[vae.decoder.conv_out][0].shape[0] == (16 if wan22 else 8)  # padded filters, cut off after
+    assert rel_l2(fast.encode(vae, x, pad_channels=True), vae.encode(x).latent_dist.parameters) < FP32_TOL
+    assert torch.equal(fast.decode(vae, z, pad_channels=True), out)  # padded weights are per video
 
 
 @torch.no_grad()

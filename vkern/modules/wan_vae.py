@@ -17,6 +17,9 @@ for bit), with the copies taken out:
   the first-chunk rules), several latent frames go through the decoder at once: the same frames
   (chunk-invariant causal convs; per-frame attention, upsampling and DupUp3D), larger convs and fewer
   launches, a larger working set (frames_per_step still bounds the largest stages).
+- `pad_channels` (off by default until measured on a GPU): the convs with 3 or 12 channels (the
+  encoder's input, the decoder's output) zero-padded to a multiple of 8 channels, which cuDNN's bf16
+  tensor-core kernels need (the encoder's conv_in ran a non-tensor-core kernel: 45 ms of a 480p encode).
 - `fuse_bias` (off by default until measured on a GPU): a residual block's two convs run without
   their biases (PyTorch adds a cuDNN conv's bias in a pass of its own); conv1's bias goes into the
   next norm's input, conv2's (plus the shortcut conv's) into the residual add, both in fp32.
@@ -35,6 +38,7 @@ CACHE_T = ref.CACHE_T
 # Decoder default: whole chunks (4 frames) unless a decoded frame has more pixels than this; above
 # it, 1 frame per step keeps the largest stages' working set ~4x smaller (720p: ~1 GB less).
 LARGE_FRAME_PIXELS = 512 * 1024
+PAD_TO = 8  # pad_channels: channel counts rounded up to this (cuDNN bf16 tensor-core convs)
 
 
 def _cl(x):
@@ -45,33 +49,53 @@ class _Chunks:
     """One video's feature cache: for each causal conv the last CACHE_T frames of its input
     (zeros before the first chunk), and which time-upsampling convs have seen their first chunk."""
 
-    def __init__(self, fuse_bias=False):
+    def __init__(self, fuse_bias=False, pad_channels=False):
         self.frames = {}
         self.seen = set()
         self.fuse_bias = fuse_bias
+        self.pad_channels = pad_channels
+        self.padded = {}  # conv -> its weight and bias zero-padded to _channels() in and out
+
+    def _channels(self, n):
+        return -(-n // PAD_TO) * PAD_TO if self.pad_channels else n
 
     def buffer(self, conv, x_shape, dtype, device, keep=CACHE_T):
-        """A fresh input buffer [B, C, keep + T, H, W] for `conv` holding its cached frames; returns
-        (buffer, the chunk's slot in it)."""
+        """A fresh input buffer [B, C', keep + T, H, W] for `conv` holding its cached frames (C' = C, or
+        C padded by zero channels); returns (buffer, the chunk's slot in it, C channels)."""
         B, C, T, H, W = x_shape
-        buf = torch.empty((B, C, keep + T, H, W), dtype=dtype, device=device, memory_format=CL)
+        buf = torch.empty((B, self._channels(C), keep + T, H, W), dtype=dtype, device=device, memory_format=CL)
         prev = self.frames.get(conv)
         if prev is None:
             buf[:, :, :keep].zero_()
         else:
             buf[:, :, :keep].copy_(prev)
-        return buf, buf[:, :, keep:]
+        buf[:, C:, keep:].zero_()  # padding channels (none unless pad_channels)
+        return buf, buf[:, :C, keep:]
+
+    def _weights(self, conv, in_channels):
+        """conv's weight and bias, zero-padded to `in_channels` inputs and _channels() outputs."""
+        weight, bias = ref._conv_args(conv)[:2]
+        O, C = weight.shape[:2]
+        if (in_channels, self._channels(O)) == (C, O):
+            return weight, bias
+        if conv not in self.padded:
+            w = weight.new_zeros((self._channels(O), in_channels, *weight.shape[2:]))
+            w[:O, :C] = weight
+            b = None if bias is None else torch.cat([bias, bias.new_zeros(w.shape[0] - O)])
+            self.padded[conv] = (w, b)
+        return self.padded[conv]
 
     def conv(self, conv, buf, keep=CACHE_T, bias=True):
         """Run `conv` over its filled buffer (without its bias when not `bias`); keep the buffer's last
-        frames for the next chunk."""
-        weight, b, stride, (_, h_pad, w_pad) = ref._conv_args(conv)
+        frames for the next chunk. Padded output channels are cut off (a channel slice, no copy)."""
+        _, _, stride, (_, h_pad, w_pad) = ref._conv_args(conv)
+        weight, b = self._weights(conv, buf.shape[1])
         out = F.conv3d(buf, weight, b if bias else None, stride, (0, h_pad, w_pad))
         prev = self.frames.get(conv)
         if prev is None:
             prev = self.frames[conv] = torch.empty_like(buf[:, :, :keep], memory_format=CL)
         prev.copy_(buf[:, :, -keep:])
-        return out
+        return out[:, :conv.weight.shape[0]]
 
     def norm_into(self, norm, conv, x, in_bias=None):
         """`conv`'s input buffer with SiLU(norm(x + in_bias)) written straight into its chunk slot."""
@@ -312,14 +336,22 @@ def _auto_frames_per_step(H, W):
     return 1 if H * W > LARGE_FRAME_PIXELS else None
 
 
-def _fuse_bias_default():
-    """VKERN_WAN_VAE_FUSE_BIAS=1|0 (default 0: the fused biases are not yet measured on a GPU)."""
+def _env_switch(option, given):
+    """`given` unless None, else VKERN_WAN_VAE_<OPTION>=1|0 (default 0: the options not yet measured on a
+    GPU, fuse_bias and pad_channels, stay off)."""
+    if given is not None:
+        return bool(given)
     import os
 
-    env = os.environ.get("VKERN_WAN_VAE_FUSE_BIAS", "0")
+    name = f"VKERN_WAN_VAE_{option.upper()}"
+    env = os.environ.get(name, "0")
     if env not in ("0", "1"):
-        raise ValueError(f"VKERN_WAN_VAE_FUSE_BIAS: expected 0 or 1, got {env!r}")
+        raise ValueError(f"{name}: expected 0 or 1, got {env!r}")
     return env == "1"
+
+
+def _chunks(fuse_bias, pad_channels):
+    return _Chunks(_env_switch("fuse_bias", fuse_bias), _env_switch("pad_channels", pad_channels))
 
 
 def _latents_per_call_default():
@@ -333,14 +365,16 @@ def _latents_per_call_default():
     return int(env)
 
 
-def decode(vae, z, output_device=None, frames_per_step="auto", fuse_bias=None, latents_per_call=None):
+def decode(vae, z, output_device=None, frames_per_step="auto", fuse_bias=None, latents_per_call=None,
+           pad_channels=None):
     """vae.decode(z).sample for an AutoencoderKLWan in eval mode: [B, C, 1 + 4 * (T - 1), H, W] in
     [-1, 1] from z [B, z_dim, T, h, w]. output_device: where the decoded video is allocated (e.g.
     "cpu": then only a chunk's frames are ever on the GPU; default z's device). frames_per_step:
     frames per step of the stages past the last time upsampling ("auto": see _auto_frames_per_step;
     None: whole chunks). fuse_bias: residual blocks' conv biases added by the passes after the convs
-    (None: VKERN_WAN_VAE_FUSE_BIAS, see _fuse_bias_default). latents_per_call: latent frames decoded
-    together after the first (None: VKERN_WAN_VAE_LATENTS_PER_CALL, default 1)."""
+    (None: VKERN_WAN_VAE_FUSE_BIAS, default off). latents_per_call: latent frames decoded together after
+    the first (None: VKERN_WAN_VAE_LATENTS_PER_CALL, default 1). pad_channels: conv_out's 3 or 12 output
+    channels padded to a multiple of 8 (None: VKERN_WAN_VAE_PAD_CHANNELS, default off)."""
     _check_input("z", z, vae, vae.config.z_dim)
     if latents_per_call is None:
         latents_per_call = _latents_per_call_default()
@@ -357,7 +391,7 @@ def decode(vae, z, output_device=None, frames_per_step="auto", fuse_bias=None, l
     pin = device.type == "cpu" and z.device.type == "cuda"
     out = torch.empty((B, out_channels, 1 + 4 * (T - 1), H, W), dtype=z.dtype, device=device, pin_memory=pin)
     x = ref.run_conv(vae.post_quant_conv, z)  # 1x1x1 over the latents: tiny
-    run = _Chunks(_fuse_bias_default() if fuse_bias is None else fuse_bias)
+    run = _chunks(fuse_bias, pad_channels)
     t = 0
     for i in [0, *range(1, T, latents_per_call)]:  # the first latent frame alone (first-chunk rules)
         n = 1 if i == 0 else latents_per_call
@@ -373,10 +407,10 @@ def decode(vae, z, output_device=None, frames_per_step="auto", fuse_bias=None, l
     return out
 
 
-def encode(vae, x, fuse_bias=None):
+def encode(vae, x, fuse_bias=None, pad_channels=None):
     """vae._encode(x) (= vae.encode(x).latent_dist.parameters) for an AutoencoderKLWan in eval mode:
     [B, 2 * z_dim, 1 + (T - 1) // 4, h, w] from x [B, C, T, H, W] with T = 4k + 1 frames (diffusers
-    silently drops the frames past the last full chunk; here that is an error). fuse_bias: as for decode."""
+    silently drops the frames past the last full chunk; here that is an error). fuse_bias, pad_channels (conv_in's input channels): as for decode."""
     p = vae.config.patch_size or 1
     _check_input("x", x, vae, vae.config.in_channels // (p * p))
     T = x.shape[2]
@@ -385,7 +419,7 @@ def encode(vae, x, fuse_bias=None):
                          f"diffusers would drop the last {(T - 1) % ref.ENCODE_CHUNK}")
     if p > 1:
         x = ref.patchify(x, p)
-    run = _Chunks(_fuse_bias_default() if fuse_bias is None else fuse_bias)
+    run = _chunks(fuse_bias, pad_channels)
     starts = [0] + list(range(1, T, ref.ENCODE_CHUNK))
     outs = [encoder_chunk(vae.encoder, _cl(x[:, :, s:s + (1 if s == 0 else ref.ENCODE_CHUNK)]), run) for s in starts]
     out = torch.cat(outs, dim=2)  # latents: small
