@@ -434,10 +434,12 @@ VAE_CONVS = {
 
 def _vae_conv(name, providers, args):
     """diffusers' way (torch.cat of cache and chunk, F.pad, NCDHW conv; per-frame NCHW Conv2d for the
-    upsampling conv) vs vkern's (one channels-last buffer [cache | chunk], spatial padding in the conv)."""
+    upsampling conv) vs vkern's (one channels-last buffer [cache | chunk], spatial padding in the conv), and
+    vkern-triton: vkern/triton/causal_conv.py's kernel (weight repacked per call, inside the timing)."""
     import torch.nn.functional as F
 
     from vkern.ops.causal_conv import conv3d_zeros_buffered
+    from vkern.triton.causal_conv import causal_conv3d as triton_conv
 
     cin, cout, k, frames, h, w = VAE_CONVS[name]
     tp, hp, wp = (2 if k[0] == 3 else 0), k[1] // 2, k[2] // 2
@@ -450,14 +452,18 @@ def _vae_conv(name, providers, args):
         frames2d = x[0].transpose(0, 1).contiguous()
         frames2d_cl = frames2d.contiguous(memory_format=torch.channels_last)
         fns = {"diffusers": lambda: F.conv2d(frames2d, weight[:, :, 0], bias, 1, (hp, wp)),
-               "vkern": lambda: F.conv2d(frames2d_cl, weight[:, :, 0], bias, 1, (hp, wp))}
+               "vkern": lambda: F.conv2d(frames2d_cl, weight[:, :, 0], bias, 1, (hp, wp)),
+               # the same conv as a 1x3x3 causal conv of the frames: [1, O, F, H, W] -> diffusers' [F, O, H, W]
+               "vkern-triton": lambda: triton_conv(x_cl, weight, bias, (1, 1, 1), (0, hp, wp))[0].transpose(0, 1)}
     else:
         def diffusers():
             xx = torch.cat([cache, x], dim=2) if tp else x
             return F.conv3d(F.pad(xx, (wp, wp, hp, hp, 0, 0)), weight, bias)
 
         fns = {"diffusers": diffusers,
-               "vkern": lambda: conv3d_zeros_buffered(x_cl, weight, bias, (1, 1, 1), (tp, hp, wp), cache_cl)}
+               "vkern": lambda: conv3d_zeros_buffered(x_cl, weight, bias, (1, 1, 1), (tp, hp, wp), cache_cl),
+               # vkern's Triton implicit-GEMM conv (the op's opt-in "triton" backend): cache read in place, bias fused
+               "vkern-triton": lambda: triton_conv(x_cl, weight, bias, (1, 1, 1), (tp, hp, wp), cache_cl)}
     # Probes of the vkern conv: without its bias (what a bias fused into the next op leaves), and with
     # cuDNN's autotuner (benchmark mode, trying 10 / all engines) instead of its heuristics' first pick.
     vkern = fns["vkern"]

@@ -1,5 +1,5 @@
 """Compile vkern's Triton kernels for sm_90 on a machine without a GPU and count global loads and
-stores by width (free evidence, before any device time): python -m bench.triton_ptx"""
+stores by width (free evidence, before any device time): python -m bench.triton_ptx (from the repository root)"""
 import collections
 import re
 
@@ -19,9 +19,14 @@ def compile_sm90(fn, signature, constexprs, num_warps, divisible_by_16=(), num_s
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def memory_ops(fn, signature, constexprs, num_warps, divisible_by_16=()):
-    ptx = compile_sm90(fn, signature, constexprs, num_warps, divisible_by_16).asm["ptx"]
-    return collections.Counter(re.findall(r"\b((?:ld|st)\.global(?:\.\w+)*)", ptx))
+def memory_ops(fn, signature, constexprs, num_warps, divisible_by_16=(), num_stages=3):
+    """Global loads and stores by width; loads that a pipelined loop turned into asynchronous copies to shared
+    memory are counted as cp.async.<bytes>B (16 B is a full vector)."""
+    ptx = compile_sm90(fn, signature, constexprs, num_warps, divisible_by_16, num_stages).asm["ptx"]
+    ops = collections.Counter(re.findall(r"\b((?:ld|st)\.global(?:\.\w+)*)", ptx))
+    for size in re.findall(r"\bcp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx):
+        ops[f"cp.async.{int(size, 0)}B"] += 1
+    return ops
 
 
 def main():
@@ -57,6 +62,24 @@ def main():
         ops = memory_ops(_residual_add_kernel, add_sig, {**tile, "HAS_BIAS": True}, 4,
                          ("y_ptr", "s_ptr", "bias_ptr", "C", "stride_yb", "stride_sb"))
         print(f"residual_add C={C}:", dict(ops))
+
+    from vkern.triton.causal_conv import _causal_conv3d_kernel, block_sizes
+
+    ints = ("C", "O", "T", "H", "W", "To", "Ho", "Wo", "M", "M_LOG2", "Tc", "n_cache", "O_pad")
+    strides = ("sxb", "sxt", "sxh", "sxw", "scb", "sct", "sch", "scw", "sob")
+    sig = {**{n: "*bf16" for n in ("x_ptr", "cache_ptr", "w_ptr", "bias_ptr", "out_ptr")},
+           **{n: "i32" for n in ints}, **{n: "i64" for n in strides}}
+    # The decoder's 3x3x3 convs at 480x832 / 240x416 / 120x208 (with a cache): the channel counts, frame sizes,
+    # every stride and the padded weight's sizes are multiples of 16, as a real launch sees them.
+    aligned = [n for n in sig if n.endswith("_ptr") or n in strides]
+    aligned += ["C", "O", "H", "W", "Ho", "Wo", "O_pad"]
+    for C, warps, stages in ((96, 4, 3), (96, 8, 4), (384, 8, 3)):
+        block_n, block_k = block_sizes(C, C)
+        consts = dict(KT=3, KH=3, KW=3, ST=1, SH=1, SW=1, TP=2, HP=1, WP=1, PAD_MODE=0, HAS_BIAS=True, BLOCK_M=128,
+                      BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=True, UPCAST=False, DOT_PRECISION="tf32",
+                      EMULATE_RNE=False)
+        ops = memory_ops(_causal_conv3d_kernel, sig, consts, warps, aligned, stages)
+        print(f"causal_conv3d {C}->{C} 3x3x3 BLOCK 128x{block_n}x{block_k} warps={warps} stages={stages}:", dict(ops))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Causal 3D convolution with a feature cache (Wan VAE; replicate/first-frame padding for
 HunyuanVideo, CogVideoX, Mochi, LTX), and the Wan VAE's fused RMS norm + SiLU.
 
-causal_conv3d backends: cudnn (CUDA, zeros padding: cache and chunk copied once into one
-channels-last buffer, spatial padding done by the conv, no F.pad), reference
-(vkern/reference/causal_conv.py; replicate/first padding and the CPU).
+causal_conv3d backends, in order of preference: cudnn (CUDA, zeros padding: cache and chunk copied once
+into one channels-last buffer, spatial padding done by the conv, no F.pad; replicate/first padding go to
+the reference), triton (vkern/triton/causal_conv.py: implicit GEMM reading cache and chunk in place, every
+pad mode, bias fused; opt-in with VKERN_CAUSAL_CONV3D_BACKEND=triton until GPU measurements say it beats
+cuDNN; on the CPU it runs under TRITON_INTERPRET=1, only when forced), reference
+(vkern/reference/causal_conv.py; the CPU).
 rms_norm_silu, residual_add_ backends: triton (vkern/triton/vae_glue.py), reference (vkern/reference/wan_vae.py).
 """
 import torch
@@ -19,8 +22,13 @@ CL = torch.channels_last_3d
 
 @_backend.register("causal_conv3d")
 def _causal_conv_candidates(device, dtype):
-    return {"cudnn": None if device.type == "cuda" else f"needs a CUDA tensor (got {device.type})",
-            "reference": None}
+    cands = {"cudnn": None if device.type == "cuda" else f"needs a CUDA tensor (got {device.type})"}
+    triton = _backend.triton_usable(device) or (None if dtype in FLOATS else f"no {dtype} kernel")
+    if device.type == "cuda":
+        cands.update(triton=triton, reference=None)
+    else:  # the interpreter is a test vehicle, never a default: after the reference
+        cands.update(reference=None, triton=triton)
+    return cands
 
 
 def _triple(name, v, minimum):
@@ -63,6 +71,13 @@ def causal_conv3d(x, weight, bias=None, stride=1, padding=0, cache=None, pad_mod
 def _causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
                    padding: list[int], cache: torch.Tensor | None, pad_mode: str) -> torch.Tensor:
     backend = _backend.choose("causal_conv3d", _causal_conv_candidates(x.device, x.dtype))
+    if backend == "triton" and x.numel() and weight.numel():
+        from ..triton.causal_conv import causal_conv3d as kernel
+
+        # The kernel addresses pixel rows of contiguous channels: one copy for other layouts.
+        x, cache = (t if t is None or t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous(memory_format=CL)
+                    for t in (x, cache))
+        return kernel(x, weight, bias, stride, padding, cache, pad_mode)
     if backend == "cudnn" and pad_mode == "zeros":
         return conv3d_zeros_buffered(x, weight, bias, stride, padding, cache)
     return ref.causal_conv3d(x, weight, bias, stride, padding, cache, pad_mode)

@@ -1,0 +1,217 @@
+"""vkern/triton/causal_conv.py (the causal_conv3d op's "triton" backend) against the reference, on the CPU
+under the Triton interpreter (small shapes), and on the GPU (marker gpu) at real Wan VAE shapes.
+
+Error bound used throughout (a rigorous one, per output element y = bias + sum of K = taps x C products):
+the kernel's products of x's dtype are exact in fp32 and summed in fp32 (error at most K * 2^-24 times the
+sum of the terms' magnitudes, conv(|x|, |w|) + |bias|, by the standard recursive-summation bound), then
+rounded once to x's dtype (at most u = 2^-8 bf16, 2^-11 fp16, 2^-24 fp32 times |y|). So
+
+    |out - y| <= u * |y| + 2 * K * 2^-24 * (conv(|x|, |w|) + |bias|)     (2x: slack for the rounding's own
+                                                                           error on the fp32 sum)
+
+against y from float64 on the same (rounded) inputs. Summed over elements this bounds the relative L2 by
+u plus the accumulation term: for bf16 that is 2^-8, and one round-to-nearest gives ~2^-9 on average (a
+uniform error of half an ulp), which is what the kernel shows. A wrong frame, tap or padding value is an
+O(1) error and fails this by orders of magnitude (test_bound_catches_wrong_rules checks that)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+from vkern import ops
+from vkern.ops import _backend
+from vkern.reference import causal_conv as ref
+from vkern.triton.causal_conv import block_sizes
+from vkern.triton.causal_conv import causal_conv3d as kernel
+
+from .test_causal_conv import WAN_CONVS, conv_args
+from .tolerance import assert_within_torch_error, poison, rel_l2
+
+CL = torch.channels_last_3d
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def oracle_and_bound(x, w, b, stride, padding, cache, pad_mode, dtype):
+    """float64 reference on the given (already rounded) inputs, and the per-element error bound above."""
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    y = ref.causal_conv3d(d(x), d(w), d(b), stride, padding, d(cache), pad_mode)
+    absb = None if b is None else b.double().abs()
+    mag = ref.causal_conv3d(d(x).abs(), d(w).abs(), absb, stride, padding, None if cache is None else d(cache).abs(),
+                            pad_mode)
+    K = w[0].numel()
+    return y, UNIT_ROUNDOFF[dtype] * y.abs() + 2 * K * 2.0**-24 * mag
+
+
+def check(out, x, w, b, stride, padding, cache, pad_mode):
+    """out within the bound of the module docstring; the data must make the comparison meaningful."""
+    y, bound = oracle_and_bound(x, w, b, stride, padding, cache, pad_mode, x.dtype)
+    assert out.shape == y.shape and out.dtype == x.dtype
+    assert out.stride(1) == 1
+    assert torch.isfinite(out).all()
+    assert y.std() > 0.1 * y.abs().mean()  # not a constant (e.g. bias only) output
+    excess = ((out.double() - y).abs() - bound).max().item()
+    assert excess <= 0, f"error exceeds the bound by {excess:.3g} (rel L2 {rel_l2(out, y):.3g})"
+    return y
+
+
+def inputs(B, C, O, T, H, W, k, cache_frames, dtype=torch.float32):
+    x = torch.randn(B, C, T, H, W).to(dtype).contiguous(memory_format=CL)
+    w = (torch.randn(O, C, *k) / (C * k[0] * k[1] * k[2]) ** 0.5).to(dtype)
+    b = (torch.randn(O) * 0.5).to(dtype)
+    cache = None if cache_frames is None else torch.randn(B, C, cache_frames, H, W).to(dtype)
+    return x, w, b, None if cache is None else cache.contiguous(memory_format=CL)
+
+
+def poisoned_out(x, w, stride, padding):
+    """A NaN-filled channels-last output buffer of the conv's shape, so an unwritten element cannot pass."""
+    shape = ref.causal_conv3d(x[:1, :1].float(), w[:, :1].float(), None, stride, padding).shape
+    return poison(torch.empty((x.shape[0], *shape[1:]), dtype=x.dtype, memory_format=CL))
+
+
+# --- fp32 against the reference: every Wan conv kind, pad mode and cache length -------------------------------
+
+@pytest.mark.parametrize("cache_frames", [None, 1, 2, 3], ids=["no-cache", "short", "equal", "long"])
+@pytest.mark.parametrize("pad_mode", ref.PAD_MODES)
+@pytest.mark.parametrize("kind", list(WAN_CONVS))
+def test_matches_reference_fp32(kind, pad_mode, cache_frames):
+    conv = WanCausalConv3d(5, 7, **WAN_CONVS[kind])
+    w, b, stride, padding = conv_args(conv)
+    w, b = w.detach(), b.detach()
+    if cache_frames == 1:
+        b = None  # bias None on one cache case of each kind and mode
+    else:
+        b = b + torch.randn_like(b)  # nn.Conv3d's init bias is small: make it matter
+    T = 5 if stride[0] > 1 else 3  # 2 output frames for the stride-2 time conv
+    x, _, _, cache = inputs(2, 5, 7, T, 9, 7, w.shape[2:], cache_frames)  # B=2, odd H and W
+    out = kernel(x, w, b, stride, padding, cache, pad_mode, out=poisoned_out(x, w, stride, padding))
+    y = check(out, x, w, b, stride, padding, cache, pad_mode)
+    assert rel_l2(out, y) < 1e-6  # ~K^0.5 * 2^-24 (K <= 135): ~1e-7 measured; the bound above is per element
+
+
+def test_bound_catches_wrong_rules():
+    """The check above must fail for each plausible mistake: a cache not read, the cache's oldest frames kept
+    instead of its newest, taps in the wrong order, the wrong padding mode, a missing bias."""
+    x, w, b, cache = inputs(2, 5, 7, 3, 9, 7, (3, 3, 3), 3)
+    args = ((1, 1, 1), (2, 1, 1))
+    out = kernel(x, w, b, *args, cache, "zeros")
+    check(out, x, w, b, *args, cache, "zeros")
+    wrong = {
+        "no cache": lambda: check(out, x, w, b, *args, None, "zeros"),
+        "oldest cached frames": lambda: check(out, x, w, b, *args, cache[:, :, :2], "zeros"),
+        "taps flipped": lambda: check(out, x, w.flip(2, 3, 4), b, *args, cache, "zeros"),
+        "replicate": lambda: check(out, x, w, b, *args, cache, "replicate"),
+        "no bias": lambda: check(out, x, w, None, *args, cache, "zeros"),
+    }
+    for name, fn in wrong.items():
+        with pytest.raises(AssertionError, match="exceeds the bound"):
+            fn()
+            pytest.fail(f"a kernel with '{name}' would pass")
+
+
+# --- bf16/fp16 ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pad_mode,cache_frames,stride", [("zeros", 2, (1, 1, 1)), ("zeros", None, (1, 2, 2)),
+                                                         ("replicate", 1, (1, 1, 1)), ("first", 3, (1, 2, 2))])
+def test_low_precision_one_rounding(dtype, pad_mode, cache_frames, stride):
+    """Inputs in dtype; oracle: float64 on those same values. One rounding of an fp32 sum (the module
+    docstring's bound), and no worse than PyTorch's own conv in dtype (F.conv3d on the CPU) by 2x."""
+    x, w, b, cache = inputs(2, 24, 20, 3, 9, 7, (3, 3, 3), cache_frames, dtype)
+    args = (stride, (2, 1, 1), cache, pad_mode)
+    out = kernel(x, w, b, *args)
+    y = check(out, x, w, b, *args)
+    assert rel_l2(out, y) <= UNIT_ROUNDOFF[dtype]  # ~0.5 u measured: one round-to-nearest
+    assert_within_torch_error(out, y, ref.causal_conv3d(x, w, b, *args), factor=2.0)
+
+
+# --- block edges: small and large channel counts ----------------------------------------------------------
+
+@pytest.mark.parametrize("C,O,dtype", [(3, 96, torch.bfloat16),   # encoder conv_in: C masked in one K block
+                                       (96, 3, torch.bfloat16),   # decoder conv_out: O masked, 3 K blocks
+                                       (40, 160, torch.float32)])  # 2 K blocks (last masked), 2 N blocks
+def test_channel_blocks(C, O, dtype):
+    block_n, block_k = block_sizes(C, O)
+    assert block_k >= 16 and block_n >= 16  # tl.dot's minimum
+    x, w, b, cache = inputs(1, C, O, 2, 5, 6, (3, 3, 3), 2, dtype)
+    out = kernel(x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros")
+    check(out, x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros")
+
+
+# --- chunked video, views, the op's backend choice -----------------------------------------------------------
+
+@pytest.mark.parametrize("pad_mode", ref.PAD_MODES)
+def test_chunks_with_cache_equal_whole_video(pad_mode):
+    x, w, b, _ = inputs(1, 6, 8, 6, 9, 10, (3, 3, 3), None)
+    args = ((1, 2, 2), (2, 1, 1))
+    outs, cache = [], None
+    for chunk in x.split((1, 1, 3, 1), dim=2):  # chunks shorter and longer than the cache
+        outs.append(kernel(chunk, w, b, *args, cache, pad_mode))
+        cache = ref.next_cache(chunk, cache)
+    chunked = torch.cat(outs, dim=2)
+    check(chunked, x, w, b, *args, None, pad_mode)  # the whole video's conv
+    assert rel_l2(chunked, kernel(x, w, b, *args, None, pad_mode)) < 1e-6
+
+
+def test_time_slice_views():
+    """x and cache as slices of one channels-last buffer [cache | chunk], out the chunk slot of another:
+    only the batch strides are unusual; the out buffer's cache slot must survive."""
+    B, C, O, T, H, W = 2, 16, 12, 3, 7, 9
+    buf = torch.randn(B, C, 2 + T, H, W).contiguous(memory_format=CL)
+    cache, x = buf[:, :, :2], buf[:, :, 2:]
+    assert not x.is_contiguous(memory_format=CL) and x.stride(1) == 1
+    _, w, b, _ = inputs(B, C, O, T, H, W, (3, 3, 3), None)
+    out_buf = poison(torch.empty(B, O, 2 + T, H, W, memory_format=CL))
+    out_buf[:, :, :2] = 7.0
+    out = kernel(x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros", out=out_buf[:, :, 2:])
+    assert out.data_ptr() == out_buf[:, :, 2:].data_ptr() and (out_buf[:, :, :2] == 7).all()
+    check(out, x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros")
+    with pytest.raises(ValueError, match="out: expected shape"):
+        kernel(x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros", out=out_buf[:, :, 2:].contiguous())
+
+
+def test_backend_order_and_forcing(monkeypatch):
+    monkeypatch.delenv("VKERN_CAUSAL_CONV3D_BACKEND", raising=False)
+    monkeypatch.delenv("VKERN_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    chosen, cands = _backend.would_choose("causal_conv3d", cuda, torch.bfloat16)
+    assert chosen == "cudnn" and list(cands) == ["cudnn", "triton", "reference"]  # cuDNN until measured
+    chosen, cands = _backend.would_choose("causal_conv3d", torch.device("cpu"), torch.float32)
+    assert chosen == "reference" and cands["triton"] is None  # interpreter usable, but never the default here
+    x, w, b, cache = inputs(1, 4, 6, 3, 5, 7, (3, 3, 3), 2)
+    ops.causal_conv3d(x, w, b, 1, (2, 1, 1), cache)
+    assert _backend.last_choice["causal_conv3d"] == "reference"
+
+    monkeypatch.setenv("VKERN_CAUSAL_CONV3D_BACKEND", "triton")
+    assert _backend.would_choose("causal_conv3d", cuda, torch.bfloat16)[0] == "triton"
+    x_ncdhw = x.contiguous()  # not channels-last: the op copies it once
+    for pad_mode in ("zeros", "replicate"):
+        out = ops.causal_conv3d(x_ncdhw, w, b, 1, (2, 1, 1), cache, pad_mode)
+        assert _backend.last_choice["causal_conv3d"] == "triton"
+        check(out, x, w, b, (1, 1, 1), (2, 1, 1), cache, pad_mode)
+
+
+# --- GPU: real Wan VAE shapes -----------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C,O,T,H,W", [(96, 96, 2, 480, 832), (384, 384, 1, 60, 104), (96, 3, 1, 120, 208),
+                                       (3, 96, 1, 120, 208)])
+@torch.inference_mode()
+def test_gpu_wan_shapes(C, O, T, H, W):
+    """bf16 against cuDNN's fp32 conv (TF32 off) on the same bf16 inputs, with a 2-frame cache: one rounding
+    (rel L2 <= 2^-8) and within 2x cuDNN's own bf16 error."""
+    dev = torch.device("cuda")
+    x, w, b, cache = (None if t is None else t.to(dev) for t in inputs(1, C, O, T, H, W, (3, 3, 3), 2, torch.bfloat16))
+    out = kernel(x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros")
+    xx = torch.cat([cache, x], dim=2)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        oracle = F.conv3d(xx.float(), w.float(), b.float(), padding=(0, 1, 1))
+    theirs = F.conv3d(xx, w, b, padding=(0, 1, 1))
+    err = rel_l2(out, oracle)
+    print(f"{C}->{O} {T}x{H}x{W}: rel L2 vs fp32 {err:.3g}, cuDNN bf16 {rel_l2(theirs, oracle):.3g}")
+    assert err <= 2.0**-8
+    assert_within_torch_error(out, oracle.double(), theirs, factor=2.0)
+    # Replicate padding runs the same loop with clamped indices; the reference (F.pad + F.conv3d) in fp32.
+    out = kernel(x, w, b, (1, 1, 1), (2, 1, 1), None, "replicate")
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        oracle = ref.causal_conv3d(x.float(), w.float(), b.float(), (1, 1, 1), (2, 1, 1), None, "replicate")
+    assert rel_l2(out, oracle) <= 2.0**-8
