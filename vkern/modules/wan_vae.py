@@ -69,7 +69,8 @@ class _Chunks:
             buf[:, :, :keep].zero_()
         else:
             buf[:, :, :keep].copy_(prev)
-        buf[:, C:, keep:].zero_()  # padding channels (none unless pad_channels)
+        if buf.shape[1] > C:  # pad_channels: the zero channels
+            buf[:, C:, keep:].zero_()
         return buf, buf[:, :C, keep:]
 
     def _weights(self, conv, in_channels):
