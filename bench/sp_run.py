@@ -13,6 +13,8 @@ Rows (op "sp-step", JSON lines like bench/bench.py), in run order:
     vkern-sp-overlap       overlap_chunks=--chunks (exchanges split by heads, overlapped with attention)
     vkern-sp-fp8-overlap   both
     vkern-sp-ring          ring_degree=N (pure ring attention; for comparison, not the default)
+    vkern-sp-ring2/-ring4  ring_degree=2/4: Ulysses over N/2 (N/4) ranks x a ring of 2 (4) groups; for
+                           more ranks than heads (Wan-1.3B's 12 heads on 8 GPUs) without head padding
     vkern-sp-copy          zero_copy=False (q/k/v packed into the send buffer by copying, the output
                            unpacked by copying: the A/B of the default's zero-copy path)
     vkern-sp-v-first       qkv_exchange="v-first" (v sent alone first, then q and k)
@@ -38,7 +40,10 @@ waits, packing and unpacking; off during the timed steps):
                          q/k/v and one output exchange, nothing else running), and their share of
                          ms: the wire time
   a2a_mb_per_layer       bytes each rank sends per layer (q/k/v + output, own chunk included)
-speedup_vs_vkern1 / speedup_vs_diffusers1: world-1 ms over this row's ms.
+speedup_vs_vkern1 / speedup_vs_diffusers1: world-1 ms over this row's ms; rel_l2_vs_vkern1 /
+cos_vs_vkern1: this row's output against vkern's world-1 output (the "checked against 1 GPU" of the
+SP rows). --world1 PATH carries both across jobs (a 2- and a 4-GPU job beside an 8-GPU one): the job
+that runs the vkern world-1 row saves its ms and output there; a job that does not loads them.
 --device cpu (gloo, tiny sizes, wall-clock timing) only smoke-tests the script.
 """
 import argparse
@@ -65,6 +70,8 @@ SP_VARIANTS = {  # label: SPConfig kwargs ("chunks" -> --chunks, "world" -> N)
     "vkern-sp-overlap": dict(overlap_chunks="chunks"),
     "vkern-sp-fp8-overlap": dict(fp8_payload=True, overlap_chunks="chunks"),
     "vkern-sp-ring": dict(ring_degree="world"),
+    "vkern-sp-ring2": dict(ring_degree=2),
+    "vkern-sp-ring4": dict(ring_degree=4),
     "vkern-sp-copy": dict(zero_copy=False),
     "vkern-sp-v-first": dict(qkv_exchange="v-first"),
     "vkern-sp-one-exchange": dict(qkv_exchange="one"),
@@ -191,6 +198,9 @@ def main(argv=None):
     parser.add_argument("--no-check", action="store_true", help="run vkern-sp with check_inputs='off'")
     parser.add_argument("--no-comm-timing", action="store_true", help="skip the CommTimer step and a2a_only")
     parser.add_argument("--out", default=None, help="append JSON lines here (rank 0)")
+    parser.add_argument("--world1", default=None,
+                        help="a .pt file: saved by a job that runs the vkern world-1 row (its ms and output), "
+                             "loaded by one that does not, for speedup_vs_vkern1 and rel_l2_vs_vkern1")
     args = parser.parse_args(argv)
 
     from vkern import models
@@ -218,7 +228,12 @@ def main(argv=None):
     unknown = set(wanted or ()) - {"diffusers", "vkern", "diffusers-cp", *SP_VARIANTS}
     if unknown:
         raise SystemExit(f"--providers: unknown {sorted(unknown)}")
-    reference, base = None, {}
+    reference, base, vkern1_out = None, {}, None
+    if args.world1 and "vkern" not in (wanted or ["vkern"]):
+        saved = torch.load(args.world1, map_location=device)
+        if saved["shape"] != name:
+            raise SystemExit(f"--world1 {args.world1}: saved for {saved['shape']}, this run is {name}")
+        base["vkern"], vkern1_out = saved["ms"], saved["out"]
     for label, world, setup, sp_kwargs in _providers(model, sp, sp.world, args.chunks):
         if wanted is not None and label not in wanted:
             continue
@@ -251,6 +266,10 @@ def main(argv=None):
             row.update(ms=ms, ms_min=lo, ms_max=hi)
             if label in ("diffusers", "vkern") and world == 1:
                 base[label] = ms
+            if label == "vkern" and world == 1:
+                vkern1_out = out
+                if args.world1 and sp.rank == 0:
+                    torch.save(dict(shape=name, ms=ms, out=out), args.world1)
             for key, label1 in (("speedup_vs_vkern1", "vkern"), ("speedup_vs_diffusers1", "diffusers")):
                 if world > 1 and label1 in base:
                     row[key] = base[label1] / ms
@@ -265,9 +284,10 @@ def main(argv=None):
                                          args.repeats + 1)
                     only = _slowest([only], device)[0]
                     row.update(a2a_only_ms=only, a2a_only_pct=100 * only / ms, a2a_mb_per_layer=mb)
-            if reference is not None:
-                cos = torch.nn.functional.cosine_similarity(out.double().flatten(), reference.double().flatten(), 0)
-                row.update(rel_l2_vs_diffusers=rel_l2(out, reference), cos_vs_diffusers=cos.item())
+            for key, ref in (("diffusers", reference), ("vkern1", vkern1_out if world > 1 else None)):
+                if ref is not None:
+                    cos = torch.nn.functional.cosine_similarity(out.double().flatten(), ref.double().flatten(), 0)
+                    row.update({f"rel_l2_vs_{key}": rel_l2(out, ref), f"cos_vs_{key}": cos.item()})
             if device.type == "cuda":
                 row.update(peak_gib=peak, activation_gib=peak - weights)
         except Exception as error:
@@ -297,7 +317,7 @@ def _table(path):
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     print(f"{'provider':22} {'world':>5} {'ms':>9} {'x vkern1':>8} {'a2a ms':>8} {'a2a %':>6} {'wire ms':>8} "
-          f"{'pack+unpack':>11} {'a2a min %':>9} {'rel_l2':>8}")
+          f"{'pack+unpack':>11} {'a2a min %':>9} {'l2 diff':>8} {'l2 vkern1':>9}")
     for r in rows[-12:]:
         if "error" in r:
             print(f"{r['provider']:22} {r['world']:>5} error: {r['error'][:80]}")
@@ -306,7 +326,7 @@ def _table(path):
         pu = format(r["pack_ms"] + r["unpack_ms"], ".1f") if "pack_ms" in r else "-"
         print(f"{r['provider']:22} {r['world']:>5} {f('ms', '.1f'):>9} {f('speedup_vs_vkern1', '.3f'):>8} "
               f"{f('a2a_ms', '.1f'):>8} {f('a2a_pct', '.2f'):>6} {f('a2a_only_ms', '.1f'):>8} {pu:>11} "
-              f"{f('a2a_min_pct', '.2f'):>9} {f('rel_l2_vs_diffusers', '.4f'):>8}")
+              f"{f('a2a_min_pct', '.2f'):>9} {f('rel_l2_vs_diffusers', '.4f'):>8} {f('rel_l2_vs_vkern1', '.4f'):>9}")
 
 
 if __name__ == "__main__":

@@ -458,6 +458,8 @@ def test_gloo_world4(gloo_results, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for NCCL")
-def test_nccl_world2(tmp_path_factory):
-    check_all(spawn(2, "nccl", tmp_path_factory, _layout_cases, preload=[__name__]))
+@pytest.mark.parametrize("world", [2, 8])
+def test_nccl(world, tmp_path_factory):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA GPUs for NCCL")
+    check_all(spawn(world, "nccl", tmp_path_factory, _layout_cases, preload=[__name__]))

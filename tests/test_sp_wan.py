@@ -43,6 +43,8 @@ VARIANTS = {
     "ring2-odd-fp32": ("odd", "fp32", dict(ring_degree=2)),
     "ring2-odd-bf16": ("odd", "bf16", dict(ring_degree=2)),
 }
+# Run only where the world size allows them (8 GPUs: Ulysses 2 x ring 4, and Ulysses 4 x ring 2 above).
+WIDE_VARIANTS = {"ring4-odd-bf16": ("odd", "bf16", dict(ring_degree=4))}
 # fp8 payload at model output: the patched bf16 model's error against the fp32 model must stay
 # within 2x the unpatched bf16 model's own error plus the payload's share. The e4m3 round trip of
 # q/k/v is ~2.7% rms per tensor (31.5 dB); through attention, to_out and the residual stream of
@@ -361,6 +363,9 @@ def _sp_cases(sp, seed, results):
         if case == "ring2-tiny-fp32" and sp.world == 2:
             continue  # the same as ring-tiny-fp32 on 2 ranks
         results[case] = run(_match_case, name, dt, sp, False, kwargs)
+    if sp.world >= 8:
+        for case, (name, dt, kwargs) in WIDE_VARIANTS.items():
+            results[case] = run(_match_case, name, dt, sp, False, kwargs)
     results["check-modes"] = run(_check_modes_case, sp)
     for case, args in ZERO_COPY_CASES.items():
         results[case] = run(_zero_copy_case, *args, sp)
@@ -400,9 +405,11 @@ def test_sp_gloo_world4(sp_results, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for NCCL")
-def test_sp_nccl_world2(tmp_path_factory):
-    check_all(spawn(2, "nccl", tmp_path_factory, _sp_cases, budget_s=400))
+@pytest.mark.parametrize("world", [2, 8])
+def test_sp_nccl(world, tmp_path_factory):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA GPUs for NCCL")
+    check_all(spawn(world, "nccl", tmp_path_factory, _sp_cases, budget_s=400))
 
 
 # ---------------------------------------------------------------- one process
