@@ -3,7 +3,7 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [profile] [vaeprof] [memory] [vaenorm] [fp8acc]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard]
 #     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
 #     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
 #     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model);
@@ -11,7 +11,9 @@
 #     vaeprof: VAE decode/encode GPU time by class + decode rows; fp8acc: fp8 storage/compute accuracy on
 #     Wan-1.3B and 14B 480p (per-layer SQNR, output cosine vs floors; table in $OUT/fp8_accuracy.md);
 #     memory: 14B 480p activation peak per phase (chunked bf16 and fp8) and the 14B 720p step rows;
-#     vaenorm: the VAE's RMS norm + SiLU kernel vs a copy, exact vs fast variant (bench/vae_norm_probe.py).
+#     vaenorm: the VAE's RMS norm + SiLU kernel vs a copy, exact vs fast variant (bench/vae_norm_probe.py);
+#     spshard: one SP rank's share of a Wan-14B 720p block at 1/2/4/8 ranks, no communication
+#     (bench/sp_shard_probe.py: the compute-only scaling ceiling).
 #     VKERN_TESTS: test paths (default tests)
 set -uo pipefail
 MODES=" ${*:-tests quick} "
@@ -47,6 +49,9 @@ if [[ $MODES == *" quick "* ]]; then
   $B --op gemm
   $B --op step --shape wan1.3b-480p
 fi
+if [[ $MODES == *" spshard "* ]]; then
+  python3 -m bench.sp_shard_probe --shape wan14b-720p --out $OUT/results.jsonl
+fi
 if [[ $MODES == *" attention "* ]]; then
   $B --op attention --shape wan1.3b-480p,wan14b-480p,wan14b-720p,hunyuan-720p,cogvideox-5b,ltx-512p --repeats 3
 fi
@@ -57,7 +62,6 @@ if [[ $MODES == *" vae "* ]]; then
   $B --op vae-conv --repeats 10
   $B --op vae-decode --shape wan-vae-480p,wan-vae-720p
   $B --op vae-encode --shape wan-vae-480p,wan-vae-720p
-  VKERN_WAN_VAE_FRAMES_PER_STEP=2 $B --op vae-decode --shape wan-vae-720p --providers vkern
 fi
 if [[ $MODES == *" selfattn "* ]]; then
   $B --op wan-self-attn --shape wan14b-480p,wan1.3b-480p
@@ -81,7 +85,7 @@ fi
 if [[ $MODES == *" vaeprof "* ]]; then
   python3 -m bench.profile_vae --res 480p --providers diffusers,vkern,vkern-all-options --out "$OUT/results.jsonl" \
     --md "$OUT/profile_vae.md" 2>&1 | tail -60
-  $B --op vae-decode --shape wan-vae-480p --providers diffusers,vkern,vkern-all-options
+  [[ $MODES == *" vae "* ]] || $B --op vae-decode --shape wan-vae-480p --providers diffusers,vkern,vkern-all-options
 fi
 if [[ $MODES == *" fp8acc "* ]]; then
   python3 -m bench.fp8_accuracy --size 1.3b,14b --res 480p --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/fp8_accuracy.md"

@@ -21,6 +21,9 @@ from vkern.reference.attention import attention_math
 CASES = {
     2: [(2, 13, 5, 8), (2, 1, 5, 8), (2, 8, 12, 4), (1, 6, 2, 16), (1, 13, 5, 8)],
     4: [(2, 13, 12, 8), (2, 13, 3, 8), (2, 16, 12, 8), (2, 5, 1, 4), (1, 13, 3, 8)],
+    # 8 ranks: Wan-1.3B's 12 heads (padded to 16), Wan-14B's 40 (5 per
+    # rank), fewer heads and tokens than ranks, uneven token counts
+    8: [(1, 13, 12, 8), (2, 21, 40, 8), (1, 5, 3, 4), (2, 16, 8, 8), (1, 37, 12, 16)],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUT_KINDS = ("seq_to_head", "qkv", "qkv_fp8", "head_to_seq", "round_trip")
@@ -455,6 +458,11 @@ def test_gloo_world2(gloo_results, case):
 @pytest.mark.parametrize("case", _layout_ids(4) + _attention_ids(4))
 def test_gloo_world4(gloo_results, case):
     check(gloo_results(4), case)
+
+
+@pytest.mark.parametrize("case", _layout_ids(8) + _attention_ids(8))
+def test_gloo_world8(gloo_results, case):
+    check(gloo_results(8), case)
 
 
 @pytest.mark.gpu
