@@ -285,11 +285,26 @@ def _gemm(name, providers, args):
 
 
 # --- Wan VAE (issue 6) ----------------------------------------------------------------------------
-# vkern-cpu-output: decoded frames go to pinned CPU memory; vkern-fused-bias, vkern-padded, vkern-2-latents:
-# wan_vae's fuse_bias, pad_channels and latents_per_call=2 options (decode only for the last);
-# vkern-all-options: fuse_bias and pad_channels together (with 2 latents per call for decode)
-VAE_PROVIDERS = ("diffusers", "vkern", "vkern-fused-bias", "vkern-padded", "vkern-2-latents", "vkern-all-options",
-                 "vkern-cpu-output")
+# vkern: the defaults (fused biases, padded 3/12-channel convs, the Triton conv where it beat cuDNN);
+# vkern-cudnn: the same with every conv on cuDNN (the A/B of the Triton dispatch); vkern-unfused: cuDNN
+# convs, no fused biases, no padding (the default path of runs 19-21); vkern-2-latents: latents_per_call=2
+# (decode); vkern-cpu-output: decoded frames go to pinned CPU memory (decode).
+VAE_PROVIDERS = ("diffusers", "vkern", "vkern-cudnn", "vkern-unfused", "vkern-2-latents", "vkern-cpu-output")
+
+
+def cudnn_convs(fn):
+    """fn with VKERN_CAUSAL_CONV3D_BACKEND=cudnn while it runs (every causal conv on cuDNN)."""
+    def run(*args, **kwargs):
+        before = os.environ.get("VKERN_CAUSAL_CONV3D_BACKEND")
+        os.environ["VKERN_CAUSAL_CONV3D_BACKEND"] = "cudnn"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if before is None:
+                del os.environ["VKERN_CAUSAL_CONV3D_BACKEND"]
+            else:
+                os.environ["VKERN_CAUSAL_CONV3D_BACKEND"] = before
+    return run
 
 
 def _psnr(a, b):
@@ -394,11 +409,9 @@ def _vae_decode(name, providers, args):
     shape = models.latent_shape(shapes.VAE[name])
     runners = {"default": lambda vae, z: vae.decode(z).sample,
                "vkern-cpu-output": lambda vae, z: wan_vae.decode(vae, z, output_device="cpu"),
-               "vkern-fused-bias": lambda vae, z: wan_vae.decode(vae, z, fuse_bias=True),
-               "vkern-padded": lambda vae, z: wan_vae.decode(vae, z, pad_channels=True),
-               "vkern-2-latents": lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2),
-               "vkern-all-options": lambda vae, z: wan_vae.decode(vae, z, fuse_bias=True, pad_channels=True,
-                                                                  latents_per_call=2)}
+               "vkern-cudnn": cudnn_convs(wan_vae.decode),
+               "vkern-unfused": cudnn_convs(lambda vae, z: wan_vae.decode(vae, z, fuse_bias=False, pad_channels=False)),
+               "vkern-2-latents": lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2)}
     yield from _vae_rows("vae-decode", name, providers, args,
                          lambda: torch.randn(shape, device="cuda", dtype=DT), runners)
 
@@ -410,9 +423,8 @@ def _vae_encode(name, providers, args):
     from vkern.modules import wan_vae
 
     runners = {"default": lambda vae, x: vae.encode(x).latent_dist.parameters,
-               "vkern-fused-bias": lambda vae, x: wan_vae.encode(vae, x, fuse_bias=True),
-               "vkern-padded": lambda vae, x: wan_vae.encode(vae, x, pad_channels=True),
-               "vkern-all-options": lambda vae, x: wan_vae.encode(vae, x, fuse_bias=True, pad_channels=True)}
+               "vkern-cudnn": cudnn_convs(wan_vae.encode),
+               "vkern-unfused": cudnn_convs(lambda vae, x: wan_vae.encode(vae, x, fuse_bias=False, pad_channels=False))}
     providers = [p for p in (providers or VAE_PROVIDERS) if p not in ("vkern-cpu-output", "vkern-2-latents")]
     yield from _vae_rows("vae-encode", name, providers, args,
                          lambda: torch.rand(1, 3, frames, height, width, device="cuda", dtype=DT) * 2 - 1, runners)

@@ -3,7 +3,7 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab]
 #     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
 #     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
 #     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model);
@@ -63,6 +63,10 @@ if [[ $MODES == *" vae "* ]]; then
   $B --op vae-decode --shape wan-vae-480p,wan-vae-720p
   $B --op vae-encode --shape wan-vae-480p,wan-vae-720p
 fi
+if [[ $MODES == *" vaeab "* ]]; then  # the VAE's default path vs every conv on cuDNN vs the path of runs 19-21
+  $B --op vae-decode --shape wan-vae-480p,wan-vae-720p --providers diffusers,vkern,vkern-cudnn,vkern-unfused
+  $B --op vae-encode --shape wan-vae-480p,wan-vae-720p --providers diffusers,vkern,vkern-cudnn,vkern-unfused
+fi
 if [[ $MODES == *" selfattn "* ]]; then
   $B --op wan-self-attn --shape wan14b-480p,wan1.3b-480p
 fi
@@ -83,9 +87,9 @@ if [[ $MODES == *" profile "* ]]; then
     --out "$OUT/results.jsonl" 2>&1 | tail -30
 fi
 if [[ $MODES == *" vaeprof "* ]]; then
-  python3 -m bench.profile_vae --res 480p --providers diffusers,vkern,vkern-all-options --out "$OUT/results.jsonl" \
+  python3 -m bench.profile_vae --res 480p --providers diffusers,vkern,vkern-cudnn --out "$OUT/results.jsonl" \
     --md "$OUT/profile_vae.md" 2>&1 | tail -60
-  [[ $MODES == *" vae "* ]] || $B --op vae-decode --shape wan-vae-480p --providers diffusers,vkern,vkern-all-options
+  [[ $MODES == *" vae "* || $MODES == *" vaeab "* ]] || $B --op vae-decode --shape wan-vae-480p --providers diffusers,vkern,vkern-cudnn
 fi
 if [[ $MODES == *" fp8acc "* ]]; then
   python3 -m bench.fp8_accuracy --size 1.3b,14b --res 480p --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/fp8_accuracy.md"

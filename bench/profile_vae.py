@@ -111,10 +111,13 @@ def _runner(op, provider, vae, inp):
 
     if provider == "diffusers":
         return (lambda: vae.decode(inp).sample) if op == "decode" else (lambda: vae.encode(inp).latent_dist.parameters)
-    if provider in ("vkern", "vkern-all-options"):  # what vkern.patch(vae) runs on CUDA, called directly
-        kw = dict(fuse_bias=True, pad_channels=True) if provider == "vkern-all-options" else {}
-        return (lambda: wan_vae.decode(vae, inp, **kw)) if op == "decode" else (lambda: wan_vae.encode(vae, inp, **kw))
-    raise SystemExit(f"--providers: unknown {provider!r} (diffusers, vkern, vkern-all-options)")
+    if provider in ("vkern", "vkern-cudnn"):  # what vkern.patch(vae) runs on CUDA, called directly
+        from .bench import cudnn_convs
+
+        fn = wan_vae.decode if op == "decode" else wan_vae.encode
+        fn = cudnn_convs(fn) if provider == "vkern-cudnn" else fn
+        return lambda: fn(vae, inp)
+    raise SystemExit(f"--providers: unknown {provider!r} (diffusers, vkern, vkern-cudnn)")
 
 
 def _inputs(op, res, device, dtype):
@@ -207,7 +210,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--res", default="480p", choices=["tiny", "480p", "720p"])
     parser.add_argument("--ops", default="decode,encode", help="comma-separated: decode, encode")
-    parser.add_argument("--providers", default="diffusers,vkern", help="comma-separated: diffusers, vkern, vkern-all-options (fuse_bias, pad_channels)")
+    parser.add_argument("--providers", default="diffusers,vkern", help="comma-separated: diffusers, vkern, vkern-cudnn (every conv on cuDNN)")
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu (tiny only)")
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--md", default=None, help="write the markdown tables here too")

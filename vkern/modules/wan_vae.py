@@ -17,15 +17,18 @@ for bit), with the copies taken out:
   the first-chunk rules), several latent frames go through the decoder at once: the same frames
   (chunk-invariant causal convs; per-frame attention, upsampling and DupUp3D), larger convs and fewer
   launches, a larger working set (frames_per_step still bounds the largest stages).
-- `pad_channels` (off by default until measured on a GPU): the convs with 3 or 12 channels (the
-  encoder's input, the decoder's output) zero-padded to a multiple of 8 channels, which cuDNN's bf16
-  tensor-core kernels need (the encoder's conv_in ran a non-tensor-core kernel: 45 ms of a 480p encode).
-- `fuse_bias` (off by default until measured on a GPU): a residual block's two convs run without
-  their biases (PyTorch adds a cuDNN conv's bias in a pass of its own); conv1's bias goes into the
-  next norm's input, conv2's (plus the shortcut conv's) into the residual add, both in fp32.
-Rounding: the same eager ops in the same order as diffusers, except the conv algorithm cuDNN picks
-for channels-last and the fused RMS norm + SiLU, which rounds once instead of after each op (closer to
-float64 than diffusers' ops; vkern/triton/vae_glue.py).
+- `pad_channels` (on by default; run 21: encode 480p 633 -> 626 ms, 720p 1457 -> 1434, decode within
+  noise): the convs with 3 or 12 channels (the encoder's input, the decoder's output) zero-padded to a
+  multiple of 8 channels, which cuDNN's bf16 tensor-core kernels need.
+- `fuse_bias` (on by default; run 21: decode 480p 933 -> 865 ms, encode 633 -> 591, error vs fp32
+  0.83 -> 0.73x diffusers'): a residual block's two convs run without their biases (PyTorch adds a
+  cuDNN conv's bias in a pass of its own); conv1's bias goes into the next norm's input, conv2's (plus
+  the shortcut conv's) into the residual add, both in fp32.
+- the 3x3x3 convs with 96 output channels (the full-resolution stages) run vkern's Triton conv, which
+  measured faster than cuDNN there (vkern.ops.causal_conv.TRITON_FASTER); the others cuDNN.
+Rounding: the same eager ops in the same order as diffusers, except the conv algorithms (cuDNN's pick
+for channels-last, vkern's Triton conv: fp32 accumulation, one rounding) and the fused RMS norm + SiLU,
+which rounds once instead of after each op (closer to float64 than diffusers' ops; vkern/triton/vae_glue.py).
 """
 import torch
 import torch.nn.functional as F
@@ -49,7 +52,7 @@ class _Chunks:
     """One video's feature cache: for each causal conv the last CACHE_T frames of its input
     (zeros before the first chunk), and which time-upsampling convs have seen their first chunk."""
 
-    def __init__(self, fuse_bias=False, pad_channels=False):
+    def __init__(self, fuse_bias=True, pad_channels=True):
         self.frames = {}
         self.seen = set()
         self.fuse_bias = fuse_bias
@@ -91,7 +94,13 @@ class _Chunks:
         frames for the next chunk. Padded output channels are cut off (a channel slice, no copy)."""
         _, _, stride, (_, h_pad, w_pad) = ref._conv_args(conv)
         weight, b = self._weights(conv, buf.shape[1])
-        out = F.conv3d(buf, weight, b if bias else None, stride, (0, h_pad, w_pad))
+        b = b if bias else None
+        if ops.causal_conv.conv_backend(buf, weight, stride) == "triton":  # where it beats cuDNN (TRITON_FASTER)
+            from ..triton.causal_conv import causal_conv3d as triton_conv
+
+            out = triton_conv(buf, weight, b, stride, (0, h_pad, w_pad))
+        else:
+            out = F.conv3d(buf, weight, b, stride, (0, h_pad, w_pad))
         prev = self.frames.get(conv)
         if prev is None:
             prev = self.frames[conv] = torch.empty_like(buf[:, :, :keep], memory_format=CL)
@@ -338,14 +347,14 @@ def _auto_frames_per_step(H, W):
 
 
 def _env_switch(option, given):
-    """`given` unless None, else VKERN_WAN_VAE_<OPTION>=1|0 (default 0: the options not yet measured on a
-    GPU, fuse_bias and pad_channels, stay off)."""
+    """`given` unless None, else VKERN_WAN_VAE_<OPTION>=1|0 (default 1: fuse_bias and pad_channels were
+    measured faster on a GPU, run 21; 0 turns one off, e.g. to compare)."""
     if given is not None:
         return bool(given)
     import os
 
     name = f"VKERN_WAN_VAE_{option.upper()}"
-    env = os.environ.get(name, "0")
+    env = os.environ.get(name, "1")
     if env not in ("0", "1"):
         raise ValueError(f"{name}: expected 0 or 1, got {env!r}")
     return env == "1"
@@ -373,9 +382,9 @@ def decode(vae, z, output_device=None, frames_per_step="auto", fuse_bias=None, l
     "cpu": then only a chunk's frames are ever on the GPU; default z's device). frames_per_step:
     frames per step of the stages past the last time upsampling ("auto": see _auto_frames_per_step;
     None: whole chunks). fuse_bias: residual blocks' conv biases added by the passes after the convs
-    (None: VKERN_WAN_VAE_FUSE_BIAS, default off). latents_per_call: latent frames decoded together after
+    (None: VKERN_WAN_VAE_FUSE_BIAS, default on). latents_per_call: latent frames decoded together after
     the first (None: VKERN_WAN_VAE_LATENTS_PER_CALL, default 1). pad_channels: conv_out's 3 or 12 output
-    channels padded to a multiple of 8 (None: VKERN_WAN_VAE_PAD_CHANNELS, default off)."""
+    channels padded to a multiple of 8 (None: VKERN_WAN_VAE_PAD_CHANNELS, default on)."""
     _check_input("z", z, vae, vae.config.z_dim)
     if latents_per_call is None:
         latents_per_call = _latents_per_call_default()

@@ -4,9 +4,9 @@ HunyuanVideo, CogVideoX, Mochi, LTX), and the Wan VAE's fused RMS norm + SiLU.
 causal_conv3d backends, in order of preference: cudnn (CUDA, zeros padding: cache and chunk copied once
 into one channels-last buffer, spatial padding done by the conv, no F.pad; replicate/first padding go to
 the reference), triton (vkern/triton/causal_conv.py: implicit GEMM reading cache and chunk in place, every
-pad mode, bias fused; opt-in with VKERN_CAUSAL_CONV3D_BACKEND=triton until GPU measurements say it beats
-cuDNN; on the CPU it runs under TRITON_INTERPRET=1, only when forced), reference
-(vkern/reference/causal_conv.py; the CPU).
+pad mode, bias fused; first for the conv shapes where it measured faster than cuDNN, TRITON_FASTER; any
+conv with VKERN_CAUSAL_CONV3D_BACKEND=triton; on the CPU it runs under TRITON_INTERPRET=1, only when
+forced), reference (vkern/reference/causal_conv.py; the CPU).
 rms_norm_silu, residual_add_ backends: triton (vkern/triton/vae_glue.py), reference (vkern/reference/wan_vae.py).
 """
 import torch
@@ -20,15 +20,34 @@ from ._checks import FLOATS, check_shape, check_tensor
 CL = torch.channels_last_3d
 
 
+# (out channels, kernel) of the stride-1 convs where the Triton kernel measured faster than cuDNN's pick
+# (bf16, H200, run 21: bench/results/2026-11-22-h200-9118522-vae.jsonl, op vae-conv): 96 -> 96 at 480x832
+# 2.83 vs 3.52 ms, 3 -> 96 1.85 vs 2.63 ms. cuDNN stayed faster at 192 and 384 channels (1.40x, 1.40x),
+# 96 -> 3, and the 3x1x1 time-upsampling conv; unmeasured shapes keep cuDNN.
+TRITON_FASTER = {(96, (3, 3, 3))}
+
+
+def triton_faster(weight, stride):
+    return tuple(stride) == (1, 1, 1) and (weight.shape[0], tuple(weight.shape[2:])) in TRITON_FASTER
+
+
 @_backend.register("causal_conv3d")
-def _causal_conv_candidates(device, dtype):
+def _causal_conv_candidates(device, dtype, prefer_triton=False):
     cands = {"cudnn": None if device.type == "cuda" else f"needs a CUDA tensor (got {device.type})"}
     triton = _backend.triton_usable(device) or (None if dtype in FLOATS else f"no {dtype} kernel")
-    if device.type == "cuda":
+    if device.type == "cuda" and prefer_triton and triton is None:
+        cands = {"triton": None, **cands, "reference": None}
+    elif device.type == "cuda":
         cands.update(triton=triton, reference=None)
     else:  # the interpreter is a test vehicle, never a default: after the reference
         cands.update(reference=None, triton=triton)
     return cands
+
+
+def conv_backend(x, weight, stride):
+    """The backend causal_conv3d picks for this conv of x (zeros padding): "triton" where TRITON_FASTER,
+    "cudnn" (CUDA) or "reference" (CPU) otherwise, unless VKERN_CAUSAL_CONV3D_BACKEND forces one."""
+    return _backend.choose("causal_conv3d", _causal_conv_candidates(x.device, x.dtype, triton_faster(weight, stride)))
 
 
 def _triple(name, v, minimum):
@@ -70,7 +89,8 @@ def causal_conv3d(x, weight, bias=None, stride=1, padding=0, cache=None, pad_mod
 @torch.library.custom_op("vkern::causal_conv3d", mutates_args=())
 def _causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
                    padding: list[int], cache: torch.Tensor | None, pad_mode: str) -> torch.Tensor:
-    backend = _backend.choose("causal_conv3d", _causal_conv_candidates(x.device, x.dtype))
+    backend = conv_backend(x, weight, stride) if pad_mode == "zeros" else \
+        _backend.choose("causal_conv3d", _causal_conv_candidates(x.device, x.dtype))
     if backend == "triton" and x.numel() and weight.numel():
         from ..triton.causal_conv import causal_conv3d as kernel
 
