@@ -240,7 +240,10 @@ def test_measured_options_default_on_and_read_the_environment(option, monkeypatc
     name = f"VKERN_WAN_VAE_{option.upper()}"
     monkeypatch.delenv(name, raising=False)
     assert fast._env_switch(option, None) is True  # on since measured faster on a GPU (run 21, bench/NOTES.md)
+    assert fast._env_switch(option, None, default=False) is False  # pad_channels in decode (run 22)
     assert fast._env_switch(option, False) is False
+    monkeypatch.setenv(name, "1")
+    assert fast._env_switch(option, None, default=False) is True
     monkeypatch.setenv(name, "0")
     assert fast._env_switch(option, None) is False and fast._env_switch(option, True) is True
     monkeypatch.setenv(name, "yes")

@@ -17,8 +17,8 @@ for bit), with the copies taken out:
   the first-chunk rules), several latent frames go through the decoder at once: the same frames
   (chunk-invariant causal convs; per-frame attention, upsampling and DupUp3D), larger convs and fewer
   launches, a larger working set (frames_per_step still bounds the largest stages).
-- `pad_channels` (on by default; run 21: encode 480p 633 -> 626 ms, 720p 1457 -> 1434, decode within
-  noise): the convs with 3 or 12 channels (the encoder's input, the decoder's output) zero-padded to a
+- `pad_channels` (on by default for encode, run 21: 480p 633 -> 626 ms, 720p 1457 -> 1434; off for
+  decode, where it measured within noise and its 8-channel conv_out output costs memory): the convs with 3 or 12 channels (the encoder's input, the decoder's output) zero-padded to a
   multiple of 8 channels, which cuDNN's bf16 tensor-core kernels need.
 - `fuse_bias` (on by default; run 21: decode 480p 933 -> 865 ms, encode 633 -> 591, error vs fp32
   0.83 -> 0.73x diffusers'): a residual block's two convs run without their biases (PyTorch adds a
@@ -346,22 +346,23 @@ def _auto_frames_per_step(H, W):
     return 1 if H * W > LARGE_FRAME_PIXELS else None
 
 
-def _env_switch(option, given):
-    """`given` unless None, else VKERN_WAN_VAE_<OPTION>=1|0 (default 1: fuse_bias and pad_channels were
-    measured faster on a GPU, run 21; 0 turns one off, e.g. to compare)."""
+def _env_switch(option, given, default=True):
+    """`given` unless None, else VKERN_WAN_VAE_<OPTION>=1|0, else `default` (fuse_bias: on, measured faster
+    on a GPU, run 21; pad_channels: on for encode, off for decode, where it measured no faster and its
+    8-channel conv_out output raised a small decode's peak, run 22)."""
     if given is not None:
         return bool(given)
     import os
 
     name = f"VKERN_WAN_VAE_{option.upper()}"
-    env = os.environ.get(name, "1")
+    env = os.environ.get(name, "1" if default else "0")
     if env not in ("0", "1"):
         raise ValueError(f"{name}: expected 0 or 1, got {env!r}")
     return env == "1"
 
 
-def _chunks(fuse_bias, pad_channels):
-    return _Chunks(_env_switch("fuse_bias", fuse_bias), _env_switch("pad_channels", pad_channels))
+def _chunks(fuse_bias, pad_channels, pad_default):
+    return _Chunks(_env_switch("fuse_bias", fuse_bias), _env_switch("pad_channels", pad_channels, pad_default))
 
 
 def _latents_per_call_default():
@@ -384,7 +385,7 @@ def decode(vae, z, output_device=None, frames_per_step="auto", fuse_bias=None, l
     None: whole chunks). fuse_bias: residual blocks' conv biases added by the passes after the convs
     (None: VKERN_WAN_VAE_FUSE_BIAS, default on). latents_per_call: latent frames decoded together after
     the first (None: VKERN_WAN_VAE_LATENTS_PER_CALL, default 1). pad_channels: conv_out's 3 or 12 output
-    channels padded to a multiple of 8 (None: VKERN_WAN_VAE_PAD_CHANNELS, default on)."""
+    channels padded to a multiple of 8 (None: VKERN_WAN_VAE_PAD_CHANNELS, default off for decode)."""
     _check_input("z", z, vae, vae.config.z_dim)
     if latents_per_call is None:
         latents_per_call = _latents_per_call_default()
@@ -401,7 +402,7 @@ def decode(vae, z, output_device=None, frames_per_step="auto", fuse_bias=None, l
     pin = device.type == "cpu" and z.device.type == "cuda"
     out = torch.empty((B, out_channels, 1 + 4 * (T - 1), H, W), dtype=z.dtype, device=device, pin_memory=pin)
     x = ref.run_conv(vae.post_quant_conv, z)  # 1x1x1 over the latents: tiny
-    run = _chunks(fuse_bias, pad_channels)
+    run = _chunks(fuse_bias, pad_channels, pad_default=False)
     t = 0
     for i in [0, *range(1, T, latents_per_call)]:  # the first latent frame alone (first-chunk rules)
         n = 1 if i == 0 else latents_per_call
@@ -420,7 +421,9 @@ def decode(vae, z, output_device=None, frames_per_step="auto", fuse_bias=None, l
 def encode(vae, x, fuse_bias=None, pad_channels=None):
     """vae._encode(x) (= vae.encode(x).latent_dist.parameters) for an AutoencoderKLWan in eval mode:
     [B, 2 * z_dim, 1 + (T - 1) // 4, h, w] from x [B, C, T, H, W] with T = 4k + 1 frames (diffusers
-    silently drops the frames past the last full chunk; here that is an error). fuse_bias, pad_channels (conv_in's input channels): as for decode."""
+    silently drops the frames past the last full chunk; here that is an error). fuse_bias: as for decode.
+    pad_channels: conv_in's 3 or 12 input channels padded to a multiple of 8 (None: VKERN_WAN_VAE_PAD_CHANNELS,
+    default on)."""
     p = vae.config.patch_size or 1
     _check_input("x", x, vae, vae.config.in_channels // (p * p))
     T = x.shape[2]
@@ -429,7 +432,7 @@ def encode(vae, x, fuse_bias=None, pad_channels=None):
                          f"diffusers would drop the last {(T - 1) % ref.ENCODE_CHUNK}")
     if p > 1:
         x = ref.patchify(x, p)
-    run = _chunks(fuse_bias, pad_channels)
+    run = _chunks(fuse_bias, pad_channels, pad_default=True)
     starts = [0] + list(range(1, T, ref.ENCODE_CHUNK))
     outs = [encoder_chunk(vae.encoder, _cl(x[:, :, s:s + (1 if s == 0 else ref.ENCODE_CHUNK)]), run) for s in starts]
     out = torch.cat(outs, dim=2)  # latents: small
