@@ -7,15 +7,21 @@
 #   phase 3, 8 GPUs: Wan-1.3B (12 heads) at 720p and 480p: head padding (vkern-sp, 12 -> 16 heads),
 #            Ulysses x ring (ring2: 4 x 2, ring4: 2 x 4), pure ring, each against 1 GPU;
 #   phase 4, 8 GPUs: the 8-rank NCCL tests (hybrid ring included), then phase 1's SP rows again.
-# Usage on the GPU machine, from the repo root (carry .whl): VKERN_COMMIT=<sha> bash bench/sp8_run.sh
+# Usage on the GPU machine, from the repo root (carry .whl): VKERN_COMMIT=<sha> bash bench/sp8_run.sh [tests]
+#   tests: only the 8-rank NCCL tests (phase 4's first half)
 set -uo pipefail
 . bench/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
 build_vkern
+NCCL_TESTS="tests/test_sequence_parallel.py tests/test_sp_wan.py"
+if [[ "${1:-}" == tests ]]; then
+  timeout -s INT -k 20 240 python3 -m pytest -m gpu -v -p no:cacheprovider --tb=short -k "nccl and 8" $NCCL_TESTS \
+    > "$OUT/pytest-nccl8.log" 2>&1
+  rc=$?; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/pytest-nccl8.log" | tail -4; exit $rc
+fi
 W1="$OUT/world1-14b-720p.pt"
 SP14="-m bench.sp_run --size 14b --res 720p --repeats 3 --world1 $W1"
-NCCL_TESTS="tests/test_sequence_parallel.py tests/test_sp_wan.py"
 date +%T; echo "== phase 1: 14B over 8"
 torchrun --nproc-per-node 8 $SP14 --out "$OUT/sp8.jsonl" --providers vkern,vkern-sp,diffusers-cp 2>&1 | grep -v "^{" | tail -6
 date +%T; echo "== phase 2: 14B over 4 and 2; NCCL tests at 2"
