@@ -3,7 +3,7 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem]
 #     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
 #     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
 #     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model);
@@ -14,6 +14,8 @@
 #     vaenorm: the VAE's RMS norm + SiLU kernel vs a copy, exact vs fast variant (bench/vae_norm_probe.py);
 #     spshard: one SP rank's share of a Wan-14B 720p block at 1/2/4/8 ranks, no communication
 #     (bench/sp_shard_probe.py: the compute-only scaling ceiling).
+#     vaemem: diffusers' and vkern's 480p decode peaks, allocated and reserved, under inference_mode, no_grad
+#     and cuDNN benchmark mode (bench/vae_memory_stats.py: which statistic ANCHORS.md's 17.8 GiB is);
 #     VKERN_TESTS: test paths (default tests)
 set -uo pipefail
 MODES=" ${*:-tests quick} "
@@ -62,6 +64,9 @@ if [[ $MODES == *" vae "* ]]; then
   $B --op vae-conv --repeats 10
   $B --op vae-decode --shape wan-vae-480p,wan-vae-720p
   $B --op vae-encode --shape wan-vae-480p,wan-vae-720p
+fi
+if [[ $MODES == *" vaemem "* ]]; then  # first: a fresh process whose cuDNN has not seen the shapes
+  python3 -m bench.vae_memory_stats --res 480p --out "$OUT/results.jsonl"
 fi
 if [[ $MODES == *" vaeab "* ]]; then  # the VAE's default path vs every conv on cuDNN vs the path of runs 19-21
   $B --op vae-decode --shape wan-vae-480p,wan-vae-720p --providers diffusers,vkern,vkern-cudnn,vkern-unfused

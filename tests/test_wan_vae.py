@@ -167,7 +167,7 @@ def test_upsample_copy_is_a_plain_nearest_upsample(C):
 # --- the chunk loop against diffusers (fp32, CPU) -------------------------------------------------------
 
 @pytest.mark.parametrize("wan22", [False, True], ids=["wan2.1", "wan2.2"])
-@pytest.mark.parametrize("B,T,frames_per_step", [(1, 1, None), (2, 3, None), (1, 3, 1), (1, 2, 3)])
+@pytest.mark.parametrize("B,T,frames_per_step", [(1, 1, None), (2, 3, None), (1, 3, 1), (2, 3, 2), (1, 2, 3)])
 @torch.no_grad()
 def test_decode_matches_diffusers(wan22, B, T, frames_per_step, norm_reference):
     vae = small_vae(wan22)
@@ -272,15 +272,36 @@ def test_triton_conv_only_where_it_measured_faster(monkeypatch):
     assert cc.conv_backend(x, w(192, 96, 3, 3, 3), (1, 1, 1)) == "triton"
 
 
+@pytest.mark.parametrize("wan22,T,frames_per_step", [(False, 2, None), (True, 3, 1)])
 @torch.no_grad()
-def test_decode_with_every_conv_on_the_interpreted_triton_kernel(monkeypatch):
-    """The fast loop's Triton branch (its [cache | chunk] buffer read with no time padding, the spatial
-    padding, the dropped bias under fuse_bias): every conv forced onto the interpreted kernel."""
+def test_decode_with_every_conv_on_the_interpreted_triton_kernel(wan22, T, frames_per_step, monkeypatch):
+    """The fast loop's Triton branch: every causal conv reads its cached frames and the chunk in place (no
+    [cache | chunk] buffer is built; 1-frame steps shift the cache), the spatial padding, the dropped bias
+    under fuse_bias: every conv forced onto the interpreted kernel."""
     monkeypatch.setenv("VKERN_CAUSAL_CONV3D_BACKEND", "triton")
-    vae = small_vae(False)
-    z = torch.randn(1, 4, 2, 2, 2)
-    assert rel_l2(fast.decode(vae, z), vae.decode(z).sample) < FP32_TOL
+    buffers = []
+    build = fast._Chunks.buffer
+    monkeypatch.setattr(fast._Chunks, "buffer", lambda self, *a, **k: buffers.append(a[1]) or build(self, *a, **k))
+    vae = small_vae(wan22)
+    z = torch.randn(1, 4, T, 2, 2)
+    assert rel_l2(fast.decode(vae, z, frames_per_step=frames_per_step), vae.decode(z).sample) < FP32_TOL
     assert vkern.ops._backend.last_choice["causal_conv3d"] == "triton"
+    assert buffers == []  # decode pads no channels: every conv read its cache in place
+
+
+@torch.no_grad()
+def test_encode_with_every_conv_on_the_interpreted_triton_kernel(monkeypatch):
+    """Encode on the in-place Triton branch (no channel padding); the time-downsampling conv (1 cached
+    frame, stride 2) keeps its buffer."""
+    monkeypatch.setenv("VKERN_CAUSAL_CONV3D_BACKEND", "triton")
+    buffers = []
+    build = fast._Chunks.buffer
+    monkeypatch.setattr(fast._Chunks, "buffer", lambda self, *a, **k: buffers.append(k.get("keep")) or build(self, *a, **k))
+    vae = small_vae(False)
+    x = torch.randn(1, 3, 5, 16, 16)
+    out = fast.encode(vae, x, pad_channels=False)
+    assert rel_l2(out, vae.encode(x).latent_dist.parameters) < FP32_TOL
+    assert buffers and set(buffers) == {1}
 
 
 @pytest.mark.parametrize("wan22", [False, True], ids=["wan2.1", "wan2.2"])

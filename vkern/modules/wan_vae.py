@@ -89,9 +89,20 @@ class _Chunks:
             self.padded[conv] = (w, b)
         return self.padded[conv]
 
+    def in_place(self, conv, x):
+        """True when `conv` runs on vkern's Triton kernel, which reads its cached frames and the chunk x
+        where they are: then no [cache | chunk] buffer is built (a copy of the cached frames saved, and at
+        720p a 3-frame buffer per full-resolution conv)."""
+        _, _, stride, (t_pad, _, _) = ref._conv_args(conv)
+        return (t_pad == CACHE_T and x.shape[1] > 1 and x.stride(1) == 1 and self._channels(x.shape[1]) == x.shape[1]
+                and ops.causal_conv.conv_backend(x, conv.weight, stride) == "triton")
+
     def conv(self, conv, buf, keep=CACHE_T, bias=True):
         """Run `conv` over its filled buffer (without its bias when not `bias`); keep the buffer's last
-        frames for the next chunk. Padded output channels are cut off (a channel slice, no copy)."""
+        frames for the next chunk. Padded output channels are cut off (a channel slice, no copy). `buf`
+        may be an _InPlace chunk instead (see in_place)."""
+        if isinstance(buf, _InPlace):
+            return self._conv_in_place(conv, buf.x, bias)
         _, _, stride, (_, h_pad, w_pad) = ref._conv_args(conv)
         weight, b = self._weights(conv, buf.shape[1])
         b = b if bias else None
@@ -107,9 +118,33 @@ class _Chunks:
         prev.copy_(buf[:, :, -keep:])
         return out[:, :conv.weight.shape[0]]
 
+    def _conv_in_place(self, conv, x, bias):
+        """The Triton kernel over [cached frames | x] read in place (zeros before the first chunk, as the
+        buffer's), then the cache becomes the last CACHE_T frames of [cache | x]: the kernel is queued
+        before the cache is overwritten, on the same stream."""
+        from ..triton.causal_conv import causal_conv3d as triton_conv
+
+        weight, b, stride, padding = ref._conv_args(conv)
+        prev = self.frames.get(conv)
+        out = triton_conv(x, weight, b if bias else None, stride, padding, cache=prev)
+        if prev is None:
+            B, C, _, H, W = x.shape
+            prev = self.frames[conv] = torch.empty((B, C, CACHE_T, H, W), dtype=x.dtype, device=x.device,
+                                                   memory_format=CL).zero_()
+        n = min(x.shape[2], CACHE_T)
+        if n < CACHE_T:  # a short chunk: the newest cached frames move to the front
+            prev[:, :, :CACHE_T - n].copy_(prev[:, :, n:])
+        prev[:, :, CACHE_T - n:].copy_(x[:, :, -n:])
+        return out
+
     def norm_into(self, norm, conv, x, in_bias=None):
-        """`conv`'s input buffer with SiLU(norm(x + in_bias)) written straight into its chunk slot."""
-        buf, slot = self.buffer(conv, x.shape, x.dtype, x.device)
+        """`conv`'s input with SiLU(norm(x + in_bias)) written straight into its chunk slot: the
+        [cache | chunk] buffer, or an _InPlace chunk of its own where the conv reads the cache in place."""
+        if self.in_place(conv, x):
+            slot = torch.empty_like(x, memory_format=CL)
+            buf = _InPlace(slot)
+        else:
+            buf, slot = self.buffer(conv, x.shape, x.dtype, x.device)
         ops.causal_conv.rms_norm_silu(x, norm.gamma, _norm_bias(norm), True, out=slot, in_bias=in_bias)
         return buf
 
@@ -124,9 +159,19 @@ class _Chunks:
             return F.conv3d(x, weight, bias, stride, (0, h_pad, w_pad))
         if t_pad != CACHE_T:
             raise NotImplementedError(f"causal conv with {t_pad} padding frames (Wan's have {CACHE_T})")
+        if self.in_place(conv, x):
+            return self._conv_in_place(conv, x, bias=True)
         buf, slot = self.buffer(conv, x.shape, x.dtype, x.device)
         slot.copy_(x)
         return self.conv(conv, buf)
+
+
+class _InPlace:
+    """A conv's chunk whose cached frames stay in _Chunks.frames (the conv reads both in place)."""
+    __slots__ = ("x",)
+
+    def __init__(self, x):
+        self.x = x
 
 
 def _norm_bias(norm):
@@ -198,28 +243,60 @@ def _words(*ts):
     return ts if len(ts) > 1 else ts[0]
 
 
-def upsample(block, x, run):
-    """WanResample upsample2d/upsample3d: [time conv to 2C channels, frames interleaved], nearest 2x in
-    space, 3x3 conv; the interleave and the upsampling in one copy."""
-    B, C, T, H, W = x.shape
-    src = x.permute(0, 2, 3, 4, 1).unsqueeze(2)  # [B, T, 1, H, W, C], a view of channels-last data
+def _time_upsampled(block, x, run):
+    """WanResample upsample2d/upsample3d's frames before the spatial upsampling, as a [B, T, I, H, W, C]
+    view of channels-last data (frame t * I + i): x itself, or the time conv's 2C channels (upsample3d
+    after the first chunk: channel i * C + c of frame t becomes channel c of frame 2t + i)."""
+    src = x.permute(0, 2, 3, 4, 1).unsqueeze(2)
     if block.mode == "upsample3d":
         conv = block.time_conv
         if conv not in run.seen:  # first chunk: no time upsampling ("Rep" in diffusers)
             run.seen.add(conv)
         else:  # later chunks; before the second the cache is zeros, as diffusers' "Rep" rule gives
             y = run.plain_conv(conv, x)
-            # channel i * C + c of frame t becomes channel c of frame 2t + i
-            src = y.permute(0, 2, 3, 4, 1).unflatten(-1, (2, C)).permute(0, 1, 4, 2, 3, 5)
-            del y
-    T = src.shape[1] * src.shape[2]
+            src = y.permute(0, 2, 3, 4, 1).unflatten(-1, (2, x.shape[1])).permute(0, 1, 4, 2, 3, 5)
+    return src
+
+
+def _upsample_conv(block, src):
+    """Nearest 2x in space and the 3x3 conv of frames given as _time_upsampled's view: [B, C', T * I, 2H,
+    2W] channels-last-3d; the interleave and the upsampling in one copy."""
+    B, T, I = src.shape[:3]
     up = _upsample_frames(src)
-    del src, x
+    del src
     conv2d = block.resample[1]
     y = F.conv2d(up, conv2d.weight, conv2d.bias, conv2d.stride, conv2d.padding)
     del up
     # [B*T, C', 2H, 2W] channels-last is [B, C', T, 2H, 2W] channels-last-3d in memory
-    return y.unflatten(0, (B, T)).permute(0, 2, 1, 3, 4)
+    return y.unflatten(0, (B, T * I)).permute(0, 2, 1, 3, 4)
+
+
+def upsample(block, x, run):
+    """WanResample upsample2d/upsample3d: [time conv to 2C channels, frames interleaved], nearest 2x in
+    space, 3x3 conv."""
+    src = _time_upsampled(block, x, run)
+    del x
+    return _upsample_conv(block, src)
+
+
+def upsample_steps(block, x, run, frames):
+    """upsample(), its output yielded `frames` frames at a time (the spatial upsampling and the 3x3 conv
+    are per frame, so they run step by step: the full output never exists at once). Steps follow the
+    [T, I] frame grid: whole time-conv frames when I divides `frames`, else parts of one (one step of all
+    frames when neither fits)."""
+    src = _time_upsampled(block, x, run)
+    del x
+    T, I = src.shape[1:3]
+    if frames % I == 0:
+        n = frames // I
+        steps = [src[:, t:t + n] for t in range(0, T, n)]
+    elif I % frames == 0:
+        steps = [src[:, t:t + 1, i:i + frames] for t in range(T) for i in range(0, I, frames)]
+    else:
+        steps = [src]
+    del src
+    while steps:
+        yield _upsample_conv(block, steps.pop(0))
 
 
 def resample(block, x, run):
@@ -248,11 +325,17 @@ def residual_down_block(block, x, run):
     return x.add_(shortcut)
 
 
-def up_block(block, x, run, first_chunk):
-    for resnet in block.resnets:
-        x = residual_block(resnet, x, run)
+def _up_layers(block):
+    """A WanUpBlock's layers in order, as (function, module) pairs."""
+    layers = [(residual_block, resnet) for resnet in block.resnets]
     if block.upsamplers is not None:
-        x = resample(block.upsamplers[0], x, run)
+        layers.append((resample, block.upsamplers[0]))
+    return layers
+
+
+def up_block(block, x, run, first_chunk):
+    for fn, layer in _up_layers(block):
+        x = fn(layer, x, run)
     return x
 
 
@@ -278,22 +361,51 @@ def _time_up_blocks(dec):
     return [i for i, b in enumerate(dec.up_blocks) if resampler(b) is not None and resampler(b).mode == "upsample3d"]
 
 
+def up_block_steps(block, x, run, first_chunk, frames):
+    """A time-upsampling up block (WanUpBlock, or WanResidualUpBlock with its shortcut) whose output is
+    yielded `frames` frames at a time (its upsampler runs in steps: upsample_steps)."""
+    residual = ref._block_fn(_UP, block) is residual_up_block
+    shortcut = block.avg_shortcut(x, first_chunk=first_chunk) if residual and block.avg_shortcut is not None else None
+    for resnet in block.resnets:
+        x = residual_block(resnet, x, run)
+    steps = upsample_steps(block.upsampler if residual else block.upsamplers[0], x, run, frames)
+    del x
+    t = 0
+    for y in steps:
+        if shortcut is not None:
+            y.add_(shortcut[:, :, t:t + y.shape[2]])
+        t += y.shape[2]
+        handed = [y]
+        del y
+        yield handed.pop()  # no reference left in this frame while the caller works on the step
+
+
 def decoder_chunk(dec, x, run, first_chunk, frames_per_step=None):
-    """Yield the decoded frames of one latent frame, `frames_per_step` at a time past the last time
-    upsampling (all at once when None)."""
+    """Yield the decoded frames of one latent frame, `frames_per_step` at a time from the last time
+    upsampling on (its upsampler included: up_block_steps; all at once when None)."""
     x = run.plain_conv(dec.conv_in, x)
     x = mid_block(dec.mid_block, x, run)
     split = max(_time_up_blocks(dec), default=-1) + 1
-    for block in dec.up_blocks[:split]:
+    stepped = frames_per_step is not None and split > 0
+    for block in dec.up_blocks[:split - 1 if stepped else split]:
         x = ref._block_fn(_UP, block)(block, x, run, first_chunk)
-    steps = [x] if frames_per_step is None else list(x.split(frames_per_step, dim=2))
+    if stepped:
+        steps = up_block_steps(dec.up_blocks[split - 1], x, run, first_chunk, frames_per_step)
+    else:
+        parts = [x] if frames_per_step is None else list(x.split(frames_per_step, dim=2))
+        steps = (parts.pop(0) for _ in range(len(parts)))  # each part dropped once it is taken
     del x
-    while steps:
-        y = steps.pop(0)
+    for y in steps:
         for block in dec.up_blocks[split:]:
-            y = ref._block_fn(_UP, block)(block, y, run, first_chunk)
-        yield run.norm_conv(dec.norm_out, dec.conv_out, y)
-        del y
+            if ref._block_fn(_UP, block) is up_block:  # layer by layer: the block's input is dropped after
+                for fn, layer in _up_layers(block):     # its first layer (a call would hold it to the end)
+                    y = fn(layer, y, run)
+            else:
+                y = ref._block_fn(_UP, block)(block, y, run, first_chunk)
+        buf = run.norm_into(dec.norm_out, dec.conv_out, y)
+        del y  # read into conv_out's input: free it before conv_out runs
+        yield run.conv(dec.conv_out, buf)
+        del buf
 
 
 def encoder_chunk(enc, x, run):
