@@ -3,7 +3,7 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps]
 #     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
 #     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
 #     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model);
@@ -16,6 +16,8 @@
 #     (bench/sp_shard_probe.py: the compute-only scaling ceiling).
 #     vaemem: diffusers' and vkern's 480p decode peaks, allocated and reserved, under inference_mode, no_grad
 #     and cuDNN benchmark mode (bench/vae_memory_stats.py: which statistic ANCHORS.md's 17.8 GiB is);
+#     vaesteps: decode (480p, 720p: diffusers, vkern, output on the CPU; 480p in 1- and 2-frame steps) and
+#     encode rows of the default path only;
 #     VKERN_TESTS: test paths (default tests)
 set -uo pipefail
 MODES=" ${*:-tests quick} "
@@ -67,6 +69,11 @@ if [[ $MODES == *" vae "* ]]; then
 fi
 if [[ $MODES == *" vaemem "* ]]; then  # first: a fresh process whose cuDNN has not seen the shapes
   python3 -m bench.vae_memory_stats --res 480p --out "$OUT/results.jsonl"
+fi
+if [[ $MODES == *" vaesteps "* ]]; then
+  $B --op vae-decode --shape wan-vae-480p,wan-vae-720p --providers diffusers,vkern,vkern-cpu-output
+  for n in 1 2; do VKERN_WAN_VAE_FRAMES_PER_STEP=$n $B --op vae-decode --shape wan-vae-480p --providers vkern; done
+  $B --op vae-encode --shape wan-vae-480p,wan-vae-720p --providers diffusers,vkern
 fi
 if [[ $MODES == *" vaeab "* ]]; then  # the VAE's default path vs every conv on cuDNN vs the path of runs 19-21
   $B --op vae-decode --shape wan-vae-480p,wan-vae-720p --providers diffusers,vkern,vkern-cudnn,vkern-unfused
