@@ -51,6 +51,7 @@ import contextlib
 import datetime
 import gc
 import json
+import os
 import statistics
 import time
 
@@ -163,6 +164,22 @@ def _a2a_only(model, tokens, sp, batch, fp8, repeats):
     return ms, sp.world * (qkv + out) / 2**20
 
 
+def _profile_row(row, step, sp, out):
+    """One profiled step on every rank; rank 0 writes the row with each rank's timeline split."""
+    from .sp_profile import profile_kernels, timeline_stats
+
+    dist.barrier()
+    stats = timeline_stats(profile_kernels(step))
+    ranks = [None] * sp.world
+    dist.all_gather_object(ranks, stats, group=sp.group)
+    if sp.rank == 0:
+        row["ranks"] = ranks
+        print(json.dumps(row), flush=True)
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
 def _providers(model, sp, world, chunks):
     """(label, world, setup, sp_kwargs) in run order; setup() patches the model and returns the undo."""
     import vkern
@@ -198,6 +215,9 @@ def main(argv=None):
     parser.add_argument("--no-check", action="store_true", help="run vkern-sp with check_inputs='off'")
     parser.add_argument("--no-comm-timing", action="store_true", help="skip the CommTimer step and a2a_only")
     parser.add_argument("--out", default=None, help="append JSON lines here (rank 0)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each vkern row, one profiled step per rank: an 'sp-profile' row with every "
+                             "rank's GPU timeline split (bench/sp_profile.py)")
     parser.add_argument("--world1", default=None,
                         help="a .pt file: saved by a job that runs the vkern world-1 row (its ms and output), "
                              "loaded by one that does not, for speedup_vs_vkern1 and rel_l2_vs_vkern1")
@@ -223,7 +243,8 @@ def main(argv=None):
     batch = inputs["hidden_states"].shape[0]
     meta = dict(op="sp-step", shape=name, tokens=tokens, batch=batch, weights_gib=weights,
                 gpu=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-                commit=_commit(), date=datetime.date.today().isoformat())
+                commit=_commit(), date=datetime.date.today().isoformat(),
+                nccl_env={k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")})
     wanted = None if args.providers == "all" else args.providers.split(",")
     unknown = set(wanted or ()) - {"diffusers", "vkern", "diffusers-cp", *SP_VARIANTS}
     if unknown:
@@ -290,6 +311,8 @@ def main(argv=None):
                     row.update({f"rel_l2_vs_{key}": rel_l2(out, ref), f"cos_vs_{key}": cos.item()})
             if device.type == "cuda":
                 row.update(peak_gib=peak, activation_gib=peak - weights)
+            if args.profile and device.type == "cuda" and label.startswith("vkern"):
+                _profile_row(dict(meta, op="sp-profile", provider=label, world=world), step, sp, args.out)
         except Exception as error:
             # A provider that cannot run here (e.g. diffusers-cp with heads % N != 0) gets a row saying why.
             row["error"] = f"{type(error).__name__}: {error}"[:500]
