@@ -8,6 +8,7 @@ zero (NCCL_CTA_POLICY=2, set by the launcher for those rows) and for registered 
 import argparse
 import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,9 @@ def main():
     w = torch.randn(5120, 5120, device=device, dtype=torch.bfloat16)
     gemm = lambda: torch.mm(a, w.T)  # noqa: E731  ~0.9 TFLOP: ~1.2 ms
     gemm_alone = timed(gemm)
+    q = torch.randn(1, 10, 8192, 128, device=device, dtype=torch.bfloat16)
+    attention = lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)  # noqa: E731  tensor cores, little HBM
+    attention_alone = timed(attention)
     symm = None
     try:
         import torch.distributed._symmetric_memory as symm_mem
@@ -74,17 +78,32 @@ def main():
             def a2a():
                 dist.all_to_all_single(recv, send, group=group, async_op=True).wait()
 
-            def both():
+            def beside(fn):
+                def run():
+                    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+                    fn()
+                    work.wait()
+                return run
+
+            def launch_ms():
+                """Host time of issuing the exchange (a path that waits on the host shows it here)."""
+                torch.cuda.synchronize()
+                start = time.perf_counter()
                 work = dist.all_to_all_single(recv, send, group=group, async_op=True)
-                gemm()
+                ms = (time.perf_counter() - start) * 1e3
                 work.wait()
+                torch.cuda.synchronize()
+                return ms
             dist.barrier()
             ms = timed(a2a)
-            both_ms = timed(both)
+            both_ms = timed(beside(gemm))
+            attention_ms = timed(beside(attention))
+            host_ms = min(launch_ms() for _ in range(3))
             ok = all(bool((recv.view(world, -1)[j] == j).all()) for j in range(world))
             row = dict(op="ce-a2a-probe", world=world, mb=mb, kind=kind, cta_policy=os.environ.get("NCCL_CTA_POLICY"),
                        a2a_ms=ms, gb_per_s=n * (world - 1) / world / ms / 1e6, gemm_alone_ms=gemm_alone,
-                       a2a_beside_gemm_ms=both_ms, correct=ok, kernels=kernels(a2a) if mb == 145 else None,
+                       a2a_beside_gemm_ms=both_ms, attention_alone_ms=attention_alone,
+                       a2a_beside_attention_ms=attention_ms, launch_host_ms=host_ms, correct=ok, kernels=kernels(a2a) if mb == 145 else None,
                        symm_error=symm_error, nccl=".".join(map(str, torch.cuda.nccl.version())), torch=torch.__version__)
             rows.append(row)
             del send, recv
