@@ -3,16 +3,18 @@
 The same loop and cache rules as the spec (vkern/reference/wan_vae.py, which matches diffusers bit
 for bit), with the copies taken out:
 - activations stay channels-last-3d (cuDNN's native layout for bf16: no NCDHW<->NDHWC transposes);
-- a causal conv's input is one buffer [2 cached frames | chunk]: the fused RMS norm + SiLU kernel
+- a cuDNN causal conv's input is one buffer [2 cached frames | chunk]: the fused RMS norm + SiLU kernel
   writes the chunk straight into it (no torch.cat, no separate norm/SiLU/cat outputs), the conv does
-  the spatial zero padding itself (no F.pad), and the cache update copies only the 2 frames kept;
+  the spatial zero padding itself (no F.pad), and the cache update copies only the 2 frames kept; a
+  conv on vkern's Triton kernel reads its cached frames and the chunk where they are (no buffer at all);
 - residual adds are in place; the nearest 2x upsample is one bf16 copy (diffusers makes it in fp32:
   exact either way, nearest only copies values), fused with the time upsampling's frame interleave;
 - decoded frames go into a preallocated output (optionally on the CPU), clamped chunk by chunk,
   instead of a torch.cat per chunk; intermediates are dropped as soon as the next op has read them.
-- after the last time upsampling, the decoder may run its remaining (largest) stages a few frames at
-  a time (`frames_per_step`): causal convs with a cache give the same frames for any chunking, and
-  the working set shrinks with the step (the 720p memory target).
+- from the last time upsampling on (its spatial upsampling and 3x3 conv included), the decoder may run
+  its (largest) stages a few frames at a time (`frames_per_step`): causal convs with a cache give the
+  same frames for any chunking, and the working set shrinks with the step (the 720p memory target);
+  each step's input is dropped as soon as it is read (run 26: 720p peak 6.48 -> 5.99 GiB).
 - `latents_per_call` (1 by default, as diffusers): after the first latent frame (which decodes alone:
   the first-chunk rules), several latent frames go through the decoder at once: the same frames
   (chunk-invariant causal convs; per-frame attention, upsampling and DupUp3D), larger convs and fewer
@@ -493,7 +495,7 @@ def decode(vae, z, output_device=None, frames_per_step="auto", fuse_bias=None, l
     """vae.decode(z).sample for an AutoencoderKLWan in eval mode: [B, C, 1 + 4 * (T - 1), H, W] in
     [-1, 1] from z [B, z_dim, T, h, w]. output_device: where the decoded video is allocated (e.g.
     "cpu": then only a chunk's frames are ever on the GPU; default z's device). frames_per_step:
-    frames per step of the stages past the last time upsampling ("auto": see _auto_frames_per_step;
+    frames per step from the last time upsampling on ("auto": see _auto_frames_per_step;
     None: whole chunks). fuse_bias: residual blocks' conv biases added by the passes after the convs
     (None: VKERN_WAN_VAE_FUSE_BIAS, default on). latents_per_call: latent frames decoded together after
     the first (None: VKERN_WAN_VAE_LATENTS_PER_CALL, default 1). pad_channels: conv_out's 3 or 12 output
