@@ -14,7 +14,7 @@ for bit), with the copies taken out:
 - from the last time upsampling on (its spatial upsampling and 3x3 conv included), the decoder may run
   its (largest) stages a few frames at a time (`frames_per_step`): causal convs with a cache give the
   same frames for any chunking, and the working set shrinks with the step (the 720p memory target);
-  each step's input is dropped as soon as it is read (run 26: 720p peak 6.48 -> 5.99 GiB).
+  each step's input is dropped as soon as it is read (run 27: 720p peak 5.58 GiB, diffusers 10.35).
 - `latents_per_call` (1 by default, as diffusers): after the first latent frame (which decodes alone:
   the first-chunk rules), several latent frames go through the decoder at once: the same frames
   (chunk-invariant causal convs; per-frame attention, upsampling and DupUp3D), larger convs and fewer
