@@ -152,6 +152,18 @@ def test_chunks_with_cache_equal_whole_video(pad_mode):
     assert rel_l2(chunked, kernel(x, w, b, *args, None, pad_mode)) < 1e-6
 
 
+@pytest.mark.parametrize("pad_mode", ref.PAD_MODES)
+@pytest.mark.parametrize("cache_frames", [1, 2, 3])
+def test_reversed_cache_reads_the_flipped_frames(pad_mode, cache_frames):
+    """cache_reversed=True (frames stored newest first, walked with a negative stride): the same bits as
+    the cache given oldest first; with one frame, the same as not reversed."""
+    x, w, b, cache = inputs(2, 8, 8, 2, 5, 6, (3, 3, 3), cache_frames)
+    args = ((1, 1, 1), (2, 1, 1), cache.flip(2).contiguous(memory_format=CL), pad_mode)
+    out = kernel(x, w, b, *args, cache_reversed=True)
+    assert torch.equal(out, kernel(x, w, b, (1, 1, 1), (2, 1, 1), cache, pad_mode))
+    check(out, x, w, b, (1, 1, 1), (2, 1, 1), cache, pad_mode)
+
+
 def test_time_slice_views():
     """x and cache as slices of one channels-last buffer [cache | chunk], out the chunk slot of another:
     only the batch strides are unusual; the out buffer's cache slot must survive."""

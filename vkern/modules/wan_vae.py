@@ -40,6 +40,7 @@ from ..reference import wan_vae as ref
 
 CL = torch.channels_last_3d
 CACHE_T = ref.CACHE_T
+assert CACHE_T == 2, "_Chunks._conv_in_place's ring assumes diffusers' 2 cached frames"
 # Decoder default: whole chunks (4 frames) unless a decoded frame has more pixels than this; above
 # it, 1 frame per step keeps the largest stages' working set ~4x smaller (720p: ~1 GB less).
 LARGE_FRAME_PIXELS = 512 * 1024
@@ -60,6 +61,7 @@ class _Chunks:
         self.fuse_bias = fuse_bias
         self.pad_channels = pad_channels
         self.padded = {}  # conv -> its weight and bias zero-padded to _channels() in and out
+        self.reversed = {}  # conv -> its cached frames stored newest first (_conv_in_place's ring)
 
     def _channels(self, n):
         return -(-n // PAD_TO) * PAD_TO if self.pad_channels else n
@@ -123,20 +125,25 @@ class _Chunks:
     def _conv_in_place(self, conv, x, bias):
         """The Triton kernel over [cached frames | x] read in place (zeros before the first chunk, as the
         buffer's), then the cache becomes the last CACHE_T frames of [cache | x]: the kernel is queued
-        before the cache is overwritten, on the same stream."""
+        before the cache is overwritten, on the same stream. The 2-frame cache is a ring: a 1-frame chunk
+        overwrites the oldest slot and flips the stored order (self.reversed; the kernel reads either
+        order), one frame copied instead of two (the 1-frame steps of a 720p decode)."""
         from ..triton.causal_conv import causal_conv3d as triton_conv
 
         weight, b, stride, padding = ref._conv_args(conv)
         prev = self.frames.get(conv)
-        out = triton_conv(x, weight, b if bias else None, stride, padding, cache=prev)
+        reversed_ = self.reversed.get(conv, False)
+        out = triton_conv(x, weight, b if bias else None, stride, padding, cache=prev, cache_reversed=reversed_)
         if prev is None:
             B, C, _, H, W = x.shape
             prev = self.frames[conv] = torch.empty((B, C, CACHE_T, H, W), dtype=x.dtype, device=x.device,
                                                    memory_format=CL).zero_()
-        n = min(x.shape[2], CACHE_T)
-        if n < CACHE_T:  # a short chunk: the newest cached frames move to the front
-            prev[:, :, :CACHE_T - n].copy_(prev[:, :, n:])
-        prev[:, :, CACHE_T - n:].copy_(x[:, :, -n:])
+        if x.shape[2] == 1:  # CACHE_T = 2: the new frame replaces the oldest slot
+            prev[:, :, 1 if reversed_ else 0].copy_(x[:, :, 0])
+            self.reversed[conv] = not reversed_
+        else:
+            prev.copy_(x[:, :, -CACHE_T:])
+            self.reversed[conv] = False
         return out
 
     def norm_into(self, norm, conv, x, in_bias=None):

@@ -175,12 +175,14 @@ def pixel_rows(t):
     return all(t.size(d) == 1 or t.stride(d) == s for d, s in {1: 1, 4: C, 3: W * C, 2: H * W * C}.items())
 
 
-def causal_conv3d(x, weight, bias, stride, padding, cache=None, pad_mode="zeros", out=None):
+def causal_conv3d(x, weight, bias, stride, padding, cache=None, pad_mode="zeros", out=None, cache_reversed=False):
     """vkern.ops.causal_conv3d's contract (see vkern/reference/causal_conv.py), checked inputs assumed.
     x [B, C, T, H, W] and cache [B, C, Tc, H, W] (or None): channel stride 1 (channels-last-3d, or a time
     slice of it); weight [O, C, kt, kh, kw], bias [O] or None, in x's dtype. out: [B, O, T', H', W'] in x's
     dtype with pixel_rows(out) (e.g. a slot of the next conv's [cache | chunk] buffer), or None for a new
-    channels-last-3d tensor. Returns out."""
+    channels-last-3d tensor. cache_reversed: the cache's frames are stored newest first (read as
+    cache.flip(2), without a copy: the kernel walks the frames with a negative stride), so a 2-frame cache
+    can be a ring whose new frame overwrites the oldest slot. Returns out."""
     B, C, T, H, W = x.shape
     O, _, KT, KH, KW = weight.shape
     st, sh, sw = stride
@@ -196,6 +198,9 @@ def causal_conv3d(x, weight, bias, stride, padding, cache=None, pad_mode="zeros"
                          f"got {tuple(out.shape)}, {out.dtype}, strides {out.stride()}")
     n_cache = 0 if cache is None or tp == 0 else min(cache.shape[2], tp)
     c = cache if n_cache else x  # never read without cached frames (n_cache = 0)
+    c_base, c_frame_stride = c, c.stride(2)
+    if n_cache and cache_reversed:  # logical frame f (0 = oldest) is stored at Tc - 1 - f
+        c_base, c_frame_stride = cache[:, :, -1:], -cache.stride(2)
     block_n, block_k = block_sizes(C, O)
     w = packed_weight(weight, block_k, block_n)
     M = B * To * Ho * Wo
@@ -204,9 +209,9 @@ def causal_conv3d(x, weight, bias, stride, padding, cache=None, pad_mode="zeros"
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(O, block_n),)
 
     _causal_conv3d_tuned[grid](
-        x, c, w, bias.contiguous() if bias is not None else w, out,
+        x, c_base, w, bias.contiguous() if bias is not None else w, out,
         C, O, T, H, W, To, Ho, Wo, M, M.bit_length(), c.shape[2], n_cache, w.shape[1],
-        x.stride(0), x.stride(2), x.stride(3), x.stride(4), c.stride(0), c.stride(2), c.stride(3), c.stride(4),
+        x.stride(0), x.stride(2), x.stride(3), x.stride(4), c.stride(0), c_frame_stride, c.stride(3), c.stride(4),
         out.stride(0),
         KT=KT, KH=KH, KW=KW, ST=st, SH=sh, SW=sw, TP=tp, HP=hp, WP=wp, PAD_MODE=PAD_CODES[pad_mode],
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=C % block_k == 0,
