@@ -6,6 +6,7 @@ intervals from torch.profiler), reduced to
   overlap_ms         NCCL kernel time with compute beside it (hidden, but sharing the SMs)
   idle_ms            span minus the union of every kernel (the GPU waiting on the host)
   <class>_ms         summed kernel time per class (attention, gemm, elementwise, other, nccl)
+  nccl_kernels_us    every NCCL kernel in order: [time, time with no compute beside it] (us)
 Used by bench/sp_run.py --profile: the world-1 row's classes divided by N are a rank's ideal share, so a
 class that grows beyond it under SP (e.g. GEMMs slowed by NCCL's SMs) shows where the time goes."""
 import torch
@@ -59,8 +60,12 @@ def timeline_stats(kernels):
     nccl_ms, nccl_m = _union(nccl)
     overlap = _intersection(nccl_m, compute_m)
     span = max(e for _, _, e in kernels) - min(s for _, s, _ in kernels)
+    # Each NCCL kernel in launch order: [its time, its time with no compute beside it] (us), so the exposed
+    # time can be told apart per exchange of a layer (its position in the layer's sequence).
+    per_nccl = [[round(e - s, 1), round(e - s - _intersection([[s, e]], compute_m), 1)] for s, e in sorted(nccl)]
     return dict(span_ms=span / 1e3, compute_ms=compute_ms / 1e3, nccl_alone_ms=(nccl_ms - overlap) / 1e3,
-                overlap_ms=overlap / 1e3, idle_ms=(span - busy) / 1e3, **{f"{c}_ms": v for c, v in per_class.items()})
+                overlap_ms=overlap / 1e3, idle_ms=(span - busy) / 1e3, **{f"{c}_ms": v for c, v in per_class.items()},
+                nccl_kernels_us=per_nccl)
 
 
 def profile_kernels(step):

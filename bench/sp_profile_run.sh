@@ -34,5 +34,5 @@ for line in open(sys.argv[1]):
     if r["op"] == "sp-profile":
         for i, s in enumerate(r["ranks"]):
             print(r["provider"], r["world"], r["nccl_env"].get("NCCL_MAX_NCHANNELS", "-"), "rank", i,
-                  " ".join(f"{k[:-3]} {v:.1f}" for k, v in s.items()))
+                  " ".join(f"{k[:-3]} {v:.1f}" for k, v in s.items() if k.endswith("_ms")))
 PY
