@@ -42,12 +42,16 @@ def _attention(name, providers, args):
         with sdpa_kernel([backend]):
             return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
 
-    def run_kernel():
-        os.environ["VKERN_ATTENTION_BACKEND"] = "triton"
-        try:
-            return vkern.ops.attention(q, k, v)
-        finally:
-            del os.environ["VKERN_ATTENTION_BACKEND"]
+    def forced(backend):
+        def run():
+            os.environ["VKERN_ATTENTION_BACKEND"] = backend
+            try:
+                return vkern.ops.attention(q, k, v)
+            finally:
+                del os.environ["VKERN_ATTENTION_BACKEND"]
+        return run
+
+    run_kernel = forced("triton")
 
     def with_variant(fn, variant):  # the kernel's main loop (vkern/triton/attention.py, VARIANTS)
         def run():
@@ -60,6 +64,7 @@ def _attention(name, providers, args):
 
     fns = {p: (lambda b=b: run_sdpa(b)) for p, b in sdpa.items()}
     fns["vkern-bf16"] = run_kernel
+    fns["vkern-cuda"] = forced("cuda")  # csrc/flash_attention.cu (head dim 128 only)
     for p, (qk, pv) in ATTENTION_8BIT.items():
         fns[p] = lambda qk=qk, pv=pv: vkern.ops.attention_8bit(q, k, v, qk=qk, pv=pv)
     fns["vkern-bf16-pipe"] = with_variant(run_kernel, "pipe")
@@ -68,14 +73,16 @@ def _attention(name, providers, args):
     rows = torch.randperm(s.tokens, device="cuda")[:256]  # oracle on sampled queries: O(256 * S) memory
     oracle = ref.attention_lse(q[:, rows], k, v, dtype=torch.float32)[0]
     for provider in providers or list(fns):
-        if provider not in fns:
+        if provider not in fns or (provider == "vkern-cuda" and s.head_dim != 128):
             continue
         ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
         out = fns[provider]()[:, rows]
         cos = torch.nn.functional.cosine_similarity(out.double().flatten(), oracle.double().flatten(), dim=0).item()
         row = dict(op="attention", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
                    tflops=s.flops() / ms / 1e9, rel_l2=rel_l2(out, oracle), cos=cos)
-        if provider.startswith("vkern-"):
+        if provider == "vkern-cuda":
+            row["config"] = "cuda sm90a: 128x128 tiles, 2 consumer warpgroups, 2-stage TMA ring"
+        elif provider.startswith("vkern-"):
             from vkern.triton.attention import _attention_tuned
 
             row["config"] = str(_attention_tuned.best_config)

@@ -3,11 +3,12 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [flash] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps]
 #     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
 #     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
 #     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model);
-#     selfattn: Wan self-attention module per processor; profile: 14B step GPU time by class;
+#     selfattn: Wan self-attention module per processor; flash: the CUDA attention kernel (SASS summary, rows
+#     vs cuDNN and the Triton kernel); profile: 14B step GPU time by class;
 #     vaeprof: VAE decode/encode GPU time by class + decode rows; fp8acc: fp8 storage/compute accuracy on
 #     Wan-1.3B and 14B 480p (per-layer SQNR, output cosine vs floors; table in $OUT/fp8_accuracy.md);
 #     memory: 14B 480p activation peak per phase (chunked bf16 and fp8) and the 14B 720p step rows;
@@ -55,6 +56,11 @@ if [[ $MODES == *" quick "* ]]; then
 fi
 if [[ $MODES == *" spshard "* ]]; then
   python3 -m bench.sp_shard_probe --shape wan14b-720p --out $OUT/results.jsonl
+fi
+if [[ $MODES == *" flash "* ]]; then  # the CUDA attention kernel against cuDNN and the Triton kernel
+  cuobjdump --dump-sass "$so" | awk '/Function :.*flash_fwd/{f=1} /Function :/ && !/flash_fwd/{f=0} f' > "$OUT/flash_sass.txt"
+  echo "flash SASS: $(grep -c HGMMA "$OUT/flash_sass.txt") HGMMA, $(grep -c 'WARPGROUP.DEPBAR' "$OUT/flash_sass.txt") waits"
+  $B --op attention --shape wan1.3b-480p,wan14b-480p,wan14b-720p,hunyuan-720p --providers cudnn,vkern-bf16,vkern-cuda --repeats 5
 fi
 if [[ $MODES == *" attention "* ]]; then
   $B --op attention --shape wan1.3b-480p,wan14b-480p,wan14b-720p,hunyuan-720p,cogvideox-5b,ltx-512p --repeats 3

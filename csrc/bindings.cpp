@@ -5,7 +5,9 @@
 
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
+#include "flash_attention.h"
 #include "fp8_quant.h"
 
 namespace py = pybind11;
@@ -21,6 +23,12 @@ template <typename P>
 P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
 
 cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// (pointer, batch stride, seq stride, head stride) of a [B, S, H, D] tensor, strides in elements.
+using TensorArg = std::tuple<uintptr_t, int64_t, int64_t, int64_t>;
+vkern::AttentionTensor tensor_of(const TensorArg& t) {
+  return {ptr<void>(std::get<0>(t)), std::get<1>(t), std::get<2>(t), std::get<3>(t)};
+}
 
 }  // namespace
 
@@ -59,4 +67,17 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("q"), py::arg("scale"), py::arg("per_tensor"), py::arg("rows"), py::arg("cols"), py::arg("out"),
         py::arg("out_dtype"), py::arg("stream"));
+
+  m.attr("flash_head_dim") = vkern::kFlashHeadDim;
+  m.def("flash_attention_fwd",
+        [](TensorArg q, TensorArg k, TensorArg v, TensorArg out, uintptr_t lse, int dtype, int batch, int heads,
+           int q_len, int kv_len, int head_dim, float scale, uintptr_t stream) {
+          check(vkern::flash_attention_fwd(tensor_of(q), tensor_of(k), tensor_of(v), tensor_of(out), ptr<float>(lse),
+                                           static_cast<vkern::DType>(dtype), batch, heads, q_len, kv_len, head_dim,
+                                           scale, stream_of(stream)),
+                "flash_attention_fwd");
+        },
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dtype"), py::arg("batch"),
+        py::arg("heads"), py::arg("q_len"), py::arg("kv_len"), py::arg("head_dim"), py::arg("scale"),
+        py::arg("stream"));
 }

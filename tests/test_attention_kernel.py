@@ -582,3 +582,106 @@ def test_gpu_first_tuned_call_adds_no_flush_buffer(use_backend):
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     first, again = peak(), peak()
     assert first <= again + 32, f"first (tuning) call peaked {first:.1f} MiB above its start, a repeat {again:.1f}"
+
+
+# ----------------------------------------- the CUDA kernel (csrc/flash_attention.cu: sm_90, head dim 128)
+# Its blocks are 128 queries x 128 keys: lengths 1, 127, 128, 129 and 4097 hit a lone partial block, one full
+# block, and full blocks plus a partial one, on both the query side (TMA zero fill, clipped store) and the key
+# side (masked scores).
+CUDA_ODD = [p for p in GPU_ODD if p[4] == 128] + [
+    (1, 1, 1000, 1000, 128, 4.0), (3, 2, 129, 127, 128, 1.0), (1, 1, 128, 128, 128, 8.0), (2, 3, 127, 129, 128, 1.0),
+    (1, 2, 300, 75600 // 8, 128, 1.0)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,Sq,Skv,D,sharpness", CUDA_ODD, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}" + (f"-sharp{p[5]:g}" if p[5] != 1 else "") for p in CUDA_ODD])
+def test_gpu_cuda_odd_sizes(use_backend, dtype, B, H, Sq, Skv, D, sharpness):
+    q, k, v = make_qkv(B, Sq, Skv, H, D, dtype, "cuda", sharpness=sharpness)
+    check_attention(q, k, v, use_backend("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["fused", "kv_fused", "heads_first", "strided_d", "batch_bcast"])
+def test_gpu_cuda_non_contiguous(use_backend, layout):
+    """Strided views go to TMA as they are (fused, kv_fused, heads_first); the rest (a last-dim stride, a zero
+    batch stride) are copied first. Either way the same answer as contiguous inputs, bit for bit."""
+    Skv = 333 if layout in ("kv_fused", "batch_bcast") else 4097
+    q, k, v = make_qkv(2, 4097, Skv, 12, 128, torch.bfloat16, "cuda", layout=layout)
+    out, _ = check_attention(q, k, v, use_backend("cuda"))
+    assert torch.equal(out, run_op(*(t.contiguous() for t in (q, k, v))))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale", [0.05, 4.0, -0.3, 0.0])
+def test_gpu_cuda_softmax_scale(use_backend, scale):
+    q, k, v = make_qkv(1, 1000, 777, 3, 128, torch.float16, "cuda")
+    check_attention(q, k, v, use_backend("cuda"), scale=scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,B,H,Sq,Skv", [
+    ("wan1.3b-480p self", 1, 12, 32760, 32760),
+    ("wan1.3b-480p cross", 1, 12, 32760, 512),
+    ("wan14b-480p self, 2 videos", 2, 40, 32760, 32760),
+])
+def test_gpu_cuda_real_shapes(use_backend, name, B, H, Sq, Skv):
+    """As test_gpu_real_shapes, for the CUDA kernel: sampled rows within 2x PyTorch's error against the
+    float64 oracle, and the whole output within 3.3x cuDNN's own error of cuDNN's output."""
+    q, k, v = make_qkv(B, Sq, Skv, H, 128, torch.bfloat16, "cuda")
+    rows = sampled_rows(Sq)
+    check_attention(q, k, v, use_backend("cuda"), rows=rows)
+    out, lse = run_op(q, k, v, return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        cudnn = torch_attention(q, k, v)
+    cudnn_err = rel_l2(cudnn[:, rows], ref.attention_lse(q[:, rows], k, v)[0])
+    assert rel_l2(out, cudnn) <= 3.3 * cudnn_err, f"{name}: rel L2 vs cuDNN {rel_l2(out, cudnn):.3g}, cuDNN's own {cudnn_err:.3g}"
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_declines_what_it_cannot_take(use_backend, monkeypatch):
+    """Masks and head dim 64 are not the CUDA kernel's: forced, a clear error; preferred, another backend."""
+    use_backend("cuda")
+    q, k, v = make_qkv(1, 300, 300, 2, 128, torch.bfloat16, "cuda")
+    with pytest.raises(_backend.BackendError, match="mask"):
+        ops.attention(q, k, v, key_padding_mask=make_padding(1, 300, "prefix", "cuda"))
+    q64, k64, v64 = make_qkv(1, 300, 300, 2, 64, torch.bfloat16, "cuda")
+    with pytest.raises(_backend.BackendError, match="head dim 64"):
+        ops.attention(q64, k64, v64)
+    monkeypatch.delenv("VKERN_ATTENTION_BACKEND")
+    mask = make_padding(1, 300, "prefix", "cuda")
+    with pytest.warns(UserWarning, match="mask"):
+        out = ops.attention(q, k, v, key_padding_mask=mask, backend="cuda")
+    assert _backend.last_choice["attention"] != "cuda"
+    assert_within_torch_error(out, ref.attention_lse(q, k, v, mask)[0], torch_attention(q, k, v, mask))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_compile_fullgraph(use_backend):
+    use_backend("cuda")
+    q, k, v = make_qkv(1, 1025, 512, 4, 128, torch.bfloat16, "cuda")
+
+    def fn(q, k, v):
+        out, lse = ops.attention(q, k, v, return_lse=True)
+        return out.flatten(2) * 2, lse
+
+    got, expected = torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v)
+    assert _backend.last_choice["attention"] == "cuda"
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_runs_on_the_callers_stream(use_backend):
+    """The kernel runs on the caller's current stream: work queued before it on that stream is seen."""
+    use_backend("cuda")
+    q, k, v = make_qkv(1, 2048, 2048, 4, 128, torch.bfloat16, "cuda")
+    expected = run_op(q, k, v)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        q2 = q * 1  # written on the side stream just before the kernel reads it
+        out = ops.attention(q2, k, v)
+    stream.synchronize()
+    assert torch.equal(out, expected)

@@ -2,8 +2,9 @@
 attention, exact (bf16/fp16) or 8-bit.
 
 qk_norm_rope backends:   triton (vkern/triton/qk_norm_rope.py), reference.
-attention backends:      triton (vkern's flash-attention, vkern/triton/attention.py), sdpa (torch SDPA, cuDNN
-                         first), reference. On CUDA the order comes from measurement (ATTENTION_PREFERENCE).
+attention backends:      cuda (vkern's Hopper flash-attention, csrc/flash_attention.cu: sm_90, head dim 128, no
+                         mask), triton (vkern's flash-attention, vkern/triton/attention.py), sdpa (torch SDPA,
+                         cuDNN first), reference. On CUDA the order comes from measurement (ATTENTION_PREFERENCE).
 attention_8bit backends: triton, reference (fp32 emulation of the same quantization).
 """
 import warnings
@@ -21,7 +22,8 @@ _DTYPE_OF = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 # Measured on an H200 (bench/results/attention-*.jsonl, bench/NOTES.md "Run 8"): the faster exact backend
 # per head dim. D=128: cuDNN 624 vs vkern 501 TFLOP/s (wan1.3b-480p), 562 vs 482 (wan14b-720p);
 # D=64: vkern 429 vs cuDNN 420 (cogvideox-5b). The other stays available (backend= or the env var).
-ATTENTION_PREFERENCE = {64: ("triton", "sdpa"), 128: ("sdpa", "triton")}
+ATTENTION_PREFERENCE = {64: ("triton", "sdpa", "cuda"), 128: ("sdpa", "cuda", "triton")}
+_DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2}  # csrc/fp8_quant.h DType
 
 
 @_backend.register("qk_norm_rope")
@@ -180,17 +182,38 @@ def _kernel_reason(device, dtype, head_dim, v_head_dim):
     return None if dtype in FLOATS else f"no {dtype} kernel"
 
 
+def _cuda_kernel_reason(device, dtype, head_dim, v_head_dim, masked):
+    """None if the CUDA (sm_90a, wgmma) kernel, csrc/flash_attention.cu, can take the call, else why not."""
+    usable = _backend.cuda_ext_usable(device)
+    if usable:
+        return usable
+    from .._ext import cuda_ext
+
+    if not hasattr(cuda_ext(), "flash_attention_fwd"):
+        return "vkern._C was built without flash_attention_fwd"
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return f"needs a Hopper GPU (sm_90), got sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+    if head_dim != cuda_ext().flash_head_dim or v_head_dim != head_dim:
+        return f"head dim {head_dim} (the CUDA kernel takes {cuda_ext().flash_head_dim})"
+    if dtype not in _DTYPE_CODE:
+        return f"no {dtype} kernel"
+    return "a mask (the CUDA kernel takes none; the Triton kernel takes key_padding_mask)" if masked else None
+
+
 @_backend.register("attention")
-def _attention_candidates(device, dtype, head_dim=128, v_head_dim=None, attn_mask=False, return_lse=False):
-    kernel = _kernel_reason(device, dtype, head_dim, head_dim if v_head_dim is None else v_head_dim)
+def _attention_candidates(device, dtype, head_dim=128, v_head_dim=None, attn_mask=False, return_lse=False,
+                          key_padding_mask=False):
+    v_head_dim = head_dim if v_head_dim is None else v_head_dim
+    kernel = _kernel_reason(device, dtype, head_dim, v_head_dim)
     if kernel is None and attn_mask:
         kernel = "a general attn_mask (the kernel takes key_padding_mask)"
+    cuda = _cuda_kernel_reason(device, dtype, head_dim, v_head_dim, attn_mask or key_padding_mask)
     sdpa = (f"needs a CUDA tensor (got {device.type})" if device.type != "cuda" else
             f"no {dtype} kernel" if dtype not in FLOATS else
             "return_lse (SDPA does not return it)" if return_lse else None)
-    order = (ATTENTION_PREFERENCE.get(head_dim, ("sdpa", "triton")) if device.type == "cuda" else
-             ("reference", "triton", "sdpa"))
-    return {**{name: {"triton": kernel, "sdpa": sdpa, "reference": None}[name] for name in order},
+    order = (ATTENTION_PREFERENCE.get(head_dim, ("sdpa", "triton", "cuda")) if device.type == "cuda" else
+             ("reference", "triton", "sdpa", "cuda"))
+    return {**{name: {"triton": kernel, "sdpa": sdpa, "cuda": cuda, "reference": None}[name] for name in order},
             "reference": None}
 
 
@@ -215,10 +238,10 @@ def attention(q, k, v, attn_mask=None, *, key_padding_mask=None, scale=None, ret
     kernel does not take it). key_padding_mask: bool [B, Skv], True = attend. scale: default 1/sqrt(D).
     Returns out [B, Sq, H, D] in q's dtype, or (out, lse) with return_lse: lse fp32 [B, H, Sq], the
     natural-log log-sum-exp of the scaled scores. A query with no key to attend gets out 0 and lse -inf.
-    backend: "auto" (measured choice, or VKERN_ATTENTION_BACKEND), or "triton" | "sdpa" | "reference" to
-    prefer one: used when it can take the call, else the auto choice with a one-time warning."""
-    if backend not in ("auto", "triton", "sdpa", "reference"):
-        raise ValueError(f"backend: expected 'auto', 'triton', 'sdpa' or 'reference', got {backend!r}")
+    backend: "auto" (measured choice, or VKERN_ATTENTION_BACKEND), or "cuda" | "triton" | "sdpa" | "reference"
+    to prefer one: used when it can take the call, else the auto choice with a one-time warning."""
+    if backend not in ("auto", "cuda", "triton", "sdpa", "reference"):
+        raise ValueError(f"backend: expected 'auto', 'cuda', 'triton', 'sdpa' or 'reference', got {backend!r}")
     _check_attention_inputs(q, k, v, key_padding_mask, scale, FLOATS_OR_F64)
     if attn_mask is not None:
         check_tensor("attn_mask", attn_mask, dtypes=(torch.bool, q.dtype), device=q.device)
@@ -236,17 +259,21 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: tor
                key_padding_mask: torch.Tensor | None, scale: float | None,
                return_lse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     B, Sq, H, D = q.shape
-    candidates = _attention_candidates(q.device, q.dtype, D, v.shape[3], attn_mask is not None, return_lse)
+    candidates = _attention_candidates(q.device, q.dtype, D, v.shape[3], attn_mask is not None, return_lse,
+                                       key_padding_mask is not None)
     if backend != "auto" and not _backend.forced_backend("attention"):  # the caller's preference first
         candidates = {backend: candidates[backend], **candidates}
     backend = _backend.choose("attention", candidates)
     no_lse = q.new_empty((0,), dtype=torch.float32)
+    if backend in ("cuda", "triton") and scale is not None and scale <= 0:
+        q, scale = (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)  # kernels fold a positive scale
+    if backend == "cuda":
+        out, lse = _cuda_attention(q, k, v, scale, return_lse)
+        return out, lse if return_lse else no_lse
     if backend == "triton":
         from ..triton.attention import attention as kernel
 
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        if scale is not None and scale <= 0:  # the kernel folds a positive scale into the row max
-            q, scale = (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)
         out = torch.empty((B, Sq, H, v.shape[3]), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device) if return_lse else None
         kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
@@ -273,6 +300,28 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: tor
     math = torch.float64 if q.dtype == torch.float64 else torch.float32
     out, lse = ref.attention_lse(q, k, v, key_padding_mask, scale, dtype=math)
     return out.to(q.dtype).contiguous(), lse.float() if return_lse else no_lse
+
+
+def _tma_ready(t):
+    """The CUDA kernel reads through TMA: 16-byte aligned base, head dim contiguous, other strides 16-byte
+    multiples (a zero stride, e.g. k expanded over the batch, is copied)."""
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and
+            all(st > 0 and st % 8 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
+
+
+def _cuda_attention(q, k, v, scale, return_lse):
+    from .._ext import cuda_ext
+
+    q, k, v = (t if _tma_ready(t) else t.contiguous() for t in (q, k, v))
+    B, Sq, H, D = q.shape
+    out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device) if return_lse else None
+    with torch.cuda.device(q.device):
+        cuda_ext().flash_attention_fwd(
+            *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q, k, v, out)),
+            0 if lse is None else lse.data_ptr(), _DTYPE_CODE[q.dtype], B, H, Sq, k.shape[1], D,
+            D ** -0.5 if scale is None else scale, torch.cuda.current_stream(q.device).cuda_stream)
+    return out, lse
 
 
 @_attention.register_fake

@@ -1,0 +1,27 @@
+// vkern's flash-attention forward for Hopper (sm_90a): non-causal softmax(scale * Q K^T) V, 16-bit inputs,
+// head dim 128, any query and key lengths. Framework-free: raw pointers, sizes, strides and a stream.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "fp8_quant.h"  // DType
+
+namespace vkern {
+
+// One [B, S, H, D] tensor: element (b, s, h, d) at ptr + b * batch_stride + s * seq_stride + h * head_stride + d.
+struct AttentionTensor {
+  void* ptr;
+  int64_t batch_stride, seq_stride, head_stride;  // in elements; multiples of 8, the head dim contiguous
+};
+
+// The head dims the kernel takes.
+constexpr int kFlashHeadDim = 128;
+
+// out = softmax(scale * q k^T) v per (batch, head); q/out have q_len tokens, k/v kv_len; dtype bf16 or fp16.
+// lse (may be null): fp32 [B, H, q_len] contiguous, the natural-log log-sum-exp of the scaled scores.
+// scale must be positive. Returns cudaErrorInvalidValue for arguments the kernel does not take (see the .cu).
+cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
+                                float* lse, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
+                                float scale, cudaStream_t stream);
+
+}  // namespace vkern
