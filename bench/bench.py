@@ -33,8 +33,10 @@ def _attention(name, providers, args):
     import vkern.ops
     from vkern.reference import attention as ref
 
-    s = shapes.ATTENTION[name]
-    q, k, v = (torch.randn(1, s.tokens, s.heads, s.head_dim, device="cuda", dtype=DT) for _ in range(3))
+    s = shapes.ATTENTION[name.removesuffix("-cross")]  # "<shape>-cross": keys are the text tokens
+    kv_tokens = s.text_tokens if name.endswith("-cross") else s.tokens
+    q = torch.randn(1, s.tokens, s.heads, s.head_dim, device="cuda", dtype=DT)
+    k, v = (torch.randn(1, kv_tokens, s.heads, s.head_dim, device="cuda", dtype=DT) for _ in range(2))
     sdpa = {"cudnn": SDPBackend.CUDNN_ATTENTION, "fa2": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -79,7 +81,7 @@ def _attention(name, providers, args):
         out = fns[provider]()[:, rows]
         cos = torch.nn.functional.cosine_similarity(out.double().flatten(), oracle.double().flatten(), dim=0).item()
         row = dict(op="attention", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
-                   tflops=s.flops() / ms / 1e9, rel_l2=rel_l2(out, oracle), cos=cos)
+                   tflops=s.flops(kv_tokens=kv_tokens) / ms / 1e9, rel_l2=rel_l2(out, oracle), cos=cos)
         if provider == "vkern-cuda":
             row["config"] = "cuda sm90a: 128x128 tiles, 2 consumer warpgroups, 2-stage TMA ring"
         elif provider.startswith("vkern-"):
@@ -538,7 +540,7 @@ def main(argv=None):
         raise SystemExit("bench needs a CUDA GPU")
     fn, table = OPS[args.op]
     names = list(table) if args.shape == "all" else args.shape.split(",")
-    unknown = [n for n in names if n not in table]
+    unknown = [n for n in names if n not in table and not (args.op == "attention" and n.removesuffix("-cross") in table)]
     if unknown:
         raise SystemExit(f"--shape: unknown {unknown}; known for {args.op}: {list(table)}")
     providers = None if args.providers == "all" else args.providers.split(",")

@@ -26,15 +26,15 @@ using namespace sm90;
 
 constexpr int kBlockM = 128;                  // query rows per CTA (64 per consumer warpgroup)
 constexpr int kBlockN = 128;                  // keys per block
-constexpr int kStages = 2;                    // K/V ring depth
 constexpr int kHalfBytes = 128 * 128;         // 128 rows x 64 columns (128 bytes): one TMA box, one swizzle span
 constexpr int kTileBytes = 2 * kHalfBytes;    // a 128 x 128 tile as two 64-column halves
-constexpr int kTilesBytes = kTileBytes * (1 + 2 * kStages);
-constexpr int kSmemBytes = kTilesBytes + 128 + 1024;  // + barriers + slack to align the tiles to 1024
+template <int kStages>  // K/V ring depth
+constexpr int smem_bytes() { return kTileBytes * (1 + 2 * kStages) + 128 + 1024; }  // + barriers, 1024-alignment slack
 constexpr int kThreads = 384;
 constexpr int kTurnBarrier = 1;               // named barriers 1, 2: consumer 0's / 1's turn to issue products
 constexpr int kStoreBarrier = 3;              // named barriers 3, 4: consumer 0's / 1's output tile written
 
+template <int kStages>
 struct Barriers {
   uint64_t q_full;
   uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
@@ -70,7 +70,7 @@ __device__ __forceinline__ float quad_sum(float x) {
 // Accumulator fragment (wgmma m64nN, fp32): register i of a thread holds row (warp * 16 + lane / 4 + 8 * r)
 // with r = (i / 2) % 2, column (i / 4) * 8 + (lane % 4) * 2 + i % 2. Packed in pairs it is also the A
 // fragment of the PV product, so P never leaves registers.
-template <typename T>
+template <typename T, int kStages>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* q_tile = smem;
   uint8_t* k_tiles = smem + kTileBytes;
   uint8_t* v_tiles = smem + kTileBytes * (1 + kStages);
-  Barriers& bars = *reinterpret_cast<Barriers*>(smem + kTilesBytes);
+  Barriers<kStages>& bars = *reinterpret_cast<Barriers<kStages>*>(smem + kTileBytes * (1 + 2 * kStages));
 
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   const int warpgroup = threadIdx.x / 128;
@@ -297,7 +297,7 @@ bool tma_compatible(const AttentionTensor& t) {
          t.head_stride >= 0;
 }
 
-template <typename T>
+template <typename T, int kStages>
 cudaError_t launch(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out, float* lse,
                    CUtensorMapDataType type, int batch, int heads, int q_len, int kv_len, float scale,
                    cudaStream_t stream) {
@@ -307,10 +307,12 @@ cudaError_t launch(AttentionTensor q, AttentionTensor k, AttentionTensor v, Atte
       !make_map(&maps[2], v, type, batch, kv_len, heads, kBlockN) ||
       !make_map(&maps[3], out, type, batch, q_len, heads, kBlockM / 2))
     return cudaErrorInvalidValue;
-  cudaError_t err = cudaFuncSetAttribute(flash_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  constexpr int kSmemBytes = smem_bytes<kStages>();
+  cudaError_t err =
+      cudaFuncSetAttribute(flash_fwd_kernel<T, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
-  flash_fwd_kernel<T><<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], lse, heads, q_len,
+  flash_fwd_kernel<T, kStages><<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], lse, heads, q_len,
                                                                kv_len, scale * 1.4426950408889634f);
   return cudaGetLastError();
 }
@@ -319,17 +321,18 @@ cudaError_t launch(AttentionTensor q, AttentionTensor k, AttentionTensor v, Atte
 
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
                                 float* lse, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
-                                float scale, cudaStream_t stream) {
+                                float scale, int stages, cudaStream_t stream) {
   if (head_dim != kFlashHeadDim || batch < 1 || heads < 1 || q_len < 1 || kv_len < 1 || batch > 65535 ||
-      heads > 65535 || !(scale > 0.f) || !tma_compatible(q) || !tma_compatible(k) || !tma_compatible(v) ||
-      !tma_compatible(out))
+      heads > 65535 || !(scale > 0.f) || (stages != 2 && stages != 3) || !tma_compatible(q) || !tma_compatible(k) ||
+      !tma_compatible(v) || !tma_compatible(out))
     return cudaErrorInvalidValue;
-  if (dtype == DType::kBFloat16)
-    return launch<__nv_bfloat16>(q, k, v, out, lse, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, batch, heads, q_len, kv_len,
-                                 scale, stream);
-  if (dtype == DType::kFloat16)
-    return launch<__half>(q, k, v, out, lse, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, batch, heads, q_len, kv_len, scale,
-                          stream);
+  const auto run = [&](auto type_tag, CUtensorMapDataType type) {
+    using T = decltype(type_tag);
+    return stages == 2 ? launch<T, 2>(q, k, v, out, lse, type, batch, heads, q_len, kv_len, scale, stream)
+                       : launch<T, 3>(q, k, v, out, lse, type, batch, heads, q_len, kv_len, scale, stream);
+  };
+  if (dtype == DType::kBFloat16) return run(__nv_bfloat16(), CU_TENSOR_MAP_DATA_TYPE_BFLOAT16);
+  if (dtype == DType::kFloat16) return run(__half(), CU_TENSOR_MAP_DATA_TYPE_FLOAT16);
   return cudaErrorInvalidValue;
 }
 

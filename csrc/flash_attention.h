@@ -19,9 +19,10 @@ constexpr int kFlashHeadDim = 128;
 
 // out = softmax(scale * q k^T) v per (batch, head); q/out have q_len tokens, k/v kv_len; dtype bf16 or fp16.
 // lse (may be null): fp32 [B, H, q_len] contiguous, the natural-log log-sum-exp of the scaled scores.
-// scale must be positive. Returns cudaErrorInvalidValue for arguments the kernel does not take (see the .cu).
+// scale must be positive. stages: depth of the K/V shared-memory ring, 2 or 3.
+// Returns cudaErrorInvalidValue for arguments the kernel does not take (see the .cu).
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
                                 float* lse, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
-                                float scale, cudaStream_t stream);
+                                float scale, int stages, cudaStream_t stream);
 
 }  // namespace vkern

@@ -7,6 +7,7 @@ attention backends:      cuda (vkern's Hopper flash-attention, csrc/flash_attent
                          cuDNN first), reference. On CUDA the order comes from measurement (ATTENTION_PREFERENCE).
 attention_8bit backends: triton, reference (fp32 emulation of the same quantization).
 """
+import os
 import warnings
 
 import torch
@@ -19,10 +20,11 @@ from ._checks import FLOATS, FLOATS_OR_F64, check_shape, check_tensor
 HEAD_DIMS = (64, 128)  # the Triton kernel's head dims; others fall back to SDPA / the reference
 QUANT_FORMATS = (None, "e4m3", "int8")
 _DTYPE_OF = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8}
-# Measured on an H200 (bench/results/attention-*.jsonl, bench/NOTES.md "Run 8"): the faster exact backend
-# per head dim. D=128: cuDNN 624 vs vkern 501 TFLOP/s (wan1.3b-480p), 562 vs 482 (wan14b-720p);
-# D=64: vkern 429 vs cuDNN 420 (cogvideox-5b). The other stays available (backend= or the env var).
-ATTENTION_PREFERENCE = {64: ("triton", "sdpa", "cuda"), 128: ("sdpa", "cuda", "triton")}
+# Measured on an H200 (bench/results/*.jsonl, bench/NOTES.md "Run 8", "Run 33"): the fastest exact backend
+# per head dim. D=128: the CUDA kernel 587-611 TFLOP/s vs cuDNN 552-567 vs the Triton kernel 481-488
+# (wan1.3b-480p, wan14b-480p, wan14b-720p, hunyuan-720p); D=64: Triton 429 vs cuDNN 420 (cogvideox-5b).
+# The others stay available (backend= or the env var).
+ATTENTION_PREFERENCE = {64: ("triton", "sdpa", "cuda"), 128: ("cuda", "sdpa", "triton")}
 _DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2}  # csrc/fp8_quant.h DType
 
 
@@ -309,6 +311,16 @@ def _tma_ready(t):
             all(st > 0 and st % 8 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
 
 
+FLASH_STAGES = 2  # the CUDA kernel's K/V ring depth (2 or 3; VKERN_FLASH_STAGES overrides, for benchmarks)
+
+
+def _flash_stages():
+    stages = os.environ.get("VKERN_FLASH_STAGES", str(FLASH_STAGES))
+    if stages not in ("2", "3"):
+        raise ValueError(f"VKERN_FLASH_STAGES: expected 2 or 3, got {stages!r}")
+    return int(stages)
+
+
 def _cuda_attention(q, k, v, scale, return_lse):
     from .._ext import cuda_ext
 
@@ -320,7 +332,7 @@ def _cuda_attention(q, k, v, scale, return_lse):
         cuda_ext().flash_attention_fwd(
             *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q, k, v, out)),
             0 if lse is None else lse.data_ptr(), _DTYPE_CODE[q.dtype], B, H, Sq, k.shape[1], D,
-            D ** -0.5 if scale is None else scale, torch.cuda.current_stream(q.device).cuda_stream)
+            D ** -0.5 if scale is None else scale, _flash_stages(), torch.cuda.current_stream(q.device).cuda_stream)
     return out, lse
 
 
