@@ -25,6 +25,10 @@ _DTYPE_OF = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 # (wan1.3b-480p, wan14b-480p, wan14b-720p, hunyuan-720p); D=64: Triton 429 vs cuDNN 420 (cogvideox-5b).
 # The others stay available (backend= or the env var).
 ATTENTION_PREFERENCE = {64: ("triton", "sdpa", "cuda"), 128: ("cuda", "sdpa", "triton")}
+# Few keys (cross-attention to 256-512 text tokens): each CTA's fixed costs (Q load, pipeline fill, epilogue)
+# weigh more in the CUDA kernel than in cuDNN: at 512 keys cuDNN measured 1.08-1.25x faster, at 256 1.31x
+# (run 34); below this many keys cuDNN goes first (crossover: bench/flash_check.py --crossover, run 35).
+CUDA_MIN_KEYS = 4096
 _DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2}  # csrc/fp8_quant.h DType
 
 
@@ -204,7 +208,7 @@ def _cuda_kernel_reason(device, dtype, head_dim, v_head_dim, masked):
 
 @_backend.register("attention")
 def _attention_candidates(device, dtype, head_dim=128, v_head_dim=None, attn_mask=False, return_lse=False,
-                          key_padding_mask=False):
+                          key_padding_mask=False, kv_len=None):
     v_head_dim = head_dim if v_head_dim is None else v_head_dim
     kernel = _kernel_reason(device, dtype, head_dim, v_head_dim)
     if kernel is None and attn_mask:
@@ -215,6 +219,8 @@ def _attention_candidates(device, dtype, head_dim=128, v_head_dim=None, attn_mas
             "return_lse (SDPA does not return it)" if return_lse else None)
     order = (ATTENTION_PREFERENCE.get(head_dim, ("sdpa", "triton", "cuda")) if device.type == "cuda" else
              ("reference", "triton", "sdpa", "cuda"))
+    if kv_len is not None and kv_len < CUDA_MIN_KEYS and order[0] == "cuda":
+        order = ("sdpa", "cuda") + tuple(n for n in order if n not in ("sdpa", "cuda"))
     return {**{name: {"triton": kernel, "sdpa": sdpa, "cuda": cuda, "reference": None}[name] for name in order},
             "reference": None}
 
@@ -262,7 +268,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: tor
                return_lse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     B, Sq, H, D = q.shape
     candidates = _attention_candidates(q.device, q.dtype, D, v.shape[3], attn_mask is not None, return_lse,
-                                       key_padding_mask is not None)
+                                       key_padding_mask is not None, k.shape[1])
     if backend != "auto" and not _backend.forced_backend("attention"):  # the caller's preference first
         candidates = {backend: candidates[backend], **candidates}
     backend = _backend.choose("attention", candidates)
@@ -311,7 +317,9 @@ def _tma_ready(t):
             all(st > 0 and st % 8 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
 
 
-FLASH_STAGES = 2  # the CUDA kernel's K/V ring depth (2 or 3; VKERN_FLASH_STAGES overrides, for benchmarks)
+# The CUDA kernel's K/V ring depth (2 or 3; VKERN_FLASH_STAGES overrides, for benchmarks). Run 34: 3 stages
+# 689 vs 641 TFLOP/s at wan1.3b-480p, 636 vs 631 at wan14b-720p.
+FLASH_STAGES = 3
 
 
 def _flash_stages():
