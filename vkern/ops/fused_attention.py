@@ -25,10 +25,11 @@ _DTYPE_OF = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 # (wan1.3b-480p, wan14b-480p, wan14b-720p, hunyuan-720p); D=64: Triton 429 vs cuDNN 420 (cogvideox-5b).
 # The others stay available (backend= or the env var).
 ATTENTION_PREFERENCE = {64: ("triton", "sdpa", "cuda"), 128: ("cuda", "sdpa", "triton")}
-# Few keys (cross-attention to 256-512 text tokens): each CTA's fixed costs (Q load, pipeline fill, epilogue)
-# weigh more in the CUDA kernel than in cuDNN: at 512 keys cuDNN measured 1.08-1.25x faster, at 256 1.31x
-# (run 34); below this many keys cuDNN goes first (crossover: bench/flash_check.py --crossover, run 35).
-CUDA_MIN_KEYS = 4096
+# Fewer keys: each CTA's fixed costs (Q load, pipeline fill, epilogue) weigh more in the CUDA kernel than in
+# cuDNN. Measured vs cuDNN (runs 34-35, 40 heads x 32760 queries): 0.95x at 512 keys, 0.95-0.99x from 1024 to
+# 16384 (bench/flash_check.py --crossover), 1.06-1.09x at 32760 (bench rows). Below this many keys cuDNN goes
+# first; the switch point lies between the measured 16384 and 32760.
+CUDA_MIN_KEYS = 24576
 _DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2}  # csrc/fp8_quant.h DType
 
 
