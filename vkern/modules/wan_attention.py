@@ -8,7 +8,7 @@ from .. import ops
 from ..reference import attention as ref
 
 # mode -> how attention runs. "auto": vkern's measured choice per shape class (vkern.ops.attention);
-# "bf16": vkern's flash-attention kernel; "sdpa": torch SDPA (cuDNN first); "reference": diffusers' ops;
+# "bf16": vkern's Triton flash-attention kernel (auto takes the CUDA one where it measured fastest); "sdpa": torch SDPA (cuDNN first); "reference": diffusers' ops;
 # 8-bit (opt-in, accuracy in README/bench): "fp8" = e4m3 Q/K + e4m3 P/V, "int8" = int8 Q/K + bf16 P/V.
 ATTENTION_MODES = ("auto", "bf16", "fp8", "int8", "sdpa", "reference")
 _8BIT = {"fp8": ("e4m3", "e4m3"), "int8": ("int8", "bf16")}
