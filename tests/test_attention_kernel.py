@@ -432,17 +432,18 @@ def test_gpu_real_shapes(use_backend, name, B, H, Sq, Skv, D):
 
 
 @pytest.mark.gpu
-def test_gpu_compile_fullgraph_inductor(use_backend):
-    use_backend("triton")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_compile_fullgraph_inductor(use_backend, backend):
+    use_backend(backend)
     q, k, v = make_qkv(1, 1025, 512, 4, 128, torch.bfloat16, "cuda")
-    mask = make_padding(1, 512, "prefix", "cuda")
+    mask = make_padding(1, 512, "prefix", "cuda") if backend == "triton" else None  # the CUDA kernel takes none
 
     def fn(q, k, v):
         out, lse = ops.attention(q, k, v, key_padding_mask=mask, return_lse=True)
         return out.flatten(2) * 2, lse
 
     got, expected = torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v)
-    assert _backend.last_choice["attention"] == "triton"
+    assert _backend.last_choice["attention"] == backend
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
@@ -684,20 +685,6 @@ def test_gpu_cuda_declines_what_it_cannot_take(use_backend, monkeypatch):
         out = ops.attention(q, k, v, key_padding_mask=mask, backend="cuda")
     assert _backend.last_choice["attention"] != "cuda"
     assert_within_torch_error(out, ref.attention_lse(q, k, v, mask)[0], torch_attention(q, k, v, mask))
-
-
-@pytest.mark.gpu
-def test_gpu_cuda_compile_fullgraph(use_backend):
-    use_backend("cuda")
-    q, k, v = make_qkv(1, 1025, 512, 4, 128, torch.bfloat16, "cuda")
-
-    def fn(q, k, v):
-        out, lse = ops.attention(q, k, v, return_lse=True)
-        return out.flatten(2) * 2, lse
-
-    got, expected = torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v)
-    assert _backend.last_choice["attention"] == "cuda"
-    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 @pytest.mark.gpu
