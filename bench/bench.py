@@ -66,7 +66,7 @@ def _attention(name, providers, args):
 
     fns = {p: (lambda b=b: run_sdpa(b)) for p, b in sdpa.items()}
     fns["vkern-bf16"] = run_kernel
-    fns["vkern-cuda"] = forced("cuda")  # csrc/flash_attention.cu (head dim 128 only)
+    fns["vkern-cuda"] = forced("cuda")  # csrc/flash_attention.cu (head dims 64 and 128)
     for p, (qk, pv) in ATTENTION_8BIT.items():
         fns[p] = lambda qk=qk, pv=pv: vkern.ops.attention_8bit(q, k, v, qk=qk, pv=pv)
     fns["vkern-bf16-pipe"] = with_variant(run_kernel, "pipe")
@@ -75,7 +75,7 @@ def _attention(name, providers, args):
     rows = torch.randperm(s.tokens, device="cuda")[:256]  # oracle on sampled queries: O(256 * S) memory
     oracle = ref.attention_lse(q[:, rows], k, v, dtype=torch.float32)[0]
     for provider in providers or list(fns):
-        if provider not in fns or (provider == "vkern-cuda" and s.head_dim != 128):
+        if provider not in fns:
             continue
         ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
         out = fns[provider]()[:, rows]
@@ -83,7 +83,9 @@ def _attention(name, providers, args):
         row = dict(op="attention", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
                    tflops=s.flops(kv_tokens=kv_tokens) / ms / 1e9, rel_l2=rel_l2(out, oracle), cos=cos)
         if provider == "vkern-cuda":
-            row["config"] = "cuda sm90a: 128x128 tiles, 2 consumer warpgroups, 2-stage TMA ring"
+            from vkern.ops.fused_attention import _flash_stages
+
+            row["config"] = f"cuda sm90a: 128x128 tiles, 2 consumer warpgroups, {_flash_stages()}-stage TMA ring"
         elif provider.startswith("vkern-"):
             from vkern.triton.attention import _attention_tuned
 

@@ -68,7 +68,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("q"), py::arg("scale"), py::arg("per_tensor"), py::arg("rows"), py::arg("cols"), py::arg("out"),
         py::arg("out_dtype"), py::arg("stream"));
 
-  m.attr("flash_head_dim") = vkern::kFlashHeadDim;
+  m.attr("flash_head_dims") = py::make_tuple(vkern::kFlashHeadDims[0], vkern::kFlashHeadDims[1]);
   m.def("flash_attention_fwd",
         [](TensorArg q, TensorArg k, TensorArg v, TensorArg out, uintptr_t lse, int dtype, int batch, int heads,
            int q_len, int kv_len, int head_dim, float scale, int stages, uintptr_t stream) {

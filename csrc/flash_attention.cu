@@ -1,8 +1,9 @@
 // Flash-attention forward for Hopper, written for vkern (design notes: bench/NOTES.md, "Session 8").
 //
-// One CTA computes 128 query rows of one (batch, head) against every key, in three warpgroups:
+// One CTA computes 128 query rows of one (batch, head) against every key, head dim 64 or 128 (a template
+// parameter: tiles are D / 64 column blocks of 64), in three warpgroups:
 //   producer (warpgroup 0): one thread issues TMA copies of the Q tile once and of the K and V tiles of each
-//     128-key block into a 2-stage ring, and refills a stage once both consumers have released it;
+//     128-key block into a 2- or 3-stage ring, and refills a stage once both consumers have released it;
 //   consumers (warpgroups 1, 2): 64 query rows each. Per key block j: S = Q K_j^T (wgmma, both operands in
 //     shared memory), then, while S is computed, O += P_{j-1} V_{j-1} (wgmma, P from registers); then the
 //     online softmax of S_j. The two consumers take turns issuing their products (named barriers), so one's
@@ -15,6 +16,7 @@
 
 #include <cmath>
 #include <mutex>
+#include <type_traits>
 
 #include "flash_attention.h"
 #include "sm90.cuh"
@@ -27,9 +29,11 @@ using namespace sm90;
 constexpr int kBlockM = 128;                  // query rows per CTA (64 per consumer warpgroup)
 constexpr int kBlockN = 128;                  // keys per block
 constexpr int kHalfBytes = 128 * 128;         // 128 rows x 64 columns (128 bytes): one TMA box, one swizzle span
-constexpr int kTileBytes = 2 * kHalfBytes;    // a 128 x 128 tile as two 64-column halves
-template <int kStages>  // K/V ring depth
-constexpr int smem_bytes() { return kTileBytes * (1 + 2 * kStages) + 128 + 1024; }  // + barriers, 1024-alignment slack
+// A 128-row tile of head dim D is D / 64 column blocks of 64 (two "halves" at D = 128), kHalfBytes apart.
+template <int kHeadDim>
+constexpr int tile_bytes() { return kHeadDim / 64 * kHalfBytes; }
+template <int kHeadDim, int kStages>  // K/V ring depth; + barriers and 1024-alignment slack
+constexpr int smem_bytes() { return tile_bytes<kHeadDim>() * (1 + 2 * kStages) + 128 + 1024; }
 constexpr int kThreads = 384;
 constexpr int kTurnBarrier = 1;               // named barriers 1, 2: consumer 0's / 1's turn to issue products
 constexpr int kStoreBarrier = 3;              // named barriers 3, 4: consumer 0's / 1's output tile written
@@ -40,21 +44,21 @@ struct Barriers {
   uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
 };
 
-template <typename T>
+template <typename T, int kHeadDim>
 __device__ __forceinline__ void issue_qk(float (&s)[64], const uint8_t* q_rows, const uint8_t* k_tile) {
 #pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {  // 16 head-dim columns per step; 4 steps per 64-column half
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {  // 16 head-dim columns per step; 4 steps per 64-column block
     const int offset = (kk / 4) * kHalfBytes + (kk % 4) * 32;
     wgmma_m64n128k16_ss<T>(s, desc_sw128(q_rows + offset, 16, 1024), desc_sw128(k_tile + offset, 16, 1024), kk > 0);
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void issue_pv(float (&o)[64], const uint32_t (&p)[32], const uint8_t* v_tile) {
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2], const uint32_t (&p)[32], const uint8_t* v_tile) {
 #pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {  // 16 keys per step: 2 groups of 8 rows; the two head-dim halves 16 KB apart
+  for (int kk = 0; kk < 8; ++kk) {  // 16 keys per step: 2 groups of 8 rows; head-dim column blocks 16 KB apart
     const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
-    wgmma_m64n128k16_rs_bt<T>(o, a, desc_sw128(v_tile + kk * 16 * 128, kHalfBytes, 1024));
+    wgmma_m64nNk16_rs_bt<T, kHeadDim>(o, a, desc_sw128(v_tile + kk * 16 * 128, kHalfBytes, 1024));
   }
 }
 
@@ -70,11 +74,12 @@ __device__ __forceinline__ float quad_sum(float x) {
 // Accumulator fragment (wgmma m64nN, fp32): register i of a thread holds row (warp * 16 + lane / 4 + 8 * r)
 // with r = (i / 2) % 2, column (i / 4) * 8 + (lane % 4) * 2 + i % 2. Packed in pairs it is also the A
 // fragment of the PV product, so P never leaves registers.
-template <typename T, int kStages>
+template <typename T, int kHeadDim, int kStages>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
                      float* __restrict__ lse, int heads, int q_len, int kv_len, float scale_log2) {
+  constexpr int kTileBytes = tile_bytes<kHeadDim>(), kColumnBlocks = kHeadDim / 64;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* q_tile = smem;
@@ -102,19 +107,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     regs_dec<24>();
     if (threadIdx.x == 0) {
       mbar_arrive_expect_tx(&bars.q_full, kTileBytes);
-      for (int h = 0; h < 2; ++h)
+      for (int h = 0; h < kColumnBlocks; ++h)
         tma_load_4d(q_tile + h * kHalfBytes, &q_map, &bars.q_full, h * 64, head, m_block * kBlockM, batch);
       for (int j = 0; j < n_blocks; ++j) {
         const int s = j % kStages;
         const uint32_t free_parity = ((j / kStages) & 1) ^ 1;  // the first round finds fresh barriers "done"
         mbar_wait(&bars.k_empty[s], free_parity);
         mbar_arrive_expect_tx(&bars.k_full[s], kTileBytes);
-        for (int h = 0; h < 2; ++h)
+        for (int h = 0; h < kColumnBlocks; ++h)
           tma_load_4d(k_tiles + s * kTileBytes + h * kHalfBytes, &k_map, &bars.k_full[s], h * 64, head, j * kBlockN,
                       batch);
         mbar_wait(&bars.v_empty[s], free_parity);
         mbar_arrive_expect_tx(&bars.v_full[s], kTileBytes);
-        for (int h = 0; h < 2; ++h)
+        for (int h = 0; h < kColumnBlocks; ++h)
           tma_load_4d(v_tiles + s * kTileBytes + h * kHalfBytes, &v_map, &bars.v_full[s], h * 64, head, j * kBlockN,
                       batch);
       }
@@ -126,10 +131,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = warpgroup - 1;  // this consumer's rows: wg * 64 ... wg * 64 + 63 of the block
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
   const uint8_t* q_rows = q_tile + wg * 64 * 128;
-  float o[64], s[64];
+  float o[kHeadDim / 2], s[64];
   uint32_t p[32];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in scaled log2 units
 
   // Masks the keys past kv_len, updates the running max and returns P = exp2(scale * s - max) in s, its row sums
@@ -175,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(&bars.k_full[0], 0);
     bar_sync(kTurnBarrier + wg, 256);
     wgmma_fence();
-    issue_qk<T>(s, q_rows, k_tiles);
+    issue_qk<T, kHeadDim>(s, q_rows, k_tiles);
     wgmma_commit();
     fence_regs(s);
     pass_turn(0);
@@ -195,9 +200,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_regs(s);
     fence_regs(o);
     wgmma_fence();
-    issue_qk<T>(s, q_rows, k_tiles + st * kTileBytes);
+    issue_qk<T, kHeadDim>(s, q_rows, k_tiles + st * kTileBytes);
     wgmma_commit();
-    issue_pv<T>(o, p, v_tiles + prev * kTileBytes);
+    issue_pv<T, kHeadDim>(o, p, v_tiles + prev * kTileBytes);
     wgmma_commit();
     fence_regs(s);
     fence_regs(o);
@@ -213,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + sum[r];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) o[i] *= alpha[(i / 2) % 2];
+    for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= alpha[(i / 2) % 2];
     to_p();
   }
   {  // the last block's PV product
@@ -221,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(&bars.v_full[last], ((n_blocks - 1) / kStages) & 1);
     fence_regs(o);
     wgmma_fence();
-    issue_pv<T>(o, p, v_tiles + last * kTileBytes);
+    issue_pv<T, kHeadDim>(o, p, v_tiles + last * kTileBytes);
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(o);
@@ -236,7 +241,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   uint8_t* o_rows = q_tile + wg * 64 * 128;
 #pragma unroll
-  for (int i = 0; i < 64; i += 2) {
+  for (int i = 0; i < kHeadDim / 2; i += 2) {
     const int r = (i / 2) % 2, row = warp * 16 + lane / 4 + 8 * r, col_tile = i / 4;
     const int chunk = (col_tile % 8) ^ (row % 8);
     uint8_t* dst = o_rows + (col_tile / 8) * kHalfBytes + row * 128 + chunk * 16 + (lane % 4) * 4;
@@ -245,7 +250,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   fence_async_smem();
   bar_sync(kStoreBarrier + wg, 128);
   if (tid == 0) {
-    for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < kColumnBlocks; ++h)
       tma_store_4d(&o_map, o_rows + h * kHalfBytes, h * 64, head, m_block * kBlockM + wg * 64, batch);
     tma_store_commit_and_wait();
   }
@@ -273,12 +278,12 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// A 4-D map (head dim, heads, tokens, batch) over a [B, S, H, 128] tensor, boxes of 64 columns x box_rows tokens.
+// A 4-D map (head dim, heads, tokens, batch) over a [B, S, H, D] tensor, boxes of 64 columns x box_rows tokens.
 bool make_map(CUtensorMap* map, const AttentionTensor& t, CUtensorMapDataType type, int batch, int len, int heads,
-              int box_rows) {
+              int head_dim, int box_rows) {
   auto encode = tensor_map_encoder();
   if (encode == nullptr) return false;
-  const cuuint64_t dims[4] = {128, cuuint64_t(heads), cuuint64_t(len), cuuint64_t(batch)};
+  const cuuint64_t dims[4] = {cuuint64_t(head_dim), cuuint64_t(heads), cuuint64_t(len), cuuint64_t(batch)};
   // Strides of size-1 dims are never stepped; give them a legal value (TMA wants multiples of 16 bytes).
   const int64_t head_stride = heads > 1 ? t.head_stride : 128;
   const int64_t seq_stride = len > 1 ? t.seq_stride : 128;
@@ -297,23 +302,23 @@ bool tma_compatible(const AttentionTensor& t) {
          t.head_stride >= 0;
 }
 
-template <typename T, int kStages>
+template <typename T, int kHeadDim, int kStages>
 cudaError_t launch(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out, float* lse,
                    CUtensorMapDataType type, int batch, int heads, int q_len, int kv_len, float scale,
                    cudaStream_t stream) {
   CUtensorMap maps[4];
-  if (!make_map(&maps[0], q, type, batch, q_len, heads, kBlockM) ||
-      !make_map(&maps[1], k, type, batch, kv_len, heads, kBlockN) ||
-      !make_map(&maps[2], v, type, batch, kv_len, heads, kBlockN) ||
-      !make_map(&maps[3], out, type, batch, q_len, heads, kBlockM / 2))
+  if (!make_map(&maps[0], q, type, batch, q_len, heads, kHeadDim, kBlockM) ||
+      !make_map(&maps[1], k, type, batch, kv_len, heads, kHeadDim, kBlockN) ||
+      !make_map(&maps[2], v, type, batch, kv_len, heads, kHeadDim, kBlockN) ||
+      !make_map(&maps[3], out, type, batch, q_len, heads, kHeadDim, kBlockM / 2))
     return cudaErrorInvalidValue;
-  constexpr int kSmemBytes = smem_bytes<kStages>();
-  cudaError_t err =
-      cudaFuncSetAttribute(flash_fwd_kernel<T, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  constexpr int kSmemBytes = smem_bytes<kHeadDim, kStages>();
+  const auto kernel = flash_fwd_kernel<T, kHeadDim, kStages>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
-  flash_fwd_kernel<T, kStages><<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], lse, heads, q_len,
-                                                               kv_len, scale * 1.4426950408889634f);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], lse, heads, q_len, kv_len,
+                                                 scale * 1.4426950408889634f);
   return cudaGetLastError();
 }
 
@@ -322,14 +327,19 @@ cudaError_t launch(AttentionTensor q, AttentionTensor k, AttentionTensor v, Atte
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
                                 float* lse, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
                                 float scale, int stages, cudaStream_t stream) {
-  if (head_dim != kFlashHeadDim || batch < 1 || heads < 1 || q_len < 1 || kv_len < 1 || batch > 65535 ||
+  if ((head_dim != kFlashHeadDims[0] && head_dim != kFlashHeadDims[1]) || batch < 1 || heads < 1 || q_len < 1 || kv_len < 1 || batch > 65535 ||
       heads > 65535 || !(scale > 0.f) || (stages != 2 && stages != 3) || !tma_compatible(q) || !tma_compatible(k) ||
       !tma_compatible(v) || !tma_compatible(out))
     return cudaErrorInvalidValue;
   const auto run = [&](auto type_tag, CUtensorMapDataType type) {
     using T = decltype(type_tag);
-    return stages == 2 ? launch<T, 2>(q, k, v, out, lse, type, batch, heads, q_len, kv_len, scale, stream)
-                       : launch<T, 3>(q, k, v, out, lse, type, batch, heads, q_len, kv_len, scale, stream);
+    const auto with_dim = [&](auto dim_tag) {
+      constexpr int kDim = decltype(dim_tag)::value;
+      return stages == 2 ? launch<T, kDim, 2>(q, k, v, out, lse, type, batch, heads, q_len, kv_len, scale, stream)
+                         : launch<T, kDim, 3>(q, k, v, out, lse, type, batch, heads, q_len, kv_len, scale, stream);
+    };
+    return head_dim == 64 ? with_dim(std::integral_constant<int, 64>())
+                          : with_dim(std::integral_constant<int, 128>());
   };
   if (dtype == DType::kBFloat16) return run(__nv_bfloat16(), CU_TENSOR_MAP_DATA_TYPE_BFLOAT16);
   if (dtype == DType::kFloat16) return run(__half(), CU_TENSOR_MAP_DATA_TYPE_FLOAT16);

@@ -1,5 +1,5 @@
 // vkern's flash-attention forward for Hopper (sm_90a): non-causal softmax(scale * Q K^T) V, 16-bit inputs,
-// head dim 128, any query and key lengths. Framework-free: raw pointers, sizes, strides and a stream.
+// head dim 64 or 128, any query and key lengths. Framework-free: raw pointers, sizes, strides and a stream.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -15,7 +15,7 @@ struct AttentionTensor {
 };
 
 // The head dims the kernel takes.
-constexpr int kFlashHeadDim = 128;
+constexpr int kFlashHeadDims[] = {64, 128};
 
 // out = softmax(scale * q k^T) v per (batch, head); q/out have q_len tokens, k/v kv_len; dtype bf16 or fp16.
 // lse (may be null): fp32 [B, H, q_len] contiguous, the natural-log log-sum-exp of the scaled scores.

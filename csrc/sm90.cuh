@@ -96,15 +96,21 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-#define VKERN_ACC64_OPERANDS(d)                                                                              \
+// Accumulator operand lists for inline asm: N fp32 registers as "+f" operands %0 ... %(N-1).
+#define VKERN_ACC32_OPERANDS(d)                                                                              \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),   \
       "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),    \
       "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),   \
-      "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),   \
-      "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),   \
-      "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),   \
-      "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),   \
-      "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define VKERN_ACC64_OPERANDS(d)                                                                              \
+  VKERN_ACC32_OPERANDS(d), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),        \
+      "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]),   \
+      "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),   \
+      "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),   \
+      "+f"(d[62]), "+f"(d[63])
+#define VKERN_ACC32_REGS                                                                \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "             \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 #define VKERN_ACC64_REGS                                                                \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "             \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "    \
@@ -124,10 +130,10 @@ template <> struct Ptx<__half> {
 // accumulate = false overwrites d.
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool accumulate);
-// d[64] += A[64 x 16] B[16 x 128], A in registers (4 x 2 packed values per thread, the accumulator layout),
-// B in shared memory MN-major (its N = 128 columns contiguous).
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n128k16_rs_bt(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b);
+// d[N / 2] += A[64 x 16] B[16 x N], N = 64 or 128: A in registers (4 x 2 packed values per thread, the
+// accumulator layout), B in shared memory MN-major (its N columns contiguous).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_m64nNk16_rs_bt(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b);
 
 #define VKERN_WGMMA_SS(TYPE)                                                                                      \
   asm volatile(                                                                                                   \
@@ -135,13 +141,19 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs_bt(float (&d)[64], const uin
       "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " VKERN_ACC64_REGS ", %64, %65, p, 1, 1, 0, 0;\n}\n" \
       : VKERN_ACC64_OPERANDS(d)                                                                                   \
       : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)))
-#define VKERN_WGMMA_RS_BT(TYPE)                                                                                   \
-  asm volatile(                                                                                                   \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                              \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " VKERN_ACC64_REGS                          \
-      ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                                             \
-      : VKERN_ACC64_OPERANDS(d)                                                                                   \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+// N accumulators; the operand numbers after them are N ... N + 5 (a[0..3], desc_b, scale-d = 1).
+#define VKERN_WGMMA_RS_BT(TYPE, SHAPE, REGS, OPERANDS, A0, A1, A2, A3, B, P)                                    \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P ", 0;\n"                                                  \
+               "wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPE "." TYPE " " REGS ", {" A0 ", " A1 ", " A2 ", " \
+               A3 "}, " B ", p, 1, 1, 1;\n}\n"                                                                   \
+               : OPERANDS(d)                                                                                      \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+#define VKERN_WGMMA_RS_BT_N128(TYPE)                                                                            \
+  VKERN_WGMMA_RS_BT(TYPE, "m64n128k16", VKERN_ACC64_REGS, VKERN_ACC64_OPERANDS, "%64", "%65", "%66", "%67", "%68", \
+                    "%69")
+#define VKERN_WGMMA_RS_BT_N64(TYPE)                                                                             \
+  VKERN_WGMMA_RS_BT(TYPE, "m64n64k16", VKERN_ACC32_REGS, VKERN_ACC32_OPERANDS, "%32", "%33", "%34", "%35", "%36", \
+                    "%37")
 
 template <>
 __device__ __forceinline__ void wgmma_m64n128k16_ss<__nv_bfloat16>(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
@@ -154,14 +166,24 @@ __device__ __forceinline__ void wgmma_m64n128k16_ss<__half>(float (&d)[64], uint
   VKERN_WGMMA_SS("f16");
 }
 template <>
-__device__ __forceinline__ void wgmma_m64n128k16_rs_bt<__nv_bfloat16>(float (&d)[64], const uint32_t (&a)[4],
-                                                                      uint64_t desc_b) {
-  VKERN_WGMMA_RS_BT("bf16");
+__device__ __forceinline__ void wgmma_m64nNk16_rs_bt<__nv_bfloat16, 128>(float (&d)[64], const uint32_t (&a)[4],
+                                                                         uint64_t desc_b) {
+  VKERN_WGMMA_RS_BT_N128("bf16");
 }
 template <>
-__device__ __forceinline__ void wgmma_m64n128k16_rs_bt<__half>(float (&d)[64], const uint32_t (&a)[4],
-                                                               uint64_t desc_b) {
-  VKERN_WGMMA_RS_BT("f16");
+__device__ __forceinline__ void wgmma_m64nNk16_rs_bt<__half, 128>(float (&d)[64], const uint32_t (&a)[4],
+                                                                  uint64_t desc_b) {
+  VKERN_WGMMA_RS_BT_N128("f16");
+}
+template <>
+__device__ __forceinline__ void wgmma_m64nNk16_rs_bt<__nv_bfloat16, 64>(float (&d)[32], const uint32_t (&a)[4],
+                                                                        uint64_t desc_b) {
+  VKERN_WGMMA_RS_BT_N64("bf16");
+}
+template <>
+__device__ __forceinline__ void wgmma_m64nNk16_rs_bt<__half, 64>(float (&d)[32], const uint32_t (&a)[4],
+                                                                 uint64_t desc_b) {
+  VKERN_WGMMA_RS_BT_N64("f16");
 }
 
 // Two fp32 values -> one 32-bit register of two 16-bit values (first in the low half), round to nearest.

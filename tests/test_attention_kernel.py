@@ -587,38 +587,41 @@ def test_gpu_first_tuned_call_adds_no_flush_buffer(use_backend):
     assert first <= again + 32, f"first (tuning) call peaked {first:.1f} MiB above its start, a repeat {again:.1f}"
 
 
-# ----------------------------------------- the CUDA kernel (csrc/flash_attention.cu: sm_90, head dim 128)
+# ---------------------------------- the CUDA kernel (csrc/flash_attention.cu: sm_90, head dim 64 and 128)
 # Its blocks are 128 queries x 128 keys: lengths 1, 127, 128, 129 and 4097 hit a lone partial block, one full
 # block, and full blocks plus a partial one, on both the query side (TMA zero fill, clipped store) and the key
-# side (masked scores).
-CUDA_ODD = [p for p in GPU_ODD if p[4] == 128] + [
+# side (masked scores). Head dim 64 is a separate instantiation (one 64-column block per tile, n64 PV product).
+CUDA_ODD = GPU_ODD + [
     (1, 1, 1000, 1000, 128, 4.0), (3, 2, 129, 127, 128, 1.0), (1, 1, 128, 128, 128, 8.0), (2, 3, 127, 129, 128, 1.0),
-    (1, 2, 300, 75600 // 8, 128, 1.0)]
+    (1, 2, 300, 75600 // 8, 128, 1.0), (1, 1, 1000, 1000, 64, 4.0), (3, 2, 129, 127, 64, 1.0),
+    (1, 1, 128, 128, 64, 8.0), (2, 3, 127, 129, 64, 1.0), (1, 2, 300, 7392, 64, 1.0)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,H,Sq,Skv,D,sharpness", CUDA_ODD, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}" + (f"-sharp{p[5]:g}" if p[5] != 1 else "") for p in CUDA_ODD])
+@pytest.mark.parametrize("B,H,Sq,Skv,D,sharpness", CUDA_ODD, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}-D{p[4]}" + (f"-sharp{p[5]:g}" if p[5] != 1 else "") for p in CUDA_ODD])
 def test_gpu_cuda_odd_sizes(use_backend, dtype, B, H, Sq, Skv, D, sharpness):
     q, k, v = make_qkv(B, Sq, Skv, H, D, dtype, "cuda", sharpness=sharpness)
     check_attention(q, k, v, use_backend("cuda"))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("layout", ["fused", "kv_fused", "heads_first", "strided_d", "batch_bcast"])
-def test_gpu_cuda_non_contiguous(use_backend, layout):
+def test_gpu_cuda_non_contiguous(use_backend, layout, D):
     """Strided views go to TMA as they are (fused, kv_fused, heads_first); the rest (a last-dim stride, a zero
     batch stride) are copied first. Either way the same answer as contiguous inputs, bit for bit."""
     Skv = 333 if layout in ("kv_fused", "batch_bcast") else 4097
-    q, k, v = make_qkv(2, 4097, Skv, 12, 128, torch.bfloat16, "cuda", layout=layout)
+    q, k, v = make_qkv(2, 4097, Skv, 12, D, torch.bfloat16, "cuda", layout=layout)
     out, _ = check_attention(q, k, v, use_backend("cuda"))
     assert torch.equal(out, run_op(*(t.contiguous() for t in (q, k, v)), return_lse=True)[0])
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("scale", [0.05, 4.0])
-def test_gpu_cuda_softmax_scale(use_backend, scale):
-    q, k, v = make_qkv(1, 1000, 777, 3, 128, torch.float16, "cuda")
+def test_gpu_cuda_softmax_scale(use_backend, scale, D):
+    q, k, v = make_qkv(1, 1000, 777, 3, D, torch.float16, "cuda")
     check_attention(q, k, v, use_backend("cuda"), scale=scale)
 
 
@@ -636,11 +639,12 @@ def test_gpu_cuda_scale_zero_or_negative(use_backend, scale):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("stages", ["2", "3"])
-def test_gpu_cuda_ring_depths_agree(use_backend, monkeypatch, stages):
+def test_gpu_cuda_ring_depths_agree(use_backend, monkeypatch, stages, D):
     """The K/V ring depth changes only when tiles arrive, never the sums: bit-identical outputs."""
     use_backend("cuda")
-    q, k, v = make_qkv(2, 1500, 2100, 3, 128, torch.bfloat16, "cuda")
+    q, k, v = make_qkv(2, 1500, 2100, 3, D, torch.bfloat16, "cuda")
     expected = run_op(q, k, v, return_lse=True)
     monkeypatch.setenv("VKERN_FLASH_STAGES", stages)
     got = run_op(q, k, v, return_lse=True)
@@ -648,15 +652,18 @@ def test_gpu_cuda_ring_depths_agree(use_backend, monkeypatch, stages):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name,B,H,Sq,Skv", [
-    ("wan1.3b-480p self", 1, 12, 32760, 32760),
-    ("wan1.3b-480p cross", 1, 12, 32760, 512),
-    ("wan14b-480p self, 2 videos", 2, 40, 32760, 32760),
+@pytest.mark.parametrize("name,B,H,Sq,Skv,D", [
+    ("wan1.3b-480p self", 1, 12, 32760, 32760, 128),
+    ("wan1.3b-480p cross", 1, 12, 32760, 512, 128),
+    ("wan14b-480p self, 2 videos", 2, 40, 32760, 32760, 128),
+    ("ltx-512p self", 1, 32, 7392, 7392, 64),
+    ("ltx-512p cross", 1, 32, 7392, 128, 64),
+    ("cogvideox-5b joint", 1, 48, 17550 + 226, 17550 + 226, 64),
 ])
-def test_gpu_cuda_real_shapes(use_backend, name, B, H, Sq, Skv):
+def test_gpu_cuda_real_shapes(use_backend, name, B, H, Sq, Skv, D):
     """As test_gpu_real_shapes, for the CUDA kernel: sampled rows within 2x PyTorch's error against the
     float64 oracle, and the whole output within 3.3x cuDNN's own error of cuDNN's output."""
-    q, k, v = make_qkv(B, Sq, Skv, H, 128, torch.bfloat16, "cuda")
+    q, k, v = make_qkv(B, Sq, Skv, H, D, torch.bfloat16, "cuda")
     rows = sampled_rows(Sq)
     check_attention(q, k, v, use_backend("cuda"), rows=rows)
     out, lse = run_op(q, k, v, return_lse=True)
@@ -671,14 +678,14 @@ def test_gpu_cuda_real_shapes(use_backend, name, B, H, Sq, Skv):
 
 @pytest.mark.gpu
 def test_gpu_cuda_declines_what_it_cannot_take(use_backend, monkeypatch):
-    """Masks and head dim 64 are not the CUDA kernel's: forced, a clear error; preferred, another backend."""
+    """Masks and head dim 96 are not the CUDA kernel's: forced, a clear error; preferred, another backend."""
     use_backend("cuda")
     q, k, v = make_qkv(1, 300, 300, 2, 128, torch.bfloat16, "cuda")
     with pytest.raises(_backend.BackendError, match="mask"):
         ops.attention(q, k, v, key_padding_mask=make_padding(1, 300, "prefix", "cuda"))
-    q64, k64, v64 = make_qkv(1, 300, 300, 2, 64, torch.bfloat16, "cuda")
-    with pytest.raises(_backend.BackendError, match="head dim 64"):
-        ops.attention(q64, k64, v64)
+    q96, k96, v96 = make_qkv(1, 300, 300, 2, 96, torch.bfloat16, "cuda")
+    with pytest.raises(_backend.BackendError, match="head dim 96"):
+        ops.attention(q96, k96, v96)
     monkeypatch.delenv("VKERN_ATTENTION_BACKEND")
     mask = make_padding(1, 300, "prefix", "cuda")
     with pytest.warns(UserWarning, match="mask"):

@@ -200,8 +200,8 @@ def _cuda_kernel_reason(device, dtype, head_dim, v_head_dim, masked):
         return "vkern._C was built without flash_attention_fwd"
     if torch.cuda.get_device_capability(device) != (9, 0):
         return f"needs a Hopper GPU (sm_90), got sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}"
-    if head_dim != cuda_ext().flash_head_dim or v_head_dim != head_dim:
-        return f"head dim {head_dim} (the CUDA kernel takes {cuda_ext().flash_head_dim})"
+    if head_dim not in cuda_ext().flash_head_dims or v_head_dim != head_dim:
+        return f"head dim {head_dim} (the CUDA kernel takes {cuda_ext().flash_head_dims})"
     if dtype not in _DTYPE_CODE:
         return f"no {dtype} kernel"
     return "a mask (the CUDA kernel takes none; the Triton kernel takes key_padding_mask)" if masked else None
