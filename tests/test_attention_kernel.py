@@ -597,6 +597,22 @@ CUDA_ODD = GPU_ODD + [
     (1, 1, 128, 128, 64, 8.0), (2, 3, 127, 129, 64, 1.0), (1, 2, 300, 7392, 64, 1.0)]
 
 
+@pytest.mark.parametrize("head_dim,kv_len,first", [
+    (128, 32760, "cuda"), (128, 16384, "sdpa"), (128, 512, "sdpa"),
+    (64, 7392, "cuda"), (64, 17776, "cuda"), (64, 2048, "sdpa"), (64, 128, "sdpa"),
+    (64, None, "cuda"), (96, 32760, "sdpa")])
+def test_auto_order_follows_the_measured_crossovers(monkeypatch, head_dim, kv_len, first):
+    """On CUDA, auto tries the CUDA kernel first only from CUDA_MIN_KEYS[head dim] keys (where run 36
+    measured it ahead of cuDNN), cuDNN below; head dims the kernels do not take go to SDPA. (The order only:
+    whether each backend can take the call is the reasons' business, tested on the GPU.)"""
+    from vkern.ops import fused_attention
+
+    monkeypatch.setattr(fused_attention, "_cuda_kernel_reason", lambda *args: None)
+    order = list(fused_attention._attention_candidates(torch.device("cuda"), torch.bfloat16, head_dim=head_dim,
+                                                       kv_len=kv_len))
+    assert order[0] == first, order
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,H,Sq,Skv,D,sharpness", CUDA_ODD, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}-D{p[4]}" + (f"-sharp{p[5]:g}" if p[5] != 1 else "") for p in CUDA_ODD])

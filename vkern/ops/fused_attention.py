@@ -2,8 +2,8 @@
 attention, exact (bf16/fp16) or 8-bit.
 
 qk_norm_rope backends:   triton (vkern/triton/qk_norm_rope.py), reference.
-attention backends:      cuda (vkern's Hopper flash-attention, csrc/flash_attention.cu: sm_90, head dim 128, no
-                         mask), triton (vkern's flash-attention, vkern/triton/attention.py), sdpa (torch SDPA,
+attention backends:      cuda (vkern's Hopper flash-attention, csrc/flash_attention.cu: sm_90, head dims 64 and
+                         128, no mask), triton (vkern's flash-attention, vkern/triton/attention.py), sdpa (torch SDPA,
                          cuDNN first), reference. On CUDA the order comes from measurement (ATTENTION_PREFERENCE).
 attention_8bit backends: triton, reference (fp32 emulation of the same quantization).
 """
@@ -20,16 +20,17 @@ from ._checks import FLOATS, FLOATS_OR_F64, check_shape, check_tensor
 HEAD_DIMS = (64, 128)  # the Triton kernel's head dims; others fall back to SDPA / the reference
 QUANT_FORMATS = (None, "e4m3", "int8")
 _DTYPE_OF = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8}
-# Measured on an H200 (bench/results/*.jsonl, bench/NOTES.md "Run 8", "Run 33"): the fastest exact backend
-# per head dim. D=128: the CUDA kernel 587-611 TFLOP/s vs cuDNN 552-567 vs the Triton kernel 481-488
-# (wan1.3b-480p, wan14b-480p, wan14b-720p, hunyuan-720p); D=64: Triton 429 vs cuDNN 420 (cogvideox-5b).
-# The others stay available (backend= or the env var).
-ATTENTION_PREFERENCE = {64: ("triton", "sdpa", "cuda"), 128: ("cuda", "sdpa", "triton")}
+# Measured on an H200 (bench/results/*.jsonl, bench/NOTES.md "Run 8", "Run 33", "Run 36"): the fastest exact
+# backend per head dim. D=128: the CUDA kernel 587-611 TFLOP/s vs cuDNN 552-567 vs the Triton kernel 481-488
+# (wan1.3b-480p, wan14b-480p, wan14b-720p, hunyuan-720p); D=64: the CUDA kernel 410 vs cuDNN 387 vs Triton 376
+# (ltx-512p), 445 vs 406 vs 448 (cogvideox-5b). The others stay available (backend= or the env var).
+ATTENTION_PREFERENCE = {64: ("cuda", "sdpa", "triton"), 128: ("cuda", "sdpa", "triton")}
 # Fewer keys: each CTA's fixed costs (Q load, pipeline fill, epilogue) weigh more in the CUDA kernel than in
-# cuDNN. Measured vs cuDNN (runs 34-35, 40 heads x 32760 queries): 0.95x at 512 keys, 0.95-0.99x from 1024 to
-# 16384 (bench/flash_check.py --crossover), 1.06-1.09x at 32760 (bench rows). Below this many keys cuDNN goes
-# first; the switch point lies between the measured 16384 and 32760.
-CUDA_MIN_KEYS = 24576
+# cuDNN; below CUDA_MIN_KEYS[head dim] keys cuDNN goes first (bench/flash_check.py --crossover). D=128 (runs
+# 34-36, 40 heads x 32760 queries): 0.93-1.01x cuDNN from 512 to 16384 keys, 1.06-1.09x at 32760 (bench rows):
+# the switch lies between 16384 and 32760. D=64 (run 36, 32 heads x 7392 queries): 0.71x at 128 keys, 0.86x at
+# 512, 0.94x at 2048, 1.07x at 7392, 1.12x at 17776: the switch lies between 2048 and 7392.
+CUDA_MIN_KEYS = {64: 4096, 128: 24576}
 _DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2}  # csrc/fp8_quant.h DType
 
 
@@ -220,7 +221,7 @@ def _attention_candidates(device, dtype, head_dim=128, v_head_dim=None, attn_mas
             "return_lse (SDPA does not return it)" if return_lse else None)
     order = (ATTENTION_PREFERENCE.get(head_dim, ("sdpa", "triton", "cuda")) if device.type == "cuda" else
              ("reference", "triton", "sdpa", "cuda"))
-    if kv_len is not None and kv_len < CUDA_MIN_KEYS and order[0] == "cuda":
+    if kv_len is not None and kv_len < CUDA_MIN_KEYS.get(head_dim, 0) and order[0] == "cuda":
         order = ("sdpa", "cuda") + tuple(n for n in order if n not in ("sdpa", "cuda"))
     return {**{name: {"triton": kernel, "sdpa": sdpa, "cuda": cuda, "reference": None}[name] for name in order},
             "reference": None}

@@ -20,7 +20,7 @@ class PatchConfig:
     """What vkern.patch changes.
 
     attention           "auto" (the fastest exact backend, measured per head dim and key count: vkern's
-                        CUDA kernel for head dim 128 with many keys on Hopper) | "bf16" (vkern's Triton
+                        CUDA kernel for head dims 64 and 128 with many keys on Hopper) | "bf16" (vkern's Triton
                         flash-attention kernel) | "sdpa" | "reference" | opt-in 8-bit: "fp8" (e4m3 Q/K
                         and P/V) or "int8" (int8 Q/K, bf16 P/V); accuracy and speed in the README
     fused_qk_norm_rope  fuse the q/k RMSNorm + RoPE into one kernel pass
