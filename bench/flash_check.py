@@ -1,7 +1,7 @@
 """Quick look at the CUDA attention kernel before the tests: relative L2 against an fp32 oracle at a few
 sizes (partial blocks on both sides), one line each, head dims 64 and 128; --crossover: its time against
 the other backends as the key count grows, to place auto's switch points. python -m bench.flash_check
-[--crossover]"""
+[--crossover] (with it, also a masked joint attention per backend)"""
 import sys
 
 import torch
@@ -46,8 +46,26 @@ def crossover(heads, queries, D, key_counts, backends):
         print(f"D{D} {heads} heads x {queries} queries, keys {kv:6d}: cuda {ms['cuda']:.3f} ms; {rel}", flush=True)
 
 
+def masked(heads, video, text, valid_text, D=128):
+    """Joint attention with padded text (HunyuanVideo): keys = video tokens + text tokens of which the first
+    valid_text are real; median ms per backend of vkern.ops.attention with that key-padding mask."""
+    from triton.testing import do_bench
+
+    S = video + text
+    q, k, v = (torch.randn(1, S, heads, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.arange(S, device="cuda")[None, :] < video + valid_text
+    ms = {b: do_bench(lambda b=b: vkern.ops.attention(q, k, v, key_padding_mask=mask, backend=b), return_mode="median")
+          for b in ("cuda", "triton", "sdpa")}
+    flops = 4 * heads * S * (video + valid_text) * D
+    print(f"masked D{D} {heads} heads x {S} tokens ({valid_text} of {text} text keys real): " +
+          ", ".join(f"{b} {t:.3f} ms ({flops / t / 1e9:.0f} TFLOP/s)" for b, t in ms.items()), flush=True)
+
+
 if __name__ == "__main__" and "--crossover" in sys.argv:
     # Wan-14B 480p queries (40 heads, D = 128): where auto should switch from cuDNN to the CUDA kernel.
     crossover(40, 32760, 128, (512, 1024, 2048, 4096, 8192, 16384), ("cuda", "cudnn"))
     # Head dim 64 (LTX-Video: 32 heads x 7392 tokens, 128 text keys; CogVideoX: 48 x 17776 joint tokens).
     crossover(32, 7392, 64, (128, 512, 2048, 7392, 17776), ("cuda", "cudnn", "fa2", "triton"))
+    # Key-padding mask (HunyuanVideo's padded text): the CUDA kernel's mask bits against the Triton kernel's mask
+    # and SDPA with the mask as attn_mask.
+    masked(24, 32768, 256, 200)

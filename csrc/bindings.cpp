@@ -70,14 +70,14 @@ PYBIND11_MODULE(_C, m) {
 
   m.attr("flash_head_dims") = py::make_tuple(vkern::kFlashHeadDims[0], vkern::kFlashHeadDims[1]);
   m.def("flash_attention_fwd",
-        [](TensorArg q, TensorArg k, TensorArg v, TensorArg out, uintptr_t lse, int dtype, int batch, int heads,
-           int q_len, int kv_len, int head_dim, float scale, int stages, uintptr_t stream) {
+        [](TensorArg q, TensorArg k, TensorArg v, TensorArg out, uintptr_t lse, uintptr_t key_bits, int dtype,
+           int batch, int heads, int q_len, int kv_len, int head_dim, float scale, int stages, uintptr_t stream) {
           check(vkern::flash_attention_fwd(tensor_of(q), tensor_of(k), tensor_of(v), tensor_of(out), ptr<float>(lse),
-                                           static_cast<vkern::DType>(dtype), batch, heads, q_len, kv_len, head_dim,
+                                           ptr<const void>(key_bits), static_cast<vkern::DType>(dtype), batch, heads, q_len, kv_len, head_dim,
                                            scale, stages, stream_of(stream)),
                 "flash_attention_fwd");
         },
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dtype"), py::arg("batch"),
-        py::arg("heads"), py::arg("q_len"), py::arg("kv_len"), py::arg("head_dim"), py::arg("scale"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_bits"), py::arg("dtype"),
+        py::arg("batch"), py::arg("heads"), py::arg("q_len"), py::arg("kv_len"), py::arg("head_dim"), py::arg("scale"),
         py::arg("stages"), py::arg("stream"));
 }

@@ -11,7 +11,9 @@
 // Numerics: fp32 accumulation and softmax (exp2 of scale * log2(e) * s - running max, one FFMA per score),
 // P rounded to the input dtype for the PV product (as FlashAttention), out = O / l rounded once.
 // Keys past kv_len (the last block) are masked to -inf; query rows past q_len are computed on TMA's
-// zero fill and never stored (TMA clips the store).
+// zero fill and never stored (TMA clips the store). Key-padding mask (optional): one bit per key, 16 bytes per
+// 128-key block, read by every consumer thread with one 16-byte load issued before it waits for S; blocks whose
+// keys are all attended skip the masking. A query row with no attended key gets out 0 and lse -inf.
 #include <cudaTypedefs.h>
 
 #include <cmath>
@@ -78,7 +80,8 @@ template <typename T, int kHeadDim, int kStages>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
-                     float* __restrict__ lse, int heads, int q_len, int kv_len, float scale_log2) {
+                     float* __restrict__ lse, const uint4* __restrict__ key_bits, int heads, int q_len, int kv_len,
+                     float scale_log2) {
   constexpr int kTileBytes = tile_bytes<kHeadDim>(), kColumnBlocks = kHeadDim / 64;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -137,14 +140,27 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in scaled log2 units
 
-  // Masks the keys past kv_len, updates the running max and returns P = exp2(scale * s - max) in s, its row sums
-  // in sum and the factor alpha that rescales what was accumulated before.
-  auto softmax = [&](int j, float (&alpha)[2], float (&sum)[2]) {
+  // Block j's 128 key-padding bits (all set without a mask): key c of the block is bit c % 32 of word c / 32.
+  auto key_bits_of = [&](int j) {
+    return key_bits == nullptr ? make_uint4(~0u, ~0u, ~0u, ~0u) : __ldg(key_bits + int64_t(batch) * n_blocks + j);
+  };
+  // Masks the keys past kv_len and the padded ones, updates the running max and returns P = exp2(scale * s - max)
+  // in s, its row sums in sum and the factor alpha that rescales what was accumulated before.
+  auto softmax = [&](int j, uint4 bits, float (&alpha)[2], float (&sum)[2]) {
     const int cols_left = kv_len - j * kBlockN;
     if (cols_left < kBlockN) {
 #pragma unroll
       for (int i = 0; i < 64; ++i)
         if ((i / 4) * 8 + (lane % 4) * 2 + i % 2 >= cols_left) s[i] = -INFINITY;
+    }
+    if ((bits.x & bits.y & bits.z & bits.w) != ~0u) {  // the same bits in every thread: no divergence
+      const uint32_t words[4] = {bits.x >> ((lane % 4) * 2), bits.y >> ((lane % 4) * 2), bits.z >> ((lane % 4) * 2),
+                                 bits.w >> ((lane % 4) * 2)};
+#pragma unroll
+      for (int i = 0; i < 64; ++i) {  // column (i / 4) * 8 + (lane % 4) * 2 + i % 2: never crosses a word
+        const int c = (i / 4) * 8 + i % 2;
+        if (!((words[c / 32] >> (c % 32)) & 1u)) s[i] = -INFINITY;
+      }
     }
     float mx[2] = {-INFINITY, -INFINITY}, neg_max[2];
 #pragma unroll
@@ -152,9 +168,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float new_max = fmaxf(row_max[r], quad_max(mx[r]) * scale_log2);
-      alpha[r] = ex2(row_max[r] - new_max);
+      // No attended key in this row yet (only with a mask): exp2 against 0 keeps -inf scores at 0, not NaN.
+      const float offset = new_max == -INFINITY ? 0.f : new_max;
+      alpha[r] = ex2(row_max[r] - offset);
       row_max[r] = new_max;
-      neg_max[r] = -new_max;
+      neg_max[r] = -offset;
       sum[r] = 0.f;
     }
 #pragma unroll
@@ -177,6 +195,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   mbar_wait(&bars.q_full, 0);
   {  // block 0: S only
     float alpha[2], sum[2];
+    const uint4 bits = key_bits_of(0);
     mbar_wait(&bars.k_full[0], 0);
     bar_sync(kTurnBarrier + wg, 256);
     wgmma_fence();
@@ -187,13 +206,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<0>();
     fence_regs(s);
     if (tid == 0) mbar_arrive(&bars.k_empty[0]);
-    softmax(0, alpha, sum);
+    softmax(0, bits, alpha, sum);
     row_sum[0] = sum[0];
     row_sum[1] = sum[1];
     to_p();
   }
   for (int j = 1; j < n_blocks; ++j) {  // S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight together
     const int st = j % kStages, prev = (j - 1) % kStages;
+    const uint4 bits = key_bits_of(j);  // in flight while the products run
     mbar_wait(&bars.k_full[st], (j / kStages) & 1);
     mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
     bar_sync(kTurnBarrier + wg, 256);
@@ -211,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_regs(s);
     if (tid == 0) mbar_arrive(&bars.k_empty[st]);
     float alpha[2], sum[2];
-    softmax(j, alpha, sum);
+    softmax(j, bits, alpha, sum);  // meant to overlap the PV product; ptxas schedules most of it after the wait
     wgmma_wait<0>();
     fence_regs(o);
     if (tid == 0) mbar_arrive(&bars.v_empty[prev]);
@@ -237,7 +257,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     row_sum[r] = quad_sum(row_sum[r]);
-    inv[r] = 1.f / row_sum[r];
+    inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;  // 0: every key masked (out 0, lse -inf)
   }
   uint8_t* o_rows = q_tile + wg * 64 * 128;
 #pragma unroll
@@ -304,7 +324,7 @@ bool tma_compatible(const AttentionTensor& t) {
 
 template <typename T, int kHeadDim, int kStages>
 cudaError_t launch(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out, float* lse,
-                   CUtensorMapDataType type, int batch, int heads, int q_len, int kv_len, float scale,
+                   const void* key_bits, CUtensorMapDataType type, int batch, int heads, int q_len, int kv_len, float scale,
                    cudaStream_t stream) {
   CUtensorMap maps[4];
   if (!make_map(&maps[0], q, type, batch, q_len, heads, kHeadDim, kBlockM) ||
@@ -317,7 +337,8 @@ cudaError_t launch(AttentionTensor q, AttentionTensor k, AttentionTensor v, Atte
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], lse, heads, q_len, kv_len,
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], lse,
+                                                 static_cast<const uint4*>(key_bits), heads, q_len, kv_len,
                                                  scale * 1.4426950408889634f);
   return cudaGetLastError();
 }
@@ -325,18 +346,18 @@ cudaError_t launch(AttentionTensor q, AttentionTensor k, AttentionTensor v, Atte
 }  // namespace
 
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
-                                float* lse, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
+                                float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
                                 float scale, int stages, cudaStream_t stream) {
   if ((head_dim != kFlashHeadDims[0] && head_dim != kFlashHeadDims[1]) || batch < 1 || heads < 1 || q_len < 1 || kv_len < 1 || batch > 65535 ||
       heads > 65535 || !(scale > 0.f) || (stages != 2 && stages != 3) || !tma_compatible(q) || !tma_compatible(k) ||
-      !tma_compatible(v) || !tma_compatible(out))
+      !tma_compatible(v) || !tma_compatible(out) || reinterpret_cast<uintptr_t>(key_bits) % 16 != 0)
     return cudaErrorInvalidValue;
   const auto run = [&](auto type_tag, CUtensorMapDataType type) {
     using T = decltype(type_tag);
     const auto with_dim = [&](auto dim_tag) {
       constexpr int kDim = decltype(dim_tag)::value;
-      return stages == 2 ? launch<T, kDim, 2>(q, k, v, out, lse, type, batch, heads, q_len, kv_len, scale, stream)
-                         : launch<T, kDim, 3>(q, k, v, out, lse, type, batch, heads, q_len, kv_len, scale, stream);
+      return stages == 2 ? launch<T, kDim, 2>(q, k, v, out, lse, key_bits, type, batch, heads, q_len, kv_len, scale, stream)
+                         : launch<T, kDim, 3>(q, k, v, out, lse, key_bits, type, batch, heads, q_len, kv_len, scale, stream);
     };
     return head_dim == 64 ? with_dim(std::integral_constant<int, 64>())
                           : with_dim(std::integral_constant<int, 128>());

@@ -387,7 +387,7 @@ def test_gpu_triton_odd_sizes(use_backend, dtype, B, H, Sq, Skv, D, sharpness):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "sdpa", "reference"])
 @pytest.mark.parametrize("pattern", ["random", "prefix", "dead_row"])
 def test_gpu_key_padding_mask(use_backend, backend, pattern):
     """HunyuanVideo-like joint attention: video tokens + padded text tokens in the keys."""
@@ -597,6 +597,22 @@ CUDA_ODD = GPU_ODD + [
     (1, 1, 128, 128, 64, 8.0), (2, 3, 127, 129, 64, 1.0), (1, 2, 300, 7392, 64, 1.0)]
 
 
+@pytest.mark.parametrize("S", [1, 127, 128, 300, 4097])
+def test_key_padding_bits_layout(S):
+    """The CUDA kernel reads the mask as bits: key c at bit c % 32 of little-endian 32-bit word c / 32, 16 bytes
+    per 128-key block, zero bits past the last key."""
+    from vkern.ops.fused_attention import key_padding_bits
+
+    mask = make_padding(3, S, "random")
+    bits = key_padding_bits(mask)
+    blocks = -(-S // 128)
+    assert bits.dtype == torch.uint8 and bits.shape == (3, blocks * 16)
+    words = bits.view(torch.int32).long() & 0xFFFFFFFF  # little-endian, as the GPU reads them
+    c = torch.arange(blocks * 128)
+    got = ((words[:, c // 32] >> (c % 32)) & 1).bool()
+    assert torch.equal(got[:, :S], mask) and not got[:, S:].any()
+
+
 @pytest.mark.parametrize("head_dim,kv_len,first", [
     (128, 32760, "cuda"), (128, 16384, "sdpa"), (128, 512, "sdpa"),
     (64, 7392, "cuda"), (64, 17776, "cuda"), (64, 2048, "sdpa"), (64, 128, "sdpa"),
@@ -693,21 +709,44 @@ def test_gpu_cuda_real_shapes(use_backend, name, B, H, Sq, Skv, D):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("pattern", ["random", "prefix", "dead_row", "all_true"])
+@pytest.mark.parametrize("B,Sq,Skv", [(2, 129, 127), (2, 300, 1000), (3, 1000, 4097)])
+def test_gpu_cuda_key_padding_mask(use_backend, B, Sq, Skv, pattern, D):
+    """The CUDA kernel's key-padding bits at odd lengths: partial last blocks, masked keys in every block
+    (random), whole blocks masked (prefix), batch rows with no key (dead_row: out 0, lse -inf)."""
+    q, k, v = make_qkv(B, Sq, Skv, 3, D, torch.bfloat16, "cuda")
+    check_attention(q, k, v, use_backend("cuda"), key_padding_mask=make_padding(B, Skv, pattern, "cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_all_true_mask_changes_nothing(use_backend):
+    """A mask that keeps every key takes the kernel's unmasked path per block: the same bits as no mask."""
+    use_backend("cuda")
+    q, k, v = make_qkv(2, 1000, 1500, 3, 128, torch.bfloat16, "cuda")
+    expected = run_op(q, k, v, return_lse=True)
+    got = run_op(q, k, v, key_padding_mask=make_padding(2, 1500, "all_true", "cuda"), return_lse=True)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_declines_what_it_cannot_take(use_backend, monkeypatch):
-    """Masks and head dim 96 are not the CUDA kernel's: forced, a clear error; preferred, another backend."""
+    """A general attn_mask and head dim 96 are not the CUDA kernel's: forced, a clear error; preferred,
+    another backend."""
     use_backend("cuda")
     q, k, v = make_qkv(1, 300, 300, 2, 128, torch.bfloat16, "cuda")
-    with pytest.raises(_backend.BackendError, match="mask"):
-        ops.attention(q, k, v, key_padding_mask=make_padding(1, 300, "prefix", "cuda"))
+    attn_mask = torch.rand(1, 2, 300, 300, device="cuda") > 0.3
+    with pytest.raises(_backend.BackendError, match="attn_mask"):
+        ops.attention(q, k, v, attn_mask)
     q96, k96, v96 = make_qkv(1, 300, 300, 2, 96, torch.bfloat16, "cuda")
     with pytest.raises(_backend.BackendError, match="head dim 96"):
         ops.attention(q96, k96, v96)
     monkeypatch.delenv("VKERN_ATTENTION_BACKEND")
-    mask = make_padding(1, 300, "prefix", "cuda")
-    with pytest.warns(UserWarning, match="mask"):
-        out = ops.attention(q, k, v, key_padding_mask=mask, backend="cuda")
+    with pytest.warns(UserWarning, match="attn_mask"):
+        out = ops.attention(q, k, v, attn_mask, backend="cuda")
     assert _backend.last_choice["attention"] != "cuda"
-    assert_within_torch_error(out, ref.attention_lse(q, k, v, mask)[0], torch_attention(q, k, v, mask))
+    expected = F.scaled_dot_product_attention(*(t.transpose(1, 2).double() for t in (q, k, v)), attn_mask=attn_mask)
+    assert_within_torch_error(out, expected.transpose(1, 2), ref.attention(q, k, v, attn_mask))
 
 
 @pytest.mark.gpu

@@ -3,7 +3,7 @@ attention, exact (bf16/fp16) or 8-bit.
 
 qk_norm_rope backends:   triton (vkern/triton/qk_norm_rope.py), reference.
 attention backends:      cuda (vkern's Hopper flash-attention, csrc/flash_attention.cu: sm_90, head dims 64 and
-                         128, no mask), triton (vkern's flash-attention, vkern/triton/attention.py), sdpa (torch SDPA,
+                         128, key-padding mask), triton (vkern's flash-attention, vkern/triton/attention.py), sdpa (torch SDPA,
                          cuDNN first), reference. On CUDA the order comes from measurement (ATTENTION_PREFERENCE).
 attention_8bit backends: triton, reference (fp32 emulation of the same quantization).
 """
@@ -190,7 +190,7 @@ def _kernel_reason(device, dtype, head_dim, v_head_dim):
     return None if dtype in FLOATS else f"no {dtype} kernel"
 
 
-def _cuda_kernel_reason(device, dtype, head_dim, v_head_dim, masked):
+def _cuda_kernel_reason(device, dtype, head_dim, v_head_dim, attn_mask):
     """None if the CUDA (sm_90a, wgmma) kernel, csrc/flash_attention.cu, can take the call, else why not."""
     usable = _backend.cuda_ext_usable(device)
     if usable:
@@ -205,7 +205,7 @@ def _cuda_kernel_reason(device, dtype, head_dim, v_head_dim, masked):
         return f"head dim {head_dim} (the CUDA kernel takes {cuda_ext().flash_head_dims})"
     if dtype not in _DTYPE_CODE:
         return f"no {dtype} kernel"
-    return "a mask (the CUDA kernel takes none; the Triton kernel takes key_padding_mask)" if masked else None
+    return "a general attn_mask (the CUDA kernel takes key_padding_mask)" if attn_mask else None
 
 
 @_backend.register("attention")
@@ -215,7 +215,7 @@ def _attention_candidates(device, dtype, head_dim=128, v_head_dim=None, attn_mas
     kernel = _kernel_reason(device, dtype, head_dim, v_head_dim)
     if kernel is None and attn_mask:
         kernel = "a general attn_mask (the kernel takes key_padding_mask)"
-    cuda = _cuda_kernel_reason(device, dtype, head_dim, v_head_dim, attn_mask or key_padding_mask)
+    cuda = _cuda_kernel_reason(device, dtype, head_dim, v_head_dim, attn_mask)
     sdpa = (f"needs a CUDA tensor (got {device.type})" if device.type != "cuda" else
             f"no {dtype} kernel" if dtype not in FLOATS else
             "return_lse (SDPA does not return it)" if return_lse else None)
@@ -278,7 +278,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: tor
     if backend in ("cuda", "triton") and scale is not None and scale <= 0:
         q, scale = (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)  # kernels fold a positive scale
     if backend == "cuda":
-        out, lse = _cuda_attention(q, k, v, scale, return_lse)
+        out, lse = _cuda_attention(q, k, v, scale, return_lse, key_padding_mask)
         return out, lse if return_lse else no_lse
     if backend == "triton":
         from ..triton.attention import attention as kernel
@@ -331,17 +331,30 @@ def _flash_stages():
     return int(stages)
 
 
-def _cuda_attention(q, k, v, scale, return_lse):
+def key_padding_bits(key_padding_mask, block=128):
+    """The CUDA kernel's form of a key-padding mask: bool [B, Skv] -> uint8 [B, ceil(Skv / block) * block / 8],
+    bit c % 8 of byte c / 8 set = attend key c (so, read as little-endian 32-bit words, bit c % 32 of word
+    c / 32, as csrc/flash_attention.h describes); the keys past Skv are zero bits."""
+    B, S = key_padding_mask.shape
+    padded = key_padding_mask.new_zeros((B, -(-S // block) * block), dtype=torch.int32)
+    padded[:, :S] = key_padding_mask
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=padded.device)
+    return (padded.view(B, -1, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     from .._ext import cuda_ext
 
     q, k, v = (t if _tma_ready(t) else t.contiguous() for t in (q, k, v))
     B, Sq, H, D = q.shape
     out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device) if return_lse else None
+    bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
     with torch.cuda.device(q.device):
         cuda_ext().flash_attention_fwd(
             *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q, k, v, out)),
-            0 if lse is None else lse.data_ptr(), _DTYPE_CODE[q.dtype], B, H, Sq, k.shape[1], D,
+            0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), _DTYPE_CODE[q.dtype], B,
+            H, Sq, k.shape[1], D,
             D ** -0.5 if scale is None else scale, _flash_stages(), torch.cuda.current_stream(q.device).cuda_stream)
     return out, lse
 
