@@ -436,7 +436,7 @@ def test_gpu_real_shapes(use_backend, name, B, H, Sq, Skv, D):
 def test_gpu_compile_fullgraph_inductor(use_backend, backend):
     use_backend(backend)
     q, k, v = make_qkv(1, 1025, 512, 4, 128, torch.bfloat16, "cuda")
-    mask = make_padding(1, 512, "prefix", "cuda") if backend == "triton" else None  # the CUDA kernel takes none
+    mask = make_padding(1, 512, "prefix", "cuda")
 
     def fn(q, k, v):
         out, lse = ops.attention(q, k, v, key_padding_mask=mask, return_lse=True)
