@@ -117,15 +117,6 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "    \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
-// 16-bit input types: the PTX name of each, for one wgmma template per shape.
-template <typename T> struct Ptx;
-template <> struct Ptx<__nv_bfloat16> {
-  static constexpr const char* name = "bf16";
-};
-template <> struct Ptx<__half> {
-  static constexpr const char* name = "f16";
-};
-
 // d[64] (+)= A[64 x 16] B[16 x 128], fp32 accumulators, A and B in shared memory (K-major both).
 // accumulate = false overwrites d.
 template <typename T>
@@ -155,36 +146,25 @@ __device__ __forceinline__ void wgmma_m64nNk16_rs_bt(float (&d)[N / 2], const ui
   VKERN_WGMMA_RS_BT(TYPE, "m64n64k16", VKERN_ACC32_REGS, VKERN_ACC32_OPERANDS, "%32", "%33", "%34", "%35", "%36", \
                     "%37")
 
-template <>
-__device__ __forceinline__ void wgmma_m64n128k16_ss<__nv_bfloat16>(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                                                   bool accumulate) {
-  VKERN_WGMMA_SS("bf16");
-}
-template <>
-__device__ __forceinline__ void wgmma_m64n128k16_ss<__half>(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                                            bool accumulate) {
-  VKERN_WGMMA_SS("f16");
-}
-template <>
-__device__ __forceinline__ void wgmma_m64nNk16_rs_bt<__nv_bfloat16, 128>(float (&d)[64], const uint32_t (&a)[4],
-                                                                         uint64_t desc_b) {
-  VKERN_WGMMA_RS_BT_N128("bf16");
-}
-template <>
-__device__ __forceinline__ void wgmma_m64nNk16_rs_bt<__half, 128>(float (&d)[64], const uint32_t (&a)[4],
-                                                                  uint64_t desc_b) {
-  VKERN_WGMMA_RS_BT_N128("f16");
-}
-template <>
-__device__ __forceinline__ void wgmma_m64nNk16_rs_bt<__nv_bfloat16, 64>(float (&d)[32], const uint32_t (&a)[4],
-                                                                        uint64_t desc_b) {
-  VKERN_WGMMA_RS_BT_N64("bf16");
-}
-template <>
-__device__ __forceinline__ void wgmma_m64nNk16_rs_bt<__half, 64>(float (&d)[32], const uint32_t (&a)[4],
-                                                                 uint64_t desc_b) {
-  VKERN_WGMMA_RS_BT_N64("f16");
-}
+// The specializations for one 16-bit input type (CPP) and its PTX name (PTX).
+#define VKERN_WGMMA_SPECIALIZATIONS(CPP, PTX)                                                                   \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_m64n128k16_ss<CPP>(float (&d)[64], uint64_t desc_a, uint64_t desc_b,      \
+                                                           bool accumulate) {                                     \
+    VKERN_WGMMA_SS(PTX);                                                                                          \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_m64nNk16_rs_bt<CPP, 128>(float (&d)[64], const uint32_t (&a)[4],          \
+                                                                 uint64_t desc_b) {                               \
+    VKERN_WGMMA_RS_BT_N128(PTX);                                                                                  \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_m64nNk16_rs_bt<CPP, 64>(float (&d)[32], const uint32_t (&a)[4],           \
+                                                                uint64_t desc_b) {                                \
+    VKERN_WGMMA_RS_BT_N64(PTX);                                                                                   \
+  }
+VKERN_WGMMA_SPECIALIZATIONS(__nv_bfloat16, "bf16")
+VKERN_WGMMA_SPECIALIZATIONS(__half, "f16")
 
 // Two fp32 values -> one 32-bit register of two 16-bit values (first in the low half), round to nearest.
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
