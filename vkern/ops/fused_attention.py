@@ -338,7 +338,7 @@ def key_padding_bits(key_padding_mask, block=128):
     B, S = key_padding_mask.shape
     padded = key_padding_mask.new_zeros((B, -(-S // block) * block), dtype=torch.int32)
     padded[:, :S] = key_padding_mask
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=padded.device)
+    weights = 2 ** torch.arange(8, dtype=torch.int32, device=padded.device)  # made on the device: no host copy
     return (padded.view(B, -1, 8) * weights).sum(-1).to(torch.uint8)
 
 
