@@ -193,8 +193,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 1) bar_arrive(kTurnBarrier, 256);
   mbar_wait(&bars.q_full, 0);
+  float alpha[2];  // rescales O before the next PV product adds to it (O is still 0 after block 0)
   {  // block 0: S only
-    float alpha[2], sum[2];
+    float sum[2];
     const uint4 bits = key_bits_of(0);
     mbar_wait(&bars.k_full[0], 0);
     bar_sync(kTurnBarrier + wg, 256);
@@ -209,16 +210,28 @@ __global__ void __launch_bounds__(kThreads, 1)
     softmax(0, bits, alpha, sum);
     row_sum[0] = sum[0];
     row_sum[1] = sum[1];
-    to_p();
   }
+  // Finishes what the softmax of block j - 1 left: waits for the PV product of block j - 2, rescales O and packs
+  // P_{j-1}. Placed before the next products are issued, not after the softmax: there ptxas hoisted the wait
+  // above the exponentials to pack P early (P's registers are the in-flight product's A operand), so the
+  // softmax never overlapped the PV product (SASS, bench/NOTES.md session 10).
+  auto finish_block = [&](int j) {
+    wgmma_wait<0>();
+    fence_regs(o);
+    if (j >= 2 && tid == 0) mbar_arrive(&bars.v_empty[(j - 2) % kStages]);
+#pragma unroll
+    for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= alpha[(i / 2) % 2];
+    fence_regs(o);
+    to_p();
+  };
   for (int j = 1; j < n_blocks; ++j) {  // S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight together
     const int st = j % kStages, prev = (j - 1) % kStages;
     const uint4 bits = key_bits_of(j);  // in flight while the products run
     mbar_wait(&bars.k_full[st], (j / kStages) & 1);
     mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
+    finish_block(j);
     bar_sync(kTurnBarrier + wg, 256);
     fence_regs(s);
-    fence_regs(o);
     wgmma_fence();
     issue_qk<T, kHeadDim>(s, q_rows, k_tiles + st * kTileBytes);
     wgmma_commit();
@@ -227,24 +240,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_regs(s);
     fence_regs(o);
     pass_turn(j);
-    wgmma_wait<1>();
+    wgmma_wait<1>();  // S_j; the PV product stays in flight through the softmax
     fence_regs(s);
     if (tid == 0) mbar_arrive(&bars.k_empty[st]);
-    float alpha[2], sum[2];
-    softmax(j, bits, alpha, sum);  // meant to overlap the PV product; ptxas schedules most of it after the wait
-    wgmma_wait<0>();
-    fence_regs(o);
-    if (tid == 0) mbar_arrive(&bars.v_empty[prev]);
+    float sum[2];
+    softmax(j, bits, alpha, sum);
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + sum[r];
-#pragma unroll
-    for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= alpha[(i / 2) % 2];
-    to_p();
   }
-  {  // the last block's PV product
+  {  // the last block's PV product (its V stage and the one before are never refilled: not released)
     const int last = (n_blocks - 1) % kStages;
     mbar_wait(&bars.v_full[last], ((n_blocks - 1) / kStages) & 1);
-    fence_regs(o);
+    finish_block(0);
     wgmma_fence();
     issue_pv<T, kHeadDim>(o, p, v_tiles + last * kTileBytes);
     wgmma_commit();
