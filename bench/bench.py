@@ -71,6 +71,28 @@ def _attention(name, providers, args):
         fns[p] = lambda qk=qk, pv=pv: vkern.ops.attention_8bit(q, k, v, qk=qk, pv=pv)
     fns["vkern-bf16-pipe"] = with_variant(run_kernel, "pipe")
     fns["vkern-fp8-pipe"] = with_variant(fns["vkern-fp8"], "pipe")
+
+    def fp8_backend(backend, fn):
+        def run():
+            os.environ["VKERN_ATTENTION_8BIT_BACKEND"] = backend
+            try:
+                return fn()
+            finally:
+                del os.environ["VKERN_ATTENTION_8BIT_BACKEND"]
+        return run
+
+    fns["vkern-fp8-cuda"] = fp8_backend("cuda", fns["vkern-fp8"])  # csrc/flash_attention.cu, e4m3 form (D 128)
+    fns["vkern-fp8-triton"] = fp8_backend("triton", fns["vkern-fp8"])
+    # The kernels alone, on Q/K/V already in e4m3 (as the Wan processor has them: its fused norm/RoPE prologue
+    # quantizes Q and K; V takes v_to_e4m3, ~3% of these calls' bytes).
+    wanted = providers or list(fns) + ["vkern-fp8-cuda-kernel", "vkern-fp8-triton-kernel"]
+    if s.head_dim == 128 and any(p.endswith("-kernel") for p in wanted):
+        q8, qs = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, s.heads, quant="e4m3")
+        k8, ks = vkern.ops.qk_norm_rope(k.flatten(2), None, 0.0, s.heads, quant="e4m3")
+        vt, vs = vkern.ops.v_to_e4m3(v)
+        prequant = lambda: vkern.ops.attention_prequantized(q8, qs, k8, ks, vt, vs, out_dtype=q.dtype)
+        fns["vkern-fp8-cuda-kernel"] = fp8_backend("cuda", prequant)
+        fns["vkern-fp8-triton-kernel"] = fp8_backend("triton", prequant)
     fns["vkern"] = lambda: vkern.ops.attention(q, k, v)
     rows = torch.randperm(s.tokens, device="cuda")[:256]  # oracle on sampled queries: O(256 * S) memory
     oracle = ref.attention_lse(q[:, rows], k, v, dtype=torch.float32)[0]
@@ -82,7 +104,9 @@ def _attention(name, providers, args):
         cos = torch.nn.functional.cosine_similarity(out.double().flatten(), oracle.double().flatten(), dim=0).item()
         row = dict(op="attention", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
                    tflops=s.flops(kv_tokens=kv_tokens) / ms / 1e9, rel_l2=rel_l2(out, oracle), cos=cos)
-        if provider == "vkern-cuda":
+        if provider.startswith("vkern-fp8-cuda"):
+            row["config"] = "cuda sm90a e4m3: 128x128 tiles, 2 consumer warpgroups, 3-stage TMA ring"
+        elif provider == "vkern-cuda":
             from vkern.ops.fused_attention import _flash_stages
 
             row["config"] = f"cuda sm90a: 128x128 tiles, 2 consumer warpgroups, {_flash_stages()}-stage TMA ring"

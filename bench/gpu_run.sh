@@ -3,7 +3,7 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [flash] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [flash] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps] [fp8attn]
 #     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
 #     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
 #     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model);
@@ -19,6 +19,8 @@
 #     and cuDNN benchmark mode (bench/vae_memory_stats.py: which statistic ANCHORS.md's 17.8 GiB is);
 #     vaesteps: decode (480p, 720p: diffusers, vkern, output on the CPU; 480p in 1- and 2-frame steps) and
 #     encode rows of the default path only;
+#     fp8attn: fp8 attention rows (CUDA e4m3 kernel and Triton, with and without the quantization) vs cuDNN bf16
+#     and their accuracy on random and WanAttention inputs (bench/fp8_attention_accuracy.py);
 #     VKERN_TESTS: test paths (default tests)
 set -uo pipefail
 MODES=" ${*:-tests quick} "
@@ -63,6 +65,11 @@ if [[ $MODES == *" flash "* ]]; then  # the CUDA attention kernel against cuDNN 
   $B --op attention --shape wan1.3b-480p,wan14b-480p,wan14b-720p,hunyuan-720p --providers cudnn,vkern-bf16,vkern-cuda --repeats 5
   # head dim 64: every SDPA backend (the target is the best of them), both vkern kernels, auto (vkern)
   $B --op attention --shape cogvideox-5b,ltx-512p,ltx-512p-cross --providers cudnn,fa2,efficient,vkern-bf16,vkern-cuda,vkern --repeats 5
+fi
+if [[ $MODES == *" fp8attn "* ]]; then  # fp8 attention: the CUDA kernel's e4m3 form vs cuDNN bf16 and the Triton kernel
+  $B --op attention --shape wan1.3b-480p,wan14b-480p,wan14b-720p,hunyuan-720p \
+    --providers cudnn,vkern-cuda,vkern-fp8-cuda,vkern-fp8-cuda-kernel,vkern-fp8-triton,vkern-fp8-triton-kernel --repeats 5
+  python3 -m bench.fp8_attention_accuracy --out "$OUT/results.jsonl" | tee "$OUT/fp8-attention-accuracy.txt"
 fi
 if [[ $MODES == *" attention "* ]]; then
   $B --op attention --shape wan1.3b-480p,wan14b-480p,wan14b-720p,hunyuan-720p,cogvideox-5b,ltx-512p --repeats 3

@@ -30,37 +30,71 @@ using namespace sm90;
 
 constexpr int kBlockM = 128;                  // query rows per CTA (64 per consumer warpgroup)
 constexpr int kBlockN = 128;                  // keys per block
-constexpr int kHalfBytes = 128 * 128;         // 128 rows x 64 columns (128 bytes): one TMA box, one swizzle span
-// A 128-row tile of head dim D is D / 64 column blocks of 64 (two "halves" at D = 128), kHalfBytes apart.
-template <int kHeadDim>
-constexpr int tile_bytes() { return kHeadDim / 64 * kHalfBytes; }
-template <int kHeadDim, int kStages>  // K/V ring depth; + barriers and 1024-alignment slack
-constexpr int smem_bytes() { return tile_bytes<kHeadDim>() * (1 + 2 * kStages) + 128 + 1024; }
+constexpr int kHalfBytes = 128 * 128;         // 128 rows x 128 bytes: one TMA box, one swizzle span
 constexpr int kThreads = 384;
 constexpr int kTurnBarrier = 1;               // named barriers 1, 2: consumer 0's / 1's turn to issue products
 constexpr int kStoreBarrier = 3;              // named barriers 3, 4: consumer 0's / 1's output tile written
+constexpr float kLog2Of448 = 8.807354922057604f;
 
+// Tile geometry per input format. 16-bit: Q, K, V [B, S, H, D]; a 128-row tile is D / 64 column boxes of 64
+// (two "halves" at D = 128), kHalfBytes apart. E4M3 (D = 128 only): Q, K [B, S, H, D] with fp32 scales per
+// (token, head), one 128-byte box per tile, and V^T [B, H, D, S_pad] (its tile: D rows x 128 keys, the keys
+// contiguous, as 8-bit wgmma wants both operands K-major) with fp32 scales per (head, channel).
+template <typename In, int kHeadDim>
+struct Format {
+  static constexpr bool kFp8 = std::is_same<In, E4M3>::value;
+  static_assert(!kFp8 || kHeadDim == 128, "the e4m3 kernel takes head dim 128");
+  static constexpr int kBoxes = kHeadDim * (kFp8 ? 1 : 2) / 128;  // 128-byte column boxes of a Q or K tile
+  static constexpr int kBoxCols = kFp8 ? 128 : 64;
+  static constexpr int kTileBytes = kBoxes * kHalfBytes;           // Q, K, V (or V^T) tile
+  static constexpr int kOutBoxes = kHeadDim / 64;                  // the output is 16-bit
+  static constexpr int kOutStageBytes = kFp8 ? kOutBoxes * kHalfBytes : 0;  // 16-bit: the Q tile is reused
+  static constexpr int kScaleBytes = kFp8 ? kBlockN * 4 : 0;       // K scales per key block
+  static constexpr int kPRegs = kFp8 ? 16 : 32;                    // P of 64 x 128 per warpgroup, packed
+  static constexpr float kPOffset = kFp8 ? kLog2Of448 : 0.f;       // e4m3 P is scaled to [0, 448]
+};
 template <int kStages>
 struct Barriers {
   uint64_t q_full;
   uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
 };
+// Q | K ring | V ring | output stage | K-scale ring | barriers, + 1024-alignment slack.
+template <typename In, int kHeadDim, int kStages>
+constexpr int smem_bytes() {
+  using F = Format<In, kHeadDim>;
+  return F::kTileBytes * (1 + 2 * kStages) + F::kOutStageBytes + F::kScaleBytes * kStages +
+         int(sizeof(Barriers<kStages>)) + 1024;
+}
 
-template <typename T, int kHeadDim>
+template <typename In, int kHeadDim>
 __device__ __forceinline__ void issue_qk(float (&s)[64], const uint8_t* q_rows, const uint8_t* k_tile) {
+  constexpr int kSteps = Format<In, kHeadDim>::kBoxes * 4;  // 32 bytes of head dim per step: k16 or k32
 #pragma unroll
-  for (int kk = 0; kk < kHeadDim / 16; ++kk) {  // 16 head-dim columns per step; 4 steps per 64-column block
+  for (int kk = 0; kk < kSteps; ++kk) {
     const int offset = (kk / 4) * kHalfBytes + (kk % 4) * 32;
-    wgmma_m64n128k16_ss<T>(s, desc_sw128(q_rows + offset, 16, 1024), desc_sw128(k_tile + offset, 16, 1024), kk > 0);
+    const uint64_t a = desc_sw128(q_rows + offset, 16, 1024), b = desc_sw128(k_tile + offset, 16, 1024);
+    if constexpr (Format<In, kHeadDim>::kFp8)
+      wgmma_m64n128k32_ss_e4m3(s, a, b, kk > 0);
+    else
+      wgmma_m64n128k16_ss<In>(s, a, b, kk > 0);
   }
 }
 
-template <typename T, int kHeadDim>
-__device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2], const uint32_t (&p)[32], const uint8_t* v_tile) {
+template <typename In, int kHeadDim>
+__device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2], const uint32_t (&p)[Format<In, kHeadDim>::kPRegs],
+                                         const uint8_t* v_tile) {
+  if constexpr (Format<In, kHeadDim>::kFp8) {
 #pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {  // 16 keys per step: 2 groups of 8 rows; head-dim column blocks 16 KB apart
-    const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
-    wgmma_m64nNk16_rs_bt<T, kHeadDim>(o, a, desc_sw128(v_tile + kk * 16 * 128, kHalfBytes, 1024));
+    for (int kk = 0; kk < 4; ++kk) {  // 32 keys per step; V^T's rows are the head dim, keys contiguous
+      const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
+      wgmma_m64n128k32_rs_e4m3(o, a, desc_sw128(v_tile + kk * 32, 16, 1024));
+    }
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {  // 16 keys per step: 2 groups of 8 rows; head-dim column blocks 16 KB apart
+      const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
+      wgmma_m64nNk16_rs_bt<In, kHeadDim>(o, a, desc_sw128(v_tile + kk * 16 * 128, kHalfBytes, 1024));
+    }
   }
 }
 
@@ -75,20 +109,29 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // Accumulator fragment (wgmma m64nN, fp32): register i of a thread holds row (warp * 16 + lane / 4 + 8 * r)
 // with r = (i / 2) % 2, column (i / 4) * 8 + (lane % 4) * 2 + i % 2. Packed in pairs it is also the A
-// fragment of the PV product, so P never leaves registers.
-template <typename T, int kHeadDim, int kStages>
+// fragment of the 16-bit PV product, so P never leaves registers. The 8-bit A fragment wants 4 consecutive
+// K elements per register where the thread holds pairs 8 apart, so E4M3's to_p packs the keys of a 32-key
+// group in the order (0, 1, 8, 9 | 16, 17, 24, 25) + 2 * (lane % 4), and V^T is stored in that key order
+// (vkern.ops.v_to_e4m3): the product pairs each P with its own key's V.
+// In: the input format (__nv_bfloat16, __half or E4M3); Out: the output's (= In when 16-bit).
+template <typename In, typename Out, int kHeadDim, int kStages>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
-                     float* __restrict__ lse, const uint4* __restrict__ key_bits, int heads, int q_len, int kv_len,
-                     float scale_log2) {
-  constexpr int kTileBytes = tile_bytes<kHeadDim>(), kColumnBlocks = kHeadDim / 64;
+                     const __grid_constant__ CUtensorMap k_scale_map, const float* __restrict__ q_scale,
+                     const float* __restrict__ v_scale, float* __restrict__ lse, const uint4* __restrict__ key_bits,
+                     int heads, int q_len, int kv_len, float scale_log2) {
+  using F = Format<In, kHeadDim>;
+  constexpr int kTileBytes = F::kTileBytes;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* q_tile = smem;
   uint8_t* k_tiles = smem + kTileBytes;
   uint8_t* v_tiles = smem + kTileBytes * (1 + kStages);
-  Barriers<kStages>& bars = *reinterpret_cast<Barriers<kStages>*>(smem + kTileBytes * (1 + 2 * kStages));
+  uint8_t* out_stage = F::kFp8 ? smem + kTileBytes * (1 + 2 * kStages) : q_tile;
+  float* k_scales = reinterpret_cast<float*>(smem + kTileBytes * (1 + 2 * kStages) + F::kOutStageBytes);
+  Barriers<kStages>& bars = *reinterpret_cast<Barriers<kStages>*>(smem + kTileBytes * (1 + 2 * kStages) +
+                                                                  F::kOutStageBytes + F::kScaleBytes * kStages);
 
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   const int warpgroup = threadIdx.x / 128;
@@ -99,7 +142,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&bars.k_full[s], 1);
       mbar_init(&bars.v_full[s], 1);
-      mbar_init(&bars.k_empty[s], 2);  // one arrival per consumer warpgroup
+      // 16-bit: one arrival per consumer warpgroup; E4M3: one per consumer warp (each reads its K scales)
+      mbar_init(&bars.k_empty[s], F::kFp8 ? 8 : 2);
       mbar_init(&bars.v_empty[s], 2);
     }
     mbar_init_fence();
@@ -110,21 +154,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     regs_dec<24>();
     if (threadIdx.x == 0) {
       mbar_arrive_expect_tx(&bars.q_full, kTileBytes);
-      for (int h = 0; h < kColumnBlocks; ++h)
-        tma_load_4d(q_tile + h * kHalfBytes, &q_map, &bars.q_full, h * 64, head, m_block * kBlockM, batch);
+      for (int h = 0; h < F::kBoxes; ++h)
+        tma_load_4d(q_tile + h * kHalfBytes, &q_map, &bars.q_full, h * F::kBoxCols, head, m_block * kBlockM, batch);
       for (int j = 0; j < n_blocks; ++j) {
         const int s = j % kStages;
         const uint32_t free_parity = ((j / kStages) & 1) ^ 1;  // the first round finds fresh barriers "done"
         mbar_wait(&bars.k_empty[s], free_parity);
-        mbar_arrive_expect_tx(&bars.k_full[s], kTileBytes);
-        for (int h = 0; h < kColumnBlocks; ++h)
-          tma_load_4d(k_tiles + s * kTileBytes + h * kHalfBytes, &k_map, &bars.k_full[s], h * 64, head, j * kBlockN,
-                      batch);
+        mbar_arrive_expect_tx(&bars.k_full[s], kTileBytes + F::kScaleBytes);
+        for (int h = 0; h < F::kBoxes; ++h)
+          tma_load_4d(k_tiles + s * kTileBytes + h * kHalfBytes, &k_map, &bars.k_full[s], h * F::kBoxCols, head,
+                      j * kBlockN, batch);
+        if constexpr (F::kFp8) tma_load_3d(k_scales + s * kBlockN, &k_scale_map, &bars.k_full[s], j * kBlockN, head, batch);
         mbar_wait(&bars.v_empty[s], free_parity);
         mbar_arrive_expect_tx(&bars.v_full[s], kTileBytes);
-        for (int h = 0; h < kColumnBlocks; ++h)
-          tma_load_4d(v_tiles + s * kTileBytes + h * kHalfBytes, &v_map, &bars.v_full[s], h * 64, head, j * kBlockN,
-                      batch);
+        if constexpr (F::kFp8) {
+          tma_load_4d(v_tiles + s * kTileBytes, &v_map, &bars.v_full[s], j * kBlockN, 0, head, batch);
+        } else {
+          for (int h = 0; h < F::kBoxes; ++h)
+            tma_load_4d(v_tiles + s * kTileBytes + h * kHalfBytes, &v_map, &bars.v_full[s], h * 64, head,
+                        j * kBlockN, batch);
+        }
       }
     }
     return;
@@ -133,20 +182,39 @@ __global__ void __launch_bounds__(kThreads, 1)
   regs_inc<240>();
   const int wg = warpgroup - 1;  // this consumer's rows: wg * 64 ... wg * 64 + 63 of the block
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
-  const uint8_t* q_rows = q_tile + wg * 64 * 128;
+  const uint8_t* q_rows = q_tile + wg * 64 * 128;  // in each column box
   float o[kHeadDim / 2], s[64];
-  uint32_t p[32];
+  uint32_t p[F::kPRegs];
 #pragma unroll
   for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in scaled log2 units
+  // Score -> log2 units, per row: the softmax scale, times the query's scale for E4M3 (the key's multiplies
+  // each score column in the softmax).
+  float row_scale[2] = {scale_log2, scale_log2};
+  auto scale_of_row = [&](int r) { return F::kFp8 ? row_scale[r] : scale_log2; };
+  if constexpr (F::kFp8) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = m_block * kBlockM + wg * 64 + warp * 16 + lane / 4 + 8 * r;
+      if (row < q_len) row_scale[r] *= __ldg(q_scale + (int64_t(batch) * heads + head) * q_len + row);
+    }
+  }
 
   // Block j's 128 key-padding bits (all set without a mask): key c of the block is bit c % 32 of word c / 32.
   auto key_bits_of = [&](int j) {
     return key_bits == nullptr ? make_uint4(~0u, ~0u, ~0u, ~0u) : __ldg(key_bits + int64_t(batch) * n_blocks + j);
   };
   // Masks the keys past kv_len and the padded ones, updates the running max and returns P = exp2(scale * s - max)
-  // in s, its row sums in sum and the factor alpha that rescales what was accumulated before.
+  // (E4M3: times 448) in s, its row sums in sum and the factor alpha that rescales what was accumulated before.
   auto softmax = [&](int j, uint4 bits, float (&alpha)[2], float (&sum)[2]) {
+    if constexpr (F::kFp8) {  // key scales of this thread's columns (i / 4) * 8 + (lane % 4) * 2 + {0, 1}
+      const float2* ks = reinterpret_cast<const float2*>(k_scales + (j % kStages) * kBlockN) + lane % 4;
+#pragma unroll
+      for (int g = 0; g < 16; ++g) {
+        const float2 k2 = lds_float2(ks + 4 * g);
+        s[4 * g] *= k2.x, s[4 * g + 1] *= k2.y, s[4 * g + 2] *= k2.x, s[4 * g + 3] *= k2.y;
+      }
+    }
     const int cols_left = kv_len - j * kBlockN;
     if (cols_left < kBlockN) {
 #pragma unroll
@@ -167,23 +235,43 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 64; ++i) mx[(i / 2) % 2] = fmaxf(mx[(i / 2) % 2], s[i]);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float new_max = fmaxf(row_max[r], quad_max(mx[r]) * scale_log2);
+      const float new_max = fmaxf(row_max[r], quad_max(mx[r]) * scale_of_row(r));
       // No attended key in this row yet (only with a mask): exp2 against 0 keeps -inf scores at 0, not NaN.
       const float offset = new_max == -INFINITY ? 0.f : new_max;
       alpha[r] = ex2(row_max[r] - offset);
       row_max[r] = new_max;
-      neg_max[r] = -offset;
+      neg_max[r] = F::kFp8 ? F::kPOffset - offset : -offset;  // (0 - x is not -x at x = 0: no fold)
       sum[r] = 0.f;
     }
 #pragma unroll
     for (int i = 0; i < 64; ++i) {
-      s[i] = ex2(fmaf(s[i], scale_log2, neg_max[(i / 2) % 2]));
+      s[i] = ex2(fmaf(s[i], scale_of_row((i / 2) % 2), neg_max[(i / 2) % 2]));
       sum[(i / 2) % 2] += s[i];
     }
   };
   auto to_p = [&] {
+    if constexpr (F::kFp8) {
 #pragma unroll
-    for (int i = 0; i < 32; ++i) p[i] = pack2<T>(s[2 * i], s[2 * i + 1]);
+      for (int kk = 0; kk < 4; ++kk) {  // keys 32 kk + (0, 1, 8, 9 | 16, 17, 24, 25) + 2 * (lane % 4), rows r, r + 8
+        const float* g = s + 16 * kk;
+        p[4 * kk] = pack4_e4m3(g[0], g[1], g[4], g[5]);
+        p[4 * kk + 1] = pack4_e4m3(g[2], g[3], g[6], g[7]);
+        p[4 * kk + 2] = pack4_e4m3(g[8], g[9], g[12], g[13]);
+        p[4 * kk + 3] = pack4_e4m3(g[10], g[11], g[14], g[15]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) p[i] = pack2<In>(s[2 * i], s[2 * i + 1]);
+    }
+  };
+  // The K stage of block j is free once the products read it (16-bit) and, E4M3, every warp read its scales.
+  auto release_k = [&](int j) {
+    if constexpr (F::kFp8) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&bars.k_empty[j % kStages]);
+    } else {
+      if (tid == 0) mbar_arrive(&bars.k_empty[j % kStages]);
+    }
   };
   // Arrivals on the other consumer's turn barrier must match its syncs: consumer 1 gives consumer 0 the first
   // turn and skips its own last arrival.
@@ -200,14 +288,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(&bars.k_full[0], 0);
     bar_sync(kTurnBarrier + wg, 256);
     wgmma_fence();
-    issue_qk<T, kHeadDim>(s, q_rows, k_tiles);
+    issue_qk<In, kHeadDim>(s, q_rows, k_tiles);
     wgmma_commit();
     fence_regs(s);
     pass_turn(0);
     wgmma_wait<0>();
     fence_regs(s);
-    if (tid == 0) mbar_arrive(&bars.k_empty[0]);
+    if constexpr (!F::kFp8) release_k(0);
     softmax(0, bits, alpha, sum);
+    if constexpr (F::kFp8) release_k(0);
     row_sum[0] = sum[0];
     row_sum[1] = sum[1];
   }
@@ -233,18 +322,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     bar_sync(kTurnBarrier + wg, 256);
     fence_regs(s);
     wgmma_fence();
-    issue_qk<T, kHeadDim>(s, q_rows, k_tiles + st * kTileBytes);
+    issue_qk<In, kHeadDim>(s, q_rows, k_tiles + st * kTileBytes);
     wgmma_commit();
-    issue_pv<T, kHeadDim>(o, p, v_tiles + prev * kTileBytes);
+    issue_pv<In, kHeadDim>(o, p, v_tiles + prev * kTileBytes);
     wgmma_commit();
     fence_regs(s);
     fence_regs(o);
     pass_turn(j);
     wgmma_wait<1>();  // S_j; the PV product stays in flight through the softmax
     fence_regs(s);
-    if (tid == 0) mbar_arrive(&bars.k_empty[st]);
+    if constexpr (!F::kFp8) release_k(j);
     float sum[2];
     softmax(j, bits, alpha, sum);
+    if constexpr (F::kFp8) release_k(j);
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + sum[r];
   }
@@ -253,31 +343,39 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(&bars.v_full[last], ((n_blocks - 1) / kStages) & 1);
     finish_block(0);
     wgmma_fence();
-    issue_pv<T, kHeadDim>(o, p, v_tiles + last * kTileBytes);
+    issue_pv<In, kHeadDim>(o, p, v_tiles + last * kTileBytes);
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(o);
   }
 
-  // Epilogue: O / l into this consumer's (now unused) Q rows in the swizzled layout, then one TMA store.
+  // Epilogue: O / l (E4M3: times V's channel scales) into this consumer's output stage (16-bit: its now unused Q
+  // rows) in the swizzled layout, then one TMA store.
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     row_sum[r] = quad_sum(row_sum[r]);
     inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;  // 0: every key masked (out 0, lse -inf)
   }
-  uint8_t* o_rows = q_tile + wg * 64 * 128;
+  uint8_t* o_rows = out_stage + wg * 64 * 128;
+  const float2* vs = nullptr;
+  if constexpr (F::kFp8) vs = reinterpret_cast<const float2*>(v_scale + (int64_t(batch) * heads + head) * kHeadDim) + lane % 4;
 #pragma unroll
   for (int i = 0; i < kHeadDim / 2; i += 2) {
     const int r = (i / 2) % 2, row = warp * 16 + lane / 4 + 8 * r, col_tile = i / 4;
     const int chunk = (col_tile % 8) ^ (row % 8);
     uint8_t* dst = o_rows + (col_tile / 8) * kHalfBytes + row * 128 + chunk * 16 + (lane % 4) * 4;
-    *reinterpret_cast<uint32_t*>(dst) = pack2<T>(o[i] * inv[r], o[i + 1] * inv[r]);
+    float lo = o[i] * inv[r], hi = o[i + 1] * inv[r];
+    if constexpr (F::kFp8) {
+      const float2 v2 = __ldg(vs + 4 * col_tile);
+      lo *= v2.x, hi *= v2.y;
+    }
+    *reinterpret_cast<uint32_t*>(dst) = pack2<Out>(lo, hi);
   }
   fence_async_smem();
   bar_sync(kStoreBarrier + wg, 128);
   if (tid == 0) {
-    for (int h = 0; h < kColumnBlocks; ++h)
+    for (int h = 0; h < F::kOutBoxes; ++h)
       tma_store_4d(&o_map, o_rows + h * kHalfBytes, h * 64, head, m_block * kBlockM + wg * 64, batch);
     tma_store_commit_and_wait();
   }
@@ -286,7 +384,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int r = 0; r < 2; ++r) {
       const int row = m_block * kBlockM + wg * 64 + warp * 16 + lane / 4 + 8 * r;
       if (row < q_len)
-        lse[(int64_t(batch) * heads + head) * q_len + row] = (row_max[r] + log2f(row_sum[r])) * 0.6931471805599453f;
+        lse[(int64_t(batch) * heads + head) * q_len + row] =
+            (row_max[r] + log2f(row_sum[r]) - F::kPOffset) * 0.6931471805599453f;
     }
   }
 }
@@ -305,49 +404,79 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// A 4-D map (head dim, heads, tokens, batch) over a [B, S, H, D] tensor, boxes of 64 columns x box_rows tokens.
-bool make_map(CUtensorMap* map, const AttentionTensor& t, CUtensorMapDataType type, int batch, int len, int heads,
-              int head_dim, int box_rows) {
+// A 4-D map (head dim, heads, tokens, batch) over a [B, S, H, D] tensor of elem_bytes-byte elements, boxes of
+// 128 bytes of head dim x box_rows tokens, 128-byte swizzle.
+bool make_map(CUtensorMap* map, const AttentionTensor& t, CUtensorMapDataType type, int elem_bytes, int batch, int len,
+              int heads, int head_dim, int box_rows) {
   auto encode = tensor_map_encoder();
   if (encode == nullptr) return false;
   const cuuint64_t dims[4] = {cuuint64_t(head_dim), cuuint64_t(heads), cuuint64_t(len), cuuint64_t(batch)};
   // Strides of size-1 dims are never stepped; give them a legal value (TMA wants multiples of 16 bytes).
-  const int64_t head_stride = heads > 1 ? t.head_stride : 128;
-  const int64_t seq_stride = len > 1 ? t.seq_stride : 128;
-  const int64_t batch_stride = batch > 1 ? t.batch_stride : 128;
-  const cuuint64_t strides[3] = {cuuint64_t(head_stride) * 2, cuuint64_t(seq_stride) * 2, cuuint64_t(batch_stride) * 2};
-  const cuuint32_t box[4] = {64, 1, cuuint32_t(box_rows), 1};
+  const int64_t head_stride = heads > 1 ? t.head_stride * elem_bytes : 128;
+  const int64_t seq_stride = len > 1 ? t.seq_stride * elem_bytes : 128;
+  const int64_t batch_stride = batch > 1 ? t.batch_stride * elem_bytes : 128;
+  const cuuint64_t strides[3] = {cuuint64_t(head_stride), cuuint64_t(seq_stride), cuuint64_t(batch_stride)};
+  const cuuint32_t box[4] = {cuuint32_t(128 / elem_bytes), 1, cuuint32_t(box_rows), 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   return encode(map, type, 4, t.ptr, dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-bool tma_compatible(const AttentionTensor& t) {
-  return t.ptr != nullptr && reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && t.batch_stride % 8 == 0 &&
-         t.seq_stride % 8 == 0 && t.head_stride % 8 == 0 && t.batch_stride >= 0 && t.seq_stride >= 0 &&
+// e4m3 V^T [B, H, D, vt_len] (t.seq_stride: between head-dim rows): a 4-D map (keys, head dim, heads, batch),
+// boxes of 128 keys x D rows.
+bool make_vt_map(CUtensorMap* map, const AttentionTensor& t, int batch, int heads, int head_dim, int vt_len) {
+  auto encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[4] = {cuuint64_t(vt_len), cuuint64_t(head_dim), cuuint64_t(heads), cuuint64_t(batch)};
+  const cuuint64_t strides[3] = {cuuint64_t(t.seq_stride), cuuint64_t(heads > 1 ? t.head_stride : 16),
+                                 cuuint64_t(batch > 1 ? t.batch_stride : 16)};
+  const cuuint32_t box[4] = {kBlockN, cuuint32_t(head_dim), 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 4, t.ptr, dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// fp32 key scales [B, H, scale_len] (scale_len a multiple of 4: 16-byte row strides): a 3-D map, boxes of 128 keys.
+// Keys past scale_len read as 0 (their scores are masked anyway).
+bool make_scale_map(CUtensorMap* map, const float* scales, int batch, int heads, int scale_len) {
+  auto encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[3] = {cuuint64_t(scale_len), cuuint64_t(heads), cuuint64_t(batch)};
+  const cuuint64_t strides[2] = {cuuint64_t(scale_len) * 4, cuuint64_t(scale_len) * heads * 4};
+  const cuuint32_t box[3] = {kBlockN, 1, 1};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<float*>(scales), dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
+  const int64_t align = 16 / elem_bytes;
+  return t.ptr != nullptr && reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && t.batch_stride % align == 0 &&
+         t.seq_stride % align == 0 && t.head_stride % align == 0 && t.batch_stride >= 0 && t.seq_stride >= 0 &&
          t.head_stride >= 0;
 }
 
-template <typename T, int kHeadDim, int kStages>
-cudaError_t launch(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out, float* lse,
-                   const void* key_bits, CUtensorMapDataType type, int batch, int heads, int q_len, int kv_len, float scale,
-                   cudaStream_t stream) {
-  CUtensorMap maps[4];
-  if (!make_map(&maps[0], q, type, batch, q_len, heads, kHeadDim, kBlockM) ||
-      !make_map(&maps[1], k, type, batch, kv_len, heads, kHeadDim, kBlockN) ||
-      !make_map(&maps[2], v, type, batch, kv_len, heads, kHeadDim, kBlockN) ||
-      !make_map(&maps[3], out, type, batch, q_len, heads, kHeadDim, kBlockM / 2))
-    return cudaErrorInvalidValue;
-  constexpr int kSmemBytes = smem_bytes<kHeadDim, kStages>();
-  const auto kernel = flash_fwd_kernel<T, kHeadDim, kStages>;
+// The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; E4M3: v is V^T), out, the K scales (E4M3 only).
+template <typename In, typename Out, int kHeadDim, int kStages>
+cudaError_t launch(const CUtensorMap (&maps)[5], const float* q_scale, const float* v_scale, float* lse,
+                   const void* key_bits, int batch, int heads, int q_len, int kv_len, float scale, cudaStream_t stream) {
+  constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages>();
+  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], lse,
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], maps[4], q_scale, v_scale, lse,
                                                  static_cast<const uint4*>(key_bits), heads, q_len, kv_len,
                                                  scale * 1.4426950408889634f);
   return cudaGetLastError();
+}
+
+bool common_args_ok(int batch, int heads, int q_len, int kv_len, float scale, int stages, const void* key_bits) {
+  return batch >= 1 && heads >= 1 && q_len >= 1 && kv_len >= 1 && batch <= 65535 && heads <= 65535 && scale > 0.f &&
+         (stages == 2 || stages == 3) && reinterpret_cast<uintptr_t>(key_bits) % 16 == 0;
 }
 
 }  // namespace
@@ -355,16 +484,22 @@ cudaError_t launch(AttentionTensor q, AttentionTensor k, AttentionTensor v, Atte
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
                                 float scale, int stages, cudaStream_t stream) {
-  if ((head_dim != kFlashHeadDims[0] && head_dim != kFlashHeadDims[1]) || batch < 1 || heads < 1 || q_len < 1 || kv_len < 1 || batch > 65535 ||
-      heads > 65535 || !(scale > 0.f) || (stages != 2 && stages != 3) || !tma_compatible(q) || !tma_compatible(k) ||
-      !tma_compatible(v) || !tma_compatible(out) || reinterpret_cast<uintptr_t>(key_bits) % 16 != 0)
+  if ((head_dim != kFlashHeadDims[0] && head_dim != kFlashHeadDims[1]) ||
+      !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) || !tma_compatible(q) ||
+      !tma_compatible(k) || !tma_compatible(v) || !tma_compatible(out))
     return cudaErrorInvalidValue;
   const auto run = [&](auto type_tag, CUtensorMapDataType type) {
     using T = decltype(type_tag);
+    CUtensorMap maps[5] = {};
+    if (!make_map(&maps[0], q, type, 2, batch, q_len, heads, head_dim, kBlockM) ||
+        !make_map(&maps[1], k, type, 2, batch, kv_len, heads, head_dim, kBlockN) ||
+        !make_map(&maps[2], v, type, 2, batch, kv_len, heads, head_dim, kBlockN) ||
+        !make_map(&maps[3], out, type, 2, batch, q_len, heads, head_dim, kBlockM / 2))
+      return cudaErrorInvalidValue;
     const auto with_dim = [&](auto dim_tag) {
       constexpr int kDim = decltype(dim_tag)::value;
-      return stages == 2 ? launch<T, kDim, 2>(q, k, v, out, lse, key_bits, type, batch, heads, q_len, kv_len, scale, stream)
-                         : launch<T, kDim, 3>(q, k, v, out, lse, key_bits, type, batch, heads, q_len, kv_len, scale, stream);
+      return stages == 2 ? launch<T, T, kDim, 2>(maps, nullptr, nullptr, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
+                         : launch<T, T, kDim, 3>(maps, nullptr, nullptr, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
     };
     return head_dim == 64 ? with_dim(std::integral_constant<int, 64>())
                           : with_dim(std::integral_constant<int, 128>());
@@ -372,6 +507,35 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
   if (dtype == DType::kBFloat16) return run(__nv_bfloat16(), CU_TENSOR_MAP_DATA_TYPE_BFLOAT16);
   if (dtype == DType::kFloat16) return run(__half(), CU_TENSOR_MAP_DATA_TYPE_FLOAT16);
   return cudaErrorInvalidValue;
+}
+
+cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
+                                    float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
+                                    int k_scale_len, const float* v_scale, DType out_dtype, int batch, int heads,
+                                    int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
+                                    cudaStream_t stream) {
+  if (head_dim != kFlashFp8HeadDim || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
+      !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
+      vt_len < kv_len || vt_len % 16 != 0 || k_scale_len < kv_len || k_scale_len % 4 != 0 || q_scale == nullptr ||
+      v_scale == nullptr || reinterpret_cast<uintptr_t>(k_scale) % 16 != 0 || reinterpret_cast<uintptr_t>(v_scale) % 8 != 0)
+    return cudaErrorInvalidValue;
+  const CUtensorMapDataType out_type = out_dtype == DType::kBFloat16  ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                       : out_dtype == DType::kFloat16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                                      : CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
+  if (out_type == CU_TENSOR_MAP_DATA_TYPE_FLOAT32) return cudaErrorInvalidValue;
+  CUtensorMap maps[5] = {};
+  if (!make_map(&maps[0], q, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, batch, q_len, heads, head_dim, kBlockM) ||
+      !make_map(&maps[1], k, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, batch, kv_len, heads, head_dim, kBlockN) ||
+      !make_vt_map(&maps[2], vt, batch, heads, head_dim, vt_len) ||
+      !make_map(&maps[3], out, out_type, 2, batch, q_len, heads, head_dim, kBlockM / 2) ||
+      !make_scale_map(&maps[4], k_scale, batch, heads, k_scale_len))
+    return cudaErrorInvalidValue;
+  const auto run = [&](auto out_tag) {
+    using Out = decltype(out_tag);
+    return stages == 2 ? launch<E4M3, Out, 128, 2>(maps, q_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
+                       : launch<E4M3, Out, 128, 3>(maps, q_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
+  };
+  return out_dtype == DType::kBFloat16 ? run(__nv_bfloat16()) : run(__half());
 }
 
 }  // namespace vkern

@@ -50,6 +50,13 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, u
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_u32(bar))
       : "memory");
 }
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::
+          "r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar))
+      : "memory");
+}
 __device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, const void* src, int c0, int c1, int c2, int c3) {
   asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];" ::"l"(
                    reinterpret_cast<uint64_t>(map)),
@@ -61,6 +68,13 @@ __device__ __forceinline__ void tma_store_commit_and_wait() {
 }
 // Ordinary shared-memory stores that the copy engine or the tensor cores read next need this first.
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// A shared-memory load the compiler cannot see as one (the tiles' pointers come from an aligned integer).
+__device__ __forceinline__ float2 lds_float2(const void* p) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(smem_u32(p)));
+  return v;
+}
 
 // ------------------------------------------------------------------------------ named barriers, registers
 __device__ __forceinline__ void bar_sync(int id, int threads) {
@@ -165,6 +179,37 @@ __device__ __forceinline__ void wgmma_m64nNk16_rs_bt(float (&d)[N / 2], const ui
   }
 VKERN_WGMMA_SPECIALIZATIONS(__nv_bfloat16, "bf16")
 VKERN_WGMMA_SPECIALIZATIONS(__half, "f16")
+
+// fp8 (e4m3) operands: both K-major (Hopper's 8-bit wgmma has no transposed forms), 32 K elements per
+// instruction. E4M3 is the tag type for them.
+struct E4M3 {};
+// d[64] (+)= A[64 x 32] B[32 x 128], A and B in shared memory.
+__device__ __forceinline__ void wgmma_m64n128k32_ss_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                          bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " VKERN_ACC64_REGS ", %64, %65, p, 1, 1;\n}\n"
+      : VKERN_ACC64_OPERANDS(d)
+      : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));
+}
+// d[64] += A[64 x 32] B[32 x 128]: A in registers (4 x 4 bytes per thread: row lane / 4 (+ 8 for a[1], a[3]),
+// K elements 4 * (lane % 4) ... + 3 (+ 16 for a[2], a[3]) in byte order), B in shared memory, K-major.
+__device__ __forceinline__ void wgmma_m64n128k32_rs_e4m3(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " VKERN_ACC64_REGS
+      ", {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
+      : VKERN_ACC64_OPERANDS(d)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+// Four fp32 values -> four e4m3 bytes in one register (a in the lowest byte), round to nearest even, saturating.
+// (cvt's first source goes to the upper byte of the pair.)
+__device__ __forceinline__ uint32_t pack4_e4m3(float a, float b, float c, float d) {
+  uint16_t lo, hi;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(b), "f"(a));
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(d), "f"(c));
+  return uint32_t(lo) | (uint32_t(hi) << 16);
+}
 
 // Two fp32 values -> one 32-bit register of two 16-bit values (first in the low half), round to nearest.
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);

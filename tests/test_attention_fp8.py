@@ -1,7 +1,8 @@
 """vkern.ops.attention_8bit (issue #3): attention with Q and K quantized per (token, head) to e4m3 or
 int8, and optionally V per (head, channel) and P to e4m3 for the PV product (pv="e4m3"; pv="bf16" keeps
 V and P in V's dtype), fp32 accumulation. qk="e4m3", pv="e4m3" is the fp8 attention of the issue.
-Backends: triton (vkern/triton/attention.py, after the 8-bit QK prologue and v_to_e4m3) and reference
+Backends: cuda (csrc/flash_attention.cu's e4m3 form: qk="e4m3", pv="e4m3", head dim 128, Hopper; gpu tests),
+triton (vkern/triton/attention.py, after the 8-bit QK prologue and v_to_e4m3) and reference
 (vkern.reference.attention.attention_8bit, the same quantization in fp32).
 
 Accuracy floors, from the quantization noise (the torchao rule: state an SQNR floor in dB). Rounding to
@@ -59,7 +60,8 @@ def use_backend(monkeypatch):
     reference quantizer (test_prequantized_path_is_the_same_op), so there it stays the reference."""
     def force(name):
         monkeypatch.setenv("VKERN_ATTENTION_8BIT_BACKEND", name)
-        monkeypatch.setenv("VKERN_QK_NORM_ROPE_BACKEND", name if ON_GPU else "reference")
+        prologue = "triton" if name == "cuda" else name  # the CUDA attention kernel takes the Triton prologue's output
+        monkeypatch.setenv("VKERN_QK_NORM_ROPE_BACKEND", prologue if ON_GPU else "reference")
         return name
     return force
 
@@ -279,8 +281,9 @@ def test_padded_keys_do_not_enter_v_scales(use_backend, backend, dtype):
     (vq0, vs0), (vq1, vs1) = ops.v_to_e4m3(v_zero, mask), ops.v_to_e4m3(v_huge, mask)
     r8, rs = ref.fp8_per_channel(v_huge, mask)
     assert torch.equal(vs0, vs1) and torch.equal(vs1, rs)
-    attended = mask[:, None, None, :].expand(B, H, 64, Skv)
-    codes = [t[..., :Skv].view(torch.uint8)[attended] for t in (vq0, vq1, r8.permute(0, 2, 3, 1))]
+    attended = mask[:, :, None, None].expand(B, Skv, H, 64)
+    codes = [t.view(torch.uint8)[attended] for t in (ref.e4m3_v_from_transposed(vq0, Skv),
+                                                     ref.e4m3_v_from_transposed(vq1, Skv), r8)]
     assert torch.equal(codes[0], codes[1]) and torch.equal(codes[1], codes[2])
     for scheme in (FP8, ("int8", "e4m3")):
         out0, lse0 = run_8bit(q, k, v_zero, scheme, key_padding_mask=mask, return_lse=True)
@@ -288,6 +291,23 @@ def test_padded_keys_do_not_enter_v_scales(use_backend, backend, dtype):
         assert torch.isfinite(out1).all() and torch.equal(out0, out1) and torch.equal(lse0, lse1)
         ref0, ref1 = (ref.attention_8bit(q, k, t, mask, qk=scheme[0], pv="e4m3")[0] for t in (v_zero, v_huge))
         assert torch.equal(ref0, ref1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("S", [1, 16, 45, 77])
+def test_v_to_e4m3_layout(use_backend, backend, S):
+    """V^T's column 16 u + 4 c + 2 g + b holds key 16 u + 8 g + 2 c + b (the CUDA kernel's P fragment order),
+    the columns of keys past S hold zeros, and the codes are the reference quantizer's, bit for bit."""
+    use_backend(backend)
+    v = make_qkv(2, 1, S, 3, 64, torch.bfloat16)[2]
+    vt, scale = ops.v_to_e4m3(v)
+    v8, ref_scale = ref.fp8_per_channel(v)
+    assert vt.shape == (2, 3, 64, -(-S // 16) * 16) and torch.equal(scale, ref_scale)
+    keys = torch.tensor([16 * u + 8 * g + 2 * c + b for u in range(vt.shape[3] // 16) for c in range(4)
+                         for g in range(2) for b in range(2)])
+    for col, key in enumerate(keys.tolist()):
+        expect = v8[:, key] if key < S else torch.zeros_like(vt[..., col])
+        assert torch.equal(vt[..., col].view(torch.uint8), expect.contiguous().view(torch.uint8)), (col, key)
 
 
 def test_v_to_e4m3_bad_key_padding_mask():
@@ -348,8 +368,8 @@ def test_prequantized_path_is_the_same_op(use_backend, monkeypatch, backend, sch
     vq, vs = ops.v_to_e4m3(v) if pv == "e4m3" else (v, None)
     if pv == "e4m3":
         r8, rs = ref.fp8_per_channel(v)
-        assert torch.equal(vs, rs) and torch.equal(vq[..., :113].view(torch.uint8), r8.permute(0, 2, 3, 1).view(torch.uint8))
-        assert (vq[..., 113:].float() == 0).all()  # padding columns
+        assert torch.equal(vs, rs)
+        assert torch.equal(vq.view(torch.uint8), ref.e4m3_v_transposed(r8, vq.shape[3]).view(torch.uint8))
     got = ops.attention_prequantized(q8, qs, k8, ks, vq, vs, out_dtype=q.dtype)
     assert torch.equal(got, attention_8bit(q, k, v, scheme))
 
@@ -470,10 +490,68 @@ def test_gpu_real_shapes(use_backend, scheme, name, inputs):
     assert_floors(out, cudnn.double(), scheme, what=f"{name} vs cuDNN")
 
 
+# The CUDA kernel's e4m3 form (csrc/flash_attention.cu, head dim 128): lengths around its 128-row/128-key tiles,
+# the 16-key V^T padding and the 4-float K-scale rows (Skv % 4 != 0 takes a padded copy).
+CUDA_FP8_SIZES = [(1, 2, 1, 1), (2, 1, 113, 113), (1, 1, 113, 512), (2, 4, 1, 1000), (2, 2, 200, 333),
+                  (1, 2, 129, 130), (1, 3, 4097, 4097), (1, 2, 256, 4096 + 17)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("scheme", [FP8, ("int8", "bf16")], ids=scheme_id)
-def test_gpu_compile_fullgraph_inductor(use_backend, scheme):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,Sq,Skv", CUDA_FP8_SIZES, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}" for p in CUDA_FP8_SIZES])
+def test_gpu_cuda_fp8_odd_sizes(use_backend, dtype, B, H, Sq, Skv):
+    q, k, v = make_qkv(B, Sq, Skv, H, 128, dtype, "cuda")
+    check_8bit(q, k, v, use_backend("cuda"), FP8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["random", "prefix", "dead_row"])
+def test_gpu_cuda_fp8_key_padding_mask(use_backend, pattern):
+    q, k, v = make_qkv(2, 4096 + 256, 4096 + 200, 4, 128, torch.bfloat16, "cuda")
+    check_8bit(q, k, v, use_backend("cuda"), key_padding_mask=make_padding(2, 4096 + 200, pattern, "cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_fp8_is_the_default_on_hopper():
+    """attention_8bit's own choice for e4m3 Q/K/V at head dim 128 on sm_90 is the CUDA kernel; other schemes
+    and head dims stay on Triton."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the CUDA fp8 kernel is Hopper-only")
+    q, k, v = make_qkv(1, 300, 300, 2, 128, torch.bfloat16, "cuda")
+    attention_8bit(q, k, v, FP8)
+    assert _backend.last_choice["attention_8bit"] == "cuda"
+    attention_8bit(q, k, v, ("int8", "e4m3"))
+    assert _backend.last_choice["attention_8bit"] == "triton"
+    attention_8bit(*make_qkv(1, 300, 300, 2, 64, torch.bfloat16, "cuda"), FP8)
+    assert _backend.last_choice["attention_8bit"] == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,inputs", [
+    ("wan1.3b-480p self, random", lambda: make_qkv(1, 32760, 32760, 12, 128, torch.bfloat16, "cuda")),
+    ("wan1.3b-480p self, WanAttention", lambda: wan_qkv(1, 32760, 1536, 12, torch.bfloat16, "cuda")),
+    ("wan1.3b-480p cross, WanAttention", lambda: wan_qkv(1, 32760, 1536, 12, torch.bfloat16, "cuda", "cross")),
+], ids=["wan-self-random", "wan-self", "wan-cross"])
+def test_gpu_cuda_fp8_real_shapes(use_backend, name, inputs):
+    """As test_gpu_real_shapes, for the CUDA kernel; and its output is within the same noise of the Triton
+    kernel's (the same quantization, different P roundings)."""
+    q, k, v = inputs()
+    check_8bit(q, k, v, use_backend("cuda"), FP8, rows=sampled_rows(q.shape[1]))
+    out = run_8bit(q, k, v, FP8)
+    assert torch.isfinite(out).all()
     use_backend("triton")
+    triton_out = run_8bit(q, k, v, FP8)
+    # Each is within the e4m3 floor (rel L2 0.071) of the oracle with the same Q/K/V codes; only the P roundings
+    # differ, a fraction of that noise.
+    diff = rel_l2(out, triton_out.double())
+    assert diff < 0.071, f"{name}: CUDA vs Triton fp8 rel L2 {diff:.4f}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme,backend", [(FP8, "triton"), (("int8", "bf16"), "triton"), (FP8, "cuda")],
+                         ids=["e4m3/e4m3-triton", "int8/bf16-triton", "e4m3/e4m3-cuda"])
+def test_gpu_compile_fullgraph_inductor(use_backend, scheme, backend):
+    use_backend(backend)
     q, k, v = make_qkv(1, 1025, 1025, 4, 128, torch.bfloat16, "cuda")
 
     def fn(q, k, v):
@@ -481,5 +559,5 @@ def test_gpu_compile_fullgraph_inductor(use_backend, scheme):
         return out.flatten(2) * 2, lse
 
     got, expected = torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v)
-    assert _backend.last_choice["attention_8bit"] == "triton"
+    assert _backend.last_choice["attention_8bit"] == backend
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

@@ -5,7 +5,8 @@ qk_norm_rope backends:   triton (vkern/triton/qk_norm_rope.py), reference.
 attention backends:      cuda (vkern's Hopper flash-attention, csrc/flash_attention.cu: sm_90, head dims 64 and
                          128, key-padding mask), triton (vkern's flash-attention, vkern/triton/attention.py), sdpa (torch SDPA,
                          cuDNN first), reference. On CUDA the order comes from measurement (ATTENTION_PREFERENCE).
-attention_8bit backends: triton, reference (fp32 emulation of the same quantization).
+attention_8bit backends: cuda (e4m3 Q, K, V at head dim 128 on Hopper), triton, reference (fp32 emulation of the
+same quantization).
 """
 import os
 import warnings
@@ -315,8 +316,9 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: tor
 def _tma_ready(t):
     """The CUDA kernel reads through TMA: 16-byte aligned base, head dim contiguous, other strides 16-byte
     multiples (a zero stride, e.g. k expanded over the batch, is copied)."""
+    per_16_bytes = 16 // t.element_size()
     return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and
-            all(st > 0 and st % 8 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
+            all(st > 0 and st % per_16_bytes == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
 
 
 # The CUDA kernel's K/V ring depth (2 or 3; VKERN_FLASH_STAGES overrides, for benchmarks). Run 34: 3 stages
@@ -359,20 +361,73 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     return out, lse
 
 
+def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, key_padding_mask, scale, return_lse, out_dtype):
+    from .._ext import cuda_ext
+
+    q8, k8 = (t if _tma_ready(t) else t.contiguous() for t in (q8, k8))
+    vt = vt if _tma_ready(vt) and vt.shape[3] % 16 == 0 else _pad_last(vt, 16)
+    B, Sq, H, D = q8.shape
+    Skv = k8.shape[1]
+    # The kernel reads K's scales through TMA: rows of a multiple of 4 floats (zeros past Skv), 16-byte aligned.
+    k_scale = k_scale if Skv % 4 == 0 and k_scale.data_ptr() % 16 == 0 else _pad_last(k_scale, 4)
+    out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q8.device) if return_lse else None
+    bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
+    with torch.cuda.device(q8.device):
+        cuda_ext().flash_attention_fp8_fwd(
+            *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q8, k8)),
+            (vt.data_ptr(), vt.stride(0), vt.stride(2), vt.stride(1)),  # V^T: (batch, head-dim row, head) strides
+            (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
+            0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
+            k_scale.data_ptr(), k_scale.shape[2], v_scale.data_ptr(), _DTYPE_CODE[out_dtype], B, H, Sq, Skv,
+            vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(),
+            torch.cuda.current_stream(q8.device).cuda_stream)
+    return out, lse
+
+
+def _pad_last(t, multiple):
+    """A contiguous copy of t with its last dim zero-padded to a multiple of `multiple`."""
+    n = -(-t.shape[-1] // multiple) * multiple
+    padded = t.new_zeros((*t.shape[:-1], n))
+    padded[..., :t.shape[-1]] = t
+    return padded
+
+
 @_attention.register_fake
 def _(q, k, v, attn_mask, key_padding_mask, scale, return_lse, backend):
     B, Sq, H, _ = q.shape
     return q.new_empty((B, Sq, H, v.shape[3])), q.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32)
 
 
+def _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v8):
+    """None if the CUDA kernel's e4m3 form (csrc/flash_attention.cu) can take an attention_8bit call, else why not."""
+    usable = _backend.cuda_ext_usable(device)
+    if usable:
+        return usable
+    from .._ext import cuda_ext
+
+    if not hasattr(cuda_ext(), "flash_attention_fp8_fwd"):
+        return "vkern._C was built without flash_attention_fp8_fwd"
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return f"needs a Hopper GPU (sm_90), got sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+    if head_dim != cuda_ext().flash_fp8_head_dim:
+        return f"head dim {head_dim} (the CUDA fp8 kernel takes {cuda_ext().flash_fp8_head_dim})"
+    if qk_dtype != torch.float8_e4m3fn or not v8:
+        return "the CUDA fp8 kernel takes e4m3 Q, K and V (qk='e4m3', pv='e4m3')"
+    return None if dtype in _DTYPE_CODE else f"no {dtype} output"
+
+
 @_backend.register("attention_8bit")
-def _attention_8bit_candidates(device, dtype, head_dim=128):
-    return {"triton": _kernel_reason(device, dtype, head_dim, head_dim), "reference": None}
+def _attention_8bit_candidates(device, dtype, head_dim=128, qk_dtype=torch.float8_e4m3fn, v8=True):
+    return {"cuda": _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v8),
+            "triton": _kernel_reason(device, dtype, head_dim, head_dim), "reference": None}
 
 
 def v_to_e4m3(v, key_padding_mask=None):
-    """V [B, S, H, D] -> (e4m3 V^T [B, H, D, S_pad] (keys contiguous, S_pad = S rounded up to 16),
-    fp32 scales [B, H, D]): one scale per (head, channel) = amax over the tokens * fp32(1/448).
+    """V [B, S, H, D] -> (e4m3 V^T [B, H, D, S_pad] (keys contiguous, S_pad = S rounded up to 16, the keys
+    of each 32-key group in the order of vkern.reference.attention.e4m3_key_order: the CUDA kernel's P
+    fragment order; zeros past S), fp32 scales [B, H, D]): one scale per (head, channel) = amax over the
+    tokens * fp32(1/448).
     key_padding_mask: bool [B, S], True = attend; when given, the amax runs over the attended tokens only
     (a padded key's V, possibly huge garbage, cannot coarsen the scale; its own values saturate at +-448
     and attention gives them weight 0). Pass the mask that attention_prequantized will get."""
@@ -390,15 +445,13 @@ def _v_to_e4m3(v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> tuple[
     B, S, H, D = v.shape
     s_pad = -(-S // 16) * 16
     backend = _backend.choose("attention_8bit", _attention_8bit_candidates(v.device, v.dtype, D))
-    if backend == "triton":
+    if backend in ("cuda", "triton"):  # the CUDA attention kernel takes the Triton transposer's output
         from ..triton.attention import v_fp8_transposed
 
         scale = fp8_scale(ref.masked_token_amax(v, key_padding_mask)).contiguous()
         return v_fp8_transposed(v if v.stride(-1) == 1 else v.contiguous(), scale, s_pad), scale
     v8, scale = ref.fp8_per_channel(v, key_padding_mask)
-    vt = torch.zeros((B, H, D, s_pad), dtype=v8.dtype, device=v.device)
-    vt[..., :S] = v8.permute(0, 2, 3, 1)
-    return vt, scale
+    return ref.e4m3_v_transposed(v8, s_pad), scale
 
 
 @_v_to_e4m3.register_fake
@@ -467,8 +520,13 @@ def _attention_prequantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.T
                             scale: float | None, return_lse: bool,
                             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     B, Sq, H, D = q8.shape
-    backend = _backend.choose("attention_8bit", _attention_8bit_candidates(q8.device, out_dtype, D))
+    backend = _backend.choose("attention_8bit", _attention_8bit_candidates(q8.device, out_dtype, D, q8.dtype,
+                                                                           v_scale is not None))
     no_lse = q8.new_empty((0,), dtype=torch.float32)
+    if backend == "cuda":
+        out, lse = _cuda_attention_fp8(q8, q_scale, k8, k_scale, v, v_scale, key_padding_mask, scale, return_lse,
+                                       out_dtype)
+        return out, lse if return_lse else no_lse
     if backend == "triton":
         from ..triton.attention import attention as kernel
 
@@ -480,7 +538,7 @@ def _attention_prequantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.T
         kernel(q8, k8, v, out, lse, kpm, scale, q_scale, k_scale, v_scale)
         return out, lse if return_lse else no_lse
     if v_scale is not None:
-        v = v[..., :k8.shape[1]].permute(0, 3, 1, 2)
+        v = ref.e4m3_v_from_transposed(v, k8.shape[1])
     out, lse = ref.attention_quantized(q8, q_scale, k8, k_scale, v, v_scale, key_padding_mask, scale, out_dtype)
     return out.contiguous(), lse if return_lse else no_lse
 

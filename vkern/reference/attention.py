@@ -101,6 +101,33 @@ def masked_token_amax(v, key_padding_mask=None):
     return a.amax(dim=1)
 
 
+def e4m3_key_order(n, device=None):
+    """The key each of n V^T columns holds in vkern's e4m3 V^T layout: within each 32-key group, column
+    16 u + 4 c + 2 g + b holds key 16 u + 8 g + 2 c + b (the order in which the CUDA kernel's 8-bit P fragment,
+    built from the fp32 score accumulator, lists the keys; vkern/triton/attention.py e4m3_key_order)."""
+    col = torch.arange(n, device=device)
+    return (col & ~15) | ((col & 2) << 2) | ((col >> 1) & 6) | (col & 1)
+
+
+def e4m3_v_transposed(v8, s_pad):
+    """e4m3 V [B, S, H, D] -> V^T [B, H, D, s_pad] in e4m3_key_order (s_pad a multiple of 16 >= S), zeros
+    in the columns of keys past S."""
+    B, S, H, D = v8.shape
+    keys = e4m3_key_order(s_pad, v8.device)
+    cols = torch.nonzero(keys < S).squeeze(1)
+    vt = torch.zeros((B, H, D, s_pad), dtype=v8.dtype, device=v8.device)
+    vt[..., cols] = v8.permute(0, 2, 3, 1)[..., keys[cols]]
+    return vt
+
+
+def e4m3_v_from_transposed(vt, S):
+    """Inverse of e4m3_v_transposed: V^T [B, H, D, s_pad] -> V [B, S, H, D] (a view-free copy)."""
+    keys = e4m3_key_order(vt.shape[3], vt.device)
+    cols = torch.empty_like(keys)
+    cols[keys] = torch.arange(vt.shape[3], device=vt.device)
+    return vt[..., cols[:S]].permute(0, 3, 1, 2)
+
+
 def qk_norm_rope_quantized(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, fmt="e4m3"):
     """The fused prologue's 8-bit output: RMSNorm (rounded to x's dtype, as torch's RMSNorm; skipped when
     weight is None) and RoPE (float64 tables) as qk_norm_rope, then quantize_per_head of the unrounded values."""

@@ -10,8 +10,9 @@ pays for bounds masks, so no length needs to be a multiple of a block. A key-pad
 the softmax-scale multiply per row, the K scale multiplies each score column (int8 products sum exactly in
 int32, e4m3 in fp32). V8: V is e4m3 with one scale per (head, channel), stored transposed [B, H, D, S_pad]:
 Hopper's 8-bit tensor-core instructions need the reduction dimension contiguous in both operands, and for
-P @ V that dimension is the keys; P is scaled to [0, 448] (log2(448) folded into the exp2 argument) before
-its cast to e4m3, so small probabilities keep normal e4m3 numbers; the row sum uses the same scaled P in fp32.
+P @ V that dimension is the keys; its keys stored in the order the CUDA kernel's 8-bit P fragment
+wants (e4m3_key_order; this kernel reads K, the K scales and the masks in the same order, so any order works
+here); P is scaled to [0, 448] (log2(448) folded into the exp2 argument) before its cast to e4m3, so small probabilities keep normal e4m3 numbers; the row sum uses the same scaled P in fp32.
 Which combinations meet which accuracy is measured, not assumed: see bench/NOTES.md (attention, 8-bit).
 """
 import math
@@ -30,15 +31,23 @@ P8_OFFSET = math.log2(448.0)
 
 
 @triton.jit
-def _load_kv(k_base, v_base, nk0, nv0, Skv, stride_kn, stride_vn, stride_vd, offs_n, offs_d,
+def e4m3_key_order(col):
+    """The key that column col of an e4m3 V^T holds (vkern.ops.v_to_e4m3): within each 32-key group, column
+    16 u + 4 c + 2 g + b holds key 16 u + 8 g + 2 c + b, the order in which the CUDA kernel's P fragment
+    (wgmma's 8-bit A operand, built from the fp32 score accumulator) lists the keys. Halves of 16 stay put."""
+    return (col & ~15) | ((col & 2) << 2) | ((col >> 1) & 6) | (col & 1)
+
+
+@triton.jit
+def _load_kv(k_base, v_base, nk0, nv0, Skv, Sv, stride_kn, stride_vn, stride_vd, offs_key, offs_n, offs_d,
              V8: tl.constexpr, MASK_N: tl.constexpr):
-    """K[nk0 : nk0 + BLOCK_N] and V[nv0 : nv0 + BLOCK_N] as [BLOCK_N, D] tiles (V8: read from V^T
-    [D, S_pad], keys contiguous). The default loop loads one block (nk0 = nv0), the pipelined one K a
-    block ahead of V."""
-    nk = nk0 + offs_n
+    """K[nk0 + offs_key] and V[nv0 : nv0 + BLOCK_N] as [BLOCK_N, D] tiles (V8: read from V^T [D, Sv], keys
+    contiguous, in e4m3_key_order, which offs_key follows; else offs_key = offs_n). The default loop loads
+    one block (nk0 = nv0), the pipelined one K a block ahead of V."""
+    nk = nk0 + offs_key
     nv = nv0 + offs_n
     nk_ok = nk < Skv
-    nv_ok = nv < Skv
+    nv_ok = nv < Sv
     k_ptrs = k_base + nk[:, None] * stride_kn + offs_d[None, :]
     if V8:
         v_ptrs = v_base + offs_d[:, None] * stride_vd + nv[None, :]
@@ -145,21 +154,22 @@ def _wgmma_wait_anchor(n0, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n0, Skv,
-                  stride_kn, stride_vn, stride_vd, offs_n, offs_d,
+def _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n0, Skv, Sv,
+                  stride_kn, stride_vn, stride_vd, offs_key, offs_n, offs_d,
                   QK8: tl.constexpr, V8: tl.constexpr, MASK_N: tl.constexpr, HAS_KPM: tl.constexpr,
                   UPCAST: tl.constexpr, P_OFFSET: tl.constexpr):
     """One key block, back to back: scores, wait, softmax, P @ V (the default loop)."""
-    k, v = _load_kv(k_base, v_base, n0, n0, Skv, stride_kn, stride_vn, stride_vd, offs_n, offs_d, V8, MASK_N)
+    k, v = _load_kv(k_base, v_base, n0, n0, Skv, Sv, stride_kn, stride_vn, stride_vd, offs_key, offs_n, offs_d, V8,
+                    MASK_N)
     qk = _block_scores(q, k, UPCAST)
-    return _softmax_pv(acc, l_i, m_i, qk, v, row_scale, ks_base, kpm_base, n0, Skv, offs_n,
+    return _softmax_pv(acc, l_i, m_i, qk, v, row_scale, ks_base, kpm_base, n0, Skv, offs_key,
                        QK8, V8, MASK_N, HAS_KPM, UPCAST, P_OFFSET, False, False)
 
 
 @triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qs_ptr, ks_ptr, vs_ptr, kpm_ptr,
-    Sq, Skv, H,
+    Sq, Skv, Sv, H,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -177,6 +187,8 @@ def _attention_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
+    # Key indices of a block's K rows, score columns and V rows (V8: V^T's order; BLOCK_N is a multiple of 32)
+    offs_key = e4m3_key_order(offs_n) if V8 else offs_n
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < Sq
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
@@ -211,35 +223,35 @@ def _attention_kernel(
         # - The raw scores of block n0 - BLOCK_N are consumed (scaled) before block n0's product is issued,
         #   so both can share registers: were the old scores still live, the back edge would copy the
         #   in-flight accumulator and ptxas would serialize every wgmma (C7514).
-        k, _ = _load_kv(k_base, v_base, 0, 0, Skv, stride_ks, stride_vs, stride_vd, offs_n, offs_d, V8, True)
+        k, _ = _load_kv(k_base, v_base, 0, 0, Skv, Sv, stride_ks, stride_vs, stride_vd, offs_key, offs_n, offs_d, V8, True)
         qk = _block_scores(q, k, UPCAST)  # (an unused load is dead code: the compiler drops it)
         for n0 in tl.range(BLOCK_N, n_full, BLOCK_N):
             if ANCHOR:
                 m_i = m_i + _wgmma_wait_anchor(n0, BLOCK_M)
-            s = _scale_scores(qk, row_scale, ks_base, kpm_base, n0 - BLOCK_N, Skv, offs_n, QK8, False, HAS_KPM, UPCAST)
-            k, v = _load_kv(k_base, v_base, n0, n0 - BLOCK_N, Skv, stride_ks, stride_vs, stride_vd, offs_n, offs_d,
+            s = _scale_scores(qk, row_scale, ks_base, kpm_base, n0 - BLOCK_N, Skv, offs_key, QK8, False, HAS_KPM, UPCAST)
+            k, v = _load_kv(k_base, v_base, n0, n0 - BLOCK_N, Skv, Sv, stride_ks, stride_vs, stride_vd, offs_key, offs_n, offs_d,
                             V8, False)
             qk = _block_scores(q, k, UPCAST)
-            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, row_scale, ks_base, kpm_base, n0 - BLOCK_N, Skv, offs_n,
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, row_scale, ks_base, kpm_base, n0 - BLOCK_N, Skv, offs_key,
                                         QK8, V8, False, HAS_KPM, UPCAST, P_OFFSET, False, True)
         n_last = tl.maximum(n_full - BLOCK_N, 0)
-        s = _scale_scores(qk, row_scale, ks_base, kpm_base, n_last, Skv, offs_n, QK8, True, HAS_KPM, UPCAST)
-        _, v = _load_kv(k_base, v_base, n_last, n_last, Skv, stride_ks, stride_vs, stride_vd, offs_n, offs_d,
+        s = _scale_scores(qk, row_scale, ks_base, kpm_base, n_last, Skv, offs_key, QK8, True, HAS_KPM, UPCAST)
+        _, v = _load_kv(k_base, v_base, n_last, n_last, Skv, Sv, stride_ks, stride_vs, stride_vd, offs_key, offs_n, offs_d,
                         V8, True)
-        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, row_scale, ks_base, kpm_base, n_last, Skv, offs_n,
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, row_scale, ks_base, kpm_base, n_last, Skv, offs_key,
                                     QK8, V8, True, HAS_KPM, UPCAST, P_OFFSET, True, True)
         if (n_full > 0) & (n_full < Skv):
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n_full,
-                                          Skv, stride_ks, stride_vs, stride_vd, offs_n, offs_d,
+                                          Skv, Sv, stride_ks, stride_vs, stride_vd, offs_key, offs_n, offs_d,
                                           QK8, V8, True, HAS_KPM, UPCAST, P_OFFSET)
     else:
         for n0 in range(0, n_full, BLOCK_N):
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n0, Skv,
-                                          stride_ks, stride_vs, stride_vd, offs_n, offs_d,
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n0, Skv, Sv,
+                                          stride_ks, stride_vs, stride_vd, offs_key, offs_n, offs_d,
                                           QK8, V8, False, HAS_KPM, UPCAST, P_OFFSET)
         if n_full < Skv:
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n_full,
-                                          Skv, stride_ks, stride_vs, stride_vd, offs_n, offs_d,
+                                          Skv, Sv, stride_ks, stride_vs, stride_vd, offs_key, offs_n, offs_d,
                                           QK8, V8, True, HAS_KPM, UPCAST, P_OFFSET)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -255,15 +267,17 @@ def _attention_kernel(
 @triton.jit
 def _v_fp8_kernel(v_ptr, vs_ptr, vt_ptr, S, S_pad, H, stride_vb, stride_vs, stride_vh,
                   HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, EMULATE: tl.constexpr):
-    """V [B, S, H, D] -> e4m3 V^T [B, H, D, S_pad] with scales [B, H, D] (given); pad columns get zeros."""
+    """V [B, S, H, D] -> e4m3 V^T [B, H, D, S_pad] in e4m3_key_order with scales [B, H, D] (given); the
+    columns of keys past S get zeros. BLOCK_S: a multiple of 32."""
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    key = e4m3_key_order(offs_s)
     offs_d = tl.arange(0, HEAD_DIM)
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_s[:, None] * stride_vs + offs_d[None, :],
-                mask=(offs_s < S)[:, None], other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + key[:, None] * stride_vs + offs_d[None, :],
+                mask=(key < S)[:, None], other=0.0).to(tl.float32)
     inv = tl.math.div_rn(tl.full([HEAD_DIM], 1.0, tl.float32), tl.load(vs_ptr + bh * HEAD_DIM + offs_d))
     v8 = to_e4m3(v * inv[None, :], EMULATE)
     tl.store(vt_ptr + bh * HEAD_DIM * S_pad + offs_d[:, None] * S_pad + offs_s[None, :], tl.trans(v8),
@@ -316,7 +330,7 @@ def attention(q, k, v, out, lse=None, key_padding_mask=None, scale=None,
               q_scale=None, k_scale=None, v_scale=None, variant=None):
     """Launch. q [B, Sq, H, D], k [B, Skv, H, D], last dims contiguous: bf16/fp16/fp32, or 8-bit (e4m3 or
     int8) with q_scale/k_scale fp32 [B, H, S] contiguous. v: like q's float dtype [B, Skv, H, D], or e4m3
-    transposed [B, H, D, S_pad] (keys contiguous, S_pad >= Skv) with v_scale fp32 [B, H, D] contiguous.
+    transposed [B, H, D, S_pad] (keys contiguous in e4m3_key_order, S_pad >= Skv, a multiple of 16) with v_scale fp32 [B, H, D] contiguous.
     out [B, Sq, H, D] (last dim contiguous); lse fp32 [B, H, Sq] contiguous or None; key_padding_mask
     bool/uint8 [B, Skv] contiguous or None. variant: the main loop, "default" (scores, softmax, P @ V back to
     back) or "pipe" (the next block's QK^T issued before this block's softmax; opt-in until measured);
@@ -343,7 +357,7 @@ def attention(q, k, v, out, lse=None, key_padding_mask=None, scale=None,
     _attention_tuned[grid](
         q, k, v, out, lse if lse is not None else dummy,
         q_scale if qk8 else dummy, k_scale if qk8 else dummy, v_scale if v8 else dummy, kpm,
-        Sq, Skv, H,
+        Sq, Skv, v.shape[3] if v8 else Skv, H,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         svb, svs, svh, svd,

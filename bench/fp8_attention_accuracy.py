@@ -1,0 +1,60 @@
+"""fp8 attention accuracy (issue 3: cosine >= 0.9995 and rel L2 <= 0.02 vs an fp32 reference) per backend, on
+random q/k/v and on q/k/v from a diffusers WanAttention (RMSNorm across heads, RoPE; self and cross), against a
+float64 oracle on 512 sampled query rows. Prints a table and writes JSON lines (--out).
+    python -m bench.fp8_attention_accuracy [--out rows.jsonl]"""
+import argparse
+import json
+import os
+
+import torch
+
+import vkern.ops
+from vkern.reference import attention as ref
+
+from .bench import _commit
+
+
+def _wan_qkv(S, dim, heads, kind):
+    from tests.test_attention_fp8 import wan_qkv
+
+    return wan_qkv(1, S, dim, heads, torch.bfloat16, "cuda", kind)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    inputs = {
+        "random 32760x32760 D128 H12": lambda: tuple(torch.randn(1, 32760, 12, 128, device="cuda", dtype=torch.bfloat16)
+                                                     for _ in range(3)),
+        "WanAttention self 1.3B 480p": lambda: _wan_qkv(32760, 1536, 12, "self"),
+        "WanAttention cross 1.3B 480p": lambda: _wan_qkv(32760, 1536, 12, "cross"),
+    }
+    providers = {"fp8-cuda": ("cuda", ("e4m3", "e4m3")), "fp8-triton": ("triton", ("e4m3", "e4m3")),
+                 "fp8-reference": ("reference", ("e4m3", "e4m3")), "int8-triton": ("triton", ("int8", "bf16"))}
+    rows = []
+    for name, make in inputs.items():
+        q, k, v = make()
+        sample = torch.randperm(q.shape[1], device="cuda")[:512]
+        oracle = ref.attention_lse(q[:, sample], k, v)[0].double()
+        for provider, (backend, (qk, pv)) in providers.items():
+            os.environ["VKERN_ATTENTION_8BIT_BACKEND"] = backend
+            try:
+                qs = q[:, sample] if backend == "reference" else q  # the emulation on the sampled rows only
+                out = vkern.ops.attention_8bit(qs, k, v, qk=qk, pv=pv)
+            finally:
+                del os.environ["VKERN_ATTENTION_8BIT_BACKEND"]
+            out = out if backend == "reference" else out[:, sample]
+            err = ((out.double() - oracle).norm() / oracle.norm()).item()
+            cos = torch.nn.functional.cosine_similarity(out.double().flatten(), oracle.flatten(), dim=0).item()
+            rows.append(dict(op="attention-accuracy", inputs=name, provider=provider, rel_l2=err, cos=cos, gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=_commit()))
+            print(f"{name:32s} {provider:14s} rel L2 {err:.4f}  cos {cos:.6f}", flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
