@@ -48,7 +48,7 @@ def main():
             out = out if backend == "reference" else out[:, sample]
             err = ((out.double() - oracle).norm() / oracle.norm()).item()
             cos = torch.nn.functional.cosine_similarity(out.double().flatten(), oracle.flatten(), dim=0).item()
-            rows.append(dict(op="attention-accuracy", inputs=name, provider=provider, rel_l2=err, cos=cos, gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=_commit()))
+            rows.append(dict(op="attention-accuracy", shape=name, provider=provider, rel_l2=err, cos=cos, gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=_commit()))
             print(f"{name:32s} {provider:14s} rel L2 {err:.4f}  cos {cos:.6f}", flush=True)
     if args.out:
         with open(args.out, "a") as f:
