@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Where the CUDA attention kernel's time goes (one GPU call): ncu sections for one e4m3 and one bf16 launch at
+# wan1.3b-480p sizes (warp stall reasons, pipe utilization), and compute-sanitizer memcheck + racecheck on a small
+# masked call of each form. Output under $OUT. Usage: VKERN_COMMIT=<sha> bash bench/flash_ncu.sh
+set -uo pipefail
+. bench/device_env.sh
+python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+timeout 240 ncu --clock-control none -k regex:flash_fwd_kernel -c 2 \
+  --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+  --section InstructionStats python3 -m bench.flash_probe_call > "$OUT/ncu.txt" 2>&1
+echo "ncu rc $?"; grep -E "flash_fwd|Duration|Throughput|Issue Slots|Stall|Warp Cycles|Eligible|Active Warps|Pipe|No Eligible" "$OUT/ncu.txt" | head -80
+for tool in memcheck racecheck; do
+  timeout 120 compute-sanitizer --tool $tool python3 -m bench.flash_probe_call --small > "$OUT/sanitizer-$tool.txt" 2>&1
+  echo "compute-sanitizer $tool rc $?"; tail -4 "$OUT/sanitizer-$tool.txt"
+done

@@ -1,0 +1,36 @@
+"""One call of each CUDA attention form, for ncu and compute-sanitizer (bench/flash_ncu.sh):
+    python -m bench.flash_probe_call [--small]
+default: wan1.3b-480p sizes (12 heads x 32760 tokens, D 128), e4m3 then bf16; --small: 2 heads, 300 queries x
+700 keys with a key-padding mask (sanitizers are slow)."""
+import argparse
+import os
+
+import torch
+
+import vkern.ops
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--small", action="store_true")
+    args = parser.parse_args()
+    H, Sq, Skv = (2, 300, 700) if args.small else (12, 32760, 32760)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, S, H, 128, device="cuda", dtype=torch.bfloat16) for S in (Sq, Skv, Skv))
+    mask = None
+    if args.small:
+        mask = torch.rand(1, Skv, device="cuda") > 0.2
+    q8, qs = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, H, quant="e4m3")
+    k8, ks = vkern.ops.qk_norm_rope(k.flatten(2), None, 0.0, H, quant="e4m3")
+    vt, vs = vkern.ops.v_to_e4m3(v, mask)
+    os.environ["VKERN_ATTENTION_8BIT_BACKEND"] = "cuda"
+    os.environ["VKERN_ATTENTION_BACKEND"] = "cuda"
+    out8 = vkern.ops.attention_prequantized(q8, qs, k8, ks, vt, vs, key_padding_mask=mask, out_dtype=q.dtype)
+    out = vkern.ops.attention(q, k, v, key_padding_mask=mask)
+    torch.cuda.synchronize()
+    err = ((out8.float() - out.float()).norm() / out.float().norm()).item()
+    print(f"H {H} Sq {Sq} Skv {Skv}: fp8 vs bf16 rel L2 {err:.4f}")
+
+
+if __name__ == "__main__":
+    main()
