@@ -8,7 +8,14 @@ python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>
 timeout 240 ncu --clock-control none -k regex:flash_fwd_kernel -c 2 \
   --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
   --section InstructionStats python3 -m bench.flash_probe_call > "$OUT/ncu.txt" 2>&1
-echo "ncu rc $?"; grep -E "flash_fwd|Duration|Throughput|Issue Slots|Stall|Warp Cycles|Eligible|Active Warps|Pipe|No Eligible" "$OUT/ncu.txt" | head -80
+echo "ncu rc $?"
+# Stall reasons (warps stalled per issued instruction, by reason) and pipe utilization, same two launches
+timeout 240 ncu --clock-control none -k regex:flash_fwd_kernel -c 2 \
+  --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_.*_cycles_active\.avg\.pct_of_peak_sustained_active,regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active" \
+  python3 -m bench.flash_probe_call > "$OUT/ncu-stalls.txt" 2>&1
+echo "ncu stalls rc $?"
+grep -E "flash_fwd|stalled|pipe" "$OUT/ncu-stalls.txt" | awk '$NF+0 > 0.05 || /flash_fwd/' | head -120
+grep -E "flash_fwd|Duration|Throughput|Issue Slots|Stall|Warp Cycles|Eligible|Active Warps|Pipe|No Eligible" "$OUT/ncu.txt" | head -80
 for tool in memcheck racecheck; do
   timeout 120 compute-sanitizer --tool $tool python3 -m bench.flash_probe_call --small > "$OUT/sanitizer-$tool.txt" 2>&1
   echo "compute-sanitizer $tool rc $?"; tail -4 "$OUT/sanitizer-$tool.txt"
