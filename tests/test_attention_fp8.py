@@ -448,6 +448,14 @@ def test_bad_inputs_name_the_argument():
 
 
 # ------------------------------------------------------------------------------------------ GPU tests
+# Real-size inputs (head dim 128 unless named): random, and q/k/v as a diffusers WanAttention computes them.
+REAL_INPUTS = [
+    ("wan1.3b-480p self, random", lambda: make_qkv(1, 32760, 32760, 12, 128, torch.bfloat16, "cuda")),
+    ("wan1.3b-480p self, WanAttention", lambda: wan_qkv(1, 32760, 1536, 12, torch.bfloat16, "cuda")),
+    ("wan1.3b-480p cross, WanAttention", lambda: wan_qkv(1, 32760, 1536, 12, torch.bfloat16, "cuda", "cross")),
+]
+REAL_IDS = ["wan-self-random", "wan-self", "wan-cross"]
+REAL_D64 = ("head dim 64", lambda: make_qkv(1, 17550, 17550, 2, 64, torch.bfloat16, "cuda"))
 GPU_ODD = [p[:5] for p in ODD_SIZES] + [(1, 3, 4097, 4097, 128), (2, 4, 4097, 333, 64)]
 
 
@@ -461,20 +469,16 @@ def test_gpu_odd_sizes(use_backend, scheme, dtype, B, H, Sq, Skv, D):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("pattern", ["random", "prefix", "dead_row"])
-def test_gpu_key_padding_mask(use_backend, pattern):
-    q, k, v = make_qkv(2, 4096 + 256, 4096 + 256, 4, 128, torch.bfloat16, "cuda")
-    check_8bit(q, k, v, use_backend("triton"), key_padding_mask=make_padding(2, 4096 + 256, pattern, "cuda"))
+def test_gpu_key_padding_mask(use_backend, pattern, backend):
+    q, k, v = make_qkv(2, 4096 + 256, 4096 + 200, 4, 128, torch.bfloat16, "cuda")
+    check_8bit(q, k, v, use_backend(backend), key_padding_mask=make_padding(2, 4096 + 200, pattern, "cuda"))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", SCHEMES, ids=scheme_id)
-@pytest.mark.parametrize("name,inputs", [
-    ("wan1.3b-480p self, random", lambda: make_qkv(1, 32760, 32760, 12, 128, torch.bfloat16, "cuda")),
-    ("wan1.3b-480p self, WanAttention", lambda: wan_qkv(1, 32760, 1536, 12, torch.bfloat16, "cuda")),
-    ("wan1.3b-480p cross, WanAttention", lambda: wan_qkv(1, 32760, 1536, 12, torch.bfloat16, "cuda", "cross")),
-    ("head dim 64", lambda: make_qkv(1, 17550, 17550, 2, 64, torch.bfloat16, "cuda")),
-], ids=["wan-self-random", "wan-self", "wan-cross", "d64-17550"])
+@pytest.mark.parametrize("name,inputs", REAL_INPUTS + [REAL_D64], ids=REAL_IDS + ["d64-17550"])
 def test_gpu_real_shapes(use_backend, scheme, name, inputs):
     """Sampled query rows against the float64 oracle (floors, lse bound, 1.25x/2x the reference), and
     the whole output against cuDNN bf16 (whose own error, ~0.2% rel L2, is far below the floors')."""
@@ -505,13 +509,6 @@ def test_gpu_cuda_fp8_odd_sizes(use_backend, dtype, B, H, Sq, Skv):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pattern", ["random", "prefix", "dead_row"])
-def test_gpu_cuda_fp8_key_padding_mask(use_backend, pattern):
-    q, k, v = make_qkv(2, 4096 + 256, 4096 + 200, 4, 128, torch.bfloat16, "cuda")
-    check_8bit(q, k, v, use_backend("cuda"), key_padding_mask=make_padding(2, 4096 + 200, pattern, "cuda"))
-
-
-@pytest.mark.gpu
 def test_gpu_cuda_fp8_is_the_default_on_hopper():
     """attention_8bit's own choice for e4m3 Q/K/V at head dim 128 on sm_90 is the CUDA kernel; other schemes
     and head dims stay on Triton."""
@@ -527,11 +524,7 @@ def test_gpu_cuda_fp8_is_the_default_on_hopper():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name,inputs", [
-    ("wan1.3b-480p self, random", lambda: make_qkv(1, 32760, 32760, 12, 128, torch.bfloat16, "cuda")),
-    ("wan1.3b-480p self, WanAttention", lambda: wan_qkv(1, 32760, 1536, 12, torch.bfloat16, "cuda")),
-    ("wan1.3b-480p cross, WanAttention", lambda: wan_qkv(1, 32760, 1536, 12, torch.bfloat16, "cuda", "cross")),
-], ids=["wan-self-random", "wan-self", "wan-cross"])
+@pytest.mark.parametrize("name,inputs", REAL_INPUTS, ids=REAL_IDS)
 def test_gpu_cuda_fp8_real_shapes(use_backend, name, inputs):
     """As test_gpu_real_shapes, for the CUDA kernel; and its output is within the same noise of the Triton
     kernel's (the same quantization, different P roundings)."""

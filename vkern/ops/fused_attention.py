@@ -191,17 +191,27 @@ def _kernel_reason(device, dtype, head_dim, v_head_dim):
     return None if dtype in FLOATS else f"no {dtype} kernel"
 
 
-def _cuda_kernel_reason(device, dtype, head_dim, v_head_dim, attn_mask):
-    """None if the CUDA (sm_90a, wgmma) kernel, csrc/flash_attention.cu, can take the call, else why not."""
+def _hopper_ext_reason(device, entry):
+    """None if vkern._C's `entry` (an sm_90a kernel) can run on `device`, else why not."""
     usable = _backend.cuda_ext_usable(device)
     if usable:
         return usable
     from .._ext import cuda_ext
 
-    if not hasattr(cuda_ext(), "flash_attention_fwd"):
-        return "vkern._C was built without flash_attention_fwd"
+    if not hasattr(cuda_ext(), entry):
+        return f"vkern._C was built without {entry}"
     if torch.cuda.get_device_capability(device) != (9, 0):
         return f"needs a Hopper GPU (sm_90), got sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+    return None
+
+
+def _cuda_kernel_reason(device, dtype, head_dim, v_head_dim, attn_mask):
+    """None if the CUDA (sm_90a, wgmma) kernel, csrc/flash_attention.cu, can take the call, else why not."""
+    usable = _hopper_ext_reason(device, "flash_attention_fwd")
+    if usable:
+        return usable
+    from .._ext import cuda_ext
+
     if head_dim not in cuda_ext().flash_head_dims or v_head_dim != head_dim:
         return f"head dim {head_dim} (the CUDA kernel takes {cuda_ext().flash_head_dims})"
     if dtype not in _DTYPE_CODE:
@@ -401,15 +411,11 @@ def _(q, k, v, attn_mask, key_padding_mask, scale, return_lse, backend):
 
 def _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v8):
     """None if the CUDA kernel's e4m3 form (csrc/flash_attention.cu) can take an attention_8bit call, else why not."""
-    usable = _backend.cuda_ext_usable(device)
+    usable = _hopper_ext_reason(device, "flash_attention_fp8_fwd")
     if usable:
         return usable
     from .._ext import cuda_ext
 
-    if not hasattr(cuda_ext(), "flash_attention_fp8_fwd"):
-        return "vkern._C was built without flash_attention_fp8_fwd"
-    if torch.cuda.get_device_capability(device) != (9, 0):
-        return f"needs a Hopper GPU (sm_90), got sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}"
     if head_dim != cuda_ext().flash_fp8_head_dim:
         return f"head dim {head_dim} (the CUDA fp8 kernel takes {cuda_ext().flash_fp8_head_dim})"
     if qk_dtype != torch.float8_e4m3fn or not v8:
