@@ -107,22 +107,6 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
 
-// The thread's maxima of its two rows' 32 scores (register i is row (i / 2) % 2), as a tree: 5 dependent steps
-// instead of a 32-long chain on each block's critical path (max is exact in any order).
-__device__ __forceinline__ void row_max_tree(const float (&s)[64], float (&mx)[2]) {
-  float t[2][16];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-#pragma unroll
-    for (int q = 0; q < 16; ++q) t[r][q] = fmaxf(s[4 * q + 2 * r], s[4 * q + 2 * r + 1]);
-#pragma unroll
-    for (int q = 0; q < 8; ++q) t[r][q] = fmaxf(t[r][q], t[r][q + 8]);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) t[r][q] = fmaxf(t[r][q], t[r][q + 4]);
-    mx[r] = fmaxf(fmaxf(t[r][0], t[r][2]), fmaxf(t[r][1], t[r][3]));
-  }
-}
-
 // Accumulator fragment (wgmma m64nN, fp32): register i of a thread holds row (warp * 16 + lane / 4 + 8 * r)
 // with r = (i / 2) % 2, column (i / 4) * 8 + (lane % 4) * 2 + i % 2. Packed in pairs it is also the A
 // fragment of the 16-bit PV product, so P never leaves registers. The 8-bit A fragment wants 4 consecutive
@@ -246,8 +230,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (!((words[c / 32] >> (c % 32)) & 1u)) s[i] = -INFINITY;
       }
     }
-    float mx[2], neg_max[2];
-    row_max_tree(s, mx);
+    float mx[2] = {-INFINITY, -INFINITY}, neg_max[2];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) mx[(i / 2) % 2] = fmaxf(mx[(i / 2) % 2], s[i]);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float new_max = fmaxf(row_max[r], quad_max(mx[r]) * scale_of_row(r));
