@@ -12,11 +12,10 @@ import vkern.ops
 from vkern.reference import attention as ref
 
 from .bench import _commit
+from .wan_inputs import wan_qkv
 
 
 def _wan_qkv(S, dim, heads, kind):
-    from tests.test_attention_fp8 import wan_qkv
-
     return wan_qkv(1, S, dim, heads, torch.bfloat16, "cuda", kind)
 
 
