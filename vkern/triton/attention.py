@@ -10,9 +10,10 @@ pays for bounds masks, so no length needs to be a multiple of a block. A key-pad
 the softmax-scale multiply per row, the K scale multiplies each score column (int8 products sum exactly in
 int32, e4m3 in fp32). V8: V is e4m3 with one scale per (head, channel), stored transposed [B, H, D, S_pad]:
 Hopper's 8-bit tensor-core instructions need the reduction dimension contiguous in both operands, and for
-P @ V that dimension is the keys; its keys stored in the order the CUDA kernel's 8-bit P fragment
-wants (e4m3_key_order; this kernel reads K, the K scales and the masks in the same order, so any order works
-here); P is scaled to [0, 448] (log2(448) folded into the exp2 argument) before its cast to e4m3, so small probabilities keep normal e4m3 numbers; the row sum uses the same scaled P in fp32.
+P @ V that dimension is the keys. V^T's keys are stored in the order the CUDA kernel's 8-bit P fragment wants
+(e4m3_key_order); this kernel reads K, the K scales and the masks in the same order, so any order works here.
+P is scaled to [0, 448] (log2(448) folded into the exp2 argument) before its cast to e4m3, so small
+probabilities keep normal e4m3 numbers; the row sum uses the same scaled P in fp32.
 Which combinations meet which accuracy is measured, not assumed: see bench/NOTES.md (attention, 8-bit).
 """
 import math
