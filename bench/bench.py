@@ -79,7 +79,7 @@ def _attention(name, providers, args):
     wanted = providers or list(fns) + ["vkern-fp8-cuda-kernel", "vkern-fp8-triton-kernel"]
     if s.head_dim == 128 and any(p.endswith("-kernel") for p in wanted):
         q8, qs = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, s.heads, quant="e4m3")
-        k8, ks = vkern.ops.qk_norm_rope(k.flatten(2), None, 0.0, s.heads, quant="e4m3")
+        k8, ks = vkern.ops.k_to_e4m3(k)  # one scale per 128-key block (the CUDA kernel's form)
         vt, vs = vkern.ops.v_to_e4m3(v)
         prequant = lambda: vkern.ops.attention_prequantized(q8, qs, k8, ks, vt, vs, out_dtype=q.dtype)
         fns["vkern-fp8-cuda-kernel"] = fp8_backend("cuda", prequant)

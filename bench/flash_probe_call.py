@@ -21,7 +21,7 @@ def main():
     if args.small:
         mask = torch.rand(1, Skv, device="cuda") > 0.2
     q8, qs = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, H, quant="e4m3")
-    k8, ks = vkern.ops.qk_norm_rope(k.flatten(2), None, 0.0, H, quant="e4m3")
+    k8, ks = vkern.ops.k_to_e4m3(k, mask)
     vt, vs = vkern.ops.v_to_e4m3(v, mask)
     os.environ["VKERN_ATTENTION_8BIT_BACKEND"] = "cuda"
     os.environ["VKERN_ATTENTION_BACKEND"] = "cuda"

@@ -38,8 +38,9 @@ constexpr float kLog2Of448 = 8.807354922057604f;
 
 // Tile geometry per input format. 16-bit: Q, K, V [B, S, H, D]; a 128-row tile is D / 64 column boxes of 64
 // (two "halves" at D = 128), kHalfBytes apart. E4M3 (D = 128 only): Q, K [B, S, H, D] with fp32 scales per
-// (token, head), one 128-byte box per tile, and V^T [B, H, D, S_pad] (its tile: D rows x 128 keys, the keys
-// contiguous, as 8-bit wgmma wants both operands K-major) with fp32 scales per (head, channel).
+// (token, head) for Q and per (128-key block, head) for K, one 128-byte box per tile, and V^T [B, H, D, S_pad]
+// (its tile: D rows x 128 keys, the keys contiguous, as 8-bit wgmma wants both operands K-major) with fp32
+// scales per (head, channel).
 template <typename In, int kHeadDim>
 struct Format {
   static constexpr bool kFp8 = std::is_same<In, E4M3>::value;
@@ -49,7 +50,6 @@ struct Format {
   static constexpr int kTileBytes = kBoxes * kHalfBytes;           // Q, K, V (or V^T) tile
   static constexpr int kOutBoxes = kHeadDim / 64;                  // the output is 16-bit
   static constexpr int kOutStageBytes = kFp8 ? kOutBoxes * kHalfBytes : 0;  // 16-bit: the Q tile is reused
-  static constexpr int kScaleBytes = kFp8 ? kBlockN * 4 : 0;       // K scales per key block
   static constexpr int kPRegs = kFp8 ? 16 : 32;                    // P of 64 x 128 per warpgroup, packed
   static constexpr float kPOffset = kFp8 ? kLog2Of448 : 0.f;       // e4m3 P is scaled to [0, 448]
 };
@@ -58,12 +58,11 @@ struct Barriers {
   uint64_t q_full;
   uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
 };
-// Q | K ring | V ring | output stage | K-scale ring | barriers, + 1024-alignment slack.
+// Q | K ring | V ring | output stage | barriers, + 1024-alignment slack.
 template <typename In, int kHeadDim, int kStages>
 constexpr int smem_bytes() {
   using F = Format<In, kHeadDim>;
-  return F::kTileBytes * (1 + 2 * kStages) + F::kOutStageBytes + F::kScaleBytes * kStages +
-         int(sizeof(Barriers<kStages>)) + 1024;
+  return F::kTileBytes * (1 + 2 * kStages) + F::kOutStageBytes + int(sizeof(Barriers<kStages>)) + 1024;
 }
 
 template <typename In, int kHeadDim>
@@ -118,7 +117,7 @@ template <typename In, typename Out, int kHeadDim, int kStages>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
-                     const __grid_constant__ CUtensorMap k_scale_map, const float* __restrict__ q_scale,
+                     const float* __restrict__ q_scale, const float* __restrict__ k_scale,
                      const float* __restrict__ v_scale, float* __restrict__ lse, const uint4* __restrict__ key_bits,
                      int heads, int q_len, int kv_len, float scale_log2) {
   using F = Format<In, kHeadDim>;
@@ -129,9 +128,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* k_tiles = smem + kTileBytes;
   uint8_t* v_tiles = smem + kTileBytes * (1 + kStages);
   uint8_t* out_stage = F::kFp8 ? smem + kTileBytes * (1 + 2 * kStages) : q_tile;
-  float* k_scales = reinterpret_cast<float*>(smem + kTileBytes * (1 + 2 * kStages) + F::kOutStageBytes);
-  Barriers<kStages>& bars = *reinterpret_cast<Barriers<kStages>*>(smem + kTileBytes * (1 + 2 * kStages) +
-                                                                  F::kOutStageBytes + F::kScaleBytes * kStages);
+  Barriers<kStages>& bars =
+      *reinterpret_cast<Barriers<kStages>*>(smem + kTileBytes * (1 + 2 * kStages) + F::kOutStageBytes);
 
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   const int warpgroup = threadIdx.x / 128;
@@ -142,8 +140,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&bars.k_full[s], 1);
       mbar_init(&bars.v_full[s], 1);
-      // 16-bit: one arrival per consumer warpgroup; E4M3: one per consumer warp (each reads its K scales)
-      mbar_init(&bars.k_empty[s], F::kFp8 ? 8 : 2);
+      mbar_init(&bars.k_empty[s], 2);  // one arrival per consumer warpgroup
       mbar_init(&bars.v_empty[s], 2);
     }
     mbar_init_fence();
@@ -160,11 +157,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int s = j % kStages;
         const uint32_t free_parity = ((j / kStages) & 1) ^ 1;  // the first round finds fresh barriers "done"
         mbar_wait(&bars.k_empty[s], free_parity);
-        mbar_arrive_expect_tx(&bars.k_full[s], kTileBytes + F::kScaleBytes);
+        mbar_arrive_expect_tx(&bars.k_full[s], kTileBytes);
         for (int h = 0; h < F::kBoxes; ++h)
           tma_load_4d(k_tiles + s * kTileBytes + h * kHalfBytes, &k_map, &bars.k_full[s], h * F::kBoxCols, head,
                       j * kBlockN, batch);
-        if constexpr (F::kFp8) tma_load_3d(k_scales + s * kBlockN, &k_scale_map, &bars.k_full[s], j * kBlockN, head, batch);
         mbar_wait(&bars.v_empty[s], free_parity);
         mbar_arrive_expect_tx(&bars.v_full[s], kTileBytes);
         if constexpr (F::kFp8) {
@@ -188,10 +184,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in scaled log2 units
-  // Score -> log2 units, per row: the softmax scale, times the query's scale for E4M3 (the key's multiplies
-  // each score column in the softmax).
+  // Score -> log2 units, per row: the softmax scale, times the query's scale for E4M3 (and, per block, the
+  // block's K scale: softmax's key_scale).
   float row_scale[2] = {scale_log2, scale_log2};
-  auto scale_of_row = [&](int r) { return F::kFp8 ? row_scale[r] : scale_log2; };
   if constexpr (F::kFp8) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -204,17 +199,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto key_bits_of = [&](int j) {
     return key_bits == nullptr ? make_uint4(~0u, ~0u, ~0u, ~0u) : __ldg(key_bits + int64_t(batch) * n_blocks + j);
   };
+  // E4M3: block j's K scale (one per 128-key block and head); loaded with the key bits, before the S wait.
+  auto key_scale_of = [&](int j) {
+    return F::kFp8 ? __ldg(k_scale + (int64_t(batch) * heads + head) * n_blocks + j) : 1.f;
+  };
   // Masks the keys past kv_len and the padded ones, updates the running max and returns P = exp2(scale * s - max)
   // (E4M3: times 448) in s, its row sums in sum and the factor alpha that rescales what was accumulated before.
-  auto softmax = [&](int j, uint4 bits, float (&alpha)[2], float (&sum)[2]) {
-    if constexpr (F::kFp8) {  // key scales of this thread's columns (i / 4) * 8 + (lane % 4) * 2 + {0, 1}
-      const float2* ks = reinterpret_cast<const float2*>(k_scales + (j % kStages) * kBlockN) + lane % 4;
-#pragma unroll
-      for (int g = 0; g < 16; ++g) {
-        const float2 k2 = lds_float2(ks + 4 * g);
-        s[4 * g] *= k2.x, s[4 * g + 1] *= k2.y, s[4 * g + 2] *= k2.x, s[4 * g + 3] *= k2.y;
-      }
-    }
+  // The per-row multipliers (> 0) commute with the max, so they scale two row maxima, not 64 scores.
+  auto softmax = [&](int j, uint4 bits, float key_scale, float (&alpha)[2], float (&sum)[2]) {
+    const float mult[2] = {F::kFp8 ? row_scale[0] * key_scale : scale_log2,
+                           F::kFp8 ? row_scale[1] * key_scale : scale_log2};
     const int cols_left = kv_len - j * kBlockN;
     if (cols_left < kBlockN) {
 #pragma unroll
@@ -235,7 +229,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 64; ++i) mx[(i / 2) % 2] = fmaxf(mx[(i / 2) % 2], s[i]);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float new_max = fmaxf(row_max[r], quad_max(mx[r]) * scale_of_row(r));
+      const float new_max = fmaxf(row_max[r], quad_max(mx[r]) * mult[r]);
       // No attended key in this row yet (only with a mask): exp2 against 0 keeps -inf scores at 0, not NaN.
       const float offset = new_max == -INFINITY ? 0.f : new_max;
       alpha[r] = ex2(row_max[r] - offset);
@@ -245,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 #pragma unroll
     for (int i = 0; i < 64; ++i) {
-      s[i] = ex2(fmaf(s[i], scale_of_row((i / 2) % 2), neg_max[(i / 2) % 2]));
+      s[i] = ex2(fmaf(s[i], mult[(i / 2) % 2], neg_max[(i / 2) % 2]));
       sum[(i / 2) % 2] += s[i];
     }
   };
@@ -264,14 +258,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < 32; ++i) p[i] = pack2<In>(s[2 * i], s[2 * i + 1]);
     }
   };
-  // The K stage of block j is free once the products read it (16-bit) and, E4M3, every warp read its scales.
+  // The K stage of block j is free once its product is done.
   auto release_k = [&](int j) {
-    if constexpr (F::kFp8) {
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&bars.k_empty[j % kStages]);
-    } else {
-      if (tid == 0) mbar_arrive(&bars.k_empty[j % kStages]);
-    }
+    if (tid == 0) mbar_arrive(&bars.k_empty[j % kStages]);
   };
   // Arrivals on the other consumer's turn barrier must match its syncs: consumer 1 gives consumer 0 the first
   // turn and skips its own last arrival.
@@ -285,6 +274,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   {  // block 0: S only
     float sum[2];
     const uint4 bits = key_bits_of(0);
+    const float key_scale = key_scale_of(0);
     mbar_wait(&bars.k_full[0], 0);
     bar_sync(kTurnBarrier + wg, 256);
     wgmma_fence();
@@ -294,9 +284,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     pass_turn(0);
     wgmma_wait<0>();
     fence_regs(s);
-    if constexpr (!F::kFp8) release_k(0);
-    softmax(0, bits, alpha, sum);
-    if constexpr (F::kFp8) release_k(0);
+    release_k(0);
+    softmax(0, bits, key_scale, alpha, sum);
     row_sum[0] = sum[0];
     row_sum[1] = sum[1];
   }
@@ -319,6 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int j = 1; j < n_blocks; ++j) {  // S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight together
     const int st = j % kStages, prev = (j - 1) % kStages;
     const uint4 bits = key_bits_of(j);  // in flight while the products run
+    const float key_scale = key_scale_of(j);
     mbar_wait(&bars.k_full[st], (j / kStages) & 1);
     mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
     finish_block(j);
@@ -334,10 +324,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     pass_turn(j);
     wgmma_wait<1>();  // S_j; the PV product stays in flight through the softmax
     fence_regs(s);
-    if constexpr (!F::kFp8) release_k(j);
+    release_k(j);
     float sum[2];
-    softmax(j, bits, alpha, sum);
-    if constexpr (F::kFp8) release_k(j);
+    softmax(j, bits, key_scale, alpha, sum);
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + sum[r];
   }
@@ -441,20 +430,6 @@ bool make_vt_map(CUtensorMap* map, const AttentionTensor& t, int batch, int head
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// fp32 key scales [B, H, scale_len] (scale_len a multiple of 4: 16-byte row strides): a 3-D map, boxes of 128 keys.
-// Keys past scale_len read as 0 (their scores are masked anyway).
-bool make_scale_map(CUtensorMap* map, const float* scales, int batch, int heads, int scale_len) {
-  auto encode = tensor_map_encoder();
-  if (encode == nullptr) return false;
-  const cuuint64_t dims[3] = {cuuint64_t(scale_len), cuuint64_t(heads), cuuint64_t(batch)};
-  const cuuint64_t strides[2] = {cuuint64_t(scale_len) * 4, cuuint64_t(scale_len) * heads * 4};
-  const cuuint32_t box[3] = {kBlockN, 1, 1};
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<float*>(scales), dims, strides, box, elem_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
   const int64_t align = 16 / elem_bytes;
   return t.ptr != nullptr && reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && t.batch_stride % align == 0 &&
@@ -462,16 +437,16 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
          t.head_stride >= 0;
 }
 
-// The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; E4M3: v is V^T), out, the K scales (E4M3 only).
+// The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; E4M3: v is V^T), out; the scales E4M3 only.
 template <typename In, typename Out, int kHeadDim, int kStages>
-cudaError_t launch(const CUtensorMap (&maps)[5], const float* q_scale, const float* v_scale, float* lse,
+cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale, float* lse,
                    const void* key_bits, int batch, int heads, int q_len, int kv_len, float scale, cudaStream_t stream) {
   constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages>();
   const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], maps[4], q_scale, v_scale, lse,
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], q_scale, k_scale, v_scale, lse,
                                                  static_cast<const uint4*>(key_bits), heads, q_len, kv_len,
                                                  scale * 1.4426950408889634f);
   return cudaGetLastError();
@@ -493,7 +468,7 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
     return cudaErrorInvalidValue;
   const auto run = [&](auto type_tag, CUtensorMapDataType type) {
     using T = decltype(type_tag);
-    CUtensorMap maps[5] = {};
+    CUtensorMap maps[4] = {};
     if (!make_map(&maps[0], q, type, 2, batch, q_len, heads, head_dim, kBlockM) ||
         !make_map(&maps[1], k, type, 2, batch, kv_len, heads, head_dim, kBlockN) ||
         !make_map(&maps[2], v, type, 2, batch, kv_len, heads, head_dim, kBlockN) ||
@@ -501,8 +476,8 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
       return cudaErrorInvalidValue;
     const auto with_dim = [&](auto dim_tag) {
       constexpr int kDim = decltype(dim_tag)::value;
-      return stages == 2 ? launch<T, T, kDim, 2>(maps, nullptr, nullptr, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
-                         : launch<T, T, kDim, 3>(maps, nullptr, nullptr, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
+      return stages == 2 ? launch<T, T, kDim, 2>(maps, nullptr, nullptr, nullptr, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
+                         : launch<T, T, kDim, 3>(maps, nullptr, nullptr, nullptr, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
     };
     return head_dim == 64 ? with_dim(std::integral_constant<int, 64>())
                           : with_dim(std::integral_constant<int, 128>());
@@ -514,29 +489,27 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
-                                    int k_scale_len, const float* v_scale, DType out_dtype, int batch, int heads,
-                                    int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
-                                    cudaStream_t stream) {
+                                    const float* v_scale, DType out_dtype, int batch, int heads, int q_len, int kv_len,
+                                    int vt_len, int head_dim, float scale, int stages, cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
-      vt_len < kv_len || vt_len % 16 != 0 || k_scale_len < kv_len || k_scale_len % 4 != 0 || q_scale == nullptr ||
-      v_scale == nullptr || reinterpret_cast<uintptr_t>(k_scale) % 16 != 0 || reinterpret_cast<uintptr_t>(v_scale) % 8 != 0)
+      vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
+      reinterpret_cast<uintptr_t>(v_scale) % 8 != 0)
     return cudaErrorInvalidValue;
   const CUtensorMapDataType out_type = out_dtype == DType::kBFloat16  ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                        : out_dtype == DType::kFloat16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
   if (out_type == CU_TENSOR_MAP_DATA_TYPE_FLOAT32) return cudaErrorInvalidValue;
-  CUtensorMap maps[5] = {};
+  CUtensorMap maps[4] = {};
   if (!make_map(&maps[0], q, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, batch, q_len, heads, head_dim, kBlockM) ||
       !make_map(&maps[1], k, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, batch, kv_len, heads, head_dim, kBlockN) ||
       !make_vt_map(&maps[2], vt, batch, heads, head_dim, vt_len) ||
-      !make_map(&maps[3], out, out_type, 2, batch, q_len, heads, head_dim, kBlockM / 2) ||
-      !make_scale_map(&maps[4], k_scale, batch, heads, k_scale_len))
+      !make_map(&maps[3], out, out_type, 2, batch, q_len, heads, head_dim, kBlockM / 2))
     return cudaErrorInvalidValue;
   const auto run = [&](auto out_tag) {
     using Out = decltype(out_tag);
-    return stages == 2 ? launch<E4M3, Out, 128, 2>(maps, q_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
-                       : launch<E4M3, Out, 128, 3>(maps, q_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
+    return stages == 2 ? launch<E4M3, Out, 128, 2>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
+                       : launch<E4M3, Out, 128, 3>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
   };
   return out_dtype == DType::kBFloat16 ? run(__nv_bfloat16()) : run(__half());
 }

@@ -28,19 +28,17 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
                                 float scale, int stages, cudaStream_t stream);
 
-// fp8 attention (head dim kFlashFp8HeadDim): q, k e4m3 [B, S, H, D] with fp32 scales per (token, head),
-// q_scale [B, H, q_len] and k_scale [B, H, k_scale_len] (k_scale_len >= kv_len, a multiple of 4; 16-byte
-// aligned); vt e4m3 V^T [B, H, D, vt_len] (vt_len >= kv_len, a multiple of 16; element (b, h, d, s) at
+// fp8 attention (head dim kFlashFp8HeadDim): q, k e4m3 [B, S, H, D] with positive fp32 scales, q_scale
+// [B, H, q_len] per (token, head) and k_scale [B, H, ceil(kv_len / 128)] per (128-key block, head); vt e4m3 V^T [B, H, D, vt_len] (vt_len >= kv_len, a multiple of 16; element (b, h, d, s) at
 // ptr + b * batch_stride + h * head_stride + d * seq_stride + s), its keys in the order of vkern.ops.v_to_e4m3
 // (within each 32-key group, stored column 16 u + 4 c + 2 g + b holds key 16 u + 8 g + 2 c + b) and zero past
-// kv_len, with fp32 scales v_scale [B, H, D] per (head, channel). S = q8 k8^T * q_scale * k_scale,
+// kv_len, with fp32 scales v_scale [B, H, D] per (head, channel). S = q8 k8^T * q_scale * k_scale (its block's),
 // P = exp(scale * S - max) * 448 rounded to e4m3, out = (P v8) * v_scale / rowsum(P) in out_dtype (bf16 or
 // fp16), fp32 accumulation. lse, key_bits, stages as flash_attention_fwd.
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
-                                    int k_scale_len, const float* v_scale, DType out_dtype, int batch, int heads,
-                                    int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
-                                    cudaStream_t stream);
+                                    const float* v_scale, DType out_dtype, int batch, int heads, int q_len, int kv_len,
+                                    int vt_len, int head_dim, float scale, int stages, cudaStream_t stream);
 
 }  // namespace vkern

@@ -1,6 +1,7 @@
-"""vkern.ops.attention_8bit (issue #3): attention with Q and K quantized per (token, head) to e4m3 or
-int8, and optionally V per (head, channel) and P to e4m3 for the PV product (pv="e4m3"; pv="bf16" keeps
-V and P in V's dtype), fp32 accumulation. qk="e4m3", pv="e4m3" is the fp8 attention of the issue.
+"""vkern.ops.attention_8bit (issue #3): attention with Q quantized per (token, head) to e4m3 or int8 and K
+likewise (int8) or per (128-key block, head) (e4m3: vkern.ops.k_to_e4m3), and optionally V per (head, channel)
+and P to e4m3 for the PV product (pv="e4m3"; pv="bf16" keeps V and P in V's dtype), fp32 accumulation.
+qk="e4m3", pv="e4m3" is the fp8 attention of the issue.
 Backends: cuda (csrc/flash_attention.cu's e4m3 form: qk="e4m3", pv="e4m3", head dim 128, Hopper; gpu tests),
 triton (vkern/triton/attention.py, after the 8-bit QK prologue and v_to_e4m3) and reference
 (vkern.reference.attention.attention_8bit, the same quantization in fp32).
@@ -30,6 +31,7 @@ import torch
 from vkern import ops
 from vkern.ops import _backend
 from vkern.reference import attention as ref
+from vkern.reference.fp8 import E4M3_INV
 
 from bench.wan_inputs import wan_qkv
 
@@ -96,22 +98,38 @@ def assert_close_to_reference_error(out, oracle, ref_out, what="output"):
         f"{what}: max error {err_max:.4g} > {MAX_ERR_VS_REFERENCE} x the 8-bit reference's {ref_max:.4g}"
 
 
+def key_block_amax(k, key_padding_mask=None):
+    """[B, H, Skv, 1]: each key's block amax as e4m3 K's per-(128-key block, head) scale sees it (attended
+    keys only)."""
+    k = k.double()
+    if key_padding_mask is not None:
+        k = k.masked_fill(~key_padding_mask[:, :, None, None], 0)
+    B, S, H, D = k.shape
+    n = -(-S // ref.KEY_BLOCK)
+    padded = k.new_zeros((B, n * ref.KEY_BLOCK, H, D))
+    padded[:, :S] = k
+    amax = padded.abs().unflatten(1, (n, ref.KEY_BLOCK)).amax(dim=(2, 4))  # [B, n, H]
+    return ref.key_scales_per_token(amax.transpose(1, 2), S)[..., None]
+
+
 def lse_error_bound(q, k, qk_format, scale=None, key_padding_mask=None):
     """Per query [B, H, Sq]: an upper bound on |lse_8bit - lse_exact|. Log-sum-exp moves by at most the
     largest change of an attended score. Per element |x8 * s - x| <= e(x): for e4m3 (s = amax/448, round
-    to nearest) 2^-4 |x| in the normal range plus at most 2^-10 s among subnormals (2x that here); for
-    int8 (s = amax/127, round to nearest) s/2 (1.02x here, for the fp32 scale). A score q.k then moves
-    by at most scale * (|q|.e(k) + e(q).|k| + e(q).e(k)). The caller adds 1e-4 (1 + |lse|) for fp32."""
+    to nearest; amax over the token's head dim, for K over its 128-key block) 2^-4 |x| in the normal range
+    plus at most 2^-10 s among subnormals (2x that here); for int8 (s = amax/127, round to nearest) s/2
+    (1.02x here, for the fp32 scale). A score q.k then moves by at most scale * (|q|.e(k) + e(q).|k| +
+    e(q).e(k)). The caller adds 1e-4 (1 + |lse|) for fp32."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k_amax = key_block_amax(k, key_padding_mask) if qk_format == "e4m3" else None
     q, k = (t.double().permute(0, 2, 1, 3) for t in (q, k))  # [B, H, S, D]
 
-    def e(x):
-        amax = x.abs().amax(-1, keepdim=True)
+    def e(x, amax=None):
+        amax = x.abs().amax(-1, keepdim=True) if amax is None else amax
         if qk_format == "int8":
             return (0.51 / 127) * amax.expand_as(x)
         return 2.0**-4 * x.abs() + (2.0**-9 / 448) * amax
 
-    eq, ek = e(q), e(k)
+    eq, ek = e(q), e(k, k_amax)
     bound = scale * (q.abs() @ ek.mT + eq @ k.abs().mT + eq @ ek.mT)
     if key_padding_mask is not None:
         bound = bound.masked_fill(~key_padding_mask[:, None, None, :], 0)
@@ -333,16 +351,18 @@ def test_non_contiguous_inputs(use_backend, backend, layout):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheme", [FP8, ("int8", "bf16")], ids=scheme_id)
 def test_prequantized_path_is_the_same_op(use_backend, monkeypatch, backend, scheme):
-    """attention_8bit == qk_norm_rope(weight None, quant) + v_to_e4m3 + attention_prequantized, bit for bit,
-    and the 8-bit operands (from the Triton prologue too) match the reference quantizers bit for bit."""
+    """attention_8bit == qk_norm_rope(weight None, quant) for Q + k_to_e4m3 (e4m3) or qk_norm_rope (int8) for
+    K + v_to_e4m3 + attention_prequantized, bit for bit, and the 8-bit operands (from the Triton prologue too)
+    match the reference quantizers bit for bit."""
     use_backend(backend)
     monkeypatch.setenv("VKERN_QK_NORM_ROPE_BACKEND", backend)
     qk, pv = scheme
-    q, k, v = make_qkv(2, 77, 113, 2, 64, torch.float16)
+    q, k, v = make_qkv(2, 77, 300, 2, 64, torch.float16)
     q8, qs = ops.qk_norm_rope(q.flatten(2), None, 0.0, 2, quant=qk)
-    k8, ks = ops.qk_norm_rope(k.flatten(2), None, 0.0, 2, quant=qk)
-    for x, x8, xs in ((q, q8, qs), (k, k8, ks)):
-        r8, rs = ref.quantize_per_head(x.float(), qk)
+    k8, ks = ops.k_to_e4m3(k) if qk == "e4m3" else ops.qk_norm_rope(k.flatten(2), None, 0.0, 2, quant=qk)
+    assert ks.shape == ((2, 2, 3) if qk == "e4m3" else (2, 2, 300))
+    for x, x8, xs, block in ((q, q8, qs, 1), (k, k8, ks, ref.key_token_block(qk))):
+        r8, rs = ref.quantize_per_head(x.float(), qk, block)
         assert torch.equal(x8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(xs, rs)
     vq, vs = ops.v_to_e4m3(v) if pv == "e4m3" else (v, None)
     if pv == "e4m3":
@@ -351,6 +371,60 @@ def test_prequantized_path_is_the_same_op(use_backend, monkeypatch, backend, sch
         assert torch.equal(vq.view(torch.uint8), ref.e4m3_v_transposed(r8, vq.shape[3]).view(torch.uint8))
     got = ops.attention_prequantized(q8, qs, k8, ks, vq, vs, out_dtype=q.dtype)
     assert torch.equal(got, attention_8bit(q, k, v, scheme))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("S", [1, 77, 128, 300])
+def test_k_to_e4m3_block_scales(use_backend, monkeypatch, backend, S):
+    """k_to_e4m3: one scale per (128-key block, head) = the amax over the block's attended keys * fp32(1/448),
+    codes = the reference quantizer's bit for bit; padded keys (huge) change neither the scales nor the
+    attended keys' codes, and saturate themselves."""
+    use_backend(backend)
+    monkeypatch.setenv("VKERN_QK_NORM_ROPE_BACKEND", backend)
+    k = make_qkv(2, 1, S, 3, 64, torch.bfloat16)[1]
+    k8, ks = ops.k_to_e4m3(k)
+    n = -(-S // 128)
+    assert k8.shape == k.shape and k8.dtype == torch.float8_e4m3fn and ks.shape == (2, 3, n)
+    amax = torch.stack([k[:, j * 128:(j + 1) * 128].float().abs().amax(dim=(1, 3)) for j in range(n)], dim=2)
+    assert torch.equal(ks, amax * E4M3_INV)
+    r8, rs = ref.quantize_per_key_block(k)
+    assert torch.equal(k8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(ks, rs)
+    mask = make_padding(2, S, "random")
+    mask[:, 0] = True
+    k_huge = k.clone()
+    k_huge[~mask] = 3e4
+    (m8, ms), (h8, hs) = ops.k_to_e4m3(k, mask), ops.k_to_e4m3(k_huge, mask)
+    assert torch.equal(ms, hs) and torch.equal(ms, ref.quantize_per_key_block(k_huge, mask)[1])
+    assert torch.equal(m8.view(torch.uint8)[mask], h8.view(torch.uint8)[mask])
+    assert (h8.float()[~mask] == 448).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_and_per_key_scales_are_one_function(use_backend, backend):
+    """attention_prequantized with K scales per 128-key block == with the same scales repeated per key, bit for
+    bit (both the Triton kernel and the reference read them per key)."""
+    use_backend(backend)
+    q, k, v = make_qkv(1, 65, 300, 2, 64, torch.float16)
+    q8, qs = ops.qk_norm_rope(q.flatten(2), None, 0.0, 2, quant="e4m3")
+    k8, ks = ops.k_to_e4m3(k)
+    vq, vs = ops.v_to_e4m3(v)
+    per_key = ks.repeat_interleave(128, dim=2)[..., :300].contiguous()
+    got = ops.attention_prequantized(q8, qs, k8, ks, vq, vs, out_dtype=q.dtype)
+    assert torch.equal(got, ops.attention_prequantized(q8, qs, k8, per_key, vq, vs, out_dtype=q.dtype))
+    with pytest.raises(ValueError, match="k_scale: expected shape"):
+        ops.attention_prequantized(q8, qs, k8, ks[..., :2], vq, vs, out_dtype=q.dtype)
+
+
+def test_qk_norm_rope_token_block_arguments():
+    x = torch.randn(1, 5, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="token_block"):
+        ops.qk_norm_rope(x, None, 0.0, 2, quant="int8", token_block=128)
+    with pytest.raises(ValueError, match="token_block"):
+        ops.qk_norm_rope(x, None, 0.0, 2, quant="e4m3", token_block=64)
+    with pytest.raises(ValueError, match="key_padding_mask: only with token_block"):
+        ops.qk_norm_rope(x, None, 0.0, 2, quant="e4m3", key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_padding_mask: expected shape"):
+        ops.qk_norm_rope(x, None, 0.0, 2, quant="e4m3", token_block=128, key_padding_mask=torch.ones(1, 4, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

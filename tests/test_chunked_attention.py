@@ -11,9 +11,10 @@ from torch.utils._pytree import tree_leaves
 
 import vkern
 from vkern.modules.wan_attention import ATTENTION_MODES, VkernWanAttnProcessor
-from vkern.modules.wan_block import VkernWanBlock, fused_block_forward
+from vkern.modules.wan_block import VkernWanBlock, _spans, fused_block_forward
 
 from vkern.models import wan_rope_tables
+from vkern.reference import attention as ref
 from .tolerance import assert_within_torch_error
 
 DIM, HEADS, FFN, TEXT = 128, 2, 96, 7  # head dim 64: vkern's attention kernel takes it
@@ -72,10 +73,29 @@ def test_bf16_chunked_within_twice_torch_error(mode):
         got = fused_block_forward(block, *inputs, attention_chunk_size=8, ffn_chunk_size=8)
         unchunked = fused_block_forward(block, *inputs)
         oracle = oracle_block(*upcast(inputs))
-    if mode in ("fp8", "int8"):  # the same quantization (per token Q/K; V per channel over all keys)
+    if mode in ("fp8", "int8"):  # the same quantization (Q per token, K per token or 128-key block, V per channel)
         torch.testing.assert_close(got, unchunked, rtol=2e-2, atol=2e-2)
     else:
         assert_within_torch_error(got, oracle.double(), unchunked, what="chunked block output")
+
+
+@pytest.mark.parametrize("chunk", [128, 100])
+def test_fp8_chunked_keys_keep_block_scales(chunk):
+    """fp8 mode: the chunked key pass builds per-128-key-block K scales as the whole sequence does (the CUDA
+    kernel's form; a chunk size that is no multiple of 128 is rounded up for the keys), and the same keys within
+    an e4m3 step (the K projection runs over other row counts)."""
+    block = make_block(torch.bfloat16, mode="fp8")
+    x = torch.randn(2, 300, DIM).to(torch.bfloat16)
+    rope = wan_rope_tables(300, DIM // HEADS)
+    processor = block.attn1.processor
+    with torch.no_grad():
+        (k8, ks), _ = processor.chunked_key_value(block.attn1, _spans(2, 300, chunk), lambda b, s: x[b, s], rope,
+                                                  2, 300)
+        (w8, ws), _ = processor.key_value(block.attn1, x, rope)[0]
+    assert ks.shape == ws.shape == (2, HEADS, 3)
+    per_key = ref.key_scales_per_token(ws, 300).transpose(1, 2)[..., None]
+    got, want = k8.float() * ref.key_scales_per_token(ks, 300).transpose(1, 2)[..., None], w8.float() * per_key
+    assert ((got - want).abs() <= 2**-3 * want.abs() + 2**-8 * per_key).all()
 
 
 class BigAllocations(TorchDispatchMode):
@@ -94,19 +114,20 @@ class BigAllocations(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("mode,expected", [("auto", 3), ("fp8", 4)])
-def test_chunked_block_allocates_only_kv_and_the_new_hidden_states(mode, expected):
+@pytest.mark.parametrize("mode,expected,S,chunk", [("auto", 3, 21, 8), ("fp8", 4, 300, 100)])
+def test_chunked_block_allocates_only_kv_and_the_new_hidden_states(mode, expected, S, chunk):
     # Full-sequence tensors: K and V buffers and the block's output (fp8: V's e4m3 copy too). Unchunked,
     # the block also holds the normed input, q, normed q/k, the attention output and its projection.
+    # (fp8: the key pass runs in chunks of 128, the K-scale block, so S spans several.)
     block = make_block(torch.bfloat16, mode=mode)
-    inputs = block_inputs(torch.bfloat16, False, B=1, S=21)
+    inputs = block_inputs(torch.bfloat16, False, B=1, S=S)
     with torch.no_grad():
-        probe = BigAllocations(21 * DIM)
+        probe = BigAllocations(S * DIM)
         with probe:
-            fused_block_forward(block, *inputs, attention_chunk_size=8, ffn_chunk_size=8)
-        full = BigAllocations(21 * DIM)
+            fused_block_forward(block, *inputs, attention_chunk_size=chunk, ffn_chunk_size=chunk)
+        full = BigAllocations(S * DIM)
         with full:
-            fused_block_forward(block, *inputs, ffn_chunk_size=8)
+            fused_block_forward(block, *inputs, ffn_chunk_size=chunk)
     assert len(probe.seen) == expected, probe.seen
     assert len(full.seen) >= expected + 4, full.seen
 

@@ -44,15 +44,18 @@ class VkernWanAttnProcessor:
         pairs covering [batch, tokens]; rows(b, s): the normed hidden states of a span, as attn's
         projections take them) into one buffer each, so no projection of the whole sequence exists."""
         buffers = quantized_key = None
+        norm_rope, block = self._steps()[0], self._key_block()
+        if block > 1 and any((s.start or 0) % block for _, s in spans):
+            spans = _aligned_spans(spans, batch, tokens, block)  # per-block K scales: spans on block bounds
         for b, s in spans:
-            kv, _ = ref.wan_key_value(attn, rows(b, s), rope_rows(rotary_emb, b, s), norm_rope=self._steps()[0])
-            leaves = _leaves(kv)
+            kv, _ = ref.wan_key_value(attn, rows(b, s), rope_rows(rotary_emb, b, s), norm_rope=norm_rope)
+            leaves = _leaves(kv, block)
             if buffers is None:
                 quantized_key = isinstance(kv[0], tuple)
-                buffers = [t.new_empty(tuple(batch if i == 0 else tokens if i == dim else n
-                                             for i, n in enumerate(t.shape))) for t, dim in leaves]
-            for (t, dim), buffer in zip(leaves, buffers):
-                buffer[b].narrow(dim, s.start or 0, t.shape[dim]).copy_(t)
+                buffers = [t.new_empty(tuple(batch if i == 0 else -(-tokens // per) if i == dim else n
+                                             for i, n in enumerate(t.shape))) for t, dim, per in leaves]
+            for (t, dim, per), buffer in zip(leaves, buffers):
+                buffer[b].narrow(dim, (s.start or 0) // per, t.shape[dim]).copy_(t)
         kv = ((buffers[0], buffers[1]), buffers[2]) if quantized_key else (buffers[0], buffers[1])
         return self._finish_value(kv)
 
@@ -65,11 +68,17 @@ class VkernWanAttnProcessor:
     def _steps(self):
         if self.attention in _8BIT:
             qk, pv = _8BIT[self.attention]
-            return functools.partial(ops.qk_norm_rope, quant=qk), functools.partial(_attend_8bit, pv=pv)
+            norm_rope_q = functools.partial(ops.qk_norm_rope, quant=qk)
+            norm_rope_k = functools.partial(ops.qk_norm_rope, quant=qk, token_block=self._key_block())
+            return (norm_rope_q, norm_rope_k), functools.partial(_attend_8bit, pv=pv)
         norm_rope = ops.qk_norm_rope if self.fused_qk_norm_rope else ref.qk_norm_rope
         attend = (ref.attention if self.attention == "reference" else
                   functools.partial(ops.attention, backend=_BACKEND[self.attention]))
         return norm_rope, attend
+
+    def _key_block(self):
+        """Tokens per K scale: per 128-key block for e4m3 keys (what the CUDA fp8 kernel takes), else 1."""
+        return ref.key_token_block(_8BIT[self.attention][0]) if self.attention in _8BIT else 1
 
     def _finish_value(self, kv):
         """fp8 mode: V quantized once for all the query chunks (its per-channel scales span every key)."""
@@ -90,8 +99,8 @@ class QuantizedValue(NamedTuple):
 
 
 def _attend_8bit(query, key, value, attention_mask=None, pv="e4m3"):
-    """query, key: (8-bit [B, S, H, D], scales [B, H, S]) from the fused prologue; value [B, S, H, D] or a
-    QuantizedValue."""
+    """query, key: (8-bit [B, S, H, D], scales) from the fused prologue (per token [B, H, S]; e4m3 keys per
+    128-key block [B, H, ceil(S / 128)]); value [B, S, H, D] or a QuantizedValue."""
     if attention_mask is not None:
         raise ValueError("VkernWanAttnProcessor: the 8-bit modes take no attention_mask (Wan passes none)")
     if isinstance(value, QuantizedValue):
@@ -101,10 +110,18 @@ def _attend_8bit(query, key, value, attention_mask=None, pv="e4m3"):
     return ops.attention_prequantized(*query, *key, v, v_scale, out_dtype=dtype)
 
 
-def _leaves(kv):
-    """(tensor, token dim) of each tensor in a (key, value) pair: [B, S, H, D] data, [B, H, S] 8-bit key scales."""
+def _aligned_spans(spans, batch, tokens, block):
+    """Per-batch token spans like `spans` (their longest length rounded up to a multiple of `block`), each
+    starting on a block boundary."""
+    size = -(-max((s.stop if s.stop is not None else tokens) - (s.start or 0) for _, s in spans) // block) * block
+    return [(slice(b, b + 1), slice(t, min(t + size, tokens))) for b in range(batch) for t in range(0, tokens, size)]
+
+
+def _leaves(kv, key_block=1):
+    """(tensor, token dim, tokens per index) of each tensor in a (key, value) pair: [B, S, H, D] data, 8-bit key
+    scales [B, H, S / key_block]."""
     key, value = kv
-    return [(key[0], 1), (key[1], 2), (value, 1)] if isinstance(key, tuple) else [(key, 1), (value, 1)]
+    return [(key[0], 1, 1), (key[1], 2, key_block), (value, 1, 1)] if isinstance(key, tuple) else [(key, 1, 1), (value, 1, 1)]
 
 
 def token_rows(t, b, s):

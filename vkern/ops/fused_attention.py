@@ -5,8 +5,8 @@ qk_norm_rope backends:   triton (vkern/triton/qk_norm_rope.py), reference.
 attention backends:      cuda (vkern's Hopper flash-attention, csrc/flash_attention.cu: sm_90, head dims 64 and
                          128, key-padding mask), triton (vkern's flash-attention, vkern/triton/attention.py), sdpa (torch SDPA,
                          cuDNN first), reference. On CUDA the order comes from measurement (ATTENTION_PREFERENCE).
-attention_8bit backends: cuda (e4m3 Q, K, V at head dim 128 on Hopper), triton, reference (fp32 emulation of the
-same quantization).
+attention_8bit backends: cuda (e4m3 Q, K, V at head dim 128 on Hopper, K scales per 128-key block), triton,
+reference (fp32 emulation of the same quantization).
 """
 import os
 import warnings
@@ -41,11 +41,15 @@ def _norm_rope_candidates(device, dtype):
     return {"triton": kernel, "reference": None}
 
 
-def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=None, out=None):
+def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=None, out=None, token_block=1,
+                 key_padding_mask=None):
     """RMSNorm over the last dimension of x [B, S, H*D] (Wan's norm across heads) with `weight` (None:
     no norm), then optional interleaved RoPE from diffusers' tables freqs_cos/freqs_sin [1|B, S, 1, D].
     Returns a contiguous [B, S, H, D] tensor in x's dtype; with quant="e4m3" or "int8" a pair
     (8-bit [B, S, H, D], fp32 scales [B, H, S]), one scale per (token, head), for attention_8bit.
+    token_block=128 (quant="e4m3"; keys): one scale per (128-token block, head) instead, scales
+    [B, H, ceil(S / 128)], the form the CUDA fp8 kernel takes; key_padding_mask (bool [B, S], True = attend,
+    only here): the padded tokens do not enter their block's scale (see k_to_e4m3).
 
     out (quant=None only): write the result into this tensor instead, and return it. Either [B, S, H, D]
     or head groups [B, S, G, P, D] with G * P >= H: head h goes to out[:, :, h // P, h % P] and the
@@ -56,6 +60,10 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
         raise ValueError(f"quant: expected one of {QUANT_FORMATS}, got {quant!r}")
     if out is not None and quant is not None:
         raise ValueError("out: only for the unquantized output (quant=None); the 8-bit output allocates its own")
+    if token_block != 1 and (quant != "e4m3" or token_block != ref.KEY_BLOCK):
+        raise ValueError(f"token_block: 1, or {ref.KEY_BLOCK} with quant='e4m3'; got {token_block!r} with {quant!r}")
+    if key_padding_mask is not None and token_block == 1:
+        raise ValueError(f"key_padding_mask: only with token_block={ref.KEY_BLOCK} (per-token scales ignore padding)")
     check_tensor("x", x, dtypes=FLOATS_OR_F64, ndim=3)
     B, S, row = x.shape
     if not isinstance(heads, int) or heads <= 0 or row % heads:
@@ -83,7 +91,25 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
         return torch.ops.vkern.qk_norm_rope(x, weight, float(eps), heads, freqs_cos, freqs_sin)
     if x.dtype == torch.float64:
         raise TypeError("x: 8-bit output needs a bf16, fp16 or fp32 input, got float64")
-    return torch.ops.vkern.qk_norm_rope_quantized(x, weight, float(eps), heads, freqs_cos, freqs_sin, quant)
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=x.device)
+        check_shape("key_padding_mask", key_padding_mask, (B, S))
+    return torch.ops.vkern.qk_norm_rope_quantized(x, weight, float(eps), heads, freqs_cos, freqs_sin, quant,
+                                                  token_block, key_padding_mask)
+
+
+def k_to_e4m3(k, key_padding_mask=None):
+    """K [B, S, H, D] -> (e4m3 K [B, S, H, D], fp32 scales [B, H, ceil(S / 128)]): one scale per (block of 128
+    consecutive keys, head) = amax over the block's keys and head dim * fp32(1/448), saturating RNE; the K form
+    of attention_8bit's e4m3 scheme (issue 3's per-block scales), which lets the CUDA kernel apply one scale
+    per key block instead of one per score. key_padding_mask: bool [B, S], True = attend; the amax runs over
+    the attended keys only (a padded key's garbage cannot coarsen its block's scale; its own codes saturate
+    and attention gives it weight 0). Pass the mask that attention_prequantized will get. (The fused
+    prologue emits the same form: qk_norm_rope(..., quant="e4m3", token_block=128).)"""
+    check_tensor("k", k, dtypes=FLOATS, ndim=4)
+    H = k.shape[2]
+    flat = k.flatten(2) if k.stride(-1) == 1 and k.stride(2) == k.shape[3] else k.reshape(*k.shape[:2], -1)
+    return qk_norm_rope(flat, None, 0.0, H, quant="e4m3", token_block=ref.KEY_BLOCK, key_padding_mask=key_padding_mask)
 
 
 @torch.library.custom_op("vkern::qk_norm_rope", mutates_args=())
@@ -156,7 +182,8 @@ def _(x, weight, eps, heads, freqs_cos, freqs_sin, out):
 @torch.library.custom_op("vkern::qk_norm_rope_quantized", mutates_args=())
 def _qk_norm_rope_quantized(x: torch.Tensor, weight: torch.Tensor | None, eps: float, heads: int,
                             freqs_cos: torch.Tensor | None, freqs_sin: torch.Tensor | None,
-                            quant: str) -> tuple[torch.Tensor, torch.Tensor]:
+                            quant: str, token_block: int,
+                            key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     backend = _backend.choose("qk_norm_rope", _norm_rope_candidates(x.device, x.dtype))
     if backend == "triton":
         from ..triton.qk_norm_rope import qk_norm_rope as kernel
@@ -164,17 +191,20 @@ def _qk_norm_rope_quantized(x: torch.Tensor, weight: torch.Tensor | None, eps: f
         x = x if x.stride(-1) == 1 else x.contiguous()
         B, S, row = x.shape
         out = torch.empty((B, S, heads, row // heads), dtype=_DTYPE_OF[quant], device=x.device)
-        scale = torch.empty((B, heads, S), dtype=torch.float32, device=x.device)
-        kernel(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale)
+        scale = torch.empty((B, heads, -(-S // token_block)), dtype=torch.float32, device=x.device)
+        kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
+        kernel(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale, token_block, kpm)
         return out, scale
-    x8, scale = ref.qk_norm_rope_quantized(x, weight, eps, heads, freqs_cos, freqs_sin, quant)
+    x8, scale = ref.qk_norm_rope_quantized(x, weight, eps, heads, freqs_cos, freqs_sin, quant, token_block,
+                                           key_padding_mask)
     return x8.contiguous(), scale.contiguous()
 
 
 @_qk_norm_rope_quantized.register_fake
-def _(x, weight, eps, heads, freqs_cos, freqs_sin, quant):
+def _(x, weight, eps, heads, freqs_cos, freqs_sin, quant, token_block, key_padding_mask):
     shape = (*x.shape[:2], heads, x.shape[2] // heads)
-    return x.new_empty(shape, dtype=_DTYPE_OF[quant]), x.new_empty((shape[0], heads, shape[1]), dtype=torch.float32)
+    return (x.new_empty(shape, dtype=_DTYPE_OF[quant]),
+            x.new_empty((shape[0], heads, -(-shape[1] // token_block)), dtype=torch.float32))
 
 
 def _kernel_reason(device, dtype, head_dim, v_head_dim):
@@ -378,8 +408,6 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, key_padding_mask,
     vt = vt if _tma_ready(vt) and vt.shape[3] % 16 == 0 else _pad_last(vt, 16)
     B, Sq, H, D = q8.shape
     Skv = k8.shape[1]
-    # The kernel reads K's scales through TMA: rows of a multiple of 4 floats (zeros past Skv), 16-byte aligned.
-    k_scale = k_scale if Skv % 4 == 0 and k_scale.data_ptr() % 16 == 0 else _pad_last(k_scale, 4)
     out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q8.device) if return_lse else None
     bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
@@ -389,7 +417,7 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, key_padding_mask,
             (vt.data_ptr(), vt.stride(0), vt.stride(2), vt.stride(1)),  # V^T: (batch, head-dim row, head) strides
             (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
-            k_scale.data_ptr(), k_scale.shape[2], v_scale.data_ptr(), _DTYPE_CODE[out_dtype], B, H, Sq, Skv,
+            k_scale.data_ptr(), v_scale.data_ptr(), _DTYPE_CODE[out_dtype], B, H, Sq, Skv,
             vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(),
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
@@ -409,8 +437,9 @@ def _(q, k, v, attn_mask, key_padding_mask, scale, return_lse, backend):
     return q.new_empty((B, Sq, H, v.shape[3])), q.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32)
 
 
-def _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v8):
-    """None if the CUDA kernel's e4m3 form (csrc/flash_attention.cu) can take an attention_8bit call, else why not."""
+def _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v8, k_block=True):
+    """None if the CUDA kernel's e4m3 form (csrc/flash_attention.cu) can take an attention_8bit call, else why not.
+    k_block: the K scales are per 128-key block (k_to_e4m3), not per key."""
     usable = _hopper_ext_reason(device, "flash_attention_fp8_fwd")
     if usable:
         return usable
@@ -420,12 +449,14 @@ def _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v8):
         return f"head dim {head_dim} (the CUDA fp8 kernel takes {cuda_ext().flash_fp8_head_dim})"
     if qk_dtype != torch.float8_e4m3fn or not v8:
         return "the CUDA fp8 kernel takes e4m3 Q, K and V (qk='e4m3', pv='e4m3')"
+    if not k_block:
+        return "per-key K scales (the CUDA fp8 kernel takes one per 128-key block: vkern.ops.k_to_e4m3)"
     return None if dtype in _DTYPE_CODE else f"no {dtype} output"
 
 
 @_backend.register("attention_8bit")
-def _attention_8bit_candidates(device, dtype, head_dim=128, qk_dtype=torch.float8_e4m3fn, v8=True):
-    return {"cuda": _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v8),
+def _attention_8bit_candidates(device, dtype, head_dim=128, qk_dtype=torch.float8_e4m3fn, v8=True, k_block=True):
+    return {"cuda": _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v8, k_block),
             "triton": _kernel_reason(device, dtype, head_dim, head_dim), "reference": None}
 
 
@@ -467,19 +498,23 @@ def _(v, key_padding_mask):
 
 
 def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=False, qk="int8", pv="bf16"):
-    """8-bit attention (opt-in) on bf16/fp16 q, k, v [B, S, H, D]: Q and K quantized per (token, head) to
-    `qk` ("int8" or "e4m3"); pv="e4m3" also quantizes V per (head, channel) and P for the P @ V product,
-    pv="bf16" keeps both in V's dtype. fp32 accumulation and softmax. Accuracy per scheme: bench/NOTES.md.
-    key_padding_mask: bool [B, Skv], True = attend; masked keys get weight 0 and (pv="e4m3") do not enter
-    V's scales. Returns out in q's dtype (and lse as attention())."""
+    """8-bit attention (opt-in) on bf16/fp16 q, k, v [B, S, H, D]: Q quantized per (token, head) to `qk`
+    ("int8" or "e4m3"), K likewise for int8 and per (128-key block, head) for e4m3 (k_to_e4m3); pv="e4m3"
+    also quantizes V per (head, channel) and P for the P @ V product, pv="bf16" keeps both in V's dtype.
+    fp32 accumulation and softmax. Accuracy per scheme: bench/NOTES.md. key_padding_mask: bool [B, Skv],
+    True = attend; masked keys get weight 0 and do not enter V's (pv="e4m3") or e4m3 K's scales. Returns out
+    in q's dtype (and lse as attention())."""
     _check_attention_inputs(q, k, v, key_padding_mask, scale, (torch.bfloat16, torch.float16))
     if qk not in ("int8", "e4m3") or pv not in ("bf16", "e4m3"):
         raise ValueError(f"qk, pv: expected qk in ('int8', 'e4m3') and pv in ('bf16', 'e4m3'), got {qk!r}, {pv!r}")
     H = q.shape[2]
     q8, qs = qk_norm_rope(q.flatten(2) if q.stride(-1) == 1 and q.stride(2) == q.shape[3] else q.reshape(*q.shape[:2], -1),
                           None, 0.0, H, quant=qk)
-    k8, ks = qk_norm_rope(k.flatten(2) if k.stride(-1) == 1 and k.stride(2) == k.shape[3] else k.reshape(*k.shape[:2], -1),
-                          None, 0.0, H, quant=qk)
+    if qk == "e4m3":
+        k8, ks = k_to_e4m3(k, key_padding_mask)
+    else:
+        k8, ks = qk_norm_rope(k.flatten(2) if k.stride(-1) == 1 and k.stride(2) == k.shape[3] else k.reshape(*k.shape[:2], -1),
+                              None, 0.0, H, quant=qk)
     vq, vs = v_to_e4m3(v, key_padding_mask) if pv == "e4m3" else (v, None)
     return attention_prequantized(q8, qs, k8, ks, vq, vs, key_padding_mask=key_padding_mask, scale=scale,
                                   return_lse=return_lse, out_dtype=q.dtype)
@@ -487,10 +522,11 @@ def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=Fal
 
 def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_padding_mask=None, scale=None,
                            return_lse=False, out_dtype=torch.bfloat16):
-    """attention_8bit on inputs already quantized (by qk_norm_rope(..., quant=...) and v_to_e4m3, given the
-    same key_padding_mask as here, so padded keys do not enter V's scales):
-    q8/k8 int8 or e4m3 [B, S, H, D] with scales fp32 [B, H, S]; v bf16/fp16 [B, Skv, H, D] (v_scale None)
-    or e4m3 V^T [B, H, D, S_pad] with v_scale fp32 [B, H, D]."""
+    """attention_8bit on inputs already quantized (by qk_norm_rope(..., quant=...), k_to_e4m3 and v_to_e4m3,
+    given the same key_padding_mask as here, so padded keys do not enter the scales): q8/k8 int8 or e4m3
+    [B, S, H, D] with positive scales fp32 q_scale [B, H, Sq] (per token) and k_scale [B, H, Skv] (per key)
+    or [B, H, ceil(Skv / 128)] (per 128-key block: the form the CUDA kernel takes; per-key scales run on
+    Triton); v bf16/fp16 [B, Skv, H, D] (v_scale None) or e4m3 V^T [B, H, D, S_pad] with v_scale fp32 [B, H, D]."""
     if scale is not None and not scale > 0:
         raise ValueError(f"scale: the 8-bit kernel needs a positive softmax scale, got {scale}")
     check_tensor("q8", q8, dtypes=tuple(_DTYPE_OF.values()), ndim=4)
@@ -498,9 +534,11 @@ def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_pad
     B, Sq, H, D = q8.shape
     check_shape("k8", k8, (B, None, H, D))
     Skv = k8.shape[1]
-    for name, t, S in (("q_scale", q_scale, Sq), ("k_scale", k_scale, Skv)):
+    for name, t in (("q_scale", q_scale), ("k_scale", k_scale)):
         check_tensor(name, t, dtypes=(torch.float32,), device=q8.device)
-        check_shape(name, t, (B, H, S))
+    check_shape("q_scale", q_scale, (B, H, Sq))
+    if tuple(k_scale.shape) != (B, H, -(-Skv // ref.KEY_BLOCK)):
+        check_shape("k_scale", k_scale, (B, H, Skv))
     if v_scale is None:
         check_tensor("v", v, dtypes=(torch.bfloat16, torch.float16), device=q8.device)
         check_shape("v", v, (B, Skv, H, D))
@@ -526,8 +564,10 @@ def _attention_prequantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.T
                             scale: float | None, return_lse: bool,
                             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     B, Sq, H, D = q8.shape
+    Skv = k8.shape[1]
+    k_block = k_scale.shape[2] == -(-Skv // ref.KEY_BLOCK)
     backend = _backend.choose("attention_8bit", _attention_8bit_candidates(q8.device, out_dtype, D, q8.dtype,
-                                                                           v_scale is not None))
+                                                                           v_scale is not None, k_block))
     no_lse = q8.new_empty((0,), dtype=torch.float32)
     if backend == "cuda":
         out, lse = _cuda_attention_fp8(q8, q_scale, k8, k_scale, v, v_scale, key_padding_mask, scale, return_lse,
@@ -541,6 +581,7 @@ def _attention_prequantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.T
         out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
         lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q8.device) if return_lse else None
         kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
+        k_scale = ref.key_scales_per_token(k_scale, Skv).contiguous()  # the Triton kernel reads one per key
         kernel(q8, k8, v, out, lse, kpm, scale, q_scale, k_scale, v_scale)
         return out, lse if return_lse else no_lse
     if v_scale is not None:

@@ -66,17 +66,51 @@ QK_FORMATS = ("int8", "e4m3")
 PV_FORMATS = ("bf16", "e4m3")  # "bf16": V and P in V's own dtype (bf16 or fp16)
 
 
-def quantize_per_head(x, fmt="e4m3"):
+KEY_BLOCK = 128  # keys per K scale in the e4m3 scheme (the CUDA kernel's key block)
+
+
+def quantize_per_head(x, fmt="e4m3", token_block=1, key_padding_mask=None):
     """[B, S, H, D] -> (int8 or e4m3 [B, S, H, D], fp32 scales [B, H, S]): one scale per (token, head),
-    scale = amax * fp32(1/448) (e4m3, saturating RNE) or amax * fp32(1/127) (int8, RNE)."""
+    scale = amax * fp32(1/448) (e4m3, saturating RNE) or amax * fp32(1/127) (int8, RNE).
+    token_block=KEY_BLOCK (e4m3 only): quantize_per_key_block (key_padding_mask: see there)."""
     from .fp8 import INT8_INV, INT8_MAX, fp8_quantize
 
+    if token_block != 1:
+        if fmt != "e4m3" or token_block != KEY_BLOCK:
+            raise ValueError(f"token_block: 1, or {KEY_BLOCK} with e4m3; got {token_block!r} with {fmt!r}")
+        return quantize_per_key_block(x, key_padding_mask)
     if fmt == "e4m3":
         x8, scale = fp8_quantize(x, "row")
         return x8, scale.squeeze(-1).transpose(1, 2)
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) * INT8_INV
     return (xf * (1.0 / scale)).clamp(-INT8_MAX, INT8_MAX).round().to(torch.int8), scale.squeeze(-1).transpose(1, 2)
+
+
+def quantize_per_key_block(x, key_padding_mask=None):
+    """[B, S, H, D] -> (e4m3 [B, S, H, D], fp32 scales [B, H, ceil(S / KEY_BLOCK)]): one scale per (block of
+    KEY_BLOCK consecutive tokens, head) = amax over the block's tokens and head dim * fp32(1/448), saturating
+    RNE (fp8_quantize's rule over a coarser group). key_padding_mask (bool [B, S], True = attend): the amax
+    runs over the attended tokens only (as V's scales: a padded key's garbage cannot coarsen its block's
+    scale; its own codes saturate, and attention gives it weight 0)."""
+    from .fp8 import E4M3, E4M3_MAX, fp8_scale
+
+    B, S, H, D = x.shape
+    xf = x.float()
+    n = -(-S // KEY_BLOCK)
+    padded = xf.new_zeros((B, n * KEY_BLOCK, H, D))
+    padded[:, :S] = xf if key_padding_mask is None else xf.masked_fill(~key_padding_mask[:, :, None, None], 0)
+    amax = padded.abs().unflatten(1, (n, KEY_BLOCK)).amax(dim=(2, 4))  # [B, n, H]; NaN propagates
+    scale = fp8_scale(amax).transpose(1, 2)  # [B, H, n]
+    per_token = key_scales_per_token(scale, S).transpose(1, 2)[..., None]  # [B, S, H, 1]
+    return (xf * (1.0 / per_token)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale.contiguous()
+
+
+def key_scales_per_token(k_scale, S):
+    """K scales [B, H, S] (per token) or [B, H, ceil(S / KEY_BLOCK)] (per key block) -> [B, H, S]."""
+    if k_scale.shape[-1] == S:
+        return k_scale
+    return k_scale.repeat_interleave(KEY_BLOCK, dim=-1)[..., :S]
 
 
 def fp8_per_channel(v, key_padding_mask=None):
@@ -128,21 +162,23 @@ def e4m3_v_from_transposed(vt, S):
     return vt[..., cols[:S]].permute(0, 3, 1, 2)
 
 
-def qk_norm_rope_quantized(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, fmt="e4m3"):
+def qk_norm_rope_quantized(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, fmt="e4m3", token_block=1,
+                           key_padding_mask=None):
     """The fused prologue's 8-bit output: RMSNorm (rounded to x's dtype, as torch's RMSNorm; skipped when
-    weight is None) and RoPE (float64 tables) as qk_norm_rope, then quantize_per_head of the unrounded values."""
+    weight is None) and RoPE (float64 tables) as qk_norm_rope, then quantize_per_head (token_block tokens
+    per scale, key_padding_mask) of the unrounded values."""
     x = (rms_norm(x, weight, eps) if weight is not None else x).unflatten(2, (heads, -1))
     if freqs_cos is not None:
         x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
         cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
         x = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    return quantize_per_head(x.float(), fmt)
+    return quantize_per_head(x.float(), fmt, token_block, key_padding_mask)
 
 
 def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_mask=None, scale=None,
                         out_dtype=torch.bfloat16):
     """8-bit attention in fp32 math, the scheme vkern's kernel implements: S = (Q8 K8^T) * q_scale *
-    k_scale * scale; P = exp(S - rowmax), then P @ V with P rounded to V's format: e4m3 (V e4m3 with
+    k_scale * scale (k_scale per key [B, H, Skv] or per key block [B, H, ceil(Skv / KEY_BLOCK)]); P = exp(S - rowmax), then P @ V with P rounded to V's format: e4m3 (V e4m3 with
     v_scale [B, H, D]; P scaled to [0, 448] first) or V's float dtype (v_scale None). Row sums in fp32.
     (The kernel takes the row max block by block, online, so its P rounding differs slightly; both are held
     to the same accuracy bounds against the exact oracle.) Returns (out in out_dtype, lse fp32 [B, H, Sq])."""
@@ -151,6 +187,7 @@ def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_m
     D = q8.shape[-1]
     scale = D ** -0.5 if scale is None else scale
     qf, kf, vf = (t.float().permute(0, 2, 1, 3) for t in (q8, k8, v))
+    k_scale = key_scales_per_token(k_scale, k8.shape[1])
     s = (qf @ kf.transpose(-1, -2)) * q_scale[..., None] * k_scale[:, :, None, :]
     s = s * scale
     if key_padding_mask is not None:
@@ -168,12 +205,20 @@ def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_m
     return out.permute(0, 2, 1, 3).to(out_dtype), lse
 
 
+def key_token_block(qk):
+    """Tokens per K scale in attention_8bit: e4m3 keys one per 128-key block (issue 3's per-block scales; the
+    CUDA kernel then multiplies one scale per block, not one per score), int8 keys one per token (int8's
+    uniform grid would lose bits to a coarser scale)."""
+    return KEY_BLOCK if qk == "e4m3" else 1
+
+
 def attention_8bit(q, k, v, key_padding_mask=None, scale=None, qk="int8", pv="bf16"):
-    """8-bit attention on bf16/fp16 q, k, v [B, S, H, D]: quantize Q and K per (token, head) to `qk`, V per
-    (head, channel) to e4m3 when pv == "e4m3" (scales from the keys key_padding_mask keeps), then
-    attention_quantized."""
+    """8-bit attention on bf16/fp16 q, k, v [B, S, H, D]: quantize Q per (token, head) to `qk`, K likewise
+    (int8) or per (128-key block, head) (e4m3: key_token_block), V per (head, channel) to e4m3 when
+    pv == "e4m3" (scales from the keys key_padding_mask keeps), then attention_quantized."""
     v_in = fp8_per_channel(v, key_padding_mask) if pv == "e4m3" else (v, None)
-    return attention_quantized(*quantize_per_head(q, qk), *quantize_per_head(k, qk), *v_in,
+    k_in = quantize_per_head(k, qk, key_token_block(qk), key_padding_mask)
+    return attention_quantized(*quantize_per_head(q, qk), *k_in, *v_in,
                                key_padding_mask=key_padding_mask, scale=scale, out_dtype=q.dtype)
 
 
@@ -195,7 +240,8 @@ def _added_projections(attn, image_context):
 def wan_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
                   norm_rope=qk_norm_rope, attend=attention):
     """WanAttnProcessor.__call__ with the norm+RoPE and attention steps as parameters, so a vkern
-    processor is this function with kernels plugged in (and the reference is it with none)."""
+    processor is this function with kernels plugged in (and the reference is it with none). norm_rope: one
+    function for queries and keys, or a (query, key) pair (8-bit keys take per-block scales)."""
     context, image_context = _split_image_context(attn, encoder_hidden_states)
     query, key, value = _projections(attn, hidden_states, context)
     # Rebinding frees each projection output once its normed form exists (as diffusers' processor does).
@@ -244,21 +290,29 @@ def _split_image_context(attn, encoder_hidden_states, self_context=None):
     return encoder_hidden_states[:, image_context_length:], encoder_hidden_states[:, :image_context_length]
 
 
+def _for_keys(norm_rope):
+    return norm_rope[1] if isinstance(norm_rope, tuple) else norm_rope
+
+
+def _for_queries(norm_rope):
+    return norm_rope[0] if isinstance(norm_rope, tuple) else norm_rope
+
+
 def _key_value(attn, key, value, rotary_emb, norm_rope):
     freqs = rotary_emb if rotary_emb is not None else (None, None)
-    key = norm_rope(key, attn.norm_k.weight, attn.norm_k.eps, attn.heads, *freqs)
+    key = _for_keys(norm_rope)(key, attn.norm_k.weight, attn.norm_k.eps, attn.heads, *freqs)
     return key, value.unflatten(2, (attn.heads, -1))
 
 
 def _image_key_value(attn, image_context, norm_rope):
     key_img, value_img = _added_projections(attn, image_context)
-    key_img = norm_rope(key_img, attn.norm_added_k.weight, attn.norm_added_k.eps, attn.heads)
+    key_img = _for_keys(norm_rope)(key_img, attn.norm_added_k.weight, attn.norm_added_k.eps, attn.heads)
     return key_img, value_img.unflatten(2, (attn.heads, -1))
 
 
 def _norm_rope_query(attn, query, rotary_emb, norm_rope):
     freqs = rotary_emb if rotary_emb is not None else (None, None)
-    return norm_rope(query, attn.norm_q.weight, attn.norm_q.eps, attn.heads, *freqs)
+    return _for_queries(norm_rope)(query, attn.norm_q.weight, attn.norm_q.eps, attn.heads, *freqs)
 
 
 def _attend(attn, query, kv, image_kv, attention_mask, attend, dtype):

@@ -8,13 +8,23 @@ tables, and written once. In 8-bit modes the rotated fp32 values are quantized d
 in between): scale = amax over the head's D values * fp32(1/448) (e4m3, as vkern/reference/fp8.py) or
 * fp32(1/127) (int8, round to nearest even).
 With NORM off the same kernel only (optionally rotates and) quantizes. No fp32 intermediate touches memory.
+e4m3 keys for the CUDA attention kernel take one scale per (128-token block, head) instead: a second kernel
+with one program per token block (_qk_norm_rope_block_e4m3_kernel), the same arithmetic.
 """
 import torch
 import triton
 import triton.language as tl
 
+from ..reference.attention import KEY_BLOCK
 from ..reference.fp8 import E4M3_INV, INT8_INV  # fp32(1/448), fp32(1/127): exactly the reference's scales
 from ._common import interpreting, round_to, to_e4m3, to_int8
+
+
+@triton.jit
+def _rotate(y, cos, sin, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Interleaved RoPE of fp32 rows y [ROWS, BLOCK_D]: pairs (2i, 2i+1) rotated by cos/sin [1|ROWS, BLOCK_D/2]."""
+    ye, yo = tl.split(tl.reshape(y, (ROWS, BLOCK_D // 2, 2)))
+    return tl.reshape(tl.join(ye * cos - yo * sin, ye * sin + yo * cos), (ROWS, BLOCK_D))
 
 
 @triton.jit
@@ -56,9 +66,7 @@ def _qk_norm_rope_kernel(
                                      (BLOCK_D // 2, 2)))
         _, sin = tl.split(tl.reshape(tl.load(sin_ptr + f_ptrs, mask=f < HEAD_DIM, other=0.0).to(tl.float32),
                                      (BLOCK_D // 2, 2)))
-        ye, yo = tl.split(tl.reshape(y, (BLOCK_H, BLOCK_D // 2, 2)))
-        y = tl.reshape(tl.join(ye * cos[None, :] - yo * sin[None, :], ye * sin[None, :] + yo * cos[None, :]),
-                       (BLOCK_H, BLOCK_D))
+        y = _rotate(y, cos[None, :], sin[None, :], BLOCK_H, BLOCK_D)
     if QUANT != 0:  # 1: e4m3, 2: int8
         scale = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-12) * q_inv  # [BLOCK_H]
         y = y * tl.math.div_rn(tl.full([BLOCK_H], 1.0, tl.float32), scale)[:, None]
@@ -76,11 +84,65 @@ def _qk_norm_rope_kernel(
         tl.store(o_base + o_offs, round_to(y, dtype, EMULATE_RNE), mask=mask)
 
 
-def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None):
+@triton.jit
+def _qk_norm_rope_block_e4m3_kernel(
+    x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, scale_ptr, kpm_ptr,
+    S, H, n_blocks,
+    stride_xb, stride_xs,
+    stride_fb, stride_fs, stride_fd,
+    eps, q_inv,
+    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, NORM: tl.constexpr, HAS_KPM: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_RNE: tl.constexpr,
+):
+    """The same values as _qk_norm_rope_kernel, quantized to e4m3 with one scale per (BLOCK_S-token block,
+    head): one program per block of one batch row, which first sums the tokens' squares over all heads (the
+    norm spans them), then normalizes, rotates and quantizes head by head (the second read of x mostly hits
+    L2). HAS_KPM: tokens the key-padding mask drops do not enter the amax (their codes saturate)."""
+    pid = tl.program_id(0)
+    b = pid // n_blocks
+    blk = pid % n_blocks
+    t = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    mask = (t < S)[:, None] & (d < HEAD_DIM)[None, :]
+    counted = mask
+    if HAS_KPM:
+        counted = counted & (tl.load(kpm_ptr + b * S + t, mask=t < S, other=0) != 0)[:, None]
+    x_rows = x_ptr + b.to(tl.int64) * stride_xb + t[:, None].to(tl.int64) * stride_xs + d[None, :]
+    if NORM:
+        sum_sq = tl.zeros([BLOCK_S], tl.float32)
+        for h in range(H):
+            xh = tl.load(x_rows + h * HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
+            sum_sq += tl.sum(xh * xh, axis=1)
+        r = 1.0 / tl.sqrt(sum_sq / (H * HEAD_DIM) + eps)
+    if HAS_ROPE:
+        f_ptrs = b * stride_fb + t[:, None] * stride_fs + d[None, :] * stride_fd
+        cos, _ = tl.split(tl.reshape(tl.load(cos_ptr + f_ptrs, mask=mask, other=1.0).to(tl.float32),
+                                     (BLOCK_S, BLOCK_D // 2, 2)))
+        _, sin = tl.split(tl.reshape(tl.load(sin_ptr + f_ptrs, mask=mask, other=0.0).to(tl.float32),
+                                     (BLOCK_S, BLOCK_D // 2, 2)))
+    out_rows = out_ptr + (b * S + t[:, None]).to(tl.int64) * (H * HEAD_DIM) + d[None, :]
+    for h in range(H):
+        x = tl.load(x_rows + h * HEAD_DIM, mask=mask, other=0.0)
+        y = x.to(tl.float32)
+        if NORM:
+            w = tl.load(w_ptr + h * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+            y = round_to(y * r[:, None] * w[None, :], x.dtype, EMULATE_RNE).to(tl.float32)
+        if HAS_ROPE:
+            y = _rotate(y, cos, sin, BLOCK_S, BLOCK_D)
+        amax = tl.max(tl.max(tl.where(counted, tl.abs(y), 0.0), axis=1), axis=0)
+        scale = tl.maximum(amax, 1e-12) * q_inv
+        y8 = to_e4m3(y * tl.math.div_rn(tl.full([1, 1], 1.0, tl.float32), scale), True)
+        tl.store(out_rows + h * HEAD_DIM, y8, mask=mask)
+        tl.store(scale_ptr + (b * H + h) * n_blocks + blk, scale)
+
+
+def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, token_block=1, key_padding_mask=None):
     """x [B, S, H*D] (last dim contiguous), weight [H*D] or None (no norm), freqs [1|B, S, 1, D] or None;
     out in x's dtype: [B, S, H, D], or [B, S, G, P, D] with G * P >= H (head h -> out[:, :, h // P, h % P];
     slots past H are not written), any strides with the last dim contiguous; or out e4m3/int8
-    [B, S, H, D] contiguous with scale fp32 [B, H, S] contiguous."""
+    [B, S, H, D] contiguous with scale fp32 [B, H, S] contiguous; or (token_block = KEY_BLOCK, e4m3) out
+    e4m3 [B, S, H, D] contiguous with scale fp32 [B, H, ceil(S / KEY_BLOCK)] contiguous, one per block, the
+    amax over the tokens key_padding_mask (bool [B, S] contiguous, or None) keeps."""
     B, S, row = x.shape
     head_dim = row // heads
     has_rope = freqs_cos is not None
@@ -92,6 +154,21 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None):
         freqs_cos = freqs_sin = x  # never read
         fb = fs = fd = 0
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
+    if token_block != 1:
+        assert token_block == KEY_BLOCK and out.dtype == torch.float8_e4m3fn and scale is not None
+        n_blocks = triton.cdiv(S, KEY_BLOCK)
+        _qk_norm_rope_block_e4m3_kernel[(B * n_blocks,)](
+            x, x if weight is None else weight, freqs_cos, freqs_sin, out, scale,
+            x if key_padding_mask is None else key_padding_mask.view(torch.uint8),
+            S, heads, n_blocks,
+            x.stride(0), x.stride(1),
+            fb, fs, fd,
+            eps, E4M3_INV,
+            HEAD_DIM=head_dim, HAS_ROPE=has_rope, NORM=weight is not None, HAS_KPM=key_padding_mask is not None,
+            BLOCK_S=KEY_BLOCK, BLOCK_D=block_d,
+            EMULATE_RNE=interpreting(), num_warps=8,
+        )
+        return out
     quant = 0 if scale is None else 1 if out.dtype == torch.float8_e4m3fn else 2
     if out.dim() == 5:
         sob, sos, sog, soh = out.stride()[:4]
