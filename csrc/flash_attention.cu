@@ -112,8 +112,10 @@ __device__ __forceinline__ float quad_sum(float x) {
 // K elements per register where the thread holds pairs 8 apart, so E4M3's to_p packs the keys of a 32-key
 // group in the order (0, 1, 8, 9 | 16, 17, 24, 25) + 2 * (lane % 4), and V^T is stored in that key order
 // (vkern.ops.v_to_e4m3): the product pairs each P with its own key's V.
-// In: the input format (__nv_bfloat16, __half or E4M3); Out: the output's (= In when 16-bit).
-template <typename In, typename Out, int kHeadDim, int kStages>
+// In: the input format (__nv_bfloat16, __half or E4M3); Out: the output's (= In when 16-bit). kTakeTurns: the
+// consumers issue their products in turn (named barriers); off, each issues as soon as it is ready (an E4M3
+// experiment: its products are half as long, so the turns may wait more than they overlap).
+template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
@@ -265,10 +267,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Arrivals on the other consumer's turn barrier must match its syncs: consumer 1 gives consumer 0 the first
   // turn and skips its own last arrival.
   auto pass_turn = [&](int j) {
-    if (!(wg == 1 && j == n_blocks - 1)) bar_arrive(kTurnBarrier + 1 - wg, 256);
+    if (kTakeTurns && !(wg == 1 && j == n_blocks - 1)) bar_arrive(kTurnBarrier + 1 - wg, 256);
+  };
+  auto wait_turn = [&] {
+    if (kTakeTurns) bar_sync(kTurnBarrier + wg, 256);
   };
 
-  if (wg == 1) bar_arrive(kTurnBarrier, 256);
+  if (kTakeTurns && wg == 1) bar_arrive(kTurnBarrier, 256);
   mbar_wait(&bars.q_full, 0);
   float alpha[2];  // rescales O before the next PV product adds to it (O is still 0 after block 0)
   {  // block 0: S only
@@ -276,7 +281,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint4 bits = key_bits_of(0);
     const float key_scale = key_scale_of(0);
     mbar_wait(&bars.k_full[0], 0);
-    bar_sync(kTurnBarrier + wg, 256);
+    wait_turn();
     wgmma_fence();
     issue_qk<In, kHeadDim>(s, q_rows, k_tiles);
     wgmma_commit();
@@ -312,7 +317,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(&bars.k_full[st], (j / kStages) & 1);
     mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
     finish_block(j);
-    bar_sync(kTurnBarrier + wg, 256);
+    wait_turn();
     fence_regs(s);
     wgmma_fence();
     issue_qk<In, kHeadDim>(s, q_rows, k_tiles + st * kTileBytes);
@@ -438,11 +443,11 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 }
 
 // The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; E4M3: v is V^T), out; the scales E4M3 only.
-template <typename In, typename Out, int kHeadDim, int kStages>
+template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale, float* lse,
                    const void* key_bits, int batch, int heads, int q_len, int kv_len, float scale, cudaStream_t stream) {
   constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages>();
-  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages>;
+  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kTakeTurns>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
@@ -490,7 +495,8 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, DType out_dtype, int batch, int heads, int q_len, int kv_len,
-                                    int vt_len, int head_dim, float scale, int stages, cudaStream_t stream) {
+                                    int vt_len, int head_dim, float scale, int stages, bool take_turns,
+                                    cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
       vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
@@ -508,6 +514,9 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
     return cudaErrorInvalidValue;
   const auto run = [&](auto out_tag) {
     using Out = decltype(out_tag);
+    if (!take_turns)
+      return stages == 2 ? launch<E4M3, Out, 128, 2, false>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
+                         : launch<E4M3, Out, 128, 3, false>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
     return stages == 2 ? launch<E4M3, Out, 128, 2>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
                        : launch<E4M3, Out, 128, 3>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
   };

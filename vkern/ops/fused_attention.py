@@ -373,6 +373,15 @@ def _flash_stages():
     return int(stages)
 
 
+def _fp8_take_turns():
+    """VKERN_FLASH_FP8_TURNS=0: the e4m3 kernel's consumers issue their products without taking turns (an
+    experiment, bench/NOTES.md session 12); default 1, as the 16-bit kernel."""
+    turns = os.environ.get("VKERN_FLASH_FP8_TURNS", "1")
+    if turns not in ("0", "1"):
+        raise ValueError(f"VKERN_FLASH_FP8_TURNS: expected 0 or 1, got {turns!r}")
+    return turns == "1"
+
+
 def key_padding_bits(key_padding_mask, block=128):
     """The CUDA kernel's form of a key-padding mask: bool [B, Skv] -> uint8 [B, ceil(Skv / block) * block / 8],
     bit c % 8 of byte c / 8 set = attend key c (so, read as little-endian 32-bit words, bit c % 32 of word
@@ -418,7 +427,7 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, key_padding_mask,
             (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
             k_scale.data_ptr(), v_scale.data_ptr(), _DTYPE_CODE[out_dtype], B, H, Sq, Skv,
-            vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(),
+            vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(), _fp8_take_turns(),
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
