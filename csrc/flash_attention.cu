@@ -9,9 +9,7 @@
 //     online softmax of S_j. The two consumers take turns issuing their products (named barriers), so one's
 //     softmax runs while the other's products keep the tensor cores busy.
 // Numerics: fp32 accumulation and softmax (exp2 of scale * log2(e) * s - running max, one FFMA per score),
-// P rounded to the input dtype for the PV product (as FlashAttention), out = O / l rounded once. l: the fp32 row
-// sum of P (16-bit), or (E4M3) of the rounded e4m3 P, which the PV product computes in one extra accumulator
-// column against a row of ones below V^T (Format::kSumRows): the weights then sum to exactly 1.
+// P rounded to the input dtype for the PV product (as FlashAttention), out = O / l rounded once.
 // Keys past kv_len (the last block) are masked to -inf; query rows past q_len are computed on TMA's
 // zero fill and never stored (TMA clips the store). Key-padding mask (optional): one bit per key, 16 bytes per
 // 128-key block, read by every consumer thread with one 16-byte load issued before it waits for S; blocks whose
@@ -52,11 +50,6 @@ struct Format {
   static constexpr int kTileBytes = kBoxes * kHalfBytes;           // Q, K, V (or V^T) tile
   static constexpr int kOutBoxes = kHeadDim / 64;                  // the output is 16-bit
   static constexpr int kOutStageBytes = kFp8 ? kOutBoxes * kHalfBytes : 0;  // 16-bit: the Q tile is reused
-  // E4M3: each V^T stage carries 8 more rows after its D rows (1 KB, written once): row D all ones, the rest
-  // zero, so the PV product's extra accumulator column is the row sum of the e4m3 P it multiplied (no FADDs).
-  static constexpr int kSumRows = kFp8 ? 8 : 0;
-  static constexpr int kVStageBytes = kTileBytes + kSumRows * 128;
-  static constexpr int kORegs = kHeadDim / 2 + kSumRows / 2;       // O accumulators per thread
   static constexpr int kPRegs = kFp8 ? 16 : 32;                    // P of 64 x 128 per warpgroup, packed
   static constexpr float kPOffset = kFp8 ? kLog2Of448 : 0.f;       // e4m3 P is scaled to [0, 448]
 };
@@ -69,8 +62,7 @@ struct Barriers {
 template <typename In, int kHeadDim, int kStages>
 constexpr int smem_bytes() {
   using F = Format<In, kHeadDim>;
-  return F::kTileBytes * (1 + kStages) + F::kVStageBytes * kStages + F::kOutStageBytes +
-         int(sizeof(Barriers<kStages>)) + 1024;
+  return F::kTileBytes * (1 + 2 * kStages) + F::kOutStageBytes + int(sizeof(Barriers<kStages>)) + 1024;
 }
 
 template <typename In, int kHeadDim>
@@ -88,13 +80,13 @@ __device__ __forceinline__ void issue_qk(float (&s)[64], const uint8_t* q_rows, 
 }
 
 template <typename In, int kHeadDim>
-__device__ __forceinline__ void issue_pv(float (&o)[Format<In, kHeadDim>::kORegs],
-                                         const uint32_t (&p)[Format<In, kHeadDim>::kPRegs], const uint8_t* v_tile) {
+__device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2], const uint32_t (&p)[Format<In, kHeadDim>::kPRegs],
+                                         const uint8_t* v_tile) {
   if constexpr (Format<In, kHeadDim>::kFp8) {
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {  // 32 keys per step; V^T's rows are the head dim (+ the sum rows), keys contiguous
+    for (int kk = 0; kk < 4; ++kk) {  // 32 keys per step; V^T's rows are the head dim, keys contiguous
       const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
-      wgmma_m64n136k32_rs_e4m3(o, a, desc_sw128(v_tile + kk * 32, 16, 1024));
+      wgmma_m64n128k32_rs_e4m3(o, a, desc_sw128(v_tile + kk * 32, 16, 1024));
     }
   } else {
 #pragma unroll
@@ -137,9 +129,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* q_tile = smem;
   uint8_t* k_tiles = smem + kTileBytes;
   uint8_t* v_tiles = smem + kTileBytes * (1 + kStages);
-  uint8_t* out_stage = F::kFp8 ? v_tiles + F::kVStageBytes * kStages : q_tile;
+  uint8_t* out_stage = F::kFp8 ? smem + kTileBytes * (1 + 2 * kStages) : q_tile;
   Barriers<kStages>& bars =
-      *reinterpret_cast<Barriers<kStages>*>(v_tiles + F::kVStageBytes * kStages + F::kOutStageBytes);
+      *reinterpret_cast<Barriers<kStages>*>(smem + kTileBytes * (1 + 2 * kStages) + F::kOutStageBytes);
 
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   const int warpgroup = threadIdx.x / 128;
@@ -154,15 +146,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(&bars.v_empty[s], 2);
     }
     mbar_init_fence();
-  }
-  if constexpr (F::kSumRows > 0) {  // the sum rows of every V^T stage: 0x38 = e4m3 1.0 in row D, zeros below
-    for (int i = threadIdx.x; i < kStages * F::kSumRows * 8; i += kThreads) {
-      const int stage = i / (F::kSumRows * 8), chunk = i % (F::kSumRows * 8);  // 16-byte chunks; swizzle-invariant
-      const uint32_t fill = chunk < 8 ? 0x38383838u : 0u;
-      *reinterpret_cast<uint4*>(v_tiles + stage * F::kVStageBytes + kTileBytes + chunk * 16) =
-          make_uint4(fill, fill, fill, fill);
-    }
-    fence_async_smem();
   }
   __syncthreads();
 
@@ -183,10 +166,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(&bars.v_empty[s], free_parity);
         mbar_arrive_expect_tx(&bars.v_full[s], kTileBytes);
         if constexpr (F::kFp8) {
-          tma_load_4d(v_tiles + s * F::kVStageBytes, &v_map, &bars.v_full[s], j * kBlockN, 0, head, batch);
+          tma_load_4d(v_tiles + s * kTileBytes, &v_map, &bars.v_full[s], j * kBlockN, 0, head, batch);
         } else {
           for (int h = 0; h < F::kBoxes; ++h)
-            tma_load_4d(v_tiles + s * F::kVStageBytes + h * kHalfBytes, &v_map, &bars.v_full[s], h * 64, head,
+            tma_load_4d(v_tiles + s * kTileBytes + h * kHalfBytes, &v_map, &bars.v_full[s], h * 64, head,
                         j * kBlockN, batch);
         }
       }
@@ -198,10 +181,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = warpgroup - 1;  // this consumer's rows: wg * 64 ... wg * 64 + 63 of the block
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
   const uint8_t* q_rows = q_tile + wg * 64 * 128;  // in each column box
-  float o[F::kORegs], s[64];
+  float o[kHeadDim / 2], s[64];
   uint32_t p[F::kPRegs];
 #pragma unroll
-  for (int i = 0; i < F::kORegs; ++i) o[i] = 0.f;
+  for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in scaled log2 units
   // Score -> log2 units, per row: the softmax scale, times the query's scale for E4M3 (and, per block, the
   // block's K scale: softmax's key_scale).
@@ -259,7 +242,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < 64; ++i) {
       s[i] = ex2(fmaf(s[i], mult[(i / 2) % 2], neg_max[(i / 2) % 2]));
-      if constexpr (!F::kFp8) sum[(i / 2) % 2] += s[i];  // E4M3: the PV product sums P (kSumRows)
+      sum[(i / 2) % 2] += s[i];
     }
   };
   auto to_p = [&] {
@@ -322,7 +305,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Late in a row the max rarely moves (alpha = 1 exactly): the warp skips the multiplies (same result).
     if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-      for (int i = 0; i < F::kORegs; ++i) o[i] *= alpha[(i / 2) % 2];
+      for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= alpha[(i / 2) % 2];
     }
     fence_regs(o);
     to_p();
@@ -339,7 +322,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_fence();
     issue_qk<In, kHeadDim>(s, q_rows, k_tiles + st * kTileBytes);
     wgmma_commit();
-    issue_pv<In, kHeadDim>(o, p, v_tiles + prev * F::kVStageBytes);
+    issue_pv<In, kHeadDim>(o, p, v_tiles + prev * kTileBytes);
     wgmma_commit();
     fence_regs(s);
     fence_regs(o);
@@ -357,7 +340,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(&bars.v_full[last], ((n_blocks - 1) / kStages) & 1);
     finish_block(0);
     wgmma_fence();
-    issue_pv<In, kHeadDim>(o, p, v_tiles + last * F::kVStageBytes);
+    issue_pv<In, kHeadDim>(o, p, v_tiles + last * kTileBytes);
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(o);
@@ -368,8 +351,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    // E4M3: the sum column (128) sits in lane % 4 == 0's o[64 + 2r]; the other lanes hold zero columns.
-    row_sum[r] = quad_sum(F::kFp8 ? o[kHeadDim / 2 + 2 * r] : row_sum[r]);
+    row_sum[r] = quad_sum(row_sum[r]);
     inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;  // 0: every key masked (out 0, lse -inf)
   }
   uint8_t* o_rows = out_stage + wg * 64 * 128;

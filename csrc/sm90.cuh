@@ -188,20 +188,6 @@ __device__ __forceinline__ void wgmma_m64n128k32_rs_e4m3(float (&d)[64], const u
       : VKERN_ACC64_OPERANDS(d)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
 }
-// d[68] += A[64 x 32] B[32 x 136]: as above with 136 B rows (the E4M3 PV product with V^T's 8 extra rows).
-#define VKERN_ACC68_OPERANDS(d) VKERN_ACC64_OPERANDS(d), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67])
-__device__ __forceinline__ void wgmma_m64n136k32_rs_e4m3(float (&d)[68], const uint32_t (&a)[4], uint64_t desc_b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %73, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n136k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67}"
-      ", {%68, %69, %70, %71}, %72, p, 1, 1;\n}\n"
-      : VKERN_ACC68_OPERANDS(d)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
-}
 // Four fp32 values -> four e4m3 bytes in one register (a in the lowest byte), round to nearest even, saturating.
 // (cvt's first source goes to the upper byte of the pair.)
 __device__ __forceinline__ uint32_t pack4_e4m3(float a, float b, float c, float d) {

@@ -43,9 +43,11 @@ KEY_BLOCK_CASES = ([pytest.param(2, S, H, D, "cpu", id=f"cpu-S{S}-H{H}-D{D}") fo
 @pytest.mark.parametrize("B,S,H,D,device", KEY_BLOCK_CASES)
 def test_e4m3_key_blocks_match_reference(B, S, H, D, device):
     """quant="e4m3", token_block=128 (the fp8 keys): the Triton block kernel against the reference quantizer of
-    the same normed, rotated values. The rotation runs in fp32 here and in float64 there, and the norm's sum
-    of squares in another order, so a value on an e4m3 rounding boundary may land one code apart (rarely)
-    and a scale one fp32 ulp; the dequantized values agree within an e4m3 step."""
+    the same normed, rotated values. The norm's sum of squares runs in another order (and on the GPU its square
+    root may be approximate), so a normed value may round to the neighbouring bf16 (one ulp <= 2^-7 |x|); the
+    rotation x1 cos - x2 sin then moves by <= 2^-7 (|x1| + |x2|), which near a cancellation is many e4m3 codes
+    of a small result (seen on the GPU: 17 of 168M values). Beyond that, one e4m3 code: 2^-3 |x| among normals,
+    one subnormal step 2^-9 s (2^-8 s here: the dequantizing fp32 products round). Scales within an fp32 ulp."""
     if device == "cpu" and torch.cuda.is_available():
         pytest.skip("CPU interpreter check; the gpu case covers the compiled kernel")
     x, w = prologue_inputs(B, S, H, D, torch.bfloat16, device)
@@ -58,13 +60,13 @@ def test_e4m3_key_blocks_match_reference(B, S, H, D, device):
     torch.testing.assert_close(ks, rs, rtol=2**-22, atol=0)
     differ = (k8.view(torch.uint8) != r8.view(torch.uint8)).float().mean().item()
     assert differ < 0.01, f"{differ:.2%} of codes differ"
-    # One code apart at most: 2^-3 |x| among normals, one subnormal step 2^-9 s below them (2^-8 s here: the
-    # dequantizing fp32 products round).
     per_token = ref.key_scales_per_token(rs, S).transpose(1, 2)[..., None]
     got, expected = k8.float() * per_token, r8.float() * per_token
-    excess = (got - expected).abs() - (2**-3 * expected.abs() + 2**-8 * per_token)
+    normed = ref.rms_norm(x, w, 1e-6).float().unflatten(2, (H, D)).unflatten(-1, (-1, 2))
+    pair = normed.abs().sum(-1, keepdim=True).expand_as(normed).flatten(-2)  # |x1| + |x2| of each RoPE pair
+    excess = (got - expected).abs() - (2**-3 * expected.abs() + 2**-8 * per_token + 2**-7 * pair)
     worst = excess.flatten().argmax()
-    assert excess.max() <= 0, (f"{(excess > 0).sum().item()} values more than one e4m3 code apart; worst: "
+    assert excess.max() <= 0, (f"{(excess > 0).sum().item()} values beyond a bf16 ulp and an e4m3 code; worst: "
                                f"{got.flatten()[worst].item()} vs {expected.flatten()[worst].item()}")
 
 

@@ -180,9 +180,8 @@ def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_m
     """8-bit attention in fp32 math, the scheme vkern's kernel implements: S = (Q8 K8^T) * q_scale *
     k_scale * scale (k_scale per key [B, H, Skv] or per key block [B, H, ceil(Skv / KEY_BLOCK)]); P = exp(S - rowmax), then P @ V with P rounded to V's format: e4m3 (V e4m3 with
     v_scale [B, H, D]; P scaled to [0, 448] first) or V's float dtype (v_scale None). Row sums in fp32.
-    (The kernels take the row max block by block, online, so their P rounding differs slightly, and the CUDA
-    e4m3 kernel divides by the sum of the rounded P, which its PV product computes; all are held to the same
-    accuracy bounds against the exact oracle.) Returns (out in out_dtype, lse fp32 [B, H, Sq])."""
+    (The kernel takes the row max block by block, online, so its P rounding differs slightly; both are held
+    to the same accuracy bounds against the exact oracle.) Returns (out in out_dtype, lse fp32 [B, H, Sq])."""
     from .fp8 import E4M3
 
     D = q8.shape[-1]
