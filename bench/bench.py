@@ -124,14 +124,21 @@ def _qk_norm_rope(name, providers, args):
     args_ = (x, w, 1e-6, s.heads, cos, sin)
     compiled = torch.compile(ref.qk_norm_rope)
     fns = {"diffusers": lambda: ref.qk_norm_rope(*args_), "diffusers-compile": lambda: compiled(*args_),
-           "vkern": lambda: vkern.ops.qk_norm_rope(*args_)}
+           "vkern": lambda: vkern.ops.qk_norm_rope(*args_),
+           # fp8 attention's prologue: e4m3 out, per-(token, head) scales (queries) or per 128-token block (keys)
+           "vkern-e4m3": lambda: vkern.ops.qk_norm_rope(*args_, quant="e4m3"),
+           "vkern-e4m3-keys": lambda: vkern.ops.qk_norm_rope(*args_, quant="e4m3", token_block=128)}
     oracle = ref.qk_norm_rope(x.double(), w.double(), 1e-6, s.heads, cos, sin)
-    min_bytes = 2 * s.tokens * row * 2  # read the bf16 row once, write it once
     for provider in providers or list(fns):
         ms, lo, hi, eager_ms, how = time_micro(fns[provider], args.warmup, args.repeats)
+        out = fns[provider]()
+        if isinstance(out, tuple):  # e4m3 and scales: read bf16 once, write one byte per value
+            scales = ref.key_scales_per_token(out[1], s.tokens).transpose(1, 2)[..., None]
+            out, min_bytes = (out[0].double() * scales), s.tokens * row * 3
+        else:
+            min_bytes = 2 * s.tokens * row * 2  # read the bf16 row once, write it once
         yield dict(op="qk-norm-rope", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, eager_ms=eager_ms,
-                   timing=how,
-                   gbps=min_bytes / ms / 1e6, rel_l2=rel_l2(fns[provider](), oracle))
+                   timing=how, gbps=min_bytes / ms / 1e6, rel_l2=rel_l2(out, oracle))
     del oracle
 
 
