@@ -32,10 +32,11 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // [B, H, q_len] per (token, head) and k_scale [B, H, ceil(kv_len / 128)] per (128-key block, head); vt e4m3
 // V^T [B, H, D, vt_len] (vt_len >= kv_len, a multiple of 16; element (b, h, d, s) at ptr + b * batch_stride +
 // h * head_stride + d * seq_stride + s), its keys in the order of vkern.ops.v_to_e4m3 (within each 32-key
-// group, stored column 16 u + 4 c + 2 g + b holds key 16 u + 8 g + 2 c + b) and zero past kv_len, with fp32 scales v_scale [B, H, D] per (head, channel). S = q8 k8^T * q_scale * k_scale (its block's),
-// P = exp(scale * S - max) * 448 rounded to e4m3, out = (P v8) * v_scale / rowsum(P) in out_dtype (bf16 or
-// fp16), fp32 accumulation. lse, key_bits, stages as flash_attention_fwd. take_turns: the two consumer warpgroups
-// issue their products in turn (as the 16-bit form always does), or each as soon as it is ready.
+// group, stored column 16 u + 4 c + 2 g + b holds key 16 u + 8 g + 2 c + b) and zero past kv_len, with fp32
+// scales v_scale [B, H, D] per (head, channel). S = q8 k8^T * q_scale * k_scale (its block's), P = exp(scale *
+// S - max) * 448 rounded to e4m3, out = (P v8) * v_scale / rowsum(P) in out_dtype (bf16 or fp16), fp32
+// accumulation. lse, key_bits, stages as flash_attention_fwd. take_turns: the two consumer warpgroups issue
+// their products in turn (as the 16-bit form always does), or each as soon as it is ready.
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
