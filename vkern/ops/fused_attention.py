@@ -107,9 +107,13 @@ def k_to_e4m3(k, key_padding_mask=None):
     and attention gives it weight 0). Pass the mask that attention_prequantized will get. (The fused
     prologue emits the same form: qk_norm_rope(..., quant="e4m3", token_block=128).)"""
     check_tensor("k", k, dtypes=FLOATS, ndim=4)
-    H = k.shape[2]
-    flat = k.flatten(2) if k.stride(-1) == 1 and k.stride(2) == k.shape[3] else k.reshape(*k.shape[:2], -1)
-    return qk_norm_rope(flat, None, 0.0, H, quant="e4m3", token_block=ref.KEY_BLOCK, key_padding_mask=key_padding_mask)
+    return qk_norm_rope(_heads_flat(k), None, 0.0, k.shape[2], quant="e4m3", token_block=ref.KEY_BLOCK,
+                        key_padding_mask=key_padding_mask)
+
+
+def _heads_flat(x):
+    """[B, S, H, D] -> [B, S, H * D] for the prologue: a view when each token's heads are contiguous, else a copy."""
+    return x.flatten(2) if x.stride(-1) == 1 and x.stride(2) == x.shape[3] else x.reshape(*x.shape[:2], -1)
 
 
 @torch.library.custom_op("vkern::qk_norm_rope", mutates_args=())
@@ -517,13 +521,8 @@ def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=Fal
     if qk not in ("int8", "e4m3") or pv not in ("bf16", "e4m3"):
         raise ValueError(f"qk, pv: expected qk in ('int8', 'e4m3') and pv in ('bf16', 'e4m3'), got {qk!r}, {pv!r}")
     H = q.shape[2]
-    q8, qs = qk_norm_rope(q.flatten(2) if q.stride(-1) == 1 and q.stride(2) == q.shape[3] else q.reshape(*q.shape[:2], -1),
-                          None, 0.0, H, quant=qk)
-    if qk == "e4m3":
-        k8, ks = k_to_e4m3(k, key_padding_mask)
-    else:
-        k8, ks = qk_norm_rope(k.flatten(2) if k.stride(-1) == 1 and k.stride(2) == k.shape[3] else k.reshape(*k.shape[:2], -1),
-                              None, 0.0, H, quant=qk)
+    q8, qs = qk_norm_rope(_heads_flat(q), None, 0.0, H, quant=qk)
+    k8, ks = k_to_e4m3(k, key_padding_mask) if qk == "e4m3" else qk_norm_rope(_heads_flat(k), None, 0.0, H, quant=qk)
     vq, vs = v_to_e4m3(v, key_padding_mask) if pv == "e4m3" else (v, None)
     return attention_prequantized(q8, qs, k8, ks, vq, vs, key_padding_mask=key_padding_mask, scale=scale,
                                   return_lse=return_lse, out_dtype=q.dtype)
