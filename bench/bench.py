@@ -76,7 +76,8 @@ def _attention(name, providers, args):
     fns["vkern-fp8-triton"] = fp8_backend("triton", fns["vkern-fp8"])
     # The kernels alone, on Q/K/V already in e4m3 (as the Wan processor has them: its fused norm/RoPE prologue
     # quantizes Q and K; V takes v_to_e4m3, ~3% of these calls' bytes).
-    wanted = providers or list(fns) + ["vkern-fp8-cuda-kernel", "vkern-fp8-cuda-kernel-noturns", "vkern-fp8-triton-kernel"]
+    wanted = providers or list(fns) + ["vkern-fp8-cuda-kernel", "vkern-fp8-cuda-kernel-noturns",
+                                       "vkern-fp8-triton-kernel"]
     if s.head_dim == 128 and any(p.endswith("-kernel") for p in wanted):
         q8, qs = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, s.heads, quant="e4m3")
         k8, ks = vkern.ops.k_to_e4m3(k)  # one scale per 128-key block (the CUDA kernel's form)

@@ -424,7 +424,8 @@ def test_qk_norm_rope_token_block_arguments():
     with pytest.raises(ValueError, match="key_padding_mask: only with token_block"):
         ops.qk_norm_rope(x, None, 0.0, 2, quant="e4m3", key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="key_padding_mask: expected shape"):
-        ops.qk_norm_rope(x, None, 0.0, 2, quant="e4m3", token_block=128, key_padding_mask=torch.ones(1, 4, dtype=torch.bool))
+        ops.qk_norm_rope(x, None, 0.0, 2, quant="e4m3", token_block=128,
+                         key_padding_mask=torch.ones(1, 4, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -121,7 +121,9 @@ def _leaves(kv, key_block=1):
     """(tensor, token dim, tokens per index) of each tensor in a (key, value) pair: [B, S, H, D] data, 8-bit key
     scales [B, H, S / key_block]."""
     key, value = kv
-    return [(key[0], 1, 1), (key[1], 2, key_block), (value, 1, 1)] if isinstance(key, tuple) else [(key, 1, 1), (value, 1, 1)]
+    if isinstance(key, tuple):
+        return [(key[0], 1, 1), (key[1], 2, key_block), (value, 1, 1)]
+    return [(key, 1, 1), (value, 1, 1)]
 
 
 def token_rows(t, b, s):

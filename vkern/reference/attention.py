@@ -178,7 +178,8 @@ def qk_norm_rope_quantized(x, weight, eps, heads, freqs_cos=None, freqs_sin=None
 def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_mask=None, scale=None,
                         out_dtype=torch.bfloat16):
     """8-bit attention in fp32 math, the scheme vkern's kernel implements: S = (Q8 K8^T) * q_scale *
-    k_scale * scale (k_scale per key [B, H, Skv] or per key block [B, H, ceil(Skv / KEY_BLOCK)]); P = exp(S - rowmax), then P @ V with P rounded to V's format: e4m3 (V e4m3 with
+    k_scale * scale (k_scale per key [B, H, Skv] or per key block [B, H, ceil(Skv / KEY_BLOCK)]);
+    P = exp(S - rowmax), then P @ V with P rounded to V's format: e4m3 (V e4m3 with
     v_scale [B, H, D]; P scaled to [0, 448] first) or V's float dtype (v_scale None). Row sums in fp32.
     (The kernel takes the row max block by block, online, so its P rounding differs slightly; both are held
     to the same accuracy bounds against the exact oracle.) Returns (out in out_dtype, lse fp32 [B, H, Sq])."""
