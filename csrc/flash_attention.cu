@@ -66,12 +66,12 @@ constexpr int smem_bytes() {
 }
 
 template <typename In, int kHeadDim>
-__device__ __forceinline__ void issue_qk(float (&s)[64], const uint8_t* q_rows, const uint8_t* k_tile) {
+__device__ __forceinline__ void issue_qk(float (&s)[64], SmemDesc q_rows, SmemDesc k_tile) {
   constexpr int kSteps = Format<In, kHeadDim>::kBoxes * 4;  // 32 bytes of head dim per step: k16 or k32
 #pragma unroll
   for (int kk = 0; kk < kSteps; ++kk) {
     const int offset = (kk / 4) * kHalfBytes + (kk % 4) * 32;
-    const uint64_t a = desc_sw128(q_rows + offset, 16, 1024), b = desc_sw128(k_tile + offset, 16, 1024);
+    const uint64_t a = q_rows.plus(offset).bits(), b = k_tile.plus(offset).bits();
     if constexpr (Format<In, kHeadDim>::kFp8)
       wgmma_m64n128k32_ss_e4m3(s, a, b, kk > 0);
     else
@@ -81,18 +81,18 @@ __device__ __forceinline__ void issue_qk(float (&s)[64], const uint8_t* q_rows, 
 
 template <typename In, int kHeadDim>
 __device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2], const uint32_t (&p)[Format<In, kHeadDim>::kPRegs],
-                                         const uint8_t* v_tile) {
+                                         SmemDesc v_tile) {
   if constexpr (Format<In, kHeadDim>::kFp8) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {  // 32 keys per step; V^T's rows are the head dim, keys contiguous
       const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
-      wgmma_m64n128k32_rs_e4m3(o, a, desc_sw128(v_tile + kk * 32, 16, 1024));
+      wgmma_m64n128k32_rs_e4m3(o, a, v_tile.plus(kk * 32).bits());
     }
   } else {
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {  // 16 keys per step: 2 groups of 8 rows; head-dim column blocks 16 KB apart
       const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
-      wgmma_m64nNk16_rs_bt<In, kHeadDim>(o, a, desc_sw128(v_tile + kk * 16 * 128, kHalfBytes, 1024));
+      wgmma_m64nNk16_rs_bt<In, kHeadDim>(o, a, v_tile.plus(kk * 16 * 128).bits());
     }
   }
 }
@@ -134,7 +134,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       *reinterpret_cast<Barriers<kStages>*>(smem + kTileBytes * (1 + 2 * kStages) + F::kOutStageBytes);
 
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
-  const int warpgroup = threadIdx.x / 128;
+  // Broadcast from lane 0: the compiler then knows it is warp-uniform and keeps what derives from it (the Q
+  // rows' wgmma descriptor) in uniform registers.
+  const int warpgroup = __shfl_sync(0xffffffff, int(threadIdx.x / 128), 0);
   const int n_blocks = (kv_len + kBlockN - 1) / kBlockN;
 
   if (threadIdx.x == 0) {
@@ -180,7 +182,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   regs_inc<240>();
   const int wg = warpgroup - 1;  // this consumer's rows: wg * 64 ... wg * 64 + 63 of the block
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
-  const uint8_t* q_rows = q_tile + wg * 64 * 128;  // in each column box
+  // wgmma descriptors: this consumer's Q rows (in each column box) and stage 0 of the K and V rings.
+  const SmemDesc q_rows = SmemDesc::sw128(q_tile + wg * 64 * 128, 16, 1024);
+  const SmemDesc k_ring = SmemDesc::sw128(k_tiles, 16, 1024);
+  const SmemDesc v_ring = SmemDesc::sw128(v_tiles, F::kFp8 ? 16 : kHalfBytes, 1024);
   float o[kHeadDim / 2], s[64];
   uint32_t p[F::kPRegs];
 #pragma unroll
@@ -226,24 +231,33 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (!((words[c / 32] >> (c % 32)) & 1u)) s[i] = -INFINITY;
       }
     }
-    float mx[2] = {-INFINITY, -INFINITY}, neg_max[2];
+    // Row maxima as 4 partial chains per row (8 deep, not 32: the first row's max is the head of the softmax's
+    // serial path, and ptxas does not reassociate fmaxf).
+    float mx[2][4], neg_max[2];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) mx[(i / 2) % 2] = fmaxf(mx[(i / 2) % 2], s[i]);
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) mx[r][c] = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) mx[(i / 2) % 2][(i / 4) % 4] = fmaxf(mx[(i / 2) % 2][(i / 4) % 4], s[i]);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float new_max = fmaxf(row_max[r], quad_max(mx[r]) * mult[r]);
+      const float thread_max = fmaxf(fmaxf(mx[r][0], mx[r][1]), fmaxf(mx[r][2], mx[r][3]));
+      const float new_max = fmaxf(row_max[r], quad_max(thread_max) * mult[r]);
       // No attended key in this row yet (only with a mask): exp2 against 0 keeps -inf scores at 0, not NaN.
       const float offset = new_max == -INFINITY ? 0.f : new_max;
       alpha[r] = ex2(row_max[r] - offset);
       row_max[r] = new_max;
       neg_max[r] = F::kFp8 ? F::kPOffset - offset : -offset;  // (0 - x is not -x at x = 0: no fold)
-      sum[r] = 0.f;
     }
+    float part[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // two partial sums per row: shorter chains, as the max
 #pragma unroll
     for (int i = 0; i < 64; ++i) {
       s[i] = ex2(fmaf(s[i], mult[(i / 2) % 2], neg_max[(i / 2) % 2]));
-      sum[(i / 2) % 2] += s[i];
+      part[(i / 2) % 2][(i / 4) % 2] += s[i];
     }
+    sum[0] = part[0][0] + part[0][1];
+    sum[1] = part[1][0] + part[1][1];
   };
   auto to_p = [&] {
     if constexpr (F::kFp8) {
@@ -283,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(&bars.k_full[0], 0);
     wait_turn();
     wgmma_fence();
-    issue_qk<In, kHeadDim>(s, q_rows, k_tiles);
+    issue_qk<In, kHeadDim>(s, q_rows, k_ring);
     wgmma_commit();
     fence_regs(s);
     pass_turn(0);
@@ -294,21 +308,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     row_sum[0] = sum[0];
     row_sum[1] = sum[1];
   }
-  // Finishes what the softmax of block j - 1 left: waits for the PV product of block j - 2, rescales O and packs
-  // P_{j-1}. Placed before the next products are issued, not after the softmax: there ptxas hoisted the wait
-  // above the exponentials to pack P early (P's registers are the in-flight product's A operand), so the
-  // softmax never overlapped the PV product (SASS, bench/NOTES.md session 10).
-  auto finish_block = [&](int j) {
-    wgmma_wait<0>();
-    fence_regs(o);
+  // What the softmax of block j - 1 left, in two parts around the issue of S_j (the caller has waited for the PV
+  // product of block j - 2). pack_block (before S_j: P_{j-1} is in S's registers) releases that V stage and
+  // packs P_{j-1}; rescale_o (while S_j is computed: O is not its accumulator) rescales O by alpha. (Packing
+  // after the softmax instead, ptxas hoisted the wait above the exponentials: P's registers are the in-flight
+  // product's A operand, bench/NOTES.md session 10.)
+  auto pack_block = [&](int j) {
     if (j >= 2 && tid == 0) mbar_arrive(&bars.v_empty[(j - 2) % kStages]);
+    to_p();
+  };
+  auto rescale_o = [&] {
+    fence_regs(o);
     // Late in a row the max rarely moves (alpha = 1 exactly): the warp skips the multiplies (same result).
     if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
       for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= alpha[(i / 2) % 2];
     }
     fence_regs(o);
-    to_p();
   };
   for (int j = 1; j < n_blocks; ++j) {  // S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight together
     const int st = j % kStages, prev = (j - 1) % kStages;
@@ -316,13 +332,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float key_scale = key_scale_of(j);
     mbar_wait(&bars.k_full[st], (j / kStages) & 1);
     mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
-    finish_block(j);
+    wgmma_wait<0>();  // the PV product of block j - 2
+    fence_regs(o);
+    pack_block(j);
     wait_turn();
     fence_regs(s);
     wgmma_fence();
-    issue_qk<In, kHeadDim>(s, q_rows, k_tiles + st * kTileBytes);
+    issue_qk<In, kHeadDim>(s, q_rows, k_ring.plus(st * kTileBytes));
     wgmma_commit();
-    issue_pv<In, kHeadDim>(o, p, v_tiles + prev * kTileBytes);
+    fence_regs(s);
+    rescale_o();
+    wgmma_fence();  // O was written by ordinary instructions
+    issue_pv<In, kHeadDim>(o, p, v_ring.plus(prev * kTileBytes));
     wgmma_commit();
     fence_regs(s);
     fence_regs(o);
@@ -338,9 +359,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   {  // the last block's PV product (its V stage and the one before are never refilled: not released)
     const int last = (n_blocks - 1) % kStages;
     mbar_wait(&bars.v_full[last], ((n_blocks - 1) / kStages) & 1);
-    finish_block(0);
+    wgmma_wait<0>();
+    fence_regs(o);
+    pack_block(0);
+    rescale_o();
     wgmma_fence();
-    issue_pv<In, kHeadDim>(o, p, v_tiles + last * kTileBytes);
+    issue_pv<In, kHeadDim>(o, p, v_ring.plus(last * kTileBytes));
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(o);

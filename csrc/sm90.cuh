@@ -77,14 +77,17 @@ __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.a
 // ---------------------------------------------------------------------------------------------- wgmma
 // Shared-memory matrix descriptor, 128-byte swizzle. lbo/sbo in bytes: K-major operands use only sbo (the
 // 1024 bytes between 8-row groups); MN-major ones use lbo between 64-element column blocks and sbo between
-// 8-row groups along K.
-__device__ __forceinline__ uint64_t desc_sw128(const void* p, uint32_t lbo, uint32_t sbo) {
-  uint64_t d = (smem_u32(p) & 0x3FFFF) >> 4;
-  d |= uint64_t((lbo >> 4) & 0x3FFF) << 16;
-  d |= uint64_t((sbo >> 4) & 0x3FFF) << 32;
-  d |= uint64_t(1) << 62;
-  return d;
-}
+// 8-row groups along K. Kept as two 32-bit words: the address field (bits 0-13 of the low word, address / 16)
+// never carries into lbo for shared-memory addresses (< 2^18), so a descriptor at a byte offset is one 32-bit
+// add (at a constant offset, one uniform-register add), not a recomputation from the address per wgmma.
+struct SmemDesc {
+  uint32_t lo, hi;
+  static __device__ __forceinline__ SmemDesc sw128(const void* p, uint32_t lbo, uint32_t sbo) {
+    return {((smem_u32(p) & 0x3FFFF) >> 4) | (((lbo >> 4) & 0x3FFF) << 16), ((sbo >> 4) & 0x3FFF) | (1u << 30)};
+  }
+  __device__ __forceinline__ SmemDesc plus(uint32_t bytes) const { return {lo + (bytes >> 4), hi}; }
+  __device__ __forceinline__ uint64_t bits() const { return (uint64_t(hi) << 32) | lo; }
+};
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
