@@ -632,6 +632,7 @@ def test_kernel_experiment_switches_reject_bad_values(monkeypatch):
     """The e4m3 kernel's experiment switches (environment) take only the values the extension was built for."""
     from vkern.ops import fused_attention
 
+    monkeypatch.delenv("VKERN_FLASH_FP8_FMA_EXP2", raising=False)
     assert fused_attention._fp8_fma_exp2() == -1  # unset: the kernel's default
     for value, expected in (("0", 0), ("2", 2), ("3", 3)):
         monkeypatch.setenv("VKERN_FLASH_FP8_FMA_EXP2", value)
