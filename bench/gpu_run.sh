@@ -68,7 +68,7 @@ if [[ $MODES == *" flash "* ]]; then  # the CUDA attention kernel against cuDNN 
 fi
 if [[ $MODES == *" fp8attn "* ]]; then  # fp8 attention: the CUDA kernel's e4m3 form vs cuDNN bf16 and the Triton kernel
   $B --op attention --shape wan1.3b-480p,wan14b-480p,wan14b-720p,hunyuan-720p \
-    --providers cudnn,vkern-cuda,vkern-fp8-cuda,vkern-fp8-cuda-kernel,vkern-fp8-cuda-kernel-noturns,vkern-fp8-cuda-kernel-mufu,vkern-fp8-cuda-kernel-fma3,vkern-fp8-triton,vkern-fp8-triton-kernel --repeats 5
+    --providers cudnn,vkern-cuda,vkern-fp8-cuda,vkern-fp8-cuda-kernel,vkern-fp8-cuda-kernel-turns,vkern-fp8-triton,vkern-fp8-triton-kernel --repeats 5
   python3 -m bench.fp8_attention_accuracy --out "$OUT/results.jsonl" | tee "$OUT/fp8-attention-accuracy.txt"
 fi
 if [[ $MODES == *" attention "* ]]; then

@@ -6,8 +6,8 @@
 //     128-key block into a 2- or 3-stage ring, and refills a stage once both consumers have released it;
 //   consumers (warpgroups 1, 2): 64 query rows each. Per key block j: S = Q K_j^T (wgmma, both operands in
 //     shared memory), then, while S is computed, O += P_{j-1} V_{j-1} (wgmma, P from registers); then the
-//     online softmax of S_j. The two consumers take turns issuing their products (named barriers), so one's
-//     softmax runs while the other's products keep the tensor cores busy.
+//     online softmax of S_j. The 16-bit forms' two consumers take turns issuing their products (named
+//     barriers), so one's softmax runs while the other's products keep the tensor cores busy (E4M3: see kTakeTurns).
 // Numerics: fp32 accumulation and softmax (exp2 of scale * log2(e) * s - running max, one FFMA per score),
 // P rounded to the input dtype for the PV product (as FlashAttention), out = O / l rounded once.
 // Keys past kv_len (the last block) are masked to -inf; query rows past q_len are computed on TMA's
@@ -113,12 +113,10 @@ __device__ __forceinline__ float quad_sum(float x) {
 // group in the order (0, 1, 8, 9 | 16, 17, 24, 25) + 2 * (lane % 4), and V^T is stored in that key order
 // (vkern.ops.v_to_e4m3): the product pairs each P with its own key's V.
 // In: the input format (__nv_bfloat16, __half or E4M3); Out: the output's (= In when 16-bit). kTakeTurns: the
-// consumers issue their products in turn (named barriers); off, each issues as soon as it is ready (an E4M3
-// experiment: its products are half as long, so the turns may wait more than they overlap). kFmaExp2: of each 8
-// exponentials of the softmax, how many run on the FMA pipe (ex2_fma) instead of the MUFU. In E4M3 the MUFU's
-// 16 per clock per SM take as long as the tensor cores' products (128 x 128 exponentials = 1024 clocks per
-// block for both consumers), and ncu (bench/NOTES.md, session 13) finds the softmax's exponentials MUFU-bound.
-template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true, int kFmaExp2 = 0>
+// consumers issue their products in turn (named barriers); off, each issues as soon as it is ready. The 16-bit
+// forms take turns; E4M3 by default not (its products are half as long, so the turns wait more than they
+// overlap: 0-7% faster without them in runs 46, 50 and 51, bench/NOTES.md session 13).
+template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
@@ -256,8 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float part[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // two partial sums per row: shorter chains, as the max
 #pragma unroll
     for (int i = 0; i < 64; ++i) {
-      const float x = fmaf(s[i], mult[(i / 2) % 2], neg_max[(i / 2) % 2]);
-      s[i] = i % 8 < kFmaExp2 ? ex2_fma(x) : ex2(x);
+      s[i] = ex2(fmaf(s[i], mult[(i / 2) % 2], neg_max[(i / 2) % 2]));
       part[(i / 2) % 2][(i / 4) % 2] += s[i];
     }
     sum[0] = part[0][0] + part[0][1];
@@ -471,11 +468,11 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 }
 
 // The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; E4M3: v is V^T), out; the scales E4M3 only.
-template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true, int kFmaExp2 = 0>
+template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale, float* lse,
                    const void* key_bits, int batch, int heads, int q_len, int kv_len, float scale, cudaStream_t stream) {
   constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages>();
-  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kTakeTurns, kFmaExp2>;
+  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kTakeTurns>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
@@ -524,12 +521,10 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, DType out_dtype, int batch, int heads, int q_len, int kv_len,
                                     int vt_len, int head_dim, float scale, int stages, bool take_turns,
-                                    int fma_exp2, cudaStream_t stream) {
-  if (fma_exp2 == -1) fma_exp2 = kFlashFp8FmaExp2Default;
+                                    cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
-      vt_len < kv_len || vt_len % 16 != 0 || (fma_exp2 != 0 && fma_exp2 != 2 && fma_exp2 != 3) ||
-      (!take_turns && fma_exp2 != kFlashFp8FmaExp2Default) || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
+      vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
       reinterpret_cast<uintptr_t>(v_scale) % 8 != 0)
     return cudaErrorInvalidValue;
   const CUtensorMapDataType out_type = out_dtype == DType::kBFloat16  ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
@@ -544,18 +539,11 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
     return cudaErrorInvalidValue;
   const auto run = [&](auto out_tag) {
     using Out = decltype(out_tag);
-    const auto with = [&](auto turns_tag, auto fma_tag) {
-      constexpr bool kTurns = decltype(turns_tag)::value;
-      constexpr int kFma = decltype(fma_tag)::value;
-      return stages == 2 ? launch<E4M3, Out, 128, 2, kTurns, kFma>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
-                         : launch<E4M3, Out, 128, 3, kTurns, kFma>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
-    };
-    using Yes = std::true_type;
-    using No = std::false_type;
-    if (!take_turns) return with(No(), std::integral_constant<int, kFlashFp8FmaExp2Default>());
-    if (fma_exp2 == 0) return with(Yes(), std::integral_constant<int, 0>());
-    if (fma_exp2 == 2) return with(Yes(), std::integral_constant<int, 2>());
-    return with(Yes(), std::integral_constant<int, 3>());
+    if (!take_turns)
+      return stages == 2 ? launch<E4M3, Out, 128, 2, false>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
+                         : launch<E4M3, Out, 128, 3, false>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
+    return stages == 2 ? launch<E4M3, Out, 128, 2>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
+                       : launch<E4M3, Out, 128, 3>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
   };
   return out_dtype == DType::kBFloat16 ? run(__nv_bfloat16()) : run(__half());
 }

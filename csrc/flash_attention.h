@@ -36,15 +36,12 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // scales v_scale [B, H, D] per (head, channel). S = q8 k8^T * q_scale * k_scale (its block's), P = exp(scale *
 // S - max) * 448 rounded to e4m3, out = (P v8) * v_scale / rowsum(P) in out_dtype (bf16 or fp16), fp32
 // accumulation. lse, key_bits, stages as flash_attention_fwd. take_turns: the two consumer warpgroups issue
-// their products in turn (as the 16-bit form always does), or each as soon as it is ready. fma_exp2: of each 8
-// softmax exponentials, how many are computed on the FMA pipe rather than the MUFU: 0, 2 or 3, or -1 for
-// kFlashFp8FmaExp2Default (without take_turns only the default is built).
+// their products in turn (as the 16-bit form always does), or each as soon as it is ready (vkern's default).
 constexpr int kFlashFp8HeadDim = 128;
-constexpr int kFlashFp8FmaExp2Default = 2;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, DType out_dtype, int batch, int heads, int q_len, int kv_len,
                                     int vt_len, int head_dim, float scale, int stages, bool take_turns,
-                                    int fma_exp2, cudaStream_t stream);
+                                    cudaStream_t stream);
 
 }  // namespace vkern

@@ -378,23 +378,13 @@ def _flash_stages():
 
 
 def _fp8_take_turns():
-    """VKERN_FLASH_FP8_TURNS=0: the e4m3 kernel's consumers issue their products without taking turns (an
-    experiment, bench/NOTES.md session 12); default 1, as the 16-bit kernel."""
-    turns = os.environ.get("VKERN_FLASH_FP8_TURNS", "1")
+    """VKERN_FLASH_FP8_TURNS=1: the e4m3 kernel's consumers issue their products in turn, as the 16-bit kernel's
+    do; default 0: each as soon as it is ready (faster in e4m3 in 11 of 12 measurements, runs 46, 50, 51:
+    bench/NOTES.md session 13)."""
+    turns = os.environ.get("VKERN_FLASH_FP8_TURNS", "0")
     if turns not in ("0", "1"):
         raise ValueError(f"VKERN_FLASH_FP8_TURNS: expected 0 or 1, got {turns!r}")
     return turns == "1"
-
-
-def _fp8_fma_exp2():
-    """VKERN_FLASH_FP8_FMA_EXP2=0|2|3: of each 8 softmax exponentials in the e4m3 kernel, how many run on the FMA
-    pipe instead of the MUFU (an experiment, bench/NOTES.md session 13); unset: the kernel's default (-1)."""
-    value = os.environ.get("VKERN_FLASH_FP8_FMA_EXP2")
-    if value is None:
-        return -1
-    if value not in ("0", "2", "3"):
-        raise ValueError(f"VKERN_FLASH_FP8_FMA_EXP2: expected 0, 2 or 3, got {value!r}")
-    return int(value)
 
 
 def key_padding_bits(key_padding_mask, block=128):
@@ -443,7 +433,7 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, key_padding_mask,
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
             k_scale.data_ptr(), v_scale.data_ptr(), _DTYPE_CODE[out_dtype], B, H, Sq, Skv,
             vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(), _fp8_take_turns(),
-            _fp8_fma_exp2(), torch.cuda.current_stream(q8.device).cuda_stream)
+            torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
 
