@@ -115,10 +115,8 @@ __device__ __forceinline__ float quad_sum(float x) {
 // In: the input format (__nv_bfloat16, __half or E4M3); Out: the output's (= In when 16-bit). kTakeTurns: the
 // consumers issue their products in turn (named barriers); off, each issues as soon as it is ready. The 16-bit
 // forms take turns; E4M3 by default not (its products are half as long, so the turns wait more than they
-// overlap: 0-7% faster without them in runs 46, 50 and 51, bench/NOTES.md session 13). kFmaExp2 (an E4M3
-// experiment, default 0): of each 8 softmax exponentials, how many run on the FMA pipe (ex2_fma), each after an
-// earlier MUFU result so that ptxas places it in the MUFU's pacing gaps (stall 7 after each MUFU's FADD).
-template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true, int kFmaExp2 = 0>
+// overlap: 0-7% faster without them in runs 46, 50 and 51, bench/NOTES.md session 13).
+template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
@@ -256,13 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float part[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // two partial sums per row: shorter chains, as the max
 #pragma unroll
     for (int i = 0; i < 64; ++i) {
-      float x = fmaf(s[i], mult[(i / 2) % 2], neg_max[(i / 2) % 2]);
-      if (i % 8 < kFmaExp2) {
-        if (i >= 8) x = fmaf(0.f, s[i - 5], x);  // ordered after that MUFU result (0 * a finite P is 0)
-        s[i] = ex2_fma(x);
-      } else {
-        s[i] = ex2(x);
-      }
+      s[i] = ex2(fmaf(s[i], mult[(i / 2) % 2], neg_max[(i / 2) % 2]));
       part[(i / 2) % 2][(i / 4) % 2] += s[i];
     }
     sum[0] = part[0][0] + part[0][1];
@@ -476,11 +468,11 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 }
 
 // The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; E4M3: v is V^T), out; the scales E4M3 only.
-template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true, int kFmaExp2 = 0>
+template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale, float* lse,
                    const void* key_bits, int batch, int heads, int q_len, int kv_len, float scale, cudaStream_t stream) {
   constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages>();
-  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kTakeTurns, kFmaExp2>;
+  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kTakeTurns>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
@@ -529,11 +521,10 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, DType out_dtype, int batch, int heads, int q_len, int kv_len,
                                     int vt_len, int head_dim, float scale, int stages, bool take_turns,
-                                    int fma_exp2, cudaStream_t stream) {
+                                    cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
-      vt_len < kv_len || vt_len % 16 != 0 || (fma_exp2 != 0 && fma_exp2 != 2 && fma_exp2 != 3) ||
-      (take_turns && fma_exp2 != 0) || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
+      vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
       reinterpret_cast<uintptr_t>(v_scale) % 8 != 0)
     return cudaErrorInvalidValue;
   const CUtensorMapDataType out_type = out_dtype == DType::kBFloat16  ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
@@ -548,16 +539,11 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
     return cudaErrorInvalidValue;
   const auto run = [&](auto out_tag) {
     using Out = decltype(out_tag);
-    const auto with = [&](auto turns_tag, auto fma_tag) {
-      constexpr bool kTurns = decltype(turns_tag)::value;
-      constexpr int kFma = decltype(fma_tag)::value;
-      return stages == 2 ? launch<E4M3, Out, 128, 2, kTurns, kFma>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
-                         : launch<E4M3, Out, 128, 3, kTurns, kFma>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
-    };
-    if (take_turns) return with(std::true_type(), std::integral_constant<int, 0>());
-    if (fma_exp2 == 2) return with(std::false_type(), std::integral_constant<int, 2>());
-    if (fma_exp2 == 3) return with(std::false_type(), std::integral_constant<int, 3>());
-    return with(std::false_type(), std::integral_constant<int, 0>());
+    if (!take_turns)
+      return stages == 2 ? launch<E4M3, Out, 128, 2, false>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
+                         : launch<E4M3, Out, 128, 3, false>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
+    return stages == 2 ? launch<E4M3, Out, 128, 2>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
+                       : launch<E4M3, Out, 128, 3>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
   };
   return out_dtype == DType::kBFloat16 ? run(__nv_bfloat16()) : run(__half());
 }

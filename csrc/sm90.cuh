@@ -216,18 +216,5 @@ __device__ __forceinline__ float ex2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-// 2^x without the MUFU: x = j + f with j = x rounded to an integer and |f| <= 1/2, 2^f by a cubic (minimax on
-// [-1/2, 1/2], relative error <= 7.5e-5), j added into the exponent field; 8 FMA-pipe and integer instructions.
-// x is clamped below at -125 (the result, ~2^-125, is 0 to every caller, and the exponent add stays in range);
-// x <= 127.
-__device__ __forceinline__ float ex2_fma(float x) {
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: x + kRound holds round(x) in its low mantissa bits
-  x = fmaxf(x, -125.f);
-  const float t = __fadd_rn(x, kRound);
-  const float f = __fsub_rn(x, __fsub_rn(t, kRound));
-  const float p = fmaf(fmaf(fmaf(0.055171453652013834f, f, 0.24261081094436648f), f, 0.693260987634562f), f,
-                       0.9999280925576787f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));  // (t's bits << 23) = j << 23
-}
 
 }  // namespace vkern::sm90

@@ -563,24 +563,6 @@ def test_gpu_cuda_fp8_odd_sizes(use_backend, dtype, B, H, Sq, Skv):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fma_exp2", ["2", "3"])
-def test_gpu_cuda_fp8_exponentials_on_the_fma_pipe(use_backend, monkeypatch, fma_exp2):
-    """The e4m3 kernel with 2 or 3 of each 8 softmax exponentials on the FMA pipe (ex2_fma: relative error
-    7.5e-5, under e4m3's rounding) passes the e4m3 checks, masked keys included (-inf scores: ex2_fma's clamp),
-    and differs from the all-MUFU kernel only by P values rounded the other way, a small part of the e4m3 noise."""
-    q, k, v = make_qkv(2, 1000, 1000, 2, 128, torch.bfloat16, "cuda")
-    mask = torch.rand(2, 1000, device="cuda") > 0.3
-    mask[1, :128] = False  # a whole key block masked for batch 1
-    monkeypatch.setenv("VKERN_FLASH_FP8_FMA_EXP2", fma_exp2)
-    check_8bit(q, k, v, use_backend("cuda"), FP8, key_padding_mask=mask)
-    out = run_8bit(q, k, v, FP8, key_padding_mask=mask)
-    monkeypatch.setenv("VKERN_FLASH_FP8_FMA_EXP2", "0")
-    mufu = run_8bit(q, k, v, FP8, key_padding_mask=mask)
-    diff = rel_l2(out, mufu.double())
-    assert diff < 0.01, f"fma_exp2 {fma_exp2} vs all-MUFU rel L2 {diff:.4f}"
-
-
-@pytest.mark.gpu
 def test_gpu_cuda_fp8_is_the_default_on_hopper():
     """attention_8bit's own choice for e4m3 Q/K/V at head dim 128 on sm_90 is the CUDA kernel; other schemes
     and head dims stay on Triton."""
@@ -629,8 +611,7 @@ def test_gpu_compile_fullgraph_inductor(use_backend, scheme, backend):
 
 
 def test_kernel_experiment_switch_rejects_bad_values(monkeypatch):
-    """VKERN_FLASH_FP8_TURNS takes only 0 or 1 (unset: no turns), VKERN_FLASH_FP8_FMA_EXP2 only 0, 2 or 3 (unset:
-    0)."""
+    """VKERN_FLASH_FP8_TURNS takes only 0 or 1; unset, the e4m3 kernel's consumers do not take turns."""
     from vkern.ops import fused_attention
 
     monkeypatch.delenv("VKERN_FLASH_FP8_TURNS", raising=False)
@@ -640,9 +621,3 @@ def test_kernel_experiment_switch_rejects_bad_values(monkeypatch):
     monkeypatch.setenv("VKERN_FLASH_FP8_TURNS", "maybe")
     with pytest.raises(ValueError, match="VKERN_FLASH_FP8_TURNS"):
         fused_attention._fp8_take_turns()
-    monkeypatch.delenv("VKERN_FLASH_FP8_FMA_EXP2", raising=False)
-    assert fused_attention._fp8_fma_exp2() == 0
-    for bad in ("1", "8", "two"):
-        monkeypatch.setenv("VKERN_FLASH_FP8_FMA_EXP2", bad)
-        with pytest.raises(ValueError, match="VKERN_FLASH_FP8_FMA_EXP2"):
-            fused_attention._fp8_fma_exp2()

@@ -387,15 +387,6 @@ def _fp8_take_turns():
     return turns == "1"
 
 
-def _fp8_fma_exp2():
-    """VKERN_FLASH_FP8_FMA_EXP2=0|2|3: of each 8 softmax exponentials in the e4m3 kernel, how many run on the FMA
-    pipe instead of the MUFU (an experiment, bench/NOTES.md session 13; default 0)."""
-    value = os.environ.get("VKERN_FLASH_FP8_FMA_EXP2", "0")
-    if value not in ("0", "2", "3"):
-        raise ValueError(f"VKERN_FLASH_FP8_FMA_EXP2: expected 0, 2 or 3, got {value!r}")
-    return int(value)
-
-
 def key_padding_bits(key_padding_mask, block=128):
     """The CUDA kernel's form of a key-padding mask: bool [B, Skv] -> uint8 [B, ceil(Skv / block) * block / 8],
     bit c % 8 of byte c / 8 set = attend key c (so, read as little-endian 32-bit words, bit c % 32 of word
@@ -442,7 +433,7 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, key_padding_mask,
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
             k_scale.data_ptr(), v_scale.data_ptr(), _DTYPE_CODE[out_dtype], B, H, Sq, Skv,
             vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(), _fp8_take_turns(),
-            _fp8_fma_exp2(), torch.cuda.current_stream(q8.device).cuda_stream)
+            torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
 
