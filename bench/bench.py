@@ -77,7 +77,6 @@ def _attention(name, providers, args):
     # The kernels alone, on Q/K/V already in e4m3 (as the Wan processor has them: its fused norm/RoPE prologue
     # quantizes Q and K; V takes v_to_e4m3, ~3% of these calls' bytes).
     wanted = providers or list(fns) + ["vkern-fp8-cuda-kernel", "vkern-fp8-cuda-kernel-turns",
-                                       "vkern-fp8-cuda-kernel-3wg",
                                        "vkern-fp8-triton-kernel"]
     if s.head_dim == 128 and any(p.endswith("-kernel") for p in wanted):
         q8, qs = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, s.heads, quant="e4m3")
@@ -87,8 +86,6 @@ def _attention(name, providers, args):
         fns["vkern-fp8-cuda-kernel"] = fp8_backend("cuda", prequant)
         # Experiment (sessions 12-13): the e4m3 kernel's consumers taking turns (the default since session 13: not).
         fns["vkern-fp8-cuda-kernel-turns"] = with_env("VKERN_FLASH_FP8_TURNS", "1", fns["vkern-fp8-cuda-kernel"])
-        # Experiment (session 13): three consumer warpgroups (192 query rows per CTA, 160 registers each).
-        fns["vkern-fp8-cuda-kernel-3wg"] = with_env("VKERN_FLASH_FP8_CONSUMERS", "3", fns["vkern-fp8-cuda-kernel"])
         fns["vkern-fp8-triton-kernel"] = fp8_backend("triton", prequant)
     fns["vkern"] = lambda: vkern.ops.attention(q, k, v)
     rows = torch.randperm(s.tokens, device="cuda")[:256]  # oracle on sampled queries: O(256 * S) memory

@@ -28,19 +28,12 @@ namespace {
 
 using namespace sm90;
 
+constexpr int kBlockM = 128;                  // query rows per CTA (64 per consumer warpgroup)
 constexpr int kBlockN = 128;                  // keys per block
 constexpr int kHalfBytes = 128 * 128;         // 128 rows x 128 bytes: one TMA box, one swizzle span
+constexpr int kThreads = 384;
 constexpr int kTurnBarrier = 1;               // named barriers 1, 2: consumer 0's / 1's turn to issue products
-constexpr int kStoreBarrier = 3;              // named barriers 3, 4, 5: consumer 0's / 1's / 2's output tile written
-// The CTA's shape: a producer warpgroup and kConsumers consumer warpgroups of 64 query rows each. Registers per
-// thread after setmaxnreg: the producer 24; the consumers share the rest of the 64K (2: 240, 3: 160).
-template <int kConsumers>
-struct Cta {
-  static_assert(kConsumers == 2 || kConsumers == 3, "two or three consumer warpgroups");
-  static constexpr int kBlockM = 64 * kConsumers;  // query rows per CTA
-  static constexpr int kThreads = 128 * (kConsumers + 1);
-  static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
-};
+constexpr int kStoreBarrier = 3;              // named barriers 3, 4: consumer 0's / 1's output tile written
 constexpr float kLog2Of448 = 8.807354922057604f;
 
 // Tile geometry per input format. 16-bit: Q, K, V [B, S, H, D]; a 128-row tile is D / 64 column boxes of 64
@@ -54,8 +47,9 @@ struct Format {
   static_assert(!kFp8 || kHeadDim == 128, "the e4m3 kernel takes head dim 128");
   static constexpr int kBoxes = kHeadDim * (kFp8 ? 1 : 2) / 128;  // 128-byte column boxes of a Q or K tile
   static constexpr int kBoxCols = kFp8 ? 128 : 64;
-  static constexpr int kTileBytes = kBoxes * kHalfBytes;           // K, V (or V^T) tile; Q's with 128 rows
+  static constexpr int kTileBytes = kBoxes * kHalfBytes;           // Q, K, V (or V^T) tile
   static constexpr int kOutBoxes = kHeadDim / 64;                  // the output is 16-bit
+  static constexpr int kOutStageBytes = kFp8 ? kOutBoxes * kHalfBytes : 0;  // 16-bit: the Q tile is reused
   static constexpr int kPRegs = kFp8 ? 16 : 32;                    // P of 64 x 128 per warpgroup, packed
   static constexpr float kPOffset = kFp8 ? kLog2Of448 : 0.f;       // e4m3 P is scaled to [0, 448]
 };
@@ -64,17 +58,12 @@ struct Barriers {
   uint64_t q_full;
   uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
 };
-// Shared memory: Q (kBlockM rows per column box) | K ring | V ring | output stage | barriers. The Q and output
-// tiles' column boxes are kBlockM * 128 bytes apart; 16-bit forms write the output into the Q tile.
-template <typename In, int kHeadDim, int kStages, int kConsumers>
-struct Smem {
+// Q | K ring | V ring | output stage | barriers, + 1024-alignment slack.
+template <typename In, int kHeadDim, int kStages>
+constexpr int smem_bytes() {
   using F = Format<In, kHeadDim>;
-  static constexpr int kQBoxBytes = Cta<kConsumers>::kBlockM * 128;
-  static constexpr int kQTileBytes = F::kBoxes * kQBoxBytes;
-  static constexpr int kOutStageBytes = F::kFp8 ? F::kOutBoxes * kQBoxBytes : 0;
-  static constexpr int kBarrierOffset = kQTileBytes + 2 * kStages * F::kTileBytes + kOutStageBytes;
-  static constexpr int kBytes = kBarrierOffset + int(sizeof(Barriers<kStages>)) + 1024;  // + alignment slack
-};
+  return F::kTileBytes * (1 + 2 * kStages) + F::kOutStageBytes + int(sizeof(Barriers<kStages>)) + 1024;
+}
 
 template <typename In, int kHeadDim>
 __device__ __forceinline__ void issue_qk(float (&s)[64], SmemDesc q_rows, SmemDesc k_tile) {
@@ -125,28 +114,25 @@ __device__ __forceinline__ float quad_sum(float x) {
 // (vkern.ops.v_to_e4m3): the product pairs each P with its own key's V.
 // In: the input format (__nv_bfloat16, __half or E4M3); Out: the output's (= In when 16-bit). kTakeTurns: the
 // consumers issue their products in turn (named barriers); off, each issues as soon as it is ready. The 16-bit
-// forms take turns; E4M3 by default not (its products are half as long; over runs 46-52 the two measure the same
-// to +-5%, bench/NOTES.md session 13). kConsumers: 2, or 3 (E4M3 without turns: a third warp per scheduler to
-// hide the softmax's latencies, at 160 registers per consumer thread).
-template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true, int kConsumers = 2>
-__global__ void __launch_bounds__(Cta<kConsumers>::kThreads, 1)
+// forms take turns; E4M3 by default not (its products are half as long, so the turns wait more than they
+// overlap: 0-7% faster without them in runs 46, 50 and 51, bench/NOTES.md session 13).
+template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true>
+__global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
                      const float* __restrict__ q_scale, const float* __restrict__ k_scale,
                      const float* __restrict__ v_scale, float* __restrict__ lse, const uint4* __restrict__ key_bits,
                      int heads, int q_len, int kv_len, float scale_log2) {
   using F = Format<In, kHeadDim>;
-  using L = Smem<In, kHeadDim, kStages, kConsumers>;
-  static_assert(kConsumers == 2 || (F::kFp8 && !kTakeTurns), "three consumers: the E4M3 form without turns");
   constexpr int kTileBytes = F::kTileBytes;
-  constexpr int kBlockM = Cta<kConsumers>::kBlockM;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* q_tile = smem;
-  uint8_t* k_tiles = smem + L::kQTileBytes;
-  uint8_t* v_tiles = k_tiles + kTileBytes * kStages;
-  uint8_t* out_stage = F::kFp8 ? v_tiles + kTileBytes * kStages : q_tile;
-  Barriers<kStages>& bars = *reinterpret_cast<Barriers<kStages>*>(smem + L::kBarrierOffset);
+  uint8_t* k_tiles = smem + kTileBytes;
+  uint8_t* v_tiles = smem + kTileBytes * (1 + kStages);
+  uint8_t* out_stage = F::kFp8 ? smem + kTileBytes * (1 + 2 * kStages) : q_tile;
+  Barriers<kStages>& bars =
+      *reinterpret_cast<Barriers<kStages>*>(smem + kTileBytes * (1 + 2 * kStages) + F::kOutStageBytes);
 
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   // Broadcast from lane 0: the compiler then knows it is warp-uniform and keeps what derives from it (the Q
@@ -159,8 +145,8 @@ __global__ void __launch_bounds__(Cta<kConsumers>::kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&bars.k_full[s], 1);
       mbar_init(&bars.v_full[s], 1);
-      mbar_init(&bars.k_empty[s], kConsumers);  // one arrival per consumer warpgroup
-      mbar_init(&bars.v_empty[s], kConsumers);
+      mbar_init(&bars.k_empty[s], 2);  // one arrival per consumer warpgroup
+      mbar_init(&bars.v_empty[s], 2);
     }
     mbar_init_fence();
   }
@@ -169,9 +155,9 @@ __global__ void __launch_bounds__(Cta<kConsumers>::kThreads, 1)
   if (warpgroup == 0) {  // producer
     regs_dec<24>();
     if (threadIdx.x == 0) {
-      mbar_arrive_expect_tx(&bars.q_full, L::kQTileBytes);
+      mbar_arrive_expect_tx(&bars.q_full, kTileBytes);
       for (int h = 0; h < F::kBoxes; ++h)
-        tma_load_4d(q_tile + h * L::kQBoxBytes, &q_map, &bars.q_full, h * F::kBoxCols, head, m_block * kBlockM, batch);
+        tma_load_4d(q_tile + h * kHalfBytes, &q_map, &bars.q_full, h * F::kBoxCols, head, m_block * kBlockM, batch);
       for (int j = 0; j < n_blocks; ++j) {
         const int s = j % kStages;
         const uint32_t free_parity = ((j / kStages) & 1) ^ 1;  // the first round finds fresh barriers "done"
@@ -194,7 +180,7 @@ __global__ void __launch_bounds__(Cta<kConsumers>::kThreads, 1)
     return;
   }
 
-  regs_inc<Cta<kConsumers>::kConsumerRegs>();
+  regs_inc<240>();
   const int wg = warpgroup - 1;  // this consumer's rows: wg * 64 ... wg * 64 + 63 of the block
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
   // wgmma descriptors: this consumer's Q rows (in each column box) and stage 0 of the K and V rings.
@@ -400,7 +386,7 @@ __global__ void __launch_bounds__(Cta<kConsumers>::kThreads, 1)
   for (int i = 0; i < kHeadDim / 2; i += 2) {
     const int r = (i / 2) % 2, row = warp * 16 + lane / 4 + 8 * r, col_tile = i / 4;
     const int chunk = (col_tile % 8) ^ (row % 8);
-    uint8_t* dst = o_rows + (col_tile / 8) * L::kQBoxBytes + row * 128 + chunk * 16 + (lane % 4) * 4;
+    uint8_t* dst = o_rows + (col_tile / 8) * kHalfBytes + row * 128 + chunk * 16 + (lane % 4) * 4;
     float lo = o[i] * inv[r], hi = o[i + 1] * inv[r];
     if constexpr (F::kFp8) {
       const float2 v2 = __ldg(vs + 4 * col_tile);
@@ -412,7 +398,7 @@ __global__ void __launch_bounds__(Cta<kConsumers>::kThreads, 1)
   bar_sync(kStoreBarrier + wg, 128);
   if (tid == 0) {
     for (int h = 0; h < F::kOutBoxes; ++h)
-      tma_store_4d(&o_map, o_rows + h * L::kQBoxBytes, h * 64, head, m_block * kBlockM + wg * 64, batch);
+      tma_store_4d(&o_map, o_rows + h * kHalfBytes, h * 64, head, m_block * kBlockM + wg * 64, batch);
     tma_store_commit_and_wait();
   }
   if (lse != nullptr && lane % 4 == 0) {
@@ -482,16 +468,15 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 }
 
 // The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; E4M3: v is V^T), out; the scales E4M3 only.
-template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true, int kConsumers = 2>
+template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale, float* lse,
                    const void* key_bits, int batch, int heads, int q_len, int kv_len, float scale, cudaStream_t stream) {
-  constexpr int kSmemBytes = Smem<In, kHeadDim, kStages, kConsumers>::kBytes;
-  using C = Cta<kConsumers>;
-  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kTakeTurns, kConsumers>;
+  constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages>();
+  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kTakeTurns>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid((q_len + C::kBlockM - 1) / C::kBlockM, heads, batch);
-  kernel<<<grid, C::kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], q_scale, k_scale, v_scale, lse,
+  const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], q_scale, k_scale, v_scale, lse,
                                                  static_cast<const uint4*>(key_bits), heads, q_len, kv_len,
                                                  scale * 1.4426950408889634f);
   return cudaGetLastError();
@@ -514,10 +499,10 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
   const auto run = [&](auto type_tag, CUtensorMapDataType type) {
     using T = decltype(type_tag);
     CUtensorMap maps[4] = {};
-    if (!make_map(&maps[0], q, type, 2, batch, q_len, heads, head_dim, Cta<2>::kBlockM) ||
+    if (!make_map(&maps[0], q, type, 2, batch, q_len, heads, head_dim, kBlockM) ||
         !make_map(&maps[1], k, type, 2, batch, kv_len, heads, head_dim, kBlockN) ||
         !make_map(&maps[2], v, type, 2, batch, kv_len, heads, head_dim, kBlockN) ||
-        !make_map(&maps[3], out, type, 2, batch, q_len, heads, head_dim, 64))
+        !make_map(&maps[3], out, type, 2, batch, q_len, heads, head_dim, kBlockM / 2))
       return cudaErrorInvalidValue;
     const auto with_dim = [&](auto dim_tag) {
       constexpr int kDim = decltype(dim_tag)::value;
@@ -535,35 +520,30 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, DType out_dtype, int batch, int heads, int q_len, int kv_len,
-                                    int vt_len, int head_dim, float scale, int stages, bool take_turns, int consumers,
+                                    int vt_len, int head_dim, float scale, int stages, bool take_turns,
                                     cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
       vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
-      reinterpret_cast<uintptr_t>(v_scale) % 8 != 0 || (consumers != 2 && consumers != 3) ||
-      (consumers == 3 && take_turns))
+      reinterpret_cast<uintptr_t>(v_scale) % 8 != 0)
     return cudaErrorInvalidValue;
   const CUtensorMapDataType out_type = out_dtype == DType::kBFloat16  ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                        : out_dtype == DType::kFloat16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
   if (out_type == CU_TENSOR_MAP_DATA_TYPE_FLOAT32) return cudaErrorInvalidValue;
   CUtensorMap maps[4] = {};
-  if (!make_map(&maps[0], q, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, batch, q_len, heads, head_dim, 64 * consumers) ||
+  if (!make_map(&maps[0], q, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, batch, q_len, heads, head_dim, kBlockM) ||
       !make_map(&maps[1], k, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, batch, kv_len, heads, head_dim, kBlockN) ||
       !make_vt_map(&maps[2], vt, batch, heads, head_dim, vt_len) ||
-      !make_map(&maps[3], out, out_type, 2, batch, q_len, heads, head_dim, 64))
+      !make_map(&maps[3], out, out_type, 2, batch, q_len, heads, head_dim, kBlockM / 2))
     return cudaErrorInvalidValue;
   const auto run = [&](auto out_tag) {
     using Out = decltype(out_tag);
-    const auto with = [&](auto turns_tag, auto consumers_tag) {
-      constexpr bool kTurns = decltype(turns_tag)::value;
-      constexpr int kConsumers = decltype(consumers_tag)::value;
-      return stages == 2 ? launch<E4M3, Out, 128, 2, kTurns, kConsumers>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
-                         : launch<E4M3, Out, 128, 3, kTurns, kConsumers>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
-    };
-    if (consumers == 3) return with(std::false_type(), std::integral_constant<int, 3>());
-    return take_turns ? with(std::true_type(), std::integral_constant<int, 2>())
-                      : with(std::false_type(), std::integral_constant<int, 2>());
+    if (!take_turns)
+      return stages == 2 ? launch<E4M3, Out, 128, 2, false>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
+                         : launch<E4M3, Out, 128, 3, false>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
+    return stages == 2 ? launch<E4M3, Out, 128, 2>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
+                       : launch<E4M3, Out, 128, 3>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
   };
   return out_dtype == DType::kBFloat16 ? run(__nv_bfloat16()) : run(__half());
 }

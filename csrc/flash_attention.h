@@ -37,12 +37,11 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // S - max) * 448 rounded to e4m3, out = (P v8) * v_scale / rowsum(P) in out_dtype (bf16 or fp16), fp32
 // accumulation. lse, key_bits, stages as flash_attention_fwd. take_turns: the two consumer warpgroups issue
 // their products in turn (as the 16-bit form always does), or each as soon as it is ready (vkern's default).
-// consumers: consumer warpgroups per CTA (64 query rows each), 2, or 3 (without take_turns only).
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, DType out_dtype, int batch, int heads, int q_len, int kv_len,
                                     int vt_len, int head_dim, float scale, int stages, bool take_turns,
-                                    int consumers, cudaStream_t stream);
+                                    cudaStream_t stream);
 
 }  // namespace vkern

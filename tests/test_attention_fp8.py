@@ -563,23 +563,6 @@ def test_gpu_cuda_fp8_odd_sizes(use_backend, dtype, B, H, Sq, Skv):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,H,Sq,Skv", CUDA_FP8_SIZES, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}" for p in CUDA_FP8_SIZES])
-def test_gpu_cuda_fp8_three_consumers(use_backend, monkeypatch, B, H, Sq, Skv):
-    """The e4m3 kernel with three consumer warpgroups (192 query rows per CTA): the e4m3 checks at sizes around
-    its tiles, with and without a key-padding mask, and the same output as two consumers (each query row's
-    arithmetic does not depend on the CTA it is in)."""
-    q, k, v = make_qkv(B, Sq, Skv, H, 128, torch.bfloat16, "cuda")
-    mask = torch.rand(B, Skv, device="cuda") > 0.3
-    monkeypatch.setenv("VKERN_FLASH_FP8_CONSUMERS", "3")
-    check_8bit(q, k, v, use_backend("cuda"), FP8)
-    check_8bit(q, k, v, "cuda", FP8, key_padding_mask=mask)
-    three = run_8bit(q, k, v, FP8, key_padding_mask=mask)
-    monkeypatch.setenv("VKERN_FLASH_FP8_CONSUMERS", "2")
-    two = run_8bit(q, k, v, FP8, key_padding_mask=mask)
-    assert torch.equal(three, two)
-
-
-@pytest.mark.gpu
 def test_gpu_cuda_fp8_is_the_default_on_hopper():
     """attention_8bit's own choice for e4m3 Q/K/V at head dim 128 on sm_90 is the CUDA kernel; other schemes
     and head dims stay on Triton."""
@@ -628,8 +611,7 @@ def test_gpu_compile_fullgraph_inductor(use_backend, scheme, backend):
 
 
 def test_kernel_experiment_switch_rejects_bad_values(monkeypatch):
-    """VKERN_FLASH_FP8_TURNS takes only 0 or 1 (unset: no turns), VKERN_FLASH_FP8_CONSUMERS only 2 or 3 (unset: 2;
-    3 without turns)."""
+    """VKERN_FLASH_FP8_TURNS takes only 0 or 1; unset, the e4m3 kernel's consumers do not take turns."""
     from vkern.ops import fused_attention
 
     monkeypatch.delenv("VKERN_FLASH_FP8_TURNS", raising=False)
@@ -639,14 +621,3 @@ def test_kernel_experiment_switch_rejects_bad_values(monkeypatch):
     monkeypatch.setenv("VKERN_FLASH_FP8_TURNS", "maybe")
     with pytest.raises(ValueError, match="VKERN_FLASH_FP8_TURNS"):
         fused_attention._fp8_take_turns()
-    monkeypatch.delenv("VKERN_FLASH_FP8_TURNS")
-    monkeypatch.delenv("VKERN_FLASH_FP8_CONSUMERS", raising=False)
-    assert fused_attention._fp8_consumers() == 2
-    monkeypatch.setenv("VKERN_FLASH_FP8_CONSUMERS", "3")
-    assert fused_attention._fp8_consumers() == 3
-    monkeypatch.setenv("VKERN_FLASH_FP8_TURNS", "1")
-    with pytest.raises(ValueError, match="takes no turns"):
-        fused_attention._fp8_consumers()
-    monkeypatch.setenv("VKERN_FLASH_FP8_CONSUMERS", "4")
-    with pytest.raises(ValueError, match="VKERN_FLASH_FP8_CONSUMERS"):
-        fused_attention._fp8_consumers()

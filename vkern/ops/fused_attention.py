@@ -387,17 +387,6 @@ def _fp8_take_turns():
     return turns == "1"
 
 
-def _fp8_consumers():
-    """VKERN_FLASH_FP8_CONSUMERS=2|3: consumer warpgroups per CTA of the e4m3 kernel (64 query rows each; 3 is an
-    experiment, bench/NOTES.md session 13, and takes no turns); default 2."""
-    value = os.environ.get("VKERN_FLASH_FP8_CONSUMERS", "2")
-    if value not in ("2", "3"):
-        raise ValueError(f"VKERN_FLASH_FP8_CONSUMERS: expected 2 or 3, got {value!r}")
-    if value == "3" and _fp8_take_turns():
-        raise ValueError("VKERN_FLASH_FP8_CONSUMERS=3 takes no turns: unset VKERN_FLASH_FP8_TURNS")
-    return int(value)
-
-
 def key_padding_bits(key_padding_mask, block=128):
     """The CUDA kernel's form of a key-padding mask: bool [B, Skv] -> uint8 [B, ceil(Skv / block) * block / 8],
     bit c % 8 of byte c / 8 set = attend key c (so, read as little-endian 32-bit words, bit c % 32 of word
@@ -444,7 +433,7 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, key_padding_mask,
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
             k_scale.data_ptr(), v_scale.data_ptr(), _DTYPE_CODE[out_dtype], B, H, Sq, Skv,
             vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(), _fp8_take_turns(),
-            _fp8_consumers(), torch.cuda.current_stream(q8.device).cuda_stream)
+            torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
 
