@@ -114,8 +114,8 @@ __device__ __forceinline__ float quad_sum(float x) {
 // (vkern.ops.v_to_e4m3): the product pairs each P with its own key's V.
 // In: the input format (__nv_bfloat16, __half or E4M3); Out: the output's (= In when 16-bit). kTakeTurns: the
 // consumers issue their products in turn (named barriers); off, each issues as soon as it is ready. The 16-bit
-// forms take turns; E4M3 by default not (its products are half as long, so the turns wait more than they
-// overlap: 0-7% faster without them in runs 46, 50 and 51, bench/NOTES.md session 13).
+// forms take turns; E4M3 by default not: its products are half as long, and over runs 46-54 the two measure the
+// same within +-5% (bench/NOTES.md session 13), so the simpler schedule is the default.
 template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,

@@ -379,7 +379,7 @@ def _flash_stages():
 
 def _fp8_take_turns():
     """VKERN_FLASH_FP8_TURNS=1: the e4m3 kernel's consumers issue their products in turn, as the 16-bit kernel's
-    do; default 0: each as soon as it is ready (faster in e4m3 in 11 of 12 measurements, runs 46, 50, 51:
+    do; default 0: each as soon as it is ready (the two measure the same within +-5% over runs 46-54,
     bench/NOTES.md session 13)."""
     turns = os.environ.get("VKERN_FLASH_FP8_TURNS", "0")
     if turns not in ("0", "1"):
