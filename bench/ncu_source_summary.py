@@ -26,7 +26,8 @@ def main(path):
     samples = next((i for n, i in col.items() if n.startswith("Warp Stall Sampling (All")), None)
     if samples is None:
         print("no stall-sampling column"); return
-    reasons = [(n, i) for n, i in col.items() if n.startswith("stall_") or "Stall" in n and i != samples]
+    # One column per stall reason (all samples); the "(Not Issued)" copies and the totals would count twice.
+    reasons = [(n, i) for n, i in col.items() if n.startswith("stall_") and "(Not Issued)" not in n]
     total = sum(number(r[samples]) for r in body if len(r) > samples)
     by_op, by_reason = collections.Counter(), collections.Counter()
     for r in body:
