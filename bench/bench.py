@@ -76,8 +76,9 @@ def _attention(name, providers, args):
     fns["vkern-fp8-triton"] = fp8_backend("triton", fns["vkern-fp8"])
     # The kernels alone, on Q/K/V already in e4m3 (as the Wan processor has them: its fused norm/RoPE prologue
     # quantizes Q and K; V takes v_to_e4m3, ~3% of these calls' bytes).
-    wanted = providers or list(fns) + ["vkern-fp8-cuda-kernel", "vkern-fp8-cuda-kernel-turns",
-                                       "vkern-fp8-triton-kernel"]
+    kernel_rows = ["vkern-fp8-cuda-kernel", "vkern-fp8-cuda-kernel-turns", "vkern-fp8-cuda-kernel-promote",
+                   "vkern-int8-fp8pv-cuda-kernel", "vkern-int8-fp8pv-cuda-kernel-promote", "vkern-fp8-triton-kernel"]
+    wanted = providers or list(fns) + kernel_rows
     if s.head_dim == 128 and any(p.endswith("-kernel") for p in wanted):
         q8, qs = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, s.heads, quant="e4m3")
         k8, ks = vkern.ops.k_to_e4m3(k)  # one scale per 128-key block (the CUDA kernel's form)
@@ -87,6 +88,13 @@ def _attention(name, providers, args):
         # Experiment (sessions 12-13): the e4m3 kernel's consumers taking turns (the default since session 13: not).
         fns["vkern-fp8-cuda-kernel-turns"] = with_env("VKERN_FLASH_FP8_TURNS", "1", fns["vkern-fp8-cuda-kernel"])
         fns["vkern-fp8-triton-kernel"] = fp8_backend("triton", prequant)
+        # Session 14: int8 Q/K (S exact in int32) with e4m3 P/V; and O promoted to fp32 per key block.
+        q8i, qsi = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, s.heads, quant="int8")
+        k8i, ksi = vkern.ops.k_to_e4m3(k, fmt="int8")
+        prequant_int8 = lambda: vkern.ops.attention_prequantized(q8i, qsi, k8i, ksi, vt, vs, out_dtype=q.dtype)
+        fns["vkern-int8-fp8pv-cuda-kernel"] = fp8_backend("cuda", prequant_int8)
+        for p in ("vkern-fp8-cuda-kernel", "vkern-int8-fp8pv-cuda-kernel"):
+            fns[p + "-promote"] = with_env("VKERN_FLASH_FP8_PROMOTE", "1", fns[p])
     fns["vkern"] = lambda: vkern.ops.attention(q, k, v)
     rows = torch.randperm(s.tokens, device="cuda")[:256]  # oracle on sampled queries: O(256 * S) memory
     oracle = ref.attention_lse(q[:, rows], k, v, dtype=torch.float32)[0]
@@ -98,8 +106,8 @@ def _attention(name, providers, args):
         cos = torch.nn.functional.cosine_similarity(out.double().flatten(), oracle.double().flatten(), dim=0).item()
         row = dict(op="attention", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
                    tflops=s.flops(kv_tokens=kv_tokens) / ms / 1e9, rel_l2=rel_l2(out, oracle), cos=cos)
-        if provider.startswith("vkern-fp8-cuda"):
-            row["config"] = "cuda sm90a e4m3: 128x128 tiles, 2 consumer warpgroups, 3-stage TMA ring"
+        if provider.startswith(("vkern-fp8-cuda", "vkern-int8-fp8pv-cuda")):
+            row["config"] = "cuda sm90a 8-bit: 128x128 tiles, 2 consumer warpgroups, 3-stage TMA ring"
         elif provider == "vkern-cuda":
             from vkern.ops.fused_attention import _flash_stages
 

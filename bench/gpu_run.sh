@@ -19,7 +19,7 @@
 #     and cuDNN benchmark mode (bench/vae_memory_stats.py: which statistic ANCHORS.md's 17.8 GiB is);
 #     vaesteps: decode (480p, 720p: diffusers, vkern, output on the CPU; 480p in 1- and 2-frame steps) and
 #     encode rows of the default path only;
-#     fp8attn: fp8 attention rows (CUDA e4m3 kernel and Triton, with and without the quantization) vs cuDNN bf16
+#     fp8attn: fp8 attention rows (the CUDA 8-bit kernel's forms; VKERN_FP8_ROWS: the providers) vs cuDNN bf16
 #     and their accuracy on random and WanAttention inputs (bench/fp8_attention_accuracy.py);
 #     VKERN_TESTS: test paths (default tests)
 set -uo pipefail
@@ -68,7 +68,7 @@ if [[ $MODES == *" flash "* ]]; then  # the CUDA attention kernel against cuDNN 
 fi
 if [[ $MODES == *" fp8attn "* ]]; then  # fp8 attention: the CUDA kernel's e4m3 form vs cuDNN bf16 and the Triton kernel
   $B --op attention --shape wan1.3b-480p,wan14b-480p,wan14b-720p,hunyuan-720p \
-    --providers cudnn,vkern-cuda,vkern-fp8-cuda,vkern-fp8-cuda-kernel,vkern-fp8-cuda-kernel-turns,vkern-fp8-triton,vkern-fp8-triton-kernel --repeats 5
+    --providers ${VKERN_FP8_ROWS:-cudnn,vkern-cuda,vkern-fp8-cuda,vkern-fp8-cuda-kernel,vkern-fp8-cuda-kernel-promote,vkern-int8-fp8pv-cuda-kernel,vkern-int8-fp8pv-cuda-kernel-promote} --repeats 5
   python3 -m bench.fp8_attention_accuracy --out "$OUT/results.jsonl" | tee "$OUT/fp8-attention-accuracy.txt"
 fi
 if [[ $MODES == *" attention "* ]]; then

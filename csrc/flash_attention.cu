@@ -37,21 +37,23 @@ constexpr int kStoreBarrier = 3;              // named barriers 3, 4: consumer 0
 constexpr float kLog2Of448 = 8.807354922057604f;
 
 // Tile geometry per input format. 16-bit: Q, K, V [B, S, H, D]; a 128-row tile is D / 64 column boxes of 64
-// (two "halves" at D = 128), kHalfBytes apart. E4M3 (D = 128 only): Q, K [B, S, H, D] with fp32 scales per
+// (two "halves" at D = 128), kHalfBytes apart. 8-bit (E4M3: e4m3 Q, K; S8: int8 Q, K; D = 128 only): Q, K
+// [B, S, H, D] with fp32 scales per
 // (token, head) for Q and per (128-key block, head) for K, one 128-byte box per tile, and V^T [B, H, D, S_pad]
 // (its tile: D rows x 128 keys, the keys contiguous, as 8-bit wgmma wants both operands K-major) with fp32
 // scales per (head, channel).
 template <typename In, int kHeadDim>
 struct Format {
-  static constexpr bool kFp8 = std::is_same<In, E4M3>::value;
-  static_assert(!kFp8 || kHeadDim == 128, "the e4m3 kernel takes head dim 128");
-  static constexpr int kBoxes = kHeadDim * (kFp8 ? 1 : 2) / 128;  // 128-byte column boxes of a Q or K tile
-  static constexpr int kBoxCols = kFp8 ? 128 : 64;
+  static constexpr bool kIntQK = std::is_same<In, S8>::value;                 // int8 Q, K; e4m3 P, V
+  static constexpr bool k8Bit = std::is_same<In, E4M3>::value || kIntQK;      // the 8-bit forms
+  static_assert(!k8Bit || kHeadDim == 128, "the 8-bit kernel takes head dim 128");
+  static constexpr int kBoxes = kHeadDim * (k8Bit ? 1 : 2) / 128;  // 128-byte column boxes of a Q or K tile
+  static constexpr int kBoxCols = k8Bit ? 128 : 64;
   static constexpr int kTileBytes = kBoxes * kHalfBytes;           // Q, K, V (or V^T) tile
   static constexpr int kOutBoxes = kHeadDim / 64;                  // the output is 16-bit
-  static constexpr int kOutStageBytes = kFp8 ? kOutBoxes * kHalfBytes : 0;  // 16-bit: the Q tile is reused
-  static constexpr int kPRegs = kFp8 ? 16 : 32;                    // P of 64 x 128 per warpgroup, packed
-  static constexpr float kPOffset = kFp8 ? kLog2Of448 : 0.f;       // e4m3 P is scaled to [0, 448]
+  static constexpr int kOutStageBytes = k8Bit ? kOutBoxes * kHalfBytes : 0;  // 16-bit: the Q tile is reused
+  static constexpr int kPRegs = k8Bit ? 16 : 32;                    // P of 64 x 128 per warpgroup, packed
+  static constexpr float kPOffset = k8Bit ? kLog2Of448 : 0.f;       // e4m3 P is scaled to [0, 448]
 };
 template <int kStages>
 struct Barriers {
@@ -65,28 +67,32 @@ constexpr int smem_bytes() {
   return F::kTileBytes * (1 + 2 * kStages) + F::kOutStageBytes + int(sizeof(Barriers<kStages>)) + 1024;
 }
 
+// S into s (S8: into s_int).
 template <typename In, int kHeadDim>
-__device__ __forceinline__ void issue_qk(float (&s)[64], SmemDesc q_rows, SmemDesc k_tile) {
+__device__ __forceinline__ void issue_qk(float (&s)[64], uint32_t (&s_int)[64], SmemDesc q_rows, SmemDesc k_tile) {
   constexpr int kSteps = Format<In, kHeadDim>::kBoxes * 4;  // 32 bytes of head dim per step: k16 or k32
 #pragma unroll
   for (int kk = 0; kk < kSteps; ++kk) {
     const int offset = (kk / 4) * kHalfBytes + (kk % 4) * 32;
     const uint64_t a = q_rows.plus(offset).bits(), b = k_tile.plus(offset).bits();
-    if constexpr (Format<In, kHeadDim>::kFp8)
+    if constexpr (Format<In, kHeadDim>::kIntQK)
+      wgmma_m64n128k32_ss_s8(s_int, a, b);  // s_int starts at the bits of kIntBias (see the kernel)
+    else if constexpr (Format<In, kHeadDim>::k8Bit)
       wgmma_m64n128k32_ss_e4m3(s, a, b, kk > 0);
     else
       wgmma_m64n128k16_ss<In>(s, a, b, kk > 0);
   }
 }
 
+// overwrite (8-bit only): o = P V instead of o += P V.
 template <typename In, int kHeadDim>
 __device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2], const uint32_t (&p)[Format<In, kHeadDim>::kPRegs],
-                                         SmemDesc v_tile) {
-  if constexpr (Format<In, kHeadDim>::kFp8) {
+                                         SmemDesc v_tile, bool overwrite = false) {
+  if constexpr (Format<In, kHeadDim>::k8Bit) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {  // 32 keys per step; V^T's rows are the head dim, keys contiguous
       const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
-      wgmma_m64n128k32_rs_e4m3(o, a, v_tile.plus(kk * 32).bits());
+      wgmma_m64n128k32_rs_e4m3(o, a, v_tile.plus(kk * 32).bits(), !(overwrite && kk == 0));
     }
   } else {
 #pragma unroll
@@ -112,11 +118,16 @@ __device__ __forceinline__ float quad_sum(float x) {
 // K elements per register where the thread holds pairs 8 apart, so E4M3's to_p packs the keys of a 32-key
 // group in the order (0, 1, 8, 9 | 16, 17, 24, 25) + 2 * (lane % 4), and V^T is stored in that key order
 // (vkern.ops.v_to_e4m3): the product pairs each P with its own key's V.
-// In: the input format (__nv_bfloat16, __half or E4M3); Out: the output's (= In when 16-bit). kTakeTurns: the
+// In: the input format (__nv_bfloat16, __half, E4M3 or S8); Out: the output's (= In when 16-bit). kTakeTurns: the
 // consumers issue their products in turn (named barriers); off, each issues as soon as it is ready. The 16-bit
 // forms take turns; E4M3 by default not: its products are half as long, and over runs 46-54 the two measure the
 // same within +-5% (bench/NOTES.md session 13), so the simpler schedule is the default.
-template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true>
+// kPromoteO (8-bit only): each block's P V product goes into a fresh accumulator t that is then added to O in
+// fp32 (the FP8 tensor-core accumulation keeps fewer bits than fp32, so a long-running O loses some; DeepSeek-V3
+// promotes every 128 products likewise).
+// S8's scores: the int32 accumulator starts at the bits of kIntBias = 1.5 * 2^23 (see wgmma_m64n128k32_ss_s8), so
+// s reads as kIntBias + S in fp32; the bias cancels in s - max and is taken out of the row max.
+template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true, bool kPromoteO = false>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
@@ -124,13 +135,15 @@ __global__ void __launch_bounds__(kThreads, 1)
                      const float* __restrict__ v_scale, float* __restrict__ lse, const uint4* __restrict__ key_bits,
                      int heads, int q_len, int kv_len, float scale_log2) {
   using F = Format<In, kHeadDim>;
+  static_assert(F::k8Bit || !kPromoteO, "O promotion is for the 8-bit forms");
   constexpr int kTileBytes = F::kTileBytes;
+  constexpr float kIntBias = 12582912.f;  // 1.5 * 2^23, bits 0x4B400000
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* q_tile = smem;
   uint8_t* k_tiles = smem + kTileBytes;
   uint8_t* v_tiles = smem + kTileBytes * (1 + kStages);
-  uint8_t* out_stage = F::kFp8 ? smem + kTileBytes * (1 + 2 * kStages) : q_tile;
+  uint8_t* out_stage = F::k8Bit ? smem + kTileBytes * (1 + 2 * kStages) : q_tile;
   Barriers<kStages>& bars =
       *reinterpret_cast<Barriers<kStages>*>(smem + kTileBytes * (1 + 2 * kStages) + F::kOutStageBytes);
 
@@ -168,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                       j * kBlockN, batch);
         mbar_wait(&bars.v_empty[s], free_parity);
         mbar_arrive_expect_tx(&bars.v_full[s], kTileBytes);
-        if constexpr (F::kFp8) {
+        if constexpr (F::k8Bit) {
           tma_load_4d(v_tiles + s * kTileBytes, &v_map, &bars.v_full[s], j * kBlockN, 0, head, batch);
         } else {
           for (int h = 0; h < F::kBoxes; ++h)
@@ -186,16 +199,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   // wgmma descriptors: this consumer's Q rows (in each column box) and stage 0 of the K and V rings.
   const SmemDesc q_rows = SmemDesc::sw128(q_tile + wg * 64 * 128, 16, 1024);
   const SmemDesc k_ring = SmemDesc::sw128(k_tiles, 16, 1024);
-  const SmemDesc v_ring = SmemDesc::sw128(v_tiles, F::kFp8 ? 16 : kHalfBytes, 1024);
-  float o[kHeadDim / 2], s[64];
+  const SmemDesc v_ring = SmemDesc::sw128(v_tiles, F::k8Bit ? 16 : kHalfBytes, 1024);
+  float o[kHeadDim / 2], s[64], t[kHeadDim / 2];  // t: kPromoteO's per-block P V
+  uint32_t s_int[64];                              // S8's int32 accumulator
   uint32_t p[F::kPRegs];
 #pragma unroll
-  for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
+  for (int i = 0; i < kHeadDim / 2; ++i) o[i] = t[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in scaled log2 units
   // Score -> log2 units, per row: the softmax scale, times the query's scale for E4M3 (and, per block, the
   // block's K scale: softmax's key_scale).
   float row_scale[2] = {scale_log2, scale_log2};
-  if constexpr (F::kFp8) {
+  if constexpr (F::k8Bit) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = m_block * kBlockM + wg * 64 + warp * 16 + lane / 4 + 8 * r;
@@ -209,14 +223,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   // E4M3: block j's K scale (one per 128-key block and head); loaded with the key bits, before the S wait.
   auto key_scale_of = [&](int j) {
-    return F::kFp8 ? __ldg(k_scale + (int64_t(batch) * heads + head) * n_blocks + j) : 1.f;
+    return F::k8Bit ? __ldg(k_scale + (int64_t(batch) * heads + head) * n_blocks + j) : 1.f;
   };
   // Masks the keys past kv_len and the padded ones, updates the running max and returns P = exp2(scale * s - max)
   // (E4M3: times 448) in s, its row sums in sum and the factor alpha that rescales what was accumulated before.
   // The per-row multipliers (> 0) commute with the max, so they scale two row maxima, not 64 scores.
   auto softmax = [&](int j, uint4 bits, float key_scale, float (&alpha)[2], float (&sum)[2]) {
-    const float mult[2] = {F::kFp8 ? row_scale[0] * key_scale : scale_log2,
-                           F::kFp8 ? row_scale[1] * key_scale : scale_log2};
+    const float mult[2] = {F::k8Bit ? row_scale[0] * key_scale : scale_log2,
+                           F::k8Bit ? row_scale[1] * key_scale : scale_log2};
     const int cols_left = kv_len - j * kBlockN;
     if (cols_left < kBlockN) {
 #pragma unroll
@@ -244,12 +258,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float thread_max = fmaxf(fmaxf(mx[r][0], mx[r][1]), fmaxf(mx[r][2], mx[r][3]));
-      const float new_max = fmaxf(row_max[r], quad_max(thread_max) * mult[r]);
+      const float new_max = fmaxf(row_max[r], (quad_max(thread_max) - (F::kIntQK ? kIntBias : 0.f)) * mult[r]);
       // No attended key in this row yet (only with a mask): exp2 against 0 keeps -inf scores at 0, not NaN.
       const float offset = new_max == -INFINITY ? 0.f : new_max;
       alpha[r] = ex2(row_max[r] - offset);
       row_max[r] = new_max;
-      neg_max[r] = F::kFp8 ? F::kPOffset - offset : -offset;  // (0 - x is not -x at x = 0: no fold)
+      neg_max[r] = F::kIntQK ? fmaf(-kIntBias, mult[r], F::kPOffset - offset)
+                   : F::k8Bit ? F::kPOffset - offset
+                              : -offset;  // (0 - x is not -x at x = 0: no fold)
     }
     float part[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // two partial sums per row: shorter chains, as the max
 #pragma unroll
@@ -261,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     sum[1] = part[1][0] + part[1][1];
   };
   auto to_p = [&] {
-    if constexpr (F::kFp8) {
+    if constexpr (F::k8Bit) {
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {  // keys 32 kk + (0, 1, 8, 9 | 16, 17, 24, 25) + 2 * (lane % 4), rows r, r + 8
         const float* g = s + 16 * kk;
@@ -288,6 +304,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (kTakeTurns) bar_sync(kTurnBarrier + wg, 256);
   };
 
+  auto fence_t = [&] {
+    if constexpr (kPromoteO) fence_regs(t);
+  };
+  // S8: the S accumulator's start value (16-bit and E4M3 overwrite it with the first product).
+  auto start_s = [&] {
+    if constexpr (F::kIntQK) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) s_int[i] = __float_as_uint(kIntBias);
+      fence_regs(s_int);
+    }
+  };
+  // After the S wait: S8's int32 bits, read as fp32, are kIntBias + S.
+  auto read_s = [&] {
+    if constexpr (F::kIntQK) {
+      fence_regs(s_int);
+#pragma unroll
+      for (int i = 0; i < 64; ++i) s[i] = __uint_as_float(s_int[i]);
+    }
+    fence_regs(s);
+  };
+
   if (kTakeTurns && wg == 1) bar_arrive(kTurnBarrier, 256);
   mbar_wait(&bars.q_full, 0);
   float alpha[2];  // rescales O before the next PV product adds to it (O is still 0 after block 0)
@@ -297,13 +334,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float key_scale = key_scale_of(0);
     mbar_wait(&bars.k_full[0], 0);
     wait_turn();
+    start_s();
     wgmma_fence();
-    issue_qk<In, kHeadDim>(s, q_rows, k_ring);
+    issue_qk<In, kHeadDim>(s, s_int, q_rows, k_ring);
     wgmma_commit();
     fence_regs(s);
+    if constexpr (F::kIntQK) fence_regs(s_int);
     pass_turn(0);
     wgmma_wait<0>();
-    fence_regs(s);
+    read_s();
     release_k(0);
     softmax(0, bits, key_scale, alpha, sum);
     row_sum[0] = sum[0];
@@ -318,14 +357,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (j >= 2 && tid == 0) mbar_arrive(&bars.v_empty[(j - 2) % kStages]);
     to_p();
   };
+  // kPromoteO: first adds t (the product of block j - 2, same max as O) to O.
   auto rescale_o = [&] {
     fence_regs(o);
+    if constexpr (kPromoteO) {
+#pragma unroll
+      for (int i = 0; i < kHeadDim / 2; ++i) o[i] += t[i];
+    }
     // Late in a row the max rarely moves (alpha = 1 exactly): the warp skips the multiplies (same result).
     if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
       for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= alpha[(i / 2) % 2];
     }
     fence_regs(o);
+  };
+  // O += P_j V_j, or t = P_j V_j (kPromoteO).
+  auto issue_pv_block = [&](SmemDesc v_tile) {
+    if constexpr (kPromoteO)
+      issue_pv<In, kHeadDim>(t, p, v_tile, true);
+    else
+      issue_pv<In, kHeadDim>(o, p, v_tile);
   };
   for (int j = 1; j < n_blocks; ++j) {  // S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight together
     const int st = j % kStages, prev = (j - 1) % kStages;
@@ -335,22 +386,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
     wgmma_wait<0>();  // the PV product of block j - 2
     fence_regs(o);
+    fence_t();
     pack_block(j);
     wait_turn();
+    start_s();
     fence_regs(s);
     wgmma_fence();
-    issue_qk<In, kHeadDim>(s, q_rows, k_ring.plus(st * kTileBytes));
+    issue_qk<In, kHeadDim>(s, s_int, q_rows, k_ring.plus(st * kTileBytes));
     wgmma_commit();
     fence_regs(s);
+    if constexpr (F::kIntQK) fence_regs(s_int);
     rescale_o();
     wgmma_fence();  // O was written by ordinary instructions
-    issue_pv<In, kHeadDim>(o, p, v_ring.plus(prev * kTileBytes));
+    issue_pv_block(v_ring.plus(prev * kTileBytes));
     wgmma_commit();
     fence_regs(s);
+    if constexpr (F::kIntQK) fence_regs(s_int);
     fence_regs(o);
+    fence_t();
     pass_turn(j);
     wgmma_wait<1>();  // S_j; the PV product stays in flight through the softmax
-    fence_regs(s);
+    read_s();
     release_k(j);
     float sum[2];
     softmax(j, bits, key_scale, alpha, sum);
@@ -362,13 +418,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(&bars.v_full[last], ((n_blocks - 1) / kStages) & 1);
     wgmma_wait<0>();
     fence_regs(o);
+    fence_t();
     pack_block(0);
     rescale_o();
     wgmma_fence();
-    issue_pv<In, kHeadDim>(o, p, v_ring.plus(last * kTileBytes));
+    issue_pv_block(v_ring.plus(last * kTileBytes));
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(o);
+    fence_t();
+    if constexpr (kPromoteO) {
+#pragma unroll
+      for (int i = 0; i < kHeadDim / 2; ++i) o[i] += t[i];
+    }
   }
 
   // Epilogue: O / l (E4M3: times V's channel scales) into this consumer's output stage (16-bit: its now unused Q
@@ -381,14 +443,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   uint8_t* o_rows = out_stage + wg * 64 * 128;
   const float2* vs = nullptr;
-  if constexpr (F::kFp8) vs = reinterpret_cast<const float2*>(v_scale + (int64_t(batch) * heads + head) * kHeadDim) + lane % 4;
+  if constexpr (F::k8Bit) vs = reinterpret_cast<const float2*>(v_scale + (int64_t(batch) * heads + head) * kHeadDim) + lane % 4;
 #pragma unroll
   for (int i = 0; i < kHeadDim / 2; i += 2) {
     const int r = (i / 2) % 2, row = warp * 16 + lane / 4 + 8 * r, col_tile = i / 4;
     const int chunk = (col_tile % 8) ^ (row % 8);
     uint8_t* dst = o_rows + (col_tile / 8) * kHalfBytes + row * 128 + chunk * 16 + (lane % 4) * 4;
     float lo = o[i] * inv[r], hi = o[i + 1] * inv[r];
-    if constexpr (F::kFp8) {
+    if constexpr (F::k8Bit) {
       const float2 v2 = __ldg(vs + 4 * col_tile);
       lo *= v2.x, hi *= v2.y;
     }
@@ -467,12 +529,12 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
          t.head_stride >= 0;
 }
 
-// The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; E4M3: v is V^T), out; the scales E4M3 only.
-template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true>
+// The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; 8-bit: v is V^T), out; the scales 8-bit only.
+template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true, bool kPromoteO = false>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale, float* lse,
                    const void* key_bits, int batch, int heads, int q_len, int kv_len, float scale, cudaStream_t stream) {
   constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages>();
-  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kTakeTurns>;
+  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kTakeTurns, kPromoteO>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
@@ -521,7 +583,7 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, DType out_dtype, int batch, int heads, int q_len, int kv_len,
                                     int vt_len, int head_dim, float scale, int stages, bool take_turns,
-                                    cudaStream_t stream) {
+                                    bool int8_qk, bool promote_o, cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
       vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
@@ -537,13 +599,20 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
       !make_vt_map(&maps[2], vt, batch, heads, head_dim, vt_len) ||
       !make_map(&maps[3], out, out_type, 2, batch, q_len, heads, head_dim, kBlockM / 2))
     return cudaErrorInvalidValue;
+  if (int8_qk && take_turns) return cudaErrorInvalidValue;  // the int8 form has no turns variant
   const auto run = [&](auto out_tag) {
     using Out = decltype(out_tag);
-    if (!take_turns)
-      return stages == 2 ? launch<E4M3, Out, 128, 2, false>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
-                         : launch<E4M3, Out, 128, 3, false>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
-    return stages == 2 ? launch<E4M3, Out, 128, 2>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
-                       : launch<E4M3, Out, 128, 3>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
+    const auto with = [&](auto in_tag, auto turns_tag, auto promote_tag) {
+      using In = decltype(in_tag);
+      constexpr bool kTurns = decltype(turns_tag)::value, kPromote = decltype(promote_tag)::value;
+      return stages == 2 ? launch<In, Out, 128, 2, kTurns, kPromote>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
+                         : launch<In, Out, 128, 3, kTurns, kPromote>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    if (int8_qk) return promote_o ? with(S8(), No(), Yes()) : with(S8(), No(), No());
+    if (take_turns) return promote_o ? with(E4M3(), Yes(), Yes()) : with(E4M3(), Yes(), No());
+    return promote_o ? with(E4M3(), No(), Yes()) : with(E4M3(), No(), No());
   };
   return out_dtype == DType::kBFloat16 ? run(__nv_bfloat16()) : run(__half());
 }

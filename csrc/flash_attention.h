@@ -28,7 +28,7 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
                                 float scale, int stages, cudaStream_t stream);
 
-// fp8 attention (head dim kFlashFp8HeadDim): q, k e4m3 [B, S, H, D] with positive fp32 scales, q_scale
+// fp8 attention (head dim kFlashFp8HeadDim): q, k e4m3 (int8 with int8_qk) [B, S, H, D] with positive fp32 scales, q_scale
 // [B, H, q_len] per (token, head) and k_scale [B, H, ceil(kv_len / 128)] per (128-key block, head); vt e4m3
 // V^T [B, H, D, vt_len] (vt_len >= kv_len, a multiple of 16; element (b, h, d, s) at ptr + b * batch_stride +
 // h * head_stride + d * seq_stride + s), its keys in the order of vkern.ops.v_to_e4m3 (within each 32-key
@@ -36,12 +36,14 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // scales v_scale [B, H, D] per (head, channel). S = q8 k8^T * q_scale * k_scale (its block's), P = exp(scale *
 // S - max) * 448 rounded to e4m3, out = (P v8) * v_scale / rowsum(P) in out_dtype (bf16 or fp16), fp32
 // accumulation. lse, key_bits, stages as flash_attention_fwd. take_turns: the two consumer warpgroups issue
-// their products in turn (as the 16-bit form always does), or each as soon as it is ready (vkern's default).
+// their products in turn (as the 16-bit form always does), or each as soon as it is ready (vkern's default; int8_qk
+// has no turns). int8_qk: q, k are int8 (symmetric, scales = amax / 127), S exact in int32. promote_o: each key
+// block's P V is added to O in fp32 registers instead of accumulating O in the tensor cores across blocks.
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, DType out_dtype, int batch, int heads, int q_len, int kv_len,
                                     int vt_len, int head_dim, float scale, int stages, bool take_turns,
-                                    cudaStream_t stream);
+                                    bool int8_qk, bool promote_o, cudaStream_t stream);
 
 }  // namespace vkern

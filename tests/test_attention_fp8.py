@@ -1,8 +1,9 @@
 """vkern.ops.attention_8bit (issue #3): attention with Q quantized per (token, head) to e4m3 or int8 and K
-likewise (int8) or per (128-key block, head) (e4m3: vkern.ops.k_to_e4m3), and optionally V per (head, channel)
-and P to e4m3 for the PV product (pv="e4m3"; pv="bf16" keeps V and P in V's dtype), fp32 accumulation.
-qk="e4m3", pv="e4m3" is the fp8 attention of the issue.
-Backends: cuda (csrc/flash_attention.cu's e4m3 form: qk="e4m3", pv="e4m3", head dim 128, Hopper; gpu tests),
+per (128-key block, head) (vkern.ops.k_to_e4m3: e4m3 keys, and int8 keys with pv="e4m3") or per (token, head)
+(int8/bf16), and optionally V per (head, channel) and P to e4m3 for the PV product (pv="e4m3"; pv="bf16" keeps
+V and P in V's dtype), fp32 accumulation. qk="e4m3", pv="e4m3" is the fp8 attention of the issue.
+Backends: cuda (csrc/flash_attention.cu's 8-bit forms: pv="e4m3" with e4m3 or int8 Q/K, head dim 128, Hopper;
+gpu tests),
 triton (vkern/triton/attention.py, after the 8-bit QK prologue and v_to_e4m3) and reference
 (vkern.reference.attention.attention_8bit, the same quantization in fp32).
 
@@ -31,7 +32,7 @@ import torch
 from vkern import ops
 from vkern.ops import _backend
 from vkern.reference import attention as ref
-from vkern.reference.fp8 import E4M3_INV
+from vkern.reference.fp8 import E4M3_INV, INT8_INV
 
 from bench.wan_inputs import wan_qkv
 
@@ -112,15 +113,16 @@ def key_block_amax(k, key_padding_mask=None):
     return ref.key_scales_per_token(amax.transpose(1, 2), S)[..., None]
 
 
-def lse_error_bound(q, k, qk_format, scale=None, key_padding_mask=None):
+def lse_error_bound(q, k, scheme, scale=None, key_padding_mask=None):
     """Per query [B, H, Sq]: an upper bound on |lse_8bit - lse_exact|. Log-sum-exp moves by at most the
     largest change of an attended score. Per element |x8 * s - x| <= e(x): for e4m3 (s = amax/448, round
     to nearest; amax over the token's head dim, for K over its 128-key block) 2^-4 |x| in the normal range
     plus at most 2^-10 s among subnormals (2x that here); for int8 (s = amax/127, round to nearest) s/2
     (1.02x here, for the fp32 scale). A score q.k then moves by at most scale * (|q|.e(k) + e(q).|k| +
     e(q).e(k)). The caller adds 1e-4 (1 + |lse|) for fp32."""
+    qk_format, block_keys = scheme[0], ref.key_token_block(*scheme) > 1
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    k_amax = key_block_amax(k, key_padding_mask) if qk_format == "e4m3" else None
+    k_amax = key_block_amax(k, key_padding_mask) if block_keys else None
     q, k = (t.double().permute(0, 2, 1, 3) for t in (q, k))  # [B, H, S, D]
 
     def e(x, amax=None):
@@ -163,7 +165,7 @@ def check_8bit(q, k, v, backend, scheme=FP8, key_padding_mask=None, scale=None, 
         return out, lse
     if floors:
         assert_floors(out[live], oracle[live], scheme)
-    bound = lse_error_bound(qs, k, scheme[0], scale, key_padding_mask)
+    bound = lse_error_bound(qs, k, scheme, scale, key_padding_mask)
     lse_err = (lse.double() - lse_oracle).abs()
     slack = bound + 1e-4 * (1 + lse_oracle.abs())
     assert torch.isfinite(lse[live]).all(), "lse: non-finite where a key is attended"
@@ -349,19 +351,21 @@ def test_non_contiguous_inputs(use_backend, backend, layout):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("scheme", [FP8, ("int8", "bf16")], ids=scheme_id)
+@pytest.mark.parametrize("scheme", [FP8, ("int8", "e4m3"), ("int8", "bf16")], ids=scheme_id)
 def test_prequantized_path_is_the_same_op(use_backend, monkeypatch, backend, scheme):
-    """attention_8bit == qk_norm_rope(weight None, quant) for Q + k_to_e4m3 (e4m3) or qk_norm_rope (int8) for
-    K + v_to_e4m3 + attention_prequantized, bit for bit, and the 8-bit operands (from the Triton prologue too)
-    match the reference quantizers bit for bit."""
+    """attention_8bit == qk_norm_rope(weight None, quant) for Q + k_to_e4m3 (K scales per 128-key block: e4m3
+    keys, and int8 keys with pv="e4m3") or qk_norm_rope (int8/bf16) for K + v_to_e4m3 + attention_prequantized,
+    bit for bit, and the 8-bit operands (from the Triton prologue too) match the reference quantizers bit for
+    bit."""
     use_backend(backend)
     monkeypatch.setenv("VKERN_QK_NORM_ROPE_BACKEND", backend)
     qk, pv = scheme
+    block = ref.key_token_block(qk, pv)
     q, k, v = make_qkv(2, 77, 300, 2, 64, torch.float16)
     q8, qs = ops.qk_norm_rope(q.flatten(2), None, 0.0, 2, quant=qk)
-    k8, ks = ops.k_to_e4m3(k) if qk == "e4m3" else ops.qk_norm_rope(k.flatten(2), None, 0.0, 2, quant=qk)
-    assert ks.shape == ((2, 2, 3) if qk == "e4m3" else (2, 2, 300))
-    for x, x8, xs, block in ((q, q8, qs, 1), (k, k8, ks, ref.key_token_block(qk))):
+    k8, ks = ops.k_to_e4m3(k, fmt=qk) if block > 1 else ops.qk_norm_rope(k.flatten(2), None, 0.0, 2, quant=qk)
+    assert ks.shape == ((2, 2, 3) if block > 1 else (2, 2, 300))
+    for x, x8, xs, block in ((q, q8, qs, 1), (k, k8, ks, block)):
         r8, rs = ref.quantize_per_head(x.float(), qk, block)
         assert torch.equal(x8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(xs, rs)
     vq, vs = ops.v_to_e4m3(v) if pv == "e4m3" else (v, None)
@@ -375,28 +379,30 @@ def test_prequantized_path_is_the_same_op(use_backend, monkeypatch, backend, sch
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("S", [1, 77, 128, 300])
-def test_k_to_e4m3_block_scales(use_backend, monkeypatch, backend, S):
-    """k_to_e4m3: one scale per (128-key block, head) = the amax over the block's attended keys * fp32(1/448),
-    codes = the reference quantizer's bit for bit; padded keys (huge) change neither the scales nor the
-    attended keys' codes, and saturate themselves."""
+@pytest.mark.parametrize("fmt", ["e4m3", "int8"])
+def test_k_to_e4m3_block_scales(use_backend, monkeypatch, backend, S, fmt):
+    """k_to_e4m3: one scale per (128-key block, head) = the amax over the block's attended keys * fp32(1/448)
+    (int8: * fp32(1/127)), codes = the reference quantizer's bit for bit; padded keys (huge) change neither the
+    scales nor the attended keys' codes, and saturate themselves."""
     use_backend(backend)
     monkeypatch.setenv("VKERN_QK_NORM_ROPE_BACKEND", backend)
     k = make_qkv(2, 1, S, 3, 64, torch.bfloat16)[1]
-    k8, ks = ops.k_to_e4m3(k)
+    k8, ks = ops.k_to_e4m3(k, fmt=fmt)
     n = -(-S // 128)
-    assert k8.shape == k.shape and k8.dtype == torch.float8_e4m3fn and ks.shape == (2, 3, n)
+    dtype, inv, top = (torch.float8_e4m3fn, E4M3_INV, 448) if fmt == "e4m3" else (torch.int8, INT8_INV, 127)
+    assert k8.shape == k.shape and k8.dtype == dtype and ks.shape == (2, 3, n)
     amax = torch.stack([k[:, j * 128:(j + 1) * 128].float().abs().amax(dim=(1, 3)) for j in range(n)], dim=2)
-    assert torch.equal(ks, amax * E4M3_INV)
-    r8, rs = ref.quantize_per_key_block(k)
+    assert torch.equal(ks, amax * inv)
+    r8, rs = ref.quantize_per_key_block(k, fmt=fmt)
     assert torch.equal(k8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(ks, rs)
     mask = make_padding(2, S, "random")
     mask[:, 0] = True
     k_huge = k.clone()
     k_huge[~mask] = 3e4
-    (m8, ms), (h8, hs) = ops.k_to_e4m3(k, mask), ops.k_to_e4m3(k_huge, mask)
-    assert torch.equal(ms, hs) and torch.equal(ms, ref.quantize_per_key_block(k_huge, mask)[1])
+    (m8, ms), (h8, hs) = ops.k_to_e4m3(k, mask, fmt), ops.k_to_e4m3(k_huge, mask, fmt)
+    assert torch.equal(ms, hs) and torch.equal(ms, ref.quantize_per_key_block(k_huge, mask, fmt)[1])
     assert torch.equal(m8.view(torch.uint8)[mask], h8.view(torch.uint8)[mask])
-    assert (h8.float()[~mask] == 448).all()
+    assert (h8.float()[~mask] == top).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -418,7 +424,9 @@ def test_block_and_per_key_scales_are_one_function(use_backend, backend):
 def test_qk_norm_rope_token_block_arguments():
     x = torch.randn(1, 5, 128, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="token_block"):
-        ops.qk_norm_rope(x, None, 0.0, 2, quant="int8", token_block=128)
+        ops.qk_norm_rope(x, None, 0.0, 2, token_block=128)
+    with pytest.raises(ValueError, match="fmt"):
+        ops.k_to_e4m3(x.view(1, 5, 2, 64), fmt="int4")
     with pytest.raises(ValueError, match="token_block"):
         ops.qk_norm_rope(x, None, 0.0, 2, quant="e4m3", token_block=64)
     with pytest.raises(ValueError, match="key_padding_mask: only with token_block"):
@@ -548,46 +556,65 @@ def test_gpu_real_shapes(use_backend, scheme, name, inputs):
     assert_floors(out, cudnn.double(), scheme, what=f"{name} vs cuDNN")
 
 
-# The CUDA kernel's e4m3 form (csrc/flash_attention.cu, head dim 128): lengths around its 128-row/128-key tiles,
+# The CUDA kernel's 8-bit forms (csrc/flash_attention.cu, head dim 128; e4m3 or int8 Q/K, e4m3 P/V), with O
+# accumulated in the tensor cores or promoted to fp32 per key block: lengths around its 128-row/128-key tiles,
 # the 16-key V^T padding and the 4-float K-scale rows (Skv % 4 != 0 takes a padded copy).
 CUDA_FP8_SIZES = [(1, 2, 1, 1), (2, 1, 113, 113), (1, 1, 113, 512), (2, 4, 1, 1000), (2, 2, 200, 333),
                   (1, 2, 129, 130), (1, 3, 4097, 4097), (1, 2, 256, 4096 + 17)]
+CUDA_SCHEMES = [FP8, ("int8", "e4m3")]
+
+
+@pytest.fixture(params=["0", "1"], ids=["tc-o", "fp32-o"])
+def promote(request, monkeypatch):
+    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", request.param)
+    return request.param
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("scheme", CUDA_SCHEMES, ids=scheme_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,H,Sq,Skv", CUDA_FP8_SIZES, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}" for p in CUDA_FP8_SIZES])
-def test_gpu_cuda_fp8_odd_sizes(use_backend, dtype, B, H, Sq, Skv):
+def test_gpu_cuda_fp8_odd_sizes(use_backend, promote, scheme, dtype, B, H, Sq, Skv):
     q, k, v = make_qkv(B, Sq, Skv, H, 128, dtype, "cuda")
-    check_8bit(q, k, v, use_backend("cuda"), FP8)
+    check_8bit(q, k, v, use_backend("cuda"), scheme)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", CUDA_SCHEMES, ids=scheme_id)
+@pytest.mark.parametrize("pattern", ["random", "dead_row"])
+def test_gpu_cuda_fp8_key_padding_mask(use_backend, promote, scheme, pattern):
+    q, k, v = make_qkv(2, 4096 + 256, 4096 + 200, 4, 128, torch.bfloat16, "cuda")
+    check_8bit(q, k, v, use_backend("cuda"), scheme, key_padding_mask=make_padding(2, 4096 + 200, pattern, "cuda"))
 
 
 @pytest.mark.gpu
 def test_gpu_cuda_fp8_is_the_default_on_hopper():
-    """attention_8bit's own choice for e4m3 Q/K/V at head dim 128 on sm_90 is the CUDA kernel; other schemes
-    and head dims stay on Triton."""
+    """attention_8bit's own choice for e4m3 P/V with e4m3 or int8 Q/K at head dim 128 on sm_90 is the CUDA
+    kernel; the other schemes and head dims stay on Triton."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the CUDA fp8 kernel is Hopper-only")
     q, k, v = make_qkv(1, 300, 300, 2, 128, torch.bfloat16, "cuda")
-    attention_8bit(q, k, v, FP8)
-    assert _backend.last_choice["attention_8bit"] == "cuda"
-    attention_8bit(q, k, v, ("int8", "e4m3"))
+    for scheme in CUDA_SCHEMES:
+        attention_8bit(q, k, v, scheme)
+        assert _backend.last_choice["attention_8bit"] == "cuda"
+    attention_8bit(q, k, v, ("int8", "bf16"))
     assert _backend.last_choice["attention_8bit"] == "triton"
     attention_8bit(*make_qkv(1, 300, 300, 2, 64, torch.bfloat16, "cuda"), FP8)
     assert _backend.last_choice["attention_8bit"] == "triton"
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("scheme", CUDA_SCHEMES, ids=scheme_id)
 @pytest.mark.parametrize("name,inputs", REAL_INPUTS, ids=REAL_IDS)
-def test_gpu_cuda_fp8_real_shapes(use_backend, name, inputs):
+def test_gpu_cuda_fp8_real_shapes(use_backend, promote, scheme, name, inputs):
     """As test_gpu_real_shapes, for the CUDA kernel; and its output is within the same noise of the Triton
     kernel's (the same quantization, different P roundings)."""
     q, k, v = inputs()
-    check_8bit(q, k, v, use_backend("cuda"), FP8, rows=sampled_rows(q.shape[1]))
-    out = run_8bit(q, k, v, FP8)
+    check_8bit(q, k, v, use_backend("cuda"), scheme, rows=sampled_rows(q.shape[1]))
+    out = run_8bit(q, k, v, scheme)
     assert torch.isfinite(out).all()
     use_backend("triton")
-    triton_out = run_8bit(q, k, v, FP8)
+    triton_out = run_8bit(q, k, v, scheme)
     # Each is within the e4m3 floor (rel L2 0.071) of the oracle with the same Q/K/V codes; only the P roundings
     # differ, a fraction of that noise.
     diff = rel_l2(out, triton_out.double())
@@ -595,8 +622,9 @@ def test_gpu_cuda_fp8_real_shapes(use_backend, name, inputs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("scheme,backend", [(FP8, "triton"), (("int8", "bf16"), "triton"), (FP8, "cuda")],
-                         ids=["e4m3/e4m3-triton", "int8/bf16-triton", "e4m3/e4m3-cuda"])
+@pytest.mark.parametrize("scheme,backend", [(FP8, "triton"), (("int8", "bf16"), "triton"), (FP8, "cuda"),
+                                            (("int8", "e4m3"), "cuda")],
+                         ids=["e4m3/e4m3-triton", "int8/bf16-triton", "e4m3/e4m3-cuda", "int8/e4m3-cuda"])
 def test_gpu_compile_fullgraph_inductor(use_backend, scheme, backend):
     use_backend(backend)
     q, k, v = make_qkv(1, 1025, 1025, 4, 128, torch.bfloat16, "cuda")
@@ -611,8 +639,17 @@ def test_gpu_compile_fullgraph_inductor(use_backend, scheme, backend):
 
 
 def test_kernel_experiment_switch_rejects_bad_values(monkeypatch):
-    """VKERN_FLASH_FP8_TURNS takes only 0 or 1; unset, the e4m3 kernel's consumers do not take turns."""
+    """VKERN_FLASH_FP8_TURNS and VKERN_FLASH_FP8_PROMOTE take only 0 or 1; unset, the e4m3 kernel's consumers do
+    not take turns and O is not promoted."""
     from vkern.ops import fused_attention
+
+    monkeypatch.delenv("VKERN_FLASH_FP8_PROMOTE", raising=False)
+    assert fused_attention._fp8_promote_o() is False
+    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", "1")
+    assert fused_attention._fp8_promote_o() is True
+    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", "yes")
+    with pytest.raises(ValueError, match="VKERN_FLASH_FP8_PROMOTE"):
+        fused_attention._fp8_promote_o()
 
     monkeypatch.delenv("VKERN_FLASH_FP8_TURNS", raising=False)
     assert fused_attention._fp8_take_turns() is False

@@ -77,8 +77,8 @@ class VkernWanAttnProcessor:
         return norm_rope, attend
 
     def _key_block(self):
-        """Tokens per K scale: per 128-key block for e4m3 keys (what the CUDA fp8 kernel takes), else 1."""
-        return ref.key_token_block(_8BIT[self.attention][0]) if self.attention in _8BIT else 1
+        """Tokens per K scale: per 128-key block for the schemes the CUDA 8-bit kernel takes, else 1."""
+        return ref.key_token_block(*_8BIT[self.attention]) if self.attention in _8BIT else 1
 
     def _finish_value(self, kv):
         """fp8 mode: V quantized once for all the query chunks (its per-channel scales span every key)."""

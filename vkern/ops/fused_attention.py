@@ -47,8 +47,8 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
     no norm), then optional interleaved RoPE from diffusers' tables freqs_cos/freqs_sin [1|B, S, 1, D].
     Returns a contiguous [B, S, H, D] tensor in x's dtype; with quant="e4m3" or "int8" a pair
     (8-bit [B, S, H, D], fp32 scales [B, H, S]), one scale per (token, head), for attention_8bit.
-    token_block=128 (quant="e4m3"; keys): one scale per (128-token block, head) instead, scales
-    [B, H, ceil(S / 128)], the form the CUDA fp8 kernel takes; key_padding_mask (bool [B, S], True = attend,
+    token_block=128 (keys): one scale per (128-token block, head) instead, scales [B, H, ceil(S / 128)], the
+    form the CUDA 8-bit kernel takes; key_padding_mask (bool [B, S], True = attend,
     only here): the padded tokens do not enter their block's scale (see k_to_e4m3).
 
     out (quant=None only): write the result into this tensor instead, and return it. Either [B, S, H, D]
@@ -60,8 +60,8 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
         raise ValueError(f"quant: expected one of {QUANT_FORMATS}, got {quant!r}")
     if out is not None and quant is not None:
         raise ValueError("out: only for the unquantized output (quant=None); the 8-bit output allocates its own")
-    if token_block != 1 and (quant != "e4m3" or token_block != ref.KEY_BLOCK):
-        raise ValueError(f"token_block: 1, or {ref.KEY_BLOCK} with quant='e4m3'; got {token_block!r} with {quant!r}")
+    if token_block != 1 and (quant is None or token_block != ref.KEY_BLOCK):
+        raise ValueError(f"token_block: 1, or {ref.KEY_BLOCK} with an 8-bit quant; got {token_block!r} with {quant!r}")
     if key_padding_mask is not None and token_block == 1:
         raise ValueError(f"key_padding_mask: only with token_block={ref.KEY_BLOCK} (per-token scales ignore padding)")
     check_tensor("x", x, dtypes=FLOATS_OR_F64, ndim=3)
@@ -98,16 +98,19 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
                                                   token_block, key_padding_mask)
 
 
-def k_to_e4m3(k, key_padding_mask=None):
+def k_to_e4m3(k, key_padding_mask=None, fmt="e4m3"):
     """K [B, S, H, D] -> (e4m3 K [B, S, H, D], fp32 scales [B, H, ceil(S / 128)]): one scale per (block of 128
     consecutive keys, head) = amax over the block's keys and head dim * fp32(1/448), saturating RNE; the K form
     of attention_8bit's e4m3 scheme (issue 3's per-block scales), which lets the CUDA kernel apply one scale
-    per key block instead of one per score. key_padding_mask: bool [B, S], True = attend; the amax runs over
+    per key block instead of one per score. fmt="int8": int8 K instead (scale = amax * fp32(1/127), RNE), the
+    K form of the CUDA kernel's int8-QK scheme. key_padding_mask: bool [B, S], True = attend; the amax runs over
     the attended keys only (a padded key's garbage cannot coarsen its block's scale; its own codes saturate
     and attention gives it weight 0). Pass the mask that attention_prequantized will get. (The fused
-    prologue emits the same form: qk_norm_rope(..., quant="e4m3", token_block=128).)"""
+    prologue emits the same form: qk_norm_rope(..., quant=fmt, token_block=128).)"""
     check_tensor("k", k, dtypes=FLOATS, ndim=4)
-    return qk_norm_rope(_heads_flat(k), None, 0.0, k.shape[2], quant="e4m3", token_block=ref.KEY_BLOCK,
+    if fmt not in ("e4m3", "int8"):
+        raise ValueError(f"fmt: expected 'e4m3' or 'int8', got {fmt!r}")
+    return qk_norm_rope(_heads_flat(k), None, 0.0, k.shape[2], quant=fmt, token_block=ref.KEY_BLOCK,
                         key_padding_mask=key_padding_mask)
 
 
@@ -387,6 +390,16 @@ def _fp8_take_turns():
     return turns == "1"
 
 
+def _fp8_promote_o():
+    """VKERN_FLASH_FP8_PROMOTE=1: the 8-bit kernel adds each key block's P V to O in fp32 registers instead of
+    accumulating O across blocks in the tensor cores (whose fp8 accumulation keeps fewer bits than fp32;
+    bench/NOTES.md session 14). Default 0 until measured."""
+    promote = os.environ.get("VKERN_FLASH_FP8_PROMOTE", "0")
+    if promote not in ("0", "1"):
+        raise ValueError(f"VKERN_FLASH_FP8_PROMOTE: expected 0 or 1, got {promote!r}")
+    return promote == "1"
+
+
 def key_padding_bits(key_padding_mask, block=128):
     """The CUDA kernel's form of a key-padding mask: bool [B, Skv] -> uint8 [B, ceil(Skv / block) * block / 8],
     bit c % 8 of byte c / 8 set = attend key c (so, read as little-endian 32-bit words, bit c % 32 of word
@@ -432,7 +445,8 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, key_padding_mask,
             (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
             k_scale.data_ptr(), v_scale.data_ptr(), _DTYPE_CODE[out_dtype], B, H, Sq, Skv,
-            vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(), _fp8_take_turns(),
+            vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(),
+            _fp8_take_turns() and q8.dtype != torch.int8, q8.dtype == torch.int8, _fp8_promote_o(),
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
@@ -461,8 +475,8 @@ def _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v8, k_block=True):
 
     if head_dim != cuda_ext().flash_fp8_head_dim:
         return f"head dim {head_dim} (the CUDA fp8 kernel takes {cuda_ext().flash_fp8_head_dim})"
-    if qk_dtype != torch.float8_e4m3fn or not v8:
-        return "the CUDA fp8 kernel takes e4m3 Q, K and V (qk='e4m3', pv='e4m3')"
+    if qk_dtype not in (torch.float8_e4m3fn, torch.int8) or not v8:
+        return "the CUDA fp8 kernel takes e4m3 or int8 Q and K with e4m3 V (pv='e4m3')"
     if not k_block:
         return "per-key K scales (the CUDA fp8 kernel takes one per 128-key block: vkern.ops.k_to_e4m3)"
     return None if dtype in _DTYPE_CODE else f"no {dtype} output"
@@ -513,8 +527,9 @@ def _(v, key_padding_mask):
 
 def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=False, qk="int8", pv="bf16"):
     """8-bit attention (opt-in) on bf16/fp16 q, k, v [B, S, H, D]: Q quantized per (token, head) to `qk`
-    ("int8" or "e4m3"), K likewise for int8 and per (128-key block, head) for e4m3 (k_to_e4m3); pv="e4m3"
-    also quantizes V per (head, channel) and P for the P @ V product, pv="bf16" keeps both in V's dtype.
+    ("int8" or "e4m3"), K per (128-key block, head) (k_to_e4m3) for e4m3 keys or pv="e4m3", else per (token,
+    head); pv="e4m3" also quantizes V per (head, channel) and P for the P @ V product, pv="bf16" keeps both in
+    V's dtype. The CUDA kernel (Hopper, D = 128) runs the pv="e4m3" schemes, Triton the others.
     fp32 accumulation and softmax. Accuracy per scheme: bench/NOTES.md. key_padding_mask: bool [B, Skv],
     True = attend; masked keys get weight 0 and do not enter V's (pv="e4m3") or e4m3 K's scales. Returns out
     in q's dtype (and lse as attention())."""
@@ -523,7 +538,8 @@ def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=Fal
         raise ValueError(f"qk, pv: expected qk in ('int8', 'e4m3') and pv in ('bf16', 'e4m3'), got {qk!r}, {pv!r}")
     H = q.shape[2]
     q8, qs = qk_norm_rope(_heads_flat(q), None, 0.0, H, quant=qk)
-    k8, ks = k_to_e4m3(k, key_padding_mask) if qk == "e4m3" else qk_norm_rope(_heads_flat(k), None, 0.0, H, quant=qk)
+    k8, ks = (k_to_e4m3(k, key_padding_mask, qk) if ref.key_token_block(qk, pv) > 1
+              else qk_norm_rope(_heads_flat(k), None, 0.0, H, quant=qk))
     vq, vs = v_to_e4m3(v, key_padding_mask) if pv == "e4m3" else (v, None)
     return attention_prequantized(q8, qs, k8, ks, vq, vs, key_padding_mask=key_padding_mask, scale=scale,
                                   return_lse=return_lse, out_dtype=q.dtype)

@@ -66,19 +66,19 @@ QK_FORMATS = ("int8", "e4m3")
 PV_FORMATS = ("bf16", "e4m3")  # "bf16": V and P in V's own dtype (bf16 or fp16)
 
 
-KEY_BLOCK = 128  # keys per K scale in the e4m3 scheme (the CUDA kernel's key block)
+KEY_BLOCK = 128  # keys per K scale in the CUDA kernel's schemes (its key block)
 
 
 def quantize_per_head(x, fmt="e4m3", token_block=1, key_padding_mask=None):
     """[B, S, H, D] -> (int8 or e4m3 [B, S, H, D], fp32 scales [B, H, S]): one scale per (token, head),
     scale = amax * fp32(1/448) (e4m3, saturating RNE) or amax * fp32(1/127) (int8, RNE).
-    token_block=KEY_BLOCK (e4m3 only): quantize_per_key_block (key_padding_mask: see there)."""
+    token_block=KEY_BLOCK: quantize_per_key_block (key_padding_mask: see there)."""
     from .fp8 import INT8_INV, INT8_MAX, fp8_quantize
 
     if token_block != 1:
-        if fmt != "e4m3" or token_block != KEY_BLOCK:
-            raise ValueError(f"token_block: 1, or {KEY_BLOCK} with e4m3; got {token_block!r} with {fmt!r}")
-        return quantize_per_key_block(x, key_padding_mask)
+        if token_block != KEY_BLOCK:
+            raise ValueError(f"token_block: 1 or {KEY_BLOCK}, got {token_block!r}")
+        return quantize_per_key_block(x, key_padding_mask, fmt)
     if fmt == "e4m3":
         x8, scale = fp8_quantize(x, "row")
         return x8, scale.squeeze(-1).transpose(1, 2)
@@ -87,13 +87,14 @@ def quantize_per_head(x, fmt="e4m3", token_block=1, key_padding_mask=None):
     return (xf * (1.0 / scale)).clamp(-INT8_MAX, INT8_MAX).round().to(torch.int8), scale.squeeze(-1).transpose(1, 2)
 
 
-def quantize_per_key_block(x, key_padding_mask=None):
-    """[B, S, H, D] -> (e4m3 [B, S, H, D], fp32 scales [B, H, ceil(S / KEY_BLOCK)]): one scale per (block of
-    KEY_BLOCK consecutive tokens, head) = amax over the block's tokens and head dim * fp32(1/448), saturating
-    RNE (fp8_quantize's rule over a coarser group). key_padding_mask (bool [B, S], True = attend): the amax
-    runs over the attended tokens only (as V's scales: a padded key's garbage cannot coarsen its block's
-    scale; its own codes saturate, and attention gives it weight 0)."""
-    from .fp8 import E4M3, E4M3_MAX, fp8_scale
+def quantize_per_key_block(x, key_padding_mask=None, fmt="e4m3"):
+    """[B, S, H, D] -> (e4m3 or int8 [B, S, H, D], fp32 scales [B, H, ceil(S / KEY_BLOCK)]): one scale per
+    (block of KEY_BLOCK consecutive tokens, head) = amax over the block's tokens and head dim * fp32(1/448),
+    saturating RNE (fp8_quantize's rule over a coarser group), or (int8) * fp32(1/127), RNE, clamped to +-127.
+    key_padding_mask (bool [B, S], True = attend): the amax runs over the attended tokens only (as V's scales:
+    a padded key's garbage cannot coarsen its block's scale; its own codes saturate, and attention gives it
+    weight 0)."""
+    from .fp8 import E4M3, E4M3_MAX, INT8_INV, INT8_MAX, fp8_scale
 
     B, S, H, D = x.shape
     xf = x.float()
@@ -101,8 +102,13 @@ def quantize_per_key_block(x, key_padding_mask=None):
     padded = xf.new_zeros((B, n * KEY_BLOCK, H, D))
     padded[:, :S] = xf if key_padding_mask is None else xf.masked_fill(~key_padding_mask[:, :, None, None], 0)
     amax = padded.abs().unflatten(1, (n, KEY_BLOCK)).amax(dim=(2, 4))  # [B, n, H]; NaN propagates
-    scale = fp8_scale(amax).transpose(1, 2)  # [B, H, n]
+    if fmt == "int8":
+        scale = (amax.clamp(min=1e-12) * INT8_INV).transpose(1, 2)  # [B, H, n]
+    else:
+        scale = fp8_scale(amax).transpose(1, 2)
     per_token = key_scales_per_token(scale, S).transpose(1, 2)[..., None]  # [B, S, H, 1]
+    if fmt == "int8":
+        return (xf * (1.0 / per_token)).clamp(-INT8_MAX, INT8_MAX).round().to(torch.int8), scale.contiguous()
     return (xf * (1.0 / per_token)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale.contiguous()
 
 
@@ -206,19 +212,19 @@ def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_m
     return out.permute(0, 2, 1, 3).to(out_dtype), lse
 
 
-def key_token_block(qk):
-    """Tokens per K scale in attention_8bit: e4m3 keys one per 128-key block (issue 3's per-block scales; the
-    CUDA kernel then multiplies one scale per block, not one per score), int8 keys one per token (int8's
-    uniform grid would lose bits to a coarser scale)."""
-    return KEY_BLOCK if qk == "e4m3" else 1
+def key_token_block(qk, pv="bf16"):
+    """Tokens per K scale in attention_8bit: one per 128-key block for e4m3 keys and for the e4m3-P/V schemes
+    (issue 3's per-block scales: the CUDA kernel's forms, which multiply one K scale per block, not one per
+    score); one per token for int8 keys with 16-bit P/V (the Triton kernel's int8 scheme)."""
+    return KEY_BLOCK if qk == "e4m3" or pv == "e4m3" else 1
 
 
 def attention_8bit(q, k, v, key_padding_mask=None, scale=None, qk="int8", pv="bf16"):
-    """8-bit attention on bf16/fp16 q, k, v [B, S, H, D]: quantize Q per (token, head) to `qk`, K likewise
-    (int8) or per (128-key block, head) (e4m3: key_token_block), V per (head, channel) to e4m3 when
-    pv == "e4m3" (scales from the keys key_padding_mask keeps), then attention_quantized."""
+    """8-bit attention on bf16/fp16 q, k, v [B, S, H, D]: quantize Q per (token, head) to `qk`, K per token or
+    per (128-key block, head) (key_token_block), V per (head, channel) to e4m3 when pv == "e4m3" (scales from
+    the keys key_padding_mask keeps), then attention_quantized."""
     v_in = fp8_per_channel(v, key_padding_mask) if pv == "e4m3" else (v, None)
-    k_in = quantize_per_head(k, qk, key_token_block(qk), key_padding_mask)
+    k_in = quantize_per_head(k, qk, key_token_block(qk, pv), key_padding_mask)
     return attention_quantized(*quantize_per_head(q, qk), *k_in, *v_in,
                                key_padding_mask=key_padding_mask, scale=scale, out_dtype=q.dtype)
 

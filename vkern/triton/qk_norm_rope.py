@@ -8,8 +8,8 @@ tables, and written once. In 8-bit modes the rotated fp32 values are quantized d
 in between): scale = amax over the head's D values * fp32(1/448) (e4m3, as vkern/reference/fp8.py) or
 * fp32(1/127) (int8, round to nearest even).
 With NORM off the same kernel only (optionally rotates and) quantizes. No fp32 intermediate touches memory.
-e4m3 keys for the CUDA attention kernel take one scale per (128-token block, head) instead: a second kernel
-with one program per token block (_qk_norm_rope_block_e4m3_kernel), the same arithmetic.
+Keys for the CUDA attention kernel (e4m3 or int8) take one scale per (128-token block, head) instead: a second
+kernel with one program per token block (_qk_norm_rope_block_kernel), the same arithmetic.
 """
 import torch
 import triton
@@ -85,16 +85,16 @@ def _qk_norm_rope_kernel(
 
 
 @triton.jit
-def _qk_norm_rope_block_e4m3_kernel(
+def _qk_norm_rope_block_kernel(
     x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, scale_ptr, kpm_ptr,
     S, H, n_blocks,
     stride_xb, stride_xs,
     stride_fb, stride_fs, stride_fd,
     eps, q_inv,
-    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, NORM: tl.constexpr, HAS_KPM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, NORM: tl.constexpr, HAS_KPM: tl.constexpr, QUANT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
-    """The same values as _qk_norm_rope_kernel, quantized to e4m3 with one scale per (BLOCK_S-token block,
+    """The same values as _qk_norm_rope_kernel, quantized (QUANT 1: e4m3, 2: int8) with one scale per (BLOCK_S-token block,
     head): one program per block of one batch row, which first sums the tokens' squares over all heads (the
     norm spans them), then normalizes, rotates and quantizes head by head (the second read of x mostly hits
     L2). HAS_KPM: tokens the key-padding mask drops do not enter the amax (their codes saturate)."""
@@ -131,7 +131,8 @@ def _qk_norm_rope_block_e4m3_kernel(
             y = _rotate(y, cos, sin, BLOCK_S, BLOCK_D)
         amax = tl.max(tl.max(tl.where(counted, tl.abs(y), 0.0), axis=1), axis=0)
         scale = tl.maximum(amax, 1e-12) * q_inv
-        y8 = to_e4m3(y * tl.math.div_rn(tl.full([1, 1], 1.0, tl.float32), scale), True)
+        y = y * tl.math.div_rn(tl.full([1, 1], 1.0, tl.float32), scale)
+        y8 = to_e4m3(y, True) if QUANT == 1 else to_int8(y)
         tl.store(out_rows + h * HEAD_DIM, y8, mask=mask)
         tl.store(scale_ptr + (b * H + h) * n_blocks + blk, scale)
 
@@ -140,8 +141,8 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
     """x [B, S, H*D] (last dim contiguous), weight [H*D] or None (no norm), freqs [1|B, S, 1, D] or None;
     out in x's dtype: [B, S, H, D], or [B, S, G, P, D] with G * P >= H (head h -> out[:, :, h // P, h % P];
     slots past H are not written), any strides with the last dim contiguous; or out e4m3/int8
-    [B, S, H, D] contiguous with scale fp32 [B, H, S] contiguous; or (token_block = KEY_BLOCK, e4m3) out
-    e4m3 [B, S, H, D] contiguous with scale fp32 [B, H, ceil(S / KEY_BLOCK)] contiguous, one per block, the
+    [B, S, H, D] contiguous with scale fp32 [B, H, S] contiguous; or (token_block = KEY_BLOCK) out
+    e4m3/int8 [B, S, H, D] contiguous with scale fp32 [B, H, ceil(S / KEY_BLOCK)] contiguous, one per block, the
     amax over the tokens key_padding_mask (bool [B, S] contiguous, or None) keeps."""
     B, S, row = x.shape
     head_dim = row // heads
@@ -155,17 +156,18 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
         fb = fs = fd = 0
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
     if token_block != 1:
-        assert token_block == KEY_BLOCK and out.dtype == torch.float8_e4m3fn and scale is not None
+        assert token_block == KEY_BLOCK and out.dtype in (torch.float8_e4m3fn, torch.int8) and scale is not None
         n_blocks = triton.cdiv(S, KEY_BLOCK)
-        _qk_norm_rope_block_e4m3_kernel[(B * n_blocks,)](
+        int8 = out.dtype == torch.int8
+        _qk_norm_rope_block_kernel[(B * n_blocks,)](
             x, x if weight is None else weight, freqs_cos, freqs_sin, out, scale,
             x if key_padding_mask is None else key_padding_mask.view(torch.uint8),
             S, heads, n_blocks,
             x.stride(0), x.stride(1),
             fb, fs, fd,
-            eps, E4M3_INV,
+            eps, INT8_INV if int8 else E4M3_INV,
             HEAD_DIM=head_dim, HAS_ROPE=has_rope, NORM=weight is not None, HAS_KPM=key_padding_mask is not None,
-            BLOCK_S=KEY_BLOCK, BLOCK_D=block_d,
+            QUANT=2 if int8 else 1, BLOCK_S=KEY_BLOCK, BLOCK_D=block_d,
             EMULATE_RNE=interpreting(), num_warps=8,
         )
         return out
