@@ -77,7 +77,9 @@ def _attention(name, providers, args):
     # The kernels alone, on Q/K/V already in e4m3 (as the Wan processor has them: its fused norm/RoPE prologue
     # quantizes Q and K; V takes v_to_e4m3, ~3% of these calls' bytes).
     kernel_rows = ["vkern-fp8-cuda-kernel", "vkern-fp8-cuda-kernel-turns", "vkern-fp8-cuda-kernel-promote",
-                   "vkern-int8-fp8pv-cuda-kernel", "vkern-int8-fp8pv-cuda-kernel-promote", "vkern-fp8-triton-kernel"]
+                   "vkern-fp8-cuda-kernel-promote2", "vkern-int8-fp8pv-cuda-kernel",
+                   "vkern-int8-fp8pv-cuda-kernel-promote", "vkern-int8-fp8pv-cuda-kernel-promote2",
+                   "vkern-fp8-cuda-kernel-promote3", "vkern-int8-fp8pv-cuda-kernel-promote3", "vkern-fp8-triton-kernel"]
     wanted = providers or list(fns) + kernel_rows
     if s.head_dim == 128 and any(p.endswith("-kernel") for p in wanted):
         q8, qs = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, s.heads, quant="e4m3")
@@ -95,6 +97,8 @@ def _attention(name, providers, args):
         fns["vkern-int8-fp8pv-cuda-kernel"] = fp8_backend("cuda", prequant_int8)
         for p in ("vkern-fp8-cuda-kernel", "vkern-int8-fp8pv-cuda-kernel"):
             fns[p + "-promote"] = with_env("VKERN_FLASH_FP8_PROMOTE", "1", fns[p])
+            fns[p + "-promote2"] = with_env("VKERN_FLASH_FP8_PROMOTE", "2", fns[p])
+            fns[p + "-promote3"] = with_env("VKERN_FLASH_FP8_PROMOTE", "3", fns[p])
     fns["vkern"] = lambda: vkern.ops.attention(q, k, v)
     rows = torch.randperm(s.tokens, device="cuda")[:256]  # oracle on sampled queries: O(256 * S) memory
     oracle = ref.attention_lse(q[:, rows], k, v, dtype=torch.float32)[0]

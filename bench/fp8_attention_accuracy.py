@@ -33,9 +33,10 @@ def main():
         "WanAttention self 1.3B 720p": lambda: _wan_qkv(75600, 1536, 12, "self"),
     }
     # provider: (backend, (qk, pv), VKERN_FLASH_FP8_PROMOTE)
-    providers = {"fp8-cuda": ("cuda", ("e4m3", "e4m3"), "0"), "fp8-cuda-promote": ("cuda", ("e4m3", "e4m3"), "1"),
+    providers = {"fp8-cuda": ("cuda", ("e4m3", "e4m3"), "0"), "fp8-cuda-promote2": ("cuda", ("e4m3", "e4m3"), "2"),
                  "int8-fp8pv-cuda": ("cuda", ("int8", "e4m3"), "0"),
-                 "int8-fp8pv-cuda-promote": ("cuda", ("int8", "e4m3"), "1"),
+                 "int8-fp8pv-cuda-promote2": ("cuda", ("int8", "e4m3"), "2"),
+                 "int8-fp8pv-cuda-promote3": ("cuda", ("int8", "e4m3"), "3"),
                  "fp8-triton": ("triton", ("e4m3", "e4m3"), "0"), "fp8-reference": ("reference", ("e4m3", "e4m3"), "0"),
                  "int8-fp8pv-reference": ("reference", ("int8", "e4m3"), "0"),
                  "int8-triton": ("triton", ("int8", "bf16"), "0")}

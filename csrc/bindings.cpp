@@ -85,7 +85,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("flash_attention_fp8_fwd",
         [](TensorArg q, TensorArg k, TensorArg vt, TensorArg out, uintptr_t lse, uintptr_t key_bits, uintptr_t q_scale,
            uintptr_t k_scale, uintptr_t v_scale, int out_dtype, int batch, int heads, int q_len,
-           int kv_len, int vt_len, int head_dim, float scale, int stages, bool take_turns, bool int8_qk, bool promote_o,
+           int kv_len, int vt_len, int head_dim, float scale, int stages, bool take_turns, bool int8_qk, int promote_o,
            uintptr_t stream) {
           check(vkern::flash_attention_fp8_fwd(tensor_of(q), tensor_of(k), tensor_of(vt), tensor_of(out), ptr<float>(lse),
                                                ptr<const void>(key_bits), ptr<const float>(q_scale),

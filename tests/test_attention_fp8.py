@@ -564,7 +564,7 @@ CUDA_FP8_SIZES = [(1, 2, 1, 1), (2, 1, 113, 113), (1, 1, 113, 512), (2, 4, 1, 10
 CUDA_SCHEMES = [FP8, ("int8", "e4m3")]
 
 
-@pytest.fixture(params=["0", "1"], ids=["tc-o", "fp32-o"])
+@pytest.fixture(params=["0", "2", "3"], ids=["tc-o", "fp32-o", "fp32-o-pairs"])
 def promote(request, monkeypatch):
     monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", request.param)
     return request.param
@@ -644,9 +644,11 @@ def test_kernel_experiment_switch_rejects_bad_values(monkeypatch):
     from vkern.ops import fused_attention
 
     monkeypatch.delenv("VKERN_FLASH_FP8_PROMOTE", raising=False)
-    assert fused_attention._fp8_promote_o() is False
+    assert fused_attention._fp8_promote_o() == 0
     monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", "1")
-    assert fused_attention._fp8_promote_o() is True
+    assert fused_attention._fp8_promote_o() == 1
+    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", "2")
+    assert fused_attention._fp8_promote_o() == 2
     monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", "yes")
     with pytest.raises(ValueError, match="VKERN_FLASH_FP8_PROMOTE"):
         fused_attention._fp8_promote_o()

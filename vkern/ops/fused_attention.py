@@ -391,13 +391,15 @@ def _fp8_take_turns():
 
 
 def _fp8_promote_o():
-    """VKERN_FLASH_FP8_PROMOTE=1: the 8-bit kernel adds each key block's P V to O in fp32 registers instead of
-    accumulating O across blocks in the tensor cores (whose fp8 accumulation keeps fewer bits than fp32;
-    bench/NOTES.md session 14). Default 0 until measured."""
+    """VKERN_FLASH_FP8_PROMOTE: 1, 2 or 3 = the 8-bit kernel adds each key block's P V to O in fp32 registers
+    instead of accumulating O across blocks in the tensor cores, whose fp8 accumulation keeps fewer bits than fp32
+    (bench/NOTES.md session 14); three schedules (csrc/flash_attention.cu, kPromote): 1 keeps the PV product in
+    flight through the softmax and adds it at the next block, 2 waits for it with S and adds it before the
+    softmax, 3 as 2 per pair of blocks. 0 = off (the default until measured)."""
     promote = os.environ.get("VKERN_FLASH_FP8_PROMOTE", "0")
-    if promote not in ("0", "1"):
-        raise ValueError(f"VKERN_FLASH_FP8_PROMOTE: expected 0 or 1, got {promote!r}")
-    return promote == "1"
+    if promote not in ("0", "1", "2", "3"):
+        raise ValueError(f"VKERN_FLASH_FP8_PROMOTE: expected 0, 1, 2 or 3, got {promote!r}")
+    return int(promote)
 
 
 def key_padding_bits(key_padding_mask, block=128):
@@ -446,7 +448,8 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, key_padding_mask,
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
             k_scale.data_ptr(), v_scale.data_ptr(), _DTYPE_CODE[out_dtype], B, H, Sq, Skv,
             vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(),
-            _fp8_take_turns() and q8.dtype != torch.int8, q8.dtype == torch.int8, _fp8_promote_o(),
+            _fp8_take_turns() and q8.dtype != torch.int8 and not _fp8_promote_o(), q8.dtype == torch.int8,
+            _fp8_promote_o(),
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
