@@ -73,13 +73,14 @@ def _attention(name, providers, args):
         return with_env("VKERN_ATTENTION_8BIT_BACKEND", backend, fn)
 
     fns["vkern-fp8-cuda"] = fp8_backend("cuda", fns["vkern-fp8"])  # csrc/flash_attention.cu, e4m3 form (D 128)
+    fns["vkern-int8-fp8pv-cuda"] = fp8_backend("cuda", fns["vkern-int8-fp8pv"])  # its int8 form: attention="fp8"
     fns["vkern-fp8-triton"] = fp8_backend("triton", fns["vkern-fp8"])
     # The kernels alone, on Q/K/V already in e4m3 (as the Wan processor has them: its fused norm/RoPE prologue
     # quantizes Q and K; V takes v_to_e4m3, ~3% of these calls' bytes).
-    kernel_rows = ["vkern-fp8-cuda-kernel", "vkern-fp8-cuda-kernel-turns", "vkern-fp8-cuda-kernel-promote",
-                   "vkern-fp8-cuda-kernel-promote2", "vkern-int8-fp8pv-cuda-kernel",
-                   "vkern-int8-fp8pv-cuda-kernel-promote", "vkern-int8-fp8pv-cuda-kernel-promote2",
-                   "vkern-fp8-cuda-kernel-promote3", "vkern-int8-fp8pv-cuda-kernel-promote3", "vkern-fp8-triton-kernel"]
+    # -tco: O accumulated in the tensor cores across key blocks (VKERN_FLASH_FP8_PROMOTE=0; the default promotes
+    # it to fp32 per block since session 14).
+    kernel_rows = ["vkern-fp8-cuda-kernel", "vkern-fp8-cuda-kernel-tco", "vkern-int8-fp8pv-cuda-kernel",
+                   "vkern-int8-fp8pv-cuda-kernel-tco", "vkern-fp8-triton-kernel"]
     wanted = providers or list(fns) + kernel_rows
     if s.head_dim == 128 and any(p.endswith("-kernel") for p in wanted):
         q8, qs = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, s.heads, quant="e4m3")
@@ -87,18 +88,14 @@ def _attention(name, providers, args):
         vt, vs = vkern.ops.v_to_e4m3(v)
         prequant = lambda: vkern.ops.attention_prequantized(q8, qs, k8, ks, vt, vs, out_dtype=q.dtype)
         fns["vkern-fp8-cuda-kernel"] = fp8_backend("cuda", prequant)
-        # Experiment (sessions 12-13): the e4m3 kernel's consumers taking turns (the default since session 13: not).
-        fns["vkern-fp8-cuda-kernel-turns"] = with_env("VKERN_FLASH_FP8_TURNS", "1", fns["vkern-fp8-cuda-kernel"])
         fns["vkern-fp8-triton-kernel"] = fp8_backend("triton", prequant)
-        # Session 14: int8 Q/K (S exact in int32) with e4m3 P/V; and O promoted to fp32 per key block.
+        # Session 14: int8 Q/K (S exact in int32) with e4m3 P/V, the fp8 mode's scheme.
         q8i, qsi = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, s.heads, quant="int8")
         k8i, ksi = vkern.ops.k_to_e4m3(k, fmt="int8")
         prequant_int8 = lambda: vkern.ops.attention_prequantized(q8i, qsi, k8i, ksi, vt, vs, out_dtype=q.dtype)
         fns["vkern-int8-fp8pv-cuda-kernel"] = fp8_backend("cuda", prequant_int8)
         for p in ("vkern-fp8-cuda-kernel", "vkern-int8-fp8pv-cuda-kernel"):
-            fns[p + "-promote"] = with_env("VKERN_FLASH_FP8_PROMOTE", "1", fns[p])
-            fns[p + "-promote2"] = with_env("VKERN_FLASH_FP8_PROMOTE", "2", fns[p])
-            fns[p + "-promote3"] = with_env("VKERN_FLASH_FP8_PROMOTE", "3", fns[p])
+            fns[p + "-tco"] = with_env("VKERN_FLASH_FP8_PROMOTE", "0", fns[p])
     fns["vkern"] = lambda: vkern.ops.attention(q, k, v)
     rows = torch.randperm(s.tokens, device="cuda")[:256]  # oracle on sampled queries: O(256 * S) memory
     oracle = ref.attention_lse(q[:, rows], k, v, dtype=torch.float32)[0]

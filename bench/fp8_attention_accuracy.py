@@ -32,14 +32,13 @@ def main():
         # 720p's sequence: does the tensor-core O accumulation lose more over 2.3x the keys?
         "WanAttention self 1.3B 720p": lambda: _wan_qkv(75600, 1536, 12, "self"),
     }
-    # provider: (backend, (qk, pv), VKERN_FLASH_FP8_PROMOTE)
-    providers = {"fp8-cuda": ("cuda", ("e4m3", "e4m3"), "0"), "fp8-cuda-promote2": ("cuda", ("e4m3", "e4m3"), "2"),
-                 "int8-fp8pv-cuda": ("cuda", ("int8", "e4m3"), "0"),
-                 "int8-fp8pv-cuda-promote2": ("cuda", ("int8", "e4m3"), "2"),
-                 "int8-fp8pv-cuda-promote3": ("cuda", ("int8", "e4m3"), "3"),
-                 "fp8-triton": ("triton", ("e4m3", "e4m3"), "0"), "fp8-reference": ("reference", ("e4m3", "e4m3"), "0"),
-                 "int8-fp8pv-reference": ("reference", ("int8", "e4m3"), "0"),
-                 "int8-triton": ("triton", ("int8", "bf16"), "0")}
+
+    # "fp8": the fp8 mode's scheme (int8 Q/K, e4m3 P/V); "-e4m3qk": e4m3 Q/K; "-tco": O accumulated in the tensor cores.
+    providers = {"fp8-e4m3qk-cuda": ("cuda", ("e4m3", "e4m3"), "1"), "fp8-e4m3qk-cuda-tco": ("cuda", ("e4m3", "e4m3"), "0"),
+                 "fp8-cuda": ("cuda", ("int8", "e4m3"), "1"), "fp8-cuda-tco": ("cuda", ("int8", "e4m3"), "0"),
+                 "fp8-triton": ("triton", ("int8", "e4m3"), "1"), "fp8-reference": ("reference", ("int8", "e4m3"), "1"),
+                 "fp8-e4m3qk-reference": ("reference", ("e4m3", "e4m3"), "1"),
+                 "int8-triton": ("triton", ("int8", "bf16"), "1")}
     rows = []
     for name, make in inputs.items():
         q, k, v = make()

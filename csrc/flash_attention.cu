@@ -7,9 +7,10 @@
 //   consumers (warpgroups 1, 2): 64 query rows each. Per key block j: S = Q K_j^T (wgmma, both operands in
 //     shared memory), then, while S is computed, O += P_{j-1} V_{j-1} (wgmma, P from registers); then the
 //     online softmax of S_j. The 16-bit forms' two consumers take turns issuing their products (named
-//     barriers), so one's softmax runs while the other's products keep the tensor cores busy (E4M3: see kTakeTurns).
+//     barriers), so one's softmax runs while the other's products keep the tensor cores busy (8-bit: see kTakeTurns).
 // Numerics: fp32 accumulation and softmax (exp2 of scale * log2(e) * s - running max, one FFMA per score),
-// P rounded to the input dtype for the PV product (as FlashAttention), out = O / l rounded once.
+// P rounded to the input dtype for the PV product (as FlashAttention), out = O / l rounded once. 8-bit forms:
+// Q, K in e4m3 or int8 (S exact in int32), P and V in e4m3, O promoted to fp32 per key block (kPromoteO).
 // Keys past kv_len (the last block) are masked to -inf; query rows past q_len are computed on TMA's
 // zero fill and never stored (TMA clips the store). Key-padding mask (optional): one bit per key, 16 bytes per
 // 128-key block, read by every consumer thread with one 16-byte load issued before it waits for S; blocks whose
@@ -118,19 +119,17 @@ __device__ __forceinline__ float quad_sum(float x) {
 // K elements per register where the thread holds pairs 8 apart, so E4M3's to_p packs the keys of a 32-key
 // group in the order (0, 1, 8, 9 | 16, 17, 24, 25) + 2 * (lane % 4), and V^T is stored in that key order
 // (vkern.ops.v_to_e4m3): the product pairs each P with its own key's V.
-// In: the input format (__nv_bfloat16, __half, E4M3 or S8); Out: the output's (= In when 16-bit). kTakeTurns: the
-// consumers issue their products in turn (named barriers); off, each issues as soon as it is ready. The 16-bit
-// forms take turns; E4M3 by default not: its products are half as long, and over runs 46-54 the two measure the
-// same within +-5% (bench/NOTES.md session 13), so the simpler schedule is the default.
-// kPromote (8-bit only; 0: off): each block's P V product goes into a fresh accumulator t that is then added to
-// O in fp32 (the FP8 tensor-core accumulation keeps fewer bits than fp32, so a long-running O loses some;
-// DeepSeek-V3 promotes every 128 products likewise). 1: t is added at the next block (the PV product stays in
-// flight through the softmax); 2: the consumer waits for S and the PV product together and adds t before its
-// softmax (fewer registers live through the softmax); 3: as 2, but t takes the products of two blocks (an even
-// block's, then the next one's) before it is added (half the adds; the rescale then also scales t).
+// In: the input format (__nv_bfloat16, __half, E4M3 or S8); Out: the output's (= In when 16-bit).
+// kPromoteO (8-bit only): each block's P V product goes into a fresh accumulator t, which the consumer adds to O in
+// fp32 after waiting for it together with the next block's S, before that softmax. Off, O accumulates across all
+// blocks in the tensor cores, whose fp8 accumulation keeps fewer bits than fp32: on WanAttention inputs (V with
+// channel means, so O grows block by block) that doubled the error at 75600 keys (bench/NOTES.md run 55; DeepSeek-V3
+// promotes every 128 products likewise). Waiting for both products before the softmax (instead of keeping the PV
+// product in flight through it, as without promotion) keeps t, P and S from being live together: that schedule
+// spilled and ran 8-14% slower (runs 55-56).
 // S8's scores: the int32 accumulator starts at the bits of kIntBias = 1.5 * 2^23 (see wgmma_m64n128k32_ss_s8), so
 // s reads as kIntBias + S in fp32; the bias cancels in s - max and is taken out of the row max.
-template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true, int kPromote = 0>
+template <typename In, typename Out, int kHeadDim, int kStages, bool kPromoteO = false>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
@@ -138,8 +137,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                      const float* __restrict__ v_scale, float* __restrict__ lse, const uint4* __restrict__ key_bits,
                      int heads, int q_len, int kv_len, float scale_log2) {
   using F = Format<In, kHeadDim>;
-  static_assert(F::k8Bit || kPromote == 0, "O promotion is for the 8-bit forms");
-  constexpr bool kPromoteO = kPromote != 0;
+  static_assert(F::k8Bit || !kPromoteO, "O promotion is for the 8-bit forms");
+  // The 16-bit forms' consumers issue their products in turn (named barriers); the 8-bit forms' each as soon as it
+  // is ready: their products are half as long, and over runs 46-54 the two schedules measured the same within +-5%.
+  constexpr bool kTakeTurns = !F::k8Bit;
   constexpr int kTileBytes = F::kTileBytes;
   constexpr float kIntBias = 12582912.f;  // 1.5 * 2^23, bits 0x4B400000
   extern __shared__ uint8_t smem_raw[];
@@ -365,31 +366,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < kHeadDim / 2; ++i) o[i] += t[i];
   };
-  // kPromote 3: block i's product starts t when i is even and adds to it when i is odd; t goes into O after an
-  // odd block's product and after the last block's.
-  auto pair_ends = [&](int i) { return kPromote != 3 || i % 2 == 1 || i == n_blocks - 1; };
-  // Before block i's PV product: kPromote 1 first adds t (the product of block i - 1, same max as O) to O; then O
-  // (and, kPromote 3 within a pair, t) is rescaled by alpha.
-  auto rescale_o = [&](int i) {
+  auto rescale_o = [&] {
     fence_regs(o);
-    if constexpr (kPromote == 1) add_t();
     // Late in a row the max rarely moves (alpha = 1 exactly): the warp skips the multiplies (same result).
     if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-      for (int c = 0; c < kHeadDim / 2; ++c) o[c] *= alpha[(c / 2) % 2];
-      if (kPromote == 3 && i % 2 == 1) {
-        fence_t();
-#pragma unroll
-        for (int c = 0; c < kHeadDim / 2; ++c) t[c] *= alpha[(c / 2) % 2];
-      }
+      for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= alpha[(i / 2) % 2];
     }
     fence_regs(o);
-    fence_t();
   };
-  // Block i's product: O += P_i V_i, or into t (the promoted forms).
-  auto issue_pv_block = [&](SmemDesc v_tile, int i) {
+  // O += P V, or t = P V (kPromoteO).
+  auto issue_pv_block = [&](SmemDesc v_tile) {
     if constexpr (kPromoteO)
-      issue_pv<In, kHeadDim>(t, p, v_tile, kPromote != 3 || i % 2 == 0);
+      issue_pv<In, kHeadDim>(t, p, v_tile, true);
     else
       issue_pv<In, kHeadDim>(o, p, v_tile);
   };
@@ -411,20 +400,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_commit();
     fence_regs(s);
     if constexpr (F::kIntQK) fence_regs(s_int);
-    rescale_o(j - 1);
+    rescale_o();
     wgmma_fence();  // O was written by ordinary instructions
-    issue_pv_block(v_ring.plus(prev * kTileBytes), j - 1);
+    issue_pv_block(v_ring.plus(prev * kTileBytes));
     wgmma_commit();
     fence_regs(s);
     if constexpr (F::kIntQK) fence_regs(s_int);
     fence_regs(o);
     fence_t();
     pass_turn(j);
-    if constexpr (kPromote >= 2) {
-      wgmma_wait<0>();  // S_j and the PV product of block j - 1: t is added now (kPromote 3: if its pair ends)
+    if constexpr (kPromoteO) {
+      wgmma_wait<0>();  // S_j and the PV product of block j - 1, which goes into O now
       fence_regs(o);
       fence_t();
-      if (pair_ends(j - 1)) add_t();
+      add_t();
     } else {
       wgmma_wait<1>();  // S_j; the PV product stays in flight through the softmax
     }
@@ -442,9 +431,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_regs(o);
     fence_t();
     pack_block(0);
-    rescale_o(n_blocks - 1);
+    rescale_o();
     wgmma_fence();
-    issue_pv_block(v_ring.plus(last * kTileBytes), n_blocks - 1);
+    issue_pv_block(v_ring.plus(last * kTileBytes));
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(o);
@@ -549,11 +538,11 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 }
 
 // The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; 8-bit: v is V^T), out; the scales 8-bit only.
-template <typename In, typename Out, int kHeadDim, int kStages, bool kTakeTurns = true, int kPromote = 0>
+template <typename In, typename Out, int kHeadDim, int kStages, bool kPromoteO = false>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale, float* lse,
                    const void* key_bits, int batch, int heads, int q_len, int kv_len, float scale, cudaStream_t stream) {
   constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages>();
-  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kTakeTurns, kPromote>;
+  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kPromoteO>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
@@ -601,8 +590,8 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, DType out_dtype, int batch, int heads, int q_len, int kv_len,
-                                    int vt_len, int head_dim, float scale, int stages, bool take_turns,
-                                    bool int8_qk, int promote_o, cudaStream_t stream) {
+                                    int vt_len, int head_dim, float scale, int stages, bool int8_qk,
+                                    bool promote_o, cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
       vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
@@ -618,28 +607,16 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
       !make_vt_map(&maps[2], vt, batch, heads, head_dim, vt_len) ||
       !make_map(&maps[3], out, out_type, 2, batch, q_len, heads, head_dim, kBlockM / 2))
     return cudaErrorInvalidValue;
-  // Turns only for e4m3 without promotion (the other forms have no turns variant).
-  if ((int8_qk || promote_o != 0) && take_turns) return cudaErrorInvalidValue;
-  if (promote_o < 0 || promote_o > 3) return cudaErrorInvalidValue;
   const auto run = [&](auto out_tag) {
     using Out = decltype(out_tag);
-    const auto with = [&](auto in_tag, auto turns_tag, auto promote_tag) {
+    const auto with = [&](auto in_tag, auto promote_tag) {
       using In = decltype(in_tag);
-      constexpr bool kTurns = decltype(turns_tag)::value;
-      constexpr int kPromote = decltype(promote_tag)::value;
-      return stages == 2 ? launch<In, Out, 128, 2, kTurns, kPromote>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
-                         : launch<In, Out, 128, 3, kTurns, kPromote>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
+      constexpr bool kPromote = decltype(promote_tag)::value;
+      return stages == 2 ? launch<In, Out, 128, 2, kPromote>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
+                         : launch<In, Out, 128, 3, kPromote>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
     };
-    const auto with_promote = [&](auto in_tag) {
-      using No = std::false_type;
-      return promote_o == 0   ? with(in_tag, No(), std::integral_constant<int, 0>())
-             : promote_o == 1 ? with(in_tag, No(), std::integral_constant<int, 1>())
-             : promote_o == 2 ? with(in_tag, No(), std::integral_constant<int, 2>())
-                              : with(in_tag, No(), std::integral_constant<int, 3>());
-    };
-    if (int8_qk) return with_promote(S8());
-    if (take_turns) return with(E4M3(), std::true_type(), std::integral_constant<int, 0>());
-    return with_promote(E4M3());
+    if (int8_qk) return promote_o ? with(S8(), std::true_type()) : with(S8(), std::false_type());
+    return promote_o ? with(E4M3(), std::true_type()) : with(E4M3(), std::false_type());
   };
   return out_dtype == DType::kBFloat16 ? run(__nv_bfloat16()) : run(__half());
 }

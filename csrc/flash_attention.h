@@ -35,16 +35,14 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // group, stored column 16 u + 4 c + 2 g + b holds key 16 u + 8 g + 2 c + b) and zero past kv_len, with fp32
 // scales v_scale [B, H, D] per (head, channel). S = q8 k8^T * q_scale * k_scale (its block's), P = exp(scale *
 // S - max) * 448 rounded to e4m3, out = (P v8) * v_scale / rowsum(P) in out_dtype (bf16 or fp16), fp32
-// accumulation. lse, key_bits, stages as flash_attention_fwd. take_turns: the two consumer warpgroups issue
-// their products in turn (as the 16-bit form always does), or each as soon as it is ready (vkern's default; int8_qk
-// has no turns, nor has promote_o != 0). int8_qk: q, k are int8 (symmetric, scales = amax / 127), S exact in int32.
-// promote_o 1 or 2 (two schedules, see kPromote in the .cu): each key block's P V is added to O in fp32 registers
-// instead of accumulating O in the tensor cores across blocks; 0: off.
+// accumulation. lse, key_bits, stages as flash_attention_fwd. int8_qk: q, k are int8 instead (symmetric, scales =
+// amax / 127; S exact in int32). promote_o: each key block's P V is added to O in fp32 registers instead of O
+// accumulating across blocks in the tensor cores (whose fp8 accumulation keeps fewer bits; see kPromoteO in the .cu).
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, DType out_dtype, int batch, int heads, int q_len, int kv_len,
-                                    int vt_len, int head_dim, float scale, int stages, bool take_turns,
-                                    bool int8_qk, int promote_o, cudaStream_t stream);
+                                    int vt_len, int head_dim, float scale, int stages, bool int8_qk,
+                                    bool promote_o, cudaStream_t stream);
 
 }  // namespace vkern

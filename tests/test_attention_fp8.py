@@ -564,7 +564,7 @@ CUDA_FP8_SIZES = [(1, 2, 1, 1), (2, 1, 113, 113), (1, 1, 113, 512), (2, 4, 1, 10
 CUDA_SCHEMES = [FP8, ("int8", "e4m3")]
 
 
-@pytest.fixture(params=["0", "2", "3"], ids=["tc-o", "fp32-o", "fp32-o-pairs"])
+@pytest.fixture(params=["1", "0"], ids=["fp32-o", "tc-o"])
 def promote(request, monkeypatch):
     monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", request.param)
     return request.param
@@ -606,7 +606,7 @@ def test_gpu_cuda_fp8_is_the_default_on_hopper():
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", CUDA_SCHEMES, ids=scheme_id)
 @pytest.mark.parametrize("name,inputs", REAL_INPUTS, ids=REAL_IDS)
-def test_gpu_cuda_fp8_real_shapes(use_backend, promote, scheme, name, inputs):
+def test_gpu_cuda_fp8_real_shapes(use_backend, scheme, name, inputs):
     """As test_gpu_real_shapes, for the CUDA kernel; and its output is within the same noise of the Triton
     kernel's (the same quantization, different P roundings)."""
     q, k, v = inputs()
@@ -619,6 +619,25 @@ def test_gpu_cuda_fp8_real_shapes(use_backend, promote, scheme, name, inputs):
     # differ, a fraction of that noise.
     diff = rel_l2(out, triton_out.double())
     assert diff < 0.071, f"{name}: CUDA vs Triton fp8 rel L2 {diff:.4f}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", CUDA_SCHEMES, ids=scheme_id)
+def test_gpu_cuda_fp8_promoted_o_is_the_emulation(use_backend, monkeypatch, scheme):
+    """On WanAttention self inputs (V with channel means: O grows block by block) the default kernel, O promoted to
+    fp32 per key block, is as accurate as the fp32 emulation (within 5%); O accumulated in the tensor cores
+    (VKERN_FLASH_FP8_PROMOTE=0) is measurably less (run 55: 0.0189 vs 0.0124 at int8 Q/K)."""
+    q, k, v = wan_qkv(1, 32760, 1536, 12, torch.bfloat16, "cuda")
+    rows = sampled_rows(q.shape[1])
+    oracle = ref.attention_lse(q[:, rows], k, v)[0].double()
+    use_backend("reference")
+    emulated = rel_l2(attention_8bit(q[:, rows], k, v, scheme), oracle)
+    use_backend("cuda")
+    promoted = rel_l2(run_8bit(q, k, v, scheme)[:, rows], oracle)
+    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", "0")
+    tensor_core_o = rel_l2(run_8bit(q, k, v, scheme)[:, rows], oracle)
+    assert promoted <= 1.05 * emulated, f"promoted O: rel L2 {promoted:.4f} vs the emulation's {emulated:.4f}"
+    assert tensor_core_o > 1.1 * promoted, f"tensor-core O {tensor_core_o:.4f} vs promoted {promoted:.4f}"
 
 
 @pytest.mark.gpu
@@ -639,24 +658,13 @@ def test_gpu_compile_fullgraph_inductor(use_backend, scheme, backend):
 
 
 def test_kernel_experiment_switch_rejects_bad_values(monkeypatch):
-    """VKERN_FLASH_FP8_TURNS and VKERN_FLASH_FP8_PROMOTE take only 0 or 1; unset, the e4m3 kernel's consumers do
-    not take turns and O is not promoted."""
+    """VKERN_FLASH_FP8_PROMOTE takes only 0 or 1; unset, the CUDA 8-bit kernel promotes O to fp32 per key block."""
     from vkern.ops import fused_attention
 
     monkeypatch.delenv("VKERN_FLASH_FP8_PROMOTE", raising=False)
-    assert fused_attention._fp8_promote_o() == 0
-    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", "1")
-    assert fused_attention._fp8_promote_o() == 1
+    assert fused_attention._fp8_promote_o() is True
+    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", "0")
+    assert fused_attention._fp8_promote_o() is False
     monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", "2")
-    assert fused_attention._fp8_promote_o() == 2
-    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", "yes")
     with pytest.raises(ValueError, match="VKERN_FLASH_FP8_PROMOTE"):
         fused_attention._fp8_promote_o()
-
-    monkeypatch.delenv("VKERN_FLASH_FP8_TURNS", raising=False)
-    assert fused_attention._fp8_take_turns() is False
-    monkeypatch.setenv("VKERN_FLASH_FP8_TURNS", "1")
-    assert fused_attention._fp8_take_turns() is True
-    monkeypatch.setenv("VKERN_FLASH_FP8_TURNS", "maybe")
-    with pytest.raises(ValueError, match="VKERN_FLASH_FP8_TURNS"):
-        fused_attention._fp8_take_turns()

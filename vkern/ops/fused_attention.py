@@ -5,8 +5,8 @@ qk_norm_rope backends:   triton (vkern/triton/qk_norm_rope.py), reference.
 attention backends:      cuda (vkern's Hopper flash-attention, csrc/flash_attention.cu: sm_90, head dims 64 and
                          128, key-padding mask), triton (vkern's flash-attention, vkern/triton/attention.py), sdpa (torch SDPA,
                          cuDNN first), reference. On CUDA the order comes from measurement (ATTENTION_PREFERENCE).
-attention_8bit backends: cuda (e4m3 Q, K, V at head dim 128 on Hopper, K scales per 128-key block), triton,
-reference (fp32 emulation of the same quantization).
+attention_8bit backends: cuda (e4m3 or int8 Q, K with e4m3 V at head dim 128 on Hopper, K scales per 128-key
+block, O promoted to fp32 per key block), triton, reference (fp32 emulation of the same quantization).
 """
 import os
 import warnings
@@ -380,26 +380,15 @@ def _flash_stages():
     return int(stages)
 
 
-def _fp8_take_turns():
-    """VKERN_FLASH_FP8_TURNS=1: the e4m3 kernel's consumers issue their products in turn, as the 16-bit kernel's
-    do; default 0: each as soon as it is ready (the two measure the same within +-5% over runs 46-54,
-    bench/NOTES.md session 13)."""
-    turns = os.environ.get("VKERN_FLASH_FP8_TURNS", "0")
-    if turns not in ("0", "1"):
-        raise ValueError(f"VKERN_FLASH_FP8_TURNS: expected 0 or 1, got {turns!r}")
-    return turns == "1"
-
-
 def _fp8_promote_o():
-    """VKERN_FLASH_FP8_PROMOTE: 1, 2 or 3 = the 8-bit kernel adds each key block's P V to O in fp32 registers
-    instead of accumulating O across blocks in the tensor cores, whose fp8 accumulation keeps fewer bits than fp32
-    (bench/NOTES.md session 14); three schedules (csrc/flash_attention.cu, kPromote): 1 keeps the PV product in
-    flight through the softmax and adds it at the next block, 2 waits for it with S and adds it before the
-    softmax, 3 as 2 per pair of blocks. 0 = off (the default until measured)."""
-    promote = os.environ.get("VKERN_FLASH_FP8_PROMOTE", "0")
-    if promote not in ("0", "1", "2", "3"):
-        raise ValueError(f"VKERN_FLASH_FP8_PROMOTE: expected 0, 1, 2 or 3, got {promote!r}")
-    return int(promote)
+    """VKERN_FLASH_FP8_PROMOTE: 1 (default) = the 8-bit CUDA kernel adds each key block's P V to O in fp32 registers;
+    0 = O accumulates across all key blocks in the tensor cores instead: 9-12% faster (run 56), but their fp8
+    accumulation keeps fewer bits than fp32, and on WanAttention inputs the error then grows with the keys (rel L2
+    0.0189 vs 0.0124 at 32760 keys, 0.0365 vs 0.0093 at 75600: bench/NOTES.md run 55)."""
+    promote = os.environ.get("VKERN_FLASH_FP8_PROMOTE", "1")
+    if promote not in ("0", "1"):
+        raise ValueError(f"VKERN_FLASH_FP8_PROMOTE: expected 0 or 1, got {promote!r}")
+    return promote == "1"
 
 
 def key_padding_bits(key_padding_mask, block=128):
@@ -447,8 +436,7 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, key_padding_mask,
             (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
             k_scale.data_ptr(), v_scale.data_ptr(), _DTYPE_CODE[out_dtype], B, H, Sq, Skv,
-            vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(),
-            _fp8_take_turns() and q8.dtype != torch.int8 and not _fp8_promote_o(), q8.dtype == torch.int8,
+            vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(), q8.dtype == torch.int8,
             _fp8_promote_o(),
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse

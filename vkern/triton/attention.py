@@ -141,7 +141,10 @@ def _softmax_pv(acc, l_i, m_i, qk, v, row_scale, ks_base, kpm_base, n0, Skv, off
         p_lo = round_to(p, p_dtype, UPCAST)
     if UPCAST:
         p_lo = p_lo.to(tl.float32)
-    acc = tl.dot(p_lo, v, acc)
+    if V8:  # a fresh fp8 product per key block, added in fp32: the tensor cores' fp8 accumulation keeps fewer
+        acc += tl.dot(p_lo, v)  # bits, and a long-running O lost them (bench/NOTES.md run 55)
+    else:
+        acc = tl.dot(p_lo, v, acc)
     return acc, l_i, m_new
 
 
