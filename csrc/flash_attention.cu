@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < kHeadDim / 2; ++i) o[i] = t[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in scaled log2 units
-  // Score -> log2 units, per row: the softmax scale, times the query's scale for E4M3 (and, per block, the
+  // Score -> log2 units, per row: the softmax scale, times the query's scale for 8-bit (and, per block, the
   // block's K scale: softmax's key_scale).
   float row_scale[2] = {scale_log2, scale_log2};
   if constexpr (F::k8Bit) {
@@ -226,12 +226,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto key_bits_of = [&](int j) {
     return key_bits == nullptr ? make_uint4(~0u, ~0u, ~0u, ~0u) : __ldg(key_bits + int64_t(batch) * n_blocks + j);
   };
-  // E4M3: block j's K scale (one per 128-key block and head); loaded with the key bits, before the S wait.
+  // 8-bit: block j's K scale (one per 128-key block and head); loaded with the key bits, before the S wait.
   auto key_scale_of = [&](int j) {
     return F::k8Bit ? __ldg(k_scale + (int64_t(batch) * heads + head) * n_blocks + j) : 1.f;
   };
   // Masks the keys past kv_len and the padded ones, updates the running max and returns P = exp2(scale * s - max)
-  // (E4M3: times 448) in s, its row sums in sum and the factor alpha that rescales what was accumulated before.
+  // (8-bit: times 448) in s, its row sums in sum and the factor alpha that rescales what was accumulated before.
   // The per-row multipliers (> 0) commute with the max, so they scale two row maxima, not 64 scores.
   auto softmax = [&](int j, uint4 bits, float key_scale, float (&alpha)[2], float (&sum)[2]) {
     const float mult[2] = {F::k8Bit ? row_scale[0] * key_scale : scale_log2,
