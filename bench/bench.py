@@ -91,7 +91,7 @@ def _attention(name, providers, args):
         fns["vkern-fp8-triton-kernel"] = fp8_backend("triton", prequant)
         # Session 14: int8 Q/K (S exact in int32) with e4m3 P/V, the fp8 mode's scheme.
         q8i, qsi = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, s.heads, quant="int8")
-        k8i, ksi = vkern.ops.k_to_e4m3(k, fmt="int8")
+        k8i, ksi = vkern.ops.k_to_8bit(k, "int8")
         prequant_int8 = lambda: vkern.ops.attention_prequantized(q8i, qsi, k8i, ksi, vt, vs, out_dtype=q.dtype)
         fns["vkern-int8-fp8pv-cuda-kernel"] = fp8_backend("cuda", prequant_int8)
         for p in ("vkern-fp8-cuda-kernel", "vkern-int8-fp8pv-cuda-kernel"):

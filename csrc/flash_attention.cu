@@ -309,6 +309,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (kTakeTurns) bar_sync(kTurnBarrier + wg, 256);
   };
 
+  // S's registers around an async product (S8: its int32 accumulator too).
+  auto fence_s = [&] {
+    fence_regs(s);
+    if constexpr (F::kIntQK) fence_regs(s_int);
+  };
   auto fence_t = [&] {
     if constexpr (kPromoteO) fence_regs(t);
   };
@@ -343,8 +348,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_fence();
     issue_qk<In, kHeadDim>(s, s_int, q_rows, k_ring);
     wgmma_commit();
-    fence_regs(s);
-    if constexpr (F::kIntQK) fence_regs(s_int);
+    fence_s();
     pass_turn(0);
     wgmma_wait<0>();
     read_s();
@@ -398,14 +402,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_fence();
     issue_qk<In, kHeadDim>(s, s_int, q_rows, k_ring.plus(st * kTileBytes));
     wgmma_commit();
-    fence_regs(s);
-    if constexpr (F::kIntQK) fence_regs(s_int);
+    fence_s();
     rescale_o();
     wgmma_fence();  // O was written by ordinary instructions
     issue_pv_block(v_ring.plus(prev * kTileBytes));
     wgmma_commit();
-    fence_regs(s);
-    if constexpr (F::kIntQK) fence_regs(s_int);
+    fence_s();
     fence_regs(o);
     fence_t();
     pass_turn(j);

@@ -1,5 +1,5 @@
 """vkern.ops.attention_8bit (issue #3): attention with Q quantized per (token, head) to e4m3 or int8 and K
-per (128-key block, head) (vkern.ops.k_to_e4m3: e4m3 keys, and int8 keys with pv="e4m3") or per (token, head)
+per (128-key block, head) (vkern.ops.k_to_8bit: e4m3 keys, and int8 keys with pv="e4m3") or per (token, head)
 (int8/bf16), and optionally V per (head, channel) and P to e4m3 for the PV product (pv="e4m3"; pv="bf16" keeps
 V and P in V's dtype), fp32 accumulation. qk="e4m3", pv="e4m3" is the issue's literal fp8 scheme; the Wan
 processor's attention="fp8" runs qk="int8", pv="e4m3" (as fast on Hopper, more accurate: bench/NOTES.md run 55).
@@ -354,7 +354,7 @@ def test_non_contiguous_inputs(use_backend, backend, layout):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheme", [FP8, ("int8", "e4m3"), ("int8", "bf16")], ids=scheme_id)
 def test_prequantized_path_is_the_same_op(use_backend, monkeypatch, backend, scheme):
-    """attention_8bit == qk_norm_rope(weight None, quant) for Q + k_to_e4m3 (K scales per 128-key block: e4m3
+    """attention_8bit == qk_norm_rope(weight None, quant) for Q + k_to_8bit (K scales per 128-key block: e4m3
     keys, and int8 keys with pv="e4m3") or qk_norm_rope (int8/bf16) for K + v_to_e4m3 + attention_prequantized,
     bit for bit, and the 8-bit operands (from the Triton prologue too) match the reference quantizers bit for
     bit."""
@@ -364,7 +364,7 @@ def test_prequantized_path_is_the_same_op(use_backend, monkeypatch, backend, sch
     block = ref.key_token_block(qk, pv)
     q, k, v = make_qkv(2, 77, 300, 2, 64, torch.float16)
     q8, qs = ops.qk_norm_rope(q.flatten(2), None, 0.0, 2, quant=qk)
-    k8, ks = ops.k_to_e4m3(k, fmt=qk) if block > 1 else ops.qk_norm_rope(k.flatten(2), None, 0.0, 2, quant=qk)
+    k8, ks = ops.k_to_8bit(k, qk) if block > 1 else ops.qk_norm_rope(k.flatten(2), None, 0.0, 2, quant=qk)
     assert ks.shape == ((2, 2, 3) if block > 1 else (2, 2, 300))
     for x, x8, xs, block in ((q, q8, qs, 1), (k, k8, ks, block)):
         r8, rs = ref.quantize_per_head(x.float(), qk, block)
@@ -381,14 +381,14 @@ def test_prequantized_path_is_the_same_op(use_backend, monkeypatch, backend, sch
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("S", [1, 77, 128, 300])
 @pytest.mark.parametrize("fmt", ["e4m3", "int8"])
-def test_k_to_e4m3_block_scales(use_backend, monkeypatch, backend, S, fmt):
-    """k_to_e4m3: one scale per (128-key block, head) = the amax over the block's attended keys * fp32(1/448)
+def test_k_to_8bit_block_scales(use_backend, monkeypatch, backend, S, fmt):
+    """k_to_8bit: one scale per (128-key block, head) = the amax over the block's attended keys * fp32(1/448)
     (int8: * fp32(1/127)), codes = the reference quantizer's bit for bit; padded keys (huge) change neither the
     scales nor the attended keys' codes, and saturate themselves."""
     use_backend(backend)
     monkeypatch.setenv("VKERN_QK_NORM_ROPE_BACKEND", backend)
     k = make_qkv(2, 1, S, 3, 64, torch.bfloat16)[1]
-    k8, ks = ops.k_to_e4m3(k, fmt=fmt)
+    k8, ks = ops.k_to_8bit(k, fmt)
     n = -(-S // 128)
     dtype, inv, top = (torch.float8_e4m3fn, E4M3_INV, 448) if fmt == "e4m3" else (torch.int8, INT8_INV, 127)
     assert k8.shape == k.shape and k8.dtype == dtype and ks.shape == (2, 3, n)
@@ -400,10 +400,13 @@ def test_k_to_e4m3_block_scales(use_backend, monkeypatch, backend, S, fmt):
     mask[:, 0] = True
     k_huge = k.clone()
     k_huge[~mask] = 3e4
-    (m8, ms), (h8, hs) = ops.k_to_e4m3(k, mask, fmt), ops.k_to_e4m3(k_huge, mask, fmt)
+    (m8, ms), (h8, hs) = ops.k_to_8bit(k, fmt, mask), ops.k_to_8bit(k_huge, fmt, mask)
     assert torch.equal(ms, hs) and torch.equal(ms, ref.quantize_per_key_block(k_huge, mask, fmt)[1])
     assert torch.equal(m8.view(torch.uint8)[mask], h8.view(torch.uint8)[mask])
     assert (h8.float()[~mask] == top).all()
+    if fmt == "e4m3":  # the e4m3 name for the same op
+        e8, es = ops.k_to_e4m3(k_huge, mask)
+        assert torch.equal(e8.view(torch.uint8), h8.view(torch.uint8)) and torch.equal(es, hs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -427,7 +430,7 @@ def test_qk_norm_rope_token_block_arguments():
     with pytest.raises(ValueError, match="token_block"):
         ops.qk_norm_rope(x, None, 0.0, 2, token_block=128)
     with pytest.raises(ValueError, match="fmt"):
-        ops.k_to_e4m3(x.view(1, 5, 2, 64), fmt="int4")
+        ops.k_to_8bit(x.view(1, 5, 2, 64), "int4")
     with pytest.raises(ValueError, match="token_block"):
         ops.qk_norm_rope(x, None, 0.0, 2, quant="e4m3", token_block=64)
     with pytest.raises(ValueError, match="key_padding_mask: only with token_block"):

@@ -49,7 +49,7 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
     (8-bit [B, S, H, D], fp32 scales [B, H, S]), one scale per (token, head), for attention_8bit.
     token_block=128 (keys): one scale per (128-token block, head) instead, scales [B, H, ceil(S / 128)], the
     form the CUDA 8-bit kernel takes; key_padding_mask (bool [B, S], True = attend,
-    only here): the padded tokens do not enter their block's scale (see k_to_e4m3).
+    only here): the padded tokens do not enter their block's scale (see k_to_8bit).
 
     out (quant=None only): write the result into this tensor instead, and return it. Either [B, S, H, D]
     or head groups [B, S, G, P, D] with G * P >= H: head h goes to out[:, :, h // P, h % P] and the
@@ -98,20 +98,25 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
                                                   token_block, key_padding_mask)
 
 
-def k_to_e4m3(k, key_padding_mask=None, fmt="e4m3"):
-    """K [B, S, H, D] -> (e4m3 K [B, S, H, D], fp32 scales [B, H, ceil(S / 128)]): one scale per (block of 128
-    consecutive keys, head) = amax over the block's keys and head dim * fp32(1/448), saturating RNE; the K form
-    of attention_8bit's e4m3 scheme (issue 3's per-block scales), which lets the CUDA kernel apply one scale
-    per key block instead of one per score. fmt="int8": int8 K instead (scale = amax * fp32(1/127), RNE), the
-    K form of the CUDA kernel's int8-QK scheme. key_padding_mask: bool [B, S], True = attend; the amax runs over
-    the attended keys only (a padded key's garbage cannot coarsen its block's scale; its own codes saturate
-    and attention gives it weight 0). Pass the mask that attention_prequantized will get. (The fused
-    prologue emits the same form: qk_norm_rope(..., quant=fmt, token_block=128).)"""
+def k_to_8bit(k, fmt, key_padding_mask=None):
+    """K [B, S, H, D] -> (8-bit K [B, S, H, D], fp32 scales [B, H, ceil(S / 128)]): one scale per (block of 128
+    consecutive keys, head), the K form the CUDA 8-bit kernel takes (issue 3's per-block scales: it applies one
+    scale per key block instead of one per score). fmt "e4m3": scale = amax over the block's keys and head dim *
+    fp32(1/448), saturating RNE; "int8": amax * fp32(1/127), RNE (the fp8 mode's keys). key_padding_mask: bool
+    [B, S], True = attend; the amax runs over the attended keys only (a padded key's garbage cannot coarsen its
+    block's scale; its own codes saturate and attention gives it weight 0). Pass the mask that
+    attention_prequantized will get. (The fused prologue emits the same form: qk_norm_rope(..., quant=fmt,
+    token_block=128).)"""
     check_tensor("k", k, dtypes=FLOATS, ndim=4)
     if fmt not in ("e4m3", "int8"):
         raise ValueError(f"fmt: expected 'e4m3' or 'int8', got {fmt!r}")
     return qk_norm_rope(_heads_flat(k), None, 0.0, k.shape[2], quant=fmt, token_block=ref.KEY_BLOCK,
                         key_padding_mask=key_padding_mask)
+
+
+def k_to_e4m3(k, key_padding_mask=None):
+    """k_to_8bit(k, "e4m3", key_padding_mask): e4m3 K with one scale per (128-key block, head)."""
+    return k_to_8bit(k, "e4m3", key_padding_mask)
 
 
 def _heads_flat(x):
@@ -382,7 +387,7 @@ def _flash_stages():
 
 def _fp8_promote_o():
     """VKERN_FLASH_FP8_PROMOTE: 1 (default) = the 8-bit CUDA kernel adds each key block's P V to O in fp32 registers;
-    0 = O accumulates across all key blocks in the tensor cores instead: 9-12% faster (run 56), but their fp8
+    0 = O accumulates across all key blocks in the tensor cores instead: 8-13% faster (runs 56-57), but their fp8
     accumulation keeps fewer bits than fp32, and on WanAttention inputs the error then grows with the keys (rel L2
     0.0189 vs 0.0124 at 32760 keys, 0.0365 vs 0.0093 at 75600: bench/NOTES.md run 55)."""
     promote = os.environ.get("VKERN_FLASH_FP8_PROMOTE", "1")
@@ -469,7 +474,7 @@ def _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v8, k_block=True):
     if qk_dtype not in (torch.float8_e4m3fn, torch.int8) or not v8:
         return "the CUDA fp8 kernel takes e4m3 or int8 Q and K with e4m3 V (pv='e4m3')"
     if not k_block:
-        return "per-key K scales (the CUDA fp8 kernel takes one per 128-key block: vkern.ops.k_to_e4m3)"
+        return "per-key K scales (the CUDA fp8 kernel takes one per 128-key block: vkern.ops.k_to_8bit)"
     return None if dtype in _DTYPE_CODE else f"no {dtype} output"
 
 
@@ -518,7 +523,7 @@ def _(v, key_padding_mask):
 
 def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=False, qk="int8", pv="bf16"):
     """8-bit attention (opt-in) on bf16/fp16 q, k, v [B, S, H, D]: Q quantized per (token, head) to `qk`
-    ("int8" or "e4m3"), K per (128-key block, head) (k_to_e4m3) for e4m3 keys or pv="e4m3", else per (token,
+    ("int8" or "e4m3"), K per (128-key block, head) (k_to_8bit) for e4m3 keys or pv="e4m3", else per (token,
     head); pv="e4m3" also quantizes V per (head, channel) and P for the P @ V product, pv="bf16" keeps both in
     V's dtype. The CUDA kernel (Hopper, D = 128) runs the pv="e4m3" schemes, Triton the others.
     fp32 accumulation and softmax. Accuracy per scheme: bench/NOTES.md. key_padding_mask: bool [B, Skv],
@@ -529,7 +534,7 @@ def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=Fal
         raise ValueError(f"qk, pv: expected qk in ('int8', 'e4m3') and pv in ('bf16', 'e4m3'), got {qk!r}, {pv!r}")
     H = q.shape[2]
     q8, qs = qk_norm_rope(_heads_flat(q), None, 0.0, H, quant=qk)
-    k8, ks = (k_to_e4m3(k, key_padding_mask, qk) if ref.key_token_block(qk, pv) > 1
+    k8, ks = (k_to_8bit(k, qk, key_padding_mask) if ref.key_token_block(qk, pv) > 1
               else qk_norm_rope(_heads_flat(k), None, 0.0, H, quant=qk))
     vq, vs = v_to_e4m3(v, key_padding_mask) if pv == "e4m3" else (v, None)
     return attention_prequantized(q8, qs, k8, ks, vq, vs, key_padding_mask=key_padding_mask, scale=scale,
@@ -538,7 +543,7 @@ def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=Fal
 
 def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_padding_mask=None, scale=None,
                            return_lse=False, out_dtype=torch.bfloat16):
-    """attention_8bit on inputs already quantized (by qk_norm_rope(..., quant=...), k_to_e4m3 and v_to_e4m3,
+    """attention_8bit on inputs already quantized (by qk_norm_rope(..., quant=...), k_to_8bit and v_to_e4m3,
     given the same key_padding_mask as here, so padded keys do not enter the scales): q8/k8 int8 or e4m3
     [B, S, H, D] with positive scales fp32 q_scale [B, H, Sq] (per token) and k_scale [B, H, Skv] (per key)
     or [B, H, ceil(Skv / 128)] (per 128-key block: the form the CUDA kernel takes; per-key scales run on
