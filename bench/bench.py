@@ -77,10 +77,7 @@ def _attention(name, providers, args):
     fns["vkern-fp8-triton"] = fp8_backend("triton", fns["vkern-fp8"])
     # The kernels alone, on Q/K/V already in e4m3 (as the Wan processor has them: its fused norm/RoPE prologue
     # quantizes Q and K; V takes v_to_e4m3, ~3% of these calls' bytes).
-    # -tco: O accumulated in the tensor cores across key blocks (VKERN_FLASH_FP8_PROMOTE=0; the default promotes
-    # it to fp32 per block since session 14).
-    kernel_rows = ["vkern-fp8-cuda-kernel", "vkern-fp8-cuda-kernel-tco", "vkern-int8-fp8pv-cuda-kernel",
-                   "vkern-int8-fp8pv-cuda-kernel-tco", "vkern-fp8-triton-kernel"]
+    kernel_rows = ["vkern-fp8-cuda-kernel", "vkern-int8-fp8pv-cuda-kernel", "vkern-fp8-triton-kernel"]
     wanted = providers or list(fns) + kernel_rows
     if s.head_dim == 128 and any(p.endswith("-kernel") for p in wanted):
         q8, qs = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, s.heads, quant="e4m3")
@@ -94,8 +91,6 @@ def _attention(name, providers, args):
         k8i, ksi = vkern.ops.k_to_8bit(k, "int8")
         prequant_int8 = lambda: vkern.ops.attention_prequantized(q8i, qsi, k8i, ksi, vt, vs, out_dtype=q.dtype)
         fns["vkern-int8-fp8pv-cuda-kernel"] = fp8_backend("cuda", prequant_int8)
-        for p in ("vkern-fp8-cuda-kernel", "vkern-int8-fp8pv-cuda-kernel"):
-            fns[p + "-tco"] = with_env("VKERN_FLASH_FP8_PROMOTE", "0", fns[p])
     fns["vkern"] = lambda: vkern.ops.attention(q, k, v)
     rows = torch.randperm(s.tokens, device="cuda")[:256]  # oracle on sampled queries: O(256 * S) memory
     oracle = ref.attention_lse(q[:, rows], k, v, dtype=torch.float32)[0]

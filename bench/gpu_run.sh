@@ -11,7 +11,8 @@
 #     vs cuDNN and the Triton kernel); profile: 14B step GPU time by class;
 #     vaeprof: VAE decode/encode GPU time by class + decode rows; fp8acc: fp8 storage/compute accuracy on
 #     Wan-1.3B and 14B 480p (per-layer SQNR, output cosine vs floors; table in $OUT/fp8_accuracy.md);
-#     memory: 14B 480p activation peak per phase (chunked bf16 and fp8) and the 14B 720p step rows;
+#     memory: the allocations live at the 14B 480p step's peak (bench/memory_trace.py; chunked, bf16 and fp8
+#     attention) and the chunked 14B 480p / 720p step rows with their activation peaks;
 #     vaenorm: the VAE's RMS norm + SiLU kernel vs a copy, exact vs fast variant (bench/vae_norm_probe.py);
 #     spshard: one SP rank's share of a Wan-14B 720p block at 1/2/4/8 ranks, no communication
 #     (bench/sp_shard_probe.py: the compute-only scaling ceiling).
@@ -68,7 +69,7 @@ if [[ $MODES == *" flash "* ]]; then  # the CUDA attention kernel against cuDNN 
 fi
 if [[ $MODES == *" fp8attn "* ]]; then  # fp8 attention: the CUDA kernel's e4m3 form vs cuDNN bf16 and the Triton kernel
   $B --op attention --shape wan1.3b-480p,wan14b-480p,wan14b-720p,hunyuan-720p \
-    --providers ${VKERN_FP8_ROWS:-cudnn,vkern-cuda,vkern-fp8-cuda,vkern-fp8-cuda-kernel,vkern-fp8-cuda-kernel-promote,vkern-int8-fp8pv-cuda-kernel,vkern-int8-fp8pv-cuda-kernel-promote} --repeats 5
+    --providers ${VKERN_FP8_ROWS:-cudnn,vkern-cuda,vkern-fp8-cuda,vkern-int8-fp8pv-cuda,vkern-fp8-cuda-kernel,vkern-int8-fp8pv-cuda-kernel} --repeats 5
   python3 -m bench.fp8_attention_accuracy --out "$OUT/results.jsonl" | tee "$OUT/fp8-attention-accuracy.txt"
 fi
 if [[ $MODES == *" attention "* ]]; then
@@ -100,11 +101,13 @@ fi
 if [[ $MODES == *" big "* ]]; then
   $B --op step --shape wan14b-480p --providers diffusers,diffusers-fp8-layerwise,vkern,vkern-chunked,vkern-fp8-storage,vkern-fp8-compute,vkern-fp8-compute-attn-fp8,vkern-fp8-compute-chunked-attn-fp8
 fi
-if [[ $MODES == *" memory "* ]]; then
-  python3 -m bench.memory_phases --size 14b --res 480p --providers vkern-chunked,vkern-fp8-compute-chunked-attn-fp8 \
-    2>&1 | grep -v Warning | tee "$OUT/memory_phases.txt"
+if [[ $MODES == *" memory "* ]]; then  # issue 5: what is alive at the 14B step's peak, then the step rows (480p, 720p)
+  python3 -m bench.memory_trace --size 14b --res 480p --providers vkern-chunked,vkern-chunked-attn-fp8 \
+    --json "$OUT/memory_trace.json" 2>&1 | grep -v Warning | tee "$OUT/memory_trace.txt"
+  python3 -m bench.bench --out $OUT/results.jsonl --warmup 1 --repeats 3 --op step --shape wan14b-480p \
+    --providers diffusers,vkern-chunked,vkern-chunked-attn-fp8,vkern-fp8-compute-chunked-attn-fp8
   python3 -m bench.bench --out $OUT/results.jsonl --warmup 1 --repeats 2 --op step --shape wan14b-720p \
-    --providers diffusers,vkern-chunked,vkern-fp8-compute-chunked-attn-fp8
+    --providers diffusers,vkern-chunked-attn-fp8,vkern-fp8-compute-chunked-attn-fp8
 fi
 if [[ $MODES == *" vaenorm "* ]]; then
   python3 -m bench.vae_norm_probe --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/vae_norm_probe.md"

@@ -10,7 +10,8 @@
 //     barriers), so one's softmax runs while the other's products keep the tensor cores busy (8-bit: see kTakeTurns).
 // Numerics: fp32 accumulation and softmax (exp2 of scale * log2(e) * s - running max, one FFMA per score),
 // P rounded to the input dtype for the PV product (as FlashAttention), out = O / l rounded once. 8-bit forms:
-// Q, K in e4m3 or int8 (S exact in int32), P and V in e4m3, O promoted to fp32 per key block (kPromoteO).
+// Q, K in e4m3 or int8 (S exact in int32), P and V in e4m3, O promoted to fp32 per key block (kPromoteO), where
+// each block's P V takes its V scale.
 // Keys past kv_len (the last block) are masked to -inf; query rows past q_len are computed on TMA's
 // zero fill and never stored (TMA clips the store). Key-padding mask (optional): one bit per key, 16 bytes per
 // 128-key block, read by every consumer thread with one 16-byte load issued before it waits for S; blocks whose
@@ -42,11 +43,12 @@ constexpr float kLog2Of448 = 8.807354922057604f;
 // [B, S, H, D] with fp32 scales per
 // (token, head) for Q and per (128-key block, head) for K, one 128-byte box per tile, and V^T [B, H, D, S_pad]
 // (its tile: D rows x 128 keys, the keys contiguous, as 8-bit wgmma wants both operands K-major) with fp32
-// scales per (head, channel).
+// scales per (128-key block, head), like K's.
 template <typename In, int kHeadDim>
 struct Format {
   static constexpr bool kIntQK = std::is_same<In, S8>::value;                 // int8 Q, K; e4m3 P, V
   static constexpr bool k8Bit = std::is_same<In, E4M3>::value || kIntQK;      // the 8-bit forms
+  static constexpr bool kPromoteO = k8Bit;                                     // see flash_fwd_kernel
   static_assert(!k8Bit || kHeadDim == 128, "the 8-bit kernel takes head dim 128");
   static constexpr int kBoxes = kHeadDim * (k8Bit ? 1 : 2) / 128;  // 128-byte column boxes of a Q or K tile
   static constexpr int kBoxCols = k8Bit ? 128 : 64;
@@ -120,16 +122,17 @@ __device__ __forceinline__ float quad_sum(float x) {
 // group in the order (0, 1, 8, 9 | 16, 17, 24, 25) + 2 * (lane % 4), and V^T is stored in that key order
 // (vkern.ops.v_to_e4m3): the product pairs each P with its own key's V.
 // In: the input format (__nv_bfloat16, __half, E4M3 or S8); Out: the output's (= In when 16-bit).
-// kPromoteO (8-bit only): each block's P V product goes into a fresh accumulator t, which the consumer adds to O in
-// fp32 after waiting for it together with the next block's S, before that softmax. Off, O accumulates across all
-// blocks in the tensor cores, whose fp8 accumulation keeps fewer bits than fp32: on WanAttention inputs (V with
-// channel means, so O grows block by block) that doubled the error at 75600 keys (bench/NOTES.md run 55; DeepSeek-V3
-// promotes every 128 products likewise). Waiting for both products before the softmax (instead of keeping the PV
-// product in flight through it, as without promotion) keeps t, P and S from being live together: that schedule
-// spilled and ran 8-14% slower (runs 55-56).
+// kPromoteO (the 8-bit forms): each block's P V product goes into a fresh accumulator t, which the consumer adds to
+// O in fp32, times the block's V scale (one FFMA per element), after waiting for it together with the next block's
+// S, before that softmax. Accumulated across blocks in the tensor cores instead (session 14's option, 8-13% faster),
+// their fp8 accumulation keeps fewer bits than fp32: on WanAttention inputs (V with channel means, so O grows block
+// by block) that doubled the error at 75600 keys (bench/NOTES.md run 55; DeepSeek-V3 promotes every 128 products
+// likewise); it also could not take a V scale per block. Waiting for both products before the softmax (instead of
+// keeping the PV product in flight through it, as the 16-bit forms do) keeps t, P and S from being live together:
+// that schedule spilled and ran 8-14% slower (runs 55-56).
 // S8's scores: the int32 accumulator starts at the bits of kIntBias = 1.5 * 2^23 (see wgmma_m64n128k32_ss_s8), so
 // s reads as kIntBias + S in fp32; the bias cancels in s - max and is taken out of the row max.
-template <typename In, typename Out, int kHeadDim, int kStages, bool kPromoteO = false>
+template <typename In, typename Out, int kHeadDim, int kStages>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
@@ -137,7 +140,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                      const float* __restrict__ v_scale, float* __restrict__ lse, const uint4* __restrict__ key_bits,
                      int heads, int q_len, int kv_len, float scale_log2) {
   using F = Format<In, kHeadDim>;
-  static_assert(F::k8Bit || !kPromoteO, "O promotion is for the 8-bit forms");
+  constexpr bool kPromoteO = F::kPromoteO;
   // The 16-bit forms' consumers issue their products in turn (named barriers); the 8-bit forms' each as soon as it
   // is ready: their products are half as long, and over runs 46-54 the two schedules measured the same within +-5%.
   constexpr bool kTakeTurns = !F::k8Bit;
@@ -229,6 +232,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   // 8-bit: block j's K scale (one per 128-key block and head); loaded with the key bits, before the S wait.
   auto key_scale_of = [&](int j) {
     return F::k8Bit ? __ldg(k_scale + (int64_t(batch) * heads + head) * n_blocks + j) : 1.f;
+  };
+  // 8-bit: block j's V scale (same layout), which its P V product takes as it is added to O.
+  auto value_scale_of = [&](int j) {
+    return F::k8Bit ? __ldg(v_scale + (int64_t(batch) * heads + head) * n_blocks + j) : 1.f;
   };
   // Masks the keys past kv_len and the padded ones, updates the running max and returns P = exp2(scale * s - max)
   // (8-bit: times 448) in s, its row sums in sum and the factor alpha that rescales what was accumulated before.
@@ -366,9 +373,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (j >= 2 && tid == 0) mbar_arrive(&bars.v_empty[(j - 2) % kStages]);
     to_p();
   };
-  auto add_t = [&] {
+  auto add_t = [&](float value_scale) {
 #pragma unroll
-    for (int i = 0; i < kHeadDim / 2; ++i) o[i] += t[i];
+    for (int i = 0; i < kHeadDim / 2; ++i) o[i] = fmaf(t[i], value_scale, o[i]);
   };
   auto rescale_o = [&] {
     fence_regs(o);
@@ -390,6 +397,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int st = j % kStages, prev = (j - 1) % kStages;
     const uint4 bits = key_bits_of(j);  // in flight while the products run
     const float key_scale = key_scale_of(j);
+    const float value_scale = kPromoteO ? value_scale_of(j - 1) : 1.f;
     mbar_wait(&bars.k_full[st], (j / kStages) & 1);
     mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
     wgmma_wait<0>();  // the PV product of block j - 2
@@ -415,7 +423,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();  // S_j and the PV product of block j - 1, which goes into O now
       fence_regs(o);
       fence_t();
-      add_t();
+      add_t(value_scale);
     } else {
       wgmma_wait<1>();  // S_j; the PV product stays in flight through the softmax
     }
@@ -428,6 +436,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   {  // the last block's PV product (its V stage and the one before are never refilled: not released)
     const int last = (n_blocks - 1) % kStages;
+    const float value_scale = kPromoteO ? value_scale_of(n_blocks - 1) : 1.f;
     mbar_wait(&bars.v_full[last], ((n_blocks - 1) / kStages) & 1);
     wgmma_wait<0>();
     fence_regs(o);
@@ -440,10 +449,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<0>();
     fence_regs(o);
     fence_t();
-    if constexpr (kPromoteO) add_t();
+    if constexpr (kPromoteO) add_t(value_scale);
   }
 
-  // Epilogue: O / l (E4M3: times V's channel scales) into this consumer's output stage (16-bit: its now unused Q
+  // Epilogue: O / l into this consumer's output stage (16-bit: its now unused Q
   // rows) in the swizzled layout, then one TMA store.
   float inv[2];
 #pragma unroll
@@ -452,18 +461,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;  // 0: every key masked (out 0, lse -inf)
   }
   uint8_t* o_rows = out_stage + wg * 64 * 128;
-  const float2* vs = nullptr;
-  if constexpr (F::k8Bit) vs = reinterpret_cast<const float2*>(v_scale + (int64_t(batch) * heads + head) * kHeadDim) + lane % 4;
 #pragma unroll
   for (int i = 0; i < kHeadDim / 2; i += 2) {
     const int r = (i / 2) % 2, row = warp * 16 + lane / 4 + 8 * r, col_tile = i / 4;
     const int chunk = (col_tile % 8) ^ (row % 8);
     uint8_t* dst = o_rows + (col_tile / 8) * kHalfBytes + row * 128 + chunk * 16 + (lane % 4) * 4;
-    float lo = o[i] * inv[r], hi = o[i + 1] * inv[r];
-    if constexpr (F::k8Bit) {
-      const float2 v2 = __ldg(vs + 4 * col_tile);
-      lo *= v2.x, hi *= v2.y;
-    }
+    const float lo = o[i] * inv[r], hi = o[i + 1] * inv[r];
     *reinterpret_cast<uint32_t*>(dst) = pack2<Out>(lo, hi);
   }
   fence_async_smem();
@@ -540,11 +543,11 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 }
 
 // The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; 8-bit: v is V^T), out; the scales 8-bit only.
-template <typename In, typename Out, int kHeadDim, int kStages, bool kPromoteO = false>
+template <typename In, typename Out, int kHeadDim, int kStages>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale, float* lse,
                    const void* key_bits, int batch, int heads, int q_len, int kv_len, float scale, cudaStream_t stream) {
   constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages>();
-  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kPromoteO>;
+  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
@@ -593,11 +596,10 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, DType out_dtype, int batch, int heads, int q_len, int kv_len,
                                     int vt_len, int head_dim, float scale, int stages, bool int8_qk,
-                                    bool promote_o, cudaStream_t stream) {
+                                    cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
-      vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
-      reinterpret_cast<uintptr_t>(v_scale) % 8 != 0)
+      vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr)
     return cudaErrorInvalidValue;
   const CUtensorMapDataType out_type = out_dtype == DType::kBFloat16  ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                        : out_dtype == DType::kFloat16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
@@ -611,14 +613,12 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
     return cudaErrorInvalidValue;
   const auto run = [&](auto out_tag) {
     using Out = decltype(out_tag);
-    const auto with = [&](auto in_tag, auto promote_tag) {
+    const auto with = [&](auto in_tag) {
       using In = decltype(in_tag);
-      constexpr bool kPromote = decltype(promote_tag)::value;
-      return stages == 2 ? launch<In, Out, 128, 2, kPromote>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
-                         : launch<In, Out, 128, 3, kPromote>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
+      return stages == 2 ? launch<In, Out, 128, 2>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
+                         : launch<In, Out, 128, 3>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
     };
-    if (int8_qk) return promote_o ? with(S8(), std::true_type()) : with(S8(), std::false_type());
-    return promote_o ? with(E4M3(), std::true_type()) : with(E4M3(), std::false_type());
+    return int8_qk ? with(S8()) : with(E4M3());
   };
   return out_dtype == DType::kBFloat16 ? run(__nv_bfloat16()) : run(__half());
 }

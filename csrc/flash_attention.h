@@ -33,16 +33,16 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // V^T [B, H, D, vt_len] (vt_len >= kv_len, a multiple of 16; element (b, h, d, s) at ptr + b * batch_stride +
 // h * head_stride + d * seq_stride + s), its keys in the order of vkern.ops.v_to_e4m3 (within each 32-key
 // group, stored column 16 u + 4 c + 2 g + b holds key 16 u + 8 g + 2 c + b) and zero past kv_len, with fp32
-// scales v_scale [B, H, D] per (head, channel). S = q8 k8^T * q_scale * k_scale (its block's), P = exp(scale *
-// S - max) * 448 rounded to e4m3, out = (P v8) * v_scale / rowsum(P) in out_dtype (bf16 or fp16), fp32
-// accumulation. lse, key_bits, stages as flash_attention_fwd. int8_qk: q, k are int8 instead (symmetric, scales =
-// amax / 127; S exact in int32). promote_o: each key block's P V is added to O in fp32 registers instead of O
-// accumulating across blocks in the tensor cores (whose fp8 accumulation keeps fewer bits; see kPromoteO in the .cu).
+// scales v_scale [B, H, ceil(kv_len / 128)] per (128-key block, head), as k_scale. S = q8 k8^T * q_scale * k_scale
+// (its block's), P = exp(scale * S - max) * 448 rounded to e4m3, out = sum over key blocks of (P v8) * v_scale (the
+// block's) / rowsum(P) in out_dtype (bf16 or fp16), fp32 accumulation (each block's P V added to O in fp32
+// registers: kPromoteO in the .cu). lse, key_bits, stages as flash_attention_fwd. int8_qk: q, k are int8 instead
+// (symmetric, scales = amax / 127; S exact in int32).
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, DType out_dtype, int batch, int heads, int q_len, int kv_len,
                                     int vt_len, int head_dim, float scale, int stages, bool int8_qk,
-                                    bool promote_o, cudaStream_t stream);
+                                    cudaStream_t stream);
 
 }  // namespace vkern

@@ -264,7 +264,7 @@ def test_masked_keys_have_no_influence(use_backend, backend, scheme):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_padded_keys_do_not_enter_v_scales(use_backend, backend, dtype):
-    """pv="e4m3": V's per-(head, channel) scales come from the attended keys only. Padded keys holding a
+    """pv="e4m3": V's per-(128-key block, head) scales come from the attended keys only. Padded keys holding a
     huge V give the same scales, and the same e4m3 codes at the attended keys, as those keys holding 0
     (v_to_e4m3 and the reference quantizer alike, bit for bit), and attention_8bit's out and lse are
     bit-identical to the call with those V rows zeroed (the op and the module-level reference)."""
@@ -279,7 +279,7 @@ def test_padded_keys_do_not_enter_v_scales(use_backend, backend, dtype):
     v_huge[~mask] = (huge * torch.sign(torch.randn_like(v_huge[~mask].float()))).to(dtype)
     assert (ops.v_to_e4m3(v_huge)[1] > ops.v_to_e4m3(v_zero)[1]).all()  # unmasked, the garbage sets the scales
     (vq0, vs0), (vq1, vs1) = ops.v_to_e4m3(v_zero, mask), ops.v_to_e4m3(v_huge, mask)
-    r8, rs = ref.fp8_per_channel(v_huge, mask)
+    r8, rs = ref.quantize_per_key_block(v_huge, mask, "e4m3")
     assert torch.equal(vs0, vs1) and torch.equal(vs1, rs)
     attended = mask[:, :, None, None].expand(B, Skv, H, 64)
     codes = [t.view(torch.uint8)[attended] for t in (ref.e4m3_v_from_transposed(vq0, Skv),
@@ -294,20 +294,47 @@ def test_padded_keys_do_not_enter_v_scales(use_backend, backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("S", [1, 16, 45, 77])
+@pytest.mark.parametrize("S", [1, 16, 45, 77, 300])
 def test_v_to_e4m3_layout(use_backend, backend, S):
     """V^T's column 16 u + 4 c + 2 g + b holds key 16 u + 8 g + 2 c + b (the CUDA kernel's P fragment order),
-    the columns of keys past S hold zeros, and the codes are the reference quantizer's, bit for bit."""
+    the columns of keys past S hold zeros, the scales are one per (128-key block, head) = the block's amax *
+    fp32(1/448), and the codes are the reference quantizer's, bit for bit."""
     use_backend(backend)
     v = make_qkv(2, 1, S, 3, 64, torch.bfloat16)[2]
     vt, scale = ops.v_to_e4m3(v)
-    v8, ref_scale = ref.fp8_per_channel(v)
+    v8, ref_scale = ref.quantize_per_key_block(v, None, "e4m3")
+    n = -(-S // 128)
+    amax = torch.stack([v[:, j * 128:(j + 1) * 128].float().abs().amax(dim=(1, 3)) for j in range(n)], dim=2)
     assert vt.shape == (2, 3, 64, -(-S // 16) * 16) and torch.equal(scale, ref_scale)
+    assert torch.equal(scale, amax * E4M3_INV)
     keys = torch.tensor([16 * u + 8 * g + 2 * c + b for u in range(vt.shape[3] // 16) for c in range(4)
                          for g in range(2) for b in range(2)])
     for col, key in enumerate(keys.tolist()):
         expect = v8[:, key] if key < S else torch.zeros_like(vt[..., col])
         assert torch.equal(vt[..., col].view(torch.uint8), expect.contiguous().view(torch.uint8)), (col, key)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_v_to_e4m3_by_spans_is_the_whole(use_backend, backend):
+    """V quantized a span of whole 128-key blocks at a time (the chunked Wan block's key/value pass) gives the
+    same V^T columns and scales as the whole sequence at once, bit for bit."""
+    use_backend(backend)
+    v = make_qkv(1, 1, 300, 2, 64, torch.bfloat16)[2]
+    vt, vs = ops.v_to_e4m3(v)
+    for start, stop in ((0, 128), (128, 256), (256, 300)):
+        part, part_scale = ops.v_to_e4m3(v[:, start:stop])
+        assert torch.equal(part_scale, vs[..., start // 128:start // 128 + part_scale.shape[2]])
+        assert torch.equal(part.view(torch.uint8), vt[..., start:start + part.shape[3]].view(torch.uint8))
+
+
+def test_per_channel_v_scales_are_refused():
+    """The V scale layout before session 15 ([B, H, D], per channel) gets a clear error, not a misread."""
+    q, k, v = make_qkv(1, 65, 300, 2, 128, torch.bfloat16)
+    q8, qs = ops.qk_norm_rope(q.flatten(2), None, 0.0, 2, quant="int8")
+    k8, ks = ops.k_to_8bit(k, "int8")
+    vq, vs = ops.v_to_e4m3(v)
+    with pytest.raises(ValueError, match=r"v_scale: expected shape \(1, 2, 3\)"):
+        ops.attention_prequantized(q8, qs, k8, ks, vq, torch.ones(1, 2, 128), out_dtype=q.dtype)
 
 
 def test_v_to_e4m3_bad_key_padding_mask():
@@ -371,7 +398,7 @@ def test_prequantized_path_is_the_same_op(use_backend, monkeypatch, backend, sch
         assert torch.equal(x8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(xs, rs)
     vq, vs = ops.v_to_e4m3(v) if pv == "e4m3" else (v, None)
     if pv == "e4m3":
-        r8, rs = ref.fp8_per_channel(v)
+        r8, rs = ref.quantize_per_key_block(v, None, "e4m3")
         assert torch.equal(vs, rs)
         assert torch.equal(vq.view(torch.uint8), ref.e4m3_v_transposed(r8, vq.shape[3]).view(torch.uint8))
     got = ops.attention_prequantized(q8, qs, k8, ks, vq, vs, out_dtype=q.dtype)
@@ -560,25 +587,19 @@ def test_gpu_real_shapes(use_backend, scheme, name, inputs):
     assert_floors(out, cudnn.double(), scheme, what=f"{name} vs cuDNN")
 
 
-# The CUDA kernel's 8-bit forms (csrc/flash_attention.cu, head dim 128; e4m3 or int8 Q/K, e4m3 P/V), with O
-# accumulated in the tensor cores or promoted to fp32 per key block: lengths around its 128-row/128-key tiles,
+# The CUDA kernel's 8-bit forms (csrc/flash_attention.cu, head dim 128; e4m3 or int8 Q/K, e4m3 P/V; O promoted to
+# fp32 per key block with the block's V scale): lengths around its 128-row/128-key tiles,
 # the 16-key V^T padding and the 4-float K-scale rows (Skv % 4 != 0 takes a padded copy).
 CUDA_FP8_SIZES = [(1, 2, 1, 1), (2, 1, 113, 113), (1, 1, 113, 512), (2, 4, 1, 1000), (2, 2, 200, 333),
                   (1, 2, 129, 130), (1, 3, 4097, 4097), (1, 2, 256, 4096 + 17)]
 CUDA_SCHEMES = [FP8, ("int8", "e4m3")]
 
 
-@pytest.fixture(params=["1", "0"], ids=["fp32-o", "tc-o"])
-def promote(request, monkeypatch):
-    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", request.param)
-    return request.param
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", CUDA_SCHEMES, ids=scheme_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,H,Sq,Skv", CUDA_FP8_SIZES, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}" for p in CUDA_FP8_SIZES])
-def test_gpu_cuda_fp8_odd_sizes(use_backend, promote, scheme, dtype, B, H, Sq, Skv):
+def test_gpu_cuda_fp8_odd_sizes(use_backend, scheme, dtype, B, H, Sq, Skv):
     q, k, v = make_qkv(B, Sq, Skv, H, 128, dtype, "cuda")
     check_8bit(q, k, v, use_backend("cuda"), scheme)
 
@@ -586,7 +607,7 @@ def test_gpu_cuda_fp8_odd_sizes(use_backend, promote, scheme, dtype, B, H, Sq, S
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", CUDA_SCHEMES, ids=scheme_id)
 @pytest.mark.parametrize("pattern", ["random", "dead_row"])
-def test_gpu_cuda_fp8_key_padding_mask(use_backend, promote, scheme, pattern):
+def test_gpu_cuda_fp8_key_padding_mask(use_backend, scheme, pattern):
     q, k, v = make_qkv(2, 4096 + 256, 4096 + 200, 4, 128, torch.bfloat16, "cuda")
     check_8bit(q, k, v, use_backend("cuda"), scheme, key_padding_mask=make_padding(2, 4096 + 200, pattern, "cuda"))
 
@@ -627,21 +648,18 @@ def test_gpu_cuda_fp8_real_shapes(use_backend, scheme, name, inputs):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", CUDA_SCHEMES, ids=scheme_id)
-def test_gpu_cuda_fp8_promoted_o_is_the_emulation(use_backend, monkeypatch, scheme):
-    """On WanAttention self inputs (V with channel means: O grows block by block) the default kernel, O promoted to
-    fp32 per key block, is as accurate as the fp32 emulation (within 5%); O accumulated in the tensor cores
-    (VKERN_FLASH_FP8_PROMOTE=0) is measurably less (run 55: 0.0189 vs 0.0124 at int8 Q/K)."""
+def test_gpu_cuda_fp8_is_the_emulation_on_wan_inputs(use_backend, scheme):
+    """On WanAttention self inputs (V with channel means: O grows block by block) the kernel, each block's P V added
+    to O in fp32, is as accurate as the fp32 emulation (within 5%). (O accumulated in the tensor cores instead,
+    session 14's option, was not: run 55, 0.0189 vs 0.0124 at int8 Q/K.)"""
     q, k, v = wan_qkv(1, 32760, 1536, 12, torch.bfloat16, "cuda")
     rows = sampled_rows(q.shape[1])
     oracle = ref.attention_lse(q[:, rows], k, v)[0].double()
     use_backend("reference")
     emulated = rel_l2(attention_8bit(q[:, rows], k, v, scheme), oracle)
     use_backend("cuda")
-    promoted = rel_l2(run_8bit(q, k, v, scheme)[:, rows], oracle)
-    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", "0")
-    tensor_core_o = rel_l2(run_8bit(q, k, v, scheme)[:, rows], oracle)
-    assert promoted <= 1.05 * emulated, f"promoted O: rel L2 {promoted:.4f} vs the emulation's {emulated:.4f}"
-    assert tensor_core_o > 1.1 * promoted, f"tensor-core O {tensor_core_o:.4f} vs promoted {promoted:.4f}"
+    kernel = rel_l2(run_8bit(q, k, v, scheme)[:, rows], oracle)
+    assert kernel <= 1.05 * emulated, f"CUDA kernel: rel L2 {kernel:.4f} vs the emulation's {emulated:.4f}"
 
 
 @pytest.mark.gpu
@@ -659,16 +677,3 @@ def test_gpu_compile_fullgraph_inductor(use_backend, scheme, backend):
     got, expected = torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v)
     assert _backend.last_choice["attention_8bit"] == backend
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-
-
-def test_kernel_experiment_switch_rejects_bad_values(monkeypatch):
-    """VKERN_FLASH_FP8_PROMOTE takes only 0 or 1; unset, the CUDA 8-bit kernel promotes O to fp32 per key block."""
-    from vkern.ops import fused_attention
-
-    monkeypatch.delenv("VKERN_FLASH_FP8_PROMOTE", raising=False)
-    assert fused_attention._fp8_promote_o() is True
-    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", "0")
-    assert fused_attention._fp8_promote_o() is False
-    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", "2")
-    with pytest.raises(ValueError, match="VKERN_FLASH_FP8_PROMOTE"):
-        fused_attention._fp8_promote_o()

@@ -73,7 +73,7 @@ def test_bf16_chunked_within_twice_torch_error(mode):
         got = fused_block_forward(block, *inputs, attention_chunk_size=8, ffn_chunk_size=8)
         unchunked = fused_block_forward(block, *inputs)
         oracle = oracle_block(*upcast(inputs))
-    if mode in ("fp8", "int8"):  # the same quantization (Q per token, K per token or 128-key block, V per channel)
+    if mode in ("fp8", "int8"):  # the same quantization (Q per token, K and V per token or 128-key block)
         torch.testing.assert_close(got, unchunked, rtol=2e-2, atol=2e-2)
     else:
         assert_within_torch_error(got, oracle.double(), unchunked, what="chunked block output")
@@ -81,21 +81,28 @@ def test_bf16_chunked_within_twice_torch_error(mode):
 
 @pytest.mark.parametrize("chunk", [128, 100])
 def test_fp8_chunked_keys_keep_block_scales(chunk):
-    """fp8 mode: the chunked key pass builds per-128-key-block K scales as the whole sequence does (the CUDA
-    kernel's form; a chunk size that is no multiple of 128 is rounded up for the keys), and the same keys within
-    an e4m3 step (the K projection runs over other row counts)."""
+    """fp8 mode: the chunked key/value pass builds per-128-key-block K and V scales as the whole sequence does
+    (the CUDA kernel's form; a chunk size that is no multiple of 128 is rounded up for the keys), and the same
+    keys and values within an 8-bit step (the projections run over other row counts)."""
     block = make_block(torch.bfloat16, mode="fp8")
     x = torch.randn(2, 300, DIM).to(torch.bfloat16)
     rope = wan_rope_tables(300, DIM // HEADS)
     processor = block.attn1.processor
     with torch.no_grad():
-        (k8, ks), _ = processor.chunked_key_value(block.attn1, _spans(2, 300, chunk), lambda b, s: x[b, s], rope,
-                                                  2, 300)
-        (w8, ws), _ = processor.key_value(block.attn1, x, rope)[0]
-    assert ks.shape == ws.shape == (2, HEADS, 3)
-    per_key = ref.key_scales_per_token(ws, 300).transpose(1, 2)[..., None]
-    got, want = k8.float() * ref.key_scales_per_token(ks, 300).transpose(1, 2)[..., None], w8.float() * per_key
-    assert ((got - want).abs() <= 2**-3 * want.abs() + 2**-8 * per_key).all()
+        (k8, ks), value = processor.chunked_key_value(block.attn1, _spans(2, 300, chunk), lambda b, s: x[b, s],
+                                                      rope, 2, 300)
+        (w8, ws), whole_value = processor.key_value(block.attn1, x, rope)[0]
+    assert ks.shape == ws.shape == value.scale.shape == whole_value.scale.shape == (2, HEADS, 3)
+    assert value.data.shape == whole_value.data.shape == (2, HEADS, DIM // HEADS, 304)
+
+    def dequantized(t8, scale):  # [B, S, H, D] and its per-token scales
+        return t8.float() * ref.key_scales_per_token(scale, 300).transpose(1, 2)[..., None]
+
+    for (a8, a_scale), (b8, b_scale) in (((k8, ks), (w8, ws)), ((ref.e4m3_v_from_transposed(value.data, 300), value.scale),
+                                         (ref.e4m3_v_from_transposed(whole_value.data, 300), whole_value.scale))):
+        per_key = ref.key_scales_per_token(b_scale, 300).transpose(1, 2)[..., None]
+        got, want = dequantized(a8, a_scale), dequantized(b8, b_scale)
+        assert ((got - want).abs() <= 2**-3 * want.abs() + 2**-8 * per_key).all()
 
 
 class BigAllocations(TorchDispatchMode):
@@ -114,11 +121,12 @@ class BigAllocations(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("mode,expected,S,chunk", [("auto", 3, 21, 8), ("fp8", 4, 300, 100)])
+@pytest.mark.parametrize("mode,expected,S,chunk", [("auto", 3, 21, 8), ("fp8", 3, 300, 100)])
 def test_chunked_block_allocates_only_kv_and_the_new_hidden_states(mode, expected, S, chunk):
-    # Full-sequence tensors: K and V buffers and the block's output (fp8: V's e4m3 copy too). Unchunked,
-    # the block also holds the normed input, q, normed q/k, the attention output and its projection.
-    # (fp8: the key pass runs in chunks of 128, the K-scale block, so S spans several.)
+    # Full-sequence tensors: K and V buffers and the block's output (fp8: the 8-bit K and V, each span quantized
+    # before it is stored, so no bf16 V of the whole sequence). Unchunked, the block also holds the normed input,
+    # q, normed q/k, the attention output and its projection.
+    # (fp8: the key pass runs in chunks of 128, the scales' block, so S spans several.)
     block = make_block(torch.bfloat16, mode=mode)
     inputs = block_inputs(torch.bfloat16, False, B=1, S=S)
     with torch.no_grad():

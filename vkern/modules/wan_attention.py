@@ -6,6 +6,7 @@ import torch
 
 from .. import ops
 from ..reference import attention as ref
+from ..reference.attention import KEY_BLOCK
 
 # mode -> how attention runs. "auto": vkern's measured choice per shape class (vkern.ops.attention);
 # "bf16": vkern's Triton flash-attention kernel (auto takes the CUDA one where it measured fastest); "sdpa": torch SDPA (cuDNN first); "reference": diffusers' ops;
@@ -38,28 +39,31 @@ class VkernWanAttnProcessor:
 
     def key_value(self, attn, context, rotary_emb=None):
         """Attend-ready (kv, image_kv) of `context` (encoder_hidden_states for cross-attention)."""
-        kv, image_kv = ref.wan_key_value(attn, context, rotary_emb, norm_rope=self._steps()[0])
-        return self._finish_value(kv), image_kv
+        (key, value), image_kv = ref.wan_key_value(attn, context, rotary_emb, norm_rope=self._steps()[0])
+        return (key, self._quantize_value(value)), image_kv
 
     def chunked_key_value(self, attn, spans, rows, rotary_emb, batch, tokens):
         """Self-attention keys/values of all `tokens`, computed span by span (spans: (batch, token) index
         pairs covering [batch, tokens]; rows(b, s): the normed hidden states of a span, as attn's
-        projections take them) into one buffer each, so no projection of the whole sequence exists."""
-        buffers = quantized_key = None
+        projections take them) into one buffer each, so no projection of the whole sequence exists. In the 8-bit
+        modes each span's K and V are quantized before they are stored (their scales are per 128-key block, and
+        the spans start on block bounds), so only the 8-bit K and V of the whole sequence exist."""
+        buffers = None
         norm_rope, block = self._steps()[0], self._key_block()
         if block > 1 and any((s.start or 0) % block for _, s in spans):
-            spans = _aligned_spans(spans, batch, tokens, block)  # per-block K scales: spans on block bounds
+            spans = _aligned_spans(spans, batch, tokens, block)  # per-block scales: spans on block bounds
         for b, s in spans:
-            kv, _ = ref.wan_key_value(attn, rows(b, s), rope_rows(rotary_emb, b, s), norm_rope=norm_rope)
-            leaves = _leaves(kv, block)
+            (key, value), _ = ref.wan_key_value(attn, rows(b, s), rope_rows(rotary_emb, b, s), norm_rope=norm_rope)
+            kv = (key, self._quantize_value(value))
+            del key, value  # the bf16 V of a quantized span goes now
+            leaves = _leaves(kv, tokens, block)
             if buffers is None:
-                quantized_key = isinstance(kv[0], tuple)
-                buffers = [t.new_empty(tuple(batch if i == 0 else -(-tokens // per) if i == dim else n
-                                             for i, n in enumerate(t.shape))) for t, dim, per in leaves]
-            for (t, dim, per), buffer in zip(leaves, buffers):
+                buffers = [t.new_empty(tuple(batch if i == 0 else length if i == dim else n for i, n in enumerate(t.shape)))
+                           for t, dim, _, length in leaves]
+            for (t, dim, per, _), buffer in zip(leaves, buffers):
                 buffer[b].narrow(dim, (s.start or 0) // per, t.shape[dim]).copy_(t)
-        kv = ((buffers[0], buffers[1]), buffers[2]) if quantized_key else (buffers[0], buffers[1])
-        return self._finish_value(kv)
+            del leaves
+        return _rebuild(kv, buffers)
 
     def attend_query(self, attn, hidden_states, kv, image_kv=None, rotary_emb=None):
         """The output projection of hidden_states' queries (any token slice; rotary_emb: their tables)
@@ -82,12 +86,11 @@ class VkernWanAttnProcessor:
         """Tokens per K scale: per 128-key block for the schemes the CUDA 8-bit kernel takes, else 1."""
         return ref.key_token_block(*_8BIT[self.attention]) if self.attention in _8BIT else 1
 
-    def _finish_value(self, kv):
-        """fp8 mode: V quantized once for all the query chunks (its per-channel scales span every key)."""
-        key, value = kv
+    def _quantize_value(self, value):
+        """fp8 mode: V (or a span of whole 128-key blocks of it) in the kernel's e4m3 form, else as it is."""
         if self.attention in _8BIT and _8BIT[self.attention][1] == "e4m3":
-            value = QuantizedValue(*ops.v_to_e4m3(value), value.dtype)
-        return key, value
+            return QuantizedValue(*ops.v_to_e4m3(value), value.dtype)
+        return value
 
     def __repr__(self):
         return f"VkernWanAttnProcessor(attention={self.attention!r}, fused_qk_norm_rope={self.fused_qk_norm_rope})"
@@ -119,13 +122,25 @@ def _aligned_spans(spans, batch, tokens, block):
     return [(slice(b, b + 1), slice(t, min(t + size, tokens))) for b in range(batch) for t in range(0, tokens, size)]
 
 
-def _leaves(kv, key_block=1):
-    """(tensor, token dim, tokens per index) of each tensor in a (key, value) pair: [B, S, H, D] data, 8-bit key
-    scales [B, H, S / key_block]."""
+def _leaves(kv, tokens, key_block):
+    """(tensor, token dim, tokens per index, that dim's length for all `tokens`) of each tensor in a (key, value)
+    pair of a span: [B, S, H, D] data, 8-bit key scales [B, H, S / key_block], e4m3 V^T [B, H, D, S padded to 16]
+    and its scales [B, H, S / 128] (QuantizedValue)."""
     key, value = kv
-    if isinstance(key, tuple):
-        return [(key[0], 1, 1), (key[1], 2, key_block), (value, 1, 1)]
-    return [(key, 1, 1), (value, 1, 1)]
+    leaves = [(key[0], 1, 1, tokens), (key[1], 2, key_block, -(-tokens // key_block))] if isinstance(key, tuple) \
+        else [(key, 1, 1, tokens)]
+    if isinstance(value, QuantizedValue):
+        return leaves + [(value.data, 3, 1, -(-tokens // 16) * 16), (value.scale, 2, KEY_BLOCK, -(-tokens // KEY_BLOCK))]
+    return leaves + [(value, 1, 1, tokens)]
+
+
+def _rebuild(kv, buffers):
+    """A (key, value) pair shaped like kv (one span's) from the whole sequence's buffers, in _leaves' order."""
+    key, value = kv
+    n = 2 if isinstance(key, tuple) else 1
+    key = tuple(buffers[:n]) if n == 2 else buffers[0]
+    value = QuantizedValue(*buffers[n:], value.dtype) if isinstance(value, QuantizedValue) else buffers[n]
+    return key, value
 
 
 def token_rows(t, b, s):

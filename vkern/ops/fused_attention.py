@@ -385,17 +385,6 @@ def _flash_stages():
     return int(stages)
 
 
-def _fp8_promote_o():
-    """VKERN_FLASH_FP8_PROMOTE: 1 (default) = the 8-bit CUDA kernel adds each key block's P V to O in fp32 registers;
-    0 = O accumulates across all key blocks in the tensor cores instead: 8-13% faster (runs 56-57), but their fp8
-    accumulation keeps fewer bits than fp32, and on WanAttention inputs the error then grows with the keys (rel L2
-    0.0189 vs 0.0124 at 32760 keys, 0.0365 vs 0.0093 at 75600: bench/NOTES.md run 55)."""
-    promote = os.environ.get("VKERN_FLASH_FP8_PROMOTE", "1")
-    if promote not in ("0", "1"):
-        raise ValueError(f"VKERN_FLASH_FP8_PROMOTE: expected 0 or 1, got {promote!r}")
-    return promote == "1"
-
-
 def key_padding_bits(key_padding_mask, block=128):
     """The CUDA kernel's form of a key-padding mask: bool [B, Skv] -> uint8 [B, ceil(Skv / block) * block / 8],
     bit c % 8 of byte c / 8 set = attend key c (so, read as little-endian 32-bit words, bit c % 32 of word
@@ -442,7 +431,6 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, key_padding_mask,
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
             k_scale.data_ptr(), v_scale.data_ptr(), _DTYPE_CODE[out_dtype], B, H, Sq, Skv,
             vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(), q8.dtype == torch.int8,
-            _fp8_promote_o(),
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
@@ -487,8 +475,11 @@ def _attention_8bit_candidates(device, dtype, head_dim=128, qk_dtype=torch.float
 def v_to_e4m3(v, key_padding_mask=None):
     """V [B, S, H, D] -> (e4m3 V^T [B, H, D, S_pad] (keys contiguous, S_pad = S rounded up to 16, the keys
     of each 32-key group in the order of vkern.reference.attention.e4m3_key_order: the CUDA kernel's P
-    fragment order; zeros past S), fp32 scales [B, H, D]): one scale per (head, channel) = amax over the
-    tokens * fp32(1/448).
+    fragment order; zeros past S), fp32 scales [B, H, ceil(S / 128)]): one scale per (128-key block, head) =
+    amax over the block's tokens and head dim * fp32(1/448) (reference.quantize_per_key_block). Per block, not
+    per channel over all the keys, so V can be quantized a span of whole blocks at a time (the chunked Wan
+    block never holds the whole bf16 V); e4m3 is a float format, so the coarser group costs no accuracy
+    (bench/NOTES.md session 15).
     key_padding_mask: bool [B, S], True = attend; when given, the amax runs over the attended tokens only
     (a padded key's V, possibly huge garbage, cannot coarsen the scale; its own values saturate at +-448
     and attention gives them weight 0). Pass the mask that attention_prequantized will get."""
@@ -509,22 +500,30 @@ def _v_to_e4m3(v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> tuple[
     if backend in ("cuda", "triton"):  # the CUDA attention kernel takes the Triton transposer's output
         from ..triton.attention import v_fp8_transposed
 
-        scale = fp8_scale(ref.masked_token_amax(v, key_padding_mask)).contiguous()
+        # max |v| per (token, head) by a reduction (no |v| copy of V), then per block: the reference's amax
+        amax = torch.linalg.vector_norm(v, float("inf"), dim=-1)
+        if key_padding_mask is not None:
+            amax = amax.masked_fill(~key_padding_mask[:, :, None], 0)
+        n = -(-S // ref.KEY_BLOCK)
+        padded = amax.new_zeros((B, n * ref.KEY_BLOCK, H))
+        padded[:, :S] = amax
+        scale = fp8_scale(padded.unflatten(1, (n, ref.KEY_BLOCK)).amax(2)).transpose(1, 2).contiguous()
         return v_fp8_transposed(v if v.stride(-1) == 1 else v.contiguous(), scale, s_pad), scale
-    v8, scale = ref.fp8_per_channel(v, key_padding_mask)
+    v8, scale = ref.quantize_per_key_block(v, key_padding_mask, "e4m3")
     return ref.e4m3_v_transposed(v8, s_pad), scale
 
 
 @_v_to_e4m3.register_fake
 def _(v, key_padding_mask):
     B, S, H, D = v.shape
-    return v.new_empty((B, H, D, -(-S // 16) * 16), dtype=torch.float8_e4m3fn), v.new_empty((B, H, D), dtype=torch.float32)
+    return (v.new_empty((B, H, D, -(-S // 16) * 16), dtype=torch.float8_e4m3fn),
+            v.new_empty((B, H, -(-S // ref.KEY_BLOCK)), dtype=torch.float32))
 
 
 def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=False, qk="int8", pv="bf16"):
     """8-bit attention (opt-in) on bf16/fp16 q, k, v [B, S, H, D]: Q quantized per (token, head) to `qk`
     ("int8" or "e4m3"), K per (128-key block, head) (k_to_8bit) for e4m3 keys or pv="e4m3", else per (token,
-    head); pv="e4m3" also quantizes V per (head, channel) and P for the P @ V product, pv="bf16" keeps both in
+    head); pv="e4m3" also quantizes V per (128-key block, head) and P for the P @ V product, pv="bf16" keeps both in
     V's dtype. The CUDA kernel (Hopper, D = 128) runs the pv="e4m3" schemes, Triton the others.
     fp32 accumulation and softmax. Accuracy per scheme: bench/NOTES.md. key_padding_mask: bool [B, Skv],
     True = attend; masked keys get weight 0 and do not enter V's (pv="e4m3") or e4m3 K's scales. Returns out
@@ -547,7 +546,8 @@ def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_pad
     given the same key_padding_mask as here, so padded keys do not enter the scales): q8/k8 int8 or e4m3
     [B, S, H, D] with positive scales fp32 q_scale [B, H, Sq] (per token) and k_scale [B, H, Skv] (per key)
     or [B, H, ceil(Skv / 128)] (per 128-key block: the form the CUDA kernel takes; per-key scales run on
-    Triton); v bf16/fp16 [B, Skv, H, D] (v_scale None) or e4m3 V^T [B, H, D, S_pad] with v_scale fp32 [B, H, D]."""
+    Triton); v bf16/fp16 [B, Skv, H, D] (v_scale None) or e4m3 V^T [B, H, D, S_pad] with v_scale fp32
+    [B, H, ceil(Skv / 128)] (per 128-key block: v_to_e4m3)."""
     if scale is not None and not scale > 0:
         raise ValueError(f"scale: the 8-bit kernel needs a positive softmax scale, got {scale}")
     check_tensor("q8", q8, dtypes=tuple(_DTYPE_OF.values()), ndim=4)
@@ -569,7 +569,7 @@ def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_pad
         if v.shape[3] < Skv:
             raise ValueError(f"v: e4m3 V^T needs at least {Skv} key columns, got {v.shape[3]}")
         check_tensor("v_scale", v_scale, dtypes=(torch.float32,), device=q8.device)
-        check_shape("v_scale", v_scale, (B, H, D))
+        check_shape("v_scale", v_scale, (B, H, -(-Skv // ref.KEY_BLOCK)))
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=q8.device)
         check_shape("key_padding_mask", key_padding_mask, (B, Skv))

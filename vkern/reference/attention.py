@@ -119,28 +119,6 @@ def key_scales_per_token(k_scale, S):
     return k_scale.repeat_interleave(KEY_BLOCK, dim=-1)[..., :S]
 
 
-def fp8_per_channel(v, key_padding_mask=None):
-    """V [B, S, H, D] -> (e4m3 [B, S, H, D], fp32 scales [B, H, D]): one scale per (head, channel) =
-    amax over the tokens * fp32(1/448), saturating RNE. With key_padding_mask (bool [B, S], True = attend)
-    the amax runs over the attended tokens only, so a padded key's V (garbage, possibly huge) cannot
-    coarsen the scale; its own values are quantized with that scale and saturate at +-448 (attention
-    gives them weight 0). A batch row with no attended token gets the floor scale 1e-12 * fp32(1/448)."""
-    from .fp8 import E4M3, E4M3_MAX, fp8_scale
-
-    scale = fp8_scale(masked_token_amax(v.float(), key_padding_mask))
-    v8 = (v.float() * (1.0 / scale)[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return v8, scale
-
-
-def masked_token_amax(v, key_padding_mask=None):
-    """max |v| over the tokens (dim 1) of [B, S, H, D] -> [B, H, D], counting only tokens where
-    key_padding_mask [B, S] is True (0 where none is)."""
-    a = v.abs()
-    if key_padding_mask is not None:
-        a.masked_fill_(~key_padding_mask[:, :, None, None].to(a.device), 0)  # a is abs()'s fresh tensor
-    return a.amax(dim=1)
-
-
 def e4m3_key_order(n, device=None):
     """The key each of n V^T columns holds in vkern's e4m3 V^T layout: within each 32-key group, column
     16 u + 4 c + 2 g + b holds key 16 u + 8 g + 2 c + b (the order in which the CUDA kernel's 8-bit P fragment,
@@ -185,8 +163,9 @@ def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_m
                         out_dtype=torch.bfloat16):
     """8-bit attention in fp32 math, the scheme vkern's kernel implements: S = (Q8 K8^T) * q_scale *
     k_scale * scale (k_scale per key [B, H, Skv] or per key block [B, H, ceil(Skv / KEY_BLOCK)]);
-    P = exp(S - rowmax), then P @ V with P rounded to V's format: e4m3 (V e4m3 with
-    v_scale [B, H, D]; P scaled to [0, 448] first) or V's float dtype (v_scale None). Row sums in fp32.
+    P = exp(S - rowmax), then P @ V with P rounded to V's format: e4m3 (V e4m3 with v_scale per key block
+    [B, H, ceil(Skv / KEY_BLOCK)], as quantize_per_key_block gives; P scaled to [0, 448] first) or V's float
+    dtype (v_scale None). Row sums in fp32.
     (The kernel takes the row max block by block, online, so its P rounding differs slightly; both are held
     to the same accuracy bounds against the exact oracle.) Returns (out in out_dtype, lse fp32 [B, H, Sq])."""
     from .fp8 import E4M3
@@ -205,9 +184,9 @@ def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_m
     p = torch.exp(s - m) * p_scale
     l = p.sum(-1, keepdim=True)
     p_lo = p.to(E4M3 if v_scale is not None else v.dtype).float()
+    if v_scale is not None:  # each key's V times its block's scale (the kernel: each block's P V times it)
+        vf = vf * key_scales_per_token(v_scale, v.shape[1])[..., None]
     out = (p_lo @ vf) / torch.where(l == 0, torch.ones_like(l), l)
-    if v_scale is not None:
-        out = out * v_scale[:, :, None, :]
     lse = (m + torch.log(l / p_scale)).squeeze(-1)
     return out.permute(0, 2, 1, 3).to(out_dtype), lse
 
@@ -221,9 +200,9 @@ def key_token_block(qk, pv="bf16"):
 
 def attention_8bit(q, k, v, key_padding_mask=None, scale=None, qk="int8", pv="bf16"):
     """8-bit attention on bf16/fp16 q, k, v [B, S, H, D]: quantize Q per (token, head) to `qk`, K per token or
-    per (128-key block, head) (key_token_block), V per (head, channel) to e4m3 when pv == "e4m3" (scales from
-    the keys key_padding_mask keeps), then attention_quantized."""
-    v_in = fp8_per_channel(v, key_padding_mask) if pv == "e4m3" else (v, None)
+    per (128-key block, head) (key_token_block), V per (128-key block, head) to e4m3 when pv == "e4m3" (scales
+    from the keys key_padding_mask keeps), then attention_quantized."""
+    v_in = quantize_per_key_block(v, key_padding_mask, "e4m3") if pv == "e4m3" else (v, None)
     k_in = quantize_per_head(k, qk, key_token_block(qk, pv), key_padding_mask)
     return attention_quantized(*quantize_per_head(q, qk), *k_in, *v_in,
                                key_padding_mask=key_padding_mask, scale=scale, out_dtype=q.dtype)

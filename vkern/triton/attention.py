@@ -8,7 +8,7 @@ pays for bounds masks, so no length needs to be a multiple of a block. A key-pad
 
 8-bit modes. QK8: Q and K are int8 or e4m3 with one fp32 scale per (token, head); the Q scale joins
 the softmax-scale multiply per row, the K scale multiplies each score column (int8 products sum exactly in
-int32, e4m3 in fp32). V8: V is e4m3 with one scale per (head, channel), stored transposed [B, H, D, S_pad]:
+int32, e4m3 in fp32). V8: V is e4m3 with one scale per (128-key block, head), stored transposed [B, H, D, S_pad]:
 Hopper's 8-bit tensor-core instructions need the reduction dimension contiguous in both operands, and for
 P @ V that dimension is the keys. V^T's keys are stored in the order the CUDA kernel's 8-bit P fragment wants
 (e4m3_key_order); this kernel reads K, the K scales and the masks in the same order, so any order works here.
@@ -96,7 +96,7 @@ def _scale_scores(qk, row_scale, ks_base, kpm_base, n0, Skv, offs_n,
 
 
 @triton.jit
-def _softmax_pv(acc, l_i, m_i, qk, v, row_scale, ks_base, kpm_base, n0, Skv, offs_n,
+def _softmax_pv(acc, l_i, m_i, qk, v, row_scale, ks_base, vs_base, kpm_base, n0, Skv, offs_n,
                 QK8: tl.constexpr, V8: tl.constexpr, MASK_N: tl.constexpr, HAS_KPM: tl.constexpr,
                 UPCAST: tl.constexpr, P_OFFSET: tl.constexpr, MAY_BE_EMPTY: tl.constexpr,
                 SCALED: tl.constexpr):
@@ -141,8 +141,9 @@ def _softmax_pv(acc, l_i, m_i, qk, v, row_scale, ks_base, kpm_base, n0, Skv, off
         p_lo = round_to(p, p_dtype, UPCAST)
     if UPCAST:
         p_lo = p_lo.to(tl.float32)
-    if V8:  # a fresh fp8 product per key block, added in fp32: the tensor cores' fp8 accumulation keeps fewer
-        acc += tl.dot(p_lo, v)  # bits, and a long-running O lost them (bench/NOTES.md run 55)
+    if V8:  # a fresh fp8 product per key block, times its 128-key block's V scale, added in fp32: the tensor
+        # cores' fp8 accumulation keeps fewer bits, and a long-running O lost them (bench/NOTES.md run 55)
+        acc += tl.dot(p_lo, v) * tl.load(vs_base + n0 // 128)
     else:
         acc = tl.dot(p_lo, v, acc)
     return acc, l_i, m_new
@@ -158,7 +159,7 @@ def _wgmma_wait_anchor(n0, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n0, Skv, Sv,
+def _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, vs_base, kpm_base, n0, Skv, Sv,
                   stride_kn, stride_vn, stride_vd, offs_key, offs_n, offs_d,
                   QK8: tl.constexpr, V8: tl.constexpr, MASK_N: tl.constexpr, HAS_KPM: tl.constexpr,
                   UPCAST: tl.constexpr, P_OFFSET: tl.constexpr):
@@ -166,7 +167,7 @@ def _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base
     k, v = _load_kv(k_base, v_base, n0, n0, Skv, Sv, stride_kn, stride_vn, stride_vd, offs_key, offs_n, offs_d, V8,
                     MASK_N)
     qk = _block_scores(q, k, UPCAST)
-    return _softmax_pv(acc, l_i, m_i, qk, v, row_scale, ks_base, kpm_base, n0, Skv, offs_key,
+    return _softmax_pv(acc, l_i, m_i, qk, v, row_scale, ks_base, vs_base, kpm_base, n0, Skv, offs_key,
                        QK8, V8, MASK_N, HAS_KPM, UPCAST, P_OFFSET, False, False)
 
 
@@ -210,6 +211,9 @@ def _attention_kernel(
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     ks_base = ks_ptr + bh * Skv
+    vs_base = vs_ptr + bh * tl.cdiv(Skv, 128)  # V8: one scale per 128-key block (BLOCK_N divides 128)
+    if V8:
+        tl.static_assert(128 % BLOCK_N == 0)
     kpm_base = kpm_ptr + b * Skv
     n_full = (Skv // BLOCK_N) * BLOCK_N
     if PIPELINE:
@@ -236,32 +240,31 @@ def _attention_kernel(
             k, v = _load_kv(k_base, v_base, n0, n0 - BLOCK_N, Skv, Sv, stride_ks, stride_vs, stride_vd, offs_key, offs_n, offs_d,
                             V8, False)
             qk = _block_scores(q, k, UPCAST)
-            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, row_scale, ks_base, kpm_base, n0 - BLOCK_N, Skv, offs_key,
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, row_scale, ks_base, vs_base, kpm_base, n0 - BLOCK_N, Skv,
+                                        offs_key,
                                         QK8, V8, False, HAS_KPM, UPCAST, P_OFFSET, False, True)
         n_last = tl.maximum(n_full - BLOCK_N, 0)
         s = _scale_scores(qk, row_scale, ks_base, kpm_base, n_last, Skv, offs_key, QK8, True, HAS_KPM, UPCAST)
         _, v = _load_kv(k_base, v_base, n_last, n_last, Skv, Sv, stride_ks, stride_vs, stride_vd, offs_key, offs_n, offs_d,
                         V8, True)
-        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, row_scale, ks_base, kpm_base, n_last, Skv, offs_key,
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v, row_scale, ks_base, vs_base, kpm_base, n_last, Skv, offs_key,
                                     QK8, V8, True, HAS_KPM, UPCAST, P_OFFSET, True, True)
         if (n_full > 0) & (n_full < Skv):
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n_full,
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, vs_base, kpm_base, n_full,
                                           Skv, Sv, stride_ks, stride_vs, stride_vd, offs_key, offs_n, offs_d,
                                           QK8, V8, True, HAS_KPM, UPCAST, P_OFFSET)
     else:
         for n0 in range(0, n_full, BLOCK_N):
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n0, Skv, Sv,
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, vs_base, kpm_base, n0, Skv, Sv,
                                           stride_ks, stride_vs, stride_vd, offs_key, offs_n, offs_d,
                                           QK8, V8, False, HAS_KPM, UPCAST, P_OFFSET)
         if n_full < Skv:
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, kpm_base, n_full,
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, vs_base, kpm_base, n_full,
                                           Skv, Sv, stride_ks, stride_vs, stride_vd, offs_key, offs_n, offs_d,
                                           QK8, V8, True, HAS_KPM, UPCAST, P_OFFSET)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc * (1.0 / l_safe)[:, None]
-    if V8:
-        out = out * tl.load(vs_ptr + (b * H + h) * HEAD_DIM + offs_d)[None, :]
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
              round_to(out, o_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None])
     if WRITE_LSE:  # natural log; -inf where no key was attended
@@ -269,32 +272,33 @@ def _attention_kernel(
 
 
 @triton.jit
-def _v_fp8_kernel(v_ptr, vs_ptr, vt_ptr, S, S_pad, H, stride_vb, stride_vs, stride_vh,
+def _v_fp8_kernel(v_ptr, vs_ptr, vt_ptr, S, S_pad, H, n_blocks, stride_vb, stride_vs, stride_vh,
                   HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, EMULATE: tl.constexpr):
-    """V [B, S, H, D] -> e4m3 V^T [B, H, D, S_pad] in e4m3_key_order with scales [B, H, D] (given); the
-    columns of keys past S get zeros. BLOCK_S: a multiple of 32."""
+    """V [B, S, H, D] -> e4m3 V^T [B, H, D, S_pad] in e4m3_key_order with scales [B, H, n_blocks] (given, one per
+    128-key block); the columns of keys past S get zeros. BLOCK_S: a multiple of 32 dividing 128."""
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    key = e4m3_key_order(offs_s)
+    key = e4m3_key_order(offs_s)  # the same 128-key block as its column: the order stays within 32 keys
     offs_d = tl.arange(0, HEAD_DIM)
     v = tl.load(v_ptr + b * stride_vb + h * stride_vh + key[:, None] * stride_vs + offs_d[None, :],
                 mask=(key < S)[:, None], other=0.0).to(tl.float32)
-    inv = tl.math.div_rn(tl.full([HEAD_DIM], 1.0, tl.float32), tl.load(vs_ptr + bh * HEAD_DIM + offs_d))
-    v8 = to_e4m3(v * inv[None, :], EMULATE)
+    scale = tl.load(vs_ptr + bh * n_blocks + pid_s * BLOCK_S // 128)
+    inv = tl.math.div_rn(scale * 0.0 + 1.0, scale)  # IEEE 1 / scale, as the reference's (Triton's / is not)
+    v8 = to_e4m3(v * inv, EMULATE)
     tl.store(vt_ptr + bh * HEAD_DIM * S_pad + offs_d[:, None] * S_pad + offs_s[None, :], tl.trans(v8),
              mask=(offs_s < S_pad)[None, :])
 
 
 def v_fp8_transposed(v, v_scale, s_pad):
-    """v [B, S, H, D] (last dim contiguous), v_scale fp32 [B, H, D] contiguous -> e4m3 [B, H, D, s_pad]."""
+    """v [B, S, H, D] (last dim contiguous), v_scale fp32 [B, H, ceil(S / 128)] contiguous -> e4m3 [B, H, D, s_pad]."""
     B, S, H, D = v.shape
     vt = torch.empty((B, H, D, s_pad), dtype=torch.float8_e4m3fn, device=v.device)
     block_s = 64
     _v_fp8_kernel[(triton.cdiv(s_pad, block_s), B * H)](
-        v, v_scale, vt, S, s_pad, H, v.stride(0), v.stride(1), v.stride(2),
+        v, v_scale, vt, S, s_pad, H, v_scale.shape[2], v.stride(0), v.stride(1), v.stride(2),
         HEAD_DIM=D, BLOCK_S=block_s, EMULATE=True, num_warps=4)  # exact RNE; memory-bound, so free
     return vt
 
@@ -334,7 +338,8 @@ def attention(q, k, v, out, lse=None, key_padding_mask=None, scale=None,
               q_scale=None, k_scale=None, v_scale=None, variant=None):
     """Launch. q [B, Sq, H, D], k [B, Skv, H, D], last dims contiguous: bf16/fp16/fp32, or 8-bit (e4m3 or
     int8) with q_scale/k_scale fp32 [B, H, S] contiguous. v: like q's float dtype [B, Skv, H, D], or e4m3
-    transposed [B, H, D, S_pad] (keys contiguous in e4m3_key_order, S_pad >= Skv, a multiple of 16) with v_scale fp32 [B, H, D] contiguous.
+    transposed [B, H, D, S_pad] (keys contiguous in e4m3_key_order, S_pad >= Skv, a multiple of 16) with v_scale fp32
+    [B, H, ceil(Skv / 128)] contiguous.
     out [B, Sq, H, D] (last dim contiguous); lse fp32 [B, H, Sq] contiguous or None; key_padding_mask
     bool/uint8 [B, Skv] contiguous or None. variant: the main loop, "default" (scores, softmax, P @ V back to
     back) or "pipe" (the next block's QK^T issued before this block's softmax; opt-in until measured);
