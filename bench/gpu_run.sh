@@ -105,7 +105,7 @@ if [[ $MODES == *" memory "* ]]; then  # issue 5: what is alive at the 14B step'
   python3 -m bench.memory_trace --size 14b --res 480p --providers vkern-chunked,vkern-chunked-attn-fp8 \
     --json "$OUT/memory_trace.json" 2>&1 | grep -v Warning | tee "$OUT/memory_trace.txt"
   python3 -m bench.bench --out $OUT/results.jsonl --warmup 1 --repeats 3 --op step --shape wan14b-480p \
-    --providers diffusers,vkern-chunked,vkern-chunked-attn-fp8,vkern-fp8-compute-chunked-attn-fp8
+    --providers diffusers,vkern-chunked-attn-fp8,vkern-fp8-compute-chunked-attn-fp8
   python3 -m bench.bench --out $OUT/results.jsonl --warmup 1 --repeats 2 --op step --shape wan14b-720p \
     --providers diffusers,vkern-chunked-attn-fp8,vkern-fp8-compute-chunked-attn-fp8
 fi
