@@ -281,10 +281,13 @@ def test_gpu_wan14b_block_chunked_attention_peak(mode):
                                                              attention_chunk_size=4096))
     rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
     print(f"{mode}: block peak over inputs {peak_whole:.2f} GiB whole, {peak_chunked:.2f} GiB chunked; rel L2 {rel:.2e}")
-    # Chunked, by design: K, V and the new x (3 full [tokens, dim] bf16 tensors; K/V 8-bit ones in fp8 mode)
-    # plus per-chunk temporaries (normed rows, q, attention output, projection: allow 8 chunk-sized ones).
+    # Chunked, by design: K, V and the new x (3 full [tokens, dim] bf16 tensors; in fp8 mode K and V are 8-bit,
+    # each span quantized before it is stored, so 2 full tensors in all) plus per-chunk temporaries (normed rows,
+    # q, attention output, projection: allow 8 chunk-sized ones, 6 in fp8 mode, whose q and rows are 8-bit: run 60's
+    # trace of the 14B step found 4.5 there. Before 64a511e the fp8 mode gathered the whole bf16 V too: 2.5 full +
+    # temporaries).
     full, chunk = 32760 * 5120 * 2 / 2**30, 4096 * 5120 * 2 / 2**30
-    assert peak_chunked <= 3 * full + 8 * chunk
+    assert peak_chunked <= (2 * full + 6 * chunk if mode == "fp8" else 3 * full + 8 * chunk)
     assert peak_chunked < peak_whole
     assert rel < (2e-2 if mode == "fp8" else 1e-2)
 
