@@ -1,6 +1,6 @@
 """vkern.ops.attention_8bit (issue #3): attention with Q quantized per (token, head) to e4m3 or int8 and K
 per (128-key block, head) (vkern.ops.k_to_8bit: e4m3 keys, and int8 keys with pv="e4m3") or per (token, head)
-(int8/bf16), and optionally V per (head, channel) and P to e4m3 for the PV product (pv="e4m3"; pv="bf16" keeps
+(int8/bf16), and optionally V per (128-key block, head) and P to e4m3 for the PV product (pv="e4m3"; pv="bf16" keeps
 V and P in V's dtype), fp32 accumulation. qk="e4m3", pv="e4m3" is the issue's literal fp8 scheme; the Wan
 processor's attention="fp8" runs qk="int8", pv="e4m3" (as fast on Hopper, more accurate: bench/NOTES.md run 55).
 Backends: cuda (csrc/flash_attention.cu's 8-bit forms: pv="e4m3" with e4m3 or int8 Q/K, head dim 128, Hopper;
