@@ -140,6 +140,38 @@ def test_chunked_block_allocates_only_kv_and_the_new_hidden_states(mode, expecte
     assert len(full.seen) >= expected + 4, full.seen
 
 
+@pytest.mark.parametrize("mode", ["auto", "fp8"])
+def test_chunks_free_their_tensors_before_the_next_chunk(mode):
+    """A span's keys and values (the key/value pass, before they are stored) and a query chunk's output projection
+    are gone before the next span or chunk makes its own: one chunk of each is alive at a time (run 60's trace found
+    the previous one still held by the loop, chunk-sized tensors more at the block's peak)."""
+    import gc
+    import weakref
+
+    block = make_block(torch.bfloat16, mode=mode)
+    inputs = block_inputs(torch.bfloat16, False, B=1, S=300)
+    seen = {"to_v": [], "to_out": []}
+
+    def span_kv_alive():  # a span's [1, 128, heads, head dim] K or V (the stored ones are [1, 300, ...])
+        return sum(torch.is_tensor(t) and tuple(t.shape) == (1, 128, HEADS, DIM // HEADS) for t in gc.get_objects())
+
+    def before_v(module, args, out):
+        seen["to_v"].append(span_kv_alive())
+
+    def one_output(module, args, out):
+        alive = [r for r in seen["to_out"] if r() is not None]
+        assert not alive, f"to_out: call {len(seen['to_out'])} found {len(alive)} earlier outputs alive"
+        seen["to_out"].append(weakref.ref(out))
+
+    # On the projections (hooks on attn1 itself would turn chunking off)
+    block.attn1.to_v.register_forward_hook(before_v)
+    block.attn1.to_out[0].register_forward_hook(one_output)
+    with torch.no_grad():
+        fused_block_forward(block, *inputs, attention_chunk_size=128, ffn_chunk_size=128)
+    assert seen["to_v"] == [0, 0, 0], seen["to_v"]  # 3 spans: no earlier span's K or V alive at any of them
+    assert len(seen["to_out"]) == 3
+
+
 def test_processor_that_cannot_split_runs_whole():
     # A subclass with its own __call__ (e.g. the sequence-parallel processor) and a fused to_qkv decline.
     class Custom(VkernWanAttnProcessor):

@@ -48,7 +48,7 @@ class VkernWanAttnProcessor:
         projections take them) into one buffer each, so no projection of the whole sequence exists. In the 8-bit
         modes each span's K and V are quantized before they are stored (their scales are per 128-key block, and
         the spans start on block bounds), so only the 8-bit K and V of the whole sequence exist."""
-        buffers = None
+        buffers = form = None
         norm_rope, block = self._steps()[0], self._key_block()
         if block > 1 and any((s.start or 0) % block for _, s in spans):
             spans = _aligned_spans(spans, batch, tokens, block)  # per-block scales: spans on block bounds
@@ -58,12 +58,12 @@ class VkernWanAttnProcessor:
             del key, value  # the bf16 V of a quantized span goes now
             leaves = _leaves(kv, tokens, block)
             if buffers is None:
+                form = _form(kv)
                 buffers = [t.new_empty(tuple(batch if i == 0 else length if i == dim else n for i, n in enumerate(t.shape)))
                            for t, dim, _, length in leaves]
-            for (t, dim, per, _), buffer in zip(leaves, buffers):
-                buffer[b].narrow(dim, (s.start or 0) // per, t.shape[dim]).copy_(t)
-            del leaves
-        return _rebuild(kv, buffers)
+            _store(leaves, buffers, b, s.start or 0)
+            del kv, leaves  # a span's K and V are not alive while the next span makes its own (run 60's trace)
+        return _rebuild(form, buffers)
 
     def attend_query(self, attn, hidden_states, kv, image_kv=None, rotary_emb=None):
         """The output projection of hidden_states' queries (any token slice; rotary_emb: their tables)
@@ -134,12 +134,25 @@ def _leaves(kv, tokens, key_block):
     return leaves + [(value, 1, 1, tokens)]
 
 
-def _rebuild(kv, buffers):
-    """A (key, value) pair shaped like kv (one span's) from the whole sequence's buffers, in _leaves' order."""
+def _store(leaves, buffers, b, start):
+    """Copies a span's _leaves (its tokens from `start`, batch rows b) into the whole sequence's buffers."""
+    for (t, dim, per, _), buffer in zip(leaves, buffers):
+        buffer[b].narrow(dim, start // per, t.shape[dim]).copy_(t)
+
+
+def _form(kv):
+    """What _rebuild needs of a (key, value) pair: whether the key is (8-bit data, scales), and the dtype of a
+    QuantizedValue's attention output (None: the value is a tensor)."""
     key, value = kv
-    n = 2 if isinstance(key, tuple) else 1
-    key = tuple(buffers[:n]) if n == 2 else buffers[0]
-    value = QuantizedValue(*buffers[n:], value.dtype) if isinstance(value, QuantizedValue) else buffers[n]
+    return isinstance(key, tuple), value.dtype if isinstance(value, QuantizedValue) else None
+
+
+def _rebuild(form, buffers):
+    """The (key, value) pair of _form's shape from the whole sequence's buffers, in _leaves' order."""
+    quantized_key, value_dtype = form
+    n = 2 if quantized_key else 1
+    key = tuple(buffers[:n]) if quantized_key else buffers[0]
+    value = QuantizedValue(*buffers[n:], value_dtype) if value_dtype is not None else buffers[n]
     return key, value
 
 

@@ -87,7 +87,8 @@ def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotar
         for b, s in spans:
             out = processor.attend_query(block.attn1, norm1(b, s), _batch(kv, b), None, rope_rows(rotary_emb, b, s))
             ops.gate_residual_(x[b, s], out, token_rows(gate[0], b, s), gate[1])
-        del kv, out
+            del out  # not alive while the next chunk makes its own (run 60's trace: one chunk of the peak)
+        del kv
 
     # 2. Cross-attention. nn.Identity: diffusers' x.float().type_as(x) is x itself. x + attn_output in place:
     # diffusers' x + attn_output in x's dtype, the same single rounding.
