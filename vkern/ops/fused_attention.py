@@ -500,14 +500,7 @@ def _v_to_e4m3(v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> tuple[
     if backend in ("cuda", "triton"):  # the CUDA attention kernel takes the Triton transposer's output
         from ..triton.attention import v_fp8_transposed
 
-        # max |v| per (token, head) by a reduction (no |v| copy of V), then per block: the reference's amax
-        amax = torch.linalg.vector_norm(v, float("inf"), dim=-1)
-        if key_padding_mask is not None:
-            amax = amax.masked_fill(~key_padding_mask[:, :, None], 0)
-        n = -(-S // ref.KEY_BLOCK)
-        padded = amax.new_zeros((B, n * ref.KEY_BLOCK, H))
-        padded[:, :S] = amax
-        scale = fp8_scale(padded.unflatten(1, (n, ref.KEY_BLOCK)).amax(2)).transpose(1, 2).contiguous()
+        scale = fp8_scale(ref.key_block_amax(v, key_padding_mask)).contiguous()
         return v_fp8_transposed(v if v.stride(-1) == 1 else v.contiguous(), scale, s_pad), scale
     v8, scale = ref.quantize_per_key_block(v, key_padding_mask, "e4m3")
     return ref.e4m3_v_transposed(v8, s_pad), scale

@@ -96,20 +96,28 @@ def quantize_per_key_block(x, key_padding_mask=None, fmt="e4m3"):
     weight 0)."""
     from .fp8 import E4M3, E4M3_MAX, INT8_INV, INT8_MAX, fp8_scale
 
-    B, S, H, D = x.shape
+    S = x.shape[1]
     xf = x.float()
-    n = -(-S // KEY_BLOCK)
-    padded = xf.new_zeros((B, n * KEY_BLOCK, H, D))
-    padded[:, :S] = xf if key_padding_mask is None else xf.masked_fill(~key_padding_mask[:, :, None, None], 0)
-    amax = padded.abs().unflatten(1, (n, KEY_BLOCK)).amax(dim=(2, 4))  # [B, n, H]; NaN propagates
-    if fmt == "int8":
-        scale = (amax.clamp(min=1e-12) * INT8_INV).transpose(1, 2)  # [B, H, n]
-    else:
-        scale = fp8_scale(amax).transpose(1, 2)
+    amax = key_block_amax(xf, key_padding_mask)
+    scale = amax.clamp(min=1e-12) * INT8_INV if fmt == "int8" else fp8_scale(amax)  # [B, H, n]
     per_token = key_scales_per_token(scale, S).transpose(1, 2)[..., None]  # [B, S, H, 1]
     if fmt == "int8":
         return (xf * (1.0 / per_token)).clamp(-INT8_MAX, INT8_MAX).round().to(torch.int8), scale.contiguous()
     return (xf * (1.0 / per_token)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale.contiguous()
+
+
+def key_block_amax(x, key_padding_mask=None):
+    """max |x| over each (block of KEY_BLOCK consecutive tokens, head) of [B, S, H, D] -> fp32 [B, H, ceil(S /
+    KEY_BLOCK)], over the tokens key_padding_mask (bool [B, S], True = attend) keeps (0 where none is). A reduction
+    per token first, so no |x| copy of x exists; NaN propagates."""
+    B, S, H, _ = x.shape
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1).float()  # [B, S, H]
+    if key_padding_mask is not None:
+        amax = amax.masked_fill(~key_padding_mask[:, :, None], 0)
+    n = -(-S // KEY_BLOCK)
+    padded = amax.new_zeros((B, n * KEY_BLOCK, H))
+    padded[:, :S] = amax
+    return padded.unflatten(1, (n, KEY_BLOCK)).amax(2).transpose(1, 2)
 
 
 def key_scales_per_token(k_scale, S):
