@@ -452,8 +452,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kPromoteO) add_t(value_scale);
   }
 
-  // Epilogue: O / l into this consumer's output stage (16-bit: its now unused Q
-  // rows) in the swizzled layout, then one TMA store.
+  // Epilogue: O / l into this consumer's output stage (16-bit: its now unused Q rows) in the swizzled layout, then
+  // one TMA store.
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
