@@ -329,22 +329,33 @@ def _gemm(name, providers, args):
 # vkern-cudnn: the same with every conv on cuDNN (the A/B of the Triton dispatch); vkern-unfused: cuDNN
 # convs, no fused biases, no padding (the default path of runs 19-21); vkern-2-latents: latents_per_call=2
 # (decode); vkern-cpu-output: decoded frames go to pinned CPU memory (decode).
-VAE_PROVIDERS = ("diffusers", "vkern", "vkern-cudnn", "vkern-unfused", "vkern-2-latents", "vkern-cpu-output")
+VAE_PROVIDERS = ("diffusers", "vkern", "vkern-cudnn", "vkern-cuda", "vkern-unfused", "vkern-2-latents",
+                 "vkern-cpu-output")
 
 
-def cudnn_convs(fn):
-    """fn with VKERN_CAUSAL_CONV3D_BACKEND=cudnn while it runs (every causal conv on cuDNN)."""
+def with_env(fn, name, value):
+    """fn with the environment variable name = value while it runs."""
     def run(*args, **kwargs):
-        before = os.environ.get("VKERN_CAUSAL_CONV3D_BACKEND")
-        os.environ["VKERN_CAUSAL_CONV3D_BACKEND"] = "cudnn"
+        before = os.environ.get(name)
+        os.environ[name] = value
         try:
             return fn(*args, **kwargs)
         finally:
             if before is None:
-                del os.environ["VKERN_CAUSAL_CONV3D_BACKEND"]
+                del os.environ[name]
             else:
-                os.environ["VKERN_CAUSAL_CONV3D_BACKEND"] = before
+                os.environ[name] = before
     return run
+
+
+def cudnn_convs(fn):
+    """fn with every causal conv on cuDNN."""
+    return with_env(fn, "VKERN_CAUSAL_CONV3D_BACKEND", "cudnn")
+
+
+def cuda_convs(fn):
+    """fn with vkern's CUDA conv kernel wherever it takes the conv (VKERN_CONV_CUDA=all)."""
+    return with_env(fn, "VKERN_CONV_CUDA", "all")
 
 
 def _psnr(a, b):
@@ -454,6 +465,7 @@ def _vae_decode(name, providers, args):
     runners = {"default": lambda vae, z: vae.decode(z).sample,
                "vkern-cpu-output": lambda vae, z: wan_vae.decode(vae, z, output_device="cpu"),
                "vkern-cudnn": cudnn_convs(wan_vae.decode),
+               "vkern-cuda": cuda_convs(wan_vae.decode),
                "vkern-unfused": cudnn_convs(lambda vae, z: wan_vae.decode(vae, z, fuse_bias=False, pad_channels=False)),
                "vkern-2-latents": lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2)}
     yield from _vae_rows("vae-decode", name, providers, args,
@@ -468,6 +480,7 @@ def _vae_encode(name, providers, args):
 
     runners = {"default": lambda vae, x: vae.encode(x).latent_dist.parameters,
                "vkern-cudnn": cudnn_convs(wan_vae.encode),
+               "vkern-cuda": cuda_convs(wan_vae.encode),
                "vkern-unfused": cudnn_convs(lambda vae, x: wan_vae.encode(vae, x, fuse_bias=False, pad_channels=False))}
     providers = [p for p in (providers or VAE_PROVIDERS) if p not in ("vkern-cpu-output", "vkern-2-latents")]
     yield from _vae_rows("vae-encode", name, providers, args,
@@ -494,7 +507,7 @@ def _vae_conv(name, providers, args):
     vkern-triton: vkern/triton/causal_conv.py's kernel (weight repacked per call, inside the timing)."""
     import torch.nn.functional as F
 
-    from vkern.ops.causal_conv import conv3d_zeros_buffered
+    from vkern.ops.causal_conv import causal_conv3d_cuda, conv3d_zeros_buffered, cuda_unsupported
     from vkern.triton.causal_conv import causal_conv3d as triton_conv
 
     cin, cout, k, frames, h, w = VAE_CONVS[name]
@@ -520,6 +533,8 @@ def _vae_conv(name, providers, args):
                "vkern": lambda: conv3d_zeros_buffered(x_cl, weight, bias, (1, 1, 1), (tp, hp, wp), cache_cl),
                # vkern's Triton implicit-GEMM conv (the op's opt-in "triton" backend): cache read in place, bias fused
                "vkern-triton": lambda: triton_conv(x_cl, weight, bias, (1, 1, 1), (tp, hp, wp), cache_cl)}
+        if cuda_unsupported(x_cl, weight, (1, 1, 1)) is None:  # csrc/causal_conv.cu (weight repacked per call)
+            fns["vkern-cuda"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl)
     # Probes of the vkern conv: without its bias (what a bias fused into the next op leaves), and with
     # cuDNN's autotuner (benchmark mode, trying 10 / all engines) instead of its heuristics' first pick.
     vkern = fns["vkern"]
@@ -533,6 +548,8 @@ def _vae_conv(name, providers, args):
     flops = 2 * cin * cout * k[0] * k[1] * k[2] * frames * h * w
     expected = fns["diffusers"]()
     for provider in providers or list(fns):
+        if provider not in fns:  # vkern-cuda: only the convs the kernel takes
+            continue
         ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
         yield dict(op="vae-conv", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, tflops=flops / ms / 1e9,
                    rel_l2_vs_diffusers=None if provider == "vkern-no-bias" else rel_l2(fns[provider](), expected))

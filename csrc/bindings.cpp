@@ -7,6 +7,7 @@
 #include <string>
 #include <tuple>
 
+#include "causal_conv.h"
 #include "flash_attention.h"
 #include "fp8_quant.h"
 
@@ -28,6 +29,12 @@ cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); 
 using TensorArg = std::tuple<uintptr_t, int64_t, int64_t, int64_t>;
 vkern::AttentionTensor tensor_of(const TensorArg& t) {
   return {ptr<void>(std::get<0>(t)), std::get<1>(t), std::get<2>(t), std::get<3>(t)};
+}
+
+// (pointer, batch stride, frame stride, row stride) of a channels-last [B, C, T, H, W] tensor, in elements.
+using ConvArg = std::tuple<uintptr_t, int64_t, int64_t, int64_t>;
+vkern::ConvTensor conv_tensor_of(const ConvArg& t) {
+  return {ptr<const void>(std::get<0>(t)), std::get<1>(t), std::get<2>(t), std::get<3>(t)};
 }
 
 }  // namespace
@@ -67,6 +74,23 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("q"), py::arg("scale"), py::arg("per_tensor"), py::arg("rows"), py::arg("cols"), py::arg("out"),
         py::arg("out_dtype"), py::arg("stream"));
+
+  m.attr("conv_block_ns") = py::make_tuple(vkern::kConvBlockNs[0], vkern::kConvBlockNs[1]);
+  m.def("causal_conv3d_fwd",
+        [](ConvArg x, ConvArg cache, ConvArg out, uintptr_t weight_packed, uintptr_t bias, int dtype, int batch,
+           int channels, int out_channels, int frames, int height, int width, int kt, int tp, int hp, int wp,
+           int cache_frames, int n_cache, int block_n, uintptr_t stream) {
+          check(vkern::causal_conv3d_fwd(conv_tensor_of(x), conv_tensor_of(cache), conv_tensor_of(out),
+                                         ptr<const void>(weight_packed), ptr<const void>(bias),
+                                         static_cast<vkern::DType>(dtype), batch, channels, out_channels, frames,
+                                         height, width, kt, tp, hp, wp, cache_frames, n_cache, block_n,
+                                         stream_of(stream)),
+                "causal_conv3d_fwd");
+        },
+        py::arg("x"), py::arg("cache"), py::arg("out"), py::arg("weight_packed"), py::arg("bias"), py::arg("dtype"),
+        py::arg("batch"), py::arg("channels"), py::arg("out_channels"), py::arg("frames"), py::arg("height"),
+        py::arg("width"), py::arg("kt"), py::arg("tp"), py::arg("hp"), py::arg("wp"), py::arg("cache_frames"),
+        py::arg("n_cache"), py::arg("block_n"), py::arg("stream"));
 
   m.attr("flash_head_dims") = py::make_tuple(vkern::kFlashHeadDims[0], vkern::kFlashHeadDims[1]);
   m.def("flash_attention_fwd",

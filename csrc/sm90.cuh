@@ -1,7 +1,8 @@
-// Thin wrappers over the Hopper (sm_90a) PTX that vkern's tensor-core kernels use: mbarriers, the bulk
-// tensor copy engine (TMA), warpgroup matrix multiply (wgmma), named barriers and setmaxnreg.
-// Every shared-memory tile these kernels hand to TMA or wgmma uses the 128-byte swizzle: rows of 128 bytes,
-// the 16-byte chunk c of row r stored at chunk c ^ (r % 8), tiles aligned to 1024 bytes.
+// Thin wrappers over the Hopper (sm_90a) PTX that vkern's tensor-core kernels use: mbarriers, cp.async and
+// bulk copies, the bulk tensor copy engine (TMA), warpgroup matrix multiply (wgmma), named barriers and setmaxnreg.
+// The attention kernel's shared-memory tiles use the 128-byte swizzle: rows of 128 bytes, the 16-byte chunk c
+// of row r stored at chunk c ^ (r % 8), tiles aligned to 1024 bytes. The conv kernel's are unswizzled
+// (SmemDesc::interleaved), so a tap's A tile can start at any pixel of its halo.
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -39,6 +40,24 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "}\n" ::"r"(smem_u32(bar)),
       "r"(parity)
       : "memory");
+}
+
+// ----------------------------------------------------------------------- cp.async (16 bytes) and bulk copies
+// 16 bytes global -> shared, or 16 zero bytes when !valid (the source is then not read).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+// One arrival on bar once every cp.async this thread issued before has landed (counts toward the barrier's
+// expected arrivals: .noinc).
+__device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+// bytes (a multiple of 16, 16-byte aligned ends) global -> shared by the copy engine; completes on bar's tx count.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_u32(dst)),
+               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
 }
 
 // ------------------------------------------------------------------------------------ TMA (bulk tensor copy)
@@ -84,6 +103,11 @@ struct SmemDesc {
   uint32_t lo, hi;
   static __device__ __forceinline__ SmemDesc sw128(const void* p, uint32_t lbo, uint32_t sbo) {
     return {((smem_u32(p) & 0x3FFFF) >> 4) | (((lbo >> 4) & 0x3FFF) << 16), ((sbo >> 4) & 0x3FFF) | (1u << 30)};
+  }
+  // No swizzle ("interleaved"): 8 x 16-byte core matrices, each 128 contiguous bytes. K-major: lbo = bytes
+  // between core matrices adjacent in K, sbo = between those adjacent in M (or N). Any 16-byte aligned start.
+  static __device__ __forceinline__ SmemDesc interleaved(uint32_t smem_addr, uint32_t lbo, uint32_t sbo) {
+    return {((smem_addr & 0x3FFFF) >> 4) | (((lbo >> 4) & 0x3FFF) << 16), (sbo >> 4) & 0x3FFF};
   }
   __device__ __forceinline__ SmemDesc plus(uint32_t bytes) const { return {lo + (bytes >> 4), hi}; }
   __device__ __forceinline__ uint64_t bits() const { return (uint64_t(hi) << 32) | lo; }
@@ -149,6 +173,23 @@ __device__ __forceinline__ void wgmma_m64nNk16_rs_bt(float (&d)[N / 2], const ui
   VKERN_WGMMA_RS_BT(TYPE, "m64n64k16", VKERN_ACC32_REGS, VKERN_ACC32_OPERANDS, "%32", "%33", "%34", "%35", "%36", \
                     "%37")
 
+#define VKERN_ACC48_OPERANDS(d)                                                                              \
+  VKERN_ACC32_OPERANDS(d), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),        \
+      "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]),   \
+      "+f"(d[46]), "+f"(d[47])
+#define VKERN_ACC48_REGS                                                                \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "             \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "    \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}"
+
+// d[N / 2] += A[64 x 16] B[16 x N], N = 96 or 128, A and B in shared memory (K-major both).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_m64nNk16_ss_acc(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b);
+#define VKERN_WGMMA_SS_ACC(TYPE, SHAPE, REGS, OPERANDS, A, B)                                                   \
+  asm volatile("wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPE "." TYPE " " REGS ", " A ", " B ", 1, 1, 1, 0, 0;\n" \
+               : OPERANDS(d)                                                                                      \
+               : "l"(desc_a), "l"(desc_b))
+
 // The specializations for one 16-bit input type (CPP) and its PTX name (PTX).
 #define VKERN_WGMMA_SPECIALIZATIONS(CPP, PTX)                                                                   \
   template <>                                                                                                     \
@@ -165,6 +206,14 @@ __device__ __forceinline__ void wgmma_m64nNk16_rs_bt(float (&d)[N / 2], const ui
   __device__ __forceinline__ void wgmma_m64nNk16_rs_bt<CPP, 64>(float (&d)[32], const uint32_t (&a)[4],           \
                                                                 uint64_t desc_b) {                                \
     VKERN_WGMMA_RS_BT_N64(PTX);                                                                                   \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_m64nNk16_ss_acc<CPP, 96>(float (&d)[48], uint64_t desc_a, uint64_t desc_b) { \
+    VKERN_WGMMA_SS_ACC(PTX, "m64n96k16", VKERN_ACC48_REGS, VKERN_ACC48_OPERANDS, "%48", "%49");                  \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_m64nNk16_ss_acc<CPP, 128>(float (&d)[64], uint64_t desc_a, uint64_t desc_b) { \
+    VKERN_WGMMA_SS_ACC(PTX, "m64n128k16", VKERN_ACC64_REGS, VKERN_ACC64_OPERANDS, "%64", "%65");                 \
   }
 VKERN_WGMMA_SPECIALIZATIONS(__nv_bfloat16, "bf16")
 VKERN_WGMMA_SPECIALIZATIONS(__half, "f16")

@@ -186,7 +186,7 @@ def test_backend_order_and_forcing(monkeypatch):
     monkeypatch.delenv("VKERN_BACKEND", raising=False)
     cuda = torch.device("cuda")
     chosen, cands = _backend.would_choose("causal_conv3d", cuda, torch.bfloat16)
-    assert chosen == "cudnn" and list(cands) == ["cudnn", "triton", "reference"]  # cuDNN until measured
+    assert chosen == "cudnn" and list(cands) == ["cudnn", "triton", "cuda", "reference"]  # cuDNN until measured
     chosen, cands = _backend.would_choose("causal_conv3d", torch.device("cpu"), torch.float32)
     assert chosen == "reference" and cands["triton"] is None  # interpreter usable, but never the default here
     x, w, b, cache = inputs(1, 4, 6, 3, 5, 7, (3, 3, 3), 2)

@@ -262,8 +262,8 @@ def test_triton_conv_only_where_it_measured_faster(monkeypatch):
         assert not cc.triton_faster(weight, stride), (weight.shape, stride)
     cuda = torch.device("cuda")
     monkeypatch.setattr(vkern.ops._backend, "triton_usable", lambda device: None)
-    assert list(cc._causal_conv_candidates(cuda, torch.bfloat16, True)) == ["triton", "cudnn", "reference"]
-    assert list(cc._causal_conv_candidates(cuda, torch.bfloat16, False)) == ["cudnn", "triton", "reference"]
+    assert list(cc._causal_conv_candidates(cuda, torch.bfloat16, True)) == ["triton", "cudnn", "cuda", "reference"]
+    assert list(cc._causal_conv_candidates(cuda, torch.bfloat16, False)) == ["cudnn", "triton", "cuda", "reference"]
     cpu = cc._causal_conv_candidates(torch.device("cpu"), torch.float32, True)
     assert [n for n, reason in cpu.items() if reason is None][0] == "reference"
     x = torch.empty(1, 96, 1, 4, 4)

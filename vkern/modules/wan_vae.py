@@ -94,12 +94,14 @@ class _Chunks:
         return self.padded[conv]
 
     def in_place(self, conv, x):
-        """True when `conv` runs on vkern's Triton kernel, which reads its cached frames and the chunk x
-        where they are: then no [cache | chunk] buffer is built (a copy of the cached frames saved, and at
-        720p a 3-frame buffer per full-resolution conv)."""
+        """True when `conv` runs on one of vkern's conv kernels (Triton or CUDA), which read its cached frames
+        and the chunk x where they are: then no [cache | chunk] buffer is built (a copy of the cached frames
+        saved, and at 720p a 3-frame buffer per full-resolution conv)."""
         _, _, stride, (t_pad, _, _) = ref._conv_args(conv)
-        return (t_pad == CACHE_T and x.shape[1] > 1 and x.stride(1) == 1 and self._channels(x.shape[1]) == x.shape[1]
-                and ops.causal_conv.conv_backend(x, conv.weight, stride) == "triton")
+        if t_pad != CACHE_T or x.shape[1] <= 1 or x.stride(1) != 1 or self._channels(x.shape[1]) != x.shape[1]:
+            return False
+        backend = ops.causal_conv.conv_backend(x, conv.weight, stride)
+        return backend == "triton" or (backend == "cuda" and ops.causal_conv.pixel_rows(x))
 
     def conv(self, conv, buf, keep=CACHE_T, bias=True):
         """Run `conv` over its filled buffer (without its bias when not `bias`); keep the buffer's last
@@ -110,10 +112,9 @@ class _Chunks:
         _, _, stride, (_, h_pad, w_pad) = ref._conv_args(conv)
         weight, b = self._weights(conv, buf.shape[1])
         b = b if bias else None
-        if ops.causal_conv.conv_backend(buf, weight, stride) == "triton":  # where it beats cuDNN (TRITON_FASTER)
-            from ..triton.causal_conv import causal_conv3d as triton_conv
-
-            out = triton_conv(buf, weight, b, stride, (0, h_pad, w_pad))
+        backend = ops.causal_conv.conv_backend(buf, weight, stride)  # vkern's kernels where they beat cuDNN
+        if backend in ops.causal_conv.IN_PLACE:
+            out = ops.causal_conv.conv3d_in_place(backend, buf, weight, b, stride, (0, h_pad, w_pad))
         else:
             out = F.conv3d(buf, weight, b, stride, (0, h_pad, w_pad))
         prev = self.frames.get(conv)
@@ -123,17 +124,17 @@ class _Chunks:
         return out[:, :conv.weight.shape[0]]
 
     def _conv_in_place(self, conv, x, bias):
-        """The Triton kernel over [cached frames | x] read in place (zeros before the first chunk, as the
+        """vkern's conv kernel over [cached frames | x] read in place (zeros before the first chunk, as the
         buffer's), then the cache becomes the last CACHE_T frames of [cache | x]: the kernel is queued
         before the cache is overwritten, on the same stream. The 2-frame cache is a ring: a 1-frame chunk
         overwrites the oldest slot and flips the stored order (self.reversed; the kernel reads either
         order), one frame copied instead of two (the 1-frame steps of a 720p decode)."""
-        from ..triton.causal_conv import causal_conv3d as triton_conv
-
         weight, b, stride, padding = ref._conv_args(conv)
         prev = self.frames.get(conv)
         reversed_ = self.reversed.get(conv, False)
-        out = triton_conv(x, weight, b if bias else None, stride, padding, cache=prev, cache_reversed=reversed_)
+        backend = ops.causal_conv.conv_backend(x, weight, stride)
+        out = ops.causal_conv.conv3d_in_place(backend, x, weight, b if bias else None, stride, padding, cache=prev,
+                                              cache_reversed=reversed_)
         if prev is None:
             B, C, _, H, W = x.shape
             prev = self.frames[conv] = torch.empty((B, C, CACHE_T, H, W), dtype=x.dtype, device=x.device,

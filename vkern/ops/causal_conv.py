@@ -6,9 +6,14 @@ into one channels-last buffer, spatial padding done by the conv, no F.pad; repli
 the reference), triton (vkern/triton/causal_conv.py: implicit GEMM reading cache and chunk in place, every
 pad mode, bias fused; first for the conv shapes where it measured faster than cuDNN, TRITON_FASTER; any
 conv with VKERN_CAUSAL_CONV3D_BACKEND=triton; on the CPU it runs under TRITON_INTERPRET=1, only when
-forced), reference (vkern/reference/causal_conv.py; the CPU).
+forced), cuda (csrc/causal_conv.cu, vkern._C on Hopper: a wgmma implicit GEMM reading cache and chunk in
+place, zeros padding, stride 1, 3 x 3 spatial taps, C a multiple of 32, O of 96 or 128; first where it
+measured fastest, CUDA_FASTER, or wherever it runs with VKERN_CONV_CUDA=all, never with VKERN_CONV_CUDA=0),
+reference (vkern/reference/causal_conv.py; the CPU).
 rms_norm_silu, residual_add_ backends: triton (vkern/triton/vae_glue.py), reference (vkern/reference/wan_vae.py).
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -27,27 +32,122 @@ CL = torch.channels_last_3d
 TRITON_FASTER = {(96, (3, 3, 3))}
 
 
+# (in channels, out channels, kernel) of the convs where the CUDA kernel measured faster than cuDNN and Triton.
+CUDA_FASTER = set()
+
+
 def triton_faster(weight, stride):
     return tuple(stride) == (1, 1, 1) and (weight.shape[0], tuple(weight.shape[2:])) in TRITON_FASTER
 
 
+def cuda_unsupported(x, weight, stride):
+    """None when csrc/causal_conv.cu takes this conv (zeros padding), else why not."""
+    O, C, _, kh, kw = weight.shape
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"no {x.dtype} kernel"
+    if tuple(stride) != (1, 1, 1) or (kh, kw) != (3, 3):
+        return f"stride 1 and 3 x 3 spatial taps only (got stride {tuple(stride)}, kernel {tuple(weight.shape[2:])})"
+    if C % 32 or _cuda_block_n(O) is None:
+        return f"in channels a multiple of 32 and out channels of 96 or 128 only (got {C} -> {O})"
+    return None
+
+
+def _cuda_block_n(out_channels):
+    return next((n for n in (128, 96) if out_channels % n == 0), None)
+
+
+def _cuda_preferred(weight):
+    mode = os.environ.get("VKERN_CONV_CUDA", "table")
+    if mode not in ("table", "all", "0"):
+        raise ValueError(f"VKERN_CONV_CUDA: expected all, 0 or table, got {mode!r}")
+    key = (weight.shape[1], weight.shape[0], tuple(weight.shape[2:]))
+    return mode == "all" or (mode == "table" and key in CUDA_FASTER)
+
+
 @_backend.register("causal_conv3d")
-def _causal_conv_candidates(device, dtype, prefer_triton=False):
+def _causal_conv_candidates(device, dtype, prefer_triton=False, cuda="no conv given", prefer_cuda=False):
     cands = {"cudnn": None if device.type == "cuda" else f"needs a CUDA tensor (got {device.type})"}
     triton = _backend.triton_usable(device) or (None if dtype in FLOATS else f"no {dtype} kernel")
-    if device.type == "cuda" and prefer_triton and triton is None:
-        cands = {"triton": None, **cands, "reference": None}
+    cuda = _backend.cuda_ext_usable(device) or cuda
+    if device.type == "cuda" and prefer_cuda and cuda is None:
+        cands = {"cuda": None, **cands, "triton": triton, "reference": None}
+    elif device.type == "cuda" and prefer_triton and triton is None:
+        cands = {"triton": None, **cands, "cuda": cuda, "reference": None}
     elif device.type == "cuda":
-        cands.update(triton=triton, reference=None)
+        cands.update(triton=triton, cuda=cuda, reference=None)
     else:  # the interpreter is a test vehicle, never a default: after the reference
-        cands.update(reference=None, triton=triton)
+        cands.update(reference=None, triton=triton, cuda=cuda)
     return cands
 
 
 def conv_backend(x, weight, stride):
-    """The backend causal_conv3d picks for this conv of x (zeros padding): "triton" where TRITON_FASTER,
-    "cudnn" (CUDA) or "reference" (CPU) otherwise, unless VKERN_CAUSAL_CONV3D_BACKEND forces one."""
-    return _backend.choose("causal_conv3d", _causal_conv_candidates(x.device, x.dtype, triton_faster(weight, stride)))
+    """The backend causal_conv3d picks for this conv of x (zeros padding): "cuda" where CUDA_FASTER (or
+    VKERN_CONV_CUDA=all) and the kernel takes it, "triton" where TRITON_FASTER, "cudnn" (CUDA) or "reference"
+    (CPU) otherwise, unless VKERN_CAUSAL_CONV3D_BACKEND forces one."""
+    cuda = cuda_unsupported(x, weight, stride)
+    return _backend.choose("causal_conv3d", _causal_conv_candidates(
+        x.device, x.dtype, triton_faster(weight, stride), cuda, cuda is None and _cuda_preferred(weight)))
+
+
+IN_PLACE = ("triton", "cuda")  # the backends that read cached frames where they are (conv3d_in_place)
+
+
+def conv3d_in_place(backend, x, weight, bias, stride, padding, cache=None, cache_reversed=False):
+    """A zeros-padding causal conv on an IN_PLACE backend: x and cache [B, C, Tc, H, W] with pixel rows of
+    contiguous channels, cache read where it is (cache_reversed: stored newest frame first); see
+    vkern/triton/causal_conv.py's causal_conv3d. Returns a new channels-last output."""
+    if backend == "cuda":
+        return causal_conv3d_cuda(x, weight, bias, padding, cache, cache_reversed)
+    from ..triton.causal_conv import causal_conv3d as triton_conv
+
+    return triton_conv(x, weight, bias, stride, padding, cache=cache, cache_reversed=cache_reversed)
+
+
+_DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2}  # csrc/fp8_quant.h DType
+
+
+def cuda_packed_weight(weight, block_n):
+    """[O, C, kt, 3, 3] -> the CUDA kernel's [O / block_n, kt, C / 32, 9 taps, 4, block_n, 8]: per output-channel
+    tile, time tap, 32-channel chunk and spatial tap one contiguous slab of 32 x block_n (its 4 groups of 8 input
+    channels, each block_n rows of 8: wgmma's unswizzled K-major core matrices)."""
+    O, C, kt = weight.shape[:3]
+    w = weight.reshape(O // block_n, block_n, C // 32, 4, 8, kt, 3, 3)
+    return w.permute(0, 5, 2, 6, 7, 3, 1, 4).contiguous().view(O // block_n, kt, C // 32, 9, 4, block_n, 8)
+
+
+def _conv_arg(t, frame_index=0, frame_sign=1):
+    """(address of frame frame_index, batch stride, frame stride * frame_sign, row stride) of a pixel-rows tensor."""
+    return (t.data_ptr() + frame_index * t.stride(2) * t.element_size(), t.stride(0), frame_sign * t.stride(2),
+            t.stride(3))
+
+
+def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=False):
+    """The CUDA kernel (cuda_unsupported(...) is None assumed; x and cache with pixel rows, as conv3d_in_place):
+    zeros padding, stride 1. Returns a new channels-last-3d output."""
+    from .._ext import cuda_ext
+
+    for name, t in (("x", x), ("cache", cache)):
+        if t is not None and not pixel_rows(t):
+            raise ValueError(f"{name}: expected pixel rows of contiguous channels, got strides {t.stride()}")
+    B, C, T, H, W = x.shape
+    O, _, KT = weight.shape[:3]
+    tp, hp, wp = padding
+    out = torch.empty((B, O, tp + T - KT + 1, H + 2 * hp - 2, W + 2 * wp - 2), dtype=x.dtype, device=x.device,
+                      memory_format=CL)
+    if out.numel() == 0:
+        return out
+    n_cache = 0 if cache is None or tp == 0 else min(cache.shape[2], tp)
+    if n_cache:  # the kernel reads logical frame f (0 = oldest) at address(frame 0) + f * frame stride
+        c = _conv_arg(cache, cache.shape[2] - 1, -1) if cache_reversed else _conv_arg(cache)
+    else:
+        c, cache = (0, 0, 0, 0), x
+    block_n = _cuda_block_n(O)
+    packed = cuda_packed_weight(weight, block_n)
+    cuda_ext().causal_conv3d_fwd(
+        _conv_arg(x), c, _conv_arg(out), packed.data_ptr(), 0 if bias is None else bias.contiguous().data_ptr(),
+        _DTYPE_CODE[x.dtype], B, C, O, T, H, W, KT, tp, hp, wp, cache.shape[2], n_cache, block_n,
+        torch.cuda.current_stream(x.device).cuda_stream)
+    return out
 
 
 def _triple(name, v, minimum):
@@ -90,13 +190,15 @@ def causal_conv3d(x, weight, bias=None, stride=1, padding=0, cache=None, pad_mod
 def _causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
                    padding: list[int], cache: torch.Tensor | None, pad_mode: str) -> torch.Tensor:
     backend = conv_backend(x, weight, stride) if pad_mode == "zeros" else \
-        _backend.choose("causal_conv3d", _causal_conv_candidates(x.device, x.dtype))
-    if backend == "triton" and x.numel() and weight.numel():
+        _backend.choose("causal_conv3d", _causal_conv_candidates(x.device, x.dtype, cuda="zeros padding only"))
+    if backend in IN_PLACE and x.numel() and weight.numel():
+        # The kernels address pixel rows of contiguous channels: one copy for other layouts.
+        rows = pixel_rows if backend == "cuda" else (lambda t: t.stride(1) == 1 or t.shape[1] == 1)
+        x, cache = (t if t is None or rows(t) else t.contiguous(memory_format=CL) for t in (x, cache))
+        if backend == "cuda":
+            return causal_conv3d_cuda(x, weight, bias, padding, cache)
         from ..triton.causal_conv import causal_conv3d as kernel
 
-        # The kernel addresses pixel rows of contiguous channels: one copy for other layouts.
-        x, cache = (t if t is None or t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous(memory_format=CL)
-                    for t in (x, cache))
         return kernel(x, weight, bias, stride, padding, cache, pad_mode)
     if backend == "cudnn" and pad_mode == "zeros":
         return conv3d_zeros_buffered(x, weight, bias, stride, padding, cache)

@@ -1,0 +1,263 @@
+// Causal 3D convolution for Hopper, written for vkern (design notes: bench/NOTES.md, "Session 16").
+//
+// Implicit GEMM on channels-last data: M = output pixels, N = output channels, K = taps x input channels.
+// One CTA computes a tile of 4 output rows x 64 output columns of one output frame (256 pixels) for block_n
+// (96 or 128) output channels, in three warpgroups:
+//   producer (warpgroup 0): warps 1-3 copy the input halo of the tile (6 rows x 66 columns of 32 channels of one
+//     input frame) into a ring of shared-memory slots with 16-byte cp.async (zero-filled outside the frame:
+//     the spatial padding), one slot per (time tap, 32-channel chunk); lane 0 of warp 0 bulk-copies the packed
+//     weight slab [32 channels x block_n] of each of the 9 spatial taps into a second ring.
+//   consumers (warpgroups 1, 2): 2 output rows each, as two 64-row wgmma products (m64 x block_n x k16) per tap
+//     and 16 channels. A tap's A operand is the halo shifted by (dh, dw): the halo is stored unswizzled as
+//     [row][channel group of 8][column][8 channels], so the 64 pixels of an output row at tap (dh, dw) are 64
+//     consecutive 16-byte rows starting at column dw, a valid wgmma core-matrix layout at any start (K-major,
+//     lbo = one channel group, sbo = 8 pixels). Each input pixel is read from L2 once per (time tap, channel
+//     chunk) instead of once per tap.
+// Time: output frame t reads padded frames t ... t + KT - 1; a padded frame is a frame of x, of the cache (read in
+// place, any frame stride) or zeros (its taps are skipped: no copy, no product). Bias is added in fp32 and each
+// output is rounded once.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "causal_conv.h"
+#include "sm90.cuh"
+
+namespace vkern {
+namespace {
+
+using namespace sm90;
+
+constexpr int kRows = 4, kCols = 64;                    // output tile: rows x columns of one frame
+constexpr int kHaloRows = kRows + 2, kHaloCols = kCols + 2;
+constexpr int kChunk = 32;                              // input channels per halo slot (4 groups of 8)
+constexpr int kGroups = kChunk / 8;
+constexpr int kHaloBytes = kHaloRows * kGroups * kHaloCols * 16;  // 25344
+constexpr int kHaloStages = 4;
+constexpr int kTaps = 9;                                // 3 x 3 spatial taps
+constexpr int kWeightStages = kTaps;                    // the slabs of one halo slot
+constexpr int kThreads = 384;
+constexpr int kHaloThreads = 96;                        // warps 1-3
+constexpr int kConsumerWarps = 8;
+
+template <int kBlockN>
+constexpr int slab_bytes() { return kChunk * kBlockN * 2; }
+template <int kBlockN>
+constexpr int smem_bytes() {
+  return kHaloStages * kHaloBytes + kWeightStages * slab_bytes<kBlockN>() + (2 * kHaloStages + 2 * kWeightStages) * 8;
+}
+
+template <typename T>
+struct ConvParams {
+  const T* x;
+  const T* cache;
+  T* out;
+  const T* weight;  // packed, see causal_conv.h
+  const T* bias;
+  int64_t xb, xf, xr, cb, cf, cr, ob, of, orow;
+  int C, O, T_in, H, W, To, Ho, Wo, KT, tp, hp, wp, cache_frames, n_cache;
+  int tiles_w, tiles_h, n_tiles;
+};
+
+template <typename T, int kBlockN>
+__global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid_constant__ ConvParams<T> p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* halo = smem;
+  unsigned char* slabs = smem + kHaloStages * kHaloBytes;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(slabs + kWeightStages * slab_bytes<kBlockN>());
+  uint64_t* halo_full = bars;
+  uint64_t* halo_empty = halo_full + kHaloStages;
+  uint64_t* slab_full = halo_empty + kHaloStages;
+  uint64_t* slab_empty = slab_full + kWeightStages;
+
+  // Tile: output channel tile fastest, then columns, rows, frames, batch.
+  int idx = blockIdx.x;
+  const int nt = idx % p.n_tiles;
+  idx /= p.n_tiles;
+  const int w0 = (idx % p.tiles_w) * kCols;
+  idx /= p.tiles_w;
+  const int h0 = (idx % p.tiles_h) * kRows;
+  idx /= p.tiles_h;
+  const int t = idx % p.To;
+  const int b = idx / p.To;
+  const int chunks = p.C / kChunk;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kHaloStages; ++i) {
+      mbar_init(&halo_full[i], kHaloThreads);
+      mbar_init(&halo_empty[i], kConsumerWarps);
+    }
+    for (int i = 0; i < kWeightStages; ++i) {
+      mbar_init(&slab_full[i], 1);
+      mbar_init(&slab_empty[i], kConsumerWarps);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warp >= 1 && warp <= 3) {  // ---------------------------------------------------------- halo producer
+    const int tid = threadIdx.x - 32;
+    int s = 0;
+    for (int dt = 0; dt < p.KT; ++dt) {
+      const int src = t + dt - p.tp;  // < 0: a frame before the chunk
+      if (src < -p.n_cache) continue;
+      const T* frame = src >= 0 ? p.x + b * p.xb + src * p.xf : p.cache + b * p.cb + (p.cache_frames + src) * p.cf;
+      const int64_t row_stride = src >= 0 ? p.xr : p.cr;
+      for (int cc = 0; cc < chunks; ++cc, ++s) {
+        const int slot = s % kHaloStages;
+        mbar_wait(&halo_empty[slot], ((s / kHaloStages) & 1) ^ 1);
+        const uint32_t dst0 = smem_u32(halo + slot * kHaloBytes);
+        const T* chunk = frame + cc * kChunk;
+        for (int i = tid; i < kHaloRows * kHaloCols * kGroups; i += kHaloThreads) {
+          const int g = i % kGroups, pix = i / kGroups;
+          const int hh = pix / kHaloCols, ww = pix - hh * kHaloCols;
+          const int h = h0 - p.hp + hh, w = w0 - p.wp + ww;
+          const bool ok = unsigned(h) < unsigned(p.H) && unsigned(w) < unsigned(p.W);
+          const T* from = ok ? chunk + h * row_stride + int64_t(w) * p.C + g * 8 : p.x;
+          cp_async_16(dst0 + ((hh * kGroups + g) * kHaloCols + ww) * 16, from, ok);
+        }
+        cp_async_arrive(&halo_full[slot]);
+      }
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");  // no exit with copies in flight
+  } else if (warp == 0) {  // ----------------------------------------------------------- weight producer
+    if (lane == 0) {
+      constexpr int kSlabElems = slab_bytes<kBlockN>() / 2;
+      int q = 0;
+      for (int dt = 0; dt < p.KT; ++dt) {
+        if (t + dt - p.tp < -p.n_cache) continue;
+        const T* w = p.weight + int64_t((nt * p.KT + dt) * chunks) * kTaps * kSlabElems;
+        for (int cc = 0; cc < chunks; ++cc) {
+          for (int tap = 0; tap < kTaps; ++tap, ++q) {
+            const int slot = q % kWeightStages;
+            mbar_wait(&slab_empty[slot], ((q / kWeightStages) & 1) ^ 1);
+            mbar_arrive_expect_tx(&slab_full[slot], slab_bytes<kBlockN>());
+            bulk_load(slabs + slot * slab_bytes<kBlockN>(), w + int64_t(cc * kTaps + tap) * kSlabElems,
+                      slab_bytes<kBlockN>(), &slab_full[slot]);
+          }
+        }
+      }
+    }
+  } else {  // ------------------------------------------------------------------------------------ consumers
+    const int c = warp / 4 - 1;  // rows 2c, 2c + 1 of the tile
+    float acc[2][kBlockN / 2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int i = 0; i < kBlockN / 2; ++i) acc[r][i] = 0.f;
+    const uint32_t halo0 = smem_u32(halo), slab0 = smem_u32(slabs);
+    int s = 0, q = 0;
+    for (int dt = 0; dt < p.KT; ++dt) {
+      if (t + dt - p.tp < -p.n_cache) continue;
+      for (int cc = 0; cc < chunks; ++cc, ++s) {
+        const int slot = s % kHaloStages;
+        mbar_wait(&halo_full[slot], (s / kHaloStages) & 1);
+        fence_async_smem();  // the halo came through cp.async (generic proxy); wgmma reads it (async proxy)
+        const uint32_t tile = halo0 + slot * kHaloBytes;
+#pragma unroll
+        for (int tap = 0; tap < kTaps; ++tap, ++q) {
+          const int dh = tap / 3, dw = tap % 3;
+          const int wslot = q % kWeightStages;
+          mbar_wait(&slab_full[wslot], (q / kWeightStages) & 1);
+          const uint32_t slab = slab0 + wslot * slab_bytes<kBlockN>();
+          wgmma_fence();
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+#pragma unroll
+            for (int kk = 0; kk < 2; ++kk) {
+              const SmemDesc a = SmemDesc::interleaved(
+                  tile + (((2 * c + r + dh) * kGroups + 2 * kk) * kHaloCols + dw) * 16, kHaloCols * 16, 128);
+              const SmemDesc bw = SmemDesc::interleaved(slab + kk * 2 * kBlockN * 16, kBlockN * 16, 128);
+              wgmma_m64nNk16_ss_acc<T, kBlockN>(acc[r], a.bits(), bw.bits());
+            }
+          }
+          wgmma_commit();
+          wgmma_wait<1>();  // the previous tap's products are done: release what only they read
+          if (q > 0 && lane == 0) {
+            mbar_arrive(&slab_empty[(q - 1) % kWeightStages]);
+            if (tap == 0) mbar_arrive(&halo_empty[(s - 1) % kHaloStages]);
+          }
+        }
+      }
+    }
+    wgmma_wait<0>();
+    fence_regs(acc[0]);
+    fence_regs(acc[1]);
+
+    // Epilogue: bias in fp32, one rounding, 4-byte stores of channel pairs; pixels past the frame not stored.
+    const int wq = warp % 4;
+    T* out = p.out + b * p.ob + t * p.of + nt * kBlockN;
+    const T* bias = p.bias ? p.bias + nt * kBlockN + 2 * (lane % 4) : nullptr;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int h = h0 + 2 * c + r;
+      if (h >= p.Ho) continue;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int w = w0 + 16 * wq + lane / 4 + 8 * i;
+        if (w >= p.Wo) continue;
+        T* row = out + h * p.orow + int64_t(w) * p.O + 2 * (lane % 4);
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) {
+          const float b0 = bias ? float(bias[8 * j]) : 0.f, b1 = bias ? float(bias[8 * j + 1]) : 0.f;
+          const uint32_t v = pack2<T>(acc[r][4 * j + 2 * i] + b0, acc[r][4 * j + 2 * i + 1] + b1);
+          *reinterpret_cast<uint32_t*>(row + 8 * j) = v;
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int kBlockN>
+cudaError_t launch(const ConvParams<T>& p, int batch, cudaStream_t stream) {
+  constexpr int kSmem = smem_bytes<kBlockN>();
+  const auto kernel = causal_conv3d_kernel<T, kBlockN>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err != cudaSuccess) return err;
+  const int64_t ctas = int64_t(batch) * p.To * p.tiles_h * p.tiles_w * p.n_tiles;
+  if (ctas > 0x7fffffff) return cudaErrorInvalidValue;
+  kernel<<<unsigned(ctas), kThreads, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+bool aligned(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+bool strides_ok(const ConvTensor& t) { return t.batch_stride % 8 == 0 && t.frame_stride % 8 == 0 && t.row_stride % 8 == 0; }
+
+}  // namespace
+
+cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, const void* weight_packed,
+                              const void* bias, DType dtype, int batch, int channels, int out_channels, int frames,
+                              int height, int width, int kt, int tp, int hp, int wp, int cache_frames, int n_cache,
+                              int block_n, cudaStream_t stream) {
+  const int To = tp + frames - kt + 1, Ho = height + 2 * hp - 2, Wo = width + 2 * wp - 2;
+  const bool cache_ok = n_cache == 0 || (cache.ptr != nullptr && aligned(cache.ptr) && strides_ok(cache) &&
+                                         n_cache <= cache_frames);
+  if (batch < 1 || channels < kChunk || channels % kChunk != 0 || frames < 1 || kt < 1 || tp < 0 || hp < 0 ||
+      wp < 0 || n_cache < 0 || n_cache > tp || To < 1 || Ho < 1 || Wo < 1 || !cache_ok || x.ptr == nullptr ||
+      out.ptr == nullptr || weight_packed == nullptr || !aligned(x.ptr) || !aligned(out.ptr) ||
+      !aligned(weight_packed) || !strides_ok(x) || !strides_ok(out) || out_channels % 8 != 0 ||
+      (block_n != kConvBlockNs[0] && block_n != kConvBlockNs[1]) || out_channels % block_n != 0)
+    return cudaErrorInvalidValue;
+  const auto run = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    ConvParams<T> p;
+    p.x = static_cast<const T*>(x.ptr);
+    p.cache = n_cache ? static_cast<const T*>(cache.ptr) : p.x;
+    p.out = static_cast<T*>(const_cast<void*>(out.ptr));
+    p.weight = static_cast<const T*>(weight_packed);
+    p.bias = static_cast<const T*>(bias);
+    p.xb = x.batch_stride, p.xf = x.frame_stride, p.xr = x.row_stride;
+    p.cb = cache.batch_stride, p.cf = cache.frame_stride, p.cr = cache.row_stride;
+    p.ob = out.batch_stride, p.of = out.frame_stride, p.orow = out.row_stride;
+    p.C = channels, p.O = out_channels, p.T_in = frames, p.H = height, p.W = width;
+    p.To = To, p.Ho = Ho, p.Wo = Wo, p.KT = kt, p.tp = tp, p.hp = hp, p.wp = wp;
+    p.cache_frames = cache_frames, p.n_cache = n_cache;
+    p.tiles_w = (Wo + kCols - 1) / kCols, p.tiles_h = (Ho + kRows - 1) / kRows, p.n_tiles = out_channels / block_n;
+    return block_n == 96 ? launch<T, 96>(p, batch, stream) : launch<T, 128>(p, batch, stream);
+  };
+  if (dtype == DType::kBFloat16) return run(__nv_bfloat16());
+  if (dtype == DType::kFloat16) return run(__half());
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace vkern

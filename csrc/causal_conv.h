@@ -1,0 +1,36 @@
+// vkern's causal 3D convolution for Hopper (sm_90a): channels-last, zeros padding, stride 1, a 3 x 3 spatial
+// kernel, cached frames read in place. Framework-free: raw pointers, sizes, strides and a stream.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "fp8_quant.h"  // DType
+
+namespace vkern {
+
+// A [B, C, T, H, W] tensor whose pixels are rows of C contiguous channels: element (b, c, t, h, w) at
+// ptr + b * batch_stride + t * frame_stride + h * row_stride + w * C + c. Strides in elements, multiples of 8
+// (frame_stride may be negative: a cache stored newest frame first).
+struct ConvTensor {
+  const void* ptr;
+  int64_t batch_stride, frame_stride, row_stride;
+};
+
+// The output-channel tiles the kernel has (out_channels must be a multiple of one of them).
+constexpr int kConvBlockNs[] = {96, 128};
+
+// out [B, O, To, Ho, Wo] (pixels rows of O channels) = the causal conv of x [B, C, T, H, W] (the chunk) with
+// weight_packed (vkern.ops.causal_conv.cuda_packed_weight: [O / block_n, KT, C / 32, 9, 4, block_n, 8]), plus bias
+// [O] (may be null), in dtype (bf16 or fp16), fp32 accumulation, rounded once.
+// Time: output frame t reads padded frames t ... t + KT - 1 of [tp padding frames | x]; padded frame tp + s is
+// x's frame s for s >= 0, cache frame cache_frames + s (cache: logical frames 0 ... cache_frames - 1, oldest
+// first) for -n_cache <= s < 0, and zeros below. To = tp + T - KT + 1. Space: 3 x 3, padding hp rows and wp
+// columns of zeros: Ho = H + 2 hp - 2, Wo = W + 2 wp - 2.
+// C a multiple of 32; block_n in kConvBlockNs dividing O. Returns cudaErrorInvalidValue for arguments the
+// kernel does not take.
+cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, const void* weight_packed,
+                              const void* bias, DType dtype, int batch, int channels, int out_channels, int frames,
+                              int height, int width, int kt, int tp, int hp, int wp, int cache_frames, int n_cache,
+                              int block_n, cudaStream_t stream);
+
+}  // namespace vkern

@@ -1,0 +1,169 @@
+"""csrc/causal_conv.cu (the causal_conv3d op's "cuda" backend) against the float64 reference, with the per-element
+error bound of tests/test_causal_conv_triton.py (one rounding of an fp32 sum; a wrong frame, tap, channel or
+padding value fails it by orders of magnitude). The kernel needs Hopper, so those tests are marked gpu; the
+weight packing and the backend choice are checked on the CPU."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vkern import ops
+from vkern.ops import _backend
+from vkern.ops import causal_conv as cc
+from vkern.reference import causal_conv as ref
+
+from .test_causal_conv_triton import UNIT_ROUNDOFF, check, inputs
+from .tolerance import assert_within_torch_error, rel_l2
+
+CL = torch.channels_last_3d
+
+
+# --- CPU: the packed weight and the backend choice ------------------------------------------------------------
+
+@pytest.mark.parametrize("O,block_n", [(96, 96), (192, 96), (256, 128)])
+def test_packed_weight_layout(O, block_n):
+    """Element (tile, dt, chunk, tap, group, n, e) of the packed weight is weight[tile * block_n + n,
+    chunk * 32 + group * 8 + e, dt, tap // 3, tap % 3] (causal_conv.h)."""
+    C, kt = 64, 3
+    w = torch.randn(O, C, kt, 3, 3)
+    p = cc.cuda_packed_weight(w, block_n)
+    assert p.shape == (O // block_n, kt, C // 32, 9, 4, block_n, 8) and p.is_contiguous()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        tile, dt, chunk, tap, group, n, e = (int(torch.randint(0, s, (1,), generator=g)) for s in p.shape)
+        assert p[tile, dt, chunk, tap, group, n, e] == w[tile * block_n + n, chunk * 32 + group * 8 + e, dt,
+                                                         tap // 3, tap % 3]
+
+
+def test_unsupported_convs_say_why():
+    x = torch.empty(1, 96, 1, 8, 8, dtype=torch.bfloat16)
+    ok = torch.empty(96, 96, 3, 3, 3, dtype=torch.bfloat16)
+    assert cc.cuda_unsupported(x, ok, (1, 1, 1)) is None
+    assert "stride" in cc.cuda_unsupported(x, ok, (1, 2, 2))
+    assert "3 x 3" in cc.cuda_unsupported(x, torch.empty(96, 96, 3, 1, 1, dtype=torch.bfloat16), (1, 1, 1))
+    assert "96 or 128" in cc.cuda_unsupported(x, torch.empty(3, 96, 3, 3, 3, dtype=torch.bfloat16), (1, 1, 1))
+    assert "multiple of 32" in cc.cuda_unsupported(x[:, :48], torch.empty(96, 48, 3, 3, 3, dtype=torch.bfloat16),
+                                                   (1, 1, 1))
+    assert "float32" in cc.cuda_unsupported(x.float(), ok.float(), (1, 1, 1))
+
+
+def test_cuda_first_only_where_preferred(monkeypatch):
+    monkeypatch.delenv("VKERN_CAUSAL_CONV3D_BACKEND", raising=False)
+    monkeypatch.delenv("VKERN_BACKEND", raising=False)
+    dev = torch.device("cuda")
+    cands = cc._causal_conv_candidates(dev, torch.bfloat16, cuda=None, prefer_cuda=False)
+    assert list(cands)[0] == "cudnn"
+    cands = cc._causal_conv_candidates(dev, torch.bfloat16, cuda=None, prefer_cuda=True)
+    first = "cuda" if _backend.cuda_ext_usable(dev) is None else "cudnn"  # no vkern._C here: cuDNN
+    assert list(cands)[0] == first
+    w = torch.empty(96, 96, 3, 3, 3)
+    monkeypatch.setenv("VKERN_CONV_CUDA", "all")
+    assert cc._cuda_preferred(w)
+    monkeypatch.setenv("VKERN_CONV_CUDA", "0")
+    assert not cc._cuda_preferred(w)
+    monkeypatch.setenv("VKERN_CONV_CUDA", "yes")
+    with pytest.raises(ValueError, match="VKERN_CONV_CUDA"):
+        cc._cuda_preferred(w)
+
+
+# --- GPU --------------------------------------------------------------------------------------------------------
+
+def _gpu(*ts):
+    return [None if t is None else t.cuda() for t in ts]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C,O,T,H,W", [(32, 96, 1, 5, 7),       # one chunk, one partial tile
+                                       (96, 96, 3, 9, 70),      # 2 column tiles (the second 6 wide), 3 row tiles
+                                       (64, 128, 2, 4, 64),     # exact tile
+                                       (96, 192, 2, 11, 65),    # 2 output-channel tiles of 96
+                                       (128, 384, 1, 6, 130)])  # 3 of 128
+@pytest.mark.parametrize("cache_frames", [None, 1, 2, 3], ids=["no-cache", "short", "equal", "long"])
+def test_gpu_matches_reference(dtype, C, O, T, H, W, cache_frames):
+    x, w, b, cache = _gpu(*inputs(2, C, O, T, H, W, (3, 3, 3), cache_frames, dtype))
+    if cache_frames == 1:
+        b = None
+    out = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache)
+    y = check(out, x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros")
+    assert rel_l2(out, y) <= UNIT_ROUNDOFF[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padding", [(0, 1, 1), (2, 0, 0), (1, 2, 1)])
+def test_gpu_other_paddings(padding):
+    """No time padding (a [cache | chunk] buffer's conv), no spatial padding, and one of each uneven."""
+    x, w, b, cache = _gpu(*inputs(1, 64, 96, 4, 10, 67, (3, 3, 3), 2, torch.bfloat16))
+    out = cc.causal_conv3d_cuda(x, w, b, padding, cache)
+    check(out, x, w, b, (1, 1, 1), padding, cache, "zeros")
+
+
+@pytest.mark.gpu
+def test_gpu_time_kernel_of_one():
+    x, w, b, _ = _gpu(*inputs(1, 32, 96, 3, 6, 9, (1, 3, 3), None, torch.bfloat16))
+    out = cc.causal_conv3d_cuda(x, w, b, (0, 1, 1))
+    check(out, x, w, b, (1, 1, 1), (0, 1, 1), None, "zeros")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_frames", [1, 2, 3])
+def test_gpu_reversed_cache_reads_the_flipped_frames(cache_frames):
+    x, w, b, cache = _gpu(*inputs(1, 32, 96, 2, 5, 66, (3, 3, 3), cache_frames, torch.bfloat16))
+    flipped = cache.flip(2).contiguous(memory_format=CL)
+    out = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), flipped, cache_reversed=True)
+    assert torch.equal(out, cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache))
+    check(out, x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros")
+
+
+@pytest.mark.gpu
+def test_gpu_chunks_with_cache_equal_whole_video():
+    x, w, b, _ = _gpu(*inputs(1, 64, 96, 6, 9, 70, (3, 3, 3), None, torch.bfloat16))
+    outs, cache = [], None
+    for chunk in x.split((1, 1, 3, 1), dim=2):
+        outs.append(cc.causal_conv3d_cuda(chunk, w, b, (2, 1, 1), cache))
+        cache = ref.next_cache(chunk, cache)
+    whole = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1))
+    assert torch.equal(torch.cat(outs, dim=2), whole)  # the same sums in the same order
+    check(whole, x, w, b, (1, 1, 1), (2, 1, 1), None, "zeros")
+
+
+@pytest.mark.gpu
+def test_gpu_time_slice_views():
+    """x and cache as slices of one channels-last buffer [cache | chunk] (unusual batch strides)."""
+    B, C, O, T, H, W = 2, 32, 96, 3, 7, 9
+    buf = torch.randn(B, C, 2 + T, H, W, device="cuda").to(torch.bfloat16).contiguous(memory_format=CL)
+    cache, x = buf[:, :, :2], buf[:, :, 2:]
+    _, w, b, _ = _gpu(*inputs(B, C, O, T, H, W, (3, 3, 3), None, torch.bfloat16))
+    out = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache)
+    check(out, x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros")
+    with pytest.raises(ValueError, match="pixel rows"):
+        cc.causal_conv3d_cuda(x.contiguous(), w, b, (2, 1, 1), cache)
+
+
+@pytest.mark.gpu
+def test_gpu_op_forcing(monkeypatch):
+    monkeypatch.setenv("VKERN_CAUSAL_CONV3D_BACKEND", "cuda")
+    x, w, b, cache = _gpu(*inputs(1, 32, 96, 2, 5, 7, (3, 3, 3), 2, torch.bfloat16))
+    out = ops.causal_conv3d(x.contiguous(), w, b, 1, (2, 1, 1), cache)  # NCDHW: the op copies it once
+    assert _backend.last_choice["causal_conv3d"] == "cuda"
+    check(out, x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros")
+    with pytest.raises(_backend.BackendError, match="96 or 128"):
+        ops.causal_conv3d(x, w[:3], b[:3], 1, (2, 1, 1), cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C,O,T,H,W", [(96, 96, 4, 480, 832), (192, 192, 4, 240, 416), (384, 384, 2, 120, 208),
+                                       (384, 384, 1, 60, 104)])
+@torch.inference_mode()
+def test_gpu_wan_shapes(C, O, T, H, W):
+    """bf16 at the Wan VAE decoder's shapes against cuDNN's fp32 conv (TF32 off) on the same bf16 inputs, with a
+    2-frame cache: one rounding (rel L2 <= 2^-8) and within 2x cuDNN's own bf16 error."""
+    x, w, b, cache = _gpu(*inputs(1, C, O, T, H, W, (3, 3, 3), 2, torch.bfloat16))
+    out = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache)
+    xx = torch.cat([cache, x], dim=2)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        oracle = F.conv3d(xx.float(), w.float(), b.float(), padding=(0, 1, 1))
+    theirs = F.conv3d(xx, w, b, padding=(0, 1, 1))
+    err = rel_l2(out, oracle)
+    print(f"{C}->{O} {T}x{H}x{W}: rel L2 vs fp32 {err:.3g}, cuDNN bf16 {rel_l2(theirs, oracle):.3g}")
+    assert err <= 2.0**-8
+    assert_within_torch_error(out, oracle.double(), theirs, factor=2.0)
