@@ -535,6 +535,11 @@ def _vae_conv(name, providers, args):
                "vkern-triton": lambda: triton_conv(x_cl, weight, bias, (1, 1, 1), (tp, hp, wp), cache_cl)}
         if cuda_unsupported(x_cl, weight, (1, 1, 1)) is None:  # csrc/causal_conv.cu (weight repacked per call)
             fns["vkern-cuda"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl)
+            # its variants: a 9-slab weight ring; one CTA per tile instead of persistent CTAs
+            fns["vkern-cuda-w9"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl,
+                                                              weight_stages=9)
+            fns["vkern-cuda-grid"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl,
+                                                                persistent=False)
     # Probes of the vkern conv: without its bias (what a bias fused into the next op leaves), and with
     # cuDNN's autotuner (benchmark mode, trying 10 / all engines) instead of its heuristics' first pick.
     vkern = fns["vkern"]

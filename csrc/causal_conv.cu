@@ -32,16 +32,16 @@ constexpr int kHaloRows = kRows + 2, kHaloCols = kCols + 2;
 constexpr int kChunk = 32;                              // input channels per halo slot (4 groups of 8)
 constexpr int kGroups = kChunk / 8;
 constexpr int kHaloBytes = kHaloRows * kGroups * kHaloCols * 16;  // 25344
-constexpr int kHaloStages = 4;
+constexpr int kHaloStages = 3;
 constexpr int kTaps = 9;                                // 3 x 3 spatial taps
-constexpr int kWeightStages = kTaps;                    // the slabs of one halo slot
 constexpr int kThreads = 384;
 constexpr int kHaloThreads = 96;                        // warps 1-3
 constexpr int kConsumerWarps = 8;
 
 template <int kBlockN>
 constexpr int slab_bytes() { return kChunk * kBlockN * 2; }
-template <int kBlockN>
+// Halo ring | weight-slab ring (kWeightStages slabs: one or two halo slots' worth) | barriers.
+template <int kBlockN, int kWeightStages>
 constexpr int smem_bytes() {
   return kHaloStages * kHaloBytes + kWeightStages * slab_bytes<kBlockN>() + (2 * kHaloStages + 2 * kWeightStages) * 8;
 }
@@ -54,11 +54,28 @@ struct ConvParams {
   const T* weight;  // packed, see causal_conv.h
   const T* bias;
   int64_t xb, xf, xr, cb, cf, cr, ob, of, orow;
-  int C, O, T_in, H, W, To, Ho, Wo, KT, tp, hp, wp, cache_frames, n_cache;
-  int tiles_w, tiles_h, n_tiles;
+  int C, O, H, W, To, Ho, Wo, KT, tp, hp, wp, cache_frames, n_cache;
+  int tiles_w, tiles_h, n_tiles, tiles;
 };
 
-template <typename T, int kBlockN>
+// One output tile: output channel tile fastest, then columns, rows, frames, batch.
+struct Tile {
+  int nt, w0, h0, t, b;
+  __device__ Tile(int idx, int n_tiles, int tiles_w, int tiles_h, int To) {
+    nt = idx % n_tiles;
+    idx /= n_tiles;
+    w0 = (idx % tiles_w) * kCols;
+    idx /= tiles_w;
+    h0 = (idx % tiles_h) * kRows;
+    idx /= tiles_h;
+    t = idx % To;
+    b = idx / To;
+  }
+};
+
+// Persistent: CTA i takes tiles i, i + gridDim.x, ... (neighbouring CTAs take neighbouring tiles, whose halos
+// overlap in L2), so the producers load the next tile while the consumers store the last one.
+template <typename T, int kBlockN, int kWeightStages>
 __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid_constant__ ConvParams<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* halo = smem;
@@ -68,17 +85,6 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
   uint64_t* halo_empty = halo_full + kHaloStages;
   uint64_t* slab_full = halo_empty + kHaloStages;
   uint64_t* slab_empty = slab_full + kWeightStages;
-
-  // Tile: output channel tile fastest, then columns, rows, frames, batch.
-  int idx = blockIdx.x;
-  const int nt = idx % p.n_tiles;
-  idx /= p.n_tiles;
-  const int w0 = (idx % p.tiles_w) * kCols;
-  idx /= p.tiles_w;
-  const int h0 = (idx % p.tiles_h) * kRows;
-  idx /= p.tiles_h;
-  const int t = idx % p.To;
-  const int b = idx / p.To;
   const int chunks = p.C / kChunk;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -98,25 +104,29 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
   if (warp >= 1 && warp <= 3) {  // ---------------------------------------------------------- halo producer
     const int tid = threadIdx.x - 32;
     int s = 0;
-    for (int dt = 0; dt < p.KT; ++dt) {
-      const int src = t + dt - p.tp;  // < 0: a frame before the chunk
-      if (src < -p.n_cache) continue;
-      const T* frame = src >= 0 ? p.x + b * p.xb + src * p.xf : p.cache + b * p.cb + (p.cache_frames + src) * p.cf;
-      const int64_t row_stride = src >= 0 ? p.xr : p.cr;
-      for (int cc = 0; cc < chunks; ++cc, ++s) {
-        const int slot = s % kHaloStages;
-        mbar_wait(&halo_empty[slot], ((s / kHaloStages) & 1) ^ 1);
-        const uint32_t dst0 = smem_u32(halo + slot * kHaloBytes);
-        const T* chunk = frame + cc * kChunk;
-        for (int i = tid; i < kHaloRows * kHaloCols * kGroups; i += kHaloThreads) {
-          const int g = i % kGroups, pix = i / kGroups;
-          const int hh = pix / kHaloCols, ww = pix - hh * kHaloCols;
-          const int h = h0 - p.hp + hh, w = w0 - p.wp + ww;
-          const bool ok = unsigned(h) < unsigned(p.H) && unsigned(w) < unsigned(p.W);
-          const T* from = ok ? chunk + h * row_stride + int64_t(w) * p.C + g * 8 : p.x;
-          cp_async_16(dst0 + ((hh * kGroups + g) * kHaloCols + ww) * 16, from, ok);
+    for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
+      const Tile tile(idx, p.n_tiles, p.tiles_w, p.tiles_h, p.To);
+      for (int dt = 0; dt < p.KT; ++dt) {
+        const int src = tile.t + dt - p.tp;  // < 0: a frame before the chunk
+        if (src < -p.n_cache) continue;
+        const T* frame = src >= 0 ? p.x + tile.b * p.xb + src * p.xf
+                                  : p.cache + tile.b * p.cb + (p.cache_frames + src) * p.cf;
+        const int64_t row_stride = src >= 0 ? p.xr : p.cr;
+        for (int cc = 0; cc < chunks; ++cc, ++s) {
+          const int slot = s % kHaloStages;
+          mbar_wait(&halo_empty[slot], ((s / kHaloStages) & 1) ^ 1);
+          const uint32_t dst0 = smem_u32(halo + slot * kHaloBytes);
+          const T* chunk = frame + cc * kChunk;
+          for (int i = tid; i < kHaloRows * kHaloCols * kGroups; i += kHaloThreads) {
+            const int g = i % kGroups, pix = i / kGroups;
+            const int hh = pix / kHaloCols, ww = pix - hh * kHaloCols;
+            const int h = tile.h0 - p.hp + hh, w = tile.w0 - p.wp + ww;
+            const bool ok = unsigned(h) < unsigned(p.H) && unsigned(w) < unsigned(p.W);
+            const T* from = ok ? chunk + h * row_stride + int64_t(w) * p.C + g * 8 : p.x;
+            cp_async_16(dst0 + ((hh * kGroups + g) * kHaloCols + ww) * 16, from, ok);
+          }
+          cp_async_arrive(&halo_full[slot]);
         }
-        cp_async_arrive(&halo_full[slot]);
       }
     }
     asm volatile("cp.async.wait_all;" ::: "memory");  // no exit with copies in flight
@@ -124,98 +134,113 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
     if (lane == 0) {
       constexpr int kSlabElems = slab_bytes<kBlockN>() / 2;
       int q = 0;
-      for (int dt = 0; dt < p.KT; ++dt) {
-        if (t + dt - p.tp < -p.n_cache) continue;
-        const T* w = p.weight + int64_t((nt * p.KT + dt) * chunks) * kTaps * kSlabElems;
-        for (int cc = 0; cc < chunks; ++cc) {
-          for (int tap = 0; tap < kTaps; ++tap, ++q) {
-            const int slot = q % kWeightStages;
-            mbar_wait(&slab_empty[slot], ((q / kWeightStages) & 1) ^ 1);
-            mbar_arrive_expect_tx(&slab_full[slot], slab_bytes<kBlockN>());
-            bulk_load(slabs + slot * slab_bytes<kBlockN>(), w + int64_t(cc * kTaps + tap) * kSlabElems,
-                      slab_bytes<kBlockN>(), &slab_full[slot]);
+      for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
+        const Tile tile(idx, p.n_tiles, p.tiles_w, p.tiles_h, p.To);
+        for (int dt = 0; dt < p.KT; ++dt) {
+          if (tile.t + dt - p.tp < -p.n_cache) continue;
+          const T* w = p.weight + int64_t((tile.nt * p.KT + dt) * chunks) * kTaps * kSlabElems;
+          for (int cc = 0; cc < chunks; ++cc) {
+            for (int tap = 0; tap < kTaps; ++tap, ++q) {
+              const int slot = q % kWeightStages;
+              mbar_wait(&slab_empty[slot], ((q / kWeightStages) & 1) ^ 1);
+              mbar_arrive_expect_tx(&slab_full[slot], slab_bytes<kBlockN>());
+              bulk_load(slabs + slot * slab_bytes<kBlockN>(), w + int64_t(cc * kTaps + tap) * kSlabElems,
+                        slab_bytes<kBlockN>(), &slab_full[slot]);
+            }
           }
         }
       }
     }
   } else {  // ------------------------------------------------------------------------------------ consumers
     const int c = warp / 4 - 1;  // rows 2c, 2c + 1 of the tile
-    float acc[2][kBlockN / 2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int i = 0; i < kBlockN / 2; ++i) acc[r][i] = 0.f;
     const uint32_t halo0 = smem_u32(halo), slab0 = smem_u32(slabs);
     int s = 0, q = 0;
-    for (int dt = 0; dt < p.KT; ++dt) {
-      if (t + dt - p.tp < -p.n_cache) continue;
-      for (int cc = 0; cc < chunks; ++cc, ++s) {
-        const int slot = s % kHaloStages;
-        mbar_wait(&halo_full[slot], (s / kHaloStages) & 1);
-        fence_async_smem();  // the halo came through cp.async (generic proxy); wgmma reads it (async proxy)
-        const uint32_t tile = halo0 + slot * kHaloBytes;
+    for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
+      const Tile tile(idx, p.n_tiles, p.tiles_w, p.tiles_h, p.To);
+      float acc[2][kBlockN / 2];
 #pragma unroll
-        for (int tap = 0; tap < kTaps; ++tap, ++q) {
-          const int dh = tap / 3, dw = tap % 3;
-          const int wslot = q % kWeightStages;
-          mbar_wait(&slab_full[wslot], (q / kWeightStages) & 1);
-          const uint32_t slab = slab0 + wslot * slab_bytes<kBlockN>();
-          wgmma_fence();
+      for (int r = 0; r < 2; ++r)
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
+        for (int i = 0; i < kBlockN / 2; ++i) acc[r][i] = 0.f;
+      const int q_first = q;
+      for (int dt = 0; dt < p.KT; ++dt) {
+        if (tile.t + dt - p.tp < -p.n_cache) continue;
+        for (int cc = 0; cc < chunks; ++cc, ++s) {
+          const int slot = s % kHaloStages;
+          mbar_wait(&halo_full[slot], (s / kHaloStages) & 1);
+          fence_async_smem();  // the halo came through cp.async (generic proxy); wgmma reads it (async proxy)
+          const uint32_t halo_tile = halo0 + slot * kHaloBytes;
 #pragma unroll
-            for (int kk = 0; kk < 2; ++kk) {
-              const SmemDesc a = SmemDesc::interleaved(
-                  tile + (((2 * c + r + dh) * kGroups + 2 * kk) * kHaloCols + dw) * 16, kHaloCols * 16, 128);
-              const SmemDesc bw = SmemDesc::interleaved(slab + kk * 2 * kBlockN * 16, kBlockN * 16, 128);
-              wgmma_m64nNk16_ss_acc<T, kBlockN>(acc[r], a.bits(), bw.bits());
+          for (int tap = 0; tap < kTaps; ++tap, ++q) {
+            const int dh = tap / 3, dw = tap % 3;
+            const int wslot = q % kWeightStages;
+            mbar_wait(&slab_full[wslot], (q / kWeightStages) & 1);
+            const uint32_t slab = slab0 + wslot * slab_bytes<kBlockN>();
+            wgmma_fence();
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+#pragma unroll
+              for (int kk = 0; kk < 2; ++kk) {
+                const SmemDesc a = SmemDesc::interleaved(
+                    halo_tile + (((2 * c + r + dh) * kGroups + 2 * kk) * kHaloCols + dw) * 16, kHaloCols * 16, 128);
+                const SmemDesc bw = SmemDesc::interleaved(slab + kk * 2 * kBlockN * 16, kBlockN * 16, 128);
+                wgmma_m64nNk16_ss_acc<T, kBlockN>(acc[r], a.bits(), bw.bits());
+              }
             }
-          }
-          wgmma_commit();
-          wgmma_wait<1>();  // the previous tap's products are done: release what only they read
-          if (q > 0 && lane == 0) {
-            mbar_arrive(&slab_empty[(q - 1) % kWeightStages]);
-            if (tap == 0) mbar_arrive(&halo_empty[(s - 1) % kHaloStages]);
+            wgmma_commit();
+            wgmma_wait<1>();  // the previous tap's products are done: release what only they read
+            if (q > q_first && lane == 0) {
+              mbar_arrive(&slab_empty[(q - 1) % kWeightStages]);
+              if (tap == 0) mbar_arrive(&halo_empty[(s - 1) % kHaloStages]);
+            }
           }
         }
       }
-    }
-    wgmma_wait<0>();
-    fence_regs(acc[0]);
-    fence_regs(acc[1]);
+      wgmma_wait<0>();
+      fence_regs(acc[0]);
+      fence_regs(acc[1]);
+      if (q > q_first && lane == 0) {  // the tile's last tap and halo slot
+        mbar_arrive(&slab_empty[(q - 1) % kWeightStages]);
+        mbar_arrive(&halo_empty[(s - 1) % kHaloStages]);
+      }
 
-    // Epilogue: bias in fp32, one rounding, 4-byte stores of channel pairs; pixels past the frame not stored.
-    const int wq = warp % 4;
-    T* out = p.out + b * p.ob + t * p.of + nt * kBlockN;
-    const T* bias = p.bias ? p.bias + nt * kBlockN + 2 * (lane % 4) : nullptr;
+      // Epilogue: bias in fp32, one rounding, 4-byte stores of channel pairs; pixels past the frame not stored.
+      const int wq = warp % 4;
+      T* out = p.out + tile.b * p.ob + tile.t * p.of + tile.nt * kBlockN;
+      const T* bias = p.bias ? p.bias + tile.nt * kBlockN + 2 * (lane % 4) : nullptr;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int h = h0 + 2 * c + r;
-      if (h >= p.Ho) continue;
+      for (int r = 0; r < 2; ++r) {
+        const int h = tile.h0 + 2 * c + r;
+        if (h >= p.Ho) continue;
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int w = w0 + 16 * wq + lane / 4 + 8 * i;
-        if (w >= p.Wo) continue;
-        T* row = out + h * p.orow + int64_t(w) * p.O + 2 * (lane % 4);
+        for (int i = 0; i < 2; ++i) {
+          const int w = tile.w0 + 16 * wq + lane / 4 + 8 * i;
+          if (w >= p.Wo) continue;
+          T* row = out + h * p.orow + int64_t(w) * p.O + 2 * (lane % 4);
 #pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j) {
-          const float b0 = bias ? float(bias[8 * j]) : 0.f, b1 = bias ? float(bias[8 * j + 1]) : 0.f;
-          const uint32_t v = pack2<T>(acc[r][4 * j + 2 * i] + b0, acc[r][4 * j + 2 * i + 1] + b1);
-          *reinterpret_cast<uint32_t*>(row + 8 * j) = v;
+          for (int j = 0; j < kBlockN / 8; ++j) {
+            const float b0 = bias ? float(bias[8 * j]) : 0.f, b1 = bias ? float(bias[8 * j + 1]) : 0.f;
+            const uint32_t v = pack2<T>(acc[r][4 * j + 2 * i] + b0, acc[r][4 * j + 2 * i + 1] + b1);
+            *reinterpret_cast<uint32_t*>(row + 8 * j) = v;
+          }
         }
       }
     }
   }
 }
 
-template <typename T, int kBlockN>
-cudaError_t launch(const ConvParams<T>& p, int batch, cudaStream_t stream) {
-  constexpr int kSmem = smem_bytes<kBlockN>();
-  const auto kernel = causal_conv3d_kernel<T, kBlockN>;
+template <typename T, int kBlockN, int kWeightStages>
+cudaError_t launch(ConvParams<T> p, bool persistent, cudaStream_t stream) {
+  constexpr int kSmem = smem_bytes<kBlockN, kWeightStages>();
+  const auto kernel = causal_conv3d_kernel<T, kBlockN, kWeightStages>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
-  const int64_t ctas = int64_t(batch) * p.To * p.tiles_h * p.tiles_w * p.n_tiles;
-  if (ctas > 0x7fffffff) return cudaErrorInvalidValue;
+  int ctas = p.tiles, device = 0, sms = 0;
+  if (persistent) {
+    if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
+    if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
+    ctas = sms < ctas ? sms : ctas;
+  }
   kernel<<<unsigned(ctas), kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -228,7 +253,7 @@ bool strides_ok(const ConvTensor& t) { return t.batch_stride % 8 == 0 && t.frame
 cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, const void* weight_packed,
                               const void* bias, DType dtype, int batch, int channels, int out_channels, int frames,
                               int height, int width, int kt, int tp, int hp, int wp, int cache_frames, int n_cache,
-                              int block_n, cudaStream_t stream) {
+                              int block_n, int weight_stages, bool persistent, cudaStream_t stream) {
   const int To = tp + frames - kt + 1, Ho = height + 2 * hp - 2, Wo = width + 2 * wp - 2;
   const bool cache_ok = n_cache == 0 || (cache.ptr != nullptr && aligned(cache.ptr) && strides_ok(cache) &&
                                          n_cache <= cache_frames);
@@ -236,7 +261,8 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, co
       wp < 0 || n_cache < 0 || n_cache > tp || To < 1 || Ho < 1 || Wo < 1 || !cache_ok || x.ptr == nullptr ||
       out.ptr == nullptr || weight_packed == nullptr || !aligned(x.ptr) || !aligned(out.ptr) ||
       !aligned(weight_packed) || !strides_ok(x) || !strides_ok(out) || out_channels % 8 != 0 ||
-      (block_n != kConvBlockNs[0] && block_n != kConvBlockNs[1]) || out_channels % block_n != 0)
+      (block_n != kConvBlockNs[0] && block_n != kConvBlockNs[1]) || out_channels % block_n != 0 ||
+      (weight_stages != 9 && weight_stages != 18))
     return cudaErrorInvalidValue;
   const auto run = [&](auto type_tag) {
     using T = decltype(type_tag);
@@ -249,11 +275,16 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, co
     p.xb = x.batch_stride, p.xf = x.frame_stride, p.xr = x.row_stride;
     p.cb = cache.batch_stride, p.cf = cache.frame_stride, p.cr = cache.row_stride;
     p.ob = out.batch_stride, p.of = out.frame_stride, p.orow = out.row_stride;
-    p.C = channels, p.O = out_channels, p.T_in = frames, p.H = height, p.W = width;
+    p.C = channels, p.O = out_channels, p.H = height, p.W = width;
     p.To = To, p.Ho = Ho, p.Wo = Wo, p.KT = kt, p.tp = tp, p.hp = hp, p.wp = wp;
     p.cache_frames = cache_frames, p.n_cache = n_cache;
     p.tiles_w = (Wo + kCols - 1) / kCols, p.tiles_h = (Ho + kRows - 1) / kRows, p.n_tiles = out_channels / block_n;
-    return block_n == 96 ? launch<T, 96>(p, batch, stream) : launch<T, 128>(p, batch, stream);
+    const int64_t tiles = int64_t(batch) * To * p.tiles_h * p.tiles_w * p.n_tiles;
+    if (tiles > 0x7fffffff) return cudaErrorInvalidValue;
+    p.tiles = int(tiles);
+    if (block_n == 96)
+      return weight_stages == 9 ? launch<T, 96, 9>(p, persistent, stream) : launch<T, 96, 18>(p, persistent, stream);
+    return weight_stages == 9 ? launch<T, 128, 9>(p, persistent, stream) : launch<T, 128, 18>(p, persistent, stream);
   };
   if (dtype == DType::kBFloat16) return run(__nv_bfloat16());
   if (dtype == DType::kFloat16) return run(__half());

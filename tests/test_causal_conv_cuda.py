@@ -127,6 +127,17 @@ def test_gpu_chunks_with_cache_equal_whole_video():
 
 
 @pytest.mark.gpu
+def test_gpu_variants_same_bits():
+    """The 9-slab weight ring and one CTA per tile (instead of persistent CTAs, here with more tiles than SMs)
+    compute the same sums in the same order."""
+    x, w, b, cache = _gpu(*inputs(1, 96, 96, 2, 64, 640, (3, 3, 3), 2, torch.bfloat16))
+    out = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache)
+    check(out, x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros")
+    for variant in (dict(weight_stages=9), dict(persistent=False), dict(weight_stages=9, persistent=False)):
+        assert torch.equal(cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, **variant), out), variant
+
+
+@pytest.mark.gpu
 def test_gpu_time_slice_views():
     """x and cache as slices of one channels-last buffer [cache | chunk] (unusual batch strides)."""
     B, C, O, T, H, W = 2, 32, 96, 3, 7, 9

@@ -32,8 +32,10 @@ CL = torch.channels_last_3d
 TRITON_FASTER = {(96, (3, 3, 3))}
 
 
-# (in channels, out channels, kernel) of the convs where the CUDA kernel measured faster than cuDNN and Triton.
-CUDA_FASTER = set()
+# (in channels, out channels, kernel) of the convs where the CUDA kernel measured faster than cuDNN and Triton
+# (bf16, H200, run 63: bench/results/2026-12-02-h200-41831ad-conv-cuda.jsonl, op vae-conv): 96 -> 96 at 480x832
+# 1.82 ms vs Triton 2.64, cuDNN 3.52. cuDNN stayed faster at 192 and 384 channels (1.73 vs 1.88, 0.78 vs 0.97 ms).
+CUDA_FASTER = {(96, 96, (3, 3, 3))}
 
 
 def triton_faster(weight, stride):
@@ -121,9 +123,15 @@ def _conv_arg(t, frame_index=0, frame_sign=1):
             t.stride(3))
 
 
-def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=False):
+CUDA_WEIGHT_STAGES = 18  # the kernel's weight-slab ring: 9 or 18 (one or two halo slots' slabs)
+CUDA_PERSISTENT = True   # one CTA per SM looping over the tiles (else one CTA per tile)
+
+
+def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=False, weight_stages=None,
+                       persistent=None):
     """The CUDA kernel (cuda_unsupported(...) is None assumed; x and cache with pixel rows, as conv3d_in_place):
-    zeros padding, stride 1. Returns a new channels-last-3d output."""
+    zeros padding, stride 1. weight_stages, persistent: the kernel's variants (defaults CUDA_WEIGHT_STAGES,
+    CUDA_PERSISTENT). Returns a new channels-last-3d output."""
     from .._ext import cuda_ext
 
     for name, t in (("x", x), ("cache", cache)):
@@ -146,6 +154,7 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
     cuda_ext().causal_conv3d_fwd(
         _conv_arg(x), c, _conv_arg(out), packed.data_ptr(), 0 if bias is None else bias.contiguous().data_ptr(),
         _DTYPE_CODE[x.dtype], B, C, O, T, H, W, KT, tp, hp, wp, cache.shape[2], n_cache, block_n,
+        weight_stages or CUDA_WEIGHT_STAGES, CUDA_PERSISTENT if persistent is None else persistent,
         torch.cuda.current_stream(x.device).cuda_stream)
     return out
 
