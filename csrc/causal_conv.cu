@@ -19,6 +19,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "causal_conv.h"
 #include "sm90.cuh"
 
@@ -40,8 +42,9 @@ constexpr int kConsumerWarps = 8;
 
 template <int kBlockN>
 constexpr int slab_bytes() { return kChunk * kBlockN * 2; }
-// Halo ring | weight-slab ring (kWeightStages slabs: one or two halo slots' worth) | barriers.
-template <int kBlockN, int kWeightStages>
+constexpr int kWeightStages = 2 * kTaps;             // two halo slots' weight slabs
+// Halo ring | weight-slab ring | barriers.
+template <int kBlockN>
 constexpr int smem_bytes() {
   return kHaloStages * kHaloBytes + kWeightStages * slab_bytes<kBlockN>() + (2 * kHaloStages + 2 * kWeightStages) * 8;
 }
@@ -75,7 +78,10 @@ struct Tile {
 
 // Persistent: CTA i takes tiles i, i + gridDim.x, ... (neighbouring CTAs take neighbouring tiles, whose halos
 // overlap in L2), so the producers load the next tile while the consumers store the last one.
-template <typename T, int kBlockN, int kWeightStages>
+// kInFlight: the tap products (wgmma groups) a consumer leaves in flight while it issues the next (1 or 2).
+// kProducerFence: the halo producers wait for their copies and make them visible to the tensor cores (proxy
+// fence) before arriving, instead of the consumers fencing after their wait.
+template <typename T, int kBlockN, int kInFlight, bool kProducerFence>
 __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid_constant__ ConvParams<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* halo = smem;
@@ -125,7 +131,13 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
             const T* from = ok ? chunk + h * row_stride + int64_t(w) * p.C + g * 8 : p.x;
             cp_async_16(dst0 + ((hh * kGroups + g) * kHaloCols + ww) * 16, from, ok);
           }
-          cp_async_arrive(&halo_full[slot]);
+          if constexpr (kProducerFence) {
+            asm volatile("cp.async.wait_all;" ::: "memory");
+            fence_async_smem();
+            mbar_arrive(&halo_full[slot]);
+          } else {
+            cp_async_arrive(&halo_full[slot]);
+          }
         }
       }
     }
@@ -162,13 +174,21 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
       for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int i = 0; i < kBlockN / 2; ++i) acc[r][i] = 0.f;
-      const int q_first = q;
+      const int q_first = q, s_first = s;
+      // Tap product q_done (one wgmma group) is done: free its slab, and its halo slot after the slot's last tap.
+      const auto release = [&](int q_done) {
+        if (lane != 0) return;
+        mbar_arrive(&slab_empty[q_done % kWeightStages]);
+        if ((q_done - q_first) % kTaps == kTaps - 1)
+          mbar_arrive(&halo_empty[(s_first + (q_done - q_first) / kTaps) % kHaloStages]);
+      };
       for (int dt = 0; dt < p.KT; ++dt) {
         if (tile.t + dt - p.tp < -p.n_cache) continue;
         for (int cc = 0; cc < chunks; ++cc, ++s) {
           const int slot = s % kHaloStages;
           mbar_wait(&halo_full[slot], (s / kHaloStages) & 1);
-          fence_async_smem();  // the halo came through cp.async (generic proxy); wgmma reads it (async proxy)
+          // the halo came through cp.async (generic proxy); wgmma reads it (async proxy)
+          if constexpr (!kProducerFence) fence_async_smem();
           const uint32_t halo_tile = halo0 + slot * kHaloBytes;
 #pragma unroll
           for (int tap = 0; tap < kTaps; ++tap, ++q) {
@@ -188,21 +208,15 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
               }
             }
             wgmma_commit();
-            wgmma_wait<1>();  // the previous tap's products are done: release what only they read
-            if (q > q_first && lane == 0) {
-              mbar_arrive(&slab_empty[(q - 1) % kWeightStages]);
-              if (tap == 0) mbar_arrive(&halo_empty[(s - 1) % kHaloStages]);
-            }
+            wgmma_wait<kInFlight>();  // an earlier tap's products are done: release what only they read
+            if (q - kInFlight >= q_first) release(q - kInFlight);
           }
         }
       }
       wgmma_wait<0>();
       fence_regs(acc[0]);
       fence_regs(acc[1]);
-      if (q > q_first && lane == 0) {  // the tile's last tap and halo slot
-        mbar_arrive(&slab_empty[(q - 1) % kWeightStages]);
-        mbar_arrive(&halo_empty[(s - 1) % kHaloStages]);
-      }
+      for (int q_done = q - kInFlight < q_first ? q_first : q - kInFlight; q_done < q; ++q_done) release(q_done);
 
       // Epilogue: bias in fp32, one rounding, 4-byte stores of channel pairs; pixels past the frame not stored.
       const int wq = warp % 4;
@@ -229,10 +243,10 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
   }
 }
 
-template <typename T, int kBlockN, int kWeightStages>
+template <typename T, int kBlockN, int kInFlight, bool kProducerFence>
 cudaError_t launch(ConvParams<T> p, bool persistent, cudaStream_t stream) {
-  constexpr int kSmem = smem_bytes<kBlockN, kWeightStages>();
-  const auto kernel = causal_conv3d_kernel<T, kBlockN, kWeightStages>;
+  constexpr int kSmem = smem_bytes<kBlockN>();
+  const auto kernel = causal_conv3d_kernel<T, kBlockN, kInFlight, kProducerFence>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
   int ctas = p.tiles, device = 0, sms = 0;
@@ -253,7 +267,7 @@ bool strides_ok(const ConvTensor& t) { return t.batch_stride % 8 == 0 && t.frame
 cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, const void* weight_packed,
                               const void* bias, DType dtype, int batch, int channels, int out_channels, int frames,
                               int height, int width, int kt, int tp, int hp, int wp, int cache_frames, int n_cache,
-                              int block_n, int weight_stages, bool persistent, cudaStream_t stream) {
+                              int block_n, int variant, bool persistent, cudaStream_t stream) {
   const int To = tp + frames - kt + 1, Ho = height + 2 * hp - 2, Wo = width + 2 * wp - 2;
   const bool cache_ok = n_cache == 0 || (cache.ptr != nullptr && aligned(cache.ptr) && strides_ok(cache) &&
                                          n_cache <= cache_frames);
@@ -262,7 +276,7 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, co
       out.ptr == nullptr || weight_packed == nullptr || !aligned(x.ptr) || !aligned(out.ptr) ||
       !aligned(weight_packed) || !strides_ok(x) || !strides_ok(out) || out_channels % 8 != 0 ||
       (block_n != kConvBlockNs[0] && block_n != kConvBlockNs[1]) || out_channels % block_n != 0 ||
-      (weight_stages != 9 && weight_stages != 18))
+      variant < 0 || variant > 3)
     return cudaErrorInvalidValue;
   const auto run = [&](auto type_tag) {
     using T = decltype(type_tag);
@@ -282,9 +296,16 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, co
     const int64_t tiles = int64_t(batch) * To * p.tiles_h * p.tiles_w * p.n_tiles;
     if (tiles > 0x7fffffff) return cudaErrorInvalidValue;
     p.tiles = int(tiles);
-    if (block_n == 96)
-      return weight_stages == 9 ? launch<T, 96, 9>(p, persistent, stream) : launch<T, 96, 18>(p, persistent, stream);
-    return weight_stages == 9 ? launch<T, 128, 9>(p, persistent, stream) : launch<T, 128, 18>(p, persistent, stream);
+    const auto with_n = [&](auto n_tag) {
+      constexpr int kN = decltype(n_tag)::value;
+      switch (variant) {
+        case 1: return launch<T, kN, 2, false>(p, persistent, stream);
+        case 2: return launch<T, kN, 1, true>(p, persistent, stream);
+        case 3: return launch<T, kN, 2, true>(p, persistent, stream);
+        default: return launch<T, kN, 1, false>(p, persistent, stream);
+      }
+    };
+    return block_n == 96 ? with_n(std::integral_constant<int, 96>()) : with_n(std::integral_constant<int, 128>());
   };
   if (dtype == DType::kBFloat16) return run(__nv_bfloat16());
   if (dtype == DType::kFloat16) return run(__half());

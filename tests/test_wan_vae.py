@@ -482,54 +482,66 @@ def test_gpu_default_encode_matches_diffusers():
     assert rel_l2(fast.encode(vae, x, fuse_bias=False, pad_channels=False), oracle) <= 1.25 * rel_l2(theirs, oracle)
 
 
+def _spy_kernel_convs(monkeypatch):
+    """Records (backend, in channels, out channels, kernel, cache_reversed) of every conv the VAE loop sends to
+    vkern's conv kernels (all go through ops.causal_conv.conv3d_in_place)."""
+    from vkern.ops import causal_conv as cc
+
+    calls, run = [], cc.conv3d_in_place
+
+    def spy(backend, x, weight, *args, cache_reversed=False, **kwargs):
+        calls.append((backend, weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), cache_reversed))
+        return run(backend, x, weight, *args, cache_reversed=cache_reversed, **kwargs)
+    monkeypatch.setattr(cc, "conv3d_in_place", spy)
+    return calls
+
+
 @pytest.mark.gpu
 @torch.inference_mode()
-def test_gpu_decode_runs_the_triton_conv_on_the_96_channel_layers(monkeypatch):
-    """On CUDA the default decode sends the 96-output 3x3x3 convs (TRITON_FASTER) to the Triton kernel and
-    only those; with every conv on cuDNN the output stays within bf16's error of it (both vs fp32)."""
-    import vkern.triton.causal_conv as tc
+def test_gpu_decode_runs_vkern_convs_where_they_measured_faster(monkeypatch):
+    """On CUDA the default decode sends the convs of CUDA_FASTER (96 -> 96, 3x3x3) to the CUDA kernel, the other
+    96-output 3x3x3 convs (TRITON_FASTER) to the Triton kernel, and nothing else to either; with every conv on
+    cuDNN the output stays within bf16's error of it (both vs fp32)."""
+    from vkern.ops import causal_conv as cc
 
+    monkeypatch.delenv("VKERN_CONV_CUDA", raising=False)
     vae = _default_vae()
     z = torch.randn(1, 16, 2, 32, 32, device="cuda", dtype=torch.bfloat16)
-    kernel, shapes = tc.causal_conv3d, []
-
-    def counted(x, weight, *args, **kwargs):
-        shapes.append(tuple(weight.shape))
-        return kernel(x, weight, *args, **kwargs)
-    monkeypatch.setattr(tc, "causal_conv3d", counted)
+    calls = _spy_kernel_convs(monkeypatch)
     ours = fast.decode(vae, z)
-    assert shapes and all(s[0] == 96 and s[2:] == (3, 3, 3) for s in shapes), set(shapes)
+    kinds = {c[:4] for c in calls}
+    assert any(k[0] == "cuda" for k in kinds), kinds
+    for backend, C, O, k in kinds:
+        assert (backend == "cuda") == ((C, O, k) in cc.CUDA_FASTER), kinds
+        assert backend == "cuda" or (O == 96 and k == (3, 3, 3)), kinds
     monkeypatch.setenv("VKERN_CAUSAL_CONV3D_BACKEND", "cudnn")
-    n = len(shapes)
+    n = len(calls)
     cudnn = fast.decode(vae, z)
-    assert len(shapes) == n  # forced cuDNN: the kernel is not called
+    assert len(calls) == n  # forced cuDNN: neither kernel is called
     vae32 = models.build_wan_vae("default", torch.float32, "cuda")
     vae32.load_state_dict({k: v.float() for k, v in vae.state_dict().items()})
     oracle = vae32.decode(z.float()).sample
-    print(f"Triton convs {n}: vs fp32 {rel_l2(ours, oracle):.4f}, all-cuDNN {rel_l2(cudnn, oracle):.4f}")
+    print(f"kernel convs {n}: vs fp32 {rel_l2(ours, oracle):.4f}, all-cuDNN {rel_l2(cudnn, oracle):.4f}")
     assert rel_l2(ours, oracle) <= 1.25 * rel_l2(cudnn, oracle)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("conv_cuda,backend", [("table", "cuda"), ("0", "triton")])
 @torch.inference_mode()
-def test_gpu_one_frame_steps_read_the_ring_cache(monkeypatch):
+def test_gpu_one_frame_steps_read_the_ring_cache(monkeypatch, conv_cuda, backend):
     """1-frame steps (the 720p default) on CUDA: the in-place convs' 2-frame ring cache is read reversed
-    by the compiled kernel (negative frame stride) on every other step, and the frames match whole-chunk
-    decoding's within the issue's parity bound (rel. L2 1e-2): the same kernels and sums, except that
-    cuDNN may pick another algorithm for the per-frame upsampling conv (bit equality is printed)."""
-    import vkern.triton.causal_conv as tc
-
+    by the kernel (negative frame stride; the CUDA kernel, or the Triton one with VKERN_CONV_CUDA=0) on every
+    other step, and the frames match whole-chunk decoding's within the issue's parity bound (rel. L2 1e-2): the
+    same kernels and sums, except that cuDNN may pick another algorithm for the per-frame upsampling conv (bit
+    equality is printed)."""
+    monkeypatch.setenv("VKERN_CONV_CUDA", conv_cuda)
     vae = _default_vae()
     z = torch.randn(1, 16, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
-    kernel, flags = tc.causal_conv3d, []
-
-    def counted(*args, **kwargs):
-        flags.append(kwargs.get("cache_reversed", False))
-        return kernel(*args, **kwargs)
-    monkeypatch.setattr(tc, "causal_conv3d", counted)
+    calls = _spy_kernel_convs(monkeypatch)
     stepped = fast.decode(vae, z, frames_per_step=1)
     whole = fast.decode(vae, z, frames_per_step=None)
-    print(f"reversed reads {sum(flags)} of {len(flags)}; bit-equal {torch.equal(stepped, whole)}, "
+    flags = [c[4] for c in calls if c[0] == backend]
+    print(f"{backend}: reversed reads {sum(flags)} of {len(flags)}; bit-equal {torch.equal(stepped, whole)}, "
           f"rel L2 {rel_l2(stepped, whole):.2e}")
     assert any(flags)
     assert rel_l2(stepped, whole) <= 1e-2
