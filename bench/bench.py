@@ -495,6 +495,7 @@ def _vae_encode(name, providers, args):
     runners = {"default": lambda vae, x: vae.encode(x).latent_dist.parameters,
                "vkern-cudnn": cudnn_convs(wan_vae.encode),
                "vkern-cuda": cuda_convs(wan_vae.encode),
+               **{f"vkern-cuda-v{v}": cuda_variant(wan_vae.encode, v) for v in range(4)},
                "vkern-unfused": cudnn_convs(lambda vae, x: wan_vae.encode(vae, x, fuse_bias=False, pad_channels=False))}
     providers = [p for p in (providers or VAE_PROVIDERS) if p not in ("vkern-cpu-output", "vkern-2-latents")]
     yield from _vae_rows("vae-encode", name, providers, args,

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# A/B of the CUDA causal conv's forms in one GPU call: build, its GPU tests (every variant), per-layer rows of
-# variants 0-3 and one CTA per tile, the 480p decode with each variant. Usage: VKERN_COMMIT=<sha> bash
-# bench/conv_cuda_ab.sh   (carry .whl)
+# A/B of the CUDA causal conv's forms in one GPU call: build, its GPU tests (every variant) and the VAE's,
+# per-layer rows of variants 0-3 and one CTA per tile, decode and encode at 480p and 720p with each variant.
+# Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_ab.sh   (carry .whl)
 set -uo pipefail
 . bench/device_env.sh
 VKERN_PTXAS_VERBOSE=1 build_vkern
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
-timeout -s INT -k 10 200 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_causal_conv_cuda.py \
+timeout -s INT -k 10 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_causal_conv_cuda.py \
   > "$OUT/pytest-conv.log" 2>&1; rc=$?
 grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest-conv.log" | head -20; echo "conv tests rc $rc"
 B="python3 -m bench.bench --out $OUT/results.jsonl"
-timeout 150 $B --op vae-conv --shape dec-3x3x3-96ch-480x832,dec-3x3x3-192ch-240x416,dec-3x3x3-384ch-120x208,dec-3x3x3-384ch-60x104 \
-  --warmup 2 --repeats 10 --providers vkern,vkern-cuda-v0,vkern-cuda-v1,vkern-cuda-v2,vkern-cuda-v3,vkern-cuda-grid > /dev/null
-[ $rc = 0 ] && timeout 200 $B --op vae-decode --shape wan-vae-480p \
-  --providers diffusers,vkern-cuda-v0,vkern-cuda-v1,vkern-cuda-v2,vkern-cuda-v3 > /dev/null
+V=vkern-cuda-v0,vkern-cuda-v1,vkern-cuda-v2,vkern-cuda-v3
+timeout 100 $B --op vae-conv --shape dec-3x3x3-96ch-480x832,dec-3x3x3-192ch-240x416,dec-3x3x3-384ch-120x208,dec-3x3x3-384ch-60x104 \
+  --warmup 2 --repeats 10 --providers vkern,$V,vkern-cuda-grid > /dev/null
+if [ $rc = 0 ]; then
+  timeout 200 $B --op vae-decode --shape wan-vae-480p,wan-vae-720p --providers diffusers,$V > /dev/null
+  timeout 100 $B --op vae-encode --shape wan-vae-480p,wan-vae-720p --providers diffusers,$V > /dev/null
+  timeout -s INT -k 10 100 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_wan_vae.py \
+    > "$OUT/pytest-vae.log" 2>&1; echo "vae tests rc $?"; grep -E "FAILED|passed|failed" "$OUT/pytest-vae.log" | head
+fi
 python3 - "$OUT/results.jsonl" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
