@@ -93,7 +93,9 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
   uint64_t* slab_empty = slab_full + kWeightStages;
   const int chunks = p.C / kChunk;
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Broadcast from lane 0 so the compiler knows the warp index is warp-uniform: the consumers' descriptors then
+  // live in uniform registers (no per-wgmma register -> uniform moves).
+  const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x / 32), 0), lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kHaloStages; ++i) {
       mbar_init(&halo_full[i], kHaloThreads);
@@ -165,7 +167,10 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
     }
   } else {  // ------------------------------------------------------------------------------------ consumers
     const int c = warp / 4 - 1;  // rows 2c, 2c + 1 of the tile
-    const uint32_t halo0 = smem_u32(halo), slab0 = smem_u32(slabs);
+    // Descriptors: A = the halo at row 2c of slot 0 (lbo one channel group, sbo 8 pixels), B = slab 0 (lbo one
+    // group of 8 input channels, sbo 8 output channels); each product's is one of these plus a byte offset.
+    const SmemDesc a0 = SmemDesc::interleaved(smem_u32(halo) + 2 * c * kGroups * kHaloCols * 16, kHaloCols * 16, 128);
+    const SmemDesc b0 = SmemDesc::interleaved(smem_u32(slabs), kBlockN * 16, 128);
     int s = 0, q = 0;
     for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
       const Tile tile(idx, p.n_tiles, p.tiles_w, p.tiles_h, p.To);
@@ -189,22 +194,20 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
           mbar_wait(&halo_full[slot], (s / kHaloStages) & 1);
           // the halo came through cp.async (generic proxy); wgmma reads it (async proxy)
           if constexpr (!kProducerFence) fence_async_smem();
-          const uint32_t halo_tile = halo0 + slot * kHaloBytes;
+          const SmemDesc a_slot = a0.plus(slot * kHaloBytes);
 #pragma unroll
           for (int tap = 0; tap < kTaps; ++tap, ++q) {
             const int dh = tap / 3, dw = tap % 3;
             const int wslot = q % kWeightStages;
             mbar_wait(&slab_full[wslot], (q / kWeightStages) & 1);
-            const uint32_t slab = slab0 + wslot * slab_bytes<kBlockN>();
+            const SmemDesc b_slab = b0.plus(wslot * slab_bytes<kBlockN>());
             wgmma_fence();
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
 #pragma unroll
               for (int kk = 0; kk < 2; ++kk) {
-                const SmemDesc a = SmemDesc::interleaved(
-                    halo_tile + (((2 * c + r + dh) * kGroups + 2 * kk) * kHaloCols + dw) * 16, kHaloCols * 16, 128);
-                const SmemDesc bw = SmemDesc::interleaved(slab + kk * 2 * kBlockN * 16, kBlockN * 16, 128);
-                wgmma_m64nNk16_ss_acc<T, kBlockN>(acc[r], a.bits(), bw.bits());
+                const SmemDesc a = a_slot.plus((((r + dh) * kGroups + 2 * kk) * kHaloCols + dw) * 16);
+                wgmma_m64nNk16_ss_acc<T, kBlockN>(acc[r], a.bits(), b_slab.plus(kk * 2 * kBlockN * 16).bits());
               }
             }
             wgmma_commit();
