@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
-# The CUDA causal conv (csrc/causal_conv.cu) in one GPU call: build, its GPU tests and the VAE's, per-layer rows
-# (vkern = cuDNN buffered, Triton, CUDA and its variants), ncu on the 96 -> 96 launch, decode and encode rows.
-# Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_run.sh   (carry .whl)
+# The CUDA causal conv (csrc/causal_conv.cu) in one GPU call: build, its GPU tests (every variant) and the VAE's,
+# per-layer rows (cuDNN buffered, variants 0-3, one CTA per tile), decode at 480p and 720p and encode at 480p with
+# each variant; with "ncu", ncu sections of the 96 -> 96 launch instead of the VAE rows.
+# Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_run.sh [ncu]   (carry .whl)
 set -uo pipefail
 . bench/device_env.sh
 VKERN_PTXAS_VERBOSE=1 build_vkern
-grep -A2 "causal_conv3d_kernel" "$OUT/build.log" | grep -E "registers|spill" | sort | uniq -c
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
-timeout -s INT -k 10 200 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_causal_conv_cuda.py \
+timeout -s INT -k 10 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_causal_conv_cuda.py \
   > "$OUT/pytest-conv.log" 2>&1; rc=$?
 grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest-conv.log" | head -20; echo "conv tests rc $rc"
 B="python3 -m bench.bench --out $OUT/results.jsonl"
-timeout 150 $B --op vae-conv --warmup 2 --repeats 10 --providers vkern,vkern-triton,vkern-cuda,vkern-cuda-w9,vkern-cuda-grid > /dev/null
-timeout 120 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SpeedOfLight \
-  --section MemoryWorkloadAnalysis --section WarpStateStats \
-  --metrics "regex:sm__pipe_tensor.*_cycles_active\.avg\.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-  python3 -m bench.bench --op vae-conv --shape dec-3x3x3-96ch-480x832 --providers vkern-cuda --warmup 0 --repeats 1 \
-  > "$OUT/ncu.txt" 2>&1; echo "ncu rc $?"
-grep -E "Duration|Throughput|Pipe|pipe_tensor|L2|Shared|stalled" "$OUT/ncu.txt" | awk '!/stalled/ || $NF+0 > 0.1' | head -50
-[ $rc = 0 ] || exit 1
-timeout 300 $B --op vae-decode --shape wan-vae-480p,wan-vae-720p --providers diffusers,vkern,vkern-cuda > /dev/null
-timeout 120 $B --op vae-encode --shape wan-vae-480p,wan-vae-720p --providers diffusers,vkern > /dev/null
-timeout -s INT -k 10 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_wan_vae.py \
-  > "$OUT/pytest-vae.log" 2>&1; echo "vae tests rc $?"; grep -E "FAILED|passed|failed" "$OUT/pytest-vae.log" | head
+V=vkern-cuda-v0,vkern-cuda-v1,vkern-cuda-v2,vkern-cuda-v3
+timeout 100 $B --op vae-conv --shape dec-3x3x3-96ch-480x832,dec-3x3x3-192ch-240x416,dec-3x3x3-384ch-120x208,dec-3x3x3-384ch-60x104 \
+  --warmup 2 --repeats 10 --providers vkern,$V,vkern-cuda-grid > /dev/null
+if [[ " $* " == *" ncu "* ]]; then
+  timeout 120 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section WarpStateStats \
+    --metrics "regex:sm__pipe_tensor.*_cycles_active\.avg\.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+    python3 -m bench.bench --op vae-conv --shape dec-3x3x3-96ch-480x832 --providers vkern-cuda --warmup 0 --repeats 1 \
+    > "$OUT/ncu.txt" 2>&1; echo "ncu rc $?"
+  grep -E "Duration|Throughput|Pipe|pipe_tensor|L2|Shared|stalled" "$OUT/ncu.txt" | awk '!/stalled/ || $NF+0 > 0.1' | head -50
+elif [ $rc = 0 ]; then
+  timeout 200 $B --op vae-decode --shape wan-vae-480p,wan-vae-720p --providers diffusers,$V > /dev/null
+  timeout 60 $B --op vae-encode --shape wan-vae-480p --providers diffusers,$V > /dev/null
+  timeout -s INT -k 10 100 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_wan_vae.py \
+    > "$OUT/pytest-vae.log" 2>&1; echo "vae tests rc $?"; grep -E "FAILED|passed|failed" "$OUT/pytest-vae.log" | head
+fi
 python3 - "$OUT/results.jsonl" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
