@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA causal conv (csrc/causal_conv.cu) in one GPU call: build, its GPU tests (every variant) and the VAE's,
 # per-layer rows (cuDNN buffered, variants 0-3, one CTA per tile), decode at 480p and 720p and encode at 480p with
-# each variant; with "ncu", ncu sections of the 96 -> 96 launch instead of the VAE rows.
-# Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_run.sh [ncu]   (carry .whl)
+# each variant; with "ncu", ncu sections of the 96 -> 96 launch instead of the VAE rows; with "short", only the
+# 96 -> 96 layer and the 480p decode (for a call with little device time left).
+# Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_run.sh [ncu] [short]   (carry .whl)
 set -uo pipefail
 . bench/device_env.sh
 VKERN_PTXAS_VERBOSE=1 build_vkern
@@ -12,7 +13,10 @@ timeout -s INT -k 10 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=sh
 grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest-conv.log" | head -20; echo "conv tests rc $rc"
 B="python3 -m bench.bench --out $OUT/results.jsonl"
 V=vkern-cuda-v0,vkern-cuda-v1,vkern-cuda-v2,vkern-cuda-v3
-timeout 100 $B --op vae-conv --shape dec-3x3x3-96ch-480x832,dec-3x3x3-192ch-240x416,dec-3x3x3-384ch-120x208,dec-3x3x3-384ch-60x104 \
+SHORT=0; [[ " $* " == *" short "* ]] && SHORT=1
+CONVS=dec-3x3x3-96ch-480x832,dec-3x3x3-192ch-240x416,dec-3x3x3-384ch-120x208,dec-3x3x3-384ch-60x104
+[ $SHORT = 1 ] && CONVS=dec-3x3x3-96ch-480x832
+timeout 100 $B --op vae-conv --shape $CONVS \
   --warmup 2 --repeats 10 --providers vkern,$V,vkern-cuda-grid > /dev/null
 if [[ " $* " == *" ncu "* ]]; then
   timeout 120 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SpeedOfLight \
@@ -22,8 +26,12 @@ if [[ " $* " == *" ncu "* ]]; then
     > "$OUT/ncu.txt" 2>&1; echo "ncu rc $?"
   grep -E "Duration|Throughput|Pipe|pipe_tensor|L2|Shared|stalled" "$OUT/ncu.txt" | awk '!/stalled/ || $NF+0 > 0.1' | head -50
 elif [ $rc = 0 ]; then
-  timeout 200 $B --op vae-decode --shape wan-vae-480p,wan-vae-720p --providers diffusers,$V > /dev/null
-  timeout 60 $B --op vae-encode --shape wan-vae-480p --providers diffusers,$V > /dev/null
+  if [ $SHORT = 1 ]; then
+    timeout 100 $B --op vae-decode --shape wan-vae-480p --providers diffusers,$V > /dev/null
+  else
+    timeout 200 $B --op vae-decode --shape wan-vae-480p,wan-vae-720p --providers diffusers,$V > /dev/null
+    timeout 60 $B --op vae-encode --shape wan-vae-480p --providers diffusers,$V > /dev/null
+  fi
   timeout -s INT -k 10 100 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_wan_vae.py \
     > "$OUT/pytest-vae.log" 2>&1; echo "vae tests rc $?"; grep -E "FAILED|passed|failed" "$OUT/pytest-vae.log" | head
 fi
