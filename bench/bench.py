@@ -44,22 +44,13 @@ def _attention(name, providers, args):
         with sdpa_kernel([backend]):
             return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
 
-    def with_env(var, value, fn):  # fn run with one environment variable set (a backend or a loop variant)
-        def run():
-            os.environ[var] = value
-            try:
-                return fn()
-            finally:
-                del os.environ[var]
-        return run
-
     def forced(backend):
-        return with_env("VKERN_ATTENTION_BACKEND", backend, lambda: vkern.ops.attention(q, k, v))
+        return with_env(lambda: vkern.ops.attention(q, k, v), "VKERN_ATTENTION_BACKEND", backend)
 
     run_kernel = forced("triton")
 
     def with_variant(fn, variant):  # the kernel's main loop (vkern/triton/attention.py, VARIANTS)
-        return with_env("VKERN_ATTENTION_VARIANT", variant, fn)
+        return with_env(fn, "VKERN_ATTENTION_VARIANT", variant)
 
     fns = {p: (lambda b=b: run_sdpa(b)) for p, b in sdpa.items()}
     fns["vkern-bf16"] = run_kernel
@@ -70,7 +61,7 @@ def _attention(name, providers, args):
     fns["vkern-fp8-pipe"] = with_variant(fns["vkern-fp8"], "pipe")
 
     def fp8_backend(backend, fn):
-        return with_env("VKERN_ATTENTION_8BIT_BACKEND", backend, fn)
+        return with_env(fn, "VKERN_ATTENTION_8BIT_BACKEND", backend)
 
     fns["vkern-fp8-cuda"] = fp8_backend("cuda", fns["vkern-fp8"])  # csrc/flash_attention.cu, e4m3 form (D 128)
     fns["vkern-int8-fp8pv-cuda"] = fp8_backend("cuda", fns["vkern-int8-fp8pv"])  # its int8 form: attention="fp8"
