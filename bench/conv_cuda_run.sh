@@ -26,14 +26,13 @@ if [[ " $* " == *" ncu "* ]]; then
     > "$OUT/ncu.txt" 2>&1; echo "ncu rc $?"
   grep -E "Duration|Throughput|Pipe|pipe_tensor|L2|Shared|stalled" "$OUT/ncu.txt" | awk '!/stalled/ || $NF+0 > 0.1' | head -50
 elif [ $rc = 0 ]; then
-  if [ $SHORT = 1 ]; then
-    timeout 100 $B --op vae-decode --shape wan-vae-480p --providers diffusers,$V > /dev/null
-  else
-    timeout 200 $B --op vae-decode --shape wan-vae-480p,wan-vae-720p --providers diffusers,$V > /dev/null
-    timeout 60 $B --op vae-encode --shape wan-vae-480p --providers diffusers,$V > /dev/null
-  fi
   timeout -s INT -k 10 100 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_wan_vae.py \
     > "$OUT/pytest-vae.log" 2>&1; echo "vae tests rc $?"; grep -E "FAILED|passed|failed" "$OUT/pytest-vae.log" | head
+  timeout 100 $B --op vae-decode --shape wan-vae-480p --providers diffusers,$V > /dev/null
+  if [ $SHORT = 0 ]; then
+    timeout 60 $B --op vae-encode --shape wan-vae-480p --providers diffusers,$V > /dev/null
+    timeout 150 $B --op vae-decode --shape wan-vae-720p --providers diffusers,$V > /dev/null
+  fi
 fi
 python3 - "$OUT/results.jsonl" <<'PY'
 import json, sys
