@@ -349,19 +349,6 @@ def cuda_convs(fn):
     return with_env(fn, "VKERN_CONV_CUDA", "all")
 
 
-def cuda_variant(fn, variant):
-    """fn with the CUDA conv kernel's pipeline variant (csrc/causal_conv.h) set to `variant` while it runs."""
-    from vkern.ops import causal_conv
-
-    def run(*args, **kwargs):
-        before, causal_conv.CUDA_VARIANT = causal_conv.CUDA_VARIANT, variant
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            causal_conv.CUDA_VARIANT = before
-    return run
-
-
 def _psnr(a, b):
     return (10 * torch.log10(4 / (a.double() - b.double()).pow(2).mean())).item()
 
@@ -470,7 +457,6 @@ def _vae_decode(name, providers, args):
                "vkern-cpu-output": lambda vae, z: wan_vae.decode(vae, z, output_device="cpu"),
                "vkern-cudnn": cudnn_convs(wan_vae.decode),
                "vkern-cuda": cuda_convs(wan_vae.decode),
-               **{f"vkern-cuda-v{v}": cuda_variant(wan_vae.decode, v) for v in range(4)},
                "vkern-unfused": cudnn_convs(lambda vae, z: wan_vae.decode(vae, z, fuse_bias=False, pad_channels=False)),
                "vkern-2-latents": lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2)}
     yield from _vae_rows("vae-decode", name, providers, args,
@@ -486,7 +472,6 @@ def _vae_encode(name, providers, args):
     runners = {"default": lambda vae, x: vae.encode(x).latent_dist.parameters,
                "vkern-cudnn": cudnn_convs(wan_vae.encode),
                "vkern-cuda": cuda_convs(wan_vae.encode),
-               **{f"vkern-cuda-v{v}": cuda_variant(wan_vae.encode, v) for v in range(4)},
                "vkern-unfused": cudnn_convs(lambda vae, x: wan_vae.encode(vae, x, fuse_bias=False, pad_channels=False))}
     providers = [p for p in (providers or VAE_PROVIDERS) if p not in ("vkern-cpu-output", "vkern-2-latents")]
     yield from _vae_rows("vae-encode", name, providers, args,
@@ -541,10 +526,7 @@ def _vae_conv(name, providers, args):
                "vkern-triton": lambda: triton_conv(x_cl, weight, bias, (1, 1, 1), (tp, hp, wp), cache_cl)}
         if cuda_unsupported(x_cl, weight, (1, 1, 1)) is None:  # csrc/causal_conv.cu (weight repacked per call)
             fns["vkern-cuda"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl)
-            # its forms: pipeline variants 0-3 (csrc/causal_conv.h); one CTA per tile instead of persistent CTAs
-            for v in range(4):
-                fns[f"vkern-cuda-v{v}"] = lambda v=v: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl,
-                                                                         variant=v)
+            # one CTA per tile instead of persistent CTAs
             fns["vkern-cuda-grid"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl,
                                                                 persistent=False)
     # Probes of the vkern conv: without its bias (what a bias fused into the next op leaves), and with

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The CUDA causal conv (csrc/causal_conv.cu) in one GPU call: build, its GPU tests (every variant) and the VAE's,
-# per-layer rows (cuDNN buffered, variants 0-3, one CTA per tile), decode at 480p and 720p and encode at 480p with
-# each variant; with "ncu", ncu sections of the 96 -> 96 launch instead of the VAE rows; with "short", only the
+# The CUDA causal conv (csrc/causal_conv.cu) in one GPU call: build, its GPU tests and the VAE's, per-layer rows
+# (cuDNN buffered, CUDA, one CTA per tile), decode at 480p and 720p and encode at 480p (diffusers, vkern's default
+# path, every conv the kernel takes on it); with "ncu", ncu sections of the 96 -> 96 launch instead of the VAE rows; with "short", only the
 # 96 -> 96 layer and the 480p decode (for a call with little device time left).
 # Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_run.sh [ncu] [short]   (carry .whl)
 set -uo pipefail
@@ -12,12 +12,12 @@ timeout -s INT -k 10 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=sh
   > "$OUT/pytest-conv.log" 2>&1; rc=$?
 grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest-conv.log" | head -20; echo "conv tests rc $rc"
 B="python3 -m bench.bench --out $OUT/results.jsonl"
-V=vkern-cuda-v0,vkern-cuda-v1,vkern-cuda-v2,vkern-cuda-v3
+V=vkern,vkern-cuda
 SHORT=0; [[ " $* " == *" short "* ]] && SHORT=1
 CONVS=dec-3x3x3-96ch-480x832,dec-3x3x3-192ch-240x416,dec-3x3x3-384ch-120x208,dec-3x3x3-384ch-60x104
 [ $SHORT = 1 ] && CONVS=dec-3x3x3-96ch-480x832
 timeout 100 $B --op vae-conv --shape $CONVS \
-  --warmup 2 --repeats 10 --providers vkern,$V,vkern-cuda-grid > /dev/null
+  --warmup 2 --repeats 10 --providers $V,vkern-cuda-grid > /dev/null
 if [[ " $* " == *" ncu "* ]]; then
   timeout 120 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section WarpStateStats \

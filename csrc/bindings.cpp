@@ -79,18 +79,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("causal_conv3d_fwd",
         [](ConvArg x, ConvArg cache, ConvArg out, uintptr_t weight_packed, uintptr_t bias, int dtype, int batch,
            int channels, int out_channels, int frames, int height, int width, int kt, int tp, int hp, int wp,
-           int cache_frames, int n_cache, int block_n, int variant, bool persistent, uintptr_t stream) {
+           int cache_frames, int n_cache, int block_n, bool persistent, uintptr_t stream) {
           check(vkern::causal_conv3d_fwd(conv_tensor_of(x), conv_tensor_of(cache), conv_tensor_of(out),
                                          ptr<const void>(weight_packed), ptr<const void>(bias),
                                          static_cast<vkern::DType>(dtype), batch, channels, out_channels, frames,
                                          height, width, kt, tp, hp, wp, cache_frames, n_cache, block_n,
-                                         variant, persistent, stream_of(stream)),
+                                         persistent, stream_of(stream)),
                 "causal_conv3d_fwd");
         },
         py::arg("x"), py::arg("cache"), py::arg("out"), py::arg("weight_packed"), py::arg("bias"), py::arg("dtype"),
         py::arg("batch"), py::arg("channels"), py::arg("out_channels"), py::arg("frames"), py::arg("height"),
         py::arg("width"), py::arg("kt"), py::arg("tp"), py::arg("hp"), py::arg("wp"), py::arg("cache_frames"),
-        py::arg("n_cache"), py::arg("block_n"), py::arg("variant"), py::arg("persistent"), py::arg("stream"));
+        py::arg("n_cache"), py::arg("block_n"), py::arg("persistent"), py::arg("stream"));
 
   m.attr("flash_head_dims") = py::make_tuple(vkern::kFlashHeadDims[0], vkern::kFlashHeadDims[1]);
   m.def("flash_attention_fwd",

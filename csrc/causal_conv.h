@@ -26,13 +26,12 @@ constexpr int kConvBlockNs[] = {96, 128};
 // x's frame s for s >= 0, cache frame cache_frames + s (cache: logical frames 0 ... cache_frames - 1, oldest
 // first) for -n_cache <= s < 0, and zeros below. To = tp + T - KT + 1. Space: 3 x 3, padding hp rows and wp
 // columns of zeros: Ho = H + 2 hp - 2, Wo = W + 2 wp - 2.
-// C a multiple of 32; block_n in kConvBlockNs dividing O. variant: the kernel's pipeline form, 0-3 (bit 0: two tap
-// products left in flight instead of one; bit 1: the halo producers fence instead of the consumers).
-// persistent: one CTA per SM looping over the tiles, else one CTA per tile.
+// C a multiple of 32; block_n in kConvBlockNs dividing O. persistent: one CTA per SM looping over the tiles, else
+// one CTA per tile.
 // Returns cudaErrorInvalidValue for arguments the kernel does not take.
 cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, const void* weight_packed,
                               const void* bias, DType dtype, int batch, int channels, int out_channels, int frames,
                               int height, int width, int kt, int tp, int hp, int wp, int cache_frames, int n_cache,
-                              int block_n, int variant, bool persistent, cudaStream_t stream);
+                              int block_n, bool persistent, cudaStream_t stream);
 
 }  // namespace vkern

@@ -123,14 +123,12 @@ def _conv_arg(t, frame_index=0, frame_sign=1):
             t.stride(3))
 
 
-CUDA_VARIANT = 0        # the kernel's pipeline form, 0-3 (csrc/causal_conv.h)
 CUDA_PERSISTENT = True  # one CTA per SM looping over the tiles (else one CTA per tile; run 64: 7% slower)
 
 
-def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=False, variant=None, persistent=None):
+def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=False, persistent=None):
     """The CUDA kernel (cuda_unsupported(...) is None assumed; x and cache with pixel rows, as conv3d_in_place):
-    zeros padding, stride 1. variant, persistent: the kernel's forms (defaults CUDA_VARIANT, CUDA_PERSISTENT).
-    Returns a new channels-last-3d output."""
+    zeros padding, stride 1. persistent: default CUDA_PERSISTENT. Returns a new channels-last-3d output."""
     from .._ext import cuda_ext
 
     for name, t in (("x", x), ("cache", cache)):
@@ -153,7 +151,7 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
     cuda_ext().causal_conv3d_fwd(
         _conv_arg(x), c, _conv_arg(out), packed.data_ptr(), 0 if bias is None else bias.contiguous().data_ptr(),
         _DTYPE_CODE[x.dtype], B, C, O, T, H, W, KT, tp, hp, wp, cache.shape[2], n_cache, block_n,
-        CUDA_VARIANT if variant is None else variant, CUDA_PERSISTENT if persistent is None else persistent,
+        CUDA_PERSISTENT if persistent is None else persistent,
         torch.cuda.current_stream(x.device).cuda_stream)
     return out
 
