@@ -1,8 +1,8 @@
 // Causal 3D convolution for Hopper, written for vkern (design notes: bench/NOTES.md, "Session 16").
 //
 // Implicit GEMM on channels-last data: M = output pixels, N = output channels, K = taps x input channels.
-// One CTA computes a tile of 4 output rows x 64 output columns of one output frame (256 pixels) for block_n
-// (96 or 128) output channels, in three warpgroups:
+// A tile is 4 output rows x 64 output columns of one output frame (256 pixels) x block_n (96 or 128) output
+// channels; one CTA per SM loops over tiles (or one CTA per tile), in three warpgroups:
 //   producer (warpgroup 0): warps 1-3 copy the input halo of the tile (6 rows x 66 columns of 32 channels of one
 //     input frame) into a ring of shared-memory slots with 16-byte cp.async (zero-filled outside the frame:
 //     the spatial padding), one slot per (time tap, 32-channel chunk); lane 0 of warp 0 bulk-copies the packed
