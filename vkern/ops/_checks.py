@@ -2,6 +2,9 @@
 import torch
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# The dtype codes of vkern._C (csrc/fp8_quant.h DType); its tensor-core kernels take the 16-bit ones.
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+HALF = (torch.float16, torch.bfloat16)
 # Accepted by ops whose reference handles float64 (kernels fall back to it with a warning).
 FLOATS_OR_F64 = (*FLOATS, torch.float64)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..reference import causal_conv as ref
 from ..reference import wan_vae as ref_vae
 from . import _backend
-from ._checks import FLOATS, check_shape, check_tensor
+from ._checks import DTYPE_CODE, FLOATS, HALF, check_shape, check_tensor
 
 CL = torch.channels_last_3d
 
@@ -45,7 +45,7 @@ def triton_faster(weight, stride):
 def cuda_unsupported(x, weight, stride):
     """None when csrc/causal_conv.cu takes this conv (zeros padding), else why not."""
     O, C, _, kh, kw = weight.shape
-    if x.dtype not in (torch.bfloat16, torch.float16):
+    if x.dtype not in HALF:
         return f"no {x.dtype} kernel"
     if tuple(stride) != (1, 1, 1) or (kh, kw) != (3, 3):
         return f"stride 1 and 3 x 3 spatial taps only (got stride {tuple(stride)}, kernel {tuple(weight.shape[2:])})"
@@ -105,9 +105,6 @@ def conv3d_in_place(backend, x, weight, bias, stride, padding, cache=None, cache
     return triton_conv(x, weight, bias, stride, padding, cache=cache, cache_reversed=cache_reversed)
 
 
-_DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2}  # csrc/fp8_quant.h DType
-
-
 def cuda_packed_weight(weight, block_n):
     """[O, C, kt, 3, 3] -> the CUDA kernel's [O / block_n, kt, C / 32, 9 taps, 4, block_n, 8]: per output-channel
     tile, time tap, 32-channel chunk and spatial tap one contiguous slab of 32 x block_n (its 4 groups of 8 input
@@ -150,7 +147,7 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
     packed = cuda_packed_weight(weight, block_n)
     cuda_ext().causal_conv3d_fwd(
         _conv_arg(x), c, _conv_arg(out), packed.data_ptr(), 0 if bias is None else bias.contiguous().data_ptr(),
-        _DTYPE_CODE[x.dtype], B, C, O, T, H, W, KT, tp, hp, wp, cache.shape[2], n_cache, block_n,
+        DTYPE_CODE[x.dtype], B, C, O, T, H, W, KT, tp, hp, wp, cache.shape[2], n_cache, block_n,
         CUDA_PERSISTENT if persistent is None else persistent,
         torch.cuda.current_stream(x.device).cuda_stream)
     return out

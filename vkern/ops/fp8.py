@@ -3,9 +3,8 @@ import torch
 
 from ..reference import fp8 as ref
 from . import _backend
-from ._checks import FLOATS, check_tensor
+from ._checks import DTYPE_CODE, FLOATS, check_tensor
 
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @_backend.register("fp8_quantize")
@@ -44,7 +43,7 @@ def _quantize_cuda(x, granularity):
     C = cuda_ext()
     stream = torch.cuda.current_stream(x.device).cuda_stream
     q = torch.empty(x.shape, dtype=ref.E4M3, device=x.device)
-    code = _DTYPE_CODE[x.dtype]
+    code = DTYPE_CODE[x.dtype]
     with torch.cuda.device(x.device):
         if granularity == "tensor":
             xc = x.contiguous()
@@ -91,7 +90,7 @@ def _fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
         out = torch.empty(q.shape, dtype=dtype, device=q.device)
         with torch.cuda.device(q.device):
             cuda_ext().fp8_dequantize(qc.view(torch.uint8).data_ptr(), sc.data_ptr(), sc.numel() == 1,
-                                      qc.numel() // qc.shape[-1], qc.shape[-1], out.data_ptr(), _DTYPE_CODE[dtype],
+                                      qc.numel() // qc.shape[-1], qc.shape[-1], out.data_ptr(), DTYPE_CODE[dtype],
                                       torch.cuda.current_stream(q.device).cuda_stream)
         return out
     return ref.fp8_dequantize(q, scale, dtype)

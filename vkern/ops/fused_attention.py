@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..reference import attention as ref
 from . import _backend
-from ._checks import FLOATS, FLOATS_OR_F64, check_shape, check_tensor
+from ._checks import DTYPE_CODE, FLOATS, FLOATS_OR_F64, HALF, check_shape, check_tensor
 
 HEAD_DIMS = (64, 128)  # the Triton kernel's head dims; others fall back to SDPA / the reference
 QUANT_FORMATS = (None, "e4m3", "int8")
@@ -32,7 +32,6 @@ ATTENTION_PREFERENCE = {64: ("cuda", "sdpa", "triton"), 128: ("cuda", "sdpa", "t
 # the switch lies between 16384 and 32760. D=64 (run 36, 32 heads x 7392 queries): 0.71x at 128 keys, 0.86x at
 # 512, 0.94x at 2048, 1.07x at 7392, 1.12x at 17776: the switch lies between 2048 and 7392.
 CUDA_MIN_KEYS = {64: 4096, 128: 24576}
-_DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2}  # csrc/fp8_quant.h DType
 
 
 @_backend.register("qk_norm_rope")
@@ -256,7 +255,7 @@ def _cuda_kernel_reason(device, dtype, head_dim, v_head_dim, attn_mask):
 
     if head_dim not in cuda_ext().flash_head_dims or v_head_dim != head_dim:
         return f"head dim {head_dim} (the CUDA kernel takes {cuda_ext().flash_head_dims})"
-    if dtype not in _DTYPE_CODE:
+    if dtype not in HALF:
         return f"no {dtype} kernel"
     return "a general attn_mask (the CUDA kernel takes key_padding_mask)" if attn_mask else None
 
@@ -407,7 +406,7 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     with torch.cuda.device(q.device):
         cuda_ext().flash_attention_fwd(
             *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q, k, v, out)),
-            0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), _DTYPE_CODE[q.dtype], B,
+            0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), DTYPE_CODE[q.dtype], B,
             H, Sq, k.shape[1], D,
             D ** -0.5 if scale is None else scale, _flash_stages(), torch.cuda.current_stream(q.device).cuda_stream)
     return out, lse
@@ -429,7 +428,7 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, key_padding_mask,
             (vt.data_ptr(), vt.stride(0), vt.stride(2), vt.stride(1)),  # V^T: (batch, head-dim row, head) strides
             (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
-            k_scale.data_ptr(), v_scale.data_ptr(), _DTYPE_CODE[out_dtype], B, H, Sq, Skv,
+            k_scale.data_ptr(), v_scale.data_ptr(), DTYPE_CODE[out_dtype], B, H, Sq, Skv,
             vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(), q8.dtype == torch.int8,
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
@@ -463,7 +462,7 @@ def _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v8, k_block=True):
         return "the CUDA fp8 kernel takes e4m3 or int8 Q and K with e4m3 V (pv='e4m3')"
     if not k_block:
         return "per-key K scales (the CUDA fp8 kernel takes one per 128-key block: vkern.ops.k_to_8bit)"
-    return None if dtype in _DTYPE_CODE else f"no {dtype} output"
+    return None if dtype in HALF else f"no {dtype} output"
 
 
 @_backend.register("attention_8bit")
