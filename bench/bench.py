@@ -319,9 +319,10 @@ def _gemm(name, providers, args):
 # vkern: the defaults (fused biases, padded 3/12-channel convs, the Triton conv where it beat cuDNN);
 # vkern-cudnn: the same with every conv on cuDNN (the A/B of the Triton dispatch); vkern-unfused: cuDNN
 # convs, no fused biases, no padding (the default path of runs 19-21); vkern-2-latents: latents_per_call=2
-# (decode); vkern-cpu-output: decoded frames go to pinned CPU memory (decode).
-VAE_PROVIDERS = ("diffusers", "vkern", "vkern-cudnn", "vkern-cuda", "vkern-unfused", "vkern-2-latents",
-                 "vkern-cpu-output")
+# (decode); vkern-cpu-output: decoded frames go to pinned CPU memory (decode); vkern-cuda: vkern's CUDA conv on
+# every conv it takes; vkern-cuda-s16: the CUDA conv on the 96 -> 96 convs only (CUDA_FASTER of session 16).
+VAE_PROVIDERS = ("diffusers", "vkern", "vkern-cudnn", "vkern-cuda", "vkern-cuda-s16", "vkern-unfused",
+                 "vkern-2-latents", "vkern-cpu-output")
 
 
 def with_env(fn, name, value):
@@ -347,6 +348,24 @@ def cudnn_convs(fn):
 def cuda_convs(fn):
     """fn with vkern's CUDA conv kernel wherever it takes the conv (VKERN_CONV_CUDA=all)."""
     return with_env(fn, "VKERN_CONV_CUDA", "all")
+
+
+def with_cuda_table(fn, table):
+    """fn with vkern.ops.causal_conv.CUDA_FASTER = table while it runs (an A/B of the CUDA conv's routing)."""
+    from vkern.ops import causal_conv
+
+    def run(*args, **kwargs):
+        before = causal_conv.CUDA_FASTER
+        causal_conv.CUDA_FASTER = set(table)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            causal_conv.CUDA_FASTER = before
+    return run
+
+
+# CUDA_FASTER as session 16 left it (the 96 -> 96 convs only): the A/B of run 66's wider routing
+CUDA_TABLE_S16 = {(96, 96, (3, 3, 3))}
 
 
 def _psnr(a, b):
@@ -457,6 +476,7 @@ def _vae_decode(name, providers, args):
                "vkern-cpu-output": lambda vae, z: wan_vae.decode(vae, z, output_device="cpu"),
                "vkern-cudnn": cudnn_convs(wan_vae.decode),
                "vkern-cuda": cuda_convs(wan_vae.decode),
+               "vkern-cuda-s16": with_cuda_table(wan_vae.decode, CUDA_TABLE_S16),
                "vkern-unfused": cudnn_convs(lambda vae, z: wan_vae.decode(vae, z, fuse_bias=False, pad_channels=False)),
                "vkern-2-latents": lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2)}
     yield from _vae_rows("vae-decode", name, providers, args,
@@ -472,6 +492,7 @@ def _vae_encode(name, providers, args):
     runners = {"default": lambda vae, x: vae.encode(x).latent_dist.parameters,
                "vkern-cudnn": cudnn_convs(wan_vae.encode),
                "vkern-cuda": cuda_convs(wan_vae.encode),
+               "vkern-cuda-s16": with_cuda_table(wan_vae.encode, CUDA_TABLE_S16),
                "vkern-unfused": cudnn_convs(lambda vae, x: wan_vae.encode(vae, x, fuse_bias=False, pad_channels=False))}
     providers = [p for p in (providers or VAE_PROVIDERS) if p not in ("vkern-cpu-output", "vkern-2-latents")]
     yield from _vae_rows("vae-encode", name, providers, args,
@@ -486,6 +507,7 @@ VAE_CONVS = {
     "dec-3x3x3-384ch-120x208": (384, 384, (3, 3, 3), 2, 120, 208),
     "dec-3x3x3-384ch-60x104": (384, 384, (3, 3, 3), 1, 60, 104),
     "dec-up-conv2d-192to96-480x832": (192, 96, (1, 3, 3), 4, 480, 832),
+    "dec-up-conv2d-384to192-240x416": (384, 192, (1, 3, 3), 4, 240, 416),
     "dec-time-up-384to768-120x208": (384, 768, (3, 1, 1), 2, 120, 208),
     "dec-out-96to3-480x832": (96, 3, (3, 3, 3), 4, 480, 832),
     "enc-in-3to96-480x832": (3, 96, (3, 3, 3), 4, 480, 832),
@@ -508,6 +530,7 @@ def _vae_conv(name, providers, args):
     weight = (torch.randn(cout, cin, *k, device="cuda") / (cin * k[0] * k[1] * k[2]) ** 0.5).to(DT)
     bias = torch.randn(cout, device="cuda", dtype=DT)
     x_cl, cache_cl = (t.contiguous(memory_format=torch.channels_last_3d) for t in (x, cache))
+    residual = None
     if k[0] == 1:  # the 2D upsampling conv, frames as a batch
         frames2d = x[0].transpose(0, 1).contiguous()
         frames2d_cl = frames2d.contiguous(memory_format=torch.channels_last)
@@ -515,6 +538,8 @@ def _vae_conv(name, providers, args):
                "vkern": lambda: F.conv2d(frames2d_cl, weight[:, :, 0], bias, 1, (hp, wp)),
                # the same conv as a 1x3x3 causal conv of the frames: [1, O, F, H, W] -> diffusers' [F, O, H, W]
                "vkern-triton": lambda: triton_conv(x_cl, weight, bias, (1, 1, 1), (0, hp, wp))[0].transpose(0, 1)}
+        if cuda_unsupported(x_cl, weight, (1, 1, 1)) is None:  # csrc/causal_conv.cu, as the Wan VAE loop runs it
+            fns["vkern-cuda"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (0, hp, wp))[0].transpose(0, 1)
     else:
         def diffusers():
             xx = torch.cat([cache, x], dim=2) if tp else x
@@ -529,6 +554,13 @@ def _vae_conv(name, providers, args):
             # one CTA per tile instead of persistent CTAs
             fns["vkern-cuda-grid"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl,
                                                                 persistent=False)
+            if cout % 96 == 0 and cout % 128 == 0:  # the narrower output-channel tile (more tiles per layer)
+                fns["vkern-cuda-n96"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl,
+                                                                   block_n=96)
+            if cout == cin:  # a residual block's conv2: + the shortcut in the epilogue (expected: + it, below)
+                residual = torch.randn_like(fns["vkern-cuda"]())
+                fns["vkern-cuda-residual"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl,
+                                                                        residual=residual)
     # Probes of the vkern conv: without its bias (what a bias fused into the next op leaves), and with
     # cuDNN's autotuner (benchmark mode, trying 10 / all engines) instead of its heuristics' first pick.
     vkern = fns["vkern"]
@@ -545,8 +577,9 @@ def _vae_conv(name, providers, args):
         if provider not in fns:  # vkern-cuda: only the convs the kernel takes
             continue
         ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
+        want = expected + residual if provider == "vkern-cuda-residual" else expected
         yield dict(op="vae-conv", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, tflops=flops / ms / 1e9,
-                   rel_l2_vs_diffusers=None if provider == "vkern-no-bias" else rel_l2(fns[provider](), expected))
+                   rel_l2_vs_diffusers=None if provider == "vkern-no-bias" else rel_l2(fns[provider](), want))
 
 
 OPS = {"attention": (_attention, shapes.ATTENTION), "wan-self-attn": (_wan_self_attention, shapes.ATTENTION),

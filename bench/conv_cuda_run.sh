@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # The CUDA causal conv (csrc/causal_conv.cu) in one GPU call: build, its GPU tests and the VAE's, per-layer rows
-# (cuDNN buffered, CUDA, one CTA per tile), decode at 480p and 720p and encode at 480p (diffusers, vkern's default
-# path, every conv the kernel takes on it); with "ncu", ncu sections of the 96 -> 96 launch instead of the VAE rows; with "short", only the
-# 96 -> 96 layer and the 480p decode (for a call with little device time left).
+# (cuDNN buffered, CUDA, one CTA per tile, the 96-wide tile at 384 channels, the fused residual), decode at 480p
+# and 720p and encode at 480p (diffusers, vkern's default path, the CUDA conv on session 16's 96 -> 96 convs only,
+# every conv the kernel takes on it), the 480p decode's GPU time per class and per conv layer (bench/profile_vae.py);
+# with "ncu", ncu sections of the 96 -> 96 launch instead of the VAE rows; with "short", only the 96 -> 96 layer and
+# the 480p decode (for a call with little device time left).
 # Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_run.sh [ncu] [short]   (carry .whl)
 set -uo pipefail
 . bench/device_env.sh
 VKERN_PTXAS_VERBOSE=1 build_vkern
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
-timeout -s INT -k 10 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_causal_conv_cuda.py \
+timeout -s INT -k 10 200 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_causal_conv_cuda.py \
   > "$OUT/pytest-conv.log" 2>&1; rc=$?
 grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest-conv.log" | head -20; echo "conv tests rc $rc"
 B="python3 -m bench.bench --out $OUT/results.jsonl"
 V=vkern,vkern-cuda
 SHORT=0; [[ " $* " == *" short "* ]] && SHORT=1
 CONVS=dec-3x3x3-96ch-480x832,dec-3x3x3-192ch-240x416,dec-3x3x3-384ch-120x208,dec-3x3x3-384ch-60x104
+CONVS=$CONVS,dec-up-conv2d-192to96-480x832,dec-up-conv2d-384to192-240x416,dec-out-96to3-480x832
 [ $SHORT = 1 ] && CONVS=dec-3x3x3-96ch-480x832
-timeout 100 $B --op vae-conv --shape $CONVS \
-  --warmup 2 --repeats 10 --providers $V,vkern-cuda-grid > /dev/null
+timeout 120 $B --op vae-conv --shape $CONVS \
+  --warmup 2 --repeats 10 --providers $V,vkern-no-bias,vkern-cuda-grid,vkern-cuda-n96,vkern-cuda-residual > /dev/null
 if [[ " $* " == *" ncu "* ]]; then
   timeout 120 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section WarpStateStats \
@@ -28,16 +31,20 @@ if [[ " $* " == *" ncu "* ]]; then
 elif [ $rc = 0 ]; then
   timeout -s INT -k 10 100 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_wan_vae.py \
     > "$OUT/pytest-vae.log" 2>&1; echo "vae tests rc $?"; grep -E "FAILED|passed|failed" "$OUT/pytest-vae.log" | head
-  timeout 100 $B --op vae-decode --shape wan-vae-480p --providers diffusers,$V > /dev/null
+  timeout 120 $B --op vae-decode --shape wan-vae-480p --providers diffusers,$V,vkern-cuda-s16,vkern-2-latents > /dev/null
   if [ $SHORT = 0 ]; then
-    timeout 60 $B --op vae-encode --shape wan-vae-480p --providers diffusers,$V > /dev/null
-    timeout 150 $B --op vae-decode --shape wan-vae-720p --providers diffusers,$V > /dev/null
+    timeout 90 python3 -m bench.profile_vae --res 480p --ops decode --providers vkern --out "$OUT/results.jsonl" \
+      --md "$OUT/profile_vae.md" > /dev/null 2>&1; echo "profile rc $?"
+    timeout 60 $B --op vae-encode --shape wan-vae-480p --providers diffusers,vkern,vkern-cuda-s16 > /dev/null
+    timeout 150 $B --op vae-decode --shape wan-vae-720p --providers diffusers,vkern,vkern-cuda-s16 > /dev/null
   fi
 fi
 python3 - "$OUT/results.jsonl" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
+    if "ms" not in r:  # the profile's rows: in profile_vae.md
+        continue
     print(r["op"], r["shape"], r["provider"], round(r["ms"], 3), r.get("tflops") and round(r["tflops"], 1),
           r.get("peak_gib") and round(r["peak_gib"], 3), r.get("rel_l2_vs_fp32") and "%.4g" % r["rel_l2_vs_fp32"])
 PY

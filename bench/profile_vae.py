@@ -17,9 +17,19 @@ Module scopes come from record_function ranges opened by forward hooks on diffus
 (vkern's loop calls WanAttentionBlock as a module too). On the CPU the classes sum the self CPU time
 of the profiled ops (vkern's Triton kernel runs interpreted inside its custom op): the CPU run only
 shows that the classification and the rows work.
+
+Conv layers (row key conv_layers, one table per row): during the profiled call only, every conv the
+loops launch (F.conv3d / F.conv2d, which nn.Conv3d/Conv2d call too, and vkern's conv3d_in_place) runs
+inside a range named "vae:conv C->O kKTxKHxKW TxHxW backend" (output frames x H x W; a 2D conv's
+first dimension is its images, batch x frames). Per label: the time of every kernel launched inside it
+(the conv and whatever its backend adds: cuDNN's layout transforms, weight packing), the calls, and
+TFLOP/s from 2 * output elements * C/groups * kernel taps. The mid block's 1x1 attention convs are
+listed too (their time is class "other" above).
 """
 import argparse
+import contextlib
 import gc
+import math
 import re
 import time
 
@@ -32,7 +42,8 @@ from .timing import param_bytes
 CLASSES = ("conv", "norm_silu", "copy", "elementwise", "other")
 LABELS = {"conv": "conv", "norm_silu": "norm+silu", "copy": "copy+cat+pad", "elementwise": "other elementwise",
           "other": "other"}
-SCOPE = "vae:"  # record_function ranges opened by the hooks: "vae:norm", "vae:attention"
+SCOPE = "vae:"  # profiler ranges: the hooks' "vae:norm", "vae:attention"; conv_ranges()' "vae:conv <label>"
+CONV = SCOPE + "conv "
 TOP = 15
 
 # Names seen (cuDNN 9 on sm90): "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_...",
@@ -106,6 +117,114 @@ def _hook_scopes(vae):
     return handles
 
 
+def _range(name):
+    """A profiler range that also claims the kernels launched straight from Python inside it (vkern's
+    Triton and vkern._C convs): a FUNCTION-scope RecordFunction. torch.profiler.record_function opens a
+    user scope, which the profiler never links kernels to (they would have no launcher at all)."""
+    fast = getattr(torch._C._profiler, "_RecordFunctionFast", None)
+    return fast(name) if fast else torch.profiler.record_function(name)
+
+
+def _out_size(sizes, kernel, stride, before, after, dilation):
+    """A conv's output sizes from its input sizes and, per dimension, stride, padding before and after, dilation."""
+    return [(n + b + a - d * (k - 1) - 1) // s + 1
+            for n, k, s, b, a, d in zip(sizes, kernel, stride, before, after, dilation)]
+
+
+def _per_dim(v, n):
+    return (v,) * n if isinstance(v, int) else tuple(v)
+
+
+def _shown(shape):
+    """The output sizes a label shows: frames x H x W (3D), images (batch x frames) x H x W (2D)."""
+    return list(shape[2:]) if len(shape) == 5 else [shape[0], *shape[2:]]
+
+
+def _describe_functional(dims):
+    """For F.conv{dims}d(input, weight, bias, stride, padding, dilation, groups): (weight, groups, output
+    shape, backend)."""
+    def describe(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        kernel, dilation = weight.shape[2:], _per_dim(dilation, dims)
+        sizes = x.shape[2:]
+        if padding == "same":
+            out = list(sizes)
+        else:
+            pad = _per_dim(0 if padding == "valid" else padding, dims)
+            out = _out_size(sizes, kernel, _per_dim(stride, dims), pad, pad, dilation)
+        return weight, groups, [x.shape[0], weight.shape[0], *out], "cudnn" if x.is_cuda else x.device.type
+    return describe
+
+
+def _describe_in_place(backend, x, weight, bias, stride, padding, *_, **__):
+    """conv3d_in_place's (cache, residual, ... need not be read): causal, time padding in front only."""
+    tp, hp, wp = padding
+    out = _out_size(x.shape[2:], weight.shape[2:], stride, (tp, hp, wp), (0, hp, wp), (1, 1, 1))
+    return weight, 1, [x.shape[0], weight.shape[0], *out], backend
+
+
+def _label(weight, groups, shape, backend):
+    kernel = "x".join(map(str, weight.shape[2:]))
+    return f"{weight.shape[1] * groups}->{weight.shape[0]} k{kernel} {'x'.join(map(str, _shown(shape)))} {backend}"
+
+
+@contextlib.contextmanager
+def conv_ranges():
+    """Inside the block, every conv entry point the loops use runs in a _range(CONV + label); yields
+    {label: {backend, calls, flops}}, filled as the convs run. The module attributes are looked up at
+    call time (F.conv3d, ops.causal_conv.conv3d_in_place), so patching them reaches every caller;
+    restored on exit. vkern's causal_conv3d_cuda is reached only through conv3d_in_place."""
+    from vkern.ops import causal_conv
+
+    F = torch.nn.functional
+    stats = {}
+    inside = []  # a conv called by another (a backend falling back to F.conv3d) is the outer one's
+
+    def probe(fn, describe):
+        def conv(*args, **kwargs):
+            if inside:
+                return fn(*args, **kwargs)
+            weight, groups, shape, backend = describe(*args, **kwargs)
+            label = _label(weight, groups, shape, backend)
+            inside.append(label)
+            try:
+                with _range(CONV + label):
+                    out = fn(*args, **kwargs)
+            finally:
+                inside.pop()
+            if _shown(out.shape) != _shown(shape):  # a wrong label would silently misfile the time
+                raise AssertionError(f"conv label {label!r}: the output is {tuple(out.shape)}")
+            entry = stats.setdefault(label, dict(backend=backend, calls=0, flops=0))
+            entry["calls"] += 1
+            entry["flops"] += 2 * out.numel() * math.prod(weight.shape[1:])  # C/groups x kernel taps per output
+            return out
+        return conv
+
+    originals = [(F, "conv3d", F.conv3d), (F, "conv2d", F.conv2d),
+                 (causal_conv, "conv3d_in_place", causal_conv.conv3d_in_place)]
+    describes = [_describe_functional(3), _describe_functional(2), _describe_in_place]
+    try:
+        for (module, name, fn), describe in zip(originals, describes):
+            setattr(module, name, probe(fn, describe))
+        yield stats
+    finally:
+        for module, name, fn in originals:
+            setattr(module, name, fn)
+
+
+def conv_layers(items, stats):
+    """[{label, backend, ms, calls, tflops}] by ms, most first: each conv_ranges label with the time of
+    the items (device_items') whose launcher chain holds its range."""
+    ms = dict.fromkeys(stats, 0.0)
+    for _, us, launcher in items:
+        label = next((n[len(CONV):] for n in scopes(launcher) if n.startswith(CONV)), None)
+        if label in ms:
+            ms[label] += us / 1e3
+    layers = [dict(label=label, backend=stats[label]["backend"], ms=round(t, 3), calls=stats[label]["calls"],
+                   tflops=float(f"{stats[label]['flops'] / t / 1e9:.4g}") if t > 0 else None)
+              for label, t in ms.items()]
+    return sorted(layers, key=lambda layer: -layer["ms"])
+
+
 def _runner(op, provider, vae, inp):
     from vkern.modules import wan_vae
 
@@ -131,7 +250,8 @@ def _inputs(op, res, device, dtype):
 
 
 def profile_call(fn, device):
-    """One warm call, one timed call, one profiled call: (wall ms unprofiled, wall ms profiled, items)."""
+    """One warm call, one timed call, one profiled call: (wall ms unprofiled, wall ms profiled, items,
+    conv_layers' list; only the profiled call runs its convs inside conv_ranges)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -148,13 +268,13 @@ def profile_call(fn, device):
     call()
     wall = (time.perf_counter() - start) * 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with conv_ranges() as convs, profile(activities=activities) as prof:
         start = time.perf_counter()
         call()
         profiled = (time.perf_counter() - start) * 1e3
     items = [(n, us, launcher) for n, us, launcher in profile_step.device_items(prof, cuda)
-             if not n.startswith(SCOPE)]  # on the CPU a hook range's self time is Python, not an op
-    return wall, profiled, items
+             if not n.startswith(SCOPE)]  # a range: on a GPU the hooks' are annotations, on the CPU Python time
+    return wall, profiled, items, conv_layers(items, convs)
 
 
 def run(res, ops, providers, device, dtype=torch.bfloat16):
@@ -169,13 +289,14 @@ def run(res, ops, providers, device, dtype=torch.bfloat16):
         for op in ops:
             inp = _inputs(op, res, device, dtype)
             for provider in providers:
-                wall, profiled, items = profile_call(_runner(op, provider, vae, inp), device)
+                wall, profiled, items, layers = profile_call(_runner(op, provider, vae, inp), device)
                 per_class, top = summarize(items, classify, CLASSES, TOP)
                 total = sum(per_class.values())
                 rows.append(dict(op=f"profile-vae-{op}", shape=f"wan-vae-{res}", provider=provider, world=1,
                                  **{f"{c}_ms": per_class[c] for c in CLASSES}, total_ms=total, wall_ms=wall,
                                  profiled_wall_ms=profiled, kernels=len(items), param_gib=param_bytes(vae) / 2**30,
-                                 timer="cuda-kernels" if device.type == "cuda" else "cpu-self", top=top))
+                                 timer="cuda-kernels" if device.type == "cuda" else "cpu-self", top=top,
+                                 conv_layers=layers))
                 del items
                 gc.collect()
                 if device.type == "cuda":
@@ -205,6 +326,16 @@ def top_table(row):
     return f"top {TOP}: {row['op']} {row['shape']} {row['provider']}\n\n" + markdown(["ms", "calls", "class", "kernel"], lines)
 
 
+def conv_table(row):
+    layers = row["conv_layers"]
+    lines = [[c["label"].rsplit(" ", 1)[0], c["backend"], c["calls"], f"{c['ms']:.2f}",
+              "-" if c["tflops"] is None else f"{c['tflops']:.3g}"] for c in layers]
+    title = (f"conv layers: {row['op']} {row['shape']} {row['provider']} ({sum(c['ms'] for c in layers):.1f} ms, "
+             f"{sum(c['calls'] for c in layers)} calls)")
+    return title + "\n\n" + markdown(["conv (in->out, kernel, out frames x H x W)", "backend", "calls", "ms",
+                                      "TFLOP/s"], lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.profile_vae", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,7 +351,7 @@ def main(argv=None):
     if set(ops) - {"decode", "encode"}:
         raise SystemExit(f"--ops: expected decode and/or encode, got {args.ops!r}")
     rows = save_rows(run(args.res, ops, args.providers.split(","), device), device, args.out)
-    text = "\n\n".join([table(rows)] + [top_table(r) for r in rows])
+    text = "\n\n".join([table(rows)] + [top_table(r) for r in rows] + [conv_table(r) for r in rows])
     if args.md:
         with open(args.md, "w") as f:
             f.write(text + "\n")

@@ -75,19 +75,22 @@ PYBIND11_MODULE(_C, m) {
         py::arg("q"), py::arg("scale"), py::arg("per_tensor"), py::arg("rows"), py::arg("cols"), py::arg("out"),
         py::arg("out_dtype"), py::arg("stream"));
 
-  m.attr("conv_block_ns") = py::make_tuple(vkern::kConvBlockNs[0], vkern::kConvBlockNs[1]);
+  m.attr("conv_block_ns") = py::make_tuple(vkern::kConvBlockNs[0], vkern::kConvBlockNs[1], vkern::kConvBlockNs[2]);
   m.def("causal_conv3d_fwd",
-        [](ConvArg x, ConvArg cache, ConvArg out, uintptr_t weight_packed, uintptr_t bias, int dtype, int batch,
+        [](ConvArg x, ConvArg cache, ConvArg out, ConvArg residual, uintptr_t weight_packed, uintptr_t bias, int dtype,
+           int batch,
            int channels, int out_channels, int frames, int height, int width, int kt, int tp, int hp, int wp,
            int cache_frames, int n_cache, int block_n, bool persistent, uintptr_t stream) {
           check(vkern::causal_conv3d_fwd(conv_tensor_of(x), conv_tensor_of(cache), conv_tensor_of(out),
-                                         ptr<const void>(weight_packed), ptr<const void>(bias),
+                                         conv_tensor_of(residual), ptr<const void>(weight_packed),
+                                         ptr<const float>(bias),
                                          static_cast<vkern::DType>(dtype), batch, channels, out_channels, frames,
                                          height, width, kt, tp, hp, wp, cache_frames, n_cache, block_n,
                                          persistent, stream_of(stream)),
                 "causal_conv3d_fwd");
         },
-        py::arg("x"), py::arg("cache"), py::arg("out"), py::arg("weight_packed"), py::arg("bias"), py::arg("dtype"),
+        py::arg("x"), py::arg("cache"), py::arg("out"), py::arg("residual"), py::arg("weight_packed"), py::arg("bias"),
+        py::arg("dtype"),
         py::arg("batch"), py::arg("channels"), py::arg("out_channels"), py::arg("frames"), py::arg("height"),
         py::arg("width"), py::arg("kt"), py::arg("tp"), py::arg("hp"), py::arg("wp"), py::arg("cache_frames"),
         py::arg("n_cache"), py::arg("block_n"), py::arg("persistent"), py::arg("stream"));

@@ -1,7 +1,7 @@
 // Causal 3D convolution for Hopper, written for vkern (design notes: bench/NOTES.md, "Session 16").
 //
 // Implicit GEMM on channels-last data: M = output pixels, N = output channels, K = taps x input channels.
-// A tile is 4 output rows x 64 output columns of one output frame (256 pixels) x block_n (96 or 128) output
+// A tile is 4 output rows x 64 output columns of one output frame (256 pixels) x block_n (8, 96 or 128) output
 // channels; one CTA per SM loops over tiles (or one CTA per tile), in three warpgroups:
 //   producer (warpgroup 0): warps 1-3 copy the input halo of the tile (6 rows x 66 columns of 32 channels of one
 //     input frame) into a ring of shared-memory slots with 16-byte cp.async (zero-filled outside the frame:
@@ -14,8 +14,8 @@
 //     lbo = one channel group, sbo = 8 pixels). Each input pixel is read from L2 once per (time tap, channel
 //     chunk) instead of once per tap.
 // Time: output frame t reads padded frames t ... t + KT - 1; a padded frame is a frame of x, of the cache (read in
-// place, any frame stride) or zeros (its taps are skipped: no copy, no product). Bias is added in fp32 and each
-// output is rounded once.
+// place, any frame stride) or zeros (its taps are skipped: no copy, no product). Bias (fp32) and a residual (a
+// residual block's shortcut, optional) are added in fp32 and each output is rounded once.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -53,8 +53,9 @@ struct ConvParams {
   const T* cache;
   T* out;
   const T* weight;  // packed, see causal_conv.h
-  const T* bias;
-  int64_t xb, xf, xr, cb, cf, cr, ob, of, orow;
+  const float* bias;
+  const T* res;     // residual, laid out as out (may be null)
+  int64_t xb, xf, xr, cb, cf, cr, ob, of, orow, rb, rf, rr;
   int C, O, H, W, To, Ho, Wo, KT, tp, hp, wp, cache_frames, n_cache;
   int tiles_w, tiles_h, n_tiles, tiles;
 };
@@ -214,10 +215,12 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
       fence_regs(acc[1]);
       for (int q_done = q - kInFlight < q_first ? q_first : q - kInFlight; q_done < q; ++q_done) release(q_done);
 
-      // Epilogue: bias in fp32, one rounding, 4-byte stores of channel pairs; pixels past the frame not stored.
+      // Epilogue: bias and residual in fp32, one rounding, 4-byte stores of channel pairs; pixels past the frame
+      // not stored.
       const int wq = warp % 4;
       T* out = p.out + tile.b * p.ob + tile.t * p.of + tile.nt * kBlockN;
-      const T* bias = p.bias ? p.bias + tile.nt * kBlockN + 2 * (lane % 4) : nullptr;
+      const T* res = p.res ? p.res + tile.b * p.rb + tile.t * p.rf + tile.nt * kBlockN : nullptr;
+      const float* bias = p.bias ? p.bias + tile.nt * kBlockN + 2 * (lane % 4) : nullptr;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int h = tile.h0 + 2 * c + r;
@@ -227,11 +230,21 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
           const int w = tile.w0 + 16 * wq + lane / 4 + 8 * i;
           if (w >= p.Wo) continue;
           T* row = out + h * p.orow + int64_t(w) * p.O + 2 * (lane % 4);
+          uint32_t res_pairs[kBlockN / 8];  // all loads issued before the first store (out may not alias res)
+          if (res) {
+            const T* res_row = res + h * p.rr + int64_t(w) * p.O + 2 * (lane % 4);
+#pragma unroll
+            for (int j = 0; j < kBlockN / 8; ++j) res_pairs[j] = *reinterpret_cast<const uint32_t*>(res_row + 8 * j);
+          }
 #pragma unroll
           for (int j = 0; j < kBlockN / 8; ++j) {
-            const float b0 = bias ? float(bias[8 * j]) : 0.f, b1 = bias ? float(bias[8 * j + 1]) : 0.f;
-            const uint32_t v = pack2<T>(acc[r][4 * j + 2 * i] + b0, acc[r][4 * j + 2 * i + 1] + b1);
-            *reinterpret_cast<uint32_t*>(row + 8 * j) = v;
+            float v0 = acc[r][4 * j + 2 * i], v1 = acc[r][4 * j + 2 * i + 1];
+            if (bias) v0 += bias[8 * j], v1 += bias[8 * j + 1];
+            if (res) {
+              const float2 s = unpack2<T>(res_pairs[j]);
+              v0 += s.x, v1 += s.y;
+            }
+            *reinterpret_cast<uint32_t*>(row + 8 * j) = pack2<T>(v0, v1);
           }
         }
       }
@@ -260,8 +273,8 @@ bool strides_ok(const ConvTensor& t) { return t.batch_stride % 8 == 0 && t.frame
 
 }  // namespace
 
-cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, const void* weight_packed,
-                              const void* bias, DType dtype, int batch, int channels, int out_channels, int frames,
+cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, ConvTensor residual,
+                              const void* weight_packed, const float* bias, DType dtype, int batch, int channels, int out_channels, int frames,
                               int height, int width, int kt, int tp, int hp, int wp, int cache_frames, int n_cache,
                               int block_n, bool persistent, cudaStream_t stream) {
   const int To = tp + frames - kt + 1, Ho = height + 2 * hp - 2, Wo = width + 2 * wp - 2;
@@ -271,7 +284,8 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, co
       wp < 0 || n_cache < 0 || n_cache > tp || To < 1 || Ho < 1 || Wo < 1 || !cache_ok || x.ptr == nullptr ||
       out.ptr == nullptr || weight_packed == nullptr || !aligned(x.ptr) || !aligned(out.ptr) ||
       !aligned(weight_packed) || !strides_ok(x) || !strides_ok(out) || out_channels % 8 != 0 ||
-      (block_n != kConvBlockNs[0] && block_n != kConvBlockNs[1]) || out_channels % block_n != 0)
+      (block_n != kConvBlockNs[0] && block_n != kConvBlockNs[1] && block_n != kConvBlockNs[2]) || out_channels % block_n != 0 ||
+      (residual.ptr != nullptr && (!aligned(residual.ptr) || !strides_ok(residual))))
     return cudaErrorInvalidValue;
   const auto run = [&](auto type_tag) {
     using T = decltype(type_tag);
@@ -280,10 +294,12 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, co
     p.cache = n_cache ? static_cast<const T*>(cache.ptr) : p.x;
     p.out = static_cast<T*>(const_cast<void*>(out.ptr));
     p.weight = static_cast<const T*>(weight_packed);
-    p.bias = static_cast<const T*>(bias);
+    p.bias = bias;
+    p.res = static_cast<const T*>(residual.ptr);
     p.xb = x.batch_stride, p.xf = x.frame_stride, p.xr = x.row_stride;
     p.cb = cache.batch_stride, p.cf = cache.frame_stride, p.cr = cache.row_stride;
     p.ob = out.batch_stride, p.of = out.frame_stride, p.orow = out.row_stride;
+    p.rb = residual.batch_stride, p.rf = residual.frame_stride, p.rr = residual.row_stride;
     p.C = channels, p.O = out_channels, p.H = height, p.W = width;
     p.To = To, p.Ho = Ho, p.Wo = Wo, p.KT = kt, p.tp = tp, p.hp = hp, p.wp = wp;
     p.cache_frames = cache_frames, p.n_cache = n_cache;
@@ -291,6 +307,7 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, co
     const int64_t tiles = int64_t(batch) * To * p.tiles_h * p.tiles_w * p.n_tiles;
     if (tiles > 0x7fffffff) return cudaErrorInvalidValue;
     p.tiles = int(tiles);
+    if (block_n == 8) return launch<T, 8>(p, persistent, stream);
     return block_n == 96 ? launch<T, 96>(p, persistent, stream) : launch<T, 128>(p, persistent, stream);
   };
   if (dtype == DType::kBFloat16) return run(__nv_bfloat16());

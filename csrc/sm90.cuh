@@ -182,7 +182,10 @@ __device__ __forceinline__ void wgmma_m64nNk16_rs_bt(float (&d)[N / 2], const ui
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "    \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}"
 
-// d[N / 2] += A[64 x 16] B[16 x N], N = 96 or 128, A and B in shared memory (K-major both).
+#define VKERN_ACC4_OPERANDS(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+#define VKERN_ACC4_REGS "{%0, %1, %2, %3}"
+
+// d[N / 2] += A[64 x 16] B[16 x N], N = 8, 96 or 128, A and B in shared memory (K-major both).
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_m64nNk16_ss_acc(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b);
 #define VKERN_WGMMA_SS_ACC(TYPE, SHAPE, REGS, OPERANDS, A, B)                                                   \
@@ -206,6 +209,10 @@ __device__ __forceinline__ void wgmma_m64nNk16_ss_acc(float (&d)[N / 2], uint64_
   __device__ __forceinline__ void wgmma_m64nNk16_rs_bt<CPP, 64>(float (&d)[32], const uint32_t (&a)[4],           \
                                                                 uint64_t desc_b) {                                \
     VKERN_WGMMA_RS_BT_N64(PTX);                                                                                   \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_m64nNk16_ss_acc<CPP, 8>(float (&d)[4], uint64_t desc_a, uint64_t desc_b) { \
+    VKERN_WGMMA_SS_ACC(PTX, "m64n8k16", VKERN_ACC4_REGS, VKERN_ACC4_OPERANDS, "%4", "%5");                       \
   }                                                                                                               \
   template <>                                                                                                     \
   __device__ __forceinline__ void wgmma_m64nNk16_ss_acc<CPP, 96>(float (&d)[48], uint64_t desc_a, uint64_t desc_b) { \
@@ -290,6 +297,15 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, f
 template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// One 32-bit register of two 16-bit values (first in the low half) -> two fp32 values (exact).
+template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t v);
+template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t v) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+}
+template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&v));
 }
 
 __device__ __forceinline__ float ex2(float x) {

@@ -10,7 +10,7 @@ from vkern.ops import _backend
 from vkern.ops import causal_conv as cc
 from vkern.reference import causal_conv as ref
 
-from .test_causal_conv_triton import UNIT_ROUNDOFF, assert_wan_conv_accuracy, check, inputs
+from .test_causal_conv_triton import UNIT_ROUNDOFF, assert_wan_conv_accuracy, check, inputs, oracle_and_bound
 from .tolerance import rel_l2
 
 CL = torch.channels_last_3d
@@ -39,10 +39,17 @@ def test_unsupported_convs_say_why():
     assert cc.cuda_unsupported(x, ok, (1, 1, 1)) is None
     assert "stride" in cc.cuda_unsupported(x, ok, (1, 2, 2))
     assert "3 x 3" in cc.cuda_unsupported(x, torch.empty(96, 96, 3, 1, 1, dtype=torch.bfloat16), (1, 1, 1))
-    assert "96 or 128" in cc.cuda_unsupported(x, torch.empty(3, 96, 3, 3, 3, dtype=torch.bfloat16), (1, 1, 1))
+    assert "96 or 128" in cc.cuda_unsupported(x, torch.empty(48, 96, 3, 3, 3, dtype=torch.bfloat16), (1, 1, 1))
+    assert cc.cuda_unsupported(x, torch.empty(3, 96, 3, 3, 3, dtype=torch.bfloat16), (1, 1, 1)) is None  # padded
     assert "multiple of 32" in cc.cuda_unsupported(x[:, :48], torch.empty(96, 48, 3, 3, 3, dtype=torch.bfloat16),
                                                    (1, 1, 1))
     assert "float32" in cc.cuda_unsupported(x.float(), ok.float(), (1, 1, 1))
+
+
+@pytest.mark.parametrize("O,block_n", [(96, 96), (192, 96), (384, 128), (256, 128), (3, 8), (8, 8), (1, 8), (16, None),
+                                       (48, None)])
+def test_block_n(O, block_n):
+    assert cc._cuda_block_n(O) == block_n
 
 
 def test_cuda_first_only_where_preferred(monkeypatch):
@@ -156,12 +163,55 @@ def test_gpu_op_forcing(monkeypatch):
     assert _backend.last_choice["causal_conv3d"] == "cuda"
     check(out, x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros")
     with pytest.raises(_backend.BackendError, match="96 or 128"):
-        ops.causal_conv3d(x, w[:3], b[:3], 1, (2, 1, 1), cache)
+        ops.causal_conv3d(x, w[:48], b[:48], 1, (2, 1, 1), cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("O", [1, 3, 8])
+@pytest.mark.parametrize("cache_frames", [None, 2])
+def test_gpu_few_output_channels(dtype, O, cache_frames):
+    """O <= 8 (a VAE's RGB output): 8-wide output-channel tiles, weight and output padded to 8 channels, the
+    padding cut off (a channel slice)."""
+    x, w, b, cache = _gpu(*inputs(1, 64, O, 3, 9, 70, (3, 3, 3), cache_frames, dtype))
+    out = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache)
+    y = check(out, x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros")
+    assert rel_l2(out, y) <= UNIT_ROUNDOFF[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C,O,T,H,W", [(96, 96, 2, 9, 70), (64, 128, 1, 4, 64), (32, 192, 2, 5, 7)])
+def test_gpu_residual_and_fp32_bias(dtype, C, O, T, H, W):
+    """conv + bias + residual in the epilogue, in fp32 with one rounding (the residual block's fused add): within
+    the bound of the conv of [x | the residual as one more input channel with weight 1] (exact in fp32), with an
+    fp32 bias that no 16-bit value equals; a non-pixel-rows residual is copied once."""
+    x, w, _, cache = _gpu(*inputs(1, C, O, T, H, W, (3, 3, 3), 2, dtype))
+    b = torch.randn(O, device="cuda", dtype=torch.float64).float() / 3
+    r = torch.randn(1, O, T, H, W, device="cuda").to(dtype).contiguous(memory_format=CL)
+    out = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, residual=r)
+    y, bound = oracle_and_bound(x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros", dtype)
+    y = y + r.double()
+    bound = bound + UNIT_ROUNDOFF[dtype] * r.double().abs()  # the rounding of the larger sum
+    assert out.shape == y.shape and torch.isfinite(out).all()
+    excess = ((out.double() - y).abs() - bound).max().item()
+    assert excess <= 0, f"error exceeds the bound by {excess:.3g}"
+    assert torch.equal(cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, residual=r.contiguous()), out)
+    with pytest.raises(ValueError, match="residual"):
+        cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, residual=r[:, :, :1])
+
+
+@pytest.mark.gpu
+def test_gpu_block_n_96_for_384_channels():
+    """The narrower tile where both divide O (a benchmark probe): the same conv within the bound."""
+    x, w, b, cache = _gpu(*inputs(1, 64, 384, 2, 6, 70, (3, 3, 3), 2, torch.bfloat16))
+    out = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, block_n=96)
+    check(out, x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("C,O,T,H,W", [(96, 96, 4, 480, 832), (192, 192, 4, 240, 416), (384, 384, 2, 120, 208),
-                                       (384, 384, 1, 60, 104)])
+                                       (384, 384, 1, 60, 104), (96, 3, 4, 480, 832)])
 @torch.inference_mode()
 def test_gpu_wan_shapes(C, O, T, H, W):
     """bf16 at the Wan VAE decoder's shapes against cuDNN's fp32 conv (TF32 off) on the same bf16 inputs, with a

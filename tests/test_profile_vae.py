@@ -1,11 +1,14 @@
 """bench/profile_vae.py: the kernel classifier (GPU kernel names with the ops and module scopes that
 launched them), and the whole run on the CPU with the tiny Wan VAE."""
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from bench import profile_vae
+from vkern import models
 
 
 def launched_by(*names):
@@ -101,3 +104,55 @@ def test_real_sizes_need_a_gpu():
         pytest.skip("has a GPU")
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         profile_vae.main(["--res", "480p", "--device", "cpu"])
+
+
+LABEL = re.compile(r"^(\d+)->(\d+) k([\dx]+) ([\dx]+) (\w+)$")  # "96->96 k3x3x3 4x480x832 cuda"
+
+
+def conv_entry_points():
+    from vkern.ops import causal_conv
+    return torch.nn.functional.conv3d, torch.nn.functional.conv2d, causal_conv.conv3d_in_place
+
+
+def test_conv_ranges_labels_flops_and_restore(monkeypatch):
+    from vkern.ops import causal_conv
+
+    def in_place(backend, x, weight, bias, stride, padding, cache=None, cache_reversed=False, residual=None):
+        return x.new_zeros(1, 16, 4, 6, 6)  # what the kernel returns for the call below
+
+    monkeypatch.setattr(causal_conv, "conv3d_in_place", in_place)
+    before = conv_entry_points()
+    F = torch.nn.functional
+    with profile_vae.conv_ranges() as stats:
+        F.conv2d(torch.randn(2, 4, 9, 9), torch.randn(6, 2, 3, 3), None, 2, 1, 2, 2)  # stride 2, pad 1, dil 2, groups 2
+        F.conv3d(torch.randn(1, 3, 5, 8, 8), torch.randn(8, 3, 1, 3, 3), padding="same")
+        causal_conv.conv3d_in_place("triton", torch.randn(1, 8, 4, 6, 6), torch.randn(16, 8, 3, 3, 3), None,
+                                    (1, 1, 1), (2, 1, 1), cache=None, residual=None)
+    assert stats == {
+        "4->6 k3x3 2x4x4 cpu": dict(backend="cpu", calls=1, flops=2 * (2 * 6 * 4 * 4) * 2 * 9),
+        "3->8 k1x3x3 5x8x8 cpu": dict(backend="cpu", calls=1, flops=2 * (8 * 5 * 8 * 8) * 3 * 9),
+        "8->16 k3x3x3 4x6x6 triton": dict(backend="triton", calls=1, flops=2 * (16 * 4 * 6 * 6) * 8 * 27)}
+    assert conv_entry_points() == before
+    with pytest.raises(RuntimeError), profile_vae.conv_ranges():  # restored when the call fails too
+        raise RuntimeError
+    assert conv_entry_points() == before
+
+
+def test_tiny_cpu_conv_layers(monkeypatch):
+    """The profiled rows carry every conv of the tiny VAE's decoder, by channels and kernel; the entry
+    points are the originals afterwards."""
+    monkeypatch.setenv("VKERN_RMS_NORM_SILU_BACKEND", "reference")
+    before = conv_entry_points()
+    rows = profile_vae.run("tiny", ["decode"], ["diffusers", "vkern"], torch.device("cpu"))
+    assert conv_entry_points() == before
+    vae = models.build_wan_vae("tiny")
+    convs = [m for m in [*vae.decoder.modules(), vae.post_quant_conv] if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    want = {(m.in_channels, m.out_channels, "x".join(map(str, m.kernel_size))) for m in convs}
+    assert {(16, 16, "3x3x3"), (8, 3, "3x3x3"), (16, 48, "1x1")} <= want  # a residual conv, conv_out, attention qkv
+    for r in rows:
+        layers = r["conv_layers"]
+        assert layers and [c["ms"] for c in layers] == sorted((c["ms"] for c in layers), reverse=True)
+        parsed = [LABEL.match(c["label"]).groups() for c in layers]
+        assert {(int(i), int(o), k) for i, o, k, _, _ in parsed} == want, r["provider"]
+        assert all(c["calls"] > 0 and c["ms"] >= 0 and c["backend"] == b == "cpu" for c, (*_, b) in zip(layers, parsed))
+        assert sum(c["calls"] for c in layers) >= len(convs) and sum(c["ms"] for c in layers) > 0

@@ -483,15 +483,16 @@ def test_gpu_default_encode_matches_diffusers():
 
 
 def _spy_kernel_convs(monkeypatch):
-    """Records (backend, in channels, out channels, kernel, cache_reversed) of every conv the VAE loop sends to
-    vkern's conv kernels (all go through ops.causal_conv.conv3d_in_place)."""
+    """Records (backend, in channels, out channels, kernel, cache_reversed, residual given) of every conv the VAE
+    loop sends to vkern's conv kernels (all go through ops.causal_conv.conv3d_in_place)."""
     from vkern.ops import causal_conv as cc
 
     calls, run = [], cc.conv3d_in_place
 
-    def spy(backend, x, weight, *args, cache_reversed=False, **kwargs):
-        calls.append((backend, weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), cache_reversed))
-        return run(backend, x, weight, *args, cache_reversed=cache_reversed, **kwargs)
+    def spy(backend, x, weight, *args, cache_reversed=False, residual=None, **kwargs):
+        calls.append((backend, weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), cache_reversed,
+                      residual is not None))
+        return run(backend, x, weight, *args, cache_reversed=cache_reversed, residual=residual, **kwargs)
     monkeypatch.setattr(cc, "conv3d_in_place", spy)
     return calls
 
@@ -499,9 +500,10 @@ def _spy_kernel_convs(monkeypatch):
 @pytest.mark.gpu
 @torch.inference_mode()
 def test_gpu_decode_runs_vkern_convs_where_they_measured_faster(monkeypatch):
-    """On CUDA the default decode sends the convs of CUDA_FASTER (96 -> 96, 3x3x3) to the CUDA kernel, the other
-    96-output 3x3x3 convs (TRITON_FASTER) to the Triton kernel, and nothing else to either; with every conv on
-    cuDNN the output stays within bf16's error of it (both vs fp32)."""
+    """On CUDA the default decode sends the convs of CUDA_FASTER (incl. the 2D upsampling convs and the RGB output
+    conv) to the CUDA kernel, the other 96-output 3x3x3 convs (TRITON_FASTER) to the Triton kernel, and nothing
+    else to either; residual blocks whose conv2 runs on the CUDA kernel add their shortcut in it (and only
+    those); with every conv on cuDNN the output stays within bf16's error of it (both vs fp32)."""
     from vkern.ops import causal_conv as cc
 
     monkeypatch.delenv("VKERN_CONV_CUDA", raising=False)
@@ -514,6 +516,9 @@ def test_gpu_decode_runs_vkern_convs_where_they_measured_faster(monkeypatch):
     for backend, C, O, k in kinds:
         assert (backend == "cuda") == ((C, O, k) in cc.CUDA_FASTER), kinds
         assert backend == "cuda" or (O == 96 and k == (3, 3, 3)), kinds
+    assert {k[1:4] for k in kinds} >= {(192, 96, (1, 3, 3)), (96, 3, (3, 3, 3))}  # the upsampling and RGB output convs
+    fused = {c[1:4] for c in calls if c[5]}
+    assert fused and all(C == O and k == (3, 3, 3) and (C, O, k) in cc.CUDA_FASTER for C, O, k in fused), fused
     monkeypatch.setenv("VKERN_CAUSAL_CONV3D_BACKEND", "cudnn")
     n = len(calls)
     cudnn = fast.decode(vae, z)

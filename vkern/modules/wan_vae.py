@@ -103,12 +103,22 @@ class _Chunks:
         backend = ops.causal_conv.conv_backend(x, conv.weight, stride)
         return backend == "triton" or (backend == "cuda" and ops.causal_conv.pixel_rows(x))
 
-    def conv(self, conv, buf, keep=CACHE_T, bias=True):
-        """Run `conv` over its filled buffer (without its bias when not `bias`); keep the buffer's last
-        frames for the next chunk. Padded output channels are cut off (a channel slice, no copy). `buf`
-        may be an _InPlace chunk instead (see in_place)."""
+    def fuses_residual(self, conv, buf):
+        """True when `conv` over `buf` runs on vkern's CUDA conv kernel, which adds a residual (and an fp32 bias)
+        in its epilogue: conv(buf, residual=...) then saves the residual add's pass."""
+        stride = ref._conv_args(conv)[2]
+        return isinstance(buf, _InPlace) and ops.causal_conv.conv_backend(buf.x, conv.weight, stride) == "cuda"
+
+    def conv(self, conv, buf, keep=CACHE_T, bias=True, residual=None):
+        """Run `conv` over its filled buffer (without its bias when not `bias`; bias may also be a tensor to add
+        instead, fp32 allowed with a residual); keep the buffer's last frames for the next chunk. Padded output
+        channels are cut off (a channel slice, no copy). `buf` may be an _InPlace chunk instead (see in_place).
+        residual: added to the output (in the conv's epilogue where fuses_residual, else by residual_add_)."""
+        if isinstance(buf, torch.Tensor) and residual is not None:
+            raise ValueError("residual: only for a conv reading its cache in place (an _InPlace chunk)")
         if isinstance(buf, _InPlace):
-            return self._conv_in_place(conv, buf.x, bias)
+            b = bias if isinstance(bias, torch.Tensor) else (conv.bias if bias else None)
+            return self._conv_in_place(conv, buf.x, b, residual)
         _, _, stride, (_, h_pad, w_pad) = ref._conv_args(conv)
         weight, b = self._weights(conv, buf.shape[1])
         b = b if bias else None
@@ -123,18 +133,19 @@ class _Chunks:
         prev.copy_(buf[:, :, -keep:])
         return out[:, :conv.weight.shape[0]]
 
-    def _conv_in_place(self, conv, x, bias):
+    def _conv_in_place(self, conv, x, bias, residual=None):
         """vkern's conv kernel over [cached frames | x] read in place (zeros before the first chunk, as the
-        buffer's), then the cache becomes the last CACHE_T frames of [cache | x]: the kernel is queued
-        before the cache is overwritten, on the same stream. The 2-frame cache is a ring: a 1-frame chunk
-        overwrites the oldest slot and flips the stored order (self.reversed; the kernel reads either
-        order), one frame copied instead of two (the 1-frame steps of a 720p decode)."""
-        weight, b, stride, padding = ref._conv_args(conv)
+        buffer's), plus bias (a tensor or None) and residual (or None), then the cache becomes the last CACHE_T
+        frames of [cache | x]: the kernel is queued before the cache is overwritten, on the same stream. The
+        2-frame cache is a ring: a 1-frame chunk overwrites the oldest slot and flips the stored order
+        (self.reversed; the kernel reads either order), one frame copied instead of two (the 1-frame steps of a
+        720p decode)."""
+        weight, _, stride, padding = ref._conv_args(conv)
         prev = self.frames.get(conv)
         reversed_ = self.reversed.get(conv, False)
         backend = ops.causal_conv.conv_backend(x, weight, stride)
-        out = ops.causal_conv.conv3d_in_place(backend, x, weight, b if bias else None, stride, padding, cache=prev,
-                                              cache_reversed=reversed_)
+        out = ops.causal_conv.conv3d_in_place(backend, x, weight, bias, stride, padding, cache=prev,
+                                              cache_reversed=reversed_, residual=residual)
         if prev is None:
             B, C, _, H, W = x.shape
             prev = self.frames[conv] = torch.empty((B, C, CACHE_T, H, W), dtype=x.dtype, device=x.device,
@@ -170,7 +181,7 @@ class _Chunks:
         if t_pad != CACHE_T:
             raise NotImplementedError(f"causal conv with {t_pad} padding frames (Wan's have {CACHE_T})")
         if self.in_place(conv, x):
-            return self._conv_in_place(conv, x, bias=True)
+            return self._conv_in_place(conv, x, conv.bias)
         buf, slot = self.buffer(conv, x.shape, x.dtype, x.device)
         slot.copy_(x)
         return self.conv(conv, buf)
@@ -212,12 +223,15 @@ def residual_block(block, x, run):
     y = run.norm_conv(block.norm1, block.conv1, x, bias=not fuse)
     buf = run.norm_into(block.norm2, block.conv2, y, in_bias=block.conv1.bias if fuse else None)
     del y  # conv1's output is read: free it before conv2 allocates its output
+    conv_bias = getattr(block.conv_shortcut, "bias", None)  # None for Identity
+    if fuse and run.fuses_residual(block.conv2, buf):  # the add in conv2's epilogue: one pass less
+        return run.conv(block.conv2, buf, bias=_sum_bias(block.conv2.bias, conv_bias),
+                        residual=_shortcut(block, x, bias=False))
     y = run.conv(block.conv2, buf, bias=not fuse)
     del buf
     if not fuse:
         return y.add_(_shortcut(block, x))  # diffusers' x + h: the same one rounding, in place
     shortcut = _shortcut(block, x, bias=False)
-    conv_bias = getattr(block.conv_shortcut, "bias", None)  # None for Identity
     return ops.causal_conv.residual_add_(y, shortcut, _sum_bias(block.conv2.bias, conv_bias))
 
 
@@ -275,9 +289,15 @@ def _upsample_conv(block, src):
     up = _upsample_frames(src)
     del src
     conv2d = block.resample[1]
+    # [B*T, C', 2H, 2W] channels-last is [B, C', T, 2H, 2W] channels-last-3d in memory: the frames of a 1-frame-
+    # kernel causal conv, which vkern's CUDA conv takes where it measured faster than cuDNN
+    frames = up.unflatten(0, (B, T * I)).permute(0, 2, 1, 3, 4)
+    weight = conv2d.weight.unsqueeze(2)
+    backend = ops.causal_conv.conv_backend(frames, weight, (1, 1, 1))
+    if backend in ops.causal_conv.IN_PLACE and tuple(conv2d.stride) == (1, 1):
+        return ops.causal_conv.conv3d_in_place(backend, frames, weight, conv2d.bias, (1, 1, 1), (0, *conv2d.padding))
     y = F.conv2d(up, conv2d.weight, conv2d.bias, conv2d.stride, conv2d.padding)
-    del up
-    # [B*T, C', 2H, 2W] channels-last is [B, C', T, 2H, 2W] channels-last-3d in memory
+    del up, frames
     return y.unflatten(0, (B, T * I)).permute(0, 2, 1, 3, 4)
 
 

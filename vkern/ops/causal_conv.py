@@ -7,8 +7,9 @@ the reference), triton (vkern/triton/causal_conv.py: implicit GEMM reading cache
 pad mode, bias fused; first for the conv shapes where it measured faster than cuDNN, TRITON_FASTER; any
 conv with VKERN_CAUSAL_CONV3D_BACKEND=triton; on the CPU it runs under TRITON_INTERPRET=1, only when
 forced), cuda (csrc/causal_conv.cu, vkern._C on Hopper: a wgmma implicit GEMM reading cache and chunk in
-place, zeros padding, stride 1, 3 x 3 spatial taps, C a multiple of 32, O of 96 or 128; first where it
-measured fastest, CUDA_FASTER, or wherever it runs with VKERN_CONV_CUDA=all, never with VKERN_CONV_CUDA=0),
+place, zeros padding, stride 1, 3 x 3 spatial taps, C a multiple of 32, O a multiple of 96 or 128, or at most 8
+(an RGB output: padded to 8); bias and a residual fused; first where it measured fastest, CUDA_FASTER, or wherever
+it runs with VKERN_CONV_CUDA=all, never with VKERN_CONV_CUDA=0),
 reference (vkern/reference/causal_conv.py; the CPU).
 rms_norm_silu, residual_add_ backends: triton (vkern/triton/vae_glue.py), reference (vkern/reference/wan_vae.py).
 """
@@ -33,9 +34,12 @@ TRITON_FASTER = {(96, (3, 3, 3))}
 
 
 # (in channels, out channels, kernel) of the convs where the CUDA kernel measured faster than cuDNN and Triton
-# (bf16, H200, run 63: bench/results/2026-12-02-h200-41831ad-conv-cuda.jsonl, op vae-conv): 96 -> 96 at 480x832
-# 1.82 ms vs Triton 2.64, cuDNN 3.52. cuDNN stayed faster at 192 and 384 channels (1.73 vs 1.88, 0.78 vs 0.97 ms).
-CUDA_FASTER = {(96, 96, (3, 3, 3))}
+# (bf16, H200, op vae-conv): 96 -> 96 at 480x832 (run 63: bench/results/2026-12-02-h200-41831ad-conv-cuda.jsonl,
+# 1.82 ms vs Triton 2.64, cuDNN 3.52). Not 192 -> 192: 1.57 ms vs cuDNN's 1.72 with bias (run 65), but the VAE
+# loop runs it without bias (fused elsewhere), where cuDNN took 1.29 ms per call (a profile of the decode).
+# Candidates for run 66 (unmeasured): the decoder's RGB output conv 96 -> 3 (block_n 8) and its upsampling 2D
+# convs 192 -> 96 and 384 -> 192 (1 x 3 x 3, with bias).
+CUDA_FASTER = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (192, 96, (1, 3, 3)), (384, 192, (1, 3, 3))}
 
 
 def triton_faster(weight, stride):
@@ -50,12 +54,17 @@ def cuda_unsupported(x, weight, stride):
     if tuple(stride) != (1, 1, 1) or (kh, kw) != (3, 3):
         return f"stride 1 and 3 x 3 spatial taps only (got stride {tuple(stride)}, kernel {tuple(weight.shape[2:])})"
     if C % 32 or _cuda_block_n(O) is None:
-        return f"in channels a multiple of 32 and out channels of 96 or 128 only (got {C} -> {O})"
+        return f"in channels a multiple of 32 and out channels a multiple of 96 or 128, or at most 8 only (got {C} -> {O})"
     return None
 
 
+CUDA_BLOCK_NS = (128, 96, 8)  # csrc/causal_conv.h's kConvBlockNs, widest first
+
+
 def _cuda_block_n(out_channels):
-    return next((n for n in (128, 96) if out_channels % n == 0), None)
+    """The kernel's output-channel tile for O channels: the widest of 128 and 96 dividing O; 8 for O <= 8 (the
+    weight and output padded to 8 channels); None when neither."""
+    return next((n for n in CUDA_BLOCK_NS[:2] if out_channels % n == 0), 8 if out_channels <= 8 else None)
 
 
 def _cuda_preferred(weight):
@@ -94,14 +103,18 @@ def conv_backend(x, weight, stride):
 IN_PLACE = ("triton", "cuda")  # the backends that read cached frames where they are (conv3d_in_place)
 
 
-def conv3d_in_place(backend, x, weight, bias, stride, padding, cache=None, cache_reversed=False):
+def conv3d_in_place(backend, x, weight, bias, stride, padding, cache=None, cache_reversed=False, residual=None):
     """A zeros-padding causal conv on an IN_PLACE backend: x and cache [B, C, Tc, H, W] with pixel rows of
     contiguous channels, cache read where it is (cache_reversed: stored newest frame first); see
-    vkern/triton/causal_conv.py's causal_conv3d. Returns a new channels-last output."""
+    vkern/triton/causal_conv.py's causal_conv3d. residual (the output's shape; cuda only, else added after):
+    added to the output, in fp32 on cuda (bias may then be fp32). Returns a new channels-last output."""
     if backend == "cuda":
-        return causal_conv3d_cuda(x, weight, bias, padding, cache, cache_reversed)
+        return causal_conv3d_cuda(x, weight, bias, padding, cache, cache_reversed, residual=residual)
     from ..triton.causal_conv import causal_conv3d as triton_conv
 
+    if residual is not None:
+        out = triton_conv(x, weight, None, stride, padding, cache=cache, cache_reversed=cache_reversed)
+        return residual_add_(out, residual, bias)
     return triton_conv(x, weight, bias, stride, padding, cache=cache, cache_reversed=cache_reversed)
 
 
@@ -123,9 +136,13 @@ def _conv_arg(t, frame_index=0, frame_sign=1):
 CUDA_PERSISTENT = True  # one CTA per SM looping over the tiles (else one CTA per tile; run 64: 7% slower)
 
 
-def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=False, persistent=None):
+def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=False, persistent=None, residual=None,
+                       block_n=None):
     """The CUDA kernel (cuda_unsupported(...) is None assumed; x and cache with pixel rows, as conv3d_in_place):
-    zeros padding, stride 1. persistent: default CUDA_PERSISTENT. Returns a new channels-last-3d output."""
+    zeros padding, stride 1. bias: O values (any float dtype: added in fp32). residual: a tensor of the output's
+    shape with pixel rows, added in fp32 (one rounding of conv + bias + residual). persistent: default
+    CUDA_PERSISTENT. block_n: the output-channel tile (default _cuda_block_n(O); a probe for benchmarks). Returns
+    a new channels-last-3d output (O <= 8: a channel slice of an 8-channel one)."""
     from .._ext import cuda_ext
 
     for name, t in (("x", x), ("cache", cache)):
@@ -134,23 +151,35 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
     B, C, T, H, W = x.shape
     O, _, KT = weight.shape[:3]
     tp, hp, wp = padding
-    out = torch.empty((B, O, tp + T - KT + 1, H + 2 * hp - 2, W + 2 * wp - 2), dtype=x.dtype, device=x.device,
-                      memory_format=CL)
+    block_n = block_n or _cuda_block_n(O)
+    O_pad = -(-O // block_n) * block_n
+    shape = (B, O_pad, tp + T - KT + 1, H + 2 * hp - 2, W + 2 * wp - 2)
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=(x.dtype,), ndim=5, device=x.device)
+        check_shape("residual", residual, (B, O, *shape[2:]))
+        if O_pad != O:
+            raise ValueError(f"residual: not supported with {O} output channels (padded to {O_pad})")
+        residual = residual if pixel_rows(residual) else residual.contiguous(memory_format=CL)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=CL)
     if out.numel() == 0:
-        return out
+        return out[:, :O]
+    if O_pad != O:  # few output channels: zero weights and bias for the padding channels, which are cut off
+        weight = torch.cat([weight, weight.new_zeros((O_pad - O, *weight.shape[1:]))])
+        bias = None if bias is None else torch.cat([bias, bias.new_zeros(O_pad - O)])
     n_cache = 0 if cache is None or tp == 0 else min(cache.shape[2], tp)
     if n_cache:  # the kernel reads logical frame f (0 = oldest) at address(frame 0) + f * frame stride
         c = _conv_arg(cache, cache.shape[2] - 1, -1) if cache_reversed else _conv_arg(cache)
     else:
         c, cache = (0, 0, 0, 0), x
-    block_n = _cuda_block_n(O)
     packed = cuda_packed_weight(weight, block_n)
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
     cuda_ext().causal_conv3d_fwd(
-        _conv_arg(x), c, _conv_arg(out), packed.data_ptr(), 0 if bias is None else bias.contiguous().data_ptr(),
-        DTYPE_CODE[x.dtype], B, C, O, T, H, W, KT, tp, hp, wp, cache.shape[2], n_cache, block_n,
+        _conv_arg(x), c, _conv_arg(out), _conv_arg(residual) if residual is not None else (0, 0, 0, 0),
+        packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
+        DTYPE_CODE[x.dtype], B, C, O_pad, T, H, W, KT, tp, hp, wp, cache.shape[2], n_cache, block_n,
         CUDA_PERSISTENT if persistent is None else persistent,
         torch.cuda.current_stream(x.device).cuda_stream)
-    return out
+    return out[:, :O] if O_pad != O else out
 
 
 def _triple(name, v, minimum):
