@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The CUDA causal conv (csrc/causal_conv.cu) in one GPU call: build, its GPU tests and the VAE's, per-layer rows
 # (cuDNN buffered, CUDA, one CTA per tile, the 96-wide tile at 384 channels, the fused residual), decode at 480p
-# and 720p and encode at 480p (diffusers, vkern's default path, the CUDA conv on session 16's 96 -> 96 convs only,
+# (and 720p with "720p") and encode at 480p (diffusers, vkern's default path, the CUDA conv on session 16's 96 -> 96 convs only,
 # every conv the kernel takes on it), the 480p decode's GPU time per class and per conv layer (bench/profile_vae.py);
 # with "ncu", ncu sections of the 96 -> 96 launch instead of the VAE rows; with "short", only the 96 -> 96 layer and
 # the 480p decode (for a call with little device time left).
-# Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_run.sh [ncu] [short]   (carry .whl)
+# Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_run.sh [ncu] [short] [720p]   (carry .whl; 720p: the 720p decode too)
 set -uo pipefail
 . bench/device_env.sh
 VKERN_PTXAS_VERBOSE=1 build_vkern
@@ -36,6 +36,8 @@ elif [ $rc = 0 ]; then
     timeout 90 python3 -m bench.profile_vae --res 480p --ops decode --providers vkern --out "$OUT/results.jsonl" \
       --md "$OUT/profile_vae.md" > /dev/null 2>&1; echo "profile rc $?"
     timeout 60 $B --op vae-encode --shape wan-vae-480p --providers diffusers,vkern,vkern-cuda-s16 > /dev/null
+  fi
+  if [[ " $* " == *" 720p "* ]]; then
     timeout 150 $B --op vae-decode --shape wan-vae-720p --providers diffusers,vkern,vkern-cuda-s16 > /dev/null
   fi
 fi
