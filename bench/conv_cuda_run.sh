@@ -5,7 +5,8 @@
 # every conv the kernel takes on it), the 480p decode's GPU time per class and per conv layer (bench/profile_vae.py);
 # with "ncu", ncu sections of the 96 -> 96 launch instead of the VAE rows; with "short", only the 96 -> 96 layer and
 # the 480p decode (for a call with little device time left).
-# Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_run.sh [ncu] [short] [720p]   (carry .whl; 720p: the 720p decode too)
+# Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_run.sh [ncu] [short] [720p] [source]   (carry .whl; 720p: the 720p
+# decode too; source: at the end, ncu's stall samples per SASS instruction of the 96 -> 96 launch, summarised)
 set -uo pipefail
 . bench/device_env.sh
 VKERN_PTXAS_VERBOSE=1 build_vkern
@@ -40,6 +41,15 @@ elif [ $rc = 0 ]; then
   if [[ " $* " == *" 720p "* ]]; then
     timeout 150 $B --op vae-decode --shape wan-vae-720p --providers diffusers,vkern,vkern-cuda-s16 > /dev/null
   fi
+fi
+if [[ " $* " == *" source "* ]]; then  # where the 96 -> 96 launch's warps stall, per SASS instruction
+  timeout 200 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SourceCounters \
+    --section WarpStateStats --import-source no -o "$OUT/conv" python3 -m bench.bench --op vae-conv \
+    --shape dec-3x3x3-96ch-480x832 --providers vkern-cuda --warmup 0 --repeats 1 > "$OUT/ncu-source.txt" 2>&1
+  echo "ncu source rc $?"
+  ncu -i "$OUT/conv.ncu-rep" --page source --csv --print-source sass > "$OUT/conv-source.csv" 2> /dev/null
+  python3 bench/ncu_source_summary.py "$OUT/conv-source.csv" > "$OUT/conv-source-summary.txt" 2>&1
+  head -40 "$OUT/conv-source-summary.txt"; rm -f "$OUT/conv.ncu-rep"
 fi
 python3 - "$OUT/results.jsonl" <<'PY'
 import json, sys

@@ -2,7 +2,8 @@
 //
 // Implicit GEMM on channels-last data: M = output pixels, N = output channels, K = taps x input channels.
 // A tile is 4 output rows x 64 output columns of one output frame (256 pixels) x block_n (8, 96 or 128) output
-// channels; one CTA per SM loops over tiles (or one CTA per tile), in three warpgroups:
+// channels; persistent CTAs (as many as fit on the SMs at once) loop over tiles (or one CTA per tile), in three
+// warpgroups:
 //   producer (warpgroup 0): warps 1-3 copy the input halo of the tile (6 rows x 66 columns of 32 channels of one
 //     input frame) into a ring of shared-memory slots with 16-byte cp.async (zero-filled outside the frame:
 //     the spatial padding), one slot per (time tap, 32-channel chunk); lane 0 of warp 0 bulk-copies the packed
@@ -258,11 +259,13 @@ cudaError_t launch(ConvParams<T> p, bool persistent, cudaStream_t stream) {
   const auto kernel = causal_conv3d_kernel<T, kBlockN>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
-  int ctas = p.tiles, device = 0, sms = 0;
-  if (persistent) {
+  int ctas = p.tiles, device = 0, sms = 0, per_sm = 0;
+  if (persistent) {  // as many CTAs as fit at once (2 per SM at block_n 8, whose weight ring is small)
     if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
     if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
-    ctas = sms < ctas ? sms : ctas;
+    if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kSmem)) != cudaSuccess)
+      return err;
+    ctas = sms * per_sm < ctas ? sms * per_sm : ctas;
   }
   kernel<<<unsigned(ctas), kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();

@@ -28,8 +28,8 @@ constexpr int kConvBlockNs[] = {8, 96, 128};
 // x's frame s for s >= 0, cache frame cache_frames + s (cache: logical frames 0 ... cache_frames - 1, oldest
 // first) for -n_cache <= s < 0, and zeros below. To = tp + T - KT + 1. Space: 3 x 3, padding hp rows and wp
 // columns of zeros: Ho = H + 2 hp - 2, Wo = W + 2 wp - 2.
-// C a multiple of 32; block_n in kConvBlockNs dividing O. persistent: one CTA per SM looping over the tiles, else
-// one CTA per tile.
+// C a multiple of 32; block_n in kConvBlockNs dividing O. persistent: as many CTAs as fit on the SMs at once,
+// looping over the tiles, else one CTA per tile.
 // Returns cudaErrorInvalidValue for arguments the kernel does not take.
 cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, ConvTensor residual,
                               const void* weight_packed, const float* bias, DType dtype, int batch, int channels, int out_channels, int frames,

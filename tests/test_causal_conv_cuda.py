@@ -198,7 +198,7 @@ def test_gpu_residual_and_fp32_bias(dtype, C, O, T, H, W):
     assert excess <= 0, f"error exceeds the bound by {excess:.3g}"
     assert torch.equal(cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, residual=r.contiguous()), out)
     with pytest.raises(ValueError, match="residual"):
-        cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, residual=r[:, :, :1])
+        cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, residual=r[:, :, :, :1])
 
 
 @pytest.mark.gpu
