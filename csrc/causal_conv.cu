@@ -56,6 +56,7 @@ struct ConvParams {
   const T* weight;  // packed, see causal_conv.h
   const float* bias;
   const T* res;     // residual, laid out as out (may be null)
+  ConvNorm norm;    // the RMS norm + SiLU of the epilogue (norm.gamma null: none)
   int64_t xb, xf, xr, cb, cf, cr, ob, of, orow, rb, rf, rr;
   int C, O, H, W, To, Ho, Wo, KT, tp, hp, wp, cache_frames, n_cache;
   int tiles_w, tiles_h, n_tiles, tiles;
@@ -216,37 +217,59 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
       fence_regs(acc[1]);
       for (int q_done = q - kInFlight < q_first ? q_first : q - kInFlight; q_done < q; ++q_done) release(q_done);
 
-      // Epilogue: bias and residual in fp32, one rounding, 4-byte stores of channel pairs; pixels past the frame
-      // not stored.
+      // Epilogue: bias and residual in fp32, then (p.norm.gamma) the RMS norm of each pixel's channels + SiLU, one
+      // rounding, 4-byte stores of channel pairs; pixels past the frame not stored. A pixel's channels are spread
+      // over 4 lanes (lane % 4), so its sum of squares is two shuffles: every lane takes part in them.
       const int wq = warp % 4;
       T* out = p.out + tile.b * p.ob + tile.t * p.of + tile.nt * kBlockN;
       const T* res = p.res ? p.res + tile.b * p.rb + tile.t * p.rf + tile.nt * kBlockN : nullptr;
-      const float* bias = p.bias ? p.bias + tile.nt * kBlockN + 2 * (lane % 4) : nullptr;
+      const int c0 = tile.nt * kBlockN + 2 * (lane % 4);  // this lane's first channel; then + 8 j, + 1
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int h = tile.h0 + 2 * c + r;
-        if (h >= p.Ho) continue;
+        if (h >= p.Ho) continue;  // warp-uniform
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int w = tile.w0 + 16 * wq + lane / 4 + 8 * i;
-          if (w >= p.Wo) continue;
-          T* row = out + h * p.orow + int64_t(w) * p.O + 2 * (lane % 4);
-          uint32_t res_pairs[kBlockN / 8];  // all loads issued before the first store (out may not alias res)
-          if (res) {
+          const bool in_frame = w < p.Wo;
+          float* v = acc[r] + 2 * i;  // v[4 j], v[4 j + 1]: channels c0 + 8 j, c0 + 8 j + 1
+          if (res && in_frame) {
+            uint32_t res_pairs[kBlockN / 8];  // all loads issued before the first use
             const T* res_row = res + h * p.rr + int64_t(w) * p.O + 2 * (lane % 4);
 #pragma unroll
             for (int j = 0; j < kBlockN / 8; ++j) res_pairs[j] = *reinterpret_cast<const uint32_t*>(res_row + 8 * j);
-          }
 #pragma unroll
-          for (int j = 0; j < kBlockN / 8; ++j) {
-            float v0 = acc[r][4 * j + 2 * i], v1 = acc[r][4 * j + 2 * i + 1];
-            if (bias) v0 += bias[8 * j], v1 += bias[8 * j + 1];
-            if (res) {
+            for (int j = 0; j < kBlockN / 8; ++j) {
               const float2 s = unpack2<T>(res_pairs[j]);
-              v0 += s.x, v1 += s.y;
+              v[4 * j] += s.x, v[4 * j + 1] += s.y;
             }
-            *reinterpret_cast<uint32_t*>(row + 8 * j) = pack2<T>(v0, v1);
           }
+          if (p.bias) {
+#pragma unroll
+            for (int j = 0; j < kBlockN / 8; ++j) v[4 * j] += p.bias[c0 + 8 * j], v[4 * j + 1] += p.bias[c0 + 8 * j + 1];
+          }
+          if (p.norm.gamma) {  // diffusers' WanRMS_norm: x / max(||x||, eps) * sqrt(C) * gamma (+ beta), then SiLU
+            float ss = 0.f;
+#pragma unroll
+            for (int j = 0; j < kBlockN / 8; ++j) ss += v[4 * j] * v[4 * j] + v[4 * j + 1] * v[4 * j + 1];
+            ss += __shfl_xor_sync(0xffffffffu, ss, 1);
+            ss += __shfl_xor_sync(0xffffffffu, ss, 2);
+            const float k = __fdiv_rn(p.norm.scale, fmaxf(__fsqrt_rn(ss), p.norm.eps));
+#pragma unroll
+            for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                float y = v[4 * j + e] * k * p.norm.gamma[c0 + 8 * j + e];
+                if (p.norm.beta) y += p.norm.beta[c0 + 8 * j + e];
+                v[4 * j + e] = p.norm.silu ? __fdividef(y, 1.f + __expf(-y)) : y;
+              }
+            }
+          }
+          if (!in_frame) continue;
+          T* row = out + h * p.orow + int64_t(w) * p.O + 2 * (lane % 4);
+#pragma unroll
+          for (int j = 0; j < kBlockN / 8; ++j)
+            *reinterpret_cast<uint32_t*>(row + 8 * j) = pack2<T>(v[4 * j], v[4 * j + 1]);
         }
       }
     }
@@ -276,10 +299,10 @@ bool strides_ok(const ConvTensor& t) { return t.batch_stride % 8 == 0 && t.frame
 
 }  // namespace
 
-cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, ConvTensor residual,
-                              const void* weight_packed, const float* bias, DType dtype, int batch, int channels, int out_channels, int frames,
-                              int height, int width, int kt, int tp, int hp, int wp, int cache_frames, int n_cache,
-                              int block_n, bool persistent, cudaStream_t stream) {
+cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, ConvTensor residual, ConvNorm norm,
+                              const void* weight_packed, const float* bias, DType dtype, int batch, int channels,
+                              int out_channels, int frames, int height, int width, int kt, int tp, int hp, int wp,
+                              int cache_frames, int n_cache, int block_n, bool persistent, cudaStream_t stream) {
   const int To = tp + frames - kt + 1, Ho = height + 2 * hp - 2, Wo = width + 2 * wp - 2;
   const bool cache_ok = n_cache == 0 || (cache.ptr != nullptr && aligned(cache.ptr) && strides_ok(cache) &&
                                          n_cache <= cache_frames);
@@ -288,7 +311,8 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, Co
       out.ptr == nullptr || weight_packed == nullptr || !aligned(x.ptr) || !aligned(out.ptr) ||
       !aligned(weight_packed) || !strides_ok(x) || !strides_ok(out) || out_channels % 8 != 0 ||
       (block_n != kConvBlockNs[0] && block_n != kConvBlockNs[1] && block_n != kConvBlockNs[2]) || out_channels % block_n != 0 ||
-      (residual.ptr != nullptr && (!aligned(residual.ptr) || !strides_ok(residual))))
+      (residual.ptr != nullptr && (!aligned(residual.ptr) || !strides_ok(residual))) ||
+      (norm.gamma != nullptr && out_channels != block_n))
     return cudaErrorInvalidValue;
   const auto run = [&](auto type_tag) {
     using T = decltype(type_tag);
@@ -299,6 +323,7 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, Co
     p.weight = static_cast<const T*>(weight_packed);
     p.bias = bias;
     p.res = static_cast<const T*>(residual.ptr);
+    p.norm = norm;
     p.xb = x.batch_stride, p.xf = x.frame_stride, p.xr = x.row_stride;
     p.cb = cache.batch_stride, p.cf = cache.frame_stride, p.cr = cache.row_stride;
     p.ob = out.batch_stride, p.of = out.frame_stride, p.orow = out.row_stride;

@@ -16,14 +16,24 @@ struct ConvTensor {
   int64_t batch_stride, frame_stride, row_stride;
 };
 
+// An RMS norm over each output pixel's channels (diffusers' WanRMS_norm: y = v / max(||v||, eps) * scale * gamma
+// (+ beta)), then SiLU when silu, applied to the conv's output + bias + residual before the one rounding. gamma null:
+// no norm. Needs out_channels == block_n (one tile holds a pixel's channels). gamma, beta: out_channels fp32 values.
+struct ConvNorm {
+  const float* gamma;
+  const float* beta;  // may be null
+  float scale, eps;
+  bool silu;
+};
+
 // The output-channel tiles the kernel has (out_channels must be a multiple of one of them; 8 is for convs with
 // few output channels, e.g. a VAE's RGB output padded to 8).
 constexpr int kConvBlockNs[] = {8, 96, 128};
 
 // out [B, O, To, Ho, Wo] (pixels rows of O channels) = the causal conv of x [B, C, T, H, W] (the chunk) with
 // weight_packed (vkern.ops.causal_conv.cuda_packed_weight: [O / block_n, KT, C / 32, 9, 4, block_n, 8]), plus bias
-// [O] (fp32; may be null), plus residual (laid out as out; ptr may be null), in dtype (bf16 or fp16), fp32
-// accumulation, rounded once.
+// [O] (fp32; may be null), plus residual (laid out as out; ptr may be null), then norm (see ConvNorm), in dtype
+// (bf16 or fp16), fp32 accumulation, rounded once.
 // Time: output frame t reads padded frames t ... t + KT - 1 of [tp padding frames | x]; padded frame tp + s is
 // x's frame s for s >= 0, cache frame cache_frames + s (cache: logical frames 0 ... cache_frames - 1, oldest
 // first) for -n_cache <= s < 0, and zeros below. To = tp + T - KT + 1. Space: 3 x 3, padding hp rows and wp
@@ -31,9 +41,9 @@ constexpr int kConvBlockNs[] = {8, 96, 128};
 // C a multiple of 32; block_n in kConvBlockNs dividing O. persistent: as many CTAs as fit on the SMs at once,
 // looping over the tiles, else one CTA per tile.
 // Returns cudaErrorInvalidValue for arguments the kernel does not take.
-cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, ConvTensor residual,
-                              const void* weight_packed, const float* bias, DType dtype, int batch, int channels, int out_channels, int frames,
-                              int height, int width, int kt, int tp, int hp, int wp, int cache_frames, int n_cache,
-                              int block_n, bool persistent, cudaStream_t stream);
+cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, ConvTensor residual, ConvNorm norm,
+                              const void* weight_packed, const float* bias, DType dtype, int batch, int channels,
+                              int out_channels, int frames, int height, int width, int kt, int tp, int hp, int wp,
+                              int cache_frames, int n_cache, int block_n, bool persistent, cudaStream_t stream);
 
 }  // namespace vkern

@@ -202,6 +202,38 @@ def test_gpu_residual_and_fp32_bias(dtype, C, O, T, H, W):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("O,beta,silu,residual", [(96, False, True, False), (128, True, True, True),
+                                                  (96, True, False, False)])
+def test_gpu_epilogue_rms_norm_silu(dtype, O, beta, silu, residual):
+    """conv + bias (+ residual), then diffusers' WanRMS_norm over each pixel's channels (+ SiLU) in the epilogue,
+    against float64. Bound per element: the output's one rounding (u |ref|), plus the conv's fp32 sum error
+    (oracle_and_bound at fp32) carried through the norm's scale k * |gamma| and SiLU's slope (<= 1.1), plus the
+    norm's fp32 arithmetic (its sum of C squares, sqrt, division and products: (C + 8) 2^-24 relative) and SiLU's
+    fast exp and division (2^-20 relative)."""
+    C, T, H, W = 64, 2, 6, 70
+    x, w, b, cache = _gpu(*inputs(1, C, O, T, H, W, (3, 3, 3), 2, dtype))
+    gamma = (1 + 0.3 * torch.randn(O, device="cuda")).to(dtype)
+    bta = (0.2 * torch.randn(O, device="cuda")).to(dtype) if beta else None
+    r = torch.randn(1, O, T, H, W, device="cuda").to(dtype).contiguous(memory_format=CL) if residual else None
+    out = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, residual=r, norm=(gamma, bta, silu))
+    v, conv_err = oracle_and_bound(x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros", torch.float32)
+    if r is not None:
+        v = v + r.double()
+    k = O ** 0.5 / v.norm(dim=1, keepdim=True).clamp_min(cc.NORM_EPS)
+    g = gamma.double().view(1, O, 1, 1, 1)
+    y = v * k * g + (0 if bta is None else bta.double().view(1, O, 1, 1, 1))
+    ref = y * torch.sigmoid(y) if silu else y
+    bound = (UNIT_ROUNDOFF[dtype] * ref.abs() + 1.1 * (k * g.abs() * conv_err + (O + 8) * 2.0**-24 * y.abs())
+             + 2.0**-20 * ref.abs())
+    assert out.shape == ref.shape and torch.isfinite(out).all() and ref.std() > 0.1
+    excess = ((out.double() - ref).abs() - bound).max().item()
+    assert excess <= 0, f"error exceeds the bound by {excess:.3g} (rel L2 {rel_l2(out, ref):.3g})"
+    with pytest.raises(ValueError, match="one tile"):
+        cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, norm=(gamma, bta, silu), block_n=96 if O == 128 else 8)
+
+
+@pytest.mark.gpu
 def test_gpu_block_n_96_for_384_channels():
     """The narrower tile where both divide O (a benchmark probe): the same conv within the bound."""
     x, w, b, cache = _gpu(*inputs(1, 64, 384, 2, 6, 70, (3, 3, 3), 2, torch.bfloat16))

@@ -483,16 +483,16 @@ def test_gpu_default_encode_matches_diffusers():
 
 
 def _spy_kernel_convs(monkeypatch):
-    """Records (backend, in channels, out channels, kernel, cache_reversed, residual given) of every conv the VAE
-    loop sends to vkern's conv kernels (all go through ops.causal_conv.conv3d_in_place)."""
+    """Records (backend, in channels, out channels, kernel, cache_reversed, residual given, norm given) of every conv
+    the VAE loop sends to vkern's conv kernels (all go through ops.causal_conv.conv3d_in_place)."""
     from vkern.ops import causal_conv as cc
 
     calls, run = [], cc.conv3d_in_place
 
-    def spy(backend, x, weight, *args, cache_reversed=False, residual=None, **kwargs):
+    def spy(backend, x, weight, *args, cache_reversed=False, residual=None, norm=None, **kwargs):
         calls.append((backend, weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), cache_reversed,
-                      residual is not None))
-        return run(backend, x, weight, *args, cache_reversed=cache_reversed, residual=residual, **kwargs)
+                      residual is not None, norm is not None))
+        return run(backend, x, weight, *args, cache_reversed=cache_reversed, residual=residual, norm=norm, **kwargs)
     monkeypatch.setattr(cc, "conv3d_in_place", spy)
     return calls
 
@@ -502,8 +502,9 @@ def _spy_kernel_convs(monkeypatch):
 def test_gpu_decode_runs_vkern_convs_where_they_measured_faster(monkeypatch):
     """On CUDA the default decode sends the convs of CUDA_FASTER (incl. the 2D upsampling convs and the RGB output
     conv) to the CUDA kernel, the other 96-output 3x3x3 convs (TRITON_FASTER) to the Triton kernel, and nothing
-    else to either; residual blocks whose conv2 runs on the CUDA kernel add their shortcut in it (and only
-    those); with every conv on cuDNN the output stays within bf16's error of it (both vs fp32)."""
+    else to either; residual blocks whose conv2 runs on the CUDA kernel add their shortcut in it, and those whose
+    conv1 (C -> C, one tile) and conv2 run on it apply norm2 + SiLU in conv1's epilogue (and only those); with
+    every conv on cuDNN the output stays within bf16's error of it (both vs fp32)."""
     from vkern.ops import causal_conv as cc
 
     monkeypatch.delenv("VKERN_CONV_CUDA", raising=False)
@@ -517,8 +518,10 @@ def test_gpu_decode_runs_vkern_convs_where_they_measured_faster(monkeypatch):
         assert (backend == "cuda") == ((C, O, k) in cc.CUDA_FASTER), kinds
         assert backend == "cuda" or (O == 96 and k == (3, 3, 3)), kinds
     assert {k[1:4] for k in kinds} >= {(192, 96, (1, 3, 3)), (96, 3, (3, 3, 3))}  # the upsampling and RGB output convs
-    fused = {c[1:4] for c in calls if c[5]}
-    assert fused and all(C == O and k == (3, 3, 3) and (C, O, k) in cc.CUDA_FASTER for C, O, k in fused), fused
+    for flag in (5, 6):  # residual, norm
+        fused = {c[1:4] for c in calls if c[flag]}
+        assert fused and all(C == O and k == (3, 3, 3) and (C, O, k) in cc.CUDA_FASTER for C, O, k in fused), fused
+    assert sum(c[5] for c in calls) == sum(c[6] for c in calls)  # one of each per residual block (96 -> 96)
     monkeypatch.setenv("VKERN_CAUSAL_CONV3D_BACKEND", "cudnn")
     n = len(calls)
     cudnn = fast.decode(vae, z)

@@ -109,16 +109,26 @@ class _Chunks:
         stride = ref._conv_args(conv)[2]
         return isinstance(buf, _InPlace) and ops.causal_conv.conv_backend(buf.x, conv.weight, stride) == "cuda"
 
-    def conv(self, conv, buf, keep=CACHE_T, bias=True, residual=None):
+    def fuses_norm(self, conv, buf, next_conv):
+        """True when `conv` over `buf` can end with the next conv's RMS norm + SiLU in its epilogue (conv(buf,
+        norm=...)) and hand its output to `next_conv` as an _InPlace chunk: conv on the CUDA kernel with C -> C
+        channels in one output tile (96 or 128), and next_conv reading its cache in place from such an output."""
+        C, O = conv.weight.shape[:2][::-1]
+        return (C == O and O == ops.causal_conv._cuda_block_n(O) and self.fuses_residual(conv, buf)
+                and self.in_place(next_conv, buf.x))
+
+    def conv(self, conv, buf, keep=CACHE_T, bias=True, residual=None, norm=None):
         """Run `conv` over its filled buffer (without its bias when not `bias`; bias may also be a tensor to add
         instead, fp32 allowed with a residual); keep the buffer's last frames for the next chunk. Padded output
         channels are cut off (a channel slice, no copy). `buf` may be an _InPlace chunk instead (see in_place).
-        residual: added to the output (in the conv's epilogue where fuses_residual, else by residual_add_)."""
-        if isinstance(buf, torch.Tensor) and residual is not None:
-            raise ValueError("residual: only for a conv reading its cache in place (an _InPlace chunk)")
+        residual: added to the output (in the conv's epilogue where fuses_residual, else by residual_add_).
+        norm: a WanRMS_norm whose norm + SiLU of the output the CUDA kernel's epilogue applies (fuses_norm)."""
+        if isinstance(buf, torch.Tensor) and (residual is not None or norm is not None):
+            raise ValueError("residual, norm: only for a conv reading its cache in place (an _InPlace chunk)")
         if isinstance(buf, _InPlace):
             b = bias if isinstance(bias, torch.Tensor) else (conv.bias if bias else None)
-            return self._conv_in_place(conv, buf.x, b, residual)
+            epilogue = None if norm is None else (norm.gamma, _norm_bias(norm), True)
+            return self._conv_in_place(conv, buf.x, b, residual, epilogue)
         _, _, stride, (_, h_pad, w_pad) = ref._conv_args(conv)
         weight, b = self._weights(conv, buf.shape[1])
         b = b if bias else None
@@ -133,19 +143,19 @@ class _Chunks:
         prev.copy_(buf[:, :, -keep:])
         return out[:, :conv.weight.shape[0]]
 
-    def _conv_in_place(self, conv, x, bias, residual=None):
+    def _conv_in_place(self, conv, x, bias, residual=None, norm=None):
         """vkern's conv kernel over [cached frames | x] read in place (zeros before the first chunk, as the
         buffer's), plus bias (a tensor or None) and residual (or None), then the cache becomes the last CACHE_T
-        frames of [cache | x]: the kernel is queued before the cache is overwritten, on the same stream. The
-        2-frame cache is a ring: a 1-frame chunk overwrites the oldest slot and flips the stored order
-        (self.reversed; the kernel reads either order), one frame copied instead of two (the 1-frame steps of a
-        720p decode)."""
+        frames of [cache | x] (norm: the CUDA epilogue's, see conv): the kernel is queued before the cache is
+        overwritten, on the same stream. The 2-frame cache is a ring: a 1-frame chunk overwrites the oldest slot
+        and flips the stored order (self.reversed; the kernel reads either order), one frame copied instead of two
+        (the 1-frame steps of a 720p decode)."""
         weight, _, stride, padding = ref._conv_args(conv)
         prev = self.frames.get(conv)
         reversed_ = self.reversed.get(conv, False)
         backend = ops.causal_conv.conv_backend(x, weight, stride)
         out = ops.causal_conv.conv3d_in_place(backend, x, weight, bias, stride, padding, cache=prev,
-                                              cache_reversed=reversed_, residual=residual)
+                                              cache_reversed=reversed_, residual=residual, norm=norm)
         if prev is None:
             B, C, _, H, W = x.shape
             prev = self.frames[conv] = torch.empty((B, C, CACHE_T, H, W), dtype=x.dtype, device=x.device,
@@ -220,9 +230,14 @@ def residual_block(block, x, run):
     if block.training and block.dropout.p > 0:
         raise RuntimeError("vkern's Wan VAE path is for inference: put the VAE in eval mode")
     fuse = run.fuse_bias
-    y = run.norm_conv(block.norm1, block.conv1, x, bias=not fuse)
-    buf = run.norm_into(block.norm2, block.conv2, y, in_bias=block.conv1.bias if fuse else None)
-    del y  # conv1's output is read: free it before conv2 allocates its output
+    buf1 = run.norm_into(block.norm1, block.conv1, x)
+    if fuse and run.fuses_norm(block.conv1, buf1, block.conv2):  # conv1 + bias, norm2 + SiLU in its epilogue
+        buf = _InPlace(run.conv(block.conv1, buf1, norm=block.norm2))
+    else:
+        y = run.conv(block.conv1, buf1, bias=not fuse)
+        buf = run.norm_into(block.norm2, block.conv2, y, in_bias=block.conv1.bias if fuse else None)
+        del y  # conv1's output is read: free it before conv2 allocates its output
+    del buf1
     conv_bias = getattr(block.conv_shortcut, "bias", None)  # None for Identity
     if fuse and run.fuses_residual(block.conv2, buf):  # the add in conv2's epilogue: one pass less
         return run.conv(block.conv2, buf, bias=_sum_bias(block.conv2.bias, conv_bias),

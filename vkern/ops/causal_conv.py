@@ -103,13 +103,17 @@ def conv_backend(x, weight, stride):
 IN_PLACE = ("triton", "cuda")  # the backends that read cached frames where they are (conv3d_in_place)
 
 
-def conv3d_in_place(backend, x, weight, bias, stride, padding, cache=None, cache_reversed=False, residual=None):
+def conv3d_in_place(backend, x, weight, bias, stride, padding, cache=None, cache_reversed=False, residual=None,
+                    norm=None):
     """A zeros-padding causal conv on an IN_PLACE backend: x and cache [B, C, Tc, H, W] with pixel rows of
     contiguous channels, cache read where it is (cache_reversed: stored newest frame first); see
-    vkern/triton/causal_conv.py's causal_conv3d. residual (the output's shape; cuda only, else added after):
-    added to the output, in fp32 on cuda (bias may then be fp32). Returns a new channels-last output."""
+    vkern/triton/causal_conv.py's causal_conv3d. residual (the output's shape; on cuda in the epilogue, else
+    added after): added to the output, in fp32 (bias may then be fp32). norm (cuda only): the epilogue's RMS norm
+    + SiLU, see causal_conv3d_cuda. Returns a new channels-last output."""
     if backend == "cuda":
-        return causal_conv3d_cuda(x, weight, bias, padding, cache, cache_reversed, residual=residual)
+        return causal_conv3d_cuda(x, weight, bias, padding, cache, cache_reversed, residual=residual, norm=norm)
+    if norm is not None:
+        raise ValueError(f"norm: only the cuda backend fuses a norm (got {backend})")
     from ..triton.causal_conv import causal_conv3d as triton_conv
 
     if residual is not None:
@@ -138,12 +142,14 @@ CUDA_PERSISTENT = True
 
 
 def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=False, persistent=None, residual=None,
-                       block_n=None):
+                       block_n=None, norm=None):
     """The CUDA kernel (cuda_unsupported(...) is None assumed; x and cache with pixel rows, as conv3d_in_place):
     zeros padding, stride 1. bias: O values (any float dtype: added in fp32). residual: a tensor of the output's
-    shape with pixel rows, added in fp32 (one rounding of conv + bias + residual). persistent: default
-    CUDA_PERSISTENT. block_n: the output-channel tile (default _cuda_block_n(O); a probe for benchmarks). Returns
-    a new channels-last-3d output (O <= 8: a channel slice of an 8-channel one)."""
+    shape with pixel rows, added in fp32 (one rounding of conv + bias + residual). norm: (gamma, beta or None,
+    silu): then diffusers' WanRMS_norm over each output pixel's channels (+ SiLU when silu) of that sum, before
+    the one rounding (fp32 math as rms_norm_silu's; O must be 96 or 128: one tile holds a pixel's channels).
+    persistent: default CUDA_PERSISTENT. block_n: the output-channel tile (default _cuda_block_n(O); a probe for
+    benchmarks). Returns a new channels-last-3d output (O <= 8: a channel slice of an 8-channel one)."""
     from .._ext import cuda_ext
 
     for name, t in (("x", x), ("cache", cache)):
@@ -161,6 +167,14 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
         if O_pad != O:
             raise ValueError(f"residual: not supported with {O} output channels (padded to {O_pad})")
         residual = residual if pixel_rows(residual) else residual.contiguous(memory_format=CL)
+    norm_args = (0, 0, 1.0, 0.0, False)
+    if norm is not None:
+        gamma, beta, silu = norm
+        if O != block_n:
+            raise ValueError(f"norm: needs {O} output channels in one tile (96 or 128), got block_n {block_n}")
+        gamma, beta = (None if t is None else _channel_floats(f"norm {n}", t, O, x.device)
+                       for n, t in (("gamma", gamma), ("beta", beta)))
+        norm_args = (gamma.data_ptr(), 0 if beta is None else beta.data_ptr(), O ** 0.5, NORM_EPS, bool(silu))
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=CL)
     if out.numel() == 0:
         return out[:, :O]
@@ -175,12 +189,19 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
     packed = cuda_packed_weight(weight, block_n)
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     cuda_ext().causal_conv3d_fwd(
-        _conv_arg(x), c, _conv_arg(out), _conv_arg(residual) if residual is not None else (0, 0, 0, 0),
+        _conv_arg(x), c, _conv_arg(out), _conv_arg(residual) if residual is not None else (0, 0, 0, 0), *norm_args,
         packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
         DTYPE_CODE[x.dtype], B, C, O_pad, T, H, W, KT, tp, hp, wp, cache.shape[2], n_cache, block_n,
         CUDA_PERSISTENT if persistent is None else persistent,
         torch.cuda.current_stream(x.device).cuda_stream)
     return out[:, :O] if O_pad != O else out
+
+
+def _channel_floats(name, t, n, device):
+    """t (n values of any shape and float dtype) as a contiguous fp32 vector on device."""
+    if t.numel() != n or t.device != device:
+        raise ValueError(f"{name}: expected {n} values on {device}, got shape {tuple(t.shape)} on {t.device}")
+    return t.reshape(n).to(torch.float32).contiguous()
 
 
 def _triple(name, v, minimum):
@@ -266,6 +287,8 @@ def _(x, weight, bias, stride, padding, cache, pad_mode):
 
 # --- Wan RMS norm + SiLU ------------------------------------------------------------------------------
 
+NORM_EPS = 1e-12  # WanRMS_norm's F.normalize eps
+
 @_backend.register("rms_norm_silu")
 def _norm_candidates(device, dtype):
     return {"triton": _backend.triton_usable(device) or (None if dtype in FLOATS else f"no {dtype} kernel"),
@@ -323,7 +346,7 @@ def _rms_norm_silu_(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | N
 
     x = x if pixel_rows(x) else x.contiguous(memory_format=CL)  # one copy for other layouts
     contig = (lambda t: None if t is None else t.contiguous())
-    args = (gamma.contiguous(), contig(bias), x.shape[1] ** 0.5, 1e-12, silu)
+    args = (gamma.contiguous(), contig(bias), x.shape[1] ** 0.5, NORM_EPS, silu)
     if pixel_rows(out):
         kernel(x, *args, out, contig(in_bias))
     else:
