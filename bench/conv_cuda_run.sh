@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The CUDA causal conv (csrc/causal_conv.cu) in one GPU call: build, its GPU tests and the VAE's, per-layer rows
 # (cuDNN buffered, CUDA, one CTA per tile, the 96-wide tile at 384 channels, the fused residual), decode at 480p
-# (and 720p with "720p") and encode at 480p (diffusers, vkern's default path, the CUDA conv on session 16's 96 -> 96 convs only,
+# (and 720p with "720p") and encode at 480p (with "encode") (diffusers, vkern's default path, the CUDA conv on session 16's 96 -> 96 convs only,
 # every conv the kernel takes on it), the 480p decode's GPU time per class and per conv layer (bench/profile_vae.py);
 # with "ncu", ncu sections of the 96 -> 96 launch instead of the VAE rows; with "short", only the 96 -> 96 layer and
 # the 480p decode (for a call with little device time left).
-# Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_run.sh [ncu] [short] [720p] [source]   (carry .whl; 720p: the 720p
-# decode too; source: at the end, ncu's stall samples per SASS instruction of the 96 -> 96 launch, summarised)
+# Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_run.sh [ncu] [short] [720p] [encode] [source]   (carry .whl; 720p:
+# the 720p decode too; source: at the end, ncu's stall samples per SASS instruction of the 96 -> 96 launch, summarised)
 set -uo pipefail
 . bench/device_env.sh
 VKERN_PTXAS_VERBOSE=1 build_vkern
@@ -32,14 +32,17 @@ if [[ " $* " == *" ncu "* ]]; then
 elif [ $rc = 0 ]; then
   timeout -s INT -k 10 100 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_wan_vae.py \
     > "$OUT/pytest-vae.log" 2>&1; echo "vae tests rc $?"; grep -E "FAILED|passed|failed" "$OUT/pytest-vae.log" | head
-  timeout 120 $B --op vae-decode --shape wan-vae-480p --providers diffusers,$V,vkern-cuda-s16,vkern-2-latents > /dev/null
+  DECODE=${VKERN_DECODE_PROVIDERS:-diffusers,$V,vkern-cuda-s16,vkern-2-latents}  # the A/B set by default
+  timeout 120 $B --op vae-decode --shape wan-vae-480p --providers $DECODE > /dev/null
   if [ $SHORT = 0 ]; then
     timeout 90 python3 -m bench.profile_vae --res 480p --ops decode --providers vkern --out "$OUT/results.jsonl" \
       --md "$OUT/profile_vae.md" > /dev/null 2>&1; echo "profile rc $?"
+  fi
+  if [[ " $* " == *" encode "* ]]; then
     timeout 60 $B --op vae-encode --shape wan-vae-480p --providers diffusers,vkern,vkern-cuda-s16 > /dev/null
   fi
   if [[ " $* " == *" 720p "* ]]; then
-    timeout 150 $B --op vae-decode --shape wan-vae-720p --providers diffusers,vkern,vkern-cuda-s16 > /dev/null
+    timeout 150 $B --op vae-decode --shape wan-vae-720p --providers ${VKERN_DECODE_PROVIDERS:-diffusers,vkern,vkern-cuda-s16} > /dev/null
   fi
 fi
 if [[ " $* " == *" source "* ]]; then  # where the 96 -> 96 launch's warps stall, per SASS instruction

@@ -82,7 +82,16 @@ struct Tile {
 // A consumer leaves one tap's products (one wgmma group) in flight while it issues the next. Run 65 measured the
 // alternatives slower at 96 -> 96: two in flight 469 vs 481 TFLOP/s; the halo producers fencing (waiting for
 // their own copies) instead of the consumers, 454.
-constexpr int kInFlight = 1;
+
+// A ring position: slot and phase (the barrier parity of this lap), advanced without a division.
+struct Ring {
+  int slot = 0;
+  uint32_t phase = 0;
+  __device__ void next(int slots) {
+    if (++slot == slots) slot = 0, phase ^= 1;
+  }
+};
+static_assert(kWeightStages == 2 * kTaps, "stage s uses weight slots kTaps * (s & 1) + tap");
 
 template <typename T, int kBlockN>
 __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid_constant__ ConvParams<T> p) {
@@ -113,30 +122,48 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
   __syncthreads();
 
   if (warp >= 1 && warp <= 3) {  // ---------------------------------------------------------- halo producer
-    const int tid = threadIdx.x - 32;
-    int s = 0;
+    // A thread copies channel group tid % kGroups of halo columns tid / kGroups + kColsPerPass * j (j < 3, while
+    // inside the halo) in every halo row: its shared-memory offsets and column coordinates are fixed per thread and
+    // per tile, so a copy costs one address multiply-add per stage (rows are W * C apart: a frame's pixel rows).
+    constexpr int kColsPerPass = kHaloThreads / kGroups, kColSlots = (kHaloCols + kColsPerPass - 1) / kColsPerPass;
+    static_assert(kHaloThreads % kGroups == 0, "a thread's channel group must be fixed");
+    const int tid = threadIdx.x - 32, g = tid % kGroups;
+    const int row_elems = p.W * p.C;  // a frame is < 2^31 elements (host check)
+    Ring ring;
     for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
       const Tile tile(idx, p.n_tiles, p.tiles_w, p.tiles_h, p.To);
+      uint32_t cols_in = 0, rows_in = 0;  // bit j / bit r: halo column slot j / halo row r inside the frame
+      int col_off[kColSlots];
+#pragma unroll
+      for (int j = 0; j < kColSlots; ++j) {
+        const int ww = tid / kGroups + kColsPerPass * j, w = tile.w0 - p.wp + ww;
+        cols_in |= uint32_t(ww < kHaloCols && unsigned(w) < unsigned(p.W)) << j;
+        col_off[j] = w * p.C + g * 8;
+      }
+#pragma unroll
+      for (int r = 0; r < kHaloRows; ++r) rows_in |= uint32_t(unsigned(tile.h0 - p.hp + r) < unsigned(p.H)) << r;
+      const int row0 = (tile.h0 - p.hp) * row_elems;
       for (int dt = 0; dt < p.KT; ++dt) {
         const int src = tile.t + dt - p.tp;  // < 0: a frame before the chunk
         if (src < -p.n_cache) continue;
         const T* frame = src >= 0 ? p.x + tile.b * p.xb + src * p.xf
                                   : p.cache + tile.b * p.cb + (p.cache_frames + src) * p.cf;
-        const int64_t row_stride = src >= 0 ? p.xr : p.cr;
-        for (int cc = 0; cc < chunks; ++cc, ++s) {
-          const int slot = s % kHaloStages;
-          mbar_wait(&halo_empty[slot], ((s / kHaloStages) & 1) ^ 1);
-          const uint32_t dst0 = smem_u32(halo + slot * kHaloBytes);
-          const T* chunk = frame + cc * kChunk;
-          for (int i = tid; i < kHaloRows * kHaloCols * kGroups; i += kHaloThreads) {
-            const int g = i % kGroups, pix = i / kGroups;
-            const int hh = pix / kHaloCols, ww = pix - hh * kHaloCols;
-            const int h = tile.h0 - p.hp + hh, w = tile.w0 - p.wp + ww;
-            const bool ok = unsigned(h) < unsigned(p.H) && unsigned(w) < unsigned(p.W);
-            const T* from = ok ? chunk + h * row_stride + int64_t(w) * p.C + g * 8 : p.x;
-            cp_async_16(dst0 + ((hh * kGroups + g) * kHaloCols + ww) * 16, from, ok);
+        for (int cc = 0; cc < chunks; ++cc) {
+          mbar_wait(&halo_empty[ring.slot], ring.phase ^ 1);
+          const uint32_t dst0 = smem_u32(halo + ring.slot * kHaloBytes) + (g * kHaloCols + tid / kGroups) * 16;
+          const T* chunk = frame + cc * kChunk + row0;
+#pragma unroll
+          for (int r = 0; r < kHaloRows; ++r) {
+#pragma unroll
+            for (int j = 0; j < kColSlots; ++j) {
+              if (j == kColSlots - 1 && tid / kGroups + kColsPerPass * j >= kHaloCols) break;  // past the halo
+              const bool ok = (rows_in >> r) & (cols_in >> j) & 1;
+              cp_async_16(dst0 + (r * kGroups * kHaloCols + kColsPerPass * j) * 16,
+                          ok ? chunk + r * row_elems + col_off[j] : p.x, ok);
+            }
           }
-          cp_async_arrive(&halo_full[slot]);
+          cp_async_arrive(&halo_full[ring.slot]);
+          ring.next(kHaloStages);
         }
       }
     }
@@ -144,19 +171,21 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
   } else if (warp == 0) {  // ----------------------------------------------------------- weight producer
     if (lane == 0) {
       constexpr int kSlabElems = slab_bytes<kBlockN>() / 2;
-      int q = 0;
+      int s = 0;  // stages (time tap x channel chunk) so far: stage s fills weight slots kTaps * (s & 1) + tap
       for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
         const Tile tile(idx, p.n_tiles, p.tiles_w, p.tiles_h, p.To);
         for (int dt = 0; dt < p.KT; ++dt) {
           if (tile.t + dt - p.tp < -p.n_cache) continue;
           const T* w = p.weight + int64_t((tile.nt * p.KT + dt) * chunks) * kTaps * kSlabElems;
-          for (int cc = 0; cc < chunks; ++cc) {
-            for (int tap = 0; tap < kTaps; ++tap, ++q) {
-              const int slot = q % kWeightStages;
-              mbar_wait(&slab_empty[slot], ((q / kWeightStages) & 1) ^ 1);
-              mbar_arrive_expect_tx(&slab_full[slot], slab_bytes<kBlockN>());
-              bulk_load(slabs + slot * slab_bytes<kBlockN>(), w + int64_t(cc * kTaps + tap) * kSlabElems,
-                        slab_bytes<kBlockN>(), &slab_full[slot]);
+          for (int cc = 0; cc < chunks; ++cc, ++s) {
+            const int base = kTaps * (s & 1);
+            const uint32_t phase = (s >> 1) & 1;
+#pragma unroll
+            for (int tap = 0; tap < kTaps; ++tap) {
+              mbar_wait(&slab_empty[base + tap], phase ^ 1);
+              mbar_arrive_expect_tx(&slab_full[base + tap], slab_bytes<kBlockN>());
+              bulk_load(slabs + (base + tap) * slab_bytes<kBlockN>(), w + int64_t(cc * kTaps + tap) * kSlabElems,
+                        slab_bytes<kBlockN>(), &slab_full[base + tap]);
             }
           }
         }
@@ -168,7 +197,8 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
     // group of 8 input channels, sbo 8 output channels); each product's is one of these plus a byte offset.
     const SmemDesc a0 = SmemDesc::interleaved(smem_u32(halo) + 2 * c * kGroups * kHaloCols * 16, kHaloCols * 16, 128);
     const SmemDesc b0 = SmemDesc::interleaved(smem_u32(slabs), kBlockN * 16, 128);
-    int s = 0, q = 0;
+    Ring ring;  // the halo ring
+    int s = 0;  // stages so far (as the weight producer counts them)
     for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
       const Tile tile(idx, p.n_tiles, p.tiles_w, p.tiles_h, p.To);
       float acc[2][kBlockN / 2];
@@ -176,46 +206,54 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
       for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int i = 0; i < kBlockN / 2; ++i) acc[r][i] = 0.f;
-      const int q_first = q, s_first = s;
-      // Tap product q_done (one wgmma group) is done: free its slab, and its halo slot after the slot's last tap.
-      const auto release = [&](int q_done) {
+      // The previous stage of this tile (-1: none): its last tap's products may still be in flight, so its last
+      // weight slot and its halo slot are released once they are done.
+      int prev_halo = -1;
+      const auto release_prev_stage = [&]() {
         if (lane != 0) return;
-        mbar_arrive(&slab_empty[q_done % kWeightStages]);
-        if ((q_done - q_first) % kTaps == kTaps - 1)
-          mbar_arrive(&halo_empty[(s_first + (q_done - q_first) / kTaps) % kHaloStages]);
+        mbar_arrive(&slab_empty[kTaps * ((s - 1) & 1) + kTaps - 1]);
+        mbar_arrive(&halo_empty[prev_halo]);
       };
       for (int dt = 0; dt < p.KT; ++dt) {
         if (tile.t + dt - p.tp < -p.n_cache) continue;
-        for (int cc = 0; cc < chunks; ++cc, ++s) {
-          const int slot = s % kHaloStages;
-          mbar_wait(&halo_full[slot], (s / kHaloStages) & 1);
+        for (int cc = 0; cc < chunks; ++cc) {
+          mbar_wait(&halo_full[ring.slot], ring.phase);
           fence_async_smem();  // the halo came through cp.async (generic proxy); wgmma reads it (async proxy)
-          const SmemDesc a_slot = a0.plus(slot * kHaloBytes);
+          const SmemDesc a_slot = a0.plus(ring.slot * kHaloBytes);
+          const int base = kTaps * (s & 1);
+          const uint32_t phase = (s >> 1) & 1;
+          const SmemDesc b_stage = b0.plus(base * slab_bytes<kBlockN>());
 #pragma unroll
-          for (int tap = 0; tap < kTaps; ++tap, ++q) {
+          for (int tap = 0; tap < kTaps; ++tap) {
             const int dh = tap / 3, dw = tap % 3;
-            const int wslot = q % kWeightStages;
-            mbar_wait(&slab_full[wslot], (q / kWeightStages) & 1);
-            const SmemDesc b_slab = b0.plus(wslot * slab_bytes<kBlockN>());
+            mbar_wait(&slab_full[base + tap], phase);
             wgmma_fence();
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
 #pragma unroll
               for (int kk = 0; kk < 2; ++kk) {
                 const SmemDesc a = a_slot.plus((((r + dh) * kGroups + 2 * kk) * kHaloCols + dw) * 16);
-                wgmma_m64nNk16_ss_acc<T, kBlockN>(acc[r], a.bits(), b_slab.plus(kk * 2 * kBlockN * 16).bits());
+                wgmma_m64nNk16_ss_acc<T, kBlockN>(
+                    acc[r], a.bits(), b_stage.plus((tap * 4 * kBlockN + kk * 2 * kBlockN) * 16).bits());
               }
             }
             wgmma_commit();
-            wgmma_wait<kInFlight>();  // an earlier tap's products are done: release what only they read
-            if (q - kInFlight >= q_first) release(q - kInFlight);
+            wgmma_wait<1>();  // the previous tap's products are done: release what only they read
+            if (tap > 0) {
+              if (lane == 0) mbar_arrive(&slab_empty[base + tap - 1]);
+            } else if (prev_halo >= 0) {
+              release_prev_stage();
+            }
           }
+          prev_halo = ring.slot;
+          ring.next(kHaloStages);
+          ++s;
         }
       }
       wgmma_wait<0>();
       fence_regs(acc[0]);
       fence_regs(acc[1]);
-      for (int q_done = q - kInFlight < q_first ? q_first : q - kInFlight; q_done < q; ++q_done) release(q_done);
+      if (prev_halo >= 0) release_prev_stage();
 
       // Epilogue: bias and residual in fp32, then (p.norm.gamma) the RMS norm of each pixel's channels + SiLU, one
       // rounding, 4-byte stores of channel pairs; pixels past the frame not stored. A pixel's channels are spread
@@ -296,6 +334,10 @@ cudaError_t launch(ConvParams<T> p, bool persistent, cudaStream_t stream) {
 
 bool aligned(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 bool strides_ok(const ConvTensor& t) { return t.batch_stride % 8 == 0 && t.frame_stride % 8 == 0 && t.row_stride % 8 == 0; }
+// The halo producers address a frame's pixel rows (W * C apart) in 32 bits.
+bool rows_ok(const ConvTensor& t, int height, int width, int channels) {
+  return t.row_stride == int64_t(width) * channels && int64_t(height) * t.row_stride < (int64_t(1) << 31);
+}
 
 }  // namespace
 
@@ -305,11 +347,11 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, Co
                               int cache_frames, int n_cache, int block_n, bool persistent, cudaStream_t stream) {
   const int To = tp + frames - kt + 1, Ho = height + 2 * hp - 2, Wo = width + 2 * wp - 2;
   const bool cache_ok = n_cache == 0 || (cache.ptr != nullptr && aligned(cache.ptr) && strides_ok(cache) &&
-                                         n_cache <= cache_frames);
+                                         rows_ok(cache, height, width, channels) && n_cache <= cache_frames);
   if (batch < 1 || channels < kChunk || channels % kChunk != 0 || frames < 1 || kt < 1 || tp < 0 || hp < 0 ||
       wp < 0 || n_cache < 0 || n_cache > tp || To < 1 || Ho < 1 || Wo < 1 || !cache_ok || x.ptr == nullptr ||
       out.ptr == nullptr || weight_packed == nullptr || !aligned(x.ptr) || !aligned(out.ptr) ||
-      !aligned(weight_packed) || !strides_ok(x) || !strides_ok(out) || out_channels % 8 != 0 ||
+      !aligned(weight_packed) || !strides_ok(x) || !rows_ok(x, height, width, channels) || !strides_ok(out) || out_channels % 8 != 0 ||
       (block_n != kConvBlockNs[0] && block_n != kConvBlockNs[1] && block_n != kConvBlockNs[2]) || out_channels % block_n != 0 ||
       (residual.ptr != nullptr && (!aligned(residual.ptr) || !strides_ok(residual))) ||
       (norm.gamma != nullptr && out_channels != block_n))

@@ -33,6 +33,17 @@ def test_packed_weight_layout(O, block_n):
                                                          tap // 3, tap % 3]
 
 
+def test_cuda_pack_pads_few_output_channels():
+    """O <= 8: zero output channels up to 8, then the same packing; wider O: just the packing."""
+    w = torch.randn(3, 64, 3, 3, 3)
+    p = cc.cuda_pack(w)
+    assert p.shape == (1, 3, 2, 9, 4, 8, 8)
+    padded = torch.cat([w, torch.zeros(5, 64, 3, 3, 3)])
+    assert torch.equal(p, cc.cuda_packed_weight(padded, 8))
+    w = torch.randn(192, 32, 1, 3, 3)
+    assert torch.equal(cc.cuda_pack(w), cc.cuda_packed_weight(w, 96))
+
+
 def test_unsupported_convs_say_why():
     x = torch.empty(1, 96, 1, 8, 8, dtype=torch.bfloat16)
     ok = torch.empty(96, 96, 3, 3, 3, dtype=torch.bfloat16)
@@ -172,11 +183,15 @@ def test_gpu_op_forcing(monkeypatch):
 @pytest.mark.parametrize("cache_frames", [None, 2])
 def test_gpu_few_output_channels(dtype, O, cache_frames):
     """O <= 8 (a VAE's RGB output): 8-wide output-channel tiles, weight and output padded to 8 channels, the
-    padding cut off (a channel slice)."""
+    padding cut off (a channel slice). A weight packed once by the caller (cuda_pack) gives the same bits; one of
+    another size is refused."""
     x, w, b, cache = _gpu(*inputs(1, 64, O, 3, 9, 70, (3, 3, 3), cache_frames, dtype))
     out = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache)
     y = check(out, x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros")
     assert rel_l2(out, y) <= UNIT_ROUNDOFF[dtype]
+    assert torch.equal(cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, packed=cc.cuda_pack(w)), out)
+    with pytest.raises(ValueError, match="packed"):
+        cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, packed=cc.cuda_pack(w)[:, :, :1])
 
 
 @pytest.mark.gpu

@@ -62,6 +62,7 @@ class _Chunks:
         self.pad_channels = pad_channels
         self.padded = {}  # conv -> its weight and bias zero-padded to _channels() in and out
         self.reversed = {}  # conv -> its cached frames stored newest first (_conv_in_place's ring)
+        self.packed = {}  # conv -> its weight as the CUDA conv kernel reads it (made once per video)
 
     def _channels(self, n):
         return -(-n // PAD_TO) * PAD_TO if self.pad_channels else n
@@ -134,7 +135,8 @@ class _Chunks:
         b = b if bias else None
         backend = ops.causal_conv.conv_backend(buf, weight, stride)  # vkern's kernels where they beat cuDNN
         if backend in ops.causal_conv.IN_PLACE:
-            out = ops.causal_conv.conv3d_in_place(backend, buf, weight, b, stride, (0, h_pad, w_pad))
+            out = ops.causal_conv.conv3d_in_place(backend, buf, weight, b, stride, (0, h_pad, w_pad),
+                                                  packed=self.cuda_packed(conv, weight, backend))
         else:
             out = F.conv3d(buf, weight, b, stride, (0, h_pad, w_pad))
         prev = self.frames.get(conv)
@@ -142,6 +144,15 @@ class _Chunks:
             prev = self.frames[conv] = torch.empty_like(buf[:, :, :keep], memory_format=CL)
         prev.copy_(buf[:, :, -keep:])
         return out[:, :conv.weight.shape[0]]
+
+    def cuda_packed(self, conv, weight, backend):
+        """conv's weight (as given: padded or a 2D conv's unsqueezed) packed for the CUDA conv kernel, made on the
+        first call of this video (None for another backend)."""
+        if backend != "cuda":
+            return None
+        if conv not in self.packed:
+            self.packed[conv] = ops.causal_conv.cuda_pack(weight)
+        return self.packed[conv]
 
     def _conv_in_place(self, conv, x, bias, residual=None, norm=None):
         """vkern's conv kernel over [cached frames | x] read in place (zeros before the first chunk, as the
@@ -155,7 +166,8 @@ class _Chunks:
         reversed_ = self.reversed.get(conv, False)
         backend = ops.causal_conv.conv_backend(x, weight, stride)
         out = ops.causal_conv.conv3d_in_place(backend, x, weight, bias, stride, padding, cache=prev,
-                                              cache_reversed=reversed_, residual=residual, norm=norm)
+                                              cache_reversed=reversed_, residual=residual, norm=norm,
+                                              packed=self.cuda_packed(conv, weight, backend))
         if prev is None:
             B, C, _, H, W = x.shape
             prev = self.frames[conv] = torch.empty((B, C, CACHE_T, H, W), dtype=x.dtype, device=x.device,
@@ -297,7 +309,7 @@ def _time_upsampled(block, x, run):
     return src
 
 
-def _upsample_conv(block, src):
+def _upsample_conv(block, src, run):
     """Nearest 2x in space and the 3x3 conv of frames given as _time_upsampled's view: [B, C', T * I, 2H,
     2W] channels-last-3d; the interleave and the upsampling in one copy."""
     B, T, I = src.shape[:3]
@@ -310,7 +322,8 @@ def _upsample_conv(block, src):
     weight = conv2d.weight.unsqueeze(2)
     backend = ops.causal_conv.conv_backend(frames, weight, (1, 1, 1))
     if backend in ops.causal_conv.IN_PLACE and tuple(conv2d.stride) == (1, 1):
-        return ops.causal_conv.conv3d_in_place(backend, frames, weight, conv2d.bias, (1, 1, 1), (0, *conv2d.padding))
+        return ops.causal_conv.conv3d_in_place(backend, frames, weight, conv2d.bias, (1, 1, 1), (0, *conv2d.padding),
+                                               packed=run.cuda_packed(conv2d, weight, backend))
     y = F.conv2d(up, conv2d.weight, conv2d.bias, conv2d.stride, conv2d.padding)
     del up, frames
     return y.unflatten(0, (B, T * I)).permute(0, 2, 1, 3, 4)
@@ -321,7 +334,7 @@ def upsample(block, x, run):
     space, 3x3 conv."""
     src = _time_upsampled(block, x, run)
     del x
-    return _upsample_conv(block, src)
+    return _upsample_conv(block, src, run)
 
 
 def upsample_steps(block, x, run, frames):
@@ -341,7 +354,7 @@ def upsample_steps(block, x, run, frames):
         steps = [src]
     del src
     while steps:
-        yield _upsample_conv(block, steps.pop(0))
+        yield _upsample_conv(block, steps.pop(0), run)
 
 
 def resample(block, x, run):

@@ -104,14 +104,16 @@ IN_PLACE = ("triton", "cuda")  # the backends that read cached frames where they
 
 
 def conv3d_in_place(backend, x, weight, bias, stride, padding, cache=None, cache_reversed=False, residual=None,
-                    norm=None):
+                    norm=None, packed=None):
     """A zeros-padding causal conv on an IN_PLACE backend: x and cache [B, C, Tc, H, W] with pixel rows of
     contiguous channels, cache read where it is (cache_reversed: stored newest frame first); see
     vkern/triton/causal_conv.py's causal_conv3d. residual (the output's shape; on cuda in the epilogue, else
     added after): added to the output, in fp32 (bias may then be fp32). norm (cuda only): the epilogue's RMS norm
-    + SiLU, see causal_conv3d_cuda. Returns a new channels-last output."""
+    + SiLU, see causal_conv3d_cuda. packed (cuda): cuda_pack(weight), made once by the caller. Returns a new
+    channels-last output."""
     if backend == "cuda":
-        return causal_conv3d_cuda(x, weight, bias, padding, cache, cache_reversed, residual=residual, norm=norm)
+        return causal_conv3d_cuda(x, weight, bias, padding, cache, cache_reversed, residual=residual, norm=norm,
+                                  packed=packed)
     if norm is not None:
         raise ValueError(f"norm: only the cuda backend fuses a norm (got {backend})")
     from ..triton.causal_conv import causal_conv3d as triton_conv
@@ -131,6 +133,18 @@ def cuda_packed_weight(weight, block_n):
     return w.permute(0, 5, 2, 6, 7, 3, 1, 4).contiguous().view(O // block_n, kt, C // 32, 9, 4, block_n, 8)
 
 
+def cuda_pack(weight, block_n=None):
+    """The CUDA kernel's weight for a conv with this weight [O, C, kt, 3, 3]: zero output channels up to a multiple of
+    block_n (default _cuda_block_n(O); O <= 8 is padded to 8), packed (cuda_packed_weight). A permuting copy: a
+    caller that runs the same conv many times (the VAE loop) makes it once and passes it as `packed`."""
+    O = weight.shape[0]
+    block_n = block_n or _cuda_block_n(O)
+    O_pad = -(-O // block_n) * block_n
+    if O_pad != O:
+        weight = torch.cat([weight, weight.new_zeros((O_pad - O, *weight.shape[1:]))])
+    return cuda_packed_weight(weight, block_n)
+
+
 def _conv_arg(t, frame_index=0, frame_sign=1):
     """(address of frame frame_index, batch stride, frame stride * frame_sign, row stride) of a pixel-rows tensor."""
     return (t.data_ptr() + frame_index * t.stride(2) * t.element_size(), t.stride(0), frame_sign * t.stride(2),
@@ -142,14 +156,15 @@ CUDA_PERSISTENT = True
 
 
 def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=False, persistent=None, residual=None,
-                       block_n=None, norm=None):
+                       block_n=None, norm=None, packed=None):
     """The CUDA kernel (cuda_unsupported(...) is None assumed; x and cache with pixel rows, as conv3d_in_place):
     zeros padding, stride 1. bias: O values (any float dtype: added in fp32). residual: a tensor of the output's
     shape with pixel rows, added in fp32 (one rounding of conv + bias + residual). norm: (gamma, beta or None,
     silu): then diffusers' WanRMS_norm over each output pixel's channels (+ SiLU when silu) of that sum, before
     the one rounding (fp32 math as rms_norm_silu's; O must be 96 or 128: one tile holds a pixel's channels).
     persistent: default CUDA_PERSISTENT. block_n: the output-channel tile (default _cuda_block_n(O); a probe for
-    benchmarks). Returns a new channels-last-3d output (O <= 8: a channel slice of an 8-channel one)."""
+    benchmarks). packed: cuda_pack(weight, block_n), when the caller keeps it (else made here, per call). Returns a
+    new channels-last-3d output (O <= 8: a channel slice of an 8-channel one)."""
     from .._ext import cuda_ext
 
     for name, t in (("x", x), ("cache", cache)):
@@ -178,15 +193,18 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=CL)
     if out.numel() == 0:
         return out[:, :O]
-    if O_pad != O:  # few output channels: zero weights and bias for the padding channels, which are cut off
-        weight = torch.cat([weight, weight.new_zeros((O_pad - O, *weight.shape[1:]))])
-        bias = None if bias is None else torch.cat([bias, bias.new_zeros(O_pad - O)])
+    if O_pad != O and bias is not None:  # few output channels: the padding channels (zero weights) are cut off
+        bias = torch.cat([bias, bias.new_zeros(O_pad - O)])
     n_cache = 0 if cache is None or tp == 0 else min(cache.shape[2], tp)
     if n_cache:  # the kernel reads logical frame f (0 = oldest) at address(frame 0) + f * frame stride
         c = _conv_arg(cache, cache.shape[2] - 1, -1) if cache_reversed else _conv_arg(cache)
     else:
         c, cache = (0, 0, 0, 0), x
-    packed = cuda_packed_weight(weight, block_n)
+    if packed is None:
+        packed = cuda_pack(weight, block_n)
+    elif packed.numel() != O_pad * weight[0].numel() or packed.dtype != x.dtype or packed.device != x.device:
+        raise ValueError(f"packed: expected cuda_pack(weight) ({O_pad} x {tuple(weight.shape[1:])} {x.dtype}), got "
+                         f"shape {tuple(packed.shape)} {packed.dtype} on {packed.device}")
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     cuda_ext().causal_conv3d_fwd(
         _conv_arg(x), c, _conv_arg(out), _conv_arg(residual) if residual is not None else (0, 0, 0, 0), *norm_args,
