@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The CUDA causal conv (csrc/causal_conv.cu) in one GPU call: build, its GPU tests and the VAE's, per-layer rows
-# (cuDNN buffered, CUDA, one CTA per tile, the 96-wide tile at 384 channels, the fused residual), decode at 480p
-# (and 720p with "720p") and encode at 480p (with "encode") (diffusers, vkern's default path, the CUDA conv on session 16's 96 -> 96 convs only,
-# every conv the kernel takes on it), the 480p decode's GPU time per class and per conv layer (bench/profile_vae.py);
-# with "ncu", ncu sections of the 96 -> 96 launch instead of the VAE rows; with "short", only the 96 -> 96 layer and
-# the 480p decode (for a call with little device time left).
-# Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_run.sh [ncu] [short] [720p] [encode] [source]   (carry .whl; 720p:
-# the 720p decode too; source: at the end, ncu's stall samples per SASS instruction of the 96 -> 96 launch, summarised)
+# (cuDNN buffered with and without bias, CUDA, one CTA per tile, the 96-wide tile at 384 channels, the fused
+# residual), the 480p decode (VKERN_DECODE_PROVIDERS, default diffusers, vkern's default path, every conv the kernel
+# takes on it, the CUDA conv on session 16's 96 -> 96 convs only, 2 latents per call) and its GPU time per class, per
+# conv layer and GPU idle (bench/profile_vae.py).
+# Options: 720p (the 720p decode too), encode (the 480p encode too), nolayers (no per-layer rows), source (at the end,
+# ncu's stall samples per SASS instruction of the 96 -> 96 launch, summarised), ncu (ncu sections of the 96 -> 96
+# launch instead of the VAE rows), short (only the 96 -> 96 layer and the 480p decode).
+# Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_run.sh [options]   (carry .whl)
 set -uo pipefail
 . bench/device_env.sh
 VKERN_PTXAS_VERBOSE=1 build_vkern
@@ -20,7 +21,7 @@ SHORT=0; [[ " $* " == *" short "* ]] && SHORT=1
 CONVS=dec-3x3x3-96ch-480x832,dec-3x3x3-192ch-240x416,dec-3x3x3-384ch-120x208,dec-3x3x3-384ch-60x104
 CONVS=$CONVS,dec-up-conv2d-192to96-480x832,dec-up-conv2d-384to192-240x416,dec-out-96to3-480x832
 [ $SHORT = 1 ] && CONVS=dec-3x3x3-96ch-480x832
-timeout 120 $B --op vae-conv --shape $CONVS \
+[[ " $* " == *" nolayers "* ]] || timeout 120 $B --op vae-conv --shape $CONVS \
   --warmup 2 --repeats 10 --providers $V,vkern-no-bias,vkern-cuda-grid,vkern-cuda-n96,vkern-cuda-residual > /dev/null
 if [[ " $* " == *" ncu "* ]]; then
   timeout 120 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SpeedOfLight \

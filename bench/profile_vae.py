@@ -249,9 +249,28 @@ def _inputs(op, res, device, dtype):
     return (torch.rand(1, 3, frames, height, width, generator=g) * 2 - 1).to(device, dtype)
 
 
+def gpu_idle(prof, top=10):
+    """Where the GPU waited in a profile: (idle ms between the first kernel's start and the last one's end, the
+    `top` kernel names before which the most idle time fell, as [{name, ms, gaps}]). A gap before a
+    kernel is the time the GPU had nothing queued: the CPU was still launching it (Python and launch overhead)."""
+    device = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                     and e.time_range.elapsed_us() > 0), key=lambda e: e.time_range.start)
+    idle, before, end = 0.0, {}, None
+    for e in device:
+        if end is not None and e.time_range.start > end:
+            gap = (e.time_range.start - end) / 1e3
+            idle += gap
+            name = e.key[:80]
+            ms, n = before.get(name, (0.0, 0))
+            before[name] = (ms + gap, n + 1)
+        end = e.time_range.end if end is None else max(end, e.time_range.end)
+    ranked = sorted(before.items(), key=lambda kv: -kv[1][0])[:top]
+    return idle, [dict(name=name, ms=round(ms, 3), gaps=n) for name, (ms, n) in ranked]
+
+
 def profile_call(fn, device):
     """One warm call, one timed call, one profiled call: (wall ms unprofiled, wall ms profiled, items,
-    conv_layers' list; only the profiled call runs its convs inside conv_ranges)."""
+    conv_layers' list, gpu_idle's (ms, list); only the profiled call runs its convs inside conv_ranges)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -274,7 +293,7 @@ def profile_call(fn, device):
         profiled = (time.perf_counter() - start) * 1e3
     items = [(n, us, launcher) for n, us, launcher in profile_step.device_items(prof, cuda)
              if not n.startswith(SCOPE)]  # a range: on a GPU the hooks' are annotations, on the CPU Python time
-    return wall, profiled, items, conv_layers(items, convs)
+    return wall, profiled, items, conv_layers(items, convs), gpu_idle(prof) if cuda else (0.0, [])
 
 
 def run(res, ops, providers, device, dtype=torch.bfloat16):
@@ -289,14 +308,15 @@ def run(res, ops, providers, device, dtype=torch.bfloat16):
         for op in ops:
             inp = _inputs(op, res, device, dtype)
             for provider in providers:
-                wall, profiled, items, layers = profile_call(_runner(op, provider, vae, inp), device)
+                wall, profiled, items, layers, (idle, idle_before) = profile_call(_runner(op, provider, vae, inp),
+                                                                                   device)
                 per_class, top = summarize(items, classify, CLASSES, TOP)
                 total = sum(per_class.values())
                 rows.append(dict(op=f"profile-vae-{op}", shape=f"wan-vae-{res}", provider=provider, world=1,
                                  **{f"{c}_ms": per_class[c] for c in CLASSES}, total_ms=total, wall_ms=wall,
                                  profiled_wall_ms=profiled, kernels=len(items), param_gib=param_bytes(vae) / 2**30,
                                  timer="cuda-kernels" if device.type == "cuda" else "cpu-self", top=top,
-                                 conv_layers=layers))
+                                 conv_layers=layers, gpu_idle_ms=idle, idle_before=idle_before))
                 del items
                 gc.collect()
                 if device.type == "cuda":
@@ -326,6 +346,13 @@ def top_table(row):
     return f"top {TOP}: {row['op']} {row['shape']} {row['provider']}\n\n" + markdown(["ms", "calls", "class", "kernel"], lines)
 
 
+def idle_table(row):
+    lines = [[f"{t['ms']:.2f}", t["gaps"], t["name"].replace("|", "/")] for t in row["idle_before"]]
+    return (f"GPU idle between kernels: {row['gpu_idle_ms']:.1f} ms of {row['profiled_wall_ms']:.1f} ({row['op']} "
+            f"{row['shape']} {row['provider']}); the kernels the most idle time came before\n\n"
+            + markdown(["idle ms", "gaps", "next kernel"], lines))
+
+
 def conv_table(row):
     layers = row["conv_layers"]
     lines = [[c["label"].rsplit(" ", 1)[0], c["backend"], c["calls"], f"{c['ms']:.2f}",
@@ -351,7 +378,8 @@ def main(argv=None):
     if set(ops) - {"decode", "encode"}:
         raise SystemExit(f"--ops: expected decode and/or encode, got {args.ops!r}")
     rows = save_rows(run(args.res, ops, args.providers.split(","), device), device, args.out)
-    text = "\n\n".join([table(rows)] + [top_table(r) for r in rows] + [conv_table(r) for r in rows])
+    text = "\n\n".join([table(rows)] + [top_table(r) for r in rows] + [conv_table(r) for r in rows]
+                         + [idle_table(r) for r in rows if r["idle_before"]])
     if args.md:
         with open(args.md, "w") as f:
             f.write(text + "\n")

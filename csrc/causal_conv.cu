@@ -284,7 +284,8 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
           }
           if (p.bias) {
 #pragma unroll
-            for (int j = 0; j < kBlockN / 8; ++j) v[4 * j] += p.bias[c0 + 8 * j], v[4 * j + 1] += p.bias[c0 + 8 * j + 1];
+            for (int j = 0; j < kBlockN / 8; ++j)
+              v[4 * j] += p.bias[c0 + 8 * j], v[4 * j + 1] += p.bias[c0 + 8 * j + 1];
           }
           if (p.norm.gamma) {  // diffusers' WanRMS_norm: x / max(||x||, eps) * sqrt(C) * gamma (+ beta), then SiLU
             float ss = 0.f;
@@ -333,7 +334,9 @@ cudaError_t launch(ConvParams<T> p, bool persistent, cudaStream_t stream) {
 }
 
 bool aligned(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-bool strides_ok(const ConvTensor& t) { return t.batch_stride % 8 == 0 && t.frame_stride % 8 == 0 && t.row_stride % 8 == 0; }
+bool strides_ok(const ConvTensor& t) {
+  return t.batch_stride % 8 == 0 && t.frame_stride % 8 == 0 && t.row_stride % 8 == 0;
+}
 // The halo producers address a frame's pixel rows (W * C apart) in 32 bits.
 bool rows_ok(const ConvTensor& t, int height, int width, int channels) {
   return t.row_stride == int64_t(width) * channels && int64_t(height) * t.row_stride < (int64_t(1) << 31);
@@ -351,8 +354,9 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, Co
   if (batch < 1 || channels < kChunk || channels % kChunk != 0 || frames < 1 || kt < 1 || tp < 0 || hp < 0 ||
       wp < 0 || n_cache < 0 || n_cache > tp || To < 1 || Ho < 1 || Wo < 1 || !cache_ok || x.ptr == nullptr ||
       out.ptr == nullptr || weight_packed == nullptr || !aligned(x.ptr) || !aligned(out.ptr) ||
-      !aligned(weight_packed) || !strides_ok(x) || !rows_ok(x, height, width, channels) || !strides_ok(out) || out_channels % 8 != 0 ||
-      (block_n != kConvBlockNs[0] && block_n != kConvBlockNs[1] && block_n != kConvBlockNs[2]) || out_channels % block_n != 0 ||
+      !aligned(weight_packed) || !strides_ok(x) || !rows_ok(x, height, width, channels) || !strides_ok(out) ||
+      out_channels % 8 != 0 || (block_n != kConvBlockNs[0] && block_n != kConvBlockNs[1] && block_n != kConvBlockNs[2]) ||
+      out_channels % block_n != 0 ||
       (residual.ptr != nullptr && (!aligned(residual.ptr) || !strides_ok(residual))) ||
       (norm.gamma != nullptr && out_channels != block_n))
     return cudaErrorInvalidValue;

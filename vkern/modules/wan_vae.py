@@ -63,6 +63,25 @@ class _Chunks:
         self.padded = {}  # conv -> its weight and bias zero-padded to _channels() in and out
         self.reversed = {}  # conv -> its cached frames stored newest first (_conv_in_place's ring)
         self.packed = {}  # conv -> its weight as the CUDA conv kernel reads it (made once per video)
+        # Made once per video, not per chunk (each a small kernel launch and Python per call): the conv backend
+        # per (conv, weight shape, dtype, device), fp32 copies of biases and norm weights per (module, name).
+        self.backends = {}
+        self.floats = {}
+
+    def backend(self, conv, x, weight, stride):
+        """ops.causal_conv.conv_backend(x, weight, stride), chosen once per video for each conv."""
+        key = (conv, tuple(weight.shape), x.dtype, x.device)
+        if key not in self.backends:
+            self.backends[key] = ops.causal_conv.conv_backend(x, weight, stride)
+        return self.backends[key]
+
+    def fp32(self, owner, name, make=None):
+        """getattr(owner, name) (or make()) in fp32, contiguous, made once per video; None stays None."""
+        key = (owner, name)
+        if key not in self.floats:
+            t = make() if make is not None else getattr(owner, name)
+            self.floats[key] = None if t is None else t.float().contiguous()
+        return self.floats[key]
 
     def _channels(self, n):
         return -(-n // PAD_TO) * PAD_TO if self.pad_channels else n
@@ -101,14 +120,14 @@ class _Chunks:
         _, _, stride, (t_pad, _, _) = ref._conv_args(conv)
         if t_pad != CACHE_T or x.shape[1] <= 1 or x.stride(1) != 1 or self._channels(x.shape[1]) != x.shape[1]:
             return False
-        backend = ops.causal_conv.conv_backend(x, conv.weight, stride)
+        backend = self.backend(conv, x, conv.weight, stride)
         return backend == "triton" or (backend == "cuda" and ops.causal_conv.pixel_rows(x))
 
     def fuses_residual(self, conv, buf):
         """True when `conv` over `buf` runs on vkern's CUDA conv kernel, which adds a residual (and an fp32 bias)
         in its epilogue: conv(buf, residual=...) then saves the residual add's pass."""
         stride = ref._conv_args(conv)[2]
-        return isinstance(buf, _InPlace) and ops.causal_conv.conv_backend(buf.x, conv.weight, stride) == "cuda"
+        return isinstance(buf, _InPlace) and self.backend(conv, buf.x, conv.weight, stride) == "cuda"
 
     def fuses_norm(self, conv, buf, next_conv):
         """True when `conv` over `buf` can end with the next conv's RMS norm + SiLU in its epilogue (conv(buf,
@@ -127,13 +146,14 @@ class _Chunks:
         if isinstance(buf, torch.Tensor) and (residual is not None or norm is not None):
             raise ValueError("residual, norm: only for a conv reading its cache in place (an _InPlace chunk)")
         if isinstance(buf, _InPlace):
-            b = bias if isinstance(bias, torch.Tensor) else (conv.bias if bias else None)
-            epilogue = None if norm is None else (norm.gamma, _norm_bias(norm), True)
+            b = bias if isinstance(bias, torch.Tensor) else (self.fp32(conv, "bias") if bias else None)
+            epilogue = None if norm is None else (
+                self.fp32(norm, "gamma"), self.fp32(norm, "bias", lambda: _norm_bias(norm)), True)
             return self._conv_in_place(conv, buf.x, b, residual, epilogue)
         _, _, stride, (_, h_pad, w_pad) = ref._conv_args(conv)
         weight, b = self._weights(conv, buf.shape[1])
         b = b if bias else None
-        backend = ops.causal_conv.conv_backend(buf, weight, stride)  # vkern's kernels where they beat cuDNN
+        backend = self.backend(conv, buf, weight, stride)  # vkern's kernels where they beat cuDNN
         if backend in ops.causal_conv.IN_PLACE:
             out = ops.causal_conv.conv3d_in_place(backend, buf, weight, b, stride, (0, h_pad, w_pad),
                                                   packed=self.cuda_packed(conv, weight, backend))
@@ -164,7 +184,7 @@ class _Chunks:
         weight, _, stride, padding = ref._conv_args(conv)
         prev = self.frames.get(conv)
         reversed_ = self.reversed.get(conv, False)
-        backend = ops.causal_conv.conv_backend(x, weight, stride)
+        backend = self.backend(conv, x, weight, stride)
         out = ops.causal_conv.conv3d_in_place(backend, x, weight, bias, stride, padding, cache=prev,
                                               cache_reversed=reversed_, residual=residual, norm=norm,
                                               packed=self.cuda_packed(conv, weight, backend))
@@ -203,7 +223,7 @@ class _Chunks:
         if t_pad != CACHE_T:
             raise NotImplementedError(f"causal conv with {t_pad} padding frames (Wan's have {CACHE_T})")
         if self.in_place(conv, x):
-            return self._conv_in_place(conv, x, conv.bias)
+            return self._conv_in_place(conv, x, self.fp32(conv, "bias"))
         buf, slot = self.buffer(conv, x.shape, x.dtype, x.device)
         slot.copy_(x)
         return self.conv(conv, buf)
@@ -251,15 +271,16 @@ def residual_block(block, x, run):
         del y  # conv1's output is read: free it before conv2 allocates its output
     del buf1
     conv_bias = getattr(block.conv_shortcut, "bias", None)  # None for Identity
+    bias_sum = (lambda: run.fp32(block, "bias sum", lambda: _sum_bias(block.conv2.bias, conv_bias)))
     if fuse and run.fuses_residual(block.conv2, buf):  # the add in conv2's epilogue: one pass less
-        return run.conv(block.conv2, buf, bias=_sum_bias(block.conv2.bias, conv_bias),
+        return run.conv(block.conv2, buf, bias=bias_sum(),
                         residual=_shortcut(block, x, bias=False))
     y = run.conv(block.conv2, buf, bias=not fuse)
     del buf
     if not fuse:
         return y.add_(_shortcut(block, x))  # diffusers' x + h: the same one rounding, in place
     shortcut = _shortcut(block, x, bias=False)
-    return ops.causal_conv.residual_add_(y, shortcut, _sum_bias(block.conv2.bias, conv_bias))
+    return ops.causal_conv.residual_add_(y, shortcut, bias_sum())
 
 
 def attention_block(block, x, run):
@@ -320,9 +341,10 @@ def _upsample_conv(block, src, run):
     # kernel causal conv, which vkern's CUDA conv takes where it measured faster than cuDNN
     frames = up.unflatten(0, (B, T * I)).permute(0, 2, 1, 3, 4)
     weight = conv2d.weight.unsqueeze(2)
-    backend = ops.causal_conv.conv_backend(frames, weight, (1, 1, 1))
+    backend = run.backend(conv2d, frames, weight, (1, 1, 1))
     if backend in ops.causal_conv.IN_PLACE and tuple(conv2d.stride) == (1, 1):
-        return ops.causal_conv.conv3d_in_place(backend, frames, weight, conv2d.bias, (1, 1, 1), (0, *conv2d.padding),
+        return ops.causal_conv.conv3d_in_place(backend, frames, weight, run.fp32(conv2d, "bias"), (1, 1, 1),
+                                               (0, *conv2d.padding),
                                                packed=run.cuda_packed(conv2d, weight, backend))
     y = F.conv2d(up, conv2d.weight, conv2d.bias, conv2d.stride, conv2d.padding)
     del up, frames
