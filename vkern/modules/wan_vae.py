@@ -6,7 +6,7 @@ for bit), with the copies taken out:
 - a cuDNN causal conv's input is one buffer [2 cached frames | chunk]: the fused RMS norm + SiLU kernel
   writes the chunk straight into it (no torch.cat, no separate norm/SiLU/cat outputs), the conv does
   the spatial zero padding itself (no F.pad), and the cache update copies only the 2 frames kept; a
-  conv on vkern's Triton kernel reads its cached frames and the chunk where they are (no buffer at all);
+  conv on vkern's CUDA or Triton kernel reads its cached frames and the chunk where they are (no buffer);
 - residual adds are in place; the nearest 2x upsample is one bf16 copy (diffusers makes it in fp32:
   exact either way, nearest only copies values), fused with the time upsampling's frame interleave;
 - decoded frames go into a preallocated output (optionally on the CPU), clamped chunk by chunk,
@@ -20,17 +20,25 @@ for bit), with the copies taken out:
   (chunk-invariant causal convs; per-frame attention, upsampling and DupUp3D), larger convs and fewer
   launches, a larger working set (frames_per_step still bounds the largest stages).
 - `pad_channels` (on by default for encode, run 21: 480p 633 -> 626 ms, 720p 1457 -> 1434; off for
-  decode, where it measured within noise and its 8-channel conv_out output costs memory): the convs with 3 or 12 channels (the encoder's input, the decoder's output) zero-padded to a
-  multiple of 8 channels, which cuDNN's bf16 tensor-core kernels need.
+  decode, where it measured within noise and its 8-channel conv_out output costs memory): the convs with 3
+  or 12 channels (the encoder's input, the decoder's output) zero-padded to a multiple of 8 channels, which
+  cuDNN's bf16 tensor-core kernels need.
 - `fuse_bias` (on by default; run 21: decode 480p 933 -> 865 ms, encode 633 -> 591, error vs fp32
   0.83 -> 0.73x diffusers'): a residual block's two convs run without their biases (PyTorch adds a
   cuDNN conv's bias in a pass of its own); conv1's bias goes into the next norm's input, conv2's (plus
   the shortcut conv's) into the residual add, both in fp32.
-- the 3x3x3 convs with 96 output channels (the full-resolution stages) run vkern's Triton conv, which
-  measured faster than cuDNN there (vkern.ops.causal_conv.TRITON_FASTER); the others cuDNN.
+- the convs where vkern's CUDA conv measured faster than cuDNN (vkern.ops.causal_conv.CUDA_FASTER: the 96 -> 96
+  3x3x3 convs of the full-resolution stages, the 2D upsampling convs, taken as 1-frame causal convs of the
+  frames, and the RGB output conv) run on it, the other 96-output 3x3x3 convs on the Triton conv
+  (TRITON_FASTER), the rest on cuDNN. Where a residual block's convs run on the CUDA conv, its epilogue does
+  the glue: conv1's applies norm2 + SiLU (conv1's output is conv2's input: no norm pass, no bf16 rounding
+  between), conv2's adds the biases and the shortcut (no add pass). Run 69: 480p decode 628 ms.
+- per video, each conv's backend choice, its weight packed for the CUDA conv and fp32 copies of biases and
+  norm weights are made once (Python and small kernels per call were ~20 ms of GPU idle per decode).
 Rounding: the same eager ops in the same order as diffusers, except the conv algorithms (cuDNN's pick
-for channels-last, vkern's Triton conv: fp32 accumulation, one rounding) and the fused RMS norm + SiLU,
-which rounds once instead of after each op (closer to float64 than diffusers' ops; vkern/triton/vae_glue.py).
+for channels-last, vkern's CUDA and Triton convs: fp32 accumulation, one rounding, epilogue glue in fp32) and the
+fused RMS norm + SiLU, which rounds once instead of after each op (closer to float64 than diffusers' ops;
+vkern/triton/vae_glue.py).
 """
 import torch
 import torch.nn.functional as F
@@ -152,7 +160,7 @@ class _Chunks:
             return self._conv_in_place(conv, buf.x, b, residual, epilogue)
         _, _, stride, (_, h_pad, w_pad) = ref._conv_args(conv)
         weight, b = self._weights(conv, buf.shape[1])
-        b = b if bias else None
+        b = bias if isinstance(bias, torch.Tensor) else (b if bias else None)
         backend = self.backend(conv, buf, weight, stride)  # vkern's kernels where they beat cuDNN
         if backend in ops.causal_conv.IN_PLACE:
             out = ops.causal_conv.conv3d_in_place(backend, buf, weight, b, stride, (0, h_pad, w_pad),

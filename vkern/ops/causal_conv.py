@@ -34,11 +34,11 @@ TRITON_FASTER = {(96, (3, 3, 3))}
 
 
 # (in channels, out channels, kernel) of the convs where the CUDA kernel measured faster than cuDNN and Triton
-# (bf16, H200, op vae-conv): 96 -> 96 at 480x832 (run 63: bench/results/2026-12-02-h200-41831ad-conv-cuda.jsonl,
-# 1.82 ms vs Triton 2.64, cuDNN 3.52). Not 192 -> 192: 1.57 ms vs cuDNN's 1.72 with bias (run 65), but the VAE
-# loop runs it without bias (fused elsewhere), where cuDNN took 1.29 ms per call (a profile of the decode).
-# Candidates for run 66 (unmeasured): the decoder's RGB output conv 96 -> 3 (block_n 8) and its upsampling 2D
-# convs 192 -> 96 and 384 -> 192 (1 x 3 x 3, with bias).
+# (bf16, H200, op vae-conv; run 68: bench/results/2026-12-02-h200-c4a4d23-conv-cuda.jsonl, ms vs cuDNN): 96 -> 96
+# at 480x832 1.41 vs 3.25 (no bias) / 3.59, the decoder's 2D upsampling convs (1 x 3 x 3, with bias) 192 -> 96 at
+# 480x832 1.07 vs 1.51 and 384 -> 192 at 240x416 1.03 vs 1.26, its RGB output conv 96 -> 3 (block_n 8) 0.97 vs 1.39.
+# Not 192 -> 192 (1.42) nor 384 -> 384 (0.86 at 120x208): the VAE loop runs them without bias (fused elsewhere),
+# where cuDNN took 1.28 and 0.65 ms per call inside the decode (run 69's profile, 621 and 612 TFLOP/s).
 CUDA_FASTER = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (192, 96, (1, 3, 3)), (384, 192, (1, 3, 3))}
 
 
@@ -307,6 +307,7 @@ def _(x, weight, bias, stride, padding, cache, pad_mode):
 # --- Wan RMS norm + SiLU ------------------------------------------------------------------------------
 
 NORM_EPS = 1e-12  # WanRMS_norm's F.normalize eps
+
 
 @_backend.register("rms_norm_silu")
 def _norm_candidates(device, dtype):
