@@ -233,3 +233,21 @@ def test_gpu_wan_shapes(C, O, T, H, W):
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         oracle = ref.causal_conv3d(x.float(), w.float(), b.float(), (1, 1, 1), (2, 1, 1), None, "replicate")
     assert rel_l2(out, oracle) <= 2.0**-8
+
+
+def test_in_place_residual_on_triton_adds_bias_and_shortcut_once():
+    """conv3d_in_place on the Triton backend with a residual (the CUDA kernel adds it in its epilogue; here the conv
+    runs without bias and residual_add_ adds bias + shortcut): within the conv's fp32 bound plus the add's two
+    fp32 roundings of |conv| + |shortcut| + |bias|."""
+    x, w, b, cache = inputs(1, 8, 16, 2, 5, 7, (3, 3, 3), 2)
+    b = b.float()
+    r = torch.randn(1, 16, 2, 5, 7).contiguous(memory_format=CL)
+    out = ops.causal_conv.conv3d_in_place("triton", x, w, b, (1, 1, 1), (2, 1, 1), cache=cache, residual=r)
+    y, bound = oracle_and_bound(x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros", torch.float32)
+    y = y + r.double()
+    bound = bound + 2 * 2.0**-24 * (y.abs() + r.double().abs() + b.double().abs().view(1, -1, 1, 1, 1))
+    assert out.shape == y.shape
+    excess = ((out.double() - y).abs() - bound).max().item()
+    assert excess <= 0, f"error exceeds the bound by {excess:.3g}"
+    with pytest.raises(ValueError, match="norm"):
+        ops.causal_conv.conv3d_in_place("triton", x, w, b, (1, 1, 1), (2, 1, 1), cache=cache, norm=(b, None, True))

@@ -131,9 +131,10 @@ class _Chunks:
         backend = self.backend(conv, x, conv.weight, stride)
         return backend == "triton" or (backend == "cuda" and ops.causal_conv.pixel_rows(x))
 
-    def fuses_residual(self, conv, buf):
-        """True when `conv` over `buf` runs on vkern's CUDA conv kernel, which adds a residual (and an fp32 bias)
-        in its epilogue: conv(buf, residual=...) then saves the residual add's pass."""
+    def on_cuda(self, conv, buf):
+        """True when `conv` over `buf` (an _InPlace chunk) runs on vkern's CUDA conv kernel, whose epilogue can add
+        a residual and an fp32 bias (conv(buf, residual=...): one residual-add pass less) and apply the next
+        norm (fuses_norm)."""
         stride = ref._conv_args(conv)[2]
         return isinstance(buf, _InPlace) and self.backend(conv, buf.x, conv.weight, stride) == "cuda"
 
@@ -142,14 +143,14 @@ class _Chunks:
         norm=...)) and hand its output to `next_conv` as an _InPlace chunk: conv on the CUDA kernel with C -> C
         channels in one output tile (96 or 128), and next_conv reading its cache in place from such an output."""
         C, O = conv.weight.shape[:2][::-1]
-        return (C == O and O == ops.causal_conv._cuda_block_n(O) and self.fuses_residual(conv, buf)
+        return (C == O and O == ops.causal_conv._cuda_block_n(O) and self.on_cuda(conv, buf)
                 and self.in_place(next_conv, buf.x))
 
     def conv(self, conv, buf, keep=CACHE_T, bias=True, residual=None, norm=None):
         """Run `conv` over its filled buffer (without its bias when not `bias`; bias may also be a tensor to add
         instead, fp32 allowed with a residual); keep the buffer's last frames for the next chunk. Padded output
         channels are cut off (a channel slice, no copy). `buf` may be an _InPlace chunk instead (see in_place).
-        residual: added to the output (in the conv's epilogue where fuses_residual, else by residual_add_).
+        residual: added to the output (in the conv's epilogue where on_cuda, else by residual_add_).
         norm: a WanRMS_norm whose norm + SiLU of the output the CUDA kernel's epilogue applies (fuses_norm)."""
         if isinstance(buf, torch.Tensor) and (residual is not None or norm is not None):
             raise ValueError("residual, norm: only for a conv reading its cache in place (an _InPlace chunk)")
@@ -280,7 +281,7 @@ def residual_block(block, x, run):
     del buf1
     conv_bias = getattr(block.conv_shortcut, "bias", None)  # None for Identity
     bias_sum = (lambda: run.fp32(block, "bias sum", lambda: _sum_bias(block.conv2.bias, conv_bias)))
-    if fuse and run.fuses_residual(block.conv2, buf):  # the add in conv2's epilogue: one pass less
+    if fuse and run.on_cuda(block.conv2, buf):  # the add in conv2's epilogue: one pass less
         return run.conv(block.conv2, buf, bias=bias_sum(),
                         residual=_shortcut(block, x, bias=False))
     y = run.conv(block.conv2, buf, bias=not fuse)
