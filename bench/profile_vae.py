@@ -140,6 +140,11 @@ def _shown(shape):
     return list(shape[2:]) if len(shape) == 5 else [shape[0], *shape[2:]]
 
 
+def _images(shape):
+    """(images, H, W) of a conv output's shape: batch x frames of a 3D conv's, the batch of a 2D conv's."""
+    return (shape[0] * shape[2], *shape[3:]) if len(shape) == 5 else (shape[0], *shape[2:])
+
+
 def _describe_functional(dims):
     """For F.conv{dims}d(input, weight, bias, stride, padding, dilation, groups): (weight, groups, output
     shape, backend)."""
@@ -155,11 +160,14 @@ def _describe_functional(dims):
     return describe
 
 
-def _describe_in_place(backend, x, weight, bias, stride, padding, *_, **__):
-    """conv3d_in_place's (cache, residual, ... need not be read): causal, time padding in front only."""
+def _describe_in_place(backend, x, weight, bias, stride, padding, *_, upsample=1, **__):
+    """conv3d_in_place's (cache, residual, ... need not be read): causal, time padding in front only; upsample: x
+    upsampled in space first. The batch's frames are shown as frames (B * T items of I frames: the upsampling conv
+    of time-upsampled frames)."""
     tp, hp, wp = padding
-    out = _out_size(x.shape[2:], weight.shape[2:], stride, (tp, hp, wp), (0, hp, wp), (1, 1, 1))
-    return weight, 1, [x.shape[0], weight.shape[0], *out], backend
+    T, H, W = x.shape[2:]
+    out = _out_size((T, upsample * H, upsample * W), weight.shape[2:], stride, (tp, hp, wp), (0, hp, wp), (1, 1, 1))
+    return weight, 1, [1, weight.shape[0], x.shape[0] * out[0], *out[1:]], backend
 
 
 def _label(weight, groups, shape, backend):
@@ -191,11 +199,12 @@ def conv_ranges():
                     out = fn(*args, **kwargs)
             finally:
                 inside.pop()
-            if _shown(out.shape) != _shown(shape):  # a wrong label would silently misfile the time
-                raise AssertionError(f"conv label {label!r}: the output is {tuple(out.shape)}")
+            first = out[0] if isinstance(out, tuple) else out  # (output, normed output)
+            if _images(first.shape) != _images(shape):  # a wrong label would silently misfile the time
+                raise AssertionError(f"conv label {label!r}: the output is {tuple(first.shape)}")
             entry = stats.setdefault(label, dict(backend=backend, calls=0, flops=0))
             entry["calls"] += 1
-            entry["flops"] += 2 * out.numel() * math.prod(weight.shape[1:])  # C/groups x kernel taps per output
+            entry["flops"] += 2 * first.numel() * math.prod(weight.shape[1:])  # C/groups x kernel taps per output
             return out
         return conv
 

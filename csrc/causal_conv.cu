@@ -57,8 +57,11 @@ struct ConvParams {
   const float* bias;
   const T* res;     // residual, laid out as out (may be null)
   ConvNorm norm;    // the RMS norm + SiLU of the epilogue (norm.gamma null: none)
-  int64_t xb, xf, xr, cb, cf, cr, ob, of, orow, rb, rf, rr;
+  T* normed;        // the epilogue norm's separate output (may be null: see ConvNorm)
+  int64_t xb, xf, xr, cb, cf, ob, of, orow, rb, rf, rr, nb, nf, nr;
   int C, O, H, W, To, Ho, Wo, KT, tp, hp, wp, cache_frames, n_cache;
+  int xp;           // x's (and the cache's) pixel stride
+  int up;           // log2 of the on-the-fly nearest upsampling (0 or 1); H, W: the upsampled input's size
   int tiles_w, tiles_h, n_tiles, tiles;
 };
 
@@ -123,12 +126,13 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
 
   if (warp >= 1 && warp <= 3) {  // ---------------------------------------------------------- halo producer
     // A thread copies channel group tid % kGroups of halo columns tid / kGroups + kColsPerPass * j (j < 3, while
-    // inside the halo) in every halo row: its shared-memory offsets and column coordinates are fixed per thread and
-    // per tile, so a copy costs one address multiply-add per stage (rows are W * C apart: a frame's pixel rows).
+    // inside the halo) in every halo row: its shared-memory offsets and its rows' and columns' offsets in a frame
+    // are fixed per thread and per tile, so a copy costs one address add per stage. With upsampling, halo pixel
+    // (h, w) of the 2H x 2W input is x's pixel (h / 2, w / 2).
     constexpr int kColsPerPass = kHaloThreads / kGroups, kColSlots = (kHaloCols + kColsPerPass - 1) / kColsPerPass;
     static_assert(kHaloThreads % kGroups == 0, "a thread's channel group must be fixed");
     const int tid = threadIdx.x - 32, g = tid % kGroups;
-    const int row_elems = p.W * p.C;  // a frame is < 2^31 elements (host check)
+    const int row_elems = int(p.xr);  // a frame is < 2^31 elements (host check)
     Ring ring;
     for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
       const Tile tile(idx, p.n_tiles, p.tiles_w, p.tiles_h, p.To);
@@ -138,11 +142,15 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
       for (int j = 0; j < kColSlots; ++j) {
         const int ww = tid / kGroups + kColsPerPass * j, w = tile.w0 - p.wp + ww;
         cols_in |= uint32_t(ww < kHaloCols && unsigned(w) < unsigned(p.W)) << j;
-        col_off[j] = w * p.C + g * 8;
+        col_off[j] = (w >> p.up) * p.xp + g * 8;
       }
+      int row_off[kHaloRows];
 #pragma unroll
-      for (int r = 0; r < kHaloRows; ++r) rows_in |= uint32_t(unsigned(tile.h0 - p.hp + r) < unsigned(p.H)) << r;
-      const int row0 = (tile.h0 - p.hp) * row_elems;
+      for (int r = 0; r < kHaloRows; ++r) {
+        const int h = tile.h0 - p.hp + r;
+        rows_in |= uint32_t(unsigned(h) < unsigned(p.H)) << r;
+        row_off[r] = (h >> p.up) * row_elems;
+      }
       for (int dt = 0; dt < p.KT; ++dt) {
         const int src = tile.t + dt - p.tp;  // < 0: a frame before the chunk
         if (src < -p.n_cache) continue;
@@ -151,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
         for (int cc = 0; cc < chunks; ++cc) {
           mbar_wait(&halo_empty[ring.slot], ring.phase ^ 1);
           const uint32_t dst0 = smem_u32(halo + ring.slot * kHaloBytes) + (g * kHaloCols + tid / kGroups) * 16;
-          const T* chunk = frame + cc * kChunk + row0;
+          const T* chunk = frame + cc * kChunk;
 #pragma unroll
           for (int r = 0; r < kHaloRows; ++r) {
 #pragma unroll
@@ -159,7 +167,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
               if (j == kColSlots - 1 && tid / kGroups + kColsPerPass * j >= kHaloCols) break;  // past the halo
               const bool ok = (rows_in >> r) & (cols_in >> j) & 1;
               cp_async_16(dst0 + (r * kGroups * kHaloCols + kColsPerPass * j) * 16,
-                          ok ? chunk + r * row_elems + col_off[j] : p.x, ok);
+                          ok ? chunk + row_off[r] + col_off[j] : p.x, ok);
             }
           }
           cp_async_arrive(&halo_full[ring.slot]);
@@ -257,9 +265,11 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
 
       // Epilogue: bias and residual in fp32, then (p.norm.gamma) the RMS norm of each pixel's channels + SiLU, one
       // rounding, 4-byte stores of channel pairs; pixels past the frame not stored. A pixel's channels are spread
-      // over 4 lanes (lane % 4), so its sum of squares is two shuffles: every lane takes part in them.
+      // over 4 lanes (lane % 4), so its sum of squares is two shuffles: every lane takes part in them. With a
+      // separate normed output, out gets the sum before the norm, and the norm reads that sum as stored (rounded).
       const int wq = warp % 4;
       T* out = p.out + tile.b * p.ob + tile.t * p.of + tile.nt * kBlockN;
+      T* normed = p.normed ? p.normed + tile.b * p.nb + tile.t * p.nf : nullptr;  // O == kBlockN: one tile
       const T* res = p.res ? p.res + tile.b * p.rb + tile.t * p.rf + tile.nt * kBlockN : nullptr;
       const int c0 = tile.nt * kBlockN + 2 * (lane % 4);  // this lane's first channel; then + 8 j, + 1
 #pragma unroll
@@ -287,6 +297,15 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
             for (int j = 0; j < kBlockN / 8; ++j)
               v[4 * j] += p.bias[c0 + 8 * j], v[4 * j + 1] += p.bias[c0 + 8 * j + 1];
           }
+          if (normed) {  // the sum as stored: out's values, then their norm into normed
+#pragma unroll
+            for (int j = 0; j < kBlockN / 8; ++j) {
+              const uint32_t pair = pack2<T>(v[4 * j], v[4 * j + 1]);
+              if (in_frame) *reinterpret_cast<uint32_t*>(out + h * p.orow + int64_t(w) * p.O + 2 * (lane % 4) + 8 * j) = pair;
+              const float2 r = unpack2<T>(pair);
+              v[4 * j] = r.x, v[4 * j + 1] = r.y;
+            }
+          }
           if (p.norm.gamma) {  // diffusers' WanRMS_norm: x / max(||x||, eps) * sqrt(C) * gamma (+ beta), then SiLU
             float ss = 0.f;
 #pragma unroll
@@ -305,7 +324,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
             }
           }
           if (!in_frame) continue;
-          T* row = out + h * p.orow + int64_t(w) * p.O + 2 * (lane % 4);
+          T* row = (normed ? normed + h * p.nr : out + h * p.orow) + int64_t(w) * p.O + 2 * (lane % 4);
 #pragma unroll
           for (int j = 0; j < kBlockN / 8; ++j)
             *reinterpret_cast<uint32_t*>(row + 8 * j) = pack2<T>(v[4 * j], v[4 * j + 1]);
@@ -335,11 +354,16 @@ cudaError_t launch(ConvParams<T> p, bool persistent, cudaStream_t stream) {
 
 bool aligned(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 bool strides_ok(const ConvTensor& t) {
-  return t.batch_stride % 8 == 0 && t.frame_stride % 8 == 0 && t.row_stride % 8 == 0;
+  return t.batch_stride % 8 == 0 && t.frame_stride % 8 == 0 && t.row_stride % 8 == 0 && t.pixel_stride % 8 == 0;
 }
-// The halo producers address a frame's pixel rows (W * C apart) in 32 bits.
+// An output-shaped tensor (out, residual, normed): pixels of out_channels contiguous channels.
+bool output_ok(const ConvTensor& t, int out_channels) {
+  return aligned(t.ptr) && strides_ok(t) && t.pixel_stride == out_channels;
+}
+// The halo producers address a frame's pixel rows (width pixels apart) in 32 bits.
 bool rows_ok(const ConvTensor& t, int height, int width, int channels) {
-  return t.row_stride == int64_t(width) * channels && int64_t(height) * t.row_stride < (int64_t(1) << 31);
+  return t.pixel_stride >= channels && t.row_stride == int64_t(width) * t.pixel_stride &&
+         int64_t(height) * t.row_stride < (int64_t(1) << 31);
 }
 
 }  // namespace
@@ -347,18 +371,23 @@ bool rows_ok(const ConvTensor& t, int height, int width, int channels) {
 cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, ConvTensor residual, ConvNorm norm,
                               const void* weight_packed, const float* bias, DType dtype, int batch, int channels,
                               int out_channels, int frames, int height, int width, int kt, int tp, int hp, int wp,
-                              int cache_frames, int n_cache, int block_n, bool persistent, cudaStream_t stream) {
-  const int To = tp + frames - kt + 1, Ho = height + 2 * hp - 2, Wo = width + 2 * wp - 2;
+                              int upsample, int cache_frames, int n_cache, int block_n, bool persistent,
+                              cudaStream_t stream) {
+  const int Hi = height * upsample, Wi = width * upsample;  // the conv's input size
+  const int To = tp + frames - kt + 1, Ho = Hi + 2 * hp - 2, Wo = Wi + 2 * wp - 2;
+  // The producers read the cache with x's row and pixel strides.
   const bool cache_ok = n_cache == 0 || (cache.ptr != nullptr && aligned(cache.ptr) && strides_ok(cache) &&
-                                         rows_ok(cache, height, width, channels) && n_cache <= cache_frames);
+                                         cache.row_stride == x.row_stride && cache.pixel_stride == x.pixel_stride &&
+                                         n_cache <= cache_frames);
   if (batch < 1 || channels < kChunk || channels % kChunk != 0 || frames < 1 || kt < 1 || tp < 0 || hp < 0 ||
-      wp < 0 || n_cache < 0 || n_cache > tp || To < 1 || Ho < 1 || Wo < 1 || !cache_ok || x.ptr == nullptr ||
-      out.ptr == nullptr || weight_packed == nullptr || !aligned(x.ptr) || !aligned(out.ptr) ||
-      !aligned(weight_packed) || !strides_ok(x) || !rows_ok(x, height, width, channels) || !strides_ok(out) ||
-      out_channels % 8 != 0 || (block_n != kConvBlockNs[0] && block_n != kConvBlockNs[1] && block_n != kConvBlockNs[2]) ||
-      out_channels % block_n != 0 ||
-      (residual.ptr != nullptr && (!aligned(residual.ptr) || !strides_ok(residual))) ||
-      (norm.gamma != nullptr && out_channels != block_n))
+      wp < 0 || (upsample != 1 && upsample != 2) || n_cache < 0 || n_cache > tp || To < 1 || Ho < 1 || Wo < 1 ||
+      !cache_ok || x.ptr == nullptr || out.ptr == nullptr || weight_packed == nullptr || !aligned(x.ptr) ||
+      !aligned(weight_packed) || !strides_ok(x) || !rows_ok(x, height, width, channels) ||
+      !output_ok(out, out_channels) || out_channels % 8 != 0 ||
+      (block_n != kConvBlockNs[0] && block_n != kConvBlockNs[1] && block_n != kConvBlockNs[2]) ||
+      out_channels % block_n != 0 || (residual.ptr != nullptr && !output_ok(residual, out_channels)) ||
+      (norm.gamma != nullptr && out_channels != block_n) ||
+      (norm.normed.ptr != nullptr && (norm.gamma == nullptr || !output_ok(norm.normed, out_channels))))
     return cudaErrorInvalidValue;
   const auto run = [&](auto type_tag) {
     using T = decltype(type_tag);
@@ -370,11 +399,13 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, Co
     p.bias = bias;
     p.res = static_cast<const T*>(residual.ptr);
     p.norm = norm;
-    p.xb = x.batch_stride, p.xf = x.frame_stride, p.xr = x.row_stride;
-    p.cb = cache.batch_stride, p.cf = cache.frame_stride, p.cr = cache.row_stride;
+    p.normed = static_cast<T*>(const_cast<void*>(norm.normed.ptr));
+    p.xb = x.batch_stride, p.xf = x.frame_stride, p.xr = x.row_stride, p.xp = int(x.pixel_stride);
+    p.cb = cache.batch_stride, p.cf = cache.frame_stride;
     p.ob = out.batch_stride, p.of = out.frame_stride, p.orow = out.row_stride;
     p.rb = residual.batch_stride, p.rf = residual.frame_stride, p.rr = residual.row_stride;
-    p.C = channels, p.O = out_channels, p.H = height, p.W = width;
+    p.nb = norm.normed.batch_stride, p.nf = norm.normed.frame_stride, p.nr = norm.normed.row_stride;
+    p.C = channels, p.O = out_channels, p.H = Hi, p.W = Wi, p.up = upsample == 2;
     p.To = To, p.Ho = Ho, p.Wo = Wo, p.KT = kt, p.tp = tp, p.hp = hp, p.wp = wp;
     p.cache_frames = cache_frames, p.n_cache = n_cache;
     p.tiles_w = (Wo + kCols - 1) / kCols, p.tiles_h = (Ho + kRows - 1) / kRows, p.n_tiles = out_channels / block_n;

@@ -265,3 +265,85 @@ def test_gpu_wan_shapes(C, O, T, H, W):
     2-frame cache: one rounding (rel L2 <= 2^-8) and within 2x cuDNN's own bf16 error."""
     x, w, b, cache = _gpu(*inputs(1, C, O, T, H, W, (3, 3, 3), 2, torch.bfloat16))
     assert_wan_conv_accuracy(cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache), x, w, b, cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 2])
+def test_gpu_cache_frames_from_separate_tensors(B):
+    """The cache as a list of 1-frame tensors anywhere (the VAE loop's kept inputs): the same bits as one cache
+    tensor of those frames; B > 1 frames of tensors with different frame counts (batch strides) are copied once."""
+    x, w, b, cache = _gpu(*inputs(B, 64, 96, 3, 9, 70, (3, 3, 3), 2, torch.bfloat16))
+    old = torch.randn(B, 64, 4, 9, 70, device="cuda").to(torch.bfloat16).contiguous(memory_format=CL)
+    old[:, :, 3:] = cache[:, :, :1]
+    new = cache[:, :, 1:].clone(memory_format=CL)
+    frames = [old[:, :, 3:], new]  # frames of a 4-frame and a 1-frame tensor, oldest first
+    out = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), frames)
+    assert torch.equal(out, cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache))
+    check(out, x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros")
+    assert torch.equal(cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), [new]),
+                       cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache[:, :, 1:]))
+    assert torch.equal(cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), []), cc.causal_conv3d_cuda(x, w, b, (2, 1, 1)))
+    with pytest.raises(ValueError, match="cache frame"):
+        cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), [cache[:, :, :1].contiguous(), new])
+
+
+def _upsampled(t):
+    return t.repeat_interleave(2, 3).repeat_interleave(2, 4).contiguous(memory_format=CL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,padding,cache_frames", [((1, 3, 3), (0, 1, 1), None), ((3, 3, 3), (2, 1, 1), 2),
+                                                    ((1, 3, 3), (0, 0, 1), None)])
+def test_gpu_upsample_reads_nearest_2x(k, padding, cache_frames):
+    """upsample=2: the conv of x (and the cache) nearest-upsampled 2x in space, read on the fly: the same bits as the
+    conv of the upsampled copy (the same halo values, the same sums), and within the bound of the reference."""
+    x, w, b, cache = _gpu(*inputs(1, 64, 96, 3, 5, 35, k, cache_frames, torch.bfloat16))
+    out = cc.causal_conv3d_cuda(x, w, b, padding, cache, upsample=2)
+    up_cache = None if cache is None else _upsampled(cache)
+    assert torch.equal(out, cc.causal_conv3d_cuda(_upsampled(x), w, b, padding, up_cache))
+    check(out, _upsampled(x), w, b, (1, 1, 1), padding, up_cache, "zeros")
+
+
+@pytest.mark.gpu
+def test_gpu_upsample_of_interleaved_frames():
+    """The decoder's upsampling conv after a time upsampling: a [B, 2C, T, H, W] tensor whose pixels hold 2 frames
+    of C channels (frame 2t + i = channels i C ...), read as B * T items of 2 frames with pixels 2C apart: the same
+    bits as the conv of the de-interleaved, upsampled copy."""
+    B, C, T, H, W = 2, 64, 2, 6, 33
+    y = torch.randn(B, 2 * C, T, H, W, device="cuda").to(torch.bfloat16).contiguous(memory_format=CL)
+    _, w, b, _ = _gpu(*inputs(1, C, 96, 1, H, W, (1, 3, 3), None, torch.bfloat16))
+    src = y.permute(0, 2, 3, 4, 1).unflatten(-1, (2, C)).permute(0, 1, 4, 2, 3, 5)  # [B, T, I, H, W, C]
+    frames = src.flatten(0, 1).permute(0, 4, 1, 2, 3)  # [B * T, C, I, H, W], pixel stride 2C
+    assert frames.stride(4) == 2 * C and cc._pixel_grid(frames) and not cc.pixel_rows(frames)
+    out = cc.causal_conv3d_cuda(frames, w, b, (0, 1, 1), upsample=2)
+    plain = frames.contiguous(memory_format=CL)
+    assert torch.equal(out, cc.causal_conv3d_cuda(_upsampled(plain), w, b, (0, 1, 1)))
+    check(out, _upsampled(plain), w, b, (1, 1, 1), (0, 1, 1), None, "zeros")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("residual,upsample", [(True, 1), (False, 2)])
+def test_gpu_normed_second_output(dtype, residual, upsample):
+    """normed=True: the output is conv + bias (+ residual) as without a norm (the same bits), and the second output
+    the norm + SiLU of that output as rounded: within the norm's arithmetic bound of float64's norm of it (the
+    output's one rounding, the norm's fp32 sum of C squares, sqrt, division and products, SiLU's fast exp)."""
+    O = 96
+    x, w, b, cache = _gpu(*inputs(1, 64, O, 2, 6, 70, (3, 3, 3), 2, dtype))
+    gamma = (1 + 0.3 * torch.randn(O, device="cuda")).to(dtype)
+    beta = (0.2 * torch.randn(O, device="cuda")).to(dtype)
+    shape = (1, O, 2, 6 * upsample, 70 * upsample)
+    r = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=CL) if residual else None
+    out, normed = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, residual=r, norm=(gamma, beta, True),
+                                        normed=True, upsample=upsample)
+    assert torch.equal(out, cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, residual=r, upsample=upsample))
+    v = out.double()
+    k = O ** 0.5 / v.norm(dim=1, keepdim=True).clamp_min(cc.NORM_EPS)
+    y = v * k * gamma.double().view(1, O, 1, 1, 1) + beta.double().view(1, O, 1, 1, 1)
+    ref = y * torch.sigmoid(y)
+    bound = UNIT_ROUNDOFF[dtype] * ref.abs() + 1.1 * (O + 8) * 2.0**-24 * y.abs() + 2.0**-20 * ref.abs()
+    assert normed.shape == ref.shape and normed.is_contiguous(memory_format=CL) and ref.std() > 0.1
+    excess = ((normed.double() - ref).abs() - bound).max().item()
+    assert excess <= 0, f"error exceeds the bound by {excess:.3g} (rel L2 {rel_l2(normed, ref):.3g})"
+    with pytest.raises(ValueError, match="normed: needs norm"):
+        cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, normed=True)

@@ -483,16 +483,21 @@ def test_gpu_default_encode_matches_diffusers():
 
 
 def _spy_kernel_convs(monkeypatch):
-    """Records (backend, in channels, out channels, kernel, cache_reversed, residual given, norm given) of every conv
-    the VAE loop sends to vkern's conv kernels (all go through ops.causal_conv.conv3d_in_place)."""
+    """Records (backend, in channels, out channels, kernel, cache_reversed, residual given, norm given, normed, cache
+    frames from two tensors, upsample) of every conv the VAE loop sends to vkern's conv kernels (all go through
+    ops.causal_conv.conv3d_in_place)."""
     from vkern.ops import causal_conv as cc
 
     calls, run = [], cc.conv3d_in_place
 
-    def spy(backend, x, weight, *args, cache_reversed=False, residual=None, norm=None, **kwargs):
+    def spy(backend, x, weight, *args, cache=None, cache_reversed=False, residual=None, norm=None, normed=False,
+            upsample=1, **kwargs):
+        apart = isinstance(cache, list) and len(cache) == 2 and (
+            cache[0].untyped_storage().data_ptr() != cache[1].untyped_storage().data_ptr())
         calls.append((backend, weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), cache_reversed,
-                      residual is not None, norm is not None))
-        return run(backend, x, weight, *args, cache_reversed=cache_reversed, residual=residual, norm=norm, **kwargs)
+                      residual is not None, norm is not None and not normed, normed, apart, upsample))
+        return run(backend, x, weight, *args, cache=cache, cache_reversed=cache_reversed, residual=residual, norm=norm,
+                   normed=normed, upsample=upsample, **kwargs)
     monkeypatch.setattr(cc, "conv3d_in_place", spy)
     return calls
 
@@ -504,7 +509,9 @@ def test_gpu_decode_runs_vkern_convs_where_they_measured_faster(monkeypatch):
     conv) to the CUDA kernel, the other 96-output 3x3x3 convs (TRITON_FASTER) to the Triton kernel, and nothing
     else to either; residual blocks whose conv2 runs on the CUDA kernel add their shortcut in it, and those whose
     conv1 (C -> C, one tile) and conv2 run on it apply norm2 + SiLU in conv1's epilogue (and only those); with
-    every conv on cuDNN the output stays within bf16's error of it (both vs fp32)."""
+    every conv on cuDNN the output stays within bf16's error of it (both vs fp32). The convs that hand the next
+    block its norm1 (or the decoder its norm_out) as a second output are 96-channel conv2s and 2D upsampling convs
+    (which read the upsampled frames on the fly)."""
     from vkern.ops import causal_conv as cc
 
     monkeypatch.delenv("VKERN_CONV_CUDA", raising=False)
@@ -522,6 +529,9 @@ def test_gpu_decode_runs_vkern_convs_where_they_measured_faster(monkeypatch):
         fused = {c[1:4] for c in calls if c[flag]}
         assert fused and all(C == O and k == (3, 3, 3) and (C, O, k) in cc.CUDA_FASTER for C, O, k in fused), fused
     assert sum(c[5] for c in calls) == sum(c[6] for c in calls)  # one of each per residual block (96 -> 96)
+    handing = {(c[1:4], c[5], c[9]) for c in calls if c[7]}
+    assert handing == {((96, 96, (3, 3, 3)), True, 1), ((192, 96, (1, 3, 3)), False, 2)}, handing
+    assert all(c[9] == 2 for c in calls if c[3] == (1, 3, 3))  # every 2D upsampling conv reads x upsampled
     monkeypatch.setenv("VKERN_CAUSAL_CONV3D_BACKEND", "cudnn")
     n = len(calls)
     cudnn = fast.decode(vae, z)
@@ -537,19 +547,19 @@ def test_gpu_decode_runs_vkern_convs_where_they_measured_faster(monkeypatch):
 @pytest.mark.parametrize("conv_cuda,backend", [("table", "cuda"), ("0", "triton")])
 @torch.inference_mode()
 def test_gpu_one_frame_steps_read_the_ring_cache(monkeypatch, conv_cuda, backend):
-    """1-frame steps (the 720p default) on CUDA: the in-place convs' 2-frame ring cache is read reversed
-    by the kernel (negative frame stride; the CUDA kernel, or the Triton one with VKERN_CONV_CUDA=0) on every
-    other step, and the frames match whole-chunk decoding's within the issue's parity bound (rel. L2 1e-2): the
-    same kernels and sums, except that cuDNN may pick another algorithm for the per-frame upsampling conv (bit
-    equality is printed)."""
+    """1-frame steps (the 720p default) on CUDA: the CUDA kernel reads its 2 cached frames from the two inputs they
+    came from (kept, no copy); the Triton one (VKERN_CONV_CUDA=0) its 2-frame ring cache reversed (negative frame
+    stride) on every other step; the frames match whole-chunk decoding's within the issue's parity bound (rel. L2
+    1e-2): the same kernels and sums, except that cuDNN may pick another algorithm for the per-frame upsampling conv
+    (bit equality is printed)."""
     monkeypatch.setenv("VKERN_CONV_CUDA", conv_cuda)
     vae = _default_vae()
     z = torch.randn(1, 16, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
     calls = _spy_kernel_convs(monkeypatch)
     stepped = fast.decode(vae, z, frames_per_step=1)
     whole = fast.decode(vae, z, frames_per_step=None)
-    flags = [c[4] for c in calls if c[0] == backend]
-    print(f"{backend}: reversed reads {sum(flags)} of {len(flags)}; bit-equal {torch.equal(stepped, whole)}, "
+    flags = [c[4] if backend == "triton" else c[8] for c in calls if c[0] == backend]
+    print(f"{backend}: reversed or two-tensor reads {sum(flags)} of {len(flags)}; bit-equal {torch.equal(stepped, whole)}, "
           f"rel L2 {rel_l2(stepped, whole):.2e}")
     assert any(flags)
     assert rel_l2(stepped, whole) <= 1e-2

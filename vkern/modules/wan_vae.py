@@ -40,6 +40,8 @@ for channels-last, vkern's CUDA and Triton convs: fp32 accumulation, one roundin
 fused RMS norm + SiLU, which rounds once instead of after each op (closer to float64 than diffusers' ops;
 vkern/triton/vae_glue.py).
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +51,11 @@ from ..reference import wan_vae as ref
 CL = torch.channels_last_3d
 CACHE_T = ref.CACHE_T
 assert CACHE_T == 2, "_Chunks._conv_in_place's ring assumes diffusers' 2 cached frames"
+# A conv on the CUDA kernel keeps its input's last CACHE_T frames where they are (the input stays alive until the next
+# chunk) when the input has at most this many frames, instead of copying them into a cache: no copy, for (frames -
+# CACHE_T) frames of memory per conv (480p decode: 4-frame chunks, 7 full-resolution convs, ~1 GB); longer inputs
+# (latents_per_call > 1) copy their last frames, 1- and 2-frame ones (720p's steps) cost no memory either way.
+KEEP_INPUT_FRAMES = 4
 # Decoder default: whole chunks (4 frames) unless a decoded frame has more pixels than this; above
 # it, 1 frame per step keeps the largest stages' working set ~4x smaller (720p: ~1 GB less).
 LARGE_FRAME_PIXELS = 512 * 1024
@@ -69,7 +76,9 @@ class _Chunks:
         self.fuse_bias = fuse_bias
         self.pad_channels = pad_channels
         self.padded = {}  # conv -> its weight and bias zero-padded to _channels() in and out
-        self.reversed = {}  # conv -> its cached frames stored newest first (_conv_in_place's ring)
+        self.reversed = {}  # conv -> its cached frames stored newest first (_conv_in_place's ring, Triton)
+        # (norm, tensor, norm's SiLU(norm(tensor))): a conv epilogue's second output, handed to the next norm_into
+        self.handoff = None
         self.packed = {}  # conv -> its weight as the CUDA conv kernel reads it (made once per video)
         # Made once per video, not per chunk (each a small kernel launch and Python per call): the conv backend
         # per (conv, weight shape, dtype, device), fp32 copies of biases and norm weights per (module, name).
@@ -125,11 +134,25 @@ class _Chunks:
         """True when `conv` runs on one of vkern's conv kernels (Triton or CUDA), which read its cached frames
         and the chunk x where they are: then no [cache | chunk] buffer is built (a copy of the cached frames
         saved, and at 720p a 3-frame buffer per full-resolution conv)."""
-        _, _, stride, (t_pad, _, _) = ref._conv_args(conv)
-        if t_pad != CACHE_T or x.shape[1] <= 1 or x.stride(1) != 1 or self._channels(x.shape[1]) != x.shape[1]:
+        if x.stride(1) != 1 or not self.reads_in_place(conv, x):
             return False
-        backend = self.backend(conv, x, conv.weight, stride)
-        return backend == "triton" or (backend == "cuda" and ops.causal_conv.pixel_rows(x))
+        return self.backend(conv, x, conv.weight, ref._conv_args(conv)[2]) == "triton" or ops.causal_conv.pixel_rows(x)
+
+    def reads_in_place(self, conv, like):
+        """in_place(conv, x) for any channels-last x of conv's input shape (`like`: a tensor of its dtype and device)."""
+        C = conv.weight.shape[1]
+        _, _, stride, (t_pad, _, _) = ref._conv_args(conv)
+        return (t_pad == CACHE_T and C > 1 and self._channels(C) == C
+                and self.backend(conv, like, conv.weight, stride) in ops.causal_conv.IN_PLACE)
+
+    def hands_norm(self, out_channels, like, next_):
+        """True when a conv on the CUDA kernel with out_channels outputs (one output tile) can also write the input of
+        next_ = (norm, the conv after it), SiLU(norm(its output)), as a second output (conv(..., normed=next_[0]))
+        that norm_into(*next_, output) then takes instead of a norm pass. like: a tensor of the conv's dtype and
+        device."""
+        O = out_channels
+        return (next_ is not None and O == ops.causal_conv._cuda_block_n(O) and next_[1].weight.shape[1] == O
+                and self.reads_in_place(next_[1], like))
 
     def on_cuda(self, conv, buf):
         """True when `conv` over `buf` (an _InPlace chunk) runs on vkern's CUDA conv kernel, whose epilogue can add
@@ -146,19 +169,24 @@ class _Chunks:
         return (C == O and O == ops.causal_conv._cuda_block_n(O) and self.on_cuda(conv, buf)
                 and self.in_place(next_conv, buf.x))
 
-    def conv(self, conv, buf, keep=CACHE_T, bias=True, residual=None, norm=None):
+    def conv(self, conv, buf, keep=CACHE_T, bias=True, residual=None, norm=None, normed=None):
         """Run `conv` over its filled buffer (without its bias when not `bias`; bias may also be a tensor to add
         instead, fp32 allowed with a residual); keep the buffer's last frames for the next chunk. Padded output
         channels are cut off (a channel slice, no copy). `buf` may be an _InPlace chunk instead (see in_place).
         residual: added to the output (in the conv's epilogue where on_cuda, else by residual_add_).
-        norm: a WanRMS_norm whose norm + SiLU of the output the CUDA kernel's epilogue applies (fuses_norm)."""
-        if isinstance(buf, torch.Tensor) and (residual is not None or norm is not None):
-            raise ValueError("residual, norm: only for a conv reading its cache in place (an _InPlace chunk)")
+        norm: a WanRMS_norm whose norm + SiLU of the output the CUDA kernel's epilogue applies (fuses_norm).
+        normed: a WanRMS_norm whose norm + SiLU of the output the epilogue writes as a second output (hands_norm),
+        left for norm_into in self.handoff."""
+        if isinstance(buf, torch.Tensor) and (residual is not None or norm is not None or normed is not None):
+            raise ValueError("residual, norm, normed: only for a conv reading its cache in place (an _InPlace chunk)")
         if isinstance(buf, _InPlace):
             b = bias if isinstance(bias, torch.Tensor) else (self.fp32(conv, "bias") if bias else None)
-            epilogue = None if norm is None else (
-                self.fp32(norm, "gamma"), self.fp32(norm, "bias", lambda: _norm_bias(norm)), True)
-            return self._conv_in_place(conv, buf.x, b, residual, epilogue)
+            out = self._conv_in_place(conv, buf.x, b, residual, self.epilogue(norm if norm is not None else normed),
+                                      normed is not None)
+            if normed is None:
+                return out
+            self.handoff = (normed, *out)
+            return out[0]
         _, _, stride, (_, h_pad, w_pad) = ref._conv_args(conv)
         weight, b = self._weights(conv, buf.shape[1])
         b = bias if isinstance(bias, torch.Tensor) else (b if bias else None)
@@ -174,6 +202,11 @@ class _Chunks:
         prev.copy_(buf[:, :, -keep:])
         return out[:, :conv.weight.shape[0]]
 
+    def epilogue(self, norm):
+        """The CUDA epilogue's (gamma, beta, SiLU) for a WanRMS_norm (None: none), in fp32, made once per video."""
+        return None if norm is None else (
+            self.fp32(norm, "gamma"), self.fp32(norm, "bias", lambda: _norm_bias(norm)), True)
+
     def cuda_packed(self, conv, weight, backend):
         """conv's weight (as given: padded or a 2D conv's unsqueezed) packed for the CUDA conv kernel, made on the
         first call of this video (None for another backend)."""
@@ -183,17 +216,25 @@ class _Chunks:
             self.packed[conv] = ops.causal_conv.cuda_pack(weight)
         return self.packed[conv]
 
-    def _conv_in_place(self, conv, x, bias, residual=None, norm=None):
+    def _conv_in_place(self, conv, x, bias, residual=None, norm=None, normed=False):
         """vkern's conv kernel over [cached frames | x] read in place (zeros before the first chunk, as the
         buffer's), plus bias (a tensor or None) and residual (or None), then the cache becomes the last CACHE_T
-        frames of [cache | x] (norm: the CUDA epilogue's, see conv): the kernel is queued before the cache is
-        overwritten, on the same stream. The 2-frame cache is a ring: a 1-frame chunk overwrites the oldest slot
-        and flips the stored order (self.reversed; the kernel reads either order), one frame copied instead of two
-        (the 1-frame steps of a 720p decode)."""
+        frames of [cache | x] (norm, normed: the CUDA epilogue's, see conv): the kernel is queued before any cached
+        frame is overwritten, on the same stream.
+        On the CUDA kernel the cache is a list of frames wherever they are (_keep_frames). On Triton the 2-frame
+        cache is a ring: a 1-frame chunk overwrites the oldest slot and flips the stored order (self.reversed; the
+        kernel reads either order), one frame copied instead of two (the 1-frame steps of a 720p decode)."""
         weight, _, stride, padding = ref._conv_args(conv)
+        backend = self.backend(conv, x, weight, stride)
+        if backend == "cuda":
+            frames = self.frames.get(conv, [])
+            out = ops.causal_conv.conv3d_in_place(backend, x, weight, bias, stride, padding, cache=frames,
+                                                  residual=residual, norm=norm, normed=normed,
+                                                  packed=self.cuda_packed(conv, weight, backend))
+            self.frames[conv] = _keep_frames(frames, x)
+            return out
         prev = self.frames.get(conv)
         reversed_ = self.reversed.get(conv, False)
-        backend = self.backend(conv, x, weight, stride)
         out = ops.causal_conv.conv3d_in_place(backend, x, weight, bias, stride, padding, cache=prev,
                                               cache_reversed=reversed_, residual=residual, norm=norm,
                                               packed=self.cuda_packed(conv, weight, backend))
@@ -211,7 +252,11 @@ class _Chunks:
 
     def norm_into(self, norm, conv, x, in_bias=None):
         """`conv`'s input with SiLU(norm(x + in_bias)) written straight into its chunk slot: the
-        [cache | chunk] buffer, or an _InPlace chunk of its own where the conv reads the cache in place."""
+        [cache | chunk] buffer, or an _InPlace chunk of its own where the conv reads the cache in place (or the
+        one a conv's epilogue already wrote: self.handoff)."""
+        handoff, self.handoff = self.handoff, None
+        if handoff is not None and handoff[0] is norm and handoff[1] is x and in_bias is None:
+            return _InPlace(handoff[2])
         if self.in_place(conv, x):
             slot = torch.empty_like(x, memory_format=CL)
             buf = _InPlace(slot)
@@ -236,6 +281,19 @@ class _Chunks:
         buf, slot = self.buffer(conv, x.shape, x.dtype, x.device)
         slot.copy_(x)
         return self.conv(conv, buf)
+
+
+def _keep_frames(frames, x):
+    """The last CACHE_T frames of [frames | x] (1-frame tensors, oldest first), the next chunk's cache on the CUDA
+    conv: x's own frames where x may stay alive (at most KEEP_INPUT_FRAMES frames, a storage of its own: not a view
+    holding a larger tensor), else a copy of them (a new tensor: frames still cached are never overwritten). x is
+    a conv input: nothing writes to it after the conv."""
+    T = x.shape[2]
+    n = min(T, CACHE_T)
+    last = x[:, :, T - n:]
+    if T > KEEP_INPUT_FRAMES or x.untyped_storage().nbytes() != x.numel() * x.element_size():
+        last = last.clone(memory_format=CL)
+    return (list(frames) + [last[:, :, i:i + 1] for i in range(n)])[-CACHE_T:]
 
 
 class _InPlace:
@@ -267,7 +325,9 @@ def _sum_bias(*biases):
     return sum(biases[1:], biases[0]) if biases else None
 
 
-def residual_block(block, x, run):
+def residual_block(block, x, run, next_=None):
+    """WanResidualBlock. next_: (norm, conv) that the output goes to next (the next block's norm1 and conv1, or the
+    decoder's norm_out and conv_out), whose norm conv2's CUDA epilogue may write too (_Chunks.hands_norm)."""
     if block.training and block.dropout.p > 0:
         raise RuntimeError("vkern's Wan VAE path is for inference: put the VAE in eval mode")
     fuse = run.fuse_bias
@@ -282,8 +342,8 @@ def residual_block(block, x, run):
     conv_bias = getattr(block.conv_shortcut, "bias", None)  # None for Identity
     bias_sum = (lambda: run.fp32(block, "bias sum", lambda: _sum_bias(block.conv2.bias, conv_bias)))
     if fuse and run.on_cuda(block.conv2, buf):  # the add in conv2's epilogue: one pass less
-        return run.conv(block.conv2, buf, bias=bias_sum(),
-                        residual=_shortcut(block, x, bias=False))
+        handed = next_[0] if run.hands_norm(block.conv2.weight.shape[0], x, next_) else None
+        return run.conv(block.conv2, buf, bias=bias_sum(), residual=_shortcut(block, x, bias=False), normed=handed)
     y = run.conv(block.conv2, buf, bias=not fuse)
     del buf
     if not fuse:
@@ -334,15 +394,22 @@ def _time_upsampled(block, x, run):
         if conv not in run.seen:  # first chunk: no time upsampling ("Rep" in diffusers)
             run.seen.add(conv)
         else:  # later chunks; before the second the cache is zeros, as diffusers' "Rep" rule gives
-            y = run.plain_conv(conv, x)
+            y = _cl(run.plain_conv(conv, x))  # (cuDNN's output is: a no-op on CUDA)
             src = y.permute(0, 2, 3, 4, 1).unflatten(-1, (2, x.shape[1])).permute(0, 1, 4, 2, 3, 5)
     return src
 
 
-def _upsample_conv(block, src, run):
+def _upsample_conv(block, src, run, next_=None):
     """Nearest 2x in space and the 3x3 conv of frames given as _time_upsampled's view: [B, C', T * I, 2H,
-    2W] channels-last-3d; the interleave and the upsampling in one copy."""
+    2W] channels-last-3d. On vkern's CUDA conv the kernel reads the upsampled frames from src on the fly (no copy;
+    next_: as residual_block's); else the interleave and the upsampling are one copy."""
     B, T, I = src.shape[:3]
+    conv2d = block.resample[1]
+    weight = conv2d.weight.unsqueeze(2)
+    if (run.backend(conv2d, src, weight, (1, 1, 1)) == "cuda" and tuple(conv2d.stride) == (1, 1)
+            and (B == 1 or src.stride(0) == T * src.stride(1)) and src.stride(-1) == 1
+            and ops.causal_conv._pixel_grid(src.flatten(0, 1).permute(0, 4, 1, 2, 3))):
+        return _upsample_conv_cuda(conv2d, weight, src, run, next_)
     up = _upsample_frames(src)
     del src
     conv2d = block.resample[1]
@@ -360,12 +427,30 @@ def _upsample_conv(block, src, run):
     return y.unflatten(0, (B, T * I)).permute(0, 2, 1, 3, 4)
 
 
-def upsample(block, x, run):
+def _upsample_conv_cuda(conv2d, weight, src, run, next_):
+    """_upsample_conv on the CUDA conv: src's [B, T, I, H, W, C] frames as a batch of B * T items of I frames each
+    (I = 2: the time conv's 2 frames a pixel, C channels apart), upsampled 2x by the kernel's halo loads; the output
+    [B * T, O, I, 2H, 2W] is [B, O, T * I, 2H, 2W] in memory."""
+    B, T = src.shape[:2]
+    frames = src.flatten(0, 1).permute(0, 4, 1, 2, 3)  # a view: B == 1 or B's stride is T times T's
+    O = weight.shape[0]
+    handed = next_ is not None and run.hands_norm(O, src, next_)
+    out = ops.causal_conv.conv3d_in_place(
+        "cuda", frames, weight, run.fp32(conv2d, "bias"), (1, 1, 1), (0, *conv2d.padding),
+        packed=run.cuda_packed(conv2d, weight, "cuda"), upsample=2, norm=run.epilogue(next_[0]) if handed else None,
+        normed=handed)
+    outs = [t.unflatten(0, (B, T)).permute(0, 2, 1, 3, 4, 5).flatten(2, 3) for t in (out if handed else [out])]
+    if handed:
+        run.handoff = (next_[0], *outs)
+    return outs[0]
+
+
+def upsample(block, x, run, next_=None):
     """WanResample upsample2d/upsample3d: [time conv to 2C channels, frames interleaved], nearest 2x in
     space, 3x3 conv."""
     src = _time_upsampled(block, x, run)
     del x
-    return _upsample_conv(block, src, run)
+    return _upsample_conv(block, src, run, next_)
 
 
 def upsample_steps(block, x, run, frames):
@@ -388,9 +473,9 @@ def upsample_steps(block, x, run, frames):
         yield _upsample_conv(block, steps.pop(0), run)
 
 
-def resample(block, x, run):
+def resample(block, x, run, next_=None):
     if block.mode in ("upsample2d", "upsample3d"):
-        return upsample(block, x, run)
+        return upsample(block, x, run, next_)
     x = _cl(ref._per_frame(block.resample, x))  # downsample: ZeroPad2d + strided conv (encoder)
     if block.mode != "downsample3d":
         return x
@@ -469,6 +554,21 @@ def up_block_steps(block, x, run, first_chunk, frames):
         yield handed.pop()  # no reference left in this frame while the caller works on the step
 
 
+def _tail_layers(blocks, first_chunk):
+    """The up blocks after the last time upsampling, which run per step, as [(layer(y, run, next_=...), (its first
+    norm, the conv after it) or None)]: WanUpBlocks layer by layer (the block's input is dropped after its first
+    layer; a call would hold it to the end), other blocks whole."""
+    layers = []
+    for block in blocks:
+        fn = ref._block_fn(_UP, block)
+        if fn is up_block:
+            layers += [(functools.partial(f, layer), (layer.norm1, layer.conv1) if f is residual_block else None)
+                       for f, layer in _up_layers(block)]
+        else:
+            layers.append((lambda y, run, next_=None, block=block, fn=fn: fn(block, y, run, first_chunk), None))
+    return layers
+
+
 def decoder_chunk(dec, x, run, first_chunk, frames_per_step=None):
     """Yield the decoded frames of one latent frame, `frames_per_step` at a time from the last time
     upsampling on (its upsampler included: up_block_steps; all at once when None)."""
@@ -484,13 +584,10 @@ def decoder_chunk(dec, x, run, first_chunk, frames_per_step=None):
         parts = [x] if frames_per_step is None else list(x.split(frames_per_step, dim=2))
         steps = (parts.pop(0) for _ in range(len(parts)))  # each part dropped once it is taken
     del x
+    tail = _tail_layers(dec.up_blocks[split:], first_chunk)
     for y in steps:
-        for block in dec.up_blocks[split:]:
-            if ref._block_fn(_UP, block) is up_block:  # layer by layer: the block's input is dropped after
-                for fn, layer in _up_layers(block):     # its first layer (a call would hold it to the end)
-                    y = fn(layer, y, run)
-            else:
-                y = ref._block_fn(_UP, block)(block, y, run, first_chunk)
+        for i, (layer, _) in enumerate(tail):
+            y = layer(y, run, next_=tail[i + 1][1] if i + 1 < len(tail) else (dec.norm_out, dec.conv_out))
         buf = run.norm_into(dec.norm_out, dec.conv_out, y)
         del y  # read into conv_out's input: free it before conv_out runs
         yield run.conv(dec.conv_out, buf)

@@ -105,18 +105,20 @@ IN_PLACE = ("triton", "cuda")  # the backends that read cached frames where they
 
 
 def conv3d_in_place(backend, x, weight, bias, stride, padding, cache=None, cache_reversed=False, residual=None,
-                    norm=None, packed=None):
+                    norm=None, packed=None, normed=False, upsample=1):
     """A zeros-padding causal conv on an IN_PLACE backend: x and cache [B, C, Tc, H, W] with pixel rows of
-    contiguous channels, cache read where it is (cache_reversed: stored newest frame first); see
-    vkern/triton/causal_conv.py's causal_conv3d. residual (the output's shape; on cuda in the epilogue, else
-    added after): added to the output, in fp32 (bias may then be fp32). norm (cuda only): the epilogue's RMS norm
-    + SiLU, see causal_conv3d_cuda. packed (cuda): cuda_pack(weight), made once by the caller. Returns a new
-    channels-last output."""
+    contiguous channels, cache read where it is (cache_reversed: stored newest frame first; on cuda the cache may
+    also be a list of 1-frame tensors, oldest first); see vkern/triton/causal_conv.py's causal_conv3d. residual (the
+    output's shape; on cuda in the epilogue, else added after): added to the output, in fp32 (bias may then be
+    fp32). norm, normed, upsample (cuda only): see causal_conv3d_cuda. packed (cuda): cuda_pack(weight), made once
+    by the caller. Returns a new channels-last output (normed: the output and the normed output)."""
     if backend == "cuda":
         return causal_conv3d_cuda(x, weight, bias, padding, cache, cache_reversed, residual=residual, norm=norm,
-                                  packed=packed)
-    if norm is not None:
-        raise ValueError(f"norm: only the cuda backend fuses a norm (got {backend})")
+                                  packed=packed, normed=normed, upsample=upsample)
+    if norm is not None or normed or upsample != 1:
+        raise ValueError(f"norm, normed, upsample: only the cuda backend fuses them (got {backend})")
+    if isinstance(cache, (list, tuple)):  # frames of different tensors: the Triton kernel takes one tensor
+        cache = torch.cat(cache, dim=2).contiguous(memory_format=CL) if cache else None
     from ..triton.causal_conv import causal_conv3d as triton_conv
 
     if residual is not None:
@@ -147,36 +149,79 @@ def cuda_pack(weight, block_n=None):
 
 
 def _conv_arg(t, frame_index=0, frame_sign=1):
-    """(address of frame frame_index, batch stride, frame stride * frame_sign, row stride) of a pixel-rows tensor."""
+    """(address of frame frame_index, batch stride, frame stride * frame_sign, row stride, pixel stride) of a tensor
+    [B, C, T, H, W] with contiguous channels."""
     return (t.data_ptr() + frame_index * t.stride(2) * t.element_size(), t.stride(0), frame_sign * t.stride(2),
-            t.stride(3))
+            t.stride(3), t.stride(4))
+
+
+NO_TENSOR = (0, 0, 0, 0, 0)
+
+
+def _frames_arg(frames, x):
+    """The kernel's cache argument for cached frames given as a list of 1-frame tensors [B, C, 1, H, W], oldest first,
+    each in any tensor (the VAE loop keeps its inputs' last frames where they are instead of copying them): the kernel
+    reads frame f at address(frame 0) + f * frame stride, so two frames anywhere are (address of the first, their
+    distance). None when the frames' batch strides differ (B > 1 frames of tensors with different frame counts)."""
+    if len(frames) > 2:
+        raise ValueError(f"cache: at most 2 frames as a list, got {len(frames)}")
+    for f in frames:
+        check_tensor("cache frame", f, dtypes=(x.dtype,), ndim=5, device=x.device)
+        check_shape("cache frame", f, (x.shape[0], x.shape[1], 1, *x.shape[3:]))
+        if f.stride()[3:] != x.stride()[3:] or f.stride(1) != 1:
+            raise ValueError(f"cache frame: expected x's row and pixel strides {x.stride()[3:]}, got {f.stride()}")
+    if x.shape[0] > 1 and len({f.stride(0) for f in frames}) > 1:
+        return None
+    first = frames[0]
+    step = 0 if len(frames) == 1 else (frames[1].data_ptr() - first.data_ptr()) // first.element_size()
+    return (first.data_ptr(), first.stride(0), step, first.stride(3), first.stride(4))
 
 
 # As many CTAs as fit on the SMs at once, looping over the tiles (else one CTA per tile; run 64: 7% slower).
 CUDA_PERSISTENT = True
 
 
+def _pixel_grid(t):
+    """True when t [B, C, T, H, W] has contiguous channels and rows of W pixels (pixel_rows, or pixels further apart:
+    the CUDA kernel's input layout, e.g. a time-upsampling conv's output read as 2 frames of C channels a pixel)."""
+    C, T, H, W = t.shape[1:]
+    return ((C == 1 or t.stride(1) == 1) and t.stride(4) >= C and (H == 1 or t.stride(3) == W * t.stride(4))
+            and (T == 1 or t.stride(2) % 8 == 0))
+
+
 def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=False, persistent=None, residual=None,
-                       block_n=None, norm=None, packed=None):
-    """The CUDA kernel (cuda_unsupported(...) is None assumed; x and cache with pixel rows, as conv3d_in_place):
-    zeros padding, stride 1. bias: O values (any float dtype: added in fp32). residual: a tensor of the output's
-    shape with pixel rows, added in fp32 (one rounding of conv + bias + residual). norm: (gamma, beta or None,
-    silu): then diffusers' WanRMS_norm over each output pixel's channels (+ SiLU when silu) of that sum, before
-    the one rounding (fp32 math as rms_norm_silu's; O must be 96 or 128: one tile holds a pixel's channels).
+                       block_n=None, norm=None, packed=None, normed=False, upsample=1):
+    """The CUDA kernel (cuda_unsupported(...) is None assumed; x and cache with pixel rows, as conv3d_in_place; x's
+    pixels may be further apart than C, see _pixel_grid): zeros padding, stride 1. cache: a tensor [B, C, Tc, H, W]
+    or a list of at most 2 1-frame tensors, oldest first, wherever they are (_frames_arg). bias: O values (any float
+    dtype: added in fp32). residual: a tensor of the output's shape with pixel rows, added in fp32 (one rounding of
+    conv + bias + residual). norm: (gamma, beta or None, silu): then diffusers' WanRMS_norm over each output pixel's
+    channels (+ SiLU when silu) of that sum, before the one rounding (fp32 math as rms_norm_silu's; O must be 96 or
+    128: one tile holds a pixel's channels). normed (with norm): the output is the sum and the norm goes to a second
+    output, computed from the sum as rounded (what rms_norm_silu of the output gives); returns (output, normed).
+    upsample 2: the conv's input is x (and cache) nearest-upsampled 2x in space, read on the fly (no upsampled copy).
     persistent: default CUDA_PERSISTENT. block_n: the output-channel tile (default _cuda_block_n(O); a probe for
     benchmarks). packed: cuda_pack(weight, block_n), when the caller keeps it (else made here, per call). Returns a
     new channels-last-3d output (O <= 8: a channel slice of an 8-channel one)."""
     from .._ext import cuda_ext
 
-    for name, t in (("x", x), ("cache", cache)):
-        if t is not None and not pixel_rows(t):
-            raise ValueError(f"{name}: expected pixel rows of contiguous channels, got strides {t.stride()}")
+    frames = list(cache) if isinstance(cache, (list, tuple)) else None
+    if frames is not None:
+        cache = None if not frames else frames[0]
+    if not _pixel_grid(x):
+        raise ValueError(f"x: expected contiguous channels in rows of pixels, got strides {x.stride()}")
+    if cache is not None and frames is None and not pixel_rows(cache):
+        raise ValueError(f"cache: expected pixel rows of contiguous channels, got strides {cache.stride()}")
+    if upsample not in (1, 2):
+        raise ValueError(f"upsample: expected 1 or 2, got {upsample!r}")
+    if normed and norm is None:
+        raise ValueError("normed: needs norm")
     B, C, T, H, W = x.shape
     O, _, KT = weight.shape[:3]
     tp, hp, wp = padding
     block_n = block_n or _cuda_block_n(O)
     O_pad = -(-O // block_n) * block_n
-    shape = (B, O_pad, tp + T - KT + 1, H + 2 * hp - 2, W + 2 * wp - 2)
+    shape = (B, O_pad, tp + T - KT + 1, upsample * H + 2 * hp - 2, upsample * W + 2 * wp - 2)
     if residual is not None:
         check_tensor("residual", residual, dtypes=(x.dtype,), ndim=5, device=x.device)
         check_shape("residual", residual, (B, O, *shape[2:]))
@@ -192,15 +237,26 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
                        for n, t in (("gamma", gamma), ("beta", beta)))
         norm_args = (gamma.data_ptr(), 0 if beta is None else beta.data_ptr(), O ** 0.5, NORM_EPS, bool(silu))
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=CL)
+    second = torch.empty_like(out) if normed else None
     if out.numel() == 0:
-        return out[:, :O]
+        return (out, second) if normed else out[:, :O]
     if O_pad != O and bias is not None:  # few output channels: the padding channels (zero weights) are cut off
         bias = torch.cat([bias, bias.new_zeros(O_pad - O)])
-    n_cache = 0 if cache is None or tp == 0 else min(cache.shape[2], tp)
-    if n_cache:  # the kernel reads logical frame f (0 = oldest) at address(frame 0) + f * frame stride
-        c = _conv_arg(cache, cache.shape[2] - 1, -1) if cache_reversed else _conv_arg(cache)
+    if frames is not None and tp:  # a longer list loses its oldest frames, as a longer cache tensor
+        frames = frames[len(frames) - min(len(frames), tp):]
+        c = _frames_arg(frames, x) if frames else None
+        if frames and c is None:  # B > 1 frames of different tensors: one copy into a 2-frame tensor
+            cache, frames = torch.cat(frames, dim=2).contiguous(memory_format=CL), None
+    if frames is not None:
+        n_cache = cache_frames = len(frames) if tp else 0
+        c = c if n_cache else NO_TENSOR
     else:
-        c, cache = (0, 0, 0, 0), x
+        n_cache = 0 if cache is None or tp == 0 else min(cache.shape[2], tp)
+        cache_frames = cache.shape[2] if n_cache else 0
+        if n_cache:  # the kernel reads logical frame f (0 = oldest) at address(frame 0) + f * frame stride
+            c = _conv_arg(cache, cache.shape[2] - 1, -1) if cache_reversed else _conv_arg(cache)
+        else:
+            c = NO_TENSOR
     if packed is None:
         packed = cuda_pack(weight, block_n)
     elif packed.numel() != O_pad * weight[0].numel() or packed.dtype != x.dtype or packed.device != x.device:
@@ -208,11 +264,13 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
                          f"shape {tuple(packed.shape)} {packed.dtype} on {packed.device}")
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     cuda_ext().causal_conv3d_fwd(
-        _conv_arg(x), c, _conv_arg(out), _conv_arg(residual) if residual is not None else (0, 0, 0, 0), *norm_args,
-        packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
-        DTYPE_CODE[x.dtype], B, C, O_pad, T, H, W, KT, tp, hp, wp, cache.shape[2], n_cache, block_n,
+        _conv_arg(x), c, _conv_arg(out), _conv_arg(residual) if residual is not None else NO_TENSOR, *norm_args,
+        _conv_arg(second) if normed else NO_TENSOR, packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
+        DTYPE_CODE[x.dtype], B, C, O_pad, T, H, W, KT, tp, hp, wp, upsample, cache_frames, n_cache, block_n,
         CUDA_PERSISTENT if persistent is None else persistent,
         torch.cuda.current_stream(x.device).cuda_stream)
+    if normed:  # O == block_n: no padded channels
+        return out, second
     return out[:, :O] if O_pad != O else out
 
 
