@@ -209,7 +209,8 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
     if frames is not None:
         cache = None if not frames else frames[0]
     if not _pixel_grid(x):
-        raise ValueError(f"x: expected contiguous channels in rows of pixels, got strides {x.stride()}")
+        raise ValueError(f"x: expected pixel rows of contiguous channels (pixels may be further apart than C), got "
+                         f"strides {x.stride()}")
     if cache is not None and frames is None and not pixel_rows(cache):
         raise ValueError(f"cache: expected pixel rows of contiguous channels, got strides {cache.stride()}")
     if upsample not in (1, 2):
