@@ -345,6 +345,11 @@ def cudnn_convs(fn):
     return with_env(fn, "VKERN_CAUSAL_CONV3D_BACKEND", "cudnn")
 
 
+def no_handoff(fn):
+    """fn without the CUDA conv epilogue's second, normed output (VKERN_WAN_VAE_HAND_NORM=0): a norm pass instead."""
+    return with_env(fn, "VKERN_WAN_VAE_HAND_NORM", "0")
+
+
 def cuda_convs(fn):
     """fn with vkern's CUDA conv kernel wherever it takes the conv (VKERN_CONV_CUDA=all)."""
     return with_env(fn, "VKERN_CONV_CUDA", "all")
@@ -478,7 +483,9 @@ def _vae_decode(name, providers, args):
                "vkern-cuda": cuda_convs(wan_vae.decode),
                "vkern-cuda-s16": with_cuda_table(wan_vae.decode, CUDA_TABLE_S16),
                "vkern-unfused": cudnn_convs(lambda vae, z: wan_vae.decode(vae, z, fuse_bias=False, pad_channels=False)),
-               "vkern-2-latents": lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2)}
+               "vkern-2-latents": lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2),
+               "vkern-no-handoff": no_handoff(wan_vae.decode),
+               "vkern-2-latents-no-handoff": no_handoff(lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2))}
     yield from _vae_rows("vae-decode", name, providers, args,
                          lambda: torch.randn(shape, device="cuda", dtype=DT), runners)
 
@@ -520,7 +527,9 @@ def _vae_conv(name, providers, args):
     vkern-triton: vkern/triton/causal_conv.py's kernel (weight repacked per call, inside the timing)."""
     import torch.nn.functional as F
 
+    from vkern.ops.causal_conv import _cuda_block_n as cuda_block_n
     from vkern.ops.causal_conv import causal_conv3d_cuda, conv3d_zeros_buffered, cuda_unsupported
+    from vkern.reference.wan_vae import rms_norm_silu
     from vkern.triton.causal_conv import causal_conv3d as triton_conv
 
     cin, cout, k, frames, h, w = VAE_CONVS[name]
@@ -558,9 +567,16 @@ def _vae_conv(name, providers, args):
                 fns["vkern-cuda-n96"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl,
                                                                    block_n=96)
             if cout == cin:  # a residual block's conv2: + the shortcut in the epilogue (expected: + it, below)
-                residual = torch.randn_like(fns["vkern-cuda"]())
+                residual = True  # made below, from the output's shape (no kernel launch before the timed ones: ncu)
                 fns["vkern-cuda-residual"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl,
                                                                         residual=residual)
+            if cout == cin == cuda_block_n(cout):  # the epilogue's norm: instead of the output, or a second one
+                ones = torch.ones(cout, device="cuda", dtype=DT)
+                fns["vkern-cuda-norm"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl,
+                                                                    residual=residual, norm=(ones, None, True))
+                fns["vkern-cuda-normed"] = lambda: causal_conv3d_cuda(
+                    x_cl, weight, bias, (tp, hp, wp), cache_cl, residual=residual, norm=(ones, None, True),
+                    normed=True)[0]
     # Probes of the vkern conv: without its bias (what a bias fused into the next op leaves), and with
     # cuDNN's autotuner (benchmark mode, trying 10 / all engines) instead of its heuristics' first pick.
     vkern = fns["vkern"]
@@ -573,11 +589,15 @@ def _vae_conv(name, providers, args):
         fns[label] = tuned
     flops = 2 * cin * cout * k[0] * k[1] * k[2] * frames * h * w
     expected = fns["diffusers"]()
+    if residual is not None:
+        residual = torch.randn_like(expected).contiguous(memory_format=torch.channels_last_3d)
     for provider in providers or list(fns):
         if provider not in fns:  # vkern-cuda: only the convs the kernel takes
             continue
         ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
-        want = expected + residual if provider == "vkern-cuda-residual" else expected
+        want = expected + residual if provider in ("vkern-cuda-residual", "vkern-cuda-normed") else expected
+        if provider == "vkern-cuda-norm":
+            want = rms_norm_silu((expected + residual).float(), torch.ones(cout, device="cuda"))
         yield dict(op="vae-conv", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, tflops=flops / ms / 1e9,
                    rel_l2_vs_diffusers=None if provider == "vkern-no-bias" else rel_l2(fns[provider](), want))
 

@@ -5,8 +5,10 @@
 # takes on it, the CUDA conv on session 16's 96 -> 96 convs only, 2 latents per call) and its GPU time per class, per
 # conv layer and GPU idle (bench/profile_vae.py).
 # Options: 720p (the 720p decode too), encode (the 480p encode too), nolayers (no per-layer rows), source (at the end,
-# ncu's stall samples per SASS instruction of the 96 -> 96 launch, summarised), ncu (ncu sections of the 96 -> 96
-# launch instead of the VAE rows), short (only the 96 -> 96 layer and the 480p decode).
+# ncu's stall samples per SASS instruction of the 96 -> 96 launch, summarised; NCU_PROVIDER: which vae-conv provider's,
+# default vkern-cuda), ncu (ncu sections of the 96 -> 96
+# launch instead of the VAE rows), short (only the 96 -> 96 layer and the 480p decode). LAYER_SHAPES, LAYER_PROVIDERS:
+# the per-layer rows' shapes and providers instead of the default set.
 # Usage: VKERN_COMMIT=<sha> bash bench/conv_cuda_run.sh [options]   (carry .whl)
 set -uo pipefail
 . bench/device_env.sh
@@ -21,8 +23,9 @@ SHORT=0; [[ " $* " == *" short "* ]] && SHORT=1
 CONVS=dec-3x3x3-96ch-480x832,dec-3x3x3-192ch-240x416,dec-3x3x3-384ch-120x208,dec-3x3x3-384ch-60x104
 CONVS=$CONVS,dec-up-conv2d-192to96-480x832,dec-up-conv2d-384to192-240x416,dec-out-96to3-480x832
 [ $SHORT = 1 ] && CONVS=dec-3x3x3-96ch-480x832
-[[ " $* " == *" nolayers "* ]] || timeout 120 $B --op vae-conv --shape $CONVS \
-  --warmup 2 --repeats 10 --providers $V,vkern-no-bias,vkern-cuda-grid,vkern-cuda-n96,vkern-cuda-residual > /dev/null
+LAYERS=${LAYER_PROVIDERS:-$V,vkern-no-bias,vkern-cuda-grid,vkern-cuda-n96,vkern-cuda-residual}
+[[ " $* " == *" nolayers "* ]] || timeout 120 $B --op vae-conv --shape ${LAYER_SHAPES:-$CONVS} \
+  --warmup 2 --repeats 10 --providers $LAYERS > /dev/null
 if [[ " $* " == *" ncu "* ]]; then
   timeout 120 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section WarpStateStats \
@@ -49,7 +52,7 @@ fi
 if [[ " $* " == *" source "* ]]; then  # where the 96 -> 96 launch's warps stall, per SASS instruction
   timeout 200 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SourceCounters \
     --section WarpStateStats --import-source no -o "$OUT/conv" python3 -m bench.bench --op vae-conv \
-    --shape dec-3x3x3-96ch-480x832 --providers vkern-cuda --warmup 0 --repeats 1 > "$OUT/ncu-source.txt" 2>&1
+    --shape dec-3x3x3-96ch-480x832 --providers ${NCU_PROVIDER:-vkern-cuda} --warmup 0 --repeats 1 > "$OUT/ncu-source.txt" 2>&1
   echo "ncu source rc $?"
   ncu -i "$OUT/conv.ncu-rep" --page source --csv --print-source sass > "$OUT/conv-source.csv" 2> /dev/null
   python3 bench/ncu_source_summary.py "$OUT/conv-source.csv" > "$OUT/conv-source-summary.txt" 2>&1

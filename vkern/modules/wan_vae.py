@@ -70,7 +70,8 @@ class _Chunks:
     """One video's feature cache: for each causal conv the last CACHE_T frames of its input
     (zeros before the first chunk), and which time-upsampling convs have seen their first chunk."""
 
-    def __init__(self, fuse_bias=True, pad_channels=True):
+    def __init__(self, fuse_bias=True, pad_channels=True, hand_norm=True):
+        self.hand_norm = hand_norm  # hands_norm's switch (VKERN_WAN_VAE_HAND_NORM)
         self.frames = {}
         self.seen = set()
         self.fuse_bias = fuse_bias
@@ -151,7 +152,7 @@ class _Chunks:
         that norm_into(*next_, output) then takes instead of a norm pass. like: a tensor of the conv's dtype and
         device."""
         O = out_channels
-        return (next_ is not None and O == ops.causal_conv._cuda_block_n(O) and next_[1].weight.shape[1] == O
+        return (self.hand_norm and next_ is not None and O == ops.causal_conv._cuda_block_n(O) and next_[1].weight.shape[1] == O
                 and self.reads_in_place(next_[1], like))
 
     def on_cuda(self, conv, buf):
@@ -660,7 +661,8 @@ def _env_switch(option, given, default=True):
 
 
 def _chunks(fuse_bias, pad_channels, pad_default):
-    return _Chunks(_env_switch("fuse_bias", fuse_bias), _env_switch("pad_channels", pad_channels, pad_default))
+    return _Chunks(_env_switch("fuse_bias", fuse_bias), _env_switch("pad_channels", pad_channels, pad_default),
+                   _env_switch("hand_norm", None))
 
 
 def _latents_per_call_default():
