@@ -20,7 +20,7 @@ struct ConvTensor {
 
 // An RMS norm over each output pixel's channels (diffusers' WanRMS_norm: y = v / max(||v||, eps) * scale * gamma
 // (+ beta)), then SiLU when silu. gamma null: no norm. Needs out_channels == block_n (one tile holds a pixel's
-// channels). gamma, beta: out_channels fp32 values.
+// channels). gamma, beta: out_channels fp32 values (gamma 8-byte aligned).
 // normed.ptr null: the norm applies to the conv's output + bias + residual before the one rounding, and out holds
 // the result. Else out holds conv + bias + residual (rounded) and normed (laid out as out) the norm of those rounded
 // values: the next residual block's norm1 of this block's output, as a norm pass over out would give.
@@ -38,7 +38,7 @@ constexpr int kConvBlockNs[] = {8, 96, 128};
 
 // out [B, O, To, Ho, Wo] (pixels rows of O channels) = the causal conv of x [B, C, T, H, W] (the chunk) with
 // weight_packed (vkern.ops.causal_conv.cuda_packed_weight: [O / block_n, KT, C / 32, 9, 4, block_n, 8]), plus bias
-// [O] (fp32; may be null), plus residual (laid out as out; ptr may be null), then norm (see ConvNorm), in dtype
+// [O] (fp32, 8-byte aligned; may be null), plus residual (laid out as out; ptr may be null), then norm (see ConvNorm), in dtype
 // (bf16 or fp16), fp32 accumulation, rounded once. upsample 2: x (and the cache) nearest-upsampled 2x in space
 // on the fly (the conv's input is 2H x 2W; height and width are x's own), 1: as it is.
 // Time: output frame t reads padded frames t ... t + KT - 1 of [tp padding frames | x]; padded frame tp + s is

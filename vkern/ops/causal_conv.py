@@ -263,7 +263,7 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
     elif packed.numel() != O_pad * weight[0].numel() or packed.dtype != x.dtype or packed.device != x.device:
         raise ValueError(f"packed: expected cuda_pack(weight) ({O_pad} x {tuple(weight.shape[1:])} {x.dtype}), got "
                          f"shape {tuple(packed.shape)} {packed.dtype} on {packed.device}")
-    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    bias = None if bias is None else _aligned8(bias.to(torch.float32).contiguous())
     cuda_ext().causal_conv3d_fwd(
         _conv_arg(x), c, _conv_arg(out), _conv_arg(residual) if residual is not None else NO_TENSOR, *norm_args,
         _conv_arg(second) if normed else NO_TENSOR, packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
@@ -279,7 +279,12 @@ def _channel_floats(name, t, n, device):
     """t (n values of any shape and float dtype) as a contiguous fp32 vector on device."""
     if t.numel() != n or t.device != device:
         raise ValueError(f"{name}: expected {n} values on {device}, got shape {tuple(t.shape)} on {t.device}")
-    return t.reshape(n).to(torch.float32).contiguous()
+    return _aligned8(t.reshape(n).to(torch.float32).contiguous())
+
+
+def _aligned8(t):
+    """t, or a copy of it where its address is not a multiple of 8 bytes (the kernel reads fp32 vectors in pairs)."""
+    return t if t.data_ptr() % 8 == 0 else t.clone()
 
 
 def _triple(name, v, minimum):
