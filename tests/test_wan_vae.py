@@ -211,8 +211,17 @@ def test_latents_per_call_checked(monkeypatch):
     monkeypatch.setenv("VKERN_WAN_VAE_LATENTS_PER_CALL", "two")
     with pytest.raises(ValueError, match="VKERN_WAN_VAE_LATENTS_PER_CALL: expected a positive int"):
         fast.decode(vae, z)
-    monkeypatch.setenv("VKERN_WAN_VAE_LATENTS_PER_CALL", "2")
-    assert fast._latents_per_call_default() == 2
+    monkeypatch.setenv("VKERN_WAN_VAE_LATENTS_PER_CALL", "3")
+    assert fast._latents_per_call_default() == 3
+    monkeypatch.delenv("VKERN_WAN_VAE_LATENTS_PER_CALL")
+    assert fast._latents_per_call_default() == fast.LATENTS_PER_CALL == 2  # measured faster (run 72)
+
+
+def test_hand_norm_default_off_and_read_from_the_environment(monkeypatch):
+    monkeypatch.delenv("VKERN_WAN_VAE_HAND_NORM", raising=False)
+    assert fast._chunks(None, None, False).hand_norm is fast.HAND_NORM is False  # measured no faster (run 72)
+    monkeypatch.setenv("VKERN_WAN_VAE_HAND_NORM", "1")
+    assert fast._chunks(None, None, False).hand_norm is True
 
 
 @pytest.mark.parametrize("wan22", [False, True], ids=["wan2.1", "wan2.2"])
@@ -515,6 +524,7 @@ def test_gpu_decode_runs_vkern_convs_where_they_measured_faster(monkeypatch):
     from vkern.ops import causal_conv as cc
 
     monkeypatch.delenv("VKERN_CONV_CUDA", raising=False)
+    monkeypatch.setenv("VKERN_WAN_VAE_HAND_NORM", "1")  # the optional hand-off too
     vae = _default_vae()
     z = torch.randn(1, 16, 2, 32, 32, device="cuda", dtype=torch.bfloat16)
     calls = _spy_kernel_convs(monkeypatch)

@@ -62,6 +62,7 @@ def _kernel_backend(x, weight, stride):
 @pytest.fixture
 def emulated(monkeypatch):
     monkeypatch.setenv("VKERN_RMS_NORM_SILU_BACKEND", "reference")
+    monkeypatch.setenv("VKERN_WAN_VAE_HAND_NORM", "1")  # the optional hand-off's plumbing too
     calls = []
     monkeypatch.setattr(cc, "conv_backend", _kernel_backend)
     monkeypatch.setattr(cc, "causal_conv3d_cuda", _emulated_cuda_conv(calls))

@@ -15,10 +15,10 @@ for bit), with the copies taken out:
   its (largest) stages a few frames at a time (`frames_per_step`): causal convs with a cache give the
   same frames for any chunking, and the working set shrinks with the step (the 720p memory target);
   each step's input is dropped as soon as it is read (run 27: 720p peak 5.58 GiB, diffusers 10.35).
-- `latents_per_call` (1 by default, as diffusers): after the first latent frame (which decodes alone:
-  the first-chunk rules), several latent frames go through the decoder at once: the same frames
-  (chunk-invariant causal convs; per-frame attention, upsampling and DupUp3D), larger convs and fewer
-  launches, a larger working set (frames_per_step still bounds the largest stages).
+- `latents_per_call` (2 by default, measured faster in run 72; diffusers decodes 1): after the first latent
+  frame (which decodes alone: the first-chunk rules), several latent frames go through the decoder at once:
+  the same frames (chunk-invariant causal convs; per-frame attention, upsampling and DupUp3D), larger convs
+  and fewer launches, a larger working set (frames_per_step still bounds the largest stages).
 - `pad_channels` (on by default for encode, run 21: 480p 633 -> 626 ms, 720p 1457 -> 1434; off for
   decode, where it measured within noise and its 8-channel conv_out output costs memory): the convs with 3
   or 12 channels (the encoder's input, the decoder's output) zero-padded to a multiple of 8 channels, which
@@ -33,6 +33,11 @@ for bit), with the copies taken out:
   (TRITON_FASTER), the rest on cuDNN. Where a residual block's convs run on the CUDA conv, its epilogue does
   the glue: conv1's applies norm2 + SiLU (conv1's output is conv2's input: no norm pass, no bf16 rounding
   between), conv2's adds the biases and the shortcut (no add pass). Run 69: 480p decode 628 ms.
+- a conv on the CUDA kernel keeps its input's last 2 frames where they are as the next chunk's cache (the kernel
+  reads two frames of two tensors; no cache copy) when the input has at most KEEP_INPUT_FRAMES frames, and the
+  2D upsampling convs read the nearest-upsampled frames on the fly (no upsampled copy, session 18).
+- optionally (VKERN_WAN_VAE_HAND_NORM=1; off by default, HAND_NORM: measured no faster), a 96-channel conv2 or
+  upsampling conv on the CUDA kernel also writes the next block's norm1 + SiLU (or norm_out) as a second output.
 - per video, each conv's backend choice, its weight packed for the CUDA conv and fp32 copies of biases and
   norm weights are made once (Python and small kernels per call were ~20 ms of GPU idle per decode).
 Rounding: the same eager ops in the same order as diffusers, except the conv algorithms (cuDNN's pick
@@ -56,6 +61,12 @@ assert CACHE_T == 2, "_Chunks._conv_in_place's ring assumes diffusers' 2 cached 
 # CACHE_T) frames of memory per conv (480p decode: 4-frame chunks, 7 full-resolution convs, ~1 GB); longer inputs
 # (latents_per_call > 1) copy their last frames, 1- and 2-frame ones (720p's steps) cost no memory either way.
 KEEP_INPUT_FRAMES = 4
+# Decoded latent frames per call after the first (1: diffusers' chunking; the frames are the same for any value).
+LATENTS_PER_CALL = 2
+# _Chunks.hands_norm's default: off, measured no faster (run 72: 480p 603.3 ms with, 603.2 without; 720p 1442.5 vs
+# 1430.8; +0.29 GiB at 480p, a normed output alive next to conv2's): the epilogue's norm and second store cost about
+# what the norm pass they replace does (per 96 -> 96 call: + norm 0.11 ms, + normed output 0.29 ms over + residual).
+HAND_NORM = False
 # Decoder default: whole chunks (4 frames) unless a decoded frame has more pixels than this; above
 # it, 1 frame per step keeps the largest stages' working set ~4x smaller (720p: ~1 GB less).
 LARGE_FRAME_PIXELS = 512 * 1024
@@ -662,15 +673,16 @@ def _env_switch(option, given, default=True):
 
 def _chunks(fuse_bias, pad_channels, pad_default):
     return _Chunks(_env_switch("fuse_bias", fuse_bias), _env_switch("pad_channels", pad_channels, pad_default),
-                   _env_switch("hand_norm", None))
+                   _env_switch("hand_norm", None, HAND_NORM))
 
 
 def _latents_per_call_default():
-    """VKERN_WAN_VAE_LATENTS_PER_CALL (a positive int; default 1: diffusers' chunking, until a GPU
+    """VKERN_WAN_VAE_LATENTS_PER_CALL (a positive int; default 2: measured faster than diffusers' 1, run 72: 480p
+    588.9 vs 603.2 ms at the same 4.06 GiB peak, 720p 1424.0 vs 1430.8 ms at 5.74 vs 5.58 GiB).
     measurement says more is faster)."""
     import os
 
-    env = os.environ.get("VKERN_WAN_VAE_LATENTS_PER_CALL", "1")
+    env = os.environ.get("VKERN_WAN_VAE_LATENTS_PER_CALL", str(LATENTS_PER_CALL))
     if not env.isdigit() or int(env) < 1:
         raise ValueError(f"VKERN_WAN_VAE_LATENTS_PER_CALL: expected a positive int, got {env!r}")
     return int(env)
@@ -684,7 +696,7 @@ def decode(vae, z, output_device=None, frames_per_step="auto", fuse_bias=None, l
     frames per step from the last time upsampling on ("auto": see _auto_frames_per_step;
     None: whole chunks). fuse_bias: residual blocks' conv biases added by the passes after the convs
     (None: VKERN_WAN_VAE_FUSE_BIAS, default on). latents_per_call: latent frames decoded together after
-    the first (None: VKERN_WAN_VAE_LATENTS_PER_CALL, default 1). pad_channels: conv_out's 3 or 12 output
+    the first (None: VKERN_WAN_VAE_LATENTS_PER_CALL, default 2; 1 is diffusers' chunking). pad_channels: conv_out's 3 or 12 output
     channels padded to a multiple of 8 (None: VKERN_WAN_VAE_PAD_CHANNELS, default off for decode)."""
     _check_input("z", z, vae, vae.config.z_dim)
     if latents_per_call is None:
