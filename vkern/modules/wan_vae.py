@@ -151,7 +151,8 @@ class _Chunks:
         return self.backend(conv, x, conv.weight, ref._conv_args(conv)[2]) == "triton" or ops.causal_conv.pixel_rows(x)
 
     def reads_in_place(self, conv, like):
-        """in_place(conv, x) for any channels-last x of conv's input shape (`like`: a tensor of its dtype and device)."""
+        """in_place(conv, x) for any channels-last x of conv's input shape (like: a tensor of its dtype and
+        device)."""
         C = conv.weight.shape[1]
         _, _, stride, (t_pad, _, _) = ref._conv_args(conv)
         return (t_pad == CACHE_T and C > 1 and self._channels(C) == C
@@ -163,8 +164,8 @@ class _Chunks:
         that norm_into(*next_, output) then takes instead of a norm pass. like: a tensor of the conv's dtype and
         device."""
         O = out_channels
-        return (self.hand_norm and next_ is not None and O == ops.causal_conv._cuda_block_n(O) and next_[1].weight.shape[1] == O
-                and self.reads_in_place(next_[1], like))
+        return (self.hand_norm and next_ is not None and O == ops.causal_conv._cuda_block_n(O)
+                and next_[1].weight.shape[1] == O and self.reads_in_place(next_[1], like))
 
     def on_cuda(self, conv, buf):
         """True when `conv` over `buf` (an _InPlace chunk) runs on vkern's CUDA conv kernel, whose epilogue can add
@@ -696,8 +697,9 @@ def decode(vae, z, output_device=None, frames_per_step="auto", fuse_bias=None, l
     frames per step from the last time upsampling on ("auto": see _auto_frames_per_step;
     None: whole chunks). fuse_bias: residual blocks' conv biases added by the passes after the convs
     (None: VKERN_WAN_VAE_FUSE_BIAS, default on). latents_per_call: latent frames decoded together after
-    the first (None: VKERN_WAN_VAE_LATENTS_PER_CALL, default 2; 1 is diffusers' chunking). pad_channels: conv_out's 3 or 12 output
-    channels padded to a multiple of 8 (None: VKERN_WAN_VAE_PAD_CHANNELS, default off for decode)."""
+    the first (None: VKERN_WAN_VAE_LATENTS_PER_CALL, default 2; 1 is diffusers' chunking). pad_channels:
+    conv_out's 3 or 12 output channels padded to a multiple of 8 (None: VKERN_WAN_VAE_PAD_CHANNELS, default off for
+    decode)."""
     _check_input("z", z, vae, vae.config.z_dim)
     if latents_per_call is None:
         latents_per_call = _latents_per_call_default()

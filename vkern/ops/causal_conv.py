@@ -206,6 +206,8 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
     from .._ext import cuda_ext
 
     frames = list(cache) if isinstance(cache, (list, tuple)) else None
+    if frames is not None and cache_reversed:
+        raise ValueError("cache_reversed: only for a cache tensor (a list of frames is oldest first)")
     if frames is not None:
         cache = None if not frames else frames[0]
     if not _pixel_grid(x):
