@@ -420,9 +420,10 @@ def _upsample_conv(block, src, run, next_=None):
     conv2d = block.resample[1]
     weight = conv2d.weight.unsqueeze(2)
     if (run.backend(conv2d, src, weight, (1, 1, 1)) == "cuda" and tuple(conv2d.stride) == (1, 1)
-            and (B == 1 or src.stride(0) == T * src.stride(1)) and src.stride(-1) == 1
-            and ops.causal_conv._pixel_grid(src.flatten(0, 1).permute(0, 4, 1, 2, 3))):
-        return _upsample_conv_cuda(conv2d, weight, src, run, next_)
+            and (B == 1 or src.stride(0) == T * src.stride(1)) and src.stride(-1) == 1):
+        frames = src.flatten(0, 1).permute(0, 4, 1, 2, 3)  # [B * T, C, I, H, W]: a view (B == 1 or strides checked)
+        if ops.causal_conv._pixel_grid(frames):
+            return _upsample_conv_cuda(conv2d, weight, frames, B, run, next_)
     up = _upsample_frames(src)
     del src
     conv2d = block.resample[1]
@@ -440,14 +441,13 @@ def _upsample_conv(block, src, run, next_=None):
     return y.unflatten(0, (B, T * I)).permute(0, 2, 1, 3, 4)
 
 
-def _upsample_conv_cuda(conv2d, weight, src, run, next_):
-    """_upsample_conv on the CUDA conv: src's [B, T, I, H, W, C] frames as a batch of B * T items of I frames each
-    (I = 2: the time conv's 2 frames a pixel, C channels apart), upsampled 2x by the kernel's halo loads; the output
-    [B * T, O, I, 2H, 2W] is [B, O, T * I, 2H, 2W] in memory."""
-    B, T = src.shape[:2]
-    frames = src.flatten(0, 1).permute(0, 4, 1, 2, 3)  # a view: B == 1 or B's stride is T times T's
+def _upsample_conv_cuda(conv2d, weight, frames, B, run, next_):
+    """_upsample_conv on the CUDA conv: _time_upsampled's [B, T, I, H, W, C] frames given as `frames`, a batch of B * T
+    items of I frames each [B * T, C, I, H, W] (I = 2: the time conv's 2 frames a pixel, C channels apart), upsampled
+    2x by the kernel's halo loads; the output [B * T, O, I, 2H, 2W] is [B, O, T * I, 2H, 2W] in memory."""
+    T = frames.shape[0] // B
     O = weight.shape[0]
-    handed = next_ is not None and run.hands_norm(O, src, next_)
+    handed = next_ is not None and run.hands_norm(O, frames, next_)
     out = ops.causal_conv.conv3d_in_place(
         "cuda", frames, weight, run.fp32(conv2d, "bias"), (1, 1, 1), (0, *conv2d.padding),
         packed=run.cuda_packed(conv2d, weight, "cuda"), upsample=2, norm=run.epilogue(next_[0]) if handed else None,
