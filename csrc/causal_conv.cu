@@ -323,7 +323,8 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
 #pragma unroll
             for (int j = 0; j < kBlockN / 8; ++j) {
               const uint32_t pair = pack2<T>(v[4 * j], v[4 * j + 1]);
-              if (in_frame) *reinterpret_cast<uint32_t*>(out + h * p.orow + int64_t(w) * p.O + 2 * (lane % 4) + 8 * j) = pair;
+              if (in_frame)
+                *reinterpret_cast<uint32_t*>(out + h * p.orow + int64_t(w) * p.O + 2 * (lane % 4) + 8 * j) = pair;
               const float2 rounded = unpack2<T>(pair);
               v[4 * j] = rounded.x, v[4 * j + 1] = rounded.y;
             }
@@ -337,6 +338,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
             const float k = __fdiv_rn(p.norm.scale, fmaxf(__fsqrt_rn(ss), p.norm.eps));
 #pragma unroll
             for (int j = 0; j < kBlockN / 8; ++j) {
+              // (gamma's index is 0 where the array has one element: that branch is never taken there)
               const float2 g = kGammaInRegs ? gamma[kGammaInRegs ? j : 0]
                                             : *reinterpret_cast<const float2*>(p.norm.gamma + c0 + 8 * j);
               float y0 = v[4 * j] * k * g.x, y1 = v[4 * j + 1] * k * g.y;

@@ -38,8 +38,8 @@ constexpr int kConvBlockNs[] = {8, 96, 128};
 
 // out [B, O, To, Ho, Wo] (pixels rows of O channels) = the causal conv of x [B, C, T, H, W] (the chunk) with
 // weight_packed (vkern.ops.causal_conv.cuda_packed_weight: [O / block_n, KT, C / 32, 9, 4, block_n, 8]), plus bias
-// [O] (fp32, 8-byte aligned; may be null), plus residual (laid out as out; ptr may be null), then norm (see ConvNorm), in dtype
-// (bf16 or fp16), fp32 accumulation, rounded once. upsample 2: x (and the cache) nearest-upsampled 2x in space
+// [O] (fp32, 8-byte aligned; may be null), plus residual (laid out as out; ptr may be null), then norm (see
+// ConvNorm), in dtype (bf16 or fp16), fp32 accumulation, rounded once. upsample 2: x (and the cache) nearest-upsampled 2x in space
 // on the fly (the conv's input is 2H x 2W; height and width are x's own), 1: as it is.
 // Time: output frame t reads padded frames t ... t + KT - 1 of [tp padding frames | x]; padded frame tp + s is
 // x's frame s for s >= 0, cache frame cache_frames + s (cache: logical frames 0 ... cache_frames - 1, oldest

@@ -447,7 +447,7 @@ def _upsample_conv_cuda(conv2d, weight, frames, B, run, next_):
     2x by the kernel's halo loads; the output [B * T, O, I, 2H, 2W] is [B, O, T * I, 2H, 2W] in memory."""
     T = frames.shape[0] // B
     O = weight.shape[0]
-    handed = next_ is not None and run.hands_norm(O, frames, next_)
+    handed = run.hands_norm(O, frames, next_)
     out = ops.causal_conv.conv3d_in_place(
         "cuda", frames, weight, run.fp32(conv2d, "bias"), (1, 1, 1), (0, *conv2d.padding),
         packed=run.cuda_packed(conv2d, weight, "cuda"), upsample=2, norm=run.epilogue(next_[0]) if handed else None,
