@@ -19,6 +19,15 @@ def _wan_qkv(S, dim, heads, kind):
     return wan_qkv(1, S, dim, heads, torch.bfloat16, "cuda", kind)
 
 
+def _unsmoothed(q, k, v, qk):
+    """attention_8bit(qk=qk, pv="e4m3") with V quantized as it is (no value_offset)."""
+    H = q.shape[2]
+    q8, qs = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, H, quant=qk)
+    k8, ks = vkern.ops.k_to_8bit(k, qk)
+    vt, vs = vkern.ops.v_to_e4m3(v)
+    return vkern.ops.attention_prequantized(q8, qs, k8, ks, vt, vs, out_dtype=q.dtype)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
@@ -33,22 +42,32 @@ def main():
         "WanAttention self 1.3B 720p": lambda: _wan_qkv(75600, 1536, 12, "self"),
     }
 
-    # "fp8": the fp8 mode's scheme (int8 Q/K, e4m3 P/V); "-e4m3qk": e4m3 Q/K.
-    providers = {"fp8-e4m3qk-cuda": ("cuda", ("e4m3", "e4m3")), "fp8-cuda": ("cuda", ("int8", "e4m3")),
-                 "fp8-triton": ("triton", ("int8", "e4m3")), "fp8-reference": ("reference", ("int8", "e4m3")),
-                 "fp8-e4m3qk-reference": ("reference", ("e4m3", "e4m3")), "int8-triton": ("triton", ("int8", "bf16"))}
+    # "fp8": the fp8 mode's scheme (int8 Q/K, e4m3 P/V, V smoothed); "-e4m3qk": e4m3 Q/K; "-promoted": the CUDA
+    # kernel's O promoted to fp32 per key block (sessions 14-18's default); "-unsmoothed": V quantized as it is.
+    int8_e4m3 = ("int8", "e4m3")
+    providers = {"fp8-e4m3qk-cuda": ("cuda", ("e4m3", "e4m3"), {}), "fp8-cuda": ("cuda", int8_e4m3, {}),
+                 "fp8-cuda-promoted": ("cuda", int8_e4m3, {"VKERN_FLASH_FP8_PROMOTE": "1"}),
+                 "fp8-cuda-unsmoothed": ("cuda", int8_e4m3, {"smooth": False}),
+                 "fp8-cuda-promoted-unsmoothed": ("cuda", int8_e4m3, {"VKERN_FLASH_FP8_PROMOTE": "1", "smooth": False}),
+                 "fp8-triton": ("triton", int8_e4m3, {}), "fp8-reference": ("reference", int8_e4m3, {}),
+                 "fp8-reference-unsmoothed": ("reference", int8_e4m3, {"smooth": False}),
+                 "fp8-e4m3qk-reference": ("reference", ("e4m3", "e4m3"), {}),
+                 "int8-triton": ("triton", ("int8", "bf16"), {})}
     rows = []
     for name, make in inputs.items():
         q, k, v = make()
         sample = torch.randperm(q.shape[1], device="cuda")[:512]
         oracle = ref.attention_lse(q[:, sample], k, v)[0].double()
-        for provider, (backend, (qk, pv)) in providers.items():
-            os.environ["VKERN_ATTENTION_8BIT_BACKEND"] = backend
+        for provider, (backend, (qk, pv), env) in providers.items():
+            env = dict(env, VKERN_ATTENTION_8BIT_BACKEND=backend)
+            smooth = env.pop("smooth", True)
+            os.environ.update(env)
             try:
                 qs = q[:, sample] if backend == "reference" else q  # the emulation on the sampled rows only
-                out = vkern.ops.attention_8bit(qs, k, v, qk=qk, pv=pv)
+                out = vkern.ops.attention_8bit(qs, k, v, qk=qk, pv=pv) if smooth else _unsmoothed(qs, k, v, qk)
             finally:
-                del os.environ["VKERN_ATTENTION_8BIT_BACKEND"]
+                for name in env:
+                    del os.environ[name]
             out = out if backend == "reference" else out[:, sample]
             err = ((out.double() - oracle).norm() / oracle.norm()).item()
             cos = torch.nn.functional.cosine_similarity(out.double().flatten(), oracle.flatten(), dim=0).item()

@@ -22,7 +22,7 @@
 #     encode rows of the default path only;
 #     fp8attn: fp8 attention rows (the CUDA 8-bit kernel's forms; VKERN_FP8_ROWS: the providers) vs cuDNN bf16
 #     and their accuracy on random and WanAttention inputs (bench/fp8_attention_accuracy.py);
-#     VKERN_TESTS: test paths (default tests)
+#     VKERN_TESTS: test paths (default tests); VKERN_PYTEST_K: a pytest -k expression over them
 set -uo pipefail
 MODES=" ${*:-tests quick} "
 . bench/device_env.sh
@@ -42,7 +42,7 @@ if [[ $MODES == *" tests "* ]]; then
   echo "== pytest -m gpu"
   # SIGINT at the limit: pytest stops and still prints the failures' tracebacks and the durations.
   timeout -s INT -k 30 ${VKERN_TEST_TIMEOUT:-300} python3 -m pytest -m gpu -v -p no:cacheprovider --tb=short \
-    --durations=25 ${VKERN_TESTS:-tests} > "$OUT/pytest.log" 2>&1
+    --durations=25 ${VKERN_TESTS:-tests} ${VKERN_PYTEST_K:+-k "$VKERN_PYTEST_K"} > "$OUT/pytest.log" 2>&1
   tests_rc=$?
   grep -E "FAILED|ERROR" "$OUT/pytest.log" | head -20; tail -3 "$OUT/pytest.log"
   echo "== demo"

@@ -48,7 +48,6 @@ template <typename In, int kHeadDim>
 struct Format {
   static constexpr bool kIntQK = std::is_same<In, S8>::value;                 // int8 Q, K; e4m3 P, V
   static constexpr bool k8Bit = std::is_same<In, E4M3>::value || kIntQK;      // the 8-bit forms
-  static constexpr bool kPromoteO = k8Bit;                                     // see flash_fwd_kernel
   static_assert(!k8Bit || kHeadDim == 128, "the 8-bit kernel takes head dim 128");
   static constexpr int kBoxes = kHeadDim * (k8Bit ? 1 : 2) / 128;  // 128-byte column boxes of a Q or K tile
   static constexpr int kBoxCols = k8Bit ? 128 : 64;
@@ -122,25 +121,32 @@ __device__ __forceinline__ float quad_sum(float x) {
 // group in the order (0, 1, 8, 9 | 16, 17, 24, 25) + 2 * (lane % 4), and V^T is stored in that key order
 // (vkern.ops.v_to_e4m3): the product pairs each P with its own key's V.
 // In: the input format (__nv_bfloat16, __half, E4M3 or S8); Out: the output's (= In when 16-bit).
-// kPromoteO (the 8-bit forms): each block's P V product goes into a fresh accumulator t, which the consumer adds to
-// O in fp32, times the block's V scale (one FFMA per element), after waiting for it together with the next block's
-// S, before that softmax. Accumulated across blocks in the tensor cores instead (session 14's option, 8-13% faster),
-// their fp8 accumulation keeps fewer bits than fp32: on WanAttention inputs (V with channel means, so O grows block
-// by block) that doubled the error at 75600 keys (bench/NOTES.md run 55; DeepSeek-V3 promotes every 128 products
-// likewise); it also could not take a V scale per block. Waiting for both products before the softmax (instead of
-// keeping the PV product in flight through it, as the 16-bit forms do) keeps t, P and S from being live together:
-// that schedule spilled and ran 8-14% slower (runs 55-56).
+// The 8-bit forms accumulate O in one of two ways (kPromoteO):
+// - promoted: each block's P V product goes into a fresh accumulator t, which the consumer adds to O in fp32, times
+//   the block's V scale (one FFMA per element), after waiting for it together with the next block's S, before that
+//   softmax. Waiting for both products before the softmax (instead of keeping the PV product in flight through it)
+//   keeps t, P and S from being live together: that schedule spilled and ran 8-14% slower (runs 55-56).
+// - in the tensor cores (as the 16-bit forms; 8-13% faster in runs 56-57), the PV product in flight through the next
+//   softmax. Their fp8 accumulation keeps fewer bits than fp32 (13-14 of the mantissa: DeepSeek-V3, SageAttention2),
+//   which lost accuracy where O grows block by block with a channel mean of V (run 55: the error doubled at 75600
+//   keys); so V comes smoothed (v_offset: V - c quantized, c added back in the epilogue, exact in the math), and each
+//   block's V scale joins its P as the exponent shift log2(v_scale_j / v_scale_max) (P <= 448 still), the row sums
+//   taken without it; the epilogue multiplies by v_scale_max.
 // S8's scores: the int32 accumulator starts at the bits of kIntBias = 1.5 * 2^23 (see wgmma_m64n128k32_ss_s8), so
 // s reads as kIntBias + S in fp32; the bias cancels in s - max and is taken out of the row max.
-template <typename In, typename Out, int kHeadDim, int kStages>
+// v_offset (8-bit, may be null): fp32 [B, H, D], added to each output row that attended a key. v_scale_max (8-bit
+// in the tensor cores): fp32 [B, H], the largest of the head's V scales.
+template <typename In, typename Out, int kHeadDim, int kStages, bool kPromoteO>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
                      const float* __restrict__ q_scale, const float* __restrict__ k_scale,
-                     const float* __restrict__ v_scale, float* __restrict__ lse, const uint4* __restrict__ key_bits,
+                     const float* __restrict__ v_scale, const float* __restrict__ v_scale_max,
+                     const float* __restrict__ v_offset, float* __restrict__ lse, const uint4* __restrict__ key_bits,
                      int heads, int q_len, int kv_len, float scale_log2) {
   using F = Format<In, kHeadDim>;
-  constexpr bool kPromoteO = F::kPromoteO;
+  static_assert(F::k8Bit || !kPromoteO, "O promotion is for the 8-bit forms");
+  constexpr bool kTensorO8 = F::k8Bit && !kPromoteO;  // 8-bit, O in the tensor cores
   // The 16-bit forms' consumers issue their products in turn (named barriers); the 8-bit forms' each as soon as it
   // is ready: their products are half as long, and over runs 46-54 the two schedules measured the same within +-5%.
   constexpr bool kTakeTurns = !F::k8Bit;
@@ -225,6 +231,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
+  // 8-bit in the tensor cores: block j's P takes v_scale_j / v_max (<= 1) as the exponent shift value_shift_of(j).
+  const float v_max = kTensorO8 ? __ldg(v_scale_max + int64_t(batch) * heads + head) : 1.f;
+  const float inv_v_max = 1.f / v_max;
+
   // Block j's 128 key-padding bits (all set without a mask): key c of the block is bit c % 32 of word c / 32.
   auto key_bits_of = [&](int j) {
     return key_bits == nullptr ? make_uint4(~0u, ~0u, ~0u, ~0u) : __ldg(key_bits + int64_t(batch) * n_blocks + j);
@@ -237,10 +247,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto value_scale_of = [&](int j) {
     return F::k8Bit ? __ldg(v_scale + (int64_t(batch) * heads + head) * n_blocks + j) : 1.f;
   };
+  auto value_shift_of = [&](int j) { return kTensorO8 ? __log2f(value_scale_of(j) * inv_v_max) : 0.f; };
   // Masks the keys past kv_len and the padded ones, updates the running max and returns P = exp2(scale * s - max)
-  // (8-bit: times 448) in s, its row sums in sum and the factor alpha that rescales what was accumulated before.
-  // The per-row multipliers (> 0) commute with the max, so they scale two row maxima, not 64 scores.
-  auto softmax = [&](int j, uint4 bits, float key_scale, float (&alpha)[2], float (&sum)[2]) {
+  // (8-bit: times 448, and times 2^shift) in s, its row sums (without the shift) in sum and the factor alpha that
+  // rescales what was accumulated before. The per-row multipliers (> 0) commute with the max, so they scale two row
+  // maxima, not 64 scores.
+  auto softmax = [&](int j, uint4 bits, float key_scale, float shift, float (&alpha)[2], float (&sum)[2]) {
     const float mult[2] = {F::k8Bit ? row_scale[0] * key_scale : scale_log2,
                            F::k8Bit ? row_scale[1] * key_scale : scale_log2};
     const int cols_left = kv_len - j * kBlockN;
@@ -275,8 +287,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float offset = new_max == -INFINITY ? 0.f : new_max;
       alpha[r] = ex2(row_max[r] - offset);
       row_max[r] = new_max;
-      neg_max[r] = F::kIntQK ? fmaf(-kIntBias, mult[r], F::kPOffset - offset)
-                   : F::k8Bit ? F::kPOffset - offset
+      neg_max[r] = F::kIntQK ? fmaf(-kIntBias, mult[r], (F::kPOffset + shift) - offset)
+                   : F::k8Bit ? (F::kPOffset + shift) - offset
                               : -offset;  // (0 - x is not -x at x = 0: no fold)
     }
     float part[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // two partial sums per row: shorter chains, as the max
@@ -285,8 +297,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       s[i] = ex2(fmaf(s[i], mult[(i / 2) % 2], neg_max[(i / 2) % 2]));
       part[(i / 2) % 2][(i / 4) % 2] += s[i];
     }
-    sum[0] = part[0][0] + part[0][1];
-    sum[1] = part[1][0] + part[1][1];
+    const float unshift = kTensorO8 ? ex2(-shift) : 1.f;
+    sum[0] = (part[0][0] + part[0][1]) * unshift;
+    sum[1] = (part[1][0] + part[1][1]) * unshift;
   };
   auto to_p = [&] {
     if constexpr (F::k8Bit) {
@@ -349,6 +362,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float sum[2];
     const uint4 bits = key_bits_of(0);
     const float key_scale = key_scale_of(0);
+    const float shift = value_shift_of(0);
     mbar_wait(&bars.k_full[0], 0);
     wait_turn();
     start_s();
@@ -360,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<0>();
     read_s();
     release_k(0);
-    softmax(0, bits, key_scale, alpha, sum);
+    softmax(0, bits, key_scale, shift, alpha, sum);
     row_sum[0] = sum[0];
     row_sum[1] = sum[1];
   }
@@ -398,6 +412,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint4 bits = key_bits_of(j);  // in flight while the products run
     const float key_scale = key_scale_of(j);
     const float value_scale = kPromoteO ? value_scale_of(j - 1) : 1.f;
+    const float shift = value_shift_of(j);
     mbar_wait(&bars.k_full[st], (j / kStages) & 1);
     mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
     wgmma_wait<0>();  // the PV product of block j - 2
@@ -430,7 +445,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     read_s();
     release_k(j);
     float sum[2];
-    softmax(j, bits, key_scale, alpha, sum);
+    softmax(j, bits, key_scale, shift, alpha, sum);
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + sum[r];
   }
@@ -454,19 +469,29 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Epilogue: O / l into this consumer's output stage (16-bit: its now unused Q rows) in the swizzled layout, then
   // one TMA store.
-  float inv[2];
+  float inv[2], attended[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     row_sum[r] = quad_sum(row_sum[r]);
-    inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;  // 0: every key masked (out 0, lse -inf)
+    attended[r] = row_sum[r] > 0.f ? 1.f : 0.f;
+    inv[r] = row_sum[r] > 0.f ? v_max / row_sum[r] : 0.f;  // 0: every key masked (out 0, lse -inf)
   }
+  // v_offset: this thread's columns (i / 4) * 8 + (lane % 4) * 2 + {0, 1}, one fp32 pair per i / 4.
+  const float2* offsets =
+      F::k8Bit && v_offset != nullptr
+          ? reinterpret_cast<const float2*>(v_offset + (int64_t(batch) * heads + head) * kHeadDim) + lane % 4
+          : nullptr;
   uint8_t* o_rows = out_stage + wg * 64 * 128;
 #pragma unroll
   for (int i = 0; i < kHeadDim / 2; i += 2) {
     const int r = (i / 2) % 2, row = warp * 16 + lane / 4 + 8 * r, col_tile = i / 4;
     const int chunk = (col_tile % 8) ^ (row % 8);
     uint8_t* dst = o_rows + (col_tile / 8) * kHalfBytes + row * 128 + chunk * 16 + (lane % 4) * 4;
-    const float lo = o[i] * inv[r], hi = o[i + 1] * inv[r];
+    float lo = o[i] * inv[r], hi = o[i + 1] * inv[r];
+    if (F::k8Bit && offsets != nullptr) {
+      const float2 c = __ldg(offsets + 4 * col_tile);
+      lo += c.x * attended[r], hi += c.y * attended[r];
+    }
     *reinterpret_cast<uint32_t*>(dst) = pack2<Out>(lo, hi);
   }
   fence_async_smem();
@@ -543,17 +568,18 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 }
 
 // The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; 8-bit: v is V^T), out; the scales 8-bit only.
-template <typename In, typename Out, int kHeadDim, int kStages>
-cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale, float* lse,
-                   const void* key_bits, int batch, int heads, int q_len, int kv_len, float scale, cudaStream_t stream) {
+template <typename In, typename Out, int kHeadDim, int kStages, bool kPromoteO = false>
+cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale,
+                   const float* v_scale_max, const float* v_offset, float* lse, const void* key_bits, int batch,
+                   int heads, int q_len, int kv_len, float scale, cudaStream_t stream) {
   constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages>();
-  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages>;
+  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kPromoteO>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], q_scale, k_scale, v_scale, lse,
-                                                 static_cast<const uint4*>(key_bits), heads, q_len, kv_len,
-                                                 scale * 1.4426950408889634f);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], q_scale, k_scale, v_scale,
+                                                 v_scale_max, v_offset, lse, static_cast<const uint4*>(key_bits),
+                                                 heads, q_len, kv_len, scale * 1.4426950408889634f);
   return cudaGetLastError();
 }
 
@@ -581,8 +607,10 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
       return cudaErrorInvalidValue;
     const auto with_dim = [&](auto dim_tag) {
       constexpr int kDim = decltype(dim_tag)::value;
-      return stages == 2 ? launch<T, T, kDim, 2>(maps, nullptr, nullptr, nullptr, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
-                         : launch<T, T, kDim, 3>(maps, nullptr, nullptr, nullptr, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
+      return stages == 2 ? launch<T, T, kDim, 2>(maps, nullptr, nullptr, nullptr, nullptr, nullptr, lse, key_bits,
+                                                 batch, heads, q_len, kv_len, scale, stream)
+                         : launch<T, T, kDim, 3>(maps, nullptr, nullptr, nullptr, nullptr, nullptr, lse, key_bits,
+                                                 batch, heads, q_len, kv_len, scale, stream);
     };
     return head_dim == 64 ? with_dim(std::integral_constant<int, 64>())
                           : with_dim(std::integral_constant<int, 128>());
@@ -594,12 +622,14 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
-                                    const float* v_scale, DType out_dtype, int batch, int heads, int q_len, int kv_len,
-                                    int vt_len, int head_dim, float scale, int stages, bool int8_qk,
+                                    const float* v_scale, const float* v_scale_max, const float* v_offset,
+                                    DType out_dtype, int batch, int heads, int q_len, int kv_len, int vt_len,
+                                    int head_dim, float scale, int stages, bool int8_qk, bool promote_o,
                                     cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
-      vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr)
+      vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
+      (!promote_o && v_scale_max == nullptr) || reinterpret_cast<uintptr_t>(v_offset) % 8 != 0)
     return cudaErrorInvalidValue;
   const CUtensorMapDataType out_type = out_dtype == DType::kBFloat16  ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                        : out_dtype == DType::kFloat16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
@@ -613,12 +643,16 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
     return cudaErrorInvalidValue;
   const auto run = [&](auto out_tag) {
     using Out = decltype(out_tag);
-    const auto with = [&](auto in_tag) {
+    const auto with = [&](auto in_tag, auto promote_tag) {
       using In = decltype(in_tag);
-      return stages == 2 ? launch<In, Out, 128, 2>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
-                         : launch<In, Out, 128, 3>(maps, q_scale, k_scale, v_scale, lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
+      constexpr bool kPromote = decltype(promote_tag)::value;
+      return stages == 2 ? launch<In, Out, 128, 2, kPromote>(maps, q_scale, k_scale, v_scale, v_scale_max, v_offset,
+                                                             lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
+                         : launch<In, Out, 128, 3, kPromote>(maps, q_scale, k_scale, v_scale, v_scale_max, v_offset,
+                                                             lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
     };
-    return int8_qk ? with(S8()) : with(E4M3());
+    if (int8_qk) return promote_o ? with(S8(), std::true_type()) : with(S8(), std::false_type());
+    return promote_o ? with(E4M3(), std::true_type()) : with(E4M3(), std::false_type());
   };
   return out_dtype == DType::kBFloat16 ? run(__nv_bfloat16()) : run(__half());
 }

@@ -327,6 +327,55 @@ def test_v_to_e4m3_by_spans_is_the_whole(use_backend, backend):
         assert torch.equal(part.view(torch.uint8), vt[..., start:start + part.shape[3]].view(torch.uint8))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_v_to_e4m3_offset_and_mask_are_the_reference(use_backend, backend):
+    """v_to_e4m3(v, mask, offset) quantizes V - offset with scales from the attended keys: V^T columns and scales
+    bit for bit the reference's (quantize_value), and value_offset is the mean over the attended keys."""
+    use_backend(backend)
+    v = make_qkv(2, 1, 300, 2, 64, torch.bfloat16)[2] + 3.0
+    mask = make_padding(2, 300, "random")
+    offset = ops.value_offset(v, mask)
+    expect = torch.stack([v[b][mask[b]].float().mean(0) for b in range(2)])
+    torch.testing.assert_close(offset, expect, rtol=1e-6, atol=1e-6)
+    vt, vs = ops.v_to_e4m3(v, mask, offset)
+    r8, rs = ref.quantize_value(v, mask, offset)
+    assert torch.equal(vs, rs)
+    assert torch.equal(vt.view(torch.uint8), ref.e4m3_v_transposed(r8, vt.shape[3]).view(torch.uint8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_smoothing_takes_out_the_channel_bias(use_backend, backend):
+    """With V = V0 + a large per-channel bias b, the smoothed fp8 attention (attention_8bit) errs by what it errs
+    on V0 (its output is out(V0) + b up to the output's rounding, which is as large here); quantizing V as it is
+    errs over 4x more than that (7.5x at seed 0 on the reference)."""
+    use_backend(backend)
+    q, k, v0 = make_qkv(1, 64, 300, 2, 128, torch.float16)
+    bias = 8 * torch.rand(2, 128) + 4
+    v1 = (v0.float() + bias).to(v0.dtype)
+    oracle0, oracle1 = (ref.attention_lse(q, k, t)[0] for t in (v0, v1))
+    err0 = (run_8bit(q, k, v0, ("int8", "e4m3")).double() - oracle0).norm().item()
+    err1 = (run_8bit(q, k, v1, ("int8", "e4m3")).double() - oracle1).norm().item()
+    rounding = (oracle1.abs() * 2.0 ** -11).norm().item()  # fp16 output: half an ulp per element
+    assert err1 <= 1.1 * err0 + rounding, (err1, err0, rounding)
+    q8, qs = ops.qk_norm_rope(q.flatten(2), None, 0.0, 2, quant="int8")
+    k8, ks = ops.k_to_8bit(k, "int8")
+    unsmoothed = ops.attention_prequantized(q8, qs, k8, ks, *ops.v_to_e4m3(v1), out_dtype=q.dtype)
+    assert (unsmoothed.double() - oracle1).norm().item() > 4 * err1
+
+
+def test_v_offset_needs_e4m3_v_and_its_shape():
+    q, k, v = make_qkv(1, 16, 16, 2, 64, torch.bfloat16)
+    q8, qs = ops.qk_norm_rope(q.flatten(2), None, 0.0, 2, quant="int8")
+    k8, ks = ops.k_to_8bit(k, "int8")
+    vt, vs = ops.v_to_e4m3(v)
+    with pytest.raises(ValueError, match="v_offset: only for e4m3 V"):
+        ops.attention_prequantized(q8, qs, k8, ks, v, None, v_offset=torch.zeros(1, 2, 64))
+    with pytest.raises(ValueError, match="v_offset"):
+        ops.attention_prequantized(q8, qs, k8, ks, vt, vs, v_offset=torch.zeros(1, 2, 32))
+    with pytest.raises(ValueError, match="offset"):
+        ops.v_to_e4m3(v, offset=torch.zeros(1, 3, 64))
+
+
 def test_per_channel_v_scales_are_refused():
     """The V scale layout before session 15 ([B, H, D], per channel) gets a clear error, not a misread."""
     q, k, v = make_qkv(1, 65, 300, 2, 128, torch.bfloat16)
@@ -396,12 +445,14 @@ def test_prequantized_path_is_the_same_op(use_backend, monkeypatch, backend, sch
     for x, x8, xs, block in ((q, q8, qs, 1), (k, k8, ks, block)):
         r8, rs = ref.quantize_per_head(x.float(), qk, block)
         assert torch.equal(x8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(xs, rs)
-    vq, vs = ops.v_to_e4m3(v) if pv == "e4m3" else (v, None)
+    offset = ops.value_offset(v) if pv == "e4m3" else None
+    vq, vs = ops.v_to_e4m3(v, offset=offset) if pv == "e4m3" else (v, None)
     if pv == "e4m3":
-        r8, rs = ref.quantize_per_key_block(v, None, "e4m3")
+        assert torch.equal(offset, v.float().mean(1))
+        r8, rs = ref.quantize_per_key_block(v.float() - offset[:, None], None, "e4m3")
         assert torch.equal(vs, rs)
         assert torch.equal(vq.view(torch.uint8), ref.e4m3_v_transposed(r8, vq.shape[3]).view(torch.uint8))
-    got = ops.attention_prequantized(q8, qs, k8, ks, vq, vs, out_dtype=q.dtype)
+    got = ops.attention_prequantized(q8, qs, k8, ks, vq, vs, out_dtype=q.dtype, v_offset=offset)
     assert torch.equal(got, attention_8bit(q, k, v, scheme))
 
 
@@ -587,29 +638,47 @@ def test_gpu_real_shapes(use_backend, scheme, name, inputs):
     assert_floors(out, cudnn.double(), scheme, what=f"{name} vs cuDNN")
 
 
-# The CUDA kernel's 8-bit forms (csrc/flash_attention.cu, head dim 128; e4m3 or int8 Q/K, e4m3 P/V; O promoted to
-# fp32 per key block with the block's V scale): lengths around its 128-row/128-key tiles,
-# the 16-key V^T padding and the 4-float K-scale rows (Skv % 4 != 0 takes a padded copy).
+# The CUDA kernel's 8-bit forms (csrc/flash_attention.cu, head dim 128; e4m3 or int8 Q/K, e4m3 P/V on smoothed V; O
+# in the tensor cores, each block's P times its V scale ratio, or promoted to fp32 per key block with the block's V
+# scale): lengths around its 128-row/128-key tiles, the 16-key V^T padding and the 4-float K-scale rows (Skv % 4 != 0
+# takes a padded copy).
 CUDA_FP8_SIZES = [(1, 2, 1, 1), (2, 1, 113, 113), (1, 1, 113, 512), (2, 4, 1, 1000), (2, 2, 200, 333),
                   (1, 2, 129, 130), (1, 3, 4097, 4097), (1, 2, 256, 4096 + 17)]
 CUDA_SCHEMES = [FP8, ("int8", "e4m3")]
+PROMOTE = pytest.mark.parametrize("promote", ["0", "1"], ids=["tensor-o", "promoted"])
 
 
 @pytest.mark.gpu
+@PROMOTE
 @pytest.mark.parametrize("scheme", CUDA_SCHEMES, ids=scheme_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,H,Sq,Skv", CUDA_FP8_SIZES, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}" for p in CUDA_FP8_SIZES])
-def test_gpu_cuda_fp8_odd_sizes(use_backend, scheme, dtype, B, H, Sq, Skv):
+def test_gpu_cuda_fp8_odd_sizes(use_backend, monkeypatch, promote, scheme, dtype, B, H, Sq, Skv):
+    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", promote)
     q, k, v = make_qkv(B, Sq, Skv, H, 128, dtype, "cuda")
     check_8bit(q, k, v, use_backend("cuda"), scheme)
 
 
 @pytest.mark.gpu
+@PROMOTE
 @pytest.mark.parametrize("scheme", CUDA_SCHEMES, ids=scheme_id)
 @pytest.mark.parametrize("pattern", ["random", "dead_row"])
-def test_gpu_cuda_fp8_key_padding_mask(use_backend, scheme, pattern):
+def test_gpu_cuda_fp8_key_padding_mask(use_backend, monkeypatch, promote, scheme, pattern):
+    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", promote)
     q, k, v = make_qkv(2, 4096 + 256, 4096 + 200, 4, 128, torch.bfloat16, "cuda")
     check_8bit(q, k, v, use_backend("cuda"), scheme, key_padding_mask=make_padding(2, 4096 + 200, pattern, "cuda"))
+
+
+@pytest.mark.gpu
+@PROMOTE
+def test_gpu_cuda_fp8_v_scales_spread(use_backend, monkeypatch, promote):
+    """V whose 128-key blocks differ 2^12 in scale (the tensor-core form's P takes v_scale_j / v_scale_max, down
+    to 2^-12, so its small blocks' P round as e4m3 subnormals): within the floors and the 1.25x/2x rule."""
+    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", promote)
+    q, k, v = make_qkv(1, 1000, 4096 + 17, 2, 128, torch.bfloat16, "cuda")
+    block_gain = 2.0 ** -torch.arange(33, device="cuda").remainder(13).float()  # 1 ... 2^-12 per 128-key block
+    v = (v.float() * block_gain.repeat_interleave(128)[:v.shape[1], None, None]).to(v.dtype)
+    check_8bit(q, k, v, use_backend("cuda"), ("int8", "e4m3"))
 
 
 @pytest.mark.gpu
@@ -647,19 +716,25 @@ def test_gpu_cuda_fp8_real_shapes(use_backend, scheme, name, inputs):
 
 
 @pytest.mark.gpu
+@PROMOTE
 @pytest.mark.parametrize("scheme", CUDA_SCHEMES, ids=scheme_id)
-def test_gpu_cuda_fp8_is_the_emulation_on_wan_inputs(use_backend, scheme):
-    """On WanAttention self inputs (V with channel means: O grows block by block) the kernel, each block's P V added
-    to O in fp32, is as accurate as the fp32 emulation (within 5%). (O accumulated in the tensor cores instead,
-    session 14's option, was not: run 55, 0.0189 vs 0.0124 at int8 Q/K.)"""
-    q, k, v = wan_qkv(1, 32760, 1536, 12, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("tokens", [32760, 75600], ids=["480p", "720p"])
+def test_gpu_cuda_fp8_is_the_emulation_on_wan_inputs(use_backend, monkeypatch, promote, scheme, tokens):
+    """On WanAttention self inputs (V with channel means: unsmoothed, O grows block by block) the kernel is as
+    accurate as the fp32 emulation: within 5% with each block's P V added to O in fp32 registers, within 10% with O
+    in the tensor cores (its P round at a per-block scale, a different draw of the same noise). Their fp8
+    accumulation, which keeps fewer bits, cost 1.5x-4x the emulation's error on unsmoothed V (run 55: 0.0189 vs
+    0.0124 at 480p, 0.0365 vs 0.0093 at 720p, int8 Q/K): smoothing V is what this holds."""
+    monkeypatch.setenv("VKERN_FLASH_FP8_PROMOTE", promote)
+    q, k, v = wan_qkv(1, tokens, 1536, 12, torch.bfloat16, "cuda")
     rows = sampled_rows(q.shape[1])
     oracle = ref.attention_lse(q[:, rows], k, v)[0].double()
     use_backend("reference")
     emulated = rel_l2(attention_8bit(q[:, rows], k, v, scheme), oracle)
     use_backend("cuda")
     kernel = rel_l2(run_8bit(q, k, v, scheme)[:, rows], oracle)
-    assert kernel <= 1.05 * emulated, f"CUDA kernel: rel L2 {kernel:.4f} vs the emulation's {emulated:.4f}"
+    bound = 1.05 if promote == "1" else 1.10
+    assert kernel <= bound * emulated, f"CUDA kernel: rel L2 {kernel:.4f} vs the emulation's {emulated:.4f}"
 
 
 @pytest.mark.gpu

@@ -47,14 +47,18 @@ class VkernWanAttnProcessor:
         pairs covering [batch, tokens]; rows(b, s): the normed hidden states of a span, as attn's
         projections take them) into one buffer each, so no projection of the whole sequence exists. In the 8-bit
         modes each span's K and V are quantized before they are stored (their scales are per 128-key block, and
-        the spans start on block bounds), so only the 8-bit K and V of the whole sequence exist."""
+        the spans start on block bounds), so only the 8-bit K and V of the whole sequence exist; V is smoothed by
+        the offset of its batch row's first span."""
         buffers = form = None
+        offsets = {}  # batch row -> the V offset of its first span
         norm_rope, block = self._steps()[0], self._key_block()
         if block > 1 and any((s.start or 0) % block for _, s in spans):
             spans = _aligned_spans(spans, batch, tokens, block)  # per-block scales: spans on block bounds
         for b, s in spans:
             (key, value), _ = ref.wan_key_value(attn, rows(b, s), rope_rows(rotary_emb, b, s), norm_rope=norm_rope)
-            kv = (key, self._quantize_value(value))
+            kv = (key, self._quantize_value(value, offsets.get(b.start)))
+            if isinstance(kv[1], QuantizedValue):
+                offsets.setdefault(b.start, kv[1].offset)
             del key, value  # the bf16 V of a quantized span goes now
             leaves = _leaves(kv, tokens, block)
             if buffers is None:
@@ -86,10 +90,11 @@ class VkernWanAttnProcessor:
         """Tokens per K scale: per 128-key block for the schemes the CUDA 8-bit kernel takes, else 1."""
         return ref.key_token_block(*_8BIT[self.attention]) if self.attention in _8BIT else 1
 
-    def _quantize_value(self, value):
-        """fp8 mode: V (or a span of whole 128-key blocks of it) in the kernel's e4m3 form, else as it is."""
+    def _quantize_value(self, value, offset=None):
+        """fp8 mode: V (or a span of whole 128-key blocks of it) in the kernel's e4m3 form, smoothed by `offset`
+        (None: V's own mean), else as it is."""
         if self.attention in _8BIT and _8BIT[self.attention][1] == "e4m3":
-            return QuantizedValue(*ops.v_to_e4m3(value), value.dtype)
+            return quantize_value(value, offset)
         return value
 
     def __repr__(self):
@@ -97,10 +102,17 @@ class VkernWanAttnProcessor:
 
 
 class QuantizedValue(NamedTuple):
-    """V already in the kernel's e4m3 form (ops.v_to_e4m3) and the dtype of the attention output."""
+    """V already in the kernel's e4m3 form (ops.v_to_e4m3 of V - offset) and the dtype of the attention output."""
     data: torch.Tensor
     scale: torch.Tensor
+    offset: torch.Tensor
     dtype: torch.dtype
+
+
+def quantize_value(value, offset=None):
+    """value [B, S, H, D] -> QuantizedValue, smoothed by offset (fp32 [B, H, D]; None: ops.value_offset(value))."""
+    offset = ops.value_offset(value) if offset is None else offset
+    return QuantizedValue(*ops.v_to_e4m3(value, offset=offset), offset, value.dtype)
 
 
 def _attend_8bit(query, key, value, attention_mask=None, pv="e4m3"):
@@ -108,11 +120,12 @@ def _attend_8bit(query, key, value, attention_mask=None, pv="e4m3"):
     scheme per 128-key block [B, H, ceil(S / 128)]); value [B, S, H, D] or a QuantizedValue."""
     if attention_mask is not None:
         raise ValueError("VkernWanAttnProcessor: the 8-bit modes take no attention_mask (Wan passes none)")
+    if not isinstance(value, QuantizedValue) and pv == "e4m3":
+        value = quantize_value(value)
     if isinstance(value, QuantizedValue):
-        v, v_scale, dtype = value
-    else:
-        (v, v_scale), dtype = (ops.v_to_e4m3(value) if pv == "e4m3" else (value, None)), value.dtype
-    return ops.attention_prequantized(*query, *key, v, v_scale, out_dtype=dtype)
+        return ops.attention_prequantized(*query, *key, value.data, value.scale, out_dtype=value.dtype,
+                                          v_offset=value.offset)
+    return ops.attention_prequantized(*query, *key, value, None, out_dtype=value.dtype)
 
 
 def _aligned_spans(spans, batch, tokens, block):
@@ -124,20 +137,21 @@ def _aligned_spans(spans, batch, tokens, block):
 
 def _leaves(kv, tokens, key_block):
     """(tensor, token dim, tokens per index, that dim's length for all `tokens`) of each tensor in a (key, value)
-    pair of a span: [B, S, H, D] data, 8-bit key scales [B, H, S / key_block], e4m3 V^T [B, H, D, S padded to 16]
-    and its scales [B, H, S / 128] (QuantizedValue)."""
+    pair of a span: [B, S, H, D] data, 8-bit key scales [B, H, S / key_block], e4m3 V^T [B, H, D, S padded to 16],
+    its scales [B, H, S / 128] and its offset [B, H, D] (QuantizedValue; token dim None: stored whole)."""
     key, value = kv
     leaves = [(key[0], 1, 1, tokens), (key[1], 2, key_block, -(-tokens // key_block))] if isinstance(key, tuple) \
         else [(key, 1, 1, tokens)]
     if isinstance(value, QuantizedValue):
-        return leaves + [(value.data, 3, 1, -(-tokens // 16) * 16), (value.scale, 2, KEY_BLOCK, -(-tokens // KEY_BLOCK))]
+        return leaves + [(value.data, 3, 1, -(-tokens // 16) * 16), (value.scale, 2, KEY_BLOCK, -(-tokens // KEY_BLOCK)),
+                         (value.offset, None, 1, None)]
     return leaves + [(value, 1, 1, tokens)]
 
 
 def _store(leaves, buffers, b, start):
     """Copies a span's _leaves (its tokens from `start`, batch rows b) into the whole sequence's buffers."""
     for (t, dim, per, _), buffer in zip(leaves, buffers):
-        buffer[b].narrow(dim, start // per, t.shape[dim]).copy_(t)
+        (buffer[b] if dim is None else buffer[b].narrow(dim, start // per, t.shape[dim])).copy_(t)
 
 
 def _form(kv):

@@ -6,7 +6,8 @@ attention backends:      cuda (vkern's Hopper flash-attention, csrc/flash_attent
                          128, key-padding mask), triton (vkern's flash-attention, vkern/triton/attention.py), sdpa (torch SDPA,
                          cuDNN first), reference. On CUDA the order comes from measurement (ATTENTION_PREFERENCE).
 attention_8bit backends: cuda (e4m3 or int8 Q, K with e4m3 V at head dim 128 on Hopper, K scales per 128-key
-block, O promoted to fp32 per key block), triton, reference (fp32 emulation of the same quantization).
+block, O in the tensor cores on smoothed V, or promoted to fp32 per key block with VKERN_FLASH_FP8_PROMOTE=1),
+triton, reference (fp32 emulation of the same quantization).
 """
 import os
 import warnings
@@ -412,7 +413,18 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     return out, lse
 
 
-def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, key_padding_mask, scale, return_lse, out_dtype):
+FP8_PROMOTE_O = False  # the 8-bit CUDA kernel's O: in the tensor cores (False) or promoted to fp32 per key block
+
+
+def _fp8_promote_o():
+    promote = os.environ.get("VKERN_FLASH_FP8_PROMOTE", str(int(FP8_PROMOTE_O)))
+    if promote not in ("0", "1"):
+        raise ValueError(f"VKERN_FLASH_FP8_PROMOTE: expected 0 or 1, got {promote!r}")
+    return promote == "1"
+
+
+def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_padding_mask, scale, return_lse,
+                        out_dtype):
     from .._ext import cuda_ext
 
     q8, k8 = (t if _tma_ready(t) else t.contiguous() for t in (q8, k8))
@@ -422,14 +434,17 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, key_padding_mask,
     out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q8.device) if return_lse else None
     bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
+    promote = _fp8_promote_o()
+    v_max = None if promote else v_scale.amax(-1).contiguous()  # the tensor-core form's P takes v_scale / v_max
     with torch.cuda.device(q8.device):
         cuda_ext().flash_attention_fp8_fwd(
             *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q8, k8)),
             (vt.data_ptr(), vt.stride(0), vt.stride(2), vt.stride(1)),  # V^T: (batch, head-dim row, head) strides
             (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
-            k_scale.data_ptr(), v_scale.data_ptr(), DTYPE_CODE[out_dtype], B, H, Sq, Skv,
-            vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(), q8.dtype == torch.int8,
+            k_scale.data_ptr(), v_scale.data_ptr(), 0 if v_max is None else v_max.data_ptr(),
+            0 if v_offset is None else v_offset.data_ptr(), DTYPE_CODE[out_dtype], B, H, Sq, Skv,
+            vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(), q8.dtype == torch.int8, promote,
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
@@ -471,14 +486,29 @@ def _attention_8bit_candidates(device, dtype, head_dim=128, qk_dtype=torch.float
             "triton": _kernel_reason(device, dtype, head_dim, head_dim), "reference": None}
 
 
-def v_to_e4m3(v, key_padding_mask=None):
-    """V [B, S, H, D] -> (e4m3 V^T [B, H, D, S_pad] (keys contiguous, S_pad = S rounded up to 16, the keys
-    of each 32-key group in the order of vkern.reference.attention.e4m3_key_order: the CUDA kernel's P
+def value_offset(v, key_padding_mask=None):
+    """V's smoothing offset for v_to_e4m3 and attention_prequantized: the mean of V [B, S, H, D] over the keys
+    key_padding_mask (bool [B, S], True = attend) keeps, fp32 [B, H, D] (vkern.reference.attention.value_offset).
+    Any offset is exact in the math; the mean takes V's channel bias out of what is quantized to e4m3 and
+    accumulated by the tensor cores. A span of V may take the offset of another (the chunked Wan block takes its
+    first span's)."""
+    check_tensor("v", v, dtypes=FLOATS, ndim=4)
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=v.device)
+        check_shape("key_padding_mask", key_padding_mask, (v.shape[0], v.shape[1]))
+    return ref.value_offset(v, key_padding_mask)
+
+
+def v_to_e4m3(v, key_padding_mask=None, offset=None):
+    """V [B, S, H, D] -> (e4m3 (V - offset)^T [B, H, D, S_pad] (keys contiguous, S_pad = S rounded up to 16,
+    the keys of each 32-key group in the order of vkern.reference.attention.e4m3_key_order: the CUDA kernel's P
     fragment order; zeros past S), fp32 scales [B, H, ceil(S / 128)]): one scale per (128-key block, head) =
-    amax over the block's tokens and head dim * fp32(1/448) (reference.quantize_per_key_block). Per block, not
+    amax over the block's tokens and head dim * fp32(1/448) (reference.quantize_value). Per block, not
     per channel over all the keys, so V can be quantized a span of whole blocks at a time (the chunked Wan
     block never holds the whole bf16 V); e4m3 is a float format, so the coarser group costs no accuracy
-    (bench/NOTES.md session 15).
+    (bench/NOTES.md session 15). One pass over V (vkern/triton/attention.py _v_fp8_kernel) on GPUs.
+    offset: fp32 [B, H, D] (value_offset; None: 0), subtracted before the quantization; give the same to
+    attention_prequantized as v_offset.
     key_padding_mask: bool [B, S], True = attend; when given, the amax runs over the attended tokens only
     (a padded key's V, possibly huge garbage, cannot coarsen the scale; its own values saturate at +-448
     and attention gives them weight 0). Pass the mask that attention_prequantized will get."""
@@ -486,27 +516,30 @@ def v_to_e4m3(v, key_padding_mask=None):
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=v.device)
         check_shape("key_padding_mask", key_padding_mask, (v.shape[0], v.shape[1]))
-    return torch.ops.vkern.v_to_e4m3(v, key_padding_mask)
+    if offset is not None:
+        check_tensor("offset", offset, dtypes=(torch.float32,), device=v.device)
+        check_shape("offset", offset, (v.shape[0], v.shape[2], v.shape[3]))
+    return torch.ops.vkern.v_to_e4m3(v, key_padding_mask, offset)
 
 
 @torch.library.custom_op("vkern::v_to_e4m3", mutates_args=())
-def _v_to_e4m3(v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..reference.fp8 import fp8_scale
-
+def _v_to_e4m3(v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+               offset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     B, S, H, D = v.shape
     s_pad = -(-S // 16) * 16
     backend = _backend.choose("attention_8bit", _attention_8bit_candidates(v.device, v.dtype, D))
-    if backend in ("cuda", "triton"):  # the CUDA attention kernel takes the Triton transposer's output
+    if backend in ("cuda", "triton"):  # the CUDA attention kernel takes the Triton quantizer's output
         from ..triton.attention import v_fp8_transposed
 
-        scale = fp8_scale(ref.key_block_amax(v, key_padding_mask)).contiguous()
-        return v_fp8_transposed(v if v.stride(-1) == 1 else v.contiguous(), scale, s_pad), scale
-    v8, scale = ref.quantize_per_key_block(v, key_padding_mask, "e4m3")
+        return v_fp8_transposed(v if v.stride(-1) == 1 else v.contiguous(), s_pad,
+                                None if offset is None else offset.contiguous(),
+                                None if key_padding_mask is None else key_padding_mask.contiguous())
+    v8, scale = ref.quantize_value(v, key_padding_mask, offset)
     return ref.e4m3_v_transposed(v8, s_pad), scale
 
 
 @_v_to_e4m3.register_fake
-def _(v, key_padding_mask):
+def _(v, key_padding_mask, offset):
     B, S, H, D = v.shape
     return (v.new_empty((B, H, D, -(-S // 16) * 16), dtype=torch.float8_e4m3fn),
             v.new_empty((B, H, -(-S // ref.KEY_BLOCK)), dtype=torch.float32))
@@ -517,7 +550,8 @@ def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=Fal
     ("int8" or "e4m3"), K per (128-key block, head) (k_to_8bit) for e4m3 keys or pv="e4m3", else per (token,
     head); pv="e4m3" also quantizes V per (128-key block, head) and P for the P @ V product, pv="bf16" keeps both in
     V's dtype. The CUDA kernel (Hopper, D = 128) runs the pv="e4m3" schemes, Triton the others.
-    fp32 accumulation and softmax. Accuracy per scheme: bench/NOTES.md. key_padding_mask: bool [B, Skv],
+    fp32 accumulation and softmax; pv="e4m3" smooths V first (value_offset). Accuracy per scheme: bench/NOTES.md.
+    key_padding_mask: bool [B, Skv],
     True = attend; masked keys get weight 0 and do not enter V's (pv="e4m3") or e4m3 K's scales. Returns out
     in q's dtype (and lse as attention())."""
     _check_attention_inputs(q, k, v, key_padding_mask, scale, (torch.bfloat16, torch.float16))
@@ -527,19 +561,21 @@ def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=Fal
     q8, qs = qk_norm_rope(_heads_flat(q), None, 0.0, H, quant=qk)
     k8, ks = (k_to_8bit(k, qk, key_padding_mask) if ref.key_token_block(qk, pv) > 1
               else qk_norm_rope(_heads_flat(k), None, 0.0, H, quant=qk))
-    vq, vs = v_to_e4m3(v, key_padding_mask) if pv == "e4m3" else (v, None)
+    offset = value_offset(v, key_padding_mask) if pv == "e4m3" else None
+    vq, vs = v_to_e4m3(v, key_padding_mask, offset) if pv == "e4m3" else (v, None)
     return attention_prequantized(q8, qs, k8, ks, vq, vs, key_padding_mask=key_padding_mask, scale=scale,
-                                  return_lse=return_lse, out_dtype=q.dtype)
+                                  return_lse=return_lse, out_dtype=q.dtype, v_offset=offset)
 
 
 def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_padding_mask=None, scale=None,
-                           return_lse=False, out_dtype=torch.bfloat16):
+                           return_lse=False, out_dtype=torch.bfloat16, v_offset=None):
     """attention_8bit on inputs already quantized (by qk_norm_rope(..., quant=...), k_to_8bit and v_to_e4m3,
     given the same key_padding_mask as here, so padded keys do not enter the scales): q8/k8 int8 or e4m3
     [B, S, H, D] with positive scales fp32 q_scale [B, H, Sq] (per token) and k_scale [B, H, Skv] (per key)
     or [B, H, ceil(Skv / 128)] (per 128-key block: the form the CUDA kernel takes; per-key scales run on
     Triton); v bf16/fp16 [B, Skv, H, D] (v_scale None) or e4m3 V^T [B, H, D, S_pad] with v_scale fp32
-    [B, H, ceil(Skv / 128)] (per 128-key block: v_to_e4m3)."""
+    [B, H, ceil(Skv / 128)] (per 128-key block: v_to_e4m3), with v_offset fp32 [B, H, D] the offset v_to_e4m3
+    subtracted (None: none)."""
     if scale is not None and not scale > 0:
         raise ValueError(f"scale: the 8-bit kernel needs a positive softmax scale, got {scale}")
     check_tensor("q8", q8, dtypes=tuple(_DTYPE_OF.values()), ndim=4)
@@ -562,19 +598,25 @@ def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_pad
             raise ValueError(f"v: e4m3 V^T needs at least {Skv} key columns, got {v.shape[3]}")
         check_tensor("v_scale", v_scale, dtypes=(torch.float32,), device=q8.device)
         check_shape("v_scale", v_scale, (B, H, -(-Skv // ref.KEY_BLOCK)))
+    if v_offset is not None:
+        if v_scale is None:
+            raise ValueError("v_offset: only for e4m3 V (v_to_e4m3's offset); a 16-bit V is not smoothed")
+        check_tensor("v_offset", v_offset, dtypes=(torch.float32,), device=q8.device)
+        check_shape("v_offset", v_offset, (B, H, D))
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=q8.device)
         check_shape("key_padding_mask", key_padding_mask, (B, Skv))
     out, lse = torch.ops.vkern.attention_prequantized(
         q8, q_scale.contiguous(), k8, k_scale.contiguous(), v, None if v_scale is None else v_scale.contiguous(),
-        key_padding_mask, None if scale is None else float(scale), bool(return_lse), out_dtype)
+        None if v_offset is None else v_offset.contiguous(), key_padding_mask, None if scale is None else float(scale),
+        bool(return_lse), out_dtype)
     return (out, lse) if return_lse else out
 
 
 @torch.library.custom_op("vkern::attention_prequantized", mutates_args=())
 def _attention_prequantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
-                            v: torch.Tensor, v_scale: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
-                            scale: float | None, return_lse: bool,
+                            v: torch.Tensor, v_scale: torch.Tensor | None, v_offset: torch.Tensor | None,
+                            key_padding_mask: torch.Tensor | None, scale: float | None, return_lse: bool,
                             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     B, Sq, H, D = q8.shape
     Skv = k8.shape[1]
@@ -583,8 +625,8 @@ def _attention_prequantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.T
                                                                            v_scale is not None, k_block))
     no_lse = q8.new_empty((0,), dtype=torch.float32)
     if backend == "cuda":
-        out, lse = _cuda_attention_fp8(q8, q_scale, k8, k_scale, v, v_scale, key_padding_mask, scale, return_lse,
-                                       out_dtype)
+        out, lse = _cuda_attention_fp8(q8, q_scale, k8, k_scale, v, v_scale, v_offset, key_padding_mask, scale,
+                                       return_lse, out_dtype)
         return out, lse if return_lse else no_lse
     if backend == "triton":
         from ..triton.attention import attention as kernel
@@ -595,16 +637,17 @@ def _attention_prequantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.T
         lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q8.device) if return_lse else None
         kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
         k_scale = ref.key_scales_per_token(k_scale, Skv).contiguous()  # the Triton kernel reads one per key
-        kernel(q8, k8, v, out, lse, kpm, scale, q_scale, k_scale, v_scale)
+        kernel(q8, k8, v, out, lse, kpm, scale, q_scale, k_scale, v_scale, v_offset=v_offset)
         return out, lse if return_lse else no_lse
     if v_scale is not None:
         v = ref.e4m3_v_from_transposed(v, k8.shape[1])
-    out, lse = ref.attention_quantized(q8, q_scale, k8, k_scale, v, v_scale, key_padding_mask, scale, out_dtype)
+    out, lse = ref.attention_quantized(q8, q_scale, k8, k_scale, v, v_scale, key_padding_mask, scale, out_dtype,
+                                       v_offset)
     return out.contiguous(), lse if return_lse else no_lse
 
 
 @_attention_prequantized.register_fake
-def _(q8, q_scale, k8, k_scale, v, v_scale, key_padding_mask, scale, return_lse, out_dtype):
+def _(q8, q_scale, k8, k_scale, v, v_scale, v_offset, key_padding_mask, scale, return_lse, out_dtype):
     B, Sq, H, D = q8.shape
     return (q8.new_empty((B, Sq, H, D), dtype=out_dtype),
             q8.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32))

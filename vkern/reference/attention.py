@@ -106,6 +106,21 @@ def quantize_per_key_block(x, key_padding_mask=None, fmt="e4m3"):
     return (xf * (1.0 / per_token)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale.contiguous()
 
 
+def value_offset(v, key_padding_mask=None):
+    """V's smoothing offset: the mean of V [B, S, H, D] over the keys key_padding_mask (bool [B, S], True =
+    attend) keeps, fp32 [B, H, D] (0 where none is). Any offset is exact in the math (the softmax weights of a
+    row sum to 1: out = P (V - c) / l + c); the mean takes V's channel bias out of what is quantized and
+    accumulated (SageAttention2's smoothing of V), so e4m3 V and the tensor cores' fp8 accumulation see only V's
+    variation (bench/NOTES.md session 19)."""
+    if key_padding_mask is None:
+        total, count = v.sum(1, dtype=torch.float32), v.shape[1]
+    else:
+        keep = key_padding_mask[:, :, None, None]
+        total = torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device)).sum(1, dtype=torch.float32)
+        count = key_padding_mask.sum(1, dtype=torch.float32).clamp(min=1)[:, None, None]
+    return total / count
+
+
 def key_block_amax(x, key_padding_mask=None):
     """max |x| over each (block of KEY_BLOCK consecutive tokens, head) of [B, S, H, D] -> fp32 [B, H, ceil(S /
     KEY_BLOCK)], over the tokens key_padding_mask (bool [B, S], True = attend) keeps (0 where none is). A reduction
@@ -168,12 +183,13 @@ def qk_norm_rope_quantized(x, weight, eps, heads, freqs_cos=None, freqs_sin=None
 
 
 def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_mask=None, scale=None,
-                        out_dtype=torch.bfloat16):
+                        out_dtype=torch.bfloat16, v_offset=None):
     """8-bit attention in fp32 math, the scheme vkern's kernel implements: S = (Q8 K8^T) * q_scale *
     k_scale * scale (k_scale per key [B, H, Skv] or per key block [B, H, ceil(Skv / KEY_BLOCK)]);
     P = exp(S - rowmax), then P @ V with P rounded to V's format: e4m3 (V e4m3 with v_scale per key block
     [B, H, ceil(Skv / KEY_BLOCK)], as quantize_per_key_block gives; P scaled to [0, 448] first) or V's float
-    dtype (v_scale None). Row sums in fp32.
+    dtype (v_scale None). Row sums in fp32. v_offset (fp32 [B, H, D] or None): what was subtracted from V before
+    its quantization (value_offset), added to each row that attended a key.
     (The kernel takes the row max block by block, online, so its P rounding differs slightly; both are held
     to the same accuracy bounds against the exact oracle.) Returns (out in out_dtype, lse fp32 [B, H, Sq])."""
     from .fp8 import E4M3
@@ -195,6 +211,8 @@ def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_m
     if v_scale is not None:  # each key's V times its block's scale (the kernel: each block's P V times it)
         vf = vf * key_scales_per_token(v_scale, v.shape[1])[..., None]
     out = (p_lo @ vf) / torch.where(l == 0, torch.ones_like(l), l)
+    if v_offset is not None:
+        out = out + torch.where(l > 0, v_offset[:, :, None, :], 0.0)
     lse = (m + torch.log(l / p_scale)).squeeze(-1)
     return out.permute(0, 2, 1, 3).to(out_dtype), lse
 
@@ -208,12 +226,20 @@ def key_token_block(qk, pv="bf16"):
 
 def attention_8bit(q, k, v, key_padding_mask=None, scale=None, qk="int8", pv="bf16"):
     """8-bit attention on bf16/fp16 q, k, v [B, S, H, D]: quantize Q per (token, head) to `qk`, K per token or
-    per (128-key block, head) (key_token_block), V per (128-key block, head) to e4m3 when pv == "e4m3" (scales
-    from the keys key_padding_mask keeps), then attention_quantized."""
-    v_in = quantize_per_key_block(v, key_padding_mask, "e4m3") if pv == "e4m3" else (v, None)
+    per (128-key block, head) (key_token_block), V smoothed (value_offset) and per (128-key block, head) to e4m3
+    when pv == "e4m3" (offset and scales from the keys key_padding_mask keeps), then attention_quantized."""
+    offset = value_offset(v, key_padding_mask) if pv == "e4m3" else None
+    v_in = quantize_value(v, key_padding_mask, offset) if pv == "e4m3" else (v, None)
     k_in = quantize_per_head(k, qk, key_token_block(qk, pv), key_padding_mask)
     return attention_quantized(*quantize_per_head(q, qk), *k_in, *v_in,
-                               key_padding_mask=key_padding_mask, scale=scale, out_dtype=q.dtype)
+                               key_padding_mask=key_padding_mask, scale=scale, out_dtype=q.dtype, v_offset=offset)
+
+
+def quantize_value(v, key_padding_mask=None, offset=None):
+    """e4m3 V - offset (fp32 [B, H, D], None: 0) [B, S, H, D] and its scales per (128-key block, head)
+    (quantize_per_key_block of the fp32 difference)."""
+    x = v.float() if offset is None else v.float() - offset[:, None]
+    return quantize_per_key_block(x, key_padding_mask, "e4m3")
 
 
 def _projections(attn, hidden_states, encoder_hidden_states):

@@ -173,7 +173,7 @@ def _attend_block(acc, l_i, m_i, q, row_scale, k_base, v_base, ks_base, vs_base,
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qs_ptr, ks_ptr, vs_ptr, kpm_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qs_ptr, ks_ptr, vs_ptr, vo_ptr, kpm_ptr,
     Sq, Skv, Sv, H,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -182,7 +182,7 @@ def _attention_kernel(
     scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     QK8: tl.constexpr, V8: tl.constexpr, HAS_KPM: tl.constexpr, WRITE_LSE: tl.constexpr,
-    UPCAST: tl.constexpr, PIPELINE: tl.constexpr = False, ANCHOR: tl.constexpr = True,
+    UPCAST: tl.constexpr, PIPELINE: tl.constexpr = False, ANCHOR: tl.constexpr = True, HAS_VOFF: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -265,6 +265,8 @@ def _attention_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc * (1.0 / l_safe)[:, None]
+    if HAS_VOFF:  # V was quantized smoothed (V - offset): the offset back, where a key was attended
+        out += tl.where(l_i > 0.0, 1.0, 0.0)[:, None] * tl.load(vo_ptr + bh * HEAD_DIM + offs_d)[None, :]
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
              round_to(out, o_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None])
     if WRITE_LSE:  # natural log; -inf where no key was attended
@@ -272,35 +274,52 @@ def _attention_kernel(
 
 
 @triton.jit
-def _v_fp8_kernel(v_ptr, vs_ptr, vt_ptr, S, S_pad, H, n_blocks, stride_vb, stride_vs, stride_vh,
-                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, EMULATE: tl.constexpr):
-    """V [B, S, H, D] -> e4m3 V^T [B, H, D, S_pad] in e4m3_key_order with scales [B, H, n_blocks] (given, one per
-    128-key block); the columns of keys past S get zeros. BLOCK_S: a multiple of 32 dividing 128."""
-    pid_s = tl.program_id(0)
+def _v_fp8_kernel(v_ptr, off_ptr, kpm_ptr, vs_ptr, vt_ptr, S, S_pad, H, n_blocks, stride_vb, stride_vs, stride_vh,
+                  HEAD_DIM: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_KPM: tl.constexpr, SCALE_FLOOR: tl.constexpr,
+                  INV_MAX: tl.constexpr, EMULATE: tl.constexpr):
+    """One 128-key block of V [B, S, H, D] -> its scale (amax of V - offset over the block's attended keys and
+    the head dim, at least SCALE_FLOOR, times INV_MAX = fp32(1/448): vkern.reference.attention.quantize_value) and
+    its e4m3 columns of V^T [B, H, D, S_pad] in e4m3_key_order; the columns of keys past S get zeros. V is read
+    once (the block stays in registers between the amax and the rounding)."""
+    blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_s = blk * 128 + tl.arange(0, 128)
     key = e4m3_key_order(offs_s)  # the same 128-key block as its column: the order stays within 32 keys
     offs_d = tl.arange(0, HEAD_DIM)
+    real = key < S
     v = tl.load(v_ptr + b * stride_vb + h * stride_vh + key[:, None] * stride_vs + offs_d[None, :],
-                mask=(key < S)[:, None], other=0.0).to(tl.float32)
-    scale = tl.load(vs_ptr + bh * n_blocks + pid_s * BLOCK_S // 128)
+                mask=real[:, None], other=0.0).to(tl.float32)
+    if HAS_OFFSET:
+        v = tl.where(real[:, None], v - tl.load(off_ptr + bh * HEAD_DIM + offs_d)[None, :], 0.0)
+    attended = real
+    if HAS_KPM:
+        attended = attended & (tl.load(kpm_ptr + b * S + key, mask=real, other=0) != 0)
+    amax = tl.max(tl.max(tl.where(attended[:, None], tl.abs(v), 0.0), 1), 0)
+    scale = tl.maximum(amax, SCALE_FLOOR) * INV_MAX
+    tl.store(vs_ptr + bh * n_blocks + blk, scale)
     inv = tl.math.div_rn(scale * 0.0 + 1.0, scale)  # IEEE 1 / scale, as the reference's (Triton's / is not)
     v8 = to_e4m3(v * inv, EMULATE)
     tl.store(vt_ptr + bh * HEAD_DIM * S_pad + offs_d[:, None] * S_pad + offs_s[None, :], tl.trans(v8),
              mask=(offs_s < S_pad)[None, :])
 
 
-def v_fp8_transposed(v, v_scale, s_pad):
-    """v [B, S, H, D] (last dim contiguous), v_scale fp32 [B, H, ceil(S / 128)] contiguous -> e4m3 [B, H, D, s_pad]."""
+def v_fp8_transposed(v, s_pad, offset=None, key_padding_mask=None):
+    """v [B, S, H, D] (last dim contiguous), offset fp32 [B, H, D] contiguous or None, key_padding_mask bool
+    [B, S] contiguous or None -> (e4m3 V^T [B, H, D, s_pad], fp32 scales [B, H, ceil(S / 128)]) of V - offset."""
+    from ..reference.fp8 import E4M3_INV
+
     B, S, H, D = v.shape
+    n_blocks = -(-S // 128)
     vt = torch.empty((B, H, D, s_pad), dtype=torch.float8_e4m3fn, device=v.device)
-    block_s = 64
-    _v_fp8_kernel[(triton.cdiv(s_pad, block_s), B * H)](
-        v, v_scale, vt, S, s_pad, H, v_scale.shape[2], v.stride(0), v.stride(1), v.stride(2),
-        HEAD_DIM=D, BLOCK_S=block_s, EMULATE=True, num_warps=4)  # exact RNE; memory-bound, so free
-    return vt
+    scale = torch.empty((B, H, n_blocks), dtype=torch.float32, device=v.device)
+    kpm = vt if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+    _v_fp8_kernel[(n_blocks, B * H)](
+        v, vt if offset is None else offset, kpm, scale, vt, S, s_pad, H, n_blocks, v.stride(0), v.stride(1),
+        v.stride(2), HEAD_DIM=D, HAS_OFFSET=offset is not None, HAS_KPM=key_padding_mask is not None,
+        SCALE_FLOOR=1e-12, INV_MAX=E4M3_INV, EMULATE=True, num_warps=8)  # exact RNE; memory-bound, so free
+    return vt, scale
 
 
 def _configs():
@@ -335,11 +354,12 @@ VARIANTS = ("default", "pipe")
 
 
 def attention(q, k, v, out, lse=None, key_padding_mask=None, scale=None,
-              q_scale=None, k_scale=None, v_scale=None, variant=None):
+              q_scale=None, k_scale=None, v_scale=None, variant=None, v_offset=None):
     """Launch. q [B, Sq, H, D], k [B, Skv, H, D], last dims contiguous: bf16/fp16/fp32, or 8-bit (e4m3 or
     int8) with q_scale/k_scale fp32 [B, H, S] contiguous. v: like q's float dtype [B, Skv, H, D], or e4m3
     transposed [B, H, D, S_pad] (keys contiguous in e4m3_key_order, S_pad >= Skv, a multiple of 16) with v_scale fp32
-    [B, H, ceil(Skv / 128)] contiguous.
+    [B, H, ceil(Skv / 128)] contiguous, and v_offset fp32 [B, H, D] contiguous or None (what was subtracted from V
+    before its quantization; added to every row that attended a key).
     out [B, Sq, H, D] (last dim contiguous); lse fp32 [B, H, Sq] contiguous or None; key_padding_mask
     bool/uint8 [B, Skv] contiguous or None. variant: the main loop, "default" (scores, softmax, P @ V back to
     back) or "pipe" (the next block's QK^T issued before this block's softmax; opt-in until measured);
@@ -365,7 +385,8 @@ def attention(q, k, v, out, lse=None, key_padding_mask=None, scale=None,
 
     _attention_tuned[grid](
         q, k, v, out, lse if lse is not None else dummy,
-        q_scale if qk8 else dummy, k_scale if qk8 else dummy, v_scale if v8 else dummy, kpm,
+        q_scale if qk8 else dummy, k_scale if qk8 else dummy, v_scale if v8 else dummy,
+        v_offset if v_offset is not None else dummy, kpm,
         Sq, Skv, v.shape[3] if v8 else Skv, H,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -373,6 +394,6 @@ def attention(q, k, v, out, lse=None, key_padding_mask=None, scale=None,
         out.stride(0), out.stride(1), out.stride(2),
         scale * LOG2E,
         HEAD_DIM=D, QK8=qk8, V8=v8, HAS_KPM=key_padding_mask is not None, WRITE_LSE=lse is not None,
-        UPCAST=interpreting(), PIPELINE=variant == "pipe",
+        UPCAST=interpreting(), PIPELINE=variant == "pipe", HAS_VOFF=v_offset is not None,
     )
     return out
