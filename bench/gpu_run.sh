@@ -22,7 +22,8 @@
 #     encode rows of the default path only;
 #     fp8attn: fp8 attention rows (the CUDA 8-bit kernel's forms; VKERN_FP8_ROWS: the providers) vs cuDNN bf16
 #     and their accuracy on random and WanAttention inputs (bench/fp8_attention_accuracy.py);
-#     VKERN_TESTS: test paths (default tests); VKERN_PYTEST_K: a pytest -k expression over them
+#     VKERN_TESTS: test paths (default tests); VKERN_PYTEST_K: a pytest -k expression over them; VKERN_SKIP_DEMO=1:
+#     no demo after the tests
 set -uo pipefail
 MODES=" ${*:-tests quick} "
 . bench/device_env.sh
@@ -45,8 +46,10 @@ if [[ $MODES == *" tests "* ]]; then
     --durations=25 ${VKERN_TESTS:-tests} ${VKERN_PYTEST_K:+-k "$VKERN_PYTEST_K"} > "$OUT/pytest.log" 2>&1
   tests_rc=$?
   grep -E "FAILED|ERROR" "$OUT/pytest.log" | head -20; tail -3 "$OUT/pytest.log"
-  echo "== demo"
-  python3 -m vkern demo --size 1.3b --res 480p 2>&1 | tee "$OUT/demo.txt"
+  if [[ -z ${VKERN_SKIP_DEMO:-} ]]; then
+    echo "== demo"
+    python3 -m vkern demo --size 1.3b --res 480p 2>&1 | tee "$OUT/demo.txt"
+  fi
 fi
 
 echo "== bench"
