@@ -42,13 +42,14 @@ def main():
         "WanAttention self 1.3B 720p": lambda: _wan_qkv(75600, 1536, 12, "self"),
     }
 
-    # "fp8": the fp8 mode's scheme (int8 Q/K, e4m3 P/V, V smoothed); "-e4m3qk": e4m3 Q/K; "-promoted": the CUDA
-    # kernel's O promoted to fp32 per key block (sessions 14-18's default); "-unsmoothed": V quantized as it is.
+    # "fp8": the fp8 mode's scheme (int8 Q/K, e4m3 P/V, V smoothed; the CUDA kernel's O promoted to fp32 per key
+    # block); "-e4m3qk": e4m3 Q/K; "-tensor-o": the CUDA kernel's O in the tensor cores (opt-in); "-unsmoothed": V
+    # quantized as it is.
     int8_e4m3 = ("int8", "e4m3")
     providers = {"fp8-e4m3qk-cuda": ("cuda", ("e4m3", "e4m3"), {}), "fp8-cuda": ("cuda", int8_e4m3, {}),
-                 "fp8-cuda-promoted": ("cuda", int8_e4m3, {"VKERN_FLASH_FP8_PROMOTE": "1"}),
+                 "fp8-cuda-tensor-o": ("cuda", int8_e4m3, {"VKERN_FLASH_FP8_PROMOTE": "0"}),
                  "fp8-cuda-unsmoothed": ("cuda", int8_e4m3, {"smooth": False}),
-                 "fp8-cuda-promoted-unsmoothed": ("cuda", int8_e4m3, {"VKERN_FLASH_FP8_PROMOTE": "1", "smooth": False}),
+                 "fp8-cuda-tensor-o-unsmoothed": ("cuda", int8_e4m3, {"VKERN_FLASH_FP8_PROMOTE": "0", "smooth": False}),
                  "fp8-triton": ("triton", int8_e4m3, {}), "fp8-reference": ("reference", int8_e4m3, {}),
                  "fp8-reference-unsmoothed": ("reference", int8_e4m3, {"smooth": False}),
                  "fp8-e4m3qk-reference": ("reference", ("e4m3", "e4m3"), {}),
@@ -66,8 +67,8 @@ def main():
                 qs = q[:, sample] if backend == "reference" else q  # the emulation on the sampled rows only
                 out = vkern.ops.attention_8bit(qs, k, v, qk=qk, pv=pv) if smooth else _unsmoothed(qs, k, v, qk)
             finally:
-                for name in env:
-                    del os.environ[name]
+                for variable in env:
+                    del os.environ[variable]
             out = out if backend == "reference" else out[:, sample]
             err = ((out.double() - oracle).norm() / oracle.norm()).item()
             cos = torch.nn.functional.cosine_similarity(out.double().flatten(), oracle.flatten(), dim=0).item()

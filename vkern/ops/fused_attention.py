@@ -413,7 +413,10 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     return out, lse
 
 
-FP8_PROMOTE_O = False  # the 8-bit CUDA kernel's O: in the tensor cores (False) or promoted to fp32 per key block
+# The 8-bit CUDA kernel's O: promoted to fp32 per key block (True), or in the tensor cores (False: 3-7% faster in run
+# 74, but each block's P takes its V scale ratio as an exponent shift, and where a head's V block scales spread far
+# those P fall into e4m3's subnormals: bench/NOTES.md run 74).
+FP8_PROMOTE_O = True
 
 
 def _fp8_promote_o():
@@ -496,7 +499,19 @@ def value_offset(v, key_padding_mask=None):
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=v.device)
         check_shape("key_padding_mask", key_padding_mask, (v.shape[0], v.shape[1]))
+    return torch.ops.vkern.value_offset(v, key_padding_mask)
+
+
+# An op of its own so that torch.compile keeps its reduction order: a compiled graph then quantizes V - offset to
+# the same codes as eager (any offset is exact in the math, not in the bits).
+@torch.library.custom_op("vkern::value_offset", mutates_args=())
+def _value_offset(v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
     return ref.value_offset(v, key_padding_mask)
+
+
+@_value_offset.register_fake
+def _(v, key_padding_mask):
+    return v.new_empty((v.shape[0], v.shape[2], v.shape[3]), dtype=torch.float32)
 
 
 def v_to_e4m3(v, key_padding_mask=None, offset=None):
