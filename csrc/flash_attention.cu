@@ -129,20 +129,20 @@ __device__ __forceinline__ float quad_sum(float x) {
 // - in the tensor cores (as the 16-bit forms; 8-13% faster in runs 56-57), the PV product in flight through the next
 //   softmax. Their fp8 accumulation keeps fewer bits than fp32 (13-14 of the mantissa: DeepSeek-V3, SageAttention2),
 //   which lost accuracy where O grows block by block with a channel mean of V (run 55: the error doubled at 75600
-//   keys); so V comes smoothed (v_offset: V - c quantized, c added back in the epilogue, exact in the math), and each
-//   block's V scale joins its P as the exponent shift log2(v_scale_j / v_scale_max) (P <= 448 still), the row sums
-//   taken without it; the epilogue multiplies by v_scale_max.
+//   keys); so V comes smoothed (v_offset: V - c quantized, c added back in the epilogue, exact in the math). O is
+//   kept in units of the V scale of the last block added: the rescale before block j's product multiplies it by
+//   alpha * v_scale_{j-1} / v_scale_j, and the epilogue by the last block's scale. (Folding the ratio to the
+//   largest scale into P instead, as an exponent shift, sent the P of small-scale blocks into e4m3's subnormals:
+//   bench/NOTES.md run 74.)
 // S8's scores: the int32 accumulator starts at the bits of kIntBias = 1.5 * 2^23 (see wgmma_m64n128k32_ss_s8), so
 // s reads as kIntBias + S in fp32; the bias cancels in s - max and is taken out of the row max.
-// v_offset (8-bit, may be null): fp32 [B, H, D], added to each output row that attended a key. v_scale_max (8-bit
-// in the tensor cores): fp32 [B, H], the largest of the head's V scales.
+// v_offset (8-bit, may be null): fp32 [B, H, D], added to each output row that attended a key.
 template <typename In, typename Out, int kHeadDim, int kStages, bool kPromoteO>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
                      const float* __restrict__ q_scale, const float* __restrict__ k_scale,
-                     const float* __restrict__ v_scale, const float* __restrict__ v_scale_max,
-                     const float* __restrict__ v_offset, float* __restrict__ lse, const uint4* __restrict__ key_bits,
+                     const float* __restrict__ v_scale, const float* __restrict__ v_offset, float* __restrict__ lse, const uint4* __restrict__ key_bits,
                      int heads, int q_len, int kv_len, float scale_log2) {
   using F = Format<In, kHeadDim>;
   static_assert(F::k8Bit || !kPromoteO, "O promotion is for the 8-bit forms");
@@ -231,10 +231,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
-  // 8-bit in the tensor cores: block j's P takes v_scale_j / v_max (<= 1) as the exponent shift value_shift_of(j).
-  const float v_max = kTensorO8 ? __ldg(v_scale_max + int64_t(batch) * heads + head) : 1.f;
-  const float inv_v_max = 1.f / v_max;
-
   // Block j's 128 key-padding bits (all set without a mask): key c of the block is bit c % 32 of word c / 32.
   auto key_bits_of = [&](int j) {
     return key_bits == nullptr ? make_uint4(~0u, ~0u, ~0u, ~0u) : __ldg(key_bits + int64_t(batch) * n_blocks + j);
@@ -247,12 +243,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto value_scale_of = [&](int j) {
     return F::k8Bit ? __ldg(v_scale + (int64_t(batch) * heads + head) * n_blocks + j) : 1.f;
   };
-  auto value_shift_of = [&](int j) { return kTensorO8 ? __log2f(value_scale_of(j) * inv_v_max) : 0.f; };
   // Masks the keys past kv_len and the padded ones, updates the running max and returns P = exp2(scale * s - max)
-  // (8-bit: times 448, and times 2^shift) in s, its row sums (without the shift) in sum and the factor alpha that
-  // rescales what was accumulated before. The per-row multipliers (> 0) commute with the max, so they scale two row
-  // maxima, not 64 scores.
-  auto softmax = [&](int j, uint4 bits, float key_scale, float shift, float (&alpha)[2], float (&sum)[2]) {
+  // (8-bit: times 448) in s, its row sums in sum and the factor alpha that rescales what was accumulated before.
+  // The per-row multipliers (> 0) commute with the max, so they scale two row maxima, not 64 scores.
+  auto softmax = [&](int j, uint4 bits, float key_scale, float (&alpha)[2], float (&sum)[2]) {
     const float mult[2] = {F::k8Bit ? row_scale[0] * key_scale : scale_log2,
                            F::k8Bit ? row_scale[1] * key_scale : scale_log2};
     const int cols_left = kv_len - j * kBlockN;
@@ -287,8 +281,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float offset = new_max == -INFINITY ? 0.f : new_max;
       alpha[r] = ex2(row_max[r] - offset);
       row_max[r] = new_max;
-      neg_max[r] = F::kIntQK ? fmaf(-kIntBias, mult[r], (F::kPOffset + shift) - offset)
-                   : F::k8Bit ? (F::kPOffset + shift) - offset
+      neg_max[r] = F::kIntQK ? fmaf(-kIntBias, mult[r], F::kPOffset - offset)
+                   : F::k8Bit ? F::kPOffset - offset
                               : -offset;  // (0 - x is not -x at x = 0: no fold)
     }
     float part[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // two partial sums per row: shorter chains, as the max
@@ -297,9 +291,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       s[i] = ex2(fmaf(s[i], mult[(i / 2) % 2], neg_max[(i / 2) % 2]));
       part[(i / 2) % 2][(i / 4) % 2] += s[i];
     }
-    const float unshift = kTensorO8 ? ex2(-shift) : 1.f;
-    sum[0] = (part[0][0] + part[0][1]) * unshift;
-    sum[1] = (part[1][0] + part[1][1]) * unshift;
+    sum[0] = part[0][0] + part[0][1];
+    sum[1] = part[1][0] + part[1][1];
   };
   auto to_p = [&] {
     if constexpr (F::k8Bit) {
@@ -357,12 +350,21 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (kTakeTurns && wg == 1) bar_arrive(kTurnBarrier, 256);
   mbar_wait(&bars.q_full, 0);
-  float alpha[2];  // rescales O before the next PV product adds to it (O is still 0 after block 0)
+  float alpha[2] = {1.f, 1.f};  // rescales O before the next PV product adds to it (O is still 0 after block 0)
+  float o_scale = F::k8Bit ? value_scale_of(0) : 1.f;  // 8-bit, O in the tensor cores: the V scale of O's units
+  // 8-bit, O in the tensor cores: the next PV product takes block value_scale's units, O is rescaled to them too.
+  auto to_units_of = [&](float value_scale) {
+    if constexpr (kTensorO8) {
+      const float ratio = o_scale / value_scale;
+      alpha[0] *= ratio;
+      alpha[1] *= ratio;
+      o_scale = value_scale;
+    }
+  };
   {  // block 0: S only
     float sum[2];
     const uint4 bits = key_bits_of(0);
     const float key_scale = key_scale_of(0);
-    const float shift = value_shift_of(0);
     mbar_wait(&bars.k_full[0], 0);
     wait_turn();
     start_s();
@@ -374,7 +376,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<0>();
     read_s();
     release_k(0);
-    softmax(0, bits, key_scale, shift, alpha, sum);
+    softmax(0, bits, key_scale, alpha, sum);
     row_sum[0] = sum[0];
     row_sum[1] = sum[1];
   }
@@ -411,8 +413,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int st = j % kStages, prev = (j - 1) % kStages;
     const uint4 bits = key_bits_of(j);  // in flight while the products run
     const float key_scale = key_scale_of(j);
-    const float value_scale = kPromoteO ? value_scale_of(j - 1) : 1.f;
-    const float shift = value_shift_of(j);
+    const float value_scale = F::k8Bit ? value_scale_of(j - 1) : 1.f;
     mbar_wait(&bars.k_full[st], (j / kStages) & 1);
     mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
     wgmma_wait<0>();  // the PV product of block j - 2
@@ -426,6 +427,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     issue_qk<In, kHeadDim>(s, s_int, q_rows, k_ring.plus(st * kTileBytes));
     wgmma_commit();
     fence_s();
+    to_units_of(value_scale);
     rescale_o();
     wgmma_fence();  // O was written by ordinary instructions
     issue_pv_block(v_ring.plus(prev * kTileBytes));
@@ -445,18 +447,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     read_s();
     release_k(j);
     float sum[2];
-    softmax(j, bits, key_scale, shift, alpha, sum);
+    softmax(j, bits, key_scale, alpha, sum);
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + sum[r];
   }
   {  // the last block's PV product (its V stage and the one before are never refilled: not released)
     const int last = (n_blocks - 1) % kStages;
-    const float value_scale = kPromoteO ? value_scale_of(n_blocks - 1) : 1.f;
+    const float value_scale = F::k8Bit ? value_scale_of(n_blocks - 1) : 1.f;
     mbar_wait(&bars.v_full[last], ((n_blocks - 1) / kStages) & 1);
     wgmma_wait<0>();
     fence_regs(o);
     fence_t();
     pack_block(0);
+    to_units_of(value_scale);
     rescale_o();
     wgmma_fence();
     issue_pv_block(v_ring.plus(last * kTileBytes));
@@ -474,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = 0; r < 2; ++r) {
     row_sum[r] = quad_sum(row_sum[r]);
     attended[r] = row_sum[r] > 0.f ? 1.f : 0.f;
-    inv[r] = row_sum[r] > 0.f ? v_max / row_sum[r] : 0.f;  // 0: every key masked (out 0, lse -inf)
+    inv[r] = row_sum[r] > 0.f ? o_scale / row_sum[r] : 0.f;  // 0: every key masked (out 0, lse -inf)
   }
   // v_offset: this thread's columns (i / 4) * 8 + (lane % 4) * 2 + {0, 1}, one fp32 pair per i / 4.
   const float2* offsets =
@@ -570,16 +573,16 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 // The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; 8-bit: v is V^T), out; the scales 8-bit only.
 template <typename In, typename Out, int kHeadDim, int kStages, bool kPromoteO = false>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale,
-                   const float* v_scale_max, const float* v_offset, float* lse, const void* key_bits, int batch,
-                   int heads, int q_len, int kv_len, float scale, cudaStream_t stream) {
+                   const float* v_offset, float* lse, const void* key_bits, int batch, int heads, int q_len,
+                   int kv_len, float scale, cudaStream_t stream) {
   constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages>();
   const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kPromoteO>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], q_scale, k_scale, v_scale,
-                                                 v_scale_max, v_offset, lse, static_cast<const uint4*>(key_bits),
-                                                 heads, q_len, kv_len, scale * 1.4426950408889634f);
+                                                 v_offset, lse, static_cast<const uint4*>(key_bits), heads, q_len,
+                                                 kv_len, scale * 1.4426950408889634f);
   return cudaGetLastError();
 }
 
@@ -607,10 +610,10 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
       return cudaErrorInvalidValue;
     const auto with_dim = [&](auto dim_tag) {
       constexpr int kDim = decltype(dim_tag)::value;
-      return stages == 2 ? launch<T, T, kDim, 2>(maps, nullptr, nullptr, nullptr, nullptr, nullptr, lse, key_bits,
-                                                 batch, heads, q_len, kv_len, scale, stream)
-                         : launch<T, T, kDim, 3>(maps, nullptr, nullptr, nullptr, nullptr, nullptr, lse, key_bits,
-                                                 batch, heads, q_len, kv_len, scale, stream);
+      return stages == 2 ? launch<T, T, kDim, 2>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch,
+                                                 heads, q_len, kv_len, scale, stream)
+                         : launch<T, T, kDim, 3>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch,
+                                                 heads, q_len, kv_len, scale, stream);
     };
     return head_dim == 64 ? with_dim(std::integral_constant<int, 64>())
                           : with_dim(std::integral_constant<int, 128>());
@@ -622,14 +625,13 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
-                                    const float* v_scale, const float* v_scale_max, const float* v_offset,
-                                    DType out_dtype, int batch, int heads, int q_len, int kv_len, int vt_len,
+                                    const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads, int q_len, int kv_len, int vt_len,
                                     int head_dim, float scale, int stages, bool int8_qk, bool promote_o,
                                     cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
       vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
-      (!promote_o && v_scale_max == nullptr) || reinterpret_cast<uintptr_t>(v_offset) % 8 != 0)
+      reinterpret_cast<uintptr_t>(v_offset) % 8 != 0)
     return cudaErrorInvalidValue;
   const CUtensorMapDataType out_type = out_dtype == DType::kBFloat16  ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                        : out_dtype == DType::kFloat16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
@@ -646,10 +648,10 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
     const auto with = [&](auto in_tag, auto promote_tag) {
       using In = decltype(in_tag);
       constexpr bool kPromote = decltype(promote_tag)::value;
-      return stages == 2 ? launch<In, Out, 128, 2, kPromote>(maps, q_scale, k_scale, v_scale, v_scale_max, v_offset,
-                                                             lse, key_bits, batch, heads, q_len, kv_len, scale, stream)
-                         : launch<In, Out, 128, 3, kPromote>(maps, q_scale, k_scale, v_scale, v_scale_max, v_offset,
-                                                             lse, key_bits, batch, heads, q_len, kv_len, scale, stream);
+      return stages == 2 ? launch<In, Out, 128, 2, kPromote>(maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits,
+                                                             batch, heads, q_len, kv_len, scale, stream)
+                         : launch<In, Out, 128, 3, kPromote>(maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits,
+                                                             batch, heads, q_len, kv_len, scale, stream);
     };
     if (int8_qk) return promote_o ? with(S8(), std::true_type()) : with(S8(), std::false_type());
     return promote_o ? with(E4M3(), std::true_type()) : with(E4M3(), std::false_type());

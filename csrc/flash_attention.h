@@ -38,14 +38,12 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // block's) / rowsum(P) + v_offset in out_dtype (bf16 or fp16). v_offset (may be null; 8-byte aligned): fp32 [B, H, D],
 // the value subtracted from V before its quantization (smoothing), added to every row with an attended key.
 // promote_o: each block's P V added to O in fp32 registers; else O accumulates in the tensor cores (faster, fewer
-// bits: smooth V), each block's P times v_scale / v_scale_max before its rounding, with v_scale_max fp32 [B, H]
-// the largest of the head's V scales (kPromoteO in the .cu). lse, key_bits, stages as flash_attention_fwd. int8_qk:
+// bits: smooth V), rescaled to each block's V scale before its product (kPromoteO in the .cu). lse, key_bits, stages as flash_attention_fwd. int8_qk:
 // q, k are int8 instead (symmetric, scales = amax / 127; S exact in int32).
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
-                                    const float* v_scale, const float* v_scale_max, const float* v_offset,
-                                    DType out_dtype, int batch, int heads, int q_len, int kv_len, int vt_len,
+                                    const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads, int q_len, int kv_len, int vt_len,
                                     int head_dim, float scale, int stages, bool int8_qk, bool promote_o,
                                     cudaStream_t stream);
 

@@ -413,9 +413,8 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     return out, lse
 
 
-# The 8-bit CUDA kernel's O: promoted to fp32 per key block (True), or in the tensor cores (False: 3-7% faster in run
-# 74, but each block's P takes its V scale ratio as an exponent shift, and where a head's V block scales spread far
-# those P fall into e4m3's subnormals: bench/NOTES.md run 74).
+# The 8-bit CUDA kernel's O: promoted to fp32 per key block (True), or in the tensor cores (False: faster, fewer
+# accumulation bits; bench/NOTES.md runs 74-76).
 FP8_PROMOTE_O = True
 
 
@@ -437,17 +436,14 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
     out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q8.device) if return_lse else None
     bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
-    promote = _fp8_promote_o()
-    v_max = None if promote else v_scale.amax(-1).contiguous()  # the tensor-core form's P takes v_scale / v_max
     with torch.cuda.device(q8.device):
         cuda_ext().flash_attention_fp8_fwd(
             *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q8, k8)),
             (vt.data_ptr(), vt.stride(0), vt.stride(2), vt.stride(1)),  # V^T: (batch, head-dim row, head) strides
             (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
-            k_scale.data_ptr(), v_scale.data_ptr(), 0 if v_max is None else v_max.data_ptr(),
-            0 if v_offset is None else v_offset.data_ptr(), DTYPE_CODE[out_dtype], B, H, Sq, Skv,
-            vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(), q8.dtype == torch.int8, promote,
+            k_scale.data_ptr(), v_scale.data_ptr(), 0 if v_offset is None else v_offset.data_ptr(), DTYPE_CODE[out_dtype], B, H, Sq, Skv,
+            vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(), q8.dtype == torch.int8, _fp8_promote_o(),
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
