@@ -65,12 +65,10 @@ def _attention(name, providers, args):
 
     fns["vkern-fp8-cuda"] = fp8_backend("cuda", fns["vkern-fp8"])  # csrc/flash_attention.cu, e4m3 form (D 128)
     fns["vkern-int8-fp8pv-cuda"] = fp8_backend("cuda", fns["vkern-int8-fp8pv"])  # its int8 form: attention="fp8"
-    fns["vkern-int8-fp8pv-cuda-tensor-o"] = with_env(fns["vkern-int8-fp8pv-cuda"], "VKERN_FLASH_FP8_PROMOTE", "0")
     fns["vkern-fp8-triton"] = fp8_backend("triton", fns["vkern-fp8"])
     # The kernels alone, on Q/K/V already in e4m3 (as the Wan processor has them: its fused norm/RoPE prologue
     # quantizes Q and K; V takes v_to_e4m3, ~3% of these calls' bytes).
-    kernel_rows = ["vkern-fp8-cuda-kernel", "vkern-int8-fp8pv-cuda-kernel", "vkern-int8-fp8pv-cuda-kernel-tensor-o",
-                   "vkern-fp8-triton-kernel"]
+    kernel_rows = ["vkern-fp8-cuda-kernel", "vkern-int8-fp8pv-cuda-kernel", "vkern-fp8-triton-kernel"]
     wanted = providers or list(fns) + kernel_rows
     if s.head_dim == 128 and any(p.endswith("-kernel") for p in wanted):
         q8, qs = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, s.heads, quant="e4m3")
@@ -86,9 +84,6 @@ def _attention(name, providers, args):
         prequant_int8 = lambda: vkern.ops.attention_prequantized(q8i, qsi, k8i, ksi, vt, vs, out_dtype=q.dtype,
                                                                  v_offset=offset)
         fns["vkern-int8-fp8pv-cuda-kernel"] = fp8_backend("cuda", prequant_int8)
-        # Session 19: the opt-in form with O in the tensor cores (the default promotes each block's P V to fp32).
-        fns["vkern-int8-fp8pv-cuda-kernel-tensor-o"] = with_env(fns["vkern-int8-fp8pv-cuda-kernel"],
-                                                                "VKERN_FLASH_FP8_PROMOTE", "0")
     fns["vkern"] = lambda: vkern.ops.attention(q, k, v)
     rows = torch.randperm(s.tokens, device="cuda")[:256]  # oracle on sampled queries: O(256 * S) memory
     oracle = ref.attention_lse(q[:, rows], k, v, dtype=torch.float32)[0]

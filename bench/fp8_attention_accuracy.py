@@ -42,14 +42,11 @@ def main():
         "WanAttention self 1.3B 720p": lambda: _wan_qkv(75600, 1536, 12, "self"),
     }
 
-    # "fp8": the fp8 mode's scheme (int8 Q/K, e4m3 P/V, V smoothed; the CUDA kernel's O promoted to fp32 per key
-    # block); "-e4m3qk": e4m3 Q/K; "-tensor-o": the CUDA kernel's O in the tensor cores (opt-in); "-unsmoothed": V
+    # "fp8": the fp8 mode's scheme (int8 Q/K, e4m3 P/V, V smoothed); "-e4m3qk": e4m3 Q/K; "-unsmoothed": V
     # quantized as it is.
     int8_e4m3 = ("int8", "e4m3")
     providers = {"fp8-e4m3qk-cuda": ("cuda", ("e4m3", "e4m3"), {}), "fp8-cuda": ("cuda", int8_e4m3, {}),
-                 "fp8-cuda-tensor-o": ("cuda", int8_e4m3, {"VKERN_FLASH_FP8_PROMOTE": "0"}),
                  "fp8-cuda-unsmoothed": ("cuda", int8_e4m3, {"smooth": False}),
-                 "fp8-cuda-tensor-o-unsmoothed": ("cuda", int8_e4m3, {"VKERN_FLASH_FP8_PROMOTE": "0", "smooth": False}),
                  "fp8-triton": ("triton", int8_e4m3, {}), "fp8-reference": ("reference", int8_e4m3, {}),
                  "fp8-reference-unsmoothed": ("reference", int8_e4m3, {"smooth": False}),
                  "fp8-e4m3qk-reference": ("reference", ("e4m3", "e4m3"), {}),

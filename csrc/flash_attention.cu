@@ -11,7 +11,8 @@
 // Numerics: fp32 accumulation and softmax (exp2 of scale * log2(e) * s - running max, one FFMA per score),
 // P rounded to the input dtype for the PV product (as FlashAttention), out = O / l rounded once. 8-bit forms:
 // Q, K in e4m3 or int8 (S exact in int32), P and V in e4m3, O promoted to fp32 per key block (kPromoteO), where
-// each block's P V takes its V scale.
+// each block's P V takes its V scale; V may come smoothed (v_offset: the offset added back to every row with an
+// attended key).
 // Keys past kv_len (the last block) are masked to -inf; query rows past q_len are computed on TMA's
 // zero fill and never stored (TMA clips the store). Key-padding mask (optional): one bit per key, 16 bytes per
 // 128-key block, read by every consumer thread with one 16-byte load issued before it waits for S; blocks whose
@@ -48,6 +49,7 @@ template <typename In, int kHeadDim>
 struct Format {
   static constexpr bool kIntQK = std::is_same<In, S8>::value;                 // int8 Q, K; e4m3 P, V
   static constexpr bool k8Bit = std::is_same<In, E4M3>::value || kIntQK;      // the 8-bit forms
+  static constexpr bool kPromoteO = k8Bit;                                     // see flash_fwd_kernel
   static_assert(!k8Bit || kHeadDim == 128, "the 8-bit kernel takes head dim 128");
   static constexpr int kBoxes = kHeadDim * (k8Bit ? 1 : 2) / 128;  // 128-byte column boxes of a Q or K tile
   static constexpr int kBoxCols = k8Bit ? 128 : 64;
@@ -121,32 +123,28 @@ __device__ __forceinline__ float quad_sum(float x) {
 // group in the order (0, 1, 8, 9 | 16, 17, 24, 25) + 2 * (lane % 4), and V^T is stored in that key order
 // (vkern.ops.v_to_e4m3): the product pairs each P with its own key's V.
 // In: the input format (__nv_bfloat16, __half, E4M3 or S8); Out: the output's (= In when 16-bit).
-// The 8-bit forms accumulate O in one of two ways (kPromoteO):
-// - promoted: each block's P V product goes into a fresh accumulator t, which the consumer adds to O in fp32, times
-//   the block's V scale (one FFMA per element), after waiting for it together with the next block's S, before that
-//   softmax. Waiting for both products before the softmax (instead of keeping the PV product in flight through it)
-//   keeps t, P and S from being live together: that schedule spilled and ran 8-14% slower (runs 55-56).
-// - in the tensor cores (as the 16-bit forms; 8-13% faster in runs 56-57), the PV product in flight through the next
-//   softmax. Their fp8 accumulation keeps fewer bits than fp32 (13-14 of the mantissa: DeepSeek-V3, SageAttention2),
-//   which lost accuracy where O grows block by block with a channel mean of V (run 55: the error doubled at 75600
-//   keys); so V comes smoothed (v_offset: V - c quantized, c added back in the epilogue, exact in the math). O is
-//   kept in units of the V scale of the last block added: the rescale before block j's product multiplies it by
-//   alpha * v_scale_{j-1} / v_scale_j, and the epilogue by the last block's scale. (Folding the ratio to the
-//   largest scale into P instead, as an exponent shift, sent the P of small-scale blocks into e4m3's subnormals:
-//   bench/NOTES.md run 74.)
+// kPromoteO (the 8-bit forms): each block's P V product goes into a fresh accumulator t, which the consumer adds to
+// O in fp32, times the block's V scale (one FFMA per element), after waiting for it together with the next block's
+// S, before that softmax. Accumulated across blocks in the tensor cores instead (session 14's option, 8-13% faster),
+// their fp8 accumulation keeps fewer bits than fp32: on WanAttention inputs (V with channel means, so O grows block
+// by block) that doubled the error at 75600 keys (bench/NOTES.md run 55; DeepSeek-V3 promotes every 128 products
+// likewise); it also could not take a V scale per block. Session 19 tried it again with V smoothed (runs 74-76):
+// with each block's V scale folded into P as an exponent shift it was 3-7% faster but failed on V whose block scales
+// spread (small blocks' P became e4m3 subnormals); with O rescaled to each block's V scale instead it was no faster
+// than this promotion (0-4%) and less accurate at 720p (0.0120 vs 0.0092). Waiting for both products before the softmax (instead of
+// keeping the PV product in flight through it, as the 16-bit forms do) keeps t, P and S from being live together:
+// that schedule spilled and ran 8-14% slower (runs 55-56).
 // S8's scores: the int32 accumulator starts at the bits of kIntBias = 1.5 * 2^23 (see wgmma_m64n128k32_ss_s8), so
 // s reads as kIntBias + S in fp32; the bias cancels in s - max and is taken out of the row max.
-// v_offset (8-bit, may be null): fp32 [B, H, D], added to each output row that attended a key.
-template <typename In, typename Out, int kHeadDim, int kStages, bool kPromoteO>
+template <typename In, typename Out, int kHeadDim, int kStages>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
                      const float* __restrict__ q_scale, const float* __restrict__ k_scale,
-                     const float* __restrict__ v_scale, const float* __restrict__ v_offset, float* __restrict__ lse, const uint4* __restrict__ key_bits,
-                     int heads, int q_len, int kv_len, float scale_log2) {
+                     const float* __restrict__ v_scale, const float* __restrict__ v_offset, float* __restrict__ lse,
+                     const uint4* __restrict__ key_bits, int heads, int q_len, int kv_len, float scale_log2) {
   using F = Format<In, kHeadDim>;
-  static_assert(F::k8Bit || !kPromoteO, "O promotion is for the 8-bit forms");
-  constexpr bool kTensorO8 = F::k8Bit && !kPromoteO;  // 8-bit, O in the tensor cores
+  constexpr bool kPromoteO = F::kPromoteO;
   // The 16-bit forms' consumers issue their products in turn (named barriers); the 8-bit forms' each as soon as it
   // is ready: their products are half as long, and over runs 46-54 the two schedules measured the same within +-5%.
   constexpr bool kTakeTurns = !F::k8Bit;
@@ -350,17 +348,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (kTakeTurns && wg == 1) bar_arrive(kTurnBarrier, 256);
   mbar_wait(&bars.q_full, 0);
-  float alpha[2] = {1.f, 1.f};  // rescales O before the next PV product adds to it (O is still 0 after block 0)
-  float o_scale = F::k8Bit ? value_scale_of(0) : 1.f;  // 8-bit, O in the tensor cores: the V scale of O's units
-  // 8-bit, O in the tensor cores: the next PV product takes block value_scale's units, O is rescaled to them too.
-  auto to_units_of = [&](float value_scale) {
-    if constexpr (kTensorO8) {
-      const float ratio = o_scale / value_scale;
-      alpha[0] *= ratio;
-      alpha[1] *= ratio;
-      o_scale = value_scale;
-    }
-  };
+  float alpha[2];  // rescales O before the next PV product adds to it (O is still 0 after block 0)
   {  // block 0: S only
     float sum[2];
     const uint4 bits = key_bits_of(0);
@@ -413,7 +401,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int st = j % kStages, prev = (j - 1) % kStages;
     const uint4 bits = key_bits_of(j);  // in flight while the products run
     const float key_scale = key_scale_of(j);
-    const float value_scale = F::k8Bit ? value_scale_of(j - 1) : 1.f;
+    const float value_scale = kPromoteO ? value_scale_of(j - 1) : 1.f;
     mbar_wait(&bars.k_full[st], (j / kStages) & 1);
     mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
     wgmma_wait<0>();  // the PV product of block j - 2
@@ -427,7 +415,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     issue_qk<In, kHeadDim>(s, s_int, q_rows, k_ring.plus(st * kTileBytes));
     wgmma_commit();
     fence_s();
-    to_units_of(value_scale);
     rescale_o();
     wgmma_fence();  // O was written by ordinary instructions
     issue_pv_block(v_ring.plus(prev * kTileBytes));
@@ -453,13 +440,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   {  // the last block's PV product (its V stage and the one before are never refilled: not released)
     const int last = (n_blocks - 1) % kStages;
-    const float value_scale = F::k8Bit ? value_scale_of(n_blocks - 1) : 1.f;
+    const float value_scale = kPromoteO ? value_scale_of(n_blocks - 1) : 1.f;
     mbar_wait(&bars.v_full[last], ((n_blocks - 1) / kStages) & 1);
     wgmma_wait<0>();
     fence_regs(o);
     fence_t();
     pack_block(0);
-    to_units_of(value_scale);
     rescale_o();
     wgmma_fence();
     issue_pv_block(v_ring.plus(last * kTileBytes));
@@ -477,9 +463,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = 0; r < 2; ++r) {
     row_sum[r] = quad_sum(row_sum[r]);
     attended[r] = row_sum[r] > 0.f ? 1.f : 0.f;
-    inv[r] = row_sum[r] > 0.f ? o_scale / row_sum[r] : 0.f;  // 0: every key masked (out 0, lse -inf)
+    inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;  // 0: every key masked (out 0, lse -inf)
   }
-  // v_offset: this thread's columns (i / 4) * 8 + (lane % 4) * 2 + {0, 1}, one fp32 pair per i / 4.
+  // v_offset (8-bit, may be null: fp32 [B, H, D]): this thread's columns (i / 4) * 8 + (lane % 4) * 2 + {0, 1}, one
+  // fp32 pair per i / 4.
   const float2* offsets =
       F::k8Bit && v_offset != nullptr
           ? reinterpret_cast<const float2*>(v_offset + (int64_t(batch) * heads + head) * kHeadDim) + lane % 4
@@ -571,12 +558,12 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 }
 
 // The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; 8-bit: v is V^T), out; the scales 8-bit only.
-template <typename In, typename Out, int kHeadDim, int kStages, bool kPromoteO = false>
+template <typename In, typename Out, int kHeadDim, int kStages>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale,
                    const float* v_offset, float* lse, const void* key_bits, int batch, int heads, int q_len,
                    int kv_len, float scale, cudaStream_t stream) {
   constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages>();
-  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kPromoteO>;
+  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
@@ -625,9 +612,9 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
-                                    const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads, int q_len, int kv_len, int vt_len,
-                                    int head_dim, float scale, int stages, bool int8_qk, bool promote_o,
-                                    cudaStream_t stream) {
+                                    const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
+                                    int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
+                                    bool int8_qk, cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
       vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
@@ -645,16 +632,14 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
     return cudaErrorInvalidValue;
   const auto run = [&](auto out_tag) {
     using Out = decltype(out_tag);
-    const auto with = [&](auto in_tag, auto promote_tag) {
+    const auto with = [&](auto in_tag) {
       using In = decltype(in_tag);
-      constexpr bool kPromote = decltype(promote_tag)::value;
-      return stages == 2 ? launch<In, Out, 128, 2, kPromote>(maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits,
-                                                             batch, heads, q_len, kv_len, scale, stream)
-                         : launch<In, Out, 128, 3, kPromote>(maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits,
-                                                             batch, heads, q_len, kv_len, scale, stream);
+      return stages == 2 ? launch<In, Out, 128, 2>(maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits, batch,
+                                                   heads, q_len, kv_len, scale, stream)
+                         : launch<In, Out, 128, 3>(maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits, batch,
+                                                   heads, q_len, kv_len, scale, stream);
     };
-    if (int8_qk) return promote_o ? with(S8(), std::true_type()) : with(S8(), std::false_type());
-    return promote_o ? with(E4M3(), std::true_type()) : with(E4M3(), std::false_type());
+    return int8_qk ? with(S8()) : with(E4M3());
   };
   return out_dtype == DType::kBFloat16 ? run(__nv_bfloat16()) : run(__half());
 }

@@ -35,16 +35,15 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // group, stored column 16 u + 4 c + 2 g + b holds key 16 u + 8 g + 2 c + b) and zero past kv_len, with fp32
 // scales v_scale [B, H, ceil(kv_len / 128)] per (128-key block, head), as k_scale. S = q8 k8^T * q_scale * k_scale
 // (its block's), P = exp(scale * S - max) * 448 rounded to e4m3, out = sum over key blocks of (P v8) * v_scale (the
-// block's) / rowsum(P) + v_offset in out_dtype (bf16 or fp16). v_offset (may be null; 8-byte aligned): fp32 [B, H, D],
-// the value subtracted from V before its quantization (smoothing), added to every row with an attended key.
-// promote_o: each block's P V added to O in fp32 registers; else O accumulates in the tensor cores (faster, fewer
-// bits: smooth V), rescaled to each block's V scale before its product (kPromoteO in the .cu). lse, key_bits, stages as flash_attention_fwd. int8_qk:
-// q, k are int8 instead (symmetric, scales = amax / 127; S exact in int32).
+// block's) / rowsum(P) + v_offset in out_dtype (bf16 or fp16), fp32 accumulation (each block's P V added to O in fp32
+// registers: kPromoteO in the .cu). v_offset (may be null; 8-byte aligned): fp32 [B, H, D], what was subtracted from
+// V before its quantization (smoothing), added to every row with an attended key. lse, key_bits, stages as flash_attention_fwd. int8_qk: q, k are int8 instead
+// (symmetric, scales = amax / 127; S exact in int32).
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
-                                    const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads, int q_len, int kv_len, int vt_len,
-                                    int head_dim, float scale, int stages, bool int8_qk, bool promote_o,
-                                    cudaStream_t stream);
+                                    const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
+                                    int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
+                                    bool int8_qk, cudaStream_t stream);
 
 }  // namespace vkern

@@ -6,8 +6,7 @@ attention backends:      cuda (vkern's Hopper flash-attention, csrc/flash_attent
                          128, key-padding mask), triton (vkern's flash-attention, vkern/triton/attention.py), sdpa (torch SDPA,
                          cuDNN first), reference. On CUDA the order comes from measurement (ATTENTION_PREFERENCE).
 attention_8bit backends: cuda (e4m3 or int8 Q, K with e4m3 V at head dim 128 on Hopper, K scales per 128-key
-block, O in the tensor cores on smoothed V, or promoted to fp32 per key block with VKERN_FLASH_FP8_PROMOTE=1),
-triton, reference (fp32 emulation of the same quantization).
+block, O promoted to fp32 per key block), triton, reference (fp32 emulation of the same quantization).
 """
 import os
 import warnings
@@ -413,18 +412,6 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     return out, lse
 
 
-# The 8-bit CUDA kernel's O: promoted to fp32 per key block (True), or in the tensor cores (False: faster, fewer
-# accumulation bits; bench/NOTES.md runs 74-76).
-FP8_PROMOTE_O = True
-
-
-def _fp8_promote_o():
-    promote = os.environ.get("VKERN_FLASH_FP8_PROMOTE", str(int(FP8_PROMOTE_O)))
-    if promote not in ("0", "1"):
-        raise ValueError(f"VKERN_FLASH_FP8_PROMOTE: expected 0 or 1, got {promote!r}")
-    return promote == "1"
-
-
 def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_padding_mask, scale, return_lse,
                         out_dtype):
     from .._ext import cuda_ext
@@ -442,8 +429,8 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
             (vt.data_ptr(), vt.stride(0), vt.stride(2), vt.stride(1)),  # V^T: (batch, head-dim row, head) strides
             (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
-            k_scale.data_ptr(), v_scale.data_ptr(), 0 if v_offset is None else v_offset.data_ptr(), DTYPE_CODE[out_dtype], B, H, Sq, Skv,
-            vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(), q8.dtype == torch.int8, _fp8_promote_o(),
+            k_scale.data_ptr(), v_scale.data_ptr(), 0 if v_offset is None else v_offset.data_ptr(),
+            DTYPE_CODE[out_dtype], B, H, Sq, Skv, vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(), q8.dtype == torch.int8,
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
