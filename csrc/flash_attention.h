@@ -37,8 +37,8 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // (its block's), P = exp(scale * S - max) * 448 rounded to e4m3, out = sum over key blocks of (P v8) * v_scale (the
 // block's) / rowsum(P) + v_offset in out_dtype (bf16 or fp16), fp32 accumulation (each block's P V added to O in fp32
 // registers: kPromoteO in the .cu). v_offset (may be null; 8-byte aligned): fp32 [B, H, D], what was subtracted from
-// V before its quantization (smoothing), added to every row with an attended key. lse, key_bits, stages as flash_attention_fwd. int8_qk: q, k are int8 instead
-// (symmetric, scales = amax / 127; S exact in int32).
+// V before its quantization (smoothing), added to every row with an attended key. lse, key_bits, stages as
+// flash_attention_fwd. int8_qk: q, k are int8 instead (symmetric, scales = amax / 127; S exact in int32).
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,

@@ -430,8 +430,8 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
             (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
             k_scale.data_ptr(), v_scale.data_ptr(), 0 if v_offset is None else v_offset.data_ptr(),
-            DTYPE_CODE[out_dtype], B, H, Sq, Skv, vt.shape[3], D, D ** -0.5 if scale is None else scale, _flash_stages(), q8.dtype == torch.int8,
-            torch.cuda.current_stream(q8.device).cuda_stream)
+            DTYPE_CODE[out_dtype], B, H, Sq, Skv, vt.shape[3], D, D ** -0.5 if scale is None else scale,
+            _flash_stages(), q8.dtype == torch.int8, torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
 
@@ -475,9 +475,8 @@ def _attention_8bit_candidates(device, dtype, head_dim=128, qk_dtype=torch.float
 def value_offset(v, key_padding_mask=None):
     """V's smoothing offset for v_to_e4m3 and attention_prequantized: the mean of V [B, S, H, D] over the keys
     key_padding_mask (bool [B, S], True = attend) keeps, fp32 [B, H, D] (vkern.reference.attention.value_offset).
-    Any offset is exact in the math; the mean takes V's channel bias out of what is quantized to e4m3 and
-    accumulated by the tensor cores. A span of V may take the offset of another (the chunked Wan block takes its
-    first span's)."""
+    Any offset is exact in the math; the mean takes V's channel bias out of what is quantized to e4m3. A span of V
+    may take the offset of another (the chunked Wan block takes its first span's)."""
     check_tensor("v", v, dtypes=FLOATS, ndim=4)
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=v.device)

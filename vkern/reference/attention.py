@@ -109,9 +109,9 @@ def quantize_per_key_block(x, key_padding_mask=None, fmt="e4m3"):
 def value_offset(v, key_padding_mask=None):
     """V's smoothing offset: the mean of V [B, S, H, D] over the keys key_padding_mask (bool [B, S], True =
     attend) keeps, fp32 [B, H, D] (0 where none is). Any offset is exact in the math (the softmax weights of a
-    row sum to 1: out = P (V - c) / l + c); the mean takes V's channel bias out of what is quantized and
-    accumulated (SageAttention2's smoothing of V), so e4m3 V and the tensor cores' fp8 accumulation see only V's
-    variation (bench/NOTES.md session 19)."""
+    row sum to 1: out = P (V - c) / l + c); the mean takes V's channel bias out of what is quantized
+    (SageAttention2's smoothing of V), so e4m3 V's rounding scales with V's variation, not its bias (bench/NOTES.md
+    session 19)."""
     if key_padding_mask is None:
         total, count = v.sum(1, dtype=torch.float32), v.shape[1]
     else:
