@@ -75,7 +75,8 @@ def _attention(name, providers, args):
         k8, ks = vkern.ops.k_to_e4m3(k)  # one scale per 128-key block (the CUDA kernel's form)
         offset = vkern.ops.value_offset(v)  # smoothed V, as attention_8bit and the Wan processor quantize it
         vt, vs = vkern.ops.v_to_e4m3(v, offset=offset)
-        prequant = lambda: vkern.ops.attention_prequantized(q8, qs, k8, ks, vt, vs, out_dtype=q.dtype, v_offset=offset)
+        prequant = lambda: vkern.ops.attention_prequantized(q8, qs, k8, ks, vt, vs, out_dtype=q.dtype,
+                                                            v_offset=offset)
         fns["vkern-fp8-cuda-kernel"] = fp8_backend("cuda", prequant)
         fns["vkern-fp8-triton-kernel"] = fp8_backend("triton", prequant)
         # Session 14: int8 Q/K (S exact in int32) with e4m3 P/V, the fp8 mode's scheme.

@@ -9,7 +9,6 @@ attention_8bit backends: cuda (e4m3 or int8 Q, K with e4m3 V at head dim 128 on 
 block, O promoted to fp32 per key block), triton, reference (fp32 emulation of the same quantization).
 """
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F

@@ -182,7 +182,8 @@ def _attention_kernel(
     scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     QK8: tl.constexpr, V8: tl.constexpr, HAS_KPM: tl.constexpr, WRITE_LSE: tl.constexpr,
-    UPCAST: tl.constexpr, PIPELINE: tl.constexpr = False, ANCHOR: tl.constexpr = True, HAS_VOFF: tl.constexpr = False,
+    UPCAST: tl.constexpr, PIPELINE: tl.constexpr = False, ANCHOR: tl.constexpr = True,
+    HAS_VOFF: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
