@@ -85,6 +85,11 @@ def _attention(name, providers, args):
         prequant_int8 = lambda: vkern.ops.attention_prequantized(q8i, qsi, k8i, ksi, vt, vs, out_dtype=q.dtype,
                                                                  v_offset=offset)
         fns["vkern-int8-fp8pv-cuda-kernel"] = fp8_backend("cuda", prequant_int8)
+        # Session 20: the 192-key tile (O in the tensor cores), the same quantized inputs.
+        wide = lambda fn: with_env(fn, "VKERN_FLASH_FP8_KEYS", "192")
+        fns["vkern-fp8-cuda-kernel-192"] = wide(fns["vkern-fp8-cuda-kernel"])
+        fns["vkern-int8-fp8pv-cuda-kernel-192"] = wide(fns["vkern-int8-fp8pv-cuda-kernel"])
+        fns["vkern-int8-fp8pv-cuda-192"] = wide(fns["vkern-int8-fp8pv-cuda"])
     fns["vkern"] = lambda: vkern.ops.attention(q, k, v)
     rows = torch.randperm(s.tokens, device="cuda")[:256]  # oracle on sampled queries: O(256 * S) memory
     oracle = ref.attention_lse(q[:, rows], k, v, dtype=torch.float32)[0]
@@ -97,7 +102,8 @@ def _attention(name, providers, args):
         row = dict(op="attention", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
                    tflops=s.flops(kv_tokens=kv_tokens) / ms / 1e9, rel_l2=rel_l2(out, oracle), cos=cos)
         if provider.startswith(("vkern-fp8-cuda", "vkern-int8-fp8pv-cuda")):
-            row["config"] = "cuda sm90a 8-bit: 128x128 tiles, 2 consumer warpgroups, 3-stage TMA ring"
+            keys = 192 if provider.endswith("-192") else 128
+            row["config"] = f"cuda sm90a 8-bit: 128x{keys} tiles, 2 consumer warpgroups, 3-stage TMA ring"
         elif provider == "vkern-cuda":
             from vkern.ops.fused_attention import _flash_stages
 

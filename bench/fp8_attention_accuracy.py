@@ -47,6 +47,9 @@ def main():
     int8_e4m3 = ("int8", "e4m3")
     providers = {"fp8-e4m3qk-cuda": ("cuda", ("e4m3", "e4m3"), {}), "fp8-cuda": ("cuda", int8_e4m3, {}),
                  "fp8-cuda-unsmoothed": ("cuda", int8_e4m3, {"smooth": False}),
+                 # session 20: the CUDA kernel's 192-key tile (O in the tensor cores)
+                 "fp8-cuda-192": ("cuda", int8_e4m3, {"VKERN_FLASH_FP8_KEYS": "192"}),
+                 "fp8-e4m3qk-cuda-192": ("cuda", ("e4m3", "e4m3"), {"VKERN_FLASH_FP8_KEYS": "192"}),
                  "fp8-triton": ("triton", int8_e4m3, {}), "fp8-reference": ("reference", int8_e4m3, {}),
                  "fp8-reference-unsmoothed": ("reference", int8_e4m3, {"smooth": False}),
                  "fp8-e4m3qk-reference": ("reference", ("e4m3", "e4m3"), {}),
@@ -70,7 +73,7 @@ def main():
             err = ((out.double() - oracle).norm() / oracle.norm()).item()
             cos = torch.nn.functional.cosine_similarity(out.double().flatten(), oracle.flatten(), dim=0).item()
             rows.append(dict(op="attention-accuracy", shape=name, provider=provider, rel_l2=err, cos=cos, gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=_commit()))
-            print(f"{name:32s} {provider:14s} rel L2 {err:.4f}  cos {cos:.6f}", flush=True)
+            print(f"{name:32s} {provider:20s} rel L2 {err:.4f}  cos {cos:.6f}", flush=True)
     if args.out:
         with open(args.out, "a") as f:
             for r in rows:

@@ -32,7 +32,7 @@ namespace {
 using namespace sm90;
 
 constexpr int kBlockM = 128;                  // query rows per CTA (64 per consumer warpgroup)
-constexpr int kBlockN = 128;                  // keys per block
+constexpr int kBlockN = 128;                  // keys per scale / key-bit block (the 16-bit forms' tile)
 constexpr int kHalfBytes = 128 * 128;         // 128 rows x 128 bytes: one TMA box, one swizzle span
 constexpr int kThreads = 384;
 constexpr int kTurnBarrier = 1;               // named barriers 1, 2: consumer 0's / 1's turn to issue products
@@ -45,18 +45,26 @@ constexpr float kLog2Of448 = 8.807354922057604f;
 // (token, head) for Q and per (128-key block, head) for K, one 128-byte box per tile, and V^T [B, H, D, S_pad]
 // (its tile: D rows x 128 keys, the keys contiguous, as 8-bit wgmma wants both operands K-major) with fp32
 // scales per (128-key block, head), like K's.
-template <typename In, int kHeadDim>
+// kKeys: keys per tile, 128, or 192 for the 8-bit forms' wide tile (see flash_fwd_kernel).
+template <typename In, int kHeadDim, int kKeys = kBlockN>
 struct Format {
   static constexpr bool kIntQK = std::is_same<In, S8>::value;                 // int8 Q, K; e4m3 P, V
   static constexpr bool k8Bit = std::is_same<In, E4M3>::value || kIntQK;      // the 8-bit forms
-  static constexpr bool kPromoteO = k8Bit;                                     // see flash_fwd_kernel
   static_assert(!k8Bit || kHeadDim == 128, "the 8-bit kernel takes head dim 128");
+  static_assert(kKeys == kBlockN || (k8Bit && kKeys == 192), "tiles of 128 keys, or 192 for the 8-bit forms");
+  static constexpr bool kPromoteO = k8Bit && kKeys == kBlockN;                 // see flash_fwd_kernel
+  static constexpr bool kShiftV = k8Bit && !kPromoteO;  // tensor-core O, V's block scales folded into P
+  static constexpr int kGroups = kShiftV ? kKeys / 64 : 1;         // key groups of one K and one V scale
   static constexpr int kBoxes = kHeadDim * (k8Bit ? 1 : 2) / 128;  // 128-byte column boxes of a Q or K tile
   static constexpr int kBoxCols = k8Bit ? 128 : 64;
-  static constexpr int kTileBytes = kBoxes * kHalfBytes;           // Q, K, V (or V^T) tile
+  static constexpr int kTileBytes = kBoxes * kHalfBytes;           // Q tile (128 rows)
+  static constexpr int kKTileBytes = kBoxes * kKeys * 128;         // K tile
+  // V tile (16-bit), or V^T tile: 128-key boxes of D rows (192 keys load two; the second's last 64 unused).
+  static constexpr int kVTileBytes = k8Bit ? (kKeys + 127) / 128 * kHalfBytes : kTileBytes;
   static constexpr int kOutBoxes = kHeadDim / 64;                  // the output is 16-bit
   static constexpr int kOutStageBytes = k8Bit ? kOutBoxes * kHalfBytes : 0;  // 16-bit: the Q tile is reused
-  static constexpr int kPRegs = k8Bit ? 16 : 32;                    // P of 64 x 128 per warpgroup, packed
+  static constexpr int kSRegs = kKeys / 2;                         // S of 64 x kKeys per warpgroup, fp32
+  static constexpr int kPRegs = k8Bit ? kKeys / 8 : 32;            // P, packed
   static constexpr float kPOffset = k8Bit ? kLog2Of448 : 0.f;       // e4m3 P is scaled to [0, 448]
 };
 template <int kStages>
@@ -65,23 +73,30 @@ struct Barriers {
   uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
 };
 // Q | K ring | V ring | output stage | barriers, + 1024-alignment slack.
-template <typename In, int kHeadDim, int kStages>
+template <typename In, int kHeadDim, int kStages, int kKeys>
 constexpr int smem_bytes() {
-  using F = Format<In, kHeadDim>;
-  return F::kTileBytes * (1 + 2 * kStages) + F::kOutStageBytes + int(sizeof(Barriers<kStages>)) + 1024;
+  using F = Format<In, kHeadDim, kKeys>;
+  return F::kTileBytes + (F::kKTileBytes + F::kVTileBytes) * kStages + F::kOutStageBytes +
+         int(sizeof(Barriers<kStages>)) + 1024;
 }
 
 // S into s (S8: into s_int).
-template <typename In, int kHeadDim>
-__device__ __forceinline__ void issue_qk(float (&s)[64], uint32_t (&s_int)[64], SmemDesc q_rows, SmemDesc k_tile) {
-  constexpr int kSteps = Format<In, kHeadDim>::kBoxes * 4;  // 32 bytes of head dim per step: k16 or k32
+template <typename In, int kHeadDim, int kKeys>
+__device__ __forceinline__ void issue_qk(float (&s)[kKeys / 2], uint32_t (&s_int)[kKeys / 2], SmemDesc q_rows,
+                                         SmemDesc k_tile) {
+  using F = Format<In, kHeadDim, kKeys>;
+  constexpr int kSteps = F::kBoxes * 4;  // 32 bytes of head dim per step: k16 or k32
 #pragma unroll
   for (int kk = 0; kk < kSteps; ++kk) {
-    const int offset = (kk / 4) * kHalfBytes + (kk % 4) * 32;
+    const int offset = (kk / 4) * kHalfBytes + (kk % 4) * 32;  // (several boxes: 16-bit, 128 rows)
     const uint64_t a = q_rows.plus(offset).bits(), b = k_tile.plus(offset).bits();
-    if constexpr (Format<In, kHeadDim>::kIntQK)
-      wgmma_m64n128k32_ss_s8(s_int, a, b);  // s_int starts at the bits of kIntBias (see the kernel)
-    else if constexpr (Format<In, kHeadDim>::k8Bit)
+    if constexpr (F::kIntQK && kKeys == 192)
+      wgmma_m64n192k32_ss_s8(s_int, a, b);  // s_int starts at the bits of kIntBias (see the kernel)
+    else if constexpr (F::kIntQK)
+      wgmma_m64n128k32_ss_s8(s_int, a, b);
+    else if constexpr (F::k8Bit && kKeys == 192)
+      wgmma_m64n192k32_ss_e4m3(s, a, b, kk > 0);
+    else if constexpr (F::k8Bit)
       wgmma_m64n128k32_ss_e4m3(s, a, b, kk > 0);
     else
       wgmma_m64n128k16_ss<In>(s, a, b, kk > 0);
@@ -89,14 +104,16 @@ __device__ __forceinline__ void issue_qk(float (&s)[64], uint32_t (&s_int)[64], 
 }
 
 // overwrite (8-bit only): o = P V instead of o += P V.
-template <typename In, int kHeadDim>
-__device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2], const uint32_t (&p)[Format<In, kHeadDim>::kPRegs],
-                                         SmemDesc v_tile, bool overwrite = false) {
-  if constexpr (Format<In, kHeadDim>::k8Bit) {
+template <typename In, int kHeadDim, int kKeys>
+__device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2],
+                                         const uint32_t (&p)[Format<In, kHeadDim, kKeys>::kPRegs], SmemDesc v_tile,
+                                         bool overwrite = false) {
+  if constexpr (Format<In, kHeadDim, kKeys>::k8Bit) {
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {  // 32 keys per step; V^T's rows are the head dim, keys contiguous
+    for (int kk = 0; kk < kKeys / 32; ++kk) {  // 32 keys per step; V^T's rows are the head dim, keys contiguous
       const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
-      wgmma_m64n128k32_rs_e4m3(o, a, v_tile.plus(kk * 32).bits(), !(overwrite && kk == 0));
+      wgmma_m64n128k32_rs_e4m3(o, a, v_tile.plus((kk / 4) * kHalfBytes + (kk % 4) * 32).bits(),
+                               !(overwrite && kk == 0));
     }
   } else {
 #pragma unroll
@@ -134,17 +151,24 @@ __device__ __forceinline__ float quad_sum(float x) {
 // than this promotion (0-4%) and less accurate at 720p (0.0120 vs 0.0092). Waiting for both products before the softmax (instead of
 // keeping the PV product in flight through it, as the 16-bit forms do) keeps t, P and S from being live together:
 // that schedule spilled and ran 8-14% slower (runs 55-56).
+// kKeys = 192 (the 8-bit forms' wide tile, kShiftV; session 20): O accumulates in the tensor cores with the PV
+// product in flight through the next softmax, as the 16-bit forms (no t: the registers that let S be 192 keys wide;
+// FlashAttention-3 runs fp8 at 128 x 224). The K and V scales stay per 128 keys, so a tile has three 64-key groups,
+// each with its own K scale (the softmax's multiplier) and V scale. O is kept in units of sigma, the largest V scale
+// seen so far; a group's P is exp2(... + log2(v_scale / sigma)) <= 448, so each P V term carries its own V scale,
+// and O is rescaled (with alpha) only when sigma grows. The row sums are taken without the shift.
 // S8's scores: the int32 accumulator starts at the bits of kIntBias = 1.5 * 2^23 (see wgmma_m64n128k32_ss_s8), so
 // s reads as kIntBias + S in fp32; the bias cancels in s - max and is taken out of the row max.
-template <typename In, typename Out, int kHeadDim, int kStages>
+template <typename In, typename Out, int kHeadDim, int kStages, int kKeys>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
                      const float* __restrict__ q_scale, const float* __restrict__ k_scale,
                      const float* __restrict__ v_scale, const float* __restrict__ v_offset, float* __restrict__ lse,
                      const uint4* __restrict__ key_bits, int heads, int q_len, int kv_len, float scale_log2) {
-  using F = Format<In, kHeadDim>;
+  using F = Format<In, kHeadDim, kKeys>;
   constexpr bool kPromoteO = F::kPromoteO;
+  constexpr int kGroups = F::kGroups, kSRegs = F::kSRegs, kWords = kKeys / 32;
   // The 16-bit forms' consumers issue their products in turn (named barriers); the 8-bit forms' each as soon as it
   // is ready: their products are half as long, and over runs 46-54 the two schedules measured the same within +-5%.
   constexpr bool kTakeTurns = !F::k8Bit;
@@ -154,16 +178,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* q_tile = smem;
   uint8_t* k_tiles = smem + kTileBytes;
-  uint8_t* v_tiles = smem + kTileBytes * (1 + kStages);
-  uint8_t* out_stage = F::k8Bit ? smem + kTileBytes * (1 + 2 * kStages) : q_tile;
-  Barriers<kStages>& bars =
-      *reinterpret_cast<Barriers<kStages>*>(smem + kTileBytes * (1 + 2 * kStages) + F::kOutStageBytes);
+  uint8_t* v_tiles = k_tiles + F::kKTileBytes * kStages;
+  uint8_t* out_stage = F::k8Bit ? v_tiles + F::kVTileBytes * kStages : q_tile;
+  Barriers<kStages>& bars = *reinterpret_cast<Barriers<kStages>*>(v_tiles + F::kVTileBytes * kStages +
+                                                                  F::kOutStageBytes);
 
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   // Broadcast from lane 0: the compiler then knows it is warp-uniform and keeps what derives from it (the Q
   // rows' wgmma descriptor) in uniform registers.
   const int warpgroup = __shfl_sync(0xffffffff, int(threadIdx.x / 128), 0);
-  const int n_blocks = (kv_len + kBlockN - 1) / kBlockN;
+  const int n_blocks = (kv_len + kKeys - 1) / kKeys;          // tiles
+  const int n_scale_blocks = (kv_len + kBlockN - 1) / kBlockN;  // 128-key blocks: K and V scales, key bits
 
   if (threadIdx.x == 0) {
     mbar_init(&bars.q_full, 1);
@@ -187,18 +212,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int s = j % kStages;
         const uint32_t free_parity = ((j / kStages) & 1) ^ 1;  // the first round finds fresh barriers "done"
         mbar_wait(&bars.k_empty[s], free_parity);
-        mbar_arrive_expect_tx(&bars.k_full[s], kTileBytes);
+        mbar_arrive_expect_tx(&bars.k_full[s], F::kKTileBytes);
         for (int h = 0; h < F::kBoxes; ++h)
-          tma_load_4d(k_tiles + s * kTileBytes + h * kHalfBytes, &k_map, &bars.k_full[s], h * F::kBoxCols, head,
-                      j * kBlockN, batch);
+          tma_load_4d(k_tiles + s * F::kKTileBytes + h * kKeys * 128, &k_map, &bars.k_full[s], h * F::kBoxCols,
+                      head, j * kKeys, batch);
         mbar_wait(&bars.v_empty[s], free_parity);
-        mbar_arrive_expect_tx(&bars.v_full[s], kTileBytes);
+        mbar_arrive_expect_tx(&bars.v_full[s], F::kVTileBytes);
         if constexpr (F::k8Bit) {
-          tma_load_4d(v_tiles + s * kTileBytes, &v_map, &bars.v_full[s], j * kBlockN, 0, head, batch);
+          for (int b = 0; b < F::kVTileBytes / kHalfBytes; ++b)
+            tma_load_4d(v_tiles + s * F::kVTileBytes + b * kHalfBytes, &v_map, &bars.v_full[s],
+                        j * kKeys + b * kBlockN, 0, head, batch);
         } else {
           for (int h = 0; h < F::kBoxes; ++h)
-            tma_load_4d(v_tiles + s * kTileBytes + h * kHalfBytes, &v_map, &bars.v_full[s], h * 64, head,
-                        j * kBlockN, batch);
+            tma_load_4d(v_tiles + s * F::kVTileBytes + h * kHalfBytes, &v_map, &bars.v_full[s], h * 64, head,
+                        j * kKeys, batch);
         }
       }
     }
@@ -212,8 +239,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const SmemDesc q_rows = SmemDesc::sw128(q_tile + wg * 64 * 128, 16, 1024);
   const SmemDesc k_ring = SmemDesc::sw128(k_tiles, 16, 1024);
   const SmemDesc v_ring = SmemDesc::sw128(v_tiles, F::k8Bit ? 16 : kHalfBytes, 1024);
-  float o[kHeadDim / 2], s[64], t[kHeadDim / 2];  // t: the promoted forms' per-block P V
-  uint32_t s_int[64];                              // S8's int32 accumulator
+  float o[kHeadDim / 2], s[kSRegs], t[kHeadDim / 2];  // t: the promoted forms' per-block P V
+  uint32_t s_int[kSRegs];                              // S8's int32 accumulator
   uint32_t p[F::kPRegs];
 #pragma unroll
   for (int i = 0; i < kHeadDim / 2; ++i) o[i] = t[i] = 0.f;
@@ -229,73 +256,160 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
-  // Block j's 128 key-padding bits (all set without a mask): key c of the block is bit c % 32 of word c / 32.
-  auto key_bits_of = [&](int j) {
-    return key_bits == nullptr ? make_uint4(~0u, ~0u, ~0u, ~0u) : __ldg(key_bits + int64_t(batch) * n_blocks + j);
+  // Tile j's key-padding bits (all set without a mask: key c of the tile is bit c % 32 of word c / 32) and its K
+  // scales (8-bit; the wide tile: one per 64-key group, from its 128-key block) and V scales (the wide tile only);
+  // loaded before the S wait, but for the wide tile's bits (registers: loaded in the softmax, with a mask only).
+  struct Tile {
+    uint32_t words[kKeys == kBlockN ? kWords : 1];
+    float key_scale[kGroups], value_scale[kGroups];
   };
-  // 8-bit: block j's K scale (one per 128-key block and head); loaded with the key bits, before the S wait.
-  auto key_scale_of = [&](int j) {
-    return F::k8Bit ? __ldg(k_scale + (int64_t(batch) * heads + head) * n_blocks + j) : 1.f;
-  };
-  // 8-bit: block j's V scale (same layout), which its P V product takes as it is added to O.
-  auto value_scale_of = [&](int j) {
-    return F::k8Bit ? __ldg(v_scale + (int64_t(batch) * heads + head) * n_blocks + j) : 1.f;
-  };
-  // Masks the keys past kv_len and the padded ones, updates the running max and returns P = exp2(scale * s - max)
-  // (8-bit: times 448) in s, its row sums in sum and the factor alpha that rescales what was accumulated before.
-  // The per-row multipliers (> 0) commute with the max, so they scale two row maxima, not 64 scores.
-  auto softmax = [&](int j, uint4 bits, float key_scale, float (&alpha)[2], float (&sum)[2]) {
-    const float mult[2] = {F::k8Bit ? row_scale[0] * key_scale : scale_log2,
-                           F::k8Bit ? row_scale[1] * key_scale : scale_log2};
-    const int cols_left = kv_len - j * kBlockN;
-    if (cols_left < kBlockN) {
+  const int64_t scale_row = (int64_t(batch) * heads + head) * n_scale_blocks;
+  auto tile_of = [&](int j) {
+    Tile tile;
+    if constexpr (kKeys == kBlockN) {
+      const uint4 b = key_bits == nullptr ? make_uint4(~0u, ~0u, ~0u, ~0u)
+                                          : __ldg(key_bits + int64_t(batch) * n_scale_blocks + j);
+      tile.words[0] = b.x, tile.words[1] = b.y, tile.words[2] = b.z, tile.words[3] = b.w;
+    }
 #pragma unroll
-      for (int i = 0; i < 64; ++i)
+    for (int g = 0; g < kGroups; ++g) {
+      const int block = kGroups == 1 ? j : min((kGroups * j + g) / 2, n_scale_blocks - 1);
+      tile.key_scale[g] = F::k8Bit ? __ldg(k_scale + scale_row + block) : 1.f;
+      tile.value_scale[g] = F::kShiftV ? __ldg(v_scale + scale_row + block) : 1.f;
+    }
+    return tile;
+  };
+  // The promoted forms: block j's V scale, which its P V product takes as it is added to O.
+  auto value_scale_of = [&](int j) { return F::kPromoteO ? __ldg(v_scale + scale_row + j) : 1.f; };
+  float v_sigma = 0.f;  // kShiftV: the largest V scale so far; O is kept in its units
+  float o_scale[2];     // what rescale_o multiplies O by: alpha (kShiftV: times the old sigma / the new)
+  // Masks the keys past kv_len and the padded ones, updates the running max and returns P = exp2(scale * s - max)
+  // (8-bit: times 448; kShiftV: times each group's v_scale / sigma) in s, its row sums (unshifted) in sum and the
+  // factor alpha that rescales what was accumulated before. The multipliers (> 0) commute with the max, so they
+  // scale per-group maxima, not each score.
+  auto softmax = [&](int j, const Tile& tile, float (&alpha)[2], float (&sum)[2]) {
+    constexpr int kGroupRegs = kSRegs / kGroups;  // register i is in group i / kGroupRegs
+    float mult[2][kGroups];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) mult[r][g] = F::k8Bit ? row_scale[r] * tile.key_scale[g] : scale_log2;
+    // kShiftV: each group's P shift log2(v_scale / sigma) <= 0 (at least -24, so that 2^-shift stays finite for a
+    // zero scale: such a group's V codes are 0) and 2^-shift, which takes it out of the row sums.
+    // (Logarithms, not divisions: an IEEE division is a call with a slow path.)
+    float shift[kGroups], unshift[kGroups], sigma_ratio = 1.f;
+    if constexpr (F::kShiftV) {
+      float sigma = v_sigma;
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) sigma = fmaxf(sigma, tile.value_scale[g]);
+      const float log_sigma = sigma > 0.f ? lg2(sigma) : 0.f;
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        shift[g] = fmaxf(lg2(tile.value_scale[g]) - log_sigma, -24.f);  // lg2(0) = -inf
+        unshift[g] = ex2(-shift[g]);
+      }
+      sigma_ratio = sigma > 0.f ? ex2(lg2(v_sigma) - log_sigma) : 1.f;  // 0 before the first scale
+      v_sigma = sigma;
+    }
+    const int cols_left = kv_len - j * kKeys;
+    if (cols_left < kKeys) {
+#pragma unroll
+      for (int i = 0; i < kSRegs; ++i)
         if ((i / 4) * 8 + (lane % 4) * 2 + i % 2 >= cols_left) s[i] = -INFINITY;
     }
-    if ((bits.x & bits.y & bits.z & bits.w) != ~0u) {  // the same bits in every thread: no divergence
-      const uint32_t words[4] = {bits.x >> ((lane % 4) * 2), bits.y >> ((lane % 4) * 2), bits.z >> ((lane % 4) * 2),
-                                 bits.w >> ((lane % 4) * 2)};
+    uint32_t words[kWords], all = ~0u;
+    if constexpr (kKeys == kBlockN) {
 #pragma unroll
-      for (int i = 0; i < 64; ++i) {  // column (i / 4) * 8 + (lane % 4) * 2 + i % 2: never crosses a word
+      for (int w = 0; w < kWords; ++w) words[w] = tile.words[w];
+    } else if (key_bits != nullptr) {  // 8 bytes per 64-key group; the groups past the last block (all past kv_len)
+      const uint2* row_bits = reinterpret_cast<const uint2*>(key_bits) + int64_t(batch) * n_scale_blocks * 2;
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        const int group = kGroups * j + g;
+        const uint2 b = group < 2 * n_scale_blocks ? __ldg(row_bits + group) : make_uint2(0u, 0u);
+        words[2 * g] = b.x, words[2 * g + 1] = b.y;
+      }
+    } else {
+#pragma unroll
+      for (int w = 0; w < kWords; ++w) words[w] = ~0u;
+    }
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) all &= words[w];
+    if (all != ~0u) {  // the same bits in every thread: no divergence
+#pragma unroll
+      for (int w = 0; w < kWords; ++w) words[w] >>= (lane % 4) * 2;
+#pragma unroll
+      for (int i = 0; i < kSRegs; ++i) {  // column (i / 4) * 8 + (lane % 4) * 2 + i % 2: never crosses a word
         const int c = (i / 4) * 8 + i % 2;
         if (!((words[c / 32] >> (c % 32)) & 1u)) s[i] = -INFINITY;
       }
     }
-    // Row maxima as 4 partial chains per row (8 deep, not 32: the first row's max is the head of the softmax's
-    // serial path, and ptxas does not reassociate fmaxf).
-    float mx[2][4], neg_max[2];
+    // Row maxima as partial chains per row and group (8 deep, not 32: the first row's max is the head of the
+    // softmax's serial path, and ptxas does not reassociate fmaxf).
+    constexpr int kChains = kGroups == 1 ? 4 : 1;
+    float mx[2][kGroups][kChains], neg_max[2][kGroups];
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) mx[r][c] = -INFINITY;
+      for (int g = 0; g < kGroups; ++g)
 #pragma unroll
-    for (int i = 0; i < 64; ++i) mx[(i / 2) % 2][(i / 4) % 4] = fmaxf(mx[(i / 2) % 2][(i / 4) % 4], s[i]);
+        for (int c = 0; c < kChains; ++c) mx[r][g][c] = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kSRegs; ++i) {
+      float& m = mx[(i / 2) % 2][i / kGroupRegs][(i / 4) % kChains];
+      m = fmaxf(m, s[i]);
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float thread_max = fmaxf(fmaxf(mx[r][0], mx[r][1]), fmaxf(mx[r][2], mx[r][3]));
-      const float new_max = fmaxf(row_max[r], (quad_max(thread_max) - (F::kIntQK ? kIntBias : 0.f)) * mult[r]);
+      float thread_max = -INFINITY;
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        const float m = kChains == 4 ? fmaxf(fmaxf(mx[r][g][0], mx[r][g][1]), fmaxf(mx[r][g][2], mx[r][g][3]))
+                                     : mx[r][g][0];
+        const float scaled = (m - (F::kIntQK ? kIntBias : 0.f)) * mult[r][g];
+        thread_max = g == 0 ? scaled : fmaxf(thread_max, scaled);
+      }
+      const float new_max = fmaxf(row_max[r], quad_max(thread_max));
       // No attended key in this row yet (only with a mask): exp2 against 0 keeps -inf scores at 0, not NaN.
       const float offset = new_max == -INFINITY ? 0.f : new_max;
       alpha[r] = ex2(row_max[r] - offset);
+      o_scale[r] = F::kShiftV ? alpha[r] * sigma_ratio : alpha[r];
       row_max[r] = new_max;
-      neg_max[r] = F::kIntQK ? fmaf(-kIntBias, mult[r], F::kPOffset - offset)
-                   : F::k8Bit ? F::kPOffset - offset
-                              : -offset;  // (0 - x is not -x at x = 0: no fold)
-    }
-    float part[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // two partial sums per row: shorter chains, as the max
 #pragma unroll
-    for (int i = 0; i < 64; ++i) {
-      s[i] = ex2(fmaf(s[i], mult[(i / 2) % 2], neg_max[(i / 2) % 2]));
-      part[(i / 2) % 2][(i / 4) % 2] += s[i];
+      for (int g = 0; g < kGroups; ++g) {
+        const float base = F::k8Bit ? (F::kShiftV ? F::kPOffset + shift[g] : F::kPOffset) - offset
+                                    : -offset;  // (0 - x is not -x at x = 0: no fold)
+        neg_max[r][g] = F::kIntQK ? fmaf(-kIntBias, mult[r][g], base) : base;
+      }
     }
-    sum[0] = part[0][0] + part[0][1];
-    sum[1] = part[1][0] + part[1][1];
+    // Partial sums per row: two chains (shorter, as the max), or one per group (each unshifted once).
+    constexpr int kSumChains = kGroups == 1 ? 2 : kGroups;
+    float part[2][kSumChains];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int c = 0; c < kSumChains; ++c) part[r][c] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kSRegs; ++i) {
+      const int r = (i / 2) % 2, g = i / kGroupRegs;
+      s[i] = ex2(fmaf(s[i], mult[r][g], neg_max[r][g]));
+      part[r][kGroups == 1 ? (i / 4) % 2 : g] += s[i];
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if constexpr (F::kShiftV) {
+        sum[r] = 0.f;
+#pragma unroll
+        for (int g = 0; g < kGroups; ++g) sum[r] = fmaf(part[r][g], unshift[g], sum[r]);
+      } else {
+        sum[r] = part[r][0] + part[r][1];
+      }
+    }
   };
   auto to_p = [&] {
     if constexpr (F::k8Bit) {
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {  // keys 32 kk + (0, 1, 8, 9 | 16, 17, 24, 25) + 2 * (lane % 4), rows r, r + 8
+      for (int kk = 0; kk < kKeys / 32; ++kk) {  // keys 32 kk + (0, 1, 8, 9 | 16, 17, 24, 25) + 2 (lane % 4), rows r, r + 8
         const float* g = s + 16 * kk;
         p[4 * kk] = pack4_e4m3(g[0], g[1], g[4], g[5]);
         p[4 * kk + 1] = pack4_e4m3(g[2], g[3], g[6], g[7]);
@@ -320,9 +434,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (kTakeTurns) bar_sync(kTurnBarrier + wg, 256);
   };
 
-  // S's registers around an async product (S8: its int32 accumulator too).
+  // S's registers around an async product (S8: its int32 accumulator; the wide tile's S8 form fences only that,
+  // so that s, dead there, does not hold 96 registers through the product).
+  constexpr bool kFenceFloatS = !F::kIntQK || kKeys == kBlockN;
   auto fence_s = [&] {
-    fence_regs(s);
+    if constexpr (kFenceFloatS) fence_regs(s);
     if constexpr (F::kIntQK) fence_regs(s_int);
   };
   auto fence_t = [&] {
@@ -332,7 +448,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto start_s = [&] {
     if constexpr (F::kIntQK) {
 #pragma unroll
-      for (int i = 0; i < 64; ++i) s_int[i] = __float_as_uint(kIntBias);
+      for (int i = 0; i < kSRegs; ++i) s_int[i] = __float_as_uint(kIntBias);
       fence_regs(s_int);
     }
   };
@@ -341,7 +457,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (F::kIntQK) {
       fence_regs(s_int);
 #pragma unroll
-      for (int i = 0; i < 64; ++i) s[i] = __uint_as_float(s_int[i]);
+      for (int i = 0; i < kSRegs; ++i) s[i] = __uint_as_float(s_int[i]);
     }
     fence_regs(s);
   };
@@ -351,20 +467,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   float alpha[2];  // rescales O before the next PV product adds to it (O is still 0 after block 0)
   {  // block 0: S only
     float sum[2];
-    const uint4 bits = key_bits_of(0);
-    const float key_scale = key_scale_of(0);
+    const Tile tile = tile_of(0);
     mbar_wait(&bars.k_full[0], 0);
     wait_turn();
     start_s();
     wgmma_fence();
-    issue_qk<In, kHeadDim>(s, s_int, q_rows, k_ring);
+    issue_qk<In, kHeadDim, kKeys>(s, s_int, q_rows, k_ring);
     wgmma_commit();
     fence_s();
     pass_turn(0);
     wgmma_wait<0>();
     read_s();
     release_k(0);
-    softmax(0, bits, key_scale, alpha, sum);
+    softmax(0, tile, alpha, sum);
     row_sum[0] = sum[0];
     row_sum[1] = sum[1];
   }
@@ -384,23 +499,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto rescale_o = [&] {
     fence_regs(o);
     // Late in a row the max rarely moves (alpha = 1 exactly): the warp skips the multiplies (same result).
-    if (__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) {
+    if (__any_sync(0xffffffff, o_scale[0] != 1.f || o_scale[1] != 1.f)) {
 #pragma unroll
-      for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= alpha[(i / 2) % 2];
+      for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= o_scale[(i / 2) % 2];
     }
     fence_regs(o);
   };
   // O += P V, or t = P V (kPromoteO).
   auto issue_pv_block = [&](SmemDesc v_tile) {
     if constexpr (kPromoteO)
-      issue_pv<In, kHeadDim>(t, p, v_tile, true);
+      issue_pv<In, kHeadDim, kKeys>(t, p, v_tile, true);
     else
-      issue_pv<In, kHeadDim>(o, p, v_tile);
+      issue_pv<In, kHeadDim, kKeys>(o, p, v_tile);
   };
   for (int j = 1; j < n_blocks; ++j) {  // S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight together
     const int st = j % kStages, prev = (j - 1) % kStages;
-    const uint4 bits = key_bits_of(j);  // in flight while the products run
-    const float key_scale = key_scale_of(j);
+    const Tile tile = tile_of(j);  // in flight while the products run
     const float value_scale = kPromoteO ? value_scale_of(j - 1) : 1.f;
     mbar_wait(&bars.k_full[st], (j / kStages) & 1);
     mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
@@ -410,14 +524,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     pack_block(j);
     wait_turn();
     start_s();
-    fence_regs(s);
+    if constexpr (kFenceFloatS) fence_regs(s);
     wgmma_fence();
-    issue_qk<In, kHeadDim>(s, s_int, q_rows, k_ring.plus(st * kTileBytes));
+    issue_qk<In, kHeadDim, kKeys>(s, s_int, q_rows, k_ring.plus(st * F::kKTileBytes));
     wgmma_commit();
     fence_s();
     rescale_o();
     wgmma_fence();  // O was written by ordinary instructions
-    issue_pv_block(v_ring.plus(prev * kTileBytes));
+    issue_pv_block(v_ring.plus(prev * F::kVTileBytes));
     wgmma_commit();
     fence_s();
     fence_regs(o);
@@ -434,7 +548,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     read_s();
     release_k(j);
     float sum[2];
-    softmax(j, bits, key_scale, alpha, sum);
+    softmax(j, tile, alpha, sum);
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + sum[r];
   }
@@ -448,7 +562,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     pack_block(0);
     rescale_o();
     wgmma_fence();
-    issue_pv_block(v_ring.plus(last * kTileBytes));
+    issue_pv_block(v_ring.plus(last * F::kVTileBytes));
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(o);
@@ -463,7 +577,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = 0; r < 2; ++r) {
     row_sum[r] = quad_sum(row_sum[r]);
     attended[r] = row_sum[r] > 0.f ? 1.f : 0.f;
-    inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;  // 0: every key masked (out 0, lse -inf)
+    // 0: every key masked (out 0, lse -inf). kShiftV: O is in units of sigma.
+    inv[r] = row_sum[r] > 0.f ? (F::kShiftV ? v_sigma : 1.f) / row_sum[r] : 0.f;
   }
   // v_offset (8-bit, may be null: fp32 [B, H, D]): this thread's columns (i / 4) * 8 + (lane % 4) * 2 + {0, 1}, one
   // fp32 pair per i / 4.
@@ -558,12 +673,12 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 }
 
 // The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; 8-bit: v is V^T), out; the scales 8-bit only.
-template <typename In, typename Out, int kHeadDim, int kStages>
+template <typename In, typename Out, int kHeadDim, int kStages, int kKeys = kBlockN>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale,
                    const float* v_offset, float* lse, const void* key_bits, int batch, int heads, int q_len,
                    int kv_len, float scale, cudaStream_t stream) {
-  constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages>();
-  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages>;
+  constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages, kKeys>();
+  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kKeys>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
@@ -614,8 +729,9 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
                                     int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
-                                    bool int8_qk, cudaStream_t stream) {
+                                    bool int8_qk, int keys, cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
+      (keys != 128 && keys != 192) || reinterpret_cast<uintptr_t>(key_bits) % 16 != 0 ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
       vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
       reinterpret_cast<uintptr_t>(v_offset) % 8 != 0)
@@ -626,7 +742,7 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
   if (out_type == CU_TENSOR_MAP_DATA_TYPE_FLOAT32) return cudaErrorInvalidValue;
   CUtensorMap maps[4] = {};
   if (!make_map(&maps[0], q, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, batch, q_len, heads, head_dim, kBlockM) ||
-      !make_map(&maps[1], k, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, batch, kv_len, heads, head_dim, kBlockN) ||
+      !make_map(&maps[1], k, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, batch, kv_len, heads, head_dim, keys) ||
       !make_vt_map(&maps[2], vt, batch, heads, head_dim, vt_len) ||
       !make_map(&maps[3], out, out_type, 2, batch, q_len, heads, head_dim, kBlockM / 2))
     return cudaErrorInvalidValue;
@@ -634,10 +750,14 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
     using Out = decltype(out_tag);
     const auto with = [&](auto in_tag) {
       using In = decltype(in_tag);
-      return stages == 2 ? launch<In, Out, 128, 2>(maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits, batch,
-                                                   heads, q_len, kv_len, scale, stream)
-                         : launch<In, Out, 128, 3>(maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits, batch,
-                                                   heads, q_len, kv_len, scale, stream);
+      const auto tile = [&](auto keys_tag) {
+        constexpr int kKeys = decltype(keys_tag)::value;
+        return stages == 2 ? launch<In, Out, 128, 2, kKeys>(maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits,
+                                                            batch, heads, q_len, kv_len, scale, stream)
+                           : launch<In, Out, 128, 3, kKeys>(maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits,
+                                                            batch, heads, q_len, kv_len, scale, stream);
+      };
+      return keys == 192 ? tile(std::integral_constant<int, 192>()) : tile(std::integral_constant<int, 128>());
     };
     return int8_qk ? with(S8()) : with(E4M3());
   };

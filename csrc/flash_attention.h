@@ -39,11 +39,13 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // registers: kPromoteO in the .cu). v_offset (may be null; 8-byte aligned): fp32 [B, H, D], what was subtracted from
 // V before its quantization (smoothing), added to every row with an attended key. lse, key_bits, stages as
 // flash_attention_fwd. int8_qk: q, k are int8 instead (symmetric, scales = amax / 127; S exact in int32).
+// keys: the kernel's key tile, 128 (O promoted as above) or 192 (O accumulated in the tensor cores with each 64-key
+// group's V scale folded into its P; the same arithmetic otherwise: see the .cu).
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
                                     int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
-                                    bool int8_qk, cudaStream_t stream);
+                                    bool int8_qk, int keys, cudaStream_t stream);
 
 }  // namespace vkern

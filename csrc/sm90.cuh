@@ -250,6 +250,30 @@ __device__ __forceinline__ void wgmma_m64n128k32_rs_e4m3(float (&d)[64], const u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(int(accumulate)));
 }
 
+// m64n192 (the 8-bit kernel's 192-key tile): 96 accumulators; C is the constraint ("+f" fp32, "+r" int32).
+#define VKERN_ACC8(C, d, i)                                                                                    \
+  C(d[i]), C(d[i + 1]), C(d[i + 2]), C(d[i + 3]), C(d[i + 4]), C(d[i + 5]), C(d[i + 6]), C(d[i + 7])
+#define VKERN_ACC96_OPERANDS(C, d)                                                                             \
+  VKERN_ACC8(C, d, 0), VKERN_ACC8(C, d, 8), VKERN_ACC8(C, d, 16), VKERN_ACC8(C, d, 24), VKERN_ACC8(C, d, 32),  \
+      VKERN_ACC8(C, d, 40), VKERN_ACC8(C, d, 48), VKERN_ACC8(C, d, 56), VKERN_ACC8(C, d, 64),                  \
+      VKERN_ACC8(C, d, 72), VKERN_ACC8(C, d, 80), VKERN_ACC8(C, d, 88)
+#define VKERN_ACC96_REGS \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95}"
+// d[96] (+)= A[64 x 32] B[32 x 192], e4m3, A and B in shared memory.
+__device__ __forceinline__ void wgmma_m64n192k32_ss_e4m3(float (&d)[96], uint64_t desc_a, uint64_t desc_b,
+                                                          bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3 " VKERN_ACC96_REGS ", %96, %97, p, 1, 1;\n}\n"
+      : VKERN_ACC96_OPERANDS("+f", d)
+      : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));
+}
+
 // int8 operands (signed, both K-major), int32 accumulation: d[64] += A[64 x 32] B[32 x 128], A and B in shared
 // memory. (d must be integer registers in PTX: kept as uint32_t, so no conversion moves touch it in flight.)
 struct S8 {};
@@ -273,6 +297,13 @@ __device__ __forceinline__ void wgmma_m64n128k32_ss_s8(uint32_t (&d)[64], uint64
       : "l"(desc_a), "l"(desc_b));
 }
 #undef VKERN_ACC_U32
+
+// d[96] += A[64 x 32] B[32 x 192], int8, int32 accumulation, as wgmma_m64n128k32_ss_s8.
+__device__ __forceinline__ void wgmma_m64n192k32_ss_s8(uint32_t (&d)[96], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n192k32.s32.s8.s8 " VKERN_ACC96_REGS ", %96, %97, 1;\n"
+               : VKERN_ACC96_OPERANDS("+r", d)
+               : "l"(desc_a), "l"(desc_b));
+}
 template <int N>
 __device__ __forceinline__ void fence_regs(uint32_t (&r)[N]) {
 #pragma unroll
@@ -308,6 +339,11 @@ template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
   return __half22float2(*reinterpret_cast<const __half2*>(&v));
 }
 
+__device__ __forceinline__ float lg2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

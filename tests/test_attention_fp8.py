@@ -642,15 +642,24 @@ def test_gpu_real_shapes(use_backend, scheme, name, inputs):
 # promoted to fp32 per key block with the block's V scale): lengths around its 128-row/128-key tiles, the 16-key V^T
 # padding and the 4-float K-scale rows (Skv % 4 != 0 takes a padded copy).
 CUDA_FP8_SIZES = [(1, 2, 1, 1), (2, 1, 113, 113), (1, 1, 113, 512), (2, 4, 1, 1000), (2, 2, 200, 333),
-                  (1, 2, 129, 130), (1, 3, 4097, 4097), (1, 2, 256, 4096 + 17)]
+                  (1, 2, 129, 130), (1, 3, 4097, 4097), (1, 2, 256, 4096 + 17), (1, 2, 193, 191), (2, 1, 100, 385),
+                  (1, 2, 130, 577)]
 CUDA_SCHEMES = [FP8, ("int8", "e4m3")]
+
+
+@pytest.fixture(params=[128, 192], ids=["keys128", "keys192"])
+def fp8_keys(request, monkeypatch):
+    """The CUDA 8-bit kernel's key tile (VKERN_FLASH_FP8_KEYS): 128, O promoted to fp32 per block; 192, O in the
+    tensor cores with each 64-key group's V scale folded into its P (session 20)."""
+    monkeypatch.setenv("VKERN_FLASH_FP8_KEYS", str(request.param))
+    return request.param
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", CUDA_SCHEMES, ids=scheme_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,H,Sq,Skv", CUDA_FP8_SIZES, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}" for p in CUDA_FP8_SIZES])
-def test_gpu_cuda_fp8_odd_sizes(use_backend, scheme, dtype, B, H, Sq, Skv):
+def test_gpu_cuda_fp8_odd_sizes(use_backend, fp8_keys, scheme, dtype, B, H, Sq, Skv):
     q, k, v = make_qkv(B, Sq, Skv, H, 128, dtype, "cuda")
     check_8bit(q, k, v, use_backend("cuda"), scheme)
 
@@ -658,13 +667,13 @@ def test_gpu_cuda_fp8_odd_sizes(use_backend, scheme, dtype, B, H, Sq, Skv):
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", CUDA_SCHEMES, ids=scheme_id)
 @pytest.mark.parametrize("pattern", ["random", "dead_row"])
-def test_gpu_cuda_fp8_key_padding_mask(use_backend, scheme, pattern):
+def test_gpu_cuda_fp8_key_padding_mask(use_backend, fp8_keys, scheme, pattern):
     q, k, v = make_qkv(2, 4096 + 256, 4096 + 200, 4, 128, torch.bfloat16, "cuda")
     check_8bit(q, k, v, use_backend("cuda"), scheme, key_padding_mask=make_padding(2, 4096 + 200, pattern, "cuda"))
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_fp8_v_scales_spread(use_backend):
+def test_gpu_cuda_fp8_v_scales_spread(use_backend, fp8_keys):
     """V whose 128-key blocks differ 2^12 in scale (smoothed, the small blocks hold V's mean): within the floors and
     the 1.25x/2x rule. (Run 74's tensor-core-O form, which shifted each block's P by its V scale ratio to the largest,
     failed here: 0.0483 vs 1.25 x 0.0376, its small blocks' P rounding as e4m3 subnormals.)"""
@@ -693,7 +702,7 @@ def test_gpu_cuda_fp8_is_the_default_on_hopper():
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", CUDA_SCHEMES, ids=scheme_id)
 @pytest.mark.parametrize("name,inputs", REAL_INPUTS, ids=REAL_IDS)
-def test_gpu_cuda_fp8_real_shapes(use_backend, scheme, name, inputs):
+def test_gpu_cuda_fp8_real_shapes(use_backend, fp8_keys, scheme, name, inputs):
     """As test_gpu_real_shapes, for the CUDA kernel; and its output is within the same noise of the Triton
     kernel's (the same quantization, different P roundings)."""
     q, k, v = inputs()
@@ -711,7 +720,7 @@ def test_gpu_cuda_fp8_real_shapes(use_backend, scheme, name, inputs):
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", CUDA_SCHEMES, ids=scheme_id)
 @pytest.mark.parametrize("tokens", [32760, 75600], ids=["480p", "720p"])
-def test_gpu_cuda_fp8_is_the_emulation_on_wan_inputs(use_backend, scheme, tokens):
+def test_gpu_cuda_fp8_is_the_emulation_on_wan_inputs(use_backend, fp8_keys, scheme, tokens):
     """On WanAttention self inputs (V with channel means: O grows block by block) the kernel, each block's P V added
     to O in fp32, is as accurate as the fp32 emulation (within 5%). (O accumulated in the tensor cores instead was
     not: run 55, 0.0189 vs 0.0124 at 480p and 0.0365 vs 0.0093 at 720p, int8 Q/K; with V smoothed, runs 74-76,

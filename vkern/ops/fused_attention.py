@@ -383,6 +383,18 @@ def _flash_stages():
     return int(stages)
 
 
+# The CUDA 8-bit kernel's key tile: 128 (each block's P V promoted to fp32 O with its V scale) or 192 (O in the
+# tensor cores, each 64-key group's V scale folded into its P; session 20). VKERN_FLASH_FP8_KEYS overrides.
+FLASH_FP8_KEYS = 128
+
+
+def _flash_fp8_keys():
+    keys = os.environ.get("VKERN_FLASH_FP8_KEYS", str(FLASH_FP8_KEYS))
+    if keys not in ("128", "192"):
+        raise ValueError(f"VKERN_FLASH_FP8_KEYS: expected 128 or 192, got {keys!r}")
+    return int(keys)
+
+
 def key_padding_bits(key_padding_mask, block=128):
     """The CUDA kernel's form of a key-padding mask: bool [B, Skv] -> uint8 [B, ceil(Skv / block) * block / 8],
     bit c % 8 of byte c / 8 set = attend key c (so, read as little-endian 32-bit words, bit c % 32 of word
@@ -430,7 +442,8 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
             k_scale.data_ptr(), v_scale.data_ptr(), 0 if v_offset is None else v_offset.data_ptr(),
             DTYPE_CODE[out_dtype], B, H, Sq, Skv, vt.shape[3], D, D ** -0.5 if scale is None else scale,
-            _flash_stages(), q8.dtype == torch.int8, torch.cuda.current_stream(q8.device).cuda_stream)
+            _flash_stages(), q8.dtype == torch.int8, _flash_fp8_keys(),
+            torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
 
