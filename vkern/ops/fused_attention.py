@@ -371,16 +371,21 @@ def _tma_ready(t):
             all(st > 0 and st % per_16_bytes == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
 
 
+def _env_int(name, default, allowed):
+    """The integer setting `name` from the environment (default when unset); a clear error outside `allowed`."""
+    value = os.environ.get(name, str(default))
+    if value not in tuple(str(a) for a in allowed):
+        raise ValueError(f"{name}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
+    return int(value)
+
+
 # The CUDA kernel's K/V ring depth (2 or 3; VKERN_FLASH_STAGES overrides, for benchmarks). Run 34: 3 stages
 # 689 vs 641 TFLOP/s at wan1.3b-480p, 636 vs 631 at wan14b-720p.
 FLASH_STAGES = 3
 
 
 def _flash_stages():
-    stages = os.environ.get("VKERN_FLASH_STAGES", str(FLASH_STAGES))
-    if stages not in ("2", "3"):
-        raise ValueError(f"VKERN_FLASH_STAGES: expected 2 or 3, got {stages!r}")
-    return int(stages)
+    return _env_int("VKERN_FLASH_STAGES", FLASH_STAGES, (2, 3))
 
 
 # The CUDA 8-bit kernel's key tile: 128 (each block's P V promoted to fp32 O with its V scale) or 192 (O in the
@@ -389,10 +394,7 @@ FLASH_FP8_KEYS = 128
 
 
 def _flash_fp8_keys():
-    keys = os.environ.get("VKERN_FLASH_FP8_KEYS", str(FLASH_FP8_KEYS))
-    if keys not in ("128", "192"):
-        raise ValueError(f"VKERN_FLASH_FP8_KEYS: expected 128 or 192, got {keys!r}")
-    return int(keys)
+    return _env_int("VKERN_FLASH_FP8_KEYS", FLASH_FP8_KEYS, (128, 192))
 
 
 def key_padding_bits(key_padding_mask, block=128):
