@@ -38,6 +38,7 @@ constexpr int kThreads = 384;
 constexpr int kTurnBarrier = 1;               // named barriers 1, 2: consumer 0's / 1's turn to issue products
 constexpr int kStoreBarrier = 3;              // named barriers 3, 4: consumer 0's / 1's output tile written
 constexpr float kLog2Of448 = 8.807354922057604f;
+constexpr float kLog2Of255 = 7.994353436858858f;
 
 // Tile geometry per input format. 16-bit: Q, K, V [B, S, H, D]; a 128-row tile is D / 64 column boxes of 64
 // (two "halves" at D = 128), kHalfBytes apart. 8-bit (E4M3: e4m3 Q, K; S8: int8 Q, K; D = 128 only): Q, K
@@ -48,10 +49,12 @@ constexpr float kLog2Of448 = 8.807354922057604f;
 // kKeys: keys per tile, 128, or 192 for the 8-bit forms' wide tile (see flash_fwd_kernel).
 template <typename In, int kHeadDim, int kKeys = kBlockN>
 struct Format {
-  static constexpr bool kIntQK = std::is_same<In, S8>::value;                 // int8 Q, K; e4m3 P, V
+  static constexpr bool kIntPV = std::is_same<In, S8PV>::value;               // int8 Q, K; u8 P, int8 V
+  static constexpr bool kIntQK = std::is_same<In, S8>::value || kIntPV;       // int8 Q, K (S8: e4m3 P, V)
   static constexpr bool k8Bit = std::is_same<In, E4M3>::value || kIntQK;      // the 8-bit forms
   static_assert(!k8Bit || kHeadDim == 128, "the 8-bit kernel takes head dim 128");
-  static_assert(kKeys == kBlockN || (k8Bit && kKeys == 192), "tiles of 128 keys, or 192 for the 8-bit forms");
+  static_assert(kKeys == kBlockN || (k8Bit && !kIntPV && kKeys == 192),
+                "tiles of 128 keys, or 192 for the e4m3-P forms");
   static constexpr bool kPromoteO = k8Bit && kKeys == kBlockN;                 // see flash_fwd_kernel
   static constexpr bool kShiftV = k8Bit && !kPromoteO;  // tensor-core O, V's block scales folded into P
   static constexpr int kGroups = kShiftV ? kKeys / 64 : 1;         // key groups of one K and one V scale
@@ -65,7 +68,8 @@ struct Format {
   static constexpr int kOutStageBytes = k8Bit ? kOutBoxes * kHalfBytes : 0;  // 16-bit: the Q tile is reused
   static constexpr int kSRegs = kKeys / 2;                         // S of 64 x kKeys per warpgroup, fp32
   static constexpr int kPRegs = k8Bit ? kKeys / 8 : 32;            // P, packed
-  static constexpr float kPOffset = k8Bit ? kLog2Of448 : 0.f;       // e4m3 P is scaled to [0, 448]
+  // e4m3 P is scaled to [0, 448]; u8 P to [0, 255] * 2^-24 (pack4_u8's input: fp16 subnormal steps)
+  static constexpr float kPOffset = kIntPV ? kLog2Of255 - 24.f : k8Bit ? kLog2Of448 : 0.f;
 };
 template <int kStages>
 struct Barriers {
@@ -124,6 +128,15 @@ __device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2],
   }
 }
 
+// The int8 P/V form: t += P V (u8 P from registers, int8 V^T's tile); t starts where the caller set it.
+__device__ __forceinline__ void issue_pv_int(uint32_t (&t)[64], const uint32_t (&p)[16], SmemDesc v_tile) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
+    wgmma_m64n128k32_rs_u8s8(t, a, v_tile.plus(kk * 32).bits());
+  }
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
@@ -157,6 +170,12 @@ __device__ __forceinline__ float quad_sum(float x) {
 // each with its own K scale (the softmax's multiplier) and V scale. O is kept in units of sigma, the largest V scale
 // seen so far; a group's P is exp2(... + log2(v_scale / sigma)) <= 448, so each P V term carries its own V scale,
 // and O is rescaled (with alpha) only when sigma grows. The row sums are taken without the shift.
+// kIntPV (S8PV: int8 Q, K, P, V; 128-key tiles, promoted as kPromoteO): P is taken against the block's own row max
+// m_b, so every row's largest P in the block is 255 (u8: steps of 1/255 of that max, where e4m3 keeps 3 mantissa
+// bits), and the block's P V (exact in int32) enters O times exp2(m_b - running max) * v_scale. The int32
+// accumulator t starts at the bits of kIntBias, so t read as fp32 is kIntBias + P V (|P V| <= 255 * 127 * 128
+// < 2^22); O accumulates that, and bias_weight (per row: the sum of the factors O took, rescaled with O) takes
+// kIntBias * bias_weight out in the epilogue. Row sums are of the unrounded P.
 // S8's scores: the int32 accumulator starts at the bits of kIntBias = 1.5 * 2^23 (see wgmma_m64n128k32_ss_s8), so
 // s reads as kIntBias + S in fp32; the bias cancels in s - max and is taken out of the row max.
 template <typename In, typename Out, int kHeadDim, int kStages, int kKeys>
@@ -167,7 +186,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                      const float* __restrict__ v_scale, const float* __restrict__ v_offset, float* __restrict__ lse,
                      const uint4* __restrict__ key_bits, int heads, int q_len, int kv_len, float scale_log2) {
   using F = Format<In, kHeadDim, kKeys>;
-  constexpr bool kPromoteO = F::kPromoteO;
+  constexpr bool kPromoteO = F::kPromoteO, kIntPV = F::kIntPV;
   constexpr int kGroups = F::kGroups, kSRegs = F::kSRegs, kWords = kKeys / 32;
   // The 16-bit forms' consumers issue their products in turn (named barriers); the 8-bit forms' each as soon as it
   // is ready: their products are half as long, and over runs 46-54 the two schedules measured the same within +-5%.
@@ -241,6 +260,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const SmemDesc v_ring = SmemDesc::sw128(v_tiles, F::k8Bit ? 16 : kHalfBytes, 1024);
   float o[kHeadDim / 2], s[kSRegs], t[kHeadDim / 2];  // t: the promoted forms' per-block P V
   uint32_t s_int[kSRegs];                              // S8's int32 accumulator
+  uint32_t t_int[kIntPV ? kHeadDim / 2 : 1];           // kIntPV: the block's P V, int32 (t is unused)
+  float p_factor[2] = {0.f, 0.f};     // kIntPV: exp2(block max - running max) of the last softmax's block, per row
+  float bias_weight[2] = {0.f, 0.f};  // kIntPV: the kIntBias multiples O holds, per row
   uint32_t p[F::kPRegs];
 #pragma unroll
   for (int i = 0; i < kHeadDim / 2; ++i) o[i] = t[i] = 0.f;
@@ -369,15 +391,23 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float scaled = (m - (F::kIntQK ? kIntBias : 0.f)) * mult[r][g];
         thread_max = g == 0 ? scaled : fmaxf(thread_max, scaled);
       }
-      const float new_max = fmaxf(row_max[r], quad_max(thread_max));
+      const float block_max = quad_max(thread_max);
+      const float new_max = fmaxf(row_max[r], block_max);
       // No attended key in this row yet (only with a mask): exp2 against 0 keeps -inf scores at 0, not NaN.
       const float offset = new_max == -INFINITY ? 0.f : new_max;
+      // What P is taken against: the running max, or (kIntPV) the block's own (0 for a block with no attended key
+      // in this row: its P is 0, and so is its factor).
+      float p_max = offset;
+      if constexpr (F::kIntPV) {
+        p_max = block_max == -INFINITY ? 0.f : block_max;
+        p_factor[r] = block_max == -INFINITY ? 0.f : ex2(block_max - offset);
+      }
       alpha[r] = ex2(row_max[r] - offset);
       o_scale[r] = F::kShiftV ? alpha[r] * sigma_ratio : alpha[r];
       row_max[r] = new_max;
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
-        const float base = F::k8Bit ? (F::kShiftV ? F::kPOffset + shift[g] : F::kPOffset) - offset
+        const float base = F::k8Bit ? (F::kShiftV ? F::kPOffset + shift[g] : F::kPOffset) - p_max
                                     : -offset;  // (0 - x is not -x at x = 0: no fold)
         neg_max[r][g] = F::kIntQK ? fmaf(-kIntBias, mult[r][g], base) : base;
       }
@@ -403,18 +433,22 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int g = 0; g < kGroups; ++g) sum[r] = fmaf(part[r][g], unshift[g], sum[r]);
       } else {
         sum[r] = part[r][0] + part[r][1];
+        if constexpr (F::kIntPV) sum[r] *= p_factor[r];  // (against the running max, as alpha expects)
       }
     }
   };
   auto to_p = [&] {
     if constexpr (F::k8Bit) {
+      const auto pack4 = [](float a, float b, float c, float d) {
+        return F::kIntPV ? pack4_u8(a, b, c, d) : pack4_e4m3(a, b, c, d);
+      };
 #pragma unroll
       for (int kk = 0; kk < kKeys / 32; ++kk) {  // keys 32 kk + (0, 1, 8, 9 | 16, 17, 24, 25) + 2 (lane % 4), rows r, r + 8
         const float* g = s + 16 * kk;
-        p[4 * kk] = pack4_e4m3(g[0], g[1], g[4], g[5]);
-        p[4 * kk + 1] = pack4_e4m3(g[2], g[3], g[6], g[7]);
-        p[4 * kk + 2] = pack4_e4m3(g[8], g[9], g[12], g[13]);
-        p[4 * kk + 3] = pack4_e4m3(g[10], g[11], g[14], g[15]);
+        p[4 * kk] = pack4(g[0], g[1], g[4], g[5]);
+        p[4 * kk + 1] = pack4(g[2], g[3], g[6], g[7]);
+        p[4 * kk + 2] = pack4(g[8], g[9], g[12], g[13]);
+        p[4 * kk + 3] = pack4(g[10], g[11], g[14], g[15]);
       }
     } else {
 #pragma unroll
@@ -442,7 +476,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (F::kIntQK) fence_regs(s_int);
   };
   auto fence_t = [&] {
-    if constexpr (kPromoteO) fence_regs(t);
+    if constexpr (kIntPV)
+      fence_regs(t_int);
+    else if constexpr (kPromoteO)
+      fence_regs(t);
+  };
+  // kIntPV: t's start value before each P V product.
+  auto start_t = [&] {
+    if constexpr (kIntPV) {
+#pragma unroll
+      for (int i = 0; i < kHeadDim / 2; ++i) t_int[i] = __float_as_uint(kIntBias);
+      fence_regs(t_int);
+    }
   };
   // S8: the S accumulator's start value (16-bit and E4M3 overwrite it with the first product).
   auto start_s = [&] {
@@ -493,8 +538,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     to_p();
   };
   auto add_t = [&](float value_scale) {
+    if constexpr (kIntPV) {  // t = kIntBias + P V in fp32; 2^-24: P's unit in the row sums (kPOffset)
+      float factor[2];
 #pragma unroll
-    for (int i = 0; i < kHeadDim / 2; ++i) o[i] = fmaf(t[i], value_scale, o[i]);
+      for (int r = 0; r < 2; ++r) {
+        factor[r] = p_factor[r] * (value_scale * 0x1p-24f);
+        bias_weight[r] += factor[r];
+      }
+#pragma unroll
+      for (int i = 0; i < kHeadDim / 2; ++i) o[i] = fmaf(__uint_as_float(t_int[i]), factor[(i / 2) % 2], o[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kHeadDim / 2; ++i) o[i] = fmaf(t[i], value_scale, o[i]);
+    }
   };
   auto rescale_o = [&] {
     fence_regs(o);
@@ -504,10 +560,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= o_scale[(i / 2) % 2];
     }
     fence_regs(o);
+    if constexpr (kIntPV) bias_weight[0] *= o_scale[0], bias_weight[1] *= o_scale[1];
   };
   // O += P V, or t = P V (kPromoteO).
   auto issue_pv_block = [&](SmemDesc v_tile) {
-    if constexpr (kPromoteO)
+    if constexpr (kIntPV)
+      issue_pv_int(t_int, p, v_tile);
+    else if constexpr (kPromoteO)
       issue_pv<In, kHeadDim, kKeys>(t, p, v_tile, true);
     else
       issue_pv<In, kHeadDim, kKeys>(o, p, v_tile);
@@ -530,7 +589,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_commit();
     fence_s();
     rescale_o();
-    wgmma_fence();  // O was written by ordinary instructions
+    start_t();
+    wgmma_fence();  // O (and kIntPV's t) were written by ordinary instructions
     issue_pv_block(v_ring.plus(prev * F::kVTileBytes));
     wgmma_commit();
     fence_s();
@@ -561,6 +621,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_t();
     pack_block(0);
     rescale_o();
+    start_t();
     wgmma_fence();
     issue_pv_block(v_ring.plus(last * F::kVTileBytes));
     wgmma_commit();
@@ -572,9 +633,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Epilogue: O / l into this consumer's output stage (16-bit: its now unused Q rows) in the swizzled layout, then
   // one TMA store.
-  float inv[2], attended[2];
+  float inv[2], attended[2], o_bias[2];  // o_bias: kIntPV's kIntBias multiples in O
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
+    o_bias[r] = kIntBias * bias_weight[r];
     row_sum[r] = quad_sum(row_sum[r]);
     attended[r] = row_sum[r] > 0.f ? 1.f : 0.f;
     // 0: every key masked (out 0, lse -inf). kShiftV: O is in units of sigma.
@@ -593,6 +655,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int chunk = (col_tile % 8) ^ (row % 8);
     uint8_t* dst = o_rows + (col_tile / 8) * kHalfBytes + row * 128 + chunk * 16 + (lane % 4) * 4;
     float lo = o[i] * inv[r], hi = o[i + 1] * inv[r];
+    if constexpr (kIntPV) lo = (o[i] - o_bias[r]) * inv[r], hi = (o[i + 1] - o_bias[r]) * inv[r];
     if (F::k8Bit && offsets != nullptr) {
       const float2 c = __ldg(offsets + 4 * col_tile);
       lo += c.x * attended[r], hi += c.y * attended[r];
@@ -729,8 +792,8 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
                                     int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
-                                    bool int8_qk, int keys, cudaStream_t stream) {
-  if (head_dim != kFlashFp8HeadDim || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
+                                    bool int8_qk, bool int8_pv, int keys, cudaStream_t stream) {
+  if (head_dim != kFlashFp8HeadDim || (int8_pv && !int8_qk) || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       (keys != 128 && keys != 192) || reinterpret_cast<uintptr_t>(key_bits) % 16 != 0 ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
       vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
@@ -757,9 +820,12 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                            : launch<In, Out, 128, 3, kKeys>(maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits,
                                                             batch, heads, q_len, kv_len, scale, stream);
       };
-      return keys == 192 ? tile(std::integral_constant<int, 192>()) : tile(std::integral_constant<int, 128>());
+      if constexpr (std::is_same<In, S8PV>::value)  // 128-key tiles only
+        return tile(std::integral_constant<int, 128>());
+      else
+        return keys == 192 ? tile(std::integral_constant<int, 192>()) : tile(std::integral_constant<int, 128>());
     };
-    return int8_qk ? with(S8()) : with(E4M3());
+    return int8_pv ? with(S8PV()) : int8_qk ? with(S8()) : with(E4M3());
   };
   return out_dtype == DType::kBFloat16 ? run(__nv_bfloat16()) : run(__half());
 }

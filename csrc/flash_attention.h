@@ -41,11 +41,15 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // flash_attention_fwd. int8_qk: q, k are int8 instead (symmetric, scales = amax / 127; S exact in int32).
 // keys: the kernel's key tile, 128 (O promoted as above) or 192 (O accumulated in the tensor cores with each 64-key
 // group's V scale folded into its P; the same arithmetic otherwise: see the .cu).
+// int8_pv (with int8_qk only; 128-key tiles whatever keys says): vt is int8 (the same layout; scales amax / 127) and
+// the P V product takes P as unsigned int8 against each 128-key block's own row max: P = round(255 * exp(scale * S -
+// m_b)), out = sum over blocks of exp(m_b - max) (P v8) * v_scale / (255 * rowsum(exp(scale * S - max))) + v_offset
+// (the .cu: kIntPV).
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
                                     int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
-                                    bool int8_qk, int keys, cudaStream_t stream);
+                                    bool int8_qk, bool int8_pv, int keys, cudaStream_t stream);
 
 }  // namespace vkern

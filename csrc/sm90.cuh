@@ -277,6 +277,8 @@ __device__ __forceinline__ void wgmma_m64n192k32_ss_e4m3(float (&d)[96], uint64_
 // int8 operands (signed, both K-major), int32 accumulation: d[64] += A[64 x 32] B[32 x 128], A and B in shared
 // memory. (d must be integer registers in PTX: kept as uint32_t, so no conversion moves touch it in flight.)
 struct S8 {};
+// The int8 P/V form's tag: int8 Q and K (as S8), P unsigned int8 and V signed int8 for the P V product.
+struct S8PV {};
 #define VKERN_ACC_U32(i) "+r"(d[i])
 __device__ __forceinline__ void wgmma_m64n128k32_ss_s8(uint32_t (&d)[64], uint64_t desc_a, uint64_t desc_b) {
   asm volatile(
@@ -295,6 +297,26 @@ __device__ __forceinline__ void wgmma_m64n128k32_ss_s8(uint32_t (&d)[64], uint64
         VKERN_ACC_U32(57), VKERN_ACC_U32(58), VKERN_ACC_U32(59), VKERN_ACC_U32(60), VKERN_ACC_U32(61),
         VKERN_ACC_U32(62), VKERN_ACC_U32(63)
       : "l"(desc_a), "l"(desc_b));
+}
+// d[64] += A[64 x 32] B[32 x 128], A unsigned int8 in registers (the fragment of wgmma_m64n128k32_rs_e4m3), B
+// signed int8 in shared memory (K-major), int32 accumulation (d starts where the caller set it).
+__device__ __forceinline__ void wgmma_m64n128k32_rs_u8s8(uint32_t (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.s8 " VKERN_ACC64_REGS ", {%64, %65, %66, %67}, %68, 1;\n"
+      : VKERN_ACC_U32(0), VKERN_ACC_U32(1), VKERN_ACC_U32(2), VKERN_ACC_U32(3), VKERN_ACC_U32(4), VKERN_ACC_U32(5),
+        VKERN_ACC_U32(6), VKERN_ACC_U32(7), VKERN_ACC_U32(8), VKERN_ACC_U32(9), VKERN_ACC_U32(10), VKERN_ACC_U32(11),
+        VKERN_ACC_U32(12), VKERN_ACC_U32(13), VKERN_ACC_U32(14), VKERN_ACC_U32(15), VKERN_ACC_U32(16),
+        VKERN_ACC_U32(17), VKERN_ACC_U32(18), VKERN_ACC_U32(19), VKERN_ACC_U32(20), VKERN_ACC_U32(21),
+        VKERN_ACC_U32(22), VKERN_ACC_U32(23), VKERN_ACC_U32(24), VKERN_ACC_U32(25), VKERN_ACC_U32(26),
+        VKERN_ACC_U32(27), VKERN_ACC_U32(28), VKERN_ACC_U32(29), VKERN_ACC_U32(30), VKERN_ACC_U32(31),
+        VKERN_ACC_U32(32), VKERN_ACC_U32(33), VKERN_ACC_U32(34), VKERN_ACC_U32(35), VKERN_ACC_U32(36),
+        VKERN_ACC_U32(37), VKERN_ACC_U32(38), VKERN_ACC_U32(39), VKERN_ACC_U32(40), VKERN_ACC_U32(41),
+        VKERN_ACC_U32(42), VKERN_ACC_U32(43), VKERN_ACC_U32(44), VKERN_ACC_U32(45), VKERN_ACC_U32(46),
+        VKERN_ACC_U32(47), VKERN_ACC_U32(48), VKERN_ACC_U32(49), VKERN_ACC_U32(50), VKERN_ACC_U32(51),
+        VKERN_ACC_U32(52), VKERN_ACC_U32(53), VKERN_ACC_U32(54), VKERN_ACC_U32(55), VKERN_ACC_U32(56),
+        VKERN_ACC_U32(57), VKERN_ACC_U32(58), VKERN_ACC_U32(59), VKERN_ACC_U32(60), VKERN_ACC_U32(61),
+        VKERN_ACC_U32(62), VKERN_ACC_U32(63)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 }
 #undef VKERN_ACC_U32
 
@@ -317,6 +339,18 @@ __device__ __forceinline__ uint32_t pack4_e4m3(float a, float b, float c, float 
   asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(b), "f"(a));
   asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(d), "f"(c));
   return uint32_t(lo) | (uint32_t(hi) << 16);
+}
+
+// Four fp32 values x * 2^-24 with x in [0, 255.5) -> four bytes round(x) (round to nearest even) in one register
+// (a in the lowest byte). fp16's subnormals are steps of 2^-24, so the conversion itself rounds x to an integer and
+// leaves it in the low byte of each half (no .ftz: the subnormal results are kept); one PRMT takes bytes 0 and 2 of
+// each pair.
+__device__ __forceinline__ uint32_t pack4_u8(float a, float b, float c, float d) {
+  uint32_t ab, cd, out;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(ab) : "f"(b), "f"(a));  // first source to the upper half
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(cd) : "f"(d), "f"(c));
+  asm("prmt.b32 %0, %1, %2, 0x6420;" : "=r"(out) : "r"(ab), "r"(cd));
+  return out;
 }
 
 // Two fp32 values -> one 32-bit register of two 16-bit values (first in the low half), round to nearest.
