@@ -11,10 +11,12 @@ from ..reference.attention import KEY_BLOCK
 # mode -> how attention runs. "auto": vkern's measured choice per shape class (vkern.ops.attention);
 # "bf16": vkern's Triton flash-attention kernel (auto takes the CUDA one where it measured fastest); "sdpa": torch SDPA (cuDNN first); "reference": diffusers' ops;
 # 8-bit (opt-in, accuracy in README/bench): "fp8" = int8 Q/K + e4m3 P/V (the CUDA kernel on Hopper: int8 Q/K are
-# as fast as e4m3 there and remove the larger half of the error, bench/NOTES.md runs 55-56), "int8" = int8 Q/K +
+# as fast as e4m3 there and remove the larger half of the error, bench/NOTES.md runs 55-56), "int8pv" = int8 Q/K +
+# u8 P / int8 V (the CUDA kernel on Hopper: about half fp8's error, bench/NOTES.md session 21), "int8" = int8 Q/K +
 # bf16 P/V (Triton).
-ATTENTION_MODES = ("auto", "bf16", "fp8", "int8", "sdpa", "reference")
-_8BIT = {"fp8": ("int8", "e4m3"), "int8": ("int8", "bf16")}
+ATTENTION_MODES = ("auto", "bf16", "fp8", "int8pv", "int8", "sdpa", "reference")
+_8BIT = {"fp8": ("int8", "e4m3"), "int8pv": ("int8", "int8"), "int8": ("int8", "bf16")}
+_8BIT_V = ("e4m3", "int8")  # the schemes whose V is quantized (per 128-key block, smoothed)
 _BACKEND = {"auto": "auto", "bf16": "triton", "sdpa": "sdpa", "reference": "reference"}
 
 
@@ -91,10 +93,10 @@ class VkernWanAttnProcessor:
         return ref.key_token_block(*_8BIT[self.attention]) if self.attention in _8BIT else 1
 
     def _quantize_value(self, value, offset=None):
-        """fp8 mode: V (or a span of whole 128-key blocks of it) in the kernel's e4m3 form, smoothed by `offset`
-        (None: V's own mean), else as it is."""
-        if self.attention in _8BIT and _8BIT[self.attention][1] == "e4m3":
-            return quantize_value(value, offset)
+        """fp8 / int8pv modes: V (or a span of whole 128-key blocks of it) in the kernel's 8-bit form, smoothed by
+        `offset` (None: V's own mean), else as it is."""
+        if self.attention in _8BIT and _8BIT[self.attention][1] in _8BIT_V:
+            return quantize_value(value, offset, _8BIT[self.attention][1])
         return value
 
     def __repr__(self):
@@ -102,26 +104,27 @@ class VkernWanAttnProcessor:
 
 
 class QuantizedValue(NamedTuple):
-    """V already in the kernel's e4m3 form (ops.v_to_e4m3 of V - offset) and the dtype of the attention output."""
+    """V already in the kernel's 8-bit form (ops.v_to_8bit of V - offset) and the dtype of the attention output."""
     data: torch.Tensor
     scale: torch.Tensor
     offset: torch.Tensor
     dtype: torch.dtype
 
 
-def quantize_value(value, offset=None):
-    """value [B, S, H, D] -> QuantizedValue, smoothed by offset (fp32 [B, H, D]; None: ops.value_offset(value))."""
+def quantize_value(value, offset=None, fmt="e4m3"):
+    """value [B, S, H, D] -> QuantizedValue in `fmt` ("e4m3" or "int8"), smoothed by offset (fp32 [B, H, D]; None:
+    ops.value_offset(value))."""
     offset = ops.value_offset(value) if offset is None else offset
-    return QuantizedValue(*ops.v_to_e4m3(value, offset=offset), offset, value.dtype)
+    return QuantizedValue(*ops.v_to_8bit(value, fmt, offset=offset), offset, value.dtype)
 
 
 def _attend_8bit(query, key, value, attention_mask=None, pv="e4m3"):
-    """query, key: (8-bit [B, S, H, D], scales) from the fused prologue (per token [B, H, S]; keys of the e4m3-P/V
+    """query, key: (8-bit [B, S, H, D], scales) from the fused prologue (per token [B, H, S]; keys of the 8-bit-P/V
     scheme per 128-key block [B, H, ceil(S / 128)]); value [B, S, H, D] or a QuantizedValue."""
     if attention_mask is not None:
         raise ValueError("VkernWanAttnProcessor: the 8-bit modes take no attention_mask (Wan passes none)")
-    if not isinstance(value, QuantizedValue) and pv == "e4m3":
-        value = quantize_value(value)
+    if not isinstance(value, QuantizedValue) and pv in _8BIT_V:
+        value = quantize_value(value, fmt=pv)
     if isinstance(value, QuantizedValue):
         return ops.attention_prequantized(*query, *key, value.data, value.scale, out_dtype=value.dtype,
                                           v_offset=value.offset)
@@ -137,7 +140,7 @@ def _aligned_spans(spans, batch, tokens, block):
 
 def _leaves(kv, tokens, key_block):
     """(tensor, token dim, tokens per index, that dim's length for all `tokens`) of each tensor in a (key, value)
-    pair of a span: [B, S, H, D] data, 8-bit key scales [B, H, S / key_block], e4m3 V^T [B, H, D, S padded to 16],
+    pair of a span: [B, S, H, D] data, 8-bit key scales [B, H, S / key_block], 8-bit V^T [B, H, D, S padded to 16],
     its scales [B, H, S / 128] and its offset [B, H, D] (QuantizedValue; token dim None: stored whole)."""
     key, value = kv
     leaves = [(key[0], 1, 1, tokens), (key[1], 2, key_block, -(-tokens // key_block))] if isinstance(key, tuple) \

@@ -22,8 +22,9 @@ class PatchConfig:
     attention           "auto" (the fastest exact backend, measured per head dim and key count: vkern's
                         CUDA kernel for head dims 64 and 128 with many keys on Hopper) | "bf16" (vkern's Triton
                         flash-attention kernel) | "sdpa" | "reference" | opt-in 8-bit: "fp8" (int8 Q/K,
-                        e4m3 P/V, O in fp32: the fast one) or "int8" (int8 Q/K, bf16 P/V: the most
-                        accurate); accuracy and speed in the README
+                        e4m3 P/V, O in fp32: the fast one), "int8pv" (int8 Q/K, u8 P, int8 V on the
+                        same tensor cores: about half fp8's error) or "int8" (int8 Q/K, bf16 P/V: the
+                        most accurate); accuracy and speed in the README
     fused_qk_norm_rope  fuse the q/k RMSNorm + RoPE into one kernel pass
     ffn_chunk_size      tokens per feed-forward chunk (None: no chunking)
     attention_chunk_size  query tokens per attention chunk in the fused Wan blocks (None: no chunking):
