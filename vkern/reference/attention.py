@@ -63,7 +63,7 @@ def attention_lse(q, k, v, key_padding_mask=None, scale=None, dtype=torch.float6
 
 
 QK_FORMATS = ("int8", "e4m3")
-PV_FORMATS = ("bf16", "e4m3")  # "bf16": V and P in V's own dtype (bf16 or fp16)
+PV_FORMATS = ("bf16", "e4m3", "int8")  # "bf16": V and P in V's own dtype (bf16 or fp16); "int8": u8 P, int8 V
 
 
 KEY_BLOCK = 128  # keys per K scale in the CUDA kernel's schemes (its key block)
@@ -151,8 +151,8 @@ def e4m3_key_order(n, device=None):
 
 
 def e4m3_v_transposed(v8, s_pad):
-    """e4m3 V [B, S, H, D] -> V^T [B, H, D, s_pad] in e4m3_key_order (s_pad a multiple of 16 >= S), zeros
-    in the columns of keys past S."""
+    """8-bit V [B, S, H, D] (e4m3 or int8: any dtype) -> V^T [B, H, D, s_pad] in e4m3_key_order (s_pad a multiple
+    of 16 >= S), zeros in the columns of keys past S."""
     B, S, H, D = v8.shape
     keys = e4m3_key_order(s_pad, v8.device)
     cols = torch.nonzero(keys < S).squeeze(1)
@@ -162,7 +162,7 @@ def e4m3_v_transposed(v8, s_pad):
 
 
 def e4m3_v_from_transposed(vt, S):
-    """Inverse of e4m3_v_transposed: V^T [B, H, D, s_pad] -> V [B, S, H, D] (a view-free copy)."""
+    """Inverse of e4m3_v_transposed (any dtype): V^T [B, H, D, s_pad] -> V [B, S, H, D] (a view-free copy)."""
     keys = e4m3_key_order(vt.shape[3], vt.device)
     cols = torch.empty_like(keys)
     cols[keys] = torch.arange(vt.shape[3], device=vt.device)
@@ -184,19 +184,26 @@ def qk_norm_rope_quantized(x, weight, eps, heads, freqs_cos=None, freqs_sin=None
 
 def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_mask=None, scale=None,
                         out_dtype=torch.bfloat16, v_offset=None):
-    """8-bit attention in fp32 math, the scheme vkern's kernel implements: S = (Q8 K8^T) * q_scale *
-    k_scale * scale (k_scale per key [B, H, Skv] or per key block [B, H, ceil(Skv / KEY_BLOCK)]);
-    P = exp(S - rowmax), then P @ V with P rounded to V's format: e4m3 (V e4m3 with v_scale per key block
-    [B, H, ceil(Skv / KEY_BLOCK)], as quantize_per_key_block gives; P scaled to [0, 448] first) or V's float
-    dtype (v_scale None). Row sums in fp32. v_offset (fp32 [B, H, D] or None): what was subtracted from V before
-    its quantization (value_offset), added to each row that attended a key.
-    (The kernel takes the row max block by block, online, so its P rounding differs slightly; both are held
-    to the same accuracy bounds against the exact oracle.) Returns (out in out_dtype, lse fp32 [B, H, Sq])."""
+    """8-bit attention in fp32 math, the schemes vkern's kernels implement: S = (Q8 K8^T) * q_scale * k_scale *
+    scale (k_scale per key [B, H, Skv] or per key block [B, H, ceil(Skv / KEY_BLOCK)]), masked keys -inf; then
+    P @ V by V's dtype:
+    - bf16/fp16 V (v_scale None): P = exp(S - rowmax) rounded to V's dtype.
+    - e4m3 V with v_scale per key block [B, H, ceil(Skv / KEY_BLOCK)] (quantize_value): P scaled to [0, 448] and
+      rounded to e4m3; each key's V times its block's scale.
+    - int8 V with v_scale per key block (quantize_value(..., fmt="int8")): u8 P against each key block's row max
+      times int8 V, summed exactly per block (_u8_int8_pv).
+    Row sums of the unrounded P in fp32. v_offset (fp32 [B, H, D] or None): what was subtracted from V before its
+    quantization (value_offset), added to each row that attended a key.
+    (The kernels take the row max block by block, online, so their P rounding differs slightly; both are held
+    to the same accuracy bounds against the exact oracle.) Returns (out in out_dtype, lse fp32 [B, H, Sq]);
+    a row with no key to attend gets out 0 and lse -inf."""
     from .fp8 import E4M3
 
+    if v.dtype == torch.int8 and v_scale is None:
+        raise ValueError("v: int8 V needs its per-key-block scales (v_scale)")
     D = q8.shape[-1]
     scale = D ** -0.5 if scale is None else scale
-    qf, kf, vf = (t.float().permute(0, 2, 1, 3) for t in (q8, k8, v))
+    qf, kf = (t.float().permute(0, 2, 1, 3) for t in (q8, k8))
     k_scale = key_scales_per_token(k_scale, k8.shape[1])
     s = (qf @ kf.transpose(-1, -2)) * q_scale[..., None] * k_scale[:, :, None, :]
     s = s * scale
@@ -204,42 +211,81 @@ def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_m
         s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    p_scale = 448.0 if v_scale is not None else 1.0
-    p = torch.exp(s - m) * p_scale
-    l = p.sum(-1, keepdim=True)
-    p_lo = p.to(E4M3 if v_scale is not None else v.dtype).float()
-    if v_scale is not None:  # each key's V times its block's scale (the kernel: each block's P V times it)
-        vf = vf * key_scales_per_token(v_scale, v.shape[1])[..., None]
-    out = (p_lo @ vf) / torch.where(l == 0, torch.ones_like(l), l)
+    if v.dtype == torch.int8:
+        o, l = _u8_int8_pv(s, m, v, v_scale)
+        p_scale = 1.0
+    else:
+        p_scale = 448.0 if v_scale is not None else 1.0
+        p = torch.exp(s - m) * p_scale
+        l = p.sum(-1, keepdim=True)
+        p_lo = p.to(E4M3 if v_scale is not None else v.dtype).float()
+        vf = v.float().permute(0, 2, 1, 3)
+        if v_scale is not None:  # each key's V times its block's scale (the kernel: each block's P V times it)
+            vf = vf * key_scales_per_token(v_scale, v.shape[1])[..., None]
+        o = p_lo @ vf
+    out = o / torch.where(l == 0, torch.ones_like(l), l)
     if v_offset is not None:
         out = out + torch.where(l > 0, v_offset[:, :, None, :], 0.0)
     lse = (m + torch.log(l / p_scale)).squeeze(-1)
     return out.permute(0, 2, 1, 3).to(out_dtype), lse
 
 
+U8_MAX = 255.0  # P's code for exp(0) in the int8 P/V scheme (P is unsigned: 0 <= exp(s - m_b) <= 1)
+
+
+def _u8_int8_pv(s, m, v8, v_scale):
+    """The int8 P/V scheme's P @ V (pv="int8"): scores s fp32 [B, H, Sq, Skv] (masked keys -inf), m [B, H, Sq, 1]
+    the rows' max over all keys (0 where every key is masked), v8 int8 [B, Skv, H, D] with v_scale fp32
+    [B, H, ceil(Skv / KEY_BLOCK)]. Per KEY_BLOCK-key block b (blocks aligned at key 0) and query row: m_b = the row's
+    max in the block; P_b = round-half-even(255 exp(s - m_b)) in 0..255 (u8); acc_b = P_b @ V8_b exactly (integers);
+    O = sum_b exp(m_b - m) * v_scale_b / 255 * acc_b. Returns (O fp32 [B, H, Sq, D], l fp32 [B, H, Sq, 1] =
+    sum over the keys of exp(s - m), P unrounded). A block with no attended key (m_b = -inf) adds 0.
+
+    acc_b in fp32 is exact: each partial sum is an integer of magnitude <= 128 * 255 * 127 < 2^24 (and 255, 127
+    are exact even in TF32 or bf16 operands), so no summation order or matmul precision setting changes it."""
+    B, H, Sq, Skv = s.shape
+    n = -(-Skv // KEY_BLOCK)
+    sb = torch.nn.functional.pad(s, (0, n * KEY_BLOCK - Skv), value=float("-inf")).unflatten(-1, (n, KEY_BLOCK))
+    m_b = sb.amax(-1, keepdim=True)  # [B, H, Sq, n, 1]
+    m_b_safe = torch.where(torch.isinf(m_b), torch.zeros_like(m_b), m_b)  # all -inf: exp(-inf - 0) = 0
+    p8 = torch.round(torch.exp(sb - m_b_safe) * U8_MAX)  # [B, H, Sq, n, KEY_BLOCK], integers 0..255
+    vf = v8.float().permute(0, 2, 1, 3)  # [B, H, Skv, D]
+    vf = torch.nn.functional.pad(vf, (0, 0, 0, n * KEY_BLOCK - Skv)).unflatten(2, (n, KEY_BLOCK))
+    acc = p8.transpose(2, 3) @ vf  # [B, H, n, Sq, D], exact
+    w = torch.exp(m_b.squeeze(-1) - m) * (v_scale[:, :, None, :] / U8_MAX)  # [B, H, Sq, n]; 0 where m_b = -inf
+    o = torch.einsum("bhqn,bhnqd->bhqd", w, acc)
+    l = torch.exp(s - m).sum(-1, keepdim=True)
+    return o, l
+
+
 def key_token_block(qk, pv="bf16"):
-    """Tokens per K scale in attention_8bit: one per 128-key block for e4m3 keys and for the e4m3-P/V schemes
-    (issue 3's per-block scales: the CUDA kernel's forms, which multiply one K scale per block, not one per
-    score); one per token for int8 keys with 16-bit P/V (the Triton kernel's int8 scheme)."""
-    return KEY_BLOCK if qk == "e4m3" or pv == "e4m3" else 1
+    """Tokens per K scale in attention_8bit: one per 128-key block for e4m3 keys and for the 8-bit-P/V schemes
+    (pv "e4m3" or "int8"; issue 3's per-block scales: the CUDA kernel's forms, which multiply one K scale per
+    block, not one per score); one per token for int8 keys with 16-bit P/V (the Triton kernel's int8 scheme)."""
+    return KEY_BLOCK if qk == "e4m3" or pv in ("e4m3", "int8") else 1
 
 
 def attention_8bit(q, k, v, key_padding_mask=None, scale=None, qk="int8", pv="bf16"):
     """8-bit attention on bf16/fp16 q, k, v [B, S, H, D]: quantize Q per (token, head) to `qk`, K per token or
-    per (128-key block, head) (key_token_block), V smoothed (value_offset) and per (128-key block, head) to e4m3
-    when pv == "e4m3" (offset and scales from the keys key_padding_mask keeps), then attention_quantized."""
-    offset = value_offset(v, key_padding_mask) if pv == "e4m3" else None
-    v_in = quantize_value(v, key_padding_mask, offset) if pv == "e4m3" else (v, None)
+    per (128-key block, head) (key_token_block), V (pv "e4m3" or "int8") smoothed (value_offset) and quantized per
+    (128-key block, head) to pv's format (offset and scales from the keys key_padding_mask keeps), then
+    attention_quantized (pv="int8": P in u8 against each block's row max, attention_quantized's int8 branch)."""
+    v8bit = pv in ("e4m3", "int8")
+    offset = value_offset(v, key_padding_mask) if v8bit else None
+    v_in = quantize_value(v, key_padding_mask, offset, pv) if v8bit else (v, None)
     k_in = quantize_per_head(k, qk, key_token_block(qk, pv), key_padding_mask)
     return attention_quantized(*quantize_per_head(q, qk), *k_in, *v_in,
                                key_padding_mask=key_padding_mask, scale=scale, out_dtype=q.dtype, v_offset=offset)
 
 
-def quantize_value(v, key_padding_mask=None, offset=None):
-    """e4m3 V - offset (fp32 [B, H, D], None: 0) [B, S, H, D] and its scales per (128-key block, head)
-    (quantize_per_key_block of the fp32 difference)."""
+def quantize_value(v, key_padding_mask=None, offset=None, fmt="e4m3"):
+    """V - offset (fp32 [B, H, D], None: 0) [B, S, H, D] in `fmt` ("e4m3" or "int8") and its scales per (128-key
+    block, head): quantize_per_key_block of the fp32 difference (e4m3: amax * fp32(1/448), saturating RNE; int8:
+    amax * fp32(1/127), RNE clamped to +-127; the amax over the attended keys)."""
+    if fmt not in ("e4m3", "int8"):
+        raise ValueError(f"fmt: expected 'e4m3' or 'int8', got {fmt!r}")
     x = v.float() if offset is None else v.float() - offset[:, None]
-    return quantize_per_key_block(x, key_padding_mask, "e4m3")
+    return quantize_per_key_block(x, key_padding_mask, fmt)
 
 
 def _projections(attn, hidden_states, encoder_hidden_states):
