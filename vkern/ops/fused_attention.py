@@ -5,8 +5,11 @@ qk_norm_rope backends:   triton (vkern/triton/qk_norm_rope.py), reference.
 attention backends:      cuda (vkern's Hopper flash-attention, csrc/flash_attention.cu: sm_90, head dims 64 and
                          128, key-padding mask), triton (vkern's flash-attention, vkern/triton/attention.py), sdpa (torch SDPA,
                          cuDNN first), reference. On CUDA the order comes from measurement (ATTENTION_PREFERENCE).
-attention_8bit backends: cuda (e4m3 or int8 Q, K with e4m3 V at head dim 128 on Hopper, K scales per 128-key
-block, O promoted to fp32 per key block), triton, reference (fp32 emulation of the same quantization).
+attention_8bit backends: cuda (head dim 128 on Hopper, K scales per 128-key block, O promoted to fp32 per key
+block: e4m3 or int8 Q, K with e4m3 P/V (pv="e4m3"), and int8 Q, K with u8 P and int8 V (pv="int8") where the build
+has that form), triton (16-bit or e4m3 V), reference (fp32 emulation of the same quantization, every scheme).
+8-bit V (v_to_8bit): smoothed (V - value_offset), one scale per (128-key block, head), transposed [B, H, D, S_pad]
+in the CUDA kernel's P-fragment key order, e4m3 or int8.
 """
 import os
 
@@ -20,6 +23,8 @@ from ._checks import DTYPE_CODE, FLOATS, FLOATS_OR_F64, HALF, check_shape, check
 HEAD_DIMS = (64, 128)  # the Triton kernel's head dims; others fall back to SDPA / the reference
 QUANT_FORMATS = (None, "e4m3", "int8")
 _DTYPE_OF = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8}
+PV_FORMATS = ref.PV_FORMATS  # attention_8bit's pv: "bf16" (P and V in V's dtype), "e4m3", "int8" (u8 P, int8 V)
+V_FORMATS = ("e4m3", "int8")  # v_to_8bit's formats
 # Measured on an H200 (bench/results/*.jsonl, bench/NOTES.md "Run 8", "Run 33", "Run 36"): the fastest exact
 # backend per head dim. D=128: the CUDA kernel 587-611 TFLOP/s vs cuDNN 552-567 vs the Triton kernel 481-488
 # (wan1.3b-480p, wan14b-480p, wan14b-720p, hunyuan-720p); D=64: the CUDA kernel 410 vs cuDNN 387 vs Triton 376
@@ -444,7 +449,7 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
             k_scale.data_ptr(), v_scale.data_ptr(), 0 if v_offset is None else v_offset.data_ptr(),
             DTYPE_CODE[out_dtype], B, H, Sq, Skv, vt.shape[3], D, D ** -0.5 if scale is None else scale,
-            _flash_stages(), q8.dtype == torch.int8, _flash_fp8_keys(),
+            _flash_stages(), q8.dtype == torch.int8, vt.dtype == torch.int8, _flash_fp8_keys(),
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
@@ -463,9 +468,11 @@ def _(q, k, v, attn_mask, key_padding_mask, scale, return_lse, backend):
     return q.new_empty((B, Sq, H, v.shape[3])), q.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32)
 
 
-def _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v8, k_block=True):
-    """None if the CUDA kernel's e4m3 form (csrc/flash_attention.cu) can take an attention_8bit call, else why not.
-    k_block: the K scales are per 128-key block (k_to_e4m3), not per key."""
+def _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v_dtype=torch.float8_e4m3fn, k_block=True):
+    """None if the CUDA kernel's 8-bit forms (csrc/flash_attention.cu) can take an attention_8bit call, else why not.
+    v_dtype: V's dtype: e4m3 (e4m3 P/V, with e4m3 or int8 Q/K), int8 (u8 P with int8 V, int8 Q/K only, where the
+    build advertises it: vkern._C.flash_fp8_int8_pv) or a 16-bit dtype (no CUDA form). k_block: the K scales are per
+    128-key block (k_to_8bit), not per key."""
     usable = _hopper_ext_reason(device, "flash_attention_fp8_fwd")
     if usable:
         return usable
@@ -473,23 +480,39 @@ def _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v8, k_block=True):
 
     if head_dim != cuda_ext().flash_fp8_head_dim:
         return f"head dim {head_dim} (the CUDA fp8 kernel takes {cuda_ext().flash_fp8_head_dim})"
-    if qk_dtype not in (torch.float8_e4m3fn, torch.int8) or not v8:
-        return "the CUDA fp8 kernel takes e4m3 or int8 Q and K with e4m3 V (pv='e4m3')"
+    if qk_dtype not in (torch.float8_e4m3fn, torch.int8) or v_dtype not in (torch.float8_e4m3fn, torch.int8):
+        return ("the CUDA fp8 kernel takes e4m3 or int8 Q and K with e4m3 V (pv='e4m3'), or int8 Q, K and V "
+                "(pv='int8')")
+    if v_dtype == torch.int8:
+        if qk_dtype != torch.int8:
+            return "the CUDA fp8 kernel takes int8 P/V (pv='int8') with int8 Q/K only"
+        if not getattr(cuda_ext(), "flash_fp8_int8_pv", False):
+            return "this build of vkern._C has no int8 P/V form"
     if not k_block:
         return "per-key K scales (the CUDA fp8 kernel takes one per 128-key block: vkern.ops.k_to_8bit)"
     return None if dtype in HALF else f"no {dtype} output"
 
 
+def _triton_fp8_reason(device, dtype, head_dim, v_dtype):
+    """None if the Triton kernel can take an attention_8bit call with V in v_dtype, else why not."""
+    usable = _kernel_reason(device, dtype, head_dim, head_dim)
+    if usable is None and v_dtype == torch.int8:
+        return "the Triton kernel takes e4m3 or 16-bit V"
+    return usable
+
+
 @_backend.register("attention_8bit")
-def _attention_8bit_candidates(device, dtype, head_dim=128, qk_dtype=torch.float8_e4m3fn, v8=True, k_block=True):
-    return {"cuda": _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v8, k_block),
-            "triton": _kernel_reason(device, dtype, head_dim, head_dim), "reference": None}
+def _attention_8bit_candidates(device, dtype, head_dim=128, qk_dtype=torch.float8_e4m3fn, v_dtype=torch.float8_e4m3fn,
+                               k_block=True):
+    """v_dtype: V's dtype as attention_prequantized gets it (e4m3 or int8 V^T, or bf16/fp16 V)."""
+    return {"cuda": _cuda_fp8_reason(device, dtype, head_dim, qk_dtype, v_dtype, k_block),
+            "triton": _triton_fp8_reason(device, dtype, head_dim, v_dtype), "reference": None}
 
 
 def value_offset(v, key_padding_mask=None):
-    """V's smoothing offset for v_to_e4m3 and attention_prequantized: the mean of V [B, S, H, D] over the keys
+    """V's smoothing offset for v_to_8bit and attention_prequantized: the mean of V [B, S, H, D] over the keys
     key_padding_mask (bool [B, S], True = attend) keeps, fp32 [B, H, D] (vkern.reference.attention.value_offset).
-    Any offset is exact in the math; the mean takes V's channel bias out of what is quantized to e4m3. A span of V
+    Any offset is exact in the math; the mean takes V's channel bias out of what is quantized to 8 bits. A span of V
     may take the offset of another (the chunked Wan block takes its first span's)."""
     check_tensor("v", v, dtypes=FLOATS, ndim=4)
     if key_padding_mask is not None:
@@ -510,19 +533,23 @@ def _(v, key_padding_mask):
     return v.new_empty((v.shape[0], v.shape[2], v.shape[3]), dtype=torch.float32)
 
 
-def v_to_e4m3(v, key_padding_mask=None, offset=None):
-    """V [B, S, H, D] -> (e4m3 (V - offset)^T [B, H, D, S_pad] (keys contiguous, S_pad = S rounded up to 16,
-    the keys of each 32-key group in the order of vkern.reference.attention.e4m3_key_order: the CUDA kernel's P
-    fragment order; zeros past S), fp32 scales [B, H, ceil(S / 128)]): one scale per (128-key block, head) =
-    amax over the block's tokens and head dim * fp32(1/448) (reference.quantize_value). Per block, not
-    per channel over all the keys, so V can be quantized a span of whole blocks at a time (the chunked Wan
-    block never holds the whole bf16 V); e4m3 is a float format, so the coarser group costs no accuracy
-    (bench/NOTES.md session 15). One pass over V (vkern/triton/attention.py _v_fp8_kernel) on GPUs.
+def v_to_8bit(v, fmt, key_padding_mask=None, offset=None):
+    """V [B, S, H, D] -> (8-bit (V - offset)^T [B, H, D, S_pad] in `fmt` (keys contiguous, S_pad = S rounded up to
+    16, the keys of each 32-key group in the order of vkern.reference.attention.e4m3_key_order: the CUDA kernel's P
+    fragment order; zeros past S), fp32 scales [B, H, ceil(S / 128)]): one scale per (128-key block, head) = amax
+    over the block's tokens and head dim * fp32(1/448) with saturating round-to-nearest-even codes (fmt "e4m3", for
+    pv="e4m3"), or * fp32(1/127) with round-to-nearest-even codes clamped to +-127 (fmt "int8", for pv="int8")
+    (reference.quantize_value). Per block, not per channel over all the keys, so V can be quantized a span of whole
+    blocks at a time (the chunked Wan block never holds the whole bf16 V); e4m3 is a float format, so the coarser
+    group costs no accuracy (bench/NOTES.md session 15). One pass over V (vkern/triton/attention.py _v_fp8_kernel)
+    on GPUs.
     offset: fp32 [B, H, D] (value_offset; None: 0), subtracted before the quantization; give the same to
     attention_prequantized as v_offset.
     key_padding_mask: bool [B, S], True = attend; when given, the amax runs over the attended tokens only
-    (a padded key's V, possibly huge garbage, cannot coarsen the scale; its own values saturate at +-448
-    and attention gives them weight 0). Pass the mask that attention_prequantized will get."""
+    (a padded key's V, possibly huge garbage, cannot coarsen the scale; its own values saturate at the format's
+    largest code and attention gives them weight 0). Pass the mask that attention_prequantized will get."""
+    if fmt not in V_FORMATS:
+        raise ValueError(f"fmt: expected 'e4m3' or 'int8', got {fmt!r}")
     check_tensor("v", v, dtypes=FLOATS, ndim=4)
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=v.device)
@@ -530,63 +557,75 @@ def v_to_e4m3(v, key_padding_mask=None, offset=None):
     if offset is not None:
         check_tensor("offset", offset, dtypes=(torch.float32,), device=v.device)
         check_shape("offset", offset, (v.shape[0], v.shape[2], v.shape[3]))
-    return torch.ops.vkern.v_to_e4m3(v, key_padding_mask, offset)
+    return torch.ops.vkern.v_to_8bit(v, key_padding_mask, offset, fmt)
 
 
-@torch.library.custom_op("vkern::v_to_e4m3", mutates_args=())
-def _v_to_e4m3(v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-               offset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def v_to_e4m3(v, key_padding_mask=None, offset=None):
+    """v_to_8bit(v, "e4m3", key_padding_mask, offset): e4m3 (V - offset)^T with one scale per (128-key block, head),
+    the V of pv="e4m3"."""
+    return v_to_8bit(v, "e4m3", key_padding_mask, offset)
+
+
+@torch.library.custom_op("vkern::v_to_8bit", mutates_args=())
+def _v_to_8bit(v: torch.Tensor, key_padding_mask: torch.Tensor | None, offset: torch.Tensor | None,
+               fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     B, S, H, D = v.shape
     s_pad = -(-S // 16) * 16
+    # The quantizer is one Triton kernel for both formats: it runs wherever the e4m3 attention forms' kernels do.
     backend = _backend.choose("attention_8bit", _attention_8bit_candidates(v.device, v.dtype, D))
     if backend in ("cuda", "triton"):  # the CUDA attention kernel takes the Triton quantizer's output
         from ..triton.attention import v_fp8_transposed
 
         return v_fp8_transposed(v if v.stride(-1) == 1 else v.contiguous(), s_pad,
                                 None if offset is None else offset.contiguous(),
-                                None if key_padding_mask is None else key_padding_mask.contiguous())
-    v8, scale = ref.quantize_value(v, key_padding_mask, offset)
+                                None if key_padding_mask is None else key_padding_mask.contiguous(), fmt)
+    v8, scale = ref.quantize_value(v, key_padding_mask, offset, fmt)
     return ref.e4m3_v_transposed(v8, s_pad), scale
 
 
-@_v_to_e4m3.register_fake
-def _(v, key_padding_mask, offset):
+@_v_to_8bit.register_fake
+def _(v, key_padding_mask, offset, fmt):
     B, S, H, D = v.shape
-    return (v.new_empty((B, H, D, -(-S // 16) * 16), dtype=torch.float8_e4m3fn),
+    return (v.new_empty((B, H, D, -(-S // 16) * 16), dtype=_DTYPE_OF[fmt]),
             v.new_empty((B, H, -(-S // ref.KEY_BLOCK)), dtype=torch.float32))
 
 
 def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=False, qk="int8", pv="bf16"):
     """8-bit attention (opt-in) on bf16/fp16 q, k, v [B, S, H, D]: Q quantized per (token, head) to `qk`
-    ("int8" or "e4m3"), K per (128-key block, head) (k_to_8bit) for e4m3 keys or pv="e4m3", else per (token,
-    head); pv="e4m3" also quantizes V per (128-key block, head) and P for the P @ V product, pv="bf16" keeps both in
-    V's dtype. The CUDA kernel (Hopper, D = 128) runs the pv="e4m3" schemes, Triton the others.
-    fp32 accumulation and softmax; pv="e4m3" smooths V first (value_offset). Accuracy per scheme: bench/NOTES.md.
-    key_padding_mask: bool [B, Skv],
-    True = attend; masked keys get weight 0 and do not enter V's (pv="e4m3") or e4m3 K's scales. Returns out
-    in q's dtype (and lse as attention())."""
+    ("int8" or "e4m3"), K per (128-key block, head) (k_to_8bit) for e4m3 keys or an 8-bit pv, else per (token,
+    head). pv: "bf16" keeps V and P in V's dtype; "e4m3" smooths V (value_offset), quantizes it per (128-key block,
+    head) to e4m3 (v_to_8bit) and P to e4m3 for the P @ V product; "int8" smooths V and quantizes it per (128-key
+    block, head) to int8, with P in u8 (0..255) against each 128-key block's row max and each block's P @ V summed
+    exactly (vkern.reference.attention.attention_quantized; about half pv="e4m3"'s error). The CUDA kernel (Hopper,
+    D = 128) runs the pv="e4m3" schemes and int8/int8 (qk="int8", pv="int8"), Triton int8/bf16, e4m3/bf16 and the
+    pv="e4m3" schemes elsewhere; the reference runs every scheme (qk="e4m3" with pv="int8" only there). fp32
+    accumulation and softmax. Accuracy per scheme: bench/NOTES.md. key_padding_mask: bool [B, Skv], True = attend;
+    masked keys get weight 0 and do not enter V's (8-bit pv) or 8-bit K's block scales. Returns out in q's dtype
+    (and lse as attention())."""
     _check_attention_inputs(q, k, v, key_padding_mask, scale, (torch.bfloat16, torch.float16))
-    if qk not in ("int8", "e4m3") or pv not in ("bf16", "e4m3"):
-        raise ValueError(f"qk, pv: expected qk in ('int8', 'e4m3') and pv in ('bf16', 'e4m3'), got {qk!r}, {pv!r}")
+    if qk not in ("int8", "e4m3") or pv not in PV_FORMATS:
+        raise ValueError(f"qk, pv: expected qk in ('int8', 'e4m3') and pv in {PV_FORMATS}, got {qk!r}, {pv!r}")
     H = q.shape[2]
     q8, qs = qk_norm_rope(_heads_flat(q), None, 0.0, H, quant=qk)
     k8, ks = (k_to_8bit(k, qk, key_padding_mask) if ref.key_token_block(qk, pv) > 1
               else qk_norm_rope(_heads_flat(k), None, 0.0, H, quant=qk))
-    offset = value_offset(v, key_padding_mask) if pv == "e4m3" else None
-    vq, vs = v_to_e4m3(v, key_padding_mask, offset) if pv == "e4m3" else (v, None)
+    v8bit = pv in V_FORMATS
+    offset = value_offset(v, key_padding_mask) if v8bit else None
+    vq, vs = v_to_8bit(v, pv, key_padding_mask, offset) if v8bit else (v, None)
     return attention_prequantized(q8, qs, k8, ks, vq, vs, key_padding_mask=key_padding_mask, scale=scale,
                                   return_lse=return_lse, out_dtype=q.dtype, v_offset=offset)
 
 
 def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_padding_mask=None, scale=None,
                            return_lse=False, out_dtype=torch.bfloat16, v_offset=None):
-    """attention_8bit on inputs already quantized (by qk_norm_rope(..., quant=...), k_to_8bit and v_to_e4m3,
+    """attention_8bit on inputs already quantized (by qk_norm_rope(..., quant=...), k_to_8bit and v_to_8bit,
     given the same key_padding_mask as here, so padded keys do not enter the scales): q8/k8 int8 or e4m3
     [B, S, H, D] with positive scales fp32 q_scale [B, H, Sq] (per token) and k_scale [B, H, Skv] (per key)
     or [B, H, ceil(Skv / 128)] (per 128-key block: the form the CUDA kernel takes; per-key scales run on
-    Triton); v bf16/fp16 [B, Skv, H, D] (v_scale None) or e4m3 V^T [B, H, D, S_pad] with v_scale fp32
-    [B, H, ceil(Skv / 128)] (per 128-key block: v_to_e4m3), with v_offset fp32 [B, H, D] the offset v_to_e4m3
-    subtracted (None: none)."""
+    Triton); v bf16/fp16 [B, Skv, H, D] (v_scale None), or 8-bit V^T [B, H, D, S_pad] with v_scale fp32
+    [B, H, ceil(Skv / 128)] (per 128-key block: v_to_8bit): e4m3 (e4m3 P/V, pv="e4m3") or int8 (u8 P with int8 V,
+    pv="int8"; the scheme follows V's dtype), with v_offset fp32 [B, H, D] the offset v_to_8bit subtracted (None:
+    none)."""
     if scale is not None and not scale > 0:
         raise ValueError(f"scale: the 8-bit kernel needs a positive softmax scale, got {scale}")
     check_tensor("q8", q8, dtypes=tuple(_DTYPE_OF.values()), ndim=4)
@@ -600,18 +639,21 @@ def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_pad
     if tuple(k_scale.shape) != (B, H, -(-Skv // ref.KEY_BLOCK)):
         check_shape("k_scale", k_scale, (B, H, Skv))
     if v_scale is None:
+        if v.dtype in tuple(_DTYPE_OF.values()):
+            raise ValueError(f"v_scale: 8-bit V ({v.dtype}) needs its per-key-block scales (v_to_8bit's), got None")
         check_tensor("v", v, dtypes=(torch.bfloat16, torch.float16), device=q8.device)
         check_shape("v", v, (B, Skv, H, D))
     else:
-        check_tensor("v", v, dtypes=(torch.float8_e4m3fn,), device=q8.device)
+        check_tensor("v", v, dtypes=tuple(_DTYPE_OF.values()), device=q8.device)
         check_shape("v", v, (B, H, D, None))
         if v.shape[3] < Skv:
-            raise ValueError(f"v: e4m3 V^T needs at least {Skv} key columns, got {v.shape[3]}")
+            raise ValueError(f"v: 8-bit V^T needs at least {Skv} key columns, got {v.shape[3]}")
         check_tensor("v_scale", v_scale, dtypes=(torch.float32,), device=q8.device)
         check_shape("v_scale", v_scale, (B, H, -(-Skv // ref.KEY_BLOCK)))
     if v_offset is not None:
         if v_scale is None:
-            raise ValueError("v_offset: only for e4m3 V (v_to_e4m3's offset); a 16-bit V is not smoothed")
+            raise ValueError("v_offset: only for 8-bit V (e4m3 or int8, v_to_8bit's offset); a 16-bit V is not "
+                             "smoothed")
         check_tensor("v_offset", v_offset, dtypes=(torch.float32,), device=q8.device)
         check_shape("v_offset", v_offset, (B, H, D))
     if key_padding_mask is not None:
@@ -632,8 +674,8 @@ def _attention_prequantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.T
     B, Sq, H, D = q8.shape
     Skv = k8.shape[1]
     k_block = k_scale.shape[2] == -(-Skv // ref.KEY_BLOCK)
-    backend = _backend.choose("attention_8bit", _attention_8bit_candidates(q8.device, out_dtype, D, q8.dtype,
-                                                                           v_scale is not None, k_block))
+    backend = _backend.choose("attention_8bit", _attention_8bit_candidates(q8.device, out_dtype, D, q8.dtype, v.dtype,
+                                                                           k_block))
     no_lse = q8.new_empty((0,), dtype=torch.float32)
     if backend == "cuda":
         out, lse = _cuda_attention_fp8(q8, q_scale, k8, k_scale, v, v_scale, v_offset, key_padding_mask, scale,
@@ -650,7 +692,7 @@ def _attention_prequantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.T
         k_scale = ref.key_scales_per_token(k_scale, Skv).contiguous()  # the Triton kernel reads one per key
         kernel(q8, k8, v, out, lse, kpm, scale, q_scale, k_scale, v_scale, v_offset=v_offset)
         return out, lse if return_lse else no_lse
-    if v_scale is not None:
+    if v_scale is not None:  # 8-bit V^T (e4m3 or int8) -> V [B, Skv, H, D]
         v = ref.e4m3_v_from_transposed(v, k8.shape[1])
     out, lse = ref.attention_quantized(q8, q_scale, k8, k_scale, v, v_scale, key_padding_mask, scale, out_dtype,
                                        v_offset)
