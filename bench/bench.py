@@ -21,7 +21,7 @@ DT = torch.bfloat16
 
 
 ATTENTION_8BIT = {"vkern-int8": ("int8", "bf16"), "vkern-int8-fp8pv": ("int8", "e4m3"),
-                  "vkern-fp8": ("e4m3", "e4m3"), "vkern-fp8-bf16pv": ("e4m3", "bf16")}
+                  "vkern-fp8": ("e4m3", "e4m3"), "vkern-fp8-bf16pv": ("e4m3", "bf16"), "vkern-int8pv": ("int8", "int8")}
 
 
 def _attention(name, providers, args):
@@ -65,10 +65,12 @@ def _attention(name, providers, args):
 
     fns["vkern-fp8-cuda"] = fp8_backend("cuda", fns["vkern-fp8"])  # csrc/flash_attention.cu, e4m3 form (D 128)
     fns["vkern-int8-fp8pv-cuda"] = fp8_backend("cuda", fns["vkern-int8-fp8pv"])  # its int8 form: attention="fp8"
+    fns["vkern-int8pv-cuda"] = fp8_backend("cuda", fns["vkern-int8pv"])  # session 21: int8 Q/K, u8 P, int8 V
     fns["vkern-fp8-triton"] = fp8_backend("triton", fns["vkern-fp8"])
     # The kernels alone, on Q/K/V already in e4m3 (as the Wan processor has them: its fused norm/RoPE prologue
     # quantizes Q and K; V takes v_to_e4m3, ~3% of these calls' bytes).
-    kernel_rows = ["vkern-fp8-cuda-kernel", "vkern-int8-fp8pv-cuda-kernel", "vkern-fp8-triton-kernel"]
+    kernel_rows = ["vkern-fp8-cuda-kernel", "vkern-int8-fp8pv-cuda-kernel", "vkern-int8pv-cuda-kernel",
+                   "vkern-fp8-triton-kernel"]
     wanted = providers or list(fns) + kernel_rows
     if s.head_dim == 128 and any(p.endswith("-kernel") for p in wanted):
         q8, qs = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, s.heads, quant="e4m3")
@@ -85,6 +87,11 @@ def _attention(name, providers, args):
         prequant_int8 = lambda: vkern.ops.attention_prequantized(q8i, qsi, k8i, ksi, vt, vs, out_dtype=q.dtype,
                                                                  v_offset=offset)
         fns["vkern-int8-fp8pv-cuda-kernel"] = fp8_backend("cuda", prequant_int8)
+        # Session 21: int8 P/V (u8 P against each block's row max, int8 V per 128-key block, smoothed as e4m3 V).
+        vt8, vs8 = vkern.ops.v_to_8bit(v, "int8", offset=offset)
+        prequant_int8pv = lambda: vkern.ops.attention_prequantized(q8i, qsi, k8i, ksi, vt8, vs8, out_dtype=q.dtype,
+                                                                   v_offset=offset)
+        fns["vkern-int8pv-cuda-kernel"] = fp8_backend("cuda", prequant_int8pv)
         # Session 20: the 192-key tile (O in the tensor cores), the same quantized inputs.
         wide = lambda fn: with_env(fn, "VKERN_FLASH_FP8_KEYS", "192")
         fns["vkern-fp8-cuda-kernel-192"] = wide(fns["vkern-fp8-cuda-kernel"])
@@ -101,8 +108,8 @@ def _attention(name, providers, args):
         cos = torch.nn.functional.cosine_similarity(out.double().flatten(), oracle.double().flatten(), dim=0).item()
         row = dict(op="attention", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
                    tflops=s.flops(kv_tokens=kv_tokens) / ms / 1e9, rel_l2=rel_l2(out, oracle), cos=cos)
-        if provider.startswith(("vkern-fp8-cuda", "vkern-int8-fp8pv-cuda")):
-            keys = 192 if provider.endswith("-192") else 128
+        if provider.startswith(("vkern-fp8-cuda", "vkern-int8-fp8pv-cuda", "vkern-int8pv-cuda")):
+            keys = 192 if provider.endswith("-192") else 128  # (int8 P/V: 128-key tiles only)
             row["config"] = f"cuda sm90a 8-bit: 128x{keys} tiles, 2 consumer warpgroups, 3-stage TMA ring"
         elif provider == "vkern-cuda":
             from vkern.ops.fused_attention import _flash_stages

@@ -43,7 +43,7 @@ def main():
     }
 
     # "fp8": the fp8 mode's scheme (int8 Q/K, e4m3 P/V, V smoothed); "-e4m3qk": e4m3 Q/K; "-unsmoothed": V
-    # quantized as it is.
+    # quantized as it is; "int8pv": int8 Q/K with u8 P and int8 V (pv="int8").
     int8_e4m3 = ("int8", "e4m3")
     providers = {"fp8-e4m3qk-cuda": ("cuda", ("e4m3", "e4m3"), {}), "fp8-cuda": ("cuda", int8_e4m3, {}),
                  "fp8-cuda-unsmoothed": ("cuda", int8_e4m3, {"smooth": False}),
@@ -53,7 +53,9 @@ def main():
                  "fp8-triton": ("triton", int8_e4m3, {}), "fp8-reference": ("reference", int8_e4m3, {}),
                  "fp8-reference-unsmoothed": ("reference", int8_e4m3, {"smooth": False}),
                  "fp8-e4m3qk-reference": ("reference", ("e4m3", "e4m3"), {}),
-                 "int8-triton": ("triton", ("int8", "bf16"), {})}
+                 "int8-triton": ("triton", ("int8", "bf16"), {}),
+                 # session 21: int8 Q/K, u8 P against each 128-key block's row max, int8 V (smoothed)
+                 "int8pv-cuda": ("cuda", ("int8", "int8"), {}), "int8pv-reference": ("reference", ("int8", "int8"), {})}
     rows = []
     for name, make in inputs.items():
         q, k, v = make()

@@ -72,7 +72,7 @@ if [[ $MODES == *" flash "* ]]; then  # the CUDA attention kernel against cuDNN 
 fi
 if [[ $MODES == *" fp8attn "* ]]; then  # fp8 attention: the CUDA kernel's e4m3 form vs cuDNN bf16 and the Triton kernel
   $B --op attention --shape wan1.3b-480p,wan14b-480p,wan14b-720p,hunyuan-720p \
-    --providers ${VKERN_FP8_ROWS:-cudnn,vkern-cuda,vkern-fp8-cuda,vkern-int8-fp8pv-cuda,vkern-fp8-cuda-kernel,vkern-int8-fp8pv-cuda-kernel} --repeats 5
+    --providers ${VKERN_FP8_ROWS:-cudnn,vkern-cuda,vkern-fp8-cuda,vkern-int8-fp8pv-cuda,vkern-int8pv-cuda,vkern-fp8-cuda-kernel,vkern-int8-fp8pv-cuda-kernel,vkern-int8pv-cuda-kernel} --repeats 5
   python3 -m bench.fp8_attention_accuracy --out "$OUT/results.jsonl" | tee "$OUT/fp8-attention-accuracy.txt"
 fi
 if [[ $MODES == *" attention "* ]]; then
