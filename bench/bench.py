@@ -197,7 +197,7 @@ def _wan_self_attention(name, providers, args):
     x = torch.randn(1, s.tokens, dim, device="cuda", dtype=DT)
     rope = tuple(t.cuda() for t in wan_rope_tables(s.tokens, s.head_dim))
     processors = {"diffusers-cudnn": WanAttnProcessor(), "diffusers": WanAttnProcessor(),
-                  **{f"vkern-{m}": VkernWanAttnProcessor(m) for m in ("auto", "bf16", "fp8", "int8")}}
+                  **{f"vkern-{m}": VkernWanAttnProcessor(m) for m in ("auto", "bf16", "fp8", "int8pv", "int8")}}
     flops = s.flops() + 4 * 2 * s.tokens * dim * dim
     reference = None
     for provider in providers or list(processors):
