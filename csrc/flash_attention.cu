@@ -793,7 +793,8 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
                                     int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
                                     bool int8_qk, bool int8_pv, int keys, cudaStream_t stream) {
-  if (head_dim != kFlashFp8HeadDim || (int8_pv && !int8_qk) || !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
+  if (head_dim != kFlashFp8HeadDim || (int8_pv && !int8_qk) ||
+      !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       (keys != 128 && keys != 192) || reinterpret_cast<uintptr_t>(key_bits) % 16 != 0 ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
       vt_len < kv_len || vt_len % 16 != 0 || q_scale == nullptr || k_scale == nullptr || v_scale == nullptr ||
@@ -803,6 +804,9 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                        : out_dtype == DType::kFloat16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
   if (out_type == CU_TENSOR_MAP_DATA_TYPE_FLOAT32) return cudaErrorInvalidValue;
+  // The int8 P/V form has 128-key tiles only. (The K map's box is the tile: a 192-row box into a 128-key stage
+  // would overrun it and never match the barrier's byte count.)
+  if (int8_pv) keys = 128;
   CUtensorMap maps[4] = {};
   if (!make_map(&maps[0], q, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, batch, q_len, heads, head_dim, kBlockM) ||
       !make_map(&maps[1], k, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, batch, kv_len, heads, head_dim, keys) ||
@@ -820,7 +824,7 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                            : launch<In, Out, 128, 3, kKeys>(maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits,
                                                             batch, heads, q_len, kv_len, scale, stream);
       };
-      if constexpr (std::is_same<In, S8PV>::value)  // 128-key tiles only
+      if constexpr (std::is_same<In, S8PV>::value)  // (keys is 128 here)
         return tile(std::integral_constant<int, 128>());
       else
         return keys == 192 ? tile(std::integral_constant<int, 192>()) : tile(std::integral_constant<int, 128>());
