@@ -1,7 +1,7 @@
 """fp8 attention accuracy (issue 3: cosine >= 0.9995 and rel L2 <= 0.02 vs an fp32 reference) per backend, on
 random q/k/v and on q/k/v from a diffusers WanAttention (RMSNorm across heads, RoPE; self and cross), against a
 float64 oracle on 512 sampled query rows. Prints a table and writes JSON lines (--out).
-    python -m bench.fp8_attention_accuracy [--out rows.jsonl]"""
+    python -m bench.fp8_attention_accuracy [--out rows.jsonl] [--providers fp8-cuda,int8pv-cuda,...]"""
 import argparse
 import json
 import os
@@ -31,6 +31,7 @@ def _unsmoothed(q, k, v, qk):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--providers", default=None, help="comma-separated providers (default: all)")
     args = parser.parse_args()
     torch.manual_seed(0)
     inputs = {
@@ -62,6 +63,8 @@ def main():
         sample = torch.randperm(q.shape[1], device="cuda")[:512]
         oracle = ref.attention_lse(q[:, sample], k, v)[0].double()
         for provider, (backend, (qk, pv), env) in providers.items():
+            if args.providers and provider not in args.providers.split(","):
+                continue
             env = dict(env, VKERN_ATTENTION_8BIT_BACKEND=backend)
             smooth = env.pop("smooth", True)
             os.environ.update(env)
