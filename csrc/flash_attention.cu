@@ -128,12 +128,12 @@ __device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2],
   }
 }
 
-// The int8 P/V form: t += P V (u8 P from registers, int8 V^T's tile); t starts where the caller set it.
+// The int8 P/V form: t = P V' (u8 P from registers, V' = V + 128 u8 V^T's tile).
 __device__ __forceinline__ void issue_pv_int(uint32_t (&t)[64], const uint32_t (&p)[16], SmemDesc v_tile) {
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
-    wgmma_m64n128k32_rs_u8s8(t, a, v_tile.plus(kk * 32).bits());
+    wgmma_m64n128k32_rs_u8u8(t, a, v_tile.plus(kk * 32).bits(), kk > 0);
   }
 }
 
@@ -172,11 +172,14 @@ __device__ __forceinline__ float quad_sum(float x) {
 // and O is rescaled (with alpha) only when sigma grows. The row sums are taken without the shift.
 // kIntPV (S8PV: int8 Q, K, P, V; 128-key tiles, promoted as kPromoteO): P is taken against the block's own row max
 // m_b, so every row's largest P in the block is 255 (u8: steps of 1/255 of that max, where e4m3 keeps 3 mantissa
-// bits), and the block's P V (exact in int32) enters O times exp2(m_b - running max) * v_scale. The int32
-// accumulator t starts at the bits of kIntBias, so t read as fp32 is kIntBias + P V (|P V| <= 255 * 127 * 128
-// < 2^22), and t - kIntBias is P V exactly (one FADD; O accumulating the biased values and the bias's multiples
-// taken out at the end lost ~10 bits per block: +0.004 to +0.011 rel L2 from 32k to 119k keys, run 79). Row sums are
-// of the unrounded P.
+// bits), and the block's P V (exact in int32) enters O times exp2(m_b - running max) * v_scale. V comes offset by
+// 128 (u8 codes V' = V + 128, the host flips int8 V's sign bits), so t = P V' = P V + 128 sum(P) lies in
+// [0, 255 * 255 * 128] < 2^23: t starts at 0 and its bits read as an fp32 subnormal are t * 2^-149 exactly, which
+// one no-ftz FFMA adds to O (no int-to-float conversion, no start values, no bias to subtract: run 80's form spent
+// 64 MOVs and 64 FADDs per block there, 9-11%). O is kept in units of 2^-40 (so the factor's 2^-149 compensation
+// stays below fp32's range for v_scale < 2^43) and corr, per row, collects sum(P) (16 dp4a per block) times the
+// same factors; the epilogue takes 128 corr out (O holds ~5 bits over P V then, not the 10 of run 79's bias).
+// Row sums are of the unrounded P.
 // S8's scores: the int32 accumulator starts at the bits of kIntBias = 1.5 * 2^23 (see wgmma_m64n128k32_ss_s8), so
 // s reads as kIntBias + S in fp32; the bias cancels in s - max and is taken out of the row max.
 template <typename In, typename Out, int kHeadDim, int kStages, int kKeys>
@@ -261,8 +264,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const SmemDesc v_ring = SmemDesc::sw128(v_tiles, F::k8Bit ? 16 : kHalfBytes, 1024);
   float o[kHeadDim / 2], s[kSRegs], t[kHeadDim / 2];  // t: the promoted forms' per-block P V
   uint32_t s_int[kSRegs];                              // S8's int32 accumulator
-  uint32_t t_int[kIntPV ? kHeadDim / 2 : 1];           // kIntPV: the block's P V, int32 (t is unused)
+  uint32_t t_int[kIntPV ? kHeadDim / 2 : 1] = {};      // kIntPV: the block's P V', int32 (t is unused)
   float p_factor[2] = {0.f, 0.f};  // kIntPV: exp2(block max - running max) of the last softmax's block, per row
+  float p_sum[2] = {0.f, 0.f};     // kIntPV: this thread's sum of the last packed block's P codes, per row
+  float corr[2] = {0.f, 0.f};      // kIntPV: sum over blocks of p_sum * the block's factor (rescaled with O)
   uint32_t p[F::kPRegs];
 #pragma unroll
   for (int i = 0; i < kHeadDim / 2; ++i) o[i] = t[i] = 0.f;
@@ -450,6 +455,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         p[4 * kk + 2] = pack4(g[8], g[9], g[12], g[13]);
         p[4 * kk + 3] = pack4(g[10], g[11], g[14], g[15]);
       }
+      if constexpr (F::kIntPV) {  // the codes' sums per row: registers 4 kk (+ 2) hold row r, 4 kk + 1 (+ 2) row r + 8
+        uint32_t sums[4] = {0u, 0u, 0u, 0u};  // two chains per row (dp4a's latency)
+#pragma unroll
+        for (int i = 0; i < F::kPRegs; ++i) sums[i % 4] = __dp4a(p[i], 0x01010101u, sums[i % 4]);
+        p_sum[0] = float(sums[0] + sums[2]), p_sum[1] = float(sums[1] + sums[3]);
+      }
     } else {
 #pragma unroll
       for (int i = 0; i < 32; ++i) p[i] = pack2<In>(s[2 * i], s[2 * i + 1]);
@@ -481,14 +492,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     else if constexpr (kPromoteO)
       fence_regs(t);
   };
-  // kIntPV: t's start value before each P V product.
-  auto start_t = [&] {
-    if constexpr (kIntPV) {
-#pragma unroll
-      for (int i = 0; i < kHeadDim / 2; ++i) t_int[i] = __float_as_uint(kIntBias);
-      fence_regs(t_int);
-    }
-  };
+
   // S8: the S accumulator's start value (16-bit and E4M3 overwrite it with the first product).
   auto start_s = [&] {
     if constexpr (F::kIntQK) {
@@ -538,11 +542,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     to_p();
   };
   auto add_t = [&](float value_scale) {
-    if constexpr (kIntPV) {  // t = kIntBias + P V in fp32; 2^-24: P's unit in the row sums (kPOffset)
-      const float factor[2] = {p_factor[0] * (value_scale * 0x1p-24f), p_factor[1] * (value_scale * 0x1p-24f)};
+    if constexpr (kIntPV) {  // t's bits are P V' * 2^-149; 2^-24: P's unit in the row sums (kPOffset)
+      constexpr float kUnit = 0x1p85f;  // 2^(149 - 24 - 40)
+      const float factor[2] = {p_factor[0] * (value_scale * kUnit), p_factor[1] * (value_scale * kUnit)};
+#pragma unroll
+      for (int r = 0; r < 2; ++r) corr[r] = fmaf(p_sum[r], factor[r], corr[r]);
 #pragma unroll
       for (int i = 0; i < kHeadDim / 2; ++i)
-        o[i] = fmaf(__uint_as_float(t_int[i]) - kIntBias, factor[(i / 2) % 2], o[i]);
+        o[i] = fma_subnormal(__uint_as_float(t_int[i]), factor[(i / 2) % 2], o[i]);
     } else {
 #pragma unroll
       for (int i = 0; i < kHeadDim / 2; ++i) o[i] = fmaf(t[i], value_scale, o[i]);
@@ -556,6 +563,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= o_scale[(i / 2) % 2];
     }
     fence_regs(o);
+    if constexpr (kIntPV) corr[0] *= o_scale[0], corr[1] *= o_scale[1];
   };
   // O += P V, or t = P V (kPromoteO).
   auto issue_pv_block = [&](SmemDesc v_tile) {
@@ -584,8 +592,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_commit();
     fence_s();
     rescale_o();
-    start_t();
-    wgmma_fence();  // O (and kIntPV's t) were written by ordinary instructions
+    wgmma_fence();  // O was written by ordinary instructions
     issue_pv_block(v_ring.plus(prev * F::kVTileBytes));
     wgmma_commit();
     fence_s();
@@ -616,7 +623,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_t();
     pack_block(0);
     rescale_o();
-    start_t();
     wgmma_fence();
     issue_pv_block(v_ring.plus(last * F::kVTileBytes));
     wgmma_commit();
@@ -628,13 +634,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Epilogue: O / l into this consumer's output stage (16-bit: its now unused Q rows) in the swizzled layout, then
   // one TMA store.
-  float inv[2], attended[2];
+  float inv[2], attended[2], o_corr[2];  // o_corr: kIntPV's 128 sum(P) terms in O
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
+    o_corr[r] = kIntPV ? quad_sum(corr[r]) * 0x1p-142f : 0.f;  // 128 * 2^-149 * factor * sum(P)
     row_sum[r] = quad_sum(row_sum[r]);
     attended[r] = row_sum[r] > 0.f ? 1.f : 0.f;
     // 0: every key masked (out 0, lse -inf). kShiftV: O is in units of sigma.
-    inv[r] = row_sum[r] > 0.f ? (F::kShiftV ? v_sigma : 1.f) / row_sum[r] : 0.f;
+    inv[r] = row_sum[r] > 0.f ? (F::kShiftV ? v_sigma : kIntPV ? 0x1p40f : 1.f) / row_sum[r] : 0.f;
   }
   // v_offset (8-bit, may be null: fp32 [B, H, D]): this thread's columns (i / 4) * 8 + (lane % 4) * 2 + {0, 1}, one
   // fp32 pair per i / 4.
@@ -649,6 +656,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int chunk = (col_tile % 8) ^ (row % 8);
     uint8_t* dst = o_rows + (col_tile / 8) * kHalfBytes + row * 128 + chunk * 16 + (lane % 4) * 4;
     float lo = o[i] * inv[r], hi = o[i + 1] * inv[r];
+    if constexpr (kIntPV) lo = (o[i] - o_corr[r]) * inv[r], hi = (o[i + 1] - o_corr[r]) * inv[r];
     if (F::k8Bit && offsets != nullptr) {
       const float2 c = __ldg(offsets + 4 * col_tile);
       lo += c.x * attended[r], hi += c.y * attended[r];

@@ -41,7 +41,8 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // flash_attention_fwd. int8_qk: q, k are int8 instead (symmetric, scales = amax / 127; S exact in int32).
 // keys: the kernel's key tile, 128 (O promoted as above) or 192 (O accumulated in the tensor cores with each 64-key
 // group's V scale folded into its P; the same arithmetic otherwise: see the .cu).
-// int8_pv (with int8_qk only; 128-key tiles whatever keys says): vt is int8 (the same layout; scales amax / 127) and
+// int8_pv (with int8_qk only; 128-key tiles whatever keys says): vt holds int8 codes + 128 as u8 (int8 V with its sign
+// bits flipped; the same layout; scales amax / 127) and
 // the P V product takes P as unsigned int8 against each 128-key block's own row max: P = round(255 * exp(scale * S -
 // m_b)), out = sum over blocks of exp(m_b - max) (P v8) * v_scale / (255 * rowsum(exp(scale * S - max))) + v_offset
 // (the .cu: kIntPV).

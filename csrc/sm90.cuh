@@ -277,7 +277,7 @@ __device__ __forceinline__ void wgmma_m64n192k32_ss_e4m3(float (&d)[96], uint64_
 // int8 operands (signed, both K-major), int32 accumulation: d[64] += A[64 x 32] B[32 x 128], A and B in shared
 // memory. (d must be integer registers in PTX: kept as uint32_t, so no conversion moves touch it in flight.)
 struct S8 {};
-// The int8 P/V form's tag: int8 Q and K (as S8), P unsigned int8 and V signed int8 for the P V product.
+// The int8 P/V form's tag: int8 Q and K (as S8), P and V unsigned int8 (V offset by 128) for the P V product.
 struct S8PV {};
 #define VKERN_ACC_U32(i) "+r"(d[i])
 __device__ __forceinline__ void wgmma_m64n128k32_ss_s8(uint32_t (&d)[64], uint64_t desc_a, uint64_t desc_b) {
@@ -298,11 +298,13 @@ __device__ __forceinline__ void wgmma_m64n128k32_ss_s8(uint32_t (&d)[64], uint64
         VKERN_ACC_U32(62), VKERN_ACC_U32(63)
       : "l"(desc_a), "l"(desc_b));
 }
-// d[64] += A[64 x 32] B[32 x 128], A unsigned int8 in registers (the fragment of wgmma_m64n128k32_rs_e4m3), B
-// signed int8 in shared memory (K-major), int32 accumulation (d starts where the caller set it).
-__device__ __forceinline__ void wgmma_m64n128k32_rs_u8s8(uint32_t (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
+// d[64] (+)= A[64 x 32] B[32 x 128], A and B unsigned int8, A in registers (the fragment of
+// wgmma_m64n128k32_rs_e4m3), B in shared memory (K-major), int32 accumulation; accumulate = false overwrites d.
+__device__ __forceinline__ void wgmma_m64n128k32_rs_u8u8(uint32_t (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                                         bool accumulate) {
   asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.s8 " VKERN_ACC64_REGS ", {%64, %65, %66, %67}, %68, 1;\n"
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.u8 " VKERN_ACC64_REGS ", {%64, %65, %66, %67}, %68, p;\n}\n"
       : VKERN_ACC_U32(0), VKERN_ACC_U32(1), VKERN_ACC_U32(2), VKERN_ACC_U32(3), VKERN_ACC_U32(4), VKERN_ACC_U32(5),
         VKERN_ACC_U32(6), VKERN_ACC_U32(7), VKERN_ACC_U32(8), VKERN_ACC_U32(9), VKERN_ACC_U32(10), VKERN_ACC_U32(11),
         VKERN_ACC_U32(12), VKERN_ACC_U32(13), VKERN_ACC_U32(14), VKERN_ACC_U32(15), VKERN_ACC_U32(16),
@@ -316,7 +318,7 @@ __device__ __forceinline__ void wgmma_m64n128k32_rs_u8s8(uint32_t (&d)[64], cons
         VKERN_ACC_U32(52), VKERN_ACC_U32(53), VKERN_ACC_U32(54), VKERN_ACC_U32(55), VKERN_ACC_U32(56),
         VKERN_ACC_U32(57), VKERN_ACC_U32(58), VKERN_ACC_U32(59), VKERN_ACC_U32(60), VKERN_ACC_U32(61),
         VKERN_ACC_U32(62), VKERN_ACC_U32(63)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(int(accumulate)));
 }
 #undef VKERN_ACC_U32
 
@@ -377,6 +379,12 @@ __device__ __forceinline__ float lg2(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+// a * b + c with subnormal inputs kept (no .ftz, whatever the compile flags).
+__device__ __forceinline__ float fma_subnormal(float a, float b, float c) {
+  float d;
+  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(d) : "f"(a), "f"(b), "f"(c));
+  return d;
 }
 __device__ __forceinline__ float ex2(float x) {
   float y;

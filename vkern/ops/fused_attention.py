@@ -436,6 +436,9 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
 
     q8, k8 = (t if _tma_ready(t) else t.contiguous() for t in (q8, k8))
     vt = vt if _tma_ready(vt) and vt.shape[3] % 16 == 0 else _pad_last(vt, 16)
+    int8_pv = vt.dtype == torch.int8
+    if int8_pv:  # the kernel multiplies u8 P by u8 V + 128 (the sign bit flipped) and takes 128 sum(P) out itself
+        vt = torch.bitwise_xor(vt.view(torch.uint8), 0x80)
     B, Sq, H, D = q8.shape
     Skv = k8.shape[1]
     out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
@@ -449,7 +452,7 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
             k_scale.data_ptr(), v_scale.data_ptr(), 0 if v_offset is None else v_offset.data_ptr(),
             DTYPE_CODE[out_dtype], B, H, Sq, Skv, vt.shape[3], D, D ** -0.5 if scale is None else scale,
-            _flash_stages(), q8.dtype == torch.int8, vt.dtype == torch.int8, _flash_fp8_keys(),
+            _flash_stages(), q8.dtype == torch.int8, int8_pv, _flash_fp8_keys(),
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
