@@ -274,28 +274,20 @@ __device__ __forceinline__ void wgmma_m64n192k32_ss_e4m3(float (&d)[96], uint64_
       : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));
 }
 
-// int8 operands (signed, both K-major), int32 accumulation: d[64] += A[64 x 32] B[32 x 128], A and B in shared
-// memory. (d must be integer registers in PTX: kept as uint32_t, so no conversion moves touch it in flight.)
+// The 8-bit integer forms' tags: int8 Q and K (S8; e4m3 P, V), and int8 Q and K with P and V unsigned int8 (S8PV: V
+// offset by 128) for the P V product.
 struct S8 {};
-// The int8 P/V form's tag: int8 Q and K (as S8), P and V unsigned int8 (V offset by 128) for the P V product.
 struct S8PV {};
-#define VKERN_ACC_U32(i) "+r"(d[i])
+// int32 accumulators: d must be integer registers in PTX, kept as uint32_t, so no conversion moves touch them in flight.
+#define VKERN_ACC64_U32_OPERANDS(d)                                                                           \
+  VKERN_ACC8("+r", d, 0), VKERN_ACC8("+r", d, 8), VKERN_ACC8("+r", d, 16), VKERN_ACC8("+r", d, 24),             \
+      VKERN_ACC8("+r", d, 32), VKERN_ACC8("+r", d, 40), VKERN_ACC8("+r", d, 48), VKERN_ACC8("+r", d, 56)
+// int8 operands (signed, both K-major), int32 accumulation: d[64] += A[64 x 32] B[32 x 128], A and B in shared
+// memory.
 __device__ __forceinline__ void wgmma_m64n128k32_ss_s8(uint32_t (&d)[64], uint64_t desc_a, uint64_t desc_b) {
   asm volatile(
       "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 " VKERN_ACC64_REGS ", %64, %65, 1;\n"
-      : VKERN_ACC_U32(0), VKERN_ACC_U32(1), VKERN_ACC_U32(2), VKERN_ACC_U32(3), VKERN_ACC_U32(4), VKERN_ACC_U32(5),
-        VKERN_ACC_U32(6), VKERN_ACC_U32(7), VKERN_ACC_U32(8), VKERN_ACC_U32(9), VKERN_ACC_U32(10), VKERN_ACC_U32(11),
-        VKERN_ACC_U32(12), VKERN_ACC_U32(13), VKERN_ACC_U32(14), VKERN_ACC_U32(15), VKERN_ACC_U32(16),
-        VKERN_ACC_U32(17), VKERN_ACC_U32(18), VKERN_ACC_U32(19), VKERN_ACC_U32(20), VKERN_ACC_U32(21),
-        VKERN_ACC_U32(22), VKERN_ACC_U32(23), VKERN_ACC_U32(24), VKERN_ACC_U32(25), VKERN_ACC_U32(26),
-        VKERN_ACC_U32(27), VKERN_ACC_U32(28), VKERN_ACC_U32(29), VKERN_ACC_U32(30), VKERN_ACC_U32(31),
-        VKERN_ACC_U32(32), VKERN_ACC_U32(33), VKERN_ACC_U32(34), VKERN_ACC_U32(35), VKERN_ACC_U32(36),
-        VKERN_ACC_U32(37), VKERN_ACC_U32(38), VKERN_ACC_U32(39), VKERN_ACC_U32(40), VKERN_ACC_U32(41),
-        VKERN_ACC_U32(42), VKERN_ACC_U32(43), VKERN_ACC_U32(44), VKERN_ACC_U32(45), VKERN_ACC_U32(46),
-        VKERN_ACC_U32(47), VKERN_ACC_U32(48), VKERN_ACC_U32(49), VKERN_ACC_U32(50), VKERN_ACC_U32(51),
-        VKERN_ACC_U32(52), VKERN_ACC_U32(53), VKERN_ACC_U32(54), VKERN_ACC_U32(55), VKERN_ACC_U32(56),
-        VKERN_ACC_U32(57), VKERN_ACC_U32(58), VKERN_ACC_U32(59), VKERN_ACC_U32(60), VKERN_ACC_U32(61),
-        VKERN_ACC_U32(62), VKERN_ACC_U32(63)
+      : VKERN_ACC64_U32_OPERANDS(d)
       : "l"(desc_a), "l"(desc_b));
 }
 // d[64] (+)= A[64 x 32] B[32 x 128], A and B unsigned int8, A in registers (the fragment of
@@ -305,22 +297,9 @@ __device__ __forceinline__ void wgmma_m64n128k32_rs_u8u8(uint32_t (&d)[64], cons
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.u8 " VKERN_ACC64_REGS ", {%64, %65, %66, %67}, %68, p;\n}\n"
-      : VKERN_ACC_U32(0), VKERN_ACC_U32(1), VKERN_ACC_U32(2), VKERN_ACC_U32(3), VKERN_ACC_U32(4), VKERN_ACC_U32(5),
-        VKERN_ACC_U32(6), VKERN_ACC_U32(7), VKERN_ACC_U32(8), VKERN_ACC_U32(9), VKERN_ACC_U32(10), VKERN_ACC_U32(11),
-        VKERN_ACC_U32(12), VKERN_ACC_U32(13), VKERN_ACC_U32(14), VKERN_ACC_U32(15), VKERN_ACC_U32(16),
-        VKERN_ACC_U32(17), VKERN_ACC_U32(18), VKERN_ACC_U32(19), VKERN_ACC_U32(20), VKERN_ACC_U32(21),
-        VKERN_ACC_U32(22), VKERN_ACC_U32(23), VKERN_ACC_U32(24), VKERN_ACC_U32(25), VKERN_ACC_U32(26),
-        VKERN_ACC_U32(27), VKERN_ACC_U32(28), VKERN_ACC_U32(29), VKERN_ACC_U32(30), VKERN_ACC_U32(31),
-        VKERN_ACC_U32(32), VKERN_ACC_U32(33), VKERN_ACC_U32(34), VKERN_ACC_U32(35), VKERN_ACC_U32(36),
-        VKERN_ACC_U32(37), VKERN_ACC_U32(38), VKERN_ACC_U32(39), VKERN_ACC_U32(40), VKERN_ACC_U32(41),
-        VKERN_ACC_U32(42), VKERN_ACC_U32(43), VKERN_ACC_U32(44), VKERN_ACC_U32(45), VKERN_ACC_U32(46),
-        VKERN_ACC_U32(47), VKERN_ACC_U32(48), VKERN_ACC_U32(49), VKERN_ACC_U32(50), VKERN_ACC_U32(51),
-        VKERN_ACC_U32(52), VKERN_ACC_U32(53), VKERN_ACC_U32(54), VKERN_ACC_U32(55), VKERN_ACC_U32(56),
-        VKERN_ACC_U32(57), VKERN_ACC_U32(58), VKERN_ACC_U32(59), VKERN_ACC_U32(60), VKERN_ACC_U32(61),
-        VKERN_ACC_U32(62), VKERN_ACC_U32(63)
+      : VKERN_ACC64_U32_OPERANDS(d)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(int(accumulate)));
 }
-#undef VKERN_ACC_U32
 
 // d[96] += A[64 x 32] B[32 x 192], int8, int32 accumulation, as wgmma_m64n128k32_ss_s8.
 __device__ __forceinline__ void wgmma_m64n192k32_ss_s8(uint32_t (&d)[96], uint64_t desc_a, uint64_t desc_b) {
