@@ -492,7 +492,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     else if constexpr (kPromoteO)
       fence_regs(t);
   };
-
   // S8: the S accumulator's start value (16-bit and E4M3 overwrite it with the first product).
   auto start_s = [&] {
     if constexpr (F::kIntQK) {

@@ -45,7 +45,7 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // bits flipped; the same layout; scales amax / 127) and
 // the P V product takes P as unsigned int8 against each 128-key block's own row max: P = round(255 * exp(scale * S -
 // m_b)), out = sum over blocks of exp(m_b - max) (P v8) * v_scale / (255 * rowsum(exp(scale * S - max))) + v_offset
-// (the .cu: kIntPV).
+// (the .cu: kIntPV; v_scale below 2^43, i.e. |V - v_offset| below ~1e15).
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,

@@ -599,7 +599,8 @@ def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=Fal
     head). pv: "bf16" keeps V and P in V's dtype; "e4m3" smooths V (value_offset), quantizes it per (128-key block,
     head) to e4m3 (v_to_8bit) and P to e4m3 for the P @ V product; "int8" smooths V and quantizes it per (128-key
     block, head) to int8, with P in u8 (0..255) against each 128-key block's row max and each block's P @ V summed
-    exactly (vkern.reference.attention.attention_quantized; about half pv="e4m3"'s error). The CUDA kernel (Hopper,
+    exactly (vkern.reference.attention.attention_quantized; about half pv="e4m3"'s error; the CUDA kernel takes
+    |V - mean| up to ~1e15, csrc/flash_attention.h). The CUDA kernel (Hopper,
     D = 128) runs the pv="e4m3" schemes and int8/int8 (qk="int8", pv="int8"), Triton int8/bf16, e4m3/bf16 and the
     pv="e4m3" schemes elsewhere; the reference runs every scheme (qk="e4m3" with pv="int8" only there). fp32
     accumulation and softmax. Accuracy per scheme: bench/NOTES.md. key_padding_mask: bool [B, Skv], True = attend;
