@@ -104,4 +104,3 @@ def residual_add_(y, shortcut, bias):
         BLOCK_P=block_p, BLOCK_C=block_c, HAS_BIAS=bias is not None, EMULATE_RNE=interpreting(), num_warps=4,
     )
     return y
-    return out
