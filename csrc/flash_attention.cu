@@ -179,10 +179,13 @@ __device__ __forceinline__ float quad_sum(float x) {
 // 64 MOVs and 64 FADDs per block there, 9-11%). O is kept in units of 2^-40 (so the factor's 2^-149 compensation
 // stays below fp32's range for v_scale < 2^43) and corr, per row, collects sum(P) (16 dp4a per block) times the
 // same factors; the epilogue takes 128 corr out (O holds ~5 bits over P V then, not the 10 of run 79's bias).
-// Row sums are of the unrounded P.
+// Row sums are of the codes (the same dp4a sums times the factors without the V scale; session 22: 64 FADDs
+// fewer per block, and the weights O takes sum to 1 exactly). P is packed and S's start values written as the
+// softmax ends (kPackEarly). kExpFma of each 8 exponentials per thread run on the FMA pipe (ex2_fma), the rest on
+// MUFU.EX2; kTurns: the consumers issue their products in turns, as the 16-bit forms.
 // S8's scores: the int32 accumulator starts at the bits of kIntBias = 1.5 * 2^23 (see wgmma_m64n128k32_ss_s8), so
 // s reads as kIntBias + S in fp32; the bias cancels in s - max and is taken out of the row max.
-template <typename In, typename Out, int kHeadDim, int kStages, int kKeys>
+template <typename In, typename Out, int kHeadDim, int kStages, int kKeys, int kExpFma, bool kTurns>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
@@ -194,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kGroups = F::kGroups, kSRegs = F::kSRegs, kWords = kKeys / 32;
   // The 16-bit forms' consumers issue their products in turn (named barriers); the 8-bit forms' each as soon as it
   // is ready: their products are half as long, and over runs 46-54 the two schedules measured the same within +-5%.
-  constexpr bool kTakeTurns = !F::k8Bit;
+  constexpr bool kTakeTurns = !F::k8Bit || kTurns;
   constexpr int kTileBytes = F::kTileBytes;
   constexpr float kIntBias = 12582912.f;  // 1.5 * 2^23, bits 0x4B400000
   extern __shared__ uint8_t smem_raw[];
@@ -427,8 +430,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < kSRegs; ++i) {
       const int r = (i / 2) % 2, g = i / kGroupRegs;
-      s[i] = ex2(fmaf(s[i], mult[r][g], neg_max[r][g]));
-      part[r][kGroups == 1 ? (i / 4) % 2 : g] += s[i];
+      const float x = fmaf(s[i], mult[r][g], neg_max[r][g]);
+      s[i] = kIntPV && (i % 8) >= 8 - kExpFma ? ex2_fma(x) : ex2(x);
+      if constexpr (!kIntPV) part[r][kGroups == 1 ? (i / 4) % 2 : g] += s[i];
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -437,8 +441,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int g = 0; g < kGroups; ++g) sum[r] = fmaf(part[r][g], unshift[g], sum[r]);
       } else {
-        sum[r] = part[r][0] + part[r][1];
-        if constexpr (F::kIntPV) sum[r] *= p_factor[r];  // (against the running max, as alpha expects)
+        sum[r] = kIntPV ? 0.f : part[r][0] + part[r][1];  // kIntPV: the codes' sums, in add_t
       }
     }
   };
@@ -512,6 +515,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (kTakeTurns && wg == 1) bar_arrive(kTurnBarrier, 256);
   mbar_wait(&bars.q_full, 0);
+  // kPackEarly (kIntPV: no product in flight through its softmax): P is packed and S's start values written as the
+  // softmax ends, where the exponentials' wait on MUFU.EX2 leaves issue slots, not before the next S.
+  constexpr bool kPackEarly = kIntPV;
+  auto pack_early = [&] {
+    if constexpr (kPackEarly) {
+      to_p();
+      start_s();
+    }
+  };
   float alpha[2];  // rescales O before the next PV product adds to it (O is still 0 after block 0)
   {  // block 0: S only
     float sum[2];
@@ -528,8 +540,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     read_s();
     release_k(0);
     softmax(0, tile, alpha, sum);
-    row_sum[0] = sum[0];
+    row_sum[0] = sum[0];  // (kIntPV: 0; the codes' sums come in add_t)
     row_sum[1] = sum[1];
+    pack_early();
   }
   // What the softmax of block j - 1 left, in two parts around the issue of S_j (the caller has waited for the PV
   // product of block j - 2). pack_block (before S_j: P_{j-1} is in S's registers) releases that V stage and
@@ -538,14 +551,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   // product's A operand, bench/NOTES.md session 10.)
   auto pack_block = [&](int j) {
     if (j >= 2 && tid == 0) mbar_arrive(&bars.v_empty[(j - 2) % kStages]);
-    to_p();
+    if constexpr (!kPackEarly) to_p();
   };
   auto add_t = [&](float value_scale) {
     if constexpr (kIntPV) {  // t's bits are P V' * 2^-149; 2^-24: P's unit in the row sums (kPOffset)
       constexpr float kUnit = 0x1p85f;  // 2^(149 - 24 - 40)
       const float factor[2] = {p_factor[0] * (value_scale * kUnit), p_factor[1] * (value_scale * kUnit)};
 #pragma unroll
-      for (int r = 0; r < 2; ++r) corr[r] = fmaf(p_sum[r], factor[r], corr[r]);
+      for (int r = 0; r < 2; ++r) {
+        corr[r] = fmaf(p_sum[r], factor[r], corr[r]);
+        row_sum[r] = fmaf(p_sum[r], p_factor[r] * 0x1p-24f, row_sum[r]);  // P's codes, in P's unit (kPOffset)
+      }
 #pragma unroll
       for (int i = 0; i < kHeadDim / 2; ++i)
         o[i] = fma_subnormal(__uint_as_float(t_int[i]), factor[(i / 2) % 2], o[i]);
@@ -562,7 +578,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= o_scale[(i / 2) % 2];
     }
     fence_regs(o);
-    if constexpr (kIntPV) corr[0] *= o_scale[0], corr[1] *= o_scale[1];
+    if constexpr (kIntPV)
+      corr[0] *= o_scale[0], corr[1] *= o_scale[1], row_sum[0] *= o_scale[0], row_sum[1] *= o_scale[1];
   };
   // O += P V, or t = P V (kPromoteO).
   auto issue_pv_block = [&](SmemDesc v_tile) {
@@ -584,14 +601,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_t();
     pack_block(j);
     wait_turn();
-    start_s();
+    if constexpr (!kPackEarly) start_s();
     if constexpr (kFenceFloatS) fence_regs(s);
     wgmma_fence();
     issue_qk<In, kHeadDim, kKeys>(s, s_int, q_rows, k_ring.plus(st * F::kKTileBytes));
     wgmma_commit();
     fence_s();
-    rescale_o();
-    wgmma_fence();  // O was written by ordinary instructions
+    if constexpr (!kPromoteO) rescale_o();
+    wgmma_fence();  // O (or P) was written by ordinary instructions
     issue_pv_block(v_ring.plus(prev * F::kVTileBytes));
     wgmma_commit();
     fence_s();
@@ -599,6 +616,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_t();
     pass_turn(j);
     if constexpr (kPromoteO) {
+      rescale_o();      // (O is no product's accumulator here: rescaled after the issues, out of the turn)
       wgmma_wait<0>();  // S_j and the PV product of block j - 1, which goes into O now
       fence_regs(o);
       fence_t();
@@ -611,7 +629,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     float sum[2];
     softmax(j, tile, alpha, sum);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + sum[r];
+    for (int r = 0; r < 2; ++r)
+      if constexpr (!kIntPV) row_sum[r] = row_sum[r] * alpha[r] + sum[r];  // (kIntPV: with O, in rescale_o)
+    pack_early();
   }
   {  // the last block's PV product (its V stage and the one before are never refilled: not released)
     const int last = (n_blocks - 1) % kStages;
@@ -736,12 +756,12 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 }
 
 // The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; 8-bit: v is V^T), out; the scales 8-bit only.
-template <typename In, typename Out, int kHeadDim, int kStages, int kKeys = kBlockN>
+template <typename In, typename Out, int kHeadDim, int kStages, int kKeys = kBlockN, int kExpFma = 0, bool kTurns = false>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale,
                    const float* v_offset, float* lse, const void* key_bits, int batch, int heads, int q_len,
                    int kv_len, float scale, cudaStream_t stream) {
   constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages, kKeys>();
-  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kKeys>;
+  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kKeys, kExpFma, kTurns>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
@@ -792,8 +812,9 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
                                     int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
-                                    bool int8_qk, bool int8_pv, int keys, cudaStream_t stream) {
-  if (head_dim != kFlashFp8HeadDim || (int8_pv && !int8_qk) ||
+                                    bool int8_qk, bool int8_pv, int keys, int exp_fma, bool take_turns,
+                                    cudaStream_t stream) {
+  if (head_dim != kFlashFp8HeadDim || (int8_pv && !int8_qk) || (exp_fma != 0 && exp_fma != 2 && exp_fma != 4) ||
       !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       (keys != 128 && keys != 192) || reinterpret_cast<uintptr_t>(key_bits) % 16 != 0 ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
@@ -817,17 +838,27 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
     using Out = decltype(out_tag);
     const auto with = [&](auto in_tag) {
       using In = decltype(in_tag);
-      const auto tile = [&](auto keys_tag) {
-        constexpr int kKeys = decltype(keys_tag)::value;
-        return stages == 2 ? launch<In, Out, 128, 2, kKeys>(maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits,
-                                                            batch, heads, q_len, kv_len, scale, stream)
-                           : launch<In, Out, 128, 3, kKeys>(maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits,
-                                                            batch, heads, q_len, kv_len, scale, stream);
+      const auto tile = [&](auto keys_tag, auto fma_tag, auto turns_tag) {
+        constexpr int kKeys = decltype(keys_tag)::value, kFma = decltype(fma_tag)::value;
+        constexpr bool kTurns = decltype(turns_tag)::value;
+        return stages == 2 ? launch<In, Out, 128, 2, kKeys, kFma, kTurns>(maps, q_scale, k_scale, v_scale, v_offset,
+                                                                          lse, key_bits, batch, heads, q_len, kv_len,
+                                                                          scale, stream)
+                           : launch<In, Out, 128, 3, kKeys, kFma, kTurns>(maps, q_scale, k_scale, v_scale, v_offset,
+                                                                          lse, key_bits, batch, heads, q_len, kv_len,
+                                                                          scale, stream);
+      };
+      using K128 = std::integral_constant<int, 128>;
+      const auto with_fma = [&](auto turns_tag) {
+        return exp_fma == 4   ? tile(K128(), std::integral_constant<int, 4>(), turns_tag)
+               : exp_fma == 2 ? tile(K128(), std::integral_constant<int, 2>(), turns_tag)
+                              : tile(K128(), std::integral_constant<int, 0>(), turns_tag);
       };
       if constexpr (std::is_same<In, S8PV>::value)  // (keys is 128 here)
-        return tile(std::integral_constant<int, 128>());
+        return take_turns ? with_fma(std::true_type()) : with_fma(std::false_type());
       else
-        return keys == 192 ? tile(std::integral_constant<int, 192>()) : tile(std::integral_constant<int, 128>());
+        return keys == 192 ? tile(std::integral_constant<int, 192>(), std::integral_constant<int, 0>(), std::false_type())
+                           : tile(K128(), std::integral_constant<int, 0>(), std::false_type());
     };
     return int8_pv ? with(S8PV()) : int8_qk ? with(S8()) : with(E4M3());
   };

@@ -192,7 +192,7 @@ def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_m
       rounded to e4m3; each key's V times its block's scale.
     - int8 V with v_scale per key block (quantize_value(..., fmt="int8")): u8 P against each key block's row max
       times int8 V, summed exactly per block (_u8_int8_pv).
-    Row sums of the unrounded P in fp32. v_offset (fp32 [B, H, D] or None): what was subtracted from V before its
+    Row sums of the unrounded P in fp32 (int8 V: of the rounded, _u8_int8_pv). v_offset (fp32 [B, H, D] or None): what was subtracted from V before its
     quantization (value_offset), added to each row that attended a key.
     (The kernels take the row max block by block, online, so their P rounding differs slightly; both are held
     to the same accuracy bounds against the exact oracle.) Returns (out in out_dtype, lse fp32 [B, H, Sq]);
@@ -239,7 +239,8 @@ def _u8_int8_pv(s, m, v8, v_scale):
     [B, H, ceil(Skv / KEY_BLOCK)]. Per KEY_BLOCK-key block b (blocks aligned at key 0) and query row: m_b = the row's
     max in the block; P_b = round-half-even(255 exp(s - m_b)) in 0..255 (u8); acc_b = P_b @ V8_b exactly (integers);
     O = sum_b exp(m_b - m) * v_scale_b / 255 * acc_b. Returns (O fp32 [B, H, Sq, D], l fp32 [B, H, Sq, 1] =
-    sum over the keys of exp(s - m), P unrounded). A block with no attended key (m_b = -inf) adds 0.
+    sum_b exp(m_b - m) * sum(P_b) / 255: the rounded P's sum, as the kernel's, so that the weights O takes sum to 1
+    exactly). A block with no attended key (m_b = -inf) adds 0.
 
     acc_b in fp32 is exact: each partial sum is an integer of magnitude <= 128 * 255 * 127 < 2^24 (and 255, 127
     are exact even in TF32 or bf16 operands), so no summation order or matmul precision setting changes it."""
@@ -252,9 +253,9 @@ def _u8_int8_pv(s, m, v8, v_scale):
     vf = v8.float().permute(0, 2, 1, 3)  # [B, H, Skv, D]
     vf = torch.nn.functional.pad(vf, (0, 0, 0, n * KEY_BLOCK - Skv)).unflatten(2, (n, KEY_BLOCK))
     acc = p8.transpose(2, 3) @ vf  # [B, H, n, Sq, D], exact
-    w = torch.exp(m_b.squeeze(-1) - m) * (v_scale[:, :, None, :] / U8_MAX)  # [B, H, Sq, n]; 0 where m_b = -inf
-    o = torch.einsum("bhqn,bhnqd->bhqd", w, acc)
-    l = torch.exp(s - m).sum(-1, keepdim=True)
+    block_weight = torch.exp(m_b.squeeze(-1) - m) / U8_MAX  # [B, H, Sq, n]; 0 where m_b = -inf
+    o = torch.einsum("bhqn,bhnqd->bhqd", block_weight * v_scale[:, :, None, :], acc)
+    l = (block_weight * p8.sum(-1)).sum(-1, keepdim=True)  # the codes' sums are exact in fp32 (< 2^24)
     return o, l
 
 
