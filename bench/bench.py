@@ -92,15 +92,13 @@ def _attention(name, providers, args):
         prequant_int8pv = lambda: vkern.ops.attention_prequantized(q8i, qsi, k8i, ksi, vt8, vs8, out_dtype=q.dtype,
                                                                    v_offset=offset)
         fns["vkern-int8pv-cuda-kernel"] = fp8_backend("cuda", prequant_int8pv)
-        # Session 22: the int8 P/V kernel's schedules: exponentials on the FMA pipe (2 or 4 of each 8), the
-        # consumers' products in turns.
-        for fma in ("0", "2", "4"):
+        # Session 22: the int8 P/V kernel's schedules (exponentials on the FMA pipe, 0 or 2 of each 8; the
+        # consumers' products in turns or not; the default: vkern.ops.fused_attention.FLASH_EXP_FMA / _FP8_TURNS).
+        for fma in ("0", "2"):
             for turns in ("0", "1"):
-                if fma != "0" or turns != "0":
-                    name_ = "vkern-int8pv-cuda-kernel" + (f"-fma{fma}" if fma != "0" else "") + (
-                        "-turns" if turns == "1" else "")
-                    fns[name_] = with_env(with_env(fns["vkern-int8pv-cuda-kernel"], "VKERN_FLASH_EXP_FMA", fma),
-                                          "VKERN_FLASH_FP8_TURNS", turns)
+                fns[f"vkern-int8pv-cuda-kernel-fma{fma}-turns{turns}"] = with_env(
+                    with_env(fns["vkern-int8pv-cuda-kernel"], "VKERN_FLASH_EXP_FMA", fma), "VKERN_FLASH_FP8_TURNS",
+                    turns)
         # Session 20: the 192-key tile (O in the tensor cores), the same quantized inputs.
         wide = lambda fn: with_env(fn, "VKERN_FLASH_FP8_KEYS", "192")
         fns["vkern-fp8-cuda-kernel-192"] = wide(fns["vkern-fp8-cuda-kernel"])
@@ -123,9 +121,9 @@ def _attention(name, providers, args):
             if provider.startswith("vkern-int8pv-cuda"):
                 from vkern.ops.fused_attention import _flash_exp_fma, _flash_fp8_turns
 
-                with_fma = "-fma" in provider and provider.split("-fma")[1][0] or str(_flash_exp_fma())
-                with_turns = provider.endswith("-turns") or bool(_flash_fp8_turns())
-                row["config"] += f", {with_fma} of 8 exponentials on FMA, turns {'on' if with_turns else 'off'}"
+                fma, turns = ((provider.split("-fma")[1][0], provider[-1] == "1") if "-fma" in provider
+                              else (str(_flash_exp_fma()), bool(_flash_fp8_turns())))
+                row["config"] += f", {fma} of 8 exponentials on FMA, turns {'on' if turns else 'off'}"
         elif provider == "vkern-cuda":
             from vkern.ops.fused_attention import _flash_stages
 

@@ -814,7 +814,7 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                     int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
                                     bool int8_qk, bool int8_pv, int keys, int exp_fma, bool take_turns,
                                     cudaStream_t stream) {
-  if (head_dim != kFlashFp8HeadDim || (int8_pv && !int8_qk) || (exp_fma != 0 && exp_fma != 2 && exp_fma != 4) ||
+  if (head_dim != kFlashFp8HeadDim || (int8_pv && !int8_qk) || (exp_fma != 0 && exp_fma != 2) ||
       !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       (keys != 128 && keys != 192) || reinterpret_cast<uintptr_t>(key_bits) % 16 != 0 ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
@@ -850,9 +850,8 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
       };
       using K128 = std::integral_constant<int, 128>;
       const auto with_fma = [&](auto turns_tag) {
-        return exp_fma == 4   ? tile(K128(), std::integral_constant<int, 4>(), turns_tag)
-               : exp_fma == 2 ? tile(K128(), std::integral_constant<int, 2>(), turns_tag)
-                              : tile(K128(), std::integral_constant<int, 0>(), turns_tag);
+        return exp_fma == 2 ? tile(K128(), std::integral_constant<int, 2>(), turns_tag)
+                            : tile(K128(), std::integral_constant<int, 0>(), turns_tag);
       };
       if constexpr (std::is_same<In, S8PV>::value)  // (keys is 128 here)
         return take_turns ? with_fma(std::true_type()) : with_fma(std::false_type());

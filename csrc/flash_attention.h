@@ -46,7 +46,7 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // the P V product takes P as unsigned int8 against each 128-key block's own row max: P = round(255 * exp(scale * S -
 // m_b)), out = sum over blocks of exp(m_b - max) (P v8) * v_scale / sum over blocks of exp(m_b - max) rowsum(P)
 // + v_offset (the .cu: kIntPV; v_scale below 2^43, i.e. |V - v_offset| below ~1e15). exp_fma (int8_pv; else 0):
-// 0, 2 or 4 of each 8 exponentials on the FMA pipe (a cubic, relative error 1.0e-4: a code may move by 1);
+// 0 or 2 of each 8 exponentials on the FMA pipe (a cubic, relative error 1.0e-4: a code may move by 1);
 // take_turns (int8_pv): the two consumer warpgroups issue their products in turns (the same result bit for bit).
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,

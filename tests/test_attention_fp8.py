@@ -505,8 +505,19 @@ def test_padded_keys_do_not_enter_v_scales(use_backend, backend, dtype):
         assert torch.equal(ref0, ref1)
 
 
-V_FMTS = [("e4m3", torch.float8_e4m3fn, E4M3_INV), ("int8", torch.int8, INT8_INV)]
-V_FMT_IDS = ["e4m3", "int8"]
+V_FMTS = [("e4m3", torch.float8_e4m3fn, E4M3_INV), ("int8", torch.int8, INT8_INV), ("u8", torch.uint8, INT8_INV)]
+V_FMT_IDS = ["e4m3", "int8", "u8"]
+
+
+def int8_codes(vt):
+    """v_to_8bit's "u8" V^T (the int8 codes + 128, as the int8/int8 CUDA kernel reads them) as the int8 codes; other
+    formats as they are."""
+    return (vt.to(torch.int16) - 128).to(torch.int8) if vt.dtype == torch.uint8 else vt
+
+
+def scheme_fmt(fmt):
+    """The reference quantizer's format for a v_to_8bit format ("u8" holds int8 codes)."""
+    return "int8" if fmt == "u8" else fmt
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -520,12 +531,13 @@ def test_v_to_8bit_layout(use_backend, backend, S, fmt, dtype, inv):
     use_backend(backend)
     v = make_qkv(2, 1, S, 3, 64, torch.bfloat16)[2]
     vt, scale = ops.v_to_8bit(v, fmt)
-    v8, ref_scale = ref.quantize_per_key_block(v, None, fmt)
+    v8, ref_scale = ref.quantize_per_key_block(v, None, scheme_fmt(fmt))
     n = -(-S // 128)
     amax = torch.stack([v[:, j * 128:(j + 1) * 128].float().abs().amax(dim=(1, 3)) for j in range(n)], dim=2)
     assert vt.shape == (2, 3, 64, -(-S // 16) * 16) and vt.dtype == dtype and torch.equal(scale, ref_scale)
     assert torch.equal(scale, amax * inv)
-    if fmt == "int8":  # the block's largest |V| takes code 127
+    vt = int8_codes(vt)  # ("u8": every column, padded ones included, holds the int8 code + 128)
+    if fmt != "e4m3":  # the block's largest |V| takes code 127
         assert (v8.abs().amax(dim=(1, 3)) == 127).all() and (vt.abs().amax(dim=(2, 3)) == 127).all()
     keys = torch.tensor([16 * u + 8 * g + 2 * c + b for u in range(vt.shape[3] // 16) for c in range(4)
                          for g in range(2) for b in range(2)])
@@ -535,7 +547,7 @@ def test_v_to_8bit_layout(use_backend, backend, S, fmt, dtype, inv):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("fmt", ["e4m3", "int8"])
+@pytest.mark.parametrize("fmt", ["e4m3", "int8", "u8"])
 def test_v_to_8bit_by_spans_is_the_whole(use_backend, backend, fmt):
     """V quantized a span of whole 128-key blocks at a time (the chunked Wan block's key/value pass) gives the
     same V^T columns and scales as the whole sequence at once, bit for bit."""
@@ -549,7 +561,7 @@ def test_v_to_8bit_by_spans_is_the_whole(use_backend, backend, fmt):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("fmt", ["e4m3", "int8"])
+@pytest.mark.parametrize("fmt", ["e4m3", "int8", "u8"])
 def test_v_to_8bit_offset_and_mask_are_the_reference(use_backend, backend, fmt):
     """v_to_8bit(v, fmt, mask, offset) quantizes V - offset with scales from the attended keys: V^T columns and
     scales bit for bit the reference's (quantize_value), padded keys holding huge V included (their codes saturate
@@ -562,9 +574,9 @@ def test_v_to_8bit_offset_and_mask_are_the_reference(use_backend, backend, fmt):
     expect = torch.stack([v[b][mask[b]].float().mean(0) for b in range(2)])
     torch.testing.assert_close(offset, expect, rtol=1e-6, atol=1e-6)
     vt, vs = ops.v_to_8bit(v, fmt, mask, offset)
-    r8, rs = ref.quantize_value(v, mask, offset, fmt)
+    r8, rs = ref.quantize_value(v, mask, offset, scheme_fmt(fmt))
     assert torch.equal(vs, rs)
-    assert torch.equal(vt.view(torch.uint8), ref.e4m3_v_transposed(r8, vt.shape[3]).view(torch.uint8))
+    assert torch.equal(int8_codes(vt).view(torch.uint8), ref.e4m3_v_transposed(r8, vt.shape[3]).view(torch.uint8))
     assert (r8[~mask].float().abs() == (448 if fmt == "e4m3" else 127)).all()
     if fmt == "e4m3":  # the e4m3 name for the same op
         et, es = ops.v_to_e4m3(v, mask, offset)
@@ -629,12 +641,35 @@ def test_8bit_v_transposed_bad_inputs_name_the_argument():
         ops.attention_prequantized(q8, qs, k8, ks, v, vs)
     with pytest.raises(TypeError, match="v: expected dtype"):
         ops.attention_prequantized(q8, qs, k8, ks, vt.to(torch.int16), vs)
-    with pytest.raises(ValueError, match="fmt: expected 'e4m3' or 'int8', got 'int4'"):
+    with pytest.raises(ValueError, match="fmt: expected 'e4m3', 'int8' or 'u8', got 'int4'"):
         ops.v_to_8bit(v, "int4")
     with pytest.raises(ValueError, match="qk, pv: expected"):
         ops.attention_8bit(q, k, v, qk="int8", pv="u8")
     with pytest.raises(ValueError, match="qk, pv: expected"):
         ops.attention_8bit(q, k, v, qk="int4", pv="int8")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_u8_v_is_the_int8_v(use_backend, backend):
+    """attention_prequantized on v_to_8bit's "u8" V^T (the CUDA kernel's own form: no sign flip per call) gives the
+    int8 V^T's result bit for bit, with a mask and lse; attention_8bit(pv="int8") is that call."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    if device == "cuda" and not ON_GPU:
+        pytest.skip("needs a CUDA GPU: run `pytest -m gpu` on the GPU machine")
+    use_backend(backend)
+    q, k, v = make_qkv(2, 150, 300, 2, 128, torch.bfloat16, device)
+    mask = make_padding(2, 300, "random", device)
+    q8, qs = ops.qk_norm_rope(q.flatten(2), None, 0.0, 2, quant="int8")
+    k8, ks = ops.k_to_8bit(k, "int8", mask)
+    offset = ops.value_offset(v, mask)
+    results = []
+    for fmt in ("int8", "u8"):
+        vt, vs = ops.v_to_8bit(v, fmt, mask, offset)
+        results.append(ops.attention_prequantized(q8, qs, k8, ks, vt, vs, key_padding_mask=mask, return_lse=True,
+                                                  out_dtype=q.dtype, v_offset=offset))
+    (out, lse), (out_u8, lse_u8) = results
+    assert torch.equal(out, out_u8) and torch.equal(lse, lse_u8)
+    assert torch.equal(ops.attention_8bit(q, k, v, key_padding_mask=mask, qk="int8", pv="int8"), out)
 
 
 def test_per_channel_v_scales_are_refused():
@@ -985,10 +1020,10 @@ def test_gpu_cuda_int8_pv_ignores_the_192_key_setting(use_backend, monkeypatch):
     check_8bit(q, k, v, "cuda", INT8PV, key_padding_mask=mask)
 
 
-# The int8/int8 kernel's schedules (session 22): exponentials on the FMA pipe (VKERN_FLASH_EXP_FMA: 2 or 4 of each 8,
-# a cubic with relative error 1.0e-4, against MUFU.EX2's ~2^-22) and the consumers' products in turns
-# (VKERN_FLASH_FP8_TURNS).
-INT8PV_SCHEDULES = [(fma, turns) for fma in ("0", "2", "4") for turns in ("0", "1")]
+# The int8/int8 kernel's schedules (session 22): exponentials on the FMA pipe (VKERN_FLASH_EXP_FMA: 2 of each 8, a
+# cubic with relative error 1.0e-4, against MUFU.EX2's ~2^-22) and the consumers' products in turns
+# (VKERN_FLASH_FP8_TURNS); the default is both (every other int8/int8 GPU test runs it).
+INT8PV_SCHEDULES = [(fma, turns) for fma in ("0", "2") for turns in ("0", "1")]
 
 
 @pytest.mark.gpu
@@ -1020,7 +1055,7 @@ def test_gpu_cuda_int8_pv_schedules(use_backend, monkeypatch, fma, turns, B, H, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["e4m3", "int8"])
+@pytest.mark.parametrize("fmt", ["e4m3", "int8", "u8"])
 def test_gpu_v_to_8bit_is_the_reference(use_backend, fmt):
     """The Triton V quantizer compiled for the GPU (the CUDA kernel's input): V^T and scales bit for bit the
     reference's, with an offset and padded keys holding huge V."""
@@ -1030,9 +1065,9 @@ def test_gpu_v_to_8bit_is_the_reference(use_backend, fmt):
     v[~mask] = 1e6
     offset = ops.value_offset(v, mask)
     vt, vs = ops.v_to_8bit(v, fmt, mask, offset)
-    r8, rs = ref.quantize_value(v, mask, offset, fmt)
+    r8, rs = ref.quantize_value(v, mask, offset, scheme_fmt(fmt))
     assert torch.equal(vs, rs)
-    assert torch.equal(vt.view(torch.uint8), ref.e4m3_v_transposed(r8, vt.shape[3]).view(torch.uint8))
+    assert torch.equal(int8_codes(vt).view(torch.uint8), ref.e4m3_v_transposed(r8, vt.shape[3]).view(torch.uint8))
 
 
 @pytest.mark.gpu

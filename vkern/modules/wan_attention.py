@@ -112,10 +112,11 @@ class QuantizedValue(NamedTuple):
 
 
 def quantize_value(value, offset=None, fmt="e4m3"):
-    """value [B, S, H, D] -> QuantizedValue in `fmt` ("e4m3" or "int8"), smoothed by offset (fp32 [B, H, D]; None:
+    """value [B, S, H, D] -> QuantizedValue for pv `fmt` ("e4m3", or "int8": stored as v_to_8bit's "u8", the
+    codes + 128 the CUDA kernel reads without a conversion per call), smoothed by offset (fp32 [B, H, D]; None:
     ops.value_offset(value))."""
     offset = ops.value_offset(value) if offset is None else offset
-    return QuantizedValue(*ops.v_to_8bit(value, fmt, offset=offset), offset, value.dtype)
+    return QuantizedValue(*ops.v_to_8bit(value, "u8" if fmt == "int8" else fmt, offset=offset), offset, value.dtype)
 
 
 def _attend_8bit(query, key, value, attention_mask=None, pv="e4m3"):

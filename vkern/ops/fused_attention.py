@@ -24,7 +24,9 @@ HEAD_DIMS = (64, 128)  # the Triton kernel's head dims; others fall back to SDPA
 QUANT_FORMATS = (None, "e4m3", "int8")
 _DTYPE_OF = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 PV_FORMATS = ref.PV_FORMATS  # attention_8bit's pv: "bf16" (P and V in V's dtype), "e4m3", "int8" (u8 P, int8 V)
-V_FORMATS = ("e4m3", "int8")  # v_to_8bit's formats
+V_FORMATS = ("e4m3", "int8", "u8")  # v_to_8bit's formats ("u8": int8 codes + 128, the int8/int8 CUDA kernel's V)
+_V_DTYPE_OF = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8, "u8": torch.uint8}
+_PV_OF_V = {"e4m3": "e4m3", "int8": "int8", "u8": "int8"}  # the pv scheme a V format is for
 # Measured on an H200 (bench/results/*.jsonl, bench/NOTES.md "Run 8", "Run 33", "Run 36"): the fastest exact
 # backend per head dim. D=128: the CUDA kernel 587-611 TFLOP/s vs cuDNN 552-567 vs the Triton kernel 481-488
 # (wan1.3b-480p, wan14b-480p, wan14b-720p, hunyuan-720p); D=64: the CUDA kernel 410 vs cuDNN 387 vs Triton 376
@@ -402,18 +404,18 @@ def _flash_fp8_keys():
     return _env_int("VKERN_FLASH_FP8_KEYS", FLASH_FP8_KEYS, (128, 192))
 
 
-# The int8 P/V kernel's exponentials on the FMA pipe, of each 8 per thread (0, 2 or 4; the rest on MUFU.EX2, 8 clocks
-# per warp: the softmax's bound; session 22). VKERN_FLASH_EXP_FMA overrides.
-FLASH_EXP_FMA = 0
+# The int8 P/V kernel's schedule (session 22, run 82, kernel alone at the four bench shapes): 2 of each 8
+# exponentials per thread on the FMA pipe (the rest on MUFU.EX2, 8 clocks per warp instruction) with the consumers'
+# products in turns (as the 16-bit forms): 794-842 TFLOP/s, against 754-810 with neither, 730-786 turns alone, 726-770
+# FMA alone, 731-790 with 4 of 8 on FMA and turns. VKERN_FLASH_EXP_FMA (0 or 2) and VKERN_FLASH_FP8_TURNS (0 or 1)
+# override, for benchmarks.
+FLASH_EXP_FMA = 2
+FLASH_FP8_TURNS = 1
 
 
 def _flash_exp_fma():
-    return _env_int("VKERN_FLASH_EXP_FMA", FLASH_EXP_FMA, (0, 2, 4))
+    return _env_int("VKERN_FLASH_EXP_FMA", FLASH_EXP_FMA, (0, 2))
 
-
-# The int8 P/V kernel's consumers issue their products in turns (as the 16-bit forms), or each when ready. Session 22:
-# VKERN_FLASH_FP8_TURNS overrides.
-FLASH_FP8_TURNS = 0
 
 
 def _flash_fp8_turns():
@@ -454,9 +456,9 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
 
     q8, k8 = (t if _tma_ready(t) else t.contiguous() for t in (q8, k8))
     vt = vt if _tma_ready(vt) and vt.shape[3] % 16 == 0 else _pad_last(vt, 16)
-    int8_pv = vt.dtype == torch.int8
-    if int8_pv:  # the kernel multiplies u8 P by u8 V + 128 (the sign bit flipped) and takes 128 sum(P) out itself
-        vt = torch.bitwise_xor(vt.view(torch.uint8), 0x80)
+    int8_pv = vt.dtype in (torch.int8, torch.uint8)
+    if vt.dtype == torch.int8:  # the kernel multiplies u8 P by u8 V + 128 (v_to_8bit's "u8": no pass here) and takes
+        vt = torch.bitwise_xor(vt.view(torch.uint8), 0x80)  # 128 sum(P) out itself
     B, Sq, H, D = q8.shape
     Skv = k8.shape[1]
     out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
@@ -560,8 +562,9 @@ def v_to_8bit(v, fmt, key_padding_mask=None, offset=None):
     16, the keys of each 32-key group in the order of vkern.reference.attention.e4m3_key_order: the CUDA kernel's P
     fragment order; zeros past S), fp32 scales [B, H, ceil(S / 128)]): one scale per (128-key block, head) = amax
     over the block's tokens and head dim * fp32(1/448) with saturating round-to-nearest-even codes (fmt "e4m3", for
-    pv="e4m3"), or * fp32(1/127) with round-to-nearest-even codes clamped to +-127 (fmt "int8", for pv="int8")
-    (reference.quantize_value). Per block, not per channel over all the keys, so V can be quantized a span of whole
+    pv="e4m3"), or * fp32(1/127) with round-to-nearest-even codes clamped to +-127 (fmt "int8", for pv="int8";
+    fmt "u8": the same codes + 128 as uint8, the form the int8/int8 CUDA kernel reads, so that it takes V without a
+    conversion pass per call; attention_8bit and the Wan processor quantize to it) (reference.quantize_value). Per block, not per channel over all the keys, so V can be quantized a span of whole
     blocks at a time (the chunked Wan block never holds the whole bf16 V); e4m3 is a float format, so the coarser
     group costs no accuracy (bench/NOTES.md session 15). One pass over V (vkern/triton/attention.py _v_fp8_kernel)
     on GPUs.
@@ -571,7 +574,7 @@ def v_to_8bit(v, fmt, key_padding_mask=None, offset=None):
     (a padded key's V, possibly huge garbage, cannot coarsen the scale; its own values saturate at the format's
     largest code and attention gives them weight 0). Pass the mask that attention_prequantized will get."""
     if fmt not in V_FORMATS:
-        raise ValueError(f"fmt: expected 'e4m3' or 'int8', got {fmt!r}")
+        raise ValueError(f"fmt: expected 'e4m3', 'int8' or 'u8', got {fmt!r}")
     check_tensor("v", v, dtypes=FLOATS, ndim=4)
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=v.device)
@@ -601,14 +604,21 @@ def _v_to_8bit(v: torch.Tensor, key_padding_mask: torch.Tensor | None, offset: t
         return v_fp8_transposed(v if v.stride(-1) == 1 else v.contiguous(), s_pad,
                                 None if offset is None else offset.contiguous(),
                                 None if key_padding_mask is None else key_padding_mask.contiguous(), fmt)
-    v8, scale = ref.quantize_value(v, key_padding_mask, offset, fmt)
-    return ref.e4m3_v_transposed(v8, s_pad), scale
+    v8, scale = ref.quantize_value(v, key_padding_mask, offset, _PV_OF_V[fmt])
+    vt = ref.e4m3_v_transposed(v8, s_pad)
+    return (_offset_binary(vt) if fmt == "u8" else vt), scale
+
+
+def _offset_binary(v8):
+    """int8 codes <-> the same codes + 128 as uint8 (v_to_8bit's "u8"): the sign bit flipped, either way."""
+    flipped = torch.bitwise_xor(v8.view(torch.uint8), 0x80)
+    return flipped if v8.dtype == torch.int8 else flipped.view(torch.int8)
 
 
 @_v_to_8bit.register_fake
 def _(v, key_padding_mask, offset, fmt):
     B, S, H, D = v.shape
-    return (v.new_empty((B, H, D, -(-S // 16) * 16), dtype=_DTYPE_OF[fmt]),
+    return (v.new_empty((B, H, D, -(-S // 16) * 16), dtype=_V_DTYPE_OF[fmt]),
             v.new_empty((B, H, -(-S // ref.KEY_BLOCK)), dtype=torch.float32))
 
 
@@ -632,9 +642,10 @@ def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=Fal
     q8, qs = qk_norm_rope(_heads_flat(q), None, 0.0, H, quant=qk)
     k8, ks = (k_to_8bit(k, qk, key_padding_mask) if ref.key_token_block(qk, pv) > 1
               else qk_norm_rope(_heads_flat(k), None, 0.0, H, quant=qk))
-    v8bit = pv in V_FORMATS
+    v8bit = pv in ("e4m3", "int8")
     offset = value_offset(v, key_padding_mask) if v8bit else None
-    vq, vs = v_to_8bit(v, pv, key_padding_mask, offset) if v8bit else (v, None)
+    fmt = "u8" if pv == "int8" else pv  # (the CUDA kernel's own V form)
+    vq, vs = v_to_8bit(v, fmt, key_padding_mask, offset) if v8bit else (v, None)
     return attention_prequantized(q8, qs, k8, ks, vq, vs, key_padding_mask=key_padding_mask, scale=scale,
                                   return_lse=return_lse, out_dtype=q.dtype, v_offset=offset)
 
@@ -647,7 +658,7 @@ def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_pad
     or [B, H, ceil(Skv / 128)] (per 128-key block: the form the CUDA kernel takes; per-key scales run on
     Triton); v bf16/fp16 [B, Skv, H, D] (v_scale None), or 8-bit V^T [B, H, D, S_pad] with v_scale fp32
     [B, H, ceil(Skv / 128)] (per 128-key block: v_to_8bit): e4m3 (e4m3 P/V, pv="e4m3") or int8 (u8 P with int8 V,
-    pv="int8"; the scheme follows V's dtype), with v_offset fp32 [B, H, D] the offset v_to_8bit subtracted (None:
+    pv="int8"; or uint8, v_to_8bit's "u8": the same codes + 128; the scheme follows V's dtype), with v_offset fp32 [B, H, D] the offset v_to_8bit subtracted (None:
     none)."""
     if scale is not None and not scale > 0:
         raise ValueError(f"scale: the 8-bit kernel needs a positive softmax scale, got {scale}")
@@ -662,12 +673,12 @@ def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_pad
     if tuple(k_scale.shape) != (B, H, -(-Skv // ref.KEY_BLOCK)):
         check_shape("k_scale", k_scale, (B, H, Skv))
     if v_scale is None:
-        if v.dtype in tuple(_DTYPE_OF.values()):
+        if v.dtype in tuple(_V_DTYPE_OF.values()):
             raise ValueError(f"v_scale: 8-bit V ({v.dtype}) needs its per-key-block scales (v_to_8bit's), got None")
         check_tensor("v", v, dtypes=(torch.bfloat16, torch.float16), device=q8.device)
         check_shape("v", v, (B, Skv, H, D))
     else:
-        check_tensor("v", v, dtypes=tuple(_DTYPE_OF.values()), device=q8.device)
+        check_tensor("v", v, dtypes=tuple(_V_DTYPE_OF.values()), device=q8.device)
         check_shape("v", v, (B, H, D, None))
         if v.shape[3] < Skv:
             raise ValueError(f"v: 8-bit V^T needs at least {Skv} key columns, got {v.shape[3]}")
@@ -697,7 +708,8 @@ def _attention_prequantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.T
     B, Sq, H, D = q8.shape
     Skv = k8.shape[1]
     k_block = k_scale.shape[2] == -(-Skv // ref.KEY_BLOCK)
-    backend = _backend.choose("attention_8bit", _attention_8bit_candidates(q8.device, out_dtype, D, q8.dtype, v.dtype,
+    v_kind = torch.int8 if v.dtype == torch.uint8 else v.dtype  # ("u8" V: the int8 scheme's, offset)
+    backend = _backend.choose("attention_8bit", _attention_8bit_candidates(q8.device, out_dtype, D, q8.dtype, v_kind,
                                                                            k_block))
     no_lse = q8.new_empty((0,), dtype=torch.float32)
     if backend == "cuda":
@@ -715,8 +727,8 @@ def _attention_prequantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.T
         k_scale = ref.key_scales_per_token(k_scale, Skv).contiguous()  # the Triton kernel reads one per key
         kernel(q8, k8, v, out, lse, kpm, scale, q_scale, k_scale, v_scale, v_offset=v_offset)
         return out, lse if return_lse else no_lse
-    if v_scale is not None:  # 8-bit V^T (e4m3 or int8) -> V [B, Skv, H, D]
-        v = ref.e4m3_v_from_transposed(v, k8.shape[1])
+    if v_scale is not None:  # 8-bit V^T (e4m3 or int8; "u8" back to int8) -> V [B, Skv, H, D]
+        v = ref.e4m3_v_from_transposed(_offset_binary(v) if v.dtype == torch.uint8 else v, k8.shape[1])
     out, lse = ref.attention_quantized(q8, q_scale, k8, k_scale, v, v_scale, key_padding_mask, scale, out_dtype,
                                        v_offset)
     return out.contiguous(), lse if return_lse else no_lse

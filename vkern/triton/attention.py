@@ -279,12 +279,14 @@ def _attention_kernel(
 @triton.jit
 def _v_fp8_kernel(v_ptr, off_ptr, kpm_ptr, vs_ptr, vt_ptr, S, S_pad, H, n_blocks, stride_vb, stride_vs, stride_vh,
                   HEAD_DIM: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_KPM: tl.constexpr, SCALE_FLOOR: tl.constexpr,
-                  INV_MAX: tl.constexpr, EMULATE: tl.constexpr, INT8: tl.constexpr = False):
+                  INV_MAX: tl.constexpr, EMULATE: tl.constexpr, INT8: tl.constexpr = False,
+                  OFFSET_BINARY: tl.constexpr = False):
     """One 128-key block of V [B, S, H, D] -> its scale (amax of V - offset over the block's attended keys and
     the head dim, at least SCALE_FLOOR, times INV_MAX: fp32(1/448) for e4m3, fp32(1/127) for INT8;
     vkern.reference.attention.quantize_value) and its 8-bit columns of V^T [B, H, D, S_pad] in e4m3_key_order
-    (e4m3 saturating RNE, or INT8: RNE clamped to +-127); the columns of keys past S get zeros. V is read once
-    (the block stays in registers between the amax and the rounding)."""
+    (e4m3 saturating RNE, or INT8: RNE clamped to +-127; OFFSET_BINARY: the INT8 codes + 128 as uint8); the
+    columns of keys past S get zeros (OFFSET_BINARY: 128). V is read once (the block stays in registers between the
+    amax and the rounding)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -304,7 +306,9 @@ def _v_fp8_kernel(v_ptr, off_ptr, kpm_ptr, vs_ptr, vt_ptr, S, S_pad, H, n_blocks
     scale = tl.maximum(amax, SCALE_FLOOR) * INV_MAX
     tl.store(vs_ptr + bh * n_blocks + blk, scale)
     inv = tl.math.div_rn(scale * 0.0 + 1.0, scale)  # IEEE 1 / scale, as the reference's (Triton's / is not)
-    if INT8:
+    if OFFSET_BINARY:
+        v8 = (to_int8(v * inv).to(tl.int32) + 128).to(tl.uint8)
+    elif INT8:
         v8 = to_int8(v * inv)
     else:
         v8 = to_e4m3(v * inv, EMULATE)
@@ -314,23 +318,24 @@ def _v_fp8_kernel(v_ptr, off_ptr, kpm_ptr, vs_ptr, vt_ptr, S, S_pad, H, n_blocks
 
 def v_fp8_transposed(v, s_pad, offset=None, key_padding_mask=None, fmt="e4m3"):
     """v [B, S, H, D] (last dim contiguous), offset fp32 [B, H, D] contiguous or None, key_padding_mask bool
-    [B, S] contiguous or None -> (8-bit V^T [B, H, D, s_pad] in `fmt`, "e4m3" or "int8", fp32 scales
-    [B, H, ceil(S / 128)]) of V - offset."""
+    [B, S] contiguous or None -> (8-bit V^T [B, H, D, s_pad] in `fmt`, "e4m3", "int8" or "u8" (the int8 codes +
+    128 as uint8), fp32 scales [B, H, ceil(S / 128)]) of V - offset."""
     from ..reference.fp8 import E4M3_INV, INT8_INV
 
-    if fmt not in ("e4m3", "int8"):
-        raise ValueError(f"fmt: expected 'e4m3' or 'int8', got {fmt!r}")
+    dtypes = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8, "u8": torch.uint8}
+    if fmt not in dtypes:
+        raise ValueError(f"fmt: expected 'e4m3', 'int8' or 'u8', got {fmt!r}")
     B, S, H, D = v.shape
     n_blocks = -(-S // 128)
-    int8 = fmt == "int8"
-    vt = torch.empty((B, H, D, s_pad), dtype=torch.int8 if int8 else torch.float8_e4m3fn, device=v.device)
+    int8 = fmt in ("int8", "u8")
+    vt = torch.empty((B, H, D, s_pad), dtype=dtypes[fmt], device=v.device)
     scale = torch.empty((B, H, n_blocks), dtype=torch.float32, device=v.device)
     kpm = vt if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     _v_fp8_kernel[(n_blocks, B * H)](
         v, vt if offset is None else offset, kpm, scale, vt, S, s_pad, H, n_blocks, v.stride(0), v.stride(1),
         v.stride(2), HEAD_DIM=D, HAS_OFFSET=offset is not None, HAS_KPM=key_padding_mask is not None,
         SCALE_FLOOR=1e-12, INV_MAX=INT8_INV if int8 else E4M3_INV, EMULATE=True, INT8=int8,
-        num_warps=8)  # exact RNE; memory-bound, so free
+        OFFSET_BINARY=fmt == "u8", num_warps=8)  # exact RNE; memory-bound, so free
     return vt, scale
 
 
