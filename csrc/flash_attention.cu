@@ -185,7 +185,7 @@ __device__ __forceinline__ float quad_sum(float x) {
 // MUFU.EX2; kTurns: the consumers issue their products in turns, as the 16-bit forms.
 // S8's scores: the int32 accumulator starts at the bits of kIntBias = 1.5 * 2^23 (see wgmma_m64n128k32_ss_s8), so
 // s reads as kIntBias + S in fp32; the bias cancels in s - max and is taken out of the row max.
-template <typename In, typename Out, int kHeadDim, int kStages, int kKeys, int kExpFma, bool kTurns>
+template <typename In, typename Out, int kHeadDim, int kStages, int kKeys, int kExpFma, bool kTurns, bool kLateAddOn>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
@@ -518,6 +518,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // kPackEarly (kIntPV: no product in flight through its softmax): P is packed and S's start values written as the
   // softmax ends, where the exponentials' wait on MUFU.EX2 leaves issue slots, not before the next S.
   constexpr bool kPackEarly = kIntPV;
+  // kLateAdd (kIntPV): block j - 1's P V goes into O after block j's softmax in program order, so that ptxas can
+  // place the 64 FFMAs in the exponentials' MUFU.EX2 gaps instead of ahead of the row max.
+  constexpr bool kLateAdd = kIntPV && kLateAddOn;
   auto pack_early = [&] {
     if constexpr (kPackEarly) {
       to_p();
@@ -553,14 +556,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (j >= 2 && tid == 0) mbar_arrive(&bars.v_empty[(j - 2) % kStages]);
     if constexpr (!kPackEarly) to_p();
   };
-  auto add_t = [&](float value_scale) {
+  // (pf: the block's p_factor; kLateAdd passes the one saved before the next softmax overwrote it.)
+  auto add_t = [&](float value_scale, const float (&pf)[2]) {
     if constexpr (kIntPV) {  // t's bits are P V' * 2^-149; 2^-24: P's unit in the row sums (kPOffset)
       constexpr float kUnit = 0x1p85f;  // 2^(149 - 24 - 40)
-      const float factor[2] = {p_factor[0] * (value_scale * kUnit), p_factor[1] * (value_scale * kUnit)};
+      const float factor[2] = {pf[0] * (value_scale * kUnit), pf[1] * (value_scale * kUnit)};
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         corr[r] = fmaf(p_sum[r], factor[r], corr[r]);
-        row_sum[r] = fmaf(p_sum[r], p_factor[r] * 0x1p-24f, row_sum[r]);  // P's codes, in P's unit (kPOffset)
+        row_sum[r] = fmaf(p_sum[r], pf[r] * 0x1p-24f, row_sum[r]);  // P's codes, in P's unit (kPOffset)
       }
 #pragma unroll
       for (int i = 0; i < kHeadDim / 2; ++i)
@@ -620,10 +624,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();  // S_j and the PV product of block j - 1, which goes into O now
       fence_regs(o);
       fence_t();
-      add_t(value_scale);
+      if constexpr (!kLateAdd) add_t(value_scale, p_factor);
     } else {
       wgmma_wait<1>();  // S_j; the PV product stays in flight through the softmax
     }
+    const float prev_factor[2] = {p_factor[0], p_factor[1]};  // (kLateAdd: block j - 1's)
     read_s();
     release_k(j);
     float sum[2];
@@ -631,6 +636,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r)
       if constexpr (!kIntPV) row_sum[r] = row_sum[r] * alpha[r] + sum[r];  // (kIntPV: with O, in rescale_o)
+    if constexpr (kLateAdd) add_t(value_scale, prev_factor);
     pack_early();
   }
   {  // the last block's PV product (its V stage and the one before are never refilled: not released)
@@ -648,7 +654,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<0>();
     fence_regs(o);
     fence_t();
-    if constexpr (kPromoteO) add_t(value_scale);
+    if constexpr (kPromoteO) add_t(value_scale, p_factor);
   }
 
   // Epilogue: O / l into this consumer's output stage (16-bit: its now unused Q rows) in the swizzled layout, then
@@ -756,12 +762,13 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 }
 
 // The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; 8-bit: v is V^T), out; the scales 8-bit only.
-template <typename In, typename Out, int kHeadDim, int kStages, int kKeys = kBlockN, int kExpFma = 0, bool kTurns = false>
+template <typename In, typename Out, int kHeadDim, int kStages, int kKeys = kBlockN, int kExpFma = 0, bool kTurns = false,
+          bool kLateAdd = false>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale,
                    const float* v_offset, float* lse, const void* key_bits, int batch, int heads, int q_len,
                    int kv_len, float scale, cudaStream_t stream) {
   constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages, kKeys>();
-  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kKeys, kExpFma, kTurns>;
+  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kKeys, kExpFma, kTurns, kLateAdd>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
@@ -813,7 +820,7 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
                                     int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
                                     bool int8_qk, bool int8_pv, int keys, int exp_fma, bool take_turns,
-                                    cudaStream_t stream) {
+                                    bool late_add, cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || (int8_pv && !int8_qk) || (exp_fma != 0 && exp_fma != 2) ||
       !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       (keys != 128 && keys != 192) || reinterpret_cast<uintptr_t>(key_bits) % 16 != 0 ||
@@ -838,26 +845,30 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
     using Out = decltype(out_tag);
     const auto with = [&](auto in_tag) {
       using In = decltype(in_tag);
-      const auto tile = [&](auto keys_tag, auto fma_tag, auto turns_tag) {
+      const auto tile = [&](auto keys_tag, auto fma_tag, auto turns_tag, auto late_tag) {
         constexpr int kKeys = decltype(keys_tag)::value, kFma = decltype(fma_tag)::value;
-        constexpr bool kTurns = decltype(turns_tag)::value;
-        return stages == 2 ? launch<In, Out, 128, 2, kKeys, kFma, kTurns>(maps, q_scale, k_scale, v_scale, v_offset,
-                                                                          lse, key_bits, batch, heads, q_len, kv_len,
-                                                                          scale, stream)
-                           : launch<In, Out, 128, 3, kKeys, kFma, kTurns>(maps, q_scale, k_scale, v_scale, v_offset,
-                                                                          lse, key_bits, batch, heads, q_len, kv_len,
-                                                                          scale, stream);
+        constexpr bool kTurns = decltype(turns_tag)::value, kLate = decltype(late_tag)::value;
+        return stages == 2 ? launch<In, Out, 128, 2, kKeys, kFma, kTurns, kLate>(
+                                 maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits, batch, heads, q_len, kv_len,
+                                 scale, stream)
+                           : launch<In, Out, 128, 3, kKeys, kFma, kTurns, kLate>(
+                                 maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits, batch, heads, q_len, kv_len,
+                                 scale, stream);
       };
       using K128 = std::integral_constant<int, 128>;
-      const auto with_fma = [&](auto turns_tag) {
-        return exp_fma == 2 ? tile(K128(), std::integral_constant<int, 2>(), turns_tag)
-                            : tile(K128(), std::integral_constant<int, 0>(), turns_tag);
+      using Off = std::false_type;
+      const auto with_fma = [&](auto turns_tag, auto late_tag) {
+        return exp_fma == 2 ? tile(K128(), std::integral_constant<int, 2>(), turns_tag, late_tag)
+                            : tile(K128(), std::integral_constant<int, 0>(), turns_tag, late_tag);
+      };
+      const auto with_turns = [&](auto late_tag) {
+        return take_turns ? with_fma(std::true_type(), late_tag) : with_fma(Off(), late_tag);
       };
       if constexpr (std::is_same<In, S8PV>::value)  // (keys is 128 here)
-        return take_turns ? with_fma(std::true_type()) : with_fma(std::false_type());
+        return late_add ? with_turns(std::true_type()) : with_turns(Off());
       else
-        return keys == 192 ? tile(std::integral_constant<int, 192>(), std::integral_constant<int, 0>(), std::false_type())
-                           : tile(K128(), std::integral_constant<int, 0>(), std::false_type());
+        return keys == 192 ? tile(std::integral_constant<int, 192>(), std::integral_constant<int, 0>(), Off(), Off())
+                           : tile(K128(), std::integral_constant<int, 0>(), Off(), Off());
     };
     return int8_pv ? with(S8PV()) : int8_qk ? with(S8()) : with(E4M3());
   };

@@ -422,6 +422,15 @@ def _flash_fp8_turns():
     return _env_int("VKERN_FLASH_FP8_TURNS", FLASH_FP8_TURNS, (0, 1))
 
 
+# The int8 P/V kernel adds each block's P V to O after the next block's softmax (program order; the same result):
+# session 22, VKERN_FLASH_LATE_ADD overrides.
+FLASH_LATE_ADD = 0
+
+
+def _flash_late_add():
+    return _env_int("VKERN_FLASH_LATE_ADD", FLASH_LATE_ADD, (0, 1))
+
+
 def key_padding_bits(key_padding_mask, block=128):
     """The CUDA kernel's form of a key-padding mask: bool [B, Skv] -> uint8 [B, ceil(Skv / block) * block / 8],
     bit c % 8 of byte c / 8 set = attend key c (so, read as little-endian 32-bit words, bit c % 32 of word
@@ -473,7 +482,7 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
             k_scale.data_ptr(), v_scale.data_ptr(), 0 if v_offset is None else v_offset.data_ptr(),
             DTYPE_CODE[out_dtype], B, H, Sq, Skv, vt.shape[3], D, D ** -0.5 if scale is None else scale,
             _flash_stages(), q8.dtype == torch.int8, int8_pv, _flash_fp8_keys(), _flash_exp_fma() if int8_pv else 0,
-            bool(_flash_fp8_turns()) and int8_pv,
+            bool(_flash_fp8_turns()) and int8_pv, bool(_flash_late_add()) and int8_pv,
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
