@@ -96,10 +96,9 @@ def _attention(name, providers, args):
         # consumers' products in turns or not; the default: vkern.ops.fused_attention.FLASH_EXP_FMA / _FP8_TURNS).
         for fma in ("0", "2"):
             for turns in ("0", "1"):
-                for late in ("0", "1"):
-                    fns[f"vkern-int8pv-cuda-kernel-fma{fma}-turns{turns}-late{late}"] = with_env(with_env(with_env(
-                        fns["vkern-int8pv-cuda-kernel"], "VKERN_FLASH_EXP_FMA", fma), "VKERN_FLASH_FP8_TURNS", turns),
-                        "VKERN_FLASH_LATE_ADD", late)
+                fns[f"vkern-int8pv-cuda-kernel-fma{fma}-turns{turns}"] = with_env(
+                    with_env(fns["vkern-int8pv-cuda-kernel"], "VKERN_FLASH_EXP_FMA", fma), "VKERN_FLASH_FP8_TURNS",
+                    turns)
         # Session 20: the 192-key tile (O in the tensor cores), the same quantized inputs.
         wide = lambda fn: with_env(fn, "VKERN_FLASH_FP8_KEYS", "192")
         fns["vkern-fp8-cuda-kernel-192"] = wide(fns["vkern-fp8-cuda-kernel"])
@@ -120,13 +119,12 @@ def _attention(name, providers, args):
             keys = 192 if provider.endswith("-192") else 128  # (int8 P/V: 128-key tiles only)
             row["config"] = f"cuda sm90a 8-bit: 128x{keys} tiles, 2 consumer warpgroups, 3-stage TMA ring"
             if provider.startswith("vkern-int8pv-cuda"):
-                from vkern.ops.fused_attention import _flash_exp_fma, _flash_fp8_turns, _flash_late_add
+                from vkern.ops.fused_attention import _flash_exp_fma, _flash_fp8_turns
 
-                fma, turns, late = ((provider.split("-fma")[1][0], provider.split("-turns")[1][0] == "1",
-                                     provider[-1] == "1") if "-fma" in provider
-                                    else (str(_flash_exp_fma()), bool(_flash_fp8_turns()), bool(_flash_late_add())))
-                row["config"] += (f", {fma} of 8 exponentials on FMA, turns {'on' if turns else 'off'}, late add "
-                                  f"{'on' if late else 'off'}")
+                fma, turns = ((provider.split("-fma")[1][0], provider[-1] == "1") if "-fma" in provider
+                              else (str(_flash_exp_fma()), bool(_flash_fp8_turns())))
+                row["config"] += (f", {fma} of 8 exponentials on FMA, turns {'on' if turns else 'off'}, P V added "
+                                  "after the next softmax")
         elif provider == "vkern-cuda":
             from vkern.ops.fused_attention import _flash_stages
 

@@ -181,11 +181,13 @@ __device__ __forceinline__ float quad_sum(float x) {
 // same factors; the epilogue takes 128 corr out (O holds ~5 bits over P V then, not the 10 of run 79's bias).
 // Row sums are of the codes (the same dp4a sums times the factors without the V scale; session 22: 64 FADDs
 // fewer per block, and the weights O takes sum to 1 exactly). P is packed and S's start values written as the
-// softmax ends (kPackEarly). kExpFma of each 8 exponentials per thread run on the FMA pipe (ex2_fma), the rest on
-// MUFU.EX2; kTurns: the consumers issue their products in turns, as the 16-bit forms.
+// softmax ends (kPackEarly), and block j - 1's P V added to O after block j's softmax (kLateAdd): ptxas fills the
+// exponentials' MUFU.EX2 gaps with them. Options measured slower with those on an H200 (run 84; kept for
+// benchmarks): kExpFma of each 8 exponentials per thread on the FMA pipe (ex2_fma), kTurns (the consumers issue
+// their products in turns, as the 16-bit forms).
 // S8's scores: the int32 accumulator starts at the bits of kIntBias = 1.5 * 2^23 (see wgmma_m64n128k32_ss_s8), so
 // s reads as kIntBias + S in fp32; the bias cancels in s - max and is taken out of the row max.
-template <typename In, typename Out, int kHeadDim, int kStages, int kKeys, int kExpFma, bool kTurns, bool kLateAddOn>
+template <typename In, typename Out, int kHeadDim, int kStages, int kKeys, int kExpFma, bool kTurns>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
@@ -518,9 +520,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   // kPackEarly (kIntPV: no product in flight through its softmax): P is packed and S's start values written as the
   // softmax ends, where the exponentials' wait on MUFU.EX2 leaves issue slots, not before the next S.
   constexpr bool kPackEarly = kIntPV;
-  // kLateAdd (kIntPV): block j - 1's P V goes into O after block j's softmax in program order, so that ptxas can
-  // place the 64 FFMAs in the exponentials' MUFU.EX2 gaps instead of ahead of the row max.
-  constexpr bool kLateAdd = kIntPV && kLateAddOn;
+  // kLateAdd (kIntPV): block j - 1's P V goes into O after block j's softmax in program order (the same operations
+  // on O in the same order), so that ptxas places the 64 FFMAs in the exponentials' MUFU.EX2 gaps instead of ahead
+  // of the row max (run 84: +5-13% in every schedule).
+  constexpr bool kLateAdd = kIntPV;
   auto pack_early = [&] {
     if constexpr (kPackEarly) {
       to_p();
@@ -762,13 +765,12 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 }
 
 // The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; 8-bit: v is V^T), out; the scales 8-bit only.
-template <typename In, typename Out, int kHeadDim, int kStages, int kKeys = kBlockN, int kExpFma = 0, bool kTurns = false,
-          bool kLateAdd = false>
+template <typename In, typename Out, int kHeadDim, int kStages, int kKeys = kBlockN, int kExpFma = 0, bool kTurns = false>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale,
                    const float* v_offset, float* lse, const void* key_bits, int batch, int heads, int q_len,
                    int kv_len, float scale, cudaStream_t stream) {
   constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages, kKeys>();
-  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kKeys, kExpFma, kTurns, kLateAdd>;
+  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kKeys, kExpFma, kTurns>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
@@ -820,7 +822,7 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
                                     int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
                                     bool int8_qk, bool int8_pv, int keys, int exp_fma, bool take_turns,
-                                    bool late_add, cudaStream_t stream) {
+                                    cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || (int8_pv && !int8_qk) || (exp_fma != 0 && exp_fma != 2) ||
       !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       (keys != 128 && keys != 192) || reinterpret_cast<uintptr_t>(key_bits) % 16 != 0 ||
@@ -845,30 +847,27 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
     using Out = decltype(out_tag);
     const auto with = [&](auto in_tag) {
       using In = decltype(in_tag);
-      const auto tile = [&](auto keys_tag, auto fma_tag, auto turns_tag, auto late_tag) {
+      const auto tile = [&](auto keys_tag, auto fma_tag, auto turns_tag) {
         constexpr int kKeys = decltype(keys_tag)::value, kFma = decltype(fma_tag)::value;
-        constexpr bool kTurns = decltype(turns_tag)::value, kLate = decltype(late_tag)::value;
-        return stages == 2 ? launch<In, Out, 128, 2, kKeys, kFma, kTurns, kLate>(
-                                 maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits, batch, heads, q_len, kv_len,
-                                 scale, stream)
-                           : launch<In, Out, 128, 3, kKeys, kFma, kTurns, kLate>(
-                                 maps, q_scale, k_scale, v_scale, v_offset, lse, key_bits, batch, heads, q_len, kv_len,
-                                 scale, stream);
+        constexpr bool kTurns = decltype(turns_tag)::value;
+        return stages == 2 ? launch<In, Out, 128, 2, kKeys, kFma, kTurns>(maps, q_scale, k_scale, v_scale, v_offset,
+                                                                          lse, key_bits, batch, heads, q_len, kv_len,
+                                                                          scale, stream)
+                           : launch<In, Out, 128, 3, kKeys, kFma, kTurns>(maps, q_scale, k_scale, v_scale, v_offset,
+                                                                          lse, key_bits, batch, heads, q_len, kv_len,
+                                                                          scale, stream);
       };
       using K128 = std::integral_constant<int, 128>;
       using Off = std::false_type;
-      const auto with_fma = [&](auto turns_tag, auto late_tag) {
-        return exp_fma == 2 ? tile(K128(), std::integral_constant<int, 2>(), turns_tag, late_tag)
-                            : tile(K128(), std::integral_constant<int, 0>(), turns_tag, late_tag);
-      };
-      const auto with_turns = [&](auto late_tag) {
-        return take_turns ? with_fma(std::true_type(), late_tag) : with_fma(Off(), late_tag);
+      const auto with_fma = [&](auto turns_tag) {
+        return exp_fma == 2 ? tile(K128(), std::integral_constant<int, 2>(), turns_tag)
+                            : tile(K128(), std::integral_constant<int, 0>(), turns_tag);
       };
       if constexpr (std::is_same<In, S8PV>::value)  // (keys is 128 here)
-        return late_add ? with_turns(std::true_type()) : with_turns(Off());
+        return take_turns ? with_fma(std::true_type()) : with_fma(Off());
       else
-        return keys == 192 ? tile(std::integral_constant<int, 192>(), std::integral_constant<int, 0>(), Off(), Off())
-                           : tile(K128(), std::integral_constant<int, 0>(), Off(), Off());
+        return keys == 192 ? tile(std::integral_constant<int, 192>(), std::integral_constant<int, 0>(), Off())
+                           : tile(K128(), std::integral_constant<int, 0>(), Off());
     };
     return int8_pv ? with(S8PV()) : int8_qk ? with(S8()) : with(E4M3());
   };

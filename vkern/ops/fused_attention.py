@@ -404,13 +404,13 @@ def _flash_fp8_keys():
     return _env_int("VKERN_FLASH_FP8_KEYS", FLASH_FP8_KEYS, (128, 192))
 
 
-# The int8 P/V kernel's schedule (session 22, run 82, kernel alone at the four bench shapes): 2 of each 8
-# exponentials per thread on the FMA pipe (the rest on MUFU.EX2, 8 clocks per warp instruction) with the consumers'
-# products in turns (as the 16-bit forms): 794-842 TFLOP/s, against 754-810 with neither, 730-786 turns alone, 726-770
-# FMA alone, 731-790 with 4 of 8 on FMA and turns. VKERN_FLASH_EXP_FMA (0 or 2) and VKERN_FLASH_FP8_TURNS (0 or 1)
-# override, for benchmarks.
-FLASH_EXP_FMA = 2
-FLASH_FP8_TURNS = 1
+# The int8 P/V kernel's schedule options (session 22; kernel alone at the four bench shapes, with each block's P V
+# added to O after the next softmax, as the kernel now always does; run 84): all exponentials on MUFU.EX2, the
+# consumers' products each when ready: 814-891 TFLOP/s; 2 of each 8 exponentials on the FMA pipe 786-852; in turns
+# (as the 16-bit forms) 796-865; both 821-855. (Before that reordering, run 82, both had won: 794-842 against 754-810.)
+# VKERN_FLASH_EXP_FMA (0 or 2) and VKERN_FLASH_FP8_TURNS (0 or 1) override, for benchmarks.
+FLASH_EXP_FMA = 0
+FLASH_FP8_TURNS = 0
 
 
 def _flash_exp_fma():
@@ -420,15 +420,6 @@ def _flash_exp_fma():
 
 def _flash_fp8_turns():
     return _env_int("VKERN_FLASH_FP8_TURNS", FLASH_FP8_TURNS, (0, 1))
-
-
-# The int8 P/V kernel adds each block's P V to O after the next block's softmax (program order; the same result):
-# session 22, VKERN_FLASH_LATE_ADD overrides.
-FLASH_LATE_ADD = 0
-
-
-def _flash_late_add():
-    return _env_int("VKERN_FLASH_LATE_ADD", FLASH_LATE_ADD, (0, 1))
 
 
 def key_padding_bits(key_padding_mask, block=128):
@@ -482,7 +473,7 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
             k_scale.data_ptr(), v_scale.data_ptr(), 0 if v_offset is None else v_offset.data_ptr(),
             DTYPE_CODE[out_dtype], B, H, Sq, Skv, vt.shape[3], D, D ** -0.5 if scale is None else scale,
             _flash_stages(), q8.dtype == torch.int8, int8_pv, _flash_fp8_keys(), _flash_exp_fma() if int8_pv else 0,
-            bool(_flash_fp8_turns()) and int8_pv, bool(_flash_late_add()) and int8_pv,
+            bool(_flash_fp8_turns()) and int8_pv,
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
