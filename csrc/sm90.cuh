@@ -372,8 +372,8 @@ __device__ __forceinline__ float ex2(float x) {
 }
 // 2^x for x <= 0 on the FMA pipe (MUFU.EX2 takes 8 clocks per warp, and the 8-bit attention kernels' softmax waits on
 // it): x clamped at -30 (2^-30: below what the callers keep), rounded to an integer n (1.5 * 2^23 puts it in the
-// low mantissa bits), 2^(x - n) by a cubic on [-0.5, 0.5] (relative error 1.0e-4, minimax, fitted in
-// bench/NOTES.md session 22), n added to its exponent field.
+// low mantissa bits), 2^(x - n) by a cubic on [-0.5, 0.5] (relative error 1.0e-4, minimax: bench/ex2_fma_fit.py),
+// n added to its exponent field.
 __device__ __forceinline__ float ex2_fma(float x) {
   x = fmaxf(x, -30.f);
   const float rounded = x + 12582912.f;

@@ -417,7 +417,6 @@ def _flash_exp_fma():
     return _env_int("VKERN_FLASH_EXP_FMA", FLASH_EXP_FMA, (0, 2))
 
 
-
 def _flash_fp8_turns():
     return _env_int("VKERN_FLASH_FP8_TURNS", FLASH_FP8_TURNS, (0, 1))
 
@@ -560,12 +559,12 @@ def _(v, key_padding_mask):
 def v_to_8bit(v, fmt, key_padding_mask=None, offset=None):
     """V [B, S, H, D] -> (8-bit (V - offset)^T [B, H, D, S_pad] in `fmt` (keys contiguous, S_pad = S rounded up to
     16, the keys of each 32-key group in the order of vkern.reference.attention.e4m3_key_order: the CUDA kernel's P
-    fragment order; zeros past S), fp32 scales [B, H, ceil(S / 128)]): one scale per (128-key block, head) = amax
-    over the block's tokens and head dim * fp32(1/448) with saturating round-to-nearest-even codes (fmt "e4m3", for
-    pv="e4m3"), or * fp32(1/127) with round-to-nearest-even codes clamped to +-127 (fmt "int8", for pv="int8";
+    fragment order; zero codes past S), fp32 scales [B, H, ceil(S / 128)]): one scale per (128-key block, head) =
+    amax over the block's tokens and head dim * fp32(1/448) with saturating round-to-nearest-even codes (fmt "e4m3",
+    for pv="e4m3"), or * fp32(1/127) with round-to-nearest-even codes clamped to +-127 (fmt "int8", for pv="int8";
     fmt "u8": the same codes + 128 as uint8, the form the int8/int8 CUDA kernel reads, so that it takes V without a
-    conversion pass per call; attention_8bit and the Wan processor quantize to it) (reference.quantize_value). Per block, not per channel over all the keys, so V can be quantized a span of whole
-    blocks at a time (the chunked Wan block never holds the whole bf16 V); e4m3 is a float format, so the coarser
+    conversion pass per call; attention_8bit and the Wan processor quantize to it) (reference.quantize_value). Per
+    block, not per channel over all the keys, so V can be quantized a span of whole blocks at a time (the chunked Wan block never holds the whole bf16 V); e4m3 is a float format, so the coarser
     group costs no accuracy (bench/NOTES.md session 15). One pass over V (vkern/triton/attention.py _v_fp8_kernel)
     on GPUs.
     offset: fp32 [B, H, D] (value_offset; None: 0), subtracted before the quantization; give the same to
