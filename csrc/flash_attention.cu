@@ -765,7 +765,8 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 }
 
 // The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; 8-bit: v is V^T), out; the scales 8-bit only.
-template <typename In, typename Out, int kHeadDim, int kStages, int kKeys = kBlockN, int kExpFma = 0, bool kTurns = false>
+template <typename In, typename Out, int kHeadDim, int kStages, int kKeys = kBlockN, int kExpFma = 0,
+          bool kTurns = false>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale,
                    const float* v_offset, float* lse, const void* key_bits, int batch, int heads, int q_len,
                    int kv_len, float scale, cudaStream_t stream) {

@@ -336,9 +336,9 @@ def int8_pv_error_model(q, k, v, key_padding_mask=None):
 
 
 # Measured at these sizes (torch seeds 0-2, bf16 inputs, with and without a random mask; session 22, the rounded
-# weights' sum as the divisor): P/V rel L2 0.0106-0.0124, 0.98-1.03x the model's prediction; the largest
-# |out - out*| / bound 0.09-0.29 (the bound adds every rounding at its worst). Skv = 1: smoothed V is 0, so the scheme is exact there. (Against the float64 oracle, Q/K rounding included:
-# test_random_inputs_meet_the_floors.)
+# weights' sum as the divisor): P/V rel L2 0.0106-0.0124, 0.98-1.03x the model's prediction; the largest |out - out*| /
+# bound 0.09-0.29 (the bound adds every rounding at its worst). Skv = 1: smoothed V is 0, so the scheme is exact there.
+# (Against the float64 oracle, Q/K rounding included: test_random_inputs_meet_the_floors.)
 INT8PV_SIZES = [(2, 4, 1, 1, 128), (2, 2, 113, 113, 128), (1, 2, 257, 257, 64), (2, 2, 200, 1000, 128),
                 (1, 2, 113, 512, 128)]
 

@@ -564,9 +564,9 @@ def v_to_8bit(v, fmt, key_padding_mask=None, offset=None):
     for pv="e4m3"), or * fp32(1/127) with round-to-nearest-even codes clamped to +-127 (fmt "int8", for pv="int8";
     fmt "u8": the same codes + 128 as uint8, the form the int8/int8 CUDA kernel reads, so that it takes V without a
     conversion pass per call; attention_8bit and the Wan processor quantize to it) (reference.quantize_value). Per
-    block, not per channel over all the keys, so V can be quantized a span of whole blocks at a time (the chunked Wan block never holds the whole bf16 V); e4m3 is a float format, so the coarser
-    group costs no accuracy (bench/NOTES.md session 15). One pass over V (vkern/triton/attention.py _v_fp8_kernel)
-    on GPUs.
+    block, not per channel over all the keys, so V can be quantized a span of whole blocks at a time (the chunked Wan
+    block never holds the whole bf16 V); e4m3 is a float format, so the coarser group costs no accuracy
+    (bench/NOTES.md session 15). One pass over V (vkern/triton/attention.py _v_fp8_kernel) on GPUs.
     offset: fp32 [B, H, D] (value_offset; None: 0), subtracted before the quantization; give the same to
     attention_prequantized as v_offset.
     key_padding_mask: bool [B, S], True = attend; when given, the amax runs over the attended tokens only
@@ -657,8 +657,8 @@ def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_pad
     or [B, H, ceil(Skv / 128)] (per 128-key block: the form the CUDA kernel takes; per-key scales run on
     Triton); v bf16/fp16 [B, Skv, H, D] (v_scale None), or 8-bit V^T [B, H, D, S_pad] with v_scale fp32
     [B, H, ceil(Skv / 128)] (per 128-key block: v_to_8bit): e4m3 (e4m3 P/V, pv="e4m3") or int8 (u8 P with int8 V,
-    pv="int8"; or uint8, v_to_8bit's "u8": the same codes + 128; the scheme follows V's dtype), with v_offset fp32 [B, H, D] the offset v_to_8bit subtracted (None:
-    none)."""
+    pv="int8"; or uint8, v_to_8bit's "u8": the same codes + 128; the scheme follows V's dtype), with v_offset fp32
+    [B, H, D] the offset v_to_8bit subtracted (None: none)."""
     if scale is not None and not scale > 0:
         raise ValueError(f"scale: the 8-bit kernel needs a positive softmax scale, got {scale}")
     check_tensor("q8", q8, dtypes=tuple(_DTYPE_OF.values()), ndim=4)

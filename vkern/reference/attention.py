@@ -192,8 +192,8 @@ def attention_quantized(q8, q_scale, k8, k_scale, v, v_scale=None, key_padding_m
       rounded to e4m3; each key's V times its block's scale.
     - int8 V with v_scale per key block (quantize_value(..., fmt="int8")): u8 P against each key block's row max
       times int8 V, summed exactly per block (_u8_int8_pv).
-    Row sums of the unrounded P in fp32 (int8 V: of the rounded, _u8_int8_pv). v_offset (fp32 [B, H, D] or None): what was subtracted from V before its
-    quantization (value_offset), added to each row that attended a key.
+    Row sums of the unrounded P in fp32 (int8 V: of the rounded, _u8_int8_pv). v_offset (fp32 [B, H, D] or None):
+    what was subtracted from V before its quantization (value_offset), added to each row that attended a key.
     (The kernels take the row max block by block, online, so their P rounding differs slightly; both are held
     to the same accuracy bounds against the exact oracle.) Returns (out in out_dtype, lse fp32 [B, H, Sq]);
     a row with no key to attend gets out 0 and lse -inf."""
