@@ -187,7 +187,7 @@ __device__ __forceinline__ float quad_sum(float x) {
 // their products in turns, as the 16-bit forms).
 // S8's scores: the int32 accumulator starts at the bits of kIntBias = 1.5 * 2^23 (see wgmma_m64n128k32_ss_s8), so
 // s reads as kIntBias + S in fp32; the bias cancels in s - max and is taken out of the row max.
-template <typename In, typename Out, int kHeadDim, int kStages, int kKeys, int kExpFma, bool kTurns>
+template <typename In, typename Out, int kHeadDim, int kStages, int kKeys, int kExpFma, int kTurns>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
@@ -199,7 +199,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kGroups = F::kGroups, kSRegs = F::kSRegs, kWords = kKeys / 32;
   // The 16-bit forms' consumers issue their products in turn (named barriers); the 8-bit forms' each as soon as it
   // is ready: their products are half as long, and over runs 46-54 the two schedules measured the same within +-5%.
-  constexpr bool kTakeTurns = !F::k8Bit || kTurns;
+  constexpr bool kTakeTurns = !F::k8Bit || kTurns != 0;
+  // kTurns = 2 (kIntPV): a consumer passes the turn once its products are done, not once they are issued, so the
+  // two consumers' products never share the tensor cores and each one's softmax runs while the other's products do
+  // (ping-pong by phase; session 23).
+  constexpr bool kPassWhenDone = kTurns == 2;
+  static_assert(kTurns == 0 || kIntPV, "the 8-bit turn options are the int8 P/V form's");
   constexpr int kTileBytes = F::kTileBytes;
   constexpr float kIntBias = 12582912.f;  // 1.5 * 2^23, bits 0x4B400000
   extern __shared__ uint8_t smem_raw[];
@@ -541,8 +546,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     issue_qk<In, kHeadDim, kKeys>(s, s_int, q_rows, k_ring);
     wgmma_commit();
     fence_s();
-    pass_turn(0);
+    if constexpr (!kPassWhenDone) pass_turn(0);
     wgmma_wait<0>();
+    if constexpr (kPassWhenDone) pass_turn(0);
     read_s();
     release_k(0);
     softmax(0, tile, alpha, sum);
@@ -621,10 +627,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_s();
     fence_regs(o);
     fence_t();
-    pass_turn(j);
+    if constexpr (!kPassWhenDone) pass_turn(j);
     if constexpr (kPromoteO) {
       rescale_o();      // (O is no product's accumulator here: rescaled after the issues, out of the turn)
       wgmma_wait<0>();  // S_j and the PV product of block j - 1, which goes into O now
+      if constexpr (kPassWhenDone) pass_turn(j);
       fence_regs(o);
       fence_t();
       if constexpr (!kLateAdd) add_t(value_scale, p_factor);
@@ -766,7 +773,7 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 
 // The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; 8-bit: v is V^T), out; the scales 8-bit only.
 template <typename In, typename Out, int kHeadDim, int kStages, int kKeys = kBlockN, int kExpFma = 0,
-          bool kTurns = false>
+          int kTurns = 0>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale,
                    const float* v_offset, float* lse, const void* key_bits, int batch, int heads, int q_len,
                    int kv_len, float scale, cudaStream_t stream) {
@@ -822,9 +829,10 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
                                     int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
-                                    bool int8_qk, bool int8_pv, int keys, int exp_fma, bool take_turns,
+                                    bool int8_qk, bool int8_pv, int keys, int exp_fma, int turns,
                                     cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || (int8_pv && !int8_qk) || (exp_fma != 0 && exp_fma != 2) ||
+      turns < 0 || turns > 2 || (turns != 0 && !int8_pv) ||
       !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       (keys != 128 && keys != 192) || reinterpret_cast<uintptr_t>(key_bits) % 16 != 0 ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
@@ -850,7 +858,7 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
       using In = decltype(in_tag);
       const auto tile = [&](auto keys_tag, auto fma_tag, auto turns_tag) {
         constexpr int kKeys = decltype(keys_tag)::value, kFma = decltype(fma_tag)::value;
-        constexpr bool kTurns = decltype(turns_tag)::value;
+        constexpr int kTurns = decltype(turns_tag)::value;
         return stages == 2 ? launch<In, Out, 128, 2, kKeys, kFma, kTurns>(maps, q_scale, k_scale, v_scale, v_offset,
                                                                           lse, key_bits, batch, heads, q_len, kv_len,
                                                                           scale, stream)
@@ -859,13 +867,15 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                                                           scale, stream);
       };
       using K128 = std::integral_constant<int, 128>;
-      using Off = std::false_type;
+      using Off = std::integral_constant<int, 0>;
       const auto with_fma = [&](auto turns_tag) {
         return exp_fma == 2 ? tile(K128(), std::integral_constant<int, 2>(), turns_tag)
                             : tile(K128(), std::integral_constant<int, 0>(), turns_tag);
       };
       if constexpr (std::is_same<In, S8PV>::value)  // (keys is 128 here)
-        return take_turns ? with_fma(std::true_type()) : with_fma(Off());
+        return turns == 2   ? with_fma(std::integral_constant<int, 2>())
+               : turns == 1 ? with_fma(std::integral_constant<int, 1>())
+                            : with_fma(Off());
       else
         return keys == 192 ? tile(std::integral_constant<int, 192>(), std::integral_constant<int, 0>(), Off())
                            : tile(K128(), std::integral_constant<int, 0>(), Off());

@@ -47,13 +47,14 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // m_b)), out = sum over blocks of exp(m_b - max) (P v8) * v_scale / sum over blocks of exp(m_b - max) rowsum(P)
 // + v_offset (the .cu: kIntPV; v_scale below 2^43, i.e. |V - v_offset| below ~1e15). exp_fma (int8_pv; else 0):
 // 0 or 2 of each 8 exponentials on the FMA pipe (a cubic, relative error 1.0e-4: a code may move by 1);
-// take_turns (int8_pv): the two consumer warpgroups issue their products in turns (the same result bit for bit).
+// turns (int8_pv; else 0): 0 each consumer warpgroup issues its products when ready, 1 the two issue in turns, 2 in
+// turns passed when a consumer's products are done (ping-pong by phase); the same result bit for bit.
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
                                     int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
-                                    bool int8_qk, bool int8_pv, int keys, int exp_fma, bool take_turns,
+                                    bool int8_qk, bool int8_pv, int keys, int exp_fma, int turns,
                                     cudaStream_t stream);
 
 }  // namespace vkern

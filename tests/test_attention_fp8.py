@@ -1022,8 +1022,9 @@ def test_gpu_cuda_int8_pv_ignores_the_192_key_setting(use_backend, monkeypatch):
 
 # The int8/int8 kernel's schedule options (session 22): exponentials on the FMA pipe (VKERN_FLASH_EXP_FMA: 2 of each
 # 8, a cubic with relative error 1.0e-4, against MUFU.EX2's ~2^-22) and the consumers' products in turns
-# (VKERN_FLASH_FP8_TURNS); the default is neither (every other int8/int8 GPU test runs it).
-INT8PV_SCHEDULES = [(fma, turns) for fma in ("0", "2") for turns in ("0", "1")]
+# (VKERN_FLASH_FP8_TURNS: 1 passed when issued, 2 when the products are done, session 23); the default is neither
+# (every other int8/int8 GPU test runs it).
+INT8PV_SCHEDULES = [(fma, turns) for fma in ("0", "2") for turns in ("0", "1", "2")]
 
 
 @pytest.mark.gpu

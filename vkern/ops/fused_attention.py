@@ -408,7 +408,8 @@ def _flash_fp8_keys():
 # added to O after the next softmax, as the kernel now always does; run 84): all exponentials on MUFU.EX2, the
 # consumers' products each when ready: 814-891 TFLOP/s; 2 of each 8 exponentials on the FMA pipe 786-852; in turns
 # (as the 16-bit forms) 796-865; both 821-855. (Before that reordering, run 82, both had won: 794-842 against 754-810.)
-# VKERN_FLASH_EXP_FMA (0 or 2) and VKERN_FLASH_FP8_TURNS (0 or 1) override, for benchmarks.
+# VKERN_FLASH_EXP_FMA (0 or 2) and VKERN_FLASH_FP8_TURNS (0, 1, or 2: in turns passed when a consumer's products are
+# done, session 23) override, for benchmarks.
 FLASH_EXP_FMA = 0
 FLASH_FP8_TURNS = 0
 
@@ -418,7 +419,7 @@ def _flash_exp_fma():
 
 
 def _flash_fp8_turns():
-    return _env_int("VKERN_FLASH_FP8_TURNS", FLASH_FP8_TURNS, (0, 1))
+    return _env_int("VKERN_FLASH_FP8_TURNS", FLASH_FP8_TURNS, (0, 1, 2))
 
 
 def key_padding_bits(key_padding_mask, block=128):
@@ -472,7 +473,7 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
             k_scale.data_ptr(), v_scale.data_ptr(), 0 if v_offset is None else v_offset.data_ptr(),
             DTYPE_CODE[out_dtype], B, H, Sq, Skv, vt.shape[3], D, D ** -0.5 if scale is None else scale,
             _flash_stages(), q8.dtype == torch.int8, int8_pv, _flash_fp8_keys(), _flash_exp_fma() if int8_pv else 0,
-            bool(_flash_fp8_turns()) and int8_pv,
+            _flash_fp8_turns() if int8_pv else 0,
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
