@@ -72,7 +72,7 @@ def _attention(name, providers, args):
     kernel_rows = ["vkern-fp8-cuda-kernel", "vkern-int8-fp8pv-cuda-kernel", "vkern-int8pv-cuda-kernel",
                    "vkern-fp8-triton-kernel"]
     wanted = providers or list(fns) + kernel_rows
-    if s.head_dim == 128 and any(p.endswith("-kernel") for p in wanted):
+    if s.head_dim == 128 and any("-kernel" in p for p in wanted):  # (also the -kernel-fma*-turns* rows)
         q8, qs = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, s.heads, quant="e4m3")
         k8, ks = vkern.ops.k_to_e4m3(k)  # one scale per 128-key block (the CUDA kernel's form)
         offset = vkern.ops.value_offset(v)  # smoothed V, as attention_8bit and the Wan processor quantize it
