@@ -40,6 +40,13 @@ constexpr int kStoreBarrier = 3;              // named barriers 3, 4: consumer 0
 constexpr float kLog2Of448 = 8.807354922057604f;
 constexpr float kLog2Of255 = 7.994353436858858f;
 
+#ifdef VKERN_FLASH_TRACE
+// Diagnostics only (bench/flash_trace.cu defines VKERN_FLASH_TRACE; the extension never does): clock64 stamps of
+// CTA (kTraceCta, head 0, batch 0)'s consumer warps (lane 0) at kTraceEvents points of key blocks kTraceFirst...
+constexpr int kTraceCta = 100, kTraceFirst = 64, kTraceBlocks = 8, kTraceEvents = 6;
+__device__ long long g_flash_trace[2][4][kTraceBlocks][kTraceEvents];
+#endif
+
 // Tile geometry per input format. 16-bit: Q, K, V [B, S, H, D]; a 128-row tile is D / 64 column boxes of 64
 // (two "halves" at D = 128), kHalfBytes apart. 8-bit (E4M3: e4m3 Q, K; S8: int8 Q, K; D = 128 only): Q, K
 // [B, S, H, D] with fp32 scales per
@@ -268,6 +275,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   regs_inc<240>();
   const int wg = warpgroup - 1;  // this consumer's rows: wg * 64 ... wg * 64 + 63 of the block
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+  // (VKERN_FLASH_TRACE: loop top, ready to issue, issued, products done, softmax done, block done.)
+  auto stamp = [&](int j, int event) {
+#ifdef VKERN_FLASH_TRACE
+    if (m_block == kTraceCta && head == 0 && batch == 0 && lane == 0 && j >= kTraceFirst &&
+        j < kTraceFirst + kTraceBlocks)
+      g_flash_trace[wg][warp][j - kTraceFirst][event] = clock64();
+#endif
+  };
   // wgmma descriptors: this consumer's Q rows (in each column box) and stage 0 of the K and V rings.
   const SmemDesc q_rows = SmemDesc::sw128(q_tile + wg * 64 * 128, 16, 1024);
   const SmemDesc k_ring = SmemDesc::sw128(k_tiles, 16, 1024);
@@ -605,6 +620,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   for (int j = 1; j < n_blocks; ++j) {  // S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight together
     const int st = j % kStages, prev = (j - 1) % kStages;
+    stamp(j, 0);
     const Tile tile = tile_of(j);  // in flight while the products run
     const float value_scale = kPromoteO ? value_scale_of(j - 1) : 1.f;
     mbar_wait(&bars.k_full[st], (j / kStages) & 1);
@@ -613,6 +629,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_regs(o);
     fence_t();
     pack_block(j);
+    stamp(j, 1);
     wait_turn();
     if constexpr (!kPackEarly) start_s();
     if constexpr (kFenceFloatS) fence_regs(s);
@@ -628,9 +645,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_regs(o);
     fence_t();
     if constexpr (!kPassWhenDone) pass_turn(j);
+    stamp(j, 2);
     if constexpr (kPromoteO) {
       rescale_o();      // (O is no product's accumulator here: rescaled after the issues, out of the turn)
       wgmma_wait<0>();  // S_j and the PV product of block j - 1, which goes into O now
+      stamp(j, 3);
       if constexpr (kPassWhenDone) pass_turn(j);
       fence_regs(o);
       fence_t();
@@ -643,11 +662,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     release_k(j);
     float sum[2];
     softmax(j, tile, alpha, sum);
+    stamp(j, 4);
 #pragma unroll
     for (int r = 0; r < 2; ++r)
       if constexpr (!kIntPV) row_sum[r] = row_sum[r] * alpha[r] + sum[r];  // (kIntPV: with O, in rescale_o)
     if constexpr (kLateAdd) add_t(value_scale, prev_factor);
     pack_early();
+    stamp(j, 5);
   }
   {  // the last block's PV product (its V stage and the one before are never refilled: not released)
     const int last = (n_blocks - 1) % kStages;

@@ -1,0 +1,117 @@
+// Where one CTA's consumer warps spend a key block (diagnostics; no torch): builds the attention kernel with
+// VKERN_FLASH_TRACE (clock64 stamps of CTA kTraceCta's 8 consumer warps over key blocks kTraceFirst...; see
+// csrc/flash_attention.cu), runs the int8 P/V form on random int8 inputs at the given sizes, and prints per warp
+// and block the clocks from the loop top to: ready to issue, issued, products done, softmax done, block done; then
+// the medians per phase and the launch's TFLOP/s (CUDA events, the trace's own build).
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icsrc \
+//     bench/flash_trace.cu -o flash_trace && ./flash_trace [heads] [tokens] [exp_fma] [turns]
+// bench/flash_trace.sh runs it for each schedule.
+#define VKERN_FLASH_TRACE 1
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "flash_attention.cu"
+
+namespace {
+
+__global__ void fill_random(uint8_t* p, size_t n, uint32_t seed, int lo, int span) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
+    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
+    p[i] = uint8_t(lo + int(h % uint32_t(span)));
+  }
+}
+__global__ void fill_value(float* p, size_t n, float value) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    p[i] = value;
+}
+
+#define CHECK(x)                                                                    \
+  do {                                                                              \
+    cudaError_t e = (x);                                                            \
+    if (e != cudaSuccess) {                                                         \
+      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
+      std::exit(1);                                                                 \
+    }                                                                               \
+  } while (0)
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int heads = argc > 1 ? std::atoi(argv[1]) : 40, tokens = argc > 2 ? std::atoi(argv[2]) : 32760;
+  const int exp_fma = argc > 3 ? std::atoi(argv[3]) : 0, turns = argc > 4 ? std::atoi(argv[4]) : 0;
+  const int blocks = (tokens + 127) / 128, vt_len = (tokens + 15) / 16 * 16;
+  const size_t qk_bytes = size_t(tokens) * heads * 128, vt_bytes = size_t(heads) * 128 * vt_len;
+  uint8_t *q, *k, *vt;
+  float *q_scale, *k_scale, *v_scale;
+  void* out;
+  CHECK(cudaMalloc(&q, qk_bytes));
+  CHECK(cudaMalloc(&k, qk_bytes));
+  CHECK(cudaMalloc(&vt, vt_bytes));
+  CHECK(cudaMalloc(&out, qk_bytes * 2));
+  CHECK(cudaMalloc(&q_scale, sizeof(float) * heads * tokens));
+  CHECK(cudaMalloc(&k_scale, sizeof(float) * heads * blocks));
+  CHECK(cudaMalloc(&v_scale, sizeof(float) * heads * blocks));
+  fill_random<<<1024, 256>>>(q, qk_bytes, 1u, -127, 255);  // int8 codes (as uint8 bits)
+  fill_random<<<1024, 256>>>(k, qk_bytes, 2u, -127, 255);
+  fill_random<<<1024, 256>>>(vt, vt_bytes, 3u, 1, 255);  // u8 V' = int8 V + 128
+  // scale * S spans a few units of log2 (random N(0,1) q, k at D = 128 quantized to amax / 127 ~ 3.5 / 127)
+  fill_value<<<256, 256>>>(q_scale, size_t(heads) * tokens, 3.5f / 127.f);
+  fill_value<<<256, 256>>>(k_scale, size_t(heads) * blocks, 3.5f / 127.f);
+  fill_value<<<256, 256>>>(v_scale, size_t(heads) * blocks, 3.5f / 127.f);
+  CHECK(cudaDeviceSynchronize());
+  const int64_t row = int64_t(heads) * 128;
+  const vkern::AttentionTensor tq{q, tokens * row, row, 128}, tk{k, tokens * row, row, 128},
+      tvt{vt, int64_t(heads) * 128 * vt_len, vt_len, int64_t(128) * vt_len}, to{out, tokens * row, row, 128};
+  auto launch = [&] {
+    CHECK(vkern::flash_attention_fp8_fwd(tq, tk, tvt, to, nullptr, nullptr, q_scale, k_scale, v_scale, nullptr,
+                                         vkern::DType::kBFloat16, 1, heads, tokens, tokens, vt_len, 128,
+                                         0.08838834764831845f, 3, true, true, 128, exp_fma, turns, 0));
+  };
+  launch();
+  CHECK(cudaDeviceSynchronize());
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  CHECK(cudaEventRecord(start));
+  const int reps = 5;
+  for (int r = 0; r < reps; ++r) launch();
+  CHECK(cudaEventRecord(stop));
+  CHECK(cudaEventSynchronize(stop));
+  float ms = 0.f;
+  CHECK(cudaEventElapsedTime(&ms, start, stop));
+  ms /= reps;
+  const double flops = 4.0 * heads * double(tokens) * tokens * 128;
+  long long trace[2][4][vkern::kTraceBlocks][vkern::kTraceEvents];
+  CHECK(cudaMemcpyFromSymbol(trace, vkern::g_flash_trace, sizeof(trace)));
+  std::printf("heads %d tokens %d exp_fma %d turns %d: %.3f ms, %.0f TFLOP/s (trace build)\n", heads, tokens,
+              exp_fma, turns, ms, flops / ms / 1e9);
+  const long long t0 = trace[0][0][0][0];
+  std::printf("warp  block: top  ready  issued  done  softmax  end   (clocks from wg0 warp0's first top)\n");
+  const char* phase[] = {"top->ready (stage waits, pack)", "ready->issued (turn, issue)", "issued->done (products)",
+                         "done->softmax", "softmax->end (late add, pack)", "end->next top"};
+  std::vector<long long> d[6];
+  for (int wg = 0; wg < 2; ++wg)
+    for (int w = 0; w < 4; ++w)
+      for (int b = 0; b < vkern::kTraceBlocks; ++b) {
+        const long long* e = trace[wg][w][b];
+        std::printf("wg%d w%d  %d: %7lld %6lld %6lld %6lld %6lld %6lld\n", wg, w, b, e[0] - t0, e[1] - t0, e[2] - t0,
+                    e[3] - t0, e[4] - t0, e[5] - t0);
+        for (int p = 0; p < 5; ++p) d[p].push_back(e[p + 1] - e[p]);
+        if (b + 1 < vkern::kTraceBlocks) d[5].push_back(trace[wg][w][b + 1][0] - e[5]);
+      }
+  for (int p = 0; p < 6; ++p) {
+    std::sort(d[p].begin(), d[p].end());
+    std::printf("%-32s median %6lld  min %6lld  max %6lld\n", phase[p], d[p][d[p].size() / 2], d[p].front(),
+                d[p].back());
+  }
+  std::vector<long long> per_block;
+  for (int wg = 0; wg < 2; ++wg)
+    for (int w = 0; w < 4; ++w)
+      per_block.push_back((trace[wg][w][vkern::kTraceBlocks - 1][0] - trace[wg][w][0][0]) / (vkern::kTraceBlocks - 1));
+  std::sort(per_block.begin(), per_block.end());
+  std::printf("clocks per block (top to top): median %lld\n", per_block[per_block.size() / 2]);
+  return 0;
+}
