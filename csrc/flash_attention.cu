@@ -209,7 +209,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr bool kTakeTurns = !F::k8Bit || kTurns != 0;
   // kTurns = 2 (kIntPV): a consumer passes the turn once its products are done, not once they are issued, so the
   // two consumers' products never share the tensor cores and each one's softmax runs while the other's products do
-  // (ping-pong by phase; session 23).
+  // (ping-pong by phase; session 23). Measured 0.5-1.5% slower than kTurns = 1 on an H200 (run 85): a
+  // sub-partition's tensor core already takes the products in order (bench/flash_trace.cu, bench/NOTES.md).
   constexpr bool kPassWhenDone = kTurns == 2;
   static_assert(kTurns == 0 || kIntPV, "the 8-bit turn options are the int8 P/V form's");
   constexpr int kTileBytes = F::kTileBytes;

@@ -409,7 +409,7 @@ def _flash_fp8_keys():
 # consumers' products each when ready: 814-891 TFLOP/s; 2 of each 8 exponentials on the FMA pipe 786-852; in turns
 # (as the 16-bit forms) 796-865; both 821-855. (Before that reordering, run 82, both had won: 794-842 against 754-810.)
 # VKERN_FLASH_EXP_FMA (0 or 2) and VKERN_FLASH_FP8_TURNS (0, 1, or 2: in turns passed when a consumer's products are
-# done, session 23) override, for benchmarks.
+# done, session 23: 806-860, 2-3% below the default in run 85) override, for benchmarks.
 FLASH_EXP_FMA = 0
 FLASH_FP8_TURNS = 0
 
