@@ -292,7 +292,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t s_int[kSRegs];                              // S8's int32 accumulator
   uint32_t t_int[kIntPV ? kHeadDim / 2 : 1] = {};      // kIntPV: the block's P V', int32 (t is unused)
   float p_factor[2] = {0.f, 0.f};  // kIntPV: exp2(block max - running max) of the last softmax's block, per row
-  float p_sum[2] = {0.f, 0.f};     // kIntPV: this thread's sum of the last packed block's P codes, per row
   float corr[2] = {0.f, 0.f};      // kIntPV: sum over blocks of p_sum * the block's factor (rescaled with O)
   uint32_t p[F::kPRegs];
 #pragma unroll
@@ -340,7 +339,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // (8-bit: times 448; kShiftV: times each group's v_scale / sigma) in s, its row sums (unshifted) in sum and the
   // factor alpha that rescales what was accumulated before. The multipliers (> 0) commute with the max, so they
   // scale per-group maxima, not each score.
-  auto softmax = [&](int j, const Tile& tile, float (&alpha)[2], float (&sum)[2]) {
+  // midway() runs between the first and the second half of the exponentials (kSOnly: see the loop).
+  auto softmax = [&](int j, const Tile& tile, float (&alpha)[2], float (&sum)[2], auto&& midway) {
     constexpr int kGroupRegs = kSRegs / kGroups;  // register i is in group i / kGroupRegs
     float mult[2][kGroups];
 #pragma unroll
@@ -350,7 +350,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // kShiftV: each group's P shift log2(v_scale / sigma) <= 0 (at least -24, so that 2^-shift stays finite for a
     // zero scale: such a group's V codes are 0) and 2^-shift, which takes it out of the row sums.
     // (Logarithms, not divisions: an IEEE division is a call with a slow path.)
-    float shift[kGroups], unshift[kGroups], sigma_ratio = 1.f;
+    float shift[kGroups], sigma_ratio = 1.f;
+    [[maybe_unused]] float unshift[kGroups];  // (kShiftV only)
     if constexpr (F::kShiftV) {
       float sigma = v_sigma;
 #pragma unroll
@@ -399,7 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     // Row maxima as partial chains per row and group (8 deep, not 32: the first row's max is the head of the
     // softmax's serial path, and ptxas does not reassociate fmaxf).
-    constexpr int kChains = kGroups == 1 ? 4 : 1;
+    constexpr int kChains = kGroups == 1 ? (kIntPV ? 2 : 4) : 1;
     float mx[2][kGroups][kChains], neg_max[2][kGroups];
 #pragma unroll
     for (int r = 0; r < 2; ++r)
@@ -452,6 +453,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int c = 0; c < kSumChains; ++c) part[r][c] = 0.f;
 #pragma unroll
     for (int i = 0; i < kSRegs; ++i) {
+      if (i == kSRegs / 2) midway();
       const int r = (i / 2) % 2, g = i / kGroupRegs;
       const float x = fmaf(s[i], mult[r][g], neg_max[r][g]);
       s[i] = kIntPV && (i % 8) >= 8 - kExpFma ? ex2_fma(x) : ex2(x);
@@ -480,12 +482,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         p[4 * kk + 1] = pack4(g[2], g[3], g[6], g[7]);
         p[4 * kk + 2] = pack4(g[8], g[9], g[12], g[13]);
         p[4 * kk + 3] = pack4(g[10], g[11], g[14], g[15]);
-      }
-      if constexpr (F::kIntPV) {  // the codes' sums per row: registers 4 kk (+ 2) hold row r, 4 kk + 1 (+ 2) row r + 8
-        uint32_t sums[4] = {0u, 0u, 0u, 0u};  // two chains per row (dp4a's latency)
-#pragma unroll
-        for (int i = 0; i < F::kPRegs; ++i) sums[i % 4] = __dp4a(p[i], 0x01010101u, sums[i % 4]);
-        p_sum[0] = float(sums[0] + sums[2]), p_sum[1] = float(sums[1] + sums[3]);
       }
     } else {
 #pragma unroll
@@ -545,6 +541,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // on O in the same order), so that ptxas places the 64 FFMAs in the exponentials' MUFU.EX2 gaps instead of ahead
   // of the row max (run 84: +5-13% in every schedule).
   constexpr bool kLateAdd = kIntPV;
+  // kSOnly (kLateAdd, except with turns passed when done): the softmax waits for S_j alone, not for block j - 1's
+  // P V, which the tensor core runs after S_j (products complete in order) and which only the late add needs.
+  constexpr bool kSOnly = kLateAdd && !kPassWhenDone;
   auto pack_early = [&] {
     if constexpr (kPackEarly) {
       to_p();
@@ -567,7 +566,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kPassWhenDone) pass_turn(0);
     read_s();
     release_k(0);
-    softmax(0, tile, alpha, sum);
+    softmax(0, tile, alpha, sum, [] {});
     row_sum[0] = sum[0];  // (kIntPV: 0; the codes' sums come in add_t)
     row_sum[1] = sum[1];
     pack_early();
@@ -585,6 +584,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto add_t = [&](float value_scale, const float (&pf)[2]) {
     if constexpr (kIntPV) {  // t's bits are P V' * 2^-149; 2^-24: P's unit in the row sums (kPOffset)
       constexpr float kUnit = 0x1p85f;  // 2^(149 - 24 - 40)
+      // The block's codes' sums per row (registers 4 kk (+ 2) hold row r, 4 kk + 1 (+ 2) row r + 8), taken here, not
+      // as P is packed: this read of P after the softmax is what keeps P's registers (the in-flight product's A
+      // operand) from being reused in it (kSOnly; ptxas sees no other use, and would wait for the product first).
+      float p_sum[2];
+      {
+        uint32_t sums[4] = {0u, 0u, 0u, 0u};  // two chains per row (dp4a's latency)
+#pragma unroll
+        for (int i = 0; i < F::kPRegs; ++i) sums[i % 4] = __dp4a(p[i], 0x01010101u, sums[i % 4]);
+        p_sum[0] = float(sums[0] + sums[2]), p_sum[1] = float(sums[1] + sums[3]);
+      }
       const float factor[2] = {pf[0] * (value_scale * kUnit), pf[1] * (value_scale * kUnit)};
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -599,17 +608,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < kHeadDim / 2; ++i) o[i] = fmaf(t[i], value_scale, o[i]);
     }
   };
-  auto rescale_o = [&] {
+  auto rescale_o_by = [&](const float (&scale)[2]) {
     fence_regs(o);
     // Late in a row the max rarely moves (alpha = 1 exactly): the warp skips the multiplies (same result).
-    if (__any_sync(0xffffffff, o_scale[0] != 1.f || o_scale[1] != 1.f)) {
+    if (__any_sync(0xffffffff, scale[0] != 1.f || scale[1] != 1.f)) {
 #pragma unroll
-      for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= o_scale[(i / 2) % 2];
+      for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= scale[(i / 2) % 2];
     }
     fence_regs(o);
-    if constexpr (kIntPV)
-      corr[0] *= o_scale[0], corr[1] *= o_scale[1], row_sum[0] *= o_scale[0], row_sum[1] *= o_scale[1];
+    if constexpr (kIntPV) corr[0] *= scale[0], corr[1] *= scale[1], row_sum[0] *= scale[0], row_sum[1] *= scale[1];
   };
+  auto rescale_o = [&] { rescale_o_by(o_scale); };
   // O += P V, or t = P V (kPromoteO).
   auto issue_pv_block = [&](SmemDesc v_tile) {
     if constexpr (kIntPV)
@@ -648,13 +657,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (!kPassWhenDone) pass_turn(j);
     stamp(j, 2);
     if constexpr (kPromoteO) {
-      rescale_o();      // (O is no product's accumulator here: rescaled after the issues, out of the turn)
-      wgmma_wait<0>();  // S_j and the PV product of block j - 1, which goes into O now
-      stamp(j, 3);
-      if constexpr (kPassWhenDone) pass_turn(j);
-      fence_regs(o);
-      fence_t();
-      if constexpr (!kLateAdd) add_t(value_scale, p_factor);
+      if constexpr (!kSOnly) rescale_o();  // (O is no product's accumulator here: rescaled after the issues)
+      if constexpr (kSOnly) {
+        wgmma_wait<1>();  // S_j; the PV product of block j - 1 stays in flight through the softmax (kLateAdd)
+        stamp(j, 3);
+      } else {
+        wgmma_wait<0>();  // S_j and the PV product of block j - 1, which goes into O now
+        stamp(j, 3);
+        if constexpr (kPassWhenDone) pass_turn(j);
+        fence_regs(o);
+        fence_t();
+        if constexpr (!kLateAdd) add_t(value_scale, p_factor);
+      }
     } else {
       wgmma_wait<1>();  // S_j; the PV product stays in flight through the softmax
     }
@@ -662,11 +676,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     read_s();
     release_k(j);
     float sum[2];
-    softmax(j, tile, alpha, sum);
+    // kSOnly: O is rescaled halfway through the exponentials. Its branch ends a basic block there, and ptxas places
+    // the wait for block j - 1's P V (which the late add and P's packing need) at the top of the block that uses t:
+    // so the wait comes halfway, not before the row max (where it put it with the whole softmax one block).
+    const float prev_scale[2] = {o_scale[0], o_scale[1]};
+    softmax(j, tile, alpha, sum, [&] {
+      if constexpr (kSOnly) rescale_o_by(prev_scale);
+    });
     stamp(j, 4);
 #pragma unroll
     for (int r = 0; r < 2; ++r)
       if constexpr (!kIntPV) row_sum[r] = row_sum[r] * alpha[r] + sum[r];  // (kIntPV: with O, in rescale_o)
+    if constexpr (kSOnly) {  // block j - 1's P V: t, and P, its A operand, which pack_early overwrites (fenced
+      wgmma_wait<0>();      // here so that its registers stay P's through the softmax: else ptxas reuses them
+      fence_regs(o);        // there and waits for the product first)
+      fence_t();
+      fence_regs(p);
+    }
     if constexpr (kLateAdd) add_t(value_scale, prev_factor);
     pack_early();
     stamp(j, 5);
