@@ -99,6 +99,10 @@ def _attention(name, providers, args):
                 fns[f"vkern-int8pv-cuda-kernel-fma{fma}-turns{turns}"] = with_env(
                     with_env(fns["vkern-int8pv-cuda-kernel"], "VKERN_FLASH_EXP_FMA", fma), "VKERN_FLASH_FP8_TURNS",
                     turns)
+        # Session 24: O's rescale slack (0: the running max; 8: the reference max moves by more than 2^8 only).
+        for slack in ("0", "8"):
+            fns[f"vkern-int8pv-cuda-kernel-slack{slack}"] = with_env(fns["vkern-int8pv-cuda-kernel"],
+                                                                     "VKERN_FLASH_RESCALE_SLACK", slack)
         # Session 20: the 192-key tile (O in the tensor cores), the same quantized inputs.
         wide = lambda fn: with_env(fn, "VKERN_FLASH_FP8_KEYS", "192")
         fns["vkern-fp8-cuda-kernel-192"] = wide(fns["vkern-fp8-cuda-kernel"])
@@ -119,12 +123,14 @@ def _attention(name, providers, args):
             keys = 192 if provider.endswith("-192") else 128  # (int8 P/V: 128-key tiles only)
             row["config"] = f"cuda sm90a 8-bit: 128x{keys} tiles, 2 consumer warpgroups, 3-stage TMA ring"
             if provider.startswith("vkern-int8pv-cuda"):
-                from vkern.ops.fused_attention import _flash_exp_fma, _flash_fp8_turns
+                from vkern.ops.fused_attention import _flash_exp_fma, _flash_fp8_turns, _flash_rescale_slack
 
                 fma, turns = ((provider.split("-fma")[1][0], int(provider[-1])) if "-fma" in provider
                               else (str(_flash_exp_fma()), _flash_fp8_turns()))
+                slack = provider.split("-slack")[1] if "-slack" in provider else _flash_rescale_slack()
                 turns = ("off", "on (passed when issued)", "on (passed when done)")[turns]
-                row["config"] += f", {fma} of 8 exponentials on FMA, turns {turns}, P V added after the next softmax"
+                row["config"] += (f", {fma} of 8 exponentials on FMA, turns {turns}, P V added after the next softmax"
+                                  f", rescale slack {slack}")
         elif provider == "vkern-cuda":
             from vkern.ops.fused_attention import _flash_stages
 

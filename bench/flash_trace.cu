@@ -68,7 +68,7 @@ int main(int argc, char** argv) {
   auto launch = [&] {
     CHECK(vkern::flash_attention_fp8_fwd(tq, tk, tvt, to, nullptr, nullptr, q_scale, k_scale, v_scale, nullptr,
                                          vkern::DType::kBFloat16, 1, heads, tokens, tokens, vt_len, 128,
-                                         0.08838834764831845f, 3, true, true, 128, exp_fma, turns, 0));
+                                         0.08838834764831845f, 3, true, true, 128, exp_fma, turns, 0.f, 0));
   };
   launch();
   CHECK(cudaDeviceSynchronize());

@@ -183,8 +183,8 @@ __device__ __forceinline__ float quad_sum(float x) {
 // 128 (u8 codes V' = V + 128, the host flips int8 V's sign bits), so t = P V' = P V + 128 sum(P) lies in
 // [0, 255 * 255 * 128] < 2^23: t starts at 0 and its bits read as an fp32 subnormal are t * 2^-149 exactly, which
 // one no-ftz FFMA adds to O (no int-to-float conversion, no start values, no bias to subtract: run 80's form spent
-// 64 MOVs and 64 FADDs per block there, 9-11%). O is kept in units of 2^-40 (so the factor's 2^-149 compensation
-// stays below fp32's range for v_scale < 2^43) and corr, per row, collects sum(P) (16 dp4a per block) times the
+// 64 MOVs and 64 FADDs per block there, 9-11%). O is kept in units of 2^-48 (so the factor's 2^-149 compensation
+// stays below fp32's range for v_scale < 2^43 with the factor up to 2^8: rescale_slack) and corr, per row, collects sum(P) (16 dp4a per block) times the
 // same factors; the epilogue takes 128 corr out (O holds ~5 bits over P V then, not the 10 of run 79's bias).
 // Row sums are of the codes (the same dp4a sums times the factors without the V scale; session 22: 64 FADDs
 // fewer per block, and the weights O takes sum to 1 exactly). P is packed and S's start values written as the
@@ -200,7 +200,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
                      const float* __restrict__ q_scale, const float* __restrict__ k_scale,
                      const float* __restrict__ v_scale, const float* __restrict__ v_offset, float* __restrict__ lse,
-                     const uint4* __restrict__ key_bits, int heads, int q_len, int kv_len, float scale_log2) {
+                     const uint4* __restrict__ key_bits, int heads, int q_len, int kv_len, float scale_log2,
+                     float rescale_slack) {
   using F = Format<In, kHeadDim, kKeys>;
   constexpr bool kPromoteO = F::kPromoteO, kIntPV = F::kIntPV;
   constexpr int kGroups = F::kGroups, kSRegs = F::kSRegs, kWords = kKeys / 32;
@@ -424,7 +425,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         thread_max = g == 0 ? scaled : fmaxf(thread_max, scaled);
       }
       const float block_max = quad_max(thread_max);
-      const float new_max = fmaxf(row_max[r], block_max);
+      // kIntPV: the reference max O is kept against moves only when a block's max passes it by more than
+      // rescale_slack (log2 units, <= 8), so that O's rescale (64 FMULs in the softmax) is rarely taken; P is against
+      // the block's own max anyway, and its factor exp2(block max - reference) stays <= 2^8. 0: the running max.
+      const float new_max = kIntPV ? (block_max > row_max[r] + rescale_slack ? block_max : row_max[r])
+                                   : fmaxf(row_max[r], block_max);
       // No attended key in this row yet (only with a mask): exp2 against 0 keeps -inf scores at 0, not NaN.
       const float offset = new_max == -INFINITY ? 0.f : new_max;
       // What P is taken against: the running max, or (kIntPV) the block's own (0 for a block with no attended key
@@ -583,7 +588,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // (pf: the block's p_factor; kLateAdd passes the one saved before the next softmax overwrote it.)
   auto add_t = [&](float value_scale, const float (&pf)[2]) {
     if constexpr (kIntPV) {  // t's bits are P V' * 2^-149; 2^-24: P's unit in the row sums (kPOffset)
-      constexpr float kUnit = 0x1p85f;  // 2^(149 - 24 - 40)
+      constexpr float kUnit = 0x1p77f;  // 2^(149 - 24 - 48)
       // The block's codes' sums per row (registers 4 kk (+ 2) hold row r, 4 kk + 1 (+ 2) row r + 8), taken here, not
       // as P is packed: this read of P after the softmax is what keeps P's registers (the in-flight product's A
       // operand) from being reused in it (kSOnly; ptxas sees no other use, and would wait for the product first).
@@ -724,7 +729,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     row_sum[r] = quad_sum(row_sum[r]);
     attended[r] = row_sum[r] > 0.f ? 1.f : 0.f;
     // 0: every key masked (out 0, lse -inf). kShiftV: O is in units of sigma.
-    inv[r] = row_sum[r] > 0.f ? (F::kShiftV ? v_sigma : kIntPV ? 0x1p40f : 1.f) / row_sum[r] : 0.f;
+    inv[r] = row_sum[r] > 0.f ? (F::kShiftV ? v_sigma : kIntPV ? 0x1p48f : 1.f) / row_sum[r] : 0.f;
   }
   // v_offset (8-bit, may be null: fp32 [B, H, D]): this thread's columns (i / 4) * 8 + (lane % 4) * 2 + {0, 1}, one
   // fp32 pair per i / 4.
@@ -824,7 +829,7 @@ template <typename In, typename Out, int kHeadDim, int kStages, int kKeys = kBlo
           int kTurns = 0>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale,
                    const float* v_offset, float* lse, const void* key_bits, int batch, int heads, int q_len,
-                   int kv_len, float scale, cudaStream_t stream) {
+                   int kv_len, float scale, float rescale_slack, cudaStream_t stream) {
   constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages, kKeys>();
   const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kKeys, kExpFma, kTurns>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
@@ -832,7 +837,7 @@ cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const flo
   const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], q_scale, k_scale, v_scale,
                                                  v_offset, lse, static_cast<const uint4*>(key_bits), heads, q_len,
-                                                 kv_len, scale * 1.4426950408889634f);
+                                                 kv_len, scale * 1.4426950408889634f, rescale_slack);
   return cudaGetLastError();
 }
 
@@ -861,9 +866,9 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
     const auto with_dim = [&](auto dim_tag) {
       constexpr int kDim = decltype(dim_tag)::value;
       return stages == 2 ? launch<T, T, kDim, 2>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch,
-                                                 heads, q_len, kv_len, scale, stream)
+                                                 heads, q_len, kv_len, scale, 0.f, stream)
                          : launch<T, T, kDim, 3>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch,
-                                                 heads, q_len, kv_len, scale, stream);
+                                                 heads, q_len, kv_len, scale, 0.f, stream);
     };
     return head_dim == 64 ? with_dim(std::integral_constant<int, 64>())
                           : with_dim(std::integral_constant<int, 128>());
@@ -878,9 +883,10 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
                                     int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
                                     bool int8_qk, bool int8_pv, int keys, int exp_fma, int turns,
-                                    cudaStream_t stream) {
+                                    float rescale_slack, cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || (int8_pv && !int8_qk) || (exp_fma != 0 && exp_fma != 2) ||
-      turns < 0 || turns > 2 || (turns != 0 && !int8_pv) ||
+      turns < 0 || turns > 2 || (turns != 0 && !int8_pv) || !(rescale_slack >= 0.f && rescale_slack <= 8.f) ||
+      (rescale_slack != 0.f && !int8_pv) ||
       !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       (keys != 128 && keys != 192) || reinterpret_cast<uintptr_t>(key_bits) % 16 != 0 ||
       !tma_compatible(q, 1) || !tma_compatible(k, 1) || !tma_compatible(vt, 1) || !tma_compatible(out) ||
@@ -909,10 +915,10 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
         constexpr int kTurns = decltype(turns_tag)::value;
         return stages == 2 ? launch<In, Out, 128, 2, kKeys, kFma, kTurns>(maps, q_scale, k_scale, v_scale, v_offset,
                                                                           lse, key_bits, batch, heads, q_len, kv_len,
-                                                                          scale, stream)
+                                                                          scale, rescale_slack, stream)
                            : launch<In, Out, 128, 3, kKeys, kFma, kTurns>(maps, q_scale, k_scale, v_scale, v_offset,
                                                                           lse, key_bits, batch, heads, q_len, kv_len,
-                                                                          scale, stream);
+                                                                          scale, rescale_slack, stream);
       };
       using K128 = std::integral_constant<int, 128>;
       using Off = std::integral_constant<int, 0>;

@@ -49,12 +49,14 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // 0 or 2 of each 8 exponentials on the FMA pipe (a cubic, relative error 1.0e-4: a code may move by 1);
 // turns (int8_pv; else 0): 0 each consumer warpgroup issues its products when ready, 1 the two issue in turns, 2 in
 // turns passed when a consumer's products are done (ping-pong by phase); the same result bit for bit.
+// rescale_slack (int8_pv; else 0; in [0, 8]): O's reference max moves only when a block's row max passes it by more
+// than this (log2 units): O's rescale is skipped more often; the same result up to fp32 rounding.
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
                                     int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
                                     bool int8_qk, bool int8_pv, int keys, int exp_fma, int turns,
-                                    cudaStream_t stream);
+                                    float rescale_slack, cudaStream_t stream);
 
 }  // namespace vkern

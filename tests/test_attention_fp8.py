@@ -1056,6 +1056,34 @@ def test_gpu_cuda_int8_pv_schedules(use_backend, monkeypatch, fma, turns, B, H, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("slack", ["1", "8"])
+@pytest.mark.parametrize("B,H,Sq,Skv", [(2, 2, 200, 333), (1, 3, 4097, 4097)], ids=["B2H2-200x333", "B1H3-4097x4097"])
+def test_gpu_cuda_int8_pv_rescale_slack(use_backend, monkeypatch, slack, B, H, Sq, Skv):
+    """O's rescale slack (session 24) changes which max O is kept against, not P's codes (each block's own max):
+    out and lse equal slack 0's up to fp32 rounding (exp2 of other arguments), with a mask too, and every floor
+    holds; a slack outside 0-8 is a clear error."""
+    q, k, v = make_qkv(B, Sq, Skv, H, 128, torch.bfloat16, "cuda")
+    sharp = q * 3  # the block maxima then move by more than 1 (log2) between blocks: slack 1 takes both branches
+    mask = make_padding(B, Skv, "random", "cuda")
+    use_backend("cuda")
+    monkeypatch.setenv("VKERN_FLASH_RESCALE_SLACK", "0")
+    base, base_lse = run_8bit(sharp, k, v, INT8PV, key_padding_mask=mask, return_lse=True)
+    monkeypatch.setenv("VKERN_FLASH_RESCALE_SLACK", slack)
+    out, lse = run_8bit(sharp, k, v, INT8PV, key_padding_mask=mask, return_lse=True)
+    assert _backend.last_choice["attention_8bit"] == "cuda"
+    diff = rel_l2(out, base.double())
+    assert diff < 1e-5, f"slack {slack}: rel L2 {diff:.2e} from slack 0"
+    attended = torch.isfinite(base_lse)
+    assert torch.equal(attended, torch.isfinite(lse))
+    assert (lse[attended] - base_lse[attended]).abs().max().item() < 1e-4
+    check_8bit(q, k, v, "cuda", INT8PV)
+    check_8bit(q, k, v, "cuda", INT8PV, key_padding_mask=mask)
+    monkeypatch.setenv("VKERN_FLASH_RESCALE_SLACK", "9")
+    with pytest.raises(ValueError, match="VKERN_FLASH_RESCALE_SLACK"):
+        run_8bit(q, k, v, INT8PV)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["e4m3", "int8", "u8"])
 def test_gpu_v_to_8bit_is_the_reference(use_backend, fmt):
     """The Triton V quantizer compiled for the GPU (the CUDA kernel's input): V^T and scales bit for bit the

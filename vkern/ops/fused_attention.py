@@ -422,6 +422,16 @@ def _flash_fp8_turns():
     return _env_int("VKERN_FLASH_FP8_TURNS", FLASH_FP8_TURNS, (0, 1, 2))
 
 
+# The int8 P/V kernel's rescale slack (session 24; log2 units, 0-8): O's reference max moves only when a block's row
+# max passes it by more than this, so O's rescale (64 multiplies per thread in the softmax) is rarely taken; P is
+# against each block's own max either way. VKERN_FLASH_RESCALE_SLACK overrides, for benchmarks.
+FLASH_RESCALE_SLACK = 0
+
+
+def _flash_rescale_slack():
+    return _env_int("VKERN_FLASH_RESCALE_SLACK", FLASH_RESCALE_SLACK, range(9))
+
+
 def key_padding_bits(key_padding_mask, block=128):
     """The CUDA kernel's form of a key-padding mask: bool [B, Skv] -> uint8 [B, ceil(Skv / block) * block / 8],
     bit c % 8 of byte c / 8 set = attend key c (so, read as little-endian 32-bit words, bit c % 32 of word
@@ -473,7 +483,7 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
             k_scale.data_ptr(), v_scale.data_ptr(), 0 if v_offset is None else v_offset.data_ptr(),
             DTYPE_CODE[out_dtype], B, H, Sq, Skv, vt.shape[3], D, D ** -0.5 if scale is None else scale,
             _flash_stages(), q8.dtype == torch.int8, int8_pv, _flash_fp8_keys(), _flash_exp_fma() if int8_pv else 0,
-            _flash_fp8_turns() if int8_pv else 0,
+            _flash_fp8_turns() if int8_pv else 0, float(_flash_rescale_slack()) if int8_pv else 0.0,
             torch.cuda.current_stream(q8.device).cuda_stream)
     return out, lse
 
