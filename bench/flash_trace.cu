@@ -4,9 +4,12 @@
 // and block the clocks from the loop top to: ready to issue, issued, products done, softmax done, block done; then
 // the medians per phase and the launch's TFLOP/s (CUDA events, the trace's own build).
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icsrc \
-//     bench/flash_trace.cu -o flash_trace && ./flash_trace [heads] [tokens] [exp_fma] [turns]
-// bench/flash_trace.sh runs it for each schedule.
+//     bench/flash_trace.cu -o flash_trace && ./flash_trace [heads] [tokens] [exp_fma] [turns] [rescale_slack]
+// bench/flash_trace.sh runs it for each schedule. With -DVKERN_FLASH_TIME_ONLY: no stamps, the launch's TFLOP/s
+// only (the extension's code; bench/flash_sweep.sh times kernel variants so, -DVKERN_FLASH_PV_WAIT=...).
+#ifndef VKERN_FLASH_TIME_ONLY
 #define VKERN_FLASH_TRACE 1
+#endif
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -42,6 +45,7 @@ __global__ void fill_value(float* p, size_t n, float value) {
 int main(int argc, char** argv) {
   const int heads = argc > 1 ? std::atoi(argv[1]) : 40, tokens = argc > 2 ? std::atoi(argv[2]) : 32760;
   const int exp_fma = argc > 3 ? std::atoi(argv[3]) : 0, turns = argc > 4 ? std::atoi(argv[4]) : 0;
+  const float slack = argc > 5 ? float(std::atof(argv[5])) : 0.f;
   const int blocks = (tokens + 127) / 128, vt_len = (tokens + 15) / 16 * 16;
   const size_t qk_bytes = size_t(tokens) * heads * 128, vt_bytes = size_t(heads) * 128 * vt_len;
   uint8_t *q, *k, *vt;
@@ -68,7 +72,7 @@ int main(int argc, char** argv) {
   auto launch = [&] {
     CHECK(vkern::flash_attention_fp8_fwd(tq, tk, tvt, to, nullptr, nullptr, q_scale, k_scale, v_scale, nullptr,
                                          vkern::DType::kBFloat16, 1, heads, tokens, tokens, vt_len, 128,
-                                         0.08838834764831845f, 3, true, true, 128, exp_fma, turns, 0.f, 0));
+                                         0.08838834764831845f, 3, true, true, 128, exp_fma, turns, slack, 0));
   };
   launch();
   CHECK(cudaDeviceSynchronize());
@@ -76,7 +80,7 @@ int main(int argc, char** argv) {
   CHECK(cudaEventCreate(&start));
   CHECK(cudaEventCreate(&stop));
   CHECK(cudaEventRecord(start));
-  const int reps = 5;
+  const int reps = 10;
   for (int r = 0; r < reps; ++r) launch();
   CHECK(cudaEventRecord(stop));
   CHECK(cudaEventSynchronize(stop));
@@ -84,6 +88,11 @@ int main(int argc, char** argv) {
   CHECK(cudaEventElapsedTime(&ms, start, stop));
   ms /= reps;
   const double flops = 4.0 * heads * double(tokens) * tokens * 128;
+#ifdef VKERN_FLASH_TIME_ONLY
+  std::printf("pv_wait %d heads %d tokens %d exp_fma %d turns %d slack %g: %.3f ms, %.0f TFLOP/s\n",
+              VKERN_FLASH_PV_WAIT, heads, tokens, exp_fma, turns, slack, ms, flops / ms / 1e9);
+  return 0;
+#else
   long long trace[2][4][vkern::kTraceBlocks][vkern::kTraceEvents];
   CHECK(cudaMemcpyFromSymbol(trace, vkern::g_flash_trace, sizeof(trace)));
   std::printf("heads %d tokens %d exp_fma %d turns %d: %.3f ms, %.0f TFLOP/s (trace build)\n", heads, tokens,
@@ -114,4 +123,5 @@ int main(int argc, char** argv) {
   std::sort(per_block.begin(), per_block.end());
   std::printf("clocks per block (top to top): median %lld\n", per_block[per_block.size() / 2]);
   return 0;
+#endif
 }

@@ -40,6 +40,12 @@ constexpr int kStoreBarrier = 3;              // named barriers 3, 4: consumer 0
 constexpr float kLog2Of448 = 8.807354922057604f;
 constexpr float kLog2Of255 = 7.994353436858858f;
 
+// kIntPV: after how many of a thread's 64 exponentials the softmax waits for the previous block's P V (kSOnly in the
+// kernel; 0: before the softmax, with S). bench/flash_sweep.sh builds other values; the extension never sets it.
+#ifndef VKERN_FLASH_PV_WAIT
+#define VKERN_FLASH_PV_WAIT 32
+#endif
+
 #ifdef VKERN_FLASH_TRACE
 // Diagnostics only (bench/flash_trace.cu defines VKERN_FLASH_TRACE; the extension never does): clock64 stamps of
 // CTA (kTraceCta, head 0, batch 0)'s consumer warps (lane 0) at kTraceEvents points of key blocks kTraceFirst...
@@ -214,6 +220,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // sub-partition's tensor core already takes the products in order (bench/flash_trace.cu, bench/NOTES.md).
   constexpr bool kPassWhenDone = kTurns == 2;
   static_assert(kTurns == 0 || kIntPV, "the 8-bit turn options are the int8 P/V form's");
+  constexpr int kMidway = VKERN_FLASH_PV_WAIT;  // (kSOnly below)
+  static_assert(kMidway >= 0 && kMidway < 64, "the P V wait comes after 0-63 of the 64 exponentials");
   constexpr int kTileBytes = F::kTileBytes;
   constexpr float kIntBias = 12582912.f;  // 1.5 * 2^23, bits 0x4B400000
   extern __shared__ uint8_t smem_raw[];
@@ -340,7 +348,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // (8-bit: times 448; kShiftV: times each group's v_scale / sigma) in s, its row sums (unshifted) in sum and the
   // factor alpha that rescales what was accumulated before. The multipliers (> 0) commute with the max, so they
   // scale per-group maxima, not each score.
-  // midway() runs between the first and the second half of the exponentials (kSOnly: see the loop).
+  // midway() runs after the first kMidway exponentials (kSOnly: see the loop).
   auto softmax = [&](int j, const Tile& tile, float (&alpha)[2], float (&sum)[2], auto&& midway) {
     constexpr int kGroupRegs = kSRegs / kGroups;  // register i is in group i / kGroupRegs
     float mult[2][kGroups];
@@ -401,7 +409,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     // Row maxima as partial chains per row and group (8 deep, not 32: the first row's max is the head of the
     // softmax's serial path, and ptxas does not reassociate fmaxf).
-    constexpr int kChains = kGroups == 1 ? (kIntPV ? 2 : 4) : 1;
+    constexpr int kChains = kGroups == 1 ? 4 : 1;
     float mx[2][kGroups][kChains], neg_max[2][kGroups];
 #pragma unroll
     for (int r = 0; r < 2; ++r)
@@ -458,7 +466,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int c = 0; c < kSumChains; ++c) part[r][c] = 0.f;
 #pragma unroll
     for (int i = 0; i < kSRegs; ++i) {
-      if (i == kSRegs / 2) midway();
+      if (i == kMidway) midway();
       const int r = (i / 2) % 2, g = i / kGroupRegs;
       const float x = fmaf(s[i], mult[r][g], neg_max[r][g]);
       s[i] = kIntPV && (i % 8) >= 8 - kExpFma ? ex2_fma(x) : ex2(x);
@@ -548,7 +556,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr bool kLateAdd = kIntPV;
   // kSOnly (kLateAdd, except with turns passed when done): the softmax waits for S_j alone, not for block j - 1's
   // P V, which the tensor core runs after S_j (products complete in order) and which only the late add needs.
-  constexpr bool kSOnly = kLateAdd && !kPassWhenDone;
+  constexpr bool kSOnly = kLateAdd && !kPassWhenDone && kMidway > 0;
   auto pack_early = [&] {
     if constexpr (kPackEarly) {
       to_p();
