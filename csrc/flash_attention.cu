@@ -43,7 +43,7 @@ constexpr float kLog2Of255 = 7.994353436858858f;
 // kIntPV: after how many of a thread's 64 exponentials the softmax waits for the previous block's P V (kSOnly in the
 // kernel; 0: before the softmax, with S). bench/flash_sweep.sh builds other values; the extension never sets it.
 #ifndef VKERN_FLASH_PV_WAIT
-#define VKERN_FLASH_PV_WAIT 32
+#define VKERN_FLASH_PV_WAIT 0
 #endif
 
 #ifdef VKERN_FLASH_TRACE
@@ -220,8 +220,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   // sub-partition's tensor core already takes the products in order (bench/flash_trace.cu, bench/NOTES.md).
   constexpr bool kPassWhenDone = kTurns == 2;
   static_assert(kTurns == 0 || kIntPV, "the 8-bit turn options are the int8 P/V form's");
-  constexpr int kMidway = VKERN_FLASH_PV_WAIT;  // (kSOnly below)
+  // kSOnly (kIntPV, whose P V goes into O after the next softmax: kLateAdd below; not with turns passed when done):
+  // the softmax waits for S_j alone, not for block j - 1's P V, which the tensor core runs after S_j (products
+  // complete in order), and waits for that after kMidway of its exponentials (VKERN_FLASH_PV_WAIT; 0: no kSOnly).
+  constexpr int kMidway = VKERN_FLASH_PV_WAIT;
   static_assert(kMidway >= 0 && kMidway < 64, "the P V wait comes after 0-63 of the 64 exponentials");
+  constexpr bool kSOnly = kIntPV && !kPassWhenDone && kMidway > 0;
   constexpr int kTileBytes = F::kTileBytes;
   constexpr float kIntBias = 12582912.f;  // 1.5 * 2^23, bits 0x4B400000
   extern __shared__ uint8_t smem_raw[];
@@ -301,6 +305,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t s_int[kSRegs];                              // S8's int32 accumulator
   uint32_t t_int[kIntPV ? kHeadDim / 2 : 1] = {};      // kIntPV: the block's P V', int32 (t is unused)
   float p_factor[2] = {0.f, 0.f};  // kIntPV: exp2(block max - running max) of the last softmax's block, per row
+  float p_sum[2] = {0.f, 0.f};     // kIntPV: this thread's sum of the last packed block's P codes, per row
   float corr[2] = {0.f, 0.f};      // kIntPV: sum over blocks of p_sum * the block's factor (rescaled with O)
   uint32_t p[F::kPRegs];
 #pragma unroll
@@ -483,6 +488,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   };
+  // The codes' sums per row (registers 4 kk (+ 2) hold row r, 4 kk + 1 (+ 2) row r + 8): as P is packed, or (kSOnly)
+  // in the late add, after the softmax: that read of P is what keeps P's registers (the in-flight product's A
+  // operand) from being reused in the softmax (ptxas sees no other use, and would wait for the product first).
+  auto sum_codes = [&] {
+    uint32_t sums[4] = {0u, 0u, 0u, 0u};  // two chains per row (dp4a's latency)
+#pragma unroll
+    for (int i = 0; i < F::kPRegs; ++i) sums[i % 4] = __dp4a(p[i], 0x01010101u, sums[i % 4]);
+    p_sum[0] = float(sums[0] + sums[2]), p_sum[1] = float(sums[1] + sums[3]);
+  };
   auto to_p = [&] {
     if constexpr (F::k8Bit) {
       const auto pack4 = [](float a, float b, float c, float d) {
@@ -496,6 +510,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         p[4 * kk + 2] = pack4(g[8], g[9], g[12], g[13]);
         p[4 * kk + 3] = pack4(g[10], g[11], g[14], g[15]);
       }
+      if constexpr (F::kIntPV && !kSOnly) sum_codes();
     } else {
 #pragma unroll
       for (int i = 0; i < 32; ++i) p[i] = pack2<In>(s[2 * i], s[2 * i + 1]);
@@ -554,9 +569,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   // on O in the same order), so that ptxas places the 64 FFMAs in the exponentials' MUFU.EX2 gaps instead of ahead
   // of the row max (run 84: +5-13% in every schedule).
   constexpr bool kLateAdd = kIntPV;
-  // kSOnly (kLateAdd, except with turns passed when done): the softmax waits for S_j alone, not for block j - 1's
-  // P V, which the tensor core runs after S_j (products complete in order) and which only the late add needs.
-  constexpr bool kSOnly = kLateAdd && !kPassWhenDone && kMidway > 0;
   auto pack_early = [&] {
     if constexpr (kPackEarly) {
       to_p();
@@ -597,16 +609,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto add_t = [&](float value_scale, const float (&pf)[2]) {
     if constexpr (kIntPV) {  // t's bits are P V' * 2^-149; 2^-24: P's unit in the row sums (kPOffset)
       constexpr float kUnit = 0x1p77f;  // 2^(149 - 24 - 48)
-      // The block's codes' sums per row (registers 4 kk (+ 2) hold row r, 4 kk + 1 (+ 2) row r + 8), taken here, not
-      // as P is packed: this read of P after the softmax is what keeps P's registers (the in-flight product's A
-      // operand) from being reused in it (kSOnly; ptxas sees no other use, and would wait for the product first).
-      float p_sum[2];
-      {
-        uint32_t sums[4] = {0u, 0u, 0u, 0u};  // two chains per row (dp4a's latency)
-#pragma unroll
-        for (int i = 0; i < F::kPRegs; ++i) sums[i % 4] = __dp4a(p[i], 0x01010101u, sums[i % 4]);
-        p_sum[0] = float(sums[0] + sums[2]), p_sum[1] = float(sums[1] + sums[3]);
-      }
+      if constexpr (kSOnly) sum_codes();
       const float factor[2] = {pf[0] * (value_scale * kUnit), pf[1] * (value_scale * kUnit)};
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
