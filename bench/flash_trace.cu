@@ -5,8 +5,8 @@
 // the medians per phase and the launch's TFLOP/s (CUDA events, the trace's own build).
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icsrc \
 //     bench/flash_trace.cu -o flash_trace && ./flash_trace [heads] [tokens] [exp_fma] [turns] [rescale_slack]
-// bench/flash_trace.sh runs it for each schedule. With -DVKERN_FLASH_TIME_ONLY: no stamps, the launch's TFLOP/s
-// only (the extension's code; bench/flash_sweep.sh times kernel variants so, -DVKERN_FLASH_PV_WAIT=...).
+// bench/flash_trace.sh runs it for each schedule. With -DVKERN_FLASH_TIME_ONLY: no stamps (the extension's code),
+// the launch's TFLOP/s only: a way to time a kernel variant built with other -D settings side by side.
 #ifndef VKERN_FLASH_TIME_ONLY
 #define VKERN_FLASH_TRACE 1
 #endif
@@ -89,8 +89,8 @@ int main(int argc, char** argv) {
   ms /= reps;
   const double flops = 4.0 * heads * double(tokens) * tokens * 128;
 #ifdef VKERN_FLASH_TIME_ONLY
-  std::printf("pv_wait %d heads %d tokens %d exp_fma %d turns %d slack %g: %.3f ms, %.0f TFLOP/s\n",
-              VKERN_FLASH_PV_WAIT, heads, tokens, exp_fma, turns, slack, ms, flops / ms / 1e9);
+  std::printf("heads %d tokens %d exp_fma %d turns %d slack %g: %.3f ms, %.0f TFLOP/s\n", heads, tokens, exp_fma,
+              turns, slack, ms, flops / ms / 1e9);
   return 0;
 #else
   long long trace[2][4][vkern::kTraceBlocks][vkern::kTraceEvents];

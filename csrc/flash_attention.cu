@@ -40,12 +40,6 @@ constexpr int kStoreBarrier = 3;              // named barriers 3, 4: consumer 0
 constexpr float kLog2Of448 = 8.807354922057604f;
 constexpr float kLog2Of255 = 7.994353436858858f;
 
-// kIntPV: after how many of a thread's 64 exponentials the softmax waits for the previous block's P V (kSOnly in the
-// kernel; 0: before the softmax, with S). bench/flash_sweep.sh builds other values; the extension never sets it.
-#ifndef VKERN_FLASH_PV_WAIT
-#define VKERN_FLASH_PV_WAIT 0
-#endif
-
 #ifdef VKERN_FLASH_TRACE
 // Diagnostics only (bench/flash_trace.cu defines VKERN_FLASH_TRACE; the extension never does): clock64 stamps of
 // CTA (kTraceCta, head 0, batch 0)'s consumer warps (lane 0) at kTraceEvents points of key blocks kTraceFirst...
@@ -190,8 +184,9 @@ __device__ __forceinline__ float quad_sum(float x) {
 // [0, 255 * 255 * 128] < 2^23: t starts at 0 and its bits read as an fp32 subnormal are t * 2^-149 exactly, which
 // one no-ftz FFMA adds to O (no int-to-float conversion, no start values, no bias to subtract: run 80's form spent
 // 64 MOVs and 64 FADDs per block there, 9-11%). O is kept in units of 2^-48 (so the factor's 2^-149 compensation
-// stays below fp32's range for v_scale < 2^43 with the factor up to 2^8: rescale_slack) and corr, per row, collects sum(P) (16 dp4a per block) times the
-// same factors; the epilogue takes 128 corr out (O holds ~5 bits over P V then, not the 10 of run 79's bias).
+// stays below fp32's range for v_scale < 2^43 with factors up to 2^8: rescale_slack) and corr, per row, collects
+// sum(P) (16 dp4a per block) times the same factors; the epilogue takes 128 corr out (O holds ~5 bits over P V
+// then, not the 10 of run 79's bias).
 // Row sums are of the codes (the same dp4a sums times the factors without the V scale; session 22: 64 FADDs
 // fewer per block, and the weights O takes sum to 1 exactly). P is packed and S's start values written as the
 // softmax ends (kPackEarly), and block j - 1's P V added to O after block j's softmax (kLateAdd): ptxas fills the
@@ -220,12 +215,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   // sub-partition's tensor core already takes the products in order (bench/flash_trace.cu, bench/NOTES.md).
   constexpr bool kPassWhenDone = kTurns == 2;
   static_assert(kTurns == 0 || kIntPV, "the 8-bit turn options are the int8 P/V form's");
-  // kSOnly (kIntPV, whose P V goes into O after the next softmax: kLateAdd below; not with turns passed when done):
-  // the softmax waits for S_j alone, not for block j - 1's P V, which the tensor core runs after S_j (products
-  // complete in order), and waits for that after kMidway of its exponentials (VKERN_FLASH_PV_WAIT; 0: no kSOnly).
-  constexpr int kMidway = VKERN_FLASH_PV_WAIT;
-  static_assert(kMidway >= 0 && kMidway < 64, "the P V wait comes after 0-63 of the 64 exponentials");
-  constexpr bool kSOnly = kIntPV && !kPassWhenDone && kMidway > 0;
   constexpr int kTileBytes = F::kTileBytes;
   constexpr float kIntBias = 12582912.f;  // 1.5 * 2^23, bits 0x4B400000
   extern __shared__ uint8_t smem_raw[];
@@ -353,8 +342,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // (8-bit: times 448; kShiftV: times each group's v_scale / sigma) in s, its row sums (unshifted) in sum and the
   // factor alpha that rescales what was accumulated before. The multipliers (> 0) commute with the max, so they
   // scale per-group maxima, not each score.
-  // midway() runs after the first kMidway exponentials (kSOnly: see the loop).
-  auto softmax = [&](int j, const Tile& tile, float (&alpha)[2], float (&sum)[2], auto&& midway) {
+  auto softmax = [&](int j, const Tile& tile, float (&alpha)[2], float (&sum)[2]) {
     constexpr int kGroupRegs = kSRegs / kGroups;  // register i is in group i / kGroupRegs
     float mult[2][kGroups];
 #pragma unroll
@@ -364,8 +352,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // kShiftV: each group's P shift log2(v_scale / sigma) <= 0 (at least -24, so that 2^-shift stays finite for a
     // zero scale: such a group's V codes are 0) and 2^-shift, which takes it out of the row sums.
     // (Logarithms, not divisions: an IEEE division is a call with a slow path.)
-    float shift[kGroups], sigma_ratio = 1.f;
-    [[maybe_unused]] float unshift[kGroups];  // (kShiftV only)
+    float shift[kGroups], unshift[kGroups], sigma_ratio = 1.f;
     if constexpr (F::kShiftV) {
       float sigma = v_sigma;
 #pragma unroll
@@ -438,9 +425,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         thread_max = g == 0 ? scaled : fmaxf(thread_max, scaled);
       }
       const float block_max = quad_max(thread_max);
-      // kIntPV: the reference max O is kept against moves only when a block's max passes it by more than
-      // rescale_slack (log2 units, <= 8), so that O's rescale (64 FMULs in the softmax) is rarely taken; P is against
-      // the block's own max anyway, and its factor exp2(block max - reference) stays <= 2^8. 0: the running max.
+      // kIntPV: the max O is kept against moves only when a block's row max passes it by more than rescale_slack
+      // (log2 units, <= 8), so that O's rescale (64 FMULs) is rarely taken; P is against the block's own max anyway,
+      // and its factor exp2(block max - that max) stays <= 2^8 (run 88: slack 8 +0.2-2.5%). 0: the running max.
       const float new_max = kIntPV ? (block_max > row_max[r] + rescale_slack ? block_max : row_max[r])
                                    : fmaxf(row_max[r], block_max);
       // No attended key in this row yet (only with a mask): exp2 against 0 keeps -inf scores at 0, not NaN.
@@ -471,7 +458,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int c = 0; c < kSumChains; ++c) part[r][c] = 0.f;
 #pragma unroll
     for (int i = 0; i < kSRegs; ++i) {
-      if (i == kMidway) midway();
       const int r = (i / 2) % 2, g = i / kGroupRegs;
       const float x = fmaf(s[i], mult[r][g], neg_max[r][g]);
       s[i] = kIntPV && (i % 8) >= 8 - kExpFma ? ex2_fma(x) : ex2(x);
@@ -488,15 +474,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   };
-  // The codes' sums per row (registers 4 kk (+ 2) hold row r, 4 kk + 1 (+ 2) row r + 8): as P is packed, or (kSOnly)
-  // in the late add, after the softmax: that read of P is what keeps P's registers (the in-flight product's A
-  // operand) from being reused in the softmax (ptxas sees no other use, and would wait for the product first).
-  auto sum_codes = [&] {
-    uint32_t sums[4] = {0u, 0u, 0u, 0u};  // two chains per row (dp4a's latency)
-#pragma unroll
-    for (int i = 0; i < F::kPRegs; ++i) sums[i % 4] = __dp4a(p[i], 0x01010101u, sums[i % 4]);
-    p_sum[0] = float(sums[0] + sums[2]), p_sum[1] = float(sums[1] + sums[3]);
-  };
   auto to_p = [&] {
     if constexpr (F::k8Bit) {
       const auto pack4 = [](float a, float b, float c, float d) {
@@ -510,7 +487,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         p[4 * kk + 2] = pack4(g[8], g[9], g[12], g[13]);
         p[4 * kk + 3] = pack4(g[10], g[11], g[14], g[15]);
       }
-      if constexpr (F::kIntPV && !kSOnly) sum_codes();
+      if constexpr (F::kIntPV) {  // the codes' sums per row: registers 4 kk (+ 2) hold row r, 4 kk + 1 (+ 2) row r + 8
+        uint32_t sums[4] = {0u, 0u, 0u, 0u};  // two chains per row (dp4a's latency)
+#pragma unroll
+        for (int i = 0; i < F::kPRegs; ++i) sums[i % 4] = __dp4a(p[i], 0x01010101u, sums[i % 4]);
+        p_sum[0] = float(sums[0] + sums[2]), p_sum[1] = float(sums[1] + sums[3]);
+      }
     } else {
 #pragma unroll
       for (int i = 0; i < 32; ++i) p[i] = pack2<In>(s[2 * i], s[2 * i + 1]);
@@ -591,7 +573,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kPassWhenDone) pass_turn(0);
     read_s();
     release_k(0);
-    softmax(0, tile, alpha, sum, [] {});
+    softmax(0, tile, alpha, sum);
     row_sum[0] = sum[0];  // (kIntPV: 0; the codes' sums come in add_t)
     row_sum[1] = sum[1];
     pack_early();
@@ -609,7 +591,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto add_t = [&](float value_scale, const float (&pf)[2]) {
     if constexpr (kIntPV) {  // t's bits are P V' * 2^-149; 2^-24: P's unit in the row sums (kPOffset)
       constexpr float kUnit = 0x1p77f;  // 2^(149 - 24 - 48)
-      if constexpr (kSOnly) sum_codes();
       const float factor[2] = {pf[0] * (value_scale * kUnit), pf[1] * (value_scale * kUnit)};
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -624,17 +605,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < kHeadDim / 2; ++i) o[i] = fmaf(t[i], value_scale, o[i]);
     }
   };
-  auto rescale_o_by = [&](const float (&scale)[2]) {
+  auto rescale_o = [&] {
     fence_regs(o);
     // Late in a row the max rarely moves (alpha = 1 exactly): the warp skips the multiplies (same result).
-    if (__any_sync(0xffffffff, scale[0] != 1.f || scale[1] != 1.f)) {
+    if (__any_sync(0xffffffff, o_scale[0] != 1.f || o_scale[1] != 1.f)) {
 #pragma unroll
-      for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= scale[(i / 2) % 2];
+      for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= o_scale[(i / 2) % 2];
     }
     fence_regs(o);
-    if constexpr (kIntPV) corr[0] *= scale[0], corr[1] *= scale[1], row_sum[0] *= scale[0], row_sum[1] *= scale[1];
+    if constexpr (kIntPV)
+      corr[0] *= o_scale[0], corr[1] *= o_scale[1], row_sum[0] *= o_scale[0], row_sum[1] *= o_scale[1];
   };
-  auto rescale_o = [&] { rescale_o_by(o_scale); };
   // O += P V, or t = P V (kPromoteO).
   auto issue_pv_block = [&](SmemDesc v_tile) {
     if constexpr (kIntPV)
@@ -673,18 +654,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (!kPassWhenDone) pass_turn(j);
     stamp(j, 2);
     if constexpr (kPromoteO) {
-      if constexpr (!kSOnly) rescale_o();  // (O is no product's accumulator here: rescaled after the issues)
-      if constexpr (kSOnly) {
-        wgmma_wait<1>();  // S_j; the PV product of block j - 1 stays in flight through the softmax (kLateAdd)
-        stamp(j, 3);
-      } else {
-        wgmma_wait<0>();  // S_j and the PV product of block j - 1, which goes into O now
-        stamp(j, 3);
-        if constexpr (kPassWhenDone) pass_turn(j);
-        fence_regs(o);
-        fence_t();
-        if constexpr (!kLateAdd) add_t(value_scale, p_factor);
-      }
+      rescale_o();      // (O is no product's accumulator here: rescaled after the issues, out of the turn)
+      wgmma_wait<0>();  // S_j and the PV product of block j - 1, which goes into O now
+      stamp(j, 3);
+      if constexpr (kPassWhenDone) pass_turn(j);
+      fence_regs(o);
+      fence_t();
+      if constexpr (!kLateAdd) add_t(value_scale, p_factor);
     } else {
       wgmma_wait<1>();  // S_j; the PV product stays in flight through the softmax
     }
@@ -692,23 +668,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     read_s();
     release_k(j);
     float sum[2];
-    // kSOnly: O is rescaled halfway through the exponentials. Its branch ends a basic block there, and ptxas places
-    // the wait for block j - 1's P V (which the late add and P's packing need) at the top of the block that uses t:
-    // so the wait comes halfway, not before the row max (where it put it with the whole softmax one block).
-    const float prev_scale[2] = {o_scale[0], o_scale[1]};
-    softmax(j, tile, alpha, sum, [&] {
-      if constexpr (kSOnly) rescale_o_by(prev_scale);
-    });
+    softmax(j, tile, alpha, sum);
     stamp(j, 4);
 #pragma unroll
     for (int r = 0; r < 2; ++r)
       if constexpr (!kIntPV) row_sum[r] = row_sum[r] * alpha[r] + sum[r];  // (kIntPV: with O, in rescale_o)
-    if constexpr (kSOnly) {  // block j - 1's P V: t, and P, its A operand, which pack_early overwrites (fenced
-      wgmma_wait<0>();      // here so that its registers stay P's through the softmax: else ptxas reuses them
-      fence_regs(o);        // there and waits for the product first)
-      fence_t();
-      fence_regs(p);
-    }
     if constexpr (kLateAdd) add_t(value_scale, prev_factor);
     pack_early();
     stamp(j, 5);

@@ -1060,8 +1060,10 @@ def test_gpu_cuda_int8_pv_schedules(use_backend, monkeypatch, fma, turns, B, H, 
 @pytest.mark.parametrize("B,H,Sq,Skv", [(2, 2, 200, 333), (1, 3, 4097, 4097)], ids=["B2H2-200x333", "B1H3-4097x4097"])
 def test_gpu_cuda_int8_pv_rescale_slack(use_backend, monkeypatch, slack, B, H, Sq, Skv):
     """O's rescale slack (session 24) changes which max O is kept against, not P's codes (each block's own max):
-    out and lse equal slack 0's up to fp32 rounding (exp2 of other arguments), with a mask too, and every floor
-    holds; a slack outside 0-8 is a clear error."""
+    out and lse equal slack 0's up to fp32 rounding (exp2 of other arguments: ~1e-6 relative), so each bf16 output
+    element lies within one bf16 step (2^-7 of its magnitude) of slack 0's, with a mask too, and every floor holds;
+    a slack outside 0-8 is a clear error. (Run 88: rel L2 1.4e-5 - 7.7e-5 from slack 0, all from bf16 rounding
+    flips.)"""
     q, k, v = make_qkv(B, Sq, Skv, H, 128, torch.bfloat16, "cuda")
     sharp = q * 3  # the block maxima then move by more than 1 (log2) between blocks: slack 1 takes both branches
     mask = make_padding(B, Skv, "random", "cuda")
@@ -1071,8 +1073,8 @@ def test_gpu_cuda_int8_pv_rescale_slack(use_backend, monkeypatch, slack, B, H, S
     monkeypatch.setenv("VKERN_FLASH_RESCALE_SLACK", slack)
     out, lse = run_8bit(sharp, k, v, INT8PV, key_padding_mask=mask, return_lse=True)
     assert _backend.last_choice["attention_8bit"] == "cuda"
-    diff = rel_l2(out, base.double())
-    assert diff < 1e-5, f"slack {slack}: rel L2 {diff:.2e} from slack 0"
+    step = (out.float() - base.float()).abs() - base.float().abs() * 2 ** -7
+    assert step.max().item() <= 0, f"slack {slack}: an element {step.max().item():.2e} over one bf16 step from slack 0"
     attended = torch.isfinite(base_lse)
     assert torch.equal(attended, torch.isfinite(lse))
     assert (lse[attended] - base_lse[attended]).abs().max().item() < 1e-4
