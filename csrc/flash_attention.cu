@@ -427,7 +427,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float block_max = quad_max(thread_max);
       // kIntPV: the max O is kept against moves only when a block's row max passes it by more than rescale_slack
       // (log2 units, <= 8), so that O's rescale (64 FMULs) is rarely taken; P is against the block's own max anyway,
-      // and its factor exp2(block max - that max) stays <= 2^8 (run 88: slack 8 +0.2-2.5%). 0: the running max.
+      // and its factor exp2(block max - that max) stays <= 2^8 (run 88: slack 8 +0.3-2.5%). 0: the running max.
       const float new_max = kIntPV ? (block_max > row_max[r] + rescale_slack ? block_max : row_max[r])
                                    : fmaxf(row_max[r], block_max);
       // No attended key in this row yet (only with a mask): exp2 against 0 keeps -inf scores at 0, not NaN.
