@@ -1030,8 +1030,8 @@ INT8PV_SCHEDULES = [(fma, turns) for fma in ("0", "2") for turns in ("0", "1", "
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fma,turns", INT8PV_SCHEDULES, ids=[f"fma{f}-turns{t}" for f, t in INT8PV_SCHEDULES])
-@pytest.mark.parametrize("B,H,Sq,Skv", [(2, 2, 200, 333), (1, 3, 4097, 4097), (2, 1, 100, 385)],
-                         ids=["B2H2-200x333", "B1H3-4097x4097", "B2H1-100x385"])
+@pytest.mark.parametrize("B,H,Sq,Skv", [(2, 2, 200, 333), (1, 3, 4097, 4097), (2, 1, 100, 385), (1, 2, 77, 77)],
+                         ids=["B2H2-200x333", "B1H3-4097x4097", "B2H1-100x385", "B1H2-77x77"])  # 3, 33, 4, 1 blocks
 def test_gpu_cuda_int8_pv_schedules(use_backend, monkeypatch, fma, turns, B, H, Sq, Skv):
     """Every schedule within the floors and the 1.25x/2x rule (with a key-padding mask too); turns change only the
     order the consumers issue in, so out and lse are the MUFU-only schedule's bit for bit; the FMA pipe's exponentials
