@@ -214,9 +214,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   // (ping-pong by phase; session 23). Measured 0.5-1.5% slower than kTurns = 1 on an H200 (run 85): a
   // sub-partition's tensor core already takes the products in order (bench/flash_trace.cu, bench/NOTES.md).
   constexpr bool kPassWhenDone = kTurns == 2;
-  // kTurns = 3 (kIntPV; session 25): no turns; S prefetch, the next block's S issued before this block's softmax
-  // (FlashAttention-3's intra-warpgroup overlap), see prefetch_schedule.
-  constexpr bool kPrefetchS = kTurns == 3;
+  // kTurns = 3 (kIntPV; session 25, an experiment): no turns, with three micro-steps, each bit-identical: the V stage
+  // waited for after S's issue (not before), no wgmma wait at the loop top (nothing is in flight there: the promoted
+  // forms wait for both products in the loop), and the row max's chains start at their first score (not -inf).
+  constexpr bool kMicro = kTurns == 3;
   static_assert(kTurns == 0 || kIntPV, "the 8-bit turn options are the int8 P/V form's");
   constexpr int kTileBytes = F::kTileBytes;
   constexpr float kIntBias = 12582912.f;  // 1.5 * 2^23, bits 0x4B400000
@@ -415,7 +416,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < kSRegs; ++i) {
       float& m = mx[(i / 2) % 2][i / kGroupRegs][(i / 4) % kChains];
-      m = fmaxf(m, s[i]);
+      // (kMicro: register 4 c + 2 r is the first of row r's chain c)
+      m = kMicro && kGroups == 1 && kChains == 4 && i < 16 && i % 2 == 0 ? s[i] : fmaxf(m, s[i]);
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -561,7 +563,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
   float alpha[2];  // rescales O before the next PV product adds to it (O is still 0 after block 0)
-  if constexpr (!kPrefetchS) {  // block 0: S only
+  {  // block 0: S only
     float sum[2];
     const Tile tile = tile_of(0);
     mbar_wait(&bars.k_full[0], 0);
@@ -591,7 +593,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (!kPackEarly) to_p();
   };
   // (pf: the block's p_factor; kLateAdd passes the one saved before the next softmax overwrote it.)
-  auto add_t = [&](float value_scale, const float (&pf)[2], const uint32_t (&t_bits)[kIntPV ? kHeadDim / 2 : 1]) {
+  auto add_t = [&](float value_scale, const float (&pf)[2]) {
     if constexpr (kIntPV) {  // t's bits are P V' * 2^-149; 2^-24: P's unit in the row sums (kPOffset)
       constexpr float kUnit = 0x1p77f;  // 2^(149 - 24 - 48)
       const float factor[2] = {pf[0] * (value_scale * kUnit), pf[1] * (value_scale * kUnit)};
@@ -602,7 +604,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
 #pragma unroll
       for (int i = 0; i < kHeadDim / 2; ++i)
-        o[i] = fma_subnormal(__uint_as_float(t_bits[i]), factor[(i / 2) % 2], o[i]);
+        o[i] = fma_subnormal(__uint_as_float(t_int[i]), factor[(i / 2) % 2], o[i]);
     } else {
 #pragma unroll
       for (int i = 0; i < kHeadDim / 2; ++i) o[i] = fmaf(t[i], value_scale, o[i]);
@@ -619,95 +621,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kIntPV)
       corr[0] *= o_scale[0], corr[1] *= o_scale[1], row_sum[0] *= o_scale[0], row_sum[1] *= o_scale[1];
   };
-  // kPrefetchS: per block j (S_j done; P_{j-1} V_{j-1} in flight): wait for that product and add it to O, issue
-  // S_{j+1}, run block j's softmax while it computes, pack P_j, rescale O, issue P_j V_j, wait for S_{j+1}. So a
-  // consumer waits for one product (P V, ~256 clocks at the 8-bit rate) per block where the default waits for two
-  // (S_j and P_{j-1} V_{j-1}, issued together), at the price of adding P V to O before the softmax (the default's
-  // late add fills the exponentials' gaps). Registers: wgmma accumulators are blocks of 64 contiguous registers, and
-  // O (64) + P (16) leave room for two: S and P V take turns in them (S_{j+1} where P_{j-1} V_{j-1} was, P_j V_j
-  // where S_j was). Both start with overwriting products ("=r": the old values are not kept live) and S without
-  // kIntBias, added as it is read. The same operations on O in the same order as the default: bit-identical.
-  auto issue_s_into = [&](uint32_t (&x)[kSRegs], int j) {
-    if constexpr (kPrefetchS) {  // (compiled only where it runs)
-      const int st = j % kStages;
-      mbar_wait(&bars.k_full[st], (j / kStages) & 1);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t a = q_rows.plus(kk * 32).bits(), b = k_ring.plus(st * F::kKTileBytes + kk * 32).bits();
-        if (kk == 0)
-          wgmma_m64n128k32_ss_s8_first(x, a, b);
-        else
-          wgmma_m64n128k32_ss_s8(x, a, b);
-      }
-      wgmma_commit();
-      fence_regs(x);
-    }
-  };
-  // cur: S_j (done) in, P_j V_j (in flight) out; other: P_{j-1} V_{j-1} (in flight; j > 0) in, S_{j+1} out.
-  auto prefetch_step = [&](int j, uint32_t (&cur)[kSRegs], uint32_t (&other)[kSRegs]) {
-    if constexpr (kPrefetchS) {  // (compiled only where it runs)
-      // (The waits are unconditional: ptxas serializes every wgmma (C7514) if any path it sees reads an accumulator in
-      // flight, and it does not correlate the branches.)
-      const Tile tile = tile_of(j);
-      const float value_scale = value_scale_of(max(j - 1, 0));
-      wgmma_wait<0>();  // P_{j-1} V_{j-1}
-      fence_regs(other);
-      fence_regs(o);
-      if (j > 0) {
-        if (tid == 0) mbar_arrive(&bars.v_empty[(j - 1) % kStages]);
-        add_t(value_scale, p_factor, other);  // (block j - 1's factor: this block's softmax has not run)
-      }
-      if (j + 1 < n_blocks) issue_s_into(other, j + 1);
-#pragma unroll
-      for (int i = 0; i < kSRegs; ++i) s[i] = __uint_as_float(cur[i] + __float_as_uint(kIntBias));
-      float sum[2];
-      softmax(j, tile, alpha, sum);
-      to_p();
-      rescale_o();
-      const int st = j % kStages;
-      mbar_wait(&bars.v_full[st], (j / kStages) & 1);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
-        const uint64_t b = v_ring.plus(st * F::kVTileBytes + kk * 32).bits();
-        if (kk == 0)
-          wgmma_m64n128k32_rs_u8u8_first(cur, a, b);
-        else
-          wgmma_m64n128k32_rs_u8u8(cur, a, b, true);
-      }
-      wgmma_commit();
-      fence_regs(cur);
-      fence_regs(o);
-      wgmma_wait<1>();  // S_{j+1}; P_j V_j stays in flight
-      fence_regs(other);
-      if (j + 1 < n_blocks) release_k(j + 1);
-    }
-  };
-  auto prefetch_schedule = [&] {
-    if constexpr (kPrefetchS) {
-      issue_s_into(s_int, 0);
-      wgmma_wait<0>();
-      fence_regs(s_int);
-      release_k(0);
-      int j = 0;
-      for (; j + 1 < n_blocks; j += 2) {  // (unrolled by two: the arrays swap roles)
-        prefetch_step(j, s_int, t_int);
-        prefetch_step(j + 1, t_int, s_int);
-      }
-      if (j < n_blocks) prefetch_step(j, s_int, t_int);
-      const float value_scale = value_scale_of(n_blocks - 1);
-      wgmma_wait<0>();
-      fence_regs(s_int);
-      fence_regs(t_int);
-      fence_regs(o);
-      if (n_blocks % 2 == 1)  // (the last block's P V is where its S was)
-        add_t(value_scale, p_factor, s_int);
-      else
-        add_t(value_scale, p_factor, t_int);
-    }
-  };
   // O += P V, or t = P V (kPromoteO).
   auto issue_pv_block = [&](SmemDesc v_tile) {
     if constexpr (kIntPV)
@@ -717,15 +630,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     else
       issue_pv<In, kHeadDim, kKeys>(o, p, v_tile);
   };
-  if constexpr (kPrefetchS) prefetch_schedule();
-  for (int j = 1; j < n_blocks && !kPrefetchS; ++j) {  // S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight together
+  for (int j = 1; j < n_blocks; ++j) {  // S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight together
     const int st = j % kStages, prev = (j - 1) % kStages;
     stamp(j, 0);
     const Tile tile = tile_of(j);  // in flight while the products run
     const float value_scale = kPromoteO ? value_scale_of(j - 1) : 1.f;
     mbar_wait(&bars.k_full[st], (j / kStages) & 1);
-    mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
-    wgmma_wait<0>();  // the PV product of block j - 2
+    if constexpr (!kMicro) mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
+    if constexpr (!(kMicro && kPromoteO)) wgmma_wait<0>();  // the PV product of block j - 2
     fence_regs(o);
     fence_t();
     pack_block(j);
@@ -738,6 +650,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_commit();
     fence_s();
     if constexpr (!kPromoteO) rescale_o();
+    if constexpr (kMicro) mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
     wgmma_fence();  // O (or P) was written by ordinary instructions
     issue_pv_block(v_ring.plus(prev * F::kVTileBytes));
     wgmma_commit();
@@ -753,7 +666,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kPassWhenDone) pass_turn(j);
       fence_regs(o);
       fence_t();
-      if constexpr (!kLateAdd) add_t(value_scale, p_factor, t_int);
+      if constexpr (!kLateAdd) add_t(value_scale, p_factor);
     } else {
       wgmma_wait<1>();  // S_j; the PV product stays in flight through the softmax
     }
@@ -766,11 +679,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r)
       if constexpr (!kIntPV) row_sum[r] = row_sum[r] * alpha[r] + sum[r];  // (kIntPV: with O, in rescale_o)
-    if constexpr (kLateAdd) add_t(value_scale, prev_factor, t_int);
+    if constexpr (kLateAdd) add_t(value_scale, prev_factor);
     pack_early();
     stamp(j, 5);
   }
-  if constexpr (!kPrefetchS) {  // the last block's PV product (its V stage and the one before are never refilled)
+  {  // the last block's PV product (its V stage and the one before are never refilled: not released)
     const int last = (n_blocks - 1) % kStages;
     const float value_scale = kPromoteO ? value_scale_of(n_blocks - 1) : 1.f;
     mbar_wait(&bars.v_full[last], ((n_blocks - 1) / kStages) & 1);
@@ -785,7 +698,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<0>();
     fence_regs(o);
     fence_t();
-    if constexpr (kPromoteO) add_t(value_scale, p_factor, t_int);
+    if constexpr (kPromoteO) add_t(value_scale, p_factor);
   }
 
   // Epilogue: O / l into this consumer's output stage (16-bit: its now unused Q rows) in the swizzled layout, then

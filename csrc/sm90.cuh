@@ -301,26 +301,6 @@ __device__ __forceinline__ void wgmma_m64n128k32_rs_u8u8(uint32_t (&d)[64], cons
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(int(accumulate)));
 }
 
-// The first k-step of an int32 product, which overwrites d (scale-d 0): d is an output only ("=r"), so the compiler
-// need not keep d's old values live until the product is issued (the "+r" forms above read them).
-#define VKERN_ACC64_U32_OUTPUTS(d)                                                                            \
-  VKERN_ACC8("=r", d, 0), VKERN_ACC8("=r", d, 8), VKERN_ACC8("=r", d, 16), VKERN_ACC8("=r", d, 24),             \
-      VKERN_ACC8("=r", d, 32), VKERN_ACC8("=r", d, 40), VKERN_ACC8("=r", d, 48), VKERN_ACC8("=r", d, 56)
-__device__ __forceinline__ void wgmma_m64n128k32_ss_s8_first(uint32_t (&d)[64], uint64_t desc_a, uint64_t desc_b) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 " VKERN_ACC64_REGS ", %64, %65, p;\n}\n"
-               : VKERN_ACC64_U32_OUTPUTS(d)
-               : "l"(desc_a), "l"(desc_b), "r"(0));
-}
-__device__ __forceinline__ void wgmma_m64n128k32_rs_u8u8_first(uint32_t (&d)[64], const uint32_t (&a)[4],
-                                                               uint64_t desc_b) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k32.s32.u8.u8 " VKERN_ACC64_REGS
-               ", {%64, %65, %66, %67}, %68, p;\n}\n"
-               : VKERN_ACC64_U32_OUTPUTS(d)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(0));
-}
-
 // d[96] += A[64 x 32] B[32 x 192], int8, int32 accumulation, as wgmma_m64n128k32_ss_s8.
 __device__ __forceinline__ void wgmma_m64n192k32_ss_s8(uint32_t (&d)[96], uint64_t desc_a, uint64_t desc_b) {
   asm volatile("wgmma.mma_async.sync.aligned.m64n192k32.s32.s8.s8 " VKERN_ACC96_REGS ", %96, %97, 1;\n"
