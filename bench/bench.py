@@ -95,7 +95,7 @@ def _attention(name, providers, args):
         # Session 22: the int8 P/V kernel's schedules (exponentials on the FMA pipe, 0 or 2 of each 8; the
         # consumers' products in turns or not; the default: vkern.ops.fused_attention.FLASH_EXP_FMA / _FP8_TURNS).
         for fma in ("0", "2"):
-            for turns in ("0", "1", "2", "3")[:4 if fma == "0" else 3]:  # (turns 3: MUFU exponentials only)
+            for turns in ("0", "1", "2"):
                 fns[f"vkern-int8pv-cuda-kernel-fma{fma}-turns{turns}"] = with_env(
                     with_env(fns["vkern-int8pv-cuda-kernel"], "VKERN_FLASH_EXP_FMA", fma), "VKERN_FLASH_FP8_TURNS",
                     turns)
@@ -128,7 +128,7 @@ def _attention(name, providers, args):
                 fma, turns = ((provider.split("-fma")[1][0], int(provider[-1])) if "-fma" in provider
                               else (str(_flash_exp_fma()), _flash_fp8_turns()))
                 slack = provider.split("-slack")[1] if "-slack" in provider else _flash_rescale_slack()
-                turns = ("off", "on (passed when issued)", "on (passed when done)", "off, micro-steps")[turns]
+                turns = ("off", "on (passed when issued)", "on (passed when done)")[turns]
                 row["config"] += (f", {fma} of 8 exponentials on FMA, turns {turns}, P V added after the next softmax"
                                   f", rescale slack {slack}")
         elif provider == "vkern-cuda":

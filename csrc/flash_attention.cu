@@ -208,16 +208,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kGroups = F::kGroups, kSRegs = F::kSRegs, kWords = kKeys / 32;
   // The 16-bit forms' consumers issue their products in turn (named barriers); the 8-bit forms' each as soon as it
   // is ready: their products are half as long, and over runs 46-54 the two schedules measured the same within +-5%.
-  constexpr bool kTakeTurns = !F::k8Bit || kTurns == 1 || kTurns == 2;
+  constexpr bool kTakeTurns = !F::k8Bit || kTurns != 0;
   // kTurns = 2 (kIntPV): a consumer passes the turn once its products are done, not once they are issued, so the
   // two consumers' products never share the tensor cores and each one's softmax runs while the other's products do
   // (ping-pong by phase; session 23). Measured 0.5-1.5% slower than kTurns = 1 on an H200 (run 85): a
   // sub-partition's tensor core already takes the products in order (bench/flash_trace.cu, bench/NOTES.md).
   constexpr bool kPassWhenDone = kTurns == 2;
-  // kTurns = 3 (kIntPV; session 25, an experiment): no turns, with three micro-steps, each bit-identical: the V stage
-  // waited for after S's issue (not before), no wgmma wait at the loop top (nothing is in flight there: the promoted
-  // forms wait for both products in the loop), and the row max's chains start at their first score (not -inf).
-  constexpr bool kMicro = kTurns == 3;
   static_assert(kTurns == 0 || kIntPV, "the 8-bit turn options are the int8 P/V form's");
   constexpr int kTileBytes = F::kTileBytes;
   constexpr float kIntBias = 12582912.f;  // 1.5 * 2^23, bits 0x4B400000
@@ -416,8 +412,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < kSRegs; ++i) {
       float& m = mx[(i / 2) % 2][i / kGroupRegs][(i / 4) % kChains];
-      // (kMicro: register 4 c + 2 r is the first of row r's chain c)
-      m = kMicro && kGroups == 1 && kChains == 4 && i < 16 && i % 2 == 0 ? s[i] : fmaxf(m, s[i]);
+      m = fmaxf(m, s[i]);
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -636,8 +631,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const Tile tile = tile_of(j);  // in flight while the products run
     const float value_scale = kPromoteO ? value_scale_of(j - 1) : 1.f;
     mbar_wait(&bars.k_full[st], (j / kStages) & 1);
-    if constexpr (!kMicro) mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
-    if constexpr (!(kMicro && kPromoteO)) wgmma_wait<0>();  // the PV product of block j - 2
+    mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
+    wgmma_wait<0>();  // the PV product of block j - 2
     fence_regs(o);
     fence_t();
     pack_block(j);
@@ -650,7 +645,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_commit();
     fence_s();
     if constexpr (!kPromoteO) rescale_o();
-    if constexpr (kMicro) mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
     wgmma_fence();  // O (or P) was written by ordinary instructions
     issue_pv_block(v_ring.plus(prev * F::kVTileBytes));
     wgmma_commit();
@@ -866,7 +860,7 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                     bool int8_qk, bool int8_pv, int keys, int exp_fma, int turns,
                                     float rescale_slack, cudaStream_t stream) {
   if (head_dim != kFlashFp8HeadDim || (int8_pv && !int8_qk) || (exp_fma != 0 && exp_fma != 2) ||
-      turns < 0 || turns > 3 || (turns != 0 && !int8_pv) || (turns == 3 && exp_fma != 0) || !(rescale_slack >= 0.f && rescale_slack <= 8.f) ||
+      turns < 0 || turns > 2 || (turns != 0 && !int8_pv) || !(rescale_slack >= 0.f && rescale_slack <= 8.f) ||
       (rescale_slack != 0.f && !int8_pv) ||
       !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) ||
       (keys != 128 && keys != 192) || reinterpret_cast<uintptr_t>(key_bits) % 16 != 0 ||
@@ -908,8 +902,7 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                             : tile(K128(), std::integral_constant<int, 0>(), turns_tag);
       };
       if constexpr (std::is_same<In, S8PV>::value)  // (keys is 128 here)
-        return turns == 3   ? tile(K128(), Off(), std::integral_constant<int, 3>())  // (MUFU exponentials only)
-               : turns == 2 ? with_fma(std::integral_constant<int, 2>())
+        return turns == 2   ? with_fma(std::integral_constant<int, 2>())
                : turns == 1 ? with_fma(std::integral_constant<int, 1>())
                             : with_fma(Off());
       else

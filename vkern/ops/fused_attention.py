@@ -409,8 +409,7 @@ def _flash_fp8_keys():
 # consumers' products each when ready: 814-891 TFLOP/s; 2 of each 8 exponentials on the FMA pipe 786-852; in turns
 # (as the 16-bit forms) 796-865; both 821-855. (Before that reordering, run 82, both had won: 794-842 against 754-810.)
 # VKERN_FLASH_EXP_FMA (0 or 2) and VKERN_FLASH_FP8_TURNS (0, 1, or 2: in turns passed when a consumer's products are
-# done, session 23: 806-860, 2-3% below the default in run 85; 3: no turns, with three bit-identical micro-steps,
-# session 25, MUFU exponentials only) override, for benchmarks.
+# done, session 23: 806-860, 2-3% below the default in run 85) override, for benchmarks.
 FLASH_EXP_FMA = 0
 FLASH_FP8_TURNS = 0
 
@@ -420,7 +419,7 @@ def _flash_exp_fma():
 
 
 def _flash_fp8_turns():
-    return _env_int("VKERN_FLASH_FP8_TURNS", FLASH_FP8_TURNS, (0, 1, 2, 3))
+    return _env_int("VKERN_FLASH_FP8_TURNS", FLASH_FP8_TURNS, (0, 1, 2))
 
 
 # The int8 P/V kernel's rescale slack (session 24; log2 units, 0-8): the max O is kept against moves only when a
@@ -477,8 +476,6 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
     out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q8.device) if return_lse else None
     bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
-    if int8_pv and _flash_fp8_turns() == 3 and _flash_exp_fma() != 0:
-        raise ValueError("VKERN_FLASH_FP8_TURNS=3 takes MUFU exponentials only: VKERN_FLASH_EXP_FMA=0")
     with torch.cuda.device(q8.device):
         cuda_ext().flash_attention_fp8_fwd(
             *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q8, k8)),
