@@ -6,7 +6,8 @@
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icsrc \
 //     bench/flash_trace.cu -o flash_trace && ./flash_trace [heads] [tokens] [exp_fma] [turns] [rescale_slack]
 // bench/flash_trace.sh runs it for each schedule. With -DVKERN_FLASH_TIME_ONLY: no stamps (the extension's code),
-// the launch's TFLOP/s only: a way to time a kernel variant built with other -D settings side by side.
+// the launch's TFLOP/s and a hash of the output only: a way to time kernel variants (other -D settings, or another
+// source directory: bench/flash_ab.sh) side by side and check that they agree bit for bit.
 #ifndef VKERN_FLASH_TIME_ONLY
 #define VKERN_FLASH_TRACE 1
 #endif
@@ -89,8 +90,13 @@ int main(int argc, char** argv) {
   ms /= reps;
   const double flops = 4.0 * heads * double(tokens) * tokens * 128;
 #ifdef VKERN_FLASH_TIME_ONLY
-  std::printf("heads %d tokens %d exp_fma %d turns %d slack %g: %.3f ms, %.0f TFLOP/s\n", heads, tokens, exp_fma,
-              turns, slack, ms, flops / ms / 1e9);
+  // FNV-1a over the output's bytes: builds that must agree bit for bit print the same hash.
+  std::vector<uint8_t> host(qk_bytes * 2);
+  CHECK(cudaMemcpy(host.data(), out, host.size(), cudaMemcpyDeviceToHost));
+  uint64_t hash = 1469598103934665603ull;
+  for (uint8_t b : host) hash = (hash ^ b) * 1099511628211ull;
+  std::printf("heads %d tokens %d exp_fma %d turns %d slack %g: %.3f ms, %.0f TFLOP/s, output hash %016llx\n", heads,
+              tokens, exp_fma, turns, slack, ms, flops / ms / 1e9, (unsigned long long)hash);
   return 0;
 #else
   long long trace[2][4][vkern::kTraceBlocks][vkern::kTraceEvents];

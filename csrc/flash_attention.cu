@@ -412,7 +412,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < kSRegs; ++i) {
       float& m = mx[(i / 2) % 2][i / kGroupRegs][(i / 4) % kChains];
-      m = fmaxf(m, s[i]);
+      // S8: a chain starts at its first score (never NaN), saving an fmaxf with -inf that ptxas keeps
+      const bool first = F::kIntQK && i % 2 == 0 && i % kGroupRegs < 4 * kChains;
+      m = first ? s[i] : fmaxf(m, s[i]);
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -499,8 +501,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
   // The K stage of block j is free once its product is done.
-  auto release_k = [&](int j) {
-    if (tid == 0) mbar_arrive(&bars.k_empty[j % kStages]);
+  auto release_k = [&](int stage) {
+    if (tid == 0) mbar_arrive(&bars.k_empty[stage]);
   };
   // Arrivals on the other consumer's turn barrier must match its syncs: consumer 1 gives consumer 0 the first
   // turn and skips its own last arrival.
@@ -583,8 +585,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // packs P_{j-1}; rescale_o (while S_j is computed: O is not its accumulator) rescales O by alpha. (Packing
   // after the softmax instead, ptxas hoisted the wait above the exponentials: P's registers are the in-flight
   // product's A operand, bench/NOTES.md session 10.)
-  auto pack_block = [&](int j) {
-    if (j >= 2 && tid == 0) mbar_arrive(&bars.v_empty[(j - 2) % kStages]);
+  auto pack_block = [&](int free_stage) {  // (free_stage: the V stage to release, or -1)
+    if (free_stage >= 0 && tid == 0) mbar_arrive(&bars.v_empty[free_stage]);
     if constexpr (!kPackEarly) to_p();
   };
   // (pf: the block's p_factor; kLateAdd passes the one saved before the next softmax overwrote it.)
@@ -625,17 +627,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     else
       issue_pv<In, kHeadDim, kKeys>(o, p, v_tile);
   };
+  // Ring position as a counter (st, k_parity: K_j's stage and parity; V_{j-1}'s and V_{j-2}'s are the stages
+  // before), not j % kStages: the divisions were a chain of uniform multiplies between the loop top and the first
+  // wgmma.
+  int st = 1 % kStages, prev = 0;
+  uint32_t k_parity = 1 / kStages, v_parity = 0;
   for (int j = 1; j < n_blocks; ++j) {  // S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight together
-    const int st = j % kStages, prev = (j - 1) % kStages;
+    const int free_stage = j < 2 ? -1 : prev == 0 ? kStages - 1 : prev - 1;
     stamp(j, 0);
     const Tile tile = tile_of(j);  // in flight while the products run
     const float value_scale = kPromoteO ? value_scale_of(j - 1) : 1.f;
-    mbar_wait(&bars.k_full[st], (j / kStages) & 1);
-    mbar_wait(&bars.v_full[prev], ((j - 1) / kStages) & 1);
+    mbar_wait(&bars.k_full[st], k_parity);
+    mbar_wait(&bars.v_full[prev], v_parity);
     wgmma_wait<0>();  // the PV product of block j - 2
     fence_regs(o);
     fence_t();
-    pack_block(j);
+    pack_block(free_stage);  // V_{j-2}'s stage
     stamp(j, 1);
     wait_turn();
     if constexpr (!kPackEarly) start_s();
@@ -666,7 +673,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     const float prev_factor[2] = {p_factor[0], p_factor[1]};  // (kLateAdd: block j - 1's)
     read_s();
-    release_k(j);
+    release_k(st);
     float sum[2];
     softmax(j, tile, alpha, sum);
     stamp(j, 4);
@@ -676,6 +683,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kLateAdd) add_t(value_scale, prev_factor);
     pack_early();
     stamp(j, 5);
+    prev = st, v_parity = k_parity;  // K_j and V_j share stage j % kStages
+    if (++st == kStages) st = 0, k_parity ^= 1u;
   }
   {  // the last block's PV product (its V stage and the one before are never refilled: not released)
     const int last = (n_blocks - 1) % kStages;
@@ -684,7 +693,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<0>();
     fence_regs(o);
     fence_t();
-    pack_block(0);
+    pack_block(-1);
     rescale_o();
     wgmma_fence();
     issue_pv_block(v_ring.plus(last * F::kVTileBytes));
