@@ -42,6 +42,28 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+// Two phases: both first checks issued back to back, so that two completed phases cost one check's latency.
+__device__ __forceinline__ void mbar_wait2(uint64_t* a, uint32_t a_parity, uint64_t* b, uint32_t b_parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done_a, done_b;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done_a, [%0], %1;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done_b, [%2], %3;\n"
+      "@done_a bra A_DONE;\n"
+      "A_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done_a, [%0], %1;\n"
+      "@!done_a bra A_WAIT;\n"
+      "A_DONE:\n"
+      "@done_b bra B_DONE;\n"
+      "B_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done_b, [%2], %3;\n"
+      "@!done_b bra B_WAIT;\n"
+      "B_DONE:\n"
+      "}\n" ::"r"(smem_u32(a)),
+      "r"(a_parity), "r"(smem_u32(b)), "r"(b_parity)
+      : "memory");
+}
+
 // ----------------------------------------------------------------------- cp.async (16 bytes) and bulk copies
 // 16 bytes global -> shared, or 16 zero bytes when !valid (the source is then not read).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
