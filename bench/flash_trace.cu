@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "flash_attention.cu"
@@ -25,6 +26,13 @@ __global__ void fill_random(uint8_t* p, size_t n, uint32_t seed, int lo, int spa
     uint32_t h = uint32_t(i) * 2654435761u ^ seed;
     h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
     p[i] = uint8_t(lo + int(h % uint32_t(span)));
+  }
+}
+__global__ void fill_bf16(uint16_t* p, size_t n, uint32_t seed) {  // values in [-2, 2) on a 1/512 grid
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
+    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
+    p[i] = uint16_t(__float_as_uint(float(int(h % 2048u) - 1024) / 512.f) >> 16);
   }
 }
 __global__ void fill_value(float* p, size_t n, float value) {
@@ -47,13 +55,15 @@ int main(int argc, char** argv) {
   const int heads = argc > 1 ? std::atoi(argv[1]) : 40, tokens = argc > 2 ? std::atoi(argv[2]) : 32760;
   const int exp_fma = argc > 3 ? std::atoi(argv[3]) : 0, turns = argc > 4 ? std::atoi(argv[4]) : 0;
   const float slack = argc > 5 ? float(std::atof(argv[5])) : 0.f;
+  // "bf16" (TIME_ONLY builds): the 16-bit kernel on random bf16 q, k, v instead (the 8-bit arguments unused).
+  const bool bf16 = argc > 6 && std::string(argv[6]) == "bf16";
   const int blocks = (tokens + 127) / 128, vt_len = (tokens + 15) / 16 * 16;
   const size_t qk_bytes = size_t(tokens) * heads * 128, vt_bytes = size_t(heads) * 128 * vt_len;
   uint8_t *q, *k, *vt;
   float *q_scale, *k_scale, *v_scale;
   void* out;
-  CHECK(cudaMalloc(&q, qk_bytes));
-  CHECK(cudaMalloc(&k, qk_bytes));
+  CHECK(cudaMalloc(&q, qk_bytes * (bf16 ? 2 : 1)));
+  CHECK(cudaMalloc(&k, qk_bytes * (bf16 ? 2 : 1)));
   CHECK(cudaMalloc(&vt, vt_bytes));
   CHECK(cudaMalloc(&out, qk_bytes * 2));
   CHECK(cudaMalloc(&q_scale, sizeof(float) * heads * tokens));
@@ -70,7 +80,21 @@ int main(int argc, char** argv) {
   const int64_t row = int64_t(heads) * 128;
   const vkern::AttentionTensor tq{q, tokens * row, row, 128}, tk{k, tokens * row, row, 128},
       tvt{vt, int64_t(heads) * 128 * vt_len, vt_len, int64_t(128) * vt_len}, to{out, tokens * row, row, 128};
+  uint16_t* v16 = nullptr;
+  if (bf16) {
+    CHECK(cudaMalloc(&v16, qk_bytes * 2));
+    fill_bf16<<<1024, 256>>>(reinterpret_cast<uint16_t*>(q), qk_bytes, 4u);
+    fill_bf16<<<1024, 256>>>(reinterpret_cast<uint16_t*>(k), qk_bytes, 5u);
+    fill_bf16<<<1024, 256>>>(v16, qk_bytes, 6u);
+    CHECK(cudaDeviceSynchronize());
+  }
+  const vkern::AttentionTensor tv{v16, tokens * row, row, 128};
   auto launch = [&] {
+    if (bf16) {
+      CHECK(vkern::flash_attention_fwd(tq, tk, tv, to, nullptr, nullptr, vkern::DType::kBFloat16, 1, heads, tokens,
+                                       tokens, 128, 0.08838834764831845f, 3, 0));
+      return;
+    }
     CHECK(vkern::flash_attention_fp8_fwd(tq, tk, tvt, to, nullptr, nullptr, q_scale, k_scale, v_scale, nullptr,
                                          vkern::DType::kBFloat16, 1, heads, tokens, tokens, vt_len, 128,
                                          0.08838834764831845f, 3, true, true, 128, exp_fma, turns, slack, 0));
@@ -95,8 +119,9 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(host.data(), out, host.size(), cudaMemcpyDeviceToHost));
   uint64_t hash = 1469598103934665603ull;
   for (uint8_t b : host) hash = (hash ^ b) * 1099511628211ull;
-  std::printf("heads %d tokens %d exp_fma %d turns %d slack %g: %.3f ms, %.0f TFLOP/s, output hash %016llx\n", heads,
-              tokens, exp_fma, turns, slack, ms, flops / ms / 1e9, (unsigned long long)hash);
+  std::printf("%s heads %d tokens %d exp_fma %d turns %d slack %g: %.3f ms, %.0f TFLOP/s, output hash %016llx\n",
+              bf16 ? "bf16" : "int8pv", heads, tokens, exp_fma, turns, slack, ms, flops / ms / 1e9,
+              (unsigned long long)hash);
   return 0;
 #else
   long long trace[2][4][vkern::kTraceBlocks][vkern::kTraceEvents];
