@@ -4,7 +4,7 @@
 // and block the clocks from the loop top to: ready to issue, issued, products done, softmax done, block done; then
 // the medians per phase and the launch's TFLOP/s (CUDA events, the trace's own build).
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icsrc \
-//     bench/flash_trace.cu -o flash_trace && ./flash_trace [heads] [tokens] [exp_fma] [turns] [rescale_slack]
+//     bench/flash_trace.cu -o flash_trace && ./flash_trace [heads] [tokens] [exp_fma] [turns] [rescale_slack] [bf16]
 // bench/flash_trace.sh runs it for each schedule. With -DVKERN_FLASH_TIME_ONLY: no stamps (the extension's code),
 // the launch's TFLOP/s and a hash of the output only: a way to time kernel variants (other -D settings, or another
 // source directory: bench/flash_ab.sh) side by side and check that they agree bit for bit.

@@ -627,9 +627,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     else
       issue_pv<In, kHeadDim, kKeys>(o, p, v_tile);
   };
-  // Ring position as a counter (st, k_parity: K_j's stage and parity; V_{j-1}'s and V_{j-2}'s are the stages
-  // before), not j % kStages: the divisions were a chain of uniform multiplies between the loop top and the first
-  // wgmma.
+  // Ring position as counters, not j % kStages (the divisions were a chain of uniform multiplies between the loop
+  // top and the first wgmma; run 92: +0.8-1.8%): st, k_parity: K_j's stage and parity; prev, v_parity: V_{j-1}'s,
+  // carried from the last iteration; V_{j-2}'s stage is the one before prev.
   int st = 1 % kStages, prev = 0;
   uint32_t k_parity = 1 / kStages, v_parity = 0;
   for (int j = 1; j < n_blocks; ++j) {  // S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight together
