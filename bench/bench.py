@@ -15,7 +15,7 @@ import subprocess
 import torch
 
 from . import shapes
-from .timing import param_bytes, peak_gib, rel_l2, time_cuda, time_micro
+from .timing import param_bytes, peak_gib, rel_l2, time_cuda, time_cuda_queued, time_micro
 
 DT = torch.bfloat16
 
@@ -88,7 +88,9 @@ def _attention(name, providers, args):
                                                                  v_offset=offset)
         fns["vkern-int8-fp8pv-cuda-kernel"] = fp8_backend("cuda", prequant_int8)
         # Session 21: int8 P/V (u8 P against each block's row max, int8 V per 128-key block, smoothed as e4m3 V).
-        vt8, vs8 = vkern.ops.v_to_8bit(v, "int8", offset=offset)
+        # (V as "u8", the form the Wan processor and attention_8bit hand the kernel: an "int8" V^T costs the
+        # wrapper a sign-flip pass per call, which rows before session 27 included.)
+        vt8, vs8 = vkern.ops.v_to_8bit(v, "u8", offset=offset)
         prequant_int8pv = lambda: vkern.ops.attention_prequantized(q8i, qsi, k8i, ksi, vt8, vs8, out_dtype=q.dtype,
                                                                    v_offset=offset)
         fns["vkern-int8pv-cuda-kernel"] = fp8_backend("cuda", prequant_int8pv)
@@ -114,11 +116,15 @@ def _attention(name, providers, args):
     for provider in providers or list(fns):
         if provider not in fns:
             continue
-        ms, lo, hi = time_cuda(fns[provider], args.warmup, args.repeats)
+        # ms: device time, launches queued (session 27 on); ms_sync: synchronized after each call (rows before
+        # session 27: it also counts each call's host time and launch latency).
+        ms_sync = time_cuda(fns[provider], args.warmup, args.repeats)[0]
+        ms, lo, hi = time_cuda_queued(fns[provider], 1, args.repeats)
         out = fns[provider]()[:, rows]
         cos = torch.nn.functional.cosine_similarity(out.double().flatten(), oracle.double().flatten(), dim=0).item()
-        row = dict(op="attention", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
-                   tflops=s.flops(kv_tokens=kv_tokens) / ms / 1e9, rel_l2=rel_l2(out, oracle), cos=cos)
+        row = dict(op="attention", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, ms_sync=ms_sync,
+                   timing="queued", tflops=s.flops(kv_tokens=kv_tokens) / ms / 1e9,
+                   tflops_sync=s.flops(kv_tokens=kv_tokens) / ms_sync / 1e9, rel_l2=rel_l2(out, oracle), cos=cos)
         if provider.startswith(("vkern-fp8-cuda", "vkern-int8-fp8pv-cuda", "vkern-int8pv-cuda")):
             keys = 192 if provider.endswith("-192") else 128  # (int8 P/V: 128-key tiles only)
             row["config"] = f"cuda sm90a 8-bit: 128x{keys} tiles, 2 consumer warpgroups, 3-stage TMA ring"

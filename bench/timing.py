@@ -28,6 +28,24 @@ def time_cuda(fn, warmup=3, repeats=10, min_warmup_s=0.3):
     return statistics.median(times), min(times), max(times)
 
 
+def time_cuda_queued(fn, warmup=3, repeats=10, min_warmup_s=0.3):
+    """Median milliseconds of fn() with the launches queued back to back, as triton.testing.do_bench times:
+    each run bracketed by CUDA events, no synchronization between runs, one call in flight before the first.
+    So the host's time per call (Python, checks, dispatch) overlaps the previous call's kernel and only the
+    device time is measured, for a kernel longer than that host time. time_cuda synchronizes after every run
+    and so also counts the host time and the launch latency of each call."""
+    time_cuda(fn, warmup, 1, min_warmup_s)
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    fn()  # in flight while the first timed call's host work runs
+    for start, end in pairs:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = [start.elapsed_time(end) for start, end in pairs]
+    return statistics.median(times), min(times), max(times)
+
+
 def time_cuda_graph(fn, replays=20, repeats=10):
     """Median milliseconds of one fn() measured as CUDA-graph replays: `replays` captured calls per
     timed launch, so host overhead (Python, dispatch, launch latency) is out of the number. For
