@@ -105,6 +105,8 @@ def _attention(name, providers, args):
         for slack in ("0", "8"):
             fns[f"vkern-int8pv-cuda-kernel-slack{slack}"] = with_env(fns["vkern-int8pv-cuda-kernel"],
                                                                      "VKERN_FLASH_RESCALE_SLACK", slack)
+        # Session 27: without the tail split (VKERN_FLASH_TAIL_SPLIT=0).
+        fns["vkern-int8pv-cuda-kernel-nosplit"] = with_env(fns["vkern-int8pv-cuda-kernel"], "VKERN_FLASH_TAIL_SPLIT", "0")
         # Session 20: the 192-key tile (O in the tensor cores), the same quantized inputs.
         wide = lambda fn: with_env(fn, "VKERN_FLASH_FP8_KEYS", "192")
         fns["vkern-fp8-cuda-kernel-192"] = wide(fns["vkern-fp8-cuda-kernel"])
@@ -129,14 +131,18 @@ def _attention(name, providers, args):
             keys = 192 if provider.endswith("-192") else 128  # (int8 P/V: 128-key tiles only)
             row["config"] = f"cuda sm90a 8-bit: 128x{keys} tiles, 2 consumer warpgroups, 3-stage TMA ring"
             if provider.startswith("vkern-int8pv-cuda"):
-                from vkern.ops.fused_attention import _flash_exp_fma, _flash_fp8_turns, _flash_rescale_slack
+                from vkern.ops.fused_attention import (_flash_exp_fma, _flash_fp8_turns, _flash_rescale_slack,
+                                                       _flash_tail_split)
 
                 fma, turns = ((provider.split("-fma")[1][0], int(provider[-1])) if "-fma" in provider
                               else (str(_flash_exp_fma()), _flash_fp8_turns()))
                 slack = provider.split("-slack")[1] if "-slack" in provider else _flash_rescale_slack()
                 turns = ("off", "on (passed when issued)", "on (passed when done)")[turns]
+                # (the split applies where a launch's last wave holds at most half the SMs' tiles)
+                split = ("off" if provider.endswith("-nosplit") or not _flash_tail_split() or fma != "0"
+                         or turns != "off" else "enabled")
                 row["config"] += (f", {fma} of 8 exponentials on FMA, turns {turns}, P V added after the next softmax"
-                                  f", rescale slack {slack}")
+                                  f", rescale slack {slack}, tail split {split}")
         elif provider == "vkern-cuda":
             from vkern.ops.fused_attention import _flash_stages
 

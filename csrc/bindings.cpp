@@ -121,19 +121,22 @@ PYBIND11_MODULE(_C, m) {
         [](TensorArg q, TensorArg k, TensorArg vt, TensorArg out, uintptr_t lse, uintptr_t key_bits, uintptr_t q_scale,
            uintptr_t k_scale, uintptr_t v_scale, uintptr_t v_offset, int out_dtype, int batch, int heads, int q_len,
            int kv_len, int vt_len, int head_dim, float scale, int stages, bool int8_qk, bool int8_pv, int keys,
-           int exp_fma, int turns, float rescale_slack, uintptr_t stream) {
+           int exp_fma, int turns, float rescale_slack, uintptr_t stream, uintptr_t split_workspace,
+           int64_t split_workspace_bytes) {
           check(vkern::flash_attention_fp8_fwd(tensor_of(q), tensor_of(k), tensor_of(vt), tensor_of(out), ptr<float>(lse),
                                                ptr<const void>(key_bits), ptr<const float>(q_scale),
                                                ptr<const float>(k_scale), ptr<const float>(v_scale),
                                                ptr<const float>(v_offset),
                                                static_cast<vkern::DType>(out_dtype), batch, heads, q_len, kv_len, vt_len,
                                                head_dim, scale, stages, int8_qk, int8_pv, keys, exp_fma, turns,
-                                               rescale_slack, stream_of(stream)),
+                                               rescale_slack, stream_of(stream), ptr<float>(split_workspace),
+                                               split_workspace_bytes),
                 "flash_attention_fp8_fwd");
         },
         py::arg("q"), py::arg("k"), py::arg("vt"), py::arg("out"), py::arg("lse"), py::arg("key_bits"),
         py::arg("q_scale"), py::arg("k_scale"), py::arg("v_scale"), py::arg("v_offset"), py::arg("out_dtype"),
         py::arg("batch"), py::arg("heads"), py::arg("q_len"), py::arg("kv_len"), py::arg("vt_len"), py::arg("head_dim"),
         py::arg("scale"), py::arg("stages"), py::arg("int8_qk"), py::arg("int8_pv"), py::arg("keys"),
-        py::arg("exp_fma"), py::arg("turns"), py::arg("rescale_slack"), py::arg("stream"));
+        py::arg("exp_fma"), py::arg("turns"), py::arg("rescale_slack"), py::arg("stream"),
+        py::arg("split_workspace") = 0, py::arg("split_workspace_bytes") = 0);
 }

@@ -83,6 +83,16 @@ struct Barriers {
   uint64_t q_full;
   uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
 };
+// Tail split (kSplit; session 27): a launch of t tiles on an n-SM GPU runs ceil(t / n) waves, and a last wave of
+// few tiles leaves most SMs idle for a whole tile's time (wan1.3b-480p: 3072 tiles, 23 full waves and 36 tiles on
+// 132 SMs, 3% of the time). The kSplit kernel takes a 1-D grid: the first n_main tiles as usual, then n_splits CTAs
+// per tail tile, each over a contiguous range of its key blocks, writing O normalized (fp32) and its lse to o / lse
+// (slot = CTA - n_main: 128 rows x head dim, and 128 lse); flash_split_merge_kernel combines them.
+struct Split {
+  int n_main = 0, n_splits = 0;
+  float* o = nullptr;
+  float* lse = nullptr;
+};
 // Q | K ring | V ring | output stage | barriers, + 1024-alignment slack.
 template <typename In, int kHeadDim, int kStages, int kKeys>
 constexpr int smem_bytes() {
@@ -195,14 +205,14 @@ __device__ __forceinline__ float quad_sum(float x) {
 // their products in turns, as the 16-bit forms).
 // S8's scores: the int32 accumulator starts at the bits of kIntBias = 1.5 * 2^23 (see wgmma_m64n128k32_ss_s8), so
 // s reads as kIntBias + S in fp32; the bias cancels in s - max and is taken out of the row max.
-template <typename In, typename Out, int kHeadDim, int kStages, int kKeys, int kExpFma, int kTurns>
+template <typename In, typename Out, int kHeadDim, int kStages, int kKeys, int kExpFma, int kTurns, bool kSplit>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                      const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
                      const float* __restrict__ q_scale, const float* __restrict__ k_scale,
                      const float* __restrict__ v_scale, const float* __restrict__ v_offset, float* __restrict__ lse,
-                     const uint4* __restrict__ key_bits, int heads, int q_len, int kv_len, float scale_log2,
-                     float rescale_slack) {
+                     const uint4* __restrict__ key_bits, int heads, int q_len, int kv_len_all, float scale_log2,
+                     float rescale_slack, Split split) {
   using F = Format<In, kHeadDim, kKeys>;
   constexpr bool kPromoteO = F::kPromoteO, kIntPV = F::kIntPV;
   constexpr int kGroups = F::kGroups, kSRegs = F::kSRegs, kWords = kKeys / 32;
@@ -226,12 +236,27 @@ __global__ void __launch_bounds__(kThreads, 1)
   Barriers<kStages>& bars = *reinterpret_cast<Barriers<kStages>*>(v_tiles + F::kVTileBytes * kStages +
                                                                   F::kOutStageBytes);
 
-  const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  static_assert(!kSplit || kKeys == kBlockN, "the tail split takes 128-key tiles");
+  int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  // kSplit: part (-1: a whole tile) and first_block, the first of this CTA's key blocks; kv_len: its keys.
+  int part = -1, first_block = 0, kv_len = kv_len_all;
+  if constexpr (kSplit) {
+    int tile = blockIdx.x;
+    if (tile >= split.n_main) {
+      const int slot = tile - split.n_main, all_blocks = (kv_len_all + kKeys - 1) / kKeys;
+      part = slot % split.n_splits;
+      tile = split.n_main + slot / split.n_splits;
+      first_block = part * all_blocks / split.n_splits;
+      kv_len = min(kv_len_all, (part + 1) * all_blocks / split.n_splits * kKeys) - first_block * kKeys;
+    }
+    const int m_blocks = (q_len + kBlockM - 1) / kBlockM;
+    m_block = tile % m_blocks, head = tile / m_blocks % heads, batch = tile / m_blocks / heads;
+  }
   // Broadcast from lane 0: the compiler then knows it is warp-uniform and keeps what derives from it (the Q
   // rows' wgmma descriptor) in uniform registers.
   const int warpgroup = __shfl_sync(0xffffffff, int(threadIdx.x / 128), 0);
   const int n_blocks = (kv_len + kKeys - 1) / kKeys;          // tiles
-  const int n_scale_blocks = (kv_len + kBlockN - 1) / kBlockN;  // 128-key blocks: K and V scales, key bits
+  const int n_scale_blocks = (kv_len_all + kBlockN - 1) / kBlockN;  // 128-key blocks: K and V scales, key bits
 
   if (threadIdx.x == 0) {
     mbar_init(&bars.q_full, 1);
@@ -258,17 +283,17 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_arrive_expect_tx(&bars.k_full[s], F::kKTileBytes);
         for (int h = 0; h < F::kBoxes; ++h)
           tma_load_4d(k_tiles + s * F::kKTileBytes + h * kKeys * 128, &k_map, &bars.k_full[s], h * F::kBoxCols,
-                      head, j * kKeys, batch);
+                      head, (first_block + j) * kKeys, batch);
         mbar_wait(&bars.v_empty[s], free_parity);
         mbar_arrive_expect_tx(&bars.v_full[s], F::kVTileBytes);
         if constexpr (F::k8Bit) {
           for (int b = 0; b < F::kVTileBytes / kHalfBytes; ++b)
             tma_load_4d(v_tiles + s * F::kVTileBytes + b * kHalfBytes, &v_map, &bars.v_full[s],
-                        j * kKeys + b * kBlockN, 0, head, batch);
+                        (first_block + j) * kKeys + b * kBlockN, 0, head, batch);
         } else {
           for (int h = 0; h < F::kBoxes; ++h)
             tma_load_4d(v_tiles + s * F::kVTileBytes + h * kHalfBytes, &v_map, &bars.v_full[s], h * 64, head,
-                        j * kKeys, batch);
+                        (first_block + j) * kKeys, batch);
         }
       }
     }
@@ -318,12 +343,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t words[kKeys == kBlockN ? kWords : 1];
     float key_scale[kGroups], value_scale[kGroups];
   };
-  const int64_t scale_row = (int64_t(batch) * heads + head) * n_scale_blocks;
+  const int64_t scale_row = (int64_t(batch) * heads + head) * n_scale_blocks + first_block;
   auto tile_of = [&](int j) {
     Tile tile;
     if constexpr (kKeys == kBlockN) {
       const uint4 b = key_bits == nullptr ? make_uint4(~0u, ~0u, ~0u, ~0u)
-                                          : __ldg(key_bits + int64_t(batch) * n_scale_blocks + j);
+                                          : __ldg(key_bits + int64_t(batch) * n_scale_blocks + first_block + j);
       tile.words[0] = b.x, tile.words[1] = b.y, tile.words[2] = b.z, tile.words[3] = b.w;
     }
 #pragma unroll
@@ -725,6 +750,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           ? reinterpret_cast<const float2*>(v_offset + (int64_t(batch) * heads + head) * kHeadDim) + lane % 4
           : nullptr;
   uint8_t* o_rows = out_stage + wg * 64 * 128;
+  // kSplit, a tail tile's part: its rows of O (fp32, unrounded) and lse go to the split workspace, slot by slot.
+  const bool to_split = kSplit && part >= 0;
+  const int64_t split_row = int64_t(blockIdx.x - split.n_main) * kBlockM + wg * 64;
 #pragma unroll
   for (int i = 0; i < kHeadDim / 2; i += 2) {
     const int r = (i / 2) % 2, row = warp * 16 + lane / 4 + 8 * r, col_tile = i / 4;
@@ -736,7 +764,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float2 c = __ldg(offsets + 4 * col_tile);
       lo += c.x * attended[r], hi += c.y * attended[r];
     }
-    *reinterpret_cast<uint32_t*>(dst) = pack2<Out>(lo, hi);
+    if (to_split)
+      *reinterpret_cast<float2*>(split.o + (split_row + row) * kHeadDim + col_tile * 8 + (lane % 4) * 2) =
+          make_float2(lo, hi);
+    else
+      *reinterpret_cast<uint32_t*>(dst) = pack2<Out>(lo, hi);
+  }
+  // The log-sum-exp of row r's scores, natural log (-inf for a row with no attended key).
+  auto row_lse = [&](int r) { return (row_max[r] + log2f(row_sum[r]) - F::kPOffset) * 0.6931471805599453f; };
+  if (to_split) {
+    if (lane % 4 == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) split.lse[split_row + warp * 16 + lane / 4 + 8 * r] = row_lse(r);
+    }
+    return;
   }
   fence_async_smem();
   bar_sync(kStoreBarrier + wg, 128);
@@ -749,11 +790,36 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = m_block * kBlockM + wg * 64 + warp * 16 + lane / 4 + 8 * r;
-      if (row < q_len)
-        lse[(int64_t(batch) * heads + head) * q_len + row] =
-            (row_max[r] + log2f(row_sum[r]) - F::kPOffset) * 0.6931471805599453f;
+      if (row < q_len) lse[(int64_t(batch) * heads + head) * q_len + row] = row_lse(r);
     }
   }
+}
+
+// kSplit's second step: the output rows of the tail tiles, from their parts' O and lse in the split workspace
+// (out = sum_p w_p O_p / sum_p w_p, w_p = exp(lse_p - max lse)). One CTA per row, one thread per column.
+template <typename Out>
+__global__ void flash_split_merge_kernel(Split split, Out* __restrict__ out, AttentionTensor layout,
+                                         float* __restrict__ lse, int heads, int q_len) {
+  const int tail_tile = blockIdx.x / kBlockM, tile_row = blockIdx.x % kBlockM, col = threadIdx.x;
+  const int m_blocks = (q_len + kBlockM - 1) / kBlockM, tile = split.n_main + tail_tile;
+  const int m_block = tile % m_blocks, head = tile / m_blocks % heads, batch = tile / m_blocks / heads;
+  const int row = m_block * kBlockM + tile_row;
+  if (row >= q_len) return;
+  const int64_t first = int64_t(tail_tile) * split.n_splits * kBlockM + tile_row;  // part p: first + p * kBlockM
+  float top = -INFINITY;
+  for (int p = 0; p < split.n_splits; ++p) top = fmaxf(top, split.lse[first + p * kBlockM]);
+  float sum = 0.f, acc = 0.f;
+  if (top != -INFINITY) {
+    for (int p = 0; p < split.n_splits; ++p) {
+      const float w = __expf(split.lse[first + p * kBlockM] - top);
+      sum += w;
+      acc = fmaf(w, split.o[(first + p * kBlockM) * blockDim.x + col], acc);
+    }
+  }
+  out[batch * layout.batch_stride + row * layout.seq_stride + head * layout.head_stride + col] =
+      Out(top == -INFINITY ? 0.f : acc / sum);
+  if (lse != nullptr && col == 0)
+    lse[(int64_t(batch) * heads + head) * q_len + row] = top == -INFINITY ? -INFINITY : top + logf(sum);
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -811,20 +877,50 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
          t.head_stride >= 0;
 }
 
-// The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; 8-bit: v is V^T), out; the scales 8-bit only.
+// The tail split's plan (see Split) for a launch of `tiles` tiles of n_blocks key blocks each, into the workspace
+// (fp32: O then lse per slot), or none (n_splits 0): where the last wave holds at most half the SMs' tiles, each tail
+// tile is split into as many parts as fill the SMs (at most 8, of at least 16 key blocks each, so that a part's
+// prologue and epilogue stay small against its loop).
+Split plan_split(int tiles, int n_blocks, int head_dim, float* workspace, int64_t workspace_bytes) {
+  constexpr int kMaxSplits = 8, kMinBlocks = 16;
+  Split split;
+  int device = 0, sms = 0;
+  if (workspace == nullptr || cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms < 2)
+    return split;
+  const int tail = tiles % sms;
+  if (tail == 0 || tail > sms / 2) return split;
+  const int n = std::min(std::min(sms / tail, kMaxSplits), n_blocks / kMinBlocks);
+  const int64_t slots = int64_t(tail) * n;
+  if (n < 2 || slots * kBlockM * (head_dim + 1) * 4 > workspace_bytes) return split;
+  split.n_main = tiles - tail, split.n_splits = n, split.o = workspace;
+  split.lse = workspace + slots * kBlockM * head_dim;
+  return split;
+}
+
+// The kernel's tensor maps: q, k, v (16-bit: [B, S, H, D]; 8-bit: v is V^T), out; the scales 8-bit only. kSplit:
+// split's plan (n_splits > 0), and out, which the merge writes.
 template <typename In, typename Out, int kHeadDim, int kStages, int kKeys = kBlockN, int kExpFma = 0,
-          int kTurns = 0>
+          int kTurns = 0, bool kSplit = false>
 cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const float* k_scale, const float* v_scale,
                    const float* v_offset, float* lse, const void* key_bits, int batch, int heads, int q_len,
-                   int kv_len, float scale, float rescale_slack, cudaStream_t stream) {
+                   int kv_len, float scale, float rescale_slack, cudaStream_t stream, Split split = Split(),
+                   AttentionTensor out = AttentionTensor()) {
   constexpr int kSmemBytes = smem_bytes<In, kHeadDim, kStages, kKeys>();
-  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kKeys, kExpFma, kTurns>;
+  const auto kernel = flash_fwd_kernel<In, Out, kHeadDim, kStages, kKeys, kExpFma, kTurns, kSplit>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid((q_len + kBlockM - 1) / kBlockM, heads, batch);
+  const int m_blocks = (q_len + kBlockM - 1) / kBlockM, tail = m_blocks * heads * batch - split.n_main;
+  const dim3 grid = kSplit ? dim3(split.n_main + tail * split.n_splits) : dim3(m_blocks, heads, batch);
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], q_scale, k_scale, v_scale,
                                                  v_offset, lse, static_cast<const uint4*>(key_bits), heads, q_len,
-                                                 kv_len, scale * 1.4426950408889634f, rescale_slack);
+                                                 kv_len, scale * 1.4426950408889634f, rescale_slack, split);
+  if constexpr (kSplit) {
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    flash_split_merge_kernel<Out><<<tail * kBlockM, kHeadDim, 0, stream>>>(split, static_cast<Out*>(out.ptr), out,
+                                                                          lse, heads, q_len);
+  }
   return cudaGetLastError();
 }
 
@@ -870,7 +966,8 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
                                     int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
                                     bool int8_qk, bool int8_pv, int keys, int exp_fma, int turns,
-                                    float rescale_slack, cudaStream_t stream) {
+                                    float rescale_slack, cudaStream_t stream, float* split_workspace,
+                                    int64_t split_workspace_bytes) {
   if (head_dim != kFlashFp8HeadDim || (int8_pv && !int8_qk) || (exp_fma != 0 && exp_fma != 2) ||
       turns < 0 || turns > 2 || (turns != 0 && !int8_pv) || !(rescale_slack >= 0.f && rescale_slack <= 8.f) ||
       (rescale_slack != 0.f && !int8_pv) ||
@@ -900,6 +997,16 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
       const auto tile = [&](auto keys_tag, auto fma_tag, auto turns_tag) {
         constexpr int kKeys = decltype(keys_tag)::value, kFma = decltype(fma_tag)::value;
         constexpr int kTurns = decltype(turns_tag)::value;
+        // The tail split: the int8 P/V form's default schedule only (3 stages, no FMA exponentials, no turns).
+        if constexpr (std::is_same<In, S8PV>::value && kFma == 0 && kTurns == 0) {
+          const Split split = plan_split((q_len + kBlockM - 1) / kBlockM * heads * batch,
+                                         (kv_len + kKeys - 1) / kKeys, head_dim, split_workspace,
+                                         split_workspace_bytes);
+          if (stages == 3 && split.n_splits > 0)
+            return launch<In, Out, 128, 3, kKeys, 0, 0, true>(maps, q_scale, k_scale, v_scale, v_offset, lse,
+                                                              key_bits, batch, heads, q_len, kv_len, scale,
+                                                              rescale_slack, stream, split, out);
+        }
         return stages == 2 ? launch<In, Out, 128, 2, kKeys, kFma, kTurns>(maps, q_scale, k_scale, v_scale, v_offset,
                                                                           lse, key_bits, batch, heads, q_len, kv_len,
                                                                           scale, rescale_slack, stream)

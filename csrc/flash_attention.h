@@ -51,12 +51,17 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // turns passed when a consumer's products are done (ping-pong by phase); the same result bit for bit.
 // rescale_slack (int8_pv; else 0; in [0, 8]): O's reference max moves only when a block's row max passes it by more
 // than this (log2 units): O's rescale is skipped more often; the same result up to fp32 rounding.
+// split_workspace (int8_pv with exp_fma 0, turns 0, 3 stages; may be null): fp32 scratch of split_workspace_bytes on
+// the stream's device for the tail split: where the launch's last wave would leave more than half the SMs idle, its
+// tiles' keys are split across several CTAs and merged in a second kernel (the same result up to fp32 rounding; the
+// .cu's Split). SMs x 128 x (head_dim + 1) floats always suffice; too small or null: no split.
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,
                                     int q_len, int kv_len, int vt_len, int head_dim, float scale, int stages,
                                     bool int8_qk, bool int8_pv, int keys, int exp_fma, int turns,
-                                    float rescale_slack, cudaStream_t stream);
+                                    float rescale_slack, cudaStream_t stream, float* split_workspace = nullptr,
+                                    int64_t split_workspace_bytes = 0);
 
 }  // namespace vkern

@@ -1087,6 +1087,51 @@ def test_gpu_cuda_int8_pv_rescale_slack(use_backend, monkeypatch, slack, B, H, S
         run_8bit(q, k, v, INT8PV)
 
 
+def _tail_split_cases():
+    """(B, H, Sq, Skv, mask pattern) launches whose last wave is split on this GPU (csrc/flash_attention.cu,
+    plan_split: a tail of at most half the SMs' tiles, parts of >= 16 key blocks): sms + 5 tiles (a full wave, then 5
+    tail tiles in 2 parts), 7 tiles alone (8 parts of 16-17 blocks) and 2 x 3 tiles (4 parts; one batch row attends to
+    nothing, and one to its first 300 keys only, so that its later parts have no attended key)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if ON_GPU else 132
+    return [(1, 1, (sms + 5) * 128 - 3, 4096 + 17, "random"), (1, 1, 7 * 128 - 60, 16384 + 50, "none"),
+            (2, 3, 128 - 5, 8192 + 100, "dead_or_short")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,H,Sq,Skv,pattern", _tail_split_cases(), ids=["main-and-tail", "tail-only", "masked-parts"])
+def test_gpu_cuda_int8_pv_tail_split(use_backend, monkeypatch, B, H, Sq, Skv, pattern):
+    """The tail split (session 27) merges parts that each hold O normalized in fp32 and their lse; it changes only
+    the fp32 rounding of O's sums (which max O is kept against, the merge's weights), not P's codes (each block's
+    own max): each bf16 output element within one bf16 step (2^-7 of its magnitude) of the unsplit call's plus 2^-16
+    max |v| (as the rescale slack test), lse within 1e-4 with the same rows -inf (a part with no attended key weighs
+    0; a row with none at all is 0, lse -inf), and the floors and the 1.25x/2x rule met."""
+    q, k, v = make_qkv(B, Sq, Skv, H, 128, torch.bfloat16, "cuda")
+    if pattern == "dead_or_short":
+        mask = torch.zeros(B, Skv, dtype=torch.bool, device="cuda")
+        mask[1, :300] = True  # row 0 attends to nothing
+    else:
+        mask = make_padding(B, Skv, pattern, "cuda")
+    use_backend("cuda")
+    monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "0")
+    base, base_lse = run_8bit(q, k, v, INT8PV, key_padding_mask=mask, return_lse=True)
+    monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "1")
+    out, lse = run_8bit(q, k, v, INT8PV, key_padding_mask=mask, return_lse=True)
+    assert _backend.last_choice["attention_8bit"] == "cuda"
+    assert not torch.equal(out, base) or not torch.equal(lse, base_lse), "no split happened (the same bits)"
+    over = (out.float() - base.float()).abs() - base.float().abs() * 2 ** -7 - v.float().abs().max() * 2 ** -16
+    assert over.max().item() <= 0, f"an element {over.max().item():.2e} over the bound from the unsplit call"
+    attended = torch.isfinite(base_lse)
+    assert torch.equal(attended, torch.isfinite(lse))
+    assert (lse[attended] - base_lse[attended]).abs().max().item() < 1e-4
+    if pattern == "dead_or_short":
+        assert not attended[0].any() and (out[0] == 0).all()
+    rows = None if Sq < 4096 else torch.cat([sampled_rows(Sq), torch.arange(Sq - 5 * 128, Sq, device="cuda")]).unique()
+    check_8bit(q, k, v, "cuda", INT8PV, key_padding_mask=mask, rows=rows)
+    monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "2")
+    with pytest.raises(ValueError, match="VKERN_FLASH_TAIL_SPLIT"):
+        run_8bit(q, k, v, INT8PV)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["e4m3", "int8", "u8"])
 def test_gpu_v_to_8bit_is_the_reference(use_backend, fmt):

@@ -434,6 +434,23 @@ def _flash_rescale_slack():
     return _env_int("VKERN_FLASH_RESCALE_SLACK", FLASH_RESCALE_SLACK, range(9))
 
 
+# The int8 P/V kernel's tail split (session 27; csrc/flash_attention.cu, Split): where the launch's last wave would
+# leave more than half the SMs idle (wan1.3b-480p: 36 tiles on 132 SMs after 23 full waves), the last tiles' keys
+# are split across the idle SMs and the parts merged in fp32 (the same result up to fp32 rounding).
+# VKERN_FLASH_TAIL_SPLIT=0 turns it off, for benchmarks.
+FLASH_TAIL_SPLIT = 1
+
+
+def _flash_tail_split():
+    return _env_int("VKERN_FLASH_TAIL_SPLIT", FLASH_TAIL_SPLIT, (0, 1))
+
+
+def _split_workspace(device, head_dim):
+    """fp32 scratch the kernel's tail split always fits in (SMs x 128 rows x (head dim + 1))."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.empty(sms * 128 * (head_dim + 1), dtype=torch.float32, device=device)
+
+
 def key_padding_bits(key_padding_mask, block=128):
     """The CUDA kernel's form of a key-padding mask: bool [B, Skv] -> uint8 [B, ceil(Skv / block) * block / 8],
     bit c % 8 of byte c / 8 set = attend key c (so, read as little-endian 32-bit words, bit c % 32 of word
@@ -476,6 +493,7 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
     out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q8.device) if return_lse else None
     bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
+    split = _split_workspace(q8.device, D) if int8_pv and _flash_tail_split() else None
     with torch.cuda.device(q8.device):
         cuda_ext().flash_attention_fp8_fwd(
             *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q8, k8)),
@@ -486,7 +504,8 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
             DTYPE_CODE[out_dtype], B, H, Sq, Skv, vt.shape[3], D, D ** -0.5 if scale is None else scale,
             _flash_stages(), q8.dtype == torch.int8, int8_pv, _flash_fp8_keys(), _flash_exp_fma() if int8_pv else 0,
             _flash_fp8_turns() if int8_pv else 0, float(_flash_rescale_slack()) if int8_pv else 0.0,
-            torch.cuda.current_stream(q8.device).cuda_stream)
+            torch.cuda.current_stream(q8.device).cuda_stream, 0 if split is None else split.data_ptr(),
+            0 if split is None else split.numel() * 4)
     return out, lse
 
 
