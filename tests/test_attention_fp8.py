@@ -1117,7 +1117,12 @@ def test_gpu_cuda_int8_pv_tail_split(use_backend, monkeypatch, B, H, Sq, Skv, pa
     monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "1")
     out, lse = run_8bit(q, k, v, INT8PV, key_padding_mask=mask, return_lse=True)
     assert _backend.last_choice["attention_8bit"] == "cuda"
-    assert not torch.equal(out, base) or not torch.equal(lse, base_lse), "no split happened (the same bits)"
+    if pattern == "dead_or_short":
+        # Every attended key of batch row 1 lies in the first part, whose weight is then exactly 1 (the later parts'
+        # lse -inf, weight 0), and the unsplit kernel's fully masked blocks leave O as it was: the same bits.
+        assert torch.equal(out, base) and torch.equal(lse, base_lse)
+    else:  # (the merge's weights and O's other reference max move some fp32 bits of lse at least)
+        assert not torch.equal(out, base) or not torch.equal(lse, base_lse), "no split happened (the same bits)"
     over = (out.float() - base.float()).abs() - base.float().abs() * 2 ** -7 - v.float().abs().max() * 2 ** -16
     assert over.max().item() <= 0, f"an element {over.max().item():.2e} over the bound from the unsplit call"
     attended = torch.isfinite(base_lse)
