@@ -55,6 +55,7 @@ def _attention(name, providers, args):
     fns = {p: (lambda b=b: run_sdpa(b)) for p, b in sdpa.items()}
     fns["vkern-bf16"] = run_kernel
     fns["vkern-cuda"] = forced("cuda")  # csrc/flash_attention.cu (head dims 64 and 128)
+    fns["vkern-cuda-nosplit"] = with_env(fns["vkern-cuda"], "VKERN_FLASH_TAIL_SPLIT", "0")  # (session 27)
     for p, (qk, pv) in ATTENTION_8BIT.items():
         fns[p] = lambda qk=qk, pv=pv: vkern.ops.attention_8bit(q, k, v, qk=qk, pv=pv)
     fns["vkern-bf16-pipe"] = with_variant(run_kernel, "pipe")
@@ -143,10 +144,12 @@ def _attention(name, providers, args):
                          or turns != "off" else "enabled")
                 row["config"] += (f", {fma} of 8 exponentials on FMA, turns {turns}, P V added after the next softmax"
                                   f", rescale slack {slack}, tail split {split}")
-        elif provider == "vkern-cuda":
-            from vkern.ops.fused_attention import _flash_stages
+        elif provider in ("vkern-cuda", "vkern-cuda-nosplit"):
+            from vkern.ops.fused_attention import _flash_stages, _flash_tail_split
 
-            row["config"] = f"cuda sm90a: 128x128 tiles, 2 consumer warpgroups, {_flash_stages()}-stage TMA ring"
+            split = "off" if provider.endswith("-nosplit") or not _flash_tail_split() else "enabled"
+            row["config"] = (f"cuda sm90a: 128x128 tiles, 2 consumer warpgroups, {_flash_stages()}-stage TMA ring, "
+                             f"tail split {split}")
         elif provider.startswith("vkern-"):
             from vkern.triton.attention import _attention_tuned
 

@@ -933,7 +933,8 @@ bool common_args_ok(int batch, int heads, int q_len, int kv_len, float scale, in
 
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
-                                float scale, int stages, cudaStream_t stream) {
+                                float scale, int stages, cudaStream_t stream, float* split_workspace,
+                                int64_t split_workspace_bytes) {
   if ((head_dim != kFlashHeadDims[0] && head_dim != kFlashHeadDims[1]) ||
       !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) || !tma_compatible(q) ||
       !tma_compatible(k) || !tma_compatible(v) || !tma_compatible(out))
@@ -948,6 +949,11 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
       return cudaErrorInvalidValue;
     const auto with_dim = [&](auto dim_tag) {
       constexpr int kDim = decltype(dim_tag)::value;
+      const Split split = plan_split((q_len + kBlockM - 1) / kBlockM * heads * batch, (kv_len + kBlockN - 1) / kBlockN,
+                                     head_dim, split_workspace, split_workspace_bytes);
+      if (stages == 3 && split.n_splits > 0)
+        return launch<T, T, kDim, 3, kBlockN, 0, 0, true>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits,
+                                                          batch, heads, q_len, kv_len, scale, 0.f, stream, split, out);
       return stages == 2 ? launch<T, T, kDim, 2>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch,
                                                  heads, q_len, kv_len, scale, 0.f, stream)
                          : launch<T, T, kDim, 3>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch,

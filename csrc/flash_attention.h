@@ -23,10 +23,15 @@ constexpr int kFlashHeadDims[] = {64, 128};
 // [B, ceil(kv_len / 128) * 4] words (16-byte aligned; bits past kv_len ignored). A query row with no
 // attended key gets out 0 and lse -inf.
 // scale must be positive. stages: depth of the K/V shared-memory ring, 2 or 3.
+// split_workspace (may be null; 3 stages): fp32 scratch of split_workspace_bytes on the stream's device for the tail
+// split: where the launch's last wave would leave more than half the SMs idle, its tiles' keys are split across
+// several CTAs and merged in a second kernel (the same result up to fp32 rounding; the .cu's Split). SMs x 128 x
+// (head_dim + 1) floats always suffice; too small or null: no split.
 // Returns cudaErrorInvalidValue for arguments the kernel does not take (see the .cu).
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
-                                float scale, int stages, cudaStream_t stream);
+                                float scale, int stages, cudaStream_t stream, float* split_workspace = nullptr,
+                                int64_t split_workspace_bytes = 0);
 
 // fp8 attention (head dim kFlashFp8HeadDim): q, k e4m3 (int8 with int8_qk) [B, S, H, D] with positive fp32 scales, q_scale
 // [B, H, q_len] per (token, head) and k_scale [B, H, ceil(kv_len / 128)] per (128-key block, head); vt e4m3
@@ -51,10 +56,7 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // turns passed when a consumer's products are done (ping-pong by phase); the same result bit for bit.
 // rescale_slack (int8_pv; else 0; in [0, 8]): O's reference max moves only when a block's row max passes it by more
 // than this (log2 units): O's rescale is skipped more often; the same result up to fp32 rounding.
-// split_workspace (int8_pv with exp_fma 0, turns 0, 3 stages; may be null): fp32 scratch of split_workspace_bytes on
-// the stream's device for the tail split: where the launch's last wave would leave more than half the SMs idle, its
-// tiles' keys are split across several CTAs and merged in a second kernel (the same result up to fp32 rounding; the
-// .cu's Split). SMs x 128 x (head_dim + 1) floats always suffice; too small or null: no split.
+// split_workspace (int8_pv with exp_fma 0, turns 0, 3 stages; may be null): as flash_attention_fwd's.
 constexpr int kFlashFp8HeadDim = 128;
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,

@@ -436,6 +436,46 @@ def test_gpu_real_shapes(use_backend, backend, name):
     assert rel_l2(out, cudnn) <= 3.3 * cudnn_err, f"{name}: rel L2 vs cuDNN {rel_l2(out, cudnn):.3g}, cuDNN's own {cudnn_err:.3g}"
 
 
+def _tail_split_cases():
+    """(B, H, Sq, Skv, D, dtype, mask pattern) launches whose last wave the CUDA kernel splits on this GPU
+    (csrc/flash_attention.cu, plan_split: a tail of at most half the SMs' tiles, parts of >= 16 key blocks): sms + 5
+    tiles (a full wave, then 5 tail tiles in 2 parts), 7 tiles alone (8 parts) and 2 x 3 tiles (4 parts; one batch
+    row attends to nothing, one to its first 300 keys only, so that its later parts have no attended key)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if ON_GPU else 132
+    return [(1, 1, (sms + 5) * 128 - 3, 4096 + 17, 128, torch.bfloat16, "random"),
+            (1, 1, 7 * 128 - 60, 16384 + 50, 64, torch.float16, "none"),
+            (2, 3, 128 - 5, 8192 + 100, 128, torch.bfloat16, "dead_or_short")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,H,Sq,Skv,D,dtype,pattern", _tail_split_cases(),
+                         ids=["main-and-tail-bf16-D128", "tail-only-fp16-D64", "masked-parts-bf16-D128"])
+def test_gpu_cuda_tail_split(use_backend, monkeypatch, B, H, Sq, Skv, D, dtype, pattern):
+    """The tail split (session 27): each part's P is rounded against that part's running max, not the whole row's,
+    so the split output differs from the unsplit one by P's rounding, like any other summation order: it is held to
+    the 2x-PyTorch rule against the float64 oracle (the tail rows all checked). Where every attended key of a row lies
+    in one part (the masked-parts case) that part weighs exactly 1 and the unsplit kernel's masked blocks leave O as
+    it was: the same bits; elsewhere some bits differ (the split happened)."""
+    q, k, v = make_qkv(B, Sq, Skv, H, D, dtype, "cuda")
+    if pattern == "dead_or_short":
+        mask = torch.zeros(B, Skv, dtype=torch.bool, device="cuda")
+        mask[1, :300] = True  # row 0 attends to nothing
+    else:
+        mask = make_padding(B, Skv, pattern, "cuda")
+    use_backend("cuda")
+    monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "0")
+    base, base_lse = run_op(q, k, v, key_padding_mask=mask, return_lse=True)
+    monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "1")
+    out, lse = run_op(q, k, v, key_padding_mask=mask, return_lse=True)
+    assert _backend.last_choice["attention"] == "cuda"
+    if pattern == "dead_or_short":
+        assert torch.equal(out, base) and torch.equal(lse, base_lse)
+    else:
+        assert not torch.equal(out, base) or not torch.equal(lse, base_lse), "no split happened (the same bits)"
+    rows = None if Sq < 4096 else torch.cat([sampled_rows(Sq), torch.arange(Sq - 5 * 128, Sq, device="cuda")]).unique()
+    check_attention(q, k, v, "cuda", key_padding_mask=mask, rows=rows)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_compile_fullgraph_inductor(use_backend, backend):

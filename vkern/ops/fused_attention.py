@@ -434,10 +434,11 @@ def _flash_rescale_slack():
     return _env_int("VKERN_FLASH_RESCALE_SLACK", FLASH_RESCALE_SLACK, range(9))
 
 
-# The int8 P/V kernel's tail split (session 27; csrc/flash_attention.cu, Split): where the launch's last wave would
-# leave more than half the SMs idle (wan1.3b-480p: 36 tiles on 132 SMs after 23 full waves), the last tiles' keys
-# are split across the idle SMs and the parts merged in fp32 (the same result up to fp32 rounding).
-# VKERN_FLASH_TAIL_SPLIT=0 turns it off, for benchmarks.
+# The CUDA kernel's tail split (session 27; csrc/flash_attention.cu, Split; the 16-bit forms and the int8 P/V form's
+# default schedule): where the launch's last wave would leave more than half the SMs idle (wan1.3b-480p: 36 tiles on
+# 132 SMs after 23 full waves), the last tiles' keys are split across the idle SMs and the parts merged in fp32 (the
+# same result up to fp32 rounding). Runs 98-99, int8 P/V kernel alone at wan1.3b-480p: +2.3 to +3.1% (915 vs
+# 888-894 TFLOP/s); at wan14b-720p (a tail of 12 tiles) +0.1%. VKERN_FLASH_TAIL_SPLIT=0 turns it off, for benchmarks.
 FLASH_TAIL_SPLIT = 1
 
 
@@ -470,12 +471,14 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device) if return_lse else None
     bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
+    split = _split_workspace(q.device, D) if _flash_tail_split() else None
     with torch.cuda.device(q.device):
         cuda_ext().flash_attention_fwd(
             *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q, k, v, out)),
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), DTYPE_CODE[q.dtype], B,
             H, Sq, k.shape[1], D,
-            D ** -0.5 if scale is None else scale, _flash_stages(), torch.cuda.current_stream(q.device).cuda_stream)
+            D ** -0.5 if scale is None else scale, _flash_stages(), torch.cuda.current_stream(q.device).cuda_stream,
+            0 if split is None else split.data_ptr(), 0 if split is None else split.numel() * 4)
     return out, lse
 
 
