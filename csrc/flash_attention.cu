@@ -877,24 +877,35 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
          t.head_stride >= 0;
 }
 
-// The tail split's plan (see Split) for a launch of `tiles` tiles of n_blocks key blocks each, into the workspace
-// (fp32: O then lse per slot), or none (n_splits 0): where the last wave holds at most half the SMs' tiles, each tail
-// tile is split into as many parts as fill the SMs (at most 8, of at least 16 key blocks each, so that a part's
-// prologue and epilogue stay small against its loop).
-Split plan_split(int tiles, int n_blocks, int head_dim, float* workspace, int64_t workspace_bytes) {
+// The tail split's plan (see Split) for a launch of `tiles` tiles of n_blocks key blocks each on the current device:
+// where the last wave holds at most half the SMs' tiles, each tail tile is split into as many parts as fill the SMs
+// (at most 8, of at least 16 key blocks each, so that a part's prologue and epilogue stay small against its loop);
+// n_splits 0: none. The workspace pointers are set by plan_split.
+Split split_shape(int tiles, int n_blocks) {
   constexpr int kMaxSplits = 8, kMinBlocks = 16;
   Split split;
   int device = 0, sms = 0;
-  if (workspace == nullptr || cudaGetDevice(&device) != cudaSuccess ||
+  if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms < 2)
     return split;
   const int tail = tiles % sms;
   if (tail == 0 || tail > sms / 2) return split;
   const int n = std::min(std::min(sms / tail, kMaxSplits), n_blocks / kMinBlocks);
-  const int64_t slots = int64_t(tail) * n;
-  if (n < 2 || slots * kBlockM * (head_dim + 1) * 4 > workspace_bytes) return split;
-  split.n_main = tiles - tail, split.n_splits = n, split.o = workspace;
-  split.lse = workspace + slots * kBlockM * head_dim;
+  if (n >= 2) split.n_main = tiles - tail, split.n_splits = n;
+  return split;
+}
+
+// The workspace's fp32 values for a split: O (128 rows x head dim) then lse (128) per slot (tail tile x part).
+int64_t split_floats(const Split& split, int tiles, int head_dim) {
+  return int64_t(tiles - split.n_main) * split.n_splits * kBlockM * (head_dim + 1);
+}
+
+// split_shape's plan into the workspace, or none (n_splits 0) where it is null or too small.
+Split plan_split(int tiles, int n_blocks, int head_dim, float* workspace, int64_t workspace_bytes) {
+  Split split = workspace == nullptr ? Split() : split_shape(tiles, n_blocks);
+  if (split.n_splits == 0 || split_floats(split, tiles, head_dim) * 4 > workspace_bytes) return Split();
+  split.o = workspace;
+  split.lse = workspace + int64_t(tiles - split.n_main) * split.n_splits * kBlockM * head_dim;
   return split;
 }
 
@@ -930,6 +941,12 @@ bool common_args_ok(int batch, int heads, int q_len, int kv_len, float scale, in
 }
 
 }  // namespace
+
+int64_t flash_tail_split_floats(int batch, int heads, int q_len, int kv_len, int head_dim) {
+  const int tiles = (q_len + kBlockM - 1) / kBlockM * heads * batch;
+  const Split split = split_shape(tiles, (kv_len + kBlockN - 1) / kBlockN);
+  return split.n_splits == 0 ? 0 : split_floats(split, tiles, head_dim);
+}
 
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,

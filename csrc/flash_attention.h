@@ -26,7 +26,7 @@ constexpr int kFlashHeadDims[] = {64, 128};
 // split_workspace (may be null; 3 stages): fp32 scratch of split_workspace_bytes on the stream's device for the tail
 // split: where the launch's last wave would leave more than half the SMs idle, its tiles' keys are split across
 // several CTAs and merged in a second kernel (the same result up to fp32 rounding; the .cu's Split). SMs x 128 x
-// (head_dim + 1) floats always suffice; too small or null: no split.
+// (head_dim + 1) floats always suffice, flash_tail_split_floats the exact need; too small or null: no split.
 // Returns cudaErrorInvalidValue for arguments the kernel does not take (see the .cu).
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
@@ -58,6 +58,9 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // than this (log2 units): O's rescale is skipped more often; the same result up to fp32 rounding.
 // split_workspace (int8_pv with exp_fma 0, turns 0, 3 stages; may be null): as flash_attention_fwd's.
 constexpr int kFlashFp8HeadDim = 128;
+// The split workspace's fp32 values a launch of this shape takes on the current device (the 16-bit forms, and the
+// int8 P/V form's default schedule); 0: it is not split.
+int64_t flash_tail_split_floats(int batch, int heads, int q_len, int kv_len, int head_dim);
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,

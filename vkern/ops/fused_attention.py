@@ -446,10 +446,14 @@ def _flash_tail_split():
     return _env_int("VKERN_FLASH_TAIL_SPLIT", FLASH_TAIL_SPLIT, (0, 1))
 
 
-def _split_workspace(device, head_dim):
-    """fp32 scratch the kernel's tail split always fits in (SMs x 128 rows x (head dim + 1))."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return torch.empty(sms * 128 * (head_dim + 1), dtype=torch.float32, device=device)
+def _split_workspace(ext, device, batch, heads, q_len, kv_len, head_dim):
+    """The fp32 scratch the kernel's tail split takes for this launch shape, or None where it is not split (or
+    VKERN_FLASH_TAIL_SPLIT=0)."""
+    if not _flash_tail_split():
+        return None
+    with torch.cuda.device(device):  # (the plan counts the SMs of the current device)
+        floats = ext.flash_tail_split_floats(batch, heads, q_len, kv_len, head_dim)
+    return torch.empty(floats, dtype=torch.float32, device=device) if floats else None
 
 
 def key_padding_bits(key_padding_mask, block=128):
@@ -471,7 +475,7 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device) if return_lse else None
     bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
-    split = _split_workspace(q.device, D) if _flash_tail_split() else None
+    split = _split_workspace(cuda_ext(), q.device, B, H, Sq, k.shape[1], D) if _flash_stages() == 3 else None
     with torch.cuda.device(q.device):
         cuda_ext().flash_attention_fwd(
             *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q, k, v, out)),
@@ -496,7 +500,8 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
     out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q8.device) if return_lse else None
     bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
-    split = _split_workspace(q8.device, D) if int8_pv and _flash_tail_split() else None
+    split_form = int8_pv and _flash_stages() == 3 and _flash_exp_fma() == 0 and _flash_fp8_turns() == 0
+    split = _split_workspace(cuda_ext(), q8.device, B, H, Sq, Skv, D) if split_form else None
     with torch.cuda.device(q8.device):
         cuda_ext().flash_attention_fp8_fwd(
             *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q8, k8)),
