@@ -7,10 +7,11 @@ import time
 import torch
 
 
-def time_cuda(fn, warmup=3, repeats=10, min_warmup_s=0.3):
+def time_cuda(fn, warmup=3, repeats=10, min_warmup_s=0.3, pause_s=0.0):
     """Median milliseconds of fn() over `repeats` runs, each bracketed by CUDA events.
     Warm-up runs at least `warmup` times and at least min_warmup_s seconds: a few launches of a
-    0.1 ms kernel right after an idle pause were timed before the clocks had ramped (run 2)."""
+    0.1 ms kernel right after an idle pause were timed before the clocks had ramped (run 2).
+    pause_s: an idle pause before each timed run (bench/timing_probe.py: the GPU rested)."""
     start = time.perf_counter()
     done = 0
     while done < warmup or time.perf_counter() - start < min_warmup_s:
@@ -19,6 +20,8 @@ def time_cuda(fn, warmup=3, repeats=10, min_warmup_s=0.3):
         done += 1
     times = []
     for _ in range(repeats):
+        if pause_s:
+            time.sleep(pause_s)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

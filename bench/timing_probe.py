@@ -38,20 +38,6 @@ def samples(path):
     return out
 
 
-def time_with_pauses(fn, repeats, pause_s):
-    """Synchronized calls with an idle pause before each."""
-    times = []
-    for _ in range(repeats):
-        time.sleep(pause_s)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="wan1.3b-480p")
@@ -84,7 +70,7 @@ def main():
     phases = []
     methods = {"sync": lambda fn: time_cuda(fn, 2, args.repeats)[0],
                "queued": lambda fn: time_cuda_queued(fn, 1, args.repeats)[0],
-               "sync+pause10ms": lambda fn: time_with_pauses(fn, args.repeats, 0.01)}
+               "sync+pause10ms": lambda fn: time_cuda(fn, 2, args.repeats, pause_s=0.01)[0]}
     for r in range(args.rounds):
         for provider in args.providers.split(","):
             for method, timer in methods.items():

@@ -81,6 +81,10 @@ def make_padding(B, Skv, pattern, device="cpu"):
         mask = torch.rand(B, Skv, device=device) > 0.5
         mask[1] = False
         return mask
+    if pattern == "dead_then_short":  # batch row 0 attends to nothing, the others to their first 300 keys only
+        mask = torch.zeros(B, Skv, dtype=torch.bool, device=device)
+        mask[1:, :300] = True
+        return mask
     raise ValueError(pattern)
 
 
