@@ -31,6 +31,7 @@ def _attention(name, providers, args):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import vkern.ops
+    from vkern.ops import fused_attention
     from vkern.reference import attention as ref
 
     s = shapes.ATTENTION[name.removesuffix("-cross")]  # "<shape>-cross": keys are the text tokens
@@ -123,7 +124,9 @@ def _attention(name, providers, args):
         # session 27: it also counts each call's host time and launch latency).
         ms_sync = time_cuda(fns[provider], args.warmup, args.repeats)[0]
         ms, lo, hi = time_cuda_queued(fns[provider], 1, args.repeats)
+        fused_attention.last_tail_split_floats = 0
         out = fns[provider]()[:, rows]
+        split = "on" if fused_attention.last_tail_split_floats else "off"  # (this call's launch: split or not)
         cos = torch.nn.functional.cosine_similarity(out.double().flatten(), oracle.double().flatten(), dim=0).item()
         row = dict(op="attention", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, ms_sync=ms_sync,
                    timing="queued", tflops=s.flops(kv_tokens=kv_tokens) / ms / 1e9,
@@ -132,22 +135,17 @@ def _attention(name, providers, args):
             keys = 192 if provider.endswith("-192") else 128  # (int8 P/V: 128-key tiles only)
             row["config"] = f"cuda sm90a 8-bit: 128x{keys} tiles, 2 consumer warpgroups, 3-stage TMA ring"
             if provider.startswith("vkern-int8pv-cuda"):
-                from vkern.ops.fused_attention import (_flash_exp_fma, _flash_fp8_turns, _flash_rescale_slack,
-                                                       _flash_tail_split)
+                from vkern.ops.fused_attention import _flash_exp_fma, _flash_fp8_turns, _flash_rescale_slack
 
                 fma, turns = ((provider.split("-fma")[1][0], int(provider[-1])) if "-fma" in provider
                               else (str(_flash_exp_fma()), _flash_fp8_turns()))
                 slack = provider.split("-slack")[1] if "-slack" in provider else _flash_rescale_slack()
                 turns = ("off", "on (passed when issued)", "on (passed when done)")[turns]
-                # (the split applies where a launch's last wave holds at most half the SMs' tiles)
-                split = ("off" if provider.endswith("-nosplit") or not _flash_tail_split() or fma != "0"
-                         or turns != "off" else "enabled")
                 row["config"] += (f", {fma} of 8 exponentials on FMA, turns {turns}, P V added after the next softmax"
                                   f", rescale slack {slack}, tail split {split}")
         elif provider in ("vkern-cuda", "vkern-cuda-nosplit"):
-            from vkern.ops.fused_attention import _flash_stages, _flash_tail_split
+            from vkern.ops.fused_attention import _flash_stages
 
-            split = "off" if provider.endswith("-nosplit") or not _flash_tail_split() else "enabled"
             row["config"] = (f"cuda sm90a: 128x128 tiles, 2 consumer warpgroups, {_flash_stages()}-stage TMA ring, "
                              f"tail split {split}")
         elif provider.startswith("vkern-"):

@@ -714,7 +714,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     prev = st, v_parity = k_parity;  // K_j and V_j share stage j % kStages
     if (++st == kStages) st = 0, k_parity ^= 1u;
   }
-  {  // the last block's PV product (its V stage and the one before are never refilled: not released)
+  {  // the last block's PV product (its V stage and the one before are never refilled: not released). Its stage
+     // and parity are prev's and v_parity's, recomputed: read after the loop, those made ptxas copy them at the loop
+     // top (2 more instructions, +2 static clocks before the first IGMMA of the int8 P/V loop; session 28).
     const int last = (n_blocks - 1) % kStages;
     const float value_scale = kPromoteO ? value_scale_of(n_blocks - 1) : 1.f;
     mbar_wait(&bars.v_full[last], ((n_blocks - 1) / kStages) & 1);
@@ -877,6 +879,13 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
          t.head_stride >= 0;
 }
 
+// The launch forms that take the tail split (with 3 stages): the 16-bit kernel, and the int8 P/V form's default
+// schedule (no FMA exponentials, no turns). The dispatch instantiates kSplit for these only, and
+// flash_tail_split_floats asks for a workspace for these only: this is the one place that says which.
+constexpr bool split_schedule(bool eight_bit, bool int8_pv, int exp_fma, int turns) {
+  return !eight_bit || (int8_pv && exp_fma == 0 && turns == 0);
+}
+
 // The tail split's plan (see Split) for a launch of `tiles` tiles of n_blocks key blocks each on the current device:
 // where the last wave holds at most half the SMs' tiles, each tail tile is split into as many parts as fill the SMs
 // (at most 8, of at least 16 key blocks each, so that a part's prologue and epilogue stay small against its loop);
@@ -895,17 +904,16 @@ Split split_shape(int tiles, int n_blocks) {
   return split;
 }
 
-// The workspace's fp32 values for a split: O (128 rows x head dim) then lse (128) per slot (tail tile x part).
-int64_t split_floats(const Split& split, int tiles, int head_dim) {
-  return int64_t(tiles - split.n_main) * split.n_splits * kBlockM * (head_dim + 1);
-}
+// A split's parts (tail tiles x parts), each a CTA and a workspace slot: O (128 rows x head dim), then lse (128).
+int64_t split_slots(const Split& split, int tiles) { return int64_t(tiles - split.n_main) * split.n_splits; }
 
 // split_shape's plan into the workspace, or none (n_splits 0) where it is null or too small.
 Split plan_split(int tiles, int n_blocks, int head_dim, float* workspace, int64_t workspace_bytes) {
   Split split = workspace == nullptr ? Split() : split_shape(tiles, n_blocks);
-  if (split.n_splits == 0 || split_floats(split, tiles, head_dim) * 4 > workspace_bytes) return Split();
+  const int64_t slots = split_slots(split, tiles);
+  if (split.n_splits == 0 || slots * kBlockM * (head_dim + 1) * 4 > workspace_bytes) return Split();
   split.o = workspace;
-  split.lse = workspace + int64_t(tiles - split.n_main) * split.n_splits * kBlockM * head_dim;
+  split.lse = workspace + slots * kBlockM * head_dim;
   return split;
 }
 
@@ -922,7 +930,8 @@ cudaError_t launch(const CUtensorMap (&maps)[4], const float* q_scale, const flo
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const int m_blocks = (q_len + kBlockM - 1) / kBlockM, tail = m_blocks * heads * batch - split.n_main;
-  const dim3 grid = kSplit ? dim3(split.n_main + tail * split.n_splits) : dim3(m_blocks, heads, batch);
+  const dim3 grid = kSplit ? dim3(split.n_main + split_slots(split, m_blocks * heads * batch))
+                           : dim3(m_blocks, heads, batch);
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], q_scale, k_scale, v_scale,
                                                  v_offset, lse, static_cast<const uint4*>(key_bits), heads, q_len,
                                                  kv_len, scale * 1.4426950408889634f, rescale_slack, split);
@@ -942,10 +951,11 @@ bool common_args_ok(int batch, int heads, int q_len, int kv_len, float scale, in
 
 }  // namespace
 
-int64_t flash_tail_split_floats(int batch, int heads, int q_len, int kv_len, int head_dim) {
+int64_t flash_tail_split_floats(int batch, int heads, int q_len, int kv_len, int head_dim, int stages, bool eight_bit,
+                                bool int8_pv, int exp_fma, int turns) {
+  if (stages != 3 || !split_schedule(eight_bit, int8_pv, exp_fma, turns)) return 0;
   const int tiles = (q_len + kBlockM - 1) / kBlockM * heads * batch;
-  const Split split = split_shape(tiles, (kv_len + kBlockN - 1) / kBlockN);
-  return split.n_splits == 0 ? 0 : split_floats(split, tiles, head_dim);
+  return split_slots(split_shape(tiles, (kv_len + kBlockN - 1) / kBlockN), tiles) * kBlockM * (head_dim + 1);
 }
 
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
@@ -968,6 +978,7 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
       constexpr int kDim = decltype(dim_tag)::value;
       const Split split = plan_split((q_len + kBlockM - 1) / kBlockM * heads * batch, (kv_len + kBlockN - 1) / kBlockN,
                                      head_dim, split_workspace, split_workspace_bytes);
+      static_assert(split_schedule(false, false, 0, 0), "the 16-bit forms take the tail split");
       if (stages == 3 && split.n_splits > 0)
         return launch<T, T, kDim, 3, kBlockN, 0, 0, true>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits,
                                                           batch, heads, q_len, kv_len, scale, 0.f, stream, split, out);
@@ -1020,8 +1031,7 @@ cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, Attent
       const auto tile = [&](auto keys_tag, auto fma_tag, auto turns_tag) {
         constexpr int kKeys = decltype(keys_tag)::value, kFma = decltype(fma_tag)::value;
         constexpr int kTurns = decltype(turns_tag)::value;
-        // The tail split: the int8 P/V form's default schedule only (3 stages, no FMA exponentials, no turns).
-        if constexpr (std::is_same<In, S8PV>::value && kFma == 0 && kTurns == 0) {
+        if constexpr (split_schedule(true, std::is_same<In, S8PV>::value, kFma, kTurns)) {
           const Split split = plan_split((q_len + kBlockM - 1) / kBlockM * heads * batch,
                                          (kv_len + kKeys - 1) / kKeys, head_dim, split_workspace,
                                          split_workspace_bytes);

@@ -56,11 +56,14 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 // turns passed when a consumer's products are done (ping-pong by phase); the same result bit for bit.
 // rescale_slack (int8_pv; else 0; in [0, 8]): O's reference max moves only when a block's row max passes it by more
 // than this (log2 units): O's rescale is skipped more often; the same result up to fp32 rounding.
-// split_workspace (int8_pv with exp_fma 0, turns 0, 3 stages; may be null): as flash_attention_fwd's.
+// split_workspace (may be null): as flash_attention_fwd's; which forms split: flash_tail_split_floats.
 constexpr int kFlashFp8HeadDim = 128;
-// The split workspace's fp32 values a launch of this shape takes on the current device (the 16-bit forms, and the
-// int8 P/V form's default schedule); 0: it is not split.
-int64_t flash_tail_split_floats(int batch, int heads, int q_len, int kv_len, int head_dim);
+// The split workspace's fp32 values a launch of this shape and form takes on the current device; 0: it is not split.
+// The form as the launch's arguments: stages; eight_bit false for flash_attention_fwd, true for
+// flash_attention_fp8_fwd with its int8_pv, exp_fma and turns (the 16-bit forms and the int8 P/V form's default
+// schedule split, with 3 stages).
+int64_t flash_tail_split_floats(int batch, int heads, int q_len, int kv_len, int head_dim, int stages, bool eight_bit,
+                                bool int8_pv, int exp_fma, int turns);
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,

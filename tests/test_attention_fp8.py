@@ -36,14 +36,14 @@ import pytest
 import torch
 
 from vkern import ops
-from vkern.ops import _backend
+from vkern.ops import _backend, fused_attention
 from vkern.reference import attention as ref
 from vkern.reference.fp8 import E4M3_INV, INT8_INV
 
 from bench.wan_inputs import wan_qkv
 
 from .attention_helpers import (ON_GPU, assert_compiled_equals_eager, assert_fake_shapes, cpu_interpreter, make_padding,
-                                make_qkv, poisoned, sampled_rows, torch_attention)
+                                make_qkv, poisoned, sampled_rows, tail_split_cases, torch_attention)
 from .tolerance import rel_l2
 
 FP8 = ("e4m3", "e4m3")
@@ -1087,18 +1087,8 @@ def test_gpu_cuda_int8_pv_rescale_slack(use_backend, monkeypatch, slack, B, H, S
         run_8bit(q, k, v, INT8PV)
 
 
-def _tail_split_cases():
-    """(B, H, Sq, Skv, mask pattern) launches whose last wave is split on this GPU (csrc/flash_attention.cu,
-    plan_split: a tail of at most half the SMs' tiles, parts of >= 16 key blocks): sms + 5 tiles (a full wave, then 5
-    tail tiles in 2 parts), 7 tiles alone (8 parts of 16-17 blocks) and 2 x 3 tiles (4 parts; one batch row attends to
-    nothing, and one to its first 300 keys only, so that its later parts have no attended key)."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if ON_GPU else 132
-    return [(1, 1, (sms + 5) * 128 - 3, 4096 + 17, "random"), (1, 1, 7 * 128 - 60, 16384 + 50, "none"),
-            (2, 3, 128 - 5, 8192 + 100, "dead_then_short")]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,H,Sq,Skv,pattern", _tail_split_cases(), ids=["main-and-tail", "tail-only", "masked-parts"])
+@pytest.mark.parametrize("B,H,Sq,Skv,pattern", tail_split_cases(), ids=["main-and-tail", "tail-only", "masked-parts"])
 def test_gpu_cuda_int8_pv_tail_split(use_backend, monkeypatch, B, H, Sq, Skv, pattern):
     """The tail split (session 27) merges parts that each hold O normalized in fp32 and their lse; it changes only
     the fp32 rounding of O's sums (which max O is kept against, the merge's weights), not P's codes (each block's
@@ -1110,9 +1100,11 @@ def test_gpu_cuda_int8_pv_tail_split(use_backend, monkeypatch, B, H, Sq, Skv, pa
     use_backend("cuda")
     monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "0")
     base, base_lse = run_8bit(q, k, v, INT8PV, key_padding_mask=mask, return_lse=True)
+    assert fused_attention.last_tail_split_floats == 0
     monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "1")
     out, lse = run_8bit(q, k, v, INT8PV, key_padding_mask=mask, return_lse=True)
     assert _backend.last_choice["attention_8bit"] == "cuda"
+    assert fused_attention.last_tail_split_floats > 0, "this launch was not split"
     if pattern == "dead_then_short":
         # Every attended key of batch row 1 lies in the first part, whose weight is then exactly 1 (the later parts'
         # lse -inf, weight 0), and the unsplit kernel's fully masked blocks leave O as it was: the same bits.
@@ -1131,6 +1123,29 @@ def test_gpu_cuda_int8_pv_tail_split(use_backend, monkeypatch, B, H, Sq, Skv, pa
     monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "2")
     with pytest.raises(ValueError, match="VKERN_FLASH_TAIL_SPLIT"):
         run_8bit(q, k, v, INT8PV)
+
+
+@pytest.mark.gpu
+def test_gpu_tail_split_forms():
+    """Which launch forms take the tail split is the extension's decision alone (csrc/flash_attention.cu,
+    split_schedule; the wrappers ask flash_tail_split_floats with the launch's own arguments): at a split shape (sms
+    + 5 tiles of 33 key blocks: 5 tail tiles in 2 parts) the 16-bit forms and the int8 P/V form's default schedule
+    take 5 x 2 slots of 128 x (128 + 1) floats, with 3 stages only; the e4m3 and int8-Q/K forms, the int8 P/V form
+    with FMA exponentials or turns, and a launch whose last wave is full take none."""
+    from vkern._ext import cuda_ext
+
+    ext = cuda_ext()
+    B, H, Sq, Skv, _ = tail_split_cases()[0]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def floats(*form, stages=3, q_len=Sq):  # form: eight_bit, int8_pv, exp_fma, turns
+        return ext.flash_tail_split_floats(B, H, q_len, Skv, 128, stages, *form)
+
+    assert floats() == floats(True, True, 0, 0) == 5 * 2 * 128 * 129
+    assert floats(stages=2) == floats(True, True, 0, 0, stages=2) == 0
+    assert floats(True, False, 0, 0) == 0
+    assert floats(True, True, 2, 0) == floats(True, True, 0, 1) == floats(True, True, 0, 2) == 0
+    assert floats(q_len=2 * sms * 128) == floats(True, True, 0, 0, q_len=2 * sms * 128) == 0
 
 
 @pytest.mark.gpu

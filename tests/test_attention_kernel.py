@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from vkern import ops
-from vkern.ops import _backend
+from vkern.ops import _backend, fused_attention
 from vkern.reference import attention as ref
 
 from .attention_helpers import (ON_GPU, assert_compiled_equals_eager, assert_fake_shapes, cpu_interpreter, make_padding,
-                                make_qkv, poisoned, sampled_rows, torch_attention)
+                                make_qkv, poisoned, sampled_rows, tail_split_cases, torch_attention)
 from .tolerance import assert_within_torch_error, rel_l2
 
 LSE_REL_FLOOR = 1e-5
@@ -436,19 +436,10 @@ def test_gpu_real_shapes(use_backend, backend, name):
     assert rel_l2(out, cudnn) <= 3.3 * cudnn_err, f"{name}: rel L2 vs cuDNN {rel_l2(out, cudnn):.3g}, cuDNN's own {cudnn_err:.3g}"
 
 
-def _tail_split_cases():
-    """(B, H, Sq, Skv, D, dtype, mask pattern) launches whose last wave the CUDA kernel splits on this GPU
-    (csrc/flash_attention.cu, plan_split: a tail of at most half the SMs' tiles, parts of >= 16 key blocks): sms + 5
-    tiles (a full wave, then 5 tail tiles in 2 parts), 7 tiles alone (8 parts) and 2 x 3 tiles (4 parts; one batch
-    row attends to nothing, one to its first 300 keys only, so that its later parts have no attended key)."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if ON_GPU else 132
-    return [(1, 1, (sms + 5) * 128 - 3, 4096 + 17, 128, torch.bfloat16, "random"),
-            (1, 1, 7 * 128 - 60, 16384 + 50, 64, torch.float16, "none"),
-            (2, 3, 128 - 5, 8192 + 100, 128, torch.bfloat16, "dead_then_short")]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,H,Sq,Skv,D,dtype,pattern", _tail_split_cases(),
+@pytest.mark.parametrize("B,H,Sq,Skv,D,dtype,pattern",
+                         [(*case[:4], D, dtype, case[4]) for case, D, dtype in zip(
+                             tail_split_cases(), (128, 64, 128), (torch.bfloat16, torch.float16, torch.bfloat16))],
                          ids=["main-and-tail-bf16-D128", "tail-only-fp16-D64", "masked-parts-bf16-D128"])
 def test_gpu_cuda_tail_split(use_backend, monkeypatch, B, H, Sq, Skv, D, dtype, pattern):
     """The tail split (session 27): each part's P is rounded against that part's running max, not the whole row's,
@@ -461,9 +452,11 @@ def test_gpu_cuda_tail_split(use_backend, monkeypatch, B, H, Sq, Skv, D, dtype, 
     use_backend("cuda")
     monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "0")
     base, base_lse = run_op(q, k, v, key_padding_mask=mask, return_lse=True)
+    assert fused_attention.last_tail_split_floats == 0
     monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "1")
     out, lse = run_op(q, k, v, key_padding_mask=mask, return_lse=True)
     assert _backend.last_choice["attention"] == "cuda"
+    assert fused_attention.last_tail_split_floats > 0, "this launch was not split"
     if pattern == "dead_then_short":
         assert torch.equal(out, base) and torch.equal(lse, base_lse)
     else:

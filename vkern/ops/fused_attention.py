@@ -446,13 +446,22 @@ def _flash_tail_split():
     return _env_int("VKERN_FLASH_TAIL_SPLIT", FLASH_TAIL_SPLIT, (0, 1))
 
 
-def _split_workspace(ext, device, batch, heads, q_len, kv_len, head_dim):
-    """The fp32 scratch the kernel's tail split takes for this launch shape, or None where it is not split (or
-    VKERN_FLASH_TAIL_SPLIT=0)."""
-    if not _flash_tail_split():
-        return None
-    with torch.cuda.device(device):  # (the plan counts the SMs of the current device)
-        floats = ext.flash_tail_split_floats(batch, heads, q_len, kv_len, head_dim)
+# The last CUDA attention launch's split workspace, in fp32 values (0: that launch was not split): what benchmark
+# rows and tests read to know whether a call took the split.
+last_tail_split_floats = 0
+
+
+def _split_workspace(ext, device, batch, heads, q_len, kv_len, head_dim, eight_bit=False, int8_pv=False, exp_fma=0,
+                     turns=0):
+    """The fp32 scratch the kernel's tail split takes for this launch (shape and form, as the launch's arguments:
+    the extension decides which forms split), or None where it is not split (or VKERN_FLASH_TAIL_SPLIT=0)."""
+    global last_tail_split_floats
+    floats = 0
+    if _flash_tail_split():
+        with torch.cuda.device(device):  # (the plan counts the SMs of the current device)
+            floats = ext.flash_tail_split_floats(batch, heads, q_len, kv_len, head_dim, _flash_stages(), eight_bit,
+                                                 int8_pv, exp_fma, turns)
+    last_tail_split_floats = floats
     return torch.empty(floats, dtype=torch.float32, device=device) if floats else None
 
 
@@ -475,7 +484,7 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device) if return_lse else None
     bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
-    split = _split_workspace(cuda_ext(), q.device, B, H, Sq, k.shape[1], D) if _flash_stages() == 3 else None
+    split = _split_workspace(cuda_ext(), q.device, B, H, Sq, k.shape[1], D)
     with torch.cuda.device(q.device):
         cuda_ext().flash_attention_fwd(
             *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q, k, v, out)),
@@ -500,8 +509,8 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
     out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q8.device) if return_lse else None
     bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
-    split_form = int8_pv and _flash_stages() == 3 and _flash_exp_fma() == 0 and _flash_fp8_turns() == 0
-    split = _split_workspace(cuda_ext(), q8.device, B, H, Sq, Skv, D) if split_form else None
+    exp_fma, turns = (_flash_exp_fma(), _flash_fp8_turns()) if int8_pv else (0, 0)
+    split = _split_workspace(cuda_ext(), q8.device, B, H, Sq, Skv, D, True, int8_pv, exp_fma, turns)
     with torch.cuda.device(q8.device):
         cuda_ext().flash_attention_fp8_fwd(
             *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q8, k8)),
@@ -510,8 +519,8 @@ def _cuda_attention_fp8(q8, q_scale, k8, k_scale, vt, v_scale, v_offset, key_pad
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), q_scale.data_ptr(),
             k_scale.data_ptr(), v_scale.data_ptr(), 0 if v_offset is None else v_offset.data_ptr(),
             DTYPE_CODE[out_dtype], B, H, Sq, Skv, vt.shape[3], D, D ** -0.5 if scale is None else scale,
-            _flash_stages(), q8.dtype == torch.int8, int8_pv, _flash_fp8_keys(), _flash_exp_fma() if int8_pv else 0,
-            _flash_fp8_turns() if int8_pv else 0, float(_flash_rescale_slack()) if int8_pv else 0.0,
+            _flash_stages(), q8.dtype == torch.int8, int8_pv, _flash_fp8_keys(), exp_fma, turns,
+            float(_flash_rescale_slack()) if int8_pv else 0.0,
             torch.cuda.current_stream(q8.device).cuda_stream, 0 if split is None else split.data_ptr(),
             0 if split is None else split.numel() * 4)
     return out, lse
