@@ -46,6 +46,40 @@ def main(path):
     top = sorted(range(len(body)), key=lambda k: -number(body[k][samples]) if len(body[k]) > samples else 0)[:40]
     for k in sorted(top):
         print(f"  #{k:5d} {number(body[k][samples]):8.0f}  {body[k][source].strip()[:90]}")
+    loop_regions(body, source, samples, reasons, col.get("Instructions Executed"))
+
+
+def loop_regions(body, source, samples, reasons, executed):
+    """The consumers' main loop (from the first to the last instruction of the largest execution count that at
+    least 100 instructions share: mbarrier retries spin more often, one by one) cut where a consumer's block changes
+    phase: loop top -> first wgmma, the issues -> the product wait, the wait, the row max (-> first MUFU.EX2), the
+    exponentials (-> the last), the rest. Shares of the loop's samples, and each region's three largest reasons."""
+    if executed is None:
+        return
+    counts = [number(r[executed]) if len(r) > executed else 0 for r in body]
+    per_block = max(c for c, n in collections.Counter(counts).items() if n >= 100)
+    loop = [k for k, c in enumerate(counts) if c == per_block]
+    lo, hi = loop[0], loop[-1] + 1
+    text = [body[k][source] for k in range(lo, hi)]
+    find = lambda key, start=0: next(k for k in range(start, hi - lo) if key in text[k])
+    gmma = find("GMMA")
+    wait = find("WARPGROUP.DEPBAR", gmma)
+    mufu = find("MUFU.EX2", wait)
+    last = max(k for k in range(hi - lo) if "MUFU.EX2" in text[k])
+    cuts = [("loop top -> first wgmma", 0, gmma), ("issues -> product wait", gmma, wait), ("product wait", wait, wait + 1),
+            ("row max -> first MUFU.EX2", wait + 1, mufu), ("exponentials", mufu, last + 1),
+            ("the rest", last + 1, hi - lo)]
+    loop_total = sum(number(body[k][samples]) for k in range(lo, hi)) or 1
+    print(f"main loop: instructions {lo}..{hi - 1}")
+    for name, a, b in cuts:
+        rows = [body[lo + k] for k in range(a, b)]
+        share = sum(number(r[samples]) for r in rows) / loop_total
+        by = collections.Counter()
+        for r in rows:
+            for n, i in reasons:
+                by[n] += number(r[i]) if len(r) > i else 0
+        print(f"  {name:28s} {b - a:5d} instructions {100 * share:5.1f}%  " +
+              " ".join(f"{n[6:]} {100 * v / loop_total:.1f}" for n, v in by.most_common(3)))
 
 
 if __name__ == "__main__":
