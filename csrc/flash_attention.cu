@@ -363,7 +363,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto value_scale_of = [&](int j) { return F::kPromoteO ? __ldg(v_scale + scale_row + j) : 1.f; };
   float v_sigma = 0.f;  // kShiftV: the largest V scale so far; O is kept in its units
   float o_scale[2];     // what rescale_o multiplies O by: alpha (kShiftV: times the old sigma / the new)
-  float o_log[2] = {0.f, 0.f};  // kIntPV: alpha's log2, 0 unless the max moved (rescale_o takes its exp2 then only)
   // Masks the keys past kv_len and the padded ones, updates the running max and returns P = exp2(scale * s - max)
   // (8-bit: times 448; kShiftV: times each group's v_scale / sigma) in s, its row sums (unshifted) in sum and the
   // factor alpha that rescales what was accumulated before. The multipliers (> 0) commute with the max, so they
@@ -467,12 +466,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         p_max = block_max == -INFINITY ? 0.f : block_max;
         p_factor[r] = block_max == -INFINITY ? 0.f : ex2(block_max - offset);
       }
-      if constexpr (kIntPV) {
-        o_log[r] = row_max[r] - offset;
-      } else {
-        alpha[r] = ex2(row_max[r] - offset);
-        o_scale[r] = F::kShiftV ? alpha[r] * sigma_ratio : alpha[r];
-      }
+      alpha[r] = ex2(row_max[r] - offset);
+      o_scale[r] = F::kShiftV ? alpha[r] * sigma_ratio : alpha[r];
       row_max[r] = new_max;
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
@@ -640,20 +635,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto rescale_o = [&] {
     fence_regs(o);
     // Late in a row the max rarely moves (alpha = 1 exactly): the warp skips the multiplies (same result).
-    // kIntPV: alpha's exp2 too, from its log2 (ex2(0) = 1 and x * 1 = x: the same result): 2 of the softmax's 68
-    // MUFU.EX2 off the common path (session 28, runs 102-103: +0.6-1.5% at the Wan shapes, -0.6% at hunyuan-720p).
-    if constexpr (kIntPV) {
-      if (__any_sync(0xffffffff, o_log[0] != 0.f || o_log[1] != 0.f)) {
-        const float scale[2] = {ex2(o_log[0]), ex2(o_log[1])};
-#pragma unroll
-        for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= scale[(i / 2) % 2];
-        corr[0] *= scale[0], corr[1] *= scale[1], row_sum[0] *= scale[0], row_sum[1] *= scale[1];
-      }
-    } else if (__any_sync(0xffffffff, o_scale[0] != 1.f || o_scale[1] != 1.f)) {
+    if (__any_sync(0xffffffff, o_scale[0] != 1.f || o_scale[1] != 1.f)) {
 #pragma unroll
       for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= o_scale[(i / 2) % 2];
     }
     fence_regs(o);
+    if constexpr (kIntPV)
+      corr[0] *= o_scale[0], corr[1] *= o_scale[1], row_sum[0] *= o_scale[0], row_sum[1] *= o_scale[1];
   };
   // O += P V, or t = P V (kPromoteO).
   auto issue_pv_block = [&](SmemDesc v_tile) {
