@@ -4,8 +4,11 @@
 # when they compute the same). Each DIR holds another revision's csrc files, e.g. made with
 #   mkdir -p ab_old && git archive <sha> csrc | tar -x --strip-components=1 -C ab_old
 # (untracked, so the device call carries it); csrc/ itself is always the last tree.
-# Usage: ROUNDS=2 MODES="int8pv bf16" bash bench/flash_ab.sh DIR [DIR ...]; output also in $OUT/flash-ab.txt.
-# (int8pv: exp_fma 0, turns 0, rescale slack 8, the extension's defaults; bf16: the 16-bit kernel.)
+# Usage: ROUNDS=2 MODES="int8pv bf16" SPLITS="split nosplit" bash bench/flash_ab.sh DIR [DIR ...]; output also in
+# $OUT/flash-ab.txt. (int8pv: exp_fma 0, turns 0, rescale slack 8, the extension's defaults; bf16: the 16-bit kernel.
+# split (the default): the tail split's workspace passed as the extension passes it, so each shape runs the
+# instantiation the extension runs there (the split one at wan1.3b-480p and wan14b-720p); nosplit: none, as every
+# A/B before session 29 ran.)
 set -uo pipefail
 trees=("$@" csrc)
 pids=()
@@ -16,10 +19,12 @@ for i in "${!trees[@]}"; do
 done
 for pid in "${pids[@]}"; do wait "$pid" || exit 1; done
 for mode in ${MODES:-int8pv}; do
-  for shape in "12 32760" "40 32760" "40 75600" "24 118800"; do  # wan1.3b-480p, wan14b-480p, wan14b-720p, hunyuan-720p
-    for ((r = 0; r < ${ROUNDS:-2}; ++r)); do
-      for i in "${!trees[@]}"; do
-        echo -n "${trees[$i]}: "; "/tmp/flash_ab_$i" $shape 0 0 8 "$mode"
+  for split in ${SPLITS:-split}; do
+    for shape in "12 32760" "40 32760" "40 75600" "24 118800"; do  # wan1.3b-480p, wan14b-480p, wan14b-720p, hunyuan-720p
+      for ((r = 0; r < ${ROUNDS:-2}; ++r)); do
+        for i in "${!trees[@]}"; do
+          echo -n "${trees[$i]}: "; "/tmp/flash_ab_$i" $shape 0 0 8 "$mode" "$split"
+        done
       done
     done
   done

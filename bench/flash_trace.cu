@@ -4,7 +4,8 @@
 // and block the clocks from the loop top to: ready to issue, issued, products done, softmax done, block done; then
 // the medians per phase and the launch's TFLOP/s (CUDA events, the trace's own build).
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icsrc \
-//     bench/flash_trace.cu -o flash_trace && ./flash_trace [heads] [tokens] [exp_fma] [turns] [rescale_slack] [bf16]
+//     bench/flash_trace.cu -o flash_trace && ./flash_trace [heads] [tokens] [exp_fma] [turns] [rescale_slack] [int8pv|bf16]
+//     [split|nosplit]
 // bench/flash_trace.sh runs it for each schedule. With -DVKERN_FLASH_TIME_ONLY: no stamps (the extension's code),
 // the launch's TFLOP/s and a hash of the output only: a way to time kernel variants (other -D settings, or another
 // source directory: bench/flash_ab.sh) side by side and check that they agree bit for bit.
@@ -57,6 +58,9 @@ int main(int argc, char** argv) {
   const float slack = argc > 5 ? float(std::atof(argv[5])) : 0.f;
   // "bf16" (TIME_ONLY builds): the 16-bit kernel on random bf16 q, k, v instead (the 8-bit arguments unused).
   const bool bf16 = argc > 6 && std::string(argv[6]) == "bf16";
+  // The tail split's workspace, sized and passed as the extension's wrappers do (so the instantiation timed is the
+  // one the extension launches at this shape); "nosplit" passes none, as every build before session 29 did.
+  const bool no_split = argc > 7 && std::string(argv[7]) == "nosplit";
   const int blocks = (tokens + 127) / 128, vt_len = (tokens + 15) / 16 * 16;
   const size_t qk_bytes = size_t(tokens) * heads * 128, vt_bytes = size_t(heads) * 128 * vt_len;
   uint8_t *q, *k, *vt;
@@ -89,15 +93,21 @@ int main(int argc, char** argv) {
     CHECK(cudaDeviceSynchronize());
   }
   const vkern::AttentionTensor tv{v16, tokens * row, row, 128};
+  const int64_t split_floats =
+      no_split ? 0 : vkern::flash_tail_split_floats(1, heads, tokens, tokens, 128, 3, !bf16, !bf16, exp_fma, turns);
+  float* split_ws = nullptr;
+  if (split_floats > 0) CHECK(cudaMalloc(&split_ws, sizeof(float) * split_floats));
+  const int64_t split_bytes = int64_t(sizeof(float)) * split_floats;
   auto launch = [&] {
     if (bf16) {
       CHECK(vkern::flash_attention_fwd(tq, tk, tv, to, nullptr, nullptr, vkern::DType::kBFloat16, 1, heads, tokens,
-                                       tokens, 128, 0.08838834764831845f, 3, 0));
+                                       tokens, 128, 0.08838834764831845f, 3, 0, split_ws, split_bytes));
       return;
     }
     CHECK(vkern::flash_attention_fp8_fwd(tq, tk, tvt, to, nullptr, nullptr, q_scale, k_scale, v_scale, nullptr,
                                          vkern::DType::kBFloat16, 1, heads, tokens, tokens, vt_len, 128,
-                                         0.08838834764831845f, 3, true, true, 128, exp_fma, turns, slack, 0));
+                                         0.08838834764831845f, 3, true, true, 128, exp_fma, turns, slack, 0, split_ws,
+                                         split_bytes));
   };
   launch();
   CHECK(cudaDeviceSynchronize());
@@ -119,9 +129,10 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(host.data(), out, host.size(), cudaMemcpyDeviceToHost));
   uint64_t hash = 1469598103934665603ull;
   for (uint8_t b : host) hash = (hash ^ b) * 1099511628211ull;
-  std::printf("%s heads %d tokens %d exp_fma %d turns %d slack %g: %.3f ms, %.0f TFLOP/s, output hash %016llx\n",
-              bf16 ? "bf16" : "int8pv", heads, tokens, exp_fma, turns, slack, ms, flops / ms / 1e9,
-              (unsigned long long)hash);
+  std::printf("%s heads %d tokens %d exp_fma %d turns %d slack %g split %s: %.3f ms, %.0f TFLOP/s, output hash "
+              "%016llx\n",
+              bf16 ? "bf16" : "int8pv", heads, tokens, exp_fma, turns, slack, split_floats > 0 ? "on" : "off", ms,
+              flops / ms / 1e9, (unsigned long long)hash);
   return 0;
 #else
   long long trace[2][4][vkern::kTraceBlocks][vkern::kTraceEvents];
