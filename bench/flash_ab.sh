@@ -8,7 +8,8 @@
 # $OUT/flash-ab.txt. (int8pv: exp_fma 0, turns 0, rescale slack 8, the extension's defaults; bf16: the 16-bit kernel.
 # split (the default): the tail split's workspace passed as the extension passes it, so each shape runs the
 # instantiation the extension runs there (the split one at wan1.3b-480p and wan14b-720p); nosplit: none, as every
-# A/B before session 29 ran.)
+# A/B before session 29 ran. DATA="uniform gauss": 8-bit codes uniform (the default) or spread as the extension's
+# quantized randn inputs are.)
 set -uo pipefail
 trees=("$@" csrc)
 pids=()
@@ -20,10 +21,12 @@ done
 for pid in "${pids[@]}"; do wait "$pid" || exit 1; done
 for mode in ${MODES:-int8pv}; do
   for split in ${SPLITS:-split}; do
-    for shape in "12 32760" "40 32760" "40 75600" "24 118800"; do  # wan1.3b-480p, wan14b-480p, wan14b-720p, hunyuan-720p
-      for ((r = 0; r < ${ROUNDS:-2}; ++r)); do
-        for i in "${!trees[@]}"; do
-          echo -n "${trees[$i]}: "; "/tmp/flash_ab_$i" $shape 0 0 8 "$mode" "$split"
+    for data in ${DATA:-uniform}; do
+      for shape in "12 32760" "40 32760" "40 75600" "24 118800"; do  # wan1.3b-480p, wan14b-480p, wan14b-720p, hunyuan-720p
+        for ((r = 0; r < ${ROUNDS:-2}; ++r)); do
+          for i in "${!trees[@]}"; do
+            echo -n "${trees[$i]}: "; "/tmp/flash_ab_$i" $shape 0 0 8 "$mode" "$split" "$data"
+          done
         done
       done
     done

@@ -5,7 +5,7 @@
 // the medians per phase and the launch's TFLOP/s (CUDA events, the trace's own build).
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icsrc \
 //     bench/flash_trace.cu -o flash_trace && ./flash_trace [heads] [tokens] [exp_fma] [turns] [rescale_slack] [int8pv|bf16]
-//     [split|nosplit]
+//     [split|nosplit] [uniform|gauss]
 // bench/flash_trace.sh runs it for each schedule. With -DVKERN_FLASH_TIME_ONLY: no stamps (the extension's code),
 // the launch's TFLOP/s and a hash of the output only: a way to time kernel variants (other -D settings, or another
 // source directory: bench/flash_ab.sh) side by side and check that they agree bit for bit.
@@ -27,6 +27,16 @@ __global__ void fill_random(uint8_t* p, size_t n, uint32_t seed, int lo, int spa
     uint32_t h = uint32_t(i) * 2654435761u ^ seed;
     h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
     p[i] = uint8_t(lo + int(h % uint32_t(span)));
+  }
+}
+// Codes spread as quantized N(0, 1) data is (per-row amax / 127 scales: a standard deviation of ~36 codes): the sum
+// of four uniform bytes' offsets, centred on `centre` (0 for Q and K, 128 for u8 V').
+__global__ void fill_gauss(uint8_t* p, size_t n, uint32_t seed, int centre) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
+    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13, h *= 3266489917u, h ^= h >> 16;
+    const int sum = int(h & 255u) + int(h >> 8 & 255u) + int(h >> 16 & 255u) + int(h >> 24) - 510;  // [-510, 510]
+    p[i] = uint8_t(centre + max(-127, min(127, sum / 4)));  // std ~37
   }
 }
 __global__ void fill_bf16(uint16_t* p, size_t n, uint32_t seed) {  // values in [-2, 2) on a 1/512 grid
@@ -61,6 +71,8 @@ int main(int argc, char** argv) {
   // The tail split's workspace, sized and passed as the extension's wrappers do (so the instantiation timed is the
   // one the extension launches at this shape); "nosplit" passes none, as every build before session 29 did.
   const bool no_split = argc > 7 && std::string(argv[7]) == "nosplit";
+  // "gauss": 8-bit codes spread as the extension's quantized randn inputs are (fill_gauss), not uniform.
+  const bool gauss = argc > 8 && std::string(argv[8]) == "gauss";
   const int blocks = (tokens + 127) / 128, vt_len = (tokens + 15) / 16 * 16;
   const size_t qk_bytes = size_t(tokens) * heads * 128, vt_bytes = size_t(heads) * 128 * vt_len;
   uint8_t *q, *k, *vt;
@@ -73,9 +85,15 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&q_scale, sizeof(float) * heads * tokens));
   CHECK(cudaMalloc(&k_scale, sizeof(float) * heads * blocks));
   CHECK(cudaMalloc(&v_scale, sizeof(float) * heads * blocks));
-  fill_random<<<1024, 256>>>(q, qk_bytes, 1u, -127, 255);  // int8 codes (as uint8 bits)
-  fill_random<<<1024, 256>>>(k, qk_bytes, 2u, -127, 255);
-  fill_random<<<1024, 256>>>(vt, vt_bytes, 3u, 1, 255);  // u8 V' = int8 V + 128
+  if (gauss) {
+    fill_gauss<<<1024, 256>>>(q, qk_bytes, 1u, 0);
+    fill_gauss<<<1024, 256>>>(k, qk_bytes, 2u, 0);
+    fill_gauss<<<1024, 256>>>(vt, vt_bytes, 3u, 128);
+  } else {
+    fill_random<<<1024, 256>>>(q, qk_bytes, 1u, -127, 255);  // int8 codes (as uint8 bits)
+    fill_random<<<1024, 256>>>(k, qk_bytes, 2u, -127, 255);
+    fill_random<<<1024, 256>>>(vt, vt_bytes, 3u, 1, 255);  // u8 V' = int8 V + 128
+  }
   // scale * S spans a few units of log2 (random N(0,1) q, k at D = 128 quantized to amax / 127 ~ 3.5 / 127)
   fill_value<<<256, 256>>>(q_scale, size_t(heads) * tokens, 3.5f / 127.f);
   fill_value<<<256, 256>>>(k_scale, size_t(heads) * blocks, 3.5f / 127.f);
@@ -129,10 +147,10 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(host.data(), out, host.size(), cudaMemcpyDeviceToHost));
   uint64_t hash = 1469598103934665603ull;
   for (uint8_t b : host) hash = (hash ^ b) * 1099511628211ull;
-  std::printf("%s heads %d tokens %d exp_fma %d turns %d slack %g split %s: %.3f ms, %.0f TFLOP/s, output hash "
-              "%016llx\n",
-              bf16 ? "bf16" : "int8pv", heads, tokens, exp_fma, turns, slack, split_floats > 0 ? "on" : "off", ms,
-              flops / ms / 1e9, (unsigned long long)hash);
+  std::printf("%s heads %d tokens %d exp_fma %d turns %d slack %g split %s data %s: %.3f ms, %.0f TFLOP/s, output "
+              "hash %016llx\n",
+              bf16 ? "bf16" : "int8pv", heads, tokens, exp_fma, turns, slack, split_floats > 0 ? "on" : "off",
+              gauss ? "gauss" : "uniform", ms, flops / ms / 1e9, (unsigned long long)hash);
   return 0;
 #else
   long long trace[2][4][vkern::kTraceBlocks][vkern::kTraceEvents];
