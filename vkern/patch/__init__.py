@@ -21,10 +21,11 @@ class PatchConfig:
 
     attention           "auto" (the fastest exact backend, measured per head dim and key count: vkern's
                         CUDA kernel for head dims 64 and 128 with many keys on Hopper) | "bf16" (vkern's Triton
-                        flash-attention kernel) | "sdpa" | "reference" | opt-in 8-bit: "fp8" (int8 Q/K,
-                        e4m3 P/V, O in fp32: the fast one), "int8pv" (int8 Q/K, u8 P, int8 V on the
-                        same tensor cores: about half fp8's error) or "int8" (int8 Q/K, bf16 P/V: the
-                        most accurate); accuracy and speed in the README
+                        flash-attention kernel) | "sdpa" | "reference" | opt-in 8-bit: "int8pv" (int8 Q/K,
+                        u8 P, int8 V, P V exact in int32: the fastest on Hopper and about half fp8's
+                        error), "fp8" (int8 Q/K, e4m3 P/V, O in fp32) or "int8" (int8 Q/K, bf16 P/V,
+                        Triton: the most accurate, slower than the exact default); accuracy and speed in
+                        the README's table of attention modes
     fused_qk_norm_rope  fuse the q/k RMSNorm + RoPE into one kernel pass
     ffn_chunk_size      tokens per feed-forward chunk (None: no chunking)
     attention_chunk_size  query tokens per attention chunk in the fused Wan blocks (None: no chunking):
