@@ -29,7 +29,7 @@ __global__ void fill_random(uint8_t* p, size_t n, uint32_t seed, int lo, int spa
     p[i] = uint8_t(lo + int(h % uint32_t(span)));
   }
 }
-// Codes spread as quantized N(0, 1) data is (per-row amax / 127 scales: a standard deviation of ~36 codes): the sum
+// Codes spread as quantized N(0, 1) data is (amax / 127 scales: a standard deviation of ~36 codes): the sum
 // of four uniform bytes' offsets, centred on `centre` (0 for Q and K, 128 for u8 V').
 __global__ void fill_gauss(uint8_t* p, size_t n, uint32_t seed, int centre) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
