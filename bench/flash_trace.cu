@@ -22,10 +22,15 @@
 
 namespace {
 
+// The fills' pseudo-random 32 bits for element i.
+__host__ __device__ inline uint32_t index_hash(size_t i, uint32_t seed) {
+  uint32_t h = uint32_t(i) * 2654435761u ^ seed;
+  h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
+  return h;
+}
 __global__ void fill_random(uint8_t* p, size_t n, uint32_t seed, int lo, int span) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
-    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
+    const uint32_t h = index_hash(i, seed);
     p[i] = uint8_t(lo + int(h % uint32_t(span)));
   }
 }
@@ -33,16 +38,15 @@ __global__ void fill_random(uint8_t* p, size_t n, uint32_t seed, int lo, int spa
 // of four uniform bytes' offsets, centred on `centre` (0 for Q and K, 128 for u8 V').
 __global__ void fill_gauss(uint8_t* p, size_t n, uint32_t seed, int centre) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
-    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13, h *= 3266489917u, h ^= h >> 16;
+    uint32_t h = index_hash(i, seed);
+    h *= 3266489917u, h ^= h >> 16;  // (more mixing: all four bytes are used)
     const int sum = int(h & 255u) + int(h >> 8 & 255u) + int(h >> 16 & 255u) + int(h >> 24) - 510;  // [-510, 510]
     p[i] = uint8_t(centre + max(-127, min(127, sum / 4)));  // std ~37
   }
 }
 __global__ void fill_bf16(uint16_t* p, size_t n, uint32_t seed) {  // values in [-2, 2) on a 1/512 grid
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
-    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
+    const uint32_t h = index_hash(i, seed);
     p[i] = uint16_t(__float_as_uint(float(int(h % 2048u) - 1024) / 512.f) >> 16);
   }
 }
