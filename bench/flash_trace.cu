@@ -1,6 +1,6 @@
 // Where one CTA's consumer warps spend a key block (diagnostics; no torch): builds the attention kernel with
 // VKERN_FLASH_TRACE (clock64 stamps of CTA kTraceCta's 8 consumer warps over key blocks kTraceFirst...; see
-// csrc/flash_attention.cu), runs the int8 P/V form on random int8 inputs at the given sizes, and prints per warp
+// csrc/flash_attention_kernel.cuh), runs the int8 P/V form on random int8 inputs at the given sizes, and prints per warp
 // and block the clocks from the loop top to: ready to issue, issued, products done, softmax done, block done; then
 // the medians per phase and the launch's TFLOP/s (CUDA events, the trace's own build).
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icsrc \
