@@ -3,7 +3,7 @@
     python -m bench.bench --op attention --shape wan1.3b-480p,wan14b-720p --providers all --out rows.jsonl
 
 ops: attention | qk-norm-rope | fp8-quantize | gemm | step | vae-decode | vae-encode | vae-conv. Rows carry gpu, torch, commit and
-date; providers are anchors (cudnn, fa2, efficient, diffusers, diffusers-compile) and vkern.
+date; providers are anchors (cudnn, fa2, efficient, flash-attn where installed, diffusers, diffusers-compile) and vkern.
 """
 import argparse
 import datetime
@@ -57,6 +57,12 @@ def _attention(name, providers, args):
     fns["vkern-bf16"] = run_kernel
     fns["vkern-cuda"] = forced("cuda")  # csrc/flash_attention.cu (head dims 64 and 128)
     fns["vkern-cuda-nosplit"] = with_env(fns["vkern-cuda"], "VKERN_FLASH_TAIL_SPLIT", "0")  # (session 27)
+    # flash-attn's package (FA3 on Hopper, else FA2) where it is installed; elsewhere the row is left out, said once
+    flash_attn_missing = fused_attention.flash_attn_backend.reason(q.device, q.dtype, s.head_dim, s.head_dim, False)
+    if flash_attn_missing is None:
+        fns["flash-attn"] = forced("flash_attn")
+    elif providers and "flash-attn" in providers:
+        print(f"bench: no flash-attn row ({flash_attn_missing})")
     for p, (qk, pv) in ATTENTION_8BIT.items():
         fns[p] = lambda qk=qk, pv=pv: vkern.ops.attention_8bit(q, k, v, qk=qk, pv=pv)
     fns["vkern-bf16-pipe"] = with_variant(run_kernel, "pipe")

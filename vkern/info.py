@@ -27,7 +27,9 @@ def info(print_=True):
         lines["gpu"] = f"{props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB"
     else:
         lines["gpu"] = "none"
+    lines["flash-attn"] = _flash_attn_line(device)
     backends = {op: _backend.would_choose(op, device, torch.bfloat16)[0] for op in _backend.registered_ops()}
+    attention = attention_by_shape_class(device)
     if print_:
         width = max(map(len, lines))
         for k, v in lines.items():
@@ -35,7 +37,40 @@ def info(print_=True):
         print(f"backends on {device} (bf16; force with VKERN_<OP>_BACKEND):")
         for op, b in backends.items():
             print(f"  {op:<20} {b}")
-    return {**lines, "device": str(device), "backends": backends}
+        print("attention (bf16, no mask) by shape class:")
+        for shape_class, b in attention.items():
+            print(f"  {shape_class:<32} {b}")
+    return {**lines, "device": str(device), "backends": backends, "attention": attention}
+
+
+def attention_by_shape_class(device, dtype=torch.bfloat16):
+    """{shape class: the backend vkern.ops.attention's auto would run} on `device`: per head dim, below and from the
+    key count where the measured order changes (vkern.ops.fused_attention.CUDA_MIN_KEYS), and for other head dims."""
+    from .ops.fused_attention import CUDA_MIN_KEYS, _attention_candidates
+
+    def pick(head_dim, kv_len, return_lse=False):
+        cands = _attention_candidates(device, dtype, head_dim, return_lse=return_lse, kv_len=kv_len)
+        return _backend.would_choose_from("attention", cands)
+
+    classes = {}
+    for head_dim, keys in CUDA_MIN_KEYS.items():
+        classes[f"D {head_dim}, < {keys} keys"] = pick(head_dim, keys - 1)
+        classes[f"D {head_dim}, >= {keys} keys"] = pick(head_dim, keys)
+        classes[f"D {head_dim}, with lse"] = pick(head_dim, keys, return_lse=True)
+    classes["D 96 (other head dims)"] = pick(96, None)
+    classes["D 96, with lse"] = pick(96, None, return_lse=True)
+    return classes
+
+
+def _flash_attn_line(device):
+    from .ops import flash_attn_backend
+
+    if device.type != "cuda":
+        installed = [m for m, _ in flash_attn_backend.IMPLEMENTATIONS
+                     if not isinstance(flash_attn_backend._load(m), str)]
+        return ", ".join(installed) + " (installed; runs on CUDA)" if installed else "not installed"
+    module, fn = flash_attn_backend.implementation(device)
+    return f"{module} ({_version(module)}; an opt-in backend: backend='flash_attn')" if module else fn
 
 
 def _version(name):

@@ -9,7 +9,8 @@ from ..reference import attention as ref
 from ..reference.attention import KEY_BLOCK
 
 # mode -> how attention runs. "auto": vkern's measured choice per shape class (vkern.ops.attention);
-# "bf16": vkern's Triton flash-attention kernel (auto takes the CUDA one where it measured fastest); "sdpa": torch SDPA (cuDNN first); "reference": diffusers' ops;
+# "bf16": vkern's own exact kernels always (the CUDA one where it can take the call, else the Triton one; auto takes
+# cuDNN where it measured faster); "sdpa": torch SDPA (cuDNN first); "reference": diffusers' ops;
 # 8-bit (opt-in, accuracy in README/bench): "fp8" = int8 Q/K + e4m3 P/V (the CUDA kernel on Hopper: int8 Q/K are
 # as fast as e4m3 there and remove the larger half of the error, bench/NOTES.md runs 55-56), "int8pv" = int8 Q/K +
 # u8 P / int8 V (the CUDA kernel on Hopper: about half fp8's error, bench/NOTES.md session 21), "int8" = int8 Q/K +
@@ -17,7 +18,7 @@ from ..reference.attention import KEY_BLOCK
 ATTENTION_MODES = ("auto", "bf16", "fp8", "int8pv", "int8", "sdpa", "reference")
 _8BIT = {"fp8": ("int8", "e4m3"), "int8pv": ("int8", "int8"), "int8": ("int8", "bf16")}
 _8BIT_V = ("e4m3", "int8")  # the schemes whose V is quantized (per 128-key block, smoothed)
-_BACKEND = {"auto": "auto", "bf16": "triton", "sdpa": "sdpa", "reference": "reference"}
+_BACKEND = {"auto": "auto", "bf16": "vkern", "sdpa": "sdpa", "reference": "reference"}
 
 
 class VkernWanAttnProcessor:

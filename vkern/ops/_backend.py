@@ -27,10 +27,15 @@ def register(op):
 def would_choose(op, device, dtype):
     """(backend, candidates) for a call on `device`/`dtype`, without warnings or side effects."""
     cands = _candidates[op](device, dtype)
+    return would_choose_from(op, cands), cands
+
+
+def would_choose_from(op, cands):
+    """The backend choose() would pick among `cands`, without warnings, errors or side effects."""
     forced = forced_backend(op)
     if forced in cands:
-        return (forced if cands[forced] is None else f"{forced} (forced, unusable)"), cands
-    return next((n for n, r in cands.items() if r is None), "none"), cands
+        return forced if cands[forced] is None else f"{forced} (forced, unusable)"
+    return next((n for n, r in cands.items() if r is None), "none")
 
 
 def registered_ops():

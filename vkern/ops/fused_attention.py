@@ -4,7 +4,8 @@ attention, exact (bf16/fp16) or 8-bit.
 qk_norm_rope backends:   triton (vkern/triton/qk_norm_rope.py), reference.
 attention backends:      cuda (vkern's Hopper flash-attention, csrc/flash_attention.cu: sm_90, head dims 64 and
                          128, key-padding mask), triton (vkern's flash-attention, vkern/triton/attention.py), sdpa (torch SDPA,
-                         cuDNN first), reference. On CUDA the order comes from measurement (ATTENTION_PREFERENCE).
+                         cuDNN first), flash_attn (flash-attn's package when installed: flash_attn_backend.py),
+                         reference. On CUDA the order comes from measurement (ATTENTION_PREFERENCE).
 attention_8bit backends: cuda (head dim 128 on Hopper, K scales per 128-key block, O promoted to fp32 per key
 block: e4m3 or int8 Q, K with e4m3 P/V (pv="e4m3"), and int8 Q, K with u8 P and int8 V (pv="int8") where the build
 has that form), triton (16-bit or e4m3 V), reference (fp32 emulation of the same quantization, every scheme).
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import attention as ref
-from . import _backend
+from . import _backend, flash_attn_backend
 from ._checks import DTYPE_CODE, FLOATS, FLOATS_OR_F64, HALF, check_shape, check_tensor
 
 HEAD_DIMS = (64, 128)  # the Triton kernel's head dims; others fall back to SDPA / the reference
@@ -31,7 +32,10 @@ _PV_OF_V = {"e4m3": "e4m3", "int8": "int8", "u8": "int8"}  # the pv scheme a V f
 # backend per head dim. D=128: the CUDA kernel 587-611 TFLOP/s vs cuDNN 552-567 vs the Triton kernel 481-488
 # (wan1.3b-480p, wan14b-480p, wan14b-720p, hunyuan-720p); D=64: the CUDA kernel 410 vs cuDNN 387 vs Triton 376
 # (ltx-512p), 445 vs 406 vs 448 (cogvideox-5b). The others stay available (backend= or the env var).
-ATTENTION_PREFERENCE = {64: ("cuda", "sdpa", "triton"), 128: ("cuda", "sdpa", "triton")}
+# flash-attn, when installed, goes last: it was not measured here (the H200 machine has no flash-attn), and its FA2
+# kernels, measured inside SDPA ("fa2" rows: 344-361 TFLOP/s at the D=128 self-attention shapes), trail all three.
+ATTENTION_PREFERENCE = {64: ("cuda", "sdpa", "triton", "flash_attn"), 128: ("cuda", "sdpa", "triton", "flash_attn")}
+ATTENTION_BACKENDS = ("auto", "vkern", "cuda", "triton", "sdpa", "flash_attn", "reference")
 # Fewer keys: each CTA's fixed costs (Q load, pipeline fill, epilogue) weigh more in the CUDA kernel than in
 # cuDNN; below CUDA_MIN_KEYS[head dim] keys cuDNN goes first (bench/flash_check.py --crossover). D=128 (runs
 # 34-36, 40 heads x 32760 queries): 0.93-1.01x cuDNN from 512 to 16384 keys, 1.06-1.09x at 32760 (bench rows):
@@ -277,12 +281,13 @@ def _attention_candidates(device, dtype, head_dim=128, v_head_dim=None, attn_mas
     sdpa = (f"needs a CUDA tensor (got {device.type})" if device.type != "cuda" else
             f"no {dtype} kernel" if dtype not in FLOATS else
             "return_lse (SDPA does not return it)" if return_lse else None)
-    order = (ATTENTION_PREFERENCE.get(head_dim, ("sdpa", "triton", "cuda")) if device.type == "cuda" else
-             ("reference", "triton", "sdpa", "cuda"))
+    flash_attn = flash_attn_backend.reason(device, dtype, head_dim, v_head_dim, attn_mask or key_padding_mask, kv_len)
+    order = (ATTENTION_PREFERENCE.get(head_dim, ("sdpa", "flash_attn", "triton", "cuda")) if device.type == "cuda" else
+             ("reference", "triton", "sdpa", "cuda", "flash_attn"))
     if kv_len is not None and kv_len < CUDA_MIN_KEYS.get(head_dim, 0) and order[0] == "cuda":
         order = ("sdpa", "cuda") + tuple(n for n in order if n not in ("sdpa", "cuda"))
-    return {**{name: {"triton": kernel, "sdpa": sdpa, "cuda": cuda, "reference": None}[name] for name in order},
-            "reference": None}
+    reasons = {"triton": kernel, "sdpa": sdpa, "cuda": cuda, "flash_attn": flash_attn, "reference": None}
+    return {**{name: reasons[name] for name in order}, "reference": None}
 
 
 def _check_attention_inputs(q, k, v, key_padding_mask, scale, dtypes):
@@ -306,10 +311,12 @@ def attention(q, k, v, attn_mask=None, *, key_padding_mask=None, scale=None, ret
     kernel does not take it). key_padding_mask: bool [B, Skv], True = attend. scale: default 1/sqrt(D).
     Returns out [B, Sq, H, D] in q's dtype, or (out, lse) with return_lse: lse fp32 [B, H, Sq], the
     natural-log log-sum-exp of the scaled scores. A query with no key to attend gets out 0 and lse -inf.
-    backend: "auto" (measured choice, or VKERN_ATTENTION_BACKEND), or "cuda" | "triton" | "sdpa" | "reference"
-    to prefer one: used when it can take the call, else the auto choice with a one-time warning."""
-    if backend not in ("auto", "cuda", "triton", "sdpa", "reference"):
-        raise ValueError(f"backend: expected 'auto', 'cuda', 'triton', 'sdpa' or 'reference', got {backend!r}")
+    backend: "auto" (measured choice, or VKERN_ATTENTION_BACKEND), or one to prefer: "vkern" (vkern's own kernels:
+    the CUDA one where it can take the call, else the Triton one), "cuda", "triton", "sdpa", "flash_attn" (flash-attn's
+    package, when installed; unmasked calls) or "reference". A preferred backend runs when it can take the call, else
+    the auto choice with a one-time warning."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"backend: expected one of {ATTENTION_BACKENDS}, got {backend!r}")
     _check_attention_inputs(q, k, v, key_padding_mask, scale, FLOATS_OR_F64)
     if attn_mask is not None:
         check_tensor("attn_mask", attn_mask, dtypes=(torch.bool, q.dtype), device=q.device)
@@ -330,11 +337,16 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: tor
     candidates = _attention_candidates(q.device, q.dtype, D, v.shape[3], attn_mask is not None, return_lse,
                                        key_padding_mask is not None, k.shape[1])
     if backend != "auto" and not _backend.forced_backend("attention"):  # the caller's preference first
-        candidates = {backend: candidates[backend], **candidates}
+        # "vkern": the CUDA kernel where it can run, else the Triton one (no warning for that step)
+        preferred = (backend,) if backend != "vkern" else ("cuda", "triton") if candidates["cuda"] is None else ("triton",)
+        candidates = {**{name: candidates[name] for name in preferred}, **candidates}
     backend = _backend.choose("attention", candidates)
     no_lse = q.new_empty((0,), dtype=torch.float32)
-    if backend in ("cuda", "triton") and scale is not None and scale <= 0:
+    if backend in ("cuda", "triton", "flash_attn") and scale is not None and scale <= 0:
         q, scale = (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)  # kernels fold a positive scale
+    if backend == "flash_attn":
+        out, lse = flash_attn_backend.attention(q, k, v, scale, return_lse)
+        return out, lse if return_lse else no_lse
     if backend == "cuda":
         out, lse = _cuda_attention(q, k, v, scale, return_lse, key_padding_mask)
         return out, lse if return_lse else no_lse

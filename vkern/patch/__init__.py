@@ -20,12 +20,13 @@ class PatchConfig:
     """What vkern.patch changes.
 
     attention           "auto" (the fastest exact backend, measured per head dim and key count: vkern's
-                        CUDA kernel for head dims 64 and 128 with many keys on Hopper) | "bf16" (vkern's Triton
-                        flash-attention kernel) | "sdpa" | "reference" | opt-in 8-bit: "int8pv" (int8 Q/K,
-                        u8 P, int8 V, P V exact in int32: the fastest on Hopper and about half fp8's
-                        error), "fp8" (int8 Q/K, e4m3 P/V, O in fp32) or "int8" (int8 Q/K, bf16 P/V,
-                        Triton: the most accurate, slower than the exact default); accuracy and speed in
-                        the README's table of attention modes
+                        CUDA kernel for head dims 64 and 128 with many keys on Hopper, else cuDNN)
+                        | "bf16" (vkern's own exact kernels always: the CUDA one where it can run, else
+                        the Triton one) | "sdpa" | "reference" | opt-in 8-bit: "int8pv" (int8 Q/K, u8 P,
+                        int8 V, P V exact in int32: the fastest on Hopper and about half fp8's error),
+                        "fp8" (int8 Q/K, e4m3 P/V, O in fp32) or "int8" (int8 Q/K, bf16 P/V, Triton: the
+                        most accurate, slower than the exact default); accuracy and speed in the
+                        README's table of attention modes
     fused_qk_norm_rope  fuse the q/k RMSNorm + RoPE into one kernel pass
     ffn_chunk_size      tokens per feed-forward chunk (None: no chunking)
     attention_chunk_size  query tokens per attention chunk in the fused Wan blocks (None: no chunking):
