@@ -20,7 +20,8 @@ CUDA = torch.device("cuda")
 
 
 def fake_flash_attn_func(style, calls, lse_shape=None):
-    """A flash_attn_func with `style` "fa2" or "fa3"'s return convention; records each call's arguments."""
+    """A flash_attn_func with the return convention of `style`: "fa2", "fa3", or "fa3-first" (FA3's first release:
+    no return_attn_probs, always (out, lse)); records each call's arguments."""
     def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False):
         assert all(t.stride(-1) == 1 for t in (q, k, v)), "flash-attn needs the head dim contiguous"
         assert not causal and (softmax_scale is None or softmax_scale > 0)
@@ -30,7 +31,12 @@ def fake_flash_attn_func(style, calls, lse_shape=None):
         lse = lse.float() if lse_shape is None else lse.float().reshape(lse_shape)
         if style == "fa2":
             return (out, lse, None) if return_attn_probs else out
-        return (out, lse) if return_attn_probs else out
+        return (out, lse) if return_attn_probs or style == "fa3-first" else out
+
+    if style == "fa3-first":
+        def first_release(q, k, v, softmax_scale=None, causal=False):
+            return flash_attn_func(q, k, v, softmax_scale, causal)
+        return first_release
     return flash_attn_func
 
 
@@ -122,7 +128,7 @@ def pretend_usable_on_cpu(monkeypatch):
                         lambda device: ("flash_attn", flash_attn_backend._load("flash_attn")))
 
 
-@pytest.mark.parametrize("style", ["fa2", "fa3"])
+@pytest.mark.parametrize("style", ["fa2", "fa3", "fa3-first"])
 @pytest.mark.parametrize("scale", [None, 0.2, -0.3, 0.0])
 def test_backend_flash_attn_runs_the_package(installed, monkeypatch, style, scale):
     """backend="flash_attn" hands the call to flash_attn_func as it is documented (vkern's [B, S, H, D] layout,
@@ -133,14 +139,15 @@ def test_backend_flash_attn_runs_the_package(installed, monkeypatch, style, scal
     q = torch.randn(2, 113, 3, 64 * 2)[..., ::2]  # head dim strided: must be copied
     k, v = torch.randn(2, 77, 3, 64), torch.randn(2, 77, 3, 64)
     out, lse = vkern.ops.attention(q, k, v, scale=scale, return_lse=True, backend="flash_attn")
-    assert _backend.last_choice["attention"] == "flash_attn" and len(calls) == 1 and calls[0]["lse"]
+    assert _backend.last_choice["attention"] == "flash_attn" and len(calls) == 1
+    assert calls[0]["lse"] or style == "fa3-first"
     assert calls[0]["scale"] == (None if scale is None else abs(scale) or 1.0)
     expected_out, expected_lse = ref.attention_lse(q.double(), k.double(), v.double(), None, scale,
                                                    dtype=torch.float64)
     torch.testing.assert_close(out, expected_out.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, expected_lse.float(), rtol=1e-5, atol=1e-5)
     out_only = vkern.ops.attention(q, k, v, scale=scale, backend="flash_attn")
-    assert not calls[1]["lse"] and torch.equal(out_only, out)
+    assert not calls[1]["lse"] and isinstance(out_only, torch.Tensor) and torch.equal(out_only, out)
 
 
 def test_backend_flash_attn_checks_the_lse_it_gets(installed, monkeypatch):
@@ -151,6 +158,17 @@ def test_backend_flash_attn_checks_the_lse_it_gets(installed, monkeypatch):
     q, k, v = (torch.randn(2, 113, 3, 64) for _ in range(3))
     with pytest.raises(RuntimeError, match=r"lse \(678,\).*expects \(2, 3, 113\)"):
         vkern.ops.attention(q, k, v, return_lse=True, backend="flash_attn")
+
+
+def test_backend_flash_attn_without_an_lse_is_an_error(monkeypatch):
+    """A flash_attn_func that returns out alone when vkern asked for the lse: an error naming the module."""
+    monkeypatch.setattr(flash_attn_backend, "reason", lambda *args, **kwargs: None)
+    monkeypatch.setattr(flash_attn_backend, "implementation",
+                        lambda device: ("flash_attn", lambda q, k, v, softmax_scale=None, causal=False: q.clone()))
+    q = torch.randn(1, 9, 2, 64)
+    with pytest.raises(RuntimeError, match="flash_attn.flash_attn_func returned no lse"):
+        vkern.ops.attention(q, q, q, return_lse=True, backend="flash_attn")
+    assert torch.equal(vkern.ops.attention(q, q, q, backend="flash_attn"), q)
 
 
 def test_backend_flash_attn_not_installed_falls_back_with_a_warning(installed, capability, monkeypatch):

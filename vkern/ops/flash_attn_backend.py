@@ -9,6 +9,7 @@ and return the natural-log lse as [B, H, Sq] fp32 with `return_attn_probs=True`.
 """
 import functools
 import importlib
+import inspect
 
 import torch
 
@@ -65,11 +66,23 @@ def attention(q, k, v, scale, return_lse):
     """out [B, Sq, H, D] in q's dtype and lse fp32 [B, H, Sq] (None without return_lse); scale > 0 or None."""
     module, fn = implementation(q.device)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    result = fn(q, k, v, softmax_scale=scale, causal=False, return_attn_probs=return_lse)
-    out = result[0] if isinstance(result, (tuple, list)) else result  # (FA3 versions differ: out or (out, lse))
+    kwargs = {"return_attn_probs": return_lse} if _takes_return_flag(fn) else {}  # (FA3's first release: no flag)
+    result = fn(q, k, v, softmax_scale=scale, causal=False, **kwargs)
+    tuple_ = isinstance(result, (tuple, list))  # versions differ: out, (out, lse) or (out, lse, S_dmask)
+    out = result[0] if tuple_ else result
+    if return_lse and not (tuple_ and len(result) > 1):
+        raise RuntimeError(f"{module}.flash_attn_func returned no lse (an untested flash-attn version?)")
     lse = result[1] if return_lse else None
     B, Sq, H, _ = q.shape
     if lse is not None and (lse.shape != (B, H, Sq) or lse.dtype != torch.float32):
         raise RuntimeError(f"{module}.flash_attn_func returned lse {tuple(lse.shape)} {lse.dtype}; vkern expects "
                            f"{(B, H, Sq)} float32 (an untested flash-attn version?)")
     return out, lse
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_return_flag(fn):
+    try:
+        return "return_attn_probs" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (a compiled function): the documented API has the flag
+        return True
