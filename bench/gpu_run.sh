@@ -63,12 +63,12 @@ fi
 if [[ $MODES == *" spshard "* ]]; then
   python3 -m bench.sp_shard_probe --shape wan14b-720p --out $OUT/results.jsonl
 fi
-if [[ $MODES == *" flash "* ]]; then  # the CUDA attention kernel against cuDNN and the Triton kernel
+if [[ $MODES == *" flash "* ]]; then  # the CUDA attention kernel against cuDNN, the Triton kernel and flash-attn where installed
   cuobjdump --dump-sass "$so" | awk '/Function :.*flash_fwd/{f=1} /Function :/ && !/flash_fwd/{f=0} f' > "$OUT/flash_sass.txt"
   echo "flash SASS: $(grep -c HGMMA "$OUT/flash_sass.txt") HGMMA, $(grep -c 'WARPGROUP.DEPBAR' "$OUT/flash_sass.txt") waits"
-  $B --op attention --shape wan1.3b-480p,wan14b-480p,wan14b-720p,hunyuan-720p --providers cudnn,vkern-bf16,vkern-cuda --repeats 5
+  $B --op attention --shape wan1.3b-480p,wan14b-480p,wan14b-720p,hunyuan-720p --providers cudnn,vkern-bf16,vkern-cuda,flash-attn --repeats 5
   # head dim 64: every SDPA backend (the target is the best of them), both vkern kernels, auto (vkern)
-  $B --op attention --shape cogvideox-5b,ltx-512p,ltx-512p-cross --providers cudnn,fa2,efficient,vkern-bf16,vkern-cuda,vkern --repeats 5
+  $B --op attention --shape cogvideox-5b,ltx-512p,ltx-512p-cross --providers cudnn,fa2,efficient,flash-attn,vkern-bf16,vkern-cuda,vkern --repeats 5
 fi
 if [[ $MODES == *" fp8attn "* ]]; then  # fp8 attention: the CUDA kernel's e4m3 form vs cuDNN bf16 and the Triton kernel
   $B --op attention --shape wan1.3b-480p,wan14b-480p,wan14b-720p,hunyuan-720p \
