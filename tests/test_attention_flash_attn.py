@@ -211,7 +211,7 @@ def test_backend_vkern_prefers_the_cuda_kernel(monkeypatch):
     monkeypatch.setattr(_backend, "choose", choose)
     q, k, v = (torch.randn(1, 16, 2, 64) for _ in range(3))
     vkern.ops.attention(q, k, v, backend="vkern")
-    assert seen["order"][:2] == ["cuda", "triton"]
+    assert seen["order"][0] == "cuda"
     vkern.ops.attention(q, k, v)
     assert seen["order"][0] == "sdpa"
 

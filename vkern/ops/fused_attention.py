@@ -338,8 +338,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: tor
                                        key_padding_mask is not None, k.shape[1])
     if backend != "auto" and not _backend.forced_backend("attention"):  # the caller's preference first
         # "vkern": the CUDA kernel where it can run, else the Triton one (no warning for that step)
-        preferred = (backend,) if backend != "vkern" else ("cuda", "triton") if candidates["cuda"] is None else ("triton",)
-        candidates = {**{name: candidates[name] for name in preferred}, **candidates}
+        preferred = backend if backend != "vkern" else "cuda" if candidates["cuda"] is None else "triton"
+        candidates = {preferred: candidates[preferred], **candidates}
     backend = _backend.choose("attention", candidates)
     no_lse = q.new_empty((0,), dtype=torch.float32)
     if backend in ("cuda", "triton", "flash_attn") and scale is not None and scale <= 0:
