@@ -38,8 +38,8 @@ ATTENTION_PREFERENCE = {64: ("cuda", "sdpa", "triton", "flash_attn"), 128: ("cud
 ATTENTION_BACKENDS = ("auto", "vkern", "cuda", "triton", "sdpa", "flash_attn", "reference")
 # Fewer keys: each CTA's fixed costs (Q load, pipeline fill, epilogue) weigh more in the CUDA kernel than in
 # cuDNN; below CUDA_MIN_KEYS[head dim] keys cuDNN goes first (bench/flash_check.py --crossover). D=128 (runs
-# 34-36, 40 heads x 32760 queries): 0.93-1.01x cuDNN from 512 to 16384 keys, 1.06-1.09x at 32760 (bench rows):
-# the switch lies between 16384 and 32760. D=64 (run 36, 32 heads x 7392 queries): 0.71x at 128 keys, 0.86x at
+# 34-36, 40 heads x 32760 queries): 0.93-1.01x cuDNN from 512 to 16384 keys, 1.06-1.09x at 32760 (bench rows;
+# the committed crossover files, runs 38 and 41: 0.93-1.01x and 0.95-1.03x): the switch lies between 16384 and 32760. D=64 (run 36, 32 heads x 7392 queries): 0.71x at 128 keys, 0.86x at
 # 512, 0.94x at 2048, 1.07x at 7392, 1.12x at 17776: the switch lies between 2048 and 7392.
 CUDA_MIN_KEYS = {64: 4096, 128: 24576}
 
