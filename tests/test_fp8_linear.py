@@ -1,5 +1,7 @@
 """FP8 layerwise casting: Fp8Linear accuracy (SQNR floors), diffusers' skip list, save/load of
 pre-quantized weights, NaN/Inf at patch time, undo, and (GPU) the kernels and _scaled_mm path."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -121,11 +123,36 @@ def test_model_dtype_cast_keeps_fp8_weights_and_undo_is_exact():
         assert torch.equal(model(**inputs).sample, before)
 
 
-def test_drop_originals_then_undo_raises():
+def test_drop_originals_then_undo_raises_and_changes_nothing():
+    """undo() refuses before it touches anything: the model stays wholly patched and keeps running, and the
+    handle stays active (a second undo() says the same, not an AttributeError from a half-undone model)."""
     model = models.build_wan_transformer("tiny", torch.float32)
+    inputs = models.transformer_inputs(model, "tiny", torch.float32, "cpu")
     handle = vkern.patch(model, vkern.PatchConfig(fp8="storage", fp8_keep_original="drop"))
-    with pytest.raises(RuntimeError, match="dropped the original weights"):
-        handle.undo()
+    with torch.inference_mode():
+        before = model(**inputs).sample
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="changed nothing: this patch dropped the original weights"):
+            handle.undo()
+    assert handle.active and isinstance(model.blocks[0].attn1.to_q, Fp8Linear)
+    assert type(model.blocks[0].attn1.processor).__name__ == "VkernWanAttnProcessor"
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).sample, before)
+
+
+@pytest.mark.parametrize("mode", ["storage", "compute"])
+def test_undo_after_a_dtype_cast_gives_the_originals_in_the_new_dtype(mode):
+    """Patched in fp32, cast to bf16, undone: the original weights (parked off the model while patched, so the cast
+    never reached them) come back in bf16, and the model equals the unpatched model cast the same way."""
+    model = models.build_wan_transformer("tiny", torch.float32)
+    reference = copy.deepcopy(model).to(torch.bfloat16)
+    inputs = models.transformer_inputs(model, "tiny", torch.bfloat16, "cpu")
+    handle = vkern.patch(model, vkern.PatchConfig(fp8=mode))
+    model.to(torch.bfloat16)
+    handle.undo()
+    assert {m.weight.dtype for m in model.modules() if type(m) is nn.Linear} == {torch.bfloat16}
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).sample, reference(**inputs).sample)
 
 
 @pytest.mark.parametrize("bad, match", [(dict(fp8="int8"), "PatchConfig.fp8"),

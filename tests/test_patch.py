@@ -7,6 +7,7 @@ import vkern
 from vkern import models
 from vkern.modules.causal_conv import CachedCausalConv3d
 from vkern.modules.wan_attention import VkernWanAttnProcessor
+from vkern.patch import patched_handle
 
 
 def forward(model, inputs):
@@ -122,10 +123,24 @@ def test_filter_fn_and_config_options(transformer):
     (dict(attention="flash3"), "PatchConfig.attention"),
     (dict(ffn_chunk_size=0), "PatchConfig.ffn_chunk_size"),
     (dict(filter_fn="attn1"), "PatchConfig.filter_fn"),
+    (dict(vae="no"), "PatchConfig.vae: expected True or False"),
+    (dict(fused_block=1), "PatchConfig.fused_block"),
+    (dict(fused_qk_norm_rope=None), "PatchConfig.fused_qk_norm_rope"),
+    (dict(fp8_fast_accum="yes"), "PatchConfig.fp8_fast_accum"),
+    (dict(vae_output_device="bogus"), "PatchConfig.vae_output_device: expected None or a device"),
 ])
 def test_config_validation(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         vkern.PatchConfig(**bad)
+
+
+def test_config_changed_after_construction_is_checked_by_patch(transformer):
+    config = vkern.PatchConfig(ffn_chunk_size=4096)
+    config.ffn_chunk_size = 0
+    with pytest.raises(ValueError, match="PatchConfig.ffn_chunk_size"):
+        vkern.patch(transformer, config)
+    assert patched_handle(transformer) is None
+    assert vkern.PatchConfig(vae_output_device="cpu").vae_output_device == "cpu"
 
 
 def test_config_type_is_checked(transformer):
@@ -142,3 +157,82 @@ def test_patched_pipeline_on_device_within_bf16_tolerance(device):
         after = forward(pipe.transformer, inputs)
     rel = ((after.float() - before.float()).norm() / before.float().norm()).item()
     assert rel < (2e-2 if dtype == torch.bfloat16 else 1e-5), rel
+
+
+def test_patch_refuses_hooks_it_would_bypass_and_leaves_the_model_as_it_was(transformer, inputs):
+    """diffusers' hooks (here FirstBlockCache) wrap a module's forward on the instance; patching over them would drop
+    them silently. patch() says so and undoes its partial work; patched first, the cache wraps vkern's forward, and
+    undo() refuses while the cache is on (it would drop the cache), then restores the model bit for bit."""
+    from diffusers import FirstBlockCacheConfig
+
+    before = forward(transformer, inputs)
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+    with pytest.raises(RuntimeError, match="carries hooks that wrap its forward.*Patch first"):
+        vkern.patch(transformer)
+    assert patched_handle(transformer) is None
+    assert all(isinstance(m.processor, WanAttnProcessor) for m in transformer.modules() if hasattr(m, "processor"))
+    transformer.disable_cache()
+    assert torch.equal(forward(transformer, inputs), before)
+
+    handle = vkern.patch(transformer)
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+    with transformer.cache_context("cond"):
+        torch.testing.assert_close(forward(transformer, inputs), before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="changed nothing: .*wrapped after vkern patched it"):
+        handle.undo()
+    assert handle.active
+    transformer.disable_cache()
+    handle.undo()
+    assert torch.equal(forward(transformer, inputs), before)
+
+
+def test_fp8_patch_refuses_layerwise_casting_hooks(transformer):
+    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="Linear carries hooks"):
+        vkern.patch(transformer, vkern.PatchConfig(fp8="storage"))
+    assert patched_handle(transformer) is None
+
+
+def test_pipeline_undo_after_a_component_was_undone_on_its_own():
+    pipe = models.build_wan_pipeline("tiny", dtype=torch.float32)
+    handle = vkern.patch(pipe)
+    handle.children[0].undo()
+    handle.undo()
+    assert not handle.active and all(not child.active for child in handle.children)
+    assert patched_handle(pipe) is None and patched_handle(pipe.transformer) is None
+
+
+@pytest.mark.parametrize("attention", ["auto", "int8pv", "fp8"])
+def test_training_through_a_patched_model_runs_diffusers_ops(transformer, inputs, attention):
+    """vkern's ops have no backward: with autograd recording, the transformer, its blocks and the attention
+    processors run diffusers' ops, so loss.backward() works and the gradients are the unpatched model's."""
+    import copy
+
+    transformer.requires_grad_(True)
+    patched = copy.deepcopy(transformer)
+    vkern.patch(patched, vkern.PatchConfig(attention=attention))
+    out, expected = patched(**inputs).sample, transformer(**inputs).sample
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad, expected_grad = patched.blocks[0].attn1.to_q.weight.grad, transformer.blocks[0].attn1.to_q.weight.grad
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_pipeline_with_an_unsupported_model_warns_and_sums_same_class_components():
+    """A pipeline's diffusers model that no adapter takes is named in a warning (once per class); two components of
+    one class (Wan 2.2's transformer and transformer_2) are both patched and counted in the handle's summary."""
+    import types
+
+    from diffusers import ConfigMixin, ModelMixin
+
+    class ToyModel(ModelMixin, ConfigMixin):
+        pass
+
+    first, second = (models.build_wan_transformer("tiny", torch.float32) for _ in range(2))
+    pipe = types.SimpleNamespace(components={"transformer": first, "transformer_2": second, "extra": ToyModel()})
+    with pytest.warns(UserWarning, match="left the pipeline's extra \\(ToyModel\\) unpatched"):
+        handle = vkern.patch(pipe)
+    per_model = 2 * first.config.num_layers
+    assert f"'WanTransformer3DModel: WanAttention processor': {2 * per_model}" in repr(handle)
+    handle.undo()

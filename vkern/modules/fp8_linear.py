@@ -48,7 +48,7 @@ class Fp8Activation(NamedTuple):
 
 
 class Fp8Linear(nn.Module):
-    def __init__(self, q_weight, weight_scale, bias=None, mode="storage", fast_accum=True):
+    def __init__(self, q_weight, weight_scale, bias=None, mode="storage", fast_accum=True, param_dtype=None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
@@ -61,6 +61,9 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight", q_weight)
         self.register_buffer("weight_scale", weight_scale)
         self.bias = bias  # the original Linear's Parameter (shared, not copied)
+        # The dtype a bf16/fp32 weight of this layer would have now: the original's, then whatever model.to(dtype)
+        # casts since (undo gives the original weight back in it).
+        self.param_dtype = param_dtype or (bias.dtype if bias is not None else torch.float32)
 
     @classmethod
     @torch.no_grad()
@@ -74,7 +77,7 @@ class Fp8Linear(nn.Module):
         if bad.any():
             rows = bad.nonzero().flatten()[:5].tolist()
             raise ValueError(f"{name}: weight has NaN or Inf values (output channels {rows}...); refusing to quantize")
-        return cls(q, scale, linear.bias, mode, fast_accum)
+        return cls(q, scale, linear.bias, mode, fast_accum, param_dtype=linear.weight.dtype)
 
     @property
     def accepts_fp8_input(self):
@@ -102,8 +105,9 @@ class Fp8Linear(nn.Module):
         # apply to them (the bias follows the model like any parameter).
         weight, scale = self.weight, self.weight_scale
         super()._apply(fn, recurse)
-        device = fn(torch.empty(0, device=weight.device)).device
-        self.weight, self.weight_scale = weight.to(device), scale.to(device)
+        probe = fn(torch.empty(0, dtype=self.param_dtype, device=weight.device))
+        self.weight, self.weight_scale = weight.to(probe.device), scale.to(probe.device)
+        self.param_dtype = probe.dtype
         return self
 
     def extra_repr(self):

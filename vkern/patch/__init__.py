@@ -3,8 +3,11 @@ model; returns a PatchHandle whose undo() restores the originals exactly.
 
 One adapter per model family (patch/wan.py, ...). A pipeline is patched component by component.
 """
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+import torch
 
 from ..distributed.sp_wan import SPConfig
 from ..modules.wan_attention import ATTENTION_MODES
@@ -21,7 +24,7 @@ class PatchConfig:
 
     attention           "auto" (the fastest exact backend, measured per head dim and key count: vkern's
                         CUDA kernel for head dims 64 and 128 with many keys on Hopper, else cuDNN)
-                        | "bf16" (vkern's own exact kernels always: the CUDA one where it can run, else
+                        | "bf16" (vkern's own exact kernels on GPUs: the CUDA one where it can run, else
                         the Triton one) | "sdpa" | "reference" | opt-in 8-bit: "int8pv" (int8 Q/K, u8 P,
                         int8 V, P V exact in int32: the fastest on Hopper and about half fp8's error),
                         "fp8" (int8 Q/K, e4m3 P/V, O in fp32) or "int8" (int8 Q/K, bf16 P/V, Triton: the
@@ -64,6 +67,20 @@ class PatchConfig:
     sp: Optional[SPConfig] = None
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raise for a value the patch cannot take (run when the config is built, and again by patch(), so a field
+        changed after construction is checked too)."""
+        for name in ("fused_qk_norm_rope", "fused_block", "vae", "fp8_fast_accum"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"PatchConfig.{name}: expected True or False, got {getattr(self, name)!r}")
+        if self.vae_output_device is not None:
+            try:
+                torch.device(self.vae_output_device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"PatchConfig.vae_output_device: expected None or a device such as 'cpu', got "
+                                 f"{self.vae_output_device!r}") from err
         if self.fp8 not in FP8_MODES:
             raise ValueError(f"PatchConfig.fp8: expected one of {FP8_MODES}, got {self.fp8!r}")
         if self.fp8_keep_original not in ("cpu", "drop"):
@@ -89,11 +106,16 @@ class PatchConfig:
 
 
 def patch(obj, config=None):
-    """Patch a diffusers pipeline (its supported components) or a supported model in place.
-    Works before or after .to(device). Raises for unsupported objects and for double patching."""
+    """Patch a diffusers pipeline (its supported components) or a supported model in place; config: a PatchConfig
+    (None: the defaults). Returns a PatchHandle: handle.undo() (or leaving `with vkern.patch(...)`) restores the
+    original modules and processors, so outputs are bit-identical again. Works before or after .to(device), for
+    inference: with autograd recording, diffusers' own ops run (vkern's kernels have no backward). Raises for
+    unsupported objects, double patching and hooks the patch would bypass (diffusers' caches, offloading,
+    layerwise casting: patch first, then enable them); a failed patch leaves the model as it was."""
     config = config or PatchConfig()
     if not isinstance(config, PatchConfig):
         raise TypeError(f"config: expected a vkern.PatchConfig, got {type(config).__name__}")
+    config.validate()
     _require_diffusers()
     handle = PatchHandle(obj, config)
     adapter = _adapter_for(obj)
@@ -112,6 +134,7 @@ def patch(obj, config=None):
     supported = {name: c for name, c in components.items() if c is not None and _adapter_for(c) is not None}
     if not supported:
         raise TypeError(_unsupported(obj) + f" (its components: {sorted(k for k, v in components.items() if v is not None)})")
+    _warn_unpatched(components, supported)
     handle.mark(obj)
     try:
         for name, component in supported.items():
@@ -120,6 +143,21 @@ def patch(obj, config=None):
         handle.undo()
         raise
     return handle
+
+
+def _warn_unpatched(components, supported):
+    """A pipeline's diffusers models that no adapter takes (e.g. a VACE transformer) run as diffusers' own: said once
+    per class, since the rest of the pipeline is patched (text encoders and schedulers are not diffusers models)."""
+    from diffusers import ModelMixin
+
+    for name, c in components.items():
+        if isinstance(c, ModelMixin) and name not in supported and type(c) not in _warned_unpatched:
+            _warned_unpatched.add(type(c))
+            warnings.warn(f"vkern.patch: left the pipeline's {name} ({type(c).__name__}) unpatched: no vkern adapter "
+                          "for it (it runs as diffusers' own)", stacklevel=3)
+
+
+_warned_unpatched = set()
 
 
 def _adapter_for(obj):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..modules.fp8_linear import Fp8Linear
+from .handle import refuse_wrapped
 
 
 def default_skip_patterns(model):
@@ -42,8 +43,12 @@ def to_fp8(linear, fqn, config):
 def quantize_linears(model, config, handle):
     targets = fp8_targets(model, config)  # collected first: swapping while iterating would visit the new layers
     modules = dict(model.named_modules())
+    if config.fp8_keep_original == "drop" and targets:
+        handle.forbid_undo("this patch dropped the original weights (PatchConfig.fp8_keep_original='drop'); reload "
+                           "the model instead")
     for fqn, linear in targets:
         parent_name, _, name = fqn.rpartition(".")
+        refuse_wrapped(linear, "replace it")  # (before quantizing: e.g. diffusers' layerwise casting stores it in fp8)
         fp8 = to_fp8(linear, fqn, config)
         handle.swap_module(modules[parent_name], name, fp8, f"Linear -> Fp8Linear ({config.fp8})",
                            park=_park_original(linear, fp8, config.fp8_keep_original))
@@ -61,6 +66,6 @@ def _park_original(linear, fp8, keep):
         return restore
     linear.weight.data = linear.weight.data.to("cpu")
 
-    def restore():
-        linear.weight.data = linear.weight.data.to(fp8.weight.device)
+    def restore():  # where the fp8 layer lives now, in the dtype the model was cast to meanwhile (param_dtype)
+        linear.weight.data = linear.weight.data.to(device=fp8.weight.device, dtype=fp8.param_dtype)
     return restore

@@ -10,6 +10,7 @@ class PatchHandle:
         self.config = config
         self.summary = Counter()  # what was swapped, e.g. {"WanAttention processor": 60}
         self._undo = []  # callables, run in reverse order
+        self._undo_checks = []  # callables -> None or why undo() cannot run: all asked before anything changes
         self.children = []  # handles of a pipeline's components
         self.active = True
 
@@ -28,8 +29,12 @@ class PatchHandle:
 
     def override_forward(self, module, forward, kind):
         """Give one module instance another forward (its class, hooks and parameters stay)."""
+        refuse_wrapped(module, "give it another forward")
         previous = module.__dict__.get("forward")
         module.forward = forward
+        self._undo_checks.append(lambda: None if module.__dict__.get("forward") is forward else (
+            f"{type(module).__name__}'s forward was wrapped after vkern patched it (e.g. enable_cache or offloading "
+            "hooks); remove those first"))
 
         def restore():
             if previous is None:
@@ -43,6 +48,7 @@ class PatchHandle:
         """park: called on undo before the original goes back (e.g. to bring its weights back from
         the CPU, where an fp8 patch parked them)."""
         original = getattr(parent, name)
+        refuse_wrapped(original, "replace it")
         setattr(parent, name, replacement)
 
         def restore():
@@ -56,12 +62,27 @@ class PatchHandle:
         """Restore every original module and processor (the same objects, so outputs are bit-identical)."""
         if not self.active:
             raise RuntimeError("vkern: this patch was already undone")
+        blocked = [why for why in self._why_not_undoable() if why]
+        if blocked:
+            raise RuntimeError("vkern: undo() cannot restore the original model, so it changed nothing: "
+                               + "; ".join(dict.fromkeys(blocked)))
         for child in reversed(self.children):
-            child.undo()
+            if child.active:  # (a component's own handle may have been undone already)
+                child.undo()
         for step in reversed(self._undo):
             step()
         self._undo.clear()
         self.active = False
+
+    def forbid_undo(self, reason):
+        """undo() will refuse (before changing anything) with this reason."""
+        self._undo_checks.append(lambda: reason)
+
+    def _why_not_undoable(self):
+        for child in self.children:
+            if child.active:
+                yield from child._why_not_undoable()
+        yield from (check() for check in self._undo_checks)
 
     def __enter__(self):
         return self
@@ -72,10 +93,30 @@ class PatchHandle:
 
     def __repr__(self):
         parts = dict(self.summary)
-        for child in self.children:
-            parts.update({f"{type(child.target).__name__}: {k}": v for k, v in child.summary.items()})
+        for child in self.children:  # (two components of one class, e.g. Wan 2.2's transformers: summed)
+            for k, v in child.summary.items():
+                key = f"{type(child.target).__name__}: {k}"
+                parts[key] = parts.get(key, 0) + v
         state = "active" if self.active else "undone"
         return f"PatchHandle({type(self.target).__name__}, {state}, {parts})"
+
+
+def refuse_wrapped(module, action):
+    """Hooks that replaced this instance's forward (diffusers' hook registry: caches, group offloading, layerwise
+    casting; accelerate's: cpu offload) would be dropped or bypassed by vkern's change: an error that says so (the
+    caller's patch() then undoes what it did), not a model that silently runs without them."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hooks = [f"diffusers hook {name!r}" for name in getattr(registry, "hooks", {})]
+    hooks += ["accelerate's _hf_hook"] if hasattr(module, "_hf_hook") else []
+    forward = module.__dict__.get("forward")
+    if not hooks and forward is not None and getattr(forward, "__func__", None) is not type(module).forward:
+        hooks = ["an instance forward"]  # (diffusers leaves the bound class method behind when its hooks go)
+    if hooks:
+        what = ", ".join(hooks)
+        raise RuntimeError(
+            f"vkern.patch: {type(module).__name__} carries hooks that wrap its forward ({what}: e.g. from "
+            f"enable_cache, enable_layerwise_casting, group offloading or enable_model_cpu_offload); vkern would "
+            f"{action} and bypass them. Patch first, then enable those (or remove them before patching).")
 
 
 def patched_handle(obj):
