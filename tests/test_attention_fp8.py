@@ -873,6 +873,17 @@ def test_fake_tensor_shapes_and_dtypes():
             assert vs.shape == (2, 3, 3) and vs.dtype == torch.float32
 
 
+@pytest.mark.parametrize("pv", ["bf16", "e4m3", "int8"])
+def test_no_keys_gives_zero_and_minus_inf_lse(pv):
+    """As attention(): a query with no key to attend gets out 0 and lse -inf (not an error from the key scales)."""
+    q = torch.randn(2, 5, 3, 64, dtype=torch.bfloat16)
+    k = torch.randn(2, 0, 3, 64, dtype=torch.bfloat16)
+    out, lse = ops.attention_8bit(q, k, k, pv=pv, return_lse=True)
+    assert out.shape == q.shape and out.dtype == q.dtype and not out.any()
+    assert lse.shape == (2, 3, 5) and lse.dtype == torch.float32 and (lse == -torch.inf).all()
+    assert torch.equal(out, ops.attention(q, k, k))
+
+
 def test_bad_inputs_name_the_argument():
     q, k, v = make_qkv(2, 13, 17, 2, 64, torch.bfloat16)
     with pytest.raises(TypeError, match="q: expected dtype"):  # fp32 is not an 8-bit-attention input

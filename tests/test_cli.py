@@ -47,3 +47,17 @@ def test_demo_real_size_needs_a_gpu():
         pytest.skip("has a GPU")
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         demo.run("1.3b", device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(res="480p", device="cpu"), "needs a CUDA GPU"),
+                                           (dict(device="foo"), "--device: "),
+                                           pytest.param(dict(device="cuda"), "no CUDA device", marks=pytest.mark.skipif(
+                                               torch.cuda.is_available(), reason="CUDA is available here"))])
+def test_demo_refuses_what_it_cannot_run_with_a_message(kwargs, match):
+    with pytest.raises(SystemExit, match=match):
+        demo.run("tiny", **kwargs)
+
+
+def test_info_reports_a_forced_backend_that_calls_would_reject(monkeypatch):
+    monkeypatch.setenv("VKERN_ATTENTION_BACKEND", "bogus")
+    assert vkern.info(print_=False)["backends"]["attention"].startswith("bogus (forced, unknown")

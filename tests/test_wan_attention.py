@@ -101,3 +101,17 @@ def test_tiny_wan_transformer_patched_within_twice_torch_bf16_error(device):
         with vkern.patch(model16):
             ours = model16(**inputs16).sample
     assert_within_torch_error(ours, oracle, torch_bf16)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8pv", "fp8"])
+def test_8bit_modes_run_on_a_float32_model(mode):
+    """The 8-bit modes quantize the fp32 model's Q/K/V as they would bf16 ones (attention="int8" keeps V in the
+    model's dtype: float32 goes to the reference emulation); the output stays near the unpatched model's."""
+    model = vkern.models.build_wan_transformer("tiny", torch.float32)
+    inputs = vkern.models.transformer_inputs(model, "tiny", torch.float32, "cpu")
+    with torch.inference_mode():
+        expected = model(**inputs).sample
+        with vkern.patch(model, vkern.PatchConfig(attention=mode)):
+            out = model(**inputs).sample
+    assert out.dtype == torch.float32
+    assert ((out - expected).norm() / expected.norm()).item() < 0.01

@@ -29,10 +29,16 @@ def _max_rel(a, b):
 
 
 def run(size="tiny", res=None, device=None, repeats=None):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise SystemExit(f"--device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: torch here has no CUDA device (torch {torch.__version__})")
     res = res or ("tiny" if size == "tiny" else "480p")
-    if size != "tiny" and device.type != "cuda":
-        raise SystemExit(f"--size {size} needs a CUDA GPU (this machine has none); use --size tiny")
+    if (size != "tiny" or res != "tiny") and device.type != "cuda":
+        raise SystemExit(f"--size {size} --res {res} needs a CUDA GPU (a real resolution or model size takes minutes to "
+                         "hours on a CPU); on the CPU use --size tiny --res tiny")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     repeats = repeats or (3 if size == "tiny" else 2)
     pipe = models.build_wan_pipeline(size, dtype=dtype, device=device)

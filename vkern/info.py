@@ -9,6 +9,8 @@ from .ops import _backend
 
 
 def info(print_=True):
+    """Versions, the vkern._C build, the GPU, flash-attn, the backend each op would pick here for bf16, and
+    attention's pick per shape class; printed (print_=True) and returned as a dict."""
     C = cuda_ext()
     lines = {
         "vkern": __version__,

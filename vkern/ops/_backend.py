@@ -35,6 +35,8 @@ def would_choose_from(op, cands):
     forced = forced_backend(op)
     if forced in cands:
         return forced if cands[forced] is None else f"{forced} (forced, unusable)"
+    if os.environ.get(f"VKERN_{op.upper()}_BACKEND"):  # choose() raises for it
+        return f"{forced} (forced, unknown: expected one of {list(cands)})"
     return next((n for n, r in cands.items() if r is None), "none")
 
 

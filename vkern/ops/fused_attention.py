@@ -314,7 +314,8 @@ def attention(q, k, v, attn_mask=None, *, key_padding_mask=None, scale=None, ret
     backend: "auto" (measured choice, or VKERN_ATTENTION_BACKEND), or one to prefer: "vkern" (vkern's own kernels:
     the CUDA one where it can take the call, else the Triton one), "cuda", "triton", "sdpa", "flash_attn" (flash-attn's
     package, when installed; unmasked calls) or "reference". A preferred backend runs when it can take the call, else
-    the auto choice with a one-time warning."""
+    the auto choice, with a one-time warning on CUDA tensors (on the CPU only the reference runs, unless
+    TRITON_INTERPRET=1 lets the Triton kernel run, and that needs no warning)."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"backend: expected one of {ATTENTION_BACKENDS}, got {backend!r}")
     _check_attention_inputs(q, k, v, key_padding_mask, scale, FLOATS_OR_F64)
@@ -698,7 +699,10 @@ def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=Fal
     _check_attention_inputs(q, k, v, key_padding_mask, scale, (torch.bfloat16, torch.float16))
     if qk not in ("int8", "e4m3") or pv not in PV_FORMATS:
         raise ValueError(f"qk, pv: expected qk in ('int8', 'e4m3') and pv in {PV_FORMATS}, got {qk!r}, {pv!r}")
-    H = q.shape[2]
+    B, Sq, H, _ = q.shape
+    if k.shape[1] == 0:  # no key to attend: out 0 and lse -inf, as attention() (no scales to compute)
+        out = q.new_zeros((B, Sq, H, v.shape[3]))
+        return (out, q.new_full((B, H, Sq), -torch.inf, dtype=torch.float32)) if return_lse else out
     q8, qs = qk_norm_rope(_heads_flat(q), None, 0.0, H, quant=qk)
     k8, ks = (k_to_8bit(k, qk, key_padding_mask) if ref.key_token_block(qk, pv) > 1
               else qk_norm_rope(_heads_flat(k), None, 0.0, H, quant=qk))
@@ -716,7 +720,7 @@ def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_pad
     given the same key_padding_mask as here, so padded keys do not enter the scales): q8/k8 int8 or e4m3
     [B, S, H, D] with positive scales fp32 q_scale [B, H, Sq] (per token) and k_scale [B, H, Skv] (per key)
     or [B, H, ceil(Skv / 128)] (per 128-key block: the form the CUDA kernel takes; per-key scales run on
-    Triton); v bf16/fp16 [B, Skv, H, D] (v_scale None), or 8-bit V^T [B, H, D, S_pad] with v_scale fp32
+    Triton); v bf16/fp16 [B, Skv, H, D] (v_scale None; float32 runs the reference), or 8-bit V^T [B, H, D, S_pad] with v_scale fp32
     [B, H, ceil(Skv / 128)] (per 128-key block: v_to_8bit): e4m3 (e4m3 P/V, pv="e4m3") or int8 (u8 P with int8 V,
     pv="int8"; or uint8, v_to_8bit's "u8": the same codes + 128; the scheme follows V's dtype), with v_offset fp32
     [B, H, D] the offset v_to_8bit subtracted (None: none)."""
@@ -735,7 +739,7 @@ def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_pad
     if v_scale is None:
         if v.dtype in tuple(_V_DTYPE_OF.values()):
             raise ValueError(f"v_scale: 8-bit V ({v.dtype}) needs its per-key-block scales (v_to_8bit's), got None")
-        check_tensor("v", v, dtypes=(torch.bfloat16, torch.float16), device=q8.device)
+        check_tensor("v", v, dtypes=FLOATS, device=q8.device)  # (float32: the reference; the kernels take 16-bit)
         check_shape("v", v, (B, Skv, H, D))
     else:
         check_tensor("v", v, dtypes=tuple(_V_DTYPE_OF.values()), device=q8.device)
