@@ -61,3 +61,11 @@ def test_demo_refuses_what_it_cannot_run_with_a_message(kwargs, match):
 def test_info_reports_a_forced_backend_that_calls_would_reject(monkeypatch):
     monkeypatch.setenv("VKERN_ATTENTION_BACKEND", "bogus")
     assert vkern.info(print_=False)["backends"]["attention"].startswith("bogus (forced, unknown")
+
+
+def test_unknown_global_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv("VKERN_BACKEND", "refrence")
+    with pytest.raises(RuntimeError, match="VKERN_BACKEND='refrence': no op has that backend; expected one of"):
+        vkern.ops.fp8_quantize(torch.randn(4, 4))
+    monkeypatch.setenv("VKERN_BACKEND", "reference")
+    vkern.ops.fp8_quantize(torch.randn(4, 4))

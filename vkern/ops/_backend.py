@@ -52,9 +52,25 @@ def forced_backend(op):
     return os.environ.get(f"VKERN_{op.upper()}_BACKEND") or os.environ.get("VKERN_BACKEND")
 
 
+_backend_names = {}  # tuple of the registered ops -> every backend name they offer
+
+
+def _all_backend_names():
+    import torch
+
+    key = tuple(_candidates)
+    if key not in _backend_names:
+        _backend_names[key] = {name for fn in _candidates.values() for name in fn(torch.device("cpu"), torch.bfloat16)}
+    return _backend_names[key]
+
+
 def choose(op, candidates):
     """candidates: ordered dict name -> None (usable) or a reason string. Returns a name."""
     forced = forced_backend(op)
+    every = os.environ.get("VKERN_BACKEND")
+    if every and forced == every and every not in _all_backend_names():  # a typo would otherwise be ignored
+        raise BackendError(f"VKERN_BACKEND={every!r}: no op has that backend; expected one of "
+                           f"{sorted(_all_backend_names())}")
     if forced:
         if forced in candidates:
             if candidates[forced] is not None:
