@@ -43,12 +43,13 @@ def to_fp8(linear, fqn, config):
 def quantize_linears(model, config, handle):
     targets = fp8_targets(model, config)  # collected first: swapping while iterating would visit the new layers
     modules = dict(model.named_modules())
+    for _, linear in targets:  # all before the first swap (with "drop", a swapped layer's weights are gone)
+        refuse_wrapped(linear, "replace it")  # (e.g. diffusers' layerwise casting: its weight is stored in fp8)
     if config.fp8_keep_original == "drop" and targets:
         handle.forbid_undo("this patch dropped the original weights (PatchConfig.fp8_keep_original='drop'); reload "
                            "the model instead")
     for fqn, linear in targets:
         parent_name, _, name = fqn.rpartition(".")
-        refuse_wrapped(linear, "replace it")  # (before quantizing: e.g. diffusers' layerwise casting stores it in fp8)
         fp8 = to_fp8(linear, fqn, config)
         handle.swap_module(modules[parent_name], name, fp8, f"Linear -> Fp8Linear ({config.fp8})",
                            park=_park_original(linear, fp8, config.fp8_keep_original))
