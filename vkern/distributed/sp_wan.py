@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..modules._grad import records_autograd
 from ..reference.sequence_parallel import ShardSpec, shard_sequence
 from . import timing, ulysses
 
@@ -315,7 +316,7 @@ def _enter(context, check, model, args, kwargs):
     else:
         _, _, F, H, W = hidden_states.shape
         seq_len = (F // p_t) * (H // p_h) * (W // p_w)
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+        grad = records_autograd(model)
         if grad:
             error = RuntimeError("vkern sequence parallelism is inference-only (the all-to-alls carry no "
                                  "gradients): run under torch.no_grad() or torch.inference_mode()")

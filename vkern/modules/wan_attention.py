@@ -5,6 +5,7 @@ from typing import NamedTuple
 import torch
 
 from .. import ops
+from ._grad import records_autograd
 from ..reference import attention as ref
 from ..reference.attention import KEY_BLOCK
 
@@ -33,7 +34,7 @@ class VkernWanAttnProcessor:
         self.fused_qk_norm_rope = (fused_qk_norm_rope and attention != "reference") or attention in _8BIT
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if _autograd_records(attn, hidden_states, encoder_hidden_states):  # vkern's ops have no backward: diffusers'
+        if records_autograd(attn, hidden_states, encoder_hidden_states):  # vkern's ops have no backward: diffusers'
             return ref.wan_attention(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         norm_rope, attend = self._steps()
         return ref.wan_attention(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
@@ -104,13 +105,6 @@ class VkernWanAttnProcessor:
 
     def __repr__(self):
         return f"VkernWanAttnProcessor(attention={self.attention!r}, fused_qk_norm_rope={self.fused_qk_norm_rope})"
-
-
-def _autograd_records(attn, *tensors):
-    """Whether this call builds a graph for backward (training, or gradients w.r.t. the inputs); as the fused block
-    and transformer forwards, the processor then runs diffusers' ops."""
-    return torch.is_grad_enabled() and (any(t is not None and t.requires_grad for t in tensors) or
-                                        any(p.requires_grad for p in attn.parameters()))
 
 
 class QuantizedValue(NamedTuple):

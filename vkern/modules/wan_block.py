@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ._grad import records_autograd
 from ._hooks import hooked
 from .feed_forward import feed_forward_rows, ffn_takes_fp8_input
 from .fp8_linear import Fp8Activation, takes_fp8_input
@@ -52,7 +53,7 @@ def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotar
     hidden_states and will not read it again, so the block may compute in it and return it (bit for bit
     the same values; done when hidden_states is contiguous, else a new tensor as with False). Inference
     only: with autograd recording, diffusers' own forward runs instead (the fused ops have no backward)."""
-    if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in block.parameters())):
+    if records_autograd(block, hidden_states):
         from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
         return WanTransformerBlock.forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb)

@@ -15,6 +15,7 @@ autograd recording, gradient checkpointing, or attention_kwargs (LoRA scale), di
 import torch
 
 from .. import ops
+from ._grad import records_autograd
 from .wan_block import may_overwrite_input, output_is_private
 
 
@@ -23,7 +24,7 @@ def fused_transformer_forward(model, hidden_states, timestep, encoder_hidden_sta
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
     if attention_kwargs or model.gradient_checkpointing or (
-            torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())):
+            records_autograd(model)):
         return type(model).forward(model, hidden_states, timestep, encoder_hidden_states,
                                    encoder_hidden_states_image, return_dict, attention_kwargs)
     batch_size, _, num_frames, height, width = hidden_states.shape

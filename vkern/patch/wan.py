@@ -2,6 +2,7 @@
 AutoencoderKLWan (cached causal convolutions)."""
 import functools
 
+from ..modules._grad import records_autograd
 from ..modules.wan_attention import VkernWanAttnProcessor
 from ..modules.wan_block import fused_block_forward
 
@@ -103,14 +104,12 @@ def _fast_vae(vae, t):
     channels-last CPU kernels are not (their reduction order differs; ~1e-6 in fp32)."""
     import os
 
-    import torch
-
     force = os.environ.get("VKERN_WAN_VAE")
     if force not in (None, "", "fast", "diffusers"):
         raise ValueError(f"VKERN_WAN_VAE: expected 'fast' or 'diffusers', got {force!r}")
     if force == "diffusers" or vae.use_tiling or vae.training:
         return False
-    if torch.is_grad_enabled() and (t.requires_grad or any(p.requires_grad for p in vae.parameters())):
+    if records_autograd(vae, t):
         return False  # the fused kernels have no backward
     return force == "fast" or t.is_cuda
 
