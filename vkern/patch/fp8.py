@@ -57,14 +57,10 @@ def quantize_linears(model, config, handle):
 
 def _park_original(linear, fp8, keep):
     """Move the original bf16 weight off the GPU (the point of fp8 storage) and return the step that
-    brings it back on undo, to wherever the fp8 layer lives then."""
+    brings it back on undo, to wherever the fp8 layer lives then ("drop": none; the handle forbids undo())."""
     if keep == "drop":
         linear.weight = None
-
-        def restore():
-            raise RuntimeError("vkern: this patch dropped the original weights (PatchConfig.fp8_keep_original="
-                               "'drop'); reload the model instead of undo()")
-        return restore
+        return None
     linear.weight.data = linear.weight.data.to("cpu")
 
     def restore():  # where the fp8 layer lives now, in the dtype the model was cast to meanwhile (param_dtype)
