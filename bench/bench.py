@@ -57,6 +57,7 @@ def _attention(name, providers, args):
     fns["vkern-bf16"] = run_kernel
     fns["vkern-cuda"] = forced("cuda")  # csrc/flash_attention.cu (head dims 64 and 128)
     fns["vkern-cuda-nosplit"] = with_env(fns["vkern-cuda"], "VKERN_FLASH_TAIL_SPLIT", "0")  # (session 27)
+    fns["vkern-cuda-k176"] = with_env(fns["vkern-cuda"], "VKERN_FLASH_KEYS", "176")  # the wide tile (session 31)
     # flash-attn's package (FA3 on Hopper, else FA2) where it is installed; elsewhere the row is left out, said once
     flash_attn_missing = fused_attention.flash_attn_backend.reason(q.device, q.dtype, s.head_dim, s.head_dim, False)
     if flash_attn_missing is None:
@@ -149,10 +150,12 @@ def _attention(name, providers, args):
                 turns = ("off", "on (passed when issued)", "on (passed when done)")[turns]
                 row["config"] += (f", {fma} of 8 exponentials on FMA, turns {turns}, P V added after the next softmax"
                                   f", rescale slack {slack}, tail split {split}")
-        elif provider in ("vkern-cuda", "vkern-cuda-nosplit"):
+        elif provider in ("vkern-cuda", "vkern-cuda-nosplit", "vkern-cuda-k176"):
             from vkern.ops.fused_attention import _flash_stages
 
-            row["config"] = (f"cuda sm90a: 128x128 tiles, 2 consumer warpgroups, {_flash_stages()}-stage TMA ring, "
+            keys = fused_attention.last_flash_keys  # (this call's launch)
+            stages = 2 if keys == 176 else _flash_stages()
+            row["config"] = (f"cuda sm90a: 128x{keys} tiles, 2 consumer warpgroups, {stages}-stage TMA ring, "
                              f"tail split {split}")
         elif provider.startswith("vkern-"):
             from vkern.triton.attention import _attention_tuned

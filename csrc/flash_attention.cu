@@ -149,8 +149,10 @@ int64_t flash_tail_split_floats(int batch, int heads, int q_len, int kv_len, int
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
                                 float scale, int stages, cudaStream_t stream, float* split_workspace,
-                                int64_t split_workspace_bytes) {
-  if ((head_dim != kFlashHeadDims[0] && head_dim != kFlashHeadDims[1]) ||
+                                int64_t split_workspace_bytes, int keys) {
+  // The wide tile (176 keys): D 128, two stages (three do not fit in shared memory), no key mask.
+  const bool wide_ok = keys == 176 && head_dim == 128 && stages == 2 && key_bits == nullptr;
+  if ((head_dim != kFlashHeadDims[0] && head_dim != kFlashHeadDims[1]) || (keys != kBlockN && !wide_ok) ||
       !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) || !tma_compatible(q) ||
       !tma_compatible(k) || !tma_compatible(v) || !tma_compatible(out))
     return cudaErrorInvalidValue;
@@ -158,12 +160,17 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
     using T = decltype(type_tag);
     CUtensorMap maps[4] = {};
     if (!make_map(&maps[0], q, type, 2, batch, q_len, heads, head_dim, kBlockM) ||
-        !make_map(&maps[1], k, type, 2, batch, kv_len, heads, head_dim, kBlockN) ||
-        !make_map(&maps[2], v, type, 2, batch, kv_len, heads, head_dim, kBlockN) ||
+        !make_map(&maps[1], k, type, 2, batch, kv_len, heads, head_dim, keys) ||
+        !make_map(&maps[2], v, type, 2, batch, kv_len, heads, head_dim, keys) ||
         !make_map(&maps[3], out, type, 2, batch, q_len, heads, head_dim, kBlockM / 2))
       return cudaErrorInvalidValue;
     const auto with_dim = [&](auto dim_tag) {
       constexpr int kDim = decltype(dim_tag)::value;
+      if constexpr (kDim == 128) {
+        if (keys == 176)
+          return launch<T, T, 128, 2, 176>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch, heads,
+                                           q_len, kv_len, scale, 0.f, stream);
+      }
       const Split split = plan_split((q_len + kBlockM - 1) / kBlockM * heads * batch, (kv_len + kBlockN - 1) / kBlockN,
                                      head_dim, split_workspace, split_workspace_bytes);
       static_assert(split_schedule(false, false, 0, 0), "the 16-bit forms take the tail split");

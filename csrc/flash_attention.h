@@ -22,7 +22,8 @@ constexpr int kFlashHeadDims[] = {64, 128};
 // key_bits (may be null): the key-padding mask, bit c % 32 of 32-bit word c / 32 set = attend key c, as
 // [B, ceil(kv_len / 128) * 4] words (16-byte aligned; bits past kv_len ignored). A query row with no
 // attended key gets out 0 and lse -inf.
-// scale must be positive. stages: depth of the K/V shared-memory ring, 2 or 3.
+// scale must be positive. stages: depth of the K/V shared-memory ring, 2 or 3. keys: the key tile, 128, or 176
+// (head dim 128, stages 2, no key_bits; FlashAttention-3's non-causal tile).
 // split_workspace (may be null; 3 stages): fp32 scratch of split_workspace_bytes on the stream's device for the tail
 // split: where the launch's last wave would leave more than half the SMs idle, its tiles' keys are split across
 // several CTAs and merged in a second kernel (the same result up to fp32 rounding; the .cu's Split). SMs x 128 x
@@ -31,7 +32,7 @@ constexpr int kFlashHeadDims[] = {64, 128};
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
                                 float scale, int stages, cudaStream_t stream, float* split_workspace = nullptr,
-                                int64_t split_workspace_bytes = 0);
+                                int64_t split_workspace_bytes = 0, int keys = 128);
 
 // fp8 attention (head dim kFlashFp8HeadDim): q, k e4m3 (int8 with int8_qk) [B, S, H, D] with positive fp32 scales, q_scale
 // [B, H, q_len] per (token, head) and k_scale [B, H, ceil(kv_len / 128)] per (128-key block, head); vt e4m3

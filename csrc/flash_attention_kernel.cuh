@@ -52,15 +52,16 @@ __device__ long long g_flash_trace[2][4][kTraceBlocks][kTraceEvents];
 // (token, head) for Q and per (128-key block, head) for K, one 128-byte box per tile, and V^T [B, H, D, S_pad]
 // (its tile: D rows x 128 keys, the keys contiguous, as 8-bit wgmma wants both operands K-major) with fp32
 // scales per (128-key block, head), like K's.
-// kKeys: keys per tile, 128, or 192 for the 8-bit forms' wide tile (see flash_fwd_kernel).
+// kKeys: keys per tile, 128, or 192 for the 8-bit forms' wide tile (see flash_fwd_kernel), or 176 for the 16-bit
+// forms' wide tile (D = 128, two stages, no key mask: FlashAttention-3's non-causal tile; session 31).
 template <typename In, int kHeadDim, int kKeys = kBlockN>
 struct Format {
   static constexpr bool kIntPV = std::is_same<In, S8PV>::value;               // int8 Q, K; u8 P, int8 V
   static constexpr bool kIntQK = std::is_same<In, S8>::value || kIntPV;       // int8 Q, K (S8: e4m3 P, V)
   static constexpr bool k8Bit = std::is_same<In, E4M3>::value || kIntQK;      // the 8-bit forms
   static_assert(!k8Bit || kHeadDim == 128, "the 8-bit kernel takes head dim 128");
-  static_assert(kKeys == kBlockN || (k8Bit && !kIntPV && kKeys == 192),
-                "tiles of 128 keys, or 192 for the e4m3-P forms");
+  static_assert(kKeys == kBlockN || (k8Bit && !kIntPV && kKeys == 192) || (!k8Bit && kHeadDim == 128 && kKeys == 176),
+                "tiles of 128 keys, 192 for the e4m3-P forms, or 176 for the 16-bit forms at D = 128");
   static constexpr bool kPromoteO = k8Bit && kKeys == kBlockN;                 // see flash_fwd_kernel
   static constexpr bool kShiftV = k8Bit && !kPromoteO;  // tensor-core O, V's block scales folded into P
   static constexpr int kGroups = kShiftV ? kKeys / 64 : 1;         // key groups of one K and one V scale
@@ -68,12 +69,13 @@ struct Format {
   static constexpr int kBoxCols = k8Bit ? 128 : 64;
   static constexpr int kTileBytes = kBoxes * kHalfBytes;           // Q tile (128 rows)
   static constexpr int kKTileBytes = kBoxes * kKeys * 128;         // K tile
-  // V tile (16-bit), or V^T tile: 128-key boxes of D rows (192 keys load two; the second's last 64 unused).
-  static constexpr int kVTileBytes = k8Bit ? (kKeys + 127) / 128 * kHalfBytes : kTileBytes;
+  static constexpr int kKBoxBytes = kKeys * 128;                   // one column box of a K (16-bit: or V) tile
+  // V tile (16-bit: as K's), or V^T tile: 128-key boxes of D rows (192 keys load two; the second's last 64 unused).
+  static constexpr int kVTileBytes = k8Bit ? (kKeys + 127) / 128 * kHalfBytes : kKTileBytes;
   static constexpr int kOutBoxes = kHeadDim / 64;                  // the output is 16-bit
   static constexpr int kOutStageBytes = k8Bit ? kOutBoxes * kHalfBytes : 0;  // 16-bit: the Q tile is reused
   static constexpr int kSRegs = kKeys / 2;                         // S of 64 x kKeys per warpgroup, fp32
-  static constexpr int kPRegs = k8Bit ? kKeys / 8 : 32;            // P, packed
+  static constexpr int kPRegs = k8Bit ? kKeys / 8 : kKeys / 4;     // P, packed
   // e4m3 P is scaled to [0, 448]; u8 P to [0, 255] * 2^-24 (pack4_u8's input: fp16 subnormal steps)
   static constexpr float kPOffset = kIntPV ? kLog2Of255 - 24.f : k8Bit ? kLog2Of448 : 0.f;
 };
@@ -108,8 +110,9 @@ __device__ __forceinline__ void issue_qk(float (&s)[kKeys / 2], uint32_t (&s_int
   constexpr int kSteps = F::kBoxes * 4;  // 32 bytes of head dim per step: k16 or k32
 #pragma unroll
   for (int kk = 0; kk < kSteps; ++kk) {
-    const int offset = (kk / 4) * kHalfBytes + (kk % 4) * 32;  // (several boxes: 16-bit, 128 rows)
-    const uint64_t a = q_rows.plus(offset).bits(), b = k_tile.plus(offset).bits();
+    // (several boxes: 16-bit; Q's of 128 rows, K's of kKeys)
+    const uint64_t a = q_rows.plus((kk / 4) * kHalfBytes + (kk % 4) * 32).bits();
+    const uint64_t b = k_tile.plus((kk / 4) * F::kKBoxBytes + (kk % 4) * 32).bits();
     if constexpr (F::kIntQK && kKeys == 192)
       wgmma_m64n192k32_ss_s8(s_int, a, b);  // s_int starts at the bits of kIntBias (see the kernel)
     else if constexpr (F::kIntQK)
@@ -118,6 +121,8 @@ __device__ __forceinline__ void issue_qk(float (&s)[kKeys / 2], uint32_t (&s_int
       wgmma_m64n192k32_ss_e4m3(s, a, b, kk > 0);
     else if constexpr (F::k8Bit)
       wgmma_m64n128k32_ss_e4m3(s, a, b, kk > 0);
+    else if constexpr (kKeys == 176)
+      wgmma_m64n176k16_ss<In>(s, a, b, kk > 0);
     else
       wgmma_m64n128k16_ss<In>(s, a, b, kk > 0);
   }
@@ -137,7 +142,7 @@ __device__ __forceinline__ void issue_pv(float (&o)[kHeadDim / 2],
     }
   } else {
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {  // 16 keys per step: 2 groups of 8 rows; head-dim column blocks 16 KB apart
+    for (int kk = 0; kk < kKeys / 16; ++kk) {  // 16 keys per step: 2 groups of 8 rows; head-dim column boxes apart
       const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
       wgmma_m64nNk16_rs_bt<In, kHeadDim>(o, a, v_tile.plus(kk * 16 * 128).bits());
     }
@@ -214,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                      float rescale_slack, Split split) {
   using F = Format<In, kHeadDim, kKeys>;
   constexpr bool kPromoteO = F::kPromoteO, kIntPV = F::kIntPV;
-  constexpr int kGroups = F::kGroups, kSRegs = F::kSRegs, kWords = kKeys / 32;
+  constexpr int kGroups = F::kGroups, kSRegs = F::kSRegs, kWords = (kKeys + 31) / 32;
   // The 16-bit forms' consumers issue their products in turn (named barriers); the 8-bit forms' each as soon as it
   // is ready: their products are half as long, and over runs 46-54 the two schedules measured the same within +-5%.
   constexpr bool kTakeTurns = !F::k8Bit || kTurns != 0;
@@ -291,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                         (first_block + j) * kKeys + b * kBlockN, 0, head, batch);
         } else {
           for (int h = 0; h < F::kBoxes; ++h)
-            tma_load_4d(v_tiles + s * F::kVTileBytes + h * kHalfBytes, &v_map, &bars.v_full[s], h * 64, head,
+            tma_load_4d(v_tiles + s * F::kVTileBytes + h * F::kKBoxBytes, &v_map, &bars.v_full[s], h * 64, head,
                         (first_block + j) * kKeys, batch);
         }
       }
@@ -313,7 +318,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // wgmma descriptors: this consumer's Q rows (in each column box) and stage 0 of the K and V rings.
   const SmemDesc q_rows = SmemDesc::sw128(q_tile + wg * 64 * 128, 16, 1024);
   const SmemDesc k_ring = SmemDesc::sw128(k_tiles, 16, 1024);
-  const SmemDesc v_ring = SmemDesc::sw128(v_tiles, F::k8Bit ? 16 : kHalfBytes, 1024);
+  const SmemDesc v_ring = SmemDesc::sw128(v_tiles, F::k8Bit ? 16 : F::kKBoxBytes, 1024);
   float o[kHeadDim / 2], s[kSRegs], t[kHeadDim / 2];  // t: the promoted forms' per-block P V
   uint32_t s_int[kSRegs];                              // S8's int32 accumulator
   uint32_t t_int[kIntPV ? kHeadDim / 2 : 1] = {};      // kIntPV: the block's P V', int32 (t is unused)
@@ -400,7 +405,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kKeys == kBlockN) {
 #pragma unroll
       for (int w = 0; w < kWords; ++w) words[w] = tile.words[w];
-    } else if (key_bits != nullptr) {  // 8 bytes per 64-key group; the groups past the last block (all past kv_len)
+    } else if (F::k8Bit && key_bits != nullptr) {  // 8 bytes per 64-key group; the groups past the last block (all
+      // past kv_len). (The 16-bit wide tile takes no mask: the host refuses one.)
       const uint2* row_bits = reinterpret_cast<const uint2*>(key_bits) + int64_t(batch) * n_scale_blocks * 2;
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
@@ -521,7 +527,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     } else {
 #pragma unroll
-      for (int i = 0; i < 32; ++i) p[i] = pack2<In>(s[2 * i], s[2 * i + 1]);
+      for (int i = 0; i < kSRegs / 2; ++i) p[i] = pack2<In>(s[2 * i], s[2 * i + 1]);
     }
   };
   // The K stage of block j is free once its product is done.

@@ -170,6 +170,9 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 // accumulate = false overwrites d.
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool accumulate);
+// The same with N = 176 (the 16-bit kernel's wide key tile): d[88].
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n176k16_ss(float (&d)[88], uint64_t desc_a, uint64_t desc_b, bool accumulate);
 // d[N / 2] += A[64 x 16] B[16 x N], N = 64 or 128: A in registers (4 x 2 packed values per thread, the
 // accumulator layout), B in shared memory MN-major (its N columns contiguous).
 template <typename T, int N>
@@ -207,6 +210,28 @@ __device__ __forceinline__ void wgmma_m64nNk16_rs_bt(float (&d)[N / 2], const ui
 #define VKERN_ACC4_OPERANDS(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
 #define VKERN_ACC4_REGS "{%0, %1, %2, %3}"
 
+// 88 fp32 accumulators (m64n176) as "+f" operands %0 ... %87.
+#define VKERN_ACC88_OPERANDS(d) \
+  VKERN_ACC64_OPERANDS(d), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]),        \
+      "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]),   \
+      "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]),   \
+      "+f"(d[86]), "+f"(d[87])
+#define VKERN_ACC88_REGS \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87" \
+  "}"
+#define VKERN_WGMMA_SS_N176(TYPE)                                                                                 \
+  asm volatile(                                                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"                                                              \
+      "wgmma.mma_async.sync.aligned.m64n176k16.f32." TYPE "." TYPE " " VKERN_ACC88_REGS ", %88, %89, p, 1, 1, 0, 0;\n}\n" \
+      : VKERN_ACC88_OPERANDS(d)                                                                                   \
+      : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)))
+
 // d[N / 2] += A[64 x 16] B[16 x N], N = 8, 96 or 128, A and B in shared memory (K-major both).
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_m64nNk16_ss_acc(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b);
@@ -221,6 +246,11 @@ __device__ __forceinline__ void wgmma_m64nNk16_ss_acc(float (&d)[N / 2], uint64_
   __device__ __forceinline__ void wgmma_m64n128k16_ss<CPP>(float (&d)[64], uint64_t desc_a, uint64_t desc_b,      \
                                                            bool accumulate) {                                     \
     VKERN_WGMMA_SS(PTX);                                                                                          \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_m64n176k16_ss<CPP>(float (&d)[88], uint64_t desc_a, uint64_t desc_b,      \
+                                                           bool accumulate) {                                     \
+    VKERN_WGMMA_SS_N176(PTX);                                                                                     \
   }                                                                                                               \
   template <>                                                                                                     \
   __device__ __forceinline__ void wgmma_m64nNk16_rs_bt<CPP, 128>(float (&d)[64], const uint32_t (&a)[4],          \

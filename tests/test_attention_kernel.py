@@ -717,6 +717,90 @@ def test_gpu_cuda_ring_depths_agree(use_backend, monkeypatch, stages, D):
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
+@pytest.mark.parametrize("env,head_dim,masked,want", [
+    (None, 128, False, 128), ("176", 128, False, 176), ("176", 64, False, 128), ("176", 128, True, 128),
+    ("128", 128, False, 128)])
+def test_flash_keys_setting(monkeypatch, env, head_dim, masked, want):
+    """VKERN_FLASH_KEYS picks the 16-bit CUDA kernel's key tile where the wide one can run (head dim 128, no mask)."""
+    if env is None:
+        monkeypatch.delenv("VKERN_FLASH_KEYS", raising=False)
+    else:
+        monkeypatch.setenv("VKERN_FLASH_KEYS", env)
+    assert fused_attention._flash_keys(head_dim, masked) == want
+
+
+def test_flash_keys_setting_rejects_other_widths(monkeypatch):
+    monkeypatch.setenv("VKERN_FLASH_KEYS", "192")
+    with pytest.raises(ValueError, match="VKERN_FLASH_KEYS: expected one of 128, 176"):
+        fused_attention._flash_keys(128, False)
+
+
+# The wide key tile (VKERN_FLASH_KEYS=176, session 31): lengths around multiples of 176 and of 128, cross lengths,
+# one key, a single partial tile, many tiles with a partial last one.
+WIDE_ODD = [(1, 1, 1, 1), (2, 3, 113, 175), (1, 2, 176, 176), (2, 2, 177, 353), (1, 3, 1000, 1000),
+            (1, 2, 257, 4097), (1, 2, 300, 75600 // 8), (3, 2, 129, 127), (1, 1, 4096, 512)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,Sq,Skv", WIDE_ODD, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}" for p in WIDE_ODD])
+def test_gpu_cuda_wide_tile_odd_sizes(use_backend, monkeypatch, dtype, B, H, Sq, Skv):
+    """The 176-key tile (two stages) at odd lengths: out and lse by the 2x-PyTorch rule."""
+    monkeypatch.setenv("VKERN_FLASH_KEYS", "176")
+    q, k, v = make_qkv(B, Sq, Skv, H, 128, dtype, "cuda")
+    check_attention(q, k, v, use_backend("cuda"))
+    assert fused_attention.last_flash_keys == 176
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["fused", "kv_fused", "heads_first"])
+def test_gpu_cuda_wide_tile_strided(use_backend, monkeypatch, layout):
+    """Strided views (TMA reads them as they are) with the wide tile: the contiguous inputs' bits."""
+    monkeypatch.setenv("VKERN_FLASH_KEYS", "176")
+    Skv = 333 if layout == "kv_fused" else 4097
+    q, k, v = make_qkv(2, 4097, Skv, 12, 128, torch.bfloat16, "cuda", layout=layout)
+    out, _ = check_attention(q, k, v, use_backend("cuda"))
+    assert fused_attention.last_flash_keys == 176
+    assert torch.equal(out, run_op(*(t.contiguous() for t in (q, k, v)), return_lse=True)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["mask", "D64"])
+def test_gpu_cuda_wide_tile_keeps_128_where_it_must(use_backend, monkeypatch, case):
+    """The wide tile takes no key-padding mask and head dim 128 only: such calls run the 128-key tile (and are
+    right), whatever VKERN_FLASH_KEYS says."""
+    monkeypatch.setenv("VKERN_FLASH_KEYS", "176")
+    D = 64 if case == "D64" else 128
+    q, k, v = make_qkv(2, 300, 1000, 3, D, torch.bfloat16, "cuda")
+    mask = make_padding(2, 1000, "random", "cuda") if case == "mask" else None
+    check_attention(q, k, v, use_backend("cuda"), key_padding_mask=mask)
+    assert fused_attention.last_flash_keys == 128
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_wide_tile_refused_outside_its_form():
+    """The extension refuses the wide tile with three stages, head dim 64, a mask, or a tile width it has not."""
+    from vkern._ext import cuda_ext
+
+    q, k, v = make_qkv(1, 256, 256, 2, 128, torch.bfloat16, "cuda")
+    out = torch.empty_like(q)
+    bits = fused_attention.key_padding_bits(torch.ones(1, 256, dtype=torch.bool, device="cuda"))
+
+    def call(keys, stages, tensors=(q, k, v, out), key_bits=0):
+        D = tensors[0].shape[-1]
+        cuda_ext().flash_attention_fwd(*((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in tensors), 0,
+                                       key_bits, fused_attention.DTYPE_CODE[torch.bfloat16], 1, 2, 256, 256, D,
+                                       D ** -0.5, stages, torch.cuda.current_stream().cuda_stream, 0, 0, keys)
+
+    call(176, 2)  # the form it takes
+    torch.cuda.synchronize()
+    q64, k64, v64 = make_qkv(1, 256, 256, 2, 64, torch.bfloat16, "cuda")
+    for bad in (lambda: call(176, 3), lambda: call(160, 2), lambda: call(176, 2, key_bits=bits.data_ptr()),
+                lambda: call(176, 2, (q64, k64, v64, torch.empty_like(q64)))):
+        with pytest.raises(RuntimeError, match="flash_attention_fwd"):
+            bad()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("pattern", ["random", "prefix", "dead_row", "all_true"])

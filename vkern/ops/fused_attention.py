@@ -408,6 +408,21 @@ def _flash_stages():
     return _env_int("VKERN_FLASH_STAGES", FLASH_STAGES, (2, 3))
 
 
+# The CUDA 16-bit kernel's key tile: 128 (three K/V stages), or 176 (FlashAttention-3's non-causal tile at head dim
+# 128: two stages, as three do not fit in shared memory; calls with a key-padding mask or head dim 64 keep 128;
+# session 31). VKERN_FLASH_KEYS overrides.
+FLASH_KEYS = 128
+
+
+def _flash_keys(head_dim, masked):
+    keys = _env_int("VKERN_FLASH_KEYS", FLASH_KEYS, (128, 176))
+    return 128 if head_dim != 128 or masked else keys
+
+
+# The last 16-bit CUDA attention launch's key tile (what tests and benchmark rows read).
+last_flash_keys = 0
+
+
 # The CUDA 8-bit kernel's key tile: 128 (each block's P V promoted to fp32 O with its V scale) or 192 (O in the
 # tensor cores, each 64-key group's V scale folded into its P; session 20). VKERN_FLASH_FP8_KEYS overrides.
 FLASH_FP8_KEYS = 128
@@ -465,14 +480,15 @@ last_tail_split_floats = 0
 
 
 def _split_workspace(ext, device, batch, heads, q_len, kv_len, head_dim, eight_bit=False, int8_pv=False, exp_fma=0,
-                     turns=0):
+                     turns=0, stages=None):
     """The fp32 scratch the kernel's tail split takes for this launch (shape and form, as the launch's arguments:
     the extension decides which forms split), or None where it is not split (or VKERN_FLASH_TAIL_SPLIT=0)."""
     global last_tail_split_floats
     floats = 0
     if _flash_tail_split():
         with torch.cuda.device(device):  # (the plan counts the SMs of the current device)
-            floats = ext.flash_tail_split_floats(batch, heads, q_len, kv_len, head_dim, _flash_stages(), eight_bit,
+            floats = ext.flash_tail_split_floats(batch, heads, q_len, kv_len, head_dim,
+                                                 _flash_stages() if stages is None else stages, eight_bit,
                                                  int8_pv, exp_fma, turns)
     last_tail_split_floats = floats
     return torch.empty(floats, dtype=torch.float32, device=device) if floats else None
@@ -497,14 +513,17 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device) if return_lse else None
     bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
-    split = _split_workspace(cuda_ext(), q.device, B, H, Sq, k.shape[1], D)
+    global last_flash_keys
+    keys = last_flash_keys = _flash_keys(D, bits is not None)
+    stages = 2 if keys == 176 else _flash_stages()
+    split = _split_workspace(cuda_ext(), q.device, B, H, Sq, k.shape[1], D, stages=stages)
     with torch.cuda.device(q.device):
         cuda_ext().flash_attention_fwd(
             *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q, k, v, out)),
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), DTYPE_CODE[q.dtype], B,
             H, Sq, k.shape[1], D,
-            D ** -0.5 if scale is None else scale, _flash_stages(), torch.cuda.current_stream(q.device).cuda_stream,
-            0 if split is None else split.data_ptr(), 0 if split is None else split.numel() * 4)
+            D ** -0.5 if scale is None else scale, stages, torch.cuda.current_stream(q.device).cuda_stream,
+            0 if split is None else split.data_ptr(), 0 if split is None else split.numel() * 4, keys)
     return out, lse
 
 
