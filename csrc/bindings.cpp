@@ -120,7 +120,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("flash_tail_split_floats", &vkern::flash_tail_split_floats, py::arg("batch"), py::arg("heads"),
         py::arg("q_len"), py::arg("kv_len"), py::arg("head_dim"), py::arg("stages"), py::arg("eight_bit") = false,
-        py::arg("int8_pv") = false, py::arg("exp_fma") = 0, py::arg("turns") = 0);
+        py::arg("int8_pv") = false, py::arg("exp_fma") = 0, py::arg("turns") = 0, py::arg("keys") = 128);
   m.attr("flash_fp8_head_dim") = vkern::kFlashFp8HeadDim;
   m.attr("flash_fp8_int8_pv") = true;  // flash_attention_fp8_fwd takes int8_pv
   m.def("flash_attention_fp8_fwd",

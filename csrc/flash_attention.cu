@@ -67,9 +67,9 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
          t.head_stride >= 0;
 }
 
-// The launch forms that take the tail split (with 3 stages): the 16-bit kernel, and the int8 P/V form's default
-// schedule (no FMA exponentials, no turns). The dispatch instantiates kSplit for these only, and
-// flash_tail_split_floats asks for a workspace for these only: this is the one place that says which.
+// The launch forms that take the tail split (with 3 stages, or the 16-bit wide tile's 2): the 16-bit kernel, and the
+// int8 P/V form's default schedule (no FMA exponentials, no turns). The dispatch instantiates kSplit for these only,
+// and flash_tail_split_floats asks for a workspace for these only: this is the one place that says which.
 constexpr bool split_schedule(bool eight_bit, bool int8_pv, int exp_fma, int turns) {
   return !eight_bit || (int8_pv && exp_fma == 0 && turns == 0);
 }
@@ -140,10 +140,12 @@ bool common_args_ok(int batch, int heads, int q_len, int kv_len, float scale, in
 }  // namespace
 
 int64_t flash_tail_split_floats(int batch, int heads, int q_len, int kv_len, int head_dim, int stages, bool eight_bit,
-                                bool int8_pv, int exp_fma, int turns) {
-  if (stages != 3 || !split_schedule(eight_bit, int8_pv, exp_fma, turns)) return 0;
+                                bool int8_pv, int exp_fma, int turns, int keys) {
+  const bool wide = !eight_bit && keys == 176 && stages == 2;
+  if ((stages != 3 && !wide) || (keys != kBlockN && !wide) || !split_schedule(eight_bit, int8_pv, exp_fma, turns))
+    return 0;
   const int tiles = (q_len + kBlockM - 1) / kBlockM * heads * batch;
-  return split_slots(split_shape(tiles, (kv_len + kBlockN - 1) / kBlockN), tiles) * kBlockM * (head_dim + 1);
+  return split_slots(split_shape(tiles, (kv_len + keys - 1) / keys), tiles) * kBlockM * (head_dim + 1);
 }
 
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
@@ -166,13 +168,16 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
       return cudaErrorInvalidValue;
     const auto with_dim = [&](auto dim_tag) {
       constexpr int kDim = decltype(dim_tag)::value;
+      const Split split = plan_split((q_len + kBlockM - 1) / kBlockM * heads * batch, (kv_len + keys - 1) / keys,
+                                     head_dim, split_workspace, split_workspace_bytes);
       if constexpr (kDim == 128) {
+        if (keys == 176 && split.n_splits > 0)
+          return launch<T, T, 128, 2, 176, 0, 0, true>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch,
+                                                       heads, q_len, kv_len, scale, 0.f, stream, split, out);
         if (keys == 176)
           return launch<T, T, 128, 2, 176>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch, heads,
                                            q_len, kv_len, scale, 0.f, stream);
       }
-      const Split split = plan_split((q_len + kBlockM - 1) / kBlockM * heads * batch, (kv_len + kBlockN - 1) / kBlockN,
-                                     head_dim, split_workspace, split_workspace_bytes);
       static_assert(split_schedule(false, false, 0, 0), "the 16-bit forms take the tail split");
       if (stages == 3 && split.n_splits > 0)
         return launch<T, T, kDim, 3, kBlockN, 0, 0, true>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits,

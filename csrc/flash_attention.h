@@ -61,10 +61,10 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
 constexpr int kFlashFp8HeadDim = 128;
 // The split workspace's fp32 values a launch of this shape and form takes on the current device; 0: it is not split.
 // The form as the launch's arguments: stages; eight_bit false for flash_attention_fwd, true for
-// flash_attention_fp8_fwd with its int8_pv, exp_fma and turns (the 16-bit forms and the int8 P/V form's default
-// schedule split, with 3 stages).
+// flash_attention_fp8_fwd with its int8_pv, exp_fma and turns, and keys (the 16-bit forms and the int8 P/V form's
+// default schedule split, with 3 stages; the 16-bit wide tile, keys 176, with its 2).
 int64_t flash_tail_split_floats(int batch, int heads, int q_len, int kv_len, int head_dim, int stages, bool eight_bit,
-                                bool int8_pv, int exp_fma, int turns);
+                                bool int8_pv, int exp_fma, int turns, int keys = 128);
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,
                                     float* lse, const void* key_bits, const float* q_scale, const float* k_scale,
                                     const float* v_scale, const float* v_offset, DType out_dtype, int batch, int heads,

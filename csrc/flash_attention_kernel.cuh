@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   Barriers<kStages>& bars = *reinterpret_cast<Barriers<kStages>*>(v_tiles + F::kVTileBytes * kStages +
                                                                   F::kOutStageBytes);
 
-  static_assert(!kSplit || kKeys == kBlockN, "the tail split takes 128-key tiles");
+  static_assert(!kSplit || kKeys == kBlockN || !F::k8Bit, "the 8-bit tail split takes 128-key tiles");
   int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   // kSplit: part (-1: a whole tile) and first_block, the first of this CTA's key blocks; kv_len: its keys.
   int part = -1, first_block = 0, kv_len = kv_len_all;

@@ -753,6 +753,28 @@ def test_gpu_cuda_wide_tile_odd_sizes(use_backend, monkeypatch, dtype, B, H, Sq,
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("B,H,Sq,Skv", [(1, 2, None, 8192 + 100), (1, 1, 7 * 128 - 60, 16384 + 50)],
+                         ids=["main-and-tail", "tail-only"])
+def test_gpu_cuda_wide_tile_tail_split(use_backend, monkeypatch, B, H, Sq, Skv):
+    """The wide tile's tail split (its key blocks of 176 in parts): the 2x-PyTorch rule on the tail rows, and the
+    split happened (some bits differ from the unsplit launch)."""
+    monkeypatch.setenv("VKERN_FLASH_KEYS", "176")
+    if Sq is None:  # a full wave of tiles (2 heads), then 10 tail tiles
+        Sq = (torch.cuda.get_device_properties(0).multi_processor_count // 2 + 5) * 128 - 3
+    q, k, v = make_qkv(B, Sq, Skv, H, 128, torch.bfloat16, "cuda")
+    use_backend("cuda")
+    monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "0")
+    base = run_op(q, k, v, return_lse=True)
+    assert fused_attention.last_tail_split_floats == 0
+    monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "1")
+    out, lse = run_op(q, k, v, return_lse=True)
+    assert fused_attention.last_flash_keys == 176 and fused_attention.last_tail_split_floats > 0
+    assert not torch.equal(out, base[0]) or not torch.equal(lse, base[1]), "no split happened (the same bits)"
+    rows = None if Sq < 4096 else torch.cat([sampled_rows(Sq), torch.arange(Sq - 10 * 128, Sq, device="cuda")]).unique()
+    check_attention(q, k, v, "cuda", rows=rows)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["fused", "kv_fused", "heads_first"])
 def test_gpu_cuda_wide_tile_strided(use_backend, monkeypatch, layout):
     """Strided views (TMA reads them as they are) with the wide tile: the contiguous inputs' bits."""

@@ -409,8 +409,8 @@ def _flash_stages():
 
 
 # The CUDA 16-bit kernel's key tile: 128 (three K/V stages), or 176 (FlashAttention-3's non-causal tile at head dim
-# 128: two stages, as three do not fit in shared memory; calls with a key-padding mask or head dim 64 keep 128;
-# session 31). VKERN_FLASH_KEYS overrides.
+# 128: two stages, as three do not fit in shared memory; its own tail split; calls with a key-padding mask or head
+# dim 64 keep 128; session 31). VKERN_FLASH_KEYS overrides.
 FLASH_KEYS = 128
 
 
@@ -480,7 +480,7 @@ last_tail_split_floats = 0
 
 
 def _split_workspace(ext, device, batch, heads, q_len, kv_len, head_dim, eight_bit=False, int8_pv=False, exp_fma=0,
-                     turns=0, stages=None):
+                     turns=0, stages=None, keys=128):
     """The fp32 scratch the kernel's tail split takes for this launch (shape and form, as the launch's arguments:
     the extension decides which forms split), or None where it is not split (or VKERN_FLASH_TAIL_SPLIT=0)."""
     global last_tail_split_floats
@@ -489,7 +489,7 @@ def _split_workspace(ext, device, batch, heads, q_len, kv_len, head_dim, eight_b
         with torch.cuda.device(device):  # (the plan counts the SMs of the current device)
             floats = ext.flash_tail_split_floats(batch, heads, q_len, kv_len, head_dim,
                                                  _flash_stages() if stages is None else stages, eight_bit,
-                                                 int8_pv, exp_fma, turns)
+                                                 int8_pv, exp_fma, turns, keys)
     last_tail_split_floats = floats
     return torch.empty(floats, dtype=torch.float32, device=device) if floats else None
 
@@ -516,7 +516,7 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     global last_flash_keys
     keys = last_flash_keys = _flash_keys(D, bits is not None)
     stages = 2 if keys == 176 else _flash_stages()
-    split = _split_workspace(cuda_ext(), q.device, B, H, Sq, k.shape[1], D, stages=stages)
+    split = _split_workspace(cuda_ext(), q.device, B, H, Sq, k.shape[1], D, stages=stages, keys=keys)
     with torch.cuda.device(q.device):
         cuda_ext().flash_attention_fwd(
             *((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in (q, k, v, out)),
