@@ -717,22 +717,25 @@ def test_gpu_cuda_ring_depths_agree(use_backend, monkeypatch, stages, D):
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-@pytest.mark.parametrize("env,head_dim,masked,want", [
-    (None, 128, False, 128), ("176", 128, False, 176), ("176", 64, False, 128), ("176", 128, True, 128),
-    ("128", 128, False, 128)])
-def test_flash_keys_setting(monkeypatch, env, head_dim, masked, want):
-    """VKERN_FLASH_KEYS picks the 16-bit CUDA kernel's key tile where the wide one can run (head dim 128, no mask)."""
+@pytest.mark.parametrize("env,head_dim,masked,kv_len,want", [
+    (None, 128, False, 32760, 176), (None, 128, False, 24575, 128), (None, 128, False, 512, 128),
+    (None, 128, True, 32760, 128), (None, 64, False, 32760, 128), ("176", 128, False, 512, 176),
+    ("176", 64, False, 32760, 128), ("176", 128, True, 32760, 128), ("128", 128, False, 32760, 128)])
+def test_flash_keys_setting(monkeypatch, env, head_dim, masked, kv_len, want):
+    """The 16-bit CUDA kernel's key tile: 176 for unmasked head dim 128 calls from FLASH_WIDE_MIN_KEYS keys (where run
+    115 measured it faster), else 128; VKERN_FLASH_KEYS forces one where the wide tile can run."""
     if env is None:
         monkeypatch.delenv("VKERN_FLASH_KEYS", raising=False)
     else:
         monkeypatch.setenv("VKERN_FLASH_KEYS", env)
-    assert fused_attention._flash_keys(head_dim, masked) == want
+    assert fused_attention.FLASH_WIDE_MIN_KEYS == 24576
+    assert fused_attention._flash_keys(head_dim, masked, kv_len) == want
 
 
 def test_flash_keys_setting_rejects_other_widths(monkeypatch):
     monkeypatch.setenv("VKERN_FLASH_KEYS", "192")
-    with pytest.raises(ValueError, match="VKERN_FLASH_KEYS: expected one of 128, 176"):
-        fused_attention._flash_keys(128, False)
+    with pytest.raises(ValueError, match="VKERN_FLASH_KEYS: expected one of 0, 128, 176"):
+        fused_attention._flash_keys(128, False, 32760)
 
 
 # The wide key tile (VKERN_FLASH_KEYS=176, session 31): lengths around multiples of 176 and of 128, cross lengths,

@@ -69,3 +69,20 @@ def test_unknown_global_backend_is_an_error(monkeypatch):
         vkern.ops.fp8_quantize(torch.randn(4, 4))
     monkeypatch.setenv("VKERN_BACKEND", "reference")
     vkern.ops.fp8_quantize(torch.randn(4, 4))
+
+
+def test_info_names_the_cuda_kernels_tile(monkeypatch):
+    """Where auto would run the CUDA kernel, info's shape classes say which key tile it takes (176 from
+    FLASH_WIDE_MIN_KEYS keys at head dim 128, else 128)."""
+    import importlib
+
+    info_mod = importlib.import_module("vkern.info")  # (vkern.info is also the function)
+    from vkern.ops import _backend
+
+    monkeypatch.delenv("VKERN_FLASH_KEYS", raising=False)
+    monkeypatch.setattr(_backend, "would_choose_from", lambda op, cands: "cuda")
+    classes = info_mod.attention_by_shape_class(torch.device("cpu"))
+    assert classes["D 128, >= 24576 keys"] == classes["D 128, with lse"] == "cuda (128x176 tiles)"
+    assert classes["D 128, < 24576 keys"] == "cuda (128x128 tiles)"
+    assert classes["D 64, >= 4096 keys"] == "cuda (128x128 tiles)"
+    assert classes["D 96 (other head dims)"] == "cuda"

@@ -47,12 +47,16 @@ def info(print_=True):
 
 def attention_by_shape_class(device, dtype=torch.bfloat16):
     """{shape class: the backend vkern.ops.attention's auto would run} on `device`: per head dim, below and from the
-    key count where the measured order changes (vkern.ops.fused_attention.CUDA_MIN_KEYS), and for other head dims."""
-    from .ops.fused_attention import CUDA_MIN_KEYS, _attention_candidates
+    key count where the measured order changes (vkern.ops.fused_attention.CUDA_MIN_KEYS), and for other head dims.
+    The CUDA kernel's entries name its key tile (128, or 176: fused_attention._flash_keys)."""
+    from .ops.fused_attention import CUDA_MIN_KEYS, _attention_candidates, _flash_keys
 
     def pick(head_dim, kv_len, return_lse=False):
         cands = _attention_candidates(device, dtype, head_dim, return_lse=return_lse, kv_len=kv_len)
-        return _backend.would_choose_from("attention", cands)
+        chosen = _backend.would_choose_from("attention", cands)
+        if chosen == "cuda" and kv_len is not None:
+            chosen += f" (128x{_flash_keys(head_dim, False, kv_len)} tiles)"
+        return chosen
 
     classes = {}
     for head_dim, keys in CUDA_MIN_KEYS.items():

@@ -409,14 +409,19 @@ def _flash_stages():
 
 
 # The CUDA 16-bit kernel's key tile: 128 (three K/V stages), or 176 (FlashAttention-3's non-causal tile at head dim
-# 128: two stages, as three do not fit in shared memory; its own tail split; calls with a key-padding mask or head
-# dim 64 keep 128; session 31). VKERN_FLASH_KEYS overrides.
-FLASH_KEYS = 128
+# 128: two stages, as three do not fit in shared memory; its own tail split; session 31). Calls with a key-padding
+# mask or head dim 64 take 128 always. Otherwise 176 from FLASH_WIDE_MIN_KEYS keys: run 115 (H200, queued TFLOP/s,
+# 128 -> 176 tile) wan1.3b-480p 641-646 -> 661-665, wan14b-480p 631-632 -> 632-637, wan14b-720p 632-637 -> 646-648,
+# hunyuan-720p 632-634 -> 649-650; at 512 keys (wan14b-480p-cross) 489-493 -> 480-483, so the 128 tile stays below
+# (the threshold is auto's CUDA crossover: no measurement between). VKERN_FLASH_KEYS (128 or 176) forces one.
+FLASH_WIDE_MIN_KEYS = 24576
 
 
-def _flash_keys(head_dim, masked):
-    keys = _env_int("VKERN_FLASH_KEYS", FLASH_KEYS, (128, 176))
-    return 128 if head_dim != 128 or masked else keys
+def _flash_keys(head_dim, masked, kv_len):
+    forced = _env_int("VKERN_FLASH_KEYS", 0, (0, 128, 176))  # (0: unset, the rule above)
+    if head_dim != 128 or masked:
+        return 128
+    return forced or (176 if kv_len >= FLASH_WIDE_MIN_KEYS else 128)
 
 
 # The last 16-bit CUDA attention launch's key tile (what tests and benchmark rows read).
@@ -514,7 +519,7 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device) if return_lse else None
     bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
     global last_flash_keys
-    keys = last_flash_keys = _flash_keys(D, bits is not None)
+    keys = last_flash_keys = _flash_keys(D, bits is not None, k.shape[1])
     stages = 2 if keys == 176 else _flash_stages()
     split = _split_workspace(cuda_ext(), q.device, B, H, Sq, k.shape[1], D, stages=stages, keys=keys)
     with torch.cuda.device(q.device):
