@@ -5,7 +5,7 @@ pause, while nvidia-smi samples the SM clock and the board power; prints one JSO
   python3 -m bench.timing_probe --shape wan1.3b-480p --providers cudnn,vkern-int8pv-cuda-kernel --rounds 3
 
 (Session 27: queued timing read cuDNN 5% slower than synchronized timing at the 480p shapes, the int8pv kernel
-faster; bench/NOTES.md.)"""
+faster; bench/NOTES.md. Session 31 added the bf16 CUDA kernel's two key tiles: vkern-cuda-k128, vkern-cuda-k176.)"""
 import argparse
 import datetime
 import json
@@ -63,6 +63,12 @@ def main():
         vt, vs = vkern.ops.v_to_8bit(v, "u8", offset=offset)
         fns["vkern-int8pv-cuda-kernel"] = lambda: vkern.ops.attention_prequantized(
             q8, qs, k8, ks, vt, vs, out_dtype=q.dtype, v_offset=offset)
+    # The bf16 CUDA kernel with each key tile (session 31: is it power-limited like cuDNN?).
+    from .bench import with_env
+
+    cuda = with_env(lambda: vkern.ops.attention(q, k, v), "VKERN_ATTENTION_BACKEND", "cuda")
+    fns["vkern-cuda-k128"] = with_env(cuda, "VKERN_FLASH_KEYS", "128")
+    fns["vkern-cuda-k176"] = with_env(cuda, "VKERN_FLASH_KEYS", "176")
     flops = s.flops(kv_tokens=s.tokens)
     log = tempfile.mktemp(suffix=".csv")
     proc = sampler(log)
