@@ -24,7 +24,7 @@ constexpr int kFlashHeadDims[] = {64, 128};
 // attended key gets out 0 and lse -inf.
 // scale must be positive. stages: depth of the K/V shared-memory ring, 2 or 3. keys: the key tile, 128, or 176
 // (head dim 128, stages 2, no key_bits; FlashAttention-3's non-causal tile).
-// split_workspace (may be null; 3 stages): fp32 scratch of split_workspace_bytes on the stream's device for the tail
+// split_workspace (may be null; 3 stages, or the 176-key tile's 2): fp32 scratch of split_workspace_bytes on the stream's device for the tail
 // split: where the launch's last wave would leave more than half the SMs idle, its tiles' keys are split across
 // several CTAs and merged in a second kernel (the same result up to fp32 rounding; the .cu's Split). SMs x 128 x
 // (head_dim + 1) floats always suffice, flash_tail_split_floats the exact need; too small or null: no split.
