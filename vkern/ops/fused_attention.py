@@ -39,9 +39,13 @@ ATTENTION_BACKENDS = ("auto", "vkern", "cuda", "triton", "sdpa", "flash_attn", "
 # Fewer keys: each CTA's fixed costs (Q load, pipeline fill, epilogue) weigh more in the CUDA kernel than in
 # cuDNN; below CUDA_MIN_KEYS[head dim] keys cuDNN goes first (bench/flash_check.py --crossover). D=128 (runs
 # 34-36, 40 heads x 32760 queries): 0.93-1.01x cuDNN from 512 to 16384 keys, 1.06-1.09x at 32760 (bench rows;
-# the committed crossover files, runs 38 and 41: 0.93-1.01x and 0.95-1.03x): the switch lies between 16384 and 32760. D=64 (run 36, 32 heads x 7392 queries): 0.71x at 128 keys, 0.86x at
-# 512, 0.94x at 2048, 1.07x at 7392, 1.12x at 17776: the switch lies between 2048 and 7392.
-CUDA_MIN_KEYS = {64: 4096, 128: 24576}
+# the committed crossover files, runs 38 and 41: 0.93-1.01x and 0.95-1.03x): the switch lay between 16384 and 32760.
+# Run 118 (session 31's kernel, do_bench, two passes; bench/results/*-17887ff-flash-check-crossover-wide.txt): the
+# 176-key tile 0.96-1.09x at 2048-4096 keys, 1.04-1.06x at 8192-16384, 0.98-1.04x at 24576, 1.18-1.20x at 32760
+# (the 128 tile 0.99-1.09x, 1.01-1.08x, 0.95-0.98x, 1.12-1.14x): from 16384 keys, as decided before that run. D=64
+# (run 36, 32 heads x 7392 queries): 0.71x at 128 keys, 0.86x at 512, 0.94x at 2048, 1.07x at 7392, 1.12x at 17776:
+# the switch lies between 2048 and 7392.
+CUDA_MIN_KEYS = {64: 4096, 128: 16384}
 
 
 @_backend.register("qk_norm_rope")
@@ -410,11 +414,11 @@ def _flash_stages():
 
 # The CUDA 16-bit kernel's key tile: 128 (three K/V stages), or 176 (FlashAttention-3's non-causal tile at head dim
 # 128: two stages, as three do not fit in shared memory; its own tail split; session 31). Calls with a key-padding
-# mask or head dim 64 take 128 always. Otherwise 176 from FLASH_WIDE_MIN_KEYS keys: run 115 (H200, queued TFLOP/s,
-# 128 -> 176 tile) wan1.3b-480p 641-646 -> 661-665, wan14b-480p 631-632 -> 632-637, wan14b-720p 632-637 -> 646-648,
-# hunyuan-720p 632-634 -> 649-650; at 512 keys (wan14b-480p-cross) 489-493 -> 480-483, so the 128 tile stays below
-# (the threshold is auto's CUDA crossover: no measurement between). VKERN_FLASH_KEYS (128 or 176) forces one.
-FLASH_WIDE_MIN_KEYS = 24576
+# mask or head dim 64 take 128 always. Otherwise 176 from FLASH_WIDE_MIN_KEYS keys, where auto takes the CUDA kernel:
+# run 115 (H200, queued TFLOP/s, 128 -> 176 tile) wan1.3b-480p 641-646 -> 661-665, wan14b-480p 631-632 -> 632-637,
+# wan14b-720p 632-637 -> 646-648, hunyuan-720p 632-634 -> 649-650; at 512 keys (wan14b-480p-cross) 489-493 -> 480-483,
+# so the 128 tile stays below. VKERN_FLASH_KEYS (128 or 176) forces one.
+FLASH_WIDE_MIN_KEYS = CUDA_MIN_KEYS[128]
 
 
 def _flash_keys(head_dim, masked, kv_len):
