@@ -5,7 +5,8 @@
 #   mkdir -p ab_old && git archive <sha> csrc | tar -x --strip-components=1 -C ab_old
 # (untracked, so the device call carries it); csrc/ itself is always the last tree.
 # Usage: ROUNDS=2 MODES="int8pv bf16" SPLITS="split nosplit" bash bench/flash_ab.sh DIR [DIR ...]; output also in
-# $OUT/flash-ab.txt. (int8pv: exp_fma 0, turns 0, rescale slack 8, the extension's defaults; bf16: the 16-bit kernel.
+# $OUT/flash-ab.txt. (int8pv: exp_fma 0, turns 0, rescale slack 8, the extension's defaults; bf16: the 16-bit kernel
+# with 128-key tiles, bf16w with 176-key tiles (trees from session 31 on).
 # split (the default): the tail split's workspace passed as the extension passes it, so each shape runs the
 # instantiation the extension runs there (the split one at wan1.3b-480p and wan14b-720p); nosplit: none, as every
 # A/B before session 29 ran. DATA="uniform gauss": 8-bit codes uniform (the default) or spread as the extension's

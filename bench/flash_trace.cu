@@ -70,8 +70,16 @@ int main(int argc, char** argv) {
   const int heads = argc > 1 ? std::atoi(argv[1]) : 40, tokens = argc > 2 ? std::atoi(argv[2]) : 32760;
   const int exp_fma = argc > 3 ? std::atoi(argv[3]) : 0, turns = argc > 4 ? std::atoi(argv[4]) : 0;
   const float slack = argc > 5 ? float(std::atof(argv[5])) : 0.f;
-  // "bf16" (TIME_ONLY builds): the 16-bit kernel on random bf16 q, k, v instead (the 8-bit arguments unused).
-  const bool bf16 = argc > 6 && std::string(argv[6]) == "bf16";
+  // "bf16" (TIME_ONLY builds): the 16-bit kernel on random bf16 q, k, v instead (the 8-bit arguments unused);
+  // "bf16w": the same with the 176-key tile (two stages; trees from session 31 on).
+  const bool wide = argc > 6 && std::string(argv[6]) == "bf16w";
+  const bool bf16 = wide || (argc > 6 && std::string(argv[6]) == "bf16");
+#ifndef VKERN_FLASH_WIDE_TILE
+  if (wide) {
+    std::fprintf(stderr, "bf16w: this tree's flash_attention_fwd has no wide tile\n");
+    return 1;
+  }
+#endif
   // The tail split's workspace, sized and passed as the extension's wrappers do (so the instantiation timed is the
   // one the extension launches at this shape); "nosplit" passes none, as every build before session 29 did.
   const bool no_split = argc > 7 && std::string(argv[7]) == "nosplit";
@@ -115,15 +123,27 @@ int main(int argc, char** argv) {
     CHECK(cudaDeviceSynchronize());
   }
   const vkern::AttentionTensor tv{v16, tokens * row, row, 128};
+#ifdef VKERN_FLASH_WIDE_TILE
+  const int64_t split_floats = no_split ? 0 : vkern::flash_tail_split_floats(1, heads, tokens, tokens, 128,
+                                                                             wide ? 2 : 3, !bf16, !bf16, exp_fma,
+                                                                             turns, wide ? 176 : 128);
+#else
   const int64_t split_floats =
       no_split ? 0 : vkern::flash_tail_split_floats(1, heads, tokens, tokens, 128, 3, !bf16, !bf16, exp_fma, turns);
+#endif
   float* split_ws = nullptr;
   if (split_floats > 0) CHECK(cudaMalloc(&split_ws, sizeof(float) * split_floats));
   const int64_t split_bytes = int64_t(sizeof(float)) * split_floats;
   auto launch = [&] {
     if (bf16) {
+#ifdef VKERN_FLASH_WIDE_TILE
+      CHECK(vkern::flash_attention_fwd(tq, tk, tv, to, nullptr, nullptr, vkern::DType::kBFloat16, 1, heads, tokens,
+                                       tokens, 128, 0.08838834764831845f, wide ? 2 : 3, 0, split_ws, split_bytes,
+                                       wide ? 176 : 128));
+#else
       CHECK(vkern::flash_attention_fwd(tq, tk, tv, to, nullptr, nullptr, vkern::DType::kBFloat16, 1, heads, tokens,
                                        tokens, 128, 0.08838834764831845f, 3, 0, split_ws, split_bytes));
+#endif
       return;
     }
     CHECK(vkern::flash_attention_fp8_fwd(tq, tk, tvt, to, nullptr, nullptr, q_scale, k_scale, v_scale, nullptr,

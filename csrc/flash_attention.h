@@ -33,6 +33,7 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
                                 float scale, int stages, cudaStream_t stream, float* split_workspace = nullptr,
                                 int64_t split_workspace_bytes = 0, int keys = 128);
+#define VKERN_FLASH_WIDE_TILE 1  // flash_attention_fwd takes keys (bench/flash_trace.cu builds against older trees too)
 
 // fp8 attention (head dim kFlashFp8HeadDim): q, k e4m3 (int8 with int8_qk) [B, S, H, D] with positive fp32 scales, q_scale
 // [B, H, q_len] per (token, head) and k_scale [B, H, ceil(kv_len / 128)] per (128-key block, head); vt e4m3
