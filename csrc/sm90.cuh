@@ -178,12 +178,12 @@ __device__ __forceinline__ void wgmma_m64n176k16_ss(float (&d)[88], uint64_t des
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_m64nNk16_rs_bt(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b);
 
-#define VKERN_WGMMA_SS(TYPE)                                                                                      \
-  asm volatile(                                                                                                   \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                              \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " VKERN_ACC64_REGS ", %64, %65, p, 1, 1, 0, 0;\n}\n" \
-      : VKERN_ACC64_OPERANDS(d)                                                                                   \
-      : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)))
+// N accumulators; the operand numbers after them are N, N + 1 (desc_a, desc_b) and N + 2 (accumulate).
+#define VKERN_WGMMA_SS(TYPE, SHAPE, REGS, OPERANDS, A, B, P)                                                    \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P ", 0;\n"                                                  \
+               "wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPE "." TYPE " " REGS ", " A ", " B ", p, 1, 1, 0, 0;\n}\n" \
+               : OPERANDS(d)                                                                                      \
+               : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)))
 // N accumulators; the operand numbers after them are N ... N + 5 (a[0..3], desc_b, scale-d = 1).
 #define VKERN_WGMMA_RS_BT(TYPE, SHAPE, REGS, OPERANDS, A0, A1, A2, A3, B, P)                                    \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P ", 0;\n"                                                  \
@@ -225,12 +225,6 @@ __device__ __forceinline__ void wgmma_m64nNk16_rs_bt(float (&d)[N / 2], const ui
   "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
   "%80, %81, %82, %83, %84, %85, %86, %87" \
   "}"
-#define VKERN_WGMMA_SS_N176(TYPE)                                                                                 \
-  asm volatile(                                                                                                   \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"                                                              \
-      "wgmma.mma_async.sync.aligned.m64n176k16.f32." TYPE "." TYPE " " VKERN_ACC88_REGS ", %88, %89, p, 1, 1, 0, 0;\n}\n" \
-      : VKERN_ACC88_OPERANDS(d)                                                                                   \
-      : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)))
 
 // d[N / 2] += A[64 x 16] B[16 x N], N = 8, 96 or 128, A and B in shared memory (K-major both).
 template <typename T, int N>
@@ -245,12 +239,12 @@ __device__ __forceinline__ void wgmma_m64nNk16_ss_acc(float (&d)[N / 2], uint64_
   template <>                                                                                                     \
   __device__ __forceinline__ void wgmma_m64n128k16_ss<CPP>(float (&d)[64], uint64_t desc_a, uint64_t desc_b,      \
                                                            bool accumulate) {                                     \
-    VKERN_WGMMA_SS(PTX);                                                                                          \
+    VKERN_WGMMA_SS(PTX, "m64n128k16", VKERN_ACC64_REGS, VKERN_ACC64_OPERANDS, "%64", "%65", "%66"); \
   }                                                                                                               \
   template <>                                                                                                     \
   __device__ __forceinline__ void wgmma_m64n176k16_ss<CPP>(float (&d)[88], uint64_t desc_a, uint64_t desc_b,      \
                                                            bool accumulate) {                                     \
-    VKERN_WGMMA_SS_N176(PTX);                                                                                     \
+    VKERN_WGMMA_SS(PTX, "m64n176k16", VKERN_ACC88_REGS, VKERN_ACC88_OPERANDS, "%88", "%89", "%90"); \
   }                                                                                                               \
   template <>                                                                                                     \
   __device__ __forceinline__ void wgmma_m64nNk16_rs_bt<CPP, 128>(float (&d)[64], const uint32_t (&a)[4],          \
