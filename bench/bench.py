@@ -151,10 +151,8 @@ def _attention(name, providers, args):
                 row["config"] += (f", {fma} of 8 exponentials on FMA, turns {turns}, P V added after the next softmax"
                                   f", rescale slack {slack}, tail split {split}")
         elif provider in ("vkern-cuda", "vkern-cuda-nosplit", "vkern-cuda-k176"):
-            from vkern.ops.fused_attention import _flash_stages
-
             keys = fused_attention.last_flash_keys  # (this call's launch)
-            stages = 2 if keys == 176 else _flash_stages()
+            stages = fused_attention._flash_stages_for(keys)
             row["config"] = (f"cuda sm90a: 128x{keys} tiles, 2 consumer warpgroups, {stages}-stage TMA ring, "
                              f"tail split {split}")
         elif provider.startswith("vkern-"):

@@ -428,6 +428,11 @@ def _flash_keys(head_dim, masked, kv_len):
     return forced or (176 if kv_len >= FLASH_WIDE_MIN_KEYS else 128)
 
 
+def _flash_stages_for(keys):
+    """The K/V ring depth a launch with this key tile takes (the 176-key tile: always 2)."""
+    return 2 if keys == 176 else _flash_stages()
+
+
 # The last 16-bit CUDA attention launch's key tile (what tests and benchmark rows read).
 last_flash_keys = 0
 
@@ -524,7 +529,7 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
     global last_flash_keys
     keys = last_flash_keys = _flash_keys(D, bits is not None, k.shape[1])
-    stages = 2 if keys == 176 else _flash_stages()
+    stages = _flash_stages_for(keys)
     split = _split_workspace(cuda_ext(), q.device, B, H, Sq, k.shape[1], D, stages=stages, keys=keys)
     with torch.cuda.device(q.device):
         cuda_ext().flash_attention_fwd(
