@@ -34,19 +34,31 @@ def _attention(name, providers, args):
     from vkern.ops import fused_attention
     from vkern.reference import attention as ref
 
-    s = shapes.ATTENTION[name.removesuffix("-cross")]  # "<shape>-cross": keys are the text tokens
-    kv_tokens = s.text_tokens if name.endswith("-cross") else s.tokens
-    q = torch.randn(1, s.tokens, s.heads, s.head_dim, device="cuda", dtype=DT)
+    # "<shape>-cross": keys are the text tokens; "<shape>-joint": queries and keys are the video then the text tokens,
+    # the text padded (HunyuanVideo: a key-padding mask; here the prompt fills half its text tokens).
+    joint = name.endswith("-joint")
+    s = shapes.ATTENTION[name.removesuffix("-cross").removesuffix("-joint")]
+    q_tokens = s.tokens + (s.text_tokens if joint else 0)
+    kv_tokens = s.text_tokens if name.endswith("-cross") else q_tokens
+    q = torch.randn(1, q_tokens, s.heads, s.head_dim, device="cuda", dtype=DT)
     k, v = (torch.randn(1, kv_tokens, s.heads, s.head_dim, device="cuda", dtype=DT) for _ in range(2))
+    mask = None
+    if joint:
+        mask = torch.ones(1, kv_tokens, dtype=torch.bool, device="cuda")
+        mask[:, s.tokens + s.text_tokens // 2:] = False
+    flops = 4 * s.heads * q_tokens * kv_tokens * s.head_dim  # (masked keys included: the kernels compute them)
     sdpa = {"cudnn": SDPBackend.CUDNN_ATTENTION, "fa2": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
     def run_sdpa(backend):
         with sdpa_kernel([backend]):
-            return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(
+                *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=None if mask is None else mask[:, None, None]
+            ).transpose(1, 2)
 
     def forced(backend):
-        return with_env(lambda: vkern.ops.attention(q, k, v), "VKERN_ATTENTION_BACKEND", backend)
+        return with_env(lambda: vkern.ops.attention(q, k, v, key_padding_mask=mask), "VKERN_ATTENTION_BACKEND",
+                        backend)
 
     run_kernel = forced("triton")
 
@@ -58,6 +70,7 @@ def _attention(name, providers, args):
     fns["vkern-cuda"] = forced("cuda")  # csrc/flash_attention.cu (head dims 64 and 128)
     fns["vkern-cuda-nosplit"] = with_env(fns["vkern-cuda"], "VKERN_FLASH_TAIL_SPLIT", "0")  # (session 27)
     fns["vkern-cuda-k176"] = with_env(fns["vkern-cuda"], "VKERN_FLASH_KEYS", "176")  # the wide tile (session 31)
+    fns["vkern-cuda-k128"] = with_env(fns["vkern-cuda"], "VKERN_FLASH_KEYS", "128")
     # flash-attn's package (FA3 on Hopper, else FA2) where it is installed; elsewhere the row is left out, said once
     flash_attn_missing = fused_attention.flash_attn_backend.reason(q.device, q.dtype, s.head_dim, s.head_dim, False)
     if flash_attn_missing is None:
@@ -65,7 +78,7 @@ def _attention(name, providers, args):
     elif providers and "flash-attn" in providers:
         print(f"bench: no flash-attn row ({flash_attn_missing})")
     for p, (qk, pv) in ATTENTION_8BIT.items():
-        fns[p] = lambda qk=qk, pv=pv: vkern.ops.attention_8bit(q, k, v, qk=qk, pv=pv)
+        fns[p] = lambda qk=qk, pv=pv: vkern.ops.attention_8bit(q, k, v, qk=qk, pv=pv, key_padding_mask=mask)
     fns["vkern-bf16-pipe"] = with_variant(run_kernel, "pipe")
     fns["vkern-fp8-pipe"] = with_variant(fns["vkern-fp8"], "pipe")
 
@@ -81,7 +94,7 @@ def _attention(name, providers, args):
     kernel_rows = ["vkern-fp8-cuda-kernel", "vkern-int8-fp8pv-cuda-kernel", "vkern-int8pv-cuda-kernel",
                    "vkern-fp8-triton-kernel"]
     wanted = providers or list(fns) + kernel_rows
-    if s.head_dim == 128 and any("-kernel" in p for p in wanted):  # (also the -kernel-fma*-turns* rows)
+    if s.head_dim == 128 and mask is None and any("-kernel" in p for p in wanted):  # (also -kernel-fma*-turns*)
         q8, qs = vkern.ops.qk_norm_rope(q.flatten(2), None, 0.0, s.heads, quant="e4m3")
         k8, ks = vkern.ops.k_to_e4m3(k)  # one scale per 128-key block (the CUDA kernel's form)
         offset = vkern.ops.value_offset(v)  # smoothed V, as attention_8bit and the Wan processor quantize it
@@ -121,9 +134,9 @@ def _attention(name, providers, args):
         fns["vkern-fp8-cuda-kernel-192"] = wide(fns["vkern-fp8-cuda-kernel"])
         fns["vkern-int8-fp8pv-cuda-kernel-192"] = wide(fns["vkern-int8-fp8pv-cuda-kernel"])
         fns["vkern-int8-fp8pv-cuda-192"] = wide(fns["vkern-int8-fp8pv-cuda"])
-    fns["vkern"] = lambda: vkern.ops.attention(q, k, v)
-    rows = torch.randperm(s.tokens, device="cuda")[:256]  # oracle on sampled queries: O(256 * S) memory
-    oracle = ref.attention_lse(q[:, rows], k, v, dtype=torch.float32)[0]
+    fns["vkern"] = lambda: vkern.ops.attention(q, k, v, key_padding_mask=mask)
+    rows = torch.randperm(q_tokens, device="cuda")[:256]  # oracle on sampled queries: O(256 * S) memory
+    oracle = ref.attention_lse(q[:, rows], k, v, mask, dtype=torch.float32)[0]
     for provider in providers or list(fns):
         if provider not in fns:
             continue
@@ -136,8 +149,10 @@ def _attention(name, providers, args):
         split = "on" if fused_attention.last_tail_split_floats else "off"  # (this call's launch: split or not)
         cos = torch.nn.functional.cosine_similarity(out.double().flatten(), oracle.double().flatten(), dim=0).item()
         row = dict(op="attention", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, ms_sync=ms_sync,
-                   timing="queued", tflops=s.flops(kv_tokens=kv_tokens) / ms / 1e9,
-                   tflops_sync=s.flops(kv_tokens=kv_tokens) / ms_sync / 1e9, rel_l2=rel_l2(out, oracle), cos=cos)
+                   timing="queued", tflops=flops / ms / 1e9, tflops_sync=flops / ms_sync / 1e9,
+                   rel_l2=rel_l2(out, oracle), cos=cos)
+        if mask is not None:
+            row["mask"] = f"keys {kv_tokens}, the last {int((~mask).sum())} padded"
         if provider.startswith(("vkern-fp8-cuda", "vkern-int8-fp8pv-cuda", "vkern-int8pv-cuda")):
             keys = 192 if provider.endswith("-192") else 128  # (int8 P/V: 128-key tiles only)
             row["config"] = f"cuda sm90a 8-bit: 128x{keys} tiles, 2 consumer warpgroups, 3-stage TMA ring"
@@ -150,7 +165,7 @@ def _attention(name, providers, args):
                 turns = ("off", "on (passed when issued)", "on (passed when done)")[turns]
                 row["config"] += (f", {fma} of 8 exponentials on FMA, turns {turns}, P V added after the next softmax"
                                   f", rescale slack {slack}, tail split {split}")
-        elif provider in ("vkern-cuda", "vkern-cuda-nosplit", "vkern-cuda-k176"):
+        elif provider in ("vkern-cuda", "vkern-cuda-nosplit", "vkern-cuda-k176", "vkern-cuda-k128"):
             keys = fused_attention.last_flash_keys  # (this call's launch)
             stages = fused_attention._flash_stages_for(keys)
             row["config"] = (f"cuda sm90a: 128x{keys} tiles, 2 consumer warpgroups, {stages}-stage TMA ring, "
@@ -691,7 +706,8 @@ def main(argv=None):
         raise SystemExit("bench needs a CUDA GPU")
     fn, table = OPS[args.op]
     names = list(table) if args.shape == "all" else args.shape.split(",")
-    unknown = [n for n in names if n not in table and not (args.op == "attention" and n.removesuffix("-cross") in table)]
+    unknown = [n for n in names if n not in table and not (
+        args.op == "attention" and n.removesuffix("-cross").removesuffix("-joint") in table)]
     if unknown:
         raise SystemExit(f"--shape: unknown {unknown}; known for {args.op}: {list(table)}")
     providers = None if args.providers == "all" else args.providers.split(",")

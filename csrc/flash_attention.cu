@@ -152,8 +152,8 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
                                 float scale, int stages, cudaStream_t stream, float* split_workspace,
                                 int64_t split_workspace_bytes, int keys) {
-  // The wide tile (176 keys): D 128, two stages (three do not fit in shared memory), no key mask.
-  const bool wide_ok = keys == 176 && head_dim == 128 && stages == 2 && key_bits == nullptr;
+  // The wide tile (176 keys): D 128, two stages (three do not fit in shared memory).
+  const bool wide_ok = keys == 176 && head_dim == 128 && stages == 2;
   if ((head_dim != kFlashHeadDims[0] && head_dim != kFlashHeadDims[1]) || (keys != kBlockN && !wide_ok) ||
       !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) || !tma_compatible(q) ||
       !tma_compatible(k) || !tma_compatible(v) || !tma_compatible(out))

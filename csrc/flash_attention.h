@@ -20,10 +20,11 @@ constexpr int kFlashHeadDims[] = {64, 128};
 // out = softmax(scale * q k^T) v per (batch, head); q/out have q_len tokens, k/v kv_len; dtype bf16 or fp16.
 // lse (may be null): fp32 [B, H, q_len] contiguous, the natural-log log-sum-exp of the scaled scores.
 // key_bits (may be null): the key-padding mask, bit c % 32 of 32-bit word c / 32 set = attend key c, as
-// [B, ceil(kv_len / 128) * 4] words (16-byte aligned; bits past kv_len ignored). A query row with no
-// attended key gets out 0 and lse -inf.
+// [B, ceil(kv_len / 128) * 4] words (16-byte aligned; bits past kv_len ignored). With keys 176: one 32-byte
+// record per 176-key tile instead, [B, ceil(kv_len / 176) * 8] words, tile t's key c at bit c % 32 of its word
+// c / 32 (words 0-5; the rest of the record ignored). A query row with no attended key gets out 0 and lse -inf.
 // scale must be positive. stages: depth of the K/V shared-memory ring, 2 or 3. keys: the key tile, 128, or 176
-// (head dim 128, stages 2, no key_bits; FlashAttention-3's non-causal tile).
+// (head dim 128, stages 2; FlashAttention-3's non-causal tile).
 // split_workspace (may be null; 3 stages, or the 176-key tile's 2): fp32 scratch of split_workspace_bytes on the stream's device for the tail
 // split: where the launch's last wave would leave more than half the SMs idle, its tiles' keys are split across
 // several CTAs and merged in a second kernel (the same result up to fp32 rounding; the .cu's Split). SMs x 128 x

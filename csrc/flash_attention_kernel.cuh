@@ -16,8 +16,9 @@
 // attended key).
 // Keys past kv_len (the last block) are masked to -inf; query rows past q_len are computed on TMA's
 // zero fill and never stored (TMA clips the store). Key-padding mask (optional): one bit per key, 16 bytes per
-// 128-key block, read by every consumer thread with one 16-byte load issued before it waits for S; blocks whose
-// keys are all attended skip the masking. A query row with no attended key gets out 0 and lse -inf.
+// 128-key block, read by every consumer thread with one 16-byte load issued before it waits for S (the 16-bit wide
+// tile: a 32-byte record per 176-key tile, see kBitRecords); blocks whose keys are all attended skip the masking.
+// A query row with no attended key gets out 0 and lse -inf.
 #pragma once
 
 #include <cmath>
@@ -54,7 +55,7 @@ __device__ long long g_flash_trace[2][4][kTraceBlocks][kTraceEvents];
 // (its tile: D rows x 128 keys, the keys contiguous, as 8-bit wgmma wants both operands K-major) with fp32
 // scales per (128-key block, head), like K's.
 // kKeys: keys per tile, 128, or 192 for the 8-bit forms' wide tile (see flash_fwd_kernel), or 176 for the 16-bit
-// forms' wide tile (D = 128, two stages, no key mask: FlashAttention-3's non-causal tile; session 31).
+// forms' wide tile (D = 128, two stages: FlashAttention-3's non-causal tile; session 31; its key mask: session 32).
 template <typename In, int kHeadDim, int kKeys = kBlockN>
 struct Format {
   static constexpr bool kIntPV = std::is_same<In, S8PV>::value;               // int8 Q, K; u8 P, int8 V
@@ -343,18 +344,32 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Tile j's key-padding bits (all set without a mask: key c of the tile is bit c % 32 of word c / 32) and its K
   // scales (8-bit; the wide tile: one per 64-key group, from its 128-key block) and V scales (the wide tile only);
-  // loaded before the S wait, but for the wide tile's bits (registers: loaded in the softmax, with a mask only).
+  // loaded before the S wait, but for the 8-bit wide tile's bits (registers: loaded in the softmax, with a mask only).
+  // The 16-bit wide tile's bits come as a 32-byte record per tile (its 176 bits, then zeros; the host repacks them):
+  // loaded before the S wait, but only their AND is kept through it (words[0]: registers), and the softmax reads the
+  // record again (L1) only where some key is masked.
+  constexpr bool kBitRecords = !F::k8Bit && kKeys != kBlockN;
   struct Tile {
-    uint32_t words[kKeys == kBlockN ? kWords : 1];
+    uint32_t words[kKeys == kBlockN ? kWords : 1];  // kBitRecords: the AND of the tile's words
     float key_scale[kGroups], value_scale[kGroups];
   };
   const int64_t scale_row = (int64_t(batch) * heads + head) * n_scale_blocks + first_block;
+  auto bit_record = [&](int j) {  // kBitRecords: tile j's record
+    return key_bits + (int64_t(batch) * ((kv_len_all + kKeys - 1) / kKeys) + first_block + j) * 2;
+  };
   auto tile_of = [&](int j) {
     Tile tile;
     if constexpr (kKeys == kBlockN) {
       const uint4 b = key_bits == nullptr ? make_uint4(~0u, ~0u, ~0u, ~0u)
                                           : __ldg(key_bits + int64_t(batch) * n_scale_blocks + first_block + j);
       tile.words[0] = b.x, tile.words[1] = b.y, tile.words[2] = b.z, tile.words[3] = b.w;
+    }
+    if constexpr (kBitRecords) {
+      tile.words[0] = ~0u;
+      if (key_bits != nullptr) {
+        const uint4 a = __ldg(bit_record(j)), b = __ldg(bit_record(j) + 1);
+        tile.words[0] = a.x & a.y & a.z & a.w & b.x & (b.y | 0xFFFF0000u);  // (b.y's high half: no keys)
+      }
     }
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) {
@@ -406,8 +421,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kKeys == kBlockN) {
 #pragma unroll
       for (int w = 0; w < kWords; ++w) words[w] = tile.words[w];
+    } else if (kBitRecords && tile.words[0] != ~0u) {
+      const uint4 a = __ldg(bit_record(j)), b = __ldg(bit_record(j) + 1);
+      words[0] = a.x, words[1] = a.y, words[2] = a.z, words[3] = a.w, words[4] = b.x, words[5] = b.y;
     } else if (F::k8Bit && key_bits != nullptr) {  // 8 bytes per 64-key group; the groups past the last block (all
-      // past kv_len). (The 16-bit wide tile takes no mask: the host refuses one.)
+      // past kv_len).
       const uint2* row_bits = reinterpret_cast<const uint2*>(key_bits) + int64_t(batch) * n_scale_blocks * 2;
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {

@@ -88,15 +88,15 @@ def make_padding(B, Skv, pattern, device="cpu"):
     raise ValueError(pattern)
 
 
-def tail_split_cases():
+def tail_split_cases(keys=128):
     """(B, H, Sq, Skv, mask pattern) launches whose last wave the CUDA kernel splits on this GPU
-    (csrc/flash_attention.cu, split_shape: a tail of at most half the SMs' tiles, parts of >= 16 key blocks): sms + 5
-    tiles (a full wave, then 5 tail tiles in 2 parts), 7 tiles alone (8 parts of 16-17 blocks) and 2 x 3 tiles (4
-    parts; batch row 0 attends to nothing, row 1 to its first 300 keys only, so that its later parts have no attended
-    key). The tests check that each call did split (fused_attention.last_tail_split_floats)."""
+    (csrc/flash_attention.cu, split_shape: a tail of at most half the SMs' tiles, parts of >= 16 key blocks of `keys`
+    keys): sms + 5 tiles (a full wave, then 5 tail tiles in 2 parts), 7 tiles alone (8 parts of 16-17 blocks) and
+    2 x 3 tiles (4 parts; batch row 0 attends to nothing, row 1 to its first 300 keys only, so that its later parts
+    have no attended key). The tests check that each call did split (fused_attention.last_tail_split_floats)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count if ON_GPU else 132
-    return [(1, 1, (sms + 5) * 128 - 3, 4096 + 17, "random"), (1, 1, 7 * 128 - 60, 16384 + 50, "none"),
-            (2, 3, 128 - 5, 8192 + 100, "dead_then_short")]
+    return [(1, 1, (sms + 5) * 128 - 3, 32 * keys + 17, "random"), (1, 1, 7 * 128 - 60, 128 * keys + 50, "none"),
+            (2, 3, 128 - 5, 64 * keys + 100, "dead_then_short")]
 
 
 def torch_attention(q, k, v, key_padding_mask=None, scale=None):

@@ -436,26 +436,32 @@ def test_gpu_real_shapes(use_backend, backend, name):
     assert rel_l2(out, cudnn) <= 3.3 * cudnn_err, f"{name}: rel L2 vs cuDNN {rel_l2(out, cudnn):.3g}, cuDNN's own {cudnn_err:.3g}"
 
 
+TAIL_SPLIT_FORMS = [(128, "128", torch.bfloat16), (64, "128", torch.float16), (128, "128", torch.bfloat16),
+                    (128, "176", torch.bfloat16), (128, "176", torch.float16), (128, "176", torch.bfloat16)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,H,Sq,Skv,D,dtype,pattern",
-                         [(*case[:4], D, dtype, case[4]) for case, D, dtype in zip(
-                             tail_split_cases(), (128, 64, 128), (torch.bfloat16, torch.float16, torch.bfloat16))],
-                         ids=["main-and-tail-bf16-D128", "tail-only-fp16-D64", "masked-parts-bf16-D128"])
-def test_gpu_cuda_tail_split(use_backend, monkeypatch, B, H, Sq, Skv, D, dtype, pattern):
-    """The tail split (session 27): each part's P is rounded against that part's running max, not the whole row's,
-    so the split output differs from the unsplit one by P's rounding, like any other summation order: it is held to
-    the 2x-PyTorch rule against the float64 oracle (the tail rows all checked). Where every attended key of a row lies
-    in one part (the masked-parts case) that part weighs exactly 1 and the unsplit kernel's masked blocks leave O as
-    it was: the same bits; elsewhere some bits differ (the split happened)."""
+@pytest.mark.parametrize("B,H,Sq,Skv,D,keys,dtype,pattern",
+                         [(*case[:4], D, keys, dtype, case[4]) for (D, keys, dtype), case in zip(
+                             TAIL_SPLIT_FORMS, tail_split_cases(128) + tail_split_cases(176))],
+                         ids=[f"{name}-{str(dtype)[6:]}-D{D}-keys{keys}" for name, (D, keys, dtype) in zip(
+                             ["main-and-tail", "tail-only", "masked-parts"] * 2, TAIL_SPLIT_FORMS)])
+def test_gpu_cuda_tail_split(use_backend, monkeypatch, B, H, Sq, Skv, D, keys, dtype, pattern):
+    """The tail split (session 27; the 176-key tile's, session 31): each part's P is rounded against that part's
+    running max, not the whole row's, so the split output differs from the unsplit one by P's rounding, like any other
+    summation order: it is held to the 2x-PyTorch rule against the float64 oracle (the tail rows all checked). Where
+    every attended key of a row lies in one part (the masked-parts case) that part weighs exactly 1 and the unsplit
+    kernel's masked blocks leave O as it was: the same bits; elsewhere some bits differ (the split happened)."""
     q, k, v = make_qkv(B, Sq, Skv, H, D, dtype, "cuda")
     mask = make_padding(B, Skv, pattern, "cuda")
     use_backend("cuda")
+    monkeypatch.setenv("VKERN_FLASH_KEYS", keys)
     monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "0")
     base, base_lse = run_op(q, k, v, key_padding_mask=mask, return_lse=True)
     assert fused_attention.last_tail_split_floats == 0
     monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "1")
     out, lse = run_op(q, k, v, key_padding_mask=mask, return_lse=True)
-    assert _backend.last_choice["attention"] == "cuda"
+    assert _backend.last_choice["attention"] == "cuda" and fused_attention.last_flash_keys == int(keys)
     assert fused_attention.last_tail_split_floats > 0, "this launch was not split"
     if pattern == "dead_then_short":
         assert torch.equal(out, base) and torch.equal(lse, base_lse)
@@ -631,19 +637,22 @@ CUDA_ODD = GPU_ODD + [
     (1, 1, 128, 128, 64, 8.0), (2, 3, 127, 129, 64, 1.0), (1, 2, 300, 7392, 64, 1.0)]
 
 
-@pytest.mark.parametrize("S", [1, 127, 128, 300, 4097])
-def test_key_padding_bits_layout(S):
-    """The CUDA kernel reads the mask as bits: key c at bit c % 32 of little-endian 32-bit word c / 32, 16 bytes
-    per 128-key block, zero bits past the last key."""
+@pytest.mark.parametrize("keys,record", [(128, 16), (176, 32)])
+@pytest.mark.parametrize("S", [1, 127, 128, 175, 176, 177, 300, 4097])
+def test_key_padding_bits_layout(S, keys, record):
+    """The CUDA kernel reads the mask as bits, a record of `record` bytes per tile of `keys` keys: the tile's key c
+    at bit c % 32 of its little-endian 32-bit word c / 32, zero bits past the last key and past the tile's keys."""
     from vkern.ops.fused_attention import key_padding_bits
 
     mask = make_padding(3, S, "random")
-    bits = key_padding_bits(mask)
-    blocks = -(-S // 128)
-    assert bits.dtype == torch.uint8 and bits.shape == (3, blocks * 16)
-    words = bits.view(torch.int32).long() & 0xFFFFFFFF  # little-endian, as the GPU reads them
-    c = torch.arange(blocks * 128)
-    got = ((words[:, c // 32] >> (c % 32)) & 1).bool()
+    bits = key_padding_bits(mask, keys)
+    tiles = -(-S // keys)
+    assert bits.dtype == torch.uint8 and bits.shape == (3, tiles * record)
+    words = (bits.view(torch.int32).long() & 0xFFFFFFFF).view(3, tiles, record // 4)  # little-endian, as the GPU
+    c = torch.arange(record * 8)
+    got = ((words[:, :, c // 32] >> (c % 32)) & 1).bool()  # [B, tiles, record bits]
+    assert not got[:, :, keys:].any()
+    got = got[:, :, :keys].reshape(3, -1)
     assert torch.equal(got[:, :S], mask) and not got[:, S:].any()
 
 
@@ -672,14 +681,16 @@ def test_gpu_cuda_odd_sizes(use_backend, dtype, B, H, Sq, Skv, D, sharpness):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D,keys", [(64, "128"), (128, "128"), (128, "176")])
 @pytest.mark.parametrize("layout", ["fused", "kv_fused", "heads_first", "strided_d", "batch_bcast"])
-def test_gpu_cuda_non_contiguous(use_backend, layout, D):
+def test_gpu_cuda_non_contiguous(use_backend, monkeypatch, layout, D, keys):
     """Strided views go to TMA as they are (fused, kv_fused, heads_first); the rest (a last-dim stride, a zero
-    batch stride) are copied first. Either way the same answer as contiguous inputs, bit for bit."""
+    batch stride) are copied first. Either way the same answer as contiguous inputs, bit for bit (both key tiles)."""
+    monkeypatch.setenv("VKERN_FLASH_KEYS", keys)
     Skv = 333 if layout in ("kv_fused", "batch_bcast") else 4097
     q, k, v = make_qkv(2, 4097, Skv, 12, D, torch.bfloat16, "cuda", layout=layout)
     out, _ = check_attention(q, k, v, use_backend("cuda"))
+    assert fused_attention.last_flash_keys == int(keys)
     assert torch.equal(out, run_op(*(t.contiguous() for t in (q, k, v)), return_lse=True)[0])
 
 
@@ -717,25 +728,25 @@ def test_gpu_cuda_ring_depths_agree(use_backend, monkeypatch, stages, D):
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-@pytest.mark.parametrize("env,head_dim,masked,kv_len,want", [
-    (None, 128, False, 16384, 176), (None, 128, False, 16383, 128), (None, 128, False, 512, 128),
-    (None, 128, True, 32760, 128), (None, 64, False, 32760, 128), ("176", 128, False, 512, 176),
-    ("176", 64, False, 32760, 128), ("176", 128, True, 32760, 128), ("128", 128, False, 32760, 128)])
-def test_flash_keys_setting(monkeypatch, env, head_dim, masked, kv_len, want):
-    """The 16-bit CUDA kernel's key tile: 176 for unmasked head dim 128 calls from FLASH_WIDE_MIN_KEYS keys (where run
-    115 measured it faster), else 128; VKERN_FLASH_KEYS forces one where the wide tile can run."""
+@pytest.mark.parametrize("env,head_dim,kv_len,want", [
+    (None, 128, 16384, 176), (None, 128, 16383, 128), (None, 128, 512, 128), (None, 64, 32760, 128),
+    ("176", 128, 512, 176), ("176", 64, 32760, 128), ("128", 128, 32760, 128)])
+def test_flash_keys_setting(monkeypatch, env, head_dim, kv_len, want):
+    """The 16-bit CUDA kernel's key tile: 176 for head dim 128 calls (with or without a mask) from
+    FLASH_WIDE_MIN_KEYS keys (where run 115 measured it faster), else 128; VKERN_FLASH_KEYS forces one where the wide
+    tile can run (head dim 128)."""
     if env is None:
         monkeypatch.delenv("VKERN_FLASH_KEYS", raising=False)
     else:
         monkeypatch.setenv("VKERN_FLASH_KEYS", env)
     assert fused_attention.FLASH_WIDE_MIN_KEYS == fused_attention.CUDA_MIN_KEYS[128] == 16384
-    assert fused_attention._flash_keys(head_dim, masked, kv_len) == want
+    assert fused_attention._flash_keys(head_dim, kv_len) == want
 
 
 def test_flash_keys_setting_rejects_other_widths(monkeypatch):
     monkeypatch.setenv("VKERN_FLASH_KEYS", "192")
     with pytest.raises(ValueError, match="VKERN_FLASH_KEYS: expected one of 0, 128, 176"):
-        fused_attention._flash_keys(128, False, 32760)
+        fused_attention._flash_keys(128, 32760)
 
 
 # The wide key tile (VKERN_FLASH_KEYS=176, session 31): lengths around multiples of 176 and of 128, cross lengths,
@@ -756,91 +767,77 @@ def test_gpu_cuda_wide_tile_odd_sizes(use_backend, monkeypatch, dtype, B, H, Sq,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,H,Sq,Skv", [(1, 2, None, 8192 + 100), (1, 1, 7 * 128 - 60, 16384 + 50)],
-                         ids=["main-and-tail", "tail-only"])
-def test_gpu_cuda_wide_tile_tail_split(use_backend, monkeypatch, B, H, Sq, Skv):
-    """The wide tile's tail split (its key blocks of 176 in parts): the 2x-PyTorch rule on the tail rows, and the
-    split happened (some bits differ from the unsplit launch)."""
-    monkeypatch.setenv("VKERN_FLASH_KEYS", "176")
-    if Sq is None:  # a full wave of tiles (2 heads), then 10 tail tiles
-        Sq = (torch.cuda.get_device_properties(0).multi_processor_count // 2 + 5) * 128 - 3
-    q, k, v = make_qkv(B, Sq, Skv, H, 128, torch.bfloat16, "cuda")
-    use_backend("cuda")
-    monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "0")
-    base = run_op(q, k, v, return_lse=True)
-    assert fused_attention.last_tail_split_floats == 0
-    monkeypatch.setenv("VKERN_FLASH_TAIL_SPLIT", "1")
-    out, lse = run_op(q, k, v, return_lse=True)
-    assert fused_attention.last_flash_keys == 176 and fused_attention.last_tail_split_floats > 0
-    assert not torch.equal(out, base[0]) or not torch.equal(lse, base[1]), "no split happened (the same bits)"
-    rows = None if Sq < 4096 else torch.cat([sampled_rows(Sq), torch.arange(Sq - 10 * 128, Sq, device="cuda")]).unique()
-    check_attention(q, k, v, "cuda", rows=rows)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["fused", "kv_fused", "heads_first"])
-def test_gpu_cuda_wide_tile_strided(use_backend, monkeypatch, layout):
-    """Strided views (TMA reads them as they are) with the wide tile: the contiguous inputs' bits."""
-    monkeypatch.setenv("VKERN_FLASH_KEYS", "176")
-    Skv = 333 if layout == "kv_fused" else 4097
-    q, k, v = make_qkv(2, 4097, Skv, 12, 128, torch.bfloat16, "cuda", layout=layout)
-    out, _ = check_attention(q, k, v, use_backend("cuda"))
+@pytest.mark.parametrize("pattern", ["prefix", "random"])
+def test_gpu_cuda_joint_attention_with_padded_text_takes_the_wide_tile(use_backend, monkeypatch, pattern):
+    """HunyuanVideo-like joint attention at a length where the default rule takes the 176-key tile: video tokens
+    then 256 text tokens, padded per batch row (prefix: each row keeps its own number of text tokens; random: masked
+    keys in every tile); sampled rows and the last ones against the float64 oracle."""
+    monkeypatch.delenv("VKERN_FLASH_KEYS", raising=False)
+    video, text = fused_attention.FLASH_WIDE_MIN_KEYS + 7, 256
+    q, k, v = make_qkv(2, video + text, video + text, 2, 128, torch.bfloat16, "cuda")
+    if pattern == "prefix":
+        mask = torch.ones(2, video + text, dtype=torch.bool, device="cuda")
+        mask[:, video:] = make_padding(2, text, "prefix", "cuda")
+    else:
+        mask = make_padding(2, video + text, "random", "cuda")
+    rows = torch.cat([sampled_rows(video + text), torch.arange(video - 3, video + text, device="cuda")]).unique()
+    check_attention(q, k, v, use_backend("cuda"), key_padding_mask=mask, rows=rows)
     assert fused_attention.last_flash_keys == 176
-    assert torch.equal(out, run_op(*(t.contiguous() for t in (q, k, v)), return_lse=True)[0])
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["mask", "D64"])
-def test_gpu_cuda_wide_tile_keeps_128_where_it_must(use_backend, monkeypatch, case):
-    """The wide tile takes no key-padding mask and head dim 128 only: such calls run the 128-key tile (and are
-    right), whatever VKERN_FLASH_KEYS says."""
+def test_gpu_cuda_wide_tile_keeps_128_at_head_dim_64(use_backend, monkeypatch):
+    """The wide tile is head dim 128's: a head dim 64 call runs the 128-key tile (and is right), whatever
+    VKERN_FLASH_KEYS says."""
     monkeypatch.setenv("VKERN_FLASH_KEYS", "176")
-    D = 64 if case == "D64" else 128
-    q, k, v = make_qkv(2, 300, 1000, 3, D, torch.bfloat16, "cuda")
-    mask = make_padding(2, 1000, "random", "cuda") if case == "mask" else None
-    check_attention(q, k, v, use_backend("cuda"), key_padding_mask=mask)
+    q, k, v = make_qkv(2, 300, 1000, 3, 64, torch.bfloat16, "cuda")
+    check_attention(q, k, v, use_backend("cuda"), key_padding_mask=make_padding(2, 1000, "random", "cuda"))
     assert fused_attention.last_flash_keys == 128
 
 
 @pytest.mark.gpu
 def test_gpu_cuda_wide_tile_refused_outside_its_form():
-    """The extension refuses the wide tile with three stages, head dim 64, a mask, or a tile width it has not."""
+    """The extension refuses the wide tile with three stages, head dim 64, or a tile width it has not (it takes a
+    mask: its records, test_gpu_cuda_key_padding_mask)."""
     from vkern._ext import cuda_ext
 
     q, k, v = make_qkv(1, 256, 256, 2, 128, torch.bfloat16, "cuda")
     out = torch.empty_like(q)
-    bits = fused_attention.key_padding_bits(torch.ones(1, 256, dtype=torch.bool, device="cuda"))
 
-    def call(keys, stages, tensors=(q, k, v, out), key_bits=0):
+    def call(keys, stages, tensors=(q, k, v, out)):
         D = tensors[0].shape[-1]
         cuda_ext().flash_attention_fwd(*((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in tensors), 0,
-                                       key_bits, fused_attention.DTYPE_CODE[torch.bfloat16], 1, 2, 256, 256, D,
+                                       0, fused_attention.DTYPE_CODE[torch.bfloat16], 1, 2, 256, 256, D,
                                        D ** -0.5, stages, torch.cuda.current_stream().cuda_stream, 0, 0, keys)
 
     call(176, 2)  # the form it takes
     torch.cuda.synchronize()
     q64, k64, v64 = make_qkv(1, 256, 256, 2, 64, torch.bfloat16, "cuda")
-    for bad in (lambda: call(176, 3), lambda: call(160, 2), lambda: call(176, 2, key_bits=bits.data_ptr()),
+    for bad in (lambda: call(176, 3), lambda: call(160, 2),
                 lambda: call(176, 2, (q64, k64, v64, torch.empty_like(q64)))):
         with pytest.raises(RuntimeError, match="flash_attention_fwd"):
             bad()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D,keys", [(64, "128"), (128, "128"), (128, "176")])
 @pytest.mark.parametrize("pattern", ["random", "prefix", "dead_row", "all_true"])
 @pytest.mark.parametrize("B,Sq,Skv", [(2, 129, 127), (2, 300, 1000), (3, 1000, 4097)])
-def test_gpu_cuda_key_padding_mask(use_backend, B, Sq, Skv, pattern, D):
-    """The CUDA kernel's key-padding bits at odd lengths: partial last blocks, masked keys in every block
-    (random), whole blocks masked (prefix), batch rows with no key (dead_row: out 0, lse -inf)."""
+def test_gpu_cuda_key_padding_mask(use_backend, monkeypatch, B, Sq, Skv, pattern, D, keys):
+    """The CUDA kernel's key-padding bits at odd lengths, both key tiles: partial last blocks, masked keys in every
+    block (random), whole blocks masked (prefix), batch rows with no key (dead_row: out 0, lse -inf)."""
+    monkeypatch.setenv("VKERN_FLASH_KEYS", keys)
     q, k, v = make_qkv(B, Sq, Skv, 3, D, torch.bfloat16, "cuda")
     check_attention(q, k, v, use_backend("cuda"), key_padding_mask=make_padding(B, Skv, pattern, "cuda"))
+    assert fused_attention.last_flash_keys == int(keys)
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_all_true_mask_changes_nothing(use_backend):
+@pytest.mark.parametrize("keys", ["128", "176"])
+def test_gpu_cuda_all_true_mask_changes_nothing(use_backend, monkeypatch, keys):
     """A mask that keeps every key takes the kernel's unmasked path per block: the same bits as no mask."""
     use_backend("cuda")
+    monkeypatch.setenv("VKERN_FLASH_KEYS", keys)
     q, k, v = make_qkv(2, 1000, 1500, 3, 128, torch.bfloat16, "cuda")
     expected = run_op(q, k, v, return_lse=True)
     got = run_op(q, k, v, key_padding_mask=make_padding(2, 1500, "all_true", "cuda"), return_lse=True)

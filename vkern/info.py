@@ -55,7 +55,7 @@ def attention_by_shape_class(device, dtype=torch.bfloat16):
         cands = _attention_candidates(device, dtype, head_dim, return_lse=return_lse, kv_len=kv_len)
         chosen = _backend.would_choose_from("attention", cands)
         if chosen == "cuda" and kv_len is not None:
-            chosen += f" (128x{_flash_keys(head_dim, False, kv_len)} tiles)"
+            chosen += f" (128x{_flash_keys(head_dim, kv_len)} tiles)"
         return chosen
 
     classes = {}

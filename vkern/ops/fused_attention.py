@@ -413,17 +413,17 @@ def _flash_stages():
 
 
 # The CUDA 16-bit kernel's key tile: 128 (three K/V stages), or 176 (FlashAttention-3's non-causal tile at head dim
-# 128: two stages, as three do not fit in shared memory; its own tail split; session 31). Calls with a key-padding
-# mask or head dim 64 take 128 always. Otherwise 176 from FLASH_WIDE_MIN_KEYS keys, where auto takes the CUDA kernel:
-# run 115 (H200, queued TFLOP/s, 128 -> 176 tile) wan1.3b-480p 641-646 -> 661-665, wan14b-480p 631-632 -> 632-637,
-# wan14b-720p 632-637 -> 646-648, hunyuan-720p 632-634 -> 649-650; at 512 keys (wan14b-480p-cross) 489-493 -> 480-483,
-# so the 128 tile stays below. VKERN_FLASH_KEYS (128 or 176) forces one.
+# 128: two stages, as three do not fit in shared memory; its own tail split; session 31; with a key-padding mask since
+# session 32). Head dim 64 takes 128 always; head dim 128 176 from FLASH_WIDE_MIN_KEYS keys, where auto takes the CUDA
+# kernel: run 115 (H200, queued TFLOP/s, 128 -> 176 tile) wan1.3b-480p 641-646 -> 661-665, wan14b-480p 631-632 ->
+# 632-637, wan14b-720p 632-637 -> 646-648, hunyuan-720p 632-634 -> 649-650; at 512 keys (wan14b-480p-cross) 489-493 ->
+# 480-483, so the 128 tile stays below. VKERN_FLASH_KEYS (128 or 176) forces one.
 FLASH_WIDE_MIN_KEYS = CUDA_MIN_KEYS[128]
 
 
-def _flash_keys(head_dim, masked, kv_len):
+def _flash_keys(head_dim, kv_len):
     forced = _env_int("VKERN_FLASH_KEYS", 0, (0, 128, 176))  # (0: unset, the rule above)
-    if head_dim != 128 or masked:
+    if head_dim != 128:
         return 128
     return forced or (176 if kv_len >= FLASH_WIDE_MIN_KEYS else 128)
 
@@ -508,13 +508,18 @@ def _split_workspace(ext, device, batch, heads, q_len, kv_len, head_dim, eight_b
     return torch.empty(floats, dtype=torch.float32, device=device) if floats else None
 
 
-def key_padding_bits(key_padding_mask, block=128):
-    """The CUDA kernel's form of a key-padding mask: bool [B, Skv] -> uint8 [B, ceil(Skv / block) * block / 8],
-    bit c % 8 of byte c / 8 set = attend key c (so, read as little-endian 32-bit words, bit c % 32 of word
-    c / 32, as csrc/flash_attention.h describes); the keys past Skv are zero bits."""
+def key_padding_bits(key_padding_mask, keys=128):
+    """The CUDA kernel's form of a key-padding mask with `keys`-key tiles: bool [B, Skv] -> uint8 [B, tiles *
+    record], a record of ceil(keys / 128) * 16 bytes per tile (128: 16, the mask's bits in order; the 16-bit wide
+    tile's 176: 32), bit c % 8 of its byte c / 8 set = attend the tile's key c (so, read as little-endian 32-bit
+    words, bit c % 32 of word c / 32, as csrc/flash_attention.h describes); the keys past Skv and a record's bits
+    past its tile are zero."""
     B, S = key_padding_mask.shape
-    padded = key_padding_mask.new_zeros((B, -(-S // block) * block), dtype=torch.int32)
-    padded[:, :S] = key_padding_mask
+    tiles, record = -(-S // keys), -(-keys // 128) * 128
+    flat = key_padding_mask.new_zeros((B, tiles * keys), dtype=torch.int32)
+    flat[:, :S] = key_padding_mask
+    padded = flat.new_zeros((B, tiles, record))
+    padded[:, :, :keys] = flat.view(B, tiles, keys)
     weights = 2 ** torch.arange(8, dtype=torch.int32, device=padded.device)  # made on the device: no host copy
     return (padded.view(B, -1, 8) * weights).sum(-1).to(torch.uint8)
 
@@ -526,9 +531,9 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     B, Sq, H, D = q.shape
     out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device) if return_lse else None
-    bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask)
     global last_flash_keys
-    keys = last_flash_keys = _flash_keys(D, bits is not None, k.shape[1])
+    keys = last_flash_keys = _flash_keys(D, k.shape[1])
+    bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask, keys)
     stages = _flash_stages_for(keys)
     split = _split_workspace(cuda_ext(), q.device, B, H, Sq, k.shape[1], D, stages=stages, keys=keys)
     with torch.cuda.device(q.device):
