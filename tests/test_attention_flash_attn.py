@@ -226,7 +226,7 @@ def test_info_shows_the_attention_choice_per_shape_class_and_flash_attn():
     result = vkern.info(print_=False)
     assert "flash-attn" in result
     classes = result["attention"]
-    assert {"D 128, < 16384 keys", "D 128, >= 16384 keys", "D 64, >= 4096 keys", "D 96 (other head dims)"} <= set(classes)
+    assert {"D 128, < 8192 keys", "D 128, >= 8192 keys", "D 64, >= 4096 keys", "D 96 (other head dims)"} <= set(classes)
     if not torch.cuda.is_available():
         assert set(classes.values()) == {"reference"}
 

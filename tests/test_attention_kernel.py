@@ -657,11 +657,11 @@ def test_key_padding_bits_layout(S, keys, record):
 
 
 @pytest.mark.parametrize("head_dim,kv_len,first", [
-    (128, 32760, "cuda"), (128, 16384, "cuda"), (128, 16383, "sdpa"), (128, 512, "sdpa"),
+    (128, 32760, "cuda"), (128, 8192, "cuda"), (128, 8191, "sdpa"), (128, 512, "sdpa"),
     (64, 7392, "cuda"), (64, 17776, "cuda"), (64, 2048, "sdpa"), (64, 128, "sdpa"),
     (64, None, "cuda"), (96, 32760, "sdpa")])
 def test_auto_order_follows_the_measured_crossovers(monkeypatch, head_dim, kv_len, first):
-    """On CUDA, auto tries the CUDA kernel first only from CUDA_MIN_KEYS[head dim] keys (where runs 36 and 118
+    """On CUDA, auto tries the CUDA kernel first only from CUDA_MIN_KEYS[head dim] keys (where runs 36, 118 and 119
     measured it ahead of cuDNN), cuDNN below; head dims the kernels do not take go to SDPA. (The order only:
     whether each backend can take the call is the reasons' business, tested on the GPU.)"""
     from vkern.ops import fused_attention
@@ -729,7 +729,7 @@ def test_gpu_cuda_ring_depths_agree(use_backend, monkeypatch, stages, D):
 
 
 @pytest.mark.parametrize("env,head_dim,kv_len,want", [
-    (None, 128, 16384, 176), (None, 128, 16383, 128), (None, 128, 512, 128), (None, 64, 32760, 128),
+    (None, 128, 8192, 176), (None, 128, 8191, 128), (None, 128, 512, 128), (None, 64, 32760, 128),
     ("176", 128, 512, 176), ("176", 64, 32760, 128), ("128", 128, 32760, 128)])
 def test_flash_keys_setting(monkeypatch, env, head_dim, kv_len, want):
     """The 16-bit CUDA kernel's key tile: 176 for head dim 128 calls (with or without a mask) from
@@ -739,7 +739,7 @@ def test_flash_keys_setting(monkeypatch, env, head_dim, kv_len, want):
         monkeypatch.delenv("VKERN_FLASH_KEYS", raising=False)
     else:
         monkeypatch.setenv("VKERN_FLASH_KEYS", env)
-    assert fused_attention.FLASH_WIDE_MIN_KEYS == fused_attention.CUDA_MIN_KEYS[128] == 16384
+    assert fused_attention.FLASH_WIDE_MIN_KEYS == fused_attention.CUDA_MIN_KEYS[128] == 8192
     assert fused_attention._flash_keys(head_dim, kv_len) == want
 
 

@@ -82,7 +82,7 @@ def test_info_names_the_cuda_kernels_tile(monkeypatch):
     monkeypatch.delenv("VKERN_FLASH_KEYS", raising=False)
     monkeypatch.setattr(_backend, "would_choose_from", lambda op, cands: "cuda")
     classes = info_mod.attention_by_shape_class(torch.device("cpu"))
-    assert classes["D 128, >= 16384 keys"] == classes["D 128, with lse"] == "cuda (128x176 tiles)"
-    assert classes["D 128, < 16384 keys"] == "cuda (128x128 tiles)"
+    assert classes["D 128, >= 8192 keys"] == classes["D 128, with lse"] == "cuda (128x176 tiles)"
+    assert classes["D 128, < 8192 keys"] == "cuda (128x128 tiles)"
     assert classes["D 64, >= 4096 keys"] == "cuda (128x128 tiles)"
     assert classes["D 96 (other head dims)"] == "cuda"

@@ -42,10 +42,13 @@ ATTENTION_BACKENDS = ("auto", "vkern", "cuda", "triton", "sdpa", "flash_attn", "
 # the committed crossover files, runs 38 and 41: 0.93-1.01x and 0.95-1.03x): the switch lay between 16384 and 32760.
 # Run 118 (session 31's kernel, do_bench, two passes; bench/results/*-17887ff-flash-check-crossover-wide.txt): the
 # 176-key tile 0.96-1.09x at 2048-4096 keys, 1.04-1.06x at 8192-16384, 0.98-1.04x at 24576, 1.18-1.20x at 32760
-# (the 128 tile 0.99-1.09x, 1.01-1.08x, 0.95-0.98x, 1.12-1.14x): from 16384 keys, as decided before that run. D=64
+# (the 128 tile 0.99-1.09x, 1.01-1.08x, 0.95-0.98x, 1.12-1.14x): from 16384 keys, as decided before that run. Run
+# 119 (session 32, the 176-key tile, two passes at 4096-16384 keys in steps of 2048;
+# bench/results/*-3b44379-flash-check-crossover-8192.txt): 0.99 / 1.01x at 4096, 1.03-1.07x from 6144 to 16384: from
+# 8192 keys (the smallest count >= 1.02x in those two passes and run 118's two, the rule set before run 119). D=64
 # (run 36, 32 heads x 7392 queries): 0.71x at 128 keys, 0.86x at 512, 0.94x at 2048, 1.07x at 7392, 1.12x at 17776:
 # the switch lies between 2048 and 7392.
-CUDA_MIN_KEYS = {64: 4096, 128: 16384}
+CUDA_MIN_KEYS = {64: 4096, 128: 8192}
 
 
 @_backend.register("qk_norm_rope")
