@@ -521,8 +521,7 @@ def key_padding_bits(key_padding_mask, keys=128):
     tiles, record = -(-S // keys), -(-keys // 128) * 128
     flat = key_padding_mask.new_zeros((B, tiles * keys), dtype=torch.int32)
     flat[:, :S] = key_padding_mask
-    padded = flat.new_zeros((B, tiles, record))
-    padded[:, :, :keys] = flat.view(B, tiles, keys)
+    padded = F.pad(flat.view(B, tiles, keys), (0, record - keys))
     weights = 2 ** torch.arange(8, dtype=torch.int32, device=padded.device)  # made on the device: no host copy
     return (padded.view(B, -1, 8) * weights).sum(-1).to(torch.uint8)
 
