@@ -167,7 +167,7 @@ def _attention(name, providers, args):
                                   f", rescale slack {slack}, tail split {split}")
         elif provider in ("vkern-cuda", "vkern-cuda-nosplit", "vkern-cuda-k176", "vkern-cuda-k128"):
             keys = fused_attention.last_flash_keys  # (this call's launch)
-            stages = fused_attention._flash_stages_for(keys)
+            stages = fused_attention._flash_stages_for(keys, s.head_dim)
             row["config"] = (f"cuda sm90a: 128x{keys} tiles, 2 consumer warpgroups, {stages}-stage TMA ring, "
                              f"tail split {split}")
         elif provider.startswith("vkern-"):

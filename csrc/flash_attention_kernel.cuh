@@ -62,8 +62,8 @@ struct Format {
   static constexpr bool kIntQK = std::is_same<In, S8>::value || kIntPV;       // int8 Q, K (S8: e4m3 P, V)
   static constexpr bool k8Bit = std::is_same<In, E4M3>::value || kIntQK;      // the 8-bit forms
   static_assert(!k8Bit || kHeadDim == 128, "the 8-bit kernel takes head dim 128");
-  static_assert(kKeys == kBlockN || (k8Bit && !kIntPV && kKeys == 192) || (!k8Bit && kHeadDim == 128 && kKeys == 176),
-                "tiles of 128 keys, 192 for the e4m3-P forms, or 176 for the 16-bit forms at D = 128");
+  static_assert(kKeys == kBlockN || (k8Bit && !kIntPV && kKeys == 192) || (!k8Bit && kKeys == 176),
+                "tiles of 128 keys, 192 for the e4m3-P forms, or 176 for the 16-bit forms");
   static constexpr bool kPromoteO = k8Bit && kKeys == kBlockN;                 // see flash_fwd_kernel
   static constexpr bool kShiftV = k8Bit && !kPromoteO;  // tensor-core O, V's block scales folded into P
   static constexpr int kGroups = kShiftV ? kKeys / 64 : 1;         // key groups of one K and one V scale

@@ -1157,12 +1157,15 @@ def test_gpu_tail_split_forms():
     assert floats(True, False, 0, 0) == 0
     assert floats(True, True, 2, 0) == floats(True, True, 0, 1) == floats(True, True, 0, 2) == 0
     assert floats(q_len=2 * sms * 128) == floats(True, True, 0, 0, q_len=2 * sms * 128) == 0
-    # The 16-bit wide tile (176 keys, 2 stages): its key blocks are 176 wide (parts of >= 16 of them).
+    # The 16-bit wide tile (176 keys, 2 stages at head dim 128): its key blocks are 176 wide (parts of >= 16 of them).
     wide = ext.flash_tail_split_floats(B, H, Sq, 16 * 176 * 2, 128, 2, False, False, 0, 0, 176)
     assert wide == 5 * 2 * 128 * 129
     assert ext.flash_tail_split_floats(B, H, Sq, Skv, 128, 2, False, False, 0, 0, 176) == 0  # 24 blocks: one part
     assert ext.flash_tail_split_floats(B, H, Sq, 16 * 176 * 2, 128, 3, False, False, 0, 0, 176) == 0
     assert ext.flash_tail_split_floats(B, H, Sq, 16 * 176 * 2, 128, 2, True, True, 0, 0, 176) == 0
+    # At head dim 64 the wide tile has 3 stages (not 2).
+    assert ext.flash_tail_split_floats(B, H, Sq, 16 * 176 * 2, 64, 3, False, False, 0, 0, 176) == 5 * 2 * 128 * 65
+    assert ext.flash_tail_split_floats(B, H, Sq, 16 * 176 * 2, 64, 2, False, False, 0, 0, 176) == 0
 
 
 @pytest.mark.gpu

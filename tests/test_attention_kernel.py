@@ -437,7 +437,7 @@ def test_gpu_real_shapes(use_backend, backend, name):
 
 
 TAIL_SPLIT_FORMS = [(128, "128", torch.bfloat16), (64, "128", torch.float16), (128, "128", torch.bfloat16),
-                    (128, "176", torch.bfloat16), (128, "176", torch.float16), (128, "176", torch.bfloat16)]
+                    (128, "176", torch.bfloat16), (64, "176", torch.float16), (128, "176", torch.bfloat16)]
 
 
 @pytest.mark.gpu
@@ -681,7 +681,7 @@ def test_gpu_cuda_odd_sizes(use_backend, dtype, B, H, Sq, Skv, D, sharpness):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D,keys", [(64, "128"), (128, "128"), (128, "176")])
+@pytest.mark.parametrize("D,keys", [(64, "128"), (128, "128"), (64, "176"), (128, "176")])
 @pytest.mark.parametrize("layout", ["fused", "kv_fused", "heads_first", "strided_d", "batch_bcast"])
 def test_gpu_cuda_non_contiguous(use_backend, monkeypatch, layout, D, keys):
     """Strided views go to TMA as they are (fused, kv_fused, heads_first); the rest (a last-dim stride, a zero
@@ -730,11 +730,11 @@ def test_gpu_cuda_ring_depths_agree(use_backend, monkeypatch, stages, D):
 
 @pytest.mark.parametrize("env,head_dim,kv_len,want", [
     (None, 128, 8192, 176), (None, 128, 8191, 128), (None, 128, 512, 128), (None, 64, 32760, 128),
-    ("176", 128, 512, 176), ("176", 64, 32760, 128), ("128", 128, 32760, 128)])
+    ("176", 128, 512, 176), ("176", 64, 32760, 176), ("128", 128, 32760, 128)])
 def test_flash_keys_setting(monkeypatch, env, head_dim, kv_len, want):
     """The 16-bit CUDA kernel's key tile: 176 for head dim 128 calls (with or without a mask) from
-    FLASH_WIDE_MIN_KEYS keys (where run 115 measured it faster), else 128; VKERN_FLASH_KEYS forces one where the wide
-    tile can run (head dim 128)."""
+    FLASH_WIDE_MIN_KEYS keys (where run 115 measured it faster), else 128; VKERN_FLASH_KEYS forces one (head dim 64:
+    the wide tile only so)."""
     if env is None:
         monkeypatch.delenv("VKERN_FLASH_KEYS", raising=False)
     else:
@@ -756,12 +756,14 @@ WIDE_ODD = [(1, 1, 1, 1), (2, 3, 113, 175), (1, 2, 176, 176), (2, 2, 177, 353), 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,H,Sq,Skv", WIDE_ODD, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}" for p in WIDE_ODD])
-def test_gpu_cuda_wide_tile_odd_sizes(use_backend, monkeypatch, dtype, B, H, Sq, Skv):
-    """The 176-key tile (two stages) at odd lengths: out and lse by the 2x-PyTorch rule."""
+def test_gpu_cuda_wide_tile_odd_sizes(use_backend, monkeypatch, dtype, B, H, Sq, Skv, D):
+    """The 176-key tile (two stages at head dim 128, three at 64) at odd lengths: out and lse by the 2x-PyTorch
+    rule."""
     monkeypatch.setenv("VKERN_FLASH_KEYS", "176")
-    q, k, v = make_qkv(B, Sq, Skv, H, 128, dtype, "cuda")
+    q, k, v = make_qkv(B, Sq, Skv, H, D, dtype, "cuda")
     check_attention(q, k, v, use_backend("cuda"))
     assert fused_attention.last_flash_keys == 176
 
@@ -786,19 +788,9 @@ def test_gpu_cuda_joint_attention_with_padded_text_takes_the_wide_tile(use_backe
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_wide_tile_keeps_128_at_head_dim_64(use_backend, monkeypatch):
-    """The wide tile is head dim 128's: a head dim 64 call runs the 128-key tile (and is right), whatever
-    VKERN_FLASH_KEYS says."""
-    monkeypatch.setenv("VKERN_FLASH_KEYS", "176")
-    q, k, v = make_qkv(2, 300, 1000, 3, 64, torch.bfloat16, "cuda")
-    check_attention(q, k, v, use_backend("cuda"), key_padding_mask=make_padding(2, 1000, "random", "cuda"))
-    assert fused_attention.last_flash_keys == 128
-
-
-@pytest.mark.gpu
 def test_gpu_cuda_wide_tile_refused_outside_its_form():
-    """The extension refuses the wide tile with three stages, head dim 64, or a tile width it has not (it takes a
-    mask: its records, test_gpu_cuda_key_padding_mask)."""
+    """The extension refuses the wide tile with a ring depth it has not (head dim 128: 2 stages; 64: 3) or a tile
+    width it has not (it takes a mask: its records, test_gpu_cuda_key_padding_mask)."""
     from vkern._ext import cuda_ext
 
     q, k, v = make_qkv(1, 256, 256, 2, 128, torch.bfloat16, "cuda")
@@ -810,17 +802,18 @@ def test_gpu_cuda_wide_tile_refused_outside_its_form():
                                        0, fused_attention.DTYPE_CODE[torch.bfloat16], 1, 2, 256, 256, D,
                                        D ** -0.5, stages, torch.cuda.current_stream().cuda_stream, 0, 0, keys)
 
-    call(176, 2)  # the form it takes
-    torch.cuda.synchronize()
     q64, k64, v64 = make_qkv(1, 256, 256, 2, 64, torch.bfloat16, "cuda")
-    for bad in (lambda: call(176, 3), lambda: call(160, 2),
-                lambda: call(176, 2, (q64, k64, v64, torch.empty_like(q64)))):
+    at_64 = (q64, k64, v64, torch.empty_like(q64))
+    call(176, 2)  # the forms it takes
+    call(176, 3, at_64)
+    torch.cuda.synchronize()
+    for bad in (lambda: call(176, 3), lambda: call(160, 2), lambda: call(176, 2, at_64)):
         with pytest.raises(RuntimeError, match="flash_attention_fwd"):
             bad()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D,keys", [(64, "128"), (128, "128"), (128, "176")])
+@pytest.mark.parametrize("D,keys", [(64, "128"), (128, "128"), (64, "176"), (128, "176")])
 @pytest.mark.parametrize("pattern", ["random", "prefix", "dead_row", "all_true"])
 @pytest.mark.parametrize("B,Sq,Skv", [(2, 129, 127), (2, 300, 1000), (3, 1000, 4097)])
 def test_gpu_cuda_key_padding_mask(use_backend, monkeypatch, B, Sq, Skv, pattern, D, keys):

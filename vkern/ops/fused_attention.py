@@ -420,20 +420,22 @@ def _flash_stages():
 # session 32). Head dim 64 takes 128 always; head dim 128 176 from FLASH_WIDE_MIN_KEYS keys, where auto takes the CUDA
 # kernel: run 115 (H200, queued TFLOP/s, 128 -> 176 tile) wan1.3b-480p 641-646 -> 661-665, wan14b-480p 631-632 ->
 # 632-637, wan14b-720p 632-637 -> 646-648, hunyuan-720p 632-634 -> 649-650; at 512 keys (wan14b-480p-cross) 489-493 ->
-# 480-483, so the 128 tile stays below. VKERN_FLASH_KEYS (128 or 176) forces one.
+# 480-483, so the 128 tile stays below. VKERN_FLASH_KEYS (128 or 176) forces one. At head dim 64 the wide tile (three
+# stages: they fit there) is opt-in (VKERN_FLASH_KEYS=176), not measured against the 128 tile yet.
 FLASH_WIDE_MIN_KEYS = CUDA_MIN_KEYS[128]
 
 
 def _flash_keys(head_dim, kv_len):
     forced = _env_int("VKERN_FLASH_KEYS", 0, (0, 128, 176))  # (0: unset, the rule above)
-    if head_dim != 128:
-        return 128
-    return forced or (176 if kv_len >= FLASH_WIDE_MIN_KEYS else 128)
+    if forced:
+        return forced
+    return 176 if head_dim == 128 and kv_len >= FLASH_WIDE_MIN_KEYS else 128
 
 
-def _flash_stages_for(keys):
-    """The K/V ring depth a launch with this key tile takes (the 176-key tile: always 2)."""
-    return 2 if keys == 176 else _flash_stages()
+def _flash_stages_for(keys, head_dim):
+    """The K/V ring depth a launch with this key tile takes (the 176-key tile: 2 at head dim 128, where three do
+    not fit in shared memory; 3 at head dim 64)."""
+    return (2 if head_dim == 128 else 3) if keys == 176 else _flash_stages()
 
 
 # The last 16-bit CUDA attention launch's key tile (what tests and benchmark rows read).
@@ -536,7 +538,7 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     global last_flash_keys
     keys = last_flash_keys = _flash_keys(D, k.shape[1])
     bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask, keys)
-    stages = _flash_stages_for(keys)
+    stages = _flash_stages_for(keys, D)
     split = _split_workspace(cuda_ext(), q.device, B, H, Sq, k.shape[1], D, stages=stages, keys=keys)
     with torch.cuda.device(q.device):
         cuda_ext().flash_attention_fwd(
