@@ -729,17 +729,18 @@ def test_gpu_cuda_ring_depths_agree(use_backend, monkeypatch, stages, D):
 
 
 @pytest.mark.parametrize("env,head_dim,kv_len,want", [
-    (None, 128, 8192, 176), (None, 128, 8191, 128), (None, 128, 512, 128), (None, 64, 32760, 128),
-    ("176", 128, 512, 176), ("176", 64, 32760, 176), ("128", 128, 32760, 128)])
+    (None, 128, 8192, 176), (None, 128, 8191, 128), (None, 128, 512, 128), (None, 64, 4096, 176),
+    (None, 64, 4095, 128), ("176", 128, 512, 176), ("176", 64, 128, 176), ("128", 128, 32760, 128),
+    ("128", 64, 32760, 128)])
 def test_flash_keys_setting(monkeypatch, env, head_dim, kv_len, want):
-    """The 16-bit CUDA kernel's key tile: 176 for head dim 128 calls (with or without a mask) from
-    FLASH_WIDE_MIN_KEYS keys (where run 115 measured it faster), else 128; VKERN_FLASH_KEYS forces one (head dim 64:
-    the wide tile only so)."""
+    """The 16-bit CUDA kernel's key tile: 176 (with or without a mask) from FLASH_WIDE_MIN_KEYS[head dim] keys,
+    where auto takes the CUDA kernel (runs 115 and 122 measured it faster there), else 128; VKERN_FLASH_KEYS forces
+    one."""
     if env is None:
         monkeypatch.delenv("VKERN_FLASH_KEYS", raising=False)
     else:
         monkeypatch.setenv("VKERN_FLASH_KEYS", env)
-    assert fused_attention.FLASH_WIDE_MIN_KEYS == fused_attention.CUDA_MIN_KEYS[128] == 8192
+    assert fused_attention.FLASH_WIDE_MIN_KEYS == fused_attention.CUDA_MIN_KEYS == {64: 4096, 128: 8192}
     assert fused_attention._flash_keys(head_dim, kv_len) == want
 
 
@@ -775,7 +776,7 @@ def test_gpu_cuda_joint_attention_with_padded_text_takes_the_wide_tile(use_backe
     then 256 text tokens, padded per batch row (prefix: each row keeps its own number of text tokens; random: masked
     keys in every tile); sampled rows and the last ones against the float64 oracle."""
     monkeypatch.delenv("VKERN_FLASH_KEYS", raising=False)
-    video, text = fused_attention.FLASH_WIDE_MIN_KEYS + 7, 256
+    video, text = fused_attention.FLASH_WIDE_MIN_KEYS[128] + 7, 256
     q, k, v = make_qkv(2, video + text, video + text, 2, 128, torch.bfloat16, "cuda")
     if pattern == "prefix":
         mask = torch.ones(2, video + text, dtype=torch.bool, device="cuda")

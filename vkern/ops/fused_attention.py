@@ -417,19 +417,18 @@ def _flash_stages():
 
 # The CUDA 16-bit kernel's key tile: 128 (three K/V stages), or 176 (FlashAttention-3's non-causal tile at head dim
 # 128: two stages, as three do not fit in shared memory; its own tail split; session 31; with a key-padding mask since
-# session 32). Head dim 64 takes 128 always; head dim 128 176 from FLASH_WIDE_MIN_KEYS keys, where auto takes the CUDA
-# kernel: run 115 (H200, queued TFLOP/s, 128 -> 176 tile) wan1.3b-480p 641-646 -> 661-665, wan14b-480p 631-632 ->
-# 632-637, wan14b-720p 632-637 -> 646-648, hunyuan-720p 632-634 -> 649-650; at 512 keys (wan14b-480p-cross) 489-493 ->
-# 480-483, so the 128 tile stays below. VKERN_FLASH_KEYS (128 or 176) forces one. At head dim 64 the wide tile (three
-# stages: they fit there) is opt-in (VKERN_FLASH_KEYS=176), not measured against the 128 tile yet.
-FLASH_WIDE_MIN_KEYS = CUDA_MIN_KEYS[128]
+# session 32; at head dim 64 with three stages since session 32), from FLASH_WIDE_MIN_KEYS[head dim] keys, where auto
+# takes the CUDA kernel. Run 115 (H200, queued TFLOP/s, 128 -> 176 tile) wan1.3b-480p 641-646 -> 661-665, wan14b-480p
+# 631-632 -> 632-637, wan14b-720p 632-637 -> 646-648, hunyuan-720p 632-634 -> 649-650; at 512 keys (wan14b-480p-cross)
+# 489-493 -> 480-483, so the 128 tile stays below. Head dim 64, run 122: ltx-512p 436 -> 453-454, cogvideox-5b 441-446
+# -> 458-460. VKERN_FLASH_KEYS (128 or 176) forces one.
+FLASH_WIDE_MIN_KEYS = CUDA_MIN_KEYS
 
 
 def _flash_keys(head_dim, kv_len):
     forced = _env_int("VKERN_FLASH_KEYS", 0, (0, 128, 176))  # (0: unset, the rule above)
-    if forced:
-        return forced
-    return 176 if head_dim == 128 and kv_len >= FLASH_WIDE_MIN_KEYS else 128
+    wide = head_dim in FLASH_WIDE_MIN_KEYS and kv_len >= FLASH_WIDE_MIN_KEYS[head_dim]
+    return forced or (176 if wide else 128)
 
 
 def _flash_stages_for(keys, head_dim):
