@@ -24,11 +24,12 @@ constexpr int kFlashHeadDims[] = {64, 128};
 // record per 176-key tile instead, [B, ceil(kv_len / 176) * 8] words, tile t's key c at bit c % 32 of its word
 // c / 32 (words 0-5; the rest of the record ignored). A query row with no attended key gets out 0 and lse -inf.
 // scale must be positive. stages: depth of the K/V shared-memory ring, 2 or 3. keys: the key tile, 128, or 176
-// (head dim 128, stages 2; FlashAttention-3's non-causal tile).
-// split_workspace (may be null; 3 stages, or the 176-key tile's 2): fp32 scratch of split_workspace_bytes on the stream's device for the tail
-// split: where the launch's last wave would leave more than half the SMs idle, its tiles' keys are split across
-// several CTAs and merged in a second kernel (the same result up to fp32 rounding; the .cu's Split). SMs x 128 x
-// (head_dim + 1) floats always suffice, flash_tail_split_floats the exact need; too small or null: no split.
+// (FlashAttention-3's non-causal tile; stages 2 at head dim 128, 3 at 64).
+// split_workspace (may be null; with 128-key tiles 3 stages): fp32 scratch of split_workspace_bytes on the stream's
+// device for the tail split: where the launch's last wave would leave more than half the SMs idle, its tiles' keys
+// are split across several CTAs and merged in a second kernel (the same result up to fp32 rounding; the .cu's Split).
+// SMs x 128 x (head_dim + 1) floats always suffice, flash_tail_split_floats the exact need; too small or null: no
+// split.
 // Returns cudaErrorInvalidValue for arguments the kernel does not take (see the .cu).
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
@@ -64,7 +65,7 @@ constexpr int kFlashFp8HeadDim = 128;
 // The split workspace's fp32 values a launch of this shape and form takes on the current device; 0: it is not split.
 // The form as the launch's arguments: stages; eight_bit false for flash_attention_fwd, true for
 // flash_attention_fp8_fwd with its int8_pv, exp_fma and turns, and keys (the 16-bit forms and the int8 P/V form's
-// default schedule split, with 3 stages; the 16-bit wide tile, keys 176, with its 2).
+// default schedule split, with 3 stages; the 16-bit wide tile, keys 176, with its stages: 2 at head dim 128, 3 at 64).
 int64_t flash_tail_split_floats(int batch, int heads, int q_len, int kv_len, int head_dim, int stages, bool eight_bit,
                                 bool int8_pv, int exp_fma, int turns, int keys = 128);
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,

@@ -55,7 +55,8 @@ __device__ long long g_flash_trace[2][4][kTraceBlocks][kTraceEvents];
 // (its tile: D rows x 128 keys, the keys contiguous, as 8-bit wgmma wants both operands K-major) with fp32
 // scales per (128-key block, head), like K's.
 // kKeys: keys per tile, 128, or 192 for the 8-bit forms' wide tile (see flash_fwd_kernel), or 176 for the 16-bit
-// forms' wide tile (D = 128, two stages: FlashAttention-3's non-causal tile; session 31; its key mask: session 32).
+// forms' wide tile (FlashAttention-3's non-causal tile; D = 128 with two stages, session 31; its key mask and D = 64
+// with three stages, session 32).
 template <typename In, int kHeadDim, int kKeys = kBlockN>
 struct Format {
   static constexpr bool kIntPV = std::is_same<In, S8PV>::value;               // int8 Q, K; u8 P, int8 V
