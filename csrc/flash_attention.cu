@@ -70,9 +70,10 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
 // The 16-bit wide tile's (176 keys) ring depth: 2 at D 128 (three do not fit in shared memory), 3 at D 64.
 constexpr int wide_stages(int head_dim) { return head_dim == 128 ? 2 : 3; }
 
-// The launch forms that take the tail split (with 3 stages, or the 16-bit wide tile's 2): the 16-bit kernel, and the
-// int8 P/V form's default schedule (no FMA exponentials, no turns). The dispatch instantiates kSplit for these only,
-// and flash_tail_split_floats asks for a workspace for these only: this is the one place that says which.
+// The launch forms that take the tail split (with 3 stages, or the 16-bit wide tile's wide_stages): the 16-bit
+// kernel, and the int8 P/V form's default schedule (no FMA exponentials, no turns). The dispatch instantiates kSplit
+// for these only, and flash_tail_split_floats asks for a workspace for these only: this is the one place that says
+// which.
 constexpr bool split_schedule(bool eight_bit, bool int8_pv, int exp_fma, int turns) {
   return !eight_bit || (int8_pv && exp_fma == 0 && turns == 0);
 }

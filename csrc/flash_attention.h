@@ -25,11 +25,11 @@ constexpr int kFlashHeadDims[] = {64, 128};
 // c / 32 (words 0-5; the rest of the record ignored). A query row with no attended key gets out 0 and lse -inf.
 // scale must be positive. stages: depth of the K/V shared-memory ring, 2 or 3. keys: the key tile, 128, or 176
 // (FlashAttention-3's non-causal tile; stages 2 at head dim 128, 3 at 64).
-// split_workspace (may be null; with 128-key tiles 3 stages): fp32 scratch of split_workspace_bytes on the stream's
-// device for the tail split: where the launch's last wave would leave more than half the SMs idle, its tiles' keys
-// are split across several CTAs and merged in a second kernel (the same result up to fp32 rounding; the .cu's Split).
-// SMs x 128 x (head_dim + 1) floats always suffice, flash_tail_split_floats the exact need; too small or null: no
-// split.
+// split_workspace (may be null; taken with 3 stages, or the 176-key tile's): fp32 scratch of split_workspace_bytes
+// on the stream's device for the tail split: where the launch's last wave would leave more than half the SMs idle,
+// its tiles' keys are split across several CTAs and merged in a second kernel (the same result up to fp32 rounding;
+// the .cu's Split). SMs x 128 x (head_dim + 1) floats always suffice, flash_tail_split_floats the exact need; too
+// small or null: no split.
 // Returns cudaErrorInvalidValue for arguments the kernel does not take (see the .cu).
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
