@@ -350,6 +350,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // loaded before the S wait, but only their AND is kept through it (words[0]: registers), and the softmax reads the
   // record again (L1) only where some key is masked.
   constexpr bool kBitRecords = !F::k8Bit && kKeys != kBlockN;
+  static_assert(!kBitRecords || kWords == 6, "a record's six words are read as a uint4 and two of a second one");
   struct Tile {
     uint32_t words[kKeys == kBlockN ? kWords : 1];  // kBitRecords: the AND of the tile's words
     float key_scale[kGroups], value_scale[kGroups];
@@ -369,7 +370,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       tile.words[0] = ~0u;
       if (key_bits != nullptr) {
         const uint4 a = __ldg(bit_record(j)), b = __ldg(bit_record(j) + 1);
-        tile.words[0] = a.x & a.y & a.z & a.w & b.x & (b.y | 0xFFFF0000u);  // (b.y's high half: no keys)
+        constexpr uint32_t kNoKeys = kKeys % 32 ? ~0u << (kKeys % 32) : 0u;  // the last word's bits past the keys
+        tile.words[0] = a.x & a.y & a.z & a.w & b.x & (b.y | kNoKeys);
       }
     }
 #pragma unroll

@@ -407,7 +407,7 @@ def _env_int(name, default, allowed):
 
 
 # The CUDA kernel's K/V ring depth with 128-key tiles (2 or 3; VKERN_FLASH_STAGES overrides, for benchmarks; the
-# 176-key tile always has 2). Run 34: 3 stages 689 vs 641 TFLOP/s at wan1.3b-480p, 636 vs 631 at wan14b-720p.
+# 176-key tile's is fixed per head dim: _flash_stages_for). Run 34: 3 stages 689 vs 641 TFLOP/s at wan1.3b-480p, 636 vs 631 at wan14b-720p.
 FLASH_STAGES = 3
 
 
