@@ -71,8 +71,6 @@ def _attention(name, providers, args):
     fns["vkern-cuda-nosplit"] = with_env(fns["vkern-cuda"], "VKERN_FLASH_TAIL_SPLIT", "0")  # (session 27)
     fns["vkern-cuda-k176"] = with_env(fns["vkern-cuda"], "VKERN_FLASH_KEYS", "176")  # the wide tile (session 31)
     fns["vkern-cuda-k128"] = with_env(fns["vkern-cuda"], "VKERN_FLASH_KEYS", "128")
-    for fma in ("0", "1", "2"):  # the wide tile's exponentials on the FMA pipe, k of each 8 (session 33)
-        fns[f"vkern-cuda-k176-fma{fma}"] = with_env(fns["vkern-cuda-k176"], "VKERN_FLASH_WIDE_EXP_FMA", fma)
     # flash-attn's package (FA3 on Hopper, else FA2) where it is installed; elsewhere the row is left out, said once
     flash_attn_missing = fused_attention.flash_attn_backend.reason(q.device, q.dtype, s.head_dim, s.head_dim, False)
     if flash_attn_missing is None:
@@ -167,14 +165,11 @@ def _attention(name, providers, args):
                 turns = ("off", "on (passed when issued)", "on (passed when done)")[turns]
                 row["config"] += (f", {fma} of 8 exponentials on FMA, turns {turns}, P V added after the next softmax"
                                   f", rescale slack {slack}, tail split {split}")
-        elif (provider in ("vkern-cuda", "vkern-cuda-nosplit", "vkern-cuda-k176", "vkern-cuda-k128")
-              or provider.startswith("vkern-cuda-k176-fma")):
+        elif provider in ("vkern-cuda", "vkern-cuda-nosplit", "vkern-cuda-k176", "vkern-cuda-k128"):
             keys = fused_attention.last_flash_keys  # (this call's launch)
             stages = fused_attention._flash_stages_for(keys, s.head_dim)
             row["config"] = (f"cuda sm90a: 128x{keys} tiles, 2 consumer warpgroups, {stages}-stage TMA ring, "
                              f"tail split {split}")
-            if keys == 176:
-                row["config"] += f", {fused_attention.last_flash_exp_fma} of 8 exponentials on FMA"
         elif provider.startswith("vkern-"):
             from vkern.triton.attention import _attention_tuned
 

@@ -106,17 +106,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("flash_attention_fwd",
         [](TensorArg q, TensorArg k, TensorArg v, TensorArg out, uintptr_t lse, uintptr_t key_bits, int dtype,
            int batch, int heads, int q_len, int kv_len, int head_dim, float scale, int stages, uintptr_t stream,
-           uintptr_t split_workspace, int64_t split_workspace_bytes, int keys, int exp_fma) {
+           uintptr_t split_workspace, int64_t split_workspace_bytes, int keys) {
           check(vkern::flash_attention_fwd(tensor_of(q), tensor_of(k), tensor_of(v), tensor_of(out), ptr<float>(lse),
                                            ptr<const void>(key_bits), static_cast<vkern::DType>(dtype), batch, heads, q_len, kv_len, head_dim,
                                            scale, stages, stream_of(stream), ptr<float>(split_workspace),
-                                           split_workspace_bytes, keys, exp_fma),
+                                           split_workspace_bytes, keys),
                 "flash_attention_fwd");
         },
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_bits"), py::arg("dtype"),
         py::arg("batch"), py::arg("heads"), py::arg("q_len"), py::arg("kv_len"), py::arg("head_dim"), py::arg("scale"),
         py::arg("stages"), py::arg("stream"), py::arg("split_workspace") = 0, py::arg("split_workspace_bytes") = 0,
-        py::arg("keys") = 128, py::arg("exp_fma") = 0);
+        py::arg("keys") = 128);
 
   m.def("flash_tail_split_floats", &vkern::flash_tail_split_floats, py::arg("batch"), py::arg("heads"),
         py::arg("q_len"), py::arg("kv_len"), py::arg("head_dim"), py::arg("stages"), py::arg("eight_bit") = false,

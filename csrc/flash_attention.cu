@@ -155,10 +155,9 @@ int64_t flash_tail_split_floats(int batch, int heads, int q_len, int kv_len, int
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
                                 float scale, int stages, cudaStream_t stream, float* split_workspace,
-                                int64_t split_workspace_bytes, int keys, int exp_fma) {
+                                int64_t split_workspace_bytes, int keys) {
   const bool wide_ok = keys == 176 && stages == wide_stages(head_dim);
   if ((head_dim != kFlashHeadDims[0] && head_dim != kFlashHeadDims[1]) || (keys != kBlockN && !wide_ok) ||
-      exp_fma < 0 || exp_fma > 2 || (exp_fma != 0 && keys != 176) ||
       !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) || !tma_compatible(q) ||
       !tma_compatible(k) || !tma_compatible(v) || !tma_compatible(out))
     return cudaErrorInvalidValue;
@@ -175,19 +174,13 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
       const Split split = plan_split((q_len + kBlockM - 1) / kBlockM * heads * batch, (kv_len + keys - 1) / keys,
                                      head_dim, split_workspace, split_workspace_bytes);
       constexpr int kWideStages = wide_stages(kDim);
-      const auto wide = [&](auto fma_tag) {
-        constexpr int kFma = decltype(fma_tag)::value;
-        if (split.n_splits > 0)
-          return launch<T, T, kDim, kWideStages, 176, kFma, 0, true>(maps, nullptr, nullptr, nullptr, nullptr, lse,
-                                                                     key_bits, batch, heads, q_len, kv_len, scale,
-                                                                     0.f, stream, split, out);
-        return launch<T, T, kDim, kWideStages, 176, kFma>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits,
-                                                          batch, heads, q_len, kv_len, scale, 0.f, stream);
-      };
+      if (keys == 176 && split.n_splits > 0)
+        return launch<T, T, kDim, kWideStages, 176, 0, 0, true>(maps, nullptr, nullptr, nullptr, nullptr, lse,
+                                                                key_bits, batch, heads, q_len, kv_len, scale, 0.f,
+                                                                stream, split, out);
       if (keys == 176)
-        return exp_fma == 2   ? wide(std::integral_constant<int, 2>())
-               : exp_fma == 1 ? wide(std::integral_constant<int, 1>())
-                              : wide(std::integral_constant<int, 0>());
+        return launch<T, T, kDim, kWideStages, 176>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch,
+                                                    heads, q_len, kv_len, scale, 0.f, stream);
       static_assert(split_schedule(false, false, 0, 0), "the 16-bit forms take the tail split");
       if (stages == 3 && split.n_splits > 0)
         return launch<T, T, kDim, 3, kBlockN, 0, 0, true>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits,

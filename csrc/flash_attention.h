@@ -24,9 +24,7 @@ constexpr int kFlashHeadDims[] = {64, 128};
 // record per 176-key tile instead, [B, ceil(kv_len / 176) * 8] words, tile t's key c at bit c % 32 of its word
 // c / 32 (words 0-5; the rest of the record ignored). A query row with no attended key gets out 0 and lse -inf.
 // scale must be positive. stages: depth of the K/V shared-memory ring, 2 or 3. keys: the key tile, 128, or 176
-// (FlashAttention-3's non-causal tile; stages 2 at head dim 128, 3 at 64). exp_fma (keys 176 only; else 0): 0, 1 or 2
-// of each 8 exponentials on the FMA pipe (a cubic, relative error 1.0e-4, far below P's 16-bit rounding; a masked key
-// then weighs 2^-126 instead of 0).
+// (FlashAttention-3's non-causal tile; stages 2 at head dim 128, 3 at 64).
 // split_workspace (may be null; taken with 3 stages, or the 176-key tile's): fp32 scratch of split_workspace_bytes
 // on the stream's device for the tail split: where the launch's last wave would leave more than half the SMs idle,
 // its tiles' keys are split across several CTAs and merged in a second kernel (the same result up to fp32 rounding;
@@ -36,9 +34,8 @@ constexpr int kFlashHeadDims[] = {64, 128};
 cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor v, AttentionTensor out,
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
                                 float scale, int stages, cudaStream_t stream, float* split_workspace = nullptr,
-                                int64_t split_workspace_bytes = 0, int keys = 128, int exp_fma = 0);
+                                int64_t split_workspace_bytes = 0, int keys = 128);
 #define VKERN_FLASH_WIDE_TILE 1  // flash_attention_fwd takes keys (bench/flash_trace.cu builds against older trees too)
-#define VKERN_FLASH_WIDE_EXP_FMA 1  // and exp_fma (session 33)
 
 // fp8 attention (head dim kFlashFp8HeadDim): q, k e4m3 (int8 with int8_qk) [B, S, H, D] with positive fp32 scales, q_scale
 // [B, H, q_len] per (token, head) and k_scale [B, H, ceil(kv_len / 128)] per (128-key block, head); vt e4m3

@@ -210,8 +210,6 @@ __device__ __forceinline__ float quad_sum(float x) {
 // exponentials' MUFU.EX2 gaps with them. Options measured slower with those on an H200 (run 84; kept for
 // benchmarks): kExpFma of each 8 exponentials per thread on the FMA pipe (ex2_fma), kTurns (the consumers issue
 // their products in turns, as the 16-bit forms).
-// kExpFma in the 16-bit wide tile (session 33): its softmax window is MUFU-bound where both consumers' softmaxes run at
-// once (head dim 64: as many MUFU clocks per block as tensor clocks), and its issue slots are free there.
 // S8's scores: the int32 accumulator starts at the bits of kIntBias = 1.5 * 2^23 (see wgmma_m64n128k32_ss_s8), so
 // s reads as kIntBias + S in fp32; the bias cancels in s - max and is taken out of the row max.
 template <typename In, typename Out, int kHeadDim, int kStages, int kKeys, int kExpFma, int kTurns, bool kSplit>
@@ -234,8 +232,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   // sub-partition's tensor core already takes the products in order (bench/flash_trace.cu, bench/NOTES.md).
   constexpr bool kPassWhenDone = kTurns == 2;
   static_assert(kTurns == 0 || kIntPV, "the 8-bit turn options are the int8 P/V form's");
-  static_assert(kExpFma == 0 || kIntPV || (!F::k8Bit && kKeys != kBlockN),
-                "FMA-pipe exponentials: the int8 P/V form's and the 16-bit wide tile's option");
   constexpr int kTileBytes = F::kTileBytes;
   constexpr float kIntBias = 12582912.f;  // 1.5 * 2^23, bits 0x4B400000
   extern __shared__ uint8_t smem_raw[];
@@ -518,9 +514,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < kSRegs; ++i) {
       const int r = (i / 2) % 2, g = i / kGroupRegs;
       const float x = fmaf(s[i], mult[r][g], neg_max[r][g]);
-      // (kExpFma of each 8 on the FMA pipe. The 16-bit forms' floor is 2^-126: a masked key weighs that, against a
-      // row sum >= 1; u8 P rounds anything below 2^-25 to 0.)
-      s[i] = (i % 8) >= 8 - kExpFma ? (F::k8Bit ? ex2_fma(x) : ex2_fma<-126>(x)) : ex2(x);
+      s[i] = kIntPV && (i % 8) >= 8 - kExpFma ? ex2_fma(x) : ex2(x);
       if constexpr (!kIntPV) part[r][kGroups == 1 ? (i / 4) % 2 : g] += s[i];
     }
 #pragma unroll
@@ -774,12 +768,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = 0; r < 2; ++r) {
     o_corr[r] = kIntPV ? quad_sum(corr[r]) * 0x1p-142f : 0.f;  // 128 * 2^-149 * factor * sum(P)
     row_sum[r] = quad_sum(row_sum[r]);
-    // No attended key: out 0, lse -inf. (The 16-bit forms with FMA-pipe exponentials read it from the max: their
-    // masked keys weigh 2^-126 each, not 0.)
-    const bool any_key = kExpFma != 0 && !F::k8Bit ? row_max[r] != -INFINITY : row_sum[r] > 0.f;
-    attended[r] = any_key ? 1.f : 0.f;
-    // kShiftV: O is in units of sigma.
-    inv[r] = any_key ? (F::kShiftV ? v_sigma : kIntPV ? 0x1p48f : 1.f) / row_sum[r] : 0.f;
+    attended[r] = row_sum[r] > 0.f ? 1.f : 0.f;
+    // 0: every key masked (out 0, lse -inf). kShiftV: O is in units of sigma.
+    inv[r] = row_sum[r] > 0.f ? (F::kShiftV ? v_sigma : kIntPV ? 0x1p48f : 1.f) / row_sum[r] : 0.f;
   }
   // v_offset (8-bit, may be null: fp32 [B, H, D]): this thread's columns (i / 4) * 8 + (lane % 4) * 2 + {0, 1}, one
   // fp32 pair per i / 4.

@@ -416,15 +416,12 @@ __device__ __forceinline__ float ex2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-// 2^x for x <= 0 on the FMA pipe (MUFU.EX2 takes 8 clocks per warp, and the attention kernels' softmax waits on
-// it): x clamped at kFloor (in [-126, -1]: 2^kFloor stands for anything below it; -inf included), rounded to an
-// integer n (1.5 * 2^23 puts it in the low mantissa bits), 2^(x - n) by a cubic on [-0.5, 0.5] (relative error 1.0e-4,
-// minimax: bench/ex2_fma_fit.py), n added to its exponent field (at n = -126, 2^(x - n) < 1 lands among the
-// subnormals: never negative; x <= kFloor gives 2^kFloor exactly).
-template <int kFloor = -30>
+// 2^x for x <= 0 on the FMA pipe (MUFU.EX2 takes 8 clocks per warp, and the 8-bit attention kernels' softmax waits on
+// it): x clamped at -30 (2^-30: below what the callers keep), rounded to an integer n (1.5 * 2^23 puts it in the
+// low mantissa bits), 2^(x - n) by a cubic on [-0.5, 0.5] (relative error 1.0e-4, minimax: bench/ex2_fma_fit.py),
+// n added to its exponent field.
 __device__ __forceinline__ float ex2_fma(float x) {
-  static_assert(kFloor >= -126 && kFloor <= -1, "n must keep the exponent field of 2^(x - n) >= 0");
-  x = fmaxf(x, float(kFloor));
+  x = fmaxf(x, -30.f);
   const float rounded = x + 12582912.f;
   const float f = x - (rounded - 12582912.f);
   const float p = fmaf(fmaf(fmaf(0.05500858277f, f, 0.24221037328f), f, 0.69328290224f), f, 1.f);

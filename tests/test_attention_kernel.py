@@ -59,20 +59,18 @@ def assert_unbiased(out, oracle, torch_out, what="output"):
         f"{what}: biased by {c:.3g} relative (torch {c_t:.3g}, chance level {sd_t:.2g})"
 
 
-def check_lse(lse, lse_oracle, lse_torch32, what="lse", approx_exp=0.0):
-    """approx_exp: the largest relative error of the kernel's exponentials where it computes some by an approximation
-    (its row sums then carry up to that relative error, and the log-sum-exp that much absolute error)."""
+def check_lse(lse, lse_oracle, lse_torch32, what="lse"):
     assert torch.isfinite(lse).all(), f"{what}: non-finite values where a key is attended"
     err = (lse.double() - lse_oracle).abs().max().item()
     torch_err = (lse_torch32.double() - lse_oracle).abs().max().item()
-    floor = LSE_REL_FLOOR * (1 + lse_oracle.abs().max().item()) + approx_exp
+    floor = LSE_REL_FLOOR * (1 + lse_oracle.abs().max().item())
     assert err <= 2 * torch_err + floor, f"{what}: max error {err:.3g} > 2 x torch's fp32 {torch_err:.3g} + {floor:.2g}"
 
 
-def check_attention(q, k, v, backend, key_padding_mask=None, scale=None, rows=None, approx_exp=0.0):
+def check_attention(q, k, v, backend, key_padding_mask=None, scale=None, rows=None):
     """The op's (out, lse) on q, k, v against the float64 oracle, with the 2x-PyTorch rule. rows: a
     LongTensor of query positions to check (the gpu tests sample them at real sizes; attention rows
-    are independent, so the oracle only needs those rows of q). approx_exp: as check_lse's."""
+    are independent, so the oracle only needs those rows of q)."""
     with_lse = backend != "sdpa"  # SDPA does not return the log-sum-exp (the op refuses it there)
     out, lse = run_op(q, k, v, key_padding_mask=key_padding_mask, scale=scale, return_lse=True) if with_lse else \
         (run_op(q, k, v, key_padding_mask=key_padding_mask, scale=scale), None)
@@ -100,7 +98,7 @@ def check_attention(q, k, v, backend, key_padding_mask=None, scale=None, rows=No
         assert_within_torch_error(out[live], oracle[live], torch_out[live])
         assert_unbiased(out[live], oracle[live], torch_out[live])
         if with_lse:
-            check_lse(lse[live], lse_oracle[live], lse_torch32[live], approx_exp=approx_exp)
+            check_lse(lse[live], lse_oracle[live], lse_torch32[live])
     return out, lse
 
 
@@ -771,74 +769,6 @@ def test_gpu_cuda_wide_tile_odd_sizes(use_backend, monkeypatch, dtype, B, H, Sq,
     assert fused_attention.last_flash_keys == 176
 
 
-# ex2_fma's largest relative error (bench/ex2_fma_fit.py: 1.01e-4 over the 16-bit tile's range), rounded up.
-EX2_FMA_REL_ERR = 1.02e-4
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("exp_fma", ["1", "2"])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,H,Sq,Skv", WIDE_ODD, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}" for p in WIDE_ODD])
-def test_gpu_cuda_wide_tile_exp_fma_odd_sizes(use_backend, monkeypatch, exp_fma, dtype, B, H, Sq, Skv, D):
-    """The 176-key tile with 1 or 2 of each 8 exponentials on the FMA pipe (VKERN_FLASH_WIDE_EXP_FMA): out by the
-    2x-PyTorch rule; lse within the cubic's relative error (EX2_FMA_REL_ERR) on top of the usual floor."""
-    monkeypatch.setenv("VKERN_FLASH_KEYS", "176")
-    monkeypatch.setenv("VKERN_FLASH_WIDE_EXP_FMA", exp_fma)
-    q, k, v = make_qkv(B, Sq, Skv, H, D, dtype, "cuda")
-    check_attention(q, k, v, use_backend("cuda"), approx_exp=EX2_FMA_REL_ERR)
-    assert (fused_attention.last_flash_keys, fused_attention.last_flash_exp_fma) == (176, int(exp_fma))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("exp_fma", ["1", "2"])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("pattern", ["random", "prefix", "dead_row"])
-@pytest.mark.parametrize("B,Sq,Skv", [(2, 129, 127), (3, 1000, 4097)])
-def test_gpu_cuda_wide_tile_exp_fma_key_padding_mask(use_backend, monkeypatch, B, Sq, Skv, pattern, D, exp_fma):
-    """FMA-pipe exponentials with a key-padding mask: a masked key weighs 2^-126 there, not 0, so rows with no key
-    must still give out 0 and lse -inf (dead_row: the kernel reads it from the row max), and masked keys no
-    measurable weight (random, prefix: the 2x-PyTorch rule)."""
-    monkeypatch.setenv("VKERN_FLASH_KEYS", "176")
-    monkeypatch.setenv("VKERN_FLASH_WIDE_EXP_FMA", exp_fma)
-    q, k, v = make_qkv(B, Sq, Skv, 3, D, torch.bfloat16, "cuda")
-    check_attention(q, k, v, use_backend("cuda"), key_padding_mask=make_padding(B, Skv, pattern, "cuda"),
-                    approx_exp=EX2_FMA_REL_ERR)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128])
-def test_gpu_cuda_wide_tile_exp_fma_error_as_exact_exponentials(use_backend, monkeypatch, D):
-    """At a real length, 2 of each 8 exponentials on the FMA pipe leave the output's error against the float64 oracle
-    where the MUFU exponentials leave it (1e-4 relative on some P, against bf16's 2^-9 rounding of every P): within
-    2% of it, sampled rows of 2 heads x 16384 keys."""
-    monkeypatch.setenv("VKERN_FLASH_KEYS", "176")
-    q, k, v = make_qkv(1, 16384, 16384, 2, D, torch.bfloat16, "cuda")
-    rows = sampled_rows(16384)
-    oracle = ref.attention_lse(q[:, rows], k, v, dtype=torch.float64)[0]
-    use_backend("cuda")
-    errors = {}
-    for fma in ("0", "2"):
-        monkeypatch.setenv("VKERN_FLASH_WIDE_EXP_FMA", fma)
-        errors[fma] = rel_l2(run_op(q, k, v)[:, rows], oracle)
-        assert _backend.last_choice["attention"] == "cuda" and fused_attention.last_flash_exp_fma == int(fma)
-    assert errors["2"] <= 1.02 * errors["0"], errors
-
-
-def test_flash_wide_exp_fma_setting(monkeypatch):
-    """The wide tile's FMA-pipe exponentials: FLASH_WIDE_EXP_FMA per head dim (0 where unset), VKERN_FLASH_WIDE_EXP_FMA
-    0, 1 or 2 overrides; the 128-key tile never takes them (the extension refuses them there)."""
-    monkeypatch.delenv("VKERN_FLASH_WIDE_EXP_FMA", raising=False)
-    assert fused_attention._flash_wide_exp_fma(96) == 0
-    for D in (64, 128):
-        assert fused_attention._flash_wide_exp_fma(D) == fused_attention.FLASH_WIDE_EXP_FMA[D]
-    monkeypatch.setenv("VKERN_FLASH_WIDE_EXP_FMA", "2")
-    assert fused_attention._flash_wide_exp_fma(64) == 2
-    monkeypatch.setenv("VKERN_FLASH_WIDE_EXP_FMA", "3")
-    with pytest.raises(ValueError, match="VKERN_FLASH_WIDE_EXP_FMA: expected one of 0, 1, 2"):
-        fused_attention._flash_wide_exp_fma(64)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("pattern", ["prefix", "random"])
 def test_gpu_cuda_joint_attention_with_padded_text_takes_the_wide_tile(use_backend, monkeypatch, pattern):
@@ -861,28 +791,24 @@ def test_gpu_cuda_joint_attention_with_padded_text_takes_the_wide_tile(use_backe
 @pytest.mark.gpu
 def test_gpu_cuda_wide_tile_refused_outside_its_form():
     """The extension refuses the wide tile with a ring depth it has not (head dim 128: 2 stages; 64: 3) or a tile
-    width it has not (it takes a mask: its records, test_gpu_cuda_key_padding_mask), and FMA-pipe exponentials
-    outside the wide tile or beyond 2 of each 8."""
+    width it has not (it takes a mask: its records, test_gpu_cuda_key_padding_mask)."""
     from vkern._ext import cuda_ext
 
     q, k, v = make_qkv(1, 256, 256, 2, 128, torch.bfloat16, "cuda")
     out = torch.empty_like(q)
 
-    def call(keys, stages, tensors=(q, k, v, out), exp_fma=0):
+    def call(keys, stages, tensors=(q, k, v, out)):
         D = tensors[0].shape[-1]
         cuda_ext().flash_attention_fwd(*((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in tensors), 0,
                                        0, fused_attention.DTYPE_CODE[torch.bfloat16], 1, 2, 256, 256, D,
-                                       D ** -0.5, stages, torch.cuda.current_stream().cuda_stream, 0, 0, keys,
-                                       exp_fma)
+                                       D ** -0.5, stages, torch.cuda.current_stream().cuda_stream, 0, 0, keys)
 
     q64, k64, v64 = make_qkv(1, 256, 256, 2, 64, torch.bfloat16, "cuda")
     at_64 = (q64, k64, v64, torch.empty_like(q64))
     call(176, 2)  # the forms it takes
     call(176, 3, at_64)
-    call(176, 2, exp_fma=2)
     torch.cuda.synchronize()
-    for bad in (lambda: call(176, 3), lambda: call(160, 2), lambda: call(176, 2, at_64),
-                lambda: call(128, 3, exp_fma=1), lambda: call(176, 2, exp_fma=3)):
+    for bad in (lambda: call(176, 3), lambda: call(160, 2), lambda: call(176, 2, at_64)):
         with pytest.raises(RuntimeError, match="flash_attention_fwd"):
             bad()
 

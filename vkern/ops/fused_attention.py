@@ -437,19 +437,8 @@ def _flash_stages_for(keys, head_dim):
     return (2 if head_dim == 128 else 3) if keys == 176 else _flash_stages()
 
 
-# The 176-key tile's exponentials on the FMA pipe: 0, 1 or 2 of each 8 per thread (a cubic, relative error 1.0e-4,
-# far below P's 16-bit rounding; session 33: its softmax window is MUFU-bound at head dim 64).
-# VKERN_FLASH_WIDE_EXP_FMA overrides.
-FLASH_WIDE_EXP_FMA = {64: 0, 128: 0}
-
-
-def _flash_wide_exp_fma(head_dim):
-    return _env_int("VKERN_FLASH_WIDE_EXP_FMA", FLASH_WIDE_EXP_FMA.get(head_dim, 0), (0, 1, 2))
-
-
-# The last 16-bit CUDA attention launch's key tile and FMA-pipe exponentials (what tests and benchmark rows read).
+# The last 16-bit CUDA attention launch's key tile (what tests and benchmark rows read).
 last_flash_keys = 0
-last_flash_exp_fma = 0
 
 
 # The CUDA 8-bit kernel's key tile: 128 (each block's P V promoted to fp32 O with its V scale) or 192 (O in the
@@ -545,9 +534,8 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
     B, Sq, H, D = q.shape
     out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device) if return_lse else None
-    global last_flash_keys, last_flash_exp_fma
+    global last_flash_keys
     keys = last_flash_keys = _flash_keys(D, k.shape[1])
-    exp_fma = last_flash_exp_fma = _flash_wide_exp_fma(D) if keys == 176 else 0
     bits = None if key_padding_mask is None else key_padding_bits(key_padding_mask, keys)
     stages = _flash_stages_for(keys, D)
     split = _split_workspace(cuda_ext(), q.device, B, H, Sq, k.shape[1], D, stages=stages, keys=keys)
@@ -557,7 +545,7 @@ def _cuda_attention(q, k, v, scale, return_lse, key_padding_mask=None):
             0 if lse is None else lse.data_ptr(), 0 if bits is None else bits.data_ptr(), DTYPE_CODE[q.dtype], B,
             H, Sq, k.shape[1], D,
             D ** -0.5 if scale is None else scale, stages, torch.cuda.current_stream(q.device).cuda_stream,
-            0 if split is None else split.data_ptr(), 0 if split is None else split.numel() * 4, keys, exp_fma)
+            0 if split is None else split.data_ptr(), 0 if split is None else split.numel() * 4, keys)
     return out, lse
 
 
