@@ -103,6 +103,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n_cache"), py::arg("block_n"), py::arg("persistent"), py::arg("stream"));
 
   m.attr("flash_head_dims") = py::make_tuple(vkern::kFlashHeadDims[0], vkern::kFlashHeadDims[1]);
+  {
+    py::dict wide_stages;  // the 176-key tile's ring depth per head dim
+    for (int d : vkern::kFlashHeadDims) wide_stages[py::int_(d)] = vkern::flash_wide_stages(d);
+    m.attr("flash_wide_stages") = wide_stages;
+  }
   m.def("flash_attention_fwd",
         [](TensorArg q, TensorArg k, TensorArg v, TensorArg out, uintptr_t lse, uintptr_t key_bits, int dtype,
            int batch, int heads, int q_len, int kv_len, int head_dim, float scale, int stages, uintptr_t stream,

@@ -805,6 +805,9 @@ def test_gpu_cuda_wide_tile_refused_outside_its_form():
 
     q64, k64, v64 = make_qkv(1, 256, 256, 2, 64, torch.bfloat16, "cuda")
     at_64 = (q64, k64, v64, torch.empty_like(q64))
+    # The depths it exports are the ones it takes, and what the Python launches pass.
+    assert cuda_ext().flash_wide_stages == {64: 3, 128: 2}
+    assert [fused_attention._flash_stages_for(176, D) for D in (64, 128)] == [3, 2]
     call(176, 2)  # the forms it takes
     call(176, 3, at_64)
     torch.cuda.synchronize()

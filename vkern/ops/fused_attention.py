@@ -432,9 +432,13 @@ def _flash_keys(head_dim, kv_len):
 
 
 def _flash_stages_for(keys, head_dim):
-    """The K/V ring depth a launch with this key tile takes (the 176-key tile: 2 at head dim 128, where three do
-    not fit in shared memory; 3 at head dim 64)."""
-    return (2 if head_dim == 128 else 3) if keys == 176 else _flash_stages()
+    """The K/V ring depth a launch with this key tile takes (the 176-key tile: the extension's, per head dim: 2 at
+    128, where three do not fit in shared memory, 3 at 64; vkern._C.flash_wide_stages)."""
+    if keys != 176:
+        return _flash_stages()
+    from .._ext import cuda_ext
+
+    return cuda_ext().flash_wide_stages[head_dim]
 
 
 # The last 16-bit CUDA attention launch's key tile (what tests and benchmark rows read).
