@@ -132,9 +132,9 @@ class BigAllocations(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("mode,expected,S,chunk", [("auto", 3, 21, 8), ("fp8", 3, 300, 100)])
+@pytest.mark.parametrize("mode,expected,S,chunk", [("auto", 3, 21, 8), ("fp8", 3, 300, 100), ("int8pv", 3, 300, 100)])
 def test_chunked_block_allocates_only_kv_and_the_new_hidden_states(mode, expected, S, chunk):
-    # Full-sequence tensors: K and V buffers and the block's output (fp8: the 8-bit K and V, each span quantized
+    # Full-sequence tensors: K and V buffers and the block's output (fp8, int8pv: the 8-bit K and V, each span quantized
     # before it is stored, so no bf16 V of the whole sequence). Unchunked, the block also holds the normed input,
     # q, normed q/k, the attention output and its projection.
     # (fp8: the key pass runs in chunks of 128, the scales' block, so S spans several.)
@@ -151,7 +151,7 @@ def test_chunked_block_allocates_only_kv_and_the_new_hidden_states(mode, expecte
     assert len(full.seen) >= expected + 4, full.seen
 
 
-@pytest.mark.parametrize("mode", ["auto", "fp8"])
+@pytest.mark.parametrize("mode", ["auto", "fp8", "int8pv"])
 def test_chunks_free_their_tensors_before_the_next_chunk(mode):
     """A span's keys and values (the key/value pass, before they are stored) and a query chunk's output projection
     are gone before the next span or chunk makes its own: one chunk of each is alive at a time (run 60's trace found
@@ -305,7 +305,7 @@ def test_may_overwrite_input_only_for_unhooked_fused_blocks():
 # --- GPU, Wan-14B 480p sizes -----------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["auto", "fp8"])
+@pytest.mark.parametrize("mode", ["auto", "fp8", "int8pv"])
 def test_gpu_wan14b_block_chunked_attention_peak(mode):
     from .test_block_glue import block_inputs as big_inputs, cuda_peak, make_block as big_block
 
@@ -324,15 +324,16 @@ def test_gpu_wan14b_block_chunked_attention_peak(mode):
                                                              attention_chunk_size=4096))
     rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
     print(f"{mode}: block peak over inputs {peak_whole:.2f} GiB whole, {peak_chunked:.2f} GiB chunked; rel L2 {rel:.2e}")
-    # Chunked, by design: K, V and the new x (3 full [tokens, dim] bf16 tensors; in fp8 mode K and V are 8-bit,
-    # each span quantized before it is stored, so 2 full tensors in all) plus per-chunk temporaries (normed rows,
-    # q, attention output, projection: allow 8 chunk-sized ones, 6 in fp8 mode, whose q and rows are 8-bit: run 60's
-    # trace of the 14B step found 4.5 there. Before 64a511e the fp8 mode gathered the whole bf16 V too: 2.5 full +
-    # temporaries).
+    # Chunked, by design: K, V and the new x (3 full [tokens, dim] bf16 tensors; in the 8-bit modes K and V are
+    # 8-bit, each span quantized before it is stored, so 2 full tensors in all) plus per-chunk temporaries (normed
+    # rows, q, attention output, projection: allow 8 chunk-sized ones, 6 in the 8-bit modes, whose q and rows are
+    # 8-bit: run 60's trace of the 14B step found 4.5 there. Before 64a511e the fp8 mode gathered the whole bf16 V
+    # too: 2.5 full + temporaries).
     full, chunk = 32760 * 5120 * 2 / 2**30, 4096 * 5120 * 2 / 2**30
-    assert peak_chunked <= (2 * full + 6 * chunk if mode == "fp8" else 3 * full + 8 * chunk)
+    eight_bit = mode in ("fp8", "int8pv")
+    assert peak_chunked <= (2 * full + 6 * chunk if eight_bit else 3 * full + 8 * chunk)
     assert peak_chunked < peak_whole
-    assert rel < (2e-2 if mode == "fp8" else 1e-2)
+    assert rel < (2e-2 if eight_bit else 1e-2)
 
 
 @pytest.mark.gpu
