@@ -71,6 +71,7 @@ def _attention(name, providers, args):
     fns["vkern-cuda-nosplit"] = with_env(fns["vkern-cuda"], "VKERN_FLASH_TAIL_SPLIT", "0")  # (session 27)
     fns["vkern-cuda-k176"] = with_env(fns["vkern-cuda"], "VKERN_FLASH_KEYS", "176")  # the wide tile (session 31)
     fns["vkern-cuda-k128"] = with_env(fns["vkern-cuda"], "VKERN_FLASH_KEYS", "128")
+    fns["vkern-cuda-k224"] = with_env(fns["vkern-cuda"], "VKERN_FLASH_KEYS", "224")  # head dim 64 (session 33)
     # flash-attn's package (FA3 on Hopper, else FA2) where it is installed; elsewhere the row is left out, said once
     flash_attn_missing = fused_attention.flash_attn_backend.reason(q.device, q.dtype, s.head_dim, s.head_dim, False)
     if flash_attn_missing is None:
@@ -165,7 +166,7 @@ def _attention(name, providers, args):
                 turns = ("off", "on (passed when issued)", "on (passed when done)")[turns]
                 row["config"] += (f", {fma} of 8 exponentials on FMA, turns {turns}, P V added after the next softmax"
                                   f", rescale slack {slack}, tail split {split}")
-        elif provider in ("vkern-cuda", "vkern-cuda-nosplit", "vkern-cuda-k176", "vkern-cuda-k128"):
+        elif provider in ("vkern-cuda", "vkern-cuda-nosplit", "vkern-cuda-k176", "vkern-cuda-k128", "vkern-cuda-k224"):
             keys = fused_attention.last_flash_keys  # (this call's launch)
             stages = fused_attention._flash_stages_for(keys, s.head_dim)
             row["config"] = (f"cuda sm90a: 128x{keys} tiles, 2 consumer warpgroups, {stages}-stage TMA ring, "

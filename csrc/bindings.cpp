@@ -104,8 +104,10 @@ PYBIND11_MODULE(_C, m) {
 
   m.attr("flash_head_dims") = py::make_tuple(vkern::kFlashHeadDims[0], vkern::kFlashHeadDims[1]);
   {
-    py::dict wide_stages;  // the 176-key tile's ring depth per head dim
-    for (int d : vkern::kFlashHeadDims) wide_stages[py::int_(d)] = vkern::flash_wide_stages(d);
+    py::dict wide_stages;  // the wide tiles' ring depth per (keys, head dim)
+    for (int keys : {176, 224})
+      for (int d : vkern::kFlashHeadDims)
+        if (vkern::flash_wide_stages(keys, d) > 0) wide_stages[py::make_tuple(keys, d)] = vkern::flash_wide_stages(keys, d);
     m.attr("flash_wide_stages") = wide_stages;
   }
   m.def("flash_attention_fwd",

@@ -67,7 +67,12 @@ bool tma_compatible(const AttentionTensor& t, int elem_bytes = 2) {
          t.head_stride >= 0;
 }
 
-// The launch forms that take the tail split (with 3 stages, or the 16-bit wide tile's flash_wide_stages): the 16-bit
+// The 16-bit wide tiles with their ring depths (flash_wide_stages).
+constexpr bool wide_form(int keys, int head_dim, int stages) {
+  return stages != 0 && stages == flash_wide_stages(keys, head_dim);
+}
+
+// The launch forms that take the tail split (with 3 stages, or the 16-bit wide tiles' flash_wide_stages): the 16-bit
 // kernel, and the int8 P/V form's default schedule (no FMA exponentials, no turns). The dispatch instantiates kSplit
 // for these only, and flash_tail_split_floats asks for a workspace for these only: this is the one place that says
 // which.
@@ -142,7 +147,7 @@ bool common_args_ok(int batch, int heads, int q_len, int kv_len, float scale, in
 
 int64_t flash_tail_split_floats(int batch, int heads, int q_len, int kv_len, int head_dim, int stages, bool eight_bit,
                                 bool int8_pv, int exp_fma, int turns, int keys) {
-  const bool wide = !eight_bit && keys == 176 && stages == flash_wide_stages(head_dim);
+  const bool wide = !eight_bit && wide_form(keys, head_dim, stages);
   if ((stages != 3 && !wide) || (keys != kBlockN && !wide) || !split_schedule(eight_bit, int8_pv, exp_fma, turns))
     return 0;
   const int tiles = (q_len + kBlockM - 1) / kBlockM * heads * batch;
@@ -153,7 +158,7 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
                                 float* lse, const void* key_bits, DType dtype, int batch, int heads, int q_len, int kv_len, int head_dim,
                                 float scale, int stages, cudaStream_t stream, float* split_workspace,
                                 int64_t split_workspace_bytes, int keys) {
-  const bool wide_ok = keys == 176 && stages == flash_wide_stages(head_dim);
+  const bool wide_ok = wide_form(keys, head_dim, stages);
   if ((head_dim != kFlashHeadDims[0] && head_dim != kFlashHeadDims[1]) || (keys != kBlockN && !wide_ok) ||
       !common_args_ok(batch, heads, q_len, kv_len, scale, stages, key_bits) || !tma_compatible(q) ||
       !tma_compatible(k) || !tma_compatible(v) || !tma_compatible(out))
@@ -170,7 +175,15 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
       constexpr int kDim = decltype(dim_tag)::value;
       const Split split = plan_split((q_len + kBlockM - 1) / kBlockM * heads * batch, (kv_len + keys - 1) / keys,
                                      head_dim, split_workspace, split_workspace_bytes);
-      constexpr int kWideStages = flash_wide_stages(kDim);
+      constexpr int kWideStages = flash_wide_stages(176, kDim);
+      if constexpr (kDim == 64) {
+        if (keys == 224 && split.n_splits > 0)
+          return launch<T, T, 64, 3, 224, 0, 0, true>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch,
+                                                      heads, q_len, kv_len, scale, 0.f, stream, split, out);
+        if (keys == 224)
+          return launch<T, T, 64, 3, 224>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch, heads,
+                                          q_len, kv_len, scale, 0.f, stream);
+      }
       if (keys == 176 && split.n_splits > 0)
         return launch<T, T, kDim, kWideStages, 176, 0, 0, true>(maps, nullptr, nullptr, nullptr, nullptr, lse,
                                                                 key_bits, batch, heads, q_len, kv_len, scale, 0.f,

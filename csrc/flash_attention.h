@@ -16,9 +16,12 @@ struct AttentionTensor {
 
 // The head dims the kernel takes.
 constexpr int kFlashHeadDims[] = {64, 128};
-// The 16-bit wide tile's (176 keys) ring depth: 2 at D 128 (three do not fit in shared memory), 3 at D 64. (Exported
-// to Python as vkern._C.flash_wide_stages: the launches' one source.)
-constexpr int flash_wide_stages(int head_dim) { return head_dim == 128 ? 2 : 3; }
+// The 16-bit wide tiles' ring depth per (keys, head dim), 0 for a form that is not one: 176 keys, 2 stages at D 128
+// (three do not fit in shared memory), 3 at D 64; 224 keys at D 64 only, 3 stages. (Exported to Python as
+// vkern._C.flash_wide_stages: the launches' one source.)
+constexpr int flash_wide_stages(int keys, int head_dim) {
+  return keys == 176 ? (head_dim == 128 ? 2 : 3) : keys == 224 && head_dim == 64 ? 3 : 0;
+}
 
 // out = softmax(scale * q k^T) v per (batch, head); q/out have q_len tokens, k/v kv_len; dtype bf16 or fp16.
 // lse (may be null): fp32 [B, H, q_len] contiguous, the natural-log log-sum-exp of the scaled scores.

@@ -63,8 +63,9 @@ struct Format {
   static constexpr bool kIntQK = std::is_same<In, S8>::value || kIntPV;       // int8 Q, K (S8: e4m3 P, V)
   static constexpr bool k8Bit = std::is_same<In, E4M3>::value || kIntQK;      // the 8-bit forms
   static_assert(!k8Bit || kHeadDim == 128, "the 8-bit kernel takes head dim 128");
-  static_assert(kKeys == kBlockN || (k8Bit && !kIntPV && kKeys == 192) || (!k8Bit && kKeys == 176),
-                "tiles of 128 keys, 192 for the e4m3-P forms, or 176 for the 16-bit forms");
+  static_assert(kKeys == kBlockN || (k8Bit && !kIntPV && kKeys == 192) ||
+                    (!k8Bit && (kKeys == 176 || (kKeys == 224 && kHeadDim == 64))),
+                "tiles of 128 keys, 192 for the e4m3-P forms, or 176 (224 at head dim 64) for the 16-bit forms");
   static constexpr bool kPromoteO = k8Bit && kKeys == kBlockN;                 // see flash_fwd_kernel
   static constexpr bool kShiftV = k8Bit && !kPromoteO;  // tensor-core O, V's block scales folded into P
   static constexpr int kGroups = kShiftV ? kKeys / 64 : 1;         // key groups of one K and one V scale
@@ -126,6 +127,8 @@ __device__ __forceinline__ void issue_qk(float (&s)[kKeys / 2], uint32_t (&s_int
       wgmma_m64n128k32_ss_e4m3(s, a, b, kk > 0);
     else if constexpr (kKeys == 176)
       wgmma_m64n176k16_ss<In>(s, a, b, kk > 0);
+    else if constexpr (kKeys == 224)
+      wgmma_m64n224k16_ss<In>(s, a, b, kk > 0);
     else
       wgmma_m64n128k16_ss<In>(s, a, b, kk > 0);
   }
@@ -350,7 +353,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // loaded before the S wait, but only their AND is kept through it (words[0]: registers), and the softmax reads the
   // record again (L1) only where some key is masked.
   constexpr bool kBitRecords = !F::k8Bit && kKeys != kBlockN;
-  static_assert(!kBitRecords || kWords == 6, "a record's six words are read as a uint4 and two of a second one");
+  static_assert(!kBitRecords || (kWords > 4 && kWords <= 8), "a record's words are read as two uint4s");
   struct Tile {
     uint32_t words[kKeys == kBlockN ? kWords : 1];  // kBitRecords: the AND of the tile's words
     float key_scale[kGroups], value_scale[kGroups];
@@ -358,6 +361,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t scale_row = (int64_t(batch) * heads + head) * n_scale_blocks + first_block;
   auto bit_record = [&](int j) {  // kBitRecords: tile j's record
     return key_bits + (int64_t(batch) * ((kv_len_all + kKeys - 1) / kKeys) + first_block + j) * 2;
+  };
+  auto record_words = [&](int j, uint32_t(&w)[kWords]) {  // kBitRecords: tile j's record, its first kWords words
+    const uint4 a = __ldg(bit_record(j)), b = __ldg(bit_record(j) + 1);
+    const uint32_t all[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) w[i] = all[i];
   };
   auto tile_of = [&](int j) {
     Tile tile;
@@ -369,9 +378,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kBitRecords) {
       tile.words[0] = ~0u;
       if (key_bits != nullptr) {
-        const uint4 a = __ldg(bit_record(j)), b = __ldg(bit_record(j) + 1);
-        constexpr uint32_t kNoKeys = kKeys % 32 ? ~0u << (kKeys % 32) : 0u;  // the last word's bits past the keys
-        tile.words[0] = a.x & a.y & a.z & a.w & b.x & (b.y | kNoKeys);
+        uint32_t w[kWords];
+        record_words(j, w);
+        w[kWords - 1] |= kKeys % 32 ? ~0u << (kKeys % 32) : 0u;  // the last word's bits past the keys
+#pragma unroll
+        for (int i = 1; i < kWords; ++i) w[0] &= w[i];
+        tile.words[0] = w[0];
       }
     }
 #pragma unroll
@@ -425,8 +437,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int w = 0; w < kWords; ++w) words[w] = tile.words[w];
     } else if (kBitRecords && tile.words[0] != ~0u) {
-      const uint4 a = __ldg(bit_record(j)), b = __ldg(bit_record(j) + 1);
-      words[0] = a.x, words[1] = a.y, words[2] = a.z, words[3] = a.w, words[4] = b.x, words[5] = b.y;
+      record_words(j, words);
     } else if (F::k8Bit && key_bits != nullptr) {  // 8 bytes per 64-key group; the groups past the last block (all
       // past kv_len).
       const uint2* row_bits = reinterpret_cast<const uint2*>(key_bits) + int64_t(batch) * n_scale_blocks * 2;

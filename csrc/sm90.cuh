@@ -170,9 +170,11 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 // accumulate = false overwrites d.
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool accumulate);
-// The same with N = 176 (the 16-bit kernel's wide key tile): d[88].
+// The same with N = 176 (the 16-bit kernel's wide key tile): d[88]; N = 224 (head dim 64's): d[112].
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n176k16_ss(float (&d)[88], uint64_t desc_a, uint64_t desc_b, bool accumulate);
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n224k16_ss(float (&d)[112], uint64_t desc_a, uint64_t desc_b, bool accumulate);
 // d[N / 2] += A[64 x 16] B[16 x N], N = 64 or 128: A in registers (4 x 2 packed values per thread, the
 // accumulator layout), B in shared memory MN-major (its N columns contiguous).
 template <typename T, int N>
@@ -226,6 +228,23 @@ __device__ __forceinline__ void wgmma_m64nNk16_rs_bt(float (&d)[N / 2], const ui
   "%80, %81, %82, %83, %84, %85, %86, %87" \
   "}"
 
+// 112 fp32 accumulators (m64n224) as "+f" operands %0 ... %111.
+#define VKERN_ACC112_OPERANDS(d) \
+  VKERN_ACC88_OPERANDS(d), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]),  \
+      "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]),  \
+      "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]),  \
+      "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111])
+#define VKERN_ACC112_REGS \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111" \
+  "}"
+
 // d[N / 2] += A[64 x 16] B[16 x N], N = 8, 96 or 128, A and B in shared memory (K-major both).
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_m64nNk16_ss_acc(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b);
@@ -245,6 +264,11 @@ __device__ __forceinline__ void wgmma_m64nNk16_ss_acc(float (&d)[N / 2], uint64_
   __device__ __forceinline__ void wgmma_m64n176k16_ss<CPP>(float (&d)[88], uint64_t desc_a, uint64_t desc_b,      \
                                                            bool accumulate) {                                     \
     VKERN_WGMMA_SS(PTX, "m64n176k16", VKERN_ACC88_REGS, VKERN_ACC88_OPERANDS, "%88", "%89", "%90"); \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_m64n224k16_ss<CPP>(float (&d)[112], uint64_t desc_a, uint64_t desc_b,     \
+                                                           bool accumulate) {                                     \
+    VKERN_WGMMA_SS(PTX, "m64n224k16", VKERN_ACC112_REGS, VKERN_ACC112_OPERANDS, "%112", "%113", "%114"); \
   }                                                                                                               \
   template <>                                                                                                     \
   __device__ __forceinline__ void wgmma_m64nNk16_rs_bt<CPP, 128>(float (&d)[64], const uint32_t (&a)[4],          \

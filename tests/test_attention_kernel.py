@@ -437,15 +437,16 @@ def test_gpu_real_shapes(use_backend, backend, name):
 
 
 TAIL_SPLIT_FORMS = [(128, "128", torch.bfloat16), (64, "128", torch.float16), (128, "128", torch.bfloat16),
-                    (128, "176", torch.bfloat16), (64, "176", torch.float16), (128, "176", torch.bfloat16)]
+                    (128, "176", torch.bfloat16), (64, "176", torch.float16), (128, "176", torch.bfloat16),
+                    (64, "224", torch.bfloat16), (64, "224", torch.float16), (64, "224", torch.bfloat16)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,H,Sq,Skv,D,keys,dtype,pattern",
                          [(*case[:4], D, keys, dtype, case[4]) for (D, keys, dtype), case in zip(
-                             TAIL_SPLIT_FORMS, tail_split_cases(128) + tail_split_cases(176))],
+                             TAIL_SPLIT_FORMS, tail_split_cases(128) + tail_split_cases(176) + tail_split_cases(224))],
                          ids=[f"{name}-{str(dtype)[6:]}-D{D}-keys{keys}" for name, (D, keys, dtype) in zip(
-                             ["main-and-tail", "tail-only", "masked-parts"] * 2, TAIL_SPLIT_FORMS)])
+                             ["main-and-tail", "tail-only", "masked-parts"] * 3, TAIL_SPLIT_FORMS)])
 def test_gpu_cuda_tail_split(use_backend, monkeypatch, B, H, Sq, Skv, D, keys, dtype, pattern):
     """The tail split (session 27; the 176-key tile's, session 31): each part's P is rounded against that part's
     running max, not the whole row's, so the split output differs from the unsplit one by P's rounding, like any other
@@ -681,7 +682,7 @@ def test_gpu_cuda_odd_sizes(use_backend, dtype, B, H, Sq, Skv, D, sharpness):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D,keys", [(64, "128"), (128, "128"), (64, "176"), (128, "176")])
+@pytest.mark.parametrize("D,keys", [(64, "128"), (128, "128"), (64, "176"), (128, "176"), (64, "224")])
 @pytest.mark.parametrize("layout", ["fused", "kv_fused", "heads_first", "strided_d", "batch_bcast"])
 def test_gpu_cuda_non_contiguous(use_backend, monkeypatch, layout, D, keys):
     """Strided views go to TMA as they are (fused, kv_fused, heads_first); the rest (a last-dim stride, a zero
@@ -770,6 +771,18 @@ def test_gpu_cuda_wide_tile_odd_sizes(use_backend, monkeypatch, dtype, B, H, Sq,
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,Sq,Skv", WIDE_ODD + [(1, 2, 223, 224), (2, 2, 300, 225), (1, 2, 129, 449)],
+                         ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}" for p in WIDE_ODD] + ["224", "225", "449"])
+def test_gpu_cuda_224_tile_odd_sizes(use_backend, monkeypatch, dtype, B, H, Sq, Skv):
+    """Head dim 64's 224-key tile (three stages) at odd lengths: out and lse by the 2x-PyTorch rule."""
+    monkeypatch.setenv("VKERN_FLASH_KEYS", "224")
+    q, k, v = make_qkv(B, Sq, Skv, H, 64, dtype, "cuda")
+    check_attention(q, k, v, use_backend("cuda"))
+    assert fused_attention.last_flash_keys == 224
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("pattern", ["prefix", "random"])
 def test_gpu_cuda_joint_attention_with_padded_text_takes_the_wide_tile(use_backend, monkeypatch, pattern):
     """HunyuanVideo-like joint attention at a length where the default rule takes the 176-key tile: video tokens
@@ -806,18 +819,20 @@ def test_gpu_cuda_wide_tile_refused_outside_its_form():
     q64, k64, v64 = make_qkv(1, 256, 256, 2, 64, torch.bfloat16, "cuda")
     at_64 = (q64, k64, v64, torch.empty_like(q64))
     # The depths it exports are the ones it takes, and what the Python launches pass.
-    assert cuda_ext().flash_wide_stages == {64: 3, 128: 2}
-    assert [fused_attention._flash_stages_for(176, D) for D in (64, 128)] == [3, 2]
+    assert cuda_ext().flash_wide_stages == {(176, 64): 3, (176, 128): 2, (224, 64): 3}
+    assert [fused_attention._flash_stages_for(keys, D) for keys, D in ((176, 64), (176, 128), (224, 64))] == [3, 2, 3]
     call(176, 2)  # the forms it takes
     call(176, 3, at_64)
+    call(224, 3, at_64)
     torch.cuda.synchronize()
-    for bad in (lambda: call(176, 3), lambda: call(160, 2), lambda: call(176, 2, at_64)):
+    for bad in (lambda: call(176, 3), lambda: call(160, 2), lambda: call(176, 2, at_64), lambda: call(224, 3),
+                lambda: call(224, 2), lambda: call(224, 2, at_64)):
         with pytest.raises(RuntimeError, match="flash_attention_fwd"):
             bad()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D,keys", [(64, "128"), (128, "128"), (64, "176"), (128, "176")])
+@pytest.mark.parametrize("D,keys", [(64, "128"), (128, "128"), (64, "176"), (128, "176"), (64, "224")])
 @pytest.mark.parametrize("pattern", ["random", "prefix", "dead_row", "all_true"])
 @pytest.mark.parametrize("B,Sq,Skv", [(2, 129, 127), (2, 300, 1000), (3, 1000, 4097)])
 def test_gpu_cuda_key_padding_mask(use_backend, monkeypatch, B, Sq, Skv, pattern, D, keys):

@@ -426,19 +426,20 @@ FLASH_WIDE_MIN_KEYS = CUDA_MIN_KEYS
 
 
 def _flash_keys(head_dim, kv_len):
-    forced = _env_int("VKERN_FLASH_KEYS", 0, (0, 128, 176))  # (0: unset, the rule above)
+    forced = _env_int("VKERN_FLASH_KEYS", 0, (0, 128, 176, 224))  # (0: unset, the rule above)
     wide = head_dim in FLASH_WIDE_MIN_KEYS and kv_len >= FLASH_WIDE_MIN_KEYS[head_dim]
     return forced or (176 if wide else 128)
 
 
 def _flash_stages_for(keys, head_dim):
-    """The K/V ring depth a launch with this key tile takes (the 176-key tile: the extension's, per head dim: 2 at
-    128, where three do not fit in shared memory, 3 at 64; vkern._C.flash_wide_stages)."""
-    if keys != 176:
+    """The K/V ring depth a launch with this key tile takes (the wide tiles: the extension's, per (keys, head dim):
+    176 keys 2 at 128, where three do not fit in shared memory, 3 at 64; 224 keys at 64 only, 3;
+    vkern._C.flash_wide_stages)."""
+    if keys == 128:
         return _flash_stages()
     from .._ext import cuda_ext
 
-    return cuda_ext().flash_wide_stages[head_dim]
+    return cuda_ext().flash_wide_stages.get((keys, head_dim), 0)
 
 
 # The last 16-bit CUDA attention launch's key tile (what tests and benchmark rows read).
