@@ -26,12 +26,12 @@ constexpr int flash_wide_stages(int keys, int head_dim) {
 // out = softmax(scale * q k^T) v per (batch, head); q/out have q_len tokens, k/v kv_len; dtype bf16 or fp16.
 // lse (may be null): fp32 [B, H, q_len] contiguous, the natural-log log-sum-exp of the scaled scores.
 // key_bits (may be null): the key-padding mask, bit c % 32 of 32-bit word c / 32 set = attend key c, as
-// [B, ceil(kv_len / 128) * 4] words (16-byte aligned; bits past kv_len ignored). With keys 176: one 32-byte
-// record per 176-key tile instead, [B, ceil(kv_len / 176) * 8] words, tile t's key c at bit c % 32 of its word
-// c / 32 (words 0-5; the rest of the record ignored). A query row with no attended key gets out 0 and lse -inf.
-// scale must be positive. stages: depth of the K/V shared-memory ring, 2 or 3. keys: the key tile, 128, or 176
-// (FlashAttention-3's non-causal tile; stages 2 at head dim 128, 3 at 64).
-// split_workspace (may be null; taken with 3 stages, or the 176-key tile's): fp32 scratch of split_workspace_bytes
+// [B, ceil(kv_len / 128) * 4] words (16-byte aligned; bits past kv_len ignored). With keys 176 or 224: one 32-byte
+// record per tile instead, [B, ceil(kv_len / keys) * 8] words, tile t's key c at bit c % 32 of its word c / 32
+// (words 0-5 or 0-6; the rest of the record ignored). A query row with no attended key gets out 0 and lse -inf.
+// scale must be positive. stages: depth of the K/V shared-memory ring, 2 or 3. keys: the key tile, 128, 176
+// (FlashAttention-3's non-causal tile) or 224 (head dim 64 only), each wide tile with flash_wide_stages(keys, head_dim).
+// split_workspace (may be null; taken with 3 stages, or a wide tile's): fp32 scratch of split_workspace_bytes
 // on the stream's device for the tail split: where the launch's last wave would leave more than half the SMs idle,
 // its tiles' keys are split across several CTAs and merged in a second kernel (the same result up to fp32 rounding;
 // the .cu's Split). SMs x 128 x (head_dim + 1) floats always suffice, flash_tail_split_floats the exact need; too
@@ -71,7 +71,7 @@ constexpr int kFlashFp8HeadDim = 128;
 // The split workspace's fp32 values a launch of this shape and form takes on the current device; 0: it is not split.
 // The form as the launch's arguments: stages; eight_bit false for flash_attention_fwd, true for
 // flash_attention_fp8_fwd with its int8_pv, exp_fma and turns, and keys (the 16-bit forms and the int8 P/V form's
-// default schedule split, with 3 stages; the 16-bit wide tile, keys 176, with its stages: 2 at head dim 128, 3 at 64).
+// default schedule split, with 3 stages; the 16-bit wide tiles, keys 176 or 224, with flash_wide_stages).
 int64_t flash_tail_split_floats(int batch, int heads, int q_len, int kv_len, int head_dim, int stages, bool eight_bit,
                                 bool int8_pv, int exp_fma, int turns, int keys = 128);
 cudaError_t flash_attention_fp8_fwd(AttentionTensor q, AttentionTensor k, AttentionTensor vt, AttentionTensor out,

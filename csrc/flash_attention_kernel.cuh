@@ -3,7 +3,7 @@
 // One CTA computes 128 query rows of one (batch, head) against every key, head dim 64 or 128 (a template
 // parameter: tiles are D / 64 column blocks of 64), in three warpgroups:
 //   producer (warpgroup 0): one thread issues TMA copies of the Q tile once and of the K and V tiles of each
-//     key block (kKeys: 128; 176 for the 16-bit wide tile, 192 for the e4m3-P one) into a 2- or 3-stage ring, and
+//     key block (kKeys: 128; 176 or 224 for the 16-bit wide tiles, 192 for the e4m3-P one) into a 2- or 3-stage ring, and
 //     refills a stage once both consumers have released it;
 //   consumers (warpgroups 1, 2): 64 query rows each. Per key block j: S = Q K_j^T (wgmma, both operands in
 //     shared memory), then, while S is computed, O += P_{j-1} V_{j-1} (wgmma, P from registers); then the
@@ -17,7 +17,8 @@
 // Keys past kv_len (the last block) are masked to -inf; query rows past q_len are computed on TMA's
 // zero fill and never stored (TMA clips the store). Key-padding mask (optional): one bit per key, 16 bytes per
 // 128-key block, read by every consumer thread with one 16-byte load issued before it waits for S (the 16-bit wide
-// tile: a 32-byte record per 176-key tile, see kBitRecords); blocks whose keys are all attended skip the masking.
+// tiles: a 32-byte record per 176- or 224-key tile, see kBitRecords); blocks whose keys are all attended skip the
+// masking.
 // A query row with no attended key gets out 0 and lse -inf.
 #pragma once
 
@@ -56,7 +57,7 @@ __device__ long long g_flash_trace[2][4][kTraceBlocks][kTraceEvents];
 // scales per (128-key block, head), like K's.
 // kKeys: keys per tile, 128, or 192 for the 8-bit forms' wide tile (see flash_fwd_kernel), or 176 for the 16-bit
 // forms' wide tile (FlashAttention-3's non-causal tile; D = 128 with two stages, session 31; its key mask and D = 64
-// with three stages, session 32).
+// with three stages, session 32), or 224 at D = 64 (three stages, session 33).
 template <typename In, int kHeadDim, int kKeys = kBlockN>
 struct Format {
   static constexpr bool kIntPV = std::is_same<In, S8PV>::value;               // int8 Q, K; u8 P, int8 V

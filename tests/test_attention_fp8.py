@@ -1166,6 +1166,9 @@ def test_gpu_tail_split_forms():
     # At head dim 64 the wide tile has 3 stages (not 2).
     assert ext.flash_tail_split_floats(B, H, Sq, 16 * 176 * 2, 64, 3, False, False, 0, 0, 176) == 5 * 2 * 128 * 65
     assert ext.flash_tail_split_floats(B, H, Sq, 16 * 176 * 2, 64, 2, False, False, 0, 0, 176) == 0
+    # Head dim 64's 224-key tile (3 stages; none at head dim 128).
+    assert ext.flash_tail_split_floats(B, H, Sq, 16 * 224 * 2, 64, 3, False, False, 0, 0, 224) == 5 * 2 * 128 * 65
+    assert ext.flash_tail_split_floats(B, H, Sq, 16 * 224 * 2, 128, 3, False, False, 0, 0, 224) == 0
 
 
 @pytest.mark.gpu

@@ -638,7 +638,7 @@ CUDA_ODD = GPU_ODD + [
     (1, 1, 128, 128, 64, 8.0), (2, 3, 127, 129, 64, 1.0), (1, 2, 300, 7392, 64, 1.0)]
 
 
-@pytest.mark.parametrize("keys,record", [(128, 16), (176, 32)])
+@pytest.mark.parametrize("keys,record", [(128, 16), (176, 32), (224, 32)])
 @pytest.mark.parametrize("S", [1, 127, 128, 175, 176, 177, 300, 4097])
 def test_key_padding_bits_layout(S, keys, record):
     """The CUDA kernel reads the mask as bits, a record of `record` bytes per tile of `keys` keys: the tile's key c
@@ -730,13 +730,13 @@ def test_gpu_cuda_ring_depths_agree(use_backend, monkeypatch, stages, D):
 
 
 @pytest.mark.parametrize("env,head_dim,kv_len,want", [
-    (None, 128, 8192, 176), (None, 128, 8191, 128), (None, 128, 512, 128), (None, 64, 4096, 176),
-    (None, 64, 4095, 128), ("176", 128, 512, 176), ("176", 64, 128, 176), ("128", 128, 32760, 128),
+    (None, 128, 8192, 176), (None, 128, 8191, 128), (None, 128, 512, 128), (None, 64, 4096, 224),
+    (None, 64, 4095, 128), ("176", 128, 512, 176), ("176", 64, 128, 176), ("224", 64, 128, 224), ("128", 128, 32760, 128),
     ("128", 64, 32760, 128)])
 def test_flash_keys_setting(monkeypatch, env, head_dim, kv_len, want):
-    """The 16-bit CUDA kernel's key tile: 176 (with or without a mask) from FLASH_WIDE_MIN_KEYS[head dim] keys,
-    where auto takes the CUDA kernel (runs 115 and 122 measured it faster there), else 128; VKERN_FLASH_KEYS forces
-    one."""
+    """The 16-bit CUDA kernel's key tile: 176 at head dim 128, 224 at 64 (with or without a mask) from
+    FLASH_WIDE_MIN_KEYS[head dim] keys, where auto takes the CUDA kernel (runs 115, 122 and 127 measured them faster
+    there), else 128; VKERN_FLASH_KEYS forces one."""
     if env is None:
         monkeypatch.delenv("VKERN_FLASH_KEYS", raising=False)
     else:
@@ -747,7 +747,10 @@ def test_flash_keys_setting(monkeypatch, env, head_dim, kv_len, want):
 
 def test_flash_keys_setting_rejects_other_widths(monkeypatch):
     monkeypatch.setenv("VKERN_FLASH_KEYS", "192")
-    with pytest.raises(ValueError, match="VKERN_FLASH_KEYS: expected one of 0, 128, 176"):
+    with pytest.raises(ValueError, match="VKERN_FLASH_KEYS: expected one of 0, 128, 176, 224"):
+        fused_attention._flash_keys(128, 32760)
+    monkeypatch.setenv("VKERN_FLASH_KEYS", "224")  # head dim 64's only
+    with pytest.raises(ValueError, match="head dim 128 takes 128 or 176"):
         fused_attention._flash_keys(128, 32760)
 
 
@@ -845,12 +848,12 @@ def test_gpu_cuda_key_padding_mask(use_backend, monkeypatch, B, Sq, Skv, pattern
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("keys", ["128", "176"])
+@pytest.mark.parametrize("keys", ["128", "176", "224"])
 def test_gpu_cuda_all_true_mask_changes_nothing(use_backend, monkeypatch, keys):
     """A mask that keeps every key takes the kernel's unmasked path per block: the same bits as no mask."""
     use_backend("cuda")
     monkeypatch.setenv("VKERN_FLASH_KEYS", keys)
-    q, k, v = make_qkv(2, 1000, 1500, 3, 128, torch.bfloat16, "cuda")
+    q, k, v = make_qkv(2, 1000, 1500, 3, 64 if keys == "224" else 128, torch.bfloat16, "cuda")
     expected = run_op(q, k, v, return_lse=True)
     got = run_op(q, k, v, key_padding_mask=make_padding(2, 1500, "all_true", "cuda"), return_lse=True)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

@@ -72,8 +72,8 @@ def test_unknown_global_backend_is_an_error(monkeypatch):
 
 
 def test_info_names_the_cuda_kernels_tile(monkeypatch):
-    """Where auto would run the CUDA kernel, info's shape classes say which key tile it takes (176 from
-    FLASH_WIDE_MIN_KEYS[head dim] keys, else 128)."""
+    """Where auto would run the CUDA kernel, info's shape classes say which key tile it takes (from
+    FLASH_WIDE_MIN_KEYS[head dim] keys 176 at head dim 128, 224 at 64; else 128)."""
     import importlib
 
     info_mod = importlib.import_module("vkern.info")  # (vkern.info is also the function)
@@ -84,6 +84,6 @@ def test_info_names_the_cuda_kernels_tile(monkeypatch):
     classes = info_mod.attention_by_shape_class(torch.device("cpu"))
     assert classes["D 128, >= 8192 keys"] == classes["D 128, with lse"] == "cuda (128x176 tiles)"
     assert classes["D 128, < 8192 keys"] == "cuda (128x128 tiles)"
-    assert classes["D 64, >= 4096 keys"] == classes["D 64, with lse"] == "cuda (128x176 tiles)"
+    assert classes["D 64, >= 4096 keys"] == classes["D 64, with lse"] == "cuda (128x224 tiles)"
     assert classes["D 64, < 4096 keys"] == "cuda (128x128 tiles)"
     assert classes["D 96 (other head dims)"] == "cuda"

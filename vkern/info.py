@@ -48,7 +48,7 @@ def info(print_=True):
 def attention_by_shape_class(device, dtype=torch.bfloat16):
     """{shape class: the backend vkern.ops.attention's auto would run} on `device`: per head dim, below and from the
     key count where the measured order changes (vkern.ops.fused_attention.CUDA_MIN_KEYS), and for other head dims.
-    The CUDA kernel's entries name its key tile (128, or 176: fused_attention._flash_keys)."""
+    The CUDA kernel's entries name its key tile (128, or the head dim's wide one: fused_attention._flash_keys)."""
     from .ops.fused_attention import CUDA_MIN_KEYS, _attention_candidates, _flash_keys
 
     def pick(head_dim, kv_len, return_lse=False):

@@ -415,20 +415,25 @@ def _flash_stages():
     return _env_int("VKERN_FLASH_STAGES", FLASH_STAGES, (2, 3))
 
 
-# The CUDA 16-bit kernel's key tile: 128 (three K/V stages), or 176 (FlashAttention-3's non-causal tile at head dim
-# 128: two stages, as three do not fit in shared memory; its own tail split; session 31; with a key-padding mask since
-# session 32; at head dim 64 with three stages since session 32), from FLASH_WIDE_MIN_KEYS[head dim] keys, where auto
-# takes the CUDA kernel. Run 115 (H200, queued TFLOP/s, 128 -> 176 tile) wan1.3b-480p 641-646 -> 661-665, wan14b-480p
-# 631-632 -> 632-637, wan14b-720p 632-637 -> 646-648, hunyuan-720p 632-634 -> 649-650; at 512 keys (wan14b-480p-cross)
-# 489-493 -> 480-483, so the 128 tile stays below. Head dim 64, run 122: ltx-512p 436 -> 453-454, cogvideox-5b 441-446
-# -> 458-460. VKERN_FLASH_KEYS (128 or 176) forces one.
+# The CUDA 16-bit kernel's key tile: 128 (three K/V stages), or a wide one from FLASH_WIDE_MIN_KEYS[head dim] keys,
+# where auto takes the CUDA kernel: FLASH_WIDE_KEYS[head dim]. Head dim 128: 176 (FlashAttention-3's non-causal tile:
+# two stages, as three do not fit in shared memory; its own tail split; session 31; with a key-padding mask since
+# session 32). Run 115 (H200, queued TFLOP/s, 128 -> 176 tile) wan1.3b-480p 641-646 -> 661-665, wan14b-480p 631-632 ->
+# 632-637, wan14b-720p 632-637 -> 646-648, hunyuan-720p 632-634 -> 649-650; at 512 keys (wan14b-480p-cross) 489-493 ->
+# 480-483, so the 128 tile stays below. Head dim 64: 224 (three stages; session 33). Run 122: ltx-512p 436 -> 453-454,
+# cogvideox-5b 441-446 -> 458-460 with 176; run 127, 176 -> 224: ltx-512p 452.7 / 452.6 -> 483.7 / 474.0, cogvideox-5b
+# 433.7 / 443.6 -> 465.2 / 469.8. VKERN_FLASH_KEYS (128, 176, or 224 at head dim 64) forces one.
 FLASH_WIDE_MIN_KEYS = CUDA_MIN_KEYS
+FLASH_WIDE_KEYS = {64: 224, 128: 176}
 
 
 def _flash_keys(head_dim, kv_len):
     forced = _env_int("VKERN_FLASH_KEYS", 0, (0, 128, 176, 224))  # (0: unset, the rule above)
+    if forced == 224 and head_dim != 64:
+        raise ValueError(f"VKERN_FLASH_KEYS=224: the 224-key tile is head dim 64's; head dim {head_dim} takes 128 or "
+                         "176")
     wide = head_dim in FLASH_WIDE_MIN_KEYS and kv_len >= FLASH_WIDE_MIN_KEYS[head_dim]
-    return forced or (176 if wide else 128)
+    return forced or (FLASH_WIDE_KEYS[head_dim] if wide else 128)
 
 
 def _flash_stages_for(keys, head_dim):
