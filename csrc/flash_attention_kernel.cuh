@@ -3,8 +3,8 @@
 // One CTA computes 128 query rows of one (batch, head) against every key, head dim 64 or 128 (a template
 // parameter: tiles are D / 64 column blocks of 64), in three warpgroups:
 //   producer (warpgroup 0): one thread issues TMA copies of the Q tile once and of the K and V tiles of each
-//     key block (kKeys: 128; 176 or 224 for the 16-bit wide tiles, 192 for the e4m3-P one) into a 2- or 3-stage ring, and
-//     refills a stage once both consumers have released it;
+//     key block (kKeys: 128; 176 or 224 for the 16-bit wide tiles, 192 for the e4m3-P one) into a 2- or 3-stage
+//     ring, and refills a stage once both consumers have released it;
 //   consumers (warpgroups 1, 2): 64 query rows each. Per key block j: S = Q K_j^T (wgmma, both operands in
 //     shared memory), then, while S is computed, O += P_{j-1} V_{j-1} (wgmma, P from registers); then the
 //     online softmax of S_j. The 16-bit forms' two consumers take turns issuing their products (named
