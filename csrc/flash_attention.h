@@ -30,7 +30,7 @@ constexpr int flash_wide_stages(int keys, int head_dim) {
 // record per tile instead, [B, ceil(kv_len / keys) * 8] words, tile t's key c at bit c % 32 of its word c / 32
 // (words 0-5 or 0-6; the rest of the record ignored). A query row with no attended key gets out 0 and lse -inf.
 // scale must be positive. stages: depth of the K/V shared-memory ring, 2 or 3. keys: the key tile, 128, 176
-// (FlashAttention-3's non-causal tile) or 224 (head dim 64 only), each wide tile with flash_wide_stages(keys, head_dim).
+// (FlashAttention-3's non-causal tile) or 224 (head dim 64 only), a wide tile with flash_wide_stages(keys, head_dim).
 // split_workspace (may be null; taken with 3 stages, or a wide tile's): fp32 scratch of split_workspace_bytes
 // on the stream's device for the tail split: where the launch's last wave would leave more than half the SMs idle,
 // its tiles' keys are split across several CTAs and merged in a second kernel (the same result up to fp32 rounding;
