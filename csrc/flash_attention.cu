@@ -175,22 +175,20 @@ cudaError_t flash_attention_fwd(AttentionTensor q, AttentionTensor k, AttentionT
       constexpr int kDim = decltype(dim_tag)::value;
       const Split split = plan_split((q_len + kBlockM - 1) / kBlockM * heads * batch, (kv_len + keys - 1) / keys,
                                      head_dim, split_workspace, split_workspace_bytes);
-      constexpr int kWideStages = flash_wide_stages(176, kDim);
-      if constexpr (kDim == 64) {
-        if (keys == 224 && split.n_splits > 0)
-          return launch<T, T, 64, 3, 224, 0, 0, true>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch,
-                                                      heads, q_len, kv_len, scale, 0.f, stream, split, out);
-        if (keys == 224)
-          return launch<T, T, 64, 3, 224>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch, heads,
-                                          q_len, kv_len, scale, 0.f, stream);
-      }
-      if (keys == 176 && split.n_splits > 0)
-        return launch<T, T, kDim, kWideStages, 176, 0, 0, true>(maps, nullptr, nullptr, nullptr, nullptr, lse,
+      // A wide tile (wide_form checked it): its ring depth from flash_wide_stages, split or not.
+      const auto wide = [&](auto keys_tag) {
+        constexpr int kKeys = decltype(keys_tag)::value, kStages = flash_wide_stages(kKeys, kDim);
+        if (split.n_splits > 0)
+          return launch<T, T, kDim, kStages, kKeys, 0, 0, true>(maps, nullptr, nullptr, nullptr, nullptr, lse,
                                                                 key_bits, batch, heads, q_len, kv_len, scale, 0.f,
                                                                 stream, split, out);
-      if (keys == 176)
-        return launch<T, T, kDim, kWideStages, 176>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch,
-                                                    heads, q_len, kv_len, scale, 0.f, stream);
+        return launch<T, T, kDim, kStages, kKeys>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits, batch,
+                                                  heads, q_len, kv_len, scale, 0.f, stream);
+      };
+      if constexpr (kDim == 64) {
+        if (keys == 224) return wide(std::integral_constant<int, 224>());
+      }
+      if (keys == 176) return wide(std::integral_constant<int, 176>());
       static_assert(split_schedule(false, false, 0, 0), "the 16-bit forms take the tail split");
       if (stages == 3 && split.n_splits > 0)
         return launch<T, T, kDim, 3, kBlockN, 0, 0, true>(maps, nullptr, nullptr, nullptr, nullptr, lse, key_bits,
