@@ -760,29 +760,23 @@ WIDE_ODD = [(1, 1, 1, 1), (2, 3, 113, 175), (1, 2, 176, 176), (2, 2, 177, 353), 
             (1, 2, 257, 4097), (1, 2, 300, 75600 // 8), (3, 2, 129, 127), (1, 1, 4096, 512)]
 
 
+# (head dim, wide tile, sizes): the 176 tile at both head dims, head dim 64's 224 tile also around multiples of 224.
+WIDE_CASES = [(D, keys, size) for D, keys in ((64, 176), (128, 176), (64, 224))
+              for size in WIDE_ODD + ([(1, 2, 223, 224), (2, 2, 300, 225), (1, 2, 129, 449)] if keys == 224 else [])]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,H,Sq,Skv", WIDE_ODD, ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}" for p in WIDE_ODD])
-def test_gpu_cuda_wide_tile_odd_sizes(use_backend, monkeypatch, dtype, B, H, Sq, Skv, D):
-    """The 176-key tile (two stages at head dim 128, three at 64) at odd lengths: out and lse by the 2x-PyTorch
-    rule."""
-    monkeypatch.setenv("VKERN_FLASH_KEYS", "176")
+@pytest.mark.parametrize("D,keys,size", WIDE_CASES,
+                         ids=[f"D{D}-keys{keys}-B{s[0]}H{s[1]}-{s[2]}x{s[3]}" for D, keys, s in WIDE_CASES])
+def test_gpu_cuda_wide_tile_odd_sizes(use_backend, monkeypatch, dtype, D, keys, size):
+    """The wide tiles (176 keys: two stages at head dim 128, three at 64; 224 keys at head dim 64, three stages) at
+    odd lengths: out and lse by the 2x-PyTorch rule."""
+    B, H, Sq, Skv = size
+    monkeypatch.setenv("VKERN_FLASH_KEYS", str(keys))
     q, k, v = make_qkv(B, Sq, Skv, H, D, dtype, "cuda")
     check_attention(q, k, v, use_backend("cuda"))
-    assert fused_attention.last_flash_keys == 176
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,H,Sq,Skv", WIDE_ODD + [(1, 2, 223, 224), (2, 2, 300, 225), (1, 2, 129, 449)],
-                         ids=[f"B{p[0]}H{p[1]}-{p[2]}x{p[3]}" for p in WIDE_ODD] + ["224", "225", "449"])
-def test_gpu_cuda_224_tile_odd_sizes(use_backend, monkeypatch, dtype, B, H, Sq, Skv):
-    """Head dim 64's 224-key tile (three stages) at odd lengths: out and lse by the 2x-PyTorch rule."""
-    monkeypatch.setenv("VKERN_FLASH_KEYS", "224")
-    q, k, v = make_qkv(B, Sq, Skv, H, 64, dtype, "cuda")
-    check_attention(q, k, v, use_backend("cuda"))
-    assert fused_attention.last_flash_keys == 224
+    assert fused_attention.last_flash_keys == keys
 
 
 @pytest.mark.gpu
