@@ -501,6 +501,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         m = fmaxf(m, s[i]);
       }
     }
+    float top[2];  // S8: row r's (group's) largest score as read, kIntBias + S or -inf (one group: the quad's)
     const auto thread_max_of = [&](int r, int g) {  // (S8 with one group: the quad's)
       if constexpr (F::kIntQK) {
         int bits[kGroupRegs / 2];  // row r's registers of group g: columns (k / 2) * 8 + k % 2 (+ the lane's)
@@ -508,7 +509,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int k = 0; k < kGroupRegs / 2; ++k)
           bits[k] = __float_as_int(s[g * kGroupRegs + (k / 2) * 4 + 2 * r + k % 2]);
         const int m = max_tree<kGroupRegs / 2>(bits);
-        return (__int_as_float(kGroups == 1 ? quad_max(m) : m) - kIntBias) * mult[r][g];
+        top[r] = __int_as_float(kGroups == 1 ? quad_max(m) : m);
+        return (top[r] - kIntBias) * mult[r][g];
       } else {
         const float m = kChains == 4 ? fmaxf(fmaxf(mx[r][g][0], mx[r][g][1]), fmaxf(mx[r][g][2], mx[r][g][3]))
                                      : mx[r][g][0];
@@ -545,7 +547,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int g = 0; g < kGroups; ++g) {
         const float base = F::k8Bit ? (F::kShiftV ? F::kPOffset + shift[g] : F::kPOffset) - p_max
                                     : -offset;  // (0 - x is not -x at x = 0: no fold)
-        neg_max[r][g] = F::kIntQK ? fmaf(-kIntBias, mult[r][g], base) : base;
+        // kIntPV: kPOffset - p_max - kIntBias mult, taken from top in one rounding (the max's few steps to the
+        // exponentials are the head of the softmax's serial path); a row with no attended key, p_max 0, as below.
+        neg_max[r][g] = kIntPV       ? fmaf(-(top[r] == -INFINITY ? kIntBias : top[r]), mult[r][g], F::kPOffset)
+                        : F::kIntQK ? fmaf(-kIntBias, mult[r][g], base)
+                                    : base;
       }
     }
     // Partial sums per row: two chains (shorter, as the max), or one per group (each unshifted once).
