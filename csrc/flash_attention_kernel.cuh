@@ -169,11 +169,17 @@ __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
 }
-// The same on signed ints, its three shuffles issued together (one shuffle latency on the chain, not two).
+// The same on signed ints; kTogether: its three shuffles issued at once (one shuffle latency on the chain, not two).
+template <bool kTogether>
 __device__ __forceinline__ int quad_max(int x) {
-  const int a = __shfl_xor_sync(0xffffffff, x, 1), b = __shfl_xor_sync(0xffffffff, x, 2);
-  const int c = __shfl_xor_sync(0xffffffff, x, 3);
-  return __vimax3_s32(x, a, max(b, c));
+  if constexpr (kTogether) {
+    const int a = __shfl_xor_sync(0xffffffff, x, 1), b = __shfl_xor_sync(0xffffffff, x, 2);
+    const int c = __shfl_xor_sync(0xffffffff, x, 3);
+    return __vimax3_s32(x, a, max(b, c));
+  } else {
+    x = max(x, __shfl_xor_sync(0xffffffff, x, 1));
+    return max(x, __shfl_xor_sync(0xffffffff, x, 2));
+  }
 }
 // Maximum of N signed ints as a tree of three-input maxima (VIMNMX3, sm_90's DPX): 18 instructions 4 deep for 32,
 // where a chain of two-input ones takes 31.
@@ -482,13 +488,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (!((words[c / 32] >> (c % 32)) & 1u)) s[i] = -INFINITY;
       }
     }
-    // Row maxima. 16-bit and E4M3: partial fp32 chains per row and group (8 deep, not 32: the first row's max is the
-    // head of the softmax's serial path, and ptxas does not reassociate fmaxf). S8: the scores' bits (kIntBias + S,
-    // or -inf's) order as signed ints, so each row's maximum is an integer tree (max_tree); with one group per tile
-    // the quad's maximum is taken on the bits too (the multiplier, the same in the quad's lanes, is monotone).
-    constexpr int kChains = kGroups == 1 ? 4 : 1;  // (16-bit and E4M3)
-    float mx[2][kGroups][kChains], neg_max[2][kGroups];
-    if constexpr (!F::kIntQK) {
+    // Row maxima as partial chains per row and group (8 deep, not 32: the first row's max is the head of the
+    // softmax's serial path, and ptxas does not reassociate fmaxf). kIntPV: the scores' bits (kIntBias + S, or a
+    // masked score's -inf) order as signed ints, so a row's maximum is a tree of three-input integer maxima, and the
+    // quad's is taken on the bits too (the multiplier, the same in the quad's lanes, is monotone), as top; the
+    // quad's shuffles issued together in the split instantiation, one after the other in the plain one, the faster
+    // form for each (run 131: ptxas schedules the two loops differently; bench/NOTES.md session 34).
+    constexpr int kChains = kGroups == 1 ? 4 : 1;
+    float mx[2][kGroups][kChains], neg_max[2][kGroups], top[2];
+    if constexpr (!kIntPV) {
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -498,34 +506,31 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < kSRegs; ++i) {
         float& m = mx[(i / 2) % 2][i / kGroupRegs][(i / 4) % kChains];
-        m = fmaxf(m, s[i]);
+        // S8: a chain starts at its first score (never NaN), saving an fmaxf with -inf that ptxas keeps
+        const bool first = F::kIntQK && i % 2 == 0 && i % kGroupRegs < 4 * kChains;
+        m = first ? s[i] : fmaxf(m, s[i]);
       }
     }
-    float top[2];  // S8: row r's (group's) largest score as read, kIntBias + S or -inf (one group: the quad's)
-    const auto thread_max_of = [&](int r, int g) {  // (S8 with one group: the quad's)
-      if constexpr (F::kIntQK) {
-        int bits[kGroupRegs / 2];  // row r's registers of group g: columns (k / 2) * 8 + k % 2 (+ the lane's)
-#pragma unroll
-        for (int k = 0; k < kGroupRegs / 2; ++k)
-          bits[k] = __float_as_int(s[g * kGroupRegs + (k / 2) * 4 + 2 * r + k % 2]);
-        const int m = max_tree<kGroupRegs / 2>(bits);
-        top[r] = __int_as_float(kGroups == 1 ? quad_max(m) : m);
-        return (top[r] - kIntBias) * mult[r][g];
-      } else {
-        const float m = kChains == 4 ? fmaxf(fmaxf(mx[r][g][0], mx[r][g][1]), fmaxf(mx[r][g][2], mx[r][g][3]))
-                                     : mx[r][g][0];
-        return m * mult[r][g];
-      }
-    };
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float thread_max = -INFINITY;
+      float block_max;
+      if constexpr (kIntPV) {
+        int bits[kSRegs / 2];  // row r's registers: columns (k / 2) * 8 + k % 2 (+ the lane's)
 #pragma unroll
-      for (int g = 0; g < kGroups; ++g) {
-        const float scaled = thread_max_of(r, g);
-        thread_max = g == 0 ? scaled : fmaxf(thread_max, scaled);
+        for (int k = 0; k < kSRegs / 2; ++k) bits[k] = __float_as_int(s[(k / 2) * 4 + 2 * r + k % 2]);
+        top[r] = __int_as_float(quad_max<kSplit>(max_tree<kSRegs / 2>(bits)));
+        block_max = (top[r] - kIntBias) * mult[r][0];
+      } else {
+        float thread_max = -INFINITY;
+#pragma unroll
+        for (int g = 0; g < kGroups; ++g) {
+          const float m = kChains == 4 ? fmaxf(fmaxf(mx[r][g][0], mx[r][g][1]), fmaxf(mx[r][g][2], mx[r][g][3]))
+                                       : mx[r][g][0];
+          const float scaled = (m - (F::kIntQK ? kIntBias : 0.f)) * mult[r][g];
+          thread_max = g == 0 ? scaled : fmaxf(thread_max, scaled);
+        }
+        block_max = quad_max(thread_max);
       }
-      const float block_max = F::kIntQK && kGroups == 1 ? thread_max : quad_max(thread_max);
       // kIntPV: the max O is kept against moves only when a block's row max passes it by more than rescale_slack
       // (log2 units, <= 8), so that O's rescale (64 FMULs) is rarely taken; P is against the block's own max anyway,
       // and its factor exp2(block max - that max) stays <= 2^8 (run 88: slack 8 +0.3-2.5%). 0: the running max.
@@ -547,8 +552,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int g = 0; g < kGroups; ++g) {
         const float base = F::k8Bit ? (F::kShiftV ? F::kPOffset + shift[g] : F::kPOffset) - p_max
                                     : -offset;  // (0 - x is not -x at x = 0: no fold)
-        // kIntPV: kPOffset - p_max - kIntBias mult, taken from top in one rounding (the max's few steps to the
-        // exponentials are the head of the softmax's serial path); a row with no attended key, p_max 0, as below.
+        // kIntPV: kPOffset - p_max - kIntBias mult, taken from top in one rounding (three dependent steps fewer at
+        // the head of the softmax's serial path); a row with no attended key as with p_max 0.
         neg_max[r][g] = kIntPV       ? fmaf(-(top[r] == -INFINITY ? kIntBias : top[r]), mult[r][g], F::kPOffset)
                         : F::kIntQK ? fmaf(-kIntBias, mult[r][g], base)
                                     : base;
