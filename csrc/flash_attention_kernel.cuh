@@ -538,13 +538,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                                    : fmaxf(row_max[r], block_max);
       // No attended key in this row yet (only with a mask): exp2 against 0 keeps -inf scores at 0, not NaN.
       const float offset = new_max == -INFINITY ? 0.f : new_max;
-      // What P is taken against: the running max, or (kIntPV) the block's own (0 for a block with no attended key
-      // in this row: its P is 0, and so is its factor).
-      float p_max = offset;
-      if constexpr (F::kIntPV) {
-        p_max = block_max == -INFINITY ? 0.f : block_max;
-        p_factor[r] = block_max == -INFINITY ? 0.f : ex2(block_max - offset);
-      }
+      // What P is taken against: the running max, or (kIntPV, through top below) the block's own, whose factor
+      // against the running max goes with the block's P V (0 for a block with no attended key in this row).
+      const float p_max = offset;
+      if constexpr (F::kIntPV) p_factor[r] = block_max == -INFINITY ? 0.f : ex2(block_max - offset);
       alpha[r] = ex2(row_max[r] - offset);
       o_scale[r] = F::kShiftV ? alpha[r] * sigma_ratio : alpha[r];
       row_max[r] = new_max;
@@ -552,8 +549,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int g = 0; g < kGroups; ++g) {
         const float base = F::k8Bit ? (F::kShiftV ? F::kPOffset + shift[g] : F::kPOffset) - p_max
                                     : -offset;  // (0 - x is not -x at x = 0: no fold)
-        // kIntPV: kPOffset - p_max - kIntBias mult, taken from top in one rounding (three dependent steps fewer at
-        // the head of the softmax's serial path); a row with no attended key as with p_max 0.
+        // kIntPV: kPOffset - (block max) - kIntBias mult, taken from top in one rounding (three dependent steps
+        // fewer at the head of the softmax's serial path); a row with no attended key in the block as with 0.
         neg_max[r][g] = kIntPV       ? fmaf(-(top[r] == -INFINITY ? kIntBias : top[r]), mult[r][g], F::kPOffset)
                         : F::kIntQK ? fmaf(-kIntBias, mult[r][g], base)
                                     : base;
