@@ -105,7 +105,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("flash_head_dims") = py::make_tuple(vkern::kFlashHeadDims[0], vkern::kFlashHeadDims[1]);
   {
     py::dict wide_stages;  // the wide tiles' ring depth per (keys, head dim)
-    for (int keys : {176, 224})
+    for (int keys : vkern::kFlashWideKeys)
       for (int d : vkern::kFlashHeadDims)
         if (vkern::flash_wide_stages(keys, d) > 0) wide_stages[py::make_tuple(keys, d)] = vkern::flash_wide_stages(keys, d);
     m.attr("flash_wide_stages") = wide_stages;

@@ -17,8 +17,9 @@ struct AttentionTensor {
 // The head dims the kernel takes.
 constexpr int kFlashHeadDims[] = {64, 128};
 // The 16-bit wide tiles' ring depth per (keys, head dim), 0 for a form that is not one: 176 keys, 2 stages at D 128
-// (three do not fit in shared memory), 3 at D 64; 224 keys at D 64 only, 3 stages. (Exported to Python as
-// vkern._C.flash_wide_stages: the launches' one source.)
+// (three do not fit in shared memory), 3 at D 64; 224 keys at D 64 only, 3 stages (kFlashWideKeys: the wide key
+// counts). Exported to Python as vkern._C.flash_wide_stages: the launches' one source.
+constexpr int kFlashWideKeys[] = {176, 224};
 constexpr int flash_wide_stages(int keys, int head_dim) {
   return keys == 176 ? (head_dim == 128 ? 2 : 3) : keys == 224 && head_dim == 64 ? 3 : 0;
 }
