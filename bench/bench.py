@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import subprocess
+import time
 
 import torch
 
@@ -300,16 +301,25 @@ def vkern_config(provider, allowed_suffixes=()):
 
 
 def _build_step_model(size, provider):
-    """A fresh model (same seed, so the same weights) set up the way `provider` runs it."""
+    """A fresh model (same seed, so the same weights) set up the way `provider` runs it; a provider's "-compile"
+    suffix adds diffusers' regional compilation (`compile_repeated_blocks(fullgraph=True)`, inductor), after the
+    patch for vkern's (its first call, the warm-up, compiles)."""
     import vkern
     from vkern import models
 
+    base = provider.removesuffix("-compile")
+    config = vkern_config(base)[0] if base.startswith("vkern") else None
+    if config is None and base not in ("diffusers", "diffusers-fp8-layerwise"):
+        raise SystemExit(f"--providers: unknown {provider!r}")
     torch.manual_seed(0)
     model = models.build_wan_transformer(size, DT, "cuda")
-    if provider == "diffusers-fp8-layerwise":
+    if base == "diffusers-fp8-layerwise":
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=DT)
-    elif provider.startswith("vkern"):
-        vkern.patch(model, vkern_config(provider)[0])
+    elif config is not None:
+        vkern.patch(model, config)
+    if base != provider:
+        torch._dynamo.reset()  # (each provider's model compiled afresh)
+        model.compile_repeated_blocks(fullgraph=True)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     return model
@@ -329,6 +339,10 @@ def _step(name, providers, args):
             with torch.inference_mode():
                 return model(**inputs).sample
 
+        started = time.perf_counter()
+        step()  # (the first call: with -compile, the compilation)
+        torch.cuda.synchronize()
+        first_call_s = time.perf_counter() - started
         ms, lo, hi = time_cuda(step, 1, args.step_repeats)
         peak, _ = peak_gib(step)
         out = step()
@@ -336,11 +350,12 @@ def _step(name, providers, args):
         # param_gib: the model's parameter and buffer bytes exactly (the FP8 target "weight memory <= 52% of
         # bf16" is a ratio of these); allocated_gib: torch.cuda.memory_allocated() after the build.
         yield dict(op="step", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
-                   param_gib=param_bytes(model) / 2**30, allocated_gib=allocated,
+                   first_call_s=first_call_s, param_gib=param_bytes(model) / 2**30, allocated_gib=allocated,
                    peak_gib=peak, activation_gib=peak - allocated, rel_l2_vs_first=rel_l2(out, reference),
                    cos_vs_first=torch.nn.functional.cosine_similarity(out.double().flatten(),
                                                                      reference.double().flatten(), dim=0).item())
         del model, inputs, out, step
+        torch._dynamo.reset()  # (a compiled provider's code cache refers to its model)
         gc.collect()  # the patch handle and the model refer to each other: free the cycle now
         torch.cuda.empty_cache()
 
@@ -702,7 +717,11 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--step-repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                        help="the inputs' (and the 8-bit kernels' output) dtype; rows other than bf16 say it")
     args = parser.parse_args(argv)
+    global DT
+    DT = getattr(torch, args.dtype)
     if not torch.cuda.is_available():
         raise SystemExit("bench needs a CUDA GPU")
     fn, table = OPS[args.op]
@@ -713,7 +732,7 @@ def main(argv=None):
         raise SystemExit(f"--shape: unknown {unknown}; known for {args.op}: {list(table)}")
     providers = None if args.providers == "all" else args.providers.split(",")
     meta = dict(world=1, gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=_commit(),
-                date=datetime.date.today().isoformat())
+                date=datetime.date.today().isoformat(), **({} if DT == torch.bfloat16 else {"dtype": args.dtype}))
     rows = []
     for name in names:
         for row in fn(name, providers, args):

@@ -3,7 +3,7 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [flash] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps] [fp8attn]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [flash] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps] [fp8attn] [compile]
 #     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
 #     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
 #     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model);
@@ -11,6 +11,7 @@
 #     vs cuDNN and the Triton kernel); profile: 14B step GPU time by class;
 #     vaeprof: VAE decode/encode GPU time by class + decode rows; fp8acc: fp8 storage/compute accuracy on
 #     Wan-1.3B and 14B 480p (per-layer SQNR, output cosine vs floors; table in $OUT/fp8_accuracy.md);
+#     compile: Wan-14B 480p steps with and without diffusers' compile_repeated_blocks(fullgraph=True) (-compile);
 #     memory: the allocations live at the 14B 480p step's peak (bench/memory_trace.py; chunked, bf16 and fp8
 #     attention) and the chunked 14B 480p / 720p step rows with their activation peaks;
 #     vaenorm: the VAE's RMS norm + SiLU kernel vs a copy, exact vs fast variant (bench/vae_norm_probe.py);
@@ -103,6 +104,9 @@ if [[ $MODES == *" selfattn "* ]]; then
 fi
 if [[ $MODES == *" big "* ]]; then
   $B --op step --shape wan14b-480p --providers diffusers,diffusers-fp8-layerwise,vkern,vkern-chunked,vkern-fp8-storage,vkern-fp8-compute,vkern-fp8-compute-attn-fp8,vkern-fp8-compute-chunked-attn-fp8
+fi
+if [[ $MODES == *" compile "* ]]; then  # against diffusers' regional compilation; VKERN_COMPILE_ROWS: the providers
+  $B --op step --shape wan14b-480p --step-repeats 3 --providers ${VKERN_COMPILE_ROWS:-diffusers,diffusers-compile,vkern,vkern-compile,vkern-attn-int8pv,vkern-attn-int8pv-compile}
 fi
 if [[ $MODES == *" memory "* ]]; then  # issue 5: what is alive at the 14B step's peak, then the step rows (480p, 720p)
   python3 -m bench.memory_trace --size 14b --res 480p --providers vkern-chunked,vkern-chunked-attn-fp8 \

@@ -1,0 +1,57 @@
+"""A vkern-patched Wan transformer under diffusers' regional compilation (`compile_repeated_blocks(fullgraph=True)`,
+what diffusers recommends for these models): no graph break in the patched block, the compiled graph holds vkern's
+ops, and the output's error against a float64 oracle stays within 2x of the eager patched model's."""
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+import vkern
+from vkern import models
+
+from .tolerance import rel_l2
+
+# The tiny model at head dim 128, so that on Hopper the attention runs vkern's CUDA kernel (head dims 64 and 128).
+CONFIG = dict(num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=64,
+              freq_dim=32, ffn_dim=256, num_layers=2, rope_max_seq_len=64)
+
+
+def build(dtype, device):
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WanTransformer3DModel(**CONFIG)
+    return models.cast_like_from_pretrained(model, dtype)
+
+
+def forward(model, inputs):
+    with torch.inference_mode():
+        return model(**inputs).sample
+
+
+@pytest.mark.parametrize("attention, fp8", [("auto", None), ("bf16", None), ("int8pv", None), ("int8pv", "compute")])
+def test_patched_wan_under_compile_repeated_blocks(device, attention, fp8):
+    inputs = models.transformer_inputs(build(torch.float32, "cpu"), "tiny", torch.float32, device)
+    oracle = forward(build(torch.float64, device), {k: v.double() if v.is_floating_point() else v
+                                                    for k, v in inputs.items()})
+    inputs16 = {k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()}
+    model = build(torch.bfloat16, device)
+    vkern.patch(model, vkern.PatchConfig(attention=attention, fp8=fp8))
+    eager = forward(model, inputs16)
+
+    seen = []  # the ops of each graph handed to the backend (then compiled by it)
+
+    def backend(gm, example_inputs):
+        seen.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return torch._inductor.compile(gm, example_inputs) if device.type == "cuda" else gm.forward
+
+    torch._dynamo.reset()
+    model.compile_repeated_blocks(fullgraph=True, backend=backend)
+    compiled = forward(model, inputs16)
+    assert seen, "compile_repeated_blocks compiled nothing"
+    ops = set().union(*seen)
+    ours = sorted(op for op in ops if op.startswith("vkern."))
+    # the fused glue, the QK-norm + RoPE prologue and the attention (their 8-bit forms in the 8-bit modes)
+    for prefix in ("vkern.layernorm_modulate", "vkern.gate_residual", "vkern.qk_norm_rope", "vkern.attention"):
+        assert any(op.startswith(prefix) for op in ours), f"no {prefix}* in the compiled block: {ours}"
+    assert torch.isfinite(compiled).all()
+    err, eager_err = rel_l2(compiled, oracle), rel_l2(eager, oracle)
+    assert err <= 2 * eager_err + 1e-6, f"compiled rel L2 {err:.3g} > 2x eager's {eager_err:.3g}"
