@@ -1,6 +1,7 @@
-"""A vkern-patched Wan transformer under diffusers' regional compilation (`compile_repeated_blocks(fullgraph=True)`,
-what diffusers recommends for these models): no graph break in the patched block, the compiled graph holds vkern's
-ops, and the output's error against a float64 oracle stays within 2x of the eager patched model's."""
+"""A vkern-patched Wan transformer under torch.compile: diffusers' regional compilation
+(`compile_repeated_blocks(fullgraph=True)`, what diffusers recommends for these models) and the whole model
+(`torch.compile(model, fullgraph=True)`): no graph break, the compiled graph holds vkern's ops, and the output's error
+against a float64 oracle stays within 2x of the eager patched model's."""
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
@@ -28,7 +29,8 @@ def forward(model, inputs):
 
 
 @pytest.mark.parametrize("attention, fp8", [("auto", None), ("bf16", None), ("int8pv", None), ("int8pv", "compute")])
-def test_patched_wan_under_compile_repeated_blocks(device, attention, fp8):
+@pytest.mark.parametrize("whole", [False, True], ids=["repeated_blocks", "whole_model"])
+def test_patched_wan_under_compile(device, attention, fp8, whole):
     inputs = models.transformer_inputs(build(torch.float32, "cpu"), "tiny", torch.float32, device)
     oracle = forward(build(torch.float64, device), {k: v.double() if v.is_floating_point() else v
                                                     for k, v in inputs.items()})
@@ -44,9 +46,12 @@ def test_patched_wan_under_compile_repeated_blocks(device, attention, fp8):
         return torch._inductor.compile(gm, example_inputs) if device.type == "cuda" else gm.forward
 
     torch._dynamo.reset()
-    model.compile_repeated_blocks(fullgraph=True, backend=backend)
-    compiled = forward(model, inputs16)
-    assert seen, "compile_repeated_blocks compiled nothing"
+    if whole:
+        compiled = forward(torch.compile(model, fullgraph=True, backend=backend), inputs16)
+    else:
+        model.compile_repeated_blocks(fullgraph=True, backend=backend)
+        compiled = forward(model, inputs16)
+    assert seen, "torch.compile compiled nothing"
     ops = set().union(*seen)
     ours = sorted(op for op in ops if op.startswith("vkern."))
     # the fused glue, the QK-norm + RoPE prologue and the attention (their 8-bit forms in the 8-bit modes)
