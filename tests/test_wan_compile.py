@@ -1,5 +1,5 @@
 """A vkern-patched Wan transformer under torch.compile: diffusers' regional compilation
-(`compile_repeated_blocks(fullgraph=True)`, what diffusers recommends for these models) and the whole model
+(`compile_repeated_blocks(fullgraph=True)`: each repeated block compiled, one graph for all) and the whole model
 (`torch.compile(model, fullgraph=True)`): no graph break, the compiled graph holds vkern's ops, and the output's error
 against a float64 oracle stays within 2x of the eager patched model's."""
 import pytest
