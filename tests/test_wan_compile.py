@@ -4,23 +4,17 @@
 against a float64 oracle stays within 2x of the eager patched model's."""
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
 
 import vkern
 from vkern import models
 
 from .tolerance import rel_l2
 
-# The tiny model at head dim 128, so that on Hopper the attention runs vkern's CUDA kernel (head dims 64 and 128).
-CONFIG = dict(num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=64,
-              freq_dim=32, ffn_dim=256, num_layers=2, rope_max_seq_len=64)
-
 
 def build(dtype, device):
+    """The tiny model at head dim 128, so that on Hopper the attention runs vkern's CUDA kernel (head dims 64, 128)."""
     torch.manual_seed(0)
-    with torch.device(device):
-        model = WanTransformer3DModel(**CONFIG)
-    return models.cast_like_from_pretrained(model, dtype)
+    return models.build_wan_transformer("tiny", dtype, device, attention_head_dim=128, ffn_dim=256)
 
 
 def forward(model, inputs):

@@ -36,11 +36,12 @@ def cast_like_from_pretrained(model, dtype):
     return model.eval().requires_grad_(False)
 
 
-def build_wan_transformer(size, dtype=torch.bfloat16, device="cpu"):
+def build_wan_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
+    """overrides: config entries that replace the named size's (e.g. attention_head_dim=128)."""
     from diffusers import WanTransformer3DModel
 
     with torch.device(device):
-        model = WanTransformer3DModel(**WAN_TRANSFORMERS[size])
+        model = WanTransformer3DModel(**{**WAN_TRANSFORMERS[size], **overrides})
     return cast_like_from_pretrained(model, dtype)
 
 
