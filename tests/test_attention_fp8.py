@@ -884,10 +884,20 @@ def test_no_keys_gives_zero_and_minus_inf_lse(pv):
     assert torch.equal(out, ops.attention(q, k, k))
 
 
+@pytest.mark.parametrize("pv", ["bf16", "e4m3", "int8"])
+def test_float32_inputs_quantize_as_16_bit_ones(pv):
+    """A float32 model's q, k, v (e.g. vkern.patch's HunyuanVideo processor on a float32 model) take the same 8-bit
+    path, computed by the reference emulation: a float32 output as near the exact one as the bf16 call's."""
+    q, k, v = make_qkv(1, 29, 150, 2, 128, torch.float32)
+    exact = ref.attention_lse(q, k, v)[0]
+    out = ops.attention_8bit(q, k, v, qk="int8", pv=pv)
+    assert out.dtype == torch.float32
+    err16 = rel_l2(ops.attention_8bit(q.bfloat16(), k.bfloat16(), v.bfloat16(), qk="int8", pv=pv), exact)
+    assert rel_l2(out, exact) <= 1.1 * err16
+
+
 def test_bad_inputs_name_the_argument():
     q, k, v = make_qkv(2, 13, 17, 2, 64, torch.bfloat16)
-    with pytest.raises(TypeError, match="q: expected dtype"):  # fp32 is not an 8-bit-attention input
-        attention_8bit(q.float(), k.float(), v.float())
     with pytest.raises(TypeError, match="q: expected dtype"):
         attention_8bit(q.double(), k.double(), v.double())
     with pytest.raises(TypeError, match="q: expected dtype"):  # already-quantized input goes to attention_prequantized

@@ -82,3 +82,43 @@ def transformer_inputs(model, res, dtype, device, batch=1):
         encoder_hidden_states=torch.randn((batch, TEXT_TOKENS if res != "tiny" else 16, cfg.text_dim),
                                           generator=g).to(device, dtype),
     )
+
+
+# HunyuanVideo (diffusers HunyuanVideoTransformer3DModel): "13b" is diffusers' default config, the released model's.
+HUNYUAN_TRANSFORMERS = {
+    "tiny": dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, num_single_layers=2, num_refiner_layers=1,
+                 text_embed_dim=64, pooled_projection_dim=32, rope_axes_dim=(8, 12, 12)),
+    "13b": dict(),
+}
+# (frames, height, width) of the video; latent (1 + (frames - 1) / 4, height / 8, width / 8), 2x2 patches.
+HUNYUAN_RESOLUTIONS = {"tiny": (9, 64, 64), "720p": (129, 720, 1280), "720p-33f": (33, 720, 1280)}
+HUNYUAN_TEXT_TOKENS = {"tiny": (16, 11), "real": (256, 200)}  # (tokens, of which real: the rest is padding)
+
+
+def build_hunyuan_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    with torch.device(device):
+        model = HunyuanVideoTransformer3DModel(**{**HUNYUAN_TRANSFORMERS[size], **overrides})
+    return cast_like_from_pretrained(model, dtype)
+
+
+def hunyuan_transformer_inputs(model, res, dtype, device, batch=1, text_tokens=None):
+    """Inputs as HunyuanVideoPipeline passes them: the prompt's embeddings padded to a fixed length with an
+    attention mask (1 = real token; text_tokens: (tokens, real ones), default HUNYUAN_TEXT_TOKENS), pooled CLIP
+    embeddings, and the guidance scale x 1000 (the model's guidance embedding)."""
+    cfg = model.config
+    frames, height, width = HUNYUAN_RESOLUTIONS[res]
+    tokens, real = text_tokens or HUNYUAN_TEXT_TOKENS["tiny" if res == "tiny" else "real"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mask = torch.zeros(batch, tokens, dtype=torch.int64)
+    mask[:, :real] = 1
+    return dict(
+        hidden_states=torch.randn((batch, cfg.in_channels, 1 + (frames - 1) // 4, height // 8, width // 8),
+                                  generator=g).to(device, dtype),
+        timestep=torch.tensor([500] * batch, device=device),
+        encoder_hidden_states=torch.randn((batch, tokens, cfg.text_embed_dim), generator=g).to(device, dtype),
+        encoder_attention_mask=mask.to(device),
+        pooled_projections=torch.randn((batch, cfg.pooled_projection_dim), generator=g).to(device, dtype),
+        guidance=torch.tensor([6000.0] * batch, device=device, dtype=dtype),
+    )

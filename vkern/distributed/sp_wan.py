@@ -210,9 +210,7 @@ def apply_sequence_parallel(model, sp_config, handle):
 # ---------------------------------------------------------------- checks
 
 def _check_model(model, sp_config, pg, world):
-    if getattr(model, "_parallel_config", None) is not None:
-        raise ValueError("model: diffusers' enable_parallelism() is already applied; use one sequence "
-                         "parallelism, not both")
+    # (diffusers' enable_parallelism() on the model: refused by the adapter before this, patch/handle.py)
     if len(model.blocks) == 0:
         raise ValueError("model: WanTransformer3DModel with no blocks")
     R = sp_config.ring_degree

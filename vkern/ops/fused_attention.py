@@ -735,7 +735,8 @@ def _(v, key_padding_mask, offset, fmt):
 
 
 def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=False, qk="int8", pv="bf16"):
-    """8-bit attention (opt-in) on bf16/fp16 q, k, v [B, S, H, D]: Q quantized per (token, head) to `qk`
+    """8-bit attention (opt-in) on bf16/fp16 q, k, v [B, S, H, D] (float32: quantized the same way, computed by
+    the reference emulation, as the prequantized op does for a float32 output): Q quantized per (token, head) to `qk`
     ("int8" or "e4m3"), K per (128-key block, head) (k_to_8bit) for e4m3 keys or an 8-bit pv, else per (token,
     head). pv: "bf16" keeps V and P in V's dtype; "e4m3" smooths V (value_offset), quantizes it per (128-key block,
     head) to e4m3 (v_to_8bit) and P to e4m3 for the P @ V product; "int8" smooths V and quantizes it per (128-key
@@ -747,7 +748,7 @@ def attention_8bit(q, k, v, *, key_padding_mask=None, scale=None, return_lse=Fal
     accumulation and softmax. Accuracy per scheme: bench/NOTES.md. key_padding_mask: bool [B, Skv], True = attend;
     masked keys get weight 0 and do not enter V's (8-bit pv) or 8-bit K's block scales. Returns out in q's dtype
     (and lse as attention())."""
-    _check_attention_inputs(q, k, v, key_padding_mask, scale, (torch.bfloat16, torch.float16))
+    _check_attention_inputs(q, k, v, key_padding_mask, scale, FLOATS)
     if qk not in ("int8", "e4m3") or pv not in PV_FORMATS:
         raise ValueError(f"qk, pv: expected qk in ('int8', 'e4m3') and pv in {PV_FORMATS}, got {qk!r}, {pv!r}")
     B, Sq, H, _ = q.shape

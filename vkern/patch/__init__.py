@@ -11,10 +11,10 @@ import torch
 
 from ..distributed.sp_wan import SPConfig
 from ..modules.wan_attention import ATTENTION_MODES
-from . import wan
+from . import hunyuan, wan
 from .handle import PatchHandle, patched_handle
 
-ADAPTERS = {"wan": wan}
+ADAPTERS = {"wan": wan, "hunyuan": hunyuan}
 FP8_MODES = (None, "storage", "compute")
 
 
@@ -166,7 +166,8 @@ def _adapter_for(obj):
 
 def _unsupported(obj):
     return (f"vkern.patch: unsupported object {type(obj).__name__}; supported: WanPipeline (and other "
-            "pipelines with Wan components), WanTransformer3DModel, AutoencoderKLWan")
+            "pipelines with Wan components), WanTransformer3DModel, AutoencoderKLWan, HunyuanVideoTransformer3DModel "
+            "(and pipelines with it)")
 
 
 def _require_diffusers():

@@ -119,6 +119,16 @@ def refuse_wrapped(module, action):
             f"{action} and bypass them. Patch first, then enable those (or remove them before patching).")
 
 
+def refuse_context_parallel(model):
+    """diffusers' enable_parallelism() shards the sequence and has its processors' attention exchange it across
+    ranks; vkern's processors attend over what they are given, so patching would silently compute per-rank
+    attention. vkern's own sequence parallelism is PatchConfig(sp=...) (Wan)."""
+    if getattr(model, "_parallel_config", None) is not None:
+        raise ValueError(f"vkern.patch: {type(model).__name__} has diffusers' enable_parallelism() applied; vkern's "
+                         "processors would bypass its sequence exchange. Patch a model without it (for Wan, "
+                         "vkern's own: PatchConfig(sp=vkern.SPConfig()))")
+
+
 def patched_handle(obj):
     """The active handle that patched obj, or None."""
     return getattr(obj, _MARK, None)

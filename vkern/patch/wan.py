@@ -5,6 +5,7 @@ import functools
 from ..modules._grad import records_autograd
 from ..modules.wan_attention import VkernWanAttnProcessor
 from ..modules.wan_block import fused_block_forward
+from .handle import refuse_context_parallel
 
 
 def _classes():
@@ -29,6 +30,7 @@ def apply(obj, config, handle):
 
 
 def _patch_transformer(model, config, handle, classes):
+    refuse_context_parallel(model)
     if config.fp8 is not None:
         from .fp8 import quantize_linears
 

@@ -1,0 +1,81 @@
+"""HunyuanVideo attention, the spec for vkern's processor: the same torch ops in the same order as diffusers'
+HunyuanVideoAttnProcessor2_0 (diffusers 0.42) on its native backend, with the attention step as a parameter.
+
+Two forms of the same processor: the dual-stream blocks project the text with their own add_q/k/v_proj and append
+it after the video; the single-stream blocks get the text appended to the hidden states up front. Either way the
+sequence is [video tokens, text tokens], RoPE applies to the video part only, and diffusers' mask is
+[B, 1, 1, N] bool (True = attend) over that sequence: a key-padding mask (the padded text at the end)."""
+import torch
+
+from .attention import attention
+
+
+def key_padding(attention_mask, batch, keys):
+    """diffusers' HunyuanVideo mask as a key-padding mask [B, keys] (bool, True = attend), or None when
+    attention_mask is None or is not one (a float mask, or one that differs per query): the caller then passes it
+    to SDPA as a general mask."""
+    if attention_mask is None or attention_mask.dtype != torch.bool:
+        return None
+    if attention_mask.dim() == 4 and attention_mask.shape[1:3] == (1, 1):
+        attention_mask = attention_mask[:, 0, 0]
+    if attention_mask.dim() == 2 and attention_mask.shape[1] == keys and attention_mask.shape[0] in (1, batch):
+        return attention_mask.expand(batch, keys)
+    return None
+
+
+def _rope(x, image_rotary_emb):
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    return apply_rotary_emb(x, image_rotary_emb, sequence_dim=1)
+
+
+def _rope_video(x, image_rotary_emb, text_tokens):
+    """RoPE on the video tokens only (the single-stream form: the text is the last text_tokens)."""
+    if not text_tokens:
+        return _rope(x, image_rotary_emb)
+    return torch.cat([_rope(x[:, :-text_tokens], image_rotary_emb), x[:, -text_tokens:]], dim=1)
+
+
+def hunyuan_video_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                            image_rotary_emb=None, attend=attention):
+    """HunyuanVideoAttnProcessor2_0.__call__; attend(q, k, v, attention_mask) on [B, S, H, D] tensors runs the
+    attention (default: SDPA as diffusers' native backend calls it). Returns (hidden_states, encoder_hidden_states)
+    as diffusers does: the text part split off and projected when encoder_hidden_states is given."""
+    single_stream = attn.add_q_proj is None and encoder_hidden_states is not None
+    if single_stream:
+        hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+
+    query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+    key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+    value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if image_rotary_emb is not None:
+        text_tokens = encoder_hidden_states.shape[1] if single_stream else 0
+        query = _rope_video(query, image_rotary_emb, text_tokens)
+        key = _rope_video(key, image_rotary_emb, text_tokens)
+
+    if attn.add_q_proj is not None and encoder_hidden_states is not None:
+        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_added_q is not None:
+            encoder_query = attn.norm_added_q(encoder_query)
+        if attn.norm_added_k is not None:
+            encoder_key = attn.norm_added_k(encoder_key)
+        query = torch.cat([query, encoder_query], dim=1)
+        key = torch.cat([key, encoder_key], dim=1)
+        value = torch.cat([value, encoder_value], dim=1)
+
+    hidden_states = attend(query, key, value, attention_mask).flatten(2, 3).to(query.dtype)
+
+    if encoder_hidden_states is not None:
+        text_tokens = encoder_hidden_states.shape[1]
+        hidden_states, encoder_hidden_states = hidden_states[:, :-text_tokens], hidden_states[:, -text_tokens:]
+        if getattr(attn, "to_out", None) is not None:
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+    return hidden_states, encoder_hidden_states
