@@ -23,6 +23,8 @@ ATTENTION = {
     "ltx-512p": AttentionShape(32, 64, 7392, 128),
 }
 
-# Transformer steps: (vkern.models size, resolution)
-STEPS = {"wan1.3b-480p": ("1.3b", "480p"), "wan14b-480p": ("14b", "480p"), "wan14b-720p": ("14b", "720p")}
+# Transformer steps: (model family, vkern.models size, resolution). hunyuan13b-720p-33f: HunyuanVideo's 720p at 33
+# frames (9 x 45 x 80 = 32400 video tokens + 256 text, 200 of them real).
+STEPS = {"wan1.3b-480p": ("wan", "1.3b", "480p"), "wan14b-480p": ("wan", "14b", "480p"),
+         "wan14b-720p": ("wan", "14b", "720p"), "hunyuan13b-720p-33f": ("hunyuan", "13b", "720p-33f")}
 VAE = {"wan-vae-480p": "480p", "wan-vae-720p": "720p"}

@@ -232,7 +232,7 @@ def main(argv=None):
     device = sp.device
     if args.no_check:
         SP_VARIANTS["vkern-sp"] = dict(check_inputs="off")
-    name = next((k for k, v in shapes.STEPS.items() if v == (args.size, args.res)), f"wan{args.size}-{args.res}")
+    name = next((k for k, v in shapes.STEPS.items() if v == ("wan", args.size, args.res)), f"wan{args.size}-{args.res}")
     torch.manual_seed(0)  # the same weights on every rank
     model = models.build_wan_transformer(args.size, DT, device)
     inputs = models.transformer_inputs(model, args.res, DT, device)  # seeded: the same on every rank
