@@ -8,7 +8,7 @@ import json
 import sys
 
 METRICS = ("ms", "attention_ms", "gemm_ms", "elementwise_ms", "other_ms", "psnr_db", "a2a_ms", "a2a_pct", "eager_ms", "tflops", "tflops_sync", "gbps", "param_gib", "weights_gib", "peak_gib", "activation_gib", "sqnr_db", "sqnr_min_db", "sqnr_median_db", "rel_l2", "cos",
-           "rel_l2_vs_cudnn", "rel_l2_vs_diffusers", "rel_l2_vs_first", "cos_vs_first", "bit_exact", "timing")
+           "rel_l2_vs_cudnn", "rel_l2_vs_diffusers", "rel_l2_vs_first", "cos_vs_first", "bit_exact", "timing", "error")
 
 
 def fmt(v, metric=""):

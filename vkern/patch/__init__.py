@@ -30,15 +30,15 @@ class PatchConfig:
                         "fp8" (int8 Q/K, e4m3 P/V, O in fp32) or "int8" (int8 Q/K, bf16 P/V, Triton: the
                         most accurate, slower than the exact default); accuracy and speed in the
                         README's table of attention modes
-    fused_qk_norm_rope  fuse the q/k RMSNorm + RoPE into one kernel pass
-    ffn_chunk_size      tokens per feed-forward chunk (None: no chunking)
+    fused_qk_norm_rope  fuse the q/k RMSNorm + RoPE into one kernel pass (Wan; HunyuanVideo keeps diffusers' ops)
+    ffn_chunk_size      tokens per feed-forward chunk (None: no chunking; Wan only, an error for HunyuanVideo)
     attention_chunk_size  query tokens per attention chunk in the fused Wan blocks (None: no chunking):
                         K/V for the whole sequence first, then each chunk's q -> attention -> output
                         projection -> residual, so no full-sequence q/output tensors (activation memory)
-    fused_block         Wan blocks run fused LayerNorm+modulate and gate+residual kernels (no fp32 copies
+    fused_block         (Wan) Wan blocks run fused LayerNorm+modulate and gate+residual kernels (no fp32 copies
                         of the hidden states) and chunk their FFN by ffn_chunk_size; the transformer's
                         output norm + modulate is one such pass too
-    vae                 cached causal convolutions in the VAE, and its fast chunked encode/decode loop on CUDA
+    vae                 cached causal convolutions in the Wan VAE, and its fast chunked encode/decode loop on CUDA
     vae_output_device   None (decoded video on the latents' device) or e.g. "cpu": decoded frames are
                         written into pinned CPU memory as they come, capping the GPU peak
     filter_fn           (module, fully qualified name) -> bool; False leaves that module as it is
@@ -49,7 +49,7 @@ class PatchConfig:
                         "drop": free them (undo() then raises)
     fp8_fast_accum      compute mode: cuBLASLt fast fp8 accumulation (1.1x faster GEMMs on an H200,
                         same SQNR at Wan shapes); False for full-precision accumulation
-    sp                  None | vkern.distributed.SPConfig: run the transformer sequence-parallel
+    sp                  None | vkern.distributed.SPConfig: run the Wan transformer sequence-parallel
                         (Ulysses) over the SPConfig's process group (under torchrun, every rank patches)
     """
     attention: str = "auto"
