@@ -11,7 +11,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideo
 import vkern
 from vkern import models
 from vkern.modules.hunyuan_attention import VkernHunyuanVideoAttnProcessor
-from vkern.reference import hunyuan_attention as ref
+from vkern.reference.attention import key_padding
 
 from .tolerance import assert_within_torch_error, rel_l2
 
@@ -128,11 +128,11 @@ def test_processor_under_compile_fullgraph():
 
 def test_key_padding_forms():
     mask = torch.tensor([[True, True, False]])
-    assert torch.equal(ref.key_padding(mask[:, None, None], 2, 3), mask.expand(2, 3))
-    assert torch.equal(ref.key_padding(mask, 1, 3), mask)
-    assert ref.key_padding(None, 1, 3) is None
-    assert ref.key_padding(mask.float()[:, None, None], 1, 3) is None  # additive: a general SDPA mask
-    assert ref.key_padding(torch.ones(1, 1, 3, 3, dtype=torch.bool), 1, 3) is None  # per query: general
+    assert torch.equal(key_padding(mask[:, None, None], 2, 3), mask.expand(2, 3))
+    assert torch.equal(key_padding(mask, 1, 3), mask)
+    assert key_padding(None, 1, 3) is None
+    assert key_padding(mask.float()[:, None, None], 1, 3) is None  # additive: a general SDPA mask
+    assert key_padding(torch.ones(1, 1, 3, 3, dtype=torch.bool), 1, 3) is None  # per query: general
 
 
 def test_general_mask_goes_to_sdpa_and_8bit_modes_refuse_it():
@@ -143,7 +143,7 @@ def test_general_mask_goes_to_sdpa_and_8bit_modes_refuse_it():
     args = (x, text, per_query, rope)
     torch.testing.assert_close(run_processor(attn, VkernHunyuanVideoAttnProcessor(), args),
                                run_processor(attn, HunyuanVideoAttnProcessor2_0(), args), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="takes a key-padding mask"):
+    with pytest.raises(ValueError, match="VkernHunyuanVideoAttnProcessor: attention=.int8pv. takes a key-padding mask"):
         run_processor(attn.bfloat16(), VkernHunyuanVideoAttnProcessor("int8pv"),
                       (x.bfloat16(), text.bfloat16(), per_query, rope))
 

@@ -36,6 +36,19 @@ def attention(q, k, v, attn_mask=None):
     return out.permute(0, 2, 1, 3)
 
 
+def key_padding(attention_mask, batch, keys):
+    """A diffusers processor's attention_mask as a key-padding mask [B, keys] (bool, True = attend): a bool
+    [B|1, 1, 1, keys] (HunyuanVideo's) or [B|1, keys]. None when attention_mask is None or is not one (a float mask,
+    or one that differs per query or head): the caller then passes it to SDPA as a general mask."""
+    if attention_mask is None or attention_mask.dtype != torch.bool:
+        return None
+    if attention_mask.dim() == 4 and attention_mask.shape[1:3] == (1, 1):
+        attention_mask = attention_mask[:, 0, 0]
+    if attention_mask.dim() == 2 and attention_mask.shape[1] == keys and attention_mask.shape[0] in (1, batch):
+        return attention_mask.expand(batch, keys)
+    return None
+
+
 def attention_math(q, k, v, attn_mask=None, dtype=torch.float64):
     """Plain softmax(QK^T/sqrt(d))V in `dtype` (the high-precision oracle for kernel tests).
     attn_mask: bool (True = attend) or additive, broadcastable to [B, H, Sq, Skv]."""

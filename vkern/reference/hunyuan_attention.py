@@ -10,19 +10,6 @@ import torch
 from .attention import attention
 
 
-def key_padding(attention_mask, batch, keys):
-    """diffusers' HunyuanVideo mask as a key-padding mask [B, keys] (bool, True = attend), or None when
-    attention_mask is None or is not one (a float mask, or one that differs per query): the caller then passes it
-    to SDPA as a general mask."""
-    if attention_mask is None or attention_mask.dtype != torch.bool:
-        return None
-    if attention_mask.dim() == 4 and attention_mask.shape[1:3] == (1, 1):
-        attention_mask = attention_mask[:, 0, 0]
-    if attention_mask.dim() == 2 and attention_mask.shape[1] == keys and attention_mask.shape[0] in (1, batch):
-        return attention_mask.expand(batch, keys)
-    return None
-
-
 def _rope(x, image_rotary_emb):
     from diffusers.models.embeddings import apply_rotary_emb
 
