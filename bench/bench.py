@@ -2,7 +2,7 @@
 
     python -m bench.bench --op attention --shape wan1.3b-480p,wan14b-720p --providers all --out rows.jsonl
 
-ops: attention | wan-self-attn | hunyuan-attn | qk-norm-rope | fp8-quantize | gemm | step | vae-decode | vae-encode | vae-conv. Rows carry gpu, torch, commit and
+ops: attention | wan-self-attn | joint-attn | qk-norm-rope | fp8-quantize | gemm | step | vae-decode | vae-encode | vae-conv. Rows carry gpu, torch, commit and
 date; providers are anchors (cudnn, fa2, efficient, flash-attn where installed, diffusers, diffusers-compile) and vkern.
 """
 import argparse
@@ -277,39 +277,72 @@ def _wan_self_attention(name, providers, args):
         del out
 
 
-def _hunyuan_attention(name, providers, args):
-    """HunyuanVideo's joint attention as a module call (a dual-stream block's: q/k/v projections of the video and
-    the text, per-head RMSNorm, RoPE on the video, attention over [video, text] with the padded text masked by
-    diffusers' [1, 1, 1, N] bool mask, output projections): diffusers' processor on PyTorch's own SDPA choice
-    ("diffusers") and with SDPA held to one backend ("diffusers-efficient", "diffusers-cudnn"), vs
-    VkernHunyuanVideoAttnProcessor per attention mode; rel_l2 against the first provider's output."""
+def _hunyuan_attention_module(res):
+    """A HunyuanVideo dual-stream block's attention at `res` and its call: the video with RoPE, then the prompt padded
+    to 256 tokens (200 real), masked by diffusers' [1, 1, 1, N] bool mask."""
     from diffusers.models.transformers.transformer_hunyuan_video import (HunyuanVideoAttnProcessor2_0,
                                                                          HunyuanVideoRotaryPosEmbed,
                                                                          HunyuanVideoTransformerBlock)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from vkern import models
     from vkern.modules.hunyuan_attention import VkernHunyuanVideoAttnProcessor
 
-    s = shapes.ATTENTION["hunyuan-720p"]  # (heads, head dim; the video tokens follow from the resolution)
-    dim, (text, real) = s.heads * s.head_dim, models.HUNYUAN_TEXT_TOKENS["real"]
-    frames, height, width = models.HUNYUAN_RESOLUTIONS[HUNYUAN_ATTENTION[name]]
-    latent = (1, 16, 1 + (frames - 1) // 4, height // 8, width // 8)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        attn = HunyuanVideoTransformerBlock(s.heads, s.head_dim, mlp_ratio=1.0, qk_norm="rms_norm").attn
-        attn = attn.to(DT).eval().requires_grad_(False)
-        rope = HunyuanVideoRotaryPosEmbed(2, 1, [16, 56, 56], 256.0)(torch.empty(latent, device="cuda"))
+    heads, head_dim, (text, real) = 24, 128, models.HUNYUAN_TEXT_TOKENS["real"]
+    frames, height, width = models.HUNYUAN_RESOLUTIONS[res]
+    attn = HunyuanVideoTransformerBlock(heads, head_dim, mlp_ratio=1.0, qk_norm="rms_norm").attn
+    rope = HunyuanVideoRotaryPosEmbed(2, 1, [16, 56, 56], 256.0)(
+        torch.empty((1, 16, 1 + (frames - 1) // 4, height // 8, width // 8), device="cuda"))
     video = rope[0].shape[0]
-    x = torch.randn(1, video, dim, device="cuda", dtype=DT)
-    context = torch.randn(1, text, dim, device="cuda", dtype=DT)
+    x, context = (torch.randn(1, n, heads * head_dim, device="cuda", dtype=DT) for n in (video, text))
     mask = torch.ones(1, 1, 1, video + text, dtype=torch.bool, device="cuda")
     mask[..., video + real:] = False
+    return (attn, lambda: attn(x, context, mask, image_rotary_emb=rope), HunyuanVideoAttnProcessor2_0,
+            VkernHunyuanVideoAttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text, real_text=real))
+
+
+def _cogvideox_attention_module(res):
+    """A CogVideoX-5B block's attention at `res` and its call: the prompt's 226 tokens, then the video with RoPE."""
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+    from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+
+    from vkern import models
+    from vkern.modules.cogvideox_attention import VkernCogVideoXAttnProcessor
+
+    heads, head_dim, text = 48, 64, 226
+    frames, height, width = models.COGVIDEOX_RESOLUTIONS[res]
+    video = (1 + (frames - 1) // 4) * (height // 16) * (width // 16)
+    attn = CogVideoXBlock(heads * head_dim, heads, head_dim, time_embed_dim=512).attn1
+    angles = torch.randn(video, head_dim, device="cuda")
+    rope = (angles.cos(), angles.sin())
+    x, context = (torch.randn(1, n, heads * head_dim, device="cuda", dtype=DT) for n in (video, text))
+    return (attn, lambda: attn(x, context, image_rotary_emb=rope), CogVideoXAttnProcessor2_0,
+            VkernCogVideoXAttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text))
+
+
+# shape -> (module setup, resolution): the joint attention of HunyuanVideo and CogVideoX as a module call
+JOINT_ATTENTION = {"hunyuan-720p": (_hunyuan_attention_module, "720p"),
+                   "hunyuan-720p-33f": (_hunyuan_attention_module, "720p-33f"),
+                   "cogvideox-5b": (_cogvideox_attention_module, "480p")}
+
+
+def _joint_attention(name, providers, args):
+    """A joint-attention module call (q/k/v projections of video and text, per-head norm, RoPE on the video,
+    attention over both, output projections): diffusers' processor on PyTorch's own SDPA choice ("diffusers") and
+    with SDPA held to one backend ("diffusers-efficient", "diffusers-cudnn"), vs vkern's processor per attention
+    mode; rel_l2 against the first provider's output."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    setup, res = JOINT_ATTENTION[name]
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        attn, call, diffusers_processor, vkern_processor, dims = setup(res)
+    attn.to(DT).eval().requires_grad_(False)
     forced = {"diffusers-efficient": SDPBackend.EFFICIENT_ATTENTION, "diffusers-cudnn": SDPBackend.CUDNN_ATTENTION}
-    processors = {"diffusers": HunyuanVideoAttnProcessor2_0(), **{p: HunyuanVideoAttnProcessor2_0() for p in forced},
-                  **{f"vkern-{m}": VkernHunyuanVideoAttnProcessor(m) for m in ("auto", "bf16", "int8pv")}}
-    keys = video + text
-    flops = 4 * s.heads * keys * keys * s.head_dim + 4 * 2 * keys * dim * dim
+    processors = {"diffusers": diffusers_processor(), **{p: diffusers_processor() for p in forced},
+                  **{f"vkern-{m}": vkern_processor(m) for m in ("auto", "bf16", "int8pv")}}
+    heads, head_dim, tokens = dims["heads"], dims["head_dim"], dims["tokens"]
+    dim = heads * head_dim
+    flops = 4 * heads * tokens * tokens * head_dim + 4 * 2 * tokens * dim * dim
     reference = None
     for provider in providers or list(processors):
         if provider not in processors:
@@ -320,22 +353,21 @@ def _hunyuan_attention(name, providers, args):
             with torch.inference_mode():
                 if provider in forced:
                     with sdpa_kernel([forced[provider]]):
-                        return torch.cat(attn(x, context, mask, image_rotary_emb=rope), dim=1)
-                return torch.cat(attn(x, context, mask, image_rotary_emb=rope), dim=1)
+                        return torch.cat(call(), dim=1)
+                return torch.cat(call(), dim=1)
 
         try:
             ms, lo, hi = time_cuda(run, args.warmup, args.repeats)
-        except RuntimeError as err:  # (a backend SDPA cannot hold to with this mask)
-            yield dict(op="hunyuan-attn", shape=name, provider=provider, error=str(err).splitlines()[0][:200])
+        except RuntimeError as err:  # (a backend SDPA cannot hold to for this call, e.g. with a mask)
+            yield dict(op="joint-attn", shape=name, provider=provider, error=str(err).splitlines()[0][:200])
             continue
         out = run()
         reference = out if reference is None else reference
-        yield dict(op="hunyuan-attn", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
-                   tflops=flops / ms / 1e9, tokens=keys, real_text=real, rel_l2_vs_first=rel_l2(out, reference))
+        yield dict(op="joint-attn", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
+                   tflops=flops / ms / 1e9, **dims, rel_l2_vs_first=rel_l2(out, reference))
         del out
 
 
-HUNYUAN_ATTENTION = {"hunyuan-720p": "720p", "hunyuan-720p-33f": "720p-33f"}
 STEP_PROVIDERS = ("diffusers", "diffusers-fp8-layerwise", "vkern", "vkern-chunked", "vkern-fp8-storage",
                   "vkern-fp8-compute")
 CHUNK = 4096  # -chunked: FFN and attention token chunks
@@ -359,20 +391,26 @@ def vkern_config(provider, allowed_suffixes=()):
                              attention=attention or "auto"), suffixes
 
 
+def _step_models():
+    from vkern import models
+
+    return {"wan": (models.build_wan_transformer, models.transformer_inputs),
+            "hunyuan": (models.build_hunyuan_transformer, models.hunyuan_transformer_inputs),
+            "cogvideox": (models.build_cogvideox_transformer, models.cogvideox_transformer_inputs)}
+
+
 def _build_step_model(family, size, provider):
     """A fresh model (same seed, so the same weights) set up the way `provider` runs it; a provider's "-compile"
     suffix adds diffusers' regional compilation (`compile_repeated_blocks(fullgraph=True)`, inductor), after the
     patch for vkern's (its first call, the warm-up, compiles)."""
     import vkern
-    from vkern import models
 
     base = provider.removesuffix("-compile")
     config = vkern_config(base)[0] if base.startswith("vkern") else None
     if config is None and base not in ("diffusers", "diffusers-fp8-layerwise"):
         raise SystemExit(f"--providers: unknown {provider!r}")
     torch.manual_seed(0)
-    build = models.build_hunyuan_transformer if family == "hunyuan" else models.build_wan_transformer
-    model = build(size, DT, "cuda")
+    model = _step_models()[family][0](size, DT, "cuda")
     if base == "diffusers-fp8-layerwise":
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=DT)
     elif config is not None:
@@ -386,10 +424,8 @@ def _build_step_model(family, size, provider):
 
 
 def _step(name, providers, args):
-    from vkern import models
-
     family, size, res = shapes.STEPS[name]
-    make_inputs = models.hunyuan_transformer_inputs if family == "hunyuan" else models.transformer_inputs
+    make_inputs = _step_models()[family][1]
     reference = None
     for provider in providers or STEP_PROVIDERS:
         model = _build_step_model(family, size, provider)
@@ -751,7 +787,7 @@ def _vae_conv(name, providers, args):
 
 
 OPS = {"attention": (_attention, shapes.ATTENTION), "wan-self-attn": (_wan_self_attention, shapes.ATTENTION),
-       "hunyuan-attn": (_hunyuan_attention, HUNYUAN_ATTENTION),
+       "joint-attn": (_joint_attention, JOINT_ATTENTION),
        "qk-norm-rope": (_qk_norm_rope, shapes.ATTENTION),
        "gemm": (_gemm, GEMM_SHAPES),
        "fp8-quantize": (_fp8_quantize, FP8_SHAPES), "step": (_step, shapes.STEPS),

@@ -24,7 +24,9 @@ ATTENTION = {
 }
 
 # Transformer steps: (model family, vkern.models size, resolution). hunyuan13b-720p-33f: HunyuanVideo's 720p at 33
-# frames (9 x 45 x 80 = 32400 video tokens + 256 text, 200 of them real).
+# frames (9 x 45 x 80 = 32400 video tokens + 256 text, 200 of them real); cogvideox5b-480p: CogVideoX-5B's 49 frames
+# at 720x480 (13 x 30 x 45 = 17550 video tokens + 226 text).
 STEPS = {"wan1.3b-480p": ("wan", "1.3b", "480p"), "wan14b-480p": ("wan", "14b", "480p"),
-         "wan14b-720p": ("wan", "14b", "720p"), "hunyuan13b-720p-33f": ("hunyuan", "13b", "720p-33f")}
+         "wan14b-720p": ("wan", "14b", "720p"), "hunyuan13b-720p-33f": ("hunyuan", "13b", "720p-33f"),
+         "cogvideox5b-480p": ("cogvideox", "5b", "480p")}
 VAE = {"wan-vae-480p": "480p", "wan-vae-720p": "720p"}

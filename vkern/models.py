@@ -122,3 +122,45 @@ def hunyuan_transformer_inputs(model, res, dtype, device, batch=1, text_tokens=N
         pooled_projections=torch.randn((batch, cfg.pooled_projection_dim), generator=g).to(device, dtype),
         guidance=torch.tensor([6000.0] * batch, device=device, dtype=dtype),
     )
+
+
+# CogVideoX (diffusers CogVideoXTransformer3DModel): "5b" is CogVideoX-5B's config (48 heads x 64, 42 layers, RoPE).
+COGVIDEOX_TRANSFORMERS = {
+    "tiny": dict(num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4, time_embed_dim=16,
+                 text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16, sample_frames=9,
+                 max_text_seq_length=8, use_rotary_positional_embeddings=True),
+    "5b": dict(num_attention_heads=48, attention_head_dim=64, num_layers=42, use_rotary_positional_embeddings=True),
+}
+# (frames, height, width); latent (1 + (frames - 1) / 4, height / 8, width / 8), 2x2 patches; 226 text tokens.
+COGVIDEOX_RESOLUTIONS = {"tiny": (9, 128, 128), "480p": (49, 480, 720)}
+
+
+def build_cogvideox_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.device(device):
+        model = CogVideoXTransformer3DModel(**{**COGVIDEOX_TRANSFORMERS[size], **overrides})
+    return cast_like_from_pretrained(model, dtype)
+
+
+def cogvideox_transformer_inputs(model, res, dtype, device, batch=1):
+    """Inputs as CogVideoXPipeline passes them: latents [B, frames, C, h, w], the T5 embeddings of the prompt
+    (max_text_seq_length tokens), and the RoPE tables the pipeline computes for the grid (CogVideoX 1.0's form)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    cfg = model.config
+    frames, height, width = COGVIDEOX_RESOLUTIONS[res]
+    latent_frames, h, w = 1 + (frames - 1) // 4, height // 8, width // 8
+    g = torch.Generator(device="cpu").manual_seed(0)
+    p = cfg.patch_size
+    grid = (h // p, w // p)
+    crops = get_resize_crop_region_for_grid(grid, cfg.sample_width // p, cfg.sample_height // p)
+    rope = get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops, grid_size=grid,
+                                   temporal_size=latent_frames, device=device)
+    return dict(
+        hidden_states=torch.randn((batch, latent_frames, cfg.in_channels, h, w), generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn((batch, cfg.max_text_seq_length, cfg.text_embed_dim), generator=g).to(device, dtype),
+        timestep=torch.tensor([500] * batch, device=device),
+        image_rotary_emb=rope,
+    )

@@ -119,6 +119,17 @@ def refuse_wrapped(module, action):
             f"{action} and bypass them. Patch first, then enable those (or remove them before patching).")
 
 
+# PatchConfig fields that change Wan's blocks only; asked for on another model they would do nothing: errors.
+WAN_ONLY = ("ffn_chunk_size", "attention_chunk_size", "sp")
+
+
+def refuse_wan_only(model, config):
+    asked = [name for name in WAN_ONLY if getattr(config, name) is not None]
+    if asked:
+        raise ValueError(f"vkern.patch: PatchConfig.{', '.join(asked)}: not available for {type(model).__name__} "
+                         "(Wan transformers only); leave them None")
+
+
 def refuse_context_parallel(model):
     """diffusers' enable_parallelism() shards the sequence and has its processors' attention exchange it across
     ranks; vkern's processors attend over what they are given, so patching would silently compute per-rank

@@ -2,10 +2,7 @@
 forms): its joint attention processors, and fp8 layerwise casting of its Linears. The VAE
 (AutoencoderKLHunyuanVideo) has no adapter yet: a pipeline patch leaves it as diffusers' with a warning."""
 from ..modules.hunyuan_attention import VkernHunyuanVideoAttnProcessor
-from .handle import refuse_context_parallel
-
-# PatchConfig fields that change Wan's blocks only; asked for here they would do nothing, so they are errors.
-_WAN_ONLY = ("ffn_chunk_size", "attention_chunk_size", "sp")
+from .handle import refuse_context_parallel, refuse_wan_only
 
 
 def _classes():
@@ -19,10 +16,7 @@ def supports(obj):
 
 
 def apply(model, config, handle):
-    asked = [name for name in _WAN_ONLY if getattr(config, name) is not None]
-    if asked:
-        raise ValueError(f"vkern.patch: PatchConfig.{', '.join(asked)}: not available for HunyuanVideoTransformer3DModel "
-                         "(Wan transformers only); leave them None")
+    refuse_wan_only(model, config)
     refuse_context_parallel(model)
     if config.fp8 is not None:
         from .fp8 import quantize_linears
