@@ -112,6 +112,20 @@ def test_autograd_runs_diffusers_attention():
     assert inputs["hidden_states"].grad is not None
 
 
+@pytest.mark.parametrize("fp8, floor", [("storage", 0.999), ("compute", 0.995)])
+def test_fp8_quantizes_the_blocks_linears(fp8, floor):
+    model = build(torch.bfloat16)
+    inputs = models.cogvideox_transformer_inputs(model, "tiny", torch.bfloat16, "cpu")
+    want = forward(model, inputs)
+    with vkern.patch(model, vkern.PatchConfig(fp8=fp8)):
+        fp8_layers = [n for n, m in model.named_modules() if type(m).__name__ == "Fp8Linear"]
+        assert fp8_layers and not any(n.startswith("patch_embed") or "norm" in n for n in fp8_layers)  # skip list
+        got = forward(model, inputs)
+    cos = torch.nn.functional.cosine_similarity(got.double().flatten(), want.double().flatten(), dim=0).item()
+    assert cos >= floor  # the floors README states for Wan's model output (storage / compute)
+    assert torch.equal(forward(model, inputs), want)  # undone: the original weights back
+
+
 def test_pipeline_patches_the_transformer_and_warns_about_the_vae():
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
 
