@@ -2,7 +2,7 @@
 
     python -m bench.bench --op attention --shape wan1.3b-480p,wan14b-720p --providers all --out rows.jsonl
 
-ops: attention | wan-self-attn | joint-attn | qk-norm-rope | fp8-quantize | gemm | step | vae-decode | vae-encode | vae-conv. Rows carry gpu, torch, commit and
+ops: attention | wan-self-attn | attn-module | qk-norm-rope | fp8-quantize | gemm | step | vae-decode | vae-encode | vae-conv. Rows carry gpu, torch, commit and
 date; providers are anchors (cudnn, fa2, efficient, flash-attn where installed, diffusers, diffusers-compile) and vkern.
 """
 import argparse
@@ -319,20 +319,39 @@ def _cogvideox_attention_module(res):
             VkernCogVideoXAttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text))
 
 
-# shape -> (module setup, resolution): the joint attention of HunyuanVideo and CogVideoX as a module call
-JOINT_ATTENTION = {"hunyuan-720p": (_hunyuan_attention_module, "720p"),
-                   "hunyuan-720p-33f": (_hunyuan_attention_module, "720p-33f"),
-                   "cogvideox-5b": (_cogvideox_attention_module, "480p")}
+def _ltx_attention_module(res):
+    """An LTX-Video block's self-attention (attn1) at `res` and its call: RoPE tables over the whole inner dim."""
+    from diffusers.models.transformers.transformer_ltx import LTXAttention, LTXVideoAttnProcessor
+
+    from vkern import models
+    from vkern.modules.ltx_attention import VkernLTXVideoAttnProcessor
+
+    heads, head_dim = 32, 64
+    frames, height, width = models.LTX_LATENTS[res]
+    tokens, dim = frames * height * width, heads * head_dim
+    attn = LTXAttention(dim, heads=heads, kv_heads=heads, dim_head=head_dim)
+    angles = torch.randn(1, tokens, dim, device="cuda")
+    rope = (angles.cos(), angles.sin())
+    x = torch.randn(1, tokens, dim, device="cuda", dtype=DT)
+    return (attn, lambda: (attn(x, image_rotary_emb=rope),), LTXVideoAttnProcessor, VkernLTXVideoAttnProcessor,
+            dict(heads=heads, head_dim=head_dim, tokens=tokens))
 
 
-def _joint_attention(name, providers, args):
-    """A joint-attention module call (q/k/v projections of video and text, per-head norm, RoPE on the video,
-    attention over both, output projections): diffusers' processor on PyTorch's own SDPA choice ("diffusers") and
+# shape -> (module setup, resolution): an attention module of HunyuanVideo, CogVideoX (joint) and LTX-Video (self)
+ATTENTION_MODULES = {"hunyuan-720p": (_hunyuan_attention_module, "720p"),
+                     "hunyuan-720p-33f": (_hunyuan_attention_module, "720p-33f"),
+                     "cogvideox-5b": (_cogvideox_attention_module, "480p"),
+                     "ltx-512p": (_ltx_attention_module, "512p")}
+
+
+def _attention_module(name, providers, args):
+    """An attention module call (q/k/v projections, norms, RoPE, attention, output projections; the joint ones over
+    video and text): diffusers' processor on PyTorch's own SDPA choice ("diffusers") and
     with SDPA held to one backend ("diffusers-efficient", "diffusers-cudnn"), vs vkern's processor per attention
     mode; rel_l2 against the first provider's output."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    setup, res = JOINT_ATTENTION[name]
+    setup, res = ATTENTION_MODULES[name]
     torch.manual_seed(0)
     with torch.device("cuda"):
         attn, call, diffusers_processor, vkern_processor, dims = setup(res)
@@ -359,11 +378,11 @@ def _joint_attention(name, providers, args):
         try:
             ms, lo, hi = time_cuda(run, args.warmup, args.repeats)
         except RuntimeError as err:  # (a backend SDPA cannot hold to for this call, e.g. with a mask)
-            yield dict(op="joint-attn", shape=name, provider=provider, error=str(err).splitlines()[0][:200])
+            yield dict(op="attn-module", shape=name, provider=provider, error=str(err).splitlines()[0][:200])
             continue
         out = run()
         reference = out if reference is None else reference
-        yield dict(op="joint-attn", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
+        yield dict(op="attn-module", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
                    tflops=flops / ms / 1e9, **dims, rel_l2_vs_first=rel_l2(out, reference))
         del out
 
@@ -396,7 +415,8 @@ def _step_models():
 
     return {"wan": (models.build_wan_transformer, models.transformer_inputs),
             "hunyuan": (models.build_hunyuan_transformer, models.hunyuan_transformer_inputs),
-            "cogvideox": (models.build_cogvideox_transformer, models.cogvideox_transformer_inputs)}
+            "cogvideox": (models.build_cogvideox_transformer, models.cogvideox_transformer_inputs),
+            "ltx": (models.build_ltx_transformer, models.ltx_transformer_inputs)}
 
 
 def _build_step_model(family, size, provider):
@@ -787,7 +807,7 @@ def _vae_conv(name, providers, args):
 
 
 OPS = {"attention": (_attention, shapes.ATTENTION), "wan-self-attn": (_wan_self_attention, shapes.ATTENTION),
-       "joint-attn": (_joint_attention, JOINT_ATTENTION),
+       "attn-module": (_attention_module, ATTENTION_MODULES),
        "qk-norm-rope": (_qk_norm_rope, shapes.ATTENTION),
        "gemm": (_gemm, GEMM_SHAPES),
        "fp8-quantize": (_fp8_quantize, FP8_SHAPES), "step": (_step, shapes.STEPS),

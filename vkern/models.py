@@ -164,3 +164,41 @@ def cogvideox_transformer_inputs(model, res, dtype, device, batch=1):
         timestep=torch.tensor([500] * batch, device=device),
         image_rotary_emb=rope,
     )
+
+
+# LTX-Video (diffusers LTXVideoTransformer3DModel): "2b" is diffusers' default config, LTX-Video 0.9's.
+LTX_TRANSFORMERS = {
+    "tiny": dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=64, cross_attention_dim=128,
+                 num_layers=2, caption_channels=32),
+    "2b": dict(),
+}
+# latent (frames, height, width): the VAE compresses 8x in time and 32x in space (512p: 704x512, 161 frames).
+LTX_LATENTS = {"tiny": (3, 4, 4), "512p": (21, 16, 22)}
+LTX_TEXT_TOKENS = {"tiny": (16, 11), "real": (128, 100)}  # (tokens, of which real)
+
+
+def build_ltx_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
+    from diffusers import LTXVideoTransformer3DModel
+
+    with torch.device(device):
+        model = LTXVideoTransformer3DModel(**{**LTX_TRANSFORMERS[size], **overrides})
+    return cast_like_from_pretrained(model, dtype)
+
+
+def ltx_transformer_inputs(model, res, dtype, device, batch=1):
+    """Inputs as LTXPipeline passes them: packed latents [B, frames * height * width, C], the T5 prompt padded to a
+    fixed length with its mask (1 = real), the latent grid and RoPE's interpolation scale (the VAE's 8x time
+    compression over 25 fps, its 32x space compression)."""
+    cfg = model.config
+    frames, height, width = LTX_LATENTS[res]
+    tokens, real = LTX_TEXT_TOKENS["tiny" if res == "tiny" else "real"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mask = torch.zeros(batch, tokens, dtype=torch.int64)
+    mask[:, :real] = 1
+    return dict(
+        hidden_states=torch.randn((batch, frames * height * width, cfg.in_channels), generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn((batch, tokens, cfg.caption_channels), generator=g).to(device, dtype),
+        timestep=torch.tensor([500] * batch, device=device),
+        encoder_attention_mask=mask.to(device),
+        num_frames=frames, height=height, width=width, rope_interpolation_scale=(8 / 25, 32, 32),
+    )

@@ -11,10 +11,10 @@ import torch
 
 from ..distributed.sp_wan import SPConfig
 from ..modules.wan_attention import ATTENTION_MODES
-from . import cogvideox, hunyuan, wan
+from . import cogvideox, hunyuan, ltx, wan
 from .handle import PatchHandle, patched_handle
 
-ADAPTERS = {"wan": wan, "hunyuan": hunyuan, "cogvideox": cogvideox}
+ADAPTERS = {"wan": wan, "hunyuan": hunyuan, "cogvideox": cogvideox, "ltx": ltx}
 FP8_MODES = (None, "storage", "compute")
 
 
@@ -30,8 +30,8 @@ class PatchConfig:
                         "fp8" (int8 Q/K, e4m3 P/V, O in fp32) or "int8" (int8 Q/K, bf16 P/V, Triton: the
                         most accurate, slower than the exact default); accuracy and speed in the
                         README's table of attention modes
-    fused_qk_norm_rope  fuse the q/k RMSNorm + RoPE into one kernel pass (Wan; HunyuanVideo and CogVideoX keep
-                        diffusers' ops)
+    fused_qk_norm_rope  fuse the q/k RMSNorm + RoPE into one kernel pass (Wan; the other families keep diffusers'
+                        ops)
     ffn_chunk_size      tokens per feed-forward chunk (None: no chunking; Wan only, an error for other models)
     attention_chunk_size  query tokens per attention chunk in the fused Wan blocks (None: no chunking):
                         K/V for the whole sequence first, then each chunk's q -> attention -> output
@@ -168,7 +168,7 @@ def _adapter_for(obj):
 def _unsupported(obj):
     return (f"vkern.patch: unsupported object {type(obj).__name__}; supported: WanPipeline (and other "
             "pipelines with Wan components), WanTransformer3DModel, AutoencoderKLWan, HunyuanVideoTransformer3DModel, "
-            "CogVideoXTransformer3DModel (and pipelines with them)")
+            "CogVideoXTransformer3DModel, LTXVideoTransformer3DModel (and pipelines with them)")
 
 
 def _require_diffusers():

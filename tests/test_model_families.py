@@ -1,0 +1,213 @@
+"""vkern.patch on the model families beyond Wan (HunyuanVideo, CogVideoX, LTX-Video), the checks every adapter must
+pass: the reference mode is diffusers' forward bit for bit, the kernels are within 2x of PyTorch's own bf16 error, the
+padded prompt cannot change the output, autograd runs diffusers' attention, fp8 layerwise casting meets README's
+floors, a pipeline patch patches the transformer and says what it left, and the errors of a wrong config. Each
+family's own checks (masks, fused projections, 8-bit accuracy on its attention) are in test_<family>.py."""
+import copy
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+
+import vkern
+from vkern import models
+from vkern.modules.cogvideox_attention import VkernCogVideoXAttnProcessor
+from vkern.modules.hunyuan_attention import VkernHunyuanVideoAttnProcessor
+from vkern.modules.ltx_attention import VkernLTXVideoAttnProcessor
+
+from .tolerance import assert_within_torch_error, rel_l2
+
+
+@dataclass
+class Family:
+    build: Callable
+    inputs: Callable
+    processor: type
+    summary: str
+    processors: int  # how many the tiny model has
+    vae: str  # the pipeline's VAE class, left unpatched
+    gpu_overrides: dict = field(default_factory=dict)  # head dim 128 or 64: the CUDA kernels' paths on a GPU
+
+
+def _hunyuan_pipeline(transformer):
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+
+    vae = AutoencoderKLHunyuanVideo(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+    return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None)
+
+
+def _cogvideox_pipeline(transformer):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=4, norm_num_groups=4)
+    return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler())
+
+
+def _ltx_pipeline(transformer):
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
+
+    vae = AutoencoderKLLTXVideo(latent_channels=8, block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                decoder_block_out_channels=(8, 8, 8, 8), decoder_layers_per_block=(1, 1, 1, 1, 1))
+    return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                       transformer=transformer)
+
+
+FAMILIES = {
+    "hunyuan": Family(models.build_hunyuan_transformer, models.hunyuan_transformer_inputs,
+                      VkernHunyuanVideoAttnProcessor, "HunyuanVideo attention processor", 4, "AutoencoderKLHunyuanVideo",
+                      dict(attention_head_dim=128, rope_axes_dim=(16, 56, 56))),
+    "cogvideox": Family(models.build_cogvideox_transformer, models.cogvideox_transformer_inputs,
+                        VkernCogVideoXAttnProcessor, "CogVideoX attention processor", 2, "AutoencoderKLCogVideoX"),
+    "ltx": Family(models.build_ltx_transformer, models.ltx_transformer_inputs, VkernLTXVideoAttnProcessor,
+                  "LTX-Video attention processor", 4, "AutoencoderKLLTXVideo"),
+}
+PIPELINES = {"hunyuan": _hunyuan_pipeline, "cogvideox": _cogvideox_pipeline, "ltx": _ltx_pipeline}
+# (family, what differs from its tiny model): the processor forms each adapter takes
+VARIANTS = {"hunyuan": ("hunyuan", {}), "hunyuan-token_replace": ("hunyuan", dict(image_condition_type="token_replace")),
+            "cogvideox": ("cogvideox", {}), "cogvideox-fused_qkv": ("cogvideox", "fuse_qkv_projections"),
+            "ltx": ("ltx", {})}
+
+
+def build(name, dtype=torch.float32, device="cpu", **overrides):
+    torch.manual_seed(0)  # the same weights for every dtype
+    return FAMILIES[name].build("tiny", dtype, device, **overrides)
+
+
+def inputs_for(name, model, dtype=torch.float32, device="cpu"):
+    return FAMILIES[name].inputs(model, "tiny", dtype, device)
+
+
+def to_dtype(inputs, dtype):
+    return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
+
+
+def forward(model, inputs):
+    with torch.inference_mode():
+        return model(**inputs).sample
+
+
+def vkern_processors(model):
+    return [m.processor for m in model.modules() if type(getattr(m, "processor", None)).__name__.startswith("Vkern")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_reference_mode_is_diffusers_bitwise(variant, dtype):
+    name, change = VARIANTS[variant]
+    model = build(name, dtype, **(change if isinstance(change, dict) else {}))
+    if isinstance(change, str):
+        getattr(model, change)()
+    inputs = inputs_for(name, model, dtype)
+    want = forward(model, inputs)
+    patched = copy.deepcopy(model)
+    handle = vkern.patch(patched, vkern.PatchConfig(attention="reference"))
+    assert handle.summary[FAMILIES[name].summary] == FAMILIES[name].processors == len(vkern_processors(patched))
+    assert torch.equal(forward(patched, inputs), want)
+    handle.undo()
+    assert not vkern_processors(patched)
+    assert torch.equal(forward(patched, inputs), want)
+
+
+@pytest.mark.parametrize("mode", ["auto", "bf16", "sdpa"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_patched_within_twice_torch_bf16_error(name, mode, device):
+    overrides = FAMILIES[name].gpu_overrides
+    model32, model16 = build(name, torch.float32, device, **overrides), build(name, torch.bfloat16, device, **overrides)
+    inputs = inputs_for(name, model32, torch.float32, device)
+    inputs16 = to_dtype(inputs, torch.bfloat16)
+    oracle, torch_bf16 = forward(model32, inputs), forward(model16, inputs16)
+    with vkern.patch(model16, vkern.PatchConfig(attention=mode)):
+        ours = forward(model16, inputs16)
+    assert_within_torch_error(ours, oracle, torch_bf16)
+
+
+@pytest.mark.parametrize("mode", ["reference", "auto", "bf16", "int8pv"])
+@pytest.mark.parametrize("name", ["hunyuan", "ltx"])  # the families whose prompt comes padded, with a mask
+def test_padded_prompt_cannot_change_the_output(name, mode, device):
+    model = build(name, torch.bfloat16, device, **FAMILIES[name].gpu_overrides)
+    inputs = inputs_for(name, model, torch.bfloat16, device)
+    real = int(inputs["encoder_attention_mask"][0].sum())
+    other = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"].clone())
+    other["encoder_hidden_states"][:, real:] = torch.randn_like(other["encoder_hidden_states"][:, real:]) * 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (LTX's additive mask in the 8-bit modes: 16-bit cross-attention, said once)
+        with vkern.patch(model, vkern.PatchConfig(attention=mode)):
+            assert torch.equal(forward(model, inputs), forward(model, other))
+            unmasked = dict(other, encoder_attention_mask=torch.ones_like(inputs["encoder_attention_mask"]))
+            assert rel_l2(forward(model, unmasked), forward(model, inputs)) > 1e-3  # (the check can fail)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_autograd_runs_diffusers_attention(name):
+    model = build(name)
+    inputs = inputs_for(name, model)
+    inputs["hidden_states"].requires_grad_(True)
+    want = model(**inputs).sample
+    with vkern.patch(model, vkern.PatchConfig(attention="int8pv")):
+        got = model(**inputs).sample
+    assert torch.equal(got, want)
+    got.sum().backward()
+    assert inputs["hidden_states"].grad is not None
+
+
+@pytest.mark.parametrize("fp8, floor", [("storage", 0.999), ("compute", 0.995)])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_fp8_quantizes_the_linears_outside_the_skip_list(name, fp8, floor):
+    from vkern.patch.fp8 import default_skip_patterns
+
+    model = build(name, torch.bfloat16)
+    inputs = inputs_for(name, model, torch.bfloat16)
+    want = forward(model, inputs)
+    skip = default_skip_patterns(model)
+    with vkern.patch(model, vkern.PatchConfig(fp8=fp8)) as handle:
+        fp8_layers = [n for n, m in model.named_modules() if type(m).__name__ == "Fp8Linear"]
+        assert fp8_layers and handle.summary[FAMILIES[name].summary] == FAMILIES[name].processors
+        assert not any(re.search(p, n) for n in fp8_layers for p in skip)
+        got = forward(model, inputs)
+    cos = torch.nn.functional.cosine_similarity(got.double().flatten(), want.double().flatten(), dim=0).item()
+    assert cos >= floor  # the floors README states for Wan's model output (storage / compute)
+    assert torch.equal(forward(model, inputs), want)  # undone: the original weights back
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_pipeline_patches_the_transformer_and_warns_about_the_vae(name):
+    pipe = PIPELINES[name](build(name))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = vkern.patch(pipe)
+    assert any(FAMILIES[name].vae in str(w.message) and "unpatched" in str(w.message) for w in caught)
+    assert len(handle.children) == 1 and FAMILIES[name].summary in repr(handle)
+    assert len(vkern_processors(pipe.transformer)) == FAMILIES[name].processors
+    handle.undo()
+    assert not vkern_processors(pipe.transformer)
+
+
+@pytest.mark.parametrize("option", ["ffn_chunk_size", "attention_chunk_size"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_wan_only_options_are_errors(name, option):
+    model = build(name)
+    with pytest.raises(ValueError, match=f"PatchConfig.{option}: not available for {type(model).__name__}"):
+        vkern.patch(model, vkern.PatchConfig(**{option: 4096}))
+    assert not vkern_processors(model) and not hasattr(model, "_vkern_patch_handle")
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "wan"])
+def test_diffusers_context_parallel_is_refused(name):
+    model = models.build_wan_transformer("tiny", torch.float32) if name == "wan" else build(name)
+    model._parallel_config = object()  # what enable_parallelism() leaves on the model
+    with pytest.raises(ValueError, match="enable_parallelism"):
+        vkern.patch(model)
+    assert not vkern_processors(model) and not hasattr(model, "_vkern_patch_handle")
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_double_patch_is_a_clear_error(name):
+    model = build(name)
+    vkern.patch(model)
+    with pytest.raises(RuntimeError, match=f"{type(model).__name__} is already patched by vkern"):
+        vkern.patch(model)

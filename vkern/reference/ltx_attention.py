@@ -1,0 +1,31 @@
+"""LTX-Video attention, the spec for vkern's processor: the same torch ops in the same order as diffusers'
+LTXVideoAttnProcessor (diffusers 0.42) on its native backend, with the attention step as a parameter. Self-attention
+(attn1: RMSNorm across heads on q and k, RoPE over the whole inner dim) and cross-attention to the prompt (attn2: the
+model turns the prompt's mask into an additive bias, [B, 1, N] of 0 / -10000, a general SDPA mask)."""
+from .attention import attention
+
+
+def ltx_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                  attend=attention):
+    """LTXVideoAttnProcessor.__call__; attend(q, k, v, attention_mask) on [B, S, H, D] tensors runs the attention."""
+    batch_size, sequence_length, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+    if image_rotary_emb is not None:
+        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+        query = apply_rotary_emb(query, image_rotary_emb)
+        key = apply_rotary_emb(key, image_rotary_emb)
+    query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+
+    hidden_states = attend(query, key, value, attention_mask).flatten(2, 3).to(query.dtype)
+    return attn.to_out[1](attn.to_out[0](hidden_states))
