@@ -211,3 +211,20 @@ def test_double_patch_is_a_clear_error(name):
     vkern.patch(model)
     with pytest.raises(RuntimeError, match=f"{type(model).__name__} is already patched by vkern"):
         vkern.patch(model)
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "wan"])
+def test_a_diffusers_attention_backend_is_named_when_replaced(name):
+    """model.set_attention_backend() before the patch: vkern's processors replace that choice, and say so once
+    (CogVideoX's processors call SDPA directly: diffusers sets no backend on them, so there is none to name)."""
+    model = models.build_wan_transformer("tiny", torch.float32) if name == "wan" else build(name)
+    model.set_attention_backend("native")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = vkern.patch(model)
+    said = [str(w.message) for w in caught if "had diffusers' attention backend 'native'" in str(w.message)]
+    assert len(said) == (0 if name == "cogvideox" else 1)
+    handle.undo()
+    assert all(getattr(m.processor, "_attention_backend", None) is not None for m in model.modules()
+               if type(getattr(m, "processor", None)).__name__ in ("WanAttnProcessor", "HunyuanVideoAttnProcessor2_0",
+                                                                   "LTXVideoAttnProcessor"))

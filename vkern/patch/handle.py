@@ -1,4 +1,5 @@
 """PatchHandle: records every change vkern.patch makes so undo() restores the originals exactly."""
+import warnings
 from collections import Counter
 
 _MARK = "_vkern_patch_handle"
@@ -13,6 +14,7 @@ class PatchHandle:
         self._undo_checks = []  # callables -> None or why undo() cannot run: all asked before anything changes
         self.children = []  # handles of a pipeline's components
         self.active = True
+        self._backend_noted = False
 
     def mark(self, obj):
         if getattr(obj, _MARK, None) is not None:
@@ -23,6 +25,13 @@ class PatchHandle:
 
     def set_processor(self, attn, processor, kind):
         original = attn.processor
+        backend = getattr(original, "_attention_backend", None)
+        if backend is not None and not self._backend_noted:  # (model.set_attention_backend() before the patch)
+            self._backend_noted = True
+            warnings.warn(f"vkern.patch: {type(self.target).__name__}'s attention processors had diffusers' attention "
+                          f"backend {getattr(backend, 'value', backend)!r}; vkern's processors choose their own "
+                          f"(PatchConfig.attention={self.config.attention!r}); undo() restores diffusers' choice",
+                          stacklevel=4)
         attn.set_processor(processor)
         self._undo.append(lambda: attn.set_processor(original))
         self.summary[kind] += 1
