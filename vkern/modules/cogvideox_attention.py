@@ -11,8 +11,8 @@ from .wan_attention import ATTENTION_MODES
 class VkernCogVideoXAttnProcessor:
     """(Fused)CogVideoXAttnProcessor2_0 with the attention through vkern.ops (head dim 64: vkern's CUDA kernel with
     its 128x224 tile from 4096 keys on Hopper under "auto"). attention: one of ATTENTION_MODES, as for Wan (the
-    8-bit CUDA kernel is head dim 128 only, so at CogVideoX's 64 the 8-bit modes run the Triton kernel or the
-    reference); fused: the model's projections were fused (fuse_qkv_projections), q/k/v come from to_qkv. The
+    8-bit CUDA kernel is head dim 128 only, so at CogVideoX's 64 "int8" and "fp8" run the Triton kernel, "int8pv"
+    the reference); fused: the model's projections were fused (fuse_qkv_projections), q/k/v come from to_qkv. The
     projections, the per-head LayerNorm and RoPE stay diffusers' ops."""
 
     def __init__(self, attention="auto", fused=False):
