@@ -6,6 +6,7 @@ ops: attention | wan-self-attn | attn-module | qk-norm-rope | fp8-quantize | gem
 date; providers are anchors (cudnn, fa2, efficient, flash-attn where installed, diffusers, diffusers-compile) and vkern.
 """
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -234,47 +235,36 @@ def _fp8_quantize(name, providers, args):
                    gbps=min_bytes / ms / 1e6, bit_exact=bool(torch.equal(q.view(torch.uint8), expected)))
 
 
-def _wan_self_attention(name, providers, args):
-    """Wan self-attention as a module call (q/k/v projections, RMSNorm across heads, RoPE, attention, output
-    projection), hidden states [1, tokens, heads * head_dim]: diffusers' WanAttnProcessor with SDPA on
-    cuDNN ("diffusers-cudnn", the issue's baseline) and on PyTorch's own SDPA choice ("diffusers"), vs
-    VkernWanAttnProcessor per attention mode; rel_l2 against the diffusers-cudnn output."""
+def _in_sdpa_backend(backend, fn):
+    """fn() under inference mode, with SDPA held to `backend` (None: PyTorch's own choice)."""
+    from torch.nn.attention import sdpa_kernel
+
+    with torch.inference_mode(), (sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()):
+        return fn()
+
+
+def _wan_attention_module(name):
+    """Wan self-attention at shape `name` (q/k/v projections, RMSNorm across heads, RoPE, attention, output
+    projection), hidden states [1, tokens, heads * head_dim]; diffusers' processor on cuDNN ("diffusers-cudnn", the
+    issue's baseline, first) and on PyTorch's own SDPA choice, vs VkernWanAttnProcessor per attention mode."""
     from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from vkern.models import wan_rope_tables
     from vkern.modules.wan_attention import VkernWanAttnProcessor
 
     s = shapes.ATTENTION[name]
     dim = s.heads * s.head_dim
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        attn = WanAttention(dim, heads=s.heads, dim_head=s.head_dim, eps=1e-6, processor=WanAttnProcessor())
-        attn = attn.to(DT).eval().requires_grad_(False)
+    attn = WanAttention(dim, heads=s.heads, dim_head=s.head_dim, eps=1e-6, processor=WanAttnProcessor())
     x = torch.randn(1, s.tokens, dim, device="cuda", dtype=DT)
     rope = tuple(t.cuda() for t in wan_rope_tables(s.tokens, s.head_dim))
-    processors = {"diffusers-cudnn": WanAttnProcessor(), "diffusers": WanAttnProcessor(),
-                  **{f"vkern-{m}": VkernWanAttnProcessor(m) for m in ("auto", "bf16", "fp8", "int8pv", "int8")}}
-    flops = s.flops() + 4 * 2 * s.tokens * dim * dim
-    reference = None
-    for provider in providers or list(processors):
-        if provider not in processors:
-            continue
-        attn.set_processor(processors[provider])
+    return (attn, lambda: (attn(x, rotary_emb=rope),), WanAttnProcessor, VkernWanAttnProcessor,
+            dict(heads=s.heads, head_dim=s.head_dim, tokens=s.tokens),
+            ("diffusers-cudnn", "diffusers"), ("auto", "bf16", "fp8", "int8pv", "int8"))
 
-        def run():
-            with torch.inference_mode():
-                if provider == "diffusers-cudnn":
-                    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                        return attn(x, rotary_emb=rope)
-                return attn(x, rotary_emb=rope)
 
-        ms, lo, hi = time_cuda(run, args.warmup, args.repeats)
-        out = run()
-        reference = out if reference is None else reference
-        yield dict(op="wan-self-attn", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
-                   tflops=flops / ms / 1e9, rel_l2_vs_first=rel_l2(out, reference))
-        del out
+# the other families' anchors (diffusers on PyTorch's SDPA choice first, then held to one backend) and vkern's modes
+FAMILY_ANCHORS = ("diffusers", "diffusers-efficient", "diffusers-cudnn")
+FAMILY_MODES = ("auto", "bf16", "int8pv")
 
 
 def _hunyuan_attention_module(res):
@@ -297,7 +287,8 @@ def _hunyuan_attention_module(res):
     mask = torch.ones(1, 1, 1, video + text, dtype=torch.bool, device="cuda")
     mask[..., video + real:] = False
     return (attn, lambda: attn(x, context, mask, image_rotary_emb=rope), HunyuanVideoAttnProcessor2_0,
-            VkernHunyuanVideoAttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text, real_text=real))
+            VkernHunyuanVideoAttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text, real_text=real),
+            FAMILY_ANCHORS, FAMILY_MODES)
 
 
 def _cogvideox_attention_module(res):
@@ -316,7 +307,8 @@ def _cogvideox_attention_module(res):
     rope = (angles.cos(), angles.sin())
     x, context = (torch.randn(1, n, heads * head_dim, device="cuda", dtype=DT) for n in (video, text))
     return (attn, lambda: attn(x, context, image_rotary_emb=rope), CogVideoXAttnProcessor2_0,
-            VkernCogVideoXAttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text))
+            VkernCogVideoXAttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text),
+            FAMILY_ANCHORS, FAMILY_MODES)
 
 
 def _ltx_attention_module(res):
@@ -334,7 +326,7 @@ def _ltx_attention_module(res):
     rope = (angles.cos(), angles.sin())
     x = torch.randn(1, tokens, dim, device="cuda", dtype=DT)
     return (attn, lambda: (attn(x, image_rotary_emb=rope),), LTXVideoAttnProcessor, VkernLTXVideoAttnProcessor,
-            dict(heads=heads, head_dim=head_dim, tokens=tokens))
+            dict(heads=heads, head_dim=head_dim, tokens=tokens), FAMILY_ANCHORS, FAMILY_MODES)
 
 
 # shape -> (module setup, resolution): an attention module of HunyuanVideo, CogVideoX (joint) and LTX-Video (self)
@@ -344,21 +336,20 @@ ATTENTION_MODULES = {"hunyuan-720p": (_hunyuan_attention_module, "720p"),
                      "ltx-512p": (_ltx_attention_module, "512p")}
 
 
-def _attention_module(name, providers, args):
+def _attention_module(name, providers, args, op="attn-module", setup=None):
     """An attention module call (q/k/v projections, norms, RoPE, attention, output projections; the joint ones over
-    video and text): diffusers' processor on PyTorch's own SDPA choice ("diffusers") and
-    with SDPA held to one backend ("diffusers-efficient", "diffusers-cudnn"), vs vkern's processor per attention
-    mode; rel_l2 against the first provider's output."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    video and text), made by setup(arg) (ATTENTION_MODULES): diffusers' processor on PyTorch's own SDPA choice
+    ("diffusers") or with SDPA held to one backend ("diffusers-efficient", "diffusers-cudnn"), vs vkern's processor
+    per attention mode ("vkern-<mode>"); rel_l2 against the first provider's output."""
+    from torch.nn.attention import SDPBackend
 
-    setup, res = ATTENTION_MODULES[name]
+    setup, arg = setup or ATTENTION_MODULES[name]
     torch.manual_seed(0)
     with torch.device("cuda"):
-        attn, call, diffusers_processor, vkern_processor, dims = setup(res)
+        attn, call, diffusers_processor, vkern_processor, dims, anchors, modes = setup(arg)
     attn.to(DT).eval().requires_grad_(False)
     forced = {"diffusers-efficient": SDPBackend.EFFICIENT_ATTENTION, "diffusers-cudnn": SDPBackend.CUDNN_ATTENTION}
-    processors = {"diffusers": diffusers_processor(), **{p: diffusers_processor() for p in forced},
-                  **{f"vkern-{m}": vkern_processor(m) for m in ("auto", "bf16", "int8pv")}}
+    processors = {**{p: diffusers_processor() for p in anchors}, **{f"vkern-{m}": vkern_processor(m) for m in modes}}
     heads, head_dim, tokens = dims["heads"], dims["head_dim"], dims["tokens"]
     dim = heads * head_dim
     flops = 4 * heads * tokens * tokens * head_dim + 4 * 2 * tokens * dim * dim
@@ -369,20 +360,16 @@ def _attention_module(name, providers, args):
         attn.set_processor(processors[provider])
 
         def run():
-            with torch.inference_mode():
-                if provider in forced:
-                    with sdpa_kernel([forced[provider]]):
-                        return torch.cat(call(), dim=1)
-                return torch.cat(call(), dim=1)
+            return _in_sdpa_backend(forced.get(provider), lambda: torch.cat(call(), dim=1))
 
         try:
             ms, lo, hi = time_cuda(run, args.warmup, args.repeats)
         except RuntimeError as err:  # (a backend SDPA cannot hold to for this call, e.g. with a mask)
-            yield dict(op="attn-module", shape=name, provider=provider, error=str(err).splitlines()[0][:200])
+            yield dict(op=op, shape=name, provider=provider, error=str(err).splitlines()[0][:200])
             continue
         out = run()
         reference = out if reference is None else reference
-        yield dict(op="attn-module", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
+        yield dict(op=op, shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
                    tflops=flops / ms / 1e9, **dims, rel_l2_vs_first=rel_l2(out, reference))
         del out
 
@@ -804,6 +791,10 @@ def _vae_conv(name, providers, args):
             want = rms_norm_silu((expected + residual).float(), torch.ones(cout, device="cuda"))
         yield dict(op="vae-conv", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, tflops=flops / ms / 1e9,
                    rel_l2_vs_diffusers=None if provider == "vkern-no-bias" else rel_l2(fns[provider](), want))
+
+
+def _wan_self_attention(name, providers, args):
+    return _attention_module(name, providers, args, "wan-self-attn", (_wan_attention_module, name))
 
 
 OPS = {"attention": (_attention, shapes.ATTENTION), "wan-self-attn": (_wan_self_attention, shapes.ATTENTION),

@@ -1,12 +1,40 @@
-"""The attention step of vkern's processors for the other model families (HunyuanVideo, CogVideoX, LTX-Video): a
-diffusers processor's mask and PatchConfig.attention -> the vkern op that runs it."""
+"""What vkern's processors for the other model families (HunyuanVideo, CogVideoX, LTX-Video) share: the attention
+mode, and the attention step (a diffusers processor's mask and the mode -> the vkern op that runs it) they hand to
+their family's reference processor."""
+import functools
 import warnings
 
 from .. import ops
 from ..reference.attention import key_padding
-from .wan_attention import _8BIT, _BACKEND
+from ._grad import records_autograd
+from .wan_attention import _8BIT, _BACKEND, ATTENTION_MODES
 
 _warned = set()
+
+
+class VkernProcessor:
+    """attention: one of ATTENTION_MODES, as for Wan (PatchConfig.attention)."""
+
+    def __init__(self, attention="auto"):
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
+        self.attention = attention
+
+    def attention_step(self, attn, diffusers_step, *tensors, heads_first=False):
+        """The attention step for this call: diffusers' own (diffusers_step) in the "reference" mode or with autograd
+        recording (vkern's ops have no backward), else attend() in this mode; heads_first: the step takes and
+        returns [B, H, S, D] (views of it go to vkern's ops as [B, S, H, D])."""
+        if self.attention == "reference" or records_autograd(attn, *tensors):
+            return diffusers_step
+        step = functools.partial(attend, attention=self.attention, who=type(self).__name__)
+        return functools.partial(_heads_first, step) if heads_first else step
+
+    def __repr__(self):
+        return f"{type(self).__name__}(attention={self.attention!r})"
+
+
+def _heads_first(step, q, k, v, attention_mask):
+    return step(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask).transpose(1, 2)
 
 
 def attend(q, k, v, attention_mask, attention, who):

@@ -2,26 +2,17 @@
 layerwise casting of its Linears. The VAE (AutoencoderKLLTXVideo) has no adapter yet: a pipeline patch leaves it as
 diffusers' with a warning."""
 from ..modules.ltx_attention import VkernLTXVideoAttnProcessor
-from .handle import refuse_context_parallel, refuse_wan_only
-
-
-def _classes():
-    from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, LTXVideoTransformer3DModel
-    return LTXVideoTransformer3DModel, LTXVideoAttnProcessor
+from .processors import patch_processors
 
 
 def supports(obj):
-    return isinstance(obj, _classes()[0])
+    from diffusers.models.transformers.transformer_ltx import LTXVideoTransformer3DModel
+
+    return isinstance(obj, LTXVideoTransformer3DModel)
 
 
 def apply(model, config, handle):
-    refuse_wan_only(model, config)
-    refuse_context_parallel(model)
-    if config.fp8 is not None:
-        from .fp8 import quantize_linears
+    from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
 
-        quantize_linears(model, config, handle)
-    processor_class = _classes()[1]
-    for fqn, module in model.named_modules():
-        if isinstance(getattr(module, "processor", None), processor_class) and config.accepts(module, fqn):
-            handle.set_processor(module, VkernLTXVideoAttnProcessor(config.attention), "LTX-Video attention processor")
+    patch_processors(model, config, handle, LTXVideoAttnProcessor,
+                     lambda mode, _: VkernLTXVideoAttnProcessor(mode), "LTX-Video attention processor")
