@@ -105,9 +105,11 @@ def test_general_mask_runs_exact_16_bit_attention(mode, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["auto", "int8pv"])
-def test_batch_rows_keep_their_own_prompt_lengths(mode, device):
+def test_batch_rows_keep_their_own_prompt_lengths(mode, device, monkeypatch):
     """Two prompts of different lengths in one batch: each row of the patched batch equals that prompt run alone
-    (the key-padding mask is per batch row), within the 16-bit kernels' own batch-to-batch reproducibility."""
+    (the key-padding mask is per batch row), up to float32 summation order (TF32 off for the patch embedding's conv;
+    matmuls are full fp32 by default)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = build(torch.float32, device, **D128)
     inputs = models.hunyuan_transformer_inputs(model, "tiny", torch.float32, device)
     mask = inputs["encoder_attention_mask"]  # 11 of 16 text tokens real; the second prompt: 4
