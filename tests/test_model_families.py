@@ -228,3 +228,12 @@ def test_a_diffusers_attention_backend_is_named_when_replaced(name):
     assert all(getattr(m.processor, "_attention_backend", None) is not None for m in model.modules()
                if type(getattr(m, "processor", None)).__name__ in ("WanAttnProcessor", "HunyuanVideoAttnProcessor2_0",
                                                                    "LTXVideoAttnProcessor"))
+
+
+def test_each_adapter_names_the_models_it_takes():
+    from vkern.patch import ADAPTERS, supported_models
+
+    for name in FAMILIES:
+        model = build(name)
+        assert ADAPTERS[name].supports(model) and type(model).__name__ in supported_models()[name]
+        assert type(model).__name__ in vkern.info(print_=False)["vkern.patch"]

@@ -30,6 +30,9 @@ def info(print_=True):
     else:
         lines["gpu"] = "none"
     lines["flash-attn"] = _flash_attn_line(device)
+    from .patch import supported_models
+
+    lines["vkern.patch"] = "; ".join(f"{family}: {', '.join(ms)}" for family, ms in supported_models().items())
     backends = {op: _backend.would_choose(op, device, torch.bfloat16)[0] for op in _backend.registered_ops()}
     attention = attention_by_shape_class(device)
     if print_:

@@ -165,10 +165,15 @@ def _adapter_for(obj):
     return next((a for a in ADAPTERS.values() if a.supports(obj)), None)
 
 
+def supported_models():
+    """{family: the diffusers model classes its adapter takes}."""
+    return {name: adapter.MODELS for name, adapter in ADAPTERS.items()}
+
+
 def _unsupported(obj):
+    models = ", ".join(m for ms in supported_models().values() for m in ms)
     return (f"vkern.patch: unsupported object {type(obj).__name__}; supported: WanPipeline (and other "
-            "pipelines with Wan components), WanTransformer3DModel, AutoencoderKLWan, HunyuanVideoTransformer3DModel, "
-            "CogVideoXTransformer3DModel, LTXVideoTransformer3DModel (and pipelines with them)")
+            f"pipelines with these components), {models}")
 
 
 def _require_diffusers():

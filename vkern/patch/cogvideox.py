@@ -5,6 +5,8 @@ from ..modules.cogvideox_attention import VkernCogVideoXAttnProcessor
 from .processors import patch_processors
 
 
+MODELS = ('CogVideoXTransformer3DModel',)  # what supports() takes (vkern.info and patch's errors list them)
+
 def supports(obj):
     from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXTransformer3DModel
 

@@ -6,6 +6,8 @@ from ..modules.hunyuan_attention import VkernHunyuanVideoAttnProcessor
 from .processors import patch_processors
 
 
+MODELS = ('HunyuanVideoTransformer3DModel',)  # what supports() takes (vkern.info and patch's errors list them)
+
 def supports(obj):
     from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoTransformer3DModel
 

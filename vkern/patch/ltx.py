@@ -5,6 +5,8 @@ from ..modules.ltx_attention import VkernLTXVideoAttnProcessor
 from .processors import patch_processors
 
 
+MODELS = ('LTXVideoTransformer3DModel',)  # what supports() takes (vkern.info and patch's errors list them)
+
 def supports(obj):
     from diffusers.models.transformers.transformer_ltx import LTXVideoTransformer3DModel
 

@@ -8,6 +8,8 @@ from ..modules.wan_block import fused_block_forward
 from .handle import refuse_context_parallel
 
 
+MODELS = ('WanTransformer3DModel', 'AutoencoderKLWan')  # what supports() takes (vkern.info and patch's errors list them)
+
 def _classes():
     from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan, WanCausalConv3d
     from diffusers.models.transformers.transformer_wan import (WanAttention, WanTransformer3DModel,
