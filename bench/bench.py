@@ -17,6 +17,8 @@ import time
 import torch
 
 from . import shapes
+from vkern.patch.handle import _set_processor
+
 from .timing import param_bytes, peak_gib, rel_l2, time_cuda, time_cuda_queued, time_micro
 
 DT = torch.bfloat16
@@ -329,11 +331,36 @@ def _ltx_attention_module(res):
             dict(heads=heads, head_dim=head_dim, tokens=tokens), FAMILY_ANCHORS, FAMILY_MODES)
 
 
-# shape -> (module setup, resolution): an attention module of HunyuanVideo, CogVideoX (joint) and LTX-Video (self)
+def _mochi_attention_module(res):
+    """A Mochi block's joint attention at `res` and its call: the video with RoPE, the prompt padded to 256 tokens
+    (200 real) by its own projections, diffusers' per-row gather of the real tokens vs vkern's key-padding mask."""
+    from diffusers.models.attention_processor import MochiAttention, MochiAttnProcessor2_0
+
+    from vkern import models
+    from vkern.modules.mochi_attention import VkernMochiAttnProcessor
+
+    heads, head_dim, (text, real) = 24, 128, models.MOCHI_TEXT_TOKENS["real"]
+    frames, height, width = models.MOCHI_LATENTS[res]
+    video, dim = frames * (height // 2) * (width // 2), heads * head_dim
+    attn = MochiAttention(query_dim=dim, heads=heads, dim_head=head_dim, bias=False, added_kv_proj_dim=1536,
+                          added_proj_bias=False, out_dim=dim, out_context_dim=1536, processor=MochiAttnProcessor2_0(),
+                          eps=1e-5)  # (as MochiTransformerBlock builds its attn1)
+    angles = torch.randn(video, heads, head_dim // 2, device="cuda")
+    rope = (angles.cos(), angles.sin())
+    x, context = torch.randn(1, video, dim, device="cuda", dtype=DT), torch.randn(1, text, 1536, device="cuda", dtype=DT)
+    mask = torch.zeros(1, text, dtype=torch.int64, device="cuda")
+    mask[:, :real] = 1
+    return (attn, lambda: attn(x, context, mask, image_rotary_emb=rope), MochiAttnProcessor2_0,
+            VkernMochiAttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text, real_text=real),
+            FAMILY_ANCHORS, FAMILY_MODES)
+
+
+# shape -> (module setup, resolution): an attention module of HunyuanVideo, CogVideoX, Mochi (joint) and LTX-Video
 ATTENTION_MODULES = {"hunyuan-720p": (_hunyuan_attention_module, "720p"),
                      "hunyuan-720p-33f": (_hunyuan_attention_module, "720p-33f"),
                      "cogvideox-5b": (_cogvideox_attention_module, "480p"),
-                     "ltx-512p": (_ltx_attention_module, "512p")}
+                     "ltx-512p": (_ltx_attention_module, "512p"),
+                     "mochi-480p": (_mochi_attention_module, "480p")}
 
 
 def _attention_module(name, providers, args, op="attn-module", setup=None):
@@ -357,10 +384,10 @@ def _attention_module(name, providers, args, op="attn-module", setup=None):
     for provider in providers or list(processors):
         if provider not in processors:
             continue
-        attn.set_processor(processors[provider])
+        _set_processor(attn, processors[provider])
 
         def run():
-            return _in_sdpa_backend(forced.get(provider), lambda: torch.cat(call(), dim=1))
+            return _in_sdpa_backend(forced.get(provider), lambda: torch.cat([t.flatten(1) for t in call()], dim=1))
 
         try:
             ms, lo, hi = time_cuda(run, args.warmup, args.repeats)
@@ -403,7 +430,8 @@ def _step_models():
     return {"wan": (models.build_wan_transformer, models.transformer_inputs),
             "hunyuan": (models.build_hunyuan_transformer, models.hunyuan_transformer_inputs),
             "cogvideox": (models.build_cogvideox_transformer, models.cogvideox_transformer_inputs),
-            "ltx": (models.build_ltx_transformer, models.ltx_transformer_inputs)}
+            "ltx": (models.build_ltx_transformer, models.ltx_transformer_inputs),
+            "mochi": (models.build_mochi_transformer, models.mochi_transformer_inputs)}
 
 
 def _build_step_model(family, size, provider):

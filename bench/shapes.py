@@ -26,8 +26,10 @@ ATTENTION = {
 # Transformer steps: (model family, vkern.models size, resolution). hunyuan13b-720p-33f: HunyuanVideo's 720p at 33
 # frames (9 x 45 x 80 = 32400 video tokens + 256 text, 200 of them real); cogvideox5b-480p: CogVideoX-5B's 49 frames
 # at 720x480 (13 x 30 x 45 = 17550 video tokens + 226 text); ltx2b-512p: LTX-Video 0.9's 161 frames at 704x512
-# (21 x 16 x 22 = 7392 tokens; the prompt's 128 by cross-attention).
+# (21 x 16 x 22 = 7392 tokens; the prompt's 128 by cross-attention); mochi10b-480p: Mochi-1's 163 frames at 848x480
+# (28 x 30 x 53 = 44520 video tokens + 256 text, 200 real).
 STEPS = {"wan1.3b-480p": ("wan", "1.3b", "480p"), "wan14b-480p": ("wan", "14b", "480p"),
          "wan14b-720p": ("wan", "14b", "720p"), "hunyuan13b-720p-33f": ("hunyuan", "13b", "720p-33f"),
-         "cogvideox5b-480p": ("cogvideox", "5b", "480p"), "ltx2b-512p": ("ltx", "2b", "512p")}
+         "cogvideox5b-480p": ("cogvideox", "5b", "480p"), "ltx2b-512p": ("ltx", "2b", "512p"),
+         "mochi10b-480p": ("mochi", "10b", "480p")}
 VAE = {"wan-vae-480p": "480p", "wan-vae-720p": "720p"}

@@ -1,4 +1,4 @@
-"""vkern.patch on the model families beyond Wan (HunyuanVideo, CogVideoX, LTX-Video), the checks every adapter must
+"""vkern.patch on the model families beyond Wan (HunyuanVideo, CogVideoX, LTX-Video, Mochi), the checks every adapter must
 pass: the reference mode is diffusers' forward bit for bit, the kernels are within 2x of PyTorch's own bf16 error, the
 padded prompt cannot change the output, autograd runs diffusers' attention, fp8 layerwise casting meets README's
 floors, a pipeline patch patches the transformer and says what it left, and the errors of a wrong config. Each
@@ -17,6 +17,7 @@ from vkern import models
 from vkern.modules.cogvideox_attention import VkernCogVideoXAttnProcessor
 from vkern.modules.hunyuan_attention import VkernHunyuanVideoAttnProcessor
 from vkern.modules.ltx_attention import VkernLTXVideoAttnProcessor
+from vkern.modules.mochi_attention import VkernMochiAttnProcessor
 
 from .tolerance import assert_within_torch_error, rel_l2
 
@@ -57,6 +58,15 @@ def _ltx_pipeline(transformer):
                        transformer=transformer)
 
 
+def _mochi_pipeline(transformer):
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline
+
+    vae = AutoencoderKLMochi(latent_channels=4, encoder_block_out_channels=(32,) * 4, decoder_block_out_channels=(32,) * 4,
+                             layers_per_block=(1, 1, 1, 1, 1))
+    return MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                         transformer=transformer)
+
+
 FAMILIES = {
     "hunyuan": Family(models.build_hunyuan_transformer, models.hunyuan_transformer_inputs,
                       VkernHunyuanVideoAttnProcessor, "HunyuanVideo attention processor", 4, "AutoencoderKLHunyuanVideo",
@@ -65,12 +75,15 @@ FAMILIES = {
                         VkernCogVideoXAttnProcessor, "CogVideoX attention processor", 2, "AutoencoderKLCogVideoX"),
     "ltx": Family(models.build_ltx_transformer, models.ltx_transformer_inputs, VkernLTXVideoAttnProcessor,
                   "LTX-Video attention processor", 4, "AutoencoderKLLTXVideo"),
+    "mochi": Family(models.build_mochi_transformer, models.mochi_transformer_inputs, VkernMochiAttnProcessor,
+                    "Mochi attention processor", 2, "AutoencoderKLMochi", dict(attention_head_dim=128)),
 }
-PIPELINES = {"hunyuan": _hunyuan_pipeline, "cogvideox": _cogvideox_pipeline, "ltx": _ltx_pipeline}
+PIPELINES = {"hunyuan": _hunyuan_pipeline, "cogvideox": _cogvideox_pipeline, "ltx": _ltx_pipeline,
+             "mochi": _mochi_pipeline}
 # (family, what differs from its tiny model): the processor forms each adapter takes
 VARIANTS = {"hunyuan": ("hunyuan", {}), "hunyuan-token_replace": ("hunyuan", dict(image_condition_type="token_replace")),
             "cogvideox": ("cogvideox", {}), "cogvideox-fused_qkv": ("cogvideox", "fuse_qkv_projections"),
-            "ltx": ("ltx", {})}
+            "ltx": ("ltx", {}), "mochi": ("mochi", {})}
 
 
 def build(name, dtype=torch.float32, device="cpu", **overrides):
@@ -127,7 +140,7 @@ def test_patched_within_twice_torch_bf16_error(name, mode, device):
 
 
 @pytest.mark.parametrize("mode", ["reference", "auto", "bf16", "int8pv"])
-@pytest.mark.parametrize("name", ["hunyuan", "ltx"])  # the families whose prompt comes padded, with a mask
+@pytest.mark.parametrize("name", ["hunyuan", "ltx", "mochi"])  # the families whose prompt comes padded, with a mask
 def test_padded_prompt_cannot_change_the_output(name, mode, device):
     model = build(name, torch.bfloat16, device, **FAMILIES[name].gpu_overrides)
     inputs = inputs_for(name, model, torch.bfloat16, device)
@@ -216,14 +229,17 @@ def test_double_patch_is_a_clear_error(name):
 @pytest.mark.parametrize("name", [*FAMILIES, "wan"])
 def test_a_diffusers_attention_backend_is_named_when_replaced(name):
     """model.set_attention_backend() before the patch: vkern's processors replace that choice, and say so once
-    (CogVideoX's processors call SDPA directly: diffusers sets no backend on them, so there is none to name)."""
+    (CogVideoX's and Mochi's processors call SDPA directly: diffusers sets no backend on them, none to name)."""
     model = models.build_wan_transformer("tiny", torch.float32) if name == "wan" else build(name)
     model.set_attention_backend("native")
+    has_backend = any(getattr(m.processor, "_attention_backend", None) is not None for m in model.modules()
+                      if hasattr(m, "processor"))
+    assert has_backend == (name not in ("cogvideox", "mochi"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         handle = vkern.patch(model)
     said = [str(w.message) for w in caught if "had diffusers' attention backend 'native'" in str(w.message)]
-    assert len(said) == (0 if name == "cogvideox" else 1)
+    assert len(said) == has_backend
     handle.undo()
     assert all(getattr(m.processor, "_attention_backend", None) is not None for m in model.modules()
                if type(getattr(m, "processor", None)).__name__ in ("WanAttnProcessor", "HunyuanVideoAttnProcessor2_0",

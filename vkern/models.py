@@ -202,3 +202,39 @@ def ltx_transformer_inputs(model, res, dtype, device, batch=1):
         encoder_attention_mask=mask.to(device),
         num_frames=frames, height=height, width=width, rope_interpolation_scale=(8 / 25, 32, 32),
     )
+
+
+# Mochi (diffusers MochiTransformer3DModel): "10b" is diffusers' default config, Mochi-1's.
+MOCHI_TRANSFORMERS = {
+    "tiny": dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, pooled_projection_dim=32, in_channels=4,
+                 text_embed_dim=32, time_embed_dim=16, max_sequence_length=16),
+    "10b": dict(),
+}
+# latent (frames, height, width): the VAE compresses 6x in time and 8x in space (480p: 848x480, 163 frames).
+MOCHI_LATENTS = {"tiny": (3, 8, 8), "480p": (28, 60, 106)}
+MOCHI_TEXT_TOKENS = {"tiny": (16, 11), "real": (256, 200)}  # (tokens, of which real)
+
+
+def build_mochi_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
+    from diffusers import MochiTransformer3DModel
+
+    with torch.device(device):
+        model = MochiTransformer3DModel(**{**MOCHI_TRANSFORMERS[size], **overrides})
+    return cast_like_from_pretrained(model, dtype)
+
+
+def mochi_transformer_inputs(model, res, dtype, device, batch=1):
+    """Inputs as MochiPipeline passes them: latents [B, C, frames, h, w], the T5 prompt padded to max_sequence_length
+    with its mask (1 = real)."""
+    cfg = model.config
+    frames, height, width = MOCHI_LATENTS[res]
+    tokens, real = MOCHI_TEXT_TOKENS["tiny" if res == "tiny" else "real"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mask = torch.zeros(batch, tokens, dtype=torch.int64)
+    mask[:, :real] = 1
+    return dict(
+        hidden_states=torch.randn((batch, cfg.in_channels, frames, height, width), generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn((batch, tokens, cfg.text_embed_dim), generator=g).to(device, dtype),
+        timestep=torch.tensor([500] * batch, device=device),
+        encoder_attention_mask=mask.to(device),
+    )

@@ -20,14 +20,20 @@ class VkernProcessor:
             raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
         self.attention = attention
 
-    def attention_step(self, attn, diffusers_step, *tensors, heads_first=False):
-        """The attention step for this call: diffusers' own (diffusers_step) in the "reference" mode or with autograd
-        recording (vkern's ops have no backward), else attend() in this mode; heads_first: the step takes and
-        returns [B, H, S, D] (views of it go to vkern's ops as [B, S, H, D])."""
-        if self.attention == "reference" or records_autograd(attn, *tensors):
-            return diffusers_step
+    def uses_kernels(self, attn, *tensors):
+        """False in the "reference" mode and with autograd recording (vkern's ops have no backward): then the call
+        takes diffusers' own attention step."""
+        return self.attention != "reference" and not records_autograd(attn, *tensors)
+
+    def kernel_step(self, heads_first=False):
+        """attend() in this mode; heads_first: the step takes and returns [B, H, S, D] (views of it go to vkern's ops
+        as [B, S, H, D])."""
         step = functools.partial(attend, attention=self.attention, who=type(self).__name__)
         return functools.partial(_heads_first, step) if heads_first else step
+
+    def attention_step(self, attn, diffusers_step, *tensors, heads_first=False):
+        """The attention step for this call: kernel_step(), or diffusers_step where uses_kernels() says no."""
+        return self.kernel_step(heads_first) if self.uses_kernels(attn, *tensors) else diffusers_step
 
     def __repr__(self):
         return f"{type(self).__name__}(attention={self.attention!r})"

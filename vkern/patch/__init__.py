@@ -11,10 +11,10 @@ import torch
 
 from ..distributed.sp_wan import SPConfig
 from ..modules.wan_attention import ATTENTION_MODES
-from . import cogvideox, hunyuan, ltx, wan
+from . import cogvideox, hunyuan, ltx, mochi, wan
 from .handle import PatchHandle, patched_handle
 
-ADAPTERS = {"wan": wan, "hunyuan": hunyuan, "cogvideox": cogvideox, "ltx": ltx}
+ADAPTERS = {"wan": wan, "hunyuan": hunyuan, "cogvideox": cogvideox, "ltx": ltx, "mochi": mochi}
 FP8_MODES = (None, "storage", "compute")
 
 

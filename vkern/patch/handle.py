@@ -32,8 +32,8 @@ class PatchHandle:
                           f"backend {getattr(backend, 'value', backend)!r}; vkern's processors choose their own "
                           f"(PatchConfig.attention={self.config.attention!r}); undo() restores diffusers' choice",
                           stacklevel=4)
-        attn.set_processor(processor)
-        self._undo.append(lambda: attn.set_processor(original))
+        _set_processor(attn, processor)
+        self._undo.append(lambda: _set_processor(attn, original))
         self.summary[kind] += 1
 
     def override_forward(self, module, forward, kind):
@@ -108,6 +108,13 @@ class PatchHandle:
                 parts[key] = parts.get(key, 0) + v
         state = "active" if self.active else "undone"
         return f"PatchHandle({type(self.target).__name__}, {state}, {parts})"
+
+
+def _set_processor(attn, processor):
+    if hasattr(attn, "set_processor"):
+        attn.set_processor(processor)
+    else:  # (diffusers' MochiAttention keeps its processor as a plain attribute)
+        attn.processor = processor
 
 
 def refuse_wrapped(module, action):
