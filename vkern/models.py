@@ -45,6 +45,22 @@ def build_wan_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides)
     return cast_like_from_pretrained(model, dtype)
 
 
+def _build(class_name, config, dtype, device):
+    """diffusers' model class_name with random weights from config, built on `device`, cast as from_pretrained does."""
+    import diffusers
+
+    with torch.device(device):
+        model = getattr(diffusers, class_name)(**config)
+    return cast_like_from_pretrained(model, dtype)
+
+
+def prompt_mask(batch, tokens, real, device):
+    """A tokenizer's attention mask for a prompt padded to `tokens`: the first `real` are 1, the rest 0 (int64)."""
+    mask = torch.zeros(batch, tokens, dtype=torch.int64)
+    mask[:, :real] = 1
+    return mask.to(device)
+
+
 def build_wan_vae(size, dtype=torch.bfloat16, device="cpu"):
     from diffusers import AutoencoderKLWan
 
@@ -96,11 +112,7 @@ HUNYUAN_TEXT_TOKENS = {"tiny": (16, 11), "real": (256, 200)}  # (tokens, of whic
 
 
 def build_hunyuan_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    with torch.device(device):
-        model = HunyuanVideoTransformer3DModel(**{**HUNYUAN_TRANSFORMERS[size], **overrides})
-    return cast_like_from_pretrained(model, dtype)
+    return _build("HunyuanVideoTransformer3DModel", {**HUNYUAN_TRANSFORMERS[size], **overrides}, dtype, device)
 
 
 def hunyuan_transformer_inputs(model, res, dtype, device, batch=1, text_tokens=None):
@@ -111,14 +123,12 @@ def hunyuan_transformer_inputs(model, res, dtype, device, batch=1, text_tokens=N
     frames, height, width = HUNYUAN_RESOLUTIONS[res]
     tokens, real = text_tokens or HUNYUAN_TEXT_TOKENS["tiny" if res == "tiny" else "real"]
     g = torch.Generator(device="cpu").manual_seed(0)
-    mask = torch.zeros(batch, tokens, dtype=torch.int64)
-    mask[:, :real] = 1
     return dict(
         hidden_states=torch.randn((batch, cfg.in_channels, 1 + (frames - 1) // 4, height // 8, width // 8),
                                   generator=g).to(device, dtype),
         timestep=torch.tensor([500] * batch, device=device),
         encoder_hidden_states=torch.randn((batch, tokens, cfg.text_embed_dim), generator=g).to(device, dtype),
-        encoder_attention_mask=mask.to(device),
+        encoder_attention_mask=prompt_mask(batch, tokens, real, device),
         pooled_projections=torch.randn((batch, cfg.pooled_projection_dim), generator=g).to(device, dtype),
         guidance=torch.tensor([6000.0] * batch, device=device, dtype=dtype),
     )
@@ -136,11 +146,7 @@ COGVIDEOX_RESOLUTIONS = {"tiny": (9, 128, 128), "480p": (49, 480, 720)}
 
 
 def build_cogvideox_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
-    from diffusers import CogVideoXTransformer3DModel
-
-    with torch.device(device):
-        model = CogVideoXTransformer3DModel(**{**COGVIDEOX_TRANSFORMERS[size], **overrides})
-    return cast_like_from_pretrained(model, dtype)
+    return _build("CogVideoXTransformer3DModel", {**COGVIDEOX_TRANSFORMERS[size], **overrides}, dtype, device)
 
 
 def cogvideox_transformer_inputs(model, res, dtype, device, batch=1):
@@ -178,11 +184,7 @@ LTX_TEXT_TOKENS = {"tiny": (16, 11), "real": (128, 100)}  # (tokens, of which re
 
 
 def build_ltx_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
-    from diffusers import LTXVideoTransformer3DModel
-
-    with torch.device(device):
-        model = LTXVideoTransformer3DModel(**{**LTX_TRANSFORMERS[size], **overrides})
-    return cast_like_from_pretrained(model, dtype)
+    return _build("LTXVideoTransformer3DModel", {**LTX_TRANSFORMERS[size], **overrides}, dtype, device)
 
 
 def ltx_transformer_inputs(model, res, dtype, device, batch=1):
@@ -193,13 +195,11 @@ def ltx_transformer_inputs(model, res, dtype, device, batch=1):
     frames, height, width = LTX_LATENTS[res]
     tokens, real = LTX_TEXT_TOKENS["tiny" if res == "tiny" else "real"]
     g = torch.Generator(device="cpu").manual_seed(0)
-    mask = torch.zeros(batch, tokens, dtype=torch.int64)
-    mask[:, :real] = 1
     return dict(
         hidden_states=torch.randn((batch, frames * height * width, cfg.in_channels), generator=g).to(device, dtype),
         encoder_hidden_states=torch.randn((batch, tokens, cfg.caption_channels), generator=g).to(device, dtype),
         timestep=torch.tensor([500] * batch, device=device),
-        encoder_attention_mask=mask.to(device),
+        encoder_attention_mask=prompt_mask(batch, tokens, real, device),
         num_frames=frames, height=height, width=width, rope_interpolation_scale=(8 / 25, 32, 32),
     )
 
@@ -216,11 +216,7 @@ MOCHI_TEXT_TOKENS = {"tiny": (16, 11), "real": (256, 200)}  # (tokens, of which 
 
 
 def build_mochi_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
-    from diffusers import MochiTransformer3DModel
-
-    with torch.device(device):
-        model = MochiTransformer3DModel(**{**MOCHI_TRANSFORMERS[size], **overrides})
-    return cast_like_from_pretrained(model, dtype)
+    return _build("MochiTransformer3DModel", {**MOCHI_TRANSFORMERS[size], **overrides}, dtype, device)
 
 
 def mochi_transformer_inputs(model, res, dtype, device, batch=1):
@@ -230,11 +226,9 @@ def mochi_transformer_inputs(model, res, dtype, device, batch=1):
     frames, height, width = MOCHI_LATENTS[res]
     tokens, real = MOCHI_TEXT_TOKENS["tiny" if res == "tiny" else "real"]
     g = torch.Generator(device="cpu").manual_seed(0)
-    mask = torch.zeros(batch, tokens, dtype=torch.int64)
-    mask[:, :real] = 1
     return dict(
         hidden_states=torch.randn((batch, cfg.in_channels, frames, height, width), generator=g).to(device, dtype),
         encoder_hidden_states=torch.randn((batch, tokens, cfg.text_embed_dim), generator=g).to(device, dtype),
         timestep=torch.tensor([500] * batch, device=device),
-        encoder_attention_mask=mask.to(device),
+        encoder_attention_mask=prompt_mask(batch, tokens, real, device),
     )

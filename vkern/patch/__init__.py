@@ -14,7 +14,9 @@ from ..modules.wan_attention import ATTENTION_MODES
 from . import cogvideox, hunyuan, ltx, mochi, wan
 from .handle import PatchHandle, patched_handle
 
-ADAPTERS = {"wan": wan, "hunyuan": hunyuan, "cogvideox": cogvideox, "ltx": ltx, "mochi": mochi}
+# family -> its adapter: MODELS (the diffusers classes it takes), supports(obj), apply(model, config, handle)
+ADAPTERS = {"wan": wan, "hunyuan": hunyuan.ADAPTER, "cogvideox": cogvideox.ADAPTER, "ltx": ltx.ADAPTER,
+            "mochi": mochi.ADAPTER}
 FP8_MODES = (None, "storage", "compute")
 
 

@@ -1,21 +1,10 @@
-"""The HunyuanVideo family adapter: HunyuanVideoTransformer3DModel (text-to-video and its image-conditioned
-forms): the joint attention processors of its dual- and single-stream blocks (the token refiner's text-only attention,
+"""The HunyuanVideo family adapter: HunyuanVideoTransformer3DModel (text-to-video and its image-conditioned forms):
+the joint attention processors of its dual- and single-stream blocks (the token refiner's text-only attention,
 another processor class, stays diffusers'), and fp8 layerwise casting of its Linears. The VAE
 (AutoencoderKLHunyuanVideo) has no adapter yet: a pipeline patch leaves it as diffusers' with a warning."""
 from ..modules.hunyuan_attention import VkernHunyuanVideoAttnProcessor
-from .processors import patch_processors
+from .processors import ProcessorAdapter
 
-
-MODELS = ('HunyuanVideoTransformer3DModel',)  # what supports() takes (vkern.info and patch's errors list them)
-
-def supports(obj):
-    from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoTransformer3DModel
-
-    return isinstance(obj, HunyuanVideoTransformer3DModel)
-
-
-def apply(model, config, handle):
-    from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
-
-    patch_processors(model, config, handle, HunyuanVideoAttnProcessor2_0,
-                     lambda mode, _: VkernHunyuanVideoAttnProcessor(mode), "HunyuanVideo attention processor")
+_HERE = "diffusers.models.transformers.transformer_hunyuan_video."
+ADAPTER = ProcessorAdapter(_HERE + "HunyuanVideoTransformer3DModel", [_HERE + "HunyuanVideoAttnProcessor2_0"],
+                           lambda mode, _: VkernHunyuanVideoAttnProcessor(mode), "HunyuanVideo attention processor")
