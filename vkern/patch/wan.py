@@ -7,8 +7,8 @@ from ..modules.wan_attention import VkernWanAttnProcessor
 from ..modules.wan_block import fused_block_forward
 from .handle import refuse_context_parallel
 
-
 MODELS = ("WanTransformer3DModel", "AutoencoderKLWan")  # what supports() takes (vkern.info, patch's errors)
+
 
 def _classes():
     from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan, WanCausalConv3d

@@ -36,6 +36,14 @@ def attention(q, k, v, attn_mask=None):
     return out.permute(0, 2, 1, 3)
 
 
+def stream_qkv(attn, x, projections, norms):
+    """One token stream's (query, key, value) [B, S, H, D] as diffusers' joint-attention processors make them (Hunyuan,
+    Mochi): its three projections split into attn.heads heads, then its per-head q and k norms (None: none)."""
+    query, key, value = (proj(x).unflatten(2, (attn.heads, -1)) for proj in projections)
+    norm_q, norm_k = norms
+    return (query if norm_q is None else norm_q(query)), (key if norm_k is None else norm_k(key)), value
+
+
 def key_padding(attention_mask, batch, keys):
     """A diffusers processor's attention_mask as a key-padding mask [B, keys] (bool, True = attend): a bool
     [B|1, 1, 1, keys] (HunyuanVideo's) or [B|1, keys]. None when attention_mask is None or is not one (a float mask,

@@ -7,7 +7,7 @@ sequence is [video tokens, text tokens], RoPE applies to the video part only, an
 [B, 1, 1, N] bool (True = attend) over that sequence: a key-padding mask (the padded text at the end)."""
 import torch
 
-from .attention import attention
+from .attention import attention, stream_qkv
 
 
 def _rope(x, image_rotary_emb):
@@ -23,13 +23,6 @@ def _rope_video(x, image_rotary_emb, text_tokens):
     return torch.cat([_rope(x[:, :-text_tokens], image_rotary_emb), x[:, -text_tokens:]], dim=1)
 
 
-def _stream(attn, x, projections, norms):
-    """One stream's (query, key, value) [B, S, H, D]: its projections, then its per-head q and k norms (if any)."""
-    query, key, value = (proj(x).unflatten(2, (attn.heads, -1)) for proj in projections)
-    norm_q, norm_k = norms
-    return (query if norm_q is None else norm_q(query)), (key if norm_k is None else norm_k(key)), value
-
-
 def hunyuan_video_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                             image_rotary_emb=None, attend=attention):
     """HunyuanVideoAttnProcessor2_0.__call__; attend(q, k, v, attention_mask) on [B, S, H, D] tensors runs the
@@ -39,16 +32,16 @@ def hunyuan_video_attention(attn, hidden_states, encoder_hidden_states=None, att
     if single_stream:
         hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
 
-    query, key, value = _stream(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
+    query, key, value = stream_qkv(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
     if image_rotary_emb is not None:
         text_tokens = encoder_hidden_states.shape[1] if single_stream else 0
         query = _rope_video(query, image_rotary_emb, text_tokens)
         key = _rope_video(key, image_rotary_emb, text_tokens)
 
     if attn.add_q_proj is not None and encoder_hidden_states is not None:
-        encoder_query, encoder_key, encoder_value = _stream(attn, encoder_hidden_states,
-                                                            (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
-                                                            (attn.norm_added_q, attn.norm_added_k))
+        encoder_query, encoder_key, encoder_value = stream_qkv(attn, encoder_hidden_states,
+                                                               (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                                                               (attn.norm_added_q, attn.norm_added_k))
         query = torch.cat([query, encoder_query], dim=1)
         key = torch.cat([key, encoder_key], dim=1)
         value = torch.cat([value, encoder_value], dim=1)

@@ -5,6 +5,8 @@ row's real prompt tokens (gathered to the front, the rest of the text output zer
 import torch
 import torch.nn.functional as F
 
+from .attention import stream_qkv
+
 
 def _rope(x, freqs_cos, freqs_sin):
     """Mochi's RoPE: pairs (2i, 2i+1) rotated in float32, per head ([S, H, D / 2] tables)."""
@@ -36,17 +38,10 @@ def mochi_attention(attn, hidden_states, encoder_hidden_states, attention_mask, 
     """MochiAttnProcessor2_0.__call__; attend(query, key, value, encoder_query, encoder_key, encoder_value,
     attention_mask) on heads-first tensors returns the joint output [B, H, S + T, D] (attend_per_row's form).
     Returns (hidden_states, encoder_hidden_states) as diffusers does."""
-    query, key, value = (proj(hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    encoder_query, encoder_key, encoder_value = (proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-                                                 for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-    if attn.norm_added_q is not None:
-        encoder_query = attn.norm_added_q(encoder_query)
-    if attn.norm_added_k is not None:
-        encoder_key = attn.norm_added_k(encoder_key)
+    query, key, value = stream_qkv(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
+    encoder_query, encoder_key, encoder_value = stream_qkv(attn, encoder_hidden_states,
+                                                           (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                                                           (attn.norm_added_q, attn.norm_added_k))
     if image_rotary_emb is not None:
         query = _rope(query, *image_rotary_emb)
         key = _rope(key, *image_rotary_emb)
