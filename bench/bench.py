@@ -17,7 +17,7 @@ import time
 import torch
 
 from . import shapes
-from vkern.patch.handle import _set_processor
+from vkern.patch.handle import assign_processor
 
 from .timing import param_bytes, peak_gib, rel_l2, time_cuda, time_cuda_queued, time_micro
 
@@ -264,9 +264,10 @@ def _wan_attention_module(name):
             ("diffusers-cudnn", "diffusers"), ("auto", "bf16", "fp8", "int8pv", "int8"))
 
 
-# the other families' anchors (diffusers on PyTorch's SDPA choice first, then held to one backend) and vkern's modes
+# the other families' anchors (diffusers on PyTorch's SDPA choice first, then held to one backend) and vkern's modes:
+# at head dim 64 no int8pv (no CUDA kernel there: its reference would hold the whole score matrix), the Triton 8-bit ones
 FAMILY_ANCHORS = ("diffusers", "diffusers-efficient", "diffusers-cudnn")
-FAMILY_MODES = ("auto", "bf16", "int8pv")
+FAMILY_MODES = {128: ("auto", "bf16", "int8pv"), 64: ("auto", "bf16", "int8", "fp8")}
 
 
 def _hunyuan_attention_module(res):
@@ -290,7 +291,7 @@ def _hunyuan_attention_module(res):
     mask[..., video + real:] = False
     return (attn, lambda: attn(x, context, mask, image_rotary_emb=rope), HunyuanVideoAttnProcessor2_0,
             VkernHunyuanVideoAttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text, real_text=real),
-            FAMILY_ANCHORS, FAMILY_MODES)
+            FAMILY_ANCHORS, FAMILY_MODES[head_dim])
 
 
 def _cogvideox_attention_module(res):
@@ -310,7 +311,7 @@ def _cogvideox_attention_module(res):
     x, context = (torch.randn(1, n, heads * head_dim, device="cuda", dtype=DT) for n in (video, text))
     return (attn, lambda: attn(x, context, image_rotary_emb=rope), CogVideoXAttnProcessor2_0,
             VkernCogVideoXAttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text),
-            FAMILY_ANCHORS, FAMILY_MODES)
+            FAMILY_ANCHORS, FAMILY_MODES[head_dim])
 
 
 def _ltx_attention_module(res):
@@ -328,7 +329,7 @@ def _ltx_attention_module(res):
     rope = (angles.cos(), angles.sin())
     x = torch.randn(1, tokens, dim, device="cuda", dtype=DT)
     return (attn, lambda: (attn(x, image_rotary_emb=rope),), LTXVideoAttnProcessor, VkernLTXVideoAttnProcessor,
-            dict(heads=heads, head_dim=head_dim, tokens=tokens), FAMILY_ANCHORS, FAMILY_MODES)
+            dict(heads=heads, head_dim=head_dim, tokens=tokens), FAMILY_ANCHORS, FAMILY_MODES[head_dim])
 
 
 def _mochi_attention_module(res):
@@ -352,7 +353,7 @@ def _mochi_attention_module(res):
     mask[:, :real] = 1
     return (attn, lambda: attn(x, context, mask, image_rotary_emb=rope), MochiAttnProcessor2_0,
             VkernMochiAttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text, real_text=real),
-            FAMILY_ANCHORS, FAMILY_MODES)
+            FAMILY_ANCHORS, FAMILY_MODES[head_dim])
 
 
 # shape -> (module setup, resolution): an attention module of HunyuanVideo, CogVideoX, Mochi (joint) and LTX-Video
@@ -384,7 +385,7 @@ def _attention_module(name, providers, args, op="attn-module", setup=None):
     for provider in providers or list(processors):
         if provider not in processors:
             continue
-        _set_processor(attn, processors[provider])
+        assign_processor(attn, processors[provider])
 
         def run():
             return _in_sdpa_backend(forced.get(provider), lambda: torch.cat([t.flatten(1) for t in call()], dim=1))

@@ -32,8 +32,8 @@ class PatchHandle:
                           f"backend {getattr(backend, 'value', backend)!r}; vkern's processors choose their own "
                           f"(PatchConfig.attention={self.config.attention!r}); undo() restores diffusers' choice",
                           stacklevel=4)
-        _set_processor(attn, processor)
-        self._undo.append(lambda: _set_processor(attn, original))
+        assign_processor(attn, processor)
+        self._undo.append(lambda: assign_processor(attn, original))
         self.summary[kind] += 1
 
     def override_forward(self, module, forward, kind):
@@ -110,7 +110,8 @@ class PatchHandle:
         return f"PatchHandle({type(self.target).__name__}, {state}, {parts})"
 
 
-def _set_processor(attn, processor):
+def assign_processor(attn, processor):
+    """attn.set_processor(processor), for attention modules that have no such method too."""
     if hasattr(attn, "set_processor"):
         attn.set_processor(processor)
     else:  # (diffusers' MochiAttention keeps its processor as a plain attribute)
