@@ -104,22 +104,30 @@ def test_general_mask_runs_exact_16_bit_attention(mode, monkeypatch):
     assert len(said) == (1 if mode == "int8pv" else 0)
 
 
+# model -> (builder, inputs): FramePack's model runs the same blocks; with a batch of one it crops the padding off
+# the prompt, so only a batch of several prompts reaches the processor with a mask.
+MODELS = {"hunyuan": (models.build_hunyuan_transformer, models.hunyuan_transformer_inputs),
+          "framepack": (models.build_framepack_transformer, models.framepack_transformer_inputs)}
+
+
 @pytest.mark.parametrize("mode", ["auto", "int8pv"])
-def test_batch_rows_keep_their_own_prompt_lengths(mode, device, monkeypatch):
+@pytest.mark.parametrize("name", list(MODELS))
+def test_batch_rows_keep_their_own_prompt_lengths(name, mode, device, monkeypatch):
     """Two prompts of different lengths in one batch: each row of the patched batch equals that prompt run alone
     (the key-padding mask is per batch row), up to float32 summation order (TF32 off for the patch embedding's conv;
     matmuls are full fp32 by default)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    model = build(torch.float32, device, **D128)
-    inputs = models.hunyuan_transformer_inputs(model, "tiny", torch.float32, device)
-    mask = inputs["encoder_attention_mask"]  # 11 of 16 text tokens real; the second prompt: 4
-    short = (torch.arange(mask.shape[1], device=mask.device) < 4).to(mask.dtype)[None]
-    batch = {k: torch.cat([v, v]) for k, v in inputs.items()}
-    batch["encoder_attention_mask"] = torch.cat([mask, short])
+    make, make_inputs = MODELS[name]
+    torch.manual_seed(0)
+    model = make("tiny", torch.float32, device, **D128)
+    batch = make_inputs(model, "tiny", torch.float32, device, batch=2)  # 11 of 16 text tokens real; the second: 4
+    batch["encoder_attention_mask"][1, 4:] = 0
     batch["encoder_hidden_states"][1] = torch.randn_like(batch["encoder_hidden_states"][1])
     with vkern.patch(model, vkern.PatchConfig(attention=mode)):
         together = forward(model, batch)
-        alone = [forward(model, {k: v[i:i + 1] for k, v in batch.items()}) for i in range(2)]
+        # (FramePack's frame indices are one set for the whole batch)
+        alone = [forward(model, {k: v if k.startswith("indices") else v[i:i + 1] for k, v in batch.items()})
+                 for i in range(2)]
     for i in range(2):
         torch.testing.assert_close(together[i:i + 1], alone[i], rtol=1e-4, atol=1e-4)
     assert rel_l2(alone[0], alone[1]) > 1e-3  # the rows differ, so a mask taken from the wrong row would show

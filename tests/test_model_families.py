@@ -1,4 +1,5 @@
-"""vkern.patch on the model families beyond Wan (HunyuanVideo, CogVideoX, LTX-Video, Mochi), the checks every adapter must
+"""vkern.patch on the model families beyond Wan (HunyuanVideo and its FramePack form, HunyuanVideo 1.5, CogVideoX,
+LTX-Video, Mochi), the checks every adapter must
 pass: the reference mode is diffusers' forward bit for bit, the kernels are within 2x of PyTorch's own bf16 error, the
 padded prompt cannot change the output, autograd runs diffusers' attention, fp8 layerwise casting meets README's
 floors, a pipeline patch patches the transformer and says what it left, and the errors of a wrong config. Each
@@ -15,6 +16,7 @@ import torch
 import vkern
 from vkern import models
 from vkern.modules.cogvideox_attention import VkernCogVideoXAttnProcessor
+from vkern.modules.hunyuan15_attention import VkernHunyuanVideo15AttnProcessor
 from vkern.modules.hunyuan_attention import VkernHunyuanVideoAttnProcessor
 from vkern.modules.ltx_attention import VkernLTXVideoAttnProcessor
 from vkern.modules.mochi_attention import VkernMochiAttnProcessor
@@ -39,6 +41,24 @@ def _hunyuan_pipeline(transformer):
     vae = AutoencoderKLHunyuanVideo(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
     return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
                                 scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None)
+
+
+def _framepack_pipeline(transformer):
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline
+
+    vae = AutoencoderKLHunyuanVideo(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+    return HunyuanVideoFramepackPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                         scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None,
+                                         tokenizer_2=None, image_encoder=None, feature_extractor=None)
+
+
+def _hunyuan15_pipeline(transformer):
+    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1)
+    return HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                  scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None,
+                                  guider=None)
 
 
 def _cogvideox_pipeline(transformer):
@@ -71,6 +91,12 @@ FAMILIES = {
     "hunyuan": Family(models.build_hunyuan_transformer, models.hunyuan_transformer_inputs,
                       VkernHunyuanVideoAttnProcessor, "HunyuanVideo attention processor", 4, "AutoencoderKLHunyuanVideo",
                       dict(attention_head_dim=128, rope_axes_dim=(16, 56, 56))),
+    "framepack": Family(models.build_framepack_transformer, models.framepack_transformer_inputs,
+                        VkernHunyuanVideoAttnProcessor, "HunyuanVideo attention processor", 4,
+                        "AutoencoderKLHunyuanVideo", dict(attention_head_dim=128, rope_axes_dim=(16, 56, 56))),
+    "hunyuan15": Family(models.build_hunyuan15_transformer, models.hunyuan15_transformer_inputs,
+                        VkernHunyuanVideo15AttnProcessor, "HunyuanVideo 1.5 attention processor", 2,
+                        "AutoencoderKLHunyuanVideo15", dict(attention_head_dim=128, rope_axes_dim=(16, 56, 56))),
     "cogvideox": Family(models.build_cogvideox_transformer, models.cogvideox_transformer_inputs,
                         VkernCogVideoXAttnProcessor, "CogVideoX attention processor", 2, "AutoencoderKLCogVideoX"),
     "ltx": Family(models.build_ltx_transformer, models.ltx_transformer_inputs, VkernLTXVideoAttnProcessor,
@@ -78,10 +104,12 @@ FAMILIES = {
     "mochi": Family(models.build_mochi_transformer, models.mochi_transformer_inputs, VkernMochiAttnProcessor,
                     "Mochi attention processor", 2, "AutoencoderKLMochi", dict(attention_head_dim=128)),
 }
-PIPELINES = {"hunyuan": _hunyuan_pipeline, "cogvideox": _cogvideox_pipeline, "ltx": _ltx_pipeline,
+PIPELINES = {"hunyuan": _hunyuan_pipeline, "framepack": _framepack_pipeline, "hunyuan15": _hunyuan15_pipeline,
+             "cogvideox": _cogvideox_pipeline, "ltx": _ltx_pipeline,
              "mochi": _mochi_pipeline}
 # (family, what differs from its tiny model): the processor forms each adapter takes
 VARIANTS = {"hunyuan": ("hunyuan", {}), "hunyuan-token_replace": ("hunyuan", dict(image_condition_type="token_replace")),
+            "framepack": ("framepack", {}), "hunyuan15": ("hunyuan15", {}),
             "cogvideox": ("cogvideox", {}), "cogvideox-fused_qkv": ("cogvideox", "fuse_qkv_projections"),
             "ltx": ("ltx", {}), "mochi": ("mochi", {})}
 

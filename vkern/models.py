@@ -232,3 +232,91 @@ def mochi_transformer_inputs(model, res, dtype, device, batch=1):
         timestep=torch.tensor([500] * batch, device=device),
         encoder_attention_mask=prompt_mask(batch, tokens, real, device),
     )
+
+
+# HunyuanVideo FramePack (diffusers HunyuanVideoFramepackTransformer3DModel): HunyuanVideo's blocks, with history
+# latents (clean, 2x and 4x downsampled) packed in front of the video and a SigLIP image projection in the prompt.
+FRAMEPACK_TRANSFORMERS = {
+    "tiny": dict(HUNYUAN_TRANSFORMERS["tiny"], image_condition_type=None, has_image_proj=True, image_proj_dim=32,
+                 has_clean_x_embedder=True),
+    "13b": dict(has_image_proj=True, has_clean_x_embedder=True),
+}
+# latent (frames, height, width) of the section sampled, and of its clean / 2x / 4x history
+FRAMEPACK_LATENTS = {"tiny": dict(video=(3, 8, 8), clean=2, history_2x=2, history_4x=4)}
+
+
+def build_framepack_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
+    return _build("HunyuanVideoFramepackTransformer3DModel", {**FRAMEPACK_TRANSFORMERS[size], **overrides}, dtype,
+                  device)
+
+
+def framepack_transformer_inputs(model, res, dtype, device, batch=1, text_tokens=None):
+    """Inputs as HunyuanVideoFramepackPipeline passes them: the section's latents and its frame indices, the history
+    latents with theirs (after the section), the prompt padded with its mask (text_tokens as for HunyuanVideo), pooled
+    CLIP embeddings, SigLIP image embeddings and the guidance."""
+    cfg = model.config
+    sizes = FRAMEPACK_LATENTS[res]
+    frames, height, width = sizes["video"]
+    tokens, real = text_tokens or HUNYUAN_TEXT_TOKENS["tiny" if res == "tiny" else "real"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def latents(n):
+        return torch.randn((batch, cfg.in_channels, n, height, width), generator=g).to(device, dtype)
+
+    def indices(start, n):  # (one set for the whole batch, as the pipeline makes them)
+        return torch.arange(start, start + n, device=device)
+
+    history = frames + 1
+    return dict(
+        hidden_states=latents(frames), timestep=torch.tensor([500] * batch, device=device),
+        encoder_hidden_states=torch.randn((batch, tokens, cfg.text_embed_dim), generator=g).to(device, dtype),
+        encoder_attention_mask=prompt_mask(batch, tokens, real, device),
+        pooled_projections=torch.randn((batch, cfg.pooled_projection_dim), generator=g).to(device, dtype),
+        image_embeds=torch.randn((batch, 9, cfg.image_proj_dim), generator=g).to(device, dtype),
+        indices_latents=indices(1, frames), guidance=torch.tensor([10000.0] * batch, device=device, dtype=dtype),
+        latents_clean=latents(sizes["clean"]), indices_latents_clean=indices(history, sizes["clean"]),
+        latents_history_2x=latents(sizes["history_2x"]),
+        indices_latents_history_2x=indices(history + sizes["clean"], sizes["history_2x"]),
+        latents_history_4x=latents(sizes["history_4x"]),
+        indices_latents_history_4x=indices(history + sizes["clean"] + sizes["history_2x"], sizes["history_4x"]),
+    )
+
+
+# HunyuanVideo 1.5 (diffusers HunyuanVideo15Transformer3DModel): "8b" is diffusers' default config, the released 480p
+# model's (54 dual-stream blocks, 16 heads x 128, no patching of the 16x-compressed latent).
+HUNYUAN15_TRANSFORMERS = {
+    "tiny": dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=2,
+                 num_refiner_layers=1, text_embed_dim=64, text_embed_2_dim=32, image_embed_dim=32,
+                 rope_axes_dim=(8, 12, 12)),
+    "8b": dict(),
+}
+# latent (frames, height, width): the VAE compresses 4x in time and 16x in space (480p: 848x480, 121 frames).
+HUNYUAN15_LATENTS = {"tiny": (3, 8, 8), "480p": (31, 30, 53), "720p": (31, 45, 80)}
+# (tokens, of which real) of the MLLM prompt, the ByT5 glyph prompt and the SigLIP image (T2V: none real)
+HUNYUAN15_TEXT_TOKENS = {"tiny": dict(mllm=(16, 11), byt5=(8, 3), image=4),
+                         "real": dict(mllm=(1000, 200), byt5=(256, 0), image=729)}
+
+
+def build_hunyuan15_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
+    return _build("HunyuanVideo15Transformer3DModel", {**HUNYUAN15_TRANSFORMERS[size], **overrides}, dtype, device)
+
+
+def hunyuan15_transformer_inputs(model, res, dtype, device, batch=1, text_tokens=None, image=False):
+    """Inputs as HunyuanVideo15Pipeline passes them: latents with the condition channels ([noise, condition latents,
+    mask]: 2 x C + 1), the MLLM and ByT5 prompts padded with their masks (text_tokens: as HUNYUAN15_TEXT_TOKENS), and
+    the image embeddings, zeros for text-to-video (image=False: the model then masks them all)."""
+    cfg = model.config
+    frames, height, width = HUNYUAN15_LATENTS[res]
+    text = text_tokens or HUNYUAN15_TEXT_TOKENS["tiny" if res == "tiny" else "real"]
+    (mllm, mllm_real), (byt5, byt5_real) = text["mllm"], text["byt5"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    image_embeds = torch.randn((batch, text["image"], cfg.image_embed_dim), generator=g)
+    return dict(
+        hidden_states=torch.randn((batch, cfg.in_channels, frames, height, width), generator=g).to(device, dtype),
+        timestep=torch.tensor([500.0] * batch, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn((batch, mllm, cfg.text_embed_dim), generator=g).to(device, dtype),
+        encoder_attention_mask=prompt_mask(batch, mllm, mllm_real, device),
+        encoder_hidden_states_2=torch.randn((batch, byt5, cfg.text_embed_2_dim), generator=g).to(device, dtype),
+        encoder_attention_mask_2=prompt_mask(batch, byt5, byt5_real, device),
+        image_embeds=(image_embeds if image else torch.zeros_like(image_embeds)).to(device, dtype),
+    )

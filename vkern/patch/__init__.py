@@ -11,12 +11,12 @@ import torch
 
 from ..distributed.sp_wan import SPConfig
 from ..modules.wan_attention import ATTENTION_MODES
-from . import cogvideox, hunyuan, ltx, mochi, wan
+from . import cogvideox, hunyuan, hunyuan15, ltx, mochi, wan
 from .handle import PatchHandle, patched_handle
 
 # family -> its adapter: MODELS (the diffusers classes it takes), supports(obj), apply(model, config, handle)
-ADAPTERS = {"wan": wan, "hunyuan": hunyuan.ADAPTER, "cogvideox": cogvideox.ADAPTER, "ltx": ltx.ADAPTER,
-            "mochi": mochi.ADAPTER}
+ADAPTERS = {"wan": wan, "hunyuan": hunyuan.ADAPTER, "hunyuan15": hunyuan15.ADAPTER, "cogvideox": cogvideox.ADAPTER,
+            "ltx": ltx.ADAPTER, "mochi": mochi.ADAPTER}
 FP8_MODES = (None, "storage", "compute")
 
 

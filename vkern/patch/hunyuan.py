@@ -1,4 +1,5 @@
-"""The HunyuanVideo family adapter: HunyuanVideoTransformer3DModel (text-to-video and its image-conditioned forms):
+"""The HunyuanVideo family adapter: HunyuanVideoTransformer3DModel (text-to-video and its image-conditioned forms)
+and HunyuanVideoFramepackTransformer3DModel (FramePack: the same blocks, with history latents in the sequence):
 the joint attention processors of its dual- and single-stream blocks (the token refiner's text-only attention,
 another processor class, stays diffusers'), and fp8 layerwise casting of its Linears. The VAE
 (AutoencoderKLHunyuanVideo) has no adapter yet: a pipeline patch leaves it as diffusers' with a warning."""
@@ -6,5 +7,7 @@ from ..modules.hunyuan_attention import VkernHunyuanVideoAttnProcessor
 from .processors import ProcessorAdapter
 
 _HERE = "diffusers.models.transformers.transformer_hunyuan_video."
-ADAPTER = ProcessorAdapter(_HERE + "HunyuanVideoTransformer3DModel", [_HERE + "HunyuanVideoAttnProcessor2_0"],
+ADAPTER = ProcessorAdapter((_HERE + "HunyuanVideoTransformer3DModel",
+                            "diffusers.models.transformers.transformer_hunyuan_video_framepack."
+                            "HunyuanVideoFramepackTransformer3DModel"), [_HERE + "HunyuanVideoAttnProcessor2_0"],
                            lambda mode, _: VkernHunyuanVideoAttnProcessor(mode), "HunyuanVideo attention processor")

@@ -12,16 +12,17 @@ def _load(path):
 
 
 class ProcessorAdapter:
-    """model: the diffusers model class's dotted path; processors: diffusers' processor classes' paths;
+    """models: the diffusers model classes' dotted paths (one, or a tuple); processors: diffusers' processor classes' paths;
     make(attention mode, original processor) -> vkern's processor; kind: the handle's summary key. Offers what
     vkern.patch asks of an adapter: MODELS, supports(obj), apply(model, config, handle)."""
 
-    def __init__(self, model, processors, make, kind):
-        self.model, self.processors, self.make, self.kind = model, processors, make, kind
-        self.MODELS = (model.rpartition(".")[2],)
+    def __init__(self, models, processors, make, kind):
+        self.models = (models,) if isinstance(models, str) else tuple(models)
+        self.processors, self.make, self.kind = processors, make, kind
+        self.MODELS = tuple(m.rpartition(".")[2] for m in self.models)
 
     def supports(self, obj):
-        return isinstance(obj, _load(self.model))
+        return isinstance(obj, tuple(_load(m) for m in self.models))
 
     def apply(self, model, config, handle):
         refuse_wan_only(model, config)
