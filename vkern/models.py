@@ -45,6 +45,26 @@ def build_wan_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides)
     return cast_like_from_pretrained(model, dtype)
 
 
+# Wan VACE (diffusers WanVACETransformer3DModel): a Wan transformer plus VACE blocks whose hints are added after the
+# main blocks listed here, fed control latents of 96 channels (the released 1.3B and 14B configs, diffusers'
+# scripts/convert_wan_to_diffusers.py).
+WAN_VACE_LAYERS = {"tiny": [0, 1], "1.3b": list(range(0, 30, 2)), "14b": list(range(0, 40, 5))}
+
+
+def build_wan_vace_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
+    """WAN_TRANSFORMERS[size] with VACE layers WAN_VACE_LAYERS[size]; overrides replace config entries."""
+    config = {**WAN_TRANSFORMERS[size], "vace_layers": WAN_VACE_LAYERS[size], "vace_in_channels": 96, **overrides}
+    return _build("WanVACETransformer3DModel", config, dtype, device)
+
+
+def wan_vace_transformer_inputs(model, res, dtype, device, batch=1):
+    """transformer_inputs plus control_hidden_states: vace_in_channels at the latent's frames, height and width."""
+    inputs = transformer_inputs(model, res, dtype, device, batch)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    shape = (batch, model.config.vace_in_channels, *inputs["hidden_states"].shape[2:])
+    return {**inputs, "control_hidden_states": torch.randn(shape, generator=g).to(device, dtype)}
+
+
 def _build(class_name, config, dtype, device):
     """diffusers' model class_name with random weights from config, built on `device`, cast as from_pretrained does."""
     import diffusers
