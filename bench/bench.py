@@ -294,6 +294,33 @@ def _hunyuan_attention_module(res):
             FAMILY_ANCHORS, FAMILY_MODES[head_dim])
 
 
+def _hunyuan15_attention_module(res):
+    """A HunyuanVideo 1.5 block's attention at `res` and its call: the video with RoPE, then the text as the model
+    orders it (image, ByT5 and MLLM tokens, the real ones first: text-to-video keeps 200 of 1985), masked by the
+    model's [1, text] mask, from which diffusers' processor builds a [1, 1, S, S] mask per call."""
+    from diffusers.models.transformers.transformer_hunyuan_video15 import (HunyuanVideo15AttnProcessor2_0,
+                                                                           HunyuanVideo15RotaryPosEmbed,
+                                                                           HunyuanVideo15TransformerBlock)
+
+    from vkern import models
+    from vkern.modules.hunyuan15_attention import VkernHunyuanVideo15AttnProcessor
+
+    heads, head_dim = 16, 128
+    text_tokens = models.HUNYUAN15_TEXT_TOKENS["real"]
+    text = text_tokens["mllm"][0] + text_tokens["byt5"][0] + text_tokens["image"]
+    real = text_tokens["mllm"][1] + text_tokens["byt5"][1]
+    attn = HunyuanVideo15TransformerBlock(heads, head_dim, mlp_ratio=1.0).attn
+    rope = HunyuanVideo15RotaryPosEmbed(1, 1, [16, 56, 56], 256.0)(
+        torch.empty((1, 16, *models.HUNYUAN15_LATENTS[res]), device="cuda"))
+    video = rope[0].shape[0]
+    x, context = (torch.randn(1, n, heads * head_dim, device="cuda", dtype=DT) for n in (video, text))
+    mask = torch.zeros(1, text, dtype=torch.bool, device="cuda")
+    mask[:, :real] = True
+    return (attn, lambda: attn(x, context, mask, image_rotary_emb=rope), HunyuanVideo15AttnProcessor2_0,
+            VkernHunyuanVideo15AttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text, real_text=real),
+            FAMILY_ANCHORS, FAMILY_MODES[head_dim])
+
+
 def _cogvideox_attention_module(res):
     """A CogVideoX-5B block's attention at `res` and its call: the prompt's 226 tokens, then the video with RoPE."""
     from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
@@ -356,9 +383,10 @@ def _mochi_attention_module(res):
             FAMILY_ANCHORS, FAMILY_MODES[head_dim])
 
 
-# shape -> (module setup, resolution): an attention module of HunyuanVideo, CogVideoX, Mochi (joint) and LTX-Video
+# shape -> (module setup, resolution): an attention module of HunyuanVideo (1.0, 1.5), CogVideoX, Mochi (joint) and LTX-Video
 ATTENTION_MODULES = {"hunyuan-720p": (_hunyuan_attention_module, "720p"),
                      "hunyuan-720p-33f": (_hunyuan_attention_module, "720p-33f"),
+                     "hunyuan15-480p": (_hunyuan15_attention_module, "480p"),
                      "cogvideox-5b": (_cogvideox_attention_module, "480p"),
                      "ltx-512p": (_ltx_attention_module, "512p"),
                      "mochi-480p": (_mochi_attention_module, "480p")}
@@ -430,6 +458,7 @@ def _step_models():
 
     return {"wan": (models.build_wan_transformer, models.transformer_inputs),
             "hunyuan": (models.build_hunyuan_transformer, models.hunyuan_transformer_inputs),
+            "hunyuan15": (models.build_hunyuan15_transformer, models.hunyuan15_transformer_inputs),
             "cogvideox": (models.build_cogvideox_transformer, models.cogvideox_transformer_inputs),
             "ltx": (models.build_ltx_transformer, models.ltx_transformer_inputs),
             "mochi": (models.build_mochi_transformer, models.mochi_transformer_inputs)}

@@ -18,6 +18,7 @@ ATTENTION = {
     "wan14b-480p": AttentionShape(40, 128, 32760, 512),
     "wan14b-720p": AttentionShape(40, 128, 75600, 512),
     "hunyuan-720p": AttentionShape(24, 128, 118800, 256),
+    "hunyuan15-480p": AttentionShape(16, 128, 49290, 1985),
     "cogvideox-5b": AttentionShape(48, 64, 17550, 226),
     "mochi-480p": AttentionShape(24, 128, 44520, 256),
     "ltx-512p": AttentionShape(32, 64, 7392, 128),
@@ -27,9 +28,11 @@ ATTENTION = {
 # frames (9 x 45 x 80 = 32400 video tokens + 256 text, 200 of them real); cogvideox5b-480p: CogVideoX-5B's 49 frames
 # at 720x480 (13 x 30 x 45 = 17550 video tokens + 226 text); ltx2b-512p: LTX-Video 0.9's 161 frames at 704x512
 # (21 x 16 x 22 = 7392 tokens; the prompt's 128 by cross-attention); mochi10b-480p: Mochi-1's 163 frames at 848x480
-# (28 x 30 x 53 = 44520 video tokens + 256 text, 200 real).
+# (28 x 30 x 53 = 44520 video tokens + 256 text, 200 real); hunyuan15-8b-480p: HunyuanVideo 1.5's 121 frames at
+# 848x480 (31 x 30 x 53 = 49290 video tokens, no patching, + 1985 text: 200 real MLLM tokens, the ByT5 and image ones
+# all padding in text-to-video).
 STEPS = {"wan1.3b-480p": ("wan", "1.3b", "480p"), "wan14b-480p": ("wan", "14b", "480p"),
          "wan14b-720p": ("wan", "14b", "720p"), "hunyuan13b-720p-33f": ("hunyuan", "13b", "720p-33f"),
          "cogvideox5b-480p": ("cogvideox", "5b", "480p"), "ltx2b-512p": ("ltx", "2b", "512p"),
-         "mochi10b-480p": ("mochi", "10b", "480p")}
+         "mochi10b-480p": ("mochi", "10b", "480p"), "hunyuan15-8b-480p": ("hunyuan15", "8b", "480p")}
 VAE = {"wan-vae-480p": "480p", "wan-vae-720p": "720p"}
