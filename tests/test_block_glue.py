@@ -426,6 +426,20 @@ def test_autograd_runs_diffusers_forward():
     assert got.grad_fn is not None and torch.equal(got, block(*inputs))
 
 
+@pytest.mark.parametrize("leaf", [1, 2], ids=["text", "temb"])
+def test_autograd_through_the_text_or_temb_alone_runs_diffusers_forward(leaf):
+    # A frozen block whose hidden states need no grad, but whose text (prompt tuning) or temb does: the fused ops
+    # would drop the FFN's share of the text's gradient without a word, and fail on temb's.
+    block = make_block(torch.float32)
+    inputs = list(block_inputs(torch.float32, False, S=9))
+    grads = []
+    for forward in (lambda *a: fused_block_forward(block, *a, ffn_chunk_size=4), block):
+        x = inputs[leaf].clone().requires_grad_(True)
+        forward(*inputs[:leaf], x, *inputs[leaf + 1:]).square().sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(*grads)
+
+
 def assert_compiled_block_equals_eager(block):
     """fused_block_forward under torch.compile(fullgraph=True) equals eager bit for bit (Wan 2.2 temb)."""
     inputs = block_inputs(torch.bfloat16, True, S=9)

@@ -53,7 +53,7 @@ def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotar
     hidden_states and will not read it again, so the block may compute in it and return it (bit for bit
     the same values; done when hidden_states is contiguous, else a new tensor as with False). Inference
     only: with autograd recording, diffusers' own forward runs instead (the fused ops have no backward)."""
-    if records_autograd(block, hidden_states):
+    if records_autograd(block, hidden_states, encoder_hidden_states, temb):
         from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
         return WanTransformerBlock.forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb)

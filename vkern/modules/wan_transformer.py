@@ -23,8 +23,8 @@ def fused_transformer_forward(model, hidden_states, timestep, encoder_hidden_sta
                               encoder_hidden_states_image=None, return_dict=True, attention_kwargs=None):
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    if attention_kwargs or model.gradient_checkpointing or (
-            records_autograd(model)):
+    if attention_kwargs or model.gradient_checkpointing or records_autograd(
+            model, hidden_states, encoder_hidden_states, encoder_hidden_states_image):
         return type(model).forward(model, hidden_states, timestep, encoder_hidden_states,
                                    encoder_hidden_states_image, return_dict, attention_kwargs)
     batch_size, _, num_frames, height, width = hidden_states.shape
