@@ -1,11 +1,12 @@
 """vkern.patch on the model families beyond Wan (HunyuanVideo and its FramePack form, HunyuanVideo 1.5, CogVideoX,
-LTX-Video, Mochi), the checks every adapter must
+LTX-Video, Mochi, SkyReels-V2), the checks every adapter must
 pass: the reference mode is diffusers' forward bit for bit, the kernels are within 2x of PyTorch's own bf16 error, the
 padded prompt cannot change the output, autograd runs diffusers' attention, fp8 layerwise casting meets README's
 floors, a pipeline patch patches the transformer and says what it left, and the errors of a wrong config. Each
 family's own checks (masks, fused projections, 8-bit accuracy on its attention) are in test_<family>.py."""
 import copy
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,6 +21,7 @@ from vkern.modules.hunyuan15_attention import VkernHunyuanVideo15AttnProcessor
 from vkern.modules.hunyuan_attention import VkernHunyuanVideoAttnProcessor
 from vkern.modules.ltx_attention import VkernLTXVideoAttnProcessor
 from vkern.modules.mochi_attention import VkernMochiAttnProcessor
+from vkern.modules.wan_attention import VkernWanAttnProcessor
 
 from .tolerance import assert_within_torch_error, rel_l2
 
@@ -31,7 +33,7 @@ class Family:
     processor: type
     summary: str
     processors: int  # how many the tiny model has
-    vae: str  # the pipeline's VAE class, left unpatched
+    vae: str  # the pipeline's VAE class, left unpatched (None: the pipeline's VAE is Wan's, patched)
     gpu_overrides: dict = field(default_factory=dict)  # head dim 128 or 64: the CUDA kernels' paths on a GPU
 
 
@@ -103,15 +105,25 @@ FAMILIES = {
                   "LTX-Video attention processor", 4, "AutoencoderKLLTXVideo"),
     "mochi": Family(models.build_mochi_transformer, models.mochi_transformer_inputs, VkernMochiAttnProcessor,
                     "Mochi attention processor", 2, "AutoencoderKLMochi", dict(attention_head_dim=128)),
+    "skyreels": Family(models.build_skyreels_transformer, models.skyreels_transformer_inputs, VkernWanAttnProcessor,
+                       "SkyReels-V2 attention processor", 4, None, dict(attention_head_dim=128)),
 }
+def _skyreels_pipeline(transformer):
+    from diffusers import SkyReelsV2Pipeline, UniPCMultistepScheduler
+
+    return SkyReelsV2Pipeline(tokenizer=None, text_encoder=None, transformer=transformer,
+                              vae=models.build_wan_vae("tiny", torch.float32), scheduler=UniPCMultistepScheduler())
+
+
 PIPELINES = {"hunyuan": _hunyuan_pipeline, "framepack": _framepack_pipeline, "hunyuan15": _hunyuan15_pipeline,
              "cogvideox": _cogvideox_pipeline, "ltx": _ltx_pipeline,
-             "mochi": _mochi_pipeline}
+             "mochi": _mochi_pipeline, "skyreels": _skyreels_pipeline}
+ADAPTER_OF = {"framepack": "hunyuan"}  # the test families another family's adapter takes
 # (family, what differs from its tiny model): the processor forms each adapter takes
 VARIANTS = {"hunyuan": ("hunyuan", {}), "hunyuan-token_replace": ("hunyuan", dict(image_condition_type="token_replace")),
             "framepack": ("framepack", {}), "hunyuan15": ("hunyuan15", {}),
             "cogvideox": ("cogvideox", {}), "cogvideox-fused_qkv": ("cogvideox", "fuse_qkv_projections"),
-            "ltx": ("ltx", {}), "mochi": ("mochi", {})}
+            "ltx": ("ltx", {}), "mochi": ("mochi", {}), "skyreels": ("skyreels", {})}
 
 
 def build(name, dtype=torch.float32, device="cpu", **overrides):
@@ -216,13 +228,21 @@ def test_fp8_quantizes_the_linears_outside_the_skip_list(name, fp8, floor):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_pipeline_patches_the_transformer_and_warns_about_the_vae(name):
+def test_pipeline_patches_the_transformer_and_warns_about_the_vae(name, monkeypatch):
+    # (the warning is said once per class, and HunyuanVideo's VAE is FramePack's too)
+    monkeypatch.setattr(sys.modules["vkern.patch"], "_warned_unpatched", set())
     pipe = PIPELINES[name](build(name))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         handle = vkern.patch(pipe)
-    assert any(FAMILIES[name].vae in str(w.message) and "unpatched" in str(w.message) for w in caught)
-    assert len(handle.children) == 1 and FAMILIES[name].summary in repr(handle)
+    vae = FAMILIES[name].vae
+    if vae is None:  # Wan's VAE: patched by the Wan adapter, nothing left unpatched
+        assert not any("unpatched" in str(w.message) for w in caught)
+        assert len(handle.children) == 2 and "WanCausalConv3d -> CachedCausalConv3d" in repr(handle)
+    else:
+        assert any(vae in str(w.message) and "unpatched" in str(w.message) for w in caught)
+        assert len(handle.children) == 1
+    assert FAMILIES[name].summary in repr(handle)
     assert len(vkern_processors(pipe.transformer)) == FAMILIES[name].processors
     handle.undo()
     assert not vkern_processors(pipe.transformer)
@@ -271,7 +291,7 @@ def test_a_diffusers_attention_backend_is_named_when_replaced(name):
     handle.undo()
     assert all(getattr(m.processor, "_attention_backend", None) is not None for m in model.modules()
                if type(getattr(m, "processor", None)).__name__ in ("WanAttnProcessor", "HunyuanVideoAttnProcessor2_0",
-                                                                   "LTXVideoAttnProcessor"))
+                                                                   "LTXVideoAttnProcessor", "SkyReelsV2AttnProcessor"))
 
 
 def test_each_adapter_names_the_models_it_takes():
@@ -279,5 +299,7 @@ def test_each_adapter_names_the_models_it_takes():
 
     for name in FAMILIES:
         model = build(name)
-        assert ADAPTERS[name].supports(model) and type(model).__name__ in supported_models()[name]
+        family = ADAPTER_OF.get(name, name)
+        assert [f for f, a in ADAPTERS.items() if a.supports(model)] == [family]
+        assert type(model).__name__ in supported_models()[family]
         assert type(model).__name__ in vkern.info(print_=False)["vkern.patch"]

@@ -340,3 +340,22 @@ def hunyuan15_transformer_inputs(model, res, dtype, device, batch=1, text_tokens
         encoder_attention_mask_2=prompt_mask(batch, byt5, byt5_real, device),
         image_embeds=(image_embeds if image else torch.zeros_like(image_embeds)).to(device, dtype),
     )
+
+
+# SkyReels-V2 (diffusers SkyReelsV2Transformer3DModel): Wan's architecture and sizes ("14b": the 14B models').
+SKYREELS_TRANSFORMERS = {"tiny": WAN_TRANSFORMERS["tiny"], "1.3b": WAN_TRANSFORMERS["1.3b"], "14b": WAN_TRANSFORMERS["14b"]}
+
+
+def build_skyreels_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
+    return _build("SkyReelsV2Transformer3DModel", {**SKYREELS_TRANSFORMERS[size], **overrides}, dtype, device)
+
+
+def skyreels_transformer_inputs(model, res, dtype, device, batch=1, diffusion_forcing=False):
+    """Wan's inputs (transformer_inputs); diffusion_forcing: one timestep per latent frame, as the diffusion forcing
+    pipeline passes them (each frame further along than the next)."""
+    inputs = transformer_inputs(model, res, dtype, device, batch)
+    if diffusion_forcing:
+        frames = inputs["hidden_states"].shape[2] // model.config.patch_size[0]
+        steps = torch.linspace(200, 800, frames, device=device).round().long()
+        inputs.update(timestep=steps[None].expand(batch, -1), enable_diffusion_forcing=True)
+    return inputs

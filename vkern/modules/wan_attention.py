@@ -1,5 +1,6 @@
 """Drop-in attention processor for diffusers' WanAttention (self, cross and I2V added key/value)."""
 import functools
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -20,6 +21,7 @@ ATTENTION_MODES = ("auto", "bf16", "fp8", "int8pv", "int8", "sdpa", "reference")
 _8BIT = {"fp8": ("int8", "e4m3"), "int8pv": ("int8", "int8"), "int8": ("int8", "bf16")}
 _8BIT_V = ("e4m3", "int8")  # the schemes whose V is quantized (per 128-key block, smoothed)
 _BACKEND = {"auto": "auto", "bf16": "vkern", "sdpa": "sdpa", "reference": "reference"}
+_warned_masked = set()  # the 8-bit modes that said their masked calls run exact attention
 
 
 class VkernWanAttnProcessor:
@@ -36,7 +38,7 @@ class VkernWanAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if records_autograd(attn, hidden_states, encoder_hidden_states):  # vkern's ops have no backward: diffusers'
             return ref.wan_attention(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        norm_rope, attend = self._steps()
+        norm_rope, attend = self._steps(exact=attention_mask is not None)
         return ref.wan_attention(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
                                  norm_rope=norm_rope, attend=attend)
 
@@ -81,7 +83,16 @@ class VkernWanAttnProcessor:
         norm_rope, attend = self._steps()
         return ref.wan_attend_query(attn, hidden_states, kv, image_kv, rotary_emb, norm_rope, attend)
 
-    def _steps(self):
+    def _steps(self, exact=False):
+        """(norm_rope, attend) for this mode. exact: the call has an attention mask (Wan passes none; SkyReels-V2's
+        block-causal one), which the 8-bit kernels do not take: those calls run the exact 16-bit attention, said
+        once per mode."""
+        if self.attention in _8BIT and exact:
+            if self.attention not in _warned_masked:
+                _warned_masked.add(self.attention)
+                warnings.warn(f"VkernWanAttnProcessor: attention={self.attention!r} has no kernel for an attention "
+                              "mask: the masked calls run the exact 16-bit attention", stacklevel=4)
+            return ops.qk_norm_rope, functools.partial(ops.attention, backend="auto")
         if self.attention in _8BIT:
             qk, pv = _8BIT[self.attention]
             norm_rope_q = functools.partial(ops.qk_norm_rope, quant=qk)
@@ -127,7 +138,8 @@ def _attend_8bit(query, key, value, attention_mask=None, pv="e4m3"):
     """query, key: (8-bit [B, S, H, D], scales) from the fused prologue (per token [B, H, S]; keys of the 8-bit-P/V
     scheme per 128-key block [B, H, ceil(S / 128)]); value [B, S, H, D] or a QuantizedValue."""
     if attention_mask is not None:
-        raise ValueError("VkernWanAttnProcessor: the 8-bit modes take no attention_mask (Wan passes none)")
+        raise ValueError("_attend_8bit: the 8-bit kernels take no attention_mask (VkernWanAttnProcessor routes masked "
+                         "calls to the exact attention)")
     if not isinstance(value, QuantizedValue) and pv in _8BIT_V:
         value = quantize_value(value, fmt=pv)
     if isinstance(value, QuantizedValue):

@@ -8,6 +8,6 @@ _PROCESSORS = "diffusers.models.attention_processor."
 ADAPTER = ProcessorAdapter(
     "diffusers.models.transformers.cogvideox_transformer_3d.CogVideoXTransformer3DModel",
     [_PROCESSORS + "CogVideoXAttnProcessor2_0", _PROCESSORS + "FusedCogVideoXAttnProcessor2_0"],
-    lambda mode, original: VkernCogVideoXAttnProcessor(
-        mode, fused=type(original).__name__ == "FusedCogVideoXAttnProcessor2_0"),
+    lambda config, original: VkernCogVideoXAttnProcessor(
+        config.attention, fused=type(original).__name__ == "FusedCogVideoXAttnProcessor2_0"),
     "CogVideoX attention processor")

@@ -10,4 +10,5 @@ _HERE = "diffusers.models.transformers.transformer_hunyuan_video."
 ADAPTER = ProcessorAdapter((_HERE + "HunyuanVideoTransformer3DModel",
                             "diffusers.models.transformers.transformer_hunyuan_video_framepack."
                             "HunyuanVideoFramepackTransformer3DModel"), [_HERE + "HunyuanVideoAttnProcessor2_0"],
-                           lambda mode, _: VkernHunyuanVideoAttnProcessor(mode), "HunyuanVideo attention processor")
+                           lambda config, _: VkernHunyuanVideoAttnProcessor(config.attention),
+                           "HunyuanVideo attention processor")

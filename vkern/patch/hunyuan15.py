@@ -7,4 +7,5 @@ from .processors import ProcessorAdapter
 
 _HERE = "diffusers.models.transformers.transformer_hunyuan_video15."
 ADAPTER = ProcessorAdapter(_HERE + "HunyuanVideo15Transformer3DModel", [_HERE + "HunyuanVideo15AttnProcessor2_0"],
-                           lambda mode, _: VkernHunyuanVideo15AttnProcessor(mode), "HunyuanVideo 1.5 attention processor")
+                           lambda config, _: VkernHunyuanVideo15AttnProcessor(config.attention),
+                           "HunyuanVideo 1.5 attention processor")

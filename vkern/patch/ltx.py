@@ -6,4 +6,5 @@ from .processors import ProcessorAdapter
 
 _HERE = "diffusers.models.transformers.transformer_ltx."
 ADAPTER = ProcessorAdapter(_HERE + "LTXVideoTransformer3DModel", [_HERE + "LTXVideoAttnProcessor"],
-                           lambda mode, _: VkernLTXVideoAttnProcessor(mode), "LTX-Video attention processor")
+                           lambda config, _: VkernLTXVideoAttnProcessor(config.attention),
+                           "LTX-Video attention processor")

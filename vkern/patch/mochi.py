@@ -5,4 +5,5 @@ from .processors import ProcessorAdapter
 
 ADAPTER = ProcessorAdapter("diffusers.models.transformers.transformer_mochi.MochiTransformer3DModel",
                            ["diffusers.models.attention_processor.MochiAttnProcessor2_0"],
-                           lambda mode, _: VkernMochiAttnProcessor(mode), "Mochi attention processor")
+                           lambda config, _: VkernMochiAttnProcessor(config.attention),
+                           "Mochi attention processor")

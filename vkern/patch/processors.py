@@ -12,9 +12,9 @@ def _load(path):
 
 
 class ProcessorAdapter:
-    """models: the diffusers model classes' dotted paths (one, or a tuple); processors: diffusers' processor classes' paths;
-    make(attention mode, original processor) -> vkern's processor; kind: the handle's summary key. Offers what
-    vkern.patch asks of an adapter: MODELS, supports(obj), apply(model, config, handle)."""
+    """models: the diffusers model classes' dotted paths (one, or a tuple); processors: diffusers' processor classes'
+    paths; make(the PatchConfig, original processor) -> vkern's processor; kind: the handle's summary key. Offers
+    what vkern.patch asks of an adapter: MODELS, supports(obj), apply(model, config, handle)."""
 
     def __init__(self, models, processors, make, kind):
         self.models = (models,) if isinstance(models, str) else tuple(models)
@@ -33,4 +33,4 @@ class ProcessorAdapter:
         for fqn, module in model.named_modules():
             processor = getattr(module, "processor", None)
             if isinstance(processor, originals) and config.accepts(module, fqn):
-                handle.set_processor(module, self.make(config.attention, processor), self.kind)
+                handle.set_processor(module, self.make(config, processor), self.kind)
