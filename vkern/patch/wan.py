@@ -1,37 +1,56 @@
-"""The Wan family adapter: WanTransformer3DModel (attention processors, optional FFN chunking) and
-AutoencoderKLWan (cached causal convolutions)."""
+"""The Wan family adapter: WanTransformer3DModel and WanVACETransformer3DModel (attention processors, fused
+block glue, optional FFN and attention chunking) and AutoencoderKLWan (cached causal convolutions).
+
+Wan VACE (diffusers' WanVACETransformer3DModel, e.g. WanVACEPipeline's transformer) is not a WanTransformer3DModel
+subclass: its main blocks are WanTransformerBlocks and get the same fused forward; its VACE blocks
+(WanVACETransformerBlock: the same glue on the control hidden states between an input and an output projection)
+get modules/wan_vace.py's; every WanAttention in either gets vkern's processor, and fp8 casts its Linears as
+for Wan. Its own forward stays diffusers' (the fused output norm is WanTransformer3DModel's only), and sequence
+parallelism (PatchConfig.sp) is refused for it."""
 import functools
 
 from ..modules._grad import records_autograd
 from ..modules.wan_attention import VkernWanAttnProcessor
 from ..modules.wan_block import fused_block_forward
+from ..modules.wan_vace import fused_vace_block_forward
 from .handle import refuse_context_parallel
 
-MODELS = ("WanTransformer3DModel", "AutoencoderKLWan")  # what supports() takes (vkern.info, patch's errors)
+# what supports() takes (vkern.info, patch's errors)
+MODELS = ("WanTransformer3DModel", "WanVACETransformer3DModel", "AutoencoderKLWan")
+# block class key -> (its fused forward, the handle's summary entry)
+FUSED_BLOCKS = {"block": (fused_block_forward, "WanTransformerBlock.forward -> fused glue"),
+                "vace_block": (fused_vace_block_forward, "WanVACETransformerBlock.forward -> fused glue")}
 
 
 def _classes():
     from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan, WanCausalConv3d
     from diffusers.models.transformers.transformer_wan import (WanAttention, WanTransformer3DModel,
                                                                WanTransformerBlock)
-    return {"transformer": WanTransformer3DModel, "vae": AutoencoderKLWan, "attention": WanAttention,
-            "block": WanTransformerBlock, "causal_conv": WanCausalConv3d}
+    from diffusers.models.transformers.transformer_wan_vace import (WanVACETransformer3DModel,
+                                                                    WanVACETransformerBlock)
+    return {"transformer": WanTransformer3DModel, "vace_transformer": WanVACETransformer3DModel,
+            "vae": AutoencoderKLWan, "attention": WanAttention, "block": WanTransformerBlock,
+            "vace_block": WanVACETransformerBlock, "causal_conv": WanCausalConv3d}
 
 
 def supports(obj):
     classes = _classes()
-    return isinstance(obj, (classes["transformer"], classes["vae"]))
+    return isinstance(obj, (classes["transformer"], classes["vace_transformer"], classes["vae"]))
 
 
 def apply(obj, config, handle):
     classes = _classes()
-    if isinstance(obj, classes["transformer"]):
-        _patch_transformer(obj, config, handle, classes)
-    else:
+    if isinstance(obj, classes["vae"]):
         _patch_vae(obj, config, handle, classes)
+    else:
+        _patch_transformer(obj, config, handle, classes)
 
 
 def _patch_transformer(model, config, handle, classes):
+    wan = isinstance(model, classes["transformer"])  # else Wan VACE (no subclass of it)
+    if config.sp is not None and not wan:
+        raise ValueError(f"vkern.patch: PatchConfig.sp: sequence parallelism is not available for "
+                         f"{type(model).__name__} (WanTransformer3DModel only); leave it None")
     refuse_context_parallel(model)
     if config.fp8 is not None:
         from .fp8 import quantize_linears
@@ -43,18 +62,21 @@ def _patch_transformer(model, config, handle, classes):
         if isinstance(module, classes["attention"]):
             processor = VkernWanAttnProcessor(config.attention, config.fused_qk_norm_rope)
             handle.set_processor(module, processor, "WanAttention processor")
-        elif isinstance(module, classes["block"]) and config.fused_block:
+            continue
+        block = next((key for key in FUSED_BLOCKS if isinstance(module, classes[key])), None)
+        if block is not None and config.fused_block:
             # An instance forward, not a new class: diffusers' features that match the class name
             # (compile_repeated_blocks, _no_split_modules) keep working. The block chunks its FFN.
-            forward = functools.partial(fused_block_forward, module, ffn_chunk_size=config.ffn_chunk_size,
+            fused, kind = FUSED_BLOCKS[block]
+            forward = functools.partial(fused, module, ffn_chunk_size=config.ffn_chunk_size,
                                         attention_chunk_size=config.attention_chunk_size)
-            handle.override_forward(module, forward, "WanTransformerBlock.forward -> fused glue")
-        elif isinstance(module, classes["block"]) and config.ffn_chunk_size is not None:
+            handle.override_forward(module, forward, kind)
+        elif block is not None and config.ffn_chunk_size is not None:
             from ..modules.feed_forward import ChunkedFeedForward
 
             chunked = ChunkedFeedForward.from_diffusers(module.ffn, chunk_size=config.ffn_chunk_size)
             handle.swap_module(module, "ffn", chunked, "FeedForward -> ChunkedFeedForward")
-    if config.fused_block and config.accepts(model, ""):
+    if wan and config.fused_block and config.accepts(model, ""):
         from ..modules.wan_transformer import fused_transformer_forward
 
         handle.override_forward(model, functools.partial(fused_transformer_forward, model),
