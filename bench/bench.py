@@ -359,6 +359,24 @@ def _ltx_attention_module(res):
             dict(heads=heads, head_dim=head_dim, tokens=tokens), FAMILY_ANCHORS, FAMILY_MODES[head_dim])
 
 
+def _ltx2_attention_module(res):
+    """An LTX-2 block's video self-attention (attn1) at `res` and its call: RoPE tables over the whole inner dim."""
+    from diffusers.models.transformers.transformer_ltx2 import LTX2Attention, LTX2AudioVideoAttnProcessor
+
+    from vkern import models
+    from vkern.modules.ltx2_attention import VkernLTX2AttnProcessor
+
+    heads, head_dim = 32, 128
+    (frames, height, width), _ = models.LTX2_LATENTS[res]
+    tokens, dim = frames * height * width, heads * head_dim
+    attn = LTX2Attention(dim, heads=heads, kv_heads=heads, dim_head=head_dim)
+    angles = torch.randn(1, tokens, dim // 2, device="cuda").repeat_interleave(2, -1)
+    rope = (angles.cos(), angles.sin())
+    x = torch.randn(1, tokens, dim, device="cuda", dtype=DT)
+    return (attn, lambda: (attn(x, query_rotary_emb=rope),), LTX2AudioVideoAttnProcessor, VkernLTX2AttnProcessor,
+            dict(heads=heads, head_dim=head_dim, tokens=tokens), FAMILY_ANCHORS, FAMILY_MODES[head_dim])
+
+
 def _mochi_attention_module(res):
     """A Mochi block's joint attention at `res` and its call: the video with RoPE, the prompt padded to 256 tokens
     (200 real) by its own projections, diffusers' per-row gather of the real tokens vs vkern's key-padding mask."""
@@ -384,11 +402,13 @@ def _mochi_attention_module(res):
 
 
 # shape -> (module setup, resolution): an attention module of HunyuanVideo (1.0, 1.5), CogVideoX, Mochi (joint) and LTX-Video
+# (1.0, 2)
 ATTENTION_MODULES = {"hunyuan-720p": (_hunyuan_attention_module, "720p"),
                      "hunyuan-720p-33f": (_hunyuan_attention_module, "720p-33f"),
                      "hunyuan15-480p": (_hunyuan15_attention_module, "480p"),
                      "cogvideox-5b": (_cogvideox_attention_module, "480p"),
                      "ltx-512p": (_ltx_attention_module, "512p"),
+                     "ltx2-512p": (_ltx2_attention_module, "512p"),
                      "mochi-480p": (_mochi_attention_module, "480p")}
 
 
@@ -461,6 +481,7 @@ def _step_models():
             "hunyuan15": (models.build_hunyuan15_transformer, models.hunyuan15_transformer_inputs),
             "cogvideox": (models.build_cogvideox_transformer, models.cogvideox_transformer_inputs),
             "ltx": (models.build_ltx_transformer, models.ltx_transformer_inputs),
+            "ltx2": (models.build_ltx2_transformer, models.ltx2_transformer_inputs),
             "mochi": (models.build_mochi_transformer, models.mochi_transformer_inputs)}
 
 

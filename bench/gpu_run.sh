@@ -3,7 +3,7 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [flash] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps] [fp8attn] [compile] [families] [familysteps] [hunyuan15step]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [flash] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps] [fp8attn] [compile] [families] [familysteps] [familysteps2]
 #     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
 #     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
 #     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model);
@@ -12,12 +12,14 @@
 #     vaeprof: VAE decode/encode GPU time by class + decode rows; fp8acc: fp8 storage/compute accuracy on
 #     Wan-1.3B and 14B 480p (per-layer SQNR, output cosine vs floors; table in $OUT/fp8_accuracy.md);
 #     compile: Wan-14B 480p steps with and without diffusers' compile_repeated_blocks(fullgraph=True) (-compile);
-#     families: HunyuanVideo's (1.0, 1.5), CogVideoX-5B's, LTX-Video's and Mochi's attention module per processor and
+#     families: HunyuanVideo's (1.0, 1.5), CogVideoX-5B's, LTX-Video's (1.0, 2) and Mochi's attention module per processor and
 #     SDPA backend (Hunyuan 720p at 129 and 33 frames, 1.5 at 480p; pair with tests, VKERN_TESTS="tests/test_model_families.py
-#     tests/test_hunyuan.py tests/test_hunyuan15.py tests/test_cogvideox.py tests/test_ltx.py tests/test_mochi.py");
+#     tests/test_hunyuan.py tests/test_hunyuan15.py tests/test_cogvideox.py tests/test_ltx.py tests/test_ltx2.py
+#     tests/test_mochi.py tests/test_skyreels.py tests/test_wan_vace.py");
 #     familysteps: their steps (HunyuanVideo-13B 720p x 33 frames, CogVideoX-5B 480p, LTX-Video 512p, Mochi-10B
 #     480p: diffusers, vkern, and int8pv at head dim 128), each shape under its own timeout (a call of its own: ~7 min);
-#     hunyuan15step: HunyuanVideo-1.5 8B 480p x 121 frames (diffusers, vkern, int8pv; a call of its own);
+#     familysteps2: HunyuanVideo-1.5 8B 480p x 121 frames (diffusers, vkern, int8pv) and LTX-2 19B 512p (diffusers,
+#     vkern), each under its own timeout (a call of its own);
 #     memory: the allocations live at the 14B 480p step's peak (bench/memory_trace.py; chunked, bf16 and fp8
 #     attention) and the chunked 14B 480p / 720p step rows with their activation peaks;
 #     vaenorm: the VAE's RMS norm + SiLU kernel vs a copy, exact vs fast variant (bench/vae_norm_probe.py);
@@ -112,7 +114,7 @@ if [[ $MODES == *" big "* ]]; then
   $B --op step --shape wan14b-480p --providers diffusers,diffusers-fp8-layerwise,vkern,vkern-chunked,vkern-fp8-storage,vkern-fp8-compute,vkern-fp8-compute-attn-fp8,vkern-fp8-compute-chunked-attn-fp8
 fi
 if [[ $MODES == *" families "* ]]; then
-  timeout -k 10 260 $B --op attn-module --shape hunyuan-720p,hunyuan-720p-33f,hunyuan15-480p,cogvideox-5b,ltx-512p,mochi-480p
+  timeout -k 10 260 $B --op attn-module --shape hunyuan-720p,hunyuan-720p-33f,hunyuan15-480p,cogvideox-5b,ltx-512p,ltx2-512p,mochi-480p
 fi
 if [[ $MODES == *" familysteps "* ]]; then
   for shape in hunyuan13b-720p-33f mochi10b-480p; do
@@ -122,8 +124,9 @@ if [[ $MODES == *" familysteps "* ]]; then
     timeout -k 10 100 $B --op step --shape $shape --step-repeats 3 --providers diffusers,vkern
   done
 fi
-if [[ $MODES == *" hunyuan15step "* ]]; then
-  timeout -k 10 400 $B --op step --shape hunyuan15-8b-480p --step-repeats 3 --providers diffusers,vkern,vkern-attn-int8pv
+if [[ $MODES == *" familysteps2 "* ]]; then
+  timeout -k 10 380 $B --op step --shape hunyuan15-8b-480p --step-repeats 3 --providers diffusers,vkern,vkern-attn-int8pv
+  timeout -k 10 150 $B --op step --shape ltx2-19b-512p --step-repeats 3 --providers diffusers,vkern
 fi
 if [[ $MODES == *" compile "* ]]; then  # against diffusers' regional compilation; VKERN_COMPILE_ROWS: the providers
   $B --op step --shape wan14b-480p --step-repeats 3 --providers ${VKERN_COMPILE_ROWS:-diffusers,diffusers-compile,vkern,vkern-compile,vkern-attn-int8pv,vkern-attn-int8pv-compile}

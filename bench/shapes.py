@@ -22,6 +22,7 @@ ATTENTION = {
     "cogvideox-5b": AttentionShape(48, 64, 17550, 226),
     "mochi-480p": AttentionShape(24, 128, 44520, 256),
     "ltx-512p": AttentionShape(32, 64, 7392, 128),
+    "ltx2-512p": AttentionShape(32, 128, 6144, 1024),
 }
 
 # Transformer steps: (model family, vkern.models size, resolution). hunyuan13b-720p-33f: HunyuanVideo's 720p at 33
@@ -30,9 +31,11 @@ ATTENTION = {
 # (21 x 16 x 22 = 7392 tokens; the prompt's 128 by cross-attention); mochi10b-480p: Mochi-1's 163 frames at 848x480
 # (28 x 30 x 53 = 44520 video tokens + 256 text, 200 real); hunyuan15-8b-480p: HunyuanVideo 1.5's 121 frames at
 # 848x480 (31 x 30 x 53 = 49290 video tokens, no patching, + 1985 text: 200 real MLLM tokens, the ByT5 and image ones
-# all padding in text-to-video).
+# all padding in text-to-video); ltx2-19b-512p: LTX-2's 121 frames at 768x512 (16 x 16 x 24 = 6144 video tokens,
+# 126 audio tokens; the prompt's 1024 by cross-attention).
 STEPS = {"wan1.3b-480p": ("wan", "1.3b", "480p"), "wan14b-480p": ("wan", "14b", "480p"),
          "wan14b-720p": ("wan", "14b", "720p"), "hunyuan13b-720p-33f": ("hunyuan", "13b", "720p-33f"),
          "cogvideox5b-480p": ("cogvideox", "5b", "480p"), "ltx2b-512p": ("ltx", "2b", "512p"),
-         "mochi10b-480p": ("mochi", "10b", "480p"), "hunyuan15-8b-480p": ("hunyuan15", "8b", "480p")}
+         "mochi10b-480p": ("mochi", "10b", "480p"), "hunyuan15-8b-480p": ("hunyuan15", "8b", "480p"),
+         "ltx2-19b-512p": ("ltx2", "19b", "512p")}
 VAE = {"wan-vae-480p": "480p", "wan-vae-720p": "720p"}

@@ -1,5 +1,5 @@
 """vkern.patch on the model families beyond Wan (HunyuanVideo and its FramePack form, HunyuanVideo 1.5, CogVideoX,
-LTX-Video, Mochi, SkyReels-V2), the checks every adapter must
+LTX-Video, LTX-2, Mochi, SkyReels-V2), the checks every adapter must
 pass: the reference mode is diffusers' forward bit for bit, the kernels are within 2x of PyTorch's own bf16 error, the
 padded prompt cannot change the output, autograd runs diffusers' attention, fp8 layerwise casting meets README's
 floors, a pipeline patch patches the transformer and says what it left, and the errors of a wrong config. Each
@@ -19,6 +19,7 @@ from vkern import models
 from vkern.modules.cogvideox_attention import VkernCogVideoXAttnProcessor
 from vkern.modules.hunyuan15_attention import VkernHunyuanVideo15AttnProcessor
 from vkern.modules.hunyuan_attention import VkernHunyuanVideoAttnProcessor
+from vkern.modules.ltx2_attention import VkernLTX2AttnProcessor
 from vkern.modules.ltx_attention import VkernLTXVideoAttnProcessor
 from vkern.modules.mochi_attention import VkernMochiAttnProcessor
 from vkern.modules.wan_attention import VkernWanAttnProcessor
@@ -80,6 +81,15 @@ def _ltx_pipeline(transformer):
                        transformer=transformer)
 
 
+def _ltx2_pipeline(transformer):
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, LTX2Pipeline
+
+    vae = AutoencoderKLLTX2Video(latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                                 layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1))
+    return LTX2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=AutoencoderKLLTX2Audio(),
+                        text_encoder=None, tokenizer=None, connectors=None, transformer=transformer, vocoder=None)
+
+
 def _mochi_pipeline(transformer):
     from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline
 
@@ -103,6 +113,9 @@ FAMILIES = {
                         VkernCogVideoXAttnProcessor, "CogVideoX attention processor", 2, "AutoencoderKLCogVideoX"),
     "ltx": Family(models.build_ltx_transformer, models.ltx_transformer_inputs, VkernLTXVideoAttnProcessor,
                   "LTX-Video attention processor", 4, "AutoencoderKLLTXVideo"),
+    "ltx2": Family(models.build_ltx2_transformer, models.ltx2_transformer_inputs, VkernLTX2AttnProcessor,
+                   "LTX-2 attention processor", 12, "AutoencoderKLLTX2Video",
+                   dict(attention_head_dim=128, audio_attention_head_dim=64)),
     "mochi": Family(models.build_mochi_transformer, models.mochi_transformer_inputs, VkernMochiAttnProcessor,
                     "Mochi attention processor", 2, "AutoencoderKLMochi", dict(attention_head_dim=128)),
     "skyreels": Family(models.build_skyreels_transformer, models.skyreels_transformer_inputs, VkernWanAttnProcessor,
@@ -117,13 +130,13 @@ def _skyreels_pipeline(transformer):
 
 PIPELINES = {"hunyuan": _hunyuan_pipeline, "framepack": _framepack_pipeline, "hunyuan15": _hunyuan15_pipeline,
              "cogvideox": _cogvideox_pipeline, "ltx": _ltx_pipeline,
-             "mochi": _mochi_pipeline, "skyreels": _skyreels_pipeline}
+             "ltx2": _ltx2_pipeline, "mochi": _mochi_pipeline, "skyreels": _skyreels_pipeline}
 ADAPTER_OF = {"framepack": "hunyuan"}  # the test families another family's adapter takes
 # (family, what differs from its tiny model): the processor forms each adapter takes
 VARIANTS = {"hunyuan": ("hunyuan", {}), "hunyuan-token_replace": ("hunyuan", dict(image_condition_type="token_replace")),
             "framepack": ("framepack", {}), "hunyuan15": ("hunyuan15", {}),
             "cogvideox": ("cogvideox", {}), "cogvideox-fused_qkv": ("cogvideox", "fuse_qkv_projections"),
-            "ltx": ("ltx", {}), "mochi": ("mochi", {}), "skyreels": ("skyreels", {})}
+            "ltx": ("ltx", {}), "ltx2": ("ltx2", {}), "mochi": ("mochi", {}), "skyreels": ("skyreels", {})}
 
 
 def build(name, dtype=torch.float32, device="cpu", **overrides):
@@ -180,7 +193,7 @@ def test_patched_within_twice_torch_bf16_error(name, mode, device):
 
 
 @pytest.mark.parametrize("mode", ["reference", "auto", "bf16", "int8pv"])
-@pytest.mark.parametrize("name", ["hunyuan", "ltx", "mochi"])  # the families whose prompt comes padded, with a mask
+@pytest.mark.parametrize("name", ["hunyuan", "ltx", "ltx2", "mochi"])  # the families whose prompt comes padded, with a mask
 def test_padded_prompt_cannot_change_the_output(name, mode, device):
     model = build(name, torch.bfloat16, device, **FAMILIES[name].gpu_overrides)
     inputs = inputs_for(name, model, torch.bfloat16, device)
@@ -197,9 +210,13 @@ def test_padded_prompt_cannot_change_the_output(name, mode, device):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_autograd_runs_diffusers_attention(name):
+    """Every float input requires grad (LTX-2's audio stream too: a call whose inputs do not may run vkern's kernels,
+    with no gradient to lose, and its rounding would show in the video output)."""
     model = build(name)
     inputs = inputs_for(name, model)
-    inputs["hidden_states"].requires_grad_(True)
+    for t in inputs.values():
+        if torch.is_tensor(t) and t.is_floating_point():
+            t.requires_grad_(True)
     want = model(**inputs).sample
     with vkern.patch(model, vkern.PatchConfig(attention="int8pv")):
         got = model(**inputs).sample
@@ -291,7 +308,8 @@ def test_a_diffusers_attention_backend_is_named_when_replaced(name):
     handle.undo()
     assert all(getattr(m.processor, "_attention_backend", None) is not None for m in model.modules()
                if type(getattr(m, "processor", None)).__name__ in ("WanAttnProcessor", "HunyuanVideoAttnProcessor2_0",
-                                                                   "LTXVideoAttnProcessor", "SkyReelsV2AttnProcessor"))
+                                                                   "LTXVideoAttnProcessor", "SkyReelsV2AttnProcessor",
+                                                                   "LTX2AudioVideoAttnProcessor"))
 
 
 def test_each_adapter_names_the_models_it_takes():

@@ -1,7 +1,7 @@
 """vkern: fused CUDA/Triton kernels for open video diffusion models, patched into diffusers.
 
     import vkern
-    handle = vkern.patch(pipe)      # WanPipeline, WanTransformer3DModel or AutoencoderKLWan
+    handle = vkern.patch(pipe)      # e.g. a WanPipeline; vkern.info() lists the models it takes
     ...
     handle.undo()                   # the original modules, bit-identical outputs
     vkern.info()                    # versions, build, GPU, the backend each op would use

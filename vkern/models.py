@@ -359,3 +359,47 @@ def skyreels_transformer_inputs(model, res, dtype, device, batch=1, diffusion_fo
         steps = torch.linspace(200, 800, frames, device=device).round().long()
         inputs.update(timestep=steps[None].expand(batch, -1), enable_diffusion_forcing=True)
     return inputs
+
+
+# LTX-2 (diffusers LTX2VideoTransformer3DModel, audio and video): "19b" is diffusers' default config, LTX-2.0's (48
+# blocks; video 32 heads x 128, audio 32 x 64).
+LTX2_TRANSFORMERS = {
+    "tiny": dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32, cross_attention_dim=64,
+                 audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=16,
+                 audio_cross_attention_dim=32, num_layers=2, caption_channels=32),
+    "19b": dict(),
+}
+# latent (frames, height, width) of the video (the VAE compresses 8x in time and 32x in space: 512p is 768x512 at
+# 121 frames) and the audio's latent frames (25 per second: 5.04 s)
+LTX2_LATENTS = {"tiny": ((3, 4, 4), 10), "512p": ((16, 16, 24), 126)}
+LTX2_TEXT_TOKENS = {"tiny": (16, 11), "real": (1024, 200)}  # (tokens, of which real)
+
+
+def build_ltx2_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
+    config = {**LTX2_TRANSFORMERS[size], **overrides}
+    if size == "tiny":  # the prompt's width after the caption projection is each stream's inner dim
+        config["cross_attention_dim"] = config["num_attention_heads"] * config["attention_head_dim"]
+        config["audio_cross_attention_dim"] = config["audio_num_attention_heads"] * config["audio_attention_head_dim"]
+    return _build("LTX2VideoTransformer3DModel", config, dtype, device)
+
+
+def ltx2_transformer_inputs(model, res, dtype, device, batch=1):
+    """Inputs as LTX2Pipeline passes them: packed video latents [B, frames * height * width, C] and audio latents
+    [B, audio frames, C], the prompt's embeddings for each stream, padded, with its mask (1 = real), and the grid."""
+    cfg = model.config
+    (frames, height, width), audio_frames = LTX2_LATENTS[res]
+    tokens, real = LTX2_TEXT_TOKENS["tiny" if res == "tiny" else "real"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g).to(device, dtype)
+
+    mask = prompt_mask(batch, tokens, real, device)
+    return dict(
+        hidden_states=randn(batch, frames * height * width, cfg.in_channels),
+        audio_hidden_states=randn(batch, audio_frames, cfg.audio_in_channels),
+        encoder_hidden_states=randn(batch, tokens, cfg.caption_channels),
+        audio_encoder_hidden_states=randn(batch, tokens, cfg.caption_channels),
+        timestep=torch.tensor([500.0] * batch, device=device), encoder_attention_mask=mask,
+        audio_encoder_attention_mask=mask, num_frames=frames, height=height, width=width, audio_num_frames=audio_frames,
+    )

@@ -11,12 +11,12 @@ import torch
 
 from ..distributed.sp_wan import SPConfig
 from ..modules.wan_attention import ATTENTION_MODES
-from . import cogvideox, hunyuan, hunyuan15, ltx, mochi, skyreels, wan
+from . import cogvideox, hunyuan, hunyuan15, ltx, ltx2, mochi, skyreels, wan
 from .handle import PatchHandle, patched_handle
 
 # family -> its adapter: MODELS (the diffusers classes it takes), supports(obj), apply(model, config, handle)
 ADAPTERS = {"wan": wan, "hunyuan": hunyuan.ADAPTER, "hunyuan15": hunyuan15.ADAPTER, "cogvideox": cogvideox.ADAPTER,
-            "ltx": ltx.ADAPTER, "mochi": mochi.ADAPTER, "skyreels": skyreels.ADAPTER}
+            "ltx": ltx.ADAPTER, "ltx2": ltx2.ADAPTER, "mochi": mochi.ADAPTER, "skyreels": skyreels.ADAPTER}
 FP8_MODES = (None, "storage", "compute")
 
 
@@ -38,9 +38,9 @@ class PatchConfig:
     attention_chunk_size  query tokens per attention chunk in the fused Wan blocks (None: no chunking):
                         K/V for the whole sequence first, then each chunk's q -> attention -> output
                         projection -> residual, so no full-sequence q/output tensors (activation memory)
-    fused_block         (Wan) Wan blocks run fused LayerNorm+modulate and gate+residual kernels (no fp32 copies
-                        of the hidden states) and chunk their FFN by ffn_chunk_size; the transformer's
-                        output norm + modulate is one such pass too
+    fused_block         (Wan, Wan VACE) Wan blocks run fused LayerNorm+modulate and gate+residual kernels (no fp32
+                        copies of the hidden states) and chunk their FFN by ffn_chunk_size; WanTransformer3DModel's
+                        output norm + modulate is one such pass too (Wan VACE's forward stays diffusers')
     vae                 cached causal convolutions in the Wan VAE, and its fast chunked encode/decode loop on CUDA
     vae_output_device   None (decoded video on the latents' device) or e.g. "cpu": decoded frames are
                         written into pinned CPU memory as they come, capping the GPU peak
@@ -53,7 +53,8 @@ class PatchConfig:
     fp8_fast_accum      compute mode: cuBLASLt fast fp8 accumulation (1.1x faster GEMMs on an H200,
                         same SQNR at Wan shapes); False for full-precision accumulation
     sp                  None | vkern.distributed.SPConfig: run the Wan transformer sequence-parallel
-                        (Ulysses) over the SPConfig's process group (under torchrun, every rank patches)
+                        (Ulysses) over the SPConfig's process group (under torchrun, every rank patches);
+                        WanTransformer3DModel only (an error for Wan VACE and the other families)
     """
     attention: str = "auto"
     fused_qk_norm_rope: bool = True
@@ -149,7 +150,7 @@ def patch(obj, config=None):
 
 
 def _warn_unpatched(components, supported):
-    """A pipeline's diffusers models that no adapter takes (e.g. a VACE transformer) run as diffusers' own: said once
+    """A pipeline's diffusers models that no adapter takes (e.g. LTX-2's vocoder) run as diffusers' own: said once
     per class, since the rest of the pipeline is patched (text encoders and schedulers are not diffusers models)."""
     from diffusers import ModelMixin
 

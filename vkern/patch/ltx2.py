@@ -1,0 +1,18 @@
+"""The LTX-2 family adapter: LTX2VideoTransformer3DModel (audio and video): the attention processors of its blocks
+(plain or perturbed, for spatio-temporal guidance) and fp8 layerwise casting of its Linears. The VAEs
+(AutoencoderKLLTX2Video, AutoencoderKLLTX2Audio) and the vocoder have no adapter: a pipeline patch leaves them as
+diffusers' with a warning."""
+from ..modules.ltx2_attention import VkernLTX2AttnProcessor, VkernLTX2PerturbedAttnProcessor
+from .processors import ProcessorAdapter
+
+_HERE = "diffusers.models.transformers.transformer_ltx2."
+
+
+def _processor(config, original):
+    perturbed = type(original).__name__ == "LTX2PerturbedAttnProcessor"
+    return (VkernLTX2PerturbedAttnProcessor if perturbed else VkernLTX2AttnProcessor)(config.attention)
+
+
+ADAPTER = ProcessorAdapter(_HERE + "LTX2VideoTransformer3DModel",
+                           [_HERE + "LTX2AudioVideoAttnProcessor", _HERE + "LTX2PerturbedAttnProcessor"], _processor,
+                           "LTX-2 attention processor")
