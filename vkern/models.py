@@ -403,3 +403,40 @@ def ltx2_transformer_inputs(model, res, dtype, device, batch=1):
         timestep=torch.tensor([500.0] * batch, device=device), encoder_attention_mask=mask,
         audio_encoder_attention_mask=mask, num_frames=frames, height=height, width=width, audio_num_frames=audio_frames,
     )
+
+
+# Wan 2.2 Animate (diffusers WanAnimateTransformer3DModel): a tiny config for the tests.
+WAN_ANIMATE_TRANSFORMERS = {
+    "tiny": dict(WAN_TRANSFORMERS["tiny"], in_channels=None, latent_channels=4, out_channels=4, image_dim=32,
+                 added_kv_proj_dim=64, motion_encoder_channel_sizes={"16": 8, "8": 8, "4": 8}, motion_encoder_size=16,
+                 motion_style_dim=16, motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16,
+                 face_encoder_num_heads=2, inject_face_latents_blocks=1),  # (added_kv_proj_dim: the inner dim)
+}
+
+
+def build_wan_animate_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
+    config = {**WAN_ANIMATE_TRANSFORMERS[size], **overrides}
+    if size == "tiny":  # (the image keys' projection takes the image embedder's output, the inner dim wide)
+        config["added_kv_proj_dim"] = config["num_attention_heads"] * config["attention_head_dim"]
+    return _build("WanAnimateTransformer3DModel", config, dtype, device)
+
+
+def wan_animate_transformer_inputs(model, res, dtype, device, batch=1):
+    """Inputs as WanAnimatePipeline passes them (tiny only): latents with the reference frame and the condition
+    channels, the prompt, CLIP image embeddings, pose latents of the segment's frames and the face video (its frames
+    4x the segment's latent frames, at the motion encoder's size)."""
+    if res != "tiny":
+        raise ValueError("wan_animate_transformer_inputs: only res='tiny'")
+    cfg = model.config
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g).to(device, dtype)
+
+    frames, h, w = 3, 4, 4  # the reference frame + 2
+    face = cfg.motion_encoder_size
+    return dict(hidden_states=randn(batch, 2 * cfg.latent_channels + 4, frames, h, w),
+                timestep=torch.tensor([500] * batch, device=device),
+                encoder_hidden_states=randn(batch, 16, cfg.text_dim), encoder_hidden_states_image=randn(batch, 5, cfg.image_dim),
+                pose_hidden_states=randn(batch, cfg.latent_channels, frames - 1, h, w),
+                face_pixel_values=randn(batch, 3, 4 * (frames - 1), face, face))

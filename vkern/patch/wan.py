@@ -1,12 +1,18 @@
-"""The Wan family adapter: WanTransformer3DModel and WanVACETransformer3DModel (attention processors, fused
-block glue, optional FFN and attention chunking) and AutoencoderKLWan (cached causal convolutions).
+"""The Wan family adapter: WanTransformer3DModel, WanVACETransformer3DModel and WanAnimateTransformer3DModel
+(attention processors, fused block glue, optional FFN and attention chunking) and AutoencoderKLWan (cached causal
+convolutions).
 
 Wan VACE (diffusers' WanVACETransformer3DModel, e.g. WanVACEPipeline's transformer) is not a WanTransformer3DModel
 subclass: its main blocks are WanTransformerBlocks and get the same fused forward; its VACE blocks
 (WanVACETransformerBlock: the same glue on the control hidden states between an input and an output projection)
 get modules/wan_vace.py's; every WanAttention in either gets vkern's processor, and fp8 casts its Linears as
 for Wan. Its own forward stays diffusers' (the fused output norm is WanTransformer3DModel's only), and sequence
-parallelism (PatchConfig.sp) is refused for it."""
+parallelism (PatchConfig.sp) is refused for it.
+
+Wan Animate (WanAnimateTransformer3DModel, Wan 2.2 Animate) holds diffusers' copies of WanAttention and
+WanTransformerBlock (the same code, "Copied from" transformer_wan, other classes): they get vkern's processor and the
+fused block forward as Wan's; its face adapter's attention (each frame's tokens to a handful of motion tokens) and
+its forward stay diffusers', and sp is refused for it too."""
 import functools
 
 from ..modules._grad import records_autograd
@@ -16,7 +22,7 @@ from ..modules.wan_vace import fused_vace_block_forward
 from .handle import refuse_context_parallel
 
 # what supports() takes (vkern.info, patch's errors)
-MODELS = ("WanTransformer3DModel", "WanVACETransformer3DModel", "AutoencoderKLWan")
+MODELS = ("WanTransformer3DModel", "WanVACETransformer3DModel", "WanAnimateTransformer3DModel", "AutoencoderKLWan")
 # block class key -> (its fused forward, the handle's summary entry)
 FUSED_BLOCKS = {"block": (fused_block_forward, "WanTransformerBlock.forward -> fused glue"),
                 "vace_block": (fused_vace_block_forward, "WanVACETransformerBlock.forward -> fused glue")}
@@ -26,16 +32,19 @@ def _classes():
     from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan, WanCausalConv3d
     from diffusers.models.transformers.transformer_wan import (WanAttention, WanTransformer3DModel,
                                                                WanTransformerBlock)
+    from diffusers.models.transformers import transformer_wan_animate as animate
     from diffusers.models.transformers.transformer_wan_vace import (WanVACETransformer3DModel,
                                                                     WanVACETransformerBlock)
     return {"transformer": WanTransformer3DModel, "vace_transformer": WanVACETransformer3DModel,
-            "vae": AutoencoderKLWan, "attention": WanAttention, "block": WanTransformerBlock,
+            "animate_transformer": animate.WanAnimateTransformer3DModel, "vae": AutoencoderKLWan,
+            "attention": (WanAttention, animate.WanAttention), "block": (WanTransformerBlock, animate.WanTransformerBlock),
             "vace_block": WanVACETransformerBlock, "causal_conv": WanCausalConv3d}
 
 
 def supports(obj):
     classes = _classes()
-    return isinstance(obj, (classes["transformer"], classes["vace_transformer"], classes["vae"]))
+    return isinstance(obj, (classes["transformer"], classes["vace_transformer"], classes["animate_transformer"],
+                            classes["vae"]))
 
 
 def apply(obj, config, handle):
@@ -47,7 +56,7 @@ def apply(obj, config, handle):
 
 
 def _patch_transformer(model, config, handle, classes):
-    wan = isinstance(model, classes["transformer"])  # else Wan VACE (no subclass of it)
+    wan = isinstance(model, classes["transformer"])  # else Wan VACE or Animate (no subclasses of it)
     if config.sp is not None and not wan:
         raise ValueError(f"vkern.patch: PatchConfig.sp: sequence parallelism is not available for "
                          f"{type(model).__name__} (WanTransformer3DModel only); leave it None")

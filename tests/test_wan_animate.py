@@ -1,0 +1,80 @@
+"""vkern.patch on Wan 2.2 Animate (WanAnimateTransformer3DModel): diffusers' copies of WanAttention and
+WanTransformerBlock get vkern's processor and fused block forward as Wan's; the reference backend is diffusers' output
+bit for bit, the kernels within 2x of PyTorch's bf16 error; autograd runs diffusers' ops; sp is refused."""
+import copy
+
+import pytest
+import torch
+
+import vkern
+from vkern import models
+from vkern.modules.wan_attention import VkernWanAttnProcessor
+
+from .tolerance import assert_within_torch_error
+
+
+def build(dtype=torch.float32, device="cpu", **overrides):
+    torch.manual_seed(0)
+    return models.build_wan_animate_transformer("tiny", dtype, device, **overrides)
+
+
+def forward(model, x):
+    with torch.inference_mode():
+        return model(**x).sample
+
+
+def to16(x):
+    return {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in x.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_backend_is_diffusers_bitwise(dtype, monkeypatch):
+    monkeypatch.setenv("VKERN_BACKEND", "reference")
+    model = build(dtype)
+    x = models.wan_animate_transformer_inputs(model, "tiny", dtype, "cpu")
+    want = forward(model, x)
+    patched = copy.deepcopy(model)
+    handle = vkern.patch(patched, vkern.PatchConfig(attention="reference"))
+    assert handle.summary["WanAttention processor"] == 4  # 2 blocks x (self, cross); the face adapter's stay
+    assert handle.summary["WanTransformerBlock.forward -> fused glue"] == 2
+    assert "WanTransformer3DModel.forward -> fused output norm" not in handle.summary
+    assert torch.equal(forward(patched, x), want)
+    handle.undo()
+    assert not any("forward" in b.__dict__ for b in patched.blocks)
+    assert torch.equal(forward(patched, x), want)
+
+
+@pytest.mark.parametrize("fused_block", [True, False])
+def test_kernels_within_twice_torch_bf16_error(fused_block, device):
+    overrides = dict(attention_head_dim=128)  # the CUDA kernels' head dim on a GPU
+    model32, model16 = build(torch.float32, device, **overrides), build(torch.bfloat16, device, **overrides)
+    x = models.wan_animate_transformer_inputs(model32, "tiny", torch.float32, device)
+    oracle, torch_bf16 = forward(model32, x), forward(model16, to16(x))
+    with vkern.patch(model16, vkern.PatchConfig(fused_block=fused_block)):
+        assert sum(isinstance(getattr(m, "processor", None), VkernWanAttnProcessor) for m in model16.modules()) == 4
+        ours = forward(model16, to16(x))
+    assert_within_torch_error(ours, oracle, torch_bf16)
+
+
+def test_autograd_runs_diffusers_ops():
+    model = build()
+    x = models.wan_animate_transformer_inputs(model, "tiny", torch.float32, "cpu")
+    for t in x.values():
+        if torch.is_tensor(t) and t.is_floating_point():
+            t.requires_grad_(True)
+    want = model(**x).sample
+    with vkern.patch(model, vkern.PatchConfig(attention="int8pv")):
+        got = model(**x).sample
+    assert torch.equal(got, want)
+    got.sum().backward()
+    assert x["hidden_states"].grad is not None
+
+
+def test_sequence_parallel_is_refused_and_the_model_left_as_it_was():
+    from vkern.distributed import SPConfig
+
+    model = build()
+    with pytest.raises(ValueError, match="not available for WanAnimateTransformer3DModel"):
+        vkern.patch(model, vkern.PatchConfig(sp=SPConfig()))
+    assert not any(isinstance(getattr(m, "processor", None), VkernWanAttnProcessor) for m in model.modules())
+    assert not hasattr(model, "_vkern_patch_handle")
