@@ -6,11 +6,10 @@ the transformer reorders them). diffusers' mask is the text's [B, text] padding 
 video; it builds from that a [B, 1, S, S] bool mask (query real and key real) for every call, S^2 bytes (2.6 GB per
 call at 480p x 121 frames), which leaves SDPA only its masked backends. The same result is a key-padding mask over
 the keys with the padded queries' rows zeroed (SDPA gives 0 for a row with no key to attend): what vkern runs."""
-import torch
 import torch.nn.functional as F
 
 from .attention import attention, stream_qkv
-from .hunyuan_attention import _rope
+from .hunyuan_attention import _rope, append_text_stream, split_streams
 
 
 def token_mask(attention_mask, seq_len):
@@ -42,21 +41,7 @@ def hunyuan_video15_attention(attn, hidden_states, encoder_hidden_states=None, a
         query, key = _rope(query, image_rotary_emb), _rope(key, image_rotary_emb)
 
     if encoder_hidden_states is not None:
-        encoder_query, encoder_key, encoder_value = stream_qkv(attn, encoder_hidden_states,
-                                                               (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
-                                                               (attn.norm_added_q, attn.norm_added_k))
-        query = torch.cat([query, encoder_query], dim=1)
-        key = torch.cat([key, encoder_key], dim=1)
-        value = torch.cat([value, encoder_value], dim=1)
+        query, key, value = append_text_stream(attn, query, key, value, encoder_hidden_states)
 
     hidden_states = attend(query, key, value, token_mask(attention_mask, query.shape[1]))
-    hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-
-    if encoder_hidden_states is not None:
-        text_tokens = encoder_hidden_states.shape[1]
-        hidden_states, encoder_hidden_states = hidden_states[:, :-text_tokens], hidden_states[:, -text_tokens:]
-        if getattr(attn, "to_out", None) is not None:
-            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if getattr(attn, "to_add_out", None) is not None:
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-    return hidden_states, encoder_hidden_states
+    return split_streams(attn, hidden_states.flatten(2, 3).to(query.dtype), encoder_hidden_states)

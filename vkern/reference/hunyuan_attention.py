@@ -39,15 +39,25 @@ def hunyuan_video_attention(attn, hidden_states, encoder_hidden_states=None, att
         key = _rope_video(key, image_rotary_emb, text_tokens)
 
     if attn.add_q_proj is not None and encoder_hidden_states is not None:
-        encoder_query, encoder_key, encoder_value = stream_qkv(attn, encoder_hidden_states,
-                                                               (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
-                                                               (attn.norm_added_q, attn.norm_added_k))
-        query = torch.cat([query, encoder_query], dim=1)
-        key = torch.cat([key, encoder_key], dim=1)
-        value = torch.cat([value, encoder_value], dim=1)
+        query, key, value = append_text_stream(attn, query, key, value, encoder_hidden_states)
 
     hidden_states = attend(query, key, value, attention_mask).flatten(2, 3).to(query.dtype)
+    return split_streams(attn, hidden_states, encoder_hidden_states)
 
+
+def append_text_stream(attn, query, key, value, encoder_hidden_states):
+    """The dual-stream blocks' step (HunyuanVideo 1.0 and 1.5): the text's own projections and norms, its q, k, v
+    appended after the video's."""
+    encoder_query, encoder_key, encoder_value = stream_qkv(attn, encoder_hidden_states,
+                                                           (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                                                           (attn.norm_added_q, attn.norm_added_k))
+    return (torch.cat([query, encoder_query], dim=1), torch.cat([key, encoder_key], dim=1),
+            torch.cat([value, encoder_value], dim=1))
+
+
+def split_streams(attn, hidden_states, encoder_hidden_states):
+    """The attention output [B, S, H * D] -> (video, text), each through its output projection where the module has
+    one (diffusers' last step; with no text, the output as it is)."""
     if encoder_hidden_states is not None:
         text_tokens = encoder_hidden_states.shape[1]
         hidden_states, encoder_hidden_states = hidden_states[:, :-text_tokens], hidden_states[:, -text_tokens:]

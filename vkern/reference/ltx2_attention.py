@@ -9,6 +9,7 @@ keys, and an optional per-head output gate."""
 import torch
 
 from .attention import attention
+from .ltx_attention import mask_and_context
 
 
 def _rope(x, freqs, rope_type):
@@ -25,12 +26,7 @@ def ltx2_attention(attn, hidden_states, encoder_hidden_states=None, attention_ma
                    key_rotary_emb=None, perturbation_mask=None, all_perturbed=None, attend=attention):
     """LTX2PerturbedAttnProcessor.__call__ (with perturbation_mask and all_perturbed None: LTX2AudioVideoAttnProcessor's
     result); attend(q, k, v, attention_mask) on [B, S, H, D] tensors runs the attention."""
-    batch_size, sequence_length, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
-    if attention_mask is not None:
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-    if encoder_hidden_states is None:
-        encoder_hidden_states = hidden_states
+    attention_mask, encoder_hidden_states = mask_and_context(attn, hidden_states, encoder_hidden_states, attention_mask)
     gate_logits = attn.to_gate_logits(hidden_states) if attn.to_gate_logits is not None else None
 
     value = attn.to_v(encoder_hidden_states)

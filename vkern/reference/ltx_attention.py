@@ -8,12 +8,7 @@ from .attention import attention
 def ltx_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                   attend=attention):
     """LTXVideoAttnProcessor.__call__; attend(q, k, v, attention_mask) on [B, S, H, D] tensors runs the attention."""
-    batch_size, sequence_length, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
-    if attention_mask is not None:
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-    if encoder_hidden_states is None:
-        encoder_hidden_states = hidden_states
+    attention_mask, encoder_hidden_states = mask_and_context(attn, hidden_states, encoder_hidden_states, attention_mask)
 
     query = attn.to_q(hidden_states)
     key = attn.to_k(encoder_hidden_states)
@@ -29,3 +24,13 @@ def ltx_attention(attn, hidden_states, encoder_hidden_states=None, attention_mas
 
     hidden_states = attend(query, key, value, attention_mask).flatten(2, 3).to(query.dtype)
     return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+def mask_and_context(attn, hidden_states, encoder_hidden_states, attention_mask):
+    """The LTX processors' first step (LTX-Video, LTX-2): the mask repeated per head as [B, heads, 1|Sq, Skv] (None
+    stays None), and the keys' source (the hidden states themselves for self-attention)."""
+    batch_size, sequence_length, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+    return attention_mask, (hidden_states if encoder_hidden_states is None else encoder_hidden_states)
