@@ -1,5 +1,6 @@
 """vkern.patch on Wan VACE (diffusers WanVACETransformer3DModel, WanVACEPipeline): the main blocks and the VACE
-blocks run vkern's fused glue and attention, the model's own forward stays diffusers'; diffusers' output bit for
+blocks run vkern's fused glue and attention, the model's forward makes each hint where it is used (two VACE-sized
+tensors live, not one per VACE layer) with the output norm fused; diffusers' output bit for
 bit on the reference backend, within 2x PyTorch's bf16 error on the kernels, diffusers' forward under autograd,
 sequence parallelism refused, undo restores diffusers' model."""
 import copy
@@ -19,6 +20,7 @@ from vkern.patch import patched_handle
 from .tolerance import assert_within_torch_error
 
 MAIN, VACE = "WanTransformerBlock.forward -> fused glue", "WanVACETransformerBlock.forward -> fused glue"
+MODEL = "WanVACETransformer3DModel.forward -> hints where used, fused output norm"
 PROCESSOR, CHUNKED_FFN = "WanAttention processor", "FeedForward -> ChunkedFeedForward"
 
 
@@ -65,8 +67,8 @@ def test_reference_backend_is_diffusers_bitwise(monkeypatch, dtype, scaled):
     patched = copy.deepcopy(model)
     handle = vkern.patch(patched, vkern.PatchConfig(attention="reference"))
     layers, vace_layers = len(model.blocks), len(model.vace_blocks)
-    assert dict(handle.summary) == {MAIN: layers, VACE: vace_layers, PROCESSOR: 2 * (layers + vace_layers)}
-    assert overridden(patched) == ([True] * (layers + vace_layers), False)  # the model's forward stays diffusers'
+    assert dict(handle.summary) == {MAIN: layers, VACE: vace_layers, MODEL: 1, PROCESSOR: 2 * (layers + vace_layers)}
+    assert overridden(patched) == ([True] * (layers + vace_layers), True)
     want = forward(model, inputs)
     assert torch.equal(forward(patched, inputs), want)
     with torch.no_grad():
@@ -111,7 +113,7 @@ def test_vace_blocks_equal_diffusers_and_leave_their_inputs(monkeypatch, chunk):
 @pytest.mark.parametrize("config, summary", [
     (dict(fused_block=False), {PROCESSOR: 8}),
     (dict(fused_block=False, ffn_chunk_size=5), {PROCESSOR: 8, CHUNKED_FFN: 4}),
-    (dict(ffn_chunk_size=5, attention_chunk_size=5), {PROCESSOR: 8, MAIN: 2, VACE: 2}),
+    (dict(ffn_chunk_size=5, attention_chunk_size=5), {PROCESSOR: 8, MAIN: 2, VACE: 2, MODEL: 1}),
 ], ids=["processors", "processors+chunked-ffn", "fused+chunked"])
 def test_config_paths_match_diffusers(monkeypatch, config, summary):
     monkeypatch.setenv("VKERN_BACKEND", "reference")
@@ -120,7 +122,7 @@ def test_config_paths_match_diffusers(monkeypatch, config, summary):
     with vkern.patch(patched, vkern.PatchConfig(attention="reference", **config)) as handle:
         assert dict(handle.summary) == summary
         fused = config.get("fused_block", True)
-        assert overridden(patched) == ([fused] * len(blocks(model)), False)
+        assert overridden(patched) == ([fused] * len(blocks(model)), fused)
         got = forward(patched, inputs)
     # fp32 rounding only (token-chunked GEMMs); the bitwise check of the default path is above.
     torch.testing.assert_close(got, forward(model, inputs), rtol=1e-5, atol=1e-5)
@@ -132,8 +134,8 @@ def test_filter_fn_leaves_a_vace_block_to_diffusers(monkeypatch):
     patched = copy.deepcopy(model)
     handle = vkern.patch(patched, vkern.PatchConfig(attention="reference",
                                                     filter_fn=lambda m, fqn: not fqn.startswith("vace_blocks.0")))
-    assert dict(handle.summary) == {MAIN: 2, VACE: 1, PROCESSOR: 6}
-    assert overridden(patched) == ([True, True, False, True], False)
+    assert dict(handle.summary) == {MAIN: 2, VACE: 1, MODEL: 1, PROCESSOR: 6}
+    assert overridden(patched) == ([True, True, False, True], True)
     assert isinstance(patched.vace_blocks[0].attn1.processor, WanAttnProcessor)
     assert torch.equal(forward(patched, inputs), forward(model, inputs))
 
@@ -149,6 +151,29 @@ def test_default_config_within_twice_torch_bf16_error(device):
         assert isinstance(model16.vace_blocks[0].attn1.processor, VkernWanAttnProcessor)
         ours = forward(model16, inputs16)
     assert_within_torch_error(ours, oracle.double(), torch_bf16)
+
+
+def test_hints_are_made_where_they_are_used():
+    """diffusers keeps every VACE layer's hint through the main blocks; the patched forward makes hint j just before
+    the main block that takes it: no hint is alive when a main block starts (counted through weak references to
+    the VACE blocks' proj_out outputs, the hints)."""
+    import weakref
+
+    def alive_at_main_blocks(m):
+        hints, alive = [], []
+        for block in m.vace_blocks:
+            block.proj_out.register_forward_hook(lambda mod, args, out: hints.append(weakref.ref(out)))
+        for block in m.blocks:
+            block.register_forward_pre_hook(lambda mod, args: alive.append(sum(h() is not None for h in hints)))
+        return alive, forward(m, inputs)
+
+    model, inputs = tiny(torch.float32)
+    patched = copy.deepcopy(model)
+    vkern.patch(patched)
+    (theirs, want), (ours, got) = alive_at_main_blocks(model), alive_at_main_blocks(patched)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert max(theirs) == len(model.vace_blocks) >= 2  # (the check can fail)
+    assert len(ours) == len(model.blocks) and max(ours) == 0
 
 
 @pytest.mark.parametrize("trained", ["model", "text"])

@@ -27,16 +27,9 @@ def fused_transformer_forward(model, hidden_states, timestep, encoder_hidden_sta
             model, hidden_states, encoder_hidden_states, encoder_hidden_states_image):
         return type(model).forward(model, hidden_states, timestep, encoder_hidden_states,
                                    encoder_hidden_states_image, return_dict, attention_kwargs)
-    batch_size, _, num_frames, height, width = hidden_states.shape
-    p_t, p_h, p_w = model.config.patch_size
-    frames, rows, cols = num_frames // p_t, height // p_h, width // p_w
-
+    grid = hidden_states.shape
     rotary_emb = model.rope(hidden_states)
-    embedded = model.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
-    hidden_states = embedded.contiguous()
-    # Ours to overwrite: a copy, or (one token: already contiguous) the conv's output that no hook holds.
-    private = hidden_states is not embedded or output_is_private(model.patch_embedding)
-    del embedded
+    hidden_states, private = embed_patches(model.patch_embedding, hidden_states)
 
     ts_seq_len = None
     if timestep.ndim == 2:  # Wan 2.2 TI2V: per-token timesteps
@@ -56,6 +49,24 @@ def fused_transformer_forward(model, hidden_states, timestep, encoder_hidden_sta
         hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, **overwrite)
         private = output_is_private(block)
 
+    output = output_projection(model, hidden_states, temb, grid)
+    return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+
+
+def embed_patches(patch_embedding, hidden_states):
+    """diffusers' patch_embedding(x).flatten(2).transpose(1, 2), made contiguous; returns (it, private): private when
+    it is ours to overwrite (a copy, or with one token, already contiguous, the conv's output that no hook holds)."""
+    embedded = patch_embedding(hidden_states).flatten(2).transpose(1, 2)
+    tokens = embedded.contiguous()
+    return tokens, tokens is not embedded or output_is_private(patch_embedding)
+
+
+def output_projection(model, hidden_states, temb, grid):
+    """diffusers' step 5 (Wan and Wan VACE): the output norm + modulation as one vkern.ops.layernorm_modulate pass,
+    proj_out, and the unpatchify back to grid = the input latents' shape [B, C, frames, height, width]."""
+    batch_size, _, num_frames, height, width = grid
+    p_t, p_h, p_w = model.config.patch_size
+    frames, rows, cols = num_frames // p_t, height // p_h, width // p_w
     # diffusers: shift, scale = (scale_shift_table + temb).chunk(2) in fp32, [B, 1|S, D] each; the kernel
     # takes the temb chunk and the table row apart and adds them in fp32, the same sum.
     table = model.scale_shift_table.to(hidden_states.device)
@@ -67,5 +78,4 @@ def fused_transformer_forward(model, hidden_states, timestep, encoder_hidden_sta
     hidden_states = model.proj_out(hidden_states)
 
     hidden_states = hidden_states.reshape(batch_size, frames, rows, cols, p_t, p_h, p_w, -1)
-    output = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
-    return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+    return hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)

@@ -40,7 +40,8 @@ class PatchConfig:
                         projection -> residual, so no full-sequence q/output tensors (activation memory)
     fused_block         (Wan, Wan VACE) Wan blocks run fused LayerNorm+modulate and gate+residual kernels (no fp32
                         copies of the hidden states) and chunk their FFN by ffn_chunk_size; WanTransformer3DModel's
-                        output norm + modulate is one such pass too (Wan VACE's forward stays diffusers')
+                        output norm + modulate is one such pass too (Wan VACE's too, which also makes each VACE hint
+                        where it is used)
     vae                 cached causal convolutions in the Wan VAE, and its fast chunked encode/decode loop on CUDA
     vae_output_device   None (decoded video on the latents' device) or e.g. "cpu": decoded frames are
                         written into pinned CPU memory as they come, capping the GPU peak

@@ -6,8 +6,8 @@ Wan VACE (diffusers' WanVACETransformer3DModel, e.g. WanVACEPipeline's transform
 subclass: its main blocks are WanTransformerBlocks and get the same fused forward; its VACE blocks
 (WanVACETransformerBlock: the same glue on the control hidden states between an input and an output projection)
 get modules/wan_vace.py's; every WanAttention in either gets vkern's processor, and fp8 casts its Linears as
-for Wan. Its own forward stays diffusers' (the fused output norm is WanTransformer3DModel's only), and sequence
-parallelism (PatchConfig.sp) is refused for it.
+for Wan. Its forward makes each VACE hint where it is used instead of all of them up front, and fuses the output norm
+(modules/wan_vace.py); sequence parallelism (PatchConfig.sp) is refused for it.
 
 Wan Animate (WanAnimateTransformer3DModel, Wan 2.2 Animate) holds diffusers' copies of WanAttention and
 WanTransformerBlock (the same code, "Copied from" transformer_wan, other classes): they get vkern's processor and the
@@ -90,6 +90,11 @@ def _patch_transformer(model, config, handle, classes):
 
         handle.override_forward(model, functools.partial(fused_transformer_forward, model),
                                 "WanTransformer3DModel.forward -> fused output norm")
+    elif isinstance(model, classes["vace_transformer"]) and config.fused_block and config.accepts(model, ""):
+        from ..modules.wan_vace import fused_vace_transformer_forward
+
+        handle.override_forward(model, functools.partial(fused_vace_transformer_forward, model),
+                                "WanVACETransformer3DModel.forward -> hints where used, fused output norm")
     if config.sp is not None:
         # Last: it replaces the self-attention processors installed above with sharded ones.
         from ..distributed.sp_wan import apply_sequence_parallel
