@@ -22,7 +22,7 @@ from vkern.modules.hunyuan_attention import VkernHunyuanVideoAttnProcessor
 from vkern.modules.ltx2_attention import VkernLTX2AttnProcessor
 from vkern.modules.ltx_attention import VkernLTXVideoAttnProcessor
 from vkern.modules.mochi_attention import VkernMochiAttnProcessor
-from vkern.modules.wan_attention import VkernWanAttnProcessor
+from vkern.modules.skyreels_attention import VkernSkyReelsV2AttnProcessor
 
 from .tolerance import assert_within_torch_error, rel_l2
 
@@ -118,7 +118,8 @@ FAMILIES = {
                    dict(attention_head_dim=128, audio_attention_head_dim=64)),
     "mochi": Family(models.build_mochi_transformer, models.mochi_transformer_inputs, VkernMochiAttnProcessor,
                     "Mochi attention processor", 2, "AutoencoderKLMochi", dict(attention_head_dim=128)),
-    "skyreels": Family(models.build_skyreels_transformer, models.skyreels_transformer_inputs, VkernWanAttnProcessor,
+    "skyreels": Family(models.build_skyreels_transformer, models.skyreels_transformer_inputs,
+                       VkernSkyReelsV2AttnProcessor,
                        "SkyReels-V2 attention processor", 4, None, dict(attention_head_dim=128)),
 }
 def _skyreels_pipeline(transformer):

@@ -1,7 +1,7 @@
 """SkyReels-V2's own checks (the ones every family passes are in test_model_families.py): diffusion forcing (a timestep
-per latent frame) and the block-causal attention of num_frame_per_block > 1 (a general [1, 1, S, S] mask: SDPA in
-the 16-bit modes, the exact 16-bit attention with a one-time warning in the 8-bit ones), with the reference mode
-bit-identical to diffusers and the kernels within 2x of PyTorch's bf16 error."""
+per latent frame) and the block-causal attention of num_frame_per_block > 1 (a [1, 1, S, S] mask in diffusers: here
+one unmasked call per frame block over its key prefix, in the 8-bit modes the exact 16-bit attention with a one-time
+warning), with the reference mode bit-identical to diffusers and the kernels within 2x of PyTorch's bf16 error."""
 import copy
 import warnings
 
@@ -82,3 +82,44 @@ def test_first_block_cannot_see_later_frames():
                 a, b = forward(model, x), forward(model, later)
             torch.testing.assert_close(a[:, :, :2], b[:, :, :2], rtol=1e-5, atol=1e-5)
             assert rel_l2(a[:, :, 2:], b[:, :, 2:]) > 1e-2
+
+
+def test_block_causal_mask_runs_as_unmasked_key_prefix_calls(monkeypatch):
+    """Two blocks of two frames (8 tokens each): each self-attention makes two unmasked calls, queries 0:8 on keys 0:8
+    and queries 8:16 on keys 0:16, then the cross-attention its one (16 tokens on the 16 text keys)."""
+    from vkern import ops
+
+    calls = []
+    attention = ops.attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q.shape[1], k.shape[1], attn_mask))
+        return attention(q, k, v, attn_mask, **kwargs)
+
+    monkeypatch.setattr(ops, "attention", spy)
+    model = build(torch.float32, frames_per_block=2)
+    x = inputs(model, torch.float32)
+    with vkern.patch(model, vkern.PatchConfig(attention="bf16")):
+        forward(model, x)
+    assert calls == [(8, 8, None), (8, 16, None), (16, 16, None)] * len(model.blocks)
+
+
+def test_other_masks_are_not_taken_for_block_causal():
+    from vkern.modules.skyreels_attention import block_causal_blocks
+
+    block = torch.arange(8) // 4
+    causal = (block[None, :] <= block[:, None])[None, None]
+    assert block_causal_blocks(causal) == [(0, 4), (4, 8)]
+    assert block_causal_blocks(causal.clone()) == [(0, 4), (4, 8)]
+    holes = causal.clone()
+    holes[0, 0, 5, 1] = False
+    assert block_causal_blocks(holes) is None
+    assert block_causal_blocks(torch.ones(1, 1, 8, 8, dtype=torch.bool)) is None  # one block: no mask needed
+    assert block_causal_blocks(causal.float()) is None
+    causal[0, 0, 6, 5] = False  # changed in place: looked at again
+    assert block_causal_blocks(causal) is None
+    with torch.inference_mode():  # (no version counter: looked at every call)
+        frozen = (block[None, :] <= block[:, None])[None, None]
+        assert block_causal_blocks(frozen) == [(0, 4), (4, 8)]
+        frozen[0, 0, 6, 5] = False
+        assert block_causal_blocks(frozen) is None
