@@ -359,6 +359,29 @@ def _ltx_attention_module(res):
             dict(heads=heads, head_dim=head_dim, tokens=tokens), FAMILY_ANCHORS, FAMILY_MODES[head_dim])
 
 
+def _skyreels_attention_module(res):
+    """A SkyReels-V2 14B block's self-attention under diffusion forcing's block-causal mask at `res` (540p x 97
+    frames: 25 latent frames of 34 x 60 tokens in 5 blocks of 5 frames), as the model builds the [1, 1, S, S] mask."""
+    from diffusers.models.transformers.transformer_skyreels_v2 import SkyReelsV2Attention, SkyReelsV2AttnProcessor
+
+    from vkern.models import wan_rope_tables
+    from vkern.modules.skyreels_attention import VkernSkyReelsV2AttnProcessor
+
+    heads, head_dim, (frames, per_frame, per_block) = 40, 128, SKYREELS_DF[res]
+    tokens, dim = frames * per_frame, heads * head_dim
+    attn = SkyReelsV2Attention(dim, heads=heads, dim_head=head_dim, eps=1e-6, processor=SkyReelsV2AttnProcessor())
+    block = torch.arange(frames, device="cuda").repeat_interleave(per_frame) // per_block
+    mask = (block[None, :] <= block[:, None])[None, None]
+    rope = tuple(t.cuda() for t in wan_rope_tables(tokens, head_dim))
+    x = torch.randn(1, tokens, dim, device="cuda", dtype=DT)
+    return (attn, lambda: (attn(x, None, mask, rope),), SkyReelsV2AttnProcessor, VkernSkyReelsV2AttnProcessor,
+            dict(heads=heads, head_dim=head_dim, tokens=tokens, frame_blocks=frames // per_block), FAMILY_ANCHORS,
+            FAMILY_MODES[head_dim])
+
+
+SKYREELS_DF = {"540p": (25, 34 * 60, 5)}  # (latent frames, tokens per frame, frames per causal block)
+
+
 def _ltx2_attention_module(res):
     """An LTX-2 block's video self-attention (attn1) at `res` and its call: RoPE tables over the whole inner dim."""
     from diffusers.models.transformers.transformer_ltx2 import LTX2Attention, LTX2AudioVideoAttnProcessor
@@ -409,6 +432,7 @@ ATTENTION_MODULES = {"hunyuan-720p": (_hunyuan_attention_module, "720p"),
                      "cogvideox-5b": (_cogvideox_attention_module, "480p"),
                      "ltx-512p": (_ltx_attention_module, "512p"),
                      "ltx2-512p": (_ltx2_attention_module, "512p"),
+                     "skyreels-540p-df": (_skyreels_attention_module, "540p"),
                      "mochi-480p": (_mochi_attention_module, "480p")}
 
 

@@ -114,7 +114,7 @@ if [[ $MODES == *" big "* ]]; then
   $B --op step --shape wan14b-480p --providers diffusers,diffusers-fp8-layerwise,vkern,vkern-chunked,vkern-fp8-storage,vkern-fp8-compute,vkern-fp8-compute-attn-fp8,vkern-fp8-compute-chunked-attn-fp8
 fi
 if [[ $MODES == *" families "* ]]; then
-  timeout -k 10 260 $B --op attn-module --shape hunyuan-720p,hunyuan-720p-33f,hunyuan15-480p,cogvideox-5b,ltx-512p,ltx2-512p,mochi-480p
+  timeout -k 10 360 $B --op attn-module --shape hunyuan-720p,hunyuan-720p-33f,hunyuan15-480p,cogvideox-5b,ltx-512p,ltx2-512p,mochi-480p,skyreels-540p-df
 fi
 if [[ $MODES == *" familysteps "* ]]; then
   for shape in hunyuan13b-720p-33f mochi10b-480p; do
