@@ -78,3 +78,16 @@ def test_sequence_parallel_is_refused_and_the_model_left_as_it_was():
         vkern.patch(model, vkern.PatchConfig(sp=SPConfig()))
     assert not any(isinstance(getattr(m, "processor", None), VkernWanAttnProcessor) for m in model.modules())
     assert not hasattr(model, "_vkern_patch_handle")
+
+
+@pytest.mark.parametrize("fp8, floor", [("storage", 0.999), ("compute", 0.995)])
+def test_fp8_meets_the_readme_floors(fp8, floor):
+    model = build(torch.bfloat16)
+    x = models.wan_animate_transformer_inputs(model, "tiny", torch.bfloat16, "cpu")
+    want = forward(model, x)
+    with vkern.patch(model, vkern.PatchConfig(fp8=fp8)):
+        assert any(type(m).__name__ == "Fp8Linear" for m in model.blocks.modules())
+        got = forward(model, x)
+    cos = torch.nn.functional.cosine_similarity(got.double().flatten(), want.double().flatten(), dim=0).item()
+    assert cos >= floor
+    assert torch.equal(forward(model, x), want)

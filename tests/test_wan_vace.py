@@ -244,3 +244,15 @@ def test_vace_pipeline_patches_transformer_and_vae(monkeypatch):
     assert torch.equal(video(), want)
     handle.undo()
     assert patched_handle(pipe.transformer) is None and patched_handle(pipe.vae) is None
+
+
+@pytest.mark.parametrize("fp8, floor", [("storage", 0.999), ("compute", 0.995)])
+def test_fp8_meets_the_readme_floors(fp8, floor):
+    model, inputs = tiny(torch.bfloat16)
+    want = forward(model, inputs)
+    with vkern.patch(model, vkern.PatchConfig(fp8=fp8)):
+        assert any(type(m).__name__ == "Fp8Linear" for m in model.vace_blocks.modules())
+        got = forward(model, inputs)
+    cos = torch.nn.functional.cosine_similarity(got.double().flatten(), want.double().flatten(), dim=0).item()
+    assert cos >= floor
+    assert torch.equal(forward(model, inputs), want)

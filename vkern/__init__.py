@@ -1,7 +1,7 @@
 """vkern: fused CUDA/Triton kernels for open video diffusion models, patched into diffusers.
 
     import vkern
-    handle = vkern.patch(pipe)      # e.g. a WanPipeline; vkern.info() lists the models it takes
+    handle = vkern.patch(pipe)      # e.g. a WanPipeline; vkern.supported_models() lists the models it takes
     ...
     handle.undo()                   # the original modules, bit-identical outputs
     vkern.info()                    # versions, build, GPU, the backend each op would use
@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
 from .info import info  # noqa: E402
-from .patch import PatchConfig, SPConfig, patch  # noqa: E402
+from .patch import PatchConfig, SPConfig, patch, supported_models  # noqa: E402
 
-__all__ = ["ops", "info", "patch", "PatchConfig", "SPConfig", "__version__"]
+__all__ = ["ops", "info", "patch", "PatchConfig", "SPConfig", "supported_models", "__version__"]

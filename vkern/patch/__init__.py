@@ -187,4 +187,4 @@ def _require_diffusers():
         raise ImportError("vkern.patch needs diffusers: pip install 'vkern[diffusers]'") from err
 
 
-__all__ = ["patch", "PatchConfig", "PatchHandle", "patched_handle", "SPConfig"]
+__all__ = ["patch", "PatchConfig", "PatchHandle", "patched_handle", "SPConfig", "supported_models"]
