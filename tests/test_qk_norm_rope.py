@@ -1,5 +1,6 @@
-"""The fused QK prologue (RMSNorm across heads + interleaved RoPE) against the reference, which
-tests/test_wan_reference.py ties to diffusers. On the CPU the Triton kernel runs interpreted."""
+"""The fused QK prologue (RMSNorm across heads, or per head, + interleaved RoPE) against the reference, which
+tests/test_wan_reference.py ties to diffusers (and test_per_head_norm_is_hunyuans to HunyuanVideo's ops). On the CPU
+the Triton kernel runs interpreted."""
 import pytest
 import torch
 
@@ -70,6 +71,60 @@ def test_e4m3_key_blocks_match_reference(B, S, H, D, device):
                                f"{got.flatten()[worst].item()} vs {expected.flatten()[worst].item()}")
 
 
+def hunyuan_rope(S, D, device="cpu"):
+    """HunyuanVideo's RoPE tables (cos, sin) [S, D], fp32, repeat-interleaved, and their [1, S, 1, D] view for the op."""
+    angles = torch.rand(S, D // 2, device=device) * S
+    cos, sin = (t.repeat_interleave(2, -1) for t in (angles.cos(), angles.sin()))
+    return (cos, sin), (cos[None, :, None], sin[None, :, None])
+
+
+@pytest.mark.parametrize("quant, token_block", [(None, 1), ("int8", 1), ("e4m3", 128)])
+@pytest.mark.parametrize("S", [1, 129])
+@pytest.mark.parametrize("H,D", [(2, 64), (3, 128)])
+def test_per_head_norm_triton_matches_reference_on_cpu(S, H, D, quant, token_block):
+    """weight [D]: each head normalized over its own D values (HunyuanVideo), in every output form."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter check; the GPU test covers the compiled kernel")
+    x, _ = prologue_inputs(2, S, H, D, torch.bfloat16, "cpu")
+    w = (1 + 0.1 * torch.randn(D)).bfloat16()
+    _, (cos, sin) = hunyuan_rope(S, D)
+    got = ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, quant=quant, token_block=token_block)
+    assert ops._backend.last_choice["qk_norm_rope"] == "triton"
+    if quant is None:
+        expected = ref.qk_norm_rope(x, w, 1e-6, H, cos, sin)
+        assert (got != expected).float().mean().item() < 0.01
+        assert_within_torch_error(got, ref.qk_norm_rope(x.double(), w.double(), 1e-6, H, cos, sin), expected)
+    else:
+        r8, rs = ref.qk_norm_rope_quantized(x, w, 1e-6, H, cos, sin, quant, token_block)
+        torch.testing.assert_close(got[1], rs, rtol=2**-20, atol=0)
+        assert (got[0].view(torch.uint8) != r8.view(torch.uint8)).float().mean().item() < 0.01
+    per_head = x.float().unflatten(2, (H, D))
+    assert not torch.allclose(per_head.pow(2).mean(-1)[..., 0], per_head.pow(2).mean(-1)[..., -1])  # heads differ
+
+
+def test_per_head_norm_is_hunyuans(device):
+    """The per-head form against HunyuanVideo's own ops (its attention's norm_q, diffusers' apply_rotary_emb), within
+    2x of their bf16 error vs fp64."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.normalization import RMSNorm
+
+    S, H, D = 300, 4, 128
+    x, _ = prologue_inputs(1, S, H, D, torch.bfloat16, device)
+    norm = RMSNorm(D, eps=1e-6).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(D))
+    (cos, sin), views = hunyuan_rope(S, D, device)
+
+    def theirs(x, norm, tables):
+        return apply_rotary_emb(norm(x.unflatten(2, (H, D))), tables, sequence_dim=1)
+
+    with torch.no_grad():
+        oracle = theirs(x.double(), norm.double(), (cos.double(), sin.double()))
+        torch_bf16 = theirs(x, norm.bfloat16(), (cos, sin))
+        ours = ops.qk_norm_rope(x, norm.weight, norm.eps, H, *views)
+    assert_within_torch_error(ours, oracle, torch_bf16)
+
+
 def test_norm_without_rope_and_fp32():
     x, w = prologue_inputs(1, 40, 4, 64, torch.float32, "cpu", fused_qkv=False)
     out = ops.qk_norm_rope(x, w, 1e-5, 4)
@@ -133,8 +188,8 @@ def test_bad_inputs_name_the_argument():
     cos, sin = wan_freqs(8, 64)
     with pytest.raises(ValueError, match="heads: expected a positive divisor of x's last dimension 128"):
         ops.qk_norm_rope(x, w, 1e-6, 3)
-    with pytest.raises(ValueError, match=r"weight: expected shape \(128\)"):
-        ops.qk_norm_rope(x, w[:64], 1e-6, 2)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(128,\) \(across heads\) or \(64,\) \(per head\)"):
+        ops.qk_norm_rope(x, w[:32], 1e-6, 2)
     with pytest.raises(TypeError, match="x: expected dtype"):
         ops.qk_norm_rope(x.int(), w, 1e-6, 2)
     with pytest.raises(ValueError, match="x: expected 3 dimensions"):
@@ -148,10 +203,12 @@ def test_bad_inputs_name_the_argument():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("per_head", [False, True], ids=["across-heads", "per-head"])
 @pytest.mark.parametrize("S", [1, 113, 4097, 32760])
 @pytest.mark.parametrize("H,D", [(12, 128), (40, 128), (48, 64)])
-def test_gpu_within_twice_torch_bf16_error(S, H, D):
+def test_gpu_within_twice_torch_bf16_error(S, H, D, per_head):
     x, w = prologue_inputs(1, S, H, D, torch.bfloat16, "cuda")
+    w = w[:D] if per_head else w
     cos, sin = (t.cuda() for t in wan_freqs(S, D))
     out = ops.qk_norm_rope(x, w, 1e-6, H, cos, sin)
     assert ops._backend.last_choice["qk_norm_rope"] == "triton"

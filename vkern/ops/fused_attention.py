@@ -59,8 +59,9 @@ def _norm_rope_candidates(device, dtype):
 
 def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=None, out=None, token_block=1,
                  key_padding_mask=None):
-    """RMSNorm over the last dimension of x [B, S, H*D] (Wan's norm across heads) with `weight` (None:
-    no norm), then optional interleaved RoPE from diffusers' tables freqs_cos/freqs_sin [1|B, S, 1, D].
+    """RMSNorm over the last dimension of x [B, S, H*D] (Wan's norm across heads) with `weight` [H*D] (None:
+    no norm), or over each head's D values with `weight` [D] (HunyuanVideo's per-head norm), then optional
+    interleaved RoPE from diffusers' tables freqs_cos/freqs_sin [1|B, S, 1, D].
     Returns a contiguous [B, S, H, D] tensor in x's dtype; with quant="e4m3" or "int8" a pair
     (8-bit [B, S, H, D], fp32 scales [B, H, S]), one scale per (token, head), for attention_8bit.
     token_block=128 (keys): one scale per (128-token block, head) instead, scales [B, H, ceil(S / 128)], the
@@ -89,7 +90,9 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
         raise ValueError(f"x: head dimension {head_dim} (= {row} / heads) must be even for RoPE pairs")
     if weight is not None:
         check_tensor("weight", weight, dtypes=FLOATS_OR_F64, device=x.device)
-        check_shape("weight", weight, (row,))
+        if weight.dim() != 1 or weight.shape[0] not in (row, head_dim):
+            raise ValueError(f"weight: expected shape ({row},) (across heads) or ({head_dim},) (per head), got "
+                             f"{tuple(weight.shape)}")
     if (freqs_cos is None) != (freqs_sin is None):
         raise ValueError("freqs_cos, freqs_sin: pass both or neither")
     if freqs_cos is not None:

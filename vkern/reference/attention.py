@@ -21,9 +21,18 @@ def apply_rotary_interleaved(x, freqs_cos, freqs_sin):
     return out.type_as(x)
 
 
+def rms_norm_heads(x, weight, eps, heads):
+    """[B, S, H*D] -> RMSNorm -> [B, S, H, D]: across heads (weight [H*D] or None: Wan's norm_q/norm_k) or per head
+    (weight [D] with several heads: HunyuanVideo's)."""
+    if weight is not None and heads > 1 and weight.shape[-1] * heads == x.shape[-1]:
+        return rms_norm(x.unflatten(2, (heads, -1)), weight, eps)
+    return rms_norm(x, weight, eps).unflatten(2, (heads, -1))
+
+
 def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None):
-    """[B, S, H*D] projection output -> RMSNorm across heads -> [B, S, H, D] -> optional RoPE."""
-    x = rms_norm(x, weight, eps).unflatten(2, (heads, -1))
+    """[B, S, H*D] projection output -> RMSNorm across heads (or per head: rms_norm_heads) -> [B, S, H, D] ->
+    optional RoPE."""
+    x = rms_norm_heads(x, weight, eps, heads)
     if freqs_cos is not None:
         x = apply_rotary_interleaved(x, freqs_cos, freqs_sin)
     return x
@@ -195,7 +204,7 @@ def qk_norm_rope_quantized(x, weight, eps, heads, freqs_cos=None, freqs_sin=None
     """The fused prologue's 8-bit output: RMSNorm (rounded to x's dtype, as torch's RMSNorm; skipped when
     weight is None) and RoPE (float64 tables) as qk_norm_rope, then quantize_per_head (token_block tokens
     per scale, key_padding_mask) of the unrounded values."""
-    x = (rms_norm(x, weight, eps) if weight is not None else x).unflatten(2, (heads, -1))
+    x = rms_norm_heads(x, weight, eps, heads) if weight is not None else x.unflatten(2, (heads, -1))
     if freqs_cos is not None:
         x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
         cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]

@@ -1,4 +1,5 @@
-"""Fused QK prologue: RMSNorm across heads + interleaved 3-axis RoPE + [B, S, H, D] layout, one pass,
+"""Fused QK prologue: RMSNorm across heads (Wan; PER_HEAD: over each head, HunyuanVideo) + interleaved 3-axis RoPE +
+[B, S, H, D] layout, one pass,
 emitting bf16 (the input dtype) or, for 8-bit attention, e4m3 or int8 with one fp32 scale per (token, head).
 
 One program per token: the row of H*D elements is read once as a [heads, head_dim] tile, its mean square
@@ -35,7 +36,7 @@ def _qk_norm_rope_kernel(
     stride_fb, stride_fs, stride_fd,
     stride_ob, stride_os, stride_og, stride_oh, heads_per_group,
     eps, q_inv,
-    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, NORM: tl.constexpr, PER_HEAD: tl.constexpr, QUANT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -53,9 +54,13 @@ def _qk_norm_rope_kernel(
     dtype = x.dtype
     y = x.to(tl.float32)
     if NORM:
-        mean_sq = tl.sum(tl.sum(y * y, axis=1), axis=0) / (H * HEAD_DIM)
-        r = 1.0 / tl.sqrt(mean_sq + eps)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if PER_HEAD:  # each head's own mean square, one weight [HEAD_DIM] for all heads
+            r = (1.0 / tl.sqrt(tl.sum(y * y, axis=1) / HEAD_DIM + eps))[:, None]
+            w = tl.load(w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+        else:
+            mean_sq = tl.sum(tl.sum(y * y, axis=1), axis=0) / (H * HEAD_DIM)
+            r = 1.0 / tl.sqrt(mean_sq + eps)
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         # Round where torch's RMSNorm rounds: once, after the weight (fp32 math throughout).
         y = round_to(y * r * w, dtype, EMULATE_RNE).to(tl.float32)
     if HAS_ROPE:
@@ -91,8 +96,8 @@ def _qk_norm_rope_block_kernel(
     stride_xb, stride_xs,
     stride_fb, stride_fs, stride_fd,
     eps, q_inv,
-    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, NORM: tl.constexpr, HAS_KPM: tl.constexpr, QUANT: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, NORM: tl.constexpr, PER_HEAD: tl.constexpr, HAS_KPM: tl.constexpr,
+    QUANT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
     """The same values as _qk_norm_rope_kernel, quantized (QUANT 1: e4m3, 2: int8) with one scale per (BLOCK_S-token block,
     head): one program per block of one batch row, which first sums the tokens' squares over all heads (the
@@ -108,7 +113,7 @@ def _qk_norm_rope_block_kernel(
     if HAS_KPM:
         counted = counted & (tl.load(kpm_ptr + b * S + t, mask=t < S, other=0) != 0)[:, None]
     x_rows = x_ptr + b.to(tl.int64) * stride_xb + t[:, None].to(tl.int64) * stride_xs + d[None, :]
-    if NORM:
+    if NORM and not PER_HEAD:
         sum_sq = tl.zeros([BLOCK_S], tl.float32)
         for h in range(H):
             xh = tl.load(x_rows + h * HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
@@ -124,7 +129,11 @@ def _qk_norm_rope_block_kernel(
     for h in range(H):
         x = tl.load(x_rows + h * HEAD_DIM, mask=mask, other=0.0)
         y = x.to(tl.float32)
-        if NORM:
+        if NORM and PER_HEAD:  # this head's own mean square, the one weight [HEAD_DIM]
+            rh = 1.0 / tl.sqrt(tl.sum(y * y, axis=1) / HEAD_DIM + eps)
+            w = tl.load(w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+            y = round_to(y * rh[:, None] * w[None, :], x.dtype, EMULATE_RNE).to(tl.float32)
+        elif NORM:
             w = tl.load(w_ptr + h * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
             y = round_to(y * r[:, None] * w[None, :], x.dtype, EMULATE_RNE).to(tl.float32)
         if HAS_ROPE:
@@ -138,7 +147,8 @@ def _qk_norm_rope_block_kernel(
 
 
 def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, token_block=1, key_padding_mask=None):
-    """x [B, S, H*D] (last dim contiguous), weight [H*D] or None (no norm), freqs [1|B, S, 1, D] or None;
+    """x [B, S, H*D] (last dim contiguous), weight [H*D] (norm across heads), [D] (per head) or None (no norm),
+    freqs [1|B, S, 1, D] or None;
     out in x's dtype: [B, S, H, D], or [B, S, G, P, D] with G * P >= H (head h -> out[:, :, h // P, h % P];
     slots past H are not written), any strides with the last dim contiguous; or out e4m3/int8
     [B, S, H, D] contiguous with scale fp32 [B, H, S] contiguous; or (token_block = KEY_BLOCK) out
@@ -155,6 +165,7 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
         freqs_cos = freqs_sin = x  # never read
         fb = fs = fd = 0
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
+    per_head = weight is not None and heads > 1 and weight.numel() == head_dim
     if token_block != 1:
         assert token_block == KEY_BLOCK and out.dtype in (torch.float8_e4m3fn, torch.int8) and scale is not None
         n_blocks = triton.cdiv(S, KEY_BLOCK)
@@ -166,7 +177,8 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
             x.stride(0), x.stride(1),
             fb, fs, fd,
             eps, INT8_INV if int8 else E4M3_INV,
-            HEAD_DIM=head_dim, HAS_ROPE=has_rope, NORM=weight is not None, HAS_KPM=key_padding_mask is not None,
+            HEAD_DIM=head_dim, HAS_ROPE=has_rope, NORM=weight is not None, PER_HEAD=per_head,
+            HAS_KPM=key_padding_mask is not None,
             QUANT=2 if int8 else 1, BLOCK_S=KEY_BLOCK, BLOCK_D=block_d,
             EMULATE_RNE=interpreting(), num_warps=8,
         )
@@ -184,7 +196,8 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
         fb, fs, fd,
         sob, sos, sog, soh, per_group,
         eps, INT8_INV if quant == 2 else E4M3_INV,
-        HEAD_DIM=head_dim, HAS_ROPE=has_rope, NORM=weight is not None, QUANT=quant, BLOCK_H=block_h, BLOCK_D=block_d,
+        HEAD_DIM=head_dim, HAS_ROPE=has_rope, NORM=weight is not None, PER_HEAD=per_head, QUANT=quant,
+        BLOCK_H=block_h, BLOCK_D=block_d,
         EMULATE_RNE=interpreting(), num_warps=max(1, min(8, block_h * block_d // 512)),
     )
     return out
