@@ -8,7 +8,7 @@ from vkern import ops
 from vkern.models import wan_rope_tables as wan_freqs
 from vkern.reference import attention as ref
 
-from .tolerance import assert_within_torch_error
+from .tolerance import assert_within_torch_error, rel_l2
 
 
 def prologue_inputs(B, S, H, D, dtype, device, fused_qkv=True):
@@ -74,7 +74,7 @@ def test_e4m3_key_blocks_match_reference(B, S, H, D, device):
 def hunyuan_rope(S, D, device="cpu"):
     """HunyuanVideo's RoPE tables (cos, sin) [S, D], fp32, repeat-interleaved, and their [1, S, 1, D] view for the op."""
     angles = torch.rand(S, D // 2, device=device) * S
-    cos, sin = (t.repeat_interleave(2, -1) for t in (angles.cos(), angles.sin()))
+    cos, sin = (t.repeat_interleave(2, -1) for t in (angles.cos(), angles.sin()))  # (as diffusers makes them)
     return (cos, sin), (cos[None, :, None], sin[None, :, None])
 
 
@@ -102,6 +102,33 @@ def test_per_head_norm_triton_matches_reference_on_cpu(S, H, D, quant, token_blo
     assert not torch.allclose(per_head.pow(2).mean(-1)[..., 0], per_head.pow(2).mean(-1)[..., -1])  # heads differ
 
 
+@pytest.mark.parametrize("S", [1, 113])
+@pytest.mark.parametrize("H,D", [(2, 64), (3, 128)])
+def test_per_element_tables_triton_matches_reference_on_cpu(S, H, D):
+    """rope_tables="per_element" (diffusers' apply_rotary_emb) with tables that are not repeat-interleaved, where it
+    differs from Wan's form: the Triton kernel against the reference, in both output forms (out= and new)."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter check; the GPU test covers the compiled kernel")
+    x, _ = prologue_inputs(2, S, H, D, torch.bfloat16, "cpu")
+    w = (1 + 0.1 * torch.randn(D)).bfloat16()
+    angles = torch.rand(S, D) * 7  # every element its own angle
+    cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
+    got = ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, rope_tables="per_element")
+    out = torch.empty_like(got)
+    ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, out=out, rope_tables="per_element")
+    assert ops._backend.last_choice["qk_norm_rope"] == "triton"
+    expected = ref.qk_norm_rope(x, w, 1e-6, H, cos, sin, "per_element")
+    assert torch.equal(got, out)
+    assert (got != expected).float().mean().item() < 0.01
+    assert_within_torch_error(got, ref.qk_norm_rope(x.double(), w.double(), 1e-6, H, cos.double(), sin.double(),
+                                                    "per_element"), expected)
+    assert rel_l2(expected, ref.qk_norm_rope(x, w, 1e-6, H, cos, sin)) > 0.05  # Wan's form differs here
+    with pytest.raises(ValueError, match="rope_tables: 'per_element' only for the 16-bit output"):
+        ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, quant="int8", rope_tables="per_element")
+    with pytest.raises(ValueError, match="rope_tables: expected one of"):
+        ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, rope_tables="wan")
+
+
 def test_per_head_norm_is_hunyuans(device):
     """The per-head form against HunyuanVideo's own ops (its attention's norm_q, diffusers' apply_rotary_emb), within
     2x of their bf16 error vs fp64."""
@@ -121,7 +148,7 @@ def test_per_head_norm_is_hunyuans(device):
     with torch.no_grad():
         oracle = theirs(x.double(), norm.double(), (cos.double(), sin.double()))
         torch_bf16 = theirs(x, norm.bfloat16(), (cos, sin))
-        ours = ops.qk_norm_rope(x, norm.weight, norm.eps, H, *views)
+        ours = ops.qk_norm_rope(x, norm.weight, norm.eps, H, *views, rope_tables="per_element")
     assert_within_torch_error(ours, oracle, torch_bf16)
 
 

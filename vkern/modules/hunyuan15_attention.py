@@ -3,21 +3,23 @@ through vkern.ops, the padded text as a key-padding mask instead of diffusers' [
 import functools
 
 from ..reference import hunyuan15_attention as ref
-from .attention_modes import VkernProcessor
+from .hunyuan_attention import VkernHunyuanVideoAttnProcessor, fused_head_norm_rope
 
 
-class VkernHunyuanVideo15AttnProcessor(VkernProcessor):
+class VkernHunyuanVideo15AttnProcessor(VkernHunyuanVideoAttnProcessor):
     """HunyuanVideo15AttnProcessor2_0 with the attention through vkern.ops: no S x S mask is built (diffusers builds
     one per call); the padded text tokens are masked as keys, and their own output rows zeroed as SDPA leaves them.
-    The projections, the per-head RMSNorm and RoPE stay diffusers' ops."""
+    fused_qk_norm_rope: the video's per-head RMSNorm + RoPE of q and k in one pass (as HunyuanVideo's); the
+    projections and the text stream's norms stay diffusers' ops."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        attend = ref.padded_joint_attention
+        attend, norm_rope = ref.padded_joint_attention, None
         if self.uses_kernels(attn, hidden_states, encoder_hidden_states):
             text = 0 if attention_mask is None else attention_mask.shape[1]
             attend = functools.partial(_key_padded, self.kernel_step(), text)
+            norm_rope = fused_head_norm_rope if self.fused_qk_norm_rope else None
         return ref.hunyuan_video15_attention(attn, hidden_states, encoder_hidden_states, attention_mask,
-                                             image_rotary_emb, attend=attend)
+                                             image_rotary_emb, attend=attend, norm_rope=norm_rope)
 
 
 def _key_padded(step, text, query, key, value, tokens):

@@ -58,10 +58,12 @@ def _norm_rope_candidates(device, dtype):
 
 
 def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=None, out=None, token_block=1,
-                 key_padding_mask=None):
+                 key_padding_mask=None, rope_tables="per_pair"):
     """RMSNorm over the last dimension of x [B, S, H*D] (Wan's norm across heads) with `weight` [H*D] (None:
     no norm), or over each head's D values with `weight` [D] (HunyuanVideo's per-head norm), then optional
-    interleaved RoPE from diffusers' tables freqs_cos/freqs_sin [1|B, S, 1, D].
+    interleaved RoPE from diffusers' tables freqs_cos/freqs_sin [1|B, S, 1, D]: rope_tables "per_pair" (Wan's
+    form: pair i reads cos[2i] and sin[2i+1]) or "per_element" (diffusers' apply_rotary_emb, HunyuanVideo's: each
+    element its own entry; 16-bit output only). For repeat-interleaved tables, as both models make, they agree.
     Returns a contiguous [B, S, H, D] tensor in x's dtype; with quant="e4m3" or "int8" a pair
     (8-bit [B, S, H, D], fp32 scales [B, H, S]), one scale per (token, head), for attention_8bit.
     token_block=128 (keys): one scale per (128-token block, head) instead, scales [B, H, ceil(S / 128)], the
@@ -75,6 +77,10 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
     x's dtype and device; it must not overlap x. The values are exactly those of the call without out."""
     if quant not in QUANT_FORMATS:
         raise ValueError(f"quant: expected one of {QUANT_FORMATS}, got {quant!r}")
+    if rope_tables not in ref.ROPE_TABLES:
+        raise ValueError(f"rope_tables: expected one of {ref.ROPE_TABLES}, got {rope_tables!r}")
+    if rope_tables != "per_pair" and quant is not None:
+        raise ValueError("rope_tables: 'per_element' only for the 16-bit output (quant=None)")
     if out is not None and quant is not None:
         raise ValueError("out: only for the unquantized output (quant=None); the 8-bit output allocates its own")
     if token_block != 1 and (quant is None or token_block != ref.KEY_BLOCK):
@@ -104,10 +110,10 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
             freqs_cos, freqs_sin = freqs_cos.contiguous(), freqs_sin.contiguous()
     if out is not None:
         _check_norm_rope_out(out, x, heads, head_dim)
-        torch.ops.vkern.qk_norm_rope_out(x, weight, float(eps), heads, freqs_cos, freqs_sin, out)
+        torch.ops.vkern.qk_norm_rope_out(x, weight, float(eps), heads, freqs_cos, freqs_sin, out, rope_tables)
         return out
     if quant is None:
-        return torch.ops.vkern.qk_norm_rope(x, weight, float(eps), heads, freqs_cos, freqs_sin)
+        return torch.ops.vkern.qk_norm_rope(x, weight, float(eps), heads, freqs_cos, freqs_sin, rope_tables)
     if x.dtype == torch.float64:
         raise TypeError("x: 8-bit output needs a bf16, fp16 or fp32 input, got float64")
     if key_padding_mask is not None:
@@ -145,19 +151,20 @@ def _heads_flat(x):
 
 @torch.library.custom_op("vkern::qk_norm_rope", mutates_args=())
 def _qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, heads: int,
-                  freqs_cos: torch.Tensor | None, freqs_sin: torch.Tensor | None) -> torch.Tensor:
+                  freqs_cos: torch.Tensor | None, freqs_sin: torch.Tensor | None,
+                  rope_tables: str = "per_pair") -> torch.Tensor:
     backend = _backend.choose("qk_norm_rope", _norm_rope_candidates(x.device, x.dtype))
     if backend == "triton":
         from ..triton.qk_norm_rope import qk_norm_rope as kernel
 
         x = x if x.stride(-1) == 1 else x.contiguous()
         out = torch.empty((*x.shape[:2], heads, x.shape[2] // heads), dtype=x.dtype, device=x.device)
-        return kernel(x, weight, eps, heads, freqs_cos, freqs_sin, out)
-    return ref.qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin).contiguous()
+        return kernel(x, weight, eps, heads, freqs_cos, freqs_sin, out, rope_tables=rope_tables)
+    return ref.qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, rope_tables).contiguous()
 
 
 @_qk_norm_rope.register_fake
-def _(x, weight, eps, heads, freqs_cos, freqs_sin):
+def _(x, weight, eps, heads, freqs_cos, freqs_sin, rope_tables="per_pair"):
     return x.new_empty((*x.shape[:2], heads, x.shape[2] // heads))
 
 
@@ -190,23 +197,25 @@ def _write_heads(out, y):
 
 @torch.library.custom_op("vkern::qk_norm_rope_out", mutates_args=("out",))
 def _qk_norm_rope_out(x: torch.Tensor, weight: torch.Tensor | None, eps: float, heads: int,
-                      freqs_cos: torch.Tensor | None, freqs_sin: torch.Tensor | None, out: torch.Tensor) -> None:
+                      freqs_cos: torch.Tensor | None, freqs_sin: torch.Tensor | None, out: torch.Tensor,
+                      rope_tables: str = "per_pair") -> None:
     backend = _backend.choose("qk_norm_rope", _norm_rope_candidates(x.device, x.dtype))
     if backend == "triton":
         from ..triton.qk_norm_rope import qk_norm_rope as kernel
 
-        kernel(x if x.stride(-1) == 1 else x.contiguous(), weight, eps, heads, freqs_cos, freqs_sin, out)
+        kernel(x if x.stride(-1) == 1 else x.contiguous(), weight, eps, heads, freqs_cos, freqs_sin, out,
+               rope_tables=rope_tables)
         if out.dim() == 5 and out.shape[2] * out.shape[3] > heads:  # the kernel writes real heads only
             P = out.shape[3]
             if heads % P:
                 out[:, :, heads // P, heads % P:].zero_()
             out[:, :, -(-heads // P):].zero_()
         return
-    _write_heads(out, ref.qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin))
+    _write_heads(out, ref.qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, rope_tables))
 
 
 @_qk_norm_rope_out.register_fake
-def _(x, weight, eps, heads, freqs_cos, freqs_sin, out):
+def _(x, weight, eps, heads, freqs_cos, freqs_sin, out, rope_tables="per_pair"):
     return None
 
 

@@ -10,5 +10,6 @@ _HERE = "diffusers.models.transformers.transformer_hunyuan_video."
 ADAPTER = ProcessorAdapter((_HERE + "HunyuanVideoTransformer3DModel",
                             "diffusers.models.transformers.transformer_hunyuan_video_framepack."
                             "HunyuanVideoFramepackTransformer3DModel"), [_HERE + "HunyuanVideoAttnProcessor2_0"],
-                           lambda config, _: VkernHunyuanVideoAttnProcessor(config.attention),
+                           lambda config, _: VkernHunyuanVideoAttnProcessor(config.attention,
+                                                                            config.fused_qk_norm_rope),
                            "HunyuanVideo attention processor")

@@ -7,5 +7,6 @@ from .processors import ProcessorAdapter
 
 _HERE = "diffusers.models.transformers.transformer_hunyuan_video15."
 ADAPTER = ProcessorAdapter(_HERE + "HunyuanVideo15Transformer3DModel", [_HERE + "HunyuanVideo15AttnProcessor2_0"],
-                           lambda config, _: VkernHunyuanVideo15AttnProcessor(config.attention),
+                           lambda config, _: VkernHunyuanVideo15AttnProcessor(config.attention,
+                                                                              config.fused_qk_norm_rope),
                            "HunyuanVideo 1.5 attention processor")

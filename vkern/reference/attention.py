@@ -29,12 +29,26 @@ def rms_norm_heads(x, weight, eps, heads):
     return rms_norm(x, weight, eps).unflatten(2, (heads, -1))
 
 
-def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None):
+def apply_rotary_per_element(x, freqs_cos, freqs_sin):
+    """diffusers' apply_rotary_emb (use_real, interleaved pairs; HunyuanVideo's RoPE) on x [B, S, H, D]: out[2i] =
+    x[2i] cos[2i] - x[2i+1] sin[2i], out[2i+1] = x[2i+1] cos[2i+1] + x[2i] sin[2i+1], each element with its own
+    table entry (Wan's form reads cos[2i] and sin[2i+1] for both; the same for repeat-interleaved tables), in fp32
+    (or the tables' wider dtype), rounded once."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([-x2, x1], dim=-1).flatten(-2)
+    return (x.float() * freqs_cos + rotated.float() * freqs_sin).to(x.dtype)
+
+
+ROPE_TABLES = ("per_pair", "per_element")  # Wan's apply_rotary_interleaved, diffusers' apply_rotary_emb
+
+
+def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, rope_tables="per_pair"):
     """[B, S, H*D] projection output -> RMSNorm across heads (or per head: rms_norm_heads) -> [B, S, H, D] ->
-    optional RoPE."""
+    optional RoPE (rope_tables: one of ROPE_TABLES)."""
     x = rms_norm_heads(x, weight, eps, heads)
     if freqs_cos is not None:
-        x = apply_rotary_interleaved(x, freqs_cos, freqs_sin)
+        rotate = apply_rotary_per_element if rope_tables == "per_element" else apply_rotary_interleaved
+        x = rotate(x, freqs_cos, freqs_sin)
     return x
 
 

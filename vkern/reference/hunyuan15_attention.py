@@ -8,8 +8,8 @@ call at 480p x 121 frames), which leaves SDPA only its masked backends. The same
 the keys with the padded queries' rows zeroed (SDPA gives 0 for a row with no key to attend): what vkern runs."""
 import torch.nn.functional as F
 
-from .attention import attention, stream_qkv
-from .hunyuan_attention import _rope, append_text_stream, split_streams
+from .attention import attention
+from .hunyuan_attention import append_text_stream, split_streams, video_qkv
 
 
 def token_mask(attention_mask, seq_len):
@@ -32,13 +32,11 @@ def padded_joint_attention(query, key, value, tokens):
 
 
 def hunyuan_video15_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                              image_rotary_emb=None, attend=padded_joint_attention):
+                              image_rotary_emb=None, attend=padded_joint_attention, norm_rope=None):
     """HunyuanVideo15AttnProcessor2_0.__call__; attend(q, k, v, tokens) on [B, S, H, D] tensors and the [B, S] bool
-    token mask (token_mask) runs the attention, giving 0 for a padded query (default: diffusers' S x S mask and SDPA).
-    Returns (hidden_states, encoder_hidden_states) as diffusers does."""
-    query, key, value = stream_qkv(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
-    if image_rotary_emb is not None:
-        query, key = _rope(query, image_rotary_emb), _rope(key, image_rotary_emb)
+    token mask (token_mask) runs the attention, giving 0 for a padded query (default: diffusers' S x S mask and SDPA);
+    norm_rope: see hunyuan_attention.video_qkv. Returns (hidden_states, encoder_hidden_states) as diffusers does."""
+    query, key, value = video_qkv(attn, hidden_states, image_rotary_emb, 0, norm_rope)
 
     if encoder_hidden_states is not None:
         query, key, value = append_text_stream(attn, query, key, value, encoder_hidden_states)

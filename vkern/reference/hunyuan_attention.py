@@ -23,20 +23,34 @@ def _rope_video(x, image_rotary_emb, text_tokens):
     return torch.cat([_rope(x[:, :-text_tokens], image_rotary_emb), x[:, -text_tokens:]], dim=1)
 
 
+def video_qkv(attn, hidden_states, image_rotary_emb=None, text_tokens=0, norm_rope=None):
+    """The main stream's (query, key, value) [B, S, H, D] (HunyuanVideo 1.0 and 1.5): the projections, the per-head
+    RMSNorm of q and k, RoPE on all but the last text_tokens (the single-stream form's appended text).
+    norm_rope(projection [B, S, H * D], norm, heads, image_rotary_emb, text_tokens) -> [B, S, H, D] replaces
+    diffusers' norm and RoPE ops (None: them)."""
+    if norm_rope is None:
+        query, key, value = stream_qkv(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v),
+                                       (attn.norm_q, attn.norm_k))
+        if image_rotary_emb is not None:
+            query = _rope_video(query, image_rotary_emb, text_tokens)
+            key = _rope_video(key, image_rotary_emb, text_tokens)
+        return query, key, value
+    return (norm_rope(attn.to_q(hidden_states), attn.norm_q, attn.heads, image_rotary_emb, text_tokens),
+            norm_rope(attn.to_k(hidden_states), attn.norm_k, attn.heads, image_rotary_emb, text_tokens),
+            attn.to_v(hidden_states).unflatten(2, (attn.heads, -1)))
+
+
 def hunyuan_video_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                            image_rotary_emb=None, attend=attention):
+                            image_rotary_emb=None, attend=attention, norm_rope=None):
     """HunyuanVideoAttnProcessor2_0.__call__; attend(q, k, v, attention_mask) on [B, S, H, D] tensors runs the
-    attention (default: SDPA as diffusers' native backend calls it). Returns (hidden_states, encoder_hidden_states)
-    as diffusers does: the text part split off and projected when encoder_hidden_states is given."""
+    attention (default: SDPA as diffusers' native backend calls it); norm_rope: see video_qkv. Returns
+    (hidden_states, encoder_hidden_states) as diffusers does: the text part split off and projected when
+    encoder_hidden_states is given."""
     single_stream = attn.add_q_proj is None and encoder_hidden_states is not None
     if single_stream:
         hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-
-    query, key, value = stream_qkv(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
-    if image_rotary_emb is not None:
-        text_tokens = encoder_hidden_states.shape[1] if single_stream else 0
-        query = _rope_video(query, image_rotary_emb, text_tokens)
-        key = _rope_video(key, image_rotary_emb, text_tokens)
+    text_tokens = encoder_hidden_states.shape[1] if single_stream else 0
+    query, key, value = video_qkv(attn, hidden_states, image_rotary_emb, text_tokens, norm_rope)
 
     if attn.add_q_proj is not None and encoder_hidden_states is not None:
         query, key, value = append_text_stream(attn, query, key, value, encoder_hidden_states)

@@ -29,6 +29,16 @@ def _rotate(y, cos, sin, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _rotate_per_element(y, cos, sin, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """diffusers' apply_rotary_emb on fp32 rows y [ROWS, BLOCK_D]: out[2i] = y[2i] cos[2i] - y[2i+1] sin[2i],
+    out[2i+1] = y[2i+1] cos[2i+1] + y[2i] sin[2i+1]; cos/sin [1, BLOCK_D] whole (one token's row, every head)."""
+    ye, yo = tl.split(tl.reshape(y, (ROWS, BLOCK_D // 2, 2)))
+    ce, co = tl.split(tl.reshape(cos, (1, BLOCK_D // 2, 2)))
+    se, so = tl.split(tl.reshape(sin, (1, BLOCK_D // 2, 2)))
+    return tl.reshape(tl.join(ye * ce - yo * se, yo * co + ye * so), (ROWS, BLOCK_D))
+
+
+@triton.jit
 def _qk_norm_rope_kernel(
     x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, scale_ptr,
     S, H,
@@ -37,7 +47,7 @@ def _qk_norm_rope_kernel(
     stride_ob, stride_os, stride_og, stride_oh, heads_per_group,
     eps, q_inv,
     HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, NORM: tl.constexpr, PER_HEAD: tl.constexpr, QUANT: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_RNE: tl.constexpr, ROPE_PER_ELEMENT: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // S
@@ -63,7 +73,13 @@ def _qk_norm_rope_kernel(
             w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         # Round where torch's RMSNorm rounds: once, after the weight (fp32 math throughout).
         y = round_to(y * r * w, dtype, EMULATE_RNE).to(tl.float32)
-    if HAS_ROPE:
+    if HAS_ROPE and ROPE_PER_ELEMENT:  # HunyuanVideo's apply_rotary_emb: every element its own cos/sin
+        f = tl.arange(0, BLOCK_D)[None, :]
+        f_ptrs = b * stride_fb + s * stride_fs + f * stride_fd
+        cos = tl.load(cos_ptr + f_ptrs, mask=f < HEAD_DIM, other=1.0).to(tl.float32)
+        sin = tl.load(sin_ptr + f_ptrs, mask=f < HEAD_DIM, other=0.0).to(tl.float32)
+        y = _rotate_per_element(y, cos, sin, BLOCK_H, BLOCK_D)
+    elif HAS_ROPE:
         # One table row per token, shared by all heads; diffusers uses cos[0::2] and sin[1::2].
         f = tl.arange(0, BLOCK_D)
         f_ptrs = b * stride_fb + s * stride_fs + f * stride_fd
@@ -146,14 +162,16 @@ def _qk_norm_rope_block_kernel(
         tl.store(scale_ptr + (b * H + h) * n_blocks + blk, scale)
 
 
-def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, token_block=1, key_padding_mask=None):
+def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, token_block=1, key_padding_mask=None,
+                 rope_tables="per_pair"):
     """x [B, S, H*D] (last dim contiguous), weight [H*D] (norm across heads), [D] (per head) or None (no norm),
     freqs [1|B, S, 1, D] or None;
     out in x's dtype: [B, S, H, D], or [B, S, G, P, D] with G * P >= H (head h -> out[:, :, h // P, h % P];
     slots past H are not written), any strides with the last dim contiguous; or out e4m3/int8
     [B, S, H, D] contiguous with scale fp32 [B, H, S] contiguous; or (token_block = KEY_BLOCK) out
     e4m3/int8 [B, S, H, D] contiguous with scale fp32 [B, H, ceil(S / KEY_BLOCK)] contiguous, one per block, the
-    amax over the tokens key_padding_mask (bool [B, S] contiguous, or None) keeps."""
+    amax over the tokens key_padding_mask (bool [B, S] contiguous, or None) keeps. rope_tables: "per_pair" (Wan's
+    form) or "per_element" (diffusers' apply_rotary_emb; the 16-bit output only)."""
     B, S, row = x.shape
     head_dim = row // heads
     has_rope = freqs_cos is not None
@@ -166,6 +184,7 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
         fb = fs = fd = 0
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
     per_head = weight is not None and heads > 1 and weight.numel() == head_dim
+    assert rope_tables == "per_pair" or scale is None
     if token_block != 1:
         assert token_block == KEY_BLOCK and out.dtype in (torch.float8_e4m3fn, torch.int8) and scale is not None
         n_blocks = triton.cdiv(S, KEY_BLOCK)
@@ -198,6 +217,7 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
         eps, INT8_INV if quant == 2 else E4M3_INV,
         HEAD_DIM=head_dim, HAS_ROPE=has_rope, NORM=weight is not None, PER_HEAD=per_head, QUANT=quant,
         BLOCK_H=block_h, BLOCK_D=block_d,
-        EMULATE_RNE=interpreting(), num_warps=max(1, min(8, block_h * block_d // 512)),
+        EMULATE_RNE=interpreting(), ROPE_PER_ELEMENT=rope_tables == "per_element",
+        num_warps=max(1, min(8, block_h * block_d // 512)),
     )
     return out
