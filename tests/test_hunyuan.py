@@ -133,7 +133,8 @@ def test_batch_rows_keep_their_own_prompt_lengths(name, mode, device, monkeypatc
     assert rel_l2(alone[0], alone[1]) > 1e-3  # the rows differ, so a mask taken from the wrong row would show
 
 
-@pytest.mark.parametrize("name, calls", [("hunyuan", 2 * 2 + 2 * 4), ("framepack", 2 * 2 + 2 * 4), ("hunyuan15", 2 * 2)])
+# (2 dual-stream blocks x 2 calls + 2 single-stream x 4; HunyuanVideo 1.5: 2 blocks x 2)
+@pytest.mark.parametrize("name, calls", [("hunyuan", 12), ("framepack", 12), ("hunyuan15", 4)])
 def test_fused_norm_rope_is_one_pass_per_q_and_k(name, calls, monkeypatch):
     """fused_qk_norm_rope (default): q's and k's per-head RMSNorm + RoPE through vkern.ops.qk_norm_rope (dual-stream
     and 1.5 blocks: one call each; single-stream: two each, the video part with RoPE, the appended text without);
@@ -157,3 +158,27 @@ def test_fused_norm_rope_is_one_pass_per_q_and_k(name, calls, monkeypatch):
             outs.append(forward(model, x))
         assert len(seen) == (calls if fused else 0)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["no norm", "no weight", "bias"])
+def test_fused_norm_rope_leaves_other_norms_to_diffusers(form):
+    """What the kernel does not compute (no norm, an RMSNorm without weight or with a bias) runs diffusers' ops: the
+    result is theirs exactly."""
+    from diffusers.models.normalization import RMSNorm
+
+    from vkern.modules.hunyuan_attention import fused_head_norm_rope
+    from vkern.reference.hunyuan_attention import _rope_video
+
+    torch.manual_seed(0)
+    S, H, D, text = 24, 2, 64, 4
+    x = torch.randn(1, S, H * D)
+    norm = {"no norm": None, "no weight": RMSNorm(D, eps=1e-6, elementwise_affine=False),
+            "bias": RMSNorm(D, eps=1e-6, bias=True)}[form]
+    if form == "bias":
+        with torch.no_grad():
+            norm.bias.normal_()
+    angles = torch.rand(S - text, D)
+    rope = (angles.cos(), angles.sin())
+    y = x.unflatten(2, (H, D))
+    want = _rope_video(y if norm is None else norm(y), rope, text)
+    assert torch.equal(fused_head_norm_rope(x, norm, H, rope, text), want)

@@ -72,7 +72,7 @@ def test_e4m3_key_blocks_match_reference(B, S, H, D, device):
 
 
 def hunyuan_rope(S, D, device="cpu"):
-    """HunyuanVideo's RoPE tables (cos, sin) [S, D], fp32, repeat-interleaved, and their [1, S, 1, D] view for the op."""
+    """HunyuanVideo's RoPE tables (cos, sin) [S, D], fp32, repeat-interleaved, and their [1, S, 1, D] views."""
     angles = torch.rand(S, D // 2, device=device) * S
     cos, sin = (t.repeat_interleave(2, -1) for t in (angles.cos(), angles.sin()))  # (as diffusers makes them)
     return (cos, sin), (cos[None, :, None], sin[None, :, None])

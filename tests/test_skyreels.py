@@ -27,7 +27,8 @@ def build(dtype, device="cpu", frames_per_block=1):
 
 def inputs(model, dtype, device="cpu", diffusion_forcing=True):
     x = models.skyreels_transformer_inputs(model, "tiny", dtype, device, diffusion_forcing=diffusion_forcing)
-    x["hidden_states"] = torch.randn((1, 16, FRAMES, 4, 4), generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    latents = torch.randn((1, 16, FRAMES, 4, 4), generator=torch.Generator().manual_seed(1))
+    x["hidden_states"] = latents.to(device, dtype)
     if diffusion_forcing:
         x["timestep"] = torch.tensor([[100, 300, 500, 700]], device=device)
     return x

@@ -34,28 +34,31 @@ class VkernHunyuanVideoAttnProcessor(VkernProcessor):
 def fused_head_norm_rope(x, norm, heads, image_rotary_emb, text_tokens):
     """x [B, S, heads * D] (a q or k projection) -> [B, S, heads, D]: `norm` (an RMSNorm over each head's D values
     with a weight) and RoPE from diffusers' (cos, sin) [S - text_tokens, D] tables (apply_rotary_emb's form) on all
-    but the last text_tokens (normed only), by vkern.ops.qk_norm_rope: one pass, fp32 math, one rounding. Another norm, or tables of another
-    form, run diffusers' ops (hunyuan_attention.video_qkv's)."""
+    but the last text_tokens (normed only), by vkern.ops.qk_norm_rope: one pass, fp32 math, one rounding. Another
+    norm (none, a bias, no weight, another class) or tables of another form run diffusers' ops (video_qkv's)."""
     B, S, width = x.shape
     D = width // heads
-    weight, eps = getattr(norm, "weight", None), getattr(norm, "eps", None)
     video = S - text_tokens
     rope = image_rotary_emb
-    plain = (rope is None or (len(rope) == 2 and all(torch.is_tensor(t) and tuple(t.shape) == (video, D)
-                                                       for t in rope)))
-    if not (_is_rms_norm(norm) and torch.is_tensor(weight) and tuple(weight.shape) == (D,) and eps is not None
-            and plain):
-        y = norm(x.unflatten(2, (heads, D)))
+    tables_fit = rope is None or (isinstance(rope, (tuple, list)) and len(rope) == 2 and
+                                  all(torch.is_tensor(t) and tuple(t.shape) == (video, D) for t in rope))
+    if not (tables_fit and _plain_rms_norm(norm, D)):
+        y = x.unflatten(2, (heads, D))
+        y = y if norm is None else norm(y)
         return y if rope is None else ref._rope_video(y, rope, text_tokens)
     out = x.new_empty((B, S, heads, D))
     tables = () if rope is None else tuple(t[None, :, None] for t in rope)  # [1, video, 1, D] views
-    ops.qk_norm_rope(x[:, :video], weight, eps, heads, *tables, out=out[:, :video], rope_tables="per_element")
+    ops.qk_norm_rope(x[:, :video], norm.weight, norm.eps, heads, *tables, out=out[:, :video], rope_tables="per_element")
     if text_tokens:
-        ops.qk_norm_rope(x[:, video:], weight, eps, heads, out=out[:, video:])
+        ops.qk_norm_rope(x[:, video:], norm.weight, norm.eps, heads, out=out[:, video:])
     return out
 
 
-def _is_rms_norm(norm):
+def _plain_rms_norm(norm, dim):
+    """norm is diffusers' or torch's RMSNorm over `dim` values with a weight, no bias and a set eps: what the kernel
+    computes."""
     from diffusers.models.normalization import RMSNorm
 
-    return isinstance(norm, (RMSNorm, torch.nn.RMSNorm))
+    weight = getattr(norm, "weight", None)
+    return (isinstance(norm, (RMSNorm, torch.nn.RMSNorm)) and torch.is_tensor(weight) and tuple(weight.shape) == (dim,)
+            and getattr(norm, "bias", None) is None and getattr(norm, "eps", None) is not None)

@@ -37,7 +37,8 @@ def _classes():
                                                                     WanVACETransformerBlock)
     return {"transformer": WanTransformer3DModel, "vace_transformer": WanVACETransformer3DModel,
             "animate_transformer": animate.WanAnimateTransformer3DModel, "vae": AutoencoderKLWan,
-            "attention": (WanAttention, animate.WanAttention), "block": (WanTransformerBlock, animate.WanTransformerBlock),
+            "attention": (WanAttention, animate.WanAttention),
+            "block": (WanTransformerBlock, animate.WanTransformerBlock),
             "vace_block": WanVACETransformerBlock, "causal_conv": WanCausalConv3d}
 
 
