@@ -24,6 +24,7 @@ from vkern.modules.ltx_attention import VkernLTXVideoAttnProcessor
 from vkern.modules.mochi_attention import VkernMochiAttnProcessor
 from vkern.modules.skyreels_attention import VkernSkyReelsV2AttnProcessor
 
+from .patch_checks import assert_autograd_runs_diffusers_ops, fp8_cosine
 from .tolerance import assert_within_torch_error, rel_l2
 
 
@@ -84,7 +85,8 @@ def _ltx_pipeline(transformer):
 def _ltx2_pipeline(transformer):
     from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, LTX2Pipeline
 
-    vae = AutoencoderKLLTX2Video(latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+    vae = AutoencoderKLLTX2Video(latent_channels=8, block_out_channels=(8, 8, 8, 8),
+                                 decoder_block_out_channels=(8, 8, 8),
                                  layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1))
     return LTX2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=AutoencoderKLLTX2Audio(),
                         text_encoder=None, tokenizer=None, connectors=None, transformer=transformer, vocoder=None)
@@ -194,7 +196,8 @@ def test_patched_within_twice_torch_bf16_error(name, mode, device):
 
 
 @pytest.mark.parametrize("mode", ["reference", "auto", "bf16", "int8pv"])
-@pytest.mark.parametrize("name", ["hunyuan", "ltx", "ltx2", "mochi"])  # the families whose prompt comes padded, with a mask
+# the families whose prompt comes padded, with a mask
+@pytest.mark.parametrize("name", ["hunyuan", "ltx", "ltx2", "mochi"])
 def test_padded_prompt_cannot_change_the_output(name, mode, device):
     model = build(name, torch.bfloat16, device, **FAMILIES[name].gpu_overrides)
     inputs = inputs_for(name, model, torch.bfloat16, device)
@@ -214,16 +217,7 @@ def test_autograd_runs_diffusers_attention(name):
     """Every float input requires grad (LTX-2's audio stream too: a call whose inputs do not may run vkern's kernels,
     with no gradient to lose, and its rounding would show in the video output)."""
     model = build(name)
-    inputs = inputs_for(name, model)
-    for t in inputs.values():
-        if torch.is_tensor(t) and t.is_floating_point():
-            t.requires_grad_(True)
-    want = model(**inputs).sample
-    with vkern.patch(model, vkern.PatchConfig(attention="int8pv")):
-        got = model(**inputs).sample
-    assert torch.equal(got, want)
-    got.sum().backward()
-    assert inputs["hidden_states"].grad is not None
+    assert_autograd_runs_diffusers_ops(model, inputs_for(name, model))
 
 
 @pytest.mark.parametrize("fp8, floor", [("storage", 0.999), ("compute", 0.995)])
@@ -232,17 +226,14 @@ def test_fp8_quantizes_the_linears_outside_the_skip_list(name, fp8, floor):
     from vkern.patch.fp8 import default_skip_patterns
 
     model = build(name, torch.bfloat16)
-    inputs = inputs_for(name, model, torch.bfloat16)
-    want = forward(model, inputs)
     skip = default_skip_patterns(model)
-    with vkern.patch(model, vkern.PatchConfig(fp8=fp8)) as handle:
+
+    def check(model, handle):
         fp8_layers = [n for n, m in model.named_modules() if type(m).__name__ == "Fp8Linear"]
         assert fp8_layers and handle.summary[FAMILIES[name].summary] == FAMILIES[name].processors
         assert not any(re.search(p, n) for n in fp8_layers for p in skip)
-        got = forward(model, inputs)
-    cos = torch.nn.functional.cosine_similarity(got.double().flatten(), want.double().flatten(), dim=0).item()
-    assert cos >= floor  # the floors README states for Wan's model output (storage / compute)
-    assert torch.equal(forward(model, inputs), want)  # undone: the original weights back
+    # the floors README states for Wan's model output (storage / compute)
+    assert fp8_cosine(model, inputs_for(name, model, torch.bfloat16), fp8, check) >= floor
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
