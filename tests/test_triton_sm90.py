@@ -1,0 +1,96 @@
+"""Every Triton launch of the CPU tests compiles for sm_90 (tests/triton_sm90.py): the interpreter accepts code
+the compiler rejects, and a GPU session is the wrong place to learn that. Runs last (tests/conftest.py)."""
+import importlib
+import os
+import pkgutil
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the interpreted launches are recorded on the CPU; a GPU compiles its own", allow_module_level=True)
+
+import vkern.triton  # noqa: E402
+from tests import triton_sm90  # noqa: E402
+from tests.sm90_sample_kernels import _fine_kernel, _interpreter_only_kernel  # noqa: E402
+from vkern import ops  # noqa: E402
+from vkern.triton.causal_conv import causal_conv3d as conv_kernel  # noqa: E402
+
+BF16 = torch.bfloat16
+
+
+def _launch_each_kernel():
+    """Small calls that reach every vkern Triton kernel and its main branches, so that this file alone checks each."""
+    B, S, H = 1, 130, 2
+    for D in (64, 128):
+        q, k, v = (torch.randn(B, S, H, D, dtype=BF16) for _ in range(3))
+        mask = torch.ones(B, S, dtype=torch.bool)
+        mask[:, -7:] = False
+        ops.attention(q, k, v, key_padding_mask=mask, return_lse=True, backend="triton")
+        ops.attention_8bit(q, k, v, qk="e4m3", pv="e4m3")
+        x = torch.randn(B, S, H * D, dtype=BF16)
+        angles = torch.randn(1, S, 1, D // 2, dtype=torch.float64).repeat_interleave(2, -1)
+        tables = (angles.cos(), angles.sin())
+        ops.qk_norm_rope(x, torch.randn(H * D, dtype=BF16), 1e-6, H, *tables)
+        ops.qk_norm_rope(x, torch.randn(D, dtype=BF16), 1e-6, H, *tables, rope_tables="per_element")
+        for quant in ("e4m3", "int8"):
+            ops.qk_norm_rope(x, torch.randn(D, dtype=BF16), 1e-6, H, *tables, quant=quant)
+            ops.qk_norm_rope(x, torch.randn(H * D, dtype=BF16), 1e-6, H, *tables, quant=quant, token_block=128,
+                             key_padding_mask=mask)
+    x = torch.randn(B, 9, 96, dtype=BF16)
+    shift, scale, gate = (torch.randn(B, 1, 96, dtype=BF16) for _ in range(3))
+    ops.layernorm_modulate(x, shift, scale, 1e-6)
+    ops.layernorm_modulate(x, shift, scale, 1e-6, fp8=True)
+    ops.gelu_tanh_fp8(torch.randn(9, 160, dtype=BF16))
+    ops.gate_residual(x, torch.randn_like(x), gate)
+    video = torch.randn(1, 16, 3, 6, 6, dtype=BF16).to(memory_format=torch.channels_last_3d)
+    cache = video[:, :, -2:]
+    for pad_mode in ("zeros", "replicate"):  # (on the CPU the op takes the reference: the kernel itself here)
+        conv_kernel(video, torch.randn(16, 16, 3, 3, 3, dtype=BF16), torch.randn(16, dtype=BF16), (1, 1, 1),
+                    (2, 1, 1), cache=cache if pad_mode == "zeros" else None, pad_mode=pad_mode)
+    ops.rms_norm_silu(video, torch.rand(16, dtype=BF16), torch.randn(16, dtype=BF16))
+    ops.residual_add_(video.clone(), video, torch.randn(16, dtype=BF16))
+
+
+def _vkern_kernels():
+    """The launchable kernels (module-level JIT functions named _*_kernel) of vkern.triton."""
+    names = set()
+    for info in pkgutil.iter_modules(vkern.triton.__path__):
+        module = importlib.import_module(f"vkern.triton.{info.name}")
+        for name, value in vars(module).items():
+            if name.startswith("_") and name.endswith("_kernel") and getattr(value, "fn", None) is not None:
+                names.add((module.__name__, name))
+    return names
+
+
+def _failures(results):
+    return [f"{r['name']} {r['constexprs']} {r['options']}: {r['error']}" for r in results if not r["ok"]]
+
+
+def test_every_launch_compiles_for_sm90(tmp_path):
+    _launch_each_kernel()
+    specs = triton_sm90.recorded()
+    launched = {(s["module"], s["name"]) for s in specs}
+    assert _vkern_kernels() <= launched, f"never launched here: {sorted(_vkern_kernels() - launched)}"
+    results = triton_sm90.compile_all(specs, str(tmp_path))
+    assert len(results) >= len(specs)
+    assert not _failures(results), "\n".join(_failures(results))
+    print(f"{len(specs)} launch specializations, {len(results)} sm_90 compiles")
+
+
+def test_the_check_catches_what_only_the_interpreter_takes(tmp_path):
+    """The check itself: a kernel that runs in the interpreter but does not compile fails it; one that compiles
+    passes, with the launch specialized as the GPU would (16-byte divisibility, an interpreter switch off)."""
+    x = torch.ones(16)
+    _interpreter_only_kernel[(1,)](x, N=16)
+    _fine_kernel[(1,)](x, 16, EMULATE_RNE=True, BLOCK=16, num_warps=2)
+    torch.testing.assert_close(x, torch.full((16,), 4.0))  # (both ran)
+    bad, good = (triton_sm90.spec_of(k.fn, args, kwargs) for k, args, kwargs in
+                 ((_interpreter_only_kernel, (x,), dict(N=16)),
+                  (_fine_kernel, (x, 16), dict(EMULATE_RNE=True, BLOCK=16, num_warps=2))))
+    assert good["attrs"] == {"x_ptr": "D", "n": "D"} and good["constexprs"]["EMULATE_RNE"] is False
+    assert good["options"] == {"num_warps": 2}
+    results = {r["name"]: r for r in triton_sm90.compile_all([bad, good], str(tmp_path))}
+    assert not results["_interpreter_only_kernel"]["ok"] and "break" in results["_interpreter_only_kernel"]["error"]
+    assert results["_fine_kernel"]["ok"], results["_fine_kernel"]
