@@ -22,6 +22,7 @@ from vkern.patch.handle import assign_processor
 from .timing import param_bytes, peak_gib, rel_l2, time_cuda, time_cuda_queued, time_micro
 
 DT = torch.bfloat16
+DEVICE = "cuda"  # the attention-module setups' device (tests/test_bench_families.py runs them on the CPU)
 
 
 ATTENTION_8BIT = {"vkern-int8": ("int8", "bf16"), "vkern-int8-fp8pv": ("int8", "e4m3"),
@@ -257,8 +258,8 @@ def _wan_attention_module(name):
     s = shapes.ATTENTION[name]
     dim = s.heads * s.head_dim
     attn = WanAttention(dim, heads=s.heads, dim_head=s.head_dim, eps=1e-6, processor=WanAttnProcessor())
-    x = torch.randn(1, s.tokens, dim, device="cuda", dtype=DT)
-    rope = tuple(t.cuda() for t in wan_rope_tables(s.tokens, s.head_dim))
+    x = torch.randn(1, s.tokens, dim, dtype=DT)
+    rope = tuple(t.to(torch.get_default_device()) for t in wan_rope_tables(s.tokens, s.head_dim))
     return (attn, lambda: (attn(x, rotary_emb=rope),), WanAttnProcessor, VkernWanAttnProcessor,
             dict(heads=s.heads, head_dim=s.head_dim, tokens=s.tokens),
             ("diffusers-cudnn", "diffusers"), ("auto", "bf16", "fp8", "int8pv", "int8"))
@@ -268,6 +269,11 @@ def _wan_attention_module(name):
 # at head dim 64 no int8pv (no CUDA kernel there: its reference would hold the whole score matrix), the Triton 8-bit ones
 FAMILY_ANCHORS = ("diffusers", "diffusers-efficient", "diffusers-cudnn")
 FAMILY_MODES = {128: ("auto", "bf16", "int8pv"), 64: ("auto", "bf16", "int8", "fp8")}
+
+
+def _text(res):
+    """The text-token table's entry for a resolution: "tiny" for the CPU test's, "real" for every other."""
+    return "tiny" if res == "tiny" else "real"
 
 
 def _hunyuan_attention_module(res):
@@ -280,14 +286,14 @@ def _hunyuan_attention_module(res):
     from vkern import models
     from vkern.modules.hunyuan_attention import VkernHunyuanVideoAttnProcessor
 
-    heads, head_dim, (text, real) = 24, 128, models.HUNYUAN_TEXT_TOKENS["real"]
+    heads, head_dim, (text, real) = 24, 128, models.HUNYUAN_TEXT_TOKENS[_text(res)]
     frames, height, width = models.HUNYUAN_RESOLUTIONS[res]
     attn = HunyuanVideoTransformerBlock(heads, head_dim, mlp_ratio=1.0, qk_norm="rms_norm").attn
     rope = HunyuanVideoRotaryPosEmbed(2, 1, [16, 56, 56], 256.0)(
-        torch.empty((1, 16, 1 + (frames - 1) // 4, height // 8, width // 8), device="cuda"))
+        torch.empty((1, 16, 1 + (frames - 1) // 4, height // 8, width // 8)))
     video = rope[0].shape[0]
-    x, context = (torch.randn(1, n, heads * head_dim, device="cuda", dtype=DT) for n in (video, text))
-    mask = torch.ones(1, 1, 1, video + text, dtype=torch.bool, device="cuda")
+    x, context = (torch.randn(1, n, heads * head_dim, dtype=DT) for n in (video, text))
+    mask = torch.ones(1, 1, 1, video + text, dtype=torch.bool)
     mask[..., video + real:] = False
     return (attn, lambda: attn(x, context, mask, image_rotary_emb=rope), HunyuanVideoAttnProcessor2_0,
             VkernHunyuanVideoAttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text, real_text=real),
@@ -306,15 +312,15 @@ def _hunyuan15_attention_module(res):
     from vkern.modules.hunyuan15_attention import VkernHunyuanVideo15AttnProcessor
 
     heads, head_dim = 16, 128
-    text_tokens = models.HUNYUAN15_TEXT_TOKENS["real"]
+    text_tokens = models.HUNYUAN15_TEXT_TOKENS[_text(res)]
     text = text_tokens["mllm"][0] + text_tokens["byt5"][0] + text_tokens["image"]
     real = text_tokens["mllm"][1] + text_tokens["byt5"][1]
     attn = HunyuanVideo15TransformerBlock(heads, head_dim, mlp_ratio=1.0).attn
     rope = HunyuanVideo15RotaryPosEmbed(1, 1, [16, 56, 56], 256.0)(
-        torch.empty((1, 16, *models.HUNYUAN15_LATENTS[res]), device="cuda"))
+        torch.empty((1, 16, *models.HUNYUAN15_LATENTS[res])))
     video = rope[0].shape[0]
-    x, context = (torch.randn(1, n, heads * head_dim, device="cuda", dtype=DT) for n in (video, text))
-    mask = torch.zeros(1, text, dtype=torch.bool, device="cuda")
+    x, context = (torch.randn(1, n, heads * head_dim, dtype=DT) for n in (video, text))
+    mask = torch.zeros(1, text, dtype=torch.bool)
     mask[:, :real] = True
     return (attn, lambda: attn(x, context, mask, image_rotary_emb=rope), HunyuanVideo15AttnProcessor2_0,
             VkernHunyuanVideo15AttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text, real_text=real),
@@ -329,13 +335,13 @@ def _cogvideox_attention_module(res):
     from vkern import models
     from vkern.modules.cogvideox_attention import VkernCogVideoXAttnProcessor
 
-    heads, head_dim, text = 48, 64, 226
+    heads, head_dim, text = 48, 64, 226 if res != "tiny" else 16
     frames, height, width = models.COGVIDEOX_RESOLUTIONS[res]
     video = (1 + (frames - 1) // 4) * (height // 16) * (width // 16)
     attn = CogVideoXBlock(heads * head_dim, heads, head_dim, time_embed_dim=512).attn1
-    angles = torch.randn(video, head_dim, device="cuda")
+    angles = torch.randn(video, head_dim)
     rope = (angles.cos(), angles.sin())
-    x, context = (torch.randn(1, n, heads * head_dim, device="cuda", dtype=DT) for n in (video, text))
+    x, context = (torch.randn(1, n, heads * head_dim, dtype=DT) for n in (video, text))
     return (attn, lambda: attn(x, context, image_rotary_emb=rope), CogVideoXAttnProcessor2_0,
             VkernCogVideoXAttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text),
             FAMILY_ANCHORS, FAMILY_MODES[head_dim])
@@ -352,9 +358,9 @@ def _ltx_attention_module(res):
     frames, height, width = models.LTX_LATENTS[res]
     tokens, dim = frames * height * width, heads * head_dim
     attn = LTXAttention(dim, heads=heads, kv_heads=heads, dim_head=head_dim)
-    angles = torch.randn(1, tokens, dim, device="cuda")
+    angles = torch.randn(1, tokens, dim)
     rope = (angles.cos(), angles.sin())
-    x = torch.randn(1, tokens, dim, device="cuda", dtype=DT)
+    x = torch.randn(1, tokens, dim, dtype=DT)
     return (attn, lambda: (attn(x, image_rotary_emb=rope),), LTXVideoAttnProcessor, VkernLTXVideoAttnProcessor,
             dict(heads=heads, head_dim=head_dim, tokens=tokens), FAMILY_ANCHORS, FAMILY_MODES[head_dim])
 
@@ -370,16 +376,16 @@ def _skyreels_attention_module(res):
     heads, head_dim, (frames, per_frame, per_block) = 40, 128, SKYREELS_DF[res]
     tokens, dim = frames * per_frame, heads * head_dim
     attn = SkyReelsV2Attention(dim, heads=heads, dim_head=head_dim, eps=1e-6, processor=SkyReelsV2AttnProcessor())
-    block = torch.arange(frames, device="cuda").repeat_interleave(per_frame) // per_block
+    block = torch.arange(frames).repeat_interleave(per_frame) // per_block
     mask = (block[None, :] <= block[:, None])[None, None]
-    rope = tuple(t.cuda() for t in wan_rope_tables(tokens, head_dim))
-    x = torch.randn(1, tokens, dim, device="cuda", dtype=DT)
+    rope = tuple(t.to(torch.get_default_device()) for t in wan_rope_tables(tokens, head_dim))
+    x = torch.randn(1, tokens, dim, dtype=DT)
     return (attn, lambda: (attn(x, None, mask, rope),), SkyReelsV2AttnProcessor, VkernSkyReelsV2AttnProcessor,
             dict(heads=heads, head_dim=head_dim, tokens=tokens, frame_blocks=frames // per_block), FAMILY_ANCHORS,
             FAMILY_MODES[head_dim])
 
 
-SKYREELS_DF = {"540p": (25, 34 * 60, 5)}  # (latent frames, tokens per frame, frames per causal block)
+SKYREELS_DF = {"540p": (25, 34 * 60, 5), "tiny": (4, 6, 2)}  # (latent frames, tokens per frame, frames per causal block)
 
 
 def _ltx2_attention_module(res):
@@ -393,9 +399,9 @@ def _ltx2_attention_module(res):
     (frames, height, width), _ = models.LTX2_LATENTS[res]
     tokens, dim = frames * height * width, heads * head_dim
     attn = LTX2Attention(dim, heads=heads, kv_heads=heads, dim_head=head_dim)
-    angles = torch.randn(1, tokens, dim // 2, device="cuda").repeat_interleave(2, -1)
+    angles = torch.randn(1, tokens, dim // 2).repeat_interleave(2, -1)
     rope = (angles.cos(), angles.sin())
-    x = torch.randn(1, tokens, dim, device="cuda", dtype=DT)
+    x = torch.randn(1, tokens, dim, dtype=DT)
     return (attn, lambda: (attn(x, query_rotary_emb=rope),), LTX2AudioVideoAttnProcessor, VkernLTX2AttnProcessor,
             dict(heads=heads, head_dim=head_dim, tokens=tokens), FAMILY_ANCHORS, FAMILY_MODES[head_dim])
 
@@ -408,16 +414,16 @@ def _mochi_attention_module(res):
     from vkern import models
     from vkern.modules.mochi_attention import VkernMochiAttnProcessor
 
-    heads, head_dim, (text, real) = 24, 128, models.MOCHI_TEXT_TOKENS["real"]
+    heads, head_dim, (text, real) = 24, 128, models.MOCHI_TEXT_TOKENS[_text(res)]
     frames, height, width = models.MOCHI_LATENTS[res]
     video, dim = frames * (height // 2) * (width // 2), heads * head_dim
     attn = MochiAttention(query_dim=dim, heads=heads, dim_head=head_dim, bias=False, added_kv_proj_dim=1536,
                           added_proj_bias=False, out_dim=dim, out_context_dim=1536, processor=MochiAttnProcessor2_0(),
                           eps=1e-5)  # (as MochiTransformerBlock builds its attn1)
-    angles = torch.randn(video, heads, head_dim // 2, device="cuda")
+    angles = torch.randn(video, heads, head_dim // 2)
     rope = (angles.cos(), angles.sin())
-    x, context = torch.randn(1, video, dim, device="cuda", dtype=DT), torch.randn(1, text, 1536, device="cuda", dtype=DT)
-    mask = torch.zeros(1, text, dtype=torch.int64, device="cuda")
+    x, context = torch.randn(1, video, dim, dtype=DT), torch.randn(1, text, 1536, dtype=DT)
+    mask = torch.zeros(1, text, dtype=torch.int64)
     mask[:, :real] = 1
     return (attn, lambda: attn(x, context, mask, image_rotary_emb=rope), MochiAttnProcessor2_0,
             VkernMochiAttnProcessor, dict(heads=heads, head_dim=head_dim, tokens=video + text, real_text=real),
@@ -445,7 +451,7 @@ def _attention_module(name, providers, args, op="attn-module", setup=None):
 
     setup, arg = setup or ATTENTION_MODULES[name]
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):  # (the setups make their tensors on the default device)
         attn, call, diffusers_processor, vkern_processor, dims, anchors, modes = setup(arg)
     attn.to(DT).eval().requires_grad_(False)
     forced = {"diffusers-efficient": SDPBackend.EFFICIENT_ATTENTION, "diffusers-cudnn": SDPBackend.CUDNN_ATTENTION}

@@ -1,0 +1,41 @@
+"""bench.bench's attention-module rows (gpu_run.sh `families`) run end to end on the CPU at tiny sizes: each setup
+builds its module and call, every provider runs it, and vkern's processors give diffusers' output within the
+mode's accuracy. A GPU session should not be the first to run this code."""
+import types
+
+import pytest
+
+from bench import bench
+
+# Within what a provider's output must agree with the first (diffusers on PyTorch's SDPA choice): 16-bit modes
+# differ from it by bf16 rounding only; the 8-bit modes by issue #3's quantization error.
+BOUND = {"vkern-auto": 0.02, "vkern-bf16": 0.02, "vkern-int8pv": 0.05, "vkern-int8": 0.05, "vkern-fp8": 0.08}
+
+
+def _cpu_timing(fn, *args, **kwargs):
+    fn()
+    return 1.0, 1.0, 1.0
+
+
+# one shape per setup (hunyuan-720p and -33f differ in their size only)
+NAMES = sorted({setup: name for name, (setup, _) in sorted(bench.ATTENTION_MODULES.items())}.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_attention_module_rows(name, monkeypatch):
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "time_cuda", _cpu_timing)
+    setup, _ = bench.ATTENTION_MODULES[name]
+    rows = list(bench._attention_module(name, None, types.SimpleNamespace(warmup=0, repeats=1), setup=(setup, "tiny")))
+    by_provider = {row["provider"]: row for row in rows}
+    assert list(by_provider)[0] == "diffusers" and by_provider["diffusers"]["rel_l2_vs_first"] == 0
+    vkern_rows = [p for p in by_provider if p.startswith("vkern-")]
+    assert "vkern-auto" in vkern_rows and "vkern-bf16" in vkern_rows
+    for provider in vkern_rows:
+        row = by_provider[provider]
+        assert "error" not in row, row
+        assert row["rel_l2_vs_first"] < BOUND[provider], row
+        assert row["tflops"] > 0 and row["tokens"] > 0
+    assert by_provider["vkern-bf16"]["rel_l2_vs_first"] > 0  # (vkern's processor ran: its kernel is not SDPA's)
+    # SDPA held to a GPU backend has no CPU kernel: an error row, not a crash
+    assert all("error" in by_provider[p] for p in ("diffusers-efficient", "diffusers-cudnn"))
