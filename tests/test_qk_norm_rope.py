@@ -102,31 +102,48 @@ def test_per_head_norm_triton_matches_reference_on_cpu(S, H, D, quant, token_blo
     assert not torch.allclose(per_head.pow(2).mean(-1)[..., 0], per_head.pow(2).mean(-1)[..., -1])  # heads differ
 
 
+def rope_tables(form, S, H, D, per_head, dtype=torch.float32, device="cpu"):
+    """Random (cos, sin) tables in `form`'s layout [1, S, 1|H, D or D / 2] (not repeat-interleaved: every entry its
+    own angle, where the forms differ)."""
+    angles = torch.rand(S, H if per_head else 1, D // 2 if form == "pairs" else D, device=device) * 7
+    return angles.cos()[None].to(dtype), angles.sin()[None].to(dtype)
+
+
 @pytest.mark.parametrize("S", [1, 113])
 @pytest.mark.parametrize("H,D", [(2, 64), (3, 128)])
-def test_per_element_tables_triton_matches_reference_on_cpu(S, H, D):
-    """rope_tables="per_element" (diffusers' apply_rotary_emb) with tables that are not repeat-interleaved, where it
-    differs from Wan's form: the Triton kernel against the reference, in both output forms (out= and new)."""
+@pytest.mark.parametrize("form", ["per_element", "pairs"])
+@pytest.mark.parametrize("per_head_tables", [False, True], ids=["shared-tables", "per-head-tables"])
+@pytest.mark.parametrize("per_head_norm", [False, True], ids=["norm-across-heads", "norm-per-head"])
+def test_rope_table_forms_triton_matches_reference_on_cpu(S, H, D, form, per_head_tables, per_head_norm):
+    """rope_tables "per_element" (diffusers' apply_rotary_emb) and "pairs" (Mochi's), with tables shared by the heads
+    or a row per head (LTX, Mochi), under either norm: the Triton kernel against the reference, in both output forms
+    (out= and new), where each form differs from Wan's."""
     if torch.cuda.is_available():
         pytest.skip("CPU interpreter check; the GPU test covers the compiled kernel")
-    x, _ = prologue_inputs(2, S, H, D, torch.bfloat16, "cpu")
-    w = (1 + 0.1 * torch.randn(D)).bfloat16()
-    angles = torch.rand(S, D) * 7  # every element its own angle
-    cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
-    got = ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, rope_tables="per_element")
+    x, w = prologue_inputs(2, S, H, D, torch.bfloat16, "cpu")
+    w = w[:D] if per_head_norm else w
+    cos, sin = rope_tables(form, S, H, D, per_head_tables)
+    got = ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, rope_tables=form)
     out = torch.empty_like(got)
-    ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, out=out, rope_tables="per_element")
+    ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, out=out, rope_tables=form)
     assert ops._backend.last_choice["qk_norm_rope"] == "triton"
-    expected = ref.qk_norm_rope(x, w, 1e-6, H, cos, sin, "per_element")
+    expected = ref.qk_norm_rope(x, w, 1e-6, H, cos, sin, form)
     assert torch.equal(got, out)
     assert (got != expected).float().mean().item() < 0.01
     assert_within_torch_error(got, ref.qk_norm_rope(x.double(), w.double(), 1e-6, H, cos.double(), sin.double(),
-                                                    "per_element"), expected)
-    assert rel_l2(expected, ref.qk_norm_rope(x, w, 1e-6, H, cos, sin)) > 0.05  # Wan's form differs here
-    with pytest.raises(ValueError, match="rope_tables: 'per_element' only for the 16-bit output"):
-        ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, quant="int8", rope_tables="per_element")
+                                                    form), expected)
+    if form == "per_element" and not per_head_tables:
+        assert rel_l2(expected, ref.qk_norm_rope(x, w, 1e-6, H, cos, sin)) > 0.05  # Wan's form differs here
+    if per_head_tables and H > 1:  # each head its own row: sharing the first head's differs
+        shared = tuple(t[:, :, :1] for t in (cos, sin))
+        assert rel_l2(expected, ref.qk_norm_rope(x, w, 1e-6, H, *shared, form)) > 0.05
+    with pytest.raises(ValueError, match=f"rope_tables: '{form}' only for the 16-bit output"):
+        ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, quant="int8", rope_tables=form)
     with pytest.raises(ValueError, match="rope_tables: expected one of"):
         ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, rope_tables="wan")
+    other = "pairs" if form == "per_element" else "per_element"  # the other form's table width
+    with pytest.raises(ValueError, match=f"freqs_cos: expected shape .* for rope_tables='{other}'"):
+        ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, rope_tables=other)
 
 
 def test_per_head_norm_is_hunyuans(device):
@@ -149,6 +166,53 @@ def test_per_head_norm_is_hunyuans(device):
         oracle = theirs(x.double(), norm.double(), (cos.double(), sin.double()))
         torch_bf16 = theirs(x, norm.bfloat16(), (cos, sin))
         ours = ops.qk_norm_rope(x, norm.weight, norm.eps, H, *views, rope_tables="per_element")
+    assert_within_torch_error(ours, oracle, torch_bf16)
+
+
+def test_per_head_norm_and_pair_tables_are_mochis(device):
+    """Mochi's attention prologue (its norm_q, MochiRMSNorm over each head, then its per-pair RoPE with [S, H, D / 2]
+    tables) against rope_tables="pairs", within 2x of their bf16 error vs fp64."""
+    from diffusers.models.normalization import MochiRMSNorm
+
+    S, H, D = 300, 4, 128
+    x, _ = prologue_inputs(1, S, H, D, torch.bfloat16, device)
+    norm = MochiRMSNorm(D, eps=1e-5).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(D))
+    cos, sin = rope_tables("pairs", S, H, D, per_head=True, device=device)
+
+    def theirs(x, norm, cos, sin):
+        return ref.apply_rotary_pairs(norm(x.unflatten(2, (H, D))), cos[0], sin[0])  # (the [S, H, D / 2] tables)
+
+    with torch.no_grad():
+        oracle = theirs(x.double(), norm.double(), cos.double(), sin.double())
+        torch_bf16 = theirs(x, norm.bfloat16(), cos, sin)
+        ours = ops.qk_norm_rope(x, norm.weight, norm.eps, H, cos, sin, rope_tables="pairs")
+    assert_within_torch_error(ours, oracle, torch_bf16)
+
+
+def test_whole_dim_tables_are_ltxs(device):
+    """LTX-Video's attention prologue (its norm_q, torch's RMSNorm across heads, then diffusers' LTX apply_rotary_emb
+    with tables over the whole inner dim, per batch row) against rope_tables="per_element" with a table row per
+    head, within 2x of their bf16 error vs fp64."""
+    from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+    B, S, H, D = 2, 300, 4, 64
+    x, _ = prologue_inputs(B, S, H, D, torch.bfloat16, device)
+    norm = torch.nn.RMSNorm(H * D, eps=1e-6).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(H * D))
+    angles = torch.rand(B, S, H * D, device=device) * 7
+    cos, sin = angles.cos(), angles.sin()
+
+    def theirs(x, norm, cos, sin):
+        return apply_rotary_emb(norm(x), (cos, sin)).unflatten(2, (H, D))
+
+    with torch.no_grad():
+        oracle = theirs(x.double(), norm.double(), cos.double(), sin.double())
+        torch_bf16 = theirs(x, norm.bfloat16(), cos, sin)
+        ours = ops.qk_norm_rope(x, norm.weight, norm.eps, H, cos.unflatten(2, (H, D)), sin.unflatten(2, (H, D)),
+                                rope_tables="per_element")
     assert_within_torch_error(ours, oracle, torch_bf16)
 
 

@@ -60,10 +60,14 @@ def _norm_rope_candidates(device, dtype):
 def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=None, out=None, token_block=1,
                  key_padding_mask=None, rope_tables="per_pair"):
     """RMSNorm over the last dimension of x [B, S, H*D] (Wan's norm across heads) with `weight` [H*D] (None:
-    no norm), or over each head's D values with `weight` [D] (HunyuanVideo's per-head norm), then optional
-    interleaved RoPE from diffusers' tables freqs_cos/freqs_sin [1|B, S, 1, D]: rope_tables "per_pair" (Wan's
-    form: pair i reads cos[2i] and sin[2i+1]) or "per_element" (diffusers' apply_rotary_emb, HunyuanVideo's: each
-    element its own entry; 16-bit output only). For repeat-interleaved tables, as both models make, they agree.
+    no norm), or over each head's D values with `weight` [D] (HunyuanVideo's and Mochi's per-head norm), then
+    optional interleaved RoPE from diffusers' tables freqs_cos/freqs_sin, by rope_tables:
+    "per_pair" (Wan's form; tables [1|B, S, 1, D]: pair i reads cos[2i] and sin[2i+1]);
+    "per_element" (diffusers' apply_rotary_emb, HunyuanVideo's and LTX's; [1|B, S, 1|H, D]: each element its own
+    entry; for repeat-interleaved tables it agrees with "per_pair");
+    "pairs" (Mochi's; [1|B, S, 1|H, D / 2]: pair i reads cos[i] and sin[i]).
+    A table dimension of H gives each head its own row (LTX's tables span the whole inner dim); the last two forms
+    for the 16-bit output only.
     Returns a contiguous [B, S, H, D] tensor in x's dtype; with quant="e4m3" or "int8" a pair
     (8-bit [B, S, H, D], fp32 scales [B, H, S]), one scale per (token, head), for attention_8bit.
     token_block=128 (keys): one scale per (128-token block, head) instead, scales [B, H, ceil(S / 128)], the
@@ -80,7 +84,7 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
     if rope_tables not in ref.ROPE_TABLES:
         raise ValueError(f"rope_tables: expected one of {ref.ROPE_TABLES}, got {rope_tables!r}")
     if rope_tables != "per_pair" and quant is not None:
-        raise ValueError("rope_tables: 'per_element' only for the 16-bit output (quant=None)")
+        raise ValueError(f"rope_tables: {rope_tables!r} only for the 16-bit output (quant=None)")
     if out is not None and quant is not None:
         raise ValueError("out: only for the unquantized output (quant=None); the 8-bit output allocates its own")
     if token_block != 1 and (quant is None or token_block != ref.KEY_BLOCK):
@@ -104,8 +108,11 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
     if freqs_cos is not None:
         for name, f in (("freqs_cos", freqs_cos), ("freqs_sin", freqs_sin)):
             check_tensor(name, f, dtypes=FLOATS_OR_F64, ndim=4, device=x.device)
-            if f.shape[0] not in (1, B) or tuple(f.shape[1:]) != (S, 1, head_dim):
-                raise ValueError(f"{name}: expected shape (1 or {B}, {S}, 1, {head_dim}), got {tuple(f.shape)}")
+            width = head_dim // 2 if rope_tables == "pairs" else head_dim
+            per_head = (1,) if rope_tables == "per_pair" else (1, heads)
+            if f.shape[0] not in (1, B) or f.shape[1] != S or f.shape[2] not in per_head or f.shape[3] != width:
+                raise ValueError(f"{name}: expected shape (1 or {B}, {S}, {' or '.join(map(str, per_head))}, {width}) "
+                                 f"for rope_tables={rope_tables!r}, got {tuple(f.shape)}")
         if freqs_cos.stride() != freqs_sin.stride():
             freqs_cos, freqs_sin = freqs_cos.contiguous(), freqs_sin.contiguous()
     if out is not None:

@@ -39,7 +39,19 @@ def apply_rotary_per_element(x, freqs_cos, freqs_sin):
     return (x.float() * freqs_cos + rotated.float() * freqs_sin).to(x.dtype)
 
 
-ROPE_TABLES = ("per_pair", "per_element")  # Wan's apply_rotary_interleaved, diffusers' apply_rotary_emb
+def apply_rotary_pairs(x, freqs_cos, freqs_sin):
+    """Mochi's RoPE on x [B, S, H, D]: pairs (2i, 2i+1) rotated by one table entry per pair, freqs [.., D / 2]
+    (Mochi's are [S, H, D / 2]: per head), in fp32 (or the tables' wider dtype), each half rounded once."""
+    x_even, x_odd = x[..., 0::2].float(), x[..., 1::2].float()
+    cos = (x_even * freqs_cos - x_odd * freqs_sin).to(x.dtype)
+    sin = (x_even * freqs_sin + x_odd * freqs_cos).to(x.dtype)
+    return torch.stack([cos, sin], dim=-1).flatten(-2)
+
+
+# Wan's apply_rotary_interleaved, diffusers' apply_rotary_emb, Mochi's: what each form rotates with
+ROPE_TABLES = ("per_pair", "per_element", "pairs")
+_ROTATIONS = {"per_pair": apply_rotary_interleaved, "per_element": apply_rotary_per_element,
+              "pairs": apply_rotary_pairs}
 
 
 def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, rope_tables="per_pair"):
@@ -47,8 +59,7 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, rope_tab
     optional RoPE (rope_tables: one of ROPE_TABLES)."""
     x = rms_norm_heads(x, weight, eps, heads)
     if freqs_cos is not None:
-        rotate = apply_rotary_per_element if rope_tables == "per_element" else apply_rotary_interleaved
-        x = rotate(x, freqs_cos, freqs_sin)
+        x = _ROTATIONS[rope_tables](x, freqs_cos, freqs_sin)
     return x
 
 

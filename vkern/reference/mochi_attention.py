@@ -5,16 +5,7 @@ row's real prompt tokens (gathered to the front, the rest of the text output zer
 import torch
 import torch.nn.functional as F
 
-from .attention import stream_qkv
-
-
-def _rope(x, freqs_cos, freqs_sin):
-    """Mochi's RoPE: pairs (2i, 2i+1) rotated in float32, per head ([S, H, D / 2] tables)."""
-    x_even = x[..., 0::2].float()
-    x_odd = x[..., 1::2].float()
-    cos = (x_even * freqs_cos - x_odd * freqs_sin).to(x.dtype)
-    sin = (x_even * freqs_sin + x_odd * freqs_cos).to(x.dtype)
-    return torch.stack([cos, sin], dim=-1).flatten(-2)
+from .attention import apply_rotary_pairs, stream_qkv
 
 
 def attend_per_row(query, key, value, encoder_query, encoder_key, encoder_value, attention_mask):
@@ -43,8 +34,8 @@ def mochi_attention(attn, hidden_states, encoder_hidden_states, attention_mask, 
                                                            (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
                                                            (attn.norm_added_q, attn.norm_added_k))
     if image_rotary_emb is not None:
-        query = _rope(query, *image_rotary_emb)
-        key = _rope(key, *image_rotary_emb)
+        query = apply_rotary_pairs(query, *image_rotary_emb)
+        key = apply_rotary_pairs(key, *image_rotary_emb)
 
     streams = [t.transpose(1, 2) for t in (query, key, value, encoder_query, encoder_key, encoder_value)]
     sequence_length, encoder_sequence_length = query.size(1), encoder_query.size(1)

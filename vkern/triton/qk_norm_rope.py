@@ -1,5 +1,6 @@
-"""Fused QK prologue: RMSNorm across heads (Wan; PER_HEAD: over each head, HunyuanVideo) + interleaved 3-axis RoPE +
-[B, S, H, D] layout, one pass,
+"""Fused QK prologue: RMSNorm across heads (Wan, LTX; PER_HEAD: over each head, HunyuanVideo, Mochi) + interleaved
+RoPE (ROPE_FORM: Wan's 3-axis tables, diffusers' apply_rotary_emb or Mochi's per-pair tables, shared by the heads or
+per head) + [B, S, H, D] layout, one pass,
 emitting bf16 (the input dtype) or, for 8-bit attention, e4m3 or int8 with one fp32 scale per (token, head).
 
 One program per token: the row of H*D elements is read once as a [heads, head_dim] tile, its mean square
@@ -20,6 +21,8 @@ from ..reference.attention import KEY_BLOCK
 from ..reference.fp8 import E4M3_INV, INT8_INV  # fp32(1/448), fp32(1/127): exactly the reference's scales
 from ._common import interpreting, round_to, to_e4m3, to_int8
 
+ROPE_FORMS = ("per_pair", "per_element", "pairs")  # the kernel's ROPE_FORM codes
+
 
 @triton.jit
 def _rotate(y, cos, sin, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -31,11 +34,29 @@ def _rotate(y, cos, sin, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 @triton.jit
 def _rotate_per_element(y, cos, sin, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """diffusers' apply_rotary_emb on fp32 rows y [ROWS, BLOCK_D]: out[2i] = y[2i] cos[2i] - y[2i+1] sin[2i],
-    out[2i+1] = y[2i+1] cos[2i+1] + y[2i] sin[2i+1]; cos/sin [1, BLOCK_D] whole (one token's row, every head)."""
+    out[2i+1] = y[2i+1] cos[2i+1] + y[2i] sin[2i+1]; cos/sin [1|ROWS, BLOCK_D] (one token's row for every head, or
+    a row per head)."""
     ye, yo = tl.split(tl.reshape(y, (ROWS, BLOCK_D // 2, 2)))
-    ce, co = tl.split(tl.reshape(cos, (1, BLOCK_D // 2, 2)))
-    se, so = tl.split(tl.reshape(sin, (1, BLOCK_D // 2, 2)))
+    ce, co = tl.split(tl.reshape(cos, (cos.shape[0], BLOCK_D // 2, 2)))
+    se, so = tl.split(tl.reshape(sin, (sin.shape[0], BLOCK_D // 2, 2)))
     return tl.reshape(tl.join(ye * ce - yo * se, yo * co + ye * so), (ROWS, BLOCK_D))
+
+
+@triton.jit
+def _load_tables(cos_ptr, sin_ptr, base, stride_fh, stride_fd, H, VALID: tl.constexpr, WIDTH: tl.constexpr,
+                 PER_HEAD: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One token's cos/sin table entries as fp32 [1, WIDTH] (shared by the heads) or [BLOCK_H, WIDTH] (PER_HEAD: a
+    row per head, stride_fh apart); entries past VALID (or heads past H) read as cos 1, sin 0."""
+    f = tl.arange(0, WIDTH)[None, :]
+    mask = f < VALID
+    ptrs = base + f * stride_fd
+    if PER_HEAD:
+        h = tl.arange(0, BLOCK_H)[:, None]
+        ptrs = ptrs + h * stride_fh
+        mask = mask & (h < H)
+    cos = tl.load(cos_ptr + ptrs, mask=mask, other=1.0).to(tl.float32)
+    sin = tl.load(sin_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+    return cos, sin
 
 
 @triton.jit
@@ -43,11 +64,12 @@ def _qk_norm_rope_kernel(
     x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, scale_ptr,
     S, H,
     stride_xb, stride_xs,
-    stride_fb, stride_fs, stride_fd,
+    stride_fb, stride_fs, stride_fh, stride_fd,
     stride_ob, stride_os, stride_og, stride_oh, heads_per_group,
     eps, q_inv,
     HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, NORM: tl.constexpr, PER_HEAD: tl.constexpr, QUANT: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_RNE: tl.constexpr, ROPE_PER_ELEMENT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_RNE: tl.constexpr, ROPE_FORM: tl.constexpr,
+    TABLE_PER_HEAD: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // S
@@ -73,12 +95,14 @@ def _qk_norm_rope_kernel(
             w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         # Round where torch's RMSNorm rounds: once, after the weight (fp32 math throughout).
         y = round_to(y * r * w, dtype, EMULATE_RNE).to(tl.float32)
-    if HAS_ROPE and ROPE_PER_ELEMENT:  # HunyuanVideo's apply_rotary_emb: every element its own cos/sin
-        f = tl.arange(0, BLOCK_D)[None, :]
-        f_ptrs = b * stride_fb + s * stride_fs + f * stride_fd
-        cos = tl.load(cos_ptr + f_ptrs, mask=f < HEAD_DIM, other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + f_ptrs, mask=f < HEAD_DIM, other=0.0).to(tl.float32)
+    if HAS_ROPE and ROPE_FORM == 1:  # diffusers' apply_rotary_emb (HunyuanVideo, LTX): every element its own entry
+        cos, sin = _load_tables(cos_ptr, sin_ptr, b * stride_fb + s * stride_fs, stride_fh, stride_fd, H, HEAD_DIM,
+                                BLOCK_D, TABLE_PER_HEAD, BLOCK_H)
         y = _rotate_per_element(y, cos, sin, BLOCK_H, BLOCK_D)
+    elif HAS_ROPE and ROPE_FORM == 2:  # Mochi's: one entry per pair
+        cos, sin = _load_tables(cos_ptr, sin_ptr, b * stride_fb + s * stride_fs, stride_fh, stride_fd, H,
+                                HEAD_DIM // 2, BLOCK_D // 2, TABLE_PER_HEAD, BLOCK_H)
+        y = _rotate(y, cos, sin, BLOCK_H, BLOCK_D)
     elif HAS_ROPE:
         # One table row per token, shared by all heads; diffusers uses cos[0::2] and sin[1::2].
         f = tl.arange(0, BLOCK_D)
@@ -165,26 +189,28 @@ def _qk_norm_rope_block_kernel(
 def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, token_block=1, key_padding_mask=None,
                  rope_tables="per_pair"):
     """x [B, S, H*D] (last dim contiguous), weight [H*D] (norm across heads), [D] (per head) or None (no norm),
-    freqs [1|B, S, 1, D] or None;
+    freqs [1|B, S, 1|H, W] or None (see rope_tables);
     out in x's dtype: [B, S, H, D], or [B, S, G, P, D] with G * P >= H (head h -> out[:, :, h // P, h % P];
     slots past H are not written), any strides with the last dim contiguous; or out e4m3/int8
     [B, S, H, D] contiguous with scale fp32 [B, H, S] contiguous; or (token_block = KEY_BLOCK) out
     e4m3/int8 [B, S, H, D] contiguous with scale fp32 [B, H, ceil(S / KEY_BLOCK)] contiguous, one per block, the
-    amax over the tokens key_padding_mask (bool [B, S] contiguous, or None) keeps. rope_tables: "per_pair" (Wan's
-    form) or "per_element" (diffusers' apply_rotary_emb; the 16-bit output only)."""
+    amax over the tokens key_padding_mask (bool [B, S] contiguous, or None) keeps. rope_tables (ROPE_FORMS): "per_pair"
+    (Wan's form: W = D, shared by the heads), or, for the 16-bit output only, "per_element" (diffusers'
+    apply_rotary_emb: W = D) or "pairs" (Mochi's: W = D / 2), shared by the heads or one row per head."""
     B, S, row = x.shape
     head_dim = row // heads
     has_rope = freqs_cos is not None
     if has_rope:
         fb = freqs_cos.stride(0) if freqs_cos.shape[0] > 1 else 0
+        fh = freqs_cos.stride(2) if freqs_cos.shape[2] > 1 else 0
         fs, fd = freqs_cos.stride(1), freqs_cos.stride(3)
         assert freqs_sin.stride() == freqs_cos.stride()
     else:
         freqs_cos = freqs_sin = x  # never read
-        fb = fs = fd = 0
+        fb = fs = fh = fd = 0
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
     per_head = weight is not None and heads > 1 and weight.numel() == head_dim
-    assert rope_tables == "per_pair" or scale is None
+    assert (rope_tables == "per_pair" and fh == 0) or scale is None
     if token_block != 1:
         assert token_block == KEY_BLOCK and out.dtype in (torch.float8_e4m3fn, torch.int8) and scale is not None
         n_blocks = triton.cdiv(S, KEY_BLOCK)
@@ -212,12 +238,12 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
         x, x if weight is None else weight, freqs_cos, freqs_sin, out, out if scale is None else scale,
         S, heads,
         x.stride(0), x.stride(1),
-        fb, fs, fd,
+        fb, fs, fh, fd,
         sob, sos, sog, soh, per_group,
         eps, INT8_INV if quant == 2 else E4M3_INV,
         HEAD_DIM=head_dim, HAS_ROPE=has_rope, NORM=weight is not None, PER_HEAD=per_head, QUANT=quant,
         BLOCK_H=block_h, BLOCK_D=block_d,
-        EMULATE_RNE=interpreting(), ROPE_PER_ELEMENT=rope_tables == "per_element",
+        EMULATE_RNE=interpreting(), ROPE_FORM=ROPE_FORMS.index(rope_tables), TABLE_PER_HEAD=fh != 0,
         num_warps=max(1, min(8, block_h * block_d // 512)),
     )
     return out
