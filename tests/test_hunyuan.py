@@ -133,33 +133,6 @@ def test_batch_rows_keep_their_own_prompt_lengths(name, mode, device, monkeypatc
     assert rel_l2(alone[0], alone[1]) > 1e-3  # the rows differ, so a mask taken from the wrong row would show
 
 
-# (2 dual-stream blocks x 2 calls + 2 single-stream x 4; HunyuanVideo 1.5: 2 blocks x 2)
-@pytest.mark.parametrize("name, calls", [("hunyuan", 12), ("framepack", 12), ("hunyuan15", 4)])
-def test_fused_norm_rope_is_one_pass_per_q_and_k(name, calls, monkeypatch):
-    """fused_qk_norm_rope (default): q's and k's per-head RMSNorm + RoPE through vkern.ops.qk_norm_rope (dual-stream
-    and 1.5 blocks: one call each; single-stream: two each, the video part with RoPE, the appended text without);
-    off: diffusers' ops. Both within float32 rounding of each other."""
-    from vkern import ops
-
-    builders = {"hunyuan": (models.build_hunyuan_transformer, models.hunyuan_transformer_inputs),
-                "framepack": (models.build_framepack_transformer, models.framepack_transformer_inputs),
-                "hunyuan15": (models.build_hunyuan15_transformer, models.hunyuan15_transformer_inputs)}
-    make, make_inputs = builders[name]
-    torch.manual_seed(0)
-    model = make("tiny", torch.float32, "cpu")
-    x = make_inputs(model, "tiny", torch.float32, "cpu")
-    seen = []
-    original = ops.qk_norm_rope
-    monkeypatch.setattr(ops, "qk_norm_rope", lambda *a, **k: seen.append(k.get("rope_tables")) or original(*a, **k))
-    outs = []
-    for fused in (True, False):
-        seen.clear()
-        with vkern.patch(model, vkern.PatchConfig(fused_qk_norm_rope=fused)):
-            outs.append(forward(model, x))
-        assert len(seen) == (calls if fused else 0)
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("form", ["no norm", "no weight", "bias"])
 def test_fused_norm_rope_leaves_other_norms_to_diffusers(form):
     """What the kernel does not compute (no norm, an RMSNorm without weight or with a bias) runs diffusers' ops: the

@@ -304,6 +304,71 @@ def test_a_diffusers_attention_backend_is_named_when_replaced(name):
                                                                    "LTX2AudioVideoAttnProcessor"))
 
 
+# q/k prologue passes per tiny-model forward with fused_qk_norm_rope on (off: none): HunyuanVideo 2 dual-stream blocks
+# x 2 + 2 single-stream x 4 (the video part with RoPE, the appended text without); 1.5: 2 x 2; Mochi: 2 x 2 (the
+# video's q and k); LTX-Video: 2 blocks x 2 attentions x 2; LTX-2: 2 blocks x 6 attentions x 2; SkyReels-V2 (Wan's
+# processor): 2 blocks x 2 attentions x 2
+PROLOGUE_PASSES = {"hunyuan": 12, "framepack": 12, "hunyuan15": 4, "mochi": 4, "ltx": 8, "ltx2": 24, "skyreels": 8}
+
+
+@pytest.mark.parametrize("name", list(PROLOGUE_PASSES))
+def test_fused_qk_norm_rope_is_one_pass_per_q_and_k(name, monkeypatch):
+    """fused_qk_norm_rope (default): each q and k norm (+ RoPE) is one vkern.ops.qk_norm_rope pass; off: diffusers'
+    ops. Both within float32 rounding of each other."""
+    from vkern import ops
+
+    passes = []
+    original = ops.qk_norm_rope
+    monkeypatch.setattr(ops, "qk_norm_rope", lambda *a, **k: passes.append(1) or original(*a, **k))
+    model = build(name)
+    inputs = inputs_for(name, model)
+    outs = []
+    for fused in (True, False):
+        passes.clear()
+        with vkern.patch(model, vkern.PatchConfig(fused_qk_norm_rope=fused)):
+            outs.append(forward(model, inputs))
+        assert len(passes) == (PROLOGUE_PASSES[name] if fused else 0)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def _prologue_cases():
+    """(the fused prologue, diffusers' prologue, its arguments) where the kernel computes something else: no norm, a
+    norm without weight or eps, tables of another shape, LTX-2's split RoPE."""
+    from diffusers.models.normalization import MochiRMSNorm
+
+    from vkern.modules import ltx2_attention, ltx_attention, mochi_attention
+    from vkern.reference import ltx2_attention as ltx2_ref
+    from vkern.reference import ltx_attention as ltx_ref
+    from vkern.reference import mochi_attention as mochi_ref
+
+    S, H, D = 12, 2, 32
+    x = torch.randn(1, S, H * D)
+    angles = torch.rand(S, H, D // 2)
+    mochi_rope = (angles.cos(), angles.sin())
+    whole = torch.rand(1, S, H * D)
+    ltx_rope = (whole.cos(), whole.sin())
+    split = torch.rand(1, H, S, D // 2)
+    mochi = (mochi_attention.fused_norm_rope, mochi_ref.norm_rope)
+    ltx = (ltx_attention.fused_norm_rope, ltx_ref.norm_rope)
+    ltx2 = (ltx2_attention.fused_ltx2_norm_rope, ltx2_ref.norm_rope)
+    return {"mochi-no-norm": (*mochi, (x, None, H, mochi_rope)),
+            "mochi-no-weight": (*mochi, (x, MochiRMSNorm(D, 1e-5, elementwise_affine=False), H, mochi_rope)),
+            "mochi-shared-tables": (*mochi, (x, MochiRMSNorm(D, 1e-5), H, tuple(t[:, :1] for t in mochi_rope))),
+            "ltx-no-weight": (*ltx, (x, torch.nn.RMSNorm(H * D, 1e-6, elementwise_affine=False), H, ltx_rope)),
+            "ltx-no-eps": (*ltx, (x, torch.nn.RMSNorm(H * D), H, ltx_rope)),
+            "ltx-2d-tables": (*ltx, (x, torch.nn.RMSNorm(H * D, 1e-6), H, tuple(t[0] for t in ltx_rope))),
+            "ltx2-split": (*ltx2, (x, torch.nn.RMSNorm(H * D, 1e-6), H, (split.cos(), split.sin()), "split"))}
+
+
+@pytest.mark.parametrize("case", list(_prologue_cases()))
+def test_fused_prologue_leaves_other_forms_to_diffusers(case):
+    """What the kernel does not compute runs diffusers' ops (Mochi, LTX-Video, LTX-2; HunyuanVideo's in
+    test_hunyuan.py): the result is theirs exactly."""
+    fused, theirs, args = _prologue_cases()[case]
+    with torch.no_grad():
+        assert torch.equal(fused(*args), theirs(*args))
+
+
 def test_each_adapter_names_the_models_it_takes():
     from vkern.patch import ADAPTERS, supported_models
 

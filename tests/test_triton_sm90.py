@@ -74,7 +74,7 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     launched = {(s["module"], s["name"]) for s in specs}
     assert _vkern_kernels() <= launched, f"never launched here: {sorted(_vkern_kernels() - launched)}"
     results = triton_sm90.compile_all(specs, str(tmp_path))
-    assert len(results) >= len(specs)
+    assert len(results) == len(specs)
     assert not _failures(results), "\n".join(_failures(results))
     print(f"{len(specs)} launch specializations, {len(results)} sm_90 compiles")
 

@@ -5,8 +5,9 @@ skips the constexpr branches a GPU takes). `record()` notes each interpreted lau
 specialize it (argument types, 16-byte divisibility, constexprs, num_warps / num_stages); `compile_all()`
 compiles each distinct one for sm_90 in a fresh process (no interpreter there), through ptxas, as a GPU launch
 would. Interpreter-only switches (EMULATE_RNE, UPCAST, INTERPRET) are compiled as the GPU sets them (off), and
-an autotuned kernel is compiled in each of its GPU configs.
+an autotuned kernel's launches in its GPU configs, in turn.
 """
+import collections
 import importlib
 import inspect
 import json
@@ -66,7 +67,11 @@ def record():
     def run(self, *args, grid, warmup, **kwargs):
         if self.fn.__module__.startswith("vkern."):
             spec = spec_of(self.fn, args, kwargs)
-            _recorded.setdefault(json.dumps(spec, sort_keys=True, default=str), spec)
+            # one compile per kernel, types, constexprs and options; of the launches that differ only in 16-byte
+            # divisibility, the most divisible (what large real shapes see, the vectorized code)
+            key = json.dumps({k: v for k, v in spec.items() if k != "attrs"}, sort_keys=True, default=str)
+            if len(spec["attrs"]) > len(_recorded.get(key, {}).get("attrs", ())):
+                _recorded[key] = spec
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     run._vkern_recording = True
@@ -77,17 +82,19 @@ def recorded():
     return list(_recorded.values())
 
 
-def _gpu_variants(spec):
-    """spec, or one spec per GPU config when a module-level triton.autotune wraps the kernel."""
+def _gpu_variant(spec):
+    """spec, or, when a module-level triton.autotune wraps the kernel, spec in one of its GPU configs: the
+    spec["turn"]-th, so that the launches of a kernel go through its configs in turn (each config compiled, without
+    compiling every launch in every config)."""
     import triton
 
     module = importlib.import_module(spec["module"])
     for value in vars(module).values():
         if isinstance(value, triton.runtime.Autotuner) and value.fn.__name__ == spec["name"]:
-            return [dict(spec, constexprs={**spec["constexprs"], **config.kwargs},
-                         options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-                    for config in value.configs]
-    return [spec]
+            config = value.configs[spec["turn"] % len(value.configs)]
+            return dict(spec, constexprs={**spec["constexprs"], **config.kwargs},
+                        options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    return spec
 
 
 def _compile(spec):
@@ -111,17 +118,22 @@ def _worker(specs_path):
     with open(specs_path) as f:
         specs = json.load(f)
     for spec in specs:
-        for variant in _gpu_variants(spec):
-            try:
-                shared = _compile(variant)
-                result = dict(ok=True, shared=shared)
-            except Exception as err:  # reported per launch, with the compiler's message
-                result = dict(ok=False, error=f"{type(err).__name__}: {str(err)[-2000:]}")
-            print(json.dumps(dict(variant, **result), default=str), flush=True)
+        variant = _gpu_variant(spec)
+        try:
+            shared = _compile(variant)
+            result = dict(ok=True, shared=shared)
+        except Exception as err:  # reported per launch, with the compiler's message
+            result = dict(ok=False, error=f"{type(err).__name__}: {str(err)[-2000:]}")
+        print(json.dumps(dict(variant, **result), default=str), flush=True)
 
 
 def compile_all(specs, tmp_path, timeout=3600):
-    """Compile specs for sm_90 in fresh processes, one per CPU core; returns one result dict per compiled variant."""
+    """Compile specs for sm_90 in fresh processes, one per CPU core; returns one result dict per spec."""
+    turns, numbered = collections.Counter(), []
+    for spec in specs:  # the n-th launch of a kernel takes its n-th autotune config (_gpu_variant)
+        numbered.append(dict(spec, turn=turns[spec["name"]]))
+        turns[spec["name"]] += 1
+    specs = numbered
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     workers = max(1, min(len(specs), os.cpu_count() or 1))

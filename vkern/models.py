@@ -236,7 +236,10 @@ MOCHI_TEXT_TOKENS = {"tiny": (16, 11), "real": (256, 200)}  # (tokens, of which 
 
 
 def build_mochi_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
-    return _build("MochiTransformer3DModel", {**MOCHI_TRANSFORMERS[size], **overrides}, dtype, device)
+    model = _build("MochiTransformer3DModel", {**MOCHI_TRANSFORMERS[size], **overrides}, dtype, device)
+    with torch.no_grad():  # diffusers starts its learned RoPE frequencies at 0 (no rotation); a trained model's are not
+        model.pos_frequencies.normal_(0.0, 0.5)
+    return model
 
 
 def mochi_transformer_inputs(model, res, dtype, device, batch=1):

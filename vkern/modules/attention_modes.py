@@ -1,5 +1,5 @@
-"""What vkern's processors for the other model families (HunyuanVideo, CogVideoX, LTX-Video) share: the attention
-mode, and the attention step (a diffusers processor's mask and the mode -> the vkern op that runs it) they hand to
+"""What vkern's processors for the other model families (HunyuanVideo, CogVideoX, LTX-Video, Mochi) share: the
+attention mode, the fused q/k prologue's switch, and the attention step (a diffusers processor's mask and the mode -> the vkern op that runs it) they hand to
 their family's reference processor."""
 import functools
 import warnings
@@ -37,6 +37,23 @@ class VkernProcessor:
 
     def __repr__(self):
         return f"{type(self).__name__}(attention={self.attention!r})"
+
+
+class VkernPrologueProcessor(VkernProcessor):
+    """A VkernProcessor whose family has a q/k prologue (norm + RoPE) the kernel fuses; fused_qk_norm_rope
+    (PatchConfig's) turns that on."""
+
+    def __init__(self, attention="auto", fused_qk_norm_rope=True):
+        super().__init__(attention)
+        self.fused_qk_norm_rope = fused_qk_norm_rope
+
+    def prologue_step(self, attn, fused, diffusers_step, *tensors):
+        """The q/k prologue for this call: `fused` where the kernels run and fused_qk_norm_rope is on, else
+        diffusers_step."""
+        return fused if self.fused_qk_norm_rope and self.uses_kernels(attn, *tensors) else diffusers_step
+
+    def __repr__(self):
+        return f"{type(self).__name__}(attention={self.attention!r}, fused_qk_norm_rope={self.fused_qk_norm_rope})"
 
 
 def _heads_first(step, q, k, v, attention_mask):

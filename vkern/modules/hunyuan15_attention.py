@@ -13,11 +13,11 @@ class VkernHunyuanVideo15AttnProcessor(VkernHunyuanVideoAttnProcessor):
     projections and the text stream's norms stay diffusers' ops."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        attend, norm_rope = ref.padded_joint_attention, None
+        attend = ref.padded_joint_attention
         if self.uses_kernels(attn, hidden_states, encoder_hidden_states):
             text = 0 if attention_mask is None else attention_mask.shape[1]
             attend = functools.partial(_key_padded, self.kernel_step(), text)
-            norm_rope = fused_head_norm_rope if self.fused_qk_norm_rope else None
+        norm_rope = self.prologue_step(attn, fused_head_norm_rope, None, hidden_states, encoder_hidden_states)
         return ref.hunyuan_video15_attention(attn, hidden_states, encoder_hidden_states, attention_mask,
                                              image_rotary_emb, attend=attend, norm_rope=norm_rope)
 

@@ -6,5 +6,5 @@ from .processors import ProcessorAdapter
 
 _HERE = "diffusers.models.transformers.transformer_ltx."
 ADAPTER = ProcessorAdapter(_HERE + "LTXVideoTransformer3DModel", [_HERE + "LTXVideoAttnProcessor"],
-                           lambda config, _: VkernLTXVideoAttnProcessor(config.attention),
+                           lambda config, _: VkernLTXVideoAttnProcessor(config.attention, config.fused_qk_norm_rope),
                            "LTX-Video attention processor")

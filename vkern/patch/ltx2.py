@@ -10,7 +10,7 @@ _HERE = "diffusers.models.transformers.transformer_ltx2."
 
 def _processor(config, original):
     perturbed = type(original).__name__ == "LTX2PerturbedAttnProcessor"
-    return (VkernLTX2PerturbedAttnProcessor if perturbed else VkernLTX2AttnProcessor)(config.attention)
+    return (VkernLTX2PerturbedAttnProcessor if perturbed else VkernLTX2AttnProcessor)(config.attention, config.fused_qk_norm_rope)
 
 
 ADAPTER = ProcessorAdapter(_HERE + "LTX2VideoTransformer3DModel",

@@ -5,5 +5,5 @@ from .processors import ProcessorAdapter
 
 ADAPTER = ProcessorAdapter("diffusers.models.transformers.transformer_mochi.MochiTransformer3DModel",
                            ["diffusers.models.attention_processor.MochiAttnProcessor2_0"],
-                           lambda config, _: VkernMochiAttnProcessor(config.attention),
+                           lambda config, _: VkernMochiAttnProcessor(config.attention, config.fused_qk_norm_rope),
                            "Mochi attention processor")

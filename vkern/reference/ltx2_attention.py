@@ -12,20 +12,25 @@ from .attention import attention
 from .ltx_attention import mask_and_context
 
 
-def _rope(x, freqs, rope_type):
+def norm_rope(x, norm, heads, freqs, rope_type):
+    """diffusers' q/k prologue: a projection [B, S, heads * D] through its norm (across heads), then RoPE of
+    `rope_type` over the whole inner dim (freqs None: none), split into heads."""
     from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb, apply_split_rotary_emb
 
-    if rope_type == "interleaved":
-        return apply_interleaved_rotary_emb(x, freqs)
-    if rope_type == "split":
-        return apply_split_rotary_emb(x, freqs)
-    return x  # (diffusers applies none for another rope_type)
+    x = norm(x)
+    if freqs is not None and rope_type == "interleaved":
+        x = apply_interleaved_rotary_emb(x, freqs)
+    elif freqs is not None and rope_type == "split":
+        x = apply_split_rotary_emb(x, freqs)  # (diffusers applies none for another rope_type)
+    return x.unflatten(2, (heads, -1))
 
 
 def ltx2_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, query_rotary_emb=None,
-                   key_rotary_emb=None, perturbation_mask=None, all_perturbed=None, attend=attention):
+                   key_rotary_emb=None, perturbation_mask=None, all_perturbed=None, attend=attention,
+                   norm_rope=norm_rope):
     """LTX2PerturbedAttnProcessor.__call__ (with perturbation_mask and all_perturbed None: LTX2AudioVideoAttnProcessor's
-    result); attend(q, k, v, attention_mask) on [B, S, H, D] tensors runs the attention."""
+    result); attend(q, k, v, attention_mask) on [B, S, H, D] tensors runs the attention; norm_rope: the q/k prologue
+    (norm_rope's form)."""
     attention_mask, encoder_hidden_states = mask_and_context(attn, hidden_states, encoder_hidden_states, attention_mask)
     gate_logits = attn.to_gate_logits(hidden_states) if attn.to_gate_logits is not None else None
 
@@ -35,12 +40,11 @@ def ltx2_attention(attn, hidden_states, encoder_hidden_states=None, attention_ma
     if all_perturbed:  # spatio-temporal guidance: the values stand in for the attention
         hidden_states = value
     else:
-        query = attn.norm_q(attn.to_q(hidden_states))
-        key = attn.norm_k(attn.to_k(encoder_hidden_states))
-        if query_rotary_emb is not None:
-            query = _rope(query, query_rotary_emb, attn.rope_type)
-            key = _rope(key, key_rotary_emb if key_rotary_emb is not None else query_rotary_emb, attn.rope_type)
-        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        key_rotary_emb = key_rotary_emb if key_rotary_emb is not None else query_rotary_emb
+        query = norm_rope(attn.to_q(hidden_states), attn.norm_q, attn.heads, query_rotary_emb, attn.rope_type)
+        key = norm_rope(attn.to_k(encoder_hidden_states), attn.norm_k, attn.heads,
+                        key_rotary_emb if query_rotary_emb is not None else None, attn.rope_type)
+        value = value.unflatten(2, (attn.heads, -1))
         hidden_states = attend(query, key, value, attention_mask).flatten(2, 3).to(query.dtype)
         if perturbation_mask is not None:
             hidden_states = torch.lerp(value.flatten(2, 3), hidden_states, perturbation_mask)

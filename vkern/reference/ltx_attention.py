@@ -5,22 +5,24 @@ model turns the prompt's mask into an additive bias, [B, 1, N] of 0 / -10000, a 
 from .attention import attention
 
 
+def norm_rope(x, norm, heads, freqs):
+    """diffusers' q/k prologue: a projection [B, S, heads * D] through its norm (across heads), then RoPE over the
+    whole inner dim (apply_rotary_emb; freqs None: none), split into heads."""
+    from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+    x = norm(x)
+    return (x if freqs is None else apply_rotary_emb(x, freqs)).unflatten(2, (heads, -1))
+
+
 def ltx_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                  attend=attention):
-    """LTXVideoAttnProcessor.__call__; attend(q, k, v, attention_mask) on [B, S, H, D] tensors runs the attention."""
+                  attend=attention, norm_rope=norm_rope):
+    """LTXVideoAttnProcessor.__call__; attend(q, k, v, attention_mask) on [B, S, H, D] tensors runs the attention;
+    norm_rope: the q/k prologue (norm_rope's form)."""
     attention_mask, encoder_hidden_states = mask_and_context(attn, hidden_states, encoder_hidden_states, attention_mask)
 
-    query = attn.to_q(hidden_states)
-    key = attn.to_k(encoder_hidden_states)
-    value = attn.to_v(encoder_hidden_states)
-    query = attn.norm_q(query)
-    key = attn.norm_k(key)
-    if image_rotary_emb is not None:
-        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
-
-        query = apply_rotary_emb(query, image_rotary_emb)
-        key = apply_rotary_emb(key, image_rotary_emb)
-    query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+    query = norm_rope(attn.to_q(hidden_states), attn.norm_q, attn.heads, image_rotary_emb)
+    key = norm_rope(attn.to_k(encoder_hidden_states), attn.norm_k, attn.heads, image_rotary_emb)
+    value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
 
     hidden_states = attend(query, key, value, attention_mask).flatten(2, 3).to(query.dtype)
     return attn.to_out[1](attn.to_out[0](hidden_states))

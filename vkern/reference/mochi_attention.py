@@ -24,18 +24,26 @@ def attend_per_row(query, key, value, encoder_query, encoder_key, encoder_value,
     return torch.cat(attn_outputs, dim=0)
 
 
+def norm_rope(x, norm, heads, image_rotary_emb):
+    """diffusers' video q/k prologue: a projection [B, S, heads * D] split into heads, its per-head norm (None: none),
+    then RoPE with [S, H, D / 2] tables (None: none)."""
+    x = x.unflatten(2, (heads, -1))
+    x = x if norm is None else norm(x)
+    return x if image_rotary_emb is None else apply_rotary_pairs(x, *image_rotary_emb)
+
+
 def mochi_attention(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None,
-                    attend=attend_per_row):
+                    attend=attend_per_row, norm_rope=norm_rope):
     """MochiAttnProcessor2_0.__call__; attend(query, key, value, encoder_query, encoder_key, encoder_value,
-    attention_mask) on heads-first tensors returns the joint output [B, H, S + T, D] (attend_per_row's form).
-    Returns (hidden_states, encoder_hidden_states) as diffusers does."""
-    query, key, value = stream_qkv(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
+    attention_mask) on heads-first tensors returns the joint output [B, H, S + T, D] (attend_per_row's form);
+    norm_rope: the video q/k prologue (norm_rope's form). Returns (hidden_states, encoder_hidden_states) as diffusers
+    does."""
+    query, key = (norm_rope(proj(hidden_states), norm, attn.heads, image_rotary_emb)
+                  for proj, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k)))
+    value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
     encoder_query, encoder_key, encoder_value = stream_qkv(attn, encoder_hidden_states,
                                                            (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
                                                            (attn.norm_added_q, attn.norm_added_k))
-    if image_rotary_emb is not None:
-        query = apply_rotary_pairs(query, *image_rotary_emb)
-        key = apply_rotary_pairs(key, *image_rotary_emb)
 
     streams = [t.transpose(1, 2) for t in (query, key, value, encoder_query, encoder_key, encoder_value)]
     sequence_length, encoder_sequence_length = query.size(1), encoder_query.size(1)
