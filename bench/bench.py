@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import inspect
 import json
 import os
 import subprocess
@@ -446,7 +447,8 @@ def _attention_module(name, providers, args, op="attn-module", setup=None):
     """An attention module call (q/k/v projections, norms, RoPE, attention, output projections; the joint ones over
     video and text), made by setup(arg) (ATTENTION_MODULES): diffusers' processor on PyTorch's own SDPA choice
     ("diffusers") or with SDPA held to one backend ("diffusers-efficient", "diffusers-cudnn"), vs vkern's processor
-    per attention mode ("vkern-<mode>"); rel_l2 against the first provider's output."""
+    per attention mode ("vkern-<mode>"; "vkern-auto-unfused": its q/k norm + RoPE as diffusers' ops); rel_l2 against
+    the first provider's output."""
     from torch.nn.attention import SDPBackend
 
     setup, arg = setup or ATTENTION_MODULES[name]
@@ -456,6 +458,8 @@ def _attention_module(name, providers, args, op="attn-module", setup=None):
     attn.to(DT).eval().requires_grad_(False)
     forced = {"diffusers-efficient": SDPBackend.EFFICIENT_ATTENTION, "diffusers-cudnn": SDPBackend.CUDNN_ATTENTION}
     processors = {**{p: diffusers_processor() for p in anchors}, **{f"vkern-{m}": vkern_processor(m) for m in modes}}
+    if "fused_qk_norm_rope" in inspect.signature(vkern_processor).parameters:  # the fused q/k prologue's share
+        processors["vkern-auto-unfused"] = vkern_processor("auto", fused_qk_norm_rope=False)
     heads, head_dim, tokens = dims["heads"], dims["head_dim"], dims["tokens"]
     dim = heads * head_dim
     flops = 4 * heads * tokens * tokens * head_dim + 4 * 2 * tokens * dim * dim
