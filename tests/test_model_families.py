@@ -307,8 +307,9 @@ def test_a_diffusers_attention_backend_is_named_when_replaced(name):
 # q/k prologue passes per tiny-model forward with fused_qk_norm_rope on (off: none): HunyuanVideo 2 dual-stream blocks
 # x 2 + 2 single-stream x 4 (the video part with RoPE, the appended text without); 1.5: 2 x 2; Mochi: 2 x 2 (the
 # video's q and k); LTX-Video: 2 blocks x 2 attentions x 2; LTX-2: 2 blocks x 6 attentions x 2; SkyReels-V2 (Wan's
-# processor): 2 blocks x 2 attentions x 2
-PROLOGUE_PASSES = {"hunyuan": 12, "framepack": 12, "hunyuan15": 4, "mochi": 4, "ltx": 8, "ltx2": 24, "skyreels": 8}
+# processor): 2 blocks x 2 attentions x 2; CogVideoX: 2 blocks x 2 (the text, the video with RoPE) x 2
+PROLOGUE_PASSES = {"hunyuan": 12, "framepack": 12, "hunyuan15": 4, "mochi": 4, "ltx": 8, "ltx2": 24, "skyreels": 8,
+                   "cogvideox": 8}
 
 
 @pytest.mark.parametrize("name", list(PROLOGUE_PASSES))
@@ -336,7 +337,8 @@ def _prologue_cases():
     norm without weight or eps, tables of another shape, LTX-2's split RoPE."""
     from diffusers.models.normalization import MochiRMSNorm
 
-    from vkern.modules import ltx2_attention, ltx_attention, mochi_attention
+    from vkern.modules import cogvideox_attention, ltx2_attention, ltx_attention, mochi_attention
+    from vkern.reference import cogvideox_attention as cogvideox_ref
     from vkern.reference import ltx2_attention as ltx2_ref
     from vkern.reference import ltx_attention as ltx_ref
     from vkern.reference import mochi_attention as mochi_ref
@@ -351,7 +353,13 @@ def _prologue_cases():
     mochi = (mochi_attention.fused_norm_rope, mochi_ref.norm_rope)
     ltx = (ltx_attention.fused_norm_rope, ltx_ref.norm_rope)
     ltx2 = (ltx2_attention.fused_ltx2_norm_rope, ltx2_ref.norm_rope)
-    return {"mochi-no-norm": (*mochi, (x, None, H, mochi_rope)),
+    cog = (cogvideox_attention.fused_norm_rope, cogvideox_ref.norm_rope)
+    cog_angles = torch.rand(S - 4, D)
+    cog_rope = (cog_angles.cos(), cog_angles.sin())
+    return {"cogvideox-no-norm": (*cog, (x, None, H, cog_rope, 4)),
+            "cogvideox-no-bias": (*cog, (x, torch.nn.LayerNorm(D, 1e-6, bias=False), H, cog_rope, 4)),
+            "cogvideox-rms-norm": (*cog, (x, torch.nn.RMSNorm(D, 1e-6), H, cog_rope, 4)),
+            "mochi-no-norm": (*mochi, (x, None, H, mochi_rope)),
             "mochi-no-weight": (*mochi, (x, MochiRMSNorm(D, 1e-5, elementwise_affine=False), H, mochi_rope)),
             "mochi-shared-tables": (*mochi, (x, MochiRMSNorm(D, 1e-5), H, tuple(t[:, :1] for t in mochi_rope))),
             "ltx-no-weight": (*ltx, (x, torch.nn.RMSNorm(H * D, 1e-6, elementwise_affine=False), H, ltx_rope)),
@@ -362,7 +370,7 @@ def _prologue_cases():
 
 @pytest.mark.parametrize("case", list(_prologue_cases()))
 def test_fused_prologue_leaves_other_forms_to_diffusers(case):
-    """What the kernel does not compute runs diffusers' ops (Mochi, LTX-Video, LTX-2; HunyuanVideo's in
+    """What the kernel does not compute runs diffusers' ops (CogVideoX, Mochi, LTX-Video, LTX-2; HunyuanVideo's in
     test_hunyuan.py): the result is theirs exactly."""
     fused, theirs, args = _prologue_cases()[case]
     with torch.no_grad():

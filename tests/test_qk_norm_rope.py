@@ -216,6 +216,62 @@ def test_whole_dim_tables_are_ltxs(device):
     assert_within_torch_error(ours, oracle, torch_bf16)
 
 
+@pytest.mark.parametrize("S", [1, 113])
+@pytest.mark.parametrize("H,D", [(2, 48), (3, 64)])
+@pytest.mark.parametrize("rope", [False, True])
+def test_layer_norm_triton_matches_reference_on_cpu(S, H, D, rope):
+    """norm="layer" (a LayerNorm over each head, CogVideoX's), with or without per-element RoPE, at a head dim the
+    tile pads (48) and one it does not: the Triton kernel against the reference, in both output forms."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter check; the GPU test covers the compiled kernel")
+    x, _ = prologue_inputs(2, S, H, D, torch.bfloat16, "cpu")
+    x = x + 3  # a mean the norm must take out
+    w, b = (1 + 0.1 * torch.randn(D)).bfloat16(), (0.1 * torch.randn(D)).bfloat16()
+    tables = rope_tables("per_element", S, H, D, per_head=False) if rope else ()
+    got = ops.qk_norm_rope(x, w, 1e-6, H, *tables, rope_tables="per_element", norm="layer", bias=b)
+    out = torch.empty_like(got)
+    ops.qk_norm_rope(x, w, 1e-6, H, *tables, out=out, rope_tables="per_element", norm="layer", bias=b)
+    assert ops._backend.last_choice["qk_norm_rope"] == "triton"
+    expected = ref.qk_norm_rope(x, w, 1e-6, H, *tables, rope_tables="per_element", bias=b)
+    assert torch.equal(got, out)
+    assert (got != expected).float().mean().item() < 0.01
+    oracle = ref.qk_norm_rope(x.double(), w.double(), 1e-6, H, *(t.double() for t in tables),
+                              rope_tables="per_element", bias=b.double())
+    assert_within_torch_error(got, oracle, expected)
+    assert rel_l2(expected, ref.qk_norm_rope(x, w, 1e-6, H, *tables, rope_tables="per_element")) > 0.05  # not RMS
+    with pytest.raises(ValueError, match="bias: the LayerNorm's"):
+        ops.qk_norm_rope(x, w, 1e-6, H, bias=b)
+    with pytest.raises(ValueError, match=r"weight: norm='layer' takes a LayerNorm over each head"):
+        ops.qk_norm_rope(x, torch.ones(H * D), 1e-6, H, norm="layer", bias=b)
+    with pytest.raises(ValueError, match="norm: 'layer' only for the 16-bit output"):
+        ops.qk_norm_rope(x, w, 1e-6, H, quant="int8", norm="layer", bias=b)
+
+
+def test_layer_norm_is_cogvideoxs(device):
+    """CogVideoX's attention prologue (its norm_q, torch's LayerNorm over each head, then diffusers' apply_rotary_emb
+    on the heads-first video tokens) against norm="layer" with rope_tables="per_element", within 2x of their bf16
+    error vs fp64."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    S, H, D = 300, 4, 64
+    x, _ = prologue_inputs(1, S, H, D, torch.bfloat16, device)
+    norm = torch.nn.LayerNorm(D, eps=1e-6).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(D))
+        norm.bias.copy_(0.1 * torch.randn(D))
+    cos, sin = (t[0, :, 0] for t in rope_tables("per_element", S, H, D, per_head=False, device=device))
+
+    def theirs(x, norm, cos, sin):
+        return apply_rotary_emb(norm(x.unflatten(2, (H, D)).transpose(1, 2)), (cos, sin)).transpose(1, 2)
+
+    with torch.no_grad():
+        oracle = theirs(x.double(), norm.double(), cos.double(), sin.double())
+        torch_bf16 = theirs(x, norm.bfloat16(), cos, sin)
+        ours = ops.qk_norm_rope(x, norm.weight, norm.eps, H, cos[None, :, None], sin[None, :, None],
+                                rope_tables="per_element", norm="layer", bias=norm.bias)
+    assert_within_torch_error(ours, oracle, torch_bf16)
+
+
 def test_norm_without_rope_and_fp32():
     x, w = prologue_inputs(1, 40, 4, 64, torch.float32, "cpu", fused_qkv=False)
     out = ops.qk_norm_rope(x, w, 1e-5, 4)

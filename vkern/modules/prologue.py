@@ -13,6 +13,12 @@ def kernel_rms_norm(norm, dim):
             and getattr(norm, "eps", None) is not None)
 
 
+def kernel_layer_norm(norm, dim):
+    """norm is torch's LayerNorm over `dim` values with a weight and a bias (CogVideoX's per-head q/k norm)."""
+    return (isinstance(norm, torch.nn.LayerNorm) and tuple(norm.normalized_shape) == (dim,)
+            and torch.is_tensor(norm.weight) and torch.is_tensor(norm.bias))
+
+
 def table_pair(rope, shape):
     """rope is a (cos, sin) pair of tensors of `shape` (a tuple, or a set of tuples)."""
     shapes = shape if isinstance(shape, set) else {shape}

@@ -58,7 +58,7 @@ def _norm_rope_candidates(device, dtype):
 
 
 def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=None, out=None, token_block=1,
-                 key_padding_mask=None, rope_tables="per_pair"):
+                 key_padding_mask=None, rope_tables="per_pair", norm="rms", bias=None):
     """RMSNorm over the last dimension of x [B, S, H*D] (Wan's norm across heads) with `weight` [H*D] (None:
     no norm), or over each head's D values with `weight` [D] (HunyuanVideo's and Mochi's per-head norm), then
     optional interleaved RoPE from diffusers' tables freqs_cos/freqs_sin, by rope_tables:
@@ -67,7 +67,8 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
     entry; for repeat-interleaved tables it agrees with "per_pair");
     "pairs" (Mochi's; [1|B, S, 1|H, D / 2]: pair i reads cos[i] and sin[i]).
     A table dimension of H gives each head its own row (LTX's tables span the whole inner dim); the last two forms
-    for the 16-bit output only.
+    for the 16-bit output only. norm="layer" (16-bit output only): a LayerNorm over each head's D values with weight
+    [D] and bias [D] (CogVideoX's norm_q/norm_k) instead of the RMSNorm; fp32 math, one rounding, as torch's.
     Returns a contiguous [B, S, H, D] tensor in x's dtype; with quant="e4m3" or "int8" a pair
     (8-bit [B, S, H, D], fp32 scales [B, H, S]), one scale per (token, head), for attention_8bit.
     token_block=128 (keys): one scale per (128-token block, head) instead, scales [B, H, ceil(S / 128)], the
@@ -85,6 +86,12 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
         raise ValueError(f"rope_tables: expected one of {ref.ROPE_TABLES}, got {rope_tables!r}")
     if rope_tables != "per_pair" and quant is not None:
         raise ValueError(f"rope_tables: {rope_tables!r} only for the 16-bit output (quant=None)")
+    if norm not in ("rms", "layer"):
+        raise ValueError(f"norm: expected 'rms' or 'layer', got {norm!r}")
+    if (norm == "layer") != (bias is not None):
+        raise ValueError("bias: the LayerNorm's (norm='layer'), and only then")
+    if norm == "layer" and quant is not None:
+        raise ValueError("norm: 'layer' only for the 16-bit output (quant=None)")
     if out is not None and quant is not None:
         raise ValueError("out: only for the unquantized output (quant=None); the 8-bit output allocates its own")
     if token_block != 1 and (quant is None or token_block != ref.KEY_BLOCK):
@@ -103,6 +110,12 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
         if weight.dim() != 1 or weight.shape[0] not in (row, head_dim):
             raise ValueError(f"weight: expected shape ({row},) (across heads) or ({head_dim},) (per head), got "
                              f"{tuple(weight.shape)}")
+    if norm == "layer":
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is None or tuple(t.shape) != (head_dim,):
+                raise ValueError(f"{name}: norm='layer' takes a LayerNorm over each head: expected shape "
+                                 f"({head_dim},), got {None if t is None else tuple(t.shape)}")
+        check_tensor("bias", bias, dtypes=FLOATS_OR_F64, device=x.device)
     if (freqs_cos is None) != (freqs_sin is None):
         raise ValueError("freqs_cos, freqs_sin: pass both or neither")
     if freqs_cos is not None:
@@ -117,10 +130,10 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
             freqs_cos, freqs_sin = freqs_cos.contiguous(), freqs_sin.contiguous()
     if out is not None:
         _check_norm_rope_out(out, x, heads, head_dim)
-        torch.ops.vkern.qk_norm_rope_out(x, weight, float(eps), heads, freqs_cos, freqs_sin, out, rope_tables)
+        torch.ops.vkern.qk_norm_rope_out(x, weight, float(eps), heads, freqs_cos, freqs_sin, out, rope_tables, bias)
         return out
     if quant is None:
-        return torch.ops.vkern.qk_norm_rope(x, weight, float(eps), heads, freqs_cos, freqs_sin, rope_tables)
+        return torch.ops.vkern.qk_norm_rope(x, weight, float(eps), heads, freqs_cos, freqs_sin, rope_tables, bias)
     if x.dtype == torch.float64:
         raise TypeError("x: 8-bit output needs a bf16, fp16 or fp32 input, got float64")
     if key_padding_mask is not None:
@@ -159,19 +172,19 @@ def _heads_flat(x):
 @torch.library.custom_op("vkern::qk_norm_rope", mutates_args=())
 def _qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, heads: int,
                   freqs_cos: torch.Tensor | None, freqs_sin: torch.Tensor | None,
-                  rope_tables: str = "per_pair") -> torch.Tensor:
+                  rope_tables: str = "per_pair", bias: torch.Tensor | None = None) -> torch.Tensor:
     backend = _backend.choose("qk_norm_rope", _norm_rope_candidates(x.device, x.dtype))
     if backend == "triton":
         from ..triton.qk_norm_rope import qk_norm_rope as kernel
 
         x = x if x.stride(-1) == 1 else x.contiguous()
         out = torch.empty((*x.shape[:2], heads, x.shape[2] // heads), dtype=x.dtype, device=x.device)
-        return kernel(x, weight, eps, heads, freqs_cos, freqs_sin, out, rope_tables=rope_tables)
-    return ref.qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, rope_tables).contiguous()
+        return kernel(x, weight, eps, heads, freqs_cos, freqs_sin, out, rope_tables=rope_tables, bias=bias)
+    return ref.qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, rope_tables, bias).contiguous()
 
 
 @_qk_norm_rope.register_fake
-def _(x, weight, eps, heads, freqs_cos, freqs_sin, rope_tables="per_pair"):
+def _(x, weight, eps, heads, freqs_cos, freqs_sin, rope_tables="per_pair", bias=None):
     return x.new_empty((*x.shape[:2], heads, x.shape[2] // heads))
 
 
@@ -205,24 +218,24 @@ def _write_heads(out, y):
 @torch.library.custom_op("vkern::qk_norm_rope_out", mutates_args=("out",))
 def _qk_norm_rope_out(x: torch.Tensor, weight: torch.Tensor | None, eps: float, heads: int,
                       freqs_cos: torch.Tensor | None, freqs_sin: torch.Tensor | None, out: torch.Tensor,
-                      rope_tables: str = "per_pair") -> None:
+                      rope_tables: str = "per_pair", bias: torch.Tensor | None = None) -> None:
     backend = _backend.choose("qk_norm_rope", _norm_rope_candidates(x.device, x.dtype))
     if backend == "triton":
         from ..triton.qk_norm_rope import qk_norm_rope as kernel
 
         kernel(x if x.stride(-1) == 1 else x.contiguous(), weight, eps, heads, freqs_cos, freqs_sin, out,
-               rope_tables=rope_tables)
+               rope_tables=rope_tables, bias=bias)
         if out.dim() == 5 and out.shape[2] * out.shape[3] > heads:  # the kernel writes real heads only
             P = out.shape[3]
             if heads % P:
                 out[:, :, heads // P, heads % P:].zero_()
             out[:, :, -(-heads // P):].zero_()
         return
-    _write_heads(out, ref.qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, rope_tables))
+    _write_heads(out, ref.qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, rope_tables, bias))
 
 
 @_qk_norm_rope_out.register_fake
-def _(x, weight, eps, heads, freqs_cos, freqs_sin, out, rope_tables="per_pair"):
+def _(x, weight, eps, heads, freqs_cos, freqs_sin, out, rope_tables="per_pair", bias=None):
     return None
 
 

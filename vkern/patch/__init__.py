@@ -32,9 +32,9 @@ class PatchConfig:
                         "fp8" (int8 Q/K, e4m3 P/V, O in fp32) or "int8" (int8 Q/K, bf16 P/V, Triton: the
                         most accurate, slower than the exact default); accuracy and speed in the
                         README's table of attention modes
-    fused_qk_norm_rope  fuse the q/k RMSNorm + RoPE into one kernel pass (Wan, SkyReels-V2, LTX-Video, LTX-2 with
-                        its interleaved RoPE, and the video stream's per-head norm of HunyuanVideo 1.0 / FramePack /
-                        1.5 and Mochi; CogVideoX's LayerNorm keeps diffusers' ops)
+    fused_qk_norm_rope  fuse the q/k norm + RoPE into one kernel pass (Wan, SkyReels-V2, LTX-Video, LTX-2 with its
+                        interleaved RoPE, CogVideoX's per-head LayerNorm, and the video stream's per-head RMSNorm of
+                        HunyuanVideo 1.0 / FramePack / 1.5 and Mochi)
     ffn_chunk_size      tokens per feed-forward chunk (None: no chunking; Wan only, an error for other models)
     attention_chunk_size  query tokens per attention chunk in the fused Wan blocks (None: no chunking):
                         K/V for the whole sequence first, then each chunk's q -> attention -> output

@@ -9,5 +9,6 @@ ADAPTER = ProcessorAdapter(
     "diffusers.models.transformers.cogvideox_transformer_3d.CogVideoXTransformer3DModel",
     [_PROCESSORS + "CogVideoXAttnProcessor2_0", _PROCESSORS + "FusedCogVideoXAttnProcessor2_0"],
     lambda config, original: VkernCogVideoXAttnProcessor(
-        config.attention, fused=type(original).__name__ == "FusedCogVideoXAttnProcessor2_0"),
+        config.attention, fused=type(original).__name__ == "FusedCogVideoXAttnProcessor2_0",
+        fused_qk_norm_rope=config.fused_qk_norm_rope),
     "CogVideoX attention processor")

@@ -54,10 +54,13 @@ _ROTATIONS = {"per_pair": apply_rotary_interleaved, "per_element": apply_rotary_
               "pairs": apply_rotary_pairs}
 
 
-def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, rope_tables="per_pair"):
-    """[B, S, H*D] projection output -> RMSNorm across heads (or per head: rms_norm_heads) -> [B, S, H, D] ->
-    optional RoPE (rope_tables: one of ROPE_TABLES)."""
-    x = rms_norm_heads(x, weight, eps, heads)
+def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, rope_tables="per_pair", bias=None):
+    """[B, S, H*D] projection output -> RMSNorm across heads (or per head: rms_norm_heads; with a bias: torch's
+    LayerNorm over each head, CogVideoX's) -> [B, S, H, D] -> optional RoPE (rope_tables: one of ROPE_TABLES)."""
+    if bias is None:
+        x = rms_norm_heads(x, weight, eps, heads)
+    else:
+        x = F.layer_norm(x.unflatten(2, (heads, -1)), (bias.shape[0],), weight, bias, eps)
     if freqs_cos is not None:
         x = _ROTATIONS[rope_tables](x, freqs_cos, freqs_sin)
     return x

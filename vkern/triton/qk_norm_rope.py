@@ -1,7 +1,7 @@
-"""Fused QK prologue: RMSNorm across heads (Wan, LTX; PER_HEAD: over each head, HunyuanVideo, Mochi) + interleaved
-RoPE (ROPE_FORM: Wan's 3-axis tables, diffusers' apply_rotary_emb or Mochi's per-pair tables, shared by the heads or
-per head) + [B, S, H, D] layout, one pass,
-emitting bf16 (the input dtype) or, for 8-bit attention, e4m3 or int8 with one fp32 scale per (token, head).
+"""Fused QK prologue: RMSNorm across heads (Wan, LTX; PER_HEAD: over each head, HunyuanVideo, Mochi; LAYER_NORM: a
+LayerNorm over each head, CogVideoX) + interleaved RoPE (ROPE_FORM: Wan's 3-axis tables, diffusers' apply_rotary_emb
+or Mochi's per-pair tables, shared by the heads or per head) + [B, S, H, D] layout, one pass, emitting bf16 (the
+input dtype) or, for 8-bit attention, e4m3 or int8 with one fp32 scale per (token, head).
 
 One program per token: the row of H*D elements is read once as a [heads, head_dim] tile, its mean square
 reduced in fp32, normalized and weighted in fp32 and rounded once to the input dtype (as torch's
@@ -61,7 +61,7 @@ def _load_tables(cos_ptr, sin_ptr, base, stride_fh, stride_fd, H, VALID: tl.cons
 
 @triton.jit
 def _qk_norm_rope_kernel(
-    x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, scale_ptr,
+    x_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, out_ptr, scale_ptr,
     S, H,
     stride_xb, stride_xs,
     stride_fb, stride_fs, stride_fh, stride_fd,
@@ -69,7 +69,7 @@ def _qk_norm_rope_kernel(
     eps, q_inv,
     HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr, NORM: tl.constexpr, PER_HEAD: tl.constexpr, QUANT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_RNE: tl.constexpr, ROPE_FORM: tl.constexpr,
-    TABLE_PER_HEAD: tl.constexpr,
+    TABLE_PER_HEAD: tl.constexpr, LAYER_NORM: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // S
@@ -85,7 +85,15 @@ def _qk_norm_rope_kernel(
     x = tl.load(x_ptr + b * stride_xb + s * stride_xs + offs, mask=mask, other=0.0)
     dtype = x.dtype
     y = x.to(tl.float32)
-    if NORM:
+    if NORM and LAYER_NORM:  # per head: LayerNorm with a weight and a bias [HEAD_DIM] (CogVideoX), fp32 math
+        centered = y - (tl.sum(y, axis=1) / HEAD_DIM)[:, None]
+        if BLOCK_D != HEAD_DIM:
+            centered = tl.where(d < HEAD_DIM, centered, 0.0)
+        r = (1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / HEAD_DIM + eps))[:, None]
+        w = tl.load(w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+        y = round_to(centered * r * w + bias, dtype, EMULATE_RNE).to(tl.float32)  # (one rounding, as torch's)
+    elif NORM:
         if PER_HEAD:  # each head's own mean square, one weight [HEAD_DIM] for all heads
             r = (1.0 / tl.sqrt(tl.sum(y * y, axis=1) / HEAD_DIM + eps))[:, None]
             w = tl.load(w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
@@ -187,7 +195,7 @@ def _qk_norm_rope_block_kernel(
 
 
 def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, token_block=1, key_padding_mask=None,
-                 rope_tables="per_pair"):
+                 rope_tables="per_pair", bias=None):
     """x [B, S, H*D] (last dim contiguous), weight [H*D] (norm across heads), [D] (per head) or None (no norm),
     freqs [1|B, S, 1|H, W] or None (see rope_tables);
     out in x's dtype: [B, S, H, D], or [B, S, G, P, D] with G * P >= H (head h -> out[:, :, h // P, h % P];
@@ -196,7 +204,8 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
     e4m3/int8 [B, S, H, D] contiguous with scale fp32 [B, H, ceil(S / KEY_BLOCK)] contiguous, one per block, the
     amax over the tokens key_padding_mask (bool [B, S] contiguous, or None) keeps. rope_tables (ROPE_FORMS): "per_pair"
     (Wan's form: W = D, shared by the heads), or, for the 16-bit output only, "per_element" (diffusers'
-    apply_rotary_emb: W = D) or "pairs" (Mochi's: W = D / 2), shared by the heads or one row per head."""
+    apply_rotary_emb: W = D) or "pairs" (Mochi's: W = D / 2), shared by the heads or one row per head. bias [D]
+    (with weight [D], the 16-bit output only): a LayerNorm over each head instead of the RMSNorm."""
     B, S, row = x.shape
     head_dim = row // heads
     has_rope = freqs_cos is not None
@@ -210,7 +219,8 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
         fb = fs = fh = fd = 0
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
     per_head = weight is not None and heads > 1 and weight.numel() == head_dim
-    assert (rope_tables == "per_pair" and fh == 0) or scale is None
+    assert (rope_tables == "per_pair" and fh == 0 and bias is None) or scale is None
+    assert bias is None or (weight is not None and weight.numel() == bias.numel() == head_dim)
     if token_block != 1:
         assert token_block == KEY_BLOCK and out.dtype in (torch.float8_e4m3fn, torch.int8) and scale is not None
         n_blocks = triton.cdiv(S, KEY_BLOCK)
@@ -235,7 +245,8 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
     else:
         (sob, sos, soh), sog, per_group = out.stride()[:3], 0, heads
     _qk_norm_rope_kernel[(B * S,)](
-        x, x if weight is None else weight, freqs_cos, freqs_sin, out, out if scale is None else scale,
+        x, x if weight is None else weight, x if bias is None else bias, freqs_cos, freqs_sin, out,
+        out if scale is None else scale,
         S, heads,
         x.stride(0), x.stride(1),
         fb, fs, fh, fd,
@@ -244,6 +255,7 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
         HEAD_DIM=head_dim, HAS_ROPE=has_rope, NORM=weight is not None, PER_HEAD=per_head, QUANT=quant,
         BLOCK_H=block_h, BLOCK_D=block_d,
         EMULATE_RNE=interpreting(), ROPE_FORM=ROPE_FORMS.index(rope_tables), TABLE_PER_HEAD=fh != 0,
+        LAYER_NORM=bias is not None,
         num_warps=max(1, min(8, block_h * block_d // 512)),
     )
     return out
