@@ -34,6 +34,12 @@ def _launch_each_kernel():
         tables = (angles.cos(), angles.sin())
         ops.qk_norm_rope(x, torch.randn(H * D, dtype=BF16), 1e-6, H, *tables)
         ops.qk_norm_rope(x, torch.randn(D, dtype=BF16), 1e-6, H, *tables, rope_tables="per_element")
+        per_head = tuple(t.expand(1, S, H, D).contiguous() for t in tables)  # (LTX's tables: a row per head)
+        ops.qk_norm_rope(x, torch.randn(H * D, dtype=BF16), 1e-6, H, *per_head, rope_tables="per_element")
+        pairs = tuple(t[..., ::2].expand(1, S, H, D // 2).contiguous() for t in tables)  # (Mochi's)
+        ops.qk_norm_rope(x, torch.randn(D, dtype=BF16), 1e-6, H, *pairs, rope_tables="pairs")
+        ops.qk_norm_rope(x, torch.randn(D, dtype=BF16), 1e-6, H, *tables, rope_tables="per_element", norm="layer",
+                         bias=torch.randn(D, dtype=BF16))  # (CogVideoX's)
         for quant in ("e4m3", "int8"):
             ops.qk_norm_rope(x, torch.randn(D, dtype=BF16), 1e-6, H, *tables, quant=quant)
             ops.qk_norm_rope(x, torch.randn(H * D, dtype=BF16), 1e-6, H, *tables, quant=quant, token_block=128,
