@@ -29,20 +29,29 @@ def memory_ops(fn, signature, constexprs, num_warps, divisible_by_16=(), num_sta
     return ops
 
 
-def main():
+def qk_norm_rope_memory_ops(heads, head_dim=128):
+    """(num_warps, global loads/stores by width) of the QK prologue in Wan's form (RMSNorm across heads, per-pair
+    tables shared by the heads), as a launch at a real shape specializes it."""
     from vkern.triton.qk_norm_rope import _qk_norm_rope_kernel
 
-    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16",
-           "scale_ptr": "*fp32", "S": "i32", "H": "i32", "stride_xb": "i64", "stride_xs": "i64", "stride_fb": "i32",
-           "stride_fs": "i32", "stride_fd": "i32", "stride_ob": "i64", "stride_os": "i64", "stride_og": "i64",
-           "stride_oh": "i64", "heads_per_group": "i32", "eps": "fp32", "q_inv": "fp32"}
+    # (the kernel's parameters in order: ASTSource matches the signature to them by position)
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+           "out_ptr": "*bf16", "scale_ptr": "*fp32", "S": "i32", "H": "i32", "stride_xb": "i64", "stride_xs": "i64",
+           "stride_fb": "i32", "stride_fs": "i32", "stride_fh": "i32", "stride_fd": "i32", "stride_ob": "i64",
+           "stride_os": "i64", "stride_og": "i64", "stride_oh": "i64", "heads_per_group": "i32", "eps": "fp32",
+           "q_inv": "fp32"}
+    consts = {"HEAD_DIM": head_dim, "HAS_ROPE": True, "NORM": True, "PER_HEAD": False, "QUANT": 0,
+              "BLOCK_H": triton.next_power_of_2(heads), "BLOCK_D": triton.next_power_of_2(head_dim),
+              "EMULATE_RNE": False, "ROPE_FORM": 0, "TABLE_PER_HEAD": False, "LAYER_NORM": False}
+    warps = max(1, min(8, consts["BLOCK_H"] * consts["BLOCK_D"] // 512))  # (as the launch picks them)
+    aligned = ("x_ptr", "w_ptr", "cos_ptr", "sin_ptr", "out_ptr", "stride_xb", "stride_xs", "stride_fs",
+               "stride_ob", "stride_os", "stride_og", "stride_oh")
+    return warps, memory_ops(_qk_norm_rope_kernel, sig, consts, warps, aligned)
+
+
+def main():
     for heads in (12, 40):
-        consts = {"HEAD_DIM": 128, "HAS_ROPE": True, "NORM": True, "QUANT": 0, "BLOCK_H": triton.next_power_of_2(heads),
-                  "BLOCK_D": 128, "EMULATE_RNE": False}
-        warps = max(1, min(8, consts["BLOCK_H"] * 128 // 512))
-        aligned = ("x_ptr", "w_ptr", "cos_ptr", "sin_ptr", "out_ptr", "stride_xb", "stride_xs", "stride_fs",
-                   "stride_ob", "stride_os", "stride_og", "stride_oh")
-        ops = memory_ops(_qk_norm_rope_kernel, sig, consts, warps, aligned)
+        warps, ops = qk_norm_rope_memory_ops(heads)
         print(f"qk_norm_rope heads={heads} D=128 warps={warps}:", dict(ops))
 
     from vkern.triton.vae_glue import _residual_add_kernel, _rms_norm_silu_kernel
