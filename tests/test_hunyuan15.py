@@ -51,8 +51,10 @@ def run_processor(attn, processor, args):
 @pytest.mark.parametrize("mode", ["auto", "bf16", "int8pv"])
 def test_attention_per_row_masks_and_padded_rows_as_diffusers(mode, device):
     """Two rows with 29 and 7 of 40 text tokens real: the video and text outputs within 2x of PyTorch's bf16 error
-    vs diffusers in fp64 (int8pv: issue #3's bound), and the padded text rows exactly diffusers' (SDPA's 0 attention
-    output, through to_add_out: its bias)."""
+    vs diffusers in fp64 (int8pv: issue #3's bound), and the padded text rows a 0 attention output through to_add_out
+    (its bias): on the CPU exactly diffusers' (SDPA gives a row with no key 0 there). On a GPU diffusers' padded rows
+    are whatever its SDPA backend makes of a row with no key (not 0 on an H200, run 141); no later block reads them
+    (they are masked as keys), so the model's output cannot differ (test_model_batch_rows_keep_their_own_prompt_lengths)."""
     attn, args = joint_attention_inputs(torch.bfloat16, device)
     oracle = run_processor(attn.double(), HunyuanVideo15AttnProcessor2_0(),
                            [a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args[:3]]
@@ -67,7 +69,9 @@ def test_attention_per_row_masks_and_padded_rows_as_diffusers(mode, device):
             assert cos >= 0.9995 and rel_l2(got, want) <= 0.02, (cos, rel_l2(got, want))
         else:
             assert_within_torch_error(got, want, theirs)
-    assert torch.equal(ours[1][padded], torch_bf16[1][padded])
+    assert torch.equal(ours[1][padded], attn.to_add_out.bias.expand(int(padded.sum()), -1))
+    if device.type == "cpu":
+        assert torch.equal(ours[1][padded], torch_bf16[1][padded])
     assert rel_l2(ours[1][0, :29], ours[1][1, :29]) > 1e-3  # the rows differ: a mask from the wrong row would show
 
 
