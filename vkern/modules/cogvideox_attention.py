@@ -1,9 +1,8 @@
 """Drop-in attention processor for diffusers' CogVideoX transformer: joint attention over [text, video] tokens
 through vkern.ops, the q/k LayerNorm + RoPE fused."""
-from .. import ops
 from ..reference import cogvideox_attention as ref
 from .attention_modes import VkernPrologueProcessor
-from .prologue import kernel_layer_norm, table_pair
+from .prologue import kernel_layer_norm, norm_rope_spans, table_pair
 
 
 class VkernCogVideoXAttnProcessor(VkernPrologueProcessor):
@@ -34,17 +33,11 @@ def fused_norm_rope(x, norm, heads, image_rotary_emb, text):
     with diffusers' apply_rotary_emb from (cos, sin) [video, D] tables, one pass each into one [B, S, H, D] buffer
     (fp32 math, one rounding), returned heads-first as a view. Another norm or tables of another shape run diffusers'
     ops."""
-    B, S, width = x.shape
+    S, width = x.shape[1:]
     D = width // heads
     rope = image_rotary_emb
     if not ((rope is None or table_pair(rope, (S - text, D))) and kernel_layer_norm(norm, D)):
         return ref.norm_rope(x, norm, heads, rope, text)
-    out = x.new_empty((B, S, heads, D))
-    layer_norm = dict(norm="layer", bias=norm.bias)
-    if text:
-        ops.qk_norm_rope(x[:, :text], norm.weight, norm.eps, heads, out=out[:, :text], **layer_norm)
-    if S > text:
-        tables = () if rope is None else tuple(t[None, :, None] for t in rope)  # [1, video, 1, D] views
-        ops.qk_norm_rope(x[:, text:], norm.weight, norm.eps, heads, *tables, out=out[:, text:],
-                         rope_tables="per_element", **layer_norm)
-    return out.transpose(1, 2)
+    tables = () if rope is None else tuple(t[None, :, None] for t in rope)  # [1, video, 1, D] views
+    return norm_rope_spans(x, norm.weight, norm.eps, heads, tables, slice(text, None), slice(None, text),
+                           norm="layer", bias=norm.bias).transpose(1, 2)

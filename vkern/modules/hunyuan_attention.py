@@ -1,11 +1,10 @@
 """Drop-in attention processor for diffusers' HunyuanVideo transformer (dual- and single-stream blocks): joint
 attention over [video, text] tokens with the padded text masked, through vkern.ops; the video stream's per-head
 RMSNorm + RoPE of q and k in one vkern.ops.qk_norm_rope pass (shared with HunyuanVideo 1.5's processor)."""
-from .. import ops
 from ..reference import hunyuan_attention as ref
 from ..reference.attention import attention as sdpa_as_diffusers
 from .attention_modes import VkernPrologueProcessor
-from .prologue import kernel_rms_norm, table_pair
+from .prologue import kernel_rms_norm, norm_rope_spans, table_pair
 
 
 class VkernHunyuanVideoAttnProcessor(VkernPrologueProcessor):
@@ -26,7 +25,7 @@ def fused_head_norm_rope(x, norm, heads, image_rotary_emb, text_tokens):
     with a weight) and RoPE from diffusers' (cos, sin) [S - text_tokens, D] tables (apply_rotary_emb's form) on all
     but the last text_tokens (normed only), by vkern.ops.qk_norm_rope: one pass, fp32 math, one rounding. Another
     norm (none, a bias, no weight, another class) or tables of another form run diffusers' ops (video_qkv's)."""
-    B, S, width = x.shape
+    S, width = x.shape[1:]
     D = width // heads
     video = S - text_tokens
     rope = image_rotary_emb
@@ -34,10 +33,6 @@ def fused_head_norm_rope(x, norm, heads, image_rotary_emb, text_tokens):
         y = x.unflatten(2, (heads, D))
         y = y if norm is None else norm(y)
         return y if rope is None else ref._rope_video(y, rope, text_tokens)
-    out = x.new_empty((B, S, heads, D))
     tables = () if rope is None else tuple(t[None, :, None] for t in rope)  # [1, video, 1, D] views
-    ops.qk_norm_rope(x[:, :video], norm.weight, norm.eps, heads, *tables, out=out[:, :video], rope_tables="per_element")
-    if text_tokens:
-        ops.qk_norm_rope(x[:, video:], norm.weight, norm.eps, heads, out=out[:, video:])
-    return out
+    return norm_rope_spans(x, norm.weight, norm.eps, heads, tables, slice(None, video), slice(video, None))
 
