@@ -2,7 +2,7 @@
 
     python -m bench.bench --op attention --shape wan1.3b-480p,wan14b-720p --providers all --out rows.jsonl
 
-ops: attention | wan-self-attn | attn-module | qk-norm-rope | fp8-quantize | gemm | step | vae-decode | vae-encode | vae-conv. Rows carry gpu, torch, commit and
+ops: attention | wan-self-attn | attn-module | qk-norm-rope | family-prologue | fp8-quantize | gemm | step | vae-decode | vae-encode | vae-conv. Rows carry gpu, torch, commit and
 date; providers are anchors (cudnn, fa2, efficient, flash-attn where installed, diffusers, diffusers-compile) and vkern.
 """
 import argparse
@@ -214,6 +214,51 @@ def _qk_norm_rope(name, providers, args):
         yield dict(op="qk-norm-rope", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi, eager_ms=eager_ms,
                    timing=how, gbps=min_bytes / ms / 1e6, rel_l2=rel_l2(out, oracle))
     del oracle
+
+
+def _ltx_prologue_setup(family, res):
+    """(x, norm, heads, tables) of an LTX-Video / LTX-2 block's query prologue at `res`: the projection [1, S, H * D],
+    the model's own norm_q, and fp32 (cos, sin) tables over the whole inner dim, as the attention-module rows."""
+    from diffusers.models.transformers.transformer_ltx import LTXAttention
+    from diffusers.models.transformers.transformer_ltx2 import LTX2Attention
+
+    from vkern import models
+
+    if family == "ltx":
+        heads, head_dim, (frames, height, width) = 32, 64, models.LTX_LATENTS[res]
+        attn_class, angles_width = LTXAttention, heads * head_dim
+    else:
+        heads, head_dim, ((frames, height, width), _) = 32, 128, models.LTX2_LATENTS[res]
+        attn_class, angles_width = LTX2Attention, heads * head_dim // 2  # (interleaved: each angle twice)
+    tokens, dim = frames * height * width, heads * head_dim
+    norm = attn_class(dim, heads=heads, kv_heads=heads, dim_head=head_dim).norm_q.to(DEVICE, DT).requires_grad_(False)
+    norm.weight.copy_(1 + 0.1 * torch.randn(dim))  # (a trained weight, not the init's ones)
+    angles = torch.randn(1, tokens, angles_width, device=DEVICE).repeat_interleave(dim // angles_width, -1)
+    x = torch.randn(1, tokens, dim, device=DEVICE, dtype=DT)
+    return x, norm, heads, (angles.cos(), angles.sin())
+
+
+# shape -> (family, resolution): the LTX families' q prologue (RMSNorm across heads, RoPE over the whole inner dim)
+FAMILY_PROLOGUES = {"ltx-512p": ("ltx", "512p"), "ltx2-512p": ("ltx2", "512p")}
+
+
+def _family_prologue(name, providers, args, setup=None):
+    """One q prologue of an LTX-Video / LTX-2 attention: diffusers' ops (its norm, then apply_rotary_emb) vs vkern's
+    one kernel pass (rope_tables="per_element", a table row per head); gbps over the bytes it must move (the bf16 row
+    in and out, the fp32 cos and sin rows in)."""
+    from vkern.modules.ltx_attention import fused_norm_rope
+    from vkern.reference.ltx_attention import norm_rope
+
+    x, norm, heads, tables = _ltx_prologue_setup(*(setup or FAMILY_PROLOGUES[name]))
+    fns = {"diffusers": lambda: norm_rope(x, norm, heads, tables),
+           "vkern": lambda: fused_norm_rope(x, norm, heads, tables)}
+    min_bytes = x.numel() * (2 + 2) + 2 * tables[0].numel() * 4
+    want = fns["diffusers"]()
+    for provider in providers or list(fns):
+        ms, lo, hi, eager_ms, how = time_micro(fns[provider], args.warmup, args.repeats)
+        yield dict(op="family-prologue", shape=name, provider=provider, ms=ms, ms_min=lo, ms_max=hi,
+                   eager_ms=eager_ms, timing=how, gbps=min_bytes / ms / 1e6,
+                   rel_l2_vs_diffusers=rel_l2(fns[provider](), want))
 
 
 FP8_SHAPES = {"wan14b-ffn-weight": ((13824, 5120), "row"), "wan14b-480p-tokens": ((32760, 5120), "row"),
@@ -912,7 +957,7 @@ def _wan_self_attention(name, providers, args):
 
 OPS = {"attention": (_attention, shapes.ATTENTION), "wan-self-attn": (_wan_self_attention, shapes.ATTENTION),
        "attn-module": (_attention_module, ATTENTION_MODULES),
-       "qk-norm-rope": (_qk_norm_rope, shapes.ATTENTION),
+       "qk-norm-rope": (_qk_norm_rope, shapes.ATTENTION), "family-prologue": (_family_prologue, FAMILY_PROLOGUES),
        "gemm": (_gemm, GEMM_SHAPES),
        "fp8-quantize": (_fp8_quantize, FP8_SHAPES), "step": (_step, shapes.STEPS),
        "vae-decode": (_vae_decode, shapes.VAE), "vae-encode": (_vae_encode, shapes.VAE),

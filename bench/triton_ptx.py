@@ -22,37 +22,56 @@ def compile_sm90(fn, signature, constexprs, num_warps, divisible_by_16=(), num_s
 def memory_ops(fn, signature, constexprs, num_warps, divisible_by_16=(), num_stages=3):
     """Global loads and stores by width; loads that a pipelined loop turned into asynchronous copies to shared
     memory are counted as cp.async.<bytes>B (16 B is a full vector)."""
-    ptx = compile_sm90(fn, signature, constexprs, num_warps, divisible_by_16, num_stages).asm["ptx"]
+    return ptx_memory_ops(compile_sm90(fn, signature, constexprs, num_warps, divisible_by_16, num_stages).asm["ptx"])
+
+
+def ptx_memory_ops(ptx):
     ops = collections.Counter(re.findall(r"\b((?:ld|st)\.global(?:\.\w+)*)", ptx))
     for size in re.findall(r"\bcp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx):
         ops[f"cp.async.{int(size, 0)}B"] += 1
     return ops
 
 
-def qk_norm_rope_memory_ops(heads, head_dim=128):
-    """(num_warps, global loads/stores by width) of the QK prologue in Wan's form (RMSNorm across heads, per-pair
-    tables shared by the heads), as a launch at a real shape specializes it."""
-    from vkern.triton.qk_norm_rope import _qk_norm_rope_kernel
+def qk_norm_rope_ptx(heads, head_dim=128, form="per_pair"):
+    """(num_warps, PTX) of the QK prologue (RMSNorm across heads) with `form`'s fp32 tables, as a launch at a real
+    shape specializes it: "per_pair" (Wan's: one row shared by the heads) or "per_element" (LTX's: a row per head,
+    over the whole inner dim). The table's last stride is 1, which Triton makes a constexpr at run time."""
+    from vkern.triton.qk_norm_rope import ROPE_FORMS, _qk_norm_rope_kernel
 
     # (the kernel's parameters in order: ASTSource matches the signature to them by position)
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
            "out_ptr": "*bf16", "scale_ptr": "*fp32", "S": "i32", "H": "i32", "stride_xb": "i64", "stride_xs": "i64",
-           "stride_fb": "i32", "stride_fs": "i32", "stride_fh": "i32", "stride_fd": "i32", "stride_ob": "i64",
+           "stride_fb": "i32", "stride_fs": "i32", "stride_fh": "i32", "stride_fd": "constexpr", "stride_ob": "i64",
            "stride_os": "i64", "stride_og": "i64", "stride_oh": "i64", "heads_per_group": "i32", "eps": "fp32",
            "q_inv": "fp32"}
     consts = {"HEAD_DIM": head_dim, "HAS_ROPE": True, "NORM": True, "PER_HEAD": False, "QUANT": 0,
               "BLOCK_H": triton.next_power_of_2(heads), "BLOCK_D": triton.next_power_of_2(head_dim),
-              "EMULATE_RNE": False, "ROPE_FORM": 0, "TABLE_PER_HEAD": False, "LAYER_NORM": False}
+              "EMULATE_RNE": False, "ROPE_FORM": ROPE_FORMS.index(form), "TABLE_PER_HEAD": form == "per_element",
+              "LAYER_NORM": False, "stride_fd": 1}
     warps = max(1, min(8, consts["BLOCK_H"] * consts["BLOCK_D"] // 512))  # (as the launch picks them)
-    aligned = ("x_ptr", "w_ptr", "cos_ptr", "sin_ptr", "out_ptr", "stride_xb", "stride_xs", "stride_fs",
-               "stride_ob", "stride_os", "stride_og", "stride_oh")
-    return warps, memory_ops(_qk_norm_rope_kernel, sig, consts, warps, aligned)
+    # (stride_fb: 0 for tables shared by the batch; stride_fh: head_dim, or 0 when shared by the heads)
+    aligned = ("x_ptr", "w_ptr", "cos_ptr", "sin_ptr", "out_ptr", "stride_xb", "stride_xs", "stride_fb", "stride_fs",
+               "stride_fh", "stride_ob", "stride_os", "stride_og", "stride_oh")
+    return warps, compile_sm90(_qk_norm_rope_kernel, sig, consts, warps, aligned).asm["ptx"]
+
+
+def qk_norm_rope_memory_ops(heads, head_dim=128, form="per_pair"):
+    """(num_warps, global loads/stores by width) of the QK prologue (qk_norm_rope_ptx's form)."""
+    warps, ptx = qk_norm_rope_ptx(heads, head_dim, form)
+    return warps, ptx_memory_ops(ptx)
+
+
+def loads_before_first_barrier(ptx):
+    """(global loads before the first bar.sync, global loads in all)."""
+    head = ptx.split("bar.sync", 1)[0]
+    return len(re.findall(r"\bld\.global", head)), len(re.findall(r"\bld\.global", ptx))
 
 
 def main():
-    for heads in (12, 40):
-        warps, ops = qk_norm_rope_memory_ops(heads)
-        print(f"qk_norm_rope heads={heads} D=128 warps={warps}:", dict(ops))
+    for heads, head_dim, form in ((12, 128, "per_pair"), (40, 128, "per_pair"), (32, 64, "per_element")):
+        warps, ptx = qk_norm_rope_ptx(heads, head_dim, form)
+        print(f"qk_norm_rope {form} heads={heads} D={head_dim} warps={warps}:", dict(ptx_memory_ops(ptx)),
+              "global loads before the first barrier / all: %d / %d" % loads_before_first_barrier(ptx))
 
     from vkern.triton.vae_glue import _residual_add_kernel, _rms_norm_silu_kernel
 

@@ -40,3 +40,24 @@ def test_attention_module_rows(name, monkeypatch):
     assert by_provider["vkern-bf16"]["rel_l2_vs_first"] > 0  # (vkern's processor ran: its kernel is not SDPA's)
     # SDPA held to a GPU backend has no CPU kernel: an error row, not a crash
     assert all("error" in by_provider[p] for p in ("diffusers-efficient", "diffusers-cudnn"))
+
+
+@pytest.mark.parametrize("family", ["ltx", "ltx2"])
+def test_family_prologue_rows(family, monkeypatch):
+    """gpu_run.sh's family-prologue rows at a tiny size on the CPU: both providers run and the kernel's output is
+    diffusers' within bf16 rounding."""
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "time_micro", lambda fn, *args: (*_cpu_timing(fn), 1.0, "cpu"))
+    import vkern.ops
+
+    calls = []
+    kernel = vkern.ops.qk_norm_rope
+    monkeypatch.setattr(vkern.ops, "qk_norm_rope", lambda *a, **k: calls.append(k) or kernel(*a, **k))
+    rows = list(bench._family_prologue(f"{family}-tiny", None, types.SimpleNamespace(warmup=0, repeats=1),
+                                       setup=(family, "tiny")))
+    assert [row["provider"] for row in rows] == ["diffusers", "vkern"]
+    assert rows[0]["rel_l2_vs_diffusers"] == 0
+    # (on the CPU the two agree to the bit: both round once, after the norm and after the fp32 rotation)
+    assert rows[1]["rel_l2_vs_diffusers"] < 0.01, rows[1]
+    assert calls and all(k["rope_tables"] == "per_element" for k in calls)  # (the kernel ran, not diffusers' ops)
+    assert all(row["gbps"] > 0 for row in rows)

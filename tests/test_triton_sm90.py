@@ -106,14 +106,22 @@ def test_the_check_catches_what_only_the_interpreter_takes(tmp_path):
     assert results["_fine_kernel"]["ok"], results["_fine_kernel"]
 
 
-@pytest.mark.parametrize("heads", [12, 40])
-def test_wan_prologue_moves_16_byte_vectors(heads):
-    """The QK prologue in Wan's form, compiled for sm_90: q/k rows loaded and stored as 16-byte vectors, no 2-byte
-    accesses (what its 2.7-3.0 TB/s on the H200 rests on; a change to the kernel's other forms must keep it)."""
-    code = f"import json; from bench.triton_ptx import qk_norm_rope_memory_ops as m; print(json.dumps(m({heads})[1]))"
+@pytest.mark.parametrize("heads, head_dim, form", [(12, 128, "per_pair"), (40, 128, "per_pair"),
+                                                    (32, 64, "per_element")])
+def test_prologue_moves_16_byte_vectors_in_one_round_trip(heads, head_dim, form):
+    """The QK prologue in Wan's form and in LTX-Video's (a fp32 table row per head, 4x the bytes of q), compiled for
+    sm_90 as a real launch specializes it: q/k rows loaded and stored as 16-byte vectors, no 2-byte accesses (what
+    its 2.7-3.0 TB/s on the H200 rests on), LTX's table rows as 16-byte vectors too, and every global load issued
+    before the first barrier (the norm's cross-warp reduction), so that a program waits on memory once."""
+    code = ("import json; from bench.triton_ptx import qk_norm_rope_ptx, ptx_memory_ops, loads_before_first_barrier;"
+            f"ptx = qk_norm_rope_ptx({heads}, {head_dim}, {form!r})[1];"
+            "print(json.dumps([ptx_memory_ops(ptx), loads_before_first_barrier(ptx)]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # (compiled, not interpreted)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    ops = json.loads(done.stdout.splitlines()[-1])
+    ops, (early, loads) = json.loads(done.stdout.splitlines()[-1])
     assert ops.get("ld.global.v4.b32", 0) >= heads // 8 and ops.get("st.global.v4.b32", 0) >= 2, ops
     assert not any(op.endswith(".b16") for op in ops), ops
+    if form == "per_element":  # x, weight, cos, sin: 2 x 16 B each per thread at 32 x 64 over 4 warps
+        assert ops == {"ld.global.v4.b32": 12, "st.global.v4.b32": 2}, ops
+    assert early == loads > 0, (early, loads)

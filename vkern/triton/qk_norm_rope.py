@@ -84,42 +84,49 @@ def _qk_norm_rope_kernel(
     offs = h * HEAD_DIM + d
     x = tl.load(x_ptr + b * stride_xb + s * stride_xs + offs, mask=mask, other=0.0)
     dtype = x.dtype
+    # Every load is issued here, before the norm's cross-warp reduction: loads written after it wait for its
+    # barrier, and the program would pay two memory latencies instead of one (LTX's per-head tables are 4x x's bytes).
+    if NORM and (LAYER_NORM or PER_HEAD):  # one weight [HEAD_DIM] for all heads (LayerNorm: and a bias)
+        w = tl.load(w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+        if LAYER_NORM:
+            bias = tl.load(b_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+    elif NORM:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    table_base = b * stride_fb + s * stride_fs
+    if HAS_ROPE and ROPE_FORM == 1:  # diffusers' apply_rotary_emb (HunyuanVideo, LTX): every element its own entry
+        cos, sin = _load_tables(cos_ptr, sin_ptr, table_base, stride_fh, stride_fd, H, HEAD_DIM, BLOCK_D,
+                                TABLE_PER_HEAD, BLOCK_H)
+    elif HAS_ROPE and ROPE_FORM == 2:  # Mochi's: one entry per pair
+        cos, sin = _load_tables(cos_ptr, sin_ptr, table_base, stride_fh, stride_fd, H, HEAD_DIM // 2, BLOCK_D // 2,
+                                TABLE_PER_HEAD, BLOCK_H)
+    elif HAS_ROPE:
+        # One table row per token, shared by all heads; diffusers uses cos[0::2] and sin[1::2].
+        f = tl.arange(0, BLOCK_D)
+        f_ptrs = table_base + f * stride_fd
+        cos_row = tl.load(cos_ptr + f_ptrs, mask=f < HEAD_DIM, other=1.0).to(tl.float32)
+        sin_row = tl.load(sin_ptr + f_ptrs, mask=f < HEAD_DIM, other=0.0).to(tl.float32)
+        cos, _ = tl.split(tl.reshape(cos_row, (BLOCK_D // 2, 2)))
+        _, sin = tl.split(tl.reshape(sin_row, (BLOCK_D // 2, 2)))
+        cos, sin = cos[None, :], sin[None, :]
     y = x.to(tl.float32)
     if NORM and LAYER_NORM:  # per head: LayerNorm with a weight and a bias [HEAD_DIM] (CogVideoX), fp32 math
         centered = y - (tl.sum(y, axis=1) / HEAD_DIM)[:, None]
         if BLOCK_D != HEAD_DIM:
             centered = tl.where(d < HEAD_DIM, centered, 0.0)
         r = (1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / HEAD_DIM + eps))[:, None]
-        w = tl.load(w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
-        bias = tl.load(b_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
         y = round_to(centered * r * w + bias, dtype, EMULATE_RNE).to(tl.float32)  # (one rounding, as torch's)
     elif NORM:
-        if PER_HEAD:  # each head's own mean square, one weight [HEAD_DIM] for all heads
+        if PER_HEAD:  # each head's own mean square
             r = (1.0 / tl.sqrt(tl.sum(y * y, axis=1) / HEAD_DIM + eps))[:, None]
-            w = tl.load(w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
         else:
             mean_sq = tl.sum(tl.sum(y * y, axis=1), axis=0) / (H * HEAD_DIM)
             r = 1.0 / tl.sqrt(mean_sq + eps)
-            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         # Round where torch's RMSNorm rounds: once, after the weight (fp32 math throughout).
         y = round_to(y * r * w, dtype, EMULATE_RNE).to(tl.float32)
-    if HAS_ROPE and ROPE_FORM == 1:  # diffusers' apply_rotary_emb (HunyuanVideo, LTX): every element its own entry
-        cos, sin = _load_tables(cos_ptr, sin_ptr, b * stride_fb + s * stride_fs, stride_fh, stride_fd, H, HEAD_DIM,
-                                BLOCK_D, TABLE_PER_HEAD, BLOCK_H)
+    if HAS_ROPE and ROPE_FORM == 1:
         y = _rotate_per_element(y, cos, sin, BLOCK_H, BLOCK_D)
-    elif HAS_ROPE and ROPE_FORM == 2:  # Mochi's: one entry per pair
-        cos, sin = _load_tables(cos_ptr, sin_ptr, b * stride_fb + s * stride_fs, stride_fh, stride_fd, H,
-                                HEAD_DIM // 2, BLOCK_D // 2, TABLE_PER_HEAD, BLOCK_H)
-        y = _rotate(y, cos, sin, BLOCK_H, BLOCK_D)
     elif HAS_ROPE:
-        # One table row per token, shared by all heads; diffusers uses cos[0::2] and sin[1::2].
-        f = tl.arange(0, BLOCK_D)
-        f_ptrs = b * stride_fb + s * stride_fs + f * stride_fd
-        cos, _ = tl.split(tl.reshape(tl.load(cos_ptr + f_ptrs, mask=f < HEAD_DIM, other=1.0).to(tl.float32),
-                                     (BLOCK_D // 2, 2)))
-        _, sin = tl.split(tl.reshape(tl.load(sin_ptr + f_ptrs, mask=f < HEAD_DIM, other=0.0).to(tl.float32),
-                                     (BLOCK_D // 2, 2)))
-        y = _rotate(y, cos[None, :], sin[None, :], BLOCK_H, BLOCK_D)
+        y = _rotate(y, cos, sin, BLOCK_H, BLOCK_D)
     if QUANT != 0:  # 1: e4m3, 2: int8
         scale = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-12) * q_inv  # [BLOCK_H]
         y = y * tl.math.div_rn(tl.full([BLOCK_H], 1.0, tl.float32), scale)[:, None]
