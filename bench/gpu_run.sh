@@ -3,7 +3,7 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [flash] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps] [fp8attn] [compile] [families] [familysteps] [familysteps2] [prologues]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [flash] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps] [fp8attn] [compile] [families] [familysteps] [familysteps2] [prologues] [familyprof]
 #     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
 #     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
 #     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model);
@@ -22,6 +22,7 @@
 #     vkern), each under its own timeout (a call of its own);
 #     prologues: the QK prologue kernel alone vs diffusers' ops (Wan's shapes; LTX-Video's and LTX-2's, family-prologue)
 #     and the LTX attention modules with it fused and unfused;
+#     familyprof: the LTX-Video 2B 512p step's GPU time by kernel class and top kernels (diffusers, vkern);
 #     memory: the allocations live at the 14B 480p step's peak (bench/memory_trace.py; chunked, bf16 and fp8
 #     attention) and the chunked 14B 480p / 720p step rows with their activation peaks;
 #     vaenorm: the VAE's RMS norm + SiLU kernel vs a copy, exact vs fast variant (bench/vae_norm_probe.py);
@@ -134,6 +135,10 @@ if [[ $MODES == *" prologues "* ]]; then
   $B --op qk-norm-rope --shape wan1.3b-480p,wan14b-480p,wan14b-720p --providers diffusers,vkern --repeats 20
   $B --op family-prologue --shape ltx-512p,ltx2-512p --repeats 20
   $B --op attn-module --shape ltx-512p,ltx2-512p --providers diffusers,vkern-auto,vkern-auto-unfused --repeats 10
+fi
+if [[ $MODES == *" familyprof "* ]]; then
+  python3 -m bench.profile_step --family ltx --size 2b --res 512p --providers diffusers,vkern --out $OUT/results.jsonl \
+    2>&1 | grep -v -e Warning -e USDT | tail -12
 fi
 if [[ $MODES == *" compile "* ]]; then  # against diffusers' regional compilation; VKERN_COMPILE_ROWS: the providers
   $B --op step --shape wan14b-480p --step-repeats 3 --providers ${VKERN_COMPILE_ROWS:-diffusers,diffusers-compile,vkern,vkern-compile,vkern-attn-int8pv,vkern-attn-int8pv-compile}

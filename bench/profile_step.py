@@ -1,7 +1,9 @@
-"""Where one Wan transformer step's time goes: torch.profiler over one step per provider, kernel time by
-class (attention / GEMM / elementwise+norm+copy / other), JSON rows (op "profile") and a markdown table.
+"""Where one transformer step's time goes (Wan's, or another family's: --family): torch.profiler over one step per
+provider, kernel time by class (attention / GEMM / elementwise+norm+copy / other), JSON rows (op "profile") and a
+markdown table.
 
     python -m bench.profile_step --size 14b --res 480p --out rows.jsonl
+    python -m bench.profile_step --family ltx --size 2b --res 512p --providers diffusers,vkern
     python -m bench.profile_step --size tiny --device cpu          # CI: CPU ops instead of CUDA kernels
 
 On a GPU the classes sum CUDA kernel (and memcpy/memset) time; on the CPU they sum the self CPU time
@@ -44,19 +46,19 @@ def classify(name):
     return "other"
 
 
-def shape_name(size, res):
-    return "wan-tiny" if size == "tiny" else f"wan{size}-{res}"
+def shape_name(size, res, family="wan"):
+    return f"{family}-tiny" if size == "tiny" else f"{family}{size}-{res}"
 
 
-def build(size, provider, device, dtype):
-    """bench.bench's step models, on any device: a fresh seeded model, patched as `provider` says."""
+def build(size, provider, device, dtype, family="wan"):
+    """bench.bench's step models (family: a key of its _step_models()), on any device: a fresh seeded model, patched
+    as `provider` says."""
     import vkern
-    from vkern import models
 
-    from .bench import vkern_config
+    from .bench import _step_models, vkern_config
 
     torch.manual_seed(0)
-    model = models.build_wan_transformer(size, dtype, device)
+    model = _step_models()[family][0](size, dtype, device)
     if provider == "diffusers-fp8-layerwise":
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
     elif provider.startswith("vkern"):
@@ -135,16 +137,16 @@ def profile_step(model, inputs, device):
     return summarize(device_items(prof, cuda), lambda name, _: classify(name), CLASSES)
 
 
-def run(size, res, providers, device, dtype=torch.bfloat16):
-    from vkern import models
+def run(size, res, providers, device, dtype=torch.bfloat16, family="wan"):
+    from .bench import _step_models
 
     rows = []
     for provider in providers:
-        model = build(size, provider, device, dtype)
-        inputs = models.transformer_inputs(model, res if size != "tiny" else "tiny", dtype, device)
+        model = build(size, provider, device, dtype, family)
+        inputs = _step_models()[family][1](model, res if size != "tiny" else "tiny", dtype, device)
         per_class, top = profile_step(model, inputs, device)
         total = sum(per_class.values())
-        rows.append(dict(op="profile", shape=shape_name(size, res), provider=provider, world=1,
+        rows.append(dict(op="profile", shape=shape_name(size, res, family), provider=provider, world=1,
                          **{f"{c}_ms": per_class[c] for c in CLASSES}, total_ms=total,
                          param_gib=param_bytes(model) / 2**30,
                          timer="cuda-kernels" if device.type == "cuda" else "cpu-self", top=top))
@@ -200,8 +202,10 @@ def cli_device(requested, option, value):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="14b", choices=["tiny", "1.3b", "14b"])
-    parser.add_argument("--res", default="480p", choices=["480p", "720p"])
+    parser.add_argument("--family", default="wan", choices=["wan", "hunyuan", "hunyuan15", "cogvideox", "ltx", "ltx2",
+                                                            "mochi"])
+    parser.add_argument("--size", default="14b", help="tiny, or the family's (bench/shapes.py STEPS): Wan 1.3b, 14b")
+    parser.add_argument("--res", default="480p", help="480p, 720p (Wan); the family's (bench/shapes.py STEPS)")
     parser.add_argument("--providers", default="diffusers,vkern,vkern-fp8-compute-unfused,vkern-fp8-compute",
                         help="comma-separated: diffusers, diffusers-fp8-layerwise, vkern, vkern-chunked, "
                              "vkern-fp8-storage, vkern-fp8-compute, vkern-fp8-compute-unfused")
@@ -209,7 +213,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="append JSON lines here")
     args = parser.parse_args(argv)
     device = cli_device(args.device, "--size", args.size)
-    rows = save_rows(run(args.size, args.res, args.providers.split(","), device), device, args.out)
+    rows = save_rows(run(args.size, args.res, args.providers.split(","), device, family=args.family), device,
+                     args.out)
     for r in rows:
         print(f"{r['provider']}: top kernels " + "; ".join(f"{t['ms']} ms {t['cls']} {t['name'][:60]}" for t in r["top"][:5]))
     print(table(rows))

@@ -63,3 +63,12 @@ def test_real_sizes_need_a_gpu():
         pytest.skip("has a GPU")
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         profile_step.main(["--size", "14b", "--device", "cpu"])
+
+
+def test_another_family_tiny_cpu_run():
+    """--family: LTX-Video's tiny model, its step profiled per provider; vkern's fused q/k prologue shows as its op."""
+    rows = profile_step.main(["--family", "ltx", "--size", "tiny", "--device", "cpu", "--providers", "diffusers,vkern"])
+    assert [(r["shape"], r["provider"]) for r in rows] == [("ltx-tiny", "diffusers"), ("ltx-tiny", "vkern")]
+    names = [{t["name"] for t in r["top"]} for r in rows]
+    assert "vkern::qk_norm_rope" in names[1] and not any(n.startswith("vkern::") for n in names[0])
+    assert all(r["gemm_ms"] > 0 and r["attention_ms"] > 0 for r in rows)
