@@ -26,6 +26,7 @@ def memory_ops(fn, signature, constexprs, num_warps, divisible_by_16=(), num_sta
 
 
 def ptx_memory_ops(ptx):
+    """memory_ops' count over PTX text."""
     ops = collections.Counter(re.findall(r"\b((?:ld|st)\.global(?:\.\w+)*)", ptx))
     for size in re.findall(r"\bcp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx):
         ops[f"cp.async.{int(size, 0)}B"] += 1
@@ -53,12 +54,6 @@ def qk_norm_rope_ptx(heads, head_dim=128, form="per_pair"):
     aligned = ("x_ptr", "w_ptr", "cos_ptr", "sin_ptr", "out_ptr", "stride_xb", "stride_xs", "stride_fb", "stride_fs",
                "stride_fh", "stride_ob", "stride_os", "stride_og", "stride_oh")
     return warps, compile_sm90(_qk_norm_rope_kernel, sig, consts, warps, aligned).asm["ptx"]
-
-
-def qk_norm_rope_memory_ops(heads, head_dim=128, form="per_pair"):
-    """(num_warps, global loads/stores by width) of the QK prologue (qk_norm_rope_ptx's form)."""
-    warps, ptx = qk_norm_rope_ptx(heads, head_dim, form)
-    return warps, ptx_memory_ops(ptx)
 
 
 def loads_before_first_barrier(ptx):
