@@ -21,4 +21,4 @@ for version in ${AB_ORDER:-$(ls _ab | sed 's/\.py$//')}; do
       $bench_args 2>&1 | grep -v Warning | cut -c1-200
   done
 done
-python3 -m bench.table "$OUT/results.jsonl"
+[ -s "$OUT/results.jsonl" ] && python3 -m bench.table "$OUT/results.jsonl"
