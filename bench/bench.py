@@ -535,13 +535,16 @@ CHUNK = 4096  # -chunked: FFN and attention token chunks
 
 
 def vkern_config(provider, allowed_suffixes=()):
-    """The PatchConfig of a step provider vkern[-fp8-storage|-fp8-compute][-chunked][suffix][-attn-<mode>]
-    (-chunked: FFN and attention queries in CHUNK-token chunks); returns (config, the suffixes present)."""
+    """The PatchConfig of a step provider vkern[-fp8-storage|-fp8-compute][-chunked][-diffusers-blocks][suffix]
+    [-attn-<mode>] (-chunked: FFN and attention queries in CHUNK-token chunks; -diffusers-blocks: fused_block=False,
+    the blocks' glue as diffusers runs it); returns (config, the suffixes present)."""
     import vkern
 
     rest, _, attention = provider.partition("-attn-")
     fp8 = next((m for m in ("storage", "compute") if f"-fp8-{m}" in rest), None)
     chunk = CHUNK if "-chunked" in rest else None
+    fused_block = "-diffusers-blocks" not in rest
+    rest = rest.replace("-diffusers-blocks", "")
     suffixes = [x for x in allowed_suffixes if x in rest]
     base = rest.replace(f"-fp8-{fp8}", "").replace("-chunked", "")
     for x in suffixes:
@@ -549,7 +552,7 @@ def vkern_config(provider, allowed_suffixes=()):
     if base != "vkern":
         raise SystemExit(f"--providers: unknown {provider!r}")
     return vkern.PatchConfig(fp8=fp8, fp8_keep_original="drop", ffn_chunk_size=chunk, attention_chunk_size=chunk,
-                             attention=attention or "auto"), suffixes
+                             attention=attention or "auto", fused_block=fused_block), suffixes
 
 
 def _step_models():

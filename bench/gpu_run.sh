@@ -17,12 +17,14 @@
 #     tests/test_hunyuan.py tests/test_hunyuan15.py tests/test_cogvideox.py tests/test_ltx.py tests/test_ltx2.py
 #     tests/test_mochi.py tests/test_skyreels.py tests/test_wan_vace.py");
 #     familysteps: their steps (HunyuanVideo-13B 720p x 33 frames, CogVideoX-5B 480p, LTX-Video 512p, Mochi-10B
-#     480p: diffusers, vkern, and int8pv at head dim 128), each shape under its own timeout (a call of its own: ~7 min);
+#     480p: diffusers, vkern, and int8pv at head dim 128; LTX-Video also vkern with diffusers' block glue), each shape
+#     under its own timeout (a call of its own: ~7 min);
 #     familysteps2: HunyuanVideo-1.5 8B 480p x 121 frames (diffusers, vkern, int8pv) and LTX-2 19B 512p (diffusers,
 #     vkern), each under its own timeout (a call of its own);
 #     prologues: the QK prologue kernel alone vs diffusers' ops (Wan's shapes; LTX-Video's and LTX-2's, family-prologue)
 #     and the LTX attention modules with it fused and unfused;
-#     familyprof: the LTX-Video 2B 512p step's GPU time by kernel class and top kernels (diffusers, vkern);
+#     familyprof: the LTX-Video 2B 512p step's GPU time by kernel class and top kernels (diffusers, vkern, and vkern
+#     with diffusers' block glue: vkern-diffusers-blocks);
 #     memory: the allocations live at the 14B 480p step's peak (bench/memory_trace.py; chunked, bf16 and fp8
 #     attention) and the chunked 14B 480p / 720p step rows with their activation peaks;
 #     vaenorm: the VAE's RMS norm + SiLU kernel vs a copy, exact vs fast variant (bench/vae_norm_probe.py);
@@ -123,9 +125,9 @@ if [[ $MODES == *" familysteps "* ]]; then
   for shape in hunyuan13b-720p-33f mochi10b-480p; do
     timeout -k 10 200 $B --op step --shape $shape --step-repeats 3 --providers diffusers,vkern,vkern-attn-int8pv
   done
-  for shape in cogvideox5b-480p ltx2b-512p; do
-    timeout -k 10 100 $B --op step --shape $shape --step-repeats 3 --providers diffusers,vkern
-  done
+  timeout -k 10 100 $B --op step --shape cogvideox5b-480p --step-repeats 3 --providers diffusers,vkern
+  # LTX-Video: its fused block glue on and off (-diffusers-blocks), side by side
+  timeout -k 10 120 $B --op step --shape ltx2b-512p --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
 fi
 if [[ $MODES == *" familysteps2 "* ]]; then
   timeout -k 10 380 $B --op step --shape hunyuan15-8b-480p --step-repeats 3 --providers diffusers,vkern,vkern-attn-int8pv
@@ -137,7 +139,8 @@ if [[ $MODES == *" prologues "* ]]; then
   $B --op attn-module --shape ltx-512p,ltx2-512p --providers diffusers,vkern-auto,vkern-auto-unfused --repeats 10
 fi
 if [[ $MODES == *" familyprof "* ]]; then
-  python3 -m bench.profile_step --family ltx --size 2b --res 512p --providers diffusers,vkern --out $OUT/results.jsonl \
+  python3 -m bench.profile_step --family ltx --size 2b --res 512p --providers diffusers,vkern,vkern-diffusers-blocks \
+    --out $OUT/results.jsonl \
     2>&1 | grep -v -e Warning -e USDT | tail -12
 fi
 if [[ $MODES == *" compile "* ]]; then  # against diffusers' regional compilation; VKERN_COMPILE_ROWS: the providers

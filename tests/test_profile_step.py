@@ -66,9 +66,13 @@ def test_real_sizes_need_a_gpu():
 
 
 def test_another_family_tiny_cpu_run():
-    """--family: LTX-Video's tiny model, its step profiled per provider; vkern's fused q/k prologue shows as its op."""
-    rows = profile_step.main(["--family", "ltx", "--size", "tiny", "--device", "cpu", "--providers", "diffusers,vkern"])
-    assert [(r["shape"], r["provider"]) for r in rows] == [("ltx-tiny", "diffusers"), ("ltx-tiny", "vkern")]
+    """--family: LTX-Video's tiny model, its step profiled per provider; vkern's fused q/k prologue shows as its op, and
+    its fused block glue unless the provider asks for diffusers' blocks."""
+    providers = ["diffusers", "vkern", "vkern-diffusers-blocks"]
+    rows = profile_step.main(["--family", "ltx", "--size", "tiny", "--device", "cpu", "--providers", ",".join(providers)])
+    assert [(r["shape"], r["provider"]) for r in rows] == [("ltx-tiny", p) for p in providers]
     names = [{t["name"] for t in r["top"]} for r in rows]
     assert "vkern::qk_norm_rope" in names[1] and not any(n.startswith("vkern::") for n in names[0])
+    assert "vkern::layernorm_modulate" in names[1] and "vkern::layernorm_modulate" not in names[2]
+    assert "vkern::qk_norm_rope" in names[2]
     assert all(r["gemm_ms"] > 0 and r["attention_ms"] > 0 for r in rows)

@@ -1,7 +1,8 @@
-"""The DiT block's elementwise glue, fused: LayerNorm + adaLN modulate, and gate + residual.
+"""The DiT block's elementwise glue, fused: LayerNorm (or RMSNorm) + adaLN modulate, and gate + residual.
 
 Backends: triton (vkern/triton/block_glue.py), reference (vkern/reference/block_glue.py, the spec:
-diffusers' WanTransformerBlock expressions). Inference only (no autograd formulas).
+diffusers' WanTransformerBlock expressions, and with native_dtypes=True LTXVideoTransformerBlock's).
+Inference only (no autograd formulas).
 
 gate_residual comes in two forms, like torch's add/add_: a functional op, and an in-place one
 declared as mutating x (the fused block updates its own hidden states chunk by chunk through it, so
@@ -56,7 +57,8 @@ def _check_modulation(name, t, x):
                          f"got {tuple(t.shape)}")
 
 
-def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table=None, scale_table=None, fp8=False):
+def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table=None, scale_table=None, fp8=False,
+                       rms=False, native_dtypes=False):
     """diffusers' (FP32LayerNorm(x.float()) * (1 + scale) + shift).type_as(x) on x [B, S, D].
 
     shift, scale: temb chunks [B|1, S|1, D] (Wan 2.1: [B, 1, D]; Wan 2.2 per-token: [B, S, D]), any
@@ -64,7 +66,12 @@ def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table
     scale_shift_table rows [D], added in fp32 (diffusers' table + temb.float()), or None.
     weight, bias: the LayerNorm's affine [D] or None. Returns a contiguous tensor in x's dtype, or with
     fp8=True that tensor quantized per token as vkern.ops.fp8_quantize(result, "row") would, in the same
-    pass: (e4m3 [B, S, D], fp32 scales [B, S, 1]), the input of fp8 compute-mode Linears."""
+    pass: (e4m3 [B, S, D], fp32 scales [B, S, 1]), the input of fp8 compute-mode Linears.
+    rms: RMSNorm (x * rsqrt(mean(x^2) + eps), diffusers' RMSNorm) instead of LayerNorm.
+    native_dtypes: diffusers' expression in the tensors' own dtypes, each op rounded as eager PyTorch rounds
+    it (LTX-Video's blocks: RMSNorm(x) * (1 + table + temb) + (table + temb), bf16 throughout); the result
+    has the dtype eager PyTorch gives it. With rms, no weight or bias (diffusers' RMSNorm with an affine
+    weight rounds once more; LTX-Video's has none)."""
     _check_x(x)
     if (shift is None) != (scale is None):
         raise ValueError("shift, scale: pass both or neither")
@@ -82,12 +89,17 @@ def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table
         _check_row(name, t, x)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    if rms and native_dtypes and (weight is not None or bias is not None):
+        raise ValueError("weight, bias: not supported with rms=True and native_dtypes=True (diffusers' RMSNorm "
+                         "rounds to the weight's dtype before applying it; only the RMSNorm without affine is fused)")
+    rms, native = bool(rms), bool(native_dtypes)
     if fp8:
         if x.dtype == torch.float64:
             raise TypeError("x: fp8=True needs a float32, float16 or bfloat16 x, got torch.float64")
         return torch.ops.vkern.layernorm_modulate_fp8(x, shift, scale, float(eps), weight, bias, shift_table,
-                                                      scale_table)
-    return torch.ops.vkern.layernorm_modulate(x, shift, scale, float(eps), weight, bias, shift_table, scale_table)
+                                                      scale_table, rms, native)
+    return torch.ops.vkern.layernorm_modulate(x, shift, scale, float(eps), weight, bias, shift_table, scale_table,
+                                              rms, native)
 
 
 def gelu_tanh_fp8(h):
@@ -108,19 +120,51 @@ def _check_gate_residual(x, y, gate, gate_table):
     _check_row("gate_table", gate_table, x)
 
 
-def gate_residual(x, y, gate, gate_table=None):
+def gate_residual(x, y, gate, gate_table=None, native_dtypes=False):
     """diffusers' (x.float() + y.float() * gate).type_as(x) on x, y [B, S, D] with gate a temb chunk
     [B|1, S|1, D] (+ its scale_shift_table row gate_table [D], added in fp32). Returns a new
-    contiguous tensor in x's dtype."""
+    contiguous tensor in x's dtype. native_dtypes: x + y * (gate_table + gate) in their own dtypes, each op
+    rounded as eager PyTorch rounds it (LTX-Video), in the dtype eager PyTorch gives it."""
     _check_gate_residual(x, y, gate, gate_table)
-    return torch.ops.vkern.gate_residual(x, y, gate, gate_table)
+    return torch.ops.vkern.gate_residual(x, y, gate, gate_table, bool(native_dtypes))
 
 
-def gate_residual_(x, y, gate, gate_table=None):
-    """gate_residual written into x (any strides, e.g. a token slice of the hidden states); returns x."""
+def gate_residual_(x, y, gate, gate_table=None, native_dtypes=False):
+    """gate_residual written into x (any strides, e.g. a token slice of the hidden states); returns x. With
+    native_dtypes the result's dtype must be x's."""
     _check_gate_residual(x, y, gate, gate_table)
-    torch.ops.vkern.gate_residual_inplace(x, y, gate, gate_table)
+    if native_dtypes and gate_rounding(x, y, gate, gate_table, True)[2] != x.dtype:
+        raise TypeError(f"x: the result is {gate_rounding(x, y, gate, gate_table, True)[2]}, x is {x.dtype}: "
+                        "it cannot be written in place (use gate_residual)")
+    torch.ops.vkern.gate_residual_inplace(x, y, gate, gate_table, bool(native_dtypes))
     return x
+
+
+# --- the dtypes each step rounds to ----------------------------------------------------------------
+
+def _mod_dtype(t, table):
+    return t.dtype if table is None else torch.promote_types(table.dtype, t.dtype)
+
+
+def norm_rounding(x, t, table, native):
+    """(norm output, modulation, product, result) dtypes of layernorm_modulate; t: the scale chunk or None.
+    Wan's form computes in fp32 and rounds once to x's dtype."""
+    if not native:
+        return torch.float32, torch.float32, torch.float32, x.dtype
+    if t is None:
+        return x.dtype, x.dtype, x.dtype, x.dtype
+    mod = _mod_dtype(t, table)
+    act = torch.promote_types(x.dtype, mod)
+    return x.dtype, mod, act, act
+
+
+def gate_rounding(x, y, gate, table, native):
+    """(modulation, product, result) dtypes of gate_residual."""
+    if not native:
+        return torch.float32, torch.float32, x.dtype
+    mod = _mod_dtype(gate, table)
+    prod = torch.promote_types(y.dtype, mod)
+    return mod, prod, torch.promote_types(x.dtype, prod)
 
 
 # --- custom ops ------------------------------------------------------------------------------------
@@ -130,62 +174,72 @@ def _unit_last(t):
     return t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-@torch.library.custom_op("vkern::layernorm_modulate", mutates_args=())
-def _layernorm_modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
-                        weight: torch.Tensor | None, bias: torch.Tensor | None, shift_table: torch.Tensor | None,
-                        scale_table: torch.Tensor | None) -> torch.Tensor:
-    backend = _choose("layernorm_modulate", x, shift, scale, weight, bias, shift_table, scale_table)
-    if backend == "reference" or x.numel() == 0:
-        return ref.layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_table).contiguous()
-    from ..triton.block_glue import layernorm_modulate as kernel
-
+def _norm_args(x, shift, scale, weight, bias, shift_table, scale_table):
+    """The kernel's operands: unit last strides, shift and scale with one stride pair, [D] rows contiguous."""
     x, shift, scale = _unit_last(x), _unit_last(shift), _unit_last(scale)
     if shift is not None and shift.stride() != scale.stride():  # the kernel indexes both with one stride pair
         shift, scale = shift.contiguous(), scale.contiguous()
-    rows = [t if t is None else t.contiguous() for t in (weight, bias, shift_table, scale_table)]
-    return kernel(x, shift, scale, eps, *rows, torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    return (x, shift, scale, *[t if t is None else t.contiguous() for t in (weight, bias, shift_table, scale_table)])
+
+
+@torch.library.custom_op("vkern::layernorm_modulate", mutates_args=())
+def _layernorm_modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
+                        weight: torch.Tensor | None, bias: torch.Tensor | None, shift_table: torch.Tensor | None,
+                        scale_table: torch.Tensor | None, rms: bool, native: bool) -> torch.Tensor:
+    backend = _choose("layernorm_modulate", x, shift, scale, weight, bias, shift_table, scale_table)
+    if backend == "reference" or x.numel() == 0:
+        return ref.layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_table, rms,
+                                      native).contiguous()
+    from ..triton.block_glue import layernorm_modulate as kernel
+
+    rounding = norm_rounding(x, scale, scale_table, native)
+    x, shift, scale, *rows = _norm_args(x, shift, scale, weight, bias, shift_table, scale_table)
+    return kernel(x, shift, scale, eps, *rows, torch.empty(x.shape, dtype=rounding[3], device=x.device), rounding, rms)
 
 
 @_layernorm_modulate.register_fake
-def _(x, shift, scale, eps, weight, bias, shift_table, scale_table):
-    return x.new_empty(x.shape)
+def _(x, shift, scale, eps, weight, bias, shift_table, scale_table, rms, native):
+    return x.new_empty(x.shape, dtype=norm_rounding(x, scale, scale_table, native)[3])
 
 
-def _gate_residual_into(x, y, gate, gate_table, out):
+def _gate_residual_into(x, y, gate, gate_table, out, native):
     from ..triton.block_glue import gate_residual as kernel
 
+    rounding = gate_rounding(x, y, gate, gate_table, native)
     gate_table = gate_table if gate_table is None else gate_table.contiguous()
-    return kernel(_unit_last(x), _unit_last(y), _unit_last(gate), gate_table, out)
+    return kernel(_unit_last(x), _unit_last(y), _unit_last(gate), gate_table, out, rounding)
 
 
 @torch.library.custom_op("vkern::gate_residual", mutates_args=())
 def _gate_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
-                   gate_table: torch.Tensor | None) -> torch.Tensor:
+                   gate_table: torch.Tensor | None, native: bool) -> torch.Tensor:
     backend = _choose("gate_residual", x, y, gate, gate_table)
     if backend == "reference" or x.numel() == 0:
-        return ref.gate_residual(x, y, gate, gate_table).contiguous()
-    return _gate_residual_into(x, y, gate, gate_table, torch.empty(x.shape, dtype=x.dtype, device=x.device))
+        return ref.gate_residual(x, y, gate, gate_table, native).contiguous()
+    out_dtype = gate_rounding(x, y, gate, gate_table, native)[2]
+    return _gate_residual_into(x, y, gate, gate_table, torch.empty(x.shape, dtype=out_dtype, device=x.device), native)
 
 
 @_gate_residual.register_fake
-def _(x, y, gate, gate_table):
-    return x.new_empty(x.shape)
+def _(x, y, gate, gate_table, native):
+    return x.new_empty(x.shape, dtype=gate_rounding(x, y, gate, gate_table, native)[2])
 
 
 @torch.library.custom_op("vkern::gate_residual_inplace", mutates_args=("x",))
 def _gate_residual_inplace(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
-                           gate_table: torch.Tensor | None) -> None:
+                           gate_table: torch.Tensor | None, native: bool) -> None:
     backend = _choose("gate_residual", x, y, gate, gate_table)
     if backend == "reference" or x.numel() == 0:
-        x.copy_(ref.gate_residual(x, y, gate, gate_table))
+        x.copy_(ref.gate_residual(x, y, gate, gate_table, native))
     elif x.stride(-1) != 1:  # rows the kernel cannot address: compute aside, then copy in
-        x.copy_(_gate_residual_into(x, y, gate, gate_table, torch.empty(x.shape, dtype=x.dtype, device=x.device)))
+        x.copy_(_gate_residual_into(x, y, gate, gate_table, torch.empty(x.shape, dtype=x.dtype, device=x.device),
+                                    native))
     else:
-        _gate_residual_into(x, y, gate, gate_table, x)
+        _gate_residual_into(x, y, gate, gate_table, x, native)
 
 
 @_gate_residual_inplace.register_fake
-def _(x, y, gate, gate_table):
+def _(x, y, gate, gate_table, native):
     return None
 
 
@@ -197,24 +251,23 @@ def _fp8_outputs(x):
 @torch.library.custom_op("vkern::layernorm_modulate_fp8", mutates_args=())
 def _layernorm_modulate_fp8(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
                             weight: torch.Tensor | None, bias: torch.Tensor | None, shift_table: torch.Tensor | None,
-                            scale_table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                            scale_table: torch.Tensor | None, rms: bool,
+                            native: bool) -> tuple[torch.Tensor, torch.Tensor]:
     backend = _choose("layernorm_modulate", x, shift, scale, weight, bias, shift_table, scale_table)
     if backend == "reference" or x.numel() == 0:
-        q, s = ref.layernorm_modulate_fp8(x, shift, scale, eps, weight, bias, shift_table, scale_table)
+        q, s = ref.layernorm_modulate_fp8(x, shift, scale, eps, weight, bias, shift_table, scale_table, rms, native)
         return q.contiguous(), s.contiguous()
     from ..triton.block_glue import layernorm_modulate as kernel
 
-    x, shift, scale = _unit_last(x), _unit_last(shift), _unit_last(scale)
-    if shift is not None and shift.stride() != scale.stride():
-        shift, scale = shift.contiguous(), scale.contiguous()
-    rows = [t if t is None else t.contiguous() for t in (weight, bias, shift_table, scale_table)]
+    rounding = norm_rounding(x, scale, scale_table, native)
+    x, shift, scale, *rows = _norm_args(x, shift, scale, weight, bias, shift_table, scale_table)
     q, s = _fp8_outputs(x)
-    kernel(x, shift, scale, eps, *rows, q, s)
+    kernel(x, shift, scale, eps, *rows, q, rounding, rms, q_scale=s)
     return q, s
 
 
 @_layernorm_modulate_fp8.register_fake
-def _(x, shift, scale, eps, weight, bias, shift_table, scale_table):
+def _(x, shift, scale, eps, weight, bias, shift_table, scale_table, rms, native):
     return x.new_empty(x.shape, dtype=E4M3), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 

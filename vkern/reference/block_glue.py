@@ -15,6 +15,13 @@ Here the modulation is taken apart: `shift`, `scale`, `gate` are the temb chunks
 exactly as diffusers adds them. That lets the kernels read temb in place, so Wan 2.2's per-token
 [B, S, 6, D] temb is never copied to fp32 (diffusers makes two fp32 copies of it per block).
 
+native=True is the other form of the same glue, diffusers' LTXVideoTransformerBlock.forward: its ops in
+the tensors' own dtypes, each rounded to its operands' promoted dtype as eager PyTorch does,
+    norm:     RMSNorm(x) * (1 + scale) + shift, with RMSNorm (no affine) (x * rsqrt(mean(x.float()^2) + eps))
+              .to(x.dtype) and scale = table + temb chunk (bf16 + bf16 -> bf16)
+    residual: x + y * gate
+(rms=False with native: torch's LayerNorm in x's dtype, then the same modulation).
+
 fp8 outputs (for Linears in fp8 compute mode, vkern/modules/fp8_linear.py): the fused kernels may
 emit their result as e4m3 with one fp32 scale per token instead of x's dtype. The value quantized is
 the one the unfused path feeds the quantizer: the result rounded to x's dtype first, then vkern's
@@ -30,29 +37,56 @@ import torch.nn.functional as F
 from . import fp8
 
 
-def modulation(t, table=None):
-    """diffusers' `scale_shift_table + temb.float()` for one chunk: fp32, one rounding."""
+def modulation(t, table=None, native=False):
+    """diffusers' `scale_shift_table + temb.float()` for one chunk: fp32, one rounding; native: Wan's
+    `table + temb` in their own dtypes (LTX-Video)."""
+    if native:
+        return t if table is None else table + t
     return t.float() if table is None else table + t.float()
 
 
-def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table=None, scale_table=None):
+def _rms_norm(x, eps):
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # fp32 (x promotes)
+
+
+def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table=None, scale_table=None, rms=False,
+                       native=False):
     """x [B, S, D]; shift/scale [B|1, S|1, D] or both None (plain FP32LayerNorm, as norm2);
-    weight/bias [D] or None. Returns x's dtype."""
-    y = F.layer_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(),
-                     None if bias is None else bias.float(), eps)
+    weight/bias [D] or None. Returns x's dtype (native: the dtype eager PyTorch gives the expression).
+    rms: RMSNorm (no centering; diffusers' RMSNorm) instead of LayerNorm."""
+    if native:
+        if rms:  # diffusers' RMSNorm without elementwise_affine (the op refuses a weight here)
+            y = _rms_norm(x, eps).to(x.dtype)
+        else:
+            y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        if scale is not None:
+            y = y * (1 + modulation(scale, scale_table, True)) + modulation(shift, shift_table, True)
+        return y
+    if rms:
+        y = _rms_norm(x.float(), eps)
+        y = y if weight is None else y * weight.float()
+        y = y if bias is None else y + bias.float()
+    else:
+        y = F.layer_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(),
+                         None if bias is None else bias.float(), eps)
     if scale is not None:
         y = y * (1 + modulation(scale, scale_table)) + modulation(shift, shift_table)
     return y.type_as(x)
 
 
-def gate_residual(x, y, gate, gate_table=None):
-    """x, y [B, S, D]; gate [B|1, S|1, D]. Returns (x.float() + y.float() * gate).type_as(x)."""
+def gate_residual(x, y, gate, gate_table=None, native=False):
+    """x, y [B, S, D]; gate [B|1, S|1, D]. Returns (x.float() + y.float() * gate).type_as(x); native: x + y * gate
+    in their own dtypes (LTX-Video's `hidden_states + attn_hidden_states * gate_msa`)."""
+    if native:
+        return x + y * modulation(gate, gate_table, True)
     return (x.float() + y.float() * modulation(gate, gate_table)).type_as(x)
 
 
-def layernorm_modulate_fp8(x, shift, scale, eps, weight=None, bias=None, shift_table=None, scale_table=None):
-    """layernorm_modulate's result (in x's dtype) quantized per token: (e4m3 [B, S, D], fp32 [B, S, 1])."""
-    return fp8.fp8_quantize(layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_table), "row")
+def layernorm_modulate_fp8(x, shift, scale, eps, weight=None, bias=None, shift_table=None, scale_table=None, rms=False,
+                           native=False):
+    """layernorm_modulate's result (in its dtype) quantized per token: (e4m3 [B, S, D], fp32 [B, S, 1])."""
+    return fp8.fp8_quantize(layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_table, rms,
+                                               native), "row")
 
 
 def gelu_tanh_fp8(h):

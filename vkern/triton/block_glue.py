@@ -9,7 +9,10 @@ fp32 copy of the hidden states or of a per-token temb ever reaches memory.
 
 Rounding follows diffusers' eager ops one by one (vkern/reference/block_glue.py): every fp32
 product and sum is rounded separately, so the launches pass enable_fp_fusion=False (no FMA
-contraction by LLVM or ptxas); the kernels are memory-bound, so FMAs would buy nothing.
+contraction by LLVM or ptxas); the kernels are memory-bound, so FMAs would buy nothing. Where diffusers
+computes in the tensors' own dtypes (native_dtypes: LTX-Video's blocks), each op's result is rounded to the
+dtype eager PyTorch gives it (the *_DT constexprs), in registers; for Wan's fp32 math those are float32 and
+the roundings vanish.
 
 fp8 outputs (fp8 compute mode): LayerNorm + modulate, and the FFN's tanh GELU, can write their row as
 e4m3 with one fp32 scale per token instead of bf16: the row is rounded to the activation dtype as
@@ -17,6 +20,7 @@ before, then quantized in registers exactly as csrc/fp8_quant.cu does (scale = m
 fp32(1/448), q = satfinite RNE e4m3 of v * (1/scale), NaN propagating), so the consuming fp8 GEMMs
 need no quantization pass of their own.
 """
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
@@ -63,15 +67,21 @@ def _row(S, D: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _as(v, DT: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """fp32 v rounded to DT (a no-op for float32) and widened back to fp32 for the next op."""
+    return round_to(v, DT, EMULATE_RNE).to(tl.float32)
+
+
+@triton.jit
 def _layernorm_modulate_kernel(
     x_ptr, out_ptr, q_scale_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, shift_tab_ptr, scale_tab_ptr,
     S, stride_xb, stride_xs, stride_mb, stride_ms, eps,
     D: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     MODULATE: tl.constexpr, HAS_TABLE: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    RMS: tl.constexpr, NORM_DT: tl.constexpr, MOD_DT: tl.constexpr, PROD_DT: tl.constexpr, ACT_DT: tl.constexpr,
 ):
     b, s, cols, mask = _row(S, D, BLOCK)
     x = tl.load(x_ptr + b * stride_xb + s * stride_xs + cols, mask=mask, other=0.0)
-    dtype = x.dtype
     xf = x.to(tl.float32)
     # Two passes over the registers (mean, then centered variance): biased variance as F.layer_norm.
     # IEEE division and square root (Triton's `/` is an approximate division on the GPU), as torch's
@@ -80,22 +90,27 @@ def _layernorm_modulate_kernel(
     # the bf16 and e4m3 variants of this kernel (their stores vectorize differently), so their rows
     # differed by an ulp in rare elements (run 12: 144 of 168M e4m3 codes); the fp64 sum of the same
     # fp32 terms rounds to the same fp32 in any order (unless within 2^-29 of a tie).
-    mean = tl.div_rn(tl.sum(xf.to(tl.float64), axis=0).to(tl.float32), D * 1.0)
-    xc = tl.where(mask, xf - mean, 0.0)
+    if RMS:  # diffusers' RMSNorm: x * rsqrt(mean(x^2) + eps), no centering
+        xc = xf
+    else:
+        mean = tl.div_rn(tl.sum(xf.to(tl.float64), axis=0).to(tl.float32), D * 1.0)
+        xc = tl.where(mask, xf - mean, 0.0)
     var = tl.div_rn(tl.sum((xc * xc).to(tl.float64), axis=0).to(tl.float32), D * 1.0)
     y = xc * tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     if HAS_W:
         y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_B:
         y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = _as(y, NORM_DT, EMULATE_RNE)  # the norm module's output (native dtypes: x's dtype)
     if MODULATE:
         # shift and scale share one stride pair (the wrapper makes them agree).
         m_offs = b * stride_mb + s * stride_ms + cols
-        scale = _modulation(scale_ptr, scale_tab_ptr, m_offs, cols, mask, HAS_TABLE)
-        shift = _modulation(shift_ptr, shift_tab_ptr, m_offs, cols, mask, HAS_TABLE)
-        y = y * (1.0 + scale) + shift  # three fp32 roundings, as diffusers' three ops
+        scale = _as(_modulation(scale_ptr, scale_tab_ptr, m_offs, cols, mask, HAS_TABLE), MOD_DT, EMULATE_RNE)
+        shift = _as(_modulation(shift_ptr, shift_tab_ptr, m_offs, cols, mask, HAS_TABLE), MOD_DT, EMULATE_RNE)
+        # y * (1 + scale) + shift: three roundings, as diffusers' three ops
+        y = _as(y * _as(1.0 + scale, MOD_DT, EMULATE_RNE), PROD_DT, EMULATE_RNE) + shift
     row = tl.program_id(0).to(tl.int64)
-    y = round_to(y, dtype, EMULATE_RNE)
+    y = round_to(y, ACT_DT, EMULATE_RNE)
     if FP8_OUT:  # out is e4m3: the rounded row quantized in registers, its scale to q_scale_ptr[row]
         _store_fp8_row(out_ptr + row * D, q_scale_ptr + row, y.to(tl.float32), cols, mask, EMULATE_RNE)
     else:
@@ -131,14 +146,16 @@ def _gate_residual_kernel(
     x_ptr, y_ptr, g_ptr, g_tab_ptr, out_ptr,
     S, stride_xb, stride_xs, stride_yb, stride_ys, stride_gb, stride_gs, stride_ob, stride_os,
     D: tl.constexpr, BLOCK: tl.constexpr, HAS_TABLE: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    MOD_DT: tl.constexpr, PROD_DT: tl.constexpr, OUT_DT: tl.constexpr,
 ):
     b, s, cols, mask = _row(S, D, BLOCK)
     x = tl.load(x_ptr + b * stride_xb + s * stride_xs + cols, mask=mask, other=0.0)
     y = tl.load(y_ptr + b * stride_yb + s * stride_ys + cols, mask=mask, other=0.0).to(tl.float32)
-    g = _modulation(g_ptr, g_tab_ptr, b * stride_gb + s * stride_gs + cols, cols, mask, HAS_TABLE)
-    out = x.to(tl.float32) + y * g  # fp32 product rounded, then fp32 sum rounded (no FMA)
+    g = _as(_modulation(g_ptr, g_tab_ptr, b * stride_gb + s * stride_gs + cols, cols, mask, HAS_TABLE), MOD_DT,
+            EMULATE_RNE)
+    out = x.to(tl.float32) + _as(y * g, PROD_DT, EMULATE_RNE)  # product rounded, then the sum (no FMA)
     # out may be x itself (in place): each element is read before it is written, by this program only.
-    tl.store(out_ptr + b * stride_ob + s * stride_os + cols, round_to(out, x.dtype, EMULATE_RNE), mask=mask)
+    tl.store(out_ptr + b * stride_ob + s * stride_os + cols, round_to(out, OUT_DT, EMULATE_RNE), mask=mask)
 
 
 def _launch_config(D):
@@ -153,13 +170,19 @@ def _row_strides(t, B, S):
             t.stride(1) if t.shape[1] == S and S > 1 else 0)
 
 
-def layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_table, out, q_scale=None):
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_table, out, rounding, rms=False,
+                       q_scale=None):
     """x [B, S, D] with unit last stride; shift/scale [B|1, S|1, D] with equal strides, or None;
-    weight/bias/tables [D] contiguous or None; out a contiguous [B, S, D] in x's dtype, or in e4m3 with
-    q_scale a contiguous fp32 [B, S, 1] for its per-token scales."""
+    weight/bias/tables [D] contiguous or None; out a contiguous [B, S, D] in the result's dtype, or in e4m3
+    with q_scale a contiguous fp32 [B, S, 1] for its per-token scales. rounding: the torch dtypes (norm
+    output, modulation, product, result) each step rounds to (vkern/ops/block_glue.py decides them)."""
     B, S, D = x.shape
     block, warps = _launch_config(D)
     mb, ms = _row_strides(scale, B, S) if scale is not None else (0, 0)
+    norm_dt, mod_dt, prod_dt, act_dt = (_TL[d] for d in rounding)
     _layernorm_modulate_kernel[(B * S,)](
         x, out, q_scale if q_scale is not None else out, weight if weight is not None else x,
         bias if bias is not None else x,
@@ -168,20 +191,24 @@ def layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_ta
         S, x.stride(0), x.stride(1), mb, ms, eps,
         D=D, BLOCK=block, HAS_W=weight is not None, HAS_B=bias is not None, MODULATE=scale is not None,
         HAS_TABLE=scale_table is not None, FP8_OUT=q_scale is not None, EMULATE_RNE=interpreting(),
+        RMS=rms, NORM_DT=norm_dt, MOD_DT=mod_dt, PROD_DT=prod_dt, ACT_DT=act_dt,
         num_warps=warps, enable_fp_fusion=False,
     )
     return out
 
 
-def gate_residual(x, y, gate, gate_table, out):
-    """x, y, out [B, S, D] with unit last strides (out may be x); gate [B|1, S|1, D]; gate_table [D] or None."""
+def gate_residual(x, y, gate, gate_table, out, rounding):
+    """x, y, out [B, S, D] with unit last strides (out may be x); gate [B|1, S|1, D]; gate_table [D] or None.
+    rounding: the torch dtypes (modulation, product, result) each step rounds to."""
     B, S, D = x.shape
     block, warps = _launch_config(D)
+    mod_dt, prod_dt, out_dt = (_TL[d] for d in rounding)
     _gate_residual_kernel[(B * S,)](
         x, y, gate, gate_table if gate_table is not None else gate, out,
         S, x.stride(0), x.stride(1), y.stride(0), y.stride(1), *_row_strides(gate, B, S),
         out.stride(0), out.stride(1),
         D=D, BLOCK=block, HAS_TABLE=gate_table is not None, EMULATE_RNE=interpreting(),
+        MOD_DT=mod_dt, PROD_DT=prod_dt, OUT_DT=out_dt,
         num_warps=warps, enable_fp_fusion=False,
     )
     return out

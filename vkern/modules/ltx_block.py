@@ -1,0 +1,76 @@
+"""diffusers' LTXVideoTransformerBlock.forward with vkern's fused glue.
+
+The same ops in the same order, each rounded as diffusers rounds it (LTX-Video's glue runs in the tensors'
+own dtypes, bf16 in a bf16 model: vkern.ops' native_dtypes form), with the block's attentions and FFN called as
+diffusers calls them (whatever processor or Linear they have), but:
+  - RMSNorm + modulate is one pass (vkern.ops.layernorm_modulate(rms=True)) that reads temb and the
+    scale_shift_table rows in place; diffusers writes an fp32 RMSNorm intermediate, a [B, T, 6, D] table +
+    temb tensor and three more elementwise results;
+  - gate + residual is one pass (vkern.ops.gate_residual): a new tensor after self-attention, then the
+    cross-attention's plain residual and the FFN's gated one are written into that tensor in place;
+  - the FFN's GELU runs in place (vkern/modules/feed_forward.py).
+diffusers' forward runs instead where the fused path would not be the same computation: with autograd
+recording (the fused ops have no backward), an RMSNorm with an affine weight (LTX-Video's have none), hooks on
+the norms (the fused pass would skip them), or a temb of another layout.
+"""
+import torch
+
+from .. import ops
+from ..ops.block_glue import gate_rounding
+from ._grad import records_autograd
+from ._hooks import hooked
+from .feed_forward import feed_forward_rows
+
+
+def fused_ltx_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                            encoder_attention_mask=None):
+    """LTXVideoTransformerBlock.forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+    encoder_attention_mask) on `block`. temb: [B, 1, 6 * D] (one timestep per video) or [B, S, 6 * D] (one per
+    token). The caller's hidden_states is never written."""
+    mods = _modulation(block, hidden_states, temb)
+    if mods is None or records_autograd(block, hidden_states, encoder_hidden_states, temb):
+        from diffusers.models.transformers.transformer_ltx import LTXVideoTransformerBlock
+
+        return LTXVideoTransformerBlock.forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                                encoder_attention_mask)
+    shift, scale, gate, c_shift, c_scale, c_gate = mods
+
+    norm = ops.layernorm_modulate(hidden_states, shift[0], scale[0], block.norm1.eps, shift_table=shift[1],
+                                  scale_table=scale[1], rms=True, native_dtypes=True)
+    out = block.attn1(hidden_states=norm, encoder_hidden_states=None, image_rotary_emb=image_rotary_emb)
+    del norm
+    x = ops.gate_residual(hidden_states, out, *gate, native_dtypes=True)
+    del out
+
+    out = block.attn2(x, encoder_hidden_states=encoder_hidden_states, image_rotary_emb=None,
+                      attention_mask=encoder_attention_mask)
+    # diffusers' x + out, one rounding either way; in place when it keeps x's dtype (a bf16 model).
+    x = x.add_(out) if torch.promote_types(x.dtype, out.dtype) == x.dtype else x + out
+    del out
+
+    norm = ops.layernorm_modulate(x, c_shift[0], c_scale[0], block.norm2.eps, shift_table=c_shift[1],
+                                  scale_table=c_scale[1], rms=True, native_dtypes=True)
+    out = feed_forward_rows(block.ff, norm)
+    del norm
+    if gate_rounding(x, out, *c_gate, True)[2] == x.dtype:
+        return ops.gate_residual_(x, out, *c_gate, native_dtypes=True)
+    return ops.gate_residual(x, out, *c_gate, native_dtypes=True)
+
+
+def _modulation(block, hidden_states, temb):
+    """diffusers' (scale_shift_table + temb.reshape(B, T, 6, D)).unbind(2) as six (temb chunk, table row) pairs of
+    views, added inside the kernels; None where the fused path does not apply (see the module's docstring)."""
+    table = block.scale_shift_table
+    if hidden_states.dim() != 3 or temb.dim() != 3 or table.dim() != 2:
+        return None
+    B, S, D = hidden_states.shape
+    six = table.shape[0]
+    if tuple(table.shape) != (6, D) or temb.shape[0] != B or temb.shape[1] not in (1, S) or temb.shape[2] != six * D:
+        return None
+    for norm in (block.norm1, block.norm2):
+        if getattr(norm, "weight", None) is not None or getattr(norm, "bias", None) is not None or hooked(norm):
+            return None
+    if table.device != hidden_states.device:  # diffusers moves it per call (.to(temb.device)); so do we
+        table = table.to(hidden_states.device)
+    ada = temb.reshape(B, temb.shape[1], 6, D)
+    return [(ada[:, :, k], table[k]) for k in range(6)]
