@@ -16,9 +16,9 @@ the norms (the fused pass would skip them), or a temb of another layout.
 import torch
 
 from .. import ops
-from ..ops.block_glue import gate_rounding
 from ._grad import records_autograd
 from ._hooks import hooked
+from ._native_glue import add_gated_
 from .feed_forward import feed_forward_rows
 
 
@@ -52,9 +52,7 @@ def fused_ltx_block_forward(block, hidden_states, encoder_hidden_states, temb, i
                                   scale_table=c_scale[1], rms=True, native_dtypes=True)
     out = feed_forward_rows(block.ff, norm)
     del norm
-    if gate_rounding(x, out, *c_gate, True)[2] == x.dtype:
-        return ops.gate_residual_(x, out, *c_gate, native_dtypes=True)
-    return ops.gate_residual(x, out, *c_gate, native_dtypes=True)
+    return add_gated_(x, out, *c_gate)
 
 
 def _modulation(block, hidden_states, temb):

@@ -1,5 +1,7 @@
-"""The adapters that swap attention processors only (the families beyond Wan): which model class a family's adapter
-takes, which of diffusers' processors it replaces with which of vkern's; the checks and fp8 layerwise casting first."""
+"""The adapters of the families beyond Wan: which model class a family's adapter takes, which of diffusers' processors
+it replaces with which of vkern's, and (where vkern has one) which block class gets a fused forward
+(PatchConfig.fused_block); the checks and fp8 layerwise casting first."""
+import functools
 import importlib
 
 from .fp8 import quantize_linears
@@ -13,12 +15,13 @@ def _load(path):
 
 class ProcessorAdapter:
     """models: the diffusers model classes' dotted paths (one, or a tuple); processors: diffusers' processor classes'
-    paths; make(the PatchConfig, original processor) -> vkern's processor; kind: the handle's summary key. Offers
-    what vkern.patch asks of an adapter: MODELS, supports(obj), apply(model, config, handle)."""
+    paths; make(the PatchConfig, original processor) -> vkern's processor; kind: the handle's summary key; block:
+    None, or (a block class's path, its fused forward(block, *args, **kwargs)), installed on each such block under
+    fused_block. Offers what vkern.patch asks of an adapter: MODELS, supports(obj), apply(model, config, handle)."""
 
-    def __init__(self, models, processors, make, kind):
+    def __init__(self, models, processors, make, kind, block=None):
         self.models = (models,) if isinstance(models, str) else tuple(models)
-        self.processors, self.make, self.kind = processors, make, kind
+        self.processors, self.make, self.kind, self.block = processors, make, kind, block
         self.MODELS = tuple(m.rpartition(".")[2] for m in self.models)
 
     def supports(self, obj):
@@ -34,3 +37,11 @@ class ProcessorAdapter:
             processor = getattr(module, "processor", None)
             if isinstance(processor, originals) and config.accepts(module, fqn):
                 handle.set_processor(module, self.make(config, processor), self.kind)
+        if self.block is not None and config.fused_block:
+            path, fused = self.block
+            block_class, kind = _load(path), f"{path.rpartition('.')[2]}.forward -> fused glue"
+            for fqn, module in model.named_modules():
+                if isinstance(module, block_class) and config.accepts(module, fqn):
+                    # An instance forward, as for Wan: diffusers' features that match the class name
+                    # (compile_repeated_blocks, _no_split_modules) keep working.
+                    handle.override_forward(module, functools.partial(fused, module), kind)

@@ -1,27 +1,31 @@
-"""LTX-Video's fused block glue: the native-dtype references equal diffusers' LTXVideoTransformerBlock expressions bit
-for bit; the kernels match them (gate + residual bit for bit, RMSNorm + modulate the same bits almost everywhere and
-within 2x PyTorch's own error); the fused block equals diffusers' block (bitwise on the reference backend, within 2x
-PyTorch's bf16 error on the kernels), allocates no fp32 hidden states, is installed by vkern.patch (fused_block) and
-hands the call to diffusers where it would not be the same computation."""
+"""The fused block glue of the families whose glue runs in the tensors' own dtypes (LTX-Video, CogVideoX): the
+native-dtype references equal diffusers' LTXVideoTransformerBlock and CogVideoXLayerNormZero expressions bit for bit;
+the kernels match them (gate + residual bit for bit, RMSNorm / LayerNorm + modulate the same bits almost everywhere and
+within 2x PyTorch's own error); each fused block equals diffusers' block (bitwise on the reference backend, within 2x
+PyTorch's bf16 error on the kernels), is installed by vkern.patch (fused_block) and hands the call to diffusers where
+it would not be the same computation; LTX-Video's allocates no fp32 hidden states."""
 import copy
 
 import pytest
 import torch
-from diffusers.models.normalization import RMSNorm
+from diffusers.models.normalization import CogVideoXLayerNormZero, RMSNorm
+from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 from diffusers.models.transformers.transformer_ltx import LTXVideoTransformerBlock
 
 import vkern
 from vkern import models, ops
+from vkern.modules.cogvideox_block import fused_cogvideox_block_forward
 from vkern.modules.ltx_block import fused_ltx_block_forward
 from vkern.ops import _backend
 from vkern.reference import block_glue as ref
 
 from .test_block_glue import AllocationProbe, assert_mostly_bitwise
-from .tolerance import assert_within_torch_error
+from .tolerance import assert_within_torch_error, rel_l2
 
 EPS = 1e-6
 B, S, DIM, HEADS, TEXT = 2, 37, 64, 2, 9
 BLOCK_SUMMARY = "LTXVideoTransformerBlock.forward -> fused glue"
+COG_SUMMARY = "CogVideoXBlock.forward -> fused glue"
 
 
 def glue_inputs(dtype, per_token, device="cpu", table_dtype=None):
@@ -268,3 +272,128 @@ def test_fused_block_under_compile_fullgraph():
     compiled = torch.compile(functools.partial(fused_ltx_block_forward, block), fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         assert torch.equal(compiled(*inputs), fused_ltx_block_forward(block, *inputs))
+
+
+# --- CogVideoX ---------------------------------------------------------------------------------------
+
+def cog_block(dtype, device="cpu"):
+    torch.manual_seed(0)
+    block = CogVideoXBlock(DIM, HEADS, DIM // HEADS, time_embed_dim=16)
+    with torch.no_grad():
+        for norm in (block.norm1, block.norm2):
+            norm.norm.weight.uniform_(0.5, 1.5), norm.norm.bias.normal_(0, 0.3)
+    return block.to(device, dtype).eval()
+
+
+def cog_inputs(dtype, device="cpu"):
+    """(hidden_states, encoder_hidden_states, temb, image_rotary_emb) as CogVideoXTransformer3DModel passes them:
+    RoPE tables [S, head_dim] for the video tokens (CogVideoX-5B)."""
+    g = torch.Generator().manual_seed(1)
+    x = (2 * torch.randn(B, S, DIM, generator=g) + 0.5).to(device, dtype)
+    text = (torch.randn(B, TEXT, DIM, generator=g) - 0.3).to(device, dtype)
+    temb = torch.randn(B, 16, generator=g).to(device, dtype)
+    angles = torch.randn(S, DIM // HEADS, generator=g).to(device)
+    return x, text, temb, (angles.cos(), angles.sin())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_layernorm_reference_is_cogvideox_bitwise(dtype):
+    torch.manual_seed(0)
+    norm = CogVideoXLayerNormZero(16, DIM).to(dtype)
+    with torch.no_grad():
+        norm.norm.weight.uniform_(0.5, 1.5), norm.norm.bias.normal_()
+    x, text, temb, _ = cog_inputs(dtype)
+    want_x, want_text, gate, text_gate = norm(x, text, temb)
+    shift, scale, _, t_shift, t_scale, _ = [c[:, None, :] for c in norm.linear(norm.silu(temb)).chunk(6, dim=1)]
+    ln = (norm.norm.eps, norm.norm.weight, norm.norm.bias)
+    assert torch.equal(ref.layernorm_modulate(x, shift, scale, *ln, native=True), want_x)
+    assert torch.equal(ref.layernorm_modulate(text, t_shift, t_scale, *ln, native=True), want_text)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_native_layernorm_modulate_kernel(device, dtype):
+    block = cog_block(dtype, device)
+    x, _, temb, _ = cog_inputs(dtype, device)
+    shift, scale = [c[:, None, :] for c in block.norm1.linear(block.norm1.silu(temb)).chunk(6, dim=1)[:2]]
+    w, b = block.norm1.norm.weight, block.norm1.norm.bias
+    args = (x, shift, scale, block.norm1.norm.eps, w, b)
+    with torch.no_grad():
+        got = ops.layernorm_modulate(*args, native_dtypes=True)
+        want = ref.layernorm_modulate(*args, native=True)
+    assert _backend.last_choice["layernorm_modulate"] == "triton" and got.dtype == want.dtype == dtype
+    xd = x.double()
+    n = (xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True) + block.norm1.norm.eps)
+    exact = (n * w.double() + b.double()) * (1 + scale.double()) + shift.double()
+    assert_within_torch_error(got, exact, want)
+    if dtype != torch.float32:
+        assert_mostly_bitwise(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cogvideox_fused_block_on_the_reference_backend_is_diffusers_bitwise(monkeypatch, dtype):
+    monkeypatch.setenv("VKERN_BACKEND", "reference")
+    block = cog_block(dtype)
+    inputs = cog_inputs(dtype)
+    x0, text0 = inputs[0].clone(), inputs[1].clone()
+    with torch.no_grad():
+        got, want = fused_cogvideox_block_forward(block, *inputs), block(*inputs)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(inputs[0], x0) and torch.equal(inputs[1], text0)  # the caller's tensors are not written
+
+
+def test_cogvideox_fused_block_bf16_within_twice_torch_error(device):
+    block = cog_block(torch.bfloat16, device)
+    oracle_block = copy.deepcopy(block).float()
+    inputs = cog_inputs(torch.bfloat16, device)
+    with torch.no_grad():
+        got, want = fused_cogvideox_block_forward(block, *inputs), block(*inputs)
+        oracle_out = oracle_block(*[t.float() if torch.is_tensor(t) else tuple(u.float() for u in t) for t in inputs])
+    assert _backend.last_choice["layernorm_modulate"] == _backend.last_choice["gate_residual"] == "triton"
+    for stream in range(2):  # video, text
+        assert got[stream].dtype == want[stream].dtype
+        assert_within_torch_error(got[stream], oracle_out[stream].double(), want[stream], what=f"stream {stream}")
+
+
+@pytest.mark.parametrize("case", ["autograd", "hooked norm", "other norm"])
+def test_cogvideox_fused_block_hands_other_calls_to_diffusers(monkeypatch, case):
+    block = cog_block(torch.float32)
+    inputs = cog_inputs(torch.float32)
+    if case == "hooked norm":
+        block.norm2.norm.register_forward_hook(lambda m, args, out: out * 2)
+    if case == "other norm":  # a LayerNorm subclass (e.g. a user's) is not the computation the kernel does
+        block.norm1.norm = type("MyLayerNorm", (torch.nn.LayerNorm,), {})(DIM)
+    called = []
+    for name in ("layernorm_modulate", "gate_residual", "gate_residual_"):
+        monkeypatch.setattr(ops, name, lambda *a, _n=name, **k: called.append(_n))
+    with torch.set_grad_enabled(case == "autograd"):
+        got, want = fused_cogvideox_block_forward(block, *inputs), block(*inputs)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not called
+
+
+def test_cogvideox_patch_installs_the_fused_block_and_undo_restores_it():
+    model = models.build_cogvideox_transformer("tiny", torch.bfloat16)
+    inputs = models.cogvideox_transformer_inputs(model, "tiny", torch.bfloat16, "cpu")
+    blocks = [m for m in model.modules() if isinstance(m, CogVideoXBlock)]
+    with torch.inference_mode():
+        want = model(**inputs).sample
+    handle = vkern.patch(model, vkern.PatchConfig(attention="sdpa"))
+    assert handle.summary[COG_SUMMARY] == len(blocks) == 2
+    with torch.inference_mode():
+        assert rel_l2(model(**inputs).sample, want) < 0.02
+    handle.undo()
+    assert not any("forward" in b.__dict__ for b in blocks)
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).sample, want)
+
+
+def test_cogvideox_fused_block_under_compile_fullgraph():
+    import functools
+
+    block = cog_block(torch.bfloat16)
+    inputs = cog_inputs(torch.bfloat16)
+    compiled = torch.compile(functools.partial(fused_cogvideox_block_forward, block), fullgraph=True,
+                             backend="aot_eager")
+    with torch.no_grad():
+        got, want = compiled(*inputs), fused_cogvideox_block_forward(block, *inputs)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
