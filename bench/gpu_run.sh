@@ -20,7 +20,7 @@
 #     480p: diffusers, vkern, and int8pv at head dim 128; CogVideoX and LTX-Video also vkern with diffusers' block glue),
 #     each shape under its own timeout (a call of its own: ~8 min);
 #     familysteps2: HunyuanVideo-1.5 8B 480p x 121 frames (diffusers, vkern, int8pv) and LTX-2 19B 512p (diffusers,
-#     vkern), each under its own timeout (a call of its own);
+#     vkern, vkern with diffusers' block glue), each under its own timeout (a call of its own);
 #     prologues: the QK prologue kernel alone vs diffusers' ops (Wan's shapes; LTX-Video's and LTX-2's, family-prologue)
 #     and the LTX attention modules with it fused and unfused;
 #     familyprof: the LTX-Video 2B 512p step's GPU time by kernel class and top kernels (diffusers, vkern, and vkern
@@ -131,7 +131,7 @@ if [[ $MODES == *" familysteps "* ]]; then
 fi
 if [[ $MODES == *" familysteps2 "* ]]; then
   timeout -k 10 380 $B --op step --shape hunyuan15-8b-480p --step-repeats 3 --providers diffusers,vkern,vkern-attn-int8pv
-  timeout -k 10 150 $B --op step --shape ltx2-19b-512p --step-repeats 3 --providers diffusers,vkern
+  timeout -k 10 200 $B --op step --shape ltx2-19b-512p --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
 fi
 if [[ $MODES == *" prologues "* ]]; then
   $B --op qk-norm-rope --shape wan1.3b-480p,wan14b-480p,wan14b-720p --providers diffusers,vkern --repeats 20

@@ -1,6 +1,6 @@
 """LTX-2's own checks (the ones every family passes are in test_model_families.py): both outputs (video and audio) of
 the processor forms LTX-2.0 and 2.3 configure (split RoPE, per-head gates, prompt modulation, spatio-temporal guidance
-through the perturbed processor), the processors' signatures (LTX2Attention hands a processor only the keywords its
+through the perturbed processor) and its fused block glue, the processors' signatures (LTX2Attention hands a processor only the keywords its
 __call__ names), the 8-bit modes within issue #3's bound on the video self-attention, and compile fullgraph."""
 import copy
 import inspect
@@ -55,15 +55,36 @@ def to16(x):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("form", list(FORMS))
-def test_reference_mode_is_diffusers_bitwise_video_and_audio(form, dtype):
+def test_reference_mode_is_diffusers_bitwise_video_and_audio(form, dtype, monkeypatch):
+    monkeypatch.setenv("VKERN_BACKEND", "reference")  # every op's reference (the fused block glue's too)
     model = build(dtype, **FORMS[form][0])
     x = inputs(model, dtype, form)
     want = forward(model, x)
     patched = copy.deepcopy(model)
     with vkern.patch(patched, vkern.PatchConfig(attention="reference")) as handle:
         assert handle.summary["LTX-2 attention processor"] == 12
+        assert handle.summary["LTX2VideoTransformerBlock.forward -> fused glue"] == 2
         got = forward(patched, x)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_fused_block_glue_keeps_diffusers_bits(form):
+    """The fused block glue's kernels (diffusers' attention and q/k ops, so only the glue differs) round where
+    diffusers' bf16 ops round: the same outputs, bar a rare flipped rounding (the RMSNorm's fp32 sum order)."""
+    from vkern.ops import _backend
+
+    from .test_block_glue import assert_mostly_bitwise
+
+    model = build(torch.bfloat16, **FORMS[form][0])
+    x = to16(inputs(model, torch.float32, form))
+    want = forward(model, x)
+    with vkern.patch(model, vkern.PatchConfig(attention="reference", fused_qk_norm_rope=False)) as handle:
+        assert handle.summary["LTX2VideoTransformerBlock.forward -> fused glue"] == 2
+        got = forward(model, x)
+    assert _backend.last_choice["layernorm_modulate"] == _backend.last_choice["gate_residual"] == "triton"
+    for g, w in zip(got, want):
+        assert_mostly_bitwise(g, w)
 
 
 @pytest.mark.parametrize("form", list(FORMS))
@@ -149,3 +170,16 @@ def test_processor_under_compile_fullgraph():
         got = compiled(x, query_rotary_emb=rope)
         expected = transformer_ltx2.LTX2AudioVideoAttnProcessor()(attn, x, None, None, rope)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_block_hands_a_hooked_norm_to_diffusers():
+    """A hook on one of a block's norms (here one that changes its output): that block runs diffusers' forward, so the
+    hook still sees and changes the norm's output."""
+    model = build(torch.float32)
+    block = model.transformer_blocks[1]
+    block.audio_norm3.register_forward_hook(lambda m, args, out: out * 2)
+    x = inputs(model, torch.float32, "ltx2.0")
+    want = forward(model, x)
+    with vkern.patch(model, vkern.PatchConfig(attention="reference", fused_qk_norm_rope=False)):
+        got = forward(model, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1,8 +1,9 @@
 """The LTX-2 family adapter: LTX2VideoTransformer3DModel (audio and video): the attention processors of its blocks
-(plain or perturbed, for spatio-temporal guidance) and fp8 layerwise casting of its Linears. The VAEs
+(plain or perturbed, for spatio-temporal guidance), the fused block glue (PatchConfig.fused_block) and fp8 layerwise casting of its Linears. The VAEs
 (AutoencoderKLLTX2Video, AutoencoderKLLTX2Audio) and the vocoder have no adapter: a pipeline patch leaves them as
 diffusers' with a warning."""
 from ..modules.ltx2_attention import VkernLTX2AttnProcessor, VkernLTX2PerturbedAttnProcessor
+from ..modules.ltx2_block import fused_ltx2_block_forward
 from .processors import ProcessorAdapter
 
 _HERE = "diffusers.models.transformers.transformer_ltx2."
@@ -15,4 +16,5 @@ def _processor(config, original):
 
 ADAPTER = ProcessorAdapter(_HERE + "LTX2VideoTransformer3DModel",
                            [_HERE + "LTX2AudioVideoAttnProcessor", _HERE + "LTX2PerturbedAttnProcessor"], _processor,
-                           "LTX-2 attention processor")
+                           "LTX-2 attention processor",
+                           block=(_HERE + "LTX2VideoTransformerBlock", fused_ltx2_block_forward))
