@@ -1,7 +1,8 @@
 """SkyReels-V2's own checks (the ones every family passes are in test_model_families.py): diffusion forcing (a timestep
 per latent frame) and the block-causal attention of num_frame_per_block > 1 (a [1, 1, S, S] mask in diffusers: here
 one unmasked call per frame block over its key prefix, in the 8-bit modes the exact 16-bit attention with a one-time
-warning), with the reference mode bit-identical to diffusers and the kernels within 2x of PyTorch's bf16 error."""
+warning), with the reference mode bit-identical to diffusers and the kernels within 2x of PyTorch's bf16 error; its
+blocks run Wan's fused glue."""
 import copy
 import warnings
 
@@ -41,12 +42,16 @@ def forward(model, x):
 
 @pytest.mark.parametrize("frames_per_block", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reference_mode_is_diffusers_bitwise(dtype, frames_per_block):
+def test_reference_mode_is_diffusers_bitwise(dtype, frames_per_block, monkeypatch):
+    """With every op's reference, the fused blocks (Wan's glue, the mask to the self-attention, diffusion forcing's
+    [B, 6, S, D] per-token temb) and the processors give diffusers' output to the bit."""
+    monkeypatch.setenv("VKERN_BACKEND", "reference")
     model = build(dtype, frames_per_block=frames_per_block)
     x = inputs(model, dtype)
     want = forward(model, x)
     patched = copy.deepcopy(model)
-    with vkern.patch(patched, vkern.PatchConfig(attention="reference")):
+    with vkern.patch(patched, vkern.PatchConfig(attention="reference")) as handle:
+        assert handle.summary["SkyReelsV2TransformerBlock.forward -> fused glue"] == 2
         assert torch.equal(forward(patched, x), want)
 
 

@@ -41,7 +41,7 @@ ALL = (slice(None), slice(None))  # every (batch, token) row
 
 
 def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb, ffn_chunk_size=None,
-                        attention_chunk_size=None, overwrite_input=False):
+                        attention_chunk_size=None, overwrite_input=False, attention_mask=None, temb_layout="wan"):
     """WanTransformerBlock.forward(hidden_states, encoder_hidden_states, temb, rotary_emb) on `block` (a
     WanTransformerBlock or anything with its attributes). ffn_chunk_size: at most this many token rows
     per FFN chunk (None: all rows at once). attention_chunk_size: at most this many query tokens per self-
@@ -52,7 +52,9 @@ def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotar
     False (default): hidden_states is left as it was and the result is a new tensor. True: the caller owns
     hidden_states and will not read it again, so the block may compute in it and return it (bit for bit
     the same values; done when hidden_states is contiguous, else a new tensor as with False). Inference
-    only: with autograd recording, diffusers' own forward runs instead (the fused ops have no backward)."""
+    only: with autograd recording, diffusers' own forward runs instead (the fused ops have no backward).
+    attention_mask, temb_layout="skyreels": SkyReels-V2's block (fused_skyreels_block_forward): the mask goes to
+    the self-attention (then unchunked), a per-token temb is [B, 6, S, D]."""
     if records_autograd(block, hidden_states, encoder_hidden_states, temb):
         from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
@@ -60,7 +62,7 @@ def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotar
     if hidden_states.dim() != 3:
         raise ValueError(f"hidden_states: expected shape (batch, tokens, dim), got {tuple(hidden_states.shape)}")
     B, S, D = hidden_states.shape
-    (shift, scale, gate, c_shift, c_scale, c_gate) = _modulation(block.scale_shift_table, temb, B, S, D)
+    (shift, scale, gate, c_shift, c_scale, c_gate) = _modulation(block.scale_shift_table, temb, B, S, D, temb_layout)
 
     # 1. Self-attention. The first residual makes x: a new tensor (the caller's hidden_states stays as it
     # was), or with overwrite, hidden_states itself.
@@ -73,10 +75,10 @@ def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotar
         return Fp8Activation(*norm, hidden_states.dtype) if fp8 else norm
 
     spans = _spans(B, S, attention_chunk_size)
-    processor = _chunkable_processor(block.attn1)
+    processor = _chunkable_processor(block.attn1) if attention_mask is None else None
     if len(spans) == 1 or processor is None:
         # The whole attention output exists before the residual: norm1 has read every row by then.
-        out = block.attn1(norm1(*ALL), None, None, rotary_emb)
+        out = block.attn1(norm1(*ALL), None, attention_mask, rotary_emb)
         x = ops.gate_residual_(hidden_states, out, *gate) if overwrite else ops.gate_residual(hidden_states, out, *gate)
         del out
     else:  # keys/values of every token first, then queries chunk by chunk, each chunk's residual written in
@@ -121,6 +123,18 @@ def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotar
             norm = Fp8Activation(*norm, x.dtype)
         ops.gate_residual_(rows, feed_forward_rows(block.ffn, norm), token_rows(c_gate[0], b, s), c_gate[1])
     return x
+
+
+def fused_skyreels_block_forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb, attention_mask):
+    """SkyReelsV2TransformerBlock.forward: Wan's block with a self-attention mask (the block-causal mask of
+    diffusion forcing) and a per-token temb laid out [B, 6, S, D], fused as Wan's (no chunking)."""
+    if records_autograd(block, hidden_states, encoder_hidden_states, temb):
+        from diffusers.models.transformers.transformer_skyreels_v2 import SkyReelsV2TransformerBlock
+
+        return SkyReelsV2TransformerBlock.forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb,
+                                                  attention_mask)
+    return fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb,
+                               attention_mask=attention_mask, temb_layout="skyreels")
 
 
 class VkernWanBlock(nn.Module):
@@ -208,16 +222,17 @@ def _writable(t):
     return t.is_contiguous()
 
 
-def _modulation(table, temb, B, S, D):
+def _modulation(table, temb, B, S, D, layout="wan"):
     """diffusers' (scale_shift_table + temb.float()).chunk(6) as six (temb chunk, table row) pairs of
-    views, summed in fp32 inside the kernels: temb [B, 6, D] -> [B, 1, D] chunks; Wan 2.2's per-token
-    temb [B, S, 6, D] -> [B, S, D] chunks."""
-    if temb.dim() == 4 and temb.shape[0] in (1, B) and tuple(temb.shape[1:]) == (S, 6, D):
-        return [(temb[:, :, k], table[0, k]) for k in range(6)]
+    views, summed in fp32 inside the kernels: temb [B, 6, D] -> [B, 1, D] chunks; a per-token temb -> [B, S, D]
+    chunks, laid out [B, S, 6, D] (Wan 2.2) or, with layout "skyreels", [B, 6, S, D] (diffusion forcing)."""
+    per_token = (S, 6, D) if layout == "wan" else (6, S, D)
+    if temb.dim() == 4 and temb.shape[0] in (1, B) and tuple(temb.shape[1:]) == per_token:
+        return [(temb[:, :, k] if layout == "wan" else temb[:, k], table[0, k]) for k in range(6)]
     if temb.dim() == 3 and temb.shape[0] in (1, B) and tuple(temb.shape[1:]) == (6, D):
         return [(temb[:, k:k + 1], table[0, k]) for k in range(6)]
-    raise ValueError(f"temb: expected shape ({B}, 6, {D}) or ({B}, {S}, 6, {D}) for hidden_states "
-                     f"({B}, {S}, {D}), got {tuple(temb.shape)}")
+    raise ValueError(f"temb: expected shape ({B}, 6, {D}) or ({B}, {', '.join(map(str, per_token))}) for "
+                     f"hidden_states ({B}, {S}, {D}), got {tuple(temb.shape)}")
 
 
 def _affine(norm):
