@@ -8,6 +8,7 @@ date; providers are anchors (cudnn, fa2, efficient, flash-attn where installed, 
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
 import inspect
 import json
@@ -564,7 +565,10 @@ def _step_models():
             "cogvideox": (models.build_cogvideox_transformer, models.cogvideox_transformer_inputs),
             "ltx": (models.build_ltx_transformer, models.ltx_transformer_inputs),
             "ltx2": (models.build_ltx2_transformer, models.ltx2_transformer_inputs),
-            "mochi": (models.build_mochi_transformer, models.mochi_transformer_inputs)}
+            "mochi": (models.build_mochi_transformer, models.mochi_transformer_inputs),
+            "skyreels": (models.build_skyreels_transformer, models.skyreels_transformer_inputs),
+            "skyreels-df": (models.build_skyreels_transformer,
+                            functools.partial(models.skyreels_transformer_inputs, diffusion_forcing=True))}
 
 
 def _build_step_model(family, size, provider):

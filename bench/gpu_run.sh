@@ -3,7 +3,7 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [flash] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps] [fp8attn] [compile] [families] [familysteps] [familysteps2] [prologues] [familyprof]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [flash] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps] [fp8attn] [compile] [families] [familysteps] [familysteps2] [skyreelssteps] [prologues] [familyprof]
 #     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
 #     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
 #     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model);
@@ -21,6 +21,8 @@
 #     each shape under its own timeout (a call of its own: ~8 min);
 #     familysteps2: HunyuanVideo-1.5 8B 480p x 121 frames (diffusers, vkern, int8pv) and LTX-2 19B 512p (diffusers,
 #     vkern, vkern with diffusers' block glue), each under its own timeout (a call of its own);
+#     skyreelssteps: SkyReels-V2 14B 480p steps, plain and diffusion forcing (diffusers, vkern, vkern with diffusers'
+#     block glue; a call of its own);
 #     prologues: the QK prologue kernel alone vs diffusers' ops (Wan's shapes; LTX-Video's and LTX-2's, family-prologue)
 #     and the LTX attention modules with it fused and unfused;
 #     familyprof: the LTX-Video 2B 512p step's GPU time by kernel class and top kernels (diffusers, vkern, and vkern
@@ -128,6 +130,11 @@ if [[ $MODES == *" familysteps "* ]]; then
   # CogVideoX and LTX-Video: their fused block glue on and off (-diffusers-blocks), side by side
   timeout -k 10 150 $B --op step --shape cogvideox5b-480p --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
   timeout -k 10 120 $B --op step --shape ltx2b-512p --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
+fi
+if [[ $MODES == *" skyreelssteps "* ]]; then  # Wan's fused glue in SkyReels-V2's blocks, on and off
+  for shape in skyreels14b-480p skyreels14b-480p-df; do
+    timeout -k 10 280 $B --op step --shape $shape --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
+  done
 fi
 if [[ $MODES == *" familysteps2 "* ]]; then
   timeout -k 10 380 $B --op step --shape hunyuan15-8b-480p --step-repeats 3 --providers diffusers,vkern,vkern-attn-int8pv

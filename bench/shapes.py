@@ -37,5 +37,6 @@ STEPS = {"wan1.3b-480p": ("wan", "1.3b", "480p"), "wan14b-480p": ("wan", "14b", 
          "wan14b-720p": ("wan", "14b", "720p"), "hunyuan13b-720p-33f": ("hunyuan", "13b", "720p-33f"),
          "cogvideox5b-480p": ("cogvideox", "5b", "480p"), "ltx2b-512p": ("ltx", "2b", "512p"),
          "mochi10b-480p": ("mochi", "10b", "480p"), "hunyuan15-8b-480p": ("hunyuan15", "8b", "480p"),
-         "ltx2-19b-512p": ("ltx2", "19b", "512p")}
+         "ltx2-19b-512p": ("ltx2", "19b", "512p"), "skyreels14b-480p": ("skyreels", "14b", "480p"),
+         "skyreels14b-480p-df": ("skyreels-df", "14b", "480p")}  # -df: diffusion forcing (a timestep per frame)
 VAE = {"wan-vae-480p": "480p", "wan-vae-720p": "720p"}

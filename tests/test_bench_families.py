@@ -4,8 +4,9 @@ mode's accuracy. A GPU session should not be the first to run this code."""
 import types
 
 import pytest
+import torch
 
-from bench import bench
+from bench import bench, shapes
 
 # Within what a provider's output must agree with the first (diffusers on PyTorch's SDPA choice): 16-bit modes
 # differ from it by bf16 rounding only; the 8-bit modes by issue #3's quantization error.
@@ -61,3 +62,16 @@ def test_family_prologue_rows(family, monkeypatch):
     assert rows[1]["rel_l2_vs_diffusers"] < 0.01, rows[1]
     assert calls and all(k["rope_tables"] == "per_element" for k in calls)  # (the kernel ran, not diffusers' ops)
     assert all(row["gbps"] > 0 for row in rows)
+
+
+def test_every_step_shape_names_a_step_model():
+    """bench --op step: each shape's family has a builder and inputs; SkyReels-V2's diffusion-forcing variant hands
+    the model one timestep per latent frame (the per-token temb its fused blocks read in place)."""
+    steps = bench._step_models()
+    assert all(family in steps for family, _, _ in shapes.STEPS.values())
+    build, make_inputs = steps["skyreels-df"]
+    model = build("tiny", torch.float32, "cpu")
+    x = make_inputs(model, "tiny", torch.float32, "cpu")
+    assert x["timestep"].dim() == 2 and x["timestep"].unique().numel() > 1
+    with torch.inference_mode():
+        assert torch.isfinite(model(**x).sample).all()
