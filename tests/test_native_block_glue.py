@@ -243,26 +243,6 @@ def test_fused_block_hands_other_calls_to_diffusers(monkeypatch, case):
     assert not called
 
 
-def test_patch_installs_the_fused_block_and_undo_restores_it():
-    model = models.build_ltx_transformer("tiny", torch.bfloat16)
-    inputs = models.ltx_transformer_inputs(model, "tiny", torch.bfloat16, "cpu")
-    blocks = [m for m in model.modules() if isinstance(m, LTXVideoTransformerBlock)]
-    with torch.inference_mode():
-        want = model(**inputs).sample
-    handle = vkern.patch(model, vkern.PatchConfig(attention="sdpa"))
-    assert handle.summary[BLOCK_SUMMARY] == len(blocks) == 2
-    assert all("forward" in b.__dict__ for b in blocks)
-    with torch.inference_mode():
-        got = model(**inputs).sample
-    assert_mostly_bitwise(got, want, max_fraction=0.05)  # the glue rounds as diffusers' does
-    handle.undo()
-    assert not any("forward" in b.__dict__ for b in blocks)
-    with torch.inference_mode():
-        assert torch.equal(model(**inputs).sample, want)
-    with vkern.patch(model, vkern.PatchConfig(fused_block=False)) as handle:
-        assert handle.summary[BLOCK_SUMMARY] == 0 and not any("forward" in b.__dict__ for b in blocks)
-
-
 def test_fused_block_under_compile_fullgraph():
     # aot_eager traces the ops through their fake impls (the result dtypes included): no graph break.
     import functools
@@ -371,22 +351,6 @@ def test_cogvideox_fused_block_hands_other_calls_to_diffusers(monkeypatch, case)
     assert not called
 
 
-def test_cogvideox_patch_installs_the_fused_block_and_undo_restores_it():
-    model = models.build_cogvideox_transformer("tiny", torch.bfloat16)
-    inputs = models.cogvideox_transformer_inputs(model, "tiny", torch.bfloat16, "cpu")
-    blocks = [m for m in model.modules() if isinstance(m, CogVideoXBlock)]
-    with torch.inference_mode():
-        want = model(**inputs).sample
-    handle = vkern.patch(model, vkern.PatchConfig(attention="sdpa"))
-    assert handle.summary[COG_SUMMARY] == len(blocks) == 2
-    with torch.inference_mode():
-        assert rel_l2(model(**inputs).sample, want) < 0.02
-    handle.undo()
-    assert not any("forward" in b.__dict__ for b in blocks)
-    with torch.inference_mode():
-        assert torch.equal(model(**inputs).sample, want)
-
-
 def test_cogvideox_fused_block_under_compile_fullgraph():
     import functools
 
@@ -397,3 +361,35 @@ def test_cogvideox_fused_block_under_compile_fullgraph():
     with torch.no_grad():
         got, want = compiled(*inputs), fused_cogvideox_block_forward(block, *inputs)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# family -> (its step model's builder and inputs, its block class, the handle's summary key)
+PATCHED = {
+    "ltx": (models.build_ltx_transformer, models.ltx_transformer_inputs, LTXVideoTransformerBlock, BLOCK_SUMMARY),
+    "ltx2": (models.build_ltx2_transformer, models.ltx2_transformer_inputs, "LTX2VideoTransformerBlock",
+             "LTX2VideoTransformerBlock.forward -> fused glue"),
+    "cogvideox": (models.build_cogvideox_transformer, models.cogvideox_transformer_inputs, CogVideoXBlock, COG_SUMMARY),
+    "skyreels": (models.build_skyreels_transformer, models.skyreels_transformer_inputs, "SkyReelsV2TransformerBlock",
+                 "SkyReelsV2TransformerBlock.forward -> fused glue"),
+}
+
+
+@pytest.mark.parametrize("family", list(PATCHED))
+def test_patch_installs_the_fused_blocks_and_undo_restores_them(family):
+    build, make_inputs, block_class, summary = PATCHED[family]
+    model = build("tiny", torch.bfloat16)
+    inputs = make_inputs(model, "tiny", torch.bfloat16, "cpu")
+    blocks = [m for m in model.modules() if type(m).__name__ == getattr(block_class, "__name__", block_class)]
+    with torch.inference_mode():
+        want = model(**inputs).sample
+    handle = vkern.patch(model, vkern.PatchConfig(attention="sdpa"))
+    assert handle.summary[summary] == len(blocks) == 2
+    assert all("forward" in b.__dict__ for b in blocks)
+    with torch.inference_mode():
+        assert rel_l2(model(**inputs).sample, want) < 0.02  # (bf16 rounding; the family tests bound it tightly)
+    handle.undo()
+    assert not any("forward" in b.__dict__ for b in blocks)
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).sample, want)
+    with vkern.patch(model, vkern.PatchConfig(fused_block=False)) as handle:
+        assert handle.summary[summary] == 0 and not any("forward" in b.__dict__ for b in blocks)
