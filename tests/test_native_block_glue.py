@@ -131,10 +131,13 @@ def test_native_result_takes_eager_pytorchs_dtype():
         ops.gate_residual_(x.clone(), y, *mods[2], native_dtypes=True)
 
 
-def test_native_rms_refuses_an_affine_weight():
+def test_native_bad_input():
     x, _, _, mods = glue_inputs(torch.bfloat16, False)
     with pytest.raises(ValueError, match="^weight, bias: not supported with rms=True and native_dtypes=True"):
         ops.layernorm_modulate(x, None, None, EPS, torch.ones(DIM), rms=True, native_dtypes=True)
+    # one modulation dtype: eager PyTorch would round shift and scale each to its own
+    with pytest.raises(TypeError, match="^shift, scale: native_dtypes=True needs them"):
+        ops.layernorm_modulate(x, mods[0][0].float(), mods[1][0], EPS, rms=True, native_dtypes=True)
 
 
 def test_fp32_rms_kernel_matches_its_reference(device):

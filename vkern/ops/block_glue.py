@@ -89,6 +89,11 @@ def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table
         _check_row(name, t, x)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    if native_dtypes and shift is not None and (shift.dtype != scale.dtype or (
+            shift_table is not None and shift_table.dtype != scale_table.dtype)):
+        raise TypeError("shift, scale: native_dtypes=True needs them (and their tables) in one dtype, got "
+                        f"{shift.dtype} / {scale.dtype}" + ("" if shift_table is None else
+                                                            f" and {shift_table.dtype} / {scale_table.dtype}"))
     if rms and native_dtypes and (weight is not None or bias is not None):
         raise ValueError("weight, bias: not supported with rms=True and native_dtypes=True (diffusers' RMSNorm "
                          "rounds to the weight's dtype before applying it; only the RMSNorm without affine is fused)")
