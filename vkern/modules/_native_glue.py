@@ -1,6 +1,29 @@
-"""Shared by the fused blocks whose glue runs in the tensors' own dtypes (LTX-Video, CogVideoX)."""
+"""Shared by the fused blocks whose glue runs in the tensors' own dtypes (LTX-Video, LTX-2, CogVideoX)."""
+import torch
+
 from .. import ops
 from ..ops.block_glue import gate_rounding
+
+
+def modulation_pairs(table, temb, x):
+    """diffusers' (table[None, None] + temb.reshape(B, T, rows, D)).unbind(2) (LTX's modulation) as (temb chunk, table
+    row) pairs of views, added inside the kernels; None if temb does not have that layout (temb [B, 1 | tokens,
+    rows * D] for x [B, tokens, D], table [rows, D])."""
+    if temb is None or temb.dim() != 3 or x.dim() != 3 or table.dim() != 2:
+        return None
+    B, S, D = x.shape
+    rows = table.shape[0]
+    if table.shape[1] != D or temb.shape[0] != B or temb.shape[1] not in (1, S) or temb.shape[2] != rows * D:
+        return None
+    if table.device != x.device:  # diffusers moves it per call (.to(temb.device)); so do we
+        table = table.to(x.device)
+    chunks = temb.reshape(B, temb.shape[1], rows, D)
+    return [(chunks[:, :, k], table[k]) for k in range(rows)]
+
+
+def add_(x, y):
+    """diffusers' x + y (one rounding either way): into x (a tensor the caller owns) when that keeps x's dtype."""
+    return x.add_(y) if torch.promote_types(x.dtype, y.dtype) == x.dtype else x + y
 
 
 def add_gated_(x, y, gate, table=None):

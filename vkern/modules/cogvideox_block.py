@@ -54,8 +54,8 @@ def fused_cogvideox_block_forward(block, hidden_states, encoder_hidden_states, t
 def _fusable(block):
     from diffusers.models.normalization import CogVideoXLayerNormZero
 
-    return all(type(n) is CogVideoXLayerNormZero and type(n.norm) is nn.LayerNorm and not hooked(n) and not hooked(n.norm)
-               for n in (block.norm1, block.norm2))
+    return all(type(n) is CogVideoXLayerNormZero and type(n.norm) is nn.LayerNorm and not hooked(n)
+               and not hooked(n.norm) for n in (block.norm1, block.norm2))
 
 
 def _modulation(norm_zero, temb):

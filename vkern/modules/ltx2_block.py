@@ -16,7 +16,7 @@ norm with an affine weight or a hook, or modulation inputs of another layout.
 from .. import ops
 from ._grad import records_autograd
 from ._hooks import hooked
-from ._native_glue import add_gated_
+from ._native_glue import add_, add_gated_, modulation_pairs
 from .feed_forward import feed_forward_rows
 
 _NORMS = ("norm1", "audio_norm1", "norm2", "audio_norm2", "audio_to_video_norm", "video_to_audio_norm", "norm3",
@@ -40,13 +40,15 @@ def fused_ltx2_block_forward(block, hidden_states, audio_hidden_states, encoder_
             encoder_attention_mask, audio_encoder_attention_mask, self_attention_mask, audio_self_attention_mask,
             a2v_cross_attention_mask, v2a_cross_attention_mask, use_a2v_cross_attention, use_v2a_cross_attention,
             perturbation_mask, all_perturbed)
-    video = _modulation(block.scale_shift_table, temb, hidden_states)
-    audio = _modulation(block.audio_scale_shift_table, temb_audio, audio_hidden_states)
-    video_ca = _modulation(block.video_a2v_cross_attn_scale_shift_table[:4], temb_ca_scale_shift, hidden_states)
-    audio_ca = _modulation(block.audio_a2v_cross_attn_scale_shift_table[:4], temb_ca_audio_scale_shift,
+    video = modulation_pairs(block.scale_shift_table, temb, hidden_states)
+    audio = modulation_pairs(block.audio_scale_shift_table, temb_audio, audio_hidden_states)
+    video_ca = modulation_pairs(block.video_a2v_cross_attn_scale_shift_table[:4], temb_ca_scale_shift,
+                                hidden_states)
+    audio_ca = modulation_pairs(block.audio_a2v_cross_attn_scale_shift_table[:4], temb_ca_audio_scale_shift,
                            audio_hidden_states)
-    video_gate = _modulation(block.video_a2v_cross_attn_scale_shift_table[4:], temb_ca_gate, hidden_states)
-    audio_gate = _modulation(block.audio_a2v_cross_attn_scale_shift_table[4:], temb_ca_audio_gate, audio_hidden_states)
+    video_gate = modulation_pairs(block.video_a2v_cross_attn_scale_shift_table[4:], temb_ca_gate, hidden_states)
+    audio_gate = modulation_pairs(block.audio_a2v_cross_attn_scale_shift_table[4:], temb_ca_audio_gate,
+                                  audio_hidden_states)
     if (None in (video, audio, video_ca, audio_ca, video_gate, audio_gate) or not _plain_norms(block)
             or records_autograd(block, *[a for a in args if hasattr(a, "requires_grad")])):
         from diffusers.models.transformers.transformer_ltx2 import LTX2VideoTransformerBlock
@@ -114,7 +116,7 @@ def _cross_attention(attn, norm, x, mods, adaln, text, mask):
                query_rotary_emb=None, attention_mask=mask)
     if adaln:  # diffusers' x + (out * gate): the same two roundings as gate + residual
         return add_gated_(x, out, *mods[8])
-    return x.add_(out) if out.dtype == x.dtype else x + out
+    return add_(x, out)
 
 
 def _prompt_modulation(block, text, audio_text, temb_prompt, temb_prompt_audio, x, a):
@@ -130,21 +132,6 @@ def _prompt_modulation(block, text, audio_text, temb_prompt, temb_prompt_audio, 
             shift, scale = table[None, None].to(device=stream.device, dtype=stream.dtype).unbind(dim=2)
         results.append(t * (1 + scale) + shift)
     return results
-
-
-def _modulation(table, temb, x):
-    """diffusers' get_mod_params(table, temb, B) as (temb chunk, table row) pairs of views, added inside the kernels;
-    None if temb does not have that layout (temb [B, 1 | tokens, rows * D] for x [B, tokens, D])."""
-    if temb is None or temb.dim() != 3 or x.dim() != 3 or table.dim() != 2:
-        return None
-    B, S, D = x.shape
-    rows = table.shape[0]
-    if table.shape[1] != D or temb.shape[0] != B or temb.shape[1] not in (1, S) or temb.shape[2] != rows * D:
-        return None
-    if table.device != x.device:  # diffusers moves it per call (.to(temb.device)); so do we
-        table = table.to(x.device)
-    chunks = temb.reshape(B, temb.shape[1], rows, D)
-    return [(chunks[:, :, k], table[k]) for k in range(rows)]
 
 
 def _plain_norms(block):

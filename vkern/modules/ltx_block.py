@@ -13,12 +13,10 @@ diffusers' forward runs instead where the fused path would not be the same compu
 recording (the fused ops have no backward), an RMSNorm with an affine weight (LTX-Video's have none), hooks on
 the norms (the fused pass would skip them), or a temb of another layout.
 """
-import torch
-
 from .. import ops
 from ._grad import records_autograd
 from ._hooks import hooked
-from ._native_glue import add_gated_
+from ._native_glue import add_, add_gated_, modulation_pairs
 from .feed_forward import feed_forward_rows
 
 
@@ -44,8 +42,7 @@ def fused_ltx_block_forward(block, hidden_states, encoder_hidden_states, temb, i
 
     out = block.attn2(x, encoder_hidden_states=encoder_hidden_states, image_rotary_emb=None,
                       attention_mask=encoder_attention_mask)
-    # diffusers' x + out, one rounding either way; in place when it keeps x's dtype (a bf16 model).
-    x = x.add_(out) if torch.promote_types(x.dtype, out.dtype) == x.dtype else x + out
+    x = add_(x, out)
     del out
 
     norm = ops.layernorm_modulate(x, c_shift[0], c_scale[0], block.norm2.eps, shift_table=c_shift[1],
@@ -56,19 +53,10 @@ def fused_ltx_block_forward(block, hidden_states, encoder_hidden_states, temb, i
 
 
 def _modulation(block, hidden_states, temb):
-    """diffusers' (scale_shift_table + temb.reshape(B, T, 6, D)).unbind(2) as six (temb chunk, table row) pairs of
-    views, added inside the kernels; None where the fused path does not apply (see the module's docstring)."""
-    table = block.scale_shift_table
-    if hidden_states.dim() != 3 or temb.dim() != 3 or table.dim() != 2:
-        return None
-    B, S, D = hidden_states.shape
-    six = table.shape[0]
-    if tuple(table.shape) != (6, D) or temb.shape[0] != B or temb.shape[1] not in (1, S) or temb.shape[2] != six * D:
+    """The six (temb chunk, table row) pairs, or None where the fused path does not apply (the module's docstring)."""
+    if block.scale_shift_table.shape[0] != 6:
         return None
     for norm in (block.norm1, block.norm2):
         if getattr(norm, "weight", None) is not None or getattr(norm, "bias", None) is not None or hooked(norm):
             return None
-    if table.device != hidden_states.device:  # diffusers moves it per call (.to(temb.device)); so do we
-        table = table.to(hidden_states.device)
-    ada = temb.reshape(B, temb.shape[1], 6, D)
-    return [(ada[:, :, k], table[k]) for k in range(6)]
+    return modulation_pairs(block.scale_shift_table, temb, hidden_states)
