@@ -17,10 +17,11 @@
 #     tests/test_hunyuan.py tests/test_hunyuan15.py tests/test_cogvideox.py tests/test_ltx.py tests/test_ltx2.py
 #     tests/test_mochi.py tests/test_skyreels.py tests/test_wan_vace.py");
 #     familysteps: their steps (HunyuanVideo-13B 720p x 33 frames, CogVideoX-5B 480p, LTX-Video 512p, Mochi-10B
-#     480p: diffusers, vkern, and int8pv at head dim 128; CogVideoX and LTX-Video also vkern with diffusers' block glue),
-#     each shape under its own timeout (a call of its own: ~8 min);
-#     familysteps2: HunyuanVideo-1.5 8B 480p x 121 frames (diffusers, vkern, int8pv) and LTX-2 19B 512p (diffusers,
-#     vkern, vkern with diffusers' block glue), each under its own timeout (a call of its own);
+#     480p: diffusers, vkern, and int8pv at head dim 128; HunyuanVideo, CogVideoX and LTX-Video also vkern with
+#     diffusers' block glue), each shape under its own timeout (a call of its own: ~8 min);
+#     familysteps2: HunyuanVideo-1.5 8B 480p x 121 frames (diffusers, vkern, int8pv, vkern with diffusers' block
+#     glue) and LTX-2 19B 512p (diffusers, vkern, vkern with diffusers' block glue), each under its own timeout (a
+#     call of its own);
 #     skyreelssteps: SkyReels-V2 14B 480p steps, plain and diffusion forcing (diffusers, vkern, vkern with diffusers'
 #     block glue; a call of its own);
 #     prologues: the QK prologue kernel alone vs diffusers' ops (Wan's shapes; LTX-Video's and LTX-2's, family-prologue)
@@ -124,12 +125,13 @@ if [[ $MODES == *" families "* ]]; then
   timeout -k 10 360 $B --op attn-module --shape hunyuan-720p,hunyuan-720p-33f,hunyuan15-480p,cogvideox-5b,ltx-512p,ltx2-512p,mochi-480p,skyreels-540p-df
 fi
 if [[ $MODES == *" familysteps "* ]]; then
-  for shape in hunyuan13b-720p-33f mochi10b-480p; do
-    timeout -k 10 200 $B --op step --shape $shape --step-repeats 3 --providers diffusers,vkern,vkern-attn-int8pv
-  done
-  # CogVideoX and LTX-Video: their fused block glue on and off (-diffusers-blocks), side by side
-  timeout -k 10 150 $B --op step --shape cogvideox5b-480p --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
-  timeout -k 10 120 $B --op step --shape ltx2b-512p --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
+  # (the caps sum to under the 600 s of a call; run 142 took ~285 s for these shapes with fewer providers)
+  # HunyuanVideo, CogVideoX and LTX-Video: their fused block glue on and off (-diffusers-blocks), side by side
+  timeout -k 10 200 $B --op step --shape hunyuan13b-720p-33f --step-repeats 3 \
+    --providers diffusers,vkern,vkern-attn-int8pv,vkern-diffusers-blocks
+  timeout -k 10 150 $B --op step --shape mochi10b-480p --step-repeats 3 --providers diffusers,vkern,vkern-attn-int8pv
+  timeout -k 10 120 $B --op step --shape cogvideox5b-480p --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
+  timeout -k 10 100 $B --op step --shape ltx2b-512p --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
 fi
 if [[ $MODES == *" skyreelssteps "* ]]; then  # Wan's fused glue in SkyReels-V2's blocks, on and off
   for shape in skyreels14b-480p skyreels14b-480p-df; do
@@ -137,7 +139,8 @@ if [[ $MODES == *" skyreelssteps "* ]]; then  # Wan's fused glue in SkyReels-V2'
   done
 fi
 if [[ $MODES == *" familysteps2 "* ]]; then
-  timeout -k 10 380 $B --op step --shape hunyuan15-8b-480p --step-repeats 3 --providers diffusers,vkern,vkern-attn-int8pv
+  timeout -k 10 380 $B --op step --shape hunyuan15-8b-480p --step-repeats 3 \
+    --providers diffusers,vkern,vkern-attn-int8pv,vkern-diffusers-blocks
   timeout -k 10 200 $B --op step --shape ltx2-19b-512p --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
 fi
 if [[ $MODES == *" prologues "* ]]; then

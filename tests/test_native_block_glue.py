@@ -374,7 +374,17 @@ PATCHED = {
     "cogvideox": (models.build_cogvideox_transformer, models.cogvideox_transformer_inputs, CogVideoXBlock, COG_SUMMARY),
     "skyreels": (models.build_skyreels_transformer, models.skyreels_transformer_inputs, "SkyReelsV2TransformerBlock",
                  "SkyReelsV2TransformerBlock.forward -> fused glue"),
+    "hunyuan": (models.build_hunyuan_transformer, models.hunyuan_transformer_inputs, "HunyuanVideoTransformerBlock",
+                "HunyuanVideoTransformerBlock.forward -> fused glue"),
+    "hunyuan-single": (models.build_hunyuan_transformer, models.hunyuan_transformer_inputs,
+                       "HunyuanVideoSingleTransformerBlock", "HunyuanVideoSingleTransformerBlock.forward -> fused glue"),
+    "framepack": (models.build_framepack_transformer, models.framepack_transformer_inputs,
+                  "HunyuanVideoTransformerBlock", "HunyuanVideoTransformerBlock.forward -> fused glue"),
+    "hunyuan15": (models.build_hunyuan15_transformer, models.hunyuan15_transformer_inputs,
+                  "HunyuanVideo15TransformerBlock", "HunyuanVideo15TransformerBlock.forward -> fused glue"),
 }
+# the families whose glue rounds in the tensors' own dtypes (LTX-2's: tests/test_ltx2.py)
+NATIVE = ["ltx", "cogvideox", "hunyuan", "framepack", "hunyuan15"]
 
 
 @pytest.mark.parametrize("family", list(PATCHED))
@@ -396,3 +406,37 @@ def test_patch_installs_the_fused_blocks_and_undo_restores_them(family):
         assert torch.equal(model(**inputs).sample, want)
     with vkern.patch(model, vkern.PatchConfig(fused_block=False)) as handle:
         assert handle.summary[summary] == 0 and not any("forward" in b.__dict__ for b in blocks)
+
+
+@pytest.mark.parametrize("family", NATIVE)
+def test_fused_glue_keeps_diffusers_bits(family):
+    """The glue's kernels with diffusers' attention and q/k ops (so only the glue differs), bf16: diffusers' output,
+    bar a rare flipped rounding (the norms' fp32 sum order)."""
+    build, make_inputs, _, summary = PATCHED[family]
+    model = build("tiny", torch.bfloat16)
+    inputs = make_inputs(model, "tiny", torch.bfloat16, "cpu")
+    with torch.inference_mode():
+        want = model(**inputs).sample
+    with vkern.patch(model, vkern.PatchConfig(attention="reference", fused_qk_norm_rope=False)) as handle:
+        assert handle.summary[summary] == 2
+        with torch.inference_mode():
+            got = model(**inputs).sample
+    assert _backend.last_choice["layernorm_modulate"] == _backend.last_choice["gate_residual"] == "triton"
+    assert_mostly_bitwise(got, want)
+
+
+@pytest.mark.parametrize("family", ["hunyuan", "hunyuan-single", "hunyuan15"])
+def test_hunyuan_hooked_norm_keeps_diffusers_forward(family):
+    """A hook that changes a block's norm output: that block runs diffusers' forward, so the hook still applies."""
+    build, make_inputs, block_class, _ = PATCHED[family]
+    model = build("tiny", torch.float32)
+    block = next(m for m in model.modules() if type(m).__name__ == block_class)
+    norm = block.norm if family == "hunyuan-single" else block.norm2
+    norm.register_forward_hook(lambda m, args, out: (out[0] * 2, *out[1:]) if isinstance(out, tuple) else out * 2)
+    inputs = make_inputs(model, "tiny", torch.float32, "cpu")
+    with torch.inference_mode():
+        want = model(**inputs).sample
+    with vkern.patch(model, vkern.PatchConfig(attention="reference", fused_qk_norm_rope=False)):
+        with torch.inference_mode():
+            got = model(**inputs).sample
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -15,4 +15,4 @@ ADAPTER = ProcessorAdapter(
         config.attention, fused=type(original).__name__ == "FusedCogVideoXAttnProcessor2_0",
         fused_qk_norm_rope=config.fused_qk_norm_rope),
     "CogVideoX attention processor",
-    block=(_HERE + "CogVideoXBlock", fused_cogvideox_block_forward))
+    blocks=[(_HERE + "CogVideoXBlock", fused_cogvideox_block_forward)])

@@ -9,4 +9,4 @@ _HERE = "diffusers.models.transformers.transformer_ltx."
 ADAPTER = ProcessorAdapter(_HERE + "LTXVideoTransformer3DModel", [_HERE + "LTXVideoAttnProcessor"],
                            lambda config, _: VkernLTXVideoAttnProcessor(config.attention, config.fused_qk_norm_rope),
                            "LTX-Video attention processor",
-                           block=(_HERE + "LTXVideoTransformerBlock", fused_ltx_block_forward))
+                           blocks=[(_HERE + "LTXVideoTransformerBlock", fused_ltx_block_forward)])

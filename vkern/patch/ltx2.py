@@ -17,4 +17,4 @@ def _processor(config, original):
 ADAPTER = ProcessorAdapter(_HERE + "LTX2VideoTransformer3DModel",
                            [_HERE + "LTX2AudioVideoAttnProcessor", _HERE + "LTX2PerturbedAttnProcessor"], _processor,
                            "LTX-2 attention processor",
-                           block=(_HERE + "LTX2VideoTransformerBlock", fused_ltx2_block_forward))
+                           blocks=[(_HERE + "LTX2VideoTransformerBlock", fused_ltx2_block_forward)])

@@ -15,13 +15,14 @@ def _load(path):
 
 class ProcessorAdapter:
     """models: the diffusers model classes' dotted paths (one, or a tuple); processors: diffusers' processor classes'
-    paths; make(the PatchConfig, original processor) -> vkern's processor; kind: the handle's summary key; block:
-    None, or (a block class's path, its fused forward(block, *args, **kwargs)), installed on each such block under
-    fused_block. Offers what vkern.patch asks of an adapter: MODELS, supports(obj), apply(model, config, handle)."""
+    paths; make(the PatchConfig, original processor) -> vkern's processor; kind: the handle's summary key; blocks:
+    (a block class's path, its fused forward(block, *args, **kwargs)) pairs, each forward installed on each such
+    block under fused_block. Offers what vkern.patch asks of an adapter: MODELS, supports(obj), apply(model, config,
+    handle)."""
 
-    def __init__(self, models, processors, make, kind, block=None):
+    def __init__(self, models, processors, make, kind, blocks=()):
         self.models = (models,) if isinstance(models, str) else tuple(models)
-        self.processors, self.make, self.kind, self.block = processors, make, kind, block
+        self.processors, self.make, self.kind, self.blocks = processors, make, kind, tuple(blocks)
         self.MODELS = tuple(m.rpartition(".")[2] for m in self.models)
 
     def supports(self, obj):
@@ -37,11 +38,11 @@ class ProcessorAdapter:
             processor = getattr(module, "processor", None)
             if isinstance(processor, originals) and config.accepts(module, fqn):
                 handle.set_processor(module, self.make(config, processor), self.kind)
-        if self.block is not None and config.fused_block:
-            path, fused = self.block
+        for path, fused in self.blocks if config.fused_block else ():
             block_class, kind = _load(path), f"{path.rpartition('.')[2]}.forward -> fused glue"
             for fqn, module in model.named_modules():
-                if isinstance(module, block_class) and config.accepts(module, fqn):
+                # type(): a subclass (e.g. HunyuanVideo's token-replace blocks) has a forward of its own
+                if type(module) is block_class and config.accepts(module, fqn):
                     # An instance forward, as for Wan: diffusers' features that match the class name
                     # (compile_repeated_blocks, _no_split_modules) keep working.
                     handle.override_forward(module, functools.partial(fused, module), kind)

@@ -14,4 +14,4 @@ ADAPTER = ProcessorAdapter(_HERE + "SkyReelsV2Transformer3DModel", [_HERE + "Sky
                            lambda config, _: VkernSkyReelsV2AttnProcessor(config.attention,
                                                                           config.fused_qk_norm_rope),
                            "SkyReels-V2 attention processor",
-                           block=(_HERE + "SkyReelsV2TransformerBlock", fused_skyreels_block_forward))
+                           blocks=[(_HERE + "SkyReelsV2TransformerBlock", fused_skyreels_block_forward)])
