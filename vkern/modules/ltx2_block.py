@@ -45,7 +45,7 @@ def fused_ltx2_block_forward(block, hidden_states, audio_hidden_states, encoder_
     video_ca = modulation_pairs(block.video_a2v_cross_attn_scale_shift_table[:4], temb_ca_scale_shift,
                                 hidden_states)
     audio_ca = modulation_pairs(block.audio_a2v_cross_attn_scale_shift_table[:4], temb_ca_audio_scale_shift,
-                           audio_hidden_states)
+                                audio_hidden_states)
     video_gate = modulation_pairs(block.video_a2v_cross_attn_scale_shift_table[4:], temb_ca_gate, hidden_states)
     audio_gate = modulation_pairs(block.audio_a2v_cross_attn_scale_shift_table[4:], temb_ca_audio_gate,
                                   audio_hidden_states)

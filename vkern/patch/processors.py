@@ -41,7 +41,7 @@ class ProcessorAdapter:
         for path, fused in self.blocks if config.fused_block else ():
             block_class, kind = _load(path), f"{path.rpartition('.')[2]}.forward -> fused glue"
             for fqn, module in model.named_modules():
-                # type(): a subclass (e.g. HunyuanVideo's token-replace blocks) has a forward of its own
+                # type(), not isinstance: a subclass may have a forward of its own
                 if type(module) is block_class and config.accepts(module, fqn):
                     # An instance forward, as for Wan: diffusers' features that match the class name
                     # (compile_repeated_blocks, _no_split_modules) keep working.
