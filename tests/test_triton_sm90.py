@@ -54,6 +54,13 @@ def _launch_each_kernel():
     ops.layernorm_modulate(x, shift, scale, 1e-6, fp8=True)
     ops.gelu_tanh_fp8(torch.randn(9, 160, dtype=BF16))
     ops.gate_residual(x, torch.randn_like(x), gate)
+    # the native-dtype glue (LTX's RMSNorm with table rows; CogVideoX's affine LayerNorm): dtype constexprs
+    table = torch.randn(2, 96, dtype=BF16)
+    ops.layernorm_modulate(x, shift, scale, 1e-6, shift_table=table[0], scale_table=table[1], rms=True,
+                           native_dtypes=True)
+    ops.layernorm_modulate(x, shift, scale, 1e-6, torch.randn(96, dtype=BF16), torch.randn(96, dtype=BF16),
+                           native_dtypes=True)
+    ops.gate_residual(x, torch.randn_like(x), gate, table[0], native_dtypes=True)
     video = torch.randn(1, 16, 3, 6, 6, dtype=BF16).to(memory_format=torch.channels_last_3d)
     cache = video[:, :, -2:]
     for pad_mode in ("zeros", "replicate"):  # (on the CPU the op takes the reference: the kernel itself here)

@@ -48,12 +48,26 @@ def spec_of(fn, args, kwargs):
             kind, spec = native_specialize_impl(CUDABackend, value, False, True, True)
         signature[name] = kind
         if kind == "constexpr":
-            constexprs[name] = False if name in INTERPRETER_SWITCHES else spec
+            constexprs[name] = False if name in INTERPRETER_SWITCHES else _jsonable(spec)
         elif isinstance(spec, str) and spec:
             attrs[name] = spec
     options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
     return dict(module=fn.__module__, name=fn.__name__, signature=signature, constexprs=constexprs, attrs=attrs,
                 options=options)
+
+
+def _jsonable(value):
+    """A constexpr as JSON can carry it: a Triton dtype (a rounding target) as {"dtype": its name}, restored by
+    _constexpr (json's default=str would hand the compiler the string "bf16")."""
+    import triton.language as tl
+
+    return {"dtype": value.name} if isinstance(value, tl.dtype) else value
+
+
+def _constexpr(value):
+    import triton.language as tl
+
+    return tl.dtype(value["dtype"]) if isinstance(value, dict) and set(value) == {"dtype"} else value
 
 
 def record():
@@ -106,7 +120,8 @@ def _compile(spec):
     fn = getattr(importlib.import_module(spec["module"]), spec["name"])  # (a module-level triton.jit function)
     names = list(spec["signature"])
     attrs = {(names.index(n),): CUDABackend.parse_attr(s) for n, s in spec["attrs"].items()}
-    source = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"], attrs=attrs)
+    constexprs = {k: _constexpr(v) for k, v in spec["constexprs"].items()}
+    source = ASTSource(fn=fn, signature=spec["signature"], constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=spec["options"])
     assert compiled.asm.get("cubin"), "no cubin"
     return compiled.metadata.shared
