@@ -62,7 +62,8 @@ def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table
     """diffusers' (FP32LayerNorm(x.float()) * (1 + scale) + shift).type_as(x) on x [B, S, D].
 
     shift, scale: temb chunks [B|1, S|1, D] (Wan 2.1: [B, 1, D]; Wan 2.2 per-token: [B, S, D]), any
-    float dtype, or both None for a plain LayerNorm (norm2). shift_table, scale_table: the matching
+    float dtype, or both None for a plain LayerNorm (norm2), or shift None for norm(x) * (1 + scale) (Mochi's
+    MochiRMSNormZero and MochiModulatedRMSNorm, with rms=True). shift_table, scale_table: the matching
     scale_shift_table rows [D], added in fp32 (diffusers' table + temb.float()), or None.
     weight, bias: the LayerNorm's affine [D] or None. Returns a contiguous tensor in x's dtype, or with
     fp8=True that tensor quantized per token as vkern.ops.fp8_quantize(result, "row") would, in the same
@@ -73,22 +74,22 @@ def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table
     has the dtype eager PyTorch gives it. With rms, no weight or bias (diffusers' RMSNorm with an affine
     weight rounds once more; LTX-Video's has none)."""
     _check_x(x)
-    if (shift is None) != (scale is None):
-        raise ValueError("shift, scale: pass both or neither")
-    if (shift_table is None) != (scale_table is None):
+    if shift is not None and scale is None:
+        raise ValueError("shift: given without scale (pass both, scale alone, or neither)")
+    if (shift_table is not None and shift is None) or (scale_table is not None and scale is None):
+        raise ValueError("shift_table, scale_table: each needs its temb chunk (shift, scale)")
+    if shift is not None and (shift_table is None) != (scale_table is None):
         raise ValueError("shift_table, scale_table: pass both or neither")
-    if shift is None and shift_table is not None:
-        raise ValueError("shift_table, scale_table: given without shift and scale")
+    if scale is not None:
+        _check_modulation("scale", scale, x)
     if shift is not None:
         _check_modulation("shift", shift, x)
-        _check_modulation("scale", scale, x)
         if shift.shape != scale.shape:
             raise ValueError(f"shift, scale: expected the same shape, got {tuple(shift.shape)} and "
                              f"{tuple(scale.shape)}")
     for name, t in (("weight", weight), ("bias", bias), ("shift_table", shift_table), ("scale_table", scale_table)):
         _check_row(name, t, x)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    _check_eps(eps)
     if native_dtypes and shift is not None and (shift.dtype != scale.dtype or (
             shift_table is not None and shift_table.dtype != scale_table.dtype)):
         raise TypeError("shift, scale: native_dtypes=True needs them (and their tables) in one dtype, got "
@@ -131,7 +132,7 @@ def gate_residual(x, y, gate, gate_table=None, native_dtypes=False):
     contiguous tensor in x's dtype. native_dtypes: x + y * (gate_table + gate) in their own dtypes, each op
     rounded as eager PyTorch rounds it (LTX-Video), in the dtype eager PyTorch gives it."""
     _check_gate_residual(x, y, gate, gate_table)
-    return torch.ops.vkern.gate_residual(x, y, gate, gate_table, bool(native_dtypes))
+    return torch.ops.vkern.gate_residual(x, y, gate, gate_table, bool(native_dtypes), None)
 
 
 def gate_residual_(x, y, gate, gate_table=None, native_dtypes=False):
@@ -141,7 +142,33 @@ def gate_residual_(x, y, gate, gate_table=None, native_dtypes=False):
     if native_dtypes and gate_rounding(x, y, gate, gate_table, True)[2] != x.dtype:
         raise TypeError(f"x: the result is {gate_rounding(x, y, gate, gate_table, True)[2]}, x is {x.dtype}: "
                         "it cannot be written in place (use gate_residual)")
-    torch.ops.vkern.gate_residual_inplace(x, y, gate, gate_table, bool(native_dtypes))
+    torch.ops.vkern.gate_residual_inplace(x, y, gate, gate_table, bool(native_dtypes), None)
+    return x
+
+
+def _check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+
+
+def rms_gate_residual(x, y, gate, eps):
+    """Mochi's residual, x + MochiModulatedRMSNorm(eps)(y, gate): x + (RMSNorm(y.float()) * gate).to(y.dtype), in
+    eager PyTorch's dtypes (the sum in x and y's promoted dtype). x, y [B, S, D]; gate [B|1, S|1, D] (Mochi passes
+    tanh(gate chunk)[:, None]). Returns a new contiguous tensor."""
+    _check_gate_residual(x, y, gate, None)
+    _check_eps(eps)
+    return torch.ops.vkern.gate_residual(x, y, gate, None, True, float(eps))
+
+
+def rms_gate_residual_(x, y, gate, eps):
+    """rms_gate_residual written into x; returns x. The result's dtype must be x's."""
+    _check_gate_residual(x, y, gate, None)
+    _check_eps(eps)
+    out_dtype = gate_rounding(x, y, gate, None, True, eps)[2]
+    if out_dtype != x.dtype:
+        raise TypeError(f"x: the result is {out_dtype}, x is {x.dtype}: it cannot be written in place "
+                        "(use rms_gate_residual)")
+    torch.ops.vkern.gate_residual_inplace(x, y, gate, None, True, float(eps))
     return x
 
 
@@ -163,8 +190,11 @@ def norm_rounding(x, t, table, native):
     return x.dtype, mod, act, act
 
 
-def gate_rounding(x, y, gate, table, native):
-    """(modulation, product, result) dtypes of gate_residual."""
+def gate_rounding(x, y, gate, table, native, y_rms_eps=None):
+    """(modulation, product, result) dtypes of gate_residual; with y_rms_eps, rms_gate_residual's (Mochi's: the
+    normalized product in fp32, rounded to y's dtype)."""
+    if y_rms_eps is not None:
+        return torch.float32, y.dtype, torch.promote_types(x.dtype, y.dtype)
     if not native:
         return torch.float32, torch.float32, x.dtype
     mod = _mod_dtype(gate, table)
@@ -207,44 +237,52 @@ def _(x, shift, scale, eps, weight, bias, shift_table, scale_table, rms, native)
     return x.new_empty(x.shape, dtype=norm_rounding(x, scale, scale_table, native)[3])
 
 
-def _gate_residual_into(x, y, gate, gate_table, out, native):
+def _gate_residual_into(x, y, gate, gate_table, out, native, y_rms_eps):
     from ..triton.block_glue import gate_residual as kernel
 
-    rounding = gate_rounding(x, y, gate, gate_table, native)
+    rounding = gate_rounding(x, y, gate, gate_table, native, y_rms_eps)
     gate_table = gate_table if gate_table is None else gate_table.contiguous()
-    return kernel(_unit_last(x), _unit_last(y), _unit_last(gate), gate_table, out, rounding)
+    return kernel(_unit_last(x), _unit_last(y), _unit_last(gate), gate_table, out, rounding, y_rms_eps)
 
 
+def _gate_residual_ref(x, y, gate, gate_table, native, y_rms_eps):
+    if y_rms_eps is not None:
+        return ref.rms_gate_residual(x, y, gate, y_rms_eps)
+    return ref.gate_residual(x, y, gate, gate_table, native)
+
+
+# y_rms_eps: None for gate_residual, the eps for rms_gate_residual (Mochi's: y RMS-normalized first)
 @torch.library.custom_op("vkern::gate_residual", mutates_args=())
-def _gate_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
-                   gate_table: torch.Tensor | None, native: bool) -> torch.Tensor:
+def _gate_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, gate_table: torch.Tensor | None,
+                   native: bool, y_rms_eps: float | None) -> torch.Tensor:
     backend = _choose("gate_residual", x, y, gate, gate_table)
     if backend == "reference" or x.numel() == 0:
-        return ref.gate_residual(x, y, gate, gate_table, native).contiguous()
-    out_dtype = gate_rounding(x, y, gate, gate_table, native)[2]
-    return _gate_residual_into(x, y, gate, gate_table, torch.empty(x.shape, dtype=out_dtype, device=x.device), native)
+        return _gate_residual_ref(x, y, gate, gate_table, native, y_rms_eps).contiguous()
+    out_dtype = gate_rounding(x, y, gate, gate_table, native, y_rms_eps)[2]
+    return _gate_residual_into(x, y, gate, gate_table, torch.empty(x.shape, dtype=out_dtype, device=x.device), native,
+                               y_rms_eps)
 
 
 @_gate_residual.register_fake
-def _(x, y, gate, gate_table, native):
-    return x.new_empty(x.shape, dtype=gate_rounding(x, y, gate, gate_table, native)[2])
+def _(x, y, gate, gate_table, native, y_rms_eps):
+    return x.new_empty(x.shape, dtype=gate_rounding(x, y, gate, gate_table, native, y_rms_eps)[2])
 
 
 @torch.library.custom_op("vkern::gate_residual_inplace", mutates_args=("x",))
-def _gate_residual_inplace(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
-                           gate_table: torch.Tensor | None, native: bool) -> None:
+def _gate_residual_inplace(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, gate_table: torch.Tensor | None,
+                           native: bool, y_rms_eps: float | None) -> None:
     backend = _choose("gate_residual", x, y, gate, gate_table)
     if backend == "reference" or x.numel() == 0:
-        x.copy_(ref.gate_residual(x, y, gate, gate_table, native))
+        x.copy_(_gate_residual_ref(x, y, gate, gate_table, native, y_rms_eps))
     elif x.stride(-1) != 1:  # rows the kernel cannot address: compute aside, then copy in
         x.copy_(_gate_residual_into(x, y, gate, gate_table, torch.empty(x.shape, dtype=x.dtype, device=x.device),
-                                    native))
+                                    native, y_rms_eps))
     else:
-        _gate_residual_into(x, y, gate, gate_table, x, native)
+        _gate_residual_into(x, y, gate, gate_table, x, native, y_rms_eps)
 
 
 @_gate_residual_inplace.register_fake
-def _(x, y, gate, gate_table, native):
+def _(x, y, gate, gate_table, native, y_rms_eps):
     return None
 
 

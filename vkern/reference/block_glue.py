@@ -51,7 +51,8 @@ def _rms_norm(x, eps):
 
 def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table=None, scale_table=None, rms=False,
                        native=False):
-    """x [B, S, D]; shift/scale [B|1, S|1, D] or both None (plain FP32LayerNorm, as norm2);
+    """x [B, S, D]; shift/scale [B|1, S|1, D] or both None (plain FP32LayerNorm, as norm2) or shift None (no shift:
+    Mochi's MochiRMSNormZero, `norm(x.float()) * (1 + scale.float())`, with rms);
     weight/bias [D] or None. Returns x's dtype (native: the dtype eager PyTorch gives the expression).
     rms: RMSNorm (no centering; diffusers' RMSNorm) instead of LayerNorm."""
     if native:
@@ -60,7 +61,8 @@ def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table
         else:
             y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
         if scale is not None:
-            y = y * (1 + modulation(scale, scale_table, True)) + modulation(shift, shift_table, True)
+            y = y * (1 + modulation(scale, scale_table, True))
+            y = y if shift is None else y + modulation(shift, shift_table, True)
         return y
     if rms:
         y = _rms_norm(x.float(), eps)
@@ -70,7 +72,8 @@ def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table
         y = F.layer_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(),
                          None if bias is None else bias.float(), eps)
     if scale is not None:
-        y = y * (1 + modulation(scale, scale_table)) + modulation(shift, shift_table)
+        y = y * (1 + modulation(scale, scale_table))
+        y = y if shift is None else y + modulation(shift, shift_table)
     return y.type_as(x)
 
 
@@ -80,6 +83,13 @@ def gate_residual(x, y, gate, gate_table=None, native=False):
     if native:
         return x + y * modulation(gate, gate_table, True)
     return (x.float() + y.float() * modulation(gate, gate_table)).type_as(x)
+
+
+def rms_gate_residual(x, y, gate, eps):
+    """Mochi's residual: x + MochiModulatedRMSNorm(eps)(y, gate), i.e. x + (RMSNorm(y.float()) * gate).to(y.dtype),
+    the sum in eager PyTorch's dtype (diffusers' MochiTransformerBlock: `hidden_states + self.norm2(attn_hidden_states,
+    torch.tanh(gate_msa).unsqueeze(1))`)."""
+    return x + (_rms_norm(y.float(), eps) * gate).to(y.dtype)
 
 
 def layernorm_modulate_fp8(x, shift, scale, eps, weight=None, bias=None, shift_table=None, scale_table=None, rms=False,

@@ -1,4 +1,5 @@
-"""Fused elementwise glue of the Wan DiT block: LayerNorm + modulate, and gate + residual.
+"""Fused elementwise glue of the Wan DiT block: LayerNorm + modulate, and gate + residual (Mochi's: of the
+RMS-normalized branch output).
 
 One program per token row (B * S programs). The row of D elements is one [BLOCK] tile (BLOCK the
 next power of two >= D, D a constexpr, so the mask is uniform over 8-element groups and the loads
@@ -77,8 +78,8 @@ def _layernorm_modulate_kernel(
     x_ptr, out_ptr, q_scale_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, shift_tab_ptr, scale_tab_ptr,
     S, stride_xb, stride_xs, stride_mb, stride_ms, eps,
     D: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    MODULATE: tl.constexpr, HAS_TABLE: tl.constexpr, FP8_OUT: tl.constexpr, EMULATE_RNE: tl.constexpr,
-    RMS: tl.constexpr, NORM_DT: tl.constexpr, MOD_DT: tl.constexpr, PROD_DT: tl.constexpr, ACT_DT: tl.constexpr,
+    MODULATE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, FP8_OUT: tl.constexpr,
+    EMULATE_RNE: tl.constexpr, RMS: tl.constexpr, NORM_DT: tl.constexpr, MOD_DT: tl.constexpr, PROD_DT: tl.constexpr, ACT_DT: tl.constexpr,
 ):
     b, s, cols, mask = _row(S, D, BLOCK)
     x = tl.load(x_ptr + b * stride_xb + s * stride_xs + cols, mask=mask, other=0.0)
@@ -106,9 +107,10 @@ def _layernorm_modulate_kernel(
         # shift and scale share one stride pair (the wrapper makes them agree).
         m_offs = b * stride_mb + s * stride_ms + cols
         scale = _as(_modulation(scale_ptr, scale_tab_ptr, m_offs, cols, mask, HAS_TABLE), MOD_DT, EMULATE_RNE)
-        shift = _as(_modulation(shift_ptr, shift_tab_ptr, m_offs, cols, mask, HAS_TABLE), MOD_DT, EMULATE_RNE)
-        # y * (1 + scale) + shift: three roundings, as diffusers' three ops
-        y = _as(y * _as(1.0 + scale, MOD_DT, EMULATE_RNE), PROD_DT, EMULATE_RNE) + shift
+        # y * (1 + scale) + shift: three roundings, as diffusers' three ops (no shift: Mochi's two)
+        y = _as(y * _as(1.0 + scale, MOD_DT, EMULATE_RNE), PROD_DT, EMULATE_RNE)
+        if HAS_SHIFT:
+            y = y + _as(_modulation(shift_ptr, shift_tab_ptr, m_offs, cols, mask, HAS_TABLE), MOD_DT, EMULATE_RNE)
     row = tl.program_id(0).to(tl.int64)
     y = round_to(y, ACT_DT, EMULATE_RNE)
     if FP8_OUT:  # out is e4m3: the rounded row quantized in registers, its scale to q_scale_ptr[row]
@@ -144,13 +146,16 @@ def _gelu_tanh_fp8_kernel(h_ptr, q_ptr, s_ptr, stride_h, N: tl.constexpr, BLOCK:
 @triton.jit
 def _gate_residual_kernel(
     x_ptr, y_ptr, g_ptr, g_tab_ptr, out_ptr,
-    S, stride_xb, stride_xs, stride_yb, stride_ys, stride_gb, stride_gs, stride_ob, stride_os,
+    S, stride_xb, stride_xs, stride_yb, stride_ys, stride_gb, stride_gs, stride_ob, stride_os, eps,
     D: tl.constexpr, BLOCK: tl.constexpr, HAS_TABLE: tl.constexpr, EMULATE_RNE: tl.constexpr,
-    MOD_DT: tl.constexpr, PROD_DT: tl.constexpr, OUT_DT: tl.constexpr,
+    RMS_Y: tl.constexpr, MOD_DT: tl.constexpr, PROD_DT: tl.constexpr, OUT_DT: tl.constexpr,
 ):
     b, s, cols, mask = _row(S, D, BLOCK)
     x = tl.load(x_ptr + b * stride_xb + s * stride_xs + cols, mask=mask, other=0.0)
     y = tl.load(y_ptr + b * stride_yb + s * stride_ys + cols, mask=mask, other=0.0).to(tl.float32)
+    if RMS_Y:  # Mochi's MochiModulatedRMSNorm of y in fp32 first (the fp64 sum as in the LayerNorm kernel)
+        var = tl.div_rn(tl.sum((y * y).to(tl.float64), axis=0).to(tl.float32), D * 1.0)
+        y = y * tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     g = _as(_modulation(g_ptr, g_tab_ptr, b * stride_gb + s * stride_gs + cols, cols, mask, HAS_TABLE), MOD_DT,
             EMULATE_RNE)
     out = x.to(tl.float32) + _as(y * g, PROD_DT, EMULATE_RNE)  # product rounded, then the sum (no FMA)
@@ -175,7 +180,8 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 
 def layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_table, out, rounding, rms=False,
                        q_scale=None):
-    """x [B, S, D] with unit last stride; shift/scale [B|1, S|1, D] with equal strides, or None;
+    """x [B, S, D] with unit last stride; shift/scale [B|1, S|1, D] with equal strides, or None (shift alone:
+    y * (1 + scale));
     weight/bias/tables [D] contiguous or None; out a contiguous [B, S, D] in the result's dtype, or in e4m3
     with q_scale a contiguous fp32 [B, S, 1] for its per-token scales. rounding: the torch dtypes (norm
     output, modulation, product, result) each step rounds to (vkern/ops/block_glue.py decides them)."""
@@ -190,24 +196,25 @@ def layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_ta
         shift_table if shift_table is not None else x, scale_table if scale_table is not None else x,
         S, x.stride(0), x.stride(1), mb, ms, eps,
         D=D, BLOCK=block, HAS_W=weight is not None, HAS_B=bias is not None, MODULATE=scale is not None,
-        HAS_TABLE=scale_table is not None, FP8_OUT=q_scale is not None, EMULATE_RNE=interpreting(),
+        HAS_SHIFT=shift is not None, HAS_TABLE=scale_table is not None, FP8_OUT=q_scale is not None, EMULATE_RNE=interpreting(),
         RMS=rms, NORM_DT=norm_dt, MOD_DT=mod_dt, PROD_DT=prod_dt, ACT_DT=act_dt,
         num_warps=warps, enable_fp_fusion=False,
     )
     return out
 
 
-def gate_residual(x, y, gate, gate_table, out, rounding):
+def gate_residual(x, y, gate, gate_table, out, rounding, y_rms_eps=None):
     """x, y, out [B, S, D] with unit last strides (out may be x); gate [B|1, S|1, D]; gate_table [D] or None.
-    rounding: the torch dtypes (modulation, product, result) each step rounds to."""
+    rounding: the torch dtypes (modulation, product, result) each step rounds to. y_rms_eps: y RMS-normalized
+    in fp32 first, with this eps (Mochi)."""
     B, S, D = x.shape
     block, warps = _launch_config(D)
     mod_dt, prod_dt, out_dt = (_TL[d] for d in rounding)
     _gate_residual_kernel[(B * S,)](
         x, y, gate, gate_table if gate_table is not None else gate, out,
         S, x.stride(0), x.stride(1), y.stride(0), y.stride(1), *_row_strides(gate, B, S),
-        out.stride(0), out.stride(1),
-        D=D, BLOCK=block, HAS_TABLE=gate_table is not None, EMULATE_RNE=interpreting(),
+        out.stride(0), out.stride(1), 0.0 if y_rms_eps is None else y_rms_eps,
+        D=D, BLOCK=block, HAS_TABLE=gate_table is not None, EMULATE_RNE=interpreting(), RMS_Y=y_rms_eps is not None,
         MOD_DT=mod_dt, PROD_DT=prod_dt, OUT_DT=out_dt,
         num_warps=warps, enable_fp_fusion=False,
     )
