@@ -17,8 +17,8 @@
 #     tests/test_hunyuan.py tests/test_hunyuan15.py tests/test_cogvideox.py tests/test_ltx.py tests/test_ltx2.py
 #     tests/test_mochi.py tests/test_skyreels.py tests/test_wan_vace.py");
 #     familysteps: their steps (HunyuanVideo-13B 720p x 33 frames, CogVideoX-5B 480p, LTX-Video 512p, Mochi-10B
-#     480p: diffusers, vkern, and int8pv at head dim 128; HunyuanVideo, CogVideoX and LTX-Video also vkern with
-#     diffusers' block glue), each shape under its own timeout (a call of its own: ~8 min);
+#     480p: diffusers, vkern, and int8pv at head dim 128; all four also vkern with diffusers' block glue), each
+#     shape under its own timeout (a call of its own: ~8 min);
 #     familysteps2: HunyuanVideo-1.5 8B 480p x 121 frames (diffusers, vkern, int8pv, vkern with diffusers' block
 #     glue) and LTX-2 19B 512p (diffusers, vkern, vkern with diffusers' block glue), each under its own timeout (a
 #     call of its own);
@@ -126,10 +126,10 @@ if [[ $MODES == *" families "* ]]; then
 fi
 if [[ $MODES == *" familysteps "* ]]; then
   # (the caps sum to under the 600 s of a call; run 142 took ~285 s for these shapes with fewer providers)
-  # HunyuanVideo, CogVideoX and LTX-Video: their fused block glue on and off (-diffusers-blocks), side by side
+  # every family's fused block glue on and off (-diffusers-blocks), side by side
   timeout -k 10 200 $B --op step --shape hunyuan13b-720p-33f --step-repeats 3 \
     --providers diffusers,vkern,vkern-attn-int8pv,vkern-diffusers-blocks
-  timeout -k 10 150 $B --op step --shape mochi10b-480p --step-repeats 3 --providers diffusers,vkern,vkern-attn-int8pv
+  timeout -k 10 170 $B --op step --shape mochi10b-480p --step-repeats 3 --providers diffusers,vkern,vkern-attn-int8pv,vkern-diffusers-blocks
   timeout -k 10 120 $B --op step --shape cogvideox5b-480p --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
   timeout -k 10 100 $B --op step --shape ltx2b-512p --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
 fi

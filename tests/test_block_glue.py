@@ -354,7 +354,7 @@ class AllocationProbe(TorchDispatchMode):
     def __init__(self, block):
         super().__init__()
         self.seen, self.paused = [], False
-        for attn in (block.attn1, block.attn2):
+        for attn in (getattr(block, name) for name in ("attn1", "attn2") if hasattr(block, name)):
             attn.register_forward_pre_hook(lambda *_: setattr(self, "paused", True))
             attn.register_forward_hook(lambda *_: setattr(self, "paused", False))
 

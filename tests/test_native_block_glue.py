@@ -382,9 +382,12 @@ PATCHED = {
                   "HunyuanVideoTransformerBlock", "HunyuanVideoTransformerBlock.forward -> fused glue"),
     "hunyuan15": (models.build_hunyuan15_transformer, models.hunyuan15_transformer_inputs,
                   "HunyuanVideo15TransformerBlock", "HunyuanVideo15TransformerBlock.forward -> fused glue"),
+    "mochi": (models.build_mochi_transformer, models.mochi_transformer_inputs, "MochiTransformerBlock",
+              "MochiTransformerBlock.forward -> fused glue"),
 }
-# the families whose glue rounds in the tensors' own dtypes (LTX-2's: tests/test_ltx2.py)
-NATIVE = ["ltx", "cogvideox", "hunyuan", "framepack", "hunyuan15"]
+# the families whose fused glue rounds each op where diffusers does (in the tensors' own dtypes, or Mochi's fp32
+# norms rounded per module), so it keeps diffusers' bits (LTX-2's: tests/test_ltx2.py)
+NATIVE = ["ltx", "cogvideox", "hunyuan", "framepack", "hunyuan15", "mochi"]
 
 
 @pytest.mark.parametrize("family", list(PATCHED))
