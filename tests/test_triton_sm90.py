@@ -61,6 +61,9 @@ def _launch_each_kernel():
     ops.layernorm_modulate(x, shift, scale, 1e-6, torch.randn(96, dtype=BF16), torch.randn(96, dtype=BF16),
                            native_dtypes=True)
     ops.gate_residual(x, torch.randn_like(x), gate, table[0], native_dtypes=True)
+    # Mochi's glue: RMSNorm * (1 + scale) without a shift, and x + RMSNorm(y) * gate
+    ops.layernorm_modulate(x, None, scale, 1e-6, rms=True)
+    ops.rms_gate_residual(x, torch.randn_like(x), gate, 1e-6)
     video = torch.randn(1, 16, 3, 6, 6, dtype=BF16).to(memory_format=torch.channels_last_3d)
     cache = video[:, :, -2:]
     for pad_mode in ("zeros", "replicate"):  # (on the CPU the op takes the reference: the kernel itself here)
