@@ -39,12 +39,12 @@ class PatchConfig:
     attention_chunk_size  query tokens per attention chunk in the fused Wan blocks (None: no chunking):
                         K/V for the whole sequence first, then each chunk's q -> attention -> output
                         projection -> residual, so no full-sequence q/output tensors (activation memory)
-    fused_block         (every family but Mochi) Wan blocks (SkyReels-V2's too)
+    fused_block         (every family) Wan blocks (SkyReels-V2's too)
                         run fused LayerNorm+modulate and gate+residual kernels (no fp32 copies of the hidden states)
                         and chunk their FFN by ffn_chunk_size; WanTransformer3DModel's output norm + modulate is one
                         such pass too (Wan VACE's too, which also makes each VACE hint where it is used);
-                        HunyuanVideo's (1.0, 1.5, FramePack), LTX-Video's, LTX-2's and CogVideoX's blocks run fused
-                        LayerNorm / RMSNorm + modulate and gate + residual kernels rounding as diffusers' bf16 ops do
+                        HunyuanVideo's (1.0, 1.5, FramePack), LTX-Video's, LTX-2's, CogVideoX's and Mochi's blocks run
+                        fused LayerNorm / RMSNorm + modulate and gate + residual kernels rounding as diffusers does
     vae                 cached causal convolutions in the Wan VAE, and its fast chunked encode/decode loop on CUDA
     vae_output_device   None (decoded video on the latents' device) or e.g. "cpu": decoded frames are
                         written into pinned CPU memory as they come, capping the GPU peak
