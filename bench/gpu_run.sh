@@ -3,7 +3,7 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [flash] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps] [fp8attn] [compile] [families] [familysteps] [familysteps2] [skyreelssteps] [prologues] [familyprof]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [flash] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps] [fp8attn] [compile] [families] [familysteps] [familysteps2] [gluesteps] [skyreelssteps] [prologues] [familyprof]
 #     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
 #     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
 #     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model);
@@ -22,6 +22,8 @@
 #     familysteps2: HunyuanVideo-1.5 8B 480p x 121 frames (diffusers, vkern, int8pv, vkern with diffusers' block
 #     glue) and LTX-2 19B 512p (diffusers, vkern, vkern with diffusers' block glue), each under its own timeout (a
 #     call of its own);
+#     gluesteps: every family's step with the fused block glue on and off (vkern, vkern-diffusers-blocks; diffusers
+#     too for LTX-Video and Mochi); VKERN_GLUE_SHAPES: a subset of the step shapes, VKERN_GLUE_CAP: seconds per shape;
 #     skyreelssteps: SkyReels-V2 14B 480p steps, plain and diffusion forcing (diffusers, vkern, vkern with diffusers'
 #     block glue; a call of its own);
 #     prologues: the QK prologue kernel alone vs diffusers' ops (Wan's shapes; LTX-Video's and LTX-2's, family-prologue)
@@ -132,6 +134,15 @@ if [[ $MODES == *" familysteps "* ]]; then
   timeout -k 10 170 $B --op step --shape mochi10b-480p --step-repeats 3 --providers diffusers,vkern,vkern-attn-int8pv,vkern-diffusers-blocks
   timeout -k 10 120 $B --op step --shape cogvideox5b-480p --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
   timeout -k 10 100 $B --op step --shape ltx2b-512p --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
+fi
+if [[ $MODES == *" gluesteps "* ]]; then
+  # The fused block glue on and off only (vkern vs vkern-diffusers-blocks; diffusers too for LTX-Video and Mochi), each
+  # shape under its own cap; VKERN_GLUE_SHAPES picks a subset so the list can be split over calls.
+  for shape in ${VKERN_GLUE_SHAPES:-ltx2b-512p cogvideox5b-480p mochi10b-480p ltx2-19b-512p skyreels14b-480p hunyuan13b-720p-33f}; do
+    providers=vkern,vkern-diffusers-blocks
+    [[ $shape == ltx2b-512p || $shape == mochi10b-480p ]] && providers=diffusers,$providers
+    timeout -k 10 ${VKERN_GLUE_CAP:-200} $B --op step --shape $shape --step-repeats 3 --providers $providers
+  done
 fi
 if [[ $MODES == *" skyreelssteps "* ]]; then  # Wan's fused glue in SkyReels-V2's blocks, on and off
   for shape in skyreels14b-480p skyreels14b-480p-df; do
