@@ -116,11 +116,12 @@ def test_rms_gate_residual_result_takes_eager_pytorchs_dtype():
 
 # --- the fused block ---------------------------------------------------------------------------------
 
-def captured_blocks(dtype, device="cpu"):
+def captured_blocks(dtype, device="cpu", batch=2):
     """The tiny Mochi model's two blocks (the first with the text stream's glue, the last context_pre_only) with the
-    keyword arguments the model calls them with."""
+    keyword arguments the model calls them with (batch 2: classifier-free guidance's)."""
     model = models.build_mochi_transformer("tiny", dtype, device).eval()
-    inputs = models.mochi_transformer_inputs(model, "tiny", dtype, device)
+    inputs = models.mochi_transformer_inputs(model, "tiny", dtype, device, batch=batch)
+    inputs["timestep"] = torch.linspace(900, 100, batch, device=device)  # a modulation per batch row
     calls = []
     blocks = [m for m in model.modules() if type(m) is MochiTransformerBlock]
     hooks = [b.register_forward_pre_hook(lambda m, a, k: calls.append((m, copy.copy(k))), with_kwargs=True)
