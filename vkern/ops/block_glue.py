@@ -7,6 +7,7 @@ Inference only (no autograd formulas).
 gate_residual comes in two forms, like torch's add/add_: a functional op, and an in-place one
 declared as mutating x (the fused block updates its own hidden states chunk by chunk through it, so
 the FFN output is added without a second [tokens, dim] buffer; torch.compile functionalizes it).
+rms_gate_residual(_) is Mochi's residual, x + RMSNorm(y) * gate: the same kernel with y normalized first.
 
 For fp8 compute mode, layernorm_modulate(..., fp8=True) and gelu_tanh_fp8 return (e4m3, per-token
 fp32 scale) instead of x's dtype: the per-token quantization of the following fp8 GEMMs done in the

@@ -21,6 +21,8 @@ the tensors' own dtypes, each rounded to its operands' promoted dtype as eager P
               .to(x.dtype) and scale = table + temb chunk (bf16 + bf16 -> bf16)
     residual: x + y * gate
 (rms=False with native: torch's LayerNorm in x's dtype, then the same modulation).
+Mochi's glue (MochiTransformerBlock) is the fp32 form with rms and no shift, `(RMSNorm(x.float()) * (1 + scale))
+.to(x.dtype)`, and its own residual, rms_gate_residual: `x + (RMSNorm(y.float()) * tanh(gate)).to(y.dtype)`.
 
 fp8 outputs (for Linears in fp8 compute mode, vkern/modules/fp8_linear.py): the fused kernels may
 emit their result as e4m3 with one fp32 scale per token instead of x's dtype. The value quantized is
