@@ -17,6 +17,7 @@ import datetime
 import gc
 import json
 import re
+import time
 
 import torch
 
@@ -119,7 +120,8 @@ def summarize(items, classify_item, classes, top_n=10):
 
 
 def profile_step(model, inputs, device):
-    """One warm step, then one profiled step: {class: ms}, total, and the biggest kernels/ops."""
+    """One warm step, three timed (median host enqueue and wall ms), then one profiled step: {class: ms}, the biggest
+    kernels/ops, and the times."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -131,10 +133,21 @@ def profile_step(model, inputs, device):
             torch.cuda.synchronize()
 
     step()  # Triton compilation, cuBLAS heuristics, allocator warm-up
+    # Host time to enqueue one step vs its wall time: equal means the GPU waited on Python (launch-bound).
+    host_ms, wall_ms = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(**inputs)
+        host_ms.append(1e3 * (time.perf_counter() - start))
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms.append(1e3 * (time.perf_counter() - start))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         step()
-    return summarize(device_items(prof, cuda), lambda name, _: classify(name), CLASSES)
+    per_class, top = summarize(device_items(prof, cuda), lambda name, _: classify(name), CLASSES)
+    return per_class, top, dict(host_ms=sorted(host_ms)[1], wall_ms=sorted(wall_ms)[1])
 
 
 def run(size, res, providers, device, dtype=torch.bfloat16, family="wan"):
@@ -144,11 +157,11 @@ def run(size, res, providers, device, dtype=torch.bfloat16, family="wan"):
     for provider in providers:
         model = build(size, provider, device, dtype, family)
         inputs = _step_models()[family][1](model, res if size != "tiny" else "tiny", dtype, device)
-        per_class, top = profile_step(model, inputs, device)
+        per_class, top, times = profile_step(model, inputs, device)
         total = sum(per_class.values())
         rows.append(dict(op="profile", shape=shape_name(size, res, family), provider=provider, world=1,
                          **{f"{c}_ms": per_class[c] for c in CLASSES}, total_ms=total,
-                         param_gib=param_bytes(model) / 2**30,
+                         param_gib=param_bytes(model) / 2**30, **times,
                          timer="cuda-kernels" if device.type == "cuda" else "cpu-self", top=top))
         del model, inputs
         gc.collect()  # the patch handle and the model refer to each other
@@ -216,6 +229,8 @@ def main(argv=None):
     rows = save_rows(run(args.size, args.res, args.providers.split(","), device, family=args.family), device,
                      args.out)
     for r in rows:
+        print(f"{r['provider']}: step wall {r['wall_ms']:.1f} ms, host enqueue {r['host_ms']:.1f} ms, kernels "
+              f"{r['total_ms']:.1f} ms")
         print(f"{r['provider']}: top kernels " + "; ".join(f"{t['ms']} ms {t['cls']} {t['name'][:60]}" for t in r["top"][:5]))
     print(table(rows))
     return rows
