@@ -1,0 +1,123 @@
+"""Host (CPU) time per call: what a launch-bound step pays for each op, kernels being too small to hide it.
+
+Per op at a tiny shape (the GPU finishes each kernel long before the host enqueues the next): vkern's block glue
+through vkern.ops (custom op + checks + Triton launch), the same Triton wrapper called directly (no custom-op
+dispatch), and diffusers' eager expressions for the same math. Then a tiny model's step per provider (host enqueue
+time, kernels negligible), and optionally a cProfile of the fused step (--profile).
+
+    python -m bench.host_overhead --out rows.jsonl [--family ltx2] [--profile]
+"""
+import argparse
+import cProfile
+import json
+import pstats
+import time
+
+import torch
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def host_us(fn, calls=500):
+    """Median over 5 rounds of the host time per call (no synchronization inside a round)."""
+    for _ in range(3):
+        fn()
+    rounds = []
+    for _ in range(5):
+        _sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append(1e6 * (time.perf_counter() - start) / calls)
+    _sync()
+    return sorted(rounds)[2]
+
+
+def op_rows(device, calls, tokens=128, dim=2048):
+    from vkern import ops
+    from vkern.ops import block_glue
+    from vkern.triton import block_glue as tri
+
+    bf16 = dict(dtype=torch.bfloat16, device=device)
+    x, y = torch.randn(1, tokens, dim, **bf16), torch.randn(1, tokens, dim, **bf16)
+    temb = torch.randn(1, 1, 6, dim, **bf16)
+    table = torch.randn(6, dim, **bf16)
+    shift, scale, gate = temb[:, :, 0], temb[:, :, 1], temb[:, :, 2]
+    eps = 1e-6
+    rounding = block_glue.norm_rounding(x, scale, table[1], True)
+    out = torch.empty_like(x)
+    grounding = block_glue.gate_rounding(x, y, gate, table[2], True)
+    cases = {
+        "vkern.ops.layernorm_modulate(rms, tables)": lambda: ops.layernorm_modulate(
+            x, shift, scale, eps, shift_table=table[0], scale_table=table[1], rms=True, native_dtypes=True),
+        "triton wrapper layernorm_modulate": lambda: tri.layernorm_modulate(
+            x, shift, scale, eps, None, None, table[0], table[1], out, rounding, True),
+        "diffusers rms_norm(x) * (1 + (table + scale)) + (table + shift)": lambda: (
+            torch.nn.functional.rms_norm(x, (dim,), eps=eps) * (1 + (table[1] + scale)) + (table[0] + shift)),
+        "vkern.ops.gate_residual_(tables)": lambda: ops.gate_residual_(x, y, gate, table[2], native_dtypes=True),
+        "triton wrapper gate_residual": lambda: tri.gate_residual(x, y, gate, table[2], x, grounding),
+        "diffusers x + y * (table + gate)": lambda: x + y * (table[2] + gate),
+        "aten add (one launch)": lambda: x + y,
+    }
+    return [dict(op="host-overhead", case=name, host_us=round(host_us(fn, calls), 2)) for name, fn in cases.items()]
+
+
+def step_rows(family, device, profile, calls):
+    import vkern
+
+    from .bench import _step_models
+
+    rows = []
+    build, inputs_for = _step_models()[family]
+    for provider in ("diffusers", "vkern-diffusers-blocks", "vkern"):
+        torch.manual_seed(0)
+        model = build("tiny", torch.bfloat16, device)
+        if provider != "diffusers":
+            vkern.patch(model, vkern.PatchConfig(fused_block=provider == "vkern"))
+        inputs = inputs_for(model, "tiny", torch.bfloat16, device)
+
+        def step():
+            with torch.inference_mode():
+                model(**inputs)
+
+        ms = host_us(step, calls) / 1e3
+        rows.append(dict(op="host-overhead", case=f"{family}-tiny step", provider=provider, host_ms=round(ms, 3),
+                         blocks=len(model.transformer_blocks)))
+        if profile and provider == "vkern":
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(10):
+                step()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.host_overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="ltx2")
+    parser.add_argument("--profile", action="store_true", help="cProfile the fused tiny step (top 30 by own time)")
+    parser.add_argument("--calls", type=int, default=500, help="calls per timed round of each op")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only checks that the script runs")
+    parser.add_argument("--out", default=None, help="append JSON lines here")
+    args = parser.parse_args(argv)
+    from .bench import _commit
+
+    device = torch.device(args.device)
+    rows = op_rows(device, args.calls) + step_rows(args.family, device, args.profile, max(2, args.calls // 25))
+    meta = dict(gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
+                commit=_commit())
+    for r in rows:
+        print(r)
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, **meta}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
