@@ -19,6 +19,7 @@ from ..reference import block_glue as ref
 from ..reference.fp8 import E4M3
 from . import _backend
 from ._checks import FLOATS, FLOATS_OR_F64, check_shape, check_tensor
+from ._custom_op import custom_op
 
 
 def _candidates(device, dtype):
@@ -103,9 +104,9 @@ def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table
     if fp8:
         if x.dtype == torch.float64:
             raise TypeError("x: fp8=True needs a float32, float16 or bfloat16 x, got torch.float64")
-        return torch.ops.vkern.layernorm_modulate_fp8(x, shift, scale, float(eps), weight, bias, shift_table,
+        return _layernorm_modulate_fp8(x, shift, scale, float(eps), weight, bias, shift_table,
                                                       scale_table, rms, native)
-    return torch.ops.vkern.layernorm_modulate(x, shift, scale, float(eps), weight, bias, shift_table, scale_table,
+    return _layernorm_modulate(x, shift, scale, float(eps), weight, bias, shift_table, scale_table,
                                               rms, native)
 
 
@@ -116,7 +117,7 @@ def gelu_tanh_fp8(h):
     check_tensor("h", h, dtypes=FLOATS)
     if h.dim() == 0:
         raise ValueError("h: expected shape (..., features), got a 0-dim tensor")
-    return torch.ops.vkern.gelu_tanh_fp8(h)
+    return _gelu_tanh_fp8(h)
 
 
 def _check_gate_residual(x, y, gate, gate_table):
@@ -133,7 +134,7 @@ def gate_residual(x, y, gate, gate_table=None, native_dtypes=False):
     contiguous tensor in x's dtype. native_dtypes: x + y * (gate_table + gate) in their own dtypes, each op
     rounded as eager PyTorch rounds it (LTX-Video), in the dtype eager PyTorch gives it."""
     _check_gate_residual(x, y, gate, gate_table)
-    return torch.ops.vkern.gate_residual(x, y, gate, gate_table, bool(native_dtypes), None)
+    return _gate_residual(x, y, gate, gate_table, bool(native_dtypes), None)
 
 
 def gate_residual_(x, y, gate, gate_table=None, native_dtypes=False):
@@ -143,7 +144,7 @@ def gate_residual_(x, y, gate, gate_table=None, native_dtypes=False):
     if native_dtypes and gate_rounding(x, y, gate, gate_table, True)[2] != x.dtype:
         raise TypeError(f"x: the result is {gate_rounding(x, y, gate, gate_table, True)[2]}, x is {x.dtype}: "
                         "it cannot be written in place (use gate_residual)")
-    torch.ops.vkern.gate_residual_inplace(x, y, gate, gate_table, bool(native_dtypes), None)
+    _gate_residual_inplace(x, y, gate, gate_table, bool(native_dtypes), None)
     return x
 
 
@@ -158,7 +159,7 @@ def rms_gate_residual(x, y, gate, eps):
     tanh(gate chunk)[:, None]). Returns a new contiguous tensor."""
     _check_gate_residual(x, y, gate, None)
     _check_eps(eps)
-    return torch.ops.vkern.gate_residual(x, y, gate, None, True, float(eps))
+    return _gate_residual(x, y, gate, None, True, float(eps))
 
 
 def rms_gate_residual_(x, y, gate, eps):
@@ -169,7 +170,7 @@ def rms_gate_residual_(x, y, gate, eps):
     if out_dtype != x.dtype:
         raise TypeError(f"x: the result is {out_dtype}, x is {x.dtype}: it cannot be written in place "
                         "(use rms_gate_residual)")
-    torch.ops.vkern.gate_residual_inplace(x, y, gate, None, True, float(eps))
+    _gate_residual_inplace(x, y, gate, None, True, float(eps))
     return x
 
 
@@ -218,7 +219,7 @@ def _norm_args(x, shift, scale, weight, bias, shift_table, scale_table):
     return (x, shift, scale, *[t if t is None else t.contiguous() for t in (weight, bias, shift_table, scale_table)])
 
 
-@torch.library.custom_op("vkern::layernorm_modulate", mutates_args=())
+@custom_op("vkern::layernorm_modulate", mutates_args=())
 def _layernorm_modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
                         weight: torch.Tensor | None, bias: torch.Tensor | None, shift_table: torch.Tensor | None,
                         scale_table: torch.Tensor | None, rms: bool, native: bool) -> torch.Tensor:
@@ -253,7 +254,7 @@ def _gate_residual_ref(x, y, gate, gate_table, native, y_rms_eps):
 
 
 # y_rms_eps: None for gate_residual, the eps for rms_gate_residual (Mochi's: y RMS-normalized first)
-@torch.library.custom_op("vkern::gate_residual", mutates_args=())
+@custom_op("vkern::gate_residual", mutates_args=())
 def _gate_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, gate_table: torch.Tensor | None,
                    native: bool, y_rms_eps: float | None) -> torch.Tensor:
     backend = _choose("gate_residual", x, y, gate, gate_table)
@@ -269,7 +270,7 @@ def _(x, y, gate, gate_table, native, y_rms_eps):
     return x.new_empty(x.shape, dtype=gate_rounding(x, y, gate, gate_table, native, y_rms_eps)[2])
 
 
-@torch.library.custom_op("vkern::gate_residual_inplace", mutates_args=("x",))
+@custom_op("vkern::gate_residual_inplace", mutates_args=("x",))
 def _gate_residual_inplace(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, gate_table: torch.Tensor | None,
                            native: bool, y_rms_eps: float | None) -> None:
     backend = _choose("gate_residual", x, y, gate, gate_table)
@@ -292,7 +293,7 @@ def _fp8_outputs(x):
             torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device))
 
 
-@torch.library.custom_op("vkern::layernorm_modulate_fp8", mutates_args=())
+@custom_op("vkern::layernorm_modulate_fp8", mutates_args=())
 def _layernorm_modulate_fp8(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
                             weight: torch.Tensor | None, bias: torch.Tensor | None, shift_table: torch.Tensor | None,
                             scale_table: torch.Tensor | None, rms: bool,
@@ -315,7 +316,7 @@ def _(x, shift, scale, eps, weight, bias, shift_table, scale_table, rms, native)
     return x.new_empty(x.shape, dtype=E4M3), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
-@torch.library.custom_op("vkern::gelu_tanh_fp8", mutates_args=())
+@custom_op("vkern::gelu_tanh_fp8", mutates_args=())
 def _gelu_tanh_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     backend = _backend.choose("gelu_tanh_fp8", _candidates(h.device, h.dtype))
     if backend == "reference" or h.numel() == 0:

@@ -22,6 +22,7 @@ from ..reference import causal_conv as ref
 from ..reference import wan_vae as ref_vae
 from . import _backend
 from ._checks import DTYPE_CODE, FLOATS, HALF, check_shape, check_tensor
+from ._custom_op import custom_op
 
 CL = torch.channels_last_3d
 
@@ -322,10 +323,10 @@ def causal_conv3d(x, weight, bias=None, stride=1, padding=0, cache=None, pad_mod
     if any(p < k for p, k in zip(padded, weight.shape[2:])):
         raise ValueError(f"x: padded size (T, H, W) = {padded} is smaller than the kernel {tuple(weight.shape[2:])}, "
                          f"got shape {tuple(x.shape)}")
-    return torch.ops.vkern.causal_conv3d(x, weight, bias, list(stride), list(padding), cache, pad_mode)
+    return _causal_conv3d(x, weight, bias, list(stride), list(padding), cache, pad_mode)
 
 
-@torch.library.custom_op("vkern::causal_conv3d", mutates_args=())
+@custom_op("vkern::causal_conv3d", mutates_args=())
 def _causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
                    padding: list[int], cache: torch.Tensor | None, pad_mode: str) -> torch.Tensor:
     backend = conv_backend(x, weight, stride) if pad_mode == "zeros" else \
@@ -419,7 +420,7 @@ def rms_norm_silu(x, gamma, bias=None, silu=True, out=None, in_bias=None):
     if _eager_inference():
         _rms_norm_silu_impl(*args)
     else:
-        torch.ops.vkern.rms_norm_silu_(*args)
+        _rms_norm_silu_(*args)
     return out
 
 
@@ -429,7 +430,7 @@ def _eager_inference():
     return not torch.compiler.is_compiling() and (torch.is_inference_mode_enabled() or not torch.is_grad_enabled())
 
 
-@torch.library.custom_op("vkern::rms_norm_silu_", mutates_args=("out",))
+@custom_op("vkern::rms_norm_silu_", mutates_args=("out",))
 def _rms_norm_silu_(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, silu: bool,
                     out: torch.Tensor, in_bias: torch.Tensor | None) -> None:
     _rms_norm_silu_impl(x, gamma, bias, silu, out, in_bias)
@@ -477,11 +478,11 @@ def residual_add_(y, shortcut, bias=None):
     if _eager_inference():
         _residual_add_impl(*args)
     else:
-        torch.ops.vkern.residual_add_(*args)
+        _residual_add_(*args)
     return y
 
 
-@torch.library.custom_op("vkern::residual_add_", mutates_args=("y",))
+@custom_op("vkern::residual_add_", mutates_args=("y",))
 def _residual_add_(y: torch.Tensor, shortcut: torch.Tensor, bias: torch.Tensor | None) -> None:
     _residual_add_impl(y, shortcut, bias)
 

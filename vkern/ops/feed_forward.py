@@ -11,6 +11,7 @@ import torch
 from ..reference import feed_forward as ref
 from . import _backend
 from ._checks import FLOATS, check_shape, check_tensor
+from ._custom_op import custom_op
 
 
 @_backend.register("feed_forward")
@@ -37,10 +38,10 @@ def feed_forward(x, w1, b1, w2, b2, chunk_size=None):
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, torch.SymInt))
                                    or chunk_size <= 0):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
-    return torch.ops.vkern.feed_forward(x, w1, b1, w2, b2, chunk_size)
+    return _feed_forward(x, w1, b1, w2, b2, chunk_size)
 
 
-@torch.library.custom_op("vkern::feed_forward", mutates_args=())
+@custom_op("vkern::feed_forward", mutates_args=())
 def _feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                   b2: torch.Tensor | None, chunk_size: int | None) -> torch.Tensor:
     _backend.choose("feed_forward", _candidates(x.device, x.dtype))

@@ -4,6 +4,7 @@ import torch
 from ..reference import fp8 as ref
 from . import _backend
 from ._checks import DTYPE_CODE, FLOATS, check_tensor
+from ._custom_op import custom_op
 
 
 
@@ -20,10 +21,10 @@ def fp8_quantize(x: torch.Tensor, granularity: str = "tensor"):
         raise ValueError(f"granularity: expected one of {ref.GRANULARITIES}, got {granularity!r}")
     if granularity == "row" and x.dim() == 0:
         raise ValueError("x: granularity='row' needs at least 1 dimension, got a 0-dim tensor")
-    return torch.ops.vkern.fp8_quantize(x, granularity)
+    return _fp8_quantize(x, granularity)
 
 
-@torch.library.custom_op("vkern::fp8_quantize", mutates_args=())
+@custom_op("vkern::fp8_quantize", mutates_args=())
 def _fp8_quantize(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
     backend = _backend.choose("fp8_quantize", _quantize_candidates(x.device, x.dtype))
     if backend == "cuda":
@@ -77,10 +78,10 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
     _check_scale("scale", scale, q)
     if dtype not in FLOATS:
         raise TypeError(f"dtype: expected one of {FLOATS}, got {dtype}")
-    return torch.ops.vkern.fp8_dequantize(q, scale, dtype)
+    return _fp8_dequantize(q, scale, dtype)
 
 
-@torch.library.custom_op("vkern::fp8_dequantize", mutates_args=())
+@custom_op("vkern::fp8_dequantize", mutates_args=())
 def _fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     backend = _backend.choose("fp8_dequantize", _dequantize_candidates(q.device, dtype))
     if backend == "cuda" and q.dim() >= 1:
@@ -145,10 +146,10 @@ def fp8_linear_compute(x: torch.Tensor, q_weight: torch.Tensor, weight_scale: to
     _check_linear(x, q_weight, weight_scale, bias)
     if q_weight.shape[0] % 16 or q_weight.shape[1] % 16:
         raise ValueError(f"q_weight: fp8 compute needs both dimensions multiples of 16, got {tuple(q_weight.shape)}")
-    return torch.ops.vkern.fp8_linear_compute(x, q_weight, weight_scale, bias, bool(fast_accum))
+    return _fp8_linear_compute(x, q_weight, weight_scale, bias, bool(fast_accum))
 
 
-@torch.library.custom_op("vkern::fp8_linear_compute", mutates_args=())
+@custom_op("vkern::fp8_linear_compute", mutates_args=())
 def _fp8_linear_compute(x: torch.Tensor, q_weight: torch.Tensor, weight_scale: torch.Tensor,
                         bias: torch.Tensor | None, fast_accum: bool) -> torch.Tensor:
     backend = _backend.choose("fp8_linear_compute", _compute_candidates(x.device, x.dtype))
@@ -191,11 +192,11 @@ def fp8_linear_prequantized(xq: torch.Tensor, x_scale: torch.Tensor, q_weight: t
     _check_linear_weights(xq, q_weight, weight_scale, bias)
     if q_weight.shape[0] % 16 or q_weight.shape[1] % 16:
         raise ValueError(f"q_weight: fp8 compute needs both dimensions multiples of 16, got {tuple(q_weight.shape)}")
-    return torch.ops.vkern.fp8_linear_prequantized(xq, x_scale, q_weight, weight_scale, bias, bool(fast_accum),
+    return _fp8_linear_prequantized(xq, x_scale, q_weight, weight_scale, bias, bool(fast_accum),
                                                    out_dtype)
 
 
-@torch.library.custom_op("vkern::fp8_linear_prequantized", mutates_args=())
+@custom_op("vkern::fp8_linear_prequantized", mutates_args=())
 def _fp8_linear_prequantized(xq: torch.Tensor, x_scale: torch.Tensor, q_weight: torch.Tensor,
                              weight_scale: torch.Tensor, bias: torch.Tensor | None, fast_accum: bool,
                              out_dtype: torch.dtype) -> torch.Tensor:

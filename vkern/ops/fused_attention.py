@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..reference import attention as ref
 from . import _backend, flash_attn_backend
 from ._checks import DTYPE_CODE, FLOATS, FLOATS_OR_F64, HALF, check_shape, check_tensor
+from ._custom_op import custom_op
 
 HEAD_DIMS = (64, 128)  # the Triton kernel's head dims; others fall back to SDPA / the reference
 QUANT_FORMATS = (None, "e4m3", "int8")
@@ -130,16 +131,16 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
             freqs_cos, freqs_sin = freqs_cos.contiguous(), freqs_sin.contiguous()
     if out is not None:
         _check_norm_rope_out(out, x, heads, head_dim)
-        torch.ops.vkern.qk_norm_rope_out(x, weight, float(eps), heads, freqs_cos, freqs_sin, out, rope_tables, bias)
+        _qk_norm_rope_out(x, weight, float(eps), heads, freqs_cos, freqs_sin, out, rope_tables, bias)
         return out
     if quant is None:
-        return torch.ops.vkern.qk_norm_rope(x, weight, float(eps), heads, freqs_cos, freqs_sin, rope_tables, bias)
+        return _qk_norm_rope(x, weight, float(eps), heads, freqs_cos, freqs_sin, rope_tables, bias)
     if x.dtype == torch.float64:
         raise TypeError("x: 8-bit output needs a bf16, fp16 or fp32 input, got float64")
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=x.device)
         check_shape("key_padding_mask", key_padding_mask, (B, S))
-    return torch.ops.vkern.qk_norm_rope_quantized(x, weight, float(eps), heads, freqs_cos, freqs_sin, quant,
+    return _qk_norm_rope_quantized(x, weight, float(eps), heads, freqs_cos, freqs_sin, quant,
                                                   token_block, key_padding_mask)
 
 
@@ -169,7 +170,7 @@ def _heads_flat(x):
     return x.flatten(2) if x.stride(-1) == 1 and x.stride(2) == x.shape[3] else x.reshape(*x.shape[:2], -1)
 
 
-@torch.library.custom_op("vkern::qk_norm_rope", mutates_args=())
+@custom_op("vkern::qk_norm_rope", mutates_args=())
 def _qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, heads: int,
                   freqs_cos: torch.Tensor | None, freqs_sin: torch.Tensor | None,
                   rope_tables: str = "per_pair", bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,7 +216,7 @@ def _write_heads(out, y):
             out[:, :, g, n:].zero_()
 
 
-@torch.library.custom_op("vkern::qk_norm_rope_out", mutates_args=("out",))
+@custom_op("vkern::qk_norm_rope_out", mutates_args=("out",))
 def _qk_norm_rope_out(x: torch.Tensor, weight: torch.Tensor | None, eps: float, heads: int,
                       freqs_cos: torch.Tensor | None, freqs_sin: torch.Tensor | None, out: torch.Tensor,
                       rope_tables: str = "per_pair", bias: torch.Tensor | None = None) -> None:
@@ -239,7 +240,7 @@ def _(x, weight, eps, heads, freqs_cos, freqs_sin, out, rope_tables="per_pair", 
     return None
 
 
-@torch.library.custom_op("vkern::qk_norm_rope_quantized", mutates_args=())
+@custom_op("vkern::qk_norm_rope_quantized", mutates_args=())
 def _qk_norm_rope_quantized(x: torch.Tensor, weight: torch.Tensor | None, eps: float, heads: int,
                             freqs_cos: torch.Tensor | None, freqs_sin: torch.Tensor | None,
                             quant: str, token_block: int,
@@ -364,12 +365,12 @@ def attention(q, k, v, attn_mask=None, *, key_padding_mask=None, scale=None, ret
             raise ValueError("attn_mask, key_padding_mask: pass one or the other")
         if return_lse:
             raise ValueError("attn_mask, return_lse: the log-sum-exp comes with key_padding_mask (or no mask) only")
-    out, lse = torch.ops.vkern.attention(q, k, v, attn_mask, key_padding_mask,
+    out, lse = _attention(q, k, v, attn_mask, key_padding_mask,
                                          None if scale is None else float(scale), bool(return_lse), backend)
     return (out, lse) if return_lse else out
 
 
-@torch.library.custom_op("vkern::attention", mutates_args=())
+@custom_op("vkern::attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                key_padding_mask: torch.Tensor | None, scale: float | None,
                return_lse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -686,12 +687,12 @@ def value_offset(v, key_padding_mask=None):
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=v.device)
         check_shape("key_padding_mask", key_padding_mask, (v.shape[0], v.shape[1]))
-    return torch.ops.vkern.value_offset(v, key_padding_mask)
+    return _value_offset(v, key_padding_mask)
 
 
 # An op of its own so that torch.compile keeps its reduction order: a compiled graph then quantizes V - offset to
 # the same codes as eager (any offset is exact in the math, not in the bits).
-@torch.library.custom_op("vkern::value_offset", mutates_args=())
+@custom_op("vkern::value_offset", mutates_args=())
 def _value_offset(v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
     return ref.value_offset(v, key_padding_mask)
 
@@ -726,7 +727,7 @@ def v_to_8bit(v, fmt, key_padding_mask=None, offset=None):
     if offset is not None:
         check_tensor("offset", offset, dtypes=(torch.float32,), device=v.device)
         check_shape("offset", offset, (v.shape[0], v.shape[2], v.shape[3]))
-    return torch.ops.vkern.v_to_8bit(v, key_padding_mask, offset, fmt)
+    return _v_to_8bit(v, key_padding_mask, offset, fmt)
 
 
 def v_to_e4m3(v, key_padding_mask=None, offset=None):
@@ -735,7 +736,7 @@ def v_to_e4m3(v, key_padding_mask=None, offset=None):
     return v_to_8bit(v, "e4m3", key_padding_mask, offset)
 
 
-@torch.library.custom_op("vkern::v_to_8bit", mutates_args=())
+@custom_op("vkern::v_to_8bit", mutates_args=())
 def _v_to_8bit(v: torch.Tensor, key_padding_mask: torch.Tensor | None, offset: torch.Tensor | None,
                fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     B, S, H, D = v.shape
@@ -841,14 +842,14 @@ def attention_prequantized(q8, q_scale, k8, k_scale, v, v_scale=None, *, key_pad
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=q8.device)
         check_shape("key_padding_mask", key_padding_mask, (B, Skv))
-    out, lse = torch.ops.vkern.attention_prequantized(
+    out, lse = _attention_prequantized(
         q8, q_scale.contiguous(), k8, k_scale.contiguous(), v, None if v_scale is None else v_scale.contiguous(),
         None if v_offset is None else v_offset.contiguous(), key_padding_mask, None if scale is None else float(scale),
         bool(return_lse), out_dtype)
     return (out, lse) if return_lse else out
 
 
-@torch.library.custom_op("vkern::attention_prequantized", mutates_args=())
+@custom_op("vkern::attention_prequantized", mutates_args=())
 def _attention_prequantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
                             v: torch.Tensor, v_scale: torch.Tensor | None, v_offset: torch.Tensor | None,
                             key_padding_mask: torch.Tensor | None, scale: float | None, return_lse: bool,
