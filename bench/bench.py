@@ -536,16 +536,17 @@ CHUNK = 4096  # -chunked: FFN and attention token chunks
 
 
 def vkern_config(provider, allowed_suffixes=()):
-    """The PatchConfig of a step provider vkern[-fp8-storage|-fp8-compute][-chunked][-diffusers-blocks][suffix]
+    """The PatchConfig of a step provider vkern[-fp8-storage|-fp8-compute][-chunked][-diffusers-blocks|-fused-blocks][suffix]
     [-attn-<mode>] (-chunked: FFN and attention queries in CHUNK-token chunks; -diffusers-blocks: fused_block=False,
-    the blocks' glue as diffusers runs it); returns (config, the suffixes present)."""
+    the blocks' glue as diffusers runs it; -fused-blocks: fused_block=True, for the families where it is not the
+    default; neither: each family's default); returns (config, the suffixes present)."""
     import vkern
 
     rest, _, attention = provider.partition("-attn-")
     fp8 = next((m for m in ("storage", "compute") if f"-fp8-{m}" in rest), None)
     chunk = CHUNK if "-chunked" in rest else None
-    fused_block = "-diffusers-blocks" not in rest
-    rest = rest.replace("-diffusers-blocks", "")
+    fused_block = False if "-diffusers-blocks" in rest else True if "-fused-blocks" in rest else None
+    rest = rest.replace("-diffusers-blocks", "").replace("-fused-blocks", "")
     suffixes = [x for x in allowed_suffixes if x in rest]
     base = rest.replace(f"-fp8-{fp8}", "").replace("-chunked", "")
     for x in suffixes:

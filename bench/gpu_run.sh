@@ -22,7 +22,7 @@
 #     familysteps2: HunyuanVideo-1.5 8B 480p x 121 frames (diffusers, vkern, int8pv, vkern with diffusers' block
 #     glue) and LTX-2 19B 512p (diffusers, vkern, vkern with diffusers' block glue), each under its own timeout (a
 #     call of its own);
-#     gluesteps: every family's step with the fused block glue on and off (vkern, vkern-diffusers-blocks; diffusers
+#     gluesteps: every family's step with the fused block glue on and off (vkern-fused-blocks, vkern-diffusers-blocks; diffusers
 #     too for LTX-Video and Mochi); VKERN_GLUE_SHAPES: a subset of the step shapes, VKERN_GLUE_CAP: seconds per shape;
 #     skyreelssteps: SkyReels-V2 14B 480p steps, plain and diffusion forcing (diffusers, vkern, vkern with diffusers'
 #     block glue; a call of its own);
@@ -136,10 +136,11 @@ if [[ $MODES == *" familysteps "* ]]; then
   timeout -k 10 100 $B --op step --shape ltx2b-512p --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
 fi
 if [[ $MODES == *" gluesteps "* ]]; then
-  # The fused block glue on and off only (vkern vs vkern-diffusers-blocks; diffusers too for LTX-Video and Mochi), each
+  # The fused block glue on and off only (vkern-fused-blocks vs vkern-diffusers-blocks; diffusers too for LTX-Video and
+  # Mochi), each
   # shape under its own cap; VKERN_GLUE_SHAPES picks a subset so the list can be split over calls.
   for shape in ${VKERN_GLUE_SHAPES:-ltx2b-512p cogvideox5b-480p mochi10b-480p ltx2-19b-512p skyreels14b-480p hunyuan13b-720p-33f}; do
-    providers=vkern,vkern-diffusers-blocks
+    providers=vkern-fused-blocks,vkern-diffusers-blocks
     [[ $shape == ltx2b-512p || $shape == mochi10b-480p ]] && providers=diffusers,$providers
     timeout -k 10 ${VKERN_GLUE_CAP:-200} $B --op step --shape $shape --step-repeats 3 --providers $providers
   done

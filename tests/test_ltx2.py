@@ -61,7 +61,7 @@ def test_reference_mode_is_diffusers_bitwise_video_and_audio(form, dtype, monkey
     x = inputs(model, dtype, form)
     want = forward(model, x)
     patched = copy.deepcopy(model)
-    with vkern.patch(patched, vkern.PatchConfig(attention="reference")) as handle:
+    with vkern.patch(patched, vkern.PatchConfig(attention="reference", fused_block=True)) as handle:
         assert handle.summary["LTX-2 attention processor"] == 12
         assert handle.summary["LTX2VideoTransformerBlock.forward -> fused glue"] == 2
         got = forward(patched, x)
@@ -79,7 +79,8 @@ def test_fused_block_glue_keeps_diffusers_bits(form):
     model = build(torch.bfloat16, **FORMS[form][0])
     x = to16(inputs(model, torch.float32, form))
     want = forward(model, x)
-    with vkern.patch(model, vkern.PatchConfig(attention="reference", fused_qk_norm_rope=False)) as handle:
+    with vkern.patch(model, vkern.PatchConfig(attention="reference", fused_qk_norm_rope=False,
+                                              fused_block=True)) as handle:
         assert handle.summary["LTX2VideoTransformerBlock.forward -> fused glue"] == 2
         got = forward(model, x)
     assert _backend.last_choice["layernorm_modulate"] == _backend.last_choice["gate_residual"] == "triton"
@@ -87,13 +88,15 @@ def test_fused_block_glue_keeps_diffusers_bits(form):
         assert_mostly_bitwise(g, w)
 
 
+@pytest.mark.parametrize("fused_block", [None, True])  # LTX-2's default (no fused glue), and with it
 @pytest.mark.parametrize("form", list(FORMS))
-def test_kernels_within_twice_torch_bf16_error_video_and_audio(form, device):
+def test_kernels_within_twice_torch_bf16_error_video_and_audio(form, fused_block, device):
     model32 = build(torch.float32, device, **FORMS[form][0], **D128)
     model16 = build(torch.bfloat16, device, **FORMS[form][0], **D128)
     x = inputs(model32, torch.float32, form, device)
     oracle, torch_bf16 = forward(model32, x), forward(model16, to16(x))
-    with vkern.patch(model16):
+    with vkern.patch(model16, vkern.PatchConfig(fused_block=fused_block)) as handle:
+        assert handle.summary.get("LTX2VideoTransformerBlock.forward -> fused glue", 0) == (2 if fused_block else 0)
         ours = forward(model16, to16(x))
     for what, o, w, t in zip(("video", "audio"), ours, oracle, torch_bf16):
         assert_within_torch_error(o, w, t, what=what)
@@ -180,6 +183,6 @@ def test_fused_block_hands_a_hooked_norm_to_diffusers():
     block.audio_norm3.register_forward_hook(lambda m, args, out: out * 2)
     x = inputs(model, torch.float32, "ltx2.0")
     want = forward(model, x)
-    with vkern.patch(model, vkern.PatchConfig(attention="reference", fused_qk_norm_rope=False)):
+    with vkern.patch(model, vkern.PatchConfig(attention="reference", fused_qk_norm_rope=False, fused_block=True)):
         got = forward(model, x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -381,6 +381,8 @@ PATCHED = {
 # the families whose fused glue rounds each op where diffusers does (in the tensors' own dtypes, or Mochi's fp32
 # norms rounded per module), so it keeps diffusers' bits (LTX-2's: tests/test_ltx2.py)
 NATIVE = ["ltx", "cogvideox", "hunyuan", "framepack", "hunyuan15", "mochi"]
+# the families whose fused glue is off unless PatchConfig(fused_block=True): LTX-2 (vkern/patch/ltx2.py says why)
+FUSED_ON_REQUEST = ["ltx2"]
 
 
 @pytest.mark.parametrize("family", list(PATCHED))
@@ -391,7 +393,9 @@ def test_patch_installs_the_fused_blocks_and_undo_restores_them(family):
     blocks = [m for m in model.modules() if type(m).__name__ == getattr(block_class, "__name__", block_class)]
     with torch.inference_mode():
         want = model(**inputs).sample
-    handle = vkern.patch(model, vkern.PatchConfig(attention="sdpa"))
+    with vkern.patch(model, vkern.PatchConfig(attention="sdpa")) as handle:  # each family's default
+        assert handle.summary.get(summary, 0) == (0 if family in FUSED_ON_REQUEST else 2)
+    handle = vkern.patch(model, vkern.PatchConfig(attention="sdpa", fused_block=True))
     assert handle.summary[summary] == len(blocks) == 2
     assert all("forward" in b.__dict__ for b in blocks)
     with torch.inference_mode():

@@ -134,6 +134,16 @@ def test_config_validation(bad, match):
         vkern.PatchConfig(**bad)
 
 
+def test_fused_block_none_is_each_familys_default():
+    config = vkern.PatchConfig()
+    assert config.fused_block is None and config.fused_blocks() and not config.fused_blocks(family_default=False)
+    for value in (True, False):
+        assert vkern.PatchConfig(fused_block=value).fused_blocks(family_default=not value) is value
+    vkern.PatchConfig(attention_chunk_size=64)  # chunked attention runs in the fused Wan block: on by default
+    with pytest.raises(ValueError, match="attention_chunk_size"):
+        vkern.PatchConfig(attention_chunk_size=64, fused_block=False)
+
+
 def test_config_changed_after_construction_is_checked_by_patch(transformer):
     config = vkern.PatchConfig(ffn_chunk_size=4096)
     config.ffn_chunk_size = 0

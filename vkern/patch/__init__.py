@@ -39,7 +39,10 @@ class PatchConfig:
     attention_chunk_size  query tokens per attention chunk in the fused Wan blocks (None: no chunking):
                         K/V for the whole sequence first, then each chunk's q -> attention -> output
                         projection -> residual, so no full-sequence q/output tensors (activation memory)
-    fused_block         (every family) Wan blocks (SkyReels-V2's too)
+    fused_block         None (default): on for every family but LTX-2 (its 19B 512p step measured slower with it on
+                        an H100: launch-bound, and the fused glue costs the host more per call than diffusers' ops;
+                        README, LTX-2); True / False: on / off for every family. On:
+                        Wan blocks (SkyReels-V2's too)
                         run fused LayerNorm+modulate and gate+residual kernels (no fp32 copies of the hidden states)
                         and chunk their FFN by ffn_chunk_size; WanTransformer3DModel's output norm + modulate is one
                         such pass too (Wan VACE's too, which also makes each VACE hint where it is used);
@@ -64,7 +67,7 @@ class PatchConfig:
     fused_qk_norm_rope: bool = True
     ffn_chunk_size: Optional[int] = None
     attention_chunk_size: Optional[int] = None
-    fused_block: bool = True
+    fused_block: Optional[bool] = None
     vae: bool = True
     vae_output_device: Optional[str] = None
     filter_fn: Optional[Callable] = None
@@ -81,8 +84,10 @@ class PatchConfig:
         """Raise for a value the patch cannot take (run when the config is built, and again by patch(), so a field
         changed after construction is checked too)."""
         for name in ("fused_qk_norm_rope", "fused_block", "vae", "fp8_fast_accum"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"PatchConfig.{name}: expected True or False, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "fused_block" and value is None):
+                raise TypeError(f"PatchConfig.{name}: expected True or False{' or None' * (name == 'fused_block')}, "
+                                f"got {value!r}")
         if self.vae_output_device is not None:
             try:
                 torch.device(self.vae_output_device)
@@ -101,13 +106,17 @@ class PatchConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"PatchConfig.{name}: expected a positive int or None, got {value!r}")
-        if self.attention_chunk_size is not None and not self.fused_block:
+        if self.attention_chunk_size is not None and self.fused_block is False:
             raise ValueError("PatchConfig.attention_chunk_size: the chunked attention runs in the fused Wan block "
                              "(fused_block=True)")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError("PatchConfig.filter_fn: expected a callable (module, fqn) -> bool")
         if self.sp is not None and not isinstance(self.sp, SPConfig):
             raise TypeError(f"PatchConfig.sp: expected None or a vkern.distributed.SPConfig, got {type(self.sp).__name__}")
+
+    def fused_blocks(self, family_default=True):
+        """Whether a family's blocks get the fused glue: fused_block, or the family's default when it is None."""
+        return family_default if self.fused_block is None else self.fused_block
 
     def accepts(self, module, fqn):
         return self.filter_fn is None or bool(self.filter_fn(module, fqn))

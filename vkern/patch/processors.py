@@ -17,12 +17,13 @@ class ProcessorAdapter:
     """models: the diffusers model classes' dotted paths (one, or a tuple); processors: diffusers' processor classes'
     paths; make(the PatchConfig, original processor) -> vkern's processor; kind: the handle's summary key; blocks:
     (a block class's path, its fused forward(block, *args, **kwargs)) pairs, each forward installed on each such
-    block under fused_block. Offers what vkern.patch asks of an adapter: MODELS, supports(obj), apply(model, config,
+    block under fused_block (fused_by_default: the family's choice when fused_block is None). Offers what vkern.patch asks of an adapter: MODELS, supports(obj), apply(model, config,
     handle)."""
 
-    def __init__(self, models, processors, make, kind, blocks=()):
+    def __init__(self, models, processors, make, kind, blocks=(), fused_by_default=True):
         self.models = (models,) if isinstance(models, str) else tuple(models)
         self.processors, self.make, self.kind, self.blocks = processors, make, kind, tuple(blocks)
+        self.fused_by_default = fused_by_default
         self.MODELS = tuple(m.rpartition(".")[2] for m in self.models)
 
     def supports(self, obj):
@@ -38,7 +39,7 @@ class ProcessorAdapter:
             processor = getattr(module, "processor", None)
             if isinstance(processor, originals) and config.accepts(module, fqn):
                 handle.set_processor(module, self.make(config, processor), self.kind)
-        for path, fused in self.blocks if config.fused_block else ():
+        for path, fused in self.blocks if config.fused_blocks(self.fused_by_default) else ():
             block_class, kind = _load(path), f"{path.rpartition('.')[2]}.forward -> fused glue"
             for fqn, module in model.named_modules():
                 # type(), not isinstance: a subclass may have a forward of its own

@@ -74,7 +74,7 @@ def _patch_transformer(model, config, handle, classes):
             handle.set_processor(module, processor, "WanAttention processor")
             continue
         block = next((key for key in FUSED_BLOCKS if isinstance(module, classes[key])), None)
-        if block is not None and config.fused_block:
+        if block is not None and config.fused_blocks():
             # An instance forward, not a new class: diffusers' features that match the class name
             # (compile_repeated_blocks, _no_split_modules) keep working. The block chunks its FFN.
             fused, kind = FUSED_BLOCKS[block]
@@ -86,12 +86,12 @@ def _patch_transformer(model, config, handle, classes):
 
             chunked = ChunkedFeedForward.from_diffusers(module.ffn, chunk_size=config.ffn_chunk_size)
             handle.swap_module(module, "ffn", chunked, "FeedForward -> ChunkedFeedForward")
-    if wan and config.fused_block and config.accepts(model, ""):
+    if wan and config.fused_blocks() and config.accepts(model, ""):
         from ..modules.wan_transformer import fused_transformer_forward
 
         handle.override_forward(model, functools.partial(fused_transformer_forward, model),
                                 "WanTransformer3DModel.forward -> fused output norm")
-    elif isinstance(model, classes["vace_transformer"]) and config.fused_block and config.accepts(model, ""):
+    elif isinstance(model, classes["vace_transformer"]) and config.fused_blocks() and config.accepts(model, ""):
         from ..modules.wan_vace import fused_vace_transformer_forward
 
         handle.override_forward(model, functools.partial(fused_vace_transformer_forward, model),
