@@ -6,7 +6,8 @@ than the kernel at a small shape. A launch-bound step (LTX-2's audio stream: ~24
 few hundred tokens) pays it on every call. So a plain eager call (real tensors, no grad to record, no compile, no
 Python dispatch or torch-function mode) runs the function itself; anything else (torch.compile and export, fake or
 functional tensors, FlopCounterMode and the like, autograd recording) goes through the registered op as before, so
-tracing, fake kernels and the "no autograd formula" behaviour are unchanged.
+tracing, fake kernels and the "no autograd formula" behaviour are unchanged. (This generalizes what the VAE's
+in-place norm and residual ops did on their own before: every vkern op gets it.)
 """
 import inspect
 

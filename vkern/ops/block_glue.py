@@ -104,10 +104,9 @@ def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table
     if fp8:
         if x.dtype == torch.float64:
             raise TypeError("x: fp8=True needs a float32, float16 or bfloat16 x, got torch.float64")
-        return _layernorm_modulate_fp8(x, shift, scale, float(eps), weight, bias, shift_table,
-                                                      scale_table, rms, native)
-    return _layernorm_modulate(x, shift, scale, float(eps), weight, bias, shift_table, scale_table,
-                                              rms, native)
+        return _layernorm_modulate_fp8(x, shift, scale, float(eps), weight, bias, shift_table, scale_table, rms,
+                                       native)
+    return _layernorm_modulate(x, shift, scale, float(eps), weight, bias, shift_table, scale_table, rms, native)
 
 
 def gelu_tanh_fp8(h):

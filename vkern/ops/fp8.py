@@ -192,8 +192,7 @@ def fp8_linear_prequantized(xq: torch.Tensor, x_scale: torch.Tensor, q_weight: t
     _check_linear_weights(xq, q_weight, weight_scale, bias)
     if q_weight.shape[0] % 16 or q_weight.shape[1] % 16:
         raise ValueError(f"q_weight: fp8 compute needs both dimensions multiples of 16, got {tuple(q_weight.shape)}")
-    return _fp8_linear_prequantized(xq, x_scale, q_weight, weight_scale, bias, bool(fast_accum),
-                                                   out_dtype)
+    return _fp8_linear_prequantized(xq, x_scale, q_weight, weight_scale, bias, bool(fast_accum), out_dtype)
 
 
 @custom_op("vkern::fp8_linear_prequantized", mutates_args=())

@@ -140,8 +140,8 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=x.device)
         check_shape("key_padding_mask", key_padding_mask, (B, S))
-    return _qk_norm_rope_quantized(x, weight, float(eps), heads, freqs_cos, freqs_sin, quant,
-                                                  token_block, key_padding_mask)
+    return _qk_norm_rope_quantized(x, weight, float(eps), heads, freqs_cos, freqs_sin, quant, token_block,
+                                   key_padding_mask)
 
 
 def k_to_8bit(k, fmt, key_padding_mask=None):
@@ -365,8 +365,8 @@ def attention(q, k, v, attn_mask=None, *, key_padding_mask=None, scale=None, ret
             raise ValueError("attn_mask, key_padding_mask: pass one or the other")
         if return_lse:
             raise ValueError("attn_mask, return_lse: the log-sum-exp comes with key_padding_mask (or no mask) only")
-    out, lse = _attention(q, k, v, attn_mask, key_padding_mask,
-                                         None if scale is None else float(scale), bool(return_lse), backend)
+    out, lse = _attention(q, k, v, attn_mask, key_padding_mask, None if scale is None else float(scale),
+                          bool(return_lse), backend)
     return (out, lse) if return_lse else out
 
 
