@@ -19,6 +19,7 @@ ADAPTER = ProcessorAdapter(_HERE + "LTX2VideoTransformer3DModel",
                            [_HERE + "LTX2AudioVideoAttnProcessor", _HERE + "LTX2PerturbedAttnProcessor"], _processor,
                            "LTX-2 attention processor",
                            blocks=[(_HERE + "LTX2VideoTransformerBlock", fused_ltx2_block_forward)],
-                           # Off unless fused_block=True: LTX-2 19B 512p on an H100 is launch-bound, and the fused
-                           # glue cut 102 ms of kernel time but added more host time (508 vs 444 ms a step; NOTES, run 148)
+                           # Off unless fused_block=True: LTX-2 19B 512p on an H100 is launch-bound, and the
+                           # fused glue cut 102 ms of kernel time but added more host time (508 vs 444 ms a step;
+                           # bench/NOTES.md, run 148)
                            fused_by_default=False)

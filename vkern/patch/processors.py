@@ -17,8 +17,8 @@ class ProcessorAdapter:
     """models: the diffusers model classes' dotted paths (one, or a tuple); processors: diffusers' processor classes'
     paths; make(the PatchConfig, original processor) -> vkern's processor; kind: the handle's summary key; blocks:
     (a block class's path, its fused forward(block, *args, **kwargs)) pairs, each forward installed on each such
-    block under fused_block (fused_by_default: the family's choice when fused_block is None). Offers what vkern.patch asks of an adapter: MODELS, supports(obj), apply(model, config,
-    handle)."""
+    block under fused_block (fused_by_default: the family's choice when fused_block is None). Offers what
+    vkern.patch asks of an adapter: MODELS, supports(obj), apply(model, config, handle)."""
 
     def __init__(self, models, processors, make, kind, blocks=(), fused_by_default=True):
         self.models = (models,) if isinstance(models, str) else tuple(models)
