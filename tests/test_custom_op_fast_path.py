@@ -82,6 +82,13 @@ def test_torch_function_mode_sees_the_op(inputs):
     assert "vkern.gate_residual" in Seen.names
 
 
+def test_profiler_sees_the_op(inputs):
+    x, y, gate = inputs
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ops.gate_residual(x, y, gate)
+    assert "vkern::gate_residual" in {e.key for e in prof.events()}
+
+
 class Traced(torch.Tensor):
     seen = []
 

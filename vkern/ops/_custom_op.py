@@ -4,10 +4,10 @@ A call through torch.ops.vkern.* re-enters Python through the dispatcher and tor
 host time per call on an H100 host (bench/host_overhead.py, run 147), more than the Triton launch itself and more
 than the kernel at a small shape. A launch-bound step (LTX-2's audio stream: ~24 glue calls a block on tensors of a
 few hundred tokens) pays it on every call. So a plain eager call (real tensors, no grad to record, no compile, no
-Python dispatch or torch-function mode) runs the function itself; anything else (torch.compile and export, fake or
-functional tensors, FlopCounterMode and the like, autograd recording) goes through the registered op as before, so
-tracing, fake kernels and the "no autograd formula" behaviour are unchanged. (This generalizes what the VAE's
-in-place norm and residual ops did on their own before: every vkern op gets it.)
+Python dispatch or torch-function mode, no profiler) runs the function itself; anything else (torch.compile and
+export, fake or functional tensors, FlopCounterMode and the like, autograd recording, torch.profiler) goes through the
+registered op as before, so tracing, fake kernels, profiles and the "no autograd formula" behaviour are unchanged.
+(This generalizes what the VAE's in-place norm and residual ops did on their own before: every vkern op gets it.)
 """
 import inspect
 
@@ -51,8 +51,9 @@ class EagerFastOp:
 
 
 def _plain_eager(args, kwargs):
+    # (under torch.profiler too: the op keeps its name, e.g. vkern::layernorm_modulate, in traces)
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None \
-            or torch._C._is_torch_function_mode_enabled():
+            or torch._C._is_torch_function_mode_enabled() or torch.autograd._profiler_enabled():
         return False
     grad = torch.is_grad_enabled()
     for a in (*args, *kwargs.values()):
