@@ -21,7 +21,7 @@ import torch
 from . import shapes
 from vkern.patch.handle import assign_processor
 
-from .timing import param_bytes, peak_gib, rel_l2, time_cuda, time_cuda_queued, time_micro
+from .timing import param_bytes, peak_gib, rel_l2, time_cuda, time_cuda_graph, time_cuda_queued, time_micro
 
 DT = torch.bfloat16
 DEVICE = "cuda"  # the attention-module setups' device (tests/test_bench_families.py runs them on the CPU)
@@ -536,8 +536,8 @@ CHUNK = 4096  # -chunked: FFN and attention token chunks
 
 
 def vkern_config(provider, allowed_suffixes=()):
-    """The PatchConfig of a step provider vkern[-fp8-storage|-fp8-compute][-chunked][-diffusers-blocks|-fused-blocks][suffix]
-    [-attn-<mode>] (-chunked: FFN and attention queries in CHUNK-token chunks; -diffusers-blocks: fused_block=False,
+    """The PatchConfig of a step provider
+    vkern[-fp8-storage|-fp8-compute][-chunked][-diffusers-blocks|-fused-blocks][suffix][-attn-<mode>] (-chunked: FFN and attention queries in CHUNK-token chunks; -diffusers-blocks: fused_block=False,
     the blocks' glue as diffusers runs it; -fused-blocks: fused_block=True, for the families where it is not the
     default; neither: each family's default); returns (config, the suffixes present)."""
     import vkern
@@ -596,6 +596,20 @@ def _build_step_model(family, size, provider):
     return model
 
 
+def _graph_timing(step):
+    """{graph_ms, graph_ms_min, graph_ms_max}: the step captured once in a CUDA graph and replayed, or
+    {graph_error} when it cannot be captured (a host synchronization inside the forward, say)."""
+    try:
+        ms, lo, hi = time_cuda_graph(step, replays=1, repeats=5)
+    except Exception as e:  # noqa: BLE001 -- a step that cannot be captured is a result to record, not a crash
+        torch.cuda.synchronize()
+        return dict(graph_error=f"{type(e).__name__}: {str(e)[:300]}")
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+    return dict(graph_ms=ms, graph_ms_min=lo, graph_ms_max=hi)
+
+
 def _step(name, providers, args):
     family, size, res = shapes.STEPS[name]
     make_inputs = _step_models()[family][1]
@@ -615,6 +629,7 @@ def _step(name, providers, args):
         first_call_s = time.perf_counter() - started
         ms, lo, hi = time_cuda(step, 1, args.step_repeats)
         peak, _ = peak_gib(step)
+        graph = _graph_timing(step) if args.step_graph else {}
         out = step()
         reference = out if reference is None else reference
         # param_gib: the model's parameter and buffer bytes exactly (the FP8 target "weight memory <= 52% of
@@ -623,7 +638,8 @@ def _step(name, providers, args):
                    first_call_s=first_call_s, param_gib=param_bytes(model) / 2**30, allocated_gib=allocated,
                    peak_gib=peak, activation_gib=peak - allocated, rel_l2_vs_first=rel_l2(out, reference),
                    cos_vs_first=torch.nn.functional.cosine_similarity(out.double().flatten(),
-                                                                     reference.double().flatten(), dim=0).item())
+                                                                     reference.double().flatten(), dim=0).item(),
+                   **graph)
         del model, inputs, out, step
         torch._dynamo.reset()  # (a compiled provider's code cache refers to its model)
         gc.collect()  # the patch handle and the model refer to each other: free the cycle now
@@ -992,6 +1008,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--step-repeats", type=int, default=3)
+    parser.add_argument("--step-graph", action="store_true",
+                        help="also time each step replayed as one CUDA graph (graph_ms: the step without its host "
+                             "time, the ceiling of every per-call trim; graph_error if the step cannot be captured)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                         help="the inputs' (and the 8-bit kernels' output) dtype; rows other than bf16 say it")
     args = parser.parse_args(argv)

@@ -65,18 +65,67 @@ def op_rows(device, calls, tokens=128, dim=2048):
     return [dict(op="host-overhead", case=name, host_us=round(host_us(fn, calls), 2)) for name, fn in cases.items()]
 
 
+def triton_rows(device, calls, tokens=128, dim=2048):
+    """Where a Triton launch's host time goes (triton 3.6's JITFunction.run), for the gate + residual kernel: the
+    whole launch, then its parts timed alone (the binder that specializes the arguments, the cache key, the current
+    device and stream, the knobs it reads), and the compiled kernel launched directly with its bound arguments."""
+    import triton
+    from triton import knobs
+    from triton.runtime import driver, jit
+
+    from vkern.ops import block_glue
+    from vkern.triton import block_glue as tri
+
+    bf16 = dict(dtype=torch.bfloat16, device=device)
+    x, y = torch.randn(1, tokens, dim, **bf16), torch.randn(1, tokens, dim, **bf16)
+    gate, table = torch.randn(1, 1, dim, **bf16), torch.randn(dim, **bf16)
+    rounding = block_glue.gate_rounding(x, y, gate, table, True)
+    block, warps = tri._launch_config(dim)
+    mod_dt, prod_dt, out_dt = (tri._TL[d] for d in rounding)
+    args = (x, y, gate, table, x, tokens, x.stride(0), x.stride(1), y.stride(0), y.stride(1), 0, 0, x.stride(0),
+            x.stride(1), 0.0)
+    kw = dict(D=dim, BLOCK=block, HAS_TABLE=True, EMULATE_RNE=False, RMS_Y=False, MOD_DT=mod_dt, PROD_DT=prod_dt,
+              OUT_DT=out_dt, num_warps=warps, enable_fp_fusion=False)
+    kernel = tri._gate_residual_kernel
+    compiled = kernel[(tokens,)](*args, **kw)
+    dev = driver.active.get_current_device()
+    binder = kernel.device_caches[dev][4]
+    bkw = dict(kw, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
+    bound, spec, opts = binder(*args, **bkw)
+    key_cache = {}
+    stream = driver.active.get_current_stream(dev)
+    direct = compiled[(tokens, 1, 1)]
+    values = list(bound.values())
+    cases = {
+        "triton: wrapper (vkern.triton.block_glue.gate_residual)": lambda: tri.gate_residual(x, y, gate, table, x,
+                                                                                             rounding),
+        "triton: kernel[grid](...)": lambda: kernel[(tokens,)](*args, **kw),
+        "triton: binder (argument specialization)": lambda: binder(*args, **bkw),
+        "triton: compute_cache_key": lambda: jit.compute_cache_key(key_cache, spec, opts),
+        "triton: current device + stream": lambda: driver.active.get_current_stream(driver.active.get_current_device()),
+        "triton: knobs read (debug, instrumentation, 2 hooks)": lambda: (
+            knobs.runtime.debug, knobs.compilation.instrumentation_mode, knobs.runtime.launch_enter_hook,
+            knobs.runtime.launch_exit_hook),
+        "triton: compiled[grid](*bound, stream=...)": lambda: direct(*values, stream=stream),
+        "triton: compiled.run(...) alone": lambda: compiled.run(tokens, 1, 1, stream, compiled.function,
+                                                               compiled.packed_metadata, None, None, None, *values),
+    }
+    return [dict(op="host-overhead", case=name, host_us=round(host_us(fn, calls), 2), triton=triton.__version__)
+            for name, fn in cases.items()]
+
+
 def step_rows(family, device, profile, calls):
     import vkern
 
-    from .bench import _step_models
+    from .bench import _step_models, vkern_config
 
     rows = []
     build, inputs_for = _step_models()[family]
-    for provider in ("diffusers", "vkern-diffusers-blocks", "vkern"):
+    for provider in ("diffusers", "vkern-diffusers-blocks", "vkern-fused-blocks"):
         torch.manual_seed(0)
         model = build("tiny", torch.bfloat16, device)
         if provider != "diffusers":
-            vkern.patch(model, vkern.PatchConfig(fused_block=provider == "vkern"))
+            vkern.patch(model, vkern_config(provider)[0])
         inputs = inputs_for(model, "tiny", torch.bfloat16, device)
 
         def step():
@@ -86,7 +135,7 @@ def step_rows(family, device, profile, calls):
         ms = host_us(step, calls) / 1e3
         rows.append(dict(op="host-overhead", case=f"{family}-tiny step", provider=provider, host_ms=round(ms, 3),
                          blocks=len(model.transformer_blocks)))
-        if profile and provider == "vkern":
+        if profile and provider == "vkern-fused-blocks":
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(10):
@@ -108,7 +157,8 @@ def main(argv=None):
     from .bench import _commit
 
     device = torch.device(args.device)
-    rows = op_rows(device, args.calls) + step_rows(args.family, device, args.profile, max(2, args.calls // 25))
+    rows = op_rows(device, args.calls) + (triton_rows(device, args.calls) if device.type == "cuda" else [])
+    rows += step_rows(args.family, device, args.profile, max(2, args.calls // 25))
     meta = dict(gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
                 commit=_commit())
     for r in rows:

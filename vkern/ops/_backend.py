@@ -35,7 +35,7 @@ def would_choose_from(op, cands):
     forced = forced_backend(op)
     if forced in cands:
         return forced if cands[forced] is None else f"{forced} (forced, unusable)"
-    if os.environ.get(f"VKERN_{op.upper()}_BACKEND"):  # choose() raises for it
+    if _op_env(op):  # choose() raises for it
         return f"{forced} (forced, unknown: expected one of {list(cands)})"
     return next((n for n, r in cands.items() if r is None), "none")
 
@@ -48,8 +48,36 @@ class BackendError(RuntimeError):
     pass
 
 
+def _env_reader():
+    """os.environ.get, read live on every call but cheaper: each op call reads these variables, and the public
+    mapping encodes and decodes its key and value each time (~1.3 us a read, more than some kernels take to run)."""
+    data = getattr(os.environ, "_data", None)
+    if os.name != "posix" or not isinstance(data, dict):
+        return os.environ.get
+    encoded = {}
+
+    def get(name):
+        key = encoded.get(name)
+        if key is None:
+            key = encoded[name] = os.fsencode(name)
+        value = data.get(key)
+        return None if value is None else os.fsdecode(value)
+    return get
+
+
+_getenv = _env_reader()
+_op_variable = {}  # op -> "VKERN_<OP>_BACKEND"
+
+
+def _op_env(op):
+    name = _op_variable.get(op)
+    if name is None:
+        name = _op_variable[op] = f"VKERN_{op.upper()}_BACKEND"
+    return _getenv(name)
+
+
 def forced_backend(op):
-    return os.environ.get(f"VKERN_{op.upper()}_BACKEND") or os.environ.get("VKERN_BACKEND")
+    return _op_env(op) or _getenv("VKERN_BACKEND")
 
 
 _backend_names = {}  # tuple of the registered ops -> every backend name they offer
@@ -66,9 +94,9 @@ def _all_backend_names():
 
 def choose(op, candidates):
     """candidates: ordered dict name -> None (usable) or a reason string. Returns a name."""
-    forced = forced_backend(op)
-    every = os.environ.get("VKERN_BACKEND")
-    if every and forced == every and every not in _all_backend_names():  # a typo would otherwise be ignored
+    own, every = _op_env(op), _getenv("VKERN_BACKEND")
+    forced = own or every
+    if every and not own and every not in _all_backend_names():  # a typo would otherwise be ignored
         raise BackendError(f"VKERN_BACKEND={every!r}: no op has that backend; expected one of "
                            f"{sorted(_all_backend_names())}")
     if forced:
@@ -78,7 +106,7 @@ def choose(op, candidates):
                                    f"this call: {candidates[forced]}")
             last_choice[op] = forced
             return forced
-        if os.environ.get(f"VKERN_{op.upper()}_BACKEND"):
+        if own:
             raise BackendError(f"VKERN_{op.upper()}_BACKEND={forced!r}: expected one of {list(candidates)}")
     skipped = []
     for name, reason in candidates.items():
@@ -101,15 +129,22 @@ def _warn_once(op, skipped, chosen):
         warnings.warn(f"vkern.ops.{op}: falling back to {what} ({'; '.join(reasons)})", stacklevel=4)
 
 
+_triton_missing = []  # [why not] once the import was tried: an import per call costs more than a small kernel
+
+
 def triton_usable(device):
     """None if Triton kernels can run on tensors on `device`, else why not."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
+    if not _triton_missing:
+        try:
+            import triton  # noqa: F401
+            _triton_missing.append(None)
+        except ImportError:
+            _triton_missing.append("triton is not installed")
+    if _triton_missing[0] is not None:
+        return _triton_missing[0]
     if device.type == "cuda":
         return None
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _getenv("TRITON_INTERPRET") == "1":
         return None
     return f"needs a CUDA tensor (got {device.type}; TRITON_INTERPRET=1 runs Triton on the CPU)"
 
@@ -125,4 +160,4 @@ def cuda_ext_usable(device):
 
 
 def interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _getenv("TRITON_INTERPRET") == "1"
