@@ -23,7 +23,10 @@ def check_tensor(name, t, *, dtypes=None, ndim=None, device=None):
 
 def check_shape(name, t, expected):
     """expected: tuple with None for any size."""
-    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
+    shape = t.shape
+    if shape == expected:  # the common case, without the per-dimension walk (ops check on every call)
+        return
+    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
     if not ok:
         want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")

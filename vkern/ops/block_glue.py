@@ -29,9 +29,13 @@ def _candidates(device, dtype):
 
 def _choose(op, x, *others):
     # float64 anywhere (rare): the reference, which follows diffusers' type promotion exactly; the
-    # kernels compute in fp32.
-    f64 = any(t is not None and t.dtype == torch.float64 for t in (x, *others))
-    return _backend.choose(op, _candidates(x.device, torch.float64 if f64 else x.dtype))
+    # kernels compute in fp32. (A loop: a generator expression here cost more than the rest of the choice.)
+    dtype = x.dtype
+    for t in others:
+        if t is not None and t.dtype == torch.float64:
+            dtype = torch.float64
+            break
+    return _backend.choose(op, _candidates(x.device, dtype))
 
 
 _backend.register("layernorm_modulate")(_candidates)
@@ -175,32 +179,54 @@ def rms_gate_residual_(x, y, gate, eps):
 
 # --- the dtypes each step rounds to ----------------------------------------------------------------
 
-def _mod_dtype(t, table):
-    return t.dtype if table is None else torch.promote_types(table.dtype, t.dtype)
+def _dtype(t):
+    return None if t is None else t.dtype
+
+
+def _memo(rule):
+    """rule(*dtypes and flags) memoized: the ops ask on every call, for a handful of dtype combinations."""
+    memo = {}
+
+    def rounding(*key):
+        found = memo.get(key)
+        if found is None:
+            found = memo[key] = rule(*key)
+        return found
+    return rounding
+
+
+@_memo
+def _norm_rounding(x, t, table, native):
+    if not native:
+        return torch.float32, torch.float32, torch.float32, x
+    if t is None:
+        return x, x, x, x
+    mod = t if table is None else torch.promote_types(table, t)
+    act = torch.promote_types(x, mod)
+    return x, mod, act, act
 
 
 def norm_rounding(x, t, table, native):
     """(norm output, modulation, product, result) dtypes of layernorm_modulate; t: the scale chunk or None.
     Wan's form computes in fp32 and rounds once to x's dtype."""
+    return _norm_rounding(x.dtype, _dtype(t), _dtype(table), bool(native))
+
+
+@_memo
+def _gate_rounding(x, y, gate, table, native, rms_y):
+    if rms_y:
+        return torch.float32, y, torch.promote_types(x, y)
     if not native:
-        return torch.float32, torch.float32, torch.float32, x.dtype
-    if t is None:
-        return x.dtype, x.dtype, x.dtype, x.dtype
-    mod = _mod_dtype(t, table)
-    act = torch.promote_types(x.dtype, mod)
-    return x.dtype, mod, act, act
+        return torch.float32, torch.float32, x
+    mod = gate if table is None else torch.promote_types(table, gate)
+    prod = torch.promote_types(y, mod)
+    return mod, prod, torch.promote_types(x, prod)
 
 
 def gate_rounding(x, y, gate, table, native, y_rms_eps=None):
     """(modulation, product, result) dtypes of gate_residual; with y_rms_eps, rms_gate_residual's (Mochi's: the
     normalized product in fp32, rounded to y's dtype)."""
-    if y_rms_eps is not None:
-        return torch.float32, y.dtype, torch.promote_types(x.dtype, y.dtype)
-    if not native:
-        return torch.float32, torch.float32, x.dtype
-    mod = _mod_dtype(gate, table)
-    prod = torch.promote_types(y.dtype, mod)
-    return mod, prod, torch.promote_types(x.dtype, prod)
+    return _gate_rounding(x.dtype, y.dtype, gate.dtype, _dtype(table), bool(native), y_rms_eps is not None)
 
 
 # --- custom ops ------------------------------------------------------------------------------------
@@ -210,12 +236,17 @@ def _unit_last(t):
     return t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def _contiguous(t):
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def _norm_args(x, shift, scale, weight, bias, shift_table, scale_table):
     """The kernel's operands: unit last strides, shift and scale with one stride pair, [D] rows contiguous."""
     x, shift, scale = _unit_last(x), _unit_last(shift), _unit_last(scale)
     if shift is not None and shift.stride() != scale.stride():  # the kernel indexes both with one stride pair
         shift, scale = shift.contiguous(), scale.contiguous()
-    return (x, shift, scale, *[t if t is None else t.contiguous() for t in (weight, bias, shift_table, scale_table)])
+    return (x, shift, scale, _contiguous(weight), _contiguous(bias), _contiguous(shift_table),
+            _contiguous(scale_table))
 
 
 @custom_op("vkern::layernorm_modulate", mutates_args=())
@@ -242,7 +273,7 @@ def _gate_residual_into(x, y, gate, gate_table, out, native, y_rms_eps):
     from ..triton.block_glue import gate_residual as kernel
 
     rounding = gate_rounding(x, y, gate, gate_table, native, y_rms_eps)
-    gate_table = gate_table if gate_table is None else gate_table.contiguous()
+    gate_table = _contiguous(gate_table)
     return kernel(_unit_last(x), _unit_last(y), _unit_last(gate), gate_table, out, rounding, y_rms_eps)
 
 
