@@ -96,6 +96,10 @@ def triton_rows(device, calls, tokens=128, dim=2048):
     stream = driver.active.get_current_stream(dev)
     direct = compiled[(tokens, 1, 1)]
     values = list(bound.values())
+    try:
+        from vkern.triton._launch import FastLaunch
+    except ImportError:  # a tree from before it (bench/tree_ab.sh's "old")
+        FastLaunch = None
     cases = {
         "triton: wrapper (vkern.triton.block_glue.gate_residual)": lambda: tri.gate_residual(x, y, gate, table, x,
                                                                                              rounding),
@@ -110,6 +114,9 @@ def triton_rows(device, calls, tokens=128, dim=2048):
         "triton: compiled.run(...) alone": lambda: compiled.run(tokens, 1, 1, stream, compiled.function,
                                                                compiled.packed_metadata, None, None, None, *values),
     }
+    if FastLaunch is not None:
+        fast = FastLaunch(kernel)
+        cases["triton: vkern.triton._launch.FastLaunch"] = lambda: fast((tokens,), *args, **kw)
     return [dict(op="host-overhead", case=name, host_us=round(host_us(fn, calls), 2), triton=triton.__version__)
             for name, fn in cases.items()]
 

@@ -28,6 +28,9 @@ from triton.language.extra import libdevice
 
 from ..reference.fp8 import E4M3_INV
 from ._common import interpreting, round_to, to_e4m3
+from ._launch import fast_launchers
+
+_launch = fast_launchers()  # kernel -> its FastLaunch (the launches of the many small calls a step makes)
 
 _E4M3_INV = tl.constexpr(E4M3_INV)  # fp32(1/448): exact in fp32, so the constant folds to the same value
 # torch's tanh GELU constants (aten GeluKernel: kBeta = sqrt(2) * 2/sqrt(pi) * 0.5 and 0.044715, as fp32)
@@ -189,15 +192,15 @@ def layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_ta
     block, warps = _launch_config(D)
     mb, ms = _row_strides(scale, B, S) if scale is not None else (0, 0)
     norm_dt, mod_dt, prod_dt, act_dt = (_TL[d] for d in rounding)
-    _layernorm_modulate_kernel[(B * S,)](
+    _launch[_layernorm_modulate_kernel]((B * S,),
         x, out, q_scale if q_scale is not None else out, weight if weight is not None else x,
         bias if bias is not None else x,
         shift if shift is not None else x, scale if scale is not None else x,
         shift_table if shift_table is not None else x, scale_table if scale_table is not None else x,
         S, x.stride(0), x.stride(1), mb, ms, eps,
         D=D, BLOCK=block, HAS_W=weight is not None, HAS_B=bias is not None, MODULATE=scale is not None,
-        HAS_SHIFT=shift is not None, HAS_TABLE=scale_table is not None, FP8_OUT=q_scale is not None, EMULATE_RNE=interpreting(),
-        RMS=rms, NORM_DT=norm_dt, MOD_DT=mod_dt, PROD_DT=prod_dt, ACT_DT=act_dt,
+        HAS_SHIFT=shift is not None, HAS_TABLE=scale_table is not None, FP8_OUT=q_scale is not None,
+        EMULATE_RNE=interpreting(), RMS=rms, NORM_DT=norm_dt, MOD_DT=mod_dt, PROD_DT=prod_dt, ACT_DT=act_dt,
         num_warps=warps, enable_fp_fusion=False,
     )
     return out
@@ -210,7 +213,7 @@ def gate_residual(x, y, gate, gate_table, out, rounding, y_rms_eps=None):
     B, S, D = x.shape
     block, warps = _launch_config(D)
     mod_dt, prod_dt, out_dt = (_TL[d] for d in rounding)
-    _gate_residual_kernel[(B * S,)](
+    _launch[_gate_residual_kernel]((B * S,),
         x, y, gate, gate_table if gate_table is not None else gate, out,
         S, x.stride(0), x.stride(1), y.stride(0), y.stride(1), *_row_strides(gate, B, S),
         out.stride(0), out.stride(1), 0.0 if y_rms_eps is None else y_rms_eps,
@@ -226,6 +229,6 @@ def gelu_tanh_fp8(h, q, scale):
     FMA contraction stays on here (Triton's default), as nvcc compiles PyTorch's GELU kernel."""
     M, N = h.shape
     block, warps = _launch_config(N)
-    _gelu_tanh_fp8_kernel[(M,)](h, q, scale, h.stride(0), N=N, BLOCK=block, EMULATE_RNE=interpreting(),
-                                INTERPRET=interpreting(), num_warps=max(warps, min(16, block // 1024)))
+    _launch[_gelu_tanh_fp8_kernel]((M,), h, q, scale, h.stride(0), N=N, BLOCK=block, EMULATE_RNE=interpreting(),
+                                   INTERPRET=interpreting(), num_warps=max(warps, min(16, block // 1024)))
     return q, scale

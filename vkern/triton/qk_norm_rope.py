@@ -20,6 +20,9 @@ import triton.language as tl
 from ..reference.attention import KEY_BLOCK
 from ..reference.fp8 import E4M3_INV, INT8_INV  # fp32(1/448), fp32(1/127): exactly the reference's scales
 from ._common import interpreting, round_to, to_e4m3, to_int8
+from ._launch import fast_launchers
+
+_launch = fast_launchers()  # kernel -> its FastLaunch (the launches of the many small calls a step makes)
 
 ROPE_FORMS = ("per_pair", "per_element", "pairs")  # the kernel's ROPE_FORM codes
 
@@ -232,7 +235,7 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
         assert token_block == KEY_BLOCK and out.dtype in (torch.float8_e4m3fn, torch.int8) and scale is not None
         n_blocks = triton.cdiv(S, KEY_BLOCK)
         int8 = out.dtype == torch.int8
-        _qk_norm_rope_block_kernel[(B * n_blocks,)](
+        _launch[_qk_norm_rope_block_kernel]((B * n_blocks,),
             x, x if weight is None else weight, freqs_cos, freqs_sin, out, scale,
             x if key_padding_mask is None else key_padding_mask.view(torch.uint8),
             S, heads, n_blocks,
@@ -251,7 +254,7 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
         per_group = out.shape[3]
     else:
         (sob, sos, soh), sog, per_group = out.stride()[:3], 0, heads
-    _qk_norm_rope_kernel[(B * S,)](
+    _launch[_qk_norm_rope_kernel]((B * S,),
         x, x if weight is None else weight, x if bias is None else bias, freqs_cos, freqs_sin, out,
         out if scale is None else scale,
         S, heads,
