@@ -381,8 +381,6 @@ PATCHED = {
 # the families whose fused glue rounds each op where diffusers does (in the tensors' own dtypes, or Mochi's fp32
 # norms rounded per module), so it keeps diffusers' bits (LTX-2's: tests/test_ltx2.py)
 NATIVE = ["ltx", "cogvideox", "hunyuan", "framepack", "hunyuan15", "mochi"]
-# the families whose fused glue is off unless PatchConfig(fused_block=True): LTX-2 (vkern/patch/ltx2.py says why)
-FUSED_ON_REQUEST = ["ltx2"]
 
 
 @pytest.mark.parametrize("family", list(PATCHED))
@@ -394,7 +392,7 @@ def test_patch_installs_the_fused_blocks_and_undo_restores_them(family):
     with torch.inference_mode():
         want = model(**inputs).sample
     with vkern.patch(model, vkern.PatchConfig(attention="sdpa")) as handle:  # each family's default
-        assert handle.summary.get(summary, 0) == (0 if family in FUSED_ON_REQUEST else 2)
+        assert handle.summary.get(summary, 0) == 2
     handle = vkern.patch(model, vkern.PatchConfig(attention="sdpa", fused_block=True))
     assert handle.summary[summary] == len(blocks) == 2
     assert all("forward" in b.__dict__ for b in blocks)
@@ -440,3 +438,16 @@ def test_hunyuan_hooked_norm_keeps_diffusers_forward(family):
         with torch.inference_mode():
             got = model(**inputs).sample
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_family_whose_glue_is_off_by_default_fuses_only_on_request(monkeypatch):
+    """ProcessorAdapter(fused_by_default=False) (a family whose glue measured slower, as LTX-2's did before session
+    43): fused_block=None leaves its blocks to diffusers, True fuses them, False never does."""
+    from vkern.patch.ltx2 import ADAPTER
+
+    monkeypatch.setattr(ADAPTER, "fused_by_default", False)
+    build, _, _, summary = PATCHED["ltx2"]
+    model = build("tiny", torch.bfloat16)
+    for fused_block, fused in ((None, 0), (True, 2), (False, 0)):
+        with vkern.patch(model, vkern.PatchConfig(attention="sdpa", fused_block=fused_block)) as handle:
+            assert handle.summary.get(summary, 0) == fused
