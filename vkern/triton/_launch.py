@@ -6,7 +6,7 @@ one, builds the cache key (a tuple of the specialization and str() of the option
 builds launch metadata for the (empty) hook chains; then the compiled kernel's C launcher runs. FastLaunch keeps the
 compiled kernel per key and calls that launcher directly. The key is finer than Triton's own: the current device,
 the two knobs Triton adds to the options, the caller's constexprs and options, each tensor argument's dtype and
-16-byte alignment (all Triton specializes a pointer on), and every other argument's value itself (Triton keeps only
+16-byte alignment (all Triton specializes a pointer on), and every other argument's type and value (Triton keeps only
 an integer's width, == 1 and divisibility by 16). So one key never spans two of Triton's specializations: a launch
 never runs a kernel compiled for other arguments. A key seen for the first time goes through JITFunction.run (which
 compiles or finds the kernel, and launches it).
@@ -41,8 +41,10 @@ class FastLaunch:
         if _MISSING in constexprs:  # one left to its default: let JITFunction.run bind it
             return self.kernel[grid](*args, **kwargs)
         device = driver.active.get_current_device()
+        # (an int as itself; any other scalar with its type: 1 == 1.0 == True, but Triton types them apart)
         key = (device, knobs.runtime.debug, knobs.compilation.instrumentation_mode, *kwargs.items(),
-               *[(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args])
+               *[(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a if type(a) is int
+                 else (type(a), a) for a in args])
         try:
             compiled = self._compiled.get(key)
         except TypeError:  # an unhashable argument (none of vkern's kernels takes one)
