@@ -537,9 +537,10 @@ CHUNK = 4096  # -chunked: FFN and attention token chunks
 
 def vkern_config(provider, allowed_suffixes=()):
     """The PatchConfig of a step provider
-    vkern[-fp8-storage|-fp8-compute][-chunked][-diffusers-blocks|-fused-blocks][suffix][-attn-<mode>] (-chunked: FFN and attention queries in CHUNK-token chunks; -diffusers-blocks: fused_block=False,
-    the blocks' glue as diffusers runs it; -fused-blocks: fused_block=True, for the families where it is not the
-    default; neither: each family's default); returns (config, the suffixes present)."""
+    vkern[-fp8-storage|-fp8-compute][-chunked][-diffusers-blocks|-fused-blocks][suffix][-attn-<mode>]
+    (-chunked: FFN and attention queries in CHUNK-token chunks; -diffusers-blocks: fused_block=False, the blocks'
+    glue as diffusers runs it; -fused-blocks: fused_block=True, for a family where it is not the default; neither:
+    each family's default); returns (config, the suffixes present)."""
     import vkern
 
     rest, _, attention = provider.partition("-attn-")
