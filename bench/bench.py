@@ -570,7 +570,9 @@ def _step_models():
             "mochi": (models.build_mochi_transformer, models.mochi_transformer_inputs),
             "skyreels": (models.build_skyreels_transformer, models.skyreels_transformer_inputs),
             "skyreels-df": (models.build_skyreels_transformer,
-                            functools.partial(models.skyreels_transformer_inputs, diffusion_forcing=True))}
+                            functools.partial(models.skyreels_transformer_inputs, diffusion_forcing=True)),
+            "wan-vace": (models.build_wan_vace_transformer, models.wan_vace_transformer_inputs),
+            "framepack": (models.build_framepack_transformer, models.framepack_transformer_inputs)}
 
 
 def _build_step_model(family, size, provider):

@@ -3,7 +3,7 @@
 #   build vkern._C with pip (ptxas report + SASS summary), vkern info, pytest -m gpu, the demo at a
 #   real shape, and the benchmarks side by side, rows to $OUT/results.jsonl, a table printed last.
 # Usage on the GPU machine, from the repo root (carry .whl made by ../shared/device/wheels.sh):
-#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [flash] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps] [fp8attn] [compile] [families] [familysteps] [familysteps2] [gluesteps] [skyreelssteps] [prologues] [familyprof]
+#   VKERN_COMMIT=<sha> bash bench/gpu_run.sh [tests] [quick] [attention] [steps] [vae] [big] [selfattn] [flash] [profile] [vaeprof] [memory] [vaenorm] [fp8acc] [spshard] [vaeab] [vaemem] [vaesteps] [fp8attn] [compile] [families] [familysteps] [familysteps2] [gluesteps] [skyreelssteps] [vacesteps] [prologues] [familyprof]
 #     tests: build, info, pytest -m gpu, demo; quick: fp8 quantize, QK prologue, GEMMs, Wan-1.3B step;
 #     attention: SDPA backends vs vkern's kernel (exact and 8-bit); steps: Wan-1.3B step per attention mode;
 #     vae: Wan VAE conv/decode/encode; big: Wan-14B 480p step (every provider builds its own 14B model);
@@ -26,6 +26,8 @@
 #     too for LTX-Video and Mochi); VKERN_GLUE_SHAPES: a subset of the step shapes, VKERN_GLUE_CAP: seconds per shape;
 #     skyreelssteps: SkyReels-V2 14B 480p steps, plain and diffusion forcing (diffusers, vkern, vkern with diffusers'
 #     block glue; a call of its own);
+#     vacesteps: Wan VACE 14B 480p and FramePack 13B 720p steps (diffusers, vkern, vkern with diffusers' block glue;
+#     VKERN_VACE_SHAPES: a subset, VKERN_VACE_CAP: seconds per shape);
 #     prologues: the QK prologue kernel alone vs diffusers' ops (Wan's shapes; LTX-Video's and LTX-2's, family-prologue)
 #     and the LTX attention modules with it fused and unfused;
 #     familyprof: the LTX-Video 2B 512p step's GPU time by kernel class and top kernels (diffusers, vkern, and vkern
@@ -148,6 +150,12 @@ fi
 if [[ $MODES == *" skyreelssteps "* ]]; then  # Wan's fused glue in SkyReels-V2's blocks, on and off
   for shape in skyreels14b-480p skyreels14b-480p-df; do
     timeout -k 10 280 $B --op step --shape $shape --step-repeats 3 --providers diffusers,vkern,vkern-diffusers-blocks
+  done
+fi
+if [[ $MODES == *" vacesteps "* ]]; then  # the first step rows of Wan VACE and FramePack (fused glue on and off)
+  for shape in ${VKERN_VACE_SHAPES:-wan-vace14b-480p framepack13b-720p}; do
+    timeout -k 10 ${VKERN_VACE_CAP:-250} $B --op step --shape $shape --step-repeats 3 \
+      --providers diffusers,vkern,vkern-diffusers-blocks
   done
 fi
 if [[ $MODES == *" familysteps2 "* ]]; then

@@ -75,3 +75,20 @@ def test_every_step_shape_names_a_step_model():
     assert x["timestep"].dim() == 2 and x["timestep"].unique().numel() > 1
     with torch.inference_mode():
         assert torch.isfinite(model(**x).sample).all()
+
+
+@pytest.mark.parametrize("family", ["wan-vace", "framepack"])
+def test_step_models_without_a_step_row_before_run_at_tiny_size(family):
+    """The step shapes added for Wan VACE and FramePack: the tiny builder and inputs run through diffusers' model and
+    the patched one (vkern's defaults: fused glue, vkern's attention), and the two agree within bf16 rounding."""
+    import vkern
+
+    build, make_inputs = bench._step_models()[family]
+    model = build("tiny", torch.bfloat16, "cpu")
+    x = make_inputs(model, "tiny", torch.bfloat16, "cpu")
+    with torch.inference_mode():
+        ours_before = model(**x).sample.double()
+        with vkern.patch(model) as handle:
+            assert any("fused glue" in key for key in handle.summary), handle.summary
+            ours = model(**x).sample.double()
+    assert (ours - ours_before).norm() / ours_before.norm() < 0.02

@@ -265,7 +265,11 @@ FRAMEPACK_TRANSFORMERS = {
     "13b": dict(has_image_proj=True, has_clean_x_embedder=True),
 }
 # latent (frames, height, width) of the section sampled, and of its clean / 2x / 4x history
-FRAMEPACK_LATENTS = {"tiny": dict(video=(3, 8, 8), clean=2, history_2x=2, history_4x=4)}
+# "720p": the pipeline's defaults (720 x 1280, latent_window_size 9: a 33-frame section, 9 latent frames of 90 x 160;
+# history sizes [1, 2, 16] of inverted anti-drifting sampling, the start image's latent in front of the 1x history):
+# 32400 video tokens + 7200 clean, 920 2x and 960 4x history tokens (the last two padded to their patch).
+FRAMEPACK_LATENTS = {"tiny": dict(video=(3, 8, 8), clean=2, history_2x=2, history_4x=4),
+                     "720p": dict(video=(9, 90, 160), clean=2, history_2x=2, history_4x=16)}
 
 
 def build_framepack_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
@@ -295,7 +299,9 @@ def framepack_transformer_inputs(model, res, dtype, device, batch=1, text_tokens
         encoder_hidden_states=torch.randn((batch, tokens, cfg.text_embed_dim), generator=g).to(device, dtype),
         encoder_attention_mask=prompt_mask(batch, tokens, real, device),
         pooled_projections=torch.randn((batch, cfg.pooled_projection_dim), generator=g).to(device, dtype),
-        image_embeds=torch.randn((batch, 9, cfg.image_proj_dim), generator=g).to(device, dtype),
+        # SigLIP's tokens (so400m-patch14-384 in the released pipeline: 27 x 27)
+        image_embeds=torch.randn((batch, 9 if res == "tiny" else 729, cfg.image_proj_dim),
+                                 generator=g).to(device, dtype),
         indices_latents=indices(1, frames), guidance=torch.tensor([10000.0] * batch, device=device, dtype=dtype),
         latents_clean=latents(sizes["clean"]), indices_latents_clean=indices(history, sizes["clean"]),
         latents_history_2x=latents(sizes["history_2x"]),
