@@ -48,10 +48,23 @@ def apply_rotary_pairs(x, freqs_cos, freqs_sin):
     return torch.stack([cos, sin], dim=-1).flatten(-2)
 
 
-# Wan's apply_rotary_interleaved, diffusers' apply_rotary_emb, Mochi's: what each form rotates with
-ROPE_TABLES = ("per_pair", "per_element", "pairs")
+def apply_rotary_split(x, freqs_cos, freqs_sin):
+    """LTX-2's split RoPE (diffusers' apply_split_rotary_emb) on x [B, S, H, D]: each head's halves x1 = x[..., :D/2]
+    and x2 = x[..., D/2:] rotated by freqs [1|B, S, 1|H, D / 2]: out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin, by
+    diffusers' ops in their order (in fp32, or the tables' or x's wider dtype), rounded once."""
+    halves = x.unflatten(-1, (2, -1))
+    halves = halves.to(torch.promote_types(halves.dtype, torch.float32))  # (diffusers: .float())
+    cos, sin = freqs_cos.unsqueeze(-2), freqs_sin.unsqueeze(-2)  # [.., 1, D / 2] against the halves [.., 2, D / 2]
+    out = halves * cos
+    out[..., :1, :].addcmul_(-sin, halves[..., 1:, :])
+    out[..., 1:, :].addcmul_(sin, halves[..., :1, :])
+    return out.flatten(-2).to(x.dtype)
+
+
+# Wan's apply_rotary_interleaved, diffusers' apply_rotary_emb, Mochi's, LTX-2's split: what each form rotates with
+ROPE_TABLES = ("per_pair", "per_element", "pairs", "split")
 _ROTATIONS = {"per_pair": apply_rotary_interleaved, "per_element": apply_rotary_per_element,
-              "pairs": apply_rotary_pairs}
+              "pairs": apply_rotary_pairs, "split": apply_rotary_split}
 
 
 def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, rope_tables="per_pair", bias=None):
