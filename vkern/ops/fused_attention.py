@@ -66,8 +66,10 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
     "per_pair" (Wan's form; tables [1|B, S, 1, D]: pair i reads cos[2i] and sin[2i+1]);
     "per_element" (diffusers' apply_rotary_emb, HunyuanVideo's and LTX's; [1|B, S, 1|H, D]: each element its own
     entry; for repeat-interleaved tables it agrees with "per_pair");
-    "pairs" (Mochi's; [1|B, S, 1|H, D / 2]: pair i reads cos[i] and sin[i]).
-    A table dimension of H gives each head its own row (LTX's tables span the whole inner dim); the last two forms
+    "pairs" (Mochi's; [1|B, S, 1|H, D / 2]: pair i reads cos[i] and sin[i]);
+    "split" (LTX-2's, diffusers' apply_split_rotary_emb; [1|B, S, 1|H, D / 2]: the halves' pair (x[i], x[i + D / 2])
+    reads cos[i] and sin[i]; D a power of two).
+    A table dimension of H gives each head its own row (LTX's tables span the whole inner dim); the last three forms
     for the 16-bit output only. norm="layer" (16-bit output only): a LayerNorm over each head's D values with weight
     [D] and bias [D] (CogVideoX's norm_q/norm_k) instead of the RMSNorm; fp32 math, one rounding, as torch's.
     Returns a contiguous [B, S, H, D] tensor in x's dtype; with quant="e4m3" or "int8" a pair
@@ -120,9 +122,12 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos=None, freqs_sin=None, quant=No
     if (freqs_cos is None) != (freqs_sin is None):
         raise ValueError("freqs_cos, freqs_sin: pass both or neither")
     if freqs_cos is not None:
+        if rope_tables == "split" and head_dim & (head_dim - 1):  # the kernel rotates halves of a power-of-two tile
+            raise ValueError(f"rope_tables: 'split' needs a power-of-two head dimension, got {head_dim} "
+                             f"(= {row} / heads)")
         for name, f in (("freqs_cos", freqs_cos), ("freqs_sin", freqs_sin)):
             check_tensor(name, f, dtypes=FLOATS_OR_F64, ndim=4, device=x.device)
-            width = head_dim // 2 if rope_tables == "pairs" else head_dim
+            width = head_dim // 2 if rope_tables in ("pairs", "split") else head_dim
             per_head = (1,) if rope_tables == "per_pair" else (1, heads)
             if f.shape[0] not in (1, B) or f.shape[1] != S or f.shape[2] not in per_head or f.shape[3] != width:
                 raise ValueError(f"{name}: expected shape (1 or {B}, {S}, {' or '.join(map(str, per_head))}, {width}) "

@@ -1,7 +1,7 @@
 """Fused QK prologue: RMSNorm across heads (Wan, LTX; PER_HEAD: over each head, HunyuanVideo, Mochi; LAYER_NORM: a
-LayerNorm over each head, CogVideoX) + interleaved RoPE (ROPE_FORM: Wan's 3-axis tables, diffusers' apply_rotary_emb
-or Mochi's per-pair tables, shared by the heads or per head) + [B, S, H, D] layout, one pass, emitting bf16 (the
-input dtype) or, for 8-bit attention, e4m3 or int8 with one fp32 scale per (token, head).
+LayerNorm over each head, CogVideoX) + RoPE (ROPE_FORM: interleaved by Wan's 3-axis tables, diffusers' apply_rotary_emb
+or Mochi's per-pair tables, or LTX-2's split halves; tables shared by the heads or per head) + [B, S, H, D] layout, one
+pass, emitting bf16 (the input dtype) or, for 8-bit attention, e4m3 or int8 with one fp32 scale per (token, head).
 
 One program per token: the row of H*D elements is read once as a [heads, head_dim] tile, its mean square
 reduced in fp32, normalized and weighted in fp32 and rounded once to the input dtype (as torch's
@@ -24,7 +24,7 @@ from ._launch import fast_launchers
 
 _launch = fast_launchers()  # kernel -> its FastLaunch (the launches of the many small calls a step makes)
 
-ROPE_FORMS = ("per_pair", "per_element", "pairs")  # the kernel's ROPE_FORM codes
+ROPE_FORMS = ("per_pair", "per_element", "pairs", "split")  # the kernel's ROPE_FORM codes
 
 
 @triton.jit
@@ -43,6 +43,15 @@ def _rotate_per_element(y, cos, sin, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     ce, co = tl.split(tl.reshape(cos, (cos.shape[0], BLOCK_D // 2, 2)))
     se, so = tl.split(tl.reshape(sin, (sin.shape[0], BLOCK_D // 2, 2)))
     return tl.reshape(tl.join(ye * ce - yo * se, yo * co + ye * so), (ROWS, BLOCK_D))
+
+
+@triton.jit
+def _rotate_halves(y, cos, sin, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """diffusers' apply_split_rotary_emb (LTX-2) on fp32 rows y [ROWS, BLOCK_D]: the halves y1 = y[:, :BLOCK_D/2] and
+    y2 = y[:, BLOCK_D/2:] become y1 cos - y2 sin and y2 cos + y1 sin; cos/sin [1|ROWS, BLOCK_D/2]. Halves of the tile,
+    so BLOCK_D must be the head dim."""
+    y1, y2 = tl.split(tl.permute(tl.reshape(y, (ROWS, 2, BLOCK_D // 2)), (0, 2, 1)))
+    return tl.reshape(tl.permute(tl.join(y1 * cos - y2 * sin, y2 * cos + y1 * sin), (0, 2, 1)), (ROWS, BLOCK_D))
 
 
 @triton.jit
@@ -99,7 +108,7 @@ def _qk_norm_rope_kernel(
     if HAS_ROPE and ROPE_FORM == 1:  # diffusers' apply_rotary_emb (HunyuanVideo, LTX): every element its own entry
         cos, sin = _load_tables(cos_ptr, sin_ptr, table_base, stride_fh, stride_fd, H, HEAD_DIM, BLOCK_D,
                                 TABLE_PER_HEAD, BLOCK_H)
-    elif HAS_ROPE and ROPE_FORM == 2:  # Mochi's: one entry per pair
+    elif HAS_ROPE and ROPE_FORM >= 2:  # Mochi's: one entry per pair; LTX-2's split: per pair (x[i], x[i + D/2])
         cos, sin = _load_tables(cos_ptr, sin_ptr, table_base, stride_fh, stride_fd, H, HEAD_DIM // 2, BLOCK_D // 2,
                                 TABLE_PER_HEAD, BLOCK_H)
     elif HAS_ROPE:
@@ -128,6 +137,8 @@ def _qk_norm_rope_kernel(
         y = round_to(y * r * w, dtype, EMULATE_RNE).to(tl.float32)
     if HAS_ROPE and ROPE_FORM == 1:
         y = _rotate_per_element(y, cos, sin, BLOCK_H, BLOCK_D)
+    elif HAS_ROPE and ROPE_FORM == 3:
+        y = _rotate_halves(y, cos, sin, BLOCK_H, BLOCK_D)
     elif HAS_ROPE:
         y = _rotate(y, cos, sin, BLOCK_H, BLOCK_D)
     if QUANT != 0:  # 1: e4m3, 2: int8
@@ -214,8 +225,9 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
     e4m3/int8 [B, S, H, D] contiguous with scale fp32 [B, H, ceil(S / KEY_BLOCK)] contiguous, one per block, the
     amax over the tokens key_padding_mask (bool [B, S] contiguous, or None) keeps. rope_tables (ROPE_FORMS): "per_pair"
     (Wan's form: W = D, shared by the heads), or, for the 16-bit output only, "per_element" (diffusers'
-    apply_rotary_emb: W = D) or "pairs" (Mochi's: W = D / 2), shared by the heads or one row per head. bias [D]
-    (with weight [D], the 16-bit output only): a LayerNorm over each head instead of the RMSNorm."""
+    apply_rotary_emb: W = D), "pairs" (Mochi's: W = D / 2) or "split" (LTX-2's halves: W = D / 2, D a power of two),
+    shared by the heads or one row per head. bias [D] (with weight [D], the 16-bit output only): a LayerNorm over each
+    head instead of the RMSNorm."""
     B, S, row = x.shape
     head_dim = row // heads
     has_rope = freqs_cos is not None
@@ -229,6 +241,7 @@ def qk_norm_rope(x, weight, eps, heads, freqs_cos, freqs_sin, out, scale=None, t
         fb = fs = fh = fd = 0
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
     per_head = weight is not None and heads > 1 and weight.numel() == head_dim
+    assert rope_tables != "split" or block_d == head_dim  # (_rotate_halves halves the tile)
     assert (rope_tables == "per_pair" and fh == 0 and bias is None) or scale is None
     assert bias is None or (weight is not None and weight.numel() == bias.numel() == head_dim)
     if token_block != 1:
