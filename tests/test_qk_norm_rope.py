@@ -105,19 +105,19 @@ def test_per_head_norm_triton_matches_reference_on_cpu(S, H, D, quant, token_blo
 def rope_tables(form, S, H, D, per_head, dtype=torch.float32, device="cpu"):
     """Random (cos, sin) tables in `form`'s layout [1, S, 1|H, D or D / 2] (not repeat-interleaved: every entry its
     own angle, where the forms differ)."""
-    angles = torch.rand(S, H if per_head else 1, D // 2 if form == "pairs" else D, device=device) * 7
+    angles = torch.rand(S, H if per_head else 1, D // 2 if form in ("pairs", "split") else D, device=device) * 7
     return angles.cos()[None].to(dtype), angles.sin()[None].to(dtype)
 
 
 @pytest.mark.parametrize("S", [1, 113])
 @pytest.mark.parametrize("H,D", [(2, 64), (3, 128)])
-@pytest.mark.parametrize("form", ["per_element", "pairs"])
+@pytest.mark.parametrize("form", ["per_element", "pairs", "split"])
 @pytest.mark.parametrize("per_head_tables", [False, True], ids=["shared-tables", "per-head-tables"])
 @pytest.mark.parametrize("per_head_norm", [False, True], ids=["norm-across-heads", "norm-per-head"])
 def test_rope_table_forms_triton_matches_reference_on_cpu(S, H, D, form, per_head_tables, per_head_norm):
-    """rope_tables "per_element" (diffusers' apply_rotary_emb) and "pairs" (Mochi's), with tables shared by the heads
-    or a row per head (LTX, Mochi), under either norm: the Triton kernel against the reference, in both output forms
-    (out= and new), where each form differs from Wan's."""
+    """rope_tables "per_element" (diffusers' apply_rotary_emb), "pairs" (Mochi's) and "split" (LTX-2's halves), with
+    tables shared by the heads or a row per head (LTX, Mochi, LTX-2), under either norm: the Triton kernel against the
+    reference, in both output forms (out= and new), where each form differs from Wan's and from its twin's."""
     if torch.cuda.is_available():
         pytest.skip("CPU interpreter check; the GPU test covers the compiled kernel")
     x, w = prologue_inputs(2, S, H, D, torch.bfloat16, "cpu")
@@ -134,6 +134,9 @@ def test_rope_table_forms_triton_matches_reference_on_cpu(S, H, D, form, per_hea
                                                     form), expected)
     if form == "per_element" and not per_head_tables:
         assert rel_l2(expected, ref.qk_norm_rope(x, w, 1e-6, H, cos, sin)) > 0.05  # Wan's form differs here
+    twin = {"pairs": "split", "split": "pairs"}.get(form)  # the other form with tables D / 2 wide: other pairs
+    if twin:
+        assert rel_l2(expected, ref.qk_norm_rope(x, w, 1e-6, H, cos, sin, twin)) > 0.05
     if per_head_tables and H > 1:  # each head its own row: sharing the first head's differs
         shared = tuple(t[:, :, :1] for t in (cos, sin))
         assert rel_l2(expected, ref.qk_norm_rope(x, w, 1e-6, H, *shared, form)) > 0.05
@@ -141,7 +144,7 @@ def test_rope_table_forms_triton_matches_reference_on_cpu(S, H, D, form, per_hea
         ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, quant="int8", rope_tables=form)
     with pytest.raises(ValueError, match="rope_tables: expected one of"):
         ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, rope_tables="wan")
-    other = "pairs" if form == "per_element" else "per_element"  # the other form's table width
+    other = "pairs" if form == "per_element" else "per_element"  # a form whose tables have the other width
     with pytest.raises(ValueError, match=f"freqs_cos: expected shape .* for rope_tables='{other}'"):
         ops.qk_norm_rope(x, w, 1e-6, H, cos, sin, rope_tables=other)
 
@@ -189,6 +192,34 @@ def test_per_head_norm_and_pair_tables_are_mochis(device):
         torch_bf16 = theirs(x, norm.bfloat16(), cos, sin)
         ours = ops.qk_norm_rope(x, norm.weight, norm.eps, H, cos, sin, rope_tables="pairs")
     assert_within_torch_error(ours, oracle, torch_bf16)
+
+
+def test_split_tables_are_ltx2s(device):
+    """LTX-2's attention prologue with rope_type="split" (the released checkpoints'): its norm_q, torch's RMSNorm
+    across heads, then diffusers' apply_split_rotary_emb with per-head fp32 tables [B, H, S, D / 2] (swapaxes views,
+    as diffusers makes them) against rope_tables="split", within 2x of their bf16 error vs fp64; the reference is
+    theirs but for rare flipped roundings (its fp32 rotation's rounding may differ with the memory layout)."""
+    from diffusers.models.transformers.transformer_ltx2 import apply_split_rotary_emb
+
+    B, S, H, D = 2, 300, 4, 128
+    x, _ = prologue_inputs(B, S, H, D, torch.bfloat16, device)
+    norm = torch.nn.RMSNorm(H * D, eps=1e-6).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(H * D))
+    angles = torch.rand(B, S, H, D // 2, device=device) * 7
+    cos, sin = angles.cos().transpose(1, 2), angles.sin().transpose(1, 2)  # [B, H, S, D / 2]
+
+    def theirs(x, norm, cos, sin):
+        return apply_split_rotary_emb(norm(x), (cos, sin)).unflatten(2, (H, D))
+
+    with torch.no_grad():
+        oracle = theirs(x.double(), norm.double(), cos.double(), sin.double())
+        torch_bf16 = theirs(x, norm.bfloat16(), cos, sin)
+        tables = cos.transpose(1, 2), sin.transpose(1, 2)  # [B, S, H, D / 2] views
+        ours = ops.qk_norm_rope(x, norm.weight, norm.eps, H, *tables, rope_tables="split")
+        spec = ref.qk_norm_rope(x, norm.weight, norm.eps, H, *tables, "split")
+    assert_within_torch_error(ours, oracle, torch_bf16)
+    assert (spec != torch_bf16).float().mean().item() < 0.01
 
 
 def test_whole_dim_tables_are_ltxs(device):
@@ -347,6 +378,9 @@ def test_bad_inputs_name_the_argument():
         ops.qk_norm_rope(x, w, 1e-6, 2, cos, None)
     with pytest.raises(ValueError, match="head dimension 63"):
         ops.qk_norm_rope(torch.randn(1, 2, 126), torch.ones(126), 1e-6, 2)
+    with pytest.raises(ValueError, match="rope_tables: 'split' needs a power-of-two head dimension, got 48"):
+        ops.qk_norm_rope(torch.randn(1, 8, 96), torch.ones(96), 1e-6, 2, *rope_tables("split", 8, 2, 48, True),
+                         rope_tables="split")
 
 
 @pytest.mark.gpu
