@@ -103,6 +103,27 @@ def test_kernels_within_twice_torch_bf16_error_video_and_audio(form, fused_block
         assert_within_torch_error(o, w, t, what=what)
 
 
+def test_split_rope_is_one_kernel_pass_per_q_and_k(monkeypatch, device):
+    """rope_type="split" (the released checkpoints'): every q and k prologue with RoPE tables (2 blocks x the video and
+    audio self-attentions and the audio-to-video and video-to-audio cross-attentions x q, k) is one
+    ops.qk_norm_rope(rope_tables="split") pass, and both outputs stay within 2x torch's bf16 error."""
+    from vkern import ops
+
+    passes = []
+    kernel = ops.qk_norm_rope
+    monkeypatch.setattr(ops, "qk_norm_rope", lambda *a, **k: passes.append(k.get("rope_tables")) or kernel(*a, **k))
+    form = "split-rope-gated"
+    model32 = build(torch.float32, device, **FORMS[form][0], **D128)
+    model16 = build(torch.bfloat16, device, **FORMS[form][0], **D128)
+    x = inputs(model32, torch.float32, form, device)
+    oracle, torch_bf16 = forward(model32, x), forward(model16, to16(x))
+    with vkern.patch(model16):
+        ours = forward(model16, to16(x))
+    assert passes.count("split") == 16
+    for what, o, w, t in zip(("video", "audio"), ours, oracle, torch_bf16):
+        assert_within_torch_error(o, w, t, what=what)
+
+
 def test_perturbation_replaces_the_attention_of_the_perturbed_rows_only():
     """STG with perturbation_mask [0, 1]: row 0's block-1 self-attention is its values, row 1's is attention (the
     check can fail: the two rows' inputs are the same, so only the perturbation separates their outputs)."""

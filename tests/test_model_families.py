@@ -335,7 +335,7 @@ def test_fused_qk_norm_rope_is_one_pass_per_q_and_k(name, monkeypatch):
 
 def _prologue_cases():
     """(the fused prologue, diffusers' prologue, its arguments) where the kernel computes something else: no norm, a
-    norm without weight or eps, tables of another shape, LTX-2's split RoPE."""
+    norm without weight or eps, tables of another shape, LTX-2's split RoPE at a head dim not a power of two."""
     from diffusers.models.normalization import MochiRMSNorm
 
     from vkern.modules import cogvideox_attention, ltx2_attention, ltx_attention, mochi_attention
@@ -351,6 +351,7 @@ def _prologue_cases():
     whole = torch.rand(1, S, H * D)
     ltx_rope = (whole.cos(), whole.sin())
     split = torch.rand(1, H, S, D // 2)
+    split24 = torch.rand(1, H, S, 12)  # (head dim 24)
     mochi = (mochi_attention.fused_norm_rope, mochi_ref.norm_rope)
     ltx = (ltx_attention.fused_norm_rope, ltx_ref.norm_rope)
     ltx2 = (ltx2_attention.fused_ltx2_norm_rope, ltx2_ref.norm_rope)
@@ -366,7 +367,9 @@ def _prologue_cases():
             "ltx-no-weight": (*ltx, (x, torch.nn.RMSNorm(H * D, 1e-6, elementwise_affine=False), H, ltx_rope)),
             "ltx-no-eps": (*ltx, (x, torch.nn.RMSNorm(H * D), H, ltx_rope)),
             "ltx-2d-tables": (*ltx, (x, torch.nn.RMSNorm(H * D, 1e-6), H, tuple(t[0] for t in ltx_rope))),
-            "ltx2-split": (*ltx2, (x, torch.nn.RMSNorm(H * D, 1e-6), H, (split.cos(), split.sin()), "split"))}
+            "ltx2-split-no-eps": (*ltx2, (x, torch.nn.RMSNorm(H * D), H, (split.cos(), split.sin()), "split")),
+            "ltx2-split-head-dim-24": (*ltx2, (x[..., :H * 24], torch.nn.RMSNorm(H * 24, 1e-6), H,
+                                               (split24.cos(), split24.sin()), "split"))}
 
 
 @pytest.mark.parametrize("case", list(_prologue_cases()))
