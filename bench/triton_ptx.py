@@ -35,8 +35,9 @@ def ptx_memory_ops(ptx):
 
 def qk_norm_rope_ptx(heads, head_dim=128, form="per_pair"):
     """(num_warps, PTX) of the QK prologue (RMSNorm across heads) with `form`'s fp32 tables, as a launch at a real
-    shape specializes it: "per_pair" (Wan's: one row shared by the heads) or "per_element" (LTX's: a row per head,
-    over the whole inner dim). The table's last stride is 1, which Triton makes a constexpr at run time."""
+    shape specializes it: "per_pair" (Wan's: one row shared by the heads), or a row per head: "per_element" (LTX's,
+    over the whole inner dim), "pairs" (Mochi's) or "split" (LTX-2's). The table's last stride is 1, which Triton
+    makes a constexpr at run time."""
     from vkern.triton.qk_norm_rope import ROPE_FORMS, _qk_norm_rope_kernel
 
     # (the kernel's parameters in order: ASTSource matches the signature to them by position)
@@ -47,7 +48,7 @@ def qk_norm_rope_ptx(heads, head_dim=128, form="per_pair"):
            "q_inv": "fp32"}
     consts = {"HEAD_DIM": head_dim, "HAS_ROPE": True, "NORM": True, "PER_HEAD": False, "QUANT": 0,
               "BLOCK_H": triton.next_power_of_2(heads), "BLOCK_D": triton.next_power_of_2(head_dim),
-              "EMULATE_RNE": False, "ROPE_FORM": ROPE_FORMS.index(form), "TABLE_PER_HEAD": form == "per_element",
+              "EMULATE_RNE": False, "ROPE_FORM": ROPE_FORMS.index(form), "TABLE_PER_HEAD": form != "per_pair",
               "LAYER_NORM": False, "stride_fd": 1}
     warps = max(1, min(8, consts["BLOCK_H"] * consts["BLOCK_D"] // 512))  # (as the launch picks them)
     # (stride_fb: 0 for tables shared by the batch; stride_fh: head_dim, or 0 when shared by the heads)
@@ -63,7 +64,8 @@ def loads_before_first_barrier(ptx):
 
 
 def main():
-    for heads, head_dim, form in ((12, 128, "per_pair"), (40, 128, "per_pair"), (32, 64, "per_element")):
+    for heads, head_dim, form in ((12, 128, "per_pair"), (40, 128, "per_pair"), (32, 64, "per_element"),
+                                  (32, 128, "per_element"), (32, 128, "split")):
         warps, ptx = qk_norm_rope_ptx(heads, head_dim, form)
         print(f"qk_norm_rope {form} heads={heads} D={head_dim} warps={warps}:", dict(ptx_memory_ops(ptx)),
               "global loads before the first barrier / all: %d / %d" % loads_before_first_barrier(ptx))

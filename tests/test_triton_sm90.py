@@ -42,6 +42,7 @@ def _launch_each_kernel():
         ops.qk_norm_rope(x, torch.randn(H * D, dtype=BF16), 1e-6, H, *per_head, rope_tables="per_element")
         pairs = tuple(t[..., ::2].expand(1, S, H, D // 2).contiguous() for t in tables)  # (Mochi's)
         ops.qk_norm_rope(x, torch.randn(D, dtype=BF16), 1e-6, H, *pairs, rope_tables="pairs")
+        ops.qk_norm_rope(x, torch.randn(H * D, dtype=BF16), 1e-6, H, *pairs, rope_tables="split")  # (LTX-2's)
         ops.qk_norm_rope(x, torch.randn(D, dtype=BF16), 1e-6, H, *tables, rope_tables="per_element", norm="layer",
                          bias=torch.randn(D, dtype=BF16))  # (CogVideoX's)
         for quant in ("e4m3", "int8"):
@@ -117,12 +118,13 @@ def test_the_check_catches_what_only_the_interpreter_takes(tmp_path):
 
 
 @pytest.mark.parametrize("heads, head_dim, form", [(12, 128, "per_pair"), (40, 128, "per_pair"),
-                                                    (32, 64, "per_element")])
+                                                    (32, 64, "per_element"), (32, 128, "split")])
 def test_prologue_moves_16_byte_vectors_in_one_round_trip(heads, head_dim, form):
-    """The QK prologue in Wan's form and in LTX-Video's (a fp32 table row per head, 4x the bytes of q), compiled for
-    sm_90 as a real launch specializes it: q/k rows loaded and stored as 16-byte vectors, no 2-byte accesses (what
-    its 2.7-3.0 TB/s on the H200 rests on), LTX's table rows as 16-byte vectors too, and every global load issued
-    before the first barrier (the norm's cross-warp reduction), so that a program waits on memory once."""
+    """The QK prologue in Wan's form, in LTX-Video's (a fp32 table row per head, 4x the bytes of q) and in LTX-2's
+    split form (a fp32 row of D / 2 per head), compiled for sm_90 as a real launch specializes it: q/k rows loaded
+    and stored as 16-byte vectors, no 2-byte accesses (what its 2.7-3.0 TB/s on the H200 rests on), the table rows
+    as 16-byte vectors too, and every global load issued before the first barrier (the norm's cross-warp
+    reduction), so that a program waits on memory once."""
     code = ("import json; from bench.triton_ptx import qk_norm_rope_ptx, ptx_memory_ops, loads_before_first_barrier;"
             f"ptx = qk_norm_rope_ptx({heads}, {head_dim}, {form!r})[1];"
             "print(json.dumps([ptx_memory_ops(ptx), loads_before_first_barrier(ptx)]))")
@@ -134,4 +136,6 @@ def test_prologue_moves_16_byte_vectors_in_one_round_trip(heads, head_dim, form)
     assert not any(op.endswith(".b16") for op in ops), ops
     if form == "per_element":  # x, weight, cos, sin: 2 x 16 B each per thread at 32 x 64 over 4 warps
         assert ops == {"ld.global.v4.b32": 12, "st.global.v4.b32": 2}, ops
+    if form == "split":  # x, weight, cos, sin: 2 x 16 B each per thread at 32 x 128 over 8 warps
+        assert ops == {"ld.global.v4.b32": 8, "st.global.v4.b32": 2}, ops
     assert early == loads > 0, (early, loads)
