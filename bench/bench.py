@@ -436,7 +436,8 @@ SKYREELS_DF = {"540p": (25, 34 * 60, 5), "tiny": (4, 6, 2)}  # (latent frames, t
 
 
 def _ltx2_attention_module(res):
-    """An LTX-2 block's video self-attention (attn1) at `res` and its call: RoPE tables over the whole inner dim."""
+    """An LTX-2 block's video self-attention (attn1) at `res` and its call, with the released checkpoints' split
+    RoPE: diffusers' (cos, sin) tables [1, heads, tokens, head_dim / 2] (fp32 views of [1, tokens, heads, D / 2])."""
     from diffusers.models.transformers.transformer_ltx2 import LTX2Attention, LTX2AudioVideoAttnProcessor
 
     from vkern import models
@@ -445,9 +446,9 @@ def _ltx2_attention_module(res):
     heads, head_dim = 32, 128
     (frames, height, width), _ = models.LTX2_LATENTS[res]
     tokens, dim = frames * height * width, heads * head_dim
-    attn = LTX2Attention(dim, heads=heads, kv_heads=heads, dim_head=head_dim)
-    angles = torch.randn(1, tokens, dim // 2).repeat_interleave(2, -1)
-    rope = (angles.cos(), angles.sin())
+    attn = LTX2Attention(dim, heads=heads, kv_heads=heads, dim_head=head_dim, rope_type="split")
+    angles = torch.randn(1, tokens, heads, head_dim // 2)
+    rope = (angles.cos().transpose(1, 2), angles.sin().transpose(1, 2))
     x = torch.randn(1, tokens, dim, dtype=DT)
     return (attn, lambda: (attn(x, query_rotary_emb=rope),), LTX2AudioVideoAttnProcessor, VkernLTX2AttnProcessor,
             dict(heads=heads, head_dim=head_dim, tokens=tokens), FAMILY_ANCHORS, FAMILY_MODES[head_dim])
@@ -537,17 +538,19 @@ CHUNK = 4096  # -chunked: FFN and attention token chunks
 
 def vkern_config(provider, allowed_suffixes=()):
     """The PatchConfig of a step provider
-    vkern[-fp8-storage|-fp8-compute][-chunked][-diffusers-blocks|-fused-blocks][suffix][-attn-<mode>]
+    vkern[-fp8-storage|-fp8-compute][-chunked][-diffusers-blocks|-fused-blocks][-unfused-prologue][suffix][-attn-<mode>]
     (-chunked: FFN and attention queries in CHUNK-token chunks; -diffusers-blocks: fused_block=False, the blocks'
     glue as diffusers runs it; -fused-blocks: fused_block=True, for a family where it is not the default; neither:
-    each family's default); returns (config, the suffixes present)."""
+    each family's default; -unfused-prologue: fused_qk_norm_rope=False, q/k norm and RoPE by diffusers' ops);
+    returns (config, the suffixes present)."""
     import vkern
 
     rest, _, attention = provider.partition("-attn-")
     fp8 = next((m for m in ("storage", "compute") if f"-fp8-{m}" in rest), None)
     chunk = CHUNK if "-chunked" in rest else None
     fused_block = False if "-diffusers-blocks" in rest else True if "-fused-blocks" in rest else None
-    rest = rest.replace("-diffusers-blocks", "").replace("-fused-blocks", "")
+    fused_prologue = "-unfused-prologue" not in rest
+    rest = rest.replace("-diffusers-blocks", "").replace("-fused-blocks", "").replace("-unfused-prologue", "")
     suffixes = [x for x in allowed_suffixes if x in rest]
     base = rest.replace(f"-fp8-{fp8}", "").replace("-chunked", "")
     for x in suffixes:
@@ -555,7 +558,8 @@ def vkern_config(provider, allowed_suffixes=()):
     if base != "vkern":
         raise SystemExit(f"--providers: unknown {provider!r}")
     return vkern.PatchConfig(fp8=fp8, fp8_keep_original="drop", ffn_chunk_size=chunk, attention_chunk_size=chunk,
-                             attention=attention or "auto", fused_block=fused_block), suffixes
+                             attention=attention or "auto", fused_block=fused_block,
+                             fused_qk_norm_rope=fused_prologue), suffixes
 
 
 def _step_models():

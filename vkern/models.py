@@ -370,13 +370,14 @@ def skyreels_transformer_inputs(model, res, dtype, device, batch=1, diffusion_fo
     return inputs
 
 
-# LTX-2 (diffusers LTX2VideoTransformer3DModel, audio and video): "19b" is diffusers' default config, LTX-2.0's (48
-# blocks; video 32 heads x 128, audio 32 x 64).
+# LTX-2 (diffusers LTX2VideoTransformer3DModel, audio and video): "19b" is the released LTX-2.0's config (48 blocks;
+# video 32 heads x 128, audio 32 x 64): diffusers' default but for rope_type "split", which every released checkpoint
+# (2.0, 2.3, 2.5) uses (diffusers' scripts/convert_ltx2_to_diffusers.py); before session 44 it was "interleaved".
 LTX2_TRANSFORMERS = {
     "tiny": dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32, cross_attention_dim=64,
                  audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=16,
                  audio_cross_attention_dim=32, num_layers=2, caption_channels=32),
-    "19b": dict(),
+    "19b": dict(rope_type="split"),
 }
 # latent (frames, height, width) of the video (the VAE compresses 8x in time and 32x in space: 512p is 768x512 at
 # 121 frames) and the audio's latent frames (25 per second: 5.04 s)
