@@ -218,41 +218,50 @@ def _qk_norm_rope(name, providers, args):
 
 
 def _ltx_prologue_setup(family, res):
-    """(x, norm, heads, tables) of an LTX-Video / LTX-2 block's query prologue at `res`: the projection [1, S, H * D],
-    the model's own norm_q, and fp32 (cos, sin) tables over the whole inner dim, as the attention-module rows."""
+    """(x, norm, heads, tables, diffusers_step, vkern_step) of an LTX-Video / LTX-2 block's query prologue at `res`:
+    the projection [1, S, H * D], the model's own norm_q, fp32 (cos, sin) tables in the form the released checkpoints
+    use (LTX-Video: diffusers' apply_rotary_emb over the whole inner dim; LTX-2: the split RoPE, [1, H, S, D / 2]
+    views, as the attention-module rows), and the two ways to run it (each step(x, norm, heads, tables))."""
     from diffusers.models.transformers.transformer_ltx import LTXAttention
     from diffusers.models.transformers.transformer_ltx2 import LTX2Attention
 
     from vkern import models
+    from vkern.modules.ltx2_attention import fused_ltx2_norm_rope
+    from vkern.modules.ltx_attention import fused_norm_rope
+    from vkern.reference import ltx2_attention, ltx_attention
 
     if family == "ltx":
         heads, head_dim, (frames, height, width) = 32, 64, models.LTX_LATENTS[res]
-        attn_class, angles_width = LTXAttention, heads * head_dim
+        attn_class, steps = LTXAttention, (ltx_attention.norm_rope, fused_norm_rope)
     else:
         heads, head_dim, ((frames, height, width), _) = 32, 128, models.LTX2_LATENTS[res]
-        attn_class, angles_width = LTX2Attention, heads * head_dim // 2  # (interleaved: each angle twice)
+        attn_class = LTX2Attention
+        steps = tuple(functools.partial(f, rope_type="split") for f in (ltx2_attention.norm_rope, fused_ltx2_norm_rope))
     tokens, dim = frames * height * width, heads * head_dim
     norm = attn_class(dim, heads=heads, kv_heads=heads, dim_head=head_dim).norm_q.to(DEVICE, DT).requires_grad_(False)
     norm.weight.copy_(1 + 0.1 * torch.randn(dim))  # (a trained weight, not the init's ones)
-    angles = torch.randn(1, tokens, angles_width, device=DEVICE).repeat_interleave(dim // angles_width, -1)
+    if family == "ltx":
+        angles = torch.randn(1, tokens, dim, device=DEVICE)
+        tables = (angles.cos(), angles.sin())
+    else:
+        angles = torch.randn(1, tokens, heads, head_dim // 2, device=DEVICE)
+        tables = (angles.cos().transpose(1, 2), angles.sin().transpose(1, 2))
     x = torch.randn(1, tokens, dim, device=DEVICE, dtype=DT)
-    return x, norm, heads, (angles.cos(), angles.sin())
+    return (x, norm, heads, tables, *steps)
 
 
-# shape -> (family, resolution): the LTX families' q prologue (RMSNorm across heads, RoPE over the whole inner dim)
+# shape -> (family, resolution): the LTX families' q prologue (RMSNorm across heads, then RoPE: LTX-Video's over the
+# whole inner dim, LTX-2's split)
 FAMILY_PROLOGUES = {"ltx-512p": ("ltx", "512p"), "ltx2-512p": ("ltx2", "512p")}
 
 
 def _family_prologue(name, providers, args, setup=None):
-    """One q prologue of an LTX-Video / LTX-2 attention: diffusers' ops (its norm, then apply_rotary_emb) vs vkern's
-    one kernel pass (rope_tables="per_element", a table row per head); gbps over the bytes it must move (the bf16 row
-    in and out, the fp32 cos and sin rows in)."""
-    from vkern.modules.ltx_attention import fused_norm_rope
-    from vkern.reference.ltx_attention import norm_rope
-
-    x, norm, heads, tables = _ltx_prologue_setup(*(setup or FAMILY_PROLOGUES[name]))
-    fns = {"diffusers": lambda: norm_rope(x, norm, heads, tables),
-           "vkern": lambda: fused_norm_rope(x, norm, heads, tables)}
+    """One q prologue of an LTX-Video / LTX-2 attention: diffusers' ops (its norm, then its RoPE) vs vkern's one kernel
+    pass (rope_tables "per_element", a table row per head, or LTX-2's "split"); gbps over the bytes it must move (the
+    bf16 row in and out, the fp32 cos and sin tables in)."""
+    x, norm, heads, tables, diffusers_step, vkern_step = _ltx_prologue_setup(*(setup or FAMILY_PROLOGUES[name]))
+    fns = {"diffusers": lambda: diffusers_step(x, norm, heads, tables),
+           "vkern": lambda: vkern_step(x, norm, heads, tables)}
     min_bytes = x.numel() * (2 + 2) + 2 * tables[0].numel() * 4
     want = fns["diffusers"]()
     for provider in providers or list(fns):
