@@ -19,8 +19,8 @@ from .tolerance import assert_within_torch_error, rel_l2
 D128 = dict(attention_head_dim=128, audio_attention_head_dim=64)  # the released head dims: the CUDA paths on a GPU
 # config changes -> the extra forward arguments they take
 FORMS = {
-    "ltx2.0": ({}, {}),
-    "split-rope-gated": (dict(rope_type="split", gated_attn=True, audio_gated_attn=True), {}),
+    "ltx2.0": ({}, {}),  # (the tiny config's RoPE is the released checkpoints' split form)
+    "interleaved-rope-gated": (dict(rope_type="interleaved", gated_attn=True, audio_gated_attn=True), {}),
     "ltx2.3-prompt-modulation": (dict(cross_attn_mod=True, audio_cross_attn_mod=True), dict(sigma=torch.tensor([0.5]))),
     "stg-half-batch": (dict(perturbed_attn=True), dict(spatio_temporal_guidance_blocks=[1],
                                                        perturbation_mask=torch.tensor([0.0, 1.0]))),
@@ -112,7 +112,7 @@ def test_split_rope_is_one_kernel_pass_per_q_and_k(monkeypatch, device):
     passes = []
     kernel = ops.qk_norm_rope
     monkeypatch.setattr(ops, "qk_norm_rope", lambda *a, **k: passes.append(k.get("rope_tables")) or kernel(*a, **k))
-    form = "split-rope-gated"
+    form = "ltx2.0"
     model32 = build(torch.float32, device, **FORMS[form][0], **D128)
     model16 = build(torch.bfloat16, device, **FORMS[form][0], **D128)
     x = inputs(model32, torch.float32, form, device)

@@ -376,8 +376,8 @@ def skyreels_transformer_inputs(model, res, dtype, device, batch=1, diffusion_fo
 LTX2_TRANSFORMERS = {
     "tiny": dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32, cross_attention_dim=64,
                  audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=16,
-                 audio_cross_attention_dim=32, num_layers=2, caption_channels=32),
-    "19b": dict(rope_type="split"),
+                 audio_cross_attention_dim=32, num_layers=2, caption_channels=32, rope_type="split"),
+    "19b": dict(rope_type="split"),  # (and "tiny" too, so the family tests run the released form)
 }
 # latent (frames, height, width) of the video (the VAE compresses 8x in time and 32x in space: 512p is 768x512 at
 # 121 frames) and the audio's latent frames (25 per second: 5.04 s)
