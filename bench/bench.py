@@ -185,6 +185,11 @@ def _attention(name, providers, args):
         yield row
 
 
+# --op qk-norm-rope runs Wan's form of the prologue (its norm across heads, its RoPE tables): Wan's shapes only (the
+# other families' forms: --op family-prologue and the attention-module rows)
+WAN_PROLOGUE_SHAPES = {name: s for name, s in shapes.ATTENTION.items() if name.startswith("wan")}
+
+
 def _qk_norm_rope(name, providers, args):
     import vkern.ops
     from vkern.reference import attention as ref
@@ -997,7 +1002,7 @@ def _wan_self_attention(name, providers, args):
 
 OPS = {"attention": (_attention, shapes.ATTENTION), "wan-self-attn": (_wan_self_attention, shapes.ATTENTION),
        "attn-module": (_attention_module, ATTENTION_MODULES),
-       "qk-norm-rope": (_qk_norm_rope, shapes.ATTENTION), "family-prologue": (_family_prologue, FAMILY_PROLOGUES),
+       "qk-norm-rope": (_qk_norm_rope, WAN_PROLOGUE_SHAPES), "family-prologue": (_family_prologue, FAMILY_PROLOGUES),
        "gemm": (_gemm, GEMM_SHAPES),
        "fp8-quantize": (_fp8_quantize, FP8_SHAPES), "step": (_step, shapes.STEPS),
        "vae-decode": (_vae_decode, shapes.VAE), "vae-encode": (_vae_encode, shapes.VAE),
