@@ -79,8 +79,8 @@ def test_every_step_shape_names_a_step_model():
 
 
 @pytest.mark.parametrize("family", ["wan-vace", "framepack"])
-def test_step_models_without_a_step_row_before_run_at_tiny_size(family):
-    """The step shapes added for Wan VACE and FramePack: the tiny builder and inputs run through diffusers' model and
+def test_vace_and_framepack_step_models_run_at_tiny_size(family):
+    """The step shapes of Wan VACE and FramePack: the tiny builder and inputs run through diffusers' model and
     the patched one (vkern's defaults: fused glue, vkern's attention), and the two agree within bf16 rounding."""
     import vkern
 
