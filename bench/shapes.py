@@ -35,12 +35,14 @@ ATTENTION = {
 # 126 audio tokens; the prompt's 1024 by cross-attention); wan-vace14b-480p: Wan-14B 480p plus VACE's 8 blocks and
 # their 96-channel control latents; framepack13b-720p: one step of a FramePack section at the pipeline's defaults
 # (32400 video tokens + 9080 history tokens; 256 text, 200 real, + 729 SigLIP image tokens;
-# vkern.models.FRAMEPACK_LATENTS).
+# vkern.models.FRAMEPACK_LATENTS); wan22-ti2v5b-720p: Wan 2.2 TI2V-5B's default 121 frames at 1280x704 (31 x 22 x 40 =
+# 27280 tokens, a timestep per token).
 STEPS = {"wan1.3b-480p": ("wan", "1.3b", "480p"), "wan14b-480p": ("wan", "14b", "480p"),
          "wan14b-720p": ("wan", "14b", "720p"), "hunyuan13b-720p-33f": ("hunyuan", "13b", "720p-33f"),
          "cogvideox5b-480p": ("cogvideox", "5b", "480p"), "ltx2b-512p": ("ltx", "2b", "512p"),
          "mochi10b-480p": ("mochi", "10b", "480p"), "hunyuan15-8b-480p": ("hunyuan15", "8b", "480p"),
          "ltx2-19b-512p": ("ltx2", "19b", "512p"), "skyreels14b-480p": ("skyreels", "14b", "480p"),
          "skyreels14b-480p-df": ("skyreels-df", "14b", "480p"),  # -df: diffusion forcing (a timestep per frame)
-         "wan-vace14b-480p": ("wan-vace", "14b", "480p"), "framepack13b-720p": ("framepack", "13b", "720p")}
+         "wan-vace14b-480p": ("wan-vace", "14b", "480p"), "framepack13b-720p": ("framepack", "13b", "720p"),
+         "wan22-ti2v5b-720p": ("wan22-ti2v", "5b", "720p")}
 VAE = {"wan-vae-480p": "480p", "wan-vae-720p": "720p"}

@@ -78,10 +78,11 @@ def test_every_step_shape_names_a_step_model():
         assert torch.isfinite(model(**x).sample).all()
 
 
-@pytest.mark.parametrize("family", ["wan-vace", "framepack"])
-def test_vace_and_framepack_step_models_run_at_tiny_size(family):
-    """The step shapes of Wan VACE and FramePack: the tiny builder and inputs run through diffusers' model and
-    the patched one (vkern's defaults: fused glue, vkern's attention), and the two agree within bf16 rounding."""
+@pytest.mark.parametrize("family", ["wan-vace", "framepack", "wan22-ti2v"])
+def test_vace_framepack_and_ti2v_step_models_run_at_tiny_size(family):
+    """The step shapes of Wan VACE, FramePack and Wan 2.2 TI2V (a timestep per token): the tiny builder and inputs
+    run through diffusers' model and the patched one (vkern's defaults: fused glue, vkern's attention), and the two
+    agree within bf16 rounding."""
     import vkern
 
     build, make_inputs = bench._step_models()[family]

@@ -120,6 +120,35 @@ def transformer_inputs(model, res, dtype, device, batch=1):
     )
 
 
+# Wan 2.2 TI2V-5B (diffusers WanTransformer3DModel): 24 heads x 128, 30 layers, 48-channel latents of the Wan 2.2 VAE
+# (4x in time, 16x in space); WanPipeline(expand_timesteps=True) hands it one timestep per token.
+WAN22_TI2V_TRANSFORMERS = {
+    "tiny": dict(WAN_TRANSFORMERS["tiny"], in_channels=48, out_channels=48),
+    "5b": dict(num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48, text_dim=4096,
+               freq_dim=256, ffn_dim=14336, num_layers=30),
+}
+# latent (frames, height, width): 720p is the model's default 1280x704 at 121 frames (31 x 44 x 80; 27280 tokens)
+WAN22_TI2V_LATENTS = {"tiny": (3, 4, 4), "720p": (31, 44, 80)}
+
+
+def build_wan22_ti2v_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
+    return _build("WanTransformer3DModel", {**WAN22_TI2V_TRANSFORMERS[size], **overrides}, dtype, device)
+
+
+def wan22_ti2v_transformer_inputs(model, res, dtype, device, batch=1):
+    """Inputs as WanPipeline(expand_timesteps=True) passes them in text-to-video: 48-channel latents and a timestep
+    per token (all the same; [B, frames * height / 2 * width / 2])."""
+    frames, height, width = WAN22_TI2V_LATENTS[res]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    tokens = frames * (height // 2) * (width // 2)
+    return dict(
+        hidden_states=torch.randn((batch, model.config.in_channels, frames, height, width), generator=g).to(device, dtype),
+        timestep=torch.full((batch, tokens), 500, device=device),
+        encoder_hidden_states=torch.randn((batch, TEXT_TOKENS if res != "tiny" else 16, model.config.text_dim),
+                                          generator=g).to(device, dtype),
+    )
+
+
 # HunyuanVideo (diffusers HunyuanVideoTransformer3DModel): "13b" is diffusers' default config, the released model's.
 HUNYUAN_TRANSFORMERS = {
     "tiny": dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, num_single_layers=2, num_refiner_layers=1,
