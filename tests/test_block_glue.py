@@ -256,6 +256,39 @@ def test_bad_inputs_name_the_argument(call, match):
         call()
 
 
+@pytest.mark.parametrize("good,bad,match", [
+    (lambda: ops.layernorm_modulate(X, None, None, 1.0), lambda: ops.layernorm_modulate(X, None, None, True), "^eps:"),
+    (lambda: ops.gate_residual(X.bfloat16(), X, M, native_dtypes=True),
+     lambda: ops.gate_residual_(X.bfloat16(), X, M, native_dtypes=True), "^x: the result is torch.float32"),
+    (lambda: ops.rms_gate_residual(X.bfloat16(), X, M, EPS),
+     lambda: ops.rms_gate_residual_(X.bfloat16(), X, M, EPS), "^x: the result is torch.float32"),
+    (lambda: ops.rms_gate_residual(X, X, M, 1.0), lambda: ops.rms_gate_residual(X, X, M, True), "^eps:"),
+], ids=["bool-eps", "gate-in-place", "rms-in-place", "rms-bool-eps"])
+def test_a_call_that_passed_its_checks_does_not_let_a_bad_one_through(good, bad, match):
+    """The checks are skipped for an argument signature that passed them before (the same tensors' shapes, dtypes
+    and devices, the same other arguments); a call differing only in the form (in place) or in a value's type
+    (True for 1.0) is another signature and still fails, every time."""
+    good(), good()
+    for _ in range(2):
+        with pytest.raises((TypeError, ValueError), match=match):
+            bad()
+
+
+def test_checks_run_once_per_signature(monkeypatch):
+    """A repeated signature skips the checks (the point: ~7 us of a glue call's host time); a new shape runs them."""
+    from vkern.ops import block_glue
+
+    calls = []
+    check = block_glue._check_layernorm_modulate
+    monkeypatch.setattr(block_glue, "_check_layernorm_modulate", lambda *a: calls.append(1) or check(*a))
+    x = torch.randn(1, 3, 40)
+    for _ in range(3):
+        ops.layernorm_modulate(x, None, None, EPS)
+    assert len(calls) == 1
+    ops.layernorm_modulate(x[:, :2], None, None, EPS)
+    assert len(calls) == 2
+
+
 # --- the fused Wan block vs diffusers' WanTransformerBlock -----------------------------------------
 
 DIM, HEADS, FFN = 64, 2, 160

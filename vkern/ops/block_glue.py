@@ -18,7 +18,7 @@ import torch
 from ..reference import block_glue as ref
 from ..reference.fp8 import E4M3
 from . import _backend
-from ._checks import FLOATS, FLOATS_OR_F64, check_shape, check_tensor
+from ._checks import FLOATS, FLOATS_OR_F64, PassedChecks, check_shape, check_tensor, signature
 from ._custom_op import custom_op
 
 
@@ -63,22 +63,10 @@ def _check_modulation(name, t, x):
                          f"got {tuple(t.shape)}")
 
 
-def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table=None, scale_table=None, fp8=False,
-                       rms=False, native_dtypes=False):
-    """diffusers' (FP32LayerNorm(x.float()) * (1 + scale) + shift).type_as(x) on x [B, S, D].
+_NORM_PASSED = PassedChecks()
 
-    shift, scale: temb chunks [B|1, S|1, D] (Wan 2.1: [B, 1, D]; Wan 2.2 per-token: [B, S, D]), any
-    float dtype, or both None for a plain LayerNorm (norm2), or shift None for norm(x) * (1 + scale) (Mochi's
-    MochiRMSNormZero and MochiModulatedRMSNorm, with rms=True). shift_table, scale_table: the matching
-    scale_shift_table rows [D], added in fp32 (diffusers' table + temb.float()), or None.
-    weight, bias: the LayerNorm's affine [D] or None. Returns a contiguous tensor in x's dtype, or with
-    fp8=True that tensor quantized per token as vkern.ops.fp8_quantize(result, "row") would, in the same
-    pass: (e4m3 [B, S, D], fp32 scales [B, S, 1]), the input of fp8 compute-mode Linears.
-    rms: RMSNorm (x * rsqrt(mean(x^2) + eps), diffusers' RMSNorm) instead of LayerNorm.
-    native_dtypes: diffusers' expression in the tensors' own dtypes, each op rounded as eager PyTorch rounds
-    it (LTX-Video's blocks: RMSNorm(x) * (1 + table + temb) + (table + temb), bf16 throughout); the result
-    has the dtype eager PyTorch gives it. With rms, no weight or bias (diffusers' RMSNorm with an affine
-    weight rounds once more; LTX-Video's has none)."""
+
+def _check_layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_table, fp8, rms, native_dtypes):
     _check_x(x)
     if shift is not None and scale is None:
         raise ValueError("shift: given without scale (pass both, scale alone, or neither)")
@@ -104,10 +92,33 @@ def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table
     if rms and native_dtypes and (weight is not None or bias is not None):
         raise ValueError("weight, bias: not supported with rms=True and native_dtypes=True (diffusers' RMSNorm "
                          "rounds to the weight's dtype before applying it; only the RMSNorm without affine is fused)")
+    if fp8 and x.dtype == torch.float64:
+        raise TypeError("x: fp8=True needs a float32, float16 or bfloat16 x, got torch.float64")
+
+
+def layernorm_modulate(x, shift, scale, eps, weight=None, bias=None, shift_table=None, scale_table=None, fp8=False,
+                       rms=False, native_dtypes=False):
+    """diffusers' (FP32LayerNorm(x.float()) * (1 + scale) + shift).type_as(x) on x [B, S, D].
+
+    shift, scale: temb chunks [B|1, S|1, D] (Wan 2.1: [B, 1, D]; Wan 2.2 per-token: [B, S, D]), any
+    float dtype, or both None for a plain LayerNorm (norm2), or shift None for norm(x) * (1 + scale) (Mochi's
+    MochiRMSNormZero and MochiModulatedRMSNorm, with rms=True). shift_table, scale_table: the matching
+    scale_shift_table rows [D], added in fp32 (diffusers' table + temb.float()), or None.
+    weight, bias: the LayerNorm's affine [D] or None. Returns a contiguous tensor in x's dtype, or with
+    fp8=True that tensor quantized per token as vkern.ops.fp8_quantize(result, "row") would, in the same
+    pass: (e4m3 [B, S, D], fp32 scales [B, S, 1]), the input of fp8 compute-mode Linears.
+    rms: RMSNorm (x * rsqrt(mean(x^2) + eps), diffusers' RMSNorm) instead of LayerNorm.
+    native_dtypes: diffusers' expression in the tensors' own dtypes, each op rounded as eager PyTorch rounds
+    it (LTX-Video's blocks: RMSNorm(x) * (1 + table + temb) + (table + temb), bf16 throughout); the result
+    has the dtype eager PyTorch gives it. With rms, no weight or bias (diffusers' RMSNorm with an affine
+    weight rounds once more; LTX-Video's has none)."""
+    key = signature(x, shift, scale, eps, weight, bias, shift_table, scale_table, fp8, rms, native_dtypes)
+    if key not in _NORM_PASSED:
+        _check_layernorm_modulate(x, shift, scale, eps, weight, bias, shift_table, scale_table, fp8, rms,
+                                  native_dtypes)
+        _NORM_PASSED.add(key)
     rms, native = bool(rms), bool(native_dtypes)
     if fp8:
-        if x.dtype == torch.float64:
-            raise TypeError("x: fp8=True needs a float32, float16 or bfloat16 x, got torch.float64")
         return _layernorm_modulate_fp8(x, shift, scale, float(eps), weight, bias, shift_table, scale_table, rms,
                                        native)
     return _layernorm_modulate(x, shift, scale, float(eps), weight, bias, shift_table, scale_table, rms, native)
@@ -123,12 +134,23 @@ def gelu_tanh_fp8(h):
     return _gelu_tanh_fp8(h)
 
 
-def _check_gate_residual(x, y, gate, gate_table):
+_GATE_PASSED = PassedChecks()
+_SEEN = object()  # what _check_gate_residual returns for a signature whose checks all passed before
+
+
+def _check_gate_residual(x, y, gate, gate_table, *more):
+    """The checks every gate_residual form shares, skipped (returning _SEEN) for a signature (more: the form and its
+    other arguments) that passed every check before. Returns that signature, to record once the form's own checks
+    passed too (None: no signature, the checks run on every call)."""
+    key = signature(x, y, gate, gate_table, *more)
+    if key in _GATE_PASSED:
+        return _SEEN
     _check_x(x)
     check_tensor("y", y, dtypes=FLOATS_OR_F64, device=x.device)
     check_shape("y", y, tuple(x.shape))
     _check_modulation("gate", gate, x)
     _check_row("gate_table", gate_table, x)
+    return key
 
 
 def gate_residual(x, y, gate, gate_table=None, native_dtypes=False):
@@ -136,17 +158,21 @@ def gate_residual(x, y, gate, gate_table=None, native_dtypes=False):
     [B|1, S|1, D] (+ its scale_shift_table row gate_table [D], added in fp32). Returns a new
     contiguous tensor in x's dtype. native_dtypes: x + y * (gate_table + gate) in their own dtypes, each op
     rounded as eager PyTorch rounds it (LTX-Video), in the dtype eager PyTorch gives it."""
-    _check_gate_residual(x, y, gate, gate_table)
+    key = _check_gate_residual(x, y, gate, gate_table, "new", native_dtypes)
+    if key is not _SEEN:
+        _GATE_PASSED.add(key)
     return _gate_residual(x, y, gate, gate_table, bool(native_dtypes), None)
 
 
 def gate_residual_(x, y, gate, gate_table=None, native_dtypes=False):
     """gate_residual written into x (any strides, e.g. a token slice of the hidden states); returns x. With
     native_dtypes the result's dtype must be x's."""
-    _check_gate_residual(x, y, gate, gate_table)
-    if native_dtypes and gate_rounding(x, y, gate, gate_table, True)[2] != x.dtype:
-        raise TypeError(f"x: the result is {gate_rounding(x, y, gate, gate_table, True)[2]}, x is {x.dtype}: "
-                        "it cannot be written in place (use gate_residual)")
+    key = _check_gate_residual(x, y, gate, gate_table, "in place", native_dtypes)
+    if key is not _SEEN:
+        if native_dtypes and gate_rounding(x, y, gate, gate_table, True)[2] != x.dtype:
+            raise TypeError(f"x: the result is {gate_rounding(x, y, gate, gate_table, True)[2]}, x is {x.dtype}: "
+                            "it cannot be written in place (use gate_residual)")
+        _GATE_PASSED.add(key)
     _gate_residual_inplace(x, y, gate, gate_table, bool(native_dtypes), None)
     return x
 
@@ -160,19 +186,23 @@ def rms_gate_residual(x, y, gate, eps):
     """Mochi's residual, x + MochiModulatedRMSNorm(eps)(y, gate): x + (RMSNorm(y.float()) * gate).to(y.dtype), in
     eager PyTorch's dtypes (the sum in x and y's promoted dtype). x, y [B, S, D]; gate [B|1, S|1, D] (Mochi passes
     tanh(gate chunk)[:, None]). Returns a new contiguous tensor."""
-    _check_gate_residual(x, y, gate, None)
-    _check_eps(eps)
+    key = _check_gate_residual(x, y, gate, None, "rms new", eps)
+    if key is not _SEEN:
+        _check_eps(eps)
+        _GATE_PASSED.add(key)
     return _gate_residual(x, y, gate, None, True, float(eps))
 
 
 def rms_gate_residual_(x, y, gate, eps):
     """rms_gate_residual written into x; returns x. The result's dtype must be x's."""
-    _check_gate_residual(x, y, gate, None)
-    _check_eps(eps)
-    out_dtype = gate_rounding(x, y, gate, None, True, eps)[2]
-    if out_dtype != x.dtype:
-        raise TypeError(f"x: the result is {out_dtype}, x is {x.dtype}: it cannot be written in place "
-                        "(use rms_gate_residual)")
+    key = _check_gate_residual(x, y, gate, None, "rms in place", eps)
+    if key is not _SEEN:
+        _check_eps(eps)
+        out_dtype = gate_rounding(x, y, gate, None, True, eps)[2]
+        if out_dtype != x.dtype:
+            raise TypeError(f"x: the result is {out_dtype}, x is {x.dtype}: it cannot be written in place "
+                            "(use rms_gate_residual)")
+        _GATE_PASSED.add(key)
     _gate_residual_inplace(x, y, gate, None, True, float(eps))
     return x
 
