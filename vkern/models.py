@@ -221,11 +221,14 @@ def cogvideox_transformer_inputs(model, res, dtype, device, batch=1):
     )
 
 
-# LTX-Video (diffusers LTXVideoTransformer3DModel): "2b" is diffusers' default config, LTX-Video 0.9's.
+# LTX-Video (diffusers LTXVideoTransformer3DModel): "2b" is diffusers' default config, LTX-Video 0.9's; "13b" is
+# 0.9.7's (and 0.9.8's): 32 heads x 128, 48 layers, prompt width 4096, the rest diffusers' defaults (diffusers'
+# scripts/convert_ltx_to_diffusers.py, get_transformer_config("0.9.7")).
 LTX_TRANSFORMERS = {
     "tiny": dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=64, cross_attention_dim=128,
                  num_layers=2, caption_channels=32),
     "2b": dict(),
+    "13b": dict(attention_head_dim=128, cross_attention_dim=4096, num_layers=48),
 }
 # latent (frames, height, width): the VAE compresses 8x in time and 32x in space (512p: 704x512, 161 frames).
 LTX_LATENTS = {"tiny": (3, 4, 4), "512p": (21, 16, 22)}
