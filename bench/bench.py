@@ -583,6 +583,7 @@ def _step_models():
             "hunyuan": (models.build_hunyuan_transformer, models.hunyuan_transformer_inputs),
             "hunyuan15": (models.build_hunyuan15_transformer, models.hunyuan15_transformer_inputs),
             "cogvideox": (models.build_cogvideox_transformer, models.cogvideox_transformer_inputs),
+            "cogvideox15": (models.build_cogvideox15_transformer, models.cogvideox_transformer_inputs),
             "ltx": (models.build_ltx_transformer, models.ltx_transformer_inputs),
             "ltx2": (models.build_ltx2_transformer, models.ltx2_transformer_inputs),
             "mochi": (models.build_mochi_transformer, models.mochi_transformer_inputs),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench import bench, shapes
+from vkern import models
 
 # Within what a provider's output must agree with the first (diffusers on PyTorch's SDPA choice): 16-bit modes
 # differ from it by bf16 rounding only; the 8-bit modes by issue #3's quantization error.
@@ -78,11 +79,11 @@ def test_every_step_shape_names_a_step_model():
         assert torch.isfinite(model(**x).sample).all()
 
 
-@pytest.mark.parametrize("family", ["wan-vace", "framepack", "wan22-ti2v"])
-def test_vace_framepack_and_ti2v_step_models_run_at_tiny_size(family):
-    """The step shapes of Wan VACE, FramePack and Wan 2.2 TI2V (a timestep per token): the tiny builder and inputs
-    run through diffusers' model and the patched one (vkern's defaults: fused glue, vkern's attention), and the two
-    agree within bf16 rounding."""
+@pytest.mark.parametrize("family", ["wan-vace", "framepack", "wan22-ti2v", "cogvideox15"])
+def test_vace_framepack_ti2v_and_cogvideox15_step_models_run_at_tiny_size(family):
+    """The step shapes of Wan VACE, FramePack, Wan 2.2 TI2V (a timestep per token) and CogVideoX 1.5 (2x2x2 patches,
+    sliced RoPE): the tiny builder and inputs run through diffusers' model and the patched one (vkern's defaults:
+    fused glue, vkern's attention), and the two agree within bf16 rounding."""
     import vkern
 
     build, make_inputs = bench._step_models()[family]
@@ -94,3 +95,24 @@ def test_vace_framepack_and_ti2v_step_models_run_at_tiny_size(family):
             assert any("fused glue" in key for key in handle.summary), handle.summary
             ours = model(**x).sample.double()
     assert (ours - ours_before).norm() / ours_before.norm() < 0.02
+
+
+def test_cogvideox15_step_inputs_are_what_the_pipeline_passes():
+    """CogVideoX 1.5's step inputs against CogVideoXPipeline's own call (one step, tiny model): the latent frames
+    padded to a multiple of patch_size_t (9 frames: 3 latent frames, 4 after padding) and the same RoPE tables
+    (the "slice" grid; 1.0's resized and cropped one has the same shape but other values)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    build, make_inputs = bench._step_models()["cogvideox15"]
+    model = build("tiny", torch.float32, "cpu")
+    x = make_inputs(model, "tiny", torch.float32, "cpu")
+    vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=4, norm_num_groups=4)
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=model,
+                             scheduler=CogVideoXDDIMScheduler())
+    seen = {}
+    model.register_forward_pre_hook(lambda _, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    frames, height, width = models.COGVIDEOX_RESOLUTIONS["tiny"]
+    pipe(prompt_embeds=x["encoder_hidden_states"], num_frames=frames, height=height, width=width,
+         num_inference_steps=1, guidance_scale=1.0, output_type="latent")
+    assert x["hidden_states"].shape == seen["hidden_states"].shape == (1, 4, 4, 16, 16)
+    assert all(torch.equal(a, b) for a, b in zip(x["image_rotary_emb"], seen["image_rotary_emb"], strict=True))

@@ -190,17 +190,35 @@ COGVIDEOX_TRANSFORMERS = {
                  max_text_seq_length=8, use_rotary_positional_embeddings=True),
     "5b": dict(num_attention_heads=48, attention_head_dim=64, num_layers=42, use_rotary_positional_embeddings=True),
 }
-# (frames, height, width); latent (1 + (frames - 1) / 4, height / 8, width / 8), 2x2 patches; 226 text tokens.
-COGVIDEOX_RESOLUTIONS = {"tiny": (9, 128, 128), "480p": (49, 480, 720)}
+# CogVideoX 1.5 (THUDM/CogVideoX1.5-5B, text-to-video): CogVideoX-5B's sizes with what diffusers'
+# scripts/convert_cogvideox_to_diffusers.py --version 1.5 sets: 2x2x2 patches without bias, sample 300 x 300 (the
+# RoPE table the pipeline slices to the video's grid), 81 frames; in_channels 16, ofs_embed_dim None and no learned
+# positions (32 and 512 are the I2V model's); max_text_seq_length left at 226, the pipeline's max_sequence_length
+# (the model card's 224-token limit is SAT's text_length; without learned positions the model never reads it).
+# The tiny one's 20 x 20 sample exceeds its 8 x 8 grid (as 150 x 150 does 48 x 85), so the slice is exercised.
+COGVIDEOX15_TRANSFORMERS = {
+    "tiny": dict(COGVIDEOX_TRANSFORMERS["tiny"], patch_size_t=2, patch_bias=False, sample_width=20, sample_height=20),
+    "5b": dict(COGVIDEOX_TRANSFORMERS["5b"], patch_size_t=2, patch_bias=False, sample_width=300, sample_height=300,
+               sample_frames=81),
+}
+# (frames, height, width); latent (1 + (frames - 1) / 4, height / 8, width / 8), 2x2 patches (1.5: 2x2x2, the latent
+# frames padded to even); 226 text tokens. 768p: 1.5's 1360x768 at 81 frames (the official cli_demo's default).
+COGVIDEOX_RESOLUTIONS = {"tiny": (9, 128, 128), "480p": (49, 480, 720), "768p": (81, 768, 1360)}
 
 
 def build_cogvideox_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
     return _build("CogVideoXTransformer3DModel", {**COGVIDEOX_TRANSFORMERS[size], **overrides}, dtype, device)
 
 
+def build_cogvideox15_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
+    return _build("CogVideoXTransformer3DModel", {**COGVIDEOX15_TRANSFORMERS[size], **overrides}, dtype, device)
+
+
 def cogvideox_transformer_inputs(model, res, dtype, device, batch=1):
     """Inputs as CogVideoXPipeline passes them: latents [B, frames, C, h, w], the T5 embeddings of the prompt
-    (max_text_seq_length tokens), and the RoPE tables the pipeline computes for the grid (CogVideoX 1.0's form)."""
+    (max_text_seq_length tokens), and the RoPE tables the pipeline computes for the grid: CogVideoX 1.0's (patch_size_t
+    None: the grid resized into the sample size and cropped) or 1.5's (the latent frames padded to a multiple of
+    patch_size_t, the sample size's table sliced to the grid)."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
     from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
@@ -208,14 +226,21 @@ def cogvideox_transformer_inputs(model, res, dtype, device, batch=1):
     frames, height, width = COGVIDEOX_RESOLUTIONS[res]
     latent_frames, h, w = 1 + (frames - 1) // 4, height // 8, width // 8
     g = torch.Generator(device="cpu").manual_seed(0)
-    p = cfg.patch_size
+    p, p_t = cfg.patch_size, cfg.patch_size_t
     grid = (h // p, w // p)
-    crops = get_resize_crop_region_for_grid(grid, cfg.sample_width // p, cfg.sample_height // p)
-    rope = get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops, grid_size=grid,
-                                   temporal_size=latent_frames, device=device)
+    if p_t is None:
+        crops = get_resize_crop_region_for_grid(grid, cfg.sample_width // p, cfg.sample_height // p)
+        rope = get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops, grid_size=grid,
+                                       temporal_size=latent_frames, device=device)
+    else:
+        latent_frames += -latent_frames % p_t  # the pipeline's extra noise frames (dropped before decoding)
+        rope = get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=grid,
+                                       temporal_size=(latent_frames + p_t - 1) // p_t, grid_type="slice",
+                                       max_size=(cfg.sample_height // p, cfg.sample_width // p), device=device)
     return dict(
         hidden_states=torch.randn((batch, latent_frames, cfg.in_channels, h, w), generator=g).to(device, dtype),
-        encoder_hidden_states=torch.randn((batch, cfg.max_text_seq_length, cfg.text_embed_dim), generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn((batch, cfg.max_text_seq_length, cfg.text_embed_dim),
+                                          generator=g).to(device, dtype),
         timestep=torch.tensor([500] * batch, device=device),
         image_rotary_emb=rope,
     )
