@@ -27,7 +27,8 @@
 #     skyreelssteps: SkyReels-V2 14B 480p steps, plain and diffusion forcing (diffusers, vkern, vkern with diffusers'
 #     block glue; a call of its own);
 #     vacesteps: Wan VACE 14B 480p and FramePack 13B 720p steps (diffusers, vkern, vkern with diffusers' block glue;
-#     VKERN_VACE_SHAPES: a subset, VKERN_VACE_CAP: seconds per shape);
+#     VKERN_VACE_SHAPES: the step shapes instead, any of bench/shapes.py STEPS, e.g. "wan22-ti2v5b-720p ltx13b-512p
+#     cogvideox15-5b-768p" (session 45's rows), VKERN_VACE_CAP: seconds per shape);
 #     prologues: the QK prologue kernel alone vs diffusers' ops (Wan's shapes; LTX-Video's and LTX-2's, family-prologue)
 #     and the LTX attention modules with it fused and unfused;
 #     familyprof: the LTX-Video 2B 512p step's GPU time by kernel class and top kernels (diffusers, vkern, and vkern
