@@ -142,7 +142,8 @@ def wan22_ti2v_transformer_inputs(model, res, dtype, device, batch=1):
     g = torch.Generator(device="cpu").manual_seed(0)
     tokens = frames * (height // 2) * (width // 2)
     return dict(
-        hidden_states=torch.randn((batch, model.config.in_channels, frames, height, width), generator=g).to(device, dtype),
+        hidden_states=torch.randn((batch, model.config.in_channels, frames, height, width),
+                                  generator=g).to(device, dtype),
         timestep=torch.full((batch, tokens), 500, device=device),
         encoder_hidden_states=torch.randn((batch, TEXT_TOKENS if res != "tiny" else 16, model.config.text_dim),
                                           generator=g).to(device, dtype),

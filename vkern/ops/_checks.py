@@ -39,6 +39,7 @@ class PassedChecks:
     signature holds exactly those, so a signature that passed once passes again. The block glue is called ~24
     times a block with the same few signatures, and its checks (~7 us on a dev box, ~2.5x that on the GPU
     hosts) cost more than building and looking up the key (~2 us). A call that fails its checks is never recorded.
+    Measured: ~4 us less a call on an H100 host (run 152; a third of what the dev box's ratio promised).
     """
 
     _LIMIT = 4096  # (a process that sees ever new shapes starts over rather than growing without bound)
