@@ -79,11 +79,12 @@ def test_every_step_shape_names_a_step_model():
         assert torch.isfinite(model(**x).sample).all()
 
 
-@pytest.mark.parametrize("family", ["wan-vace", "framepack", "wan22-ti2v", "cogvideox15"])
-def test_vace_framepack_ti2v_and_cogvideox15_step_models_run_at_tiny_size(family):
-    """The step shapes of Wan VACE, FramePack, Wan 2.2 TI2V (a timestep per token) and CogVideoX 1.5 (2x2x2 patches,
-    sliced RoPE): the tiny builder and inputs run through diffusers' model and the patched one (vkern's defaults:
-    fused glue, vkern's attention), and the two agree within bf16 rounding."""
+@pytest.mark.parametrize("family", ["wan-vace", "framepack", "wan22-ti2v", "cogvideox15", "wan-animate"])
+def test_step_models_run_at_tiny_size(family):
+    """The step shapes of Wan VACE, FramePack, Wan 2.2 TI2V (a timestep per token), CogVideoX 1.5 (2x2x2 patches,
+    sliced RoPE) and Wan 2.2 Animate (pose latents, face video): the tiny builder and inputs run through diffusers'
+    model and the patched one (vkern's defaults: fused glue, vkern's attention), and the two agree within bf16
+    rounding."""
     import vkern
 
     build, make_inputs = bench._step_models()[family]
@@ -116,3 +117,47 @@ def test_cogvideox15_step_inputs_are_what_the_pipeline_passes():
          num_inference_steps=1, guidance_scale=1.0, output_type="latent")
     assert x["hidden_states"].shape == seen["hidden_states"].shape == (1, 4, 4, 16, 16)
     assert all(torch.equal(a, b) for a, b in zip(x["image_rotary_emb"], seen["image_rotary_emb"], strict=True))
+
+
+def test_wan_animate_step_inputs_are_what_the_pipeline_passes():
+    """Wan 2.2 Animate 14B's 720p step inputs against WanAnimatePipeline's own call at its default size (1280x720, a
+    77-frame segment) with a 77-frame pose and face video, on the meta device (shapes only: the 14B model, the Wan VAE
+    and a CLIP ViT-H/14-shaped vision tower cost nothing there); a hook stops the pipeline at the transformer's first
+    call. The prompt goes in as embeddings: its 512 tokens are the pipeline's default max_sequence_length."""
+    import inspect
+
+    import PIL.Image
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanAnimatePipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    build, make_inputs = bench._step_models()["wan-animate"]
+    model = build("14b", torch.bfloat16, "meta")
+    x = make_inputs(model, "720p", torch.bfloat16, "meta")
+    with torch.device("meta"):  # (the released VAE is diffusers' default, the image encoder laion's ViT-H/14; 2 layers)
+        vae = AutoencoderKLWan()
+        clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=16,
+                                                num_hidden_layers=2, image_size=224, patch_size=14))
+    pipe = WanAnimatePipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=model, image_encoder=clip,
+                              scheduler=UniPCMultistepScheduler(), image_processor=CLIPImageProcessor())
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(_, args, kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    segment, height, width = models.WAN_ANIMATE_RESOLUTIONS["720p"]
+    defaults = inspect.signature(WanAnimatePipeline.__call__).parameters
+    names = ("segment_frame_length", "height", "width", "max_sequence_length")
+    assert tuple(defaults[name].default for name in names) == (segment, height, width, models.TEXT_TOKENS)
+    frame, face = PIL.Image.new("RGB", (width, height)), PIL.Image.new("RGB", (512, 512))
+    with pytest.raises(Stop):  # (the pipeline's defaults: height, width and segment length not passed)
+        pipe(image=frame, pose_video=[frame] * segment, face_video=[face] * segment,
+             prompt_embeds=x["encoder_hidden_states"])
+    passed = {name: tuple(v.shape) for name, v in seen.items() if torch.is_tensor(v)}
+    assert passed == {name: tuple(v.shape) for name, v in x.items()}
+    assert passed["hidden_states"] == (1, 36, 21, 90, 160)  # (21 x 45 x 80 = 75600 tokens after 2x2 patches)
+    assert passed["encoder_hidden_states_image"] == (1, 257, 1280) and passed["face_pixel_values"][2:] == (77, 512, 512)

@@ -473,13 +473,24 @@ def ltx2_transformer_inputs(model, res, dtype, device, batch=1):
     )
 
 
-# Wan 2.2 Animate (diffusers WanAnimateTransformer3DModel): a tiny config for the tests.
+# Wan 2.2 Animate (diffusers WanAnimateTransformer3DModel): a tiny config for the tests and the released 14B
+# (Wan-AI/Wan2.2-Animate-14B-Diffusers; diffusers' scripts/convert_wan_to_diffusers.py, "Wan2.2-Animate-14B"): Wan-14B
+# with I2V's 36 input channels and CLIP image keys, a face motion encoder and a face adapter after every 5th block.
+# What the script leaves out is the class's default (motion_encoder_channel_sizes, motion_encoder_batch_size=8).
 WAN_ANIMATE_TRANSFORMERS = {
     "tiny": dict(WAN_TRANSFORMERS["tiny"], in_channels=None, latent_channels=4, out_channels=4, image_dim=32,
                  added_kv_proj_dim=64, motion_encoder_channel_sizes={"16": 8, "8": 8, "4": 8}, motion_encoder_size=16,
                  motion_style_dim=16, motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16,
                  face_encoder_num_heads=2, inject_face_latents_blocks=1),  # (added_kv_proj_dim: the inner dim)
+    "14b": dict(WAN_TRANSFORMERS["14b"], in_channels=36, image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024,
+                motion_encoder_size=512, motion_style_dim=512, motion_dim=20, motion_encoder_dim=512,
+                face_encoder_hidden_dim=1024, face_encoder_num_heads=4, inject_face_latents_blocks=5),
 }
+# One segment of WanAnimatePipeline: (segment frames, height, width) of the video. The transformer gets the reference
+# frame + 1 + (frames - 1) / 4 latent frames at height / 8 x width / 8, and the segment's face frames at the motion
+# encoder's size. 720p: the pipeline's defaults, 77 frames at 1280x720 (21 x 45 x 80 = 75600 tokens).
+WAN_ANIMATE_RESOLUTIONS = {"720p": (77, 720, 1280)}
+CLIP_IMAGE_TOKENS = 257  # CLIP ViT-H/14's penultimate hidden states at 224 px: 16 x 16 patches + the class token
 
 
 def build_wan_animate_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
@@ -490,21 +501,25 @@ def build_wan_animate_transformer(size, dtype=torch.bfloat16, device="cpu", **ov
 
 
 def wan_animate_transformer_inputs(model, res, dtype, device, batch=1):
-    """Inputs as WanAnimatePipeline passes them (tiny only): latents with the reference frame and the condition
-    channels, the prompt, CLIP image embeddings, pose latents of the segment's frames and the face video (its frames
-    4x the segment's latent frames, at the motion encoder's size)."""
-    if res != "tiny":
-        raise ValueError("wan_animate_transformer_inputs: only res='tiny'")
+    """Inputs as WanAnimatePipeline passes them for a step of one segment: latents with the reference frame and the
+    condition channels (2C + 4), the prompt, CLIP image embeddings, pose latents of the segment's frames and the face
+    video at the motion encoder's size (WAN_ANIMATE_RESOLUTIONS)."""
     cfg = model.config
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def randn(*shape):
         return torch.randn(shape, generator=g).to(device, dtype)
 
-    frames, h, w = 3, 4, 4  # the reference frame + 2
+    if res == "tiny":  # the reference frame + 2; 8 face frames (the pipeline's would be 5: the same 2 + 1 face tokens)
+        (frames, h, w), face_frames, text, image = (3, 4, 4), 8, 16, 5
+    else:
+        segment, height, width = WAN_ANIMATE_RESOLUTIONS[res]
+        frames, h, w, face_frames = 2 + (segment - 1) // 4, height // 8, width // 8, segment
+        text, image = TEXT_TOKENS, CLIP_IMAGE_TOKENS
     face = cfg.motion_encoder_size
     return dict(hidden_states=randn(batch, 2 * cfg.latent_channels + 4, frames, h, w),
                 timestep=torch.tensor([500] * batch, device=device),
-                encoder_hidden_states=randn(batch, 16, cfg.text_dim), encoder_hidden_states_image=randn(batch, 5, cfg.image_dim),
+                encoder_hidden_states=randn(batch, text, cfg.text_dim),
+                encoder_hidden_states_image=randn(batch, image, cfg.image_dim),
                 pose_hidden_states=randn(batch, cfg.latent_channels, frames - 1, h, w),
-                face_pixel_values=randn(batch, 3, 4 * (frames - 1), face, face))
+                face_pixel_values=randn(batch, 3, face_frames, face, face))
