@@ -48,19 +48,25 @@ class PassedChecks:
         self._seen = set()
 
     def __contains__(self, key):
-        return key is not None and key in self._seen
+        try:
+            return key is not None and key in self._seen
+        except TypeError:  # an unhashable argument (a list, say): its checks run on every call
+            return False
 
     def add(self, key):
         if key is not None:
             if len(self._seen) >= self._LIMIT:
                 self._seen.clear()
-            self._seen.add(key)
+            try:
+                self._seen.add(key)
+            except TypeError:
+                pass
 
 
 def signature(*args):
-    """(shape, dtype, device) of each tensor, (type, value) of anything else; None if an argument is unhashable.
-    The type keeps 1, 1.0 and True apart (they hash alike, and the checks reject a bool eps). None under
-    torch.compile too (tracing runs the checks every time, as before: no set for dynamo to guard on)."""
+    """(shape, dtype, device) of each tensor, (type, value) of anything else (PassedChecks never records a key with
+    an unhashable value). The type keeps 1, 1.0 and True apart (they hash alike, and the checks reject a bool eps).
+    None under torch.compile (tracing runs the checks every time, as before: no set for dynamo to guard on)."""
     if torch.compiler.is_compiling():
         return None
     key = []
@@ -69,9 +75,4 @@ def signature(*args):
             key.append((a.shape, a.dtype, a.device))
         else:
             key.append((type(a), a))
-    key = tuple(key)
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
+    return tuple(key)

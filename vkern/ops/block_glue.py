@@ -135,22 +135,14 @@ def gelu_tanh_fp8(h):
 
 
 _GATE_PASSED = PassedChecks()
-_SEEN = object()  # what _check_gate_residual returns for a signature whose checks all passed before
 
 
-def _check_gate_residual(x, y, gate, gate_table, *more):
-    """The checks every gate_residual form shares, skipped (returning _SEEN) for a signature (more: the form and its
-    other arguments) that passed every check before. Returns that signature, to record once the form's own checks
-    passed too (None: no signature, the checks run on every call)."""
-    key = signature(x, y, gate, gate_table, *more)
-    if key in _GATE_PASSED:
-        return _SEEN
+def _check_gate_residual(x, y, gate, gate_table):
     _check_x(x)
     check_tensor("y", y, dtypes=FLOATS_OR_F64, device=x.device)
     check_shape("y", y, tuple(x.shape))
     _check_modulation("gate", gate, x)
     _check_row("gate_table", gate_table, x)
-    return key
 
 
 def gate_residual(x, y, gate, gate_table=None, native_dtypes=False):
@@ -158,8 +150,9 @@ def gate_residual(x, y, gate, gate_table=None, native_dtypes=False):
     [B|1, S|1, D] (+ its scale_shift_table row gate_table [D], added in fp32). Returns a new
     contiguous tensor in x's dtype. native_dtypes: x + y * (gate_table + gate) in their own dtypes, each op
     rounded as eager PyTorch rounds it (LTX-Video), in the dtype eager PyTorch gives it."""
-    key = _check_gate_residual(x, y, gate, gate_table, "new", native_dtypes)
-    if key is not _SEEN:
+    key = signature(x, y, gate, gate_table, "new", native_dtypes)  # (each form its own signature: its own checks)
+    if key not in _GATE_PASSED:
+        _check_gate_residual(x, y, gate, gate_table)
         _GATE_PASSED.add(key)
     return _gate_residual(x, y, gate, gate_table, bool(native_dtypes), None)
 
@@ -167,8 +160,9 @@ def gate_residual(x, y, gate, gate_table=None, native_dtypes=False):
 def gate_residual_(x, y, gate, gate_table=None, native_dtypes=False):
     """gate_residual written into x (any strides, e.g. a token slice of the hidden states); returns x. With
     native_dtypes the result's dtype must be x's."""
-    key = _check_gate_residual(x, y, gate, gate_table, "in place", native_dtypes)
-    if key is not _SEEN:
+    key = signature(x, y, gate, gate_table, "in place", native_dtypes)
+    if key not in _GATE_PASSED:
+        _check_gate_residual(x, y, gate, gate_table)
         if native_dtypes and gate_rounding(x, y, gate, gate_table, True)[2] != x.dtype:
             raise TypeError(f"x: the result is {gate_rounding(x, y, gate, gate_table, True)[2]}, x is {x.dtype}: "
                             "it cannot be written in place (use gate_residual)")
@@ -186,8 +180,9 @@ def rms_gate_residual(x, y, gate, eps):
     """Mochi's residual, x + MochiModulatedRMSNorm(eps)(y, gate): x + (RMSNorm(y.float()) * gate).to(y.dtype), in
     eager PyTorch's dtypes (the sum in x and y's promoted dtype). x, y [B, S, D]; gate [B|1, S|1, D] (Mochi passes
     tanh(gate chunk)[:, None]). Returns a new contiguous tensor."""
-    key = _check_gate_residual(x, y, gate, None, "rms new", eps)
-    if key is not _SEEN:
+    key = signature(x, y, gate, None, "rms new", eps)
+    if key not in _GATE_PASSED:
+        _check_gate_residual(x, y, gate, None)
         _check_eps(eps)
         _GATE_PASSED.add(key)
     return _gate_residual(x, y, gate, None, True, float(eps))
@@ -195,8 +190,9 @@ def rms_gate_residual(x, y, gate, eps):
 
 def rms_gate_residual_(x, y, gate, eps):
     """rms_gate_residual written into x; returns x. The result's dtype must be x's."""
-    key = _check_gate_residual(x, y, gate, None, "rms in place", eps)
-    if key is not _SEEN:
+    key = signature(x, y, gate, None, "rms in place", eps)
+    if key not in _GATE_PASSED:
+        _check_gate_residual(x, y, gate, None)
         _check_eps(eps)
         out_dtype = gate_rounding(x, y, gate, None, True, eps)[2]
         if out_dtype != x.dtype:
