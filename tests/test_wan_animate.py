@@ -81,3 +81,17 @@ def test_fp8_meets_the_readme_floors(fp8, floor):
     def check(model, handle):
         assert any(type(m).__name__ == "Fp8Linear" for m in model.blocks.modules())
     assert fp8_cosine(model, x, fp8, check) >= floor
+
+
+def test_filter_fn_keeps_the_face_modules_in_bf16_and_the_default_skip_list():
+    """The README's recipe for Animate's fp8 error: filter_fn leaves face_* alone, the blocks' Linears still go to fp8
+    and diffusers' skip list still holds (condition_embedder, proj_out stay nn.Linear)."""
+    from vkern.modules.fp8_linear import Fp8Linear
+
+    model = build(torch.bfloat16)
+    vkern.patch(model, vkern.PatchConfig(fp8="storage", filter_fn=lambda m, fqn: not fqn.startswith("face_")))
+    fp8 = [n for n, m in model.named_modules() if isinstance(m, Fp8Linear)]
+    linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert fp8 and all(n.startswith("blocks.") for n in fp8)
+    assert any(n.startswith("face_adapter.") for n in linears) and any(n.startswith("face_encoder.") for n in linears)
+    assert "proj_out" in linears and any(n.startswith("condition_embedder.") for n in linears)
