@@ -1,5 +1,5 @@
-"""vkern.patch(model, PatchConfig(sp=SPConfig(...))): the Wan transformer run sequence-parallel on 2
-and 4 gloo ranks against the same model unpatched in one process.
+"""vkern.patch(model, PatchConfig(sp=SPConfig(...))): the Wan transformer (and Wan Animate's, animate-fp32) run
+sequence-parallel on 2 and 4 gloo ranks against the same model unpatched in one process.
 
 The ranks come from tests/sp_harness.py (one fork-server spawn per world size, every rank runs
 every case, each test reads its case's verdict). Models: "tiny" (2 heads,
@@ -30,7 +30,10 @@ MODELS = {  # name: (heads, latent shapes [B, C, F, H, W] run one after the othe
     "odd": (3, [(2, 16, 3, 6, 10), (1, 16, 1, 2, 6)]),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MATCH_CASES = [f"match-{m}-{d}" for m in MODELS for d in DTYPES] + ["ti2v-odd-fp32", "undo-tiny"]
+MATCH_CASES = [f"match-{m}-{d}" for m in MODELS for d in DTYPES] + ["ti2v-odd-fp32", "undo-tiny", "animate-fp32"]
+# Wan Animate (tiny: 3 latent frames, so 3 motion frames): 12 tokens (4 a frame), then 45 (15 a frame) at B = 2, so
+# ranks' slices start and end inside frames and, at 45 tokens, end in padding.
+ANIMATE_SHAPES = [(1, 3, 4, 4), (2, 3, 6, 10)]  # [B, F, H, W]
 # SPConfig variants, each run like match-*: name -> (model, dtype, SPConfig kwargs). ring_degree
 # "world" means every rank is its own ring position (pure ring); 2 on 4 ranks is Ulysses x ring.
 VARIANTS = {
@@ -241,6 +244,50 @@ def _zero_copy_case(name, dt, fused, fp8, sp):
                                      f"{mine:.3g}, more than 2x the unpatched model's {torch_own:.3g}?")
 
 
+def _animate_inputs(shape, device, seed=1):
+    from vkern import models
+
+    B, F, H, W = shape
+    g = torch.Generator().manual_seed(seed)
+    cfg = models.WAN_ANIMATE_TRANSFORMERS["tiny"]
+    face = cfg["motion_encoder_size"]
+    randn = lambda *size: torch.randn(size, generator=g).to(device)  # noqa: E731
+    return dict(hidden_states=randn(B, 2 * cfg["latent_channels"] + 4, F, H, W), timestep=torch.tensor([500] * B, device=device),
+                encoder_hidden_states=randn(B, 16, cfg["text_dim"]), encoder_hidden_states_image=randn(B, 5, 32),
+                pose_hidden_states=randn(B, cfg["latent_channels"], F - 1, H, W),
+                face_pixel_values=randn(B, 3, 4 * (F - 1), face, face))  # 4 face frames a latent frame
+
+
+def _animate_case(sp):
+    """Wan Animate sequence-parallel (default PatchConfig, fp32) against the unpatched model: every face adapter
+    runs on this rank's tokens per frame (a wrong frame for a token is an O(1) error); ranks given different face
+    videos are refused before any exchange; undo() gives diffusers' processors back."""
+    from diffusers.models.transformers import transformer_wan_animate as animate
+
+    from vkern import models
+
+    torch.manual_seed(0)
+    model = models.build_wan_animate_transformer("tiny", torch.float32, sp.device)
+    inputs = [_animate_inputs(shape, sp.device) for shape in ANIMATE_SHAPES]
+    want = [_forward(model, i) for i in inputs]
+    handle = _patch(model, sp)
+    for shape, inp, w in zip(ANIMATE_SHAPES, inputs, want):
+        got = _forward(model, inp)
+        if got.shape != w.shape or rel_l2(got.cpu(), w.cpu()) > 1e-5:
+            raise AssertionError(f"Animate {shape}: output {tuple(got.shape)} (want {tuple(w.shape)}), rel L2 "
+                                 f"{rel_l2(got.cpu(), w.cpu()) if got.shape == w.shape else None} vs unpatched > 1e-5")
+    other = _animate_inputs((1, 3, 4, 6), sp.device)  # a shape not agreed on yet (check_inputs="per-shape")
+    other["face_pixel_values"] = other["face_pixel_values"] + sp.rank  # rank 1's face video differs
+    with CountCalls() as count:
+        expect_error(lambda: _forward(model, other), ValueError, "WanAnimateTransformer3DModel forward",
+                     "disagree on face_pixel_values checksum")
+    if count.calls:
+        raise AssertionError(f"{count.calls} all-to-alls after a rejected input; expected none")
+    handle.undo()
+    if not all(type(a.processor) is animate.WanAnimateFaceBlockAttnProcessor for a in model.face_adapter):
+        raise AssertionError("undo() left a face adapter processor of vkern's")
+
+
 def _check_modes_case(sp):
     """check_inputs: "per-shape" agrees on the first forward of each input signature only,
     "every-step" on every forward, "off" never (counted as all_gather_object calls)."""
@@ -357,6 +404,8 @@ def _sp_cases(sp, seed, results):
             results[case] = run(_match_case, name, dt[0], sp)
         elif kind == "ti2v":
             results[case] = run(_match_case, name, dt[0], sp, True)
+        elif kind == "animate":
+            results[case] = run(_animate_case, sp)
         else:
             results[case] = run(_undo_case, sp)
     for case, (name, dt, kwargs) in VARIANTS.items():
@@ -380,7 +429,8 @@ def _sp_cases(sp, seed, results):
 
 
 sp_results = results_fixture(_sp_cases, budget_s=400,
-                             preload=["diffusers.models.transformers.transformer_wan", "vkern.patch", __name__])
+                             preload=["diffusers.models.transformers.transformer_wan",
+                                      "diffusers.models.transformers.transformer_wan_animate", "vkern.patch", __name__])
 
 
 @pytest.mark.parametrize("case", MATCH_CASES + [f"error-{n}" for n in ERROR_CASES])

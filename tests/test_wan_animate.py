@@ -1,7 +1,8 @@
 """vkern.patch on Wan 2.2 Animate (WanAnimateTransformer3DModel): diffusers' copies of WanAttention and
 WanTransformerBlock get vkern's processor and fused block forward as Wan's; the reference backend is diffusers' output
-bit for bit, the kernels within 2x of PyTorch's bf16 error; autograd runs diffusers' ops; sp is refused; fp8 meets the
-README's floors, and its filter_fn recipe keeps the face modules in bf16."""
+bit for bit, the kernels within 2x of PyTorch's bf16 error; autograd runs diffusers' ops; sp without a process group
+fails cleanly (sp itself: tests/test_sp_wan.py); fp8 meets the README's floors, and its filter_fn recipe keeps the
+face modules in bf16."""
 import copy
 
 import pytest
@@ -64,11 +65,12 @@ def test_autograd_runs_diffusers_ops():
     assert_autograd_runs_diffusers_ops(model, inputs)
 
 
-def test_sequence_parallel_is_refused_and_the_model_left_as_it_was():
+def test_sequence_parallel_without_a_process_group_fails_and_leaves_the_model_as_it_was():
+    """sp is taken for Animate (run on gloo ranks in tests/test_sp_wan.py); without torchrun's group it says so."""
     from vkern.distributed import SPConfig
 
     model = build()
-    with pytest.raises(ValueError, match="not available for WanAnimateTransformer3DModel"):
+    with pytest.raises(RuntimeError, match="init_from_env"):
         vkern.patch(model, vkern.PatchConfig(sp=SPConfig()))
     assert not any(isinstance(getattr(m, "processor", None), VkernWanAttnProcessor) for m in model.modules())
     assert not hasattr(model, "_vkern_patch_handle")

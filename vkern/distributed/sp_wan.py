@@ -1,5 +1,5 @@
-"""Sequence parallelism (Ulysses) for diffusers' WanTransformer3DModel, installed by
-vkern.patch(model, PatchConfig(sp=SPConfig())) under torchrun.
+"""Sequence parallelism (Ulysses) for diffusers' WanTransformer3DModel and WanAnimateTransformer3DModel, installed
+by vkern.patch(model, PatchConfig(sp=SPConfig())) under torchrun.
 
 Every rank holds the whole model and the same inputs. Hooks shard the work:
   model pre-hook     make the ranks agree on this step's inputs (SPConfig.check_inputs: by default
@@ -13,7 +13,10 @@ Every rank holds the whole model and the same inputs. Hooks shard the work:
                      SPConfig.ring_degree > 1: Ulysses inside groups of world / ring_degree ranks,
                      ring attention across them)
   proj_out hook      all_gather of the projected tokens, padding dropped -> [B, S, C_out]
-The text (encoder_hidden_states) stays replicated, so cross-attention runs locally.
+  face adapters      (Wan Animate) VkernWanAnimateFaceSPProcessor: each token attends to its own frame's motion
+                     tokens, so a rank runs diffusers' processor per frame its slice touches (no exchange)
+The text (encoder_hidden_states) stays replicated, so cross-attention runs locally; so do Animate's motion and face
+encoders (their inputs are checked like the others).
 
 The gather sits after proj_out rather than before norm_out: proj_out maps inner_dim (5120 for
 Wan-14B) to out_channels * patch (64) values per token, so the gather moves 80x fewer bytes, and
@@ -173,9 +176,10 @@ def _sub_groups(pg, world, rank, config):
 
 
 def apply_sequence_parallel(model, sp_config, handle):
-    """Install sequence parallelism on a WanTransformer3DModel, recording every change in handle
-    (a vkern PatchHandle; handle.config is the PatchConfig) so undo() removes it. Collective: every
+    """Install sequence parallelism on a WanTransformer3DModel or WanAnimateTransformer3DModel, recording every
+    change in handle (a vkern PatchHandle; handle.config is the PatchConfig) so undo() removes it. Collective: every
     rank of the group must call it, and all of them raise if any rank's model or config differs."""
+    from ..modules.wan_animate_sp import VkernWanAnimateFaceSPProcessor
     from ..modules.wan_sp_attention import VkernWanSPAttnProcessor
 
     pg, world, rank = ulysses._group(sp_config.group)
@@ -187,8 +191,9 @@ def apply_sequence_parallel(model, sp_config, handle):
 
     ulysses_group, ring_group = _sub_groups(pg, world, rank, sp_config)
     context = SPContext(pg, world, rank, model.config.num_attention_heads, sp_config, ulysses_group, ring_group)
+    extra = _EXTRA_INPUTS.get(type(model).__name__, ())
     hooks = [
-        model.register_forward_pre_hook(partial(_enter, context, sp_config.check_inputs), with_kwargs=True),
+        model.register_forward_pre_hook(partial(_enter, context, sp_config.check_inputs, extra), with_kwargs=True),
         # always_call: a forward that raised must not leave a stale layout behind.
         model.register_forward_hook(partial(_leave, context), always_call=True),
         model.rope.register_forward_hook(partial(_shard_rope, context)),
@@ -205,6 +210,9 @@ def apply_sequence_parallel(model, sp_config, handle):
         processor = VkernWanSPAttnProcessor(context, config.attention if accepted else "reference",
                                             config.fused_qk_norm_rope and accepted)
         handle.set_processor(block.attn1, processor, "WanAttention self-attention -> sequence-parallel")
+    for adapter in getattr(model, "face_adapter", ()):  # Wan Animate
+        handle.set_processor(adapter, VkernWanAnimateFaceSPProcessor(context, adapter.processor),
+                             "face adapter -> per-frame slices of this rank's tokens")
 
 
 # ---------------------------------------------------------------- checks
@@ -240,7 +248,11 @@ def _patch_signature(model, config, sp_config, world):
     return sig
 
 
-def _input_signature(hidden_states, timestep, text, image, grad):
+# The forward's other inputs every rank must hold alike, by model class: {name: positional index}.
+_EXTRA_INPUTS = {"WanAnimateTransformer3DModel": {"pose_hidden_states": 4, "face_pixel_values": 5}}
+
+
+def _input_signature(hidden_states, timestep, text, image, grad, extra):
     sig = {"hidden_states shape": list(hidden_states.shape), "hidden_states dtype": str(hidden_states.dtype),
            "timestep shape": list(timestep.shape), "encoder_hidden_states shape": list(text.shape),
            "encoder_hidden_states_image shape": None if image is None else list(image.shape),
@@ -250,6 +262,10 @@ def _input_signature(hidden_states, timestep, text, image, grad):
            "encoder_hidden_states checksum": _checksum(text)}
     if image is not None:
         sig["encoder_hidden_states_image checksum"] = _checksum(image)
+    for name, t in extra.items():
+        sig[f"{name} shape"] = None if t is None else list(t.shape)
+        if t is not None:
+            sig[f"{name} checksum"] = _checksum(t)
     return sig
 
 
@@ -299,11 +315,12 @@ def _arg(args, kwargs, index, name):
     return args[index] if len(args) > index else kwargs.get(name)
 
 
-def _enter(context, check, model, args, kwargs):
+def _enter(context, check, extra_inputs, model, args, kwargs):
     hidden_states = _arg(args, kwargs, 0, "hidden_states")
     timestep = _arg(args, kwargs, 1, "timestep")
     text = _arg(args, kwargs, 2, "encoder_hidden_states")
     image = _arg(args, kwargs, 3, "encoder_hidden_states_image")
+    extra = {name: _arg(args, kwargs, index, name) for name, index in extra_inputs.items()}
     p_t, p_h, p_w = model.config.patch_size
     error = None
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
@@ -324,11 +341,11 @@ def _enter(context, check, model, args, kwargs):
     key = None
     if error is None:
         key = tuple((tuple(t.shape), str(t.dtype), t.device.type) if isinstance(t, torch.Tensor) else None
-                    for t in (hidden_states, timestep, text, image)) + (grad,)
+                    for t in (hidden_states, timestep, text, image, *extra.values())) + (grad,)
     # A local error is raised through the agreement when checks run, so the other ranks hear of it.
     if check == "every-step" or (check == "per-shape" and (error is not None or key not in context.agreed)):
-        signature = {} if error else _input_signature(hidden_states, timestep, text, image, grad)
-        _agree(context.group, "WanTransformer3DModel forward (sequence parallel)", signature, error,
+        signature = {} if error else _input_signature(hidden_states, timestep, text, image, grad, extra)
+        _agree(context.group, f"{type(model).__name__} forward (sequence parallel)", signature, error,
                "every rank must run the same step on the same inputs (seed the latents and noise alike)")
         context.agreed.add(key)
     elif error is not None:

@@ -61,7 +61,8 @@ class PatchConfig:
                         same SQNR at Wan shapes); False for full-precision accumulation
     sp                  None | vkern.distributed.SPConfig: run the Wan transformer sequence-parallel
                         (Ulysses) over the SPConfig's process group (under torchrun, every rank patches);
-                        WanTransformer3DModel only (an error for Wan VACE and the other families)
+                        WanTransformer3DModel and WanAnimateTransformer3DModel (an error for Wan VACE and
+                        the other families)
     """
     attention: str = "auto"
     fused_qk_norm_rope: bool = True

@@ -12,7 +12,8 @@ for Wan. Its forward makes each VACE hint where it is used instead of all of the
 Wan Animate (WanAnimateTransformer3DModel, Wan 2.2 Animate) holds diffusers' copies of WanAttention and
 WanTransformerBlock (the same code, "Copied from" transformer_wan, other classes): they get vkern's processor and the
 fused block forward as Wan's; its face adapter's attention (each frame's tokens to a handful of motion tokens) and
-its forward stay diffusers', and sp is refused for it too."""
+its forward stay diffusers'; under sp (distributed/sp_wan.py) each rank runs the face adapter on its own tokens, per
+frame (modules/wan_animate_sp.py)."""
 import functools
 
 from ..modules._grad import records_autograd
@@ -58,9 +59,10 @@ def apply(obj, config, handle):
 
 def _patch_transformer(model, config, handle, classes):
     wan = isinstance(model, classes["transformer"])  # else Wan VACE or Animate (no subclasses of it)
-    if config.sp is not None and not wan:
+    if config.sp is not None and not (wan or isinstance(model, classes["animate_transformer"])):
         raise ValueError(f"vkern.patch: PatchConfig.sp: sequence parallelism is not available for "
-                         f"{type(model).__name__} (WanTransformer3DModel only); leave it None")
+                         f"{type(model).__name__} (WanTransformer3DModel and WanAnimateTransformer3DModel only); "
+                         f"leave it None")
     refuse_context_parallel(model)
     if config.fp8 is not None:
         from .fp8 import quantize_linears
