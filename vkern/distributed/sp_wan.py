@@ -191,7 +191,7 @@ def apply_sequence_parallel(model, sp_config, handle):
 
     ulysses_group, ring_group = _sub_groups(pg, world, rank, sp_config)
     context = SPContext(pg, world, rank, model.config.num_attention_heads, sp_config, ulysses_group, ring_group)
-    extra = _EXTRA_INPUTS.get(type(model).__name__, ())
+    extra = _EXTRA_INPUTS.get(type(model).__name__, {})
     hooks = [
         model.register_forward_pre_hook(partial(_enter, context, sp_config.check_inputs, extra), with_kwargs=True),
         # always_call: a forward that raised must not leave a stale layout behind.
