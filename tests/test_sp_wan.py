@@ -1,5 +1,5 @@
-"""vkern.patch(model, PatchConfig(sp=SPConfig(...))): the Wan transformer (and Wan Animate's, animate-fp32) run
-sequence-parallel on 2 and 4 gloo ranks against the same model unpatched in one process.
+"""vkern.patch(model, PatchConfig(sp=SPConfig(...))): the Wan transformer (and Wan Animate's and Wan VACE's:
+animate-fp32, vace-fp32) run sequence-parallel on 2 and 4 gloo ranks against the same model unpatched in one process.
 
 The ranks come from tests/sp_harness.py (one fork-server spawn per world size, every rank runs
 every case, each test reads its case's verdict). Models: "tiny" (2 heads,
@@ -30,7 +30,8 @@ MODELS = {  # name: (heads, latent shapes [B, C, F, H, W] run one after the othe
     "odd": (3, [(2, 16, 3, 6, 10), (1, 16, 1, 2, 6)]),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MATCH_CASES = [f"match-{m}-{d}" for m in MODELS for d in DTYPES] + ["ti2v-odd-fp32", "undo-tiny", "animate-fp32"]
+MATCH_CASES = [f"match-{m}-{d}" for m in MODELS for d in DTYPES] + ["ti2v-odd-fp32", "undo-tiny", "animate-fp32",
+                                                                     "vace-fp32"]
 # Wan Animate (tiny: 3 latent frames, so 3 motion frames): 12 tokens (4 a frame), then 45 (15 a frame) at B = 2, so
 # ranks' slices start and end inside frames and, at 45 tokens, end in padding.
 ANIMATE_SHAPES = [(1, 3, 4, 4), (2, 3, 6, 10)]  # [B, F, H, W]
@@ -288,6 +289,40 @@ def _animate_case(sp):
         raise AssertionError("undo() left a face adapter processor of vkern's")
 
 
+def _vace_case(sp):
+    """Wan VACE sequence-parallel (fp32) against the unpatched model, with vkern's forward (hints where used: VACE
+    blocks get the whole embedded input, the control states whole first and sharded after) and with diffusers'
+    (fused_block=False: every VACE block first); ranks given different control videos are refused."""
+    from vkern import models
+
+    torch.manual_seed(0)
+    model = models.build_wan_vace_transformer("tiny", torch.float32, sp.device)
+    inputs = []
+    for name in MODELS:  # 12 tokens, then 45 (B = 2) and 3: padding, and on 4 ranks a rank of padding only
+        for shape in MODELS[name][1]:
+            g = torch.Generator().manual_seed(2)
+            control = torch.randn(shape[0], model.config.vace_in_channels, *shape[2:], generator=g)
+            inputs.append({**_inputs(shape, torch.float32, sp.device), "control_hidden_states": control.to(sp.device)})
+    want = [_forward(model, i) for i in inputs]
+    for config in ({}, LEAN):
+        handle = _patch(model, sp, **config)
+        for inp, w in zip(inputs, want):
+            got = _forward(model, inp)
+            err = rel_l2(got.cpu(), w.cpu()) if got.shape == w.shape else None
+            if err is None or err > 1e-5:
+                raise AssertionError(f"VACE {tuple(inp['hidden_states'].shape)} {config}: output {tuple(got.shape)} "
+                                     f"(want {tuple(w.shape)}), rel L2 {err} vs unpatched > 1e-5")
+        handle.undo()
+    _patch(model, sp)
+    other = {**inputs[0], "hidden_states": inputs[0]["hidden_states"][..., :2]}  # a shape not agreed on yet
+    other["control_hidden_states"] = inputs[0]["control_hidden_states"][..., :2] + sp.rank
+    with CountCalls() as count:
+        expect_error(lambda: _forward(model, other), ValueError, "WanVACETransformer3DModel forward",
+                     "disagree on control_hidden_states checksum")
+    if count.calls:
+        raise AssertionError(f"{count.calls} all-to-alls after a rejected input; expected none")
+
+
 def _check_modes_case(sp):
     """check_inputs: "per-shape" agrees on the first forward of each input signature only,
     "every-step" on every forward, "off" never (counted as all_gather_object calls)."""
@@ -406,6 +441,8 @@ def _sp_cases(sp, seed, results):
             results[case] = run(_match_case, name, dt[0], sp, True)
         elif kind == "animate":
             results[case] = run(_animate_case, sp)
+        elif kind == "vace":
+            results[case] = run(_vace_case, sp)
         else:
             results[case] = run(_undo_case, sp)
     for case, (name, dt, kwargs) in VARIANTS.items():
@@ -430,7 +467,8 @@ def _sp_cases(sp, seed, results):
 
 sp_results = results_fixture(_sp_cases, budget_s=400,
                              preload=["diffusers.models.transformers.transformer_wan",
-                                      "diffusers.models.transformers.transformer_wan_animate", "vkern.patch", __name__])
+                                      "diffusers.models.transformers.transformer_wan_animate",
+                                      "diffusers.models.transformers.transformer_wan_vace", "vkern.patch", __name__])
 
 
 @pytest.mark.parametrize("case", MATCH_CASES + [f"error-{n}" for n in ERROR_CASES])

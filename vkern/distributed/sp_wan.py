@@ -1,5 +1,5 @@
-"""Sequence parallelism (Ulysses) for diffusers' WanTransformer3DModel and WanAnimateTransformer3DModel, installed
-by vkern.patch(model, PatchConfig(sp=SPConfig())) under torchrun.
+"""Sequence parallelism (Ulysses) for diffusers' WanTransformer3DModel, WanVACETransformer3DModel and
+WanAnimateTransformer3DModel, installed by vkern.patch(model, PatchConfig(sp=SPConfig())) under torchrun.
 
 Every rank holds the whole model and the same inputs. Hooks shard the work:
   model pre-hook     make the ranks agree on this step's inputs (SPConfig.check_inputs: by default
@@ -15,6 +15,10 @@ Every rank holds the whole model and the same inputs. Hooks shard the work:
   proj_out hook      all_gather of the projected tokens, padding dropped -> [B, S, C_out]
   face adapters      (Wan Animate) VkernWanAnimateFaceSPProcessor: each token attends to its own frame's motion
                      tokens, so a rank runs diffusers' processor per frame its slice touches (no exchange)
+  VACE block hooks   (Wan VACE) the embedded input and the control states a VACE block reads -> this rank's
+                     tokens, where they arrive whole (diffusers' forward runs the VACE blocks before the main ones,
+                     vkern's interleaves them), so the hints come out sharded like the main tokens; the VACE
+                     blocks' self-attention is sharded as the main blocks'
 The text (encoder_hidden_states) stays replicated, so cross-attention runs locally; so do Animate's motion and face
 encoders (their inputs are checked like the others).
 
@@ -176,8 +180,8 @@ def _sub_groups(pg, world, rank, config):
 
 
 def apply_sequence_parallel(model, sp_config, handle):
-    """Install sequence parallelism on a WanTransformer3DModel or WanAnimateTransformer3DModel, recording every
-    change in handle (a vkern PatchHandle; handle.config is the PatchConfig) so undo() removes it. Collective: every
+    """Install sequence parallelism on a WanTransformer3DModel, WanVACETransformer3DModel or
+    WanAnimateTransformer3DModel, recording every change in handle (a vkern PatchHandle; handle.config is the PatchConfig) so undo() removes it. Collective: every
     rank of the group must call it, and all of them raise if any rank's model or config differs."""
     from ..modules.wan_animate_sp import VkernWanAnimateFaceSPProcessor
     from ..modules.wan_sp_attention import VkernWanSPAttnProcessor
@@ -199,14 +203,18 @@ def apply_sequence_parallel(model, sp_config, handle):
         model.rope.register_forward_hook(partial(_shard_rope, context)),
         model.blocks[0].register_forward_pre_hook(partial(_shard_tokens, context), with_kwargs=True),
         model.proj_out.register_forward_hook(partial(_gather_tokens, context)),
+        *(block.register_forward_pre_hook(partial(_shard_vace_inputs, context), with_kwargs=True)
+          for block in getattr(model, "vace_blocks", ())),
     ]
     for hook in hooks:
         handle._undo.append(hook.remove)
     handle.summary["sequence-parallel hooks"] += len(hooks)
-    for i, block in enumerate(model.blocks):
+    blocks = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+    blocks += [(f"vace_blocks.{i}", b) for i, b in enumerate(getattr(model, "vace_blocks", ()))]
+    for name, block in blocks:
         # Every self-attention must be sharded for the model to be correct, so filter_fn cannot
         # leave one alone; one it rejects gets diffusers' own math (the reference ops) instead.
-        accepted = config.accepts(block.attn1, f"blocks.{i}.attn1")
+        accepted = config.accepts(block.attn1, f"{name}.attn1")
         processor = VkernWanSPAttnProcessor(context, config.attention if accepted else "reference",
                                             config.fused_qk_norm_rope and accepted)
         handle.set_processor(block.attn1, processor, "WanAttention self-attention -> sequence-parallel")
@@ -249,7 +257,8 @@ def _patch_signature(model, config, sp_config, world):
 
 
 # The forward's other inputs every rank must hold alike, by model class: {name: positional index}.
-_EXTRA_INPUTS = {"WanAnimateTransformer3DModel": {"pose_hidden_states": 4, "face_pixel_values": 5}}
+_EXTRA_INPUTS = {"WanAnimateTransformer3DModel": {"pose_hidden_states": 4, "face_pixel_values": 5},
+                 "WanVACETransformer3DModel": {"control_hidden_states": 4, "control_hidden_states_scale": 5}}
 
 
 def _input_signature(hidden_states, timestep, text, image, grad, extra):
@@ -378,6 +387,21 @@ def _shard_tokens(context, block, args, kwargs):
         return (shard_sequence(args[0], context.world, context.rank).contiguous(), *args[1:]), kwargs
     hidden = shard_sequence(kwargs["hidden_states"], context.world, context.rank).contiguous()
     return args, {**kwargs, "hidden_states": hidden}
+
+
+def _shard_vace_inputs(context, block, args, kwargs):
+    """A VACE block's hidden_states (the embedded input) and control_hidden_states -> this rank's tokens where they
+    are whole (S tokens); ones already sharded pass. (Sharding is idempotent where ceil(S / world) = S, i.e. S = 1.)"""
+    layout = context.layout
+    if layout is None:
+        return None
+    args, kwargs = list(args), dict(kwargs)
+    for index, name in ((0, "hidden_states"), (2, "control_hidden_states")):
+        holder, key = (args, index) if len(args) > index else (kwargs, name)
+        x = holder[key]
+        if x.shape[1] == layout.spec.seq_len:
+            holder[key] = shard_sequence(x, context.world, context.rank).contiguous()
+    return tuple(args), kwargs
 
 
 def _gather_tokens(context, proj_out, args, output):

@@ -61,8 +61,8 @@ class PatchConfig:
                         same SQNR at Wan shapes); False for full-precision accumulation
     sp                  None | vkern.distributed.SPConfig: run the Wan transformer sequence-parallel
                         (Ulysses) over the SPConfig's process group (under torchrun, every rank patches);
-                        WanTransformer3DModel and WanAnimateTransformer3DModel (an error for Wan VACE and
-                        the other families)
+                        the Wan family's transformers: Wan, Wan VACE, Wan Animate (an error for the other
+                        families)
     """
     attention: str = "auto"
     fused_qk_norm_rope: bool = True

@@ -7,7 +7,7 @@ subclass: its main blocks are WanTransformerBlocks and get the same fused forwar
 (WanVACETransformerBlock: the same glue on the control hidden states between an input and an output projection)
 get modules/wan_vace.py's; every WanAttention in either gets vkern's processor, and fp8 casts its Linears as
 for Wan. Its forward makes each VACE hint where it is used instead of all of them up front, and fuses the output norm
-(modules/wan_vace.py); sequence parallelism (PatchConfig.sp) is refused for it.
+(modules/wan_vace.py); under sp (distributed/sp_wan.py) its VACE blocks run on each rank's tokens too.
 
 Wan Animate (WanAnimateTransformer3DModel, Wan 2.2 Animate) holds diffusers' copies of WanAttention and
 WanTransformerBlock (the same code, "Copied from" transformer_wan, other classes): they get vkern's processor and the
@@ -59,10 +59,6 @@ def apply(obj, config, handle):
 
 def _patch_transformer(model, config, handle, classes):
     wan = isinstance(model, classes["transformer"])  # else Wan VACE or Animate (no subclasses of it)
-    if config.sp is not None and not (wan or isinstance(model, classes["animate_transformer"])):
-        raise ValueError(f"vkern.patch: PatchConfig.sp: sequence parallelism is not available for "
-                         f"{type(model).__name__} (WanTransformer3DModel and WanAnimateTransformer3DModel only); "
-                         f"leave it None")
     refuse_context_parallel(model)
     if config.fp8 is not None:
         from .fp8 import quantize_linears
