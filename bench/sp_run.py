@@ -1,6 +1,8 @@
-"""One Wan transformer step, sequence-parallel over N GPUs, beside the same step on one GPU.
+"""One Wan transformer step (or Wan VACE's, Wan Animate's: --family), sequence-parallel over N GPUs, beside the
+same step on one GPU.
 
     torchrun --nproc-per-node 2 -m bench.sp_run --size 14b --res 720p --out rows.jsonl
+    torchrun --nproc-per-node 4 -m bench.sp_run --family wan-animate --size 14b --res 720p --providers vkern,vkern-sp
 
 Rows (op "sp-step", JSON lines like bench/bench.py), in run order:
   diffusers, world 1       the unpatched model on one GPU
@@ -144,12 +146,12 @@ def _payload_bytes(model, tokens, world, batch, fp8):
 
 
 def _a2a_only(model, tokens, sp, batch, fp8, repeats):
-    """Milliseconds of one step's all-to-alls alone (2 per layer with the exact payload sizes)."""
+    """Milliseconds of one step's all-to-alls alone (2 per sharded self-attention with the exact payload sizes)."""
     qkv, out = _payload_bytes(model, tokens, sp.world, batch, fp8)
     bufs = [torch.empty(sp.world * n, dtype=torch.uint8, device=sp.device) for n in (qkv, qkv, out, out)]
 
     def exchanges():
-        for _ in range(model.config.num_layers):
+        for _ in range(len(model.blocks) + len(getattr(model, "vace_blocks", ()))):
             dist.all_to_all_single(bufs[1], bufs[0], group=sp.group)
             dist.all_to_all_single(bufs[3], bufs[2], group=sp.group)
     dist.barrier()
@@ -205,6 +207,8 @@ def _providers(model, sp, world, chunks):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m bench.sp_run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="wan", choices=["wan", "wan-vace", "wan-animate"],
+                        help="the transformer (bench.bench's step models; VACE: 14b at 480p, Animate: 14b at 720p)")
     parser.add_argument("--size", default="14b", choices=["tiny", "1.3b", "14b"])
     parser.add_argument("--res", default="720p", choices=["tiny", "480p", "720p"])
     parser.add_argument("--providers", default=DEFAULT_PROVIDERS,
@@ -223,8 +227,9 @@ def main(argv=None):
                              "loaded by one that does not, for speedup_vs_vkern1 and rel_l2_vs_vkern1")
     args = parser.parse_args(argv)
 
-    from vkern import models
     from vkern.distributed import CommTimer, init_from_env
+
+    from .bench import _step_models
 
     # A rank that fails alone leaves the others in a collective: the NCCL watchdog ends the job
     # after this timeout instead of letting it hold the GPUs (a 14B 720p step takes ~12 s on one GPU).
@@ -232,10 +237,12 @@ def main(argv=None):
     device = sp.device
     if args.no_check:
         SP_VARIANTS["vkern-sp"] = dict(check_inputs="off")
-    name = next((k for k, v in shapes.STEPS.items() if v == ("wan", args.size, args.res)), f"wan{args.size}-{args.res}")
+    spec = (args.family, args.size, args.res)
+    name = next((k for k, v in shapes.STEPS.items() if v == spec), f"{args.family}{args.size}-{args.res}")
+    build, make_inputs = _step_models()[args.family]
     torch.manual_seed(0)  # the same weights on every rank
-    model = models.build_wan_transformer(args.size, DT, device)
-    inputs = models.transformer_inputs(model, args.res, DT, device)  # seeded: the same on every rank
+    model = build(args.size, DT, device)
+    inputs = make_inputs(model, args.res, DT, device)  # seeded: the same on every rank
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30
     _, _, F, H, W = inputs["hidden_states"].shape
     p_t, p_h, p_w = model.config.patch_size
