@@ -253,7 +253,8 @@ def _animate_inputs(shape, device, seed=1):
     cfg = models.WAN_ANIMATE_TRANSFORMERS["tiny"]
     face = cfg["motion_encoder_size"]
     randn = lambda *size: torch.randn(size, generator=g).to(device)  # noqa: E731
-    return dict(hidden_states=randn(B, 2 * cfg["latent_channels"] + 4, F, H, W), timestep=torch.tensor([500] * B, device=device),
+    return dict(hidden_states=randn(B, 2 * cfg["latent_channels"] + 4, F, H, W),
+                timestep=torch.tensor([500] * B, device=device),
                 encoder_hidden_states=randn(B, 16, cfg["text_dim"]), encoder_hidden_states_image=randn(B, 5, 32),
                 pose_hidden_states=randn(B, cfg["latent_channels"], F - 1, H, W),
                 face_pixel_values=randn(B, 3, 4 * (F - 1), face, face))  # 4 face frames a latent frame
@@ -274,9 +275,10 @@ def _animate_case(sp):
     handle = _patch(model, sp)
     for shape, inp, w in zip(ANIMATE_SHAPES, inputs, want):
         got = _forward(model, inp)
-        if got.shape != w.shape or rel_l2(got.cpu(), w.cpu()) > 1e-5:
-            raise AssertionError(f"Animate {shape}: output {tuple(got.shape)} (want {tuple(w.shape)}), rel L2 "
-                                 f"{rel_l2(got.cpu(), w.cpu()) if got.shape == w.shape else None} vs unpatched > 1e-5")
+        err = rel_l2(got.cpu(), w.cpu()) if got.shape == w.shape else None
+        if err is None or err > 1e-5:
+            raise AssertionError(f"Animate {shape}: output {tuple(got.shape)} (want {tuple(w.shape)}), rel L2 {err} "
+                                 f"vs unpatched > 1e-5")
     other = _animate_inputs((1, 3, 4, 6), sp.device)  # a shape not agreed on yet (check_inputs="per-shape")
     other["face_pixel_values"] = other["face_pixel_values"] + sp.rank  # rank 1's face video differs
     with CountCalls() as count:
