@@ -10,23 +10,32 @@ each block's output) and never read again once passed on, so a fused block gets 
 writes its first residual into them in place instead of into a new tensor (one [tokens, dim] tensor less at
 every block's peak) where no hook can see them: none on the block (wan_block.may_overwrite_input) and none
 holding the output of the module that made them (wan_block.output_is_private). With
-autograd recording, gradient checkpointing, or attention_kwargs (LoRA scale), diffusers' own forward runs.
+autograd recording or gradient checkpointing, diffusers' own forward runs; a LoRA scale in attention_kwargs is
+applied as diffusers' forward applies it (modules/_lora.py).
 """
 import torch
 
 from .. import ops
 from ._grad import records_autograd
+from ._lora import lora_scale
 from .wan_block import may_overwrite_input, output_is_private
 
 
 def fused_transformer_forward(model, hidden_states, timestep, encoder_hidden_states,
                               encoder_hidden_states_image=None, return_dict=True, attention_kwargs=None):
+    if model.gradient_checkpointing or records_autograd(
+            model, hidden_states, encoder_hidden_states, encoder_hidden_states_image):
+        # attention_kwargs by keyword: diffusers' @apply_lora_scale reads the LoRA scale from the keywords only
+        return type(model).forward(model, hidden_states, timestep, encoder_hidden_states,
+                                   encoder_hidden_states_image, return_dict, attention_kwargs=attention_kwargs)
+    with lora_scale(model, attention_kwargs):
+        return _fused_forward(model, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                              return_dict)
+
+
+def _fused_forward(model, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, return_dict):
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    if attention_kwargs or model.gradient_checkpointing or records_autograd(
-            model, hidden_states, encoder_hidden_states, encoder_hidden_states_image):
-        return type(model).forward(model, hidden_states, timestep, encoder_hidden_states,
-                                   encoder_hidden_states_image, return_dict, attention_kwargs)
     grid = hidden_states.shape
     rotary_emb = model.rope(hidden_states)
     hidden_states, private = embed_patches(model.patch_embedding, hidden_states)

@@ -9,6 +9,7 @@ main block of the same VACE layer adds). The middle is fused_block_forward itsel
 import torch
 
 from ._grad import records_autograd
+from ._lora import lora_scale
 from .wan_block import fused_block_forward
 
 
@@ -44,14 +45,23 @@ def fused_vace_transformer_forward(model, hidden_states, timestep, encoder_hidde
     14B, 15 at 1.3B; 2.7 GB at 14B 480p) through the main blocks. A VACE block reads only the patch-embedded input and
     the previous VACE block's control states, so here VACE block j runs just before the main block whose output takes
     hint j: two tensors live (the input, the control states) instead of all the hints, and the same values, since each
-    block gets the same inputs. With autograd recording, gradient checkpointing, or attention_kwargs (LoRA scale),
-    diffusers' own forward runs."""
+    block gets the same inputs. With autograd recording or gradient checkpointing, diffusers' own forward runs; a LoRA
+    scale in attention_kwargs is applied as diffusers' forward applies it (modules/_lora.py)."""
+    if model.gradient_checkpointing or records_autograd(
+            model, hidden_states, encoder_hidden_states, encoder_hidden_states_image, control_hidden_states):
+        # attention_kwargs by keyword: diffusers' @apply_lora_scale reads the LoRA scale from the keywords only
+        return type(model).forward(model, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                                   control_hidden_states, control_hidden_states_scale, return_dict,
+                                   attention_kwargs=attention_kwargs)
+    with lora_scale(model, attention_kwargs):
+        return _fused_vace_forward(model, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                                   control_hidden_states, control_hidden_states_scale, return_dict)
+
+
+def _fused_vace_forward(model, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                        control_hidden_states, control_hidden_states_scale, return_dict):
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    if attention_kwargs or model.gradient_checkpointing or records_autograd(
-            model, hidden_states, encoder_hidden_states, encoder_hidden_states_image, control_hidden_states):
-        return type(model).forward(model, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
-                                   control_hidden_states, control_hidden_states_scale, return_dict, attention_kwargs)
     from .wan_block import may_overwrite_input, output_is_private
     from .wan_transformer import embed_patches, output_projection
 

@@ -22,8 +22,9 @@ def default_skip_patterns(model):
 
 def fp8_targets(model, config):
     """[(fqn, nn.Linear)] that patch(model, config) turns into Fp8Linear layers, in module order: plain
-    nn.Linear modules accepted by config.filter_fn and by config.fp8_filter_fn (default: not matching
-    default_skip_patterns). Also what bench.fp8_accuracy measures, so the two cannot drift apart."""
+    nn.Linear modules, not a PEFT adapter's own, accepted by config.filter_fn and by config.fp8_filter_fn (default:
+    not matching default_skip_patterns), both given logical_name(fqn). Also what bench.fp8_accuracy measures, so the
+    two cannot drift apart."""
     patterns = default_skip_patterns(model)
 
     def wanted(module, fqn):
@@ -31,8 +32,30 @@ def fp8_targets(model, config):
             return bool(config.fp8_filter_fn(module, fqn))
         return not any(re.search(p, fqn) for p in patterns)
 
+    adapters = _adapter_layers(model)
     return [(fqn, m) for fqn, m in model.named_modules()
-            if type(m) is nn.Linear and config.accepts(m, fqn) and wanted(m, fqn)]
+            if type(m) is nn.Linear and id(m) not in adapters
+            and config.accepts(m, logical_name(fqn)) and wanted(m, logical_name(fqn))]
+
+
+def logical_name(fqn):
+    """fqn without PEFT's ".base_layer" steps: a LoRA-wrapped Linear is matched by the skip list and filters under
+    the name it has without the adapter (blocks.0.attn1.to_q, not blocks.0.attn1.to_q.base_layer)."""
+    return ".".join(part for part in fqn.split(".") if part != "base_layer")
+
+
+def _adapter_layers(model):
+    """ids of the Linears that belong to PEFT adapters (a LoRA's lora_A / lora_B): they stay in their dtype, as
+    small as they are; the adapter's base_layer is quantized like any Linear and the adapter adds its term on top."""
+    ids = set()
+    for module in model.modules():
+        names = getattr(module, "adapter_layer_names", None)  # peft's BaseTunerLayer
+        if names is not None and hasattr(module, "base_layer"):
+            for name in names:
+                child = getattr(module, name, None)
+                if isinstance(child, nn.Module):
+                    ids.update(id(m) for m in child.modules())
+    return ids
 
 
 def to_fp8(linear, fqn, config):
@@ -52,7 +75,7 @@ def quantize_linears(model, config, handle):
         parent_name, _, name = fqn.rpartition(".")
         fp8 = to_fp8(linear, fqn, config)
         handle.swap_module(modules[parent_name], name, fp8, f"Linear -> Fp8Linear ({config.fp8})",
-                           park=_park_original(linear, fp8, config.fp8_keep_original))
+                           park=_park_original(linear, fp8, config.fp8_keep_original), fqn=fqn)
 
 
 def _park_original(linear, fp8, keep):

@@ -12,6 +12,7 @@ class PatchHandle:
         self.summary = Counter()  # what was swapped, e.g. {"WanAttention processor": 60}
         self._undo = []  # callables, run in reverse order
         self._undo_checks = []  # callables -> None or why undo() cannot run: all asked before anything changes
+        self._swaps = []  # (parent, name, the module swapped in): checked in place before undo()
         self.children = []  # handles of a pipeline's components
         self.active = True
         self._backend_noted = False
@@ -53,12 +54,15 @@ class PatchHandle:
         self._undo.append(restore)
         self.summary[kind] += 1
 
-    def swap_module(self, parent, name, replacement, kind, park=None):
+    def swap_module(self, parent, name, replacement, kind, park=None, fqn=None):
         """park: called on undo before the original goes back (e.g. to bring its weights back from
-        the CPU, where an fp8 patch parked them)."""
+        the CPU, where an fp8 patch parked them). fqn: the swapped module's name, for messages."""
         original = getattr(parent, name)
         refuse_wrapped(original, "replace it")
         setattr(parent, name, replacement)
+        self._swaps.append((parent, name, replacement, fqn or f"{type(parent).__name__}.{name}"))
+        if len(self._swaps) == 1:
+            self._undo_checks.append(self._swaps_in_place)
 
         def restore():
             if park is not None:
@@ -66,6 +70,17 @@ class PatchHandle:
             setattr(parent, name, original)
         self._undo.append(restore)
         self.summary[kind] += 1
+
+    def _swaps_in_place(self):
+        """None, or why undo() cannot put the swapped modules back: some are no longer where vkern put them, inside
+        this model (e.g. PEFT's unload_lora_weights() lifted an Fp8Linear out of its LoRA layer)."""
+        reachable = {id(m) for m in self.target.modules()}
+        moved = [where for parent, name, new, where in self._swaps
+                 if id(parent) not in reachable or getattr(parent, name, None) is not new]
+        if moved:
+            return (f"{len(moved)} module(s) vkern swapped in were moved or replaced since (first: {moved[0]}; e.g. "
+                    "by unloading or fusing LoRA adapters after patching); reload the model instead")
+        return None
 
     def undo(self):
         """Restore every original module and processor (the same objects, so outputs are bit-identical)."""

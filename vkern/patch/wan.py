@@ -83,7 +83,7 @@ def _patch_transformer(model, config, handle, classes):
             from ..modules.feed_forward import ChunkedFeedForward
 
             chunked = ChunkedFeedForward.from_diffusers(module.ffn, chunk_size=config.ffn_chunk_size)
-            handle.swap_module(module, "ffn", chunked, "FeedForward -> ChunkedFeedForward")
+            handle.swap_module(module, "ffn", chunked, "FeedForward -> ChunkedFeedForward", fqn=f"{fqn}.ffn")
     if wan and config.fused_blocks() and config.accepts(model, ""):
         from ..modules.wan_transformer import fused_transformer_forward
 
@@ -113,7 +113,7 @@ def _patch_vae(vae, config, handle, classes):
     for fqn, conv in targets:
         parent_name, _, name = fqn.rpartition(".")
         handle.swap_module(parents[parent_name], name, CachedCausalConv3d.from_wan(conv),
-                           "WanCausalConv3d -> CachedCausalConv3d")
+                           "WanCausalConv3d -> CachedCausalConv3d", fqn=fqn)
     if config.accepts(vae, ""):
         # The chunk loops themselves (vkern/modules/wan_vae.py). Instance attributes: decode/encode,
         # slicing and return_dict stay diffusers'; tiling and autograd keep diffusers' loop (on the

@@ -1,0 +1,171 @@
+"""LoRA adapters (PEFT, as diffusers' load_lora_weights / load_lora_adapter installs them) on patched models:
+loaded before or after vkern.patch they give the unpatched model's output, the LoRA scale in attention_kwargs is
+honoured on vkern's own forwards, fp8 layerwise casting quantizes the adapters' base layers only (the skip list
+matched under the names without PEFT's ".base_layer") and keeps the adapters in their dtype, and undo() refuses where
+PEFT moved a swapped-in layer. Every family vkern patches; CPU, fp32."""
+import copy
+import re
+
+import pytest
+import torch
+
+from peft import LoraConfig  # (a test extra: pyproject's [test])
+from peft.utils import get_peft_model_state_dict
+
+import vkern
+from vkern import models
+
+from . import test_model_families as families
+from .tolerance import rel_l2
+
+WAN = {"wan": (models.build_wan_transformer, models.transformer_inputs),
+       "wan-vace": (models.build_wan_vace_transformer, models.wan_vace_transformer_inputs),
+       "wan-animate": (models.build_wan_animate_transformer, models.wan_animate_transformer_inputs)}
+NAMES = [*WAN, *families.FAMILIES]
+SCALES = (None, 0.5)  # None: no attention_kwargs (the LoRA at its full weight)
+
+
+def build(name):
+    if name in WAN:
+        torch.manual_seed(0)
+        model = WAN[name][0]("tiny", torch.float32, "cpu")
+        return model, WAN[name][1](model, "tiny", torch.float32, "cpu")
+    model = families.build(name)
+    return model, families.inputs_for(name, model)
+
+
+def lora_state_dict(model, rank=4):
+    """A LoRA on every nn.Linear of `model` with random A and B (PEFT's own init leaves B at zero: no effect), in
+    the form diffusers' load_lora_adapter takes."""
+    source = copy.deepcopy(model)
+    names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    torch.manual_seed(1)
+    source.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=names, init_lora_weights=False), "source")
+    return {k: v * 4 for k, v in get_peft_model_state_dict(source, adapter_name="source").items()}
+
+
+def load_lora(model, state_dict):
+    model.load_lora_adapter(copy.deepcopy(state_dict), adapter_name="lora", prefix=None)
+    return model
+
+
+def run(model, inputs, scale=None):
+    kwargs = {} if scale is None else {"attention_kwargs": {"scale": scale}}
+    with torch.no_grad():
+        return model(**inputs, **kwargs).sample
+
+
+@pytest.mark.parametrize("order", ["lora-then-patch", "patch-then-lora"])
+@pytest.mark.parametrize("name", NAMES)
+def test_lora_output_and_scale_match_the_unpatched_model(name, order):
+    model, inputs = build(name)
+    lora = lora_state_dict(model)
+    want = load_lora(copy.deepcopy(model), lora)
+    patched = copy.deepcopy(model)
+    if order == "lora-then-patch":
+        load_lora(patched, lora)
+    vkern.patch(patched)
+    if order == "patch-then-lora":
+        load_lora(patched, lora)
+    full, half = (run(want, inputs, scale) for scale in SCALES)
+    # a LoRA the patched model dropped, or a scale it ignored, would be this far off
+    assert rel_l2(full, run(model, inputs)) > 0.02 and rel_l2(half, full) > 0.01
+    # fp32 on both sides: vkern's CPU paths differ from diffusers' ops by rounding only
+    assert rel_l2(run(patched, inputs), full) < 1e-5
+    assert rel_l2(run(patched, inputs, 0.5), half) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(WAN)[:2])
+def test_the_lora_scale_runs_on_vkerns_forward_and_on_the_fallback(name, monkeypatch):
+    """Wan's and VACE's model forwards are vkern's own: attention_kwargs' scale must not send the call to diffusers'
+    forward (which would lose vkern's fused output norm and VACE's hint order), and where vkern does hand the call
+    to diffusers' forward (gradient checkpointing, autograd) the scale must reach diffusers' LoRA-scale decorator."""
+    model, inputs = build(name)
+    lora = lora_state_dict(model)
+    want = run(load_lora(copy.deepcopy(model), lora), inputs, 0.5)
+    patched = load_lora(copy.deepcopy(model), lora)
+    vkern.patch(patched)
+    diffusers_forward = type(patched).forward
+    with monkeypatch.context() as m:
+        m.setattr(type(patched), "forward", lambda *a, **k: pytest.fail("diffusers' forward ran"))
+        assert rel_l2(run(patched, inputs, 0.5), want) < 1e-5
+    assert type(patched).forward is diffusers_forward
+    patched.gradient_checkpointing = True  # (under no_grad diffusers checkpoints nothing: same output)
+    assert rel_l2(run(patched, inputs, 0.5), want) < 1e-5
+
+
+def dequantized_copy(model, patched):
+    """`model` with each Linear that `patched` turned into an Fp8Linear given that layer's dequantized fp8 weight:
+    what fp8 storage computes, in plain PyTorch."""
+    from vkern.patch.fp8 import logical_name
+
+    reference = copy.deepcopy(model)
+    layers = dict(reference.named_modules())
+    for fqn, module in patched.named_modules():
+        if type(module).__name__ == "Fp8Linear":
+            weight = module.weight.float() * module.weight_scale
+            fqn = logical_name(fqn)
+            layers[fqn].weight.data = weight.to(layers[fqn].weight.dtype)
+    return reference
+
+
+def fp8_names(model):
+    from vkern.patch.fp8 import logical_name
+
+    return sorted(logical_name(n) for n, m in model.named_modules() if type(m).__name__ == "Fp8Linear")
+
+
+@pytest.mark.parametrize("name", ["wan", "wan-animate", "hunyuan", "ltx2"])
+def test_fp8_storage_quantizes_the_base_layers_and_keeps_the_adapters(name):
+    model, inputs = build(name)
+    lora = lora_state_dict(model)
+    plain = copy.deepcopy(model)
+    vkern.patch(plain, vkern.PatchConfig(fp8="storage"))
+    patched = load_lora(copy.deepcopy(model), lora)
+    handle = vkern.patch(patched, vkern.PatchConfig(fp8="storage"))
+    # The same layers as without the LoRA (PEFT's lora_A / lora_B stay nn.Linear, in fp32 here), named alike
+    assert fp8_names(patched) == fp8_names(plain)
+    adapters = [m for n, m in patched.named_modules() if re.search(r"\.lora_[AB]\.lora$", n)]
+    assert adapters and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in adapters)
+    # = the model with the fp8 weights dequantized, plus the same LoRA in fp32, at every scale
+    reference = load_lora(dequantized_copy(model, patched), lora)
+    for scale in SCALES:
+        assert rel_l2(run(patched, inputs, scale), run(reference, inputs, scale)) < 1e-5, scale
+    handle.undo()  # the adapters stay; the base layers are the original Linears again
+    assert rel_l2(run(patched, inputs), run(load_lora(copy.deepcopy(model), lora), inputs)) == 0
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan"])
+def test_fp8_compute_with_a_lora(name):
+    """Activations are quantized too: agreement with the fp32 LoRA model at README's compute floor, and
+    far closer than the LoRA's own effect (an adapter lost on the way would show as that)."""
+    model, inputs = build(name)
+    lora = lora_state_dict(model)
+    want = load_lora(copy.deepcopy(model), lora)
+    patched = load_lora(copy.deepcopy(model), lora)
+    vkern.patch(patched, vkern.PatchConfig(fp8="compute"))
+    got, expected = run(patched, inputs), run(want, inputs)
+    effect = rel_l2(expected, run(model, inputs))
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) >= 0.995
+    assert rel_l2(got, expected) < effect / 4
+
+
+def test_fp8_patched_layers_take_no_new_lora_and_unloading_blocks_undo():
+    """After an fp8 patch PEFT refuses to wrap an Fp8Linear (load LoRAs before patching, or fuse them first); a LoRA
+    unloaded after the patch leaves the Fp8Linears where the LoRA layers were, where undo() cannot reach them: it
+    says so and changes nothing."""
+    model, inputs = build("wan")
+    lora = lora_state_dict(model)
+    quantized = copy.deepcopy(model)
+    vkern.patch(quantized, vkern.PatchConfig(fp8="storage"))
+    with pytest.raises(ValueError, match="Fp8Linear"):
+        load_lora(quantized, lora)
+
+    patched = load_lora(copy.deepcopy(model), lora)
+    handle = vkern.patch(patched, vkern.PatchConfig(fp8="storage"))
+    before = run(patched, inputs, 0.0)
+    patched.unload_lora()
+    assert type(patched.blocks[0].attn1.to_q).__name__ == "Fp8Linear"
+    with pytest.raises(RuntimeError, match=r"moved or replaced since \(first: blocks\.0\.[\w.]+\.base_layer"):
+        handle.undo()
+    assert handle.active and torch.equal(run(patched, inputs), before)
