@@ -13,6 +13,7 @@ import gc
 import inspect
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -598,22 +599,29 @@ def _step_models():
 
 
 def _build_step_model(family, size, provider):
-    """A fresh model (same seed, so the same weights) set up the way `provider` runs it; a provider's "-compile"
+    """A fresh model (same seed, so the same weights) set up the way `provider` runs it; "-lora<rank>" anywhere in
+    it adds bench.lora's random LoRA (unfused, as PEFT runs it) before any patch; a "-compile"
     suffix adds diffusers' regional compilation (`compile_repeated_blocks(fullgraph=True)`, inductor), after the
     patch for vkern's (its first call, the warm-up, compiles)."""
     import vkern
 
-    base = provider.removesuffix("-compile")
+    compiled = provider.endswith("-compile")
+    lora = re.search(r"-lora(\d+)", provider)  # "-lora<rank>": a random LoRA on the blocks, loaded before the patch
+    base = provider.removesuffix("-compile").replace(lora[0], "") if lora else provider.removesuffix("-compile")
     config = vkern_config(base)[0] if base.startswith("vkern") else None
     if config is None and base not in ("diffusers", "diffusers-fp8-layerwise"):
         raise SystemExit(f"--providers: unknown {provider!r}")
     torch.manual_seed(0)
     model = _step_models()[family][0](size, DT, "cuda")
+    if lora:
+        from .lora import add_random_lora
+
+        add_random_lora(model, int(lora[1]))
     if base == "diffusers-fp8-layerwise":
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=DT)
     elif config is not None:
         vkern.patch(model, config)
-    if base != provider:
+    if compiled:
         torch._dynamo.reset()  # (each provider's model compiled afresh)
         model.compile_repeated_blocks(fullgraph=True)
     torch.cuda.synchronize()

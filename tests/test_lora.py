@@ -2,17 +2,18 @@
 loaded before or after vkern.patch they give the unpatched model's output, the LoRA scale in attention_kwargs is
 honoured on vkern's own forwards, fp8 layerwise casting quantizes the adapters' base layers only (the skip list
 matched under the names without PEFT's ".base_layer") and keeps the adapters in their dtype, and undo() refuses where
-PEFT moved a swapped-in layer. Every family vkern patches; CPU, fp32."""
+PEFT moved a swapped-in layer. Every family vkern patches, in fp32 on the CPU; a few in bf16 on the CPU and on
+vkern's GPU kernels."""
 import copy
 import re
 
 import pytest
 import torch
 
-from peft import LoraConfig  # (a test extra: pyproject's [test])
-from peft.utils import get_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict  # (peft: a test extra, pyproject's [test])
 
 import vkern
+from bench.lora import add_random_lora
 from vkern import models
 
 from . import test_model_families as families
@@ -34,18 +35,11 @@ def build(name):
     return model, families.inputs_for(name, model)
 
 
-def lora_state_dict(model, rank=4, size=0.1):
-    """A LoRA on every nn.Linear of `model`, in the form diffusers' load_lora_adapter takes: random A and B (PEFT's
-    own init leaves B at zero: no effect), B scaled so that each layer's B @ A is `size` times its weight's norm."""
-    source = copy.deepcopy(model)
+def lora_state_dict(model, size=0.1):
+    """A rank-4 LoRA on every nn.Linear of `model` (each layer's B @ A `size` times its weight's norm), in the form
+    diffusers' load_lora_adapter takes."""
     names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
-    torch.manual_seed(1)
-    source.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=names, init_lora_weights=False), "source")
-    with torch.no_grad():
-        for layer in source.modules():
-            if hasattr(layer, "lora_A") and "source" in layer.lora_A:
-                a, b = layer.lora_A["source"].weight, layer.lora_B["source"].weight
-                b *= size * layer.base_layer.weight.norm() / (b @ a).norm()
+    source = add_random_lora(copy.deepcopy(model), 4, names, size, name="source")
     return get_peft_model_state_dict(source, adapter_name="source")
 
 
