@@ -600,15 +600,19 @@ def _step_models():
 
 def _build_step_model(family, size, provider):
     """A fresh model (same seed, so the same weights) set up the way `provider` runs it; "-lora<rank>" anywhere in
-    it adds bench.lora's random LoRA (unfused, as PEFT runs it) before any patch; a "-compile"
+    it adds bench.lora's random LoRA (unfused) before any patch ("-peftlora<rank>": run by PEFT's forward); a "-compile"
     suffix adds diffusers' regional compilation (`compile_repeated_blocks(fullgraph=True)`, inductor), after the
     patch for vkern's (its first call, the warm-up, compiles)."""
     import vkern
 
     compiled = provider.endswith("-compile")
-    lora = re.search(r"-lora(\d+)", provider)  # "-lora<rank>": a random LoRA on the blocks, loaded before the patch
+    # "-lora<rank>": a random LoRA on the blocks, loaded before the patch; "-peftlora<rank>": the same, left to PEFT's
+    # own forward (vkern's LoRA forward filtered out: the A/B of modules/lora_linear.py)
+    lora = re.search(r"-(peft)?lora(\d+)", provider)
     base = provider.removesuffix("-compile").replace(lora[0], "") if lora else provider.removesuffix("-compile")
     config = vkern_config(base)[0] if base.startswith("vkern") else None
+    if config is not None and lora and lora[1]:
+        config.filter_fn = lambda module, fqn: not hasattr(module, "lora_A")
     if config is None and base not in ("diffusers", "diffusers-fp8-layerwise"):
         raise SystemExit(f"--providers: unknown {provider!r}")
     torch.manual_seed(0)
@@ -616,7 +620,7 @@ def _build_step_model(family, size, provider):
     if lora:
         from .lora import add_random_lora
 
-        add_random_lora(model, int(lora[1]))
+        add_random_lora(model, int(lora[2]))
     if base == "diffusers-fp8-layerwise":
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=DT)
     elif config is not None:

@@ -35,16 +35,16 @@ def build(name):
     return model, families.inputs_for(name, model)
 
 
-def lora_state_dict(model, size=0.1):
+def lora_state_dict(model, size=0.1, seed=1):
     """A rank-4 LoRA on every nn.Linear of `model` (each layer's B @ A `size` times its weight's norm), in the form
     diffusers' load_lora_adapter takes."""
     names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
-    source = add_random_lora(copy.deepcopy(model), 4, names, size, name="source")
+    source = add_random_lora(copy.deepcopy(model), 4, names, size, name="source", seed=seed)
     return get_peft_model_state_dict(source, adapter_name="source")
 
 
-def load_lora(model, state_dict):
-    model.load_lora_adapter(copy.deepcopy(state_dict), adapter_name="lora", prefix=None)
+def load_lora(model, state_dict, name="lora"):
+    model.load_lora_adapter(copy.deepcopy(state_dict), adapter_name=name, prefix=None)
     return model
 
 
@@ -187,3 +187,86 @@ def test_lora_in_bf16(name, fp8, device):
             assert_within_torch_error(got, want, run(torch16, inputs16, scale).float())
         else:  # fp8's error as without the LoRA (a LoRA lost on the way would add its whole effect)
             assert rel_l2(got, want) < 1.5 * fp8_error < rel_l2(want, base), (rel_l2(got, want), fp8_error)
+
+
+FAST = "PEFT LoRA Linear.forward -> LoRA accumulated in place"
+
+
+def peft_forward_calls(monkeypatch):
+    """Counts the calls of PEFT's own LoRA Linear forward (vkern's falls back to it)."""
+    from peft.tuners.lora import Linear
+
+    calls, peft_forward = [], Linear.forward
+    monkeypatch.setattr(Linear, "forward", lambda *a, **k: calls.append(1) or peft_forward(*a, **k))
+    return calls
+
+
+def test_lora_layers_loaded_before_the_patch_run_vkerns_forward(monkeypatch):
+    """Every LoRA Linear present at the patch gets vkern's forward (PEFT's is not called); a LoRA added after the
+    patch, in the same layers, is run by it too (it reads the active adapters each call), with adapter weights, and
+    disabling the LoRA or merging it goes to PEFT's forward; undo() gives PEFT's forward back."""
+    model, inputs = build("wan")
+    first, second = lora_state_dict(model), lora_state_dict(model, seed=2)
+    want = load_lora(copy.deepcopy(model), first)
+    patched = load_lora(copy.deepcopy(model), first)
+    handle = vkern.patch(patched)
+    layers = sum(type(m).__name__ == "Linear" and hasattr(m, "lora_A") for m in patched.modules())
+    assert handle.summary[FAST] == layers > 0
+    calls = peft_forward_calls(monkeypatch)
+
+    def patched_run(expected):  # -> PEFT forward calls in the patched model's run
+        calls.clear()
+        assert rel_l2(run(patched, inputs), expected) < 1e-5
+        return len(calls)
+    assert patched_run(run(want, inputs)) == 0
+    for m in (want, patched):
+        load_lora(m, second, "second")
+        m.set_adapters(["lora", "second"], weights=[0.7, 0.4])
+    assert patched_run(run(want, inputs)) == 0
+    for m in (want, patched):
+        m.fuse_lora()
+    assert patched_run(run(want, inputs)) == layers
+    for m in (want, patched):
+        m.unfuse_lora()
+        m.disable_lora()
+    assert patched_run(run(model, inputs)) == layers
+    handle.undo()
+    assert all("forward" not in m.__dict__ for m in patched.modules() if hasattr(m, "lora_A"))
+
+
+@pytest.mark.parametrize("case", ["dora", "hook", "autograd", "fp32-adapter"])
+def test_what_vkerns_lora_forward_leaves_to_peft(case, monkeypatch):
+    """DoRA, a hook on the base layer (it must see the base output unchanged: vkern's forward adds in place), autograd
+    recording and adapters in another dtype than the result run PEFT's forward, with PEFT's output."""
+    from peft import LoraConfig
+
+    model, inputs = build("wan")
+    if case == "fp32-adapter":
+        model = models.cast_like_from_pretrained(model, torch.bfloat16)
+        inputs = families.to_dtype(inputs, torch.bfloat16)
+    targets = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and ".ffn." in n]
+    torch.manual_seed(3)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False,
+                                 use_dora=case == "dora"), "lora")
+    if case == "fp32-adapter":
+        for m in model.modules():
+            if hasattr(m, "lora_A"):
+                m.lora_A.float(), m.lora_B.float()
+    seen = []
+    if case == "hook":  # it keeps the base layer's output itself, not a copy
+        model.blocks[0].ffn.net[2].base_layer.register_forward_hook(lambda m, args, out: seen.append((m, args[0], out)))
+    want = run(model, inputs)
+    patched = copy.deepcopy(model)
+    vkern.patch(patched)
+    calls = peft_forward_calls(monkeypatch)
+    if case == "autograd":
+        patched.requires_grad_(True)
+        got = patched(**inputs).sample.detach()
+    else:
+        got = run(patched, inputs)
+    assert len(calls) == (1 if case == "hook" else len(targets))  # (hook: only the hooked layer's)
+    # (bf16: vkern's kernels and diffusers' ops round differently; the check here is the count above)
+    assert rel_l2(got, want) < (1e-5 if case != "fp32-adapter" else 1e-2)
+    if case == "hook":  # the patched model's base layer output as it left the layer, not added to in place
+        base, x, out = seen[-1]
+        assert len(seen) == 2 and torch.equal(out, torch.nn.functional.linear(x, base.weight, base.bias))

@@ -13,6 +13,7 @@ from ..distributed.sp_wan import SPConfig
 from ..modules.wan_attention import ATTENTION_MODES
 from . import cogvideox, hunyuan, hunyuan15, ltx, ltx2, mochi, skyreels, wan
 from .handle import PatchHandle, patched_handle
+from .lora import patch_lora_layers
 
 # family -> its adapter: MODELS (the diffusers classes it takes), supports(obj), apply(model, config, handle)
 ADAPTERS = {"wan": wan, "hunyuan": hunyuan.ADAPTER, "hunyuan15": hunyuan15.ADAPTER, "cogvideox": cogvideox.ADAPTER,
@@ -141,6 +142,7 @@ def patch(obj, config=None):
         handle.mark(obj)
         try:
             adapter.apply(obj, config, handle)
+            patch_lora_layers(obj, config, handle)
         except Exception:
             handle.undo()  # a failed patch (e.g. ranks that disagree under sp) leaves the model as it was
             raise
