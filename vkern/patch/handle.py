@@ -12,7 +12,7 @@ class PatchHandle:
         self.summary = Counter()  # what was swapped, e.g. {"WanAttention processor": 60}
         self._undo = []  # callables, run in reverse order
         self._undo_checks = []  # callables -> None or why undo() cannot run: all asked before anything changes
-        self._swaps = []  # (parent, name, the module swapped in): checked in place before undo()
+        self._swaps = []  # (parent, name, the module swapped in, its name): checked in place before undo()
         self.children = []  # handles of a pipeline's components
         self.active = True
         self._backend_noted = False
@@ -79,7 +79,7 @@ class PatchHandle:
                  if id(parent) not in reachable or getattr(parent, name, None) is not new]
         if moved:
             return (f"{len(moved)} module(s) vkern swapped in were moved or replaced since (first: {moved[0]}; e.g. "
-                    "by unloading or fusing LoRA adapters after patching); reload the model instead")
+                    "by unloading LoRA adapters after patching); reload the model instead")
         return None
 
     def undo(self):
