@@ -595,7 +595,8 @@ def _step_models():
             "wan-vace": (models.build_wan_vace_transformer, models.wan_vace_transformer_inputs),
             "framepack": (models.build_framepack_transformer, models.framepack_transformer_inputs),
             "wan22-ti2v": (models.build_wan22_ti2v_transformer, models.wan22_ti2v_transformer_inputs),
-            "wan-animate": (models.build_wan_animate_transformer, models.wan_animate_transformer_inputs)}
+            "wan-animate": (models.build_wan_animate_transformer, models.wan_animate_transformer_inputs),
+            "chronoedit": (models.build_chronoedit_transformer, models.chronoedit_transformer_inputs)}
 
 
 def _build_step_model(family, size, provider):

@@ -40,7 +40,9 @@ ATTENTION = {
 # cogvideox15-5b-768p: CogVideoX 1.5-5B's 81 frames at 1360x768 (21 latent frames padded to 22, 2x2x2 patches:
 # 11 x 48 x 85 = 44880 video tokens + 226 text); wan-animate14b-720p: one step of a Wan 2.2 Animate 14B segment at the
 # pipeline's defaults, 77 frames at 1280x720 (the reference frame + 20: 21 x 45 x 80 = 75600 tokens; 512 text + 257
-# CLIP image keys by cross-attention; 77 face frames at 512x512 through the motion encoder; vkern.models.WAN_ANIMATE_*).
+# CLIP image keys by cross-attention; 77 face frames at 512x512 through the motion encoder; vkern.models.WAN_ANIMATE_*);
+# chronoedit14b-720p: a ChronoEdit-14B edit at 1280x720 (2 latent frames, the input image and the edit: 2 x 45 x 80 =
+# 7200 tokens; 512 text + 257 CLIP image keys), -reason: its temporal reasoning steps (8 frames, 28800 tokens).
 STEPS = {"wan1.3b-480p": ("wan", "1.3b", "480p"), "wan14b-480p": ("wan", "14b", "480p"),
          "wan14b-720p": ("wan", "14b", "720p"), "hunyuan13b-720p-33f": ("hunyuan", "13b", "720p-33f"),
          "cogvideox5b-480p": ("cogvideox", "5b", "480p"), "ltx2b-512p": ("ltx", "2b", "512p"),
@@ -49,5 +51,7 @@ STEPS = {"wan1.3b-480p": ("wan", "1.3b", "480p"), "wan14b-480p": ("wan", "14b", 
          "skyreels14b-480p-df": ("skyreels-df", "14b", "480p"),  # -df: diffusion forcing (a timestep per frame)
          "wan-vace14b-480p": ("wan-vace", "14b", "480p"), "framepack13b-720p": ("framepack", "13b", "720p"),
          "wan22-ti2v5b-720p": ("wan22-ti2v", "5b", "720p"), "ltx13b-512p": ("ltx", "13b", "512p"),
-         "cogvideox15-5b-768p": ("cogvideox15", "5b", "768p"), "wan-animate14b-720p": ("wan-animate", "14b", "720p")}
+         "cogvideox15-5b-768p": ("cogvideox15", "5b", "768p"), "wan-animate14b-720p": ("wan-animate", "14b", "720p"),
+         "chronoedit14b-720p": ("chronoedit", "14b", "720p"),
+         "chronoedit14b-720p-reason": ("chronoedit", "14b", "720p-reason")}
 VAE = {"wan-vae-480p": "480p", "wan-vae-720p": "720p"}

@@ -79,10 +79,10 @@ def test_every_step_shape_names_a_step_model():
         assert torch.isfinite(model(**x).sample).all()
 
 
-@pytest.mark.parametrize("family", ["wan-vace", "framepack", "wan22-ti2v", "cogvideox15", "wan-animate"])
+@pytest.mark.parametrize("family", ["wan-vace", "framepack", "wan22-ti2v", "cogvideox15", "wan-animate", "chronoedit"])
 def test_step_models_run_at_tiny_size(family):
     """The step shapes of Wan VACE, FramePack, Wan 2.2 TI2V (a timestep per token), CogVideoX 1.5 (2x2x2 patches,
-    sliced RoPE) and Wan 2.2 Animate (pose latents, face video): the tiny builder and inputs run through diffusers'
+    sliced RoPE), Wan 2.2 Animate (pose latents, face video) and ChronoEdit (its two-frame table): the tiny builder and inputs run through diffusers'
     model and the patched one (vkern's defaults: fused glue, vkern's attention), and the two agree within bf16
     rounding."""
     import vkern
@@ -161,3 +161,43 @@ def test_wan_animate_step_inputs_are_what_the_pipeline_passes():
     assert passed == {name: tuple(v.shape) for name, v in x.items()}
     assert passed["hidden_states"] == (1, 36, 21, 90, 160)  # (21 x 45 x 80 = 75600 tokens after 2x2 patches)
     assert passed["encoder_hidden_states_image"] == (1, 257, 1280) and passed["face_pixel_values"][2:] == (77, 512, 512)
+
+
+@pytest.mark.parametrize("reasoning", [False, True])
+def test_chronoedit_step_inputs_are_what_the_pipeline_passes(reasoning):
+    """ChronoEdit-14B's 720p step inputs (chronoedit14b-720p and -reason) against ChronoEditPipeline's own call at
+    the example's 1280x720 with the frame counts of ChronoEdit's own script (5, or 29 with temporal reasoning), on the
+    meta device (shapes only: the 14B model, the Wan VAE and a CLIP ViT-H/14-shaped vision tower); a hook stops the
+    pipeline at the transformer's first call."""
+    import PIL.Image
+    from diffusers import AutoencoderKLWan, ChronoEditPipeline, UniPCMultistepScheduler
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    build, make_inputs = bench._step_models()["chronoedit"]
+    model = build("14b", torch.bfloat16, "meta")
+    x = make_inputs(model, "720p-reason" if reasoning else "720p", torch.bfloat16, "meta")
+    with torch.device("meta"):
+        vae = AutoencoderKLWan()
+        clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=16,
+                                                num_hidden_layers=2, image_size=224, patch_size=14))
+    pipe = ChronoEditPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=model, image_encoder=clip,
+                              scheduler=UniPCMultistepScheduler(), image_processor=CLIPImageProcessor())
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(_, args, kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    with pytest.raises(Stop):
+        pipe(image=PIL.Image.new("RGB", (1280, 720)), prompt_embeds=x["encoder_hidden_states"], height=720,
+             width=1280, num_frames=29 if reasoning else 5, enable_temporal_reasoning=reasoning,
+             num_temporal_reasoning_steps=10 if reasoning else 0, guidance_scale=1.0)
+    passed = {name: tuple(v.shape) for name, v in seen.items() if torch.is_tensor(v)}
+    assert passed == {name: tuple(v.shape) for name, v in x.items()}
+    # (2 x 45 x 80 = 7200 tokens after 2x2 patches; 8 x 45 x 80 = 28800 with temporal reasoning)
+    assert passed["hidden_states"] == (1, 36, 8 if reasoning else 2, 90, 160)
+    assert passed["encoder_hidden_states_image"] == (1, 257, 1280)

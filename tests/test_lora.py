@@ -21,7 +21,8 @@ from .tolerance import assert_within_torch_error, rel_l2
 
 WAN = {"wan": (models.build_wan_transformer, models.transformer_inputs),
        "wan-vace": (models.build_wan_vace_transformer, models.wan_vace_transformer_inputs),
-       "wan-animate": (models.build_wan_animate_transformer, models.wan_animate_transformer_inputs)}
+       "wan-animate": (models.build_wan_animate_transformer, models.wan_animate_transformer_inputs),
+       "chronoedit": (models.build_chronoedit_transformer, models.chronoedit_transformer_inputs)}
 NAMES = [*WAN, *families.FAMILIES]
 SCALES = (None, 0.5)  # None: no attention_kwargs (the LoRA at its full weight)
 

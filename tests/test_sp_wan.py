@@ -1,5 +1,5 @@
 """vkern.patch(model, PatchConfig(sp=SPConfig(...))): the Wan transformer (and Wan Animate's and Wan VACE's:
-animate-fp32, vace-fp32) run sequence-parallel on 2 and 4 gloo ranks against the same model unpatched in one process.
+animate-fp32, vace-fp32; ChronoEdit's: chronoedit-fp32) run sequence-parallel on 2 and 4 gloo ranks against the same model unpatched in one process.
 
 The ranks come from tests/sp_harness.py (one fork-server spawn per world size, every rank runs
 every case, each test reads its case's verdict). Models: "tiny" (2 heads,
@@ -31,10 +31,12 @@ MODELS = {  # name: (heads, latent shapes [B, C, F, H, W] run one after the othe
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MATCH_CASES = [f"match-{m}-{d}" for m in MODELS for d in DTYPES] + ["ti2v-odd-fp32", "undo-tiny", "animate-fp32",
-                                                                     "vace-fp32"]
+                                                                     "vace-fp32", "chronoedit-fp32"]
 # Wan Animate (tiny: 3 latent frames, so 3 motion frames): 12 tokens (4 a frame), then 45 (15 a frame) at B = 2, so
 # ranks' slices start and end inside frames and, at 45 tokens, end in padding.
 ANIMATE_SHAPES = [(1, 3, 4, 4), (2, 3, 6, 10)]  # [B, F, H, W]
+# ChronoEdit: 2 latent frames (its own RoPE rows) at 8 tokens, then 30 at B = 2 (padding on 4 ranks), then 3 frames
+CHRONOEDIT_SHAPES = [(1, 2, 4, 4), (2, 2, 6, 10), (1, 3, 6, 10)]  # [B, F, H, W]
 # SPConfig variants, each run like match-*: name -> (model, dtype, SPConfig kwargs). ring_degree
 # "world" means every rank is its own ring position (pure ring); 2 on 4 ranks is Ulysses x ring.
 VARIANTS = {
@@ -291,6 +293,35 @@ def _animate_case(sp):
         raise AssertionError("undo() left a face adapter processor of vkern's")
 
 
+def _chronoedit_case(sp):
+    """ChronoEdit sequence-parallel (default PatchConfig, fp32) against the unpatched model: its RoPE table's rows
+    sharded with the tokens (a wrong position is an O(1) error at 2 frames, where its table is not Wan's); undo()
+    gives diffusers' processors back."""
+    from diffusers.models.transformers import transformer_chronoedit as chronoedit
+
+    from vkern import models
+
+    torch.manual_seed(0)
+    model = models.build_chronoedit_transformer("tiny", torch.float32, sp.device)
+    g = torch.Generator().manual_seed(1)
+    inputs = [dict(hidden_states=torch.randn(B, 36, F, H, W, generator=g).to(sp.device),
+                   timestep=torch.tensor([500] * B, device=sp.device),
+                   encoder_hidden_states=torch.randn(B, 16, 64, generator=g).to(sp.device),
+                   encoder_hidden_states_image=torch.randn(B, 5, 32, generator=g).to(sp.device))
+              for B, F, H, W in CHRONOEDIT_SHAPES]
+    want = [_forward(model, i) for i in inputs]
+    handle = _patch(model, sp)
+    for shape, inp, w in zip(CHRONOEDIT_SHAPES, inputs, want):
+        got = _forward(model, inp)
+        err = rel_l2(got.cpu(), w.cpu()) if got.shape == w.shape else None
+        if err is None or err > 1e-5:
+            raise AssertionError(f"ChronoEdit {shape}: output {tuple(got.shape)} (want {tuple(w.shape)}), rel L2 "
+                                 f"{err} vs unpatched > 1e-5")
+    handle.undo()
+    if not all(type(b.attn1.processor) is chronoedit.WanAttnProcessor for b in model.blocks):
+        raise AssertionError("undo() left a self-attention processor of vkern's")
+
+
 def _vace_case(sp):
     """Wan VACE sequence-parallel (fp32) against the unpatched model, with vkern's forward (hints where used: VACE
     blocks get the whole embedded input, the control states whole first and sharded after) and with diffusers'
@@ -445,6 +476,8 @@ def _sp_cases(sp, seed, results):
             results[case] = run(_animate_case, sp)
         elif kind == "vace":
             results[case] = run(_vace_case, sp)
+        elif kind == "chronoedit":
+            results[case] = run(_chronoedit_case, sp)
         else:
             results[case] = run(_undo_case, sp)
     for case, (name, dt, kwargs) in VARIANTS.items():
@@ -470,6 +503,7 @@ def _sp_cases(sp, seed, results):
 sp_results = results_fixture(_sp_cases, budget_s=400,
                              preload=["diffusers.models.transformers.transformer_wan",
                                       "diffusers.models.transformers.transformer_wan_animate",
+                                      "diffusers.models.transformers.transformer_chronoedit",
                                       "diffusers.models.transformers.transformer_wan_vace", "vkern.patch", __name__])
 
 

@@ -523,3 +523,41 @@ def wan_animate_transformer_inputs(model, res, dtype, device, batch=1):
                 encoder_hidden_states_image=randn(batch, image, cfg.image_dim),
                 pose_hidden_states=randn(batch, cfg.latent_channels, frames - 1, h, w),
                 face_pixel_values=randn(batch, 3, face_frames, face, face))
+
+
+# ChronoEdit (diffusers ChronoEditTransformer3DModel): NVIDIA's image editor, Wan 2.1 I2V-14B's architecture (36 input
+# channels: 16 noisy latent channels + 4 of the mask + 16 of the condition video's latents; 257 CLIP image tokens
+# through added key/value projections) with its own RoPE table. ChronoEditPipeline runs 5 frames (2 latent frames: the
+# input image and the edit, temporal positions 0 and rope_temporal_skip_len - 1) or, with temporal reasoning, 29 frames
+# (8 latent frames) for the first num_temporal_reasoning_steps, then 2.
+CHRONOEDIT_TRANSFORMERS = {
+    "tiny": dict(WAN_TRANSFORMERS["tiny"], in_channels=36, image_dim=32),  # (added_kv_proj_dim: the inner dim)
+    "14b": dict(WAN_TRANSFORMERS["14b"], in_channels=36, image_dim=1280, added_kv_proj_dim=5120),
+}
+# latent (frames, height, width): 720p is the pipeline example's 720 * 1280 area at 16:9 (2 x 45 x 80 = 7200 tokens;
+# 8 frames with temporal reasoning: 28800); tiny at 2 frames and, for the table's other path, 3
+CHRONOEDIT_LATENTS = {"tiny": (2, 8, 8), "tiny-reason": (3, 8, 8), "720p": (2, 90, 160), "720p-reason": (8, 90, 160)}
+
+
+def build_chronoedit_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
+    config = {**CHRONOEDIT_TRANSFORMERS[size], **overrides}
+    if size == "tiny":  # (the image keys' projection takes the image embedder's output, the inner dim wide)
+        config["added_kv_proj_dim"] = config["num_attention_heads"] * config["attention_head_dim"]
+    return _build("ChronoEditTransformer3DModel", config, dtype, device)
+
+
+def chronoedit_transformer_inputs(model, res, dtype, device, batch=1):
+    """Inputs as ChronoEditPipeline passes them: the latents with the condition channels, the prompt and the input
+    image's CLIP embeddings (CHRONOEDIT_LATENTS[res])."""
+    cfg = model.config
+    frames, height, width = CHRONOEDIT_LATENTS[res]
+    text, image = (16, 5) if res.startswith("tiny") else (TEXT_TOKENS, CLIP_IMAGE_TOKENS)
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g).to(device, dtype)
+
+    return dict(hidden_states=randn(batch, cfg.in_channels, frames, height, width),
+                timestep=torch.tensor([500] * batch, device=device),
+                encoder_hidden_states=randn(batch, text, cfg.text_dim),
+                encoder_hidden_states_image=randn(batch, image, cfg.image_dim))

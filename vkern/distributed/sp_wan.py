@@ -1,5 +1,6 @@
-"""Sequence parallelism (Ulysses) for diffusers' WanTransformer3DModel, WanVACETransformer3DModel and
-WanAnimateTransformer3DModel, installed by vkern.patch(model, PatchConfig(sp=SPConfig())) under torchrun.
+"""Sequence parallelism (Ulysses) for diffusers' WanTransformer3DModel, WanVACETransformer3DModel,
+WanAnimateTransformer3DModel and ChronoEditTransformer3DModel (Wan's forward, its own RoPE table), installed by
+vkern.patch(model, PatchConfig(sp=SPConfig())) under torchrun.
 
 Every rank holds the whole model and the same inputs. Hooks shard the work:
   model pre-hook     make the ranks agree on this step's inputs (SPConfig.check_inputs: by default
@@ -180,8 +181,8 @@ def _sub_groups(pg, world, rank, config):
 
 
 def apply_sequence_parallel(model, sp_config, handle):
-    """Install sequence parallelism on a WanTransformer3DModel, WanVACETransformer3DModel or
-    WanAnimateTransformer3DModel, recording every change in handle (a vkern PatchHandle; handle.config is the
+    """Install sequence parallelism on a WanTransformer3DModel, WanVACETransformer3DModel,
+    WanAnimateTransformer3DModel or ChronoEditTransformer3DModel, recording every change in handle (a vkern PatchHandle; handle.config is the
     PatchConfig) so undo() removes it. Collective: every rank of the group must call it, and all of them raise if any
     rank's model or config differs."""
     from ..modules.wan_animate_sp import VkernWanAnimateFaceSPProcessor

@@ -62,8 +62,8 @@ class PatchConfig:
                         same SQNR at Wan shapes); False for full-precision accumulation
     sp                  None | vkern.distributed.SPConfig: run the Wan transformer sequence-parallel
                         (Ulysses) over the SPConfig's process group (under torchrun, every rank patches);
-                        the Wan family's transformers: Wan, Wan VACE, Wan Animate (an error for the other
-                        families)
+                        the Wan family's transformers: Wan, Wan VACE, Wan Animate, ChronoEdit (an error for the
+                        other families)
     """
     attention: str = "auto"
     fused_qk_norm_rope: bool = True

@@ -1,6 +1,6 @@
-"""The Wan family adapter: WanTransformer3DModel, WanVACETransformer3DModel and WanAnimateTransformer3DModel
-(attention processors, fused block glue, optional FFN and attention chunking) and AutoencoderKLWan (cached causal
-convolutions).
+"""The Wan family adapter: WanTransformer3DModel, WanVACETransformer3DModel, WanAnimateTransformer3DModel and
+ChronoEditTransformer3DModel (attention processors, fused block glue, optional FFN and attention chunking) and
+AutoencoderKLWan (cached causal convolutions).
 
 Wan VACE (diffusers' WanVACETransformer3DModel, e.g. WanVACEPipeline's transformer) is not a WanTransformer3DModel
 subclass: its main blocks are WanTransformerBlocks and get the same fused forward; its VACE blocks
@@ -13,7 +13,13 @@ Wan Animate (WanAnimateTransformer3DModel, Wan 2.2 Animate) holds diffusers' cop
 WanTransformerBlock (the same code, "Copied from" transformer_wan, other classes): they get vkern's processor and the
 fused block forward as Wan's; its face adapter's attention (each frame's tokens to a handful of motion tokens) and
 its forward stay diffusers'; under sp (distributed/sp_wan.py) each rank runs the face adapter on its own tokens, per
-frame (modules/wan_animate_sp.py)."""
+frame (modules/wan_animate_sp.py).
+
+ChronoEdit (ChronoEditTransformer3DModel, NVIDIA's image editor on Wan 2.1 I2V-14B) is diffusers' Wan transformer with
+its own RoPE table (a two-frame latent, the edit's input and output image, takes temporal positions 0 and
+rope_temporal_skip_len - 1) and copies of WanAttention and WanTransformerBlock: the same code, other classes. Its
+forward is Wan's, so it gets everything Wan's does: vkern's processor (the tables come from its rope as for Wan), the
+fused blocks, the fused output norm, fp8, sp."""
 import functools
 
 from ..modules._grad import records_autograd
@@ -23,7 +29,8 @@ from ..modules.wan_vace import fused_vace_block_forward
 from .handle import refuse_context_parallel
 
 # what supports() takes (vkern.info, patch's errors)
-MODELS = ("WanTransformer3DModel", "WanVACETransformer3DModel", "WanAnimateTransformer3DModel", "AutoencoderKLWan")
+MODELS = ("WanTransformer3DModel", "WanVACETransformer3DModel", "WanAnimateTransformer3DModel",
+          "ChronoEditTransformer3DModel", "AutoencoderKLWan")
 # block class key -> (its fused forward, the handle's summary entry)
 FUSED_BLOCKS = {"block": (fused_block_forward, "WanTransformerBlock.forward -> fused glue"),
                 "vace_block": (fused_vace_block_forward, "WanVACETransformerBlock.forward -> fused glue")}
@@ -33,19 +40,22 @@ def _classes():
     from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan, WanCausalConv3d
     from diffusers.models.transformers.transformer_wan import (WanAttention, WanTransformer3DModel,
                                                                WanTransformerBlock)
+    from diffusers.models.transformers import transformer_chronoedit as chronoedit
     from diffusers.models.transformers import transformer_wan_animate as animate
     from diffusers.models.transformers.transformer_wan_vace import (WanVACETransformer3DModel,
                                                                     WanVACETransformerBlock)
-    return {"transformer": WanTransformer3DModel, "vace_transformer": WanVACETransformer3DModel,
+    # "transformer": the classes whose forward is Wan's (vkern's fused forward takes them)
+    return {"transformer": (WanTransformer3DModel, chronoedit.ChronoEditTransformer3DModel),
+            "vace_transformer": WanVACETransformer3DModel,
             "animate_transformer": animate.WanAnimateTransformer3DModel, "vae": AutoencoderKLWan,
-            "attention": (WanAttention, animate.WanAttention),
-            "block": (WanTransformerBlock, animate.WanTransformerBlock),
+            "attention": (WanAttention, animate.WanAttention, chronoedit.WanAttention),
+            "block": (WanTransformerBlock, animate.WanTransformerBlock, chronoedit.WanTransformerBlock),
             "vace_block": WanVACETransformerBlock, "causal_conv": WanCausalConv3d}
 
 
 def supports(obj):
     classes = _classes()
-    return isinstance(obj, (classes["transformer"], classes["vace_transformer"], classes["animate_transformer"],
+    return isinstance(obj, (*classes["transformer"], classes["vace_transformer"], classes["animate_transformer"],
                             classes["vae"]))
 
 
@@ -58,7 +68,7 @@ def apply(obj, config, handle):
 
 
 def _patch_transformer(model, config, handle, classes):
-    wan = isinstance(model, classes["transformer"])  # else Wan VACE or Animate (no subclasses of it)
+    wan = isinstance(model, classes["transformer"])  # Wan's forward; else Wan VACE or Animate (no subclasses of it)
     refuse_context_parallel(model)
     if config.fp8 is not None:
         from .fp8 import quantize_linears
@@ -88,7 +98,7 @@ def _patch_transformer(model, config, handle, classes):
         from ..modules.wan_transformer import fused_transformer_forward
 
         handle.override_forward(model, functools.partial(fused_transformer_forward, model),
-                                "WanTransformer3DModel.forward -> fused output norm")
+                                f"{_forward_owner(model, classes)}.forward -> fused output norm")
     elif isinstance(model, classes["vace_transformer"]) and config.fused_blocks() and config.accepts(model, ""):
         from ..modules.wan_vace import fused_vace_transformer_forward
 
@@ -99,6 +109,11 @@ def _patch_transformer(model, config, handle, classes):
         from ..distributed.sp_wan import apply_sequence_parallel
 
         apply_sequence_parallel(model, config.sp, handle)
+
+
+def _forward_owner(model, classes):
+    """The diffusers class whose forward model runs (a subclass of WanTransformer3DModel counts as it)."""
+    return next(c.__name__ for c in classes["transformer"] if isinstance(model, c))
 
 
 def _patch_vae(vae, config, handle, classes):
