@@ -554,8 +554,9 @@ CHUNK = 4096  # -chunked: FFN and attention token chunks
 
 def vkern_config(provider, allowed_suffixes=()):
     """The PatchConfig of a step provider
-    vkern[-fp8-storage|-fp8-compute][-chunked][-diffusers-blocks|-fused-blocks][-unfused-prologue][suffix][-attn-<mode>]
-    (-chunked: FFN and attention queries in CHUNK-token chunks; -diffusers-blocks: fused_block=False, the blocks'
+    vkern[-fp8-storage|-fp8-compute][-cross-bf16][-chunked][-diffusers-blocks|-fused-blocks][-unfused-prologue][suffix]
+    [-attn-<mode>] (-cross-bf16: with fp8, the Wan blocks' cross-attention Linears (".attn2.") left in bf16;
+    -chunked: FFN and attention queries in CHUNK-token chunks; -diffusers-blocks: fused_block=False, the blocks'
     glue as diffusers runs it; -fused-blocks: fused_block=True, for a family where it is not the default; neither:
     each family's default; -unfused-prologue: fused_qk_norm_rope=False, q/k norm and RoPE by diffusers' ops);
     returns (config, the suffixes present)."""
@@ -566,7 +567,11 @@ def vkern_config(provider, allowed_suffixes=()):
     chunk = CHUNK if "-chunked" in rest else None
     fused_block = False if "-diffusers-blocks" in rest else True if "-fused-blocks" in rest else None
     fused_prologue = "-unfused-prologue" not in rest
+    cross_bf16 = "-cross-bf16" in rest
+    if cross_bf16 and fp8 is None:
+        raise SystemExit(f"--providers: {provider!r}: -cross-bf16 needs -fp8-storage or -fp8-compute")
     rest = rest.replace("-diffusers-blocks", "").replace("-fused-blocks", "").replace("-unfused-prologue", "")
+    rest = rest.replace("-cross-bf16", "")
     suffixes = [x for x in allowed_suffixes if x in rest]
     base = rest.replace(f"-fp8-{fp8}", "").replace("-chunked", "")
     for x in suffixes:
@@ -575,7 +580,13 @@ def vkern_config(provider, allowed_suffixes=()):
         raise SystemExit(f"--providers: unknown {provider!r}")
     return vkern.PatchConfig(fp8=fp8, fp8_keep_original="drop", ffn_chunk_size=chunk, attention_chunk_size=chunk,
                              attention=attention or "auto", fused_block=fused_block,
-                             fused_qk_norm_rope=fused_prologue), suffixes
+                             fused_qk_norm_rope=fused_prologue,
+                             filter_fn=_keep_cross_linears if cross_bf16 else None), suffixes
+
+
+def _keep_cross_linears(module, fqn):
+    """filter_fn of -cross-bf16: every module but the nn.Linears under a block's attn2 (its processor stays vkern's)."""
+    return not (isinstance(module, torch.nn.Linear) and ".attn2." in f".{fqn}.")
 
 
 def _step_models():
@@ -613,7 +624,8 @@ def _build_step_model(family, size, provider):
     base = provider.removesuffix("-compile").replace(lora[0], "") if lora else provider.removesuffix("-compile")
     config = vkern_config(base)[0] if base.startswith("vkern") else None
     if config is not None and lora and lora[1]:
-        config.filter_fn = lambda module, fqn: not hasattr(module, "lora_A")
+        kept = config.filter_fn or (lambda module, fqn: True)
+        config.filter_fn = lambda module, fqn: not hasattr(module, "lora_A") and kept(module, fqn)
     if config is None and base not in ("diffusers", "diffusers-fp8-layerwise"):
         raise SystemExit(f"--providers: unknown {provider!r}")
     torch.manual_seed(0)
