@@ -801,14 +801,14 @@ def _psnr(a, b):
 
 
 def _vae_fp32_reference(vae, inp, fn):
-    """fn run by an fp32 copy of the bf16 VAE (diffusers' loop, TF32 off) on the same input upcast:
-    the oracle both bf16 providers are measured against. Kept in CPU memory, so no provider's peak
+    """fn run by an fp32 copy of the VAE (diffusers' loop, TF32 off) on the same input upcast:
+    the oracle every provider is measured against (an fp32 VAE's providers run cuDNN in TF32, torch's default). Kept in CPU memory, so no provider's peak
     sees it. VKERN_BENCH_VAE_FP32=0 skips it (returns None)."""
     import copy
 
     if os.environ.get("VKERN_BENCH_VAE_FP32", "1") == "0":
         return None
-    vae32 = copy.deepcopy(vae).float()  # bf16 -> fp32 is exact: the same weights
+    vae32 = copy.deepcopy(vae).float()  # bf16 -> fp32 is exact: the same weights (an fp32 VAE: a copy)
     flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -847,7 +847,7 @@ def _vae_rows(op, name, providers, args, make_input, runners):
     from vkern import models
 
     torch.manual_seed(0)
-    vae = models.build_wan_vae("default", DT, "cuda")
+    vae = models.build_wan_vae("default", shapes.vae_dtype(name), "cuda")
     allocated = torch.cuda.memory_allocated() / 2**30
     params = param_bytes(vae) / 2**30
     inp = make_input()
@@ -910,7 +910,7 @@ def _vae_decode(name, providers, args):
                "vkern-no-handoff": no_handoff(wan_vae.decode),
                "vkern-2-latents-no-handoff": no_handoff(lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2))}
     yield from _vae_rows("vae-decode", name, providers, args,
-                         lambda: torch.randn(shape, device="cuda", dtype=DT), runners)
+                         lambda: torch.randn(shape, device="cuda", dtype=shapes.vae_dtype(name)), runners)
 
 
 def _vae_encode(name, providers, args):
@@ -926,7 +926,8 @@ def _vae_encode(name, providers, args):
                "vkern-unfused": cudnn_convs(lambda vae, x: wan_vae.encode(vae, x, fuse_bias=False, pad_channels=False))}
     providers = [p for p in (providers or VAE_PROVIDERS) if p not in ("vkern-cpu-output", "vkern-2-latents")]
     yield from _vae_rows("vae-encode", name, providers, args,
-                         lambda: torch.rand(1, 3, frames, height, width, device="cuda", dtype=DT) * 2 - 1, runners)
+                         lambda: torch.rand(1, 3, frames, height, width, device="cuda",
+                                            dtype=shapes.vae_dtype(name)) * 2 - 1, runners)
 
 
 # One Wan VAE conv per layer class at 480p, in the time chunk it sees (decoder: 4 frames past the

@@ -54,4 +54,11 @@ STEPS = {"wan1.3b-480p": ("wan", "1.3b", "480p"), "wan14b-480p": ("wan", "14b", 
          "cogvideox15-5b-768p": ("cogvideox15", "5b", "768p"), "wan-animate14b-720p": ("wan-animate", "14b", "720p"),
          "chronoedit14b-720p": ("chronoedit", "14b", "720p"),
          "chronoedit14b-720p-reason": ("chronoedit", "14b", "720p-reason")}
-VAE = {"wan-vae-480p": "480p", "wan-vae-720p": "720p"}
+# -fp32: the VAE in fp32, as diffusers' Wan examples load it (torch_dtype=torch.float32); the others bf16
+VAE = {"wan-vae-480p": "480p", "wan-vae-720p": "720p", "wan-vae-480p-fp32": "480p", "wan-vae-720p-fp32": "720p"}
+
+
+def vae_dtype(name):
+    import torch
+
+    return torch.float32 if name.endswith("-fp32") else torch.bfloat16
