@@ -201,3 +201,23 @@ def test_chronoedit_step_inputs_are_what_the_pipeline_passes(reasoning):
     # (2 x 45 x 80 = 7200 tokens after 2x2 patches; 8 x 45 x 80 = 28800 with temporal reasoning)
     assert passed["hidden_states"] == (1, 36, 8 if reasoning else 2, 90, 160)
     assert passed["encoder_hidden_states_image"] == (1, 257, 1280)
+
+
+def test_cross_bf16_providers_keep_the_cross_attention_linears_in_bf16():
+    """-cross-bf16 (with -fp8-compute or -fp8-storage): every block Linear but attn2's goes to fp8, attn2 keeps vkern's
+    processor; without an fp8 mode the provider is refused."""
+    import vkern
+    from vkern.modules.fp8_linear import Fp8Linear
+    from vkern.modules.wan_attention import VkernWanAttnProcessor
+
+    config, _ = bench.vkern_config("vkern-fp8-storage-cross-bf16-attn-int8pv")
+    assert (config.fp8, config.attention) == ("storage", "int8pv")
+    model = models.build_chronoedit_transformer("tiny", torch.bfloat16)
+    vkern.patch(model, config)
+    fp8 = {n for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    kept = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n.startswith("blocks.")}
+    assert fp8 and all(n.startswith("blocks.") and ".attn2." not in n for n in fp8)
+    assert kept and all(".attn2." in n for n in kept)
+    assert all(isinstance(b.attn2.processor, VkernWanAttnProcessor) for b in model.blocks)
+    with pytest.raises(SystemExit, match="needs -fp8-storage or -fp8-compute"):
+        bench.vkern_config("vkern-cross-bf16")
