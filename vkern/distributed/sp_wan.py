@@ -182,8 +182,8 @@ def _sub_groups(pg, world, rank, config):
 
 def apply_sequence_parallel(model, sp_config, handle):
     """Install sequence parallelism on a WanTransformer3DModel, WanVACETransformer3DModel,
-    WanAnimateTransformer3DModel or ChronoEditTransformer3DModel, recording every change in handle (a vkern PatchHandle; handle.config is the
-    PatchConfig) so undo() removes it. Collective: every rank of the group must call it, and all of them raise if any
+    WanAnimateTransformer3DModel or ChronoEditTransformer3DModel, recording every change in handle (a vkern
+    PatchHandle; handle.config is the PatchConfig) so undo() removes it. Collective: every rank of the group must call it, and all of them raise if any
     rank's model or config differs."""
     from ..modules.wan_animate_sp import VkernWanAnimateFaceSPProcessor
     from ..modules.wan_sp_attention import VkernWanSPAttnProcessor
