@@ -803,8 +803,7 @@ def _psnr(a, b):
 def _vae_fp32_reference(vae, inp, fn):
     """fn run by an fp32 copy of the VAE (diffusers' loop, TF32 off) on the same input upcast: the oracle every
     provider is measured against (an fp32 VAE's providers run cuDNN in TF32, torch's default). Kept in CPU memory, so
-    no provider's peak
-    sees it. VKERN_BENCH_VAE_FP32=0 skips it (returns None)."""
+    no provider's peak sees it. VKERN_BENCH_VAE_FP32=0 skips it (returns None)."""
     import copy
 
     if os.environ.get("VKERN_BENCH_VAE_FP32", "1") == "0":
