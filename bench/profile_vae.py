@@ -4,6 +4,7 @@
 
     python -m bench.profile_vae --res 480p --out rows.jsonl           # H100/H200: ~40 s
     python -m bench.profile_vae --res tiny --device cpu               # CI: CPU ops instead of kernels
+    python -m bench.profile_vae --res 480p --ops decode --dtype fp32   # an fp32 VAE (diffusers' examples' dtype)
 
 Classes (first rule that applies):
 - other: anything under the mid block's attention (WanAttentionBlock: its norm, 1x1 convs, SDPA);
@@ -321,7 +322,8 @@ def run(res, ops, providers, device, dtype=torch.bfloat16):
                                                                                    device)
                 per_class, top = summarize(items, classify, CLASSES, TOP)
                 total = sum(per_class.values())
-                rows.append(dict(op=f"profile-vae-{op}", shape=f"wan-vae-{res}", provider=provider, world=1,
+                shape = f"wan-vae-{res}" + ("-fp32" if dtype == torch.float32 else "")
+                rows.append(dict(op=f"profile-vae-{op}", shape=shape, provider=provider, world=1,
                                  **{f"{c}_ms": per_class[c] for c in CLASSES}, total_ms=total, wall_ms=wall,
                                  profiled_wall_ms=profiled, kernels=len(items), param_gib=param_bytes(vae) / 2**30,
                                  timer="cuda-kernels" if device.type == "cuda" else "cpu-self", top=top,
@@ -379,6 +381,7 @@ def main(argv=None):
     parser.add_argument("--ops", default="decode,encode", help="comma-separated: decode, encode")
     parser.add_argument("--providers", default="diffusers,vkern", help="comma-separated: diffusers, vkern, vkern-cudnn (every conv on cuDNN)")
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu (tiny only)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="the VAE's and its input's dtype")
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--md", default=None, help="write the markdown tables here too")
     args = parser.parse_args(argv)
@@ -386,7 +389,8 @@ def main(argv=None):
     ops = args.ops.split(",")
     if set(ops) - {"decode", "encode"}:
         raise SystemExit(f"--ops: expected decode and/or encode, got {args.ops!r}")
-    rows = save_rows(run(args.res, ops, args.providers.split(","), device), device, args.out)
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    rows = save_rows(run(args.res, ops, args.providers.split(","), device, dtype), device, args.out)
     text = "\n\n".join([table(rows)] + [top_table(r) for r in rows] + [conv_table(r) for r in rows]
                          + [idle_table(r) for r in rows if r["idle_before"]])
     if args.md:
