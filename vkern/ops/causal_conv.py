@@ -43,8 +43,11 @@ TRITON_FASTER = {(96, (3, 3, 3))}
 CUDA_FASTER = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (192, 96, (1, 3, 3)), (384, 192, (1, 3, 3))}
 
 
-def triton_faster(weight, stride):
-    return tuple(stride) == (1, 1, 1) and (weight.shape[0], tuple(weight.shape[2:])) in TRITON_FASTER
+def triton_faster(weight, stride, dtype=torch.bfloat16):
+    """TRITON_FASTER's convs in 16 bits. Not fp32: there the kernel's dot is IEEE fp32 (no tensor cores) while cuDNN
+    runs TF32 under torch's default, and an fp32 VAE's decode ran 0.78x diffusers' with it (H100, run 171)."""
+    return (dtype in HALF and tuple(stride) == (1, 1, 1)
+            and (weight.shape[0], tuple(weight.shape[2:])) in TRITON_FASTER)
 
 
 def cuda_unsupported(x, weight, stride):
@@ -99,7 +102,7 @@ def conv_backend(x, weight, stride):
     (CPU) otherwise, unless VKERN_CAUSAL_CONV3D_BACKEND forces one."""
     cuda = cuda_unsupported(x, weight, stride)
     return _backend.choose("causal_conv3d", _causal_conv_candidates(
-        x.device, x.dtype, triton_faster(weight, stride), cuda, cuda is None and _cuda_preferred(weight)))
+        x.device, x.dtype, triton_faster(weight, stride, x.dtype), cuda, cuda is None and _cuda_preferred(weight)))
 
 
 IN_PLACE = ("triton", "cuda")  # the backends that read cached frames where they are (conv3d_in_place)
