@@ -119,6 +119,26 @@ def test_cogvideox15_step_inputs_are_what_the_pipeline_passes():
     assert all(torch.equal(a, b) for a, b in zip(x["image_rotary_emb"], seen["image_rotary_emb"], strict=True))
 
 
+def first_call_shapes(pipe, **call):
+    """{name: shape} of the tensors pipe(**call) hands its transformer at its first call (a hook stops it there)."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(_, args, kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with pytest.raises(Stop):
+            pipe(**call)
+    finally:
+        handle.remove()
+    return {name: tuple(v.shape) for name, v in seen.items() if torch.is_tensor(v)}
+
+
 def test_wan_animate_step_inputs_are_what_the_pipeline_passes():
     """Wan 2.2 Animate 14B's 720p step inputs against WanAnimatePipeline's own call at its default size (1280x720, a
     77-frame segment) with a 77-frame pose and face video, on the meta device (shapes only: the 14B model, the Wan VAE
@@ -139,25 +159,14 @@ def test_wan_animate_step_inputs_are_what_the_pipeline_passes():
                                                 num_hidden_layers=2, image_size=224, patch_size=14))
     pipe = WanAnimatePipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=model, image_encoder=clip,
                               scheduler=UniPCMultistepScheduler(), image_processor=CLIPImageProcessor())
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def record(_, args, kwargs):
-        seen.update(kwargs)
-        raise Stop
-
-    model.register_forward_pre_hook(record, with_kwargs=True)
     segment, height, width = models.WAN_ANIMATE_RESOLUTIONS["720p"]
     defaults = inspect.signature(WanAnimatePipeline.__call__).parameters
     names = ("segment_frame_length", "height", "width", "max_sequence_length")
     assert tuple(defaults[name].default for name in names) == (segment, height, width, models.TEXT_TOKENS)
     frame, face = PIL.Image.new("RGB", (width, height)), PIL.Image.new("RGB", (512, 512))
-    with pytest.raises(Stop):  # (the pipeline's defaults: height, width and segment length not passed)
-        pipe(image=frame, pose_video=[frame] * segment, face_video=[face] * segment,
-             prompt_embeds=x["encoder_hidden_states"])
-    passed = {name: tuple(v.shape) for name, v in seen.items() if torch.is_tensor(v)}
+    # (the pipeline's defaults: height, width and segment length not passed)
+    passed = first_call_shapes(pipe, image=frame, pose_video=[frame] * segment, face_video=[face] * segment,
+                               prompt_embeds=x["encoder_hidden_states"])
     assert passed == {name: tuple(v.shape) for name, v in x.items()}
     assert passed["hidden_states"] == (1, 36, 21, 90, 160)  # (21 x 45 x 80 = 75600 tokens after 2x2 patches)
     assert passed["encoder_hidden_states_image"] == (1, 257, 1280) and passed["face_pixel_values"][2:] == (77, 512, 512)
@@ -182,21 +191,10 @@ def test_chronoedit_step_inputs_are_what_the_pipeline_passes(reasoning):
                                                 num_hidden_layers=2, image_size=224, patch_size=14))
     pipe = ChronoEditPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=model, image_encoder=clip,
                               scheduler=UniPCMultistepScheduler(), image_processor=CLIPImageProcessor())
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def record(_, args, kwargs):
-        seen.update(kwargs)
-        raise Stop
-
-    model.register_forward_pre_hook(record, with_kwargs=True)
-    with pytest.raises(Stop):
-        pipe(image=PIL.Image.new("RGB", (1280, 720)), prompt_embeds=x["encoder_hidden_states"], height=720,
-             width=1280, num_frames=29 if reasoning else 5, enable_temporal_reasoning=reasoning,
-             num_temporal_reasoning_steps=10 if reasoning else 0, guidance_scale=1.0)
-    passed = {name: tuple(v.shape) for name, v in seen.items() if torch.is_tensor(v)}
+    passed = first_call_shapes(pipe, image=PIL.Image.new("RGB", (1280, 720)), prompt_embeds=x["encoder_hidden_states"],
+                               height=720, width=1280, num_frames=29 if reasoning else 5,
+                               enable_temporal_reasoning=reasoning, num_temporal_reasoning_steps=10 if reasoning else 0,
+                               guidance_scale=1.0)
     assert passed == {name: tuple(v.shape) for name, v in x.items()}
     # (2 x 45 x 80 = 7200 tokens after 2x2 patches; 8 x 45 x 80 = 28800 with temporal reasoning)
     assert passed["hidden_states"] == (1, 36, 8 if reasoning else 2, 90, 160)

@@ -16,6 +16,7 @@ from vkern import models
 from vkern.modules.wan_attention import VkernWanAttnProcessor
 
 from .patch_checks import assert_autograd_runs_diffusers_ops, fp8_cosine
+from .test_model_families import forward, to_dtype
 from .tolerance import assert_within_torch_error, rel_l2
 
 RESOLUTIONS = ["tiny", "tiny-reason"]  # 2 latent frames (the table's edit rows) and 3
@@ -24,15 +25,6 @@ RESOLUTIONS = ["tiny", "tiny-reason"]  # 2 latent frames (the table's edit rows)
 def build(dtype=torch.float32, device="cpu", **overrides):
     torch.manual_seed(0)
     return models.build_chronoedit_transformer("tiny", dtype, device, **overrides)
-
-
-def forward(model, x):
-    with torch.inference_mode():
-        return model(**x).sample
-
-
-def to16(x):
-    return {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in x.items()}
 
 
 @pytest.mark.parametrize("res", RESOLUTIONS)
@@ -82,10 +74,10 @@ def test_kernels_within_twice_torch_bf16_error(fused_block, res, device):
     overrides = dict(attention_head_dim=128)  # the CUDA kernels' head dim on a GPU
     model32, model16 = build(torch.float32, device, **overrides), build(torch.bfloat16, device, **overrides)
     x = models.chronoedit_transformer_inputs(model32, res, torch.float32, device)
-    oracle, torch_bf16 = forward(model32, x), forward(model16, to16(x))
+    oracle, torch_bf16 = forward(model32, x), forward(model16, to_dtype(x, torch.bfloat16))
     with vkern.patch(model16, vkern.PatchConfig(fused_block=fused_block)):
         assert sum(isinstance(getattr(m, "processor", None), VkernWanAttnProcessor) for m in model16.modules()) == 4
-        ours = forward(model16, to16(x))
+        ours = forward(model16, to_dtype(x, torch.bfloat16))
     assert_within_torch_error(ours, oracle, torch_bf16)
 
 

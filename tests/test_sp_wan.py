@@ -247,6 +247,16 @@ def _zero_copy_case(name, dt, fused, fp8, sp):
                                      f"{mine:.3g}, more than 2x the unpatched model's {torch_own:.3g}?")
 
 
+def _check_fp32_outputs(label, model, shapes, inputs, want):
+    """The patched model's output for each of inputs within 1e-5 of want (the unpatched model's, fp32)."""
+    for shape, inp, w in zip(shapes, inputs, want):
+        got = _forward(model, inp)
+        err = rel_l2(got.cpu(), w.cpu()) if got.shape == w.shape else None
+        if err is None or err > 1e-5:
+            raise AssertionError(f"{label} {shape}: output {tuple(got.shape)} (want {tuple(w.shape)}), rel L2 {err} "
+                                 f"vs unpatched > 1e-5")
+
+
 def _animate_inputs(shape, device, seed=1):
     from vkern import models
 
@@ -275,12 +285,7 @@ def _animate_case(sp):
     inputs = [_animate_inputs(shape, sp.device) for shape in ANIMATE_SHAPES]
     want = [_forward(model, i) for i in inputs]
     handle = _patch(model, sp)
-    for shape, inp, w in zip(ANIMATE_SHAPES, inputs, want):
-        got = _forward(model, inp)
-        err = rel_l2(got.cpu(), w.cpu()) if got.shape == w.shape else None
-        if err is None or err > 1e-5:
-            raise AssertionError(f"Animate {shape}: output {tuple(got.shape)} (want {tuple(w.shape)}), rel L2 {err} "
-                                 f"vs unpatched > 1e-5")
+    _check_fp32_outputs("Animate", model, ANIMATE_SHAPES, inputs, want)
     other = _animate_inputs((1, 3, 4, 6), sp.device)  # a shape not agreed on yet (check_inputs="per-shape")
     other["face_pixel_values"] = other["face_pixel_values"] + sp.rank  # rank 1's face video differs
     with CountCalls() as count:
@@ -311,12 +316,7 @@ def _chronoedit_case(sp):
               for B, F, H, W in CHRONOEDIT_SHAPES]
     want = [_forward(model, i) for i in inputs]
     handle = _patch(model, sp)
-    for shape, inp, w in zip(CHRONOEDIT_SHAPES, inputs, want):
-        got = _forward(model, inp)
-        err = rel_l2(got.cpu(), w.cpu()) if got.shape == w.shape else None
-        if err is None or err > 1e-5:
-            raise AssertionError(f"ChronoEdit {shape}: output {tuple(got.shape)} (want {tuple(w.shape)}), rel L2 "
-                                 f"{err} vs unpatched > 1e-5")
+    _check_fp32_outputs("ChronoEdit", model, CHRONOEDIT_SHAPES, inputs, want)
     handle.undo()
     if not all(type(b.attn1.processor) is chronoedit.WanAttnProcessor for b in model.blocks):
         raise AssertionError("undo() left a self-attention processor of vkern's")
