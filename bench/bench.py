@@ -1062,9 +1062,12 @@ def main(argv=None):
     parser.add_argument("--step-graph", action="store_true",
                         help="also time each step replayed as one CUDA graph (graph_ms: the step without its host "
                              "time, the ceiling of every per-call trim; graph_error if the step cannot be captured)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
-                        help="the inputs' (and the 8-bit kernels' output) dtype; rows other than bf16 say it")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="the inputs' (and the 8-bit kernels' output) dtype; rows other than bf16 say it; float32: "
+                             "vae-conv only (an fp32 VAE's convs, TF32 as torch's default runs them)")
     args = parser.parse_args(argv)
+    if args.dtype == "float32" and args.op != "vae-conv":
+        raise SystemExit(f"--dtype float32: vae-conv only (got --op {args.op}; fp32 VAEs: the -fp32 vae shapes)")
     global DT
     DT = getattr(torch, args.dtype)
     if not torch.cuda.is_available():

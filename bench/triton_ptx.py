@@ -88,23 +88,38 @@ def main():
                          ("y_ptr", "s_ptr", "bias_ptr", "C", "stride_yb", "stride_sb"))
         print(f"residual_add C={C}:", dict(ops))
 
-    from vkern.triton.causal_conv import _causal_conv3d_kernel, block_sizes
+    for C, O, dtype, warps, stages in ((96, 96, "bf16", 4, 3), (96, 96, "bf16", 8, 4), (384, 384, "bf16", 8, 3),
+                                       (96, 96, "fp32", 4, 3), (96, 96, "fp32", 8, 4), (96, 3, "fp32", 4, 3)):
+        ptx = conv_ptx(C, O, dtype, warps, stages)
+        print(f"causal_conv3d {dtype} {C}->{O} 3x3x3 warps={warps} stages={stages}:", dict(ptx_memory_ops(ptx)),
+              dict(collections.Counter(re.findall(r"wgmma\.mma_async[\w.]*", ptx))))
 
-    ints = ("C", "O", "T", "H", "W", "To", "Ho", "Wo", "M", "M_LOG2", "Tc", "n_cache", "O_pad")
+
+def conv_ptx(C, O, dtype="bf16", warps=4, stages=3):
+    """PTX of the causal conv kernel (3x3x3 with a cache, zeros padding, TF32 products in fp32) as a launch at the
+    decoder's 480x832 / 240x416 / 120x208 convs specializes it: the channel counts, frame sizes, every stride and
+    the padded weight's sizes multiples of 16, and the packed weight's unit stride (vkern/triton/causal_conv.py's
+    packed_weight: N in 16 bits, K in fp32) a constexpr."""
+    import torch
+
+    from vkern.triton.causal_conv import _causal_conv3d_kernel, block_sizes, packed_weight
+
+    ints = ("C", "O", "T", "H", "W", "To", "Ho", "Wo", "M", "M_LOG2", "Tc", "n_cache", "swk", "swn")
     strides = ("sxb", "sxt", "sxh", "sxw", "scb", "sct", "sch", "scw", "sob")
-    sig = {**{n: "*bf16" for n in ("x_ptr", "cache_ptr", "w_ptr", "bias_ptr", "out_ptr")},
+    sig = {**{n: f"*{dtype}" for n in ("x_ptr", "cache_ptr", "w_ptr", "bias_ptr", "out_ptr")},
            **{n: "i32" for n in ints}, **{n: "i64" for n in strides}}
-    # The decoder's 3x3x3 convs at 480x832 / 240x416 / 120x208 (with a cache): the channel counts, frame sizes,
-    # every stride and the padded weight's sizes are multiples of 16, as a real launch sees them.
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    block_n, block_k = block_sizes(C, O, torch_dtype)
+    packed = packed_weight(torch.zeros(O, C, 3, 3, 3, dtype=torch_dtype), block_k, block_n)
+    unit = {(1, 0): "swk", (0, 1): "swn"}[(int(packed.stride(0) == 1), int(packed.stride(1) == 1))]
+    sig[unit] = "constexpr"
     aligned = [n for n in sig if n.endswith("_ptr") or n in strides]
-    aligned += ["C", "O", "H", "W", "Ho", "Wo", "O_pad"]
-    for C, warps, stages in ((96, 4, 3), (96, 8, 4), (384, 8, 3)):
-        block_n, block_k = block_sizes(C, C)
-        consts = dict(KT=3, KH=3, KW=3, ST=1, SH=1, SW=1, TP=2, HP=1, WP=1, PAD_MODE=0, HAS_BIAS=True, BLOCK_M=128,
-                      BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=True, UPCAST=False, DOT_PRECISION="tf32",
-                      EMULATE_RNE=False)
-        ops = memory_ops(_causal_conv3d_kernel, sig, consts, warps, aligned, stages)
-        print(f"causal_conv3d {C}->{C} 3x3x3 BLOCK 128x{block_n}x{block_k} warps={warps} stages={stages}:", dict(ops))
+    aligned += [n for n, v in (("C", C), ("O", O)) if v % 16 == 0]
+    aligned += ["H", "W", "Ho", "Wo", "swk" if unit == "swn" else "swn"]
+    consts = dict(KT=3, KH=3, KW=3, ST=1, SH=1, SW=1, TP=2, HP=1, WP=1, PAD_MODE=0, HAS_BIAS=True, BLOCK_M=128,
+                  BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=C % block_k == 0, UPCAST=False, DOT_PRECISION="tf32",
+                  EMULATE_RNE=False, **{unit: 1})
+    return compile_sm90(_causal_conv3d_kernel, sig, consts, warps, aligned, stages).asm["ptx"]
 
 
 if __name__ == "__main__":

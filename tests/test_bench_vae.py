@@ -1,5 +1,6 @@
 """bench.bench's VAE accuracy columns on the CPU: the fp32 oracle (an fp32 copy of the bf16 VAE, input
 upcast) and the streamed error against it, for diffusers' bf16 decode and encode and vkern's."""
+import pytest
 import torch
 
 from bench import bench
@@ -34,3 +35,9 @@ def test_fp32_oracle_and_errors(monkeypatch):
     assert torch.equal(oracle, vae32.encode(x.float()).latent_dist.parameters)
     monkeypatch.setenv("VKERN_BENCH_VAE_FP32", "0")
     assert bench._vae_fp32_reference(vae, x, encode) is None
+
+
+def test_float32_is_for_vae_convs_only():
+    """--dtype float32 times an fp32 VAE's convs (vae-conv); the other ops' kernels take 16-bit inputs."""
+    with pytest.raises(SystemExit, match="vae-conv only"):
+        bench.main(["--op", "attention", "--dtype", "float32"])

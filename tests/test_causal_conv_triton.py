@@ -235,6 +235,31 @@ def test_gpu_wan_shapes(C, O, T, H, W):
     assert rel_l2(out, oracle) <= 2.0**-8
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("C,O,k", [(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (3, 96, (3, 3, 3)), (192, 96, (1, 3, 3)),
+                                   (192, 192, (3, 3, 3))])
+@torch.inference_mode()
+def test_gpu_fp32_follows_torch_tf32_setting(C, O, k):
+    """fp32 follows torch's cuDNN conv setting. TF32 on (torch's default): TF32 products like cuDNN's, within 2x
+    cuDNN's own TF32 error against a float64 oracle, and above 1e-5 (IEEE products land near 1e-7: the kernel did not
+    ignore the setting). TF32 off: IEEE products, within the fp32 bound of the module docstring."""
+    dev = torch.device("cuda")
+    tp = 2 if k[0] == 3 else 0
+    x, w, b, cache = (t.to(dev) for t in inputs(1, C, O, 2, 64, 96, k, 2))
+    padding = (tp, 1, 1)
+    cached = torch.cat([cache, x], dim=2) if tp else x
+    oracle = F.conv3d(cached.double(), w.double(), b.double(), padding=(0, 1, 1))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        out = kernel(x, w, b, (1, 1, 1), padding, cache if tp else None, "zeros")
+        theirs = F.conv3d(cached, w, b, padding=(0, 1, 1))
+    err, err_theirs = rel_l2(out, oracle), rel_l2(theirs, oracle)
+    print(f"fp32 {C}->{O} {k}: TF32 rel L2 vs float64 ours {err:.3g}, cuDNN {err_theirs:.3g}")
+    assert 1e-5 < err <= 2 * err_theirs
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        check(kernel(x, w, b, (1, 1, 1), padding, cache if tp else None, "zeros"), x, w, b, (1, 1, 1), padding,
+              cache if tp else None, "zeros")
+
+
 def test_in_place_residual_on_triton_adds_bias_and_shortcut_once():
     """conv3d_in_place on the Triton backend with a residual (the CUDA kernel adds it in its epilogue; here the conv
     runs without bias and residual_add_ adds bias + shortcut): within the conv's fp32 bound plus the add's two

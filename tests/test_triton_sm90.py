@@ -70,6 +70,10 @@ def _launch_each_kernel():
     for pad_mode in ("zeros", "replicate"):  # (on the CPU the op takes the reference: the kernel itself here)
         conv_kernel(video, torch.randn(16, 16, 3, 3, 3, dtype=BF16), torch.randn(16, dtype=BF16), (1, 1, 1),
                     (2, 1, 1), cache=cache if pad_mode == "zeros" else None, pad_mode=pad_mode)
+    video32 = video.float()  # fp32 (an fp32 VAE): TF32 products (torch's default) and IEEE ones
+    for tf32 in (True, False):
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
+            conv_kernel(video32, torch.randn(16, 16, 3, 3, 3), torch.randn(16), (1, 1, 1), (2, 1, 1), cache=video32[:, :, -2:])
     ops.rms_norm_silu(video, torch.rand(16, dtype=BF16), torch.randn(16, dtype=BF16))
     ops.residual_add_(video.clone(), video, torch.randn(16, dtype=BF16))
 
@@ -139,3 +143,20 @@ def test_prologue_moves_16_byte_vectors_in_one_round_trip(heads, head_dim, form)
     if form == "split":  # x, weight, cos, sin: 2 x 16 B each per thread at 32 x 128 over 8 warps
         assert ops == {"ld.global.v4.b32": 8, "st.global.v4.b32": 2}, ops
     assert early == loads > 0, (early, loads)
+
+
+@pytest.mark.parametrize("C, O, warps, stages", [(96, 96, 4, 3), (96, 96, 8, 4), (96, 3, 4, 3)])
+def test_fp32_conv_runs_tf32_wgmma_on_16_byte_copies(C, O, warps, stages):
+    """The causal conv in fp32 with TF32 products, compiled for sm_90 as a real launch specializes it: tl.dot becomes
+    TF32 wgmma, and both tiles reach shared memory as 16-byte cp.async copies. The weight is packed K-major in fp32
+    for this: with its N contiguous Triton copied the B tile 4 bytes at a time (96 copies a thread and stage)."""
+    code = ("import json, re; from bench.triton_ptx import conv_ptx, ptx_memory_ops;"
+            f"ptx = conv_ptx({C}, {O}, 'fp32', {warps}, {stages});"
+            "print(json.dumps([ptx_memory_ops(ptx), re.findall(r'wgmma\\.mma_async[\\w.]*', ptx)]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # (compiled, not interpreted)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ops, wgmma = json.loads(done.stdout.splitlines()[-1])
+    assert wgmma and all(w.endswith(".f32.tf32.tf32") for w in wgmma), wgmma
+    copies = {op: n for op, n in ops.items() if op.startswith("cp.async")}
+    assert list(copies) == ["cp.async.16B"], ops

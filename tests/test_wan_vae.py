@@ -262,12 +262,21 @@ def test_measured_options_default_on_and_read_the_environment(option, monkeypatc
 
 def test_triton_conv_only_where_it_measured_faster(monkeypatch):
     """vkern.ops.causal_conv.TRITON_FASTER: the 3x3x3 stride-1 convs with 96 outputs go to the Triton kernel
-    on CUDA in 16 bits (in fp32 cuDNN's TF32 is faster); the other Wan convs keep cuDNN; the environment still
-    forces either."""
+    on CUDA in 16 bits; in fp32 the convs of TRITON_FASTER_TF32, only while torch runs cuDNN's fp32 convs in TF32
+    (with TF32 off the kernel's IEEE products lose to cuDNN's); the other Wan convs keep cuDNN; the environment
+    still forces either."""
     w = lambda o, c, *k: torch.empty(o, c, *k)  # noqa: E731
     assert cc.triton_faster(w(96, 96, 3, 3, 3), (1, 1, 1)) and cc.triton_faster(w(96, 8, 3, 3, 3), (1, 1, 1))
     assert cc.triton_faster(w(96, 96, 3, 3, 3), (1, 1, 1), torch.float16)
-    assert not cc.triton_faster(w(96, 96, 3, 3, 3), (1, 1, 1), torch.float32)
+    assert cc.TRITON_FASTER_TF32
+    for C, O, k in cc.TRITON_FASTER_TF32:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+            assert cc.triton_faster(w(O, C, *k), (1, 1, 1), torch.float32), (C, O, k)
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            assert not cc.triton_faster(w(O, C, *k), (1, 1, 1), torch.float32), (C, O, k)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        assert not cc.triton_faster(w(96, 96, 3, 3, 3), (1, 2, 2), torch.float32)
+        assert not cc.triton_faster(w(96, 96, 3, 3, 3), (1, 1, 1), torch.float64)
     for weight, stride in ((w(192, 192, 3, 3, 3), (1, 1, 1)), (w(384, 384, 3, 3, 3), (1, 1, 1)),
                            (w(3, 96, 3, 3, 3), (1, 1, 1)), (w(96, 96, 3, 3, 3), (1, 2, 2)),
                            (w(768, 384, 3, 1, 1), (1, 1, 1))):
@@ -514,6 +523,28 @@ def _spy_kernel_convs(monkeypatch):
     return calls
 
 
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch without per-op fp32_precision settings")
+def test_cudnn_conv_tf32_reads_torch_settings_as_cudnn_does():
+    """cudnn_conv_tf32: the legacy flag, and the per-op setting inheriting from cudnn's, then the global one."""
+    from vkern.ops._backend import cudnn_conv_tf32
+
+    cudnn = torch.backends.cudnn
+    saved = cudnn.conv.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision
+    try:
+        with cudnn.flags(enabled=True, allow_tf32=True):
+            assert cudnn_conv_tf32()
+        with cudnn.flags(enabled=True, allow_tf32=False):
+            assert not cudnn_conv_tf32()
+        cudnn.conv.fp32_precision = "ieee"
+        assert not cudnn_conv_tf32()
+        cudnn.conv.fp32_precision, torch.backends.fp32_precision = "none", "tf32"
+        assert cudnn_conv_tf32()
+        torch.backends.fp32_precision = "ieee"
+        assert not cudnn_conv_tf32()
+    finally:
+        cudnn.conv.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision = saved
+
+
 @pytest.mark.gpu
 @torch.inference_mode()
 def test_gpu_decode_runs_vkern_convs_where_they_measured_faster(monkeypatch):
@@ -598,12 +629,16 @@ def test_gpu_patched_vae_and_cudnn_conv_op():
 
 @pytest.mark.gpu
 @torch.inference_mode()
-def test_gpu_fp32_vae_decode_and_encode_match_diffusers():
+def test_gpu_fp32_vae_decode_and_encode_match_diffusers(monkeypatch):
     """An fp32 VAE, as diffusers' Wan examples load it (torch_dtype=torch.float32), patched: decode and encode run
-    vkern's loop and land within 1.25x of diffusers' own error against the same VAE with TF32 off (both run cuDNN's
-    convolutions in TF32, torch's default; a kernel that rounded to bf16 on the way would be ~10x off). The decode
-    peak is printed, not bounded: in fp32 vkern's loop measured 2-3% above diffusers' (run 172: 2.20 vs 2.15 GiB
-    here, 9.53 vs 9.26 at 480p), unlike bf16 (test_gpu_default_decode_matches_diffusers)."""
+    vkern's loop and land within 1.25x of diffusers' own error against the same VAE with TF32 off (both run their
+    convolutions in TF32, torch's default: the convs of TRITON_FASTER_TF32 on the Triton kernel, the others on
+    cuDNN; a kernel that rounded to bf16 on the way would be ~10x off). With TF32 off the patched VAE runs every conv
+    on cuDNN, IEEE, within 1e-5 of the oracle. The decode peak is printed, not bounded: in fp32 vkern's loop
+    measured 2-3% above diffusers' (run 172: 2.20 vs 2.15 GiB here, 9.53 vs 9.26 at 480p), unlike bf16
+    (test_gpu_default_decode_matches_diffusers)."""
+    from vkern.ops import causal_conv as cc
+
     torch.manual_seed(0)
     vae = models.build_wan_vae("default", torch.float32, "cuda")
     z = torch.randn(1, 16, 5, 32, 32, device="cuda")
@@ -616,16 +651,28 @@ def test_gpu_fp32_vae_decode_and_encode_match_diffusers():
         peak = torch.cuda.max_memory_allocated()
         return decoded, v.encode(x).latent_dist.parameters, peak
 
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        oracle = runs(vae)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    def without_tf32(fn):
+        flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return fn()
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+    oracle = without_tf32(lambda: runs(vae))
     theirs = runs(vae)
+    calls = _spy_kernel_convs(monkeypatch)
     with vkern.patch(vae) as handle:
         assert handle.summary["AutoencoderKLWan._decode -> vkern chunk loop"] == 1
         ours = runs(vae)
+        kinds = {c[:4] for c in calls}
+        assert kinds and all(b == "triton" and (C, O, k) in cc.TRITON_FASTER_TF32 for b, C, O, k in kinds), kinds
+        n = len(calls)
+        ieee = without_tf32(lambda: runs(vae))
+        assert len(calls) == n  # TF32 off: no conv on the Triton kernel
+    for what, i in (("decode", 0), ("encode", 1)):
+        print(f"fp32 {what} with TF32 off: patched vs unpatched {rel_l2(ieee[i], oracle[i]):.2e}")
+        assert rel_l2(ieee[i], oracle[i]) <= 1e-5
     for what, i in (("decode", 0), ("encode", 1)):
         err_ours, err_theirs = rel_l2(ours[i], oracle[i]), rel_l2(theirs[i], oracle[i])
         print(f"fp32 {what}: vs fp32 without TF32 ours {err_ours:.2e} diffusers {err_theirs:.2e}")

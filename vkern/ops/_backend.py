@@ -132,6 +132,20 @@ def _warn_once(op, skipped, chosen):
 _triton_missing = []  # [why not] once the import was tried: an import per call costs more than a small kernel
 
 
+def cudnn_conv_tf32():
+    """Whether torch runs cuDNN's fp32 convs in TF32 (its default, and what diffusers' fp32 VAE convs compute): the
+    first setting of torch.backends.cudnn.conv.fp32_precision, cudnn.fp32_precision, backends.fp32_precision that is
+    not "none" ("none" at every level: IEEE), or cudnn.allow_tf32 on a torch without them."""
+    import torch
+
+    cudnn = torch.backends.cudnn
+    if not hasattr(cudnn, "conv"):
+        return bool(cudnn.allow_tf32)
+    levels = (cudnn.conv.fp32_precision, getattr(cudnn, "fp32_precision", "none"),
+              getattr(torch.backends, "fp32_precision", "none"))
+    return next((p for p in levels if p != "none"), "ieee") == "tf32"
+
+
 def triton_usable(device):
     """None if Triton kernels can run on tensors on `device`, else why not."""
     if not _triton_missing:

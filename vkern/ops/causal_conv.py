@@ -43,11 +43,23 @@ TRITON_FASTER = {(96, (3, 3, 3))}
 CUDA_FASTER = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (192, 96, (1, 3, 3)), (384, 192, (1, 3, 3))}
 
 
+# (in channels, out channels, kernel) of the stride-1 convs where the Triton kernel's TF32 products (fp32 inputs,
+# torch's cuDNN convs in TF32: its default) measured faster than cuDNN's TF32 pick. Prediction before run 173, to be
+# replaced by its measurement: the full-resolution convs, where cuDNN's TF32 kernels ran 96 outputs at 121 TFLOP/s
+# and 3 at 9 (run 172's fp32 decode profile), against 160-270 TFLOP/s at 192 and 384 channels.
+TRITON_FASTER_TF32 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (3, 96, (3, 3, 3)), (192, 96, (1, 3, 3))}
+
+
 def triton_faster(weight, stride, dtype=torch.bfloat16):
-    """TRITON_FASTER's convs in 16 bits. Not fp32: there the kernel's dot is IEEE fp32 (no tensor cores) while cuDNN
-    runs TF32 under torch's default, and an fp32 VAE's decode ran 0.78x diffusers' with it (H100, run 171)."""
-    return (dtype in HALF and tuple(stride) == (1, 1, 1)
-            and (weight.shape[0], tuple(weight.shape[2:])) in TRITON_FASTER)
+    """Whether the Triton kernel measured faster than cuDNN for this stride-1 conv: TRITON_FASTER in 16 bits,
+    TRITON_FASTER_TF32 in fp32 when torch runs cuDNN's fp32 convs in TF32. With TF32 off both run IEEE fp32 products,
+    and the Triton kernel's (no tensor cores) lost to cuDNN's TF32 ones by 2x in a whole decode (H100, run 171)."""
+    if tuple(stride) != (1, 1, 1):
+        return False
+    if dtype in HALF:
+        return (weight.shape[0], tuple(weight.shape[2:])) in TRITON_FASTER
+    return (dtype == torch.float32 and _backend.cudnn_conv_tf32()
+            and (weight.shape[1], weight.shape[0], tuple(weight.shape[2:])) in TRITON_FASTER_TF32)
 
 
 def cuda_unsupported(x, weight, stride):

@@ -30,11 +30,14 @@ Tiles on Hopper: BLOCK_M = 128 pixels x BLOCK_N = next power of 2 of O, 16 to 12
 quarter masked: Triton tiles are powers of 2) x BLOCK_K = 64 or 32 channels dividing C (C = 96: 32, so no
 channel is masked); Triton turns the loads into 16-byte cp.async copies and tl.dot into wgmma
 (bench/triton_ptx.py). Warps (4, 8) and pipeline depth (3, 4) are tuned per layer shape and size class.
+fp32: TF32 products (wgmma .tf32, BLOCK_K = 32, the weight packed K-major) when torch runs cuDNN's fp32 convs in
+TF32 (its default: then this kernel computes what cuDNN's conv does), IEEE fp32 FMAs otherwise.
 """
 import torch
 import triton
 import triton.language as tl
 
+from ..ops._backend import cudnn_conv_tf32
 from ._common import bench_without_flush, interpreting, round_to
 
 PAD_CODES = {"zeros": 0, "replicate": 1, "first": 2}
@@ -43,7 +46,7 @@ PAD_CODES = {"zeros": 0, "replicate": 1, "first": 2}
 @triton.jit
 def _causal_conv3d_kernel(
     x_ptr, cache_ptr, w_ptr, bias_ptr, out_ptr,
-    C, O, T, H, W, To, Ho, Wo, M, M_LOG2, Tc, n_cache, O_pad,
+    C, O, T, H, W, To, Ho, Wo, M, M_LOG2, Tc, n_cache, swk, swn,
     sxb, sxt, sxh, sxw, scb, sct, sch, scw, sob,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     TP: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -73,8 +76,9 @@ def _causal_conv3d_kernel(
         c_pix = cb + (Tc + src0).to(tl.int64) * sct + h0.to(tl.int64) * sch + w0.to(tl.int64) * scw
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
-    # The packed weight [taps * C_pad, O_pad], C_pad = k_chunks * BLOCK_K: step i reads rows i * BLOCK_K + k.
-    w_tile = w_ptr + k[:, None] * O_pad + n[None, :]
+    # The packed weight [taps * C_pad, O_pad] (strides swk, swn), C_pad = k_chunks * BLOCK_K: step i reads rows
+    # i * BLOCK_K + k.
+    w_tile = w_ptr + k[:, None] * swk + n[None, :] * swn
 
     k_chunks = tl.cdiv(C, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -109,7 +113,7 @@ def _causal_conv3d_kernel(
             a = tl.load(row[:, None] + c[None, :], mask=ok[:, None], other=0.0)
         else:
             a = tl.load(row[:, None] + c[None, :], mask=ok[:, None] & (c < C)[None, :], other=0.0)
-        bt = tl.load(w_tile + i * (BLOCK_K * O_pad))  # zero-padded: no mask
+        bt = tl.load(w_tile + i * BLOCK_K * swk)  # zero-padded: no mask
         if UPCAST:  # the interpreter's 16-bit tl.dot is wrong: the same products in fp32
             a = a.to(tl.float32)
             bt = bt.to(tl.float32)
@@ -145,24 +149,32 @@ def _prune_small(configs, named_args, **kwargs):
 
 
 _causal_conv3d_tuned = triton.autotune(
-    configs=_configs(), key=["C", "O", "KT", "KH", "KW", "BLOCK_N", "BLOCK_K", "M_LOG2"],
+    configs=_configs(), key=["C", "O", "KT", "KH", "KW", "BLOCK_N", "BLOCK_K", "M_LOG2", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_small}, do_bench=bench_without_flush)(_causal_conv3d_kernel)
 
 
-def block_sizes(C, O):
+def block_sizes(C, O, dtype=torch.bfloat16):
     """(BLOCK_N, BLOCK_K): N covers O up to 128 (O = 96 -> 128, masked); K divides C where it can (no channel
-    mask), at least 16 (tl.dot's minimum; C = 3 is masked)."""
+    mask), at least 16 (tl.dot's minimum; C = 3 is masked), at most 32 in fp32 (a 128 x 64 fp32 A tile and its B
+    tile would take 64 KB of shared memory a pipeline stage)."""
     block_n = max(16, min(128, triton.next_power_of_2(O)))
-    block_k = next((k for k in (64, 32, 16) if C % k == 0), 16 if C <= 16 else 32)
+    widths = (32, 16) if dtype == torch.float32 else (64, 32, 16)
+    block_k = next((k for k in widths if C % k == 0), 16 if C <= 16 else 32)
     return block_n, block_k
 
 
 def packed_weight(weight, block_k, block_n):
     """[O, C, kt, kh, kw] -> [kt * kh * kw * C_pad, O_pad], C padded with zeros to a multiple of block_k and O
-    to one of block_n (see the module docstring)."""
+    to one of block_n (see the module docstring). fp32: the transpose of a contiguous [O_pad, taps * C_pad] (K
+    contiguous): a TF32 wgmma reads both operands K-major, and with N contiguous Triton copies the B tile into
+    shared memory 4 bytes at a time (bench/triton_ptx.py: 96 cp.async of 4 B a thread and stage against 24 of 16 B)."""
     O, C = weight.shape[:2]
     taps = weight[0, 0].numel()
     c_pad, o_pad = triton.cdiv(C, block_k) * block_k, triton.cdiv(O, block_n) * block_n
+    if weight.dtype == torch.float32:
+        w = torch.zeros((o_pad, taps, c_pad), dtype=weight.dtype, device=weight.device)
+        w[:O, :, :C] = weight.reshape(O, C, taps).transpose(1, 2)
+        return w.reshape(o_pad, taps * c_pad).t()
     w = torch.zeros((taps, c_pad, o_pad), dtype=weight.dtype, device=weight.device)
     w[:, :C, :O] = weight.reshape(O, C, taps).permute(2, 1, 0)
     return w.reshape(taps * c_pad, o_pad)
@@ -201,7 +213,7 @@ def causal_conv3d(x, weight, bias, stride, padding, cache=None, pad_mode="zeros"
     c_base, c_frame_stride = c, c.stride(2)
     if n_cache and cache_reversed:  # logical frame f (0 = oldest) is stored at Tc - 1 - f
         c_base, c_frame_stride = cache[:, :, -1:], -cache.stride(2)
-    block_n, block_k = block_sizes(C, O)
+    block_n, block_k = block_sizes(C, O, x.dtype)
     w = packed_weight(weight, block_k, block_n)
     M = B * To * Ho * Wo
 
@@ -210,12 +222,12 @@ def causal_conv3d(x, weight, bias, stride, padding, cache=None, pad_mode="zeros"
 
     _causal_conv3d_tuned[grid](
         x, c_base, w, bias.contiguous() if bias is not None else w, out,
-        C, O, T, H, W, To, Ho, Wo, M, M.bit_length(), c.shape[2], n_cache, w.shape[1],
+        C, O, T, H, W, To, Ho, Wo, M, M.bit_length(), c.shape[2], n_cache, w.stride(0), w.stride(1),
         x.stride(0), x.stride(2), x.stride(3), x.stride(4), c.stride(0), c_frame_stride, c.stride(3), c.stride(4),
         out.stride(0),
         KT=KT, KH=KH, KW=KW, ST=st, SH=sh, SW=sw, TP=tp, HP=hp, WP=wp, PAD_MODE=PAD_CODES[pad_mode],
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=C % block_k == 0,
         UPCAST=interpreting() and x.dtype != torch.float32,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", EMULATE_RNE=interpreting(),
+        DOT_PRECISION="tf32" if x.dtype != torch.float32 or cudnn_conv_tf32() else "ieee", EMULATE_RNE=interpreting(),
     )
     return out
