@@ -73,7 +73,8 @@ def _launch_each_kernel():
     video32 = video.float()  # fp32 (an fp32 VAE): TF32 products (torch's default) and IEEE ones
     for tf32 in (True, False):
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
-            conv_kernel(video32, torch.randn(16, 16, 3, 3, 3), torch.randn(16), (1, 1, 1), (2, 1, 1), cache=video32[:, :, -2:])
+            conv_kernel(video32, torch.randn(16, 16, 3, 3, 3), torch.randn(16), (1, 1, 1), (2, 1, 1),
+                        cache=video32[:, :, -2:])
     ops.rms_norm_silu(video, torch.rand(16, dtype=BF16), torch.randn(16, dtype=BF16))
     ops.residual_add_(video.clone(), video, torch.randn(16, dtype=BF16))
 
