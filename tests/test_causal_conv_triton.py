@@ -276,3 +276,21 @@ def test_in_place_residual_on_triton_adds_bias_and_shortcut_once():
     assert excess <= 0, f"error exceeds the bound by {excess:.3g}"
     with pytest.raises(ValueError, match="norm"):
         ops.causal_conv.conv3d_in_place("triton", x, w, b, (1, 1, 1), (2, 1, 1), cache=cache, norm=(b, None, True))
+
+
+def test_round_to_tf32_is_cvt_rna():
+    """round_to_tf32 (the packed fp32 weight's rounding, matching the kernel's cvt.rna.tf32.f32 on its A tiles): 10
+    mantissa bits, to nearest with ties away from zero, against a float64 emulation; inf, NaN, signed zero kept."""
+    from vkern.triton.causal_conv import round_to_tf32
+
+    x = torch.randn(4096) * torch.logspace(-30, 30, 4096)
+    ties = torch.tensor([1 + 2.0**-11, -(1 + 3 * 2.0**-11), 2.0**-126 * (1 + 2.0**-11)])  # exactly halfway
+    x = torch.cat([x, ties])
+    mantissa, exponent = torch.frexp(x.double())
+    scaled = mantissa * 2**11
+    expected = torch.ldexp(torch.sign(scaled) * torch.floor(scaled.abs() + 0.5) / 2**11, exponent).float()
+    assert torch.equal(round_to_tf32(x), expected)
+    assert round_to_tf32(ties)[0] == 1 + 2.0**-10 and round_to_tf32(ties)[1] == -(1 + 4 * 2.0**-11)
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0])
+    out = round_to_tf32(special)
+    assert torch.equal(out[:2], special[:2]) and out[2].isnan() and out[3] == 0 and torch.signbit(out[3])

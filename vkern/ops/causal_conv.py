@@ -44,10 +44,11 @@ CUDA_FASTER = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (192, 96, (1, 3, 3)), (3
 
 
 # (in channels, out channels, kernel) of the stride-1 convs where the Triton kernel's TF32 products (fp32 inputs,
-# torch's cuDNN convs in TF32: its default) measured faster than cuDNN's TF32 pick. Prediction before run 173, to be
-# replaced by its measurement: the full-resolution convs, where cuDNN's TF32 kernels ran 96 outputs at 121 TFLOP/s
-# and 3 at 9 (run 172's fp32 decode profile), against 160-270 TFLOP/s at 192 and 384 channels.
-TRITON_FASTER_TF32 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (3, 96, (3, 3, 3)), (192, 96, (1, 3, 3))}
+# torch's cuDNN convs in TF32: its default) measured faster than cuDNN's TF32 pick in channels-last (H100, run 173:
+# bench/results/2026-12-06-h100-8cd2afc-vae-conv-fp32.jsonl, ms at 480p): 96 -> 96 5.07 vs 7.61, 96 -> 3 2.86 vs 3.54.
+# cuDNN stayed faster at 192 -> 192 (4.08 vs 4.85), the 2D upsampling convs (192 -> 96 3.38 vs 3.69, 384 -> 192),
+# the time-upsampling conv and the encoder's 3 -> 96 (1.45 vs 2.45); 384 -> 384 was a tie.
+TRITON_FASTER_TF32 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3))}
 
 
 def triton_faster(weight, stride, dtype=torch.bfloat16):

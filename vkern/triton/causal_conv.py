@@ -51,7 +51,7 @@ def _causal_conv3d_kernel(
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     TP: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
     # N fastest: the programs sharing one A (pixel) tile run side by side and share it through L2.
     num_n = tl.cdiv(O, BLOCK_N)
@@ -114,6 +114,9 @@ def _causal_conv3d_kernel(
         else:
             a = tl.load(row[:, None] + c[None, :], mask=ok[:, None] & (c < C)[None, :], other=0.0)
         bt = tl.load(w_tile + i * BLOCK_K * swk)  # zero-padded: no mask
+        if ROUND_TF32:  # fp32 -> TF32 to nearest, as cuDNN's TF32 convs do (wgmma truncates: 2.6x the error, run 173)
+            a = tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [a], dtype=tl.float32, is_pure=True,
+                                          pack=1)
         if UPCAST:  # the interpreter's 16-bit tl.dot is wrong: the same products in fp32
             a = a.to(tl.float32)
             bt = bt.to(tl.float32)
@@ -163,12 +166,16 @@ def block_sizes(C, O, dtype=torch.bfloat16):
     return block_n, block_k
 
 
-def packed_weight(weight, block_k, block_n):
+def packed_weight(weight, block_k, block_n, round_tf32=False):
     """[O, C, kt, kh, kw] -> [kt * kh * kw * C_pad, O_pad], C padded with zeros to a multiple of block_k and O
     to one of block_n (see the module docstring). fp32: the transpose of a contiguous [O_pad, taps * C_pad] (K
     contiguous): a TF32 wgmma reads both operands K-major, and with N contiguous Triton copies the B tile into
-    shared memory 4 bytes at a time (bench/triton_ptx.py: 96 cp.async of 4 B a thread and stage against 24 of 16 B)."""
+    shared memory 4 bytes at a time (bench/triton_ptx.py: 96 cp.async of 4 B a thread and stage against 24 of 16 B).
+    round_tf32: fp32 values rounded to TF32 (10 mantissa bits, to nearest, ties away: cvt.rna), as the kernel rounds
+    its A tiles."""
     O, C = weight.shape[:2]
+    if round_tf32:
+        weight = round_to_tf32(weight)
     taps = weight[0, 0].numel()
     c_pad, o_pad = triton.cdiv(C, block_k) * block_k, triton.cdiv(O, block_n) * block_n
     if weight.dtype == torch.float32:
@@ -178,6 +185,13 @@ def packed_weight(weight, block_k, block_n):
     w = torch.zeros((taps, c_pad, o_pad), dtype=weight.dtype, device=weight.device)
     w[:, :C, :O] = weight.reshape(O, C, taps).permute(2, 1, 0)
     return w.reshape(taps * c_pad, o_pad)
+
+
+def round_to_tf32(t):
+    """fp32 t rounded to TF32 (PTX cvt.rna.tf32.f32: 13 low mantissa bits dropped, to nearest, ties away from zero;
+    on the sign-magnitude bits that is adding half of the dropped unit, then masking). NaN stays NaN."""
+    bits = (t.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF
+    return torch.where(t.isnan(), t, bits.view(torch.float32))
 
 
 def pixel_rows(t):
@@ -214,7 +228,10 @@ def causal_conv3d(x, weight, bias, stride, padding, cache=None, pad_mode="zeros"
     if n_cache and cache_reversed:  # logical frame f (0 = oldest) is stored at Tc - 1 - f
         c_base, c_frame_stride = cache[:, :, -1:], -cache.stride(2)
     block_n, block_k = block_sizes(C, O, x.dtype)
-    w = packed_weight(weight, block_k, block_n)
+    # TF32 products where torch's cuDNN convs run them (CUDA only: the interpreter on CPU tensors computes as torch's
+    # CPU conv, IEEE)
+    tf32 = x.dtype == torch.float32 and x.is_cuda and cudnn_conv_tf32()
+    w = packed_weight(weight, block_k, block_n, round_tf32=tf32)
     M = B * To * Ho * Wo
 
     def grid(meta):
@@ -228,6 +245,7 @@ def causal_conv3d(x, weight, bias, stride, padding, cache=None, pad_mode="zeros"
         KT=KT, KH=KH, KW=KW, ST=st, SH=sh, SW=sw, TP=tp, HP=hp, WP=wp, PAD_MODE=PAD_CODES[pad_mode],
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=C % block_k == 0,
         UPCAST=interpreting() and x.dtype != torch.float32,
-        DOT_PRECISION="tf32" if x.dtype != torch.float32 or cudnn_conv_tf32() else "ieee", EMULATE_RNE=interpreting(),
+        DOT_PRECISION="tf32" if x.dtype != torch.float32 or tf32 else "ieee", ROUND_TF32=tf32,
+        EMULATE_RNE=interpreting(),
     )
     return out
