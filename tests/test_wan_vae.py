@@ -635,7 +635,8 @@ def test_gpu_fp32_vae_decode_and_encode_match_diffusers(monkeypatch):
     convolutions in TF32, torch's default: the convs of TRITON_FASTER_TF32 on the Triton kernel, the others on
     cuDNN; a kernel that rounded to bf16 on the way would be ~10x off). With TF32 off the patched VAE runs every conv
     on cuDNN, IEEE, within 1e-5 of the oracle. The decode peak is printed, not bounded: in fp32 vkern's loop
-    measured 2-3% above diffusers' (run 172: 2.20 vs 2.15 GiB here, 9.53 vs 9.26 at 480p), unlike bf16
+    measured 2-3% above diffusers' with every conv on cuDNN (run 172: 2.20 vs 2.15 GiB here, 9.53 vs 9.26 at 480p),
+    3% below with the Triton TF32 conv (run 174: 8.96 vs 9.26 GiB at 480p); bf16 asserts it
     (test_gpu_default_decode_matches_diffusers)."""
     from vkern.ops import causal_conv as cc
 
