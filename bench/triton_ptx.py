@@ -96,8 +96,8 @@ def main():
 
 
 def conv_ptx(C, O, dtype="bf16", warps=4, stages=3):
-    """PTX of the causal conv kernel (3x3x3 with a cache, zeros padding; fp32: TF32 products, A rounded) as a launch at the
-    decoder's 480x832 / 240x416 / 120x208 convs specializes it: the channel counts, frame sizes, every stride and
+    """PTX of the causal conv kernel (3x3x3 with a cache, zeros padding; fp32: TF32 products, A rounded) as a launch
+    at the decoder's 480x832 / 240x416 / 120x208 convs specializes it: the channel counts, frame sizes, every stride and
     the padded weight's sizes multiples of 16, and the packed weight's unit stride (vkern/triton/causal_conv.py's
     packed_weight: N in 16 bits, K in fp32) a constexpr."""
     import torch

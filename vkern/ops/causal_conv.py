@@ -55,8 +55,9 @@ TRITON_FASTER_TF32 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3))}
 
 def triton_faster(weight, stride, dtype=torch.bfloat16):
     """Whether the Triton kernel measured faster than cuDNN for this stride-1 conv: TRITON_FASTER in 16 bits,
-    TRITON_FASTER_TF32 in fp32 when torch runs cuDNN's fp32 convs in TF32. With TF32 off both run IEEE fp32 products,
-    and the Triton kernel's (no tensor cores) lost to cuDNN's TF32 ones by 2x in a whole decode (H100, run 171)."""
+    TRITON_FASTER_TF32 in fp32 when torch runs cuDNN's fp32 convs in TF32. With TF32 off cuDNN keeps every fp32 conv:
+    the kernel's IEEE products have no tensor cores (against cuDNN's TF32 they made a whole decode 0.78x diffusers',
+    H100, run 171; against cuDNN's IEEE convs unmeasured)."""
     if tuple(stride) != (1, 1, 1):
         return False
     if dtype in HALF:
