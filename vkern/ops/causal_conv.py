@@ -4,7 +4,8 @@ HunyuanVideo, CogVideoX, Mochi, LTX), and the Wan VAE's fused RMS norm + SiLU.
 causal_conv3d backends, in order of preference: cudnn (CUDA, zeros padding: cache and chunk copied once
 into one channels-last buffer, spatial padding done by the conv, no F.pad; replicate/first padding go to
 the reference), triton (vkern/triton/causal_conv.py: implicit GEMM reading cache and chunk in place, every
-pad mode, bias fused; first for the conv shapes where it measured faster than cuDNN, TRITON_FASTER; any
+pad mode, bias fused; first for the conv shapes where it measured faster than cuDNN, TRITON_FASTER in 16 bits,
+TRITON_FASTER_TF32 in fp32 while torch runs cuDNN's fp32 convs in TF32; any
 conv with VKERN_CAUSAL_CONV3D_BACKEND=triton; on the CPU it runs under TRITON_INTERPRET=1, only when
 forced), cuda (csrc/causal_conv.cu, vkern._C on Hopper: a wgmma implicit GEMM reading cache and chunk in
 place, zeros padding, stride 1, 3 x 3 spatial taps, C a multiple of 32, O a multiple of 96 or 128, or at most 8
