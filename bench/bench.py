@@ -773,6 +773,12 @@ def no_handoff(fn):
     return with_env(fn, "VKERN_WAN_VAE_HAND_NORM", "0")
 
 
+def tf32_in_conv(fn):
+    """fn with an fp32 VAE's TF32 Triton convs rounding their inputs themselves (VKERN_WAN_VAE_TF32_NORM=0; session
+    49's path) instead of reading them as the norm pass rounded them."""
+    return with_env(fn, "VKERN_WAN_VAE_TF32_NORM", "0")
+
+
 def cuda_convs(fn):
     """fn with vkern's CUDA conv kernel wherever it takes the conv (VKERN_CONV_CUDA=all)."""
     return with_env(fn, "VKERN_CONV_CUDA", "all")
@@ -908,6 +914,7 @@ def _vae_decode(name, providers, args):
                "vkern-unfused": cudnn_convs(lambda vae, z: wan_vae.decode(vae, z, fuse_bias=False, pad_channels=False)),
                "vkern-2-latents": lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2),
                "vkern-no-handoff": no_handoff(wan_vae.decode),
+               "vkern-tf32-in-conv": tf32_in_conv(wan_vae.decode),
                "vkern-2-latents-no-handoff": no_handoff(lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2))}
     yield from _vae_rows("vae-decode", name, providers, args,
                          lambda: torch.randn(shape, device="cuda", dtype=shapes.vae_dtype(name)), runners)
@@ -923,7 +930,8 @@ def _vae_encode(name, providers, args):
                "vkern-cudnn": cudnn_convs(wan_vae.encode),
                "vkern-cuda": cuda_convs(wan_vae.encode),
                "vkern-cuda-s16": with_cuda_table(wan_vae.encode, CUDA_TABLE_S16),
-               "vkern-unfused": cudnn_convs(lambda vae, x: wan_vae.encode(vae, x, fuse_bias=False, pad_channels=False))}
+               "vkern-unfused": cudnn_convs(lambda vae, x: wan_vae.encode(vae, x, fuse_bias=False, pad_channels=False)),
+               "vkern-tf32-in-conv": tf32_in_conv(wan_vae.encode)}
     providers = [p for p in (providers or VAE_PROVIDERS) if p not in ("vkern-cpu-output", "vkern-2-latents")]
     yield from _vae_rows("vae-encode", name, providers, args,
                          lambda: torch.rand(1, 3, frames, height, width, device="cuda",
@@ -948,11 +956,13 @@ VAE_CONVS = {
 def _vae_conv(name, providers, args):
     """diffusers' way (torch.cat of cache and chunk, F.pad, NCDHW conv; per-frame NCHW Conv2d for the
     upsampling conv) vs vkern's (one channels-last buffer [cache | chunk], spatial padding in the conv), and
-    vkern-triton: vkern/triton/causal_conv.py's kernel (weight repacked per call, inside the timing)."""
+    vkern-triton: vkern/triton/causal_conv.py's kernel (weight repacked per call, inside the timing); in fp32
+    vkern-triton-tf32-inputs: the same on inputs rounded to TF32 beforehand (inputs_tf32, as the VAE loop feeds it)."""
     import torch.nn.functional as F
 
     from vkern.ops.causal_conv import _cuda_block_n as cuda_block_n
     from vkern.ops.causal_conv import causal_conv3d_cuda, conv3d_zeros_buffered, cuda_unsupported
+    from vkern.reference.causal_conv import round_to_tf32
     from vkern.reference.wan_vae import rms_norm_silu
     from vkern.triton.causal_conv import causal_conv3d as triton_conv
 
@@ -982,6 +992,11 @@ def _vae_conv(name, providers, args):
                "vkern": lambda: conv3d_zeros_buffered(x_cl, weight, bias, (1, 1, 1), (tp, hp, wp), cache_cl),
                # vkern's Triton implicit-GEMM conv (the op's opt-in "triton" backend): cache read in place, bias fused
                "vkern-triton": lambda: triton_conv(x_cl, weight, bias, (1, 1, 1), (tp, hp, wp), cache_cl)}
+        if DT == torch.float32:  # the input as the VAE loop's norm pass writes it for a TF32 conv: rounded already
+            x_tf32, cache_tf32 = (round_to_tf32(t).contiguous(memory_format=torch.channels_last_3d)
+                                  for t in (x, cache))
+            fns["vkern-triton-tf32-inputs"] = lambda: triton_conv(x_tf32, weight, bias, (1, 1, 1), (tp, hp, wp),
+                                                                  cache_tf32, inputs_tf32=True)
         if cuda_unsupported(x_cl, weight, (1, 1, 1)) is None:  # csrc/causal_conv.cu (weight repacked per call)
             fns["vkern-cuda"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl)
             # one CTA per tile instead of persistent CTAs

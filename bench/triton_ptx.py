@@ -95,8 +95,9 @@ def main():
               dict(collections.Counter(re.findall(r"wgmma\.mma_async[\w.]*", ptx))))
 
 
-def conv_ptx(C, O, dtype="bf16", warps=4, stages=3):
-    """PTX of the causal conv kernel (3x3x3 with a cache, zeros padding; fp32: TF32 products, A rounded) as a launch
+def conv_ptx(C, O, dtype="bf16", warps=4, stages=3, inputs_tf32=False):
+    """PTX of the causal conv kernel (3x3x3 with a cache, zeros padding; fp32: TF32 products, A rounded in the loop
+    unless inputs_tf32: the input already rounded by its writer) as a launch
     at the decoder's 480x832 / 240x416 / 120x208 convs specializes it: the channel counts, frame sizes, every stride and
     the padded weight's sizes multiples of 16, and the packed weight's unit stride (vkern/triton/causal_conv.py's
     packed_weight: N in 16 bits, K in fp32) a constexpr."""
@@ -118,7 +119,7 @@ def conv_ptx(C, O, dtype="bf16", warps=4, stages=3):
     aligned += ["H", "W", "Ho", "Wo", "swk" if unit == "swn" else "swn"]
     consts = dict(KT=3, KH=3, KW=3, ST=1, SH=1, SW=1, TP=2, HP=1, WP=1, PAD_MODE=0, HAS_BIAS=True, BLOCK_M=128,
                   BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=C % block_k == 0, UPCAST=False, DOT_PRECISION="tf32",
-                  ROUND_TF32=dtype == "fp32", EMULATE_RNE=False, **{unit: 1})
+                  ROUND_TF32=dtype == "fp32" and not inputs_tf32, EMULATE_RNE=False, **{unit: 1})
     return compile_sm90(_causal_conv3d_kernel, sig, consts, warps, aligned, stages).asm["ptx"]
 
 

@@ -260,6 +260,29 @@ def test_gpu_fp32_follows_torch_tf32_setting(C, O, k):
               cache if tp else None, "zeros")
 
 
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_gpu_tf32_inputs_are_read_as_they_are():
+    """inputs_tf32 (x and cache rounded to TF32 by their writer, as the VAE loop's norm pass does): the kernel skips its
+    own rounding and computes what it computes rounding them itself, within 1e-6 (the same products: expected
+    equal); given unrounded inputs instead, wgmma truncates them, which differs from rounding by more than 1e-5 (run
+    173: 2.6x the rounding error against float64): the flag really took the rounding out of the loop."""
+    from vkern.reference.causal_conv import round_to_tf32
+
+    dev = torch.device("cuda")
+    x, w, b, cache = (t.to(dev) for t in inputs(1, 96, 96, 2, 64, 96, (3, 3, 3), 2))
+    xr, cr = round_to_tf32(x).contiguous(memory_format=CL), round_to_tf32(cache).contiguous(memory_format=CL)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        rounded_here = kernel(xr, w, b, (1, 1, 1), (2, 1, 1), cr, "zeros")
+        as_they_are = kernel(xr, w, b, (1, 1, 1), (2, 1, 1), cr, "zeros", inputs_tf32=True)
+        rounding = kernel(x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros")
+        truncating = kernel(x, w, b, (1, 1, 1), (2, 1, 1), cache, "zeros", inputs_tf32=True)
+    same, apart = rel_l2(as_they_are, rounded_here), rel_l2(truncating, rounding)
+    print(f"inputs_tf32: rounded inputs {same:.3g} (equal: {torch.equal(as_they_are, rounded_here)}), unrounded "
+          f"{apart:.3g}")
+    assert same <= 1e-6 and apart > 1e-5
+
+
 def test_in_place_residual_on_triton_adds_bias_and_shortcut_once():
     """conv3d_in_place on the Triton backend with a residual (the CUDA kernel adds it in its epilogue; here the conv
     runs without bias and residual_add_ adds bias + shortcut): within the conv's fp32 bound plus the add's two
@@ -281,7 +304,7 @@ def test_in_place_residual_on_triton_adds_bias_and_shortcut_once():
 def test_round_to_tf32_is_cvt_rna():
     """round_to_tf32 (the packed fp32 weight's rounding, matching the kernel's cvt.rna.tf32.f32 on its A tiles): 10
     mantissa bits, to nearest with ties away from zero, against a float64 emulation; inf, NaN, signed zero kept."""
-    from vkern.triton.causal_conv import round_to_tf32
+    from vkern.reference.causal_conv import round_to_tf32
 
     x = torch.randn(4096) * torch.logspace(-30, 30, 4096)
     ties = torch.tensor([1 + 2.0**-11, -(1 + 3 * 2.0**-11), 2.0**-126 * (1 + 2.0**-11)])  # exactly halfway

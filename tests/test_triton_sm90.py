@@ -146,21 +146,25 @@ def test_prologue_moves_16_byte_vectors_in_one_round_trip(heads, head_dim, form)
     assert early == loads > 0, (early, loads)
 
 
-@pytest.mark.parametrize("C, O, warps, stages", [(96, 96, 4, 3), (96, 96, 8, 4), (96, 3, 4, 3)])
-def test_fp32_conv_runs_tf32_wgmma_on_16_byte_copies(C, O, warps, stages):
+@pytest.mark.parametrize("C, O, warps, stages, inputs_tf32", [(96, 96, 4, 3, False), (96, 96, 8, 4, False),
+                                                              (96, 3, 4, 3, False), (96, 96, 4, 3, True)])
+def test_fp32_conv_runs_tf32_wgmma_on_16_byte_copies(C, O, warps, stages, inputs_tf32):
     """The causal conv in fp32 with TF32 products, compiled for sm_90 as a real launch specializes it: tl.dot becomes
     TF32 wgmma on A tiles rounded by cvt.rna, and both tiles reach shared memory as 16-byte cp.async copies. The
     weight is packed K-major in fp32 for this: with its N contiguous Triton copied the B tile 4 bytes at a time (96
-    copies a thread and stage)."""
+    copies a thread and stage). With inputs_tf32 (the input rounded by its writer) no cvt, and wgmma reads A from
+    shared memory (a descriptor) instead of registers: the point of rounding at the writer."""
     code = ("import json, re; from bench.triton_ptx import conv_ptx, ptx_memory_ops;"
-            f"ptx = conv_ptx({C}, {O}, 'fp32', {warps}, {stages});"
+            f"ptx = conv_ptx({C}, {O}, 'fp32', {warps}, {stages}, {inputs_tf32});"
             "print(json.dumps([ptx_memory_ops(ptx), re.findall(r'wgmma\\.mma_async[\\w.]*', ptx),"
-            "                  len(re.findall(r'cvt\\.rna\\.tf32\\.f32', ptx))]))")
+            "                  len(re.findall(r'cvt\\.rna\\.tf32\\.f32', ptx)),"
+            "                  re.findall(r'wgmma\\.mma_async[^{]*\\{[^}]*\\}, (\\{|%rd)', ptx)]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # (compiled, not interpreted)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    ops, wgmma, rounds = json.loads(done.stdout.splitlines()[-1])
+    ops, wgmma, rounds, a_operands = json.loads(done.stdout.splitlines()[-1])
     assert wgmma and all(w.endswith(".f32.tf32.tf32") for w in wgmma), wgmma
-    assert rounds > 0  # the A tile rounded to TF32 (the weight is rounded when packed)
+    # A rounded to TF32 in the loop, in registers (the weight is rounded when packed), or as it is, from shared memory
+    assert (rounds == 0 and set(a_operands) == {"%rd"}) if inputs_tf32 else (rounds > 0 and set(a_operands) == {"{"})
     copies = {op: n for op, n in ops.items() if op.startswith("cp.async")}
     assert list(copies) == ["cp.async.16B"], ops

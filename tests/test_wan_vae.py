@@ -64,6 +64,26 @@ def test_rms_norm_silu_kernel(device, C, P, dtype, monkeypatch):
                               ref.rms_norm_silu(x, gamma, None, silu=False))
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_rms_norm_silu_rounds_to_tf32(device, backend, monkeypatch):
+    """tf32: the fp32 result rounded to TF32 as cuDNN's TF32 convs round their operands (round_to_tf32; on the GPU the
+    kernel's cvt.rna, in the interpreter its emulation on the bits), bit for bit, for a TF32 conv that reads it next;
+    the unrounded result has low mantissa bits (else the check could not fail). 16-bit x: an error."""
+    from vkern.reference.causal_conv import round_to_tf32
+
+    monkeypatch.setenv("VKERN_RMS_NORM_SILU_BACKEND", backend)
+    C, P = 96, 113
+    x = (torch.randn(2, C, 3, 1, P, device=device) * 3).contiguous(memory_format=CL)
+    gamma = torch.empty(C, 1, 1, 1, device=device).uniform_(0.5, 1.5)
+    bias, in_bias = 0.1 * torch.randn(C, device=device), 0.1 * torch.randn(C, device=device)
+    plain = cc.rms_norm_silu(x, gamma, bias, in_bias=in_bias)
+    rounded = cc.rms_norm_silu(x, gamma, bias, in_bias=in_bias, tf32=True)
+    assert torch.equal(rounded, round_to_tf32(plain))
+    assert (plain.view(torch.int32) & 0x1FFF).count_nonzero() > plain.numel() // 2
+    with pytest.raises(ValueError, match="tf32: rounds fp32 values only"):
+        cc.rms_norm_silu(x.bfloat16(), gamma.bfloat16(), tf32=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_silu_in_bias(device, dtype, monkeypatch):
     """in_bias: the producing conv's bias, added in fp32 before the norm. The reference adds it the way
@@ -222,6 +242,22 @@ def test_hand_norm_default_off_and_read_from_the_environment(monkeypatch):
     assert fast._chunks(None, None, False).hand_norm is fast.HAND_NORM is False  # measured no faster (run 72)
     monkeypatch.setenv("VKERN_WAN_VAE_HAND_NORM", "1")
     assert fast._chunks(None, None, False).hand_norm is True
+
+
+def test_tf32_norm_default_on_and_read_from_the_environment(monkeypatch):
+    monkeypatch.delenv("VKERN_WAN_VAE_TF32_NORM", raising=False)
+    assert fast._chunks(None, None, False).tf32_norm is fast.TF32_NORM is True
+    monkeypatch.setenv("VKERN_WAN_VAE_TF32_NORM", "0")
+    assert fast._chunks(None, None, False).tf32_norm is False
+
+
+def test_no_tf32_inputs_on_the_cpu(monkeypatch):
+    """rounds_input: only fp32 CUDA inputs of a conv on the Triton kernel (the interpreter on CPU tensors runs IEEE
+    products, as torch's CPU conv): a CPU decode with every conv forced onto the kernel rounds nothing."""
+    monkeypatch.setenv("VKERN_CAUSAL_CONV3D_BACKEND", "triton")
+    run = fast._chunks(None, None, False)
+    conv = WanCausalConv3d(96, 96, 3, padding=1)
+    assert run.tf32_norm and not run.rounds_input(conv, torch.zeros(1, 96, 1, 4, 4).contiguous(memory_format=CL))
 
 
 @pytest.mark.parametrize("wan22", [False, True], ids=["wan2.1", "wan2.2"])
@@ -505,8 +541,8 @@ def test_gpu_default_encode_matches_diffusers():
 
 def _spy_kernel_convs(monkeypatch):
     """Records (backend, in channels, out channels, kernel, cache_reversed, residual given, norm given, normed, cache
-    frames from two tensors, upsample) of every conv the VAE loop sends to vkern's conv kernels (all go through
-    ops.causal_conv.conv3d_in_place)."""
+    frames from two tensors, upsample, inputs_tf32) of every conv the VAE loop sends to vkern's conv kernels (all go
+    through ops.causal_conv.conv3d_in_place)."""
     from vkern.ops import causal_conv as cc
 
     calls, run = [], cc.conv3d_in_place
@@ -516,7 +552,8 @@ def _spy_kernel_convs(monkeypatch):
         apart = isinstance(cache, list) and len(cache) == 2 and (
             cache[0].untyped_storage().data_ptr() != cache[1].untyped_storage().data_ptr())
         calls.append((backend, weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), cache_reversed,
-                      residual is not None, norm is not None and not normed, normed, apart, upsample))
+                      residual is not None, norm is not None and not normed, normed, apart, upsample,
+                      kwargs.get("inputs_tf32", False)))
         return run(backend, x, weight, *args, cache=cache, cache_reversed=cache_reversed, residual=residual, norm=norm,
                    normed=normed, upsample=upsample, **kwargs)
     monkeypatch.setattr(cc, "conv3d_in_place", spy)
@@ -634,10 +671,12 @@ def test_gpu_fp32_vae_decode_and_encode_match_diffusers(monkeypatch):
     vkern's loop and land within 1.25x of diffusers' own error against the same VAE with TF32 off (both run their
     convolutions in TF32, torch's default: the convs of TRITON_FASTER_TF32 on the Triton kernel, the others on
     cuDNN; a kernel that rounded to bf16 on the way would be ~10x off). With TF32 off the patched VAE runs every conv
-    on cuDNN, IEEE, within 1e-5 of the oracle. The decode peak is printed, not bounded: in fp32 vkern's loop
-    measured 2-3% above diffusers' with every conv on cuDNN (run 172: 2.20 vs 2.15 GiB here, 9.53 vs 9.26 at 480p),
-    3% below with the Triton TF32 conv (run 174: 8.96 vs 9.26 GiB at 480p); bf16 asserts it
-    (test_gpu_default_decode_matches_diffusers)."""
+    on cuDNN, IEEE, within 1e-5 of the oracle. The Triton convs read inputs the norm pass rounded to TF32
+    (inputs_tf32); with VKERN_WAN_VAE_TF32_NORM=0 they round them themselves: the same products, within 1e-6 (had
+    the norm pass not rounded, wgmma would truncate: 2.6x the conv's error, run 173). The decode peak is printed,
+    not bounded: in fp32 vkern's loop measured 2-3% above diffusers' with every conv on cuDNN (run 172: 2.20 vs 2.15
+    GiB here, 9.53 vs 9.26 at 480p), 3% below with the Triton TF32 conv (run 174: 8.96 vs 9.26 GiB at 480p); bf16
+    asserts it (test_gpu_default_decode_matches_diffusers)."""
     from vkern.ops import causal_conv as cc
 
     torch.manual_seed(0)
@@ -668,12 +707,20 @@ def test_gpu_fp32_vae_decode_and_encode_match_diffusers(monkeypatch):
         ours = runs(vae)
         kinds = {c[:4] for c in calls}
         assert kinds and all(b == "triton" and (C, O, k) in cc.TRITON_FASTER_TF32 for b, C, O, k in kinds), kinds
+        assert all(c[10] for c in calls)  # every one fed by the norm pass, rounded there
+        n = len(calls)
+        monkeypatch.setenv("VKERN_WAN_VAE_TF32_NORM", "0")
+        in_conv = runs(vae)
+        monkeypatch.delenv("VKERN_WAN_VAE_TF32_NORM")
+        assert len(calls) == 2 * n and not any(c[10] for c in calls[n:])
         n = len(calls)
         ieee = without_tf32(lambda: runs(vae))
         assert len(calls) == n  # TF32 off: no conv on the Triton kernel
     for what, i in (("decode", 0), ("encode", 1)):
         print(f"fp32 {what} with TF32 off: patched vs unpatched {rel_l2(ieee[i], oracle[i]):.2e}")
         assert rel_l2(ieee[i], oracle[i]) <= 1e-5
+        print(f"fp32 {what}: TF32 rounding in the norm pass vs in the conv {rel_l2(ours[i], in_conv[i]):.2e}")
+        assert rel_l2(ours[i], in_conv[i]) <= 1e-6
     for what, i in (("decode", 0), ("encode", 1)):
         err_ours, err_theirs = rel_l2(ours[i], oracle[i]), rel_l2(theirs[i], oracle[i])
         print(f"fp32 {what}: vs fp32 without TF32 ours {err_ours:.2e} diffusers {err_theirs:.2e}")

@@ -40,6 +40,11 @@ for bit), with the copies taken out:
   upsampling conv on the CUDA kernel also writes the next block's norm1 + SiLU (or norm_out) as a second output.
 - per video, each conv's backend choice, its weight packed for the CUDA conv and fp32 copies of biases and
   norm weights are made once (Python and small kernels per call were ~20 ms of GPU idle per decode).
+- fp32 VAEs (diffusers' Wan examples): the convs of TRITON_FASTER_TF32 run on the Triton conv with TF32 products
+  (while torch runs cuDNN's fp32 convs in TF32, its default), which rounds its operands to TF32 as cuDNN does. Where
+  the fused norm + SiLU writes such a conv's input it rounds it there (VKERN_WAN_VAE_TF32_NORM=1, the default,
+  TF32_NORM), so the conv reads TF32 values as they are (inputs_tf32): the same products, without a rounding of
+  every A tile in the conv's loop (21% of the 96 -> 96 conv, run 174).
 Rounding: the same eager ops in the same order as diffusers, except the conv algorithms (cuDNN's pick
 for channels-last, vkern's CUDA and Triton convs: fp32 accumulation, one rounding, epilogue glue in fp32) and the
 fused RMS norm + SiLU, which rounds once instead of after each op (closer to float64 than diffusers' ops;
@@ -67,6 +72,8 @@ LATENTS_PER_CALL = 2
 # 1430.8; +0.29 GiB at 480p, a normed output alive next to conv2's): the epilogue's norm and second store cost about
 # what the norm pass they replace does (per 96 -> 96 call: + norm 0.11 ms, + normed output 0.29 ms over + residual).
 HAND_NORM = False
+# _Chunks.rounds_input's default (VKERN_WAN_VAE_TF32_NORM): the norm pass rounds a TF32 Triton conv's input.
+TF32_NORM = True
 # Decoder default: whole chunks (4 frames) unless a decoded frame has more pixels than this; above
 # it, 1 frame per step keeps the largest stages' working set ~4x smaller (720p: ~1 GB less).
 LARGE_FRAME_PIXELS = 512 * 1024
@@ -81,8 +88,11 @@ class _Chunks:
     """One video's feature cache: for each causal conv the last CACHE_T frames of its input
     (zeros before the first chunk), and which time-upsampling convs have seen their first chunk."""
 
-    def __init__(self, fuse_bias=True, pad_channels=True, hand_norm=True):
+    def __init__(self, fuse_bias=True, pad_channels=True, hand_norm=True, tf32_norm=True):
         self.hand_norm = hand_norm  # hands_norm's switch (VKERN_WAN_VAE_HAND_NORM)
+        self.tf32_norm = tf32_norm  # rounds_input's switch (VKERN_WAN_VAE_TF32_NORM)
+        self.tf32_inputs = {}  # conv -> rounds_input(conv, ...), decided once per video
+        self.tf32_cache = {}  # conv -> whether its cached frames (Triton ring) hold TF32 values
         self.frames = {}
         self.seen = set()
         self.fuse_bias = fuse_bias
@@ -158,6 +168,17 @@ class _Chunks:
         return (t_pad == CACHE_T and C > 1 and self._channels(C) == C
                 and self.backend(conv, like, conv.weight, stride) in ops.causal_conv.IN_PLACE)
 
+    def rounds_input(self, conv, x):
+        """True when `conv` (reading x in place) runs on the Triton conv with TF32 products: then norm_into
+        rounds the conv's input to TF32 as it writes it, and the conv reads it as it is (inputs_tf32). Decided once
+        per video, as the backend is."""
+        if conv not in self.tf32_inputs:
+            self.tf32_inputs[conv] = (
+                self.tf32_norm and x.dtype == torch.float32 and x.is_cuda
+                and self.backend(conv, x, conv.weight, ref._conv_args(conv)[2]) == "triton"
+                and ops._backend.cudnn_conv_tf32())
+        return self.tf32_inputs[conv]
+
     def hands_norm(self, out_channels, like, next_):
         """True when a conv on the CUDA kernel with out_channels outputs (one output tile) can also write the input of
         next_ = (norm, the conv after it), SiLU(norm(its output)), as a second output (conv(..., normed=next_[0]))
@@ -195,7 +216,7 @@ class _Chunks:
         if isinstance(buf, _InPlace):
             b = bias if isinstance(bias, torch.Tensor) else (self.fp32(conv, "bias") if bias else None)
             out = self._conv_in_place(conv, buf.x, b, residual, self.epilogue(norm if norm is not None else normed),
-                                      normed is not None)
+                                      normed is not None, buf.tf32)
             if normed is None:
                 return out
             self.handoff = (normed, *out)
@@ -229,11 +250,12 @@ class _Chunks:
             self.packed[conv] = ops.causal_conv.cuda_pack(weight)
         return self.packed[conv]
 
-    def _conv_in_place(self, conv, x, bias, residual=None, norm=None, normed=False):
+    def _conv_in_place(self, conv, x, bias, residual=None, norm=None, normed=False, tf32=False):
         """vkern's conv kernel over [cached frames | x] read in place (zeros before the first chunk, as the
         buffer's), plus bias (a tensor or None) and residual (or None), then the cache becomes the last CACHE_T
         frames of [cache | x] (norm, normed: the CUDA epilogue's, see conv): the kernel is queued before any cached
-        frame is overwritten, on the same stream.
+        frame is overwritten, on the same stream. tf32: x holds TF32 values (rounds_input); the Triton conv reads
+        x and the cache as they are when the cached frames do too.
         On the CUDA kernel the cache is a list of frames wherever they are (_keep_frames). On Triton the 2-frame
         cache is a ring: a 1-frame chunk overwrites the oldest slot and flips the stored order (self.reversed; the
         kernel reads either order), one frame copied instead of two (the 1-frame steps of a 720p decode)."""
@@ -248,9 +270,11 @@ class _Chunks:
             return out
         prev = self.frames.get(conv)
         reversed_ = self.reversed.get(conv, False)
+        cache_tf32 = self.tf32_cache.get(conv, True)  # no cache yet: zeros
         out = ops.causal_conv.conv3d_in_place(backend, x, weight, bias, stride, padding, cache=prev,
                                               cache_reversed=reversed_, residual=residual, norm=norm,
-                                              packed=self.cuda_packed(conv, weight, backend))
+                                              packed=self.cuda_packed(conv, weight, backend),
+                                              inputs_tf32=tf32 and cache_tf32)
         if prev is None:
             B, C, _, H, W = x.shape
             prev = self.frames[conv] = torch.empty((B, C, CACHE_T, H, W), dtype=x.dtype, device=x.device,
@@ -258,9 +282,11 @@ class _Chunks:
         if x.shape[2] == 1:  # CACHE_T = 2: the new frame replaces the oldest slot
             prev[:, :, 1 if reversed_ else 0].copy_(x[:, :, 0])
             self.reversed[conv] = not reversed_
+            self.tf32_cache[conv] = tf32 and cache_tf32
         else:
             prev.copy_(x[:, :, -CACHE_T:])
             self.reversed[conv] = False
+            self.tf32_cache[conv] = tf32
         return out
 
     def norm_into(self, norm, conv, x, in_bias=None):
@@ -270,12 +296,14 @@ class _Chunks:
         handoff, self.handoff = self.handoff, None
         if handoff is not None and handoff[0] is norm and handoff[1] is x and in_bias is None:
             return _InPlace(handoff[2])
+        tf32 = False
         if self.in_place(conv, x):
             slot = torch.empty_like(x, memory_format=CL)
-            buf = _InPlace(slot)
+            tf32 = self.rounds_input(conv, x)
+            buf = _InPlace(slot, tf32)
         else:
             buf, slot = self.buffer(conv, x.shape, x.dtype, x.device)
-        ops.causal_conv.rms_norm_silu(x, norm.gamma, _norm_bias(norm), True, out=slot, in_bias=in_bias)
+        ops.causal_conv.rms_norm_silu(x, norm.gamma, _norm_bias(norm), True, out=slot, in_bias=in_bias, tf32=tf32)
         return buf
 
     def norm_conv(self, norm, conv, x, bias=True):
@@ -310,11 +338,13 @@ def _keep_frames(frames, x):
 
 
 class _InPlace:
-    """A conv's chunk whose cached frames stay in _Chunks.frames (the conv reads both in place)."""
-    __slots__ = ("x",)
+    """A conv's chunk whose cached frames stay in _Chunks.frames (the conv reads both in place); tf32: its values
+    are rounded to TF32 (_Chunks.rounds_input)."""
+    __slots__ = ("x", "tf32")
 
-    def __init__(self, x):
+    def __init__(self, x, tf32=False):
         self.x = x
+        self.tf32 = tf32
 
 
 def _norm_bias(norm):
@@ -674,7 +704,7 @@ def _env_switch(option, given, default=True):
 
 def _chunks(fuse_bias, pad_channels, pad_default):
     return _Chunks(_env_switch("fuse_bias", fuse_bias), _env_switch("pad_channels", pad_channels, pad_default),
-                   _env_switch("hand_norm", None, HAND_NORM))
+                   _env_switch("hand_norm", None, HAND_NORM), _env_switch("tf32_norm", None, TF32_NORM))
 
 
 def _latents_per_call_default():

@@ -126,13 +126,14 @@ IN_PLACE = ("triton", "cuda")  # the backends that read cached frames where they
 
 
 def conv3d_in_place(backend, x, weight, bias, stride, padding, cache=None, cache_reversed=False, residual=None,
-                    norm=None, packed=None, normed=False, upsample=1):
+                    norm=None, packed=None, normed=False, upsample=1, inputs_tf32=False):
     """A zeros-padding causal conv on an IN_PLACE backend: x and cache [B, C, Tc, H, W] with pixel rows of
     contiguous channels, cache read where it is (cache_reversed: stored newest frame first; on cuda the cache may
     also be a list of 1-frame tensors, oldest first); see vkern/triton/causal_conv.py's causal_conv3d. residual (the
     output's shape; on cuda in the epilogue, else added after): added to the output, in fp32 (bias may then be
     fp32). norm, normed, upsample (cuda only): see causal_conv3d_cuda. packed (cuda): cuda_pack(weight), made once
-    by the caller. Returns a new channels-last output (normed: the output and the normed output)."""
+    by the caller. inputs_tf32 (triton only): x and cache hold TF32-rounded fp32 values (see the Triton kernel's
+    causal_conv3d). Returns a new channels-last output (normed: the output and the normed output)."""
     if backend == "cuda":
         return causal_conv3d_cuda(x, weight, bias, padding, cache, cache_reversed, residual=residual, norm=norm,
                                   packed=packed, normed=normed, upsample=upsample)
@@ -142,10 +143,10 @@ def conv3d_in_place(backend, x, weight, bias, stride, padding, cache=None, cache
         cache = torch.cat(cache, dim=2).contiguous(memory_format=CL) if cache else None
     from ..triton.causal_conv import causal_conv3d as triton_conv
 
+    kwargs = dict(cache=cache, cache_reversed=cache_reversed, inputs_tf32=inputs_tf32)
     if residual is not None:
-        out = triton_conv(x, weight, None, stride, padding, cache=cache, cache_reversed=cache_reversed)
-        return residual_add_(out, residual, bias)
-    return triton_conv(x, weight, bias, stride, padding, cache=cache, cache_reversed=cache_reversed)
+        return residual_add_(triton_conv(x, weight, None, stride, padding, **kwargs), residual, bias)
+    return triton_conv(x, weight, bias, stride, padding, **kwargs)
 
 
 def cuda_packed_weight(weight, block_n):
@@ -416,15 +417,19 @@ def _check_channel_vector(name, t, x, dtypes=None):
         raise ValueError(f"{name}: expected {x.shape[1]} values (x's channels), got shape {tuple(t.shape)}")
 
 
-def rms_norm_silu(x, gamma, bias=None, silu=True, out=None, in_bias=None):
+def rms_norm_silu(x, gamma, bias=None, silu=True, out=None, in_bias=None, tf32=False):
     """diffusers' WanRMS_norm (channel_first) followed by SiLU (when silu) on x [B, C, T, H, W], in one
     pass: fp32 math rounded once to x's dtype (see vkern/triton/vae_glue.py; the reference backend is
     diffusers' eager ops, rounding after each).
     gamma, bias: C values in x's dtype (a WanRMS_norm's gamma [C, 1, 1, 1] as it is). in_bias: C values
     added to x first (the bias of the conv that produced x, run without it; in fp32 before the norm,
     where diffusers rounds conv + bias to x's dtype). out: written in place when given (same shape and
-    dtype as x; e.g. the chunk slot of a conv's input buffer), else a new channels-last tensor. Returns out."""
+    dtype as x; e.g. the chunk slot of a conv's input buffer), else a new channels-last tensor. tf32 (fp32 x
+    only): the result rounded to TF32 (ref.round_to_tf32), for a conv with TF32 products that reads it next
+    (the Triton conv's inputs_tf32). Returns out."""
     check_tensor("x", x, dtypes=FLOATS, ndim=5)
+    if tf32 and x.dtype != torch.float32:
+        raise ValueError(f"tf32: rounds fp32 values only, got x of dtype {x.dtype}")
     C = x.shape[1]
     _check_channel_vector("gamma", gamma, x)
     for name, t in (("bias", bias), ("in_bias", in_bias)):
@@ -436,19 +441,20 @@ def rms_norm_silu(x, gamma, bias=None, silu=True, out=None, in_bias=None):
         check_tensor("out", out, dtypes=(x.dtype,), ndim=5, device=x.device)
         check_shape("out", out, tuple(x.shape))
     vec = (lambda t: None if t is None else t.reshape(C))
-    args = (x, vec(gamma), vec(bias), bool(silu), out, vec(in_bias))
+    args = (x, vec(gamma), vec(bias), bool(silu), out, vec(in_bias), bool(tf32))
     _rms_norm_silu_(*args)  # (plain eager calls skip the dispatcher: a Wan VAE decode makes ~800 of them)
     return out
 
 
 @custom_op("vkern::rms_norm_silu_", mutates_args=("out",))
 def _rms_norm_silu_(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, silu: bool,
-                    out: torch.Tensor, in_bias: torch.Tensor | None) -> None:
+                    out: torch.Tensor, in_bias: torch.Tensor | None, tf32: bool) -> None:
     backend = _backend.choose("rms_norm_silu", _norm_candidates(x.device, x.dtype))
     if backend == "reference" or x.numel() == 0:
         if in_bias is not None:  # diffusers' order: the conv's output + bias, rounded to x's dtype
             x = x + in_bias.reshape(-1, 1, 1, 1)
-        out.copy_(ref_vae.rms_norm_silu(x, gamma, bias, silu))
+        y = ref_vae.rms_norm_silu(x, gamma, bias, silu)
+        out.copy_(ref.round_to_tf32(y) if tf32 else y)
         return
     from ..triton.vae_glue import rms_norm_silu as kernel
 
@@ -456,13 +462,13 @@ def _rms_norm_silu_(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | N
     contig = (lambda t: None if t is None else t.contiguous())
     args = (gamma.contiguous(), contig(bias), x.shape[1] ** 0.5, NORM_EPS, silu)
     if pixel_rows(out):
-        kernel(x, *args, out, contig(in_bias))
+        kernel(x, *args, out, contig(in_bias), tf32)
     else:
-        out.copy_(kernel(x, *args, torch.empty_like(x, memory_format=CL), contig(in_bias)))
+        out.copy_(kernel(x, *args, torch.empty_like(x, memory_format=CL), contig(in_bias), tf32))
 
 
 @_rms_norm_silu_.register_fake
-def _(x, gamma, bias, silu, out, in_bias):
+def _(x, gamma, bias, silu, out, in_bias, tf32):
     return None
 
 

@@ -11,6 +11,8 @@ Three padding rules, each matching the diffusers module it comes from (diffusers
                time, the edge rows and columns repeated in space.
   "first"      CogVideoXCausalConv3d's default (its VAEs pass pad_mode="first") and LTX-Video's
                causal conv: the first frame repeated in time, zeros in space.
+
+round_to_tf32: how cuDNN's TF32 convs (torch's default for fp32) round their operands.
 """
 import torch
 import torch.nn.functional as F
@@ -55,3 +57,10 @@ def next_cache(x, cache=None, frames=2):
     if new.shape[2] < frames and cache is not None:
         new = torch.cat([cache[:, :, -(frames - new.shape[2]):].to(new.device), new], dim=2)
     return new.clone()  # a copy, so the chunk's activation can be freed
+
+
+def round_to_tf32(t):
+    """fp32 t rounded to TF32 (PTX cvt.rna.tf32.f32: 13 low mantissa bits dropped, to nearest, ties away from zero;
+    on the sign-magnitude bits that is adding half of the dropped unit, then masking). NaN stays NaN."""
+    bits = (t.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF
+    return torch.where(t.isnan(), t, bits.view(torch.float32))

@@ -74,3 +74,14 @@ def to_int8(x):
     d = x - f
     odd = (f.to(tl.int32) & 1) == 1
     return (f + tl.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)).to(tl.int8)
+
+
+@triton.jit
+def round_tf32(x, EMULATE: tl.constexpr):
+    """fp32 x rounded to TF32 (10 mantissa bits, to nearest, ties away from zero: PTX cvt.rna.tf32.f32, as cuDNN's
+    TF32 convs round their operands; wgmma alone truncates). EMULATE (the interpreter, which has no inline PTX): the
+    same on the bits, as vkern.reference.causal_conv.round_to_tf32 (NaN stays NaN)."""
+    if EMULATE:
+        bits = (x.to(tl.int32, bitcast=True) + 0x1000) & ~0x1FFF
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)

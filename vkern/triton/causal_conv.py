@@ -32,14 +32,16 @@ channel is masked); Triton turns the loads into 16-byte cp.async copies and tl.d
 (bench/triton_ptx.py). Warps (4, 8) and pipeline depth (3, 4) are tuned per layer shape and size class.
 fp32: TF32 products (wgmma .tf32, BLOCK_K = 32, the weight packed K-major) when torch runs cuDNN's fp32 convs in
 TF32 (its default), IEEE fp32 FMAs otherwise. Both operands are rounded to TF32 first (A tiles by cvt.rna in the
-loop, the weight when packed), as cuDNN's are, so the error is cuDNN's (wgmma alone truncates: 2.6x, run 173).
+loop, or by their writer: inputs_tf32; the weight when packed), as cuDNN's are, so the error is cuDNN's (wgmma
+alone truncates: 2.6x, run 173).
 """
 import torch
 import triton
 import triton.language as tl
 
 from ..ops._backend import cudnn_conv_tf32
-from ._common import bench_without_flush, interpreting, round_to
+from ..reference.causal_conv import round_to_tf32
+from ._common import bench_without_flush, interpreting, round_tf32, round_to
 
 PAD_CODES = {"zeros": 0, "replicate": 1, "first": 2}
 
@@ -116,8 +118,7 @@ def _causal_conv3d_kernel(
             a = tl.load(row[:, None] + c[None, :], mask=ok[:, None] & (c < C)[None, :], other=0.0)
         bt = tl.load(w_tile + i * BLOCK_K * swk)  # zero-padded: no mask
         if ROUND_TF32:  # fp32 -> TF32 to nearest, as cuDNN's TF32 convs do (wgmma truncates: 2.6x the error, run 173)
-            a = tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [a], dtype=tl.float32, is_pure=True,
-                                          pack=1)
+            a = round_tf32(a, False)
         if UPCAST:  # the interpreter's 16-bit tl.dot is wrong: the same products in fp32
             a = a.to(tl.float32)
             bt = bt.to(tl.float32)
@@ -153,7 +154,8 @@ def _prune_small(configs, named_args, **kwargs):
 
 
 _causal_conv3d_tuned = triton.autotune(
-    configs=_configs(), key=["C", "O", "KT", "KH", "KW", "BLOCK_N", "BLOCK_K", "M_LOG2", "DOT_PRECISION"],
+    configs=_configs(),
+    key=["C", "O", "KT", "KH", "KW", "BLOCK_N", "BLOCK_K", "M_LOG2", "DOT_PRECISION", "ROUND_TF32"],
     prune_configs_by={"early_config_prune": _prune_small}, do_bench=bench_without_flush)(_causal_conv3d_kernel)
 
 
@@ -188,13 +190,6 @@ def packed_weight(weight, block_k, block_n, round_tf32=False):
     return w.reshape(taps * c_pad, o_pad)
 
 
-def round_to_tf32(t):
-    """fp32 t rounded to TF32 (PTX cvt.rna.tf32.f32: 13 low mantissa bits dropped, to nearest, ties away from zero;
-    on the sign-magnitude bits that is adding half of the dropped unit, then masking). NaN stays NaN."""
-    bits = (t.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF
-    return torch.where(t.isnan(), t, bits.view(torch.float32))
-
-
 def pixel_rows(t):
     """True when t [B, C, T, H, W]'s pixels are rows of C contiguous channels, C apart within each batch item
     (channels-last-3d, or a time slice of it)."""
@@ -202,14 +197,18 @@ def pixel_rows(t):
     return all(t.size(d) == 1 or t.stride(d) == s for d, s in {1: 1, 4: C, 3: W * C, 2: H * W * C}.items())
 
 
-def causal_conv3d(x, weight, bias, stride, padding, cache=None, pad_mode="zeros", out=None, cache_reversed=False):
+def causal_conv3d(x, weight, bias, stride, padding, cache=None, pad_mode="zeros", out=None, cache_reversed=False,
+                  inputs_tf32=False):
     """vkern.ops.causal_conv3d's contract (see vkern/reference/causal_conv.py), checked inputs assumed.
     x [B, C, T, H, W] and cache [B, C, Tc, H, W] (or None): channel stride 1 (channels-last-3d, or a time
     slice of it); weight [O, C, kt, kh, kw], bias [O] or None, in x's dtype. out: [B, O, T', H', W'] in x's
     dtype with pixel_rows(out) (e.g. a slot of the next conv's [cache | chunk] buffer), or None for a new
     channels-last-3d tensor. cache_reversed: the cache's frames are stored newest first (read as
     cache.flip(2), without a copy: the kernel walks the frames with a negative stride), so a 2-frame cache
-    can be a ring whose new frame overwrites the oldest slot. Returns out."""
+    can be a ring whose new frame overwrites the oldest slot. inputs_tf32: x and cache hold TF32 values already
+    (their writer rounded them as round_to_tf32 does), so with TF32 products the kernel feeds them to wgmma as they
+    are, from shared memory, instead of rounding each A tile in registers (21% of the 96 -> 96 conv, run 174).
+    Returns out."""
     B, C, T, H, W = x.shape
     O, _, KT, KH, KW = weight.shape
     st, sh, sw = stride
@@ -246,7 +245,7 @@ def causal_conv3d(x, weight, bias, stride, padding, cache=None, pad_mode="zeros"
         KT=KT, KH=KH, KW=KW, ST=st, SH=sh, SW=sw, TP=tp, HP=hp, WP=wp, PAD_MODE=PAD_CODES[pad_mode],
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=C % block_k == 0,
         UPCAST=interpreting() and x.dtype != torch.float32,
-        DOT_PRECISION="tf32" if x.dtype != torch.float32 or tf32 else "ieee", ROUND_TF32=tf32,
+        DOT_PRECISION="tf32" if x.dtype != torch.float32 or tf32 else "ieee", ROUND_TF32=tf32 and not inputs_tf32,
         EMULATE_RNE=interpreting(),
     )
     return out

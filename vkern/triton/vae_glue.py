@@ -20,14 +20,14 @@ that reads the conv's output next: `in_bias` of the norm (added in fp32 before t
 import triton
 import triton.language as tl
 
-from ._common import interpreting, round_to
+from ._common import interpreting, round_tf32, round_to
 
 
 @triton.jit
 def _rms_norm_silu_kernel(
     x_ptr, out_ptr, gamma_ptr, bias_ptr, in_bias_ptr, P, C, stride_xb, stride_ob, scale, eps,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IN_BIAS: tl.constexpr,
-    SILU: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    SILU: tl.constexpr, ROUND_TF32: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -48,6 +48,8 @@ def _rms_norm_silu_kernel(
         y = y + tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if SILU:
         y = y / (1.0 + tl.exp(-y))  # torch's silu formula; `/` is the GPU's approximate division (~2 ulp fp32)
+    if ROUND_TF32:  # fp32 out, read next by a TF32 conv: rounded here as that conv would round it (once, not per tap)
+        y = round_tf32(y, EMULATE_RNE)
     tl.store(out_ptr + b * stride_ob + offs, round_to(y, dtype, EMULATE_RNE), mask=mask)
 
 
@@ -60,16 +62,17 @@ def _tiles(x):
     return P, block_p, block_c, (triton.cdiv(P, block_p), B)
 
 
-def rms_norm_silu(x, gamma, bias, scale, eps, silu, out, in_bias=None):
+def rms_norm_silu(x, gamma, bias, scale, eps, silu, out, in_bias=None, tf32=False):
     """x, out [B, C, T, H, W] whose pixels are rows of C contiguous channels, uniformly C apart within
     a batch (channels-last-3d, or a time slice of it); gamma, bias, in_bias [C] contiguous (bias and
-    in_bias may be None; in_bias is added to x before the norm)."""
+    in_bias may be None; in_bias is added to x before the norm). tf32 (fp32 x): the output rounded to TF32
+    (cvt.rna, as vkern.reference.causal_conv.round_to_tf32) for a conv with TF32 products that reads it next."""
     P, block_p, block_c, grid = _tiles(x)
     _rms_norm_silu_kernel[grid](
         x, out, gamma, bias if bias is not None else gamma, in_bias if in_bias is not None else gamma,
         P, x.shape[1], x.stride(0), out.stride(0), scale, eps,
         BLOCK_P=block_p, BLOCK_C=block_c, HAS_BIAS=bias is not None, HAS_IN_BIAS=in_bias is not None, SILU=silu,
-        EMULATE_RNE=interpreting(),
+        ROUND_TF32=tf32, EMULATE_RNE=interpreting(),
         # FMA contraction off: the configuration runs 18-19 measured (the pass is memory-bound either way).
         num_warps=4, enable_fp_fusion=False,
     )
