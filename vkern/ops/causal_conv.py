@@ -46,11 +46,11 @@ CUDA_FASTER = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (192, 96, (1, 3, 3)), (3
 
 # (in channels, out channels, kernel) of the stride-1 convs where the Triton kernel's TF32 products (fp32 inputs,
 # torch's cuDNN convs in TF32: its default) measured faster than cuDNN's TF32 pick in channels-last (H100, ms at 480p;
-# run 174, operands rounded to TF32 as cuDNN does: bench/results/2026-12-06-h100-93ba13b-vae-fp32.jsonl): 96 -> 96
-# 6.13 vs 7.63, 96 -> 3 3.36 vs 3.49 (a 4% gain). Run 173 (truncated operands, 2.6x cuDNN's error: 2026-12-06-h100-
-# 8cd2afc-vae-conv-fp32.jsonl): cuDNN faster at 192 -> 192 (4.08 vs 4.85), the 2D upsampling convs (192 -> 96 3.38 vs
-# 3.69, 384 -> 192), the time-upsampling conv and the encoder's 3 -> 96 (1.45 vs 2.45); 384 -> 384 a tie (2.28 vs
-# 2.82 once rounded, run 174).
+# run 175, operands rounded to TF32 as cuDNN does, by the norm pass in the VAE loop: bench/results/2026-12-06-h100-
+# 2705cad-vae-fp32.jsonl): 96 -> 96 4.70 vs 7.80 (5.96 rounding in the conv), 96 -> 3 2.67 vs 3.48 (3.17). Run 173
+# (truncated operands, 2.6x cuDNN's error: 2026-12-06-h100-8cd2afc-vae-conv-fp32.jsonl): cuDNN faster at 192 -> 192
+# (4.08 vs 4.85), the 2D upsampling convs (192 -> 96 3.38 vs 3.69, 384 -> 192), the time-upsampling conv and the
+# encoder's 3 -> 96 (1.45 vs 2.45); 384 -> 384 a tie (2.28 vs 2.82 once rounded, run 174).
 TRITON_FASTER_TF32 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3))}
 
 
