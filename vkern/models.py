@@ -493,11 +493,17 @@ WAN_ANIMATE_RESOLUTIONS = {"720p": (77, 720, 1280)}
 CLIP_IMAGE_TOKENS = 257  # CLIP ViT-H/14's penultimate hidden states at 224 px: 16 x 16 patches + the class token
 
 
-def build_wan_animate_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
-    config = {**WAN_ANIMATE_TRANSFORMERS[size], **overrides}
+def _build_with_image_keys(cls_name, configs, size, dtype, device, overrides):
+    """A Wan-family model with CLIP image keys (added key/value projections) from configs[size] and overrides."""
+    config = {**configs[size], **overrides}
     if size == "tiny":  # (the image keys' projection takes the image embedder's output, the inner dim wide)
         config["added_kv_proj_dim"] = config["num_attention_heads"] * config["attention_head_dim"]
-    return _build("WanAnimateTransformer3DModel", config, dtype, device)
+    return _build(cls_name, config, dtype, device)
+
+
+def build_wan_animate_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
+    return _build_with_image_keys("WanAnimateTransformer3DModel", WAN_ANIMATE_TRANSFORMERS, size, dtype, device,
+                                  overrides)
 
 
 def wan_animate_transformer_inputs(model, res, dtype, device, batch=1):
@@ -540,10 +546,8 @@ CHRONOEDIT_LATENTS = {"tiny": (2, 8, 8), "tiny-reason": (3, 8, 8), "720p": (2, 9
 
 
 def build_chronoedit_transformer(size, dtype=torch.bfloat16, device="cpu", **overrides):
-    config = {**CHRONOEDIT_TRANSFORMERS[size], **overrides}
-    if size == "tiny":  # (the image keys' projection takes the image embedder's output, the inner dim wide)
-        config["added_kv_proj_dim"] = config["num_attention_heads"] * config["attention_head_dim"]
-    return _build("ChronoEditTransformer3DModel", config, dtype, device)
+    return _build_with_image_keys("ChronoEditTransformer3DModel", CHRONOEDIT_TRANSFORMERS, size, dtype, device,
+                                  overrides)
 
 
 def chronoedit_transformer_inputs(model, res, dtype, device, batch=1):
