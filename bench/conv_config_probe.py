@@ -55,7 +55,8 @@ def probe(name, dtype, warmup, repeats):
         tuned = conv._causal_conv3d_tuned
         picked = list(tuned.cache.values())[-1] if tuned.cache else None
         timings = {str(c): t for c, t in (getattr(tuned, "configs_timings", None) or {}).items()}
-        yield dict(shape=name, config="autotuned", picked=str(picked), tuning_ms=timings, ms=ms, tflops=flops / ms / 1e9)
+        yield dict(shape=name, config="autotuned", picked=str(picked), tuning_ms=timings, ms=ms,
+                   tflops=flops / ms / 1e9)
         configs = [(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in conv._configs()] + list(CANDIDATES)
         try:
             for bm, warps, stages in configs:
