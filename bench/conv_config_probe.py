@@ -51,7 +51,7 @@ def probe(name, dtype, warmup, repeats):
     flops = 2 * cin * cout * k[0] * k[1] * k[2] * frames * h * w
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
         expected = run()
-        ms = time_cuda(run, warmup, repeats)
+        ms = time_cuda(run, warmup, repeats)[0]
         tuned = conv._causal_conv3d_tuned
         picked = list(tuned.cache.values())[-1] if tuned.cache else None
         timings = {str(c): t for c, t in (getattr(tuned, "configs_timings", None) or {}).items()}
@@ -63,7 +63,7 @@ def probe(name, dtype, warmup, repeats):
                 conv._causal_conv3d_tuned = _fixed(conv._causal_conv3d_kernel, bm, warps, stages)
                 try:
                     out = run()
-                    ms = time_cuda(run, warmup, repeats)
+                    ms = time_cuda(run, warmup, repeats)[0]
                     err = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
                     yield dict(shape=name, config=f"BLOCK_M {bm} warps {warps} stages {stages}", ms=ms,
                                tflops=flops / ms / 1e9, rel_l2_vs_autotuned=err)
