@@ -169,15 +169,15 @@ def block_sizes(C, O, dtype=torch.bfloat16):
     return block_n, block_k
 
 
-def packed_weight(weight, block_k, block_n, round_tf32=False):
+def packed_weight(weight, block_k, block_n, tf32=False):
     """[O, C, kt, kh, kw] -> [kt * kh * kw * C_pad, O_pad], C padded with zeros to a multiple of block_k and O
     to one of block_n (see the module docstring). fp32: the transpose of a contiguous [O_pad, taps * C_pad] (K
     contiguous): a TF32 wgmma reads both operands K-major, and with N contiguous Triton copies the B tile into
     shared memory 4 bytes at a time (bench/triton_ptx.py: 96 cp.async of 4 B a thread and stage against 24 of 16 B).
-    round_tf32: fp32 values rounded to TF32 (10 mantissa bits, to nearest, ties away: cvt.rna), as the kernel rounds
+    tf32: fp32 values rounded to TF32 (10 mantissa bits, to nearest, ties away: cvt.rna), as the kernel rounds
     its A tiles."""
     O, C = weight.shape[:2]
-    if round_tf32:
+    if tf32:
         weight = round_to_tf32(weight)
     taps = weight[0, 0].numel()
     c_pad, o_pad = triton.cdiv(C, block_k) * block_k, triton.cdiv(O, block_n) * block_n
@@ -231,7 +231,7 @@ def causal_conv3d(x, weight, bias, stride, padding, cache=None, pad_mode="zeros"
     # TF32 products where torch's cuDNN convs run them (CUDA only: the interpreter on CPU tensors computes as torch's
     # CPU conv, IEEE)
     tf32 = x.dtype == torch.float32 and x.is_cuda and cudnn_conv_tf32()
-    w = packed_weight(weight, block_k, block_n, round_tf32=tf32)
+    w = packed_weight(weight, block_k, block_n, tf32=tf32)
     M = B * To * Ho * Wo
 
     def grid(meta):
