@@ -253,7 +253,7 @@ def test_tf32_norm_default_on_and_read_from_the_environment(monkeypatch):
 
 def test_no_tf32_inputs_on_the_cpu(monkeypatch):
     """rounds_input: only fp32 CUDA inputs of a conv on the Triton kernel (the interpreter on CPU tensors runs IEEE
-    products, as torch's CPU conv): a CPU decode with every conv forced onto the kernel rounds nothing."""
+    products, as torch's CPU conv): a CPU input of a conv forced onto the kernel is not rounded."""
     monkeypatch.setenv("VKERN_CAUSAL_CONV3D_BACKEND", "triton")
     run = fast._chunks(None, None, False)
     conv = WanCausalConv3d(96, 96, 3, padding=1)
