@@ -743,7 +743,8 @@ def _gemm(name, providers, args):
 # vkern-cudnn: the same with every conv on cuDNN (the A/B of the Triton dispatch); vkern-unfused: cuDNN
 # convs, no fused biases, no padding (the default path of runs 19-21); vkern-2-latents: latents_per_call=2
 # (decode); vkern-cpu-output: decoded frames go to pinned CPU memory (decode); vkern-cuda: vkern's CUDA conv on
-# every conv it takes; vkern-cuda-s16: the CUDA conv on the 96 -> 96 convs only (CUDA_FASTER of session 16).
+# every conv it takes; vkern-cuda-s16: the CUDA conv on the 96 -> 96 convs only (CUDA_FASTER of session 16);
+# vkern-cuda-tf32-s51 (fp32): the CUDA conv on the convs of TRITON_FASTER_TF32.
 VAE_PROVIDERS = ("diffusers", "vkern", "vkern-cudnn", "vkern-cuda", "vkern-cuda-s16", "vkern-unfused",
                  "vkern-2-latents", "vkern-cpu-output")
 
@@ -784,22 +785,25 @@ def cuda_convs(fn):
     return with_env(fn, "VKERN_CONV_CUDA", "all")
 
 
-def with_cuda_table(fn, table):
-    """fn with vkern.ops.causal_conv.CUDA_FASTER = table while it runs (an A/B of the CUDA conv's routing)."""
+def with_cuda_table(fn, table, name="CUDA_FASTER"):
+    """fn with vkern.ops.causal_conv.<name> (CUDA_FASTER, or CUDA_FASTER_TF32 for fp32) = table while it runs (an
+    A/B of the CUDA conv's routing)."""
     from vkern.ops import causal_conv
 
     def run(*args, **kwargs):
-        before = causal_conv.CUDA_FASTER
-        causal_conv.CUDA_FASTER = set(table)
+        before = getattr(causal_conv, name)
+        setattr(causal_conv, name, set(table))
         try:
             return fn(*args, **kwargs)
         finally:
-            causal_conv.CUDA_FASTER = before
+            setattr(causal_conv, name, before)
     return run
 
 
 # CUDA_FASTER as session 16 left it (the 96 -> 96 convs only): the A/B of run 66's wider routing
 CUDA_TABLE_S16 = {(96, 96, (3, 3, 3))}
+# fp32: the CUDA conv (TF32) on the convs the Triton kernel runs by default (session 51's A/B)
+CUDA_TABLE_TF32_S51 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3))}
 
 
 def _psnr(a, b):
@@ -857,6 +861,9 @@ def _vae_rows(op, name, providers, args, make_input, runners):
     allocated = torch.cuda.memory_allocated() / 2**30
     params = param_bytes(vae) / 2**30
     inp = make_input()
+    unknown = [p for p in providers or () if p not in runners and p not in ("diffusers", "vkern")]
+    if unknown:  # else they would run diffusers' path under their name
+        raise SystemExit(f"--providers: unknown {unknown} for {op}; known: diffusers, vkern, {list(runners)}")
     oracle = _vae_fp32_reference(vae, inp, runners["default"])
     reference = None
     fp32_err = {}
@@ -911,6 +918,7 @@ def _vae_decode(name, providers, args):
                "vkern-cudnn": cudnn_convs(wan_vae.decode),
                "vkern-cuda": cuda_convs(wan_vae.decode),
                "vkern-cuda-s16": with_cuda_table(wan_vae.decode, CUDA_TABLE_S16),
+               "vkern-cuda-tf32-s51": with_cuda_table(wan_vae.decode, CUDA_TABLE_TF32_S51, "CUDA_FASTER_TF32"),
                "vkern-unfused": cudnn_convs(lambda vae, z: wan_vae.decode(vae, z, fuse_bias=False, pad_channels=False)),
                "vkern-2-latents": lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2),
                "vkern-no-handoff": no_handoff(wan_vae.decode),
@@ -930,6 +938,7 @@ def _vae_encode(name, providers, args):
                "vkern-cudnn": cudnn_convs(wan_vae.encode),
                "vkern-cuda": cuda_convs(wan_vae.encode),
                "vkern-cuda-s16": with_cuda_table(wan_vae.encode, CUDA_TABLE_S16),
+               "vkern-cuda-tf32-s51": with_cuda_table(wan_vae.encode, CUDA_TABLE_TF32_S51, "CUDA_FASTER_TF32"),
                "vkern-unfused": cudnn_convs(lambda vae, x: wan_vae.encode(vae, x, fuse_bias=False, pad_channels=False)),
                "vkern-tf32-in-conv": tf32_in_conv(wan_vae.encode)}
     providers = [p for p in (providers or VAE_PROVIDERS) if p not in ("vkern-cpu-output", "vkern-2-latents")]
@@ -957,7 +966,8 @@ def _vae_conv(name, providers, args):
     """diffusers' way (torch.cat of cache and chunk, F.pad, NCDHW conv; per-frame NCHW Conv2d for the
     upsampling conv) vs vkern's (one channels-last buffer [cache | chunk], spatial padding in the conv), and
     vkern-triton: vkern/triton/causal_conv.py's kernel (weight repacked per call, inside the timing); in fp32
-    vkern-triton-tf32-inputs: the same on inputs rounded to TF32 beforehand (inputs_tf32, as the VAE loop feeds it)."""
+    vkern-triton-tf32-inputs: the same on inputs rounded to TF32 beforehand (inputs_tf32, as the VAE loop feeds it);
+    vkern-cuda-tf32-inputs likewise for csrc/causal_conv.cu (vkern-cuda rounds copies of x and the cache per call)."""
     import torch.nn.functional as F
 
     from vkern.ops.causal_conv import _cuda_block_n as cuda_block_n
@@ -999,6 +1009,9 @@ def _vae_conv(name, providers, args):
                                                                   cache_tf32, inputs_tf32=True)
         if cuda_unsupported(x_cl, weight, (1, 1, 1)) is None:  # csrc/causal_conv.cu (weight repacked per call)
             fns["vkern-cuda"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl)
+            if DT == torch.float32:  # fp32: rounded copies of x and the cache in vkern-cuda; here rounded already
+                fns["vkern-cuda-tf32-inputs"] = lambda: causal_conv3d_cuda(x_tf32, weight, bias, (tp, hp, wp),
+                                                                           cache_tf32, inputs_tf32=True)
             # one CTA per tile instead of persistent CTAs
             fns["vkern-cuda-grid"] = lambda: causal_conv3d_cuda(x_cl, weight, bias, (tp, hp, wp), cache_cl,
                                                                 persistent=False)

@@ -4,16 +4,18 @@
 // A tile is 4 output rows x 64 output columns of one output frame (256 pixels) x block_n (8, 96 or 128) output
 // channels; persistent CTAs (as many as fit on the SMs at once) loop over tiles (or one CTA per tile), in three
 // warpgroups:
-//   producer (warpgroup 0): warps 1-3 copy the input halo of the tile (6 rows x 66 columns of 32 channels of one
-//     input frame) into a ring of shared-memory slots with 16-byte cp.async (zero-filled outside the frame:
-//     the spatial padding), one slot per (time tap, 32-channel chunk); lane 0 of warp 0 bulk-copies the packed
-//     weight slab [32 channels x block_n] of each of the 9 spatial taps into a second ring.
-//   consumers (warpgroups 1, 2): 2 output rows each, as two 64-row wgmma products (m64 x block_n x k16) per tap
-//     and 16 channels. A tap's A operand is the halo shifted by (dh, dw): the halo is stored unswizzled as
-//     [row][channel group of 8][column][8 channels], so the 64 pixels of an output row at tap (dh, dw) are 64
-//     consecutive 16-byte rows starting at column dw, a valid wgmma core-matrix layout at any start (K-major,
-//     lbo = one channel group, sbo = 8 pixels). Each input pixel is read from L2 once per (time tap, channel
-//     chunk) instead of once per tap.
+//   producer (warpgroup 0): warps 1-3 copy the input halo of the tile (6 rows x 66 columns of one 64-byte channel
+//     chunk of one input frame) into a ring of shared-memory slots with 16-byte cp.async (zero-filled outside the
+//     frame: the spatial padding), one slot per (time tap, channel chunk); lane 0 of warp 0 bulk-copies the packed
+//     weight slab [chunk x block_n] of each of the 9 spatial taps into a second ring.
+//   consumers (warpgroups 1, 2): 2 output rows each, as two 64-row wgmma products (m64 x block_n x 32 bytes of
+//     channels) per tap and half chunk. A tap's A operand is the halo shifted by (dh, dw): the halo is stored
+//     unswizzled as [row][16-byte channel group][column][group], so the 64 pixels of an output row at tap (dh, dw)
+//     are 64 consecutive 16-byte rows starting at column dw, a valid wgmma core-matrix layout at any start
+//     (K-major, lbo = one channel group, sbo = 8 pixels). Each input pixel is read from L2 once per (time tap,
+//     channel chunk) instead of once per tap.
+// Types: bf16/fp16 (a group is 8 channels, a chunk 32, a k-step k16), or fp32 with TF32 products (a group 4
+// channels, a chunk 16, a k-step k8: the same bytes, so the same layout, rings and descriptors).
 // Time: output frame t reads padded frames t ... t + KT - 1; a padded frame is a frame of x, of the cache (read in
 // place, any frame stride) or zeros (its taps are skipped: no copy, no product). Bias (fp32) and a residual (a
 // residual block's shortcut, optional) are added in fp32 and each output is rounded once.
@@ -30,8 +32,12 @@ using namespace sm90;
 
 constexpr int kRows = 4, kCols = 64;                    // output tile: rows x columns of one frame
 constexpr int kHaloRows = kRows + 2, kHaloCols = kCols + 2;
-constexpr int kChunk = 32;                              // input channels per halo slot (4 groups of 8)
-constexpr int kGroups = kChunk / 8;
+constexpr int kChunkBytes = 64;                         // input channels per halo slot: 4 groups of 16 bytes
+constexpr int kGroups = kChunkBytes / 16;
+template <typename T>
+constexpr int chunk_of() { return kChunkBytes / int(sizeof(T)); }  // 32 16-bit channels, 16 fp32 ones
+template <typename T>
+constexpr int group_of() { return 16 / int(sizeof(T)); }
 constexpr int kHaloBytes = kHaloRows * kGroups * kHaloCols * 16;  // 25344
 constexpr int kHaloStages = 3;
 constexpr int kTaps = 9;                                // 3 x 3 spatial taps
@@ -40,7 +46,7 @@ constexpr int kHaloThreads = 96;                        // warps 1-3
 constexpr int kConsumerWarps = 8;
 
 template <int kBlockN>
-constexpr int slab_bytes() { return kChunk * kBlockN * 2; }
+constexpr int slab_bytes() { return kChunkBytes * kBlockN; }
 constexpr int kWeightStages = 2 * kTaps;             // two halo slots' weight slabs
 // Halo ring | weight-slab ring | barriers.
 template <int kBlockN>
@@ -96,6 +102,31 @@ struct Ring {
 };
 static_assert(kWeightStages == 2 * kTaps, "stage s uses weight slots kTaps * (s & 1) + tap");
 
+// acc += A[64 x 32 bytes of channels] B[32 bytes of channels x N]: k16 in 16 bits; in fp32 k8 TF32 products, which
+// read each operand's top 19 bits (truncation: the caller stores TF32-rounded values to get cuDNN's rounding).
+template <typename T, int N>
+__device__ __forceinline__ void conv_mma(float (&acc)[N / 2], uint64_t a, uint64_t b) {
+  if constexpr (sizeof(T) == 4) wgmma_m64nNk8_ss_acc_tf32<N>(acc, a, b);
+  else wgmma_m64nNk16_ss_acc<T, N>(acc, a, b);
+}
+// Two channels of an output-shaped tensor (8-byte aligned pairs in fp32, 4-byte in 16 bits) in fp32, and back.
+__device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+template <typename T>
+__device__ __forceinline__ float2 load2(const T* p) { return unpack2<T>(*reinterpret_cast<const uint32_t*>(p)); }
+__device__ __forceinline__ void store2(float* p, float a, float b) {
+  *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+template <typename T>
+__device__ __forceinline__ void store2(T* p, float a, float b) { *reinterpret_cast<uint32_t*>(p) = pack2<T>(a, b); }
+// a, b as store2 stores them in T (fp32: as they are).
+template <typename T>
+__device__ __forceinline__ void round2(float& a, float& b) {
+  if constexpr (sizeof(T) == 2) {
+    const float2 r = unpack2<T>(pack2<T>(a, b));
+    a = r.x, b = r.y;
+  }
+}
+
 template <typename T, int kBlockN>
 __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid_constant__ ConvParams<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -106,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
   uint64_t* halo_empty = halo_full + kHaloStages;
   uint64_t* slab_full = halo_empty + kHaloStages;
   uint64_t* slab_empty = slab_full + kWeightStages;
-  const int chunks = p.C / kChunk;
+  const int chunks = p.C / chunk_of<T>();
 
   // Broadcast from lane 0 so the compiler knows the warp index is warp-uniform: the consumers' descriptors then
   // live in uniform registers (no per-wgmma register -> uniform moves).
@@ -142,7 +173,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
       for (int j = 0; j < kColSlots; ++j) {
         const int ww = tid / kGroups + kColsPerPass * j, w = tile.w0 - p.wp + ww;
         cols_in |= uint32_t(ww < kHaloCols && unsigned(w) < unsigned(p.W)) << j;
-        col_off[j] = (w >> p.up) * p.xp + g * 8;
+        col_off[j] = (w >> p.up) * p.xp + g * group_of<T>();
       }
       int row_off[kHaloRows];
 #pragma unroll
@@ -159,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
         for (int cc = 0; cc < chunks; ++cc) {
           mbar_wait(&halo_empty[ring.slot], ring.phase ^ 1);
           const uint32_t dst0 = smem_u32(halo + ring.slot * kHaloBytes) + (g * kHaloCols + tid / kGroups) * 16;
-          const T* chunk = frame + cc * kChunk;
+          const T* chunk = frame + cc * chunk_of<T>();
 #pragma unroll
           for (int r = 0; r < kHaloRows; ++r) {
 #pragma unroll
@@ -178,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
     asm volatile("cp.async.wait_all;" ::: "memory");  // no exit with copies in flight
   } else if (warp == 0) {  // ----------------------------------------------------------- weight producer
     if (lane == 0) {
-      constexpr int kSlabElems = slab_bytes<kBlockN>() / 2;
+      constexpr int kSlabElems = slab_bytes<kBlockN>() / int(sizeof(T));
       int s = 0;  // stages (time tap x channel chunk) so far: stage s fills weight slots kTaps * (s & 1) + tap
       for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
         const Tile tile(idx, p.n_tiles, p.tiles_w, p.tiles_h, p.To);
@@ -241,8 +272,8 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
 #pragma unroll
               for (int kk = 0; kk < 2; ++kk) {
                 const SmemDesc a = a_slot.plus((((r + dh) * kGroups + 2 * kk) * kHaloCols + dw) * 16);
-                wgmma_m64nNk16_ss_acc<T, kBlockN>(
-                    acc[r], a.bits(), b_stage.plus((tap * 4 * kBlockN + kk * 2 * kBlockN) * 16).bits());
+                const SmemDesc b = b_stage.plus((tap * 4 * kBlockN + kk * 2 * kBlockN) * 16);
+                conv_mma<T, kBlockN>(acc[r], a.bits(), b.bits());
               }
             }
             wgmma_commit();
@@ -287,7 +318,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
             const T* res_row = res + h * p.rr + int64_t(w) * p.O;
 #pragma unroll
             for (int j = 0; j < kBlockN / 8; ++j) {
-              const float2 s = unpack2<T>(*reinterpret_cast<const uint32_t*>(res_row + 8 * j));
+              const float2 s = load2(res_row + 8 * j);
               v[4 * j] += s.x, v[4 * j + 1] += s.y;
             }
           }
@@ -322,11 +353,9 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
           if (normed) {  // the sum as stored: out's values, then their norm into normed
 #pragma unroll
             for (int j = 0; j < kBlockN / 8; ++j) {
-              const uint32_t pair = pack2<T>(v[4 * j], v[4 * j + 1]);
-              if (in_frame)
-                *reinterpret_cast<uint32_t*>(out + h * p.orow + int64_t(w) * p.O + 2 * (lane % 4) + 8 * j) = pair;
-              const float2 rounded = unpack2<T>(pair);
-              v[4 * j] = rounded.x, v[4 * j + 1] = rounded.y;
+              round2<T>(v[4 * j], v[4 * j + 1]);
+              T* pair = out + h * p.orow + int64_t(w) * p.O + 2 * (lane % 4) + 8 * j;
+              if (in_frame) store2(pair, v[4 * j], v[4 * j + 1]);
             }
           }
           if (p.norm.gamma) {  // diffusers' WanRMS_norm: x / max(||x||, eps) * sqrt(C) * gamma (+ beta), then SiLU
@@ -351,7 +380,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
           T* row = (normed ? normed + h * p.nr : out + h * p.orow) + int64_t(w) * p.O + 2 * (lane % 4);
 #pragma unroll
           for (int j = 0; j < kBlockN / 8; ++j)
-            *reinterpret_cast<uint32_t*>(row + 8 * j) = pack2<T>(v[4 * j], v[4 * j + 1]);
+            store2(row + 8 * j, v[4 * j], v[4 * j + 1]);
         }
       }
     }
@@ -404,7 +433,8 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, Co
   const bool cache_ok = n_cache == 0 || (cache.ptr != nullptr && aligned(cache.ptr) && strides_ok(cache) &&
                                          cache.row_stride == x.row_stride && cache.pixel_stride == x.pixel_stride &&
                                          n_cache <= cache_frames);
-  if (batch < 1 || channels < kChunk || channels % kChunk != 0 || frames < 1 || kt < 1 || tp < 0 || hp < 0 ||
+  const int chunk = dtype == DType::kFloat32 ? chunk_of<float>() : chunk_of<__half>();
+  if (batch < 1 || channels < chunk || channels % chunk != 0 || frames < 1 || kt < 1 || tp < 0 || hp < 0 ||
       wp < 0 || (upsample != 1 && upsample != 2) || n_cache < 0 || n_cache > tp || To < 1 || Ho < 1 || Wo < 1 ||
       !cache_ok || x.ptr == nullptr || out.ptr == nullptr || weight_packed == nullptr || !aligned(x.ptr) ||
       !aligned(weight_packed) || !strides_ok(x) || !rows_ok(x, height, width, channels) ||
@@ -442,6 +472,7 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, Co
   };
   if (dtype == DType::kBFloat16) return run(__nv_bfloat16());
   if (dtype == DType::kFloat16) return run(__half());
+  if (dtype == DType::kFloat32) return run(float());
   return cudaErrorInvalidValue;
 }
 

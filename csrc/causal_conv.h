@@ -37,16 +37,18 @@ struct ConvNorm {
 constexpr int kConvBlockNs[] = {8, 96, 128};
 
 // out [B, O, To, Ho, Wo] (pixels rows of O channels) = the causal conv of x [B, C, T, H, W] (the chunk) with
-// weight_packed (vkern.ops.causal_conv.cuda_packed_weight: [O / block_n, KT, C / 32, 9, 4, block_n, 8]), plus bias
-// [O] (fp32, 8-byte aligned; may be null), plus residual (laid out as out; ptr may be null), then norm (see
-// ConvNorm), in dtype (bf16 or fp16), fp32 accumulation, rounded once. upsample 2: x (and the cache) nearest-upsampled 2x in space
-// on the fly (the conv's input is 2H x 2W; height and width are x's own), 1: as it is.
+// weight_packed (vkern.ops.causal_conv.cuda_packed_weight: [O / block_n, KT, C / 32, 9, 4, block_n, 8]; in fp32
+// [O / block_n, KT, C / 16, 9, 4, block_n, 4]), plus bias [O] (fp32, 8-byte aligned; may be null), plus residual
+// (laid out as out; ptr may be null), then norm (see ConvNorm), in dtype, fp32 accumulation, rounded once. dtype:
+// bf16 or fp16, or fp32 with TF32 products, which read the top 19 bits of each operand: x, the cache and the weight
+// stored rounded to TF32 give round-to-nearest operands (cuDNN's). upsample 2: x (and the cache) nearest-upsampled
+// 2x in space on the fly (the conv's input is 2H x 2W; height and width are x's own), 1: as it is.
 // Time: output frame t reads padded frames t ... t + KT - 1 of [tp padding frames | x]; padded frame tp + s is
 // x's frame s for s >= 0, cache frame cache_frames + s (cache: logical frames 0 ... cache_frames - 1, oldest
 // first) for -n_cache <= s < 0, and zeros below. To = tp + T - KT + 1. Space: 3 x 3, padding hp rows and wp
 // columns of zeros: Ho = H' + 2 hp - 2, Wo = W' + 2 wp - 2 (H' = upsample * height, W' likewise).
-// C a multiple of 32; block_n in kConvBlockNs dividing O. persistent: as many CTAs as fit on the SMs at once,
-// looping over the tiles, else one CTA per tile.
+// C a multiple of 32 (of 16 in fp32); block_n in kConvBlockNs dividing O. persistent: as many CTAs as fit on the SMs
+// at once, looping over the tiles, else one CTA per tile.
 // Returns cudaErrorInvalidValue for arguments the kernel does not take.
 cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, ConvTensor residual, ConvNorm norm,
                               const void* weight_packed, const float* bias, DType dtype, int batch, int channels,

@@ -287,6 +287,23 @@ __device__ __forceinline__ void wgmma_m64nNk16_ss_acc(float (&d)[N / 2], uint64_
 VKERN_WGMMA_SPECIALIZATIONS(__nv_bfloat16, "bf16")
 VKERN_WGMMA_SPECIALIZATIONS(__half, "f16")
 
+// d[N / 2] += A[64 x 8] B[8 x N] with TF32 products of fp32 operands in shared memory (K-major both: TF32 has no
+// transposed forms), N = 8, 96 or 128. The products read each operand's top 19 bits (its low 13 mantissa bits are
+// ignored: truncation; store operands rounded to TF32 for round-to-nearest ones).
+template <int N>
+__device__ __forceinline__ void wgmma_m64nNk8_ss_acc_tf32(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b);
+#define VKERN_WGMMA_TF32_SS_ACC(N, SHAPE, REGS, OPERANDS, A, B)                                                  \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_m64nNk8_ss_acc_tf32<N>(float (&d)[N / 2], uint64_t desc_a,              \
+                                                              uint64_t desc_b) {                                 \
+    asm volatile("wgmma.mma_async.sync.aligned." SHAPE ".f32.tf32.tf32 " REGS ", " A ", " B ", 1, 1, 1;\n"         \
+                 : OPERANDS(d)                                                                                    \
+                 : "l"(desc_a), "l"(desc_b));                                                                     \
+  }
+VKERN_WGMMA_TF32_SS_ACC(8, "m64n8k8", VKERN_ACC4_REGS, VKERN_ACC4_OPERANDS, "%4", "%5")
+VKERN_WGMMA_TF32_SS_ACC(96, "m64n96k8", VKERN_ACC48_REGS, VKERN_ACC48_OPERANDS, "%48", "%49")
+VKERN_WGMMA_TF32_SS_ACC(128, "m64n128k8", VKERN_ACC64_REGS, VKERN_ACC64_OPERANDS, "%64", "%65")
+
 // fp8 (e4m3) operands: both K-major (Hopper's 8-bit wgmma has no transposed forms), 32 K elements per
 // instruction. E4M3 is the tag type for them.
 struct E4M3 {};

@@ -4,6 +4,7 @@ padding value fails it by orders of magnitude). The kernel needs Hopper, so thos
 weight packing and the backend choice are checked on the CPU."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vkern import ops
 from vkern.ops import _backend
@@ -23,7 +24,7 @@ def test_packed_weight_layout(O, block_n):
     """Element (tile, dt, chunk, tap, group, n, e) of the packed weight is weight[tile * block_n + n,
     chunk * 32 + group * 8 + e, dt, tap // 3, tap % 3] (causal_conv.h)."""
     C, kt = 64, 3
-    w = torch.randn(O, C, kt, 3, 3)
+    w = torch.randn(O, C, kt, 3, 3, dtype=torch.bfloat16)
     p = cc.cuda_packed_weight(w, block_n)
     assert p.shape == (O // block_n, kt, C // 32, 9, 4, block_n, 8) and p.is_contiguous()
     g = torch.Generator().manual_seed(0)
@@ -33,14 +34,32 @@ def test_packed_weight_layout(O, block_n):
                                                          tap // 3, tap % 3]
 
 
+@pytest.mark.parametrize("O,block_n", [(96, 96), (256, 128)])
+def test_packed_weight_layout_fp32(O, block_n):
+    """fp32: 16-channel chunks of 4 groups of 4 (the same 64 bytes): element (tile, dt, chunk, tap, group, n, e) is
+    weight[tile * block_n + n, chunk * 16 + group * 4 + e, dt, tap // 3, tap % 3]; cuda_pack rounds it to TF32."""
+    C, kt = 48, 3
+    w = torch.randn(O, C, kt, 3, 3)
+    p = cc.cuda_packed_weight(w, block_n)
+    assert p.shape == (O // block_n, kt, C // 16, 9, 4, block_n, 4) and p.is_contiguous()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        tile, dt, chunk, tap, group, n, e = (int(torch.randint(0, s, (1,), generator=g)) for s in p.shape)
+        assert p[tile, dt, chunk, tap, group, n, e] == w[tile * block_n + n, chunk * 16 + group * 4 + e, dt,
+                                                         tap // 3, tap % 3]
+    packed = cc.cuda_pack(w)
+    assert torch.equal(packed, cc.cuda_packed_weight(ref.round_to_tf32(w), cc._cuda_block_n(O)))
+    assert not torch.equal(packed, cc.cuda_packed_weight(w, cc._cuda_block_n(O)))  # the rounding changed values
+
+
 def test_cuda_pack_pads_few_output_channels():
     """O <= 8: zero output channels up to 8, then the same packing; wider O: just the packing."""
-    w = torch.randn(3, 64, 3, 3, 3)
+    w = torch.randn(3, 64, 3, 3, 3, dtype=torch.bfloat16)
     p = cc.cuda_pack(w)
     assert p.shape == (1, 3, 2, 9, 4, 8, 8)
-    padded = torch.cat([w, torch.zeros(5, 64, 3, 3, 3)])
+    padded = torch.cat([w, torch.zeros(5, 64, 3, 3, 3, dtype=torch.bfloat16)])
     assert torch.equal(p, cc.cuda_packed_weight(padded, 8))
-    w = torch.randn(192, 32, 1, 3, 3)
+    w = torch.randn(192, 32, 1, 3, 3, dtype=torch.bfloat16)
     assert torch.equal(cc.cuda_pack(w), cc.cuda_packed_weight(w, 96))
 
 
@@ -54,7 +73,30 @@ def test_unsupported_convs_say_why():
     assert cc.cuda_unsupported(x, torch.empty(3, 96, 3, 3, 3, dtype=torch.bfloat16), (1, 1, 1)) is None  # padded
     assert "multiple of 32" in cc.cuda_unsupported(x[:, :48], torch.empty(96, 48, 3, 3, 3, dtype=torch.bfloat16),
                                                    (1, 1, 1))
-    assert "float32" in cc.cuda_unsupported(x.float(), ok.float(), (1, 1, 1))
+    assert "float64" in cc.cuda_unsupported(x.double(), ok.double(), (1, 1, 1))
+
+
+def test_fp32_only_with_tf32_convs():
+    """fp32 runs TF32 products, so only while torch runs cuDNN's fp32 convs in TF32 (its default); C a multiple of
+    16 there (64 bytes, as 32 16-bit channels)."""
+    x = torch.empty(1, 48, 1, 8, 8)
+    w = torch.empty(96, 48, 3, 3, 3)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        assert cc.cuda_unsupported(x, w, (1, 1, 1)) is None
+        assert "multiple of 16" in cc.cuda_unsupported(x[:, :40], w[:, :40], (1, 1, 1))
+        assert "multiple of 32" in cc.cuda_unsupported(x.bfloat16(), w.bfloat16(), (1, 1, 1))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        assert "TF32" in cc.cuda_unsupported(x, w, (1, 1, 1))
+
+
+def test_fp32_preference_table(monkeypatch):
+    """fp32 convs go to the CUDA kernel by CUDA_FASTER_TF32 (measured in TF32), 16-bit ones by CUDA_FASTER."""
+    monkeypatch.delenv("VKERN_CONV_CUDA", raising=False)
+    monkeypatch.setattr(cc, "CUDA_FASTER_TF32", {(48, 96, (3, 3, 3))})
+    monkeypatch.setattr(cc, "CUDA_FASTER", {(96, 96, (3, 3, 3))})
+    w48, w96 = torch.empty(96, 48, 3, 3, 3), torch.empty(96, 96, 3, 3, 3)
+    assert cc._cuda_preferred(w48, torch.float32) and not cc._cuda_preferred(w96, torch.float32)
+    assert cc._cuda_preferred(w96, torch.bfloat16) and not cc._cuda_preferred(w48, torch.bfloat16)
 
 
 @pytest.mark.parametrize("O,block_n", [(96, 96), (192, 96), (384, 128), (256, 128), (3, 8), (8, 8), (1, 8), (16, None),
@@ -350,3 +392,87 @@ def test_gpu_normed_second_output(dtype, residual, upsample):
     assert excess <= 0, f"error exceeds the bound by {excess:.3g} (rel L2 {rel_l2(normed, ref):.3g})"
     with pytest.raises(ValueError, match="normed: needs norm"):
         cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, normed=True)
+
+
+# --- GPU: fp32 with TF32 products ------------------------------------------------------------------------------
+
+def _tf32(*ts):
+    """ts rounded to TF32 (None stays None), channels-last kept: inputs whose TF32 products are exact in fp32, so the
+    kernel's only error is its fp32 sum and the fp32 bound of check() applies to it."""
+    return [None if t is None else ref.round_to_tf32(t) for t in ts]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C,O,T,H,W", [(16, 96, 1, 5, 7),       # one 16-channel chunk, one partial tile
+                                       (48, 96, 3, 9, 70),      # 3 chunks, 2 column tiles, 3 row tiles
+                                       (64, 128, 2, 4, 64),     # exact tile
+                                       (96, 192, 2, 11, 65),    # 2 output-channel tiles of 96
+                                       (32, 3, 2, 9, 70)])      # 8-wide tile (an RGB output)
+@pytest.mark.parametrize("cache_frames", [None, 2, 3], ids=["no-cache", "equal", "long"])
+@torch.inference_mode()
+def test_gpu_fp32_tf32_products(C, O, T, H, W, cache_frames):
+    """fp32: the op rounds x, the cache and the weight to TF32 (to nearest, as cuDNN), and the products of those are
+    exact: within the fp32 bound of the float64 conv of the rounded operands. Truncated operands (what wgmma does to
+    unrounded ones) would miss it by ~2^-11 of a product. inputs_tf32 on rounded operands: the same bits without the
+    copies; on unrounded ones the kernel truncates, and the result moves by more than 1e-5."""
+    x, w, b, cache = _gpu(*inputs(1, C, O, T, H, W, (3, 3, 3), cache_frames))
+    xr, wr, cr = _tf32(x, w, cache)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        assert cc.cuda_unsupported(x, w, (1, 1, 1)) is None
+        out = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache)
+        as_they_are = cc.causal_conv3d_cuda(xr, w, b, (2, 1, 1), cr, inputs_tf32=True)
+        truncated = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, inputs_tf32=True)
+    check(out, xr, wr, b, (1, 1, 1), (2, 1, 1), cr, "zeros")
+    assert torch.equal(as_they_are, out)
+    assert rel_l2(truncated, out) > 1e-5
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_gpu_fp32_epilogue_and_cache_frames():
+    """fp32 through the epilogue and the cache forms: bias + residual (fp32, one rounding: the fp32 bound of the conv
+    plus the add's), the norm + SiLU (the bf16 test's bound at fp32), a cache given as frames of other tensors (the
+    same bits as the tensor), upsampling (the same bits as the upsampled copy)."""
+    C, O, T, H, W = 48, 96, 2, 6, 70
+    x, w, b, cache = _gpu(*inputs(1, C, O, T, H, W, (3, 3, 3), 2))
+    xr, wr, cr = _tf32(x, w, cache)
+    r = torch.randn(1, O, T, H, W, device="cuda").contiguous(memory_format=CL)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        out = cc.causal_conv3d_cuda(xr, w, b, (2, 1, 1), cr, residual=r, inputs_tf32=True)
+        y, bound = oracle_and_bound(xr, wr, b, (1, 1, 1), (2, 1, 1), cr, "zeros", torch.float32)
+        y = y + r.double()
+        excess = ((out.double() - y).abs() - bound - 2.0**-24 * y.abs()).max().item()
+        assert excess <= 0, f"residual: error exceeds the bound by {excess:.3g}"
+        frames = [cr[:, :, :1].clone(memory_format=CL), cr[:, :, 1:].clone(memory_format=CL)]
+        assert torch.equal(cc.causal_conv3d_cuda(xr, w, b, (2, 1, 1), frames, residual=r, inputs_tf32=True), out)
+        gamma = 1 + 0.3 * torch.randn(O, device="cuda")
+        normed = cc.causal_conv3d_cuda(xr, w, b, (2, 1, 1), cr, norm=(gamma, None, True), inputs_tf32=True)
+        v, conv_err = oracle_and_bound(xr, wr, b, (1, 1, 1), (2, 1, 1), cr, "zeros", torch.float32)
+        k = O ** 0.5 / v.norm(dim=1, keepdim=True).clamp_min(cc.NORM_EPS)
+        yn = v * k * gamma.double().view(1, O, 1, 1, 1)
+        want = yn * torch.sigmoid(yn)
+        bound = (2.0**-24 * want.abs() + 1.1 * (k * gamma.double().abs().view(1, O, 1, 1, 1) * conv_err
+                                                 + (O + 8) * 2.0**-24 * yn.abs()) + 2.0**-20 * want.abs())
+        excess = ((normed.double() - want).abs() - bound).max().item()
+        assert excess <= 0, f"norm: error exceeds the bound by {excess:.3g}"
+        up = cc.causal_conv3d_cuda(xr, w, b, (2, 1, 1), cr, upsample=2, inputs_tf32=True)
+        assert torch.equal(up, cc.causal_conv3d_cuda(_upsampled(xr), w, b, (2, 1, 1), _upsampled(cr),
+                                                     inputs_tf32=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C,O,T,H,W", [(96, 96, 2, 480, 832), (192, 192, 2, 240, 416), (384, 384, 1, 120, 208),
+                                       (96, 3, 2, 480, 832)])
+@torch.inference_mode()
+def test_gpu_fp32_wan_shapes_within_cudnn_tf32_error(C, O, T, H, W):
+    """fp32 at the Wan VAE decoder's shapes with a 2-frame cache, TF32 on: within 1.25x cuDNN's own TF32 error
+    against float64 (the same rounded operands; the sums' order differs)."""
+    x, w, b, cache = _gpu(*inputs(1, C, O, T, H, W, (3, 3, 3), 2))
+    xx = torch.cat([cache, x], dim=2)
+    oracle = F.conv3d(xx.double(), w.double(), b.double(), padding=(0, 1, 1))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        out = cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache)
+        theirs = F.conv3d(xx, w, b, padding=(0, 1, 1))
+    err, err_theirs = rel_l2(out, oracle), rel_l2(theirs, oracle)
+    print(f"fp32 {C}->{O} {(T, H, W)}: TF32 rel L2 vs float64 ours {err:.3g}, cuDNN {err_theirs:.3g}")
+    assert 1e-5 < err <= 1.25 * err_theirs

@@ -726,3 +726,46 @@ def test_gpu_fp32_vae_decode_and_encode_match_diffusers(monkeypatch):
         print(f"fp32 {what}: vs fp32 without TF32 ours {err_ours:.2e} diffusers {err_theirs:.2e}")
         assert ours[i].dtype == torch.float32 and err_ours <= 1.25 * max(err_theirs, 1e-6)
     print(f"fp32 decode peak: ours {ours[2] / 2**30:.2f} GiB, diffusers {theirs[2] / 2**30:.2f} GiB")
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_fp32_vae_on_the_cuda_conv(monkeypatch):
+    """The fp32 VAE with every conv the CUDA kernel takes on it (VKERN_CONV_CUDA=all; TF32 products): within 1.25x
+    diffusers' own TF32 error against the VAE with TF32 off, as the Triton path. Convs fed by the norm pass read its
+    TF32-rounded values (inputs_tf32), the others (the upsampling convs, conv_in) rounded copies made by the op; the
+    epilogue does not round, so it applies no norm there. With VKERN_WAN_VAE_TF32_NORM=0 every conv gets rounded
+    copies (and conv1's epilogue applies norm2: fp32 arithmetic in another order): within 1e-6."""
+    torch.manual_seed(0)
+    vae = models.build_wan_vae("default", torch.float32, "cuda")
+    z = torch.randn(1, 16, 5, 32, 32, device="cuda")
+    x = torch.rand(1, 3, 17, 256, 256, device="cuda") * 2 - 1
+
+    def runs(v):
+        return v.decode(z).sample, v.encode(x).latent_dist.parameters
+
+    flags = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        oracle = runs(vae)
+    finally:
+        torch.backends.cudnn.allow_tf32 = flags
+    theirs = runs(vae)
+    monkeypatch.setenv("VKERN_CONV_CUDA", "all")
+    calls = _spy_kernel_convs(monkeypatch)
+    with vkern.patch(vae):
+        ours = runs(vae)
+        n = len(calls)
+        monkeypatch.setenv("VKERN_WAN_VAE_TF32_NORM", "0")
+        copies = runs(vae)
+    cuda = [c for c in calls[:n] if c[0] == "cuda"]
+    assert {c[1:4] for c in cuda} >= {(96, 96, (3, 3, 3)), (384, 384, (3, 3, 3)), (192, 96, (1, 3, 3))}
+    assert not any(c[6] or c[7] for c in calls[:n])  # no norm in the epilogue of a conv feeding a TF32 conv
+    assert all(c[10] for c in cuda if c[1] == c[2] and c[3] == (3, 3, 3))  # residual convs: fed by the norm pass
+    assert not any(c[10] for c in calls[n:])
+    for what, i in (("decode", 0), ("encode", 1)):
+        err_ours, err_theirs = rel_l2(ours[i], oracle[i]), rel_l2(theirs[i], oracle[i])
+        print(f"fp32 {what} on the CUDA conv: vs fp32 without TF32 ours {err_ours:.2e} diffusers {err_theirs:.2e}; "
+              f"rounded copies instead of the norm pass {rel_l2(ours[i], copies[i]):.2e}")
+        assert err_ours <= 1.25 * max(err_theirs, 1e-6)
+        assert rel_l2(ours[i], copies[i]) <= 1e-6

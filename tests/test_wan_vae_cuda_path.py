@@ -22,8 +22,9 @@ FP32_TOL = 1e-5  # as tests/test_wan_vae.py: summation order only
 def _emulated_cuda_conv(calls):
     """causal_conv3d_cuda's contract in PyTorch (fp32 math, one rounding), recording each call's features."""
     def conv(x, weight, bias, padding, cache=None, cache_reversed=False, persistent=None, residual=None,
-             block_n=None, norm=None, packed=None, normed=False, upsample=1):
+             block_n=None, norm=None, packed=None, normed=False, upsample=1, inputs_tf32=False):
         assert cc._pixel_grid(x), x.stride()
+        assert not inputs_tf32  # CPU tensors: the loop rounds nothing (rounds_input)
         assert packed is not None and torch.equal(packed, cc.cuda_pack(weight))  # made once per video, right conv
         frames = list(cache) if isinstance(cache, (list, tuple)) else None
         if frames:

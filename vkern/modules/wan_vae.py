@@ -40,11 +40,13 @@ for bit), with the copies taken out:
   upsampling conv on the CUDA kernel also writes the next block's norm1 + SiLU (or norm_out) as a second output.
 - per video, each conv's backend choice, its weight packed for the CUDA conv and fp32 copies of biases and
   norm weights are made once (Python and small kernels per call were ~20 ms of GPU idle per decode).
-- fp32 VAEs (diffusers' Wan examples): the convs of TRITON_FASTER_TF32 run on the Triton conv with TF32 products
-  (while torch runs cuDNN's fp32 convs in TF32, its default), which rounds its operands to TF32 as cuDNN does. Where
-  the fused norm + SiLU writes such a conv's input it rounds it there (VKERN_WAN_VAE_TF32_NORM=1, the default,
-  TF32_NORM), so the conv reads TF32 values as they are (inputs_tf32): the same products, without a rounding of
-  every A tile in the conv's loop (21% of the 96 -> 96 conv, run 174).
+- fp32 VAEs (diffusers' Wan examples): the convs of CUDA_FASTER_TF32 run on the CUDA conv, those of
+  TRITON_FASTER_TF32 on the Triton conv, both with TF32 products (while torch runs cuDNN's fp32 convs in TF32, its
+  default) of operands rounded to TF32 as cuDNN's are. Where the fused norm + SiLU writes such a conv's input it
+  rounds it there (VKERN_WAN_VAE_TF32_NORM=1, the default, TF32_NORM), so the conv reads TF32 values as they are
+  (inputs_tf32): the same products, without a rounding of every A tile in the Triton conv's loop (21% of its
+  96 -> 96 conv, run 174) or a rounded copy for the CUDA conv. The CUDA epilogue does not round, so in fp32 it
+  neither applies nor hands a norm to a TF32 conv (fuses_norm, hands_norm): the norm pass does.
 Rounding: the same eager ops in the same order as diffusers, except the conv algorithms (cuDNN's pick
 for channels-last, vkern's CUDA and Triton convs: fp32 accumulation, one rounding, epilogue glue in fp32) and the
 fused RMS norm + SiLU, which rounds once instead of after each op (closer to float64 than diffusers' ops;
@@ -72,7 +74,8 @@ LATENTS_PER_CALL = 2
 # 1430.8; +0.29 GiB at 480p, a normed output alive next to conv2's): the epilogue's norm and second store cost about
 # what the norm pass they replace does (per 96 -> 96 call: + norm 0.11 ms, + normed output 0.29 ms over + residual).
 HAND_NORM = False
-# _Chunks.rounds_input's default (VKERN_WAN_VAE_TF32_NORM): the norm pass rounds a TF32 Triton conv's input.
+# _Chunks.rounds_input's default (VKERN_WAN_VAE_TF32_NORM): the norm pass rounds a TF32 conv's input (Triton or
+# CUDA).
 TF32_NORM = True
 # Decoder default: whole chunks (4 frames) unless a decoded frame has more pixels than this; above
 # it, 1 frame per step keeps the largest stages' working set ~4x smaller (720p: ~1 GB less).
@@ -169,13 +172,13 @@ class _Chunks:
                 and self.backend(conv, like, conv.weight, stride) in ops.causal_conv.IN_PLACE)
 
     def rounds_input(self, conv, x):
-        """True when `conv` (reading x in place) runs on the Triton conv with TF32 products: then norm_into
+        """True when `conv` (reading x in place) runs on the Triton or CUDA conv with TF32 products: then norm_into
         rounds the conv's input to TF32 as it writes it, and the conv reads it as it is (inputs_tf32). Decided once
         per video, as the backend is."""
         if conv not in self.tf32_inputs:
             self.tf32_inputs[conv] = (
                 self.tf32_norm and x.dtype == torch.float32 and x.is_cuda
-                and self.backend(conv, x, conv.weight, ref._conv_args(conv)[2]) == "triton"
+                and self.backend(conv, x, conv.weight, ref._conv_args(conv)[2]) in ops.causal_conv.IN_PLACE
                 and ops._backend.cudnn_conv_tf32())
         return self.tf32_inputs[conv]
 
@@ -183,10 +186,12 @@ class _Chunks:
         """True when a conv on the CUDA kernel with out_channels outputs (one output tile) can also write the input of
         next_ = (norm, the conv after it), SiLU(norm(its output)), as a second output (conv(..., normed=next_[0]))
         that norm_into(*next_, output) then takes instead of a norm pass. like: a tensor of the conv's dtype and
-        device."""
+        device. Not where the next conv reads TF32-rounded inputs (rounds_input): the epilogue does not round, the norm
+        pass does."""
         O = out_channels
         return (self.hand_norm and next_ is not None and O == ops.causal_conv._cuda_block_n(O)
-                and next_[1].weight.shape[1] == O and self.reads_in_place(next_[1], like))
+                and next_[1].weight.shape[1] == O and self.reads_in_place(next_[1], like)
+                and not self.rounds_input(next_[1], like))
 
     def on_cuda(self, conv, buf):
         """True when `conv` over `buf` (an _InPlace chunk) runs on vkern's CUDA conv kernel, whose epilogue can add
@@ -198,10 +203,11 @@ class _Chunks:
     def fuses_norm(self, conv, buf, next_conv):
         """True when `conv` over `buf` can end with the next conv's RMS norm + SiLU in its epilogue (conv(buf,
         norm=...)) and hand its output to `next_conv` as an _InPlace chunk: conv on the CUDA kernel with C -> C
-        channels in one output tile (96 or 128), and next_conv reading its cache in place from such an output."""
+        channels in one output tile (96 or 128), and next_conv reading its cache in place from such an output, not
+        TF32-rounded (rounds_input: the norm pass rounds, the epilogue does not)."""
         C, O = conv.weight.shape[:2][::-1]
         return (C == O and O == ops.causal_conv._cuda_block_n(O) and self.on_cuda(conv, buf)
-                and self.in_place(next_conv, buf.x))
+                and self.in_place(next_conv, buf.x) and not self.rounds_input(next_conv, buf.x))
 
     def conv(self, conv, buf, keep=CACHE_T, bias=True, residual=None, norm=None, normed=None):
         """Run `conv` over its filled buffer (without its bias when not `bias`; bias may also be a tensor to add
@@ -254,23 +260,27 @@ class _Chunks:
         """vkern's conv kernel over [cached frames | x] read in place (zeros before the first chunk, as the
         buffer's), plus bias (a tensor or None) and residual (or None), then the cache becomes the last CACHE_T
         frames of [cache | x] (norm, normed: the CUDA epilogue's, see conv): the kernel is queued before any cached
-        frame is overwritten, on the same stream. tf32: x holds TF32 values (rounds_input); the Triton conv reads
-        x and the cache as they are when the cached frames do too.
+        frame is overwritten, on the same stream. tf32: x holds TF32 values (rounds_input); the conv reads x and the
+        cache as they are when the cached frames do too (self.tf32_cache), else rounds copies (CUDA) or rounds as it
+        reads (Triton).
         On the CUDA kernel the cache is a list of frames wherever they are (_keep_frames). On Triton the 2-frame
         cache is a ring: a 1-frame chunk overwrites the oldest slot and flips the stored order (self.reversed; the
         kernel reads either order), one frame copied instead of two (the 1-frame steps of a 720p decode)."""
         weight, _, stride, padding = ref._conv_args(conv)
         backend = self.backend(conv, x, weight, stride)
+        cache_tf32 = self.tf32_cache.get(conv, True)  # no cache yet: zeros
+        # the next cache: x's last 2 frames, or the last cached frame and x's one
+        self.tf32_cache[conv] = tf32 and (cache_tf32 or x.shape[2] >= CACHE_T)
         if backend == "cuda":
             frames = self.frames.get(conv, [])
             out = ops.causal_conv.conv3d_in_place(backend, x, weight, bias, stride, padding, cache=frames,
                                                   residual=residual, norm=norm, normed=normed,
-                                                  packed=self.cuda_packed(conv, weight, backend))
+                                                  packed=self.cuda_packed(conv, weight, backend),
+                                                  inputs_tf32=tf32 and cache_tf32)
             self.frames[conv] = _keep_frames(frames, x)
             return out
         prev = self.frames.get(conv)
         reversed_ = self.reversed.get(conv, False)
-        cache_tf32 = self.tf32_cache.get(conv, True)  # no cache yet: zeros
         out = ops.causal_conv.conv3d_in_place(backend, x, weight, bias, stride, padding, cache=prev,
                                               cache_reversed=reversed_, residual=residual, norm=norm,
                                               packed=self.cuda_packed(conv, weight, backend),
@@ -282,11 +292,9 @@ class _Chunks:
         if x.shape[2] == 1:  # CACHE_T = 2: the new frame replaces the oldest slot
             prev[:, :, 1 if reversed_ else 0].copy_(x[:, :, 0])
             self.reversed[conv] = not reversed_
-            self.tf32_cache[conv] = tf32 and cache_tf32
         else:
             prev.copy_(x[:, :, -CACHE_T:])
             self.reversed[conv] = False
-            self.tf32_cache[conv] = tf32
         return out
 
     def norm_into(self, norm, conv, x, in_bias=None):

@@ -8,9 +8,10 @@ pad mode, bias fused; first for the conv shapes where it measured faster than cu
 TRITON_FASTER_TF32 in fp32 while torch runs cuDNN's fp32 convs in TF32; any
 conv with VKERN_CAUSAL_CONV3D_BACKEND=triton; on the CPU it runs under TRITON_INTERPRET=1, only when
 forced), cuda (csrc/causal_conv.cu, vkern._C on Hopper: a wgmma implicit GEMM reading cache and chunk in
-place, zeros padding, stride 1, 3 x 3 spatial taps, C a multiple of 32, O a multiple of 96 or 128, or at most 8
-(an RGB output: padded to 8); bias and a residual fused; first where it measured fastest, CUDA_FASTER, or wherever
-it runs with VKERN_CONV_CUDA=all, never with VKERN_CONV_CUDA=0),
+place, zeros padding, stride 1, 3 x 3 spatial taps, C a multiple of 32 (16 in fp32), O a multiple of 96 or 128, or at
+most 8 (an RGB output: padded to 8); bias and a residual fused; bf16/fp16, or fp32 with TF32 products where torch runs
+cuDNN's fp32 convs in TF32; first where it measured fastest, CUDA_FASTER in 16 bits, CUDA_FASTER_TF32 in fp32, or
+wherever it runs with VKERN_CONV_CUDA=all, never with VKERN_CONV_CUDA=0),
 reference (vkern/reference/causal_conv.py; the CPU).
 rms_norm_silu, residual_add_ backends: triton (vkern/triton/vae_glue.py), reference (vkern/reference/wan_vae.py).
 """
@@ -54,6 +55,11 @@ CUDA_FASTER = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (192, 96, (1, 3, 3)), (3
 TRITON_FASTER_TF32 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3))}
 
 
+# (in channels, out channels, kernel) of the fp32 convs where the CUDA kernel's TF32 products measured faster than
+# cuDNN's TF32 pick and the Triton kernel (TF32 as cuDNN: operands rounded to nearest): none measured yet.
+CUDA_FASTER_TF32 = set()
+
+
 def triton_faster(weight, stride, dtype=torch.bfloat16):
     """Whether the Triton kernel measured faster than cuDNN for this stride-1 conv: TRITON_FASTER in 16 bits,
     TRITON_FASTER_TF32 in fp32 when torch runs cuDNN's fp32 convs in TF32. With TF32 off cuDNN keeps every fp32 conv:
@@ -70,14 +76,22 @@ def triton_faster(weight, stride, dtype=torch.bfloat16):
 def cuda_unsupported(x, weight, stride):
     """None when csrc/causal_conv.cu takes this conv (zeros padding), else why not."""
     O, C, _, kh, kw = weight.shape
-    if x.dtype not in HALF:
+    if x.dtype == torch.float32 and not _backend.cudnn_conv_tf32():
+        return "fp32 with TF32 products only (torch runs cuDNN's fp32 convs in IEEE fp32: TF32 is off)"
+    if x.dtype not in (*HALF, torch.float32):
         return f"no {x.dtype} kernel"
     if tuple(stride) != (1, 1, 1) or (kh, kw) != (3, 3):
         return f"stride 1 and 3 x 3 spatial taps only (got stride {tuple(stride)}, kernel {tuple(weight.shape[2:])})"
-    if C % 32 or _cuda_block_n(O) is None:
-        return (f"in channels a multiple of 32 and out channels a multiple of 96 or 128, or at most 8 only "
+    chunk = _cuda_chunk(x.dtype)
+    if C % chunk or _cuda_block_n(O) is None:
+        return (f"in channels a multiple of {chunk} and out channels a multiple of 96 or 128, or at most 8 only "
                 f"(got {C} -> {O})")
     return None
+
+
+def _cuda_chunk(dtype):
+    """The CUDA kernel's input-channel chunk: 64 bytes of channels (32 in 16 bits, 16 in fp32)."""
+    return 64 // torch.empty((), dtype=dtype).element_size()
 
 
 CUDA_BLOCK_NS = (128, 96, 8)  # csrc/causal_conv.h's kConvBlockNs, widest first
@@ -89,12 +103,12 @@ def _cuda_block_n(out_channels):
     return next((n for n in CUDA_BLOCK_NS[:2] if out_channels % n == 0), 8 if out_channels <= 8 else None)
 
 
-def _cuda_preferred(weight):
+def _cuda_preferred(weight, dtype=torch.bfloat16):
     mode = os.environ.get("VKERN_CONV_CUDA", "table")
     if mode not in ("table", "all", "0"):
         raise ValueError(f"VKERN_CONV_CUDA: expected all, 0 or table, got {mode!r}")
     key = (weight.shape[1], weight.shape[0], tuple(weight.shape[2:]))
-    return mode == "all" or (mode == "table" and key in CUDA_FASTER)
+    return mode == "all" or (mode == "table" and key in (CUDA_FASTER_TF32 if dtype == torch.float32 else CUDA_FASTER))
 
 
 @_backend.register("causal_conv3d")
@@ -114,12 +128,14 @@ def _causal_conv_candidates(device, dtype, prefer_triton=False, cuda="no conv gi
 
 
 def conv_backend(x, weight, stride):
-    """The backend causal_conv3d picks for this conv of x (zeros padding): "cuda" where CUDA_FASTER (or
-    VKERN_CONV_CUDA=all) and the kernel takes it, "triton" where TRITON_FASTER, "cudnn" (CUDA) or "reference"
-    (CPU) otherwise, unless VKERN_CAUSAL_CONV3D_BACKEND forces one."""
+    """The backend causal_conv3d picks for this conv of x (zeros padding): "cuda" where CUDA_FASTER (fp32:
+    CUDA_FASTER_TF32; or VKERN_CONV_CUDA=all) and the kernel takes it, "triton" where TRITON_FASTER (fp32:
+    TRITON_FASTER_TF32), "cudnn" (CUDA) or "reference" (CPU) otherwise, unless VKERN_CAUSAL_CONV3D_BACKEND forces
+    one."""
     cuda = cuda_unsupported(x, weight, stride)
+    prefer_cuda = cuda is None and _cuda_preferred(weight, x.dtype)
     return _backend.choose("causal_conv3d", _causal_conv_candidates(
-        x.device, x.dtype, triton_faster(weight, stride, x.dtype), cuda, cuda is None and _cuda_preferred(weight)))
+        x.device, x.dtype, triton_faster(weight, stride, x.dtype), cuda, prefer_cuda))
 
 
 IN_PLACE = ("triton", "cuda")  # the backends that read cached frames where they are (conv3d_in_place)
@@ -132,11 +148,11 @@ def conv3d_in_place(backend, x, weight, bias, stride, padding, cache=None, cache
     also be a list of 1-frame tensors, oldest first); see vkern/triton/causal_conv.py's causal_conv3d. residual (the
     output's shape; on cuda in the epilogue, else added after): added to the output, in fp32 (bias may then be
     fp32). norm, normed, upsample (cuda only): see causal_conv3d_cuda. packed (cuda): cuda_pack(weight), made once
-    by the caller. inputs_tf32 (triton only): x and cache hold TF32-rounded fp32 values (see the Triton kernel's
-    causal_conv3d). Returns a new channels-last output (normed: the output and the normed output)."""
+    by the caller. inputs_tf32 (fp32): x and cache hold TF32-rounded values (see the Triton kernel's causal_conv3d
+    and causal_conv3d_cuda). Returns a new channels-last output (normed: the output and the normed output)."""
     if backend == "cuda":
         return causal_conv3d_cuda(x, weight, bias, padding, cache, cache_reversed, residual=residual, norm=norm,
-                                  packed=packed, normed=normed, upsample=upsample)
+                                  packed=packed, normed=normed, upsample=upsample, inputs_tf32=inputs_tf32)
     if norm is not None or normed or upsample != 1:
         raise ValueError(f"norm, normed, upsample: only the cuda backend fuses them (got {backend})")
     if isinstance(cache, (list, tuple)):  # frames of different tensors: the Triton kernel takes one tensor
@@ -150,19 +166,24 @@ def conv3d_in_place(backend, x, weight, bias, stride, padding, cache=None, cache
 
 
 def cuda_packed_weight(weight, block_n):
-    """[O, C, kt, 3, 3] -> the CUDA kernel's [O / block_n, kt, C / 32, 9 taps, 4, block_n, 8]: per output-channel
-    tile, time tap, 32-channel chunk and spatial tap one contiguous slab of 32 x block_n (its 4 groups of 8 input
-    channels, each block_n rows of 8: wgmma's unswizzled K-major core matrices)."""
+    """[O, C, kt, 3, 3] -> the CUDA kernel's [O / block_n, kt, C / chunk, 9 taps, 4, block_n, chunk / 4] (chunk: 32
+    channels in 16 bits, 16 in fp32, _cuda_chunk): per output-channel tile, time tap, channel chunk and spatial tap
+    one contiguous slab of chunk x block_n (its 4 16-byte groups of input channels, each block_n rows of a group:
+    wgmma's unswizzled K-major core matrices)."""
     O, C, kt = weight.shape[:3]
-    w = weight.reshape(O // block_n, block_n, C // 32, 4, 8, kt, 3, 3)
-    return w.permute(0, 5, 2, 6, 7, 3, 1, 4).contiguous().view(O // block_n, kt, C // 32, 9, 4, block_n, 8)
+    chunk = _cuda_chunk(weight.dtype)
+    w = weight.reshape(O // block_n, block_n, C // chunk, 4, chunk // 4, kt, 3, 3)
+    return w.permute(0, 5, 2, 6, 7, 3, 1, 4).contiguous().view(O // block_n, kt, C // chunk, 9, 4, block_n, chunk // 4)
 
 
 def cuda_pack(weight, block_n=None):
     """The CUDA kernel's weight for a conv with this weight [O, C, kt, 3, 3]: zero output channels up to a multiple of
-    block_n (default _cuda_block_n(O); O <= 8 is padded to 8), packed (cuda_packed_weight). A permuting copy: a
-    caller that runs the same conv many times (the VAE loop) makes it once and passes it as `packed`."""
+    block_n (default _cuda_block_n(O); O <= 8 is padded to 8), packed (cuda_packed_weight); fp32 rounded to TF32 (the
+    kernel's products read TF32 operands). A permuting copy: a caller that runs the same conv many times (the VAE
+    loop) makes it once and passes it as `packed`."""
     O = weight.shape[0]
+    if weight.dtype == torch.float32:
+        weight = ref.round_to_tf32(weight)
     block_n = block_n or _cuda_block_n(O)
     O_pad = -(-O // block_n) * block_n
     if O_pad != O:
@@ -212,7 +233,7 @@ def _pixel_grid(t):
 
 
 def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=False, persistent=None, residual=None,
-                       block_n=None, norm=None, packed=None, normed=False, upsample=1):
+                       block_n=None, norm=None, packed=None, normed=False, upsample=1, inputs_tf32=False):
     """The CUDA kernel (cuda_unsupported(...) is None assumed; x and cache with pixel rows, as conv3d_in_place; x's
     pixels may be further apart than C, see _pixel_grid): zeros padding, stride 1. cache: a tensor [B, C, Tc, H, W]
     or a list of at most 2 1-frame tensors, oldest first, wherever they are (_frames_arg). bias: O values (any float
@@ -223,13 +244,19 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
     output, computed from the sum as rounded (what rms_norm_silu of the output gives); returns (output, normed).
     upsample 2: the conv's input is x (and cache) nearest-upsampled 2x in space, read on the fly (no upsampled copy).
     persistent: default CUDA_PERSISTENT. block_n: the output-channel tile (default _cuda_block_n(O); a probe for
-    benchmarks). packed: cuda_pack(weight, block_n), when the caller keeps it (else made here, per call). Returns a
-    new channels-last-3d output (O <= 8: a channel slice of an 8-channel one)."""
+    benchmarks). packed: cuda_pack(weight, block_n), when the caller keeps it (else made here, per call). fp32: TF32
+    products of operands rounded to nearest, as cuDNN's TF32 convs (the weight rounded by cuda_pack); inputs_tf32: x
+    and the cache hold TF32 values already (e.g. rms_norm_silu(..., tf32=True)'s output), else rounded copies of them
+    are made here. Returns a new channels-last-3d output (O <= 8: a channel slice of an 8-channel one)."""
     from .._ext import cuda_ext
 
     frames = list(cache) if isinstance(cache, (list, tuple)) else None
     if frames is not None and cache_reversed:
         raise ValueError("cache_reversed: only for a cache tensor (a list of frames is oldest first)")
+    if x.dtype == torch.float32 and not inputs_tf32:  # the kernel's products truncate: round once here
+        x = ref.round_to_tf32(x)
+        frames = None if frames is None else [ref.round_to_tf32(f) for f in frames]
+        cache = None if cache is None or frames is not None else ref.round_to_tf32(cache)
     if frames is not None:
         cache = None if not frames else frames[0]
     if not _pixel_grid(x):

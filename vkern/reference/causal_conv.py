@@ -61,6 +61,7 @@ def next_cache(x, cache=None, frames=2):
 
 def round_to_tf32(t):
     """fp32 t rounded to TF32 (PTX cvt.rna.tf32.f32: 13 low mantissa bits dropped, to nearest, ties away from zero;
-    on the sign-magnitude bits that is adding half of the dropped unit, then masking). NaN stays NaN."""
-    bits = (t.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF
+    on the sign-magnitude bits that is adding half of the dropped unit, then masking). NaN stays NaN. A dense t keeps
+    its strides (channels-last stays channels-last)."""
+    bits = (t.view(torch.int32) + 0x1000) & ~0x1FFF
     return torch.where(t.isnan(), t, bits.view(torch.float32))
