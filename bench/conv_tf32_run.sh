@@ -3,7 +3,8 @@
 # its GPU tests and the fp32 VAE's, per-layer fp32 rows (cuDNN TF32, the Triton and CUDA convs on rounded inputs, the
 # CUDA op rounding copies itself), the bf16 96 -> 96 CUDA row (the 16-bit kernel after the change), and the fp32 480p
 # decode and encode: diffusers, vkern's defaults, the CUDA conv on the Triton kernel's convs (vkern-cuda-tf32-s51), on
-# every conv it takes (vkern-cuda); the VAE's fp32 GPU tests last. Options: notests, nolayers, novae.
+# every conv it takes (vkern-cuda; VAE_PROVIDERS: others); the VAE's fp32 GPU tests last. Options: notests, nolayers,
+# novae, 720p (the 720p decode and encode too), vaefirst (the VAE's fp32 GPU tests first).
 # Usage: VKERN_COMMIT=<sha> bash bench/conv_tf32_run.sh [options]   (carry .whl)
 set -uo pipefail
 . bench/device_env.sh
@@ -18,6 +19,11 @@ if ! has notests; then
     > "$OUT/pytest-conv.log" 2>&1; echo "conv tests rc $?"
   grep -E "FAILED|ERROR|passed|failed|TF32 rel L2" "$OUT/pytest-conv.log" | head -30
 fi
+if has vaefirst; then
+  timeout -s INT -k 10 150 python3 -m pytest -m gpu -q -s -p no:cacheprovider --tb=short tests/test_wan_vae.py -k fp32 \
+    > "$OUT/pytest-vae.log" 2>&1; echo "vae tests rc $?"
+  grep -E "FAILED|ERROR|passed|failed|^fp32" "$OUT/pytest-vae.log" | head -30
+fi
 B="python3 -m bench.bench --out $OUT/results.jsonl"
 CONVS=dec-3x3x3-96ch-480x832,dec-3x3x3-192ch-240x416,dec-3x3x3-384ch-120x208,dec-3x3x3-384ch-60x104
 CONVS=$CONVS,dec-up-conv2d-192to96-480x832,dec-up-conv2d-384to192-240x416,dec-out-96to3-480x832
@@ -28,13 +34,19 @@ if ! has nolayers; then
     --providers vkern,vkern-cuda > /dev/null; echo "bf16 layer rc $?"
 fi
 if ! has novae; then
-  P=diffusers,vkern,vkern-cuda-tf32-s51,vkern-cuda
+  P=${VAE_PROVIDERS:-diffusers,vkern,vkern-cuda-tf32-s51,vkern-cuda}
   timeout 150 $B --op vae-decode --shape wan-vae-480p-fp32 --warmup 1 --repeats 3 --providers $P > /dev/null
   echo "decode rc $?"
   timeout 120 $B --op vae-encode --shape wan-vae-480p-fp32 --warmup 1 --repeats 3 --providers $P > /dev/null
   echo "encode rc $?"
 fi
-if ! has notests; then  # last: the device time may run out first
+if has 720p; then
+  timeout 200 $B --op vae-decode --shape wan-vae-720p-fp32 --warmup 1 --repeats 3 --providers $P > /dev/null
+  echo "decode 720p rc $?"
+  timeout 150 $B --op vae-encode --shape wan-vae-720p-fp32 --warmup 1 --repeats 3 --providers $P > /dev/null
+  echo "encode 720p rc $?"
+fi
+if ! has notests && ! has vaefirst; then  # last: the device time may run out first
   timeout -s INT -k 10 150 python3 -m pytest -m gpu -q -s -p no:cacheprovider --tb=short tests/test_wan_vae.py -k fp32 \
     > "$OUT/pytest-vae.log" 2>&1; echo "vae tests rc $?"
   grep -E "FAILED|ERROR|passed|failed|^fp32" "$OUT/pytest-vae.log" | head -30

@@ -45,8 +45,8 @@ for bit), with the copies taken out:
   default) of operands rounded to TF32 as cuDNN's are. Where the fused norm + SiLU writes such a conv's input it
   rounds it there (VKERN_WAN_VAE_TF32_NORM=1, the default, TF32_NORM), so the conv reads TF32 values as they are
   (inputs_tf32): the same products, without a rounding of every A tile in the Triton conv's loop (21% of its
-  96 -> 96 conv, run 174) or a rounded copy for the CUDA conv. The CUDA epilogue does not round, so in fp32 it
-  neither applies nor hands a norm to a TF32 conv (fuses_norm, hands_norm): the norm pass does.
+  96 -> 96 conv, run 174) or a rounded copy for the CUDA conv. In fp32 the CUDA epilogue neither applies nor hands
+  a norm to a TF32 conv (fuses_norm, hands_norm): the norm pass does, so the switch moves the rounding only.
 Rounding: the same eager ops in the same order as diffusers, except the conv algorithms (cuDNN's pick
 for channels-last, vkern's CUDA and Triton convs: fp32 accumulation, one rounding, epilogue glue in fp32) and the
 fused RMS norm + SiLU, which rounds once instead of after each op (closer to float64 than diffusers' ops;
@@ -94,7 +94,7 @@ class _Chunks:
     def __init__(self, fuse_bias=True, pad_channels=True, hand_norm=True, tf32_norm=True):
         self.hand_norm = hand_norm  # hands_norm's switch (VKERN_WAN_VAE_HAND_NORM)
         self.tf32_norm = tf32_norm  # rounds_input's switch (VKERN_WAN_VAE_TF32_NORM)
-        self.tf32_inputs = {}  # conv -> rounds_input(conv, ...), decided once per video
+        self.tf32_inputs = {}  # conv -> tf32_conv(conv, ...), decided once per video
         self.tf32_cache = {}  # conv -> whether its cached frames (Triton ring) hold TF32 values
         self.frames = {}
         self.seen = set()
@@ -171,27 +171,33 @@ class _Chunks:
         return (t_pad == CACHE_T and C > 1 and self._channels(C) == C
                 and self.backend(conv, like, conv.weight, stride) in ops.causal_conv.IN_PLACE)
 
-    def rounds_input(self, conv, x):
-        """True when `conv` (reading x in place) runs on the Triton or CUDA conv with TF32 products: then norm_into
-        rounds the conv's input to TF32 as it writes it, and the conv reads it as it is (inputs_tf32). Decided once
-        per video, as the backend is."""
+    def tf32_conv(self, conv, x):
+        """True when `conv` (reading x in place) runs on the Triton or CUDA conv with TF32 products (fp32 CUDA input,
+        torch running cuDNN's fp32 convs in TF32): operands rounded to TF32 by the norm pass (rounds_input) or by the
+        conv. Decided once per video, as the backend is."""
         if conv not in self.tf32_inputs:
             self.tf32_inputs[conv] = (
-                self.tf32_norm and x.dtype == torch.float32 and x.is_cuda
+                x.dtype == torch.float32 and x.is_cuda
                 and self.backend(conv, x, conv.weight, ref._conv_args(conv)[2]) in ops.causal_conv.IN_PLACE
                 and ops._backend.cudnn_conv_tf32())
         return self.tf32_inputs[conv]
+
+    def rounds_input(self, conv, x):
+        """True when norm_into rounds `conv`'s input to TF32 as it writes it (tf32_conv, and the switch on), and the
+        conv reads it as it is (inputs_tf32)."""
+        return self.tf32_norm and self.tf32_conv(conv, x)
 
     def hands_norm(self, out_channels, like, next_):
         """True when a conv on the CUDA kernel with out_channels outputs (one output tile) can also write the input of
         next_ = (norm, the conv after it), SiLU(norm(its output)), as a second output (conv(..., normed=next_[0]))
         that norm_into(*next_, output) then takes instead of a norm pass. like: a tensor of the conv's dtype and
-        device. Not where the next conv reads TF32-rounded inputs (rounds_input): the epilogue does not round, the norm
-        pass does."""
+        device. Not where the next conv has TF32 products (tf32_conv): the epilogue's norm arithmetic differs from the
+        norm pass's (its fast SiLU), and TF32 rounding of either turns a last-bit difference into 2^-11 (run 183: 2.2e-4
+        apart at the output), so in fp32 the norm is the pass's whether or not it rounds."""
         O = out_channels
         return (self.hand_norm and next_ is not None and O == ops.causal_conv._cuda_block_n(O)
                 and next_[1].weight.shape[1] == O and self.reads_in_place(next_[1], like)
-                and not self.rounds_input(next_[1], like))
+                and not self.tf32_conv(next_[1], like))
 
     def on_cuda(self, conv, buf):
         """True when `conv` over `buf` (an _InPlace chunk) runs on vkern's CUDA conv kernel, whose epilogue can add
@@ -204,10 +210,10 @@ class _Chunks:
         """True when `conv` over `buf` can end with the next conv's RMS norm + SiLU in its epilogue (conv(buf,
         norm=...)) and hand its output to `next_conv` as an _InPlace chunk: conv on the CUDA kernel with C -> C
         channels in one output tile (96 or 128), and next_conv reading its cache in place from such an output, not
-        TF32-rounded (rounds_input: the norm pass rounds, the epilogue does not)."""
+        with TF32 products (tf32_conv: see hands_norm)."""
         C, O = conv.weight.shape[:2][::-1]
         return (C == O and O == ops.causal_conv._cuda_block_n(O) and self.on_cuda(conv, buf)
-                and self.in_place(next_conv, buf.x) and not self.rounds_input(next_conv, buf.x))
+                and self.in_place(next_conv, buf.x) and not self.tf32_conv(next_conv, buf.x))
 
     def conv(self, conv, buf, keep=CACHE_T, bias=True, residual=None, norm=None, normed=None):
         """Run `conv` over its filled buffer (without its bias when not `bias`; bias may also be a tensor to add

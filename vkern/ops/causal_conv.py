@@ -56,8 +56,12 @@ TRITON_FASTER_TF32 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3))}
 
 
 # (in channels, out channels, kernel) of the fp32 convs where the CUDA kernel's TF32 products measured faster than
-# cuDNN's TF32 pick and the Triton kernel (TF32 as cuDNN: operands rounded to nearest): none measured yet.
-CUDA_FASTER_TF32 = set()
+# cuDNN's TF32 pick in channels-last and the Triton kernel (H200, run 183, ms at 480p on inputs rounded to TF32 by
+# their writer, as the VAE loop's norm pass feeds them: bench/results/2026-12-06-h200-4c190d8-vae-conv-tf32.jsonl):
+# 96 -> 96 2.33 vs cuDNN 6.44 and Triton 4.76, 96 -> 3 1.44 vs 3.02 and 2.49, 192 -> 192 2.65 vs 3.91, 384 -> 384 1.34
+# vs 2.00 (120x208) and 0.29 vs 0.33 (60x104). Not the 2D upsampling convs, whose inputs (the residual stream) the op
+# must round into a copy: 192 -> 96 3.83 vs 3.22, 384 -> 192 2.71 vs 2.24. Unmeasured shapes keep cuDNN.
+CUDA_FASTER_TF32 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (192, 192, (3, 3, 3)), (384, 384, (3, 3, 3))}
 
 
 def triton_faster(weight, stride, dtype=torch.bfloat16):
