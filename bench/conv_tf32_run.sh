@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA causal conv's fp32 form (TF32 products, session 51) in one GPU call: build (ptxas lines of the conv kernels),
+# The CUDA causal conv's fp32 form (TF32 products, session 51) in one GPU call: build,
 # its GPU tests and the fp32 VAE's, per-layer fp32 rows (cuDNN TF32, the Triton and CUDA convs on rounded inputs, the
 # CUDA op rounding copies itself), the bf16 96 -> 96 CUDA row (the 16-bit kernel after the change), and the fp32 480p
 # decode and encode: diffusers, vkern's defaults, the CUDA conv on the Triton kernel's convs (vkern-cuda-tf32-s51), on
@@ -10,7 +10,6 @@ set -uo pipefail
 . bench/device_env.sh
 nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv,noheader -l 2 > "$OUT/clocks.csv" &
 VKERN_PTXAS_VERBOSE=1 build_vkern
-grep -A2 "causal_conv3d_kernel" "$OUT/build.log" | grep -E "Compiling|registers|spill" > "$OUT/ptxas-conv.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
 has() { [[ " $OPTS " == *" $1 "* ]]; }
 OPTS=" $* "
