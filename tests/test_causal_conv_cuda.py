@@ -19,37 +19,28 @@ CL = torch.channels_last_3d
 
 # --- CPU: the packed weight and the backend choice ------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype,C,chunk", [(torch.bfloat16, 64, 32), (torch.float32, 48, 16)])
 @pytest.mark.parametrize("O,block_n", [(96, 96), (192, 96), (256, 128)])
-def test_packed_weight_layout(O, block_n):
+def test_packed_weight_layout(dtype, C, chunk, O, block_n):
     """Element (tile, dt, chunk, tap, group, n, e) of the packed weight is weight[tile * block_n + n,
-    chunk * 32 + group * 8 + e, dt, tap // 3, tap % 3] (causal_conv.h)."""
-    C, kt = 64, 3
-    w = torch.randn(O, C, kt, 3, 3, dtype=torch.bfloat16)
+    chunk * chunk_size + group * chunk_size / 4 + e, dt, tap // 3, tap % 3] (causal_conv.h): 64-byte chunks of 4
+    16-byte groups, 32 channels in 16 bits, 16 in fp32."""
+    kt, group = 3, chunk // 4
+    w = torch.randn(O, C, kt, 3, 3, dtype=dtype)
     p = cc.cuda_packed_weight(w, block_n)
-    assert p.shape == (O // block_n, kt, C // 32, 9, 4, block_n, 8) and p.is_contiguous()
+    assert p.shape == (O // block_n, kt, C // chunk, 9, 4, block_n, group) and p.is_contiguous()
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
-        tile, dt, chunk, tap, group, n, e = (int(torch.randint(0, s, (1,), generator=g)) for s in p.shape)
-        assert p[tile, dt, chunk, tap, group, n, e] == w[tile * block_n + n, chunk * 32 + group * 8 + e, dt,
-                                                         tap // 3, tap % 3]
+        tile, dt, c, tap, grp, n, e = (int(torch.randint(0, s, (1,), generator=g)) for s in p.shape)
+        assert p[tile, dt, c, tap, grp, n, e] == w[tile * block_n + n, c * chunk + grp * group + e, dt,
+                                                   tap // 3, tap % 3]
 
 
-@pytest.mark.parametrize("O,block_n", [(96, 96), (256, 128)])
-def test_packed_weight_layout_fp32(O, block_n):
-    """fp32: 16-channel chunks of 4 groups of 4 (the same 64 bytes): element (tile, dt, chunk, tap, group, n, e) is
-    weight[tile * block_n + n, chunk * 16 + group * 4 + e, dt, tap // 3, tap % 3]; cuda_pack rounds it to TF32."""
-    C, kt = 48, 3
-    w = torch.randn(O, C, kt, 3, 3)
-    p = cc.cuda_packed_weight(w, block_n)
-    assert p.shape == (O // block_n, kt, C // 16, 9, 4, block_n, 4) and p.is_contiguous()
-    g = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        tile, dt, chunk, tap, group, n, e = (int(torch.randint(0, s, (1,), generator=g)) for s in p.shape)
-        assert p[tile, dt, chunk, tap, group, n, e] == w[tile * block_n + n, chunk * 16 + group * 4 + e, dt,
-                                                         tap // 3, tap % 3]
+def test_cuda_pack_rounds_fp32_to_tf32():
+    w = torch.randn(96, 48, 3, 3, 3)
     packed = cc.cuda_pack(w)
-    assert torch.equal(packed, cc.cuda_packed_weight(ref.round_to_tf32(w), cc._cuda_block_n(O)))
-    assert not torch.equal(packed, cc.cuda_packed_weight(w, cc._cuda_block_n(O)))  # the rounding changed values
+    assert torch.equal(packed, cc.cuda_packed_weight(ref.round_to_tf32(w), 96))
+    assert not torch.equal(packed, cc.cuda_packed_weight(w, 96))  # the rounding changed values
 
 
 def test_cuda_pack_pads_few_output_channels():
