@@ -94,7 +94,7 @@ class _Chunks:
     def __init__(self, fuse_bias=True, pad_channels=True, hand_norm=True, tf32_norm=True):
         self.hand_norm = hand_norm  # hands_norm's switch (VKERN_WAN_VAE_HAND_NORM)
         self.tf32_norm = tf32_norm  # rounds_input's switch (VKERN_WAN_VAE_TF32_NORM)
-        self.tf32_inputs = {}  # conv -> tf32_conv(conv, ...), decided once per video
+        self.tf32_convs = {}  # conv -> tf32_conv(conv, ...), decided once per video
         self.tf32_cache = {}  # conv -> whether its cached frames (Triton ring) hold TF32 values
         self.frames = {}
         self.seen = set()
@@ -175,12 +175,12 @@ class _Chunks:
         """True when `conv` (reading x in place) runs on the Triton or CUDA conv with TF32 products (fp32 CUDA input,
         torch running cuDNN's fp32 convs in TF32): operands rounded to TF32 by the norm pass (rounds_input) or by the
         conv. Decided once per video, as the backend is."""
-        if conv not in self.tf32_inputs:
-            self.tf32_inputs[conv] = (
+        if conv not in self.tf32_convs:
+            self.tf32_convs[conv] = (
                 x.dtype == torch.float32 and x.is_cuda
                 and self.backend(conv, x, conv.weight, ref._conv_args(conv)[2]) in ops.causal_conv.IN_PLACE
                 and ops._backend.cudnn_conv_tf32())
-        return self.tf32_inputs[conv]
+        return self.tf32_convs[conv]
 
     def rounds_input(self, conv, x):
         """True when norm_into rounds `conv`'s input to TF32 as it writes it (tf32_conv, and the switch on), and the

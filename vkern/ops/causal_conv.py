@@ -95,7 +95,7 @@ def cuda_unsupported(x, weight, stride):
 
 def _cuda_chunk(dtype):
     """The CUDA kernel's input-channel chunk: 64 bytes of channels (32 in 16 bits, 16 in fp32)."""
-    return 64 // torch.empty((), dtype=dtype).element_size()
+    return 64 // dtype.itemsize
 
 
 CUDA_BLOCK_NS = (128, 96, 8)  # csrc/causal_conv.h's kConvBlockNs, widest first
