@@ -4,7 +4,8 @@
 # CUDA op rounding copies itself), the bf16 96 -> 96 CUDA row (the 16-bit kernel after the change), and the fp32 480p
 # decode and encode: diffusers, vkern's defaults, the CUDA conv on the Triton kernel's convs (vkern-cuda-tf32-s51), on
 # every conv it takes (vkern-cuda; VAE_PROVIDERS: others); the VAE's fp32 GPU tests last. Options: notests, nolayers,
-# novae, 720p (the 720p decode and encode too), vaefirst (the VAE's fp32 GPU tests first).
+# novae, 720p (the 720p decode and encode too), vaefirst (the VAE's fp32 GPU tests first). Env: CONV_TESTS, CONV_K
+# (which conv tests), LAYER_PROVIDERS (the fp32 layer rows' providers), VAE_PROVIDERS.
 # Usage: VKERN_COMMIT=<sha> bash bench/conv_tf32_run.sh [options]   (carry .whl)
 set -uo pipefail
 . bench/device_env.sh
@@ -14,8 +15,10 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
 has() { [[ " $OPTS " == *" $1 "* ]]; }
 OPTS=" $* "
 if ! has notests; then
-  timeout -s INT -k 10 200 python3 -m pytest -m gpu -q -s -p no:cacheprovider --tb=short tests/test_causal_conv_cuda.py \
-    > "$OUT/pytest-conv.log" 2>&1; echo "conv tests rc $?"
+  # CONV_TESTS (default the CUDA conv's file) and CONV_K (a -k expression) narrow the conv tests.
+  timeout -s INT -k 10 200 python3 -m pytest -m gpu -q -s -p no:cacheprovider --tb=short \
+    ${CONV_TESTS:-tests/test_causal_conv_cuda.py} ${CONV_K:+-k "$CONV_K"} > "$OUT/pytest-conv.log" 2>&1
+  echo "conv tests rc $?"
   grep -E "FAILED|ERROR|passed|failed|TF32 rel L2" "$OUT/pytest-conv.log" | head -30
 fi
 if has vaefirst; then
@@ -28,7 +31,8 @@ CONVS=dec-3x3x3-96ch-480x832,dec-3x3x3-192ch-240x416,dec-3x3x3-384ch-120x208,dec
 CONVS=$CONVS,dec-up-conv2d-192to96-480x832,dec-up-conv2d-384to192-240x416,dec-out-96to3-480x832
 if ! has nolayers; then
   timeout 150 $B --op vae-conv --dtype float32 --shape $CONVS --warmup 2 --repeats 5 \
-    --providers vkern,vkern-triton-tf32-inputs,vkern-cuda,vkern-cuda-tf32-inputs > /dev/null; echo "fp32 layers rc $?"
+    --providers ${LAYER_PROVIDERS:-vkern,vkern-triton-tf32-inputs,vkern-cuda,vkern-cuda-tf32-inputs} > /dev/null
+  echo "fp32 layers rc $?"
   timeout 60 $B --op vae-conv --shape dec-3x3x3-96ch-480x832 --warmup 2 --repeats 10 \
     --providers vkern,vkern-cuda > /dev/null; echo "bf16 layer rc $?"
 fi

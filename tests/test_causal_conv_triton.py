@@ -317,3 +317,24 @@ def test_round_to_tf32_is_cvt_rna():
     special = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0])
     out = round_to_tf32(special)
     assert torch.equal(out[:2], special[:2]) and out[2].isnan() and out[3] == 0 and torch.signbit(out[3])
+
+
+def test_tf32_copy_is_round_to_tf32(device):
+    """The CUDA conv op's rounding copies (causal_conv._tf32_copy: one Triton pass over a dense tensor's storage, else
+    round_to_tf32): round_to_tf32's bits (ties, specials, tiny and huge values) in a tensor of x's strides, x kept;
+    a non-dense x (a time slice of a 2-video batch) the same bits; a count that is not a multiple of the block."""
+    from vkern.ops.causal_conv import _tf32_copy
+    from vkern.reference.causal_conv import round_to_tf32
+
+    x = torch.randn(2, 48, 3, 5, 7) * torch.logspace(-30, 30, 10080).reshape(2, 48, 3, 5, 7)
+    x.view(-1)[:7] = torch.tensor([1 + 2.0**-11, -(1 + 3 * 2.0**-11), float("inf"), -float("inf"), float("nan"),
+                                   -0.0, 3.4028235e38])
+    x = x.contiguous(memory_format=CL).to(device)
+    kept = x.clone()
+    out = _tf32_copy(x)
+    assert out.stride() == x.stride() and torch.equal(x.view(torch.int32), kept.view(torch.int32))
+    assert torch.equal(out.view(torch.int32), round_to_tf32(x).view(torch.int32))
+    assert (x.view(torch.int32) & 0x1FFF).count_nonzero() > x.numel() // 2  # else a plain copy would pass
+    part = x[:, :, 1:]
+    assert not part.is_contiguous(memory_format=CL)
+    assert torch.equal(_tf32_copy(part).view(torch.int32), round_to_tf32(part).view(torch.int32))

@@ -17,6 +17,7 @@ decode, run 19 profile). vkern's loop may run a conv without its bias and hand t
 that reads the conv's output next: `in_bias` of the norm (added in fp32 before the row reduction) or
 `residual_add_` (y + shortcut + bias in fp32, one rounding).
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -107,3 +108,21 @@ def residual_add_(y, shortcut, bias):
         BLOCK_P=block_p, BLOCK_C=block_c, HAS_BIAS=bias is not None, EMULATE_RNE=interpreting(), num_warps=4,
     )
     return y
+
+
+@triton.jit
+def _round_tf32_copy_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < N
+    tl.store(out_ptr + i, round_tf32(tl.load(x_ptr + i, mask=mask, other=0.0), EMULATE), mask=mask)
+
+
+def round_tf32_copy(x):
+    """A new tensor of x's strides holding fp32 x rounded to TF32 (as vkern.reference.causal_conv.round_to_tf32), in
+    one read and one write of x's storage: x must be non-overlapping and dense (so is empty_like's result, with the
+    same strides: element i of one storage is element i of the other)."""
+    out = torch.empty_like(x)
+    block = 4096
+    _round_tf32_copy_kernel[(triton.cdiv(x.numel(), block),)](
+        x, out, x.numel(), BLOCK=block, EMULATE=interpreting(), num_warps=8)
+    return out
