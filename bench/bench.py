@@ -744,7 +744,8 @@ def _gemm(name, providers, args):
 # convs, no fused biases, no padding (the default path of runs 19-21); vkern-2-latents: latents_per_call=2
 # (decode); vkern-cpu-output: decoded frames go to pinned CPU memory (decode); vkern-cuda: vkern's CUDA conv on
 # every conv it takes; vkern-cuda-s16: the CUDA conv on the 96 -> 96 convs only (CUDA_FASTER of session 16);
-# vkern-cuda-tf32-s51 (fp32): the CUDA conv on the convs of TRITON_FASTER_TF32.
+# vkern-cuda-tf32-s51 (fp32): the CUDA conv on the convs of TRITON_FASTER_TF32; vkern-cuda-tf32-up (fp32): the
+# routing plus the 2D upsampling convs; vkern-copied-cache: the CUDA conv's cache always copied (KEEP_INPUT_FRAMES 0).
 VAE_PROVIDERS = ("diffusers", "vkern", "vkern-cudnn", "vkern-cuda", "vkern-cuda-s16", "vkern-unfused",
                  "vkern-2-latents", "vkern-cpu-output")
 
@@ -785,25 +786,41 @@ def cuda_convs(fn):
     return with_env(fn, "VKERN_CONV_CUDA", "all")
 
 
+def with_attr(fn, module, name, value):
+    """fn with module.name = value while it runs (an A/B of a module-level setting)."""
+    def run(*args, **kwargs):
+        before = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            setattr(module, name, before)
+    return run
+
+
 def with_cuda_table(fn, table, name="CUDA_FASTER"):
     """fn with vkern.ops.causal_conv.<name> (CUDA_FASTER, or CUDA_FASTER_TF32 for fp32) = table while it runs (an
     A/B of the CUDA conv's routing)."""
     from vkern.ops import causal_conv
 
-    def run(*args, **kwargs):
-        before = getattr(causal_conv, name)
-        setattr(causal_conv, name, set(table))
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            setattr(causal_conv, name, before)
-    return run
+    return with_attr(fn, causal_conv, name, set(table))
+
+
+def copied_cache(fn):
+    """fn with the CUDA conv's cache always copied (wan_vae.KEEP_INPUT_FRAMES = 0), not kept in its input tensors:
+    the peak-memory A/B of keeping them."""
+    from vkern.modules import wan_vae
+
+    return with_attr(fn, wan_vae, "KEEP_INPUT_FRAMES", 0)
 
 
 # CUDA_FASTER as session 16 left it (the 96 -> 96 convs only): the A/B of run 66's wider routing
 CUDA_TABLE_S16 = {(96, 96, (3, 3, 3))}
 # fp32: the CUDA conv (TF32) on the convs the Triton kernel runs by default (session 51's A/B)
 CUDA_TABLE_TF32_S51 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3))}
+# fp32: session 51's routing plus the 2D upsampling convs (the op rounding copies of their inputs in one pass, s52)
+CUDA_TABLE_TF32_UP = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (192, 192, (3, 3, 3)), (384, 384, (3, 3, 3)),
+                      (192, 96, (1, 3, 3)), (384, 192, (1, 3, 3))}
 
 
 def _psnr(a, b):
@@ -919,6 +936,8 @@ def _vae_decode(name, providers, args):
                "vkern-cuda": cuda_convs(wan_vae.decode),
                "vkern-cuda-s16": with_cuda_table(wan_vae.decode, CUDA_TABLE_S16),
                "vkern-cuda-tf32-s51": with_cuda_table(wan_vae.decode, CUDA_TABLE_TF32_S51, "CUDA_FASTER_TF32"),
+               "vkern-cuda-tf32-up": with_cuda_table(wan_vae.decode, CUDA_TABLE_TF32_UP, "CUDA_FASTER_TF32"),
+               "vkern-copied-cache": copied_cache(wan_vae.decode),
                "vkern-unfused": cudnn_convs(lambda vae, z: wan_vae.decode(vae, z, fuse_bias=False, pad_channels=False)),
                "vkern-2-latents": lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2),
                "vkern-no-handoff": no_handoff(wan_vae.decode),
@@ -939,6 +958,8 @@ def _vae_encode(name, providers, args):
                "vkern-cuda": cuda_convs(wan_vae.encode),
                "vkern-cuda-s16": with_cuda_table(wan_vae.encode, CUDA_TABLE_S16),
                "vkern-cuda-tf32-s51": with_cuda_table(wan_vae.encode, CUDA_TABLE_TF32_S51, "CUDA_FASTER_TF32"),
+               "vkern-cuda-tf32-up": with_cuda_table(wan_vae.encode, CUDA_TABLE_TF32_UP, "CUDA_FASTER_TF32"),
+               "vkern-copied-cache": copied_cache(wan_vae.encode),
                "vkern-unfused": cudnn_convs(lambda vae, x: wan_vae.encode(vae, x, fuse_bias=False, pad_channels=False)),
                "vkern-tf32-in-conv": tf32_in_conv(wan_vae.encode)}
     providers = [p for p in (providers or VAE_PROVIDERS) if p not in ("vkern-cpu-output", "vkern-2-latents")]
