@@ -745,8 +745,8 @@ def _gemm(name, providers, args):
 # (decode); vkern-cpu-output: decoded frames go to pinned CPU memory (decode); vkern-cuda: vkern's CUDA conv on
 # every conv it takes; vkern-cuda-s16: the CUDA conv on the 96 -> 96 convs only (CUDA_FASTER of session 16);
 # vkern-cuda-tf32-s51 (fp32): the CUDA conv on the convs of TRITON_FASTER_TF32; vkern-cuda-tf32-up (fp32): the
-# routing plus the 2D upsampling convs; vkern-copied-cache: the CUDA conv's cache copied from inputs of more than
-# 2 frames (KEEP_INPUT_FRAMES 2).
+# routing plus the 2D upsampling convs (the default since session 52); vkern-copied-cache: the CUDA conv's cache
+# copied from inputs of more than 2 frames (KEEP_INPUT_FRAMES 2; fp32's default since session 52).
 VAE_PROVIDERS = ("diffusers", "vkern", "vkern-cudnn", "vkern-cuda", "vkern-cuda-s16", "vkern-unfused",
                  "vkern-2-latents", "vkern-cpu-output")
 
@@ -809,7 +809,8 @@ def with_cuda_table(fn, table, name="CUDA_FASTER"):
 
 def copied_cache(fn):
     """fn with the CUDA conv's cache copied out of any input with more frames than the cache (wan_vae.KEEP_INPUT_FRAMES
-    = CACHE_T: keeping frames then holds no extra memory): the peak-memory A/B of keeping 4-frame inputs."""
+    = CACHE_T, fp32's default since session 52: keeping frames then holds no extra memory): the peak-memory A/B of
+    keeping 4-frame 16-bit inputs."""
     from vkern.modules import wan_vae
 
     return with_attr(fn, wan_vae, "KEEP_INPUT_FRAMES", wan_vae.CACHE_T)

@@ -115,3 +115,17 @@ def test_handed_norms_skip_their_norm_pass(vae, emulated, monkeypatch, handed):
     chunks = 1 + 1  # the first latent frame, then one more
     assert passes.count(96) + handoffs == 4 * chunks
     assert rel_l2(out, vae.decode(z).sample) < FP32_TOL
+
+
+def test_keep_frames_holds_no_longer_fp32_input():
+    """A 4-frame input's last 2 frames stay in it as the next cache in 16 bits (KEEP_INPUT_FRAMES: no copy) and are
+    copied in fp32 (KEEP_INPUT_FRAMES_FP32: the kept input raised the fp32 decode's peak above diffusers'); a 2-frame
+    input is kept in both (no extra memory); the frames are x's last two either way."""
+    for dtype, kept in ((torch.bfloat16, True), (torch.float32, False)):
+        x = torch.randn(1, 32, 4, 2, 3).to(dtype).contiguous(memory_format=CL)
+        frames = fast._keep_frames([], x)
+        assert len(frames) == 2 and torch.equal(torch.cat(frames, dim=2), x[:, :, 2:])
+        assert all((f.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()) == kept for f in frames)
+        two = x[:, :, :2].clone(memory_format=CL)
+        assert all(f.untyped_storage().data_ptr() == two.untyped_storage().data_ptr()
+                   for f in fast._keep_frames(frames, two))

@@ -68,6 +68,10 @@ assert CACHE_T == 2, "_Chunks._conv_in_place's ring assumes diffusers' 2 cached 
 # CACHE_T) frames of memory per conv (480p decode: 4-frame chunks, 7 full-resolution convs, ~1 GB); longer inputs
 # (latents_per_call > 1) copy their last frames, 1- and 2-frame ones (720p's steps) cost no memory either way.
 KEEP_INPUT_FRAMES = 4
+# fp32 keeps only inputs no longer than the cache (no extra memory): its 192/384-channel convs on the CUDA kernel kept
+# 4-frame inputs at 120x208 and put the 480p decode's peak above diffusers' (H100, run 185: 9.58 vs 9.26 GiB; copying
+# 9.22 GiB at +5 ms of 1078; encode 6.45 -> 5.45 GiB at +13 ms of 693).
+KEEP_INPUT_FRAMES_FP32 = CACHE_T
 # Decoded latent frames per call after the first (1: diffusers' chunking; the frames are the same for any value).
 LATENTS_PER_CALL = 2
 # _Chunks.hands_norm's default: off, measured no faster (run 72: 480p 603.3 ms with, 603.2 without; 720p 1442.5 vs
@@ -340,13 +344,15 @@ class _Chunks:
 
 def _keep_frames(frames, x):
     """The last CACHE_T frames of [frames | x] (1-frame tensors, oldest first), the next chunk's cache on the CUDA
-    conv: x's own frames where x may stay alive (at most KEEP_INPUT_FRAMES frames, a storage of its own: not a view
+    conv: x's own frames where x may stay alive (at most KEEP_INPUT_FRAMES frames, KEEP_INPUT_FRAMES_FP32 in fp32; a
+    storage of its own: not a view
     holding a larger tensor), else a copy of them (a new tensor: frames still cached are never overwritten). x is
     a conv input: nothing writes to it after the conv."""
     T = x.shape[2]
     n = min(T, CACHE_T)
     last = x[:, :, T - n:]
-    if T > KEEP_INPUT_FRAMES or x.untyped_storage().nbytes() != x.numel() * x.element_size():
+    keep = KEEP_INPUT_FRAMES_FP32 if x.dtype == torch.float32 else KEEP_INPUT_FRAMES
+    if T > keep or x.untyped_storage().nbytes() != x.numel() * x.element_size():
         last = last.clone(memory_format=CL)
     return (list(frames) + [last[:, :, i:i + 1] for i in range(n)])[-CACHE_T:]
 

@@ -59,9 +59,13 @@ TRITON_FASTER_TF32 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3))}
 # cuDNN's TF32 pick in channels-last and the Triton kernel (H200, run 183, ms at 480p on inputs rounded to TF32 by
 # their writer, as the VAE loop's norm pass feeds them: bench/results/2026-12-06-h200-4c190d8-vae-conv-tf32.jsonl):
 # 96 -> 96 2.33 vs cuDNN 6.44 and Triton 4.76, 96 -> 3 1.44 vs 3.02 and 2.49, 192 -> 192 2.65 vs 3.91, 384 -> 384 1.34
-# vs 2.00 (120x208) and 0.29 vs 0.33 (60x104). Not the 2D upsampling convs, whose inputs (the residual stream) the op
-# must round into a copy: 192 -> 96 3.83 vs 3.22, 384 -> 192 2.71 vs 2.24. Unmeasured shapes keep cuDNN.
-CUDA_FASTER_TF32 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (192, 192, (3, 3, 3)), (384, 384, (3, 3, 3))}
+# vs 2.00 (120x208) and 0.29 vs 0.33 (60x104). The 2D upsampling convs read the residual stream, which nothing rounds:
+# with the op's rounding copies in torch bit ops they lost (192 -> 96 3.83 vs 3.22, 384 -> 192 2.71 vs 2.24); in one
+# Triton pass (_tf32_copy) they won (H100, run 184: 2.39 vs 3.43, 1.96 vs 2.21; 480p decode 1022.6 vs 1078.3 ms
+# without them, run 185: bench/results/2026-12-07-h100-35f6c62-vae-fp32-routing-ab.jsonl). Unmeasured shapes keep
+# cuDNN.
+CUDA_FASTER_TF32 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (192, 192, (3, 3, 3)), (384, 384, (3, 3, 3)),
+                    (192, 96, (1, 3, 3)), (384, 192, (1, 3, 3))}
 
 
 def triton_faster(weight, stride, dtype=torch.bfloat16):
