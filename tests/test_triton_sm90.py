@@ -76,6 +76,7 @@ def _launch_each_kernel():
             conv_kernel(video32, torch.randn(16, 16, 3, 3, 3), torch.randn(16), (1, 1, 1), (2, 1, 1),
                         cache=video32[:, :, -2:])
     ops.rms_norm_silu(video, torch.rand(16, dtype=BF16), torch.randn(16, dtype=BF16))
+    ops.causal_conv._tf32_copy(video32)  # the CUDA conv op's TF32 rounding copy
     ops.residual_add_(video.clone(), video, torch.randn(16, dtype=BF16))
 
 

@@ -111,10 +111,10 @@ def residual_add_(y, shortcut, bias):
 
 
 @triton.jit
-def _round_tf32_copy_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
+def _round_tf32_copy_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr, EMULATE_RNE: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < N
-    tl.store(out_ptr + i, round_tf32(tl.load(x_ptr + i, mask=mask, other=0.0), EMULATE), mask=mask)
+    tl.store(out_ptr + i, round_tf32(tl.load(x_ptr + i, mask=mask, other=0.0), EMULATE_RNE), mask=mask)
 
 
 def round_tf32_copy(x):
@@ -124,5 +124,5 @@ def round_tf32_copy(x):
     out = torch.empty_like(x)
     block = 4096
     _round_tf32_copy_kernel[(triton.cdiv(x.numel(), block),)](
-        x, out, x.numel(), BLOCK=block, EMULATE=interpreting(), num_warps=8)
+        x, out, x.numel(), BLOCK=block, EMULATE_RNE=interpreting(), num_warps=8)
     return out
