@@ -240,13 +240,16 @@ def _runner(op, provider, vae, inp):
 
     if provider == "diffusers":
         return (lambda: vae.decode(inp).sample) if op == "decode" else (lambda: vae.encode(inp).latent_dist.parameters)
-    if provider in ("vkern", "vkern-cudnn"):  # what vkern.patch(vae) runs on CUDA, called directly
-        from .bench import cudnn_convs
+    if provider in ("vkern", "vkern-cudnn", "vkern-cuda-tf32-s51"):  # what vkern.patch(vae) runs, called directly
+        from .bench import CUDA_TABLE_TF32_S51, cudnn_convs, with_cuda_table
 
         fn = wan_vae.decode if op == "decode" else wan_vae.encode
-        fn = cudnn_convs(fn) if provider == "vkern-cudnn" else fn
+        if provider == "vkern-cudnn":
+            fn = cudnn_convs(fn)
+        elif provider == "vkern-cuda-tf32-s51":  # fp32: session 51's routing (upsampling convs on cuDNN)
+            fn = with_cuda_table(fn, CUDA_TABLE_TF32_S51, "CUDA_FASTER_TF32")
         return lambda: fn(vae, inp)
-    raise SystemExit(f"--providers: unknown {provider!r} (diffusers, vkern, vkern-cudnn)")
+    raise SystemExit(f"--providers: unknown {provider!r} (diffusers, vkern, vkern-cudnn, vkern-cuda-tf32-s51)")
 
 
 def _inputs(op, res, device, dtype):
@@ -379,7 +382,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--res", default="480p", choices=["tiny", "480p", "720p"])
     parser.add_argument("--ops", default="decode,encode", help="comma-separated: decode, encode")
-    parser.add_argument("--providers", default="diffusers,vkern", help="comma-separated: diffusers, vkern, vkern-cudnn (every conv on cuDNN)")
+    parser.add_argument("--providers", default="diffusers,vkern", help="comma-separated: diffusers, vkern, vkern-cudnn (every conv on cuDNN), "
+                        "vkern-cuda-tf32-s51 (fp32: the upsampling convs on cuDNN)")
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu (tiny only)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="the VAE's and its input's dtype")
     parser.add_argument("--out", default=None, help="append JSON lines here")
