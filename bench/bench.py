@@ -746,7 +746,8 @@ def _gemm(name, providers, args):
 # every conv it takes; vkern-cuda-s16: the CUDA conv on the 96 -> 96 convs only (CUDA_FASTER of session 16);
 # vkern-cuda-tf32-s51 (fp32): the CUDA conv on the convs of TRITON_FASTER_TF32; vkern-cuda-tf32-up (fp32): the
 # routing plus the 2D upsampling convs (the default since session 52); vkern-copied-cache: the CUDA conv's cache
-# copied from inputs of more than 2 frames (KEEP_INPUT_FRAMES 2; fp32's default since session 52).
+# copied from inputs of more than 2 frames (KEEP_INPUT_FRAMES 2; fp32's default since session 52);
+# vkern-tf32-norm-pass (fp32): norm2 of the 96 -> 96 blocks in the norm pass, not conv1's epilogue (session 53).
 VAE_PROVIDERS = ("diffusers", "vkern", "vkern-cudnn", "vkern-cuda", "vkern-cuda-s16", "vkern-unfused",
                  "vkern-2-latents", "vkern-cpu-output")
 
@@ -780,6 +781,11 @@ def tf32_in_conv(fn):
     """fn with an fp32 VAE's TF32 Triton convs rounding their inputs themselves (VKERN_WAN_VAE_TF32_NORM=0; session
     49's path) instead of reading them as the norm pass rounded them."""
     return with_env(fn, "VKERN_WAN_VAE_TF32_NORM", "0")
+
+
+def tf32_norm_pass(fn):
+    """fn with an fp32 VAE's 96 -> 96 conv1s leaving norm2 to the norm pass (VKERN_WAN_VAE_TF32_EPILOGUE=0)."""
+    return with_env(fn, "VKERN_WAN_VAE_TF32_EPILOGUE", "0")
 
 
 def cuda_convs(fn):
@@ -944,6 +950,7 @@ def _vae_decode(name, providers, args):
                "vkern-2-latents": lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2),
                "vkern-no-handoff": no_handoff(wan_vae.decode),
                "vkern-tf32-in-conv": tf32_in_conv(wan_vae.decode),
+               "vkern-tf32-norm-pass": tf32_norm_pass(wan_vae.decode),
                "vkern-2-latents-no-handoff": no_handoff(lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2))}
     yield from _vae_rows("vae-decode", name, providers, args,
                          lambda: torch.randn(shape, device="cuda", dtype=shapes.vae_dtype(name)), runners)
@@ -963,7 +970,8 @@ def _vae_encode(name, providers, args):
                "vkern-cuda-tf32-up": with_cuda_table(wan_vae.encode, CUDA_TABLE_TF32_UP, "CUDA_FASTER_TF32"),
                "vkern-copied-cache": copied_cache(wan_vae.encode),
                "vkern-unfused": cudnn_convs(lambda vae, x: wan_vae.encode(vae, x, fuse_bias=False, pad_channels=False)),
-               "vkern-tf32-in-conv": tf32_in_conv(wan_vae.encode)}
+               "vkern-tf32-in-conv": tf32_in_conv(wan_vae.encode),
+               "vkern-tf32-norm-pass": tf32_norm_pass(wan_vae.encode)}
     providers = [p for p in (providers or VAE_PROVIDERS) if p not in ("vkern-cpu-output", "vkern-2-latents")]
     yield from _vae_rows("vae-encode", name, providers, args,
                          lambda: torch.rand(1, 3, frames, height, width, device="cuda",

@@ -79,14 +79,16 @@ PYBIND11_MODULE(_C, m) {
   m.attr("conv_block_ns") = py::make_tuple(vkern::kConvBlockNs[0], vkern::kConvBlockNs[1], vkern::kConvBlockNs[2]);
   m.def("causal_conv3d_fwd",
         [](ConvArg x, ConvArg cache, ConvArg out, ConvArg residual, uintptr_t norm_gamma, uintptr_t norm_beta,
-           float norm_scale, float norm_eps, bool norm_silu, ConvArg normed, uintptr_t weight_packed, uintptr_t bias,
+           float norm_scale, float norm_eps, bool norm_silu, ConvArg normed, bool norm_tf32, uintptr_t weight_packed,
+           uintptr_t bias,
            int dtype, int batch, int channels, int out_channels, int frames, int height, int width, int kt, int tp,
            int hp, int wp, int upsample, int cache_frames, int n_cache, int block_n, bool persistent,
            uintptr_t stream) {
           check(vkern::causal_conv3d_fwd(conv_tensor_of(x), conv_tensor_of(cache), conv_tensor_of(out),
                                          conv_tensor_of(residual),
                                          vkern::ConvNorm{ptr<const float>(norm_gamma), ptr<const float>(norm_beta),
-                                                         norm_scale, norm_eps, norm_silu, conv_tensor_of(normed)},
+                                                         norm_scale, norm_eps, norm_silu, conv_tensor_of(normed),
+                                                         norm_tf32},
                                          ptr<const void>(weight_packed),
                                          ptr<const float>(bias),
                                          static_cast<vkern::DType>(dtype), batch, channels, out_channels, frames,
@@ -95,7 +97,7 @@ PYBIND11_MODULE(_C, m) {
                 "causal_conv3d_fwd");
         },
         py::arg("x"), py::arg("cache"), py::arg("out"), py::arg("residual"), py::arg("norm_gamma"),
-        py::arg("norm_beta"), py::arg("norm_scale"), py::arg("norm_eps"), py::arg("norm_silu"), py::arg("normed"),
+        py::arg("norm_beta"), py::arg("norm_scale"), py::arg("norm_eps"), py::arg("norm_silu"), py::arg("normed"), py::arg("norm_tf32"),
         py::arg("weight_packed"), py::arg("bias"), py::arg("dtype"),
         py::arg("batch"), py::arg("channels"), py::arg("out_channels"), py::arg("frames"), py::arg("height"),
         py::arg("width"), py::arg("kt"), py::arg("tp"), py::arg("hp"), py::arg("wp"), py::arg("upsample"),

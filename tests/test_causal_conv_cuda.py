@@ -80,6 +80,23 @@ def test_fp32_only_with_tf32_convs():
         assert "TF32" in cc.cuda_unsupported(x, w, (1, 1, 1))
 
 
+def test_norm_tf32_arguments():
+    """norm_tf32 rounds the epilogue norm's fp32 output: it needs a norm, fp32, and a 96- or 8-channel tile (the
+    kernel's 128-channel fp32 form is not built with it)."""
+    w = torch.empty(96, 48, 3, 3, 3)
+    norm = (torch.ones(96), None, True)
+    x = torch.empty(1, 48, 1, 8, 8).contiguous(memory_format=CL)
+    with pytest.raises(ValueError, match="norm_tf32: needs norm and fp32"):
+        cc.causal_conv3d_cuda(x, w, None, (2, 1, 1), norm_tf32=True)
+    with pytest.raises(ValueError, match="norm_tf32: needs norm and fp32"):
+        cc.causal_conv3d_cuda(x.bfloat16(), w.bfloat16(), None, (2, 1, 1), norm=norm, norm_tf32=True)
+    with pytest.raises(ValueError, match="norm_tf32: needs 96"):
+        cc.causal_conv3d_cuda(x, torch.empty(128, 48, 3, 3, 3), None, (2, 1, 1), norm=(torch.ones(128), None, True),
+                              norm_tf32=True)
+    with pytest.raises(ValueError, match="only the cuda backend"):
+        cc.conv3d_in_place("triton", x, w, None, (1, 1, 1), (2, 1, 1), norm_tf32=True)
+
+
 def test_fp32_preference_table(monkeypatch):
     """fp32 convs go to the CUDA kernel by CUDA_FASTER_TF32 (measured in TF32), 16-bit ones by CUDA_FASTER."""
     monkeypatch.delenv("VKERN_CONV_CUDA", raising=False)
@@ -447,6 +464,15 @@ def test_gpu_fp32_epilogue_and_cache_frames():
                                                  + (O + 8) * 2.0**-24 * yn.abs()) + 2.0**-20 * want.abs())
         excess = ((normed.double() - want).abs() - bound).max().item()
         assert excess <= 0, f"norm: error exceeds the bound by {excess:.3g}"
+        # norm_tf32: the same values, each rounded as round_to_tf32 rounds (a next TF32 conv's operand), bit for bit
+        rounded = cc.causal_conv3d_cuda(xr, w, b, (2, 1, 1), cr, norm=(gamma, None, True), inputs_tf32=True,
+                                        norm_tf32=True)
+        assert torch.equal(rounded, ref.round_to_tf32(normed)) and not torch.equal(rounded, normed)
+        out, second = cc.causal_conv3d_cuda(xr, w, b, (2, 1, 1), cr, residual=r, norm=(gamma, None, True),
+                                            normed=True, inputs_tf32=True, norm_tf32=True)
+        plain, second_plain = cc.causal_conv3d_cuda(xr, w, b, (2, 1, 1), cr, residual=r, norm=(gamma, None, True),
+                                                    normed=True, inputs_tf32=True)
+        assert torch.equal(out, plain) and torch.equal(second, ref.round_to_tf32(second_plain))
         up = cc.causal_conv3d_cuda(xr, w, b, (2, 1, 1), cr, upsample=2, inputs_tf32=True)
         assert torch.equal(up, cc.causal_conv3d_cuda(_upsampled(xr), w, b, (2, 1, 1), _upsampled(cr),
                                                      inputs_tf32=True))

@@ -19,20 +19,30 @@ CL = torch.channels_last_3d
 FP32_TOL = 1e-5  # as tests/test_wan_vae.py: summation order only
 
 
-def _emulated_cuda_conv(calls):
-    """causal_conv3d_cuda's contract in PyTorch (fp32 math, one rounding), recording each call's features."""
+def _emulated_cuda_conv(calls, tf32=False):
+    """causal_conv3d_cuda's contract in PyTorch (fp32 math, one rounding), recording each call's features. tf32: as
+    the fp32 kernel's TF32 operands: inputs_tf32 ones must hold TF32 values, others are rounded here (the op's
+    copies), norm_tf32 rounds the norm's output; else (CPU tensors: the loop rounds nothing) neither may be set."""
     def conv(x, weight, bias, padding, cache=None, cache_reversed=False, persistent=None, residual=None,
-             block_n=None, norm=None, packed=None, normed=False, upsample=1, inputs_tf32=False):
+             block_n=None, norm=None, packed=None, normed=False, upsample=1, inputs_tf32=False, norm_tf32=False):
         assert cc._pixel_grid(x), x.stride()
-        assert not inputs_tf32  # CPU tensors: the loop rounds nothing (rounds_input)
+        assert tf32 or not (inputs_tf32 or norm_tf32)
         assert packed is not None and torch.equal(packed, cc.cuda_pack(weight))  # made once per video, right conv
         frames = list(cache) if isinstance(cache, (list, tuple)) else None
         if frames:
             assert cc._frames_arg(frames, x) is not None  # the kernel's cache argument can be built
+        if tf32:
+            operands = [x] + (frames if frames is not None else [] if cache is None else [cache])
+            if inputs_tf32:
+                assert all(torch.equal(ref_conv.round_to_tf32(t), t) for t in operands)
+            x = ref_conv.round_to_tf32(x)
+            frames = None if frames is None else [ref_conv.round_to_tf32(f) for f in frames]
+            cache = cache if frames is not None or cache is None else ref_conv.round_to_tf32(cache)
         calls.append(dict(C=weight.shape[1], O=weight.shape[0], k=tuple(weight.shape[2:]), upsample=upsample,
                           frames=len(frames or []), apart=len(frames or []) == 2 and
                           frames[0].untyped_storage().data_ptr() != frames[1].untyped_storage().data_ptr(),
-                          residual=residual is not None, norm=norm is not None, normed=normed))
+                          residual=residual is not None, norm=norm is not None, normed=normed,
+                          norm_tf32=norm_tf32, inputs_tf32=inputs_tf32))
         if frames is not None:
             cache = torch.cat(frames, dim=2) if frames else None
         up = (lambda t: t if upsample == 1 or t is None else t.repeat_interleave(2, 3).repeat_interleave(2, 4))
@@ -48,7 +58,9 @@ def _emulated_cuda_conv(calls):
                 y = out.to(x.dtype)
                 n = ref_vae.rms_norm_silu(y.float(), gamma.reshape(-1), beta, silu).to(x.dtype)
                 return y.contiguous(memory_format=CL), n.contiguous(memory_format=CL)
-            out = ref_vae.rms_norm_silu(out, gamma.reshape(-1), beta, silu)
+            # (channels-last as the norm pass's input: F.normalize's sums in the same order)
+            out = ref_vae.rms_norm_silu(out.contiguous(memory_format=CL), gamma.reshape(-1), beta, silu)
+            out = ref_conv.round_to_tf32(out) if norm_tf32 else out
         return out.to(x.dtype).contiguous(memory_format=CL)
     return conv
 
@@ -115,6 +127,36 @@ def test_handed_norms_skip_their_norm_pass(vae, emulated, monkeypatch, handed):
     chunks = 1 + 1  # the first latent frame, then one more
     assert passes.count(96) + handoffs == 4 * chunks
     assert rel_l2(out, vae.decode(z).sample) < FP32_TOL
+
+
+@torch.no_grad()
+def test_fp32_tf32_epilogue_norm(vae, monkeypatch):
+    """fp32 with TF32 convs (as on a GPU): each 96 -> 96 conv1 on the CUDA kernel applies norm2 + SiLU in its epilogue
+    and rounds it to TF32 there (norm_tf32), conv2 reads it as it is (inputs_tf32; the emulation asserts the values
+    are TF32), one norm pass less per block; the decode is bit for bit the one with the switch off (the norm pass
+    rounding: the emulation's norm is the reference's, so equal bits here; on the GPU the epilogue's arithmetic
+    differs in last bits)."""
+    monkeypatch.setenv("VKERN_RMS_NORM_SILU_BACKEND", "reference")
+    monkeypatch.setattr(cc, "conv_backend", _kernel_backend)
+    monkeypatch.setattr(fast._Chunks, "tf32_conv", lambda self, conv, x: self.backend(
+        conv, x, conv.weight, ref_vae._conv_args(conv)[2]) == "cuda")
+    run, passes = cc.rms_norm_silu, []
+    monkeypatch.setattr(cc, "rms_norm_silu", lambda x, *a, **k: passes.append(x.shape[1]) or run(x, *a, **k))
+    z = torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(2))
+    outs, calls, counts = [], [], []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("VKERN_WAN_VAE_TF32_EPILOGUE", switch)
+        calls.append([])
+        monkeypatch.setattr(cc, "causal_conv3d_cuda", _emulated_cuda_conv(calls[-1], tf32=True))
+        passes.clear()
+        outs.append(fast.decode(vae, z))
+        counts.append(passes.count(96))
+    fused = [c for c in calls[0] if c["norm"]]
+    chunks = 1 + 1  # the first latent frame, then one more
+    assert len(fused) == 3 * chunks and all(c["norm_tf32"] and (c["C"], c["O"]) == (96, 96) for c in fused)
+    assert not any(c["norm"] for c in calls[1])
+    assert counts[1] - counts[0] == 3 * chunks  # norm2 of the 96-channel stage's 3 residual blocks
+    assert any(c["inputs_tf32"] for c in calls[0]) and torch.equal(outs[0], outs[1])
 
 
 def test_keep_frames_holds_no_longer_fp32_input():

@@ -45,8 +45,9 @@ for bit), with the copies taken out:
   default) of operands rounded to TF32 as cuDNN's are. Where the fused norm + SiLU writes such a conv's input it
   rounds it there (VKERN_WAN_VAE_TF32_NORM=1, the default, TF32_NORM), so the conv reads TF32 values as they are
   (inputs_tf32): the same products, without a rounding of every A tile in the Triton conv's loop (21% of its
-  96 -> 96 conv, run 174) or a rounded copy for the CUDA conv. In fp32 the CUDA epilogue neither applies nor hands
-  a norm to a TF32 conv (fuses_norm, hands_norm): the norm pass does, so the switch moves the rounding only.
+  96 -> 96 conv, run 174) or a rounded copy for the CUDA conv. A 96 -> 96 conv1 on the CUDA kernel applies norm2
+  + SiLU in its epilogue in fp32 too, rounding its output to TF32 there (fuses_norm, norm_tf32;
+  VKERN_WAN_VAE_TF32_EPILOGUE=0: the norm pass instead); no epilogue hands a norm to a TF32 conv (hands_norm).
 Rounding: the same eager ops in the same order as diffusers, except the conv algorithms (cuDNN's pick
 for channels-last, vkern's CUDA and Triton convs: fp32 accumulation, one rounding, epilogue glue in fp32) and the
 fused RMS norm + SiLU, which rounds once instead of after each op (closer to float64 than diffusers' ops;
@@ -81,6 +82,9 @@ HAND_NORM = False
 # _Chunks.rounds_input's default (VKERN_WAN_VAE_TF32_NORM): the norm pass rounds a TF32 conv's input (Triton or
 # CUDA).
 TF32_NORM = True
+# _Chunks.fuses_norm's fp32 default (VKERN_WAN_VAE_TF32_EPILOGUE): a 96 -> 96 conv1 on the CUDA kernel applies norm2 +
+# SiLU in its epilogue for a conv2 with TF32 products too, rounding there where rounds_input (norm_tf32).
+TF32_EPILOGUE = True
 # Decoder default: whole chunks (4 frames) unless a decoded frame has more pixels than this; above
 # it, 1 frame per step keeps the largest stages' working set ~4x smaller (720p: ~1 GB less).
 LARGE_FRAME_PIXELS = 512 * 1024
@@ -95,9 +99,10 @@ class _Chunks:
     """One video's feature cache: for each causal conv the last CACHE_T frames of its input
     (zeros before the first chunk), and which time-upsampling convs have seen their first chunk."""
 
-    def __init__(self, fuse_bias=True, pad_channels=True, hand_norm=True, tf32_norm=True):
+    def __init__(self, fuse_bias=True, pad_channels=True, hand_norm=True, tf32_norm=True, tf32_epilogue=True):
         self.hand_norm = hand_norm  # hands_norm's switch (VKERN_WAN_VAE_HAND_NORM)
         self.tf32_norm = tf32_norm  # rounds_input's switch (VKERN_WAN_VAE_TF32_NORM)
+        self.tf32_epilogue = tf32_epilogue  # fuses_norm's switch for TF32 convs (VKERN_WAN_VAE_TF32_EPILOGUE)
         self.tf32_convs = {}  # conv -> tf32_conv(conv, ...), decided once per video
         self.tf32_cache = {}  # conv -> whether its cached frames (Triton ring) hold TF32 values
         self.frames = {}
@@ -213,26 +218,30 @@ class _Chunks:
     def fuses_norm(self, conv, buf, next_conv):
         """True when `conv` over `buf` can end with the next conv's RMS norm + SiLU in its epilogue (conv(buf,
         norm=...)) and hand its output to `next_conv` as an _InPlace chunk: conv on the CUDA kernel with C -> C
-        channels in one output tile (96 or 128), and next_conv reading its cache in place from such an output, not
-        with TF32 products (tf32_conv: see hands_norm)."""
+        channels in one output tile (96 or 128), and next_conv reading its cache in place from such an output. A
+        next_conv with TF32 products (tf32_conv) only at 96 channels, with the switch on: the epilogue rounds its
+        output where rounds_input (conv(..., norm_tf32=True)), else the conv rounds copies of it. The epilogue's norm
+        arithmetic differs from the norm pass's in last bits (its fast SiLU), which a TF32 rounding may turn into
+        2^-11 (see hands_norm): the output is not the norm pass's bits, its error the same."""
         C, O = conv.weight.shape[:2][::-1]
         return (C == O and O == ops.causal_conv._cuda_block_n(O) and self.on_cuda(conv, buf)
-                and self.in_place(next_conv, buf.x) and not self.tf32_conv(next_conv, buf.x))
+                and self.in_place(next_conv, buf.x)
+                and (not self.tf32_conv(next_conv, buf.x) or (self.tf32_epilogue and O <= 96)))
 
-    def conv(self, conv, buf, keep=CACHE_T, bias=True, residual=None, norm=None, normed=None):
+    def conv(self, conv, buf, keep=CACHE_T, bias=True, residual=None, norm=None, normed=None, norm_tf32=False):
         """Run `conv` over its filled buffer (without its bias when not `bias`; bias may also be a tensor to add
         instead, fp32 allowed with a residual); keep the buffer's last frames for the next chunk. Padded output
         channels are cut off (a channel slice, no copy). `buf` may be an _InPlace chunk instead (see in_place).
         residual: added to the output (in the conv's epilogue where on_cuda, else by residual_add_).
         norm: a WanRMS_norm whose norm + SiLU of the output the CUDA kernel's epilogue applies (fuses_norm).
         normed: a WanRMS_norm whose norm + SiLU of the output the epilogue writes as a second output (hands_norm),
-        left for norm_into in self.handoff."""
+        left for norm_into in self.handoff. norm_tf32: the epilogue rounds norm's output to TF32 (rounds_input)."""
         if isinstance(buf, torch.Tensor) and (residual is not None or norm is not None or normed is not None):
             raise ValueError("residual, norm, normed: only for a conv reading its cache in place (an _InPlace chunk)")
         if isinstance(buf, _InPlace):
             b = bias if isinstance(bias, torch.Tensor) else (self.fp32(conv, "bias") if bias else None)
             out = self._conv_in_place(conv, buf.x, b, residual, self.epilogue(norm if norm is not None else normed),
-                                      normed is not None, buf.tf32)
+                                      normed is not None, buf.tf32, norm_tf32)
             if normed is None:
                 return out
             self.handoff = (normed, *out)
@@ -266,7 +275,7 @@ class _Chunks:
             self.packed[conv] = ops.causal_conv.cuda_pack(weight)
         return self.packed[conv]
 
-    def _conv_in_place(self, conv, x, bias, residual=None, norm=None, normed=False, tf32=False):
+    def _conv_in_place(self, conv, x, bias, residual=None, norm=None, normed=False, tf32=False, norm_tf32=False):
         """vkern's conv kernel over [cached frames | x] read in place (zeros before the first chunk, as the
         buffer's), plus bias (a tensor or None) and residual (or None), then the cache becomes the last CACHE_T
         frames of [cache | x] (norm, normed: the CUDA epilogue's, see conv): the kernel is queued before any cached
@@ -286,7 +295,7 @@ class _Chunks:
             out = ops.causal_conv.conv3d_in_place(backend, x, weight, bias, stride, padding, cache=frames,
                                                   residual=residual, norm=norm, normed=normed,
                                                   packed=self.cuda_packed(conv, weight, backend),
-                                                  inputs_tf32=tf32 and cache_tf32)
+                                                  inputs_tf32=tf32 and cache_tf32, norm_tf32=norm_tf32)
             self.frames[conv] = _keep_frames(frames, x)
             return out
         prev = self.frames.get(conv)
@@ -396,7 +405,8 @@ def residual_block(block, x, run, next_=None):
     fuse = run.fuse_bias
     buf1 = run.norm_into(block.norm1, block.conv1, x)
     if fuse and run.fuses_norm(block.conv1, buf1, block.conv2):  # conv1 + bias, norm2 + SiLU in its epilogue
-        buf = _InPlace(run.conv(block.conv1, buf1, norm=block.norm2))
+        tf32 = run.rounds_input(block.conv2, buf1.x)  # fp32: rounded there for conv2's TF32 products
+        buf = _InPlace(run.conv(block.conv1, buf1, norm=block.norm2, norm_tf32=tf32), tf32)
     else:
         y = run.conv(block.conv1, buf1, bias=not fuse)
         buf = run.norm_into(block.norm2, block.conv2, y, in_bias=block.conv1.bias if fuse else None)
@@ -724,7 +734,8 @@ def _env_switch(option, given, default=True):
 
 def _chunks(fuse_bias, pad_channels, pad_default):
     return _Chunks(_env_switch("fuse_bias", fuse_bias), _env_switch("pad_channels", pad_channels, pad_default),
-                   _env_switch("hand_norm", None, HAND_NORM), _env_switch("tf32_norm", None, TF32_NORM))
+                   _env_switch("hand_norm", None, HAND_NORM), _env_switch("tf32_norm", None, TF32_NORM),
+                   _env_switch("tf32_epilogue", None, TF32_EPILOGUE))
 
 
 def _latents_per_call_default():

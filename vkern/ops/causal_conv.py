@@ -150,19 +150,20 @@ IN_PLACE = ("triton", "cuda")  # the backends that read cached frames where they
 
 
 def conv3d_in_place(backend, x, weight, bias, stride, padding, cache=None, cache_reversed=False, residual=None,
-                    norm=None, packed=None, normed=False, upsample=1, inputs_tf32=False):
+                    norm=None, packed=None, normed=False, upsample=1, inputs_tf32=False, norm_tf32=False):
     """A zeros-padding causal conv on an IN_PLACE backend: x and cache [B, C, Tc, H, W] with pixel rows of
     contiguous channels, cache read where it is (cache_reversed: stored newest frame first; on cuda the cache may
     also be a list of 1-frame tensors, oldest first); see vkern/triton/causal_conv.py's causal_conv3d. residual (the
     output's shape; on cuda in the epilogue, else added after): added to the output, in fp32 (bias may then be
-    fp32). norm, normed, upsample (cuda only): see causal_conv3d_cuda. packed (cuda): cuda_pack(weight), made once
+    fp32). norm, normed, upsample, norm_tf32 (cuda only): see causal_conv3d_cuda. packed (cuda): cuda_pack(weight), made once
     by the caller. inputs_tf32 (fp32): x and cache hold TF32-rounded values (see the Triton kernel's causal_conv3d
     and causal_conv3d_cuda). Returns a new channels-last output (normed: the output and the normed output)."""
     if backend == "cuda":
         return causal_conv3d_cuda(x, weight, bias, padding, cache, cache_reversed, residual=residual, norm=norm,
-                                  packed=packed, normed=normed, upsample=upsample, inputs_tf32=inputs_tf32)
-    if norm is not None or normed or upsample != 1:
-        raise ValueError(f"norm, normed, upsample: only the cuda backend fuses them (got {backend})")
+                                  packed=packed, normed=normed, upsample=upsample, inputs_tf32=inputs_tf32,
+                                  norm_tf32=norm_tf32)
+    if norm is not None or normed or upsample != 1 or norm_tf32:
+        raise ValueError(f"norm, normed, upsample, norm_tf32: only the cuda backend fuses them (got {backend})")
     if isinstance(cache, (list, tuple)):  # frames of different tensors: the Triton kernel takes one tensor
         cache = torch.cat(cache, dim=2).contiguous(memory_format=CL) if cache else None
     from ..triton.causal_conv import causal_conv3d as triton_conv
@@ -252,7 +253,8 @@ def _tf32_copy(t):
 
 
 def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=False, persistent=None, residual=None,
-                       block_n=None, norm=None, packed=None, normed=False, upsample=1, inputs_tf32=False):
+                       block_n=None, norm=None, packed=None, normed=False, upsample=1, inputs_tf32=False,
+                       norm_tf32=False):
     """The CUDA kernel (cuda_unsupported(...) is None assumed; x and cache with pixel rows, as conv3d_in_place; x's
     pixels may be further apart than C, see _pixel_grid): zeros padding, stride 1. cache: a tensor [B, C, Tc, H, W]
     or a list of at most 2 1-frame tensors, oldest first, wherever they are (_frames_arg). bias: O values (any float
@@ -266,7 +268,9 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
     benchmarks). packed: cuda_pack(weight, block_n), when the caller keeps it (else made here, per call). fp32: TF32
     products of operands rounded to nearest, as cuDNN's TF32 convs (the weight rounded by cuda_pack); inputs_tf32: x
     and the cache hold TF32 values already (e.g. rms_norm_silu(..., tf32=True)'s output), else rounded copies of them
-    are made here. Returns a new channels-last-3d output (O <= 8: a channel slice of an 8-channel one)."""
+    are made here. norm_tf32 (fp32, with norm; block_n 96 or 8): the norm's result stored rounded to TF32 as
+    round_to_tf32 rounds (a next TF32 conv's operand, read as it is: rms_norm_silu(..., tf32=True)'s rounding).
+    Returns a new channels-last-3d output (O <= 8: a channel slice of an 8-channel one)."""
     from .._ext import cuda_ext
 
     frames = list(cache) if isinstance(cache, (list, tuple)) else None
@@ -287,6 +291,8 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
         raise ValueError(f"upsample: expected 1 or 2, got {upsample!r}")
     if normed and norm is None:
         raise ValueError("normed: needs norm")
+    if norm_tf32 and (norm is None or x.dtype != torch.float32):
+        raise ValueError(f"norm_tf32: needs norm and fp32 (got norm {'set' if norm else None}, {x.dtype})")
     B, C, T, H, W = x.shape
     O, _, KT = weight.shape[:3]
     tp, hp, wp = padding
@@ -304,6 +310,8 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
         gamma, beta, silu = norm
         if O != block_n:
             raise ValueError(f"norm: needs {O} output channels in one tile (96 or 128), got block_n {block_n}")
+        if norm_tf32 and block_n > 96:  # the kernel's fp32 128-channel form would spill with it: not built
+            raise ValueError(f"norm_tf32: needs 96 or <= 8 output channels, got {O}")
         gamma, beta = (None if t is None else _channel_floats(f"norm {n}", t, O, x.device)
                        for n, t in (("gamma", gamma), ("beta", beta)))
         norm_args = (gamma.data_ptr(), 0 if beta is None else beta.data_ptr(), O ** 0.5, NORM_EPS, bool(silu))
@@ -336,7 +344,7 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
     bias = None if bias is None else _aligned8(bias.to(torch.float32).contiguous())
     cuda_ext().causal_conv3d_fwd(
         _conv_arg(x), c, _conv_arg(out), _conv_arg(residual) if residual is not None else NO_TENSOR, *norm_args,
-        _conv_arg(second) if normed else NO_TENSOR, packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
+        _conv_arg(second) if normed else NO_TENSOR, bool(norm_tf32), packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
         DTYPE_CODE[x.dtype], B, C, O_pad, T, H, W, KT, tp, hp, wp, upsample, cache_frames, n_cache, block_n,
         CUDA_PERSISTENT if persistent is None else persistent,
         torch.cuda.current_stream(x.device).cuda_stream)
