@@ -118,11 +118,12 @@ __device__ __forceinline__ void store2(float* p, float a, float b) {
 }
 template <typename T>
 __device__ __forceinline__ void store2(T* p, float a, float b) { *reinterpret_cast<uint32_t*>(p) = pack2<T>(a, b); }
-// fp32 rounded to TF32 as cuDNN rounds its operands (to nearest, ties away from zero; the low 13 bits zero).
+// fp32 rounded to TF32 as cuDNN rounds its operands (cvt.rna.tf32.f32: to nearest, ties away from zero, the low 13
+// bits zero; NaN stays NaN), on the bits as vkern.reference.causal_conv.round_to_tf32: half the dropped unit added to
+// the magnitude, then masked. (Not the cvt itself: inline asm on the accumulators made ptxas serialize every wgmma of
+// the fp32 forms, C7514, run 186: fp32 encode 700 -> 782 ms.)
 __device__ __forceinline__ float round_tf32(float a) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(a));
-  return __uint_as_float(r);
+  return a != a ? a : __uint_as_float((__float_as_uint(a) + 0x1000u) & ~0x1FFFu);
 }
 // a, b as store2 stores them in T (fp32: as they are).
 template <typename T>
@@ -380,7 +381,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
               if (p.norm.beta) y0 += p.norm.beta[c0 + 8 * j], y1 += p.norm.beta[c0 + 8 * j + 1];
               v[4 * j] = p.norm.silu ? __fdividef(y0, 1.f + __expf(-y0)) : y0;
               v[4 * j + 1] = p.norm.silu ? __fdividef(y1, 1.f + __expf(-y1)) : y1;
-              if constexpr (sizeof(T) == 4 && kBlockN <= 96) {  // (at 128, +80 bytes of spills: not built there)
+              if constexpr (sizeof(T) == 4) {
                 if (p.norm.tf32) v[4 * j] = round_tf32(v[4 * j]), v[4 * j + 1] = round_tf32(v[4 * j + 1]);
               }
             }
@@ -452,7 +453,7 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, Co
       out_channels % block_n != 0 || (residual.ptr != nullptr && !output_ok(residual, out_channels)) ||
       (norm.gamma != nullptr && out_channels != block_n) || !aligned8(bias) || !aligned8(norm.gamma) ||
       (norm.normed.ptr != nullptr && (norm.gamma == nullptr || !output_ok(norm.normed, out_channels))) ||
-      (norm.tf32 && (norm.gamma == nullptr || dtype != DType::kFloat32 || block_n > 96)))
+      (norm.tf32 && (norm.gamma == nullptr || dtype != DType::kFloat32)))
     return cudaErrorInvalidValue;
   const auto run = [&](auto type_tag) {
     using T = decltype(type_tag);

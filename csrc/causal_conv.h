@@ -24,7 +24,7 @@ struct ConvTensor {
 // normed.ptr null: the norm applies to the conv's output + bias + residual before the one rounding, and out holds
 // the result. Else out holds conv + bias + residual (rounded) and normed (laid out as out) the norm of those rounded
 // values: the next residual block's norm1 of this block's output, as a norm pass over out would give.
-// tf32 (fp32, block_n 8 or 96 only): the norm's result stored rounded to TF32 (cvt.rna, ties away from zero), the operand a next conv
+// tf32 (fp32 only): the norm's result stored rounded to TF32 (cvt.rna, ties away from zero), the operand a next conv
 // with TF32 products reads as it is: the values stored without tf32, each rounded (rms_norm_silu(..., tf32=True)'s).
 struct ConvNorm {
   const float* gamma;

@@ -268,7 +268,7 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
     benchmarks). packed: cuda_pack(weight, block_n), when the caller keeps it (else made here, per call). fp32: TF32
     products of operands rounded to nearest, as cuDNN's TF32 convs (the weight rounded by cuda_pack); inputs_tf32: x
     and the cache hold TF32 values already (e.g. rms_norm_silu(..., tf32=True)'s output), else rounded copies of them
-    are made here. norm_tf32 (fp32, with norm; block_n 96 or 8): the norm's result stored rounded to TF32 as
+    are made here. norm_tf32 (fp32, with norm): the norm's result stored rounded to TF32 as
     round_to_tf32 rounds (a next TF32 conv's operand, read as it is: rms_norm_silu(..., tf32=True)'s rounding).
     Returns a new channels-last-3d output (O <= 8: a channel slice of an 8-channel one)."""
     from .._ext import cuda_ext
@@ -310,8 +310,6 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
         gamma, beta, silu = norm
         if O != block_n:
             raise ValueError(f"norm: needs {O} output channels in one tile (96 or 128), got block_n {block_n}")
-        if norm_tf32 and block_n > 96:  # the kernel's fp32 128-channel form would spill with it: not built
-            raise ValueError(f"norm_tf32: needs 96 or <= 8 output channels, got {O}")
         gamma, beta = (None if t is None else _channel_floats(f"norm {n}", t, O, x.device)
                        for n, t in (("gamma", gamma), ("beta", beta)))
         norm_args = (gamma.data_ptr(), 0 if beta is None else beta.data_ptr(), O ** 0.5, NORM_EPS, bool(silu))
