@@ -380,9 +380,10 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--res", default="480p", choices=["tiny", "480p", "720p"])
     parser.add_argument("--ops", default="decode,encode", help="comma-separated: decode, encode")
-    parser.add_argument("--providers", default="diffusers,vkern", help="comma-separated: diffusers, vkern, vkern-cudnn (every conv on cuDNN), "
-                        "vkern-cuda-tf32-s51 (fp32: the upsampling convs on cuDNN), vkern-tf32-norm-pass (fp32: "
-                        "norm2 of the 96-channel blocks in the norm pass)")
+    parser.add_argument("--providers", default="diffusers,vkern",
+                        help="comma-separated: diffusers, vkern, vkern-cudnn (every conv on cuDNN), vkern-cuda-tf32-s51 "
+                        "(fp32: the upsampling convs on cuDNN), vkern-tf32-norm-pass (fp32: norm2 of the 96-channel "
+                        "blocks in the norm pass)")
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu (tiny only)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="the VAE's and its input's dtype")
     parser.add_argument("--out", default=None, help="append JSON lines here")

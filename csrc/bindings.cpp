@@ -97,7 +97,8 @@ PYBIND11_MODULE(_C, m) {
                 "causal_conv3d_fwd");
         },
         py::arg("x"), py::arg("cache"), py::arg("out"), py::arg("residual"), py::arg("norm_gamma"),
-        py::arg("norm_beta"), py::arg("norm_scale"), py::arg("norm_eps"), py::arg("norm_silu"), py::arg("normed"), py::arg("norm_tf32"),
+        py::arg("norm_beta"), py::arg("norm_scale"), py::arg("norm_eps"), py::arg("norm_silu"), py::arg("normed"),
+        py::arg("norm_tf32"),
         py::arg("weight_packed"), py::arg("bias"), py::arg("dtype"),
         py::arg("batch"), py::arg("channels"), py::arg("out_channels"), py::arg("frames"), py::arg("height"),
         py::arg("width"), py::arg("kt"), py::arg("tp"), py::arg("hp"), py::arg("wp"), py::arg("upsample"),

@@ -121,7 +121,7 @@ __device__ __forceinline__ void store2(T* p, float a, float b) { *reinterpret_ca
 // fp32 rounded to TF32 as cuDNN rounds its operands (cvt.rna.tf32.f32: to nearest, ties away from zero, the low 13
 // bits zero; NaN stays NaN), on the bits as vkern.reference.causal_conv.round_to_tf32: half the dropped unit added to
 // the magnitude, then masked. (Not the cvt itself: inline asm on the accumulators made ptxas serialize every wgmma of
-// the fp32 forms, C7514, run 186: fp32 encode 700 -> 782 ms.)
+// the fp32 forms, C7514: run 186's fp32 480p encode ~80 ms slower.)
 __device__ __forceinline__ float round_tf32(float a) {
   return a != a ? a : __uint_as_float((__float_as_uint(a) + 0x1000u) & ~0x1FFFu);
 }

@@ -541,8 +541,8 @@ def test_gpu_default_encode_matches_diffusers():
 
 def _spy_kernel_convs(monkeypatch):
     """Records (backend, in channels, out channels, kernel, cache_reversed, residual given, norm given, normed, cache
-    frames from two tensors, upsample, inputs_tf32, norm_tf32) of every conv the VAE loop sends to vkern's conv kernels (all go
-    through ops.causal_conv.conv3d_in_place)."""
+    frames from two tensors, upsample, inputs_tf32, norm_tf32) of every conv the VAE loop sends to vkern's conv
+    kernels (all go through ops.causal_conv.conv3d_in_place)."""
     from vkern.ops import causal_conv as cc
 
     calls, run = [], cc.conv3d_in_place

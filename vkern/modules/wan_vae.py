@@ -219,14 +219,14 @@ class _Chunks:
         """True when `conv` over `buf` can end with the next conv's RMS norm + SiLU in its epilogue (conv(buf,
         norm=...)) and hand its output to `next_conv` as an _InPlace chunk: conv on the CUDA kernel with C -> C
         channels in one output tile (96 or 128), and next_conv reading its cache in place from such an output. A
-        next_conv with TF32 products (tf32_conv) only at 96 channels, with the switch on: the epilogue rounds its
-        output where rounds_input (conv(..., norm_tf32=True)), else the conv rounds copies of it. The epilogue's norm
+        next_conv with TF32 products (tf32_conv) only with the switch on: the epilogue rounds its output where
+        rounds_input (conv(..., norm_tf32=True)), else the conv rounds copies of it. The epilogue's norm
         arithmetic differs from the norm pass's in last bits (its fast SiLU), which a TF32 rounding may turn into
         2^-11 (see hands_norm): the output is not the norm pass's bits, its error the same."""
         C, O = conv.weight.shape[:2][::-1]
         return (C == O and O == ops.causal_conv._cuda_block_n(O) and self.on_cuda(conv, buf)
                 and self.in_place(next_conv, buf.x)
-                and (not self.tf32_conv(next_conv, buf.x) or (self.tf32_epilogue and O <= 96)))
+                and (self.tf32_epilogue or not self.tf32_conv(next_conv, buf.x)))
 
     def conv(self, conv, buf, keep=CACHE_T, bias=True, residual=None, norm=None, normed=None, norm_tf32=False):
         """Run `conv` over its filled buffer (without its bias when not `bias`; bias may also be a tensor to add
