@@ -200,9 +200,9 @@ class _Chunks:
         """True when a conv on the CUDA kernel with out_channels outputs (one output tile) can also write the input of
         next_ = (norm, the conv after it), SiLU(norm(its output)), as a second output (conv(..., normed=next_[0]))
         that norm_into(*next_, output) then takes instead of a norm pass. like: a tensor of the conv's dtype and
-        device. Not where the next conv has TF32 products (tf32_conv): the epilogue's norm arithmetic differs from the
-        norm pass's (its fast SiLU), and TF32 rounding of either turns a last-bit difference into 2^-11 (run 183: 2.2e-4
-        apart at the output), so in fp32 the norm is the pass's whether or not it rounds."""
+        device. Not where the next conv has TF32 products (tf32_conv): this opt-in hand-off (HAND_NORM, off: measured
+        no faster in bf16) does not round its second output (norm_tf32 is fuses_norm's), so there the norm pass writes
+        the next conv's rounded input."""
         O = out_channels
         return (self.hand_norm and next_ is not None and O == ops.causal_conv._cuda_block_n(O)
                 and next_[1].weight.shape[1] == O and self.reads_in_place(next_[1], like)
