@@ -748,6 +748,7 @@ def _gemm(name, providers, args):
 # routing plus the 2D upsampling convs (the default since session 52); vkern-copied-cache: the CUDA conv's cache
 # copied from inputs of more than 2 frames (KEEP_INPUT_FRAMES 2; fp32's default since session 52);
 # vkern-tf32-norm-pass (fp32): norm2 of the 96 -> 96 blocks in the norm pass, not conv1's epilogue (session 53).
+# vkern-frames-1|2|4|all (decode): frames_per_step 1, 2, 4 or whole chunks instead of the default ("auto").
 VAE_PROVIDERS = ("diffusers", "vkern", "vkern-cudnn", "vkern-cuda", "vkern-cuda-s16", "vkern-unfused",
                  "vkern-2-latents", "vkern-cpu-output")
 
@@ -952,6 +953,9 @@ def _vae_decode(name, providers, args):
                "vkern-tf32-in-conv": tf32_in_conv(wan_vae.decode),
                "vkern-tf32-norm-pass": tf32_norm_pass(wan_vae.decode),
                "vkern-2-latents-no-handoff": no_handoff(lambda vae, z: wan_vae.decode(vae, z, latents_per_call=2))}
+    for steps in (1, 2, 4):  # the peak-vs-time A/B of frames_per_step, side by side with the default
+        runners[f"vkern-frames-{steps}"] = lambda vae, z, steps=steps: wan_vae.decode(vae, z, frames_per_step=steps)
+    runners["vkern-frames-all"] = lambda vae, z: wan_vae.decode(vae, z, frames_per_step=None)
     yield from _vae_rows("vae-decode", name, providers, args,
                          lambda: torch.randn(shape, device="cuda", dtype=shapes.vae_dtype(name)), runners)
 
