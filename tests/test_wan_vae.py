@@ -434,8 +434,15 @@ def test_frames_per_step_from_the_environment(monkeypatch, norm_reference):
     vae = small_vae(False)
     z = torch.randn(1, 4, 3, 2, 2)
     whole = fast.decode(vae, z, frames_per_step=None)
+    monkeypatch.delenv("VKERN_WAN_VAE_FRAMES_PER_STEP", raising=False)
+    large = fast.LARGE_FRAME_PIXELS + 1
+    assert fast._auto_frames_per_step(16, 16, torch.float32) == fast.FP32_FRAMES_PER_STEP == 2
+    assert fast._auto_frames_per_step(16, 16, torch.bfloat16) is None  # 16 bits: whole chunks
+    assert fast._auto_frames_per_step(1, large, torch.float32) == fast._auto_frames_per_step(1, large, torch.float16) == 1
+    monkeypatch.setenv("VKERN_WAN_VAE_FRAMES_PER_STEP", "all")
+    assert fast._auto_frames_per_step(1, large, torch.float32) is None
     monkeypatch.setenv("VKERN_WAN_VAE_FRAMES_PER_STEP", "1")
-    assert fast._auto_frames_per_step(16, 16) == 1
+    assert fast._auto_frames_per_step(16, 16, torch.float32) == 1
     assert rel_l2(fast.decode(vae, z), whole) < FP32_TOL
     monkeypatch.setenv("VKERN_WAN_VAE_FRAMES_PER_STEP", "0")
     with pytest.raises(ValueError, match="VKERN_WAN_VAE_FRAMES_PER_STEP: expected a positive int"):

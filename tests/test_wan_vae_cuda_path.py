@@ -110,6 +110,11 @@ def test_cuda_branch_decodes_as_diffusers(vae, emulated, T, frames_per_step, lat
     assert all(c["O"] == 96 for c in calls if c["normed"])
 
 
+# The 96-channel stage's steps in a decode of 2 latent frames by an fp32 VAE: the first latent frame alone, then its
+# 4 frames in FP32_FRAMES_PER_STEP-frame steps (the fp32 default).
+FP32_STEPS = 1 + 4 // fast.FP32_FRAMES_PER_STEP
+
+
 @pytest.mark.parametrize("handed", [True, False])
 @torch.no_grad()
 def test_handed_norms_skip_their_norm_pass(vae, emulated, monkeypatch, handed):
@@ -123,9 +128,8 @@ def test_handed_norms_skip_their_norm_pass(vae, emulated, monkeypatch, handed):
     out = fast.decode(vae, z)
     handoffs = sum(c["normed"] for c in emulated)
     assert (handoffs > 0) == handed
-    # Per chunk the 96-channel stage has 4 norm1/norm_out inputs (3 residual blocks, conv_out): handed or passes.
-    chunks = 1 + 1  # the first latent frame, then one more
-    assert passes.count(96) + handoffs == 4 * chunks
+    # Per step the 96-channel stage has 4 norm1/norm_out inputs (3 residual blocks, conv_out): handed or passes.
+    assert passes.count(96) + handoffs == 4 * FP32_STEPS
     assert rel_l2(out, vae.decode(z).sample) < FP32_TOL
 
 
@@ -152,10 +156,9 @@ def test_fp32_tf32_epilogue_norm(vae, monkeypatch):
         outs.append(fast.decode(vae, z))
         counts.append(passes.count(96))
     fused = [c for c in calls[0] if c["norm"]]
-    chunks = 1 + 1  # the first latent frame, then one more
-    assert len(fused) == 3 * chunks and all(c["norm_tf32"] and (c["C"], c["O"]) == (96, 96) for c in fused)
+    assert len(fused) == 3 * FP32_STEPS and all(c["norm_tf32"] and (c["C"], c["O"]) == (96, 96) for c in fused)
     assert not any(c["norm"] for c in calls[1])
-    assert counts[1] - counts[0] == 3 * chunks  # norm2 of the 96-channel stage's 3 residual blocks
+    assert counts[1] - counts[0] == 3 * FP32_STEPS  # per step norm2 of the 96-channel stage's 3 residual blocks
     assert any(c["inputs_tf32"] for c in calls[0]) and torch.equal(outs[0], outs[1])
 
 
