@@ -85,8 +85,8 @@ TF32_NORM = True
 # _Chunks.fuses_norm's fp32 default (VKERN_WAN_VAE_TF32_EPILOGUE): a 96 -> 96 conv1 on the CUDA kernel applies norm2 +
 # SiLU in its epilogue for a conv2 with TF32 products too, rounding there where rounds_input (norm_tf32).
 TF32_EPILOGUE = True
-# Decoder default: whole chunks (4 frames) unless a decoded frame has more pixels than this; above
-# it, 1 frame per step keeps the largest stages' working set ~4x smaller (720p: ~1 GB less).
+# Decoder default: whole chunks in 16 bits (FP32_FRAMES_PER_STEP in fp32) unless a decoded frame has more pixels
+# than this; above it, 1 frame per step keeps the largest stages' working set ~4x smaller (720p: ~1 GB less).
 LARGE_FRAME_PIXELS = 512 * 1024
 # An fp32 decoder's default below LARGE_FRAME_PIXELS: 2 frames per step, measured faster than whole chunks and
 # 2.57 GiB lower (run 188, H100, 480p, side by side: 1005.4 ms / 5.80 GiB vs 1016.9 / 8.37; 4 frames 1036.2 / 6.95;
