@@ -17,6 +17,21 @@ def test_info_lists_versions_build_and_backends():
         assert result["backends"]["attention"] == "reference"
 
 
+def test_info_shows_the_wan_vae_decode_defaults(monkeypatch):
+    for name in ("VKERN_WAN_VAE_FRAMES_PER_STEP", "VKERN_WAN_VAE_LATENTS_PER_CALL"):
+        monkeypatch.delenv(name, raising=False)
+    assert vkern.info(print_=False)["wan vae decode"] == (
+        "2 latent frames per call; the last stages' steps: 16-bit whole chunks, fp32 2 frames, 1 frame above 524288 "
+        "pixels a frame")
+    monkeypatch.setenv("VKERN_WAN_VAE_FRAMES_PER_STEP", "all")
+    monkeypatch.setenv("VKERN_WAN_VAE_LATENTS_PER_CALL", "1")
+    assert vkern.info(print_=False)["wan vae decode"] == (
+        "1 latent frame per call; the last stages' steps: 16-bit whole chunks, fp32 whole chunks, whole chunks above "
+        "524288 pixels a frame")
+    monkeypatch.setenv("VKERN_WAN_VAE_FRAMES_PER_STEP", "0")  # a bad value is shown, not raised
+    assert "VKERN_WAN_VAE_FRAMES_PER_STEP: expected a positive int" in vkern.info(print_=False)["wan vae decode"]
+
+
 def test_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "vkern", "info"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -33,6 +33,9 @@ def info(print_=True):
     from .patch import supported_models
 
     lines["vkern.patch"] = "; ".join(f"{family}: {', '.join(ms)}" for family, ms in supported_models().items())
+    from .modules.wan_vae import decode_defaults
+
+    lines["wan vae decode"] = decode_defaults()
     backends = {op: _backend.would_choose(op, device, torch.bfloat16)[0] for op in _backend.registered_ops()}
     attention = attention_by_shape_class(device)
     if print_:

@@ -724,6 +724,22 @@ def _auto_frames_per_step(H, W, dtype):
     return FP32_FRAMES_PER_STEP if dtype == torch.float32 else None
 
 
+def decode_defaults():
+    """The decode's per-call and per-step defaults here, the environment included (vkern.info() shows them); a bad
+    environment value is shown as its error."""
+    def steps(frames):
+        return "whole chunks" if frames is None else f"{frames} frame{'s' if frames > 1 else ''}"
+
+    try:
+        small16, small32 = (_auto_frames_per_step(1, 1, dtype) for dtype in (torch.bfloat16, torch.float32))
+        large = _auto_frames_per_step(1, LARGE_FRAME_PIXELS + 1, torch.bfloat16)
+        latents = _latents_per_call_default()
+    except ValueError as e:
+        return str(e)
+    return (f"{latents} latent frame{'s' if latents > 1 else ''} per call; the last stages' steps: 16-bit "
+            f"{steps(small16)}, fp32 {steps(small32)}, {steps(large)} above {LARGE_FRAME_PIXELS} pixels a frame")
+
+
 def _env_switch(option, given, default=True):
     """`given` unless None, else VKERN_WAN_VAE_<OPTION>=1|0, else `default` (fuse_bias: on, measured faster
     on a GPU, run 21; pad_channels: on for encode, off for decode, where it measured no faster and its
