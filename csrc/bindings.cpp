@@ -77,6 +77,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out_dtype"), py::arg("stream"));
 
   m.attr("conv_block_ns") = py::make_tuple(vkern::kConvBlockNs[0], vkern::kConvBlockNs[1], vkern::kConvBlockNs[2]);
+  m.attr("conv_narrow_weight_bytes") = vkern::kConvNarrowWeightBytes;
   m.def("causal_conv3d_fwd",
         [](ConvArg x, ConvArg cache, ConvArg out, ConvArg residual, uintptr_t norm_gamma, uintptr_t norm_beta,
            float norm_scale, float norm_eps, bool norm_silu, ConvArg normed, bool norm_tf32, uintptr_t weight_packed,

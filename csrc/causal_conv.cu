@@ -19,8 +19,16 @@
 // Time: output frame t reads padded frames t ... t + KT - 1; a padded frame is a frame of x, of the cache (read in
 // place, any frame stride) or zeros (its taps are skipped: no copy, no product). Bias (fp32) and a residual (a
 // residual block's shortcut, optional) are added in fp32 and each output is rounded once.
+// Narrow (block_n 8: an RGB output, bound by L2 bandwidth, run 190): a tile is kNarrowFrames consecutive output
+// frames of the spatial tile. Each input frame's halo is fetched once for all of them (kNarrowFrames + 2 fetches
+// instead of 3 kNarrowFrames), and one product of N = 8 x (time taps that reach a tile frame) adds its taps into
+// every output frame that reads it: the packed weight's time taps are the product's N blocks (sbo = the time-tap
+// stride), so each halo row is read from shared memory once per input frame, not once per output frame. The whole
+// packed weight stays in shared memory (loaded once per CTA: no slab ring); 3 x 3 x 3 kernels only.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <utility>
 
 #include "causal_conv.h"
 #include "sm90.cuh"
@@ -40,6 +48,14 @@ template <typename T>
 constexpr int group_of() { return 16 / int(sizeof(T)); }
 constexpr int kHaloBytes = kHaloRows * kGroups * kHaloCols * 16;  // 25344
 constexpr int kHaloStages = 3;
+constexpr int kNarrowFrames = 4, kNarrowKT = 3, kNarrowHaloStages = 4;
+constexpr int kNarrowWeightBytes = kConvNarrowWeightBytes;  // + 4 halo slots: within the 227 KB of a CTA
+template <int kBlockN>
+constexpr bool narrow() { return kBlockN == 8; }
+template <int kBlockN>
+constexpr int frames_per_tile() { return narrow<kBlockN>() ? kNarrowFrames : 1; }
+template <int kBlockN>
+constexpr int halo_stages() { return narrow<kBlockN>() ? kNarrowHaloStages : kHaloStages; }
 constexpr int kTaps = 9;                                // 3 x 3 spatial taps
 constexpr int kThreads = 384;
 constexpr int kHaloThreads = 96;                        // warps 1-3
@@ -48,11 +64,20 @@ constexpr int kConsumerWarps = 8;
 template <int kBlockN>
 constexpr int slab_bytes() { return kChunkBytes * kBlockN; }
 constexpr int kWeightStages = 2 * kTaps;             // two halo slots' weight slabs
-// Halo ring | weight-slab ring | barriers.
+// Halo ring | weight-slab ring (narrow: the whole packed weight, weight_bytes) | barriers.
 template <int kBlockN>
-constexpr int smem_bytes() {
-  return kHaloStages * kHaloBytes + kWeightStages * slab_bytes<kBlockN>() + (2 * kHaloStages + 2 * kWeightStages) * 8;
+int smem_bytes(int weight_bytes) {
+  constexpr int kStages = halo_stages<kBlockN>();
+  if (narrow<kBlockN>()) return kStages * kHaloBytes + weight_bytes + (2 * kStages + 1) * 8;
+  return kStages * kHaloBytes + kWeightStages * slab_bytes<kBlockN>() + (2 * kStages + 2 * kWeightStages) * 8;
 }
+// f(std::integral_constant<int, i>()) for i = 0 ... N - 1: a loop whose index is a constant expression.
+template <typename F, int... I>
+__device__ __forceinline__ void static_for_(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>()), ...);
+}
+template <int N, typename F>
+__device__ __forceinline__ void static_for(F&& f) { static_for_(f, std::make_integer_sequence<int, N>()); }
 
 template <typename T>
 struct ConvParams {
@@ -65,24 +90,27 @@ struct ConvParams {
   ConvNorm norm;    // the RMS norm + SiLU of the epilogue (norm.gamma null: none)
   T* normed;        // the epilogue norm's separate output (may be null: see ConvNorm)
   int64_t xb, xf, xr, cb, cf, ob, of, orow, rb, rf, rr, nb, nf, nr;
-  int C, O, H, W, To, Ho, Wo, KT, tp, hp, wp, cache_frames, n_cache;
+  int C, O, H, W, Ti, To, Ho, Wo, KT, tp, hp, wp, cache_frames, n_cache;  // Ti: x's frames
   int xp;           // x's (and the cache's) pixel stride
   int up;           // log2 of the on-the-fly nearest upsampling (0 or 1); H, W: the upsampled input's size
-  int tiles_w, tiles_h, n_tiles, tiles;
+  int tiles_w, tiles_h, n_tiles, tiles_t, tiles;  // tiles_t: output frame groups of frames_per_tile
+  int weight_bytes;  // narrow: the packed weight's (shared memory holds it whole); else 0
 };
 
-// One output tile: output channel tile fastest, then columns, rows, frames, batch.
+// One output tile: output channel tile fastest, then columns, rows, frames (t: the first of frames_per_tile),
+// batch.
 struct Tile {
   int nt, w0, h0, t, b;
-  __device__ Tile(int idx, int n_tiles, int tiles_w, int tiles_h, int To) {
-    nt = idx % n_tiles;
-    idx /= n_tiles;
-    w0 = (idx % tiles_w) * kCols;
-    idx /= tiles_w;
-    h0 = (idx % tiles_h) * kRows;
-    idx /= tiles_h;
-    t = idx % To;
-    b = idx / To;
+  template <typename T>
+  __device__ Tile(int idx, const ConvParams<T>& p, int frames) {
+    nt = idx % p.n_tiles;
+    idx /= p.n_tiles;
+    w0 = (idx % p.tiles_w) * kCols;
+    idx /= p.tiles_w;
+    h0 = (idx % p.tiles_h) * kRows;
+    idx /= p.tiles_h;
+    t = (idx % p.tiles_t) * frames;
+    b = idx / p.tiles_t;
   }
 };
 
@@ -136,13 +164,15 @@ __device__ __forceinline__ void round2(float& a, float& b) {
 
 template <typename T, int kBlockN>
 __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid_constant__ ConvParams<T> p) {
+  constexpr int kStages = halo_stages<kBlockN>(), kF = frames_per_tile<kBlockN>();
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* halo = smem;
-  unsigned char* slabs = smem + kHaloStages * kHaloBytes;
-  uint64_t* bars = reinterpret_cast<uint64_t*>(slabs + kWeightStages * slab_bytes<kBlockN>());
+  unsigned char* slabs = smem + kStages * kHaloBytes;  // narrow: the whole packed weight
+  uint64_t* bars = reinterpret_cast<uint64_t*>(
+      slabs + (narrow<kBlockN>() ? p.weight_bytes : kWeightStages * slab_bytes<kBlockN>()));
   uint64_t* halo_full = bars;
-  uint64_t* halo_empty = halo_full + kHaloStages;
-  uint64_t* slab_full = halo_empty + kHaloStages;
+  uint64_t* halo_empty = halo_full + kStages;
+  uint64_t* slab_full = halo_empty + kStages;  // narrow: one, the whole weight's
   uint64_t* slab_empty = slab_full + kWeightStages;
   const int chunks = p.C / chunk_of<T>();
 
@@ -150,13 +180,17 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
   // live in uniform registers (no per-wgmma register -> uniform moves).
   const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x / 32), 0), lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
-    for (int i = 0; i < kHaloStages; ++i) {
+    for (int i = 0; i < kStages; ++i) {
       mbar_init(&halo_full[i], kHaloThreads);
       mbar_init(&halo_empty[i], kConsumerWarps);
     }
-    for (int i = 0; i < kWeightStages; ++i) {
-      mbar_init(&slab_full[i], 1);
-      mbar_init(&slab_empty[i], kConsumerWarps);
+    if constexpr (narrow<kBlockN>()) {
+      mbar_init(&slab_full[0], 1);
+    } else {
+      for (int i = 0; i < kWeightStages; ++i) {
+        mbar_init(&slab_full[i], 1);
+        mbar_init(&slab_empty[i], kConsumerWarps);
+      }
     }
     mbar_init_fence();
   }
@@ -173,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
     const int row_elems = int(p.xr);  // a frame is < 2^31 elements (host check)
     Ring ring;
     for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
-      const Tile tile(idx, p.n_tiles, p.tiles_w, p.tiles_h, p.To);
+      const Tile tile(idx, p, kF);
       uint32_t cols_in = 0, rows_in = 0;  // bit j / bit r: halo column slot j / halo row r inside the frame
       int col_off[kColSlots];
 #pragma unroll
@@ -189,9 +223,11 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
         rows_in |= uint32_t(unsigned(h) < unsigned(p.H)) << r;
         row_off[r] = (h >> p.up) * row_elems;
       }
-      for (int dt = 0; dt < p.KT; ++dt) {
-        const int src = tile.t + dt - p.tp;  // < 0: a frame before the chunk
-        if (src < -p.n_cache) continue;
+      // The padded frames the tile's output frames read, in order: t ... t + kF + KT - 2. Frames before the cache
+      // are zeros (no copy); frames past x's end are read only by output frames past the call's last.
+      for (int u = 0; u < kF + p.KT - 1; ++u) {
+        const int src = tile.t + u - p.tp;  // < 0: a frame before the chunk
+        if (src < -p.n_cache || src >= p.Ti) continue;
         const T* frame = src >= 0 ? p.x + tile.b * p.xb + src * p.xf
                                   : p.cache + tile.b * p.cb + (p.cache_frames + src) * p.cf;
         for (int cc = 0; cc < chunks; ++cc) {
@@ -209,17 +245,25 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
             }
           }
           cp_async_arrive(&halo_full[ring.slot]);
-          ring.next(kHaloStages);
+          ring.next(kStages);
         }
       }
     }
     asm volatile("cp.async.wait_all;" ::: "memory");  // no exit with copies in flight
   } else if (warp == 0) {  // ----------------------------------------------------------- weight producer
-    if (lane == 0) {
+    if constexpr (narrow<kBlockN>()) {  // the whole packed weight, once
+      if (lane == 0) {
+        constexpr int kPiece = 16384;
+        mbar_arrive_expect_tx(&slab_full[0], p.weight_bytes);
+        for (int off = 0; off < p.weight_bytes; off += kPiece)
+          bulk_load(slabs + off, reinterpret_cast<const unsigned char*>(p.weight) + off,
+                    p.weight_bytes - off < kPiece ? p.weight_bytes - off : kPiece, &slab_full[0]);
+      }
+    } else if (lane == 0) {
       constexpr int kSlabElems = slab_bytes<kBlockN>() / int(sizeof(T));
       int s = 0;  // stages (time tap x channel chunk) so far: stage s fills weight slots kTaps * (s & 1) + tap
       for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
-        const Tile tile(idx, p.n_tiles, p.tiles_w, p.tiles_h, p.To);
+        const Tile tile(idx, p, kF);
         for (int dt = 0; dt < p.KT; ++dt) {
           if (tile.t + dt - p.tp < -p.n_cache) continue;
           const T* w = p.weight + int64_t((tile.nt * p.KT + dt) * chunks) * kTaps * kSlabElems;
@@ -239,81 +283,20 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
     }
   } else {  // ------------------------------------------------------------------------------------ consumers
     const int c = warp / 4 - 1;  // rows 2c, 2c + 1 of the tile
-    // Descriptors: A = the halo at row 2c of slot 0 (lbo one channel group, sbo 8 pixels), B = slab 0 (lbo one
-    // group of 8 input channels, sbo 8 output channels); each product's is one of these plus a byte offset.
-    const SmemDesc a0 = SmemDesc::interleaved(smem_u32(halo) + 2 * c * kGroups * kHaloCols * 16, kHaloCols * 16, 128);
-    const SmemDesc b0 = SmemDesc::interleaved(smem_u32(slabs), kBlockN * 16, 128);
-    Ring ring;  // the halo ring
-    int s = 0;  // stages so far (as the weight producer counts them)
-    for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
-      const Tile tile(idx, p.n_tiles, p.tiles_w, p.tiles_h, p.To);
-      float acc[2][kBlockN / 2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int i = 0; i < kBlockN / 2; ++i) acc[r][i] = 0.f;
-      // The previous stage of this tile (-1: none): its last tap's products may still be in flight, so its last
-      // weight slot and its halo slot are released once they are done.
-      int prev_halo = -1;
-      const auto release_prev_stage = [&]() {
-        if (lane != 0) return;
-        mbar_arrive(&slab_empty[kTaps * ((s - 1) & 1) + kTaps - 1]);
-        mbar_arrive(&halo_empty[prev_halo]);
-      };
-      for (int dt = 0; dt < p.KT; ++dt) {
-        if (tile.t + dt - p.tp < -p.n_cache) continue;
-        for (int cc = 0; cc < chunks; ++cc) {
-          mbar_wait(&halo_full[ring.slot], ring.phase);
-          fence_async_smem();  // the halo came through cp.async (generic proxy); wgmma reads it (async proxy)
-          const SmemDesc a_slot = a0.plus(ring.slot * kHaloBytes);
-          const int base = kTaps * (s & 1);
-          const uint32_t phase = (s >> 1) & 1;
-          const SmemDesc b_stage = b0.plus(base * slab_bytes<kBlockN>());
-#pragma unroll
-          for (int tap = 0; tap < kTaps; ++tap) {
-            const int dh = tap / 3, dw = tap % 3;
-            mbar_wait(&slab_full[base + tap], phase);
-            wgmma_fence();
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-#pragma unroll
-              for (int kk = 0; kk < 2; ++kk) {
-                const SmemDesc a = a_slot.plus((((r + dh) * kGroups + 2 * kk) * kHaloCols + dw) * 16);
-                const SmemDesc b = b_stage.plus((tap * 4 * kBlockN + kk * 2 * kBlockN) * 16);
-                conv_mma<T, kBlockN>(acc[r], a.bits(), b.bits());
-              }
-            }
-            wgmma_commit();
-            wgmma_wait<1>();  // the previous tap's products are done: release what only they read
-            if (tap > 0) {
-              if (lane == 0) mbar_arrive(&slab_empty[base + tap - 1]);
-            } else if (prev_halo >= 0) {
-              release_prev_stage();
-            }
-          }
-          prev_halo = ring.slot;
-          ring.next(kHaloStages);
-          ++s;
-        }
-      }
-      wgmma_wait<0>();
-      fence_regs(acc[0]);
-      fence_regs(acc[1]);
-      if (prev_halo >= 0) release_prev_stage();
-
-      // Epilogue: bias and residual in fp32, then (p.norm.gamma) the RMS norm of each pixel's channels + SiLU, one
-      // rounding, 4-byte stores of channel pairs; pixels past the frame not stored. A pixel's channels are spread
-      // over 4 lanes (lane % 4), so its sum of squares is two shuffles: every lane takes part in them. With a
-      // separate normed output, out gets the sum before the norm, and the norm reads that sum as stored (rounded).
-      // Every load comes before the first store (the compiler cannot move a load past a store to memory that may
-      // alias it): the residual of all four pixel rows, the bias and gamma (kept in registers for the tile) first;
-      // run 71 measured the norm at +0.37 ms a 96 -> 96 call with the loads between the stores.
-      const int wq = warp % 4;
-      T* out = p.out + tile.b * p.ob + tile.t * p.of + tile.nt * kBlockN;
-      T* normed = p.normed ? p.normed + tile.b * p.nb + tile.t * p.nf : nullptr;  // O == kBlockN: one tile
+    const int wq = warp % 4;
+    // Epilogue of output frame t: bias and residual in fp32, then (p.norm.gamma) the RMS norm of each pixel's
+    // channels + SiLU, one rounding, 4-byte stores of channel pairs; pixels past the frame not stored. A pixel's
+    // channels are spread over 4 lanes (lane % 4), so its sum of squares is two shuffles: every lane takes part in
+    // them. With a separate normed output, out gets the sum before the norm, and the norm reads that sum as stored
+    // (rounded). Every load comes before the first store (the compiler cannot move a load past a store to memory
+    // that may alias it): the residual of all four pixel rows, the bias and gamma (kept in registers for the tile)
+    // first; run 71 measured the norm at +0.37 ms a 96 -> 96 call with the loads between the stores.
+    const auto store_frame = [&](float (&acc)[2][kBlockN / 2], const Tile& tile, int t) {
+      T* out = p.out + tile.b * p.ob + t * p.of + tile.nt * kBlockN;
+      T* normed = p.normed ? p.normed + tile.b * p.nb + t * p.nf : nullptr;  // O == kBlockN: one tile
       const int c0 = tile.nt * kBlockN + 2 * (lane % 4);  // this lane's first channel; then + 8 j, + 1
       if (p.res) {
-        const T* res = p.res + tile.b * p.rb + tile.t * p.rf + tile.nt * kBlockN + 2 * (lane % 4);
+        const T* res = p.res + tile.b * p.rb + t * p.rf + tile.nt * kBlockN + 2 * (lane % 4);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int h = tile.h0 + 2 * c + r;
@@ -393,18 +376,172 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
             store2(row + 8 * j, v[4 * j], v[4 * j + 1]);
         }
       }
+    };
+    // Descriptors: A = the halo at row 2c of slot 0 (lbo one channel group, sbo 8 pixels), B = slab 0 (lbo one
+    // group of 8 input channels, sbo 8 output channels; narrow: one time tap); each product's is one of these plus
+    // a byte offset.
+    const SmemDesc a0 = SmemDesc::interleaved(smem_u32(halo) + 2 * c * kGroups * kHaloCols * 16, kHaloCols * 16, 128);
+    Ring ring;  // the halo ring
+    if constexpr (narrow<kBlockN>()) {
+      // B: one product's N blocks are time taps 0, 1, 2 (lbo one group of 8 input channels, sbo the packed weight's
+      // time-tap stride). An input frame's products go to part[r][4 dt ...] (one register range, as wgmma's
+      // accumulators must be: the output frames' own cannot be its N blocks), which is added into the output frames'
+      // acc before the next input frame's products (the wgmmas drained first: ptxas serializes every wgmma, C7514,
+      // when other instructions read accumulators with any product in flight).
+      const uint32_t dt_bytes = chunks * kTaps * slab_bytes<kBlockN>();
+      const SmemDesc b0 = SmemDesc::interleaved(smem_u32(slabs), kBlockN * 16, dt_bytes);
+      mbar_wait(&slab_full[0], 0);  // the whole packed weight
+      for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
+        const Tile tile(idx, p, kF);
+        float acc[kF][2][kBlockN / 2];           // output frames t ... t + kF - 1
+        float part[2][kNarrowKT * kBlockN / 2];  // one input frame's products, time tap dt's at 4 dt
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+          for (int i = 0; i < kBlockN / 2; ++i) {
+#pragma unroll
+            for (int f = 0; f < kF; ++f) acc[f][r][i] = 0.f;
+          }
+#pragma unroll
+          for (int i = 0; i < kNarrowKT * kBlockN / 2; ++i) part[r][i] = 0.f;
+        }
+        // Input frame v's products (all done) into the output frames t + v - dt that read them, then zeros.
+        const auto fold = [&](auto v_) {
+          constexpr int v = decltype(v_)::value;
+          wgmma_wait<0>();
+          fence_regs(part[0]);
+          fence_regs(part[1]);
+#pragma unroll
+          for (int dt = 0; dt < kNarrowKT; ++dt) {
+            if (v - dt < 0 || v - dt >= kF) continue;
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+              for (int i = 0; i < kBlockN / 2; ++i) acc[v - dt][r][i] += part[r][kBlockN / 2 * dt + i];
+          }
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int i = 0; i < kNarrowKT * kBlockN / 2; ++i) part[r][i] = 0.f;
+        };
+        bool pending = false;  // the previous input frame's products are not folded yet
+        int prev_halo = -1;    // the previous stage's halo slot, released once its last products are done
+        static_for<kF + kNarrowKT - 1>([&](auto u_) {  // input frame t + u (padded), as the producer walks them
+          constexpr int u = decltype(u_)::value;
+          const int src = tile.t + u - p.tp;
+          const bool skip = src < -p.n_cache || src >= p.Ti;  // zeros, or a frame no output frame here reads
+          if constexpr (u > 0) {  // (the frames read are consecutive: pending means frame u - 1's products)
+            if (pending) fold(std::integral_constant<int, u - 1>()), pending = false;
+          }
+          if (skip) return;
+          for (int cc = 0; cc < chunks; ++cc) {
+            mbar_wait(&halo_full[ring.slot], ring.phase);
+            fence_async_smem();  // the halo came through cp.async (generic proxy); wgmma reads it (async proxy)
+            const SmemDesc a_slot = a0.plus(ring.slot * kHaloBytes);
+            const SmemDesc b_stage = b0.plus(cc * kTaps * slab_bytes<kBlockN>());
+#pragma unroll
+            for (int tap = 0; tap < kTaps; ++tap) {
+              const int dh = tap / 3, dw = tap % 3;
+              wgmma_fence();
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+#pragma unroll
+                for (int kk = 0; kk < 2; ++kk) {
+                  const SmemDesc a = a_slot.plus((((r + dh) * kGroups + 2 * kk) * kHaloCols + dw) * 16);
+                  const SmemDesc b = b_stage.plus((tap * 4 * kBlockN + kk * 2 * kBlockN) * 16);
+                  conv_mma<T, kNarrowKT * kBlockN>(part[r], a.bits(), b.bits());
+                }
+              }
+              wgmma_commit();
+              wgmma_wait<1>();  // the previous tap's products are done
+              if (tap == 0 && prev_halo >= 0 && lane == 0) mbar_arrive(&halo_empty[prev_halo]);
+            }
+            prev_halo = ring.slot;
+            ring.next(kStages);
+          }
+          pending = true;
+        });
+        wgmma_wait<0>();  // (fold waits too: this one for ptxas, which cannot tell that pending is always set here)
+        if (pending) fold(std::integral_constant<int, kF + kNarrowKT - 2>());
+        if (prev_halo >= 0 && lane == 0) mbar_arrive(&halo_empty[prev_halo]);
+#pragma unroll
+        for (int f = 0; f < kF; ++f) {
+          if (tile.t + f >= p.To) break;
+          store_frame(acc[f], tile, tile.t + f);
+        }
+      }
+    } else {
+      const SmemDesc b0 = SmemDesc::interleaved(smem_u32(slabs), kBlockN * 16, 128);
+      int s = 0;  // stages so far (as the weight producer counts them)
+      for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
+        const Tile tile(idx, p, kF);
+        float acc[2][kBlockN / 2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int i = 0; i < kBlockN / 2; ++i) acc[r][i] = 0.f;
+        // The previous stage of this tile (-1: none): its last tap's products may still be in flight, so its last
+        // weight slot and its halo slot are released once they are done.
+        int prev_halo = -1;
+        const auto release_prev_stage = [&]() {
+          if (lane != 0) return;
+          mbar_arrive(&slab_empty[kTaps * ((s - 1) & 1) + kTaps - 1]);
+          mbar_arrive(&halo_empty[prev_halo]);
+        };
+        for (int dt = 0; dt < p.KT; ++dt) {
+          if (tile.t + dt - p.tp < -p.n_cache) continue;
+          for (int cc = 0; cc < chunks; ++cc) {
+            mbar_wait(&halo_full[ring.slot], ring.phase);
+            fence_async_smem();  // the halo came through cp.async (generic proxy); wgmma reads it (async proxy)
+            const SmemDesc a_slot = a0.plus(ring.slot * kHaloBytes);
+            const int base = kTaps * (s & 1);
+            const uint32_t phase = (s >> 1) & 1;
+            const SmemDesc b_stage = b0.plus(base * slab_bytes<kBlockN>());
+#pragma unroll
+            for (int tap = 0; tap < kTaps; ++tap) {
+              const int dh = tap / 3, dw = tap % 3;
+              mbar_wait(&slab_full[base + tap], phase);
+              wgmma_fence();
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+#pragma unroll
+                for (int kk = 0; kk < 2; ++kk) {
+                  const SmemDesc a = a_slot.plus((((r + dh) * kGroups + 2 * kk) * kHaloCols + dw) * 16);
+                  const SmemDesc b = b_stage.plus((tap * 4 * kBlockN + kk * 2 * kBlockN) * 16);
+                  conv_mma<T, kBlockN>(acc[r], a.bits(), b.bits());
+                }
+              }
+              wgmma_commit();
+              wgmma_wait<1>();  // the previous tap's products are done: release what only they read
+              if (tap > 0) {
+                if (lane == 0) mbar_arrive(&slab_empty[base + tap - 1]);
+              } else if (prev_halo >= 0) {
+                release_prev_stage();
+              }
+            }
+            prev_halo = ring.slot;
+            ring.next(kStages);
+            ++s;
+          }
+        }
+        wgmma_wait<0>();
+        fence_regs(acc[0]);
+        fence_regs(acc[1]);
+        if (prev_halo >= 0) release_prev_stage();
+        store_frame(acc, tile, tile.t);
+      }
     }
   }
 }
 
 template <typename T, int kBlockN>
 cudaError_t launch(ConvParams<T> p, bool persistent, cudaStream_t stream) {
-  constexpr int kSmem = smem_bytes<kBlockN>();
+  const int kSmem = smem_bytes<kBlockN>(p.weight_bytes);
   const auto kernel = causal_conv3d_kernel<T, kBlockN>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
   int ctas = p.tiles, device = 0, sms = 0, per_sm = 0;
-  if (persistent) {  // as many CTAs as fit at once (2 per SM at block_n 8, whose weight ring is small)
+  if (persistent) {  // as many CTAs as fit at once (1 per SM)
     if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
     if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
     if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kSmem)) != cudaSuccess)
@@ -444,6 +581,7 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, Co
                                          cache.row_stride == x.row_stride && cache.pixel_stride == x.pixel_stride &&
                                          n_cache <= cache_frames);
   const int chunk = dtype == DType::kFloat32 ? chunk_of<float>() : chunk_of<__half>();
+  const int64_t weight_bytes = int64_t(kt) * channels * kTaps * out_channels * (dtype == DType::kFloat32 ? 4 : 2);
   if (batch < 1 || channels < chunk || channels % chunk != 0 || frames < 1 || kt < 1 || tp < 0 || hp < 0 ||
       wp < 0 || (upsample != 1 && upsample != 2) || n_cache < 0 || n_cache > tp || To < 1 || Ho < 1 || Wo < 1 ||
       !cache_ok || x.ptr == nullptr || out.ptr == nullptr || weight_packed == nullptr || !aligned(x.ptr) ||
@@ -453,7 +591,9 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, Co
       out_channels % block_n != 0 || (residual.ptr != nullptr && !output_ok(residual, out_channels)) ||
       (norm.gamma != nullptr && out_channels != block_n) || !aligned8(bias) || !aligned8(norm.gamma) ||
       (norm.normed.ptr != nullptr && (norm.gamma == nullptr || !output_ok(norm.normed, out_channels))) ||
-      (norm.tf32 && (norm.gamma == nullptr || dtype != DType::kFloat32)))
+      (norm.tf32 && (norm.gamma == nullptr || dtype != DType::kFloat32)) ||
+      (block_n == kConvBlockNs[0] &&
+       (out_channels != block_n || kt != kNarrowKT || weight_bytes > kNarrowWeightBytes)))
     return cudaErrorInvalidValue;
   const auto run = [&](auto type_tag) {
     using T = decltype(type_tag);
@@ -472,10 +612,13 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, Co
     p.rb = residual.batch_stride, p.rf = residual.frame_stride, p.rr = residual.row_stride;
     p.nb = norm.normed.batch_stride, p.nf = norm.normed.frame_stride, p.nr = norm.normed.row_stride;
     p.C = channels, p.O = out_channels, p.H = Hi, p.W = Wi, p.up = upsample == 2;
-    p.To = To, p.Ho = Ho, p.Wo = Wo, p.KT = kt, p.tp = tp, p.hp = hp, p.wp = wp;
+    p.Ti = frames, p.To = To, p.Ho = Ho, p.Wo = Wo, p.KT = kt, p.tp = tp, p.hp = hp, p.wp = wp;
     p.cache_frames = cache_frames, p.n_cache = n_cache;
     p.tiles_w = (Wo + kCols - 1) / kCols, p.tiles_h = (Ho + kRows - 1) / kRows, p.n_tiles = out_channels / block_n;
-    const int64_t tiles = int64_t(batch) * To * p.tiles_h * p.tiles_w * p.n_tiles;
+    const int frames_per = block_n == kConvBlockNs[0] ? kNarrowFrames : 1;
+    p.tiles_t = (To + frames_per - 1) / frames_per;
+    p.weight_bytes = frames_per > 1 ? int(weight_bytes) : 0;  // narrow: <= kNarrowWeightBytes
+    const int64_t tiles = int64_t(batch) * p.tiles_t * p.tiles_h * p.tiles_w * p.n_tiles;
     if (tiles > 0x7fffffff) return cudaErrorInvalidValue;
     p.tiles = int(tiles);
     if (block_n == 8) return launch<T, 8>(p, persistent, stream);

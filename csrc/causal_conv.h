@@ -36,8 +36,10 @@ struct ConvNorm {
 };
 
 // The output-channel tiles the kernel has (out_channels must be a multiple of one of them; 8 is for convs with
-// few output channels, e.g. a VAE's RGB output padded to 8).
+// few output channels, e.g. a VAE's RGB output padded to 8: then out_channels 8, kt 3 and the packed weight at most
+// kConvNarrowWeightBytes, which the kernel keeps in shared memory whole).
 constexpr int kConvBlockNs[] = {8, 96, 128};
+constexpr int kConvNarrowWeightBytes = 120 * 1024;
 
 // out [B, O, To, Ho, Wo] (pixels rows of O channels) = the causal conv of x [B, C, T, H, W] (the chunk) with
 // weight_packed (vkern.ops.causal_conv.cuda_packed_weight: [O / block_n, KT, C / 32, 9, 4, block_n, 8]; in fp32

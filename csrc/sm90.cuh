@@ -211,6 +211,11 @@ __device__ __forceinline__ void wgmma_m64nNk16_rs_bt(float (&d)[N / 2], const ui
 
 #define VKERN_ACC4_OPERANDS(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
 #define VKERN_ACC4_REGS "{%0, %1, %2, %3}"
+// 8 and 12 (m64n16, m64n24: the narrow conv's 2 or 3 time taps side by side).
+#define VKERN_ACC8F_OPERANDS(d) VKERN_ACC4_OPERANDS(d), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+#define VKERN_ACC8F_REGS "{%0, %1, %2, %3, %4, %5, %6, %7}"
+#define VKERN_ACC12_OPERANDS(d) VKERN_ACC8F_OPERANDS(d), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11])
+#define VKERN_ACC12_REGS "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11}"
 
 // 88 fp32 accumulators (m64n176) as "+f" operands %0 ... %87.
 #define VKERN_ACC88_OPERANDS(d) \
@@ -237,7 +242,7 @@ __device__ __forceinline__ void wgmma_m64nNk16_rs_bt(float (&d)[N / 2], const ui
   "{" VKERN_ACC88_LIST ", %88, %89, %90, %91, %92, %93, %94, %95, " \
   "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111}"
 
-// d[N / 2] += A[64 x 16] B[16 x N], N = 8, 96 or 128, A and B in shared memory (K-major both).
+// d[N / 2] += A[64 x 16] B[16 x N], N = 8, 16, 24, 96 or 128, A and B in shared memory (K-major both).
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_m64nNk16_ss_acc(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b);
 #define VKERN_WGMMA_SS_ACC(TYPE, SHAPE, REGS, OPERANDS, A, B)                                                   \
@@ -277,6 +282,14 @@ __device__ __forceinline__ void wgmma_m64nNk16_ss_acc(float (&d)[N / 2], uint64_
     VKERN_WGMMA_SS_ACC(PTX, "m64n8k16", VKERN_ACC4_REGS, VKERN_ACC4_OPERANDS, "%4", "%5");                       \
   }                                                                                                               \
   template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_m64nNk16_ss_acc<CPP, 16>(float (&d)[8], uint64_t desc_a, uint64_t desc_b) { \
+    VKERN_WGMMA_SS_ACC(PTX, "m64n16k16", VKERN_ACC8F_REGS, VKERN_ACC8F_OPERANDS, "%8", "%9");                     \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_m64nNk16_ss_acc<CPP, 24>(float (&d)[12], uint64_t desc_a, uint64_t desc_b) { \
+    VKERN_WGMMA_SS_ACC(PTX, "m64n24k16", VKERN_ACC12_REGS, VKERN_ACC12_OPERANDS, "%12", "%13");                  \
+  }                                                                                                               \
+  template <>                                                                                                     \
   __device__ __forceinline__ void wgmma_m64nNk16_ss_acc<CPP, 96>(float (&d)[48], uint64_t desc_a, uint64_t desc_b) { \
     VKERN_WGMMA_SS_ACC(PTX, "m64n96k16", VKERN_ACC48_REGS, VKERN_ACC48_OPERANDS, "%48", "%49");                  \
   }                                                                                                               \
@@ -288,8 +301,8 @@ VKERN_WGMMA_SPECIALIZATIONS(__nv_bfloat16, "bf16")
 VKERN_WGMMA_SPECIALIZATIONS(__half, "f16")
 
 // d[N / 2] += A[64 x 8] B[8 x N] with TF32 products of fp32 operands in shared memory (K-major both: TF32 has no
-// transposed forms), N = 8, 96 or 128. The products read each operand's top 19 bits (its low 13 mantissa bits are
-// ignored: truncation; store operands rounded to TF32 for round-to-nearest ones).
+// transposed forms), N = 8, 16, 24, 96 or 128. The products read each operand's top 19 bits (its low 13 mantissa
+// bits are ignored: truncation; store operands rounded to TF32 for round-to-nearest ones).
 template <int N>
 __device__ __forceinline__ void wgmma_m64nNk8_ss_acc_tf32(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b);
 #define VKERN_WGMMA_TF32_SS_ACC(N, SHAPE, REGS, OPERANDS, A, B)                                                  \
@@ -301,6 +314,8 @@ __device__ __forceinline__ void wgmma_m64nNk8_ss_acc_tf32(float (&d)[N / 2], uin
                  : "l"(desc_a), "l"(desc_b));                                                                     \
   }
 VKERN_WGMMA_TF32_SS_ACC(8, "m64n8k8", VKERN_ACC4_REGS, VKERN_ACC4_OPERANDS, "%4", "%5")
+VKERN_WGMMA_TF32_SS_ACC(16, "m64n16k8", VKERN_ACC8F_REGS, VKERN_ACC8F_OPERANDS, "%8", "%9")
+VKERN_WGMMA_TF32_SS_ACC(24, "m64n24k8", VKERN_ACC12_REGS, VKERN_ACC12_OPERANDS, "%12", "%13")
 VKERN_WGMMA_TF32_SS_ACC(96, "m64n96k8", VKERN_ACC48_REGS, VKERN_ACC48_OPERANDS, "%48", "%49")
 VKERN_WGMMA_TF32_SS_ACC(128, "m64n128k8", VKERN_ACC64_REGS, VKERN_ACC64_OPERANDS, "%64", "%65")
 

@@ -62,6 +62,14 @@ def test_unsupported_convs_say_why():
     assert "3 x 3" in cc.cuda_unsupported(x, torch.empty(96, 96, 3, 1, 1, dtype=torch.bfloat16), (1, 1, 1))
     assert "96 or 128" in cc.cuda_unsupported(x, torch.empty(48, 96, 3, 3, 3, dtype=torch.bfloat16), (1, 1, 1))
     assert cc.cuda_unsupported(x, torch.empty(3, 96, 3, 3, 3, dtype=torch.bfloat16), (1, 1, 1)) is None  # padded
+    # O <= 8: the packed weight stays whole in shared memory (bf16 up to 284 channels, fp32 up to 142), 3 x 3 x 3
+    wide = torch.empty(1, 256, 1, 8, 8, dtype=torch.bfloat16)
+    assert cc.cuda_unsupported(wide, torch.empty(3, 256, 3, 3, 3, dtype=torch.bfloat16), (1, 1, 1)) is None
+    assert "fits" in cc.cuda_unsupported(torch.empty(1, 288, 1, 8, 8, dtype=torch.bfloat16),
+                                         torch.empty(3, 288, 3, 3, 3, dtype=torch.bfloat16), (1, 1, 1))
+    assert "3 x 3 x 3" in cc.cuda_unsupported(x, torch.empty(3, 96, 1, 3, 3, dtype=torch.bfloat16), (1, 1, 1))
+    assert cc._cuda_narrow_weight_bytes(128, 3, torch.float32) <= cc.CUDA_NARROW_WEIGHT_BYTES
+    assert cc._cuda_narrow_weight_bytes(144, 3, torch.float32) > cc.CUDA_NARROW_WEIGHT_BYTES
     assert "multiple of 32" in cc.cuda_unsupported(x[:, :48], torch.empty(96, 48, 3, 3, 3, dtype=torch.bfloat16),
                                                    (1, 1, 1))
     assert "float64" in cc.cuda_unsupported(x.double(), ok.double(), (1, 1, 1))
@@ -238,6 +246,41 @@ def test_gpu_few_output_channels(dtype, O, cache_frames):
     assert torch.equal(cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, packed=cc.cuda_pack(w)), out)
     with pytest.raises(ValueError, match="packed"):
         cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, packed=cc.cuda_pack(w)[:, :, :1])
+
+
+@pytest.mark.gpu
+def test_gpu_extension_constants_match():
+    """The Python side's copies of csrc/causal_conv.h's constants (the dispatch decides with them)."""
+    from vkern._ext import cuda_ext
+
+    assert tuple(sorted(cuda_ext().conv_block_ns)) == tuple(sorted(cc.CUDA_BLOCK_NS))
+    assert cuda_ext().conv_narrow_weight_bytes == cc.CUDA_NARROW_WEIGHT_BYTES
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T,padding,cache_frames", [(9, (2, 1, 1), None), (9, (2, 1, 1), 1), (6, (2, 1, 1), 2),
+                                                    (7, (2, 1, 1), 3), (5, (1, 1, 1), 1), (7, (0, 1, 1), None),
+                                                    (1, (2, 1, 1), 2), (2, (2, 1, 1), 2), (3, (0, 1, 1), 2)])
+@torch.inference_mode()
+def test_gpu_few_output_channels_frames_per_tile(dtype, T, padding, cache_frames):
+    """O <= 8 takes 4 output frames per tile (each input frame fetched once and its products added into every output
+    frame that reads it): frame counts that are not multiples of 4, caches shorter than, equal to and longer than
+    the time padding, no time padding (a [cache | chunk] buffer), B = 2. One CTA per tile gives the same bits, and
+    so do chunks of 1 and 4 frames with their caches (the VAE loop's): each output's sum runs in the same order."""
+    x, w, b, cache = _gpu(*inputs(2, 32, 3, T, 9, 70, (3, 3, 3), cache_frames, dtype))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        out = cc.causal_conv3d_cuda(x, w, b, padding, cache)
+        assert torch.equal(cc.causal_conv3d_cuda(x, w, b, padding, cache, persistent=False), out)
+        if padding[0] and T > 1:
+            outs, c = [], cache
+            for chunk in x.split([1] + [min(4, T - 1 - i) for i in range(0, T - 1, 4)], dim=2):
+                outs.append(cc.causal_conv3d_cuda(chunk, w, b, padding, c))
+                c = ref.next_cache(chunk, c)
+            assert torch.equal(torch.cat(outs, dim=2), out)
+    if dtype == torch.float32:  # the op rounds x, the cache and the weight to TF32 (see the fp32 tests)
+        x, w, cache = _tf32(x, w, cache)
+    check(out, x, w, b, (1, 1, 1), padding, cache, "zeros")
 
 
 @pytest.mark.gpu

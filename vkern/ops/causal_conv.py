@@ -94,7 +94,20 @@ def cuda_unsupported(x, weight, stride):
     if C % chunk or _cuda_block_n(O) is None:
         return (f"in channels a multiple of {chunk} and out channels a multiple of 96 or 128, or at most 8 only "
                 f"(got {C} -> {O})")
+    kt = weight.shape[2]
+    if O <= 8 and (kt != 3 or _cuda_narrow_weight_bytes(C, kt, x.dtype) > CUDA_NARROW_WEIGHT_BYTES):
+        return (f"at most 8 out channels: a 3 x 3 x 3 kernel whose packed weight fits {CUDA_NARROW_WEIGHT_BYTES} "
+                f"bytes of shared memory only (got {C} -> {O}, kernel {tuple(weight.shape[2:])}, {x.dtype})")
     return None
+
+
+CUDA_NARROW_WEIGHT_BYTES = 120 * 1024  # csrc/causal_conv.h's kConvNarrowWeightBytes
+
+
+def _cuda_narrow_weight_bytes(C, kt, dtype):
+    """The packed weight of a conv with 8-wide output tiles (O <= 8 padded to 8), which the kernel keeps whole in
+    shared memory."""
+    return kt * C * 9 * 8 * dtype.itemsize
 
 
 def _cuda_chunk(dtype):
@@ -297,6 +310,8 @@ def causal_conv3d_cuda(x, weight, bias, padding, cache=None, cache_reversed=Fals
     O, _, KT = weight.shape[:3]
     tp, hp, wp = padding
     block_n = block_n or _cuda_block_n(O)
+    if block_n == 8 and O > 8:
+        raise ValueError(f"block_n 8: for at most 8 output channels only (got {O})")
     O_pad = -(-O // block_n) * block_n
     shape = (B, O_pad, tp + T - KT + 1, upsample * H + 2 * hp - 2, upsample * W + 2 * wp - 2)
     if residual is not None:
