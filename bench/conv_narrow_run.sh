@@ -3,8 +3,8 @@
 # two GPU calls on one warm machine (bench/ext_ab.sh keeps both builds; old = the csrc files in _ab/csrc/):
 #   a: both builds, the CUDA conv's GPU tests on the new one, the RGB conv layer A/B (bf16 and fp32 on TF32-rounded
 #      inputs, 4- and 2-frame calls) and the bf16 96 -> 96 layer (the wide form's code moved: it should not);
-#   b: the 480p decode A/B (bf16, fp32; vkern's defaults), the Wan VAE's GPU tests, ncu of one RGB conv launch per
-#      dtype (the new build).
+#   b: the CUDA conv's and the Wan VAE's GPU tests, ncu of one RGB conv launch per dtype (the new build), the 480p
+#      decode A/B (bf16, fp32; vkern's defaults).
 # Usage: VKERN_COMMIT=<sha> bash bench/conv_narrow_run.sh a|b   (carry .whl; _ab/csrc untracked here)
 set -uo pipefail
 . bench/device_env.sh
@@ -24,13 +24,11 @@ case ${1:-a} in
       "$B --op vae-conv --dtype float32 --shape $RGB --providers vkern-cuda-tf32-inputs --warmup 3 --repeats 20"
     ;;
   b)
-    AB_ORDER="old new old new" bash bench/ext_ab.sh \
-      "$B --op vae-decode --shape wan-vae-480p --providers vkern --warmup 1 --repeats 5" \
-      "$B --op vae-decode --shape wan-vae-480p-fp32 --providers vkern --warmup 1 --repeats 3"
-    timeout -s INT -k 10 200 python3 -m pytest -m gpu -q -s -p no:cacheprovider --tb=short tests/test_wan_vae.py \
-      > "$OUT/pytest-vae.log" 2>&1
-    echo "vae tests rc $?"
-    grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest-vae.log" | head -20
+    AB_ORDER=new bash bench/ext_ab.sh true  # (the new build in place)
+    timeout -s INT -k 10 200 python3 -m pytest -m gpu -q -s -p no:cacheprovider --tb=short \
+      tests/test_causal_conv_cuda.py tests/test_wan_vae.py > "$OUT/pytest-conv-vae.log" 2>&1
+    echo "conv + vae tests rc $?"
+    grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest-conv-vae.log" | head -20
     STALLS="regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
     for dt in bfloat16:vkern-cuda float32:vkern-cuda-tf32-inputs; do
       timeout 90 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SpeedOfLight \
@@ -42,6 +40,9 @@ case ${1:-a} in
       grep -E "Duration|L2 Cache Throughput|DRAM Throughput|Shared|pipe_tensor|long_scoreboard" \
         "$OUT/ncu-rgb-${dt%%:*}.txt" | head -12
     done
+    AB_ORDER="old new old new" timeout 280 bash bench/ext_ab.sh \
+      "$B --op vae-decode --shape wan-vae-480p --providers vkern --warmup 1 --repeats 5" \
+      "$B --op vae-decode --shape wan-vae-480p-fp32 --providers vkern --warmup 1 --repeats 3"
     ;;
 esac
 kill %1 2>/dev/null

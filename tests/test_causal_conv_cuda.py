@@ -272,7 +272,7 @@ def test_gpu_few_output_channels_frames_per_tile(dtype, T, padding, cache_frames
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
         out = cc.causal_conv3d_cuda(x, w, b, padding, cache)
         assert torch.equal(cc.causal_conv3d_cuda(x, w, b, padding, cache, persistent=False), out)
-        if padding[0] and T > 1:
+        if padding[0] == 2 and T > 1:  # (a causal stream: time padding kt - 1)
             outs, c = [], cache
             for chunk in x.split([1] + [min(4, T - 1 - i) for i in range(0, T - 1, 4)], dim=2):
                 outs.append(cc.causal_conv3d_cuda(chunk, w, b, padding, c))
@@ -333,7 +333,7 @@ def test_gpu_epilogue_rms_norm_silu(dtype, O, beta, silu, residual):
     assert out.shape == ref.shape and torch.isfinite(out).all() and ref.std() > 0.1
     excess = ((out.double() - ref).abs() - bound).max().item()
     assert excess <= 0, f"error exceeds the bound by {excess:.3g} (rel L2 {rel_l2(out, ref):.3g})"
-    with pytest.raises(ValueError, match="one tile"):
+    with pytest.raises(ValueError, match="one tile" if O == 128 else "at most 8 output channels"):
         cc.causal_conv3d_cuda(x, w, b, (2, 1, 1), cache, norm=(gamma, bta, silu), block_n=96 if O == 128 else 8)
 
 
