@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
 # The narrow conv (block_n 8, the RGB output: 4 output frames per tile, session 55) against the kernel before it, in
-# two GPU calls on one warm machine (bench/ext_ab.sh keeps both builds; old = the csrc files in _ab/csrc/):
-#   a: both builds, the CUDA conv's GPU tests on the new one, the RGB conv layer A/B (bf16 and fp32 on TF32-rounded
+# two GPU calls (bench/ext_ab.sh builds the tree and each _ab/<version>/csrc/ variant, e.g. old):
+#   a: the builds, the CUDA conv's GPU tests on the new one, the RGB conv layer A/B (bf16 and fp32 on TF32-rounded
 #      inputs, 4- and 2-frame calls) and the bf16 96 -> 96 layer (the wide form's code moved: it should not);
-#   b: the CUDA conv's and the Wan VAE's GPU tests, ncu of one RGB conv launch per dtype (the new build), the 480p
-#      decode A/B (bf16, fp32; vkern's defaults).
-# Usage: VKERN_COMMIT=<sha> bash bench/conv_narrow_run.sh a|b   (carry .whl; _ab/csrc untracked here)
+#   b: the CUDA conv's and the Wan VAE's GPU tests, the 480p decode A/B (bf16, fp32; vkern's defaults);
+#   ncu (either): ncu of one RGB conv launch per dtype (the new build).
+# Usage: VKERN_COMMIT=<sha> [AB_ORDER=...] bash bench/conv_narrow_run.sh a|b [ncu]   (carry .whl; _ab/ untracked)
 set -uo pipefail
 . bench/device_env.sh
 B="python3 -m bench.bench --out $OUT/results.jsonl"
 nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv,noheader -l 2 > "$OUT/clocks.csv" &
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
 RGB=dec-out-96to3-480x832,dec-out-96to3-480x832-2f
+rgb_ncu() {  # ncu of one RGB conv launch (4 frames) per dtype, the new build
+  local stalls="regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" dt
+  for dt in bfloat16:vkern-cuda float32:vkern-cuda-tf32-inputs; do
+    timeout 90 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --metrics "regex:sm__pipe_tensor.*_cycles_active\.avg\.pct_of_peak_sustained_active,$stalls" \
+      python3 -m bench.bench --op vae-conv --dtype "${dt%%:*}" --shape dec-out-96to3-480x832 --providers "${dt#*:}" \
+      --warmup 0 --repeats 1 > "$OUT/ncu-rgb-${dt%%:*}.txt" 2>&1
+    echo "ncu ${dt%%:*} rc $?"
+    grep -E "Duration|L2 Cache Throughput|DRAM Throughput|Shared|pipe_tensor|long_scoreboard" \
+      "$OUT/ncu-rgb-${dt%%:*}.txt" | head -12
+  done
+}
 case ${1:-a} in
   a)
     AB_ORDER=new bash bench/ext_ab.sh true
@@ -19,9 +32,10 @@ case ${1:-a} in
       tests/test_causal_conv_cuda.py > "$OUT/pytest-conv.log" 2>&1
     echo "conv tests rc $?"
     grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest-conv.log" | head -30
-    AB_ORDER="old new old new" bash bench/ext_ab.sh \
+    AB_ORDER=${AB_ORDER:-"old new old new"} bash bench/ext_ab.sh \
       "$B --op vae-conv --shape $RGB,dec-3x3x3-96ch-480x832 --providers vkern-cuda --warmup 3 --repeats 20" \
       "$B --op vae-conv --dtype float32 --shape $RGB --providers vkern-cuda-tf32-inputs --warmup 3 --repeats 20"
+    [[ " $* " == *" ncu "* ]] && rgb_ncu
     ;;
   b)
     AB_ORDER=new bash bench/ext_ab.sh true  # (the new build in place)
@@ -29,18 +43,8 @@ case ${1:-a} in
       tests/test_causal_conv_cuda.py tests/test_wan_vae.py > "$OUT/pytest-conv-vae.log" 2>&1
     echo "conv + vae tests rc $?"
     grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest-conv-vae.log" | head -20
-    STALLS="regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
-    for dt in bfloat16:vkern-cuda float32:vkern-cuda-tf32-inputs; do
-      timeout 90 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SpeedOfLight \
-        --section MemoryWorkloadAnalysis --section WarpStateStats \
-        --metrics "regex:sm__pipe_tensor.*_cycles_active\.avg\.pct_of_peak_sustained_active,$STALLS" \
-        python3 -m bench.bench --op vae-conv --dtype "${dt%%:*}" --shape dec-out-96to3-480x832 --providers "${dt#*:}" \
-        --warmup 0 --repeats 1 > "$OUT/ncu-rgb-${dt%%:*}.txt" 2>&1
-      echo "ncu ${dt%%:*} rc $?"
-      grep -E "Duration|L2 Cache Throughput|DRAM Throughput|Shared|pipe_tensor|long_scoreboard" \
-        "$OUT/ncu-rgb-${dt%%:*}.txt" | head -12
-    done
-    AB_ORDER="old new old new" timeout 280 bash bench/ext_ab.sh \
+    [[ " $* " == *" ncu "* ]] && rgb_ncu
+    AB_ORDER=${AB_ORDER:-"old new old new"} timeout 280 bash bench/ext_ab.sh \
       "$B --op vae-decode --shape wan-vae-480p --providers vkern --warmup 1 --repeats 5" \
       "$B --op vae-decode --shape wan-vae-480p-fp32 --providers vkern --warmup 1 --repeats 3"
     ;;

@@ -48,14 +48,21 @@ template <typename T>
 constexpr int group_of() { return 16 / int(sizeof(T)); }
 constexpr int kHaloBytes = kHaloRows * kGroups * kHaloCols * 16;  // 25344
 constexpr int kHaloStages = 3;
-constexpr int kNarrowFrames = 4, kNarrowKT = 3, kNarrowHaloStages = 4;
-constexpr int kNarrowWeightBytes = kConvNarrowWeightBytes;  // + 4 halo slots: within the 227 KB of a CTA
+constexpr int kNarrowFrames = 4, kNarrowKT = 3, kNarrowMaxHaloStages = 8;
+constexpr int kSmemPerCta = 227 * 1024;  // Hopper's most dynamic shared memory per CTA
+constexpr int kNarrowWeightBytes = kConvNarrowWeightBytes;  // + 4 halo slots: within kSmemPerCta
 template <int kBlockN>
 constexpr bool narrow() { return kBlockN == 8; }
 template <int kBlockN>
 constexpr int frames_per_tile() { return narrow<kBlockN>() ? kNarrowFrames : 1; }
+// Narrow: as many halo slots as fit beside the weight (its fetches are latency-bound: run 191 fetched at ~0.7x the
+// old kernel's rate per SM with 4 slots against 2 CTAs x 3).
 template <int kBlockN>
-constexpr int halo_stages() { return narrow<kBlockN>() ? kNarrowHaloStages : kHaloStages; }
+int halo_stages(int weight_bytes) {
+  if (!narrow<kBlockN>()) return kHaloStages;
+  const int fit = (kSmemPerCta - weight_bytes - (2 * kNarrowMaxHaloStages + 1) * 8) / kHaloBytes;
+  return fit < kNarrowMaxHaloStages ? fit : kNarrowMaxHaloStages;
+}
 constexpr int kTaps = 9;                                // 3 x 3 spatial taps
 constexpr int kThreads = 384;
 constexpr int kHaloThreads = 96;                        // warps 1-3
@@ -67,7 +74,7 @@ constexpr int kWeightStages = 2 * kTaps;             // two halo slots' weight s
 // Halo ring | weight-slab ring (narrow: the whole packed weight, weight_bytes) | barriers.
 template <int kBlockN>
 int smem_bytes(int weight_bytes) {
-  constexpr int kStages = halo_stages<kBlockN>();
+  const int kStages = halo_stages<kBlockN>(weight_bytes);
   if (narrow<kBlockN>()) return kStages * kHaloBytes + weight_bytes + (2 * kStages + 1) * 8;
   return kStages * kHaloBytes + kWeightStages * slab_bytes<kBlockN>() + (2 * kStages + 2 * kWeightStages) * 8;
 }
@@ -95,6 +102,7 @@ struct ConvParams {
   int up;           // log2 of the on-the-fly nearest upsampling (0 or 1); H, W: the upsampled input's size
   int tiles_w, tiles_h, n_tiles, tiles_t, tiles;  // tiles_t: output frame groups of frames_per_tile
   int weight_bytes;  // narrow: the packed weight's (shared memory holds it whole); else 0
+  int halo_stages;   // narrow: the halo ring's slots (halo_stages())
 };
 
 // One output tile: output channel tile fastest, then columns, rows, frames (t: the first of frames_per_tile),
@@ -164,7 +172,8 @@ __device__ __forceinline__ void round2(float& a, float& b) {
 
 template <typename T, int kBlockN>
 __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid_constant__ ConvParams<T> p) {
-  constexpr int kStages = halo_stages<kBlockN>(), kF = frames_per_tile<kBlockN>();
+  constexpr int kF = frames_per_tile<kBlockN>();
+  const int kStages = narrow<kBlockN>() ? p.halo_stages : kHaloStages;  // (a constant for the wide forms)
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* halo = smem;
   unsigned char* slabs = smem + kStages * kHaloBytes;  // narrow: the whole packed weight
@@ -537,6 +546,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
 template <typename T, int kBlockN>
 cudaError_t launch(ConvParams<T> p, bool persistent, cudaStream_t stream) {
   const int kSmem = smem_bytes<kBlockN>(p.weight_bytes);
+  p.halo_stages = halo_stages<kBlockN>(p.weight_bytes);
   const auto kernel = causal_conv3d_kernel<T, kBlockN>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
