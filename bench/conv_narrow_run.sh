@@ -4,8 +4,9 @@
 #   a: the builds, the CUDA conv's GPU tests on the new one, the RGB conv layer A/B (bf16 and fp32 on TF32-rounded
 #      inputs, 4- and 2-frame calls) and the bf16 96 -> 96 layer (the wide form's code moved: it should not);
 #   b: the CUDA conv's and the Wan VAE's GPU tests, the 480p decode A/B (bf16, fp32; vkern's defaults);
-#   ncu (either): ncu of one RGB conv launch per dtype (the new build).
-# Usage: VKERN_COMMIT=<sha> [AB_ORDER=...] bash bench/conv_narrow_run.sh a|b [ncu]   (carry .whl; _ab/ untracked)
+#   ncu (either): ncu of one RGB conv launch per dtype (the new build); vae (a): the Wan VAE's GPU tests and the new
+#   build's 480p decodes after the layers (one call: machines go back after 30 s idle).
+# Usage: VKERN_COMMIT=<sha> [AB_ORDER=...] bash bench/conv_narrow_run.sh a|b [ncu] [vae]   (carry .whl; _ab/ untracked)
 set -uo pipefail
 . bench/device_env.sh
 B="python3 -m bench.bench --out $OUT/results.jsonl"
@@ -35,7 +36,19 @@ case ${1:-a} in
     AB_ORDER=${AB_ORDER:-"old new old new"} bash bench/ext_ab.sh \
       "$B --op vae-conv --shape $RGB,dec-3x3x3-96ch-480x832 --providers vkern-cuda --warmup 3 --repeats 20" \
       "$B --op vae-conv --dtype float32 --shape $RGB --providers vkern-cuda-tf32-inputs --warmup 3 --repeats 20"
+    if [[ " $* " == *" vae "* ]]; then  # the Wan VAE's GPU tests and the new build's 480p decodes
+      timeout -s INT -k 10 150 python3 -m pytest -m gpu -q -s -p no:cacheprovider --tb=short tests/test_wan_vae.py \
+        > "$OUT/pytest-vae.log" 2>&1
+      echo "vae tests rc $?"
+      grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest-vae.log" | head -20
+    fi
     [[ " $* " == *" ncu "* ]] && rgb_ncu
+    if [[ " $* " == *" vae "* ]]; then
+      timeout 60 $B --op vae-decode --shape wan-vae-480p --providers vkern --warmup 1 --repeats 5 > /dev/null
+      echo "bf16 decode rc $?"
+      timeout 60 $B --op vae-decode --shape wan-vae-480p-fp32 --providers vkern --warmup 1 --repeats 3 > /dev/null
+      echo "fp32 decode rc $?"
+    fi
     ;;
   b)
     AB_ORDER=new bash bench/ext_ab.sh true  # (the new build in place)
