@@ -4,9 +4,9 @@
 #   a: the builds, the CUDA conv's GPU tests on the new one, the RGB conv layer A/B (bf16 and fp32 on TF32-rounded
 #      inputs, 4- and 2-frame calls) and the bf16 96 -> 96 layer (the wide form's code moved: it should not);
 #   b: the CUDA conv's and the Wan VAE's GPU tests, the 480p decode A/B (bf16, fp32; vkern's defaults);
-#   ncu (either): ncu of one RGB conv launch per dtype (the new build); vae (a): the Wan VAE's GPU tests and the new
-#   build's 480p decodes after the layers (one call: machines go back after 30 s idle).
-# Usage: VKERN_COMMIT=<sha> [AB_ORDER=...] bash bench/conv_narrow_run.sh a|b [ncu] [vae]   (carry .whl; _ab/ untracked)
+#   ncu (either): ncu of one RGB conv launch per dtype (NCU_DTYPES; the new build); vae (a): the Wan VAE's GPU tests
+#   after the layers, decode (a): the new build's 480p decodes (one call: machines go back after 30 s idle).
+# Usage: VKERN_COMMIT=<sha> [AB_ORDER=...] bash bench/conv_narrow_run.sh a|b [ncu] [vae] [decode]   (carry .whl; _ab/ untracked)
 set -uo pipefail
 . bench/device_env.sh
 B="python3 -m bench.bench --out $OUT/results.jsonl"
@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
 RGB=dec-out-96to3-480x832,dec-out-96to3-480x832-2f
 rgb_ncu() {  # ncu of one RGB conv launch (4 frames) per dtype, the new build
   local stalls="regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" dt
-  for dt in bfloat16:vkern-cuda float32:vkern-cuda-tf32-inputs; do
+  for dt in ${NCU_DTYPES:-bfloat16:vkern-cuda float32:vkern-cuda-tf32-inputs}; do
     timeout 90 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SpeedOfLight \
       --section MemoryWorkloadAnalysis --section WarpStateStats \
       --metrics "regex:sm__pipe_tensor.*_cycles_active\.avg\.pct_of_peak_sustained_active,$stalls" \
@@ -43,7 +43,7 @@ case ${1:-a} in
       grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest-vae.log" | head -20
     fi
     [[ " $* " == *" ncu "* ]] && rgb_ncu
-    if [[ " $* " == *" vae "* ]]; then
+    if [[ " $* " == *" decode "* ]]; then
       timeout 60 $B --op vae-decode --shape wan-vae-480p --providers vkern --warmup 1 --repeats 5 > /dev/null
       echo "bf16 decode rc $?"
       timeout 60 $B --op vae-decode --shape wan-vae-480p-fp32 --providers vkern --warmup 1 --repeats 3 > /dev/null
