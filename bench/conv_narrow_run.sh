@@ -6,7 +6,8 @@
 #   b: the CUDA conv's and the Wan VAE's GPU tests, the 480p decode A/B (bf16, fp32; vkern's defaults);
 #   ncu (either): ncu of one RGB conv launch per dtype (NCU_DTYPES; the new build); vae (a): the Wan VAE's GPU tests
 #   after the layers, decode (a): the new build's 480p decodes (one call: machines go back after 30 s idle).
-# Usage: VKERN_COMMIT=<sha> [AB_ORDER=...] bash bench/conv_narrow_run.sh a|b [ncu] [vae] [decode]   (carry .whl; _ab/ untracked)
+# Usage: VKERN_COMMIT=<sha> [AB_ORDER=...] bash bench/conv_narrow_run.sh a|b [ncu] [vae] [decode]  (carry .whl;
+# _ab/ untracked)
 set -uo pipefail
 . bench/device_env.sh
 B="python3 -m bench.bench --out $OUT/results.jsonl"
