@@ -55,8 +55,8 @@ template <int kBlockN>
 constexpr bool narrow() { return kBlockN == 8; }
 template <int kBlockN>
 constexpr int frames_per_tile() { return narrow<kBlockN>() ? kNarrowFrames : 1; }
-// Narrow: as many halo slots as fit beside the weight (its fetches are latency-bound: run 191 fetched at ~0.7x the
-// old kernel's rate per SM with 4 slots against 2 CTAs x 3).
+// Narrow: as many halo slots as fit beside the weight, up to 8 (run 192 timed 4 slots and 7 / 5 (bf16 / fp32) the
+// same: the deeper ring neither helps nor costs; the fetches are not latency-bound).
 template <int kBlockN>
 int halo_stages(int weight_bytes) {
   if (!narrow<kBlockN>()) return kHaloStages;
