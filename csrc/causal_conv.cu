@@ -145,6 +145,22 @@ __device__ __forceinline__ void conv_mma(float (&acc)[N / 2], uint64_t a, uint64
   if constexpr (sizeof(T) == 4) wgmma_m64nNk8_ss_acc_tf32<N>(acc, a, b);
   else wgmma_m64nNk16_ss_acc<T, N>(acc, a, b);
 }
+// One spatial tap's products for a consumer's 2 output rows, 32 bytes of channels at a time: A = the halo slot
+// (a_slot: at the consumer's first row) shifted by the tap, B = the tap's weight slab (N = kBlockN output channels,
+// or, narrow, N / kBlockN time taps of them side by side).
+template <typename T, int kBlockN, int N>
+__device__ __forceinline__ void tap_products(float (&acc)[2][N / 2], SmemDesc a_slot, SmemDesc b_stage, int tap) {
+  const int dh = tap / 3, dw = tap % 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      const SmemDesc a = a_slot.plus((((r + dh) * kGroups + 2 * kk) * kHaloCols + dw) * 16);
+      const SmemDesc b = b_stage.plus((tap * 4 * kBlockN + kk * 2 * kBlockN) * 16);
+      conv_mma<T, N>(acc[r], a.bits(), b.bits());
+    }
+  }
+}
 // Two channels of an output-shaped tensor (8-byte aligned pairs in fp32, 4-byte in 16 bits) in fp32, and back.
 __device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
 template <typename T>
@@ -450,17 +466,8 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
             const SmemDesc b_stage = b0.plus(cc * kTaps * slab_bytes<kBlockN>());
 #pragma unroll
             for (int tap = 0; tap < kTaps; ++tap) {
-              const int dh = tap / 3, dw = tap % 3;
               wgmma_fence();
-#pragma unroll
-              for (int r = 0; r < 2; ++r) {
-#pragma unroll
-                for (int kk = 0; kk < 2; ++kk) {
-                  const SmemDesc a = a_slot.plus((((r + dh) * kGroups + 2 * kk) * kHaloCols + dw) * 16);
-                  const SmemDesc b = b_stage.plus((tap * 4 * kBlockN + kk * 2 * kBlockN) * 16);
-                  conv_mma<T, kNarrowKT * kBlockN>(part[r], a.bits(), b.bits());
-                }
-              }
+              tap_products<T, kBlockN, kNarrowKT * kBlockN>(part, a_slot, b_stage, tap);
               wgmma_commit();
               wgmma_wait<1>();  // the previous tap's products are done
               if (tap == 0 && prev_halo >= 0 && lane == 0) mbar_arrive(&halo_empty[prev_halo]);
@@ -508,18 +515,9 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
             const SmemDesc b_stage = b0.plus(base * slab_bytes<kBlockN>());
 #pragma unroll
             for (int tap = 0; tap < kTaps; ++tap) {
-              const int dh = tap / 3, dw = tap % 3;
               mbar_wait(&slab_full[base + tap], phase);
               wgmma_fence();
-#pragma unroll
-              for (int r = 0; r < 2; ++r) {
-#pragma unroll
-                for (int kk = 0; kk < 2; ++kk) {
-                  const SmemDesc a = a_slot.plus((((r + dh) * kGroups + 2 * kk) * kHaloCols + dw) * 16);
-                  const SmemDesc b = b_stage.plus((tap * 4 * kBlockN + kk * 2 * kBlockN) * 16);
-                  conv_mma<T, kBlockN>(acc[r], a.bits(), b.bits());
-                }
-              }
+              tap_products<T, kBlockN, kBlockN>(acc, a_slot, b_stage, tap);
               wgmma_commit();
               wgmma_wait<1>();  // the previous tap's products are done: release what only they read
               if (tap > 0) {
