@@ -12,17 +12,16 @@ set -uo pipefail
 . bench/device_env.sh
 mkdir -p build/ab
 so() { ls vkern/_C*.so 2>/dev/null | head -1; }
-built() { echo "$1 build: $(grep -cE '\.(cu|cpp)' "$OUT/build.log") lines naming a source"; }
 for dir in _ab/*/; do
   version=$(basename "$dir")
   [[ -z ${AB_REBUILD:-} && -f build/ab/$version.so ]] && continue
   rm -rf build/ab/tree && mkdir -p build/ab/tree
   for f in "$dir"csrc/*; do cp "csrc/$(basename "$f")" build/ab/tree/ && cp "$f" csrc/; done
-  build_vkern && cp "$(so)" "build/ab/$version.so" && built "$version"
+  build_vkern && cp "$(so)" "build/ab/$version.so"
   cp build/ab/tree/* csrc/
 done
 if [[ -n ${AB_REBUILD:-} || ! -f build/ab/new.so ]]; then
-  build_vkern && cp "$(so)" build/ab/new.so && built new
+  build_vkern && cp "$(so)" build/ab/new.so
 fi
 trap 'cp build/ab/new.so "$(so)"' EXIT
 for version in ${AB_ORDER:-$(ls _ab) new}; do
