@@ -50,7 +50,6 @@ constexpr int kHaloBytes = kHaloRows * kGroups * kHaloCols * 16;  // 25344
 constexpr int kHaloStages = 3;
 constexpr int kNarrowFrames = 4, kNarrowKT = 3, kNarrowMaxHaloStages = 8;
 constexpr int kSmemPerCta = 227 * 1024;  // Hopper's most dynamic shared memory per CTA
-constexpr int kNarrowWeightBytes = kConvNarrowWeightBytes;  // + 4 halo slots: within kSmemPerCta
 template <int kBlockN>
 constexpr bool narrow() { return kBlockN == 8; }
 template <int kBlockN>
@@ -74,9 +73,9 @@ constexpr int kWeightStages = 2 * kTaps;             // two halo slots' weight s
 // Halo ring | weight-slab ring (narrow: the whole packed weight, weight_bytes) | barriers.
 template <int kBlockN>
 int smem_bytes(int weight_bytes) {
-  const int kStages = halo_stages<kBlockN>(weight_bytes);
-  if (narrow<kBlockN>()) return kStages * kHaloBytes + weight_bytes + (2 * kStages + 1) * 8;
-  return kStages * kHaloBytes + kWeightStages * slab_bytes<kBlockN>() + (2 * kStages + 2 * kWeightStages) * 8;
+  const int stages = halo_stages<kBlockN>(weight_bytes);
+  if (narrow<kBlockN>()) return stages * kHaloBytes + weight_bytes + (2 * stages + 1) * 8;
+  return stages * kHaloBytes + kWeightStages * slab_bytes<kBlockN>() + (2 * stages + 2 * kWeightStages) * 8;
 }
 // f(std::integral_constant<int, i>()) for i = 0 ... N - 1: a loop whose index is a constant expression.
 template <typename F, int... I>
@@ -189,15 +188,15 @@ __device__ __forceinline__ void round2(float& a, float& b) {
 template <typename T, int kBlockN>
 __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid_constant__ ConvParams<T> p) {
   constexpr int kF = frames_per_tile<kBlockN>();
-  const int kStages = narrow<kBlockN>() ? p.halo_stages : kHaloStages;  // (a constant for the wide forms)
+  const int stages = narrow<kBlockN>() ? p.halo_stages : kHaloStages;  // (a constant in the wide forms)
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* halo = smem;
-  unsigned char* slabs = smem + kStages * kHaloBytes;  // narrow: the whole packed weight
+  unsigned char* slabs = smem + stages * kHaloBytes;  // narrow: the whole packed weight
   uint64_t* bars = reinterpret_cast<uint64_t*>(
       slabs + (narrow<kBlockN>() ? p.weight_bytes : kWeightStages * slab_bytes<kBlockN>()));
   uint64_t* halo_full = bars;
-  uint64_t* halo_empty = halo_full + kStages;
-  uint64_t* slab_full = halo_empty + kStages;  // narrow: one, the whole weight's
+  uint64_t* halo_empty = halo_full + stages;
+  uint64_t* slab_full = halo_empty + stages;  // narrow: one, the whole weight's
   uint64_t* slab_empty = slab_full + kWeightStages;
   const int chunks = p.C / chunk_of<T>();
 
@@ -205,7 +204,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
   // live in uniform registers (no per-wgmma register -> uniform moves).
   const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x / 32), 0), lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
-    for (int i = 0; i < kStages; ++i) {
+    for (int i = 0; i < stages; ++i) {
       mbar_init(&halo_full[i], kHaloThreads);
       mbar_init(&halo_empty[i], kConsumerWarps);
     }
@@ -270,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
             }
           }
           cp_async_arrive(&halo_full[ring.slot]);
-          ring.next(kStages);
+          ring.next(stages);
         }
       }
     }
@@ -473,7 +472,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
               if (tap == 0 && prev_halo >= 0 && lane == 0) mbar_arrive(&halo_empty[prev_halo]);
             }
             prev_halo = ring.slot;
-            ring.next(kStages);
+            ring.next(stages);
           }
           pending = true;
         });
@@ -527,7 +526,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
               }
             }
             prev_halo = ring.slot;
-            ring.next(kStages);
+            ring.next(stages);
             ++s;
           }
         }
@@ -601,7 +600,7 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, Co
       (norm.normed.ptr != nullptr && (norm.gamma == nullptr || !output_ok(norm.normed, out_channels))) ||
       (norm.tf32 && (norm.gamma == nullptr || dtype != DType::kFloat32)) ||
       (block_n == kConvBlockNs[0] &&
-       (out_channels != block_n || kt != kNarrowKT || weight_bytes > kNarrowWeightBytes)))
+       (out_channels != block_n || kt != kNarrowKT || weight_bytes > kConvNarrowWeightBytes)))
     return cudaErrorInvalidValue;
   const auto run = [&](auto type_tag) {
     using T = decltype(type_tag);
@@ -625,7 +624,7 @@ cudaError_t causal_conv3d_fwd(ConvTensor x, ConvTensor cache, ConvTensor out, Co
     p.tiles_w = (Wo + kCols - 1) / kCols, p.tiles_h = (Ho + kRows - 1) / kRows, p.n_tiles = out_channels / block_n;
     const int frames_per = block_n == kConvBlockNs[0] ? kNarrowFrames : 1;
     p.tiles_t = (To + frames_per - 1) / frames_per;
-    p.weight_bytes = frames_per > 1 ? int(weight_bytes) : 0;  // narrow: <= kNarrowWeightBytes
+    p.weight_bytes = frames_per > 1 ? int(weight_bytes) : 0;  // <= kConvNarrowWeightBytes: + 4 halo slots fit
     const int64_t tiles = int64_t(batch) * p.tiles_t * p.tiles_h * p.tiles_w * p.n_tiles;
     if (tiles > 0x7fffffff) return cudaErrorInvalidValue;
     p.tiles = int(tiles);
