@@ -5,7 +5,9 @@
 #      inputs, 4- and 2-frame calls) and the bf16 96 -> 96 layer (the wide form's code moved: it should not);
 #   b: the CUDA conv's and the Wan VAE's GPU tests, the 480p decode A/B (bf16, fp32; vkern's defaults);
 #   ncu (either): ncu of one RGB conv launch per dtype (NCU_DTYPES; the new build); vae (a): the Wan VAE's GPU tests
-#   after the layers, decode (a): the new build's 480p decodes (one call: machines go back after 30 s idle).
+#   after the layers, decode (a): the new build's 480p decodes (one call: machines go back after 30 s idle);
+#   l2 (b): ncu's L2 throughput breakdown and L2 request / sector counters of one RGB conv launch (bf16, 4 frames)
+#   in the old and new builds and of one 96 -> 96 launch (new), before the decodes.
 # Usage: VKERN_COMMIT=<sha> [AB_ORDER=...] bash bench/conv_narrow_run.sh a|b [ncu] [vae] [decode]  (carry .whl;
 # _ab/ untracked)
 set -uo pipefail
@@ -26,6 +28,32 @@ rgb_ncu() {  # ncu of one RGB conv launch (4 frames) per dtype, the new build
     grep -E "Duration|L2 Cache Throughput|DRAM Throughput|Shared|pipe_tensor|long_scoreboard" \
       "$OUT/ncu-rgb-${dt%%:*}.txt" | head -12
   done
+}
+l2_ncu() {  # what keeps L2 busy: the breakdown of lts__throughput and the requests / sectors by source
+  local so m name ver shape
+  so=$(ls vkern/_C*.so | head -1)
+  m="breakdown:lts__throughput.avg.pct_of_peak_sustained_elapsed"
+  timeout 90 ncu --query-metrics --chip gh100 > "$OUT/ncu-metrics-gh100.txt" 2>&1
+  # the raw counters this ncu knows (an unknown name fails the whole run)
+  for name in lts__t_requests_srcunit_tex lts__t_sectors_srcunit_tex lts__t_requests_srcunit_tex_op_read \
+      lts__t_sectors_srcunit_tex_op_read lts__t_sectors_srcunit_tex_op_write lts__t_sectors_srcunit_ltcfabric \
+      lts__t_sectors_srcunit_tex_lookup_hit lts__t_sectors_srcunit_tex_lookup_miss lts__t_tag_requests \
+      lts__t_sectors lts__d_sectors_fill_device lts__t_sectors_srcnode_gpc dram__bytes_read dram__bytes_write \
+      l1tex__m_xbar2l1tex_read_bytes l1tex__m_l1tex2xbar_req; do
+    grep -qE "^\s*$name\s" "$OUT/ncu-metrics-gh100.txt" && m="$m,$name.sum"
+  done
+  echo "l2 metrics: $m"
+  for ver_shape in old:dec-out-96to3-480x832 new:dec-out-96to3-480x832 new:dec-3x3x3-96ch-480x832; do
+    ver=${ver_shape%%:*} shape=${ver_shape#*:}
+    cp "build/ab/$ver.so" "$so"
+    timeout 120 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis_Tables --metrics "$m" \
+      python3 -m bench.bench --op vae-conv --dtype bfloat16 --shape "$shape" --providers vkern-cuda \
+      --warmup 0 --repeats 1 > "$OUT/ncu-l2-$ver-$shape.txt" 2>&1
+    echo "ncu l2 $ver $shape rc $?"
+    grep -E "Duration|L2 Cache Throughput|lts__|dram__|l1tex__m" "$OUT/ncu-l2-$ver-$shape.txt" | head -40
+  done
+  cp build/ab/new.so "$so"
 }
 case ${1:-a} in
   a)
@@ -58,6 +86,7 @@ case ${1:-a} in
     echo "conv + vae tests rc $?"
     grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest-conv-vae.log" | head -20
     [[ " $* " == *" ncu "* ]] && rgb_ncu
+    [[ " $* " == *" l2 "* ]] && l2_ncu
     AB_ORDER=${AB_ORDER:-"old new old new"} timeout 280 bash bench/ext_ab.sh \
       "$B --op vae-decode --shape wan-vae-480p --providers vkern --warmup 1 --repeats 5" \
       "$B --op vae-decode --shape wan-vae-480p-fp32 --providers vkern --warmup 1 --repeats 3"
