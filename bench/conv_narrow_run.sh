@@ -6,8 +6,8 @@
 #   b: the CUDA conv's and the Wan VAE's GPU tests, the 480p decode A/B (bf16, fp32; vkern's defaults);
 #   ncu (either): ncu of one RGB conv launch per dtype (NCU_DTYPES; the new build); vae (a): the Wan VAE's GPU tests
 #   after the layers, decode (a): the new build's 480p decodes (one call: machines go back after 30 s idle);
-#   l2 (b): ncu's L2 throughput breakdown and L2 request / sector counters of one RGB conv launch (bf16, 4 frames)
-#   in the old and new builds and of one 96 -> 96 launch (new), before the decodes.
+#   l2 (a, b): ncu's L2 throughput breakdown and L2 request / sector counters of one RGB conv launch (bf16, 4
+#   frames) in each build of L2_VERSIONS (default "old new") and of one 96 -> 96 launch (new).
 # Usage: VKERN_COMMIT=<sha> [AB_ORDER=...] bash bench/conv_narrow_run.sh a|b [ncu] [vae] [decode]  (carry .whl;
 # _ab/ untracked)
 set -uo pipefail
@@ -43,7 +43,9 @@ l2_ncu() {  # what keeps L2 busy: the breakdown of lts__throughput and the reque
     grep -qE "^\s*$name\s" "$OUT/ncu-metrics-gh100.txt" && m="$m,$name.sum"
   done
   echo "l2 metrics: $m"
-  for ver_shape in old:dec-out-96to3-480x832 new:dec-out-96to3-480x832 new:dec-3x3x3-96ch-480x832; do
+  local runs="" v
+  for v in ${L2_VERSIONS:-old new}; do runs="$runs $v:dec-out-96to3-480x832"; done
+  for ver_shape in $runs new:dec-3x3x3-96ch-480x832; do
     ver=${ver_shape%%:*} shape=${ver_shape#*:}
     cp "build/ab/$ver.so" "$so"
     timeout 120 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SpeedOfLight \
@@ -72,6 +74,7 @@ case ${1:-a} in
       grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest-vae.log" | head -20
     fi
     [[ " $* " == *" ncu "* ]] && rgb_ncu
+    [[ " $* " == *" l2 "* ]] && l2_ncu
     if [[ " $* " == *" decode "* ]]; then
       timeout 60 $B --op vae-decode --shape wan-vae-480p --providers vkern --warmup 1 --repeats 5 > /dev/null
       echo "bf16 decode rc $?"
