@@ -62,12 +62,6 @@ int halo_stages(int weight_bytes) {
   const int fit = (kSmemPerCta - weight_bytes - (2 * kNarrowMaxHaloStages + 1) * 8) / kHaloBytes;
   return fit < kNarrowMaxHaloStages ? fit : kNarrowMaxHaloStages;
 }
-// Narrow: channel chunks per halo pass: 3 or 2 where they divide the frame's chunks and two passes fit the ring.
-inline int halo_group(int chunks, int stages) {
-  for (int g = 3; g > 1; --g)
-    if (chunks % g == 0 && 2 * g <= stages) return g;
-  return 1;
-}
 constexpr int kTaps = 9;                                // 3 x 3 spatial taps
 constexpr int kThreads = 384;
 constexpr int kHaloThreads = 96;                        // warps 1-3
@@ -108,7 +102,6 @@ struct ConvParams {
   int tiles_w, tiles_h, n_tiles, tiles_t, tiles;  // tiles_t: output frame groups of frames_per_tile
   int weight_bytes;  // narrow: the packed weight's (shared memory holds it whole); else 0
   int halo_stages;   // narrow: the halo ring's slots (halo_stages())
-  int halo_group;    // narrow: channel chunks per halo pass (halo_group())
 };
 
 // One output tile: output channel tile fastest, then columns, rows, frames (t: the first of frames_per_tile),
@@ -228,78 +221,57 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
   __syncthreads();
 
   if (warp >= 1 && warp <= 3) {  // ---------------------------------------------------------- halo producer
-    // A pass fills kG consecutive slots with kG consecutive channel chunks of a frame (narrow: halo_group; else 1),
-    // so one warp's copies read kG x 64 contiguous bytes of a pixel: whole 128-byte lines where a pixel's chunks
-    // are adjacent, not the 64-byte halves a one-chunk pass requests (run 192: L2 91% busy at 49% of its bytes).
-    // A thread copies 16-byte group q = tid % (4 kG) (chunk q / 4 of the pass, group q % 4 of it) of halo columns
-    // tid / (4 kG) + cols_per_pass * j (while inside the halo) in every halo row: its shared-memory offsets and its
-    // rows' and columns' offsets in a frame are fixed per thread and per tile, so a copy costs one address add per
-    // pass. With upsampling, halo pixel (h, w) of the 2H x 2W input is x's pixel (h / 2, w / 2).
-    const auto produce = [&](auto group) {
-      constexpr int kG = decltype(group)::value, kQ = kG * kGroups;
-      constexpr int kColsPerPass = kHaloThreads / kQ, kColSlots = (kHaloCols + kColsPerPass - 1) / kColsPerPass;
-      static_assert(kHaloThreads % kQ == 0, "a thread's channel group must be fixed");
-      const int tid = threadIdx.x - 32, q = tid % kQ, col = tid / kQ, k = q / kGroups, g = q % kGroups;
-      const int row_elems = int(p.xr);  // a frame is < 2^31 elements (host check)
-      Ring ring;
-      for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
-        const Tile tile(idx, p, kF);
-        uint32_t cols_in = 0, rows_in = 0;  // bit j / bit r: halo column slot j / halo row r inside the frame
-        int col_off[kColSlots];
+    // A thread copies channel group tid % kGroups of halo columns tid / kGroups + kColsPerPass * j (j < 3, while
+    // inside the halo) in every halo row: its shared-memory offsets and its rows' and columns' offsets in a frame
+    // are fixed per thread and per tile, so a copy costs one address add per stage. With upsampling, halo pixel
+    // (h, w) of the 2H x 2W input is x's pixel (h / 2, w / 2).
+    constexpr int kColsPerPass = kHaloThreads / kGroups, kColSlots = (kHaloCols + kColsPerPass - 1) / kColsPerPass;
+    static_assert(kHaloThreads % kGroups == 0, "a thread's channel group must be fixed");
+    const int tid = threadIdx.x - 32, g = tid % kGroups;
+    const int row_elems = int(p.xr);  // a frame is < 2^31 elements (host check)
+    Ring ring;
+    for (int idx = blockIdx.x; idx < p.tiles; idx += gridDim.x) {
+      const Tile tile(idx, p, kF);
+      uint32_t cols_in = 0, rows_in = 0;  // bit j / bit r: halo column slot j / halo row r inside the frame
+      int col_off[kColSlots];
 #pragma unroll
-        for (int j = 0; j < kColSlots; ++j) {
-          const int ww = col + kColsPerPass * j, w = tile.w0 - p.wp + ww;
-          cols_in |= uint32_t(ww < kHaloCols && unsigned(w) < unsigned(p.W)) << j;
-          col_off[j] = (w >> p.up) * p.xp + k * chunk_of<T>() + g * group_of<T>();
-        }
-        int row_off[kHaloRows];
+      for (int j = 0; j < kColSlots; ++j) {
+        const int ww = tid / kGroups + kColsPerPass * j, w = tile.w0 - p.wp + ww;
+        cols_in |= uint32_t(ww < kHaloCols && unsigned(w) < unsigned(p.W)) << j;
+        col_off[j] = (w >> p.up) * p.xp + g * group_of<T>();
+      }
+      int row_off[kHaloRows];
 #pragma unroll
-        for (int r = 0; r < kHaloRows; ++r) {
-          const int h = tile.h0 - p.hp + r;
-          rows_in |= uint32_t(unsigned(h) < unsigned(p.H)) << r;
-          row_off[r] = (h >> p.up) * row_elems;
-        }
-        // The padded frames the tile's output frames read, in order: t ... t + kF + KT - 2. Frames before the
-        // cache are zeros (no copy); frames past x's end are read only by output frames past the call's last.
-        for (int u = 0; u < kF + p.KT - 1; ++u) {
-          const int src = tile.t + u - p.tp;  // < 0: a frame before the chunk
-          if (src < -p.n_cache || src >= p.Ti) continue;
-          const T* frame = src >= 0 ? p.x + tile.b * p.xb + src * p.xf
-                                    : p.cache + tile.b * p.cb + (p.cache_frames + src) * p.cf;
-          for (int cc = 0; cc < chunks; cc += kG) {
-            const Ring first = ring;  // the pass's slots: first and the kG - 1 after it
-            Ring mine = ring;         // this thread's: the k-th
-            for (int i = 0; i < kG; ++i) {
-              if (i == k) mine = ring;
-              mbar_wait(&halo_empty[ring.slot], ring.phase ^ 1);
-              ring.next(stages);
+      for (int r = 0; r < kHaloRows; ++r) {
+        const int h = tile.h0 - p.hp + r;
+        rows_in |= uint32_t(unsigned(h) < unsigned(p.H)) << r;
+        row_off[r] = (h >> p.up) * row_elems;
+      }
+      // The padded frames the tile's output frames read, in order: t ... t + kF + KT - 2. Frames before the cache
+      // are zeros (no copy); frames past x's end are read only by output frames past the call's last.
+      for (int u = 0; u < kF + p.KT - 1; ++u) {
+        const int src = tile.t + u - p.tp;  // < 0: a frame before the chunk
+        if (src < -p.n_cache || src >= p.Ti) continue;
+        const T* frame = src >= 0 ? p.x + tile.b * p.xb + src * p.xf
+                                  : p.cache + tile.b * p.cb + (p.cache_frames + src) * p.cf;
+        for (int cc = 0; cc < chunks; ++cc) {
+          mbar_wait(&halo_empty[ring.slot], ring.phase ^ 1);
+          const uint32_t dst0 = smem_u32(halo + ring.slot * kHaloBytes) + (g * kHaloCols + tid / kGroups) * 16;
+          const T* chunk = frame + cc * chunk_of<T>();
+#pragma unroll
+          for (int r = 0; r < kHaloRows; ++r) {
+#pragma unroll
+            for (int j = 0; j < kColSlots; ++j) {
+              if (j == kColSlots - 1 && tid / kGroups + kColsPerPass * j >= kHaloCols) break;  // past the halo
+              const bool ok = (rows_in >> r) & (cols_in >> j) & 1;
+              cp_async_16_l1(dst0 + (r * kGroups * kHaloCols + kColsPerPass * j) * 16,
+                          ok ? chunk + row_off[r] + col_off[j] : p.x, ok);
             }
-            const uint32_t dst0 = smem_u32(halo + mine.slot * kHaloBytes) + (g * kHaloCols + col) * 16;
-            const T* chunk = frame + cc * chunk_of<T>();
-#pragma unroll
-            for (int r = 0; r < kHaloRows; ++r) {
-#pragma unroll
-              for (int j = 0; j < kColSlots; ++j) {
-                if (j == kColSlots - 1 && col + kColsPerPass * j >= kHaloCols) break;  // past the halo
-                const bool ok = (rows_in >> r) & (cols_in >> j) & 1;
-                cp_async_16_l1(dst0 + (r * kGroups * kHaloCols + kColsPerPass * j) * 16,
-                            ok ? chunk + row_off[r] + col_off[j] : p.x, ok);
-              }
-            }
-            // Every thread arrives on each of the pass's slots (each counts kHaloThreads arrivals); an arrival
-            // waits for all of the thread's copies so far, its own slot's among them.
-            Ring slot = first;
-            for (int i = 0; i < kG; ++i, slot.next(stages)) cp_async_arrive(&halo_full[slot.slot]);
           }
+          cp_async_arrive(&halo_full[ring.slot]);
+          ring.next(stages);
         }
       }
-    };
-    if constexpr (narrow<kBlockN>()) {
-      if (p.halo_group == 3) produce(std::integral_constant<int, 3>());
-      else if (p.halo_group == 2) produce(std::integral_constant<int, 2>());
-      else produce(std::integral_constant<int, 1>());
-    } else {
-      produce(std::integral_constant<int, 1>());
     }
     asm volatile("cp.async.wait_all;" ::: "memory");  // no exit with copies in flight
   } else if (warp == 0) {  // ----------------------------------------------------------- weight producer
@@ -572,7 +544,6 @@ template <typename T, int kBlockN>
 cudaError_t launch(ConvParams<T> p, bool persistent, cudaStream_t stream) {
   const int kSmem = smem_bytes<kBlockN>(p.weight_bytes);
   p.halo_stages = halo_stages<kBlockN>(p.weight_bytes);
-  p.halo_group = halo_group(p.C / chunk_of<T>(), p.halo_stages);
   const auto kernel = causal_conv3d_kernel<T, kBlockN>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
