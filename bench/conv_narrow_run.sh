@@ -8,8 +8,8 @@
 #   after the layers, decode (a): the new build's 480p decodes (one call: machines go back after 30 s idle);
 #   l2 (a, b): ncu's L2 throughput breakdown and L2 request / sector counters of one RGB conv launch (bf16, 4
 #   frames) in each build of L2_VERSIONS (default "old new") and of one 96 -> 96 launch (new).
-# Usage: VKERN_COMMIT=<sha> [AB_ORDER=...] bash bench/conv_narrow_run.sh a|b [ncu] [vae] [decode]  (carry .whl;
-# _ab/ untracked)
+# Usage: VKERN_COMMIT=<sha> [AB_ORDER=...] [L2_VERSIONS=...] bash bench/conv_narrow_run.sh a|b [ncu] [vae] [decode]
+# [l2]  (carry .whl; _ab/ untracked)
 set -uo pipefail
 . bench/device_env.sh
 B="python3 -m bench.bench --out $OUT/results.jsonl"
@@ -33,14 +33,14 @@ l2_ncu() {  # what keeps L2 busy: the breakdown of lts__throughput and the reque
   local so m name ver shape
   so=$(ls vkern/_C*.so | head -1)
   m="breakdown:lts__throughput.avg.pct_of_peak_sustained_elapsed"
-  timeout 90 ncu --query-metrics --chip gh100 > "$OUT/ncu-metrics-gh100.txt" 2>&1
+  timeout 90 ncu --query-metrics --chip gh100 > /tmp/ncu-metrics-gh100.txt 2>&1
   # the raw counters this ncu knows (an unknown name fails the whole run)
   for name in lts__t_requests_srcunit_tex lts__t_sectors_srcunit_tex lts__t_requests_srcunit_tex_op_read \
       lts__t_sectors_srcunit_tex_op_read lts__t_sectors_srcunit_tex_op_write lts__t_sectors_srcunit_ltcfabric \
       lts__t_sectors_srcunit_tex_lookup_hit lts__t_sectors_srcunit_tex_lookup_miss lts__t_tag_requests \
       lts__t_sectors lts__d_sectors_fill_device lts__t_sectors_srcnode_gpc dram__bytes_read dram__bytes_write \
       l1tex__m_xbar2l1tex_read_bytes l1tex__m_l1tex2xbar_req; do
-    grep -qE "^\s*$name\s" "$OUT/ncu-metrics-gh100.txt" && m="$m,$name.sum"
+    grep -qE "^\s*$name\s" /tmp/ncu-metrics-gh100.txt && m="$m,$name.sum"
   done
   echo "l2 metrics: $m"
   local runs="" v
@@ -48,8 +48,7 @@ l2_ncu() {  # what keeps L2 busy: the breakdown of lts__throughput and the reque
   for ver_shape in $runs new:dec-3x3x3-96ch-480x832; do
     ver=${ver_shape%%:*} shape=${ver_shape#*:}
     cp "build/ab/$ver.so" "$so"
-    timeout 120 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SpeedOfLight \
-      --section MemoryWorkloadAnalysis_Tables --metrics "$m" \
+    timeout 120 ncu --clock-control none -k regex:causal_conv3d_kernel -c 1 --section SpeedOfLight --metrics "$m" \
       python3 -m bench.bench --op vae-conv --dtype bfloat16 --shape "$shape" --providers vkern-cuda \
       --warmup 0 --repeats 1 > "$OUT/ncu-l2-$ver-$shape.txt" 2>&1
     echo "ncu l2 $ver $shape rc $?"
