@@ -69,6 +69,11 @@ __device__ __forceinline__ void mbar_wait2(uint64_t* a, uint32_t a_parity, uint6
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
 }
+// The same through L1 (.ca): L1 merges a warp's 16-byte pieces into one request per sector / line, where .cg's
+// bypass sends each piece to L2 as its own request of a whole sector (ncu, run 193: 1 request per sector).
+__device__ __forceinline__ void cp_async_16_l1(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
 // One arrival on bar once every cp.async this thread issued before has landed (counts toward the barrier's
 // expected arrivals: .noinc).
 __device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
