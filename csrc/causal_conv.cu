@@ -264,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, 1) causal_conv3d_kernel(const __grid
             for (int j = 0; j < kColSlots; ++j) {
               if (j == kColSlots - 1 && tid / kGroups + kColsPerPass * j >= kHaloCols) break;  // past the halo
               const bool ok = (rows_in >> r) & (cols_in >> j) & 1;
-              cp_async_16_l1(dst0 + (r * kGroups * kHaloCols + kColsPerPass * j) * 16,
+              cp_async_16(dst0 + (r * kGroups * kHaloCols + kColsPerPass * j) * 16,
                           ok ? chunk + row_off[r] + col_off[j] : p.x, ok);
             }
           }

@@ -258,17 +258,20 @@ def test_gpu_extension_constants_match():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+# (input channels: 1, 3 and 6 channel chunks a frame, in bf16 (32 channels a chunk) and in fp32 (16))
+@pytest.mark.parametrize("dtype,C", [(torch.bfloat16, 32), (torch.bfloat16, 96), (torch.bfloat16, 192),
+                                     (torch.float32, 16), (torch.float32, 48), (torch.float32, 96)])
 @pytest.mark.parametrize("T,padding,cache_frames", [(9, (2, 1, 1), None), (9, (2, 1, 1), 1), (6, (2, 1, 1), 2),
                                                     (7, (2, 1, 1), 3), (5, (1, 1, 1), 1), (7, (0, 1, 1), None),
                                                     (1, (2, 1, 1), 2), (2, (2, 1, 1), 2), (3, (0, 1, 1), 2)])
 @torch.inference_mode()
-def test_gpu_few_output_channels_frames_per_tile(dtype, T, padding, cache_frames):
+def test_gpu_few_output_channels_frames_per_tile(dtype, C, T, padding, cache_frames):
     """O <= 8 takes 4 output frames per tile (each input frame fetched once and its products added into every output
     frame that reads it): frame counts that are not multiples of 4, caches shorter than, equal to and longer than
-    the time padding, no time padding (a [cache | chunk] buffer), B = 2. One CTA per tile gives the same bits, and
-    so do chunks of 1 and 4 frames with their caches (the VAE loop's): each output's sum runs in the same order."""
-    x, w, b, cache = _gpu(*inputs(2, 32, 3, T, 9, 70, (3, 3, 3), cache_frames, dtype))
+    the time padding, no time padding (a [cache | chunk] buffer), B = 2, 1 to 6 channel chunks a frame (the halo
+    ring's slots wrap within and across frames). One CTA per tile gives the same bits, and so do chunks of 1 and 4
+    frames with their caches (the VAE loop's): each output's sum runs in the same order."""
+    x, w, b, cache = _gpu(*inputs(2, C, 3, T, 9, 70, (3, 3, 3), cache_frames, dtype))
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
         out = cc.causal_conv3d_cuda(x, w, b, padding, cache)
         assert torch.equal(cc.causal_conv3d_cuda(x, w, b, padding, cache, persistent=False), out)
