@@ -744,13 +744,13 @@ def _gemm(name, providers, args):
 # convs, no fused biases, no padding (the default path of runs 19-21); vkern-2-latents: latents_per_call=2
 # (decode); vkern-cpu-output: decoded frames go to pinned CPU memory (decode); vkern-cuda: vkern's CUDA conv on
 # every conv it takes; vkern-cuda-s16: the CUDA conv on the 96 -> 96 convs only (CUDA_FASTER of session 16);
-# vkern-cuda-192: the default routing plus the CUDA conv on 192 -> 192 (session 59's A/B);
+# vkern-cuda-s58: the routing before session 59 (192 -> 192 on cuDNN; run 197 ran the new one as vkern-cuda-192);
 # vkern-cuda-tf32-s51 (fp32): the CUDA conv on the convs of TRITON_FASTER_TF32; vkern-cuda-tf32-up (fp32): the
 # routing plus the 2D upsampling convs (the default since session 52); vkern-copied-cache: the CUDA conv's cache
 # copied from inputs of more than 2 frames (KEEP_INPUT_FRAMES 2; fp32's default since session 52);
 # vkern-tf32-norm-pass (fp32): norm2 of the 96 -> 96 blocks in the norm pass, not conv1's epilogue (session 53).
 # vkern-frames-1|2|4|all (decode): frames_per_step 1, 2, 4 or whole chunks instead of the default ("auto").
-VAE_PROVIDERS = ("diffusers", "vkern", "vkern-cudnn", "vkern-cuda", "vkern-cuda-s16", "vkern-cuda-192", "vkern-unfused",
+VAE_PROVIDERS = ("diffusers", "vkern", "vkern-cudnn", "vkern-cuda", "vkern-cuda-s16", "vkern-cuda-s58", "vkern-unfused",
                  "vkern-2-latents", "vkern-cpu-output")
 
 
@@ -826,9 +826,8 @@ def copied_cache(fn):
 
 # CUDA_FASTER as session 16 left it (the 96 -> 96 convs only): the A/B of run 66's wider routing
 CUDA_TABLE_S16 = {(96, 96, (3, 3, 3))}
-# 16 bits: the default routing plus 192 -> 192 (faster isolated on H100, run 196: 1.32 vs cuDNN's 1.65 ms; s59's A/B)
-CUDA_TABLE_192 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (192, 96, (1, 3, 3)), (384, 192, (1, 3, 3)),
-                  (192, 192, (3, 3, 3))}
+# 16 bits: CUDA_FASTER before session 59 (192 -> 192 on cuDNN; run 197's A/B, vkern-cuda-192 there = the default now)
+CUDA_TABLE_S58 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3)), (192, 96, (1, 3, 3)), (384, 192, (1, 3, 3))}
 # fp32: the CUDA conv (TF32) on the convs the Triton kernel runs by default (session 51's A/B)
 CUDA_TABLE_TF32_S51 = {(96, 96, (3, 3, 3)), (96, 3, (3, 3, 3))}
 # fp32: session 51's routing plus the 2D upsampling convs (the op rounding copies of their inputs in one pass, s52)
@@ -948,7 +947,7 @@ def _vae_decode(name, providers, args):
                "vkern-cudnn": cudnn_convs(wan_vae.decode),
                "vkern-cuda": cuda_convs(wan_vae.decode),
                "vkern-cuda-s16": with_cuda_table(wan_vae.decode, CUDA_TABLE_S16),
-               "vkern-cuda-192": with_cuda_table(wan_vae.decode, CUDA_TABLE_192),
+               "vkern-cuda-s58": with_cuda_table(wan_vae.decode, CUDA_TABLE_S58),
                "vkern-cuda-tf32-s51": with_cuda_table(wan_vae.decode, CUDA_TABLE_TF32_S51, "CUDA_FASTER_TF32"),
                "vkern-cuda-tf32-up": with_cuda_table(wan_vae.decode, CUDA_TABLE_TF32_UP, "CUDA_FASTER_TF32"),
                "vkern-copied-cache": copied_cache(wan_vae.decode),
@@ -975,7 +974,7 @@ def _vae_encode(name, providers, args):
                "vkern-cudnn": cudnn_convs(wan_vae.encode),
                "vkern-cuda": cuda_convs(wan_vae.encode),
                "vkern-cuda-s16": with_cuda_table(wan_vae.encode, CUDA_TABLE_S16),
-               "vkern-cuda-192": with_cuda_table(wan_vae.encode, CUDA_TABLE_192),
+               "vkern-cuda-s58": with_cuda_table(wan_vae.encode, CUDA_TABLE_S58),
                "vkern-cuda-tf32-s51": with_cuda_table(wan_vae.encode, CUDA_TABLE_TF32_S51, "CUDA_FASTER_TF32"),
                "vkern-cuda-tf32-up": with_cuda_table(wan_vae.encode, CUDA_TABLE_TF32_UP, "CUDA_FASTER_TF32"),
                "vkern-copied-cache": copied_cache(wan_vae.encode),

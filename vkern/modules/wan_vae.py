@@ -28,7 +28,7 @@ for bit), with the copies taken out:
   cuDNN conv's bias in a pass of its own); conv1's bias goes into the next norm's input, conv2's (plus
   the shortcut conv's) into the residual add, both in fp32.
 - the convs where vkern's CUDA conv measured faster than cuDNN (vkern.ops.causal_conv.CUDA_FASTER: the 96 -> 96
-  3x3x3 convs of the full-resolution stages, the 2D upsampling convs, taken as 1-frame causal convs of the
+  and 192 -> 192 3x3x3 convs, the 2D upsampling convs, taken as 1-frame causal convs of the
   frames, and the RGB output conv) run on it, the other 96-output 3x3x3 convs on the Triton conv
   (TRITON_FASTER), the rest on cuDNN. Where a residual block's convs run on the CUDA conv, its epilogue does
   the glue: conv1's applies norm2 + SiLU (conv1's output is conv2's input: no norm pass, no bf16 rounding
