@@ -616,7 +616,11 @@ def test_gpu_decode_runs_vkern_convs_where_they_measured_faster(monkeypatch):
     for flag in (5, 6):  # residual, norm
         fused = {c[1:4] for c in calls if c[flag]}
         assert fused and all(C == O and k == (3, 3, 3) and (C, O, k) in cc.CUDA_FASTER for C, O, k in fused), fused
-    assert sum(c[5] for c in calls) == sum(c[6] for c in calls)  # one of each per residual block (96 -> 96)
+    # Every C -> C 3x3x3 conv2 on the CUDA kernel adds its shortcut (96 and 192 channels); norm2 + SiLU needs a
+    # pixel's channels in one output tile, so only the 96 -> 96 blocks' conv1s apply it: one per such block.
+    assert {c[1:4] for c in calls if c[5]} == {k[1:4] for k in kinds if k[0] == "cuda" and k[1] == k[2]}, kinds
+    assert {c[1:4] for c in calls if c[6]} == {(96, 96, (3, 3, 3))}
+    assert sum(c[6] for c in calls) == sum(c[5] for c in calls if c[2] == cc._cuda_block_n(c[2]))
     handing = {(c[1:4], c[5], c[9]) for c in calls if c[7]}
     assert handing == {((96, 96, (3, 3, 3)), True, 1), ((192, 96, (1, 3, 3)), False, 2)}, handing
     assert all(c[9] == 2 for c in calls if c[3] == (1, 3, 3))  # every 2D upsampling conv reads x upsampled
