@@ -40,7 +40,7 @@ TRITON_FASTER = {(96, (3, 3, 3))}
 # (bf16, H200, op vae-conv; run 68: bench/results/2026-12-02-h200-c4a4d23-conv-cuda.jsonl, ms vs cuDNN): 96 -> 96
 # at 480x832 1.41 vs 3.25 (no bias) / 3.59, the decoder's 2D upsampling convs (1 x 3 x 3, with bias) 192 -> 96 at
 # 480x832 1.07 vs 1.51 and 384 -> 192 at 240x416 1.03 vs 1.26, its RGB output conv 96 -> 3 (block_n 8) 0.97 vs 1.39.
-# 192 -> 192 since session 59: the kernel's later tiles made it 1.32 ms vs cuDNN's 1.65 (no bias, H100, run 196),
+# 192 -> 192 since session 59: the kernel as of run 196 took 1.32 ms vs cuDNN's 1.65 (no bias, H100),
 # and in the loop, its epilogue glue included, it took 480p decodes 590 -> 557 ms, 720p 1448 -> 1274, 480p encodes
 # 419 -> 390 (H100, run 197: bench/results/2026-12-07-h100-0d0bb3c-vae-routing-192.jsonl; run 69's H200 profile had
 # cuDNN at 1.28 ms per call vs the kernel's 1.42 then). Not 384 -> 384: cuDNN 0.77 vs 0.82 ms at 120x208 (run 196).
