@@ -32,7 +32,8 @@ for bit), with the copies taken out:
   frames, and the RGB output conv) run on it, the other 96-output 3x3x3 convs on the Triton conv
   (TRITON_FASTER), the rest on cuDNN. Where a residual block's convs run on the CUDA conv, its epilogue does
   the glue: conv1's applies norm2 + SiLU where its output fits one tile (96 channels; conv1's output is conv2's
-  input: no norm pass, no bf16 rounding between), conv2's adds the biases and the shortcut (no add pass). Run 69: 480p decode 628 ms.
+  input: no norm pass, no bf16 rounding between), conv2's adds the biases and the shortcut (no add pass).
+  Run 69: 480p decode 628 ms.
 - a conv on the CUDA kernel keeps its input's last 2 frames where they are as the next chunk's cache (the kernel
   reads two frames of two tensors; no cache copy) when the input has at most KEEP_INPUT_FRAMES frames, and the
   2D upsampling convs read the nearest-upsampled frames on the fly (no upsampled copy, session 18).
