@@ -240,9 +240,10 @@ def _runner(op, provider, vae, inp):
 
     if provider == "diffusers":
         return (lambda: vae.decode(inp).sample) if op == "decode" else (lambda: vae.encode(inp).latent_dist.parameters)
-    from .bench import CUDA_TABLE_TF32_S51, cudnn_convs, tf32_norm_pass, with_cuda_table
+    from .bench import CUDA_TABLE_S58, CUDA_TABLE_TF32_S51, cudnn_convs, tf32_norm_pass, with_cuda_table
 
     variants = {"vkern": lambda fn: fn, "vkern-cudnn": cudnn_convs, "vkern-tf32-norm-pass": tf32_norm_pass,
+                "vkern-cuda-s58": lambda fn: with_cuda_table(fn, CUDA_TABLE_S58),
                 "vkern-cuda-tf32-s51": lambda fn: with_cuda_table(fn, CUDA_TABLE_TF32_S51, "CUDA_FASTER_TF32")}
     if provider in variants:  # what vkern.patch(vae) runs, called directly (or a variant of it)
         fn = variants[provider](wan_vae.decode if op == "decode" else wan_vae.encode)
@@ -383,7 +384,7 @@ def main(argv=None):
     parser.add_argument("--providers", default="diffusers,vkern",
                         help="comma-separated: diffusers, vkern, vkern-cudnn (every conv on cuDNN), vkern-cuda-tf32-s51 "
                         "(fp32: the upsampling convs on cuDNN), vkern-tf32-norm-pass (fp32: norm2 of the 96-channel "
-                        "blocks in the norm pass)")
+                        "blocks in the norm pass), vkern-cuda-s58 (the conv routing before session 59)")
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu (tiny only)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="the VAE's and its input's dtype")
     parser.add_argument("--out", default=None, help="append JSON lines here")
